@@ -1,0 +1,61 @@
+"""Token log-probabilities from hidden states without ever building [tokens x vocab] logits.
+
+The output projection is applied to a few hundred positions at a time; in backward each chunk's
+logits are recomputed, so peak memory holds one chunk's logits instead of the whole batch's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h @ W^T)[target] per row of ``hidden``, computed chunk by chunk in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens):
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            stop = start + chunk_tokens
+            logits = (hidden[start:stop] @ weight.T).float()
+            picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            logps[start:stop] = picked - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_tokens = chunk_tokens
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+            stop = start + ctx.chunk_tokens
+            h = hidden[start:stop]
+            logits = (h @ weight.T).float()
+            # d logp[target] / d logits = onehot(target) - softmax(logits)
+            grad_logits = -torch.softmax(logits, dim=-1)
+            grad_logits.scatter_add_(
+                1, targets[start:stop, None], torch.ones_like(grad_logits[:, :1])
+            )
+            grad_logits *= grad_logps[start:stop, None]
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.T @ h).float()
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 256
+) -> torch.Tensor:
+    """Log-probability of ``targets[i]`` under ``softmax(hidden[i] @ weight.T)``, in fp32.
+
+    hidden: [n, d] final hidden states at the positions that predict each target token.
+    weight: [vocab, d] output embedding. targets: [n] token ids. Returns [n] fp32 log-probs.
+    """
+    return _ChunkedTokenLogps.apply(hidden, weight, targets, int(chunk_tokens))

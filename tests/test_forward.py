@@ -1,0 +1,76 @@
+import torch
+
+from preftune.data.layout import collate_padded
+from preftune.data.tokenize import TokenizedExample
+from preftune.model.chunked_logps import chunked_token_logps
+from preftune.model.forward import LogpModel, sequence_stats
+from tiny_models import tiny_llama
+
+
+def test_chunked_logps_match_full_logits_values_and_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    upstream = torch.randn(37, dtype=torch.float64)
+
+    chunked = chunked_token_logps(hidden.float(), weight.float(), targets, chunk_tokens=8)
+    (chunked * upstream.float()).sum().backward()
+    grads_chunked = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    full = torch.log_softmax(hidden.float() @ weight.float().T, dim=-1)
+    plain = full[torch.arange(37), targets]
+    (plain * upstream.float()).sum().backward()
+
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads_chunked[0], hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads_chunked[1], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def _examples():
+    return [
+        TokenizedExample(prompt_ids=[1, 5, 6, 7], response_ids=[[8, 9, 2], [10, 2]], index=0),
+        TokenizedExample(prompt_ids=[1, 11], response_ids=[[12, 13, 14, 2], [15, 2]], index=1),
+    ]
+
+
+def test_sequence_stats_match_plain_model_logits():
+    model = tiny_llama()
+    batch = collate_padded(_examples(), pad_token_id=0)
+    stats = sequence_stats(LogpModel(model, chunk_tokens=3)(batch), batch, per_token=True)
+
+    for e, example in enumerate(_examples()):
+        for r, response in enumerate(example.response_ids):
+            ids = torch.tensor([example.prompt_ids + response])
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            start = len(example.prompt_ids)
+            expected = [logprobs[start - 1 + t, tok] for t, tok in enumerate(response)]
+            expected = torch.stack(expected)
+            torch.testing.assert_close(stats.logps[e, r], expected.sum(), atol=1e-5, rtol=1e-5)
+            assert stats.token_counts[e, r] == len(response)
+            torch.testing.assert_close(stats.token_logps[e, r, : len(response)], expected,
+                                       atol=1e-5, rtol=1e-5)
+            assert stats.token_mask[e, r].sum() == len(response)
+
+
+def test_stats_gradients_match_plain_model():
+    model = tiny_llama()
+    batch = collate_padded(_examples(), pad_token_id=0)
+    stats = sequence_stats(LogpModel(model, chunk_tokens=2)(batch), batch)
+    (stats.logps * torch.tensor([[1.0, -2.0], [0.5, 3.0]])).sum().backward()
+    chunked_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    total = 0
+    weights = [[1.0, -2.0], [0.5, 3.0]]
+    for e, example in enumerate(_examples()):
+        for r, response in enumerate(example.response_ids):
+            ids = torch.tensor([example.prompt_ids + response])
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            start = len(example.prompt_ids)
+            seq = sum(logprobs[start - 1 + t, tok] for t, tok in enumerate(response))
+            total = total + weights[e][r] * seq
+    total.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(chunked_grads[name], param.grad, atol=1e-5, rtol=1e-4)
