@@ -1,10 +1,34 @@
-"""Tiny random causal LMs built in-process (no downloads), for fast tests."""
+"""Tiny random causal LMs and a character-level tokenizer, built in-process (no downloads)."""
+
+import string
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
-def tiny_llama(vocab_size: int = 64, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character, chat-ml style template, eos = <|im_end|>."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(string.printable))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int = 128, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -13,10 +37,19 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, tie: bool = True) -> LlamaFo
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).float().eval()
+
+
+def save_tiny_model_dir(directory: Path, seed: int = 0) -> Path:
+    """A loadable HF model directory (tiny llama + char tokenizer), as a user would pass it."""
+    tokenizer = char_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

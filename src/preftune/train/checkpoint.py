@@ -1,0 +1,95 @@
+"""Atomic training checkpoints and the final model directory.
+
+A checkpoint holds exactly what resuming needs: trainable weights, optimizer and scheduler
+state, RNG states and the step. It is written to a staging directory and renamed into place, so
+an interruption never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{PREFIX}{step:08d}"
+    staging = directory / f".staging-{PREFIX}{step:08d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file(trainable_state(model), staging / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    torch.save(
+        {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": np.random.get_state(),
+         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        staging / "rng.pt",
+    )
+    (staging / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob(f"{PREFIX}*")) if directory.exists() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    """Restore everything saved by ``save_checkpoint``; returns the step it was taken at."""
+    state = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the model: unknown {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool) -> dict[str, Path]:
+    """Write the trained model as HF directories: ``model/`` (full or merged) and ``adapter/``."""
+    written = {}
+    if hasattr(model, "merge_and_unload"):  # LoRA (PEFT)
+        model.save_pretrained(output_dir / "adapter")
+        tokenizer.save_pretrained(output_dir / "adapter")
+        written["adapter"] = output_dir / "adapter"
+        if not save_merged:
+            return written
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(output_dir / "model", safe_serialization=True)
+    tokenizer.save_pretrained(output_dir / "model")
+    written["model"] = output_dir / "model"
+    return written

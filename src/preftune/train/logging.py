@@ -1,0 +1,38 @@
+"""Run logging: one JSON line per logged step, and a progress bar on the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    """Appends metric records to ``metrics.jsonl``.
+
+    On resume, lines past the checkpoint's step are dropped first, so the file always describes
+    one consistent run rather than a run plus the replay of its lost tail.
+    """
+
+    def __init__(self, path: Path, keep_through_step: int = 0):
+        self.path = path
+        kept = []
+        if keep_through_step and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= keep_through_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False):
+    return tqdm(total=total, initial=initial, desc=description, disable=disable,
+                dynamic_ncols=True, file=sys.stderr, leave=True)

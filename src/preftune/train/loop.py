@@ -1,0 +1,221 @@
+"""The training loop, top to bottom: model, data, reference, optimizer, steps, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from ..config import Config
+from ..data.layout import collate_padded
+from ..data.prepare import prepare_examples
+from ..model.forward import LogpModel, sequence_stats
+from ..model.load import add_lora, cache_root, load_model_and_tokenizer
+from ..model.reference import (
+    AdapterOffReference, LiveReference, NoReference, precomputed_reference,
+)
+from ..objectives import ObjectiveInputs, get_objective
+from ..objectives.metrics import preference_sums
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
+from .logging import MetricsLog, progress_bar
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def example_stream(num_examples: int, examples_per_step: int, total_steps: int, seed: int):
+    """Example order for the whole run: a fresh permutation per epoch, fixed by the seed.
+
+    Step k always trains on the same examples, which is what makes resuming exact.
+    """
+    needed, order, epoch = total_steps * examples_per_step, [], 0
+    while len(order) < needed:
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order += torch.randperm(num_examples, generator=generator).tolist()
+        epoch += 1
+    return order
+
+
+def build_reference(strategy, config, model, examples_by_split, tokenizer, spec, device):
+    """One reference per data split (the precomputed one is a table per split)."""
+    chunk = config.train.logps_chunk_tokens
+    if strategy == "none":
+        return {split: NoReference() for split in examples_by_split}
+    if strategy == "live":
+        live = LiveReference(model, chunk, spec.per_token)
+        return {split: live for split in examples_by_split}
+    if strategy == "adapter-off":
+        return None  # built after LoRA is attached
+    cache_dir = Path(config.reference.cache_dir or cache_root() / "reference")
+    references = {}
+    for split, examples in examples_by_split.items():
+        bar = progress_bar(len(examples), f"reference logps ({split})")
+        reference, hit = precomputed_reference(
+            model, examples, pad_token_id=tokenizer.pad_token_id,
+            batch_size=config.train.batch_size, chunk_tokens=chunk, per_token=spec.per_token,
+            device=device, cache_dir=cache_dir, progress=bar.update,
+            settings={"max_length": config.data.max_length,
+                      "max_prompt_length": config.data.max_prompt_length},
+        )
+        bar.close()
+        if hit:
+            print(f"reference logps ({split}): loaded from cache {cache_dir}")
+        references[split] = reference
+    return references
+
+
+@torch.no_grad()
+def evaluate(logp_model, reference, examples, spec, params, pad_token_id, batch_size, device):
+    """Mean loss and preference metrics of the current policy over ``examples``."""
+    was_training = logp_model.training
+    logp_model.eval()
+    totals: dict[str, float] = {}
+    for start in range(0, len(examples), batch_size):
+        batch = collate_padded(examples[start : start + batch_size], pad_token_id).to(device)
+        inputs = ObjectiveInputs(
+            sequence_stats(logp_model(batch), batch, spec.per_token), reference.stats(batch),
+            batch.scores,
+        )
+        for name, value in preference_sums(inputs, spec(inputs, params)).items():
+            totals[name] = totals.get(name, 0.0) + value
+    logp_model.train(was_training)
+    return {name: value / len(examples) for name, value in totals.items()}
+
+
+def train(config: Config, resume: bool = False, show_progress: bool = True) -> Path:
+    """Train according to ``config``; returns the output directory."""
+    output_dir = Path(config.output_dir)
+    cfg = config.train
+    accelerator = Accelerator(gradient_accumulation_steps=1)
+    device = accelerator.device
+    set_seed(cfg.seed)
+    spec = get_objective(config.objective.name)
+    params = config.objective.params()
+    strategy = config.reference_strategy
+
+    # Model and data.
+    model, tokenizer = load_model_and_tokenizer(
+        config.model.path, config.model.dtype, config.model.trust_remote_code
+    )
+    model.to(device)
+    train_examples, eval_examples, data_report, _ = prepare_examples(config.data, tokenizer, cfg.seed)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    (output_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
+
+    # Reference (before LoRA: the reference is the initial model), then adapters.
+    references = build_reference(strategy, config, model, splits, tokenizer, spec, device)
+    if config.model.lora is not None:
+        lora = config.model.lora
+        model = add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    model.train()
+    logp_model = LogpModel(model, cfg.logps_chunk_tokens)
+    if strategy == "adapter-off":
+        adapter_off = AdapterOffReference(logp_model, spec.per_token)
+        references = {split: adapter_off for split in splits}
+
+    # Optimizer and schedule.
+    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps or max(
+        1, math.ceil(cfg.epochs * len(train_examples) / examples_per_step)
+    )
+    warmup_steps = int(cfg.warmup_ratio * total_steps)
+    trainable = [p for p in logp_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup_steps, cfg.schedule)
+    )
+    logp_model, optimizer = accelerator.prepare(logp_model, optimizer)
+
+    start_step = 0
+    checkpoint_dir = output_dir / "checkpoints"
+    if resume:
+        checkpoint = latest_checkpoint(checkpoint_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {checkpoint_dir}")
+        start_step = load_checkpoint(checkpoint, accelerator.unwrap_model(logp_model),
+                                     optimizer, scheduler)
+        print(f"resumed from {checkpoint} (step {start_step})")
+    log = MetricsLog(output_dir / "metrics.jsonl", keep_through_step=start_step)
+    order = example_stream(len(train_examples), examples_per_step, total_steps, cfg.seed)
+
+    bar = progress_bar(total_steps, f"train {spec.name}", initial=start_step,
+                       disable=not show_progress)
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        step_indices = order[step * examples_per_step : (step + 1) * examples_per_step]
+        sums: dict[str, float] = {}
+        real_tokens = slots = 0
+        for micro in range(cfg.gradient_accumulation_steps):
+            chunk = step_indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+            batch = collate_padded([train_examples[i] for i in chunk],
+                                   tokenizer.pad_token_id).to(device)
+            policy = sequence_stats(logp_model(batch), batch, spec.per_token)
+            inputs = ObjectiveInputs(policy, references["train"].stats(batch), batch.scores, step)
+            output = spec(inputs, params)
+            # Sum over examples / examples per optimizer step: the step's gradient is the mean
+            # over all its examples however they are split into micro-batches.
+            accelerator.backward(output.losses.sum() / examples_per_step)
+            for name, value in preference_sums(inputs, output).items():
+                sums[name] = sums.get(name, 0.0) + value
+            real_tokens += batch.real_tokens
+            slots += batch.attention_mask.numel()
+        grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                     if cfg.max_grad_norm else _grad_norm(trainable))
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+
+        record = {"step": step + 1, **{k: v / len(step_indices) for k, v in sums.items()},
+                  "lr": learning_rate, "grad_norm": float(grad_norm),
+                  "tokens_per_second": real_tokens / seconds,
+                  "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            metrics = evaluate(logp_model, references["eval"], eval_examples, spec, params,
+                               tokenizer.pad_token_id, cfg.batch_size, device)
+            record.update({f"eval/{k}": v for k, v in metrics.items()})
+        if (step + 1) % cfg.log_every == 0 or "eval/loss" in record:
+            log.write(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(checkpoint_dir, step + 1, accelerator.unwrap_model(logp_model),
+                            optimizer, scheduler, cfg.keep_checkpoints)
+    bar.close()
+
+    final = accelerator.unwrap_model(logp_model).model
+    save_merged = config.model.lora.save_merged if config.model.lora else True
+    save_final_model(final, tokenizer, output_dir, save_merged)
+    (output_dir / "run.json").write_text(json.dumps(
+        {"objective": spec.name, "params": asdict(params), "reference": strategy,
+         "steps": total_steps, "train_examples": len(train_examples),
+         "eval_examples": len(eval_examples)}, indent=2))
+    return output_dir
+
+
+def _grad_norm(parameters) -> torch.Tensor:
+    grads = [p.grad.norm() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
