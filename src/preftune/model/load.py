@@ -92,14 +92,24 @@ def resolve_model_dir(path: str) -> str:
     return path  # a hub id: the user named it, so transformers may download it
 
 
-def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Return (causal LM, tokenizer) for a config ``model.path``; padding falls back to EOS."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer for a config ``model.path``; padding falls back to EOS."""
+    from transformers import AutoTokenizer
 
-    source = resolve_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_dir(path), trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Return (causal LM, tokenizer) for a config ``model.path``."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_dir(path)
+    tokenizer = load_tokenizer(source, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )

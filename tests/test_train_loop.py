@@ -1,0 +1,176 @@
+"""The real training loop on a tiny model: accumulation, resume, references, saved model."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from preftune.config import build_config
+from preftune.train import loop
+from preftune.train.logging import read_metrics
+from tiny_models import save_tiny_model_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    save_tiny_model_dir(root / "model")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        a, b = rng.randint(1, 40), rng.randint(1, 40)
+        rows.append({
+            "prompt": [{"role": "user", "content": f"What is {a}+{b}?" + " please" * rng.randint(0, 3)}],
+            "chosen": [{"role": "assistant", "content": str(a + b)}],
+            "rejected": [{"role": "assistant", "content": f"It is {a + b + rng.randint(1, 9)}."}],
+        })
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def run(workspace: Path, name: str, **overrides) -> Path:
+    tree = {
+        "output_dir": str(workspace / "runs" / name),
+        "model": {"path": str(workspace / "model")},
+        "data": {"train": str(workspace / "pairs.jsonl"), "eval_fraction": 0.25},
+        "reference": {"cache_dir": str(workspace / "cache")},
+        "train": {"learning_rate": 5e-3, "batch_size": 8, "max_steps": 4, "warmup_ratio": 0.0,
+                  "max_grad_norm": None, "seed": 3},
+    }
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return loop.train(build_config(tree), show_progress=False)
+
+
+def final_weights(output_dir: Path) -> dict:
+    return load_file(output_dir / "model" / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path, atol=1e-5):
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(output_dir / "metrics.jsonl")]
+
+
+def test_batch_8_equals_batch_4_times_2_accumulation(workspace):
+    whole = run(workspace, "b8")
+    split = run(workspace, "b4x2", train__batch_size=4, train__gradient_accumulation_steps=2)
+    whole_log = read_metrics(whole / "metrics.jsonl")
+    split_log = read_metrics(split / "metrics.jsonl")
+    for a, b in zip(whole_log, split_log, strict=True):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert_same_weights(whole, split)
+    # and the run did train: weights moved away from the initial model
+    start = load_file(workspace / "model" / "model.safetensors")
+    moved = final_weights(whole)
+    assert any(not torch.allclose(start[k], moved[k]) for k in start)
+
+
+def test_interrupt_and_resume_matches_uninterrupted(workspace, monkeypatch):
+    settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4)
+    straight = run(workspace, "straight", **settings)
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(directory, step, *args, **kwargs):
+        path = real_save(directory, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash after step 4")
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "interrupted", **settings)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    # a crash may leave log lines past the checkpoint: write one to prove they are dropped
+    interrupted_dir = workspace / "runs" / "interrupted"
+    with (interrupted_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
+
+    config = build_config(json.loads(json.dumps(_tree_of(interrupted_dir))))
+    resumed = loop.train(config, resume=True, show_progress=False)
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_weights(straight, resumed)
+
+
+def _tree_of(output_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((output_dir / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_strategies_give_the_same_losses(workspace, lora):
+    extra = {"model__lora": {"r": 4, "alpha": 8}} if lora else {}
+    strategies = ["precomputed", "live"] + (["adapter-off"] if lora else [])
+    runs = {s: run(workspace, f"ref-{s}-{lora}", reference__strategy=s, **extra)
+            for s in strategies}
+    baseline = losses(runs["precomputed"])
+    assert baseline[0] == pytest.approx(0.6931472, abs=1e-6)  # policy == reference at step 1
+    assert len(set(round(x, 4) for x in baseline)) > 1  # the loss moves
+    for strategy, output in runs.items():
+        assert losses(output) == pytest.approx(baseline, rel=1e-5, abs=1e-6), strategy
+
+
+def test_precomputed_reference_is_cached_and_reused(workspace, capsys):
+    run(workspace, "cache-a", reference__cache_dir=str(workspace / "fresh-cache"))
+    first = sorted((workspace / "fresh-cache").glob("reference-*.pt"))
+    assert len(first) == 2  # train and eval splits
+    capsys.readouterr()
+    run(workspace, "cache-b", reference__cache_dir=str(workspace / "fresh-cache"))
+    assert "loaded from cache" in capsys.readouterr().out
+    assert sorted((workspace / "fresh-cache").glob("reference-*.pt")) == first
+    # a different tokenization setting is a different key
+    run(workspace, "cache-c", reference__cache_dir=str(workspace / "fresh-cache"),
+        data__max_length=40, data__max_prompt_length=30)
+    assert len(list((workspace / "fresh-cache").glob("reference-*.pt"))) == 4
+
+
+def _plain_mean_chosen_logp(model, examples) -> float:
+    total = 0.0
+    for example in examples:
+        ids = torch.tensor([example.prompt_ids + example.response_ids[0]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        start = len(example.prompt_ids)
+        total += sum(float(logprobs[start - 1 + t, tok])
+                     for t, tok in enumerate(example.response_ids[0]))
+    return total / len(examples)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_saved_model_loads_and_reproduces_trained_logps(workspace, lora):
+    from preftune.data.prepare import prepare_examples
+    from preftune.model.load import load_tokenizer
+
+    extra = {"model__lora": {"r": 4, "alpha": 8}} if lora else {}
+    output = run(workspace, f"saved-{lora}", train__eval_every=4, **extra)
+    last = read_metrics(output / "metrics.jsonl")[-1]
+    model = AutoModelForCausalLM.from_pretrained(output / "model").eval()
+    config = build_config(_tree_of(output))
+    _, eval_examples, _, _ = prepare_examples(config.data, load_tokenizer(str(output / "model")), 3)
+    plain = _plain_mean_chosen_logp(model, eval_examples)
+    assert plain == pytest.approx(last["eval/logps/chosen"], abs=1e-4)
+    assert plain != pytest.approx(last["eval/logps/ref_chosen"], abs=1e-3)  # it did change
+    if lora:
+        from peft import AutoPeftModelForCausalLM
+
+        adapter_model = AutoPeftModelForCausalLM.from_pretrained(output / "adapter").eval()
+        assert _plain_mean_chosen_logp(adapter_model, eval_examples) == pytest.approx(plain, abs=1e-4)
