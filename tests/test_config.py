@@ -1,0 +1,47 @@
+import pytest
+
+from preftune.config import ConfigError, build_config, load_config
+
+
+@pytest.mark.parametrize("tree,expected", [
+    ({"train": {"lerning_rate": 1e-6}}, "'train.lerning_rate'.*Did you mean train.learning_rate"),
+    ({"objective": {"name": "dpo", "betta": 0.1}}, "'objective.betta'.*Did you mean objective.beta"),
+    ({"objective": {"name": "dpoo"}}, "unknown objective 'dpoo'.*Did you mean dpo"),
+    ({"train": {"batch_size": "eight"}}, "train.batch_size"),
+    ({"objective": {"name": "dpo", "beta": "strong"}}, "objective.beta"),
+    ({"modle": {}}, "unknown key 'modle'.*Did you mean model"),
+])
+def test_bad_keys_and_types_name_the_key(tree, expected):
+    with pytest.raises(ConfigError, match=expected):
+        build_config(tree)
+
+
+@pytest.mark.parametrize("tree,expected", [
+    ({"objective": {"name": "simpo"}, "reference": {"strategy": "precomputed"}}, "reference-free"),
+    ({"reference": {"strategy": "adapter-off"}}, "needs model.lora"),
+    ({"reference": {"strategy": "none"}}, "needs a reference"),
+    ({"train": {"eval_every": 10}}, "eval_every does nothing"),
+    ({"data": {"max_length": 128, "max_prompt_length": 256}}, "max_prompt_length"),
+])
+def test_settings_that_would_do_nothing_are_errors(tree, expected):
+    with pytest.raises(ConfigError, match=expected):
+        build_config(tree)
+
+
+def test_reference_strategy_defaults_follow_the_objective():
+    assert build_config({}).reference_strategy == "precomputed"
+    assert build_config({"objective": {"name": "simpo"}}).reference_strategy == "none"
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("objective:\n  name: dpo\n  beta: 0.2\ntrain:\n  batch_size: 2\n")
+    config = load_config(str(path), ["train.batch_size=4", "objective.beta=0.05",
+                                     "model.lora.r=8"])
+    assert config.train.batch_size == 4
+    assert config.objective.params().beta == 0.05
+    assert config.model.lora.r == 8
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(str(path), ["train.batch_size"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
