@@ -1,0 +1,92 @@
+"""Human-readable views of loaded and tokenized data (backs ``preftune data inspect``)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from .tokenize import TokenizedExample, TokenizeReport
+
+BOUNDARY = "──── prompt | response ────"
+CONTEXT_TOKENS = 3  # prompt tokens shown again before the boundary of the second response on
+
+
+def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
+                   report: TokenizeReport) -> str:
+    """A summary of what was read, kept, dropped and truncated, with length statistics."""
+    lines = [_row("records read", report.records)]
+    if records:
+        kind = "conversational" if isinstance(records[0].prompt, list) else "plain text"
+        lines.append(_row("prompt kind", kind))
+        lines.append(_row("first record", getattr(records[0], "origin", "") or "-"))
+    share = f"  ({100 * report.kept / report.records:.1f}%)" if report.records else ""
+    lines.append(_row("kept", f"{report.kept}{share}"))
+    lines.append(_row("dropped", report.records - report.kept))
+    for label, count, why in (
+        ("empty response", report.empty_responses, "a response is empty or whitespace"),
+        ("empty prompt", report.empty_prompts, "the prompt has no tokens"),
+        ("too long", report.dropped_too_long, "no response token fits max_length"),
+    ):
+        if count:
+            lines.append(_row("  " + label, f"{count}  ({why})"))
+    lines.append(_row("prompt truncated", f"{report.prompt_truncated}  (start cut, end kept)"))
+    lines.append(_row("response truncated", f"{report.response_truncated}  (end cut, no eos)"))
+    lines.append(_row("identical pairs", f"{report.identical_responses}  (chosen == rejected, "
+                                         f"kept)"))
+    # joint tokenization is what a naive pipeline does; the ids produced here never merge
+    lines.append(_row("boundary merges", f"{report.boundary_merges}  (records a joint "
+                                         f"prompt+response encoding would merge; avoided)"))
+    if examples:
+        prompt_lengths = [len(ex.prompt_ids) for ex in examples]
+        response_lengths = [len(ids) for ex in examples for ids in ex.response_ids]
+        lines.append(_row("tokens", "min / mean / max"))
+        lines.append(_row("  prompt", _stats(prompt_lengths)))
+        lines.append(_row("  response", _stats(response_lengths)))
+        score_names = sorted({name for ex in examples for name in ex.scores})
+        if score_names:
+            lines.append(_row("scores", ", ".join(score_names)))
+    return "\n".join(lines)
+
+
+def render_example(example: TokenizedExample, tokenizer) -> str:
+    """One example token by token (position, id, text), with the prompt/response boundary."""
+    names = ["chosen", "rejected"] if len(example.response_ids) == 2 else [
+        f"response {i}" for i in range(len(example.response_ids))
+    ]
+    flags = [name for name, on in (("prompt truncated", example.prompt_truncated),
+                                   ("response truncated", example.response_truncated)) if on]
+    header = f"example {example.index}" + (f" ({example.origin})" if example.origin else "")
+    lines = [header + (f"  [{', '.join(flags)}]" if flags else "")]
+    if example.scores:
+        lines.append("scores: " + ", ".join(f"{k}={v}" for k, v in sorted(example.scores.items())))
+    prompt = example.prompt_ids
+    for number, (name, response) in enumerate(zip(names, example.response_ids)):
+        lines.append("")
+        lines.append(f"{name}: {len(prompt)} prompt + {len(response)} response tokens")
+        shown_from = 0
+        if number > 0 and len(prompt) > CONTEXT_TOKENS:
+            # the prompt is the same for every response; show only the tokens before the cut
+            shown_from = len(prompt) - CONTEXT_TOKENS
+            lines.append(f"  ... {shown_from} prompt tokens as above")
+        lines += [_token_line(p, t, tokenizer) for p, t in enumerate(prompt) if p >= shown_from]
+        lines.append(BOUNDARY)
+        lines += [_token_line(len(prompt) + p, t, tokenizer) for p, t in enumerate(response)]
+    return "\n".join(lines)
+
+
+def _token_line(position: int, token_id: int, tokenizer) -> str:
+    text = tokenizer.decode([token_id])
+    marks = []
+    if token_id == tokenizer.eos_token_id:
+        marks.append("eos")
+    if token_id == getattr(tokenizer, "bos_token_id", None):
+        marks.append("bos")
+    suffix = f"  <- {', '.join(marks)}" if marks else ""
+    return f"{position:>6} {token_id:>8}  {text!r}{suffix}"
+
+
+def _stats(values: list[int]) -> str:
+    return f"{min(values)} / {sum(values) / len(values):.1f} / {max(values)}"
+
+
+def _row(label: str, value) -> str:
+    return f"{label:<20}{value}"

@@ -1,0 +1,235 @@
+import csv
+import json
+
+import pytest
+
+from preftune.data.records import DataError, Pair
+from preftune.data.sources import load_records
+
+STANDARD = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "chosen_score": 9.0,
+     "rejected_score": 2, "note": "text columns are not scores"},
+    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome", "chosen_score": 8.5,
+     "rejected_score": 1, "note": ""},
+]
+CONVERSATIONAL = [
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+     "chosen": [{"role": "assistant", "content": "Hello!"}],
+     "rejected": [{"role": "assistant", "content": "Go away."}]},
+    {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "22"},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def check_standard(pairs, origin_prefix):
+    assert [p.prompt for p in pairs] == ["What is 2+2?", "Capital of France?"]
+    assert [p.chosen for p in pairs] == ["4", "Paris"]
+    assert [p.rejected for p in pairs] == ["5", "Rome"]
+    assert pairs[0].scores == {"chosen_score": 9.0, "rejected_score": 2}
+    assert all(isinstance(p, Pair) and not p.is_conversational for p in pairs)
+    assert pairs[1].origin == origin_prefix + ("2" if origin_prefix.endswith(":") else "1")
+
+
+# ---- file kinds ----
+
+
+def test_jsonl_standard_with_scores_and_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(STANDARD[0]) + "\n\n   \n" + json.dumps(STANDARD[1]) + "\n")
+    pairs = load_records(str(path))
+    assert pairs[0].origin == f"{path}:1"
+    assert pairs[1].origin == f"{path}:4"  # blank lines skipped, line numbers kept
+    assert pairs[1].scores == {"chosen_score": 8.5, "rejected_score": 1}
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_json_list_or_data_object(tmp_path, wrapped):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": STANDARD} if wrapped else STANDARD))
+    check_standard(load_records(str(path)), f"{path}:record ")
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(STANDARD), path)
+    check_standard(load_records(str(path)), f"{path}:record ")
+
+
+def test_csv_numbers_only_in_extra_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = STANDARD + [{"prompt": "7", "chosen": "8", "rejected": "9, or 10",
+                        "chosen_score": "", "rejected_score": "3", "note": "x"}]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(STANDARD[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pairs = load_records(str(path))
+    check_standard(pairs[:2], f"{path}:record ")
+    assert (pairs[2].prompt, pairs[2].chosen, pairs[2].rejected) == ("7", "8", "9, or 10")
+    assert pairs[2].scores == {"rejected_score": 3.0}
+
+
+def test_hf_saved_dataset_and_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    single = tmp_path / "single"
+    datasets.Dataset.from_list(CONVERSATIONAL[:1] * 2).save_to_disk(str(single))
+    pairs = load_records(str(single))
+    assert len(pairs) == 2 and pairs[0].is_conversational
+    assert pairs[1].origin == f"{single}:record 1"
+    assert pairs[0].chosen == [{"role": "assistant", "content": "Hello!"}]
+
+    both = tmp_path / "dict"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(STANDARD),
+        "test": datasets.Dataset.from_list(STANDARD[:1]),
+    }).save_to_disk(str(both))
+    check_standard(load_records(str(both)), f"{both}:train:record ")
+    assert len(load_records(f"{both}:test")) == 1
+    with pytest.raises(DataError, match="no split 'valid'.*train"):
+        load_records(f"{both}:valid")
+
+
+# ---- formats ----
+
+
+def test_conversational_messages_or_strings(tmp_path):
+    pairs = load_records(write_jsonl(tmp_path / "c.jsonl", CONVERSATIONAL))
+    assert pairs[0].prompt[1] == {"role": "user", "content": "Hi"}
+    assert pairs[0].rejected == [{"role": "assistant", "content": "Go away."}]
+    assert (pairs[1].chosen, pairs[1].rejected) == ("4", "22")
+    assert all(p.is_conversational for p in pairs)
+
+
+def test_field_renaming(tmp_path):
+    rows = [{"question": "q", "good": "g", "bad": "b", "score_chosen": 3}]
+    pairs = load_records(write_jsonl(tmp_path / "r.jsonl", rows),
+                         fields={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == ("q", "g", "b")
+    assert pairs[0].scores == {"score_chosen": 3}
+    with pytest.raises(DataError, match="unknown key 'answer'"):
+        load_records(str(tmp_path / "r.jsonl"), fields={"answer": "good"})
+
+
+def test_implicit_strings_split_at_last_shared_assistant_turn(tmp_path):
+    shared = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
+    rows = [
+        {"chosen": shared + " Fine, thanks.", "rejected": shared + " Bad."},
+        # responses that share their first words: the prompt still ends at the marker
+        {"chosen": shared + " Fine.", "rejected": shared + " Fine?"},
+    ]
+    pairs = load_records(write_jsonl(tmp_path / "i.jsonl", rows))
+    assert pairs[0].prompt == shared
+    assert (pairs[0].chosen, pairs[0].rejected) == (" Fine, thanks.", " Bad.")
+    assert (pairs[1].prompt, pairs[1].chosen, pairs[1].rejected) == (shared, " Fine.", " Fine?")
+    assert load_records(str(tmp_path / "i.jsonl"), format="implicit")[0].prompt == shared
+
+
+def test_implicit_messages_split_before_differing_assistant_turn(tmp_path):
+    opening = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+               {"role": "user", "content": "Joke?"}]
+    rows = [
+        {"chosen": opening + [{"role": "assistant", "content": "Knock knock."}],
+         "rejected": opening + [{"role": "assistant", "content": "No."}]},
+        # identical dialogues: the final assistant turn is still the response
+        {"chosen": opening + [{"role": "assistant", "content": "Same"}],
+         "rejected": opening + [{"role": "assistant", "content": "Same"}]},
+    ]
+    pairs = load_records(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert pairs[0].prompt == opening and pairs[1].prompt == opening
+    assert pairs[0].chosen == [{"role": "assistant", "content": "Knock knock."}]
+    assert pairs[1].rejected == [{"role": "assistant", "content": "Same"}]
+
+
+def test_implicit_without_turn_boundary_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "n.jsonl", [{"chosen": "Good answer", "rejected": "Bad answer"}])
+    with pytest.raises(DataError, match=r"n\.jsonl:1.*share no turn boundary"):
+        load_records(path)
+    rows = [{"chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}]}]
+    with pytest.raises(DataError, match="share no turn boundary"):
+        load_records(write_jsonl(tmp_path / "nm.jsonl", rows))
+
+
+def test_auto_format_requires_every_record_to_match(tmp_path):
+    rows = [STANDARD[0], CONVERSATIONAL[0]]
+    with pytest.raises(DataError, match=r"m\.jsonl:2.*first record.*same format"):
+        load_records(write_jsonl(tmp_path / "m.jsonl", rows))
+    with pytest.raises(DataError, match=r"s\.jsonl:1.*'prompt'.*expects a string"):
+        load_records(write_jsonl(tmp_path / "s.jsonl", CONVERSATIONAL), format="standard")
+
+
+# ---- malformed input ----
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    path = tmp_path / "d.txt"
+    path.write_text("x")
+    with pytest.raises(DataError, match=r"d\.txt: unknown file kind '\.txt'.*\.jsonl"):
+        load_records(str(path))
+
+
+@pytest.mark.parametrize("name,text", [("e.jsonl", ""), ("b.jsonl", "\n  \n"), ("e.json", "[]"),
+                                       ("e.csv", "prompt,chosen,rejected\n")])
+def test_empty_file(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=rf"{name}: no records found"):
+        load_records(str(tmp_path / name))
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(STANDARD[0]) + '\n{"prompt": "x", "chosen": \n')
+    with pytest.raises(DataError) as error:
+        load_records(str(path))
+    message = str(error.value)
+    assert f"{path}:2" in message and "malformed JSON" in message and "column" in message
+
+
+def test_missing_field_lists_present_fields_and_suggests_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [STANDARD[0], {"prompt": "p", "good": "g", "bad": "b"}])
+    with pytest.raises(DataError) as error:
+        load_records(path)
+    message = str(error.value)
+    assert f"{path}:2" in message and "'chosen'" in message and "missing" in message
+    assert "'good', 'bad'" in message and "fields=" in message and "data.fields" in message
+
+
+@pytest.mark.parametrize("row,field,expected", [
+    ({"prompt": "p", "chosen": 42, "rejected": "r"}, "'chosen'", "expects a string"),
+    ({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "r"}, "'prompt', message 0",
+     "missing 'content'"),
+    ({"prompt": [{"role": 1, "content": "x"}], "chosen": "c", "rejected": "r"},
+     "'prompt', message 0", "'role' must be a string"),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": 3.5, "rejected": "r"}, "'chosen'",
+     "expected a string or a list"),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": ["hi"], "rejected": "r"},
+     "'chosen', message 0", "expected an object"),
+])
+def test_wrong_types_name_file_record_and_field(tmp_path, row, field, expected):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([row]))
+    with pytest.raises(DataError) as error:
+        load_records(str(path))
+    message = str(error.value)
+    assert f"{path}:record 0" in message and field in message and expected in message
+
+
+def test_non_object_line(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match=r"l\.jsonl:1: expected an object"):
+        load_records(str(path))
+
+
+def test_unknown_format_name(tmp_path):
+    with pytest.raises(DataError, match="unknown format 'chat'"):
+        load_records(write_jsonl(tmp_path / "x.jsonl", STANDARD), format="chat")
