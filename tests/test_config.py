@@ -45,3 +45,12 @@ def test_yaml_file_and_overrides(tmp_path):
         load_config(str(path), ["train.batch_size"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_every_example_config_is_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_config(str(path))

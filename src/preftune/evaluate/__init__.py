@@ -1,0 +1,1 @@
+"""Evaluation: checker pass rates of generations, preference accuracies."""

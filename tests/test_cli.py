@@ -1,0 +1,73 @@
+"""The command line as a user runs it (on a tiny model directory)."""
+
+import json
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from preftune.cli import main
+from tiny_models import save_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_model_dir(root / "model")
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
+            for i in range(12)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"output_dir": str(root / "run"), "model": {"path": str(root / "model")},
+              "data": {"train": str(root / "pairs.jsonl")},
+              "reference": {"cache_dir": str(root / "cache")},
+              "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_train_command_writes_a_loadable_model_and_run_record(files, capsys):
+    code = main(["train", str(files / "config.yaml"), "--set", "objective.beta=0.2"])
+    assert code == 0
+    run = files / "run"
+    AutoModelForCausalLM.from_pretrained(run / "model")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected", "lr", "grad_norm",
+                "tokens_per_second", "padding_fraction"]:
+        assert key in lines[0], key
+    assert yaml.safe_load((run / "config.yaml").read_text())["objective"]["beta"] == 0.2
+    assert json.loads((run / "data_report.json").read_text())["train"]["kept"] == 12
+
+
+def test_bad_config_key_is_a_clear_error(files, capsys):
+    code = main(["train", str(files / "config.yaml"), "--set", "train.lr=1e-3"])
+    assert code == 2
+    assert "unknown key 'train.lr'" in capsys.readouterr().err
+
+
+def test_bad_data_names_file_line_and_field(files, capsys):
+    bad = files / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    code = main(["train", str(files / "config.yaml"), "--set", f"data.train={bad}",
+                 "--set", f"output_dir={files / 'badrun'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bad.jsonl" in err and "2" in err and "rejected" in err
+
+
+def test_data_inspect_shows_counts_and_the_boundary(files, capsys):
+    assert main(["data", "inspect", str(files / "pairs.jsonl"), "--model",
+                 str(files / "model"), "--example", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "records read        12" in out and "prompt | response" in out
+    assert "pairs.jsonl:4" in out  # record 3 is line 4
+
+
+def test_objectives_lists_every_registered_objective(capsys):
+    from preftune.objectives import REGISTRY
+
+    assert main(["objectives"]) == 0
+    out = capsys.readouterr().out
+    for name, spec in REGISTRY.items():
+        assert name in out and spec.paper in out
