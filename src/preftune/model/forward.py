@@ -66,8 +66,13 @@ class LogpModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         lm = causal_lm_of(self.model)
+        if batch.unit_ids is None:
+            mask, positions = batch.attention_mask, None
+        else:  # prefix-shared or packed rows: per-token visibility, positions restart
+            mask, positions = batch.attention_bias(lm.dtype), batch.position_ids
         hidden = lm.get_decoder()(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+            use_cache=False,
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch.logit_positions]
         weight = lm.get_output_embeddings().weight

@@ -1,0 +1,72 @@
+"""Prefix-shared and packed layouts give the same stats and gradients as the padded path."""
+
+import pytest
+import torch
+
+from preftune.data.layout import LAYOUTS, collate
+from preftune.data.tokenize import TokenizedExample
+from preftune.model.forward import LogpModel, sequence_stats
+from tiny_models import tiny_llama
+
+
+def examples(responses_per_example: int):
+    """Prompts of different lengths; responses of different lengths, including length 1."""
+    generator = torch.Generator().manual_seed(responses_per_example)
+
+    def ids(n):
+        return torch.randint(3, 100, (n,), generator=generator).tolist()
+
+    prompt_lengths = [3, 11, 1, 7]
+    return [
+        TokenizedExample(
+            prompt_ids=ids(p),
+            response_ids=[ids(1 + (3 * e + 2 * r) % 6) + [2] for r in range(responses_per_example)],
+            index=10 + e,
+        )
+        for e, p in enumerate(prompt_lengths)
+    ]
+
+
+WEIGHTS = torch.tensor([0.7, -1.3, 2.0, 0.4, -0.5, 1.1, 0.9, -2.2, 1.7, 0.3, -0.8, 1.4])
+
+
+def run(layout: str, batch_examples, max_row_tokens=None):
+    model = tiny_llama(seed=1)
+    batch = collate(batch_examples, pad_token_id=0, layout=layout, max_row_tokens=max_row_tokens)
+    stats = sequence_stats(LogpModel(model, chunk_tokens=5)(batch), batch, per_token=True)
+    weights = WEIGHTS[: stats.logps.numel()].view_as(stats.logps)
+    (stats.logps * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return stats, grads, batch
+
+
+@pytest.mark.parametrize("responses_per_example", [1, 2, 3])  # unpaired, pairs, ranked lists
+@pytest.mark.parametrize("layout", [l for l in LAYOUTS if l != "padded"])
+def test_layout_matches_padded_stats_and_gradients(layout, responses_per_example):
+    batch_examples = examples(responses_per_example)
+    plain, plain_grads, _ = run("padded", batch_examples)
+    fast, fast_grads, batch = run(layout, batch_examples, max_row_tokens=40)
+    torch.testing.assert_close(fast.logps, plain.logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.token_counts, plain.token_counts)
+    torch.testing.assert_close(fast.token_logps, plain.token_logps, atol=1e-5, rtol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    if layout.startswith("packed"):
+        assert batch.input_ids.shape[0] < len(batch_examples) * (
+            1 if "prefix" in layout else responses_per_example)
+
+
+def test_prefix_sharing_computes_each_prompt_once():
+    batch_examples = examples(2)
+    padded = collate(batch_examples, 0, "padded")
+    shared = collate(batch_examples, 0, "prefix_shared")
+    prompt_tokens = sum(len(ex.prompt_ids) for ex in batch_examples)
+    assert padded.real_tokens - shared.real_tokens == prompt_tokens
+
+
+def test_packing_removes_padding():
+    batch_examples = examples(2)
+    padded = collate(batch_examples, 0, "padded")
+    packed = collate(batch_examples, 0, "packed", max_row_tokens=64)
+    assert packed.real_tokens == padded.real_tokens
+    assert packed.padding_fraction < padded.padding_fraction
