@@ -1,6 +1,7 @@
 """Preference objectives. Importing this package registers every objective."""
 
-from . import pairwise, reference_free  # noqa: F401  (registration side effect)
+# Importing each family module registers its objectives.
+from . import absolute, divergence, pairwise, reference_free, token_weighted  # noqa: F401
 from .registry import REGISTRY, ObjectiveInputs, ObjectiveOutput, get_objective
 
 __all__ = ["REGISTRY", "ObjectiveInputs", "ObjectiveOutput", "get_objective"]

@@ -1,0 +1,73 @@
+"""Small pieces shared by the objective families, so each objective reads like its paper's formula.
+
+Slot 0 of every [E, R] tensor is the chosen response y_w, slot 1 the rejected response y_l.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.forward import SequenceStats
+from .registry import ObjectiveInputs
+
+# exp() arguments are clamped here: exp(80) ~ 5.5e34 still fits fp32 (max ~3.4e38) with headroom for
+# the products and sums that follow, so extreme log-ratios give large finite losses, never inf/NaN.
+MAX_EXPONENT = 80.0
+# log(1 - e^x) is -inf at x = 0 (a response the policy produces with probability one); clamping x
+# just below 0 keeps the odds-ratio objectives finite there without touching any realistic value.
+LOG1MEXP_MAX = -1e-8
+
+
+def log_ratios(inputs: ObjectiveInputs) -> torch.Tensor:
+    """rho(y) = log pi_theta(y|x) - log pi_ref(y|x) per response, [E, R]."""
+    return inputs.policy.logps - inputs.reference.logps
+
+
+def chosen_minus_rejected(values: torch.Tensor) -> torch.Tensor:
+    """values[:, 0] - values[:, 1]; applied to log-ratios this is the DPO margin h, [E]."""
+    return values[:, 0] - values[:, 1]
+
+
+def conservative_logistic(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): logistic loss, labels flipped w.p. eps."""
+    return -(1.0 - epsilon) * F.logsigmoid(z) - epsilon * F.logsigmoid(-z)
+
+
+def chosen_nll(stats: SequenceStats) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen response, -log pi(y_w|x) / |y_w|, [E]."""
+    return -stats.logps[:, 0] / stats.token_counts[:, 0]
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, accurate at both ends (Maechler's two branches split at -log 2)."""
+    x = x.clamp(max=LOG1MEXP_MAX)
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """ORPO's log odds log(P / (1 - P)) of P = exp(mean per-token log-prob)."""
+    return mean_logps - log1mexp(mean_logps)
+
+
+def required_scores(inputs: ObjectiveInputs, keys: tuple[str, ...], objective: str):
+    """The named [E] score tensors from the data, or an error that names what is missing."""
+    missing = [key for key in keys if key not in inputs.scores]
+    if missing:
+        have = ", ".join(sorted(inputs.scores)) or "none"
+        raise ValueError(
+            f"objective {objective!r} needs per-example scores {', '.join(missing)} in the data "
+            f"(the batch has: {have}); add them as numeric fields of each record's scores"
+        )
+    return tuple(inputs.scores[key].to(inputs.policy.logps) for key in keys)
+
+
+def required_token_logps(stats: SequenceStats | None, which: str, objective: str) -> SequenceStats:
+    """``stats`` when it carries per-token log-probs (objectives declared per_token=True get them)."""
+    if stats is None or stats.token_logps is None or stats.token_mask is None:
+        raise ValueError(
+            f"objective {objective!r} needs per-token {which} log-probs; it is registered with "
+            "per_token=True, so they are missing only when the stats were built by hand without "
+            "sequence_stats(..., per_token=True)"
+        )
+    return stats
