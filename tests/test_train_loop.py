@@ -174,3 +174,19 @@ def test_saved_model_loads_and_reproduces_trained_logps(workspace, lora):
 
         adapter_model = AutoPeftModelForCausalLM.from_pretrained(output / "adapter").eval()
         assert _plain_mean_chosen_logp(adapter_model, eval_examples) == pytest.approx(plain, abs=1e-4)
+
+
+def test_layouts_train_identically_through_the_loop(workspace):
+    runs = {layout: run(workspace, f"layout-{layout}", train__layout=layout, train__max_steps=3)
+            for layout in ["padded", "prefix_shared", "packed", "packed_prefix_shared"]}
+    baseline = read_metrics(runs["padded"] / "metrics.jsonl")
+    for layout, output in runs.items():
+        log = read_metrics(output / "metrics.jsonl")
+        assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in baseline], rel=1e-5)
+        assert [r["grad_norm"] for r in log] == pytest.approx(
+            [r["grad_norm"] for r in baseline], rel=1e-4)
+        assert_same_weights(runs["padded"], output, atol=1e-5)
+    padding = {layout: read_metrics(out / "metrics.jsonl")[0]["padding_fraction"]
+               for layout, out in runs.items()}
+    assert padding["packed"] < padding["padded"]
+    assert json.loads((runs["packed"] / "run.json").read_text())["layout"] == "packed"

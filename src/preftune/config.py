@@ -92,6 +92,9 @@ class TrainConfig(Section):
     save_every: int | None = None
     keep_checkpoints: int = 2
     logps_chunk_tokens: int = 256
+    # how examples become rows: auto picks prefix sharing when prompts are long (see data.layout)
+    layout: Literal["auto", "padded", "prefix_shared", "packed", "packed_prefix_shared"] = "auto"
+    max_row_tokens: int | None = None  # packed layouts: tokens per row (default: data.max_length)
 
 
 class Config(Section):
@@ -122,6 +125,9 @@ class Config(Section):
             raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
         if self.data.eval is not None and self.data.eval_fraction > 0:
             raise ValueError("set data.eval or data.eval_fraction, not both.")
+        if self.train.max_row_tokens is not None and not self.train.layout.startswith("packed"):
+            raise ValueError("train.max_row_tokens only applies to packed layouts; set "
+                             "train.layout to 'packed' or 'packed_prefix_shared', or remove it.")
         limit = self.data.max_prompt_length
         if limit is not None and limit >= self.data.max_length:
             raise ValueError(f"data.max_prompt_length ({limit}) must be below data.max_length "

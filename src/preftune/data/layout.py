@@ -151,6 +151,17 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
     )
 
 
+def choose_layout(examples: list[TokenizedExample]) -> str:
+    """Prefix sharing when there are several responses per prompt and the prompt is longer than
+    a response on average (it then saves more tokens than its mask costs); else plain padding.
+    """
+    per_example = len(examples[0].response_ids)
+    prompt_tokens = sum(len(ex.prompt_ids) for ex in examples) / len(examples)
+    response_tokens = sum(len(r) for ex in examples for r in ex.response_ids) / (
+        len(examples) * per_example)
+    return "prefix_shared" if per_example > 1 and prompt_tokens > response_tokens else "padded"
+
+
 def collate_padded(examples: list[TokenizedExample], pad_token_id: int) -> Batch:
     """The plain layout: one right-padded row per (prompt + response)."""
     return collate(examples, pad_token_id, "padded")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.layout import Batch, collate_padded
+from ..data.layout import Batch
 from ..data.tokenize import TokenizedExample
 from .forward import LogpModel, SequenceStats, causal_lm_of, sequence_stats
 from .load import weights_fingerprint
@@ -110,14 +110,14 @@ def reference_cache_key(model, examples: list[TokenizedExample], settings: dict)
 
 @torch.no_grad()
 def compute_reference_table(
-    model, examples, pad_token_id, batch_size, chunk_tokens, per_token, device, progress=None
+    model, examples, make_batch, batch_size, chunk_tokens, per_token, device, progress=None
 ) -> dict:
     """One forward pass of ``model`` over ``examples``: the precomputed reference table."""
     logp_model = LogpModel(causal_lm_of(model), chunk_tokens)
     logps, counts, token_logps = [], [], []
     with _eval_mode(logp_model):
         for start in range(0, len(examples), batch_size):
-            batch = collate_padded(examples[start : start + batch_size], pad_token_id).to(device)
+            batch = make_batch(examples[start : start + batch_size]).to(device)
             stats = sequence_stats(logp_model(batch), batch, per_token)
             logps.append(stats.logps.cpu())
             counts.append(stats.token_counts.cpu())
@@ -136,7 +136,7 @@ def compute_reference_table(
 
 
 def precomputed_reference(
-    model, examples, *, pad_token_id, batch_size, chunk_tokens, per_token, device,
+    model, examples, *, make_batch, batch_size, chunk_tokens, per_token, device,
     cache_dir: Path, settings: dict, progress=None,
 ) -> tuple[PrecomputedReference, bool]:
     """Load the reference table from ``cache_dir`` or compute and store it. Returns (ref, hit)."""
@@ -145,7 +145,7 @@ def precomputed_reference(
     if path.exists():
         return PrecomputedReference(torch.load(path, weights_only=True)), True
     table = compute_reference_table(
-        model, examples, pad_token_id, batch_size, chunk_tokens, per_token, device, progress
+        model, examples, make_batch, batch_size, chunk_tokens, per_token, device, progress
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -14,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..config import Config
-from ..data.layout import collate_padded
+from ..data.layout import choose_layout, collate
 from ..data.prepare import prepare_examples
 from ..model.forward import LogpModel, sequence_stats
 from ..model.load import add_lora, cache_root, load_model_and_tokenizer
@@ -56,7 +57,7 @@ def example_stream(num_examples: int, examples_per_step: int, total_steps: int, 
     return order
 
 
-def build_reference(strategy, config, model, examples_by_split, tokenizer, spec, device):
+def build_reference(strategy, config, model, examples_by_split, make_batch, spec, device):
     """One reference per data split (the precomputed one is a table per split)."""
     chunk = config.train.logps_chunk_tokens
     if strategy == "none":
@@ -71,7 +72,7 @@ def build_reference(strategy, config, model, examples_by_split, tokenizer, spec,
     for split, examples in examples_by_split.items():
         bar = progress_bar(len(examples), f"reference logps ({split})")
         reference, hit = precomputed_reference(
-            model, examples, pad_token_id=tokenizer.pad_token_id,
+            model, examples, make_batch=make_batch,
             batch_size=config.train.batch_size, chunk_tokens=chunk, per_token=spec.per_token,
             device=device, cache_dir=cache_dir, progress=bar.update,
             settings={"max_length": config.data.max_length,
@@ -85,13 +86,13 @@ def build_reference(strategy, config, model, examples_by_split, tokenizer, spec,
 
 
 @torch.no_grad()
-def evaluate(logp_model, reference, examples, spec, params, pad_token_id, batch_size, device):
+def evaluate(logp_model, reference, examples, spec, params, make_batch, batch_size, device):
     """Mean loss and preference metrics of the current policy over ``examples``."""
     was_training = logp_model.training
     logp_model.eval()
     totals: dict[str, float] = {}
     for start in range(0, len(examples), batch_size):
-        batch = collate_padded(examples[start : start + batch_size], pad_token_id).to(device)
+        batch = make_batch(examples[start : start + batch_size]).to(device)
         inputs = ObjectiveInputs(
             sequence_stats(logp_model(batch), batch, spec.per_token), reference.stats(batch),
             batch.scores,
@@ -123,9 +124,12 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
     (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     (output_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
+    layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
+    make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
+                                   max_row_tokens=cfg.max_row_tokens or config.data.max_length)
 
     # Reference (before LoRA: the reference is the initial model), then adapters.
-    references = build_reference(strategy, config, model, splits, tokenizer, spec, device)
+    references = build_reference(strategy, config, model, splits, make_batch, spec, device)
     if config.model.lora is not None:
         lora = config.model.lora
         model = add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
@@ -169,8 +173,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
         real_tokens = slots = 0
         for micro in range(cfg.gradient_accumulation_steps):
             chunk = step_indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
-            batch = collate_padded([train_examples[i] for i in chunk],
-                                   tokenizer.pad_token_id).to(device)
+            batch = make_batch([train_examples[i] for i in chunk]).to(device)
             policy = sequence_stats(logp_model(batch), batch, spec.per_token)
             inputs = ObjectiveInputs(policy, references["train"].stats(batch), batch.scores, step)
             output = spec(inputs, params)
@@ -195,7 +198,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics = evaluate(logp_model, references["eval"], eval_examples, spec, params,
-                               tokenizer.pad_token_id, cfg.batch_size, device)
+                               make_batch, cfg.batch_size, device)
             record.update({f"eval/{k}": v for k, v in metrics.items()})
         if (step + 1) % cfg.log_every == 0 or "eval/loss" in record:
             log.write(record)
@@ -210,7 +213,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
     save_merged = config.model.lora.save_merged if config.model.lora else True
     save_final_model(final, tokenizer, output_dir, save_merged)
     (output_dir / "run.json").write_text(json.dumps(
-        {"objective": spec.name, "params": asdict(params), "reference": strategy,
+        {"objective": spec.name, "params": asdict(params), "reference": strategy, "layout": layout,
          "steps": total_steps, "train_examples": len(train_examples),
          "eval_examples": len(eval_examples)}, indent=2))
     return output_dir
