@@ -190,3 +190,25 @@ def test_layouts_train_identically_through_the_loop(workspace):
                for layout, out in runs.items()}
     assert padding["packed"] < padding["padded"]
     assert json.loads((runs["packed"] / "run.json").read_text())["layout"] == "packed"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_identically(workspace, lora):
+    extra = {"model__lora": {"r": 4, "alpha": 8}} if lora else {}
+    plain = run(workspace, f"ckpt-off-{lora}", train__max_steps=3, **extra)
+    checkpointed = run(workspace, f"ckpt-on-{lora}", train__max_steps=3,
+                       train__gradient_checkpointing=True, **extra)
+    assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-5)
+    assert_same_weights(plain, checkpointed)
+
+
+def test_plan_prints_layout_reference_and_memory_without_training(workspace, capsys):
+    output = run(workspace, "plan-only", train__layout="auto")
+    capsys.readouterr()
+    config = build_config({**_tree_of(output), "output_dir": str(workspace / "runs" / "planned")})
+    loop.train(config, plan_only=True, show_progress=False)
+    printed = capsys.readouterr().out
+    for needle in ["reference          precomputed", "layout             prefix_shared",
+                   "optimizer", "activations", "log-prob chunks", "total"]:
+        assert needle in printed
+    assert not (workspace / "runs" / "planned" / "model").exists()

@@ -11,7 +11,9 @@ def _train(args) -> None:
     from .train.loop import train
 
     config = load_config(args.config, args.set or [])
-    output_dir = train(config, resume=args.resume)
+    output_dir = train(config, resume=args.resume, plan_only=args.plan)
+    if args.plan:
+        return
     print(f"done: model in {output_dir / 'model'}, metrics in {output_dir / 'metrics.jsonl'}")
 
 
@@ -57,11 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train on your own preference data")
-    train.add_argument("config", help="YAML config file (see examples/)")
+    train.add_argument("config", nargs="?", help="YAML config file (see examples/); optional "
+                       "when every key comes from --set")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.learning_rate=1e-6")
     train.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in output_dir")
+    train.add_argument("--plan", action="store_true",
+                       help="print layout, reference strategy and a memory estimate, then stop")
     train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="DPO on SmolLM2-135M with generated, checkable data")

@@ -92,6 +92,7 @@ class TrainConfig(Section):
     save_every: int | None = None
     keep_checkpoints: int = 2
     logps_chunk_tokens: int = 256
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
     # how examples become rows: auto picks prefix sharing when prompts are long (see data.layout)
     layout: Literal["auto", "padded", "prefix_shared", "packed", "packed_prefix_shared"] = "auto"
     max_row_tokens: int | None = None  # packed layouts: tokens per row (default: data.max_length)

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from ..config import Config
 from ..data.layout import choose_layout, collate
 from ..data.prepare import prepare_examples
-from ..model.forward import LogpModel, sequence_stats
+from ..model.forward import LogpModel, causal_lm_of, sequence_stats
 from ..model.load import add_lora, cache_root, load_model_and_tokenizer
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
@@ -26,6 +26,7 @@ from ..objectives import ObjectiveInputs, get_objective
 from ..objectives.metrics import preference_sums
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from .logging import MetricsLog, progress_bar
+from .plan import plan
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
@@ -103,8 +104,10 @@ def evaluate(logp_model, reference, examples, spec, params, make_batch, batch_si
     return {name: value / len(examples) for name, value in totals.items()}
 
 
-def train(config: Config, resume: bool = False, show_progress: bool = True) -> Path:
-    """Train according to ``config``; returns the output directory."""
+def train(config: Config, resume: bool = False, show_progress: bool = True,
+          plan_only: bool = False) -> Path:
+    """Train according to ``config``; returns the output directory. ``plan_only`` prints the
+    plan (layout, reference, memory estimate) and stops before the reference pass."""
     output_dir = Path(config.output_dir)
     cfg = config.train
     accelerator = Accelerator(gradient_accumulation_steps=1)
@@ -128,11 +131,19 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length)
 
+    if plan_only:
+        model = _attach_lora(model, config)
+        trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(plan(config, causal_lm_of(model).config, sum(p.numel() for p in model.parameters()),
+                   trainable_count, train_examples, layout, tokenizer.pad_token_id))
+        return output_dir
+
     # Reference (before LoRA: the reference is the initial model), then adapters.
     references = build_reference(strategy, config, model, splits, make_batch, spec, device)
-    if config.model.lora is not None:
-        lora = config.model.lora
-        model = add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    model = _attach_lora(model, config)
+    if cfg.gradient_checkpointing:
+        causal_lm_of(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     logp_model = LogpModel(model, cfg.logps_chunk_tokens)
     if strategy == "adapter-off":
@@ -217,6 +228,13 @@ def train(config: Config, resume: bool = False, show_progress: bool = True) -> P
          "steps": total_steps, "train_examples": len(train_examples),
          "eval_examples": len(eval_examples)}, indent=2))
     return output_dir
+
+
+def _attach_lora(model, config: Config):
+    lora = config.model.lora
+    if lora is None:
+        return model
+    return add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
 
 
 def _grad_norm(parameters) -> torch.Tensor:

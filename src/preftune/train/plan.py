@@ -1,0 +1,75 @@
+"""``preftune train --plan``: what a run will do and roughly how much memory it needs, before
+any training step. Estimates are upper-bound style (peak of one micro-batch), in MiB."""
+
+from __future__ import annotations
+
+from ..data.layout import collate
+from ..objectives import get_objective
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MIB = 2**20
+
+
+def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_bytes: int,
+                      checkpointing: bool) -> int:
+    """Saved activations of one micro-batch for backward.
+
+    Per token and layer a llama-style block keeps roughly 10 hidden-size and 3 MLP-size
+    tensors; an explicit attention mask adds the [heads, T, T] scores. With gradient
+    checkpointing only each layer's input is kept, plus one layer's full set.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    mlp = getattr(config, "intermediate_size", 4 * hidden)
+    heads = config.num_attention_heads
+    per_token_layer = 10 * hidden + 3 * mlp
+    tokens = rows * width
+    per_layer = tokens * per_token_layer * dtype_bytes
+    if custom_mask:
+        per_layer += rows * heads * width * width * 4 + rows * width * width * dtype_bytes
+    if checkpointing:
+        return layers * tokens * hidden * dtype_bytes + per_layer
+    return layers * per_layer
+
+
+def plan(config, model_config, n_params: int, trainable_params: int, train_examples, layout: str,
+         pad_token_id: int) -> str:
+    """A human-readable plan: layout, reference strategy, padding, memory estimate."""
+    spec = get_objective(config.objective.name)
+    cfg = config.train
+    dtype_bytes = BYTES[config.model.dtype]
+    longest = sorted(train_examples, key=lambda ex: -(len(ex.prompt_ids)
+                     + sum(len(r) for r in ex.response_ids)))[: cfg.batch_size]
+    max_row = cfg.max_row_tokens or config.data.max_length
+    worst = collate(longest, pad_token_id, layout, max_row)
+    rows, width = worst.input_ids.shape
+    sample = collate(train_examples[: 64], pad_token_id, layout, max_row)
+    strategy = config.reference_strategy
+
+    weights = n_params * dtype_bytes
+    grads = trainable_params * dtype_bytes
+    optimizer = 2 * trainable_params * 4
+    reference = weights if strategy == "live" else 0
+    activations = _activation_bytes(model_config, rows, width, worst.unit_ids is not None,
+                                    dtype_bytes, cfg.gradient_checkpointing)
+    logps = cfg.logps_chunk_tokens * model_config.vocab_size * 4 * 3
+    total = weights + grads + optimizer + reference + activations + logps
+    lines = [
+        f"objective          {spec.name} ({spec.data}, "
+        f"{'needs reference' if spec.needs_reference else 'reference-free'})",
+        f"reference          {strategy}",
+        f"layout             {layout}"
+        + (" (chosen automatically)" if cfg.layout == "auto" else ""),
+        f"padding fraction   {sample.padding_fraction:.1%} (first 64 examples)",
+        f"worst micro-batch  {rows} rows x {width} tokens",
+        f"parameters         {n_params / 1e6:.1f}M, trainable {trainable_params / 1e6:.2f}M",
+        "memory estimate (MiB, peak of one micro-batch):",
+        f"  weights          {weights / MIB:10.0f}",
+        f"  gradients        {grads / MIB:10.0f}",
+        f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, fp32 states)",
+        f"  reference        {reference / MIB:10.0f}  ({strategy})",
+        f"  activations      {activations / MIB:10.0f}"
+        + ("  (gradient checkpointing)" if cfg.gradient_checkpointing else ""),
+        f"  log-prob chunks  {logps / MIB:10.0f}  ({cfg.logps_chunk_tokens} tokens x vocab)",
+        f"  total            {total / MIB:10.0f}",
+    ]
+    return "\n".join(lines)
