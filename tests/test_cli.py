@@ -36,7 +36,7 @@ def test_train_command_writes_a_loadable_model_and_run_record(files, capsys):
                 "rewards/accuracies", "logps/chosen", "logps/rejected", "lr", "grad_norm",
                 "tokens_per_second", "padding_fraction"]:
         assert key in lines[0], key
-    assert yaml.safe_load((run / "config.yaml").read_text())["objective"]["beta"] == 0.2
+    assert yaml.safe_load((run / "config.yaml").read_text())["objective"][0]["beta"] == 0.2
     assert json.loads((run / "data_report.json").read_text())["train"]["kept"] == 12
 
 

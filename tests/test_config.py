@@ -39,7 +39,7 @@ def test_yaml_file_and_overrides(tmp_path):
     config = load_config(str(path), ["train.batch_size=4", "objective.beta=0.05",
                                      "model.lora.r=8"])
     assert config.train.batch_size == 4
-    assert config.objective.params().beta == 0.05
+    assert config.objective[0].model_extra["beta"] == 0.05
     assert config.model.lora.r == 8
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(str(path), ["train.batch_size"])

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .objectives import get_objective
+from .objectives.compose import Objective, validate_params
 
 
 class ConfigError(ValueError):
@@ -48,10 +49,15 @@ class DataConfig(Section):
 
 
 class ObjectiveConfig(BaseModel):
-    """``name`` plus that objective's own parameters, e.g. ``{name: dpo, beta: 0.1}``."""
+    """``name`` plus that objective's own parameters, e.g. ``{name: dpo, beta: 0.1}``.
+
+    A parameter may be a schedule ``{start, end, schedule}``; ``weight`` scales the term when
+    several objectives are summed (``objective`` given as a list).
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str = "dpo"
+    weight: float = 1.0
 
     @model_validator(mode="after")
     def _known_params(self):
@@ -63,12 +69,8 @@ class ObjectiveConfig(BaseModel):
         for key in self.model_extra or {}:
             if key not in known:
                 raise ValueError(_unknown(f"objective.{key}", key, known, f"objective {self.name}"))
-        self.params()
+        validate_params(spec, self.model_extra or {})
         return self
-
-    def params(self):
-        """The objective's params dataclass, with types checked."""
-        return TypeAdapter(get_objective(self.name).params).validate_python(self.model_extra or {})
 
 
 class ReferenceConfig(Section):
@@ -92,6 +94,7 @@ class TrainConfig(Section):
     save_every: int | None = None
     keep_checkpoints: int = 2
     logps_chunk_tokens: int = 256
+    example_weight_field: str | None = None  # numeric record field that scales each example
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
     # how examples become rows: auto picks prefix sharing when prompts are long (see data.layout)
     layout: Literal["auto", "padded", "prefix_shared", "packed", "packed_prefix_shared"] = "auto"
@@ -102,22 +105,30 @@ class Config(Section):
     output_dir: str = "runs/preftune"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
+    objective: list[ObjectiveConfig] = [ObjectiveConfig()]  # one term, or a weighted sum
     reference: ReferenceConfig = ReferenceConfig()
     train: TrainConfig = TrainConfig()
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _no_silent_settings(self):
         """Refuse combinations where a setting would silently do nothing."""
-        spec = get_objective(self.objective.name)
+        names = [term.name for term in self.objective]
+        needs_reference = Objective.from_config(self.objective, total_steps=1).needs_reference
+        if len(names) == 1 and self.objective[0].weight != 1.0:
+            raise ValueError("objective.weight only matters when objective is a list of terms.")
         strategy = self.reference.strategy
-        if not spec.needs_reference and strategy not in ("auto", "none"):
+        if not needs_reference and strategy not in ("auto", "none"):
             raise ValueError(
-                f"reference.strategy={strategy!r} does nothing: objective {spec.name!r} is "
+                f"reference.strategy={strategy!r} does nothing: {' + '.join(names)} is "
                 "reference-free. Remove reference.strategy (or use 'none')."
             )
-        if spec.needs_reference and strategy == "none":
-            raise ValueError(f"objective {spec.name!r} needs a reference; "
+        if needs_reference and strategy == "none":
+            raise ValueError(f"{' + '.join(names)} needs a reference; "
                              "use reference.strategy 'precomputed', 'live' or 'adapter-off'.")
         if strategy == "adapter-off" and self.model.lora is None:
             raise ValueError("reference.strategy='adapter-off' needs model.lora to be set.")
@@ -139,7 +150,8 @@ class Config(Section):
     def reference_strategy(self) -> str:
         if self.reference.strategy != "auto":
             return self.reference.strategy
-        return "precomputed" if get_objective(self.objective.name).needs_reference else "none"
+        needs = Objective.from_config(self.objective, total_steps=1).needs_reference
+        return "precomputed" if needs else "none"
 
 
 def _unknown(path: str, key: str, known, where: str) -> str:
@@ -149,7 +161,7 @@ def _unknown(path: str, key: str, known, where: str) -> str:
 
 
 def _describe(error: dict, model: type[BaseModel]) -> str:
-    location = ".".join(str(part) for part in error["loc"])
+    location = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
     if error["type"] == "extra_forbidden":
         section = model
         for part in error["loc"][:-1]:
@@ -167,10 +179,18 @@ def set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw_value)
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]  # e.g. objective.1.weight for a list of objectives
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section or list index")
+    if isinstance(node, list):
+        if not (leaf.isdigit() and int(leaf) < len(node)):
+            raise ConfigError(f"--set {dotted}: {leaf!r} is not an index of that list")
+        node[int(leaf)] = yaml.safe_load(raw_value)
+    else:
+        node[leaf] = yaml.safe_load(raw_value)
 
 
 def build_config(tree: dict, source: str = "the config") -> Config:

@@ -15,6 +15,21 @@ from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
+class SFTParams:
+    """SFT has no parameters; weight it against other objectives with ``weight``."""
+
+
+@objective("sft", params=SFTParams, needs_reference=False, paper="(supervised fine-tuning)")
+def sft(inputs: ObjectiveInputs, params: SFTParams) -> ObjectiveOutput:
+    """Supervised fine-tuning on the chosen response: its per-token negative log-likelihood.
+
+    loss = -log pi(y_w|x) / |y_w|, implied reward r(y) = log pi(y|x) / |y|.
+    Mostly useful as a term of a weighted sum, e.g. DPO + 0.2 x SFT (RPO-style anchoring).
+    """
+    return ObjectiveOutput(chosen_nll(inputs.policy), inputs.policy.mean_logps)
+
+
+@dataclass
 class SimPOParams:
     beta: float = 2.0  # reward scale
     gamma_beta_ratio: float = 0.5  # target margin gamma, expressed as gamma / beta

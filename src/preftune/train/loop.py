@@ -22,7 +22,8 @@ from ..model.load import add_lora, cache_root, load_model_and_tokenizer
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
-from ..objectives import ObjectiveInputs, get_objective
+from ..objectives import ObjectiveInputs
+from ..objectives.compose import Objective
 from ..objectives.metrics import preference_sums
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from .logging import MetricsLog, progress_bar
@@ -58,13 +59,13 @@ def example_stream(num_examples: int, examples_per_step: int, total_steps: int, 
     return order
 
 
-def build_reference(strategy, config, model, examples_by_split, make_batch, spec, device):
+def build_reference(strategy, config, model, examples_by_split, make_batch, objective, device):
     """One reference per data split (the precomputed one is a table per split)."""
     chunk = config.train.logps_chunk_tokens
     if strategy == "none":
         return {split: NoReference() for split in examples_by_split}
     if strategy == "live":
-        live = LiveReference(model, chunk, spec.per_token)
+        live = LiveReference(model, chunk, objective.per_token)
         return {split: live for split in examples_by_split}
     if strategy == "adapter-off":
         return None  # built after LoRA is attached
@@ -74,7 +75,7 @@ def build_reference(strategy, config, model, examples_by_split, make_batch, spec
         bar = progress_bar(len(examples), f"reference logps ({split})")
         reference, hit = precomputed_reference(
             model, examples, make_batch=make_batch,
-            batch_size=config.train.batch_size, chunk_tokens=chunk, per_token=spec.per_token,
+            batch_size=config.train.batch_size, chunk_tokens=chunk, per_token=objective.per_token,
             device=device, cache_dir=cache_dir, progress=bar.update,
             settings={"max_length": config.data.max_length,
                       "max_prompt_length": config.data.max_prompt_length},
@@ -87,7 +88,7 @@ def build_reference(strategy, config, model, examples_by_split, make_batch, spec
 
 
 @torch.no_grad()
-def evaluate(logp_model, reference, examples, spec, params, make_batch, batch_size, device):
+def evaluate(logp_model, reference, examples, objective, make_batch, batch_size, device, step=0):
     """Mean loss and preference metrics of the current policy over ``examples``."""
     was_training = logp_model.training
     logp_model.eval()
@@ -95,10 +96,10 @@ def evaluate(logp_model, reference, examples, spec, params, make_batch, batch_si
     for start in range(0, len(examples), batch_size):
         batch = make_batch(examples[start : start + batch_size]).to(device)
         inputs = ObjectiveInputs(
-            sequence_stats(logp_model(batch), batch, spec.per_token), reference.stats(batch),
-            batch.scores,
+            sequence_stats(logp_model(batch), batch, objective.per_token), reference.stats(batch),
+            batch.scores, step,
         )
-        for name, value in preference_sums(inputs, spec(inputs, params)).items():
+        for name, value in preference_sums(inputs, objective(inputs)[0]).items():
             totals[name] = totals.get(name, 0.0) + value
     logp_model.train(was_training)
     return {name: value / len(examples) for name, value in totals.items()}
@@ -113,8 +114,6 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     accelerator = Accelerator(gradient_accumulation_steps=1)
     device = accelerator.device
     set_seed(cfg.seed)
-    spec = get_objective(config.objective.name)
-    params = config.objective.params()
     strategy = config.reference_strategy
 
     # Model and data.
@@ -130,6 +129,11 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length)
+    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    total_steps = cfg.max_steps or max(
+        1, math.ceil(cfg.epochs * len(train_examples) / examples_per_step)
+    )
+    objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
 
     if plan_only:
         model = _attach_lora(model, config)
@@ -139,7 +143,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         return output_dir
 
     # Reference (before LoRA: the reference is the initial model), then adapters.
-    references = build_reference(strategy, config, model, splits, make_batch, spec, device)
+    references = build_reference(strategy, config, model, splits, make_batch, objective, device)
     model = _attach_lora(model, config)
     if cfg.gradient_checkpointing:
         causal_lm_of(model).gradient_checkpointing_enable(
@@ -147,14 +151,10 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     model.train()
     logp_model = LogpModel(model, cfg.logps_chunk_tokens)
     if strategy == "adapter-off":
-        adapter_off = AdapterOffReference(logp_model, spec.per_token)
+        adapter_off = AdapterOffReference(logp_model, objective.per_token)
         references = {split: adapter_off for split in splits}
 
     # Optimizer and schedule.
-    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    total_steps = cfg.max_steps or max(
-        1, math.ceil(cfg.epochs * len(train_examples) / examples_per_step)
-    )
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     trainable = [p for p in logp_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -175,7 +175,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     log = MetricsLog(output_dir / "metrics.jsonl", keep_through_step=start_step)
     order = example_stream(len(train_examples), examples_per_step, total_steps, cfg.seed)
 
-    bar = progress_bar(total_steps, f"train {spec.name}", initial=start_step,
+    bar = progress_bar(total_steps, f"train {objective.name}", initial=start_step,
                        disable=not show_progress)
     for step in range(start_step, total_steps):
         started = time.perf_counter()
@@ -185,13 +185,13 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         for micro in range(cfg.gradient_accumulation_steps):
             chunk = step_indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
             batch = make_batch([train_examples[i] for i in chunk]).to(device)
-            policy = sequence_stats(logp_model(batch), batch, spec.per_token)
+            policy = sequence_stats(logp_model(batch), batch, objective.per_token)
             inputs = ObjectiveInputs(policy, references["train"].stats(batch), batch.scores, step)
-            output = spec(inputs, params)
+            output, parts = objective(inputs)
             # Sum over examples / examples per optimizer step: the step's gradient is the mean
             # over all its examples however they are split into micro-batches.
             accelerator.backward(output.losses.sum() / examples_per_step)
-            for name, value in preference_sums(inputs, output).items():
+            for name, value in {**preference_sums(inputs, output), **parts}.items():
                 sums[name] = sums.get(name, 0.0) + value
             real_tokens += batch.real_tokens
             slots += batch.attention_mask.numel()
@@ -208,8 +208,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            metrics = evaluate(logp_model, references["eval"], eval_examples, spec, params,
-                               make_batch, cfg.batch_size, device)
+            metrics = evaluate(logp_model, references["eval"], eval_examples, objective,
+                               make_batch, cfg.batch_size, device, step)
             record.update({f"eval/{k}": v for k, v in metrics.items()})
         if (step + 1) % cfg.log_every == 0 or "eval/loss" in record:
             log.write(record)
@@ -224,7 +224,9 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     save_merged = config.model.lora.save_merged if config.model.lora else True
     save_final_model(final, tokenizer, output_dir, save_merged)
     (output_dir / "run.json").write_text(json.dumps(
-        {"objective": spec.name, "params": asdict(params), "reference": strategy, "layout": layout,
+        {"objective": objective.name, "params": {name: asdict(p) for name, p in
+                                                  objective.params_at(0).items()},
+         "reference": strategy, "layout": layout,
          "steps": total_steps, "train_examples": len(train_examples),
          "eval_examples": len(eval_examples)}, indent=2))
     return output_dir

@@ -4,7 +4,7 @@ any training step. Estimates are upper-bound style (peak of one micro-batch), in
 from __future__ import annotations
 
 from ..data.layout import collate
-from ..objectives import get_objective
+from ..objectives.compose import Objective
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
@@ -34,7 +34,7 @@ def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_by
 def plan(config, model_config, n_params: int, trainable_params: int, train_examples, layout: str,
          pad_token_id: int) -> str:
     """A human-readable plan: layout, reference strategy, padding, memory estimate."""
-    spec = get_objective(config.objective.name)
+    objective = Objective.from_config(config.objective, total_steps=1)
     cfg = config.train
     dtype_bytes = BYTES[config.model.dtype]
     longest = sorted(train_examples, key=lambda ex: -(len(ex.prompt_ids)
@@ -54,8 +54,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
     logps = cfg.logps_chunk_tokens * model_config.vocab_size * 4 * 3
     total = weights + grads + optimizer + reference + activations + logps
     lines = [
-        f"objective          {spec.name} ({spec.data}, "
-        f"{'needs reference' if spec.needs_reference else 'reference-free'})",
+        f"objective          {objective.name} ({objective.data}, "
+        f"{'needs reference' if objective.needs_reference else 'reference-free'})",
         f"reference          {strategy}",
         f"layout             {layout}"
         + (" (chosen automatically)" if cfg.layout == "auto" else ""),

@@ -1,0 +1,117 @@
+"""What the loop trains on: one objective or a weighted sum of several, with parameters that
+may follow a schedule over steps, and optional per-example weights from the data.
+
+Config forms this reads (values of ``objective`` in YAML):
+    {name: dpo, beta: 0.1}
+    [{name: dpo, beta: 0.1}, {name: sft, weight: 0.2}]            # DPO + 0.2 x SFT
+    {name: dpo, beta: {start: 0.05, end: 0.5, schedule: linear}}  # beta ramps over the run
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from .registry import ObjectiveInputs, ObjectiveOutput, ObjectiveSpec, get_objective
+
+SCHEDULES = ("linear", "cosine", "constant")
+SCHEDULE_KEYS = {"start", "end", "schedule"}
+
+
+def scheduled_value(spec: dict, step: int, total_steps: int) -> float:
+    """Value of ``{start, end, schedule}`` at ``step`` (0-based) of ``total_steps``."""
+    kind = spec.get("schedule", "linear")
+    progress = min(1.0, step / max(1, total_steps - 1))
+    if kind == "constant":
+        return spec["start"]
+    if kind == "cosine":
+        progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+    return spec["start"] + (spec["end"] - spec["start"]) * progress
+
+
+def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
+    """Type-check raw params (both ends of any schedule); raises ValueError naming the key."""
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            unknown = set(value) - SCHEDULE_KEYS
+            if unknown or not {"start", "end"} <= set(value):
+                raise ValueError(f"objective.{key}: a schedule needs start and end (and optionally "
+                                 f"schedule: {'/'.join(SCHEDULES)}); got keys {sorted(value)}")
+            if value.get("schedule", "linear") not in SCHEDULES:
+                raise ValueError(f"objective.{key}.schedule must be one of {SCHEDULES}")
+    for end in ("start", "end"):
+        try:
+            TypeAdapter(spec.params).validate_python(
+                {k: v[end] if isinstance(v, dict) else v for k, v in raw.items()})
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"objective.{'.'.join(map(str, first['loc']))}: {first['msg']} "
+                             f"(got {first.get('input')!r})") from None
+
+
+@dataclass
+class Term:
+    spec: ObjectiveSpec
+    raw_params: dict
+    weight: float
+
+    def params_at(self, step: int, total_steps: int):
+        values = {k: scheduled_value(v, step, total_steps) if isinstance(v, dict) else v
+                  for k, v in self.raw_params.items()}
+        return TypeAdapter(self.spec.params).validate_python(values)
+
+
+class Objective:
+    """A weighted sum of registered objectives, presented to the loop as one objective.
+
+    Its needs are the union of its terms' needs; the implied rewards (and so the logged
+    rewards, margins and accuracies) are those of the first term.
+    """
+
+    def __init__(self, terms: list[Term], total_steps: int, example_weight_field: str | None):
+        shapes = {term.spec.data for term in terms}
+        if len(shapes) > 1:
+            raise ValueError(f"objectives {[t.spec.name for t in terms]} need different data "
+                             f"shapes {sorted(shapes)}; combine objectives of one shape")
+        self.terms = terms
+        self.total_steps = total_steps
+        self.example_weight_field = example_weight_field
+        self.needs_reference = any(t.spec.needs_reference for t in terms)
+        self.per_token = any(t.spec.per_token for t in terms)
+        self.data = shapes.pop()
+        self.name = " + ".join(
+            t.spec.name if t.weight == 1 and i == 0 else f"{t.weight:g}*{t.spec.name}"
+            for i, t in enumerate(terms))
+
+    @classmethod
+    def from_config(cls, objective_config, total_steps: int, example_weight_field=None):
+        terms = [Term(get_objective(item.name), dict(item.model_extra or {}), item.weight)
+                 for item in objective_config]
+        return cls(terms, total_steps, example_weight_field)
+
+    def params_at(self, step: int) -> dict:
+        return {t.spec.name: t.params_at(step, self.total_steps) for t in self.terms}
+
+    def __call__(self, inputs: ObjectiveInputs) -> tuple[ObjectiveOutput, dict]:
+        """Combined output and each term's mean loss (for logging when there are several)."""
+        losses, rewards, parts = 0.0, None, {}
+        for term in self.terms:
+            output = term.spec(inputs, term.params_at(inputs.step, self.total_steps))
+            losses = losses + term.weight * output.losses
+            rewards = output.rewards if rewards is None else rewards
+            if len(self.terms) > 1:
+                parts[f"loss/{term.spec.name}"] = float(output.losses.detach().sum())
+        if self.example_weight_field is not None:
+            if self.example_weight_field not in inputs.scores:
+                raise ValueError(
+                    f"train.example_weight_field={self.example_weight_field!r}, but the records "
+                    f"have no such numeric field (they have: {sorted(inputs.scores) or 'none'})")
+            weights = inputs.scores[self.example_weight_field].to(losses)
+            if not (torch.isfinite(weights).all() and (weights >= 0).all()):
+                raise ValueError(f"example weights ({self.example_weight_field!r}) must be finite "
+                                 "and non-negative")
+            losses = losses * weights
+        return ObjectiveOutput(losses, rewards), parts

@@ -1,0 +1,78 @@
+"""Weighted sums of objectives, parameter schedules and per-example weights."""
+
+import math
+
+import pytest
+import torch
+
+from preftune.config import ConfigError, build_config
+from preftune.model.forward import SequenceStats
+from preftune.objectives import ObjectiveInputs
+from preftune.objectives.compose import Objective, scheduled_value
+
+POLICY = [[-12.0, -15.0], [-4.0, -3.0]]
+REFERENCE = [[-13.0, -14.0], [-4.5, -2.0]]
+COUNTS = [[4.0, 6.0], [2.0, 1.0]]
+
+
+def inputs(step=0, scores=None):
+    counts = torch.tensor(COUNTS)
+    return ObjectiveInputs(SequenceStats(torch.tensor(POLICY), counts),
+                           SequenceStats(torch.tensor(REFERENCE), counts), scores or {}, step)
+
+
+def dpo_by_hand(i, beta):
+    z = beta * ((POLICY[i][0] - REFERENCE[i][0]) - (POLICY[i][1] - REFERENCE[i][1]))
+    return math.log1p(math.exp(-z))
+
+
+def objective(tree, total_steps=10, weight_field=None):
+    config = build_config({"objective": tree})
+    return Objective.from_config(config.objective, total_steps, weight_field)
+
+
+def test_dpo_plus_weighted_sft_is_the_weighted_sum():
+    combined = objective([{"name": "dpo", "beta": 0.1}, {"name": "sft", "weight": 0.2}])
+    assert combined.needs_reference and combined.name == "dpo + 0.2*sft"
+    output, parts = combined(inputs())
+    for i in range(2):
+        sft = -POLICY[i][0] / COUNTS[i][0]
+        assert output.losses[i].item() == pytest.approx(dpo_by_hand(i, 0.1) + 0.2 * sft, rel=1e-5)
+    assert set(parts) == {"loss/dpo", "loss/sft"}
+    # implied rewards are the first term's: beta * log-ratio
+    assert output.rewards[0, 0].item() == pytest.approx(0.1 * (POLICY[0][0] - REFERENCE[0][0]))
+
+
+def test_scheduled_beta_follows_its_schedule():
+    ramp = objective({"name": "dpo", "beta": {"start": 0.1, "end": 0.5}}, total_steps=5)
+    for step, beta in enumerate([0.1, 0.2, 0.3, 0.4, 0.5]):
+        output, _ = ramp(inputs(step))
+        assert output.losses[0].item() == pytest.approx(dpo_by_hand(0, beta), rel=1e-5)
+    assert scheduled_value({"start": 1.0, "end": 0.0, "schedule": "cosine"}, 2, 5) == \
+        pytest.approx(0.5)
+    assert scheduled_value({"start": 2.0, "end": 9.0, "schedule": "constant"}, 3, 5) == 2.0
+
+
+def test_example_weights_scale_each_loss():
+    weighted = objective({"name": "dpo"}, weight_field="weight")
+    output, _ = weighted(inputs(scores={"weight": torch.tensor([2.0, 0.0])}))
+    assert output.losses.tolist() == pytest.approx([2 * dpo_by_hand(0, 0.1), 0.0], rel=1e-5)
+    with pytest.raises(ValueError, match="no such numeric field"):
+        weighted(inputs())
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted(inputs(scores={"weight": torch.tensor([-1.0, 1.0])}))
+
+
+@pytest.mark.parametrize("tree,expected", [
+    ({"name": "dpo", "beta": {"start": 0.1}}, "schedule needs start and end"),
+    ({"name": "dpo", "beta": {"start": 0.1, "end": 0.2, "schedule": "wavy"}}, "schedule must be"),
+    ({"name": "dpo", "beta": {"start": 0.1, "end": "big"}}, "objective.beta"),
+    ({"name": "dpo", "weight": 0.5}, "only matters when objective is a list"),
+    ([{"name": "simpo"}, {"name": "sft", "weight": 0.1}], None),
+])
+def test_composition_config_errors(tree, expected):
+    if expected is None:
+        assert build_config({"objective": tree}).reference_strategy == "none"
+        return
+    with pytest.raises(ConfigError, match=expected):
+        build_config({"objective": tree})
