@@ -1,0 +1,71 @@
+"""Every registered objective trains 3 steps through the real loop on its data shape."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.config import build_config
+from preftune.objectives import REGISTRY
+from preftune.train import loop
+from preftune.train.logging import read_metrics
+from tiny_models import save_tiny_model_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("every")
+    save_tiny_model_dir(root / "model")
+    rng = random.Random(1)
+    pairs = []
+    for i in range(24):
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        pairs.append({"prompt": f"{a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3} or so",
+                      "chosen_score": rng.uniform(5, 9), "rejected_score": rng.uniform(0, 4),
+                      "weight": rng.uniform(0.5, 2.0)})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return root
+
+
+DATA_FILES = {"pairs": "pairs.jsonl"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in REGISTRY.items() if s.data in DATA_FILES))
+def test_objective_trains_three_steps(workspace, name):
+    spec = REGISTRY[name]
+    output = loop.train(build_config({
+        "output_dir": str(workspace / "runs" / name),
+        "model": {"path": str(workspace / "model")},
+        "data": {"train": str(workspace / DATA_FILES[spec.data])},
+        "objective": {"name": name},
+        "reference": {"cache_dir": str(workspace / "cache")},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 3},
+    }), show_progress=False)
+    log = read_metrics(output / "metrics.jsonl")
+    assert len(log) == 3
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in log)
+    before = load_file(workspace / "model" / "model.safetensors")
+    after = load_file(output / "model" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "weights did not change"
+
+
+def test_weighted_sum_with_example_weights_trains(workspace):
+    output = loop.train(build_config({
+        "output_dir": str(workspace / "runs" / "mix"),
+        "model": {"path": str(workspace / "model")},
+        "data": {"train": str(workspace / "pairs.jsonl")},
+        "objective": [{"name": "dpo", "beta": {"start": 0.05, "end": 0.2}},
+                      {"name": "sft", "weight": 0.2}],
+        "reference": {"cache_dir": str(workspace / "cache")},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 3,
+                  "example_weight_field": "weight"},
+    }), show_progress=False)
+    log = read_metrics(output / "metrics.jsonl")
+    assert {"loss/dpo", "loss/sft"} <= set(log[0])
+    run = json.loads((output / "run.json").read_text())
+    assert run["objective"] == "dpo + 0.2*sft" and run["params"]["dpo"]["beta"] == 0.05
