@@ -71,3 +71,13 @@ def test_objectives_lists_every_registered_objective(capsys):
     out = capsys.readouterr().out
     for name, spec in REGISTRY.items():
         assert name in out and spec.paper in out
+
+
+def test_docs_objectives_md_is_current():
+    from pathlib import Path
+
+    from preftune.objectives.catalog import markdown
+
+    checked_in = (Path(__file__).parent.parent / "docs" / "objectives.md").read_text()
+    assert checked_in == markdown(), (
+        "docs/objectives.md is stale: run `preftune objectives --markdown > docs/objectives.md`")

@@ -43,15 +43,9 @@ def _inspect(args) -> None:
 
 
 def _objectives(args) -> None:
-    from .objectives import REGISTRY
+    from .objectives.catalog import markdown, terminal_listing
 
-    for spec in sorted(REGISTRY.values(), key=lambda s: s.name):
-        needs = "reference" if spec.needs_reference else "no reference"
-        if spec.per_token:
-            needs += ", per-token logps"
-        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults().items())
-        print(f"{spec.name:<12} {spec.data:<7} {needs:<22} {spec.paper:<18} {defaults}")
-        print(f"{'':<12} {spec.summary}")
+    print(markdown() if args.markdown else terminal_listing(), end="\n" if not args.markdown else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
 
     objectives = commands.add_parser("objectives", help="list the registered objectives")
+    objectives.add_argument("--markdown", action="store_true",
+                            help="print the catalog as markdown (docs/objectives.md)")
     objectives.set_defaults(run=_objectives)
     return parser
 

@@ -1,13 +1,19 @@
 """Canonical preference records: what every source file is read into.
 
-A record is independent of any tokenizer. Text fields are either a plain string or a list of
-chat messages (``{"role": ..., "content": ...}``); the tokenizer stage decides how to render them.
+Three shapes: ``Pair`` (chosen vs rejected, optionally a gold reference), ``Unpaired`` (one
+response with a thumbs-up/down) and ``Ranked`` (K responses with a score each). A record is
+independent of any tokenizer. Text fields are either a plain string or a list of chat messages
+(``{"role": ..., "content": ...}``); the tokenizer stage decides how to render them.
+
+Every record has ``prompt``, ``responses`` (the texts to score, in slot order), ``origin``
+(``file.jsonl:12``, so later errors can name it), ``scores`` (numeric side columns) and
+``side_data()``: the numbers that must reach the batch with it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import ClassVar, Optional, Union
 
 Message = dict  # {"role": str, "content": str}
 Text = Union[str, list]  # a plain string or a list of messages
@@ -21,21 +27,90 @@ class DataError(ValueError):
 class Pair:
     """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response.
 
-    ``origin`` says where the record came from (``file.jsonl:12``) so later errors can name it.
-    ``scores`` holds optional numeric side information (e.g. ``chosen_score``) for objectives
-    that use it.
+    ``gold`` is an optional reference response (triple-style objectives); when set it is the
+    third response slot. ``scores`` holds optional numeric side information (e.g.
+    ``chosen_score``, ``group``, ``weight``, ``tie``) for objectives that use it.
     """
+
+    shape: ClassVar[str] = "pairs"
 
     prompt: Text
     chosen: Text
     rejected: Text
     origin: str = ""
     scores: dict = field(default_factory=dict)
+    gold: Optional[Text] = None
 
     @property
     def responses(self) -> tuple:
-        return (self.chosen, self.rejected)
+        if self.gold is None:
+            return (self.chosen, self.rejected)
+        return (self.chosen, self.rejected, self.gold)
 
     @property
     def is_conversational(self) -> bool:
         return isinstance(self.prompt, list)
+
+    def side_data(self) -> dict:
+        """Numbers for the batch: the record's ``scores``."""
+        return dict(self.scores)
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """One prompt and one ``completion`` labelled desirable (True) or not (KTO, BCO)."""
+
+    shape: ClassVar[str] = "unpaired"
+
+    prompt: Text
+    completion: Text
+    label: bool
+    origin: str = ""
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def responses(self) -> tuple:
+        return (self.completion,)
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def side_data(self) -> dict:
+        """Numbers for the batch: ``scores`` plus ``label`` as 1.0 / 0.0."""
+        return {**self.scores, "label": 1.0 if self.label else 0.0}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One prompt with K >= 2 ``responses``; ``response_scores[k]`` scores slot k, higher is
+    better (PRO, EXO-K, listwise). Responses keep their source order; nothing is sorted."""
+
+    shape: ClassVar[str] = "ranked"
+
+    prompt: Text
+    responses: tuple
+    response_scores: tuple
+    origin: str = ""
+    scores: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "responses", tuple(self.responses))
+        object.__setattr__(self, "response_scores", tuple(float(s) for s in self.response_scores))
+        if len(self.responses) != len(self.response_scores):
+            raise DataError(
+                f"{self.origin or 'Ranked record'}: {len(self.responses)} responses but "
+                f"{len(self.response_scores)} response_scores; give one score per response."
+            )
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def side_data(self) -> dict:
+        """Numbers for the batch: ``scores`` plus ``response_scores`` as a list of floats."""
+        return {**self.scores, "response_scores": list(self.response_scores)}
+
+
+RECORD_TYPES = {cls.shape: cls for cls in (Pair, Unpaired, Ranked)}
+SHAPES = tuple(RECORD_TYPES)  # "pairs", "unpaired", "ranked"

@@ -1,8 +1,10 @@
-"""Preference data files -> canonical ``Pair`` records.
+"""Preference data files -> canonical records (``Pair``, ``Unpaired`` or ``Ranked``).
 
-Reads JSONL, JSON, Parquet, CSV and Hugging Face datasets saved with ``save_to_disk``, in the
-standard (prompt/chosen/rejected strings), conversational (message lists) or implicit (no prompt:
-chosen and rejected share a prefix) format.
+Reads JSONL, JSON, Parquet, CSV and Hugging Face datasets saved with ``save_to_disk``. The
+record shape comes from the fields (chosen + rejected: pairs; completion + label: unpaired;
+responses + scores/ranks: ranked); text is standard (strings), conversational (message lists)
+or, for pairs, implicit (no prompt: chosen and rejected share a prefix). Row parsing lives in
+``shapes.py``.
 """
 
 from __future__ import annotations
@@ -13,43 +15,60 @@ import math
 import os
 from typing import Any, Iterator
 
-from .records import DataError, Pair
+from .records import SHAPES, DataError, Pair
+from .shapes import (CANONICAL_FIELDS, FIELDS_HINT, SIGNATURES, TEXT_FIELDS, describe,
+                     parse_row, present_fields, signature)
 
 FORMATS = ("auto", "standard", "conversational", "implicit")
-CANONICAL_FIELDS = ("prompt", "chosen", "rejected")
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-ASSISTANT_MARKER = "\n\nAssistant:"
-FIELDS_HINT = "map column names with fields={...} (config key data.fields)"
 
 
-def load_records(path: str, format: str = "auto", fields: dict | None = None) -> list[Pair]:
-    """Read a preference file into ``Pair`` records.
+def load_records(path: str, format: str = "auto", fields: dict | None = None,
+                 shape: str = "auto") -> list:
+    """Read a preference file into ``Pair``, ``Unpaired`` or ``Ranked`` records.
 
-    ``format`` is "auto" (decided by the first record; every record must then match),
-    "standard", "conversational" or "implicit". ``fields`` maps canonical names to the file's
-    column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to ``Pair.scores``.
+    ``shape`` is "auto" (decided by the first record's fields; every record must then match),
+    "pairs", "unpaired" or "ranked". ``format`` is "auto" (decided by the first record),
+    "standard", "conversational" or "implicit" (pairs only). ``fields`` maps canonical names
+    (prompt, chosen, rejected, gold, completion, label, responses, scores, ranks) to the file's
+    column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to ``record.scores``.
     ``origin`` is ``path:LINE`` (1-based) for JSONL and ``path:record I`` (0-based) otherwise.
     """
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
+    if shape != "auto" and shape not in SHAPES:
+        raise DataError(f"{path}: unknown shape {shape!r}; expected auto, {', '.join(SHAPES)}.")
+    if format == "implicit" and shape not in ("auto", "pairs"):
+        raise DataError(f"{path}: format 'implicit' (no prompt field) applies to pairs only; "
+                        f"{shape} records need a prompt field.")
     columns = _column_map(path, fields)
-    records: list[Pair] = []
-    detected = None if format == "auto" else format
-    for origin, row in _read_rows(path, set(columns.values())):
+    records: list = []
+    detected_format = None if format == "auto" else format
+    detected_shape = None if shape == "auto" else shape
+    for origin, row in _read_rows(path, {columns[name] for name in TEXT_FIELDS}):
         if not isinstance(row, dict):
             raise DataError(
-                f"{origin}: expected an object with fields {', '.join(CANONICAL_FIELDS)}, "
-                f"got {_describe(row)}. Each record must be a JSON object (one per line in JSONL)."
+                f"{origin}: expected an object with preference fields (e.g. prompt, chosen, "
+                f"rejected), got {describe(row)}. Each record must be a JSON object (one per "
+                f"line in JSONL)."
             )
-        if detected is None:
-            detected = _detect_format(row, columns, origin)
-        # in auto mode a later record of another valid shape is a mixed file, not a bad value
+        if detected_shape is None:
+            detected_shape = _detect_shape(row, columns, origin)
+        elif shape == "auto":
+            _check_shape(row, columns, detected_shape, origin)
+        if detected_format is None:
+            detected_format = _detect_format(row, columns, origin)
+        # in auto mode a later record of another valid format is a mixed file, not a bad value
         mixed = format == "auto" and bool(records)
-        records.append(_to_pair(row, columns, detected, origin, mixed))
+        record = parse_row(detected_shape, row, columns, detected_format, origin, mixed)
+        if records:
+            _check_consistent(record, records[0], columns)
+        records.append(record)
     if not records:
         raise DataError(
-            f"{path}: no records found (the file is empty). Expected preference records with "
-            f"fields {', '.join(CANONICAL_FIELDS)}; check the path or the file's contents."
+            f"{path}: no records found (the file is empty). Expected preference records "
+            f"(prompt + chosen + rejected, prompt + completion + label, or prompt + responses + "
+            f"scores); check the path or the file's contents."
         )
     return records
 
@@ -135,7 +154,7 @@ def _read_json(path: str) -> Iterator[tuple[str, Any]]:
     if not isinstance(document, list):
         raise DataError(
             f"{path}: expected a JSON list of records or an object with a \"data\" list, got "
-            f"{_describe(document)}. Wrap the records in a list."
+            f"{describe(document)}. Wrap the records in a list."
         )
     for index, row in enumerate(document):
         yield f"{path}:record {index}", row
@@ -214,7 +233,7 @@ def _read_saved_dataset(path: str, split: str | None) -> Iterator[tuple[str, Any
 
 
 # ---------------------------------------------------------------------------------------------
-# rows -> Pair
+# field names
 
 
 def _column_map(path: str, fields: dict | None) -> dict:
@@ -231,6 +250,56 @@ def _column_map(path: str, fields: dict | None) -> dict:
     return columns
 
 
+# ---------------------------------------------------------------------------------------------
+# shape and format: decided by the first record
+
+
+def _shapes_of(row: dict, columns: dict) -> list[str]:
+    """The shapes whose identifying fields are all present (non-null) in ``row``."""
+    found = []
+    for shape, names in SIGNATURES.items():
+        values = [row.get(columns[name]) for name in names]
+        complete = all(value is not None for value in values)
+        if complete and (shape != "ranked" or isinstance(values[0], list)):
+            found.append(shape)
+    return found
+
+
+def _detect_shape(row: dict, columns: dict, origin: str) -> str:
+    """The shape of a file's first record: the one whose identifying fields it has."""
+    full = _shapes_of(row, columns)
+    if len(full) == 1:
+        return full[0]
+    if len(full) > 1:
+        raise DataError(
+            f"{origin}: cannot tell the record's shape: it has the fields of "
+            f"{' and '.join(f'{s} ({signature(s, columns)})' for s in full)}. Choose one with "
+            f"shape='pairs', 'unpaired' or 'ranked'."
+        )
+    # nothing complete: go by any identifying column, so the parser names the missing one
+    partial = [s for s, names in SIGNATURES.items() if any(columns[n] in row for n in names)]
+    if len(partial) == 1:
+        return partial[0]
+    raise DataError(
+        f"{origin}: cannot tell the record's shape from its fields ({present_fields(row)}). "
+        f"Expected {signature('pairs', columns)} (pairs), {signature('unpaired', columns)} "
+        f"(unpaired) or {columns['responses']!r} with {columns['scores']!r} or "
+        f"{columns['ranks']!r} (ranked). If they are under other names, {FIELDS_HINT}."
+    )
+
+
+def _check_shape(row: dict, columns: dict, shape: str, origin: str) -> None:
+    """Error when a later record plainly has another shape than the file's first one."""
+    full = _shapes_of(row, columns)
+    if full and shape not in full:
+        raise DataError(
+            f"{origin}: record does not match the file's shape: the first record made it "
+            f"{shape} ({signature(shape, columns)}), but this one has "
+            f"{signature(full[0], columns)} ({full[0]}). Every record in a file must have the "
+            f"same shape; put each shape in its own file."
+        )
+
+
 def _detect_format(row: dict, columns: dict, origin: str) -> str:
     prompt = row.get(columns["prompt"])
     if prompt is None:
@@ -241,170 +310,19 @@ def _detect_format(row: dict, columns: dict, origin: str) -> str:
         return "standard"
     raise DataError(
         f"{origin}: field {columns['prompt']!r} (prompt): expected a string or a list of "
-        f"{{role, content}} messages, got {_describe(prompt)}. Fix the record."
+        f"{{role, content}} messages, got {describe(prompt)}. Fix the record."
     )
 
 
-def _to_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Pair:
-    used = {columns["chosen"], columns["rejected"]}
-    chosen = _get(row, columns, "chosen", origin)
-    rejected = _get(row, columns, "rejected", origin)
-    if format == "implicit":
-        if mixed and row.get(columns["prompt"]) is not None:
-            _mismatch(origin, "implicit (no prompt field)", f"field {columns['prompt']!r}")
-        prompt, chosen, rejected = _split_implicit(chosen, rejected, columns, origin)
-    else:
-        used.add(columns["prompt"])
-        prompt = _get(row, columns, "prompt", origin)
-        if format == "standard":
-            for canonical, value in (("prompt", prompt), ("chosen", chosen),
-                                     ("rejected", rejected)):
-                _expect_string(value, columns, canonical, origin, mixed)
-        else:
-            if not isinstance(prompt, list):
-                if mixed and isinstance(prompt, str):
-                    _mismatch(origin, "conversational", f"a string in {columns['prompt']!r}")
-                raise DataError(
-                    f"{origin}: field {columns['prompt']!r} (prompt): format 'conversational' "
-                    f"expects a list of {{role, content}} messages, got {_describe(prompt)}. "
-                    f"Use format='standard' for plain-string prompts."
-                )
-            prompt = _messages(prompt, columns["prompt"], origin)
-            chosen = _response(chosen, columns["chosen"], origin)
-            rejected = _response(rejected, columns["rejected"], origin)
-    scores = {
-        name: value for name, value in row.items()
-        if name not in used and name != columns["prompt"] and _is_number(value)
-    }
-    return Pair(prompt=prompt, chosen=chosen, rejected=rejected, origin=origin, scores=scores)
-
-
-def _get(row: dict, columns: dict, canonical: str, origin: str) -> Any:
-    column = columns[canonical]
-    value = row.get(column)
-    if value is None:
-        present = ", ".join(repr(name) for name in row) or "none"
-        state = "is empty (null)" if column in row else "is missing"
-        raise DataError(
-            f"{origin}: field {column!r} ({canonical}) {state}; fields present: {present}. "
-            f"If the {canonical} is under another name, {FIELDS_HINT}, "
-            f"e.g. fields={{'{canonical}': '<column>'}}."
-        )
-    return value
-
-
-def _expect_string(value, columns: dict, canonical: str, origin: str, mixed: bool) -> None:
-    if isinstance(value, str):
+def _check_consistent(record, first, columns: dict) -> None:
+    """Pairs of one file either all have a gold response or none does (it is a response slot)."""
+    if not isinstance(record, Pair) or (record.gold is None) == (first.gold is None):
         return
-    if mixed and isinstance(value, list):
-        _mismatch(origin, "standard (strings)", f"a message list in {columns[canonical]!r}")
+    column = columns["gold"]
+    state = ("is missing or null, but the first record has a gold response"
+             if record.gold is None else "is set, but the first record has no gold response")
     raise DataError(
-        f"{origin}: field {columns[canonical]!r} ({canonical}): format 'standard' expects a "
-        f"string, got {_describe(value)}. Fix the record or pick the matching format."
+        f"{record.origin}: field {column!r} (gold) {state}. Either every pair of a file has a "
+        f"gold response or none does (it sets the number of responses per example); fix the "
+        f"record or split the file."
     )
-
-
-def _mismatch(origin: str, expected: str, found: str) -> None:
-    raise DataError(
-        f"{origin}: record does not match the file's format: the first record made it "
-        f"{expected}, but this one has {found}. Every record in a file must use the same format."
-    )
-
-
-def _messages(value: list, column: str, origin: str) -> list:
-    if not value:
-        raise DataError(f"{origin}: field {column!r}: empty message list; expected at least one "
-                        f"{{role, content}} message.")
-    messages = []
-    for position, message in enumerate(value):
-        where = f"{origin}: field {column!r}, message {position}"
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: expected an object with 'role' and 'content', got "
-                            f"{_describe(message)}.")
-        for key in ("role", "content"):
-            if key not in message or message[key] is None:
-                raise DataError(
-                    f"{where}: missing {key!r} (keys present: "
-                    f"{', '.join(repr(k) for k in message) or 'none'}). Messages must look like "
-                    f"{{\"role\": \"user\", \"content\": \"...\"}}."
-                )
-            if not isinstance(message[key], str):
-                raise DataError(f"{where}: {key!r} must be a string, got "
-                                f"{_describe(message[key])}.")
-        # keep every key (some chat templates read e.g. "name"); drop nulls that columnar
-        # formats add for keys other rows have
-        messages.append({k: v for k, v in message.items() if v is not None})
-    return messages
-
-
-def _response(value: Any, column: str, origin: str) -> str | list:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return _messages(value, column, origin)
-    raise DataError(
-        f"{origin}: field {column!r}: expected a string or a list of {{role, content}} messages, "
-        f"got {_describe(value)}. Fix the record."
-    )
-
-
-def _split_implicit(chosen: Any, rejected: Any, columns: dict, origin: str) -> tuple:
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        return _split_implicit_text(chosen, rejected, origin)
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        chosen = _messages(chosen, columns["chosen"], origin)
-        rejected = _messages(rejected, columns["rejected"], origin)
-        return _split_implicit_messages(chosen, rejected, origin)
-    for canonical, value in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, (str, list)):
-            raise DataError(
-                f"{origin}: field {columns[canonical]!r} ({canonical}): expected a whole "
-                f"dialogue as a string or a list of messages, got {_describe(value)}."
-            )
-    raise DataError(
-        f"{origin}: fields {columns['chosen']!r} and {columns['rejected']!r}: one is a string "
-        f"and the other a message list; both must have the same type."
-    )
-
-
-def _split_implicit_text(chosen: str, rejected: str, origin: str) -> tuple[str, str, str]:
-    shared = os.path.commonprefix([chosen, rejected])
-    cut = shared.rfind(ASSISTANT_MARKER)
-    if cut < 0:
-        raise DataError(
-            f"{origin}: fields 'chosen' and 'rejected' share no turn boundary: no "
-            f"{ASSISTANT_MARKER!r} lies in their common prefix, so the prompt cannot be found. "
-            f"Implicit-prompt text must follow the '\\n\\nHuman: ...\\n\\nAssistant: ...' layout; "
-            f"otherwise add a prompt field or, if it has another name, {FIELDS_HINT}."
-        )
-    end = cut + len(ASSISTANT_MARKER)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
-def _split_implicit_messages(chosen: list, rejected: list, origin: str) -> tuple:
-    shared = 0
-    # each side keeps at least one message as its response
-    limit = min(len(chosen), len(rejected)) - 1
-    while shared < limit and chosen[shared] == rejected[shared]:
-        shared += 1
-    # the responses start at an assistant turn; back off to the last one inside the shared part
-    while shared > 0 and not (chosen[shared]["role"] == rejected[shared]["role"] == "assistant"):
-        shared -= 1
-    if shared == 0:
-        raise DataError(
-            f"{origin}: fields 'chosen' and 'rejected' share no turn boundary: they need a "
-            f"common opening (at least one message) followed by an assistant turn where they "
-            f"differ. Add a prompt field or, if it has another name, {FIELDS_HINT}."
-        )
-    return chosen[:shared], chosen[shared:], rejected[shared:]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"

@@ -24,7 +24,9 @@ class TokenizeSettings:
 
 @dataclass
 class TokenizedExample:
-    """One record in ids. ``response_ids[0]`` is chosen and ``[1]`` rejected for pairs.
+    """One record in ids. ``response_ids[0]`` is chosen and ``[1]`` rejected for pairs
+    (``[2]`` gold when present); one slot for unpaired, K in list order for ranked.
+    ``scores`` is the record's ``side_data()`` (e.g. ``label``, ``response_scores``).
 
     ``index`` is the record's stable position in its dataset (used to look up cached reference
     stats); ``origin`` names the source record for error messages.
@@ -240,7 +242,14 @@ def _truncate(
         response_ids=response_ids,
         index=item.index,
         origin=getattr(record, "origin", ""),
-        scores=dict(getattr(record, "scores", {}) or {}),
+        scores=_side_data(record),
         prompt_truncated=prompt_truncated,
         response_truncated=response_truncated,
     )
+
+
+def _side_data(record) -> dict:
+    """The numbers that go with the record into the batch (``side_data()`` on record types)."""
+    if hasattr(record, "side_data"):
+        return record.side_data()
+    return dict(getattr(record, "scores", {}) or {})

@@ -1,0 +1,130 @@
+import pytest
+
+from preftune.data.convert import (CONVERSIONS, convert, curriculum_order, pairs_to_unpaired,
+                                   ranked_to_pairs)
+from preftune.data.records import DataError, Pair, Ranked, Unpaired
+
+# scores: best is slot 1, worst slot 3; slots 0 and 2 tie
+LIST = Ranked("p", ("a", "b", "c", "d"), (2, 5, 2, 0), origin="f:3", scores={"group": 1})
+TIED = Ranked("q", ("x", "y"), (1, 1), origin="f:4")
+TWO_BEST = Ranked("r", ("u", "v", "w"), (3, 3, 1), origin="f:5")
+
+
+def pair(chosen, rejected, cs, rs, origin, prompt="p", extra=None):
+    return Pair(prompt, chosen, rejected, origin=origin,
+                scores={**(extra or {}), "chosen_score": float(cs), "rejected_score": float(rs)})
+
+
+def test_best_vs_worst():
+    assert ranked_to_pairs([LIST, TIED, TWO_BEST], "best_vs_worst") == [
+        pair("b", "d", 5, 0, "f:3 [1>3]", extra={"group": 1}),
+        # all-equal list gives nothing; tied best resolves to the earliest slot
+        pair("u", "w", 3, 1, "f:5 [0>2]", prompt="r"),
+    ]
+    assert ranked_to_pairs([LIST]) == ranked_to_pairs([LIST], "best_vs_worst")
+
+
+def test_all_pairs_skips_ties():
+    g = {"group": 1}
+    assert ranked_to_pairs([LIST, TIED], "all_pairs") == [
+        pair("a", "d", 2, 0, "f:3 [0>3]", extra=g),
+        pair("b", "a", 5, 2, "f:3 [1>0]", extra=g),
+        pair("b", "c", 5, 2, "f:3 [1>2]", extra=g),
+        pair("b", "d", 5, 0, "f:3 [1>3]", extra=g),
+        pair("c", "d", 2, 0, "f:3 [2>3]", extra=g),
+    ]
+    # tied best responses are not paired with each other
+    assert [p.origin for p in ranked_to_pairs([TWO_BEST], "all_pairs")] == [
+        "f:5 [0>2]", "f:5 [1>2]"]
+
+
+def test_best_vs_each():
+    g = {"group": 1}
+    assert ranked_to_pairs([LIST, TIED, TWO_BEST], "best_vs_each") == [
+        pair("b", "a", 5, 2, "f:3 [1>0]", extra=g),
+        pair("b", "c", 5, 2, "f:3 [1>2]", extra=g),
+        pair("b", "d", 5, 0, "f:3 [1>3]", extra=g),
+        pair("u", "w", 3, 1, "f:5 [0>2]", prompt="r"),  # v ties the best: skipped
+    ]
+
+
+def test_ranked_to_pairs_rejects_other_shapes_and_modes():
+    with pytest.raises(DataError, match=r"f:9: ranked_to_pairs takes ranked records, got pairs"):
+        ranked_to_pairs([LIST, Pair("p", "a", "b", origin="f:9")])
+    with pytest.raises(ValueError, match="unknown ranked-to-pairs mode 'best'"):
+        ranked_to_pairs([LIST], "best")
+
+
+def test_pairs_to_unpaired():
+    pairs = [Pair("p", "a", "b", origin="f:1",
+                  scores={"chosen_score": 3, "rejected_score": 1, "weight": 2}, gold="g"),
+             Pair([{"role": "user", "content": "q"}], "c", "d", origin="f:2")]
+    assert pairs_to_unpaired(pairs) == [
+        Unpaired("p", "a", True, origin="f:1 [chosen]", scores={"weight": 2, "score": 3}),
+        Unpaired("p", "b", False, origin="f:1 [rejected]", scores={"weight": 2, "score": 1}),
+        Unpaired([{"role": "user", "content": "q"}], "c", True, origin="f:2 [chosen]"),
+        Unpaired([{"role": "user", "content": "q"}], "d", False, origin="f:2 [rejected]"),
+    ]
+    with pytest.raises(DataError, match=r"f:3: pairs_to_unpaired takes pairs records, got ranked"):
+        pairs_to_unpaired([Ranked("p", ("a", "b"), (1, 0), origin="f:3")])
+
+
+def test_curriculum_order_easy_first_stable_for_equal_gaps():
+    pairs = [pair("a", "b", 1, 0, "f:1"), pair("a", "b", 5, 1, "f:2"),
+             pair("a", "b", 2, 1, "f:3"), pair("a", "b", 9, 5, "f:4"),
+             pair("a", "b", 0.5, 0.5, "f:5")]
+    ordered = curriculum_order(pairs)
+    assert [p.origin for p in ordered] == ["f:2", "f:4", "f:1", "f:3", "f:5"]
+    assert ordered[0] is pairs[1]  # records are not copied or changed
+    custom = [Pair("p", "a", "b", origin=f"g:{i}", scores={"good": g, "bad": 0})
+              for i, g in enumerate([1, 3, 2])]
+    assert [p.origin for p in curriculum_order(custom, "good", "bad")] == ["g:1", "g:2", "g:0"]
+
+
+def test_curriculum_order_pipeline_from_ranked():
+    ordered = curriculum_order(ranked_to_pairs([LIST], "best_vs_each"))
+    assert [p.origin for p in ordered] == ["f:3 [1>3]", "f:3 [1>0]", "f:3 [1>2]"]
+
+
+def test_curriculum_order_needs_scores():
+    pairs = [pair("a", "b", 1, 0, "f:1"), Pair("p", "a", "b", origin="f:2",
+                                                 scores={"chosen_score": 1})]
+    with pytest.raises(DataError) as error:
+        curriculum_order(pairs)
+    message = str(error.value)
+    assert "f:2" in message and "'rejected_score' is missing" in message
+    assert "scores present: chosen_score" in message
+    with pytest.raises(DataError, match=r"record 0: .*'chosen_score' is missing"):
+        curriculum_order([Pair("p", "a", "b")])
+
+
+def test_convert_dispatch():
+    assert CONVERSIONS == ("pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
+                           "unpaired")
+    for mode in ("best_vs_worst", "all_pairs", "best_vs_each"):
+        assert convert([LIST, TIED], f"pairs:{mode}") == ranked_to_pairs([LIST, TIED], mode)
+    pairs = ranked_to_pairs([LIST])
+    assert convert(pairs, "unpaired") == pairs_to_unpaired(pairs)
+    assert convert([], "unpaired") == []
+
+
+@pytest.mark.parametrize("records,to,expected", [
+    ([Pair("p", "a", "b", origin="f:1")], "pairs:all_pairs", "already pairs"),
+    ([LIST], "unpaired", "'pairs:<mode>'"),
+    ([Unpaired("p", "a", True, origin="f:1")], "pairs:best_vs_worst", "only to ranked"),
+    ([Unpaired("p", "a", True, origin="f:1")], "unpaired", "already unpaired"),
+])
+def test_convert_rejects_wrong_shape(records, to, expected):
+    with pytest.raises(DataError) as error:
+        convert(records, to)
+    message = str(error.value)
+    assert message.startswith(records[0].origin) and "cannot convert" in message
+    assert expected in message
+
+
+def test_convert_unknown_target_and_mixed_shapes():
+    with pytest.raises(ValueError, match="unknown conversion 'pairs'.*pairs:best_vs_worst"):
+        convert([LIST], "pairs")
+    with pytest.raises(DataError, match=r"f:7: record is pairs but the first record \(f:3\) is "
+                                        r"ranked"):
+        convert([LIST, Pair("p", "a", "b", origin="f:7")], "pairs:all_pairs")
