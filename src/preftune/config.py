@@ -44,6 +44,11 @@ class DataConfig(Section):
     eval_fraction: float = 0.0  # split this share off train when no eval file is given
     format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
     fields: dict[str, str] = {}
+    shape: Literal["auto", "pairs", "unpaired", "ranked"] = "auto"
+    # turn the data into the shape the objective needs, e.g. ranked lists into pairs
+    convert: Literal["pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
+                     "unpaired"] | None = None
+    curriculum: bool = False  # Curry-DPO: train in order of score gap, easiest first
     max_length: int = 1024
     max_prompt_length: int | None = 512
 

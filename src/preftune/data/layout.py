@@ -184,7 +184,9 @@ def _pack(sizes: list[int], max_row_tokens: int | None) -> list[list[int]]:
 
 
 def _collate_scores(examples: list[TokenizedExample]) -> dict:
+    """Numeric side data per name: [E] for numbers, [E, K] for per-response lists."""
     names = set.intersection(*(set(ex.scores) for ex in examples)) if examples else set()
     return {
-        name: torch.tensor([float(ex.scores[name]) for ex in examples]) for name in sorted(names)
+        name: torch.tensor([ex.scores[name] for ex in examples], dtype=torch.float32)
+        for name in sorted(names)
     }

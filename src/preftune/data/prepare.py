@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
+from .convert import convert, curriculum_order
 from .records import DataError
 from .sources import load_records
 from .tokenize import TokenizeSettings, tokenize_records
@@ -12,17 +14,38 @@ from .tokenize import TokenizeSettings, tokenize_records
 def _load_all(paths, data_config) -> list:
     records = []
     for path in [paths] if isinstance(paths, str) else paths:
-        records += load_records(path, format=data_config.format, fields=data_config.fields or None)
+        records += load_records(path, format=data_config.format,
+                                fields=data_config.fields or None, shape=data_config.shape)
+    if data_config.convert:
+        records = convert(records, data_config.convert)
     return records
 
 
+def data_shape(records) -> str:
+    shapes = {record.shape for record in records}
+    if len(shapes) > 1:
+        raise DataError(f"the data mixes shapes {sorted(shapes)}; use one shape per run")
+    return shapes.pop()
+
+
+def _same_response_count(examples, split: str) -> None:
+    counts = {len(ex.response_ids) for ex in examples}
+    if len(counts) > 1:
+        odd = next(ex for ex in examples if len(ex.response_ids) != len(examples[0].response_ids))
+        raise DataError(
+            f"{split} data: every record needs the same number of responses (found {sorted(counts)};"
+            f" e.g. {odd.origin} has {len(odd.response_ids)}). Split the file by list length or "
+            "convert lists to pairs (data.convert: pairs:best_vs_worst).")
+
+
 def prepare_examples(data_config, tokenizer, seed: int):
-    """Read, split and tokenize. Returns (train, eval, report dict, settings)."""
+    """Read, convert, split and tokenize. Returns (train, eval, report dict, data shape)."""
     if not data_config.train:
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
     settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length)
     train_records = _load_all(data_config.train, data_config)
+    shape = data_shape(train_records)
     eval_records = _load_all(data_config.eval, data_config) if data_config.eval else []
     if data_config.eval_fraction > 0:
         order = list(range(len(train_records)))
@@ -30,12 +53,32 @@ def prepare_examples(data_config, tokenizer, seed: int):
         n_eval = max(1, round(len(order) * data_config.eval_fraction))
         eval_records = [train_records[i] for i in sorted(order[:n_eval])]
         train_records = [train_records[i] for i in sorted(order[n_eval:])]
+    if data_config.curriculum:
+        train_records = curriculum_order(train_records)
     train, train_report = tokenize_records(train_records, tokenizer, settings)
     if not train:
         raise DataError(f"no training example survived tokenization: {train_report.as_dict()}")
-    report = {"train": train_report.as_dict()}
+    _same_response_count(train, "train")
+    report = {"shape": shape, "train": train_report.as_dict()}
     evaluation = []
     if eval_records:
         evaluation, eval_report = tokenize_records(eval_records, tokenizer, settings)
+        _same_response_count(evaluation, "eval")
         report["eval"] = eval_report.as_dict()
-    return train, evaluation, report, settings
+    return train, evaluation, report, shape
+
+
+def with_mismatched_completions(examples: list, max_length: int) -> list:
+    """Give each example a second response: the completion of the next example in dataset
+    order (wrapping around), under its own prompt, cut to fit ``max_length``.
+
+    KTO-style objectives estimate KL(pi || pi_ref) from such mismatched pairs (x_i, y_{i+1}).
+    Fixing the pairing at the dataset level, not within a batch, keeps it valid for any batch
+    size (odd ones included) and lets the precomputed reference cover these pairs too.
+    """
+    out = []
+    for position, example in enumerate(examples):
+        other = examples[(position + 1) % len(examples)].response_ids[0]
+        room = max(1, max_length - len(example.prompt_ids))
+        out.append(replace(example, response_ids=[*example.response_ids, other[:room]]))
+    return out

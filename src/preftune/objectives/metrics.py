@@ -1,4 +1,8 @@
-"""Metrics every objective gets for free, computed once from its implied rewards and the stats."""
+"""Metrics every objective gets for free, computed once from its implied rewards and the stats.
+
+Each function returns ``{name: (sum, count)}`` so that micro-batches and eval batches add up
+exactly; the logged value is sum / count.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,61 @@ import torch
 from .registry import ObjectiveInputs, ObjectiveOutput
 
 
-@torch.no_grad()
-def preference_sums(inputs: ObjectiveInputs, output: ObjectiveOutput) -> dict[str, float]:
-    """Per-batch SUMS over examples (divide by the example count to log means).
+def _total(values: torch.Tensor, where: torch.Tensor | None = None) -> tuple[float, float]:
+    values = values.detach().float()
+    if where is not None:
+        values = values[where]
+    return float(values.sum()), float(values.numel())
 
-    Response slot 0 is the preferred one (chosen) and slot 1 the dispreferred one (rejected).
-    """
-    rewards = output.rewards.detach().float()
+
+def _pair_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
+    """Slot 0 is the preferred response (chosen), slot 1 the dispreferred one (rejected)."""
     chosen, rejected = rewards[:, 0], rewards[:, 1]
-    policy = inputs.policy.logps.detach()
-    sums = {
-        "loss": output.losses.detach().sum(),
-        "rewards/chosen": chosen.sum(),
-        "rewards/rejected": rejected.sum(),
-        "rewards/margins": (chosen - rejected).sum(),
-        "rewards/accuracies": (chosen > rejected).float().sum(),
-        "logps/chosen": policy[:, 0].sum(),
-        "logps/rejected": policy[:, 1].sum(),
+    metrics = {
+        "rewards/chosen": _total(chosen),
+        "rewards/rejected": _total(rejected),
+        "rewards/margins": _total(chosen - rejected),
+        "rewards/accuracies": _total((chosen > rejected).float()),
+        "logps/chosen": _total(inputs.policy.logps[:, 0]),
+        "logps/rejected": _total(inputs.policy.logps[:, 1]),
     }
     if inputs.reference is not None:
-        reference = inputs.reference.logps.detach()
-        sums["logps/ref_chosen"] = reference[:, 0].sum()
-        sums["logps/ref_rejected"] = reference[:, 1].sum()
-    return {name: float(value) for name, value in sums.items()}
+        metrics["logps/ref_chosen"] = _total(inputs.reference.logps[:, 0])
+        metrics["logps/ref_rejected"] = _total(inputs.reference.logps[:, 1])
+    return metrics
+
+
+def _unpaired_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
+    """Rewards and log-probs split by the thumbs-up/down label."""
+    label = inputs.scores["label"] > 0.5
+    metrics = {}
+    for name, where in (("desirable", label), ("undesirable", ~label)):
+        metrics[f"rewards/{name}"] = _total(rewards[:, 0], where)
+        metrics[f"logps/{name}"] = _total(inputs.policy.logps[:, 0], where)
+    return metrics
+
+
+def _ranked_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
+    """Pairwise ranking accuracy of the implied rewards against the data's scores."""
+    scores = inputs.scores["response_scores"].to(rewards)
+    better = scores[:, :, None] > scores[:, None, :]  # [E, K, K]: i ranked above j
+    agree = (rewards[:, :, None] > rewards[:, None, :]) & better
+    best, worst = scores.argmax(dim=1), scores.argmin(dim=1)
+    rows = torch.arange(len(scores), device=scores.device)
+    return {
+        "rewards/accuracies": (float(agree.sum()), float(better.sum())),
+        "rewards/best": _total(rewards[rows, best]),
+        "rewards/worst": _total(rewards[rows, worst]),
+        "rewards/margins": _total(rewards[rows, best] - rewards[rows, worst]),
+        "rewards/top1_accuracy": _total((rewards.argmax(dim=1) == best).float()),
+    }
+
+
+SHAPE_METRICS = {"pairs": _pair_metrics, "unpaired": _unpaired_metrics, "ranked": _ranked_metrics}
+
+
+@torch.no_grad()
+def metric_sums(shape: str, inputs: ObjectiveInputs, output: ObjectiveOutput) -> dict:
+    """Loss plus the shape's reward metrics, as ``{name: (sum, count)}``."""
+    rewards = output.rewards.detach().float()
+    return {"loss": _total(output.losses), **SHAPE_METRICS[shape](inputs, rewards)}

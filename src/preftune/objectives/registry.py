@@ -14,7 +14,7 @@ import torch
 
 from ..model.forward import SequenceStats
 
-DATA_SHAPES = ("pairs",)
+DATA_SHAPES = ("pairs", "unpaired", "ranked")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ObjectiveSpec:
     data: str
     per_token: bool
     paper: str
+    kl_completions: bool = False  # wants a mismatched completion as the last response slot
 
     @property
     def summary(self) -> str:
@@ -65,15 +66,21 @@ class ObjectiveSpec:
 REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
-def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False):
-    """Register ``fn`` as objective ``name`` with its params dataclass and declared needs."""
+def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
+              kl_completions=False):
+    """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
+
+    ``kl_completions``: each example also carries the completion of another example under its
+    own prompt, as its last response slot (KTO's KL estimate; see data.prepare).
+    """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
 
     def register(fn):
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
-        REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper)
+        REGISTRY[name] = ObjectiveSpec(
+            name, fn, params, needs_reference, data, per_token, paper, kl_completions)
         return fn
 
     return register

@@ -16,7 +16,8 @@ from accelerate.utils import set_seed
 
 from ..config import Config
 from ..data.layout import choose_layout, collate
-from ..data.prepare import prepare_examples
+from ..data.prepare import prepare_examples, with_mismatched_completions
+from ..data.records import DataError
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
 from ..model.load import add_lora, cache_root, load_model_and_tokenizer
 from ..model.reference import (
@@ -24,7 +25,7 @@ from ..model.reference import (
 )
 from ..objectives import ObjectiveInputs
 from ..objectives.compose import Objective
-from ..objectives.metrics import preference_sums
+from ..objectives.metrics import metric_sums
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from .logging import MetricsLog, progress_bar
 from .plan import plan
@@ -46,17 +47,29 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
     return factor
 
 
-def example_stream(num_examples: int, examples_per_step: int, total_steps: int, seed: int):
-    """Example order for the whole run: a fresh permutation per epoch, fixed by the seed.
-
-    Step k always trains on the same examples, which is what makes resuming exact.
+def example_stream(num_examples: int, examples_per_step: int, total_steps: int, seed: int,
+                   shuffle: bool = True):
+    """Example order for the whole run: a fresh permutation per epoch, fixed by the seed (or the
+    data's own order, for curricula). Step k always trains on the same examples, which is what
+    makes resuming exact.
     """
     needed, order, epoch = total_steps * examples_per_step, [], 0
     while len(order) < needed:
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order += torch.randperm(num_examples, generator=generator).tolist()
+        order += (torch.randperm(num_examples, generator=generator).tolist() if shuffle
+                  else list(range(num_examples)))
         epoch += 1
     return order
+
+
+def add_metrics(totals: dict, new: dict) -> None:
+    for name, (value, count) in new.items():
+        old_value, old_count = totals.get(name, (0.0, 0.0))
+        totals[name] = (old_value + value, old_count + count)
+
+
+def means(totals: dict) -> dict:
+    return {name: value / count for name, (value, count) in totals.items() if count}
 
 
 def build_reference(strategy, config, model, examples_by_split, make_batch, objective, device):
@@ -92,17 +105,16 @@ def evaluate(logp_model, reference, examples, objective, make_batch, batch_size,
     """Mean loss and preference metrics of the current policy over ``examples``."""
     was_training = logp_model.training
     logp_model.eval()
-    totals: dict[str, float] = {}
+    totals: dict = {}
     for start in range(0, len(examples), batch_size):
         batch = make_batch(examples[start : start + batch_size]).to(device)
         inputs = ObjectiveInputs(
             sequence_stats(logp_model(batch), batch, objective.per_token), reference.stats(batch),
             batch.scores, step,
         )
-        for name, value in preference_sums(inputs, objective(inputs)[0]).items():
-            totals[name] = totals.get(name, 0.0) + value
+        add_metrics(totals, metric_sums(objective.data, inputs, objective(inputs)[0]))
     logp_model.train(was_training)
-    return {name: value / len(examples) for name, value in totals.items()}
+    return means(totals)
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True,
@@ -121,7 +133,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         config.model.path, config.model.dtype, config.model.trust_remote_code
     )
     model.to(device)
-    train_examples, eval_examples, data_report, _ = prepare_examples(config.data, tokenizer, cfg.seed)
+    train_examples, eval_examples, data_report, shape = prepare_examples(
+        config.data, tokenizer, cfg.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     (output_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
@@ -134,6 +147,16 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         1, math.ceil(cfg.epochs * len(train_examples) / examples_per_step)
     )
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
+    if objective.kl_completions:
+        train_examples = with_mismatched_completions(train_examples, config.data.max_length)
+        eval_examples = with_mismatched_completions(eval_examples, config.data.max_length)
+        splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
+    if objective.data != shape:
+        raise DataError(
+            f"{objective.name} trains on {objective.data} data, but {config.data.train} holds "
+            f"{shape}. Convert it with data.convert (one of: pairs:best_vs_worst, "
+            "pairs:all_pairs, pairs:best_vs_each, unpaired) or pick an objective for "
+            f"{shape} (`preftune objectives`).")
 
     if plan_only:
         model = _attach_lora(model, config)
@@ -173,14 +196,15 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
                                      optimizer, scheduler)
         print(f"resumed from {checkpoint} (step {start_step})")
     log = MetricsLog(output_dir / "metrics.jsonl", keep_through_step=start_step)
-    order = example_stream(len(train_examples), examples_per_step, total_steps, cfg.seed)
+    order = example_stream(len(train_examples), examples_per_step, total_steps, cfg.seed,
+                           shuffle=not config.data.curriculum)
 
     bar = progress_bar(total_steps, f"train {objective.name}", initial=start_step,
                        disable=not show_progress)
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         step_indices = order[step * examples_per_step : (step + 1) * examples_per_step]
-        sums: dict[str, float] = {}
+        sums: dict = {}
         real_tokens = slots = 0
         for micro in range(cfg.gradient_accumulation_steps):
             chunk = step_indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
@@ -191,8 +215,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
             # Sum over examples / examples per optimizer step: the step's gradient is the mean
             # over all its examples however they are split into micro-batches.
             accelerator.backward(output.losses.sum() / examples_per_step)
-            for name, value in {**preference_sums(inputs, output), **parts}.items():
-                sums[name] = sums.get(name, 0.0) + value
+            add_metrics(sums, metric_sums(objective.data, inputs, output))
+            add_metrics(sums, {name: (value, len(chunk)) for name, value in parts.items()})
             real_tokens += batch.real_tokens
             slots += batch.attention_mask.numel()
         grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -203,7 +227,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
 
-        record = {"step": step + 1, **{k: v / len(step_indices) for k, v in sums.items()},
+        record = {"step": step + 1, **means(sums),
                   "lr": learning_rate, "grad_norm": float(grad_norm),
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
@@ -214,7 +238,9 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         if (step + 1) % cfg.log_every == 0 or "eval/loss" in record:
             log.write(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}",
+                        **({"acc": f"{record['rewards/accuracies']:.2f}"}
+                           if "rewards/accuracies" in record else {}))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(checkpoint_dir, step + 1, accelerator.unwrap_model(logp_model),
                             optimizer, scheduler, cfg.keep_checkpoints)
