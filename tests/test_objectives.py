@@ -5,33 +5,18 @@ import math
 import pytest
 import torch
 
-from preftune.model.forward import SequenceStats
-from preftune.objectives import ObjectiveInputs, get_objective
+from objective_cases import CASES, log_sigmoid, pair_inputs
+from preftune.objectives import get_objective
 from preftune.objectives.pairwise import DPOParams
 from preftune.objectives.reference_free import SimPOParams
 
 
 def neg_log_sigmoid(z: float) -> float:
-    """-log(1 / (1 + e^-z)), written out and kept stable at both extremes."""
-    return math.log1p(math.exp(-z)) if z > -30 else -z + math.log1p(math.exp(z))
-
-
-# (policy chosen, policy rejected, reference chosen, reference rejected, len chosen, len rejected)
-CASES = [
-    (-12.0, -15.0, -13.0, -14.0, 4, 6),
-    (-5.0, -5.0, -5.0, -5.0, 1, 1),  # equal logps, length-1 responses
-    (-1.0, -900.0, -400.0, -400.0, 3, 2),  # very large margin
-    (-900.0, -1.0, -400.0, -400.0, 2, 3),  # very negative margin
-    (-3.25, -3.2500001, -7.5, -7.5, 1, 1),  # tiny margin
-]
+    return -log_sigmoid(z)
 
 
 def inputs_for(cases, requires_grad=False):
-    policy = torch.tensor([[c[0], c[1]] for c in cases], dtype=torch.float32,
-                          requires_grad=requires_grad)
-    reference = torch.tensor([[c[2], c[3]] for c in cases])
-    counts = torch.tensor([[c[4], c[5]] for c in cases], dtype=torch.float32)
-    return ObjectiveInputs(SequenceStats(policy, counts), SequenceStats(reference, counts)), policy
+    return pair_inputs(cases, requires_grad=requires_grad)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])

