@@ -29,10 +29,21 @@ def workspace(tmp_path_factory):
                       "chosen_score": rng.uniform(5, 9), "rejected_score": rng.uniform(0, 4),
                       "weight": rng.uniform(0.5, 2.0)})
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    unpaired, ranked = [], []
+    for i in range(23):  # odd on purpose: the mismatched-completion pairing wraps around
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        good = i % 3 != 0
+        unpaired.append({"prompt": f"{a}+{b}=", "label": good,
+                         "completion": f" {a + b}" if good else f" {a + b + 3} or so"})
+        ranked.append({"prompt": f"{a}*{b}=",
+                       "responses": [f" {a * b + 7} maybe", f" {a * b}", f" {a * b + 1}"],
+                       "scores": [0.0, 1.0, round(rng.uniform(0.2, 0.8), 3)]})
+    (root / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    (root / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked))
     return root
 
 
-DATA_FILES = {"pairs": "pairs.jsonl"}
+DATA_FILES = {"pairs": "pairs.jsonl", "unpaired": "unpaired.jsonl", "ranked": "ranked.jsonl"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in REGISTRY.items() if s.data in DATA_FILES))

@@ -8,10 +8,16 @@ from .registry import REGISTRY, ObjectiveSpec
 
 # Methods of the paper list that are not registered objectives, and why.
 NOT_REGISTERED = {
-    "kto, bco (unpaired), pro, exo (K-way), tree_po, mrpo, modpo, dove, group_robust_dpo, tdpo, "
-    "sparse_po, selm": "planned on the same spine; they need data shapes (unpaired, ranked, joint "
-    "pairs, groups) or reference inputs (several references, per-token distributions) that are "
-    "being added.",
+    "mrpo, modpo, dove, group_robust_dpo, tdpo, sparse_po, selm": "planned on the same spine; "
+    "they need data shapes (joint pairs, groups) or reference inputs (several references, "
+    "per-token distributions) that are being added.",
+    "pmpo": "its KL(pi_ref || pi_theta) term needs samples from the reference or full per-token "
+    "distributions; estimating it on the data's own completions would turn it into SFT on the "
+    "negatives, and the paper's alpha/beta for LMs are not in the spec (UNVERIFIED, no code).",
+    "aot on unpaired (thumbs-up/down) data": "the spec gives only the sorted-quantile form on a "
+    "batch of pairs (registered as aot_unpaired); matching quantiles of unequal numbers of "
+    "desirable and undesirable completions needs a rule the spec does not give.",
+    "lambda_po (LiPO-lambda)": "the spec's LiPO-style loss is the one registered as tree_po.",
     "oreo, direct_advantage_po": "need a value/critic model trained alongside the policy; "
     "preftune has no value-model class yet.",
     "adpa/dckd": "distillation from a teacher's token distributions; needs a teacher model class.",

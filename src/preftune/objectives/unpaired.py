@@ -1,0 +1,103 @@
+"""Unpaired objectives: one completion per example with a thumbs-up/down label, no pairs needed.
+
+Inputs: slot 0 of every [E, R] tensor is the example's completion y; ``scores["label"]`` [E] is
+1.0 for desirable and 0.0 for undesirable. Objectives registered with ``kl_completions=True``
+also get slot 1: the completion of another example under this example's prompt (see
+``data.prepare.with_mismatched_completions``). Notation: rho(y) = log pi_theta(y|x) -
+log pi_ref(y|x) (summed log-probs), r(y) = beta rho(y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .common import log_ratios, required_scores
+from .registry import ObjectiveInputs, ObjectiveOutput, objective
+
+
+def _desirable(inputs: ObjectiveInputs, name: str) -> torch.Tensor:
+    """The label as a bool [E] (True = desirable), or an error naming what the data lacks."""
+    (label,) = required_scores(inputs, ("label",), name)
+    if not ((label == 0) | (label == 1)).all():
+        raise ValueError(f"objective {name!r} needs label values 0 (undesirable) or 1 "
+                         f"(desirable); got {sorted(set(label.tolist()))[:5]}")
+    return label > 0.5
+
+
+@dataclass
+class KTOParams:
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D
+    undesirable_weight: float = 1.0  # lambda_U
+
+    def __post_init__(self):
+        if self.desirable_weight < 0 or self.undesirable_weight < 0:
+            raise ValueError("kto desirable_weight and undesirable_weight must be non-negative; "
+                             f"got {self.desirable_weight}, {self.undesirable_weight}")
+
+
+@objective("kto", params=KTOParams, needs_reference=True, data="unpaired",
+           paper="arXiv:2402.01306", kl_completions=True)
+def kto(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
+    """Kahneman-Tversky Optimization (KTO): prospect-theoretic value of each labelled completion.
+
+    z_ref = max(0, mean_i [log pi_theta(y'_i|x_i) - log pi_ref(y'_i|x_i)]), detached, where y'_i
+    is another example's completion (slot 1; mean over the micro-batch). Per example:
+    desirable: loss = lambda_D (1 - sigmoid(beta (rho(y) - z_ref))),
+    undesirable: loss = lambda_U (1 - sigmoid(beta (z_ref - rho(y)))); r(y) = beta rho(y).
+    z_ref estimates KL(pi_theta || pi_ref), the reference point of the value function: a
+    completion counts as a gain only if the policy raised it more than it moved on average, so
+    the policy cannot win by raising every log-ratio at once. Losses saturate (sigmoid), which
+    makes KTO less sensitive to noisy labels than DPO's logistic loss.
+    The mismatched completions are paired at the dataset level (example i gets example i+1's
+    completion, wrapping around), not within a batch as in TRL (which therefore requires a
+    per-device batch > 1), so any batch size works, odd ones and 1 included; a smaller batch
+    only makes the z_ref estimate noisier. Paper guidance: pick the weights so that
+    lambda_D n_D / (lambda_U n_U) is in [1, 4/3] for n_D desirable and n_U undesirable examples.
+    Matches TRL 1.16 KTOTrainer (loss "kto"), except that TRL also gathers z_ref across devices.
+    """
+    if inputs.policy.logps.shape[1] < 2:
+        raise ValueError("kto needs the mismatched completion as response slot 1 for its KL "
+                         "estimate; the loop adds it (kl_completions=True), hand-built inputs "
+                         "must too")
+    desirable = _desirable(inputs, "kto")
+    ratios = log_ratios(inputs)
+    z_ref = ratios[:, 1].detach().mean().clamp(min=0)
+    rho = ratios[:, 0]
+    losses = torch.where(
+        desirable,
+        params.desirable_weight * (1.0 - torch.sigmoid(params.beta * (rho - z_ref))),
+        params.undesirable_weight * (1.0 - torch.sigmoid(params.beta * (z_ref - rho))),
+    )
+    return ObjectiveOutput(losses, params.beta * ratios)
+
+
+@dataclass
+class BCOParams:
+    beta: float = 0.01  # paper (via the TRL paper index); TRL's BCOConfig default was 0.1
+
+
+@objective("bco", params=BCOParams, needs_reference=True, data="unpaired", paper="arXiv:2404.04656")
+def bco(inputs: ObjectiveInputs, params: BCOParams) -> ObjectiveOutput:
+    """Binary Classifier Optimization (BCO): a logistic classifier on the shifted implied reward.
+
+    desirable: loss = -log sigmoid(r(y) - delta), undesirable: loss = -log sigmoid(-(r(y) - delta)),
+    r(y) = beta rho(y). The implied reward is the logit of "this completion is desirable";
+    delta (the reward shift) centres the classifier so that it separates the two labels rather
+    than moving all rewards one way. The paper (and TRL's former BCOTrainer) uses a running
+    mean of all rewards over training for delta; an objective here is a pure function with no
+    state, so delta is the detached mean of this micro-batch's rewards over both labels. That is
+    noisier for small batches and depends on how a step is split into micro-batches (TRL updated
+    its running mean with the batch before using it, so its first step equals this one).
+    Underlying distribution matching (UDM: density-ratio weights for undesirable examples from a
+    prompt classifier) is not computed here; precomputed weights can be passed per example
+    with train.example_weight_field.
+    """
+    desirable = _desirable(inputs, "bco")
+    rewards = params.beta * log_ratios(inputs)
+    shifted = rewards[:, 0] - rewards[:, 0].detach().mean()
+    losses = torch.where(desirable, -F.logsigmoid(shifted), -F.logsigmoid(-shifted))
+    return ObjectiveOutput(losses, rewards)
