@@ -212,3 +212,10 @@ def test_plan_prints_layout_reference_and_memory_without_training(workspace, cap
                    "optimizer", "activations", "log-prob chunks", "total"]:
         assert needle in printed
     assert not (workspace / "runs" / "planned" / "model").exists()
+
+
+def test_zero_learning_rate_raises_policy_not_moving_through_the_loop(workspace):
+    output = run(workspace, "frozen", train__learning_rate=0.0)
+    alarms = [json.loads(x) for x in (output / "alarms.jsonl").read_text().splitlines()]
+    assert [a["kind"] for a in alarms] == ["policy_not_moving"]
+    assert read_metrics(output / "metrics.jsonl")[2]["alarms"] == ["policy_not_moving"]

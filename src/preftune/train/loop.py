@@ -26,6 +26,7 @@ from ..model.reference import (
 from ..objectives import ObjectiveInputs
 from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
+from .alarms import Alarms
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from .logging import MetricsLog, progress_bar
 from .plan import plan
@@ -196,6 +197,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
                                      optimizer, scheduler)
         print(f"resumed from {checkpoint} (step {start_step})")
     log = MetricsLog(output_dir / "metrics.jsonl", keep_through_step=start_step)
+    alarms = Alarms(output_dir / "alarms.jsonl", objective.needs_reference)
     order = example_stream(len(train_examples), examples_per_step, total_steps, cfg.seed,
                            shuffle=not config.data.curriculum)
 
@@ -222,7 +224,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                      if cfg.max_grad_norm else _grad_norm(trainable))
         learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if math.isfinite(sums["loss"][0]):  # a non-finite loss would poison the weights
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
@@ -231,11 +234,14 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
                   "lr": learning_rate, "grad_norm": float(grad_norm),
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
+        raised = alarms.check(record, [train_examples[i].origin for i in step_indices])
+        if raised:
+            record["alarms"] = [alarm["kind"] for alarm in raised]
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics = evaluate(logp_model, references["eval"], eval_examples, objective,
                                make_batch, cfg.batch_size, device, step)
             record.update({f"eval/{k}": v for k, v in metrics.items()})
-        if (step + 1) % cfg.log_every == 0 or "eval/loss" in record:
+        if (step + 1) % cfg.log_every == 0 or "eval/loss" in record or raised:
             log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}",

@@ -1,0 +1,71 @@
+"""Alarms: cheap checks on each step's metrics that say *why* a run is going wrong.
+
+Each alarm is printed, written to ``alarms.jsonl`` in the run directory and added to that step's
+metrics record. Apart from non-finite losses (reported every time, with the examples involved),
+each kind fires once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class Alarms:
+    def __init__(self, path: Path, needs_reference: bool, displacement_nats: float = 5.0,
+                 chance_window: int = 20, frozen_after_steps: int = 3):
+        self.path = path
+        self.needs_reference = needs_reference
+        self.displacement_nats = displacement_nats
+        self.frozen_after_steps = frozen_after_steps
+        self.accuracies: deque = deque(maxlen=chance_window)
+        self.fired: set[str] = set()
+
+    def check(self, record: dict, example_origins: list[str]) -> list[dict]:
+        """Alarms raised by one step's metrics ``record``; ``example_origins`` name its examples."""
+        step, raised = record["step"], []
+        if not math.isfinite(record["loss"]):
+            raised.append(self._alarm("non_finite_loss", step,
+                                      f"loss is {record['loss']}; optimizer step skipped. Examples "
+                                      f"in this batch: {', '.join(example_origins)}", repeat=True))
+        chosen, rejected = record.get("rewards/chosen"), record.get("rewards/rejected")
+        if (self.needs_reference and step >= self.frozen_after_steps
+                and chosen == 0.0 and rejected == 0.0):
+            raised.append(self._alarm(
+                "policy_not_moving", step,
+                f"implied rewards are still exactly 0 after {step} optimizer steps: the policy "
+                "equals the reference. Check that parameters train (LoRA adapters attached, "
+                "learning rate above 0) and that the reference is not the live policy itself."))
+        if "logps/ref_chosen" in record:
+            drop = record["logps/chosen"] - record["logps/ref_chosen"]
+            if drop < -self.displacement_nats:
+                raised.append(self._alarm(
+                    "likelihood_displacement", step,
+                    f"chosen responses are {-drop:.1f} nats less likely than under the reference "
+                    f"(threshold {self.displacement_nats}): both responses are being pushed down. "
+                    "Consider dpo_sft / an sft term, a larger beta or a lower learning rate."))
+        if "rewards/accuracies" in record:
+            self.accuracies.append(record["rewards/accuracies"])
+            window = self.accuracies.maxlen
+            if len(self.accuracies) == window and abs(sum(self.accuracies) / window - 0.5) < 0.05:
+                raised.append(self._alarm(
+                    "accuracy_at_chance", step,
+                    f"reward accuracy has averaged {sum(self.accuracies) / window:.2f} over the "
+                    f"last {window} steps: the objective is not separating chosen from rejected. "
+                    "Check the labels (chosen/rejected swapped?), the learning rate and beta."))
+        raised = [alarm for alarm in raised if alarm is not None]
+        for alarm in raised:
+            tqdm.write(f"ALARM [{alarm['kind']}] step {step}: {alarm['message']}")
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(alarm) + "\n")
+        return raised
+
+    def _alarm(self, kind: str, step: int, message: str, repeat: bool = False) -> dict | None:
+        if kind in self.fired and not repeat:
+            return None
+        self.fired.add(kind)
+        return {"kind": kind, "step": step, "message": message}

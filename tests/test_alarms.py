@@ -1,0 +1,58 @@
+"""Alarms fire on constructed failures and stay quiet on a healthy run."""
+
+import json
+import math
+
+from preftune.train.alarms import Alarms
+
+
+def healthy(step, accuracy=0.8):
+    return {"step": step, "loss": 0.6, "rewards/chosen": 0.05, "rewards/rejected": -0.04,
+            "rewards/accuracies": accuracy, "logps/chosen": -10.0, "logps/ref_chosen": -10.5}
+
+
+def test_quiet_on_a_healthy_run(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True, chance_window=5)
+    assert all(alarms.check(healthy(step), ["a:1"]) == [] for step in range(1, 30))
+    assert not (tmp_path / "alarms.jsonl").exists()
+
+
+def test_policy_not_moving(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True)
+    frozen = {**healthy(1), "rewards/chosen": 0.0, "rewards/rejected": 0.0}
+    assert alarms.check(frozen, []) == []  # step 1: rewards are 0 by construction
+    assert alarms.check({**frozen, "step": 2}, []) == []
+    raised = alarms.check({**frozen, "step": 3}, [])
+    assert [a["kind"] for a in raised] == ["policy_not_moving"]
+    assert alarms.check({**frozen, "step": 4}, []) == []  # once per run
+    logged = [json.loads(x) for x in (tmp_path / "alarms.jsonl").read_text().splitlines()]
+    assert logged[0]["step"] == 3 and "learning rate" in logged[0]["message"]
+
+
+def test_reference_free_runs_never_raise_policy_not_moving(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=False)
+    record = {"step": 5, "loss": 0.7, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
+    assert alarms.check(record, []) == []
+
+
+def test_likelihood_displacement(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True, displacement_nats=5.0)
+    assert alarms.check({**healthy(1), "logps/chosen": -14.9, "logps/ref_chosen": -10.0}, []) == []
+    raised = alarms.check({**healthy(2), "logps/chosen": -15.5, "logps/ref_chosen": -10.0}, [])
+    assert [a["kind"] for a in raised] == ["likelihood_displacement"]
+    assert "5.5 nats" in raised[0]["message"]
+
+
+def test_non_finite_loss_names_the_examples_every_time(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True)
+    for step in (1, 2):
+        raised = alarms.check({**healthy(step), "loss": math.nan}, ["data.jsonl:3", "data.jsonl:9"])
+        assert [a["kind"] for a in raised] == ["non_finite_loss"]
+        assert "data.jsonl:3" in raised[0]["message"] and "data.jsonl:9" in raised[0]["message"]
+
+
+def test_accuracy_stuck_at_chance(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True, chance_window=4)
+    kinds = [a["kind"] for step, acc in enumerate([0.5, 0.45, 0.55, 0.5], 1)
+             for a in alarms.check(healthy(step, acc), [])]
+    assert kinds == ["accuracy_at_chance"]
