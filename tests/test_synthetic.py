@@ -1,0 +1,138 @@
+"""Synthetic checkable tasks: determinism, disjoint splits, checker correctness, JSONL round trip."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from preftune.data import synthetic as S
+
+ALL = sorted(S.FAMILIES)
+
+
+def _sig(tasks):
+    return [(t.family, t.prompt_text, t.chosen, t.rejected) for t in tasks]
+
+
+def test_deterministic_for_seed():
+    assert _sig(S.generate_tasks(60, seed=3)) == _sig(S.generate_tasks(60, seed=3))
+    assert _sig(S.generate_tasks(60, seed=3)) != _sig(S.generate_tasks(60, seed=4))
+    a, b = S.generate_split(40, 20, seed=5), S.generate_split(40, 20, seed=5)
+    assert _sig(a[0]) == _sig(b[0]) and _sig(a[1]) == _sig(b[1])
+
+
+def test_generate_tasks_counts_and_distinct_prompts():
+    tasks = S.generate_tasks(100, seed=0)
+    assert len(tasks) == 100
+    assert len({t.prompt_text for t in tasks}) == 100
+    assert {t.family for t in tasks} == set(S.DEFAULT_FAMILIES)
+    only = S.generate_tasks(10, seed=0, families=["capital"])
+    assert {t.family for t in only} == {"capital"}
+
+
+def test_prompt_is_single_user_message():
+    for t in S.generate_tasks(30, seed=1, families=ALL):
+        assert t.prompt == [{"role": "user", "content": t.prompt_text}]
+        assert t.chosen.strip() and t.rejected.strip() and t.chosen != t.rejected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_disjoint(seed):
+    train, evals = S.generate_split(300, 60, seed=seed)
+    assert len(train) == 300 and len(evals) == 60
+    assert not {t.prompt_text for t in train} & {t.prompt_text for t in evals}
+    assert not {t.key for t in train} & {t.key for t in evals}  # held-out items, not just wordings
+    assert len({t.prompt_text for t in train}) == 300
+    assert {t.family for t in evals} == set(S.DEFAULT_FAMILIES)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_chosen_passes_rejected_fails(family):
+    for seed in range(15):
+        for t in S.generate_tasks(20, seed=seed, families=[family]):
+            assert S.check_response(t, t.chosen), (t.prompt_text, t.chosen)
+            assert not S.check_response(t, t.rejected), (t.prompt_text, t.rejected)
+
+
+def test_chosen_is_short():
+    for t in S.generate_tasks(200, seed=2, families=S.DEFAULT_FAMILIES):
+        assert len(t.chosen.split()) <= 12
+
+
+def test_jsonl_round_trip(tmp_path):
+    tasks = S.generate_tasks(40, seed=7, families=ALL)
+    path = tmp_path / "pairs.jsonl"
+    S.write_jsonl(tasks, path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(tasks)
+    for line, t in zip(lines, tasks):
+        rec = json.loads(line)
+        assert rec["prompt"] == t.prompt and rec["family"] == t.family
+        assert rec["chosen"] == [{"role": "assistant", "content": t.chosen}]
+        assert rec["rejected"] == [{"role": "assistant", "content": t.rejected}]
+        check = S.load_checker(rec)
+        assert check(t.chosen) and not check(t.rejected)
+        for probe in ["", "yes", "12", t.chosen.upper(), t.chosen + " and more words"]:
+            assert check(probe) == t.check(probe)
+
+
+def test_tasks_and_checkers_pickle():
+    for t in S.generate_tasks(12, seed=0, families=ALL):
+        t2 = pickle.loads(pickle.dumps(t))
+        assert t2.check(t.chosen) and not t2.check(t.rejected)
+
+
+def test_load_checker_rejects_unknown_type():
+    with pytest.raises(ValueError):
+        S.load_checker({"check": {"type": "nope"}})
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError):
+        S.generate_tasks(3, seed=0, families=["nope"])
+
+
+# ----------------------------------------------------------------------------- checker edge cases
+
+def _exact(answer):
+    return S.Checker({"type": "exact", "answer": answer})
+
+
+def test_exact_number_edges():
+    c = _exact("12")
+    for ok in ["12", " 12", "12\n", "12.", "**12**", '"12"', "12!"]:
+        assert c(ok), ok
+    for bad in ["", "13", "112", "12 apples", "The answer is 12.", "5 + 7 = 12", "1 2"]:
+        assert not c(bad), bad
+
+
+def test_exact_word_edges():
+    c = _exact("Paris")
+    assert c("Paris") and c("paris") and c(" Paris.\n") and c("PARIS")
+    assert not c("The capital of France is Paris.") and not c("Paris, France") and not c("Lyon")
+    multi = _exact("Buenos Aires")
+    assert multi("Buenos Aires.") and not multi("BuenosAires")
+
+
+def test_caps_edges():
+    c = S.Checker({"type": "all_caps", "word": "rocket"})
+    assert c("ROCKET") and c("ROCKET!") and c(" ROCKET ")
+    assert not c("Rocket") and not c("rocket") and not c("ROCKET is cool") and not c("123") and not c("")
+    assert not c("ROCKETS")
+
+
+def test_keyword_edges():
+    c = S.Checker({"type": "keyword", "word": "snow"})
+    assert c("Winter brings snow.") and c("SNOW falls.") and c('"Snow" is white')
+    assert not c("Snowy days are fun.") and not c("Winter is cold.")
+
+
+def test_json_edges():
+    c = S.Checker({"type": "json_answer", "answer": "blue"})
+    assert c('{"answer": "blue"}') and c('  {"answer":"Blue"}\n') and c('```json\n{"answer": "blue"}\n```')
+    assert not c('{"answer": "blue", "why": "sky"}') and not c('{"answer": "red"}')
+    assert not c("blue") and not c('{"answer": "blue"') and not c('["blue"]')
+    n = S.Checker({"type": "json_answer", "answer": 12})
+    assert n('{"answer": 12}') and n('{"answer": "12"}') and not n('{"answer": true}') and not n('{"answer": 13}')
