@@ -21,7 +21,7 @@ NOT_REGISTERED = {
     "oreo, direct_advantage_po": "need a value/critic model trained alongside the policy; "
     "preftune has no value-model class yet.",
     "adpa/dckd": "distillation from a teacher's token distributions; needs a teacher model class.",
-    "raHF": "works on hidden activations of an instructed model (representation engineering), "
+    "rahf": "works on hidden activations of an instructed model (representation engineering), "
     "not on log-probabilities.",
 }
 

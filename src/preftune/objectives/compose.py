@@ -58,10 +58,17 @@ class Term:
     raw_params: dict
     weight: float
 
+    def __post_init__(self):
+        self._adapter = TypeAdapter(self.spec.params)
+        scheduled = any(isinstance(v, dict) for v in self.raw_params.values())
+        self._fixed = None if scheduled else self._adapter.validate_python(self.raw_params)
+
     def params_at(self, step: int, total_steps: int):
+        if self._fixed is not None:  # the common case: no schedule, validate once
+            return self._fixed
         values = {k: scheduled_value(v, step, total_steps) if isinstance(v, dict) else v
                   for k, v in self.raw_params.items()}
-        return TypeAdapter(self.spec.params).validate_python(values)
+        return self._adapter.validate_python(values)
 
 
 class Objective:
