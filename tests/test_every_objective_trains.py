@@ -27,8 +27,11 @@ def workspace(tmp_path_factory):
         a, b = rng.randint(1, 30), rng.randint(1, 30)
         pairs.append({"prompt": f"{a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3} or so",
                       "chosen_score": rng.uniform(5, 9), "rejected_score": rng.uniform(0, 4),
-                      "weight": rng.uniform(0.5, 2.0)})
+                      "weight": rng.uniform(0.5, 2.0), "group": i % 3,
+                      "chosen_win_prob": rng.uniform(0.5, 1.0), "rejected_win_prob": rng.uniform(0, 0.5)})
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    with_gold = [{**pair, "gold": pair["chosen"] + "."} for pair in pairs]
+    (root / "pairs_gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in with_gold))
     unpaired, ranked = [], []
     for i in range(23):  # odd on purpose: the mismatched-completion pairing wraps around
         a, b = rng.randint(1, 30), rng.randint(1, 30)
@@ -44,6 +47,7 @@ def workspace(tmp_path_factory):
 
 
 DATA_FILES = {"pairs": "pairs.jsonl", "unpaired": "unpaired.jsonl", "ranked": "ranked.jsonl"}
+NEEDS_GOLD = {"triple_po"}  # pairs with a gold response as the third slot
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in REGISTRY.items() if s.data in DATA_FILES))
@@ -52,7 +56,8 @@ def test_objective_trains_three_steps(workspace, name):
     output = loop.train(build_config({
         "output_dir": str(workspace / "runs" / name),
         "model": {"path": str(workspace / "model")},
-        "data": {"train": str(workspace / DATA_FILES[spec.data])},
+        "data": {"train": str(workspace / ("pairs_gold.jsonl" if name in NEEDS_GOLD
+                                           else DATA_FILES[spec.data]))},
         "objective": {"name": name},
         "reference": {"cache_dir": str(workspace / "cache")},
         "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 3},

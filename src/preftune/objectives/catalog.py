@@ -8,8 +8,8 @@ from .registry import REGISTRY, ObjectiveSpec
 
 # Methods of the paper list that are not registered objectives, and why.
 NOT_REGISTERED = {
-    "mrpo, modpo, dove, group_robust_dpo, tdpo, sparse_po, selm": "planned on the same spine; "
-    "they need data shapes (joint pairs, groups) or reference inputs (several references, "
+    "mrpo, dove, tdpo, sparse_po, selm": "planned on the same spine; "
+    "they need data shapes (joint pairs) or reference inputs (several references, "
     "per-token distributions) that are being added.",
     "pmpo": "its KL(pi_ref || pi_theta) term needs samples from the reference or full per-token "
     "distributions; estimating it on the data's own completions would turn it into SFT on the "

@@ -1,0 +1,144 @@
+"""More pairwise objectives: gold-anchored (TPO), multi-objective margins (MODPO), soft-target
+SPPO and the in-batch form of group-robust DPO.
+
+Notation as in pairwise.py: rho(y) = log pi_theta(y|x) - log pi_ref(y|x) (summed log-probs);
+h = rho(y_w) - rho(y_l); |y| is the number of response tokens; bar log pi(y) = log pi(y|x)/|y|.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .common import chosen_minus_rejected, conservative_logistic, log_ratios, required_scores
+from .registry import ObjectiveInputs, ObjectiveOutput, objective
+
+
+@dataclass
+class TriplePOParams:
+    beta: float = 0.01  # TRL TPOConfig / paper
+    alpha: float = 1.0  # tpo_alpha: weight of the gold-response NLL
+    epsilon: float = 0.0  # label smoothing of the preference term (TRL label_smoothing)
+    variant: Literal["sigmoid", "tpo_l"] = "sigmoid"
+    gamma: float = 0.5  # TPO-L target margin (only for variant="tpo_l")
+
+    def __post_init__(self):
+        if not 0.0 <= self.epsilon < 0.5:
+            raise ValueError(f"epsilon is a label-flip rate and must be in [0, 0.5); got {self.epsilon}")
+
+
+@objective("triple_po", params=TriplePOParams, needs_reference=False, paper="arXiv:2405.16681")
+def triple_po(inputs: ObjectiveInputs, params: TriplePOParams) -> ObjectiveOutput:
+    """Triple Preference Optimization (TPO): reference-free preference loss plus NLL on a gold response.
+
+    sigmoid: loss = -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d) + alpha NLL(y_gold),
+    d = log pi_theta(y_w|x) - log pi_theta(y_l|x);
+    tpo_l: loss = -log sigmoid(beta [bar log pi(y_w) - bar log pi(y_l)] - gamma) + alpha NLL(y_gold),
+    NLL(y_gold) = -log pi_theta(y_gold|x) / |y_gold|; r(y) = beta log pi_theta(y) (beta bar log pi for
+    tpo_l), for chosen, rejected and gold. The gold response plays the part of DPO's reference: the
+    SFT term keeps the policy on it, so no reference model is needed. Needs pairs with a ``gold``
+    response (slot 2). The NLL is a per-example token mean; TRL 1.16's TPOTrainer takes one token
+    mean over the batch, which equals it when all gold responses have the same length.
+    """
+    logps, counts = inputs.policy.logps, inputs.policy.token_counts
+    if logps.shape[1] < 3:
+        raise ValueError("objective 'triple_po' needs a gold response per pair (the record field "
+                         "'gold', the third response slot); this data has chosen and rejected only")
+    gold_nll = -logps[:, 2] / counts[:, 2]
+    if params.variant == "tpo_l":
+        rewards = params.beta * logps / counts
+        preference = -F.logsigmoid(chosen_minus_rejected(rewards) - params.gamma)
+    else:
+        rewards = params.beta * logps
+        preference = conservative_logistic(chosen_minus_rejected(rewards), params.epsilon)
+    return ObjectiveOutput(preference + params.alpha * gold_nll, rewards)
+
+
+@dataclass
+class MODPOParams:
+    beta: float = 0.1
+    weight: float = 0.5  # w_1, weight of the other objective; w_0 = 1 - w_1 (paper sweeps 0.1/0.5/0.9)
+
+    def __post_init__(self):
+        if not 0.0 <= self.weight < 1.0:
+            raise ValueError(f"modpo weight is the other objective's share w_1 in [0, 1); got {self.weight}")
+
+
+@objective("modpo", params=MODPOParams, needs_reference=True, paper="arXiv:2310.03708")
+def modpo(inputs: ObjectiveInputs, params: MODPOParams) -> ObjectiveOutput:
+    """Multi-Objective DPO (MODPO): DPO whose margin is corrected by another objective's reward.
+
+    r~(y) = (1/w_0) [beta rho(y) - w_1 s(y)], w_0 = 1 - w_1; loss = -log sigmoid(r~(y_w) - r~(y_l)),
+    r(y) = r~(y). s(y_w), s(y_l) are inputs.scores chosen_score, rejected_score: the margin reward
+    model's score (e.g. a separately trained DPO model's beta log pi_dpo/pi_sft) of each response.
+    Training on the pairs of objective 0 with this margin gives the policy that is optimal for the
+    w-weighted sum of the rewards; sweeping w traces a Pareto front. One margin model here (the
+    paper allows several; sum their weighted scores into the two fields).
+    """
+    chosen, rejected = required_scores(inputs, ("chosen_score", "rejected_score"), "modpo")
+    margin_scores = torch.stack((chosen, rejected), dim=1)
+    rewards = (params.beta * log_ratios(inputs) - params.weight * margin_scores) / (1.0 - params.weight)
+    return ObjectiveOutput(-F.logsigmoid(chosen_minus_rejected(rewards)), rewards)
+
+
+@dataclass
+class SPPOSoftParams:
+    beta: float = 0.001  # 1/eta in the paper (eta = 1000)
+
+
+@objective("sppo_soft", params=SPPOSoftParams, needs_reference=True, paper="arXiv:2405.00675")
+def sppo_soft(inputs: ObjectiveInputs, params: SPPOSoftParams) -> ObjectiveOutput:
+    """Self-Play PO with soft win probabilities: regress each log-ratio onto (P - 1/2)/beta.
+
+    loss = 1/2 [(rho(y_w) - (P_w - 1/2)/beta)^2 + (rho(y_l) - (P_l - 1/2)/beta)^2], r(y) = beta rho(y).
+    P_w, P_l are inputs.scores chosen_win_prob, rejected_win_prob: the estimated probability
+    P(y > pi_t) that each response beats the current policy (SPPO averages PairRM's pairwise
+    probabilities over K samples). P_w = 1, P_l = 0 gives sppo_hard. The 1/2 follows the authors'
+    uclaml/SPPO code, as in sppo_hard; the reference should be the previous iterate pi_t.
+    """
+    win_w, win_l = required_scores(inputs, ("chosen_win_prob", "rejected_win_prob"), "sppo_soft")
+    wins = torch.stack((win_w, win_l), dim=1)
+    if ((wins < 0) | (wins > 1)).any():
+        raise ValueError("sppo_soft needs chosen_win_prob and rejected_win_prob in [0, 1]")
+    ratios = log_ratios(inputs)[:, :2]
+    losses = 0.5 * ((ratios - (wins - 0.5) / params.beta) ** 2).sum(dim=1)
+    return ObjectiveOutput(losses, params.beta * ratios)
+
+
+@dataclass
+class GroupRobustDPOParams:
+    beta: float = 0.1
+    step_size: float = 0.01  # eta_alpha of the mirror-ascent group weights (paper plots: 0.05, 0.1)
+
+
+def group_weights(group_losses: torch.Tensor, step_size: float) -> torch.Tensor:
+    """One exponentiated-gradient step from uniform: alpha_g = softmax(eta L_g) (no gradient)."""
+    return torch.softmax(step_size * group_losses.detach(), dim=0)
+
+
+@objective("group_robust_dpo", params=GroupRobustDPOParams, needs_reference=True,
+           paper="arXiv:2405.20304")
+def group_robust_dpo(inputs: ObjectiveInputs, params: GroupRobustDPOParams) -> ObjectiveOutput:
+    """Group Robust DPO (GRPO of Ramesh et al., not DeepSeek's): DPO with worst-group emphasis.
+
+    l_i = -log sigmoid(beta h_i); L_g = mean of l_i over the batch examples of group g;
+    alpha = softmax_g(eta L_g) over the groups in the batch (detached); objective sum_g alpha_g L_g,
+    returned per example as l_i alpha_g(i) E / N_g(i) so the batch mean equals it (E examples,
+    N_g of them in group g). r(y) = beta rho(y). Group ids are inputs.scores group.
+    Batch version: objectives are pure functions, so the weights start uniform in every batch
+    and take one mirror-ascent step there. The paper (rsshyam/GRPO) keeps alpha across steps
+    (alpha <- alpha exp(eta L), normalised) and may scale L_g by dataset group counts; with
+    micro-batches, each micro-batch weighs its own groups.
+    """
+    (group,) = required_scores(inputs, ("group",), "group_robust_dpo")
+    rewards = params.beta * log_ratios(inputs)
+    losses = -F.logsigmoid(chosen_minus_rejected(rewards))
+    ids, index, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    group_losses = torch.zeros(len(ids), dtype=losses.dtype, device=losses.device)
+    group_losses = group_losses.index_add(0, index, losses.detach()) / counts.to(losses)
+    alpha = group_weights(group_losses, params.step_size)
+    scale = alpha[index] * len(losses) / counts.to(losses)[index]
+    return ObjectiveOutput(losses * scale, rewards)
