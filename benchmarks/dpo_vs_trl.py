@@ -55,9 +55,10 @@ HERE = Path(__file__).resolve().parent
 # trl: TRL defaults (reference = second model in memory, gradient checkpointing on);
 # trl-precompute: precompute_ref_log_probs=True; trl-precompute-nogc: that and
 # gradient_checkpointing=False (TRL's fastest setting); preftune: reference precomputed, layout
-# auto; preftune-padded: the same with layout padded (no prefix sharing). preftune has no
-# activation checkpointing.
-TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc")
+# auto; preftune-padded: the same with layout padded (no prefix sharing); preftune-gc: preftune
+# with train.gradient_checkpointing (opt-in there, on by default in TRL).
+TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
+         "preftune-gc")
 
 # name -> model ("default" = bundled SmolLM2-135M-Instruct, "tiny" = small random Llama) and data
 CASES = {
@@ -288,7 +289,8 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
         "train": {"learning_rate": 1e-6, "batch_size": case["batch_size"],
                   "gradient_accumulation_steps": 1, "max_steps": case["steps"],
                   "warmup_ratio": 0.0, "schedule": "linear", "max_grad_norm": 1.0,
-                  "seed": case["seed"], "log_every": 1, "layout": layout},
+                  "seed": case["seed"], "log_every": 1, "layout": layout,
+                  "gradient_checkpointing": tool == "preftune-gc"},
     })
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
