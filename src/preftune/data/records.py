@@ -23,8 +23,18 @@ class DataError(ValueError):
     """Bad input data. The message names the file, the record (line or row) and the field."""
 
 
+class _Record:
+    """What every record shape shares."""
+
+    prompt: Text
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
 @dataclass(frozen=True)
-class Pair:
+class Pair(_Record):
     """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) response.
 
     ``gold`` is an optional reference response (triple-style objectives); when set it is the
@@ -47,17 +57,13 @@ class Pair:
             return (self.chosen, self.rejected)
         return (self.chosen, self.rejected, self.gold)
 
-    @property
-    def is_conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
     def side_data(self) -> dict:
         """Numbers for the batch: the record's ``scores``."""
         return dict(self.scores)
 
 
 @dataclass(frozen=True)
-class Unpaired:
+class Unpaired(_Record):
     """One prompt and one ``completion`` labelled desirable (True) or not (KTO, BCO)."""
 
     shape: ClassVar[str] = "unpaired"
@@ -72,17 +78,13 @@ class Unpaired:
     def responses(self) -> tuple:
         return (self.completion,)
 
-    @property
-    def is_conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
     def side_data(self) -> dict:
         """Numbers for the batch: ``scores`` plus ``label`` as 1.0 / 0.0."""
         return {**self.scores, "label": 1.0 if self.label else 0.0}
 
 
 @dataclass(frozen=True)
-class Ranked:
+class Ranked(_Record):
     """One prompt with K >= 2 ``responses``; ``response_scores[k]`` scores slot k, higher is
     better (PRO, EXO-K, listwise). Responses keep their source order; nothing is sorted."""
 
@@ -102,10 +104,6 @@ class Ranked:
                 f"{self.origin or 'Ranked record'}: {len(self.responses)} responses but "
                 f"{len(self.response_scores)} response_scores; give one score per response."
             )
-
-    @property
-    def is_conversational(self) -> bool:
-        return isinstance(self.prompt, list)
 
     def side_data(self) -> dict:
         """Numbers for the batch: ``scores`` plus ``response_scores`` as a list of floats."""
