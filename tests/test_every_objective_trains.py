@@ -28,7 +28,8 @@ def workspace(tmp_path_factory):
         pairs.append({"prompt": f"{a}+{b}=", "chosen": f" {a + b}", "rejected": f" {a + b + 3} or so",
                       "chosen_score": rng.uniform(5, 9), "rejected_score": rng.uniform(0, 4),
                       "weight": rng.uniform(0.5, 2.0), "group": i % 3,
-                      "chosen_win_prob": rng.uniform(0.5, 1.0), "rejected_win_prob": rng.uniform(0, 0.5)})
+                      "chosen_win_prob": rng.uniform(0.5, 1.0), "rejected_win_prob": rng.uniform(0, 0.5),
+                      "tie": int(i % 4 == 0)})
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     with_gold = [{**pair, "gold": pair["chosen"] + "."} for pair in pairs]
     (root / "pairs_gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in with_gold))
@@ -47,7 +48,7 @@ def workspace(tmp_path_factory):
 
 
 DATA_FILES = {"pairs": "pairs.jsonl", "unpaired": "unpaired.jsonl", "ranked": "ranked.jsonl"}
-NEEDS_GOLD = {"triple_po"}  # pairs with a gold response as the third slot
+NEEDS_GOLD = {"triple_po", "selm"}  # pairs with a third response (gold / reference sample)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in REGISTRY.items() if s.data in DATA_FILES))

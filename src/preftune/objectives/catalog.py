@@ -8,7 +8,7 @@ from .registry import REGISTRY, ObjectiveSpec
 
 # Methods of the paper list that are not registered objectives, and why.
 NOT_REGISTERED = {
-    "mrpo, dove, tdpo, sparse_po, selm": "planned on the same spine; "
+    "mrpo, dove, tdpo, sparse_po": "planned on the same spine; "
     "they need data shapes (joint pairs) or reference inputs (several references, "
     "per-token distributions) that are being added.",
     "pmpo": "its KL(pi_ref || pi_theta) term needs samples from the reference or full per-token "

@@ -1,0 +1,82 @@
+"""Pairwise objectives with one more piece of data per pair: a tie flag (TODO) or a sample of the
+reference policy (SELM's optimism term).
+
+Notation as in pairwise.py: rho(y) = log pi_theta(y|x) - log pi_ref(y|x) (summed log-probs);
+h = rho(y_w) - rho(y_l).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .common import chosen_minus_rejected, log_ratios, required_scores
+from .registry import ObjectiveInputs, ObjectiveOutput, objective
+
+
+@dataclass
+class TODOParams:
+    beta: float = 0.01
+    theta: float = -0.5  # dpo_theta in the authors' code; alpha = -theta > 0 is the tie band
+
+    def __post_init__(self):
+        if self.theta >= 0:
+            raise ValueError(f"todo theta must be negative (the tie band is alpha = -theta > 0); "
+                             f"got {self.theta}")
+
+
+def tie_nll(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """-log P(tie) under Rao-Kupper with logit u and band alpha:
+    P(tie) = (e^{2 alpha} - 1) / ((1 + e^{alpha - u}) (1 + e^{alpha + u}))."""
+    return F.softplus(alpha - u) + F.softplus(alpha + u) - math.log(math.expm1(2.0 * alpha))
+
+
+@objective("todo", params=TODOParams, needs_reference=True, paper="arXiv:2411.02442")
+def todo(inputs: ObjectiveInputs, params: TODOParams) -> ObjectiveOutput:
+    """TODO (Tie-rank Oriented DPO): DPO under a Bradley-Terry model extended with ties (TOBT).
+
+    u = beta h, alpha = -theta. A clear preference: loss = -log sigmoid(u - alpha); a tie:
+    loss = -log [(e^{2 alpha} - 1) / ((1 + e^{alpha - u}) (1 + e^{alpha + u}))], the Rao-Kupper
+    probability that neither response wins, largest at u = 0. r(y) = beta rho(y).
+    The tie flag is inputs.scores tie (1 = tie, 0 = a real preference; a `tie` field of each
+    record). DPO has to treat tied pairs as preferences or drop them; here they pull the two
+    implied rewards together, while real preferences must win by the band alpha.
+    Formula as in the authors' XXares/TODO DPOTieTrainer.tie_loss.
+    """
+    (tie,) = required_scores(inputs, ("tie",), "todo")
+    if ((tie != 0) & (tie != 1)).any():
+        raise ValueError("todo: the tie field must be 0/1 (or false/true) for every pair")
+    alpha = -params.theta
+    rewards = params.beta * log_ratios(inputs)
+    u = chosen_minus_rejected(rewards)
+    losses = torch.where(tie > 0.5, tie_nll(u, alpha), -F.logsigmoid(u - alpha))
+    return ObjectiveOutput(losses, rewards)
+
+
+@dataclass
+class SELMParams:
+    beta: float = 0.01
+    alpha: float = 0.001  # weight of the optimism term (1e-4 for Llama-3-8B-Instruct)
+
+
+@objective("selm", params=SELMParams, needs_reference=True, paper="arXiv:2405.19332")
+def selm(inputs: ObjectiveInputs, params: SELMParams) -> ObjectiveOutput:
+    """Self-Exploring LMs (SELM): DPO plus an optimism term on a sample of the reference policy.
+
+    loss = -log sigmoid(beta h) + alpha beta rho(y_ref), r(y) = beta rho(y) for y_w, y_l, y_ref.
+    y_ref is a response the reference (the previous iterate) generated for the prompt, given as
+    the pair's third response `gold` (map another column with data.fields: {gold: <column>}).
+    Lowering the likelihood of the reference's own samples relative to pi_ref pushes probability
+    towards responses neither model has produced, which is the paper's active exploration.
+    Formula as in shenao-zhang/SELM SELMTrainer.optimistic_dpo_loss; the iterative
+    generate-rank-train loop around it is driven from outside.
+    """
+    if inputs.policy.logps.shape[1] < 3:
+        raise ValueError("objective 'selm' needs a reference sample per pair as the third response "
+                         "(the record field 'gold'); this data has chosen and rejected only")
+    rewards = params.beta * log_ratios(inputs)
+    dpo = -F.logsigmoid(chosen_minus_rejected(rewards))
+    return ObjectiveOutput(dpo + params.alpha * rewards[:, 2], rewards)
