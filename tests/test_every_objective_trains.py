@@ -21,6 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("every")
     save_tiny_model_dir(root / "model")
+    save_tiny_model_dir(root / "other_model", seed=1)  # a second reference (mrpo)
     rng = random.Random(1)
     pairs = []
     for i in range(24):
@@ -60,7 +61,9 @@ def test_objective_trains_three_steps(workspace, name):
         "data": {"train": str(workspace / ("pairs_gold.jsonl" if name in NEEDS_GOLD
                                            else DATA_FILES[spec.data]))},
         "objective": {"name": name},
-        "reference": {"cache_dir": str(workspace / "cache")},
+        "reference": {"cache_dir": str(workspace / "cache"),
+                      **({"extra_models": [str(workspace / "other_model")]}
+                         if spec.extra_references else {})},
         "train": {"learning_rate": 1e-2, "batch_size": 4, "max_steps": 3},
     }), show_progress=False)
     log = read_metrics(output / "metrics.jsonl")

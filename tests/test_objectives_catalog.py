@@ -17,8 +17,9 @@ SCORES = {"chosen_score": [4.0, 2.0, 9.0, 1.5, 3.0, 7.0, 2.0, 5.0],
           "rejected_score": [1.0, 1.0, 0.5, 1.0, 2.5, 6.0, 1.0, 4.0],
           "chosen_win_prob": [0.9, 0.5, 1.0, 0.6, 0.7, 0.99, 0.55, 0.8],
           "rejected_win_prob": [0.1, 0.5, 0.0, 0.4, 0.3, 0.01, 0.45, 0.2],
-          "group": [0.0, 1.0, 0.0, 2.0, 1.0, 0.0, 2.0, 1.0]}
-NEEDS_GOLD = {"triple_po"}  # three responses; checked at extremes in its own test file
+          "group": [0.0, 1.0, 0.0, 2.0, 1.0, 0.0, 2.0, 1.0],
+          "tie": [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0]}
+NEEDS_GOLD = {"triple_po", "selm"}  # three responses; checked at extremes in their own test files
 
 
 def split_evenly(total: float, count: int) -> list[float]:
@@ -58,7 +59,11 @@ def test_default_objective_is_finite_at_extremes(name, dtype):
     policy, grid = stats_from(EXTREME_CASES, ((0, 4), (1, 5)), dtype, requires_grad=True)
     reference, _ = stats_from(EXTREME_CASES, ((2, 4), (3, 5)), dtype, requires_grad=False)
     scores = {k: torch.tensor(v, dtype=dtype) for k, v in SCORES.items()}
-    inputs = ObjectiveInputs(policy, reference, scores, step=3)
+    # per-token KLs that follow the policy (large at the extremes) and a reference mask
+    policy.token_kl = torch.where(policy.token_mask, grid.abs() * 0.01, torch.zeros_like(grid))
+    policy.kl = policy.token_kl.sum(-1)
+    reference.token_activation = torch.full_like(grid, 0.5).detach()
+    inputs = ObjectiveInputs(policy, reference, scores, step=3, extra_references=[reference])
     output = spec(inputs, spec.params())
     n = len(EXTREME_CASES)
     assert output.losses.shape == (n,) and output.rewards.shape == (n, 2)

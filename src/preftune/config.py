@@ -81,6 +81,8 @@ class ObjectiveConfig(BaseModel):
 class ReferenceConfig(Section):
     strategy: Literal["auto", "precomputed", "adapter-off", "live", "none"] = "auto"
     cache_dir: str | None = None  # default: <preftune cache>/reference
+    # more reference models (MRPO): paths like model.path, same tokenizer; precomputed one by one
+    extra_models: list[str] = []
 
 
 class TrainConfig(Section):
@@ -123,7 +125,8 @@ class Config(Section):
     def _no_silent_settings(self):
         """Refuse combinations where a setting would silently do nothing."""
         names = [term.name for term in self.objective]
-        needs_reference = Objective.from_config(self.objective, total_steps=1).needs_reference
+        objective = Objective.from_config(self.objective, total_steps=1)
+        needs_reference = objective.needs_reference
         if len(names) == 1 and self.objective[0].weight != 1.0:
             raise ValueError("objective.weight only matters when objective is a list of terms.")
         strategy = self.reference.strategy
@@ -137,6 +140,16 @@ class Config(Section):
                              "use reference.strategy 'precomputed', 'live' or 'adapter-off'.")
         if strategy == "adapter-off" and self.model.lora is None:
             raise ValueError("reference.strategy='adapter-off' needs model.lora to be set.")
+        if objective.extra_references and not self.reference.extra_models:
+            raise ValueError(f"{objective.name} combines several reference models; list them in "
+                             "reference.extra_models (paths or 'default', same tokenizer).")
+        if self.reference.extra_models and not objective.extra_references:
+            raise ValueError(f"reference.extra_models does nothing for {objective.name}; remove "
+                             "it or use an objective with several references (mrpo).")
+        if objective.reference_distributions and strategy == "precomputed":
+            raise ValueError(f"{objective.name} needs the reference's full next-token "
+                             "distributions, which are not precomputed; use reference.strategy "
+                             "'live' or 'adapter-off' (or leave it 'auto').")
         has_eval = self.data.eval is not None or self.data.eval_fraction > 0
         if self.train.eval_every and not has_eval:
             raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
@@ -155,8 +168,12 @@ class Config(Section):
     def reference_strategy(self) -> str:
         if self.reference.strategy != "auto":
             return self.reference.strategy
-        needs = Objective.from_config(self.objective, total_steps=1).needs_reference
-        return "precomputed" if needs else "none"
+        objective = Objective.from_config(self.objective, total_steps=1)
+        if not objective.needs_reference:
+            return "none"
+        if objective.reference_distributions:  # full distributions: a model must be at hand
+            return "adapter-off" if self.model.lora is not None else "live"
+        return "precomputed"
 
 
 def _unknown(path: str, key: str, known, where: str) -> str:

@@ -7,6 +7,7 @@ logits are recomputed, so peak memory holds one chunk's logits instead of the wh
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -59,3 +60,34 @@ def chunked_token_logps(
     weight: [vocab, d] output embedding. targets: [n] token ids. Returns [n] fp32 log-probs.
     """
     return _ChunkedTokenLogps.apply(hidden, weight, targets, int(chunk_tokens))
+
+
+def _logps_and_kl(hidden, weight, targets, ref_hidden, ref_weight):
+    """One chunk: log pi(target) and KL(pi_ref || pi) over the vocabulary, both in fp32."""
+    log_pi = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    with torch.no_grad():
+        log_ref = torch.log_softmax((ref_hidden @ ref_weight.T).float(), dim=-1)
+    kl = (log_ref.exp() * (log_ref - log_pi)).sum(-1)
+    return log_pi.gather(1, targets[:, None]).squeeze(1), kl
+
+
+def chunked_token_logps_and_kl(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    ref_hidden: torch.Tensor, ref_weight: torch.Tensor, chunk_tokens: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs plus the forward KL from the reference's next-token distribution.
+
+    At each position, KL(pi_ref || pi_theta) = sum_v pi_ref(v) (log pi_ref(v) - log pi_theta(v)),
+    with pi_ref = softmax(ref_hidden @ ref_weight^T) (no gradient) and pi_theta as in
+    ``chunked_token_logps``. Each chunk is checkpointed: only one chunk's [tokens x vocab]
+    logits of either model exist at a time, in forward and in backward.
+    """
+    logps, kls = [], []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        logp, kl = checkpoint(_logps_and_kl, hidden[part], weight, targets[part],
+                              ref_hidden[part], ref_weight, use_reentrant=False)
+        logps.append(logp)
+        kls.append(kl)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(logps) if logps else empty), (torch.cat(kls) if kls else empty)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 
 from ..data.layout import Batch
-from .chunked_logps import chunked_token_logps
+from .chunked_logps import chunked_token_logps, chunked_token_logps_and_kl
 
 
 @dataclass
@@ -17,13 +17,18 @@ class SequenceStats:
 
     ``logps`` is the sum over response tokens of log pi(y_t | x, y_<t) in fp32. ``token_logps``
     (only when asked for) is [E, R, longest response] with zeros past each response's end;
-    ``token_mask`` marks the real entries.
+    ``token_mask`` marks the real entries. ``kl`` (objectives that declare
+    reference_distributions) is the sequential forward KL sum_t KL(pi_ref || pi)(. | x, y_<t)
+    of each response, and ``token_kl`` its per-token terms laid out like ``token_logps``.
     """
 
     logps: torch.Tensor
     token_counts: torch.Tensor
     token_logps: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    token_kl: torch.Tensor | None = None
+    token_activation: torch.Tensor | None = None  # reference only: SparsePO's activation mask
 
     @property
     def mean_logps(self) -> torch.Tensor:
@@ -31,10 +36,8 @@ class SequenceStats:
         return self.logps / self.token_counts
 
     def detach(self) -> "SequenceStats":
-        return SequenceStats(
-            *(None if t is None else t.detach() for t in
-              (self.logps, self.token_counts, self.token_logps, self.token_mask))
-        )
+        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -64,34 +67,66 @@ class LogpModel(nn.Module):
         if getattr(lm.get_output_embeddings(), "bias", None) is not None:
             raise NotImplementedError("output projections with a bias are not supported yet.")
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch, reference: tuple | None = None):
+        """Log-probs of the batch's response tokens, [response tokens] in fp32.
+
+        With ``reference = (ref_hidden, ref_weight)`` (see ``hidden_and_weight``) it returns
+        ``(token_logps, token_kl)``, adding each position's KL(pi_ref || pi_theta).
+        """
+        hidden, weight = self.hidden_and_weight(batch)
+        if reference is None:
+            return chunked_token_logps(hidden, weight, batch.target_tokens, self.chunk_tokens)
+        return chunked_token_logps_and_kl(hidden, weight, batch.target_tokens, *reference,
+                                          self.chunk_tokens)
+
+    def hidden_and_weight(self, batch: Batch, layer_means: bool = False):
+        """Final hidden states at the positions that predict response tokens, [n, d], and the
+        output embedding [vocab, d]. ``layer_means`` adds, per decoder layer, the mean over
+        features of its output at those positions, [layers, n] (SparsePO's activation masks).
+        """
         lm = causal_lm_of(self.model)
         if batch.unit_ids is None:
             mask, positions = batch.attention_mask, None
         else:  # prefix-shared or packed rows: per-token visibility, positions restart
             mask, positions = batch.attention_bias(lm.dtype), batch.position_ids
-        hidden = lm.get_decoder()(
+        out = lm.get_decoder()(
             input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-            use_cache=False,
-        ).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.logit_positions]
+            use_cache=False, output_hidden_states=layer_means,
+        )
+        hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         weight = lm.get_output_embeddings().weight
-        return chunked_token_logps(hidden, weight, batch.target_tokens, self.chunk_tokens)
+        if not layer_means:
+            return hidden[batch.logit_positions], weight
+        means = torch.stack([h.float().mean(-1).reshape(-1)[batch.logit_positions]
+                             for h in out.hidden_states[1:]])
+        return hidden[batch.logit_positions], weight, means
 
 
-def sequence_stats(token_logps: torch.Tensor, batch: Batch, per_token: bool = False) -> SequenceStats:
-    """Sum flat response-token log-probs into per-response stats."""
+def token_grid(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Flat per-response-token values -> [E, R, longest response], zeros past each end."""
+    owner = batch.target_response
+    width = int(batch.target_offset.max()) + 1 if owner.numel() else 0
+    grid = values.new_zeros(batch.num_responses, width)
+    grid = grid.index_put((owner, batch.target_offset), values)
+    return grid.view(batch.num_examples, batch.responses_per_example, width)
+
+
+def sequence_stats(token_logps: torch.Tensor, batch: Batch, per_token: bool = False,
+                   token_kl: torch.Tensor | None = None) -> SequenceStats:
+    """Sum flat response-token log-probs (and per-token KLs, if given) into per-response stats."""
     shape = (batch.num_examples, batch.responses_per_example)
     owner = batch.target_response
-    logps = token_logps.new_zeros(batch.num_responses).index_add(0, owner, token_logps)
+
+    def per_response(values):
+        return values.new_zeros(batch.num_responses).index_add(0, owner, values).view(shape)
+
     counts = torch.bincount(owner, minlength=batch.num_responses).to(token_logps.dtype)
-    stats = SequenceStats(logps.view(shape), counts.view(shape))
+    stats = SequenceStats(per_response(token_logps), counts.view(shape))
+    if token_kl is not None:
+        stats.kl = per_response(token_kl)
     if per_token:
-        width = int(batch.target_offset.max()) + 1 if owner.numel() else 0
-        grid = token_logps.new_zeros(batch.num_responses, width)
-        mask = torch.zeros(batch.num_responses, width, dtype=torch.bool, device=grid.device)
-        grid = grid.index_put((owner, batch.target_offset), token_logps)
-        mask[owner, batch.target_offset] = True
-        stats.token_logps = grid.view(*shape, width)
-        stats.token_mask = mask.view(*shape, width)
+        stats.token_logps = token_grid(token_logps, batch)
+        stats.token_mask = token_grid(torch.ones_like(token_logps), batch) > 0
+        if token_kl is not None:
+            stats.token_kl = token_grid(token_kl, batch)
     return stats

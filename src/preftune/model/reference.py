@@ -20,7 +20,8 @@ import torch
 
 from ..data.layout import Batch
 from ..data.tokenize import TokenizedExample
-from .forward import LogpModel, SequenceStats, causal_lm_of, sequence_stats
+from .chunked_logps import chunked_token_logps
+from .forward import LogpModel, SequenceStats, causal_lm_of, sequence_stats, token_grid
 from .load import weights_fingerprint
 
 STRATEGIES = ("precomputed", "adapter-off", "live", "none")
@@ -53,6 +54,39 @@ class LiveReference:
     def stats(self, batch: Batch) -> SequenceStats:
         return sequence_stats(self.logp_model(batch), batch, self.per_token)
 
+    @torch.no_grad()
+    def stats_with_hidden(self, batch: Batch) -> tuple[SequenceStats, tuple]:
+        """Stats plus (hidden states, output weight) for the policy's KL to this reference."""
+        return _stats_with_hidden(self.logp_model, batch, self.per_token)
+
+
+def _stats_with_hidden(logp_model: LogpModel, batch: Batch, per_token: bool):
+    """The reference's stats and (hidden, weight). With per_token the stats also carry
+    ``token_activation``: per response token, the min-max rescaled feature mean of each layer's
+    output over that response, averaged over layers (in [0, 1]; SparsePO's reference mask)."""
+    hidden, weight, layer_means = logp_model.hidden_and_weight(batch, layer_means=True)
+    token_logps = chunked_token_logps(hidden, weight, batch.target_tokens, logp_model.chunk_tokens)
+    stats = sequence_stats(token_logps, batch, per_token)
+    if per_token:
+        stats.token_activation = activation_mask(layer_means, batch)
+    return stats, (hidden.detach(), weight.detach())
+
+
+def activation_mask(layer_means: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[layers, n] feature means -> [E, R, L] weights: per layer and response, (a - min) /
+    (max - min) over the response's tokens (1 where a response's values are all equal), then the
+    mean over layers. Laid out like ``SequenceStats.token_logps``."""
+    owner, count = batch.target_response, batch.num_responses
+    expand = (layer_means.shape[0], count)
+    low = layer_means.new_full(expand, float("inf")).scatter_reduce(
+        1, owner.expand_as(layer_means), layer_means, "amin")
+    high = layer_means.new_full(expand, float("-inf")).scatter_reduce(
+        1, owner.expand_as(layer_means), layer_means, "amax")
+    span = (high - low)[:, owner]
+    scaled = torch.where(span > 0, (layer_means - low[:, owner]) / span.clamp(min=1e-12),
+                         torch.ones_like(layer_means))
+    return token_grid(scaled.mean(0), batch)
+
 
 class AdapterOffReference:
     """The LoRA policy with adapters switched off: the frozen base model, at no memory cost."""
@@ -67,6 +101,11 @@ class AdapterOffReference:
     def stats(self, batch: Batch) -> SequenceStats:
         with self.logp_model.model.disable_adapter(), _eval_mode(self.logp_model):
             return sequence_stats(self.logp_model(batch), batch, self.per_token)
+
+    @torch.no_grad()
+    def stats_with_hidden(self, batch: Batch) -> tuple[SequenceStats, tuple]:
+        with self.logp_model.model.disable_adapter(), _eval_mode(self.logp_model):
+            return _stats_with_hidden(self.logp_model, batch, self.per_token)
 
 
 class PrecomputedReference:

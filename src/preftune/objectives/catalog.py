@@ -8,7 +8,7 @@ from .registry import REGISTRY, ObjectiveSpec
 
 # Methods of the paper list that are not registered objectives, and why.
 NOT_REGISTERED = {
-    "mrpo, dove, tdpo, sparse_po": "planned on the same spine; "
+    "dove": "planned on the same spine; "
     "they need data shapes (joint pairs) or reference inputs (several references, "
     "per-token distributions) that are being added.",
     "pmpo": "its KL(pi_ref || pi_theta) term needs samples from the reference or full per-token "
@@ -28,7 +28,9 @@ NOT_REGISTERED = {
 
 def _needs(spec: ObjectiveSpec) -> str:
     needs = "reference" if spec.needs_reference else "no reference"
-    return needs + (", per-token logps" if spec.per_token else "")
+    needs += ", per-token logps" if spec.per_token else ""
+    needs += ", reference distributions" if spec.reference_distributions else ""
+    return needs + (", several references" if spec.extra_references else "")
 
 
 def _defaults(spec: ObjectiveSpec) -> str:

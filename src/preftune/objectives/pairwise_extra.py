@@ -1,5 +1,5 @@
 """More pairwise objectives: gold-anchored (TPO), multi-objective margins (MODPO), soft-target
-SPPO and the in-batch form of group-robust DPO.
+SPPO, the in-batch form of group-robust DPO and several references (MRPO).
 
 Notation as in pairwise.py: rho(y) = log pi_theta(y|x) - log pi_ref(y|x) (summed log-probs);
 h = rho(y_w) - rho(y_l); |y| is the number of response tokens; bar log pi(y) = log pi(y|x)/|y|.
@@ -8,7 +8,7 @@ h = rho(y_w) - rho(y_l); |y| is the number of response tokens; bar log pi(y) = l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -142,3 +142,40 @@ def group_robust_dpo(inputs: ObjectiveInputs, params: GroupRobustDPOParams) -> O
     alpha = group_weights(group_losses, params.step_size)
     scale = alpha[index] * len(losses) / counts.to(losses)[index]
     return ObjectiveOutput(losses * scale, rewards)
+
+
+@dataclass
+class MRPOParams:
+    beta: float = 0.1
+    # alpha_k of the combined reference, for [the main reference, *reference.extra_models];
+    # None = equal weights. Must sum to 1.
+    weights: Optional[list[float]] = None
+
+    def __post_init__(self):
+        if self.weights is not None:
+            if any(w < 0 for w in self.weights) or abs(sum(self.weights) - 1.0) > 1e-6:
+                raise ValueError(f"mrpo weights must be non-negative and sum to 1; got {self.weights}")
+
+
+@objective("mrpo", params=MRPOParams, needs_reference=True, paper="arXiv:2405.16388",
+           extra_references=True)
+def mrpo(inputs: ObjectiveInputs, params: MRPOParams) -> ObjectiveOutput:
+    """Multi-Reference PO (MRPO): DPO against a weighted combination of several reference models.
+
+    log pi~_ref(y) = sum_k alpha_k log pi_ref^k(y) over the main reference (the initial policy)
+    and each model of reference.extra_models; loss = -log sigmoid(beta [rho~(y_w) - rho~(y_l)]),
+    rho~(y) = log pi_theta(y) - log pi~_ref(y), r(y) = beta rho~(y). The geometric mixture is the
+    paper's closed-form lower bound for a KL constraint to every reference at once, so the policy
+    borrows the prior knowledge of all of them. Extra references must share the policy's
+    tokenizer here. UNVERIFIED against code (none public): the paper's clipped trust-region
+    (CTRO) and adaptive weighting (ARWC) refinements are not implemented; weights are fixed.
+    """
+    references = [inputs.reference, *inputs.extra_references]
+    weights = params.weights or [1.0 / len(references)] * len(references)
+    if len(weights) != len(references):
+        raise ValueError(f"mrpo has {len(references)} references (the main one plus "
+                         f"{len(references) - 1} in reference.extra_models) but {len(weights)} "
+                         "weights; give one weight per reference, main reference first")
+    combined = sum(w * ref.logps for w, ref in zip(weights, references))
+    rewards = params.beta * (inputs.policy.logps - combined)
+    return ObjectiveOutput(-F.logsigmoid(chosen_minus_rejected(rewards)), rewards)

@@ -25,6 +25,7 @@ class ObjectiveInputs:
     reference: SequenceStats | None = None
     scores: dict = field(default_factory=dict)
     step: int = 0
+    extra_references: list[SequenceStats] = field(default_factory=list)  # reference.extra_models
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ObjectiveSpec:
     per_token: bool
     paper: str
     kl_completions: bool = False  # wants a mismatched completion as the last response slot
+    reference_distributions: bool = False  # wants per-token KL(pi_ref || pi_theta) in the stats
+    extra_references: bool = False  # wants stats from reference.extra_models as well
 
     @property
     def summary(self) -> str:
@@ -67,11 +70,15 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
-              kl_completions=False):
+              kl_completions=False, reference_distributions=False, extra_references=False):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
     own prompt, as its last response slot (KTO's KL estimate; see data.prepare).
+    ``reference_distributions``: the policy stats carry the per-token forward KL from the
+    reference's full next-token distribution (``kl``, and ``token_kl`` when per_token).
+    ``extra_references``: ``inputs.extra_references`` holds the stats of each model of
+    ``reference.extra_models`` (MRPO).
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -79,8 +86,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     def register(fn):
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
-        REGISTRY[name] = ObjectiveSpec(
-            name, fn, params, needs_reference, data, per_token, paper, kl_completions)
+        REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
+                                       kl_completions, reference_distributions, extra_references)
         return fn
 
     return register

@@ -101,18 +101,48 @@ def build_reference(strategy, config, model, examples_by_split, make_batch, obje
     return references
 
 
+def build_extra_references(config, tokenizer, examples_by_split, make_batch, objective, device):
+    """MRPO's further references: each model of reference.extra_models is loaded, run once over
+    the data (cached like the precomputed reference) and freed, so only tables stay in memory."""
+    extras = {split: [] for split in examples_by_split}
+    for path in config.reference.extra_models:
+        model, other = load_model_and_tokenizer(path, config.model.dtype,
+                                                config.model.trust_remote_code)
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise DataError(f"reference.extra_models: {path} has a different tokenizer from "
+                            f"model.path {config.model.path}; extra references must share it "
+                            "(re-tokenising for another vocabulary is not supported).")
+        one = build_reference("precomputed", config, model.to(device), examples_by_split,
+                              make_batch, objective, device)
+        for split in extras:
+            extras[split].append(one[split])
+        del model
+    return extras
+
+
+def objective_inputs(logp_model, reference, extras, batch, objective, step) -> ObjectiveInputs:
+    """Policy and reference stats of one batch, with what the objective declared it needs."""
+    if objective.reference_distributions:  # TDPO-style: KL to the reference's full distribution
+        reference_stats, reference_hidden = reference.stats_with_hidden(batch)
+        token_logps, token_kl = logp_model(batch, reference_hidden)
+        policy = sequence_stats(token_logps, batch, objective.per_token, token_kl)
+    else:
+        reference_stats = reference.stats(batch)
+        policy = sequence_stats(logp_model(batch), batch, objective.per_token)
+    return ObjectiveInputs(policy, reference_stats, batch.scores, step,
+                           [extra.stats(batch) for extra in extras])
+
+
 @torch.no_grad()
-def evaluate(logp_model, reference, examples, objective, make_batch, batch_size, device, step=0):
+def evaluate(logp_model, reference, extras, examples, objective, make_batch, batch_size, device,
+             step=0):
     """Mean loss and preference metrics of the current policy over ``examples``."""
     was_training = logp_model.training
     logp_model.eval()
     totals: dict = {}
     for start in range(0, len(examples), batch_size):
         batch = make_batch(examples[start : start + batch_size]).to(device)
-        inputs = ObjectiveInputs(
-            sequence_stats(logp_model(batch), batch, objective.per_token), reference.stats(batch),
-            batch.scores, step,
-        )
+        inputs = objective_inputs(logp_model, reference, extras, batch, objective, step)
         add_metrics(totals, metric_sums(objective.data, inputs, objective(inputs)[0]))
     logp_model.train(was_training)
     return means(totals)
@@ -168,6 +198,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
 
     # Reference (before LoRA: the reference is the initial model), then adapters.
     references = build_reference(strategy, config, model, splits, make_batch, objective, device)
+    extras = build_extra_references(config, tokenizer, splits, make_batch, objective, device)
     model = _attach_lora(model, config)
     if cfg.gradient_checkpointing:
         causal_lm_of(model).gradient_checkpointing_enable(
@@ -211,8 +242,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         for micro in range(cfg.gradient_accumulation_steps):
             chunk = step_indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
             batch = make_batch([train_examples[i] for i in chunk]).to(device)
-            policy = sequence_stats(logp_model(batch), batch, objective.per_token)
-            inputs = ObjectiveInputs(policy, references["train"].stats(batch), batch.scores, step)
+            inputs = objective_inputs(logp_model, references["train"], extras["train"], batch,
+                                      objective, step)
             output, parts = objective(inputs)
             # Sum over examples / examples per optimizer step: the step's gradient is the mean
             # over all its examples however they are split into micro-batches.
@@ -238,8 +269,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         if raised:
             record["alarms"] = [alarm["kind"] for alarm in raised]
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            metrics = evaluate(logp_model, references["eval"], eval_examples, objective,
-                               make_batch, cfg.batch_size, device, step)
+            metrics = evaluate(logp_model, references["eval"], extras["eval"], eval_examples,
+                               objective, make_batch, cfg.batch_size, device, step)
             record.update({f"eval/{k}": v for k, v in metrics.items()})
         if (step + 1) % cfg.log_every == 0 or "eval/loss" in record or raised:
             log.write(record)
