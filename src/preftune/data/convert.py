@@ -64,18 +64,19 @@ def pairs_to_unpaired(records: Sequence) -> list[Unpaired]:
 
     Shared ``scores`` go to both; ``chosen_X`` goes to the chosen record as ``X`` and
     ``rejected_X`` to the rejected one (so ``chosen_score`` becomes its ``score``). A gold
-    response, if any, is not carried over.
+    response, if any, is not carried over. Each response keeps the prompt it answers (a joint
+    pair's two sides keep their own).
     """
     _expect_shape(records, "pairs", "pairs_to_unpaired")
     unpaired = []
     for pair in records:
         shared = {k: v for k, v in pair.scores.items()
                   if not k.startswith(("chosen_", "rejected_"))}
-        for side, text, label in (("chosen", pair.chosen, True),
-                                  ("rejected", pair.rejected, False)):
+        for side, prompt, text, label in (("chosen", pair.prompts[0], pair.chosen, True),
+                                          ("rejected", pair.prompts[1], pair.rejected, False)):
             prefix = side + "_"
             own = {k[len(prefix):]: v for k, v in pair.scores.items() if k.startswith(prefix)}
-            unpaired.append(Unpaired(pair.prompt, text, label, origin=f"{pair.origin} [{side}]",
+            unpaired.append(Unpaired(prompt, text, label, origin=f"{pair.origin} [{side}]",
                                      scores={**shared, **own}))
     return unpaired
 

@@ -7,6 +7,7 @@ from typing import Sequence
 from .tokenize import TokenizedExample, TokenizeReport
 
 BOUNDARY = "──── prompt | response ────"
+OWN_PROMPT = "──── shared prompt | own prompt (scored) ────"  # joint pairs only
 CONTEXT_TOKENS = 3  # prompt tokens shown again before the boundary of the second response on
 
 
@@ -15,7 +16,7 @@ def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
     """A summary of what was read, kept, dropped and truncated, with length statistics."""
     lines = [_row("records read", report.records)]
     if records:
-        kind = "conversational" if isinstance(records[0].prompt, list) else "plain text"
+        kind = "conversational" if records[0].is_conversational else "plain text"
         lines.append(_row("prompt kind", kind))
         lines.append(_row("first record", getattr(records[0], "origin", "") or "-"))
     share = f"  ({100 * report.kept / report.records:.1f}%)" if report.records else ""
@@ -32,8 +33,11 @@ def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
     lines.append(_row("response truncated", f"{report.response_truncated}  (end cut, no eos)"))
     lines.append(_row("identical pairs", f"{report.identical_responses}  (chosen == rejected, "
                                          f"kept)"))
-    # joint tokenization is what a naive pipeline does; the ids produced here never merge
-    lines.append(_row("boundary merges", f"{report.boundary_merges}  (records a joint "
+    if report.joint_pairs:
+        lines.append(_row("joint pairs", f"{report.joint_pairs}  (two different prompts; each "
+                                         f"side's own prompt is scored)"))
+    # encoding prompt+response as one text is what a naive pipeline does; these ids never merge
+    lines.append(_row("boundary merges", f"{report.boundary_merges}  (records a single "
                                          f"prompt+response encoding would merge; avoided)"))
     if examples:
         prompt_lengths = [len(ex.prompt_ids) for ex in examples]
@@ -48,7 +52,11 @@ def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
 
 
 def render_example(example: TokenizedExample, tokenizer) -> str:
-    """One example token by token (position, id, text), with the prompt/response boundary."""
+    """One example token by token (position, id, text), with the prompt/response boundary.
+
+    For a joint pair each side shows the shared prompt, then its own prompt (scored with the
+    response), then its response.
+    """
     names = ["chosen", "rejected"] if len(example.response_ids) == 2 else [
         f"response {i}" for i in range(len(example.response_ids))
     ]
@@ -59,17 +67,25 @@ def render_example(example: TokenizedExample, tokenizer) -> str:
     if example.scores:
         lines.append("scores: " + ", ".join(f"{k}={v}" for k, v in sorted(example.scores.items())))
     prompt = example.prompt_ids
+    own_lengths = example.own_prompt_lengths or [0] * len(example.response_ids)
     for number, (name, response) in enumerate(zip(names, example.response_ids)):
+        own = own_lengths[number]
         lines.append("")
-        lines.append(f"{name}: {len(prompt)} prompt + {len(response)} response tokens")
+        if example.own_prompt_lengths:
+            lines.append(f"{name}: {len(prompt)} shared prompt + {own} own prompt + "
+                         f"{len(response) - own} response tokens")
+        else:
+            lines.append(f"{name}: {len(prompt)} prompt + {len(response)} response tokens")
         shown_from = 0
         if number > 0 and len(prompt) > CONTEXT_TOKENS:
             # the prompt is the same for every response; show only the tokens before the cut
             shown_from = len(prompt) - CONTEXT_TOKENS
             lines.append(f"  ... {shown_from} prompt tokens as above")
         lines += [_token_line(p, t, tokenizer) for p, t in enumerate(prompt) if p >= shown_from]
-        lines.append(BOUNDARY)
-        lines += [_token_line(len(prompt) + p, t, tokenizer) for p, t in enumerate(response)]
+        tokens = [_token_line(len(prompt) + p, t, tokenizer) for p, t in enumerate(response)]
+        if example.own_prompt_lengths:
+            lines += [OWN_PROMPT, *tokens[:own]]
+        lines += [BOUNDARY, *tokens[own:]]
     return "\n".join(lines)
 
 

@@ -1,13 +1,15 @@
 """Canonical preference records: what every source file is read into.
 
 Three shapes: ``Pair`` (chosen vs rejected, optionally a gold reference), ``Unpaired`` (one
-response with a thumbs-up/down) and ``Ranked`` (K responses with a score each). A record is
-independent of any tokenizer. Text fields are either a plain string or a list of chat messages
-(``{"role": ..., "content": ...}``); the tokenizer stage decides how to render them.
+response with a thumbs-up/down) and ``Ranked`` (K responses with a score each). ``JointPair`` is
+a pairs record whose two responses answer different prompts (DOVE, arXiv:2404.00530); downstream
+it is an ordinary pairs example. A record is independent of any tokenizer. Text fields are either
+a plain string or a list of chat messages (``{"role": ..., "content": ...}``); the tokenizer stage
+decides how to render them.
 
-Every record has ``prompt``, ``responses`` (the texts to score, in slot order), ``origin``
-(``file.jsonl:12``, so later errors can name it), ``scores`` (numeric side columns) and
-``side_data()``: the numbers that must reach the batch with it.
+Every record has ``prompts`` (the prompt of each response slot), ``responses`` (the texts to
+score, in slot order), ``origin`` (``file.jsonl:12``, so later errors can name it), ``scores``
+(numeric side columns) and ``side_data()``: the numbers that must reach the batch with it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,18 @@ class DataError(ValueError):
 
 
 class _Record:
-    """What every record shape shares."""
+    """What the one-prompt record shapes share: a ``prompt`` that all their responses answer."""
 
     prompt: Text
 
     @property
     def is_conversational(self) -> bool:
         return isinstance(self.prompt, list)
+
+    @property
+    def prompts(self) -> tuple:
+        """The prompt each response slot answers, in slot order."""
+        return (self.prompt,) * len(self.responses)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,51 @@ class Pair(_Record):
         if self.gold is None:
             return (self.chosen, self.rejected)
         return (self.chosen, self.rejected, self.gold)
+
+    def side_data(self) -> dict:
+        """Numbers for the batch: the record's ``scores``."""
+        return dict(self.scores)
+
+
+@dataclass(frozen=True)
+class JointPair:
+    """A preference between two (prompt, response) pairs: ``chosen`` answering ``chosen_prompt``
+    is preferred to ``rejected`` answering ``rejected_prompt`` (DOVE, arXiv:2404.00530).
+
+    The prompts may differ; when they are equal this is an ordinary ``Pair``. Both prompts are
+    plain strings or both message lists. There is no gold slot: a gold response would need a
+    prompt of its own. Tokenization makes the example's prompt the token prefix both prompts
+    share, so each side's own prompt tokens are scored with its response (see ``data.joint``).
+    """
+
+    shape: ClassVar[str] = "pairs"
+
+    chosen_prompt: Text
+    rejected_prompt: Text
+    chosen: Text
+    rejected: Text
+    origin: str = ""
+    scores: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.chosen_prompt, list) != isinstance(self.rejected_prompt, list):
+            raise DataError(
+                f"{self.origin or 'JointPair'}: chosen_prompt and rejected_prompt must both be "
+                f"strings or both be message lists; one is a string and the other a list."
+            )
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.chosen_prompt, list)
+
+    @property
+    def prompts(self) -> tuple:
+        """The prompt each response slot answers: (chosen_prompt, rejected_prompt)."""
+        return (self.chosen_prompt, self.rejected_prompt)
+
+    @property
+    def responses(self) -> tuple:
+        return (self.chosen, self.rejected)
 
     def side_data(self) -> dict:
         """Numbers for the batch: the record's ``scores``."""

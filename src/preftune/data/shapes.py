@@ -4,8 +4,10 @@ How a file's shape and format are decided is in ``sources.py``; this module pars
 
 ``columns`` maps canonical field names to the file's column names. ``format`` is "standard"
 (strings), "conversational" (message-list prompts) or "implicit" (pairs only: no prompt, chosen
-and rejected share a prefix). ``mixed`` is True for a later record of an auto-detected file, so a
-record of another valid format is reported as a mixed file rather than a bad value.
+and rejected share a prefix). A pairs row with ``chosen_prompt`` and ``rejected_prompt`` instead
+of ``prompt`` is a joint pair (one prompt per side, DOVE); a file may mix both kinds. ``mixed`` is
+True for a later record of an auto-detected file, so a record of another valid format is reported
+as a mixed file rather than a bad value.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import math
 import os
 from typing import Any
 
-from .records import DataError, Pair, Ranked, Unpaired
+from .records import DataError, JointPair, Pair, Ranked, Unpaired
 
+JOINT_PROMPT_FIELDS = ("chosen_prompt", "rejected_prompt")  # a joint pair's prompt per side
 SHAPE_FIELDS = {
-    "pairs": ("prompt", "chosen", "rejected", "gold"),
+    "pairs": ("prompt", "chosen", "rejected", "gold", *JOINT_PROMPT_FIELDS),
     "unpaired": ("prompt", "completion", "label"),
     "ranked": ("prompt", "responses", "scores", "ranks"),
 }
 CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for n in names))
-TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses")
+TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses",
+               *JOINT_PROMPT_FIELDS)
 # the fields that identify a shape; "responses" must also hold a list
 SIGNATURES = {"pairs": ("chosen", "rejected"), "unpaired": ("completion", "label"),
               "ranked": ("responses",)}
@@ -36,11 +40,13 @@ FIELDS_HINT = "map column names with fields={...} (config key data.fields)"
 
 
 def parse_row(shape: str, row: dict, columns: dict, format: str, origin: str, mixed: bool):
-    """One source row -> a ``Pair``, ``Unpaired`` or ``Ranked`` record."""
+    """One source row -> a ``Pair``, ``JointPair``, ``Unpaired`` or ``Ranked`` record."""
     return PARSERS[shape](row, columns, format, origin, mixed)
 
 
-def _to_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Pair:
+def _to_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Pair | JointPair:
+    if _is_joint(row, columns, origin):
+        return _to_joint_pair(row, columns, format, origin, mixed)
     chosen = _get(row, columns, "chosen", origin)
     rejected = _get(row, columns, "rejected", origin)
     gold = row.get(columns["gold"])
@@ -58,6 +64,52 @@ def _to_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) ->
             gold = _reply(gold, columns, "gold", format, origin, mixed)
     scores = _extras(row, columns, "pairs")
     return Pair(prompt, chosen, rejected, origin=origin, scores=scores, gold=gold)
+
+
+def _is_joint(row: dict, columns: dict, origin: str) -> bool:
+    """Whether a pairs row gives one prompt per side (a joint pair) rather than one shared prompt.
+
+    Null counts as absent, so columnar files can mix both kinds. Half a joint pair, or a joint
+    pair that also has a shared prompt, is an error.
+    """
+    given = [name for name in JOINT_PROMPT_FIELDS if row.get(columns[name]) is not None]
+    if not given:
+        return False
+    if len(given) == 1:
+        present, absent = given[0], next(n for n in JOINT_PROMPT_FIELDS if n not in given)
+        state = "is empty (null)" if columns[absent] in row else "is missing"
+        raise DataError(
+            f"{origin}: field {columns[absent]!r} ({absent}) {state}, but {columns[present]!r} "
+            f"({present}) is set. A joint pair needs both: the prompt each response answers. "
+            f"For one shared prompt use {columns['prompt']!r} alone."
+        )
+    if row.get(columns["prompt"]) is not None:
+        raise DataError(
+            f"{origin}: fields {columns['prompt']!r} (prompt) and {columns['chosen_prompt']!r}/"
+            f"{columns['rejected_prompt']!r} (chosen_prompt/rejected_prompt) are all set. Give "
+            f"one shared prompt (a conditional pair) or one per side (a joint pair), not both."
+        )
+    return True
+
+
+def _to_joint_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> JointPair:
+    fields = f"fields {columns['chosen_prompt']!r} and {columns['rejected_prompt']!r}"
+    if format == "implicit":
+        if mixed:
+            _mismatch(origin, "implicit (no prompt field)", fields)
+        raise DataError(f"{origin}: format 'implicit' splits the prompt off 'chosen' and "
+                        f"'rejected', but this record is a joint pair ({fields}). Use format "
+                        f"'standard', 'conversational' or 'auto'.")
+    if row.get(columns["gold"]) is not None:
+        raise DataError(f"{origin}: field {columns['gold']!r} (gold) is set on a joint pair "
+                        f"({fields}); a gold response would need a prompt of its own. Drop it.")
+    prompts = [_prompt(row, columns, format, origin, mixed, canonical=name)
+               for name in JOINT_PROMPT_FIELDS]
+    chosen = _reply(_get(row, columns, "chosen", origin), columns, "chosen", format, origin, mixed)
+    rejected = _reply(_get(row, columns, "rejected", origin), columns, "rejected", format, origin,
+                      mixed)
+    return JointPair(*prompts, chosen, rejected, origin=origin,
+                     scores=_extras(row, columns, "pairs"))
 
 
 def _to_unpaired(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Unpaired:
@@ -113,20 +165,23 @@ def _get(row: dict, columns: dict, canonical: str, origin: str) -> Any:
     return value
 
 
-def _prompt(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Any:
-    prompt = _get(row, columns, "prompt", origin)
+def _prompt(row: dict, columns: dict, format: str, origin: str, mixed: bool,
+            canonical: str = "prompt") -> Any:
+    """A prompt field (``prompt``, or a joint pair's ``chosen_prompt``/``rejected_prompt``)."""
+    prompt = _get(row, columns, canonical, origin)
+    column = columns[canonical]
     if format == "standard":
-        _expect_string(prompt, f"field {columns['prompt']!r} (prompt)", origin, mixed)
+        _expect_string(prompt, f"field {column!r} ({canonical})", origin, mixed)
         return prompt
     if not isinstance(prompt, list):
         if mixed and isinstance(prompt, str):
-            _mismatch(origin, "conversational", f"a string in {columns['prompt']!r}")
+            _mismatch(origin, "conversational", f"a string in {column!r}")
         raise DataError(
-            f"{origin}: field {columns['prompt']!r} (prompt): format 'conversational' "
+            f"{origin}: field {column!r} ({canonical}): format 'conversational' "
             f"expects a list of {{role, content}} messages, got {describe(prompt)}. "
             f"Use format='standard' for plain-string prompts."
         )
-    return _messages(prompt, columns["prompt"], origin)
+    return _messages(prompt, column, origin)
 
 
 def _reply(value: Any, columns: dict, canonical: str, format: str, origin: str, mixed: bool,

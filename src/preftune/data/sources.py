@@ -1,10 +1,11 @@
-"""Preference data files -> canonical records (``Pair``, ``Unpaired`` or ``Ranked``).
+"""Preference data files -> canonical records (``Pair``/``JointPair``, ``Unpaired``, ``Ranked``).
 
 Reads JSONL, JSON, Parquet, CSV and Hugging Face datasets saved with ``save_to_disk``. The
 record shape comes from the fields (chosen + rejected: pairs; completion + label: unpaired;
 responses + scores/ranks: ranked); text is standard (strings), conversational (message lists)
-or, for pairs, implicit (no prompt: chosen and rejected share a prefix). Row parsing lives in
-``shapes.py``.
+or, for pairs, implicit (no prompt: chosen and rejected share a prefix). A pair with
+``chosen_prompt`` and ``rejected_prompt`` instead of ``prompt`` is a joint pair. Row parsing lives
+in ``shapes.py``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import math
 import os
 from typing import Any, Iterator
 
-from .records import SHAPES, DataError, Pair
-from .shapes import (CANONICAL_FIELDS, FIELDS_HINT, SIGNATURES, TEXT_FIELDS, describe,
-                     parse_row, present_fields, signature)
+from .records import SHAPES, DataError
+from .shapes import (CANONICAL_FIELDS, FIELDS_HINT, JOINT_PROMPT_FIELDS, SIGNATURES, TEXT_FIELDS,
+                     describe, parse_row, present_fields, signature)
 
 FORMATS = ("auto", "standard", "conversational", "implicit")
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
@@ -25,14 +26,17 @@ EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
 def load_records(path: str, format: str = "auto", fields: dict | None = None,
                  shape: str = "auto") -> list:
-    """Read a preference file into ``Pair``, ``Unpaired`` or ``Ranked`` records.
+    """Read a preference file into ``Pair``, ``JointPair``, ``Unpaired`` or ``Ranked`` records.
 
     ``shape`` is "auto" (decided by the first record's fields; every record must then match),
     "pairs", "unpaired" or "ranked". ``format`` is "auto" (decided by the first record),
-    "standard", "conversational" or "implicit" (pairs only). ``fields`` maps canonical names
-    (prompt, chosen, rejected, gold, completion, label, responses, scores, ranks) to the file's
-    column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to ``record.scores``.
-    ``origin`` is ``path:LINE`` (1-based) for JSONL and ``path:record I`` (0-based) otherwise.
+    "standard", "conversational" or "implicit" (pairs only). A pairs record with
+    ``chosen_prompt`` and ``rejected_prompt`` (and no ``prompt``) becomes a ``JointPair``; a file
+    may mix these with ordinary pairs. ``fields`` maps canonical names (prompt, chosen, rejected,
+    gold, chosen_prompt, rejected_prompt, completion, label, responses, scores, ranks) to the
+    file's column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to
+    ``record.scores``. ``origin`` is ``path:LINE`` (1-based) for JSONL and ``path:record I``
+    (0-based) otherwise.
     """
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
@@ -301,26 +305,32 @@ def _check_shape(row: dict, columns: dict, shape: str, origin: str) -> None:
 
 
 def _detect_format(row: dict, columns: dict, origin: str) -> str:
-    prompt = row.get(columns["prompt"])
-    if prompt is None:
+    """The first record's format, from its prompt (or a joint pair's chosen_prompt)."""
+    names = [n for n in ("prompt", *JOINT_PROMPT_FIELDS) if row.get(columns[n]) is not None]
+    if not names:
         return "implicit"
+    prompt = row[columns[names[0]]]
     if isinstance(prompt, list):
         return "conversational"
     if isinstance(prompt, str):
         return "standard"
     raise DataError(
-        f"{origin}: field {columns['prompt']!r} (prompt): expected a string or a list of "
+        f"{origin}: field {columns[names[0]]!r} ({names[0]}): expected a string or a list of "
         f"{{role, content}} messages, got {describe(prompt)}. Fix the record."
     )
 
 
 def _check_consistent(record, first, columns: dict) -> None:
-    """Pairs of one file either all have a gold response or none does (it is a response slot)."""
-    if not isinstance(record, Pair) or (record.gold is None) == (first.gold is None):
+    """Pairs of one file either all have a gold response or none does (it is a response slot).
+
+    Joint pairs have no gold slot, so they count as pairs without one.
+    """
+    gold, first_gold = getattr(record, "gold", None), getattr(first, "gold", None)
+    if record.shape != "pairs" or (gold is None) == (first_gold is None):
         return
     column = columns["gold"]
     state = ("is missing or null, but the first record has a gold response"
-             if record.gold is None else "is set, but the first record has no gold response")
+             if gold is None else "is set, but the first record has no gold response")
     raise DataError(
         f"{record.origin}: field {column!r} (gold) {state}. Either every pair of a file has a "
         f"gold response or none does (it sets the number of responses per example); fix the "

@@ -1,7 +1,9 @@
 """Records -> token ids with an exact prompt/response boundary.
 
 The prompt is rendered and encoded once; each response is encoded on its own and appended, so
-no token ever spans the boundary and the prompt ids are a prefix of every sequence.
+no token ever spans the boundary and the prompt ids are a prefix of every sequence. A joint
+pair's two prompts are each encoded the same way; the example's prompt is the token prefix they
+share and each response slot starts with the rest of its own prompt (see ``joint.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
 
 ENCODE_CHUNK = 1024  # texts per batched tokenizer call: fast tokenizers parallelize a batch
@@ -29,7 +32,9 @@ class TokenizedExample:
     ``scores`` is the record's ``side_data()`` (e.g. ``label``, ``response_scores``).
 
     ``index`` is the record's stable position in its dataset (used to look up cached reference
-    stats); ``origin`` names the source record for error messages.
+    stats); ``origin`` names the source record for error messages. ``own_prompt_lengths``
+    (joint pairs only, else empty) counts, per response slot, the leading tokens that are the
+    rest of that side's own prompt.
     """
 
     prompt_ids: list[int]
@@ -39,6 +44,7 @@ class TokenizedExample:
     scores: dict = field(default_factory=dict)
     prompt_truncated: bool = False
     response_truncated: bool = False
+    own_prompt_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -53,7 +59,8 @@ class TokenizeReport:
     prompt_truncated: int = 0
     response_truncated: int = 0
     identical_responses: int = 0  # chosen text == rejected text: kept
-    boundary_merges: int = 0  # joint tokenization would have merged across the boundary
+    boundary_merges: int = 0  # encoding prompt + response as one text would merge a token
+    joint_pairs: int = 0  # kept pairs whose two sides have different prompts (DOVE)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +72,7 @@ class _Rendered:
 
     index: int
     record: Any
-    prompt_text: str
+    prompt_texts: list  # one per response slot; they differ only for a joint pair's two sides
     prompt_prefix: list  # special ids put before a plain-string prompt (BOS)
     response_texts: list
 
@@ -73,8 +80,8 @@ class _Rendered:
 def tokenize_records(
     records: Sequence, tokenizer, settings: TokenizeSettings
 ) -> tuple[list[TokenizedExample], TokenizeReport]:
-    """Tokenize records (``Pair`` or anything with ``prompt``, ``responses``, ``origin``,
-    ``scores``) into examples; returns them with a report of drops, truncations and merges."""
+    """Tokenize records (``Pair``, ``JointPair``, ``Unpaired``, ``Ranked``) into examples;
+    returns them with a report of drops, truncations and merges."""
     if settings.max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {settings.max_length}")
     if settings.max_prompt_length is not None and settings.max_prompt_length < 1:
@@ -120,17 +127,25 @@ def _leading_special_ids(tokenizer) -> list[int]:
 
 
 def _render(index: int, record, tokenizer, string_prefix: list) -> _Rendered:
-    prompt = record.prompt
-    if isinstance(prompt, list):
-        prompt_text = _chat(tokenizer, prompt, record, add_generation_prompt=True)
-        prefix: list = []  # a chat template writes its own BOS, if any, into the text
-    else:
-        prompt_text, prefix = prompt, string_prefix
+    prompt_texts = _prompt_texts(record, tokenizer)
+    # a chat template writes its own BOS, if any, into the text
+    prefix = [] if record.is_conversational else string_prefix
     response_texts = [
         _response_text(response, prompt, prompt_text, tokenizer, record)
-        for response in record.responses
+        for response, prompt, prompt_text in zip(record.responses, record.prompts, prompt_texts)
     ]
-    return _Rendered(index, record, prompt_text, prefix, response_texts)
+    return _Rendered(index, record, prompt_texts, prefix, response_texts)
+
+
+def _prompt_texts(record, tokenizer) -> list[str]:
+    """Each response slot's prompt as text (chat template with the generation prompt for message
+    lists); a prompt that several slots share is rendered once."""
+    rendered: dict[int, str] = {}
+    for prompt in record.prompts:
+        if id(prompt) not in rendered:
+            rendered[id(prompt)] = (_chat(tokenizer, prompt, record, add_generation_prompt=True)
+                                    if isinstance(prompt, list) else prompt)
+    return [rendered[id(prompt)] for prompt in record.prompts]
 
 
 def _response_text(response, prompt, prompt_text: str, tokenizer, record) -> str:
@@ -186,65 +201,61 @@ def _encode_chunk(
 ) -> list[TokenizedExample]:
     if not items:
         return []
-    prompts = _encode(tokenizer, [item.prompt_text for item in items], False)
-    flat_responses = [text for item in items for text in item.response_texts]
-    responses = _encode(tokenizer, flat_responses, False)
-    joints = _encode(
-        tokenizer, [item.prompt_text + text for item in items for text in item.response_texts],
-        False,
-    )
+    # each distinct prompt text of a record is encoded once
+    distinct = [list(dict.fromkeys(item.prompt_texts)) for item in items]
+    prompts = iter(_encode(tokenizer, [text for texts in distinct for text in texts], False))
+    responses = iter(_encode(tokenizer, [t for item in items for t in item.response_texts], False))
+    joints = iter(_encode(tokenizer, [prompt + response for item in items
+                                      for prompt, response in zip(item.prompt_texts,
+                                                                  item.response_texts)], False))
     examples = []
-    cursor = 0
-    for item, prompt_ids in zip(items, prompts):
-        count = len(item.response_texts)
-        response_ids = responses[cursor : cursor + count]
-        merged = any(
-            joint != prompt_ids + ids
-            for joint, ids in zip(joints[cursor : cursor + count], response_ids)
-        )
-        cursor += count
-        report.boundary_merges += merged
-        prompt_ids = item.prompt_prefix + prompt_ids
-        if not prompt_ids:
+    for item, texts in zip(items, distinct):
+        encoded = {text: next(prompts) for text in texts}
+        side_prompts = [encoded[text] for text in item.prompt_texts]
+        response_ids = [next(responses) for _ in item.response_texts]
+        # a list, not a generator: every slot's joint encoding must be consumed
+        merged = [next(joints) != prompt + ids for prompt, ids in zip(side_prompts, response_ids)]
+        report.boundary_merges += any(merged)
+        side_prompts = [item.prompt_prefix + ids for ids in side_prompts]
+        if not all(side_prompts):
             report.empty_prompts += 1
             continue
+        shared, own = split_shared_prefix(side_prompts, getattr(item.record, "origin", ""))
         response_ids = [ids if ids[-1:] == [eos_id] else ids + [eos_id] for ids in response_ids]
-        example = _truncate(item, prompt_ids, response_ids, settings)
+        example = _truncate(item, shared, own, response_ids, settings)
         if example is None:
             report.dropped_too_long += 1
             continue
         report.prompt_truncated += example.prompt_truncated
         report.response_truncated += example.response_truncated
+        report.joint_pairs += any(own)
         examples.append(example)
     return examples
 
 
 def _truncate(
-    item: _Rendered, prompt_ids: list, response_ids: list, settings: TokenizeSettings
+    item: _Rendered, shared: list, own: list, response_ids: list, settings: TokenizeSettings
 ) -> TokenizedExample | None:
-    """Keep the prompt's end and each response's start; None when no response token fits."""
-    prompt_truncated = response_truncated = False
-    limit = settings.max_prompt_length
-    if limit is not None and len(prompt_ids) > limit:
-        prompt_ids, prompt_truncated = prompt_ids[-limit:], True
-    room = settings.max_length - len(prompt_ids)
-    if room < 1:
-        # a response needs at least one token; cut more of the prompt's start, keeping one
-        if settings.max_length < 2:
-            return None
-        prompt_ids, prompt_truncated = prompt_ids[-(settings.max_length - 1) :], True
-        room = 1
-    if any(len(ids) > room for ids in response_ids):
-        response_ids, response_truncated = [ids[:room] for ids in response_ids], True
+    """Keep each prompt's end (``cut_prompts``) and each response's start, so every side fits
+    ``max_length`` with at least one response token; None when that is impossible."""
+    if settings.max_length < 2:
+        return None  # a prompt token and a response token at the least
+    limit = settings.max_length - 1
+    if settings.max_prompt_length is not None:
+        limit = min(limit, settings.max_prompt_length)
+    shared, own, prompt_truncated = cut_prompts(shared, own, limit)
+    rooms = [settings.max_length - len(shared) - len(part) for part in own]
+    response_truncated = any(len(ids) > room for ids, room in zip(response_ids, rooms))
     record = item.record
     return TokenizedExample(
-        prompt_ids=prompt_ids,
-        response_ids=response_ids,
+        prompt_ids=shared,
+        response_ids=[part + ids[:room] for part, ids, room in zip(own, response_ids, rooms)],
         index=item.index,
         origin=getattr(record, "origin", ""),
         scores=_side_data(record),
         prompt_truncated=prompt_truncated,
         response_truncated=response_truncated,
+        own_prompt_lengths=[len(part) for part in own] if any(own) else [],
     )
 
 

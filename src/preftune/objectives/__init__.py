@@ -1,8 +1,8 @@
 """Preference objectives. Importing this package registers every objective."""
 
 # Importing each family module registers its objectives.
-from . import absolute, divergence, pairwise, reference_free, token_weighted  # noqa: F401
-from . import listwise, pairwise_extra, ties_and_exploration, unpaired  # noqa: F401
+from . import absolute, divergence, joint, pairwise, reference_free, token_weighted  # noqa: F401
+from . import listwise, pairwise_extra, ties_and_exploration, token_level, unpaired  # noqa: F401
 from .registry import REGISTRY, ObjectiveInputs, ObjectiveOutput, get_objective
 
 __all__ = ["REGISTRY", "ObjectiveInputs", "ObjectiveOutput", "get_objective"]

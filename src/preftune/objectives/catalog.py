@@ -8,9 +8,6 @@ from .registry import REGISTRY, ObjectiveSpec
 
 # Methods of the paper list that are not registered objectives, and why.
 NOT_REGISTERED = {
-    "dove": "planned on the same spine; "
-    "they need data shapes (joint pairs) or reference inputs (several references, "
-    "per-token distributions) that are being added.",
     "pmpo": "its KL(pi_ref || pi_theta) term needs samples from the reference or full per-token "
     "distributions; estimating it on the data's own completions would turn it into SFT on the "
     "negatives, and the paper's alpha/beta for LMs are not in the spec (UNVERIFIED, no code).",
