@@ -127,3 +127,12 @@ def test_selm_needs_the_reference_sample():
     inputs, _ = pair_inputs(CASES[:1])
     with pytest.raises(ValueError, match="third response"):
         get_objective("selm")(inputs, SELMParams())
+
+
+def test_tie_flags_read_from_json_booleans(tmp_path):
+    from preftune.data.sources import load_records
+
+    path = tmp_path / "ties.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "tie": true}\n'
+                    '{"prompt": "q", "chosen": "c", "rejected": "d", "tie": false}\n')
+    assert [r.scores["tie"] for r in load_records(str(path))] == [1.0, 0.0]

@@ -249,8 +249,11 @@ def _response_scores(row: dict, columns: dict, count: int, origin: str) -> tuple
 
 
 def _extras(row: dict, columns: dict, shape: str) -> dict:
+    """Numeric side columns for the batch; true/false become 1.0/0.0 (e.g. TODO's ``tie``)."""
     used = {columns[name] for name in SHAPE_FIELDS[shape]}
-    return {name: value for name, value in row.items() if name not in used and _is_number(value)}
+    return {name: float(value) if isinstance(value, bool) else value
+            for name, value in row.items()
+            if name not in used and (_is_number(value) or isinstance(value, bool))}
 
 
 def _expect_string(value, where: str, origin: str, mixed: bool) -> None:
