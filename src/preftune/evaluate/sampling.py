@@ -1,0 +1,178 @@
+"""Model passes for evaluation: score given responses, generate new ones, judge them.
+
+``score_responses`` runs the decoder once per batch of tokenized examples and reads, at the
+hidden state that predicts each response token, the token's log-probability (chunked, as in
+training), and optionally the sum of those hidden states per response (CHES) and the policy's
+top-k entropy and mass there. ``generate`` samples or decodes greedily from prompt ids, so
+generations see exactly the prompt rendering that training used. ``load_scorer`` and
+``greedy_scores`` judge greedy answers for the win rate.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+from ..data.layout import choose_layout, collate
+from ..data.records import DataError
+from ..data.shapes import TEXT_FIELDS
+from ..data.sources import _read_rows
+from ..data.synthetic import load_checker
+from ..data.tokenize import TokenizedExample
+from ..model.chunked_logps import chunked_token_logps
+from ..model.forward import causal_lm_of, sequence_stats
+from .diagnostics import topk_entropy_and_mass
+
+
+@dataclass
+class ResponseScores:
+    """Per-response results in the order of the examples given, shaped [E, R, ...].
+
+    ``topk_entropy``/``topk_mass`` are per response token, flattened over all responses (in
+    no particular order).
+    """
+
+    logps: torch.Tensor  # [E, R] summed log pi(y|x), fp32
+    token_counts: torch.Tensor  # [E, R]
+    hidden_sums: torch.Tensor | None = None  # [E, R, d] fp32
+    topk_entropy: torch.Tensor | None = None  # [tokens]
+    topk_mass: torch.Tensor | None = None  # [tokens]
+
+
+@torch.no_grad()
+def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
+                    batch_size: int = 16, hidden_sums: bool = False, top_k: int | None = None,
+                    chunk_tokens: int = 256) -> ResponseScores:
+    """Log-probs (and optionally CHES hidden sums, top-k stats) of every response of ``examples``.
+
+    Examples are batched by length (less padding), laid out as training would (prefix sharing
+    when prompts are longer than responses; every layout gives the same numbers), and the
+    results put back in input order.
+    """
+    lm = causal_lm_of(model).eval()
+    decoder, weight = lm.get_decoder(), lm.get_output_embeddings().weight
+    layout = choose_layout(examples)
+    order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
+    logps, counts, sums, entropies, masses = [], [], [], [], []
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]],
+                        pad_token_id, layout).to(weight.device)
+        if batch.unit_ids is None:
+            mask, positions = batch.attention_mask, None
+        else:  # prefix sharing: the prompt is run once for all of its responses
+            mask, positions = batch.attention_bias(lm.dtype), batch.position_ids
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=mask,
+                         position_ids=positions, use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.logit_positions]
+        stats = sequence_stats(
+            chunked_token_logps(hidden, weight, batch.target_tokens, chunk_tokens), batch)
+        logps.append(stats.logps)
+        counts.append(stats.token_counts)
+        if hidden_sums:
+            total = hidden.new_zeros(batch.num_responses, hidden.shape[-1], dtype=torch.float32)
+            total.index_add_(0, batch.target_response, hidden.float())
+            sums.append(total.view(batch.num_examples, batch.responses_per_example, -1))
+        for chunk in hidden.split(chunk_tokens) if top_k else ():
+            entropy, mass = topk_entropy_and_mass(chunk @ weight.T, top_k)
+            entropies.append(entropy)
+            masses.append(mass)
+    back = torch.tensor(order).argsort()  # input position -> row in the sorted results
+    return ResponseScores(
+        logps=torch.cat(logps)[back].cpu(), token_counts=torch.cat(counts)[back].cpu(),
+        hidden_sums=torch.cat(sums)[back].cpu() if hidden_sums else None,
+        topk_entropy=torch.cat(entropies).cpu() if top_k else None,
+        topk_mass=torch.cat(masses).cpu() if top_k else None,
+    )
+
+
+def _size(example: TokenizedExample) -> int:
+    return len(example.prompt_ids) + sum(len(ids) for ids in example.response_ids)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], pad_token_id: int, eos_token_id: int,
+             max_new_tokens: int, samples: int = 1, sample: bool = True,
+             batch_size: int = 16) -> list[list[list[int]]]:
+    """``samples`` responses per prompt (token ids, cut after the first EOS, which is kept).
+
+    ``sample=True`` draws from the full distribution at temperature 1 (no top-k / top-p
+    truncation, overriding transformers' default top_k=50); ``sample=False`` is greedy.
+    Prompts are left-padded in batches of ``batch_size`` prompts.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    options = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0,
+                    repetition_penalty=1.0) if sample else dict(do_sample=False))
+    out: list[list[list[int]]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + ids for ids in chunk])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens, num_return_sequences=samples,
+            pad_token_id=pad_token_id, eos_token_id=eos_token_id, **options,
+        )[:, width:].tolist()
+        for p in range(len(chunk)):
+            out.append([_cut(ids, eos_token_id)
+                        for ids in generated[p * samples : (p + 1) * samples]])
+    return out
+
+
+def _cut(ids: list[int], eos_token_id: int) -> list[int]:
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+
+
+def load_scorer(spec: str, data: str, records):
+    """``--scorer``: ``synthetic`` (the demo's checkers) or ``module:function``.
+
+    The returned scorer is called as ``scorer(record, response_text) -> float``; a user
+    function receives the record's prompt (a string or a message list) instead of the record.
+    """
+    if spec == "synthetic":
+        return _synthetic_scorer(data, records)
+    module_name, _, name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"--scorer {spec!r}: expected 'synthetic' or 'module:function' with "
+                          f"an importable module and function ({error}).") from None
+    return lambda record, text: function(record.prompt, text)
+
+
+def _synthetic_scorer(data: str, records):
+    """1.0 when the response passes the record's checker (the ``check`` spec that
+    ``data.synthetic.write_jsonl`` stores with each pair), else 0.0."""
+    checkers = {}
+    for record, (origin, row) in zip(records, _read_rows(data, set(TEXT_FIELDS))):
+        try:
+            checkers[record.origin] = load_checker(row)
+        except (KeyError, ValueError):
+            raise DataError(f"{origin}: field 'check' is missing or not a checker spec; "
+                            f"--scorer synthetic needs data written by preftune's synthetic "
+                            f"tasks (preftune demo).") from None
+    return lambda record, text: float(checkers[record.origin](text))
+
+
+def greedy_scores(model, tokenizer, prompts: list[TokenizedExample], records, scorer,
+                  spec: str, max_new_tokens: int, batch_size: int) -> torch.Tensor:
+    """Score of the model's greedy answer to each prompt (``records[prompt.index]``), [P] fp64."""
+    answers = generate(model, [p.prompt_ids for p in prompts], tokenizer.pad_token_id,
+                       tokenizer.eos_token_id, max_new_tokens, sample=False,
+                       batch_size=batch_size)
+    texts = tokenizer.batch_decode([a[0] for a in answers], skip_special_tokens=True)
+    scores = []
+    for prompt, text in zip(prompts, texts):
+        record = records[prompt.index]
+        value = scorer(record, text)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ConfigError(f"--scorer {spec}: returned {value!r} for {record.origin}; a "
+                              f"scorer must return a finite number.")
+        scores.append(float(value))
+    return torch.tensor(scores, dtype=torch.float64)

@@ -1,0 +1,104 @@
+"""``preftune eval`` end to end on tiny models saved to disk, and its input errors."""
+
+import json
+
+import pytest
+
+from preftune.cli import main
+from preftune.data.synthetic import generate_tasks, to_record
+from tiny_models import save_tiny_model_dir
+
+PAIR_KEYS = ["rewards/accuracy", "rewards/margin", "ranking/summed", "ranking/normalised",
+             "ranking/reference_summed", "ranking/idealized", "ranking/alignment_gap",
+             "displacement/chosen", "displacement/rejected", "displacement/chosen_fell",
+             "ches/mean", "ches/normalised_mean"]
+SAMPLED_KEYS = ["sampled/kl", "sampled/topk_entropy", "sampled/topk_mass", "sampled/length_mean",
+                "sampled/length_std", "sampled/length_min", "sampled/length_max",
+                "sampled/length_reward_corr"]
+FAST = ["--samples", "2", "--max-new-tokens", "6"]
+
+
+def length_scorer(prompt, response):
+    """A user scorer (module:function): longer is better."""
+    assert isinstance(prompt, list) and prompt[0]["role"] == "user"
+    return float(len(response))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    save_tiny_model_dir(root / "run" / "model", seed=1)  # the "trained" policy
+    (root / "run" / "run.json").write_text("{}")
+    save_tiny_model_dir(root / "reference", seed=0)
+    rows = [to_record(task) for task in generate_tasks(8, seed=5)]
+    for row in rows[:4]:  # half the pairs carry vote fractions
+        row["chosen_votes"], row["rejected_votes"] = 0.8, 0.2
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def evaluate(files, *extra):
+    return main(["eval", "--model", str(files / "run"), "--data", str(files / "pairs.jsonl"),
+                 "--reference", str(files / "reference"), *FAST, *extra])
+
+
+def test_eval_writes_metrics_per_pair_values_and_the_ches_filtered_file(files, capsys):
+    assert evaluate(files, "--scorer", "synthetic", "--filter-top", "0.25") == 0
+    out = capsys.readouterr().out
+    run = files / "run"
+    results = json.loads((run / "eval.json").read_text())  # next to the model: the run dir
+    for key in PAIR_KEYS + SAMPLED_KEYS + ["win_rate", "pairs"]:
+        assert key in results, key
+    assert results["pairs"] == 8 and results["ranking/idealized_pairs"] == 4
+    assert results["sampled/responses"] == 16
+    assert 0.0 <= results["win_rate"] <= 1.0
+    assert "implied-reward accuracy" in out and "win rate" in out
+    pairs = [json.loads(line) for line in (run / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 8 and sum("idealized_correct" in p for p in pairs) == 4
+    assert pairs[0]["displacement_chosen"] == pytest.approx(
+        pairs[0]["logp_chosen"] - pairs[0]["ref_logp_chosen"])
+
+    filtered = run / "pairs.without-top-ches-0.25.jsonl"
+    assert str(filtered) in out
+    kept = [json.loads(line) for line in filtered.read_text().splitlines()]
+    original = [json.loads(line) for line in (files / "pairs.jsonl").read_text().splitlines()]
+    top_two = sorted(range(8), key=lambda i: -pairs[i]["ches"])[:2]
+    assert kept == [row for i, row in enumerate(original) if i not in top_two]
+
+
+def test_user_scorer_and_default_output_in_the_working_directory(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["eval", "--model", str(files / "reference"), "--data", str(files / "pairs.jsonl"),
+                 "--reference", str(files / "reference"), "--samples", "0",
+                 "--max-new-tokens", "4", "--scorer", "test_eval_command:length_scorer"])
+    assert code == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["win_rate"] == 0.5  # the policy is the reference: every prompt ties
+    assert results["rewards/margin"] == 0.0 and results["displacement/chosen_fell"] == 0.0
+    assert "sampled/kl" not in results
+
+
+@pytest.mark.parametrize("rows, flags, message", [
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}], [],
+     ["bad.jsonl:2", "'rejected'"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c", "chosen_votes": 0.7}], [],
+     ["bad.jsonl:1", "'rejected_votes'"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c", "chosen_votes": 0, "rejected_votes": 0}],
+     [], ["bad.jsonl:1", "'chosen_votes'"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], ["--scorer", "synthetic"],
+     ["bad.jsonl:1", "'check'"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], ["--scorer", "no_such_module:f"],
+     ["--scorer", "no_such_module"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], ["--filter-top", "1.5"], ["--filter-top"]),
+])
+def test_bad_inputs_exit_2_naming_file_record_and_field(files, tmp_path, capsys, rows, flags,
+                                                        message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["eval", "--model", str(files / "run"), "--data", str(bad), "--reference",
+                 str(files / "reference"), "--samples", "0", "--max-new-tokens", "2",
+                 "--output", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    for part in message:
+        assert part in err, (part, err)
