@@ -1,0 +1,37 @@
+"""Writing a run directory's report: panels as PNG files, and one HTML page embedding them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .page import render_page
+from .panels import build_panels
+from .plots import render_panel
+from .rundir import ReportError, load_run
+
+FIGURES_DIR = "report"
+REPORT_FILE = "report.html"
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Write ``RUN_DIR/report/<panel>.png`` and the HTML report; return the HTML's path.
+
+    The page goes to ``output`` if given, else ``RUN_DIR/report.html``; the PNG files always go
+    under the run directory, next to the metrics they were drawn from.
+    """
+    run = load_run(run_dir)
+    figures_dir = run.run_dir / FIGURES_DIR
+    html_path = Path(output) if output is not None else run.run_dir / REPORT_FILE
+    try:
+        figures_dir.mkdir(exist_ok=True)
+        figures = []
+        for panel in build_panels(run.metrics):
+            png = render_panel(panel, run.alarms if panel.name == "loss" else None)
+            file_name = f"{panel.name}.png"
+            (figures_dir / file_name).write_bytes(png)
+            figures.append((file_name, panel.title, png))
+        html_path.write_text(render_page(run, figures), encoding="utf-8")
+    except OSError as error:
+        raise ReportError(f"cannot write the report: {error}; check that the folder exists "
+                          "and is writable, or pass --output") from None
+    return html_path

@@ -1,0 +1,109 @@
+"""Reading a training run directory into plain Python values for the report.
+
+Only ``metrics.jsonl`` is required: a report of a run that is still training (no ``run.json``
+yet), or of a run without alarms or evaluation, is still worth having. Anything that is present
+but unreadable is an error naming the file (and line), never silently skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ReportError(Exception):
+    """A run directory that cannot be reported on; the message says which file and what to do."""
+
+
+@dataclass
+class RunData:
+    """Everything the report shows, as read from one run directory."""
+
+    run_dir: Path
+    metrics: list[dict]
+    alarms: list[dict] = field(default_factory=list)
+    run_info: dict | None = None
+    data_report: dict | None = None
+    config_text: str | None = None
+    eval_results: dict | None = None
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read ``run_dir``; raise :class:`ReportError` if it has no usable ``metrics.jsonl``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a directory: pass the output_dir of a "
+                          "`preftune train` run (the folder that holds metrics.jsonl)")
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise ReportError(f"{metrics_path} not found: is {run_dir} the output_dir of a "
+                          "`preftune train` run? Metrics appear there after the first logged step")
+    metrics = read_jsonl(metrics_path)
+    if not metrics:
+        raise ReportError(f"{metrics_path} has no steps yet: wait for the first logged step "
+                          "(train.log_every) and run the report again")
+    for number, record in enumerate(metrics, start=1):
+        if not isinstance(record.get("step"), int):
+            raise ReportError(f"{metrics_path}:{number}: record has no integer 'step' field")
+    config_path = run_dir / "config.yaml"
+    return RunData(
+        run_dir=run_dir,
+        metrics=metrics,
+        alarms=_alarms(run_dir / "alarms.jsonl", metrics),
+        run_info=_optional_json(run_dir / "run.json"),
+        data_report=_optional_json(run_dir / "data_report.json"),
+        config_text=config_path.read_text() if config_path.is_file() else None,
+        eval_results=_optional_json(run_dir / "eval.json"),
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects in ``path``, one per non-blank line; a bad line is named by number."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ReportError(f"{path}:{number}: not valid JSON ({error.msg}); fix or delete "
+                              "that line and run the report again") from None
+        if not isinstance(record, dict):
+            raise ReportError(f"{path}:{number}: expected a JSON object, got "
+                              f"{type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _optional_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix or "
+                          "remove the file and run the report again") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _alarms(path: Path, metrics: list[dict]) -> list[dict]:
+    """Fired alarms, sorted by step: ``alarms.jsonl`` plus any kinds only the metrics record.
+
+    The loop writes both, but ``alarms.jsonl`` is appended to across resumes while
+    ``metrics.jsonl`` is truncated to the resumed step, so neither alone is complete.
+    """
+    alarms = read_jsonl(path) if path.is_file() else []
+    for number, alarm in enumerate(alarms, start=1):
+        if not isinstance(alarm.get("step"), int) or not isinstance(alarm.get("kind"), str):
+            raise ReportError(f"{path}: alarm {number} needs an integer 'step' and a 'kind'")
+    seen = {(alarm.get("step"), alarm.get("kind")) for alarm in alarms}
+    for record in metrics:
+        for kind in record.get("alarms", []):
+            if (record["step"], kind) not in seen:
+                alarms.append({"kind": kind, "step": record["step"], "message": ""})
+                seen.add((record["step"], kind))
+    return sorted(alarms, key=lambda alarm: (alarm["step"], alarm["kind"]))
