@@ -56,9 +56,12 @@ HERE = Path(__file__).resolve().parent
 # trl-precompute: precompute_ref_log_probs=True; trl-precompute-nogc: that and
 # gradient_checkpointing=False (TRL's fastest setting); preftune: reference precomputed, layout
 # auto; preftune-padded: the same with layout padded (no prefix sharing); preftune-gc: preftune
-# with train.gradient_checkpointing (opt-in there, on by default in TRL).
+# with train.gradient_checkpointing (opt-in there, on by default in TRL); preftune-lean: that plus
+# train.optimizer_in_backward (each weight's AdamW update runs as its gradient completes, so no
+# full set of gradients is held; this mode cannot clip by the global norm, so it runs without
+# max_grad_norm while every other tool clips at 1.0).
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
-         "preftune-gc")
+         "preftune-gc", "preftune-lean")
 
 # name -> model ("default" = bundled SmolLM2-135M-Instruct, "tiny" = small random Llama) and data
 CASES = {
@@ -288,9 +291,11 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
         "reference": {"strategy": "precomputed", "cache_dir": str(workdir / "reference-cache")},
         "train": {"learning_rate": 1e-6, "batch_size": case["batch_size"],
                   "gradient_accumulation_steps": 1, "max_steps": case["steps"],
-                  "warmup_ratio": 0.0, "schedule": "linear", "max_grad_norm": 1.0,
+                  "warmup_ratio": 0.0, "schedule": "linear",
+                  "max_grad_norm": None if tool == "preftune-lean" else 1.0,
                   "seed": case["seed"], "log_every": 1, "layout": layout,
-                  "gradient_checkpointing": tool == "preftune-gc"},
+                  "gradient_checkpointing": tool in ("preftune-gc", "preftune-lean"),
+                  "optimizer_in_backward": tool == "preftune-lean"},
     })
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from preftune.config import build_config
+from preftune.config import ConfigError, build_config
 from preftune.train import loop
 from preftune.train.logging import read_metrics
 from tiny_models import save_tiny_model_dir
@@ -169,6 +169,10 @@ def test_saved_model_loads_and_reproduces_trained_logps(workspace, lora):
     plain = _plain_mean_chosen_logp(model, eval_examples)
     assert plain == pytest.approx(last["eval/logps/chosen"], abs=1e-4)
     assert plain != pytest.approx(last["eval/logps/ref_chosen"], abs=1e-3)  # it did change
+    # eval-step diagnostics: displacement of the chosen log-prob from the reference
+    assert last["eval/diag/displacement/chosen"] == pytest.approx(
+        plain - last["eval/logps/ref_chosen"], abs=1e-4)
+    assert 0.0 <= last["eval/diag/ranking/normalised"] <= 1.0
     if lora:
         from peft import AutoPeftModelForCausalLM
 
@@ -219,3 +223,45 @@ def test_zero_learning_rate_raises_policy_not_moving_through_the_loop(workspace)
     alarms = [json.loads(x) for x in (output / "alarms.jsonl").read_text().splitlines()]
     assert [a["kind"] for a in alarms] == ["policy_not_moving"]
     assert read_metrics(output / "metrics.jsonl")[2]["alarms"] == ["policy_not_moving"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_optimizer_in_backward_trains_like_adamw(workspace, lora):
+    """Per-parameter AdamW applied during backward = one AdamW step after it (no clipping)."""
+    extra = {"model__lora": {"r": 4, "alpha": 8}} if lora else {}
+    plain = run(workspace, f"adamw-{lora}", train__weight_decay=0.01, **extra)
+    fused = run(workspace, f"in-bwd-{lora}", train__weight_decay=0.01,
+                train__optimizer_in_backward=True, **extra)
+    assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
+    grad_norms = [[r["grad_norm"] for r in read_metrics(out / "metrics.jsonl")]
+                  for out in (plain, fused)]
+    assert grad_norms[1] == pytest.approx(grad_norms[0], rel=1e-4)
+    assert_same_weights(plain, fused)
+
+
+def test_optimizer_in_backward_resumes_exactly(workspace, monkeypatch):
+    settings = dict(train__max_steps=4, train__save_every=2, train__batch_size=4,
+                    train__optimizer_in_backward=True)
+    straight = run(workspace, "in-bwd-straight", **settings)
+
+    def crash_at_2(directory, step, *args, **kwargs):
+        path = real_save(directory, step, *args, **kwargs)
+        raise KeyboardInterrupt("simulated crash")
+
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "in-bwd-crash", **settings)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    config = build_config(_tree_of(workspace / "runs" / "in-bwd-crash"))
+    resumed = loop.train(config, resume=True, show_progress=False)
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_weights(straight, resumed)
+
+
+def test_optimizer_in_backward_refuses_accumulation_and_clipping(workspace):
+    with pytest.raises(ConfigError, match="max_grad_norm: null"):
+        run(workspace, "bad", train__optimizer_in_backward=True, train__max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps: 1"):
+        run(workspace, "bad", train__optimizer_in_backward=True,
+            train__gradient_accumulation_steps=2)

@@ -103,6 +103,9 @@ class TrainConfig(Section):
     logps_chunk_tokens: int = 256
     example_weight_field: str | None = None  # numeric record field that scales each example
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
+    # AdamW applied to each weight as soon as its gradient is complete, which frees it at once:
+    # no full set of gradients in memory. Needs gradient_accumulation_steps 1, max_grad_norm null.
+    optimizer_in_backward: bool = False
     # how examples become rows: auto picks prefix sharing when prompts are long (see data.layout)
     layout: Literal["auto", "padded", "prefix_shared", "packed", "packed_prefix_shared"] = "auto"
     max_row_tokens: int | None = None  # packed layouts: tokens per row (default: data.max_length)
@@ -150,6 +153,12 @@ class Config(Section):
             raise ValueError(f"{objective.name} needs the reference's full next-token "
                              "distributions, which are not precomputed; use reference.strategy "
                              "'live' or 'adapter-off' (or leave it 'auto').")
+        if self.train.optimizer_in_backward and (self.train.gradient_accumulation_steps != 1
+                                                 or self.train.max_grad_norm is not None):
+            raise ValueError("train.optimizer_in_backward updates each weight during backward, "
+                             "so it cannot accumulate gradients or clip by their global norm: "
+                             "set train.gradient_accumulation_steps: 1 and "
+                             "train.max_grad_norm: null.")
         has_eval = self.data.eval is not None or self.data.eval_fraction > 0
         if self.train.eval_every and not has_eval:
             raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")

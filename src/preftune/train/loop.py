@@ -18,6 +18,7 @@ from ..config import Config
 from ..data.layout import choose_layout, collate
 from ..data.prepare import prepare_examples, with_mismatched_completions
 from ..data.records import DataError
+from ..evaluate.diagnostics import cheap_signals
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
 from ..model.load import add_lora, cache_root, load_model_and_tokenizer
 from ..model.reference import (
@@ -28,6 +29,7 @@ from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .alarms import Alarms
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
+from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .plan import plan
 
@@ -136,7 +138,9 @@ def objective_inputs(logp_model, reference, extras, batch, objective, step) -> O
 @torch.no_grad()
 def evaluate(logp_model, reference, extras, examples, objective, make_batch, batch_size, device,
              step=0):
-    """Mean loss and preference metrics of the current policy over ``examples``."""
+    """Mean loss and preference metrics of the current policy over ``examples``, plus for pairs
+    with a reference the cheap diagnostics of ``preftune eval`` (ranking accuracy, likelihood
+    displacement) as ``diag/...``."""
     was_training = logp_model.training
     logp_model.eval()
     totals: dict = {}
@@ -144,6 +148,11 @@ def evaluate(logp_model, reference, extras, examples, objective, make_batch, bat
         batch = make_batch(examples[start : start + batch_size]).to(device)
         inputs = objective_inputs(logp_model, reference, extras, batch, objective, step)
         add_metrics(totals, metric_sums(objective.data, inputs, objective(inputs)[0]))
+        if objective.data == "pairs" and inputs.reference is not None:
+            n = batch.num_examples  # each signal is a mean over the batch's pairs
+            add_metrics(totals, {f"diag/{name}": (value * n, n) for name, value in
+                                 cheap_signals(inputs.policy, inputs.reference, 1.0).items()
+                                 if not name.startswith("rewards/")})
     logp_model.train(was_training)
     return means(totals)
 
@@ -212,7 +221,11 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     # Optimizer and schedule.
     warmup_steps = int(cfg.warmup_ratio * total_steps)
     trainable = [p for p in logp_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer_in_backward:  # each weight updated as its gradient completes: less memory
+        optimizer = in_backward = AdamWInBackward(trainable, cfg.learning_rate, cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup_steps, cfg.schedule)
     )
@@ -252,8 +265,11 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
             add_metrics(sums, {name: (value, len(chunk)) for name, value in parts.items()})
             real_tokens += batch.real_tokens
             slots += batch.attention_mask.numel()
-        grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                     if cfg.max_grad_norm else _grad_norm(trainable))
+        if cfg.optimizer_in_backward:
+            grad_norm = in_backward.grad_norm()  # its updates already ran (no clipping)
+        else:
+            grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                         if cfg.max_grad_norm else _grad_norm(trainable))
         learning_rate = scheduler.get_last_lr()[0]
         if math.isfinite(sums["loss"][0]):  # a non-finite loss would poison the weights
             optimizer.step()

@@ -46,7 +46,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
     strategy = config.reference_strategy
 
     weights = n_params * dtype_bytes
-    grads = trainable_params * dtype_bytes
+    # in-backward updates free each gradient at once: about one parameter's worth is held
+    grads = 0 if cfg.optimizer_in_backward else trainable_params * dtype_bytes
     optimizer = 2 * trainable_params * 4
     reference = weights if strategy == "live" else 0
     activations = _activation_bytes(model_config, rows, width, worst.unit_ids is not None,
@@ -64,7 +65,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
         f"parameters         {n_params / 1e6:.1f}M, trainable {trainable_params / 1e6:.2f}M",
         "memory estimate (MiB, peak of one micro-batch):",
         f"  weights          {weights / MIB:10.0f}",
-        f"  gradients        {grads / MIB:10.0f}",
+        f"  gradients        {grads / MIB:10.0f}"
+        + ("  (optimizer in backward: freed as applied)" if cfg.optimizer_in_backward else ""),
         f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, fp32 states)",
         f"  reference        {reference / MIB:10.0f}  ({strategy})",
         f"  activations      {activations / MIB:10.0f}"

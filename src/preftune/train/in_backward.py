@@ -1,0 +1,65 @@
+"""AdamW stepped inside backward: each parameter is updated the moment its gradient is complete,
+and its gradient is freed right away.
+
+A normal step keeps every gradient until ``optimizer.step()``: for full fine-tuning that is a
+second copy of the weights (540 MB for SmolLM2-135M in fp32). Here at most one parameter's
+gradient exists at a time. The price: no gradient accumulation and no clipping by the global
+norm (neither is known before the updates happen). The update itself is AdamW's, parameter by
+parameter, so the weights match a normal AdamW step without clipping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class AdamWInBackward(torch.optim.Optimizer):
+    """One AdamW per parameter, run from that parameter's post-accumulate-grad hook.
+
+    It behaves as an optimizer for the rest of the loop: ``param_groups`` are the per-parameter
+    groups (so an LR scheduler sets every learning rate), ``state_dict`` and ``load_state_dict``
+    cover all of them (checkpoints and resume work), and ``step`` does nothing because the
+    updates already happened during backward. ``grad_norm()`` is the global norm of the
+    gradients that were applied (for logging); a non-finite gradient is not applied and marks
+    the step as skipped.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        params = list(params)
+        super().__init__(params, {"lr": lr})
+        self.parts = [torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay) for p in params]
+        self.param_groups = [group for part in self.parts for group in part.param_groups]
+        self._squared_norm = 0.0
+        self.skipped = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(part))
+                       for p, part in zip(params, self.parts)]
+
+    def _hook(self, part: torch.optim.AdamW):
+        def update(param: torch.Tensor) -> None:
+            grad = param.grad
+            squared = float(grad.detach().float().pow(2).sum())
+            self._squared_norm += squared
+            if squared != squared or squared == float("inf"):  # NaN or inf: never applied
+                self.skipped = True
+            else:
+                part.step()
+            param.grad = None
+        return update
+
+    def grad_norm(self) -> torch.Tensor:
+        return torch.tensor(self._squared_norm ** 0.5)
+
+    def step(self, closure=None):  # the updates ran in backward
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._squared_norm = 0.0
+        self.skipped = False
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for part, state in zip(self.parts, state_dict["parts"], strict=True):
+            part.load_state_dict(state)
+        self.param_groups = [group for part in self.parts for group in part.param_groups]
