@@ -1,9 +1,10 @@
-"""Command line: ``preftune train | demo | data inspect | objectives``."""
+"""Command line: ``preftune train | demo | eval | report | compare | data | objectives``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _train(args) -> None:
@@ -21,6 +22,12 @@ def _demo(args) -> None:
     from .demo import run_demo
 
     run_demo(output_dir=args.output_dir, quick=args.quick)
+
+
+def _eval(args) -> None:
+    from .evaluate.run_eval import EvalOptions, run_eval
+
+    run_eval(EvalOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
 
 
 def _inspect(args) -> None:
@@ -48,6 +55,37 @@ def _objectives(args) -> None:
     print(markdown() if args.markdown else terminal_listing(), end="\n" if not args.markdown else "")
 
 
+def _report(args) -> None:
+    from .report import ReportError, write_report
+
+    try:
+        html_path = write_report(args.run_dir, args.output)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"report: {html_path} (each figure also as a PNG under {args.run_dir}/report/)")
+
+
+def _compare(args) -> None:
+    from .compare import run_compare
+
+    objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
+    run_compare(objectives, args.config, args.set or [], args.output_dir, args.eval_data,
+                args.scorer, args.samples, args.max_new_tokens)
+
+
+def _synthetic(args) -> None:
+    from .data.synthetic import generate_split, write_jsonl
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed)
+    write_jsonl(train_tasks, out / "train.jsonl")
+    write_jsonl(eval_tasks, out / "eval.jsonl")
+    print(f"wrote {len(train_tasks)} training pairs to {out / 'train.jsonl'} and "
+          f"{len(eval_tasks)} held-out pairs to {out / 'eval.jsonl'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preftune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     demo.set_defaults(run=_demo)
 
+    evaluate = commands.add_parser("eval", help="diagnostics of a trained model against its "
+                                   "reference on preference pairs (writes eval.json)")
+    evaluate.add_argument("--model", required=True, help="a run dir (holding model/) or a model dir")
+    evaluate.add_argument("--data", required=True, help="preference pairs (JSONL, JSON, ...)")
+    evaluate.add_argument("--reference", default="default", help="reference model (default: "
+                          "the bundled SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")
+    evaluate.add_argument("--beta", type=float, default=0.1, help="beta of implied rewards and R*")
+    evaluate.add_argument("--ches-model", choices=["reference", "policy"], default="reference",
+                          help="whose hidden states CHES uses (the paper: the model before training)")
+    evaluate.add_argument("--filter-top", type=float, metavar="FRACTION",
+                          help="also write the data without this fraction of highest-CHES pairs")
+    evaluate.add_argument("--samples", type=int, default=4,
+                          help="policy samples per prompt for KL, top-k and length stats (0: skip)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--top-k", type=int, default=10, help="k of top-k entropy and mass")
+    evaluate.add_argument("--scorer", help="win rate vs the reference under 'synthetic' (the "
+                          "demo's checkers) or module:function(prompt, response) -> float")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-length", type=int, default=1024)
+    evaluate.add_argument("--max-prompt-length", type=int, default=512)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(run=_eval)
+
     data = commands.add_parser("data", help="look at a dataset the way preftune sees it")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = data_commands.add_parser("inspect", help="counts and token-level view")
@@ -79,11 +141,39 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-length", type=int, default=1024)
     inspect.add_argument("--max-prompt-length", type=int, default=512)
     inspect.set_defaults(run=_inspect)
+    synthetic = data_commands.add_parser("synthetic", help="write the demo's checkable tasks "
+                                         "as preference pairs (train.jsonl, eval.jsonl)")
+    synthetic.add_argument("--output-dir", default="runs/synthetic")
+    synthetic.add_argument("--train", type=int, default=192, help="training pairs")
+    synthetic.add_argument("--eval", type=int, default=96, help="held-out pairs")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(run=_synthetic)
 
     objectives = commands.add_parser("objectives", help="list the registered objectives")
     objectives.add_argument("--markdown", action="store_true",
                             help="print the catalog as markdown (docs/objectives.md)")
     objectives.set_defaults(run=_objectives)
+
+    report = commands.add_parser("report", help="plots, alarms and eval results of a run as "
+                                 "one self-contained HTML page")
+    report.add_argument("run_dir", help="a `preftune train` output_dir (holds metrics.jsonl)")
+    report.add_argument("--output", metavar="FILE",
+                        help="where to write the HTML page (default: RUN_DIR/report.html)")
+    report.set_defaults(run=_report)
+
+    compare = commands.add_parser("compare", help="train several objectives on the same data, "
+                                  "budget and seed; evaluate them alike; write a leaderboard")
+    compare.add_argument("--objectives", required=True, help="comma-separated, e.g. dpo,ipo,simpo")
+    compare.add_argument("--config", help="base YAML config; its objective is replaced")
+    compare.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override a base config key")
+    compare.add_argument("--output-dir", default="runs/compare")
+    compare.add_argument("--eval-data", help="held-out pairs (default: the config's data.eval)")
+    compare.add_argument("--scorer", help="win rate under 'synthetic' or module:function")
+    compare.add_argument("--samples", type=int, default=2,
+                         help="policy samples per prompt for KL and length (0: skip)")
+    compare.add_argument("--max-new-tokens", type=int, default=32)
+    compare.set_defaults(run=_compare)
     return parser
 
 

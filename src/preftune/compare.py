@@ -1,0 +1,164 @@
+"""``preftune compare``: several objectives, one data set, one budget, one seed, one leaderboard.
+
+Each objective trains from the same base config (only ``objective`` changes; unpaired objectives
+get the pairs split into labelled completions), is evaluated with the same ``preftune eval``
+diagnostics on the same held-out pairs, and gets its own report. An entry whose run finished
+with the same effective config is not trained again, so an interrupted comparison resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from pathlib import Path
+
+from .config import ConfigError, build_config, load_config
+from .objectives import get_objective
+
+# leaderboard columns: (key in the entry, header, format); missing values print as "-"
+COLUMNS = [
+    ("win_rate", "win rate vs reference", "{:.1%}"),
+    ("win_rate/policy_score", "scorer mean (policy)", "{:.3f}"),
+    ("rewards/accuracy", "implied-reward acc.", "{:.1%}"),
+    ("rewards/margin", "margin", "{:.2f}"),
+    ("ranking/normalised", "ranking acc. (norm.)", "{:.1%}"),
+    ("displacement/chosen", "d logp chosen", "{:+.2f}"),
+    ("displacement/rejected", "d logp rejected", "{:+.2f}"),
+    ("sampled/kl", "KL (samples)", "{:.2f}"),
+    ("sampled/length_mean", "length", "{:.1f}"),
+    ("train_minutes", "train min", "{:.1f}"),
+]
+
+
+def run_compare(objectives: list[str], config_path: str | None, overrides: list[str],
+                output_dir: str, eval_data: str | None = None, scorer: str | None = None,
+                samples: int = 2, max_new_tokens: int = 32) -> Path:
+    """Train, evaluate and report every objective; write leaderboard.md/.json/.png."""
+    from .evaluate.run_eval import EvalOptions, run_eval
+    from .report import write_report
+    from .train.loop import train
+
+    for name in objectives:  # unknown names fail before anything trains
+        try:
+            get_objective(name)
+        except KeyError as error:
+            raise ConfigError(error.args[0]) from None
+    base = load_config(config_path, overrides)
+    eval_data = eval_data or _first(base.data.eval)
+    if not eval_data:
+        raise ValueError("compare evaluates every objective on held-out pairs: set data.eval in "
+                         "the base config or pass --eval-data FILE")
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name in objectives:
+        run_dir = root / name
+        tree = _config_for(base.model_dump(), name, run_dir)
+        fingerprint = hashlib.sha256(json.dumps(
+            [tree, eval_data, scorer, samples, max_new_tokens], sort_keys=True).encode()).hexdigest()
+        done = run_dir / "compare_entry.json"
+        if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+            print(f"[compare] {name}: finished earlier with the same settings, skipped")
+            entries.append(json.loads(done.read_text()))
+            continue
+        print(f"\n[compare] {name}: training in {run_dir}")
+        entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
+        try:
+            started = time.perf_counter()
+            train(build_config(tree, f"{config_path} with objective {name}"))
+            entry["train_minutes"] = (time.perf_counter() - started) / 60
+            started = time.perf_counter()
+            results = run_eval(EvalOptions(
+                model=str(run_dir), data=eval_data, reference=base.model.path,
+                output=str(run_dir), scorer=scorer, samples=samples,
+                max_new_tokens=max_new_tokens, beta=_beta(base), seed=base.train.seed,
+                max_length=base.data.max_length,
+                max_prompt_length=base.data.max_prompt_length or base.data.max_length - 1))
+            entry["eval_minutes"] = (time.perf_counter() - started) / 60
+            entry.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+            write_report(run_dir)
+            entry["report"] = str(run_dir / "report.html")
+        except Exception as error:  # one failing objective must not lose the others
+            entry["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        else:
+            done.write_text(json.dumps(entry, indent=2) + "\n")
+        entries.append(entry)
+    _write_leaderboard(root, entries, eval_data, scorer)
+    return root
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def _beta(config) -> float:
+    """The implied-reward beta for eval: the base objective's, else 0.1 (DPO's default)."""
+    return float((config.objective[0].model_extra or {}).get("beta", 0.1))
+
+
+def _config_for(tree: dict, name: str, run_dir: Path) -> dict:
+    """The base config with ``name`` as its only objective (default params) and its own dir."""
+    tree = json.loads(json.dumps(tree))
+    tree["objective"] = {"name": name}
+    tree["output_dir"] = str(run_dir)
+    tree["reference"]["strategy"] = "auto"
+    if get_objective(name).data == "unpaired" and not tree["data"].get("convert"):
+        tree["data"]["convert"] = "unpaired"  # each pair becomes a good and a bad completion
+    return tree
+
+
+def _write_leaderboard(root: Path, entries: list[dict], eval_data: str, scorer) -> None:
+    ranked = sorted(entries, key=_sort_key, reverse=True)
+    shown = [c for c in COLUMNS if any(c[0] in e for e in entries)]
+    lines = [f"Held-out pairs: `{eval_data}`" + (f"; scorer: `{scorer}`" if scorer else ""), "",
+             "| objective | " + " | ".join(h for _, h, _ in shown) + " | report |",
+             "|---|" + "---|" * (len(shown) + 1)]
+    for entry in ranked:
+        if "error" in entry:
+            lines.append(f"| {entry['objective']} | failed: {entry['error'][:120]} |")
+            continue
+        cells = [fmt.format(entry[key]) if isinstance(entry.get(key), (int, float)) else "-"
+                 for key, _, fmt in shown]
+        link = Path(entry["report"]).relative_to(root)
+        lines.append(f"| {entry['objective']} | " + " | ".join(cells) + f" | [report]({link}) |")
+    (root / "leaderboard.md").write_text("\n".join(lines) + "\n")
+    (root / "leaderboard.json").write_text(json.dumps(ranked, indent=2) + "\n")
+    _plot(root / "leaderboard.png", [e for e in ranked if "error" not in e])
+    print("\n" + "\n".join(lines))
+    print(f"\nleaderboard: {root / 'leaderboard.md'} (and .json, .png)")
+
+
+def _sort_key(entry: dict) -> tuple:
+    if "error" in entry:
+        return (-1.0, -1.0)
+    return (entry.get("win_rate", -1.0), entry.get("rewards/accuracy", -1.0))
+
+
+def _plot(path: Path, entries: list[dict]) -> None:
+    """Grouped bars of the rate-like columns per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(k, h) for k, h, f in COLUMNS if f.endswith("%}") and any(k in e for e in entries)]
+    if not entries or not keys:
+        return
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(entries)), 4), dpi=120)
+    width = 0.8 / len(keys)
+    for i, (key, header) in enumerate(keys):
+        values = [e.get(key, 0.0) for e in entries]
+        axis.bar([x + i * width for x in range(len(entries))], values, width, label=header)
+    axis.set_xticks([x + width * (len(keys) - 1) / 2 for x in range(len(entries))],
+                    [e["objective"] for e in entries])
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("fraction of held-out prompts / pairs")
+    axis.legend(frameon=False, fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
