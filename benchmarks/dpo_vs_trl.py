@@ -60,8 +60,11 @@ HERE = Path(__file__).resolve().parent
 # train.optimizer_in_backward (each weight's AdamW update runs as its gradient completes, so no
 # full set of gradients is held; this mode cannot clip by the global norm, so it runs without
 # max_grad_norm while every other tool clips at 1.0).
+# trl-mmap: TRL defaults with glibc's mmap threshold fixed through MALLOC_MMAP_THRESHOLD_, the
+# allocator setting preftune applies to itself on CPU (train/memory.py), so peak memory can be
+# compared without it.
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
-         "preftune-gc", "preftune-lean")
+         "preftune-gc", "preftune-lean", "trl-mmap")
 
 # name -> model ("default" = bundled SmolLM2-135M-Instruct, "tiny" = small random Llama) and data
 CASES = {
@@ -423,6 +426,8 @@ def launch(case: dict, tool: str, args, root: Path, repeat: int) -> dict:
                HF_DATASETS_CACHE=str(workdir / "hf-datasets"))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if tool == "trl-mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     command = [sys.executable, __file__, "--child", str(spec_path), "--device", args.device,

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from preftune.config import ConfigError, build_config, load_config
@@ -54,3 +56,10 @@ def test_every_example_config_is_valid():
     assert examples
     for path in examples:
         load_config(str(path))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    config = load_config(str(path))
+    assert config.objective and config.data.train

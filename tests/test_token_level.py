@@ -117,28 +117,34 @@ def _plain_tdpo_loss(policy, reference, beta):
     return torch.stack(losses)
 
 
-@pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed"])
-def test_tdpo_through_the_batch_path_matches_plain_forwards(layout):
-    reference = tiny_llama(seed=0)
-    policy = tiny_llama(seed=0)
+def assert_batch_path_matches_plain(name, beta, plain_loss, layout, per_token):
+    """objective_inputs -> objective on a collated batch equals ``plain_loss`` (full-vocabulary
+    forwards of each sequence on its own), in value and in every policy gradient."""
+    reference, policy = tiny_llama(seed=0), tiny_llama(seed=0)
     with torch.no_grad():  # move the policy away from the reference
         for param in policy.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    expected = _plain_tdpo_loss(policy, reference, beta=0.5)
+    expected = plain_loss(policy, reference, beta)
     expected.sum().backward()
     expected_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
 
-    objective = Objective.from_config([_Cfg("tdpo", {"beta": 0.5})], total_steps=1)
+    objective = Objective.from_config([_Cfg(name, {"beta": beta})], total_steps=1)
     batch = collate(_examples(), pad_token_id=0, layout=layout, max_row_tokens=40)
     inputs = objective_inputs(LogpModel(policy, chunk_tokens=3),
-                              LiveReference(reference, chunk_tokens=3, per_token=False),
+                              LiveReference(reference, chunk_tokens=3, per_token=per_token),
                               [], batch, objective, step=0)
     losses = objective(inputs)[0].losses
     losses.sum().backward()
     torch.testing.assert_close(losses, expected.detach(), atol=1e-5, rtol=1e-5)
     for got, want in zip((p.grad for p in policy.parameters()), expected_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    return inputs
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed"])
+def test_tdpo_through_the_batch_path_matches_plain_forwards(layout):
+    assert_batch_path_matches_plain("tdpo", 0.5, _plain_tdpo_loss, layout, per_token=False)
 
 
 class _Cfg:
@@ -206,25 +212,8 @@ def _plain_sparse_po_loss(policy, reference, beta):
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
 def test_sparse_po_through_the_batch_path_matches_plain_forwards(layout):
-    reference, policy = tiny_llama(seed=0), tiny_llama(seed=0)
-    with torch.no_grad():
-        for param in policy.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    expected = _plain_sparse_po_loss(policy, reference, beta=0.8)
-    expected.sum().backward()
-    expected_grads = [p.grad.clone() for p in policy.parameters()]
-    policy.zero_grad()
-
-    objective = Objective.from_config([_Cfg("sparse_po", {"beta": 0.8})], total_steps=1)
-    batch = collate(_examples(), pad_token_id=0, layout=layout, max_row_tokens=40)
-    inputs = objective_inputs(LogpModel(policy, chunk_tokens=3),
-                              LiveReference(reference, chunk_tokens=3, per_token=True),
-                              [], batch, objective, step=0)
-    losses = objective(inputs)[0].losses
-    losses.sum().backward()
-    torch.testing.assert_close(losses, expected.detach(), atol=1e-5, rtol=1e-5)
-    for got, want in zip((p.grad for p in policy.parameters()), expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    inputs = assert_batch_path_matches_plain("sparse_po", 0.8, _plain_sparse_po_loss, layout,
+                                             per_token=True)
     mask = inputs.reference.token_activation[inputs.policy.token_mask]
     assert ((mask >= 0) & (mask <= 1)).all() and (mask < 1).any()
 

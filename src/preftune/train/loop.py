@@ -31,6 +31,7 @@ from .alarms import Alarms
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
+from .memory import return_freed_tensors_to_the_os
 from .plan import plan
 
 
@@ -165,6 +166,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     cfg = config.train
     accelerator = Accelerator(gradient_accumulation_steps=1)
     device = accelerator.device
+    if device.type == "cpu" and cfg.optimizer_in_backward:  # let freed gradients leave the process
+        return_freed_tensors_to_the_os()
     set_seed(cfg.seed)
     strategy = config.reference_strategy
 
