@@ -70,3 +70,27 @@ def test_packing_removes_padding():
     packed = collate(batch_examples, 0, "packed", max_row_tokens=64)
     assert packed.real_tokens == padded.real_tokens
     assert packed.padding_fraction < padded.padding_fraction
+
+
+
+@pytest.mark.parametrize("layout", ["prefix_shared", "packed", "packed_prefix_shared"])
+def test_flex_attention_block_mask_equals_the_dense_mask(layout):
+    """Batch.block_mask (the block-sparse FlexAttention mask used on CUDA with
+    model.attn_implementation: flex_attention) attends exactly where attention_bias does.
+    Checked on attention outputs with FlexAttention in eager mode (forward: torch has no
+    FlexAttention backward on CPU; on CUDA the gradient is autograd's through the same op)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    examples = [TokenizedExample([1, 5, 6, 7], [[8, 9, 2], [10, 2]], index=0),
+                TokenizedExample([1, 11], [[12, 13, 14, 2], [15, 16, 2]], index=1),
+                TokenizedExample([1, 20, 21, 22, 23], [[24, 2], [25, 26, 27, 2]], index=2)]
+    batch = collate(examples, 0, layout, max_row_tokens=20)
+    rows, width = batch.input_ids.shape
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(rows, 2, width, 8) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=batch.attention_bias(torch.float32))
+    with torch.no_grad():
+        sparse = flex_attention(q, k, v, block_mask=batch.block_mask())
+    real = batch.attention_mask.bool()[:, None, :, None].expand_as(dense)
+    torch.testing.assert_close(sparse[real], dense[real], atol=1e-5, rtol=1e-5)

@@ -265,3 +265,11 @@ def test_optimizer_in_backward_refuses_accumulation_and_clipping(workspace):
     with pytest.raises(ConfigError, match="gradient_accumulation_steps: 1"):
         run(workspace, "bad", train__optimizer_in_backward=True,
             train__gradient_accumulation_steps=2)
+
+
+def test_attention_implementation_is_configurable(workspace):
+    default = run(workspace, "attn-default", train__max_steps=2)
+    eager = run(workspace, "attn-eager", train__max_steps=2, model__attn_implementation="eager")
+    assert losses(eager) == pytest.approx(losses(default), rel=1e-4)
+    with pytest.raises(ConfigError, match="CUDA only"):
+        run(workspace, "attn-flex", model__attn_implementation="flex_attention")

@@ -36,6 +36,9 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
+    # attention kernel; None = transformers' default (sdpa). "flex_attention" (CUDA) runs the
+    # prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] | None = None
 
 
 class DataConfig(Section):

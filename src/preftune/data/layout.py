@@ -71,18 +71,32 @@ class Batch:
         moved["scores"] = {k: v.to(device) for k, v in self.scores.items()}
         return Batch(**moved)
 
+    def _may_attend(self, row, query, key):
+        """The layouts' visibility rule, elementwise: causal, inside one unit, and to prompt
+        tokens or the query's own response segment; padding attends to itself only."""
+        unit, segment = self.unit_ids, self.segment_ids
+        same_unit = (unit[row, query] == unit[row, key]) & (unit[row, query] >= 0)
+        visible = (segment[row, key] == -1) | (segment[row, query] == segment[row, key])
+        return ((key <= query) & same_unit & visible) | (key == query)
+
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive [rows, 1, T, T] mask for layouts with units/segments (0 = may attend)."""
         rows, width = self.input_ids.shape
-        index = torch.arange(width, device=self.input_ids.device)
-        causal = index[None, :] <= index[:, None]
-        unit, segment = self.unit_ids, self.segment_ids
-        same_unit = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
-        visible = (segment[:, None, :] == -1) | (segment[:, :, None] == segment[:, None, :])
-        allowed = causal & same_unit & visible
-        allowed |= torch.eye(width, dtype=torch.bool, device=index.device)  # padding rows
-        bias = torch.zeros(rows, 1, width, width, dtype=dtype, device=index.device)
+        device = self.input_ids.device
+        allowed = self._may_attend(torch.arange(rows, device=device)[:, None, None],
+                                   torch.arange(width, device=device)[None, :, None],
+                                   torch.arange(width, device=device)[None, None, :])
+        bias = torch.zeros(rows, 1, width, width, dtype=dtype, device=device)
         return bias.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    def block_mask(self):
+        """The same rule as a FlexAttention BlockMask: block-sparse, never a dense [T, T] mask,
+        so fully masked blocks (other units, other responses) cost no compute."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows, width = self.input_ids.shape
+        return create_block_mask(lambda b, h, q, k: self._may_attend(b, q, k), rows, None,
+                                 width, width, device=self.input_ids.device)
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "padded",

@@ -87,6 +87,8 @@ class LogpModel(nn.Module):
         lm = causal_lm_of(self.model)
         if batch.unit_ids is None:
             mask, positions = batch.attention_mask, None
+        elif lm.config._attn_implementation == "flex_attention":  # block-sparse, no [T, T] mask
+            mask, positions = batch.block_mask(), batch.position_ids
         else:  # prefix-shared or packed rows: per-token visibility, positions restart
             mask, positions = batch.attention_bias(lm.dtype), batch.position_ids
         out = lm.get_decoder()(

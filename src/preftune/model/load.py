@@ -104,14 +104,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                             attn_implementation: str | None = None):
     """Return (causal LM, tokenizer) for a config ``model.path``."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_dir(path)
     tokenizer = load_tokenizer(source, trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra
     )
     return model, tokenizer
 

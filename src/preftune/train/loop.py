@@ -14,7 +14,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.layout import choose_layout, collate
 from ..data.prepare import prepare_examples, with_mismatched_completions
 from ..data.records import DataError
@@ -172,8 +172,12 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     strategy = config.reference_strategy
 
     # Model and data.
+    if config.model.attn_implementation == "flex_attention" and device.type != "cuda":
+        raise ConfigError("model.attn_implementation 'flex_attention' trains on CUDA only (torch "
+                          "has no FlexAttention backward on CPU); remove it or use 'sdpa'.")
     model, tokenizer = load_model_and_tokenizer(
-        config.model.path, config.model.dtype, config.model.trust_remote_code
+        config.model.path, config.model.dtype, config.model.trust_remote_code,
+        config.model.attn_implementation,
     )
     model.to(device)
     train_examples, eval_examples, data_report, shape = prepare_examples(

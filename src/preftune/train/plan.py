@@ -50,7 +50,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
     grads = 0 if cfg.optimizer_in_backward else trainable_params * dtype_bytes
     optimizer = 2 * trainable_params * 4
     reference = weights if strategy == "live" else 0
-    activations = _activation_bytes(model_config, rows, width, worst.unit_ids is not None,
+    dense_mask = worst.unit_ids is not None and config.model.attn_implementation != "flex_attention"
+    activations = _activation_bytes(model_config, rows, width, dense_mask,
                                     dtype_bytes, cfg.gradient_checkpointing)
     logps = cfg.logps_chunk_tokens * model_config.vocab_size * 4 * 3
     total = weights + grads + optimizer + reference + activations + logps
