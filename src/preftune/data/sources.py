@@ -49,7 +49,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     records: list = []
     detected_format = None if format == "auto" else format
     detected_shape = None if shape == "auto" else shape
-    for origin, row in _read_rows(path, {columns[name] for name in TEXT_FIELDS}):
+    for origin, row in read_rows(path, {columns[name] for name in TEXT_FIELDS}):
         if not isinstance(row, dict):
             raise DataError(
                 f"{origin}: expected an object with preference fields (e.g. prompt, chosen, "
@@ -81,7 +81,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
 # reading files into (origin, row dict)
 
 
-def _read_rows(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
+def read_rows(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
     split = None
     if not os.path.exists(path):
         # "dir:split" selects a split of a saved DatasetDict

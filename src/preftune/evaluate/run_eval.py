@@ -22,7 +22,7 @@ import torch
 from ..config import ConfigError
 from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
-from ..data.sources import _read_rows, load_records
+from ..data.sources import read_rows, load_records
 from ..data.tokenize import TokenizedExample, TokenizeSettings, tokenize_records
 from ..model.forward import SequenceStats
 from ..model.load import load_model_and_tokenizer
@@ -259,7 +259,7 @@ def _write_filtered(data: str, drop: set, output: Path, fraction: float) -> Path
     """``data`` as JSONL without the records at positions ``drop``; returns the file written."""
     target = output / f"{Path(data).stem}.without-top-ches-{fraction:g}.jsonl"
     with open(target, "w", encoding="utf-8") as handle:
-        for position, (_, row) in enumerate(_read_rows(data, set(TEXT_FIELDS))):
+        for position, (_, row) in enumerate(read_rows(data, set(TEXT_FIELDS))):
             if position not in drop:
                 handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     return target

@@ -20,7 +20,7 @@ from ..config import ConfigError
 from ..data.layout import choose_layout, collate
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
-from ..data.sources import _read_rows
+from ..data.sources import read_rows
 from ..data.synthetic import load_checker
 from ..data.tokenize import TokenizedExample
 from ..model.chunked_logps import chunked_token_logps
@@ -149,7 +149,7 @@ def _synthetic_scorer(data: str, records):
     """1.0 when the response passes the record's checker (the ``check`` spec that
     ``data.synthetic.write_jsonl`` stores with each pair), else 0.0."""
     checkers = {}
-    for record, (origin, row) in zip(records, _read_rows(data, set(TEXT_FIELDS))):
+    for record, (origin, row) in zip(records, read_rows(data, set(TEXT_FIELDS))):
         try:
             checkers[record.origin] = load_checker(row)
         except (KeyError, ValueError):
