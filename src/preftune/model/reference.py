@@ -64,11 +64,11 @@ def _stats_with_hidden(logp_model: LogpModel, batch: Batch, per_token: bool):
     """The reference's stats and (hidden, weight). With per_token the stats also carry
     ``token_activation``: per response token, the min-max rescaled feature mean of each layer's
     output over that response, averaged over layers (in [0, 1]; SparsePO's reference mask)."""
-    hidden, weight, layer_means = logp_model.hidden_and_weight(batch, layer_means=True)
+    hidden, weight, *layer_means = logp_model.hidden_and_weight(batch, layer_means=per_token)
     token_logps = chunked_token_logps(hidden, weight, batch.target_tokens, logp_model.chunk_tokens)
     stats = sequence_stats(token_logps, batch, per_token)
     if per_token:
-        stats.token_activation = activation_mask(layer_means, batch)
+        stats.token_activation = activation_mask(layer_means[0], batch)
     return stats, (hidden.detach(), weight.detach())
 
 

@@ -10,6 +10,8 @@ parameter, so the weights match a normal AdamW step without clipping.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,8 +22,7 @@ class AdamWInBackward(torch.optim.Optimizer):
     groups (so an LR scheduler sets every learning rate), ``state_dict`` and ``load_state_dict``
     cover all of them (checkpoints and resume work), and ``step`` does nothing because the
     updates already happened during backward. ``grad_norm()`` is the global norm of the
-    gradients that were applied (for logging); a non-finite gradient is not applied and marks
-    the step as skipped.
+    gradients of the step (for logging); a non-finite gradient is not applied.
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
@@ -30,7 +31,6 @@ class AdamWInBackward(torch.optim.Optimizer):
         self.parts = [torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay) for p in params]
         self.param_groups = [group for part in self.parts for group in part.param_groups]
         self._squared_norm = 0.0
-        self.skipped = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(part))
                        for p, part in zip(params, self.parts)]
 
@@ -39,9 +39,7 @@ class AdamWInBackward(torch.optim.Optimizer):
             grad = param.grad
             squared = float(grad.detach().float().pow(2).sum())
             self._squared_norm += squared
-            if squared != squared or squared == float("inf"):  # NaN or inf: never applied
-                self.skipped = True
-            else:
+            if math.isfinite(squared):  # a NaN/inf gradient is never applied
                 part.step()
             param.grad = None
         return update
@@ -54,7 +52,6 @@ class AdamWInBackward(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._squared_norm = 0.0
-        self.skipped = False
 
     def state_dict(self) -> dict:
         return {"parts": [part.state_dict() for part in self.parts]}
