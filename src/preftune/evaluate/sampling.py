@@ -24,7 +24,7 @@ from ..data.sources import read_rows
 from ..data.synthetic import load_checker
 from ..data.tokenize import TokenizedExample
 from ..model.chunked_logps import chunked_token_logps
-from ..model.forward import causal_lm_of, sequence_stats
+from ..model.forward import LogpModel, causal_lm_of, sequence_stats
 from .diagnostics import topk_entropy_and_mass
 
 
@@ -53,21 +53,15 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
     when prompts are longer than responses; every layout gives the same numbers), and the
     results put back in input order.
     """
-    lm = causal_lm_of(model).eval()
-    decoder, weight = lm.get_decoder(), lm.get_output_embeddings().weight
+    logp_model = LogpModel(causal_lm_of(model), chunk_tokens).eval()
+    device = next(model.parameters()).device
     layout = choose_layout(examples)
     order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
     logps, counts, sums, entropies, masses = [], [], [], [], []
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start : start + batch_size]],
-                        pad_token_id, layout).to(weight.device)
-        if batch.unit_ids is None:
-            mask, positions = batch.attention_mask, None
-        else:  # prefix sharing: the prompt is run once for all of its responses
-            mask, positions = batch.attention_bias(lm.dtype), batch.position_ids
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=mask,
-                         position_ids=positions, use_cache=False).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch.logit_positions]
+                        pad_token_id, layout).to(device)
+        hidden, weight = logp_model.hidden_and_weight(batch)  # the training forward pass
         stats = sequence_stats(
             chunked_token_logps(hidden, weight, batch.target_tokens, chunk_tokens), batch)
         logps.append(stats.logps)

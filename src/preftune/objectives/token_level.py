@@ -51,13 +51,13 @@ def tdpo(inputs: ObjectiveInputs, params: TDPOParams) -> ObjectiveOutput:
     Vance0124/Token-level-Direct-Preference-Optimization tdpo_loss.
     """
     kl = sequence_kl(inputs, "tdpo")
-    rewards = params.beta * log_ratios(inputs)
-    u = chosen_minus_rejected(log_ratios(inputs))
+    ratios = log_ratios(inputs)
+    u = chosen_minus_rejected(ratios)
     if params.variant == "tdpo2":
         delta = params.alpha * (kl[:, 1] - kl[:, 0].detach())
     else:
         delta = kl[:, 1] - kl[:, 0]
-    return ObjectiveOutput(-F.logsigmoid(params.beta * (u - delta)), rewards)
+    return ObjectiveOutput(-F.logsigmoid(params.beta * (u - delta)), params.beta * ratios)
 
 
 @dataclass
