@@ -30,8 +30,10 @@ Definitions (identical for every tool):
 - e2e s: wall seconds from the start of the child process (imports included) to the end of the
   last step; the final model save is skipped for both.
 - peak MB: peak RSS of the child process (os.wait4) on CPU; torch.cuda.max_memory_allocated on
-  CUDA. "base MB" is the RSS after imports, before the model is loaded; "RSS in ref / train"
-  are the largest RSS samples (every 20 ms) during the reference pass and during training.
+  CUDA (the whole child: model load, reference pass, steps). "base MB" is the RSS after imports,
+  before the model is loaded; "RSS in ref / train" are the largest RSS samples (every 20 ms)
+  during the reference pass and during training; on CUDA, "CUDA in ref / train" are the peak
+  allocated CUDA memory of those phases.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ HERE = Path(__file__).resolve().parent
 # max_grad_norm while every other tool clips at 1.0).
 # trl-mmap: TRL defaults with glibc's mmap threshold fixed through MALLOC_MMAP_THRESHOLD_, the
 # allocator setting preftune applies to itself on CPU (train/memory.py), so peak memory can be
-# compared without it.
+# compared without it. preftune-flex (CUDA only): preftune with model.attn_implementation
+# flex_attention, so prefix-shared and packed rows run block-sparse instead of with a dense mask.
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
-         "preftune-gc", "preftune-lean", "trl-mmap")
+         "preftune-gc", "preftune-lean", "trl-mmap", "preftune-flex")
 
 # name -> model ("default" = bundled SmolLM2-135M-Instruct, "tiny" = small random Llama) and data
 CASES = {
@@ -164,6 +167,23 @@ def tiny_model_dir(root: Path, default_dir: str) -> str:
     return str(target)
 
 
+def random_init_dir(root: Path, source: str) -> str:
+    """The architecture of ``source`` (its config.json and tokenizer, no weights needed) with
+    random weights (seed 0), saved once under ``root``. Speed and memory depend on the shapes
+    only, so this stands in for the real checkpoint where its weights cannot be installed."""
+    target = root / f"{Path(source).name}-random-init"
+    if (target / "config.json").exists():
+        return str(target)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return str(target)
+
+
 def example_order(num_examples: int, batch_size: int, steps: int, seed: int) -> list[int]:
     from preftune.train.loop import example_stream
 
@@ -171,7 +191,7 @@ def example_order(num_examples: int, batch_size: int, steps: int, seed: int) -> 
 
 
 def prepare_case(name: str, root: Path, device: str, steps: int | None, batch_size: int | None,
-                 seed: int) -> dict:
+                 seed: int, default_model: str | None = None) -> dict:
     from preftune.data.sources import load_records
     from preftune.data.tokenize import TokenizeSettings, tokenize_records
     from preftune.model.load import load_tokenizer, resolve_model_dir
@@ -179,7 +199,9 @@ def prepare_case(name: str, root: Path, device: str, steps: int | None, batch_si
     spec = CASES[name]
     default_steps, default_batch = RUN_SIZE[device][spec["model"]]
     steps, batch_size = steps or default_steps, batch_size or default_batch
-    default_dir = resolve_model_dir("default")
+    default_dir = resolve_model_dir(default_model or "default")
+    if not any(Path(default_dir).glob("*.safetensors")) and not any(Path(default_dir).glob("*.bin")):
+        default_dir = random_init_dir(root, default_dir)
     model_dir = default_dir if spec["model"] == "default" else tiny_model_dir(root, default_dir)
     limits = DATA[spec["data"]]
     case_dir = root / name
@@ -222,12 +244,18 @@ def _rss_mb() -> float:
 
 class PhaseMemory:
     """Polls this process's RSS every 20 ms and keeps the maximum per phase (setup, reference,
-    train), to say where the peak happens. The exact peak is the parent's os.wait4 ru_maxrss."""
+    train), to say where the peak happens. The exact peak is the parent's os.wait4 ru_maxrss.
+    With ``cuda``, it also keeps torch's peak allocated CUDA memory per phase (reset at each
+    phase change, so the largest of them is the run's peak)."""
 
-    def __init__(self):
+    def __init__(self, cuda: bool = False):
         import threading
 
-        self.phase, self.peaks = "setup", {}
+        self.phase, self.peaks, self.cuda, self.cuda_peaks = "setup", {}, cuda, {}
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -241,16 +269,27 @@ class PhaseMemory:
         rss = _rss_mb()
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
 
+    def close_phase(self):
+        if self.cuda:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            self.cuda_peaks[self.phase] = max(self.cuda_peaks.get(self.phase, 0.0), peak)
+            torch.cuda.reset_peak_memory_stats()
+
     def enter(self, phase: str):
         self.sample()
+        self.close_phase()
         self.phase = phase
         self.sample()
 
     def stop(self) -> dict:
+        """RSS peaks per phase on CPU; CUDA peaks per phase with ``cuda``."""
         self.sample()
+        self.close_phase()
         self._stop.set()
         self._thread.join()
-        return self.peaks
+        return self.cuda_peaks if self.cuda else self.peaks
 
 
 def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
@@ -260,7 +299,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
     from preftune.config import build_config
 
     base_mb = _rss_mb()
-    memory = PhaseMemory()
+    memory = PhaseMemory(cuda=args.device == "cuda")
     step_ends: list[float] = []
     reference_seconds = [0.0]
     write = loop.MetricsLog.write
@@ -287,7 +326,8 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
     layout = "padded" if tool == "preftune-padded" else "auto"
     config = build_config({
         "output_dir": str(workdir / "out"),
-        "model": {"path": case["model_dir"], "dtype": args.dtype},
+        "model": {"path": case["model_dir"], "dtype": args.dtype,
+                  "attn_implementation": "flex_attention" if tool == "preftune-flex" else None},
         "data": {"train": case["data_path"], "format": "conversational",
                  "max_length": case["max_length"], "max_prompt_length": case["max_prompt_length"]},
         "objective": {"name": "dpo", "beta": 0.1},
@@ -300,8 +340,6 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
                   "gradient_checkpointing": tool in ("preftune-gc", "preftune-lean"),
                   "optimizer_in_backward": tool == "preftune-lean"},
     })
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     loop.train(config, show_progress=False)
     phase_peaks = memory.stop()
     run = json.loads((workdir / "out" / "run.json").read_text())
@@ -309,7 +347,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
     return {"step_ends": step_ends, "reference_seconds": reference_seconds[0], "base_mb": base_mb,
             "phase_peaks": phase_peaks, "layout": run["layout"], "losses": [m["loss"] for m in metrics],
             "step_seconds": [m["step_seconds"] for m in metrics],
-            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None}
+            "cuda_peak_mb": max(phase_peaks.values()) if args.device == "cuda" else None}
 
 
 def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
@@ -321,7 +359,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     base_mb = _rss_mb()
-    memory = PhaseMemory()
+    memory = PhaseMemory(cuda=args.device == "cuda")
     precompute = tool.startswith("trl-precompute")
     checkpointing = not tool.endswith("-nogc")  # TRL's default is gradient_checkpointing=True
     reference_seconds = [0.0]
@@ -378,8 +416,6 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
         use_cpu=args.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
     )
     clock = StepClock()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[clock])
     rows = trainer.train_dataset
@@ -394,7 +430,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     return {"step_ends": clock.step_ends, "reference_seconds": reference_seconds[0],
             "base_mb": base_mb, "phase_peaks": phase_peaks, "losses": clock.losses, "layout": "padded",
             "trl_timed_tokens": sum(lengths[case["batch_size"]:]),
-            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None}
+            "cuda_peak_mb": max(phase_peaks.values()) if args.device == "cuda" else None}
 
 
 def run_child(args) -> None:
@@ -473,7 +509,7 @@ def summarize(case: dict, runs: dict, args) -> str:
         f"2..{case['steps']} = {case['timed_tokens']} trained tokens.",
         "",
         f"| tool | layout | tokens/s | x TRL | x fastest TRL | {mem_label} | x TRL | base MB "
-        f"| RSS in ref / train MB | ref s | steps s | e2e s |",
+        f"| {'CUDA' if args.device == 'cuda' else 'RSS'} in ref / train MB | ref s | steps s | e2e s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, row in rows.items():
@@ -525,7 +561,8 @@ def machine_description(args) -> tuple[str, str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
-    parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma list of {', '.join(TOOLS)}")
+    parser.add_argument("--tools", default=None, help=f"comma list of {', '.join(TOOLS)} (default: "
+                                                         "all; preftune-flex on CUDA only)")
     parser.add_argument("--repeats", type=int, default=None, help="default: 1 on CPU, 3 on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default per model)")
     parser.add_argument("--tiny-steps", type=int, default=None, help="steps for the tiny model cases")
@@ -535,6 +572,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per run (torch/OMP); default: torch's default")
+    parser.add_argument("--default-model", default=None,
+                        help="model dir for the smollm2 cases instead of the bundled SmolLM2; a dir "
+                             "with only config.json and tokenizer files gets random weights")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--results", default=str(HERE / "results"), help="where the .md goes")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -544,13 +584,16 @@ def main(argv=None) -> None:
         return
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    tools = ([t.strip() for t in args.tools.split(",") if t.strip()] if args.tools else
+             [t for t in TOOLS if args.device == "cuda" or t != "preftune-flex"])
     for name in cases:
         if name not in CASES:
             parser.error(f"unknown case {name!r}; choose from {', '.join(CASES)}")
     for tool in tools:
         if tool not in TOOLS:
             parser.error(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
+        if tool == "preftune-flex" and args.device != "cuda":
+            parser.error("preftune-flex needs --device cuda (torch has no FlexAttention backward on CPU)")
     repeats = args.repeats or (1 if args.device == "cpu" else 3)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="preftune-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -561,7 +604,8 @@ def main(argv=None) -> None:
     sections = []
     for name in cases:
         steps = args.tiny_steps if CASES[name]["model"] == "tiny" and args.tiny_steps else args.steps
-        case = prepare_case(name, root, args.device, steps, args.batch_size, args.seed)
+        case = prepare_case(name, root, args.device, steps, args.batch_size, args.seed,
+                            args.default_model)
         print(f"== {name}: {case['data_summary']}", flush=True)
         runs: dict[str, list] = {tool: [] for tool in tools}
         for repeat in range(repeats):

@@ -3,7 +3,9 @@
 import json
 import math
 
-from preftune.train.alarms import Alarms
+import torch
+
+from preftune.train.alarms import Alarms, WeightProbe
 
 
 def healthy(step, accuracy=0.8):
@@ -56,3 +58,40 @@ def test_accuracy_stuck_at_chance(tmp_path):
     kinds = [a["kind"] for step, acc in enumerate([0.5, 0.45, 0.55, 0.5], 1)
              for a in alarms.check(healthy(step, acc), [])]
     assert kinds == ["accuracy_at_chance"]
+
+
+class FakeProbe:
+    def __init__(self, moved):
+        self._moved = moved
+
+    def moved(self):
+        return self._moved
+
+
+def test_policy_not_moving_from_unchanged_weights_even_with_nonzero_rewards(tmp_path):
+    """On a GPU the reference pass and the training forward round differently, so rewards are
+    ~1e-7, not 0, when nothing trains: the unchanged weights still raise the alarm."""
+    noisy = {**healthy(3), "rewards/chosen": 3e-7, "rewards/rejected": -2e-7}
+    frozen = Alarms(tmp_path / "a.jsonl", needs_reference=True, weights=FakeProbe(moved=False))
+    raised = frozen.check(noisy, [])
+    assert [a["kind"] for a in raised] == ["policy_not_moving"]
+    assert "bit-for-bit unchanged" in raised[0]["message"]
+    training = Alarms(tmp_path / "b.jsonl", needs_reference=True, weights=FakeProbe(moved=True))
+    assert training.check(noisy, []) == []
+
+
+def test_weight_probe_sees_an_update_and_ignores_none():
+    weight, frozen = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(5))
+    probe = WeightProbe([weight, frozen])
+    assert not probe.moved()
+    with torch.no_grad():
+        weight[3] += 1e-6
+    assert probe.moved()
+
+
+def test_bf16_rounding_away_a_tiny_update_counts_as_not_moving():
+    weight = torch.nn.Parameter(torch.full((8,), 0.5, dtype=torch.bfloat16))
+    probe = WeightProbe([weight])
+    with torch.no_grad():
+        weight += 1e-5  # under half a bf16 ulp of 0.5 (2**-9)
+    assert not probe.moved()

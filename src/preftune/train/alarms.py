@@ -12,14 +12,34 @@ import math
 from collections import deque
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 
+class WeightProbe:
+    """A few leading elements of every trainable tensor, copied at the start: ``moved()`` says
+    whether any of them changed. Cheap (at most 64 numbers per tensor) and exact: unlike
+    rewards, which on a GPU differ from 0 by rounding even when nothing trains."""
+
+    def __init__(self, parameters, per_tensor: int = 64):
+        self.parameters = list(parameters)
+        self.per_tensor = per_tensor
+        self.start = [self._head(p).clone() for p in self.parameters]
+
+    def _head(self, parameter):
+        return parameter.detach().reshape(-1)[: self.per_tensor]
+
+    def moved(self) -> bool:
+        return any(not torch.equal(self._head(p), s) for p, s in zip(self.parameters, self.start))
+
+
 class Alarms:
-    def __init__(self, path: Path, needs_reference: bool, displacement_nats: float = 5.0,
-                 chance_window: int = 20, frozen_after_steps: int = 3):
+    def __init__(self, path: Path, needs_reference: bool, weights: WeightProbe | None = None,
+                 displacement_nats: float = 5.0, chance_window: int = 20,
+                 frozen_after_steps: int = 3):
         self.path = path
         self.needs_reference = needs_reference
+        self.weights = weights
         self.displacement_nats = displacement_nats
         self.frozen_after_steps = frozen_after_steps
         self.accuracies: deque = deque(maxlen=chance_window)
@@ -32,14 +52,8 @@ class Alarms:
             raised.append(self._alarm("non_finite_loss", step,
                                       f"loss is {record['loss']}; optimizer step skipped. Examples "
                                       f"in this batch: {', '.join(example_origins)}", repeat=True))
-        chosen, rejected = record.get("rewards/chosen"), record.get("rewards/rejected")
-        if (self.needs_reference and step >= self.frozen_after_steps
-                and chosen == 0.0 and rejected == 0.0):
-            raised.append(self._alarm(
-                "policy_not_moving", step,
-                f"implied rewards are still exactly 0 after {step} optimizer steps: the policy "
-                "equals the reference. Check that parameters train (LoRA adapters attached, "
-                "learning rate above 0) and that the reference is not the live policy itself."))
+        if step >= self.frozen_after_steps and "policy_not_moving" not in self.fired:
+            raised.append(self._not_moving(record))
         if "logps/ref_chosen" in record:
             drop = record["logps/chosen"] - record["logps/ref_chosen"]
             if drop < -self.displacement_nats:
@@ -63,6 +77,24 @@ class Alarms:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(alarm) + "\n")
         return raised
+
+    def _not_moving(self, record: dict) -> dict | None:
+        step = record["step"]
+        if self.weights is not None and not self.weights.moved():
+            return self._alarm(
+                "policy_not_moving", step,
+                f"the trainable weights are bit-for-bit unchanged after {step} optimizer steps. "
+                "Check the learning rate (0, or steps too small to change bf16/fp16 weights: "
+                "bf16 rounds away updates under ~1/256 of a weight; train in float32 or raise "
+                "it) and that parameters train (LoRA adapters attached, not frozen).")
+        chosen, rejected = record.get("rewards/chosen"), record.get("rewards/rejected")
+        if self.needs_reference and chosen == 0.0 and rejected == 0.0:
+            return self._alarm(
+                "policy_not_moving", step,
+                f"implied rewards are still exactly 0 after {step} optimizer steps: the policy "
+                "equals the reference. Check that parameters train (LoRA adapters attached, "
+                "learning rate above 0) and that the reference is not the live policy itself.")
+        return None
 
     def _alarm(self, kind: str, step: int, message: str, repeat: bool = False) -> dict | None:
         if kind in self.fired and not repeat:

@@ -27,7 +27,7 @@ from ..model.reference import (
 from ..objectives import ObjectiveInputs
 from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
-from .alarms import Alarms
+from .alarms import Alarms, WeightProbe
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
@@ -248,7 +248,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
                                      optimizer, scheduler)
         print(f"resumed from {checkpoint} (step {start_step})")
     log = MetricsLog(output_dir / "metrics.jsonl", keep_through_step=start_step)
-    alarms = Alarms(output_dir / "alarms.jsonl", objective.needs_reference)
+    alarms = Alarms(output_dir / "alarms.jsonl", objective.needs_reference, WeightProbe(trainable))
     order = example_stream(len(train_examples), examples_per_step, total_steps, cfg.seed,
                            shuffle=not config.data.curriculum)
 
@@ -312,8 +312,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     (output_dir / "run.json").write_text(json.dumps(
         {"objective": objective.name, "params": {name: asdict(p) for name, p in
                                                   objective.params_at(0).items()},
-         "reference": strategy, "layout": layout,
-         "steps": total_steps, "train_examples": len(train_examples),
+         "reference": strategy, "layout": layout, "device": device.type,
+         "dtype": config.model.dtype, "steps": total_steps, "train_examples": len(train_examples),
          "eval_examples": len(eval_examples)}, indent=2))
     return output_dir
 

@@ -1,0 +1,125 @@
+"""What only a GPU can check: the layouts and FlexAttention on CUDA (forward and backward), bf16
+models with fp32 log-prob accumulation, and the training loop on CUDA in bf16.
+
+Skipped where torch sees no CUDA device (CI has none). On a GPU machine:
+``pytest tests/test_cuda.py``.
+"""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from preftune.data.layout import LAYOUTS, collate
+from preftune.model.forward import LogpModel, sequence_stats
+from preftune.train import loop
+from preftune.train.logging import read_metrics
+from test_layouts import WEIGHTS, examples
+from tiny_models import char_tokenizer
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.filterwarnings("ignore")]
+
+
+def small_llama(vocab_size: int = 128, seed: int = 1) -> LlamaForCausalLM:
+    """Head dim 16: FlexAttention's CUDA kernels need at least 16."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).float().eval()
+
+
+def stats_and_grads(model, layout, batch_examples, attn="sdpa"):
+    model = copy.deepcopy(model).cuda()
+    model.set_attn_implementation(attn)
+    batch = collate(batch_examples, pad_token_id=0, layout=layout, max_row_tokens=40).to("cuda")
+    stats = sequence_stats(LogpModel(model, chunk_tokens=5)(batch), batch, per_token=True)
+    weights = WEIGHTS[: stats.logps.numel()].view_as(stats.logps).cuda()
+    (stats.logps * weights).sum().backward()
+    return stats, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("responses_per_example", [1, 2, 3])  # unpaired, pairs, ranked lists
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "padded"])
+def test_layouts_on_cuda_match_the_padded_path(layout, responses_per_example, attn):
+    """Prefix-shared and packed rows, with the dense mask (sdpa) or the BlockMask (FlexAttention,
+    backward included), give the padded path's stats and gradients on the GPU in fp32."""
+    model, batch_examples = small_llama(), examples(responses_per_example)
+    plain, plain_grads = stats_and_grads(model, "padded", batch_examples)
+    fast, fast_grads = stats_and_grads(model, layout, batch_examples, attn)
+    torch.testing.assert_close(fast.logps, plain.logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.token_logps, plain.token_logps, atol=1e-5, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bf16_model_log_probs_are_accumulated_in_fp32():
+    """A bf16 model's response log-probs come back in fp32 and agree with the plain forward
+    whose bf16 logits are upcast before the log-softmax; summing in bf16 instead is far worse."""
+    batch_examples = examples(2)
+    model = small_llama().cuda().to(torch.bfloat16)
+    batch = collate(batch_examples, pad_token_id=0, layout="prefix_shared").to("cuda")
+    with torch.no_grad():
+        stats = sequence_stats(LogpModel(model, chunk_tokens=5)(batch), batch)
+    assert stats.logps.dtype == torch.float32
+    upcast, in_bf16 = torch.zeros_like(stats.logps), torch.zeros_like(stats.logps)
+    for e, example in enumerate(batch_examples):
+        for r, response in enumerate(example.response_ids):
+            ids = torch.tensor([example.prompt_ids + response], device="cuda")
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(example.prompt_ids) - 1 : -1]
+            target = torch.tensor(response, device="cuda")[:, None]
+            upcast[e, r] = torch.log_softmax(logits.float(), -1).gather(1, target).sum()
+            in_bf16[e, r] = torch.log_softmax(logits, -1).gather(1, target).sum(dtype=torch.bfloat16).float()
+    error = (stats.logps - upcast).abs().max().item()
+    assert error < 0.05, error  # bf16 attention in two layouts: tiny, not zero
+    assert error < (in_bf16 - upcast).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda-loop")
+    tokenizer = char_tokenizer()
+    small_llama(vocab_size=len(tokenizer)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    lines = []
+    for _ in range(32):
+        a, b = rng.randint(1, 40), rng.randint(1, 40)
+        history = " ".join(f"Earlier: {rng.randint(1, 99)} apples." for _ in range(rng.randint(4, 8)))
+        lines.append(json.dumps({
+            "prompt": [{"role": "user", "content": f"{history} What is {a}+{b}?"}],
+            "chosen": [{"role": "assistant", "content": str(a + b)}],
+            "rejected": [{"role": "assistant", "content": f"It is {a + b + rng.randint(1, 9)}."}]}))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def train(root, name, **model):
+    from preftune.config import build_config
+
+    config = build_config({
+        "output_dir": str(root / name), "model": {"path": str(root / "model"), **model},
+        "data": {"train": str(root / "pairs.jsonl")},
+        "reference": {"strategy": "precomputed", "cache_dir": str(root / f"cache-{name}")},
+        "train": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 3, "warmup_ratio": 0.0,
+                  "seed": 0, "layout": "prefix_shared"},
+    })
+    out = loop.train(config, show_progress=False)
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")], json.loads((out / "run.json").read_text())
+
+
+def test_training_loop_on_cuda_flex_equals_sdpa_and_runs_in_bf16(model_dir):
+    sdpa, run = train(model_dir, "sdpa")
+    assert run["device"] == "cuda"
+    flex, _ = train(model_dir, "flex", attn_implementation="flex_attention")
+    assert flex == pytest.approx(sdpa, rel=1e-4)
+    bf16, _ = train(model_dir, "bf16", dtype="bfloat16", attn_implementation="flex_attention")
+    assert all(torch.isfinite(torch.tensor(bf16)))
+    assert bf16 == pytest.approx(sdpa, rel=0.05)  # same run, bf16 rounding only
