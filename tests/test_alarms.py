@@ -62,9 +62,10 @@ def test_accuracy_stuck_at_chance(tmp_path):
 
 class FakeProbe:
     def __init__(self, moved):
-        self._moved = moved
+        self._moved, self.calls = moved, 0
 
     def moved(self):
+        self.calls += 1
         return self._moved
 
 
@@ -76,11 +77,13 @@ def test_policy_not_moving_from_unchanged_weights_even_with_nonzero_rewards(tmp_
     raised = frozen.check(noisy, [])
     assert [a["kind"] for a in raised] == ["policy_not_moving"]
     assert "bit-for-bit unchanged" in raised[0]["message"]
-    training = Alarms(tmp_path / "b.jsonl", needs_reference=True, weights=FakeProbe(moved=True))
-    assert training.check(noisy, []) == []
+    probe = FakeProbe(moved=True)
+    training = Alarms(tmp_path / "b.jsonl", needs_reference=True, weights=probe)
+    assert all(training.check({**noisy, "step": s}, []) == [] for s in range(3, 12))
+    assert probe.calls == 1  # the weights are read once, not on every step
 
 
-def test_weight_probe_sees_an_update_and_ignores_none():
+def test_weight_probe_sees_a_change_in_any_tensor():
     weight, frozen = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(5))
     probe = WeightProbe([weight, frozen])
     assert not probe.moved()

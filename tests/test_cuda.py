@@ -76,7 +76,8 @@ def test_bf16_model_log_probs_are_accumulated_in_fp32():
                 logits = model(ids).logits[0, len(example.prompt_ids) - 1 : -1]
             target = torch.tensor(response, device="cuda")[:, None]
             upcast[e, r] = torch.log_softmax(logits.float(), -1).gather(1, target).sum()
-            in_bf16[e, r] = torch.log_softmax(logits, -1).gather(1, target).sum(dtype=torch.bfloat16).float()
+            picked = torch.log_softmax(logits, -1).gather(1, target)
+            in_bf16[e, r] = picked.sum(dtype=torch.bfloat16).float()
     error = (stats.logps - upcast).abs().max().item()
     assert error < 0.05, error  # bf16 attention in two layouts: tiny, not zero
     assert error < (in_bf16 - upcast).abs().max().item()

@@ -40,6 +40,7 @@ class Alarms:
         self.path = path
         self.needs_reference = needs_reference
         self.weights = weights
+        self.checked_moving = False
         self.displacement_nats = displacement_nats
         self.frozen_after_steps = frozen_after_steps
         self.accuracies: deque = deque(maxlen=chance_window)
@@ -52,7 +53,8 @@ class Alarms:
             raised.append(self._alarm("non_finite_loss", step,
                                       f"loss is {record['loss']}; optimizer step skipped. Examples "
                                       f"in this batch: {', '.join(example_origins)}", repeat=True))
-        if step >= self.frozen_after_steps and "policy_not_moving" not in self.fired:
+        if step >= self.frozen_after_steps and not self.checked_moving:  # once: reads weights
+            self.checked_moving = True
             raised.append(self._not_moving(record))
         if "logps/ref_chosen" in record:
             drop = record["logps/chosen"] - record["logps/ref_chosen"]
