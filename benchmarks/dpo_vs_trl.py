@@ -145,13 +145,22 @@ def make_records(kind: str, count: int, seed: int) -> list[dict]:
 # case preparation (parent process)
 
 
-def tiny_model_dir(root: Path, default_dir: str) -> str:
-    """A small random Llama with SmolLM2's tokenizer (and vocabulary), saved once under ``root``."""
-    target = root / "tiny-llama"
+def save_random_model(target: Path, config, tokenizer_source: str) -> str:
+    """Random weights (seed 0) for ``config`` with ``tokenizer_source``'s tokenizer, saved once."""
     if (target / "config.json").exists():
         return str(target)
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(target)
+    return str(target)
+
+
+def tiny_model_dir(root: Path, default_dir: str) -> str:
+    """A small random Llama with SmolLM2's tokenizer (and vocabulary)."""
+    from transformers import AutoTokenizer, LlamaConfig
 
     tokenizer = AutoTokenizer.from_pretrained(default_dir)
     config = LlamaConfig(
@@ -160,28 +169,17 @@ def tiny_model_dir(root: Path, default_dir: str) -> str:
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return str(target)
+    return save_random_model(root / "tiny-llama", config, default_dir)
 
 
 def random_init_dir(root: Path, source: str) -> str:
     """The architecture of ``source`` (its config.json and tokenizer, no weights needed) with
-    random weights (seed 0), saved once under ``root``. Speed and memory depend on the shapes
-    only, so this stands in for the real checkpoint where its weights cannot be installed."""
-    target = root / f"{Path(source).name}-random-init"
-    if (target / "config.json").exists():
-        return str(target)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    random weights. Speed and memory depend on the shapes only, so this stands in for the real
+    checkpoint where its weights cannot be installed."""
+    from transformers import AutoConfig
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
-    return str(target)
+    return save_random_model(root / f"{Path(source).name}-random-init",
+                             AutoConfig.from_pretrained(source), source)
 
 
 def example_order(num_examples: int, batch_size: int, steps: int, seed: int) -> list[int]:
