@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune.config import ConfigError, build_config
-from preftune.train import loop
+from preftune.train import loop, trainer
 from preftune.train.logging import read_metrics
 from tiny_models import save_tiny_model_dir
 
@@ -86,7 +86,7 @@ def test_interrupt_and_resume_matches_uninterrupted(workspace, monkeypatch):
     settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4)
     straight = run(workspace, "straight", **settings)
 
-    real_save = loop.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     def save_then_crash(directory, step, *args, **kwargs):
         path = real_save(directory, step, *args, **kwargs)
@@ -94,10 +94,10 @@ def test_interrupt_and_resume_matches_uninterrupted(workspace, monkeypatch):
             raise KeyboardInterrupt("simulated crash after step 4")
         return path
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(workspace, "interrupted", **settings)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     # a crash may leave log lines past the checkpoint: write one to prove they are dropped
     interrupted_dir = workspace / "runs" / "interrupted"
     with (interrupted_dir / "metrics.jsonl").open("a") as handle:
@@ -249,11 +249,11 @@ def test_optimizer_in_backward_resumes_exactly(workspace, monkeypatch):
         path = real_save(directory, step, *args, **kwargs)
         raise KeyboardInterrupt("simulated crash")
 
-    real_save = loop.save_checkpoint
-    monkeypatch.setattr(loop, "save_checkpoint", crash_at_2)
+    real_save = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", crash_at_2)
     with pytest.raises(KeyboardInterrupt):
         run(workspace, "in-bwd-crash", **settings)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     config = build_config(_tree_of(workspace / "runs" / "in-bwd-crash"))
     resumed = loop.train(config, resume=True, show_progress=False)
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)

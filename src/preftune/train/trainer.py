@@ -1,0 +1,205 @@
+"""The optimization loop every trainer shares: setup, one step, finish.
+
+A ``Task`` says what is trained and how a batch becomes per-example losses (a policy under a
+preference objective, a reward model under a reward loss, one online round ...). ``Trainer``
+does everything else the same way for all of them: AdamW (or AdamW inside backward), the
+learning-rate schedule, gradient accumulation and clipping, skipping non-finite steps, metrics,
+alarms, evaluation, atomic checkpoints and resume, and the final save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from accelerate import Accelerator
+
+from ..config import TrainConfig
+from .alarms import Alarms, WeightProbe
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .in_backward import AdamWInBackward
+from .logging import MetricsLog, progress_bar
+
+
+class Task(Protocol):
+    """What a trainer trains. ``module`` holds the trainable parameters; ``losses`` runs it on
+    one micro-batch and returns per-example losses [E] plus ``{name: (sum, count)}`` metrics."""
+
+    name: str
+    module: torch.nn.Module
+    train_examples: list
+    eval_examples: list
+    make_batch: Callable
+    needs_reference: bool
+
+    def losses(self, module, batch, step: int) -> tuple[torch.Tensor, dict]: ...
+
+    def evaluate(self, module, step: int) -> dict: ...
+
+    def save(self, module, output_dir: Path) -> None: ...
+
+    def run_info(self) -> dict: ...
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def example_stream(num_examples: int, examples_per_step: int, total_steps: int, seed: int,
+                   shuffle: bool = True):
+    """Example order for the whole run: a fresh permutation per epoch, fixed by the seed (or the
+    data's own order, for curricula). Step k always trains on the same examples, which is what
+    makes resuming exact.
+    """
+    needed, order, epoch = total_steps * examples_per_step, [], 0
+    while len(order) < needed:
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order += (torch.randperm(num_examples, generator=generator).tolist() if shuffle
+                  else list(range(num_examples)))
+        epoch += 1
+    return order
+
+
+def count_steps(cfg: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, else enough for ``epochs`` over the data."""
+    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / examples_per_step))
+
+
+def add_metrics(totals: dict, new: dict) -> None:
+    for name, (value, count) in new.items():
+        old_value, old_count = totals.get(name, (0.0, 0.0))
+        totals[name] = (old_value + value, old_count + count)
+
+
+def means(totals: dict) -> dict:
+    return {name: value / count for name, (value, count) in totals.items() if count}
+
+
+class Trainer:
+    """Setup in ``__init__``, ``step(k)`` runs optimizer step k, ``finish()`` saves; ``run()``
+    does all three. The task's module is trained in place."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, output_dir: Path, accelerator: Accelerator,
+                 total_steps: int, resume: bool = False, show_progress: bool = True,
+                 shuffle: bool = True):
+        self.task, self.cfg, self.output_dir = task, cfg, Path(output_dir)
+        self.accelerator, self.total_steps = accelerator, total_steps
+        self.examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.trainable = [p for p in task.module.parameters() if p.requires_grad]
+        if cfg.optimizer_in_backward:  # each weight updated as its gradient completes
+            optimizer = AdamWInBackward(self.trainable, cfg.learning_rate, cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate,
+                                          weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps), cfg.schedule))
+        self.module, self.optimizer = accelerator.prepare(task.module, optimizer)
+        self.in_backward = optimizer if cfg.optimizer_in_backward else None
+
+        self.start_step = 0
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        if resume:
+            checkpoint = latest_checkpoint(self.checkpoint_dir)
+            if checkpoint is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir}")
+            self.start_step = load_checkpoint(checkpoint, self.unwrapped, self.optimizer,
+                                              self.scheduler)
+            print(f"resumed from {checkpoint} (step {self.start_step})")
+        self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step)
+        self.alarms = Alarms(self.output_dir / "alarms.jsonl", task.needs_reference,
+                             WeightProbe(self.trainable))
+        self.order = example_stream(len(task.train_examples), self.examples_per_step,
+                                    total_steps, cfg.seed, shuffle=shuffle)
+        self.bar = progress_bar(total_steps, f"train {task.name}", initial=self.start_step,
+                                disable=not show_progress)
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.module)
+
+    def run(self) -> Path:
+        for step in range(self.start_step, self.total_steps):
+            self.step(step)
+        return self.finish()
+
+    def step(self, step: int) -> dict:
+        """Optimizer step ``step`` (0-based): accumulate, clip, update, log, evaluate, save."""
+        cfg, task = self.cfg, self.task
+        started = time.perf_counter()
+        indices = self.order[step * self.examples_per_step : (step + 1) * self.examples_per_step]
+        sums: dict = {}
+        real_tokens = slots = 0
+        for micro in range(cfg.gradient_accumulation_steps):
+            chunk = indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+            batch = task.make_batch([task.train_examples[i] for i in chunk]).to(
+                self.accelerator.device)
+            losses, metrics = task.losses(self.module, batch, step)
+            # Sum over examples / examples per optimizer step: the step's gradient is the mean
+            # over all its examples however they are split into micro-batches.
+            self.accelerator.backward(losses.sum() / self.examples_per_step)
+            add_metrics(sums, metrics)
+            real_tokens += batch.real_tokens
+            slots += batch.attention_mask.numel()
+        if self.in_backward is not None:
+            grad_norm = self.in_backward.grad_norm()  # its updates already ran (no clipping)
+        else:
+            grad_norm = (self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                         if cfg.max_grad_norm else _grad_norm(self.trainable))
+        learning_rate = self.scheduler.get_last_lr()[0]
+        if math.isfinite(sums["loss"][0]):  # a non-finite loss would poison the weights
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+
+        record = {"step": step + 1, **means(sums),
+                  "lr": learning_rate, "grad_norm": float(grad_norm),
+                  "tokens_per_second": real_tokens / seconds,
+                  "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
+        raised = self.alarms.check(record, [task.train_examples[i].origin for i in indices])
+        if raised:
+            record["alarms"] = [alarm["kind"] for alarm in raised]
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            record.update({f"eval/{k}": v for k, v in task.evaluate(self.module, step).items()})
+        if (step + 1) % cfg.log_every == 0 or "eval/loss" in record or raised:
+            self.log.write(record)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}",
+                             **({"acc": f"{record['rewards/accuracies']:.2f}"}
+                                if "rewards/accuracies" in record else {}))
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < self.total_steps:
+            save_checkpoint(self.checkpoint_dir, step + 1, self.unwrapped, self.optimizer,
+                            self.scheduler, cfg.keep_checkpoints)
+        return record
+
+    def finish(self) -> Path:
+        """Save the trained model and ``run.json``; returns the output directory."""
+        self.bar.close()
+        self.task.save(self.unwrapped, self.output_dir)
+        info = {**self.task.run_info(), "device": self.accelerator.device.type,
+                "steps": self.total_steps, "train_examples": len(self.task.train_examples),
+                "eval_examples": len(self.task.eval_examples)}
+        (self.output_dir / "run.json").write_text(json.dumps(info, indent=2))
+        return self.output_dir
+
+
+def _grad_norm(parameters) -> torch.Tensor:
+    grads = [p.grad.norm() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
