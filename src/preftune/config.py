@@ -47,7 +47,7 @@ class DataConfig(Section):
     eval_fraction: float = 0.0  # split this share off train when no eval file is given
     format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
     fields: dict[str, str] = {}
-    shape: Literal["auto", "pairs", "unpaired", "ranked"] = "auto"
+    shape: Literal["auto", "pairs", "unpaired", "ranked", "rated"] = "auto"
     # turn the data into the shape the objective needs, e.g. ranked lists into pairs
     convert: Literal["pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
                      "unpaired"] | None = None
@@ -237,6 +237,11 @@ def build_config(tree: dict, source: str = "the config") -> Config:
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config file and apply ``key=value`` overrides."""
+    return build_config(read_tree(path, overrides), path or "the config")
+
+
+def read_tree(path: str | None, overrides: list[str] = ()) -> dict:
+    """A YAML config file as a dict, with ``key=value`` overrides applied."""
     tree: dict = {}
     if path is not None:
         file = Path(path)
@@ -250,4 +255,4 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-6")
         key, value = item.split("=", 1)
         set_dotted(tree, key.strip(), value)
-    return build_config(tree, path or "the config")
+    return tree

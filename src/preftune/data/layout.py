@@ -46,6 +46,8 @@ class Batch:
     position_ids: torch.Tensor | None = None  # [rows, T]
     unit_ids: torch.Tensor | None = None  # [rows, T], -1 on padding
     segment_ids: torch.Tensor | None = None  # [rows, T], -1 on prompt tokens
+    last_token_positions: torch.Tensor | None = None  # [num_responses] flat index of each end
+    token_type_ids: torch.Tensor | None = None  # [rows, T] encoders: 1 on response tokens
 
     @property
     def num_examples(self) -> int:
@@ -121,6 +123,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
     unit_ids = torch.full((len(rows), width), -1, dtype=torch.long)
     segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
     positions, targets, owners, offsets = [], [], [], []
+    ends = torch.zeros(len(examples) * per_example, dtype=torch.long)
     for row_number, row in enumerate(rows):
         cursor = 0
         for unit_in_row, unit in enumerate(row):
@@ -147,6 +150,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
                 owners.append(torch.full((len(response),), e * per_example + r))
                 offsets.append(torch.arange(len(response)))
                 cursor += len(response)
+                ends[e * per_example + r] = row_number * width + cursor - 1
         attention_mask[row_number, :cursor] = 1
     custom_mask = shared or packed
     return Batch(
@@ -162,6 +166,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         position_ids=position_ids if custom_mask else None,
         unit_ids=unit_ids if custom_mask else None,
         segment_ids=segment_ids if custom_mask else None,
+        last_token_positions=ends,
     )
 
 

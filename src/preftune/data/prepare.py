@@ -38,8 +38,10 @@ def _same_response_count(examples, split: str) -> None:
             "convert lists to pairs (data.convert: pairs:best_vs_worst).")
 
 
-def prepare_examples(data_config, tokenizer, seed: int):
-    """Read, convert, split and tokenize. Returns (train, eval, report dict, data shape)."""
+def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_records):
+    """Read, convert, split and tokenize. Returns (train, eval, report dict, data shape).
+    ``tokenize(records, tokenizer, settings)`` is ``tokenize_records`` unless a model reads its
+    inputs another way (encoder reward models)."""
     if not data_config.train:
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
@@ -55,14 +57,14 @@ def prepare_examples(data_config, tokenizer, seed: int):
         train_records = [train_records[i] for i in sorted(order[n_eval:])]
     if data_config.curriculum:
         train_records = curriculum_order(train_records)
-    train, train_report = tokenize_records(train_records, tokenizer, settings)
+    train, train_report = tokenize(train_records, tokenizer, settings)
     if not train:
         raise DataError(f"no training example survived tokenization: {train_report.as_dict()}")
     _same_response_count(train, "train")
     report = {"shape": shape, "train": train_report.as_dict()}
     evaluation = []
     if eval_records:
-        evaluation, eval_report = tokenize_records(eval_records, tokenizer, settings)
+        evaluation, eval_report = tokenize(eval_records, tokenizer, settings)
         _same_response_count(evaluation, "eval")
         report["eval"] = eval_report.as_dict()
     return train, evaluation, report, shape

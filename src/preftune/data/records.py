@@ -1,7 +1,8 @@
 """Canonical preference records: what every source file is read into.
 
-Three shapes: ``Pair`` (chosen vs rejected, optionally a gold reference), ``Unpaired`` (one
-response with a thumbs-up/down) and ``Ranked`` (K responses with a score each). ``JointPair`` is
+Four shapes: ``Pair`` (chosen vs rejected, optionally a gold reference), ``Unpaired`` (one
+response with a thumbs-up/down), ``Ranked`` (K responses with a score each) and ``Rated`` (one
+response with numeric ratings, for reward models). ``JointPair`` is
 a pairs record whose two responses answer different prompts (DOVE, arXiv:2404.00530); downstream
 it is an ordinary pairs example. A record is independent of any tokenizer. Text fields are either
 a plain string or a list of chat messages (``{"role": ..., "content": ...}``); the tokenizer stage
@@ -162,5 +163,26 @@ class Ranked(_Record):
         return {**self.scores, "response_scores": list(self.response_scores)}
 
 
-RECORD_TYPES = {cls.shape: cls for cls in (Pair, Unpaired, Ranked)}
-SHAPES = tuple(RECORD_TYPES)  # "pairs", "unpaired", "ranked"
+@dataclass(frozen=True)
+class Rated(_Record):
+    """One prompt and one ``response`` with numeric ratings in ``scores`` (e.g. HelpSteer2's
+    helpfulness, correctness, ...): what regression and quantile reward models fit."""
+
+    shape: ClassVar[str] = "rated"
+
+    prompt: Text
+    response: Text
+    origin: str = ""
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def responses(self) -> tuple:
+        return (self.response,)
+
+    def side_data(self) -> dict:
+        """Numbers for the batch: the ratings and any other numeric fields."""
+        return dict(self.scores)
+
+
+RECORD_TYPES = {cls.shape: cls for cls in (Pair, Unpaired, Ranked, Rated)}
+SHAPES = tuple(RECORD_TYPES)  # "pairs", "unpaired", "ranked", "rated"

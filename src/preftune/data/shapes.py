@@ -16,20 +16,21 @@ import math
 import os
 from typing import Any
 
-from .records import DataError, JointPair, Pair, Ranked, Unpaired
+from .records import DataError, JointPair, Pair, Ranked, Rated, Unpaired
 
 JOINT_PROMPT_FIELDS = ("chosen_prompt", "rejected_prompt")  # a joint pair's prompt per side
 SHAPE_FIELDS = {
     "pairs": ("prompt", "chosen", "rejected", "gold", *JOINT_PROMPT_FIELDS),
     "unpaired": ("prompt", "completion", "label"),
     "ranked": ("prompt", "responses", "scores", "ranks"),
+    "rated": ("prompt", "response"),
 }
 CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for n in names))
-TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses",
+TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses", "response",
                *JOINT_PROMPT_FIELDS)
 # the fields that identify a shape; "responses" must also hold a list
 SIGNATURES = {"pairs": ("chosen", "rejected"), "unpaired": ("completion", "label"),
-              "ranked": ("responses",)}
+              "ranked": ("responses",), "rated": ("response",)}
 LABEL_STRINGS = {"true": True, "false": False, "1": True, "0": False}
 ASSISTANT_MARKER = "\n\nAssistant:"
 FIELDS_HINT = "map column names with fields={...} (config key data.fields)"
@@ -40,7 +41,7 @@ FIELDS_HINT = "map column names with fields={...} (config key data.fields)"
 
 
 def parse_row(shape: str, row: dict, columns: dict, format: str, origin: str, mixed: bool):
-    """One source row -> a ``Pair``, ``JointPair``, ``Unpaired`` or ``Ranked`` record."""
+    """One source row -> a ``Pair``, ``JointPair``, ``Unpaired``, ``Ranked`` or ``Rated`` record."""
     return PARSERS[shape](row, columns, format, origin, mixed)
 
 
@@ -145,7 +146,14 @@ def _to_ranked(row: dict, columns: dict, format: str, origin: str, mixed: bool) 
                   origin=origin, scores=_extras(row, columns, "ranked"))
 
 
-PARSERS = {"pairs": _to_pair, "unpaired": _to_unpaired, "ranked": _to_ranked}
+def _to_rated(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Rated:
+    response = _get(row, columns, "response", origin)
+    prompt = _prompt(row, columns, format, origin, mixed)
+    response = _reply(response, columns, "response", format, origin, mixed)
+    return Rated(prompt, response, origin=origin, scores=_extras(row, columns, "rated"))
+
+
+PARSERS = {"pairs": _to_pair, "unpaired": _to_unpaired, "ranked": _to_ranked, "rated": _to_rated}
 
 
 # ---------------------------------------------------------------------------------------------

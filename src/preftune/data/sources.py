@@ -1,9 +1,11 @@
-"""Preference data files -> canonical records (``Pair``/``JointPair``, ``Unpaired``, ``Ranked``).
+"""Preference data files -> canonical records (``Pair``/``JointPair``, ``Unpaired``, ``Ranked``,
+``Rated``).
 
 Reads JSONL, JSON, Parquet, CSV and Hugging Face datasets saved with ``save_to_disk``. The
 record shape comes from the fields (chosen + rejected: pairs; completion + label: unpaired;
-responses + scores/ranks: ranked); text is standard (strings), conversational (message lists)
-or, for pairs, implicit (no prompt: chosen and rejected share a prefix). A pair with
+responses + scores/ranks: ranked; response + numeric ratings: rated); text is standard
+(strings), conversational (message lists) or, for pairs, implicit (no prompt: chosen and
+rejected share a prefix). A pair with
 ``chosen_prompt`` and ``rejected_prompt`` instead of ``prompt`` is a joint pair. Row parsing lives
 in ``shapes.py``.
 """
@@ -29,11 +31,12 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     """Read a preference file into ``Pair``, ``JointPair``, ``Unpaired`` or ``Ranked`` records.
 
     ``shape`` is "auto" (decided by the first record's fields; every record must then match),
-    "pairs", "unpaired" or "ranked". ``format`` is "auto" (decided by the first record),
+    "pairs", "unpaired", "ranked" or "rated". ``format`` is "auto" (decided by the first record),
     "standard", "conversational" or "implicit" (pairs only). A pairs record with
     ``chosen_prompt`` and ``rejected_prompt`` (and no ``prompt``) becomes a ``JointPair``; a file
     may mix these with ordinary pairs. ``fields`` maps canonical names (prompt, chosen, rejected,
-    gold, chosen_prompt, rejected_prompt, completion, label, responses, scores, ranks) to the
+    gold, chosen_prompt, rejected_prompt, completion, label, responses, scores, ranks, response)
+    to the
     file's column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to
     ``record.scores``. ``origin`` is ``path:LINE`` (1-based) for JSONL and ``path:record I``
     (0-based) otherwise.
@@ -278,7 +281,7 @@ def _detect_shape(row: dict, columns: dict, origin: str) -> str:
         raise DataError(
             f"{origin}: cannot tell the record's shape: it has the fields of "
             f"{' and '.join(f'{s} ({signature(s, columns)})' for s in full)}. Choose one with "
-            f"shape='pairs', 'unpaired' or 'ranked'."
+            f"shape='pairs', 'unpaired', 'ranked' or 'rated'."
         )
     # nothing complete: go by any identifying column, so the parser names the missing one
     partial = [s for s, names in SIGNATURES.items() if any(columns[n] in row for n in names)]
@@ -287,8 +290,9 @@ def _detect_shape(row: dict, columns: dict, origin: str) -> str:
     raise DataError(
         f"{origin}: cannot tell the record's shape from its fields ({present_fields(row)}). "
         f"Expected {signature('pairs', columns)} (pairs), {signature('unpaired', columns)} "
-        f"(unpaired) or {columns['responses']!r} with {columns['scores']!r} or "
-        f"{columns['ranks']!r} (ranked). If they are under other names, {FIELDS_HINT}."
+        f"(unpaired), {columns['responses']!r} with {columns['scores']!r} or "
+        f"{columns['ranks']!r} (ranked) or {columns['response']!r} with numeric ratings (rated). "
+        f"If they are under other names, {FIELDS_HINT}."
     )
 
 

@@ -78,10 +78,12 @@ class _Rendered:
 
 
 def tokenize_records(
-    records: Sequence, tokenizer, settings: TokenizeSettings
+    records: Sequence, tokenizer, settings: TokenizeSettings, keep_empty: bool = False
 ) -> tuple[list[TokenizedExample], TokenizeReport]:
-    """Tokenize records (``Pair``, ``JointPair``, ``Unpaired``, ``Ranked``) into examples;
-    returns them with a report of drops, truncations and merges."""
+    """Tokenize records (``Pair``, ``JointPair``, ``Unpaired``, ``Ranked``, ``Rated``) into
+    examples; returns them with a report of drops, truncations and merges. Records with an empty
+    response are dropped for training; ``keep_empty`` keeps them (scoring a model's empty
+    answer: the response is EOS alone)."""
     if settings.max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {settings.max_length}")
     if settings.max_prompt_length is not None and settings.max_prompt_length < 1:
@@ -101,7 +103,8 @@ def tokenize_records(
         item = _render(index, record, tokenizer, string_prefix)
         if any(not text.strip() for text in item.response_texts):
             report.empty_responses += 1
-            continue
+            if not keep_empty:
+                continue
         if len(set(item.response_texts)) < len(item.response_texts):
             report.identical_responses += 1
         rendered.append(item)

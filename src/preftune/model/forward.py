@@ -46,6 +46,24 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def run_decoder(decoder: nn.Module, batch: Batch, config, **kwargs):
+    """The decoder stack on a batch in any layout: the one forward every model path uses.
+
+    Padded rows use the plain padding mask. Prefix-shared and packed rows get their
+    visibility rule (each response sees its prompt and itself; units never see each other) as a
+    dense additive mask, or as a FlexAttention block mask when the model runs flex_attention,
+    with positions that restart after the prompt.
+    """
+    if batch.unit_ids is None:
+        mask, positions = batch.attention_mask, None
+    elif config._attn_implementation == "flex_attention":  # block-sparse, no [T, T] mask
+        mask, positions = batch.block_mask(), batch.position_ids
+    else:  # prefix-shared or packed rows: per-token visibility, positions restart
+        mask, positions = batch.attention_bias(decoder.dtype), batch.position_ids
+    return decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+                   use_cache=False, **kwargs)
+
+
 class LogpModel(nn.Module):
     """Wraps a causal LM so one ``forward`` returns log-probs of the batch's response tokens.
 
@@ -85,16 +103,7 @@ class LogpModel(nn.Module):
         features of its output at those positions, [layers, n] (SparsePO's activation masks).
         """
         lm = causal_lm_of(self.model)
-        if batch.unit_ids is None:
-            mask, positions = batch.attention_mask, None
-        elif lm.config._attn_implementation == "flex_attention":  # block-sparse, no [T, T] mask
-            mask, positions = batch.block_mask(), batch.position_ids
-        else:  # prefix-shared or packed rows: per-token visibility, positions restart
-            mask, positions = batch.attention_bias(lm.dtype), batch.position_ids
-        out = lm.get_decoder()(
-            input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-            use_cache=False, output_hidden_states=layer_means,
-        )
+        out = run_decoder(lm.get_decoder(), batch, lm.config, output_hidden_states=layer_means)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         weight = lm.get_output_embeddings().weight
         if not layer_means:

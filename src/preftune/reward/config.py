@@ -1,0 +1,122 @@
+"""Typed configuration of ``preftune rm train``: the policy config's sections where they mean the
+same thing (data, train, LoRA), plus the head and the reward loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+
+from ..config import (ConfigError, DataConfig, ModelConfig, Section, TrainConfig, _describe,
+                      _unknown, read_tree)
+from .heads import Head, HeadError
+from .losses import get_reward_loss
+
+
+class HeadSettings(Section):
+    """``model.head``: which head and its settings (see ``reward/heads.py``). ``auto`` takes the
+    loss's natural head: gpm -> gpm, quantile -> quantile, regression with attributes ->
+    attributes, otherwise scalar."""
+
+    kind: Literal["auto", "scalar", "attributes", "quantile", "gpm"] = "auto"
+    attributes: list[str] = []
+    weights: list[float] = []
+    quantiles: list[float] = list(Head().quantiles)
+    risk: str = "mean"
+    dims: int = 4
+    tau: float = 0.1
+    target: str = "score"
+
+
+class RewardModelConfig(ModelConfig):
+    head: HeadSettings = HeadSettings()
+
+
+class RewardLossConfig(BaseModel):
+    """``name`` plus that loss's parameters, e.g. ``{name: bt_margin, margin_field: gap}``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "bt"
+
+    @model_validator(mode="after")
+    def _known_params(self):
+        try:
+            spec = get_reward_loss(self.name)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        known = {f.name for f in dataclasses.fields(spec.params)}
+        for key in self.model_extra or {}:
+            if key not in known:
+                raise ValueError(_unknown(f"loss.{key}", key, known, f"reward loss {self.name}"))
+        try:
+            TypeAdapter(spec.params).validate_python(self.model_extra or {})
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"loss.{'.'.join(map(str, first['loc']))}: {first['msg']} "
+                             f"(got {first.get('input')!r})") from None
+        return self
+
+    def params(self):
+        return TypeAdapter(get_reward_loss(self.name).params).validate_python(
+            self.model_extra or {})
+
+
+class RewardTrainConfig(TrainConfig):
+    learning_rate: float = 1e-5  # a fresh head needs more than a policy's 1e-6
+
+
+class RewardConfig(Section):
+    output_dir: str = "runs/reward"
+    model: RewardModelConfig = RewardModelConfig()
+    data: DataConfig = DataConfig()
+    loss: RewardLossConfig = RewardLossConfig()
+    train: RewardTrainConfig = RewardTrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        spec = get_reward_loss(self.loss.name)
+        head = self.head  # validates the head settings
+        if head.kind not in spec.heads:
+            raise ValueError(f"reward loss {spec.name} fits a {' or '.join(spec.heads)} head, not "
+                             f"model.head.kind {head.kind!r}; change one of them (or set "
+                             "model.head.kind: auto).")
+        if self.train.eval_every and self.data.eval is None and self.data.eval_fraction <= 0:
+            raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
+        if self.data.eval is not None and self.data.eval_fraction > 0:
+            raise ValueError("set data.eval or data.eval_fraction, not both.")
+        if self.train.max_row_tokens is not None and not self.train.layout.startswith("packed"):
+            raise ValueError("train.max_row_tokens only applies to packed layouts; set "
+                             "train.layout to 'packed' or 'packed_prefix_shared', or remove it.")
+        if self.train.optimizer_in_backward and (self.train.gradient_accumulation_steps != 1
+                                                 or self.train.max_grad_norm is not None):
+            raise ValueError("train.optimizer_in_backward needs train.gradient_accumulation_steps"
+                             ": 1 and train.max_grad_norm: null.")
+        return self
+
+    @property
+    def head(self) -> Head:
+        settings = self.model.head.model_dump()
+        kind = settings.pop("kind")
+        if kind == "auto":
+            spec = get_reward_loss(self.loss.name)
+            kind = ("attributes" if "attributes" in spec.heads and settings["attributes"]
+                    else spec.heads[0])
+        try:
+            return Head(kind=kind, **settings)
+        except HeadError as error:
+            raise ValueError(str(error)) from None
+
+
+def build_reward_config(tree: dict, source: str = "the config") -> RewardConfig:
+    try:
+        return RewardConfig.model_validate(tree)
+    except ValidationError as error:
+        problems = "\n  ".join(_describe(e, RewardConfig) for e in error.errors())
+        raise ConfigError(f"invalid reward-model configuration in {source}:\n  {problems}") from None
+
+
+
+def load_reward_config(path: str | None, overrides: list[str] = ()) -> RewardConfig:
+    """Read a reward-model YAML config and apply ``key=value`` overrides."""
+    return build_reward_config(read_tree(path, overrides), path or "the config")

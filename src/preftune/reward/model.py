@@ -1,0 +1,195 @@
+"""A reward model: a Hugging Face sequence-classification model plus the ``Head`` that says what
+its outputs mean.
+
+Decoders (Llama, Qwen, Mistral, GPT-2 ... anything whose ``*ForSequenceClassification`` scores
+the last token with a ``score`` layer) run through preftune's own decoder pass, so the
+prefix-shared and packed layouts apply: the prompt of a pair or list is encoded once, and only
+the hidden state of each response's last token is projected. Encoders (BERT-style) run through
+their own ``forward`` on padded text pairs. Either way the saved directory is a plain
+``AutoModelForSequenceClassification`` model that gives the same outputs, plus
+``preftune_reward.json`` (the head).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.layout import choose_layout, collate
+from ..model.forward import causal_lm_of, run_decoder
+from ..model.load import DTYPES, add_lora, load_tokenizer, resolve_model_dir
+from .encoder import collate_encoder
+from .heads import HEAD_FILE, Head
+
+PAD_CANDIDATES = ("unk_token", "<|endoftext|>", "<pad>", "[PAD]", "bos_token")
+
+
+def is_last_token_classifier(model: nn.Module) -> bool:
+    """Whether a sequence-classification model scores the last token with ``score`` (decoders)."""
+    classifier = causal_lm_of(model)
+    return isinstance(getattr(classifier, "score", None), nn.Module)
+
+
+def reward_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token that is not EOS.
+
+    Responses end with EOS and the reward is read there; transformers' sequence-classification
+    models read the last token that is *not* the pad token, so with pad == EOS they would read
+    the token before it. A special token the tokenizer already has takes the pad role instead.
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        token = getattr(tokenizer, candidate, None) if candidate.endswith("_token") else candidate
+        if token is not None and token in vocab and vocab[token] != tokenizer.eos_token_id:
+            tokenizer.pad_token = token
+            return
+    raise ValueError("the tokenizer has no token that can pad without being its EOS token; add a "
+                     "pad token (tokenizer.add_special_tokens({'pad_token': '<pad>'})) and resize "
+                     "the model's embeddings first.")
+
+
+class RewardModel(nn.Module):
+    """``forward(batch) -> [examples, responses, K]`` fp32 head outputs (see ``heads.py``)."""
+
+    def __init__(self, model: nn.Module, head: Head):
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.last_token = is_last_token_classifier(model)
+
+    def forward(self, batch) -> torch.Tensor:
+        classifier = causal_lm_of(self.model)
+        shape = (batch.num_examples, batch.responses_per_example, -1)
+        if not self.last_token:  # encoders: their own pooling, one padded row per response
+            kwargs = {} if batch.token_type_ids is None else {
+                "token_type_ids": batch.token_type_ids}
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                **kwargs).logits
+            return logits.float().view(shape)
+        decoder = classifier.base_model
+        hidden = run_decoder(decoder, batch, classifier.config).last_hidden_state
+        last = hidden.reshape(-1, hidden.shape[-1])[batch.last_token_positions]
+        return classifier.score(last).float().view(shape)
+
+    def make_batch(self, pad_token_id: int, layout: str = "auto", max_row_tokens=None):
+        """A collate function for this model: decoders take any layout, encoders padded rows."""
+        if not self.last_token:
+            return lambda examples: collate_encoder(examples, pad_token_id)
+
+        def make(examples):
+            chosen = choose_layout(examples) if layout == "auto" else layout
+            return collate(examples, pad_token_id, chosen, max_row_tokens)
+
+        return make
+
+    # -- storage ----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: Path, tokenizer, extra: dict | None = None,
+                        save_merged: bool = True) -> dict[str, Path]:
+        """``model/`` (a plain sequence-classification model) and, with LoRA, ``adapter/``;
+        ``preftune_reward.json`` in each."""
+        directory = Path(directory)
+        written = {}
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # LoRA (PEFT)
+            model.save_pretrained(directory / "adapter")
+            tokenizer.save_pretrained(directory / "adapter")
+            self.head.save(directory / "adapter", extra)
+            written["adapter"] = directory / "adapter"
+            if not save_merged:
+                return written
+            model = copy.deepcopy(model).merge_and_unload()
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(directory / "model", safe_serialization=True)
+        tokenizer.save_pretrained(directory / "model")
+        self.head.save(directory / "model", extra)
+        written["model"] = directory / "model"
+        return written
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "float32", trust_remote_code: bool = False):
+        """(reward model, tokenizer) from a saved reward model: its directory or a run
+        directory that holds ``model/``."""
+        directory = reward_model_dir(path)
+        head, _ = Head.load(directory)
+        model, tokenizer = load_backbone(str(directory), head, dtype, trust_remote_code)
+        return cls(model.eval(), head), tokenizer
+
+
+def reward_model_dir(path: str) -> Path:
+    """The directory of a saved reward model given it or the run directory above it."""
+    directory = Path(path)
+    if (directory / "model" / HEAD_FILE).exists():
+        return directory / "model"
+    if (directory / HEAD_FILE).exists():
+        return directory
+    raise FileNotFoundError(
+        f"{path} is not a preftune reward model: no {HEAD_FILE} in it or in {path}/model. Pass "
+        "the output_dir of `preftune rm train` (or its model/ directory).")
+
+
+def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_code: bool = False,
+                  attn_implementation: str | None = None):
+    """(sequence-classification model with ``head.num_outputs`` outputs, tokenizer).
+
+    ``path`` is anything ``model.path`` accepts: ``default``, ``minilm``, a ``.gguf`` file, a
+    causal-LM or encoder directory (the head starts random) or a saved reward model (its head
+    is kept when it has the same size, else replaced by a fresh one, with a note).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    source = resolve_model_dir(path)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    reward_pad_token(tokenizer)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    resized = getattr(config, "num_labels", None) not in (None, head.num_outputs) and \
+        (Path(source) / HEAD_FILE).exists()
+    if resized:
+        print(f"{path}: its reward head has {config.num_labels} outputs; this run's head needs "
+              f"{head.num_outputs}, so a fresh head is trained on its backbone")
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=head.num_outputs, id2label=dict(enumerate(head.labels)),
+        label2id={label: i for i, label in enumerate(head.labels)},
+        dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+        ignore_mismatched_sizes=resized, **extra)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.problem_type = "regression"  # raw outputs, no softmax: what the head reads
+    return model, tokenizer
+
+
+def attach_reward_lora(model, lora):
+    """LoRA on the backbone; the head (``score`` / ``classifier``) trains in full."""
+    return add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
+                    task_type="SEQ_CLS")
+
+
+@torch.no_grad()
+def head_outputs(reward_model: RewardModel, examples: list, make_batch, batch_size: int = 16,
+                 progress=None) -> torch.Tensor:
+    """Head outputs of every response of ``examples``, [E, R, K] fp32 on the CPU, in input
+    order. Examples are batched by length (less padding)."""
+    was_training = reward_model.training
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
+    outputs = []
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        outputs.append(reward_model(make_batch(chunk).to(device)).cpu())
+        if progress is not None:
+            progress(len(chunk))
+    reward_model.train(was_training)
+    if not outputs:
+        return torch.zeros(0, 0, reward_model.head.num_outputs)
+    back = torch.tensor(order).argsort()
+    return torch.cat(outputs)[back]
+
+
+def _size(example) -> int:
+    return len(example.prompt_ids) + sum(len(ids) for ids in example.response_ids)

@@ -1,0 +1,140 @@
+"""Scoring with a trained reward model: records in, head outputs out, and ``preftune rm score``.
+
+Records are tokenized exactly as in training (the settings are stored with the model), batched
+by length, and laid out with prefix sharing when prompts are long, so a pair or a list costs
+one prompt. Empty responses are scored too (EOS alone), since a model's sample can be empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..data.records import DataError
+from ..data.shapes import TEXT_FIELDS
+from ..data.sources import load_records, read_rows
+from ..data.tokenize import TokenizeSettings, tokenize_records
+from ..train.logging import progress_bar
+from .encoder import encoder_examples
+from .heads import Head
+from .model import RewardModel, head_outputs, reward_model_dir
+
+
+class RewardScoring:
+    """A loaded reward model with its tokenizer and tokenization settings."""
+
+    def __init__(self, reward_model: RewardModel, tokenizer, settings: TokenizeSettings,
+                 batch_size: int = 16):
+        self.model, self.tokenizer = reward_model, tokenizer
+        self.settings, self.batch_size = settings, batch_size
+        self.make_batch = reward_model.make_batch(tokenizer.pad_token_id, "auto")
+
+    @classmethod
+    def load(cls, path: str, batch_size: int = 16, device: str | None = None) -> "RewardScoring":
+        reward_model, tokenizer = RewardModel.from_pretrained(path)
+        _, record = Head.load(reward_model_dir(path))
+        settings = TokenizeSettings(record.get("max_length", 1024),
+                                    record.get("max_prompt_length", 512))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(reward_model.to(device), tokenizer, settings, batch_size)
+
+    @property
+    def head(self) -> Head:
+        return self.model.head
+
+    def outputs(self, records, progress=None) -> list[torch.Tensor]:
+        """Head outputs per record, [responses of the record, K], in record order.
+
+        Records are grouped by their number of responses (lists may differ in length)."""
+        tokenize = tokenize_records if self.model.last_token else encoder_examples
+        examples, report = tokenize(records, self.tokenizer, self.settings, keep_empty=True)
+        if len(examples) != len(records):
+            kept = {example.index for example in examples}
+            lost = next(r for i, r in enumerate(records) if i not in kept)
+            raise DataError(f"{lost.origin}: this record cannot be scored ({report.as_dict()}); "
+                            "its prompt leaves no room for a response token under the model's "
+                            f"max_length {self.settings.max_length}.")
+        results: list = [None] * len(records)
+        groups: dict[int, list] = {}
+        for example in examples:
+            groups.setdefault(len(example.response_ids), []).append(example)
+        for group in groups.values():
+            outputs = head_outputs(self.model, group, self.make_batch, self.batch_size, progress)
+            for example, value in zip(group, outputs):
+                results[example.index] = value
+        return results
+
+
+def response_values(head: Head, outputs: torch.Tensor) -> list[float]:
+    """One number per response of a record (outputs [R, K]): its reward, or for a GPM head
+    (no reward of one response) its mean P(beats each other response) over the record."""
+    if head.has_reward:
+        return head.reward(outputs).tolist()
+    count = outputs.shape[0]
+    if count < 2:
+        raise DataError("a GPM reward model compares responses: score pairs or lists, not single "
+                        "responses.")
+    logits = head.preference_logit(outputs[:, None], outputs[None, :])  # [R, R]
+    wins = torch.sigmoid(logits).masked_fill(torch.eye(count, dtype=torch.bool), 0.0)
+    return (wins.sum(1) / (count - 1)).tolist()
+
+
+def labelled(head: Head, outputs: torch.Tensor) -> dict:
+    return {label: float(v) for label, v in zip(head.labels, outputs.tolist())}
+
+
+def score_row(row: dict, record, head: Head, outputs: torch.Tensor, field: str) -> dict:
+    """The fields ``preftune rm score`` adds to one input row (see ``run_score``)."""
+    values = response_values(head, outputs)
+    detail = head.kind in ("attributes", "quantile")
+    if record.shape == "pairs":
+        logit = head.preference_logit(outputs[0], outputs[1])
+        added = {f"chosen_{field}": values[0], f"rejected_{field}": values[1],
+                 f"{field}_preference": float(torch.sigmoid(logit))}
+        if detail:
+            added[f"chosen_{field}_outputs"] = labelled(head, outputs[0])
+            added[f"rejected_{field}_outputs"] = labelled(head, outputs[1])
+    elif record.shape == "ranked":
+        added = {f"{field}s": values}
+        if detail:
+            added[f"{field}_outputs"] = [labelled(head, o) for o in outputs]
+    else:
+        added = {field: values[0]}
+        if detail:
+            added[f"{field}_outputs"] = labelled(head, outputs[0])
+    return added
+
+
+def run_score(model: str, data: str, output: str, batch_size: int = 16, field: str = "score",
+              overwrite: bool = False, format: str = "auto", fields: dict | None = None) -> Path:
+    """Score every record of ``data`` and write ``output`` (JSONL): each input row with its
+    ``origin`` and the scores added (pairs: ``chosen_<field>``, ``rejected_<field>``,
+    ``<field>_preference``; lists: ``<field>s``; one response: ``<field>``). Returns the file."""
+    target = Path(output)
+    if target.resolve() == Path(data).resolve():
+        raise DataError(f"--output {output} is the input file; write the scores to a new file.")
+    records = load_records(data, format=format, fields=fields)
+    rows = [row for _, row in read_rows(data, set(TEXT_FIELDS))]
+    scoring = RewardScoring.load(model, batch_size)
+    bar = progress_bar(len(records), f"rm score {Path(data).name}")
+    outputs = scoring.outputs(records, progress=bar.update)
+    bar.close()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + ".partial")
+    with open(staging, "w", encoding="utf-8") as handle:
+        for row, record, values in zip(rows, records, outputs):
+            added = {"origin": record.origin, **score_row(row, record, scoring.head, values, field)}
+            taken = [name for name in added if name in row and name != "origin"]
+            if taken and not overwrite:
+                handle.close()
+                staging.unlink()
+                raise DataError(f"{record.origin}: field {taken[0]!r} already exists; pass "
+                                f"--field NAME to write the scores under another name, or "
+                                f"--overwrite to replace it.")
+            handle.write(json.dumps({**row, **added}, ensure_ascii=False, default=str) + "\n")
+    os.replace(staging, target)
+    print(f"scored {len(records)} records ({records[0].shape}) with {model}: {target}")
+    return target

@@ -1,0 +1,174 @@
+"""``preftune rm train``: a reward model trained by the shared ``Trainer`` on the same data
+layer and layouts as policies."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from ..data.layout import choose_layout
+from ..data.prepare import prepare_examples
+from ..data.records import DataError
+from ..data.tokenize import tokenize_records
+from ..model.forward import causal_lm_of
+from ..train.loop import write_run_header
+from ..train.trainer import Trainer, add_metrics, count_steps, means
+from .config import RewardConfig
+from .encoder import encoder_examples
+from .heads import Head
+from .losses import RewardInputs, get_reward_loss
+from .model import RewardModel, attach_reward_lora, load_backbone
+
+
+def _total(values: torch.Tensor) -> tuple[float, float]:
+    values = values.detach().float()
+    return float(values.sum()), float(values.numel())
+
+
+@torch.no_grad()
+def reward_metrics(shape: str, head: Head, outputs: torch.Tensor, scores: dict,
+                   losses: torch.Tensor) -> dict:
+    """Loss plus how well the head orders the data, as ``{name: (sum, count)}``.
+
+    pairs: accuracy = share with logit P(chosen > rejected) > 0, margin = that logit (the reward
+    gap r_w - r_l, or GPM's s / tau); ranked: share of correctly ordered pairs of the list;
+    unpaired: share whose reward sign matches the label; rated: mean reward and outputs.
+    """
+    metrics = {"loss": _total(losses)}
+    rewards = head.reward(outputs) if head.has_reward else None
+    if shape == "pairs":
+        logit = head.preference_logit(outputs[:, 0], outputs[:, 1])
+        metrics["rewards/accuracies"] = _total((logit > 0).float())
+        metrics["rewards/margins"] = _total(logit)
+        if rewards is not None:
+            metrics["rewards/chosen"] = _total(rewards[:, 0])
+            metrics["rewards/rejected"] = _total(rewards[:, 1])
+    elif shape == "ranked" and rewards is not None:
+        target = scores["response_scores"].to(rewards)
+        better = target[:, :, None] > target[:, None, :]
+        agree = better & (rewards[:, :, None] > rewards[:, None, :])
+        metrics["rewards/accuracies"] = (float(agree.sum()), float(better.sum()))
+        metrics["rewards/top1_accuracy"] = _total(
+            (rewards.argmax(1) == target.argmax(1)).float())
+    elif shape == "unpaired" and rewards is not None:
+        label = scores["label"].to(rewards) > 0.5
+        metrics["rewards/accuracies"] = _total(((rewards[:, 0] > 0) == label).float())
+        metrics["rewards/desirable"] = (float(rewards[label, 0].sum()), float(label.sum()))
+        metrics["rewards/undesirable"] = (float(rewards[~label, 0].sum()), float((~label).sum()))
+    elif rewards is not None:
+        metrics["rewards/mean"] = _total(rewards)
+        if head.kind == "attributes":
+            for k, name in enumerate(head.attributes):
+                metrics[f"outputs/{name}"] = _total(outputs[..., k])
+    return metrics
+
+
+class RewardTask:
+    """A reward model under a reward loss: what ``Trainer`` needs from ``preftune rm train``."""
+
+    def __init__(self, config: RewardConfig, reward_model: RewardModel, tokenizer, splits: dict,
+                 shape: str, make_batch, layout: str):
+        self.config, self.module, self.tokenizer = config, reward_model, tokenizer
+        self.head, self.shape = reward_model.head, shape
+        self.spec, self.params = get_reward_loss(config.loss.name), config.loss.params()
+        self.train_examples, self.eval_examples = splits["train"], splits.get("eval", [])
+        self.make_batch, self.layout = make_batch, layout
+        self.name = f"rm {self.spec.name}"
+        self.needs_reference = False
+
+    def losses(self, module, batch, step):
+        outputs = module(batch)
+        losses = self.spec.fn(RewardInputs(outputs, self.head, batch.scores), self.params)
+        weight_field = self.config.train.example_weight_field
+        if weight_field is not None:
+            if weight_field not in batch.scores:
+                raise ValueError(f"train.example_weight_field={weight_field!r}, but the records "
+                                 f"have no such numeric field (they have: "
+                                 f"{sorted(batch.scores) or 'none'})")
+            losses = losses * batch.scores[weight_field].to(losses)
+        return losses, reward_metrics(self.shape, self.head, outputs, batch.scores, losses)
+
+    @torch.no_grad()
+    def evaluate(self, module, step):
+        was_training = module.training
+        module.eval()
+        totals: dict = {}
+        size = self.config.train.batch_size
+        device = next(module.parameters()).device
+        for start in range(0, len(self.eval_examples), size):
+            batch = self.make_batch(self.eval_examples[start : start + size]).to(device)
+            add_metrics(totals, self.losses(module, batch, step)[1])
+        module.train(was_training)
+        return means(totals)
+
+    def save(self, module, output_dir: Path):
+        lora = self.config.model.lora
+        module.save_pretrained(output_dir, self.tokenizer, self.saved_record(),
+                               save_merged=lora.save_merged if lora else True)
+
+    def saved_record(self) -> dict:
+        """What ``preftune_reward.json`` keeps beside the head: how inputs were tokenized."""
+        data = self.config.data
+        return {"loss": self.spec.name, "params": asdict(self.params),
+                "pooling": "last_token" if self.module.last_token else "encoder",
+                "max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
+
+    def run_info(self) -> dict:
+        return {"reward_loss": self.spec.name, "params": asdict(self.params),
+                "head": self.head.to_dict(), "layout": self.layout, "shape": self.shape,
+                "dtype": self.config.model.dtype}
+
+
+def reward_task(config: RewardConfig, accelerator: Accelerator):
+    """Load the backbone and data, attach LoRA; returns (task, total_steps)."""
+    cfg, head = config.train, config.head
+    spec = get_reward_loss(config.loss.name)
+    model, tokenizer = load_backbone(config.model.path, head, config.model.dtype,
+                                     config.model.trust_remote_code,
+                                     config.model.attn_implementation)
+    reward_model = RewardModel(model, head)
+    tokenize = tokenize_records if reward_model.last_token else encoder_examples
+    train_examples, eval_examples, data_report, shape = prepare_examples(
+        config.data, tokenizer, cfg.seed, tokenize=tokenize)
+    if shape not in spec.data:
+        raise DataError(
+            f"reward loss {spec.name} trains on {' or '.join(spec.data)} data, but "
+            f"{config.data.train} holds {shape}. Pick a loss for {shape} data ("
+            f"`preftune rm losses`) or convert the data with data.convert (ranked lists to "
+            "pairs: pairs:best_vs_worst, pairs:all_pairs, pairs:best_vs_each).")
+    if shape == "pairs":  # a gold response is not part of any reward loss
+        train_examples, eval_examples = ([replace(ex, response_ids=ex.response_ids[:2])
+                                          for ex in split]
+                                         for split in (train_examples, eval_examples))
+    write_run_header(Path(config.output_dir), config, data_report)
+    if not reward_model.last_token:  # encoders: every token sees the response
+        layout = "padded"
+    else:
+        layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
+    make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
+                                         cfg.max_row_tokens or config.data.max_length)
+    if config.model.lora is not None:
+        reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
+    if cfg.gradient_checkpointing:
+        causal_lm_of(reward_model.model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    reward_model.to(accelerator.device).train()
+    splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
+    task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)
+    return task, count_steps(cfg, len(train_examples))
+
+
+def train_reward_model(config: RewardConfig, resume: bool = False,
+                       show_progress: bool = True) -> Path:
+    """Train a reward model according to ``config``; returns the output directory."""
+    accelerator = Accelerator(gradient_accumulation_steps=1)
+    set_seed(config.train.seed)
+    task, total_steps = reward_task(config, accelerator)
+    return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,
+                   resume=resume, show_progress=show_progress,
+                   shuffle=not config.data.curriculum).run()
