@@ -85,3 +85,23 @@ def build_tiny_tokenizer():
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def save_tiny_encoder_dir(directory: Path, seed: int = 0) -> Path:
+    """A loadable BERT-style encoder directory (tiny random BERT + WordPiece tokenizer over
+    single characters and a few words), as a user would pass an encoder reward-model backbone."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["hello", "world", "what", "is", "yes", "no", "the", "answer"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *string.digits, *".,?!+-=:'", *words, *[f"##{c}" for c in string.ascii_lowercase + string.digits]]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)},
+                                  do_lower_case=True)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=256,
+                        pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

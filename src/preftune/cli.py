@@ -1,4 +1,4 @@
-"""Command line: ``preftune train | demo | eval | report | compare | data | objectives``."""
+"""Command line: ``preftune train | rm | demo | eval | report | compare | data | objectives``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", action="store_true",
                        help="print layout, reference strategy and a memory estimate, then stop")
     train.set_defaults(run=_train)
+
+    from .reward.cli import add_rm_commands
+
+    add_rm_commands(commands)
 
     demo = commands.add_parser("demo", help="DPO on SmolLM2-135M with generated, checkable data")
     demo.add_argument("--output-dir", default="runs/demo")

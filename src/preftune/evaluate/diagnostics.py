@@ -135,6 +135,12 @@ def win_rate(policy_scores: torch.Tensor, reference_scores: torch.Tensor) -> flo
     return (wins + 0.5 * ties).mean().item()
 
 
+def preference_win_rate(preference: torch.Tensor) -> float:
+    """Win rate from a pairwise judge's P(policy > reference) per prompt: mean of
+    1[P > 1/2] + 0.5 * 1[P == 1/2]."""
+    return ((preference > 0.5).double() + 0.5 * (preference == 0.5).double()).mean().item()
+
+
 def highest_positions(values: torch.Tensor, fraction: float) -> set:
     """Positions of the round(fraction * n) largest values (the pairs ``--filter-top`` drops)."""
     count = round(fraction * values.numel())

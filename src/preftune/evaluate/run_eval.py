@@ -27,7 +27,8 @@ from ..data.tokenize import TokenizedExample, TokenizeSettings, tokenize_records
 from ..model.forward import SequenceStats
 from ..model.load import load_model_and_tokenizer
 from . import diagnostics as D
-from .sampling import generate, greedy_scores, load_scorer, score_responses
+from ..score import load_scorer
+from .sampling import generate, greedy_texts, score_responses
 
 VOTE_FIELDS = ("chosen_votes", "rejected_votes")  # vote fractions or counts: r* gap = log ratio
 SCORE_FIELDS = ("chosen_score", "rejected_score")  # rewards: r* gap = score difference
@@ -65,7 +66,12 @@ def run_eval(options: EvalOptions) -> dict:
     if joint is not None:
         raise DataError(f"{joint.origin}: a joint pair (chosen_prompt/rejected_prompt); eval "
                         "compares responses to one prompt, so evaluate ordinary pairs only.")
-    scorer = load_scorer(options.scorer, options.data, records) if options.scorer else None
+    scorer = None
+    if options.scorer:
+        try:
+            scorer = load_scorer(options.scorer, options.data)
+        except ConfigError as error:
+            raise ConfigError(f"--scorer: {error}") from None
     policy, tokenizer = load_model_and_tokenizer(model_dir)
     reference, reference_tokenizer = load_model_and_tokenizer(options.reference)
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -94,12 +100,7 @@ def run_eval(options: EvalOptions) -> dict:
         seconds["sampled"] = time.perf_counter() - clock
     if scorer:
         clock = time.perf_counter()
-        scores = [greedy_scores(model, tokenizer, prompts, records, scorer, options.scorer,
-                                options.max_new_tokens, options.batch_size)
-                  for model in (policy, reference)]
-        metrics.update({"win_rate": D.win_rate(*scores), "win_rate/prompts": len(prompts),
-                        "win_rate/policy_score": scores[0].mean().item(),
-                        "win_rate/reference_score": scores[1].mean().item()})
+        metrics.update(_win_rate(scorer, policy, reference, tokenizer, prompts, records, options))
         seconds["win_rate"] = time.perf_counter() - clock
     results = {**metrics, "pairs": len(examples), "pairs_dropped": report.records - report.kept,
                "settings": {**asdict(options), "model_dir": str(model_dir)},
@@ -220,6 +221,28 @@ def _pair_metrics(examples, on_policy, on_reference, options: EvalOptions):
     return metrics, rows
 
 
+def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -> dict:
+    """Win rate of the policy's greedy answers over the reference's under ``scorer``: by their
+    scores, or, for a pairwise scorer, by its P(policy answer > reference answer). Identical
+    answers tie exactly (a model scoring them in different batches may differ by rounding)."""
+    texts = [greedy_texts(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
+             for model in (policy, reference)]
+    same = torch.tensor([a == b for a, b in zip(*texts)])
+    questions = [records[p.index].prompt for p in prompts]
+    result = {"win_rate/prompts": len(prompts), "win_rate/same_answer": same.double().mean().item()}
+    if scorer.pairwise:
+        preference = torch.tensor(scorer.prefer(questions, *texts), dtype=torch.float64)
+        preference[same] = 0.5
+        return {**result, "win_rate": D.preference_win_rate(preference),
+                "win_rate/preference_mean": preference.mean().item()}
+    scores = [torch.tensor(scorer.score(questions, answers), dtype=torch.float64)
+              for answers in texts]
+    scores[1][same] = scores[0][same]
+    return {**result, "win_rate": D.win_rate(*scores),
+            "win_rate/policy_score": scores[0].mean().item(),
+            "win_rate/reference_score": scores[1].mean().item()}
+
+
 def _unique_prompts(examples) -> list[TokenizedExample]:
     """The first example of each distinct prompt (by token ids), in data order."""
     seen: dict = {}
@@ -290,6 +313,8 @@ TABLE = [  # (label, key, percent?)
     ("win rate vs reference (greedy)", "win_rate", True),
     ("  policy / reference mean score",
      ("win_rate/policy_score", "win_rate/reference_score"), False),
+    ("  P(policy > reference), mean", "win_rate/preference_mean", False),
+    ("  identical answers (ties)", "win_rate/same_answer", True),
 ]
 
 

@@ -4,24 +4,17 @@
 hidden state that predicts each response token, the token's log-probability (chunked, as in
 training), and optionally the sum of those hidden states per response (CHES) and the policy's
 top-k entropy and mass there. ``generate`` samples or decodes greedily from prompt ids, so
-generations see exactly the prompt rendering that training used. ``load_scorer`` and
-``greedy_scores`` judge greedy answers for the win rate.
+generations see exactly the prompt rendering that training used; ``greedy_texts`` gives the
+greedy answers that a scorer judges for the win rate.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
 from ..data.layout import choose_layout, collate
-from ..data.records import DataError
-from ..data.shapes import TEXT_FIELDS
-from ..data.sources import read_rows
-from ..data.synthetic import load_checker
 from ..data.tokenize import TokenizedExample
 from ..model.chunked_logps import chunked_token_logps
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
@@ -122,51 +115,10 @@ def _cut(ids: list[int], eos_token_id: int) -> list[int]:
     return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
 
 
-def load_scorer(spec: str, data: str, records):
-    """``--scorer``: ``synthetic`` (the demo's checkers) or ``module:function``.
-
-    The returned scorer is called as ``scorer(record, response_text) -> float``; a user
-    function receives the record's prompt (a string or a message list) instead of the record.
-    """
-    if spec == "synthetic":
-        return _synthetic_scorer(data, records)
-    module_name, _, name = spec.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"--scorer {spec!r}: expected 'synthetic' or 'module:function' with "
-                          f"an importable module and function ({error}).") from None
-    return lambda record, text: function(record.prompt, text)
-
-
-def _synthetic_scorer(data: str, records):
-    """1.0 when the response passes the record's checker (the ``check`` spec that
-    ``data.synthetic.write_jsonl`` stores with each pair), else 0.0."""
-    checkers = {}
-    for record, (origin, row) in zip(records, read_rows(data, set(TEXT_FIELDS))):
-        try:
-            checkers[record.origin] = load_checker(row)
-        except (KeyError, ValueError):
-            raise DataError(f"{origin}: field 'check' is missing or not a checker spec; "
-                            f"--scorer synthetic needs data written by preftune's synthetic "
-                            f"tasks (preftune demo).") from None
-    return lambda record, text: float(checkers[record.origin](text))
-
-
-def greedy_scores(model, tokenizer, prompts: list[TokenizedExample], records, scorer,
-                  spec: str, max_new_tokens: int, batch_size: int) -> torch.Tensor:
-    """Score of the model's greedy answer to each prompt (``records[prompt.index]``), [P] fp64."""
+def greedy_texts(model, tokenizer, prompts: list[TokenizedExample], max_new_tokens: int,
+                 batch_size: int) -> list[str]:
+    """The model's greedy answer to each prompt, decoded without special tokens."""
     answers = generate(model, [p.prompt_ids for p in prompts], tokenizer.pad_token_id,
                        tokenizer.eos_token_id, max_new_tokens, sample=False,
                        batch_size=batch_size)
-    texts = tokenizer.batch_decode([a[0] for a in answers], skip_special_tokens=True)
-    scores = []
-    for prompt, text in zip(prompts, texts):
-        record = records[prompt.index]
-        value = scorer(record, text)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            raise ConfigError(f"--scorer {spec}: returned {value!r} for {record.origin}; a "
-                              f"scorer must return a finite number.")
-        scores.append(float(value))
-    return torch.tensor(scores, dtype=torch.float64)
+    return tokenizer.batch_decode([a[0] for a in answers], skip_special_tokens=True)

@@ -51,8 +51,10 @@ footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 """
 
 
-def render_page(run: RunData, figures: list[tuple[str, str, bytes]]) -> str:
-    """The HTML page for ``run``; ``figures`` are (file name, title, PNG bytes) in order."""
+def render_page(run: RunData, figures: list[tuple[str, str, bytes]],
+                reward_figures: list[tuple[str, str, bytes]] = ()) -> str:
+    """The HTML page for ``run``; ``figures`` are (file name, title, PNG bytes) in order, and
+    ``reward_figures`` those of a reward model's rm_eval.json."""
     sections = [
         f"<h1>preftune report</h1>\n<p class=\"path\">{escape(str(run.run_dir))}</p>",
         _summary(run),
@@ -60,6 +62,7 @@ def render_page(run: RunData, figures: list[tuple[str, str, bytes]]) -> str:
         _alarms(run.alarms),
         _figures(figures),
         _eval_table(run.eval_results),
+        _reward_eval(run.reward_eval, reward_figures),
         _config(run.config_text),
         f"<footer>Written by preftune {__version__} on "
         f"{datetime.now().strftime('%Y-%m-%d %H:%M')}.</footer>",
@@ -92,7 +95,11 @@ def _summary(run: RunData) -> str:
     last = run.metrics[-1]
     cards = [
         ("objective", info.get("objective")),
-        ("parameters", _params(info.get("params"))),
+        ("reward loss", info.get("reward_loss")),
+        ("head", (info.get("head") or {}).get("kind")),
+        ("parameters", _params(info.get("params")) if "objective" in info
+         else _params({info["reward_loss"]: info.get("params")}) if "reward_loss" in info
+         else None),
         ("reference", info.get("reference")),
         ("layout", info.get("layout")),
         ("steps logged", f"{len(run.metrics)} (last: {last['step']}"
@@ -156,17 +163,36 @@ def _alarms(alarms: list[dict]) -> str:
             f"{rows}</table>")
 
 
-def _figures(figures: list[tuple[str, str, bytes]]) -> str:
-    """The panels as embedded images, each captioned with its PNG file name."""
+def _figure_grid(figures) -> str:
+    """Embedded images, each captioned with its PNG file name under report/."""
     items = []
     for file_name, title, png in figures:
         data = base64.b64encode(png).decode("ascii")
         items.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{escape(title)}\">"
                      f"<figcaption>{escape(title)} &middot; report/{escape(file_name)}"
                      f"</figcaption></figure>")
+    return f"<div class=\"grid\">{''.join(items)}</div>"
+
+
+def _figures(figures: list[tuple[str, str, bytes]]) -> str:
+    """The training panels."""
     return (f"<h2>Training curves</h2>\n<p class=\"note\">Lines are training steps; diamonds "
-            f"are evaluation on held-out data at the same step.</p>\n"
-            f"<div class=\"grid\">{''.join(items)}</div>")
+            f"are evaluation on held-out data at the same step.</p>\n{_figure_grid(figures)}")
+
+
+def _reward_eval(results: dict | None, figures) -> str:
+    """rm_eval.json's headline numbers and figures, when the run has been through rm eval."""
+    if results is None:
+        return ""
+    numbers = {key: value for key, value in _top_level_numbers(results).items()
+               if not key.startswith("accuracy/")}
+    rows = "".join(f"<tr><td>{escape(key)}</td><td class=\"num\">{_format_value(value)}</td></tr>"
+                   for key, value in numbers.items())
+    source = escape(str(results.get("data", "")))
+    return (f"<h2>Reward model evaluation (rm_eval.json)</h2>\n<p class=\"note\">On {source}: "
+            f"pairwise accuracy, calibration of P(chosen &gt; rejected), rewards.</p>\n"
+            f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>\n"
+            f"{_figure_grid(figures)}")
 
 
 def _eval_table(results: dict | None) -> str:

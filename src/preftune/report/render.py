@@ -7,6 +7,7 @@ from pathlib import Path
 from .page import render_page
 from .panels import build_panels
 from .plots import render_panel
+from .reward import reward_figures
 from .rundir import ReportError, load_run
 
 FIGURES_DIR = "report"
@@ -30,7 +31,10 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
             file_name = f"{panel.name}.png"
             (figures_dir / file_name).write_bytes(png)
             figures.append((file_name, panel.title, png))
-        html_path.write_text(render_page(run, figures), encoding="utf-8")
+        reward = reward_figures(run.reward_eval) if run.reward_eval else []
+        for file_name, _, png in reward:
+            (figures_dir / file_name).write_bytes(png)
+        html_path.write_text(render_page(run, figures, reward), encoding="utf-8")
     except OSError as error:
         raise ReportError(f"cannot write the report: {error}; check that the folder exists "
                           "and is writable, or pass --output") from None

@@ -27,6 +27,7 @@ class RunData:
     data_report: dict | None = None
     config_text: str | None = None
     eval_results: dict | None = None
+    reward_eval: dict | None = None  # rm_eval.json of a reward model (preftune rm eval)
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -55,6 +56,7 @@ def load_run(run_dir: str | Path) -> RunData:
         data_report=_optional_json(run_dir / "data_report.json"),
         config_text=config_path.read_text() if config_path.is_file() else None,
         eval_results=_optional_json(run_dir / "eval.json"),
+        reward_eval=_optional_json(run_dir / "rm_eval.json"),
     )
 
 

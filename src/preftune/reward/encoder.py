@@ -35,7 +35,7 @@ def encoder_examples(records, tokenizer, settings: TokenizeSettings, keep_empty:
     report = TokenizeReport(records=len(records))
     examples = []
     for index, record in enumerate(records):
-        if len(set(record.prompts)) > 1:
+        if any(prompt != record.prompts[0] for prompt in record.prompts):
             raise DataError(f"{record.origin}: a joint pair (one prompt per side) cannot be scored "
                             "by an encoder reward model, whose inputs are one prompt and one "
                             "response; use a decoder backbone or ordinary pairs.")

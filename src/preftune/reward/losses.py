@@ -48,6 +48,8 @@ class RewardLossSpec:
     data: tuple  # data shapes it trains on
     heads: tuple  # head kinds it fits
     paper: str
+    # (params, head) -> (numeric fields every record needs, ratings every response needs)
+    fields: Callable | None = None
 
     @property
     def summary(self) -> str:
@@ -56,17 +58,29 @@ class RewardLossSpec:
     def defaults(self) -> dict:
         return dataclasses.asdict(self.params())
 
+    def record_fields(self, params, head: Head, slots: int) -> list[str]:
+        """The numeric fields each record must carry: per-example fields, and each rating as
+        ``name`` (one response) or ``chosen_name``/``rejected_name`` (pairs)."""
+        if self.fields is None:
+            return []
+        per_example, ratings = self.fields(params, head)
+        prefixes = [""] if slots == 1 else ["chosen_", "rejected_"]
+        return [*per_example, *(p + name for name in ratings for p in prefixes)]
+
 
 REWARD_LOSSES: dict[str, RewardLossSpec] = {}
 
 
-def reward_loss(name: str, *, params: type, data: tuple, heads: tuple, paper: str):
-    """Register ``fn(inputs, params) -> losses [E]`` as reward loss ``name``."""
+def reward_loss(name: str, *, params: type, data: tuple, heads: tuple, paper: str,
+                fields: Callable | None = None):
+    """Register ``fn(inputs, params) -> losses [E]`` as reward loss ``name``. ``fields(params,
+    head)`` names the numeric data it reads: (per-example fields, per-response ratings), so bad
+    records are found, and named, before training starts."""
 
     def register(fn):
         if name in REWARD_LOSSES:
             raise ValueError(f"reward loss {name!r} is registered twice")
-        REWARD_LOSSES[name] = RewardLossSpec(name, fn, params, data, heads, paper)
+        REWARD_LOSSES[name] = RewardLossSpec(name, fn, params, data, heads, paper, fields)
         return fn
 
     return register
@@ -164,7 +178,7 @@ class MarginBTParams(BTParams):
 
 
 @reward_loss("bt_margin", params=MarginBTParams, data=("pairs",), heads=("scalar", "attributes"),
-             paper=PAPERS["llama2"])
+             paper=PAPERS["llama2"], fields=lambda params, head: ((params.margin_field,), ()))
 def bt_margin(inputs: RewardInputs, params: MarginBTParams) -> torch.Tensor:
     """Bradley-Terry with a per-pair margin (Llama 2): the reward gap must exceed m.
 
@@ -182,7 +196,8 @@ class ScaledBTParams(BTParams):
 
 
 @reward_loss("scaled_bt", params=ScaledBTParams, data=("pairs",),
-             heads=("scalar", "attributes"), paper=PAPERS["helpsteer2_pref"])
+             heads=("scalar", "attributes"), paper=PAPERS["helpsteer2_pref"],
+             fields=lambda params, head: ((params.magnitude_field,), ()))
 def scaled_bt(inputs: RewardInputs, params: ScaledBTParams) -> torch.Tensor:
     """Scaled Bradley-Terry (HelpSteer2-Preference): stronger preferences weigh more.
 
@@ -264,16 +279,19 @@ class RegressionParams:
     target: str = "score"  # scalar head: the rating it fits (an attributes head fits its own)
 
 
+def _rated_names(params: RegressionParams, head: Head) -> tuple:
+    return tuple(head.attributes) if head.kind == "attributes" else (params.target,)
+
+
 @reward_loss("regression", params=RegressionParams, data=("rated", "pairs"),
-             heads=("scalar", "attributes"), paper=PAPERS["helpsteer2"])
+             heads=("scalar", "attributes"), paper=PAPERS["helpsteer2"],
+             fields=lambda params, head: ((), _rated_names(params, head)))
 def regression(inputs: RewardInputs, params: RegressionParams) -> torch.Tensor:
     """Regression on ratings (HelpSteer2 multi-attribute RM): squared error per attribute.
 
     loss = mean over the example's responses of sum_a (r_a(x, y) - label_a)^2.
     """
-    head = inputs.head
-    names = head.attributes if head.kind == "attributes" else (params.target,)
-    targets = slot_targets(inputs, tuple(names), "regression")
+    targets = slot_targets(inputs, _rated_names(params, inputs.head), "regression")
     return ((inputs.outputs - targets) ** 2).sum(-1).mean(-1)
 
 
@@ -283,7 +301,7 @@ class QuantileParams:
 
 
 @reward_loss("quantile", params=QuantileParams, data=("rated", "pairs"), heads=("quantile",),
-             paper=PAPERS["qrm"])
+             paper=PAPERS["qrm"], fields=lambda params, head: ((), (head.target,)))
 def quantile(inputs: RewardInputs, params: QuantileParams) -> torch.Tensor:
     """Quantile regression (QRM): the head's outputs are quantiles of the rating's distribution.
 

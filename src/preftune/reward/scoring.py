@@ -45,10 +45,8 @@ class RewardScoring:
     def head(self) -> Head:
         return self.model.head
 
-    def outputs(self, records, progress=None) -> list[torch.Tensor]:
-        """Head outputs per record, [responses of the record, K], in record order.
-
-        Records are grouped by their number of responses (lists may differ in length)."""
+    def examples(self, records) -> list:
+        """The records tokenized as the model was trained (one example per record, in order)."""
         tokenize = tokenize_records if self.model.last_token else encoder_examples
         examples, report = tokenize(records, self.tokenizer, self.settings, keep_empty=True)
         if len(examples) != len(records):
@@ -57,14 +55,24 @@ class RewardScoring:
             raise DataError(f"{lost.origin}: this record cannot be scored ({report.as_dict()}); "
                             "its prompt leaves no room for a response token under the model's "
                             f"max_length {self.settings.max_length}.")
-        results: list = [None] * len(records)
-        groups: dict[int, list] = {}
-        for example in examples:
-            groups.setdefault(len(example.response_ids), []).append(example)
-        for group in groups.values():
-            outputs = head_outputs(self.model, group, self.make_batch, self.batch_size, progress)
-            for example, value in zip(group, outputs):
-                results[example.index] = value
+        return examples
+
+    def outputs(self, records, progress=None) -> list[torch.Tensor]:
+        """Head outputs per record, [responses of the record, K], in record order."""
+        return self.outputs_of(self.examples(records), progress)
+
+    def outputs_of(self, examples: list, progress=None) -> list[torch.Tensor]:
+        """Head outputs per tokenized example, in order. Examples are grouped by their number
+        of responses (lists may differ in length)."""
+        results: list = [None] * len(examples)
+        groups: dict[int, list[int]] = {}
+        for position, example in enumerate(examples):
+            groups.setdefault(len(example.response_ids), []).append(position)
+        for positions in groups.values():
+            outputs = head_outputs(self.model, [examples[p] for p in positions], self.make_batch,
+                                   self.batch_size, progress)
+            for position, value in zip(positions, outputs):
+                results[position] = value
         return results
 
 

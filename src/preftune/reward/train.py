@@ -3,7 +3,7 @@ layer and layouts as policies."""
 
 from __future__ import annotations
 
-import functools
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -66,6 +66,21 @@ def reward_metrics(shape: str, head: Head, outputs: torch.Tensor, scores: dict,
             for k, name in enumerate(head.attributes):
                 metrics[f"outputs/{name}"] = _total(outputs[..., k])
     return metrics
+
+
+def check_fields(example, needed: list[str], spec, weight_field: str | None) -> None:
+    """Every numeric field the loss (or the example weights) reads, present and finite in the
+    record, or an error that names the record and the field."""
+    for name in [*needed, *([weight_field] if weight_field else [])]:
+        value = example.scores.get(name)
+        if value is None or not math.isfinite(value):
+            state = "is missing" if value is None else f"is {value}"
+            setting = ("train.example_weight_field" if name == weight_field else
+                       f"the reward loss {spec.name} ({', '.join(spec.defaults()) or 'no params'}"
+                       " / model.head)")
+            raise DataError(f"{example.origin}: numeric field {name!r} {state}; it is read by "
+                            f"{setting}. Every record needs it as a finite number: fix the "
+                            "record, or point that setting at the column that holds it.")
 
 
 class RewardTask:
@@ -145,6 +160,10 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
         train_examples, eval_examples = ([replace(ex, response_ids=ex.response_ids[:2])
                                           for ex in split]
                                          for split in (train_examples, eval_examples))
+    params = config.loss.params()
+    for example in [*train_examples, *eval_examples]:
+        check_fields(example, spec.record_fields(params, head, len(example.response_ids)), spec,
+                     config.train.example_weight_field)
     write_run_header(Path(config.output_dir), config, data_report)
     if not reward_model.last_token:  # encoders: every token sees the response
         layout = "padded"

@@ -1,0 +1,77 @@
+"""``preftune rm train | eval | score | losses``: the reward-model commands."""
+
+from __future__ import annotations
+
+
+def _train(args) -> None:
+    from .config import load_reward_config
+    from .train import train_reward_model
+
+    config = load_reward_config(args.config, args.set or [])
+    output_dir = train_reward_model(config, resume=args.resume)
+    print(f"done: reward model in {output_dir / 'model'} (AutoModelForSequenceClassification "
+          f"loads it), metrics in {output_dir / 'metrics.jsonl'}")
+
+
+def _eval(args) -> None:
+    from .evaluate import RewardEvalOptions, run_rm_eval
+
+    run_rm_eval(RewardEvalOptions(model=args.model, data=args.data, output=args.output,
+                                  category_field=args.category_field, bins=args.bins,
+                                  batch_size=args.batch_size))
+
+
+def _score(args) -> None:
+    from .scoring import run_score
+
+    run_score(args.model, args.data, args.output, args.batch_size, args.field, args.overwrite)
+
+
+def _losses(args) -> None:
+    from .losses import REWARD_LOSSES
+
+    for name, spec in sorted(REWARD_LOSSES.items()):
+        defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items()) or "-"
+        print(f"{name:<14} {spec.summary}\n{'':<14} data: {', '.join(spec.data)}; heads: "
+              f"{', '.join(spec.heads)}; params: {defaults}; paper: {spec.paper}")
+
+
+def add_rm_commands(commands) -> None:
+    rm = commands.add_parser("rm", help="reward and preference models: train, eval, score")
+    sub = rm.add_subparsers(dest="rm_command", required=True)
+
+    train = sub.add_parser("train", help="train a reward model (see examples/rm_*.yaml)")
+    train.add_argument("config", nargs="?", help="YAML config file; optional when every key "
+                       "comes from --set")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set loss.name=bt_margin")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in output_dir")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("eval", help="pairwise accuracy (by category and length), "
+                              "calibration (ECE, reliability plot), reward distribution")
+    evaluate.add_argument("--model", required=True, help="a reward-model run dir or model dir")
+    evaluate.add_argument("--data", required=True, help="pairs or ranked lists (JSONL, ...)")
+    evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")
+    evaluate.add_argument("--category-field", default="category",
+                          help="record field whose values group the accuracy (default category)")
+    evaluate.add_argument("--bins", type=int, default=10, help="confidence bins of the ECE")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.set_defaults(run=_eval)
+
+    score = sub.add_parser("score", help="score (prompt, response) records, pairs or lists; "
+                           "writes each input row with its scores")
+    score.add_argument("--model", required=True, help="a reward-model run dir or model dir")
+    score.add_argument("--data", required=True, help="records to score (JSONL, JSON, ...)")
+    score.add_argument("--output", required=True, help="JSONL file to write")
+    score.add_argument("--field", default="score", help="name of the score fields: pairs get "
+                       "chosen_NAME / rejected_NAME (what odpo and modpo read), lists NAMEs, "
+                       "single responses NAME (default score)")
+    score.add_argument("--overwrite", action="store_true",
+                       help="replace score fields the input rows already have")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.set_defaults(run=_score)
+
+    losses = sub.add_parser("losses", help="list the reward losses")
+    losses.set_defaults(run=_losses)

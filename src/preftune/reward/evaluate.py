@@ -1,0 +1,215 @@
+"""``preftune rm eval``: how well a reward model orders held-out pairs, and how far to trust it.
+
+On every pair it computes logit P(chosen > rejected) from the head (the reward gap r_w - r_l,
+or GPM's s / tau) and reports:
+
+- pairwise accuracy (1[logit > 0]; ties count as wrong), overall, per category (a string field
+  of the records, ``--category-field``) and per length bucket: whether chosen is the longer
+  response (length bias), and quartiles of the pair's mean response length in tokens;
+- calibration of p = sigmoid(logit): expected calibration error (Guo et al. 2017, as MORE,
+  arXiv:2312.07401, uses for reward models). Each pair predicts "chosen wins" with confidence
+  c = max(p, 1 - p), which is right when p > 1/2; pairs are binned by c in equal-width bins over
+  [1/2, 1], ECE = sum_b |B_b| / n * |accuracy(B_b) - mean confidence(B_b)|. Also the Brier score
+  mean (1 - p)^2 and the log loss mean -log p;
+- the reward distribution of chosen and rejected responses (mean, std, quantiles, histogram) and
+  the Pearson correlation of reward with response length in tokens (reward heads only).
+
+Writes ``rm_eval.json``, ``rm_eval_pairs.jsonl`` and the figures (``rm_eval/*.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.convert import ranked_to_pairs
+from ..data.records import DataError
+from ..data.shapes import TEXT_FIELDS
+from ..data.sources import load_records, read_rows
+from ..evaluate.diagnostics import pearson
+from ..train.logging import progress_bar
+from .scoring import RewardScoring
+
+RESULTS_FILE = "rm_eval.json"
+PAIRS_FILE = "rm_eval_pairs.jsonl"
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class RewardEvalOptions:
+    """The flags of ``preftune rm eval``."""
+
+    model: str
+    data: str
+    output: str | None = None
+    category_field: str = "category"
+    bins: int = 10
+    batch_size: int = 16
+
+
+def calibration(p_chosen: torch.Tensor, bins: int) -> dict:
+    """ECE, Brier score, log loss and the reliability bins of P(chosen > rejected) (see the
+    module docstring). Confidence c = max(p, 1 - p) is binned over [1/2, 1]."""
+    p = p_chosen.double()
+    confidence = torch.maximum(p, 1 - p)
+    correct = (p > 0.5).double()
+    edges = torch.linspace(0.5, 1.0, bins + 1, dtype=torch.float64)
+    which = torch.bucketize(confidence, edges[1:-1], right=True)  # bin b covers [e_b, e_b+1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        row = {"low": edges[b].item(), "high": edges[b + 1].item(), "pairs": count}
+        if count:
+            row["confidence"] = confidence[members].mean().item()
+            row["accuracy"] = correct[members].mean().item()
+            ece += count / len(p) * abs(row["accuracy"] - row["confidence"])
+        table.append(row)
+    log_loss = -torch.log(p.clamp_min(1e-300)).mean().item()
+    return {"ece": ece, "brier": ((1 - p) ** 2).mean().item(), "log_loss": log_loss,
+            "bins": table}
+
+
+def distribution(values: torch.Tensor) -> dict:
+    values = values.double()
+    summary = {"mean": values.mean().item(), "std": values.std(correction=0).item()}
+    for q in QUANTILES:
+        summary[f"q{q:g}"] = values.quantile(q).item()
+    return summary
+
+
+def _accuracy_groups(correct: torch.Tensor, keys: list[str]) -> dict:
+    groups: dict = {}
+    for key, right in zip(keys, correct.tolist()):
+        total = groups.setdefault(key, [0, 0])
+        total[0] += right
+        total[1] += 1
+    return {key: {"accuracy": right / count, "pairs": count}
+            for key, (right, count) in sorted(groups.items())}
+
+
+def _length_quartiles(lengths: torch.Tensor) -> list[str]:
+    """Each pair's bucket among the quartiles of the mean response length, as 'lo-hi tokens'."""
+    cuts = lengths.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=lengths.dtype)).tolist()
+    bounds = [lengths.min().item(), *cuts, lengths.max().item()]
+    names = [f"q{i + 1}: {bounds[i]:.0f}-{bounds[i + 1]:.0f} tokens" for i in range(4)]
+    which = torch.bucketize(lengths, torch.tensor(cuts, dtype=lengths.dtype), right=True)
+    return [names[int(i)] for i in which]
+
+
+def pair_metrics(head, outputs: torch.Tensor, lengths: torch.Tensor, categories: list,
+                 bins: int) -> tuple[dict, list[dict]]:
+    """Results and per-pair rows from head outputs [N, 2, K] and token lengths [N, 2]."""
+    logit = head.preference_logit(outputs[:, 0], outputs[:, 1]).double()
+    p = torch.sigmoid(logit)
+    correct = logit > 0
+    results: dict = {"pairs": len(logit), "accuracy": correct.double().mean().item(),
+                     "preference_logit_mean": logit.mean().item()}
+    cal = calibration(p, bins)
+    results.update({f"calibration/{k}": v for k, v in cal.items() if k != "bins"})
+    results["reliability"] = cal["bins"]
+    longer = ["chosen longer" if c > r else "chosen shorter" if c < r else "same length"
+              for c, r in lengths.tolist()]
+    groups = {"length_difference": _accuracy_groups(correct, longer),
+              "length": _accuracy_groups(correct, _length_quartiles(lengths.double().mean(1)))}
+    if any(c is not None for c in categories):
+        groups["category"] = _accuracy_groups(correct, [str(c) for c in categories])
+    results["accuracy_by"] = groups
+    for kind, table in groups.items():
+        results.update({f"accuracy/{kind}/{key}": row["accuracy"] for key, row in table.items()})
+    rewards = head.reward(outputs).double() if head.has_reward else None
+    if rewards is not None:
+        for slot, name in enumerate(("chosen", "rejected")):
+            results.update({f"rewards/{name}_{k}": v
+                            for k, v in distribution(rewards[:, slot]).items()})
+        results["rewards/length_corr"] = pearson(lengths.flatten().double(), rewards.flatten())
+        low, high = rewards.min().item(), rewards.max().item()
+        edges = torch.linspace(low, high if high > low else low + 1, 21, dtype=torch.float64)
+        results["histogram"] = {"edges": edges.tolist(), **{
+            name: torch.histogram(rewards[:, slot], edges).hist.long().tolist()
+            for slot, name in enumerate(("chosen", "rejected"))}}
+    rows = []
+    for i in range(len(logit)):
+        row = {"p_chosen": p[i].item(), "correct": bool(correct[i]),
+               "tokens_chosen": int(lengths[i, 0]), "tokens_rejected": int(lengths[i, 1])}
+        if rewards is not None:
+            row.update(reward_chosen=rewards[i, 0].item(), reward_rejected=rewards[i, 1].item())
+        if categories[i] is not None:
+            row["category"] = categories[i]
+        rows.append(row)
+    return results, rows
+
+
+def run_rm_eval(options: RewardEvalOptions) -> dict:
+    """Score the pairs of ``--data``, write rm_eval.json, rm_eval_pairs.jsonl and the figures."""
+    started = time.perf_counter()
+    if options.bins < 1:
+        raise ValueError("--bins must be at least 1")
+    records = load_records(options.data)
+    raw = [row for _, row in read_rows(options.data, set(TEXT_FIELDS))]
+    categories = [row.get(options.category_field) if isinstance(row, dict) else None
+                  for row in raw]
+    shape = records[0].shape
+    if shape == "ranked":  # every pair of each list with unequal scores; categories follow
+        per_list = [ranked_to_pairs([record], "all_pairs") for record in records]
+        records = [pair for pairs in per_list for pair in pairs]
+        categories = [c for c, pairs in zip(categories, per_list) for _ in pairs]
+    elif shape != "pairs":
+        raise DataError(f"{options.data}: rm eval measures how a reward model orders pairs, but "
+                        f"the file holds {shape} records; give pairs (prompt, chosen, rejected) or "
+                        "ranked lists (scored as all their pairs). To score any records, use "
+                        "`preftune rm score`.")
+    scoring = RewardScoring.load(options.model, options.batch_size)
+    examples = scoring.examples(records)
+    bar = progress_bar(len(examples), "rm eval")
+    outputs = torch.stack([o[:2] for o in scoring.outputs_of(examples, bar.update)])
+    bar.close()
+    lengths = torch.tensor([[len(ids) for ids in ex.response_ids[:2]] for ex in examples])
+    results, rows = pair_metrics(scoring.head, outputs, lengths, categories, options.bins)
+    results.update(model=options.model, data=options.data, head=scoring.head.kind,
+                   settings=asdict(options), seconds=time.perf_counter() - started)
+    output = _output_dir(options)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    with open(output / PAIRS_FILE, "w", encoding="utf-8") as handle:
+        for record, row in zip(records, rows):
+            handle.write(json.dumps({"origin": record.origin, **row}) + "\n")
+    from ..report.reward import write_reward_figures
+
+    figures = write_reward_figures(results, output / "rm_eval")
+    print(render_summary(results))
+    print(f"\nwrote {output / RESULTS_FILE}, {output / PAIRS_FILE} and {len(figures)} figures in "
+          f"{output / 'rm_eval'}")
+    return results
+
+
+def _output_dir(options: RewardEvalOptions) -> Path:
+    if options.output:
+        return Path(options.output)
+    model = Path(options.model)
+    return model if (model / "model").is_dir() else Path.cwd()
+
+
+def render_summary(results: dict) -> str:
+    lines = [f"preftune rm eval: {results['model']} on {results['data']} "
+             f"({results['pairs']} pairs, {results['head']} head)",
+             f"  {'pairwise accuracy':<34} {results['accuracy']:.1%}",
+             f"  {'ECE (calibration error)':<34} {results['calibration/ece']:.4f}",
+             f"  {'Brier score / log loss':<34} {results['calibration/brier']:.4f} / "
+             f"{results['calibration/log_loss']:.4f}"]
+    for kind, table in results["accuracy_by"].items():
+        for key, row in table.items():
+            lines.append(f"  {'accuracy, ' + kind + ': ' + key:<34} {row['accuracy']:.1%} "
+                         f"({row['pairs']} pairs)")
+    if "rewards/chosen_mean" in results:
+        lines.append(f"  {'reward chosen / rejected, mean':<34} "
+                     f"{results['rewards/chosen_mean']:.3f} / {results['rewards/rejected_mean']:.3f}")
+        corr = results["rewards/length_corr"]
+        lines.append(f"  {'corr(reward, length in tokens)':<34} "
+                     f"{'n/a' if corr is None else f'{corr:.3f}'}")
+    return "\n".join(lines)
+

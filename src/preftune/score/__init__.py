@@ -1,0 +1,43 @@
+"""Scorers: turn (prompt, response) into numbers for win rates, data construction and online
+rounds. ``load_scorer`` reads the spec a user writes on the command line or in a config:
+
+- ``synthetic``: the demo's program checkers (needs the data they were written with);
+- ``module:function``: a Python function ``function(prompt, response) -> float``;
+- ``rm:DIR`` (or a reward-model directory): a model trained with ``preftune rm train``;
+- ``FILE.yaml``: a combination of the above (see ``combine.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import ConfigError
+from .base import Scorer, prompt_key
+from .combine import CombinedScorer, LogSigmoidCentred, baselines_from_samples, combined_from_yaml
+from .function import FunctionScorer, SyntheticScorer, is_function_spec
+
+__all__ = ["CombinedScorer", "FunctionScorer", "LogSigmoidCentred", "Scorer", "SyntheticScorer",
+           "baselines_from_samples", "load_scorer", "prompt_key"]
+
+
+def load_scorer(spec: str, data: str | None = None) -> Scorer:
+    """The scorer a spec names (see the module docstring). ``data`` is the file whose prompts
+    will be scored (the synthetic scorer reads its checkers from it)."""
+    if spec == "synthetic":
+        if data is None:
+            raise ConfigError("the synthetic scorer reads its checkers from the data file; "
+                              "give the data written by preftune demo / data synthetic.")
+        return SyntheticScorer.from_data(data)
+    if spec.endswith((".yaml", ".yml")):
+        return combined_from_yaml(spec, data, load_scorer)
+    if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):
+        from .reward_model import RewardModelScorer
+
+        try:
+            return RewardModelScorer.from_pretrained(spec.removeprefix("rm:"))
+        except FileNotFoundError as error:
+            raise ConfigError(f"scorer {spec!r}: {error}") from None
+    if is_function_spec(spec):
+        return FunctionScorer.from_spec(spec)
+    raise ConfigError(f"scorer {spec!r}: expected 'synthetic', 'module:function', 'rm:DIR' (a "
+                      "reward model from preftune rm train) or a .yaml combination file.")

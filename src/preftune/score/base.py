@@ -1,0 +1,53 @@
+"""The ``Scorer`` interface: (prompt, response) -> a number, in batches.
+
+A prompt is what a record holds (a string or a list of chat messages); a response is text.
+Scorers that judge two responses against each other (a GPM reward model, a pairwise judge)
+set ``pairwise`` and implement ``prefer``; every scorer may implement it, and win rates use it
+when the scorer is pairwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Protocol, Sequence
+
+from ..config import ConfigError
+
+
+class Scorer(Protocol):
+    name: str
+    pairwise: bool  # True: only ``prefer`` is meaningful
+
+    def score(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        """One finite number per (prompt, response); higher is better."""
+        ...
+
+    def prefer(self, prompts: Sequence, first: Sequence[str],
+               second: Sequence[str]) -> list[float]:
+        """P(first is better than second) per prompt."""
+        ...
+
+
+def prompt_key(prompt) -> str:
+    """A hashable identity of a prompt (a string, or a message list as canonical JSON)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def checked(values, name: str, count: int) -> list[float]:
+    """``values`` as floats, or an error naming the scorer and the first bad item."""
+    values = list(values)
+    if len(values) != count:
+        raise ConfigError(f"scorer {name}: returned {len(values)} scores for {count} responses.")
+    for position, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ConfigError(f"scorer {name}: returned {value!r} for response {position}; a "
+                              "scorer must return a finite number.")
+    return [float(v) for v in values]
+
+
+def prefer_by_scores(scorer, prompts, first, second) -> list[float]:
+    """P(first > second) of a scalar scorer: 1, 0, or 1/2 for a tie."""
+    a, b = scorer.score(prompts, first), scorer.score(prompts, second)
+    return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b)]

@@ -1,0 +1,146 @@
+"""Combining scorers (Wang et al., "Transforming and Combining Rewards for Aligning Large
+Language Models", arXiv:2402.00742; MaxMin-RLHF, arXiv:2402.08925).
+
+- ``LogSigmoidCentred``: u(x, y) = log sigmoid(r(x, y) - r_ref(x)), r_ref(x) a per-prompt
+  reference reward (e.g. the median reward of the initial policy's samples for x). It rewards
+  fixing poor answers more than polishing good ones, and saturates, which limits reward hacking.
+- ``CombinedScorer``: sum_i w_i u_i ("sum"; with log-sigmoid terms this is log prod P(good_i), a
+  logical AND) or min_i w_i u_i ("min": the worst-served criterion, MaxMin).
+
+A combination is written as YAML and passed wherever a scorer is named::
+
+    combine: sum                       # or min
+    terms:
+      - scorer: rm:runs/rm_helpful     # any scorer spec
+        weight: 1.0
+        transform: lsc                 # none (default) or lsc
+        baseline: {data: ref_samples.jsonl, quantile: 0.5}
+      - scorer: my_checks:passes
+
+``baseline.data`` holds reference samples, one (prompt, response) record per line and any
+number per prompt; r_ref(x) is the ``quantile`` of the scorer's rewards on those of prompt x.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import ConfigError
+from ..data.sources import load_records
+from .base import checked, prefer_by_scores, prompt_key
+
+
+def baselines_from_samples(scorer, prompts, responses, quantile: float = 0.5) -> dict:
+    """r_ref(x) per prompt: the ``quantile`` of ``scorer``'s scores of that prompt's samples."""
+    values: dict = {}
+    for prompt, score in zip(prompts, scorer.score(prompts, responses)):
+        values.setdefault(prompt_key(prompt), []).append(score)
+    return {key: torch.tensor(v, dtype=torch.float64).quantile(quantile).item()
+            for key, v in values.items()}
+
+
+class LogSigmoidCentred:
+    """log sigmoid(r(x, y) - r_ref(x)); ``baselines`` maps ``prompt_key(x)`` to r_ref(x)."""
+
+    pairwise = False
+
+    def __init__(self, scorer, baselines: dict):
+        if scorer.pairwise:
+            raise ConfigError(f"transform lsc needs a scalar scorer; {scorer.name} is pairwise.")
+        self.scorer, self.baselines = scorer, baselines
+        self.name = f"lsc({scorer.name})"
+
+    def score(self, prompts, responses) -> list[float]:
+        rewards = self.scorer.score(prompts, responses)
+        out = []
+        for prompt, reward in zip(prompts, rewards):
+            key = prompt_key(prompt)
+            if key not in self.baselines:
+                raise ConfigError(f"scorer {self.name}: no reference reward for the prompt "
+                                  f"{prompt!r}; the baseline samples must cover every prompt "
+                                  "scored.")
+            gap = reward - self.baselines[key]
+            out.append(-math.log1p(math.exp(-gap)) if gap > 0 else gap - math.log1p(math.exp(gap)))
+        return out
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        return prefer_by_scores(self, prompts, first, second)
+
+
+class CombinedScorer:
+    """sum_i w_i s_i or min_i w_i s_i over scalar scorers."""
+
+    pairwise = False
+
+    def __init__(self, terms: list[tuple], how: str = "sum"):
+        if how not in ("sum", "min"):
+            raise ConfigError(f"combine: expected 'sum' or 'min', got {how!r}.")
+        if not terms:
+            raise ConfigError("combine: give at least one term.")
+        for scorer, _ in terms:
+            if scorer.pairwise:
+                raise ConfigError(f"combine: {scorer.name} compares responses and has no score "
+                                  "of its own, so it cannot be summed or minimised.")
+        self.terms, self.how = terms, how
+        self.name = f"{how}(" + ", ".join(f"{w:g}*{s.name}" for s, w in terms) + ")"
+
+    def score(self, prompts, responses) -> list[float]:
+        columns = [[weight * value for value in scorer.score(prompts, responses)]
+                   for scorer, weight in self.terms]
+        reduce = sum if self.how == "sum" else min
+        return checked([reduce(values) for values in zip(*columns)], self.name, len(responses))
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        return prefer_by_scores(self, prompts, first, second)
+
+
+def combined_from_yaml(path: str, data: str | None, load) -> CombinedScorer:
+    """A ``CombinedScorer`` from a YAML file (see the module docstring); ``load(spec, data)``
+    builds each term's scorer."""
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"scorer file {path} does not exist.")
+    spec = yaml.safe_load(source.read_text()) or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("terms"), list):
+        raise ConfigError(f"{path}: expected a mapping with 'terms' (a list) and optionally "
+                          "'combine' (sum or min).")
+    unknown = set(spec) - {"combine", "terms"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected combine, terms.")
+    terms = []
+    for number, term in enumerate(spec["terms"]):
+        where = f"{path}: terms[{number}]"
+        if not isinstance(term, dict) or "scorer" not in term:
+            raise ConfigError(f"{where}: expected a mapping with 'scorer' (and optionally weight, "
+                              "transform, baseline).")
+        extra = set(term) - {"scorer", "weight", "transform", "baseline"}
+        if extra:
+            raise ConfigError(f"{where}: unknown keys {sorted(extra)}.")
+        scorer = load(str(term["scorer"]), data)
+        transform = term.get("transform", "none")
+        if transform == "lsc":
+            baseline = term.get("baseline")
+            if not isinstance(baseline, dict) or "data" not in baseline:
+                raise ConfigError(f"{where}: transform lsc needs baseline: {{data: FILE, "
+                                  "quantile: 0.5}} with reference samples of every prompt.")
+            samples = load_records(str(baseline["data"]), shape="rated")
+            scorer = LogSigmoidCentred(scorer, baselines_from_samples(
+                scorer, [r.prompt for r in samples], [_text(r.response) for r in samples],
+                float(baseline.get("quantile", 0.5))))
+        elif transform != "none":
+            raise ConfigError(f"{where}: transform is 'none' or 'lsc', got {transform!r}.")
+        elif "baseline" in term:
+            raise ConfigError(f"{where}: baseline does nothing without transform: lsc.")
+        terms.append((scorer, float(term.get("weight", 1.0))))
+    return CombinedScorer(terms, spec.get("combine", "sum"))
+
+
+def _text(response) -> str:
+    """A response as the text a model would have produced (a single assistant message's content)."""
+    if isinstance(response, str):
+        return response
+    return "".join(m["content"] for m in response)

@@ -1,0 +1,90 @@
+"""Scorers from Python: a user's function (a verifier, unit tests, a rule) and the demo's
+program checkers."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..config import ConfigError
+from ..data.records import DataError
+from ..data.shapes import TEXT_FIELDS
+from ..data.sources import read_rows
+from ..data.synthetic import load_checker
+from .base import checked, prefer_by_scores, prompt_key
+
+
+class FunctionScorer:
+    """``function(prompt, response) -> float`` called per response; a function with an
+    attribute ``batched = True`` is called once as ``function(prompts, responses) -> list``."""
+
+    pairwise = False
+
+    def __init__(self, function, name: str):
+        self.function, self.name = function, name
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "FunctionScorer":
+        """``module:function`` (the module importable from the working directory or path)."""
+        module_name, _, attribute = spec.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ConfigError(f"scorer {spec!r}: expected 'module:function' with an importable "
+                              f"module and function ({error}).") from None
+        if not callable(function):
+            raise ConfigError(f"scorer {spec!r}: {attribute} is not callable.")
+        return cls(function, spec)
+
+    def score(self, prompts, responses) -> list[float]:
+        if getattr(self.function, "batched", False):
+            return checked(self.function(list(prompts), list(responses)), self.name,
+                           len(responses))
+        return checked([self.function(p, r) for p, r in zip(prompts, responses, strict=True)],
+                       self.name, len(responses))
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        return prefer_by_scores(self, prompts, first, second)
+
+
+class SyntheticScorer:
+    """The demo's checkers: 1.0 when a response passes the checker stored with its prompt's
+    record (``preftune data synthetic`` / ``preftune demo`` data), else 0.0."""
+
+    pairwise = False
+    name = "synthetic"
+
+    def __init__(self, checkers: dict):
+        self.checkers = checkers
+
+    @classmethod
+    def from_data(cls, path: str) -> "SyntheticScorer":
+        checkers = {}
+        for origin, row in read_rows(path, set(TEXT_FIELDS)):
+            try:
+                checkers[prompt_key(row["prompt"])] = load_checker(row)
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{origin}: field 'check' is missing or not a checker spec; the "
+                                "synthetic scorer needs data written by preftune's synthetic "
+                                "tasks (preftune demo, preftune data synthetic).") from None
+        return cls(checkers)
+
+    def score(self, prompts, responses) -> list[float]:
+        values = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            checker = self.checkers.get(prompt_key(prompt))
+            if checker is None:
+                raise DataError(f"the synthetic scorer has no checker for the prompt {prompt!r}: "
+                                "score prompts of the data it was built from.")
+            values.append(float(bool(checker(response))))
+        return values
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        return prefer_by_scores(self, prompts, first, second)
+
+
+def is_function_spec(spec: str) -> bool:
+    """``module:function`` rather than a path (a path exists or has a separator)."""
+    module, colon, attribute = spec.partition(":")
+    return bool(colon) and attribute.isidentifier() and not Path(spec).exists() \
+        and "/" not in module and "\\" not in module

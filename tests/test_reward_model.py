@@ -1,0 +1,296 @@
+"""Reward models on tiny random backbones: the fast forward equals plain per-response forwards,
+saved models reload and score identically (also through AutoModelForSequenceClassification),
+training learns a known preference, and bad input is named."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from preftune.cli import main
+from preftune.config import ConfigError
+from preftune.data.layout import LAYOUTS, collate
+from preftune.data.records import DataError, Pair, Ranked
+from preftune.data.tokenize import TokenizeSettings, tokenize_records
+from preftune.reward.config import build_reward_config
+from preftune.reward.encoder import encoder_examples, plain_text
+from preftune.reward.heads import Head
+from preftune.reward.model import RewardModel, load_backbone
+from preftune.reward.scoring import RewardScoring
+from preftune.reward.train import train_reward_model
+from tiny_models import save_tiny_encoder_dir, save_tiny_model_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def word(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice("abcdefghij") for _ in range(length))
+
+
+def digit_pairs(count: int, seed: int) -> list[dict]:
+    """Pairs whose better response is known: chosen hides one digit among letters, rejected is
+    letters only; prompts and words are random, so held-out pairs are new strings."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        good = list(word(rng, rng.randint(2, 7)))
+        good.insert(rng.randint(0, len(good)), rng.choice("0123456789"))
+        rows.append({"prompt": f"Q: {word(rng, rng.randint(3, 10))}?", "chosen": "".join(good),
+                     "rejected": word(rng, rng.randint(3, 8)), "margin": 0.5,
+                     "category": "short" if len(good) < 5 else "long"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reward")
+    save_tiny_model_dir(root / "decoder")
+    save_tiny_encoder_dir(root / "encoder")
+    write_jsonl(root / "train.jsonl", digit_pairs(256, 1))
+    write_jsonl(root / "eval.jsonl", digit_pairs(96, 2))
+    return root
+
+
+def train(workspace: Path, name: str, **sections) -> Path:
+    tree = {"output_dir": str(workspace / "runs" / name),
+            "model": {"path": str(workspace / "decoder")},
+            "data": {"train": str(workspace / "train.jsonl")},
+            "train": {"learning_rate": 3e-3, "batch_size": 16, "max_steps": 4,
+                      "warmup_ratio": 0.0, "seed": 0}}
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    return train_reward_model(build_reward_config(tree), show_progress=False)
+
+
+def conversation_records() -> list:
+    prompts = [[{"role": "user", "content": "What is 3+4? Be brief, please."}],
+               [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "Capital of France?"}]]
+    return [Ranked(prompts[0], ("7", "It is 8.", "seven"), (2.0, 0.0, 1.0), origin="r:0"),
+            Ranked(prompts[1], ("Paris", "Lyon, I think", "paris!"), (2.0, 0.0, 1.0),
+                   origin="r:1")]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("responses", [2, 3])
+def test_every_layout_equals_separate_forwards_of_each_response(workspace, layout, responses):
+    """Scores and gradients of the batched forward (any layout) equal transformers' own
+    sequence-classification forward run on each prompt + response alone (fp32, 1e-5)."""
+    head = Head(kind="attributes", attributes=("a", "b"))
+    model, tokenizer = load_backbone(str(workspace / "decoder"), head)
+    torch.nn.init.normal_(model.score.weight, std=0.5)  # a head that is not near zero
+    reward_model = RewardModel(model, head).train()
+    records = [Ranked(r.prompt, r.responses[:responses], r.response_scores[:responses],
+                      origin=r.origin) for r in conversation_records()]
+    examples, _ = tokenize_records(records, tokenizer, TokenizeSettings(256, 128))
+    batch = collate(examples, tokenizer.pad_token_id, layout, max_row_tokens=60)
+    outputs = reward_model(batch)
+    assert outputs.shape == (2, responses, 2)
+    weights = torch.randn(outputs.shape, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = torch.autograd.grad((outputs * weights).sum(), params)
+
+    plain = torch.stack([torch.stack([
+        model(input_ids=torch.tensor([example.prompt_ids + ids])).logits[0]
+        for ids in example.response_ids]) for example in examples])
+    slow = torch.autograd.grad((plain * weights).sum(), params)
+    torch.testing.assert_close(outputs, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_trained_model_reaches_held_out_accuracy_and_reloads_identically(workspace, tmp_path):
+    """24 steps on 256 pairs: held-out accuracy >= 95%. The rule (a digit in the chosen
+    response) is one token's presence, which the final token can see through attention; the
+    held-out strings are new. It took 16 steps to pass 99% when this test was written, so 95%
+    leaves room for numeric differences across machines and is far above chance (50%)."""
+    run = train(workspace, "digits", train={"max_steps": 24})
+    code = main(["rm", "eval", "--model", str(run), "--data", str(workspace / "eval.jsonl")])
+    assert code == 0
+    results = json.loads((run / "rm_eval.json").read_text())
+    assert results["accuracy"] >= 0.95
+    assert results["pairs"] == 96
+    assert set(results["accuracy_by"]["category"]) == {"short", "long"}
+    assert (run / "rm_eval" / "rm_reliability.png").stat().st_size > 1000
+
+    # reload: our scorer, and plain transformers on right-padded rows, give the same numbers
+    scoring = RewardScoring.load(str(run))
+    records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=str(i))
+               for i, r in enumerate(digit_pairs(8, 3))]
+    ours = torch.stack(scoring.outputs(records))[..., 0]  # [8, 2]
+    hf = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    rows = [ex.prompt_ids + ids for ex in scoring.examples(records) for ids in ex.response_ids]
+    width = max(map(len, rows))
+    padded = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    with torch.no_grad():
+        logits = hf(input_ids=padded, attention_mask=(padded != tokenizer.pad_token_id).long())
+    torch.testing.assert_close(logits.logits.view(8, 2), ours, atol=1e-5, rtol=1e-5)
+    # and the trained model agrees with the accuracy it was evaluated at
+    assert (ours[:, 0] > ours[:, 1]).float().mean().item() >= 0.95
+
+
+def test_encoder_backbone_scores_like_automodel_on_text_pairs(workspace):
+    """An encoder reward model reads [CLS] prompt [SEP] response [SEP]; the saved model gives
+    the same outputs from tokenizer(prompt, response) through AutoModelForSequenceClassification."""
+    run = train(workspace, "encoder", model={"path": str(workspace / "encoder")},
+                train={"max_steps": 3})
+    info = json.loads((run / "run.json").read_text())
+    assert info["layout"] == "padded"
+    rows = digit_pairs(6, 4)
+    records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=str(i))
+               for i, r in enumerate(rows)]
+    ours = torch.stack(RewardScoring.load(str(run)).outputs(records))[..., 0]
+    hf = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    prompts = [r["prompt"] for r in rows for _ in range(2)]
+    responses = [text for r in rows for text in (r["chosen"], r["rejected"])]
+    with torch.no_grad():
+        logits = hf(**tokenizer(prompts, responses, padding=True, return_tensors="pt")).logits
+    torch.testing.assert_close(logits.view(6, 2), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_text_pair_ids_match_the_tokenizer(workspace):
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "encoder")
+    record = Pair([{"role": "user", "content": "what is 3+4?"}], "the answer is 7", "no")
+    (example,), _ = encoder_examples([record], tokenizer, TokenizeSettings(64, 32))
+    expected = tokenizer(plain_text(record.prompt), "the answer is 7")["input_ids"]
+    assert example.prompt_ids + example.response_ids[0] == expected
+
+
+def test_lora_reward_model_saves_adapter_and_merged_model(workspace):
+    from peft import PeftModel
+
+    run = train(workspace, "lora", model={"lora": {"r": 4, "alpha": 8}}, train={"max_steps": 3})
+    assert (run / "adapter" / "preftune_reward.json").exists()
+    records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=str(i))
+               for i, r in enumerate(digit_pairs(4, 5))]
+    merged = torch.stack(RewardScoring.load(str(run)).outputs(records))
+    base, _ = load_backbone(str(workspace / "decoder"), Head())
+    adapted = RewardModel(PeftModel.from_pretrained(base, run / "adapter"), Head()).eval()
+    scoring = RewardScoring.load(str(run))
+    with torch.no_grad():
+        via_adapter = adapted(scoring.make_batch(scoring.examples(records)))
+    torch.testing.assert_close(via_adapter, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_ranked_lists_train_with_plackett_luce_and_score_as_lists(workspace, tmp_path):
+    rows = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], r["rejected"] + "x"],
+             "scores": [2, 1, 0]} for r in digit_pairs(64, 6)]
+    data = write_jsonl(tmp_path / "lists.jsonl", rows)
+    run = train(workspace, "lists", data={"train": str(data)}, loss={"name": "plackett_luce"})
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"rewards/accuracies", "rewards/top1_accuracy"} <= set(metrics[0])
+    out = tmp_path / "scored.jsonl"
+    # the lists already hold "scores": the model's go under another name, nothing is replaced
+    assert main(["rm", "score", "--model", str(run), "--data", str(data), "--output",
+                 str(out)]) == 2
+    assert main(["rm", "score", "--model", str(run), "--data", str(data), "--output",
+                 str(out), "--field", "reward"]) == 0
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(scored) == 64 and len(scored[0]["rewards"]) == 3
+    assert scored[0]["scores"] == [2, 1, 0] and scored[0]["origin"].endswith("lists.jsonl:1")
+    # and they feed the list -> pairs converters by naming that field
+    from preftune.data.convert import convert
+    from preftune.data.sources import load_records
+
+    pairs = convert(load_records(str(out), fields={"scores": "rewards"}), "pairs:best_vs_worst")
+    best = max(range(3), key=lambda k: scored[0]["rewards"][k])
+    assert pairs[0].chosen == scored[0]["responses"][best]
+
+
+def test_rm_score_output_feeds_margin_objectives(workspace, tmp_path):
+    """Scores written for pairs are the chosen_score/rejected_score fields odpo and modpo read."""
+    run = train(workspace, "for-scoring", train={"max_steps": 2})
+    rows = digit_pairs(12, 7)
+    for row in rows:
+        del row["margin"]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "scored.jsonl"
+    assert main(["rm", "score", "--model", str(run), "--data", str(data), "--output",
+                 str(out)]) == 0
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    scoring = RewardScoring.load(str(run))
+    records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=str(i))
+               for i, r in enumerate(rows)]
+    expected = torch.stack(scoring.outputs(records))[..., 0]
+    assert [s["chosen_score"] for s in scored] == pytest.approx(expected[:, 0].tolist(), abs=1e-6)
+    assert [s["rejected_score"] for s in scored] == pytest.approx(expected[:, 1].tolist(),
+                                                                  abs=1e-6)
+    assert scored[0]["prompt"] == rows[0]["prompt"] and scored[3]["origin"].endswith(":4")
+    # the scored file trains modpo (its margin reward) as it is
+    from preftune.config import build_config
+    from preftune.train import loop
+
+    policy = loop.train(build_config({
+        "output_dir": str(tmp_path / "modpo"), "model": {"path": str(workspace / "decoder")},
+        "data": {"train": str(out)}, "objective": {"name": "modpo"},
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "train": {"batch_size": 4, "max_steps": 1}}), show_progress=False)
+    assert (policy / "model" / "model.safetensors").exists()
+    # a second run refuses to overwrite the scores it already holds
+    assert main(["rm", "score", "--model", str(run), "--data", str(out), "--output",
+                 str(tmp_path / "again.jsonl")]) == 2
+
+
+@pytest.mark.parametrize("loss, head, rows, message", [
+    ("bt_margin", {}, [{"prompt": "p", "chosen": "a1", "rejected": "b"},
+                       {"prompt": "p", "chosen": "a2", "rejected": "b", "margin": 1}],
+     ["bad.jsonl:1", "'margin'", "bt_margin"]),
+    ("regression", {"kind": "attributes", "attributes": ["help"]},
+     [{"prompt": "p", "response": "a", "help": 2}, {"prompt": "p", "response": "b"}],
+     ["bad.jsonl:2", "'help'"]),
+    ("bt", {}, [{"prompt": "p", "completion": "a", "label": True}],
+     ["bt trains on pairs", "unpaired", "bad.jsonl"]),
+    ("bt", {}, [{"prompt": "p", "chosen": "a"}], ["bad.jsonl:1", "'rejected'"]),
+])
+def test_bad_input_names_file_record_and_field(workspace, tmp_path, capsys, loss, head, rows,
+                                               message):
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    code = main(["rm", "train", "--set", f"output_dir={tmp_path / 'run'}",
+                 "--set", f"model.path={workspace / 'decoder'}", "--set", f"data.train={bad}",
+                 "--set", f"loss.name={loss}", "--set", f"model.head={json.dumps(head)}",
+                 "--set", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for part in message:
+        assert part in err, (part, err)
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"loss": {"name": "gpm"}, "model": {"head": {"kind": "scalar"}}},
+     "reward loss gpm fits a gpm head"),
+    ({"loss": {"name": "bt", "margin": 1}}, "unknown key 'loss.margin'"),
+    ({"loss": {"name": "btt"}}, "Did you mean bt"),
+    ({"loss": {"name": "quantile"}, "model": {"head": {"quantiles": [0.5, 0.2]}}},
+     "increasing levels"),
+    ({"loss": {"name": "regression"}, "model": {"head": {"kind": "attributes"}}},
+     "names of its ratings"),
+])
+def test_config_errors_name_the_key(tree, message):
+    with pytest.raises(ConfigError, match=message):
+        build_reward_config(tree)
+
+
+def test_auto_head_follows_the_loss():
+    assert build_reward_config({"loss": {"name": "gpm"}}).head.kind == "gpm"
+    assert build_reward_config({"loss": {"name": "quantile"}}).head.kind == "quantile"
+    assert build_reward_config({"loss": {"name": "regression"}, "model": {"head": {
+        "attributes": ["help", "safe"]}}}).head.kind == "attributes"
+    assert build_reward_config({}).head.kind == "scalar"
+
+
+def test_rm_eval_refuses_unpaired_data(workspace, tmp_path, capsys):
+    run = train(workspace, "eval-shape", train={"max_steps": 1})
+    data = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": "a", "label": True}])
+    assert main(["rm", "eval", "--model", str(run), "--data", str(data)]) == 2
+    assert "rm score" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""The Scorer interface: functions, the demo's checkers, reward models (scalar and GPM),
+combinations (sum, min, log-sigmoid centring), and the win rate of ``preftune eval``."""
+
+import json
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from preftune.cli import main
+from preftune.config import ConfigError
+from preftune.data.synthetic import generate_split, write_jsonl
+from preftune.reward.config import build_reward_config
+from preftune.reward.train import train_reward_model
+from preftune.score import (CombinedScorer, FunctionScorer, LogSigmoidCentred, SyntheticScorer,
+                            baselines_from_samples, load_scorer)
+from tiny_models import save_tiny_model_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def log_sigmoid(z: float) -> float:
+    return -math.log1p(math.exp(-z))
+
+
+@pytest.fixture(scope="module")
+def scorer_module(tmp_path_factory):
+    """An importable module of scoring functions, as a user would write one."""
+    root = tmp_path_factory.mktemp("scorers")
+    (root / "my_checks.py").write_text(textwrap.dedent("""
+        def length(prompt, response):
+            return float(len(response))
+
+        def has_seven(prompt, response):
+            return 1.0 if "7" in response else 0.0
+
+        def batch_length(prompts, responses):
+            return [float(len(r)) for r in responses]
+        batch_length.batched = True
+
+        def broken(prompt, response):
+            return float("nan")
+    """))
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+def test_function_scorer_per_item_and_batched(scorer_module):
+    assert FunctionScorer.from_spec("my_checks:length").score(["p", "q"], ["ab", "abcd"]) == [2, 4]
+    assert load_scorer("my_checks:batch_length").score(["p"], ["xyz"]) == [3.0]
+    assert load_scorer("my_checks:has_seven").prefer(["p", "p", "p"], ["7", "a", "b"],
+                                                     ["a", "7", "c"]) == [1.0, 0.0, 0.5]
+
+
+def test_bad_scores_and_specs_are_named(scorer_module):
+    with pytest.raises(ConfigError, match="my_checks:broken: returned nan for response 0"):
+        load_scorer("my_checks:broken").score(["p"], ["a"])
+    with pytest.raises(ConfigError, match="expected 'synthetic', 'module:function'"):
+        load_scorer("nothing-like-a-scorer")
+    with pytest.raises(ConfigError, match="importable"):
+        load_scorer("no_such_module_here:f")
+
+
+def test_synthetic_scorer_applies_each_prompts_checker(tmp_path):
+    _, tasks = generate_split(4, 6, seed=0)
+    write_jsonl(tasks, tmp_path / "eval.jsonl")
+    scorer = load_scorer("synthetic", str(tmp_path / "eval.jsonl"))
+    assert isinstance(scorer, SyntheticScorer)
+    prompts = [t.prompt for t in tasks]
+    assert scorer.score(prompts, [t.chosen for t in tasks]) == [1.0] * 6
+    assert scorer.score(prompts, [t.rejected for t in tasks]) == [0.0] * 6
+
+
+def test_combined_sum_and_min(scorer_module):
+    length, seven = load_scorer("my_checks:length"), load_scorer("my_checks:has_seven")
+    both = CombinedScorer([(length, 0.5), (seven, 2.0)], "sum")
+    assert both.score(["p", "p"], ["a7", "abcd"]) == [0.5 * 2 + 2.0, 0.5 * 4 + 0.0]
+    worst = CombinedScorer([(length, 1.0), (seven, 10.0)], "min")
+    assert worst.score(["p", "p"], ["a7", "abcd"]) == [2.0, 0.0]
+
+
+def test_log_sigmoid_centring_against_per_prompt_quantiles(scorer_module):
+    length = load_scorer("my_checks:length")
+    baselines = baselines_from_samples(length, ["p", "p", "p", "q"], ["a", "abc", "abcde", "ab"],
+                                       quantile=0.5)
+    assert baselines == {"p": 3.0, "q": 2.0}
+    centred = LogSigmoidCentred(length, baselines)
+    values = centred.score(["p", "q"], ["abcd", "a"])
+    assert values == pytest.approx([log_sigmoid(4 - 3), log_sigmoid(1 - 2)], rel=1e-12)
+    with pytest.raises(ConfigError, match="no reference reward for the prompt 'r'"):
+        centred.score(["r"], ["x"])
+
+
+def test_yaml_combination(scorer_module, tmp_path):
+    samples = tmp_path / "ref.jsonl"
+    samples.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n"
+                               for p, r in [("p", "ab"), ("p", "abcd"), ("q", "abc")]))
+    spec = tmp_path / "scorer.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        combine: sum
+        terms:
+          - scorer: my_checks:length
+            transform: lsc
+            baseline: {{data: {samples}, quantile: 0.5}}
+          - scorer: my_checks:has_seven
+            weight: 0.25
+    """))
+    scorer = load_scorer(str(spec))
+    values = scorer.score(["p", "q"], ["abc7", "a"])
+    assert values == pytest.approx([log_sigmoid(4 - 3) + 0.25, log_sigmoid(1 - 3)], rel=1e-12)
+    spec.write_text("terms:\n  - scorer: my_checks:length\n    baseline: {data: x}\n")
+    with pytest.raises(ConfigError, match="baseline does nothing without transform: lsc"):
+        load_scorer(str(spec))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scorer-models")
+    save_tiny_model_dir(root / "policy")
+    rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": w + "!!"} for w in
+            ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for loss in ("bt", "gpm"):
+        runs[loss] = train_reward_model(build_reward_config({
+            "output_dir": str(root / loss), "model": {"path": str(root / "policy")},
+            "data": {"train": str(root / "pairs.jsonl")}, "loss": {"name": loss},
+            "train": {"learning_rate": 1e-3, "batch_size": 4, "max_steps": 2}}),
+            show_progress=False)
+    return root, runs
+
+
+def test_reward_model_scorer_scalar_and_gpm(models):
+    root, runs = models
+    scalar = load_scorer(f"rm:{runs['bt']}")
+    assert not scalar.pairwise
+    first, second = scalar.score(["Say alpha.", "Say beta."], ["alpha", "beta!!"])
+    again = scalar.score(["Say beta.", "Say alpha."], ["beta!!", "alpha"])
+    assert again == pytest.approx([second, first], abs=1e-6)  # batching does not change scores
+    p = scalar.prefer(["Say alpha."], ["alpha"], ["beta!!"])[0]
+    assert p == pytest.approx(1 / (1 + math.exp(-(scalar.score(["Say alpha."], ["alpha"])[0]
+                                                  - scalar.score(["Say alpha."], ["beta!!"])[0]))),
+                              abs=1e-6)
+    gpm = load_scorer(str(runs["gpm"]))  # a directory works without the rm: prefix
+    assert gpm.pairwise
+    forward = gpm.prefer(["Say alpha."], ["alpha"], ["alpha!!"])[0]
+    backward = gpm.prefer(["Say alpha."], ["alpha!!"], ["alpha"])[0]
+    assert forward + backward == pytest.approx(1.0, abs=1e-6)  # skew-symmetric
+    assert gpm.prefer(["Say alpha."], ["alpha"], ["alpha"])[0] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ConfigError, match="compares responses and has no score of its own"):
+        CombinedScorer([(gpm, 1.0)])
+
+
+def test_eval_win_rate_under_a_reward_model(models, tmp_path):
+    """The policy is the reference, so both give the same greedy answers: every prompt ties."""
+    root, runs = models
+    for loss, key in (("bt", "win_rate/policy_score"), ("gpm", "win_rate/preference_mean")):
+        out = tmp_path / loss
+        assert main(["eval", "--model", str(root / "policy"), "--reference", str(root / "policy"),
+                     "--data", str(root / "pairs.jsonl"), "--samples", "0",
+                     "--max-new-tokens", "3", "--scorer", f"rm:{runs[loss]}",
+                     "--output", str(out)]) == 0
+        results = json.loads((out / "eval.json").read_text())
+        assert results["win_rate"] == 0.5 and results["win_rate/prompts"] == 8
+        assert key in results
+        if loss == "gpm":
+            assert results[key] == pytest.approx(0.5, abs=1e-6)
+        else:
+            assert results["win_rate/policy_score"] == results["win_rate/reference_score"]
+
+
+def test_preference_win_rate_counts_ties_as_half():
+    from preftune.evaluate.diagnostics import preference_win_rate
+
+    assert preference_win_rate(torch.tensor([0.9, 0.5, 0.2, 0.51])) == pytest.approx(0.625)
