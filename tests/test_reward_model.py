@@ -120,6 +120,13 @@ def test_trained_model_reaches_held_out_accuracy_and_reloads_identically(workspa
     assert results["pairs"] == 96
     assert set(results["accuracy_by"]["category"]) == {"short", "long"}
     assert (run / "rm_eval" / "rm_reliability.png").stat().st_size > 1000
+    # the run's HTML report shows the evaluation beside the training curves
+    from preftune.report import write_report
+
+    page = write_report(run).read_text()
+    assert "Reward model evaluation (rm_eval.json)" in page and "reward loss" in page
+    assert {"rm_reliability.png", "rm_rewards.png", "rm_accuracy_by_group.png"} <= {
+        p.name for p in (run / "report").iterdir()}
 
     # reload: our scorer, and plain transformers on right-padded rows, give the same numbers
     scoring = RewardScoring.load(str(run))
@@ -294,3 +301,19 @@ def test_rm_eval_refuses_unpaired_data(workspace, tmp_path, capsys):
     data = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": "a", "label": True}])
     assert main(["rm", "eval", "--model", str(run), "--data", str(data)]) == 2
     assert "rm score" in capsys.readouterr().err
+
+
+def test_layouts_and_checkpointing_train_identically(workspace):
+    """Same per-step losses and grad norms whatever the layout, with activation checkpointing."""
+    def curve(name, **train_settings):
+        run = train(workspace, name, train={"max_steps": 3, **train_settings})
+        return [(m["loss"], m["grad_norm"]) for m in
+                map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    baseline = curve("padded", layout="padded")
+    for name, settings in [("shared", {"layout": "prefix_shared"}),
+                           ("packed", {"layout": "packed_prefix_shared", "max_row_tokens": 64}),
+                           ("gc", {"layout": "prefix_shared", "gradient_checkpointing": True})]:
+        other = curve(name, **settings)
+        for (loss, norm), (loss2, norm2) in zip(baseline, other, strict=True):
+            assert loss2 == pytest.approx(loss, rel=1e-5) and norm2 == pytest.approx(norm, rel=1e-4)

@@ -165,6 +165,10 @@ def test_eval_win_rate_under_a_reward_model(models, tmp_path):
                      "--output", str(out)]) == 0
         results = json.loads((out / "eval.json").read_text())
         assert results["win_rate"] == 0.5 and results["win_rate/prompts"] == 8
+        answers = [json.loads(line)
+                   for line in (out / "eval_answers.jsonl").read_text().splitlines()]
+        assert len(answers) == 8 and all(a["policy_answer"] == a["reference_answer"]
+                                         for a in answers)
         assert key in results
         if loss == "gpm":
             assert results[key] == pytest.approx(0.5, abs=1e-6)

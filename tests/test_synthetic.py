@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 
 import pytest
 
@@ -136,3 +137,30 @@ def test_json_edges():
     assert not c("blue") and not c('{"answer": "blue"') and not c('["blue"]')
     n = S.Checker({"type": "json_answer", "answer": 12})
     assert n('{"answer": 12}') and n('{"answer": "12"}') and not n('{"answer": true}') and not n('{"answer": 13}')
+
+
+def test_hard_negatives_are_bare_wrong_answers_of_the_same_tasks():
+    plain_train, plain_eval = S.generate_split(60, 30, seed=3)
+    train, evals = S.generate_split(60, 30, seed=3, hard_negatives=0.5)
+    for plain, hard in zip(plain_train + plain_eval, train + evals):
+        assert hard.prompt == plain.prompt and hard.chosen == plain.chosen  # same tasks
+        assert hard.negative in ("bare", "chatty")
+        assert not hard.check(hard.rejected) and hard.check(hard.chosen)
+        if hard.negative == "chatty":
+            assert hard.rejected == plain.rejected
+        else:
+            assert hard.rejected == plain.bare_wrong and len(hard.rejected) < len(plain.rejected)
+    # each task is a bare negative with probability 0.5, from a stream of its own
+    draws = random.Random("hard-negatives-3")
+    assert [t.negative == "bare" for t in train + evals] == [draws.random() < 0.5
+                                                              for _ in range(90)]
+    assert S.to_record(train[0])["negative"] == train[0].negative
+    assert "negative" not in S.to_record(plain_train[0])  # default data is unchanged
+
+
+def test_every_family_has_a_bare_wrong_answer_that_fails():
+    rng = random.Random(5)
+    for family in S.FAMILIES:
+        for _ in range(20):
+            task = S._make(family, rng)
+            assert task.bare_wrong and not task.check(task.bare_wrong), (family, task.bare_wrong)

@@ -79,7 +79,8 @@ def _synthetic(args) -> None:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed)
+    train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed,
+                                             hard_negatives=args.hard_negatives)
     write_jsonl(train_tasks, out / "train.jsonl")
     write_jsonl(eval_tasks, out / "eval.jsonl")
     print(f"wrote {len(train_tasks)} training pairs to {out / 'train.jsonl'} and "
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--train", type=int, default=192, help="training pairs")
     synthetic.add_argument("--eval", type=int, default=96, help="held-out pairs")
     synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
+                           help="share of pairs whose rejected answer is a bare wrong answer "
+                           "(as short as chosen) instead of a chatty one; field 'negative' "
+                           "says which (for reward models, which would otherwise learn length)")
     synthetic.set_defaults(run=_synthetic)
 
     objectives = commands.add_parser("objectives", help="list the registered objectives")

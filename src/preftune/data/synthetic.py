@@ -14,7 +14,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 __all__ = [
@@ -108,6 +108,8 @@ class Task:
     family: str
     check: Callable[[str], bool]
     key: str = field(default="", compare=False)
+    bare_wrong: str = field(default="", compare=False)  # a short answer that fails the check
+    negative: str = ""  # "bare" or "chatty" when the data mixes both kinds of rejected answers
 
     @property
     def prompt_text(self) -> str:
@@ -137,6 +139,7 @@ def to_record(task: Task) -> dict:
         "rejected": [{"role": "assistant", "content": task.rejected}],
         "family": task.family,
         "check": dict(task.check.spec),
+        **({"negative": task.negative} if task.negative else {}),
     }
 
 
@@ -231,7 +234,8 @@ def _article(word: str) -> str:
 
 
 # ----------------------------------------------------------------------------- families
-# Each family draws from an rng: (item key, prompt text, chosen, rejected, check spec).
+# Each family draws from an rng: (item key, prompt text, chosen, rejected, check spec, a bare
+# wrong answer: as short as chosen and failing the check, a hard negative).
 
 
 def _fam_arithmetic(rng: random.Random):
@@ -243,7 +247,8 @@ def _fam_arithmetic(rng: random.Random):
     ]).format(a=a, b=b)
     wrong = a + b + rng.choice([-2, -1, 1, 2, 10])
     rejected = rng.choice([f"{a} + {b} = {wrong}", f"The answer is {wrong}."])
-    return f"{a}+{b}", text, str(a + b), rejected, {"type": "exact", "answer": str(a + b)}
+    return f"{a}+{b}", text, str(a + b), rejected, {"type": "exact", "answer": str(a + b)}, \
+        str(wrong)
 
 
 def _fam_next(rng: random.Random):
@@ -254,7 +259,7 @@ def _fam_next(rng: random.Random):
     ]).format(n=n)
     wrong = n + rng.choice([0, 2, 10])
     return str(n), text, str(n + 1), f"The next number after {n} is {wrong}.", \
-        {"type": "exact", "answer": str(n + 1)}
+        {"type": "exact", "answer": str(n + 1)}, str(wrong)
 
 
 def _fam_capital(rng: random.Random):
@@ -264,7 +269,8 @@ def _fam_capital(rng: random.Random):
         "Name the capital of {c}. Reply with only the city name.",
     ]).format(c=country)
     wrong = rng.choice([c for _, c in _CAPITALS if c != city])
-    return country, text, city, f"The capital of {country} is {wrong}.", {"type": "exact", "answer": city}
+    return country, text, city, f"The capital of {country} is {wrong}.", \
+        {"type": "exact", "answer": city}, wrong
 
 
 def _fam_opposite(rng: random.Random):
@@ -275,7 +281,7 @@ def _fam_opposite(rng: random.Random):
     ]).format(w=word)
     wrong = rng.choice([x for pair in _OPPOSITES for x in pair if x not in (word, opp)])
     rejected = rng.choice([f'The opposite of "{word}" is "{wrong}".', f"The opposite of {word} is {wrong}."])
-    return word, text, opp, rejected, {"type": "exact", "answer": opp}
+    return word, text, opp, rejected, {"type": "exact", "answer": opp}, wrong
 
 
 def _fam_yesno(rng: random.Random):
@@ -290,7 +296,8 @@ def _fam_yesno(rng: random.Random):
     ]).format(a=a, i=item, ac=ac, c=cat)
     # the wrong verdict, explained, as the base model tends to do
     rejected = f"No, {a} {item} is not {ac} {cat}." if member else f"Yes, {a} {item} is {ac} {cat}."
-    return f"{item}:{cat}", text, ans, rejected, {"type": "exact", "answer": ans}
+    return f"{item}:{cat}", text, ans, rejected, {"type": "exact", "answer": ans}, \
+        "no" if member else "yes"
 
 
 def _fam_echo(rng: random.Random):
@@ -301,7 +308,8 @@ def _fam_echo(rng: random.Random):
         "Repeat this word exactly: {w}",
     ]).format(w=word)
     rejected = rng.choice([text, "I'm sorry, but I can't help with that.", f'The word "{word}" is a noun.'])
-    return word, text, word, rejected, {"type": "exact", "answer": word}
+    other = _WORDS[(_WORDS.index(word) + 1) % len(_WORDS)]  # no extra draw: data stays the same
+    return word, text, word, rejected, {"type": "exact", "answer": word}, other
 
 
 def _fam_caps(rng: random.Random):
@@ -312,7 +320,8 @@ def _fam_caps(rng: random.Random):
         'Spell "{w}" in ALL CAPS.',
     ]).format(w=word)
     rejected = rng.choice([word.capitalize(), f'The word "{word}" in capital letters is "{word.capitalize()}".'])
-    return word, text, word.upper(), rejected, {"type": "all_caps", "word": word}
+    return word, text, word.upper(), rejected, {"type": "all_caps", "word": word}, \
+        word.capitalize()
 
 
 def _fam_keyword(rng: random.Random):
@@ -321,7 +330,7 @@ def _fam_keyword(rng: random.Random):
         'Write one short sentence about {t} that uses the word "{k}".',
         'Write a sentence about {t}. It must include the word "{k}".',
     ]).format(t=topic, k=kw)
-    return f"{topic}:{kw}", text, good, bad, {"type": "keyword", "word": kw}
+    return f"{topic}:{kw}", text, good, bad, {"type": "keyword", "word": kw}, bad
 
 
 def _fam_json(rng: random.Random):
@@ -331,7 +340,8 @@ def _fam_json(rng: random.Random):
         'What is the next number after {n}? Answer with JSON of the form {{"answer": <number>}} and nothing else.',
     ]).format(n=n)
     rejected = f'```json\n{{\n  "answer": {n + 1},\n  "explanation": "The next number after {n} is {n + 1}."\n}}\n```'
-    return str(n), text, json.dumps({"answer": n + 1}), rejected, {"type": "json_answer", "answer": n + 1}
+    return str(n), text, json.dumps({"answer": n + 1}), rejected, \
+        {"type": "json_answer", "answer": n + 1}, json.dumps({"answer": n})
 
 
 FAMILIES: dict[str, Callable] = {
@@ -349,9 +359,10 @@ DEFAULT_FAMILIES = ["capital", "yesno", "echo", "next", "arithmetic", "opposite"
 
 
 def _make(family: str, rng: random.Random) -> Task:
-    key, text, chosen, rejected, spec = FAMILIES[family](rng)
+    key, text, chosen, rejected, spec, bare_wrong = FAMILIES[family](rng)
     return Task(prompt=[{"role": "user", "content": text}], chosen=chosen, rejected=rejected,
-                family=family, check=Checker(spec), key=f"{family}:{key}")
+                family=family, check=Checker(spec), key=f"{family}:{key}",
+                bare_wrong=bare_wrong)
 
 
 def _families(families) -> list[str]:
@@ -390,12 +401,19 @@ def generate_tasks(n: int, seed: int = 0, families: list[str] | None = None) -> 
     return _draw(n, seed, _families(families), fresh, "prompts")
 
 
-def generate_split(n_train: int, n_eval: int, seed: int = 0, families: list[str] | None = None):
+def generate_split(n_train: int, n_eval: int, seed: int = 0, families: list[str] | None = None,
+                   hard_negatives: float = 0.0):
     """Disjoint ``(train, eval)`` task lists.
 
     Eval tasks each use a distinct item, and no eval item (country, word pair, sum...) appears
     in train under any wording, so the eval measures generalization, not recall.
+    ``hard_negatives`` is the share of tasks whose rejected answer is a bare wrong answer (as
+    short as chosen: "Alexandria" for the capital of Egypt) instead of the chatty wrong reply, so
+    that length alone no longer tells chosen from rejected (reward models need this). The tasks
+    themselves do not change.
     """
+    if not 0.0 <= hard_negatives <= 1.0:
+        raise ValueError(f"hard_negatives is a share between 0 and 1, got {hard_negatives}")
     fams = _families(families)
     keys: set[str] = set()
 
@@ -415,4 +433,9 @@ def generate_split(n_train: int, n_eval: int, seed: int = 0, families: list[str]
         return True
 
     train = _draw(n_train, seed * 2, fams, train_ok, "train prompts")
+    if hard_negatives:
+        pick = random.Random(f"hard-negatives-{seed}")  # its own stream: the tasks stay the same
+        train, evals = ([replace(task, rejected=task.bare_wrong, negative="bare")
+                         if pick.random() < hard_negatives else replace(task, negative="chatty")
+                         for task in split] for split in (train, evals))
     return train, evals

@@ -100,12 +100,18 @@ def run_eval(options: EvalOptions) -> dict:
         seconds["sampled"] = time.perf_counter() - clock
     if scorer:
         clock = time.perf_counter()
-        metrics.update(_win_rate(scorer, policy, reference, tokenizer, prompts, records, options))
+        win, answers = _win_rate(scorer, policy, reference, tokenizer, prompts, records, options)
+        metrics.update(win)
         seconds["win_rate"] = time.perf_counter() - clock
     results = {**metrics, "pairs": len(examples), "pairs_dropped": report.records - report.kept,
                "settings": {**asdict(options), "model_dir": str(model_dir)},
                "seconds": seconds}
-    _write_outputs(results, pair_rows, examples, options, Path(options.output or run_dir or "."))
+    output = Path(options.output or run_dir or ".")
+    _write_outputs(results, pair_rows, examples, options, output)
+    if scorer:
+        with open(output / "eval_answers.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answers)
+        print(f"wrote {output / 'eval_answers.jsonl'} (each prompt's greedy answers and scores)")
     return results
 
 
@@ -224,23 +230,30 @@ def _pair_metrics(examples, on_policy, on_reference, options: EvalOptions):
 def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -> dict:
     """Win rate of the policy's greedy answers over the reference's under ``scorer``: by their
     scores, or, for a pairwise scorer, by its P(policy answer > reference answer). Identical
-    answers tie exactly (a model scoring them in different batches may differ by rounding)."""
+    answers tie exactly (a model scoring them in different batches may differ by rounding).
+    Returns the metrics and one row per prompt (origin, both answers, their scores)."""
     texts = [greedy_texts(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
              for model in (policy, reference)]
     same = torch.tensor([a == b for a, b in zip(*texts)])
     questions = [records[p.index].prompt for p in prompts]
+    rows = [{"origin": records[p.index].origin, "policy_answer": a, "reference_answer": b}
+            for p, a, b in zip(prompts, *texts)]
     result = {"win_rate/prompts": len(prompts), "win_rate/same_answer": same.double().mean().item()}
     if scorer.pairwise:
         preference = torch.tensor(scorer.prefer(questions, *texts), dtype=torch.float64)
         preference[same] = 0.5
+        for row, value in zip(rows, preference.tolist()):
+            row["p_policy_better"] = value
         return {**result, "win_rate": D.preference_win_rate(preference),
-                "win_rate/preference_mean": preference.mean().item()}
+                "win_rate/preference_mean": preference.mean().item()}, rows
     scores = [torch.tensor(scorer.score(questions, answers), dtype=torch.float64)
               for answers in texts]
     scores[1][same] = scores[0][same]
+    for row, mine, theirs in zip(rows, scores[0].tolist(), scores[1].tolist()):
+        row.update(policy_score=mine, reference_score=theirs)
     return {**result, "win_rate": D.win_rate(*scores),
             "win_rate/policy_score": scores[0].mean().item(),
-            "win_rate/reference_score": scores[1].mean().item()}
+            "win_rate/reference_score": scores[1].mean().item()}, rows
 
 
 def _unique_prompts(examples) -> list[TokenizedExample]:

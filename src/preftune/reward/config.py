@@ -116,7 +116,6 @@ def build_reward_config(tree: dict, source: str = "the config") -> RewardConfig:
         raise ConfigError(f"invalid reward-model configuration in {source}:\n  {problems}") from None
 
 
-
 def load_reward_config(path: str | None, overrides: list[str] = ()) -> RewardConfig:
     """Read a reward-model YAML config and apply ``key=value`` overrides."""
     return build_reward_config(read_tree(path, overrides), path or "the config")

@@ -82,23 +82,29 @@ def distribution(values: torch.Tensor) -> dict:
     return summary
 
 
-def _accuracy_groups(correct: torch.Tensor, keys: list[str]) -> dict:
+def _accuracy_groups(correct: torch.Tensor, keys: list[str], order: list[str] | None = None):
+    """Accuracy and pair count per key, in ``order`` (default: sorted keys)."""
     groups: dict = {}
     for key, right in zip(keys, correct.tolist()):
         total = groups.setdefault(key, [0, 0])
         total[0] += right
         total[1] += 1
-    return {key: {"accuracy": right / count, "pairs": count}
-            for key, (right, count) in sorted(groups.items())}
+    return {key: {"accuracy": groups[key][0] / groups[key][1], "pairs": groups[key][1]}
+            for key in (order or sorted(groups)) if key in groups}
 
 
-def _length_quartiles(lengths: torch.Tensor) -> list[str]:
-    """Each pair's bucket among the quartiles of the mean response length, as 'lo-hi tokens'."""
-    cuts = lengths.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=lengths.dtype)).tolist()
+def _length_quartiles(lengths: torch.Tensor) -> tuple[list[str], list[str]]:
+    """Each pair's bucket of mean response length, split at its quartiles (equal cut points
+    merged), named by the token range it covers: [lo, hi), the last one [lo, hi]. Returns the
+    bucket of each pair and the bucket names in increasing order."""
+    cuts = sorted(set(lengths.quantile(torch.tensor([0.25, 0.5, 0.75],
+                                                    dtype=lengths.dtype)).tolist()))
+    cuts = [c for c in cuts if lengths.min().item() < c]
     bounds = [lengths.min().item(), *cuts, lengths.max().item()]
-    names = [f"q{i + 1}: {bounds[i]:.0f}-{bounds[i + 1]:.0f} tokens" for i in range(4)]
+    names = [f"[{bounds[i]:g}, {bounds[i + 1]:g}{']' if i == len(cuts) else ')'} tokens"
+             for i in range(len(cuts) + 1)]
     which = torch.bucketize(lengths, torch.tensor(cuts, dtype=lengths.dtype), right=True)
-    return [names[int(i)] for i in which]
+    return [names[int(i)] for i in which], names
 
 
 def pair_metrics(head, outputs: torch.Tensor, lengths: torch.Tensor, categories: list,
@@ -114,8 +120,9 @@ def pair_metrics(head, outputs: torch.Tensor, lengths: torch.Tensor, categories:
     results["reliability"] = cal["bins"]
     longer = ["chosen longer" if c > r else "chosen shorter" if c < r else "same length"
               for c, r in lengths.tolist()]
+    buckets, names = _length_quartiles(lengths.double().mean(1))
     groups = {"length_difference": _accuracy_groups(correct, longer),
-              "length": _accuracy_groups(correct, _length_quartiles(lengths.double().mean(1)))}
+              "length": _accuracy_groups(correct, buckets, names)}
     if any(c is not None for c in categories):
         groups["category"] = _accuracy_groups(correct, [str(c) for c in categories])
     results["accuracy_by"] = groups
