@@ -87,17 +87,22 @@ def _synthetic(args) -> None:
           f"{len(eval_tasks)} held-out pairs to {out / 'eval.jsonl'}")
 
 
+def add_config_arguments(parser, examples: str, example_override: str) -> None:
+    """The config file, ``--set`` overrides and ``--resume`` of a training command."""
+    parser.add_argument("config", nargs="?", help=f"YAML config file (see {examples}); optional "
+                        "when every key comes from --set")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example_override}")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in output_dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preftune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train on your own preference data")
-    train.add_argument("config", nargs="?", help="YAML config file (see examples/); optional "
-                       "when every key comes from --set")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.learning_rate=1e-6")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the latest checkpoint in output_dir")
+    add_config_arguments(train, "examples/", "train.learning_rate=1e-6")
     train.add_argument("--plan", action="store_true",
                        help="print layout, reference strategy and a memory estimate, then stop")
     train.set_defaults(run=_train)

@@ -156,24 +156,7 @@ class Config(Section):
             raise ValueError(f"{objective.name} needs the reference's full next-token "
                              "distributions, which are not precomputed; use reference.strategy "
                              "'live' or 'adapter-off' (or leave it 'auto').")
-        if self.train.optimizer_in_backward and (self.train.gradient_accumulation_steps != 1
-                                                 or self.train.max_grad_norm is not None):
-            raise ValueError("train.optimizer_in_backward updates each weight during backward, "
-                             "so it cannot accumulate gradients or clip by their global norm: "
-                             "set train.gradient_accumulation_steps: 1 and "
-                             "train.max_grad_norm: null.")
-        has_eval = self.data.eval is not None or self.data.eval_fraction > 0
-        if self.train.eval_every and not has_eval:
-            raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
-        if self.data.eval is not None and self.data.eval_fraction > 0:
-            raise ValueError("set data.eval or data.eval_fraction, not both.")
-        if self.train.max_row_tokens is not None and not self.train.layout.startswith("packed"):
-            raise ValueError("train.max_row_tokens only applies to packed layouts; set "
-                             "train.layout to 'packed' or 'packed_prefix_shared', or remove it.")
-        limit = self.data.max_prompt_length
-        if limit is not None and limit >= self.data.max_length:
-            raise ValueError(f"data.max_prompt_length ({limit}) must be below data.max_length "
-                             f"({self.data.max_length}) or responses would be cut to nothing.")
+        check_data_and_train(self.data, self.train)
         return self
 
     @property
@@ -186,6 +169,28 @@ class Config(Section):
         if objective.reference_distributions:  # full distributions: a model must be at hand
             return "adapter-off" if self.model.lora is not None else "live"
         return "precomputed"
+
+
+def check_data_and_train(data: DataConfig, train: TrainConfig) -> None:
+    """The checks every trainer's ``data`` and ``train`` sections need (policy or reward model):
+    settings that would do nothing or cannot work together."""
+    if train.optimizer_in_backward and (train.gradient_accumulation_steps != 1
+                                        or train.max_grad_norm is not None):
+        raise ValueError("train.optimizer_in_backward updates each weight during backward, so it "
+                         "cannot accumulate gradients or clip by their global norm: set "
+                         "train.gradient_accumulation_steps: 1 and train.max_grad_norm: null.")
+    has_eval = data.eval is not None or data.eval_fraction > 0
+    if train.eval_every and not has_eval:
+        raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
+    if data.eval is not None and data.eval_fraction > 0:
+        raise ValueError("set data.eval or data.eval_fraction, not both.")
+    if train.max_row_tokens is not None and not train.layout.startswith("packed"):
+        raise ValueError("train.max_row_tokens only applies to packed layouts; set train.layout "
+                         "to 'packed' or 'packed_prefix_shared', or remove it.")
+    limit = data.max_prompt_length
+    if limit is not None and limit >= data.max_length:
+        raise ValueError(f"data.max_prompt_length ({limit}) must be below data.max_length "
+                         f"({data.max_length}) or responses would be cut to nothing.")
 
 
 def _unknown(path: str, key: str, known, where: str) -> str:
@@ -227,11 +232,14 @@ def set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
         node[leaf] = yaml.safe_load(raw_value)
 
 
-def build_config(tree: dict, source: str = "the config") -> Config:
+def build_config(tree: dict, source: str = "the config", schema: type[BaseModel] | None = None):
+    """``tree`` validated as ``schema`` (default: ``Config``, a policy run); every problem is
+    described by its key in one ``ConfigError``."""
+    schema = schema or Config
     try:
-        return Config.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as error:
-        problems = "\n  ".join(_describe(e, Config) for e in error.errors())
+        problems = "\n  ".join(_describe(e, schema) for e in error.errors())
         raise ConfigError(f"invalid configuration in {source}:\n  {problems}") from None
 
 

