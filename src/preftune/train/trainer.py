@@ -105,9 +105,10 @@ class Trainer:
         self.trainable = [p for p in task.module.parameters() if p.requires_grad]
         if cfg.optimizer_in_backward:  # each weight updated as its gradient completes
             optimizer = AdamWInBackward(self.trainable, cfg.learning_rate, cfg.weight_decay)
-        else:
+        else:  # fused: one kernel for all weights (the per-tensor loop was ~30% of a small step)
+            fused = all(p.device.type in ("cpu", "cuda") for p in self.trainable)
             optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate,
-                                          weight_decay=cfg.weight_decay)
+                                          weight_decay=cfg.weight_decay, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps), cfg.schedule))
         self.module, self.optimizer = accelerator.prepare(task.module, optimizer)
