@@ -73,14 +73,15 @@ def check_fields(example, needed: list[str], spec, weight_field: str | None) -> 
     record, or an error that names the record and the field."""
     for name in [*needed, *([weight_field] if weight_field else [])]:
         value = example.scores.get(name)
-        if value is None or not math.isfinite(value):
+        if value is None or not math.isfinite(value) or (name == weight_field and value < 0):
             state = "is missing" if value is None else f"is {value}"
             setting = ("train.example_weight_field" if name == weight_field else
                        f"the reward loss {spec.name} ({', '.join(spec.defaults()) or 'no params'}"
                        " / model.head)")
             raise DataError(f"{example.origin}: numeric field {name!r} {state}; it is read by "
-                            f"{setting}. Every record needs it as a finite number: fix the "
-                            "record, or point that setting at the column that holds it.")
+                            f"{setting}. Every record needs it as a finite number (a weight: "
+                            "not negative): fix the record, or point that setting at the column "
+                            "that holds it.")
 
 
 class RewardTask:
@@ -100,11 +101,7 @@ class RewardTask:
         outputs = module(batch)
         losses = self.spec.fn(RewardInputs(outputs, self.head, batch.scores), self.params)
         weight_field = self.config.train.example_weight_field
-        if weight_field is not None:
-            if weight_field not in batch.scores:
-                raise ValueError(f"train.example_weight_field={weight_field!r}, but the records "
-                                 f"have no such numeric field (they have: "
-                                 f"{sorted(batch.scores) or 'none'})")
+        if weight_field is not None:  # present, finite, >= 0 in every record (check_fields)
             losses = losses * batch.scores[weight_field].to(losses)
         return losses, reward_metrics(self.shape, self.head, outputs, batch.scores, losses)
 
