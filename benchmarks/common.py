@@ -144,8 +144,9 @@ def prepare_case(name: str, root: Path, run_size: dict, steps: int | None,
                  batch_size: int | None, seed: int, default_model: str | None = None) -> dict:
     """Write the case's data and count its trained tokens. ``run_size`` maps the case's name or,
     failing that, its model kind ("default", "tiny") to the (steps, batch size) used when
-    ``steps``/``batch_size`` are None. Trained tokens: real prompt+response tokens of every pair, from preftune's tokenization
-    (the same number for every tool), summed per step in preftune's step order."""
+    ``steps``/``batch_size`` are None. Trained tokens: real prompt+response tokens of every
+    pair, from preftune's tokenization (the same number for every tool), summed per step in
+    preftune's step order."""
     from preftune.data.sources import load_records
     from preftune.data.tokenize import TokenizeSettings, tokenize_records
     from preftune.model.load import load_tokenizer, resolve_model_dir
@@ -328,6 +329,22 @@ def machine_description(args) -> tuple[str, str]:
     return "; ".join(parts), slug
 
 
+def source_state() -> str:
+    """The preftune source the children import: the commit, and whether src/ has uncommitted
+    changes (children import it afresh, so an edit during a run changes later runs)."""
+    root = HERE.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, text=True,
+                               capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    newest = max((f.stat().st_mtime for f in (root / "src").rglob("*.py")), default=0.0)
+    stamp = _dt.datetime.fromtimestamp(newest, _dt.timezone.utc).strftime("%H:%M:%S UTC")
+    return f"commit {commit}{' + uncommitted src/ changes' if dirty else ''}, newest src file {stamp}"
+
+
 def make_parser(description: str, tools_help: str) -> argparse.ArgumentParser:
     """The command line both benchmarks take."""
     parser = argparse.ArgumentParser(description=description)
@@ -378,6 +395,7 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
     description, slug = machine_description(args)
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
+    source_before = source_state()
     sections, collected, loads = [], [], [load_before]
     for name in cases:
         steps = args.tiny_steps if CASES[name]["model"] == "tiny" and args.tiny_steps else args.steps
@@ -398,9 +416,16 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
         print("\n" + section + "\n", flush=True)
 
     date = _dt.date.today().isoformat()
+    source_after = source_state()
+    source = (f"preftune source: {source_before}" if source_after == source_before else
+              f"**preftune source changed during the run** (children import it afresh): "
+              f"{source_before} at the start, {source_after} at the end")
+    if source_after != source_before:
+        print("WARNING: " + source, flush=True)
     report = "\n\n".join([
         f"# {title}: {date}",
         f"Command: `{command}`",
+        source + ".",
         f"Machine: {description}; device {args.device}, dtype {args.dtype}; "
         f"{repeats} repeat(s), median shown; total wall {time.perf_counter() - started:.0f} s; "
         f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end, "

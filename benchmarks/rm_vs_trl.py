@@ -18,7 +18,9 @@ more than once. TRL's default gradient_checkpointing=True is kept for "trl"; "tr
 off (TRL's fastest setting). preftune: layout auto (prefix sharing when prompts are longer than
 responses: one row per pair, prompt encoded once, the reward read at each response's last
 token); "preftune-padded": layout padded (one row per prompt+response, like TRL);
-"preftune-gc": preftune with train.gradient_checkpointing.
+"preftune-gc": preftune with train.gradient_checkpointing; "preftune-inbw": preftune with
+train.optimizer_in_backward (each weight's AdamW update runs in backward and its gradient is
+freed at once; it cannot clip, so max_grad_norm is off for this tool only).
 
 On a busy CPU, pass --threads 1: with OMP threads competing against other processes a step can
 be 10x slower and timings become meaningless.
@@ -53,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E402
                     run_benchmark, run_child, split_names)
 
-TOOLS = ("trl", "preftune", "trl-nogc", "preftune-padded", "preftune-gc")
+TOOLS = ("trl", "preftune", "trl-nogc", "preftune-padded", "preftune-gc", "preftune-inbw")
 LEARNING_RATE = 1e-5  # preftune's reward-model default (a fresh head needs more than 1e-6)
 
 # (steps, batch size) per case or model on each device; --steps/--batch-size override. On CPU,
@@ -103,9 +105,11 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
         "train": {"learning_rate": LEARNING_RATE, "batch_size": case["batch_size"],
                   "gradient_accumulation_steps": 1, "max_steps": case["steps"],
                   "warmup_ratio": 0.0, "schedule": "linear", "weight_decay": 0.0,
-                  "max_grad_norm": 1.0, "seed": case["seed"], "log_every": 1,
+                  "max_grad_norm": None if tool == "preftune-inbw" else 1.0,
+                  "seed": case["seed"], "log_every": 1,
                   "layout": "padded" if tool == "preftune-padded" else "auto",
-                  "gradient_checkpointing": tool == "preftune-gc"},
+                  "gradient_checkpointing": tool == "preftune-gc",
+                  "optimizer_in_backward": tool == "preftune-inbw"},
     }, source="rm_vs_trl.py")
     reward_train.train_reward_model(config, show_progress=False)
     phase_peaks = memory.stop()
@@ -246,7 +250,8 @@ def targets(collected: list, args) -> str:
              "Speed: x `trl` (TRL defaults) / x fastest TRL setting; memory: x `trl` / x leanest "
              "TRL setting. Targets: >= 2x on long prompts, never below 1x the fastest TRL "
              "setting, peak memory <= `trl`.", "",
-             "| case | tool | tokens/s x TRL / x fastest | 2x on long | never slower | peak x TRL / x leanest | no more memory |",
+             "| case | tool | tokens/s x TRL / x fastest | 2x on long | never slower "
+             "| peak x TRL / x leanest | no more memory |",
              "|---|---|---:|---|---|---:|---|"]
     for case, runs in collected:
         rows = table_rows(runs)["rows"]

@@ -117,14 +117,14 @@ def score_row(row: dict, record, head: Head, outputs: torch.Tensor, field: str) 
 
 
 def run_score(model: str, data: str, output: str, batch_size: int = 16, field: str = "score",
-              overwrite: bool = False, format: str = "auto", fields: dict | None = None) -> Path:
+              overwrite: bool = False) -> Path:
     """Score every record of ``data`` and write ``output`` (JSONL): each input row with its
     ``origin`` and the scores added (pairs: ``chosen_<field>``, ``rejected_<field>``,
     ``<field>_preference``; lists: ``<field>s``; one response: ``<field>``). Returns the file."""
     target = Path(output)
     if target.resolve() == Path(data).resolve():
         raise DataError(f"--output {output} is the input file; write the scores to a new file.")
-    records = load_records(data, format=format, fields=fields)
+    records = load_records(data)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS))]
     scoring = RewardScoring.load(model, batch_size)
     bar = progress_bar(len(records), f"rm score {Path(data).name}")

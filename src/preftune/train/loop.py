@@ -28,7 +28,6 @@ from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
 from .logging import progress_bar
-from .memory import return_freed_tensors_to_the_os
 from .plan import plan
 from .trainer import Trainer, add_metrics, count_steps, means
 
@@ -222,8 +221,6 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     """Train according to ``config``; returns the output directory. ``plan_only`` prints the
     plan (layout, reference, memory estimate) and stops before the reference pass."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
-    if accelerator.device.type == "cpu" and config.train.optimizer_in_backward:
-        return_freed_tensors_to_the_os()  # let freed gradients leave the process
     set_seed(config.train.seed)
     task, total_steps = policy_task(config, accelerator, plan_only)
     if task is None:

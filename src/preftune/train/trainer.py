@@ -23,6 +23,7 @@ from .alarms import Alarms, WeightProbe
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
+from .memory import return_freed_tensors_to_the_os
 
 
 class Task(Protocol):
@@ -104,6 +105,8 @@ class Trainer:
         self.examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         self.trainable = [p for p in task.module.parameters() if p.requires_grad]
         if cfg.optimizer_in_backward:  # each weight updated as its gradient completes
+            if accelerator.device.type == "cpu":  # let freed gradients leave the process
+                return_freed_tensors_to_the_os()
             optimizer = AdamWInBackward(self.trainable, cfg.learning_rate, cfg.weight_decay)
         else:  # fused: one kernel for all weights (the per-tensor loop was ~30% of a small step)
             fused = all(p.device.type in ("cpu", "cuda") for p in self.trainable)
