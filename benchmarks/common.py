@@ -247,6 +247,31 @@ class PhaseMemory:
         return self.cuda_peaks if self.cuda else self.peaks
 
 
+def trl_step_clock(memory: PhaseMemory, cuda: bool):
+    """A TRL trainer callback: enters the train phase of ``memory`` when training begins, and
+    keeps the time each optimizer step ends (``step_ends``) and the logged losses."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.step_ends, self.losses = [], []
+
+        def on_train_begin(self, args_, state, control, **kwargs):
+            memory.enter("train")
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.step_ends.append(time.perf_counter())
+
+        def on_log(self, args_, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    return StepClock()
+
+
 def run_child(args, child_for_tool, process_start: float) -> None:
     """The child side of ``launch``: run ``child_for_tool(tool)(case, tool, args, workdir)``,
     which returns a dict with ``step_ends`` (perf_counter at the end of every step), and write

@@ -47,7 +47,7 @@ from pathlib import Path
 T_PROCESS_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E402
-                    run_benchmark, run_child, split_names)
+                    run_benchmark, run_child, split_names, trl_step_clock)
 
 # trl: TRL defaults (reference = second model in memory, gradient checkpointing on);
 # trl-precompute: precompute_ref_log_probs=True; trl-precompute-nogc: that and
@@ -139,7 +139,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     import torch
     import trl.trainer.dpo_trainer as dpo_module
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     base_mb = rss_mb()
@@ -164,22 +164,6 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
         DPOTrainer._precompute_ref_logps = timed(DPOTrainer._precompute_ref_logps)
         dpo_module.hash_module = timed(dpo_module.hash_module)
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.step_ends, self.losses = [], []
-
-        def on_train_begin(self, args_, state, control, **kwargs):
-            memory.enter("train")
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            self.step_ends.append(time.perf_counter())
-
-        def on_log(self, args_, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(logs["loss"])
-
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
     if tokenizer.pad_token is None:
@@ -199,7 +183,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
         seed=case["seed"], data_seed=case["seed"], dataloader_num_workers=0,
         use_cpu=args.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
     )
-    clock = StepClock()
+    clock = trl_step_clock(memory, cuda=args.device == "cuda")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[clock])
     rows = trainer.train_dataset

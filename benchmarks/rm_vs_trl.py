@@ -53,7 +53,7 @@ from pathlib import Path
 T_PROCESS_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E402
-                    run_benchmark, run_child, split_names)
+                    run_benchmark, run_child, split_names, trl_step_clock)
 
 TOOLS = ("trl", "preftune", "trl-nogc", "preftune-padded", "preftune-gc", "preftune-inbw")
 LEARNING_RATE = 1e-5  # preftune's reward-model default (a fresh head needs more than 1e-6)
@@ -125,30 +125,13 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
 
 def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     base_mb = rss_mb()
     memory = PhaseMemory(cuda=args.device == "cuda")
     checkpointing = not tool.endswith("-nogc")  # TRL's default is gradient_checkpointing=True
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.step_ends, self.losses = [], []
-
-        def on_train_begin(self, args_, state, control, **kwargs):
-            memory.enter("train")
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            self.step_ends.append(time.perf_counter())
-
-        def on_log(self, args_, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(logs["loss"])
 
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
     records = [json.loads(line) for line in Path(case["data_path"]).read_text().splitlines()]
@@ -164,7 +147,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
         seed=case["seed"], data_seed=case["seed"], dataloader_num_workers=0,
         use_cpu=args.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
     )
-    clock = StepClock()
+    clock = trl_step_clock(memory, cuda=args.device == "cuda")
     # a model path: TRL loads it as AutoModelForSequenceClassification with num_labels=1
     trainer = RewardTrainer(model=case["model_dir"], args=config, train_dataset=dataset,
                             processing_class=tokenizer, callbacks=[clock])
