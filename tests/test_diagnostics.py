@@ -9,7 +9,7 @@ import torch
 from preftune.data.layout import choose_layout
 from preftune.data.tokenize import TokenizedExample
 from preftune.evaluate import diagnostics as D
-from preftune.evaluate.sampling import generate, score_responses
+from preftune.evaluate.sampling import score_responses
 from preftune.model.forward import SequenceStats
 from tiny_models import char_tokenizer, tiny_llama
 
@@ -185,19 +185,3 @@ def test_ches_hidden_sums_logps_and_topk_match_a_plain_transformers_forward(tiny
         assert ches.item() == pytest.approx(dot - square, rel=1e-4, abs=1e-3)
     assert sorted(scores.topk_entropy.tolist()) == pytest.approx(sorted(entropies), abs=1e-4)
     assert sorted(scores.topk_mass.tolist()) == pytest.approx(sorted(masses), abs=1e-4)
-
-
-def test_generate_left_pads_batches_and_cuts_after_eos(tiny):
-    model, tokenizer = tiny
-    prompts = [ex.prompt_ids for ex in _examples(tokenizer)]
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    batched = generate(model, prompts, pad, eos, max_new_tokens=6, sample=False, batch_size=3)
-    alone = [generate(model, [p], pad, eos, max_new_tokens=6, sample=False)[0] for p in prompts]
-    assert batched == alone
-    torch.manual_seed(0)
-    drawn = generate(model, prompts, pad, eos, max_new_tokens=6, samples=2, batch_size=2)
-    assert [len(responses) for responses in drawn] == [2, 2, 2]
-    for responses in drawn:
-        for ids in responses:
-            assert 1 <= len(ids) <= 6
-            assert eos not in ids[:-1]

@@ -28,7 +28,8 @@ from ..model.forward import SequenceStats
 from ..model.load import load_model_and_tokenizer
 from . import diagnostics as D
 from ..score import load_scorer
-from .sampling import generate, greedy_texts, score_responses
+from ..generation import HFGenerator, SamplingSettings, greedy_texts
+from .sampling import score_responses
 
 VOTE_FIELDS = ("chosen_votes", "rejected_votes")  # vote fractions or counts: r* gap = log ratio
 SCORE_FIELDS = ("chosen_score", "rejected_score")  # rewards: r* gap = score difference
@@ -232,7 +233,8 @@ def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -
     scores, or, for a pairwise scorer, by its P(policy answer > reference answer). Identical
     answers tie exactly (a model scoring them in different batches may differ by rounding).
     Returns the metrics and one row per prompt (origin, both answers, their scores)."""
-    texts = [greedy_texts(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
+    texts = [greedy_texts(model, tokenizer, [p.prompt_ids for p in prompts], options.max_new_tokens,
+                          options.batch_size)
              for model in (policy, reference)]
     same = torch.tensor([a == b for a, b in zip(*texts)])
     questions = [records[p.index].prompt for p in prompts]
@@ -269,9 +271,10 @@ def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions
 
     A response's length counts its tokens including the closing EOS when one was generated.
     """
-    drawn = generate(policy, [p.prompt_ids for p in prompts], tokenizer.pad_token_id,
-                     tokenizer.eos_token_id, options.max_new_tokens, options.samples,
-                     sample=True, batch_size=options.batch_size)
+    settings = SamplingSettings(samples=options.samples, max_new_tokens=options.max_new_tokens,
+                                batch_size=options.batch_size, seed=options.seed)
+    drawn = HFGenerator(policy, tokenizer).generate([p.prompt_ids for p in prompts],
+                                                     settings).token_ids
     examples = [TokenizedExample(p.prompt_ids, responses, index=n)
                 for n, (p, responses) in enumerate(zip(prompts, drawn))]
     on_policy = score_responses(policy, examples, tokenizer.pad_token_id, options.batch_size,

@@ -1,11 +1,9 @@
-"""Model passes for evaluation: score given responses, generate new ones, judge them.
+"""Model passes for evaluation: score given responses (generation is ``preftune.generation``).
 
 ``score_responses`` runs the decoder once per batch of tokenized examples and reads, at the
 hidden state that predicts each response token, the token's log-probability (chunked, as in
 training), and optionally the sum of those hidden states per response (CHES) and the policy's
-top-k entropy and mass there. ``generate`` samples or decodes greedily from prompt ids, so
-generations see exactly the prompt rendering that training used; ``greedy_texts`` gives the
-greedy answers that a scorer judges for the win rate.
+top-k entropy and mass there.
 """
 
 from __future__ import annotations
@@ -78,47 +76,3 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
 
 def _size(example: TokenizedExample) -> int:
     return len(example.prompt_ids) + sum(len(ids) for ids in example.response_ids)
-
-
-@torch.no_grad()
-def generate(model, prompts: list[list[int]], pad_token_id: int, eos_token_id: int,
-             max_new_tokens: int, samples: int = 1, sample: bool = True,
-             batch_size: int = 16) -> list[list[list[int]]]:
-    """``samples`` responses per prompt (token ids, cut after the first EOS, which is kept).
-
-    ``sample=True`` draws from the full distribution at temperature 1 (no top-k / top-p
-    truncation, overriding transformers' default top_k=50); ``sample=False`` is greedy.
-    Prompts are left-padded in batches of ``batch_size`` prompts.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    options = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0,
-                    repetition_penalty=1.0) if sample else dict(do_sample=False))
-    out: list[list[list[int]]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + ids for ids in chunk])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
-        generated = model.generate(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens, num_return_sequences=samples,
-            pad_token_id=pad_token_id, eos_token_id=eos_token_id, **options,
-        )[:, width:].tolist()
-        for p in range(len(chunk)):
-            out.append([_cut(ids, eos_token_id)
-                        for ids in generated[p * samples : (p + 1) * samples]])
-    return out
-
-
-def _cut(ids: list[int], eos_token_id: int) -> list[int]:
-    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
-
-
-def greedy_texts(model, tokenizer, prompts: list[TokenizedExample], max_new_tokens: int,
-                 batch_size: int) -> list[str]:
-    """The model's greedy answer to each prompt, decoded without special tokens."""
-    answers = generate(model, [p.prompt_ids for p in prompts], tokenizer.pad_token_id,
-                       tokenizer.eos_token_id, max_new_tokens, sample=False,
-                       batch_size=batch_size)
-    return tokenizer.batch_decode([a[0] for a in answers], skip_special_tokens=True)

@@ -1,0 +1,159 @@
+"""Generation: a model's responses to prompts, in batches, for ``eval``, the demo and online rounds.
+
+One interface: ``Generator.generate(prompt_ids, settings) -> Generations``. The backend here is
+Hugging Face ``generate`` (left-padded batches, the KV cache, K samples per prompt in one call),
+given the prompt token ids that training used, so generations see exactly the training
+rendering. ``SamplingSettings`` are recorded with every sample an online round writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are drawn. ``temperature: 0`` is greedy (then ``samples`` must be 1).
+
+    ``top_k: 0`` and ``top_p: 1`` keep the full distribution (transformers' own default would
+    cut to the top 50 tokens). ``stop`` strings end a response early; the text is cut before
+    the stop string. ``seed`` fixes the draws for a given ``batch_size``.
+    """
+
+    samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    batch_size: int = 16  # prompts per generate call (each with all its samples)
+
+    def __post_init__(self):
+        problems = [
+            f"{name} {value!r}: {rule}" for name, value, ok, rule in (
+                ("samples", self.samples, self.samples >= 1, "at least 1"),
+                ("temperature", self.temperature, self.temperature >= 0, "0 (greedy) or more"),
+                ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+                ("top_k", self.top_k, self.top_k >= 0, "0 (off) or more"),
+                ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "at least 1"),
+                ("batch_size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ) if not ok]
+        if self.temperature == 0 and self.samples > 1:
+            problems.append(f"samples {self.samples} with temperature 0: greedy decoding gives "
+                            "one answer per prompt; set a temperature above 0 to draw several")
+        if problems:
+            raise ValueError("sampling settings: " + "; ".join(problems) + ".")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingSettings(temperature=0.0)
+
+
+@dataclass
+class Generations:
+    """``token_ids[p][k]`` and ``texts[p][k]``: sample k of prompt p. Ids end at the first EOS
+    (kept) or at the token that completes a stop string; texts are decoded without special
+    tokens and end before the stop string."""
+
+    token_ids: list[list[list[int]]]
+    texts: list[list[str]]
+    seconds: float
+    new_tokens: int = field(init=False)
+
+    def __post_init__(self):
+        self.new_tokens = sum(len(ids) for sample in self.token_ids for ids in sample)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class HFGenerator:
+    """``model.generate`` of a causal LM with its tokenizer (the pad token must be set)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> Generations:
+        model, tokenizer = self.model, self.tokenizer
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        options = dict(do_sample=False) if settings.greedy else dict(
+            do_sample=True, temperature=settings.temperature, top_k=settings.top_k,
+            top_p=settings.top_p, typical_p=1.0, repetition_penalty=1.0)
+        ids_out: list[list[list[int]]] = []
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for start in range(0, len(prompt_ids), settings.batch_size):
+                torch.manual_seed(settings.seed * 1_000_003 + start)
+                chunk = prompt_ids[start : start + settings.batch_size]
+                width = max(len(ids) for ids in chunk)
+                input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
+                mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
+                generated = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                    max_new_tokens=settings.max_new_tokens,
+                    num_return_sequences=settings.samples, pad_token_id=pad, eos_token_id=eos,
+                    **options,
+                )[:, width:].tolist()
+                k = settings.samples
+                ids_out += [[_cut(ids, eos) for ids in generated[p * k : (p + 1) * k]]
+                            for p in range(len(chunk))]
+        seconds = time.perf_counter() - started
+        model.train(was_training)
+        texts = []
+        for p, samples in enumerate(ids_out):
+            texts.append([])
+            for k, ids in enumerate(samples):
+                ids, text = _stop(ids, settings.stop, tokenizer)
+                samples[k] = ids
+                texts[p].append(text)
+        return Generations(ids_out, texts, seconds)
+
+
+def _cut(ids: list[int], eos_token_id: int) -> list[int]:
+    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+
+
+def _stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> tuple[list[int], str]:
+    """The ids up to the token that completes the first stop string, and the text before it."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    hits = [(text.find(s), s) for s in stop if s in text]
+    if not hits:
+        return ids, text
+    at, first = min(hits)
+    for end in range(1, len(ids) + 1):  # the shortest prefix whose text holds the stop string
+        if len(tokenizer.decode(ids[:end], skip_special_tokens=True)) >= at + len(first):
+            return ids[:end], text[:at]
+    return ids, text[:at]
+
+
+def prompt_ids(prompts: list, tokenizer, settings) -> list[list[int]]:
+    """Each prompt (a string or chat messages) rendered and tokenized exactly as training renders
+    it, cut to ``settings`` (``TokenizeSettings``) like a training prompt."""
+    from .data.records import Unpaired
+    from .data.tokenize import tokenize_records
+
+    records = [Unpaired(prompt, "", True) for prompt in prompts]
+    examples, _ = tokenize_records(records, tokenizer, settings, keep_empty=True)
+    return [example.prompt_ids for example in examples]
+
+
+def greedy_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                 batch_size: int = 16) -> list[str]:
+    """The model's greedy answer to each prompt, decoded without special tokens."""
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size)
+    return [texts[0] for texts in HFGenerator(model, tokenizer).generate(prompt_ids,
+                                                                          settings).texts]
