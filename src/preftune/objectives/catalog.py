@@ -8,9 +8,6 @@ from .registry import REGISTRY, ObjectiveSpec
 
 # Methods of the paper list that are not registered objectives, and why.
 NOT_REGISTERED = {
-    "pmpo": "its KL(pi_ref || pi_theta) term needs samples from the reference or full per-token "
-    "distributions; estimating it on the data's own completions would turn it into SFT on the "
-    "negatives, and the paper's alpha/beta for LMs are not in the spec (UNVERIFIED, no code).",
     "aot on unpaired (thumbs-up/down) data": "the spec gives only the sorted-quantile form on a "
     "batch of pairs (registered as aot_unpaired); matching quantiles of unequal numbers of "
     "desirable and undesirable completions needs a rule the spec does not give.",

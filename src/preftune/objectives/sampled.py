@@ -1,0 +1,83 @@
+"""Objectives whose data holds samples of the model itself (``preftune online`` makes it).
+
+Both read ranked lists: K responses per prompt with ``response_scores``. The responses with the
+list's highest score are its positives P (or D2O's generated anchors), those with the lowest
+its negatives N; a list whose scores are all equal has neither and contributes 0.
+rho(y) = log pi_theta(y|x) - log pi_ref(y|x), summed over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .common import log_ratios, required_scores
+from .registry import ObjectiveInputs, ObjectiveOutput, objective
+
+
+def _top_and_bottom(inputs: ObjectiveInputs, name: str):
+    """(top [E, K], bottom [E, K], informative [E]) masks from the list's scores."""
+    (scores,) = required_scores(inputs, ("response_scores",), name)
+    if scores.shape != inputs.policy.logps.shape:
+        raise ValueError(f"objective {name!r}: response_scores has shape {tuple(scores.shape)} "
+                         f"but there are {tuple(inputs.policy.logps.shape)} responses")
+    top = scores == scores.amax(dim=1, keepdim=True)
+    bottom = scores == scores.amin(dim=1, keepdim=True)
+    return top, bottom, ~(top & bottom).all(dim=1)
+
+
+def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+@dataclass
+class D2OParams:
+    beta: float = 0.1  # UNVERIFIED: the spec gives no default
+    alpha: float = 1.0  # weight of the negatives' log-ratio; UNVERIFIED (1 makes K = 1 DPO)
+
+
+@objective("d2o", params=D2OParams, needs_reference=True, data="ranked",
+           paper="arXiv:2403.03419")
+def d2o(inputs: ObjectiveInputs, params: D2OParams) -> ObjectiveOutput:
+    """D2O: push the model's own samples (anchors) above human negatives, as distributions.
+
+    loss = -log sigmoid(beta mean_{i in P} rho(y_i) - alpha beta mean_{j in N} rho(y_j)),
+    P = the K self-generated samples (top score), N = the negatives (bottom score). With one
+    negative this is the spec's (beta/K) sum_i rho(y_i) - alpha rho(y_l) up to where beta sits:
+    the spec leaves alpha unscaled; we scale both terms by beta so alpha = 1, K = 1 is DPO.
+    The samples anchor the model where it already is instead of on noisy human positives.
+    One reference serves as both of the paper's pi_r^- and pi_r^+ (UNVERIFIED, no code).
+    """
+    top, bottom, informative = _top_and_bottom(inputs, "d2o")
+    ratios = log_ratios(inputs)
+    logit = params.beta * (_mean(ratios, top) - params.alpha * _mean(ratios, bottom))
+    return ObjectiveOutput(-F.logsigmoid(logit) * informative, params.beta * ratios)
+
+
+@dataclass
+class PMPOParams:
+    alpha: float = 0.5  # weight of the positives; 1 - alpha weighs the negatives
+    beta: float = 1.0  # weight of KL(pi_ref || pi_theta); UNVERIFIED (not in the spec for LMs)
+
+
+@objective("pmpo", params=PMPOParams, needs_reference=True, data="ranked",
+           paper="arXiv:2410.04166")
+def pmpo(inputs: ObjectiveInputs, params: PMPOParams) -> ObjectiveOutput:
+    """PMPO: maximise the likelihood of positives, minimise it on negatives, kept near pi_ref.
+
+    loss = -alpha mean_{P} log pi_theta(y) + (1 - alpha) mean_{N} log pi_theta(y)
+           + beta mean_{all} [log pi_ref(y) - log pi_theta(y)],
+    the last term KL(pi_ref || pi_theta) estimated on the list's responses, which must be
+    samples of the reference (an online round whose samples come from its reference: round 1,
+    or online.reference: previous). Without that term the negative likelihood would diverge;
+    it works with positives only (alpha = 1) or negatives only (alpha = 0). UNVERIFIED (no
+    public code); the log-likelihoods are summed over tokens.
+    """
+    top, bottom, informative = _top_and_bottom(inputs, "pmpo")
+    logps = inputs.policy.logps
+    kl = -log_ratios(inputs).mean(dim=1)
+    loss = (-params.alpha * _mean(logps, top) + (1.0 - params.alpha) * _mean(logps, bottom)
+            + params.beta * kl)
+    return ObjectiveOutput(loss * informative, log_ratios(inputs))
