@@ -4,6 +4,8 @@ rounds. ``load_scorer`` reads the spec a user writes on the command line or in a
 - ``synthetic``: the demo's program checkers (needs the data they were written with);
 - ``module:function``: a Python function ``function(prompt, response) -> float``;
 - ``rm:DIR`` (or a reward-model directory): a model trained with ``preftune rm train``;
+- ``judge:MODEL`` / ``judge-pair:MODEL``: a causal LM as judge, pointwise or pairwise
+  (``judge.py``); ``default`` is the bundled SmolLM2;
 - ``FILE.yaml``: a combination of the above (see ``combine.py``).
 """
 
@@ -28,6 +30,14 @@ def load_scorer(spec: str, data: str | None = None) -> Scorer:
             raise ConfigError("the synthetic scorer reads its checkers from the data file; "
                               "give the data written by preftune demo / data synthetic.")
         return SyntheticScorer.from_data(data)
+    for prefix, pairwise in (("judge:", False), ("judge-pair:", True)):
+        if spec.startswith(prefix):
+            from .judge import LLMJudge
+
+            try:
+                return LLMJudge.from_pretrained(spec[len(prefix):], pairwise=pairwise)
+            except (FileNotFoundError, OSError) as error:
+                raise ConfigError(f"scorer {spec!r}: {error}") from None
     if spec.endswith((".yaml", ".yml")):
         return combined_from_yaml(spec, data, load_scorer)
     if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):
@@ -40,4 +50,5 @@ def load_scorer(spec: str, data: str | None = None) -> Scorer:
     if is_function_spec(spec):
         return FunctionScorer.from_spec(spec)
     raise ConfigError(f"scorer {spec!r}: expected 'synthetic', 'module:function', 'rm:DIR' (a "
-                      "reward model from preftune rm train) or a .yaml combination file.")
+                      "reward model from preftune rm train), 'judge:MODEL' or 'judge-pair:MODEL' "
+                      "(an LLM judge) or a .yaml combination file.")
