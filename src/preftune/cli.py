@@ -1,4 +1,5 @@
-"""Command line: ``preftune train | rm | demo | eval | report | compare | data | objectives``."""
+"""Command line: ``preftune train | online | rm | demo | eval | report | compare | data |
+objectives``."""
 
 from __future__ import annotations
 
@@ -18,10 +19,18 @@ def _train(args) -> None:
     print(f"done: model in {output_dir / 'model'}, metrics in {output_dir / 'metrics.jsonl'}")
 
 
+def _online(args) -> None:
+    from .online.config import load_online_config
+    from .online.loop import run_online
+
+    output_dir = run_online(load_online_config(args.config, args.set or []), resume=args.resume)
+    print(f"done: rounds in {output_dir}, summary in {output_dir / 'online.json'}")
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(output_dir=args.output_dir, quick=args.quick)
+    run_demo(output_dir=args.output_dir, quick=args.quick, online=args.online)
 
 
 def _eval(args) -> None:
@@ -107,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print layout, reference strategy and a memory estimate, then stop")
     train.set_defaults(run=_train)
 
+    online = commands.add_parser("online", help="rounds of sample, score, pair, train, evaluate")
+    add_config_arguments(online, "examples/online/", "online.rounds=3")
+    online.set_defaults(run=_online)
+
     from .reward.cli import add_rm_commands
 
     add_rm_commands(commands)
@@ -114,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="DPO on SmolLM2-135M with generated, checkable data")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
+    demo.add_argument("--online", action="store_true",
+                      help="also spend the same optimizer steps half offline, half in online "
+                           "rounds on the model's own checked samples, and compare")
     demo.set_defaults(run=_demo)
 
     evaluate = commands.add_parser("eval", help="diagnostics of a trained model against its "

@@ -4,6 +4,9 @@ Each objective trains from the same base config (only ``objective`` changes; unp
 get the pairs split into labelled completions), is evaluated with the same ``preftune eval``
 diagnostics on the same held-out pairs, and gets its own report. An entry whose run finished
 with the same effective config is not trained again, so an interrupted comparison resumes.
+A base config with an ``online`` section compares the objectives inside ``preftune online``
+rounds instead: the leaderboard has each run's held-out score after every round and its KL to
+the initial model.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, build_config, load_config
+from .config import ConfigError, build_config, load_config, read_tree
 from .objectives import get_objective
 
 # leaderboard columns: (key in the entry, header, format); missing values print as "-"
@@ -27,6 +30,10 @@ COLUMNS = [
     ("displacement/chosen", "d logp chosen", "{:+.2f}"),
     ("displacement/rejected", "d logp rejected", "{:+.2f}"),
     ("sampled/kl", "KL (samples)", "{:.2f}"),
+    ("online/pass_rate", "pass rate, last round", "{:.1%}"),
+    ("online/score", "held-out score, last round", "{:.3f}"),
+    ("online/scores", "held-out score by round (0 = before)", "{}"),
+    ("online/kl", "KL to initial, last round", "{:.2f}"),
     ("sampled/length_mean", "length", "{:.1f}"),
     ("train_minutes", "train min", "{:.1f}"),
 ]
@@ -45,6 +52,9 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
             get_objective(name)
         except KeyError as error:
             raise ConfigError(error.args[0]) from None
+    tree = read_tree(config_path, overrides)
+    if "online" in tree:
+        return _compare_online(objectives, tree, config_path, Path(output_dir))
     base = load_config(config_path, overrides)
     eval_data = eval_data or _first(base.data.eval)
     if not eval_data:
@@ -90,6 +100,72 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     return root
 
 
+def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) -> Path:
+    """Each objective through the same online rounds (same prompts, scorer, sampling, steps)."""
+    from .online.config import OnlineConfig
+    from .online.loop import run_online
+    from .report import write_report
+
+    base = build_config(tree, config_path or "the config", schema=OnlineConfig)
+    if not base.data.eval:
+        raise ValueError("an online compare measures every objective on held-out prompts: set "
+                         "data.eval in the base config")
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name in objectives:
+        run_dir = root / name
+        entry = {"objective": name, "run_dir": str(run_dir)}
+        try:
+            config = build_config(_online_tree(base.model_dump(), name, run_dir),
+                                  f"{config_path} with objective {name}", schema=OnlineConfig)
+            print(f"\n[compare] {name}: online rounds in {run_dir}")
+            started = time.perf_counter()
+            run_online(config, resume=(run_dir / "online.json").exists())
+            entry["train_minutes"] = (time.perf_counter() - started) / 60
+            summary = json.loads((run_dir / "online.json").read_text())
+            entry.update(_online_numbers(summary))
+            write_report(run_dir)
+            entry["report"] = str(run_dir / "report.html")
+        except Exception as error:  # one failing objective must not lose the others
+            entry["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        entries.append(entry)
+    _write_leaderboard(root, entries, f"{_first(base.data.eval)} (its prompts)",
+                       base.online.scorer)
+    return root
+
+
+def _online_tree(tree: dict, name: str, run_dir: Path) -> dict:
+    """The base online config with ``name`` as its objective; list objectives get lists."""
+    tree = json.loads(json.dumps(tree))
+    tree["objective"] = {"name": name}
+    tree["output_dir"] = str(run_dir)
+    tree["reference"]["strategy"] = "auto"
+    tree["reference"].pop("model", None)
+    data = get_objective(name).data
+    builder = tree["online"]["pairs"]["builder"]
+    if data == "ranked" and builder not in ("list", "d2o"):
+        tree["online"]["pairs"]["builder"] = "d2o" if name == "d2o" else "list"
+    elif data != "ranked" and builder in ("list", "d2o"):
+        tree["online"]["pairs"]["builder"] = "best_vs_worst"
+    if name == "sppo_soft":
+        tree["online"]["pairs"]["win_probs"] = True
+    return tree
+
+
+def _online_numbers(summary: dict) -> dict:
+    """The leaderboard's numbers of one online run: the last round's and the curve."""
+    evaluations = [summary["initial"]] + [r["evaluate"] for r in summary["rounds"]]
+    last = evaluations[-1]
+    numbers = {"online/score": last["mean_score"],
+               "online/scores": " > ".join(f"{e['mean_score']:.3f}" for e in evaluations)}
+    if "pass_rate" in last:
+        numbers["online/pass_rate"] = last["pass_rate"]
+    if "kl_to_initial" in last:
+        numbers["online/kl"] = last["kl_to_initial"]
+    return numbers
+
+
 def _first(value):
     return value[0] if isinstance(value, list) else value
 
@@ -113,15 +189,15 @@ def _config_for(tree: dict, name: str, run_dir: Path) -> dict:
 def _write_leaderboard(root: Path, entries: list[dict], eval_data: str, scorer) -> None:
     ranked = sorted(entries, key=_sort_key, reverse=True)
     shown = [c for c in COLUMNS if any(c[0] in e for e in entries)]
-    lines = [f"Held-out pairs: `{eval_data}`" + (f"; scorer: `{scorer}`" if scorer else ""), "",
+    lines = [f"Held-out data: `{eval_data}`" + (f"; scorer: `{scorer}`" if scorer else ""), "",
              "| objective | " + " | ".join(h for _, h, _ in shown) + " | report |",
              "|---|" + "---|" * (len(shown) + 1)]
     for entry in ranked:
         if "error" in entry:
             lines.append(f"| {entry['objective']} | failed: {entry['error'][:120]} |")
             continue
-        cells = [fmt.format(entry[key]) if isinstance(entry.get(key), (int, float)) else "-"
-                 for key, _, fmt in shown]
+        cells = [fmt.format(entry[key]) if isinstance(entry.get(key), (int, float, str))
+                 else "-" for key, _, fmt in shown]
         link = Path(entry["report"]).relative_to(root)
         lines.append(f"| {entry['objective']} | " + " | ".join(cells) + f" | [report]({link}) |")
     (root / "leaderboard.md").write_text("\n".join(lines) + "\n")
@@ -134,7 +210,8 @@ def _write_leaderboard(root: Path, entries: list[dict], eval_data: str, scorer) 
 def _sort_key(entry: dict) -> tuple:
     if "error" in entry:
         return (-1.0, -1.0)
-    return (entry.get("win_rate", -1.0), entry.get("rewards/accuracy", -1.0))
+    return (entry.get("win_rate", entry.get("online/score", -1.0)),
+            entry.get("rewards/accuracy", -1.0))
 
 
 def _plot(path: Path, entries: list[dict]) -> None:

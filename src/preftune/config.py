@@ -84,6 +84,9 @@ class ObjectiveConfig(BaseModel):
 class ReferenceConfig(Section):
     strategy: Literal["auto", "precomputed", "adapter-off", "live", "none"] = "auto"
     cache_dir: str | None = None  # default: <preftune cache>/reference
+    # the reference's weights, a path like model.path (same tokenizer); default: model.path, i.e.
+    # the model before training. Precomputed only (e.g. online rounds: the initial model)
+    model: str | None = None
     # more reference models (MRPO): paths like model.path, same tokenizer; precomputed one by one
     extra_models: list[str] = []
 
@@ -152,6 +155,10 @@ class Config(Section):
         if self.reference.extra_models and not objective.extra_references:
             raise ValueError(f"reference.extra_models does nothing for {objective.name}; remove "
                              "it or use an objective with several references (mrpo).")
+        if self.reference.model is not None and self.reference_strategy != "precomputed":
+            raise ValueError(f"reference.model is read by the precomputed reference only, but "
+                             f"the reference here is {self.reference_strategy!r}; remove it or "
+                             "set reference.strategy: precomputed.")
         if objective.reference_distributions and strategy == "precomputed":
             raise ValueError(f"{objective.name} needs the reference's full next-token "
                              "distributions, which are not precomputed; use reference.strategy "

@@ -31,7 +31,7 @@ def ranked_to_pairs(records: Sequence, mode: str = "best_vs_worst") -> list[Pair
     pairs = []
     for record in records:
         scores = record.response_scores
-        for i, j in _PAIRINGS[mode](scores):
+        for i, j in PAIRINGS[mode](scores):
             pairs.append(Pair(
                 record.prompt, record.responses[i], record.responses[j],
                 origin=f"{record.origin} [{i}>{j}]",
@@ -55,7 +55,7 @@ def _best_vs_each(scores: Sequence[float]) -> list[tuple[int, int]]:
     return [(best, j) for j in range(len(scores)) if scores[j] < scores[best]]
 
 
-_PAIRINGS = {"best_vs_worst": _best_vs_worst, "all_pairs": _all_pairs,
+PAIRINGS = {"best_vs_worst": _best_vs_worst, "all_pairs": _all_pairs,
              "best_vs_each": _best_vs_each}
 
 

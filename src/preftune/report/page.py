@@ -52,12 +52,15 @@ footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 
 
 def render_page(run: RunData, figures: list[tuple[str, str, bytes]],
-                reward_figures: list[tuple[str, str, bytes]] = ()) -> str:
-    """The HTML page for ``run``; ``figures`` are (file name, title, PNG bytes) in order, and
-    ``reward_figures`` those of a reward model's rm_eval.json."""
+                reward_figures: list[tuple[str, str, bytes]] = (),
+                online_figures: list[tuple[str, str, bytes]] = ()) -> str:
+    """The HTML page for ``run``; ``figures`` are (file name, title, PNG bytes) in order,
+    ``reward_figures`` those of a reward model's rm_eval.json, ``online_figures`` those of an
+    online run's rounds."""
     sections = [
         f"<h1>preftune report</h1>\n<p class=\"path\">{escape(str(run.run_dir))}</p>",
         _summary(run),
+        _online(run.online, online_figures),
         _data_report(run.data_report),
         _alarms(run.alarms),
         _figures(figures),
@@ -193,6 +196,27 @@ def _reward_eval(results: dict | None, figures) -> str:
             f"pairwise accuracy, calibration of P(chosen &gt; rejected), rewards.</p>\n"
             f"<table><tr><th>metric</th><th>value</th></tr>{rows}</table>\n"
             f"{_figure_grid(figures)}")
+
+
+def _online(summary: dict | None, figures) -> str:
+    """The rounds of an online run: a table of what each round did and the per-round figures."""
+    if summary is None:
+        return ""
+    from .online import round_rows
+
+    rows = round_rows(summary)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{escape(name)}</th>" for name in rows[0])
+    body = "".join("<tr>" + "".join(
+        f"<td class=\"num\">{'' if value is None else _format_value(value)}</td>"
+        for value in row.values()) + "</tr>" for row in rows)
+    initial = summary.get("initial") or {}
+    before = (f"<p class=\"note\">Held-out score before the first round: "
+              f"{_format_value(initial['mean_score'])}.</p>" if "mean_score" in initial else "")
+    return (f"<h2>Online rounds (online.json)</h2>\n{before}<table><tr>{head}</tr>{body}</table>\n"
+            f"{_figure_grid(figures)}<p class=\"note\">The training curves below join the rounds "
+            "(steps counted across rounds).</p>")
 
 
 def _eval_table(results: dict | None) -> str:

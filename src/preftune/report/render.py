@@ -7,6 +7,7 @@ from pathlib import Path
 from .page import render_page
 from .panels import build_panels
 from .plots import render_panel
+from .online import online_figures
 from .reward import reward_figures
 from .rundir import ReportError, load_run
 
@@ -32,9 +33,10 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
             (figures_dir / file_name).write_bytes(png)
             figures.append((file_name, panel.title, png))
         reward = reward_figures(run.reward_eval) if run.reward_eval else []
-        for file_name, _, png in reward:
+        rounds = online_figures(run.online) if run.online else []
+        for file_name, _, png in reward + rounds:
             (figures_dir / file_name).write_bytes(png)
-        html_path.write_text(render_page(run, figures, reward), encoding="utf-8")
+        html_path.write_text(render_page(run, figures, reward, rounds), encoding="utf-8")
     except OSError as error:
         raise ReportError(f"cannot write the report: {error}; check that the folder exists "
                           "and is writable, or pass --output") from None

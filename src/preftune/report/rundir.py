@@ -28,6 +28,7 @@ class RunData:
     config_text: str | None = None
     eval_results: dict | None = None
     reward_eval: dict | None = None  # rm_eval.json of a reward model (preftune rm eval)
+    online: dict | None = None  # online.json of a preftune online run
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -36,7 +37,18 @@ def load_run(run_dir: str | Path) -> RunData:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory: pass the output_dir of a "
                           "`preftune train` run (the folder that holds metrics.jsonl)")
+    online = _optional_json(run_dir / "online.json")
     metrics_path = run_dir / "metrics.jsonl"
+    if online is not None:  # the rounds' training metrics, one after another
+        from .online import joined_metrics
+
+        metrics = joined_metrics(run_dir, online, read_jsonl)
+        if not metrics:
+            raise ReportError(f"{run_dir}/online.json: no round has trained yet; run the report "
+                              "again after the first round's training")
+        config_path = run_dir / "config.yaml"
+        return RunData(run_dir=run_dir, metrics=metrics, online=online,
+                       config_text=config_path.read_text() if config_path.is_file() else None)
     if not metrics_path.is_file():
         raise ReportError(f"{metrics_path} not found: is {run_dir} the output_dir of a "
                           "`preftune train` run? Metrics appear there after the first logged step")

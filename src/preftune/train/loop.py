@@ -65,18 +65,24 @@ def build_extra_references(config, tokenizer, examples_by_split, make_batch, obj
     the data (cached like the precomputed reference) and freed, so only tables stay in memory."""
     extras = {split: [] for split in examples_by_split}
     for path in config.reference.extra_models:
-        model, other = load_model_and_tokenizer(path, config.model.dtype,
-                                                config.model.trust_remote_code)
-        if other.get_vocab() != tokenizer.get_vocab():
-            raise DataError(f"reference.extra_models: {path} has a different tokenizer from "
-                            f"model.path {config.model.path}; extra references must share it "
-                            "(re-tokenising for another vocabulary is not supported).")
-        one = build_reference("precomputed", config, model.to(device), examples_by_split,
-                              make_batch, objective, device)
+        one = reference_from(path, "reference.extra_models", config, tokenizer, examples_by_split,
+                             make_batch, objective, device)
         for split in extras:
             extras[split].append(one[split])
-        del model
     return extras
+
+
+def reference_from(path, key, config, tokenizer, examples_by_split, make_batch, objective,
+                   device):
+    """A precomputed reference per split from the model at ``path`` (loaded, run, freed)."""
+    model, other = load_model_and_tokenizer(path, config.model.dtype,
+                                            config.model.trust_remote_code)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise DataError(f"{key}: {path} has a different tokenizer from model.path "
+                        f"{config.model.path}; a reference must share it (re-tokenising for "
+                        "another vocabulary is not supported).")
+    return build_reference("precomputed", config, model.to(device), examples_by_split,
+                           make_batch, objective, device)
 
 
 def objective_inputs(logp_model, reference, extras, batch, objective, step) -> ObjectiveInputs:
@@ -192,8 +198,14 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                    trainable_count, train_examples, layout, tokenizer.pad_token_id))
         return None, 0
 
-    # Reference (before LoRA: the reference is the initial model), then adapters.
-    references = build_reference(strategy, config, model, splits, make_batch, objective, device)
+    # Reference (before LoRA: the reference is the initial model, unless reference.model names
+    # another), then adapters.
+    if config.reference.model is not None:
+        references = reference_from(config.reference.model, "reference.model", config, tokenizer,
+                                    splits, make_batch, objective, device)
+    else:
+        references = build_reference(strategy, config, model, splits, make_batch, objective,
+                                     device)
     extras = build_extra_references(config, tokenizer, splits, make_batch, objective, device)
     model = _attach_lora(model, config)
     if cfg.gradient_checkpointing:

@@ -1,0 +1,132 @@
+"""Pair and list builders: one prompt's scored samples -> training records.
+
+Each builder is a small function of one prompt's scores that returns positions; ``build_rows``
+turns them into JSONL rows that keep their provenance. Ties never make a pair.
+
+- ``best_vs_worst``: the highest score against the lowest (West-of-N, arXiv:2401.12086: the
+  best and worst of N samples of the policy);
+- ``all_pairs``: every (i, j) with s_i > s_j;
+- ``best_vs_each``: the best against every lower score;
+- ``rso``: statistical rejection sampling (RSO, arXiv:2309.06657): sample i is accepted with
+  probability exp((s_i - max s) / beta), passing over the samples in order until ``accept`` are
+  accepted; the accepted ones are paired two by two in order of acceptance, the higher chosen.
+  The kept samples approximate draws from pi*(y|x) ~ pi(y|x) exp(r(x, y) / beta), the policy
+  that DPO's optimum is, rather than from pi itself;
+- ``list``: the whole list with its scores, for listwise objectives;
+- ``d2o``: the samples (scored 1, whatever the scorer said) and the prompt's negative from the
+  data (its ``rejected``, scored 0) as one list: D2O's anchors and negative.
+
+``min_margin`` drops pairs whose score gap is smaller. ``win_probs`` (SPPO/DNO) is each
+sample's mean probability of beating the prompt's other samples. Empty samples (the model
+answered with EOS alone) are left out of pairs and lists, as training drops empty responses.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+from ..data.convert import PAIRINGS
+
+BUILDERS = (*PAIRINGS, "rso", "list", "d2o")
+LIST_BUILDERS = ("list", "d2o")  # these make ranked lists, the others pairs
+
+
+def rso_pairs(scores: Sequence[float], beta: float, accept: int,
+              rng: random.Random) -> list[tuple[int, int]]:
+    """RSO's accepted samples, paired two by two in order of acceptance (higher score first)."""
+    if beta <= 0:
+        raise ValueError(f"rso beta must be above 0, got {beta}")
+    top = max(scores)
+    waiting, accepted = list(range(len(scores))), []
+    while waiting and len(accepted) < accept:
+        for i in list(waiting):
+            if len(accepted) < accept and rng.random() < math.exp((scores[i] - top) / beta):
+                accepted.append(i)
+                waiting.remove(i)
+    pairs = []
+    for a, b in zip(accepted[0::2], accepted[1::2]):
+        if scores[a] != scores[b]:
+            pairs.append((a, b) if scores[a] > scores[b] else (b, a))
+    return pairs
+
+
+def win_probs(preference: Sequence[Sequence[float]]) -> list[float]:
+    """P(sample i beats the others): the mean over j != i of ``preference[i][j]`` = P(i > j)."""
+    n = len(preference)
+    if n < 2:
+        raise ValueError("win probabilities need at least 2 samples of a prompt")
+    return [sum(preference[i][j] for j in range(n) if j != i) / (n - 1) for i in range(n)]
+
+
+def positions(builder: str, scores: Sequence[float], min_margin: float = 0.0,
+              rso_beta: float = 0.5, rso_accept: int = 4,
+              rng: random.Random | None = None) -> list[tuple[int, int]]:
+    """The (chosen, rejected) positions that ``builder`` makes of one prompt's ``scores``."""
+    if builder == "rso":
+        pairs = rso_pairs(scores, rso_beta, rso_accept, rng or random.Random(0))
+    elif builder in PAIRINGS:
+        pairs = PAIRINGS[builder](scores)
+    else:
+        raise ValueError(f"unknown pair builder {builder!r}; expected one of "
+                         f"{', '.join(b for b in BUILDERS if b not in LIST_BUILDERS)}.")
+    return [(i, j) for i, j in pairs if scores[i] - scores[j] >= min_margin]
+
+
+def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
+               rso_beta: float = 0.5, rso_accept: int = 4, seed: int = 0) -> tuple[list, dict]:
+    """Training rows from scored rows (``prompt``, ``responses``, ``scores``, optional
+    ``win_probs``, ``origin``, provenance); returns them and counts: prompts, ``tied`` (fewer
+    than two different scores among the non-empty samples: nothing to learn), ``empty``
+    samples, rows made."""
+    rows, counts = [], {"prompts": len(scored), "tied": 0, "empty": 0, "rows": 0}
+    for number, item in enumerate(scored):
+        kept = [k for k, text in enumerate(item["responses"]) if text.strip()]
+        counts["empty"] += len(item["responses"]) - len(kept)
+        if builder == "d2o":
+            rows += _d2o_row(item, kept, counts)
+            continue
+        scores = [item["scores"][k] for k in kept]
+        if len(set(scores)) <= 1:
+            counts["tied"] += 1
+            continue
+        provenance = {k: v for k, v in item.items()
+                      if k not in ("prompt", "responses", "scores", "win_probs", "origin",
+                                   "negative")}
+        if builder == "list":
+            rows.append({"prompt": item["prompt"], "responses": [item["responses"][k] for k in kept],
+                         "scores": scores, "source": f"{item['origin']} {kept}", **provenance})
+            continue
+        rng = random.Random(f"{seed}:{number}")
+        for a, b in positions(builder, scores, min_margin, rso_beta, rso_accept, rng):
+            i, j = kept[a], kept[b]
+            row = {"prompt": item["prompt"],
+                   "chosen": _reply(item["prompt"], item["responses"][i]),
+                   "rejected": _reply(item["prompt"], item["responses"][j]),
+                   "chosen_score": item["scores"][i], "rejected_score": item["scores"][j]}
+            if "win_probs" in item:
+                row.update(chosen_win_prob=item["win_probs"][i],
+                           rejected_win_prob=item["win_probs"][j])
+            rows.append({**row, "source": f"{item['origin']} [{i}>{j}]", **provenance})
+    counts["rows"] = len(rows)
+    return rows, counts
+
+
+def _d2o_row(item: dict, kept: list, counts: dict) -> list:
+    """[samples..., the data's negative] scored [1, ..., 1, 0], or nothing without both."""
+    negative = item.get("negative")
+    if not kept or not negative:
+        counts["without_negative" if not negative else "tied"] = counts.get(
+            "without_negative" if not negative else "tied", 0) + 1
+        return []
+    provenance = {k: v for k, v in item.items()
+                  if k not in ("prompt", "responses", "scores", "win_probs", "origin", "negative")}
+    return [{"prompt": item["prompt"], "responses": [item["responses"][k] for k in kept] + [negative],
+             "scores": [1.0] * len(kept) + [0.0], "source": f"{item['origin']} {kept} + rejected",
+             **provenance}]
+
+
+def _reply(prompt, text: str):
+    """A response in the prompt's format: an assistant turn after a chat prompt, else text."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text

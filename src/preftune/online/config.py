@@ -1,0 +1,110 @@
+"""Typed configuration of ``preftune online``: a policy config (model, objective, reference,
+train: what each round's training does) plus the ``online`` section: the rounds, how samples are
+drawn, scored and paired, and what is measured after each round."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from ..config import Config, Section, build_config, read_tree
+from .build import BUILDERS, LIST_BUILDERS
+
+
+class SamplingSection(Section):
+    samples: int = 4  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    max_new_tokens: int = 64
+    stop: list[str] = []
+    batch_size: int = 16  # prompts per generate call
+
+
+class PairsSection(Section):
+    builder: Literal[BUILDERS] = "best_vs_worst"  # type: ignore[valid-type]
+    min_margin: float = 0.0  # drop pairs whose score gap is smaller
+    rso_beta: float = 0.5  # rso: the temperature of pi* ~ pi exp(r / beta)
+    rso_accept: int = 4  # rso: samples accepted per prompt (paired two by two)
+    win_probs: bool = False  # add chosen_win_prob / rejected_win_prob (sppo_soft)
+
+
+class OnlineSection(Section):
+    # rounds: sample -> score -> build -> train -> evaluate, round after round; per_step: every
+    # optimizer step samples from the current policy (online DPO), reference = initial model
+    mode: Literal["rounds", "per_step"] = "rounds"
+    rounds: int = 2
+    scorer: str = ""  # a scorer spec: synthetic, module:function, rm:DIR, FILE.yaml
+    prompts_per_round: int | None = None  # None: every prompt of data.train each round
+    reference: Literal["initial", "previous"] = "initial"  # SPPO/DNO/SELM use the previous round
+    sampling: SamplingSection = SamplingSection()
+    pairs: PairsSection = PairsSection()
+    eval_max_new_tokens: int = 64  # greedy answers to data.eval's prompts after each round
+    # samples per held-out prompt for the KL of each round's model to the initial one (0: off)
+    eval_kl_samples: int = 2
+    # best-of-n baseline: n samples of the initial model per held-out prompt, the best scored
+    # (what BoNBoN imitates); 0: off
+    eval_best_of: int = 0
+
+
+class OnlineConfig(Config):
+    online: OnlineSection = OnlineSection()
+
+    @model_validator(mode="after")
+    def _online_settings(self):
+        online = self.online
+        if not online.scorer:
+            raise ValueError("online.scorer is required: what judges the samples (synthetic, "
+                             "module:function, rm:DIR or a .yaml combination).")
+        if online.rounds < 1:
+            raise ValueError(f"online.rounds must be at least 1, got {online.rounds}.")
+        if online.sampling.samples < 2:
+            raise ValueError("online.sampling.samples must be at least 2: pairs are made from "
+                             "several samples of the same prompt.")
+        if online.sampling.temperature <= 0:
+            raise ValueError("online.sampling.temperature must be above 0: greedy decoding gives "
+                             "the same answer every time, so nothing could be paired.")
+        if not self.data.train:
+            raise ValueError("data.train is required: the prompts to sample from (any preftune "
+                             "data file; only its prompt field is read).")
+        if self.data.convert is not None:
+            raise ValueError("data.convert does nothing in an online run: the pairs (or lists) "
+                             "are built from the samples by online.pairs.builder.")
+        data = "ranked" if online.pairs.builder in LIST_BUILDERS else "pairs"
+        wanted = {term.name for term in self.objective}
+        from ..objectives import get_objective
+
+        for name in wanted:
+            if get_objective(name).data not in (data, "unpaired"):
+                raise ValueError(f"objective {name} trains on {get_objective(name).data} data, "
+                                 f"but online.pairs.builder {online.pairs.builder!r} makes "
+                                 f"{data}; use builder 'list' (or 'd2o') for listwise objectives.")
+        if online.mode == "per_step":
+            fixed = {"rounds", "prompts_per_round", "reference"} & online.model_fields_set
+            if fixed:
+                raise ValueError(f"online.{sorted(fixed)[0]} does nothing with online.mode "
+                                 "per_step (one run of train.max_steps steps, each on fresh "
+                                 "samples, against the initial model); remove it.")
+            if online.pairs.builder in LIST_BUILDERS or online.pairs.win_probs:
+                raise ValueError("online.mode per_step builds pairs for pairwise objectives; "
+                                 "lists and win probabilities need online.mode: rounds.")
+            if self.train.eval_every is not None:
+                raise ValueError("train.eval_every does nothing with online.mode per_step: the "
+                                 "held-out prompts are answered and scored after training.")
+        for term in self.objective:
+            n = (term.model_extra or {}).get("n")
+            if term.name == "bonbon" and (n or 8) != online.sampling.samples:
+                raise ValueError(f"objective bonbon's n ({n or 8}) must equal "
+                                 f"online.sampling.samples ({online.sampling.samples}): its target "
+                                 "is the gap between the best and worst of exactly n samples.")
+        if online.eval_best_of == 1 or online.eval_best_of < 0:
+            raise ValueError("online.eval_best_of is 0 (off) or the n of best-of-n, at least 2.")
+        if self.reference.model is not None:
+            raise ValueError("reference.model is set by online.reference in an online run "
+                             "(initial or previous); remove it.")
+        return self
+
+
+def load_online_config(path: str | None, overrides: list[str] = ()) -> OnlineConfig:
+    return build_config(read_tree(path, overrides), path or "the config", schema=OnlineConfig)

@@ -1,0 +1,363 @@
+"""``preftune online``: rounds of sample -> score -> build -> train -> evaluate.
+
+Each round r writes ``round-r/``: ``samples.jsonl`` (the policy's responses, with the round, the
+policy's weight hash and the sampling settings), ``scored.jsonl`` (plus the scorer's scores),
+``pairs.jsonl`` (the training rows, each naming the sample it came from), then the usual
+training outputs of ``preftune train`` (``model/``, ``metrics.jsonl``, ``run.json``) and
+``eval.json`` / ``eval_answers.jsonl`` (greedy answers to ``data.eval``'s prompts, scored).
+``phases.json`` records each finished phase; ``--resume`` skips them, and a training phase
+that was cut off continues from its last checkpoint. Training is ``preftune train`` itself
+(``train.loop.train``) on the round's pairs: same layouts, references, alarms and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+from ..config import Config, ConfigError, build_config
+from ..data.records import DataError
+from ..data.shapes import TEXT_FIELDS
+from ..data.sources import read_rows
+from ..data.tokenize import TokenizedExample, TokenizeSettings
+from ..evaluate.diagnostics import sampled_kl
+from ..evaluate.sampling import score_responses
+from ..generation import HFGenerator, SamplingSettings, greedy_texts, prompt_ids
+from ..model.load import load_model_and_tokenizer, weights_fingerprint
+from ..objectives import get_objective
+from ..score import load_scorer, prompt_key
+from ..train.checkpoint import latest_checkpoint
+from ..train.loop import train
+from .build import LIST_BUILDERS, build_rows, win_probs
+from .config import OnlineConfig
+
+class Prompt(NamedTuple):
+    """A prompt to sample from, and where it was read (``file:line``)."""
+
+    origin: str
+    prompt: object
+    negative: str | None = None  # the row's rejected response, if any (D2O's negative)
+
+
+def run_online(config: OnlineConfig, resume: bool = False) -> Path:
+    """Run every round of ``config`` (or what is left of them with ``resume``)."""
+    out = Path(config.output_dir)
+    if (out / "online.json").exists() and not resume:
+        raise ConfigError(f"{out} already holds an online run; continue it with --resume or "
+                          "choose another output_dir (nothing there is overwritten).")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    prompts = _prompts(config.data.train, config)
+    eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
+    summary = {"initial": None, "rounds": []}
+    if eval_prompts:
+        summary["initial"] = _phase(out / "initial", "evaluate", lambda: _evaluate(
+            config, config.model.path, eval_prompts, out / "initial"))
+    if config.online.mode == "per_step":
+        return _per_step(config, prompts, eval_prompts, summary, resume)
+    for r in range(1, config.online.rounds + 1):
+        summary["rounds"].append(run_round(config, r, prompts, eval_prompts))
+        _write_json(out / "online.json", summary)
+    _write_json(out / "online.json", summary)
+    return out
+
+
+def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -> dict:
+    out = Path(config.output_dir)
+    here = out / f"round-{r}"
+    here.mkdir(parents=True, exist_ok=True)
+    policy = config.model.path if r == 1 else str(out / f"round-{r - 1}" / "model")
+    mine = _round_prompts(prompts, config.online.prompts_per_round, r)
+    info = {"round": r, "policy": policy}
+    info["sample"] = _phase(here, "sample", lambda: _sample(config, r, policy, mine, here))
+    info["score"] = _phase(here, "score", lambda: _score(config, policy, here))
+    info["build"] = _phase(here, "build", lambda: _build(config, r, here))
+    info["train"] = _phase(here, "train", lambda: _train(config, r, policy, here))
+    if eval_prompts:
+        info["evaluate"] = _phase(here, "evaluate", lambda: _evaluate(
+            config, str(here / "model"), eval_prompts, here))
+    return info
+
+
+def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: dict,
+              resume: bool) -> Path:
+    """online.mode per_step: one training run whose every step samples (see ``per_step.py``),
+    then the held-out evaluation; ``online.json`` has them as one round."""
+    from .per_step import run_per_step
+
+    out = Path(config.output_dir)
+    here = out / "round-1"
+    checkpoint = latest_checkpoint(here / "checkpoints")
+    step_config = config.model_copy(update={"output_dir": str(here)})
+    info = {"round": 1, "policy": config.model.path}
+    scorer = _scorer(config, config.model.path, config.data.train)
+
+    def train_per_step() -> dict:
+        run_per_step(step_config, prompts, scorer, resume=resume and checkpoint is not None)
+        return _train_result(here)
+
+    info["train"] = _phase(here, "train", train_per_step)
+    if eval_prompts:
+        info["evaluate"] = _phase(here, "evaluate", lambda: _evaluate(
+            config, str(here / "model"), eval_prompts, here))
+    summary["rounds"].append(info)
+    _write_json(out / "online.json", summary)
+    return out
+
+
+def _phase(here: Path, name: str, work) -> dict:
+    """Run ``work`` unless ``phases.json`` says it finished; record what it returns."""
+    record = here / "phases.json"
+    done = json.loads(record.read_text()) if record.exists() else {}
+    if name in done:
+        return done[name]
+    started = time.perf_counter()
+    result = {**work(), "seconds": round(time.perf_counter() - started, 2)}
+    done[name] = result
+    _write_json(record, done)
+    return result
+
+
+def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
+    """Each distinct prompt of the data file(s), in file order, with its origin. Any row with
+    a prompt field works (pairs, lists, or prompts alone); ``data.fields`` may rename it."""
+    column = config.data.fields.get("prompt", "prompt")
+    seen: dict = {}
+    for path in [paths] if isinstance(paths, str) else paths:
+        for origin, row in read_rows(path, set(TEXT_FIELDS) | {column}):
+            prompt = row.get(column) if isinstance(row, dict) else None
+            if not (isinstance(prompt, str) and prompt.strip()) and not (
+                    isinstance(prompt, list) and prompt):
+                raise DataError(f"{origin}: field {column!r} (the prompt) is missing or empty; an "
+                                "online run samples answers to each row's prompt (a string or a "
+                                "list of chat messages). Rename the column with data.fields.")
+            seen.setdefault(prompt_key(prompt), Prompt(origin, prompt, _text(
+                row.get(config.data.fields.get("rejected", "rejected")))))
+    return list(seen.values())
+
+
+def _text(reply) -> str | None:
+    """A response as text: a string, or the last message's content of a message list."""
+    if isinstance(reply, list) and reply and isinstance(reply[-1], dict):
+        return reply[-1].get("content")
+    return reply if isinstance(reply, str) else None
+
+
+def _round_prompts(prompts: list, per_round: int | None, r: int) -> list:
+    """All prompts, or the r-th slice of ``per_round`` of them (wrapping around the file)."""
+    if not per_round or per_round >= len(prompts):
+        return prompts
+    start = (r - 1) * per_round
+    return [prompts[(start + k) % len(prompts)] for k in range(per_round)]
+
+
+def _prompt_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
+    settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
+    return prompt_ids([p.prompt for p in prompts], tokenizer, settings)
+
+
+def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path) -> dict:
+    model, tokenizer = load_model_and_tokenizer(policy, config.model.dtype,
+                                                config.model.trust_remote_code)
+    sampling = config.online.sampling
+    settings = SamplingSettings(**sampling.model_dump(), seed=config.train.seed * 1000 + r)
+    generations = HFGenerator(model, tokenizer).generate(_prompt_ids(prompts, tokenizer, config),
+                                                         settings)
+    provenance = {"round": r, "policy": weights_fingerprint(model)[:16],
+                  "sampling": asdict(settings)}
+    rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
+             **({"negative": p.negative} if p.negative else {}), **provenance}
+            for p, texts in zip(prompts, generations.texts)]
+    _write_jsonl(here / "samples.jsonl", rows)
+    return {"prompts": len(rows), "samples": len(rows) * settings.samples,
+            "new_tokens": generations.new_tokens,
+            "tokens_per_second": round(generations.tokens_per_second, 1)}
+
+
+def _scorer(config: OnlineConfig, judge: str, data) -> object:
+    """The online scorer; ``judge:policy`` / ``judge-pair:policy`` (self-rewarding) judge with
+    the model at ``judge``."""
+    spec = config.online.scorer
+    if spec in ("judge:policy", "judge-pair:policy"):
+        spec = spec.replace(":policy", f":{judge}")
+    return load_scorer(spec, data)
+
+
+def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
+    scorer = _scorer(config, policy, config.data.train)
+    rows = _read_jsonl(here / "samples.jsonl")
+    wants_probs = config.online.pairs.win_probs or scorer.pairwise
+    flat_prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    flat = [text for row in rows for text in row["responses"]]
+    scores = None if scorer.pairwise else scorer.score(flat_prompts, flat)
+    at = 0
+    for row in rows:
+        k = len(row["responses"])
+        if scores is not None:
+            row["scores"] = scores[at : at + k]
+        if wants_probs:
+            row["win_probs"] = win_probs(_preference_matrix(scorer, row))
+            row.setdefault("scores", row["win_probs"])  # a pairwise scorer ranks by win rate
+        row["scorer"] = scorer.name
+        at += k
+    _write_jsonl(here / "scored.jsonl", rows)
+    values = [s for row in rows for s in row["scores"]]
+    return {"scorer": scorer.name, "mean": statistics.fmean(values),
+            "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
+
+
+def _preference_matrix(scorer, row: dict) -> list[list[float]]:
+    """P(response i beats response j) for every ordered pair of one prompt's responses."""
+    responses, k = row["responses"], len(row["responses"])
+    upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    probs = scorer.prefer([row["prompt"]] * len(upper), [responses[i] for i, _ in upper],
+                          [responses[j] for _, j in upper])
+    matrix = [[0.5] * k for _ in range(k)]
+    for (i, j), p in zip(upper, probs):
+        matrix[i][j], matrix[j][i] = p, 1.0 - p
+    return matrix
+
+
+def _build(config: OnlineConfig, r: int, here: Path) -> dict:
+    pairs = config.online.pairs
+    scored = _read_jsonl(here / "scored.jsonl")
+    rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
+                              pairs.rso_accept, seed=config.train.seed * 1000 + r)
+    if not rows:
+        raise DataError(
+            f"{here / 'scored.jsonl'}: round {r} made no training rows from {counts['prompts']} "
+            f"prompts ({counts['tied']} with all samples scored alike by {config.online.scorer}). "
+            "Draw more or more varied samples (online.sampling.samples, temperature), lower "
+            "online.pairs.min_margin, or use a scorer that tells the samples apart; then --resume.")
+    _write_jsonl(here / "pairs.jsonl", rows)
+    return counts
+
+
+def round_config(config: OnlineConfig, r: int, policy: str, here: Path) -> Config:
+    """The ``preftune train`` config of round r: the online config's model, objective, reference
+    and train sections on the round's pairs, the reference by ``online.reference``."""
+    tree = config.model_dump(exclude={"online"})
+    data = "ranked" if config.online.pairs.builder in LIST_BUILDERS else "pairs"
+    unpaired = all(get_objective(t.name).data == "unpaired" for t in config.objective)
+    tree["data"] = {"train": str(here / "pairs.jsonl"), "max_length": config.data.max_length,
+                    "max_prompt_length": config.data.max_prompt_length, "shape": data,
+                    "convert": "unpaired" if unpaired and data == "pairs" else None}
+    tree["model"]["path"] = policy
+    tree["output_dir"] = str(here)
+    tree["train"]["eval_every"] = None
+    initial = config.model.path
+    tree["reference"]["model"] = initial if config.online.reference == "initial" \
+        and policy != initial else None
+    return build_config(tree, f"round {r}")
+
+
+def _train(config: OnlineConfig, r: int, policy: str, here: Path) -> dict:
+    checkpoint = latest_checkpoint(here / "checkpoints")
+    train(round_config(config, r, policy, here), resume=checkpoint is not None)
+    return _train_result(here)
+
+
+def _train_result(here: Path) -> dict:
+    """The last logged step of a round's training."""
+    metrics = [json.loads(line) for line in (here / "metrics.jsonl").read_text().splitlines()]
+    last = metrics[-1]
+    return {"steps": last["step"], "loss": last["loss"],
+            **{k: last[k] for k in ("rewards/accuracies", "rewards/margins") if k in last}}
+
+
+def _evaluate(config: OnlineConfig, model_path: str, prompts: list, here: Path) -> dict:
+    """Greedy answers to the held-out prompts, scored (the round's headline number; for a
+    pairwise scorer, the win rate against the initial model's answers), and the KL of the
+    round's model to the initial one on its own samples of those prompts."""
+    model, tokenizer = load_model_and_tokenizer(model_path, config.model.dtype,
+                                                config.model.trust_remote_code)
+    ids = _prompt_ids(prompts, tokenizer, config)
+    online = config.online
+    texts = greedy_texts(model, tokenizer, ids, online.eval_max_new_tokens,
+                         online.sampling.batch_size)
+    # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
+    scorer = _scorer(config, config.model.path, config.data.eval)
+    questions = [p.prompt for p in prompts]
+    if scorer.pairwise:  # no score of one answer: P(this answer > the initial model's answer)
+        initial = texts if model_path == config.model.path else [
+            row["response"] for row in _read_jsonl(here.parent / "initial" / "eval_answers.jsonl")]
+        scores = [0.5 if a == b else p
+                  for a, b, p in zip(texts, initial, scorer.prefer(questions, texts, initial))]
+    else:
+        scores = scorer.score(questions, texts)
+    here.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(here / "eval_answers.jsonl",
+                 [{"prompt": p.prompt, "response": t, "score": s, "origin": p.origin}
+                  for p, t, s in zip(prompts, texts, scores)])
+    result = {"prompts": len(texts), "mean_score": statistics.fmean(scores)}
+    if set(scores) <= {0.0, 1.0}:  # a pass/fail scorer (checkers, unit tests)
+        result["pass_rate"] = result["mean_score"]
+    if online.eval_kl_samples and model_path != config.model.path:
+        result["kl_to_initial"] = _kl_to_initial(config, model, tokenizer, ids)
+    if online.eval_best_of and model_path == config.model.path and not scorer.pairwise:
+        result["best_of_n"] = _best_of_n(config, model, tokenizer, ids, questions, scorer)
+    _write_json(here / "eval.json", result)
+    return result
+
+
+def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: list,
+               scorer) -> dict:
+    """The best-of-n baseline: n samples per held-out prompt (online.sampling's temperature,
+    top-p, top-k), each prompt scored by its best sample."""
+    online = config.online
+    settings = SamplingSettings(
+        **{**online.sampling.model_dump(), "samples": online.eval_best_of,
+           "max_new_tokens": online.eval_max_new_tokens}, seed=config.train.seed + 1)
+    drawn = HFGenerator(model, tokenizer).generate(ids, settings).texts
+    n = online.eval_best_of
+    scores = scorer.score([q for q in questions for _ in range(n)],
+                          [t for texts in drawn for t in texts])
+    best = [max(scores[k * n : (k + 1) * n]) for k in range(len(questions))]
+    result = {"n": n, "mean_score": statistics.fmean(best),
+              "mean_score_of_samples": statistics.fmean(scores)}
+    if set(scores) <= {0.0, 1.0}:
+        result["pass_rate"] = result["mean_score"]
+    return result
+
+
+def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list) -> float:
+    """KL(pi_round || pi_initial) estimated on ``eval_kl_samples`` samples of each held-out prompt
+    from the round's model: the mean of log pi_round(y|x) - log pi_initial(y|x), the estimate
+    ``preftune eval`` reports as sampled/kl, from the same scoring pass."""
+    settings = SamplingSettings(samples=config.online.eval_kl_samples,
+                                max_new_tokens=config.online.eval_max_new_tokens,
+                                batch_size=config.online.sampling.batch_size, seed=config.train.seed)
+    drawn = HFGenerator(model, tokenizer).generate(ids, settings).token_ids
+    examples = [TokenizedExample(p, responses, index=n)
+                for n, (p, responses) in enumerate(zip(ids, drawn))]
+    pad = tokenizer.pad_token_id
+    policy = score_responses(model, examples, pad, config.online.sampling.batch_size).logps
+    initial, _ = load_model_and_tokenizer(config.model.path, config.model.dtype,
+                                          config.model.trust_remote_code)
+    reference = score_responses(initial, examples, pad, config.online.sampling.batch_size).logps
+    return sampled_kl(policy.flatten(), reference.flatten())
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    staging = path.with_suffix(".tmp")
+    with open(staging, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(staging, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _write_json(path: Path, value) -> None:
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(value, indent=2))
+    os.replace(staging, path)

@@ -1,0 +1,138 @@
+"""Per-step online training (online DPO, arXiv:2402.04792): every optimizer step samples
+responses to its prompts from the current policy, scores them, builds pairs and trains on them
+at once, against the initial model as reference.
+
+It is the shared ``Trainer`` with a task whose batches are made from fresh samples: the same
+objectives, layouts, alarms, checkpoints and ``--resume``. Every step's samples and pairs are
+appended to ``samples.jsonl`` and ``pairs.jsonl`` with the step that drew them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from ..config import ConfigError
+from ..data.layout import choose_layout, collate
+from ..data.records import DataError, Pair
+from ..data.tokenize import TokenizeSettings, tokenize_records
+from ..generation import HFGenerator, SamplingSettings, prompt_ids
+from ..model.forward import LogpModel, causal_lm_of
+from ..model.load import load_model_and_tokenizer
+from ..model.reference import AdapterOffReference, LiveReference, NoReference
+from ..objectives.compose import Objective
+from ..train.loop import PolicyTask, _attach_lora, write_run_header
+from ..train.trainer import Trainer, count_steps
+from .build import build_rows
+
+RETRIES = 4  # further draws of prompts when a step's samples all tie
+
+
+class OnlineStepTask(PolicyTask):
+    """A policy task whose ``train_examples`` are prompts (``online.loop.Prompt``); a batch of them
+    becomes pairs of the current policy's own samples. ``step`` is set by the runner."""
+
+    def __init__(self, config, logp_model, tokenizer, objective, prompts, reference, layout,
+                 device, scorer, output_dir: Path):
+        super().__init__(config, logp_model, tokenizer, objective, {"train": prompts},
+                         {"train": reference}, {"train": []}, self._make_batch, layout, device)
+        self.scorer, self.output_dir, self.step = scorer, Path(output_dir), 0
+        self.settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
+
+    def _make_batch(self, prompts: list):
+        seed = self.config.train.seed
+        rng = random.Random(f"{seed}:{self.step}")
+        for attempt in range(RETRIES + 1):
+            rows, scored = self._pairs(prompts, seed * 1_000_003 + self.step * 16 + attempt)
+            self._log(scored, rows)
+            if rows:
+                break
+            prompts = rng.sample(self.train_examples, min(len(prompts), len(self.train_examples)))
+        else:
+            raise DataError(
+                f"step {self.step + 1}: the samples of {RETRIES + 1} batches of prompts all tied "
+                f"under {self.scorer.name}; draw more or more varied samples "
+                "(online.sampling.samples, temperature) or use a finer scorer.")
+        records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=r["source"],
+                        scores={"chosen_score": r["chosen_score"],
+                                "rejected_score": r["rejected_score"]}) for r in rows]
+        examples, _ = tokenize_records(records, self.tokenizer, self.settings)
+        for index, example in enumerate(examples):
+            example.index = index
+        layout = choose_layout(examples) if self.layout == "auto" else self.layout
+        return collate(examples, self.tokenizer.pad_token_id, layout)
+
+    def _pairs(self, prompts: list, seed: int) -> tuple[list, list]:
+        online = self.config.online
+        settings = SamplingSettings(**online.sampling.model_dump(), seed=seed)
+        policy = causal_lm_of(self.module.model)
+        ids = prompt_ids([p.prompt for p in prompts], self.tokenizer, self.settings)
+        texts = HFGenerator(policy, self.tokenizer).generate(ids, settings).texts
+        flat_prompts = [p.prompt for p, samples in zip(prompts, texts) for _ in samples]
+        scores = self.scorer.score(flat_prompts, [t for samples in texts for t in samples])
+        k = settings.samples
+        scored = [{"prompt": p.prompt, "responses": samples, "scores": scores[n * k : (n + 1) * k],
+                   "origin": p.origin, "step": self.step + 1}
+                  for n, (p, samples) in enumerate(zip(prompts, texts))]
+        rows, _ = build_rows(scored, online.pairs.builder, online.pairs.min_margin,
+                             online.pairs.rso_beta, online.pairs.rso_accept, seed=seed)
+        return rows, scored
+
+    def _log(self, scored: list, rows: list) -> None:
+        for name, items in (("samples.jsonl", scored), ("pairs.jsonl", rows)):
+            with open(self.output_dir / name, "a", encoding="utf-8") as handle:
+                for item in items:
+                    handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
+    """Train ``config`` in per-step online mode; returns the output directory."""
+    out = Path(config.output_dir)
+    cfg = config.train
+    accelerator = Accelerator(gradient_accumulation_steps=1)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    model, tokenizer = load_model_and_tokenizer(config.model.path, config.model.dtype,
+                                                config.model.trust_remote_code,
+                                                config.model.attn_implementation)
+    model.to(device)
+    total_steps = count_steps(cfg, len(prompts))
+    objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
+    if objective.data != "pairs" or objective.extra_references or objective.kl_completions:
+        raise ConfigError(f"online.mode per_step trains pairwise objectives on one reference; "
+                          f"{objective.name} needs {objective.data} data or more references. Use "
+                          "online.mode: rounds.")
+    write_run_header(out, config, {"prompts": len(prompts)})
+    strategy = config.reference_strategy
+    reference = LiveReference(model, cfg.logps_chunk_tokens, objective.per_token) \
+        if objective.needs_reference and config.model.lora is None else NoReference()
+    model = _attach_lora(model, config)
+    if cfg.gradient_checkpointing:
+        causal_lm_of(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    logp_model = LogpModel(model, cfg.logps_chunk_tokens)
+    if objective.needs_reference and config.model.lora is not None and strategy != "none":
+        reference = AdapterOffReference(logp_model, objective.per_token)
+    task = OnlineStepTask(config, logp_model, tokenizer, objective, prompts, reference,
+                          cfg.layout, device, scorer, out)  # "auto": chosen per batch
+    trainer = Trainer(task, cfg, out, accelerator, total_steps, resume=resume)
+    _keep_logs_through(out, trainer.start_step)
+    for step in range(trainer.start_step, total_steps):
+        task.step = step
+        trainer.step(step)
+    return trainer.finish()
+
+
+def _keep_logs_through(out: Path, step: int) -> None:
+    """Drop logged samples and pairs of steps after ``step`` (a resumed run redraws them)."""
+    for name in ("samples.jsonl", "pairs.jsonl"):
+        path = out / name
+        if path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

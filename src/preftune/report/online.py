@@ -1,0 +1,105 @@
+"""An online run (``preftune online``) in the report: per-round figures from ``online.json``
+(held-out score and pass rate, the scores of each round's samples, KL to the initial model) and
+the rounds' training metrics joined into one curve per metric (steps counted across rounds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib import rc_context
+
+from .plots import ROLE_COLOURS, STYLE
+from .reward import _canvas, _png
+
+BLUE, GREEN = ROLE_COLOURS["margins"], ROLE_COLOURS["chosen"]
+
+
+def joined_metrics(run_dir: Path, summary: dict, read_jsonl) -> list[dict]:
+    """The finished rounds' ``metrics.jsonl`` one after another, steps offset so they continue."""
+    joined, offset = [], 0
+    for info in summary["rounds"]:
+        path = run_dir / f"round-{info['round']}" / "metrics.jsonl"
+        records = read_jsonl(path) if path.is_file() else []
+        joined += [{**r, "step": r["step"] + offset} for r in records]
+        offset += records[-1]["step"] if records else 0
+    return joined
+
+
+def _held_out(summary: dict) -> list[tuple[int, dict]]:
+    points = [(0, summary["initial"])] if summary.get("initial") else []
+    return points + [(r["round"], r["evaluate"]) for r in summary["rounds"] if "evaluate" in r]
+
+
+def held_out_png(summary: dict) -> bytes:
+    """Held-out mean score (the pass rate for pass/fail scorers) after each round."""
+    points = _held_out(summary)
+    key = "pass_rate" if all("pass_rate" in e for _, e in points) else "mean_score"
+    with rc_context(STYLE):
+        figure, axes = _canvas()
+        axes.plot([r for r, _ in points], [e[key] for _, e in points], "o-", color=GREEN)
+        for r, e in points:
+            axes.annotate(f"{e[key]:.3g}", (r, e[key]), textcoords="offset points",
+                          xytext=(0, 6), ha="center", fontsize=8)
+        axes.set_title(f"Held-out {key.replace('_', ' ')} by round (0 = before)", pad=10)
+        axes.set_xlabel("round")
+        axes.set_xticks([r for r, _ in points])
+        return _png(figure)
+
+
+def sample_scores_png(summary: dict) -> bytes:
+    """The scores of each round's samples: mean +- std, and the range."""
+    rounds = [r for r in summary["rounds"] if "score" in r]
+    with rc_context(STYLE):
+        figure, axes = _canvas()
+        x = [r["round"] for r in rounds]
+        axes.errorbar(x, [r["score"]["mean"] for r in rounds],
+                      yerr=[r["score"]["std"] for r in rounds], fmt="o", color=BLUE,
+                      capsize=4, label="mean +- std")
+        axes.vlines(x, [r["score"]["min"] for r in rounds], [r["score"]["max"] for r in rounds],
+                    color=BLUE, alpha=0.3, linewidth=6, label="min to max")
+        axes.set_title("Scores of each round's samples", pad=10)
+        axes.set_xlabel("round")
+        axes.set_xticks(x)
+        axes.legend(loc="best")
+        return _png(figure)
+
+
+def kl_png(summary: dict) -> bytes:
+    """KL of each round's model to the initial model, on its own held-out samples."""
+    points = [(r, e["kl_to_initial"]) for r, e in _held_out(summary) if "kl_to_initial" in e]
+    with rc_context(STYLE):
+        figure, axes = _canvas()
+        axes.plot([0] + [r for r, _ in points], [0.0] + [k for _, k in points], "o-",
+                  color=ROLE_COLOURS["rejected"])
+        axes.set_title("KL(round model || initial model), nats per response", pad=10)
+        axes.set_xlabel("round")
+        return _png(figure)
+
+
+def online_figures(summary: dict) -> list[tuple[str, str, bytes]]:
+    figures = []
+    if _held_out(summary):
+        figures.append(("online_held_out.png", "Held-out score by round", held_out_png(summary)))
+    if any("score" in r for r in summary["rounds"]):
+        figures.append(("online_sample_scores.png", "Sample scores by round",
+                        sample_scores_png(summary)))
+    if any("kl_to_initial" in e for _, e in _held_out(summary)):
+        figures.append(("online_kl.png", "KL to the initial model", kl_png(summary)))
+    return figures
+
+
+def round_rows(summary: dict) -> list[dict]:
+    """One row per round for the page's table: what was sampled, paired, trained and measured."""
+    rows = []
+    for r in summary["rounds"]:
+        sample, build, train = r.get("sample", {}), r.get("build", {}), r.get("train", {})
+        evaluate = r.get("evaluate", {})
+        rows.append({"round": r["round"], "prompts": sample.get("prompts"),
+                     "samples": sample.get("samples"),
+                     "generation tokens/s": sample.get("tokens_per_second"),
+                     "sample score mean": r.get("score", {}).get("mean"),
+                     "rows built": build.get("rows"), "tied prompts": build.get("tied"),
+                     "steps": train.get("steps"), "last loss": train.get("loss"),
+                     "held-out score": evaluate.get("mean_score"),
+                     "KL to initial": evaluate.get("kl_to_initial")})
+    return rows

@@ -1,0 +1,112 @@
+"""Pair and list builders against their definitions, on hand-made score tables."""
+
+import math
+import random
+
+import pytest
+
+from preftune.online.build import build_rows, positions, rso_pairs, win_probs
+
+SCORES = [0.2, 0.9, 0.2, -0.5, 0.6]  # best = 1, worst = 3; positions 0 and 2 tie
+
+
+def test_best_vs_worst_is_the_top_against_the_bottom():
+    assert positions("best_vs_worst", SCORES) == [(1, 3)]
+
+
+def test_all_pairs_is_every_strictly_ordered_pair():
+    expected = [(0, 3), (1, 0), (1, 2), (1, 3), (1, 4), (2, 3), (4, 0), (4, 2), (4, 3)]
+    assert positions("all_pairs", SCORES) == expected  # (0, 2) tie: never a pair
+
+
+def test_best_vs_each_pairs_the_best_with_every_lower_score():
+    assert positions("best_vs_each", SCORES) == [(1, 0), (1, 2), (1, 3), (1, 4)]
+
+
+def test_margin_filter_drops_close_pairs():
+    # gaps: (1,0) 0.7, (1,2) 0.7, (1,3) 1.4, (1,4) 0.3
+    assert positions("best_vs_each", SCORES, min_margin=0.5) == [(1, 0), (1, 2), (1, 3)]
+    assert positions("best_vs_worst", SCORES, min_margin=1.5) == []
+
+
+def test_all_tied_scores_make_no_pair():
+    for builder in ("best_vs_worst", "all_pairs", "best_vs_each", "rso"):
+        assert positions(builder, [1.0, 1.0, 1.0]) == []
+
+
+class ScriptedRandom(random.Random):
+    """Returns the given uniforms in order, so each accept/reject is known."""
+
+    def __init__(self, values):
+        super().__init__(0)
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_rso_accepts_with_probability_exp_of_the_gap_to_the_best_and_pairs_in_order():
+    beta = 0.5
+    scores = [0.0, 1.0, 0.5, 0.9]
+    accept = [math.exp((s - 1.0) / beta) for s in scores]  # 0.135, 1, 0.368, 0.819
+    # pass 1: 0 rejected (0.5 > 0.135), 1 accepted, 2 rejected (0.7 > 0.368), 3 accepted;
+    # pass 2 over the rest: 0 accepted (0.1 < 0.135), 2 accepted (0.3 < 0.368)
+    uniforms = [0.5, 0.99, 0.7, 0.8, 0.1, 0.3]
+    assert [u < a for u, a in zip(uniforms[:4], accept)] == [False, True, False, True]
+    pairs = rso_pairs(scores, beta, accept=4, rng=ScriptedRandom(uniforms))
+    # accepted in order 1, 3, 0, 2 -> pairs (1, 3) and (0, 2), the higher score chosen
+    assert pairs == [(1, 3), (2, 0)]
+
+
+def test_rso_keeps_the_best_and_stops_at_the_accepted_count():
+    rng = ScriptedRandom([0.999, 0.0])
+    assert rso_pairs([3.0, 1.0, 2.0], beta=1.0, accept=2, rng=rng) == [(0, 1)]
+
+
+def test_win_probs_are_the_mean_probability_of_beating_the_others():
+    preference = [[0.5, 0.8, 1.0], [0.2, 0.5, 0.6], [0.0, 0.4, 0.5]]
+    assert win_probs(preference) == pytest.approx([0.9, 0.4, 0.2])
+
+
+def test_build_rows_keeps_provenance_and_formats_replies_like_the_prompt():
+    scored = [
+        {"prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b", "c"],
+         "scores": [0.0, 1.0, 0.5], "origin": "p.jsonl:1", "round": 2, "policy": "abc"},
+        {"prompt": "plain", "responses": ["x", "y"], "scores": [1.0, 1.0],
+         "origin": "p.jsonl:2", "round": 2, "policy": "abc"},
+    ]
+    rows, counts = build_rows(scored, "best_vs_worst")
+    assert counts == {"prompts": 2, "tied": 1, "empty": 0, "rows": 1}
+    assert rows == [{"prompt": [{"role": "user", "content": "q"}],
+                     "chosen": [{"role": "assistant", "content": "b"}],
+                     "rejected": [{"role": "assistant", "content": "a"}],
+                     "chosen_score": 1.0, "rejected_score": 0.0,
+                     "source": "p.jsonl:1 [1>0]", "round": 2, "policy": "abc"}]
+    lists, counts = build_rows(scored, "list")
+    assert counts["rows"] == 1 and lists[0]["responses"] == ["a", "b", "c"]
+    assert lists[0]["scores"] == [0.0, 1.0, 0.5] and lists[0]["source"] == "p.jsonl:1 [0, 1, 2]"
+
+
+def test_empty_samples_are_left_out_and_positions_stay_those_of_the_file():
+    scored = [{"prompt": "p", "responses": ["", "good", " ", "bad"], "scores": [-9, 2, -9, 1],
+               "origin": "f:1"}]
+    rows, counts = build_rows(scored, "best_vs_worst")
+    assert counts == {"prompts": 1, "tied": 0, "empty": 2, "rows": 1}
+    assert (rows[0]["chosen"], rows[0]["rejected"], rows[0]["source"]) == ("good", "bad", "f:1 [1>3]")
+
+
+def test_build_rows_carries_win_probabilities_for_sppo():
+    scored = [{"prompt": "p", "responses": ["a", "b"], "scores": [0.0, 1.0],
+               "win_probs": [0.25, 0.75], "origin": "f:1"}]
+    rows, _ = build_rows(scored, "best_vs_worst")
+    assert (rows[0]["chosen_win_prob"], rows[0]["rejected_win_prob"]) == (0.75, 0.25)
+
+
+def test_d2o_lists_the_samples_as_anchors_and_the_data_negative_last():
+    scored = [{"prompt": "p", "responses": ["s1", "", "s3"], "scores": [0.0, 0.0, 9.0],
+               "negative": "bad answer", "origin": "f:1", "round": 1},
+              {"prompt": "q", "responses": ["x", "y"], "scores": [1.0, 0.0], "origin": "f:2"}]
+    rows, counts = build_rows(scored, "d2o")
+    assert rows == [{"prompt": "p", "responses": ["s1", "s3", "bad answer"],
+                     "scores": [1.0, 1.0, 0.0], "source": "f:1 [0, 2] + rejected", "round": 1}]
+    assert counts["without_negative"] == 1 and counts["empty"] == 1

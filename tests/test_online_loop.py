@@ -1,0 +1,407 @@
+"""``preftune online`` end to end on a tiny model with a verifier scorer: two rounds, provenance,
+the pairs the builder defines, the reference by ``online.reference``, and an interrupted round
+that resumes to the same pairs and weights as an uninterrupted run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.cli import main
+from preftune.config import ConfigError, build_config
+from preftune.data.tokenize import TokenizeSettings
+from preftune.generation import HFGenerator, SamplingSettings, prompt_ids
+from preftune.model.load import load_model_and_tokenizer, load_tokenizer, weights_fingerprint
+from preftune.online.config import OnlineConfig, load_online_config
+from preftune.online.loop import round_config, run_online
+from preftune.report.online import round_rows
+from preftune.report.render import write_report
+from preftune.report.rundir import load_run
+from preftune.train import trainer as trainer_module
+from tiny_models import save_tiny_model_dir
+
+SCORER = "test_online_loop:count_a"
+
+
+def count_a(prompt, response):
+    """The verifier: more letters 'a' is better."""
+    return float(response.count("a"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", seed=1))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prompts")
+    train, held_out = root / "prompts.jsonl", root / "eval.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"say a{'a' * k} {k}"}) + "\n"
+                             for k in range(6)))
+    held_out.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{k}"}]})
+                                + "\n" for k in range(3)))
+    return str(train), str(held_out)
+
+
+def config_tree(model_dir, data, output_dir, **online):
+    return {
+        "output_dir": str(output_dir), "model": {"path": model_dir},
+        "data": {"train": data[0], "eval": data[1], "max_length": 64, "max_prompt_length": 32},
+        "objective": {"name": "dpo", "beta": 0.1},
+        "train": {"learning_rate": 1e-3, "batch_size": 2, "max_steps": 3, "seed": 0,
+                  "warmup_ratio": 0.0, "save_every": 1},
+        "online": {"rounds": 2, "scorer": SCORER, "eval_max_new_tokens": 8,
+                   "sampling": {"samples": 4, "max_new_tokens": 10, "batch_size": 4}, **online},
+    }
+
+
+def plain_logp(model, prompt, response):
+    """log pi(response | prompt) from one forward of the concatenation."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logps = model(ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    return logps[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum().item()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    config = build_config(config_tree(model_dir, data, out), schema=OnlineConfig)
+    run_online(config)
+    summary = json.loads((out / "online.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    initial_model, _ = load_model_and_tokenizer(model_dir)
+    round_1, _ = load_model_and_tokenizer(str(out / "round-1" / "model"))
+    for r, policy in ((1, initial_model), (2, round_1)):
+        here = out / f"round-{r}"
+        samples = read_jsonl(here / "samples.jsonl")
+        assert [s["origin"] for s in samples] == [f"{data[0]}:{k}" for k in range(1, 7)]
+        assert {s["policy"] for s in samples} == {weights_fingerprint(policy)[:16]}
+        assert all(s["round"] == r and len(s["responses"]) == 4 for s in samples)
+        assert samples[0]["sampling"]["samples"] == 4 and samples[0]["sampling"]["temperature"] == 1
+        scored = read_jsonl(here / "scored.jsonl")
+        for row in scored:  # the verifier's scores, response by response
+            assert row["scores"] == [count_a(row["prompt"], t) for t in row["responses"]]
+        pairs = read_jsonl(here / "pairs.jsonl")
+        expected = []
+        for row in scored:  # best_vs_worst: first highest against first lowest non-empty
+            s = {k: v for k, v in enumerate(row["scores"]) if row["responses"][k].strip()}
+            if max(s.values()) > min(s.values()):
+                best = min(k for k in s if s[k] == max(s.values()))
+                worst = min(k for k in s if s[k] == min(s.values()))
+                expected.append((row["responses"][best], row["responses"][worst],
+                                 f"{row['origin']} [{best}>{worst}]"))
+        assert [(p["chosen"], p["rejected"], p["source"]) for p in pairs] == expected
+        assert len(pairs) >= 2
+        metrics = read_jsonl(here / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == [1, 2, 3]
+        evaluation = json.loads((here / "eval.json").read_text())
+        answers = read_jsonl(here / "eval_answers.jsonl")
+        assert [a["score"] for a in answers] == [count_a(None, a["response"]) for a in answers]
+        assert evaluation["mean_score"] == pytest.approx(sum(a["score"] for a in answers) / 3)
+    assert summary["initial"]["prompts"] == 3 and "kl_to_initial" not in summary["initial"]
+    # KL(round 1 || initial) on round 1's samples of the held-out prompts, recomputed with plain
+    # transformers forwards of prompt + response
+    tokenizer = load_tokenizer(model_dir)
+    ids = prompt_ids([json.loads(line)["prompt"] for line in open(data[1])], tokenizer,
+                     TokenizeSettings(64, 32))
+    drawn = HFGenerator(round_1, tokenizer).generate(ids, SamplingSettings(
+        samples=2, max_new_tokens=8, batch_size=4, seed=0)).token_ids
+    gaps = [plain_logp(round_1, p, y) - plain_logp(initial_model, p, y)
+            for p, ys in zip(ids, drawn) for y in ys]
+    kl = json.loads((out / "round-1" / "eval.json").read_text())["kl_to_initial"]
+    assert kl == pytest.approx(sum(gaps) / len(gaps), abs=1e-4)
+    # round 2 trained its own policy: round 2's model differs from round 1's
+    round_2, _ = load_model_and_tokenizer(str(out / "round-2" / "model"))
+    assert weights_fingerprint(round_2) != weights_fingerprint(round_1)
+    with pytest.raises(ConfigError, match="already holds an online run"):
+        run_online(config)
+
+    # the report joins the rounds' training curves and shows each round
+    run = load_run(out)
+    losses = [m["loss"] for r in (1, 2) for m in read_jsonl(out / f"round-{r}" / "metrics.jsonl")]
+    assert [m["step"] for m in run.metrics] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in run.metrics] == losses
+    page = write_report(out).read_text()
+    assert "Online rounds (online.json)" in page
+    for name in ("online_held_out.png", "online_sample_scores.png", "online_kl.png", "loss.png"):
+        assert (out / "report" / name).stat().st_size > 1000
+    rows = round_rows(summary)
+    assert [row["held-out score"] for row in rows] == [
+        json.loads((out / f"round-{r}" / "eval.json").read_text())["mean_score"] for r in (1, 2)]
+
+
+def test_reference_is_the_initial_model_or_the_previous_round(model_dir, data, tmp_path):
+    for choice, expected in (("initial", model_dir), ("previous", None)):
+        config = build_config(config_tree(model_dir, data, tmp_path, reference=choice),
+                              schema=OnlineConfig)
+        first = round_config(config, 1, model_dir, tmp_path / "round-1")
+        second = round_config(config, 2, str(tmp_path / "round-1" / "model"),
+                              tmp_path / "round-2")
+        assert first.reference.model is None  # round 1's policy is the initial model
+        assert second.reference.model == expected
+        assert second.model.path == str(tmp_path / "round-1" / "model")
+        assert second.data.train == str(tmp_path / "round-2" / "pairs.jsonl")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_round_resumes_to_the_same_pairs_and_weights(model_dir, data, tmp_path,
+                                                                   monkeypatch):
+    straight = tmp_path / "straight"
+    run_online(build_config(config_tree(model_dir, data, straight), schema=OnlineConfig))
+
+    broken = tmp_path / "broken"
+    config = build_config(config_tree(model_dir, data, broken), schema=OnlineConfig)
+    real_step, calls = trainer_module.Trainer.step, []
+
+    def failing_step(self, step):
+        calls.append(step)
+        if len(calls) == 5:  # round 2, step index 1: after round 2's first checkpoint
+            raise Interrupted
+        return real_step(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", failing_step)
+    with pytest.raises(Interrupted):
+        run_online(config)
+    monkeypatch.setattr(trainer_module.Trainer, "step", real_step)
+    phases = json.loads((broken / "round-2" / "phases.json").read_text())
+    assert list(phases) == ["sample", "score", "build"]
+    samples_before = (broken / "round-2" / "samples.jsonl").stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(trainer_module.Trainer, "step", failing_step)
+    run_online(config, resume=True)
+    assert calls == [1, 2]  # round 2 continued from its checkpoint at step 1; nothing redone
+    assert (broken / "round-2" / "samples.jsonl").stat().st_mtime_ns == samples_before
+    for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl"):
+        assert (broken / "round-2" / name).read_text() == (straight / "round-2" / name).read_text()
+    ours = load_file(broken / "round-2" / "model" / "model.safetensors")
+    theirs = load_file(straight / "round-2" / "model" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+
+
+def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["online", "--set", f"model.path={model_dir}", "--set", f"data.train={data[0]}",
+            "--set", "data.max_length=64", "--set", "data.max_prompt_length=32",
+            "--set", "train.max_steps=1", "--set", "train.batch_size=2",
+            "--set", "online.rounds=1", "--set", f"online.scorer={SCORER}",
+            "--set", "online.sampling.max_new_tokens=6", "--set", f"output_dir={out}"]
+    assert main(args) == 0
+    assert (out / "round-1" / "model" / "model.safetensors").exists()
+    assert main(args[:-2] + ["--set", "online.sampling.samples=1", "--set",
+                             f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "online.sampling.samples must be at least 2" in capsys.readouterr().err
+
+
+def test_a_prompt_file_row_without_a_prompt_is_named(model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    config = build_config(config_tree(model_dir, (str(bad), str(bad)), tmp_path / "o"),
+                          schema=OnlineConfig)
+    with pytest.raises(Exception, match=r"bad.jsonl:2: field 'prompt' \(the prompt\) is missing"):
+        run_online(config)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/online/*.yaml")),
+                         ids=lambda p: p.name)
+def test_online_example_configs_are_valid(path):
+    config = load_online_config(str(path))
+    assert config.online.scorer and config.data.train
+
+
+def test_objective_and_builder_must_agree(model_dir, data, tmp_path):
+    tree = config_tree(model_dir, data, tmp_path, pairs={"builder": "list"})
+    with pytest.raises(ConfigError, match="objective dpo trains on pairs data, but online.pairs"):
+        build_config(tree, schema=OnlineConfig)
+    tree["objective"] = {"name": "listwise_pl"}
+    assert build_config(tree, schema=OnlineConfig).online.pairs.builder == "list"
+
+
+@pytest.mark.parametrize("objective,pairs,reads", [
+    ({"name": "listwise_pl"}, {"builder": "list"}, "responses"),
+    ({"name": "kto"}, {"builder": "best_vs_each"}, "chosen"),
+    ({"name": "sppo_soft"}, {"builder": "all_pairs", "win_probs": True}, "chosen_win_prob"),
+    ({"name": "dpo"}, {"builder": "rso", "rso_beta": 1.0, "rso_accept": 4}, "chosen"),
+])
+def test_each_data_shape_trains_in_a_round(model_dir, data, tmp_path, objective, pairs, reads):
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, pairs=pairs)
+    tree["objective"] = objective
+    run_online(build_config(tree, schema=OnlineConfig))
+    rows = read_jsonl(tmp_path / "run" / "round-1" / "pairs.jsonl")
+    assert rows and all(reads in row for row in rows)
+    if "win_probs" in pairs:  # P(beats the others) from the verifier's 0/1/tie preferences
+        scored = {r["origin"]: r for r in read_jsonl(tmp_path / "run" / "round-1" / "scored.jsonl")}
+        for row in rows:
+            origin, positions = row["source"].rsplit(" ", 1)
+            i = int(positions.strip("[]").split(">")[0])
+            s = scored[origin]["scores"]
+            expected = sum(1.0 if s[i] > o else 0.5 if s[i] == o else 0.0
+                           for j, o in enumerate(s) if j != i) / (len(s) - 1)
+            assert row["chosen_win_prob"] == pytest.approx(expected)
+    metrics = read_jsonl(tmp_path / "run" / "round-1" / "metrics.jsonl")
+    assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_self_rewarding_round_with_the_policy_as_pairwise_judge(model_dir, data, tmp_path):
+    from preftune.online.build import win_probs
+    from preftune.score.judge import LLMJudge
+
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, scorer="judge-pair:policy")
+    run_online(build_config(tree, schema=OnlineConfig))
+    judge = LLMJudge.from_pretrained(model_dir, pairwise=True)  # round 1's policy
+    row = read_jsonl(tmp_path / "run" / "round-1" / "scored.jsonl")[0]
+    k = len(row["responses"])
+    matrix = [[0.5] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i + 1, k):
+            p = judge.prefer([row["prompt"]], [row["responses"][i]], [row["responses"][j]])[0]
+            matrix[i][j], matrix[j][i] = p, 1 - p
+    assert row["win_probs"] == pytest.approx(win_probs(matrix), abs=1e-5)
+    assert row["scores"] == row["win_probs"]  # a pairwise scorer ranks by win probability
+    assert row["scorer"] == f"judge-pair:{model_dir}"
+    answers = read_jsonl(tmp_path / "run" / "round-1" / "eval_answers.jsonl")
+    initial = read_jsonl(tmp_path / "run" / "initial" / "eval_answers.jsonl")
+    assert all(a["score"] == 0.5 for a in initial)  # the initial model against itself
+    evaluation = json.loads((tmp_path / "run" / "round-1" / "eval.json").read_text())
+    assert evaluation["mean_score"] == pytest.approx(sum(a["score"] for a in answers) / 3)
+
+
+def per_step_tree(model_dir, data, output_dir):
+    tree = config_tree(model_dir, data, output_dir)
+    tree["online"].pop("rounds")
+    tree["online"]["mode"] = "per_step"
+    return tree
+
+
+def test_per_step_mode_samples_from_the_current_policy_every_step(model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    config = build_config(per_step_tree(model_dir, data, out), schema=OnlineConfig)
+    run_online(config)
+    here = out / "round-1"
+    samples = read_jsonl(here / "samples.jsonl")
+    assert sorted({s["step"] for s in samples}) == [1, 2, 3]
+    # step 1 drew from the initial model: the same draws as generating with it directly
+    first = [s for s in samples if s["step"] == 1][:2]
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    ids = prompt_ids([s["prompt"] for s in first], tokenizer, TokenizeSettings(64, 32))
+    drawn = HFGenerator(model, tokenizer).generate(ids, SamplingSettings(
+        samples=4, max_new_tokens=10, batch_size=4, seed=0 * 1_000_003 + 0 * 16 + 0)).texts
+    assert [s["responses"] for s in first] == drawn
+    pairs = read_jsonl(here / "pairs.jsonl")
+    assert pairs and {p["step"] for p in pairs} <= {1, 2, 3}
+    for p in pairs:
+        assert p["chosen_score"] == count_a(None, p["chosen"]) > p["rejected_score"]
+    assert [m["step"] for m in read_jsonl(here / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((out / "online.json").read_text())["rounds"][0]["evaluate"]["prompts"] == 3
+
+
+def test_per_step_mode_resumes_to_the_same_samples_and_weights(model_dir, data, tmp_path,
+                                                                monkeypatch):
+    straight = tmp_path / "straight"
+    run_online(build_config(per_step_tree(model_dir, data, straight), schema=OnlineConfig))
+    broken = tmp_path / "broken"
+    config = build_config(per_step_tree(model_dir, data, broken), schema=OnlineConfig)
+    real_step = trainer_module.Trainer.step
+
+    def failing_step(self, step):
+        if step == 2:
+            raise Interrupted
+        return real_step(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", failing_step)
+    with pytest.raises(Interrupted):
+        run_online(config)
+    monkeypatch.setattr(trainer_module.Trainer, "step", real_step)
+    run_online(config, resume=True)
+    for name in ("samples.jsonl", "pairs.jsonl"):
+        assert (broken / "round-1" / name).read_text() == (straight / "round-1" / name).read_text()
+    ours = load_file(broken / "round-1" / "model" / "model.safetensors")
+    theirs = load_file(straight / "round-1" / "model" / "model.safetensors")
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+
+
+def test_per_step_mode_refuses_settings_it_would_ignore(model_dir, data, tmp_path):
+    tree = per_step_tree(model_dir, data, tmp_path)
+    tree["online"]["rounds"] = 3
+    with pytest.raises(ConfigError, match="online.rounds does nothing with online.mode per_step"):
+        build_config(tree, schema=OnlineConfig)
+
+
+def test_best_of_n_baseline_scores_each_prompt_by_its_best_sample(model_dir, data, tmp_path):
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, eval_best_of=3)
+    tree["train"]["max_steps"] = 1
+    run_online(build_config(tree, schema=OnlineConfig))
+    best = json.loads((tmp_path / "run" / "initial" / "eval.json").read_text())["best_of_n"]
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    prompts = [json.loads(line)["prompt"] for line in open(data[1])]
+    drawn = HFGenerator(model, tokenizer).generate(
+        prompt_ids(prompts, tokenizer, TokenizeSettings(64, 32)),
+        SamplingSettings(samples=3, max_new_tokens=8, batch_size=4, seed=1)).texts
+    expected = [max(count_a(None, t) for t in texts) for texts in drawn]
+    assert best["n"] == 3 and best["mean_score"] == pytest.approx(sum(expected) / 3)
+    assert "best_of_n" not in json.loads((tmp_path / "run" / "round-1" / "eval.json").read_text())
+
+
+def test_bonbon_n_must_match_the_samples(model_dir, data, tmp_path):
+    tree = config_tree(model_dir, data, tmp_path)
+    tree["objective"] = {"name": "bonbon", "n": 8}
+    with pytest.raises(ConfigError, match=r"bonbon's n \(8\) must equal online.sampling.samples"):
+        build_config(tree, schema=OnlineConfig)
+    tree["objective"] = {"name": "bonbon", "n": 4}
+    assert build_config(tree, schema=OnlineConfig).objective[0].name == "bonbon"
+
+
+def test_d2o_and_pmpo_train_on_samples_and_the_data_negatives(model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"say a {k}", "chosen": "aaa",
+                                         "rejected": f"no {k}"}) + "\n" for k in range(4)))
+    for objective, builder in (("d2o", "d2o"), ("pmpo", "list")):
+        tree = config_tree(model_dir, (str(pairs), str(pairs)), tmp_path / objective, rounds=1,
+                           pairs={"builder": builder}, reference="previous")
+        tree["objective"] = {"name": objective}
+        run_online(build_config(tree, schema=OnlineConfig))
+        rows = read_jsonl(tmp_path / objective / "round-1" / "pairs.jsonl")
+        if objective == "d2o":
+            assert [row["responses"][-1] for row in rows] == [f"no {k}" for k in range(4)]
+            assert all(row["scores"][-1] == 0.0 and set(row["scores"][:-1]) == {1.0}
+                       for row in rows)
+        metrics = read_jsonl(tmp_path / objective / "round-1" / "metrics.jsonl")
+        assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data, tmp_path):
+    import yaml
+
+    from preftune.compare import run_compare
+
+    base = tmp_path / "online.yaml"
+    tree = config_tree(model_dir, data, tmp_path / "unused", rounds=1)
+    tree["train"]["max_steps"] = 2
+    base.write_text(yaml.safe_dump(tree))
+    root = run_compare(["dpo", "listwise_pl"], str(base), [], str(tmp_path / "cmp"))
+    board = json.loads((root / "leaderboard.json").read_text())
+    assert sorted(e["objective"] for e in board) == ["dpo", "listwise_pl"]
+    for entry in board:
+        summary = json.loads((root / entry["objective"] / "online.json").read_text())
+        scores = [summary["initial"]["mean_score"], summary["rounds"][0]["evaluate"]["mean_score"]]
+        assert entry["online/score"] == scores[-1]
+        assert entry["online/scores"] == " > ".join(f"{s:.3f}" for s in scores)
+        assert entry["online/kl"] == summary["rounds"][0]["evaluate"]["kl_to_initial"]
+    lists = read_jsonl(root / "listwise_pl" / "round-1" / "pairs.jsonl")
+    assert all("responses" in row for row in lists)  # the list objective got lists
+    assert "held-out score by round" in (root / "leaderboard.md").read_text()
