@@ -83,3 +83,21 @@ def test_bad_settings_name_the_setting():
         SamplingSettings(samples=2, temperature=0.0)
     with pytest.raises(ValueError, match="top_p 1.5"):
         SamplingSettings(top_p=1.5)
+
+
+def test_shared_prompt_cache_draws_the_same_samples_as_k_prompt_copies(generator, monkeypatch):
+    """The fast path (each prompt encoded once, its KV cache repeated K times) against HF
+    generate on K copies of each prompt: same seed, same draws, token for token."""
+    from preftune import generation
+
+    settings = SamplingSettings(samples=3, max_new_tokens=10, seed=4, batch_size=4)
+    calls = []
+    real = generation._shared_prefix_cache
+    monkeypatch.setattr(generation, "_shared_prefix_cache",
+                        lambda *a: calls.append(1) or real(*a))
+    shared = generator.generate(ids(generator), settings)
+    assert calls == [1]  # the fast path ran
+    monkeypatch.setattr(generation, "_shared_prefix_cache", lambda *a: None)
+    plain = generator.generate(ids(generator), settings)
+    assert shared.token_ids == plain.token_ids
+    assert sum(len(x) for s in shared.token_ids for x in s) > 12 * 3  # not all cut at once
