@@ -179,6 +179,8 @@ def test_an_interrupted_round_resumes_to_the_same_pairs_and_weights(model_dir, d
     assert list(phases) == ["sample", "score", "build"]
     samples_before = (broken / "round-2" / "samples.jsonl").stat().st_mtime_ns
 
+    with pytest.raises(ConfigError, match="continue it with --resume"):
+        run_online(config)  # a half-finished run is never silently resumed or overwritten
     calls.clear()
     monkeypatch.setattr(trainer_module.Trainer, "step", failing_step)
     run_online(config, resume=True)

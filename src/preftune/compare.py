@@ -103,7 +103,7 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
 def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) -> Path:
     """Each objective through the same online rounds (same prompts, scorer, sampling, steps)."""
     from .online.config import OnlineConfig
-    from .online.loop import run_online
+    from .online.loop import has_started, run_online
     from .report import write_report
 
     base = build_config(tree, config_path or "the config", schema=OnlineConfig)
@@ -120,7 +120,7 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) 
                                   f"{config_path} with objective {name}", schema=OnlineConfig)
             print(f"\n[compare] {name}: online rounds in {run_dir}")
             started = time.perf_counter()
-            run_online(config, resume=(run_dir / "online.json").exists())
+            run_online(config, resume=has_started(run_dir))
             entry["train_minutes"] = (time.perf_counter() - started) / 60
             summary = json.loads((run_dir / "online.json").read_text())
             entry.update(_online_numbers(summary))

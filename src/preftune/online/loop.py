@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import yaml
+from accelerate import PartialState
 
 from ..config import Config, ConfigError, build_config
 from ..data.records import DataError
@@ -38,6 +39,7 @@ from ..train.loop import train
 from .build import LIST_BUILDERS, build_rows, win_probs
 from .config import OnlineConfig
 
+
 class Prompt(NamedTuple):
     """A prompt to sample from, and where it was read (``file:line``)."""
 
@@ -49,7 +51,7 @@ class Prompt(NamedTuple):
 def run_online(config: OnlineConfig, resume: bool = False) -> Path:
     """Run every round of ``config`` (or what is left of them with ``resume``)."""
     out = Path(config.output_dir)
-    if (out / "online.json").exists() and not resume:
+    if has_started(out) and not resume:
         raise ConfigError(f"{out} already holds an online run; continue it with --resume or "
                           "choose another output_dir (nothing there is overwritten).")
     out.mkdir(parents=True, exist_ok=True)
@@ -65,8 +67,14 @@ def run_online(config: OnlineConfig, resume: bool = False) -> Path:
     for r in range(1, config.online.rounds + 1):
         summary["rounds"].append(run_round(config, r, prompts, eval_prompts))
         _write_json(out / "online.json", summary)
-    _write_json(out / "online.json", summary)
     return out
+
+
+def has_started(output_dir) -> bool:
+    """Whether ``output_dir`` holds (part of) an online run."""
+    out = Path(output_dir)
+    return (out / "online.json").exists() or (out / "initial").exists() \
+        or any(out.glob("round-*"))
 
 
 def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -> dict:
@@ -97,9 +105,9 @@ def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: 
     checkpoint = latest_checkpoint(here / "checkpoints")
     step_config = config.model_copy(update={"output_dir": str(here)})
     info = {"round": 1, "policy": config.model.path}
-    scorer = _scorer(config, config.model.path, config.data.train)
 
     def train_per_step() -> dict:
+        scorer = _scorer(config, config.model.path, config.data.train)
         run_per_step(step_config, prompts, scorer, resume=resume and checkpoint is not None)
         return _train_result(here)
 
@@ -164,8 +172,7 @@ def _prompt_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
 
 
 def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path) -> dict:
-    model, tokenizer = load_model_and_tokenizer(policy, config.model.dtype,
-                                                config.model.trust_remote_code)
+    model, tokenizer = _load(policy, config)
     sampling = config.online.sampling
     settings = SamplingSettings(**sampling.model_dump(), seed=config.train.seed * 1000 + r)
     generations = HFGenerator(model, tokenizer).generate(_prompt_ids(prompts, tokenizer, config),
@@ -276,8 +283,7 @@ def _evaluate(config: OnlineConfig, model_path: str, prompts: list, here: Path) 
     """Greedy answers to the held-out prompts, scored (the round's headline number; for a
     pairwise scorer, the win rate against the initial model's answers), and the KL of the
     round's model to the initial one on its own samples of those prompts."""
-    model, tokenizer = load_model_and_tokenizer(model_path, config.model.dtype,
-                                                config.model.trust_remote_code)
+    model, tokenizer = _load(model_path, config)
     ids = _prompt_ids(prompts, tokenizer, config)
     online = config.online
     texts = greedy_texts(model, tokenizer, ids, online.eval_max_new_tokens,
@@ -339,10 +345,16 @@ def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list) -> float:
                 for n, (p, responses) in enumerate(zip(ids, drawn))]
     pad = tokenizer.pad_token_id
     policy = score_responses(model, examples, pad, config.online.sampling.batch_size).logps
-    initial, _ = load_model_and_tokenizer(config.model.path, config.model.dtype,
-                                          config.model.trust_remote_code)
+    initial, _ = _load(config.model.path, config)
     reference = score_responses(initial, examples, pad, config.online.sampling.batch_size).logps
     return sampled_kl(policy.flatten(), reference.flatten())
+
+
+def _load(path: str, config: OnlineConfig):
+    """A model for sampling, scoring or evaluation, on the accelerator when there is one."""
+    model, tokenizer = load_model_and_tokenizer(path, config.model.dtype,
+                                                config.model.trust_remote_code)
+    return model.to(PartialState().device), tokenizer
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -22,9 +22,9 @@ __all__ = ["CombinedScorer", "FunctionScorer", "LogSigmoidCentred", "Scorer", "S
            "baselines_from_samples", "load_scorer", "prompt_key"]
 
 
-def load_scorer(spec: str, data: str | None = None) -> Scorer:
-    """The scorer a spec names (see the module docstring). ``data`` is the file whose prompts
-    will be scored (the synthetic scorer reads its checkers from it)."""
+def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
+    """The scorer a spec names (see the module docstring). ``data`` is the file (or files)
+    whose prompts will be scored (the synthetic scorer reads its checkers from it)."""
     if spec == "synthetic":
         if data is None:
             raise ConfigError("the synthetic scorer reads its checkers from the data file; "

@@ -58,9 +58,11 @@ class SyntheticScorer:
         self.checkers = checkers
 
     @classmethod
-    def from_data(cls, path: str) -> "SyntheticScorer":
+    def from_data(cls, paths: str | list[str]) -> "SyntheticScorer":
         checkers = {}
-        for origin, row in read_rows(path, set(TEXT_FIELDS)):
+        rows = (item for path in ([paths] if isinstance(paths, str) else paths)
+                for item in read_rows(path, set(TEXT_FIELDS)))
+        for origin, row in rows:
             try:
                 checkers[prompt_key(row["prompt"])] = load_checker(row)
             except (KeyError, TypeError, ValueError):

@@ -48,9 +48,12 @@ class LLMJudge:
 
     @classmethod
     def from_pretrained(cls, path: str, pairwise: bool = False, **options) -> "LLMJudge":
+        from accelerate import PartialState
+
         from ..model.load import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(path)
+        model.to(PartialState().device)
         kind = "judge-pair" if pairwise else "judge"
         return cls(model, tokenizer, f"{kind}:{path}", pairwise=pairwise, **options)
 
