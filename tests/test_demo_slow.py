@@ -14,8 +14,8 @@ def test_demo_improves_checker_pass_rate(tmp_path):
 
 
 def test_quick_demo_runs_on_the_real_default_model(tmp_path, monkeypatch):
-    """GGUF -> safetensors conversion, generation, training and the results table, for real
-    (a few steps, so it proves the path works, not that the model improves)."""
+    """GGUF -> safetensors conversion, generation, training, an online round and the results
+    tables, for real (a few steps, so it proves the path works, not that the model improves)."""
     import importlib.util
     import json
 
@@ -24,8 +24,15 @@ def test_quick_demo_runs_on_the_real_default_model(tmp_path, monkeypatch):
     from preftune.demo import run_demo
 
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
-    results = run_demo(output_dir=str(tmp_path / "demo"), quick=True)
+    results = run_demo(output_dir=str(tmp_path / "demo"), quick=True, online=True)
     assert 0.0 <= results["before"]["pass_rate"] <= 1.0
     assert "eval/rewards/accuracies" in results["final_eval"]
-    assert "| checker pass rate" in (tmp_path / "demo" / "demo_results.md").read_text()
+    table = (tmp_path / "demo" / "demo_results.md").read_text()
+    assert "| checker pass rate" in table and "2 offline + 1 x 2 online" in table
     assert json.loads((tmp_path / "demo" / "run.json").read_text())["objective"] == "dpo"
+    # the online part: a round on the real model, its samples judged by the demo's checkers
+    online = json.loads((tmp_path / "demo" / "online" / "online.json").read_text())
+    samples = [json.loads(line) for line in
+               (tmp_path / "demo" / "online" / "round-1" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and all(len(s["responses"]) == 2 for s in samples)
+    assert online["rounds"][0]["evaluate"]["pass_rate"] == results["online"]["pass_rate"]

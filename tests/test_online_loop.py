@@ -68,6 +68,13 @@ def plain_logp(model, prompt, response):
     return logps[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum().item()
 
 
+def assert_same_weights(one, other):
+    ours, theirs = (load_file(d / "model.safetensors") for d in (one, other))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -188,11 +195,7 @@ def test_an_interrupted_round_resumes_to_the_same_pairs_and_weights(model_dir, d
     assert (broken / "round-2" / "samples.jsonl").stat().st_mtime_ns == samples_before
     for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl"):
         assert (broken / "round-2" / name).read_text() == (straight / "round-2" / name).read_text()
-    ours = load_file(broken / "round-2" / "model" / "model.safetensors")
-    theirs = load_file(straight / "round-2" / "model" / "model.safetensors")
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+    assert_same_weights(broken / "round-2" / "model", straight / "round-2" / "model")
 
 
 def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, capsys):
@@ -331,10 +334,7 @@ def test_per_step_mode_resumes_to_the_same_samples_and_weights(model_dir, data, 
     run_online(config, resume=True)
     for name in ("samples.jsonl", "pairs.jsonl"):
         assert (broken / "round-1" / name).read_text() == (straight / "round-1" / name).read_text()
-    ours = load_file(broken / "round-1" / "model" / "model.safetensors")
-    theirs = load_file(straight / "round-1" / "model" / "model.safetensors")
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6)
+    assert_same_weights(broken / "round-1" / "model", straight / "round-1" / "model")
 
 
 def test_per_step_mode_refuses_settings_it_would_ignore(model_dir, data, tmp_path):
@@ -407,3 +407,20 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
     lists = read_jsonl(root / "listwise_pl" / "round-1" / "pairs.jsonl")
     assert all("responses" in row for row in lists)  # the list objective got lists
     assert "held-out score by round" in (root / "leaderboard.md").read_text()
+
+
+def constant(prompt, response):
+    """A scorer that cannot tell samples apart."""
+    return 1.0
+
+
+def test_a_round_without_pairs_trains_nothing_and_the_next_starts_from_the_same_model(
+        model_dir, data, tmp_path):
+    tree = config_tree(model_dir, data, tmp_path / "run", scorer="test_online_loop:constant")
+    run_online(build_config(tree, schema=OnlineConfig))
+    summary = json.loads((tmp_path / "run" / "online.json").read_text())
+    assert [r["train"]["skipped"] for r in summary["rounds"]] == ["no pairs were built"] * 2
+    assert [r["policy"] for r in summary["rounds"]] == [model_dir, model_dir]
+    assert not (tmp_path / "run" / "round-1" / "model").exists()
+    assert summary["rounds"][1]["evaluate"]["mean_score"] == summary["initial"]["mean_score"]
+    assert read_jsonl(tmp_path / "run" / "round-1" / "pairs.jsonl") == []

@@ -3,7 +3,10 @@
 It writes a train and a held-out set of instructions whose correct answer a program can check,
 measures the model before training, trains with DPO through the same path as ``preftune train``,
 and measures again: the share of greedy generations that pass the checker, and how the model
-ranks each held-out pair.
+ranks each held-out pair. ``--online`` then spends the same number of optimizer steps another
+way: half on the offline pairs, half in ``preftune online`` rounds on the model's own samples
+judged by the checkers, and measures that model the same way. Generation and scoring are those
+of ``preftune eval`` and ``preftune online`` (``preftune.generation``, the synthetic scorer).
 """
 
 from __future__ import annotations
@@ -18,9 +21,14 @@ import torch
 from .config import build_config
 from .data.prepare import prepare_examples
 from .data.synthetic import generate_split, write_jsonl
-from .evaluate.generation import greedy_generations, pass_rate
-from .evaluate.preference import ranking_accuracy
+from .data.tokenize import TokenizeSettings
+from .evaluate.diagnostics import ranking_correct
+from .evaluate.sampling import score_responses
+from .generation import greedy_texts, prompt_ids
 from .model.load import load_model_and_tokenizer
+from .online.config import OnlineConfig
+from .online.loop import has_started, policy_before, run_online
+from .score import SyntheticScorer
 from .train.logging import read_metrics
 from .train.loop import train
 
@@ -35,20 +43,35 @@ class DemoSettings:
     beta: float = 0.1
     max_new_tokens: int = 16
     seed: int = 0
+    # --online: offline steps first, then rounds; warmup + rounds x round_steps = max_steps
+    warmup_steps: int = 12
+    rounds: int = 3
+    round_steps: int = 4
+    prompts_per_round: int = 64
+    samples: int = 4
 
 
-QUICK = DemoSettings(train_pairs=32, eval_prompts=16, batch_size=4, max_steps=4)
+QUICK = DemoSettings(train_pairs=32, eval_prompts=16, batch_size=4, max_steps=4, warmup_steps=2,
+                     rounds=1, round_steps=2, prompts_per_round=16, samples=2)
+LIMITS = TokenizeSettings(max_length=256, max_prompt_length=192)
 
 
-def _measure(model, tokenizer, tasks, eval_examples, settings) -> dict:
-    texts = greedy_generations(model, tokenizer, [t.prompt for t in tasks], settings.max_new_tokens)
-    per_family: dict[str, list[bool]] = {}
-    for task, text in zip(tasks, texts):
-        per_family.setdefault(task.family, []).append(bool(task.check(text)))
+def _measure(model, tokenizer, tasks, eval_examples, scorer, settings) -> dict:
+    """Greedy pass rate (overall and per family) and ranking accuracy on the held-out data."""
+    prompts = [t.prompt for t in tasks]
+    texts = greedy_texts(model, tokenizer, prompt_ids(prompts, tokenizer, LIMITS),
+                         settings.max_new_tokens)
+    passed = scorer.score(prompts, texts)
+    per_family: dict[str, list[float]] = {}
+    for task, value in zip(tasks, passed):
+        per_family.setdefault(task.family, []).append(value)
+    scores = score_responses(model, eval_examples, tokenizer.pad_token_id)
     return {
-        "pass_rate": pass_rate(texts, [t.check for t in tasks]),
+        "pass_rate": sum(passed) / len(passed),
         "pass_rate_by_family": {f: sum(v) / len(v) for f, v in sorted(per_family.items())},
-        "ranking_accuracy": ranking_accuracy(model, eval_examples, tokenizer.pad_token_id),
+        "ranking_accuracy": {
+            "summed": ranking_correct(scores.logps).float().mean().item(),
+            "normalised": ranking_correct(scores.logps / scores.token_counts).float().mean().item()},
         "samples": [{"prompt": t.prompt_text, "response": x} for t, x in zip(tasks[:6], texts)],
     }
 
@@ -73,7 +96,57 @@ def _table(before: dict, after: dict, final_eval: dict, n_eval: int) -> str:
     return "\n".join(lines)
 
 
-def run_demo(output_dir: str = "runs/demo", quick: bool = False) -> dict:
+def _online_table(offline: dict, online: dict, settings: DemoSettings, offline_minutes: float,
+                  online_minutes: float) -> str:
+    steps = f"{settings.warmup_steps} offline + {settings.rounds} x {settings.round_steps} online"
+    lines = [f"| same {settings.max_steps} optimizer steps of {settings.batch_size} | offline DPO "
+             f"| {steps} |", "|---|---|---|",
+             f"| checker pass rate, greedy (held-out prompts) | {offline['pass_rate']:.1%} | "
+             f"{online['pass_rate']:.1%} |",
+             f"| minutes | {offline_minutes:.1f} (with the measurements before) | "
+             f"{online_minutes:.1f} |", "",
+             "| task family | offline | online |", "|---|---|---|"]
+    lines += [f"| {f} | {offline['pass_rate_by_family'][f]:.0%} | "
+              f"{online['pass_rate_by_family'][f]:.0%} |"
+              for f in sorted(offline["pass_rate_by_family"])]
+    return "\n".join(lines)
+
+
+def _dpo_tree(out: Path, data_dir: Path, settings: DemoSettings, steps: int) -> dict:
+    return {
+        "output_dir": str(out),
+        "model": {"path": "default"},
+        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"),
+                 "max_length": LIMITS.max_length, "max_prompt_length": LIMITS.max_prompt_length},
+        "objective": {"name": "dpo", "beta": settings.beta},
+        "train": {"learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
+                  "max_steps": steps, "warmup_ratio": 0.1, "eval_every": steps,
+                  "seed": settings.seed},
+    }
+
+
+def _online(out: Path, data_dir: Path, settings: DemoSettings) -> Path:
+    """Offline DPO for ``warmup_steps``, then online rounds from that model; returns the final
+    model's directory."""
+    warmup = _dpo_tree(out / "online-warmup", data_dir, settings, settings.warmup_steps)
+    train(build_config(warmup))
+    tree = _dpo_tree(out / "online", data_dir, settings, settings.round_steps)
+    tree["model"]["path"] = str(out / "online-warmup" / "model")
+    tree["train"]["eval_every"] = None
+    tree["online"] = {
+        "rounds": settings.rounds, "scorer": "synthetic", "reference": "initial",
+        "prompts_per_round": settings.prompts_per_round,
+        "eval_max_new_tokens": settings.max_new_tokens,
+        "sampling": {"samples": settings.samples, "temperature": 1.0,
+                     "max_new_tokens": settings.max_new_tokens},
+    }
+    tree["data"]["eval"] = str(data_dir / "eval.jsonl")
+    config = build_config(tree, "the online demo", schema=OnlineConfig)
+    run_online(config, resume=has_started(out / "online"))
+    return Path(policy_before(out / "online", settings.rounds + 1, tree["model"]["path"]))
+
+
+def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = False) -> dict:
     settings = QUICK if quick else DemoSettings()
     started = time.perf_counter()
     out = Path(output_dir)
@@ -86,32 +159,33 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False) -> dict:
     print(f"generated {len(train_tasks)} training pairs and {len(eval_tasks)} held-out prompts "
           f"in {data_dir}")
 
-    config = build_config({
-        "output_dir": str(out),
-        "model": {"path": "default"},
-        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"),
-                 "max_length": 256, "max_prompt_length": 192},
-        "objective": {"name": "dpo", "beta": settings.beta},
-        "train": {"learning_rate": settings.learning_rate, "batch_size": settings.batch_size,
-                  "max_steps": settings.max_steps, "warmup_ratio": 0.1,
-                  "eval_every": settings.max_steps, "seed": settings.seed},
-    })
+    config = build_config(_dpo_tree(out, data_dir, settings, settings.max_steps))
+    scorer = SyntheticScorer.from_data(str(data_dir / "eval.jsonl"))
     model, tokenizer = load_model_and_tokenizer("default")
     _, eval_examples, _, _ = prepare_examples(config.data, tokenizer, settings.seed)
     print("measuring the model before training ...")
-    before = _measure(model, tokenizer, eval_tasks, eval_examples, settings)
+    before = _measure(model, tokenizer, eval_tasks, eval_examples, scorer, settings)
     del model
 
     train(config)
 
     trained, _ = load_model_and_tokenizer(str(out / "model"))
     print("measuring the trained model ...")
-    after = _measure(trained, tokenizer, eval_tasks, eval_examples, settings)
+    after = _measure(trained, tokenizer, eval_tasks, eval_examples, scorer, settings)
     final_eval = read_metrics(out / "metrics.jsonl")[-1]
     table = _table(before, after, final_eval, len(eval_tasks))
+    online_result = None
+    if online:
+        offline_minutes = (time.perf_counter() - started) / 60
+        online_model = _online(out, data_dir, settings)
+        print("measuring the online model ...")
+        online_result = _measure(load_model_and_tokenizer(str(online_model))[0], tokenizer,
+                                 eval_tasks, eval_examples, scorer, settings)
+        table += "\n\n" + _online_table(after, online_result, settings, offline_minutes,
+                                         (time.perf_counter() - started) / 60 - offline_minutes)
     minutes = (time.perf_counter() - started) / 60
     results = {"settings": settings.__dict__, "before": before, "after": after,
-               "final_eval": final_eval, "minutes": minutes,
+               "final_eval": final_eval, "minutes": minutes, "online": online_result,
                "threads": torch.get_num_threads()}
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     (out / "demo_results.md").write_text(table + "\n")

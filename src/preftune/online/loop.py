@@ -81,17 +81,32 @@ def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -
     out = Path(config.output_dir)
     here = out / f"round-{r}"
     here.mkdir(parents=True, exist_ok=True)
-    policy = config.model.path if r == 1 else str(out / f"round-{r - 1}" / "model")
+    policy = policy_before(out, r, config.model.path)
     mine = _round_prompts(prompts, config.online.prompts_per_round, r)
     info = {"round": r, "policy": policy}
     info["sample"] = _phase(here, "sample", lambda: _sample(config, r, policy, mine, here))
     info["score"] = _phase(here, "score", lambda: _score(config, policy, here))
     info["build"] = _phase(here, "build", lambda: _build(config, r, here))
-    info["train"] = _phase(here, "train", lambda: _train(config, r, policy, here))
+    if info["build"]["rows"]:
+        info["train"] = _phase(here, "train", lambda: _train(config, r, policy, here))
+    else:  # nothing to learn from this round's samples: the next round starts from `policy`
+        print(f"round {r}: every prompt's samples were scored alike by {config.online.scorer}; "
+              "no pairs, no training this round (more or more varied samples would help)")
+        info["train"] = _phase(here, "train", lambda: {"skipped": "no pairs were built"})
+    trained = str(here / "model") if "skipped" not in info["train"] else policy
     if eval_prompts:
         info["evaluate"] = _phase(here, "evaluate", lambda: _evaluate(
-            config, str(here / "model"), eval_prompts, here))
+            config, trained, eval_prompts, here))
     return info
+
+
+def policy_before(out: Path, r: int, initial: str) -> str:
+    """The model round r starts from: the newest earlier round's trained model (a round that
+    built no pairs trains nothing), else the initial model."""
+    for earlier in range(r - 1, 0, -1):
+        if (out / f"round-{earlier}" / "model").is_dir():
+            return str(out / f"round-{earlier}" / "model")
+    return initial
 
 
 def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: dict,
@@ -237,12 +252,6 @@ def _build(config: OnlineConfig, r: int, here: Path) -> dict:
     scored = _read_jsonl(here / "scored.jsonl")
     rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
                               pairs.rso_accept, seed=config.train.seed * 1000 + r)
-    if not rows:
-        raise DataError(
-            f"{here / 'scored.jsonl'}: round {r} made no training rows from {counts['prompts']} "
-            f"prompts ({counts['tied']} with all samples scored alike by {config.online.scorer}). "
-            "Draw more or more varied samples (online.sampling.samples, temperature), lower "
-            "online.pairs.min_margin, or use a scorer that tells the samples apart; then --resume.")
     _write_jsonl(here / "pairs.jsonl", rows)
     return counts
 

@@ -21,11 +21,11 @@ from ..data.layout import choose_layout, collate
 from ..data.records import DataError, Pair
 from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..generation import HFGenerator, SamplingSettings, prompt_ids
-from ..model.forward import LogpModel, causal_lm_of
+from ..model.forward import causal_lm_of
 from ..model.load import load_model_and_tokenizer
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
 from ..objectives.compose import Objective
-from ..train.loop import PolicyTask, _attach_lora, write_run_header
+from ..train.loop import PolicyTask, trainable, write_run_header
 from ..train.trainer import Trainer, count_steps
 from .build import build_rows
 
@@ -110,12 +110,7 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
     strategy = config.reference_strategy
     reference = LiveReference(model, cfg.logps_chunk_tokens, objective.per_token) \
         if objective.needs_reference and config.model.lora is None else NoReference()
-    model = _attach_lora(model, config)
-    if cfg.gradient_checkpointing:
-        causal_lm_of(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    logp_model = LogpModel(model, cfg.logps_chunk_tokens)
+    logp_model = trainable(model, config)
     if objective.needs_reference and config.model.lora is not None and strategy != "none":
         reference = AdapterOffReference(logp_model, objective.per_token)
     task = OnlineStepTask(config, logp_model, tokenizer, objective, prompts, reference,

@@ -207,12 +207,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         references = build_reference(strategy, config, model, splits, make_batch, objective,
                                      device)
     extras = build_extra_references(config, tokenizer, splits, make_batch, objective, device)
-    model = _attach_lora(model, config)
-    if cfg.gradient_checkpointing:
-        causal_lm_of(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    logp_model = LogpModel(model, cfg.logps_chunk_tokens)
+    logp_model = trainable(model, config)
     if strategy == "adapter-off":
         adapter_off = AdapterOffReference(logp_model, objective.per_token)
         references = {split: adapter_off for split in splits}
@@ -240,6 +235,17 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,
                    resume=resume, show_progress=show_progress,
                    shuffle=not config.data.curriculum).run()
+
+
+def trainable(model, config: Config) -> LogpModel:
+    """The model made ready to train: LoRA attached (if configured), activation checkpointing
+    (if configured), train mode, wrapped for log-probs."""
+    model = _attach_lora(model, config)
+    if config.train.gradient_checkpointing:
+        causal_lm_of(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return LogpModel(model, config.train.logps_chunk_tokens)
 
 
 def _attach_lora(model, config: Config):
