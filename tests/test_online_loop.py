@@ -14,7 +14,8 @@ from preftune.cli import main
 from preftune.config import ConfigError, build_config
 from preftune.data.tokenize import TokenizeSettings
 from preftune.generation import HFGenerator, SamplingSettings, prompt_ids
-from preftune.model.load import load_model_and_tokenizer, load_tokenizer, weights_fingerprint
+from preftune.model.load import (files_fingerprint, load_model_and_tokenizer, load_tokenizer,
+                                 weights_fingerprint)
 from preftune.online.config import OnlineConfig, load_online_config
 from preftune.online.loop import round_config, run_online
 from preftune.report.online import round_rows
@@ -87,11 +88,11 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     initial_model, _ = load_model_and_tokenizer(model_dir)
     round_1, _ = load_model_and_tokenizer(str(out / "round-1" / "model"))
-    for r, policy in ((1, initial_model), (2, round_1)):
+    for r, policy in ((1, model_dir), (2, str(out / "round-1" / "model"))):
         here = out / f"round-{r}"
         samples = read_jsonl(here / "samples.jsonl")
         assert [s["origin"] for s in samples] == [f"{data[0]}:{k}" for k in range(1, 7)]
-        assert {s["policy"] for s in samples} == {weights_fingerprint(policy)[:16]}
+        assert {s["policy"] for s in samples} == {files_fingerprint(policy)[:16]}
         assert all(s["round"] == r and len(s["responses"]) == 4 for s in samples)
         assert samples[0]["sampling"]["samples"] == 4 and samples[0]["sampling"]["temperature"] == 1
         scored = read_jsonl(here / "scored.jsonl")

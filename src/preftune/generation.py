@@ -119,18 +119,22 @@ class HFGenerator:
                     max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                     **options_k,
                 )[:, width:].tolist()
-                ids_out += [[_cut(ids, eos) for ids in generated[p * k : (p + 1) * k]]
-                            for p in range(len(chunk))]
-        seconds = time.perf_counter() - started
+                ids_out += [generated[p * k : (p + 1) * k] for p in range(len(chunk))]
         model.train(was_training)
-        texts = []
-        for p, samples in enumerate(ids_out):
-            texts.append([])
-            for k, ids in enumerate(samples):
-                ids, text = _stop(ids, settings.stop, tokenizer)
-                samples[k] = ids
-                texts[p].append(text)
-        return Generations(ids_out, texts, seconds)
+        return finished(ids_out, settings, tokenizer, time.perf_counter() - started)
+
+
+def finished(ids_out: list[list[list[int]]], settings: SamplingSettings, tokenizer,
+             seconds: float) -> Generations:
+    """Generations from every backend's raw ids: cut after the first EOS, then at the first
+    stop string, and decoded."""
+    eos = tokenizer.eos_token_id
+    token_ids, texts = [], []
+    for samples in ids_out:
+        cut = [_stop(_cut(list(ids), eos), settings.stop, tokenizer) for ids in samples]
+        token_ids.append([ids for ids, _ in cut])
+        texts.append([text for _, text in cut])
+    return Generations(token_ids, texts, seconds)
 
 
 def _shared_prefix_cache(model, input_ids, mask, k: int):

@@ -155,6 +155,19 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules,
     return get_peft_model(model, config)
 
 
+def files_fingerprint(path: str) -> str:
+    """SHA-256 over a model directory's weight files (``*.safetensors``, ``*.bin``), by name
+    and content: which saved model an online round sampled from."""
+    digest = hashlib.sha256()
+    directory = Path(resolve_model_dir(path))
+    for file in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def weights_fingerprint(model) -> str:
     """SHA-256 over parameter names and values: identifies the weights a reference came from."""
     digest = hashlib.sha256()

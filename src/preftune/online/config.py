@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from ..config import Config, Section, build_config, read_tree
+from ..generation import SamplingSettings
 from .build import BUILDERS, LIST_BUILDERS
 
 
@@ -20,6 +21,14 @@ class SamplingSection(Section):
     max_new_tokens: int = 64
     stop: list[str] = []
     batch_size: int = 16  # prompts per generate call
+    # hf: transformers generate; vllm: vLLM (installed, CUDA), loaded from the round's policy
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm_memory: float = 0.3  # share of GPU memory vLLM may hold while it samples
+
+    def settings(self, seed: int, **changes) -> SamplingSettings:
+        """These settings for one draw, with ``seed`` and any ``changes``."""
+        values = self.model_dump(exclude={"backend", "vllm_memory"})
+        return SamplingSettings(**{**values, **changes}, seed=seed)
 
 
 class PairsSection(Section):
@@ -86,6 +95,9 @@ class OnlineConfig(Config):
                 raise ValueError(f"online.{sorted(fixed)[0]} does nothing with online.mode "
                                  "per_step (one run of train.max_steps steps, each on fresh "
                                  "samples, against the initial model); remove it.")
+            if online.sampling.backend != "hf":
+                raise ValueError("online.mode per_step samples with the policy being trained "
+                                 "(transformers); set online.sampling.backend: hf.")
             if online.pairs.builder in LIST_BUILDERS or online.pairs.win_probs:
                 raise ValueError("online.mode per_step builds pairs for pairwise objectives; "
                                  "lists and win probabilities need online.mode: rounds.")

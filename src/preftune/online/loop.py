@@ -31,7 +31,7 @@ from ..data.tokenize import TokenizedExample, TokenizeSettings
 from ..evaluate.diagnostics import sampled_kl
 from ..evaluate.sampling import score_responses
 from ..generation import HFGenerator, SamplingSettings, greedy_texts, prompt_ids
-from ..model.load import load_model_and_tokenizer, weights_fingerprint
+from ..model.load import files_fingerprint, load_model_and_tokenizer, load_tokenizer
 from ..objectives import get_objective
 from ..score import load_scorer, prompt_key
 from ..train.checkpoint import latest_checkpoint
@@ -187,13 +187,22 @@ def _prompt_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
 
 
 def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path) -> dict:
-    model, tokenizer = _load(policy, config)
     sampling = config.online.sampling
-    settings = SamplingSettings(**sampling.model_dump(), seed=config.train.seed * 1000 + r)
-    generations = HFGenerator(model, tokenizer).generate(_prompt_ids(prompts, tokenizer, config),
-                                                         settings)
-    provenance = {"round": r, "policy": weights_fingerprint(model)[:16],
-                  "sampling": asdict(settings)}
+    settings = sampling.settings(seed=config.train.seed * 1000 + r)
+    if sampling.backend == "vllm":
+        from ..generation_vllm import VLLMGenerator
+
+        tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+        generator = VLLMGenerator.from_pretrained(policy, tokenizer, config.model.dtype,
+                                                  sampling.vllm_memory, settings.seed)
+    else:
+        model, tokenizer = _load(policy, config)
+        generator = HFGenerator(model, tokenizer)
+    generations = generator.generate(_prompt_ids(prompts, tokenizer, config), settings)
+    if sampling.backend == "vllm":
+        generator.close()
+    provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
+                  "sampling": {**asdict(settings), "backend": sampling.backend}}
     rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
              **({"negative": p.negative} if p.negative else {}), **provenance}
             for p, texts in zip(prompts, generations.texts)]
@@ -327,9 +336,8 @@ def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: lis
     """The best-of-n baseline: n samples per held-out prompt (online.sampling's temperature,
     top-p, top-k), each prompt scored by its best sample."""
     online = config.online
-    settings = SamplingSettings(
-        **{**online.sampling.model_dump(), "samples": online.eval_best_of,
-           "max_new_tokens": online.eval_max_new_tokens}, seed=config.train.seed + 1)
+    settings = online.sampling.settings(config.train.seed + 1, samples=online.eval_best_of,
+                                        max_new_tokens=online.eval_max_new_tokens)
     drawn = HFGenerator(model, tokenizer).generate(ids, settings).texts
     n = online.eval_best_of
     scores = scorer.score([q for q in questions for _ in range(n)],

@@ -20,7 +20,7 @@ from ..config import ConfigError
 from ..data.layout import choose_layout, collate
 from ..data.records import DataError, Pair
 from ..data.tokenize import TokenizeSettings, tokenize_records
-from ..generation import HFGenerator, SamplingSettings, prompt_ids
+from ..generation import HFGenerator, prompt_ids
 from ..model.forward import causal_lm_of
 from ..model.load import load_model_and_tokenizer
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
@@ -68,7 +68,7 @@ class OnlineStepTask(PolicyTask):
 
     def _pairs(self, prompts: list, seed: int) -> tuple[list, list]:
         online = self.config.online
-        settings = SamplingSettings(**online.sampling.model_dump(), seed=seed)
+        settings = online.sampling.settings(seed)
         policy = causal_lm_of(self.module.model)
         ids = prompt_ids([p.prompt for p in prompts], self.tokenizer, self.settings)
         texts = HFGenerator(policy, self.tokenizer).generate(ids, settings).texts
