@@ -56,7 +56,8 @@ def test_mrpo_refuses_an_extra_reference_with_another_tokenizer(workspace, tmp_p
     vocab["model"] = json.loads(backend.to_str())["model"]
     (other / "tokenizer.json").write_text(json.dumps(vocab))
     with pytest.raises(DataError, match="different tokenizer"):
-        loop.train(_config(workspace, "mrpo", extra_models=[str(other)]), show_progress=False)
+        loop.train(_config(workspace, "mrpo", extra_models=[str(other)]), show_progress=False,
+                   overwrite=True)
 
 
 def test_tdpo_picks_a_reference_with_distributions(workspace):

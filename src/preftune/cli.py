@@ -13,7 +13,8 @@ def _train(args) -> None:
     from .train.loop import train
 
     config = load_config(args.config, args.set or [])
-    output_dir = train(config, resume=args.resume, plan_only=args.plan)
+    output_dir = train(config, resume=args.resume, plan_only=args.plan,
+                       overwrite=args.overwrite)
     if args.plan:
         return
     print(f"done: model in {output_dir / 'model'}, metrics in {output_dir / 'metrics.jsonl'}")
@@ -23,7 +24,8 @@ def _online(args) -> None:
     from .online.config import load_online_config
     from .online.loop import run_online
 
-    output_dir = run_online(load_online_config(args.config, args.set or []), resume=args.resume)
+    output_dir = run_online(load_online_config(args.config, args.set or []), resume=args.resume,
+                            overwrite=args.overwrite)
     print(f"done: rounds in {output_dir}, summary in {output_dir / 'online.json'}")
 
 
@@ -103,7 +105,10 @@ def add_config_arguments(parser, examples: str, example_override: str) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help=f"override a config key, e.g. --set {example_override}")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in output_dir")
+                        help="continue from the latest checkpoint in output_dir (same settings)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds a run (the old run is "
+                             "moved aside to OUTPUT_DIR.old-TIME, not deleted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,12 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.records import DataError
 
+    from .train.trainer import TrainingStopped
+
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except (ConfigError, DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        return 130
     return 0
 
 

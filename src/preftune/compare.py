@@ -77,7 +77,8 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
         try:
             started = time.perf_counter()
-            train(build_config(tree, f"{config_path} with objective {name}"))
+            # an earlier, different or failed run of this entry is moved aside, not reused
+            train(build_config(tree, f"{config_path} with objective {name}"), overwrite=True)
             entry["train_minutes"] = (time.perf_counter() - started) / 60
             started = time.perf_counter()
             results = run_eval(EvalOptions(

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from .objectives import get_objective
 from .objectives.compose import Objective, validate_params
@@ -23,10 +24,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# numeric ranges, checked when the config is read (before any work)
+Count = Annotated[int, Field(ge=1)]  # a size or a number of things: at least 1
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # a share in [0, 1)
+
+
 class LoraConfig(Section):
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: Count = 16
+    alpha: Count = 32
+    dropout: Fraction = 0.0
     target_modules: list[str] | str = "all-linear"
     save_merged: bool = True  # also write the merged full model next to the adapter
 
@@ -44,7 +52,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     train: str | list[str] = ""
     eval: str | list[str] | None = None
-    eval_fraction: float = 0.0  # split this share off train when no eval file is given
+    eval_fraction: Fraction = 0.0  # split this share off train when no eval file is given
     format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
     fields: dict[str, str] = {}
     shape: Literal["auto", "pairs", "unpaired", "ranked", "rated"] = "auto"
@@ -52,8 +60,8 @@ class DataConfig(Section):
     convert: Literal["pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
                      "unpaired"] | None = None
     curriculum: bool = False  # Curry-DPO: train in order of score gap, easiest first
-    max_length: int = 1024
-    max_prompt_length: int | None = 512
+    max_length: Count = 1024
+    max_prompt_length: Count | None = 512
 
 
 class ObjectiveConfig(BaseModel):
@@ -92,21 +100,21 @@ class ReferenceConfig(Section):
 
 
 class TrainConfig(Section):
-    learning_rate: float = 1e-6
-    batch_size: int = 8  # examples per micro-batch
-    gradient_accumulation_steps: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    warmup_ratio: float = 0.1
+    learning_rate: NonNegative = 1e-6  # 0 trains nothing (the policy_not_moving alarm says so)
+    batch_size: Count = 8  # examples per micro-batch
+    gradient_accumulation_steps: Count = 1
+    epochs: Positive = 1.0
+    max_steps: Count | None = None  # optimizer steps; overrides epochs
+    warmup_ratio: Fraction = 0.1
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    weight_decay: NonNegative = 0.0
+    max_grad_norm: Positive | None = 1.0
     seed: int = 42
-    log_every: int = 1
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 2
-    logps_chunk_tokens: int = 256
+    log_every: Count = 1
+    eval_every: Count | None = None
+    save_every: Count | None = None
+    keep_checkpoints: Count = 2
+    logps_chunk_tokens: Count = 256
     example_weight_field: str | None = None  # numeric record field that scales each example
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
     # AdamW applied to each weight as soon as its gradient is complete, which frees it at once:
@@ -114,7 +122,7 @@ class TrainConfig(Section):
     optimizer_in_backward: bool = False
     # how examples become rows: auto picks prefix sharing when prompts are long (see data.layout)
     layout: Literal["auto", "padded", "prefix_shared", "packed", "packed_prefix_shared"] = "auto"
-    max_row_tokens: int | None = None  # packed layouts: tokens per row (default: data.max_length)
+    max_row_tokens: Count | None = None  # packed layouts: tokens per row (default: data.max_length)
 
 
 class Config(Section):
@@ -223,20 +231,32 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
 def set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
     """Apply one ``--set a.b.c=value`` override; the value is parsed as YAML."""
     *parents, leaf = dotted.split(".")
-    node = tree
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"--set {dotted}={raw_value}: the value is not valid YAML ({problem}); "
+                          "quote text that holds brackets or colons, e.g. --set "
+                          f"'{dotted}=\"{raw_value}\"'") from None
+    node, where = tree, []
     for part in parents:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]  # e.g. objective.1.weight for a list of objectives
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
-            raise ConfigError(f"--set {dotted}: {part!r} is not a section or list index")
+            raise ConfigError(f"--set {dotted}: {'.'.join(where)} is a value ({node!r}), not a "
+                              f"section, so it has no key {part!r}")
+        where.append(part)
     if isinstance(node, list):
         if not (leaf.isdigit() and int(leaf) < len(node)):
             raise ConfigError(f"--set {dotted}: {leaf!r} is not an index of that list")
-        node[int(leaf)] = yaml.safe_load(raw_value)
+        node[int(leaf)] = value
+    elif isinstance(node, dict):
+        node[leaf] = value
     else:
-        node[leaf] = yaml.safe_load(raw_value)
+        raise ConfigError(f"--set {dotted}: {'.'.join(where)} is a value ({node!r}), not a "
+                          f"section, so it has no key {leaf!r}")
 
 
 def build_config(tree: dict, source: str = "the config", schema: type[BaseModel] | None = None):
@@ -262,7 +282,16 @@ def read_tree(path: str | None, overrides: list[str] = ()) -> dict:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(file.read_text()) or {}
+        try:
+            tree = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            if "python/" in str(error) or "constructor" in problem:
+                problem += " (tags that would build Python objects are refused: a config is data)"
+            raise ConfigError(f"{path}: not a valid YAML config{where}: {problem}; nothing was "
+                              "run") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:

@@ -31,6 +31,7 @@ from .online.loop import has_started, policy_before, run_online
 from .score import SyntheticScorer
 from .train.logging import read_metrics
 from .train.loop import train
+from .train.output import prepare_output_dir
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def _online(out: Path, data_dir: Path, settings: DemoSettings) -> Path:
 def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = False) -> dict:
     settings = QUICK if quick else DemoSettings()
     started = time.perf_counter()
-    out = Path(output_dir)
+    out = prepare_output_dir(output_dir, overwrite=True)  # an earlier demo is moved aside
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     train_tasks, eval_tasks = generate_split(settings.train_pairs, settings.eval_prompts,

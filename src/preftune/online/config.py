@@ -4,26 +4,26 @@ drawn, scored and paired, and what is measured after each round."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
-from ..config import Config, Section, build_config, read_tree
+from ..config import Config, Count, NonNegative, Positive, Section, build_config, read_tree
 from ..generation import SamplingSettings
 from .build import BUILDERS, LIST_BUILDERS
 
 
 class SamplingSection(Section):
-    samples: int = 4  # responses per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    max_new_tokens: int = 64
+    samples: Count = 4  # responses per prompt
+    temperature: NonNegative = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # 0: no top-k cut
+    max_new_tokens: Count = 64
     stop: list[str] = []
-    batch_size: int = 16  # prompts per generate call
+    batch_size: Count = 16  # prompts per generate call
     # hf: transformers generate; vllm: vLLM (installed, CUDA), loaded from the round's policy
     backend: Literal["hf", "vllm"] = "hf"
-    vllm_memory: float = 0.3  # share of GPU memory vLLM may hold while it samples
+    vllm_memory: Annotated[float, Field(gt=0, le=1)] = 0.3  # share of GPU memory vLLM may hold while it samples
 
     def settings(self, seed: int, **changes) -> SamplingSettings:
         """These settings for one draw, with ``seed`` and any ``changes``."""
@@ -33,9 +33,9 @@ class SamplingSection(Section):
 
 class PairsSection(Section):
     builder: Literal[BUILDERS] = "best_vs_worst"  # type: ignore[valid-type]
-    min_margin: float = 0.0  # drop pairs whose score gap is smaller
-    rso_beta: float = 0.5  # rso: the temperature of pi* ~ pi exp(r / beta)
-    rso_accept: int = 4  # rso: samples accepted per prompt (paired two by two)
+    min_margin: NonNegative = 0.0  # drop pairs whose score gap is smaller
+    rso_beta: Positive = 0.5  # rso: the temperature of pi* ~ pi exp(r / beta)
+    rso_accept: Count = 4  # rso: samples accepted per prompt (paired two by two)
     win_probs: bool = False  # add chosen_win_prob / rejected_win_prob (sppo_soft)
 
 
@@ -43,15 +43,15 @@ class OnlineSection(Section):
     # rounds: sample -> score -> build -> train -> evaluate, round after round; per_step: every
     # optimizer step samples from the current policy (online DPO), reference = initial model
     mode: Literal["rounds", "per_step"] = "rounds"
-    rounds: int = 2
+    rounds: Count = 2
     scorer: str = ""  # a scorer spec: synthetic, module:function, rm:DIR, FILE.yaml
-    prompts_per_round: int | None = None  # None: every prompt of data.train each round
+    prompts_per_round: Count | None = None  # None: every prompt of data.train each round
     reference: Literal["initial", "previous"] = "initial"  # SPPO/DNO/SELM use the previous round
     sampling: SamplingSection = SamplingSection()
     pairs: PairsSection = PairsSection()
-    eval_max_new_tokens: int = 64  # greedy answers to data.eval's prompts after each round
+    eval_max_new_tokens: Count = 64  # greedy answers to data.eval's prompts after each round
     # samples per held-out prompt for the KL of each round's model to the initial one (0: off)
-    eval_kl_samples: int = 2
+    eval_kl_samples: Annotated[int, Field(ge=0)] = 2
     # best-of-n baseline: n samples of the initial model per held-out prompt, the best scored
     # (what BoNBoN imitates); 0: off
     eval_best_of: int = 0
@@ -66,8 +66,6 @@ class OnlineConfig(Config):
         if not online.scorer:
             raise ValueError("online.scorer is required: what judges the samples (synthetic, "
                              "module:function, rm:DIR or a .yaml combination).")
-        if online.rounds < 1:
-            raise ValueError(f"online.rounds must be at least 1, got {online.rounds}.")
         if online.sampling.samples < 2:
             raise ValueError("online.sampling.samples must be at least 2: pairs are made from "
                              "several samples of the same prompt.")

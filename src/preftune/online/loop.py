@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict
@@ -36,6 +37,7 @@ from ..objectives import get_objective
 from ..score import load_scorer, prompt_key
 from ..train.checkpoint import latest_checkpoint
 from ..train.loop import train
+from ..train.output import prepare_output_dir
 from .build import LIST_BUILDERS, build_rows, win_probs
 from .config import OnlineConfig
 
@@ -48,13 +50,19 @@ class Prompt(NamedTuple):
     negative: str | None = None  # the row's rejected response, if any (D2O's negative)
 
 
-def run_online(config: OnlineConfig, resume: bool = False) -> Path:
-    """Run every round of ``config`` (or what is left of them with ``resume``)."""
+def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run every round of ``config`` (or what is left of them with ``resume``; ``overwrite``
+    moves a previous run in output_dir aside)."""
     out = Path(config.output_dir)
-    if has_started(out) and not resume:
-        raise ConfigError(f"{out} already holds an online run; continue it with --resume or "
-                          "choose another output_dir (nothing there is overwritten).")
-    out.mkdir(parents=True, exist_ok=True)
+    if has_started(out) and not (resume or overwrite):
+        raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
+                          "over with --overwrite (the old run is moved aside), or choose another "
+                          "output_dir.")
+    if has_started(out) and overwrite:
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"--overwrite: the previous online run in {out} was moved to {aside}")
+    prepare_output_dir(str(out), resume=resume)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     prompts = _prompts(config.data.train, config)
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
@@ -285,6 +293,10 @@ def round_config(config: OnlineConfig, r: int, policy: str, here: Path) -> Confi
 
 def _train(config: OnlineConfig, r: int, policy: str, here: Path) -> dict:
     checkpoint = latest_checkpoint(here / "checkpoints")
+    if checkpoint is None:  # cut off before its first checkpoint: the phase starts over
+        for name in ("metrics.jsonl", "alarms.jsonl", "run.json"):
+            (here / name).unlink(missing_ok=True)
+        shutil.rmtree(here / "model", ignore_errors=True)
     train(round_config(config, r, policy, here), resume=checkpoint is not None)
     return _train_result(here)
 

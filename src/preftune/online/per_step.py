@@ -117,10 +117,7 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
                           cfg.layout, device, scorer, out)  # "auto": chosen per batch
     trainer = Trainer(task, cfg, out, accelerator, total_steps, resume=resume)
     _keep_logs_through(out, trainer.start_step)
-    for step in range(trainer.start_step, total_steps):
-        task.step = step
-        trainer.step(step)
-    return trainer.finish()
+    return trainer.run(before_step=lambda step: setattr(task, "step", step))
 
 
 def _keep_logs_through(out: Path, step: int) -> None:

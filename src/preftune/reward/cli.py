@@ -8,7 +8,7 @@ def _train(args) -> None:
     from .train import train_reward_model
 
     config = load_reward_config(args.config, args.set or [])
-    output_dir = train_reward_model(config, resume=args.resume)
+    output_dir = train_reward_model(config, resume=args.resume, overwrite=args.overwrite)
     print(f"done: reward model in {output_dir / 'model'} (AutoModelForSequenceClassification "
           f"loads it), metrics in {output_dir / 'metrics.jsonl'}")
 

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 
-from ..config import (DataConfig, ModelConfig, Section, TrainConfig, _unknown, build_config,
-                      check_data_and_train, read_tree)
+from ..config import (DataConfig, ModelConfig, NonNegative, Section, TrainConfig, _unknown,
+                      build_config, check_data_and_train, read_tree)
 from .heads import Head, HeadError
 from .losses import get_reward_loss
 
@@ -63,7 +63,7 @@ class RewardLossConfig(BaseModel):
 
 
 class RewardTrainConfig(TrainConfig):
-    learning_rate: float = 1e-5  # a fresh head needs more than a policy's 1e-6
+    learning_rate: NonNegative = 1e-5  # a fresh head needs more than a policy's 1e-6
 
 
 class RewardConfig(Section):

@@ -17,6 +17,7 @@ from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of
 from ..train.loop import write_run_header
+from ..train.output import check_resume, prepare_output_dir
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import RewardConfig
 from .encoder import encoder_examples
@@ -180,8 +181,11 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
 
 
 def train_reward_model(config: RewardConfig, resume: bool = False,
-                       show_progress: bool = True) -> Path:
+                       show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train a reward model according to ``config``; returns the output directory."""
+    out = prepare_output_dir(config.output_dir, resume, overwrite)
+    if resume:
+        check_resume(out, config.model_dump())
     accelerator = Accelerator(gradient_accumulation_steps=1)
     set_seed(config.train.seed)
     task, total_steps = reward_task(config, accelerator)

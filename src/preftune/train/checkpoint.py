@@ -51,8 +51,13 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, kee
     return target
 
 
+def checkpoints(directory: Path) -> list[Path]:
+    """The checkpoints under ``directory``, oldest first."""
+    return sorted(directory.glob(f"{PREFIX}*")) if directory.exists() else []
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob(f"{PREFIX}*")) if directory.exists() else []
+    found = checkpoints(directory)
     return found[-1] if found else None
 
 

@@ -28,6 +28,7 @@ from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
 from .logging import progress_bar
+from .output import check_resume, prepare_output_dir
 from .plan import plan
 from .trainer import Trainer, add_metrics, count_steps, means
 
@@ -174,7 +175,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     model.to(device)
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed)
-    write_run_header(output_dir, config, data_report)
+    if not plan_only:  # a plan writes nothing
+        write_run_header(output_dir, config, data_report)
     layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length)
@@ -224,9 +226,14 @@ def write_run_header(output_dir: Path, config, data_report: dict) -> None:
 
 
 def train(config: Config, resume: bool = False, show_progress: bool = True,
-          plan_only: bool = False) -> Path:
+          plan_only: bool = False, overwrite: bool = False) -> Path:
     """Train according to ``config``; returns the output directory. ``plan_only`` prints the
-    plan (layout, reference, memory estimate) and stops before the reference pass."""
+    plan (layout, reference, memory estimate) and stops before the reference pass. An
+    output_dir holding a run needs ``resume`` (same settings) or ``overwrite`` (moved aside)."""
+    if not plan_only:
+        out = prepare_output_dir(config.output_dir, resume, overwrite)
+        if resume:
+            check_resume(out, config.model_dump())
     accelerator = Accelerator(gradient_accumulation_steps=1)
     set_seed(config.train.seed)
     task, total_steps = policy_task(config, accelerator, plan_only)

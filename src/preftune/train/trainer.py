@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -20,10 +22,40 @@ from accelerate import Accelerator
 
 from ..config import TrainConfig
 from .alarms import Alarms, WeightProbe
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
+
+
+class TrainingStopped(Exception):
+    """A signal stopped training after a checkpoint; the message says how to resume."""
+
+
+class StopRequests:
+    """While active, the first SIGTERM or SIGINT is remembered (``signal`` names it) instead of
+    killing the process; a second one stops at once. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.signal, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._request)
+        return self
+
+    def _request(self, number, frame):
+        if self.signal is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(number).name
+        print(f"\n{self.signal}: finishing this step, then writing a checkpoint "
+              "(send it again to stop at once)")
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        return False
 
 
 class Task(Protocol):
@@ -120,12 +152,7 @@ class Trainer:
         self.start_step = 0
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
-            checkpoint = latest_checkpoint(self.checkpoint_dir)
-            if checkpoint is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir}")
-            self.start_step = load_checkpoint(checkpoint, self.unwrapped, self.optimizer,
-                                              self.scheduler)
-            print(f"resumed from {checkpoint} (step {self.start_step})")
+            self.start_step = self._resume()
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step)
         self.alarms = Alarms(self.output_dir / "alarms.jsonl", task.needs_reference,
                              WeightProbe(self.trainable))
@@ -134,13 +161,46 @@ class Trainer:
         self.bar = progress_bar(total_steps, f"train {task.name}", initial=self.start_step,
                                 disable=not show_progress)
 
+    def _resume(self) -> int:
+        """Load the newest checkpoint that reads back whole; a damaged one (empty, truncated)
+        is named and passed over for the one before it."""
+        found = checkpoints(self.checkpoint_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir}")
+        for checkpoint in reversed(found):
+            try:
+                step = load_checkpoint(checkpoint, self.unwrapped, self.optimizer,
+                                       self.scheduler)
+            except Exception as error:  # any damage: try the previous checkpoint
+                print(f"--resume: skipped {checkpoint}, which cannot be read "
+                      f"({type(error).__name__}: {str(error)[:120]})")
+                continue
+            print(f"resumed from {checkpoint} (step {step})")
+            return step
+        raise FileNotFoundError(f"--resume: none of the {len(found)} checkpoints under "
+                                f"{self.checkpoint_dir} can be read; start over with --overwrite")
+
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.module)
 
-    def run(self) -> Path:
-        for step in range(self.start_step, self.total_steps):
-            self.step(step)
+    def run(self, before_step: Callable[[int], None] | None = None) -> Path:
+        """Every remaining step, then ``finish``. SIGTERM or SIGINT (preemption, Ctrl-C) lets
+        the current step end, writes a checkpoint and raises ``TrainingStopped``."""
+        with StopRequests() as stop:
+            for step in range(self.start_step, self.total_steps):
+                if before_step is not None:
+                    before_step(step)
+                self.step(step)
+                if stop.signal and step + 1 < self.total_steps:
+                    self.bar.close()
+                    path = save_checkpoint(self.checkpoint_dir, step + 1, self.unwrapped,
+                                           self.optimizer, self.scheduler,
+                                           self.cfg.keep_checkpoints)
+                    raise TrainingStopped(
+                        f"stopped by {stop.signal} after step {step + 1} of {self.total_steps}; "
+                        f"checkpoint written to {path}. Run the same command with --resume to "
+                        "continue.")
         return self.finish()
 
     def step(self, step: int) -> dict:

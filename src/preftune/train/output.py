@@ -1,0 +1,81 @@
+"""The output directory of a training run: checked before any work, never silently reused.
+
+A directory that already holds a run (metrics, checkpoints or a saved model) is continued only
+with ``--resume`` (and only under the same settings, see ``check_resume``) or replaced with
+``--overwrite``, which moves the old run aside instead of deleting it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import ConfigError
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json", "model")
+# settings a resumed run may change: they decide what is logged or kept, not what is trained
+SAFE_TO_CHANGE = {"train.log_every", "train.eval_every", "train.save_every",
+                  "train.keep_checkpoints", "reference.cache_dir", "output_dir"}
+
+
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and any((out / name).exists() for name in RUN_MARKERS)
+
+
+def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False) -> Path:
+    """``path`` ready to write into, or a ``ConfigError`` naming ``output_dir`` and what to do."""
+    out = Path(path)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it; "
+                          "give one of them.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a directory; choose another "
+                          "output_dir (the file is left as it is).")
+    if holds_run(out) and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir {out} already holds a run; continue it with --resume, start over "
+                "with --overwrite (the old run is moved aside, not deleted), or choose another "
+                "output_dir.")
+        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"--overwrite: the previous run in {out} was moved to {aside}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".preftune-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output_dir {out} cannot be written ({error.strerror or error}); "
+                          "choose a directory you can write to, with free space.") from None
+    return out
+
+
+def check_resume(out: Path, tree: dict) -> None:
+    """Refuse ``--resume`` when settings that change training differ from the run's
+    ``config.yaml``; name them, and the ones that may change."""
+    saved_file = out / "config.yaml"
+    if not saved_file.exists():
+        return
+    saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
+    now = _flat(tree)
+    changed = sorted(key for key in set(saved) | set(now)
+                     if saved.get(key) != now.get(key) and key not in SAFE_TO_CHANGE)
+    if changed:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise ConfigError(
+            f"--resume in {out}: the settings differ from the run's config.yaml ({shown}"
+            f"{'; ...' if len(changed) > 6 else ''}). A resumed run must train as it started; "
+            f"only {', '.join(sorted(SAFE_TO_CHANGE))} may change. Start a new run with another "
+            "output_dir (or --overwrite) to train differently.")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flat(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}

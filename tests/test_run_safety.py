@@ -1,0 +1,158 @@
+"""What a new user runs into: numeric ranges, broken --set and YAML, output directories that
+are files or hold a run, --resume under changed settings, damaged checkpoints, SIGTERM."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from test_train_loop import assert_same_weights, losses, run, workspace  # noqa: F401
+
+from preftune.cli import main
+from preftune.config import ConfigError, build_config
+from preftune.train import loop, trainer
+from preftune.train.logging import read_metrics
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("train.batch_size", 0, "greater than or equal to 1"),
+    ("train.learning_rate", -1e-3, "greater than or equal to 0"),
+    ("train.max_steps", -1, "greater than or equal to 1"),
+    ("train.max_steps", 0, "greater than or equal to 1"),
+    ("train.epochs", 0, "greater than 0"),
+    ("train.warmup_ratio", 1.5, "less than 1"),
+    ("train.max_grad_norm", 0, "greater than 0"),
+    ("train.learning_rate", float("nan"), "finite"),
+    ("data.max_length", 0, "greater than or equal to 1"),
+    ("model.lora.r", 0, "greater than or equal to 1"),
+])
+def test_numeric_keys_are_range_checked_before_any_work(key, value, says):
+    tree = {"data": {"train": "pairs.jsonl"}}
+    section, leaf = key.rsplit(".", 1)
+    node = tree
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf"{key}: .*{says}"):
+        build_config(tree)
+
+
+def test_broken_set_values_and_yaml_files_are_one_line_errors(tmp_path, capsys):
+    assert main(["train", "--set", "train.learning_rate=[1e-3"]) == 2
+    assert "the value is not valid YAML" in capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {seed: 3}\n")
+    assert main(["train", str(config), "--set", "train.seed.x=1"]) == 2
+    assert "train.seed is a value (3), not a section" in capsys.readouterr().err
+    config.write_text("train: [1,\n")
+    assert main(["train", str(config)]) == 2
+    assert "not a valid YAML config at line 2" in capsys.readouterr().err
+    marker = tmp_path / "ran"
+    config.write_text(f"train: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["train", str(config)]) == 2
+    assert "a config is data" in capsys.readouterr().err and not marker.exists()
+
+
+def test_an_output_dir_that_is_a_file_or_unwritable_is_named(workspace, tmp_path):  # noqa: F811
+    afile = tmp_path / "file"
+    afile.write_text("keep me")
+    with pytest.raises(ConfigError, match="output_dir .*file is a file"):
+        run(workspace, "x", output_dir=str(afile))
+    with pytest.raises(ConfigError, match="output_dir .*cannot be written"):
+        run(workspace, "x", output_dir=str(afile / "below"))
+    assert afile.read_text() == "keep me"
+
+
+def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
+    first = run(workspace, "twice", train__max_steps=2)
+    before = (first / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        run(workspace, "twice", train__max_steps=2)
+    assert (first / "metrics.jsonl").read_text() == before  # nothing lost
+    again = loop.train(build_config(_saved(first)), show_progress=False, overwrite=True)
+    moved = [p for p in first.parent.iterdir() if p.name.startswith("twice.old-")]
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == before
+    assert again == first and (first / "model" / "model.safetensors").exists()
+
+
+def _saved(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeypatch):  # noqa: F811
+    settings = dict(train__max_steps=4, train__save_every=2, train__batch_size=4)
+    real_save = trainer.save_checkpoint
+
+    def crash_after_2(directory, step, *args, **kwargs):
+        real_save(directory, step, *args, **kwargs)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", crash_after_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "changed", **settings)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    tree = _saved(workspace / "runs" / "changed")
+    tree["train"]["learning_rate"] = 1.0
+    with pytest.raises(ConfigError, match=r"train.learning_rate: 0.005 -> 1.0"):
+        loop.train(build_config(tree), resume=True, show_progress=False)
+    tree["train"]["learning_rate"] = 0.005
+    tree["train"]["log_every"] = 2  # safe: what is logged, not what is trained
+    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    assert (resumed / "model" / "model.safetensors").exists()
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(workspace, monkeypatch,  # noqa: F811
+                                                                  capsys):
+    settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4,
+                    train__keep_checkpoints=3)
+    straight = run(workspace, "intact", **settings)
+    real_save = trainer.save_checkpoint
+
+    def crash_after_4(directory, step, *args, **kwargs):
+        path = real_save(directory, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", crash_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "damaged", **settings)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    damaged = workspace / "runs" / "damaged"
+    (damaged / "checkpoints" / "step-00000004" / "trainable.safetensors").write_bytes(b"")
+    resumed = loop.train(build_config(_saved(damaged)), resume=True, show_progress=False)
+    out = capsys.readouterr().out
+    assert "skipped" in out and "step-00000004" in out and "step-00000002 (step 2)" in out
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_weights(straight, resumed)
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes(workspace, monkeypatch):  # noqa: F811
+    settings = dict(train__max_steps=4, train__batch_size=4)
+    straight = run(workspace, "no-signal", **settings)
+    real_step = trainer.Trainer.step
+
+    def step_with_signal(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2
+        return real_step(self, step)
+
+    monkeypatch.setattr(trainer.Trainer, "step", step_with_signal)
+    with pytest.raises(trainer.TrainingStopped, match="stopped by SIGTERM after step 2 of 4"):
+        run(workspace, "signalled", **settings)
+    monkeypatch.setattr(trainer.Trainer, "step", real_step)
+    signalled = workspace / "runs" / "signalled"
+    assert (signalled / "checkpoints" / "step-00000002").is_dir()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers put back
+    resumed = loop.train(build_config(_saved(signalled)), resume=True, show_progress=False)
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert_same_weights(straight, resumed)
+
+
+def test_python_dash_m_preftune_runs_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "preftune", "objectives"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "dpo" in done.stdout
