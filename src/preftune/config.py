@@ -60,6 +60,8 @@ class DataConfig(Section):
     convert: Literal["pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
                      "unpaired"] | None = None
     curriculum: bool = False  # Curry-DPO: train in order of score gap, easiest first
+    # a malformed record: raise (stop with file, line and field) or skip (count it, keep going)
+    on_error: Literal["raise", "skip"] = "raise"
     max_length: Count = 1024
     max_prompt_length: Count | None = 512
 

@@ -11,11 +11,12 @@ from .sources import load_records
 from .tokenize import TokenizeSettings, tokenize_records
 
 
-def _load_all(paths, data_config) -> list:
+def _load_all(paths, data_config, skipped: list | None = None) -> list:
     records = []
     for path in [paths] if isinstance(paths, str) else paths:
         records += load_records(path, format=data_config.format,
-                                fields=data_config.fields or None, shape=data_config.shape)
+                                fields=data_config.fields or None, shape=data_config.shape,
+                                skipped=skipped)
     if data_config.convert:
         records = convert(records, data_config.convert)
     return records
@@ -46,9 +47,10 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
     settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length)
-    train_records = _load_all(data_config.train, data_config)
+    skipped: list | None = [] if data_config.on_error == "skip" else None
+    train_records = _load_all(data_config.train, data_config, skipped)
     shape = data_shape(train_records)
-    eval_records = _load_all(data_config.eval, data_config) if data_config.eval else []
+    eval_records = _load_all(data_config.eval, data_config, skipped) if data_config.eval else []
     if data_config.eval_fraction > 0:
         order = list(range(len(train_records)))
         random.Random(seed).shuffle(order)
@@ -62,6 +64,14 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
         raise DataError(f"no training example survived tokenization: {train_report.as_dict()}")
     _same_response_count(train, "train")
     report = {"shape": shape, "train": train_report.as_dict()}
+    if skipped:
+        report["skipped_rows"] = {"count": len(skipped), "reasons": skipped[:10]}
+        print(f"data.on_error skip: left out {len(skipped)} malformed records; the first: "
+              f"{skipped[0]} (up to 10 reasons in data_report.json)")
+    if train_report.identical_responses:
+        print(f"warning: {train_report.identical_responses} of {train_report.records} training "
+              "records have identical responses (e.g. chosen == rejected); they carry no "
+              "preference signal")
     evaluation = []
     if eval_records:
         evaluation, eval_report = tokenize(eval_records, tokenizer, settings)

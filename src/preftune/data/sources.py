@@ -27,7 +27,7 @@ EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
 
 def load_records(path: str, format: str = "auto", fields: dict | None = None,
-                 shape: str = "auto") -> list:
+                 shape: str = "auto", skipped: list | None = None) -> list:
     """Read a preference file into ``Pair``, ``JointPair``, ``Unpaired`` or ``Ranked`` records.
 
     ``shape`` is "auto" (decided by the first record's fields; every record must then match),
@@ -39,7 +39,9 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     to the
     file's column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to
     ``record.scores``. ``origin`` is ``path:LINE`` (1-based) for JSONL and ``path:record I``
-    (0-based) otherwise.
+    (0-based) otherwise. With a ``skipped`` list, a malformed record is left out and its error
+    message appended there instead of raised (``data.on_error: skip``); problems with the file
+    itself (missing, unreadable, no valid record at all) still raise.
     """
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
@@ -52,25 +54,33 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     records: list = []
     detected_format = None if format == "auto" else format
     detected_shape = None if shape == "auto" else shape
-    for origin, row in read_rows(path, {columns[name] for name in TEXT_FIELDS}):
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{origin}: expected an object with preference fields (e.g. prompt, chosen, "
-                f"rejected), got {describe(row)}. Each record must be a JSON object (one per "
-                f"line in JSONL)."
-            )
-        if detected_shape is None:
-            detected_shape = _detect_shape(row, columns, origin)
-        elif shape == "auto":
-            _check_shape(row, columns, detected_shape, origin)
-        if detected_format is None:
-            detected_format = _detect_format(row, columns, origin)
-        # in auto mode a later record of another valid format is a mixed file, not a bad value
-        mixed = format == "auto" and bool(records)
-        record = parse_row(detected_shape, row, columns, detected_format, origin, mixed)
-        if records:
-            _check_consistent(record, records[0], columns)
+    for origin, row in read_rows(path, {columns[name] for name in TEXT_FIELDS}, skipped):
+        try:
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{origin}: expected an object with preference fields (e.g. prompt, chosen, "
+                    f"rejected), got {describe(row)}. Each record must be a JSON object (one per "
+                    f"line in JSONL)."
+                )
+            row_shape = detected_shape or _detect_shape(row, columns, origin)
+            if detected_shape is not None and shape == "auto":
+                _check_shape(row, columns, detected_shape, origin)
+            row_format = detected_format or _detect_format(row, columns, origin)
+            # in auto mode a later record of another valid format is a mixed file, not a bad value
+            mixed = format == "auto" and bool(records)
+            record = parse_row(row_shape, row, columns, row_format, origin, mixed)
+            if records:
+                _check_consistent(record, records[0], columns)
+        except DataError as error:
+            if skipped is None:
+                raise
+            skipped.append(str(error))
+            continue
+        detected_shape, detected_format = row_shape, row_format
         records.append(record)
+    if not records and skipped:
+        raise DataError(f"{path}: none of its {len(skipped)} records is valid; the first "
+                        f"problem: {skipped[0]}")
     if not records:
         raise DataError(
             f"{path}: no records found (the file is empty). Expected preference records "
@@ -84,7 +94,10 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
 # reading files into (origin, row dict)
 
 
-def read_rows(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
+def read_rows(path: str, text_columns: set,
+              bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
+    """(origin, row) of every record of a file. A JSONL line that is not valid JSON or UTF-8
+    raises, or with a ``bad_lines`` list is described there and passed over."""
     split = None
     if not os.path.exists(path):
         # "dir:split" selects a split of a saved DatasetDict
@@ -99,7 +112,7 @@ def read_rows(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
         return
     extension = os.path.splitext(path)[1].lower()
     if extension == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, bad_lines)
     elif extension == ".json":
         yield from _read_json(path)
     elif extension == ".parquet":
@@ -119,25 +132,28 @@ def _open_text(path: str):
     return open(path, encoding="utf-8-sig", newline="")
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+def _read_jsonl(path: str, bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
     # bytes, decoded line by line, so a decoding error can name its line
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{line_number}: not valid UTF-8 ({error.reason} at "
-                                f"byte {error.start}). Re-save the file as UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
+                if not line.strip():
+                    continue
                 row = json.loads(line)
+            except UnicodeDecodeError as error:
+                problem = (f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte "
+                           f"{error.start}). Re-save the file as UTF-8.")
             except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{path}:{line_number}: malformed JSON ({error.msg} at column {error.colno}). "
-                    f"Each line must be one complete JSON object; fix or remove this line."
-                ) from None
-            yield f"{path}:{line_number}", row
+                problem = (f"{path}:{line_number}: malformed JSON ({error.msg} at column "
+                           f"{error.colno}). Each line must be one complete JSON object; fix or "
+                           "remove this line.")
+            else:
+                yield f"{path}:{line_number}", row
+                continue
+            if bad_lines is None:
+                raise DataError(problem)
+            bad_lines.append(problem)
 
 
 def _read_json(path: str) -> Iterator[tuple[str, Any]]:
