@@ -43,6 +43,7 @@ class ModelConfig(Section):
     path: str = "default"  # "default" (SmolLM2-135M-Instruct), a HF model dir, or a .gguf file
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickle weight files (*.bin) when no safetensors exist
     lora: LoraConfig | None = None
     # attention kernel; None = transformers' default (sdpa). "flex_attention" (CUDA) runs the
     # prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask

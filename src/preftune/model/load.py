@@ -126,16 +126,38 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weights_format(source: str, allow_pickle: bool = False) -> None:
+    """Weights load from safetensors only: a local model directory whose weights exist only as
+    pickle files is refused (unpickling can run code) unless the user opts in."""
+    directory = Path(source)
+    if allow_pickle or not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickled = [p.name for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern)]
+    if pickled:
+        from ..config import ConfigError
+
+        raise ConfigError(
+            f"model.path: {directory} holds its weights only as pickle files ({pickled[0]}), and "
+            "preftune loads safetensors only (unpickling can run code). Convert it once "
+            "(AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)) or, if you trust "
+            "the files, opt in with model.allow_pickle: true.")
+
+
 def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                             attn_implementation: str | None = None):
+                             attn_implementation: str | None = None, allow_pickle: bool = False):
     """Return (causal LM, tokenizer) for a config ``model.path``."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_dir(path)
+    check_weights_format(source, allow_pickle)
     tokenizer = load_tokenizer(source, trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra
+        source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True, **extra
     )
     return model, tokenizer
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..data.layout import choose_layout, collate
 from ..model.forward import causal_lm_of, run_decoder
-from ..model.load import DTYPES, add_lora, load_tokenizer, resolve_model_dir
+from ..model.load import DTYPES, add_lora, check_weights_format, load_tokenizer, resolve_model_dir
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
 
@@ -144,6 +144,7 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     source = resolve_model_dir(path)
+    check_weights_format(source)
     tokenizer = load_tokenizer(source, trust_remote_code)
     reward_pad_token(tokenizer)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -157,7 +158,7 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
         source, num_labels=head.num_outputs, id2label=dict(enumerate(head.labels)),
         label2id={label: i for i, label in enumerate(head.labels)},
         dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-        ignore_mismatched_sizes=resized, **extra)
+        ignore_mismatched_sizes=resized, use_safetensors=True, **extra)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.problem_type = "regression"  # raw outputs, no softmax: what the head reads
     return model, tokenizer

@@ -1,7 +1,8 @@
 """Atomic training checkpoints and the final model directory.
 
 A checkpoint holds exactly what resuming needs: trainable weights, optimizer and scheduler
-state, RNG states and the step. It is written to a staging directory and renamed into place, so
+state, RNG states and the step, all loadable without unpickling code (safetensors, and
+``torch.load(weights_only=True)`` for the rest). It is written to a staging directory and renamed into place, so
 an interruption never leaves a half-written checkpoint behind.
 """
 
@@ -37,9 +38,10 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, kee
     save_file(trainable_state(model), staging / "trainable.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save(
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    torch.save(  # only tensors and plain values: loadable with weights_only (no code runs)
         {"torch": torch.get_rng_state(), "python": random.getstate(),
-         "numpy": np.random.get_state(),
+         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         staging / "rng.pt",
     )
@@ -71,12 +73,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    # weights_only: tensors and plain values, never arbitrary pickled objects
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    kind, keys, position, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "state.json").read_text())["step"]

@@ -170,7 +170,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                           "has no FlexAttention backward on CPU); remove it or use 'sdpa'.")
     model, tokenizer = load_model_and_tokenizer(
         config.model.path, config.model.dtype, config.model.trust_remote_code,
-        config.model.attn_implementation,
+        config.model.attn_implementation, config.model.allow_pickle,
     )
     model.to(device)
     train_examples, eval_examples, data_report, shape = prepare_examples(
