@@ -162,7 +162,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     for example in [*train_examples, *eval_examples]:
         check_fields(example, spec.record_fields(params, head, len(example.response_ids)), spec,
                      config.train.example_weight_field)
-    write_run_header(Path(config.output_dir), config, data_report)
+    if accelerator.is_main_process:
+        write_run_header(Path(config.output_dir), config, data_report)
     if not reward_model.last_token:  # encoders: every token sees the response
         layout = "padded"
     else:
@@ -183,10 +184,12 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
 def train_reward_model(config: RewardConfig, resume: bool = False,
                        show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train a reward model according to ``config``; returns the output directory."""
-    out = prepare_output_dir(config.output_dir, resume, overwrite)
-    if resume:
-        check_resume(out, config.model_dump())
     accelerator = Accelerator(gradient_accumulation_steps=1)
+    if accelerator.is_main_process:
+        out = prepare_output_dir(config.output_dir, resume, overwrite)
+        if resume:
+            check_resume(out, config.model_dump())
+    accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     task, total_steps = reward_task(config, accelerator)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,

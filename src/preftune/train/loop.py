@@ -175,7 +175,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     model.to(device)
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed)
-    if not plan_only:  # a plan writes nothing
+    if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
     layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
@@ -202,13 +202,17 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
 
     # Reference (before LoRA: the reference is the initial model, unless reference.model names
     # another), then adapters.
-    if config.reference.model is not None:
-        references = reference_from(config.reference.model, "reference.model", config, tokenizer,
-                                    splits, make_batch, objective, device)
-    else:
-        references = build_reference(strategy, config, model, splits, make_batch, objective,
-                                     device)
-    extras = build_extra_references(config, tokenizer, splits, make_batch, objective, device)
+    # (several processes: the main one computes and caches precomputed tables, the others
+    # then read the cache)
+    with accelerator.main_process_first():
+        if config.reference.model is not None:
+            references = reference_from(config.reference.model, "reference.model", config,
+                                        tokenizer, splits, make_batch, objective, device)
+        else:
+            references = build_reference(strategy, config, model, splits, make_batch,
+                                         objective, device)
+        extras = build_extra_references(config, tokenizer, splits, make_batch, objective,
+                                        device)
     logp_model = trainable(model, config)
     if strategy == "adapter-off":
         adapter_off = AdapterOffReference(logp_model, objective.per_token)
@@ -230,11 +234,12 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     """Train according to ``config``; returns the output directory. ``plan_only`` prints the
     plan (layout, reference, memory estimate) and stops before the reference pass. An
     output_dir holding a run needs ``resume`` (same settings) or ``overwrite`` (moved aside)."""
-    if not plan_only:
+    accelerator = Accelerator(gradient_accumulation_steps=1)
+    if not plan_only and accelerator.is_main_process:
         out = prepare_output_dir(config.output_dir, resume, overwrite)
         if resume:
             check_resume(out, config.model_dump())
-    accelerator = Accelerator(gradient_accumulation_steps=1)
+    accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     task, total_steps = policy_task(config, accelerator, plan_only)
     if task is None:

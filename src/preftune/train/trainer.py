@@ -134,7 +134,12 @@ class Trainer:
                  shuffle: bool = True):
         self.task, self.cfg, self.output_dir = task, cfg, Path(output_dir)
         self.accelerator, self.total_steps = accelerator, total_steps
-        self.examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        # several processes (accelerate launch): each trains on its own share of every step's
+        # examples; the step's global batch is batch_size x accumulation x processes
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.main = accelerator.is_main_process
+        self.local_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.examples_per_step = self.local_per_step * self.world
         self.trainable = [p for p in task.module.parameters() if p.requires_grad]
         if cfg.optimizer_in_backward:  # each weight updated as its gradient completes
             if accelerator.device.type == "cpu":  # let freed gradients leave the process
@@ -153,13 +158,21 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
             self.start_step = self._resume()
-        self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step)
+        self.log = MetricsLog(self.output_dir / "metrics.jsonl",
+                              keep_through_step=self.start_step) if self.main else None
         self.alarms = Alarms(self.output_dir / "alarms.jsonl", task.needs_reference,
                              WeightProbe(self.trainable))
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
                                     total_steps, cfg.seed, shuffle=shuffle)
         self.bar = progress_bar(total_steps, f"train {task.name}", initial=self.start_step,
-                                disable=not show_progress)
+                                disable=not (show_progress and self.main))
+
+    def _any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (a signal may reach one only)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item())
 
     def _resume(self) -> int:
         """Load the newest checkpoint that reads back whole; a damaged one (empty, truncated)
@@ -192,13 +205,12 @@ class Trainer:
                 if before_step is not None:
                     before_step(step)
                 self.step(step)
-                if stop.signal and step + 1 < self.total_steps:
+                if self._any(stop.signal is not None) and step + 1 < self.total_steps:
                     self.bar.close()
-                    path = save_checkpoint(self.checkpoint_dir, step + 1, self.unwrapped,
-                                           self.optimizer, self.scheduler,
-                                           self.cfg.keep_checkpoints)
+                    path = self.save(step + 1)
                     raise TrainingStopped(
-                        f"stopped by {stop.signal} after step {step + 1} of {self.total_steps}; "
+                        f"stopped by {stop.signal or 'a signal to another process'} after step "
+                        f"{step + 1} of {self.total_steps}; "
                         f"checkpoint written to {path}. Run the same command with --resume to "
                         "continue.")
         return self.finish()
@@ -208,19 +220,23 @@ class Trainer:
         cfg, task = self.cfg, self.task
         started = time.perf_counter()
         indices = self.order[step * self.examples_per_step : (step + 1) * self.examples_per_step]
+        mine = indices[self.rank * self.local_per_step : (self.rank + 1) * self.local_per_step]
         sums: dict = {}
         real_tokens = slots = 0
         for micro in range(cfg.gradient_accumulation_steps):
-            chunk = indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+            chunk = mine[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
             batch = task.make_batch([task.train_examples[i] for i in chunk]).to(
                 self.accelerator.device)
             losses, metrics = task.losses(self.module, batch, step)
-            # Sum over examples / examples per optimizer step: the step's gradient is the mean
-            # over all its examples however they are split into micro-batches.
-            self.accelerator.backward(losses.sum() / self.examples_per_step)
+            # Sum over examples / this process's examples per step, and DDP averages over
+            # processes: the step's gradient is the mean over all its examples however they
+            # are split into micro-batches and processes.
+            self.accelerator.backward(losses.sum() / self.local_per_step)
             add_metrics(sums, metrics)
             real_tokens += batch.real_tokens
             slots += batch.attention_mask.numel()
+        if self.world > 1:  # every process logs and decides on the whole step's numbers
+            sums, real_tokens, slots = self._summed(sums, real_tokens, slots)
         if self.in_backward is not None:
             grad_norm = self.in_backward.grad_norm()  # its updates already ran (no clipping)
         else:
@@ -237,30 +253,52 @@ class Trainer:
                   "lr": learning_rate, "grad_norm": float(grad_norm),
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
-        raised = self.alarms.check(record, [task.train_examples[i].origin for i in indices])
+        raised = self.alarms.check(record, [task.train_examples[i].origin for i in indices]) \
+            if self.main else []
         if raised:
             record["alarms"] = [alarm["kind"] for alarm in raised]
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             record.update({f"eval/{k}": v for k, v in task.evaluate(self.module, step).items()})
-        if (step + 1) % cfg.log_every == 0 or "eval/loss" in record or raised:
+        if self.main and ((step + 1) % cfg.log_every == 0 or "eval/loss" in record or raised):
             self.log.write(record)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                              **({"acc": f"{record['rewards/accuracies']:.2f}"}
                                 if "rewards/accuracies" in record else {}))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < self.total_steps:
-            save_checkpoint(self.checkpoint_dir, step + 1, self.unwrapped, self.optimizer,
-                            self.scheduler, cfg.keep_checkpoints)
+            self.save(step + 1)
         return record
 
+    def save(self, step: int) -> Path:
+        """A checkpoint after ``step`` steps, written by the main process only."""
+        path = self.checkpoint_dir / f"step-{step:08d}"
+        if self.main:
+            path = save_checkpoint(self.checkpoint_dir, step, self.unwrapped, self.optimizer,
+                                   self.scheduler, self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _summed(self, sums: dict, real_tokens: int, slots: int):
+        """Metric sums and token counts added up over all processes."""
+        names = sorted(sums)
+        table = torch.tensor([[float(sums[n][0]), float(sums[n][1])] for n in names]
+                             + [[float(real_tokens), float(slots)]], dtype=torch.float64,
+                             device=self.accelerator.device)
+        table = self.accelerator.reduce(table, reduction="sum").tolist()
+        return ({n: tuple(row) for n, row in zip(names, table)}, int(table[-1][0]),
+                int(table[-1][1]))
+
     def finish(self) -> Path:
-        """Save the trained model and ``run.json``; returns the output directory."""
+        """Save the trained model and ``run.json`` (main process); returns the output dir."""
         self.bar.close()
-        self.task.save(self.unwrapped, self.output_dir)
-        info = {**self.task.run_info(), "device": self.accelerator.device.type,
-                "steps": self.total_steps, "train_examples": len(self.task.train_examples),
-                "eval_examples": len(self.task.eval_examples)}
-        (self.output_dir / "run.json").write_text(json.dumps(info, indent=2))
+        if self.main:
+            self.task.save(self.unwrapped, self.output_dir)
+            info = {**self.task.run_info(), "device": self.accelerator.device.type,
+                    "processes": self.world, "steps": self.total_steps,
+                    "train_examples": len(self.task.train_examples),
+                    "eval_examples": len(self.task.eval_examples)}
+            (self.output_dir / "run.json").write_text(json.dumps(info, indent=2))
+        self.accelerator.wait_for_everyone()
         return self.output_dir
 
 
