@@ -1,5 +1,6 @@
 """Two processes (torch.distributed.run, gloo on CPU, through accelerate) train exactly like one
-process with the same global batch: each process takes its share of every step's examples."""
+process with the same global batch: each process takes its share of every step's examples and
+of the reference pass."""
 
 import json
 import os
@@ -21,6 +22,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
     tree = yaml.safe_load((one / "config.yaml").read_text())
     tree["output_dir"] = str(workspace / "runs" / f"two-processes-{layout}")
     tree["train"]["batch_size"] = 4  # per process: 2 x 4 = the same 8 examples a step
+    tree["reference"]["cache_dir"] = str(tmp_path / "cache")  # the reference pass runs again
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -32,6 +34,35 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
     assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]  # logged once
     assert losses(two) == pytest.approx(losses(one), rel=1e-6)
     assert json.loads((two / "run.json").read_text())["processes"] == 2
+    # the reference table the two processes computed half each equals the one-process table
+    (split_file,) = [p for p in (tmp_path / "cache").glob("reference-*.pt")
+                     if p.name in {q.name for q in (workspace / "cache").glob("reference-*.pt")}
+                     and torch.load(p)["logps"].shape[0] == 36]
+    split, whole = torch.load(split_file), torch.load(workspace / "cache" / split_file.name)
+    assert torch.equal(split["example_indices"], whole["example_indices"])
+    # (other batch mates, other padding: equal up to float rounding)
+    torch.testing.assert_close(split["logps"], whole["logps"], rtol=1e-6, atol=1e-5)
     ours, theirs = final_weights(two), final_weights(one)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_reference_table_parts_merge_in_example_order_with_their_token_logps():
+    from types import SimpleNamespace
+
+    from preftune.model.reference import _merged
+
+    def part(indices):  # 2 responses per example; token log-probs tagged with their example
+        return {"example_indices": torch.tensor(indices),
+                "logps": torch.tensor([[-i, -i - 0.5] for i in indices], dtype=torch.float32),
+                "token_counts": torch.tensor([[i + 1, i + 2] for i in indices]),
+                "token_logps": [torch.full((i + 1 + slot,), float(i))
+                                for i in indices for slot in (0, 1)]}
+
+    examples = [SimpleNamespace(index=i) for i in (5, 2, 7, 0, 3)]
+    merged = _merged([part([5, 7, 3]), part([2, 0])], examples)  # rank 0: 0::2, rank 1: 1::2
+    assert merged["example_indices"].tolist() == [5, 2, 7, 0, 3]
+    assert merged["logps"][:, 0].tolist() == [-5, -2, -7, 0, -3]
+    assert merged["token_counts"][:, 1].tolist() == [7, 4, 9, 2, 5]
+    assert [int(t[0]) for t in merged["token_logps"]] == [5, 5, 2, 2, 7, 7, 0, 0, 3, 3]
+    assert [len(t) for t in merged["token_logps"]][:2] == [6, 7]

@@ -176,18 +176,45 @@ def compute_reference_table(
 
 def precomputed_reference(
     model, examples, *, make_batch, batch_size, chunk_tokens, per_token, device,
-    cache_dir: Path, settings: dict, progress=None,
+    cache_dir: Path, settings: dict, progress=None, accelerator=None,
 ) -> tuple[PrecomputedReference, bool]:
-    """Load the reference table from ``cache_dir`` or compute and store it. Returns (ref, hit)."""
+    """Load the reference table from ``cache_dir`` or compute and store it. Returns (ref, hit).
+    With several processes (``accelerator``) each computes every n-th example, the parts are
+    gathered into one table (in ``examples`` order) and the main process writes the cache."""
     key = reference_cache_key(model, examples, {**settings, "per_token": per_token})
     path = Path(cache_dir) / f"reference-{key}.pt"
     if path.exists():
         return PrecomputedReference(torch.load(path, weights_only=True)), True
+    world = accelerator.num_processes if accelerator is not None else 1
+    mine = examples[accelerator.process_index::world] if world > 1 else examples
     table = compute_reference_table(
-        model, examples, make_batch, batch_size, chunk_tokens, per_token, device, progress
+        model, mine, make_batch, batch_size, chunk_tokens, per_token, device, progress
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    torch.save(table, staging)
-    os.replace(staging, path)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        table = _merged(gather_object([table]), examples)
+    if accelerator is None or accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(table, staging)
+        os.replace(staging, path)
     return PrecomputedReference(table), False
+
+
+def _merged(parts: list[dict], examples) -> dict:
+    """Reference tables of disjoint example sets -> one table in ``examples`` order."""
+    rows = {}
+    for part in parts:
+        per_example = part["logps"].shape[1]
+        tokens = part.get("token_logps")
+        for row, index in enumerate(part["example_indices"].tolist()):
+            rows[index] = (part["logps"][row], part["token_counts"][row],
+                           tokens[row * per_example:(row + 1) * per_example] if tokens else None)
+    order = [ex.index for ex in examples]
+    table = {"example_indices": torch.tensor(order),
+             "logps": torch.stack([rows[i][0] for i in order]),
+             "token_counts": torch.stack([rows[i][1] for i in order])}
+    if parts[0].get("token_logps") is not None:
+        table["token_logps"] = [t for i in order for t in rows[i][2]]
+    return table

@@ -33,7 +33,8 @@ from .plan import plan
 from .trainer import Trainer, add_metrics, count_steps, means
 
 
-def build_reference(strategy, config, model, examples_by_split, make_batch, objective, device):
+def build_reference(strategy, config, model, examples_by_split, make_batch, objective, device,
+                    accelerator=None):
     """One reference per data split (the precomputed one is a table per split)."""
     chunk = config.train.logps_chunk_tokens
     if strategy == "none":
@@ -53,6 +54,7 @@ def build_reference(strategy, config, model, examples_by_split, make_batch, obje
             device=device, cache_dir=cache_dir, progress=bar.update,
             settings={"max_length": config.data.max_length,
                       "max_prompt_length": config.data.max_prompt_length},
+            accelerator=accelerator,
         )
         bar.close()
         if hit:
@@ -202,15 +204,16 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
 
     # Reference (before LoRA: the reference is the initial model, unless reference.model names
     # another), then adapters.
-    # (several processes: the main one computes and caches precomputed tables, the others
-    # then read the cache)
-    with accelerator.main_process_first():
-        if config.reference.model is not None:
+    # (several processes: each computes its share of the precomputed table; the main one
+    # writes the cache; further reference models are computed by the main one, then read)
+    if config.reference.model is not None:
+        with accelerator.main_process_first():
             references = reference_from(config.reference.model, "reference.model", config,
                                         tokenizer, splits, make_batch, objective, device)
-        else:
-            references = build_reference(strategy, config, model, splits, make_batch,
-                                         objective, device)
+    else:
+        references = build_reference(strategy, config, model, splits, make_batch, objective,
+                                     device, accelerator)
+    with accelerator.main_process_first():
         extras = build_extra_references(config, tokenizer, splits, make_batch, objective,
                                         device)
     logp_model = trainable(model, config)
