@@ -252,3 +252,13 @@ def test_pickle_only_model_weights_are_refused_unless_allowed(workspace, tmp_pat
     out = run(workspace, "pickled-allowed", model__path=str(directory), model__allow_pickle=True,
               train__max_steps=1)
     assert (out / "model" / "model.safetensors").exists()  # and what it writes is safetensors
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_before_training(workspace, tmp_path):  # noqa: F811
+    from tiny_models import char_tokenizer, tiny_llama
+
+    directory = tmp_path / "mismatch"
+    tiny_llama(vocab_size=20).save_pretrained(directory)  # far fewer rows than the tokenizer
+    char_tokenizer().save_pretrained(directory)
+    with pytest.raises(ConfigError, match=r"tokenizer has \d+ tokens but the model embeds only 20"):
+        run(workspace, "mismatch", model__path=str(directory))

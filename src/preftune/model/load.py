@@ -159,6 +159,13 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
         source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True, **extra
     )
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedded:
+        from ..config import ConfigError
+
+        raise ConfigError(f"model.path: {source}: its tokenizer has {len(tokenizer)} tokens but "
+                          f"the model embeds only {embedded}; the tokenizer does not belong to "
+                          "this model (put the model's own tokenizer files in the directory).")
     return model, tokenizer
 
 
