@@ -66,3 +66,41 @@ def test_reference_table_parts_merge_in_example_order_with_their_token_logps():
     assert merged["token_counts"][:, 1].tolist() == [7, 4, 9, 2, 5]
     assert [int(t[0]) for t in merged["token_logps"]] == [5, 5, 2, 2, 7, 7, 0, 0, 3, 3]
     assert [len(t) for t in merged["token_logps"]][:2] == [6, 7]
+
+
+def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, tmp_path,  # noqa: F811
+                                                                     monkeypatch):
+    from preftune.train import trainer
+
+    settings = dict(train__batch_size=8, train__max_steps=4, train__save_every=2)
+    straight = run(workspace, "resume-straight", **settings)
+    real_save = trainer.save_checkpoint
+
+    def crash(directory, step, *args, **kwargs):
+        real_save(directory, step, *args, **kwargs)
+        raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "resume-on-two", **settings)
+    out = workspace / "runs" / "resume-on-two"
+    tree = yaml.safe_load((out / "config.yaml").read_text())
+    tree["train"]["batch_size"] = 4  # 2 processes x 4: the global batch of 8 is kept
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+               "preftune", "train", str(config), "--resume"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
+    ours, theirs = final_weights(out), final_weights(straight)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    # another global batch is a change in training, refused with the keys
+    tree["train"]["batch_size"] = 2
+    config.write_text(yaml.safe_dump(tree))
+    refused = subprocess.run([sys.executable, "-m", "preftune", "train", str(config), "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "train.batch_size: 4 -> 2" in refused.stderr

@@ -95,7 +95,8 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
                       if k not in ("prompt", "responses", "scores", "win_probs", "origin",
                                    "negative")}
         if builder == "list":
-            rows.append({"prompt": item["prompt"], "responses": [item["responses"][k] for k in kept],
+            rows.append({"prompt": item["prompt"],
+                         "responses": [item["responses"][k] for k in kept],
                          "scores": scores, "source": f"{item['origin']} {kept}", **provenance})
             continue
         rng = random.Random(f"{seed}:{number}")
@@ -122,7 +123,8 @@ def _d2o_row(item: dict, kept: list, counts: dict) -> list:
         return []
     provenance = {k: v for k, v in item.items()
                   if k not in ("prompt", "responses", "scores", "win_probs", "origin", "negative")}
-    return [{"prompt": item["prompt"], "responses": [item["responses"][k] for k in kept] + [negative],
+    responses = [item["responses"][k] for k in kept] + [negative]
+    return [{"prompt": item["prompt"], "responses": responses,
              "scores": [1.0] * len(kept) + [0.0], "source": f"{item['origin']} {kept} + rejected",
              **provenance}]
 

@@ -23,7 +23,8 @@ class SamplingSection(Section):
     batch_size: Count = 16  # prompts per generate call
     # hf: transformers generate; vllm: vLLM (installed, CUDA), loaded from the round's policy
     backend: Literal["hf", "vllm"] = "hf"
-    vllm_memory: Annotated[float, Field(gt=0, le=1)] = 0.3  # share of GPU memory vLLM may hold while it samples
+    # share of GPU memory vLLM may hold while it samples
+    vllm_memory: Annotated[float, Field(gt=0, le=1)] = 0.3
 
     def settings(self, seed: int, **changes) -> SamplingSettings:
         """These settings for one draw, with ``seed`` and any ``changes``."""

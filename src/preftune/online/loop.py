@@ -368,7 +368,8 @@ def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list) -> float:
     ``preftune eval`` reports as sampled/kl, from the same scoring pass."""
     settings = SamplingSettings(samples=config.online.eval_kl_samples,
                                 max_new_tokens=config.online.eval_max_new_tokens,
-                                batch_size=config.online.sampling.batch_size, seed=config.train.seed)
+                                batch_size=config.online.sampling.batch_size,
+                                seed=config.train.seed)
     drawn = HFGenerator(model, tokenizer).generate(ids, settings).token_ids
     examples = [TokenizedExample(p, responses, index=n)
                 for n, (p, responses) in enumerate(zip(ids, drawn))]

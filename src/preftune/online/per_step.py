@@ -100,7 +100,7 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
                                                 config.model.trust_remote_code,
                                                 config.model.attn_implementation)
     model.to(device)
-    total_steps = count_steps(cfg, len(prompts))
+    total_steps = count_steps(cfg, len(prompts), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
     if objective.data != "pairs" or objective.extra_references or objective.kl_completions:
         raise ConfigError(f"online.mode per_step trains pairwise objectives on one reference; "

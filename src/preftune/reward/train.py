@@ -178,7 +178,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     reward_model.to(accelerator.device).train()
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)
-    return task, count_steps(cfg, len(train_examples))
+    return task, count_steps(cfg, len(train_examples), accelerator.num_processes)
 
 
 def train_reward_model(config: RewardConfig, resume: bool = False,
@@ -188,7 +188,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
     if accelerator.is_main_process:
         out = prepare_output_dir(config.output_dir, resume, overwrite)
         if resume:
-            check_resume(out, config.model_dump())
+            check_resume(out, config.model_dump(), accelerator.num_processes)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     task, total_steps = reward_task(config, accelerator)

@@ -1,9 +1,9 @@
 """Atomic training checkpoints and the final model directory.
 
 A checkpoint holds exactly what resuming needs: trainable weights, optimizer and scheduler
-state, RNG states and the step, all loadable without unpickling code (safetensors, and
-``torch.load(weights_only=True)`` for the rest). It is written to a staging directory and renamed into place, so
-an interruption never leaves a half-written checkpoint behind.
+state, RNG states, the step and the global batch, all loadable without unpickling code
+(safetensors, and ``torch.load(weights_only=True)`` for the rest). It is written to a staging
+directory and renamed into place, so an interruption never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, keep: int,
+                    global_batch: int | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{PREFIX}{step:08d}"
     staging = directory / f".staging-{PREFIX}{step:08d}"
@@ -45,7 +46,7 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, kee
          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         staging / "rng.pt",
     )
-    (staging / "state.json").write_text(json.dumps({"step": step}))
+    (staging / "state.json").write_text(json.dumps({"step": step, "global_batch": global_batch}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:

@@ -182,7 +182,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length)
-    total_steps = count_steps(cfg, len(train_examples))
+    total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
     if objective.kl_completions:
         train_examples = with_mismatched_completions(train_examples, config.data.max_length)
@@ -241,7 +241,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     if not plan_only and accelerator.is_main_process:
         out = prepare_output_dir(config.output_dir, resume, overwrite)
         if resume:
-            check_resume(out, config.model_dump())
+            check_resume(out, config.model_dump(), accelerator.num_processes)
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     task, total_steps = policy_task(config, accelerator, plan_only)

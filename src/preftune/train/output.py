@@ -53,9 +53,11 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
     return out
 
 
-def check_resume(out: Path, tree: dict) -> None:
+def check_resume(out: Path, tree: dict, processes: int = 1) -> None:
     """Refuse ``--resume`` when settings that change training differ from the run's
-    ``config.yaml``; name them, and the ones that may change."""
+    ``config.yaml``; name them, and the ones that may change. The per-process batch may change
+    with the number of processes as long as the global batch (batch_size x accumulation x
+    processes, recorded in the checkpoint) stays the same."""
     saved_file = out / "config.yaml"
     if not saved_file.exists():
         return
@@ -63,13 +65,31 @@ def check_resume(out: Path, tree: dict) -> None:
     now = _flat(tree)
     changed = sorted(key for key in set(saved) | set(now)
                      if saved.get(key) != now.get(key) and key not in SAFE_TO_CHANGE)
+    split = {"train.batch_size", "train.gradient_accumulation_steps"}
+    if changed and set(changed) <= split:
+        global_now = now["train.batch_size"] * now["train.gradient_accumulation_steps"] * processes
+        if global_now == _recorded_global_batch(out, saved):
+            return
     if changed:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise ConfigError(
             f"--resume in {out}: the settings differ from the run's config.yaml ({shown}"
             f"{'; ...' if len(changed) > 6 else ''}). A resumed run must train as it started; "
-            f"only {', '.join(sorted(SAFE_TO_CHANGE))} may change. Start a new run with another "
-            "output_dir (or --overwrite) to train differently.")
+            f"only {', '.join(sorted(SAFE_TO_CHANGE))} may change, and the per-process batch "
+            "if the global batch (batch_size x accumulation x processes) stays the same. Start "
+            "a new run with another output_dir (or --overwrite) to train differently.")
+
+
+def _recorded_global_batch(out: Path, saved: dict) -> int:
+    """The global batch of the newest checkpoint (older checkpoints: one process assumed)."""
+    import json
+
+    from .checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    state = json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
+    return state.get("global_batch") or (saved["train.batch_size"]
+                                         * saved["train.gradient_accumulation_steps"])
 
 
 def _flat(tree, prefix: str = "") -> dict:

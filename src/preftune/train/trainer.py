@@ -109,9 +109,10 @@ def example_stream(num_examples: int, examples_per_step: int, total_steps: int, 
     return order
 
 
-def count_steps(cfg: TrainConfig, num_examples: int) -> int:
-    """Optimizer steps of a run: ``max_steps``, else enough for ``epochs`` over the data."""
-    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+def count_steps(cfg: TrainConfig, num_examples: int, processes: int = 1) -> int:
+    """Optimizer steps of a run: ``max_steps``, else enough for ``epochs`` over the data (a
+    step takes batch_size x accumulation examples on each of ``processes``)."""
+    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * processes
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / examples_per_step))
 
 
@@ -274,7 +275,8 @@ class Trainer:
         path = self.checkpoint_dir / f"step-{step:08d}"
         if self.main:
             path = save_checkpoint(self.checkpoint_dir, step, self.unwrapped, self.optimizer,
-                                   self.scheduler, self.cfg.keep_checkpoints)
+                                   self.scheduler, self.cfg.keep_checkpoints,
+                                   global_batch=self.examples_per_step)
         self.accelerator.wait_for_everyone()
         return path
 
