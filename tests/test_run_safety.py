@@ -262,3 +262,19 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused_before_training(work
     char_tokenizer().save_pretrained(directory)
     with pytest.raises(ConfigError, match=r"tokenizer has \d+ tokens but the model embeds only 20"):
         run(workspace, "mismatch", model__path=str(directory))
+
+
+def test_pairs_whose_responses_are_identical_warn_and_raise_the_no_signal_alarm(workspace,  # noqa: F811
+                                                                                 capsys):
+    import json
+
+    same = workspace / "same.jsonl"
+    same.write_text("".join(json.dumps({"prompt": f"q{k}", "chosen": "same answer",
+                                        "rejected": "same answer"}) + "\n" for k in range(16)))
+    out = run(workspace, "no-signal-data", data__train=str(same), train__max_steps=2)
+    # 16 records, a quarter held out for eval: all 12 training records carry no signal
+    assert "warning: 12 of 12 training records have identical responses" in \
+        capsys.readouterr().out
+    alarms = [json.loads(line) for line in (out / "alarms.jsonl").read_text().splitlines()]
+    assert [a["kind"] for a in alarms if a["kind"] == "no_signal"] == ["no_signal", "no_signal"]
+    assert "identical responses" in alarms[0]["message"] and "same.jsonl:" in alarms[0]["message"]

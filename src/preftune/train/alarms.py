@@ -46,9 +46,18 @@ class Alarms:
         self.accuracies: deque = deque(maxlen=chance_window)
         self.fired: set[str] = set()
 
-    def check(self, record: dict, example_origins: list[str]) -> list[dict]:
-        """Alarms raised by one step's metrics ``record``; ``example_origins`` name its examples."""
+    def check(self, record: dict, example_origins: list[str],
+              examples: list | None = None) -> list[dict]:
+        """Alarms raised by one step's metrics ``record``; ``example_origins`` name its examples
+        (``examples``, when given, are the tokenized examples themselves)."""
         step, raised = record["step"], []
+        if examples and all(_same_responses(ex) for ex in examples):
+            raised.append(self._alarm(
+                "no_signal", step,
+                "every example of this step has identical responses (chosen == rejected), so "
+                "nothing in it tells the objective which is better: "
+                f"{', '.join(example_origins[:5])}. Check the data (data_report.json counts "
+                "identical_responses).", repeat=True))
         if not math.isfinite(record["loss"]):
             raised.append(self._alarm("non_finite_loss", step,
                                       f"loss is {record['loss']}; optimizer step skipped. Examples "
@@ -103,3 +112,9 @@ class Alarms:
             return None
         self.fired.add(kind)
         return {"kind": kind, "step": step, "message": message}
+
+
+def _same_responses(example) -> bool:
+    """A tokenized example with several responses, all the same tokens (no preference in it)."""
+    responses = getattr(example, "response_ids", None)
+    return bool(responses) and len(responses) > 1 and all(r == responses[0] for r in responses)

@@ -254,7 +254,8 @@ class Trainer:
                   "lr": learning_rate, "grad_norm": float(grad_norm),
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
-        raised = self.alarms.check(record, [task.train_examples[i].origin for i in indices]) \
+        examples = [task.train_examples[i] for i in indices]
+        raised = self.alarms.check(record, [ex.origin for ex in examples], examples) \
             if self.main else []
         if raised:
             record["alarms"] = [alarm["kind"] for alarm in raised]
