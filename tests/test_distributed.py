@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train_loop import final_weights, losses, run, workspace  # noqa: F401
+from test_train_loop import (crash_after_checkpoint, final_weights, losses, run,  # noqa: F401
+                             workspace)
 
 from preftune.train.logging import read_metrics
 
@@ -70,17 +71,9 @@ def test_reference_table_parts_merge_in_example_order_with_their_token_logps():
 
 def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, tmp_path,  # noqa: F811
                                                                      monkeypatch):
-    from preftune.train import trainer
-
     settings = dict(train__batch_size=8, train__max_steps=4, train__save_every=2)
     straight = run(workspace, "resume-straight", **settings)
-    real_save = trainer.save_checkpoint
-
-    def crash(directory, step, *args, **kwargs):
-        real_save(directory, step, *args, **kwargs)
-        raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
-
-    monkeypatch.setattr(trainer, "save_checkpoint", crash)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(workspace, "resume-on-two", **settings)
     out = workspace / "runs" / "resume-on-two"

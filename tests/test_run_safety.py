@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_train_loop import losses, run, workspace  # noqa: F401
+from test_train_loop import crash_after_checkpoint, losses, run, workspace  # noqa: F401
 
 from preftune.cli import main
 from preftune.config import ConfigError, build_config
@@ -85,16 +85,9 @@ def _saved(run_dir):
 
 def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeypatch):  # noqa: F811
     settings = dict(train__max_steps=4, train__save_every=2, train__batch_size=4)
-    real_save = trainer.save_checkpoint
-
-    def crash_after_2(directory, step, *args, **kwargs):
-        real_save(directory, step, *args, **kwargs)
-        raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(trainer, "save_checkpoint", crash_after_2)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(workspace, "changed", **settings)
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     tree = _saved(workspace / "runs" / "changed")
     tree["train"]["learning_rate"] = 1.0
     with pytest.raises(ConfigError, match=r"train.learning_rate: 0.005 -> 1.0"):
@@ -110,18 +103,9 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(workspace, mon
     settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4,
                     train__keep_checkpoints=3)
     straight = run(workspace, "intact", **settings)
-    real_save = trainer.save_checkpoint
-
-    def crash_after_4(directory, step, *args, **kwargs):
-        path = real_save(directory, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(trainer, "save_checkpoint", crash_after_4)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(workspace, "damaged", **settings)
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     damaged = workspace / "runs" / "damaged"
     (damaged / "checkpoints" / "step-00000004" / "trainable.safetensors").write_bytes(b"")
     resumed = loop.train(build_config(_saved(damaged)), resume=True, show_progress=False)

@@ -52,6 +52,21 @@ def run(workspace: Path, name: str, **overrides) -> Path:
     return loop.train(build_config(tree), show_progress=False)
 
 
+def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make the next run die (KeyboardInterrupt) right after writing its step-``at_step``
+    checkpoint; later runs in the test save normally again."""
+    real_save = trainer.save_checkpoint
+
+    def save_then_crash(directory, step, *args, **kwargs):
+        path = real_save(directory, step, *args, **kwargs)
+        if step == at_step:
+            monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+            raise KeyboardInterrupt(f"simulated crash after the step-{step} checkpoint")
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+
+
 def final_weights(output_dir: Path) -> dict:
     return load_file(output_dir / "model" / "model.safetensors")
 
@@ -86,18 +101,9 @@ def test_interrupt_and_resume_matches_uninterrupted(workspace, monkeypatch):
     settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4)
     straight = run(workspace, "straight", **settings)
 
-    real_save = trainer.save_checkpoint
-
-    def save_then_crash(directory, step, *args, **kwargs):
-        path = real_save(directory, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash after step 4")
-        return path
-
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(workspace, "interrupted", **settings)
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     # a crash may leave log lines past the checkpoint: write one to prove they are dropped
     interrupted_dir = workspace / "runs" / "interrupted"
     with (interrupted_dir / "metrics.jsonl").open("a") as handle:
@@ -245,15 +251,9 @@ def test_optimizer_in_backward_resumes_exactly(workspace, monkeypatch):
                     train__optimizer_in_backward=True)
     straight = run(workspace, "in-bwd-straight", **settings)
 
-    def crash_at_2(directory, step, *args, **kwargs):
-        path = real_save(directory, step, *args, **kwargs)
-        raise KeyboardInterrupt("simulated crash")
-
-    real_save = trainer.save_checkpoint
-    monkeypatch.setattr(trainer, "save_checkpoint", crash_at_2)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(workspace, "in-bwd-crash", **settings)
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
     config = build_config(_tree_of(workspace / "runs" / "in-bwd-crash"))
     resumed = loop.train(config, resume=True, show_progress=False)
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
