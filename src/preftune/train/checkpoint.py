@@ -88,18 +88,25 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
 
 
 def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool) -> dict[str, Path]:
-    """Write the trained model as HF directories: ``model/`` (full or merged) and ``adapter/``."""
+    """Write the trained model as HF directories: ``model/`` (full or merged) and ``adapter/``,
+    each written aside and renamed into place, so a kill never leaves half a model."""
     written = {}
     if hasattr(model, "merge_and_unload"):  # LoRA (PEFT)
-        model.save_pretrained(output_dir / "adapter")
-        tokenizer.save_pretrained(output_dir / "adapter")
-        written["adapter"] = output_dir / "adapter"
+        written["adapter"] = _write_dir(output_dir / "adapter", model, tokenizer)
         if not save_merged:
             return written
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(output_dir / "model", safe_serialization=True)
-    tokenizer.save_pretrained(output_dir / "model")
-    written["model"] = output_dir / "model"
+    written["model"] = _write_dir(output_dir / "model", model, tokenizer)
     return written
+
+
+def _write_dir(target: Path, model, tokenizer) -> Path:
+    staging = target.with_name(f".staging-{target.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
