@@ -16,12 +16,17 @@ from test_train_loop import (crash_after_checkpoint, final_weights, losses, run,
 from preftune.train.logging import read_metrics
 
 
-@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
-def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout):  # noqa: F811
-    one = run(workspace, f"one-process-{layout}", train__batch_size=8, train__max_steps=3,
-              train__layout=layout)  # dpo: a precomputed reference
+@pytest.mark.parametrize("layout,objective,strategy", [
+    ("padded", "dpo", "precomputed"), ("prefix_shared", "dpo", "precomputed"),
+    ("padded", "dpo", "live"), ("prefix_shared", "tdpo", "live")])  # tdpo: token-level KL
+def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
+                                                            objective, strategy):
+    name = f"{layout}-{objective}-{strategy}"
+    one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
+              train__layout=layout, objective={"name": objective},
+              reference__strategy=strategy)
     tree = yaml.safe_load((one / "config.yaml").read_text())
-    tree["output_dir"] = str(workspace / "runs" / f"two-processes-{layout}")
+    tree["output_dir"] = str(workspace / "runs" / f"two-processes-{name}")
     tree["train"]["batch_size"] = 4  # per process: 2 x 4 = the same 8 examples a step
     tree["reference"]["cache_dir"] = str(tmp_path / "cache")  # the reference pass runs again
     config = tmp_path / "config.yaml"
@@ -31,18 +36,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
                            "-m", "preftune", "train", str(config)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = workspace / "runs" / f"two-processes-{layout}"
+    two = workspace / "runs" / f"two-processes-{name}"
     assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]  # logged once
     assert losses(two) == pytest.approx(losses(one), rel=1e-6)
     assert json.loads((two / "run.json").read_text())["processes"] == 2
-    # the reference table the two processes computed half each equals the one-process table
-    (split_file,) = [p for p in (tmp_path / "cache").glob("reference-*.pt")
-                     if p.name in {q.name for q in (workspace / "cache").glob("reference-*.pt")}
-                     and torch.load(p)["logps"].shape[0] == 36]
-    split, whole = torch.load(split_file), torch.load(workspace / "cache" / split_file.name)
-    assert torch.equal(split["example_indices"], whole["example_indices"])
-    # (other batch mates, other padding: equal up to float rounding)
-    torch.testing.assert_close(split["logps"], whole["logps"], rtol=1e-6, atol=1e-5)
+    if strategy == "precomputed":  # the table the processes computed half each = the whole one
+        (split_file,) = [
+            p for p in (tmp_path / "cache").glob("reference-*.pt")
+            if p.name in {q.name for q in (workspace / "cache").glob("reference-*.pt")}
+            and torch.load(p)["logps"].shape[0] == 36]
+        split, whole = torch.load(split_file), torch.load(workspace / "cache" / split_file.name)
+        assert torch.equal(split["example_indices"], whole["example_indices"])
+        # (other batch mates, other padding: equal up to float rounding)
+        torch.testing.assert_close(split["logps"], whole["logps"], rtol=1e-6, atol=1e-5)
     ours, theirs = final_weights(two), final_weights(one)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
