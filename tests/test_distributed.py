@@ -18,13 +18,15 @@ from preftune.train.logging import read_metrics
 
 @pytest.mark.parametrize("layout,objective,strategy", [
     ("padded", "dpo", "precomputed"), ("prefix_shared", "dpo", "precomputed"),
-    ("padded", "dpo", "live"), ("prefix_shared", "tdpo", "live")])  # tdpo: token-level KL
+    ("padded", "dpo", "live"), ("prefix_shared", "tdpo", "live"),  # tdpo: token-level KL
+    ("prefix_shared", "dpo", "adapter-off")])  # LoRA, the reference = adapters switched off
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
                                                             objective, strategy):
     name = f"{layout}-{objective}-{strategy}"
+    lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
     one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective},
-              reference__strategy=strategy)
+              reference__strategy=strategy, **lora)
     tree = yaml.safe_load((one / "config.yaml").read_text())
     tree["output_dir"] = str(workspace / "runs" / f"two-processes-{name}")
     tree["train"]["batch_size"] = 4  # per process: 2 x 4 = the same 8 examples a step
