@@ -105,3 +105,32 @@ def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, 
     refused = subprocess.run([sys.executable, "-m", "preftune", "train", str(config), "--resume"],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "train.batch_size: 4 -> 2" in refused.stderr
+
+
+def test_a_reward_model_trains_on_two_processes_like_on_one(tmp_path):
+    from test_reward_model import digit_pairs, write_jsonl
+    from tiny_models import save_tiny_model_dir
+
+    from preftune.reward.config import build_reward_config
+    from preftune.reward.train import train_reward_model
+
+    model_dir = save_tiny_model_dir(tmp_path / "decoder")
+    data = write_jsonl(tmp_path / "pairs.jsonl", digit_pairs(64, 1))
+    tree = {"output_dir": str(tmp_path / "one"), "model": {"path": str(model_dir)},
+            "data": {"train": str(data)},
+            "train": {"learning_rate": 3e-3, "batch_size": 8, "max_steps": 3,
+                      "warmup_ratio": 0.0, "seed": 0}}
+    one = train_reward_model(build_reward_config(tree), show_progress=False)
+    tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
+    config = tmp_path / "rm.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "preftune", "rm", "train", str(config)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two"
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    ours, theirs = final_weights(two), final_weights(one)
+    for name in theirs:  # (gradients summed in another order: float rounding, ~1e-6 here)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-5, msg=name)
