@@ -41,7 +41,7 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                 "output_dir.")
         aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)
-        print(f"--overwrite: the previous run in {out} was moved to {aside}")
+        print(f"the previous run in {out} was moved to {aside} (not deleted)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".preftune-write-test"
