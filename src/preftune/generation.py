@@ -101,11 +101,8 @@ class HFGenerator:
             for start in range(0, len(prompt_ids), settings.batch_size):
                 torch.manual_seed(settings.seed * 1_000_003 + start)
                 chunk = prompt_ids[start : start + settings.batch_size]
-                width = max(len(ids) for ids in chunk)
-                input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk],
-                                         device=device)
-                mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk],
-                                    device=device)
+                input_ids, mask = left_padded(chunk, pad, device)
+                width = input_ids.shape[1]
                 k = settings.samples
                 shared = _shared_prefix_cache(model, input_ids, mask, k) if k > 1 else None
                 if shared is not None:  # each prompt encoded once, its cache copied K times
@@ -135,6 +132,15 @@ def finished(ids_out: list[list[list[int]]], settings: SamplingSettings, tokeniz
         token_ids.append([ids for ids, _ in cut])
         texts.append([text for _, text in cut])
     return Generations(token_ids, texts, seconds)
+
+
+def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows padded on the left to one width, and their attention mask."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows],
+                        device=device)
+    return input_ids, mask
 
 
 def _shared_prefix_cache(model, input_ids, mask, k: int):

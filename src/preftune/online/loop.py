@@ -13,41 +13,31 @@ that was cut off continues from its last checkpoint. Training is ``preftune trai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
 import yaml
-from accelerate import PartialState
 
 from ..config import Config, ConfigError, build_config
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
-from ..data.tokenize import TokenizedExample, TokenizeSettings
-from ..evaluate.diagnostics import sampled_kl
-from ..evaluate.sampling import score_responses
-from ..generation import HFGenerator, SamplingSettings, greedy_texts, prompt_ids
-from ..model.load import files_fingerprint, load_model_and_tokenizer, load_tokenizer
+from ..generation import HFGenerator
+from ..model.load import files_fingerprint, load_tokenizer
 from ..objectives import get_objective
-from ..score import load_scorer, prompt_key
+from ..score import prompt_key
 from ..train.checkpoint import latest_checkpoint
+from ..train.logging import read_metrics
 from ..train.loop import train
-from ..train.output import prepare_output_dir
+from ..train.output import move_aside, prepare_output_dir
 from .build import LIST_BUILDERS, build_rows, win_probs
+from .common import (Prompt, load_on_device, online_scorer, prompts_to_ids, read_jsonl,
+                     write_json, write_jsonl)
 from .config import OnlineConfig
-
-
-class Prompt(NamedTuple):
-    """A prompt to sample from, and where it was read (``file:line``)."""
-
-    origin: str
-    prompt: object
-    negative: str | None = None  # the row's rejected response, if any (D2O's negative)
+from .measure import evaluate_model
 
 
 def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -59,22 +49,20 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
                           "over with --overwrite (the old run is moved aside), or choose another "
                           "output_dir.")
     if has_started(out) and overwrite:
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        print(f"--overwrite: the previous online run in {out} was moved to {aside}")
+        move_aside(out)
     prepare_output_dir(str(out), resume=resume)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     prompts = _prompts(config.data.train, config)
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     summary = {"initial": None, "rounds": []}
     if eval_prompts:
-        summary["initial"] = _phase(out / "initial", "evaluate", lambda: _evaluate(
+        summary["initial"] = _phase(out / "initial", "evaluate", lambda: evaluate_model(
             config, config.model.path, eval_prompts, out / "initial"))
     if config.online.mode == "per_step":
         return _per_step(config, prompts, eval_prompts, summary, resume)
     for r in range(1, config.online.rounds + 1):
         summary["rounds"].append(run_round(config, r, prompts, eval_prompts))
-        _write_json(out / "online.json", summary)
+        write_json(out / "online.json", summary)
     return out
 
 
@@ -103,7 +91,7 @@ def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -
         info["train"] = _phase(here, "train", lambda: {"skipped": "no pairs were built"})
     trained = str(here / "model") if "skipped" not in info["train"] else policy
     if eval_prompts:
-        info["evaluate"] = _phase(here, "evaluate", lambda: _evaluate(
+        info["evaluate"] = _phase(here, "evaluate", lambda: evaluate_model(
             config, trained, eval_prompts, here))
     return info
 
@@ -130,16 +118,16 @@ def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: 
     info = {"round": 1, "policy": config.model.path}
 
     def train_per_step() -> dict:
-        scorer = _scorer(config, config.model.path, config.data.train)
+        scorer = online_scorer(config, config.model.path, config.data.train)
         run_per_step(step_config, prompts, scorer, resume=resume and checkpoint is not None)
         return _train_result(here)
 
     info["train"] = _phase(here, "train", train_per_step)
     if eval_prompts:
-        info["evaluate"] = _phase(here, "evaluate", lambda: _evaluate(
+        info["evaluate"] = _phase(here, "evaluate", lambda: evaluate_model(
             config, str(here / "model"), eval_prompts, here))
     summary["rounds"].append(info)
-    _write_json(out / "online.json", summary)
+    write_json(out / "online.json", summary)
     return out
 
 
@@ -152,7 +140,7 @@ def _phase(here: Path, name: str, work) -> dict:
     started = time.perf_counter()
     result = {**work(), "seconds": round(time.perf_counter() - started, 2)}
     done[name] = result
-    _write_json(record, done)
+    write_json(record, done)
     return result
 
 
@@ -189,11 +177,6 @@ def _round_prompts(prompts: list, per_round: int | None, r: int) -> list:
     return [prompts[(start + k) % len(prompts)] for k in range(per_round)]
 
 
-def _prompt_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
-    settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
-    return prompt_ids([p.prompt for p in prompts], tokenizer, settings)
-
-
 def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path) -> dict:
     sampling = config.online.sampling
     settings = sampling.settings(seed=config.train.seed * 1000 + r)
@@ -204,9 +187,9 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
         generator = VLLMGenerator.from_pretrained(policy, tokenizer, config.model.dtype,
                                                   sampling.vllm_memory, settings.seed)
     else:
-        model, tokenizer = _load(policy, config)
+        model, tokenizer = load_on_device(policy, config)
         generator = HFGenerator(model, tokenizer)
-    generations = generator.generate(_prompt_ids(prompts, tokenizer, config), settings)
+    generations = generator.generate(prompts_to_ids(prompts, tokenizer, config), settings)
     if sampling.backend == "vllm":
         generator.close()
     provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
@@ -214,24 +197,15 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
     rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
              **({"negative": p.negative} if p.negative else {}), **provenance}
             for p, texts in zip(prompts, generations.texts)]
-    _write_jsonl(here / "samples.jsonl", rows)
+    write_jsonl(here / "samples.jsonl", rows)
     return {"prompts": len(rows), "samples": len(rows) * settings.samples,
             "new_tokens": generations.new_tokens,
             "tokens_per_second": round(generations.tokens_per_second, 1)}
 
 
-def _scorer(config: OnlineConfig, judge: str, data) -> object:
-    """The online scorer; ``judge:policy`` / ``judge-pair:policy`` (self-rewarding) judge with
-    the model at ``judge``."""
-    spec = config.online.scorer
-    if spec in ("judge:policy", "judge-pair:policy"):
-        spec = spec.replace(":policy", f":{judge}")
-    return load_scorer(spec, data)
-
-
 def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
-    scorer = _scorer(config, policy, config.data.train)
-    rows = _read_jsonl(here / "samples.jsonl")
+    scorer = online_scorer(config, policy, config.data.train)
+    rows = read_jsonl(here / "samples.jsonl")
     wants_probs = config.online.pairs.win_probs or scorer.pairwise
     flat_prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     flat = [text for row in rows for text in row["responses"]]
@@ -246,7 +220,7 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
             row.setdefault("scores", row["win_probs"])  # a pairwise scorer ranks by win rate
         row["scorer"] = scorer.name
         at += k
-    _write_jsonl(here / "scored.jsonl", rows)
+    write_jsonl(here / "scored.jsonl", rows)
     values = [s for row in rows for s in row["scores"]]
     return {"scorer": scorer.name, "mean": statistics.fmean(values),
             "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
@@ -266,10 +240,10 @@ def _preference_matrix(scorer, row: dict) -> list[list[float]]:
 
 def _build(config: OnlineConfig, r: int, here: Path) -> dict:
     pairs = config.online.pairs
-    scored = _read_jsonl(here / "scored.jsonl")
+    scored = read_jsonl(here / "scored.jsonl")
     rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
                               pairs.rso_accept, seed=config.train.seed * 1000 + r)
-    _write_jsonl(here / "pairs.jsonl", rows)
+    write_jsonl(here / "pairs.jsonl", rows)
     return counts
 
 
@@ -303,103 +277,8 @@ def _train(config: OnlineConfig, r: int, policy: str, here: Path) -> dict:
 
 def _train_result(here: Path) -> dict:
     """The last logged step of a round's training."""
-    metrics = [json.loads(line) for line in (here / "metrics.jsonl").read_text().splitlines()]
-    last = metrics[-1]
+    last = read_metrics(here / "metrics.jsonl")[-1]
     return {"steps": last["step"], "loss": last["loss"],
             **{k: last[k] for k in ("rewards/accuracies", "rewards/margins") if k in last}}
 
 
-def _evaluate(config: OnlineConfig, model_path: str, prompts: list, here: Path) -> dict:
-    """Greedy answers to the held-out prompts, scored (the round's headline number; for a
-    pairwise scorer, the win rate against the initial model's answers), and the KL of the
-    round's model to the initial one on its own samples of those prompts."""
-    model, tokenizer = _load(model_path, config)
-    ids = _prompt_ids(prompts, tokenizer, config)
-    online = config.online
-    texts = greedy_texts(model, tokenizer, ids, online.eval_max_new_tokens,
-                         online.sampling.batch_size)
-    # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
-    scorer = _scorer(config, config.model.path, config.data.eval)
-    questions = [p.prompt for p in prompts]
-    if scorer.pairwise:  # no score of one answer: P(this answer > the initial model's answer)
-        initial = texts if model_path == config.model.path else [
-            row["response"] for row in _read_jsonl(here.parent / "initial" / "eval_answers.jsonl")]
-        scores = [0.5 if a == b else p
-                  for a, b, p in zip(texts, initial, scorer.prefer(questions, texts, initial))]
-    else:
-        scores = scorer.score(questions, texts)
-    here.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(here / "eval_answers.jsonl",
-                 [{"prompt": p.prompt, "response": t, "score": s, "origin": p.origin}
-                  for p, t, s in zip(prompts, texts, scores)])
-    result = {"prompts": len(texts), "mean_score": statistics.fmean(scores)}
-    if set(scores) <= {0.0, 1.0}:  # a pass/fail scorer (checkers, unit tests)
-        result["pass_rate"] = result["mean_score"]
-    if online.eval_kl_samples and model_path != config.model.path:
-        result["kl_to_initial"] = _kl_to_initial(config, model, tokenizer, ids)
-    if online.eval_best_of and model_path == config.model.path and not scorer.pairwise:
-        result["best_of_n"] = _best_of_n(config, model, tokenizer, ids, questions, scorer)
-    _write_json(here / "eval.json", result)
-    return result
-
-
-def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: list,
-               scorer) -> dict:
-    """The best-of-n baseline: n samples per held-out prompt (online.sampling's temperature,
-    top-p, top-k), each prompt scored by its best sample."""
-    online = config.online
-    settings = online.sampling.settings(config.train.seed + 1, samples=online.eval_best_of,
-                                        max_new_tokens=online.eval_max_new_tokens)
-    drawn = HFGenerator(model, tokenizer).generate(ids, settings).texts
-    n = online.eval_best_of
-    scores = scorer.score([q for q in questions for _ in range(n)],
-                          [t for texts in drawn for t in texts])
-    best = [max(scores[k * n : (k + 1) * n]) for k in range(len(questions))]
-    result = {"n": n, "mean_score": statistics.fmean(best),
-              "mean_score_of_samples": statistics.fmean(scores)}
-    if set(scores) <= {0.0, 1.0}:
-        result["pass_rate"] = result["mean_score"]
-    return result
-
-
-def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list) -> float:
-    """KL(pi_round || pi_initial) estimated on ``eval_kl_samples`` samples of each held-out prompt
-    from the round's model: the mean of log pi_round(y|x) - log pi_initial(y|x), the estimate
-    ``preftune eval`` reports as sampled/kl, from the same scoring pass."""
-    settings = SamplingSettings(samples=config.online.eval_kl_samples,
-                                max_new_tokens=config.online.eval_max_new_tokens,
-                                batch_size=config.online.sampling.batch_size,
-                                seed=config.train.seed)
-    drawn = HFGenerator(model, tokenizer).generate(ids, settings).token_ids
-    examples = [TokenizedExample(p, responses, index=n)
-                for n, (p, responses) in enumerate(zip(ids, drawn))]
-    pad = tokenizer.pad_token_id
-    policy = score_responses(model, examples, pad, config.online.sampling.batch_size).logps
-    initial, _ = _load(config.model.path, config)
-    reference = score_responses(initial, examples, pad, config.online.sampling.batch_size).logps
-    return sampled_kl(policy.flatten(), reference.flatten())
-
-
-def _load(path: str, config: OnlineConfig):
-    """A model for sampling, scoring or evaluation, on the accelerator when there is one."""
-    model, tokenizer = load_model_and_tokenizer(path, config.model.dtype,
-                                                config.model.trust_remote_code)
-    return model.to(PartialState().device), tokenizer
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    staging = path.with_suffix(".tmp")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(staging, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def _write_json(path: Path, value) -> None:
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(value, indent=2))
-    os.replace(staging, path)

@@ -33,7 +33,7 @@ RETRIES = 4  # further draws of prompts when a step's samples all tie
 
 
 class OnlineStepTask(PolicyTask):
-    """A policy task whose ``train_examples`` are prompts (``online.loop.Prompt``); a batch of them
+    """A policy task whose ``train_examples`` are prompts (``online.common.Prompt``); a batch of them
     becomes pairs of the current policy's own samples. ``step`` is set by the runner."""
 
     def __init__(self, config, logp_model, tokenizer, objective, prompts, reference, layout,

@@ -17,7 +17,7 @@ from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of
 from ..train.loop import write_run_header
-from ..train.output import check_resume, prepare_output_dir
+from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import RewardConfig
 from .encoder import encoder_examples
@@ -185,11 +185,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
                        show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train a reward model according to ``config``; returns the output directory."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
-    if accelerator.is_main_process:
-        out = prepare_output_dir(config.output_dir, resume, overwrite)
-        if resume:
-            check_resume(out, config.model_dump(), accelerator.num_processes)
-    accelerator.wait_for_everyone()
+    start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)
     task, total_steps = reward_task(config, accelerator)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
+from ..generation import left_padded
 from .base import checked
 
 POINTWISE = (
@@ -77,11 +78,7 @@ class LLMJudge:
         for start in range(0, len(texts), self.batch_size):
             encoded = [self.tokenizer.encode(t, add_special_tokens=False)
                        for t in texts[start : start + self.batch_size]]
-            width = max(len(ids) for ids in encoded)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded],
-                                device=device)
+            ids, mask = left_padded(encoded, self.tokenizer.pad_token_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids, attention_mask=mask,
                                 position_ids=positions).logits[:, -1].float()

@@ -28,7 +28,7 @@ from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
 from .logging import progress_bar
-from .output import check_resume, prepare_output_dir
+from .output import start_run
 from .plan import plan
 from .trainer import Trainer, add_metrics, count_steps, means
 
@@ -238,11 +238,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     plan (layout, reference, memory estimate) and stops before the reference pass. An
     output_dir holding a run needs ``resume`` (same settings) or ``overwrite`` (moved aside)."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
-    if not plan_only and accelerator.is_main_process:
-        out = prepare_output_dir(config.output_dir, resume, overwrite)
-        if resume:
-            check_resume(out, config.model_dump(), accelerator.num_processes)
-    accelerator.wait_for_everyone()
+    if not plan_only:
+        start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)
     task, total_steps = policy_task(config, accelerator, plan_only)
     if task is None:

@@ -39,9 +39,7 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                 f"output_dir {out} already holds a run; continue it with --resume, start over "
                 "with --overwrite (the old run is moved aside, not deleted), or choose another "
                 "output_dir.")
-        aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(aside)
-        print(f"the previous run in {out} was moved to {aside} (not deleted)")
+        move_aside(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".preftune-write-test"
@@ -51,6 +49,24 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
         raise ConfigError(f"output_dir {out} cannot be written ({error.strerror or error}); "
                           "choose a directory you can write to, with free space.") from None
     return out
+
+
+def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
+    """The output directory of ``config`` made ready (and a resume checked) by the main
+    process, before any process loads anything."""
+    if accelerator.is_main_process:
+        out = prepare_output_dir(config.output_dir, resume, overwrite)
+        if resume:
+            check_resume(out, config.model_dump(), accelerator.num_processes)
+    accelerator.wait_for_everyone()
+
+
+def move_aside(out: Path) -> Path:
+    """Rename a previous run to ``OUT.old-TIME`` (never delete it); returns the new path."""
+    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    print(f"the previous run in {out} was moved to {aside} (not deleted)")
+    return aside
 
 
 def check_resume(out: Path, tree: dict, processes: int = 1) -> None:

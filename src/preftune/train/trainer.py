@@ -156,6 +156,7 @@ class Trainer:
         self.in_backward = optimizer if cfg.optimizer_in_backward else None
 
         self.start_step = 0
+        self.stop_signal, self.stop_requested = None, False  # set by run()
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
             self.start_step = self._resume()
@@ -167,13 +168,6 @@ class Trainer:
                                     total_steps, cfg.seed, shuffle=shuffle)
         self.bar = progress_bar(total_steps, f"train {task.name}", initial=self.start_step,
                                 disable=not (show_progress and self.main))
-
-    def _any(self, flag: bool) -> bool:
-        """True on every process when ``flag`` is true on any (a signal may reach one only)."""
-        if self.world == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item())
 
     def _resume(self) -> int:
         """Load the newest checkpoint that reads back whole; a damaged one (empty, truncated)
@@ -202,11 +196,12 @@ class Trainer:
         """Every remaining step, then ``finish``. SIGTERM or SIGINT (preemption, Ctrl-C) lets
         the current step end, writes a checkpoint and raises ``TrainingStopped``."""
         with StopRequests() as stop:
+            self.stop_signal = stop
             for step in range(self.start_step, self.total_steps):
                 if before_step is not None:
                     before_step(step)
                 self.step(step)
-                if self._any(stop.signal is not None) and step + 1 < self.total_steps:
+                if self.stop_requested and step + 1 < self.total_steps:
                     self.bar.close()
                     path = self.save(step + 1)
                     raise TrainingStopped(
@@ -236,6 +231,8 @@ class Trainer:
             add_metrics(sums, metrics)
             real_tokens += batch.real_tokens
             slots += batch.attention_mask.numel()
+        # a signal may reach one process only: every process stops when any was signalled
+        self.stop_requested = self.stop_signal is not None and self.stop_signal.signal is not None
         if self.world > 1:  # every process logs and decides on the whole step's numbers
             sums, real_tokens, slots = self._summed(sums, real_tokens, slots)
         if self.in_backward is not None:
@@ -282,14 +279,19 @@ class Trainer:
         return path
 
     def _summed(self, sums: dict, real_tokens: int, slots: int):
-        """Metric sums and token counts added up over all processes."""
+        """Metric sums, token counts and stop requests added up over all processes: one
+        collective and one read of its result per step."""
+        device = self.accelerator.device
         names = sorted(sums)
-        table = torch.tensor([[float(sums[n][0]), float(sums[n][1])] for n in names]
-                             + [[float(real_tokens), float(slots)]], dtype=torch.float64,
-                             device=self.accelerator.device)
+        rows = [torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                             for v in sums[n]]) for n in names]
+        extra = [[real_tokens, slots], [float(self.stop_requested), 0.0]]
+        table = torch.cat([torch.stack(rows) if rows else torch.zeros(0, 2, device=device),
+                           torch.tensor(extra, dtype=torch.float64, device=device)])
         table = self.accelerator.reduce(table, reduction="sum").tolist()
-        return ({n: tuple(row) for n, row in zip(names, table)}, int(table[-1][0]),
-                int(table[-1][1]))
+        self.stop_requested = table[-1][0] > 0
+        return ({n: tuple(row) for n, row in zip(names, table)}, int(table[-2][0]),
+                int(table[-2][1]))
 
     def finish(self) -> Path:
         """Save the trained model and ``run.json`` (main process); returns the output dir."""
