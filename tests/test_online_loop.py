@@ -164,13 +164,16 @@ class Interrupted(Exception):
     pass
 
 
+def straight_run_and_config(tree_of, model_dir, data, tmp_path):
+    """An uninterrupted run in tmp_path/straight, and the same config for tmp_path/broken."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_online(build_config(tree_of(model_dir, data, straight), schema=OnlineConfig))
+    return straight, broken, build_config(tree_of(model_dir, data, broken), schema=OnlineConfig)
+
+
 def test_an_interrupted_round_resumes_to_the_same_pairs_and_weights(model_dir, data, tmp_path,
                                                                    monkeypatch):
-    straight = tmp_path / "straight"
-    run_online(build_config(config_tree(model_dir, data, straight), schema=OnlineConfig))
-
-    broken = tmp_path / "broken"
-    config = build_config(config_tree(model_dir, data, broken), schema=OnlineConfig)
+    straight, broken, config = straight_run_and_config(config_tree, model_dir, data, tmp_path)
     real_step, calls = trainer_module.Trainer.step, []
 
     def failing_step(self, step):
@@ -317,10 +320,7 @@ def test_per_step_mode_samples_from_the_current_policy_every_step(model_dir, dat
 
 def test_per_step_mode_resumes_to_the_same_samples_and_weights(model_dir, data, tmp_path,
                                                                 monkeypatch):
-    straight = tmp_path / "straight"
-    run_online(build_config(per_step_tree(model_dir, data, straight), schema=OnlineConfig))
-    broken = tmp_path / "broken"
-    config = build_config(per_step_tree(model_dir, data, broken), schema=OnlineConfig)
+    straight, broken, config = straight_run_and_config(per_step_tree, model_dir, data, tmp_path)
     real_step = trainer_module.Trainer.step
 
     def failing_step(self, step):

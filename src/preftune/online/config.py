@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from ..config import Config, Count, NonNegative, Positive, Section, build_config, read_tree
 from ..generation import SamplingSettings
+from ..objectives import get_objective
 from .build import BUILDERS, LIST_BUILDERS
 
 
@@ -81,8 +82,6 @@ class OnlineConfig(Config):
                              "are built from the samples by online.pairs.builder.")
         data = "ranked" if online.pairs.builder in LIST_BUILDERS else "pairs"
         wanted = {term.name for term in self.objective}
-        from ..objectives import get_objective
-
         for name in wanted:
             if get_objective(name).data not in (data, "unpaired"):
                 raise ValueError(f"objective {name} trains on {get_objective(name).data} data, "
@@ -103,10 +102,11 @@ class OnlineConfig(Config):
             if self.train.eval_every is not None:
                 raise ValueError("train.eval_every does nothing with online.mode per_step: the "
                                  "held-out prompts are answered and scored after training.")
-        for term in self.objective:
-            n = (term.model_extra or {}).get("n")
-            if term.name == "bonbon" and (n or 8) != online.sampling.samples:
-                raise ValueError(f"objective bonbon's n ({n or 8}) must equal "
+        for term in self.objective:  # a parameter `n` is the samples its pairs are drawn from
+            defaults = get_objective(term.name).defaults()
+            n = (term.model_extra or {}).get("n", defaults.get("n"))
+            if n is not None and n != online.sampling.samples:
+                raise ValueError(f"objective {term.name}'s n ({n}) must equal "
                                  f"online.sampling.samples ({online.sampling.samples}): its target "
                                  "is the gap between the best and worst of exactly n samples.")
         if online.eval_best_of == 1 or online.eval_best_of < 0:
