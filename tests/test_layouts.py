@@ -94,3 +94,46 @@ def test_flex_attention_block_mask_equals_the_dense_mask(layout):
         sparse = flex_attention(q, k, v, block_mask=batch.block_mask())
     real = batch.attention_mask.bool()[:, None, :, None].expand_as(dense)
     torch.testing.assert_close(sparse[real], dense[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_host_side_counts_match_the_tensors(layout):
+    """What collate records on the host (so a step never reads it back) is what the tensors
+    say: tokens per response, real tokens, the longest response, the example ids."""
+    batch = collate(examples(2), 0, layout, max_row_tokens=40)
+    counts = torch.bincount(batch.target_response, minlength=batch.num_responses)
+    assert batch.response_lengths.tolist() == counts.tolist() == [2, 4, 5, 7, 2, 4, 5, 7]
+    assert batch.real_tokens == int(batch.attention_mask.sum())
+    assert batch.longest_response == 7 == int(batch.target_offset.max()) + 1
+    assert batch.example_ids == tuple(batch.example_indices.tolist()) == (10, 11, 12, 13)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rounded_row_widths_change_nothing(layout):
+    """pad_to_multiple_of (shape buckets for compiled code, FlexAttention blocks) widens rows
+    with padding only: same stats and gradients."""
+    batch_examples = examples(2)
+    plain, plain_grads, _ = run(layout, batch_examples, max_row_tokens=40)
+    model = tiny_llama(seed=1)
+    batch = collate(batch_examples, 0, layout, max_row_tokens=40, pad_to_multiple_of=32)
+    unrounded = collate(batch_examples, 0, layout, max_row_tokens=40).input_ids.shape[1]
+    assert batch.input_ids.shape[1] % 32 == 0 and batch.input_ids.shape[1] > unrounded
+    stats = sequence_stats(LogpModel(model, chunk_tokens=5)(batch), batch, per_token=True)
+    (stats.logps * WEIGHTS[: stats.logps.numel()].view_as(stats.logps)).sum().backward()
+    torch.testing.assert_close(stats.logps, plain.logps, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_padded_rows_match_the_models_own_padding_mask():
+    """Padded rows get a [rows, 1, T, T] mask built by preftune (transformers' own path would
+    read the 2-D mask back from the device on every forward): the log-probs equal those from
+    the model's logits under its plain 2-D padding mask."""
+    batch = collate(examples(2), 0, "padded")
+    model = tiny_llama(seed=1)
+    logps = LogpModel(model, chunk_tokens=5)(batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    flat = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
+    expected = flat[batch.logit_positions, batch.target_tokens]
+    torch.testing.assert_close(logps.detach(), expected, atol=1e-5, rtol=1e-5)

@@ -126,6 +126,11 @@ class TrainConfig(Section):
     # how examples become rows: auto picks prefix sharing when prompts are long (see data.layout)
     layout: Literal["auto", "padded", "prefix_shared", "packed", "packed_prefix_shared"] = "auto"
     max_row_tokens: Count | None = None  # packed layouts: tokens per row (default: data.max_length)
+    # torch.compile each decoder layer ("reduce-overhead" adds CUDA graphs on a GPU); row widths
+    # are then rounded up to pad_to_multiple_of (default 64; 128 under flex_attention)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    pad_to_multiple_of: Count | None = None
 
 
 class Config(Section):

@@ -15,6 +15,7 @@ tokens are arranged, never the numbers that come out.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,12 @@ class Batch:
     segment_ids: torch.Tensor | None = None  # [rows, T], -1 on prompt tokens
     last_token_positions: torch.Tensor | None = None  # [num_responses] flat index of each end
     token_type_ids: torch.Tensor | None = None  # [rows, T] encoders: 1 on response tokens
+    response_lengths: torch.Tensor | None = None  # [num_responses] tokens of each response
+    # known on the host when the batch is built, so a step never reads them back from a device
+    example_ids: tuple = ()  # example_indices as Python ints
+    real_tokens: int = 0  # tokens that are not padding
+    longest_response: int = 0
+    _masks: dict = field(default_factory=dict, repr=False, compare=False)  # built once per batch
 
     @property
     def num_examples(self) -> int:
@@ -58,115 +65,147 @@ class Batch:
         return self.num_examples * self.responses_per_example
 
     @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    @property
     def padding_fraction(self) -> float:
         return 1.0 - self.real_tokens / self.attention_mask.numel()
 
-    def to(self, device) -> "Batch":
-        moved = {
-            name: value.to(device) if isinstance(value, torch.Tensor) else value
-            for name, value in self.__dict__.items()
-        }
-        moved["scores"] = {k: v.to(device) for k, v in self.scores.items()}
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The batch on ``device`` (non-blocking copies from pinned memory when asked)."""
+        moved = {name: value.to(device, non_blocking=non_blocking)
+                 if isinstance(value, torch.Tensor) else value
+                 for name, value in self.__dict__.items() if name != "_masks"}
+        moved["scores"] = {k: v.to(device, non_blocking=non_blocking)
+                           for k, v in self.scores.items()}
         return Batch(**moved)
 
-    def _may_attend(self, row, query, key):
-        """The layouts' visibility rule, elementwise: causal, inside one unit, and to prompt
-        tokens or the query's own response segment; padding attends to itself only."""
-        unit, segment = self.unit_ids, self.segment_ids
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked host memory, so copies to a GPU can overlap compute."""
+        pinned = {name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+                  for name, value in self.__dict__.items() if name != "_masks"}
+        pinned["scores"] = {k: v.pin_memory() for k, v in self.scores.items()}
+        return Batch(**pinned)
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [rows, 1, T, T] mask (0 = may attend), built once per batch: the layouts'
+        visibility rule, or for padded rows causal attention to the row's real tokens."""
+        if ("bias", dtype) not in self._masks:
+            rows, width = self.input_ids.shape
+            device = self.input_ids.device
+            row = torch.arange(rows, device=device)[:, None, None]
+            query = torch.arange(width, device=device)[None, :, None]
+            key = torch.arange(width, device=device)[None, None, :]
+            if self.unit_ids is None:
+                allowed = (key <= query) & (self.attention_mask[row, key] > 0)
+            else:
+                allowed = _visibility(self.unit_ids, self.segment_ids)(row, None, query, key)
+            bias = torch.zeros(rows, 1, width, width, dtype=dtype, device=device)
+            self._masks[("bias", dtype)] = bias.masked_fill_(~allowed[:, None],
+                                                             torch.finfo(dtype).min)
+        return self._masks[("bias", dtype)]
+
+    def block_mask(self):
+        """The same rule as a FlexAttention BlockMask, built once per batch from one fixed mask
+        function: block-sparse, never a dense [T, T] mask, so fully masked blocks (other units,
+        other responses) cost no compute."""
+        if "block" not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            rows, width = self.input_ids.shape
+            self._masks["block"] = create_block_mask(
+                _visibility(self.unit_ids, self.segment_ids), rows, None, width, width,
+                device=self.input_ids.device)
+        return self._masks["block"]
+
+
+def _visibility(unit: torch.Tensor, segment: torch.Tensor):
+    """The layouts' visibility rule as a FlexAttention mask function (elementwise): causal,
+    inside one unit, and to prompt tokens (segment -1) or the query's own response segment;
+    padding attends to itself only. The same code for every batch, so compiled FlexAttention
+    kernels are reused across steps of the same shape."""
+
+    def may_attend(row, head, query, key):
         same_unit = (unit[row, query] == unit[row, key]) & (unit[row, query] >= 0)
         visible = (segment[row, key] == -1) | (segment[row, query] == segment[row, key])
         return ((key <= query) & same_unit & visible) | (key == query)
 
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive [rows, 1, T, T] mask for layouts with units/segments (0 = may attend)."""
-        rows, width = self.input_ids.shape
-        device = self.input_ids.device
-        allowed = self._may_attend(torch.arange(rows, device=device)[:, None, None],
-                                   torch.arange(width, device=device)[None, :, None],
-                                   torch.arange(width, device=device)[None, None, :])
-        bias = torch.zeros(rows, 1, width, width, dtype=dtype, device=device)
-        return bias.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-
-    def block_mask(self):
-        """The same rule as a FlexAttention BlockMask: block-sparse, never a dense [T, T] mask,
-        so fully masked blocks (other units, other responses) cost no compute."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        rows, width = self.input_ids.shape
-        return create_block_mask(lambda b, h, q, k: self._may_attend(b, q, k), rows, None,
-                                 width, width, device=self.input_ids.device)
+    return may_attend
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "padded",
-            max_row_tokens: int | None = None) -> Batch:
-    """Lay ``examples`` out as a Batch. ``max_row_tokens`` caps packed rows (never splits a unit)."""
+            max_row_tokens: int | None = None, pad_to_multiple_of: int = 1) -> Batch:
+    """Lay ``examples`` out as a Batch. ``max_row_tokens`` caps packed rows (never splits a unit);
+    ``pad_to_multiple_of`` rounds the row width up (shape buckets for compiled code, FlexAttention
+    blocks). Everything is built as Python lists and turned into tensors once per field; the
+    counts the step needs on the host are kept as plain numbers."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     per_example = len(examples[0].response_ids)
     shared, packed = "prefix_shared" in layout, layout.startswith("packed")
     if shared:  # a unit is (example, the response slots it holds)
-        units = [(e, list(range(per_example))) for e in range(len(examples))]
+        units = [(e, range(per_example)) for e in range(len(examples))]
     else:
-        units = [(e, [r]) for e in range(len(examples)) for r in range(per_example)]
+        units = [(e, (r,)) for e in range(len(examples)) for r in range(per_example)]
     sizes = [len(examples[e].prompt_ids) + sum(len(examples[e].response_ids[r]) for r in slots)
              for e, slots in units]
     rows = _pack(sizes, max_row_tokens) if packed else [[u] for u in range(len(units))]
-    width = max(sum(sizes[u] for u in row) for row in rows)
+    used = [sum(sizes[u] for u in row) for row in rows]
+    width = -(-max(used) // pad_to_multiple_of) * pad_to_multiple_of
 
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    unit_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-    positions, targets, owners, offsets = [], [], [], []
-    ends = torch.zeros(len(examples) * per_example, dtype=torch.long)
+    ids, position, unit_of, segment = [], [], [], []  # per row, each `width` long
+    predictors, targets, owners, offsets = [], [], [], []
+    lengths = [0] * (len(examples) * per_example)
+    ends = [0] * len(lengths)
     for row_number, row in enumerate(rows):
-        cursor = 0
+        base, row_ids, row_pos, row_unit, row_seg = row_number * width, [], [], [], []
         for unit_in_row, unit in enumerate(row):
             e, slots = units[unit]
             prompt = examples[e].prompt_ids
-            span = slice(cursor, cursor + len(prompt))
-            input_ids[row_number, span] = torch.tensor(prompt)
-            position_ids[row_number, span] = torch.arange(len(prompt))
-            unit_ids[row_number, span] = unit_in_row
-            last_prompt_position = cursor + len(prompt) - 1
-            cursor += len(prompt)
+            row_ids += prompt
+            row_pos += range(len(prompt))
+            row_unit += [unit_in_row] * len(prompt)
+            row_seg += [-1] * len(prompt)
+            last_prompt_position = base + len(row_ids) - 1
             for r in slots:
-                response = examples[e].response_ids[r]
-                span = slice(cursor, cursor + len(response))
-                input_ids[row_number, span] = torch.tensor(response)
-                position_ids[row_number, span] = torch.arange(len(prompt), len(prompt) + len(response))
-                unit_ids[row_number, span] = unit_in_row
-                segment_ids[row_number, span] = r
+                response, k = examples[e].response_ids[r], e * per_example + r
+                start = base + len(row_ids)
                 # the first response token is predicted by the last prompt token, each later
                 # one by the response token before it
-                predictors = [last_prompt_position] + list(range(cursor, cursor + len(response) - 1))
-                positions.append(torch.tensor(predictors) + row_number * width)
-                targets.append(torch.tensor(response))
-                owners.append(torch.full((len(response),), e * per_example + r))
-                offsets.append(torch.arange(len(response)))
-                cursor += len(response)
-                ends[e * per_example + r] = row_number * width + cursor - 1
-        attention_mask[row_number, :cursor] = 1
+                if response:
+                    predictors.append(last_prompt_position)
+                    predictors += range(start, start + len(response) - 1)
+                targets += response
+                owners += [k] * len(response)
+                offsets += range(len(response))
+                lengths[k], ends[k] = len(response), start + len(response) - 1
+                row_ids += response
+                row_pos += range(len(prompt), len(prompt) + len(response))
+                row_unit += [unit_in_row] * len(response)
+                row_seg += [r] * len(response)
+        pad = width - len(row_ids)
+        ids.append(row_ids + [pad_token_id] * pad)
+        position.append(row_pos + [0] * pad)
+        unit_of.append(row_unit + [-1] * pad)
+        segment.append(row_seg + [-1] * pad)
     custom_mask = shared or packed
+    long = functools.partial(torch.tensor, dtype=torch.long)
+    units_tensor = long(unit_of)
     return Batch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        logit_positions=torch.cat(positions),
-        target_tokens=torch.cat(targets),
-        target_response=torch.cat(owners),
-        target_offset=torch.cat(offsets),
-        example_indices=torch.tensor([ex.index for ex in examples]),
+        input_ids=long(ids),
+        attention_mask=(units_tensor >= 0).long(),
+        logit_positions=long(predictors),
+        target_tokens=long(targets),
+        target_response=long(owners),
+        target_offset=long(offsets),
+        example_indices=long([ex.index for ex in examples]),
         responses_per_example=per_example,
         scores=_collate_scores(examples),
-        position_ids=position_ids if custom_mask else None,
-        unit_ids=unit_ids if custom_mask else None,
-        segment_ids=segment_ids if custom_mask else None,
-        last_token_positions=ends,
+        position_ids=long(position) if custom_mask else None,
+        unit_ids=units_tensor if custom_mask else None,
+        segment_ids=long(segment) if custom_mask else None,
+        last_token_positions=long(ends),
+        response_lengths=long(lengths),
+        example_ids=tuple(ex.index for ex in examples),
+        real_tokens=sum(used),
+        longest_response=max(lengths),
     )
 
 

@@ -49,17 +49,27 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
 def run_decoder(decoder: nn.Module, batch: Batch, config, **kwargs):
     """The decoder stack on a batch in any layout: the one forward every model path uses.
 
-    Padded rows use the plain padding mask. Prefix-shared and packed rows get their
-    visibility rule (each response sees its prompt and itself; units never see each other) as a
-    dense additive mask, or as a FlexAttention block mask when the model runs flex_attention,
-    with positions that restart after the prompt.
+    Prefix-shared and packed rows get their visibility rule (each response sees its prompt and
+    itself; units never see each other) with positions that restart after the prompt, as a
+    FlexAttention block mask when the model runs flex_attention, else as a dense additive mask.
+    Padded rows without padding need no mask; with padding, SDPA and eager attention get the
+    [rows, 1, T, T] mask built here, because transformers would otherwise test the 2-D mask for
+    padding on every forward (a read of device memory per call); other attention kernels
+    (flash) take the 2-D padding mask.
     """
-    if batch.unit_ids is None:
-        mask, positions = batch.attention_mask, None
-    elif config._attn_implementation == "flex_attention":  # block-sparse, no [T, T] mask
-        mask, positions = batch.block_mask(), batch.position_ids
-    else:  # prefix-shared or packed rows: per-token visibility, positions restart
-        mask, positions = batch.attention_bias(decoder.dtype), batch.position_ids
+    implementation = config._attn_implementation
+    if batch.unit_ids is not None:
+        positions = batch.position_ids
+        mask = batch.block_mask() if implementation == "flex_attention" \
+            else batch.attention_bias(decoder.dtype)
+    else:
+        positions = None
+        if batch.real_tokens == batch.attention_mask.numel():
+            mask = None
+        elif implementation in ("sdpa", "eager"):
+            mask = batch.attention_bias(decoder.dtype)
+        else:
+            mask = batch.attention_mask
     return decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
                    use_cache=False, **kwargs)
 
@@ -115,11 +125,9 @@ class LogpModel(nn.Module):
 
 def token_grid(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Flat per-response-token values -> [E, R, longest response], zeros past each end."""
-    owner = batch.target_response
-    width = int(batch.target_offset.max()) + 1 if owner.numel() else 0
-    grid = values.new_zeros(batch.num_responses, width)
-    grid = grid.index_put((owner, batch.target_offset), values)
-    return grid.view(batch.num_examples, batch.responses_per_example, width)
+    grid = values.new_zeros(batch.num_responses, batch.longest_response)
+    grid = grid.index_put((batch.target_response, batch.target_offset), values)
+    return grid.view(batch.num_examples, batch.responses_per_example, batch.longest_response)
 
 
 def sequence_stats(token_logps: torch.Tensor, batch: Batch, per_token: bool = False,
@@ -131,8 +139,8 @@ def sequence_stats(token_logps: torch.Tensor, batch: Batch, per_token: bool = Fa
     def per_response(values):
         return values.new_zeros(batch.num_responses).index_add(0, owner, values).view(shape)
 
-    counts = torch.bincount(owner, minlength=batch.num_responses).to(token_logps.dtype)
-    stats = SequenceStats(per_response(token_logps), counts.view(shape))
+    counts = batch.response_lengths.to(token_logps.dtype).view(shape)  # counted in collate
+    stats = SequenceStats(per_response(token_logps), counts)
     if token_kl is not None:
         stats.kl = per_response(token_kl)
     if per_token:

@@ -109,33 +109,37 @@ class AdapterOffReference:
 
 
 class PrecomputedReference:
-    """Reference stats looked up by example index from a table computed once."""
+    """Reference stats looked up by example index from a table computed once. The table stays
+    in host memory and is indexed there with the batch's host-side example ids; only the rows a
+    batch needs are copied to its device (no read back from the device)."""
 
     def __init__(self, table: dict):
         self.row_of = {int(i): row for row, i in enumerate(table["example_indices"].tolist())}
         self.logps = table["logps"]
         self.token_counts = table["token_counts"]
-        self.token_logps = table.get("token_logps")  # list per response, or None
+        self.token_logps = None  # [responses, longest] zero-padded, when per-token
+        if table.get("token_logps") is not None:
+            per_response = table["token_logps"]
+            self.token_logps = torch.zeros(len(per_response),
+                                           max(len(t) for t in per_response))
+            for k, values in enumerate(per_response):
+                self.token_logps[k, : len(values)] = values
 
     def stats(self, batch: Batch) -> SequenceStats:
         device = batch.input_ids.device
-        rows = torch.tensor([self.row_of[int(i)] for i in batch.example_indices.tolist()])
-        stats = SequenceStats(self.logps[rows].to(device), self.token_counts[rows].to(device))
+        rows = torch.tensor([self.row_of[i] for i in batch.example_ids])
+        stats = SequenceStats(self.logps[rows].to(device, non_blocking=True),
+                              self.token_counts[rows].to(device, non_blocking=True))
         if self.token_logps is not None:
-            per_response = [self.token_logps[r] for row in rows.tolist() for r in self._slots(row)]
-            width = max(len(t) for t in per_response)
-            grid = torch.zeros(len(per_response), width)
-            mask = torch.zeros(len(per_response), width, dtype=torch.bool)
-            for k, values in enumerate(per_response):
-                grid[k, : len(values)] = values
-                mask[k, : len(values)] = True
+            per_example = self.logps.shape[1]
+            slots = (rows[:, None] * per_example + torch.arange(per_example)).flatten()
+            width = batch.longest_response  # the table covers at least the batch's responses
+            grid = self.token_logps[slots, :width]
+            mask = torch.arange(width) < self.token_counts[rows].flatten()[:, None]
             shape = (*stats.logps.shape, width)
-            stats.token_logps, stats.token_mask = grid.view(shape).to(device), mask.view(shape).to(device)
+            stats.token_logps = grid.view(shape).to(device, non_blocking=True)
+            stats.token_mask = mask.view(shape).to(device, non_blocking=True)
         return stats
-
-    def _slots(self, row: int) -> range:
-        per_example = self.logps.shape[1]
-        return range(row * per_example, (row + 1) * per_example)
 
 
 def reference_cache_key(model, examples: list[TokenizedExample], settings: dict) -> str:

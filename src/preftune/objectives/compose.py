@@ -113,7 +113,7 @@ class Objective:
             losses = losses + term.weight * output.losses
             rewards = output.rewards if rewards is None else rewards
             if len(self.terms) > 1:
-                parts[f"loss/{term.spec.name}"] = float(output.losses.detach().sum())
+                parts[f"loss/{term.spec.name}"] = output.losses.detach().sum()
         if self.example_weight_field is not None:
             if self.example_weight_field not in inputs.scores:
                 raise ValueError(

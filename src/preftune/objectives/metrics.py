@@ -1,7 +1,8 @@
 """Metrics every objective gets for free, computed once from its implied rewards and the stats.
 
 Each function returns ``{name: (sum, count)}`` so that micro-batches and eval batches add up
-exactly; the logged value is sum / count.
+exactly; the logged value is sum / count. Sums stay tensors on the device (and counts too where
+they depend on the data): the trainer reads a whole step's metrics back in one go.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import torch
 from .registry import ObjectiveInputs, ObjectiveOutput
 
 
-def _total(values: torch.Tensor, where: torch.Tensor | None = None) -> tuple[float, float]:
+def _total(values: torch.Tensor, where: torch.Tensor | None = None) -> tuple:
+    """(sum, count) of ``values``, or of those where ``where`` is True (no boolean indexing,
+    whose output size a GPU would have to report back)."""
     values = values.detach().float()
-    if where is not None:
-        values = values[where]
-    return float(values.sum()), float(values.numel())
+    if where is None:
+        return values.sum(), values.numel()
+    return torch.where(where, values, 0.0).sum(), where.sum()
 
 
 def _pair_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
@@ -53,7 +56,7 @@ def _ranked_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
     best, worst = scores.argmax(dim=1), scores.argmin(dim=1)
     rows = torch.arange(len(scores), device=scores.device)
     return {
-        "rewards/accuracies": (float(agree.sum()), float(better.sum())),
+        "rewards/accuracies": (agree.sum(), better.sum()),
         "rewards/best": _total(rewards[rows, best]),
         "rewards/worst": _total(rewards[rows, worst]),
         "rewards/margins": _total(rewards[rows, best] - rewards[rows, worst]),

@@ -25,7 +25,7 @@ from ..model.forward import causal_lm_of
 from ..model.load import load_model_and_tokenizer
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
 from ..objectives.compose import Objective
-from ..train.loop import PolicyTask, trainable, write_run_header
+from ..train.loop import PolicyTask, row_multiple, trainable, write_run_header
 from ..train.trainer import Trainer, count_steps
 from .build import build_rows
 
@@ -41,6 +41,7 @@ class OnlineStepTask(PolicyTask):
         super().__init__(config, logp_model, tokenizer, objective, {"train": prompts},
                          {"train": reference}, {"train": []}, self._make_batch, layout, device)
         self.scorer, self.output_dir, self.step = scorer, Path(output_dir), 0
+        self.batches_ahead = False  # a batch is sampled from the policy as it is at its step
         self.settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
 
     def _make_batch(self, prompts: list):
@@ -64,7 +65,8 @@ class OnlineStepTask(PolicyTask):
         for index, example in enumerate(examples):
             example.index = index
         layout = choose_layout(examples) if self.layout == "auto" else self.layout
-        return collate(examples, self.tokenizer.pad_token_id, layout)
+        return collate(examples, self.tokenizer.pad_token_id, layout,
+                       pad_to_multiple_of=row_multiple(self.config))
 
     def _pairs(self, prompts: list, seed: int) -> tuple[list, list]:
         online = self.config.online

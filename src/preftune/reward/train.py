@@ -97,6 +97,7 @@ class RewardTask:
         self.make_batch, self.layout = make_batch, layout
         self.name = f"rm {self.spec.name}"
         self.needs_reference = False
+        self.batches_ahead = True
 
     def losses(self, module, batch, step):
         outputs = module(batch)

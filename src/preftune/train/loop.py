@@ -19,6 +19,7 @@ from ..data.prepare import prepare_examples, with_mismatched_completions
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
+from ..model.compile import compile_layers
 from ..model.load import add_lora, cache_root, load_model_and_tokenizer
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
@@ -135,6 +136,7 @@ class PolicyTask:
         self.make_batch, self.layout, self.device = make_batch, layout, device
         self.name = objective.name
         self.needs_reference = objective.needs_reference
+        self.batches_ahead = True  # batches depend on their examples only
 
     def losses(self, module, batch, step):
         inputs = objective_inputs(module, self.references["train"], self.extras["train"], batch,
@@ -181,7 +183,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         write_run_header(output_dir, config, data_report)
     layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
-                                   max_row_tokens=cfg.max_row_tokens or config.data.max_length)
+                                   max_row_tokens=cfg.max_row_tokens or config.data.max_length,
+                                   pad_to_multiple_of=row_multiple(config))
     total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
     if objective.kl_completions:
@@ -257,7 +260,19 @@ def trainable(model, config: Config) -> LogpModel:
         causal_lm_of(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if config.train.compile:
+        compile_layers(model, config.train.compile_mode)
     return LogpModel(model, config.train.logps_chunk_tokens)
+
+
+def row_multiple(config: Config) -> int:
+    """Row widths are rounded up to a multiple of this: a few repeating shapes for compiled
+    layers, whole 128-token blocks for FlexAttention's block mask."""
+    if config.train.pad_to_multiple_of:
+        return config.train.pad_to_multiple_of
+    if config.model.attn_implementation == "flex_attention":
+        return 128
+    return 64 if config.train.compile else 1
 
 
 def _attach_lora(model, config: Config):

@@ -57,7 +57,8 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
     if accelerator.is_main_process:
         out = prepare_output_dir(config.output_dir, resume, overwrite)
         if resume:
-            check_resume(out, config.model_dump(), accelerator.num_processes)
+            check_resume(out, config.model_dump(), accelerator.num_processes,
+                         defaults=type(config).model_construct().model_dump())
     accelerator.wait_for_everyone()
 
 
@@ -69,15 +70,16 @@ def move_aside(out: Path) -> Path:
     return aside
 
 
-def check_resume(out: Path, tree: dict, processes: int = 1) -> None:
+def check_resume(out: Path, tree: dict, processes: int = 1, defaults: dict | None = None) -> None:
     """Refuse ``--resume`` when settings that change training differ from the run's
     ``config.yaml``; name them, and the ones that may change. The per-process batch may change
     with the number of processes as long as the global batch (batch_size x accumulation x
-    processes, recorded in the checkpoint) stays the same."""
+    processes, recorded in the checkpoint) stays the same. A key the saved file lacks (added
+    by a later preftune version) counts as its ``defaults`` value."""
     saved_file = out / "config.yaml"
     if not saved_file.exists():
         return
-    saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
+    saved = {**_flat(defaults or {}), **_flat(yaml.safe_load(saved_file.read_text()) or {})}
     now = _flat(tree)
     changed = sorted(key for key in set(saved) | set(now)
                      if saved.get(key) != now.get(key) and key not in SAFE_TO_CHANGE)

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from ..config import TrainConfig
 from .alarms import Alarms, WeightProbe
+from .batches import MicroBatches
 from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
@@ -68,6 +69,7 @@ class Task(Protocol):
     eval_examples: list
     make_batch: Callable
     needs_reference: bool
+    batches_ahead: bool  # make_batch depends only on its examples: build the next one early
 
     def losses(self, module, batch, step: int) -> tuple[torch.Tensor, dict]: ...
 
@@ -117,13 +119,26 @@ def count_steps(cfg: TrainConfig, num_examples: int, processes: int = 1) -> int:
 
 
 def add_metrics(totals: dict, new: dict) -> None:
+    """Add ``{name: (sum, count)}`` into ``totals``; values may be numbers or device tensors."""
     for name, (value, count) in new.items():
         old_value, old_count = totals.get(name, (0.0, 0.0))
         totals[name] = (old_value + value, old_count + count)
 
 
+def read_values(values: list, device=None) -> list[float]:
+    """Numbers and tensors -> floats, with one read of the device for all the tensors."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    read = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
 def means(totals: dict) -> dict:
-    return {name: value / count for name, (value, count) in totals.items() if count}
+    """sum / count of each metric (one read of the device for all of them)."""
+    flat = read_values([v for pair in totals.values() for v in pair])
+    return {name: flat[2 * k] / flat[2 * k + 1] for k, name in enumerate(totals)
+            if flat[2 * k + 1]}
 
 
 class Trainer:
@@ -166,6 +181,9 @@ class Trainer:
                              WeightProbe(self.trainable))
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
                                     total_steps, cfg.seed, shuffle=shuffle)
+        self.batches = MicroBatches(task, self.order, self.examples_per_step, self.rank,
+                                    cfg.batch_size, cfg.gradient_accumulation_steps, total_steps,
+                                    accelerator.device, ahead=task.batches_ahead)
         self.bar = progress_bar(total_steps, f"train {task.name}", initial=self.start_step,
                                 disable=not (show_progress and self.main))
 
@@ -203,6 +221,7 @@ class Trainer:
                 self.step(step)
                 if self.stop_requested and step + 1 < self.total_steps:
                     self.bar.close()
+                    self.batches.close()
                     path = self.save(step + 1)
                     raise TrainingStopped(
                         f"stopped by {stop.signal or 'a signal to another process'} after step "
@@ -212,17 +231,19 @@ class Trainer:
         return self.finish()
 
     def step(self, step: int) -> dict:
-        """Optimizer step ``step`` (0-based): accumulate, clip, update, log, evaluate, save."""
+        """Optimizer step ``step`` (0-based): accumulate, clip, update, log, evaluate, save.
+
+        Losses, metrics and the gradient norm stay on the device; the update is skipped there
+        when the loss or the gradient is not finite; the step's numbers are read back once, at
+        its end (the only wait for the device per step).
+        """
         cfg, task = self.cfg, self.task
         started = time.perf_counter()
         indices = self.order[step * self.examples_per_step : (step + 1) * self.examples_per_step]
-        mine = indices[self.rank * self.local_per_step : (self.rank + 1) * self.local_per_step]
         sums: dict = {}
         real_tokens = slots = 0
         for micro in range(cfg.gradient_accumulation_steps):
-            chunk = mine[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
-            batch = task.make_batch([task.train_examples[i] for i in chunk]).to(
-                self.accelerator.device)
+            batch = self.batches.get(step, micro)
             losses, metrics = task.losses(self.module, batch, step)
             # Sum over examples / this process's examples per step, and DDP averages over
             # processes: the step's gradient is the mean over all its examples however they
@@ -233,22 +254,28 @@ class Trainer:
             slots += batch.attention_mask.numel()
         # a signal may reach one process only: every process stops when any was signalled
         self.stop_requested = self.stop_signal is not None and self.stop_signal.signal is not None
+        sums["_tokens"] = (real_tokens, slots)
+        sums["_stop"] = (float(self.stop_requested), 0.0)
         if self.world > 1:  # every process logs and decides on the whole step's numbers
-            sums, real_tokens, slots = self._summed(sums, real_tokens, slots)
+            sums = self._summed(sums)
         if self.in_backward is not None:
             grad_norm = self.in_backward.grad_norm()  # its updates already ran (no clipping)
         else:
             grad_norm = (self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                          if cfg.max_grad_norm else _grad_norm(self.trainable))
+            self._update_if_finite(sums["loss"][0], grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
-        if math.isfinite(sums["loss"][0]):  # a non-finite loss would poison the weights
-            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
 
-        record = {"step": step + 1, **means(sums),
-                  "lr": learning_rate, "grad_norm": float(grad_norm),
+        names = list(sums)
+        flat = read_values([v for n in names for v in sums[n]] + [grad_norm])  # the one read
+        values = {n: (flat[2 * k], flat[2 * k + 1]) for k, n in enumerate(names)}
+        (real_tokens, slots), stop = values.pop("_tokens"), values.pop("_stop")
+        self.stop_requested = stop[0] > 0
+        seconds = time.perf_counter() - started
+        record = {"step": step + 1, **{n: v / c for n, (v, c) in values.items() if c},
+                  "lr": learning_rate, "grad_norm": flat[-1],
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
         examples = [task.train_examples[i] for i in indices]
@@ -268,6 +295,21 @@ class Trainer:
             self.save(step + 1)
         return record
 
+    def _update_if_finite(self, loss, grad_norm: torch.Tensor) -> None:
+        """``optimizer.step()``, unless the loss or the gradient norm is not finite (a NaN
+        would poison the weights). Torch's fused AdamW takes the decision on the device, as
+        under a GradScaler (``found_inf`` skips weights, moments and step count alike); other
+        optimizers need it read on the host."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss), device=grad_norm.device)
+        found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        if inner.defaults.get("fused"):
+            inner.found_inf = found_inf
+            self.optimizer.step()
+        elif not found_inf.item():
+            self.optimizer.step()
+
     def save(self, step: int) -> Path:
         """A checkpoint after ``step`` steps, written by the main process only."""
         path = self.checkpoint_dir / f"step-{step:08d}"
@@ -278,24 +320,20 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _summed(self, sums: dict, real_tokens: int, slots: int):
+    def _summed(self, sums: dict) -> dict:
         """Metric sums, token counts and stop requests added up over all processes: one
-        collective and one read of its result per step."""
+        collective, whose result stays on the device."""
         device = self.accelerator.device
-        names = sorted(sums)
-        rows = [torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
-                             for v in sums[n]]) for n in names]
-        extra = [[real_tokens, slots], [float(self.stop_requested), 0.0]]
-        table = torch.cat([torch.stack(rows) if rows else torch.zeros(0, 2, device=device),
-                           torch.tensor(extra, dtype=torch.float64, device=device)])
-        table = self.accelerator.reduce(table, reduction="sum").tolist()
-        self.stop_requested = table[-1][0] > 0
-        return ({n: tuple(row) for n, row in zip(names, table)}, int(table[-2][0]),
-                int(table[-2][1]))
+        names = list(sums)
+        table = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                          for v in sums[n]]) for n in names])
+        table = self.accelerator.reduce(table, reduction="sum")
+        return {n: (table[k, 0], table[k, 1]) for k, n in enumerate(names)}
 
     def finish(self) -> Path:
         """Save the trained model and ``run.json`` (main process); returns the output dir."""
         self.bar.close()
+        self.batches.close()
         if self.main:
             self.task.save(self.unwrapped, self.output_dir)
             info = {**self.task.run_info(), "device": self.accelerator.device.type,

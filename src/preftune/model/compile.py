@@ -1,0 +1,36 @@
+"""``train.compile``: each decoder layer compiled once per shape bucket.
+
+A step of a small model on a GPU is bound by kernel launches (thousands per step for a
+30-layer model), not by arithmetic; compiling fuses a layer's elementwise work into a few
+kernels. Only the decoder layers are compiled: they hold almost all the work, every layer of a
+model shares one compiled graph (same code, parameters passed as inputs), and nothing in them
+reads the device back (masks, positions and counts are built outside, once per batch). Shapes
+are static: collate rounds row widths up (``train.pad_to_multiple_of``) so a few shapes repeat
+for the whole run instead of one recompilation per new width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .forward import causal_lm_of
+
+# compiled graphs kept per layer code before falling back to eager: one per (rows, width)
+# bucket, so enough for the buckets of a run with packed rows of varying count
+RECOMPILE_LIMIT = 64
+
+
+def compile_layers(model: nn.Module, mode: str = "default", backend: str = "inductor") -> int:
+    """Compile every decoder layer of ``model`` (a transformers causal LM, PEFT-wrapped or not)
+    in place; returns how many were compiled. ``mode`` is torch.compile's ("reduce-overhead"
+    adds CUDA graphs on a GPU)."""
+    layers = getattr(causal_lm_of(model).get_decoder(), "layers", None)
+    if not layers:
+        raise ValueError(f"train.compile: {type(causal_lm_of(model)).__name__} has no "
+                         "decoder `layers` to compile; set train.compile: false.")
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, RECOMPILE_LIMIT)
+    for layer in layers:
+        layer.compile(mode=mode, backend=backend, dynamic=False)
+    return len(layers)
