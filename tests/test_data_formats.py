@@ -1,0 +1,216 @@
+"""Public preference datasets as they are published: each layout read without editing, the
+detection sentence, dataset directories, hub-cache folders and ``dir:split``."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from preftune.data.convert import convert
+from preftune.data.records import DataError, Pair, Ranked, Rated
+from preftune.data.sources import load_records
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def binarized_row(prompt, good, bad, score_good=8.0, score_bad=3.0):
+    """A row as in HuggingFaceH4/ultrafeedback_binarized's *_prefs splits."""
+    return {"prompt": prompt, "prompt_id": "abc123",
+            "chosen": [user(prompt), assistant(good)], "rejected": [user(prompt), assistant(bad)],
+            "messages": [user(prompt), assistant(good)],
+            "score_chosen": score_good, "score_rejected": score_bad}
+
+
+BINARIZED = [binarized_row("Name a prime.", "7", "8"),
+             binarized_row("Capital of Peru?", "Lima", "Cusco", 9.0, 2.5)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def load(path, **options):
+    detected = []
+    records = load_records(str(path), detected=detected, **options)
+    return records, detected[0]
+
+
+def check_binarized(pairs):
+    assert all(isinstance(p, Pair) for p in pairs)
+    assert [p.prompt for p in pairs] == [[user("Name a prime.")], [user("Capital of Peru?")]]
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        ([assistant("7")], [assistant("8")]), ([assistant("Lima")], [assistant("Cusco")])]
+    assert pairs[1].scores == {"score_chosen": 9.0, "score_rejected": 2.5}
+
+
+def test_ultrafeedback_binarized_is_detected_and_the_repeated_prompt_stripped(tmp_path):
+    pairs, detected = load(write_jsonl(tmp_path / "uf.jsonl", BINARIZED))
+    check_binarized(pairs)
+    assert "ultrafeedback-binarized: string 'prompt' + chosen/rejected message lists that start " \
+           "with the prompt" in detected and "shape detected: pairs" in detected
+
+
+def test_hub_style_parquet_dataset_dir_with_split(tmp_path):
+    root = tmp_path / "ultrafeedback_binarized"
+    (root / "data").mkdir(parents=True)
+    for split, rows in (("train_prefs", BINARIZED), ("test_prefs", BINARIZED[:1]),
+                        ("train_sft", BINARIZED[:1])):
+        pq.write_table(pa.Table.from_pylist(rows),
+                       root / "data" / f"{split}-00000-of-00001.parquet")
+    (root / "README.md").write_text("---\nconfigs: ...\n---\n")
+    pairs, detected = load(f"{root}:train_prefs")
+    check_binarized(pairs)
+    assert detected.startswith(f"{root}, split 'train_prefs' "
+                               "(data/train_prefs-00000-of-00001.parquet): ultrafeedback-binarized")
+    assert pairs[0].origin == f"{root}/data/train_prefs-00000-of-00001.parquet:record 0"
+    assert len(load_records(f"{root}:test_prefs")) == 1
+    with pytest.raises(DataError, match=r"splits test_prefs, train_prefs, train_sft; choose one "
+                                        r"with '.*:SPLIT'"):
+        load_records(str(root))
+    with pytest.raises(DataError, match="no split 'valid'"):
+        load_records(f"{root}:valid")
+
+
+def test_saved_dataset_dict_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path / "saved"
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(BINARIZED),
+                          "test_prefs": datasets.Dataset.from_list(BINARIZED[:1])}
+                         ).save_to_disk(str(root))
+    pairs, detected = load(f"{root}:train_prefs")
+    check_binarized(pairs)
+    assert "(saved with save_to_disk)" in detected and pairs[0].origin.endswith(
+        "saved:train_prefs:record 0")
+
+
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    folder = cache / "datasets--HuggingFaceH4--ultrafeedback_binarized"
+    snapshot = folder / "snapshots" / "0123abcd"
+    (snapshot / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(BINARIZED),
+                   snapshot / "data" / "train_prefs-00000-of-00001.parquet")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return folder
+
+
+def test_hub_cache_by_name_or_folder(tmp_path, monkeypatch):
+    folder = hub_cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    pairs, detected = load("HuggingFaceH4/ultrafeedback_binarized:train_prefs")
+    check_binarized(pairs)
+    assert detected.startswith("HuggingFaceH4/ultrafeedback_binarized (hub cache), split "
+                               "'train_prefs'")
+    # one split only: no need to name it; the cache folder itself works too
+    check_binarized(load_records(str(folder)))
+    with pytest.raises(DataError) as error:
+        load_records("HuggingFaceH4/not_here:train")
+    message = str(error.value)
+    assert "datasets--HuggingFaceH4--not_here" in message and "never downloads" in message
+    assert "huggingface-cli download --repo-type dataset HuggingFaceH4/not_here" in message
+
+
+def test_message_list_prompt_repeated_in_responses_is_stripped(tmp_path):
+    prompt = [{"role": "system", "content": "Be brief."}, user("Hi")]
+    rows = [{"prompt": prompt, "chosen": prompt + [assistant("Hello!")],
+             "rejected": prompt + [assistant("Go away.")]}]
+    pairs, detected = load(write_jsonl(tmp_path / "r.jsonl", rows))
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == (
+        prompt, [assistant("Hello!")], [assistant("Go away.")])
+    assert detected.endswith("implicit with a message-list prompt: chosen/rejected are whole "
+                             "dialogues that start with 'prompt'; it is checked against their "
+                             "opening and stripped from the responses (shape detected: pairs)")
+    # forced conversational: the whole dialogue is not taken for a response
+    with pytest.raises(DataError, match=r"r\.jsonl:1: field 'chosen': a message list that starts "
+                                        r"with a 'system' message.*format 'auto' or 'implicit'"):
+        load_records(str(tmp_path / "r.jsonl"), format="conversational")
+
+
+def test_repeated_prompt_that_does_not_match_names_record_and_field(tmp_path):
+    prompt = [user("Hi")]
+    rows = [{"prompt": prompt, "chosen": prompt + [assistant("a")],
+             "rejected": [user("Hello")] + [assistant("b")]}]
+    with pytest.raises(DataError, match=r"m\.jsonl:1: field 'rejected' repeats the prompt, but "
+                                        r"its message 0 has user: 'Hello' where 'prompt' has "
+                                        r"user: 'Hi'"):
+        load_records(write_jsonl(tmp_path / "m.jsonl", rows))
+    row = binarized_row("Name a prime.", "7", "8")
+    row["prompt"] = "Name an even number."
+    with pytest.raises(DataError, match=r"s\.jsonl:2: field 'prompt' \(prompt\) does not match the "
+                                        r"dialogue.*'Name a prime\.'.*'Name an even number\.'"):
+        load_records(write_jsonl(tmp_path / "s.jsonl", [BINARIZED[0], row]))
+
+
+def test_implicit_format_with_a_prompt_column_says_and_strips_it(tmp_path):
+    rows = [{"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": "\n\nHuman: Hi\n\nAssistant: Hello",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}]
+    pairs, detected = load(write_jsonl(tmp_path / "i.jsonl", rows), format="implicit")
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == (
+        "\n\nHuman: Hi\n\nAssistant:", " Hello", " Go")
+    assert "implicit with a string prompt" in detected and "checked against their opening " \
+           "and stripped" in detected and "format set: implicit" in detected
+    rows[0]["rejected"] = "\n\nHuman: Hey\n\nAssistant: Go"
+    with pytest.raises(DataError, match=r"i\.jsonl:1: field 'rejected' \(rejected\) does not "
+                                        r"start with the text of 'prompt'"):
+        load_records(write_jsonl(tmp_path / "i.jsonl", rows), format="implicit")
+    hh = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}]
+    pairs, detected = load(write_jsonl(tmp_path / "hh.jsonl", hh))
+    assert pairs[0].prompt == "\n\nHuman: Hi\n\nAssistant:" and "hh-dialogues: no prompt column" \
+        in detected
+
+
+def completion(text, overall, fine):
+    """One item of openbmb/UltraFeedback's ``completions``."""
+    return {"model": "m", "principle": "helpfulness", "custom_system_prompt": "",
+            "response": text, "overall_score": overall, "fine-grained_score": fine,
+            "critique": "...", "annotations": {"helpfulness": {"Rating": "4", "Rationale": "."}}}
+
+
+ULTRAFEEDBACK = [{"source": "evol_instruct", "instruction": "Name a prime.",
+                  "models": ["a", "b", "c"],
+                  "completions": [completion("8", 3.0, 2.25), completion("7", 8.5, 4.5),
+                                  completion("9", 5.0, 1.75)]}]
+
+
+def test_ultrafeedback_completions_become_ranked_lists_and_pairs(tmp_path):
+    lists, detected = load(write_jsonl(tmp_path / "uf.jsonl", ULTRAFEEDBACK))
+    assert isinstance(lists[0], Ranked) and lists[0].prompt == "Name a prime."
+    assert lists[0].responses == ("8", "7", "9")
+    assert lists[0].response_scores == (3.0, 8.5, 5.0)
+    assert detected.split(": ", 1)[1].startswith("ultrafeedback: 'instruction' + 'completions'") \
+        and "scored by its 'overall_score'" in detected
+    pairs = convert(lists, "pairs:best_vs_worst")
+    assert (pairs[0].chosen, pairs[0].rejected) == ("7", "8")
+    assert pairs[0].scores == {"chosen_score": 8.5, "rejected_score": 3.0}
+    fine = load_records(str(tmp_path / "uf.jsonl"), fields={"scores": "fine-grained_score"})
+    assert fine[0].response_scores == (2.25, 4.5, 1.75)
+    bad = json.loads(json.dumps(ULTRAFEEDBACK))
+    bad[0]["completions"][2]["overall_score"] = "N/A"
+    with pytest.raises(DataError, match=r"b\.jsonl:1: field 'completions', item 2: score "
+                                        r"'overall_score' is str 'N/A'"):
+        load_records(write_jsonl(tmp_path / "b.jsonl", bad))
+
+
+HELPSTEER = [{"prompt": "Name a prime.", "response": "7", "helpfulness": 4, "correctness": 4,
+              "coherence": 4, "complexity": 1, "verbosity": 0},
+             {"prompt": "Name a prime.", "response": "8", "helpfulness": 1, "correctness": 0,
+              "coherence": 3, "complexity": 1, "verbosity": 0}]
+
+
+def test_helpsteer_rows_are_rated_with_their_attributes(tmp_path):
+    rated, detected = load(write_jsonl(tmp_path / "hs.jsonl", HELPSTEER))
+    assert all(isinstance(r, Rated) for r in rated) and rated[1].response == "8"
+    assert rated[1].scores == {"helpfulness": 1, "correctness": 0, "coherence": 3,
+                               "complexity": 1, "verbosity": 0}
+    assert "helpsteer: string prompt + 'response' + numeric ratings helpfulness, correctness, " \
+           "coherence, complexity, verbosity" in detected
