@@ -40,7 +40,7 @@ def write_jsonl(path, rows):
 def load(path, **options):
     detected = []
     records = load_records(str(path), detected=detected, **options)
-    return records, detected[0]
+    return records, "{source}: {layout}: {why}".format(**detected[0])
 
 
 def check_binarized(pairs):
@@ -214,3 +214,96 @@ def test_helpsteer_rows_are_rated_with_their_attributes(tmp_path):
                                "complexity": 1, "verbosity": 0}
     assert "helpsteer: string prompt + 'response' + numeric ratings helpfulness, correctness, " \
            "coherence, complexity, verbosity" in detected
+
+
+def test_rm_train_regression_detects_the_helpsteer_attributes(tmp_path, capsys):
+    from preftune.cli import main
+    from tiny_models import save_tiny_model_dir
+
+    save_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "hs.jsonl", HELPSTEER * 4)
+    assert main(["rm", "train", "--set", f"model.path={tmp_path / 'model'}",
+                 "--set", f"data.train={data}", "--set", "loss.name=regression",
+                 "--set", "train.max_steps=2", "--set", "train.batch_size=4",
+                 "--set", f"output_dir={tmp_path / 'rm'}"]) == 0
+    names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    saved = json.loads((tmp_path / "rm" / "model" / "preftune_reward.json").read_text())
+    assert saved["head"]["kind"] == "attributes" and saved["head"]["attributes"] == names
+    report = json.loads((tmp_path / "rm" / "data_report.json").read_text())
+    assert report["head"] == (f"attributes {', '.join(names)}: the numeric columns of {data}:1 "
+                              "(no model.head.attributes given and no 'score' column for a "
+                              "scalar head; set model.head.attributes to choose others)")
+    assert report["detected"] == [{"source": data, "layout": "helpsteer", "why": (
+        f"string prompt + 'response' + numeric ratings {', '.join(names)} (shape detected: "
+        "rated)")}]
+    out = capsys.readouterr().out
+    assert "model.head: attributes helpfulness" in out and "data: " in out
+
+
+def readme_block(heading: str, index: int) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split(f"### {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```")[2 * index + 1].split("\n", 1)[1]
+
+
+def test_readme_data_formats_commands_run(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from preftune.cli import main
+    from tiny_models import save_tiny_model_dir
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    hub_cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "ultrafeedback.jsonl", ULTRAFEEDBACK)
+    write_jsonl(tmp_path / "helpsteer.jsonl", HELPSTEER * 4)
+    commands = [shlex.split(line) for line in readme_block("Data formats", 0).splitlines()]
+    assert [c[:3] for c in commands] == [["preftune", "data", "inspect"]] * 2 + [
+        ["preftune", "rm", "train"]]
+    outputs = []
+    for command in commands:
+        # the tiny model instead of the bundled one, and one training step
+        extra = (["--model", str(model)] if command[1] == "data" else
+                 ["--set", f"model.path={model}", "--set", "train.max_steps=1"])
+        assert main(command[1:] + extra) == 0, command
+        outputs.append(capsys.readouterr().out)
+    shown = readme_block("Data formats", 1).splitlines()
+    assert outputs[0].startswith("\n".join(shown[:2]) + "\n" + shown[2].removesuffix("..."))
+    assert "layout              ultrafeedback\n" in outputs[1]
+    assert "example 0" in outputs[0] and "model.head: attributes helpfulness" in outputs[2]
+
+
+def test_hh_rlhf_and_helpsteer2_hub_layouts_with_gzip_files(tmp_path):
+    import gzip
+
+    def gz(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def hh(answer):
+        return {"chosen": f"\n\nHuman: Hi\n\nAssistant: {answer}",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+
+    root = tmp_path / "hh-rlhf"  # Anthropic/hh-rlhf: one folder per subset, train/test files
+    gz(root / "harmless-base" / "train.jsonl.gz", [hh("Hello.")])
+    gz(root / "helpful-base" / "train.jsonl.gz", [hh("Hi!")])
+    gz(root / "helpful-base" / "test.jsonl.gz", [hh("Hey.")])
+    pairs, detected = load(root)  # the train files of every subset, as the hub's default
+    assert [p.chosen for p in pairs] == [" Hello.", " Hi!"]
+    assert pairs[1].origin == f"{root}/helpful-base/train.jsonl.gz:1"
+    assert "split 'train' (harmless-base/train.jsonl.gz, helpful-base/train.jsonl.gz): " \
+           "hh-dialogues" in detected
+    assert [p.chosen for p in load_records(f"{root}/helpful-base:test")] == [" Hey."]
+
+    root = tmp_path / "HelpSteer2"  # nvidia/HelpSteer2: train/validation plus subfolders
+    gz(root / "train.jsonl.gz", HELPSTEER)
+    gz(root / "validation.jsonl.gz", HELPSTEER[:1])
+    gz(root / "preference" / "preference.jsonl.gz", [{"prompt": "p", "response_1": "a"}])
+    assert [r.response for r in load_records(str(root))] == ["7", "8"]
+    assert len(load_records(f"{root}:validation")) == 1
+    (root / "broken.jsonl.gz").write_text("not gzip")
+    with pytest.raises(DataError, match=r"broken\.jsonl\.gz: cannot read as gzip-compressed"):
+        load_records(f"{root}:broken")

@@ -52,8 +52,7 @@ def _inspect(args) -> None:
     tokenizer = load_tokenizer(args.model)
     settings = TokenizeSettings(args.max_length, args.max_prompt_length)
     examples, report = tokenize_records(records, tokenizer, settings)
-    print(f"detected: {detected[0]}")
-    print(inspect_report(records, examples, report))
+    print(inspect_report(records, examples, report, detected[0]))
     if args.example is not None:
         match = [ex for ex in examples if ex.index == args.example]
         if not match:

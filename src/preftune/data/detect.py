@@ -26,9 +26,6 @@ class Detection:
     layout: str  # the name shown to the user
     reason: str
 
-    def __str__(self) -> str:
-        return f"{self.layout}: {self.reason}"
-
 
 def detect(row: dict, columns: dict, origin: str, shape: str, format: str) -> Detection:
     """The shape and format of a file from its first record (``shape``/``format`` "auto" or

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .records import DataError
 
-DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+DATA_EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what Dataset(Dict).save_to_disk writes
 METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -112,16 +112,19 @@ def _dataset_dir(path: str, split: str | None, label: str) -> Source:
 
 
 def _split_files(root: Path) -> dict:
-    """Data files by split, named as on the hub: ``data/SPLIT-00000-of-00001.parquet``,
-    ``SPLIT.jsonl`` or ``[data/]SPLIT/*.parquet``."""
+    """Data files by split, named as on the hub: the file name before its first ``-`` or ``.``
+    (``data/train_prefs-00000-of-00001.parquet``, ``helpful-base/train.jsonl.gz``), or the
+    folder when the file name is a number (``default/train/0000.parquet``)."""
     splits: dict = {}
     for file in sorted(root.rglob("*")):
         relative = file.relative_to(root)
-        if (not file.is_file() or file.suffix.lower() not in DATA_EXTENSIONS
+        if (not file.is_file() or not file.name.lower().endswith(DATA_EXTENSIONS)
                 or file.name in METADATA
                 or any(part.startswith(".") for part in relative.parts)):
             continue
+        name = re.split(r"[-.]", file.name, maxsplit=1)[0]
         folders = [part for part in relative.parts[:-1] if part != "data"]
-        name = folders[-1] if folders else re.split(r"[-.]", file.name, maxsplit=1)[0]
+        if (not name or name.isdigit()) and folders:
+            name = folders[-1]
         splits.setdefault(name, []).append(file)
     return splits

@@ -54,8 +54,8 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     shape = data_shape(train_records)
     eval_records = (_load_all(data_config.eval, data_config, skipped, detected)
                     if data_config.eval else [])
-    for line in detected:
-        print(f"data: {line}")
+    for found in detected:
+        print(f"data: {found['source']}: {found['layout']} ({found['why']})")
     if data_config.eval_fraction > 0:
         order = list(range(len(train_records)))
         random.Random(seed).shuffle(order)

@@ -9,6 +9,7 @@ decides the shape and format (``detect.py``, which also says why); ``shapes.py``
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import os
@@ -39,7 +40,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     (0-based) otherwise. With a ``skipped`` list, a malformed record is left out and its error
     message appended there instead of raised (``data.on_error: skip``); problems with the file
     itself (missing, unreadable, no valid record at all) still raise. With a ``detected`` list,
-    one sentence is appended: where the rows came from, the layout found and why.
+    ``{source, layout, why}`` is appended: where the rows came from, the layout found and why.
     """
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
@@ -74,7 +75,8 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
             skipped.append(str(error))
             continue
         if detection is None and detected is not None:
-            detected.append(f"{source.description}: {found}")
+            detected.append({"source": source.description, "layout": found.layout,
+                             "why": found.reason})
         detection = found
         records.append(record)
     if not records and skipped:
@@ -107,7 +109,13 @@ def _rows(source: Source, text_columns: set, bad_lines: list | None) -> Iterator
         return
     for path in source.files or (source.path,):
         extension = os.path.splitext(path)[1].lower()
-        if extension == ".jsonl":
+        if path.lower().endswith(".jsonl.gz"):
+            try:
+                yield from _read_jsonl(path, bad_lines, opener=gzip.open)
+            except (OSError, EOFError) as error:  # not gzip, or cut short
+                raise DataError(f"{path}: cannot read as gzip-compressed JSONL ({error}); "
+                                f"check that the download is complete.") from None
+        elif extension == ".jsonl":
             yield from _read_jsonl(path, bad_lines)
         elif extension == ".json":
             yield from _read_json(path)
@@ -128,9 +136,10 @@ def _open_text(path: str):
     return open(path, encoding="utf-8-sig", newline="")
 
 
-def _read_jsonl(path: str, bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
+def _read_jsonl(path: str, bad_lines: list | None = None,
+                opener=open) -> Iterator[tuple[str, Any]]:
     # bytes, decoded line by line, so a decoding error can name its line
-    with open(path, "rb") as handle:
+    with opener(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")

@@ -93,9 +93,9 @@ class RewardConfig(Section):
         """Regression with an ``attributes`` head whose names are not given: they are read from
         the data (``detect_attributes``); with ``auto`` only when the data lacks the scalar
         target column."""
-        head = self.model.head
-        return self.loss.name == "regression" and head.kind in ("auto", "attributes") \
-            and not head.attributes
+        head, target_given = self.model.head, "target" in (self.loss.model_extra or {})
+        return (self.loss.name == "regression" and not head.attributes
+                and (head.kind == "attributes" or (head.kind == "auto" and not target_given)))
 
     @property
     def head(self) -> Head:
@@ -127,7 +127,8 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
 
     Rated rows give their numeric columns (HelpSteer's helpfulness, correctness, ...); pairs give
     each ``X`` that has numeric ``chosen_X`` and ``rejected_X``. With ``model.head.kind: auto``
-    a record that has the scalar target column (``loss.target``) keeps the scalar head.
+    a record that has the scalar target column (``loss.target``, or ``chosen_<target>`` for
+    pairs) keeps the scalar head, and so does a ``loss.target`` set in the config.
     """
     if not config.detects_attributes:
         return config.head, None
@@ -136,12 +137,14 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
     origin, row = next(iter(read_rows(path, set(TEXT_FIELDS))), (path, {}))
     if not isinstance(row, dict):
         return config.head, None  # load_records names the bad record
-    if config.model.head.kind == "auto" and is_number(row.get(target)):
+    rated = fields.get("response", "response") in row
+    if config.model.head.kind == "auto" and is_number(row.get(target if rated
+                                                               else f"chosen_{target}")):
         return config.head, None
     used = {fields.get(name, name) for name in ("prompt", "response")}
     names = [name for name, value in row.items() if name not in used and is_number(value)]
     where = "numeric columns"
-    if fields.get("response", "response") not in row:
+    if not rated:
         names = [name[len("chosen_"):] for name in row if name.startswith("chosen_")
                  and is_number(row[name]) and is_number(row.get("rejected_" + name[7:]))]
         where = "numeric chosen_X/rejected_X columns"
