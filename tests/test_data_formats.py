@@ -163,7 +163,8 @@ def test_implicit_format_with_a_prompt_column_says_and_strips_it(tmp_path):
     with pytest.raises(DataError, match=r"i\.jsonl:1: field 'rejected' \(rejected\) does not "
                                         r"start with the text of 'prompt'"):
         load_records(write_jsonl(tmp_path / "i.jsonl", rows), format="implicit")
-    hh = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}]
+    hh = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello",
+           "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}]
     pairs, detected = load(write_jsonl(tmp_path / "hh.jsonl", hh))
     assert pairs[0].prompt == "\n\nHuman: Hi\n\nAssistant:" and "hh-dialogues: no prompt column" \
         in detected
@@ -307,3 +308,11 @@ def test_hh_rlhf_and_helpsteer2_hub_layouts_with_gzip_files(tmp_path):
     (root / "broken.jsonl.gz").write_text("not gzip")
     with pytest.raises(DataError, match=r"broken\.jsonl\.gz: cannot read as gzip-compressed"):
         load_records(f"{root}:broken")
+
+
+def test_string_prompt_with_reply_only_message_lists_says_what_to_change(tmp_path):
+    rows = [{"prompt": "Hi", "chosen": [assistant("Hello")], "rejected": [assistant("Go")]}]
+    with pytest.raises(DataError, match=r"a\.jsonl:1: field 'chosen' \(chosen\): format 'standard' "
+                                        r"expects a string, got list.*Message-list responses need "
+                                        r"a message-list prompt"):
+        load_records(write_jsonl(tmp_path / "a.jsonl", rows))

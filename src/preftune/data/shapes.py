@@ -306,10 +306,13 @@ def _expect_string(value, where: str, origin: str, mixed: bool) -> None:
         return
     if mixed and isinstance(value, list):
         _mismatch(origin, "standard (strings)", f"a message list in {where}")
-    raise DataError(
-        f"{origin}: {where}: format 'standard' expects a string, got {describe(value)}. "
-        f"Fix the record or pick the matching format."
-    )
+    hint = "Fix the record or pick the matching format."
+    if isinstance(value, list):
+        hint = ("Message-list responses need a message-list prompt ([{\"role\": \"user\", "
+                "\"content\": ...}], format 'conversational'); lists that repeat the prompt "
+                "before the reply are read with format 'auto' or 'implicit'.")
+    raise DataError(f"{origin}: {where}: format 'standard' expects a string, got "
+                    f"{describe(value)}. {hint}")
 
 
 def _mismatch(origin: str, expected: str, found: str) -> None:

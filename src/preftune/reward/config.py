@@ -8,11 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 
+from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Section, TrainConfig,
+                      _unknown, build_config, check_data_and_train, read_tree)
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS, is_number
 from ..data.sources import read_rows
-from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Section, TrainConfig, _unknown,
-                      build_config, check_data_and_train, read_tree)
 from .heads import Head, HeadError
 from .losses import get_reward_loss
 
@@ -20,7 +20,8 @@ from .losses import get_reward_loss
 class HeadSettings(Section):
     """``model.head``: which head and its settings (see ``reward/heads.py``). ``auto`` takes the
     loss's natural head: gpm -> gpm, quantile -> quantile, regression with attributes ->
-    attributes, otherwise scalar."""
+    attributes, otherwise scalar. Regression with no attribute names reads them from the data
+    (``detect_attributes``)."""
 
     kind: Literal["auto", "scalar", "attributes", "quantile", "gpm"] = "auto"
     attributes: list[str] = []
