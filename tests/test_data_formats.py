@@ -140,9 +140,9 @@ def test_repeated_prompt_that_does_not_match_names_record_and_field(tmp_path):
     prompt = [user("Hi")]
     rows = [{"prompt": prompt, "chosen": prompt + [assistant("a")],
              "rejected": [user("Hello")] + [assistant("b")]}]
-    with pytest.raises(DataError, match=r"m\.jsonl:1: field 'rejected' repeats the prompt, but "
-                                        r"its message 0 has user: 'Hello' where 'prompt' has "
-                                        r"user: 'Hi'"):
+    with pytest.raises(DataError, match=r"m\.jsonl:1: field 'rejected' should repeat the prompt "
+                                        r"\(a whole dialogue\), but its message 0 has user: "
+                                        r"'Hello' where 'prompt' has user: 'Hi'"):
         load_records(write_jsonl(tmp_path / "m.jsonl", rows))
     row = binarized_row("Name a prime.", "7", "8")
     row["prompt"] = "Name an even number."

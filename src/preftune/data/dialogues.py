@@ -99,8 +99,9 @@ def _after(prompt: list, side: list, column: str, prompt_column: str, origin: st
                                                                       message["content"]):
             found = "ends" if theirs is None else f"has {theirs['role']}: {_short(theirs)}"
             raise DataError(
-                f"{origin}: field {column!r} repeats the prompt, but its message {position} "
-                f"{found} where {prompt_column!r} has {message['role']}: {_short(message)}. "
+                f"{origin}: field {column!r} should repeat the prompt (a whole dialogue), but its "
+                f"message {position} {found} where {prompt_column!r} has {message['role']}: "
+                f"{_short(message)}. "
                 f"A dialogue must start with the whole prompt; fix the record, or drop the "
                 f"repeated messages so {column!r} holds only the response."
             )

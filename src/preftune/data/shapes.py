@@ -1,10 +1,10 @@
-"""Source rows -> canonical records, one parser per shape: pairs, unpaired, ranked.
+"""Source rows -> canonical records, one parser per shape: pairs, unpaired, ranked, rated.
 
-How a file's shape and format are decided is in ``sources.py``; this module parses one row.
+How a file's shape and format are decided is in ``detect.py``; this module parses one row.
 
 ``columns`` maps canonical field names to the file's column names. ``format`` is "standard"
-(strings), "conversational" (message-list prompts) or "implicit" (pairs only: no prompt, chosen
-and rejected share a prefix). A pairs row with ``chosen_prompt`` and ``rejected_prompt`` instead
+(strings), "conversational" (message-list prompts) or "implicit" (pairs only: chosen and
+rejected are whole dialogues, see ``dialogues.py``). A pairs row with ``chosen_prompt`` and ``rejected_prompt`` instead
 of ``prompt`` is a joint pair (one prompt per side, DOVE); a file may mix both kinds. ``mixed`` is
 True for a later record of an auto-detected file, so a record of another valid format is reported
 as a mixed file rather than a bad value.

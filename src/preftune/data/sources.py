@@ -30,7 +30,9 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
 
     ``shape`` is "auto" (decided by the first record's fields; every record must then match),
     "pairs", "unpaired", "ranked" or "rated". ``format`` is "auto" (decided by the first record),
-    "standard", "conversational" or "implicit" (pairs only). A pairs record with
+    "standard", "conversational" or "implicit" (pairs only: chosen/rejected are whole dialogues;
+    the prompt is their shared opening, and a prompt column is checked against it and stripped
+    from them, as in UltraFeedback-binarized). A pairs record with
     ``chosen_prompt`` and ``rejected_prompt`` (and no ``prompt``) becomes a ``JointPair``; a file
     may mix these with ordinary pairs. ``fields`` maps canonical names (prompt, chosen, rejected,
     gold, chosen_prompt, rejected_prompt, completion, label, responses, scores, ranks, response)
