@@ -47,11 +47,12 @@ def _inspect(args) -> None:
     from .data.tokenize import TokenizeSettings, tokenize_records
     from .model.load import load_tokenizer
 
-    records = load_records(args.file, format=args.format)
+    detected: list = []
+    records = load_records(args.file, format=args.format, detected=detected)
     tokenizer = load_tokenizer(args.model)
     settings = TokenizeSettings(args.max_length, args.max_prompt_length)
     examples, report = tokenize_records(records, tokenizer, settings)
-    print(inspect_report(records, examples, report))
+    print(inspect_report(records, examples, report, detected[0]))
     if args.example is not None:
         match = [ex for ex in examples if ex.index == args.example]
         if not match:
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="look at a dataset the way preftune sees it")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = data_commands.add_parser("inspect", help="counts and token-level view")
-    inspect.add_argument("file")
+    inspect.add_argument("file", help="a data file, a dataset directory or hub-cache dataset "
+                         "(ORG/NAME), optionally :SPLIT")
     inspect.add_argument("--example", type=int, help="show record N token by token")
     inspect.add_argument("--model", default="default", help="whose tokenizer to use")
     inspect.add_argument("--format", default="auto",

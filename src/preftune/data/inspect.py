@@ -12,9 +12,14 @@ CONTEXT_TOKENS = 3  # prompt tokens shown again before the boundary of the secon
 
 
 def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
-                   report: TokenizeReport) -> str:
-    """A summary of what was read, kept, dropped and truncated, with length statistics."""
-    lines = [_row("records read", report.records)]
+                   report: TokenizeReport, detected: dict | None = None) -> str:
+    """A summary of what was read, kept, dropped and truncated, with length statistics;
+    ``detected`` (from ``load_records``) says where the rows came from and the layout found."""
+    lines = []
+    if detected:
+        lines += [_row("source", detected["source"]), _row("layout", detected["layout"]),
+                  _row("  why", detected["why"])]
+    lines.append(_row("records read", report.records))
     if records:
         kind = "conversational" if records[0].is_conversational else "plain text"
         lines.append(_row("prompt kind", kind))

@@ -11,12 +11,13 @@ from .sources import load_records
 from .tokenize import TokenizeSettings, tokenize_records
 
 
-def _load_all(paths, data_config, skipped: list | None = None) -> list:
+def _load_all(paths, data_config, skipped: list | None = None,
+              detected: list | None = None) -> list:
     records = []
     for path in [paths] if isinstance(paths, str) else paths:
         records += load_records(path, format=data_config.format,
                                 fields=data_config.fields or None, shape=data_config.shape,
-                                skipped=skipped)
+                                skipped=skipped, detected=detected)
     if data_config.convert:
         records = convert(records, data_config.convert)
     return records
@@ -48,9 +49,13 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
                         "Parquet, CSV or a saved HF dataset directory).")
     settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length)
     skipped: list | None = [] if data_config.on_error == "skip" else None
-    train_records = _load_all(data_config.train, data_config, skipped)
+    detected: list = []
+    train_records = _load_all(data_config.train, data_config, skipped, detected)
     shape = data_shape(train_records)
-    eval_records = _load_all(data_config.eval, data_config, skipped) if data_config.eval else []
+    eval_records = (_load_all(data_config.eval, data_config, skipped, detected)
+                    if data_config.eval else [])
+    for found in detected:
+        print(f"data: {found['source']}: {found['layout']} ({found['why']})")
     if data_config.eval_fraction > 0:
         order = list(range(len(train_records)))
         random.Random(seed).shuffle(order)
@@ -63,7 +68,7 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if not train:
         raise DataError(f"no training example survived tokenization: {train_report.as_dict()}")
     _same_response_count(train, "train")
-    report = {"shape": shape, "train": train_report.as_dict()}
+    report = {"shape": shape, "detected": detected, "train": train_report.as_dict()}
     if skipped:
         report["skipped_rows"] = {"count": len(skipped), "reasons": skipped[:10]}
         print(f"data.on_error skip: left out {len(skipped)} malformed records; the first: "

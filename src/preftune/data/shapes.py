@@ -1,10 +1,10 @@
-"""Source rows -> canonical records, one parser per shape: pairs, unpaired, ranked.
+"""Source rows -> canonical records, one parser per shape: pairs, unpaired, ranked, rated.
 
-How a file's shape and format are decided is in ``sources.py``; this module parses one row.
+How a file's shape and format are decided is in ``detect.py``; this module parses one row.
 
 ``columns`` maps canonical field names to the file's column names. ``format`` is "standard"
-(strings), "conversational" (message-list prompts) or "implicit" (pairs only: no prompt, chosen
-and rejected share a prefix). A pairs row with ``chosen_prompt`` and ``rejected_prompt`` instead
+(strings), "conversational" (message-list prompts) or "implicit" (pairs only: chosen and
+rejected are whole dialogues, see ``dialogues.py``). A pairs row with ``chosen_prompt`` and ``rejected_prompt`` instead
 of ``prompt`` is a joint pair (one prompt per side, DOVE); a file may mix both kinds. ``mixed`` is
 True for a later record of an auto-detected file, so a record of another valid format is reported
 as a mixed file rather than a bad value.
@@ -13,27 +13,26 @@ as a mixed file rather than a bad value.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
+from .dialogues import FIELDS_HINT, split_dialogues, strip_gold
 from .records import DataError, JointPair, Pair, Ranked, Rated, Unpaired
 
 JOINT_PROMPT_FIELDS = ("chosen_prompt", "rejected_prompt")  # a joint pair's prompt per side
 SHAPE_FIELDS = {
     "pairs": ("prompt", "chosen", "rejected", "gold", *JOINT_PROMPT_FIELDS),
     "unpaired": ("prompt", "completion", "label"),
-    "ranked": ("prompt", "responses", "scores", "ranks"),
+    "ranked": ("prompt", "responses", "scores", "ranks", "completions"),
     "rated": ("prompt", "response"),
 }
 CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for n in names))
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses", "response",
                *JOINT_PROMPT_FIELDS)
-# the fields that identify a shape; "responses" must also hold a list
+# the fields that identify a shape; "responses" must also hold a list (or "completions" be a
+# list of objects, UltraFeedback's layout)
 SIGNATURES = {"pairs": ("chosen", "rejected"), "unpaired": ("completion", "label"),
               "ranked": ("responses",), "rated": ("response",)}
 LABEL_STRINGS = {"true": True, "false": False, "1": True, "0": False}
-ASSISTANT_MARKER = "\n\nAssistant:"
-FIELDS_HINT = "map column names with fields={...} (config key data.fields)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,11 +51,10 @@ def _to_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) ->
     rejected = _get(row, columns, "rejected", origin)
     gold = row.get(columns["gold"])
     if format == "implicit":
-        if mixed and row.get(columns["prompt"]) is not None:
-            _mismatch(origin, "implicit (no prompt field)", f"field {columns['prompt']!r}")
-        prompt, chosen, rejected = _split_implicit(chosen, rejected, columns, origin)
+        prompt, chosen, rejected = split_dialogues(chosen, rejected, row.get(columns["prompt"]),
+                                                   columns, origin, _messages)
         if gold is not None:
-            gold = _strip_prompt(gold, prompt, columns["gold"], origin)
+            gold = strip_gold(gold, prompt, columns["gold"], origin, _messages)
     else:
         prompt = _prompt(row, columns, format, origin, mixed)
         chosen = _reply(chosen, columns, "chosen", format, origin, mixed)
@@ -123,6 +121,8 @@ def _to_unpaired(row: dict, columns: dict, format: str, origin: str, mixed: bool
 
 
 def _to_ranked(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Ranked:
+    if row.get(columns["responses"]) is None and isinstance(row.get(columns["completions"]), list):
+        return _completions_to_ranked(row, columns, format, origin, mixed)
     column = columns["responses"]
     items = _get(row, columns, "responses", origin)
     if not isinstance(items, list):
@@ -144,6 +144,35 @@ def _to_ranked(row: dict, columns: dict, format: str, origin: str, mixed: bool) 
     )
     return Ranked(prompt, responses, _response_scores(row, columns, len(items), origin),
                   origin=origin, scores=_extras(row, columns, "ranked"))
+
+
+def _completions_to_ranked(row: dict, columns: dict, format: str, origin: str,
+                           mixed: bool) -> Ranked:
+    """UltraFeedback's layout: ``completions`` objects, each with a response and a score (the
+    keys ``columns["response"]`` and ``columns["scores"]``), as one ranked list."""
+    column, text_key, score_key = columns["completions"], columns["response"], columns["scores"]
+    items = row[column]
+    if len(items) < 2:
+        raise DataError(f"{origin}: field {column!r} (completions): a ranked record needs at "
+                        f"least 2 completions, got {len(items)}.")
+    responses, scores = [], []
+    for k, item in enumerate(items):
+        where = f"{origin}: field {column!r}, item {k}"
+        if not isinstance(item, dict) or item.get(text_key) is None:
+            keys = ", ".join(repr(key) for key in item) if isinstance(item, dict) else "none"
+            raise DataError(f"{where}: expected an object with the response under {text_key!r} "
+                            f"(keys present: {keys}); map another key with data.fields: "
+                            f"{{response: KEY}}.")
+        score = item.get(score_key)
+        if not is_number(score) or not math.isfinite(score):
+            raise DataError(f"{where}: score {score_key!r} is {describe(score)}, expected a "
+                            f"finite number; pick another per-completion score with "
+                            f"data.fields: {{scores: KEY}} (e.g. fine-grained_score).")
+        responses.append(_reply(item[text_key], columns, "response", format, origin, mixed))
+        scores.append(float(score))
+    prompt = _prompt(row, columns, format, origin, mixed)
+    return Ranked(prompt, tuple(responses), tuple(scores), origin=origin,
+                  scores=_extras(row, columns, "ranked"))
 
 
 def _to_rated(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Rated:
@@ -200,13 +229,21 @@ def _reply(value: Any, columns: dict, canonical: str, format: str, origin: str, 
         where = f"field {columns[canonical]!r} ({canonical})"
         _expect_string(value, where if item is None else f"{where}, item {item}", origin, mixed)
         return value
-    return _response(value, column, origin)
+    response = _response(value, column, origin)
+    if isinstance(response, list) and response[0]["role"] != "assistant":
+        raise DataError(
+            f"{origin}: field {column!r}: a message list that starts with a "
+            f"{response[0]['role']!r} message, not the assistant's reply: it repeats the prompt "
+            f"(a whole dialogue). For pairs use format 'auto' or 'implicit', which check the "
+            f"repeated prompt and strip it; otherwise keep only the assistant's messages."
+        )
+    return response
 
 
 def _label(value: Any, column: str, origin: str) -> bool:
     if isinstance(value, bool):
         return value
-    if _is_number(value) and value in (0, 1):
+    if is_number(value) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in LABEL_STRINGS:
         return LABEL_STRINGS[value.strip().lower()]
@@ -243,10 +280,10 @@ def _response_scores(row: dict, columns: dict, count: int, origin: str) -> tuple
         )
     for k, value in enumerate(values):
         if canonical == "scores":
-            ok = _is_number(value) and math.isfinite(value)
+            ok = is_number(value) and math.isfinite(value)
             expected = "a finite number"
         else:
-            ok = _is_number(value) and float(value).is_integer() and 1 <= value <= count
+            ok = is_number(value) and float(value).is_integer() and 1 <= value <= count
             expected = f"a whole number from 1 (best) to {count}"
         if not ok:
             raise DataError(f"{origin}: field {column!r} ({canonical}), item {k}: expected "
@@ -261,7 +298,7 @@ def _extras(row: dict, columns: dict, shape: str) -> dict:
     used = {columns[name] for name in SHAPE_FIELDS[shape]}
     return {name: float(value) if isinstance(value, bool) else value
             for name, value in row.items()
-            if name not in used and (_is_number(value) or isinstance(value, bool))}
+            if name not in used and (is_number(value) or isinstance(value, bool))}
 
 
 def _expect_string(value, where: str, origin: str, mixed: bool) -> None:
@@ -269,10 +306,13 @@ def _expect_string(value, where: str, origin: str, mixed: bool) -> None:
         return
     if mixed and isinstance(value, list):
         _mismatch(origin, "standard (strings)", f"a message list in {where}")
-    raise DataError(
-        f"{origin}: {where}: format 'standard' expects a string, got {describe(value)}. "
-        f"Fix the record or pick the matching format."
-    )
+    hint = "Fix the record or pick the matching format."
+    if isinstance(value, list):
+        hint = ("Message-list responses need a message-list prompt ([{\"role\": \"user\", "
+                "\"content\": ...}], format 'conversational'); lists that repeat the prompt "
+                "before the reply are read with format 'auto' or 'implicit'.")
+    raise DataError(f"{origin}: {where}: format 'standard' expects a string, got "
+                    f"{describe(value)}. {hint}")
 
 
 def _mismatch(origin: str, expected: str, found: str) -> None:
@@ -320,76 +360,6 @@ def _response(value: Any, column: str, origin: str) -> str | list:
 
 
 # ---------------------------------------------------------------------------------------------
-# implicit prompts (pairs only)
-
-
-def _split_implicit(chosen: Any, rejected: Any, columns: dict, origin: str) -> tuple:
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        return _split_implicit_text(chosen, rejected, origin)
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        chosen = _messages(chosen, columns["chosen"], origin)
-        rejected = _messages(rejected, columns["rejected"], origin)
-        return _split_implicit_messages(chosen, rejected, origin)
-    for canonical, value in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, (str, list)):
-            raise DataError(
-                f"{origin}: field {columns[canonical]!r} ({canonical}): expected a whole "
-                f"dialogue as a string or a list of messages, got {describe(value)}."
-            )
-    raise DataError(
-        f"{origin}: fields {columns['chosen']!r} and {columns['rejected']!r}: one is a string "
-        f"and the other a message list; both must have the same type."
-    )
-
-
-def _split_implicit_text(chosen: str, rejected: str, origin: str) -> tuple[str, str, str]:
-    shared = os.path.commonprefix([chosen, rejected])
-    cut = shared.rfind(ASSISTANT_MARKER)
-    if cut < 0:
-        raise DataError(
-            f"{origin}: fields 'chosen' and 'rejected' share no turn boundary: no "
-            f"{ASSISTANT_MARKER!r} lies in their common prefix, so the prompt cannot be found. "
-            f"Implicit-prompt text must follow the '\\n\\nHuman: ...\\n\\nAssistant: ...' layout; "
-            f"otherwise add a prompt field or, if it has another name, {FIELDS_HINT}."
-        )
-    end = cut + len(ASSISTANT_MARKER)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
-def _split_implicit_messages(chosen: list, rejected: list, origin: str) -> tuple:
-    shared = 0
-    # each side keeps at least one message as its response
-    limit = min(len(chosen), len(rejected)) - 1
-    while shared < limit and chosen[shared] == rejected[shared]:
-        shared += 1
-    # the responses start at an assistant turn; back off to the last one inside the shared part
-    while shared > 0 and not (chosen[shared]["role"] == rejected[shared]["role"] == "assistant"):
-        shared -= 1
-    if shared == 0:
-        raise DataError(
-            f"{origin}: fields 'chosen' and 'rejected' share no turn boundary: they need a "
-            f"common opening (at least one message) followed by an assistant turn where they "
-            f"differ. Add a prompt field or, if it has another name, {FIELDS_HINT}."
-        )
-    return chosen[:shared], chosen[shared:], rejected[shared:]
-
-
-def _strip_prompt(gold: Any, prompt: Any, column: str, origin: str) -> Any:
-    """An implicit-prompt gold dialogue minus the prompt found from chosen and rejected."""
-    if isinstance(gold, str) and isinstance(prompt, str) and gold.startswith(prompt):
-        return gold[len(prompt):]
-    if isinstance(gold, list) and isinstance(prompt, list):
-        gold = _messages(gold, column, origin)
-        if gold[: len(prompt)] == prompt and len(gold) > len(prompt):
-            return gold[len(prompt):]
-    raise DataError(
-        f"{origin}: field {column!r} (gold): with an implicit prompt the gold response must be "
-        f"the whole dialogue, starting with the prompt that 'chosen' and 'rejected' share; it "
-        f"does not. Fix the record or add a prompt field."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # small helpers
 
 
@@ -401,7 +371,7 @@ def present_fields(row: dict) -> str:
     return ", ".join(repr(name) for name in row) or "none"
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -1,38 +1,38 @@
-"""Preference data files -> canonical records (``Pair``/``JointPair``, ``Unpaired``, ``Ranked``,
+"""Preference data -> canonical records (``Pair``/``JointPair``, ``Unpaired``, ``Ranked``,
 ``Rated``).
 
-Reads JSONL, JSON, Parquet, CSV and Hugging Face datasets saved with ``save_to_disk``. The
-record shape comes from the fields (chosen + rejected: pairs; completion + label: unpaired;
-responses + scores/ranks: ranked; response + numeric ratings: rated); text is standard
-(strings), conversational (message lists) or, for pairs, implicit (no prompt: chosen and
-rejected share a prefix). A pair with
-``chosen_prompt`` and ``rejected_prompt`` instead of ``prompt`` is a joint pair. Row parsing lives
-in ``shapes.py``.
+Reads JSONL, JSON, Parquet and CSV files, and dataset directories (``save_to_disk``, data files
+as on the Hugging Face hub, hub-cache folders; ``dir:split``; see ``hub.py``). The first record
+decides the shape and format (``detect.py``, which also says why); ``shapes.py`` parses each row.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import os
 from typing import Any, Iterator
 
+from .detect import check_shape, detect
+from .hub import DATA_EXTENSIONS, Source, locate
 from .records import SHAPES, DataError
-from .shapes import (CANONICAL_FIELDS, FIELDS_HINT, JOINT_PROMPT_FIELDS, SIGNATURES, TEXT_FIELDS,
-                     describe, parse_row, present_fields, signature)
+from .shapes import CANONICAL_FIELDS, TEXT_FIELDS, describe, parse_row
 
 FORMATS = ("auto", "standard", "conversational", "implicit")
-EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
 
 def load_records(path: str, format: str = "auto", fields: dict | None = None,
-                 shape: str = "auto", skipped: list | None = None) -> list:
+                 shape: str = "auto", skipped: list | None = None,
+                 detected: list | None = None) -> list:
     """Read a preference file into ``Pair``, ``JointPair``, ``Unpaired`` or ``Ranked`` records.
 
     ``shape`` is "auto" (decided by the first record's fields; every record must then match),
     "pairs", "unpaired", "ranked" or "rated". ``format`` is "auto" (decided by the first record),
-    "standard", "conversational" or "implicit" (pairs only). A pairs record with
+    "standard", "conversational" or "implicit" (pairs only: chosen/rejected are whole dialogues;
+    the prompt is their shared opening, and a prompt column is checked against it and stripped
+    from them, as in UltraFeedback-binarized). A pairs record with
     ``chosen_prompt`` and ``rejected_prompt`` (and no ``prompt``) becomes a ``JointPair``; a file
     may mix these with ordinary pairs. ``fields`` maps canonical names (prompt, chosen, rejected,
     gold, chosen_prompt, rejected_prompt, completion, label, responses, scores, ranks, response)
@@ -41,7 +41,8 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     ``record.scores``. ``origin`` is ``path:LINE`` (1-based) for JSONL and ``path:record I``
     (0-based) otherwise. With a ``skipped`` list, a malformed record is left out and its error
     message appended there instead of raised (``data.on_error: skip``); problems with the file
-    itself (missing, unreadable, no valid record at all) still raise.
+    itself (missing, unreadable, no valid record at all) still raise. With a ``detected`` list,
+    ``{source, layout, why}`` is appended: where the rows came from, the layout found and why.
     """
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
@@ -51,10 +52,10 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
         raise DataError(f"{path}: format 'implicit' (no prompt field) applies to pairs only; "
                         f"{shape} records need a prompt field.")
     columns = _column_map(path, fields)
+    source = locate(path)
     records: list = []
-    detected_format = None if format == "auto" else format
-    detected_shape = None if shape == "auto" else shape
-    for origin, row in read_rows(path, {columns[name] for name in TEXT_FIELDS}, skipped):
+    detection = None
+    for origin, row in _rows(source, {columns[name] for name in TEXT_FIELDS}, skipped):
         try:
             if not isinstance(row, dict):
                 raise DataError(
@@ -62,21 +63,23 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                     f"rejected), got {describe(row)}. Each record must be a JSON object (one per "
                     f"line in JSONL)."
                 )
-            row_shape = detected_shape or _detect_shape(row, columns, origin)
-            if detected_shape is not None and shape == "auto":
-                _check_shape(row, columns, detected_shape, origin)
-            row_format = detected_format or _detect_format(row, columns, origin)
+            found = detection or detect(row, columns, origin, shape, format)
+            if detection is not None and shape == "auto":
+                check_shape(row, found.columns, found.shape, origin)
             # in auto mode a later record of another valid format is a mixed file, not a bad value
             mixed = format == "auto" and bool(records)
-            record = parse_row(row_shape, row, columns, row_format, origin, mixed)
+            record = parse_row(found.shape, row, found.columns, found.format, origin, mixed)
             if records:
-                _check_consistent(record, records[0], columns)
+                _check_consistent(record, records[0], found.columns)
         except DataError as error:
             if skipped is None:
                 raise
             skipped.append(str(error))
             continue
-        detected_shape, detected_format = row_shape, row_format
+        if detection is None and detected is not None:
+            detected.append({"source": source.description, "layout": found.layout,
+                             "why": found.reason})
+        detection = found
         records.append(record)
     if not records and skipped:
         raise DataError(f"{path}: none of its {len(skipped)} records is valid; the first "
@@ -96,35 +99,38 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
 
 def read_rows(path: str, text_columns: set,
               bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
-    """(origin, row) of every record of a file. A JSONL line that is not valid JSON or UTF-8
-    raises, or with a ``bad_lines`` list is described there and passed over."""
-    split = None
-    if not os.path.exists(path):
-        # "dir:split" selects a split of a saved DatasetDict
-        base, _, maybe_split = path.rpartition(":")
-        if base and os.path.isdir(base) and maybe_split:
-            path, split = base, maybe_split
-        else:
-            raise DataError(f"{path}: file not found. Check the path (relative paths start at "
-                            f"{os.getcwd()}).")
-    if os.path.isdir(path):
-        yield from _read_saved_dataset(path, split)
+    """(origin, row) of every record of a data path (a file, a dataset directory or hub-cache
+    dataset, optionally ``:SPLIT``; see ``hub.py``). A JSONL line that is not valid JSON or
+    UTF-8 raises, or with a ``bad_lines`` list is described there and passed over."""
+    yield from _rows(locate(path), text_columns, bad_lines)
+
+
+def _rows(source: Source, text_columns: set, bad_lines: list | None) -> Iterator[tuple[str, Any]]:
+    if source.kind == "saved":
+        yield from _read_saved_dataset(source.path, source.split)
         return
-    extension = os.path.splitext(path)[1].lower()
-    if extension == ".jsonl":
-        yield from _read_jsonl(path, bad_lines)
-    elif extension == ".json":
-        yield from _read_json(path)
-    elif extension == ".parquet":
-        yield from _read_parquet(path)
-    elif extension == ".csv":
-        yield from _read_csv(path, text_columns)
-    else:
-        raise DataError(
-            f"{path}: unknown file kind {extension or '(no extension)'!r}; expected one of "
-            f"{', '.join(EXTENSIONS)} or a directory written by datasets.Dataset.save_to_disk. "
-            f"Rename the file or convert it."
-        )
+    for path in source.files or (source.path,):
+        extension = os.path.splitext(path)[1].lower()
+        if path.lower().endswith(".jsonl.gz"):
+            try:
+                yield from _read_jsonl(path, bad_lines, opener=gzip.open)
+            except (OSError, EOFError) as error:  # not gzip, or cut short
+                raise DataError(f"{path}: cannot read as gzip-compressed JSONL ({error}); "
+                                f"check that the download is complete.") from None
+        elif extension == ".jsonl":
+            yield from _read_jsonl(path, bad_lines)
+        elif extension == ".json":
+            yield from _read_json(path)
+        elif extension == ".parquet":
+            yield from _read_parquet(path)
+        elif extension == ".csv":
+            yield from _read_csv(path, text_columns)
+        else:
+            raise DataError(
+                f"{path}: unknown file kind {extension or '(no extension)'!r}; expected one of "
+                f"{', '.join(DATA_EXTENSIONS)} or a dataset directory (save_to_disk, or data "
+                f"files as on the Hugging Face hub). Rename the file or convert it."
+            )
 
 
 def _open_text(path: str):
@@ -132,9 +138,10 @@ def _open_text(path: str):
     return open(path, encoding="utf-8-sig", newline="")
 
 
-def _read_jsonl(path: str, bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
+def _read_jsonl(path: str, bad_lines: list | None = None,
+                opener=open) -> Iterator[tuple[str, Any]]:
     # bytes, decoded line by line, so a decoding error can name its line
-    with open(path, "rb") as handle:
+    with opener(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
@@ -274,70 +281,7 @@ def _column_map(path: str, fields: dict | None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# shape and format: decided by the first record
-
-
-def _shapes_of(row: dict, columns: dict) -> list[str]:
-    """The shapes whose identifying fields are all present (non-null) in ``row``."""
-    found = []
-    for shape, names in SIGNATURES.items():
-        values = [row.get(columns[name]) for name in names]
-        complete = all(value is not None for value in values)
-        if complete and (shape != "ranked" or isinstance(values[0], list)):
-            found.append(shape)
-    return found
-
-
-def _detect_shape(row: dict, columns: dict, origin: str) -> str:
-    """The shape of a file's first record: the one whose identifying fields it has."""
-    full = _shapes_of(row, columns)
-    if len(full) == 1:
-        return full[0]
-    if len(full) > 1:
-        raise DataError(
-            f"{origin}: cannot tell the record's shape: it has the fields of "
-            f"{' and '.join(f'{s} ({signature(s, columns)})' for s in full)}. Choose one with "
-            f"shape='pairs', 'unpaired', 'ranked' or 'rated'."
-        )
-    # nothing complete: go by any identifying column, so the parser names the missing one
-    partial = [s for s, names in SIGNATURES.items() if any(columns[n] in row for n in names)]
-    if len(partial) == 1:
-        return partial[0]
-    raise DataError(
-        f"{origin}: cannot tell the record's shape from its fields ({present_fields(row)}). "
-        f"Expected {signature('pairs', columns)} (pairs), {signature('unpaired', columns)} "
-        f"(unpaired), {columns['responses']!r} with {columns['scores']!r} or "
-        f"{columns['ranks']!r} (ranked) or {columns['response']!r} with numeric ratings (rated). "
-        f"If they are under other names, {FIELDS_HINT}."
-    )
-
-
-def _check_shape(row: dict, columns: dict, shape: str, origin: str) -> None:
-    """Error when a later record plainly has another shape than the file's first one."""
-    full = _shapes_of(row, columns)
-    if full and shape not in full:
-        raise DataError(
-            f"{origin}: record does not match the file's shape: the first record made it "
-            f"{shape} ({signature(shape, columns)}), but this one has "
-            f"{signature(full[0], columns)} ({full[0]}). Every record in a file must have the "
-            f"same shape; put each shape in its own file."
-        )
-
-
-def _detect_format(row: dict, columns: dict, origin: str) -> str:
-    """The first record's format, from its prompt (or a joint pair's chosen_prompt)."""
-    names = [n for n in ("prompt", *JOINT_PROMPT_FIELDS) if row.get(columns[n]) is not None]
-    if not names:
-        return "implicit"
-    prompt = row[columns[names[0]]]
-    if isinstance(prompt, list):
-        return "conversational"
-    if isinstance(prompt, str):
-        return "standard"
-    raise DataError(
-        f"{origin}: field {columns[names[0]]!r} ({names[0]}): expected a string or a list of "
-        f"{{role, content}} messages, got {describe(prompt)}. Fix the record."
-    )
+# records of one file
 
 
 def _check_consistent(record, first, columns: dict) -> None:

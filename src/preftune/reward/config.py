@@ -8,8 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 
-from ..config import (DataConfig, ModelConfig, NonNegative, Section, TrainConfig, _unknown,
-                      build_config, check_data_and_train, read_tree)
+from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Section, TrainConfig,
+                      _unknown, build_config, check_data_and_train, read_tree)
+from ..data.records import DataError
+from ..data.shapes import TEXT_FIELDS, is_number
+from ..data.sources import read_rows
 from .heads import Head, HeadError
 from .losses import get_reward_loss
 
@@ -17,7 +20,8 @@ from .losses import get_reward_loss
 class HeadSettings(Section):
     """``model.head``: which head and its settings (see ``reward/heads.py``). ``auto`` takes the
     loss's natural head: gpm -> gpm, quantile -> quantile, regression with attributes ->
-    attributes, otherwise scalar."""
+    attributes, otherwise scalar. Regression with no attribute names reads them from the data
+    (``detect_attributes``)."""
 
     kind: Literal["auto", "scalar", "attributes", "quantile", "gpm"] = "auto"
     attributes: list[str] = []
@@ -76,7 +80,8 @@ class RewardConfig(Section):
     @model_validator(mode="after")
     def _consistent(self):
         spec = get_reward_loss(self.loss.name)
-        head = self.head  # validates the head settings
+        # an attributes head without names gets them from the data (detect_attributes)
+        head = (Head() if self.detects_attributes else self.head)  # validates the head settings
         if head.kind not in spec.heads:
             raise ValueError(f"reward loss {spec.name} fits a {' or '.join(spec.heads)} head, not "
                              f"model.head.kind {head.kind!r}; change one of them (or set "
@@ -85,7 +90,17 @@ class RewardConfig(Section):
         return self
 
     @property
+    def detects_attributes(self) -> bool:
+        """Regression with an ``attributes`` head whose names are not given: they are read from
+        the data (``detect_attributes``); with ``auto`` only when the data lacks the scalar
+        target column."""
+        head, target_given = self.model.head, "target" in (self.loss.model_extra or {})
+        return (self.loss.name == "regression" and not head.attributes
+                and (head.kind == "attributes" or (head.kind == "auto" and not target_given)))
+
+    @property
     def head(self) -> Head:
+        """The head as configured (``detect_attributes`` completes it from the data)."""
         settings = self.model.head.model_dump()
         kind = settings.pop("kind")
         if kind == "auto":
@@ -105,3 +120,47 @@ def build_reward_config(tree: dict, source: str = "the config") -> RewardConfig:
 def load_reward_config(path: str | None, overrides: list[str] = ()) -> RewardConfig:
     """Read a reward-model YAML config and apply ``key=value`` overrides."""
     return build_reward_config(read_tree(path, overrides), path or "the config")
+
+
+def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
+    """The head, with attribute names read from the first training record when regression has
+    none configured, and a sentence saying which and why (None when nothing was detected).
+
+    Rated rows give their numeric columns (HelpSteer's helpfulness, correctness, ...); pairs give
+    each ``X`` that has numeric ``chosen_X`` and ``rejected_X``. With ``model.head.kind: auto``
+    a record that has the scalar target column (``loss.target``, or ``chosen_<target>`` for
+    pairs) keeps the scalar head, and so does a ``loss.target`` set in the config.
+    """
+    if not config.detects_attributes:
+        return config.head, None
+    fields, target = config.data.fields, config.loss.params().target
+    path = config.data.train if isinstance(config.data.train, str) else config.data.train[0]
+    origin, row = next(iter(read_rows(path, set(TEXT_FIELDS))), (path, {}))
+    if not isinstance(row, dict):
+        return config.head, None  # load_records names the bad record
+    rated = fields.get("response", "response") in row
+    if config.model.head.kind == "auto" and is_number(row.get(target if rated
+                                                               else f"chosen_{target}")):
+        return config.head, None
+    used = {fields.get(name, name) for name in ("prompt", "response")}
+    names = [name for name, value in row.items() if name not in used and is_number(value)]
+    where = "numeric columns"
+    if not rated:
+        names = [name[len("chosen_"):] for name in row if name.startswith("chosen_")
+                 and is_number(row[name]) and is_number(row.get("rejected_" + name[7:]))]
+        where = "numeric chosen_X/rejected_X columns"
+    if not names:
+        raise DataError(
+            f"{origin}: the regression loss needs ratings, but this record has neither the "
+            f"column {target!r} (loss.target, for a scalar head) nor other {where}; name the "
+            f"rating columns with model.head.attributes.")
+    settings = config.model.head.model_dump(exclude={"kind", "attributes"})
+    try:
+        head = Head(kind="attributes", attributes=tuple(names), **settings)
+    except HeadError as error:
+        raise ConfigError(f"{error} (the attributes were read from {origin})") from None
+    why = "no model.head.attributes given"
+    if config.model.head.kind == "auto":
+        why += f" and no {target!r} column for a scalar head"
+    return head, (f"attributes {', '.join(names)}: the {where} of {origin} ({why}; set "
+                  "model.head.attributes to choose others)")

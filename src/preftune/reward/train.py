@@ -19,7 +19,7 @@ from ..model.forward import causal_lm_of
 from ..train.loop import write_run_header
 from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
-from .config import RewardConfig
+from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
 from .heads import Head
 from .losses import RewardInputs, get_reward_loss
@@ -140,7 +140,8 @@ class RewardTask:
 
 def reward_task(config: RewardConfig, accelerator: Accelerator):
     """Load the backbone and data, attach LoRA; returns (task, total_steps)."""
-    cfg, head = config.train, config.head
+    cfg = config.train
+    head, detected_head = detect_attributes(config)
     spec = get_reward_loss(config.loss.name)
     model, tokenizer = load_backbone(config.model.path, head, config.model.dtype,
                                      config.model.trust_remote_code,
@@ -163,6 +164,9 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     for example in [*train_examples, *eval_examples]:
         check_fields(example, spec.record_fields(params, head, len(example.response_ids)), spec,
                      config.train.example_weight_field)
+    if detected_head:
+        data_report["head"] = detected_head
+        print(f"model.head: {detected_head}")
     if accelerator.is_main_process:
         write_run_header(Path(config.output_dir), config, data_report)
     if not reward_model.last_token:  # encoders: every token sees the response
