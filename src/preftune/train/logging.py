@@ -10,14 +10,15 @@ from tqdm.auto import tqdm
 
 
 class MetricsLog:
-    """Appends metric records to ``metrics.jsonl``.
+    """Appends metric records to ``metrics.jsonl`` and hands each to the experiment trackers
+    (``tracking.Trackers``, when ``train.report_to`` names any); ``close`` ends them.
 
     On resume, lines past the checkpoint's step are dropped first, so the file always describes
     one consistent run rather than a run plus the replay of its lost tail.
     """
 
-    def __init__(self, path: Path, keep_through_step: int = 0):
-        self.path = path
+    def __init__(self, path: Path, keep_through_step: int = 0, trackers=None):
+        self.path, self.trackers = path, trackers
         kept = []
         if keep_through_step and path.exists():
             kept = [line for line in path.read_text().splitlines()
@@ -27,6 +28,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -26,6 +26,7 @@ from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
+from .tracking import Trackers
 
 
 class TrainingStopped(Exception):
@@ -160,8 +161,9 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
             self.start_step = self._resume()
-        self.log = MetricsLog(self.output_dir / "metrics.jsonl",
-                              keep_through_step=self.start_step) if self.main else None
+        self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step,
+                              trackers=Trackers(cfg, self.output_dir) if cfg.report_to else None
+                              ) if self.main else None
         self.alarms = Alarms(self.output_dir / "alarms.jsonl", task.needs_reference,
                              WeightProbe(self.trainable))
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
@@ -204,6 +206,8 @@ class Trainer:
                 if self.stop_requested and step + 1 < self.total_steps:
                     self.bar.close()
                     path = self.save(step + 1)
+                    if self.main:
+                        self.log.close()
                     raise TrainingStopped(
                         f"stopped by {stop.signal or 'a signal to another process'} after step "
                         f"{step + 1} of {self.total_steps}; "
@@ -297,6 +301,7 @@ class Trainer:
         """Save the trained model and ``run.json`` (main process); returns the output dir."""
         self.bar.close()
         if self.main:
+            self.log.close()
             self.task.save(self.unwrapped, self.output_dir)
             info = {**self.task.run_info(), "device": self.accelerator.device.type,
                     "processes": self.world, "steps": self.total_steps,
