@@ -26,6 +26,7 @@ from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
+from .model_card import write_model_cards
 from .tracking import Trackers
 
 
@@ -308,6 +309,7 @@ class Trainer:
                     "train_examples": len(self.task.train_examples),
                     "eval_examples": len(self.task.eval_examples)}
             (self.output_dir / "run.json").write_text(json.dumps(info, indent=2))
+            write_model_cards(self.output_dir, info)
         self.accelerator.wait_for_everyone()
         return self.output_dir
 
