@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -40,6 +41,22 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False):
-    return tqdm(total=total, initial=initial, desc=description, disable=disable,
-                dynamic_ncols=True, file=sys.stderr, leave=True)
+def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False,
+                 unit: str = "it", leave: bool = True):
+    """A bar on stderr showing done/total, elapsed < time left and the rate in ``unit``/s."""
+    return tqdm(total=total, initial=initial, desc=description, disable=disable, unit=unit,
+                dynamic_ncols=True, file=sys.stderr, leave=leave)
+
+
+@contextmanager
+def progress(description: str | None, total: int, unit: str = "it", leave: bool = True):
+    """``update(n)`` of a progress bar shown while the block runs; with no ``description``,
+    an ``update`` that shows nothing (for callers that run inside another bar's work)."""
+    if description is None:
+        yield lambda n=1: None
+        return
+    bar = progress_bar(total, description, unit=unit, leave=leave)
+    try:
+        yield bar.update
+    finally:
+        bar.close()

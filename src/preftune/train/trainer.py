@@ -170,7 +170,7 @@ class Trainer:
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
                                     total_steps, cfg.seed, shuffle=shuffle)
         self.bar = progress_bar(total_steps, f"train {task.name}", initial=self.start_step,
-                                disable=not (show_progress and self.main))
+                                disable=not (show_progress and self.main), unit="step")
 
     def _resume(self) -> int:
         """Load the newest checkpoint that reads back whole; a damaged one (empty, truncated)
