@@ -49,6 +49,7 @@ def tracked_run(workspace, monkeypatch_module):
             "data.eval_fraction=0.25", f"reference.cache_dir={workspace / 'cache'}",
             f"output_dir={out}", "train.learning_rate=0.0", "train.batch_size=4",
             "train.gradient_accumulation_steps=1", "train.max_steps=4", "train.eval_every=2"]
+    command[2] = str(README.parent / command[2])  # whatever the working directory
     argv = command[1:] + [item for setting in tiny for item in ("--set", setting)]
     assert main(argv) == 0
     return out
