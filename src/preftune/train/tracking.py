@@ -67,13 +67,17 @@ def hyperparameters(output_dir: Path) -> dict:
 
 
 class Trackers:
-    """The trackers of ``train.report_to``, started with the run's hyperparameters."""
+    """The trackers of ``train.report_to`` (none: nothing happens), started with the run's
+    hyperparameters."""
 
     def __init__(self, cfg, output_dir: Path):
+        self.trackers = []
+        if not cfg.report_to:
+            return
         output_dir = Path(output_dir)
         directory = Path(cfg.tracking_dir or output_dir / "tracking").resolve()
-        self.run_name = cfg.run_name or output_dir.resolve().name
-        self.trackers = [_tracker(name, directory, self.run_name) for name in cfg.report_to]
+        run_name = cfg.run_name or output_dir.resolve().name
+        self.trackers = [_tracker(name, directory, run_name) for name in cfg.report_to]
         config = hyperparameters(output_dir)
         for tracker in self.trackers:
             tracker.start()

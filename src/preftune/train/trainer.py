@@ -163,8 +163,7 @@ class Trainer:
         if resume:
             self.start_step = self._resume()
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step,
-                              trackers=Trackers(cfg, self.output_dir) if cfg.report_to else None
-                              ) if self.main else None
+                              trackers=Trackers(cfg, self.output_dir)) if self.main else None
         self.alarms = Alarms(self.output_dir / "alarms.jsonl", task.needs_reference,
                              WeightProbe(self.trainable))
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
