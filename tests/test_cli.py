@@ -1,6 +1,9 @@
 """The command line as a user runs it (on a tiny model directory)."""
 
+import argparse
 import json
+import re
+import shlex
 
 import pytest
 import yaml
@@ -81,3 +84,34 @@ def test_docs_objectives_md_is_current():
     checked_in = (Path(__file__).parent.parent / "docs" / "objectives.md").read_text()
     assert checked_in == markdown(), (
         "docs/objectives.md is stale: run `preftune objectives --markdown > docs/objectives.md`")
+
+
+def all_parsers(parser, path=()):
+    """(command path, parser) for the top level and every command and subcommand."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from all_parsers(sub, (*path, name))
+
+
+def test_every_command_help_ends_with_examples_that_run_that_command():
+    from preftune.cli import build_parser
+
+    parsers = dict(all_parsers(build_parser()))
+    assert {("train",), ("online",), ("rm", "train"), ("rm", "eval"), ("rm", "score"),
+            ("rm", "losses"), ("demo",), ("eval",), ("data", "inspect"),
+            ("data", "synthetic"), ("objectives",), ("report",), ("compare",)} <= set(parsers)
+    for path, parser in parsers.items():
+        help_text = parser.format_help()
+        parts = re.split(r"\nexamples?:\n", help_text)
+        assert len(parts) == 2, path
+        examples = [line.strip() for line in parts[1].splitlines() if line.strip()]
+        assert examples, path
+        for example in examples:
+            words = shlex.split(example)
+            assert words[0] == "preftune" and words[1 : 1 + len(path)] == list(path), example
+            args = build_parser().parse_args(words[1:])  # a valid invocation of that command
+            chosen = (args.command, getattr(args, "rm_command", None)
+                      or getattr(args, "data_command", None))
+            assert tuple(name for name in chosen if name)[: len(path)] == path, example

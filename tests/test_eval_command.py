@@ -1,6 +1,7 @@
 """``preftune eval`` end to end on tiny models saved to disk, and its input errors."""
 
 import json
+import re
 
 import pytest
 
@@ -44,7 +45,15 @@ def evaluate(files, *extra):
 
 def test_eval_writes_metrics_per_pair_values_and_the_ches_filtered_file(files, capsys):
     assert evaluate(files, "--scorer", "synthetic", "--filter-top", "0.25") == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    phases = {"eval pairs: policy": "example", "eval pairs: reference": "example",
+              "samples: generating": "prompt", "samples: policy": "example",
+              "win rate: policy answers": "prompt", "win rate: reference answers": "prompt",
+              "win rate: scoring policy answers": "response"}
+    for phase, unit in phases.items():  # each long phase shows its rate and the time left
+        done = re.search(rf"{phase}: 100%\|[^|]*\| (\d+)/\1 \[\d\d:\d\d<00:00, "
+                         rf"(?:[\d.]+{unit}/s|[\d.]+s/{unit})\]", err)
+        assert done, phase
     run = files / "run"
     results = json.loads((run / "eval.json").read_text())  # next to the model: the run dir
     for key in PAIR_KEYS + SAMPLED_KEYS + ["win_rate", "pairs"]:

@@ -211,6 +211,8 @@ def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, ca
             "--set", "online.sampling.max_new_tokens=6", "--set", f"output_dir={out}"]
     assert main(args) == 0
     assert (out / "round-1" / "model" / "model.safetensors").exists()
+    card = (out / "round-1" / "model" / "README.md").read_text()  # each round's model card
+    assert f"a policy trained with `dpo` by preftune from `{model_dir}`" in card
     assert main(args[:-2] + ["--set", "online.sampling.samples=1", "--set",
                              f"output_dir={tmp_path / 'x'}"]) == 2
     assert "online.sampling.samples must be at least 2" in capsys.readouterr().err

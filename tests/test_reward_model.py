@@ -179,6 +179,12 @@ def test_lora_reward_model_saves_adapter_and_merged_model(workspace):
 
     run = train(workspace, "lora", model={"lora": {"r": 4, "alpha": 8}}, train={"max_steps": 3})
     assert (run / "adapter" / "preftune_reward.json").exists()
+    from preftune.train.model_card import front_matter
+
+    cards = {kind: front_matter((run / kind / "README.md").read_text())
+             for kind in ("adapter", "model")}
+    assert cards["adapter"]["library_name"] == "peft" and "lora" in cards["adapter"]["tags"]
+    assert cards["model"]["library_name"] == "preftune"
     records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=str(i))
                for i, r in enumerate(digit_pairs(4, 5))]
     merged = torch.stack(RewardScoring.load(str(run)).outputs(records))

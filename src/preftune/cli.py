@@ -112,17 +112,37 @@ def add_config_arguments(parser, examples: str, example_override: str) -> None:
                              "moved aside to OUTPUT_DIR.old-TIME, not deleted)")
 
 
+def command(commands, name: str, summary: str, *examples: str) -> argparse.ArgumentParser:
+    """A (sub)command whose ``--help`` ends with example invocations."""
+    return commands.add_parser(name, help=summary, description=summary,
+                               epilog=_examples(examples),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _examples(examples) -> str:
+    return "example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(
+        f"  {line}" for line in examples)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="preftune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="preftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(["preftune demo --quick",
+                          "preftune train examples/dpo.yaml --set data.train=my_pairs.jsonl"]))
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train on your own preference data")
+    train = command(commands, "train", "train on your own preference data",
+                    "preftune train examples/dpo.yaml --set data.train=my_pairs.jsonl",
+                    "preftune train examples/dpo.yaml --set 'train.report_to=[tensorboard]'",
+                    "preftune train examples/dpo.yaml --resume")
     add_config_arguments(train, "examples/", "train.learning_rate=1e-6")
     train.add_argument("--plan", action="store_true",
                        help="print layout, reference strategy and a memory estimate, then stop")
     train.set_defaults(run=_train)
 
-    online = commands.add_parser("online", help="rounds of sample, score, pair, train, evaluate")
+    online = command(commands, "online", "rounds of sample, score, pair, train, evaluate",
+                     "preftune online examples/online/iterative_dpo_checkers.yaml "
+                     "--set online.rounds=3")
     add_config_arguments(online, "examples/online/", "online.rounds=3")
     online.set_defaults(run=_online)
 
@@ -130,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rm_commands(commands)
 
-    demo = commands.add_parser("demo", help="DPO on SmolLM2-135M with generated, checkable data")
+    demo = command(commands, "demo", "DPO on SmolLM2-135M with generated, checkable data",
+                   "preftune demo --quick", "preftune demo --online --output-dir runs/demo")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     demo.add_argument("--online", action="store_true",
@@ -138,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "rounds on the model's own checked samples, and compare")
     demo.set_defaults(run=_demo)
 
-    evaluate = commands.add_parser("eval", help="diagnostics of a trained model against its "
-                                   "reference on preference pairs (writes eval.json)")
+    evaluate = command(commands, "eval", "diagnostics of a trained model against its "
+                       "reference on preference pairs (writes eval.json)",
+                       "preftune eval --model runs/demo --data runs/demo/data/eval.jsonl "
+                       "--scorer synthetic")
     evaluate.add_argument("--model", required=True, help="a run dir (holding model/) or a model dir")
     evaluate.add_argument("--data", required=True, help="preference pairs (JSONL, JSON, ...)")
     evaluate.add_argument("--reference", default="default", help="reference model (default: "
@@ -162,9 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=_eval)
 
-    data = commands.add_parser("data", help="look at a dataset the way preftune sees it")
+    data = command(commands, "data", "look at a dataset the way preftune sees it",
+                   "preftune data inspect my_pairs.jsonl --example 3",
+                   "preftune data synthetic --output-dir runs/synthetic")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    inspect = data_commands.add_parser("inspect", help="counts and token-level view")
+    inspect = command(data_commands, "inspect", "counts and token-level view",
+                      "preftune data inspect my_pairs.jsonl --example 3 --model default")
     inspect.add_argument("file", help="a data file, a dataset directory or hub-cache dataset "
                          "(ORG/NAME), optionally :SPLIT")
     inspect.add_argument("--example", type=int, help="show record N token by token")
@@ -174,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-length", type=int, default=1024)
     inspect.add_argument("--max-prompt-length", type=int, default=512)
     inspect.set_defaults(run=_inspect)
-    synthetic = data_commands.add_parser("synthetic", help="write the demo's checkable tasks "
-                                         "as preference pairs (train.jsonl, eval.jsonl)")
+    synthetic = command(data_commands, "synthetic", "write the demo's checkable tasks as "
+                        "preference pairs (train.jsonl, eval.jsonl)",
+                        "preftune data synthetic --output-dir runs/synthetic --train 192 "
+                        "--eval 96")
     synthetic.add_argument("--output-dir", default="runs/synthetic")
     synthetic.add_argument("--train", type=int, default=192, help="training pairs")
     synthetic.add_argument("--eval", type=int, default=96, help="held-out pairs")
@@ -186,20 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "says which (for reward models, which would otherwise learn length)")
     synthetic.set_defaults(run=_synthetic)
 
-    objectives = commands.add_parser("objectives", help="list the registered objectives")
+    objectives = command(commands, "objectives", "list the registered objectives",
+                         "preftune objectives", "preftune objectives --markdown")
     objectives.add_argument("--markdown", action="store_true",
                             help="print the catalog as markdown (docs/objectives.md)")
     objectives.set_defaults(run=_objectives)
 
-    report = commands.add_parser("report", help="plots, alarms and eval results of a run as "
-                                 "one self-contained HTML page")
+    report = command(commands, "report", "plots, alarms and eval results of a run as one "
+                     "self-contained HTML page", "preftune report runs/demo",
+                     "preftune report runs/my_run --output /tmp/my_run.html")
     report.add_argument("run_dir", help="a `preftune train` output_dir (holds metrics.jsonl)")
     report.add_argument("--output", metavar="FILE",
                         help="where to write the HTML page (default: RUN_DIR/report.html)")
     report.set_defaults(run=_report)
 
-    compare = commands.add_parser("compare", help="train several objectives on the same data, "
-                                  "budget and seed; evaluate them alike; write a leaderboard")
+    compare = command(commands, "compare", "train several objectives on the same data, "
+                      "budget and seed; evaluate them alike; write a leaderboard",
+                      "preftune compare --objectives dpo,ipo,simpo --config "
+                      "examples/compare_demo.yaml --scorer synthetic")
     compare.add_argument("--objectives", required=True, help="comma-separated, e.g. dpo,ipo,simpo")
     compare.add_argument("--config", help="base YAML config; its objective is replaced")
     compare.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -131,6 +131,23 @@ class TrainConfig(Section):
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     pad_to_multiple_of: Count | None = None
+    # experiment trackers that get every metrics.jsonl record and the config (extras to install)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    tracking_dir: str | None = None  # where offline trackers write; default: output_dir/tracking
+    run_name: str | None = None  # the run's name in the trackers; default: output_dir's name
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many_trackers(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value):
+        from .train.tracking import check_installed
+
+        check_installed(value)
+        return value
 
 
 class Config(Section):

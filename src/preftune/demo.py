@@ -61,12 +61,13 @@ def _measure(model, tokenizer, tasks, eval_examples, scorer, settings) -> dict:
     """Greedy pass rate (overall and per family) and ranking accuracy on the held-out data."""
     prompts = [t.prompt for t in tasks]
     texts = greedy_texts(model, tokenizer, prompt_ids(prompts, tokenizer, LIMITS),
-                         settings.max_new_tokens)
+                         settings.max_new_tokens, description="held-out answers")
     passed = scorer.score(prompts, texts)
     per_family: dict[str, list[float]] = {}
     for task, value in zip(tasks, passed):
         per_family.setdefault(task.family, []).append(value)
-    scores = score_responses(model, eval_examples, tokenizer.pad_token_id)
+    scores = score_responses(model, eval_examples, tokenizer.pad_token_id,
+                             description="held-out pairs")
     return {
         "pass_rate": sum(passed) / len(passed),
         "pass_rate_by_family": {f: sum(v) / len(v) for f, v in sorted(per_family.items())},

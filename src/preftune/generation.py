@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .train.logging import progress
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -86,7 +88,9 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> Generations:
+    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings,
+                 description: str | None = None) -> Generations:
+        """Samples of every prompt; a progress bar named ``description`` when given."""
         model, tokenizer = self.model, self.tokenizer
         was_training = model.training
         model.eval()
@@ -97,7 +101,8 @@ class HFGenerator:
             top_p=settings.top_p, typical_p=1.0, repetition_penalty=1.0)
         ids_out: list[list[list[int]]] = []
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                progress(description, len(prompt_ids), "prompt") as update:
             for start in range(0, len(prompt_ids), settings.batch_size):
                 torch.manual_seed(settings.seed * 1_000_003 + start)
                 chunk = prompt_ids[start : start + settings.batch_size]
@@ -117,6 +122,7 @@ class HFGenerator:
                     **options_k,
                 )[:, width:].tolist()
                 ids_out += [generated[p * k : (p + 1) * k] for p in range(len(chunk))]
+                update(len(chunk))
         model.train(was_training)
         return finished(ids_out, settings, tokenizer, time.perf_counter() - started)
 
@@ -196,9 +202,9 @@ def prompt_ids(prompts: list, tokenizer, settings) -> list[list[int]]:
 
 
 def greedy_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                 batch_size: int = 16) -> list[str]:
+                 batch_size: int = 16, description: str | None = None) -> list[str]:
     """The model's greedy answer to each prompt, decoded without special tokens."""
     settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size)
-    return [texts[0] for texts in HFGenerator(model, tokenizer).generate(prompt_ids,
-                                                                          settings).texts]
+    generations = HFGenerator(model, tokenizer).generate(prompt_ids, settings, description)
+    return [texts[0] for texts in generations.texts]

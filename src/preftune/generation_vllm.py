@@ -42,7 +42,9 @@ class VLLMGenerator:
                   gpu_memory_utilization=memory)
         return cls(llm, tokenizer)
 
-    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings):
+    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings,
+                 description: str | None = None):
+        """Samples of every prompt; vLLM's progress bar when ``description`` is given."""
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -51,7 +53,7 @@ class VLLMGenerator:
             max_tokens=settings.max_new_tokens, seed=settings.seed)
         started = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params,
-                                    use_tqdm=False)
+                                    use_tqdm=description is not None)
         raw = [[list(choice.token_ids) for choice in output.outputs] for output in outputs]
         return finished(raw, settings, self.tokenizer, time.perf_counter() - started)
 

@@ -28,6 +28,7 @@ from ..model.forward import SequenceStats
 from ..model.load import load_model_and_tokenizer
 from . import diagnostics as D
 from ..score import load_scorer
+from ..score.base import scored_in_chunks
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
 from .sampling import score_responses
 
@@ -89,9 +90,11 @@ def run_eval(options: EvalOptions) -> dict:
     clock = time.perf_counter()
     pad = tokenizer.pad_token_id
     on_policy = score_responses(policy, examples, pad, options.batch_size,
-                                hidden_sums=options.ches_model == "policy")
+                                hidden_sums=options.ches_model == "policy",
+                                description="eval pairs: policy")
     on_reference = score_responses(reference, examples, pad, options.batch_size,
-                                   hidden_sums=options.ches_model == "reference")
+                                   hidden_sums=options.ches_model == "reference",
+                                   description="eval pairs: reference")
     metrics, pair_rows = _pair_metrics(examples, on_policy, on_reference, options)
     seconds["pairs"] = time.perf_counter() - clock
     prompts = _unique_prompts(examples)
@@ -234,22 +237,24 @@ def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -
     answers tie exactly (a model scoring them in different batches may differ by rounding).
     Returns the metrics and one row per prompt (origin, both answers, their scores)."""
     texts = [greedy_texts(model, tokenizer, [p.prompt_ids for p in prompts], options.max_new_tokens,
-                          options.batch_size)
-             for model in (policy, reference)]
+                          options.batch_size, f"win rate: {who} answers")
+             for model, who in ((policy, "policy"), (reference, "reference"))]
     same = torch.tensor([a == b for a, b in zip(*texts)])
     questions = [records[p.index].prompt for p in prompts]
     rows = [{"origin": records[p.index].origin, "policy_answer": a, "reference_answer": b}
             for p, a, b in zip(prompts, *texts)]
     result = {"win_rate/prompts": len(prompts), "win_rate/same_answer": same.double().mean().item()}
     if scorer.pairwise:
-        preference = torch.tensor(scorer.prefer(questions, *texts), dtype=torch.float64)
+        preference = torch.tensor(scored_in_chunks(scorer.prefer, "win rate: judging",
+                                                   questions, *texts), dtype=torch.float64)
         preference[same] = 0.5
         for row, value in zip(rows, preference.tolist()):
             row["p_policy_better"] = value
         return {**result, "win_rate": D.preference_win_rate(preference),
                 "win_rate/preference_mean": preference.mean().item()}, rows
-    scores = [torch.tensor(scorer.score(questions, answers), dtype=torch.float64)
-              for answers in texts]
+    scores = [torch.tensor(scored_in_chunks(scorer.score, f"win rate: scoring {who} answers",
+                                            questions, answers), dtype=torch.float64)
+              for answers, who in zip(texts, ("policy", "reference"))]
     scores[1][same] = scores[0][same]
     for row, mine, theirs in zip(rows, scores[0].tolist(), scores[1].tolist()):
         row.update(policy_score=mine, reference_score=theirs)
@@ -273,13 +278,14 @@ def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions
     """
     settings = SamplingSettings(samples=options.samples, max_new_tokens=options.max_new_tokens,
                                 batch_size=options.batch_size, seed=options.seed)
-    drawn = HFGenerator(policy, tokenizer).generate([p.prompt_ids for p in prompts],
-                                                     settings).token_ids
+    drawn = HFGenerator(policy, tokenizer).generate([p.prompt_ids for p in prompts], settings,
+                                                     "samples: generating").token_ids
     examples = [TokenizedExample(p.prompt_ids, responses, index=n)
                 for n, (p, responses) in enumerate(zip(prompts, drawn))]
     on_policy = score_responses(policy, examples, tokenizer.pad_token_id, options.batch_size,
-                                top_k=options.top_k)
-    on_reference = score_responses(reference, examples, tokenizer.pad_token_id, options.batch_size)
+                                top_k=options.top_k, description="samples: policy")
+    on_reference = score_responses(reference, examples, tokenizer.pad_token_id, options.batch_size,
+                                   description="samples: reference")
     logps, ref_logps = on_policy.logps.flatten(), on_reference.logps.flatten()
     lengths = on_policy.token_counts.flatten()
     rewards = D.implied_rewards(logps, ref_logps, options.beta)

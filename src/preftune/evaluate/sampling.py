@@ -16,6 +16,7 @@ from ..data.layout import choose_layout, collate
 from ..data.tokenize import TokenizedExample
 from ..model.chunked_logps import chunked_token_logps
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
+from ..train.logging import progress
 from .diagnostics import topk_entropy_and_mass
 
 
@@ -37,34 +38,37 @@ class ResponseScores:
 @torch.no_grad()
 def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
                     batch_size: int = 16, hidden_sums: bool = False, top_k: int | None = None,
-                    chunk_tokens: int = 256) -> ResponseScores:
+                    chunk_tokens: int = 256, description: str | None = None) -> ResponseScores:
     """Log-probs (and optionally CHES hidden sums, top-k stats) of every response of ``examples``.
 
     Examples are batched by length (less padding), laid out as training would (prefix sharing
     when prompts are longer than responses; every layout gives the same numbers), and the
-    results put back in input order.
+    results put back in input order. A progress bar named ``description`` when given.
     """
     logp_model = LogpModel(causal_lm_of(model), chunk_tokens).eval()
     device = next(model.parameters()).device
     layout = choose_layout(examples)
     order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
     logps, counts, sums, entropies, masses = [], [], [], [], []
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]],
-                        pad_token_id, layout).to(device)
-        hidden, weight = logp_model.hidden_and_weight(batch)  # the training forward pass
-        stats = sequence_stats(
-            chunked_token_logps(hidden, weight, batch.target_tokens, chunk_tokens), batch)
-        logps.append(stats.logps)
-        counts.append(stats.token_counts)
-        if hidden_sums:
-            total = hidden.new_zeros(batch.num_responses, hidden.shape[-1], dtype=torch.float32)
-            total.index_add_(0, batch.target_response, hidden.float())
-            sums.append(total.view(batch.num_examples, batch.responses_per_example, -1))
-        for chunk in hidden.split(chunk_tokens) if top_k else ():
-            entropy, mass = topk_entropy_and_mass(chunk @ weight.T, top_k)
-            entropies.append(entropy)
-            masses.append(mass)
+    with progress(description, len(examples), "example") as update:
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start : start + batch_size]],
+                            pad_token_id, layout).to(device)
+            hidden, weight = logp_model.hidden_and_weight(batch)  # the training forward pass
+            stats = sequence_stats(
+                chunked_token_logps(hidden, weight, batch.target_tokens, chunk_tokens), batch)
+            logps.append(stats.logps)
+            counts.append(stats.token_counts)
+            if hidden_sums:
+                total = hidden.new_zeros(batch.num_responses, hidden.shape[-1],
+                                         dtype=torch.float32)
+                total.index_add_(0, batch.target_response, hidden.float())
+                sums.append(total.view(batch.num_examples, batch.responses_per_example, -1))
+            for chunk in hidden.split(chunk_tokens) if top_k else ():
+                entropy, mass = topk_entropy_and_mass(chunk @ weight.T, top_k)
+                entropies.append(entropy)
+                masses.append(mass)
+            update(batch.num_examples)
     back = torch.tensor(order).argsort()  # input position -> row in the sorted results
     return ResponseScores(
         logps=torch.cat(logps)[back].cpu(), token_counts=torch.cat(counts)[back].cpu(),

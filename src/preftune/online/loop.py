@@ -29,6 +29,7 @@ from ..generation import HFGenerator
 from ..model.load import files_fingerprint, load_tokenizer
 from ..objectives import get_objective
 from ..score import prompt_key
+from ..score.base import scored_in_chunks
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
@@ -189,7 +190,8 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
     else:
         model, tokenizer = load_on_device(policy, config)
         generator = HFGenerator(model, tokenizer)
-    generations = generator.generate(prompts_to_ids(prompts, tokenizer, config), settings)
+    generations = generator.generate(prompts_to_ids(prompts, tokenizer, config), settings,
+                                     f"round {r}: sampling")
     if sampling.backend == "vllm":
         generator.close()
     provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
@@ -209,7 +211,8 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
     wants_probs = config.online.pairs.win_probs or scorer.pairwise
     flat_prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     flat = [text for row in rows for text in row["responses"]]
-    scores = None if scorer.pairwise else scorer.score(flat_prompts, flat)
+    scores = None if scorer.pairwise else scored_in_chunks(
+        scorer.score, f"{here.name}: scoring", flat_prompts, flat)
     at = 0
     for row in rows:
         k = len(row["responses"])

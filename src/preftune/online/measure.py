@@ -23,7 +23,7 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
     ids = prompts_to_ids(prompts, tokenizer, config)
     online = config.online
     texts = greedy_texts(model, tokenizer, ids, online.eval_max_new_tokens,
-                         online.sampling.batch_size)
+                         online.sampling.batch_size, f"{here.name}: held-out answers")
     # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
     scorer = online_scorer(config, config.model.path, config.data.eval)
     questions = [p.prompt for p in prompts]
@@ -56,7 +56,7 @@ def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: lis
     online = config.online
     settings = online.sampling.settings(config.train.seed + 1, samples=online.eval_best_of,
                                         max_new_tokens=online.eval_max_new_tokens)
-    drawn = HFGenerator(model, tokenizer).generate(ids, settings).texts
+    drawn = HFGenerator(model, tokenizer).generate(ids, settings, "best-of-n: sampling").texts
     n = online.eval_best_of
     scores = scorer.score([q for q in questions for _ in range(n)],
                           [t for texts in drawn for t in texts])
@@ -76,11 +76,13 @@ def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list) -> float:
                                 max_new_tokens=config.online.eval_max_new_tokens,
                                 batch_size=config.online.sampling.batch_size,
                                 seed=config.train.seed)
-    drawn = HFGenerator(model, tokenizer).generate(ids, settings).token_ids
+    drawn = HFGenerator(model, tokenizer).generate(ids, settings, "KL: sampling").token_ids
     examples = [TokenizedExample(p, responses, index=n)
                 for n, (p, responses) in enumerate(zip(ids, drawn))]
     pad = tokenizer.pad_token_id
-    policy = score_responses(model, examples, pad, config.online.sampling.batch_size).logps
+    policy = score_responses(model, examples, pad, config.online.sampling.batch_size,
+                             description="KL: round's model").logps
     initial, _ = load_on_device(config.model.path, config)
-    reference = score_responses(initial, examples, pad, config.online.sampling.batch_size).logps
+    reference = score_responses(initial, examples, pad, config.online.sampling.batch_size,
+                                description="KL: initial model").logps
     return sampled_kl(policy.flatten(), reference.flatten())

@@ -37,17 +37,22 @@ def _losses(args) -> None:
 
 
 def add_rm_commands(commands) -> None:
-    rm = commands.add_parser("rm", help="reward and preference models: train, eval, score")
+    from ..cli import add_config_arguments, command
+
+    rm = command(commands, "rm", "reward and preference models: train, eval, score",
+                 "preftune rm train examples/rm/bt.yaml --set data.train=my_pairs.jsonl",
+                 "preftune rm score --model runs/rm --data samples.jsonl --output scored.jsonl")
     sub = rm.add_subparsers(dest="rm_command", required=True)
 
-    from ..cli import add_config_arguments
-
-    train = sub.add_parser("train", help="train a reward model (see examples/rm/)")
+    train = command(sub, "train", "train a reward model (see examples/rm/)",
+                    "preftune rm train examples/rm/bt.yaml --set data.train=my_pairs.jsonl",
+                    "preftune rm train examples/rm/bt.yaml --resume")
     add_config_arguments(train, "examples/rm/", "loss.name=bt_margin")
     train.set_defaults(run=_train)
 
-    evaluate = sub.add_parser("eval", help="pairwise accuracy (by category and length), "
-                              "calibration (ECE, reliability plot), reward distribution")
+    evaluate = command(sub, "eval", "pairwise accuracy (by category and length), calibration "
+                       "(ECE, reliability plot), reward distribution",
+                       "preftune rm eval --model runs/rm --data held_out.jsonl")
     evaluate.add_argument("--model", required=True, help="a reward-model run dir or model dir")
     evaluate.add_argument("--data", required=True, help="pairs or ranked lists (JSONL, ...)")
     evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")
@@ -57,8 +62,9 @@ def add_rm_commands(commands) -> None:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(run=_eval)
 
-    score = sub.add_parser("score", help="score (prompt, response) records, pairs or lists; "
-                           "writes each input row with its scores")
+    score = command(sub, "score", "score (prompt, response) records, pairs or lists; writes "
+                    "each input row with its scores",
+                    "preftune rm score --model runs/rm --data samples.jsonl --output scored.jsonl")
     score.add_argument("--model", required=True, help="a reward-model run dir or model dir")
     score.add_argument("--data", required=True, help="records to score (JSONL, JSON, ...)")
     score.add_argument("--output", required=True, help="JSONL file to write")
@@ -70,5 +76,5 @@ def add_rm_commands(commands) -> None:
     score.add_argument("--batch-size", type=int, default=16)
     score.set_defaults(run=_score)
 
-    losses = sub.add_parser("losses", help="list the reward losses")
+    losses = command(sub, "losses", "list the reward losses", "preftune rm losses")
     losses.set_defaults(run=_losses)

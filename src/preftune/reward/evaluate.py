@@ -172,7 +172,7 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
                         "`preftune rm score`.")
     scoring = RewardScoring.load(options.model, options.batch_size)
     examples = scoring.examples(records)
-    bar = progress_bar(len(examples), "rm eval")
+    bar = progress_bar(len(examples), "rm eval", unit="example")
     outputs = torch.stack([o[:2] for o in scoring.outputs_of(examples, bar.update)])
     bar.close()
     lengths = torch.tensor([[len(ids) for ids in ex.response_ids[:2]] for ex in examples])

@@ -127,7 +127,7 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     records = load_records(data)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS))]
     scoring = RewardScoring.load(model, batch_size)
-    bar = progress_bar(len(records), f"rm score {Path(data).name}")
+    bar = progress_bar(len(records), f"rm score {Path(data).name}", unit="record")
     outputs = scoring.outputs(records, progress=bar.update)
     bar.close()
     target.parent.mkdir(parents=True, exist_ok=True)

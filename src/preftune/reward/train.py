@@ -16,6 +16,7 @@ from ..data.prepare import prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of
+from ..train.logging import progress
 from ..train.loop import write_run_header
 from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
@@ -114,9 +115,11 @@ class RewardTask:
         totals: dict = {}
         size = self.config.train.batch_size
         device = next(module.parameters()).device
-        for start in range(0, len(self.eval_examples), size):
-            batch = self.make_batch(self.eval_examples[start : start + size]).to(device)
-            add_metrics(totals, self.losses(module, batch, step)[1])
+        with progress("eval", len(self.eval_examples), "example", leave=False) as update:
+            for start in range(0, len(self.eval_examples), size):
+                batch = self.make_batch(self.eval_examples[start : start + size]).to(device)
+                add_metrics(totals, self.losses(module, batch, step)[1])
+                update(batch.num_examples)
         module.train(was_training)
         return means(totals)
 

@@ -51,3 +51,16 @@ def prefer_by_scores(scorer, prompts, first, second) -> list[float]:
     """P(first > second) of a scalar scorer: 1, 0, or 1/2 for a tie."""
     a, b = scorer.score(prompts, first), scorer.score(prompts, second)
     return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b)]
+
+
+def scored_in_chunks(method, description: str, *columns, chunk: int = 64) -> list[float]:
+    """``method(*columns)`` (a scorer's ``score`` or ``prefer``) on ``chunk`` items at a time,
+    with a progress bar named ``description`` (judges and reward models take a while)."""
+    from ..train.logging import progress
+
+    total, values = len(columns[0]), []
+    with progress(description, total, "response") as update:
+        for start in range(0, total, chunk):
+            values += method(*(column[start : start + chunk] for column in columns))
+            update(min(chunk, total - start))
+    return values

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 
 class MetricsLog:
-    """Appends metric records to ``metrics.jsonl``.
+    """Appends metric records to ``metrics.jsonl`` and hands each to the experiment trackers
+    (``tracking.Trackers``, when ``train.report_to`` names any); ``close`` ends them.
 
     On resume, lines past the checkpoint's step are dropped first, so the file always describes
     one consistent run rather than a run plus the replay of its lost tail.
     """
 
-    def __init__(self, path: Path, keep_through_step: int = 0):
-        self.path = path
+    def __init__(self, path: Path, keep_through_step: int = 0, trackers=None):
+        self.path, self.trackers = path, trackers
         kept = []
         if keep_through_step and path.exists():
             kept = [line for line in path.read_text().splitlines()
@@ -27,12 +29,34 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False):
-    return tqdm(total=total, initial=initial, desc=description, disable=disable,
-                dynamic_ncols=True, file=sys.stderr, leave=True)
+def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False,
+                 unit: str = "it", leave: bool = True):
+    """A bar on stderr showing done/total, elapsed < time left and the rate in ``unit``/s."""
+    return tqdm(total=total, initial=initial, desc=description, disable=disable, unit=unit,
+                dynamic_ncols=True, file=sys.stderr, leave=leave)
+
+
+@contextmanager
+def progress(description: str | None, total: int, unit: str = "it", leave: bool = True):
+    """``update(n)`` of a progress bar shown while the block runs; with no ``description``,
+    an ``update`` that shows nothing (for callers that run inside another bar's work)."""
+    if description is None:
+        yield lambda n=1: None
+        return
+    bar = progress_bar(total, description, unit=unit, leave=leave)
+    try:
+        yield bar.update
+    finally:
+        bar.close()

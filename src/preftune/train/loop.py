@@ -28,7 +28,7 @@ from ..objectives import ObjectiveInputs
 from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
-from .logging import progress_bar
+from .logging import progress, progress_bar
 from .output import start_run
 from .plan import plan
 from .trainer import Trainer, add_metrics, count_steps, means
@@ -48,7 +48,7 @@ def build_reference(strategy, config, model, examples_by_split, make_batch, obje
     cache_dir = Path(config.reference.cache_dir or cache_root() / "reference")
     references = {}
     for split, examples in examples_by_split.items():
-        bar = progress_bar(len(examples), f"reference logps ({split})")
+        bar = progress_bar(len(examples), f"reference logps ({split})", unit="example")
         reference, hit = precomputed_reference(
             model, examples, make_batch=make_batch,
             batch_size=config.train.batch_size, chunk_tokens=chunk, per_token=objective.per_token,
@@ -111,15 +111,18 @@ def evaluate(logp_model, reference, extras, examples, objective, make_batch, bat
     was_training = logp_model.training
     logp_model.eval()
     totals: dict = {}
-    for start in range(0, len(examples), batch_size):
-        batch = make_batch(examples[start : start + batch_size]).to(device)
-        inputs = objective_inputs(logp_model, reference, extras, batch, objective, step)
-        add_metrics(totals, metric_sums(objective.data, inputs, objective(inputs)[0]))
-        if objective.data == "pairs" and inputs.reference is not None:
-            n = batch.num_examples  # each signal is a mean over the batch's pairs
-            add_metrics(totals, {f"diag/{name}": (value * n, n) for name, value in
-                                 cheap_signals(inputs.policy, inputs.reference, 1.0).items()
-                                 if not name.startswith("rewards/")})
+    with progress("eval", len(examples), "example", leave=False) as update:
+        for start in range(0, len(examples), batch_size):
+            batch = make_batch(examples[start : start + batch_size]).to(device)
+            inputs = objective_inputs(logp_model, reference, extras, batch, objective, step)
+            add_metrics(totals, metric_sums(objective.data, inputs, objective(inputs)[0]))
+            n = batch.num_examples
+            if objective.data == "pairs" and inputs.reference is not None:
+                # each signal is a mean over the batch's pairs
+                add_metrics(totals, {f"diag/{name}": (value * n, n) for name, value in
+                                     cheap_signals(inputs.policy, inputs.reference, 1.0).items()
+                                     if not name.startswith("rewards/")})
+            update(n)
     logp_model.train(was_training)
     return means(totals)
 

@@ -17,7 +17,8 @@ from ..config import ConfigError
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json", "model")
 # settings a resumed run may change: they decide what is logged or kept, not what is trained
 SAFE_TO_CHANGE = {"train.log_every", "train.eval_every", "train.save_every",
-                  "train.keep_checkpoints", "reference.cache_dir", "output_dir"}
+                  "train.keep_checkpoints", "reference.cache_dir", "output_dir",
+                  "train.report_to", "train.tracking_dir", "train.run_name"}
 
 
 def holds_run(out: Path) -> bool:

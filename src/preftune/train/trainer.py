@@ -27,6 +27,8 @@ from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
+from .model_card import write_model_cards
+from .tracking import Trackers
 
 
 class TrainingStopped(Exception):
@@ -175,8 +177,8 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
             self.start_step = self._resume()
-        self.log = MetricsLog(self.output_dir / "metrics.jsonl",
-                              keep_through_step=self.start_step) if self.main else None
+        self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step,
+                              trackers=Trackers(cfg, self.output_dir)) if self.main else None
         self.alarms = Alarms(self.output_dir / "alarms.jsonl", task.needs_reference,
                              WeightProbe(self.trainable))
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
@@ -185,7 +187,7 @@ class Trainer:
                                     cfg.batch_size, cfg.gradient_accumulation_steps, total_steps,
                                     accelerator.device, ahead=task.batches_ahead)
         self.bar = progress_bar(total_steps, f"train {task.name}", initial=self.start_step,
-                                disable=not (show_progress and self.main))
+                                disable=not (show_progress and self.main), unit="step")
 
     def _resume(self) -> int:
         """Load the newest checkpoint that reads back whole; a damaged one (empty, truncated)
@@ -223,6 +225,8 @@ class Trainer:
                     self.bar.close()
                     self.batches.close()
                     path = self.save(step + 1)
+                    if self.main:
+                        self.log.close()
                     raise TrainingStopped(
                         f"stopped by {stop.signal or 'a signal to another process'} after step "
                         f"{step + 1} of {self.total_steps}; "
@@ -335,12 +339,14 @@ class Trainer:
         self.bar.close()
         self.batches.close()
         if self.main:
+            self.log.close()
             self.task.save(self.unwrapped, self.output_dir)
             info = {**self.task.run_info(), "device": self.accelerator.device.type,
                     "processes": self.world, "steps": self.total_steps,
                     "train_examples": len(self.task.train_examples),
                     "eval_examples": len(self.task.eval_examples)}
             (self.output_dir / "run.json").write_text(json.dumps(info, indent=2))
+            write_model_cards(self.output_dir, info)
         self.accelerator.wait_for_everyone()
         return self.output_dir
 

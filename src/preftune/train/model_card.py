@@ -1,0 +1,171 @@
+"""The model card (``README.md``, Hugging Face format) written into every saved model directory:
+base model, objective and parameters, data files with hashes and counts, final metrics, the
+command that made it, and the library versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from .logging import read_metrics
+
+# the bundled model aliases of model.path: their Hugging Face id and license
+KNOWN_BASES = {"default": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+               "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+               "all-MiniLM-L6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command this process runs, as a user would type it."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]).name if argv else "python"
+    if program == "__main__.py":  # python -m preftune
+        return shlex.join(["python", "-m", "preftune", *argv[1:]])
+    return shlex.join([program, *argv[1:]])
+
+
+def sha256(path: str) -> str:
+    """SHA-256 of a data file; of a saved dataset directory, of its files' names and bytes."""
+    local = Path(path)
+    if not local.exists() and ":" in path:  # a saved HF dataset's "dir:split"
+        local = Path(path.rsplit(":", 1)[0])
+    digest = hashlib.sha256()
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    for file in files:
+        if local.is_dir():
+            digest.update(str(file.relative_to(local)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def base_model(path: str) -> tuple[str | None, str | None]:
+    """(Hugging Face id, license) of ``model.path`` where known: a bundled alias, a hub id, and
+    the license a local model directory's own card gives."""
+    if path in KNOWN_BASES:
+        return KNOWN_BASES[path]
+    local = Path(path).expanduser()
+    card = local / "README.md"
+    meta = front_matter(card.read_text(encoding="utf-8")) if card.is_file() else {}
+    return (None if local.exists() else path), meta.get("license")
+
+
+def front_matter(text: str) -> dict:
+    if not text.startswith("---\n"):
+        return {}
+    try:
+        meta = yaml.safe_load(text[4:].split("\n---", 1)[0])
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def model_card(output_dir: Path, info: dict, kind: str) -> str:
+    """The card of the run in ``output_dir`` (its config.yaml, data_report.json, metrics.jsonl)
+    for its ``model`` or ``adapter`` directory; ``info`` is the run's run.json."""
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    config = yaml.safe_load((output_dir / "config.yaml").read_text())
+    report_path = output_dir / "data_report.json"
+    data_report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    metrics = read_metrics(output_dir / "metrics.jsonl")
+    reward = "reward_loss" in info
+    method = info["reward_loss"] if reward else info["objective"]
+    hub_id, license_name = base_model(config["model"]["path"])
+    meta = {**({"base_model": hub_id} if hub_id else {}),
+            **({"license": license_name} if license_name else {}),
+            "library_name": "peft" if kind == "adapter" else "preftune",
+            "pipeline_tag": "text-classification" if reward else "text-generation",
+            "tags": ["preftune", "reward-model" if reward else "preference-optimization",
+                     *method.split(" + "), *(["lora", "peft"] if kind == "adapter" else [])]}
+    what = (f"a reward model ({info['head']['kind']} head) trained with the reward loss "
+            f"`{method}`" if reward else f"a policy trained with `{method}`")
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {output_dir.resolve().name}", "",
+             f"This {'LoRA adapter' if kind == 'adapter' else 'model'} is {what} by preftune "
+             f"from `{config['model']['path']}`{f' ({hub_id})' if hub_id else ''}.", "",
+             "## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in _settings(config, info).items()]
+    lines += ["", "## Data", "", "| split | file | sha256 |", "|---|---|---|"]
+    data = config["data"]
+    for split in ("train", "eval"):
+        paths = data.get(split) or []
+        for path in [paths] if isinstance(paths, str) else paths:
+            lines.append(f"| {split} | `{path}` | `{sha256(path)}` |")
+    if data.get("eval_fraction"):
+        lines.append(f"| eval | {data['eval_fraction']:g} of train, split off by the seed | |")
+    lines.append("")
+    for split in ("train", "eval"):
+        if isinstance(data_report.get(split), dict):
+            counts = ", ".join(f"{name} {value}" for name, value in data_report[split].items())
+            lines.append(f"- {split} records: {counts}")
+    if "skipped_rows" in data_report:
+        lines.append(f"- malformed records left out (data.on_error: skip): "
+                     f"{data_report['skipped_rows']['count']}")
+    lines += ["", "## Results", ""] + _results(metrics)
+    lines += ["", "## Reproduce", "", "```bash", command_line(), "```", "",
+              "The full resolved config is the run's `config.yaml`:", "", "```yaml",
+              yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
+              f"preftune {__version__}, torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, Python {platform.python_version()}."]
+    return "\n".join(lines) + "\n"
+
+
+def _settings(config: dict, info: dict) -> dict:
+    """What trained the model: method parameters, reference, layout, optimizer settings."""
+    train, data, reward = config["train"], config["data"], "reward_loss" in info
+    return {"parameters": json.dumps(info.get("params", {})),
+            **({"head": json.dumps(info["head"])} if reward
+               else {"reference": info.get("reference")}),
+            "layout": info.get("layout"), "dtype": info.get("dtype"),
+            "optimizer steps": info.get("steps"), "processes": info.get("processes"),
+            "device": info.get("device"), "learning rate": train["learning_rate"],
+            "batch size x accumulation (per process)":
+                f"{train['batch_size']} x {train['gradient_accumulation_steps']}",
+            "schedule, warmup": f"{train['schedule']}, {train['warmup_ratio']}",
+            "seed": train["seed"],
+            "max length (prompt)": f"{data['max_length']} ({data['max_prompt_length']})",
+            **({"LoRA": json.dumps(config["model"]["lora"])}
+               if config["model"].get("lora") else {})}
+
+
+def _results(metrics: list[dict]) -> list[str]:
+    """The last logged training record and the last evaluation, as a table."""
+    if not metrics:
+        return ["No metrics were logged."]
+    last = metrics[-1]
+    evaluated = [record for record in metrics if any(k.startswith("eval/") for k in record)]
+    rows = [f"| train (step {last['step']}) | {name} | {value:.6g} |" for name, value in
+            last.items() if isinstance(value, (int, float)) and name != "step"
+            and not name.startswith("eval/")]
+    if evaluated:
+        final = evaluated[-1]
+        rows += [f"| eval (step {final['step']}) | {name[5:]} | {value:.6g} |"
+                 for name, value in final.items() if name.startswith("eval/")]
+    return ["| when | metric | value |", "|---|---|---|", *rows]
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def write_model_cards(output_dir: Path, info: dict) -> list[Path]:
+    """``README.md`` in each saved model directory of the run (``model/``, ``adapter/``)."""
+    written = []
+    for kind in ("model", "adapter"):
+        directory = output_dir / kind
+        if directory.is_dir():
+            (directory / "README.md").write_text(model_card(output_dir, info, kind),
+                                                 encoding="utf-8")
+            written.append(directory / "README.md")
+    return written

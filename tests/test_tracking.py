@@ -1,0 +1,135 @@
+"""Experiment trackers (train.report_to): TensorBoard event files and an MLflow file store hold
+exactly what metrics.jsonl holds, plus the config as hyperparameters."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.cli import main
+from preftune.config import ConfigError, build_config
+from preftune.train import tracking
+from preftune.train.logging import read_metrics
+from tiny_models import save_tiny_model_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracking")
+    save_tiny_model_dir(root / "model")
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
+            for i in range(16)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def readme_tracker_command() -> list[str]:
+    """The first command of the README's tracker section."""
+    section = README.read_text().split("### Experiment tracking", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return shlex.split(block.splitlines()[0].split("#")[0])
+
+
+@pytest.fixture(scope="module")
+def tracked_run(workspace, monkeypatch_module):
+    """The README's command on the tiny model: learning rate 0 (so the policy_not_moving alarm
+    fires at step 3) and an eval every 2 steps."""
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch_module.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    command = readme_tracker_command()
+    assert command[:3] == ["preftune", "train", "examples/dpo.yaml"]
+    out = workspace / "run"
+    tiny = [f"model.path={workspace / 'model'}", f"data.train={workspace / 'pairs.jsonl'}",
+            "data.eval_fraction=0.25", f"reference.cache_dir={workspace / 'cache'}",
+            f"output_dir={out}", "train.learning_rate=0.0", "train.batch_size=4",
+            "train.gradient_accumulation_steps=1", "train.max_steps=4", "train.eval_every=2"]
+    command[2] = str(README.parent / command[2])  # whatever the working directory
+    argv = command[1:] + [item for setting in tiny for item in ("--set", setting)]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def expected_values(out: Path) -> dict:
+    """{name: {step: value}} as the trackers should hold them, from metrics.jsonl."""
+    expected: dict = {}
+    for record in read_metrics(out / "metrics.jsonl"):
+        for name, value in tracking.tracker_values(record).items():
+            expected.setdefault(name, {})[record["step"]] = value
+    return expected
+
+
+def test_tensorboard_event_files_hold_the_metrics_of_metrics_jsonl(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = read_metrics(tracked_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[2]["alarms"] == ["policy_not_moving"]
+    assert "eval/loss" in records[1] and "eval/loss" in records[3]
+    expected = expected_values(tracked_run)
+    assert expected["alarms/policy_not_moving"] == {3: 1}
+    run_dir = tracked_run / "tracking" / "tensorboard" / "run"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for name, by_step in expected.items():
+        logged = {event.step: event.value for event in events.Scalars(name)}
+        assert logged == pytest.approx(by_step, rel=1e-6), name
+    (hparams,) = run_dir.glob("*/hparams.yml")
+    config = yaml.safe_load(hparams.read_text())
+    assert config["train.learning_rate"] == 0.0 and config["train.max_steps"] == 4
+    assert json.loads(config["train.report_to"]) == ["tensorboard", "mlflow"]
+    assert config["model.path"] == str(tracked_run.parent / "model")
+
+
+def test_mlflow_file_store_holds_the_metrics_and_the_config(tracked_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tracked_run / "tracking" / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("preftune")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    expected = expected_values(tracked_run)
+    assert sorted(run.data.metrics) == sorted(expected)
+    for name, by_step in expected.items():
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        assert history == pytest.approx(by_step, rel=1e-12), name
+    assert run.data.params["train.learning_rate"] == "0.0"
+    assert run.data.params["objective"] == json.dumps([{"name": "dpo", "weight": 1.0,
+                                                        "beta": 0.1}])
+
+
+def test_alarm_lists_become_one_indicator_per_kind():
+    record = {"step": 7, "loss": 0.5, "alarms": ["no_signal", "non_finite_loss"]}
+    assert tracking.tracker_values(record) == {"loss": 0.5, "alarms/no_signal": 1,
+                                               "alarms/non_finite_loss": 1}
+
+
+def test_a_missing_tracker_package_names_the_extra(monkeypatch):
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec",
+                        lambda name: None if name == "tensorboard" else real(name))
+    with pytest.raises(ConfigError) as error:
+        build_config({"train": {"report_to": ["tensorboard", "mlflow"]}})
+    assert "train.report_to lists tensorboard" in str(error.value)
+    assert "pip install 'preftune[tensorboard]'" in str(error.value)
+
+
+def test_report_to_may_change_on_resume_and_an_unknown_tracker_is_refused():
+    from preftune.train.output import SAFE_TO_CHANGE
+
+    assert {"train.report_to", "train.tracking_dir", "train.run_name"} <= SAFE_TO_CHANGE
+    with pytest.raises(ConfigError, match="train.report_to"):
+        build_config({"train": {"report_to": ["tensorbored"]}})
+    assert build_config({"train": {"report_to": "mlflow"}}).train.report_to == ["mlflow"]
