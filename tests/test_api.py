@@ -191,10 +191,15 @@ def first_letter_is_y(prompt, response):
         "[preftune.scorers]\nstarts_with_y = pt_plugin:first_letter_is_y\n")
 
 
-def test_installed_entry_points_add_objectives_and_scorers(tmp_path, monkeypatch, registries):
+def test_installed_entry_points_add_objectives_and_scorers(tmp_path, monkeypatch, registries,
+                                                           capsys):
     _install_plugin(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "pt_plugin", raising=False)
+    assert main(["objectives"]) == 0
+    listing = capsys.readouterr().out
+    assert "plugin_hinge      pairs    reference" in listing
+    assert "softplus(target - (r_w - r_l)), r = beta * (log pi - log pi_ref)." in listing
     config = api.Config.from_dict({"objective": {"name": "plugin_hinge", "target": 0.5}})
     assert config.reference_strategy == "precomputed"
     assert api.load_scorer("starts_with_y").score(["p", "p"], ["yes", "no"]) == [1.0, 0.0]

@@ -60,7 +60,10 @@ def _inspect(args) -> None:
 
 def _objectives(args) -> None:
     from .objectives.catalog import markdown, terminal_listing
+    from .objectives.registry import load_installed
 
+    if not args.markdown:  # docs/objectives.md lists preftune's own
+        load_installed()
     print(markdown() if args.markdown else terminal_listing(), end="\n" if not args.markdown else "")
 
 
@@ -202,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "says which (for reward models, which would otherwise learn length)")
     synthetic.set_defaults(run=_synthetic)
 
-    objectives = commands.add_parser("objectives", help="list the registered objectives")
+    objectives = commands.add_parser("objectives", help="list the registered objectives "
+                                     "(with those of installed packages)")
     objectives.add_argument("--markdown", action="store_true",
                             help="print the catalog as markdown (docs/objectives.md)")
     objectives.set_defaults(run=_objectives)

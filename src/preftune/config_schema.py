@@ -55,12 +55,10 @@ def json_schema(kind: str = "train") -> dict:
 
 
 def _objective_terms(definitions: dict) -> list[dict]:
-    from .entry_points import entry_point_names
-    from .objectives import REGISTRY, get_objective
-    from .objectives.registry import ENTRY_POINT_GROUP
+    from .objectives import REGISTRY
+    from .objectives.registry import load_installed
 
-    for name in entry_point_names(ENTRY_POINT_GROUP):  # installed packages' objectives
-        get_objective(name)
+    load_installed()
     return [_term(spec.name, spec.params, spec.summary, definitions, default="dpo",
                   schedulable=True)
             for spec in sorted(REGISTRY.values(), key=lambda s: s.name)]

@@ -144,6 +144,14 @@ def get_objective(name: str) -> ObjectiveSpec:
                    "or name one from your code as module:function.")
 
 
+def load_installed() -> None:
+    """Register the objectives that installed packages declare (entry points)."""
+    from ..entry_points import entry_point_names
+
+    for name in entry_point_names(ENTRY_POINT_GROUP):
+        get_objective(name)
+
+
 def _load_target(name: str):
     """What ``module:function`` or an installed entry point called ``name`` refers to (loading
     it runs its registration); None when ``name`` is neither."""
