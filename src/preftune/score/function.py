@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ConfigError
-from ..entry_points import import_attribute, load_entry_point
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..data.synthetic import load_checker
+from ..entry_points import import_attribute, load_entry_point
 from .base import checked, prefer_by_scores, prompt_key
 
 
