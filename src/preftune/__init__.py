@@ -1,3 +1,23 @@
-"""preftune: preference optimization for language models on one fast, verified spine."""
+"""preftune: preference optimization for language models on one fast, verified spine.
+
+The Python API is ``preftune.api`` (``from preftune.api import Config, train``). Its names
+are also reachable here (``preftune.Config``, ``preftune.register_objective``, ...), loaded on
+first use so ``import preftune`` stays fast; not ``train``, ``evaluate`` and ``compare``, which
+here are preftune's subpackages.
+"""
 
 __version__ = "0.1.0"
+
+# preftune.api.__all__ less the names of subpackages (a test keeps the two in step)
+_API_NAMES = {"Config", "ConfigError", "NoParams", "ObjectiveInputs", "ObjectiveOutput",
+              "OnlineConfig", "RewardConfig", "evaluate_reward_model", "load_scorer",
+              "register_objective", "register_scorer", "run_online", "score_with_reward_model",
+              "train_reward_model"}
+
+
+def __getattr__(name: str):
+    if name in _API_NAMES:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'preftune' has no attribute {name!r}")

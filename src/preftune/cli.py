@@ -1,5 +1,5 @@
 """Command line: ``preftune train | online | rm | demo | eval | report | compare | data |
-objectives``."""
+objectives | config``. Each command calls the function of ``preftune.api`` that does its job."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pathlib import Path
 
 
 def _train(args) -> None:
-    from .config import load_config
-    from .train.loop import train
+    from .api import Config, train
 
-    config = load_config(args.config, args.set or [])
+    config = Config.from_yaml(args.config, args.set or [])
     output_dir = train(config, resume=args.resume, plan_only=args.plan,
                        overwrite=args.overwrite)
     if args.plan:
@@ -21,11 +20,10 @@ def _train(args) -> None:
 
 
 def _online(args) -> None:
-    from .online.config import load_online_config
-    from .online.loop import run_online
+    from .api import OnlineConfig, run_online
 
-    output_dir = run_online(load_online_config(args.config, args.set or []), resume=args.resume,
-                            overwrite=args.overwrite)
+    output_dir = run_online(OnlineConfig.from_yaml(args.config, args.set or []),
+                            resume=args.resume, overwrite=args.overwrite)
     print(f"done: rounds in {output_dir}, summary in {output_dir / 'online.json'}")
 
 
@@ -36,9 +34,9 @@ def _demo(args) -> None:
 
 
 def _eval(args) -> None:
-    from .evaluate.run_eval import EvalOptions, run_eval
+    from .api import evaluate
 
-    run_eval(EvalOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "run")}))
+    evaluate(**{k: v for k, v in vars(args).items() if k not in ("command", "run")})
 
 
 def _inspect(args) -> None:
@@ -63,7 +61,10 @@ def _inspect(args) -> None:
 
 def _objectives(args) -> None:
     from .objectives.catalog import markdown, terminal_listing
+    from .objectives.registry import load_installed
 
+    if not args.markdown:  # docs/objectives.md lists preftune's own
+        load_installed()
     print(markdown() if args.markdown else terminal_listing(), end="\n" if not args.markdown else "")
 
 
@@ -79,11 +80,31 @@ def _report(args) -> None:
 
 
 def _compare(args) -> None:
-    from .compare import run_compare
+    from .api import compare
 
     objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
-    run_compare(objectives, args.config, args.set or [], args.output_dir, args.eval_data,
-                args.scorer, args.samples, args.max_new_tokens)
+    compare(objectives, args.config, overrides=args.set or [], output_dir=args.output_dir,
+            eval_data=args.eval_data, scorer=args.scorer, samples=args.samples,
+            max_new_tokens=args.max_new_tokens)
+
+
+def _config_explain(args) -> None:
+    from .config_schema import explain
+
+    print(explain(args.kind, args.key))
+
+
+def _config_schema(args) -> None:
+    import json
+
+    from .config_schema import json_schema
+
+    text = json.dumps(json_schema(args.kind), indent=2) + "\n"
+    if args.output is None:
+        print(text, end="")
+        return
+    Path(args.output).write_text(text)
+    print(f"wrote the {args.kind} config schema to {args.output}")
 
 
 def _synthetic(args) -> None:
@@ -214,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "says which (for reward models, which would otherwise learn length)")
     synthetic.set_defaults(run=_synthetic)
 
-    objectives = command(commands, "objectives", "list the registered objectives",
-                         "preftune objectives", "preftune objectives --markdown")
+    objectives = command(commands, "objectives", "list the registered objectives (with those "
+                         "of installed packages)", "preftune objectives",
+                         "preftune objectives --markdown")
     objectives.add_argument("--markdown", action="store_true",
                             help="print the catalog as markdown (docs/objectives.md)")
     objectives.set_defaults(run=_objectives)
@@ -243,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="policy samples per prompt for KL and length (0: skip)")
     compare.add_argument("--max-new-tokens", type=int, default=32)
     compare.set_defaults(run=_compare)
+
+    config = commands.add_parser("config", help="every config key with its type, default and "
+                                 "help; a JSON schema for editors")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    explain = config_commands.add_parser("explain", help="print every key (or those under KEY) "
+                                         "with its type, default and help")
+    explain.add_argument("key", nargs="?", help="a key or section, e.g. train or "
+                         "train.learning_rate")
+    schema = config_commands.add_parser("schema", help="write a JSON schema of the config files "
+                                        "(for editor completion and checks)")
+    schema.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    for command, run in ((explain, _config_explain), (schema, _config_schema)):
+        command.add_argument("--kind", choices=["train", "rm", "online"], default="train",
+                             help="which config: preftune train, rm train or online "
+                             "(default train)")
+        command.set_defaults(run=run)
     return parser
 
 

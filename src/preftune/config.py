@@ -3,8 +3,10 @@ errors that name the key and suggest the right one."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,7 +23,27 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a string literal under a field is its help text (`preftune config explain`, the schema)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              use_attribute_docstrings=True)
+
+
+class RunConfig(Section):
+    """A whole run's configuration, read with the command line's checks and error messages."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: Sequence[str] = ()):
+        """The YAML file ``path`` (None: start empty) with ``key=value`` overrides applied."""
+        source = str(path) if path is not None else None
+        return build_config(read_tree(source, overrides), source or "the config", cls)
+
+    @classmethod
+    def from_dict(cls, tree: dict, overrides: Sequence[str] = (), source: str = "the config"):
+        """A config from nested dicts as in the YAML file (``tree`` is not modified)."""
+        tree = copy.deepcopy(tree)
+        for item in overrides:
+            set_override(tree, item)
+        return build_config(tree, source, cls)
 
 
 # numeric ranges, checked when the config is read (before any work)
@@ -33,38 +55,59 @@ Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # a share i
 
 class LoraConfig(Section):
     r: Count = 16
+    """LoRA rank: the inner size of each low-rank update."""
     alpha: Count = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: Fraction = 0.0
+    """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
-    save_merged: bool = True  # also write the merged full model next to the adapter
+    """Module names to adapt, or 'all-linear'."""
+    save_merged: bool = True
+    """Also write the merged full model next to the adapter."""
 
 
 class ModelConfig(Section):
-    path: str = "default"  # "default" (SmolLM2-135M-Instruct), a HF model dir, or a .gguf file
+    path: str = "default"
+    """'default' (SmolLM2-135M-Instruct), a Hugging Face model dir, or a .gguf file."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the weights; log-probs accumulate in float32 whatever it is."""
     trust_remote_code: bool = False
-    allow_pickle: bool = False  # load pickle weight files (*.bin) when no safetensors exist
+    """Run the model directory's own Python code (off unless you trust it)."""
+    allow_pickle: bool = False
+    """Load pickle weight files (*.bin) when no safetensors exist."""
     lora: LoraConfig | None = None
-    # attention kernel; None = transformers' default (sdpa). "flex_attention" (CUDA) runs the
-    # prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask
+    """Train LoRA adapters instead of every weight (null: full fine-tuning)."""
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] | None = None
+    """Attention kernel; null = transformers' default (sdpa). 'flex_attention' (CUDA) runs the
+    prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask."""
 
 
 class DataConfig(Section):
     train: str | list[str] = ""
+    """Training data: JSONL, JSON, Parquet, CSV or a saved HF dataset (dir or dir:split); a list
+    reads several."""
     eval: str | list[str] | None = None
-    eval_fraction: Fraction = 0.0  # split this share off train when no eval file is given
+    """Held-out data, same formats as train."""
+    eval_fraction: Fraction = 0.0
+    """Split this share off train when no eval file is given."""
     format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
+    """Text fields: strings, message lists, or whole dialogues with an implicit prompt."""
     fields: dict[str, str] = {}
+    """Rename columns, e.g. {prompt: question, chosen: good}."""
     shape: Literal["auto", "pairs", "unpaired", "ranked", "rated"] = "auto"
-    # turn the data into the shape the objective needs, e.g. ranked lists into pairs
+    """Record shape; auto detects it from the fields."""
     convert: Literal["pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
                      "unpaired"] | None = None
-    curriculum: bool = False  # Curry-DPO: train in order of score gap, easiest first
-    # a malformed record: raise (stop with file, line and field) or skip (count it, keep going)
+    """Turn the data into the shape the objective needs, e.g. ranked lists into pairs."""
+    curriculum: bool = False
+    """Curry-DPO: train in order of score gap, easiest first."""
     on_error: Literal["raise", "skip"] = "raise"
+    """A malformed record: raise (stop with file, line and field) or skip (count it, go on)."""
     max_length: Count = 1024
+    """Tokens of the prompt plus one response; longer ones keep the prompt's end and the
+    response's start."""
     max_prompt_length: Count | None = 512
+    """Tokens of the prompt alone (its end is kept); null: only max_length applies."""
 
 
 class ObjectiveConfig(BaseModel):
@@ -74,9 +117,12 @@ class ObjectiveConfig(BaseModel):
     several objectives are summed (``objective`` given as a list).
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
     name: str = "dpo"
+    """A registered objective (`preftune objectives`), or module:function of one registered in
+    your code; its parameters sit beside the name."""
     weight: float = 1.0
+    """Scale of this term when objective is a list (a weighted sum)."""
 
     @model_validator(mode="after")
     def _known_params(self):
@@ -94,47 +140,75 @@ class ObjectiveConfig(BaseModel):
 
 class ReferenceConfig(Section):
     strategy: Literal["auto", "precomputed", "adapter-off", "live", "none"] = "auto"
-    cache_dir: str | None = None  # default: <preftune cache>/reference
-    # the reference's weights, a path like model.path (same tokenizer); default: model.path, i.e.
-    # the model before training. Precomputed only (e.g. online rounds: the initial model)
+    """How reference log-probs are had: auto picks precomputed when the objective needs a
+    reference, none when it is reference-free."""
+    cache_dir: str | None = None
+    """Where precomputed reference log-probs are cached; default: <preftune cache>/reference."""
     model: str | None = None
-    # more reference models (MRPO): paths like model.path, same tokenizer; precomputed one by one
+    """The reference's weights, a path like model.path (same tokenizer); default: model.path,
+    i.e. the model before training. Precomputed only (e.g. online rounds: the initial model)."""
     extra_models: list[str] = []
+    """More reference models (MRPO): paths like model.path, same tokenizer; precomputed one by
+    one."""
 
 
 class TrainConfig(Section):
-    learning_rate: NonNegative = 1e-6  # 0 trains nothing (the policy_not_moving alarm says so)
-    batch_size: Count = 8  # examples per micro-batch
+    learning_rate: NonNegative = 1e-6
+    """Peak AdamW learning rate; 0 trains nothing (the policy_not_moving alarm says so)."""
+    batch_size: Count = 8
+    """Examples per micro-batch (per process)."""
     gradient_accumulation_steps: Count = 1
+    """Micro-batches per optimizer step."""
     epochs: Positive = 1.0
-    max_steps: Count | None = None  # optimizer steps; overrides epochs
+    """Passes over the training data (fractions allowed)."""
+    max_steps: Count | None = None
+    """Optimizer steps; overrides epochs."""
     warmup_ratio: Fraction = 0.1
+    """Share of the steps spent warming the learning rate up from 0."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warmup."""
     weight_decay: NonNegative = 0.0
+    """AdamW weight decay."""
     max_grad_norm: Positive | None = 1.0
+    """Clip the global gradient norm to this; null: no clipping."""
     seed: int = 42
+    """Seed of initialisation, shuffling and sampling."""
     log_every: Count = 1
+    """Write metrics every this many steps."""
     eval_every: Count | None = None
+    """Evaluate on the held-out data (data.eval or data.eval_fraction) every this many
+    steps."""
     save_every: Count | None = None
+    """Write a checkpoint every this many steps (for --resume)."""
     keep_checkpoints: Count = 2
+    """How many of the newest checkpoints to keep."""
     logps_chunk_tokens: Count = 256
-    example_weight_field: str | None = None  # numeric record field that scales each example
-    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
-    # AdamW applied to each weight as soon as its gradient is complete, which frees it at once:
-    # no full set of gradients in memory. Needs gradient_accumulation_steps 1, max_grad_norm null.
+    """Tokens per chunk when log-probs are computed from hidden states (memory vs speed)."""
+    example_weight_field: str | None = None
+    """Numeric record field that scales each example's loss."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward: less memory, more time."""
     optimizer_in_backward: bool = False
-    # how examples become rows: auto picks prefix sharing when prompts are long (see data.layout)
+    """AdamW applied to each weight as soon as its gradient is complete, which frees it at once:
+    no full set of gradients in memory. Needs gradient_accumulation_steps 1, max_grad_norm
+    null."""
     layout: Literal["auto", "padded", "prefix_shared", "packed", "packed_prefix_shared"] = "auto"
-    max_row_tokens: Count | None = None  # packed layouts: tokens per row (default: data.max_length)
-    # torch.compile each decoder layer ("reduce-overhead" adds CUDA graphs on a GPU); row widths
-    # are then rounded up to pad_to_multiple_of (default 64; 128 under flex_attention)
+    """How examples become rows: auto picks prefix sharing when prompts are long."""
+    max_row_tokens: Count | None = None
+    """Packed layouts: tokens per row (default: data.max_length)."""
     compile: bool = False
+    """torch.compile each decoder layer; row widths are then rounded up to
+    pad_to_multiple_of."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """torch.compile mode; reduce-overhead adds CUDA graphs on a GPU."""
     pad_to_multiple_of: Count | None = None
-    # experiment trackers that get every metrics.jsonl record and the config (extras to install)
+    """Round row widths up to this (default: 64 with compile, 128 under flex_attention, else 1)."""
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
-    tracking_dir: str | None = None  # where offline trackers write; default: output_dir/tracking
-    run_name: str | None = None  # the run's name in the trackers; default: output_dir's name
+    """Experiment trackers that get every metrics.jsonl record and the config (extras)."""
+    tracking_dir: str | None = None
+    """Where offline trackers write (default: output_dir/tracking)."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: the name of output_dir)."""
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -150,13 +224,21 @@ class TrainConfig(Section):
         return value
 
 
-class Config(Section):
+class Config(RunConfig):
+    """A ``preftune train`` run (also the base of ``preftune online``'s config)."""
+
     output_dir: str = "runs/preftune"
+    """Where the model, metrics, checkpoints and run record are written."""
     model: ModelConfig = ModelConfig()
+    """The policy model to train."""
     data: DataConfig = DataConfig()
-    objective: list[ObjectiveConfig] = [ObjectiveConfig()]  # one term, or a weighted sum
+    """Training and held-out data."""
+    objective: list[ObjectiveConfig] = [ObjectiveConfig()]
+    """One objective {name, params...}, or a list of them summed with their weights."""
     reference: ReferenceConfig = ReferenceConfig()
+    """The reference policy of reference-normalised objectives."""
     train: TrainConfig = TrainConfig()
+    """Optimizer, schedule, batching, logging and checkpoints."""
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -295,12 +377,12 @@ def build_config(tree: dict, source: str = "the config", schema: type[BaseModel]
         raise ConfigError(f"invalid configuration in {source}:\n  {problems}") from None
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config file and apply ``key=value`` overrides."""
-    return build_config(read_tree(path, overrides), path or "the config")
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file and apply ``key=value`` overrides (``Config.from_yaml``)."""
+    return Config.from_yaml(path, overrides)
 
 
-def read_tree(path: str | None, overrides: list[str] = ()) -> dict:
+def read_tree(path: str | None, overrides: Sequence[str] = ()) -> dict:
     """A YAML config file as a dict, with ``key=value`` overrides applied."""
     tree: dict = {}
     if path is not None:
@@ -320,8 +402,13 @@ def read_tree(path: str | None, overrides: list[str] = ()) -> dict:
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-6")
-        key, value = item.split("=", 1)
-        set_dotted(tree, key.strip(), value)
+        set_override(tree, item)
     return tree
+
+
+def set_override(tree: dict, item: str) -> None:
+    """Apply one ``key=value`` override (``--set``) to ``tree``."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-6")
+    key, value = item.split("=", 1)
+    set_dotted(tree, key.strip(), value)

@@ -93,13 +93,76 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     return register
 
 
-def get_objective(name: str) -> ObjectiveSpec:
-    if name not in REGISTRY:
-        import difflib
+@dataclass
+class NoParams:
+    """An objective without parameters."""
 
-        close = difflib.get_close_matches(name, REGISTRY, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(
-            f"unknown objective {name!r}.{hint} Run `preftune objectives` to list them."
-        )
-    return REGISTRY[name]
+
+def register_objective(name: str | None = None, *, params: type = NoParams,
+                       needs_reference: bool, data: str = "pairs", paper: str = "", **needs):
+    """Register an objective from user code, declared like the built-ins (see ``objective``);
+    ``name`` defaults to the function's name. Re-running the same definition (a notebook cell)
+    replaces it."""
+
+    def register(fn):
+        key = name or fn.__name__
+        previous = REGISTRY.get(key)
+        if previous is not None and _same_definition(previous.fn, fn):
+            del REGISTRY[key]
+        return objective(key, params=params, needs_reference=needs_reference, paper=paper,
+                         data=data, **needs)(fn)
+
+    return register
+
+
+def _same_definition(a, b) -> bool:
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+ENTRY_POINT_GROUP = "preftune.objectives"
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    """The objective registered as ``name``; else ``module:function`` of a registered function,
+    or an installed package's entry point of group ``preftune.objectives``."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    target = _load_target(name)
+    if target is not None:
+        spec = next((s for s in REGISTRY.values() if s.fn is target), None)
+        if spec is None:
+            raise KeyError(f"objective {name!r}: {getattr(target, '__name__', target)!r} is not "
+                           "a registered objective; decorate it with "
+                           "@preftune.register_objective(params=..., needs_reference=..., "
+                           "data=...) so it declares what it needs.")
+        return spec
+    import difflib
+
+    close = difflib.get_close_matches(name, REGISTRY, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise KeyError(f"unknown objective {name!r}.{hint} Run `preftune objectives` to list them, "
+                   "or name one from your code as module:function.")
+
+
+def load_installed() -> None:
+    """Register the objectives that installed packages declare (entry points)."""
+    from ..entry_points import entry_point_names
+
+    for name in entry_point_names(ENTRY_POINT_GROUP):
+        get_objective(name)
+
+
+def _load_target(name: str):
+    """What ``module:function`` or an installed entry point called ``name`` refers to (loading
+    it runs its registration); None when ``name`` is neither."""
+    if ":" in name:
+        from ..entry_points import import_attribute
+
+        try:
+            return import_attribute(name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise KeyError(f"objective {name!r}: expected module:function with an importable "
+                           f"module and function ({error}).") from None
+    from ..entry_points import load_entry_point
+
+    return load_entry_point(ENTRY_POINT_GROUP, name)

@@ -8,24 +8,32 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Config, Count, NonNegative, Positive, Section, build_config, read_tree
+from ..config import Config, Count, NonNegative, Positive, Section
 from ..generation import SamplingSettings
 from ..objectives import get_objective
 from .build import BUILDERS, LIST_BUILDERS
 
 
 class SamplingSection(Section):
-    samples: Count = 4  # responses per prompt
+    samples: Count = 4
+    """Responses per prompt."""
     temperature: NonNegative = 1.0
+    """Sampling temperature (above 0: pairs need different samples)."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0  # 0: no top-k cut
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
+    top_k: Annotated[int, Field(ge=0)] = 0
+    """Keep the k most likely tokens; 0: no top-k cut."""
     max_new_tokens: Count = 64
+    """Longest sampled response, in tokens."""
     stop: list[str] = []
-    batch_size: Count = 16  # prompts per generate call
-    # hf: transformers generate; vllm: vLLM (installed, CUDA), loaded from the round's policy
+    """Strings that end a response."""
+    batch_size: Count = 16
+    """Prompts per generate call."""
     backend: Literal["hf", "vllm"] = "hf"
-    # share of GPU memory vLLM may hold while it samples
+    """hf: transformers generate; vllm: vLLM (installed, CUDA), loaded from the round's
+    policy."""
     vllm_memory: Annotated[float, Field(gt=0, le=1)] = 0.3
+    """Share of GPU memory vLLM may hold while it samples."""
 
     def settings(self, seed: int, **changes) -> SamplingSettings:
         """These settings for one draw, with ``seed`` and any ``changes``."""
@@ -35,32 +43,51 @@ class SamplingSection(Section):
 
 class PairsSection(Section):
     builder: Literal[BUILDERS] = "best_vs_worst"  # type: ignore[valid-type]
-    min_margin: NonNegative = 0.0  # drop pairs whose score gap is smaller
-    rso_beta: Positive = 0.5  # rso: the temperature of pi* ~ pi exp(r / beta)
-    rso_accept: Count = 4  # rso: samples accepted per prompt (paired two by two)
-    win_probs: bool = False  # add chosen_win_prob / rejected_win_prob (sppo_soft)
+    """How scored samples become training examples (pairs, or lists for listwise
+    objectives)."""
+    min_margin: NonNegative = 0.0
+    """Drop pairs whose score gap is smaller."""
+    rso_beta: Positive = 0.5
+    """rso: the temperature of pi* ~ pi exp(r / beta)."""
+    rso_accept: Count = 4
+    """rso: samples accepted per prompt (paired two by two)."""
+    win_probs: bool = False
+    """Add chosen_win_prob / rejected_win_prob (sppo_soft)."""
 
 
 class OnlineSection(Section):
-    # rounds: sample -> score -> build -> train -> evaluate, round after round; per_step: every
-    # optimizer step samples from the current policy (online DPO), reference = initial model
     mode: Literal["rounds", "per_step"] = "rounds"
+    """rounds: sample -> score -> build -> train -> evaluate, round after round; per_step:
+    every optimizer step samples from the current policy (online DPO), reference = initial
+    model."""
     rounds: Count = 2
-    scorer: str = ""  # a scorer spec: synthetic, module:function, rm:DIR, FILE.yaml
-    prompts_per_round: Count | None = None  # None: every prompt of data.train each round
-    reference: Literal["initial", "previous"] = "initial"  # SPPO/DNO/SELM use the previous round
+    """How many rounds."""
+    scorer: str = ""
+    """What judges the samples: synthetic, module:function, a registered scorer name, rm:DIR,
+    judge:MODEL, judge-pair:MODEL or a .yaml combination."""
+    prompts_per_round: Count | None = None
+    """Prompts sampled per round (a new slice each round); null: every prompt of data.train."""
+    reference: Literal["initial", "previous"] = "initial"
+    """Each round's reference: the initial model, or the previous round's (SPPO/DNO/SELM)."""
     sampling: SamplingSection = SamplingSection()
+    """How responses are sampled."""
     pairs: PairsSection = PairsSection()
-    eval_max_new_tokens: Count = 64  # greedy answers to data.eval's prompts after each round
-    # samples per held-out prompt for the KL of each round's model to the initial one (0: off)
+    """How scored samples become pairs or lists."""
+    eval_max_new_tokens: Count = 64
+    """Greedy answers to data.eval's prompts after each round, up to this many tokens."""
     eval_kl_samples: Annotated[int, Field(ge=0)] = 2
-    # best-of-n baseline: n samples of the initial model per held-out prompt, the best scored
-    # (what BoNBoN imitates); 0: off
+    """Samples per held-out prompt for the KL of each round's model to the initial one (0:
+    off)."""
     eval_best_of: int = 0
+    """Best-of-n baseline: n samples of the initial model per held-out prompt, the best scored
+    (what BoNBoN imitates); 0: off."""
 
 
 class OnlineConfig(Config):
+    """A ``preftune online`` run: a policy config plus the ``online`` section."""
+
     online: OnlineSection = OnlineSection()
+    """Rounds, sampling, scoring, pairing and per-round evaluation."""
 
     @model_validator(mode="after")
     def _online_settings(self):
@@ -118,4 +145,5 @@ class OnlineConfig(Config):
 
 
 def load_online_config(path: str | None, overrides: list[str] = ()) -> OnlineConfig:
-    return build_config(read_tree(path, overrides), path or "the config", schema=OnlineConfig)
+    """Read an online YAML config and apply ``key=value`` overrides."""
+    return OnlineConfig.from_yaml(path, overrides)

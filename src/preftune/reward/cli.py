@@ -4,27 +4,27 @@ from __future__ import annotations
 
 
 def _train(args) -> None:
-    from .config import load_reward_config
-    from .train import train_reward_model
+    from ..api import RewardConfig, train_reward_model
 
-    config = load_reward_config(args.config, args.set or [])
+    config = RewardConfig.from_yaml(args.config, args.set or [])
     output_dir = train_reward_model(config, resume=args.resume, overwrite=args.overwrite)
     print(f"done: reward model in {output_dir / 'model'} (AutoModelForSequenceClassification "
           f"loads it), metrics in {output_dir / 'metrics.jsonl'}")
 
 
 def _eval(args) -> None:
-    from .evaluate import RewardEvalOptions, run_rm_eval
+    from ..api import evaluate_reward_model
 
-    run_rm_eval(RewardEvalOptions(model=args.model, data=args.data, output=args.output,
-                                  category_field=args.category_field, bins=args.bins,
-                                  batch_size=args.batch_size))
+    evaluate_reward_model(args.model, args.data, output=args.output,
+                          category_field=args.category_field, bins=args.bins,
+                          batch_size=args.batch_size)
 
 
 def _score(args) -> None:
-    from .scoring import run_score
+    from ..api import score_with_reward_model
 
-    run_score(args.model, args.data, args.output, args.batch_size, args.field, args.overwrite)
+    score_with_reward_model(args.model, args.data, args.output, batch_size=args.batch_size,
+                            field=args.field, overwrite=args.overwrite)
 
 
 def _losses(args) -> None:

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 
-from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Section, TrainConfig,
-                      _unknown, build_config, check_data_and_train, read_tree)
+from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, RunConfig, Section,
+                      TrainConfig, _unknown, check_data_and_train)
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS, is_number
 from ..data.sources import read_rows
@@ -24,24 +24,34 @@ class HeadSettings(Section):
     (``detect_attributes``)."""
 
     kind: Literal["auto", "scalar", "attributes", "quantile", "gpm"] = "auto"
+    """The head; auto takes the loss's natural one."""
     attributes: list[str] = []
+    """attributes head: the names of the K ratings, e.g. [helpfulness, correctness]."""
     weights: list[float] = []
+    """attributes head: w_a of the reward sum (default: 1/K each, their mean)."""
     quantiles: list[float] = list(Head().quantiles)
+    """quantile head: the quantile levels it predicts."""
     risk: str = "mean"
+    """quantile head: the reward is 'mean' or 'cvar:ALPHA' (mean of the levels <= ALPHA)."""
     dims: int = 4
+    """gpm head: 2k, the size of the preference embedding (even)."""
     tau: float = 0.1
+    """gpm head: temperature of P(y_i > y_j) = sigmoid(s / tau)."""
     target: str = "score"
+    """quantile head: the rating the distribution is fit to."""
 
 
 class RewardModelConfig(ModelConfig):
     head: HeadSettings = HeadSettings()
+    """The head on the backbone's last hidden state."""
 
 
 class RewardLossConfig(BaseModel):
     """``name`` plus that loss's parameters, e.g. ``{name: bt_margin, margin_field: gap}``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
     name: str = "bt"
+    """A reward loss (`preftune rm losses`); its parameters sit beside the name."""
 
     @model_validator(mode="after")
     def _known_params(self):
@@ -67,15 +77,23 @@ class RewardLossConfig(BaseModel):
 
 
 class RewardTrainConfig(TrainConfig):
-    learning_rate: NonNegative = 1e-5  # a fresh head needs more than a policy's 1e-6
+    learning_rate: NonNegative = 1e-5
+    """Peak AdamW learning rate (a fresh head needs more than a policy's 1e-6)."""
 
 
-class RewardConfig(Section):
+class RewardConfig(RunConfig):
+    """A ``preftune rm train`` run."""
+
     output_dir: str = "runs/reward"
+    """Where the reward model, metrics and checkpoints are written."""
     model: RewardModelConfig = RewardModelConfig()
+    """The backbone and its head."""
     data: DataConfig = DataConfig()
+    """Training and held-out data (pairs, lists or rated responses)."""
     loss: RewardLossConfig = RewardLossConfig()
+    """The reward loss and its parameters."""
     train: RewardTrainConfig = RewardTrainConfig()
+    """Optimizer, schedule, batching, logging and checkpoints."""
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -114,12 +132,12 @@ class RewardConfig(Section):
 
 
 def build_reward_config(tree: dict, source: str = "the config") -> RewardConfig:
-    return build_config(tree, source, RewardConfig)
+    return RewardConfig.from_dict(tree, source=source)
 
 
 def load_reward_config(path: str | None, overrides: list[str] = ()) -> RewardConfig:
     """Read a reward-model YAML config and apply ``key=value`` overrides."""
-    return build_reward_config(read_tree(path, overrides), path or "the config")
+    return RewardConfig.from_yaml(path, overrides)
 
 
 def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:

@@ -3,6 +3,8 @@ rounds. ``load_scorer`` reads the spec a user writes on the command line or in a
 
 - ``synthetic``: the demo's program checkers (needs the data they were written with);
 - ``module:function``: a Python function ``function(prompt, response) -> float``;
+- a name given with ``register_scorer`` or an installed package's ``preftune.scorers`` entry
+  point: such a function by name;
 - ``rm:DIR`` (or a reward-model directory): a model trained with ``preftune rm train``;
 - ``judge:MODEL`` / ``judge-pair:MODEL``: a causal LM as judge, pointwise or pairwise
   (``judge.py``); ``default`` is the bundled SmolLM2;
@@ -16,10 +18,10 @@ from pathlib import Path
 from ..config import ConfigError
 from .base import Scorer, prompt_key
 from .combine import CombinedScorer, LogSigmoidCentred, baselines_from_samples, combined_from_yaml
-from .function import FunctionScorer, SyntheticScorer, is_function_spec
+from .function import FunctionScorer, SyntheticScorer, is_function_spec, register_scorer
 
 __all__ = ["CombinedScorer", "FunctionScorer", "LogSigmoidCentred", "Scorer", "SyntheticScorer",
-           "baselines_from_samples", "load_scorer", "prompt_key"]
+           "baselines_from_samples", "load_scorer", "prompt_key", "register_scorer"]
 
 
 def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
@@ -30,6 +32,9 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             raise ConfigError("the synthetic scorer reads its checkers from the data file; "
                               "give the data written by preftune demo / data synthetic.")
         return SyntheticScorer.from_data(data)
+    registered = FunctionScorer.registered(spec)
+    if registered is not None:
+        return registered
     for prefix, pairwise in (("judge:", False), ("judge-pair:", True)):
         if spec.startswith(prefix):
             from .judge import LLMJudge
@@ -49,6 +54,7 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             raise ConfigError(f"scorer {spec!r}: {error}") from None
     if is_function_spec(spec):
         return FunctionScorer.from_spec(spec)
-    raise ConfigError(f"scorer {spec!r}: expected 'synthetic', 'module:function', 'rm:DIR' (a "
-                      "reward model from preftune rm train), 'judge:MODEL' or 'judge-pair:MODEL' "
-                      "(an LLM judge) or a .yaml combination file.")
+    raise ConfigError(f"scorer {spec!r}: expected 'synthetic', 'module:function', a registered "
+                      "scorer name, 'rm:DIR' (a reward model from preftune rm train), "
+                      "'judge:MODEL' or 'judge-pair:MODEL' (an LLM judge) or a .yaml "
+                      "combination file.")

@@ -3,7 +3,6 @@ program checkers."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from ..config import ConfigError
@@ -11,7 +10,24 @@ from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..data.synthetic import load_checker
+from ..entry_points import import_attribute, load_entry_point
 from .base import checked, prefer_by_scores, prompt_key
+
+
+ENTRY_POINT_GROUP = "preftune.scorers"
+SCORERS: dict = {}
+
+
+def register_scorer(name: str | None = None):
+    """Register ``function(prompt, response) -> float`` (or a batched one, see
+    ``FunctionScorer``) as a scorer that configs and flags can name; ``name`` defaults to the
+    function's name."""
+
+    def register(function):
+        SCORERS[name or function.__name__] = function
+        return function
+
+    return register
 
 
 class FunctionScorer:
@@ -26,15 +42,25 @@ class FunctionScorer:
     @classmethod
     def from_spec(cls, spec: str) -> "FunctionScorer":
         """``module:function`` (the module importable from the working directory or path)."""
-        module_name, _, attribute = spec.partition(":")
         try:
-            function = getattr(importlib.import_module(module_name), attribute)
+            function = import_attribute(spec)
         except (ImportError, AttributeError, ValueError) as error:
             raise ConfigError(f"scorer {spec!r}: expected 'module:function' with an importable "
                               f"module and function ({error}).") from None
         if not callable(function):
-            raise ConfigError(f"scorer {spec!r}: {attribute} is not callable.")
+            raise ConfigError(f"scorer {spec!r}: {spec.partition(':')[2]} is not callable.")
         return cls(function, spec)
+
+    @classmethod
+    def registered(cls, name: str) -> "FunctionScorer | None":
+        """The scorer registered as ``name`` with ``register_scorer`` or declared by an
+        installed package (entry point group ``preftune.scorers``); None when there is none."""
+        function = SCORERS.get(name) or load_entry_point(ENTRY_POINT_GROUP, name)
+        if function is None:
+            return None
+        if not callable(function):
+            raise ConfigError(f"scorer {name!r}: the entry point does not name a function.")
+        return cls(function, name)
 
     def score(self, prompts, responses) -> list[float]:
         if getattr(self.function, "batched", False):

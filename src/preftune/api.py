@@ -1,0 +1,107 @@
+"""The Python API: the functions every ``preftune`` command calls, for scripts and notebooks.
+
+    from preftune.api import Config, train
+    config = Config.from_yaml("examples/dpo.yaml", overrides=["train.max_steps=10"])
+    run_dir = train(config)          # same run, same files as `preftune train`
+
+A config argument may be a config object, a dict shaped like the YAML file, or a YAML path;
+dicts and files go through the same checks and error messages (``ConfigError``) as the CLI.
+Objectives and scorers from your own code: ``register_objective`` / ``register_scorer``, or
+``module:function`` in a config, or an installed package's entry points (groups
+``preftune.objectives`` and ``preftune.scorers``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .config import Config, ConfigError
+from .objectives.registry import NoParams, ObjectiveInputs, ObjectiveOutput, register_objective
+from .online.config import OnlineConfig
+from .reward.config import RewardConfig
+from .score import load_scorer, register_scorer
+
+__all__ = ["Config", "ConfigError", "NoParams", "ObjectiveInputs", "ObjectiveOutput",
+           "OnlineConfig", "RewardConfig", "compare", "evaluate", "evaluate_reward_model",
+           "load_scorer", "register_objective", "register_scorer", "run_online",
+           "score_with_reward_model", "train", "train_reward_model"]
+
+
+def _as(kind: type, config):
+    """``config`` as a ``kind``: kept if it is one, read if it is a dict or a YAML path."""
+    if isinstance(config, kind):
+        return config
+    if isinstance(config, dict):
+        return kind.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return kind.from_yaml(config)
+    raise TypeError(f"expected a {kind.__name__}, a dict or a YAML path, got "
+                    f"{type(config).__name__}")
+
+
+def train(config: Config | dict | str | Path, *, resume: bool = False, overwrite: bool = False,
+          plan_only: bool = False, show_progress: bool = True) -> Path:
+    """Train a policy (``preftune train``); returns the output directory. An output_dir that
+    holds a run needs ``resume`` (same settings) or ``overwrite`` (the old run is moved
+    aside); ``plan_only`` prints the layout, reference and memory plan and stops."""
+    from .train.loop import train as train_policy
+
+    return train_policy(_as(Config, config), resume=resume, show_progress=show_progress,
+                        plan_only=plan_only, overwrite=overwrite)
+
+
+def evaluate(model: str, data: str, **options) -> dict:
+    """Diagnostics of a trained model against its reference on preference pairs (``preftune
+    eval``; ``options`` are its flags, e.g. ``beta=0.1, samples=0, scorer="synthetic"``).
+    Writes eval.json and returns the results."""
+    from .evaluate.run_eval import EvalOptions, run_eval
+
+    return run_eval(EvalOptions(model=model, data=data, **options))
+
+
+def compare(objectives: Sequence[str], config: str | None = None, *,
+            overrides: Sequence[str] = (), output_dir: str = "runs/compare",
+            eval_data: str | None = None, scorer: str | None = None, samples: int = 2,
+            max_new_tokens: int = 32) -> Path:
+    """Train each objective on the base config ``config`` (a YAML path, its objective
+    replaced), evaluate them alike and write a leaderboard (``preftune compare``)."""
+    from .compare import run_compare
+
+    return run_compare(list(objectives), config, list(overrides), output_dir, eval_data, scorer,
+                       samples, max_new_tokens)
+
+
+def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool = False,
+                       overwrite: bool = False, show_progress: bool = True) -> Path:
+    """Train a reward model (``preftune rm train``); returns the output directory."""
+    from .reward.train import train_reward_model as train_reward
+
+    return train_reward(_as(RewardConfig, config), resume=resume, show_progress=show_progress,
+                        overwrite=overwrite)
+
+
+def evaluate_reward_model(model: str, data: str, **options) -> dict:
+    """Accuracy, calibration and reward distribution of a reward model (``preftune rm eval``;
+    ``options``: output, category_field, bins, batch_size). Returns the results."""
+    from .reward.evaluate import RewardEvalOptions, run_rm_eval
+
+    return run_rm_eval(RewardEvalOptions(model=model, data=data, **options))
+
+
+def score_with_reward_model(model: str, data: str, output: str, *, batch_size: int = 16,
+                            field: str = "score", overwrite: bool = False) -> Path:
+    """Write every record of ``data`` with its reward-model scores to ``output`` (JSONL;
+    ``preftune rm score``)."""
+    from .reward.scoring import run_score
+
+    return run_score(model, data, output, batch_size, field, overwrite)
+
+
+def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,
+               overwrite: bool = False) -> Path:
+    """Online rounds: sample, score, pair, train, evaluate (``preftune online``); returns the
+    output directory."""
+    from .online.loop import run_online as run_rounds
+
+    return run_rounds(_as(OnlineConfig, config), resume=resume, overwrite=overwrite)

@@ -1,0 +1,150 @@
+"""The config files as a JSON schema (for editors: completion, hover help, checks) and as a
+listing of every key with its type, default and help (``preftune config explain``). Both are
+read off the pydantic config classes; objective and reward-loss parameters come from the
+registries, so every registered name is offered with its own parameters."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import textwrap
+
+from pydantic import TypeAdapter
+
+from .config import Config, ConfigError
+
+SCHEDULE = {"type": "object", "description": "a schedule over the run's steps",
+            "properties": {"start": {"type": "number"}, "end": {"type": "number"},
+                           "schedule": {"enum": ["linear", "cosine", "constant"]}},
+            "required": ["start", "end"], "additionalProperties": False}
+FROM_CODE = {"type": "object", "required": ["name"], "additionalProperties": True,
+             "description": "module:function of an objective registered in your code",
+             "properties": {"name": {"type": "string", "pattern": "^[^:]+:[^:]+$"}}}
+
+# keys whose value is a registered name with that name's own parameters
+LISTINGS = {"objective": ("{name, parameters...} or a list of them", "preftune objectives"),
+            "loss": ("{name, parameters...}", "preftune rm losses")}
+
+
+def config_class(kind: str) -> type:
+    """The config class of ``kind``: train, rm or online."""
+    from .online.config import OnlineConfig
+    from .reward.config import RewardConfig
+
+    return {"train": Config, "rm": RewardConfig, "online": OnlineConfig}[kind]
+
+
+def json_schema(kind: str = "train") -> dict:
+    """A JSON schema (draft 2020-12) of a ``kind`` config file."""
+    schema = config_class(kind).model_json_schema()
+    definitions = schema.setdefault("$defs", {})
+    if kind == "rm":
+        from .reward.losses import REWARD_LOSSES
+
+        definitions["RewardLossConfig"] = {"anyOf": [
+            _term(spec.name, spec.params, spec.summary, definitions, default="bt")
+            for spec in sorted(REWARD_LOSSES.values(), key=lambda s: s.name)]}
+    else:
+        definitions["ObjectiveConfig"] = {"anyOf": [*_objective_terms(definitions), FROM_CODE]}
+        field = schema["properties"]["objective"]
+        field.pop("type"), field.pop("items")
+        item = {"$ref": "#/$defs/ObjectiveConfig"}
+        field["anyOf"] = [item, {"type": "array", "items": item, "minItems": 1}]
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema,
+            "title": f"preftune {kind} config"}
+
+
+def _objective_terms(definitions: dict) -> list[dict]:
+    from .objectives import REGISTRY
+    from .objectives.registry import load_installed
+
+    load_installed()
+    return [_term(spec.name, spec.params, spec.summary, definitions, default="dpo",
+                  schedulable=True)
+            for spec in sorted(REGISTRY.values(), key=lambda s: s.name)]
+
+
+def _term(name: str, params: type, summary: str, definitions: dict, default: str,
+          schedulable: bool = False) -> dict:
+    """One registered name with its parameters; ``name`` may be left out for the default."""
+    params_schema = TypeAdapter(params).json_schema(ref_template="#/$defs/{model}")
+    definitions.update(params_schema.pop("$defs", {}))
+    properties = {"name": {"const": name}}
+    if schedulable:
+        properties["weight"] = {"type": "number", "default": 1.0}
+    for key, value in params_schema.get("properties", {}).items():
+        properties[key] = {"anyOf": [value, SCHEDULE]} if schedulable else value
+    return {"type": "object", "description": summary, "properties": properties,
+            "required": [] if name == default else ["name"], "additionalProperties": False}
+
+
+def explain(kind: str = "train", key: str | None = None) -> str:
+    """Every key of a ``kind`` config (or those under ``key``): type, default and help."""
+    schema = json_schema(kind)
+    rows = list(_rows(schema, schema, ""))
+    if key:
+        chosen = [row for row in rows if row[0] == key or row[0].startswith(key + ".")]
+        if not chosen:
+            close = difflib.get_close_matches(key, [row[0] for row in rows], n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"no key {key!r} in a {kind} config.{hint} Run `preftune config "
+                              f"explain --kind {kind}` for the full list.")
+        rows = chosen
+    blocks = []
+    for dotted, kind_of, default, text in rows:
+        block = f"{dotted}: {kind_of}" + (f" = {default}" if default is not None else "")
+        if text:
+            block += "\n" + textwrap.fill(" ".join(text.split()), width=96,
+                                          initial_indent="    ", subsequent_indent="    ")
+        blocks.append(block)
+    return "\n".join(blocks)
+
+
+def _rows(node: dict, root: dict, prefix: str):
+    """(dotted key, type, default, help) of every leaf key under ``node``."""
+    for name, field in node.get("properties", {}).items():
+        dotted = prefix + name
+        section = _section(field, root)
+        if section is not None:
+            yield from _rows(section, root, dotted + ".")
+            continue
+        default = json.dumps(field["default"]) if "default" in field else None
+        text = field.get("description", "")
+        if dotted in LISTINGS:
+            kind, command = LISTINGS[dotted]
+            yield dotted, kind, default, f"{text} The names and their parameters: `{command}`."
+        else:
+            yield dotted, _type(field, root), default, text
+
+
+def _section(field: dict, root: dict) -> dict | None:
+    """The config section a field holds (possibly optional), else None."""
+    for option in [field, *field.get("anyOf", [])]:
+        if "$ref" in option:
+            target = _resolve(option, root)
+            if "properties" in target and target.get("additionalProperties") is False:
+                return target
+    return None
+
+
+def _resolve(node: dict, root: dict) -> dict:
+    return root["$defs"][node["$ref"].rsplit("/", 1)[-1]] if "$ref" in node else node
+
+
+def _type(node: dict, root: dict) -> str:
+    node = _resolve(node, root)
+    if "anyOf" in node:
+        return " | ".join(_type(option, root) for option in node["anyOf"])
+    if "enum" in node:
+        return " | ".join(str(value) for value in node["enum"])
+    kind = node.get("type", "any")
+    if kind == "array":
+        return f"list of {_type(node.get('items', {}), root)}"
+    if kind == "object":
+        values = node.get("additionalProperties", {})
+        return f"mapping of {_type(values, root) if isinstance(values, dict) else 'any'}"
+    bounds = [f"{sign} {node[bound]}" for bound, sign in (
+        ("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+        if bound in node]
+    name = {"number": "float", "integer": "int", "string": "str", "boolean": "bool"}.get(kind, kind)
+    return f"{name} {', '.join(bounds)}" if bounds else name

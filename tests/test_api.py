@@ -1,0 +1,280 @@
+"""The Python API (``preftune.api``): the same runs as the command line, configs from dicts with
+the CLI's messages, and objectives and scorers from user code (decorator, module:function,
+installed entry points), on a tiny model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import preftune
+from preftune import api
+from preftune.cli import main
+from preftune.config_schema import json_schema
+from tiny_models import save_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    save_tiny_model_dir(root / "model")
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
+            for i in range(12)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"output_dir": str(root / "run"), "model": {"path": str(root / "model")},
+              "data": {"train": str(root / "pairs.jsonl")},
+              "reference": {"cache_dir": str(root / "cache")},
+              "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+@pytest.fixture
+def registries():
+    """Objectives and scorers registered by a test are forgotten after it."""
+    from preftune.objectives.registry import REGISTRY
+    from preftune.score.function import SCORERS
+
+    saved = dict(REGISTRY), dict(SCORERS)
+    yield
+    for registry, before in zip((REGISTRY, SCORERS), saved):
+        registry.clear()
+        registry.update(before)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_api_train_gives_the_same_weights_as_the_cli(files):
+    config = files / "config.yaml"
+    assert main(["train", str(config), "--set", f"output_dir={files / 'by_cli'}"]) == 0
+    run_dir = api.train(api.Config.from_yaml(config, [f"output_dir={files / 'by_api'}"]),
+                        show_progress=False)
+    assert run_dir == files / "by_api"
+    by_cli = load_file(files / "by_cli" / "model" / "model.safetensors")
+    by_api = load_file(files / "by_api" / "model" / "model.safetensors")
+    initial = load_file(files / "model" / "model.safetensors")
+    assert by_cli.keys() == by_api.keys()
+    assert all(torch.equal(by_cli[name], by_api[name]) for name in by_cli)
+    assert any(not torch.equal(by_api[name], initial[name]) for name in initial)
+    assert [m["loss"] for m in _metrics(files / "by_cli")] == \
+        [m["loss"] for m in _metrics(files / "by_api")]
+
+
+def test_from_dict_and_from_yaml_give_the_cli_errors(files, capsys):
+    tree = yaml.safe_load((files / "config.yaml").read_text())
+    tree["train"]["learning_rat"] = 1.0
+    with pytest.raises(api.ConfigError) as from_dict:
+        api.Config.from_dict(tree)
+    assert "learning_rat" in tree["train"]  # the caller's dict is left as it was
+    bad = files / "bad.yaml"
+    bad.write_text(yaml.safe_dump(tree))
+    with pytest.raises(api.ConfigError) as from_yaml:
+        api.Config.from_yaml(bad)
+    assert main(["train", str(bad)]) == 2
+    problem = ("unknown key 'train.learning_rat' in the config. Did you mean "
+               "train.learning_rate?")
+    assert problem in str(from_dict.value)
+    assert str(from_yaml.value) == f"invalid configuration in {bad}:\n  {problem} Known keys: " \
+        + str(from_dict.value).split(" Known keys: ")[1]
+    assert str(from_yaml.value) in capsys.readouterr().err
+    overridden = api.Config.from_dict({}, ["train.batch_size=3", "objective.beta=0.5"])
+    assert overridden.train.batch_size == 3 and overridden.objective[0].model_extra == {"beta": 0.5}
+
+
+def test_rm_and_online_configs_read_the_same_ways():
+    rm = api.RewardConfig.from_yaml(ROOT / "examples/rm/bt.yaml", ["loss.name=bt_margin"])
+    assert rm.loss.name == "bt_margin"
+    assert api.RewardConfig.from_dict({"loss": {"name": "gpm"}}).head.kind == "gpm"
+    with pytest.raises(api.ConfigError, match="online.scorer is required"):
+        api.OnlineConfig.from_dict({"data": {"train": "prompts.jsonl"}})
+    online = api.OnlineConfig.from_yaml(ROOT / "examples/online/iterative_dpo_checkers.yaml")
+    assert online.online.scorer == "synthetic"
+
+
+USER_LOSSES = '''
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+import preftune
+
+
+@dataclass
+class HingeParams:
+    beta: float = 0.1
+    target: float = 1.0
+
+
+@preftune.register_objective(params=HingeParams, needs_reference=True, data="pairs")
+def soft_hinge(inputs, params):
+    """softplus(target - (r_w - r_l)), r = beta * (log pi - log pi_ref)."""
+    rewards = params.beta * (inputs.policy.logps - inputs.reference.logps)
+    return preftune.ObjectiveOutput(F.softplus(params.target - rewards[:, 0] + rewards[:, 1]),
+                                    rewards)
+
+
+def not_registered(inputs, params):
+    return None
+'''
+
+
+def test_a_user_objective_named_as_module_function_trains_from_the_cli(files, tmp_path,
+                                                                      monkeypatch, registries):
+    (tmp_path / "user_losses.py").write_text(USER_LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_losses", raising=False)
+    run = tmp_path / "run"
+    assert main(["train", str(files / "config.yaml"), "--set", f"output_dir={run}",
+                 "--set", "objective.name=user_losses:soft_hinge",
+                 "--set", "objective.target=2.0"]) == 0
+    first = _metrics(run)[0]
+    # step 1: the policy is the reference, so every implied reward is 0: loss = softplus(2)
+    assert first["loss"] == pytest.approx(math.log1p(math.exp(2.0)), abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["objective"][0]
+    assert saved == {"name": "user_losses:soft_hinge", "weight": 1.0, "target": 2.0}
+    with pytest.raises(api.ConfigError, match="objective.betta"):
+        api.Config.from_dict({"objective": {"name": "user_losses:soft_hinge", "betta": 1}})
+    with pytest.raises(api.ConfigError, match="'not_registered' is not a registered objective"):
+        api.Config.from_dict({"objective": {"name": "user_losses:not_registered"}})
+    with pytest.raises(api.ConfigError, match="expected module:function with an importable"):
+        api.Config.from_dict({"objective": {"name": "no_such_module:loss"}})
+
+
+def test_objective_registered_in_the_script_trains_by_name(files, registries):
+    def define():
+        @preftune.register_objective(needs_reference=False)
+        def mean_logp_gap(inputs, params):
+            """-(mean log pi(y_w) - mean log pi(y_l)), reference-free."""
+            rewards = inputs.policy.mean_logps
+            return preftune.ObjectiveOutput(rewards[:, 1] - rewards[:, 0], rewards)
+
+        return mean_logp_gap
+
+    define()
+    gap = define()  # the same definition again (a notebook cell run twice) replaces it
+    config = api.Config.from_yaml(files / "config.yaml", [
+        f"output_dir={files / 'gap'}", "objective.name=mean_logp_gap"])
+    assert config.reference_strategy == "none"  # the declaration drives the reference choice
+    api.train(config, show_progress=False)
+    first = _metrics(files / "gap")[0]
+    assert first["loss"] == pytest.approx(-first["rewards/margins"], abs=1e-5)
+    with pytest.raises(ValueError, match="objective 'dpo' is registered twice"):
+        preftune.register_objective("dpo", needs_reference=True)(gap)
+
+
+def _install_plugin(root: Path) -> None:
+    """A package installed the way pip leaves one: its module and a dist-info with entry
+    points."""
+    (root / "pt_plugin.py").write_text(USER_LOSSES.replace("soft_hinge", "plugin_hinge") + '''
+
+def first_letter_is_y(prompt, response):
+    return float(response.startswith("y"))
+''')
+    info = root / "pt_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pt-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[preftune.objectives]\nplugin_hinge = pt_plugin:plugin_hinge\n\n"
+        "[preftune.scorers]\nstarts_with_y = pt_plugin:first_letter_is_y\n")
+
+
+def test_installed_entry_points_add_objectives_and_scorers(tmp_path, monkeypatch, registries,
+                                                           capsys):
+    _install_plugin(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pt_plugin", raising=False)
+    assert main(["objectives"]) == 0
+    listing = capsys.readouterr().out
+    assert "plugin_hinge      pairs    reference" in listing
+    assert "softplus(target - (r_w - r_l)), r = beta * (log pi - log pi_ref)." in listing
+    config = api.Config.from_dict({"objective": {"name": "plugin_hinge", "target": 0.5}})
+    assert config.reference_strategy == "precomputed"
+    assert api.load_scorer("starts_with_y").score(["p", "p"], ["yes", "no"]) == [1.0, 0.0]
+    names = [term["properties"]["name"].get("const")
+             for term in json_schema("train")["$defs"]["ObjectiveConfig"]["anyOf"]]
+    assert "plugin_hinge" in names and "dpo" in names
+
+
+def test_register_scorer_names_a_function_for_eval_and_online(registries):
+    @preftune.register_scorer("length_scorer")
+    def length(prompt, response):
+        return float(len(response))
+
+    assert api.load_scorer("length_scorer").score(["a", "b"], ["xy", "xyz"]) == [2.0, 3.0]
+    with pytest.raises(api.ConfigError, match="a registered scorer name"):
+        api.load_scorer("no_such_scorer")
+
+
+def test_top_level_names_are_the_api_and_import_preftune_stays_light():
+    assert preftune._API_NAMES == set(api.__all__) - {"train", "evaluate", "compare"}
+    assert preftune.Config is api.Config and preftune.register_objective is \
+        api.register_objective
+    probe = "import sys, preftune; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_example_script_trains_its_own_objective_and_evaluates(files, tmp_path):
+    env = {**os.environ, "PREFTUNE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples/python_api.py"), "--model", str(files / "model"),
+         "--steps", "2", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _metrics(tmp_path / "out" / "run")
+    assert [m["step"] for m in metrics] == [1, 2]
+    # step 1: policy = reference, implied rewards 0, so the loss is softplus(target = 1.0)
+    assert metrics[0]["loss"] == pytest.approx(math.log1p(math.e), abs=1e-5)
+    assert "step 2: loss" in result.stdout and "reward accuracy" in result.stdout
+    assert "win rate over the reference under says_yes" in result.stdout
+    results = json.loads((tmp_path / "out" / "run" / "eval.json").read_text())
+    assert results["settings"]["scorer"] == "says_yes" and results["pairs"] == 16
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_python_api_snippet_runs(files, tmp_path, monkeypatch, registries):
+    snippet = _readme_section("Python API").split("```python\n", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load((ROOT / "examples/dpo.yaml").read_text())
+    example["model"]["path"] = str(files / "model")  # the tiny model in place of SmolLM2
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "dpo.yaml").write_text(yaml.safe_dump(example))
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
+            for i in range(80)]
+    (tmp_path / "my_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "readme"})
+    metrics = _metrics(tmp_path / "runs" / "dpo")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # rewards 0 at step 1
+    assert (tmp_path / "runs" / "dpo" / "model" / "model.safetensors").exists()
+
+
+def test_readme_config_commands_run(tmp_path, monkeypatch, capsys):
+    block = _readme_section("Python API").split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].split() for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["preftune", "config"]] * len(commands)
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert main(command[1:]) == 0, command
+    out = capsys.readouterr().out
+    assert "train.learning_rate: float >= 0 = 1e-06" in out
+    assert json.loads((tmp_path / "preftune.schema.json").read_text()) == json_schema("train")

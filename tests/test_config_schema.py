@@ -1,0 +1,111 @@
+"""``preftune config schema`` (a JSON schema editors use) and ``preftune config explain`` (every
+key with its type, default and help)."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from preftune.cli import main
+from preftune.config_schema import config_class, explain, json_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = {"train": "examples/*.yaml", "rm": "examples/rm/*.yaml",
+         "online": "examples/online/*.yaml"}
+
+
+def _validator(kind: str) -> jsonschema.Draft202012Validator:
+    schema = json_schema(kind)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_example_config_validates_against_its_schema(kind):
+    validator = _validator(kind)
+    files = sorted(ROOT.glob(KINDS[kind]))
+    assert files
+    for file in files:
+        errors = [error.message for error in validator.iter_errors(yaml.safe_load(file.read_text()))]
+        assert errors == [], file
+
+
+@pytest.mark.parametrize("tree, problem", [
+    ({"train": {"lr": 1e-6}}, "Additional properties are not allowed ('lr' was unexpected)"),
+    ({"train": {"batch_size": 0}}, "0 is less than the minimum of 1"),
+    ({"reference": {"strategy": "frozen"}}, "'frozen' is not one of"),
+    ({"objective": {"name": "dpo", "betta": 0.1}}, "is not valid under any of the given schemas"),
+    ({"objective": {"name": "no_such_objective"}}, "is not valid under any of the given schemas"),
+])
+def test_schema_rejects_a_bad_config(tree, problem):
+    messages = [error.message for error in _validator("train").iter_errors(tree)]
+    assert any(problem in message for message in messages), messages
+
+
+def test_schema_accepts_the_objective_forms_the_config_accepts():
+    validator = _validator("train")
+    for tree in [{"objective": {"beta": 0.2}},  # name left out: dpo
+                 {"objective": [{"name": "dpo"}, {"name": "sft", "weight": 0.2}]},
+                 {"objective": {"name": "dpo", "beta": {"start": 0.05, "end": 0.5}}},
+                 {"objective": {"name": "mypkg.losses:my_loss", "margin": 1.0}}]:
+        assert list(validator.iter_errors(tree)) == [], tree
+    rm = _validator("rm")
+    assert list(rm.iter_errors({"loss": {"name": "bt_margin", "margin_field": "gap"}})) == []
+    assert list(rm.iter_errors({"loss": {"name": "bt", "margin_field": "gap"}})) != []
+
+
+def test_schema_command_writes_the_schema(tmp_path, capsys):
+    target = tmp_path / "online.schema.json"
+    assert main(["config", "schema", "--kind", "online", "-o", str(target)]) == 0
+    assert json.loads(target.read_text()) == json_schema("online")
+    assert capsys.readouterr().out == f"wrote the online config schema to {target}\n"
+    assert main(["config", "schema"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "preftune train config"
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict:
+    """Every leaf key of a config class with its field."""
+    fields = {}
+    for name, field in model.model_fields.items():
+        options = getattr(field.annotation, "__args__", (field.annotation,))
+        section = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)
+                        and o.model_config.get("extra") == "forbid"), None)
+        fields.update(_leaf_fields(section, f"{prefix}{name}.") if section
+                      else {prefix + name: field})
+    return fields
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_explain_lists_every_key_with_type_default_and_help(kind):
+    blocks = explain(kind).replace("\n    ", " ").splitlines()  # one line per key
+    listed = {line.split(": ", 1)[0]: line for line in blocks}
+    fields = _leaf_fields(config_class(kind))
+    assert sorted(listed) == sorted(fields)
+    for key, field in fields.items():
+        assert field.description, f"{key} has no help text"
+        text = " ".join(field.description.split())
+        assert text in listed[key], key
+        if key not in ("objective", "loss"):  # these show the registry to look names up in
+            assert listed[key].endswith(f" = {json.dumps(field.get_default())} {text}"), key
+
+
+def test_explain_one_key_or_section(capsys):
+    assert main(["config", "explain", "train.learning_rate"]) == 0
+    assert capsys.readouterr().out == ("train.learning_rate: float >= 0 = 1e-06\n    Peak AdamW "
+                                       "learning rate; 0 trains nothing (the policy_not_moving "
+                                       "alarm says so).\n")
+    assert main(["config", "explain", "--kind", "online", "online.sampling"]) == 0
+    out = capsys.readouterr().out
+    assert "online.sampling.top_p: float > 0, <= 1 = 1.0" in out
+    assert "online.sampling.backend: hf | vllm = \"hf\"" in out and "online.rounds" not in out
+    assert main(["config", "explain", "--kind", "rm", "loss"]) == 0
+    assert "`preftune rm losses`" in capsys.readouterr().out
+
+
+def test_explain_an_unknown_key_suggests_one(capsys):
+    assert main(["config", "explain", "train.learning_rat"]) == 2
+    assert "no key 'train.learning_rat' in a train config. Did you mean train.learning_rate?" \
+        in capsys.readouterr().err
