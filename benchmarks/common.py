@@ -26,12 +26,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# name -> model ("default" = bundled SmolLM2-135M-Instruct, "tiny" = small random Llama) and data
+# name -> model ("default" = bundled SmolLM2-135M-Instruct, "tiny" = small random Llama,
+# "llama1b" = Llama-3.2-1B's architecture, random weights, SmolLM2's tokenizer) and data
 CASES = {
     "smollm2-long": {"model": "default", "data": "long"},
     "smollm2-short": {"model": "default", "data": "short"},
     "tiny-long": {"model": "tiny", "data": "long"},
     "tiny-short": {"model": "tiny", "data": "short"},
+    "llama1b-long": {"model": "llama1b", "data": "long"},
+    "llama1b-short": {"model": "llama1b", "data": "short"},
 }
 DATA = {  # data kind -> max_length, max_prompt_length (preftune; TRL has max_length only)
     "long": {"max_length": 640, "max_prompt_length": 560},
@@ -124,6 +127,24 @@ def tiny_model_dir(root: Path, default_dir: str) -> str:
     return save_random_model(root / "tiny-llama", config, default_dir)
 
 
+def llama1b_model_dir(root: Path, default_dir: str) -> str:
+    """Llama-3.2-1B's shapes (16 layers, hidden 2048, 32 heads / 8 KV heads, MLP 8192, tied
+    embeddings) with random weights and SmolLM2's tokenizer: 49,152 tokens instead of Llama's
+    128,256 (no Llama tokenizer can be installed here), so 1.07B parameters instead of 1.24B. A
+    model where arithmetic, not kernel launches, takes most of a GPU step."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(default_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return save_random_model(root / "llama-3.2-1b-shapes", config, default_dir)
+
+
 def random_init_dir(root: Path, source: str) -> str:
     """The architecture of ``source`` (its config.json and tokenizer, no weights needed) with
     random weights. Speed and memory depend on the shapes only, so this stands in for the real
@@ -157,7 +178,9 @@ def prepare_case(name: str, root: Path, run_size: dict, steps: int | None,
     default_dir = resolve_model_dir(default_model or "default")
     if not any(Path(default_dir).glob("*.safetensors")) and not any(Path(default_dir).glob("*.bin")):
         default_dir = random_init_dir(root, default_dir)
-    model_dir = default_dir if spec["model"] == "default" else tiny_model_dir(root, default_dir)
+    model_dir = {"default": lambda: default_dir,
+                 "tiny": lambda: tiny_model_dir(root, default_dir),
+                 "llama1b": lambda: llama1b_model_dir(root, default_dir)}[spec["model"]]()
     limits = DATA[spec["data"]]
     case_dir = root / name
     case_dir.mkdir(parents=True, exist_ok=True)

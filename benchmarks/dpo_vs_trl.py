@@ -61,13 +61,15 @@ from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E4
 # allocator setting preftune applies to itself on CPU (train/memory.py), so peak memory can be
 # compared without it. preftune-flex (CUDA only): preftune with model.attn_implementation
 # flex_attention, so prefix-shared and packed rows run block-sparse instead of with a dense mask.
+# preftune-compile: preftune with train.compile (each decoder layer compiled, row widths rounded
+# to 64 tokens); its first steps include the compilation, so give it enough --steps.
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
-         "preftune-gc", "preftune-lean", "trl-mmap", "preftune-flex")
+         "preftune-gc", "preftune-lean", "trl-mmap", "preftune-flex", "preftune-compile")
 
 # (steps, batch size) per model on each device; --steps/--batch-size override
 RUN_SIZE = {
-    "cpu": {"default": (3, 2), "tiny": (6, 4)},
-    "cuda": {"default": (20, 8), "tiny": (40, 8)},
+    "cpu": {"default": (3, 2), "tiny": (6, 4), "llama1b": (2, 1)},
+    "cuda": {"default": (20, 8), "tiny": (40, 8), "llama1b": (12, 8)},
 }
 
 
@@ -122,6 +124,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
                   "max_grad_norm": None if tool == "preftune-lean" else 1.0,
                   "seed": case["seed"], "log_every": 1, "layout": layout,
                   "gradient_checkpointing": tool in ("preftune-gc", "preftune-lean"),
+                  "compile": tool == "preftune-compile",
                   "optimizer_in_backward": tool == "preftune-lean"},
     })
     loop.train(config, show_progress=False)

@@ -101,7 +101,8 @@ def test_every_command_help_ends_with_examples_that_run_that_command():
     parsers = dict(all_parsers(build_parser()))
     assert {("train",), ("online",), ("rm", "train"), ("rm", "eval"), ("rm", "score"),
             ("rm", "losses"), ("demo",), ("eval",), ("data", "inspect"),
-            ("data", "synthetic"), ("objectives",), ("report",), ("compare",)} <= set(parsers)
+            ("data", "synthetic"), ("objectives",), ("report",), ("compare",),
+            ("config", "explain"), ("config", "schema")} <= set(parsers)
     for path, parser in parsers.items():
         help_text = parser.format_help()
         parts = re.split(r"\nexamples?:\n", help_text)
@@ -113,5 +114,6 @@ def test_every_command_help_ends_with_examples_that_run_that_command():
             assert words[0] == "preftune" and words[1 : 1 + len(path)] == list(path), example
             args = build_parser().parse_args(words[1:])  # a valid invocation of that command
             chosen = (args.command, getattr(args, "rm_command", None)
-                      or getattr(args, "data_command", None))
+                      or getattr(args, "data_command", None)
+                      or getattr(args, "config_command", None))
             assert tuple(name for name in chosen if name)[: len(path)] == path, example

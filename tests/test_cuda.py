@@ -124,3 +124,53 @@ def test_training_loop_on_cuda_flex_equals_sdpa_and_runs_in_bf16(model_dir):
     bf16, _ = train(model_dir, "bf16", dtype="bfloat16", attn_implementation="flex_attention")
     assert all(torch.isfinite(torch.tensor(bf16)))
     assert bf16 == pytest.approx(sdpa, rel=0.05)  # same run, bf16 rounding only
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+def test_a_cuda_training_step_waits_for_the_device_once(model_dir, layout):
+    """torch's sync debug mode warns at every operation that makes the host wait for the GPU:
+    a whole optimizer step (two micro-batches, precomputed reference) waits once, at its end."""
+    import warnings
+
+    from accelerate import Accelerator
+
+    from preftune.config import build_config
+    from preftune.train.trainer import Trainer
+
+    config = build_config({
+        "output_dir": str(model_dir / f"syncs-{layout}"), "model": {"path": str(model_dir / "model")},
+        "data": {"train": str(model_dir / "pairs.jsonl")},
+        "reference": {"cache_dir": str(model_dir / "cache-syncs")},
+        "train": {"batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 8,
+                  "layout": layout, "learning_rate": 1e-3}})
+    accelerator = Accelerator()
+    task, steps = loop.policy_task(config, accelerator)
+    trainer = Trainer(task, config.train, model_dir / f"syncs-{layout}", accelerator, steps,
+                      show_progress=False)
+    for step in range(4):  # past the one-off check that the weights moved (step 3)
+        trainer.step(step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.step(4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+
+
+def test_compiled_layers_on_cuda_match_eager():
+    """train.compile's layers (inductor, Triton kernels) give eager's stats and gradients."""
+    from preftune.model.compile import compile_layers
+
+    torch._dynamo.reset()
+    model, batch_examples = small_llama(), examples(2)
+    plain, plain_grads = stats_and_grads(model, "prefix_shared", batch_examples)
+    compiled = copy.deepcopy(model)
+    compile_layers(compiled)
+    fast, fast_grads = stats_and_grads(compiled, "prefix_shared", batch_examples)
+    torch.testing.assert_close(fast.logps, plain.logps, atol=1e-4, rtol=1e-4)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)

@@ -266,21 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--max-new-tokens", type=int, default=32)
     compare.set_defaults(run=_compare)
 
-    config = commands.add_parser("config", help="every config key with its type, default and "
-                                 "help; a JSON schema for editors")
+    config = command(commands, "config", "every config key with its type, default and help; "
+                     "a JSON schema for editors", "preftune config explain train.learning_rate",
+                     "preftune config schema --kind rm -o rm.schema.json")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    explain = config_commands.add_parser("explain", help="print every key (or those under KEY) "
-                                         "with its type, default and help")
+    explain = command(config_commands, "explain", "print every key (or those under KEY) with "
+                      "its type, default and help", "preftune config explain",
+                      "preftune config explain objective --kind online")
     explain.add_argument("key", nargs="?", help="a key or section, e.g. train or "
                          "train.learning_rate")
-    schema = config_commands.add_parser("schema", help="write a JSON schema of the config files "
-                                        "(for editor completion and checks)")
+    schema = command(config_commands, "schema", "write a JSON schema of the config files (for "
+                     "editor completion and checks)", "preftune config schema -o schema.json")
     schema.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
-    for command, run in ((explain, _config_explain), (schema, _config_schema)):
-        command.add_argument("--kind", choices=["train", "rm", "online"], default="train",
-                             help="which config: preftune train, rm train or online "
-                             "(default train)")
-        command.set_defaults(run=run)
+    for sub, run in ((explain, _config_explain), (schema, _config_schema)):
+        sub.add_argument("--kind", choices=["train", "rm", "online"], default="train",
+                         help="which config: preftune train, rm train or online (default train)")
+        sub.set_defaults(run=run)
     return parser
 
 

@@ -128,8 +128,7 @@ class PrecomputedReference:
     def stats(self, batch: Batch) -> SequenceStats:
         device = batch.input_ids.device
         rows = torch.tensor([self.row_of[i] for i in batch.example_ids])
-        stats = SequenceStats(self.logps[rows].to(device, non_blocking=True),
-                              self.token_counts[rows].to(device, non_blocking=True))
+        stats = SequenceStats(_to(self.logps[rows], device), _to(self.token_counts[rows], device))
         if self.token_logps is not None:
             per_example = self.logps.shape[1]
             slots = (rows[:, None] * per_example + torch.arange(per_example)).flatten()
@@ -137,9 +136,17 @@ class PrecomputedReference:
             grid = self.token_logps[slots, :width]
             mask = torch.arange(width) < self.token_counts[rows].flatten()[:, None]
             shape = (*stats.logps.shape, width)
-            stats.token_logps = grid.view(shape).to(device, non_blocking=True)
-            stats.token_mask = mask.view(shape).to(device, non_blocking=True)
+            stats.token_logps = _to(grid.view(shape), device)
+            stats.token_mask = _to(mask.view(shape), device)
         return stats
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through page-locked memory, so the copy is queued
+    without the host waiting for it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def reference_cache_key(model, examples: list[TokenizedExample], settings: dict) -> str:

@@ -18,7 +18,9 @@ RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json", "model")
 # settings a resumed run may change: they decide what is logged or kept, not what is trained
 SAFE_TO_CHANGE = {"train.log_every", "train.eval_every", "train.save_every",
                   "train.keep_checkpoints", "reference.cache_dir", "output_dir",
-                  "train.report_to", "train.tracking_dir", "train.run_name"}
+                  "train.report_to", "train.tracking_dir", "train.run_name",
+                  # how the same numbers are computed (tested equal to eager, unpadded)
+                  "train.compile", "train.compile_mode", "train.pad_to_multiple_of"}
 
 
 def holds_run(out: Path) -> bool:
