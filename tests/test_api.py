@@ -18,7 +18,7 @@ import preftune
 from preftune import api
 from preftune.cli import main
 from preftune.config_schema import json_schema
-from tiny_models import save_tiny_model_dir
+from tiny_models import yes_no_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,16 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    save_tiny_model_dir(root / "model")
-    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
-            for i in range(12)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"output_dir": str(root / "run"), "model": {"path": str(root / "model")},
-              "data": {"train": str(root / "pairs.jsonl")},
-              "reference": {"cache_dir": str(root / "cache")},
-              "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3}}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return yes_no_workspace(root, with_config=True)
 
 
 @pytest.fixture

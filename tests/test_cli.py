@@ -10,22 +10,13 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
-from tiny_models import save_tiny_model_dir
+from tiny_models import yes_no_workspace
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    save_tiny_model_dir(root / "model")
-    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
-            for i in range(12)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"output_dir": str(root / "run"), "model": {"path": str(root / "model")},
-              "data": {"train": str(root / "pairs.jsonl")},
-              "reference": {"cache_dir": str(root / "cache")},
-              "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3}}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return yes_no_workspace(root, with_config=True)
 
 
 def test_train_command_writes_a_loadable_model_and_run_record(files, capsys):

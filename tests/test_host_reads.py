@@ -6,9 +6,6 @@ round trips, not by compute. ``HostReads`` (tests/host_reads.py) counts them on 
 every tensor read counts, and the operator calls (each at least one kernel launch on a GPU).
 """
 
-import json
-import random
-
 import pytest
 import torch
 from accelerate import Accelerator
@@ -17,7 +14,7 @@ from host_reads import HostReads
 from preftune.config import build_config
 from preftune.train import loop
 from preftune.train.trainer import Trainer
-from tiny_models import save_tiny_model_dir
+from test_train_loop import workspace  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -26,21 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 OPS_BUDGET = {"padded": 380, "prefix_shared": 390}
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reads")
-    save_tiny_model_dir(root / "model")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(32):
-        a, b = rng.randint(1, 40), rng.randint(1, 40)
-        rows.append({"prompt": f"What is {a}+{b}?" + " please" * rng.randint(0, 3),
-                     "chosen": str(a + b), "rejected": f"It is {a + b + rng.randint(1, 9)}."})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def trainer_for(workspace, name, **train):
+def trainer_for(workspace, name, **train):  # noqa: F811
     config = build_config({
         "output_dir": str(workspace / name), "model": {"path": str(workspace / "model")},
         "data": {"train": str(workspace / "pairs.jsonl")},
@@ -53,7 +36,7 @@ def trainer_for(workspace, name, **train):
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_a_training_step_reads_the_device_once(workspace, layout, accumulation):
+def test_a_training_step_reads_the_device_once(workspace, layout, accumulation):  # noqa: F811
     trainer = trainer_for(workspace, f"{layout}-{accumulation}", layout=layout,
                           gradient_accumulation_steps=accumulation)
     for step in range(4):  # past the one-off check that the weights moved (step 3)
@@ -81,7 +64,7 @@ def test_the_auditor_counts_each_kind_of_read():
         assert reads.count == 1, read
 
 
-def test_a_non_finite_step_is_skipped_on_the_device(workspace, monkeypatch):
+def test_a_non_finite_step_is_skipped_on_the_device(workspace, monkeypatch):  # noqa: F811
     """A NaN loss leaves weights and optimizer state as they were (the fused AdamW skips the
     update on the device), raises the alarm, and training goes on."""
     trainer = trainer_for(workspace, "nan", layout="padded")

@@ -13,7 +13,7 @@ from preftune.cli import main
 from preftune.config import ConfigError, build_config
 from preftune.train import tracking
 from preftune.train.logging import read_metrics
-from tiny_models import save_tiny_model_dir
+from tiny_models import yes_no_workspace
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -22,11 +22,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking")
-    save_tiny_model_dir(root / "model")
-    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
-            for i in range(16)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return yes_no_workspace(root, pairs=16)
 
 
 def readme_tracker_command() -> list[str]:

@@ -105,3 +105,23 @@ def save_tiny_encoder_dir(directory: Path, seed: int = 0) -> Path:
     BertModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def yes_no_workspace(root: Path, pairs: int = 12, with_config: bool = False) -> Path:
+    """``root`` with a tiny model dir, ``pairs.jsonl`` ("say yes" prompts: " yes" preferred to
+    " no thanks") and, if asked, a 2-step ``config.yaml`` training on them."""
+    import json
+
+    import yaml
+
+    save_tiny_model_dir(root / "model")
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
+            for i in range(pairs)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if with_config:
+        config = {"output_dir": str(root / "run"), "model": {"path": str(root / "model")},
+                  "data": {"train": str(root / "pairs.jsonl")},
+                  "reference": {"cache_dir": str(root / "cache")},
+                  "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3}}
+        (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
