@@ -12,7 +12,7 @@ import torch
 from .registry import ObjectiveInputs, ObjectiveOutput
 
 
-def _total(values: torch.Tensor, where: torch.Tensor | None = None) -> tuple:
+def sum_count(values: torch.Tensor, where: torch.Tensor | None = None) -> tuple:
     """(sum, count) of ``values``, or of those where ``where`` is True (no boolean indexing,
     whose output size a GPU would have to report back)."""
     values = values.detach().float()
@@ -25,16 +25,16 @@ def _pair_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
     """Slot 0 is the preferred response (chosen), slot 1 the dispreferred one (rejected)."""
     chosen, rejected = rewards[:, 0], rewards[:, 1]
     metrics = {
-        "rewards/chosen": _total(chosen),
-        "rewards/rejected": _total(rejected),
-        "rewards/margins": _total(chosen - rejected),
-        "rewards/accuracies": _total((chosen > rejected).float()),
-        "logps/chosen": _total(inputs.policy.logps[:, 0]),
-        "logps/rejected": _total(inputs.policy.logps[:, 1]),
+        "rewards/chosen": sum_count(chosen),
+        "rewards/rejected": sum_count(rejected),
+        "rewards/margins": sum_count(chosen - rejected),
+        "rewards/accuracies": sum_count((chosen > rejected).float()),
+        "logps/chosen": sum_count(inputs.policy.logps[:, 0]),
+        "logps/rejected": sum_count(inputs.policy.logps[:, 1]),
     }
     if inputs.reference is not None:
-        metrics["logps/ref_chosen"] = _total(inputs.reference.logps[:, 0])
-        metrics["logps/ref_rejected"] = _total(inputs.reference.logps[:, 1])
+        metrics["logps/ref_chosen"] = sum_count(inputs.reference.logps[:, 0])
+        metrics["logps/ref_rejected"] = sum_count(inputs.reference.logps[:, 1])
     return metrics
 
 
@@ -43,8 +43,8 @@ def _unpaired_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
     label = inputs.scores["label"] > 0.5
     metrics = {}
     for name, where in (("desirable", label), ("undesirable", ~label)):
-        metrics[f"rewards/{name}"] = _total(rewards[:, 0], where)
-        metrics[f"logps/{name}"] = _total(inputs.policy.logps[:, 0], where)
+        metrics[f"rewards/{name}"] = sum_count(rewards[:, 0], where)
+        metrics[f"logps/{name}"] = sum_count(inputs.policy.logps[:, 0], where)
     return metrics
 
 
@@ -57,10 +57,10 @@ def _ranked_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
     rows = torch.arange(len(scores), device=scores.device)
     return {
         "rewards/accuracies": (agree.sum(), better.sum()),
-        "rewards/best": _total(rewards[rows, best]),
-        "rewards/worst": _total(rewards[rows, worst]),
-        "rewards/margins": _total(rewards[rows, best] - rewards[rows, worst]),
-        "rewards/top1_accuracy": _total((rewards.argmax(dim=1) == best).float()),
+        "rewards/best": sum_count(rewards[rows, best]),
+        "rewards/worst": sum_count(rewards[rows, worst]),
+        "rewards/margins": sum_count(rewards[rows, best] - rewards[rows, worst]),
+        "rewards/top1_accuracy": sum_count((rewards.argmax(dim=1) == best).float()),
     }
 
 
@@ -71,4 +71,4 @@ SHAPE_METRICS = {"pairs": _pair_metrics, "unpaired": _unpaired_metrics, "ranked"
 def metric_sums(shape: str, inputs: ObjectiveInputs, output: ObjectiveOutput) -> dict:
     """Loss plus the shape's reward metrics, as ``{name: (sum, count)}``."""
     rewards = output.rewards.detach().float()
-    return {"loss": _total(output.losses), **SHAPE_METRICS[shape](inputs, rewards)}
+    return {"loss": sum_count(output.losses), **SHAPE_METRICS[shape](inputs, rewards)}

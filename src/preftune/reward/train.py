@@ -16,6 +16,7 @@ from ..data.prepare import prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of
+from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
 from ..train.output import start_run
@@ -27,11 +28,6 @@ from .losses import RewardInputs, get_reward_loss
 from .model import RewardModel, attach_reward_lora, load_backbone
 
 
-def _total(values: torch.Tensor) -> tuple[float, float]:
-    values = values.detach().float()
-    return float(values.sum()), float(values.numel())
-
-
 @torch.no_grad()
 def reward_metrics(shape: str, head: Head, outputs: torch.Tensor, scores: dict,
                    losses: torch.Tensor) -> dict:
@@ -40,33 +36,34 @@ def reward_metrics(shape: str, head: Head, outputs: torch.Tensor, scores: dict,
     pairs: accuracy = share with logit P(chosen > rejected) > 0, margin = that logit (the reward
     gap r_w - r_l, or GPM's s / tau); ranked: share of correctly ordered pairs of the list;
     unpaired: share whose reward sign matches the label; rated: mean reward and outputs.
+    Sums stay on the device (the trainer reads a step's metrics once).
     """
-    metrics = {"loss": _total(losses)}
+    metrics = {"loss": sum_count(losses)}
     rewards = head.reward(outputs) if head.has_reward else None
     if shape == "pairs":
         logit = head.preference_logit(outputs[:, 0], outputs[:, 1])
-        metrics["rewards/accuracies"] = _total((logit > 0).float())
-        metrics["rewards/margins"] = _total(logit)
+        metrics["rewards/accuracies"] = sum_count((logit > 0).float())
+        metrics["rewards/margins"] = sum_count(logit)
         if rewards is not None:
-            metrics["rewards/chosen"] = _total(rewards[:, 0])
-            metrics["rewards/rejected"] = _total(rewards[:, 1])
+            metrics["rewards/chosen"] = sum_count(rewards[:, 0])
+            metrics["rewards/rejected"] = sum_count(rewards[:, 1])
     elif shape == "ranked" and rewards is not None:
         target = scores["response_scores"].to(rewards)
         better = target[:, :, None] > target[:, None, :]
         agree = better & (rewards[:, :, None] > rewards[:, None, :])
-        metrics["rewards/accuracies"] = (float(agree.sum()), float(better.sum()))
-        metrics["rewards/top1_accuracy"] = _total(
+        metrics["rewards/accuracies"] = (agree.sum(), better.sum())
+        metrics["rewards/top1_accuracy"] = sum_count(
             (rewards.argmax(1) == target.argmax(1)).float())
     elif shape == "unpaired" and rewards is not None:
         label = scores["label"].to(rewards) > 0.5
-        metrics["rewards/accuracies"] = _total(((rewards[:, 0] > 0) == label).float())
-        metrics["rewards/desirable"] = (float(rewards[label, 0].sum()), float(label.sum()))
-        metrics["rewards/undesirable"] = (float(rewards[~label, 0].sum()), float((~label).sum()))
+        metrics["rewards/accuracies"] = sum_count(((rewards[:, 0] > 0) == label).float())
+        metrics["rewards/desirable"] = sum_count(rewards[:, 0], label)
+        metrics["rewards/undesirable"] = sum_count(rewards[:, 0], ~label)
     elif rewards is not None:
-        metrics["rewards/mean"] = _total(rewards)
+        metrics["rewards/mean"] = sum_count(rewards)
         if head.kind == "attributes":
             for k, name in enumerate(head.attributes):
-                metrics[f"outputs/{name}"] = _total(outputs[..., k])
+                metrics[f"outputs/{name}"] = sum_count(outputs[..., k])
     return metrics
 
 
