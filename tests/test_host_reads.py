@@ -90,3 +90,28 @@ def test_a_non_finite_step_is_skipped_on_the_device(workspace, monkeypatch):  # 
     assert [s["step"].item() for s in optimizer.state.values()] == [s + 1 for s in steps_before]
     assert any(not torch.equal(p.detach(), before[n])
                for n, p in trainer.task.module.named_parameters())
+
+
+def test_a_reward_model_step_reads_the_device_once(tmp_path):
+    """The shared Trainer's budget holds for reward models (Bradley-Terry on pairs) too."""
+    from preftune.reward.config import build_reward_config
+    from preftune.reward.train import reward_task
+    from test_reward_model import digit_pairs, write_jsonl
+    from tiny_models import save_tiny_model_dir
+
+    save_tiny_model_dir(tmp_path / "decoder")
+    write_jsonl(tmp_path / "train.jsonl", digit_pairs(64, 1))
+    config = build_reward_config({
+        "output_dir": str(tmp_path / "rm"), "model": {"path": str(tmp_path / "decoder")},
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "train": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 8}})
+    accelerator = Accelerator()
+    task, steps = reward_task(config, accelerator)
+    trainer = Trainer(task, config.train, tmp_path / "rm", accelerator, steps,
+                      show_progress=False)
+    for step in range(4):
+        trainer.step(step)
+    with HostReads() as reads:
+        record = trainer.step(4)
+    assert reads.count == 1, reads.summary()
+    assert record["step"] == 5 and record["loss"] > 0 and record["grad_norm"] > 0
