@@ -25,7 +25,8 @@ def stats_and_grads(model, layout):
     stats = sequence_stats(LogpModel(model, chunk_tokens=4)(batch), batch)
     weights = torch.tensor([[0.7, -1.3], [2.0, 0.4], [-0.5, 1.1]])
     (stats.logps * weights).sum().backward()
-    return stats.logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return stats.logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                  if p.grad is not None}
 
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed_prefix_shared"])
@@ -68,3 +69,27 @@ def test_train_compile_true_trains_like_eager(workspace):  # noqa: F811
     for name in weights_eager:
         torch.testing.assert_close(weights_compiled[name], weights_eager[name],
                                    atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["lora", "gradient_checkpointing"])
+def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
+    """Compiling the layers keeps LoRA's injected adapters and activation checkpointing: the
+    same log-probs and (adapter) gradients as eager."""
+    import copy
+
+    from preftune.model.load import add_lora
+
+    torch._dynamo.reset()
+    base = tiny_llama(seed=1).train()
+    if variant == "lora":
+        base = add_lora(base, 4, 8, 0.0, None)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    eager_logps, eager_grads = stats_and_grads(copy.deepcopy(base), "prefix_shared")
+    model = copy.deepcopy(base)
+    compile_layers(model, backend="aot_eager")
+    logps, grads = stats_and_grads(model, "prefix_shared")
+    torch.testing.assert_close(logps, eager_logps, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == eager_grads.keys() and len(grads) > 0
+    for name in eager_grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
