@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from test_train_loop import (crash_after_checkpoint, final_weights, losses, run,  # noqa: F401
+from test_train_loop import (crashed_run, final_weights, losses, run,  # noqa: F401
                              workspace)
 
 from preftune.train.logging import read_metrics
@@ -81,9 +81,7 @@ def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, 
                                                                      monkeypatch):
     settings = dict(train__batch_size=8, train__max_steps=4, train__save_every=2)
     straight = run(workspace, "resume-straight", **settings)
-    crash_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run(workspace, "resume-on-two", **settings)
+    crashed_run(workspace, "resume-on-two", monkeypatch, 2, **settings)
     out = workspace / "runs" / "resume-on-two"
     tree = yaml.safe_load((out / "config.yaml").read_text())
     tree["train"]["batch_size"] = 4  # 2 processes x 4: the global batch of 8 is kept

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 import torch
-from test_train_loop import crash_after_checkpoint, losses, run, workspace  # noqa: F401
+from test_train_loop import crashed_run, losses, run, workspace  # noqa: F401
 
 from preftune.cli import main
 from preftune.config import ConfigError, build_config
@@ -86,9 +86,7 @@ def _saved(run_dir):
 
 def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeypatch):  # noqa: F811
     settings = dict(train__max_steps=4, train__save_every=2, train__batch_size=4)
-    crash_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run(workspace, "changed", **settings)
+    crashed_run(workspace, "changed", monkeypatch, 2, **settings)
     tree = _saved(workspace / "runs" / "changed")
     tree["train"]["learning_rate"] = 1.0
     with pytest.raises(ConfigError, match=r"train.learning_rate: 0.005 -> 1.0"):
@@ -109,9 +107,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(workspace, mon
     settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4,
                     train__keep_checkpoints=3)
     straight = run(workspace, "intact", **settings)
-    crash_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        run(workspace, "damaged", **settings)
+    crashed_run(workspace, "damaged", monkeypatch, 4, **settings)
     damaged = workspace / "runs" / "damaged"
     (damaged / "checkpoints" / "step-00000004" / "trainable.safetensors").write_bytes(b"")
     resumed = loop.train(build_config(_saved(damaged)), resume=True, show_progress=False)

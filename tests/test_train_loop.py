@@ -67,6 +67,14 @@ def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
 
 
+def crashed_run(workspace: Path, name: str, monkeypatch, at_step: int, **settings) -> Path:
+    """A run that dies right after its step-``at_step`` checkpoint; returns its directory."""
+    crash_after_checkpoint(monkeypatch, at_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, name, **settings)
+    return workspace / "runs" / name
+
+
 def final_weights(output_dir: Path) -> dict:
     return load_file(output_dir / "model" / "model.safetensors")
 
@@ -101,9 +109,7 @@ def test_interrupt_and_resume_matches_uninterrupted(workspace, monkeypatch):
     settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4)
     straight = run(workspace, "straight", **settings)
 
-    crash_after_checkpoint(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
-        run(workspace, "interrupted", **settings)
+    crashed_run(workspace, "interrupted", monkeypatch, 4, **settings)
     # a crash may leave log lines past the checkpoint: write one to prove they are dropped
     interrupted_dir = workspace / "runs" / "interrupted"
     with (interrupted_dir / "metrics.jsonl").open("a") as handle:
@@ -251,9 +257,7 @@ def test_optimizer_in_backward_resumes_exactly(workspace, monkeypatch):
                     train__optimizer_in_backward=True)
     straight = run(workspace, "in-bwd-straight", **settings)
 
-    crash_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run(workspace, "in-bwd-crash", **settings)
+    crashed_run(workspace, "in-bwd-crash", monkeypatch, 2, **settings)
     config = build_config(_tree_of(workspace / "runs" / "in-bwd-crash"))
     resumed = loop.train(config, resume=True, show_progress=False)
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)

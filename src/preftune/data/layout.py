@@ -70,19 +70,19 @@ class Batch:
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The batch on ``device`` (non-blocking copies from pinned memory when asked)."""
-        moved = {name: value.to(device, non_blocking=non_blocking)
-                 if isinstance(value, torch.Tensor) else value
-                 for name, value in self.__dict__.items() if name != "_masks"}
-        moved["scores"] = {k: v.to(device, non_blocking=non_blocking)
-                           for k, v in self.scores.items()}
-        return Batch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
         """The batch in page-locked host memory, so copies to a GPU can overlap compute."""
-        pinned = {name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, move) -> "Batch":
+        """A new batch with ``move`` applied to every tensor (scores included); the masks
+        built for this one are not carried over."""
+        fields = {name: move(value) if isinstance(value, torch.Tensor) else value
                   for name, value in self.__dict__.items() if name != "_masks"}
-        pinned["scores"] = {k: v.pin_memory() for k, v in self.scores.items()}
-        return Batch(**pinned)
+        fields["scores"] = {k: move(v) for k, v in self.scores.items()}
+        return Batch(**fields)
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive [rows, 1, T, T] mask (0 = may attend), built once per batch: the layouts'

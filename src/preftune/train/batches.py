@@ -7,7 +7,7 @@ block the host and the device is not left waiting for the next batch.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -27,15 +27,15 @@ class MicroBatches:
         self.pin = self.device.type == "cuda"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate") \
             if ahead else None
-        self._pending: dict[tuple, Future] = {}
+        self._queued = None  # ((step, micro), future) of the batch being built ahead
 
     def get(self, step: int, micro: int):
-        future = self._pending.pop((step, micro), None)
-        self._pending.clear()  # anything else queued is not what the loop wants next
-        batch = future.result() if future is not None else self._build(step, micro)
+        queued, self._queued = self._queued, None
+        batch = queued[1].result() if queued and queued[0] == (step, micro) \
+            else self._build(step, micro)  # a resumed run may start elsewhere
         following = (step, micro + 1) if micro + 1 < self.accumulation else (step + 1, 0)
         if self._pool is not None and following[0] < self.total_steps:
-            self._pending[following] = self._pool.submit(self._build, *following)
+            self._queued = (following, self._pool.submit(self._build, *following))
         return batch.to(self.device, non_blocking=self.pin)
 
     def _build(self, step: int, micro: int):
@@ -46,6 +46,6 @@ class MicroBatches:
         return batch.pin_memory() if self.pin else batch
 
     def close(self) -> None:
-        self._pending.clear()
+        self._queued = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)

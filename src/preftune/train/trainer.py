@@ -299,14 +299,12 @@ class Trainer:
             self.save(step + 1)
         return record
 
-    def _update_if_finite(self, loss, grad_norm: torch.Tensor) -> None:
+    def _update_if_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """``optimizer.step()``, unless the loss or the gradient norm is not finite (a NaN
         would poison the weights). Torch's fused AdamW takes the decision on the device, as
         under a GradScaler (``found_inf`` skips weights, moments and step count alike); other
         optimizers need it read on the host."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if not isinstance(loss, torch.Tensor):
-            loss = torch.tensor(float(loss), device=grad_norm.device)
         found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         if inner.defaults.get("fused"):
             inner.found_inf = found_inf
