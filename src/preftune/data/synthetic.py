@@ -5,152 +5,23 @@ correct answer and passes the check; ``rejected`` fails it the way SmolLM2-135M-
 actually fails: it wraps the answer in a sentence ("The capital of Egypt is ...", "7 + 9 = ...")
 and the answer inside is wrong, so DPO pushes away from the chatter habit without teaching the
 model to dislike correct facts. The checker is stored as a JSON spec so it survives a round
-trip through JSONL (``write_jsonl`` / ``load_checker``).
+trip through JSONL (``write_jsonl`` / ``load_checker``, in ``checks.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
+
+from .checks import (Checker, Task, check_response, check_spec, load_checker, to_record,
+                     write_jsonl)
 
 __all__ = [
     "Task", "Checker", "FAMILIES", "DEFAULT_FAMILIES", "generate_tasks", "generate_split",
     "check_response", "check_spec", "load_checker", "to_record", "write_jsonl",
 ]
-
-# ----------------------------------------------------------------------------- checkers
-
-_EDGE = " \t\r\n\"'`*.!,;:"
-
-
-def _norm(text: str) -> str:
-    """Strip whitespace, quotes, markdown emphasis and end punctuation; lowercase."""
-    return text.strip().strip(_EDGE).strip().lower()
-
-
-def _has_word(text: str, word: str) -> bool:
-    pattern = r"(?<![A-Za-z])" + re.escape(word.lower()) + r"(?![A-Za-z])"
-    return re.search(pattern, text.lower()) is not None
-
-
-def _check_exact(text: str, answer: str) -> bool:
-    """The response is the answer alone (case, surrounding quotes and a final period ignored)."""
-    return _norm(text) == answer.lower()
-
-
-def _check_caps(text: str, word: str) -> bool:
-    """The response is ``word`` in upper case and nothing else."""
-    return text.strip().strip(_EDGE) == word.upper()
-
-
-def _check_keyword(text: str, word: str) -> bool:
-    """The response contains ``word`` as a whole word (any case)."""
-    return _has_word(text, word)
-
-
-def _check_json(text: str, answer) -> bool:
-    """The response is a JSON object ``{"answer": ...}`` (optionally fenced) with the answer."""
-    t = text.strip()
-    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", t, re.S)
-    if fenced:
-        t = fenced.group(1)
-    try:
-        obj = json.loads(t)
-    except ValueError:
-        return False
-    if not isinstance(obj, dict) or set(obj) != {"answer"} or isinstance(obj["answer"], bool):
-        return False
-    return _norm(str(obj["answer"])) == _norm(str(answer))
-
-
-_CHECKS: dict[str, Callable[..., bool]] = {
-    "exact": _check_exact,
-    "all_caps": _check_caps,
-    "keyword": _check_keyword,
-    "json_answer": _check_json,
-}
-
-
-def check_spec(spec: dict, text: str) -> bool:
-    """Evaluate a checker spec (``{"type": ..., **params}``) on a response text."""
-    params = dict(spec)
-    kind = params.pop("type", None)
-    if kind not in _CHECKS:
-        raise ValueError(f"unknown check type {kind!r}; known: {sorted(_CHECKS)}")
-    return bool(_CHECKS[kind](text, **params))
-
-
-@dataclass(frozen=True)
-class Checker:
-    """A picklable callable wrapping a checker spec."""
-
-    spec: dict
-
-    def __call__(self, text: str) -> bool:
-        return check_spec(self.spec, text)
-
-
-@dataclass
-class Task:
-    """One checkable instruction with a passing ``chosen`` and a failing ``rejected`` reply.
-
-    ``key`` names the underlying item (a country, a word pair, ``7+9``); splits keep eval items
-    out of train entirely, not just their wording.
-    """
-
-    prompt: list
-    chosen: str
-    rejected: str
-    family: str
-    check: Callable[[str], bool]
-    key: str = field(default="", compare=False)
-    bare_wrong: str = field(default="", compare=False)  # a short answer that fails the check
-    negative: str = ""  # "bare" or "chatty" when the data mixes both kinds of rejected answers
-
-    @property
-    def prompt_text(self) -> str:
-        return self.prompt[-1]["content"]
-
-
-def check_response(task: Task, text: str) -> bool:
-    """Whether ``text`` satisfies the task's checker."""
-    return bool(task.check(text))
-
-
-def load_checker(record: dict) -> Checker:
-    """Rebuild the checker of a record written by ``write_jsonl`` (validated eagerly)."""
-    spec = record["check"]
-    if not isinstance(spec, dict) or spec.get("type") not in _CHECKS:
-        raise ValueError(f"bad check spec {spec!r}")
-    return Checker(dict(spec))
-
-
-def to_record(task: Task) -> dict:
-    """A task in preftune's conversational preference format, plus family and check spec."""
-    if not isinstance(task.check, Checker):
-        raise TypeError("only tasks whose check is a Checker can be serialized")
-    return {
-        "prompt": [dict(m) for m in task.prompt],
-        "chosen": [{"role": "assistant", "content": task.chosen}],
-        "rejected": [{"role": "assistant", "content": task.rejected}],
-        "family": task.family,
-        "check": dict(task.check.spec),
-        **({"negative": task.negative} if task.negative else {}),
-    }
-
-
-def write_jsonl(tasks: list[Task], path) -> str:
-    """Write one record per line; returns the path."""
-    path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as f:
-        for task in tasks:
-            f.write(json.dumps(to_record(task), ensure_ascii=False) + "\n")
-    return path
-
 
 # ----------------------------------------------------------------------------- vocabularies
 

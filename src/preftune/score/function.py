@@ -9,7 +9,7 @@ from ..config import ConfigError
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
-from ..data.synthetic import load_checker
+from ..data.checks import load_checker
 from ..entry_points import import_attribute, load_entry_point
 from .base import checked, prefer_by_scores, prompt_key
 
