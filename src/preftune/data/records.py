@@ -8,7 +8,8 @@ it is an ordinary pairs example. A record is independent of any tokenizer. Text 
 a plain string or a list of chat messages (``{"role": ..., "content": ...}``); the tokenizer stage
 decides how to render them.
 
-Every record has ``prompts`` (the prompt of each response slot), ``responses`` (the texts to
+Records of vision-language data carry ``images`` (``data.images.ImageRef``) shown by the prompt;
+text-only records have none. Every record has ``prompts`` (the prompt of each response slot), ``responses`` (the texts to
 score, in slot order), ``origin`` (``file.jsonl:12``, so later errors can name it), ``scores``
 (numeric side columns) and ``side_data()``: the numbers that must reach the batch with it.
 """
@@ -58,6 +59,8 @@ class Pair(_Record):
     origin: str = ""
     scores: dict = field(default_factory=dict)
     gold: Optional[Text] = None
+    images: tuple = ()  # data.images.ImageRef, in the prompt's placeholder order
+    negative_images: tuple = ()  # images under which chosen should be less likely (mDPO)
 
     @property
     def responses(self) -> tuple:
@@ -126,6 +129,7 @@ class Unpaired(_Record):
     label: bool
     origin: str = ""
     scores: dict = field(default_factory=dict)
+    images: tuple = ()
 
     @property
     def responses(self) -> tuple:
@@ -148,6 +152,7 @@ class Ranked(_Record):
     response_scores: tuple
     origin: str = ""
     scores: dict = field(default_factory=dict)
+    images: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "responses", tuple(self.responses))
@@ -174,6 +179,7 @@ class Rated(_Record):
     response: Text
     origin: str = ""
     scores: dict = field(default_factory=dict)
+    images: tuple = ()
 
     @property
     def responses(self) -> tuple:

@@ -25,7 +25,8 @@ SHAPE_FIELDS = {
     "ranked": ("prompt", "responses", "scores", "ranks", "completions"),
     "rated": ("prompt", "response"),
 }
-CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for n in names))
+CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for n in names)) \
+    + ("images", "negative_images")  # vision-language records (data/images.py)
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses", "response",
                *JOINT_PROMPT_FIELDS)
 # the fields that identify a shape; "responses" must also hold a list (or "completions" be a
@@ -339,13 +340,28 @@ def _messages(value: list, column: str, origin: str) -> list:
                     f"{', '.join(repr(k) for k in message) or 'none'}). Messages must look like "
                     f"{{\"role\": \"user\", \"content\": \"...\"}}."
                 )
-            if not isinstance(message[key], str):
+            if not isinstance(message[key], str) and not (key == "content"
+                                                          and _content_parts(message[key], where)):
                 raise DataError(f"{where}: {key!r} must be a string, got "
                                 f"{describe(message[key])}.")
         # keep every key (some chat templates read e.g. "name"); drop nulls that columnar
         # formats add for keys other rows have
         messages.append({k: v for k, v in message.items() if v is not None})
     return messages
+
+
+def _content_parts(content: Any, where: str) -> bool:
+    """True for a list of content parts (``{"type": "text", "text": ...}`` or
+    ``{"type": "image", ...}``, the multimodal message format); an error names a bad part."""
+    if not isinstance(content, list) or not content:
+        return False
+    for p, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
+            continue
+        raise DataError(f"{where}: 'content' part {p}: expected {{\"type\": \"text\", "
+                        f"\"text\": ...}} or {{\"type\": \"image\"}}, got {describe(part)}.")
+    return True
 
 
 def _response(value: Any, column: str, origin: str) -> str | list:

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from .detect import check_shape, detect
 from .hub import DATA_EXTENSIONS, Source, locate
+from .images import attach_images
 from .records import SHAPES, DataError
 from .shapes import CANONICAL_FIELDS, TEXT_FIELDS, describe, parse_row
 
@@ -53,6 +54,8 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                         f"{shape} records need a prompt field.")
     columns = _column_map(path, fields)
     source = locate(path)
+    base_dir = source.path if source.kind == "saved" else os.path.dirname(
+        source.files[0] if source.files else source.path)
     records: list = []
     detection = None
     for origin, row in _rows(source, {columns[name] for name in TEXT_FIELDS}, skipped):
@@ -69,6 +72,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
             # in auto mode a later record of another valid format is a mixed file, not a bad value
             mixed = format == "auto" and bool(records)
             record = parse_row(found.shape, row, found.columns, found.format, origin, mixed)
+            record = attach_images(record, row, found.columns, origin, base_dir)
             if records:
                 _check_consistent(record, records[0], found.columns)
         except DataError as error:
