@@ -10,6 +10,7 @@ file except to check it; pixels are produced when a batch is built.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -53,7 +54,7 @@ class ImageRef:
             raise DataError(f"{self.origin}: {self.where}: {what} is not a readable image "
                             f"({error}); replace it with a PNG, JPEG or WebP image.") from None
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """A content hash: the same pixels give the same key wherever they came from."""
         digest = hashlib.sha256()

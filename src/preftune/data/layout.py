@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .tokenize import TokenizedExample
+from .vision import ImageInputs
 
 LAYOUTS = ("padded", "prefix_shared", "packed", "packed_prefix_shared")
 
@@ -54,6 +55,13 @@ class Batch:
     example_ids: tuple = ()  # example_indices as Python ints
     real_tokens: int = 0  # tokens that are not padding
     longest_response: int = 0
+    # vision-language batches: the pixel inputs of the batch's distinct images (processor
+    # output, stacked), each image-token position (flat index into rows * T) and which row of
+    # the concatenated image features goes there
+    image_inputs: dict = field(default_factory=dict)
+    image_positions: torch.Tensor | None = None
+    image_features_index: torch.Tensor | None = None
+    image_feature_rows: int = 0
     _masks: dict = field(default_factory=dict, repr=False, compare=False)  # built once per batch
 
     @property
@@ -82,6 +90,7 @@ class Batch:
         fields = {name: move(value) if isinstance(value, torch.Tensor) else value
                   for name, value in self.__dict__.items() if name != "_masks"}
         fields["scores"] = {k: move(v) for k, v in self.scores.items()}
+        fields["image_inputs"] = {k: move(v) for k, v in self.image_inputs.items()}
         return Batch(**fields)
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
@@ -131,17 +140,21 @@ def _visibility(unit: torch.Tensor, segment: torch.Tensor):
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "padded",
-            max_row_tokens: int | None = None, pad_to_multiple_of: int = 1) -> Batch:
+            max_row_tokens: int | None = None, pad_to_multiple_of: int = 1,
+            images: ImageInputs | None = None) -> Batch:
     """Lay ``examples`` out as a Batch. ``max_row_tokens`` caps packed rows (never splits a unit);
     ``pad_to_multiple_of`` rounds the row width up (shape buckets for compiled code, FlexAttention
     blocks). Everything is built as Python lists and turned into tensors once per field; the
-    counts the step needs on the host are kept as plain numbers."""
+    counts the step needs on the host are kept as plain numbers. Examples with images need the
+    model's ``images`` (``tokenizer.image_inputs``): each distinct image of the batch is
+    processed once and its features feed every row that shows it."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     per_example = len(examples[0].response_ids)
     shared, packed = "prefix_shared" in layout, layout.startswith("packed")
-    if shared:  # a unit is (example, the response slots it holds)
-        units = [(e, range(per_example)) for e in range(len(examples))]
+    if shared:  # a unit is (example, the response slots that share its prompt and images)
+        units = [(e, slots) for e in range(len(examples))
+                 for slots in _same_images(examples[e], per_example)]
     else:
         units = [(e, (r,)) for e in range(len(examples)) for r in range(per_example)]
     sizes = [len(examples[e].prompt_ids) + sum(len(examples[e].response_ids[r]) for r in slots)
@@ -154,11 +167,14 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
     predictors, targets, owners, offsets = [], [], [], []
     lengths = [0] * (len(examples) * per_example)
     ends = [0] * len(lengths)
+    pictures = _ImageTable(images) if any(ex.images for ex in examples) else None
     for row_number, row in enumerate(rows):
         base, row_ids, row_pos, row_unit, row_seg = row_number * width, [], [], [], []
         for unit_in_row, unit in enumerate(row):
             e, slots = units[unit]
             prompt = examples[e].prompt_ids
+            if pictures is not None:
+                pictures.add(examples[e], slots[0], base + len(row_ids))
             row_ids += prompt
             row_pos += range(len(prompt))
             row_unit += [unit_in_row] * len(prompt)
@@ -206,7 +222,49 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         example_ids=tuple(ex.index for ex in examples),
         real_tokens=sum(used),
         longest_response=max(lengths),
+        **(pictures.fields() if pictures is not None else {}),
     )
+
+
+def _same_images(example: TokenizedExample, per_example: int) -> list:
+    """The example's response slots grouped by the images they are conditioned on (one group
+    unless a slot has its own images, like mDPO's corrupted-image slot), in slot order."""
+    if not example.slot_images:
+        return [range(per_example)]
+    groups: dict = {}
+    for slot in range(per_example):
+        groups.setdefault(id(example.images_of_slot(slot)), []).append(slot)
+    return list(groups.values())
+
+
+class _ImageTable:
+    """The distinct images of a batch in feature order, and for each image-token position the
+    feature row that fills it."""
+
+    def __init__(self, images: ImageInputs | None):
+        if images is None:
+            raise ValueError("examples with images need the model's image inputs "
+                             "(collate(..., images=tokenizer.image_inputs))")
+        self.images, self.offsets, self.order, self.total = images, {}, [], 0
+        self.positions: list[int] = []
+        self.rows: list[int] = []
+
+    def add(self, example: TokenizedExample, slot: int, prompt_start: int) -> None:
+        token = self.images.image_token_id
+        for image, count in zip(example.images_of_slot(slot), example.image_token_counts):
+            if image.key not in self.offsets:
+                self.offsets[image.key] = self.total
+                self.order.append(image)
+                self.total += count
+            self.rows += range(self.offsets[image.key], self.offsets[image.key] + count)
+        self.positions += [prompt_start + i for i, t in enumerate(example.prompt_ids)
+                           if t == token]
+
+    def fields(self) -> dict:
+        return {"image_inputs": self.images.pixels(self.order),
+                "image_positions": torch.tensor(self.positions, dtype=torch.long),
+                "image_features_index": torch.tensor(self.rows, dtype=torch.long),
+                "image_feature_rows": self.total}
 
 
 def choose_layout(examples: list[TokenizedExample]) -> str:

@@ -99,3 +99,19 @@ def with_mismatched_completions(examples: list, max_length: int) -> list:
         room = max(1, max_length - len(example.prompt_ids))
         out.append(replace(example, response_ids=[*example.response_ids, other[:room]]))
     return out
+
+
+def with_negative_image_slot(examples: list) -> list:
+    """Give each pair a last response slot: its chosen response again, conditioned on the
+    record's ``negative_images`` instead of its images (mDPO's image-conditional term)."""
+    out = []
+    for example in examples:
+        if not example.negative_images:
+            raise DataError(
+                f"{example.origin}: this objective compares the chosen answer under the image "
+                "and under a negative image, but the record has no 'negative_images'. Add them "
+                "to the data, or make corrupted copies with data.convert: images:corrupt.")
+        slots = len(example.response_ids)
+        out.append(replace(example, response_ids=[*example.response_ids, example.response_ids[0]],
+                           slot_images=(None,) * slots + (example.negative_images,)))
+    return out

@@ -45,6 +45,19 @@ class TokenizedExample:
     prompt_truncated: bool = False
     response_truncated: bool = False
     own_prompt_lengths: list[int] = field(default_factory=list)
+    # vision-language records (data/vision.py): the prompt's images (ImageRef), the image
+    # tokens of each, images under which chosen should be less likely, and per response slot
+    # the images it is scored under when they are not ``images`` (mDPO's conditional slot)
+    images: tuple = ()
+    image_token_counts: tuple = ()
+    negative_images: tuple = ()
+    slot_images: tuple = ()
+
+    def images_of_slot(self, slot: int) -> tuple:
+        """The images response slot ``slot`` is conditioned on."""
+        if self.slot_images and self.slot_images[slot] is not None:
+            return self.slot_images[slot]
+        return self.images
 
 
 @dataclass
@@ -61,6 +74,8 @@ class TokenizeReport:
     identical_responses: int = 0  # chosen text == rejected text: kept
     boundary_merges: int = 0  # encoding prompt + response as one text would merge a token
     joint_pairs: int = 0  # kept pairs whose two sides have different prompts (DOVE)
+    images: int = 0  # images shown by the kept records' prompts
+    dropped_image_cut: int = 0  # the prompt limit would cut into an image's tokens: dropped
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +146,10 @@ def _leading_special_ids(tokenizer) -> list[int]:
 
 def _render(index: int, record, tokenizer, string_prefix: list) -> _Rendered:
     prompt_texts = _prompt_texts(record, tokenizer)
+    if getattr(record, "images", ()):
+        images = _image_inputs(tokenizer, record)
+        prompt_texts = [text if record.is_conversational else images.prompt_text(text)
+                        for text in prompt_texts]
     # a chat template writes its own BOS, if any, into the text
     prefix = [] if record.is_conversational else string_prefix
     response_texts = [
@@ -155,7 +174,9 @@ def _response_text(response, prompt, prompt_text: str, tokenizer, record) -> str
     if isinstance(response, str):
         return response
     if len(response) == 1 and response[0].get("role") == "assistant":
-        return response[0]["content"]
+        content = response[0]["content"]
+        return content if isinstance(content, str) else "".join(
+            part["text"] for part in content if part.get("type") == "text")
     # a multi-turn continuation: render the whole dialogue and keep what follows the prompt
     history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list):
@@ -220,6 +241,11 @@ def _encode_chunk(
         merged = [next(joints) != prompt + ids for prompt, ids in zip(side_prompts, response_ids)]
         report.boundary_merges += any(merged)
         side_prompts = [item.prompt_prefix + ids for ids in side_prompts]
+        images = getattr(item.record, "images", ())
+        counts: list = []
+        if images:
+            side_prompts, counts = _with_image_tokens(side_prompts[0], item.record, tokenizer)
+            side_prompts = [side_prompts] * len(response_ids)
         if not all(side_prompts):
             report.empty_prompts += 1
             continue
@@ -229,11 +255,41 @@ def _encode_chunk(
         if example is None:
             report.dropped_too_long += 1
             continue
+        if images:
+            image_tokens = tokenizer.image_inputs.image_token_id
+            if sum(t == image_tokens for t in example.prompt_ids) != sum(counts):
+                report.dropped_image_cut += 1
+                continue
+            example.images, example.image_token_counts = tuple(images), tuple(counts)
+            example.negative_images = tuple(getattr(item.record, "negative_images", ()))
+            report.images += len(images)
         report.prompt_truncated += example.prompt_truncated
         report.response_truncated += example.response_truncated
         report.joint_pairs += any(own)
         examples.append(example)
     return examples
+
+
+def _image_inputs(tokenizer, record):
+    images = getattr(tokenizer, "image_inputs", None)
+    if images is None:
+        raise DataError(f"{record.origin}: the record has images but the model is text-only (its "
+                        "tokenizer has no image processor). Use a vision-language model directory "
+                        "with its processor files, or leave the images out.")
+    return images
+
+
+def _with_image_tokens(prompt_ids: list, record, tokenizer) -> tuple[list, list]:
+    """The prompt with its images' tokens; negative images must give the very same tokens
+    (same size), since they are scored in the prompt's place."""
+    images = _image_inputs(tokenizer, record)
+    expanded, counts = images.expand(prompt_ids, record.images, record.origin)
+    negative = getattr(record, "negative_images", ())
+    if negative and images.expand(prompt_ids, negative, record.origin)[0] != expanded:
+        raise DataError(f"{record.origin}: field 'negative_images': the negative images give "
+                        "different image tokens than field 'images' (a different size); make "
+                        "each negative image the size of the image it stands in for.")
+    return expanded, counts
 
 
 def _truncate(

@@ -46,7 +46,27 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def run_decoder(decoder: nn.Module, batch: Batch, config, **kwargs):
+def embed_with_images(vlm: nn.Module, decoder: nn.Module, batch: Batch) -> torch.Tensor:
+    """Token embeddings with the image features of the batch's distinct images written onto
+    every image-token position (a row per response in the padded layout, once per prompt when
+    prefix-shared): each image goes through the vision tower once per batch."""
+    embeds = decoder.get_input_embeddings()(batch.input_ids)
+    features = vlm.get_image_features(**batch.image_inputs, return_dict=True).pooler_output
+    if isinstance(features, (list, tuple)):
+        features = torch.cat(list(features))
+    features = features.reshape(-1, embeds.shape[-1])
+    expected = batch.image_feature_rows  # counted on the host when the batch was built
+    if features.shape[0] != expected:
+        raise ValueError(f"the model made {features.shape[0]} image features for the batch's "
+                         f"images but their prompts hold {expected} image tokens: the processor "
+                         "files do not belong to this model.")
+    flat = embeds.reshape(-1, embeds.shape[-1]).index_put(
+        (batch.image_positions,), features[batch.image_features_index].to(embeds.dtype))
+    return flat.view_as(embeds)
+
+
+def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None = None,
+                **kwargs):
     """The decoder stack on a batch in any layout: the one forward every model path uses.
 
     Prefix-shared and packed rows get their visibility rule (each response sees its prompt and
@@ -55,7 +75,8 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, **kwargs):
     Padded rows without padding need no mask; with padding, SDPA and eager attention get the
     [rows, 1, T, T] mask built here, because transformers would otherwise test the 2-D mask for
     padding on every forward (a read of device memory per call); other attention kernels
-    (flash) take the 2-D padding mask.
+    (flash) take the 2-D padding mask. Batches with images need the vision-language model
+    ``vlm`` for their image features (``embed_with_images``).
     """
     implementation = config._attn_implementation
     if batch.unit_ids is not None:
@@ -70,8 +91,11 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, **kwargs):
             mask = batch.attention_bias(decoder.dtype)
         else:
             mask = batch.attention_mask
-    return decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-                   use_cache=False, **kwargs)
+    if batch.image_positions is not None:
+        kwargs["inputs_embeds"] = embed_with_images(vlm, decoder, batch)
+    else:
+        kwargs["input_ids"] = batch.input_ids
+    return decoder(attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
 
 
 class LogpModel(nn.Module):
@@ -113,7 +137,9 @@ class LogpModel(nn.Module):
         features of its output at those positions, [layers, n] (SparsePO's activation masks).
         """
         lm = causal_lm_of(self.model)
-        out = run_decoder(lm.get_decoder(), batch, lm.config, output_hidden_states=layer_means)
+        decoder = lm.get_decoder()
+        out = run_decoder(decoder, batch, decoder.config, vlm=lm,
+                          output_hidden_states=layer_means)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         weight = lm.get_output_embeddings().weight
         if not layer_means:

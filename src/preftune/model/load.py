@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -148,14 +149,21 @@ def check_weights_format(source: str, allow_pickle: bool = False) -> None:
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                              attn_implementation: str | None = None, allow_pickle: bool = False):
-    """Return (causal LM, tokenizer) for a config ``model.path``."""
+    """Return (causal LM, tokenizer) for a config ``model.path``. A vision-language model
+    (a config with a ``vision_config``) loads with its HF processor, whose image side the
+    tokenizer then carries as ``tokenizer.image_inputs`` (``data/vision.py``)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_dir(path)
     check_weights_format(source, allow_pickle)
-    tokenizer = load_tokenizer(source, trust_remote_code)
+    vision = is_vision_language(source, trust_remote_code)
+    tokenizer = (load_processor_tokenizer(source, trust_remote_code) if vision
+                 else load_tokenizer(source, trust_remote_code))
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(
+    auto = AutoModelForCausalLM
+    if vision:
+        from transformers import AutoModelForImageTextToText as auto
+    model = auto.from_pretrained(
         source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True, **extra
     )
@@ -167,6 +175,41 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
                           f"the model embeds only {embedded}; the tokenizer does not belong to "
                           "this model (put the model's own tokenizer files in the directory).")
     return model, tokenizer
+
+
+def is_vision_language(source: str, trust_remote_code: bool = False) -> bool:
+    """True for a model directory whose config has a vision tower; M-RoPE models (Qwen2-VL)
+    are refused by name, since their 3-D positions do not follow preftune's layouts yet."""
+    if not Path(source, "config.json").is_file():
+        return False
+    config = json.loads(Path(source, "config.json").read_text())
+    if "vision_config" not in config:
+        return False
+    text = config.get("text_config") or config
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    if "mrope_section" in rope:
+        from ..config import ConfigError
+
+        raise ConfigError(f"model.path: {source} is a {config.get('model_type')} model with "
+                          "multimodal rotary positions (M-RoPE), which preftune's layouts do not "
+                          "support yet; LLaVA- and Idefics3/SmolVLM-style models train.")
+    return True
+
+
+def load_processor_tokenizer(source: str, trust_remote_code: bool = False):
+    """A VLM's tokenizer with its processor's image side and chat template."""
+    from transformers import AutoProcessor
+
+    from ..data.vision import ImageInputs
+
+    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(processor, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template
+    tokenizer.image_inputs = ImageInputs(processor)
+    return tokenizer
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules,

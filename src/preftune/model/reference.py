@@ -150,11 +150,14 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def reference_cache_key(model, examples: list[TokenizedExample], settings: dict) -> str:
-    """Hash of the weights, every token id and the settings that change the numbers."""
+    """Hash of the weights, every token id, every image's content and the settings that change
+    the numbers."""
     digest = hashlib.sha256(weights_fingerprint(model).encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for ex in examples:
-        digest.update(json.dumps([ex.index, ex.prompt_ids, ex.response_ids]).encode())
+        images = [[image.key for image in ex.images_of_slot(slot)]
+                  for slot in range(len(ex.response_ids))] if ex.images else []
+        digest.update(json.dumps([ex.index, ex.prompt_ids, ex.response_ids, images]).encode())
     return digest.hexdigest()[:24]
 
 

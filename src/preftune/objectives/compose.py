@@ -89,6 +89,7 @@ class Objective:
         self.needs_reference = any(t.spec.needs_reference for t in terms)
         self.per_token = any(t.spec.per_token for t in terms)
         self.kl_completions = any(t.spec.kl_completions for t in terms)
+        self.image_negatives = any(t.spec.image_negatives for t in terms)
         self.reference_distributions = any(t.spec.reference_distributions for t in terms)
         self.extra_references = any(t.spec.extra_references for t in terms)
         self.data = shapes.pop()

@@ -52,6 +52,7 @@ class ObjectiveSpec:
     kl_completions: bool = False  # wants a mismatched completion as the last response slot
     reference_distributions: bool = False  # wants per-token KL(pi_ref || pi_theta) in the stats
     extra_references: bool = False  # wants stats from reference.extra_models as well
+    image_negatives: bool = False  # wants y_w under the negative images as the last slot
 
     @property
     def summary(self) -> str:
@@ -70,7 +71,8 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
-              kl_completions=False, reference_distributions=False, extra_references=False):
+              kl_completions=False, reference_distributions=False, extra_references=False,
+              image_negatives=False):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -79,6 +81,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     reference's full next-token distribution (``kl``, and ``token_kl`` when per_token).
     ``extra_references``: ``inputs.extra_references`` holds the stats of each model of
     ``reference.extra_models`` (MRPO).
+    ``image_negatives``: each pair also carries its chosen response conditioned on the record's
+    ``negative_images`` instead of its images, as the last response slot (mDPO).
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -87,7 +91,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
         REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
-                                       kl_completions, reference_distributions, extra_references)
+                                       kl_completions, reference_distributions, extra_references,
+                                       image_negatives)
         return fn
 
     return register

@@ -106,7 +106,8 @@ def _write_dir(target: Path, model, tokenizer) -> Path:
     staging = target.with_name(f".staging-{target.name}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    images = getattr(tokenizer, "image_inputs", None)  # a VLM: its processor holds the tokenizer
+    (images.processor if images is not None else tokenizer).save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target

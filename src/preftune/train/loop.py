@@ -15,7 +15,8 @@ from accelerate.utils import set_seed
 
 from ..config import Config, ConfigError
 from ..data.layout import choose_layout, collate
-from ..data.prepare import prepare_examples, with_mismatched_completions
+from ..data.prepare import (prepare_examples, with_mismatched_completions,
+                            with_negative_image_slot)
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
@@ -187,12 +188,16 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length,
-                                   pad_to_multiple_of=row_multiple(config))
+                                   pad_to_multiple_of=row_multiple(config),
+                                   images=getattr(tokenizer, "image_inputs", None))
     total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
     if objective.kl_completions:
         train_examples = with_mismatched_completions(train_examples, config.data.max_length)
         eval_examples = with_mismatched_completions(eval_examples, config.data.max_length)
+    if objective.image_negatives:
+        train_examples = with_negative_image_slot(train_examples)
+        eval_examples = with_negative_image_slot(eval_examples)
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     if objective.data != shape:
         raise DataError(

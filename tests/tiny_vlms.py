@@ -1,0 +1,110 @@
+"""Tiny random vision-language models (LLaVA- and Idefics3/SmolVLM-style) with their HF
+processors, built from configs in-process and saved as model directories (no downloads)."""
+
+from pathlib import Path
+
+import torch
+from transformers import (CLIPVisionConfig, Idefics3Config, Idefics3ForConditionalGeneration,
+                          Idefics3Processor, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor)
+
+from tiny_models import char_tokenizer
+
+# chat-ml with multimodal content parts: an image part renders as the processor's "<image>"
+VLM_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+IMAGE_SIZE = 16
+
+
+def _tokenizer(extra: list[str]):
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", *extra]})
+    tokenizer.chat_template = VLM_TEMPLATE
+    return tokenizer
+
+
+def _text_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0, tie_word_embeddings=True)
+
+
+def _image_processor(kind: str):
+    """The PIL-backed image processors (no torchvision needed)."""
+    if kind == "llava":
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                     crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    from transformers import Idefics3ImageProcessorPil
+
+    return Idefics3ImageProcessorPil(do_image_splitting=False,
+                                     size={"longest_edge": IMAGE_SIZE},
+                                     max_image_size={"longest_edge": IMAGE_SIZE})
+
+
+def tiny_llava(seed: int = 0):
+    """(model, processor): CLIP-style vision tower (16x16 images, 4x4 patches: 16 image
+    tokens), two-layer projector, tiny Llama."""
+    tokenizer = _tokenizer([])
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, image_size=IMAGE_SIZE, patch_size=4,
+                              num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=_text_config(len(tokenizer)),
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config).float().eval()
+    processor = LlavaProcessor(image_processor=_image_processor("llava"), tokenizer=tokenizer,
+                               patch_size=4, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token="<image>",
+                               chat_template=VLM_TEMPLATE)
+    return model, processor
+
+
+def tiny_idefics3(seed: int = 0):
+    """(model, processor): SigLIP-style tower, pixel-shuffle connector (4 image tokens per
+    16x16 image, wrapped in <fake_token_around_image><global-img>), tiny Llama."""
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    tokenizer = _tokenizer(["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"])
+    torch.manual_seed(seed)
+    vision = Idefics3VisionConfig(hidden_size=32, image_size=IMAGE_SIZE, patch_size=4,
+                                  num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    config = Idefics3Config(vision_config=vision, text_config=_text_config(len(tokenizer)),
+                            scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model = Idefics3ForConditionalGeneration(config).float().eval()
+    processor = Idefics3Processor(image_processor=_image_processor("idefics3"),
+                                  tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=VLM_TEMPLATE)
+    return model, processor
+
+
+BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3}
+
+
+def save_tiny_vlm_dir(directory: Path, kind: str = "llava", seed: int = 0) -> Path:
+    """A loadable VLM directory (weights, config, processor files), as a user would pass it."""
+    model, processor = BUILDERS[kind](seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def solid_image(path: Path, colour: tuple, size: int = 20) -> Path:
+    """A one-colour PNG with a darker square in one corner (so crops and masks change it)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), colour)
+    ImageDraw.Draw(image).rectangle([0, 0, size // 3, size // 3],
+                                    fill=tuple(c // 2 for c in colour))
+    image.save(path)
+    return path
