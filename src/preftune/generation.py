@@ -89,8 +89,9 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings,
-                 description: str | None = None) -> Generations:
-        """Samples of every prompt; a progress bar named ``description`` when given."""
+                 description: str | None = None, images: list | None = None) -> Generations:
+        """Samples of every prompt; a progress bar named ``description`` when given.
+        ``images[p]`` are the images prompt p shows (vision-language models)."""
         model, tokenizer = self.model, self.tokenizer
         was_training = model.training
         model.eval()
@@ -109,17 +110,26 @@ class HFGenerator:
                 input_ids, mask = left_padded(chunk, pad, device)
                 width = input_ids.shape[1]
                 k = settings.samples
-                shared = _shared_prefix_cache(model, input_ids, mask, k) if k > 1 else None
-                if shared is not None:  # each prompt encoded once, its cache copied K times
+                pixels = {}
+                shared = None
+                if images is not None:  # each prompt and its images, K copies in a row
+                    shown = [image for prompt_images in images[start : start + len(chunk)]
+                             for _ in range(k) for image in prompt_images]
+                    pixels = {name: value.to(device) for name, value in
+                              tokenizer.image_inputs.pixels(shown).items()}
+                elif k > 1:
+                    shared = _shared_prefix_cache(model, input_ids, mask, k)
+                if pixels or shared is not None:
                     input_ids, mask = input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-                    options_k = {**options, _cache_argument(model): shared,
-                                 "num_return_sequences": 1}
+                    options_k = dict(options, num_return_sequences=1)
+                    if shared is not None:  # each prompt encoded once, its cache copied K times
+                        options_k[_cache_argument(model)] = shared
                 else:
                     options_k = dict(options, num_return_sequences=k)
                 generated = model.generate(
                     input_ids=input_ids, attention_mask=mask,
                     max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                    **options_k,
+                    **options_k, **pixels,
                 )[:, width:].tolist()
                 ids_out += [generated[p * k : (p + 1) * k] for p in range(len(chunk))]
                 update(len(chunk))
@@ -190,21 +200,26 @@ def _stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> tuple[list[int], 
     return ids, text[:at]
 
 
-def prompt_ids(prompts: list, tokenizer, settings) -> list[list[int]]:
+def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None) -> list[list[int]]:
     """Each prompt (a string or chat messages) rendered and tokenized exactly as training renders
-    it, cut to ``settings`` (``TokenizeSettings``) like a training prompt."""
+    it, cut to ``settings`` (``TokenizeSettings``) like a training prompt; ``images[p]`` are the
+    images prompt p shows (their tokens are written in)."""
     from .data.records import Unpaired
     from .data.tokenize import tokenize_records
 
-    records = [Unpaired(prompt, "", True) for prompt in prompts]
+    images = images or [()] * len(prompts)
+    records = [Unpaired(prompt, "", True, images=tuple(shown))
+               for prompt, shown in zip(prompts, images)]
     examples, _ = tokenize_records(records, tokenizer, settings, keep_empty=True)
     return [example.prompt_ids for example in examples]
 
 
 def greedy_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                 batch_size: int = 16, description: str | None = None) -> list[str]:
+                 batch_size: int = 16, description: str | None = None,
+                 images: list | None = None) -> list[str]:
     """The model's greedy answer to each prompt, decoded without special tokens."""
     settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size)
-    generations = HFGenerator(model, tokenizer).generate(prompt_ids, settings, description)
+    generations = HFGenerator(model, tokenizer).generate(prompt_ids, settings, description,
+                                                         images)
     return [texts[0] for texts in generations.texts]

@@ -38,6 +38,11 @@ def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
     lines.append(_row("response truncated", f"{report.response_truncated}  (end cut, no eos)"))
     lines.append(_row("identical pairs", f"{report.identical_responses}  (chosen == rejected, "
                                          f"kept)"))
+    if report.images or report.dropped_image_cut:
+        lines.append(_row("images", f"{report.images} in kept prompts"))
+        if report.dropped_image_cut:
+            lines.append(_row("  cut", f"{report.dropped_image_cut}  (dropped: the prompt limit "
+                                       "would cut an image's tokens; raise max_prompt_length)"))
     if report.joint_pairs:
         lines.append(_row("joint pairs", f"{report.joint_pairs}  (two different prompts; each "
                                          f"side's own prompt is scored)"))
@@ -71,6 +76,10 @@ def render_example(example: TokenizedExample, tokenizer) -> str:
     lines = [header + (f"  [{', '.join(flags)}]" if flags else "")]
     if example.scores:
         lines.append("scores: " + ", ".join(f"{k}={v}" for k, v in sorted(example.scores.items())))
+    for k, (image, count) in enumerate(zip(example.images, example.image_token_counts)):
+        lines.append(f"image {k}: {image.describe()}  ({count} image tokens)")
+    for k, image in enumerate(example.negative_images):
+        lines.append(f"negative image {k}: {image.describe()}  (chosen should be less likely)")
     prompt = example.prompt_ids
     own_lengths = example.own_prompt_lengths or [0] * len(example.response_ids)
     for number, (name, response) in enumerate(zip(names, example.response_ids)):
@@ -86,12 +95,32 @@ def render_example(example: TokenizedExample, tokenizer) -> str:
             # the prompt is the same for every response; show only the tokens before the cut
             shown_from = len(prompt) - CONTEXT_TOKENS
             lines.append(f"  ... {shown_from} prompt tokens as above")
-        lines += [_token_line(p, t, tokenizer) for p, t in enumerate(prompt) if p >= shown_from]
+        lines += _prompt_lines(prompt, shown_from, tokenizer)
         tokens = [_token_line(len(prompt) + p, t, tokenizer) for p, t in enumerate(response)]
         if example.own_prompt_lengths:
             lines += [OWN_PROMPT, *tokens[:own]]
         lines += [BOUNDARY, *tokens[own:]]
     return "\n".join(lines)
+
+
+def _prompt_lines(prompt: list, shown_from: int, tokenizer) -> list[str]:
+    """Prompt tokens one per line, a run of image tokens as one line that says which image."""
+    images = getattr(tokenizer, "image_inputs", None)
+    image_token = images.image_token_id if images is not None else None
+    lines, run, image = [], [], 0
+    for position, token in enumerate(prompt):
+        if token == image_token:
+            run.append(position)
+            if position + 1 < len(prompt) and prompt[position + 1] == image_token:
+                continue
+            if run[-1] >= shown_from:
+                text = f"{images.image_token!r} x{len(run)}"
+                span = f"{run[0]}-{run[-1]}"
+                lines.append(f"{span:>6} {token:>8}  {text}  <- image {image}")
+            run, image = [], image + 1
+        elif position >= shown_from:
+            lines.append(_token_line(position, token, tokenizer))
+    return lines
 
 
 def _token_line(position: int, token_id: int, tokenizer) -> str:

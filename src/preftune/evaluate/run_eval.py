@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..data.images import with_images
 from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
@@ -89,12 +90,13 @@ def run_eval(options: EvalOptions) -> dict:
 
     clock = time.perf_counter()
     pad = tokenizer.pad_token_id
+    images = getattr(tokenizer, "image_inputs", None)
     on_policy = score_responses(policy, examples, pad, options.batch_size,
                                 hidden_sums=options.ches_model == "policy",
-                                description="eval pairs: policy")
+                                description="eval pairs: policy", images=images)
     on_reference = score_responses(reference, examples, pad, options.batch_size,
                                    hidden_sums=options.ches_model == "reference",
-                                   description="eval pairs: reference")
+                                   description="eval pairs: reference", images=images)
     metrics, pair_rows = _pair_metrics(examples, on_policy, on_reference, options)
     seconds["pairs"] = time.perf_counter() - clock
     prompts = _unique_prompts(examples)
@@ -236,11 +238,12 @@ def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -
     scores, or, for a pairwise scorer, by its P(policy answer > reference answer). Identical
     answers tie exactly (a model scoring them in different batches may differ by rounding).
     Returns the metrics and one row per prompt (origin, both answers, their scores)."""
+    shown = _prompt_images(prompts)
     texts = [greedy_texts(model, tokenizer, [p.prompt_ids for p in prompts], options.max_new_tokens,
-                          options.batch_size, f"win rate: {who} answers")
+                          options.batch_size, f"win rate: {who} answers", shown)
              for model, who in ((policy, "policy"), (reference, "reference"))]
     same = torch.tensor([a == b for a, b in zip(*texts)])
-    questions = [records[p.index].prompt for p in prompts]
+    questions = [with_images(records[p.index].prompt, p.images) for p in prompts]
     rows = [{"origin": records[p.index].origin, "policy_answer": a, "reference_answer": b}
             for p, a, b in zip(prompts, *texts)]
     result = {"win_rate/prompts": len(prompts), "win_rate/same_answer": same.double().mean().item()}
@@ -264,11 +267,16 @@ def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -
 
 
 def _unique_prompts(examples) -> list[TokenizedExample]:
-    """The first example of each distinct prompt (by token ids), in data order."""
+    """The first example of each distinct prompt (by token ids and images), in data order."""
     seen: dict = {}
     for example in examples:
-        seen.setdefault(tuple(example.prompt_ids), example)
+        seen.setdefault((tuple(example.prompt_ids), tuple(i.key for i in example.images)), example)
     return list(seen.values())
+
+
+def _prompt_images(prompts) -> list | None:
+    """Each prompt's images for generation; None for text-only prompts."""
+    return [p.images for p in prompts] if any(p.images for p in prompts) else None
 
 
 def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions) -> dict:
@@ -279,13 +287,16 @@ def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions
     settings = SamplingSettings(samples=options.samples, max_new_tokens=options.max_new_tokens,
                                 batch_size=options.batch_size, seed=options.seed)
     drawn = HFGenerator(policy, tokenizer).generate([p.prompt_ids for p in prompts], settings,
-                                                     "samples: generating").token_ids
-    examples = [TokenizedExample(p.prompt_ids, responses, index=n)
+                                                     "samples: generating",
+                                                     _prompt_images(prompts)).token_ids
+    examples = [TokenizedExample(p.prompt_ids, responses, index=n, images=p.images,
+                                 image_token_counts=p.image_token_counts)
                 for n, (p, responses) in enumerate(zip(prompts, drawn))]
+    images = getattr(tokenizer, "image_inputs", None)
     on_policy = score_responses(policy, examples, tokenizer.pad_token_id, options.batch_size,
-                                top_k=options.top_k, description="samples: policy")
+                                top_k=options.top_k, description="samples: policy", images=images)
     on_reference = score_responses(reference, examples, tokenizer.pad_token_id, options.batch_size,
-                                   description="samples: reference")
+                                   description="samples: reference", images=images)
     logps, ref_logps = on_policy.logps.flatten(), on_reference.logps.flatten()
     lengths = on_policy.token_counts.flatten()
     rewards = D.implied_rewards(logps, ref_logps, options.beta)

@@ -38,12 +38,14 @@ class ResponseScores:
 @torch.no_grad()
 def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
                     batch_size: int = 16, hidden_sums: bool = False, top_k: int | None = None,
-                    chunk_tokens: int = 256, description: str | None = None) -> ResponseScores:
+                    chunk_tokens: int = 256, description: str | None = None,
+                    images=None) -> ResponseScores:
     """Log-probs (and optionally CHES hidden sums, top-k stats) of every response of ``examples``.
 
     Examples are batched by length (less padding), laid out as training would (prefix sharing
     when prompts are longer than responses; every layout gives the same numbers), and the
     results put back in input order. A progress bar named ``description`` when given.
+    Examples with images need the model's ``images`` (``tokenizer.image_inputs``).
     """
     logp_model = LogpModel(causal_lm_of(model), chunk_tokens).eval()
     device = next(model.parameters()).device
@@ -53,7 +55,7 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
     with progress(description, len(examples), "example") as update:
         for start in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[start : start + batch_size]],
-                            pad_token_id, layout).to(device)
+                            pad_token_id, layout, images=images).to(device)
             hidden, weight = logp_model.hidden_and_weight(batch)  # the training forward pass
             stats = sequence_stats(
                 chunked_token_logps(hidden, weight, batch.target_tokens, chunk_tokens), batch)

@@ -116,12 +116,14 @@ def resolve_model_dir(path: str) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer for a config ``model.path``; padding falls back to EOS."""
+    """The tokenizer for a config ``model.path``; padding falls back to EOS. A
+    vision-language model's comes from its processor (``load_processor_tokenizer``)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_dir(path), trust_remote_code=trust_remote_code
-    )
+    source = resolve_model_dir(path)
+    if is_vision_language(source, trust_remote_code):
+        return load_processor_tokenizer(source, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -157,8 +159,7 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
     source = resolve_model_dir(path)
     check_weights_format(source, allow_pickle)
     vision = is_vision_language(source, trust_remote_code)
-    tokenizer = (load_processor_tokenizer(source, trust_remote_code) if vision
-                 else load_tokenizer(source, trust_remote_code))
+    tokenizer = load_tokenizer(source, trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     auto = AutoModelForCausalLM
     if vision:

@@ -30,8 +30,10 @@ class Scorer(Protocol):
 
 
 def prompt_key(prompt) -> str:
-    """A hashable identity of a prompt (a string, or a message list as canonical JSON)."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    """A hashable identity of a prompt (a string, or a message list as canonical JSON, plus the
+    content keys of the images it shows, if any)."""
+    key = str(prompt) if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    return key + "".join(f"\x00image:{image.key}" for image in getattr(prompt, "images", ()))
 
 
 def checked(values, name: str, count: int) -> list[float]:

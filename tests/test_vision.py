@@ -1,0 +1,201 @@
+"""Vision-language models on the spine: image records through the model's own processor, every
+layout against plain HF forwards, mDPO's negative-image slot, training, reload, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from preftune.data.layout import LAYOUTS, collate
+from preftune.data.prepare import with_negative_image_slot
+from preftune.data.records import DataError
+from preftune.data.sources import load_records
+from preftune.data.tokenize import TokenizeSettings, tokenize_records
+from preftune.model.forward import LogpModel, sequence_stats
+from preftune.model.load import load_model_and_tokenizer
+from preftune.model.reference import reference_cache_key
+from tiny_vlms import save_tiny_vlm_dir, solid_image
+
+RED, BLUE, GREY = (200, 30, 30), (30, 30, 200), (120, 120, 120)
+
+
+@pytest.fixture(scope="module", params=["llava", "idefics3"])
+def vlm(request, tmp_path_factory):
+    """(model, tokenizer, data folder) for each tiny VLM family."""
+    root = tmp_path_factory.mktemp(request.param)
+    model, tokenizer = load_model_and_tokenizer(str(save_tiny_vlm_dir(root / "model",
+                                                                      request.param)))
+    for name, colour in (("red", RED), ("blue", BLUE), ("grey", GREY)):
+        solid_image(root / f"{name}.png", colour)
+    return model, tokenizer, root
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def image_examples(tokenizer, root, negatives=False):
+    """Two pairs: a plain-string prompt with an <image> placeholder, and a message-list prompt
+    with an image part (image given in the 'images' column)."""
+    extra = {"negative_images": ["grey.png"]} if negatives else {}
+    first = write_rows(root / "a.jsonl", [{"prompt": "Colour? <image>", "images": ["red.png"],
+                                           "chosen": "red", "rejected": "blue!", **extra}])
+    second = write_rows(root / "b.jsonl", [{
+        "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                {"type": "text", "text": "which?"}]}],
+        "images": ["blue.png"], "chosen": "blue", "rejected": "no", **extra}])
+    records = load_records(first) + load_records(second)
+    examples, report = tokenize_records(records, tokenizer, TokenizeSettings(128, 96))
+    assert report.kept == 2 and report.images == 2
+    return examples
+
+
+def plain_logps(model, tokenizer, example, slot):
+    """log pi(response | prompt, images) from the HF model's own forward on one sequence."""
+    response = example.response_ids[slot]
+    ids = torch.tensor([example.prompt_ids + response])
+    pixels = tokenizer.image_inputs.pixels(list(example.images_of_slot(slot)))
+    logits = model(input_ids=ids, **pixels).logits[0].float().log_softmax(-1)
+    start = len(example.prompt_ids) - 1
+    return sum(logits[start + j, token] for j, token in enumerate(response))
+
+
+def test_image_tokens_come_from_the_processor(vlm):
+    model, tokenizer, root = vlm
+    examples = image_examples(tokenizer, root)
+    images = tokenizer.image_inputs
+    per_image = {"LlavaForConditionalGeneration": 16, "Idefics3ForConditionalGeneration": 4}
+    expected = per_image[type(model).__name__]
+    for example in examples:
+        assert example.image_token_counts == (expected,)
+        assert example.prompt_ids.count(images.image_token_id) == expected
+        assert images.image_token_id not in sum(example.response_ids, [])
+
+
+def test_every_layout_equals_plain_forwards(vlm):
+    model, tokenizer, root = vlm
+    examples = with_negative_image_slot(image_examples(tokenizer, root, negatives=True))
+    logp_model = LogpModel(model)
+    with torch.no_grad():
+        plain = torch.tensor([[float(plain_logps(model, tokenizer, ex, r)) for r in range(3)]
+                              for ex in examples])
+    grads = {}
+    for layout in LAYOUTS:
+        model.zero_grad()
+        batch = collate(examples, tokenizer.pad_token_id, layout, images=tokenizer.image_inputs)
+        # three distinct images (red, blue, grey): each encoded once whatever the layout
+        assert len(batch.image_inputs["pixel_values"]) == 3
+        logps = sequence_stats(logp_model(batch), batch).logps
+        torch.testing.assert_close(logps, plain, rtol=1e-5, atol=1e-4)
+        logps.sum().backward()
+        grads[layout] = {name: p.grad.clone() for name, p in model.named_parameters()
+                         if p.grad is not None}
+    vision_grads = [n for n in grads["padded"] if "vision" in n]
+    assert vision_grads, "the vision tower takes part in the gradient"
+    for layout in LAYOUTS[1:]:
+        assert grads[layout].keys() == grads["padded"].keys()
+        for name, value in grads["padded"].items():
+            torch.testing.assert_close(grads[layout][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_sharing_runs_the_image_prompt_once_per_pair(vlm):
+    model, tokenizer, root = vlm
+    examples = image_examples(tokenizer, root)
+    padded = collate(examples, tokenizer.pad_token_id, "padded", images=tokenizer.image_inputs)
+    shared = collate(examples, tokenizer.pad_token_id, "prefix_shared",
+                     images=tokenizer.image_inputs)
+    tokens = sum(examples[0].image_token_counts) + sum(examples[1].image_token_counts)
+    assert padded.image_positions.numel() == 2 * tokens  # a row per response
+    assert shared.image_positions.numel() == tokens  # the prompt once per pair
+    # mDPO's negative-image slot cannot share the prompt: it gets a unit of its own
+    negatives = with_negative_image_slot(image_examples(tokenizer, root, negatives=True))
+    with_slot = collate(negatives, tokenizer.pad_token_id, "prefix_shared",
+                        images=tokenizer.image_inputs)
+    assert with_slot.image_positions.numel() == 2 * tokens
+    assert with_slot.input_ids.shape[0] == 4  # per pair: [prompt | y_w | y_l], [prompt' | y_w]
+
+
+def test_reference_cache_key_sees_image_content(vlm, tmp_path):
+    model, tokenizer, root = vlm
+    examples = image_examples(tokenizer, root)
+    key = reference_cache_key(model, examples, {})
+    solid_image(root / "red.png", (201, 30, 30))  # same size, same tokens, other pixels
+    changed = image_examples(tokenizer, root)
+    changed_key = reference_cache_key(model, changed, {})
+    solid_image(root / "red.png", RED)
+    assert [e.prompt_ids for e in changed] == [e.prompt_ids for e in examples]
+    assert changed_key != key
+    assert reference_cache_key(model, image_examples(tokenizer, root), {}) == key
+
+
+def test_mdpo_slot_is_chosen_under_the_negative_image(vlm):
+    model, tokenizer, root = vlm
+    examples = with_negative_image_slot(image_examples(tokenizer, root, negatives=True))
+    for example in examples:
+        assert example.response_ids[2] == example.response_ids[0]
+        assert [i.path.endswith("grey.png") for i in example.images_of_slot(2)] == [True]
+        assert example.images_of_slot(0) == example.images_of_slot(1) == example.images
+    with pytest.raises(DataError, match=r"a\.jsonl:1: .*no 'negative_images'.*images:corrupt"):
+        with_negative_image_slot(image_examples(tokenizer, root))
+
+
+# --------------------------------------------------------------------------------------------
+# bad input names the record and the field
+
+
+def test_missing_image_file(tmp_path):
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": ["nope.png"],
+                                              "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'images', item 0: image file "
+                                        r"'nope.png' does not exist"):
+        load_records(path)
+
+
+def test_unreadable_image_bytes(vlm, tmp_path):
+    model, tokenizer, root = vlm
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": ["broken.png"],
+                                              "chosen": "a", "rejected": "b"}])
+    records = load_records(path)
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'images', item 0: file .*broken.png"
+                                        r"' is not a readable image"):
+        tokenize_records(records, tokenizer, TokenizeSettings(128, 96))
+
+
+def test_wrong_placeholder_count(tmp_path):
+    solid_image(tmp_path / "x.png", RED)
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image> and <image>?",
+                                              "images": ["x.png"], "chosen": "a",
+                                              "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'prompt' has 2 image placeholder"
+                                        r".* 1 image\(s\) in field 'images'"):
+        load_records(path)
+
+
+def test_prompt_without_placeholder_gets_the_image_first(tmp_path):
+    solid_image(tmp_path / "x.png", RED)
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "What colour?", "image": "x.png",
+                                              "chosen": "red", "rejected": "blue"}])
+    (record,) = load_records(path)
+    assert record.prompt == "<image>What colour?"
+    assert [image.path for image in record.images] == [str(tmp_path / "x.png")]
+
+
+def test_images_for_a_text_only_model(tmp_path, tiny_tokenizer):
+    solid_image(tmp_path / "x.png", RED)
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": ["x.png"],
+                                              "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: the record has images but the model is "
+                                        r"text-only"):
+        tokenize_records(load_records(path), tiny_tokenizer, TokenizeSettings(128, 96))
+
+
+def test_negative_images_one_per_image(tmp_path):
+    solid_image(tmp_path / "x.png", RED)
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": ["x.png"],
+                                              "negative_images": ["x.png", "x.png"],
+                                              "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'negative_images' has 2 image\(s\) "
+                                        r"but the prompt shows 1"):
+        load_records(path)

@@ -1,0 +1,119 @@
+"""Vision-language runs as a user makes them: `preftune train` (mDPO, LoRA, references),
+reload with the HF class, `preftune eval`, the report, generation with images."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+from preftune import api
+from preftune.cli import main
+from preftune.data.sources import load_records
+from preftune.data.tokenize import TokenizeSettings
+from preftune.generation import greedy_texts, prompt_ids
+from preftune.model.load import load_model_and_tokenizer
+from preftune.train.logging import read_metrics
+from tiny_vlms import save_tiny_vlm_dir, solid_image
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """An Idefics3-style model dir and colour-question pairs with grey negative images."""
+    root = tmp_path_factory.mktemp("vision_runs")
+    save_tiny_vlm_dir(root / "model", "idefics3")
+    names = list(COLOURS)
+    for name, colour in COLOURS.items():
+        solid_image(root / f"{name}.png", colour)
+    solid_image(root / "grey.png", (120, 120, 120))
+    rows = [{"prompt": "What colour? <image>", "images": [f"{names[i % 3]}.png"],
+             "negative_images": ["grey.png"], "chosen": names[i % 3],
+             "rejected": names[(i + 1) % 3]} for i in range(12)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def config(root, name, objective="mdpo", **train):
+    return {"output_dir": str(root / name), "model": {"path": str(root / "model")},
+            "data": {"train": str(root / "pairs.jsonl"), "eval": str(root / "pairs.jsonl"),
+                     "max_length": 48, "max_prompt_length": 32},
+            "objective": {"name": objective},
+            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 5e-3, "eval_every": 2,
+                      "layout": "prefix_shared", **train}}
+
+
+def plain_chosen_logps(model, processor, root):
+    """Mean log pi(chosen | prompt, image) over the pairs, from the HF model's own forward."""
+    total, rows = 0.0, [json.loads(line) for line in open(root / "pairs.jsonl")]
+    from PIL import Image
+
+    for row in rows:
+        text = "What colour? <image>"
+        inputs = processor(text=[text], images=[[Image.open(root / row["images"][0])]],
+                           add_special_tokens=False, return_tensors="pt")
+        answer = processor.tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
+        answer = answer + [processor.tokenizer.eos_token_id]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                           pixel_attention_mask=inputs["pixel_attention_mask"]).logits[0]
+        logps = logits.float().log_softmax(-1)
+        start = inputs["input_ids"].shape[1] - 1
+        total += sum(logps[start + j, t].item() for j, t in enumerate(answer))
+    return total / len(rows)
+
+
+def test_mdpo_trains_saves_and_reloads_with_its_hf_class(workspace):
+    out = api.train(config(workspace, "mdpo"))
+    last = read_metrics(out / "metrics.jsonl")[-1]
+    assert last["step"] == 2 and "eval/loss" in last
+    # the saved directory is an ordinary HF VLM directory: its own class and processor load it
+    model = Idefics3ForConditionalGeneration.from_pretrained(out / "model").eval()
+    processor = AutoProcessor.from_pretrained(out / "model")
+    # eval/logps/chosen is the mean over the eval pairs after the last update
+    assert plain_chosen_logps(model, processor, workspace) == pytest.approx(
+        last["eval/logps/chosen"], abs=1e-4)
+    card = (out / "model" / "README.md").read_text()
+    assert "mdpo" in card
+
+
+@pytest.mark.parametrize("strategy", ["adapter-off", "live"])
+def test_reference_strategies_and_lora(workspace, strategy):
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    tree = config(workspace, f"dpo-{strategy}", objective="dpo", layout="packed")
+    tree["reference"] = {"strategy": strategy}
+    if strategy == "adapter-off":
+        tree["model"]["lora"] = lora
+    out = api.train(tree)
+    first = read_metrics(out / "metrics.jsonl")[0]
+    # step 0: the policy is the reference, so every implied reward is 0
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    if strategy == "adapter-off":
+        assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_eval_and_report_on_a_vision_run(workspace, capsys):
+    out = api.train(config(workspace, "for-eval", objective="dpo"))
+    assert main(["eval", "--model", str(out), "--data", str(workspace / "pairs.jsonl"),
+                 "--reference", str(workspace / "model")]) in (0, None)
+    results = json.loads((out / "eval.json").read_text())
+    assert results["pairs"] == 12
+    assert main(["report", str(out)]) in (0, None)
+    assert (out / "report.html").exists()
+
+
+def test_greedy_generation_with_images_matches_one_prompt_at_a_time(workspace):
+    model, tokenizer = load_model_and_tokenizer(str(workspace / "model"))
+    records = load_records(str(workspace / "pairs.jsonl"))[:3]
+    records[1] = type(records[1])("What colour is this? <image>", "x", "y",
+                                  images=records[1].images)
+    shown = [r.images for r in records]
+    ids = prompt_ids([r.prompt for r in records], tokenizer, TokenizeSettings(48, 32), shown)
+    assert len({len(i) for i in ids}) == 2  # different lengths: the batch is left-padded
+    together = greedy_texts(model, tokenizer, ids, 5, images=shown)
+    alone = [greedy_texts(model, tokenizer, [i], 5, images=[s])[0] for i, s in zip(ids, shown)]
+    assert together == alone
