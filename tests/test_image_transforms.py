@@ -228,3 +228,14 @@ def test_shape_conversions_keep_images():
     assert [u.images for u in pairs_to_unpaired([pair])] == [image, image]
     with pytest.raises(DataError, match="'pairs:<mode>' first"):
         convert([ranked], "images:corrupt")
+
+
+def test_mia_draws_distractors_with_the_same_prompt_when_it_can():
+    shapes = [Pair("<image>Which shape?", shape, "star", origin=f"s:{k}",
+                   images=(ImageRef(pil=solid("red")),))
+              for k, shape in enumerate(["circle", "square", "triangle", "oval"])]
+    for out in mia_pairs(pairs() + shapes, "grid", seed=0):
+        if "Which shape" in out.prompt:
+            assert out.rejected in {"circle", "square", "triangle", "oval"}
+        else:
+            assert out.rejected in COLOURS

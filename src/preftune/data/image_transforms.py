@@ -114,7 +114,8 @@ def mia_pairs(records: Sequence, layout: str, seed: int = 0) -> list:
     """Multi-image augmented pairs (MIA-DPO, arXiv:2410.17637).
 
     Each single-image pair is shown with ``k - 1`` distractor images drawn (seeded) from other
-    records: ``sequence`` (k=3 images, k placeholders), ``grid`` (a 2x2 collage, one image) or
+    records, from those with the same prompt when there are enough (so the distractor's chosen
+    answers the same question), else from all: ``sequence`` (k=3 images, k placeholders), ``grid`` (a 2x2 collage, one image) or
     ``pip`` (one image with another inset at a third of its size; the record's image is the
     inset or the background). The prompt names which image to answer about ("In image 2, ...",
     "In the top-right image of the grid, ...", "In the small inset image, ..."). The rejected
@@ -135,15 +136,21 @@ def mia_pairs(records: Sequence, layout: str, seed: int = 0) -> list:
     if len(records) < k:
         raise DataError(f"conversion {conversion!r} shows {k} images from different records "
                         f"but the data has {len(records)} record(s); give it at least {k}.")
-    return [_mia_one(records, position, layout, k, seed) for position in range(len(records))]
+    same: dict[str, list[int]] = {}
+    for position, record in enumerate(records):
+        same.setdefault(repr(record.prompt), []).append(position)
+    return [_mia_one(records, position, layout, k, seed, same[repr(records[position].prompt)])
+            for position in range(len(records))]
 
 
-def _mia_one(records: Sequence, position: int, layout: str, k: int, seed: int):
+def _mia_one(records: Sequence, position: int, layout: str, k: int, seed: int,
+             same_prompt: list[int]):
     record = records[position]
     rng = record_rng(record, position, seed, f"mia_{layout}")
+    pool = same_prompt if len(same_prompt) >= k else range(len(records))
     others: list[int] = []
     while len(others) < k - 1:
-        pick = rng.randrange(len(records))
+        pick = pool[rng.randrange(len(pool))]
         if pick != position and pick not in others:
             others.append(pick)
     target = rng.randrange(k)
