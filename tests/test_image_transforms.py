@@ -235,7 +235,7 @@ def test_mia_draws_distractors_with_the_same_prompt_when_it_can():
                    images=(ImageRef(pil=solid("red")),))
               for k, shape in enumerate(["circle", "square", "triangle", "oval"])]
     for out in mia_pairs(pairs() + shapes, "grid", seed=0):
-        if "Which shape" in out.prompt:
+        if "which shape" in out.prompt:
             assert out.rejected in {"circle", "square", "triangle", "oval"}
         else:
             assert out.rejected in COLOURS
