@@ -186,6 +186,8 @@ def test_povid_substitutes_exactly_the_vocabulary_words():
     assert colour in VOCABULARIES["colour"] and colour != "red"
     assert shape in VOCABULARIES["shape"] and shape != "circle"
     assert hallucinate("7", random.Random(1)) in {"5", "6", "8", "9"}
+    assert re.fullmatch(r"There are [1245]\.", hallucinate("There are 3.", random.Random(0)))
+    assert hallucinate("It is 2.5 cm, the 3rd.", random.Random(0)) is None
 
 
 def test_povid_pairs_keep_rejected_when_nothing_substitutes():

@@ -26,19 +26,20 @@ GRID_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right")
 def record_rng(record, position: int, seed: int, tag: str) -> random.Random:
     """A random stream fixed by the seed, the transform and the record's origin (its position
     when it has none). String seeds hash with SHA-512, so streams agree across runs."""
-    return random.Random(f"{seed}|{tag}|{name(record, position)}")
+    return random.Random(f"{seed}|{tag}|{record_name(record, position)}")
 
 
-def name(record, position: int) -> str:
+def record_name(record, position: int) -> str:
     return getattr(record, "origin", "") or f"record {position}"
 
 
 def _images(record, position: int, conversion: str) -> tuple:
     images = getattr(record, "images", ())
     if not images:
-        raise DataError(f"{name(record, position)}: conversion {conversion!r} needs a record with "
-                        "images (field 'images' or 'image'), and this one has none. Give the "
-                        "data an images column, or drop the conversion for text-only data.")
+        raise DataError(f"{record_name(record, position)}: conversion {conversion!r} needs a "
+                        "record with images (field 'images' or 'image'), and this one has none. "
+                        "Give the data an images column, or drop the conversion for text-only "
+                        "data.")
     return images
 
 
@@ -74,7 +75,8 @@ def corrupt_image(image, kind: str, rng: random.Random):
         from PIL import ImageFilter
 
         return image.filter(ImageFilter.GaussianBlur(radius=max(width, height) / 16))
-    raise ValueError(f"unknown image corruption {kind!r}; expected one of {', '.join(CORRUPTIONS)}.")
+    raise ValueError(f"unknown image corruption {kind!r}; expected one of "
+                     f"{', '.join(CORRUPTIONS)}.")
 
 
 def _noised(image, rng: random.Random):
@@ -115,14 +117,15 @@ def mia_pairs(records: Sequence, layout: str, seed: int = 0) -> list:
 
     Each single-image pair is shown with ``k - 1`` distractor images drawn (seeded) from other
     records, from those with the same prompt when there are enough (so the distractor's chosen
-    answers the same question), else from all: ``sequence`` (k=3 images, k placeholders), ``grid`` (a 2x2 collage, one image) or
-    ``pip`` (one image with another inset at a third of its size; the record's image is the
-    inset or the background). The prompt names which image to answer about ("In image 2, ...",
-    "In the top-right image of the grid, ...", "In the small inset image, ..."). The rejected
-    answer becomes the first distractor record's chosen answer that differs from this record's
-    chosen (an answer about the wrong image, the hallucination MIA-DPO targets), else the
-    original rejected. MIA-DPO picks that rejected answer by the model's attention on the
-    wrong image; here it is the distractor's own reference answer, with no model involved.
+    answers the same question), else from all: ``sequence`` (k=3 images, k placeholders),
+    ``grid`` (a 2x2 collage, one image) or ``pip`` (one image with another inset at a third of
+    its size; the record's image is the inset or the background). The prompt names which image
+    to answer about ("In image 2, ...", "In the top-right image of the grid, ...", "In the
+    small inset image, ..."). The rejected answer becomes the first distractor record's chosen
+    answer that differs from this record's chosen (an answer about the wrong image, the
+    hallucination MIA-DPO targets), else the original rejected. MIA-DPO picks that rejected
+    answer by the model's attention on the wrong image; here it is the distractor's own
+    reference answer, with no model involved.
     """
     if layout not in MIA_LAYOUTS:
         raise ValueError(f"unknown MIA-DPO layout {layout!r}; expected one of "
@@ -130,8 +133,8 @@ def mia_pairs(records: Sequence, layout: str, seed: int = 0) -> list:
     k, conversion = MIA_LAYOUTS[layout], f"images:mia_{layout}"
     for position, record in enumerate(records):
         if len(_images(record, position, conversion)) != 1:
-            raise DataError(f"{name(record, position)}: conversion {conversion!r} combines one "
-                            f"image per record with others; this record has "
+            raise DataError(f"{record_name(record, position)}: conversion {conversion!r} "
+                            f"combines one image per record with others; this record has "
                             f"{len(record.images)}. Use single-image records.")
     if len(records) < k:
         raise DataError(f"conversion {conversion!r} shows {k} images from different records "
@@ -166,7 +169,8 @@ def _mia_one(records: Sequence, position: int, layout: str, k: int, seed: int,
     else:
         corner = rng.randrange(4)
         composed = pip_image(shown[0].load(), shown[1].load(), corner)
-        images = (ImageRef(pil=composed, origin=origin, where="field 'images', item 0 (pic-in-pic)"),)
+        images = (ImageRef(pil=composed, origin=origin,
+                           where="field 'images', item 0 (pic-in-pic)"),)
         reference = "In the large background image," if target == 0 else "In the small inset image,"
     prompt = refer(expand(with_placeholders(record.prompt, 1), len(images)), reference)
     rejected = next((records[j].chosen for j in others if records[j].chosen != record.chosen),

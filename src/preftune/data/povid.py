@@ -17,7 +17,7 @@ import re
 from dataclasses import replace
 from typing import Sequence
 
-from .image_transforms import name, record_rng
+from .image_transforms import record_name, record_rng
 
 MAX_EDITS = 3
 VOCABULARIES = {
@@ -31,7 +31,7 @@ VOCABULARIES = {
     "answer": ("yes", "no"),
 }
 _KIND = {word: kind for kind, words in VOCABULARIES.items() for word in words}
-_TOKEN = re.compile(r"(?<![\w.])\d+(?![\w.])|\b[A-Za-z]+\b")
+_TOKEN = re.compile(r"(?<!\w)(?<!\d\.)\d+(?!\w)(?!\.\d)|\b[A-Za-z]+\b")  # not 2.5, 3rd
 
 
 def hallucinate(text: str, rng) -> str | None:
@@ -94,6 +94,6 @@ def povid_pairs(records: Sequence, seed: int = 0, unchanged: list | None = None)
         if rejected is None:
             rejected = record.rejected
             if unchanged is not None:
-                unchanged.append(name(record, position))
+                unchanged.append(record_name(record, position))
         out.append(replace(record, rejected=rejected, origin=f"{record.origin} [povid]"))
     return out
