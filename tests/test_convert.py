@@ -100,7 +100,10 @@ def test_curriculum_order_needs_scores():
 
 def test_convert_dispatch():
     assert CONVERSIONS == ("pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
-                           "unpaired")
+                           "unpaired", "images:corrupt", "images:corrupt:crop",
+                           "images:corrupt:mask", "images:corrupt:noise", "images:corrupt:blur",
+                           "images:mia_sequence", "images:mia_grid", "images:mia_pip",
+                           "pairs:povid")
     for mode in ("best_vs_worst", "all_pairs", "best_vs_each"):
         assert convert([LIST, TIED], f"pairs:{mode}") == ranked_to_pairs([LIST, TIED], mode)
     pairs = ranked_to_pairs([LIST])

@@ -14,8 +14,12 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from .config_tree import ConfigError, read_tree, set_override
+from .data.convert import CONVERSIONS
 from .objectives import get_objective
 from .objectives.compose import Objective, validate_params
+
+
+Conversion = Literal[CONVERSIONS]  # data.convert names
 
 
 class Section(BaseModel):
@@ -92,9 +96,12 @@ class DataConfig(Section):
     """Rename columns, e.g. {prompt: question, chosen: good}."""
     shape: Literal["auto", "pairs", "unpaired", "ranked", "rated"] = "auto"
     """Record shape; auto detects it from the fields."""
-    convert: Literal["pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each",
-                     "unpaired"] | None = None
-    """Turn the data into the shape the objective needs, e.g. ranked lists into pairs."""
+    convert: Conversion | list[Conversion] | None = None
+    """Turn the data into the shape the objective needs (ranked lists into pairs:
+    pairs:best_vs_worst, pairs:all_pairs, pairs:best_vs_each; pairs into unpaired), or make
+    vision pairs: images:corrupt[:crop|mask|noise|blur] (mDPO negative images),
+    images:mia_sequence, images:mia_grid, images:mia_pip (MIA-DPO), pairs:povid (POVID rejected
+    answers). A list is applied in order; the run seed fixes their randomness."""
     curriculum: bool = False
     """Curry-DPO: train in order of score gap, easiest first."""
     on_error: Literal["raise", "skip"] = "raise"

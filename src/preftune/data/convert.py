@@ -1,4 +1,6 @@
-"""Conversions between record shapes, and curriculum ordering. Pure functions on records.
+"""Conversions between record shapes, pairs-to-pairs data transforms (vision data: mDPO,
+MIA-DPO, POVID, in ``image_transforms.py`` and ``povid.py``), and curriculum ordering. Pure
+functions on records.
 
 A converted record's ``origin`` extends its source's: ``file.jsonl:3 [1>4]`` is the pair made
 from responses 1 and 4 (0-based list positions) of the ranked record at line 3;
@@ -7,12 +9,34 @@ from responses 1 and 4 (0-based list positions) of the ranked record at line 3;
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
+from .image_transforms import CORRUPTIONS, MIA_LAYOUTS, corrupt_pairs, mia_pairs
+from .povid import povid_pairs
 from .records import DataError, Pair, Unpaired
 
 RANKED_TO_PAIRS_MODES = ("best_vs_worst", "all_pairs", "best_vs_each")
-CONVERSIONS = tuple(f"pairs:{mode}" for mode in RANKED_TO_PAIRS_MODES) + ("unpaired",)
+
+
+def _povid(records: Sequence, seed: int) -> list:
+    unchanged: list = []
+    pairs = povid_pairs(records, seed, unchanged)
+    if unchanged:
+        print(f"data: pairs:povid: {len(unchanged)} of {len(pairs)} pairs have no word to "
+              f"substitute in chosen (e.g. {unchanged[0]}); they keep their rejected answer")
+    return pairs
+
+
+# pairs -> pairs transforms: name -> function(records, seed=...)
+PAIR_TRANSFORMS = {
+    "images:corrupt": partial(corrupt_pairs, kind="crop"),
+    **{f"images:corrupt:{kind}": partial(corrupt_pairs, kind=kind) for kind in CORRUPTIONS},
+    **{f"images:mia_{layout}": partial(mia_pairs, layout=layout) for layout in MIA_LAYOUTS},
+    "pairs:povid": _povid,
+}
+CONVERSIONS = tuple(f"pairs:{mode}" for mode in RANKED_TO_PAIRS_MODES) + ("unpaired",) \
+    + tuple(PAIR_TRANSFORMS)
 
 
 def ranked_to_pairs(records: Sequence, mode: str = "best_vs_worst") -> list[Pair]:
@@ -34,7 +58,7 @@ def ranked_to_pairs(records: Sequence, mode: str = "best_vs_worst") -> list[Pair
         for i, j in PAIRINGS[mode](scores):
             pairs.append(Pair(
                 record.prompt, record.responses[i], record.responses[j],
-                origin=f"{record.origin} [{i}>{j}]",
+                origin=f"{record.origin} [{i}>{j}]", images=record.images,
                 scores={**record.scores, "chosen_score": scores[i], "rejected_score": scores[j]},
             ))
     return pairs
@@ -77,7 +101,8 @@ def pairs_to_unpaired(records: Sequence) -> list[Unpaired]:
             prefix = side + "_"
             own = {k[len(prefix):]: v for k, v in pair.scores.items() if k.startswith(prefix)}
             unpaired.append(Unpaired(prompt, text, label, origin=f"{pair.origin} [{side}]",
-                                     scores={**shared, **own}))
+                                     scores={**shared, **own},
+                                     images=getattr(pair, "images", ())))
     return unpaired
 
 
@@ -109,27 +134,39 @@ def curriculum_order(pairs: Sequence, chosen_key: str = "chosen_score",
     return [pairs[i] for i in order]
 
 
-def convert(records: Sequence, to: str) -> list:
-    """Convert records by a config string: "pairs:best_vs_worst", "pairs:all_pairs",
-    "pairs:best_vs_each" (ranked -> pairs) or "unpaired" (pairs -> unpaired)."""
+def convert(records: Sequence, to: str | Sequence[str], seed: int = 0) -> list:
+    """Convert records by a config string, or a list of them applied in order.
+
+    Ranked -> pairs: "pairs:best_vs_worst", "pairs:all_pairs", "pairs:best_vs_each". Pairs ->
+    unpaired: "unpaired". Pairs -> pairs: "images:corrupt" (= "images:corrupt:crop"),
+    "images:corrupt:KIND" (KIND in crop, mask, noise, blur; mDPO negative images),
+    "images:mia_sequence", "images:mia_grid", "images:mia_pip" (MIA-DPO) and "pairs:povid"
+    (POVID rejected answers); ``seed`` fixes their randomness (with each record's origin).
+    """
+    if not isinstance(to, str):
+        for step in to:
+            records = convert(records, step, seed)
+        return list(records)
     if to not in CONVERSIONS:
         raise ValueError(f"unknown conversion {to!r}; expected one of {', '.join(CONVERSIONS)}.")
     if not records:
         return []
     source = _common_shape(records)
-    target, _, mode = to.partition(":")
-    needed = "ranked" if target == "pairs" else "pairs"
+    needed = "ranked" if to.startswith("pairs:") and to not in PAIR_TRANSFORMS else "pairs"
+    target = "unpaired" if to == "unpaired" else "pairs"
     if source != needed:
         if source == target:
             advice = f"the records are already {source}; drop the conversion."
         elif source == "ranked":
-            advice = "convert ranked lists with 'pairs:<mode>' (then 'unpaired' if needed)."
+            advice = "convert ranked lists with 'pairs:<mode>' first (then 'unpaired' if needed)."
         else:
             advice = f"it applies only to {needed} records; use data of that shape."
         raise DataError(f"{_name(records[0], 0)}: cannot convert {source} records with "
                         f"{to!r}: {advice}")
+    if to in PAIR_TRANSFORMS:
+        return PAIR_TRANSFORMS[to](records, seed=seed)
     if target == "pairs":
-        return ranked_to_pairs(records, mode)
+        return ranked_to_pairs(records, to.partition(":")[2])
     return pairs_to_unpaired(records)
 
 

@@ -11,7 +11,7 @@ from .sources import load_records
 from .tokenize import TokenizeSettings, tokenize_records
 
 
-def _load_all(paths, data_config, skipped: list | None = None,
+def _load_all(paths, data_config, seed: int, skipped: list | None = None,
               detected: list | None = None) -> list:
     records = []
     for path in [paths] if isinstance(paths, str) else paths:
@@ -19,7 +19,7 @@ def _load_all(paths, data_config, skipped: list | None = None,
                                 fields=data_config.fields or None, shape=data_config.shape,
                                 skipped=skipped, detected=detected)
     if data_config.convert:
-        records = convert(records, data_config.convert)
+        records = convert(records, data_config.convert, seed)
     return records
 
 
@@ -50,9 +50,9 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length)
     skipped: list | None = [] if data_config.on_error == "skip" else None
     detected: list = []
-    train_records = _load_all(data_config.train, data_config, skipped, detected)
+    train_records = _load_all(data_config.train, data_config, seed, skipped, detected)
     shape = data_shape(train_records)
-    eval_records = (_load_all(data_config.eval, data_config, skipped, detected)
+    eval_records = (_load_all(data_config.eval, data_config, seed, skipped, detected)
                     if data_config.eval else [])
     for found in detected:
         print(f"data: {found['source']}: {found['layout']} ({found['why']})")
