@@ -28,9 +28,16 @@ def _online(args) -> None:
 
 
 def _demo(args) -> None:
+    if args.vision:
+        from .demo_vision import run_vision_demo
+
+        if args.online:
+            raise SystemExit("error: --vision and --online are separate demos; pick one.")
+        run_vision_demo(output_dir=args.output_dir or "runs/vision-demo", quick=args.quick)
+        return
     from .demo import run_demo
 
-    run_demo(output_dir=args.output_dir, quick=args.quick, online=args.online)
+    run_demo(output_dir=args.output_dir or "runs/demo", quick=args.quick, online=args.online)
 
 
 def _eval(args) -> None:
@@ -172,12 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_rm_commands(commands)
 
     demo = command(commands, "demo", "DPO on SmolLM2-135M with generated, checkable data",
-                   "preftune demo --quick", "preftune demo --online --output-dir runs/demo")
-    demo.add_argument("--output-dir", default="runs/demo")
+                   "preftune demo --quick", "preftune demo --online --output-dir runs/demo",
+                   "preftune demo --vision")
+    demo.add_argument("--output-dir", default=None,
+                      help="default runs/demo (runs/vision-demo with --vision)")
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     demo.add_argument("--online", action="store_true",
                       help="also spend the same optimizer steps half offline, half in online "
                            "rounds on the model's own checked samples, and compare")
+    demo.add_argument("--vision", action="store_true",
+                      help="the vision-language demo instead: a small VLM built from a config, "
+                           "SFT then DPO and mDPO on generated images of coloured shapes")
     demo.set_defaults(run=_demo)
 
     evaluate = command(commands, "eval", "diagnostics of a trained model against its "

@@ -56,8 +56,23 @@ def _check_json(text: str, answer) -> bool:
     return _norm(str(obj["answer"])) == _norm(str(answer))
 
 
+_NUMBER_WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
+
+
+def first_word(text: str) -> str:
+    """The first word of ``text``, lowercased, number words as digits ("" when none)."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return _NUMBER_WORDS.get(words[0], words[0]) if words else ""
+
+
+def _check_first_word(text: str, answer: str) -> bool:
+    """The response's first word is the answer ("Red." passes for red, "two" for 2)."""
+    return first_word(text) == first_word(answer) != ""
+
+
 _CHECKS: dict[str, Callable[..., bool]] = {
     "exact": _check_exact,
+    "first_word": _check_first_word,
     "all_caps": _check_caps,
     "keyword": _check_keyword,
     "json_answer": _check_json,

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .checks import check_spec
 from .images import PLACEHOLDER, ImageRef
 from .records import Pair
 
@@ -31,7 +32,6 @@ QUESTIONS = {
     "count": "How many shapes are there? Answer with a digit.",
 }
 _CHATTY = {"colour": "The shape is {}.", "shape": "It is a {}.", "count": "There are {} shapes."}
-_NUMBER_WORDS = {"one": "1", "two": "2", "three": "3"}
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,11 @@ def write_jsonl(records: Sequence[Pair], path, families: Sequence[str] = ()) -> 
             row = {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected,
                    "images": [os.path.relpath(os.path.abspath(ref.path), base)
                               for ref in record.images]}
+            row["check"] = {"type": "first_word", "answer": record.chosen}  # the scorer's
             if families:
                 row["family"] = families[k]
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
-
-
-def _first_word(text: str) -> str:
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return _NUMBER_WORDS.get(words[0], words[0]) if words else ""
 
 
 def check(record_or_task, text: str) -> bool:
@@ -173,4 +169,4 @@ def check(record_or_task, text: str) -> bool:
     else:
         chosen = record_or_task.chosen
         answer = chosen if isinstance(chosen, str) else chosen[-1]["content"]
-    return _first_word(text) == _first_word(answer) != ""
+    return check_spec({"type": "first_word", "answer": answer}, text)

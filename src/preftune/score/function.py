@@ -3,6 +3,7 @@ program checkers."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..config import ConfigError
@@ -10,6 +11,7 @@ from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..data.checks import load_checker
+from ..data.images import row_images, with_images
 from ..entry_points import import_attribute, load_entry_point
 from .base import checked, prefer_by_scores, prompt_key
 
@@ -85,16 +87,21 @@ class SyntheticScorer:
 
     @classmethod
     def from_data(cls, paths: str | list[str]) -> "SyntheticScorer":
+        """The checkers written with the data (``check`` fields), keyed by prompt and, for
+        image tasks, by the images the prompt shows."""
         checkers = {}
-        rows = (item for path in ([paths] if isinstance(paths, str) else paths)
-                for item in read_rows(path, set(TEXT_FIELDS)))
-        for origin, row in rows:
-            try:
-                checkers[prompt_key(row["prompt"])] = load_checker(row)
-            except (KeyError, TypeError, ValueError):
-                raise DataError(f"{origin}: field 'check' is missing or not a checker spec; the "
-                                "synthetic scorer needs data written by preftune's synthetic "
-                                "tasks (preftune demo, preftune data synthetic).") from None
+        for path in [paths] if isinstance(paths, str) else paths:
+            folder = os.path.dirname(path)  # image paths start at the data file's folder
+            for origin, row in read_rows(path, set(TEXT_FIELDS)):
+                try:
+                    prompt = with_images(row["prompt"],
+                                         row_images(row, {}, "images", origin, folder))
+                    checkers[prompt_key(prompt)] = load_checker(row)
+                except (KeyError, TypeError, ValueError):
+                    raise DataError(f"{origin}: field 'check' is missing or not a checker spec; "
+                                    "the synthetic scorer needs data written by preftune's "
+                                    "synthetic tasks (preftune demo, preftune data "
+                                    "synthetic).") from None
         return cls(checkers)
 
     def score(self, prompts, responses) -> list[float]:
