@@ -199,3 +199,16 @@ def test_negative_images_one_per_image(tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl:1: field 'negative_images' has 2 image\(s\) "
                                         r"but the prompt shows 1"):
         load_records(path)
+
+
+def test_mrope_models_are_refused_by_name(tmp_path):
+    """Qwen2-VL's 3-D rotary positions do not follow the layouts yet: a clear refusal, not
+    silently wrong positions."""
+    from preftune.config import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen2_vl", "vision_config": {"depth": 1},
+        "text_config": {"rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}}))
+    with pytest.raises(ConfigError, match=r"qwen2_vl model with multimodal rotary positions "
+                                          r"\(M-RoPE\).*LLaVA- and Idefics3/SmolVLM-style"):
+        load_model_and_tokenizer(str(tmp_path))

@@ -117,3 +117,36 @@ def test_greedy_generation_with_images_matches_one_prompt_at_a_time(workspace):
     together = greedy_texts(model, tokenizer, ids, 5, images=shown)
     alone = [greedy_texts(model, tokenizer, [i], 5, images=[s])[0] for i, s in zip(ids, shown)]
     assert together == alone
+
+
+def test_data_inspect_shows_image_prompt_and_response_tokens(workspace, capsys):
+    assert main(["data", "inspect", str(workspace / "pairs.jsonl"), "--model",
+                 str(workspace / "model"), "--example", "0"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "images              12 in kept prompts" in out
+    assert "image 0: " + str(workspace / "red.png") + "  (4 image tokens)" in out
+    assert "negative image 0: " + str(workspace / "grey.png") in out
+    # the four image tokens as one line naming the image, then the text, then the boundary
+    lines = out.splitlines()
+    image_line = next(line for line in lines if line.endswith("<- image 0"))
+    assert "'<image>' x4" in image_line
+    assert lines.index(image_line) < lines.index("──── prompt | response ────")
+
+
+def test_per_pair_weights_scale_each_pairs_loss(workspace, tmp_path):
+    """MMedPO's clinical-relevance weights are the existing example weights: a weight field
+    multiplies each pair's loss (weight 0 removes a pair from the step's loss)."""
+    rows = [json.loads(line) for line in open(workspace / "pairs.jsonl")]
+    weighted = tmp_path / "weighted.jsonl"
+    weighted.write_text("".join(json.dumps({**row, "images": [str(workspace / row["images"][0])],
+                                            "negative_images": [str(workspace / "grey.png")],
+                                            "relevance": 0.0 if i % 2 else 3.0}) + "\n"
+                                for i, row in enumerate(rows)))
+    tree = config(workspace, "weighted", objective="dpo", example_weight_field="relevance",
+                  max_steps=1, batch_size=12)
+    tree["data"] = {**tree["data"], "train": str(weighted), "eval": None}
+    tree["train"]["eval_every"] = None
+    first = read_metrics(api.train(tree) / "metrics.jsonl")[0]
+    # step 0 holds all 12 pairs: every DPO loss is log 2 and the weights 3, 0, 3, 0, ...
+    # average 1.5 (unweighted, the loss would be log 2)
+    assert first["loss"] == pytest.approx(1.5 * 0.6931472, abs=1e-6)

@@ -204,13 +204,19 @@ def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None) -
     """Each prompt (a string or chat messages) rendered and tokenized exactly as training renders
     it, cut to ``settings`` (``TokenizeSettings``) like a training prompt; ``images[p]`` are the
     images prompt p shows (their tokens are written in)."""
-    from .data.records import Unpaired
+    from .data.records import DataError, Unpaired
     from .data.tokenize import tokenize_records
 
     images = images or [()] * len(prompts)
     records = [Unpaired(prompt, "", True, images=tuple(shown))
                for prompt, shown in zip(prompts, images)]
-    examples, _ = tokenize_records(records, tokenizer, settings, keep_empty=True)
+    examples, report = tokenize_records(records, tokenizer, settings, keep_empty=True)
+    if len(examples) != len(records):  # answers must line up with their prompts
+        kept = {example.index for example in examples}
+        lost = next(i for i in range(len(records)) if i not in kept)
+        raise DataError(f"prompt {lost} ({str(prompts[lost])[:60]!r}) cannot be rendered within "
+                        f"max_length {settings.max_length} / max_prompt_length "
+                        f"{settings.max_prompt_length} ({report.as_dict()}); raise the limits.")
     return [example.prompt_ids for example in examples]
 
 

@@ -26,10 +26,11 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
 SHAPES = ("circle", "square", "triangle")
 COUNTS = (1, 2, 3)
 FAMILIES = ("colour", "shape", "count")
+# short: the demo's character-level model reads every character as a token
 QUESTIONS = {
-    "colour": "What colour is the shape? Answer with one word.",
-    "shape": "What shape is shown? Answer with one word: circle, square or triangle.",
-    "count": "How many shapes are there? Answer with a digit.",
+    "colour": "What colour is the shape?",
+    "shape": "Which shape is it?",
+    "count": "How many shapes are there?",
 }
 _CHATTY = {"colour": "The shape is {}.", "shape": "It is a {}.", "count": "There are {} shapes."}
 
@@ -126,17 +127,22 @@ def generate_split(n_train: int, n_eval: int, seed: int = 0,
 
 
 def to_records(tasks: Sequence[VisionTask], folder, prefix: str = "task",
-               conversational: bool = False) -> list[Pair]:
+               conversational: bool = False, image_last: bool = False) -> list[Pair]:
     """Write each task's image to ``folder/PREFIX-NNNNN.png`` and return pairs: the prompt is
-    ``<image>QUESTION`` (or one user message with an image part and a text part)."""
+    ``<image>QUESTION`` (or one user message with an image part and a text part);
+    ``image_last`` puts the image after the question, right before the answer."""
     os.makedirs(folder, exist_ok=True)
     records = []
     for k, task in enumerate(tasks):
         path = os.path.join(os.fspath(folder), f"{prefix}-{k:05d}.png")
         task.image().save(path)
-        prompt = ([{"role": "user", "content": [{"type": "image"},
-                                                {"type": "text", "text": task.question}]}]
-                  if conversational else PLACEHOLDER + task.question)
+        if conversational:
+            prompt = [{"role": "user", "content": [{"type": "image"},
+                                                   {"type": "text", "text": task.question}]}]
+        elif image_last:
+            prompt = task.question + PLACEHOLDER
+        else:
+            prompt = PLACEHOLDER + task.question
         records.append(Pair(prompt, task.answer, task.rejected, origin=f"{prefix} {k}",
                             images=(ImageRef(path=path, origin=f"{prefix} {k}",
                                              where="field 'images', item 0"),)))
