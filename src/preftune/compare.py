@@ -182,8 +182,11 @@ def _config_for(tree: dict, name: str, run_dir: Path) -> dict:
     tree["objective"] = {"name": name}
     tree["output_dir"] = str(run_dir)
     tree["reference"]["strategy"] = "auto"
-    if get_objective(name).data == "unpaired" and not tree["data"].get("convert"):
-        tree["data"]["convert"] = "unpaired"  # each pair becomes a good and a bad completion
+    if get_objective(name).data == "unpaired":  # each pair becomes a good and a bad completion
+        given = tree["data"].get("convert") or []
+        given = [given] if isinstance(given, str) else given
+        if "unpaired" not in given:
+            tree["data"]["convert"] = [*given, "unpaired"]
     return tree
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
