@@ -150,3 +150,11 @@ def test_per_pair_weights_scale_each_pairs_loss(workspace, tmp_path):
     # step 0 holds all 12 pairs: every DPO loss is log 2 and the weights 3, 0, 3, 0, ...
     # average 1.5 (unweighted, the loss would be log 2)
     assert first["loss"] == pytest.approx(1.5 * 0.6931472, abs=1e-6)
+
+
+def test_plan_of_a_vision_run(workspace, capsys):
+    api.train(config(workspace, "plan"), plan_only=True)
+    out = capsys.readouterr().out
+    assert "layout             prefix_shared" in out
+    # [prompt with its 4 image tokens | y_w | y_l] rows; nothing trained, nothing written
+    assert not (workspace / "plan" / "metrics.jsonl").exists()

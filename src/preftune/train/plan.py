@@ -3,6 +3,8 @@ any training step. Estimates are upper-bound style (peak of one micro-batch), in
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..data.layout import collate
 from ..objectives.compose import Objective
 
@@ -40,9 +42,13 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
     longest = sorted(train_examples, key=lambda ex: -(len(ex.prompt_ids)
                      + sum(len(r) for r in ex.response_ids)))[: cfg.batch_size]
     max_row = cfg.max_row_tokens or config.data.max_length
+    # the token layout is what counts here; images (their tokens are in the prompts) need no
+    # pixels for it
+    longest = [replace(ex, images=(), slot_images=()) for ex in longest]
     worst = collate(longest, pad_token_id, layout, max_row)
     rows, width = worst.input_ids.shape
-    sample = collate(train_examples[: 64], pad_token_id, layout, max_row)
+    sample = collate([replace(ex, images=(), slot_images=()) for ex in train_examples[:64]],
+                     pad_token_id, layout, max_row)
     strategy = config.reference_strategy
 
     weights = n_params * dtype_bytes
