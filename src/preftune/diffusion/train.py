@@ -9,7 +9,6 @@ on a resumed run, and fixed per example for evaluation (so eval numbers compare 
 from __future__ import annotations
 
 import copy
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,13 +64,18 @@ class ImageBatch:
         return torch.ones(2 * self.num_examples)
 
 
-def collate(pairs: list[ImagePair], resolution: int) -> ImageBatch:
+def collate(pairs: list[ImagePair], resolution: int, captions: bool = False) -> ImageBatch:
+    """Pixels of both sides; the text of each side is its own caption with ``captions``
+    (DCPO), else the shared prompt."""
     def side(name):
         return torch.stack([image_tensor(getattr(p, name), p.base_dir, resolution)
                             for p in pairs])
 
-    return ImageBatch(side("chosen"), side("rejected"), [p.caption("chosen") for p in pairs],
-                      [p.caption("rejected") for p in pairs], [p.index for p in pairs])
+    def text(name):
+        return [p.caption(name) if captions else p.prompt for p in pairs]
+
+    return ImageBatch(side("chosen"), side("rejected"), text("chosen"), text("rejected"),
+                      [p.index for p in pairs])
 
 
 def shared_noise(shape: tuple, indices: list[int], seed: int, step: int,
@@ -105,7 +109,7 @@ class DiffusionTask:
         self.batches_ahead = True
 
     def make_batch(self, pairs: list[ImagePair]) -> ImageBatch:
-        return collate(pairs, self.config.data.resolution)
+        return collate(pairs, self.config.data.resolution, self.spec.captions)
 
     def losses(self, module, batch: ImageBatch, step: int):
         """Per-example losses [E] and metrics, with this step's shared noise and timesteps."""
@@ -233,6 +237,3 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         write_samples(task.module, config.samples, output_dir, "after")
     return output_dir
 
-
-def load_run_config(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "run.json").read_text())
