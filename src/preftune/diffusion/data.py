@@ -163,16 +163,17 @@ def tensor_image(pixels: torch.Tensor):
 
 def looks_like_image_pairs(path: str) -> bool:
     """True when the first record of ``path`` has image fields that are not text responses:
-    how ``preftune data inspect`` tells image preference data from text."""
-    for _, row in read_rows(path, {"prompt"}):
-        if not isinstance(row, dict):
-            return False
-        value = row.get("chosen")
-        if isinstance(value, (bytes, dict)):
-            return True
-        return isinstance(value, str) and (value.startswith("data:image") or value.lower()
-                                           .endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
-    return False
+    how ``preftune data inspect`` tells image preference data from text (anything it cannot
+    read is left to the text path, which names the problem)."""
+    try:
+        _, row = next(iter(read_rows(path, {"prompt"})))
+    except Exception:  # unreadable or empty here: the text path reports it
+        return False
+    value = row.get("chosen") if isinstance(row, dict) else None
+    if isinstance(value, (bytes, dict)):
+        return True
+    return isinstance(value, str) and (value.startswith("data:image") or value.lower()
+                                       .endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
 
 
 def inspect_pairs(path: str, example: int | None = None) -> str:
