@@ -4,6 +4,9 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+import torch
+
 from preftune.diffusion.model import build_tiny_pipeline
 from preftune.diffusion.shapes import COLOURS, SHAPES, draw_shape, prompt_of
 
@@ -44,3 +47,13 @@ def config_tree(pipeline: Path, pairs: Path, output_dir: Path, **sections) -> di
     for name, values in sections.items():
         tree.setdefault(name, {}).update(values)
     return tree
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny denoisers gain nothing from intra-op threads, and on a busy machine the threads'
+    spinning makes them many times slower: one thread while these tests run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

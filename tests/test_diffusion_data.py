@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusion_fixtures import config_tree, write_pairs  # noqa: E402
+from diffusion_fixtures import one_thread, config_tree, write_pairs  # noqa: E402, F401
 from preftune.config import ConfigError  # noqa: E402
 from preftune.data.records import DataError  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
@@ -116,3 +116,11 @@ def test_colour_checker(tmp_path):
     buffer = io.BytesIO()
     red.save(buffer, "PNG")
     assert colour_score("a red circle", buffer.getvalue()) == 1.0
+
+
+@pytest.mark.parametrize("path", sorted(
+    (__import__("pathlib").Path(__file__).parents[1] / "examples/diffusion").glob("*.yaml")),
+    ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    config = DiffusionConfig.from_yaml(path)
+    assert config.objective.name in {"diffusion_dpo", "mapo", "dcpo"}

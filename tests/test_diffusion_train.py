@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from diffusion_fixtures import config_tree, tiny_pipeline, write_pairs  # noqa: E402
+from diffusion_fixtures import one_thread, config_tree, tiny_pipeline, write_pairs  # noqa: E402, F401
 from preftune.cli import main  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.model import load_diffusion_model  # noqa: E402
@@ -43,7 +43,8 @@ def trained(files, tmp_path, **sections):
 
 
 def test_saved_denoiser_reloads_in_diffusers_and_denoises_identically(files, tmp_path):
-    output, initial = trained(files, tmp_path, train={"max_steps": 3, "learning_rate": 1e-3})
+    output, initial = trained(files, tmp_path, data={"eval_fraction": 0.25},
+                              train={"max_steps": 3, "learning_rate": 1e-3, "eval_every": 3})
     reloaded = UNet2DConditionModel.from_pretrained(output / "model" / "unet")
     # the run's own model after training, rebuilt from its checkpoint-free save
     trained_model = load_diffusion_model(output / "model")
@@ -53,7 +54,9 @@ def test_saved_denoiser_reloads_in_diffusers_and_denoises_identically(files, tmp
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert metrics[0]["rewards/margins"] == 0.0 and metrics[0]["loss"] == pytest.approx(
         0.6931472, abs=1e-6)  # step 1: policy == reference, loss log 2
-    assert json.loads((output / "run.json").read_text())["reference"] == "live"
+    info = json.loads((output / "run.json").read_text())
+    assert (info["reference"], info["train_examples"], info["eval_examples"]) == ("live", 3, 1)
+    assert "eval/rewards/accuracies" in metrics[-1] and "eval/loss" not in metrics[0]
     for part in ("text_encoder", "tokenizer", "scheduler"):
         assert (output / "model" / part).is_dir()
 
@@ -111,3 +114,26 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
     assert results["held_out/accuracy_after"] == colour_accuracy(
         after, results["held_out_prompts"], seeds, results["sampling_steps"])
     assert (tmp_path / "demo" / "dpo" / "report.html").is_file()
+
+
+def test_latent_pipeline_with_a_vae_trains_and_samples(files, tmp_path):
+    """With vae/ the denoiser works on VAE latents: pairs are encoded, samples decoded."""
+    from diffusers import AutoencoderKL
+
+    pipe = tiny_pipeline(tmp_path / "latent")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=4,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(pipe / "vae")
+    config = UNet2DConditionModel.load_config(pipe / "unet")
+    UNet2DConditionModel.from_config({**config, "in_channels": 4, "out_channels": 4,
+                                      "sample_size": 8}).save_pretrained(pipe / "unet")
+    output, _ = trained((pipe, files[1]), tmp_path, train={"max_steps": 1},
+                        samples={"prompts": ["a red circle"], "seeds": [0], "steps": 2})
+    model = load_diffusion_model(output / "model")
+    assert model.vae is not None
+    pixels = torch.zeros((1, 3, 16, 16))
+    assert model.to_model_space(pixels).shape == (1, 4, 8, 8)
+    from PIL import Image
+
+    assert Image.open(output / "samples" / "after" / "p00_s0.png").size == (16, 16)

@@ -92,7 +92,8 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
                         f"rejected), got {type(row).__name__}")
     name = {key: fields.get(key, key) for key in ("prompt", *IMAGE_FIELDS, *CAPTION_FIELDS)}
     for key in ("prompt", *IMAGE_FIELDS, *(CAPTION_FIELDS if captions else ())):
-        if row.get(name[key]) in (None, ""):
+        # an empty prompt is allowed: unconditional training, as for classifier-free guidance
+        if row.get(name[key]) is None or (key != "prompt" and row[name[key]] == ""):
             why = " (objective dcpo conditions each image on its own caption)" \
                 if key in CAPTION_FIELDS else ""
             raise DataError(f"{origin}: field {name[key]!r} ({key}) is missing or empty{why}; "

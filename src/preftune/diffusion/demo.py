@@ -27,6 +27,7 @@ from .shapes import COLOURS, SHAPES, ColourScorer, draw_shape, prompt_of, right_
 from .train import train_diffusion
 
 RESOLUTION = 16
+GUIDANCE = 3.0  # classifier-free guidance when sampling; pretraining drops 10% of captions
 FULL = {"pretrain_steps": 800, "pretrain_images": 2400, "dpo_steps": 150, "dpo_pairs": 800,
         "seeds": 16, "sampling_steps": 20}
 QUICK = {"pretrain_steps": 20, "pretrain_images": 64, "dpo_steps": 6, "dpo_pairs": 16,
@@ -69,7 +70,8 @@ def make_data(directory: Path, settings: dict, caption_accuracy: float, seed: in
         colour, shape = rng.choice(colours), rng.choice(SHAPES)
         said = colour if rng.random() < caption_accuracy else rng.choice(
             [c for c in colours if c != colour])
-        pretrain.append((prompt_of(said, shape), (colour, shape)))
+        prompt = prompt_of(said, shape) if rng.random() >= 0.1 else ""
+        pretrain.append((prompt, (colour, shape)))
     train_prompts, _ = prompts_split()
     pairs = []
     for k in range(settings["dpo_pairs"]):
@@ -84,7 +86,7 @@ def make_data(directory: Path, settings: dict, caption_accuracy: float, seed: in
 
 def colour_accuracy(model, prompts: list[str], seeds: list[int], steps: int) -> float:
     """Share of samples whose dominant painted colour is the prompt's."""
-    images = sample_images(model, prompts, seeds, steps)
+    images = sample_images(model, prompts, seeds, steps, GUIDANCE)
     rows = [p for p in prompts for _ in seeds]
     return sum(right_colour(p, image) for p, image in zip(rows, images)) / len(rows)
 
@@ -113,7 +115,8 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
     words = ["a", *COLOURS, *SHAPES]
     pipeline = build_tiny_pipeline(out / "initial", words, RESOLUTION)
     seeds = list(range(settings["seeds"]))
-    samples = {"prompts": held_out, "seeds": seeds[:4], "steps": settings["sampling_steps"]}
+    samples = {"prompts": held_out, "seeds": seeds[:4], "steps": settings["sampling_steps"],
+               "guidance_scale": GUIDANCE}
     train_diffusion(run_config(out / "pretrain", pipeline, pretrain_data, {"name": "denoising"},
                                settings["pretrain_steps"], 32, 1e-3, {}),
                     show_progress=show_progress)
@@ -129,7 +132,7 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
     for name, prompts in (("held_out", held_out), ("train_prompts", train_prompts)):
         results[f"{name}/accuracy_before"] = colour_accuracy(before, prompts, seeds, steps)
         results[f"{name}/accuracy_after"] = colour_accuracy(after, prompts, seeds, steps)
-    evaluation = win_rate(after, before, held_out, seeds, ColourScorer(), steps)
+    evaluation = win_rate(after, before, held_out, seeds, ColourScorer(), steps, GUIDANCE)
     (out / "dpo" / "eval.json").write_text(json.dumps(evaluation, indent=2))
     results.update({f"held_out/{k}": v for k, v in evaluation.items() if k != "scorer"})
     results.update(
