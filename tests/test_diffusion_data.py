@@ -116,6 +116,9 @@ def test_colour_checker(tmp_path):
     buffer = io.BytesIO()
     red.save(buffer, "PNG")
     assert colour_score("a red circle", buffer.getvalue()) == 1.0
+    # a collapsed model's noise: about an 80-radius ball of the RGB cube per colour, ~10%
+    noise = torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert colour_score("a red circle", noise) < 0.25 and not right_colour("a red circle", noise)
 
 
 @pytest.mark.parametrize("path", sorted(

@@ -123,8 +123,8 @@ def add_diffusion_commands(commands) -> None:
                    "preftune diffusion demo --quick")
     demo.add_argument("--output-dir", default="runs/diffusion_demo")
     demo.add_argument("--quick", action="store_true", help="a smoke version (seconds)")
-    demo.add_argument("--beta", type=float, default=1000.0, help="beta of Diffusion-DPO (the "
-                      "paper's 5000 is set for SD latents; see the README)")
+    demo.add_argument("--beta", type=float, default=5000.0,
+                      help="beta of Diffusion-DPO (default: the paper's 5000)")
     demo.set_defaults(run=_demo)
 
     objectives = command(sub, "objectives", "list the diffusion objectives",

@@ -106,7 +106,7 @@ def run_config(output_dir: Path, pipeline: Path, data: Path, objective: dict, st
         "samples": samples})
 
 
-def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta: float = 1000.0,
+def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta: float = 5000.0,
              caption_accuracy: float = 0.6, show_progress: bool = True) -> dict:
     """The whole demo; returns (and writes to ``demo.json``) the measured numbers."""
     from ..report import write_report
