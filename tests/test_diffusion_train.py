@@ -109,11 +109,14 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
     results = json.loads((tmp_path / "demo" / "demo.json").read_text())
     from preftune.diffusion.demo import colour_accuracy
 
-    after = load_diffusion_model(tmp_path / "demo" / "dpo" / "model")
-    seeds = list(range(results["seeds"]))
-    assert results["held_out/accuracy_after"] == colour_accuracy(
-        after, results["held_out_prompts"], seeds, results["sampling_steps"])
-    assert (tmp_path / "demo" / "dpo" / "report.html").is_file()
+    after = load_diffusion_model(tmp_path / "demo" / "diffusion_dpo" / "model")
+    held_out = results["held_out_prompts"]
+    assert held_out == ["a red triangle", "a green triangle", "a blue triangle",
+                        "a yellow triangle"]
+    assert results["diffusion_dpo/held_out/accuracy"] == colour_accuracy(
+        after, held_out, list(range(results["seeds"])), results["sampling_steps"])
+    for name in ("diffusion_dpo", "mapo"):
+        assert (tmp_path / "demo" / name / "report.html").is_file()
 
 
 def test_latent_pipeline_with_a_vae_trains_and_samples(files, tmp_path):

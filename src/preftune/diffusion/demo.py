@@ -29,9 +29,9 @@ from .train import train_diffusion
 RESOLUTION = 16
 GUIDANCE = 3.0  # classifier-free guidance when sampling; pretraining drops 10% of captions
 FULL = {"pretrain_steps": 800, "pretrain_images": 2400, "dpo_steps": 300, "dpo_pairs": 800,
-        "seeds": 16, "sampling_steps": 20, "dpo_learning_rate": 2e-4}
+        "seeds": 16, "sampling_steps": 20, "dpo_lr": 5e-5, "mapo_lr": 2e-4}
 QUICK = {"pretrain_steps": 20, "pretrain_images": 64, "dpo_steps": 6, "dpo_pairs": 16,
-         "seeds": 2, "sampling_steps": 5, "dpo_learning_rate": 2e-4}
+         "seeds": 2, "sampling_steps": 5, "dpo_lr": 5e-5, "mapo_lr": 2e-4}
 
 
 HELD_OUT_SHAPE = "triangle"
@@ -106,9 +106,22 @@ def run_config(output_dir: Path, pipeline: Path, data: Path, objective: dict, st
         "samples": samples})
 
 
+def measure(model, before, prompts_by_split: dict, seeds: list[int], steps: int) -> dict:
+    """Checker accuracy of ``model`` per split, and its win rate over ``before`` on the
+    held-out prompts."""
+    results = {f"{split}/accuracy": colour_accuracy(model, prompts, seeds, steps)
+               for split, prompts in prompts_by_split.items()}
+    evaluation = win_rate(model, before, prompts_by_split["held_out"], seeds, ColourScorer(),
+                          steps, GUIDANCE)
+    results.update({f"held_out/{k}": v for k, v in evaluation.items()
+                    if k in ("win_rate", "mean_score/policy", "mean_score/reference")})
+    return results
+
+
 def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta: float = 5000.0,
              caption_accuracy: float = 0.6, show_progress: bool = True) -> dict:
-    """The whole demo; returns (and writes to ``demo.json``) the measured numbers."""
+    """The whole demo; returns (and writes to ``demo.json``) the measured numbers: the
+    pretrained model, then Diffusion-DPO and MaPO each trained from it on the same pairs."""
     from ..report import write_report
 
     started = time.perf_counter()
@@ -116,37 +129,34 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
     out = Path(output_dir)
     shutil.rmtree(out, ignore_errors=True)
     train_prompts, held_out = prompts_split()
-    pretrain_data, dpo_data = make_data(out / "data", settings, caption_accuracy)
-    words = ["a", *COLOURS, *SHAPES]
-    pipeline = build_tiny_pipeline(out / "initial", words, RESOLUTION)
-    seeds = list(range(settings["seeds"]))
-    samples = {"prompts": held_out, "seeds": seeds[:4], "steps": settings["sampling_steps"],
-               "guidance_scale": GUIDANCE}
+    pretrain_data, pair_data = make_data(out / "data", settings, caption_accuracy)
+    pipeline = build_tiny_pipeline(out / "initial", ["a", *COLOURS, *SHAPES], RESOLUTION)
+    seeds, steps = list(range(settings["seeds"])), settings["sampling_steps"]
+    samples = {"prompts": held_out, "seeds": seeds[:4], "steps": steps, "guidance_scale": GUIDANCE}
     train_diffusion(run_config(out / "pretrain", pipeline, pretrain_data, {"name": "denoising"},
                                settings["pretrain_steps"], 32, 1e-3, {}),
                     show_progress=show_progress)
-    pretrained_at = time.perf_counter()
-    base = out / "pretrain" / "model"
-    dpo = run_config(out / "dpo", base, dpo_data, {"name": "diffusion_dpo", "beta": beta},
-                     settings["dpo_steps"], 16, settings["dpo_learning_rate"], samples)
-    train_diffusion(dpo, show_progress=show_progress)
-    trained_at = time.perf_counter()
-    before, after = load_diffusion_model(base), load_diffusion_model(out / "dpo" / "model")
-    steps = settings["sampling_steps"]
-    results = {"held_out_prompts": held_out, "seeds": len(seeds), "sampling_steps": steps}
-    for name, prompts in (("held_out", held_out), ("train_prompts", train_prompts)):
-        results[f"{name}/accuracy_before"] = colour_accuracy(before, prompts, seeds, steps)
-        results[f"{name}/accuracy_after"] = colour_accuracy(after, prompts, seeds, steps)
-    evaluation = win_rate(after, before, held_out, seeds, ColourScorer(), steps, GUIDANCE)
-    (out / "dpo" / "eval.json").write_text(json.dumps(evaluation, indent=2))
-    results.update({f"held_out/{k}": v for k, v in evaluation.items() if k != "scorer"})
-    results.update(
-        settings=settings, beta=beta, caption_accuracy=caption_accuracy,
-        pretrain_seconds=round(pretrained_at - started, 1),
-        dpo_seconds=round(trained_at - pretrained_at, 1),
-        total_seconds=round(time.perf_counter() - started, 1),
-        report=str(write_report(out / "dpo")))
+    base = load_diffusion_model(out / "pretrain" / "model")
+    splits = {"held_out": held_out, "train_prompts": train_prompts}
+    results = {"held_out_prompts": held_out, "seeds": len(seeds), "sampling_steps": steps,
+               "settings": settings, "caption_accuracy": caption_accuracy,
+               "seconds/pretrain": round(time.perf_counter() - started, 1),
+               **{f"pretrained/{k}": v for k, v in measure(base, base, splits, seeds,
+                                                            steps).items() if "accuracy" in k}}
+    for name, objective, learning_rate in (
+            ("diffusion_dpo", {"name": "diffusion_dpo", "beta": beta}, settings["dpo_lr"]),
+            ("mapo", {"name": "mapo"}, settings["mapo_lr"])):
+        began = time.perf_counter()
+        train_diffusion(run_config(out / name, out / "pretrain" / "model", pair_data, objective,
+                                   settings["dpo_steps"], 16, learning_rate, samples),
+                        show_progress=show_progress)
+        trained = load_diffusion_model(out / name / "model")
+        measured = measure(trained, base, splits, seeds, steps)
+        (out / name / "eval.json").write_text(json.dumps(measured, indent=2))
+        write_report(out / name)
+        results.update({f"{name}/{k}": v for k, v in measured.items()})
+        results[f"seconds/{name}"] = round(time.perf_counter() - began, 1)
+    results["seconds/total"] = round(time.perf_counter() - started, 1)
     (out / "demo.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if "/" in k or k.endswith("seconds")},
-                     indent=2))
+    print(json.dumps({k: v for k, v in results.items() if "/" in k}, indent=2))
     return results
