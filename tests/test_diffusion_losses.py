@@ -15,7 +15,8 @@ pytest.importorskip("diffusers")
 from accelerate import Accelerator  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from diffusion_fixtures import one_thread, config_tree, tiny_pipeline, write_pairs  # noqa: E402, F401
+from diffusion_fixtures import (config_tree, one_thread, tiny_pipeline,  # noqa: E402, F401
+                                write_pairs)
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.losses import DIFFUSION_LOSSES  # noqa: E402
 from preftune.diffusion.model import load_diffusion_model  # noqa: E402

@@ -15,7 +15,8 @@ pytest.importorskip("diffusers")
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from diffusion_fixtures import one_thread, config_tree, tiny_pipeline, write_pairs  # noqa: E402, F401
+from diffusion_fixtures import (config_tree, one_thread, tiny_pipeline,  # noqa: E402, F401
+                                write_pairs)
 from preftune.cli import main  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.model import load_diffusion_model  # noqa: E402
