@@ -106,5 +106,6 @@ def test_every_command_help_ends_with_examples_that_run_that_command():
             args = build_parser().parse_args(words[1:])  # a valid invocation of that command
             chosen = (args.command, getattr(args, "rm_command", None)
                       or getattr(args, "data_command", None)
+                      or getattr(args, "diffusion_command", None)
                       or getattr(args, "config_command", None))
             assert tuple(name for name in chosen if name)[: len(path)] == path, example

@@ -47,6 +47,11 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
+    from .diffusion.data import inspect_pairs, looks_like_image_pairs
+
+    if looks_like_image_pairs(args.file):  # (prompt, chosen image, rejected image) records
+        print(inspect_pairs(args.file, args.example))
+        return
     from .data.inspect import inspect_report, render_example
     from .data.sources import load_records
     from .data.tokenize import TokenizeSettings, tokenize_records
@@ -177,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .reward.cli import add_rm_commands
 
     add_rm_commands(commands)
+
+    from .diffusion.cli import add_diffusion_commands
+
+    add_diffusion_commands(commands)
 
     demo = command(commands, "demo", "DPO on SmolLM2-135M with generated, checkable data",
                    "preftune demo --quick", "preftune demo --online --output-dir runs/demo",

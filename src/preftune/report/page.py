@@ -64,6 +64,7 @@ def render_page(run: RunData, figures: list[tuple[str, str, bytes]],
         _data_report(run.data_report),
         _alarms(run.alarms),
         _figures(figures),
+        _samples(run),
         _eval_table(run.eval_results),
         _reward_eval(run.reward_eval, reward_figures),
         _config(run.config_text),
@@ -181,6 +182,24 @@ def _figures(figures: list[tuple[str, str, bytes]]) -> str:
     """The training panels."""
     return (f"<h2>Training curves</h2>\n<p class=\"note\">Lines are training steps; diamonds "
             f"are evaluation on held-out data at the same step.</p>\n{_figure_grid(figures)}")
+
+
+def _samples(run: RunData) -> str:
+    """Image grids sampled from fixed prompts and seeds before and after training (diffusion
+    runs: samples/samples.json names them), side by side."""
+    index = run.samples
+    if not index or not index.get("grids"):
+        return ""
+    grids = []
+    for label, file_name in index["grids"].items():
+        path = run.run_dir / "samples" / file_name
+        if path.is_file():
+            grids.append((f"../samples/{file_name}", f"{label} training", path.read_bytes()))
+    prompts = "".join(f"<li>{escape(str(p))}</li>" for p in index.get("prompts", []))
+    return (f"<h2>Samples before and after training</h2>\n<p class=\"note\">A row per prompt, "
+            f"a column per seed ({escape(', '.join(map(str, index.get('seeds', []))))}); the "
+            f"same seed starts from the same noise; {index.get('steps')} DDIM steps, guidance "
+            f"{index.get('guidance_scale')}.</p>\n<ol>{prompts}</ol>\n{_figure_grid(grids)}")
 
 
 def _reward_eval(results: dict | None, figures) -> str:

@@ -29,6 +29,7 @@ class RunData:
     eval_results: dict | None = None
     reward_eval: dict | None = None  # rm_eval.json of a reward model (preftune rm eval)
     online: dict | None = None  # online.json of a preftune online run
+    samples: dict | None = None  # samples/samples.json: before/after image grids (diffusion)
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -69,6 +70,7 @@ def load_run(run_dir: str | Path) -> RunData:
         config_text=config_path.read_text() if config_path.is_file() else None,
         eval_results=_optional_json(run_dir / "eval.json"),
         reward_eval=_optional_json(run_dir / "rm_eval.json"),
+        samples=_optional_json(run_dir / "samples" / "samples.json"),
     )
 
 

@@ -85,7 +85,8 @@ def model_card(output_dir: Path, info: dict, kind: str) -> str:
     meta = {**({"base_model": hub_id} if hub_id else {}),
             **({"license": license_name} if license_name else {}),
             "library_name": "peft" if kind == "adapter" else "preftune",
-            "pipeline_tag": "text-classification" if reward else "text-generation",
+            "pipeline_tag": "text-classification" if reward else "text-to-image"
+            if info.get("model_kind") == "diffusion" else "text-generation",
             "tags": ["preftune", "reward-model" if reward else "preference-optimization",
                      *method.split(" + "), *(["lora", "peft"] if kind == "adapter" else [])]}
     what = (f"a reward model ({info['head']['kind']} head) trained with the reward loss "
@@ -134,7 +135,8 @@ def _settings(config: dict, info: dict) -> dict:
                 f"{train['batch_size']} x {train['gradient_accumulation_steps']}",
             "schedule, warmup": f"{train['schedule']}, {train['warmup_ratio']}",
             "seed": train["seed"],
-            "max length (prompt)": f"{data['max_length']} ({data['max_prompt_length']})",
+            **({"max length (prompt)": f"{data['max_length']} ({data['max_prompt_length']})"}
+               if "max_length" in data else {"image resolution": data.get("resolution")}),
             **({"LoRA": json.dumps(config["model"]["lora"])}
                if config["model"].get("lora") else {})}
 

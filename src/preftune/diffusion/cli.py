@@ -1,0 +1,132 @@
+"""``preftune diffusion train | sample | eval | demo | objectives``: the diffusion commands
+(the ``diffusion`` extra; diffusers is imported only when one of them runs)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _require_diffusers() -> None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("error: the diffusion commands need diffusers: pip install 'preftune[diffusion]'",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _train(args) -> None:
+    _require_diffusers()
+    from .config import DiffusionConfig
+    from .train import train_diffusion
+
+    config = DiffusionConfig.from_yaml(args.config, args.set or [])
+    output_dir = train_diffusion(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: pipeline in {output_dir / 'model'} (diffusers loads its unet/), metrics in "
+          f"{output_dir / 'metrics.jsonl'}; `preftune report {output_dir}` for the report")
+
+
+def _sample(args) -> None:
+    _require_diffusers()
+    from types import SimpleNamespace
+
+    from .model import load_diffusion_model
+    from .sample import write_samples
+
+    samples = SimpleNamespace(prompts=args.prompt, seeds=args.seeds, steps=args.steps,
+                              guidance_scale=args.guidance_scale)
+    model = load_diffusion_model(args.model)
+    grid = write_samples(model, samples, args.output_dir, args.label)
+    print(f"wrote {len(args.prompt) * len(args.seeds)} images and the grid {grid}")
+
+
+def _eval(args) -> None:
+    _require_diffusers()
+    import json
+
+    from .evaluate import evaluate_diffusion
+
+    results = evaluate_diffusion(args.model, args.reference, args.prompt, args.seeds,
+                                 args.scorer, args.steps, args.guidance_scale, args.output)
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
+
+
+def _demo(args) -> None:
+    _require_diffusers()
+    from .demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, beta=args.beta)
+
+
+def _objectives(args) -> None:
+    from .losses import DIFFUSION_LOSSES
+
+    for name, spec in sorted(DIFFUSION_LOSSES.items()):
+        defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items()) or "-"
+        needs = "reference denoiser" if spec.needs_reference else "no reference"
+        print(f"{name:<14} {spec.summary}\n{'':<14} {needs}; params: {defaults}; paper: "
+              f"{spec.paper}{'' if spec.verified else ' (formula UNVERIFIED)'}")
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _sampling_arguments(parser) -> None:
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="a prompt (repeat for several)")
+    parser.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated, e.g. 0,1")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance (1: none)")
+
+
+def add_diffusion_commands(commands) -> None:
+    from ..cli import add_config_arguments, command
+
+    group = command(commands, "diffusion", "text-to-image denoisers: Diffusion-DPO, DCPO, MaPO "
+                    "(needs preftune[diffusion])", "preftune diffusion demo --quick",
+                    "preftune diffusion train examples/diffusion/diffusion_dpo.yaml")
+    sub = group.add_subparsers(dest="diffusion_command", required=True)
+
+    train = command(sub, "train", "train a diffusers denoiser on image preference pairs",
+                    "preftune diffusion train examples/diffusion/diffusion_dpo.yaml",
+                    "preftune diffusion train examples/diffusion/mapo.yaml --set "
+                    "data.train=pairs.jsonl")
+    add_config_arguments(train, "examples/diffusion/", "objective.beta=2500")
+    train.set_defaults(run=_train)
+
+    sample = command(sub, "sample", "fixed-seed samples and a grid (a row per prompt)",
+                     "preftune diffusion sample --model runs/diffusion/model --prompt 'a red "
+                     "circle' --seeds 0,1,2")
+    sample.add_argument("--model", required=True, help="a pipeline directory")
+    sample.add_argument("--output-dir", default=".", help="writes samples/<label>.png here")
+    sample.add_argument("--label", default="samples")
+    _sampling_arguments(sample)
+    sample.set_defaults(run=_sample)
+
+    evaluate = command(sub, "eval", "win rate against the reference under an image scorer "
+                       "(same prompts, same seeds; writes eval.json)",
+                       "preftune diffusion eval --model runs/diffusion --reference "
+                       "runs/pretrained --prompt 'a red circle' --scorer shape_colour")
+    evaluate.add_argument("--model", required=True, help="a run dir (holding model/) or a "
+                          "pipeline directory")
+    evaluate.add_argument("--reference", required=True, help="the pipeline before training")
+    evaluate.add_argument("--scorer", required=True, help="shape_colour (the demo's checker) "
+                          "or module:function(prompt, PIL image) -> float")
+    evaluate.add_argument("--output", help="where eval.json goes (default: the run dir)")
+    _sampling_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
+
+    demo = command(sub, "demo", "pretrain a tiny denoiser on coloured shapes, then Diffusion-DPO "
+                   "toward the requested colour, checked by a program",
+                   "preftune diffusion demo --quick")
+    demo.add_argument("--output-dir", default="runs/diffusion_demo")
+    demo.add_argument("--quick", action="store_true", help="a smoke version (seconds)")
+    demo.add_argument("--beta", type=float, default=5000.0,
+                      help="beta of Diffusion-DPO (default: the paper's 5000)")
+    demo.set_defaults(run=_demo)
+
+    objectives = command(sub, "objectives", "list the diffusion objectives",
+                         "preftune diffusion objectives")
+    objectives.set_defaults(run=_objectives)

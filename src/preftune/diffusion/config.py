@@ -1,0 +1,168 @@
+"""Typed configuration of ``preftune diffusion train``: the policy config's sections where they
+mean the same thing (train, LoRA), plus image data, the diffusion objective and sampling.
+Unknown keys, and language-model settings that would do nothing here, are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+
+from ..config import (Count, Fraction, LoraConfig, NonNegative, RunConfig, Section,
+                      TrainConfig, _unknown)
+from .losses import DIFFUSION_LOSSES, get_diffusion_loss
+
+# TrainConfig keys about token layouts and log-prob chunks: no meaning for a denoiser
+LANGUAGE_MODEL_ONLY = ("logps_chunk_tokens", "example_weight_field", "layout", "max_row_tokens",
+                       "compile", "compile_mode", "pad_to_multiple_of")
+
+
+class DiffusionLoraConfig(LoraConfig):
+    target_modules: list[str] | str = ["to_q", "to_k", "to_v", "to_out.0"]
+    """Denoiser modules to adapt (default: the attention projections, as diffusers' LoRA
+    scripts)."""
+
+
+class DiffusionModelConfig(Section):
+    path: str = ""
+    """A local diffusers pipeline directory: unet/ (or transformer/), text_encoder/,
+    tokenizer/, scheduler/, optional vae/."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype; denoising errors are computed in float32 whatever it is."""
+    lora: DiffusionLoraConfig | None = None
+    """Train LoRA adapters on the denoiser instead of every weight (null: full fine-tuning)."""
+
+
+class DiffusionDataConfig(Section):
+    train: str | list[str] = ""
+    """Image preference records (prompt, chosen, rejected): JSONL, JSON, Parquet, CSV or a
+    saved HF dataset."""
+    eval: str | list[str] | None = None
+    """Held-out records, same format."""
+    eval_fraction: Fraction = 0.0
+    """Split this share off train when no eval file is given."""
+    fields: dict[str, str] = {}
+    """Rename columns, e.g. {chosen: jpg_0, rejected: jpg_1, prompt: caption}."""
+    resolution: Count = 512
+    """Images are resized to resolution x resolution (the denoiser's sample size, or the VAE
+    input size)."""
+
+
+class DiffusionObjectiveConfig(BaseModel):
+    """``name`` plus its parameters, e.g. ``{name: diffusion_dpo, beta: 5000}``."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    name: str = "diffusion_dpo"
+    """A diffusion objective (`preftune diffusion objectives`)."""
+
+    @model_validator(mode="after")
+    def _known_params(self):
+        try:
+            spec = get_diffusion_loss(self.name)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        known = {f.name for f in dataclasses.fields(spec.params)}
+        for key in self.model_extra or {}:
+            if key not in known:
+                raise ValueError(_unknown(f"objective.{key}", key, known,
+                                          f"diffusion objective {self.name}"))
+        try:
+            self.params()
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"objective.{'.'.join(map(str, first['loc']))}: {first['msg']} "
+                             f"(got {first.get('input')!r})") from None
+        return self
+
+    def params(self):
+        return TypeAdapter(get_diffusion_loss(self.name).params).validate_python(
+            self.model_extra or {})
+
+
+class DiffusionReferenceConfig(Section):
+    strategy: Literal["auto", "live", "adapter-off", "none", "precomputed"] = "auto"
+    """auto: adapter-off with LoRA, live (a frozen copy) otherwise, none for reference-free
+    objectives. precomputed is refused: its errors would need fixed noise per example."""
+
+
+class SamplesConfig(Section):
+    prompts: list[str] = []
+    """Fixed prompts sampled before and after training (an image grid in the report); empty:
+    none."""
+    seeds: list[int] = [0, 1]
+    """One image per prompt and seed."""
+    steps: Count = 25
+    """DDIM steps per sample."""
+    guidance_scale: NonNegative = 1.0
+    """Classifier-free guidance; 1 = none (one denoiser call per step)."""
+
+
+class DiffusionTrainConfig(TrainConfig):
+    learning_rate: NonNegative = 1e-5
+    """Peak AdamW learning rate."""
+    batch_size: Count = 4
+    """Pairs per micro-batch (per process)."""
+
+
+class DiffusionConfig(RunConfig):
+    """A ``preftune diffusion train`` run."""
+
+    output_dir: str = "runs/diffusion"
+    """Where the pipeline directory (model/), metrics, samples and checkpoints are written."""
+    model: DiffusionModelConfig = DiffusionModelConfig()
+    """The pipeline directory and LoRA."""
+    data: DiffusionDataConfig = DiffusionDataConfig()
+    """Image preference records."""
+    objective: DiffusionObjectiveConfig = DiffusionObjectiveConfig()
+    """The diffusion objective and its parameters."""
+    reference: DiffusionReferenceConfig = DiffusionReferenceConfig()
+    """How the reference denoiser is had."""
+    samples: SamplesConfig = SamplesConfig()
+    """Before/after samples for the report."""
+    train: DiffusionTrainConfig = DiffusionTrainConfig()
+    """Optimizer, schedule, batching, logging and checkpoints."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        defaults = TrainConfig()
+        for key in LANGUAGE_MODEL_ONLY:
+            if getattr(self.train, key) != getattr(defaults, key):
+                raise ValueError(f"train.{key} applies to language models only and does nothing "
+                                 "for a denoiser; remove it.")
+        if self.train.eval_every and self.data.eval is None and not self.data.eval_fraction:
+            raise ValueError("train.eval_every does nothing without data.eval or "
+                             "data.eval_fraction.")
+        if self.data.eval is not None and self.data.eval_fraction > 0:
+            raise ValueError("set data.eval or data.eval_fraction, not both.")
+        self.reference_strategy  # raises on a strategy that cannot work
+        return self
+
+    @property
+    def reference_strategy(self) -> str:
+        """The strategy in effect, or a ValueError naming ``reference.strategy``."""
+        spec, chosen = get_diffusion_loss(self.objective.name), self.reference.strategy
+        if chosen == "precomputed":
+            raise ValueError(
+                "reference.strategy: precomputed is not available for diffusion objectives: "
+                "the reference's denoising errors depend on the noise and timestep drawn at "
+                "each step, so they cannot be computed once. Use live (a frozen copy) or, with "
+                "model.lora, adapter-off.")
+        if not spec.needs_reference:
+            if chosen not in ("auto", "none"):
+                raise ValueError(f"reference.strategy: {chosen} does nothing for "
+                                 f"{spec.name}, which uses no reference; remove it.")
+            return "none"
+        if chosen == "none":
+            raise ValueError(f"reference.strategy: none, but {spec.name} needs a reference "
+                             "denoiser; use live or adapter-off (with model.lora).")
+        if chosen == "adapter-off" and self.model.lora is None:
+            raise ValueError("reference.strategy: adapter-off needs model.lora (the reference "
+                             "is the denoiser with its adapters disabled).")
+        if chosen == "auto":
+            return "adapter-off" if self.model.lora is not None else "live"
+        return chosen
+
+
+def objective_names() -> list[str]:
+    return sorted(DIFFUSION_LOSSES)

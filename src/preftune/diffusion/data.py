@@ -1,0 +1,201 @@
+"""Image preference records: (prompt, preferred image, dispreferred image), with optional
+per-side captions (DCPO) and scores.
+
+A record is a row of any file ``data.sources`` reads (JSONL, JSON, Parquet, CSV, a saved HF
+dataset). An image field holds a path (relative to the data file's folder, or absolute), raw
+bytes (a Parquet binary column), an HF ``Image`` value ``{"bytes": ..., "path": ...}``, a
+``data:image/...;base64,`` string, or a PIL image. Every image is opened and checked when the
+data is read, so a missing or unreadable file stops the run before training, with the data
+file, the record and the field named; pixels are decoded again per batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.records import DataError
+from ..data.sources import read_rows
+
+IMAGE_FIELDS = ("chosen", "rejected")
+CAPTION_FIELDS = ("chosen_caption", "rejected_caption")
+
+
+@dataclass
+class ImagePair:
+    """One preference record. ``chosen``/``rejected`` are image sources as read (see module
+    docstring); ``origin`` is ``file:record N``."""
+
+    index: int
+    origin: str
+    prompt: str
+    chosen: Any
+    rejected: Any
+    base_dir: str = "."
+    chosen_caption: str | None = None
+    rejected_caption: str | None = None
+    scores: dict = field(default_factory=dict)
+
+    def caption(self, side: str) -> str:
+        """The conditioning text of a side: its own caption (DCPO) or else the prompt."""
+        return getattr(self, f"{side}_caption") or self.prompt
+
+
+def open_image(source: Any, base_dir: str = "."):
+    """A PIL image (RGB) from any image source a record may hold; raises ``ValueError`` or
+    ``OSError`` that say what is wrong with it."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, dict):  # the HF datasets Image feature as stored in Parquet
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str) and source.startswith("data:image"):
+        source = base64.b64decode(source.partition(",")[2])
+    if isinstance(source, (bytes, bytearray)):
+        handle = io.BytesIO(source)
+    elif isinstance(source, str) and source:
+        path = source if os.path.isabs(source) else os.path.join(base_dir, source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file {path} does not exist")
+        handle = path
+    else:
+        raise ValueError(f"expected an image path, bytes or a data: URI, got {source!r:.60}")
+    image = Image.open(handle)
+    image.load()  # decode now: a truncated or corrupt file fails here, not mid-run
+    return image.convert("RGB")
+
+
+def describe_source(source: Any, base_dir: str = ".") -> str:
+    """A short description of an image source for ``data inspect``."""
+    if isinstance(source, str) and not source.startswith("data:"):
+        return source
+    if isinstance(source, dict) and source.get("path") and not source.get("bytes"):
+        return str(source["path"])
+    return f"<{type(source).__name__} image>"
+
+
+def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: str,
+                    captions: bool = False) -> ImagePair:
+    """An ``ImagePair`` from one row, or a ``DataError`` naming the record and the field."""
+    if not isinstance(row, dict):
+        raise DataError(f"{origin}: expected a record (an object with prompt, chosen, "
+                        f"rejected), got {type(row).__name__}")
+    name = {key: fields.get(key, key) for key in ("prompt", *IMAGE_FIELDS, *CAPTION_FIELDS)}
+    for key in ("prompt", *IMAGE_FIELDS, *(CAPTION_FIELDS if captions else ())):
+        # an empty prompt is allowed: unconditional training, as for classifier-free guidance
+        if row.get(name[key]) is None or (key != "prompt" and row[name[key]] == ""):
+            why = " (objective dcpo conditions each image on its own caption)" \
+                if key in CAPTION_FIELDS else ""
+            raise DataError(f"{origin}: field {name[key]!r} ({key}) is missing or empty{why}; "
+                            f"present fields: {', '.join(sorted(row))}. Fix the record or map "
+                            f"the column with data.fields.{key}.")
+    if not isinstance(row[name["prompt"]], str):
+        raise DataError(f"{origin}: field {name['prompt']!r} (prompt) must be text, got "
+                        f"{type(row[name['prompt']]).__name__}")
+    used = set(name.values())
+    scores = {key: float(value) for key, value in row.items() if key not in used
+              and isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value)}
+    return ImagePair(index, origin, row[name["prompt"]], row[name["chosen"]],
+                     row[name["rejected"]], base_dir, row.get(name["chosen_caption"]),
+                     row.get(name["rejected_caption"]), scores)
+
+
+def check_images(pair: ImagePair, fields: dict) -> None:
+    """Open both images of ``pair`` now; a ``DataError`` names the record, field and file."""
+    for side in IMAGE_FIELDS:
+        try:
+            open_image(getattr(pair, side), pair.base_dir)
+        except Exception as error:  # PIL raises several types for bad bytes
+            raise DataError(f"{pair.origin}: field {fields.get(side, side)!r} ({side}): cannot "
+                            f"read the image ({type(error).__name__}: {error}). Check the file "
+                            "or bytes; paths are relative to the data file's folder.") from None
+
+
+def load_pairs(paths: str | list[str], fields: dict | None = None, captions: bool = False,
+               check: bool = True) -> list[ImagePair]:
+    """Every record of ``paths`` as an ``ImagePair`` (images checked unless ``check`` is
+    False); an empty source is an error."""
+    fields = fields or {}
+    pairs: list[ImagePair] = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        base_dir = str(Path(path.partition(":")[0] if not os.path.exists(path) else path)
+                       .resolve().parent)
+        for origin, row in read_rows(path, {fields.get("prompt", "prompt")}):
+            pair = record_from_row(len(pairs), origin, row, fields, base_dir, captions)
+            if check:
+                check_images(pair, fields)
+            pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{paths}: no records; expected rows with prompt, chosen and rejected "
+                        "images.")
+    return pairs
+
+
+def image_tensor(source: Any, base_dir: str, resolution: int) -> torch.Tensor:
+    """[3, R, R] in [-1, 1]: the image resized (bicubic) to a square of side ``resolution``."""
+    from PIL import Image
+
+    image = open_image(source, base_dir)
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = data.reshape(resolution, resolution, 3).permute(2, 0, 1).float()
+    return pixels / 127.5 - 1.0
+
+
+def tensor_image(pixels: torch.Tensor):
+    """[3, H, W] in [-1, 1] -> a PIL RGB image."""
+    from PIL import Image
+
+    data = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(data.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+def looks_like_image_pairs(path: str) -> bool:
+    """True when the first record of ``path`` has image fields that are not text responses:
+    how ``preftune data inspect`` tells image preference data from text (anything it cannot
+    read is left to the text path, which names the problem)."""
+    try:
+        _, row = next(iter(read_rows(path, {"prompt"})))
+    except Exception:  # unreadable or empty here: the text path reports it
+        return False
+    value = row.get("chosen") if isinstance(row, dict) else None
+    if isinstance(value, (bytes, dict)):
+        return True
+    return isinstance(value, str) and (value.startswith("data:image") or value.lower()
+                                       .endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
+
+
+def inspect_pairs(path: str, example: int | None = None) -> str:
+    """What ``preftune data inspect`` prints for image preference data: counts, then each
+    shown record's prompt, both images (source and size), captions and scores."""
+    pairs = load_pairs(path)
+    shown = [p for p in pairs if p.index == example] if example is not None else pairs[:3]
+    if example is not None and not shown:
+        raise DataError(f"record {example} of {path} does not exist ({len(pairs)} records)")
+    lines = [f"{path}: {len(pairs)} image preference pairs (prompt, chosen image, rejected "
+             "image); every image opened and readable",
+             f"captions per side: {sum(bool(p.chosen_caption) for p in pairs)} records; "
+             f"numeric fields: {', '.join(sorted({k for p in pairs for k in p.scores})) or 'none'}"]
+    for pair in shown:
+        lines += ["", f"record {pair.index} ({pair.origin})", f"  prompt:   {pair.prompt}"]
+        for side in IMAGE_FIELDS:
+            source = getattr(pair, side)
+            width, height = open_image(source, pair.base_dir).size
+            caption = getattr(pair, f"{side}_caption")
+            lines.append(f"  {side + ':':<9} {describe_source(source)} ({width}x{height})"
+                         + (f"  caption: {caption}" if caption else ""))
+        if pair.scores:
+            lines.append("  scores:   " + ", ".join(f"{k}={v:g}" for k, v in pair.scores.items()))
+    return "\n".join(lines)

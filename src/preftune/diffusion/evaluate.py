@@ -1,0 +1,62 @@
+"""Win rate of a trained denoiser against its reference under an image scorer: both sample the
+same prompts from the same seeds (the same starting noise), the scorer rates every image, and
+the policy wins a (prompt, seed) when the scorer prefers its image (a tie counts 1/2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..score.base import checked, prefer_by_scores
+from .data import tensor_image
+from .model import load_diffusion_model
+from .sample import sample_images
+
+IMAGE_SCORERS = {"shape_colour": "the demo's checker: share of the painted pixels in the "
+                                 "prompt's colour"}
+
+
+def image_scorer(spec: str):
+    """``shape_colour`` (the demo's checker) or any scorer spec ``load_scorer`` reads whose
+    ``score(prompts, responses)`` accepts PIL images (e.g. ``module:function``)."""
+    if spec == "shape_colour":
+        from .shapes import ColourScorer
+
+        return ColourScorer()
+    from ..score import load_scorer
+
+    return load_scorer(spec)
+
+
+def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, steps: int = 25,
+             guidance_scale: float = 1.0) -> dict:
+    """Policy vs reference (``DiffusionModel``s) on prompts x seeds under ``scorer``."""
+    rows = [prompt for prompt in prompts for _ in seeds]
+    images = {name: [tensor_image(x) for x in sample_images(model, prompts, seeds, steps,
+                                                            guidance_scale)]
+              for name, model in (("policy", policy), ("reference", reference))}
+    scores = {name: checked(scorer.score(rows, images[name]), scorer.name, len(rows))
+              for name in images}
+    wins = (scorer.prefer(rows, images["policy"], images["reference"])
+            if getattr(scorer, "pairwise", False)
+            else prefer_by_scores(scorer, rows, images["policy"], images["reference"]))
+    return {"win_rate": sum(wins) / len(wins), "scorer": scorer.name,
+            "mean_score/policy": sum(scores["policy"]) / len(rows),
+            "mean_score/reference": sum(scores["reference"]) / len(rows),
+            "samples": len(rows), "sampling_steps": steps}
+
+
+def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: list[int],
+                       scorer: str, steps: int = 25, guidance_scale: float = 1.0,
+                       output: str | None = None) -> dict:
+    """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
+    (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output``."""
+    run_dir = Path(model)
+    pipeline = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    results = win_rate(load_diffusion_model(pipeline), load_diffusion_model(reference), prompts,
+                       seeds, image_scorer(scorer), steps, guidance_scale)
+    results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds)
+    target = Path(output) if output else (run_dir if pipeline != run_dir else Path("."))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "eval.json").write_text(json.dumps(results, indent=2))
+    return results

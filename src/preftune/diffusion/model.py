@@ -1,0 +1,208 @@
+"""A text-to-image denoiser with its frozen conditioning, loaded from a diffusers pipeline
+directory: ``unet/`` (or ``transformer/``), ``text_encoder/``, ``tokenizer/``, ``scheduler/``
+and, when present, ``vae/`` (images are then encoded to latents; without it the denoiser works
+in pixel space, as the tiny demo model does).
+
+Only the denoiser trains; the text encoder and the VAE are frozen. ``build_tiny_pipeline``
+writes a small random pipeline directory of the same layout (no downloads), for tests and the
+demo.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+
+DENOISER_FOLDERS = ("unet", "transformer")
+LORA_FOLDER = "unet_lora"
+
+
+def _component_class(folder: Path, library: str):
+    """The class named in ``folder/config.json`` (diffusers ``_class_name`` or transformers
+    ``architectures``), from ``library``."""
+    import importlib
+
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    module = importlib.import_module(library)
+    if name is None or not hasattr(module, name):
+        raise ConfigError(f"{folder}/config.json names no {library} class ({name!r}); expected a "
+                          f"diffusers pipeline directory.")
+    return getattr(module, name)
+
+
+class DiffusionModel(torch.nn.Module):
+    """The denoiser (trainable) plus text encoder, tokenizer, noise scheduler and optional VAE
+    (frozen). ``source`` is the pipeline directory it was loaded from."""
+
+    def __init__(self, denoiser, text_encoder, tokenizer, scheduler, vae=None, source=None):
+        super().__init__()
+        self.denoiser, self.text_encoder, self.vae = denoiser, text_encoder, vae
+        self.tokenizer, self.scheduler, self.source = tokenizer, scheduler, source
+        for frozen in (text_encoder, vae):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """[E, S, D] conditioning: the text encoder's last hidden states (as SD pipelines)."""
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> what the denoiser denoises: VAE latents (mean of the posterior,
+        times the VAE's scaling factor) when there is a VAE, else the pixels themselves."""
+        if self.vae is None:
+            return pixels
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def to_pixels(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return x0
+        return self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+
+    def noisy_and_target(self, x0, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the regression target of the
+        scheduler's prediction type (eps, or the velocity)."""
+        x_t = self.scheduler.add_noise(x0, noise, timesteps)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return x_t, noise
+        if kind == "v_prediction":
+            return x_t, self.scheduler.get_velocity(x0, noise, timesteps)
+        raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon or "
+                          "v_prediction).")
+
+    def predict(self, denoiser, x_t, timesteps, conditioning) -> torch.Tensor:
+        return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning).sample
+
+    def save(self, directory: Path, save_merged: bool = True) -> Path:
+        """The pipeline directory again, with the trained denoiser: frozen parts copied from
+        ``source``; with LoRA the adapter goes to ``unet_lora/`` and (``save_merged``) the
+        merged denoiser to ``unet/``."""
+        directory = Path(directory)
+        folder = denoiser_folder(Path(self.source))
+        shutil.copytree(self.source, directory, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(folder, LORA_FOLDER))
+        if getattr(self.denoiser, "peft_config", None):
+            self.denoiser.save_lora_adapter(str(directory / LORA_FOLDER))
+            if save_merged:
+                merged = copy.deepcopy(self.denoiser)
+                merged.fuse_lora()
+                merged.unload_lora()
+                merged.save_pretrained(directory / folder)
+        else:
+            self.denoiser.save_pretrained(directory / folder)
+        return directory
+
+
+def denoiser_folder(path: Path) -> str:
+    for folder in DENOISER_FOLDERS:
+        if (path / folder / "config.json").is_file():
+            return folder
+    raise ConfigError(f"model.path {path}: no unet/ or transformer/ folder with a config.json; "
+                      "expected a diffusers pipeline directory (unet/, text_encoder/, "
+                      "tokenizer/, scheduler/), e.g. one written by `preftune diffusion demo`.")
+
+
+def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+    """The pipeline directory ``path`` as a ``DiffusionModel`` (local files only)."""
+    import diffusers
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"model.path {path} is not a directory; give a local diffusers "
+                          "pipeline directory.")
+    folder = denoiser_folder(path)
+    for needed in ("text_encoder", "tokenizer", "scheduler"):
+        if not (path / needed).is_dir():
+            raise ConfigError(f"model.path {path}: no {needed}/ folder; a text-to-image "
+                              "pipeline directory needs text_encoder/, tokenizer/, scheduler/.")
+    denoiser = _component_class(path / folder, "diffusers").from_pretrained(
+        path / folder, torch_dtype=dtype)
+    text_encoder = _component_class(path / "text_encoder", "transformers").from_pretrained(
+        path / "text_encoder", dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(path / "scheduler")
+    vae = (diffusers.AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+           if (path / "vae").is_dir() else None)
+    return DiffusionModel(denoiser, text_encoder, tokenizer, scheduler, vae, source=str(path))
+
+
+def attach_lora(model: DiffusionModel, lora) -> None:
+    """LoRA adapters on the denoiser (diffusers' PEFT integration); only they train."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError("model.lora needs the peft package: pip install 'preftune[lora]'") \
+            from None
+    model.denoiser.requires_grad_(False)
+    model.denoiser.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                                          lora_dropout=lora.dropout,
+                                          target_modules=list(lora.target_modules),
+                                          init_lora_weights="gaussian"))
+
+
+def word_tokenizer(words: list[str], max_length: int = 8):
+    """A lower-cased word-level tokenizer over ``words`` (plus <pad>, <unk>, <s>, </s>)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted({w.lower() for w in words}))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=max_length)
+
+
+def build_tiny_pipeline(directory: str | Path, words: list[str], resolution: int = 16,
+                        seed: int = 0, width: int = 32) -> Path:
+    """Write a small random pixel-space pipeline (UNet2DConditionModel with cross-attention
+    and a text term in its time embedding, a 1-layer CLIP text encoder over ``words``, DDPM
+    scheduler) to ``directory``."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=tokenizer
+        .model_max_length, pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width, attention_head_dim=8,
+        # the text also enters the time embedding (every ResNet block), as in UnCLIP-style
+        # UNets: a tiny model trained briefly learns to follow a colour word far sooner
+        addition_embed_type="text", addition_embed_type_num_heads=4)
+    unet.save_pretrained(directory / "unet")
+    text_encoder.save_pretrained(directory / "text_encoder")
+    tokenizer.save_pretrained(directory / "tokenizer")
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
+    return directory

@@ -1,0 +1,89 @@
+"""Fixed-seed sampling (DDIM) and image grids: the before/after samples of a run's report.
+
+Sample k of prompt p starts from noise drawn from a generator seeded by its seed alone, so the
+same (prompt, seed) starts from the same noise before and after training, and in any batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .data import tensor_image
+from .model import DiffusionModel
+
+SAMPLES_DIR = "samples"
+
+
+@torch.no_grad()
+def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
+                  guidance_scale: float = 1.0, denoiser=None) -> torch.Tensor:
+    """[len(prompts) * len(seeds), 3, H, W] images in [-1, 1], prompt-major, by DDIM (eta 0)
+    with the model's noise schedule; ``denoiser`` defaults to the model's own."""
+    from diffusers import DDIMScheduler
+
+    denoiser = denoiser if denoiser is not None else model.denoiser
+    was_training = denoiser.training
+    denoiser.eval()
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(steps)
+    config = denoiser.config
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    rows = [(prompt, seed) for prompt in prompts for seed in seeds]
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+                     for _, seed in rows]).to(model.device) * scheduler.init_noise_sigma
+    condition = model.encode_prompts([prompt for prompt, _ in rows])
+    guided = guidance_scale != 1.0
+    if guided:
+        condition = torch.cat([model.encode_prompts([""] * len(rows)), condition])
+    for t in scheduler.timesteps:
+        x_in = torch.cat([x, x]) if guided else x
+        prediction = model.predict(denoiser, scheduler.scale_model_input(x_in, t),
+                                   t.expand(len(x_in)).to(model.device), condition)
+        if guided:
+            unconditional, conditional = prediction.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        x = scheduler.step(prediction, t, x).prev_sample
+    denoiser.train(was_training)
+    return model.to_pixels(x).float().clamp(-1, 1).cpu()
+
+
+def image_grid(images: list, columns: int, scale: int = 1, gap: int = 2):
+    """PIL images (same size) in a grid with white gaps, each enlarged ``scale`` times."""
+    from PIL import Image
+
+    width, height = images[0].size
+    width, height = width * scale, height * scale
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + gap) + gap), "white")
+    for k, image in enumerate(images):
+        row, column = divmod(k, columns)
+        grid.paste(image.resize((width, height), Image.NEAREST),
+                   (gap + column * (width + gap), gap + row * (height + gap)))
+    return grid
+
+
+def write_samples(model: DiffusionModel, samples, output_dir: Path, label: str,
+                  denoiser=None) -> Path:
+    """Sample ``samples.prompts`` x ``samples.seeds``; write each image, a grid (a row per
+    prompt, a column per seed) as ``samples/<label>.png``, and record it in
+    ``samples/samples.json`` (which the report reads)."""
+    directory = Path(output_dir) / SAMPLES_DIR
+    (directory / label).mkdir(parents=True, exist_ok=True)
+    pixels = sample_images(model, samples.prompts, samples.seeds, samples.steps,
+                           samples.guidance_scale, denoiser)
+    images = [tensor_image(p) for p in pixels]
+    for k, image in enumerate(images):
+        prompt, seed = divmod(k, len(samples.seeds))
+        image.save(directory / label / f"p{prompt:02d}_s{samples.seeds[seed]}.png")
+    scale = max(1, 96 // images[0].size[0])
+    image_grid(images, len(samples.seeds), scale).save(directory / f"{label}.png")
+    index_path = directory / "samples.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index.update({"prompts": samples.prompts, "seeds": samples.seeds, "steps": samples.steps,
+                  "guidance_scale": samples.guidance_scale})
+    index.setdefault("grids", {})[label] = f"{label}.png"
+    index_path.write_text(json.dumps(index, indent=2))
+    return directory / f"{label}.png"

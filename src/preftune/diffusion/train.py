@@ -1,0 +1,239 @@
+"""``preftune diffusion train``: a denoiser trained under a diffusion preference objective by
+the shared ``Trainer`` (optimizer, schedule, accumulation, alarms, checkpoints, metrics.jsonl).
+
+Noise and timestep are drawn per example from a generator seeded by (train.seed, step,
+example index): shared by the chosen and rejected image and by policy and reference, the same
+on a resumed run, and fixed per example for evaluation (so eval numbers compare across steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from ..config import ConfigError
+from ..train.loop import write_run_header
+from ..train.output import start_run
+from ..train.trainer import Trainer, add_metrics, count_steps, means
+from .config import DiffusionConfig
+from .data import ImagePair, image_tensor, load_pairs
+from .losses import DenoisingErrors, denoising_error, get_diffusion_loss, preference_metrics
+from .model import DiffusionModel, attach_lora, load_diffusion_model
+
+EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evaluation
+
+
+@dataclass
+class ImageBatch:
+    """A micro-batch of pairs: pixels [E, 3, R, R] in [-1, 1] per side, the conditioning text
+    per side, and the examples' indices (which seed their noise)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_text: list[str]
+    rejected_text: list[str]
+    indices: list[int]
+
+    def _map(self, function) -> "ImageBatch":
+        return ImageBatch(function(self.chosen), function(self.rejected), self.chosen_text,
+                          self.rejected_text, self.indices)
+
+    def to(self, device, non_blocking: bool = False) -> "ImageBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "ImageBatch":
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+    # the trainer's throughput counters: for a denoiser a "token" is an image, none padded
+    @property
+    def real_tokens(self) -> int:
+        return 2 * self.num_examples
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.ones(2 * self.num_examples)
+
+
+def collate(pairs: list[ImagePair], resolution: int, captions: bool = False) -> ImageBatch:
+    """Pixels of both sides; the text of each side is its own caption with ``captions``
+    (DCPO), else the shared prompt."""
+    def side(name):
+        return torch.stack([image_tensor(getattr(p, name), p.base_dir, resolution)
+                            for p in pairs])
+
+    def text(name):
+        return [p.caption(name) if captions else p.prompt for p in pairs]
+
+    return ImageBatch(side("chosen"), side("rejected"), text("chosen"), text("rejected"),
+                      [p.index for p in pairs])
+
+
+def shared_noise(shape: tuple, indices: list[int], seed: int, step: int,
+                 num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise [E, *shape], timesteps [E]) from one generator per example seeded by (seed,
+    step, index): the same however the examples are batched."""
+    noise, timesteps = [], []
+    for index in indices:
+        generator = torch.Generator().manual_seed(
+            (seed * 1_000_003 + (step + 2) * 7_919 + index) % 2**63)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+        noise.append(torch.randn(shape, generator=generator))
+    return torch.stack(noise), torch.cat(timesteps)
+
+
+class DiffusionTask:
+    """A denoiser under a diffusion objective: what ``Trainer`` needs."""
+
+    def __init__(self, config: DiffusionConfig, model: DiffusionModel, splits: dict,
+                 reference_strategy: str):
+        self.config, self.module = config, model
+        self.spec = get_diffusion_loss(config.objective.name)
+        self.params = config.objective.params()
+        self.train_examples, self.eval_examples = splits["train"], splits.get("eval", [])
+        self.reference_strategy = reference_strategy
+        self.reference = None
+        if reference_strategy == "live":
+            self.reference = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
+        self.name = f"diffusion {self.spec.name}"
+        self.needs_reference = self.spec.needs_reference
+        self.batches_ahead = True
+
+    def make_batch(self, pairs: list[ImagePair]) -> ImageBatch:
+        return collate(pairs, self.config.data.resolution, self.spec.captions)
+
+    def losses(self, module, batch: ImageBatch, step: int):
+        """Per-example losses [E] and metrics, with this step's shared noise and timesteps."""
+        return self.losses_with(module, batch, *self.noise_for(module, batch, step))
+
+    def noise_for(self, module, batch: ImageBatch, step: int):
+        shape = tuple(module.to_model_space(batch.chosen[:1]).shape[1:])
+        noise, timesteps = shared_noise(shape, batch.indices, self.config.train.seed, step,
+                                        module.num_train_timesteps)
+        return noise.to(batch.chosen.device), timesteps.to(batch.chosen.device)
+
+    def losses_with(self, module: DiffusionModel, batch: ImageBatch, noise, timesteps):
+        """Losses and metrics for given noise [E, ...] and timesteps [E] (tests pass their
+        own, to compare with a hand-written computation)."""
+        sides = ("chosen", "rejected") if self.spec.uses_rejected else ("chosen",)
+        noisy, targets, conditions = [], [], []
+        for side in sides:
+            x_t, target = module.noisy_and_target(
+                module.to_model_space(getattr(batch, side)), noise, timesteps)
+            noisy.append(x_t)
+            targets.append(target)
+            conditions.append(module.encode_prompts(getattr(batch, f"{side}_text")))
+        x_t, target = torch.cat(noisy), torch.cat(targets)
+        condition, steps = torch.cat(conditions), timesteps.repeat(len(sides))
+        policy = denoising_error(module.predict(module.denoiser, x_t, steps, condition), target)
+        reference = (self._reference_errors(module, x_t, steps, condition, target)
+                     if self.spec.needs_reference else None)
+        errors = DenoisingErrors(*policy.chunk(len(sides)),
+                                 *(reference.chunk(2) if reference is not None else ()),
+                                 num_train_timesteps=module.num_train_timesteps)
+        output = self.spec.fn(errors, self.params)
+        return output.losses, preference_metrics(output, errors)
+
+    @torch.no_grad()
+    def _reference_errors(self, module, x_t, steps, condition, target) -> torch.Tensor:
+        if self.reference_strategy == "live":
+            return denoising_error(module.predict(self.reference, x_t, steps, condition), target)
+        module.denoiser.disable_adapters()  # adapter-off: the base denoiser is the reference
+        try:
+            return denoising_error(module.predict(module.denoiser, x_t, steps, condition),
+                                   target)
+        finally:
+            module.denoiser.enable_adapters()
+
+    @torch.no_grad()
+    def evaluate(self, module, step: int) -> dict:
+        """Mean metrics over the held-out pairs, each with its fixed evaluation noise."""
+        was_training = module.training
+        module.eval()
+        totals: dict = {}
+        size = self.config.train.batch_size
+        for start in range(0, len(self.eval_examples), size):
+            batch = self.make_batch(self.eval_examples[start : start + size]).to(module.device)
+            add_metrics(totals, self.losses(module, batch, EVAL_STEP)[1])
+        module.train(was_training)
+        return means(totals)
+
+    def save(self, module: DiffusionModel, output_dir: Path) -> None:
+        lora = self.config.model.lora
+        module.save(Path(output_dir) / "model", save_merged=lora.save_merged if lora else True)
+
+    def run_info(self) -> dict:
+        return {"objective": self.spec.name, "params": {self.spec.name: asdict(self.params)},
+                "reference": self.reference_strategy, "model_kind": "diffusion",
+                "layout": f"images {self.config.data.resolution}x{self.config.data.resolution}",
+                "dtype": self.config.model.dtype, "paper": self.spec.paper}
+
+
+def split_pairs(config: DiffusionConfig) -> dict:
+    """Train (and eval) pairs; ``data.eval_fraction`` splits off a seeded share of train."""
+    data, captions = config.data, get_diffusion_loss(config.objective.name).captions
+    if not data.train:
+        raise ConfigError("data.train is empty: give a file of image preference records "
+                          "(prompt, chosen, rejected).")
+    train = load_pairs(data.train, data.fields, captions)
+    evaluation = load_pairs(data.eval, data.fields, captions) if data.eval else []
+    if data.eval_fraction:
+        order = list(range(len(train)))
+        random.Random(config.train.seed).shuffle(order)
+        held = set(order[: max(1, int(len(train) * data.eval_fraction))])
+        evaluation = [p for p in train if p.index in held]
+        train = [p for p in train if p.index not in held]
+    return {"train": train, **({"eval": evaluation} if evaluation else {})}
+
+
+def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
+    """Load the pipeline and the data, attach LoRA; returns (task, total_steps)."""
+    if accelerator.num_processes > 1:
+        raise ConfigError("preftune diffusion train runs in one process; launch it without "
+                          "accelerate launch / several processes.")
+    strategy = config.reference_strategy
+    dtype = getattr(torch, config.model.dtype)
+    model = load_diffusion_model(config.model.path, dtype)
+    splits = split_pairs(config)
+    if config.model.lora is not None:
+        attach_lora(model, config.model.lora)
+    if config.train.gradient_checkpointing:
+        model.denoiser.enable_gradient_checkpointing()
+    report = {"shape": "image pairs", **{name: {"records": len(pairs), "kept": len(pairs)}
+                                         for name, pairs in splits.items()}}
+    if accelerator.is_main_process:
+        write_run_header(Path(config.output_dir), config, report)
+    model.to(accelerator.device)
+    model.denoiser.train()
+    task = DiffusionTask(config, model, splits, strategy)
+    return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
+
+
+def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress: bool = True,
+                    overwrite: bool = False) -> Path:
+    """Train according to ``config``; sample the fixed prompts before and after (when
+    ``samples.prompts`` is set). Returns the output directory."""
+    from .sample import write_samples
+
+    accelerator = Accelerator(gradient_accumulation_steps=1)
+    start_run(config, accelerator, resume, overwrite)
+    set_seed(config.train.seed)
+    task, total_steps = diffusion_task(config, accelerator)
+    output_dir = Path(config.output_dir)
+    if config.samples.prompts and not resume:
+        write_samples(task.module, config.samples, output_dir, "before")
+    Trainer(task, config.train, output_dir, accelerator, total_steps, resume=resume,
+            show_progress=show_progress).run()
+    if config.samples.prompts:
+        write_samples(task.module, config.samples, output_dir, "after")
+    return output_dir
+

@@ -1,0 +1,59 @@
+"""Tiny diffusion pipelines and image preference files built in the test (no downloads)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.diffusion.model import build_tiny_pipeline
+from preftune.diffusion.shapes import COLOURS, SHAPES, draw_shape, prompt_of
+
+WORDS = ["a", *COLOURS, *SHAPES]
+
+
+def tiny_pipeline(directory: Path, seed: int = 0) -> Path:
+    return build_tiny_pipeline(directory, WORDS, resolution=16, seed=seed)
+
+
+def write_pairs(directory: Path, count: int = 6, captions: bool = False, seed: int = 0) -> Path:
+    """``pairs.jsonl`` under ``directory``: the prompt's colour preferred over another colour,
+    images as paths relative to the file; with ``captions``, per-side captions (DCPO)."""
+    rng = random.Random(seed)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    colours = list(COLOURS)
+    for k in range(count):
+        colour, shape = colours[k % len(colours)], SHAPES[k % len(SHAPES)]
+        wrong = colours[(k + 1) % len(colours)]
+        draw_shape(colour, shape, 16, rng).save(directory / f"images/{k}_w.png")
+        draw_shape(wrong, shape, 16, rng).save(directory / f"images/{k}_l.png")
+        row = {"prompt": prompt_of(colour, shape), "chosen": f"images/{k}_w.png",
+               "rejected": f"images/{k}_l.png", "chosen_score": 1.0, "rejected_score": 0.0}
+        if captions:
+            row.update(chosen_caption=prompt_of(colour, shape),
+                       rejected_caption=prompt_of(wrong, shape))
+        rows.append(row)
+    path = directory / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def config_tree(pipeline: Path, pairs: Path, output_dir: Path, **sections) -> dict:
+    tree = {"output_dir": str(output_dir), "model": {"path": str(pipeline)},
+            "data": {"train": str(pairs), "resolution": 16},
+            "train": {"max_steps": 2, "batch_size": 3, "learning_rate": 1e-4}}
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return tree
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny denoisers gain nothing from intra-op threads, and on a busy machine the threads'
+    spinning makes them many times slower: one thread while these tests run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

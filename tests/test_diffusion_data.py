@@ -1,0 +1,129 @@
+"""Image preference records: the forms an image may take, and errors that name the file, the
+record and the field; the diffusion config's checks."""
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusion_fixtures import one_thread, config_tree, write_pairs  # noqa: E402, F401
+from preftune.config import ConfigError  # noqa: E402
+from preftune.data.records import DataError  # noqa: E402
+from preftune.diffusion.config import DiffusionConfig  # noqa: E402
+from preftune.diffusion.data import image_tensor, inspect_pairs, load_pairs  # noqa: E402
+from preftune.diffusion.shapes import colour_score, draw_shape, right_colour  # noqa: E402
+
+
+def rewrite(path, change):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    change(rows)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_records_read_with_scores_and_captions(tmp_path):
+    pairs = load_pairs(str(write_pairs(tmp_path, count=2, captions=True)))
+    assert [p.prompt for p in pairs] == ["a red circle", "a green square"]
+    assert pairs[1].scores == {"chosen_score": 1.0, "rejected_score": 0.0}
+    assert (pairs[1].caption("chosen"), pairs[1].caption("rejected")) == (
+        "a green square", "a blue square")
+    pixels = image_tensor(pairs[0].chosen, pairs[0].base_dir, 16)
+    assert pixels.shape == (3, 16, 16) and pixels.max() == 1.0  # white background
+
+
+def test_images_as_bytes_data_uri_and_hf_dicts_equal_the_file(tmp_path):
+    path = write_pairs(tmp_path, count=1)
+    png = (tmp_path / "images/0_w.png").read_bytes()
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    rewrite(path, lambda rows: rows[0].update(chosen=uri, rejected={"bytes": None,
+                                                                   "path": "images/0_w.png"}))
+    (pair,) = load_pairs(str(path))
+    from_file = image_tensor("images/0_w.png", pair.base_dir, 16)
+    torch.testing.assert_close(image_tensor(pair.chosen, pair.base_dir, 16), from_file)
+    torch.testing.assert_close(image_tensor(pair.rejected, pair.base_dir, 16), from_file)
+    torch.testing.assert_close(image_tensor(png, ".", 16), from_file)
+
+
+def test_missing_image_file_names_file_record_and_field(tmp_path):
+    path = write_pairs(tmp_path, count=2)
+    (tmp_path / "images/1_l.png").unlink()
+    with pytest.raises(DataError) as error:
+        load_pairs(str(path))
+    message = str(error.value)
+    assert f"{path}:2" in message and "'rejected'" in message and "1_l.png" in message
+
+
+def test_unreadable_image_bytes_name_record_and_field(tmp_path):
+    path = write_pairs(tmp_path, count=2)
+    (tmp_path / "images/0_w.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError) as error:
+        load_pairs(str(path))
+    message = str(error.value)
+    assert f"{path}:1" in message and "'chosen'" in message and "cannot read the image" in message
+
+
+def test_missing_field_is_named_with_the_mapping_to_fix_it(tmp_path):
+    path = write_pairs(tmp_path, count=2)
+    rewrite(path, lambda rows: rows[1].pop("rejected"))
+    with pytest.raises(DataError, match=rf"{path}:2: field 'rejected' \(rejected\) is missing"):
+        load_pairs(str(path))
+    rewrite(path, lambda rows: [row.update(jpg_1=f"images/{k}_l.png", rejected=None)
+                                for k, row in enumerate(rows)])
+    assert len(load_pairs(str(path), fields={"rejected": "jpg_1"})) == 2
+
+
+def test_dcpo_needs_captions(tmp_path):
+    path = write_pairs(tmp_path, count=1)
+    with pytest.raises(DataError, match="'chosen_caption'.*dcpo"):
+        load_pairs(str(path), captions=True)
+
+
+def test_inspect_shows_prompt_images_sizes_and_scores(tmp_path):
+    text = inspect_pairs(str(write_pairs(tmp_path, count=2, captions=True)), example=1)
+    assert "2 image preference pairs" in text
+    assert "prompt:   a green square" in text
+    assert "chosen:   images/1_w.png (16x16)  caption: a green square" in text
+    assert "scores:   chosen_score=1, rejected_score=0" in text
+
+
+def test_config_rejects_unknown_and_useless_keys(tmp_path):
+    tree = config_tree(tmp_path / "pipe", tmp_path / "pairs.jsonl", tmp_path / "run")
+    with pytest.raises(ConfigError, match="unknown key 'objective.bta'.*Did you mean.*beta"):
+        DiffusionConfig.from_dict(tree, ["objective.bta=3"])
+    with pytest.raises(ConfigError, match="unknown key 'data.resolutin'"):
+        DiffusionConfig.from_dict(tree, ["data.resolutin=3"])
+    with pytest.raises(ConfigError, match="train.layout applies to language models only"):
+        DiffusionConfig.from_dict(tree, ["train.layout=packed"])
+    with pytest.raises(ConfigError, match="reference.strategy: precomputed is not available"):
+        DiffusionConfig.from_dict(tree, ["reference.strategy=precomputed"])
+    with pytest.raises(ConfigError, match="adapter-off needs model.lora"):
+        DiffusionConfig.from_dict(tree, ["reference.strategy=adapter-off"])
+    with pytest.raises(ConfigError, match="live does nothing for mapo"):
+        DiffusionConfig.from_dict(tree, ["objective.name=mapo", "reference.strategy=live"])
+    config = DiffusionConfig.from_dict(tree, ["objective.name=mapo", "objective.snr_value=0.25"])
+    assert config.reference_strategy == "none" and config.objective.params().snr_value == 0.25
+
+
+def test_colour_checker(tmp_path):
+    red = draw_shape("red", "circle")
+    assert colour_score("a red circle", red) == 1.0 and right_colour("a red circle", red)
+    assert colour_score("a blue circle", red) == 0.0 and not right_colour("a blue circle", red)
+    blank = draw_shape("red", "circle").point(lambda _: 255)
+    assert colour_score("a red circle", blank) == 0.0 and not right_colour("a red circle", blank)
+    buffer = io.BytesIO()
+    red.save(buffer, "PNG")
+    assert colour_score("a red circle", buffer.getvalue()) == 1.0
+    # a collapsed model's noise: about an 80-radius ball of the RGB cube per colour, ~10%
+    noise = torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert colour_score("a red circle", noise) < 0.25 and not right_colour("a red circle", noise)
+
+
+@pytest.mark.parametrize("path", sorted(
+    (__import__("pathlib").Path(__file__).parents[1] / "examples/diffusion").glob("*.yaml")),
+    ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    config = DiffusionConfig.from_yaml(path)
+    assert config.objective.name in {"diffusion_dpo", "mapo", "dcpo"}
