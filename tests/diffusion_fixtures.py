@@ -57,3 +57,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_prompts(directory: Path, prompts: list[str]) -> Path:
+    """``prompts.jsonl``: prompt-only records, as an online objective (SPO) reads them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+SCORED = []  # every call of brightness_scorer: (prompts, images, timesteps, scores)
+
+
+def brightness_scorer(prompts, images, timesteps):
+    """A deterministic step-aware scorer for tests (``diffusion_fixtures:brightness_scorer``):
+    the mean pixel value of each image; records its calls in ``SCORED``."""
+    scores = images.flatten(1).mean(dim=1).tolist()
+    SCORED.append((list(prompts), images.clone(), list(timesteps), scores))
+    return scores
+
+
+def constant_scorer(prompts, images, timesteps):
+    """Every candidate scores the same: every pool is a tie."""
+    return [0.5] * len(prompts)

@@ -64,6 +64,8 @@ def _objectives(args) -> None:
     for name, spec in sorted(DIFFUSION_LOSSES.items()):
         defaults = ", ".join(f"{k}={v!r}" for k, v in spec.defaults().items()) or "-"
         needs = "reference denoiser" if spec.needs_reference else "no reference"
+        if spec.online:
+            needs += "; online: records need only a prompt, it samples its own images"
         print(f"{name:<14} {spec.summary}\n{'':<14} {needs}; params: {defaults}; paper: "
               f"{spec.paper}{'' if spec.verified else ' (formula UNVERIFIED)'}")
 
@@ -84,15 +86,18 @@ def _sampling_arguments(parser) -> None:
 def add_diffusion_commands(commands) -> None:
     from ..cli import add_config_arguments, command
 
-    group = command(commands, "diffusion", "text-to-image denoisers: Diffusion-DPO, DCPO, MaPO "
-                    "(needs preftune[diffusion])", "preftune diffusion demo --quick",
+    group = command(commands, "diffusion", "text-to-image denoisers: Diffusion-DPO, DCPO, MaPO, "
+                    "SPO (needs preftune[diffusion])", "preftune diffusion demo --quick",
                     "preftune diffusion train examples/diffusion/diffusion_dpo.yaml")
     sub = group.add_subparsers(dest="diffusion_command", required=True)
 
-    train = command(sub, "train", "train a diffusers denoiser on image preference pairs",
+    train = command(sub, "train", "train a diffusers denoiser on image preference pairs (or "
+                    "on prompts, sampling online: spo)",
                     "preftune diffusion train examples/diffusion/diffusion_dpo.yaml",
                     "preftune diffusion train examples/diffusion/mapo.yaml --set "
-                    "data.train=pairs.jsonl")
+                    "data.train=pairs.jsonl",
+                    "preftune diffusion train examples/diffusion/spo.yaml --set "
+                    "data.train=prompts.jsonl")
     add_config_arguments(train, "examples/diffusion/", "objective.beta=2500")
     train.set_defaults(run=_train)
 

@@ -36,8 +36,8 @@ class DiffusionModelConfig(Section):
 
 class DiffusionDataConfig(Section):
     train: str | list[str] = ""
-    """Image preference records (prompt, chosen, rejected): JSONL, JSON, Parquet, CSV or a
-    saved HF dataset."""
+    """Image preference records (prompt, chosen, rejected), or only prompts for an online
+    objective (spo): JSONL, JSON, Parquet, CSV or a saved HF dataset."""
     eval: str | list[str] | None = None
     """Held-out records, same format."""
     eval_fraction: Fraction = 0.0
@@ -135,6 +135,12 @@ class DiffusionConfig(RunConfig):
                              "data.eval_fraction.")
         if self.data.eval is not None and self.data.eval_fraction > 0:
             raise ValueError("set data.eval or data.eval_fraction, not both.")
+        spec = get_diffusion_loss(self.objective.name)
+        if spec.online:
+            for key in sorted(set(self.data.fields) - {"prompt"}):
+                raise ValueError(f"data.fields.{key} does nothing for {spec.name}: it samples "
+                                 "its own images and reads only each record's prompt (map it "
+                                 "with data.fields.prompt); remove it.")
         self.reference_strategy  # raises on a strategy that cannot work
         return self
 

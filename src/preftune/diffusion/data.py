@@ -1,5 +1,5 @@
 """Image preference records: (prompt, preferred image, dispreferred image), with optional
-per-side captions (DCPO) and scores.
+per-side captions (DCPO) and scores; for an online objective (SPO), records need only a prompt.
 
 A record is a row of any file ``data.sources`` reads (JSONL, JSON, Parquet, CSV, a saved HF
 dataset). An image field holds a path (relative to the data file's folder, or absolute), raw
@@ -31,7 +31,7 @@ CAPTION_FIELDS = ("chosen_caption", "rejected_caption")
 @dataclass
 class ImagePair:
     """One preference record. ``chosen``/``rejected`` are image sources as read (see module
-    docstring); ``origin`` is ``file:record N``."""
+    docstring; None in a prompt-only record); ``origin`` is ``file:record N``."""
 
     index: int
     origin: str
@@ -84,18 +84,26 @@ def describe_source(source: Any, base_dir: str = ".") -> str:
     return f"<{type(source).__name__} image>"
 
 
+PROMPTS_ONLY = (" (an online objective such as spo samples its own images: a record needs "
+                "only its prompt)")
+
+
 def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: str,
-                    captions: bool = False) -> ImagePair:
-    """An ``ImagePair`` from one row, or a ``DataError`` naming the record and the field."""
+                    captions: bool = False, prompts_only: bool = False) -> ImagePair:
+    """An ``ImagePair`` from one row, or a ``DataError`` naming the record and the field;
+    ``prompts_only``: only the prompt is needed (its images are None)."""
     if not isinstance(row, dict):
-        raise DataError(f"{origin}: expected a record (an object with prompt, chosen, "
-                        f"rejected), got {type(row).__name__}")
+        expected = "prompt" if prompts_only else "prompt, chosen, rejected"
+        raise DataError(f"{origin}: expected a record (an object with {expected}), got "
+                        f"{type(row).__name__}")
     name = {key: fields.get(key, key) for key in ("prompt", *IMAGE_FIELDS, *CAPTION_FIELDS)}
-    for key in ("prompt", *IMAGE_FIELDS, *(CAPTION_FIELDS if captions else ())):
+    needed = ("prompt",) if prompts_only else (
+        "prompt", *IMAGE_FIELDS, *(CAPTION_FIELDS if captions else ()))
+    for key in needed:
         # an empty prompt is allowed: unconditional training, as for classifier-free guidance
         if row.get(name[key]) is None or (key != "prompt" and row[name[key]] == ""):
             why = " (objective dcpo conditions each image on its own caption)" \
-                if key in CAPTION_FIELDS else ""
+                if key in CAPTION_FIELDS else PROMPTS_ONLY if prompts_only else ""
             raise DataError(f"{origin}: field {name[key]!r} ({key}) is missing or empty{why}; "
                             f"present fields: {', '.join(sorted(row))}. Fix the record or map "
                             f"the column with data.fields.{key}.")
@@ -106,6 +114,8 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
     scores = {key: float(value) for key, value in row.items() if key not in used
               and isinstance(value, (int, float)) and not isinstance(value, bool)
               and math.isfinite(value)}
+    if prompts_only:
+        return ImagePair(index, origin, row[name["prompt"]], None, None, base_dir, scores=scores)
     return ImagePair(index, origin, row[name["prompt"]], row[name["chosen"]],
                      row[name["rejected"]], base_dir, row.get(name["chosen_caption"]),
                      row.get(name["rejected_caption"]), scores)
@@ -123,22 +133,24 @@ def check_images(pair: ImagePair, fields: dict) -> None:
 
 
 def load_pairs(paths: str | list[str], fields: dict | None = None, captions: bool = False,
-               check: bool = True) -> list[ImagePair]:
+               check: bool = True, prompts_only: bool = False) -> list[ImagePair]:
     """Every record of ``paths`` as an ``ImagePair`` (images checked unless ``check`` is
-    False); an empty source is an error."""
+    False; ``prompts_only``: records need only a prompt, for an online objective); an empty
+    source is an error."""
     fields = fields or {}
     pairs: list[ImagePair] = []
     for path in [paths] if isinstance(paths, str) else paths:
         base_dir = str(Path(path.partition(":")[0] if not os.path.exists(path) else path)
                        .resolve().parent)
         for origin, row in read_rows(path, {fields.get("prompt", "prompt")}):
-            pair = record_from_row(len(pairs), origin, row, fields, base_dir, captions)
-            if check:
+            pair = record_from_row(len(pairs), origin, row, fields, base_dir, captions,
+                                   prompts_only)
+            if check and not prompts_only:
                 check_images(pair, fields)
             pairs.append(pair)
     if not pairs:
-        raise DataError(f"{paths}: no records; expected rows with prompt, chosen and rejected "
-                        "images.")
+        expected = "a prompt" if prompts_only else "prompt, chosen and rejected images"
+        raise DataError(f"{paths}: no records; expected rows with {expected}.")
     return pairs
 
 

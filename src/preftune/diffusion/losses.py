@@ -1,6 +1,7 @@
 """Diffusion preference objectives: each a small pure function over denoising errors,
 registered with what it needs (a reference denoiser or not, the rejected image or not, captions
-per side or the shared prompt).
+per side or the shared prompt, or prompts only for an online objective that samples its own
+images: SPO).
 
 Notation (all per example, shape [E]): for an image x_0 with condition c, a timestep t and noise
 eps shared by the chosen (w) and rejected (l) image and by policy and reference,
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+import math
+from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field
 
 
 @dataclass
@@ -52,6 +55,9 @@ class DiffusionLossSpec:
     captions: bool  # True: each side is conditioned on its own caption (DCPO)
     paper: str
     verified: bool
+    # True: records are prompts only; the objective samples its images online (SPO) and its
+    # fn takes ``TransitionLogps`` instead of ``DenoisingErrors``
+    online: bool = False
 
     @property
     def summary(self) -> str:
@@ -65,12 +71,15 @@ DIFFUSION_LOSSES: dict[str, DiffusionLossSpec] = {}
 
 
 def diffusion_loss(name: str, *, params: type, needs_reference: bool, paper: str,
-                   uses_rejected: bool = True, captions: bool = False, verified: bool = True):
-    """Register ``fn(errors, params) -> DiffusionLossOutput`` as diffusion objective ``name``."""
+                   uses_rejected: bool = True, captions: bool = False, verified: bool = True,
+                   online: bool = False):
+    """Register ``fn(errors, params) -> DiffusionLossOutput`` as diffusion objective ``name``
+    (``online``: ``fn(logps: TransitionLogps, params)``, trained from prompts only)."""
 
     def register(fn):
         DIFFUSION_LOSSES[name] = DiffusionLossSpec(name, fn, params, needs_reference,
-                                                   uses_rejected, captions, paper, verified)
+                                                   uses_rejected, captions, paper, verified,
+                                                   online)
         return fn
 
     return register
@@ -177,6 +186,85 @@ def denoising(errors: DenoisingErrors, params: DenoisingParams) -> DiffusionLoss
     arXiv:2006.11239). Logs no implicit rewards.
     """
     return DiffusionLossOutput(errors.policy_chosen)
+
+
+def _scorer_spec(spec: str) -> str:
+    module, colon, attribute = spec.partition(":")
+    if spec == "shape_colour" or (colon and module and attribute.isidentifier()):
+        return spec
+    raise ValueError(f"unknown scorer {spec!r}: expected shape_colour (the demo's colour "
+                     "checker) or module:function(prompts, images, timesteps) -> scores")
+
+
+@dataclass
+class SPOParams:
+    beta: Annotated[float, Field(gt=0)] = 10.0
+    """beta of the log sigma (SPO configs/basic_config.py train.beta)."""
+    clip: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """eps: each ratio p_theta / p_ref is clipped to [1 - eps, 1 + eps] (train.eps)."""
+    pool_size: Annotated[int, Field(ge=2)] = 4
+    """k candidates x_{t-1} drawn from each x_t (sample.num_sample_each_step of the SD 1.5
+    config; basic_config has 2)."""
+    eta: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """DDIM eta of the sampler and of the transition log-probs (sample.eta), in (0, 1]: at 0
+    the transition has no density (1 = DDPM's variance)."""
+    sampling_steps: Annotated[int, Field(ge=2)] = 20
+    """DDIM steps of a trajectory (sample.num_steps)."""
+    first_step: Annotated[int, Field(ge=0)] = 4
+    """Steps before this index are sampled without a pool or loss (train.divert_start_step)."""
+    steps_per_trajectory: Annotated[int, Field(ge=0)] = 0
+    """0: train on every step from first_step on (the paper); n: a seeded random n of them
+    per trajectory (the rest are plain DDIM steps), to bound the cost."""
+    scorer: Annotated[str, AfterValidator(_scorer_spec)] = "shape_colour"
+    """The step-aware preference model: shape_colour (the demo's checker on each candidate's
+    predicted x_0) or module:function(prompts, images, timesteps) -> scores."""
+    guidance_scale: Annotated[float, Field(ge=1)] = 5.0
+    """Classifier-free guidance of the sampler and of both log-probs (sample.guidance_scale,
+    train.cfg); 1: none."""
+    min_gap: Annotated[float, Field(ge=0)] = 0.0
+    """A pool trains only when best score - worst score > min_gap (0: ties are skipped). The
+    repo keeps softmax(best, worst) gaps > 0.3, i.e. score gaps > 2 atanh(0.3) = 0.619 on its
+    preference model's logits."""
+
+
+@dataclass
+class TransitionLogps:
+    """log p(x_{t-1} | x_t) of the chosen (w) and rejected (l) candidate under the policy and
+    the reference, [N] each: the DDIM transition Gaussian's log-density averaged over dims (as
+    the SPO repo's ddim_step_with_logprob)."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    reference_chosen: torch.Tensor
+    reference_rejected: torch.Tensor
+
+
+def clipped_log_ratio(policy: torch.Tensor, reference: torch.Tensor, clip: float):
+    """log clip(exp(policy - reference), 1 - clip, 1 + clip), written as a clamp of the log
+    ratio (equal values and gradients; no overflow of exp)."""
+    return (policy - reference).clamp(math.log1p(-clip), math.log1p(clip))
+
+
+@diffusion_loss("spo", params=SPOParams, needs_reference=True, online=True,
+                paper="arXiv:2406.04314")
+def spo(logps: TransitionLogps, params: SPOParams) -> DiffusionLossOutput:
+    """SPO: step-aware DPO on DDIM transitions, pairs picked from a pool at each step.
+
+    ratio_w = clip(p_theta(x_{t-1}^w | x_t) / p_ref(x_{t-1}^w | x_t), 1 - eps, 1 + eps),
+    ratio_l likewise;  l = -log sigma(beta log ratio_w - beta log ratio_l)
+
+    Online: from prompts alone, the policy samples DDIM trajectories (eta > 0); at each trained
+    step k candidates x_{t-1} share x_t, the step-aware scorer's best and worst are the pair,
+    and the trajectory continues from a random candidate. Implicit rewards: beta log ratio of
+    each side. Liang et al. 2024 (#235), arXiv:2406.04314; VERIFIED RockeyCoss/SPO
+    train_scripts/train_spo.py (loss), configs/basic_config.py (defaults).
+    """
+    chosen = params.beta * clipped_log_ratio(logps.policy_chosen, logps.reference_chosen,
+                                             params.clip)
+    rejected = params.beta * clipped_log_ratio(logps.policy_rejected, logps.reference_rejected,
+                                               params.clip)
+    return DiffusionLossOutput(-F.logsigmoid(chosen - rejected), chosen.detach(),
+                               rejected.detach())
 
 
 def sum_count(values: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -78,14 +78,18 @@ def collate(pairs: list[ImagePair], resolution: int, captions: bool = False) -> 
                       [p.index for p in pairs])
 
 
+def example_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The CPU generator of one example at one step (``EVAL_STEP`` for evaluation)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + (step + 2) * 7_919 + index) % 2**63)
+
+
 def shared_noise(shape: tuple, indices: list[int], seed: int, step: int,
                  num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise [E, *shape], timesteps [E]) from one generator per example seeded by (seed,
     step, index): the same however the examples are batched."""
     noise, timesteps = [], []
     for index in indices:
-        generator = torch.Generator().manual_seed(
-            (seed * 1_000_003 + (step + 2) * 7_919 + index) % 2**63)
+        generator = example_generator(seed, step, index)
         timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
         noise.append(torch.randn(shape, generator=generator))
     return torch.stack(noise), torch.cat(timesteps)
@@ -180,12 +184,16 @@ class DiffusionTask:
 
 def split_pairs(config: DiffusionConfig) -> dict:
     """Train (and eval) pairs; ``data.eval_fraction`` splits off a seeded share of train."""
-    data, captions = config.data, get_diffusion_loss(config.objective.name).captions
+    data, spec = config.data, get_diffusion_loss(config.objective.name)
     if not data.train:
-        raise ConfigError("data.train is empty: give a file of image preference records "
-                          "(prompt, chosen, rejected).")
-    train = load_pairs(data.train, data.fields, captions)
-    evaluation = load_pairs(data.eval, data.fields, captions) if data.eval else []
+        raise ConfigError(
+            f"data.train is empty: give a file of prompts (a prompt field per record: "
+            f"{spec.name} samples its own images)." if spec.online else
+            "data.train is empty: give a file of image preference records (prompt, chosen, "
+            "rejected).")
+    options = dict(captions=spec.captions, prompts_only=spec.online)
+    train = load_pairs(data.train, data.fields, **options)
+    evaluation = load_pairs(data.eval, data.fields, **options) if data.eval else []
     if data.eval_fraction:
         order = list(range(len(train)))
         random.Random(config.train.seed).shuffle(order)
@@ -208,13 +216,20 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
         attach_lora(model, config.model.lora)
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
-    report = {"shape": "image pairs", **{name: {"records": len(pairs), "kept": len(pairs)}
-                                         for name, pairs in splits.items()}}
+    online = get_diffusion_loss(config.objective.name).online
+    report = {"shape": "prompts" if online else "image pairs",
+              **{name: {"records": len(pairs), "kept": len(pairs)}
+                 for name, pairs in splits.items()}}
     if accelerator.is_main_process:
         write_run_header(Path(config.output_dir), config, report)
     model.to(accelerator.device)
     model.denoiser.train()
-    task = DiffusionTask(config, model, splits, strategy)
+    if online:  # SPO: samples from prompts at each step
+        from .spo import SPOTask
+
+        task = SPOTask(config, model, splits, strategy)
+    else:
+        task = DiffusionTask(config, model, splits, strategy)
     return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
 
 
