@@ -6,7 +6,8 @@ diagnostics on the same held-out pairs, and gets its own report. An entry whose 
 with the same effective config is not trained again, so an interrupted comparison resumes.
 A base config with an ``online`` section compares the objectives inside ``preftune online``
 rounds instead: the leaderboard has each run's held-out score after every round and its KL to
-the initial model.
+the initial model. A diffusion config (a diffusers pipeline in ``model.path``) compares
+diffusion objectives (``diffusion/compare.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .objectives import get_objective
 COLUMNS = [
     ("win_rate", "win rate vs reference", "{:.1%}"),
     ("win_rate/policy_score", "scorer mean (policy)", "{:.3f}"),
+    ("win_rate/reference_score", "scorer mean (reference)", "{:.3f}"),
     ("rewards/accuracy", "implied-reward acc.", "{:.1%}"),
     ("rewards/margin", "margin", "{:.2f}"),
     ("ranking/normalised", "ranking acc. (norm.)", "{:.1%}"),
@@ -47,12 +49,16 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     from .report import write_report
     from .train.loop import train
 
+    tree = read_tree(config_path, overrides)
+    if _diffusion(tree, objectives):
+        from .diffusion.compare import compare_diffusion
+
+        return compare_diffusion(objectives, tree, config_path, Path(output_dir), scorer)
     for name in objectives:  # unknown names fail before anything trains
         try:
             get_objective(name)
         except KeyError as error:
             raise ConfigError(error.args[0]) from None
-    tree = read_tree(config_path, overrides)
     if "online" in tree:
         return _compare_online(objectives, tree, config_path, Path(output_dir))
     base = load_config(config_path, overrides)
@@ -165,6 +171,13 @@ def _online_numbers(summary: dict) -> dict:
     if "kl_to_initial" in last:
         numbers["online/kl"] = last["kl_to_initial"]
     return numbers
+
+
+def _diffusion(tree: dict, objectives: list[str]) -> bool:
+    """A diffusers pipeline config (compared by the diffusion extra)."""
+    from .diffusion.compare import is_diffusion_config
+
+    return is_diffusion_config(tree, objectives)
 
 
 def _first(value):

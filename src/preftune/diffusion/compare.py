@@ -1,0 +1,111 @@
+"""``preftune compare`` on a diffusion config: each diffusion objective trains from the same
+pipeline, data, budget and seed (only ``objective`` changes, with its paper's defaults), then
+samples the config's fixed ``samples.prompts`` x ``samples.seeds`` against the untrained
+pipeline under one image scorer (``preftune diffusion eval``). An entry that finished with the
+same settings is not trained again, so an interrupted comparison resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from pathlib import Path
+
+from ..config import ConfigError
+from .model import DENOISER_FOLDERS
+
+
+def is_diffusion_config(tree: dict, objectives: list[str]) -> bool:
+    """A config whose ``model.path`` is a diffusers pipeline, or whose objectives are all
+    diffusion objectives."""
+    from .losses import DIFFUSION_LOSSES
+
+    path = Path(str((tree.get("model") or {}).get("path") or ""))
+    if str(path) and any((path / folder / "config.json").is_file()
+                         for folder in DENOISER_FOLDERS):
+        return True
+    return bool(objectives) and all(name in DIFFUSION_LOSSES for name in objectives)
+
+
+def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path,
+                      scorer: str | None) -> Path:
+    """Train, evaluate (win rate vs the base pipeline) and report every objective; write the
+    leaderboard through the text comparison's writer."""
+    from ..compare import _write_leaderboard
+    from ..report import write_report
+    from .config import DiffusionConfig
+    from .evaluate import evaluate_diffusion, image_scorer
+    from .losses import get_diffusion_loss
+    from .train import train_diffusion
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{config_path} is a diffusion config: comparing diffusion objectives "
+                          "needs diffusers: pip install 'preftune[diffusion]'") from None
+    for name in objectives:  # unknown names fail before anything trains
+        try:
+            get_diffusion_loss(name)
+        except KeyError as error:
+            raise ConfigError(error.args[0]) from None
+    base = DiffusionConfig.from_dict(tree)
+    samples = base.samples
+    if not samples.prompts:
+        raise ConfigError(f"{config_path}: a diffusion compare scores each objective's samples "
+                          "of samples.prompts (x samples.seeds): set samples.prompts.")
+    if not scorer:
+        raise ConfigError("a diffusion compare needs --scorer: shape_colour (the demo's "
+                          "checker) or module:function rating (prompt, PIL image).")
+    image_scorer(scorer)  # a scorer that cannot load fails before anything trains
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name in objectives:
+        run_dir = root / name
+        run_tree = json.loads(json.dumps(base.model_dump()))
+        run_tree.update(objective={"name": name}, output_dir=str(run_dir))
+        run_tree["reference"]["strategy"] = "auto"
+        fingerprint = hashlib.sha256(json.dumps([run_tree, scorer], sort_keys=True)
+                                     .encode()).hexdigest()
+        done = run_dir / "compare_entry.json"
+        if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+            print(f"[compare] {name}: finished earlier with the same settings, skipped")
+            entries.append(json.loads(done.read_text()))
+            continue
+        print(f"\n[compare] {name}: training in {run_dir}")
+        entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
+        try:
+            started = time.perf_counter()
+            train_diffusion(DiffusionConfig.from_dict(run_tree), overwrite=True)
+            entry["train_minutes"] = (time.perf_counter() - started) / 60
+            results = evaluate_diffusion(str(run_dir), base.model.path, samples.prompts,
+                                         samples.seeds, scorer, samples.steps,
+                                         samples.guidance_scale)
+            entry.update({"win_rate": results["win_rate"],
+                          "win_rate/policy_score": results["mean_score/policy"],
+                          "win_rate/reference_score": results["mean_score/reference"]})
+            entry.update(_last_train_metrics(run_dir))
+            write_report(run_dir)
+            entry["report"] = str(run_dir / "report.html")
+        except Exception as error:  # one failing objective must not lose the others
+            entry["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        else:
+            done.write_text(json.dumps(entry, indent=2) + "\n")
+        entries.append(entry)
+    held_out = (f"{len(samples.prompts)} prompts x {len(samples.seeds)} seeds "
+                f"(samples.prompts of {config_path})")
+    _write_leaderboard(root, entries, held_out, scorer)
+    return root
+
+
+def _last_train_metrics(run_dir: Path) -> dict:
+    """The implicit-reward accuracy and margin of the last logged training step."""
+    last = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "rewards/accuracies" in record and "loss" in record:
+            last = record
+    return {key: last[source] for key, source in (("rewards/accuracy", "rewards/accuracies"),
+                                                  ("rewards/margin", "rewards/margins"))
+            if source in last}
