@@ -109,6 +109,7 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
                    capture_output=True)
     results = json.loads((tmp_path / "demo" / "demo.json").read_text())
     from preftune.diffusion.demo import colour_accuracy
+    from preftune.diffusion.shapes import right_colour
 
     after = load_diffusion_model(tmp_path / "demo" / "diffusion_dpo" / "model")
     held_out = results["held_out_prompts"]
@@ -116,8 +117,21 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
                         "a yellow triangle"]
     assert results["diffusion_dpo/held_out/accuracy"] == colour_accuracy(
         after, held_out, list(range(results["seeds"])), results["sampling_steps"])
-    for name in ("diffusion_dpo", "mapo"):
+    spo = load_diffusion_model(tmp_path / "demo" / "spo" / "model")
+    assert results["spo/train_prompts/accuracy"] == colour_accuracy(
+        spo, [
+            "a red circle", "a red square", "a green circle", "a green square", "a blue circle",
+            "a blue square", "a yellow circle", "a yellow square"],
+        list(range(results["seeds"])), results["sampling_steps"])
+    for name in ("diffusion_dpo", "spo"):
         assert (tmp_path / "demo" / name / "report.html").is_file()
+    # every preference pair is right by the checker: chosen in the prompt's colour, rejected not
+    data = tmp_path / "demo" / "data"
+    pairs = [json.loads(line) for line in (data / "dpo.jsonl").read_text().splitlines()]
+    assert len(pairs) == results["pairs/count"] > 0
+    for pair in pairs:
+        assert right_colour(pair["prompt"], data / pair["chosen"])
+        assert not right_colour(pair["prompt"], data / pair["rejected"])
 
 
 def test_latent_pipeline_with_a_vae_trains_and_samples(files, tmp_path):

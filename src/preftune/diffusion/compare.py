@@ -40,7 +40,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
     from .train import train_diffusion
 
     try:
-        import diffusers  # noqa: F401
+        import diffusers  # noqa: F401  (only: is it installed)
     except ImportError:
         raise ConfigError(f"{config_path} is a diffusion config: comparing diffusion objectives "
                           "needs diffusers: pip install 'preftune[diffusion]'") from None

@@ -1,14 +1,17 @@
-"""``preftune diffusion demo``: Diffusion-DPO on a tiny denoiser, measured by a program.
+"""``preftune diffusion demo``: preference training of a tiny denoiser, measured by a program.
 
-1. Generate 16x16 images of coloured shapes on white. The pretraining captions name the right
-   colour only ``caption_accuracy`` of the time (the rest a random other colour), so the
-   pretrained model follows colour words only partly, like a model trained on noisy captions.
-2. Pretrain a tiny random UNet2DConditionModel from scratch with the plain denoising loss.
-3. Diffusion-DPO on pairs: an image of the requested colour preferred over the same shape, at
-   the same place and size, in a wrong colour, for the 8 circle and square prompts.
-4. Before and after, sample the 4 held-out triangle prompts (and the 8 training prompts)
-   from fixed seeds and let the checker (``shapes.py``) say whether the dominant colour is the
-   requested one. Everything goes through the same commands a user runs (config, Trainer, report).
+1. Generate 16x16 images of coloured shapes on white, captioned "a {colour} {shape}" (10%
+   empty, for classifier-free guidance).
+2. Pretrain a tiny random UNet2DConditionModel from scratch, briefly, with the plain denoising
+   loss: it follows colour words only partly (about half its samples have the right colour).
+3. Preference pairs the way Pick-a-Pic-style data is made: the pretrained model samples each
+   circle and square prompt from many seeds, the checker (``shapes.py``) labels every sample,
+   and a right-colour sample is preferred over a wrong-colour one of the same prompt.
+4. From the pretrained model: Diffusion-DPO on those pairs, and SPO online on the same prompts
+   (its pools scored by the same checker).
+5. Before and after, sample the 4 held-out triangle prompts (and the 8 training prompts) from
+   fixed seeds and let the checker say whether the dominant colour is the requested one.
+   Everything goes through the same code a user runs (config, Trainer, report).
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ from pathlib import Path
 from .config import DiffusionConfig
 from .evaluate import win_rate
 from .model import build_tiny_pipeline, load_diffusion_model
+from .data import tensor_image
 from .sample import sample_images
 from .shapes import COLOURS, SHAPES, ColourScorer, draw_shape, prompt_of, right_colour
 from .train import train_diffusion
 
 RESOLUTION = 16
 GUIDANCE = 3.0  # classifier-free guidance when sampling; pretraining drops 10% of captions
-FULL = {"pretrain_steps": 800, "pretrain_images": 2400, "dpo_steps": 300, "dpo_pairs": 800,
-        "seeds": 16, "sampling_steps": 20, "dpo_lr": 5e-5, "mapo_lr": 2e-4}
-QUICK = {"pretrain_steps": 20, "pretrain_images": 64, "dpo_steps": 6, "dpo_pairs": 16,
-         "seeds": 2, "sampling_steps": 5, "dpo_lr": 5e-5, "mapo_lr": 2e-4}
+FULL = {"pretrain_steps": 500, "pretrain_lr": 2e-3, "pretrain_images": 2400,
+        "pair_seeds": 64, "pairs_per_prompt": 100, "drawn_pairs": 800, "dpo_steps": 300,
+        "dpo_lr": 1e-5, "spo_steps": 60, "spo_lr": 5e-5, "seeds": 16, "sampling_steps": 20}
+QUICK = {"pretrain_steps": 20, "pretrain_lr": 2e-3, "pretrain_images": 64, "pair_seeds": 4,
+         "pairs_per_prompt": 4, "drawn_pairs": 16, "dpo_steps": 6, "dpo_lr": 1e-5,
+         "spo_steps": 2, "spo_lr": 5e-5, "seeds": 2, "sampling_steps": 5}
+SPO = {"name": "spo", "guidance_scale": GUIDANCE, "steps_per_trajectory": 4}
 
 
 HELD_OUT_SHAPE = "triangle"
@@ -46,47 +53,67 @@ def prompts_split() -> tuple[list[str], list[str]]:
     return train, [prompt_of(c, HELD_OUT_SHAPE) for c in COLOURS]
 
 
-def write_images(directory: Path, name: str, rows: list[tuple[str, str, str]], rng) -> list:
-    """Draw (colour, shape) for each row's images; return the rows with file names."""
-    images = directory / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    written = []
-    for k, (prompt, *sides) in enumerate(rows):
-        files, layout = [], rng.random()
-        for side, (colour, shape) in zip(("w", "l"), sides):
-            file = f"images/{name}_{k}_{side}.png"  # both sides: same place and size
-            draw_shape(colour, shape, RESOLUTION, random.Random(layout)).save(directory / file)
-            files.append(file)
-        written.append({"prompt": prompt, "chosen": files[0], "rejected": files[-1]})
-    return written
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
-def make_data(directory: Path, settings: dict, caption_accuracy: float, seed: int = 0):
-    """pretrain.jsonl (rejected = chosen: the denoising loss reads only chosen) and dpo.jsonl."""
+def make_pretraining_data(directory: Path, settings: dict, seed: int = 0) -> Path:
+    """pretrain.jsonl: drawn images with their captions (rejected = chosen: the denoising loss
+    reads only chosen); 10% of captions are empty, for classifier-free guidance."""
     rng = random.Random(seed)
-    colours = list(COLOURS)
-    pretrain = []
-    for _ in range(settings["pretrain_images"]):
-        colour, shape = rng.choice(colours), rng.choice(SHAPES)
-        said = colour if rng.random() < caption_accuracy else rng.choice(
-            [c for c in colours if c != colour])
-        prompt = prompt_of(said, shape) if rng.random() >= 0.1 else ""
-        pretrain.append((prompt, (colour, shape)))
-    train_prompts, _ = prompts_split()
-    pairs = []
-    for k in range(settings["dpo_pairs"]):
-        prompt = train_prompts[k % len(train_prompts)]
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(settings["pretrain_images"]):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        file = f"images/pre_{k}.png"
+        draw_shape(colour, shape, RESOLUTION, rng).save(directory / file)
+        prompt = prompt_of(colour, shape) if rng.random() >= 0.1 else ""
+        rows.append({"prompt": prompt, "chosen": file, "rejected": file})
+    return write_jsonl(directory / "pretrain.jsonl", rows)
+
+
+def sample_pairs(model, directory: Path, settings: dict, seed: int = 0) -> tuple[Path, str]:
+    """dpo.jsonl from the model's own samples: each training prompt from ``pair_seeds`` seeds,
+    every sample labelled by the checker, then up to ``pairs_per_prompt`` random (right colour,
+    wrong colour) pairs per prompt. A model with no such pair yet (the quick demo's) gets drawn
+    pairs instead: the requested colour over another colour, same shape, place and size.
+    Returns the file and which kind it holds."""
+    rng = random.Random(seed)
+    prompts, _ = prompts_split()
+    seeds = list(range(1000, 1000 + settings["pair_seeds"]))  # not the measuring seeds
+    images = sample_images(model, prompts, seeds, settings["sampling_steps"], GUIDANCE)
+    rows = []
+    for p, prompt in enumerate(prompts):
+        files, right, wrong = [], [], []
+        for k, image in enumerate(images[p * len(seeds):(p + 1) * len(seeds)]):
+            files.append(f"images/sample_{p}_{k}.png")
+            tensor_image(image).save(directory / files[-1])
+            (right if right_colour(prompt, image) else wrong).append(files[-1])
+        for _ in range(settings["pairs_per_prompt"] if right and wrong else 0):
+            rows.append({"prompt": prompt, "chosen": rng.choice(right),
+                         "rejected": rng.choice(wrong)})
+    kind = "the pretrained model's samples, labelled by the checker"
+    if not rows:
+        kind = "drawn (the model had no right and wrong sample of one prompt)"
+        rows = drawn_pairs(directory, settings["drawn_pairs"], rng)
+    rng.shuffle(rows)
+    return write_jsonl(directory / "dpo.jsonl", rows), kind
+
+
+def drawn_pairs(directory: Path, count: int, rng) -> list[dict]:
+    prompts, _ = prompts_split()
+    rows = []
+    for k in range(count):
+        prompt = prompts[k % len(prompts)]
         colour, shape = prompt.split()[1:]
-        wrong = rng.choice([c for c in colours if c != colour])
-        pairs.append((prompt, (colour, shape), (wrong, shape)))
-    return (write_jsonl(directory / "pretrain.jsonl", write_images(directory, "pre", pretrain,
-                                                                   rng)),
-            write_jsonl(directory / "dpo.jsonl", write_images(directory, "dpo", pairs, rng)))
+        wrong, layout = rng.choice([c for c in COLOURS if c != colour]), rng.random()
+        for side, paint in (("w", colour), ("l", wrong)):  # same place and size
+            draw_shape(paint, shape, RESOLUTION, random.Random(layout)).save(
+                directory / f"images/drawn_{k}_{side}.png")
+        rows.append({"prompt": prompt, "chosen": f"images/drawn_{k}_w.png",
+                     "rejected": f"images/drawn_{k}_l.png"})
+    return rows
 
 
 def colour_accuracy(model, prompts: list[str], seeds: list[int], steps: int) -> float:
@@ -102,7 +129,8 @@ def run_config(output_dir: Path, pipeline: Path, data: Path, objective: dict, st
         "output_dir": str(output_dir), "model": {"path": str(pipeline)},
         "data": {"train": str(data), "resolution": RESOLUTION}, "objective": objective,
         "train": {"max_steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-                  "warmup_ratio": 0.05, "schedule": "constant", "log_every": 5, "seed": 0},
+                  "warmup_ratio": 0.05, "schedule": "constant", "log_every": min(5, steps),
+                  "seed": 0},
         "samples": samples})
 
 
@@ -119,9 +147,9 @@ def measure(model, before, prompts_by_split: dict, seeds: list[int], steps: int)
 
 
 def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta: float = 5000.0,
-             caption_accuracy: float = 0.6, show_progress: bool = True) -> dict:
+             show_progress: bool = True) -> dict:
     """The whole demo; returns (and writes to ``demo.json``) the measured numbers: the
-    pretrained model, then Diffusion-DPO and MaPO each trained from it on the same pairs."""
+    pretrained model, then Diffusion-DPO and SPO each trained from it."""
     from ..report import write_report
 
     started = time.perf_counter()
@@ -129,26 +157,29 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
     out = Path(output_dir)
     shutil.rmtree(out, ignore_errors=True)
     train_prompts, held_out = prompts_split()
-    pretrain_data, pair_data = make_data(out / "data", settings, caption_accuracy)
+    pretrain_data = make_pretraining_data(out / "data", settings)
     pipeline = build_tiny_pipeline(out / "initial", ["a", *COLOURS, *SHAPES], RESOLUTION)
     seeds, steps = list(range(settings["seeds"])), settings["sampling_steps"]
     samples = {"prompts": held_out, "seeds": seeds[:4], "steps": steps, "guidance_scale": GUIDANCE}
     train_diffusion(run_config(out / "pretrain", pipeline, pretrain_data, {"name": "denoising"},
-                               settings["pretrain_steps"], 32, 1e-3, {}),
+                               settings["pretrain_steps"], 32, settings["pretrain_lr"], {}),
                     show_progress=show_progress)
     base = load_diffusion_model(out / "pretrain" / "model")
+    pair_data, pair_kind = sample_pairs(base, out / "data", settings)
     splits = {"held_out": held_out, "train_prompts": train_prompts}
     results = {"held_out_prompts": held_out, "seeds": len(seeds), "sampling_steps": steps,
-               "settings": settings, "caption_accuracy": caption_accuracy,
+               "settings": settings, "pairs": pair_kind,
+               "pairs/count": sum(1 for _ in pair_data.open()),
                "seconds/pretrain": round(time.perf_counter() - started, 1),
                **{f"pretrained/{k}": v for k, v in measure(base, base, splits, seeds,
                                                             steps).items() if "accuracy" in k}}
-    for name, objective, learning_rate in (
-            ("diffusion_dpo", {"name": "diffusion_dpo", "beta": beta}, settings["dpo_lr"]),
-            ("mapo", {"name": "mapo"}, settings["mapo_lr"])):
+    for name, objective, run_steps, learning_rate in (
+            ("diffusion_dpo", {"name": "diffusion_dpo", "beta": beta}, settings["dpo_steps"],
+             settings["dpo_lr"]),
+            ("spo", SPO, settings["spo_steps"], settings["spo_lr"])):
         began = time.perf_counter()
         train_diffusion(run_config(out / name, out / "pretrain" / "model", pair_data, objective,
-                                   settings["dpo_steps"], 16, learning_rate, samples),
+                                   run_steps, 16, learning_rate, samples),
                         show_progress=show_progress)
         trained = load_diffusion_model(out / name / "model")
         measured = measure(trained, base, splits, seeds, steps)
