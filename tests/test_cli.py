@@ -58,6 +58,29 @@ def test_data_inspect_shows_counts_and_the_boundary(files, capsys):
     assert "pairs.jsonl:4" in out  # record 3 is line 4
 
 
+def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):
+    """Prompt-only records (what `preftune online` and spo sample from) are counted and
+    rendered, each with its token count as generation renders it."""
+    from preftune.data.tokenize import TokenizeSettings
+    from preftune.generation import prompt_ids
+    from preftune.model.load import load_tokenizer
+
+    prompts = ["a red circle", [{"role": "user", "content": "What is 2+2?"}], "a red circle"]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert main(["data", "inspect", str(path), "--model", str(files / "model"),
+                 "--example", "1"]) == 0
+    out = capsys.readouterr().out
+    lengths = [len(ids) for ids in prompt_ids(prompts, load_tokenizer(str(files / "model")),
+                                              TokenizeSettings(1024, None))]
+    assert "records             3" in out and "distinct prompts    2" in out
+    assert f"{min(lengths)} / {sum(lengths) / 3:.1f} / {max(lengths)}" in out
+    assert f"record 1 ({path}:2), {lengths[1]} tokens" in out and "What is 2+2?" in out
+    path.write_text('{"prompt": "a"}\n{"prompt": ""}\n')
+    assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
+    assert f"{path}:2: field 'prompt' is missing or empty" in capsys.readouterr().err
+
+
 def test_objectives_lists_every_registered_objective(capsys):
     from preftune.objectives import REGISTRY
 

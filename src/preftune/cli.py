@@ -52,15 +52,18 @@ def _inspect(args) -> None:
     if looks_like_image_pairs(args.file):  # (prompt, chosen image, rejected image) records
         print(inspect_pairs(args.file, args.example))
         return
-    from .data.inspect import inspect_report, render_example
+    from .data.inspect import inspect_prompts, inspect_report, prompts_only, render_example
     from .data.sources import load_records
     from .data.tokenize import TokenizeSettings, tokenize_records
     from .model.load import load_tokenizer
 
+    settings = TokenizeSettings(args.max_length, args.max_prompt_length)
+    if prompts_only(args.file):  # prompts alone: what online runs and spo sample from
+        print(inspect_prompts(args.file, load_tokenizer(args.model), settings, args.example))
+        return
     detected: list = []
     records = load_records(args.file, format=args.format, detected=detected)
     tokenizer = load_tokenizer(args.model)
-    settings = TokenizeSettings(args.max_length, args.max_prompt_length)
     examples, report = tokenize_records(records, tokenizer, settings)
     print(inspect_report(records, examples, report, detected[0]))
     if args.example is not None:

@@ -140,3 +140,48 @@ def _stats(values: list[int]) -> str:
 
 def _row(label: str, value) -> str:
     return f"{label:<20}{value}"
+
+
+def prompts_only(path: str) -> bool:
+    """True when the first row of ``path`` has a prompt and no response field: the prompts
+    files that ``preftune online`` and the diffusion ``spo`` objective sample from."""
+    from .shapes import TEXT_FIELDS
+    from .sources import read_rows
+
+    try:
+        _, row = next(iter(read_rows(path, set(TEXT_FIELDS))))
+    except Exception:  # unreadable or empty here: the records path reports it
+        return False
+    responses = set(TEXT_FIELDS) - {"prompt"} | {"completions", "scores", "ranks", "label"}
+    return isinstance(row, dict) and "prompt" in row and not responses & set(row)
+
+
+def inspect_prompts(path: str, tokenizer, settings, example: int | None = None) -> str:
+    """What ``preftune data inspect`` prints for a prompts file: counts, distinct prompts,
+    rendered token lengths (as training and generation render them) and a few prompts."""
+    from ..generation import prompt_ids
+    from .records import DataError
+    from .sources import read_rows
+
+    rows = []
+    for origin, row in read_rows(path, {"prompt"}):
+        prompt = row.get("prompt")
+        if not (isinstance(prompt, str) and prompt.strip()) and not (
+                isinstance(prompt, list) and prompt):
+            raise DataError(f"{origin}: field 'prompt' is missing or empty; a prompts file holds "
+                            "one prompt (a string or a list of chat messages) per record.")
+        rows.append((origin, prompt))
+    distinct = {repr(prompt) for _, prompt in rows}
+    lengths = [len(ids) for ids in prompt_ids([p for _, p in rows], tokenizer, settings)]
+    lines = [_row("source", path),
+             _row("layout", "prompts (a prompt per record, no responses: what `preftune "
+                  "online` and the diffusion objective spo sample from)"),
+             _row("records", len(rows)),
+             _row("distinct prompts", f"{len(distinct)} (each is sampled once per round)"),
+             _row("prompt tokens", f"{_stats(lengths)} (min / mean / max, rendered)")]
+    if example is not None and not 0 <= example < len(rows):
+        raise DataError(f"record {example} of {path} does not exist ({len(rows)} records)")
+    shown = [example] if example is not None else range(min(3, len(rows)))
+    for k in shown:
+        lines += ["", f"record {k} ({rows[k][0]}), {lengths[k]} tokens", f"  {rows[k][1]!r}"]
+    return "\n".join(lines)
