@@ -112,7 +112,7 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                tie_word_embeddings=True,
+                tie_word_embeddings=True, initializer_range=0.2,  # positions matter visibly
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": [2, 1, 1]})
     vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
@@ -126,7 +126,7 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
                       fullatt_block_indexes=[0])
     torch.manual_seed(seed)
     config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                          **ids)
+                          initializer_range=0.2, **ids)
     model = model_class(config).float().eval()
     images = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=4,
                                       temporal_patch_size=2, merge_size=2)
