@@ -1,8 +1,8 @@
 """Qwen2-VL (M-RoPE) on the spine: 3-D positions of every layout against the model's own rope
 index and plain HF forwards (non-square images, two images in a prompt), batched generation
-with images, and a DPO run whose saved model reloads with its HF class and reproduces the
-logged eval log-probs. (test_vision.py runs its general vision tests on Qwen2-VL and
-Qwen2.5-VL too.)"""
+with images, a DPO run whose saved model reloads with its HF class and reproduces the logged
+eval log-probs, LoRA with the adapters-off reference and a live reference. (test_vision.py
+runs its general vision tests on Qwen2-VL and Qwen2.5-VL too.)"""
 
 import json
 
@@ -169,3 +169,22 @@ def test_dpo_trains_saves_and_reloads_with_its_hf_class(root, layout):
     reloaded = plain_chosen_logps(model, processor, root)
     assert reloaded == pytest.approx(last["eval/logps/chosen"], abs=1e-4)
     assert abs(reloaded - first["logps/chosen"]) > 1e-3  # training moved it
+
+
+@pytest.mark.parametrize("strategy", ["adapter-off", "live"])
+def test_reference_strategies_and_lora(root, strategy):
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    out = api.train({
+        "output_dir": str(root / f"ref-{strategy}"),
+        "model": {"path": str(root / "model"),
+                  **({"lora": lora} if strategy == "adapter-off" else {})},
+        "data": {"train": str(root / "pairs.jsonl"), "max_length": 48,
+                 "max_prompt_length": 32},
+        "objective": {"name": "dpo"}, "reference": {"strategy": strategy},
+        "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 5e-3,
+                  "layout": "packed_prefix_shared"}})
+    metrics = read_metrics(out / "metrics.jsonl")
+    # step 0: the policy is the reference, so every implied reward is 0
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert (out / "adapter" / "adapter_config.json").exists() == (strategy == "adapter-off")

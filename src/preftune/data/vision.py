@@ -3,7 +3,9 @@
 Text is tokenized exactly as for language models (``tokenize.py``: chat template, exact
 prompt/response boundary); each image placeholder in the prompt ids is then replaced by the
 tokens the model's processor writes for that image (LLaVA: N ``<image>`` tokens; Idefics3 /
-SmolVLM: the image tokens wrapped in ``<fake_token_around_image>``...). When a batch is built the
+SmolVLM: the image tokens wrapped in ``<fake_token_around_image>``...; Qwen2-VL:
+``<|vision_start|><|image_pad|>...<|vision_end|>``, whose grid also sets the M-RoPE positions,
+``vision_qwen.py``). When a batch is built the
 distinct images of the batch are turned into the processor's pixel inputs once, whatever the
 layout, and the model's image features are scattered onto the image-token positions of every
 row that shows them (``model/forward.py``).
