@@ -19,7 +19,7 @@ from tiny_vlms import save_tiny_vlm_dir, solid_image
 RED, BLUE, GREY = (200, 30, 30), (30, 30, 200), (120, 120, 120)
 
 
-@pytest.fixture(scope="module", params=["llava", "idefics3"])
+@pytest.fixture(scope="module", params=["llava", "idefics3", "qwen2_vl", "qwen2_5_vl"])
 def vlm(request, tmp_path_factory):
     """(model, tokenizer, data folder) for each tiny VLM family."""
     root = tmp_path_factory.mktemp(request.param)
@@ -56,6 +56,8 @@ def plain_logps(model, tokenizer, example, slot):
     response = example.response_ids[slot]
     ids = torch.tensor([example.prompt_ids + response])
     pixels = tokenizer.image_inputs.pixels(list(example.images_of_slot(slot)))
+    if tokenizer.image_inputs.mrope:  # Qwen2-VL computes its own 3-D positions from these
+        pixels["mm_token_type_ids"] = (ids == tokenizer.image_inputs.image_token_id).int()
     logits = model(input_ids=ids, **pixels).logits[0].float().log_softmax(-1)
     start = len(example.prompt_ids) - 1
     return sum(logits[start + j, token] for j, token in enumerate(response))
@@ -65,7 +67,8 @@ def test_image_tokens_come_from_the_processor(vlm):
     model, tokenizer, root = vlm
     examples = image_examples(tokenizer, root)
     images = tokenizer.image_inputs
-    per_image = {"LlavaForConditionalGeneration": 16, "Idefics3ForConditionalGeneration": 4}
+    per_image = {"LlavaForConditionalGeneration": 16, "Idefics3ForConditionalGeneration": 4,
+                 "Qwen2VLForConditionalGeneration": 4, "Qwen2_5_VLForConditionalGeneration": 4}
     expected = per_image[type(model).__name__]
     for example in examples:
         assert example.image_token_counts == (expected,)
@@ -85,13 +88,14 @@ def test_every_layout_equals_plain_forwards(vlm):
         model.zero_grad()
         batch = collate(examples, tokenizer.pad_token_id, layout, images=tokenizer.image_inputs)
         # three distinct images (red, blue, grey): each encoded once whatever the layout
-        assert len(batch.image_inputs["pixel_values"]) == 3
+        pixels = batch.image_inputs  # Qwen2-VL: flattened patches, one grid row per image
+        assert len(pixels.get("image_grid_thw", pixels["pixel_values"])) == 3
         logps = sequence_stats(logp_model(batch), batch).logps
         torch.testing.assert_close(logps, plain, rtol=1e-5, atol=1e-4)
         logps.sum().backward()
         grads[layout] = {name: p.grad.clone() for name, p in model.named_parameters()
                          if p.grad is not None}
-    vision_grads = [n for n in grads["padded"] if "vision" in n]
+    vision_grads = [n for n in grads["padded"] if "vision" in n or "visual" in n]
     assert vision_grads, "the vision tower takes part in the gradient"
     for layout in LAYOUTS[1:]:
         assert grads[layout].keys() == grads["padded"].keys()
@@ -201,14 +205,14 @@ def test_negative_images_one_per_image(tmp_path):
         load_records(path)
 
 
-def test_mrope_models_are_refused_by_name(tmp_path):
-    """Qwen2-VL's 3-D rotary positions do not follow the layouts yet: a clear refusal, not
-    silently wrong positions."""
+def test_other_mrope_models_are_refused_by_name(tmp_path):
+    """M-RoPE models other than Qwen2-VL / Qwen2.5-VL were not checked against the layouts: a
+    clear refusal, not silently wrong positions."""
     from preftune.config import ConfigError
 
     (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen2_vl", "vision_config": {"depth": 1},
+        "model_type": "qwen3_vl", "vision_config": {"depth": 1},
         "text_config": {"rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}}))
-    with pytest.raises(ConfigError, match=r"qwen2_vl model with multimodal rotary positions "
-                                          r"\(M-RoPE\).*LLaVA- and Idefics3/SmolVLM-style"):
+    with pytest.raises(ConfigError, match=r"qwen3_vl model with multimodal rotary positions "
+                                          r"\(M-RoPE\).*Qwen2-VL and Qwen2.5-VL only"):
         load_model_and_tokenizer(str(tmp_path))

@@ -1,5 +1,5 @@
-"""Tiny random vision-language models (LLaVA- and Idefics3/SmolVLM-style) with their HF
-processors, built from configs in-process and saved as model directories (no downloads)."""
+"""Tiny random vision-language models (LLaVA-, Idefics3/SmolVLM- and Qwen2-VL-style) with their
+HF processors, built from configs in-process and saved as model directories (no downloads)."""
 
 from pathlib import Path
 
@@ -19,6 +19,8 @@ VLM_TEMPLATE = (
     "{% endif %}"
 )
 IMAGE_SIZE = 16
+# Qwen2-VL's template wraps each image part in its vision tokens
+QWEN_TEMPLATE = VLM_TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def _tokenizer(extra: list[str]):
@@ -88,7 +90,51 @@ def tiny_idefics3(seed: int = 0):
     return model, processor
 
 
-BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3}
+def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
+    """(model, processor parts): Qwen2-VL-style (``version`` "2.5": Qwen2.5-VL) with a depth-1
+    vision tower on 4x4 patches merged 2x2 (a 16x16 image: 4 image tokens, a 32x16 one: 8 on
+    a 4x2 grid), M-RoPE over a tiny Qwen2 text model. The processor is the tokenizer and the
+    PIL image processor (``QwenImageProcessorParts``): transformers' Qwen2VLProcessor needs
+    torchvision."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil)
+
+    from preftune.data.vision_qwen import QwenImageProcessorParts
+
+    tokenizer = _tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                            "<|video_pad|>"])
+    tokenizer.chat_template = QWEN_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in (
+        ("image_token_id", "image_pad"), ("video_token_id", "video_pad"),
+        ("vision_start_token_id", "vision_start"), ("vision_end_token_id", "vision_end"))}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                tie_word_embeddings=True, initializer_range=0.2,  # positions matter visibly
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision.update(embed_dim=16, mlp_ratio=2)
+    else:
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision.update(intermediate_size=32, out_hidden_size=32, window_size=16,
+                      fullatt_block_indexes=[0])
+    torch.manual_seed(seed)
+    config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                          initializer_range=0.2, **ids)
+    model = model_class(config).float().eval()
+    images = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, patch_size=4,
+                                      temporal_patch_size=2, merge_size=2)
+    return model, QwenImageProcessorParts(tokenizer, images, QWEN_TEMPLATE)
+
+
+BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl,
+            "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, "2.5")}
 
 
 def save_tiny_vlm_dir(directory: Path, kind: str = "llava", seed: int = 0) -> Path:

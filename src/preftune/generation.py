@@ -121,6 +121,9 @@ class HFGenerator:
                     shared = _shared_prefix_cache(model, input_ids, mask, k)
                 if pixels or shared is not None:
                     input_ids, mask = input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+                    if pixels and tokenizer.image_inputs.mrope:  # Qwen2-VL: its rope index
+                        pixels["mm_token_type_ids"] = (
+                            input_ids == tokenizer.image_inputs.image_token_id).int()
                     options_k = dict(options, num_return_sequences=1)
                     if shared is not None:  # each prompt encoded once, its cache copied K times
                         options_k[_cache_argument(model)] = shared

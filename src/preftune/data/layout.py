@@ -22,6 +22,7 @@ import torch
 
 from .tokenize import TokenizedExample
 from .vision import ImageInputs
+from .vision_qwen import mrope_positions
 
 LAYOUTS = ("padded", "prefix_shared", "packed", "packed_prefix_shared")
 
@@ -45,7 +46,7 @@ class Batch:
     example_indices: torch.Tensor  # [num_examples] dataset index of each example
     responses_per_example: int
     scores: dict = field(default_factory=dict)  # name -> [num_examples] float tensor
-    position_ids: torch.Tensor | None = None  # [rows, T]
+    position_ids: torch.Tensor | None = None  # [rows, T]; M-RoPE models: [3, rows, T]
     unit_ids: torch.Tensor | None = None  # [rows, T], -1 on padding
     segment_ids: torch.Tensor | None = None  # [rows, T], -1 on prompt tokens
     last_token_positions: torch.Tensor | None = None  # [num_responses] flat index of each end
@@ -168,8 +169,11 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
     lengths = [0] * (len(examples) * per_example)
     ends = [0] * len(lengths)
     pictures = _ImageTable(images) if any(ex.images for ex in examples) else None
+    mrope = images is not None and images.mrope  # 3-D positions (data/vision_qwen.py)
+    position3: list = [[], [], []]
     for row_number, row in enumerate(rows):
         base, row_ids, row_pos, row_unit, row_seg = row_number * width, [], [], [], []
+        row_pos3: list = [[], [], []]
         for unit_in_row, unit in enumerate(row):
             e, slots = units[unit]
             prompt = examples[e].prompt_ids
@@ -177,6 +181,12 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
                 pictures.add(examples[e], slots[0], base + len(row_ids))
             row_ids += prompt
             row_pos += range(len(prompt))
+            if mrope:  # the prompt's grid positions; responses continue from `after`
+                prompt3, after = mrope_positions(
+                    prompt, images.image_token_id,
+                    [images.grid(image) for image in examples[e].images_of_slot(slots[0])])
+                for axis in range(3):
+                    row_pos3[axis] += prompt3[axis]
             row_unit += [unit_in_row] * len(prompt)
             row_seg += [-1] * len(prompt)
             last_prompt_position = base + len(row_ids) - 1
@@ -194,16 +204,25 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
                 lengths[k], ends[k] = len(response), start + len(response) - 1
                 row_ids += response
                 row_pos += range(len(prompt), len(prompt) + len(response))
+                if mrope:
+                    for axis in range(3):
+                        row_pos3[axis] += range(after, after + len(response))
                 row_unit += [unit_in_row] * len(response)
                 row_seg += [r] * len(response)
         pad = width - len(row_ids)
         ids.append(row_ids + [pad_token_id] * pad)
         position.append(row_pos + [0] * pad)
+        for axis in range(3):
+            position3[axis].append(row_pos3[axis] + [0] * pad)
         unit_of.append(row_unit + [-1] * pad)
         segment.append(row_seg + [-1] * pad)
     custom_mask = shared or packed
     long = functools.partial(torch.tensor, dtype=torch.long)
     units_tensor = long(unit_of)
+    if mrope:
+        positions = long(position3)
+    else:
+        positions = long(position) if custom_mask else None
     return Batch(
         input_ids=long(ids),
         attention_mask=(units_tensor >= 0).long(),
@@ -214,7 +233,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         example_indices=long([ex.index for ex in examples]),
         responses_per_example=per_example,
         scores=_collate_scores(examples),
-        position_ids=long(position) if custom_mask else None,
+        position_ids=positions,
         unit_ids=units_tensor if custom_mask else None,
         segment_ids=long(segment) if custom_mask else None,
         last_token_positions=long(ends),

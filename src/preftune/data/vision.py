@@ -3,7 +3,9 @@
 Text is tokenized exactly as for language models (``tokenize.py``: chat template, exact
 prompt/response boundary); each image placeholder in the prompt ids is then replaced by the
 tokens the model's processor writes for that image (LLaVA: N ``<image>`` tokens; Idefics3 /
-SmolVLM: the image tokens wrapped in ``<fake_token_around_image>``...). When a batch is built the
+SmolVLM: the image tokens wrapped in ``<fake_token_around_image>``...; Qwen2-VL:
+``<|vision_start|><|image_pad|>...<|vision_end|>``, whose grid also sets the M-RoPE positions,
+``vision_qwen.py``). When a batch is built the
 distinct images of the batch are turned into the processor's pixel inputs once, whatever the
 layout, and the model's image features are scattered onto the image-token positions of every
 row that shows them (``model/forward.py``).
@@ -15,22 +17,28 @@ import torch
 
 from .images import PLACEHOLDER, ImageRef
 from .records import DataError
+from .vision_qwen import VISION_END, VISION_START
 
 
 class ImageInputs:
     """A processor's image side, attached to its tokenizer as ``tokenizer.image_inputs``."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, mrope: bool = False):
         self.processor = processor
         tokenizer = processor.tokenizer
         self.image_token = processor.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        # M-RoPE models (Qwen2-VL): 3-D positions from each image's grid (data/vision_qwen.py)
+        self.mrope = mrope
         # the text that stands for one image in a rendered prompt (Qwen2-VL wraps its token)
         start, end = (getattr(processor, name, None) for name in ("vision_start_token",
                                                                   "vision_end_token"))
+        if mrope and not (start and end):
+            start, end = VISION_START, VISION_END
         self.image_text = f"{start}{self.image_token}{end}" if start and end else self.image_token
         self.span = tokenizer(self.image_text, add_special_tokens=False)["input_ids"]
         self._expansions: dict = {}
+        self._grids: dict = {}
 
     def prompt_text(self, text: str) -> str:
         """A plain-string prompt with ``<image>`` placeholders in the model's own image text."""
@@ -44,7 +52,20 @@ class ImageInputs:
         if size not in self._expansions:
             out = self.processor(text=[self.image_text], images=[pil], add_special_tokens=False)
             self._expansions[size] = list(out["input_ids"][0])
+            if "image_grid_thw" in out:  # Qwen2-VL: (t, h, w) in patches, before the merge
+                merge = self.processor.image_processor.merge_size
+                t, h, w = (int(n) for n in out["image_grid_thw"][0])
+                self._grids[size] = (t, h // merge, w // merge)
         return self._expansions[size]
+
+    def grid(self, image: ImageRef) -> tuple:
+        """An M-RoPE model's (t, h, w) grid of ``image`` in image tokens (after the merge)."""
+        if image.key not in self._grids:  # by content: collate asks for each unit
+            size = image.load().size
+            if size not in self._grids:
+                self.expansion(image)
+            self._grids[image.key] = self._grids[size]
+        return self._grids[image.key]
 
     def expand(self, prompt_ids: list[int], images: tuple, origin: str) -> tuple[list, list]:
         """``prompt_ids`` with each image placeholder replaced by its image's tokens, and the

@@ -72,6 +72,7 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
     Prefix-shared and packed rows get their visibility rule (each response sees its prompt and
     itself; units never see each other) with positions that restart after the prompt, as a
     FlexAttention block mask when the model runs flex_attention, else as a dense additive mask.
+    M-RoPE models (Qwen2-VL) get their 3-D positions in every layout (built in ``collate``).
     Padded rows without padding need no mask; with padding, SDPA and eager attention get the
     [rows, 1, T, T] mask built here, because transformers would otherwise test the 2-D mask for
     padding on every forward (a read of device memory per call); other attention kernels
@@ -79,12 +80,11 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
     ``vlm`` for their image features (``embed_with_images``).
     """
     implementation = config._attn_implementation
+    positions = batch.position_ids  # None for padded rows, unless 3-D (M-RoPE models)
     if batch.unit_ids is not None:
-        positions = batch.position_ids
         mask = batch.block_mask() if implementation == "flex_attention" \
             else batch.attention_bias(decoder.dtype)
     else:
-        positions = None
         if batch.real_tokens == batch.attention_mask.numel():
             mask = None
         elif implementation in ("sdpa", "eager"):

