@@ -46,7 +46,6 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
                 samples: int = 2, max_new_tokens: int = 32) -> Path:
     """Train, evaluate and report every objective; write leaderboard.md/.json/.png."""
     from .evaluate.run_eval import EvalOptions, run_eval
-    from .report import write_report
     from .train.loop import train
 
     tree = read_tree(config_path, overrides)
@@ -72,16 +71,8 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     for name in objectives:
         run_dir = root / name
         tree = _config_for(base.model_dump(), name, run_dir)
-        fingerprint = hashlib.sha256(json.dumps(
-            [tree, eval_data, scorer, samples, max_new_tokens], sort_keys=True).encode()).hexdigest()
-        done = run_dir / "compare_entry.json"
-        if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
-            print(f"[compare] {name}: finished earlier with the same settings, skipped")
-            entries.append(json.loads(done.read_text()))
-            continue
-        print(f"\n[compare] {name}: training in {run_dir}")
-        entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
-        try:
+
+        def work(entry: dict, tree=tree, name=name, run_dir=run_dir) -> None:
             started = time.perf_counter()
             # an earlier, different or failed run of this entry is moved aside, not reused
             train(build_config(tree, f"{config_path} with objective {name}"), overwrite=True)
@@ -95,16 +86,36 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
                 max_prompt_length=base.data.max_prompt_length or base.data.max_length - 1))
             entry["eval_minutes"] = (time.perf_counter() - started) / 60
             entry.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
-            write_report(run_dir)
-            entry["report"] = str(run_dir / "report.html")
-        except Exception as error:  # one failing objective must not lose the others
-            entry["error"] = f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-        else:
-            done.write_text(json.dumps(entry, indent=2) + "\n")
-        entries.append(entry)
+
+        entries.append(run_entry(name, run_dir, [tree, eval_data, scorer, samples,
+                                                 max_new_tokens], work))
     _write_leaderboard(root, entries, eval_data, scorer)
     return root
+
+
+def run_entry(name: str, run_dir: Path, settings: list, work) -> dict:
+    """One leaderboard entry: skipped when it finished earlier with the same ``settings``;
+    else ``work(entry)`` trains and evaluates into ``entry``, then the run's report is
+    written. A failure is recorded in the entry, so one objective cannot lose the others."""
+    from .report import write_report
+
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    done = run_dir / "compare_entry.json"
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        print(f"[compare] {name}: finished earlier with the same settings, skipped")
+        return json.loads(done.read_text())
+    print(f"\n[compare] {name}: training in {run_dir}")
+    entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
+    try:
+        work(entry)
+        write_report(run_dir)
+        entry["report"] = str(run_dir / "report.html")
+    except Exception as error:  # one failing objective must not lose the others
+        entry["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    else:
+        done.write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
 
 
 def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) -> Path:

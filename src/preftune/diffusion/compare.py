@@ -6,10 +6,8 @@ same settings is not trained again, so an interrupted comparison resumes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-import traceback
 from pathlib import Path
 
 from ..config import ConfigError
@@ -32,8 +30,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
                       scorer: str | None) -> Path:
     """Train, evaluate (win rate vs the base pipeline) and report every objective; write the
     leaderboard through the text comparison's writer."""
-    from ..compare import _write_leaderboard
-    from ..report import write_report
+    from ..compare import _write_leaderboard, run_entry
     from .config import DiffusionConfig
     from .evaluate import evaluate_diffusion, image_scorer
     from .losses import get_diffusion_loss
@@ -65,16 +62,8 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
         run_tree = json.loads(json.dumps(base.model_dump()))
         run_tree.update(objective={"name": name}, output_dir=str(run_dir))
         run_tree["reference"]["strategy"] = "auto"
-        fingerprint = hashlib.sha256(json.dumps([run_tree, scorer], sort_keys=True)
-                                     .encode()).hexdigest()
-        done = run_dir / "compare_entry.json"
-        if done.exists() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
-            print(f"[compare] {name}: finished earlier with the same settings, skipped")
-            entries.append(json.loads(done.read_text()))
-            continue
-        print(f"\n[compare] {name}: training in {run_dir}")
-        entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
-        try:
+
+        def work(entry: dict, run_tree=run_tree, run_dir=run_dir) -> None:
             started = time.perf_counter()
             train_diffusion(DiffusionConfig.from_dict(run_tree), overwrite=True)
             entry["train_minutes"] = (time.perf_counter() - started) / 60
@@ -85,14 +74,8 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
                           "win_rate/policy_score": results["mean_score/policy"],
                           "win_rate/reference_score": results["mean_score/reference"]})
             entry.update(_last_train_metrics(run_dir))
-            write_report(run_dir)
-            entry["report"] = str(run_dir / "report.html")
-        except Exception as error:  # one failing objective must not lose the others
-            entry["error"] = f"{type(error).__name__}: {error}"
-            traceback.print_exc()
-        else:
-            done.write_text(json.dumps(entry, indent=2) + "\n")
-        entries.append(entry)
+
+        entries.append(run_entry(name, run_dir, [run_tree, scorer], work))
     held_out = (f"{len(samples.prompts)} prompts x {len(samples.seeds)} seeds "
                 f"(samples.prompts of {config_path})")
     _write_leaderboard(root, entries, held_out, scorer)
