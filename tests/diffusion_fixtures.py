@@ -81,3 +81,18 @@ def brightness_scorer(prompts, images, timesteps):
 def constant_scorer(prompts, images, timesteps):
     """Every candidate scores the same: every pool is a tie."""
     return [0.5] * len(prompts)
+
+
+def tiny_latent_pipeline(directory: Path) -> Path:
+    """A tiny pipeline with a random VAE (4 latent channels) and a UNet over 8x8 latents."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    pipe = tiny_pipeline(directory)
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=4,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(pipe / "vae")
+    config = UNet2DConditionModel.load_config(pipe / "unet")
+    UNet2DConditionModel.from_config({**config, "in_channels": 4, "out_channels": 4,
+                                      "sample_size": 8}).save_pretrained(pipe / "unet")
+    return pipe

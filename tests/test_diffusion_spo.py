@@ -14,7 +14,8 @@ from accelerate import Accelerator  # noqa: E402
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
 
 import diffusion_fixtures  # noqa: E402
-from diffusion_fixtures import (config_tree, one_thread, tiny_pipeline,  # noqa: E402, F401
+from diffusion_fixtures import (config_tree, one_thread, tiny_latent_pipeline,  # noqa: E402, F401
+                                tiny_pipeline,
                                 write_prompts)
 from preftune.cli import main  # noqa: E402
 from preftune.config import ConfigError  # noqa: E402
@@ -246,16 +247,7 @@ def test_adapter_off_reference_is_the_base_denoiser(files, tmp_path):
 
 def test_latent_pipeline_scores_decoded_pixels(files, tmp_path):
     """With vae/ the pools are latents; the scorer sees the VAE's decoding of x0."""
-    from diffusers import AutoencoderKL
-
-    pipe = tiny_pipeline(tmp_path / "latent")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                  down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=4,
-                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(pipe / "vae")
-    config = UNet2DConditionModel.load_config(pipe / "unet")
-    UNet2DConditionModel.from_config({**config, "in_channels": 4, "out_channels": 4,
-                                      "sample_size": 8}).save_pretrained(pipe / "unet")
+    pipe = tiny_latent_pipeline(tmp_path / "latent")
     task = make_task((pipe, files[1]), tmp_path, params={
         "scorer": "diffusion_fixtures:brightness_scorer", "steps_per_trajectory": 1})
     diffusion_fixtures.SCORED.clear()

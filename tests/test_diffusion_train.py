@@ -15,7 +15,8 @@ pytest.importorskip("diffusers")
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 
-from diffusion_fixtures import (config_tree, one_thread, tiny_pipeline,  # noqa: E402, F401
+from diffusion_fixtures import (config_tree, one_thread, tiny_latent_pipeline,  # noqa: E402, F401
+                                tiny_pipeline,
                                 write_pairs)
 from preftune.cli import main  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
@@ -136,16 +137,7 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
 
 def test_latent_pipeline_with_a_vae_trains_and_samples(files, tmp_path):
     """With vae/ the denoiser works on VAE latents: pairs are encoded, samples decoded."""
-    from diffusers import AutoencoderKL
-
-    pipe = tiny_pipeline(tmp_path / "latent")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                  down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=4,
-                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(pipe / "vae")
-    config = UNet2DConditionModel.load_config(pipe / "unet")
-    UNet2DConditionModel.from_config({**config, "in_channels": 4, "out_channels": 4,
-                                      "sample_size": 8}).save_pretrained(pipe / "unet")
+    pipe = tiny_latent_pipeline(tmp_path / "latent")
     output, _ = trained((pipe, files[1]), tmp_path, train={"max_steps": 1},
                         samples={"prompts": ["a red circle"], "seeds": [0], "steps": 2})
     model = load_diffusion_model(output / "model")

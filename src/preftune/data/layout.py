@@ -212,17 +212,15 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         pad = width - len(row_ids)
         ids.append(row_ids + [pad_token_id] * pad)
         position.append(row_pos + [0] * pad)
-        for axis in range(3):
-            position3[axis].append(row_pos3[axis] + [0] * pad)
+        if mrope:
+            for axis in range(3):
+                position3[axis].append(row_pos3[axis] + [0] * pad)
         unit_of.append(row_unit + [-1] * pad)
         segment.append(row_seg + [-1] * pad)
     custom_mask = shared or packed
     long = functools.partial(torch.tensor, dtype=torch.long)
     units_tensor = long(unit_of)
-    if mrope:
-        positions = long(position3)
-    else:
-        positions = long(position) if custom_mask else None
+    positions = long(position3) if mrope else long(position) if custom_mask else None
     return Batch(
         input_ids=long(ids),
         attention_mask=(units_tensor >= 0).long(),
