@@ -4,6 +4,7 @@ of the reference pass."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -132,3 +133,48 @@ def test_a_reward_model_trains_on_two_processes_like_on_one(tmp_path):
     ours, theirs = final_weights(two), final_weights(one)
     for name in theirs:  # (gradients summed in another order: float rounding, ~1e-6 here)
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_two_machines_of_one_process_each_equal_one_process(workspace, tmp_path):  # noqa: F811
+    """The multi-machine launch (one launcher per machine, here both on this one): node ranks
+    find each other through the main address and train like one process."""
+    one = run(workspace, "one-process-nodes", train__batch_size=8, train__max_steps=3)
+    tree = yaml.safe_load((one / "config.yaml").read_text())
+    tree["output_dir"], tree["train"]["batch_size"] = str(workspace / "runs" / "two-nodes"), 4
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "preftune", "train", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:]
+    two = workspace / "runs" / "two-nodes"
+    assert json.loads((two / "run.json").read_text())["processes"] == 2
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    ours, theirs = final_weights(two), final_weights(one)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    assert "done: model in" in outputs[0][0] and outputs[1][0] == ""  # the first one speaks
+
+
+def test_processes_that_cannot_see_each_other_are_stopped(workspace, tmp_path):  # noqa: F811
+    one = run(workspace, "alone-base", train__max_steps=1)
+    tree = yaml.safe_load((one / "config.yaml").read_text())
+    tree["output_dir"] = str(workspace / "runs" / "alone")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "preftune", "train", str(config)],
+                          capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode != 0
+    assert "2 processes were launched but each runs alone" in done.stderr
+    assert "ACCELERATE_USE_CPU=true" in done.stderr
+    assert not (workspace / "runs" / "alone").exists()

@@ -122,6 +122,30 @@ def test_interrupt_and_resume_matches_uninterrupted(workspace, monkeypatch):
     assert_same_weights(straight, resumed)
 
 
+def test_checkpoints_key_optimizer_state_by_name_and_old_positional_ones_still_resume(
+        workspace, monkeypatch):
+    from preftune.train import checkpoint
+
+    settings = dict(train__max_steps=4, train__save_every=2, train__batch_size=4)
+    straight = run(workspace, "names-straight", **settings)
+    named = crashed_run(workspace, "names-new", monkeypatch, 2, **settings)
+    state = torch.load(named / "checkpoints" / "step-00000002" / "optimizer.pt",
+                       weights_only=True)
+    assert "model.model.layers.0.self_attn.q_proj.weight" in state["state"]
+    # the format of earlier versions: torch's positional state dict
+    monkeypatch.setattr(checkpoint, "get_optimizer_state_dict",
+                        lambda model, optimizer, options: optimizer.state_dict())
+    old = crashed_run(workspace, "names-old", monkeypatch, 2, **settings)
+    monkeypatch.undo()
+    state = torch.load(old / "checkpoints" / "step-00000002" / "optimizer.pt", weights_only=True)
+    assert set(state["state"]) == set(range(len(state["state"])))
+    for interrupted in (named, old):
+        resumed = loop.train(build_config(_tree_of(interrupted)), resume=True,
+                             show_progress=False)
+        assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+        assert_same_weights(straight, resumed, atol=0)
+
+
 def _tree_of(output_dir: Path) -> dict:
     import yaml
 

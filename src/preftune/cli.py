@@ -4,6 +4,7 @@ objectives | config``. Each command calls the function of ``preftune.api`` that 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -313,16 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.records import DataError
 
+    from .train.logging import speaks
     from .train.trainer import TrainingStopped
 
     args = build_parser().parse_args(argv)
+    talks = speaks()  # under a launcher, the first process speaks for all of them
+    if not talks:
+        sys.stdout = open(os.devnull, "w")
     try:
         args.run(args)
     except (ConfigError, DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if talks:  # (every process reads the same config and data)
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        print(str(stopped), file=sys.stderr)
+        if talks:
+            print(str(stopped), file=sys.stderr)
         return 130
     return 0
 

@@ -119,12 +119,21 @@ class LogpModel(nn.Module):
         if getattr(lm.get_output_embeddings(), "bias", None) is not None:
             raise NotImplementedError("output projections with a bias are not supported yet.")
 
-    def forward(self, batch: Batch, reference: tuple | None = None):
+    @property
+    def _no_split_modules(self):  # FSDP's default wrapping: the decoder layers of the model
+        return getattr(causal_lm_of(self.model), "_no_split_modules", None)
+
+    def forward(self, batch: Batch, reference: tuple | None = None, hidden: bool = False,
+                layer_means: bool = False):
         """Log-probs of the batch's response tokens, [response tokens] in fp32.
 
         With ``reference = (ref_hidden, ref_weight)`` (see ``hidden_and_weight``) it returns
-        ``(token_logps, token_kl)``, adding each position's KL(pi_ref || pi_theta).
+        ``(token_logps, token_kl)``, adding each position's KL(pi_ref || pi_theta). With
+        ``hidden`` it returns ``hidden_and_weight(batch, layer_means)`` instead (through
+        ``forward``, so FSDP gathers the weights it needs).
         """
+        if hidden:
+            return self.hidden_and_weight(batch, layer_means)
         hidden, weight = self.hidden_and_weight(batch)
         if reference is None:
             return chunked_token_logps(hidden, weight, batch.target_tokens, self.chunk_tokens)

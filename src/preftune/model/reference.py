@@ -64,7 +64,7 @@ def _stats_with_hidden(logp_model: LogpModel, batch: Batch, per_token: bool):
     """The reference's stats and (hidden, weight). With per_token the stats also carry
     ``token_activation``: per response token, the min-max rescaled feature mean of each layer's
     output over that response, averaged over layers (in [0, 1]; SparsePO's reference mask)."""
-    hidden, weight, *layer_means = logp_model.hidden_and_weight(batch, layer_means=per_token)
+    hidden, weight, *layer_means = logp_model(batch, hidden=True, layer_means=per_token)
     token_logps = chunked_token_logps(hidden, weight, batch.target_tokens, logp_model.chunk_tokens)
     stats = sequence_stats(token_logps, batch, per_token)
     if per_token:

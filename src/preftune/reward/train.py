@@ -20,7 +20,7 @@ from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
 from ..train.output import start_run
-from ..train.trainer import Trainer, add_metrics, count_steps, means
+from ..train.trainer import Trainer, add_metrics, check_engine, count_steps, means
 from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
 from .heads import Head
@@ -120,6 +120,13 @@ class RewardTask:
         module.train(was_training)
         return means(totals)
 
+    def unsharded(self, state: dict) -> RewardModel:
+        """A plain (unsharded) copy of the reward model holding ``state``, the gathered weights
+        of a sharded run."""
+        copy = reward_model_from(self.config, self.head)[0]
+        copy.load_state_dict(state)
+        return copy
+
     def save(self, module, output_dir: Path):
         lora = self.config.model.lora
         module.save_pretrained(output_dir, self.tokenizer, self.saved_record(),
@@ -138,15 +145,23 @@ class RewardTask:
                 "dtype": self.config.model.dtype}
 
 
+def reward_model_from(config: RewardConfig, head, lora: bool = True):
+    """(RewardModel, tokenizer) built from model.path, with LoRA attached if configured."""
+    model, tokenizer = load_backbone(config.model.path, head, config.model.dtype,
+                                     config.model.trust_remote_code,
+                                     config.model.attn_implementation)
+    reward_model = RewardModel(model, head)
+    if lora and config.model.lora is not None:
+        reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
+    return reward_model, tokenizer
+
+
 def reward_task(config: RewardConfig, accelerator: Accelerator):
     """Load the backbone and data, attach LoRA; returns (task, total_steps)."""
     cfg = config.train
     head, detected_head = detect_attributes(config)
     spec = get_reward_loss(config.loss.name)
-    model, tokenizer = load_backbone(config.model.path, head, config.model.dtype,
-                                     config.model.trust_remote_code,
-                                     config.model.attn_implementation)
-    reward_model = RewardModel(model, head)
+    reward_model, tokenizer = reward_model_from(config, head, lora=False)
     tokenize = tokenize_records if reward_model.last_token else encoder_examples
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed, tokenize=tokenize)
@@ -175,7 +190,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
         layout = choose_layout(train_examples) if cfg.layout == "auto" else cfg.layout
     make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
                                          cfg.max_row_tokens or config.data.max_length)
-    if config.model.lora is not None:
+    if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
     if cfg.gradient_checkpointing:
         causal_lm_of(reward_model.model).gradient_checkpointing_enable(
@@ -190,6 +205,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
                        show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train a reward model according to ``config``; returns the output directory."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
+    check_engine(accelerator, config.train)
     start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)
     task, total_steps = reward_task(config, accelerator)

@@ -27,7 +27,8 @@ class WeightProbe:
         self.start = [self._head(p).clone() for p in self.parameters]
 
     def _head(self, parameter):
-        return parameter.detach().reshape(-1)[: self.per_tensor]
+        local = getattr(parameter, "to_local", None)  # FSDP: this process's shard, no gather
+        return (local() if local else parameter).detach().reshape(-1)[: self.per_tensor]
 
     def moved(self) -> bool:
         return any(not torch.equal(self._head(p), s) for p, s in zip(self.parameters, self.start))

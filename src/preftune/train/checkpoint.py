@@ -4,6 +4,11 @@ A checkpoint holds exactly what resuming needs: trainable weights, optimizer and
 state, RNG states, the step and the global batch, all loadable without unpickling code
 (safetensors, and ``torch.load(weights_only=True)`` for the rest). It is written to a staging
 directory and renamed into place, so an interruption never leaves a half-written checkpoint.
+
+Weights and optimizer state are stored whole and keyed by parameter name, whatever the engine:
+under FSDP every process takes part in gathering them (``gather_training_state``) and the main
+process writes them, and loading shards them again, so a checkpoint resumes on any number of
+processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -17,27 +22,56 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 PREFIX = "step-"
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        name: param.detach().cpu().contiguous()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
+def gather_training_state(model, optimizer, keep: bool = True) -> tuple[dict, dict]:
+    """(trainable weights, optimizer state), whole, on the host, keyed by parameter name.
+
+    Under FSDP this is collective: every process must call it (sharded tensors are gathered one
+    at a time); ``keep=False`` (the processes that write nothing) drops what was gathered.
+    ``model`` is the prepared module (DDP/FSDP wrappers are looked through); ``optimizer`` a
+    torch optimizer (possibly wrapped by accelerate) or one with its own ``state_dict``.
+    """
+    weights = {}
+    for name, param in _unwrap(model).named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            if keep:
+                weights[name] = whole.detach().cpu().contiguous()
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if _standard(inner):
+        state = get_optimizer_state_dict(
+            model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:  # an optimizer of its own (AdamW in backward), never sharded
+        state = inner.state_dict()
+    return weights, (state if keep else {})
 
 
-def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, keep: int,
-                    global_batch: int | None = None) -> Path:
+def _standard(optimizer) -> bool:
+    """A torch optimizer with torch's own state dict (which torch can key by name and shard)."""
+    return (isinstance(optimizer, torch.optim.Optimizer)
+            and type(optimizer).state_dict is torch.optim.Optimizer.state_dict)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DDP's wrapper; FSDP2 shards in place
+
+
+def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: dict, scheduler,
+                    keep: int, global_batch: int | None = None) -> Path:
+    """Write a checkpoint of what ``gather_training_state`` returned (main process only)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{PREFIX}{step:08d}"
     staging = directory / f".staging-{PREFIX}{step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_file(trainable_state(model), staging / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    save_file(weights, staging / "trainable.safetensors")
+    torch.save(optimizer_state, staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     torch.save(  # only tensors and plain values: loadable with weights_only (no code runs)
@@ -65,17 +99,29 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
-    """Restore everything saved by ``save_checkpoint``; returns the step it was taken at."""
+    """Restore everything saved by ``save_checkpoint`` (every process reads it; sharded
+    parameters take their own shard); returns the step it was taken at."""
     state = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
+    params = dict(_unwrap(model).named_parameters())
     missing = [name for name in state if name not in params]
     if missing:
         raise ValueError(f"checkpoint {path} does not match the model: unknown {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value.to(params[name].device))
+            param = params[name]
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value.to(param.device), param.device_mesh,
+                                          param.placements)
+            param.copy_(value.to(param.device))
     # weights_only: tensors and plain values, never arbitrary pickled objects
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if _standard(inner) and all(
+            isinstance(key, str) for key in optimizer_state.get("state", {})):
+        set_optimizer_state_dict(model, inner, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:  # keyed by position: an optimizer of its own, or a checkpoint from before names
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

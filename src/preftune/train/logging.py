@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,10 +42,17 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
+def speaks() -> bool:
+    """Whether this process prints: the only one, or the first of a launch (``RANK`` 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False,
                  unit: str = "it", leave: bool = True):
-    """A bar on stderr showing done/total, elapsed < time left and the rate in ``unit``/s."""
-    return tqdm(total=total, initial=initial, desc=description, disable=disable, unit=unit,
+    """A bar on stderr showing done/total, elapsed < time left and the rate in ``unit``/s
+    (drawn by the process that ``speaks`` only)."""
+    return tqdm(total=total, initial=initial, desc=description, disable=disable or not speaks(),
+                unit=unit,
                 dynamic_ncols=True, file=sys.stderr, leave=leave)
 
 

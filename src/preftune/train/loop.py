@@ -32,7 +32,7 @@ from .checkpoint import save_final_model
 from .logging import progress, progress_bar
 from .output import start_run
 from .plan import plan
-from .trainer import Trainer, add_metrics, count_steps, means
+from .trainer import Trainer, add_metrics, check_engine, count_steps, means
 
 
 def build_reference(strategy, config, model, examples_by_split, make_batch, objective, device,
@@ -155,6 +155,16 @@ class PolicyTask:
                         self.objective, self.make_batch, self.config.train.batch_size,
                         self.device, step)
 
+    def unsharded(self, state: dict) -> LogpModel:
+        """A plain (unsharded) copy of the policy holding ``state``, the gathered weights of a
+        sharded run: the model of model.path, LoRA attached as in training."""
+        model = _attach_lora(load_model_and_tokenizer(
+            self.config.model.path, self.config.model.dtype, self.config.model.trust_remote_code,
+            allow_pickle=self.config.model.allow_pickle)[0], self.config)
+        copy = LogpModel(model, self.config.train.logps_chunk_tokens)
+        copy.load_state_dict(state)
+        return copy
+
     def save(self, module, output_dir: Path):
         save_merged = self.config.model.lora.save_merged if self.config.model.lora else True
         save_final_model(module.model, self.tokenizer, output_dir, save_merged)
@@ -249,6 +259,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     plan (layout, reference, memory estimate) and stops before the reference pass. An
     output_dir holding a run needs ``resume`` (same settings) or ``overwrite`` (moved aside)."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
+    check_engine(accelerator, config.train)
     if not plan_only:
         start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)

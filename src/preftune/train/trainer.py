@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -19,11 +20,13 @@ from typing import Callable, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from .alarms import Alarms, WeightProbe
 from .batches import MicroBatches
-from .checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoints, gather_training_state, load_checkpoint, save_checkpoint
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
@@ -169,7 +172,11 @@ class Trainer:
                                           weight_decay=cfg.weight_decay, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps), cfg.schedule))
+        check_engine(accelerator, cfg, task)
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
         self.module, self.optimizer = accelerator.prepare(task.module, optimizer)
+        # FSDP replaces the parameters by sharded ones (accelerate re-points the optimizer)
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.in_backward = optimizer if cfg.optimizer_in_backward else None
 
         self.start_step = 0
@@ -197,7 +204,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir}")
         for checkpoint in reversed(found):
             try:
-                step = load_checkpoint(checkpoint, self.unwrapped, self.optimizer,
+                step = load_checkpoint(checkpoint, self.module, self.optimizer,
                                        self.scheduler)
             except Exception as error:  # any damage: try the previous checkpoint
                 print(f"--resume: skipped {checkpoint}, which cannot be read "
@@ -265,7 +272,8 @@ class Trainer:
         if self.in_backward is not None:
             grad_norm = self.in_backward.grad_norm()  # its updates already ran (no clipping)
         else:
-            grad_norm = (self.accelerator.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            grad_norm = (_whole(self.accelerator.clip_grad_norm_(self.trainable,
+                                                                 cfg.max_grad_norm))
                          if cfg.max_grad_norm else _grad_norm(self.trainable))
             self._update_if_finite(sums["loss"][0], grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
@@ -313,10 +321,14 @@ class Trainer:
             self.optimizer.step()
 
     def save(self, step: int) -> Path:
-        """A checkpoint after ``step`` steps, written by the main process only."""
+        """A checkpoint after ``step`` steps, written by the main process only (under FSDP
+        every process helps gather the weights and optimizer state)."""
         path = self.checkpoint_dir / f"step-{step:08d}"
+        if self.main or self.sharded:
+            weights, optimizer_state = gather_training_state(self.module, self.optimizer,
+                                                             keep=self.main)
         if self.main:
-            path = save_checkpoint(self.checkpoint_dir, step, self.unwrapped, self.optimizer,
+            path = save_checkpoint(self.checkpoint_dir, step, weights, optimizer_state,
                                    self.scheduler, self.cfg.keep_checkpoints,
                                    global_batch=self.examples_per_step)
         self.accelerator.wait_for_everyone()
@@ -336,11 +348,16 @@ class Trainer:
         """Save the trained model and ``run.json`` (main process); returns the output dir."""
         self.bar.close()
         self.batches.close()
+        module = self.unwrapped
+        if self.sharded:  # gathered (every process takes part), loaded into a plain copy
+            state = self.accelerator.get_state_dict(self.module)
+            module = self.task.unsharded(state) if self.main else None
         if self.main:
             self.log.close()
-            self.task.save(self.unwrapped, self.output_dir)
+            self.task.save(module, self.output_dir)
             info = {**self.task.run_info(), "device": self.accelerator.device.type,
-                    "processes": self.world, "steps": self.total_steps,
+                    "processes": self.world, "engine": self.accelerator.distributed_type.value,
+                    "steps": self.total_steps,
                     "train_examples": len(self.task.train_examples),
                     "eval_examples": len(self.task.eval_examples)}
             (self.output_dir / "run.json").write_text(json.dumps(info, indent=2))
@@ -350,5 +367,36 @@ class Trainer:
 
 
 def _grad_norm(parameters) -> torch.Tensor:
-    grads = [p.grad.norm() for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return _whole(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(0.0)
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A norm over sharded gradients is itself a DTensor: its full value, still on the device."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
+    """What the launched engine cannot do here, said before any work (and, with ``task``,
+    again once the task is known)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise ConfigError(
+            f"{launched} processes were launched but each runs alone (accelerate found no GPU "
+            "to connect them): on CPU set ACCELERATE_USE_CPU=true (gloo), e.g. "
+            "`ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2 -m "
+            "preftune train CONFIG`.")
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED:
+        raise ConfigError("DeepSpeed is not supported yet: launch with FSDP2 "
+                          "(examples/accelerate/fsdp2.yaml), which shards weights, gradients "
+                          "and optimizer state like ZeRO-3, or with DDP (ddp.yaml).")
+    if engine != DistributedType.FSDP:
+        return
+    if cfg.optimizer_in_backward:
+        raise ConfigError("train.optimizer_in_backward does not work under FSDP (it updates each "
+                          "weight in its backward hook, before the gradient is sharded); turn "
+                          "it off, or use DDP.")
+    if task is not None and not hasattr(task, "unsharded"):
+        raise ConfigError(f"{task.name} training does not run under FSDP yet; launch it with "
+                          "DDP (examples/accelerate/ddp.yaml) or on one process.")

@@ -1,0 +1,154 @@
+"""FSDP2 through accelerate (gloo, 2 CPU processes): sharded training equals one unsharded
+process with the same global batch; checkpoints and the final model are gathered to plain
+files that resume on any number of processes and load in transformers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train_loop import (assert_same_weights, crashed_run, losses, run,  # noqa: F401
+                             workspace)
+
+from preftune.config import build_config
+from preftune.train import loop
+from preftune.train.logging import read_metrics
+
+LAUNCHER = Path(__file__).with_name("fsdp_on_cpu.py")
+EXAMPLE = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+
+
+def fsdp2_environment() -> dict:
+    """The variables ``accelerate launch --config_file examples/accelerate/fsdp2.yaml`` sets,
+    computed by accelerate itself (its launcher would not start FSDP on a machine without
+    GPUs)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(EXAMPLE), "script.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def launch(config: Path, *args, command=("train",)):
+    """``preftune train CONFIG ARGS`` (or another command) on 2 CPU processes under FSDP2."""
+    env = {**os.environ, **fsdp2_environment(), "ACCELERATE_USE_CPU": "true",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(LAUNCHER), *command, str(config), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def sharded_config(one: Path, tmp_path: Path, name: str, batch_size: int) -> Path:
+    tree = yaml.safe_load((one / "config.yaml").read_text())
+    tree["output_dir"] = str(one.parent / name)
+    tree["train"]["batch_size"] = batch_size
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    return config
+
+
+@pytest.mark.parametrize("layout,objective,strategy,clip", [
+    ("padded", "dpo", "precomputed", None),
+    ("prefix_shared", "tdpo", "live", 1.0),  # tdpo: the reference's hidden states and weights
+    ("prefix_shared", "tdpo", "adapter-off", None)])  # LoRA: adapters off on the sharded model
+def test_fsdp2_on_two_processes_equals_one_unsharded_process(workspace, tmp_path,  # noqa: F811
+                                                             layout, objective, strategy, clip):
+    name = f"fsdp-{layout}-{objective}-{strategy}"
+    lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
+    one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
+              train__layout=layout, objective={"name": objective}, train__max_grad_norm=clip,
+              reference__strategy=strategy, **lora)
+    done = launch(sharded_config(one, tmp_path, name, 4))
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = one.parent / name
+    assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]
+    info = json.loads((two / "run.json").read_text())
+    assert (info["engine"], info["processes"]) == ("FSDP", 2)
+    assert done.stdout.count("done: model in") == 1  # the first process speaks for both
+    assert done.stderr.count(f"train {objective}:   0%") == 1
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    grad_norms = [r["grad_norm"] for r in read_metrics(two / "metrics.jsonl")]
+    assert grad_norms == pytest.approx([r["grad_norm"] for r in read_metrics(one / "metrics.jsonl")],
+                                       rel=1e-5)
+    saved = "adapter/adapter_model" if lora else "model/model"  # gathered: a plain HF dir
+    ours = load_file(two / f"{saved}.safetensors")
+    theirs = load_file(one / f"{saved}.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+    if lora:  # the merged model too
+        assert_same_weights(two, one, atol=1e-6)
+
+
+def test_checkpoints_move_between_fsdp_and_one_process(workspace, tmp_path,  # noqa: F811
+                                                       monkeypatch):
+    settings = dict(train__batch_size=8, train__max_steps=4, train__save_every=2)
+    straight = run(workspace, "fsdp-resume-straight", **settings)
+    # one process writes the step-2 checkpoint and dies; two sharded processes finish the run
+    crashed = crashed_run(workspace, "fsdp-resume-from-one", monkeypatch, 2, **settings)
+    done = launch(sharded_config(crashed, tmp_path, crashed.name, 4), "--resume")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resumed from" in done.stdout and "step 2" in done.stdout
+    assert losses(crashed) == pytest.approx(losses(straight), rel=1e-6)
+    assert_same_weights(crashed, straight, atol=1e-6)
+    # two sharded processes write the checkpoint (gathered); one plain process resumes it
+    sharded = sharded_config(straight, tmp_path, "fsdp-resume-from-two", 4)
+    done = launch(sharded)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = straight.parent / "fsdp-resume-from-two"
+    assert (out / "checkpoints" / "step-00000002").is_dir()
+    shutil.rmtree(out / "model")
+    tree = yaml.safe_load(sharded.read_text())
+    tree["train"]["batch_size"] = 8
+    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6)
+    assert_same_weights(resumed, straight, atol=1e-6)
+
+
+def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path):  # noqa: F811
+    one = run(workspace, "fsdp-refused-base", train__max_steps=1)
+    config = sharded_config(one, tmp_path, "fsdp-refused", 4)
+    tree = yaml.safe_load(config.read_text())
+    tree["train"]["optimizer_in_backward"] = True
+    config.write_text(yaml.safe_dump(tree))
+    done = launch(config)
+    assert done.returncode != 0
+    assert "train.optimizer_in_backward does not work under FSDP" in done.stderr
+    assert "reference logps" not in done.stderr + done.stdout  # stopped before the reference pass
+    assert not (one.parent / "fsdp-refused").exists()  # nothing written
+
+
+def test_a_reward_model_trains_under_fsdp2_like_on_one_process(tmp_path):
+    from test_reward_model import digit_pairs, write_jsonl
+    from tiny_models import save_tiny_model_dir
+    from transformers import AutoModelForSequenceClassification
+
+    from preftune.reward.config import build_reward_config
+    from preftune.reward.train import train_reward_model
+
+    model_dir = save_tiny_model_dir(tmp_path / "decoder")
+    data = write_jsonl(tmp_path / "pairs.jsonl", digit_pairs(64, 1))
+    tree = {"output_dir": str(tmp_path / "one"), "model": {"path": str(model_dir)},
+            "data": {"train": str(data)},
+            "train": {"learning_rate": 3e-3, "batch_size": 8, "max_steps": 3,
+                      "warmup_ratio": 0.0, "seed": 0}}
+    one = train_reward_model(build_reward_config(tree), show_progress=False)
+    tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
+    config = tmp_path / "rm.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    done = launch(config, command=("rm", "train"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = tmp_path / "two"
+    assert json.loads((two / "run.json").read_text())["engine"] == "FSDP"
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    ours = AutoModelForSequenceClassification.from_pretrained(two / "model")  # a plain HF dir
+    theirs = AutoModelForSequenceClassification.from_pretrained(one / "model")
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
