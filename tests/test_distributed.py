@@ -106,9 +106,13 @@ def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, 
     assert refused.returncode == 2 and "train.batch_size: 4 -> 2" in refused.stderr
 
 
-def test_a_reward_model_trains_on_two_processes_like_on_one(tmp_path):
+def reward_model_on_two_processes_equals_one(tmp_path, launch_two, engine: str) -> None:
+    """A tiny reward model trained by one process (batch 8) and by ``launch_two(config)``, a
+    2-process ``preftune rm train`` (batch 4 each): same losses, and final weights that
+    transformers loads, equal."""
     from test_reward_model import digit_pairs, write_jsonl
     from tiny_models import save_tiny_model_dir
+    from transformers import AutoModelForSequenceClassification
 
     from preftune.reward.config import build_reward_config
     from preftune.reward.train import train_reward_model
@@ -123,16 +127,24 @@ def test_a_reward_model_trains_on_two_processes_like_on_one(tmp_path):
     tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
     config = tmp_path / "rm.yaml"
     config.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "preftune", "rm", "train", str(config)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch_two(config)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     two = tmp_path / "two"
-    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
-    ours, theirs = final_weights(two), final_weights(one)
-    for name in theirs:  # (gradients summed in another order: float rounding, ~1e-6 here)
-        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-5, msg=name)
+    assert json.loads((two / "run.json").read_text())["engine"] == engine
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    ours = AutoModelForSequenceClassification.from_pretrained(two / "model")
+    theirs = AutoModelForSequenceClassification.from_pretrained(one / "model")
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        # (gradients summed in another order: float rounding, ~1e-6 here)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_reward_model_trains_on_two_processes_like_on_one(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    reward_model_on_two_processes_equals_one(tmp_path, lambda config: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "-m", "preftune", "rm", "train", str(config)],
+        capture_output=True, text=True, env=env, timeout=600), engine="MULTI_CPU")
 
 
 def test_two_machines_of_one_process_each_equal_one_process(workspace, tmp_path):  # noqa: F811

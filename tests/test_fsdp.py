@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_distributed import reward_model_on_two_processes_equals_one
 from test_train_loop import (assert_same_weights, crashed_run, losses, run,  # noqa: F401
                              workspace)
 
@@ -20,7 +21,7 @@ from preftune.config import build_config
 from preftune.train import loop
 from preftune.train.logging import read_metrics
 
-LAUNCHER = Path(__file__).with_name("fsdp_on_cpu.py")
+LAUNCHER = Path(__file__).with_name("sharding_on_cpu.py")
 EXAMPLE = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
 
 
@@ -36,10 +37,10 @@ def fsdp2_environment() -> dict:
     return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
 
 
-def launch(config: Path, *args, command=("train",)):
-    """``preftune train CONFIG ARGS`` (or another command) on 2 CPU processes under FSDP2."""
-    env = {**os.environ, **fsdp2_environment(), "ACCELERATE_USE_CPU": "true",
-           "OMP_NUM_THREADS": "1"}
+def launch(config: Path, *args, command=("train",), engine=fsdp2_environment):
+    """``preftune train CONFIG ARGS`` (or another command) on 2 CPU processes under FSDP2 (or
+    the engine whose variables ``engine()`` returns)."""
+    env = {**os.environ, **engine(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            str(LAUNCHER), *command, str(config), *args],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -126,29 +127,5 @@ def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path):  #
 
 
 def test_a_reward_model_trains_under_fsdp2_like_on_one_process(tmp_path):
-    from test_reward_model import digit_pairs, write_jsonl
-    from tiny_models import save_tiny_model_dir
-    from transformers import AutoModelForSequenceClassification
-
-    from preftune.reward.config import build_reward_config
-    from preftune.reward.train import train_reward_model
-
-    model_dir = save_tiny_model_dir(tmp_path / "decoder")
-    data = write_jsonl(tmp_path / "pairs.jsonl", digit_pairs(64, 1))
-    tree = {"output_dir": str(tmp_path / "one"), "model": {"path": str(model_dir)},
-            "data": {"train": str(data)},
-            "train": {"learning_rate": 3e-3, "batch_size": 8, "max_steps": 3,
-                      "warmup_ratio": 0.0, "seed": 0}}
-    one = train_reward_model(build_reward_config(tree), show_progress=False)
-    tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
-    config = tmp_path / "rm.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    done = launch(config, command=("rm", "train"))
-    assert done.returncode == 0, done.stderr[-4000:]
-    two = tmp_path / "two"
-    assert json.loads((two / "run.json").read_text())["engine"] == "FSDP"
-    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
-    ours = AutoModelForSequenceClassification.from_pretrained(two / "model")  # a plain HF dir
-    theirs = AutoModelForSequenceClassification.from_pretrained(one / "model")
-    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    reward_model_on_two_processes_equals_one(
+        tmp_path, lambda config: launch(config, command=("rm", "train")), engine="FSDP")

@@ -119,6 +119,11 @@ class LogpModel(nn.Module):
         if getattr(lm.get_output_embeddings(), "bias", None) is not None:
             raise NotImplementedError("output projections with a bias are not supported yet.")
 
+    def external_weights(self) -> list:
+        """Weights used outside their module's forward: the output projection (ZeRO-3 must
+        gather it for this module's forward)."""
+        return [causal_lm_of(self.model).get_output_embeddings().weight]
+
     @property
     def _no_split_modules(self):  # FSDP's default wrapping: the decoder layers of the model
         return getattr(causal_lm_of(self.model), "_no_split_modules", None)

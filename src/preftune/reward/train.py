@@ -20,7 +20,8 @@ from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
 from ..train.output import start_run
-from ..train.trainer import Trainer, add_metrics, check_engine, count_steps, means
+from ..train.engines import check_engine, whole_models
+from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
 from .heads import Head
@@ -208,7 +209,8 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
     check_engine(accelerator, config.train)
     start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)
-    task, total_steps = reward_task(config, accelerator)
+    with whole_models(accelerator):
+        task, total_steps = reward_task(config, accelerator)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,
                    resume=resume, show_progress=show_progress,
                    shuffle=not config.data.curriculum).run()

@@ -27,8 +27,11 @@ class WeightProbe:
         self.start = [self._head(p).clone() for p in self.parameters]
 
     def _head(self, parameter):
-        local = getattr(parameter, "to_local", None)  # FSDP: this process's shard, no gather
-        return (local() if local else parameter).detach().reshape(-1)[: self.per_tensor]
+        # sharded: this process's part, no gather (ZeRO-3's partition, FSDP's local shard)
+        local = getattr(parameter, "ds_tensor", None)
+        if local is None:
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        return local.detach().reshape(-1)[: self.per_tensor]
 
     def moved(self) -> bool:
         return any(not torch.equal(self._head(p), s) for p, s in zip(self.parameters, self.start))

@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
+
 PREFIX = "step-"
 
 
@@ -37,6 +39,8 @@ def gather_training_state(model, optimizer, keep: bool = True) -> tuple[dict, di
     ``model`` is the prepared module (DDP/FSDP wrappers are looked through); ``optimizer`` a
     torch optimizer (possibly wrapped by accelerate) or one with its own ``state_dict``.
     """
+    if is_deepspeed(model):
+        return deepspeed_training_state(model, keep)
     weights = {}
     for name, param in _unwrap(model).named_parameters():
         if param.requires_grad:
@@ -102,6 +106,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     """Restore everything saved by ``save_checkpoint`` (every process reads it; sharded
     parameters take their own shard); returns the step it was taken at."""
     state = load_file(path / "trainable.safetensors")
+    # weights_only: tensors and plain values, never arbitrary pickled objects
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    named = all(isinstance(key, str) for key in optimizer_state.get("state", {}))
+    if is_deepspeed(model):
+        if not named:
+            raise ValueError("its optimizer state is keyed by position (written by an earlier "
+                             "version or by train.optimizer_in_backward), which DeepSpeed "
+                             "cannot take; resume it without DeepSpeed")
+        load_deepspeed_training_state(model, state, optimizer_state)
+        return _restore_the_rest(path, scheduler)
     params = dict(_unwrap(model).named_parameters())
     missing = [name for name in state if name not in params]
     if missing:
@@ -113,15 +127,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
                 value = distribute_tensor(value.to(param.device), param.device_mesh,
                                           param.placements)
             param.copy_(value.to(param.device))
-    # weights_only: tensors and plain values, never arbitrary pickled objects
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     inner = getattr(optimizer, "optimizer", optimizer)
-    if _standard(inner) and all(
-            isinstance(key, str) for key in optimizer_state.get("state", {})):
+    if _standard(inner) and named:
         set_optimizer_state_dict(model, inner, optimizer_state,
                                  options=StateDictOptions(full_state_dict=True))
     else:  # keyed by position: an optimizer of its own, or a checkpoint from before names
         optimizer.load_state_dict(optimizer_state)
+    return _restore_the_rest(path, scheduler)
+
+
+def _restore_the_rest(path: Path, scheduler) -> int:
+    """The scheduler and RNG states; returns the checkpoint's step."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -32,7 +32,8 @@ from .checkpoint import save_final_model
 from .logging import progress, progress_bar
 from .output import start_run
 from .plan import plan
-from .trainer import Trainer, add_metrics, check_engine, count_steps, means
+from .engines import check_engine, whole_models
+from .trainer import Trainer, add_metrics, count_steps, means
 
 
 def build_reference(strategy, config, model, examples_by_split, make_batch, objective, device,
@@ -263,7 +264,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     if not plan_only:
         start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)
-    task, total_steps = policy_task(config, accelerator, plan_only)
+    with whole_models(accelerator):
+        task, total_steps = policy_task(config, accelerator, plan_only)
     if task is None:
         return Path(config.output_dir)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,

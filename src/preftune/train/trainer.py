@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -23,10 +22,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from .alarms import Alarms, WeightProbe
 from .batches import MicroBatches
 from .checkpoint import checkpoints, gather_training_state, load_checkpoint, save_checkpoint
+from .engines import SHARDED, check_engine, configure_deepspeed, whole_models
 from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
@@ -173,7 +173,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps), cfg.schedule))
         check_engine(accelerator, cfg, task)
-        self.sharded = accelerator.distributed_type == DistributedType.FSDP
+        self.sharded = accelerator.distributed_type in SHARDED
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:  # clipping and the update run inside DeepSpeed's step
+            configure_deepspeed(accelerator, cfg, task.module)
         self.module, self.optimizer = accelerator.prepare(task.module, optimizer)
         # FSDP replaces the parameters by sharded ones (accelerate re-points the optimizer)
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
@@ -259,7 +262,8 @@ class Trainer:
             # Sum over examples / this process's examples per step, and DDP averages over
             # processes: the step's gradient is the mean over all its examples however they
             # are split into micro-batches and processes.
-            self.accelerator.backward(losses.sum() / self.local_per_step)
+            self._backward(losses.sum() / self.local_per_step,
+                           last=micro + 1 == cfg.gradient_accumulation_steps)
             add_metrics(sums, metrics)
             real_tokens += batch.real_tokens
             slots += batch.attention_mask.numel()
@@ -271,6 +275,8 @@ class Trainer:
             sums = self._summed(sums)
         if self.in_backward is not None:
             grad_norm = self.in_backward.grad_norm()  # its updates already ran (no clipping)
+        elif self.deepspeed:  # DeepSpeed clipped and stepped in the last backward
+            grad_norm = torch.as_tensor(self.module.get_global_grad_norm() or 0.0)
         else:
             grad_norm = (_whole(self.accelerator.clip_grad_norm_(self.trainable,
                                                                  cfg.max_grad_norm))
@@ -306,6 +312,16 @@ class Trainer:
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < self.total_steps:
             self.save(step + 1)
         return record
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Gradients of ``loss``, added to the step's. DeepSpeed is told which micro-batch ends
+        the step (its optimizer steps there) and that the loss is already scaled."""
+        if not self.deepspeed:
+            self.accelerator.backward(loss)
+            return
+        self.accelerator.gradient_state._set_sync_gradients(last)
+        self.accelerator.backward(loss, scale_wrt_gas=False)
+        self.accelerator.gradient_state._set_sync_gradients(True)
 
     def _update_if_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """``optimizer.step()``, unless the loss or the gradient norm is not finite (a NaN
@@ -351,7 +367,9 @@ class Trainer:
         module = self.unwrapped
         if self.sharded:  # gathered (every process takes part), loaded into a plain copy
             state = self.accelerator.get_state_dict(self.module)
-            module = self.task.unsharded(state) if self.main else None
+            if self.main:
+                with whole_models(self.accelerator):
+                    module = self.task.unsharded(state)
         if self.main:
             self.log.close()
             self.task.save(module, self.output_dir)
@@ -374,29 +392,3 @@ def _grad_norm(parameters) -> torch.Tensor:
 def _whole(value: torch.Tensor) -> torch.Tensor:
     """A norm over sharded gradients is itself a DTensor: its full value, still on the device."""
     return value.full_tensor() if isinstance(value, DTensor) else value
-
-
-def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
-    """What the launched engine cannot do here, said before any work (and, with ``task``,
-    again once the task is known)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > accelerator.num_processes:
-        raise ConfigError(
-            f"{launched} processes were launched but each runs alone (accelerate found no GPU "
-            "to connect them): on CPU set ACCELERATE_USE_CPU=true (gloo), e.g. "
-            "`ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2 -m "
-            "preftune train CONFIG`.")
-    engine = accelerator.distributed_type
-    if engine == DistributedType.DEEPSPEED:
-        raise ConfigError("DeepSpeed is not supported yet: launch with FSDP2 "
-                          "(examples/accelerate/fsdp2.yaml), which shards weights, gradients "
-                          "and optimizer state like ZeRO-3, or with DDP (ddp.yaml).")
-    if engine != DistributedType.FSDP:
-        return
-    if cfg.optimizer_in_backward:
-        raise ConfigError("train.optimizer_in_backward does not work under FSDP (it updates each "
-                          "weight in its backward hook, before the gradient is sharded); turn "
-                          "it off, or use DDP.")
-    if task is not None and not hasattr(task, "unsharded"):
-        raise ConfigError(f"{task.name} training does not run under FSDP yet; launch it with "
-                          "DDP (examples/accelerate/ddp.yaml) or on one process.")

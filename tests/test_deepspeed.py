@@ -1,0 +1,101 @@
+"""DeepSpeed ZeRO-3 (and ZeRO-2) through accelerate on 2 CPU processes (DeepSpeed's CPU
+accelerator, gloo): the same per-step losses, gradient norms and final weights as one plain
+process with the same global batch; checkpoints cross between DeepSpeed and one process."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_fsdp import launch, sharded_config
+from test_distributed import reward_model_on_two_processes_equals_one
+from test_train_loop import assert_same_weights, crashed_run, losses, run, workspace  # noqa: F401
+
+from preftune.config import build_config
+from preftune.train import loop
+from preftune.train.logging import read_metrics
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "accelerate" / "zero3.yaml"
+
+
+def zero_environment(stage: int = 3):
+    """The variables ``accelerate launch --config_file examples/accelerate/zero3.yaml`` sets,
+    computed by accelerate itself, with the ZeRO stage swapped in."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(EXAMPLE), "script.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    env = prepare_deepspeed_cmd_env(args)[1]
+    env = {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
+    return {**env, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage), "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.mark.parametrize("stage,layout,objective,strategy,clip", [
+    (3, "padded", "dpo", "precomputed", None),
+    (3, "prefix_shared", "tdpo", "live", 1.0),
+    (3, "prefix_shared", "dpo", "adapter-off", None),  # LoRA: adapters off, partitioned
+    (2, "padded", "dpo", "adapter-off", None)])
+def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # noqa: F811
+                                                        stage, layout, objective, strategy, clip):
+    name = f"zero{stage}-{layout}-{objective}-{strategy}"
+    lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
+    one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
+              train__layout=layout, objective={"name": objective}, train__max_grad_norm=clip,
+              reference__strategy=strategy, **lora)
+    done = launch(sharded_config(one, tmp_path, name, 4), engine=lambda: zero_environment(stage))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    two = one.parent / name
+    info = json.loads((two / "run.json").read_text())
+    assert (info["engine"], info["processes"]) == ("DEEPSPEED", 2)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    grad_norms = [r["grad_norm"] for r in read_metrics(two / "metrics.jsonl")]
+    assert grad_norms == pytest.approx(
+        [r["grad_norm"] for r in read_metrics(one / "metrics.jsonl")], rel=1e-5)
+    assert_same_weights(two, one, atol=1e-6)
+
+
+def test_checkpoints_move_between_zero3_and_one_process(workspace, tmp_path,  # noqa: F811
+                                                        monkeypatch):
+    settings = dict(train__batch_size=8, train__max_steps=4, train__save_every=2)
+    straight = run(workspace, "zero-resume-straight", **settings)
+    crashed = crashed_run(workspace, "zero-resume-from-one", monkeypatch, 2, **settings)
+    done = launch(sharded_config(crashed, tmp_path, crashed.name, 4), "--resume",
+                  engine=zero_environment)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    assert losses(crashed) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_weights(crashed, straight, atol=1e-6)
+    sharded = sharded_config(straight, tmp_path, "zero-resume-from-two", 4)
+    done = launch(sharded, engine=zero_environment)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = straight.parent / "zero-resume-from-two"
+    shutil.rmtree(out / "model")
+    tree = yaml.safe_load(sharded.read_text())
+    tree["train"]["batch_size"] = 8
+    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_weights(resumed, straight, atol=1e-6)
+
+
+def test_a_reward_model_trains_under_zero3_like_on_one_process(tmp_path):
+    reward_model_on_two_processes_equals_one(
+        tmp_path, lambda config: launch(config, command=("rm", "train"), engine=zero_environment), engine="DEEPSPEED")
+
+
+def test_a_deepspeed_optimizer_section_is_refused_before_any_work(workspace,  # noqa: F811
+                                                                  tmp_path):
+    one = run(workspace, "zero-refused-base", train__max_steps=1)
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3},
+                                     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+    environment = {"ACCELERATE_USE_DEEPSPEED": "true", "DS_ACCELERATOR": "cpu",
+                   "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_config)}
+    done = launch(sharded_config(one, tmp_path, "zero-refused", 4), engine=lambda: environment)
+    assert done.returncode != 0
+    assert "the DeepSpeed config has a 'optimizer' section" in done.stderr, done.stderr[:3000]
+    assert not (one.parent / "zero-refused").exists()
