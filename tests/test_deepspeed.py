@@ -3,17 +3,13 @@ accelerator, gloo): the same per-step losses, gradient norms and final weights a
 process with the same global batch; checkpoints cross between DeepSpeed and one process."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from test_fsdp import launch, sharded_config
 from test_distributed import reward_model_on_two_processes_equals_one
-from test_train_loop import assert_same_weights, crashed_run, losses, run, workspace  # noqa: F401
+from test_fsdp import checkpoints_cross_between_sharded_and_one_process, launch, sharded_config
+from test_train_loop import assert_same_weights, losses, run, workspace  # noqa: F401
 
-from preftune.config import build_config
-from preftune.train import loop
 from preftune.train.logging import read_metrics
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
@@ -61,30 +57,14 @@ def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # 
 
 def test_checkpoints_move_between_zero3_and_one_process(workspace, tmp_path,  # noqa: F811
                                                         monkeypatch):
-    settings = dict(train__batch_size=8, train__max_steps=4, train__save_every=2)
-    straight = run(workspace, "zero-resume-straight", **settings)
-    crashed = crashed_run(workspace, "zero-resume-from-one", monkeypatch, 2, **settings)
-    done = launch(sharded_config(crashed, tmp_path, crashed.name, 4), "--resume",
-                  engine=zero_environment)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "resumed from" in done.stdout
-    assert losses(crashed) == pytest.approx(losses(straight), rel=1e-5)
-    assert_same_weights(crashed, straight, atol=1e-6)
-    sharded = sharded_config(straight, tmp_path, "zero-resume-from-two", 4)
-    done = launch(sharded, engine=zero_environment)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    out = straight.parent / "zero-resume-from-two"
-    shutil.rmtree(out / "model")
-    tree = yaml.safe_load(sharded.read_text())
-    tree["train"]["batch_size"] = 8
-    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
-    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
-    assert_same_weights(resumed, straight, atol=1e-6)
+    checkpoints_cross_between_sharded_and_one_process(workspace, tmp_path, monkeypatch, "zero",
+                                                      zero_environment)
 
 
 def test_a_reward_model_trains_under_zero3_like_on_one_process(tmp_path):
     reward_model_on_two_processes_equals_one(
-        tmp_path, lambda config: launch(config, command=("rm", "train"), engine=zero_environment), engine="DEEPSPEED")
+        tmp_path, lambda config: launch(config, command=("rm", "train"), engine=zero_environment),
+        engine="DEEPSPEED")
 
 
 def test_a_deepspeed_optimizer_section_is_refused_before_any_work(workspace,  # noqa: F811
