@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from test_distributed import reward_model_on_two_processes_equals_one
-from test_fsdp import checkpoints_cross_between_sharded_and_one_process, launch, sharded_config
+from test_fsdp import (checkpoints_cross_between_sharded_and_one_process, launch,
+                       launched_plan, planned_memory, sharded_config, wider_model_config)
 from test_train_loop import assert_same_weights, losses, run, workspace  # noqa: F401
 
+from preftune.config import build_config
+from preftune.train import loop
 from preftune.train.logging import read_metrics
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
@@ -79,3 +83,15 @@ def test_a_deepspeed_optimizer_section_is_refused_before_any_work(workspace,  # 
     assert done.returncode != 0
     assert "the DeepSpeed config has a 'optimizer' section" in done.stderr, done.stderr[:3000]
     assert not (one.parent / "zero-refused").exists()
+
+
+def test_plan_divides_what_zero2_splits(workspace, tmp_path, capsys):  # noqa: F811
+    config = wider_model_config(workspace, tmp_path)
+    capsys.readouterr()
+    loop.train(build_config(yaml.safe_load(config.read_text())), plan_only=True)
+    whole = planned_memory(capsys.readouterr().out)
+    split, printed = launched_plan(config, engine=lambda: zero_environment(2))
+    assert printed.count("(1/2 per process: ZeRO-2)") == 2  # gradients and optimizer state
+    assert split["weights"] == whole["weights"]
+    for kind in ("gradients", "optimizer"):
+        assert split[kind] == pytest.approx(whole[kind] / 2, abs=0.5)

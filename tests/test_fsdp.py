@@ -137,3 +137,47 @@ def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path):  #
 def test_a_reward_model_trains_under_fsdp2_like_on_one_process(tmp_path):
     reward_model_on_two_processes_equals_one(
         tmp_path, lambda config: launch(config, command=("rm", "train")), engine="FSDP")
+
+
+def planned_memory(printed: str) -> dict[str, float]:
+    """The MiB column of ``--plan``'s memory estimate, by row."""
+    rows = printed[printed.index("memory estimate"):].splitlines()[1:]
+    return {row.split()[0]: float(row.split()[1]) for row in rows
+            if row.startswith("  ") and not row.startswith("  log-prob")}
+
+
+def wider_model_config(workspace: Path, tmp_path: Path) -> Path:  # noqa: F811
+    """A run config whose model is wide enough (8M parameters) for MiB-sized estimates."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(workspace / "model")
+    config.update({"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
+                   "num_attention_heads": 8, "num_key_value_heads": 4})
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
+    AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(tmp_path / "wide")
+    one = run(workspace, "plan-base", train__max_steps=1)
+    tree = yaml.safe_load((one / "config.yaml").read_text())
+    tree["model"]["path"], tree["output_dir"] = str(tmp_path / "wide"), str(tmp_path / "planned")
+    path = tmp_path / "wide.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def launched_plan(config: Path, **launch_args) -> tuple[dict[str, float], str]:
+    """``--plan`` of ``config`` on 2 processes: its memory estimate and what it printed."""
+    done = launch(config, "--plan", **launch_args)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return planned_memory(done.stdout), done.stdout
+
+
+def test_plan_divides_what_fsdp_shards(workspace, tmp_path, capsys):  # noqa: F811
+    config = wider_model_config(workspace, tmp_path)
+    capsys.readouterr()
+    loop.train(build_config(yaml.safe_load(config.read_text())), plan_only=True)
+    whole = planned_memory(capsys.readouterr().out)
+    assert whole["weights"] > 20  # MiB: big enough for halves to show
+    split, printed = launched_plan(config)
+    assert printed.count("(1/2 per process: FSDP)") == 3
+    for kind in ("weights", "gradients", "optimizer"):
+        assert split[kind] == pytest.approx(whole[kind] / 2, abs=0.5)
+    assert split["activations"] == whole["activations"]

@@ -56,6 +56,20 @@ def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
                           "DDP (examples/accelerate/ddp.yaml) or on one process.")
 
 
+def shards(accelerator: Accelerator) -> tuple[str, dict[str, int]]:
+    """The engine's name and into how many parts it splits each kind of training state across
+    the processes: {"weights", "gradients", "optimizer"} (1: every process holds it whole)."""
+    n, engine = accelerator.num_processes, accelerator.distributed_type
+    if engine == DistributedType.FSDP:
+        return "FSDP", dict.fromkeys(("weights", "gradients", "optimizer"), n)
+    if engine == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        return f"ZeRO-{stage}", {"weights": n if stage >= 3 else 1,
+                                 "gradients": n if stage >= 2 else 1,
+                                 "optimizer": n if stage >= 1 else 1}
+    return "", dict.fromkeys(("weights", "gradients", "optimizer"), 1)
+
+
 def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, module) -> None:
     """DeepSpeed's batch, accumulation and clipping from ``train.*``; under ZeRO-3 the final
     weights are gathered on save, and the output projection (used as a weight, not called as a

@@ -32,7 +32,7 @@ from .checkpoint import save_final_model
 from .logging import progress, progress_bar
 from .output import start_run
 from .plan import plan
-from .engines import check_engine, whole_models
+from .engines import check_engine, shards, whole_models
 from .trainer import Trainer, add_metrics, count_steps, means
 
 
@@ -221,7 +221,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         model = _attach_lora(model, config)
         trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(plan(config, causal_lm_of(model).get_decoder().config, sum(p.numel() for p in model.parameters()),
-                   trainable_count, train_examples, layout, tokenizer.pad_token_id))
+                   trainable_count, train_examples, layout, tokenizer.pad_token_id,
+                   shards(accelerator)))
         return None, 0
 
     # Reference (before LoRA: the reference is the initial model, unless reference.model names

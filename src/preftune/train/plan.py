@@ -34,8 +34,10 @@ def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_by
 
 
 def plan(config, model_config, n_params: int, trainable_params: int, train_examples, layout: str,
-         pad_token_id: int) -> str:
-    """A human-readable plan: layout, reference strategy, padding, memory estimate."""
+         pad_token_id: int, sharding: tuple[str, dict] = ("", {})) -> str:
+    """A human-readable plan: layout, reference strategy, padding, memory estimate (per
+    process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits)."""
+    engine, parts = sharding
     objective = Objective.from_config(config.objective, total_steps=1)
     cfg = config.train
     dtype_bytes = BYTES[config.model.dtype]
@@ -51,11 +53,16 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
                      pad_token_id, layout, max_row)
     strategy = config.reference_strategy
 
-    weights = n_params * dtype_bytes
+    weights = n_params * dtype_bytes / parts.get("weights", 1)
     # in-backward updates free each gradient at once: about one parameter's worth is held
-    grads = 0 if cfg.optimizer_in_backward else trainable_params * dtype_bytes
-    optimizer = 2 * trainable_params * 4
-    reference = weights if strategy == "live" else 0
+    grads = 0 if cfg.optimizer_in_backward else \
+        trainable_params * dtype_bytes / parts.get("gradients", 1)
+    optimizer = 2 * trainable_params * 4 / parts.get("optimizer", 1)
+    reference = n_params * dtype_bytes if strategy == "live" else 0  # held whole
+
+    def split(kind):
+        return f"  (1/{parts[kind]} per process: {engine})" if parts.get(kind, 1) > 1 else ""
+
     dense_mask = worst.unit_ids is not None and config.model.attn_implementation != "flex_attention"
     activations = _activation_bytes(model_config, rows, width, dense_mask,
                                     dtype_bytes, cfg.gradient_checkpointing)
@@ -70,11 +77,12 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
         f"padding fraction   {sample.padding_fraction:.1%} (first 64 examples)",
         f"worst micro-batch  {rows} rows x {width} tokens",
         f"parameters         {n_params / 1e6:.1f}M, trainable {trainable_params / 1e6:.2f}M",
-        "memory estimate (MiB, peak of one micro-batch):",
-        f"  weights          {weights / MIB:10.0f}",
+        "memory estimate (MiB per process, peak of one micro-batch):",
+        f"  weights          {weights / MIB:10.0f}" + split("weights"),
         f"  gradients        {grads / MIB:10.0f}"
-        + ("  (optimizer in backward: freed as applied)" if cfg.optimizer_in_backward else ""),
-        f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, fp32 states)",
+        + ("  (optimizer in backward: freed as applied)" if cfg.optimizer_in_backward
+           else split("gradients")),
+        f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, fp32 states)" + split("optimizer"),
         f"  reference        {reference / MIB:10.0f}  ({strategy})",
         f"  activations      {activations / MIB:10.0f}"
         + ("  (gradient checkpointing)" if cfg.gradient_checkpointing else ""),
