@@ -35,19 +35,21 @@ def zero_environment(stage: int = 3):
     return {**env, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage), "DS_ACCELERATOR": "cpu"}
 
 
-@pytest.mark.parametrize("stage,layout,objective,strategy,clip", [
-    (3, "padded", "dpo", "precomputed", None),
-    (3, "prefix_shared", "tdpo", "live", 1.0),
-    (3, "prefix_shared", "dpo", "adapter-off", None),  # LoRA: adapters off, partitioned
-    (2, "padded", "dpo", "adapter-off", None)])
+@pytest.mark.parametrize("stage,layout,objective,strategy,clip,accumulation", [
+    (3, "padded", "dpo", "precomputed", None, 1),
+    (3, "prefix_shared", "tdpo", "live", 1.0, 2),  # DeepSpeed steps at the last micro-batch
+    (3, "prefix_shared", "dpo", "adapter-off", None, 1),  # LoRA: adapters off, partitioned
+    (2, "padded", "dpo", "adapter-off", None, 2)])
 def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # noqa: F811
-                                                        stage, layout, objective, strategy, clip):
+                                                        stage, layout, objective, strategy, clip,
+                                                        accumulation):
     name = f"zero{stage}-{layout}-{objective}-{strategy}"
     lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
     one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective}, train__max_grad_norm=clip,
               reference__strategy=strategy, **lora)
-    done = launch(sharded_config(one, tmp_path, name, 4), engine=lambda: zero_environment(stage))
+    config = sharded_config(one, tmp_path, name, 4 // accumulation, accumulation)
+    done = launch(config, engine=lambda: zero_environment(stage))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     two = one.parent / name
     info = json.loads((two / "run.json").read_text())

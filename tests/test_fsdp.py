@@ -46,27 +46,32 @@ def launch(config: Path, *args, command=("train",), engine=fsdp2_environment):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def sharded_config(one: Path, tmp_path: Path, name: str, batch_size: int) -> Path:
+def sharded_config(one: Path, tmp_path: Path, name: str, batch_size: int,
+                   accumulation: int = 1) -> Path:
+    """``one``'s config with another output dir and per-process batch (and accumulation)."""
     tree = yaml.safe_load((one / "config.yaml").read_text())
     tree["output_dir"] = str(one.parent / name)
     tree["train"]["batch_size"] = batch_size
+    tree["train"]["gradient_accumulation_steps"] = accumulation
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(tree))
     return config
 
 
-@pytest.mark.parametrize("layout,objective,strategy,clip", [
-    ("padded", "dpo", "precomputed", None),
-    ("prefix_shared", "tdpo", "live", 1.0),  # tdpo: the reference's hidden states and weights
-    ("prefix_shared", "tdpo", "adapter-off", None)])  # LoRA: adapters off on the sharded model
+@pytest.mark.parametrize("layout,objective,strategy,clip,accumulation", [
+    ("padded", "dpo", "precomputed", None, 1),
+    ("prefix_shared", "tdpo", "live", 1.0, 2),  # tdpo: the reference's hidden states and weights
+    ("prefix_shared", "tdpo", "adapter-off", None, 1)])  # LoRA: adapters off, sharded model
 def test_fsdp2_on_two_processes_equals_one_unsharded_process(workspace, tmp_path,  # noqa: F811
-                                                             layout, objective, strategy, clip):
+                                                             layout, objective, strategy, clip,
+                                                             accumulation):
     name = f"fsdp-{layout}-{objective}-{strategy}"
     lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
     one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective}, train__max_grad_norm=clip,
               reference__strategy=strategy, **lora)
-    done = launch(sharded_config(one, tmp_path, name, 4))
+    # 2 processes x 4 (or 2 x 2 accumulated): the same 8 examples a step
+    done = launch(sharded_config(one, tmp_path, name, 4 // accumulation, accumulation))
     assert done.returncode == 0, done.stderr[-4000:]
     two = one.parent / name
     assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]
