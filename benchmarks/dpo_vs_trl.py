@@ -63,8 +63,12 @@ from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E4
 # flex_attention, so prefix-shared and packed rows run block-sparse instead of with a dense mask.
 # preftune-compile: preftune with train.compile (each decoder layer compiled, row widths rounded
 # to 64 tokens); its first steps include the compilation, so give it enough --steps.
+# preftune-varlen (CUDA only): model.attn_implementation varlen, so rows are packed and run with
+# torch's variable-length attention and no mask (no prefix sharing).
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
-         "preftune-gc", "preftune-lean", "trl-mmap", "preftune-flex", "preftune-compile")
+         "preftune-gc", "preftune-lean", "trl-mmap", "preftune-flex", "preftune-compile",
+         "preftune-varlen")
+CUDA_ONLY = ("preftune-flex", "preftune-varlen")
 
 # (steps, batch size) per model on each device; --steps/--batch-size override
 RUN_SIZE = {
@@ -113,7 +117,8 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
     config = build_config({
         "output_dir": str(workdir / "out"),
         "model": {"path": case["model_dir"], "dtype": args.dtype,
-                  "attn_implementation": "flex_attention" if tool == "preftune-flex" else None},
+                  "attn_implementation": {"preftune-flex": "flex_attention",
+                                          "preftune-varlen": "varlen"}.get(tool)},
         "data": {"train": case["data_path"], "format": "conversational",
                  "max_length": case["max_length"], "max_prompt_length": case["max_prompt_length"]},
         "objective": {"name": "dpo", "beta": 0.1},
@@ -257,7 +262,7 @@ def summarize(case: dict, runs: dict, args) -> str:
 
 def main(argv=None) -> None:
     parser = make_parser(__doc__.split("\n")[0],
-                         f"comma list of {', '.join(TOOLS)} (default: all; preftune-flex on CUDA only)")
+                         f"comma list of {', '.join(TOOLS)} (default: all; preftune-flex and -varlen on CUDA only)")
     args = parser.parse_args(argv)
     if args.child:
         run_child(args, lambda tool: child_trl if tool.startswith("trl") else child_preftune,
@@ -266,7 +271,7 @@ def main(argv=None) -> None:
 
     cases = split_names(parser, args.cases, CASES, "case")
     tools = (split_names(parser, args.tools, TOOLS, "tool") if args.tools else
-             [t for t in TOOLS if args.device == "cuda" or t != "preftune-flex"])
+             [t for t in TOOLS if args.device == "cuda" or t not in CUDA_ONLY])
     if "preftune-flex" in tools and args.device != "cuda":
         parser.error("preftune-flex needs --device cuda (torch has no FlexAttention backward on CPU)")
     run_benchmark(

@@ -43,8 +43,9 @@ for tool in auto compile; do
 done
 
 echo "== preftune vs TRL"
+VARLEN_TOOL=$([ "$DEVICE" = cuda ] && echo ",preftune-varlen" || true)  # CUDA only
 timeout 420 $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" --cases "$CASES" \
-  --tools trl,trl-precompute-nogc,preftune,preftune-compile --steps "$STEPS" \
+  --tools "trl,trl-precompute-nogc,preftune,preftune-compile${VARLEN_TOOL}" --steps "$STEPS" \
   --tiny-steps "$STEPS" --repeats "$REPEATS" "${MODEL_ARGS[@]}" \
   --results "$OUT/dpo_vs_trl.md" 2>&1 | tail -40
 echo "results in $OUT"

@@ -102,7 +102,7 @@ def model_dir(tmp_path_factory):
     return root
 
 
-def train(root, name, **model):
+def train(root, name, layout="prefix_shared", **model):
     from preftune.config import build_config
 
     config = build_config({
@@ -110,7 +110,7 @@ def train(root, name, **model):
         "data": {"train": str(root / "pairs.jsonl")},
         "reference": {"strategy": "precomputed", "cache_dir": str(root / f"cache-{name}")},
         "train": {"learning_rate": 1e-3, "batch_size": 8, "max_steps": 3, "warmup_ratio": 0.0,
-                  "seed": 0, "layout": "prefix_shared"},
+                  "seed": 0, "layout": layout},
     })
     out = loop.train(config, show_progress=False)
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl")], json.loads((out / "run.json").read_text())
@@ -124,6 +124,29 @@ def test_training_loop_on_cuda_flex_equals_sdpa_and_runs_in_bf16(model_dir):
     bf16, _ = train(model_dir, "bf16", dtype="bfloat16", attn_implementation="flex_attention")
     assert all(torch.isfinite(torch.tensor(bf16)))
     assert bf16 == pytest.approx(sdpa, rel=0.05)  # same run, bf16 rounding only
+
+
+def test_varlen_kernel_on_cuda_equals_one_sequence_at_a_time():
+    """torch's variable-length attention (grouped-query, causal inside each sequence) against
+    SDPA run on each sequence in turn (bf16 inputs, the reference in fp32)."""
+    from preftune.model import varlen
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    cu_seqlens = torch.tensor([0, 5, 17, 18, 40], dtype=torch.int32, device="cuda")
+    query, key, value = (torch.randn(40, heads, 16, device="cuda", dtype=torch.bfloat16,
+                                     generator=generator) for heads in (4, 2, 2))
+    fast = varlen.sequences_cuda(query, key, value, cu_seqlens, 22, 0.25)
+    slow = varlen.sequences_one_by_one(query.float(), key.float(), value.float(), cu_seqlens,
+                                       22, 0.25)
+    torch.testing.assert_close(fast.float(), slow, atol=2e-2, rtol=2e-2)
+
+
+def test_training_loop_on_cuda_varlen_equals_sdpa_in_bf16(model_dir):
+    sdpa, _ = train(model_dir, "sdpa-padded-bf16", layout="padded", dtype="bfloat16")
+    fast, run = train(model_dir, "varlen-packed-bf16", layout="packed", dtype="bfloat16",
+                      attn_implementation="varlen")
+    assert run["layout"] == "packed"
+    assert fast == pytest.approx(sdpa, rel=0.02)  # the same run, bf16 rounding only
 
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_shared"])

@@ -77,9 +77,11 @@ class ModelConfig(Section):
     """Load pickle weight files (*.bin) when no safetensors exist."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of every weight (null: full fine-tuning)."""
-    attn_implementation: Literal["sdpa", "eager", "flex_attention"] | None = None
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "varlen"] | None = None
     """Attention kernel; null = transformers' default (sdpa). 'flex_attention' (CUDA) runs the
-    prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask."""
+    prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask;
+    'varlen' runs padded and packed rows with no mask (torch's variable-length attention on
+    CUDA; layout auto then packs)."""
 
 
 class DataConfig(Section):
@@ -281,7 +283,7 @@ class Config(RunConfig):
             raise ValueError(f"{objective.name} needs the reference's full next-token "
                              "distributions, which are not precomputed; use reference.strategy "
                              "'live' or 'adapter-off' (or leave it 'auto').")
-        check_data_and_train(self.data, self.train)
+        check_data_and_train(self.data, self.train, self.model.attn_implementation)
         return self
 
     @property
@@ -296,9 +298,14 @@ class Config(RunConfig):
         return "precomputed"
 
 
-def check_data_and_train(data: DataConfig, train: TrainConfig) -> None:
+def check_data_and_train(data: DataConfig, train: TrainConfig,
+                         attn_implementation: str | None = None) -> None:
     """The checks every trainer's ``data`` and ``train`` sections need (policy or reward model):
     settings that would do nothing or cannot work together."""
+    if attn_implementation == "varlen" and "prefix_shared" in train.layout:
+        raise ValueError(f"model.attn_implementation 'varlen' runs padded and packed rows; "
+                         f"train.layout {train.layout!r} shares prompts, which needs a mask: "
+                         "use layout packed (or auto), or flex_attention / sdpa.")
     if train.optimizer_in_backward and (train.gradient_accumulation_steps != 1
                                         or train.max_grad_norm is not None):
         raise ValueError("train.optimizer_in_backward updates each weight during backward, so it "

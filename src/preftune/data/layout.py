@@ -16,6 +16,7 @@ tokens are arranged, never the numbers that come out.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,10 @@ class Batch:
     last_token_positions: torch.Tensor | None = None  # [num_responses] flat index of each end
     token_type_ids: torch.Tensor | None = None  # [rows, T] encoders: 1 on response tokens
     response_lengths: torch.Tensor | None = None  # [num_responses] tokens of each response
+    # padded and packed rows: where each sequence (a row's or unit's tokens, the padding after
+    # them) starts in the flattened rows, and the longest (varlen attention, model/varlen.py)
+    cu_seqlens: torch.Tensor | None = None  # [sequences + 1] int32
+    max_seqlen: int = 0
     # known on the host when the batch is built, so a step never reads them back from a device
     example_ids: tuple = ()  # example_indices as Python ints
     real_tokens: int = 0  # tokens that are not padding
@@ -165,6 +170,8 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
     width = -(-max(used) // pad_to_multiple_of) * pad_to_multiple_of
 
     ids, position, unit_of, segment = [], [], [], []  # per row, each `width` long
+    sequences = [length for row, total in zip(rows, used) for length in
+                 [*(sizes[u] for u in row), width - total] if length] if not shared else []
     predictors, targets, owners, offsets = [], [], [], []
     lengths = [0] * (len(examples) * per_example)
     ends = [0] * len(lengths)
@@ -236,6 +243,9 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         segment_ids=long(segment) if custom_mask else None,
         last_token_positions=long(ends),
         response_lengths=long(lengths),
+        cu_seqlens=(torch.tensor([0, *itertools.accumulate(sequences)], dtype=torch.int32)
+                    if sequences else None),
+        max_seqlen=max(sequences, default=0),
         example_ids=tuple(ex.index for ex in examples),
         real_tokens=sum(used),
         longest_response=max(lengths),
@@ -284,10 +294,13 @@ class _ImageTable:
                 "image_feature_rows": self.total}
 
 
-def choose_layout(examples: list[TokenizedExample]) -> str:
+def choose_layout(examples: list[TokenizedExample], attn_implementation: str | None = None) -> str:
     """Prefix sharing when there are several responses per prompt and the prompt is longer than
     a response on average (it then saves more tokens than its mask costs); else plain padding.
+    Under varlen attention packing, which then needs no mask (varlen cannot share prompts).
     """
+    if attn_implementation == "varlen":
+        return "packed"
     per_example = len(examples[0].response_ids)
     prompt_tokens = sum(len(ex.prompt_ids) for ex in examples) / len(examples)
     response_tokens = sum(len(r) for ex in examples for r in ex.response_ids) / (

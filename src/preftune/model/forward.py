@@ -9,6 +9,7 @@ from torch import nn
 
 from ..data.layout import Batch
 from .chunked_logps import chunked_token_logps, chunked_token_logps_and_kl
+from .varlen import NAME as VARLEN
 
 
 @dataclass
@@ -73,15 +74,22 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
     itself; units never see each other) with positions that restart after the prompt, as a
     FlexAttention block mask when the model runs flex_attention, else as a dense additive mask.
     M-RoPE models (Qwen2-VL) get their 3-D positions in every layout (built in ``collate``).
-    Padded rows without padding need no mask; with padding, SDPA and eager attention get the
-    [rows, 1, T, T] mask built here, because transformers would otherwise test the 2-D mask for
-    padding on every forward (a read of device memory per call); other attention kernels
-    (flash) take the 2-D padding mask. Batches with images need the vision-language model
+    Under ``varlen`` attention (``model/varlen.py``) padded and packed rows get no mask, only
+    their sequence boundaries. Padded rows without padding need no mask; with padding, SDPA
+    and eager attention get the [rows, 1, T, T] mask built here, because transformers would
+    otherwise test the 2-D mask for padding on every forward (a read of device memory per
+    call); other attention kernels (flash) take the 2-D padding mask. Batches with images need the vision-language model
     ``vlm`` for their image features (``embed_with_images``).
     """
     implementation = config._attn_implementation
     positions = batch.position_ids  # None for padded rows, unless 3-D (M-RoPE models)
-    if batch.unit_ids is not None:
+    if implementation == VARLEN:  # no mask: the sequence boundaries instead
+        if batch.cu_seqlens is None:
+            raise ValueError("varlen attention runs padded and packed rows, not prefix-shared "
+                             "ones (their responses share a prompt): use sdpa or flex_attention")
+        mask = None
+        kwargs.update(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+    elif batch.unit_ids is not None:
         mask = batch.block_mask() if implementation == "flex_attention" \
             else batch.attention_bias(decoder.dtype)
     else:

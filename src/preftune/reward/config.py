@@ -104,7 +104,7 @@ class RewardConfig(RunConfig):
             raise ValueError(f"reward loss {spec.name} fits a {' or '.join(spec.heads)} head, not "
                              f"model.head.kind {head.kind!r}; change one of them (or set "
                              "model.head.kind: auto).")
-        check_data_and_train(self.data, self.train)
+        check_data_and_train(self.data, self.train, self.model.attn_implementation)
         return self
 
     @property

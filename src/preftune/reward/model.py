@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.layout import choose_layout, collate
 from ..model.forward import causal_lm_of, run_decoder
+from ..model.varlen import transformers_name
 from ..model.load import DTYPES, add_lora, check_weights_format, load_tokenizer, resolve_model_dir
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
@@ -153,6 +154,7 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
     if resized:
         print(f"{path}: its reward head has {config.num_labels} outputs; this run's head needs "
               f"{head.num_outputs}, so a fresh head is trained on its backbone")
+    attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=head.num_outputs, id2label=dict(enumerate(head.labels)),

@@ -63,7 +63,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
     def split(kind):
         return f"  (1/{parts[kind]} per process: {engine})" if parts.get(kind, 1) > 1 else ""
 
-    dense_mask = worst.unit_ids is not None and config.model.attn_implementation != "flex_attention"
+    dense_mask = worst.unit_ids is not None and \
+        config.model.attn_implementation not in ("flex_attention", "varlen")
     activations = _activation_bytes(model_config, rows, width, dense_mask,
                                     dtype_bytes, cfg.gradient_checkpointing)
     logps = cfg.logps_chunk_tokens * model_config.vocab_size * 4 * 3
