@@ -9,7 +9,8 @@ import pytest
 import yaml
 from test_distributed import reward_model_on_two_processes_equals_one
 from test_fsdp import (checkpoints_cross_between_sharded_and_one_process, launch,
-                       launched_plan, planned_memory, sharded_config, wider_model_config)
+                       launched_plan, one_process_run, planned_memory, sharded_config,
+                       wider_model_config)
 from test_train_loop import assert_same_weights, losses, run, workspace  # noqa: F401
 
 from preftune.config import build_config
@@ -44,10 +45,7 @@ def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # 
                                                         stage, layout, objective, strategy, clip,
                                                         accumulation):
     name = f"zero{stage}-{layout}-{objective}-{strategy}"
-    lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
-    one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
-              train__layout=layout, objective={"name": objective}, train__max_grad_norm=clip,
-              reference__strategy=strategy, **lora)
+    one, _ = one_process_run(workspace, name, layout, objective, strategy, clip)
     config = sharded_config(one, tmp_path, name, 4 // accumulation, accumulation)
     done = launch(config, engine=lambda: zero_environment(stage))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
