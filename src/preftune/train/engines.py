@@ -80,6 +80,9 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, module) -> N
     ds_config["train_batch_size"] = (cfg.batch_size * cfg.gradient_accumulation_steps
                                      * accelerator.num_processes)
     ds_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
+    # with optimizer offload, preftune's (torch's fused) AdamW steps the host copies; DeepSpeed
+    # would otherwise insist on its own CPU Adam
+    ds_config["zero_force_ds_cpu_optimizer"] = False
     zero = ds_config.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         import deepspeed
