@@ -110,3 +110,21 @@ def test_d2o_lists_the_samples_as_anchors_and_the_data_negative_last():
     assert rows == [{"prompt": "p", "responses": ["s1", "s3", "bad answer"],
                      "scores": [1.0, 1.0, 0.0], "source": "f:1 [0, 2] + rejected", "round": 1}]
     assert counts["without_negative"] == 1 and counts["empty"] == 1
+
+
+def test_selm_ranks_the_reference_sample_with_the_data_pair_and_keeps_it_as_gold():
+    base = {"prompt": "p", "positive": "good", "negative": "bad", "origin": "f:1", "round": 2}
+    scored = [
+        {**base, "responses": ["s"], "scores": [0.5], "data_scores": [0.9, 0.1]},  # middle
+        {**base, "responses": ["", "s"], "scores": [0.0, 2.0], "data_scores": [0.9, 0.1]},  # best
+        {**base, "responses": ["s"], "scores": [1.0], "data_scores": [1.0, 1.0]},  # all tie
+        {"prompt": "q", "responses": ["t"], "scores": [1.0], "origin": "f:2"}]  # no data pair
+    rows, counts = build_rows(scored, "selm")
+    assert rows == [
+        {"prompt": "p", "chosen": "good", "rejected": "bad", "gold": "s", "chosen_score": 0.9,
+         "rejected_score": 0.1, "gold_score": 0.5, "source": "f:1 [0] chosen>rejected",
+         "round": 2},
+        {"prompt": "p", "chosen": "s", "rejected": "bad", "gold": "s", "chosen_score": 2.0,
+         "rejected_score": 0.1, "gold_score": 2.0, "source": "f:1 [1] sample>rejected",
+         "round": 2}]
+    assert (counts["tied"], counts["without_data_pair"], counts["empty"]) == (1, 1, 1)

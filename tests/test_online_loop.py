@@ -389,6 +389,45 @@ def test_d2o_and_pmpo_train_on_samples_and_the_data_negatives(model_dir, tmp_pat
         assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
 
 
+def test_selm_rounds_rank_the_reference_sample_with_the_data_pair(model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"say a {k}", "chosen": "a" * (k % 3),
+                                         "rejected": "b"}) + "\n" for k in range(4)))
+    tree = config_tree(model_dir, (str(pairs), str(pairs)), tmp_path / "selm", rounds=2,
+                       pairs={"builder": "selm"}, reference="previous")
+    tree["online"]["sampling"]["samples"] = 1  # SELM: one sample of the reference per prompt
+    tree["objective"] = {"name": "selm"}
+    run_online(build_config(tree, schema=OnlineConfig))
+    for r in (1, 2):
+        here = tmp_path / "selm" / f"round-{r}"
+        scored = {row["prompt"]: row for row in read_jsonl(here / "scored.jsonl")}
+        for row in read_jsonl(here / "pairs.jsonl"):
+            item = scored[row["prompt"]]
+            sample = item["responses"][0]
+            texts = {sample: item["scores"][0], item["positive"]: item["data_scores"][0],
+                     "b": item["data_scores"][1]}
+            assert item["data_scores"] == [count_a("", item["positive"]), 0.0]  # scorer's own
+            assert row["gold"] == sample and row["gold_score"] == count_a("", sample)
+            assert row["chosen_score"] == max(texts.values()) == texts[row["chosen"]]
+            assert row["rejected_score"] == min(texts.values()) == texts[row["rejected"]]
+        metrics = read_jsonl(here / "metrics.jsonl")
+        assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+    # round 2's reference is round 1's model, which also drew round 2's samples
+    assert read_jsonl(tmp_path / "selm" / "round-2" / "samples.jsonl")[0]["policy"] != \
+        read_jsonl(tmp_path / "selm" / "round-1" / "samples.jsonl")[0]["policy"]
+
+
+def test_selm_needs_its_builder_the_previous_reference_and_rounds(model_dir, data, tmp_path):
+    tree = config_tree(model_dir, data, tmp_path / "x", reference="previous")
+    tree["objective"] = {"name": "selm"}
+    with pytest.raises(ConfigError, match="objective selm and online.pairs.builder selm"):
+        build_config(tree, schema=OnlineConfig)
+    tree["online"]["pairs"] = {"builder": "selm"}
+    tree["online"]["reference"] = "initial"
+    with pytest.raises(ConfigError, match="must be the reference"):
+        build_config(tree, schema=OnlineConfig)
+
+
 def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data, tmp_path):
     import yaml
 
@@ -427,3 +466,15 @@ def test_a_round_without_pairs_trains_nothing_and_the_next_starts_from_the_same_
     assert not (tmp_path / "run" / "round-1" / "model").exists()
     assert summary["rounds"][1]["evaluate"]["mean_score"] == summary["initial"]["mean_score"]
     assert read_jsonl(tmp_path / "run" / "round-1" / "pairs.jsonl") == []
+
+
+def test_compare_gives_selm_its_builder_and_the_previous_reference(model_dir, data, tmp_path):
+    from preftune.compare import _online_tree
+
+    tree = build_config(config_tree(model_dir, data, tmp_path / "x"),
+                        schema=OnlineConfig).model_dump()
+    selm = _online_tree(tree, "selm", tmp_path / "selm")
+    assert (selm["online"]["pairs"]["builder"], selm["online"]["reference"]) == ("selm", "previous")
+    build_config(selm, schema=OnlineConfig)  # a valid online config
+    back = _online_tree(selm, "dpo", tmp_path / "dpo")
+    assert back["online"]["pairs"]["builder"] == "best_vs_worst"

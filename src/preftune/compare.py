@@ -168,6 +168,11 @@ def _online_tree(tree: dict, name: str, run_dir: Path) -> dict:
         tree["online"]["pairs"]["builder"] = "best_vs_worst"
     if name == "sppo_soft":
         tree["online"]["pairs"]["win_probs"] = True
+    if name == "selm":  # y_ref: a sample of the reference, the round's starting model
+        tree["online"]["pairs"]["builder"] = "selm"
+        tree["online"]["reference"] = "previous"
+    elif tree["online"]["pairs"]["builder"] == "selm":
+        tree["online"]["pairs"]["builder"] = "best_vs_worst"
     return tree
 
 

@@ -71,8 +71,9 @@ def selm(inputs: ObjectiveInputs, params: SELMParams) -> ObjectiveOutput:
     the pair's third response `gold` (map another column with data.fields: {gold: <column>}).
     Lowering the likelihood of the reference's own samples relative to pi_ref pushes probability
     towards responses neither model has produced, which is the paper's active exploration.
-    Formula as in shenao-zhang/SELM SELMTrainer.optimistic_dpo_loss; the iterative
-    generate-rank-train loop around it is driven from outside.
+    Formula as in shenao-zhang/SELM SELMTrainer.optimistic_dpo_loss. ``preftune online`` with
+    online.pairs.builder selm runs the paper's loop: each round samples y_ref from the
+    previous iterate (the reference) and ranks it with the data's chosen and rejected.
     """
     if inputs.policy.logps.shape[1] < 3:
         raise ValueError("objective 'selm' needs a reference sample per pair as the third response "

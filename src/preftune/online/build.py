@@ -14,7 +14,11 @@ turns them into JSONL rows that keep their provenance. Ties never make a pair.
   that DPO's optimum is, rather than from pi itself;
 - ``list``: the whole list with its scores, for listwise objectives;
 - ``d2o``: the samples (scored 1, whatever the scorer said) and the prompt's negative from the
-  data (its ``rejected``, scored 0) as one list: D2O's anchors and negative.
+  data (its ``rejected``, scored 0) as one list: D2O's anchors and negative;
+- ``selm``: SELM's round (arXiv:2405.19332): the first sample y_ref (of the round's starting
+  model, the reference) is ranked with the data's chosen and rejected; the best of the three is
+  chosen, the worst rejected, and y_ref is kept as the third response ``gold`` for the
+  optimism term.
 
 ``min_margin`` drops pairs whose score gap is smaller. ``win_probs`` (SPPO/DNO) is each
 sample's mean probability of beating the prompt's other samples. Empty samples (the model
@@ -29,7 +33,8 @@ from typing import Sequence
 
 from ..data.convert import PAIRINGS
 
-BUILDERS = (*PAIRINGS, "rso", "list", "d2o")
+BUILDERS = (*PAIRINGS, "rso", "list", "d2o", "selm")
+DATA_PAIR_BUILDERS = ("selm",)  # these also score each prompt's chosen and rejected from the data
 LIST_BUILDERS = ("list", "d2o")  # these make ranked lists, the others pairs
 
 
@@ -87,13 +92,14 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
         if builder == "d2o":
             rows += _d2o_row(item, kept, counts)
             continue
+        if builder == "selm":
+            rows += _selm_row(item, kept, counts)
+            continue
         scores = [item["scores"][k] for k in kept]
         if len(set(scores)) <= 1:
             counts["tied"] += 1
             continue
-        provenance = {k: v for k, v in item.items()
-                      if k not in ("prompt", "responses", "scores", "win_probs", "origin",
-                                   "negative")}
+        provenance = _provenance(item)
         if builder == "list":
             rows.append({"prompt": item["prompt"],
                          "responses": [item["responses"][k] for k in kept],
@@ -121,12 +127,41 @@ def _d2o_row(item: dict, kept: list, counts: dict) -> list:
         counts["without_negative" if not negative else "tied"] = counts.get(
             "without_negative" if not negative else "tied", 0) + 1
         return []
-    provenance = {k: v for k, v in item.items()
-                  if k not in ("prompt", "responses", "scores", "win_probs", "origin", "negative")}
+    provenance = _provenance(item)
     responses = [item["responses"][k] for k in kept] + [negative]
     return [{"prompt": item["prompt"], "responses": responses,
              "scores": [1.0] * len(kept) + [0.0], "source": f"{item['origin']} {kept} + rejected",
              **provenance}]
+
+
+def _selm_row(item: dict, kept: list, counts: dict) -> list:
+    """(best, worst) of {y_ref, data chosen, data rejected} with y_ref as ``gold``, or nothing
+    without a non-empty sample and the data's pair, or when all three scores tie."""
+    if not kept or item.get("data_scores") is None:
+        key = "without_data_pair" if kept else "tied"
+        counts[key] = counts.get(key, 0) + 1
+        return []
+    sample = item["responses"][kept[0]]
+    texts = [sample, item["positive"], item["negative"]]
+    scores = [item["scores"][kept[0]], *item["data_scores"]]
+    if len(set(scores)) <= 1:
+        counts["tied"] += 1
+        return []
+    best, worst = scores.index(max(scores)), scores.index(min(scores))
+    names = ("sample", "chosen", "rejected")
+    return [{"prompt": item["prompt"], "chosen": _reply(item["prompt"], texts[best]),
+             "rejected": _reply(item["prompt"], texts[worst]),
+             "gold": _reply(item["prompt"], sample), "chosen_score": scores[best],
+             "rejected_score": scores[worst], "gold_score": scores[0],
+             "source": f"{item['origin']} [{kept[0]}] {names[best]}>{names[worst]}",
+             **_provenance(item)}]
+
+
+def _provenance(item: dict) -> dict:
+    """What a scored row carries besides its texts and scores: round, policy, sampling..."""
+    return {k: v for k, v in item.items()
+            if k not in ("prompt", "responses", "scores", "win_probs", "origin", "negative",
+                         "positive", "data_scores")}
 
 
 def _reply(prompt, text: str):

@@ -23,6 +23,7 @@ class Prompt(NamedTuple):
     origin: str
     prompt: object
     negative: str | None = None  # the row's rejected response, if any (D2O's negative)
+    positive: str | None = None  # the row's chosen response, if any (SELM ranks both)
 
 
 def prompts_to_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:

@@ -44,7 +44,8 @@ class SamplingSection(Section):
 class PairsSection(Section):
     builder: Literal[BUILDERS] = "best_vs_worst"  # type: ignore[valid-type]
     """How scored samples become training examples (pairs, or lists for listwise
-    objectives)."""
+    objectives); selm: the round's first sample ranked with the data's chosen and rejected,
+    kept as the third response (objective selm)."""
     min_margin: NonNegative = 0.0
     """Drop pairs whose score gap is smaller."""
     rso_beta: Positive = 0.5
@@ -95,9 +96,20 @@ class OnlineConfig(Config):
         if not online.scorer:
             raise ValueError("online.scorer is required: what judges the samples (synthetic, "
                              "module:function, rm:DIR or a .yaml combination).")
-        if online.sampling.samples < 2:
+        selm = online.pairs.builder == "selm"
+        if online.sampling.samples < 2 and not selm:
             raise ValueError("online.sampling.samples must be at least 2: pairs are made from "
                              "several samples of the same prompt.")
+        if selm != any(term.name == "selm" for term in self.objective):
+            raise ValueError("objective selm and online.pairs.builder selm go together: the "
+                             "builder ranks the reference's sample with the data's chosen and "
+                             "rejected and keeps it as the third response the objective needs.")
+        if selm and (online.reference != "previous" or online.scorer.startswith("judge-pair:")
+                     or online.mode != "rounds"):
+            raise ValueError("online.pairs.builder selm samples y_ref from the round's starting "
+                             "model, which must be the reference: set online.reference: "
+                             "previous, online.mode: rounds, and a pointwise scorer (SELM "
+                             "scores the sample and the data's chosen and rejected).")
         if online.sampling.temperature <= 0:
             raise ValueError("online.sampling.temperature must be above 0: greedy decoding gives "
                              "the same answer every time, so nothing could be paired.")

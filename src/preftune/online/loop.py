@@ -34,7 +34,7 @@ from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
 from ..train.output import move_aside, prepare_output_dir
-from .build import LIST_BUILDERS, build_rows, win_probs
+from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompts_to_ids, read_jsonl,
                      write_json, write_jsonl)
 from .config import OnlineConfig
@@ -158,8 +158,9 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
                 raise DataError(f"{origin}: field {column!r} (the prompt) is missing or empty; an "
                                 "online run samples answers to each row's prompt (a string or a "
                                 "list of chat messages). Rename the column with data.fields.")
-            seen.setdefault(prompt_key(prompt), Prompt(origin, prompt, _text(
-                row.get(config.data.fields.get("rejected", "rejected")))))
+            seen.setdefault(prompt_key(prompt), Prompt(
+                origin, prompt, _text(row.get(config.data.fields.get("rejected", "rejected"))),
+                _text(row.get(config.data.fields.get("chosen", "chosen")))))
     return list(seen.values())
 
 
@@ -197,7 +198,8 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
     provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
                   "sampling": {**asdict(settings), "backend": sampling.backend}}
     rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
-             **({"negative": p.negative} if p.negative else {}), **provenance}
+             **({"negative": p.negative} if p.negative else {}),
+             **({"positive": p.positive} if p.positive else {}), **provenance}
             for p, texts in zip(prompts, generations.texts)]
     write_jsonl(here / "samples.jsonl", rows)
     return {"prompts": len(rows), "samples": len(rows) * settings.samples,
@@ -209,20 +211,27 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
     scorer = online_scorer(config, policy, config.data.train)
     rows = read_jsonl(here / "samples.jsonl")
     wants_probs = config.online.pairs.win_probs or scorer.pairwise
-    flat_prompts = [row["prompt"] for row in rows for _ in row["responses"]]
-    flat = [text for row in rows for text in row["responses"]]
+    # SELM ranks each sample with the data's chosen and rejected: they are scored too
+    with_data = config.online.pairs.builder in DATA_PAIR_BUILDERS
+    candidates = [row["responses"] + ([row["positive"], row["negative"]] if with_data and
+                                      row.get("positive") and row.get("negative") else [])
+                  for row in rows]
+    flat_prompts = [row["prompt"] for row, texts in zip(rows, candidates) for _ in texts]
+    flat = [text for texts in candidates for text in texts]
     scores = None if scorer.pairwise else scored_in_chunks(
         scorer.score, f"{here.name}: scoring", flat_prompts, flat)
     at = 0
-    for row in rows:
+    for row, texts in zip(rows, candidates):
         k = len(row["responses"])
         if scores is not None:
             row["scores"] = scores[at : at + k]
+            if len(texts) > k:
+                row["data_scores"] = scores[at + k : at + len(texts)]
         if wants_probs:
             row["win_probs"] = win_probs(_preference_matrix(scorer, row))
             row.setdefault("scores", row["win_probs"])  # a pairwise scorer ranks by win rate
         row["scorer"] = scorer.name
-        at += k
+        at += len(texts)
     write_jsonl(here / "scored.jsonl", rows)
     values = [s for row in rows for s in row["scores"]]
     return {"scorer": scorer.name, "mean": statistics.fmean(values),
