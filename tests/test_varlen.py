@@ -30,7 +30,7 @@ def test_sequence_boundaries_are_each_unit_and_each_stretch_of_padding():
     width = padded.input_ids.shape[1]
     lengths = padded.attention_mask.sum(1).tolist()
     expected = [n for length in lengths for n in (length, width - length) if n]
-    assert torch.diff(padded.cu_seqlens).tolist() == expected
+    assert torch.diff(padded.cu_seqlens()).tolist() == expected
     assert padded.max_seqlen == max(expected)
     packed = collate(batch_examples, pad_token_id=0, layout="packed", max_row_tokens=40)
     units = [[int(u) for u in row if u >= 0] for row in packed.unit_ids]
@@ -39,10 +39,10 @@ def test_sequence_boundaries_are_each_unit_and_each_stretch_of_padding():
         expected += [row_units.count(u) for u in sorted(set(row_units))]
         if row.count(-1):
             expected.append(row.count(-1))
-    assert torch.diff(packed.cu_seqlens).tolist() == expected
-    assert packed.cu_seqlens.dtype == torch.int32
-    assert int(packed.cu_seqlens[-1]) == packed.input_ids.numel()
-    assert collate(batch_examples, pad_token_id=0, layout="prefix_shared").cu_seqlens is None
+    assert torch.diff(packed.cu_seqlens()).tolist() == expected
+    assert packed.cu_seqlens().dtype == torch.int32
+    assert int(packed.cu_seqlens()[-1]) == packed.input_ids.numel()
+    assert collate(batch_examples, pad_token_id=0, layout="prefix_shared").cu_seqlens() is None
 
 
 @pytest.mark.parametrize("responses_per_example", [1, 2, 3])
@@ -69,7 +69,7 @@ def test_the_attention_function_hands_each_sequence_to_the_kernel(monkeypatch):
     _, _, batch = stats_and_grads("packed", "varlen", examples(2), 40)
     rows, width = batch.input_ids.shape
     # tiny_llama: 4 heads, 2 kv heads, 8 dims each; one call per layer (2 layers)
-    assert seen == [((rows * width, 4, 8), (rows * width, 2, 8), batch.cu_seqlens.tolist(),
+    assert seen == [((rows * width, 4, 8), (rows * width, 2, 8), batch.cu_seqlens().tolist(),
                      batch.max_seqlen)] * 2
 
 

@@ -53,10 +53,9 @@ class Batch:
     last_token_positions: torch.Tensor | None = None  # [num_responses] flat index of each end
     token_type_ids: torch.Tensor | None = None  # [rows, T] encoders: 1 on response tokens
     response_lengths: torch.Tensor | None = None  # [num_responses] tokens of each response
-    # padded and packed rows: where each sequence (a row's or unit's tokens, the padding after
-    # them) starts in the flattened rows, and the longest (varlen attention, model/varlen.py)
-    cu_seqlens: torch.Tensor | None = None  # [sequences + 1] int32
-    max_seqlen: int = 0
+    # padded and packed rows: the length of each sequence in the flattened rows (a row's or
+    # unit's tokens, the padding after them), for varlen attention (model/varlen.py)
+    sequence_lengths: tuple = ()
     # known on the host when the batch is built, so a step never reads them back from a device
     example_ids: tuple = ()  # example_indices as Python ints
     real_tokens: int = 0  # tokens that are not padding
@@ -98,6 +97,21 @@ class Batch:
         fields["scores"] = {k: move(v) for k, v in self.scores.items()}
         fields["image_inputs"] = {k: move(v) for k, v in self.image_inputs.items()}
         return Batch(**fields)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.sequence_lengths, default=0)
+
+    def cu_seqlens(self) -> torch.Tensor | None:
+        """Where each sequence starts in the flattened rows, [sequences + 1] int32 on the
+        batch's device, built once per batch (None for prefix-shared rows)."""
+        if not self.sequence_lengths:
+            return None
+        if "cu_seqlens" not in self._masks:
+            self._masks["cu_seqlens"] = torch.tensor(
+                [0, *itertools.accumulate(self.sequence_lengths)], dtype=torch.int32,
+                device=self.input_ids.device)
+        return self._masks["cu_seqlens"]
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive [rows, 1, T, T] mask (0 = may attend), built once per batch: the layouts'
@@ -243,9 +257,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         segment_ids=long(segment) if custom_mask else None,
         last_token_positions=long(ends),
         response_lengths=long(lengths),
-        cu_seqlens=(torch.tensor([0, *itertools.accumulate(sequences)], dtype=torch.int32)
-                    if sequences else None),
-        max_seqlen=max(sequences, default=0),
+        sequence_lengths=tuple(sequences),
         example_ids=tuple(ex.index for ex in examples),
         real_tokens=sum(used),
         longest_response=max(lengths),

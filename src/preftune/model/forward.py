@@ -84,11 +84,11 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
     implementation = config._attn_implementation
     positions = batch.position_ids  # None for padded rows, unless 3-D (M-RoPE models)
     if implementation == VARLEN:  # no mask: the sequence boundaries instead
-        if batch.cu_seqlens is None:
+        if not batch.sequence_lengths:
             raise ValueError("varlen attention runs padded and packed rows, not prefix-shared "
                              "ones (their responses share a prompt): use sdpa or flex_attention")
         mask = None
-        kwargs.update(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+        kwargs.update(cu_seqlens=batch.cu_seqlens(), max_seqlen=batch.max_seqlen)
     elif batch.unit_ids is not None:
         mask = batch.block_mask() if implementation == "flex_attention" \
             else batch.attention_bias(decoder.dtype)
