@@ -154,25 +154,24 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) 
 
 
 def _online_tree(tree: dict, name: str, run_dir: Path) -> dict:
-    """The base online config with ``name`` as its objective; list objectives get lists."""
+    """The base online config with ``name`` as its objective: list objectives get lists, and
+    what an objective declares of its online rows (builder, win probabilities) is set."""
+    from .online.build import DATA_PAIR_BUILDERS, LIST_BUILDERS
+
     tree = json.loads(json.dumps(tree))
     tree["objective"] = {"name": name}
     tree["output_dir"] = str(run_dir)
     tree["reference"]["strategy"] = "auto"
     tree["reference"].pop("model", None)
-    data = get_objective(name).data
-    builder = tree["online"]["pairs"]["builder"]
-    if data == "ranked" and builder not in ("list", "d2o"):
-        tree["online"]["pairs"]["builder"] = "d2o" if name == "d2o" else "list"
-    elif data != "ranked" and builder in ("list", "d2o"):
-        tree["online"]["pairs"]["builder"] = "best_vs_worst"
-    if name == "sppo_soft":
-        tree["online"]["pairs"]["win_probs"] = True
-    if name == "selm":  # y_ref: a sample of the reference, the round's starting model
-        tree["online"]["pairs"]["builder"] = "selm"
+    spec, pairs = get_objective(name), tree["online"]["pairs"]
+    ranked = spec.data == "ranked"
+    if spec.online_builder:  # what the objective declares its online rows need
+        pairs["builder"] = spec.online_builder
+    elif ranked != (pairs["builder"] in LIST_BUILDERS) or pairs["builder"] in DATA_PAIR_BUILDERS:
+        pairs["builder"] = "list" if ranked else "best_vs_worst"
+    pairs["win_probs"] = pairs["win_probs"] or spec.online_win_probs
+    if pairs["builder"] == "selm":  # y_ref: a sample of the reference, the round's start
         tree["online"]["reference"] = "previous"
-    elif tree["online"]["pairs"]["builder"] == "selm":
-        tree["online"]["pairs"]["builder"] = "best_vs_worst"
     return tree
 
 

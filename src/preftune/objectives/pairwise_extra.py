@@ -89,7 +89,8 @@ class SPPOSoftParams:
     beta: float = 0.001  # 1/eta in the paper (eta = 1000)
 
 
-@objective("sppo_soft", params=SPPOSoftParams, needs_reference=True, paper="arXiv:2405.00675")
+@objective("sppo_soft", params=SPPOSoftParams, needs_reference=True, paper="arXiv:2405.00675",
+           online_win_probs=True)
 def sppo_soft(inputs: ObjectiveInputs, params: SPPOSoftParams) -> ObjectiveOutput:
     """Self-Play PO with soft win probabilities: regress each log-ratio onto (P - 1/2)/beta.
 

@@ -53,6 +53,8 @@ class ObjectiveSpec:
     reference_distributions: bool = False  # wants per-token KL(pi_ref || pi_theta) in the stats
     extra_references: bool = False  # wants stats from reference.extra_models as well
     image_negatives: bool = False  # wants y_w under the negative images as the last slot
+    online_builder: str | None = None  # online rounds must build its data with this builder
+    online_win_probs: bool = False  # online rounds must add each response's win probability
 
     @property
     def summary(self) -> str:
@@ -72,7 +74,7 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
               kl_completions=False, reference_distributions=False, extra_references=False,
-              image_negatives=False):
+              image_negatives=False, online_builder=None, online_win_probs=False):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -83,6 +85,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     ``reference.extra_models`` (MRPO).
     ``image_negatives``: each pair also carries its chosen response conditioned on the record's
     ``negative_images`` instead of its images, as the last response slot (mDPO).
+    ``online_builder``: in ``preftune online`` its rows come from this pair/list builder
+    (``online.pairs.builder``); ``online_win_probs``: they carry win probabilities.
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -92,7 +96,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
             raise ValueError(f"objective {name!r} is registered twice")
         REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
                                        kl_completions, reference_distributions, extra_references,
-                                       image_negatives)
+                                       image_negatives, online_builder, online_win_probs)
         return fn
 
     return register

@@ -39,7 +39,7 @@ class D2OParams:
 
 
 @objective("d2o", params=D2OParams, needs_reference=True, data="ranked",
-           paper="arXiv:2403.03419")
+           paper="arXiv:2403.03419", online_builder="d2o")
 def d2o(inputs: ObjectiveInputs, params: D2OParams) -> ObjectiveOutput:
     """D2O: push the model's own samples (anchors) above human negatives, as distributions.
 

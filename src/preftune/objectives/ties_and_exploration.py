@@ -62,7 +62,8 @@ class SELMParams:
     alpha: float = 0.001  # weight of the optimism term (1e-4 for Llama-3-8B-Instruct)
 
 
-@objective("selm", params=SELMParams, needs_reference=True, paper="arXiv:2405.19332")
+@objective("selm", params=SELMParams, needs_reference=True, paper="arXiv:2405.19332",
+           online_builder="selm")
 def selm(inputs: ObjectiveInputs, params: SELMParams) -> ObjectiveOutput:
     """Self-Exploring LMs (SELM): DPO plus an optimism term on a sample of the reference policy.
 

@@ -10,8 +10,8 @@ from pydantic import Field, model_validator
 
 from ..config import Config, Count, NonNegative, Positive, Section
 from ..generation import SamplingSettings
-from ..objectives import get_objective
-from .build import BUILDERS, LIST_BUILDERS
+from ..objectives import REGISTRY, get_objective
+from .build import BUILDERS, DATA_PAIR_BUILDERS, LIST_BUILDERS
 
 
 class SamplingSection(Section):
@@ -96,14 +96,12 @@ class OnlineConfig(Config):
         if not online.scorer:
             raise ValueError("online.scorer is required: what judges the samples (synthetic, "
                              "module:function, rm:DIR or a .yaml combination).")
-        selm = online.pairs.builder == "selm"
+        builder = online.pairs.builder
+        selm = builder == "selm"
         if online.sampling.samples < 2 and not selm:
             raise ValueError("online.sampling.samples must be at least 2: pairs are made from "
                              "several samples of the same prompt.")
-        if selm != any(term.name == "selm" for term in self.objective):
-            raise ValueError("objective selm and online.pairs.builder selm go together: the "
-                             "builder ranks the reference's sample with the data's chosen and "
-                             "rejected and keeps it as the third response the objective needs.")
+        self._check_declared_builders()
         if selm and (online.reference != "previous" or online.scorer.startswith("judge-pair:")
                      or online.mode != "rounds"):
             raise ValueError("online.pairs.builder selm samples y_ref from the round's starting "
@@ -119,7 +117,7 @@ class OnlineConfig(Config):
         if self.data.convert is not None:
             raise ValueError("data.convert does nothing in an online run: the pairs (or lists) "
                              "are built from the samples by online.pairs.builder.")
-        data = "ranked" if online.pairs.builder in LIST_BUILDERS else "pairs"
+        data = "ranked" if builder in LIST_BUILDERS else "pairs"
         wanted = {term.name for term in self.objective}
         for name in wanted:
             if get_objective(name).data not in (data, "unpaired"):
@@ -154,6 +152,28 @@ class OnlineConfig(Config):
             raise ValueError("reference.model is set by online.reference in an online run "
                              "(initial or previous); remove it.")
         return self
+
+
+    def _check_declared_builders(self) -> None:
+        """What the objectives declare of their online rows (``online_builder``,
+        ``online_win_probs``), and the builders whose rows only such objectives train on."""
+        pairs = self.online.pairs
+        specs = [get_objective(term.name) for term in self.objective]
+        for spec in specs:
+            if spec.online_builder and pairs.builder != spec.online_builder:
+                raise ValueError(f"objective {spec.name} and online.pairs.builder "
+                                 f"{spec.online_builder} go together: its rows come from that "
+                                 f"builder; set online.pairs.builder: {spec.online_builder}.")
+            if spec.online_win_probs and not pairs.win_probs:
+                raise ValueError(f"objective {spec.name} reads each response's win probability: "
+                                 "set online.pairs.win_probs: true.")
+        if pairs.builder in DATA_PAIR_BUILDERS and not any(
+                spec.online_builder == pairs.builder for spec in specs):
+            owners = sorted(spec.name for spec in REGISTRY.values()
+                            if spec.online_builder == pairs.builder)
+            raise ValueError(f"online.pairs.builder {pairs.builder} makes rows for objective "
+                             f"{', '.join(owners)} only (a sample of the reference as the third "
+                             "response); use it, or another builder.")
 
 
 def load_online_config(path: str | None, overrides: list[str] = ()) -> OnlineConfig:
