@@ -160,17 +160,12 @@ def inspect_prompts(path: str, tokenizer, settings, example: int | None = None) 
     """What ``preftune data inspect`` prints for a prompts file: counts, distinct prompts,
     rendered token lengths (as training and generation render them) and a few prompts."""
     from ..generation import prompt_ids
-    from .records import DataError
+    from .records import DataError, required_prompt
     from .sources import read_rows
 
-    rows = []
-    for origin, row in read_rows(path, {"prompt"}):
-        prompt = row.get("prompt")
-        if not (isinstance(prompt, str) and prompt.strip()) and not (
-                isinstance(prompt, list) and prompt):
-            raise DataError(f"{origin}: field 'prompt' is missing or empty; a prompts file holds "
-                            "one prompt (a string or a list of chat messages) per record.")
-        rows.append((origin, prompt))
+    rows = [(origin, required_prompt(origin, row, "prompt", (
+        "is missing or empty; a prompts file holds one prompt (a string or a list of chat "
+        "messages) per record."))) for origin, row in read_rows(path, {"prompt"})]
     distinct = {repr(prompt) for _, prompt in rows}
     lengths = [len(ids) for ids in prompt_ids([p for _, p in rows], tokenizer, settings)]
     lines = [_row("source", path),

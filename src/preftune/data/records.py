@@ -27,6 +27,15 @@ class DataError(ValueError):
     """Bad input data. The message names the file, the record (line or row) and the field."""
 
 
+def required_prompt(origin: str, row, column: str, missing: str):
+    """The row's prompt: a non-empty string or list of chat messages; else a DataError naming
+    the record and the field, followed by ``missing`` (what the caller needs it for)."""
+    prompt = row.get(column) if isinstance(row, dict) else None
+    if (isinstance(prompt, str) and prompt.strip()) or (isinstance(prompt, list) and prompt):
+        return prompt
+    raise DataError(f"{origin}: field {column!r} {missing}")
+
+
 class _Record:
     """What the one-prompt record shapes share: a ``prompt`` that all their responses answer."""
 

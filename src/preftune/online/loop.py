@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, build_config
-from ..data.records import DataError
+from ..data.records import required_prompt
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..generation import HFGenerator
@@ -152,12 +152,10 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
     seen: dict = {}
     for path in [paths] if isinstance(paths, str) else paths:
         for origin, row in read_rows(path, set(TEXT_FIELDS) | {column}):
-            prompt = row.get(column) if isinstance(row, dict) else None
-            if not (isinstance(prompt, str) and prompt.strip()) and not (
-                    isinstance(prompt, list) and prompt):
-                raise DataError(f"{origin}: field {column!r} (the prompt) is missing or empty; an "
-                                "online run samples answers to each row's prompt (a string or a "
-                                "list of chat messages). Rename the column with data.fields.")
+            prompt = required_prompt(origin, row, column, (
+                "(the prompt) is missing or empty; an online run samples answers to each row's "
+                "prompt (a string or a list of chat messages). Rename the column with "
+                "data.fields."))
             seen.setdefault(prompt_key(prompt), Prompt(
                 origin, prompt, _text(row.get(config.data.fields.get("rejected", "rejected"))),
                 _text(row.get(config.data.fields.get("chosen", "chosen")))))
