@@ -320,7 +320,9 @@ def run_child(args, child_for_tool, process_start: float) -> None:
 def launch(script: str, case: dict, tool: str, args, root: Path, repeat: int,
            extra_env: dict | None = None) -> dict:
     """One run of ``tool`` on ``case`` as a child process of ``script``; its result dict plus
-    ``peak_mb`` (peak RSS on CPU, peak allocated CUDA memory on CUDA) and ``tokens_per_second``."""
+    ``peak_mb`` (peak RSS on CPU, peak allocated CUDA memory on CUDA) and ``tokens_per_second``;
+    None (after printing the child's log tail) when the run failed, so that one broken tool does
+    not cost the other tools' results."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{case['name']}-{tool}-{repeat}-", dir=root))
     spec_path, result_path = workdir / "spec.json", workdir / "result.json"
     spec_path.write_text(json.dumps({"case": case, "tool": tool, "workdir": str(workdir),
@@ -340,7 +342,8 @@ def launch(script: str, case: dict, tool: str, args, root: Path, repeat: int,
     log.close()
     if status != 0 or not result_path.exists():
         tail = (workdir / "child.log").read_text()[-3000:]
-        raise SystemExit(f"{case['name']} / {tool} failed (status {status}); log tail:\n{tail}")
+        print(f"{case['name']} / {tool} failed (status {status}); log tail:\n{tail}", flush=True)
+        return None
     result = json.loads(result_path.read_text())
     result["peak_mb"] = result["cuda_peak_mb"] if args.device == "cuda" else usage.ru_maxrss / 1024
     result["rss_peak_mb"] = usage.ru_maxrss / 1024
@@ -444,8 +447,38 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     source_before = source_state()
-    sections, collected, loads = [], [], [load_before]
-    for name in cases:
+    sections, collected, loads, failed = [], [], [load_before], set()
+    out = Path(args.results)
+    if out.suffix != ".md":
+        out = out / f"{slug}-{_dt.date.today().isoformat()}{file_suffix}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_report(cases_done: int) -> None:
+        """The report so far, rewritten after every case: a run cut short keeps what it has."""
+        source_after = source_state()
+        source = (f"preftune source: {source_before}" if source_after == source_before else
+                  f"**preftune source changed during the run** (children import it afresh): "
+                  f"{source_before} at the start, {source_after} at the end")
+        progress = ("" if cases_done == len(cases) else
+                    f" **Incomplete: {cases_done} of {len(cases)} cases done.**")
+        out.write_text("\n\n".join([
+            f"# {title}: {_dt.date.today().isoformat()}",
+            f"Command: `{command}`",
+            source + "." + progress,
+            f"Machine: {description}; device {args.device}, dtype {args.dtype}; "
+            f"{repeats} repeat(s), median shown; total wall {time.perf_counter() - started:.0f} s; "
+            f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} now, "
+            f"{min(loads):.1f}-{max(loads):.1f} (median {median(loads):.1f}) over the runs' ends "
+            f"(other processes on the machine compete for the cores).",
+            *sections,
+            *([closing(collected, args)] if closing and collected else []),
+            *([f"**Failed runs** (left out above; their log tails are in the run's output): "
+               f"{', '.join(sorted(failed))}."] if failed else []),
+        ]) + "\n")
+        if source_after != source_before:
+            print("WARNING: " + source, flush=True)
+
+    for done, name in enumerate(cases, 1):
         steps = args.tiny_steps if CASES[name]["model"] == "tiny" and args.tiny_steps else args.steps
         case = prepare_case(name, root, run_size[args.device], steps, args.batch_size, args.seed,
                             args.default_model)
@@ -455,37 +488,18 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
             for tool in tools:
                 result = launch(script, case, tool, args, root, repeat,
                                 extra_env(tool) if extra_env else None)
-                runs[tool].append(result)
                 loads.append(os.getloadavg()[0])
+                if result is None:
+                    failed.add(f"{name} / {tool}")
+                    continue
+                runs[tool].append(result)
                 print(f"   {tool:16s} rep {repeat + 1}: {progress_line(result)}", flush=True)
-        section = summarize(case, runs, args)
-        sections.append(section)
-        collected.append((case, runs))
-        print("\n" + section + "\n", flush=True)
-
-    date = _dt.date.today().isoformat()
-    source_after = source_state()
-    source = (f"preftune source: {source_before}" if source_after == source_before else
-              f"**preftune source changed during the run** (children import it afresh): "
-              f"{source_before} at the start, {source_after} at the end")
-    if source_after != source_before:
-        print("WARNING: " + source, flush=True)
-    report = "\n\n".join([
-        f"# {title}: {date}",
-        f"Command: `{command}`",
-        source + ".",
-        f"Machine: {description}; device {args.device}, dtype {args.dtype}; "
-        f"{repeats} repeat(s), median shown; total wall {time.perf_counter() - started:.0f} s; "
-        f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end, "
-        f"{min(loads):.1f}-{max(loads):.1f} (median {median(loads):.1f}) over the runs' ends "
-        f"(other processes on the machine compete for the cores).",
-        *sections,
-        *([closing(collected, args)] if closing else []),
-    ]) + "\n"
-    out = Path(args.results)
-    if out.suffix != ".md":
-        out = out / f"{slug}-{date}{file_suffix}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+        runs = {tool: results for tool, results in runs.items() if results}
+        if runs:
+            section = summarize(case, runs, args)
+            sections.append(section)
+            collected.append((case, runs))
+            print("\n" + section + "\n", flush=True)
+        write_report(done)
     print(f"written to {out}")
     return out

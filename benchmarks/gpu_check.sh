@@ -1,51 +1,65 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one run, sized for a short GPU lease (about 8 minutes on an
-# H100/H200): the CUDA tests (layouts, FlexAttention, one sync per step, compiled layers, vLLM
-# where installed), a profile of one step (kernel time vs wall time) and preftune vs TRL in bf16
-# on SmolLM2-135M's and Llama-3.2-1B's shapes, long and short prompts, 2 repeats.
+# Every GPU check and benchmark in one run, sized for a short GPU lease: BUDGET seconds in all
+# (default 540), most important first, each part cut to what is left. The CUDA tests (layouts,
+# FlexAttention, varlen, one sync per step, compiled layers, vLLM where installed), a profile of
+# one step (kernel time vs wall time, top operators), preftune vs TRL in bf16 on SmolLM2-135M's
+# and Llama-3.2-1B's shapes, long and short prompts, then the compiled step's profile.
 #
 #   bash benchmarks/gpu_check.sh                          # on the GPU machine, from the repo root
-#   DEVICE=cpu CASES=tiny-long,tiny-short STEPS=3 REPEATS=1 bash benchmarks/gpu_check.sh  # dry run
+#   DEVICE=cpu DTYPE=float32 CASES=tiny-long,tiny-short STEPS=3 bash benchmarks/gpu_check.sh
 #
-# The GPU machine has torch, transformers, accelerate and peft but no network: put the trl
-# wheel (and its pure-Python dependencies missing there) under wheels/ and SmolLM2's
-# config/tokenizer files under smollm2-arch/ (see benchmarks/README.md); both travel with the
-# working tree. Results go to $OUT (default benchmarks/results/gpu-DATE/).
+# The GPU machine has torch, transformers, accelerate and peft but no network: put the wheels of
+# trl and of what it and preftune need that is missing there under wheels/, and SmolLM2's
+# config/tokenizer files under smollm2-arch/ (see benchmarks/README.md); carry both. Results go
+# to $OUT (default benchmarks/results/gpu-DATE/); every part writes as it goes, so a run cut
+# short keeps what it did.
 set -u
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
-CASES=${CASES:-smollm2-long,smollm2-short,llama1b-long,llama1b-short}
+CASES=${CASES:-smollm2-long,llama1b-long,smollm2-short,llama1b-short}
+TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune}
 STEPS=${STEPS:-12}
-REPEATS=${REPEATS:-2}
+REPEATS=${REPEATS:-1}
+BUDGET=${BUDGET:-540}
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
 MODEL_ARGS=()
 [ -d smollm2-arch ] && MODEL_ARGS=(--default-model smollm2-arch)
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+END=$((SECONDS + BUDGET))
+left() { echo $((END - SECONDS - ${1:-0})); }  # seconds left, less a reserve
+upto() { local t; t=$(left "$2"); echo $(( t < $1 ? (t > 10 ? t : 10) : $1 )); }  # min(cap, left)
 
-if ls wheels/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --find-links wheels wheels/*.whl 2>&1 | tail -2
+if ls wheels/*.whl >/dev/null 2>&1; then  # into a folder of its own, ahead on the path
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/wheel-site wheels/*.whl 2>&1 | tail -2
+  export PYTHONPATH=$PYTHONPATH:/tmp/wheel-site
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  $PY -c "import trl; print('trl', trl.__version__)" 2>&1 | tail -1; } | tee "$OUT/machine.txt"
+  nproc
+  $PY -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
+  $PY -c "import trl, datasets, pydantic; print('trl', trl.__version__, 'datasets', datasets.__version__, 'pydantic', pydantic.__version__)" 2>&1 | tail -1
+  $PY -c "import preftune.train.loop; print('preftune imports')" 2>&1 | tail -1; } | tee "$OUT/machine.txt"
 
-echo "== CUDA tests" | tee "$OUT/tests.txt"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_vllm.py 2>&1 \
-  | tail -15 | tee -a "$OUT/tests.txt"
+echo "== CUDA tests ($(left) s left)" | tee "$OUT/tests.txt"
+timeout "$(upto 110 300)" $PY -m pytest -q -p no:cacheprovider \
+  -rfE tests/test_cuda.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
+cat "$OUT/tests.txt"
 
-echo "== one profiled step" | tee "$OUT/profile.md"
-for tool in auto compile; do
-  timeout 150 $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
-    --cases "${CASES%%,*}" --tool "$tool" "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
-    2>&1 | tail -4
-done
+echo "== one profiled step, eager ($(left) s left)"
+timeout "$(upto 50 250)" $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
+  --cases "${CASES%%,*}" --tool auto --top 15 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
+  2>&1 | tail -6
 
-echo "== preftune vs TRL"
-VARLEN_TOOL=$([ "$DEVICE" = cuda ] && echo ",preftune-varlen" || true)  # CUDA only
-timeout 420 $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" --cases "$CASES" \
-  --tools "trl,trl-precompute-nogc,preftune,preftune-compile${VARLEN_TOOL}" --steps "$STEPS" \
-  --tiny-steps "$STEPS" --repeats "$REPEATS" "${MODEL_ARGS[@]}" \
-  --results "$OUT/dpo_vs_trl.md" 2>&1 | tail -40
-echo "results in $OUT"
+echo "== preftune vs TRL ($(left) s left)"
+timeout "$(left 45)" $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" \
+  --cases "$CASES" --tools "$TOOLS" --steps "$STEPS" --tiny-steps "$STEPS" --repeats "$REPEATS" \
+  "${MODEL_ARGS[@]}" --results "$OUT/dpo_vs_trl.md" > "$OUT/bench.log" 2>&1
+tail -60 "$OUT/bench.log"
+
+echo "== one profiled step, compiled ($(left) s left)"
+[ "$(left 5)" -gt 20 ] && timeout "$(left 5)" $PY benchmarks/profile_step.py --device "$DEVICE" \
+  --dtype "$DTYPE" --cases "${CASES%%,*}" --tool compile --steps 6 "${MODEL_ARGS[@]}" \
+  --results "$OUT/profile.md" 2>&1 | tail -6
+echo "results in $OUT ($(left) s left)"

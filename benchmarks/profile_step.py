@@ -7,7 +7,8 @@ Trains ``--steps`` steps (compilation and caches warm up), then profiles the nex
 torch.profiler and prints: the step's wall seconds, the summed time of the kernels it ran on
 the device (on CUDA; the operator time on CPU), their ratio (how busy the device was), the
 number of kernel launches, and device-to-host copies and synchronizations (each a wait of the
-host for the device). Appends the table to ``--results`` when given.
+host for the device). Appends the table to ``--results`` when given, with ``--top N`` the N
+operators that took the most host time (and device time on CUDA).
 """
 
 from __future__ import annotations
@@ -76,9 +77,13 @@ def profile_case(name: str, args, root: Path) -> dict:
         kernel_us = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
         launches = sum(e.count for e in events if e.key.startswith("aten::"))
         waits = copies = 0
+    top = "\n\n".join(
+        f"Top {args.top} by {label}:\n\n```\n{events.table(sort_by=key, row_limit=args.top)}\n```"
+        for label, key in (("host time", "self_cpu_time_total"),
+                           *((("device time", "self_device_time_total"),) if cuda else ())))
     return {"case": name, "tool": args.tool, "layout": trainer.task.layout, "wall_s": wall,
             "kernel_s": kernel_us / 1e6, "busy": kernel_us / 1e6 / wall, "launches": launches,
-            "syncs": waits, "dtoh_copies": copies}
+            "syncs": waits, "dtoh_copies": copies, "top": top if args.top else ""}
 
 
 def main() -> None:
@@ -91,6 +96,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--default-model", default=None)
     parser.add_argument("--results", default=None, help="append the table to this .md file")
+    parser.add_argument("--top", type=int, default=0,
+                        help="also append the N operators with the most host (and device) time")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +114,7 @@ def main() -> None:
     if args.results:
         with open(args.results, "a") as handle:
             handle.write(f"\n`{' '.join(sys.argv)}`\n\n{table}\n")
+            handle.writelines(f"\n{r['top']}\n" for r in rows if r["top"])
 
 
 if __name__ == "__main__":
