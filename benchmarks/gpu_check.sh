@@ -21,6 +21,11 @@ TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune}
 STEPS=${STEPS:-12}
 REPEATS=${REPEATS:-1}
 BUDGET=${BUDGET:-540}
+TESTS=${TESTS:-}            # a pytest -k expression; empty: every CUDA test
+TEST_S=${TEST_S:-110}       # at most this long for the tests,
+PROFILE_S=${PROFILE_S:-50}  # the eager step's profile,
+COMPILE_S=${COMPILE_S:-45}  # and what the benchmark leaves for the compiled step's profile
+PROFILED=${PROFILED:-${CASES%%,*}}  # the case whose step is profiled
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
 MODEL_ARGS=()
 [ -d smollm2-arch ] && MODEL_ARGS=(--default-model smollm2-arch)
@@ -29,7 +34,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 END=$((SECONDS + BUDGET))
 left() { echo $((END - SECONDS - ${1:-0})); }  # seconds left, less a reserve
-upto() { local t; t=$(left "$2"); echo $(( t < $1 ? (t > 10 ? t : 10) : $1 )); }  # min(cap, left)
+upto() { local t; t=$(left); echo $(( t < $1 ? (t > 10 ? t : 10) : $1 )); }  # min(cap, left)
 
 if ls wheels/*.whl >/dev/null 2>&1; then  # into a folder of its own, ahead on the path
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -43,23 +48,23 @@ fi
   $PY -c "import preftune.train.loop; print('preftune imports')" 2>&1 | tail -1; } | tee "$OUT/machine.txt"
 
 echo "== CUDA tests ($(left) s left)" | tee "$OUT/tests.txt"
-timeout "$(upto 110 300)" $PY -m pytest -q -p no:cacheprovider \
-  -rfE tests/test_cuda.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
+timeout "$(upto "$TEST_S")" $PY -m pytest -q -p no:cacheprovider \
+  -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
 cat "$OUT/tests.txt"
 
 echo "== one profiled step, eager ($(left) s left)"
-timeout "$(upto 50 250)" $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
-  --cases "${CASES%%,*}" --tool auto --top 15 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
+timeout "$(upto "$PROFILE_S")" $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
+  --cases "$PROFILED" --tool auto --top 15 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
   2>&1 | tail -6
 
 echo "== preftune vs TRL ($(left) s left)"
-timeout "$(left 45)" $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" \
+timeout "$(left "$COMPILE_S")" $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" \
   --cases "$CASES" --tools "$TOOLS" --steps "$STEPS" --tiny-steps "$STEPS" --repeats "$REPEATS" \
   "${MODEL_ARGS[@]}" --results "$OUT/dpo_vs_trl.md" > "$OUT/bench.log" 2>&1
 tail -60 "$OUT/bench.log"
 
 echo "== one profiled step, compiled ($(left) s left)"
-[ "$(left 5)" -gt 20 ] && timeout "$(left 5)" $PY benchmarks/profile_step.py --device "$DEVICE" \
-  --dtype "$DTYPE" --cases "${CASES%%,*}" --tool compile --steps 6 "${MODEL_ARGS[@]}" \
-  --results "$OUT/profile.md" 2>&1 | tail -6
+[ "$COMPILE_S" -gt 0 ] && [ "$(left 5)" -gt 20 ] && timeout "$(left 5)" $PY \
+  benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" --cases "$PROFILED" \
+  --tool compile --steps 6 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" 2>&1 | tail -6
 echo "results in $OUT ($(left) s left)"

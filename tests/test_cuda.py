@@ -197,3 +197,32 @@ def test_compiled_layers_on_cuda_match_eager():
     torch.testing.assert_close(fast.logps, plain.logps, atol=1e-4, rtol=1e-4)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_masked_attention_on_cuda_leaves_out_cudnn_and_checkpointing_recomputes_alike():
+    """In bf16 with prefix sharing's dense mask, SDPA runs the memory-efficient kernel, not
+    cuDNN's (2.5 ms of host time a call on an H200); activation checkpointing recomputes with
+    the same kernel (``checkpoint_contexts``; another kernel would save other tensors and
+    fail the backward) and gives the plain backward's gradients."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from preftune.model.forward import checkpoint_contexts
+
+    batch_examples = examples(2)
+    model = small_llama().cuda().to(torch.bfloat16).train()
+    batch = collate(batch_examples, pad_token_id=0, layout="prefix_shared").to("cuda")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sequence_stats(LogpModel(model, chunk_tokens=5)(batch), batch).logps.sum().backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_efficient_attention" in ops, sorted(ops)
+    assert not [op for op in ops if "cudnn_attention" in op]
+    plain = {name: p.grad.float() for name, p in model.named_parameters()}
+
+    checkpointed = copy.deepcopy(model)
+    checkpointed.zero_grad()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": checkpoint_contexts})
+    stats = sequence_stats(LogpModel(checkpointed, chunk_tokens=5)(batch), batch)
+    stats.logps.sum().backward()
+    for name, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad.float(), plain[name], atol=2e-2, rtol=2e-2, msg=name)

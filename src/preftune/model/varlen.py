@@ -11,6 +11,8 @@ generation, prefix-shared rows are refused earlier) run SDPA with transformers' 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -55,16 +57,26 @@ def sequences_cuda(query, key, value, cu_seqlens, max_seqlen, scale):
     """torch's varlen attention over [tokens, heads, dim], causal inside each sequence."""
     from torch.nn.attention.varlen import varlen_attn
 
+    extra = {}
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            extra["enable_gqa"] = True
+        else:  # torch < 2.13: each kv head repeated for its group of query heads
+            key, value = repeat_kv_heads(key, value, query.shape[1])
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                       scale=scale, window_size=(-1, 0),
-                       enable_gqa=key.shape[1] != query.shape[1])
+                       scale=scale, window_size=(-1, 0), **extra)
+
+
+def repeat_kv_heads(key, value, heads: int):
+    """[tokens, kv heads, dim] -> [tokens, heads, dim]: each kv head serves a group of heads."""
+    group = heads // key.shape[1]
+    return key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
 
 
 def sequences_one_by_one(query, key, value, cu_seqlens, max_seqlen, scale):
     """The same, one sequence at a time through SDPA (CPU; and the reference in tests)."""
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: each kv head serves a group
-        group = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    if key.shape[1] != query.shape[1]:
+        key, value = repeat_kv_heads(key, value, query.shape[1])
     bounds = cu_seqlens.tolist()
     parts = [F.scaled_dot_product_attention(
         query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1),
