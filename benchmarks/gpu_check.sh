@@ -6,7 +6,8 @@
 # and Llama-3.2-1B's shapes, long and short prompts, then the compiled step's profile.
 #
 #   bash benchmarks/gpu_check.sh                          # on the GPU machine, from the repo root
-#   DEVICE=cpu DTYPE=float32 CASES=tiny-long,tiny-short STEPS=3 bash benchmarks/gpu_check.sh
+#   DEVICE=cpu DTYPE=float32 CASES=tiny-long,tiny-short PROFILED=tiny-long STEPS=3 \
+#     bash benchmarks/gpu_check.sh                        # its dry run on CPU
 #
 # The GPU machine has torch, transformers, accelerate and peft but no network: put the wheels of
 # trl and of what it and preftune need that is missing there under wheels/, and SmolLM2's
@@ -16,8 +17,8 @@
 set -u
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
-CASES=${CASES:-smollm2-long,llama1b-long,smollm2-short,llama1b-short}
-TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune}
+CASES=${CASES:-llama1b-long,smollm2-long,smollm2-short,llama1b-short}
+TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune,preftune-gc}
 STEPS=${STEPS:-12}
 REPEATS=${REPEATS:-1}
 BUDGET=${BUDGET:-540}
@@ -25,7 +26,7 @@ TESTS=${TESTS:-}            # a pytest -k expression; empty: every CUDA test
 TEST_S=${TEST_S:-110}       # at most this long for the tests,
 PROFILE_S=${PROFILE_S:-50}  # the eager step's profile,
 COMPILE_S=${COMPILE_S:-45}  # and what the benchmark leaves for the compiled step's profile
-PROFILED=${PROFILED:-${CASES%%,*}}  # the case whose step is profiled
+PROFILED=${PROFILED:-smollm2-long}  # the case whose step is profiled
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
 MODEL_ARGS=()
 [ -d smollm2-arch ] && MODEL_ARGS=(--default-model smollm2-arch)
