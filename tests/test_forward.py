@@ -74,3 +74,33 @@ def test_stats_gradients_match_plain_model():
     total.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(chunked_grads[name], param.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_forward_and_its_checkpointed_recomputation_leave_cudnn_attention_out():
+    """Every decoder layer runs with cuDNN's SDPA kernel disallowed (its host time per call on
+    Hopper GPUs, see ``attention_kernels``) and the other kernels allowed, also when activation
+    checkpointing recomputes the layer in backward; outside the decoder torch's setting is
+    untouched."""
+    from preftune.model.forward import checkpoint_contexts
+
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": checkpoint_contexts})
+    model.train()
+    seen = []
+
+    def record(module, args):
+        seen.append((torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled(),
+                     torch.backends.cuda.math_sdp_enabled()))
+
+    model.model.layers[0].self_attn.register_forward_pre_hook(record)
+    batch = collate_padded(_examples(), pad_token_id=0)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    logps = sequence_stats(LogpModel(model)(batch), batch).logps
+    assert len(seen) == 1  # the forward
+    logps.sum().backward()
+    assert len(seen) == 2  # and its recomputation in backward
+    assert seen == [(True, False, True, True, True)] * 2
+    assert torch.backends.cuda.cudnn_sdp_enabled()
