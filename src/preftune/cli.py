@@ -330,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         if talks:
             print(str(stopped), file=sys.stderr)
-        _leave_process_group()
-        return 130
+        code = 130
+    else:
+        code = 0
     _leave_process_group()
-    return 0
+    return code
 
 
 def _leave_process_group() -> None:

@@ -170,7 +170,7 @@ def _online_tree(tree: dict, name: str, run_dir: Path) -> dict:
     elif ranked != (pairs["builder"] in LIST_BUILDERS) or pairs["builder"] in DATA_PAIR_BUILDERS:
         pairs["builder"] = "list" if ranked else "best_vs_worst"
     pairs["win_probs"] = pairs["win_probs"] or spec.online_win_probs
-    if pairs["builder"] == "selm":  # y_ref: a sample of the reference, the round's start
+    if pairs["builder"] in DATA_PAIR_BUILDERS:  # y_ref: a sample of the round's start model
         tree["online"]["reference"] = "previous"
     return tree
 

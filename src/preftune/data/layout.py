@@ -306,11 +306,15 @@ class _ImageTable:
                 "image_feature_rows": self.total}
 
 
-def choose_layout(examples: list[TokenizedExample], attn_implementation: str | None = None) -> str:
-    """Prefix sharing when there are several responses per prompt and the prompt is longer than
-    a response on average (it then saves more tokens than its mask costs); else plain padding.
-    Under varlen attention packing, which then needs no mask (varlen cannot share prompts).
+def choose_layout(examples: list[TokenizedExample], configured: str = "auto",
+                  attn_implementation: str | None = None) -> str:
+    """The ``configured`` layout (``train.layout``), or for ``auto``: prefix sharing when there
+    are several responses per prompt and the prompt is longer than a response on average (it
+    then saves more tokens than its mask costs), else plain padding; under varlen attention
+    packing, which then needs no mask (varlen cannot share prompts).
     """
+    if configured != "auto":
+        return configured
     if attn_implementation == "varlen":
         return "packed"
     per_example = len(examples[0].response_ids)

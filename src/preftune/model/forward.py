@@ -98,8 +98,9 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
     their sequence boundaries. Padded rows without padding need no mask; with padding, SDPA
     and eager attention get the [rows, 1, T, T] mask built here, because transformers would
     otherwise test the 2-D mask for padding on every forward (a read of device memory per
-    call); other attention kernels (flash) take the 2-D padding mask. Batches with images need the vision-language model
-    ``vlm`` for their image features (``embed_with_images``).
+    call); other attention kernels (flash) take the 2-D padding mask. Batches with images need
+    the vision-language model ``vlm`` for their image features (``embed_with_images``). SDPA
+    chooses its kernel within ``attention_kernels``.
     """
     implementation = config._attn_implementation
     positions = batch.position_ids  # None for padded rows, unless 3-D (M-RoPE models)

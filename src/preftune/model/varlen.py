@@ -11,6 +11,7 @@ generation, prefix-shared rows are refused earlier) run SDPA with transformers' 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -59,12 +60,20 @@ def sequences_cuda(query, key, value, cu_seqlens, max_seqlen, scale):
 
     extra = {}
     if key.shape[1] != query.shape[1]:  # grouped-query attention
-        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        if _varlen_takes_gqa():
             extra["enable_gqa"] = True
         else:  # torch < 2.13: each kv head repeated for its group of query heads
             key, value = repeat_kv_heads(key, value, query.shape[1])
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                        scale=scale, window_size=(-1, 0), **extra)
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    """Whether this torch's ``varlen_attn`` serves grouped-query attention itself (asked once)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def repeat_kv_heads(key, value, heads: int):

@@ -89,11 +89,8 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
     for number, item in enumerate(scored):
         kept = [k for k, text in enumerate(item["responses"]) if text.strip()]
         counts["empty"] += len(item["responses"]) - len(kept)
-        if builder == "d2o":
-            rows += _d2o_row(item, kept, counts)
-            continue
-        if builder == "selm":
-            rows += _selm_row(item, kept, counts)
+        if builder in WHOLE_ROW_BUILDERS:
+            rows += WHOLE_ROW_BUILDERS[builder](item, kept, counts)
             continue
         scores = [item["scores"][k] for k in kept]
         if len(set(scores)) <= 1:
@@ -155,6 +152,10 @@ def _selm_row(item: dict, kept: list, counts: dict) -> list:
              "rejected_score": scores[worst], "gold_score": scores[0],
              "source": f"{item['origin']} [{kept[0]}] {names[best]}>{names[worst]}",
              **_provenance(item)}]
+
+
+# builders that make one row of a prompt from its samples and the data's responses
+WHOLE_ROW_BUILDERS = {"d2o": _d2o_row, "selm": _selm_row}
 
 
 def _provenance(item: dict) -> dict:

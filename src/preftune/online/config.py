@@ -97,17 +97,17 @@ class OnlineConfig(Config):
             raise ValueError("online.scorer is required: what judges the samples (synthetic, "
                              "module:function, rm:DIR or a .yaml combination).")
         builder = online.pairs.builder
-        selm = builder == "selm"
-        if online.sampling.samples < 2 and not selm:
+        with_data = builder in DATA_PAIR_BUILDERS  # one sample, ranked with the data's pair
+        if online.sampling.samples < 2 and not with_data:
             raise ValueError("online.sampling.samples must be at least 2: pairs are made from "
                              "several samples of the same prompt.")
         self._check_declared_builders()
-        if selm and (online.reference != "previous" or online.scorer.startswith("judge-pair:")
-                     or online.mode != "rounds"):
-            raise ValueError("online.pairs.builder selm samples y_ref from the round's starting "
-                             "model, which must be the reference: set online.reference: "
-                             "previous, online.mode: rounds, and a pointwise scorer (SELM "
-                             "scores the sample and the data's chosen and rejected).")
+        if with_data and (online.reference != "previous"
+                          or online.scorer.startswith("judge-pair:") or online.mode != "rounds"):
+            raise ValueError(f"online.pairs.builder {builder} samples y_ref from the round's "
+                             "starting model, which must be the reference: set "
+                             "online.reference: previous, online.mode: rounds, and a pointwise "
+                             "scorer (it scores the sample and the data's chosen and rejected).")
         if online.sampling.temperature <= 0:
             raise ValueError("online.sampling.temperature must be above 0: greedy decoding gives "
                              "the same answer every time, so nothing could be paired.")
@@ -152,7 +152,6 @@ class OnlineConfig(Config):
             raise ValueError("reference.model is set by online.reference in an online run "
                              "(initial or previous); remove it.")
         return self
-
 
     def _check_declared_builders(self) -> None:
         """What the objectives declare of their online rows (``online_builder``,

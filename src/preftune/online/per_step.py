@@ -64,8 +64,7 @@ class OnlineStepTask(PolicyTask):
         examples, _ = tokenize_records(records, self.tokenizer, self.settings)
         for index, example in enumerate(examples):
             example.index = index
-        layout = choose_layout(examples, self.config.model.attn_implementation) \
-            if self.layout == "auto" else self.layout
+        layout = choose_layout(examples, self.layout, self.config.model.attn_implementation)
         return collate(examples, self.tokenizer.pad_token_id, layout,
                        pad_to_multiple_of=row_multiple(self.config))
 

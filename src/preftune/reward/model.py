@@ -83,8 +83,8 @@ class RewardModel(nn.Module):
             return lambda examples: collate_encoder(examples, pad_token_id)
 
         def make(examples):
-            chosen = choose_layout(examples) if layout == "auto" else layout
-            return collate(examples, pad_token_id, chosen, max_row_tokens)
+            return collate(examples, pad_token_id, choose_layout(examples, layout),
+                           max_row_tokens)
 
         return make
 

@@ -188,8 +188,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     if not reward_model.last_token:  # encoders: every token sees the response
         layout = "padded"
     else:
-        layout = choose_layout(train_examples, config.model.attn_implementation) \
-            if cfg.layout == "auto" else cfg.layout
+        layout = choose_layout(train_examples, cfg.layout, config.model.attn_implementation)
     make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
                                          cfg.max_row_tokens or config.data.max_length)
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)

@@ -120,6 +120,8 @@ def deepspeed_training_state(engine, keep: bool) -> tuple[dict, dict]:
 
     inner = engine.optimizer.optimizer  # the torch AdamW, stepping the flat partitions
     step = next(iter(inner.state.values()))["step"] if inner.state else None
+    if step is not None and keep:
+        step = step.detach().cpu()  # one read, shared by every parameter's entry
     weights, state = {}, {}
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
@@ -130,7 +132,7 @@ def deepspeed_training_state(engine, keep: bool) -> tuple[dict, dict]:
         if keep:
             weights[name] = whole.detach().cpu().contiguous()
             if step is not None:
-                state[name] = {"step": step.detach().cpu().clone(),
+                state[name] = {"step": step.clone(),
                                **{k: v.detach().cpu().clone() for k, v in moments.items()}}
     names = list(weights)
     groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": names}
@@ -161,12 +163,12 @@ def load_deepspeed_training_state(engine, weights: dict, optimizer_state: dict) 
             with torch.no_grad():
                 param.data.copy_(value.to(param.device, param.dtype).view(param.shape))
         safe_set_full_fp32_param(param, value.to(torch.float32))
-        for key in ("exp_avg", "exp_avg_sq"):
-            if name in state:
+        if name in state:
+            for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(param, state[name][key], key)
-    steps = [s["step"] for s in state.values()]
-    for partition_state in inner.state.values():
-        if steps:
-            partition_state["step"] = steps[0].clone().to(partition_state["step"].device)
+    step = next((saved["step"] for saved in state.values()), None)  # the same for every weight
+    if step is not None:
+        for partition_state in inner.state.values():
+            partition_state["step"] = step.clone().to(partition_state["step"].device)
     for group, saved in zip(inner.param_groups, optimizer_state.get("param_groups", [])):
         group.update({k: v for k, v in saved.items() if k != "params"})

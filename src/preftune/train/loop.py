@@ -196,8 +196,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         config.data, tokenizer, cfg.seed)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
-    layout = choose_layout(train_examples, config.model.attn_implementation) \
-        if cfg.layout == "auto" else cfg.layout
+    layout = choose_layout(train_examples, cfg.layout, config.model.attn_implementation)
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length,
                                    pad_to_multiple_of=row_multiple(config),
