@@ -402,6 +402,8 @@ def make_parser(description: str, tools_help: str) -> argparse.ArgumentParser:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--tools", default=None, help=tools_help)
     parser.add_argument("--repeats", type=int, default=None, help="default: 1 on CPU, 3 on CUDA")
+    parser.add_argument("--once", default="", help="comma list of tools that run in the first "
+                        "repeat only (a baseline wanted for its memory, not its speed)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default per model)")
     parser.add_argument("--tiny-steps", type=int, default=None, help="steps for the tiny model cases")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (default per model)")
@@ -439,6 +441,10 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
     ``--results`` is a folder (the file is ``<machine>-<date><file_suffix>.md``) or a ``.md``
     file path."""
     repeats = args.repeats or (1 if args.device == "cpu" else 3)
+    once = {name.strip() for name in args.once.split(",") if name.strip()}
+    if once - set(tools):
+        raise SystemExit(f"--once {', '.join(sorted(once - set(tools)))}: not among the tools run "
+                         f"({', '.join(tools)})")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="preftune-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     command = f"python benchmarks/{Path(script).name} " + " ".join(
@@ -448,6 +454,7 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
     load_before = os.getloadavg()[0]
     source_before = source_state()
     sections, collected, loads, failed = [], [], [load_before], set()
+    once_note = f" ({', '.join(sorted(once))}: one)" if once and repeats > 1 else ""
     out = Path(args.results)
     if out.suffix != ".md":
         out = out / f"{slug}-{_dt.date.today().isoformat()}{file_suffix}.md"
@@ -466,7 +473,8 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
             f"Command: `{command}`",
             source + "." + progress,
             f"Machine: {description}; device {args.device}, dtype {args.dtype}; "
-            f"{repeats} repeat(s), median shown; total wall {time.perf_counter() - started:.0f} s; "
+            f"{repeats} repeat(s){once_note}, median shown; "
+            f"total wall {time.perf_counter() - started:.0f} s; "
             f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} now, "
             f"{min(loads):.1f}-{max(loads):.1f} (median {median(loads):.1f}) over the runs' ends "
             f"(other processes on the machine compete for the cores).",
@@ -485,7 +493,7 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
         print(f"== {name}: {case['data_summary']}", flush=True)
         runs: dict[str, list] = {tool: [] for tool in tools}
         for repeat in range(repeats):
-            for tool in tools:
+            for tool in [t for t in tools if repeat == 0 or t not in once]:
                 result = launch(script, case, tool, args, root, repeat,
                                 extra_env(tool) if extra_env else None)
                 loads.append(os.getloadavg()[0])

@@ -4,6 +4,7 @@
     python benchmarks/dpo_vs_trl.py --threads 1     # all cases, CPU, fp32 (~25 min on 2 cores)
     python benchmarks/dpo_vs_trl.py --cases tiny-long,tiny-short --repeats 3
     python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --repeats 3
+    python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --repeats 2 --once trl
 
 Every run is its own subprocess (clean peak memory) and the tools alternate inside each repeat
 (trl, preftune, trl-precompute, preftune-padded, trl-precompute-nogc), so slow drift of the

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one run, sized for a short GPU lease: BUDGET seconds in all
-# (default 540), most important first, each part cut to what is left. The CUDA tests (layouts,
-# FlexAttention, varlen, one sync per step, compiled layers, vLLM where installed), a profile of
-# one step (kernel time vs wall time, top operators), preftune vs TRL in bf16 on SmolLM2-135M's
-# and Llama-3.2-1B's shapes, long and short prompts, then the compiled step's profile.
+# Every GPU check and benchmark, sized for a short GPU lease: BUDGET seconds in all (default
+# 540), most important first, each part cut to what is left. PARTS (default all four) names
+# them: tests (layouts, FlexAttention, varlen, attention kernels, one sync per step, compiled
+# layers, vLLM where installed), profile (one eager step: kernel time vs wall time, top
+# operators), bench (preftune vs TRL in bf16 on SmolLM2-135M's and Llama-3.2-1B's shapes, long
+# and short prompts, 2 repeats, TRL's default once) and compile (the compiled step's profile).
+# All of it is about 14 minutes on an H200, in two calls split by PARTS and CASES:
 #
-#   bash benchmarks/gpu_check.sh                          # on the GPU machine, from the repo root
+#   PARTS=tests,profile,bench CASES=llama1b-long,smollm2-long bash benchmarks/gpu_check.sh
+#   PARTS=bench,compile CASES=smollm2-short,llama1b-short bash benchmarks/gpu_check.sh
 #   DEVICE=cpu DTYPE=float32 CASES=tiny-long,tiny-short PROFILED=tiny-long STEPS=3 \
 #     bash benchmarks/gpu_check.sh                        # its dry run on CPU
 #
@@ -19,8 +22,10 @@ DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 CASES=${CASES:-llama1b-long,smollm2-long,smollm2-short,llama1b-short}
 TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune,preftune-gc}
-STEPS=${STEPS:-12}
-REPEATS=${REPEATS:-1}
+STEPS=${STEPS:-10}
+REPEATS=${REPEATS:-2}
+ONCE=${ONCE:-trl}           # tools run in the first repeat only (TRL's default: its memory)
+PARTS=${PARTS:-tests,profile,bench,compile}
 BUDGET=${BUDGET:-540}
 TESTS=${TESTS:-}            # a pytest -k expression; empty: every CUDA test
 TEST_S=${TEST_S:-110}       # at most this long for the tests,
@@ -35,6 +40,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 END=$((SECONDS + BUDGET))
 left() { echo $((END - SECONDS - ${1:-0})); }  # seconds left, less a reserve
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
 upto() { local t; t=$(left); echo $(( t < $1 ? (t > 10 ? t : 10) : $1 )); }  # min(cap, left)
 
 if ls wheels/*.whl >/dev/null 2>&1; then  # into a folder of its own, ahead on the path
@@ -48,24 +54,33 @@ fi
   $PY -c "import trl, datasets, pydantic; print('trl', trl.__version__, 'datasets', datasets.__version__, 'pydantic', pydantic.__version__)" 2>&1 | tail -1
   $PY -c "import preftune.train.loop; print('preftune imports')" 2>&1 | tail -1; } | tee "$OUT/machine.txt"
 
-echo "== CUDA tests ($(left) s left)" | tee "$OUT/tests.txt"
-timeout "$(upto "$TEST_S")" $PY -m pytest -q -p no:cacheprovider \
-  -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
-cat "$OUT/tests.txt"
+if part tests; then
+  echo "== CUDA tests ($(left) s left)" > "$OUT/tests.txt"
+  timeout "$(upto "$TEST_S")" $PY -m pytest -q -p no:cacheprovider \
+    -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
+  cat "$OUT/tests.txt"
+fi
 
-echo "== one profiled step, eager ($(left) s left)"
-timeout "$(upto "$PROFILE_S")" $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
-  --cases "$PROFILED" --tool auto --top 15 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
-  2>&1 | tail -6
+if part profile; then
+  echo "== one profiled step, eager ($(left) s left)"
+  timeout "$(upto "$PROFILE_S")" $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
+    --cases "$PROFILED" --tool auto --top 15 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
+    2>&1 | tail -6
+fi
 
-echo "== preftune vs TRL ($(left) s left)"
-timeout "$(left "$COMPILE_S")" $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" \
-  --cases "$CASES" --tools "$TOOLS" --steps "$STEPS" --tiny-steps "$STEPS" --repeats "$REPEATS" \
-  "${MODEL_ARGS[@]}" --results "$OUT/dpo_vs_trl.md" > "$OUT/bench.log" 2>&1
-tail -60 "$OUT/bench.log"
+if part bench; then
+  echo "== preftune vs TRL ($(left) s left)"
+  part compile && reserve=$COMPILE_S || reserve=0
+  timeout "$(left "$reserve")" $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" \
+    --cases "$CASES" --tools "$TOOLS" --steps "$STEPS" --tiny-steps "$STEPS" --repeats "$REPEATS" \
+    --once "$ONCE" "${MODEL_ARGS[@]}" --results "$OUT/dpo_vs_trl.md" > "$OUT/bench.log" 2>&1
+  tail -60 "$OUT/bench.log"
+fi
 
-echo "== one profiled step, compiled ($(left) s left)"
-[ "$COMPILE_S" -gt 0 ] && [ "$(left 5)" -gt 20 ] && timeout "$(left 5)" $PY \
-  benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" --cases "$PROFILED" \
-  --tool compile --steps 6 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" 2>&1 | tail -6
+if part compile && [ "$(left 5)" -gt 20 ]; then
+  echo "== one profiled step, compiled ($(left) s left)"
+  timeout "$(left 5)" $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
+    --cases "$PROFILED" --tool compile --steps 6 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
+    2>&1 | tail -6
+fi
 echo "results in $OUT ($(left) s left)"
