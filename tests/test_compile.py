@@ -77,6 +77,7 @@ def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
     same log-probs and (adapter) gradients as eager."""
     import copy
 
+    from preftune.model.forward import enable_checkpointing
     from preftune.model.load import add_lora
 
     torch._dynamo.reset()
@@ -84,7 +85,7 @@ def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
     if variant == "lora":
         base = add_lora(base, 4, 8, 0.0, None)
     else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     eager_logps, eager_grads = stats_and_grads(copy.deepcopy(base), "prefix_shared")
     model = copy.deepcopy(base)
     compile_layers(model, backend="aot_eager")

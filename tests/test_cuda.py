@@ -202,11 +202,11 @@ def test_compiled_layers_on_cuda_match_eager():
 def test_masked_attention_on_cuda_leaves_out_cudnn_and_checkpointing_recomputes_alike():
     """In bf16 with prefix sharing's dense mask, SDPA runs the memory-efficient kernel, not
     cuDNN's (2.5 ms of host time a call on an H200); activation checkpointing recomputes with
-    the same kernel (``checkpoint_contexts``; another kernel would save other tensors and
+    the same kernel (``enable_checkpointing``; another kernel would save other tensors and
     fail the backward) and gives the plain backward's gradients."""
     from torch.profiler import ProfilerActivity, profile
 
-    from preftune.model.forward import checkpoint_contexts
+    from preftune.model.forward import enable_checkpointing
 
     batch_examples = examples(2)
     model = small_llama().cuda().to(torch.bfloat16).train()
@@ -220,8 +220,7 @@ def test_masked_attention_on_cuda_leaves_out_cudnn_and_checkpointing_recomputes_
 
     checkpointed = copy.deepcopy(model)
     checkpointed.zero_grad()
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-        "use_reentrant": False, "context_fn": checkpoint_contexts})
+    enable_checkpointing(checkpointed)
     stats = sequence_stats(LogpModel(checkpointed, chunk_tokens=5)(batch), batch)
     stats.logps.sum().backward()
     for name, p in checkpointed.named_parameters():

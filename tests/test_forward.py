@@ -81,11 +81,10 @@ def test_decoder_forward_and_its_checkpointed_recomputation_leave_cudnn_attentio
     Hopper GPUs, see ``attention_kernels``) and the other kernels allowed, also when activation
     checkpointing recomputes the layer in backward; outside the decoder torch's setting is
     untouched."""
-    from preftune.model.forward import checkpoint_contexts
+    from preftune.model.forward import enable_checkpointing
 
     model = tiny_llama()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-        "use_reentrant": False, "context_fn": checkpoint_contexts})
+    enable_checkpointing(model)
     model.train()
     seen = []
 

@@ -324,3 +324,32 @@ def test_layouts_and_checkpointing_train_identically(workspace):
         other = curve(name, **settings)
         for (loss, norm), (loss2, norm2) in zip(baseline, other, strict=True):
             assert loss2 == pytest.approx(loss, rel=1e-5) and norm2 == pytest.approx(norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["decoder", "encoder"])
+def test_checkpointed_reward_model_recomputes_under_the_forwards_attention_kernels(workspace,
+                                                                                   backbone):
+    """With activation checkpointing, a reward model's attention runs with cuDNN's SDPA kernel
+    left out both in the forward and in its recomputation in backward (a kernel chosen
+    differently there would save different tensors: non-reentrant checkpointing fails)."""
+    from accelerate import Accelerator
+
+    from preftune.reward.train import reward_task
+
+    config = build_reward_config({
+        "output_dir": str(workspace / "runs" / f"kernels-{backbone}"),
+        "model": {"path": str(workspace / backbone)},
+        "data": {"train": str(workspace / "train.jsonl")},
+        "train": {"batch_size": 4, "max_steps": 1, "gradient_checkpointing": True}})
+    task, _ = reward_task(config, Accelerator(cpu=True))
+    attention = next(module for name, module in task.module.named_modules()
+                     if name.endswith("layers.0.self_attn") or name.endswith("layer.0.attention"))
+    seen = []
+    attention.register_forward_pre_hook(lambda module, args: seen.append(
+        (torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+         torch.backends.cuda.mem_efficient_sdp_enabled())))
+    batch = task.make_batch(task.train_examples[:4])
+    losses, _ = task.losses(task.module, batch, 0)
+    assert seen == [(True, False, True)]
+    losses.mean().backward()
+    assert seen == [(True, False, True)] * 2

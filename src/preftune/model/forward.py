@@ -86,6 +86,17 @@ def checkpoint_contexts():
     return nullcontext(), attention_kernels()
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing for every decoder layer of a transformers model (non-reentrant,
+    recomputing within ``attention_kernels``): transformers' ``activation_checkpointing_enable``
+    where it has one, else its older name."""
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None = None,
                 **kwargs):
     """The decoder stack on a batch in any layout: the one forward every model path uses.

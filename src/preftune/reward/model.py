@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.layout import choose_layout, collate
-from ..model.forward import causal_lm_of, run_decoder
+from ..model.forward import attention_kernels, causal_lm_of, run_decoder
 from ..model.varlen import transformers_name
 from ..model.load import DTYPES, add_lora, check_weights_format, load_tokenizer, resolve_model_dir
 from .encoder import collate_encoder
@@ -69,8 +69,9 @@ class RewardModel(nn.Module):
         if not self.last_token:  # encoders: their own pooling, one padded row per response
             kwargs = {} if batch.token_type_ids is None else {
                 "token_type_ids": batch.token_type_ids}
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                **kwargs).logits
+            with attention_kernels():  # as in run_decoder, and in checkpointed recomputation
+                logits = self.model(input_ids=batch.input_ids,
+                                    attention_mask=batch.attention_mask, **kwargs).logits
             return logits.float().view(shape)
         decoder = classifier.base_model
         hidden = run_decoder(decoder, batch, classifier.config).last_hidden_state

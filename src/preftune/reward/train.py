@@ -15,7 +15,7 @@ from ..data.layout import choose_layout
 from ..data.prepare import prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
-from ..model.forward import causal_lm_of
+from ..model.forward import causal_lm_of, enable_checkpointing
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
@@ -194,8 +194,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
     if cfg.gradient_checkpointing:
-        causal_lm_of(reward_model.model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(causal_lm_of(reward_model.model))
     reward_model.to(accelerator.device).train()
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)

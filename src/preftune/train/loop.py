@@ -19,7 +19,7 @@ from ..data.prepare import (prepare_examples, with_mismatched_completions,
                             with_negative_image_slot)
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
-from ..model.forward import LogpModel, causal_lm_of, checkpoint_contexts, sequence_stats
+from ..model.forward import LogpModel, causal_lm_of, enable_checkpointing, sequence_stats
 from ..model.compile import compile_layers
 from ..model.load import add_lora, cache_root, load_model_and_tokenizer
 from ..model.reference import (
@@ -279,8 +279,7 @@ def trainable(model, config: Config) -> LogpModel:
     (if configured), train mode, wrapped for log-probs."""
     model = _attach_lora(model, config)
     if config.train.gradient_checkpointing:
-        causal_lm_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, "context_fn": checkpoint_contexts})
+        enable_checkpointing(causal_lm_of(model))
     model.train()
     if config.train.compile:
         compile_layers(model, config.train.compile_mode)
