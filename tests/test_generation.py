@@ -101,3 +101,21 @@ def test_shared_prompt_cache_draws_the_same_samples_as_k_prompt_copies(generator
     plain = generator.generate(ids(generator), settings)
     assert shared.token_ids == plain.token_ids
     assert sum(len(x) for s in shared.token_ids for x in s) > 12 * 3  # not all cut at once
+
+
+def test_sampling_attention_leaves_cudnn_out_and_restores_the_setting(generator):
+    """Every attention call while sampling (the shared prompt prefill and each decoded token)
+    runs with cuDNN's SDPA kernel disallowed, as training does (``attention_kernels``); the
+    caller's setting is back afterwards."""
+    seen = []
+    attention = generator.model.model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(lambda module, args: seen.append(
+        (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())))
+    try:
+        out = generator.generate(ids(generator)[:2], SamplingSettings(samples=2, max_new_tokens=5))
+    finally:
+        handle.remove()
+    longest = max(len(x) for s in out.token_ids for x in s)
+    assert len(seen) >= 1 + longest  # the prefill and one call per decoded position at least
+    assert set(seen) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()

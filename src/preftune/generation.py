@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .model.forward import attention_kernels
 from .train.logging import progress
 
 
@@ -103,7 +104,7 @@ class HFGenerator:
         ids_out: list[list[list[int]]] = []
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                progress(description, len(prompt_ids), "prompt") as update:
+                attention_kernels(), progress(description, len(prompt_ids), "prompt") as update:
             for start in range(0, len(prompt_ids), settings.batch_size):
                 torch.manual_seed(settings.seed * 1_000_003 + start)
                 chunk = prompt_ids[start : start + settings.batch_size]
