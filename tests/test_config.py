@@ -23,6 +23,8 @@ def test_bad_keys_and_types_name_the_key(tree, expected):
     ({"reference": {"strategy": "adapter-off"}}, "needs model.lora"),
     ({"reference": {"strategy": "none"}}, "needs a reference"),
     ({"train": {"eval_every": 10}}, "eval_every does nothing"),
+    ({"train": {"checkpoint_every": 2}},
+     "train.checkpoint_every: 2 does nothing without train.gradient_checkpointing: true"),
     ({"data": {"max_length": 128, "max_prompt_length": 256}}, "max_prompt_length"),
 ])
 def test_settings_that_would_do_nothing_are_errors(tree, expected):

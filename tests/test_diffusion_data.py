@@ -97,6 +97,9 @@ def test_config_rejects_unknown_and_useless_keys(tmp_path):
         DiffusionConfig.from_dict(tree, ["data.resolutin=3"])
     with pytest.raises(ConfigError, match="train.layout applies to language models only"):
         DiffusionConfig.from_dict(tree, ["train.layout=packed"])
+    with pytest.raises(ConfigError, match="train.checkpoint_every applies to language models"):
+        DiffusionConfig.from_dict(tree, ["train.gradient_checkpointing=true",
+                                         "train.checkpoint_every=2"])
     with pytest.raises(ConfigError, match="reference.strategy: precomputed is not available"):
         DiffusionConfig.from_dict(tree, ["reference.strategy=precomputed"])
     with pytest.raises(ConfigError, match="adapter-off needs model.lora"):

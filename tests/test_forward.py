@@ -1,3 +1,6 @@
+import copy
+
+import pytest
 import torch
 
 from preftune.data.layout import collate_padded
@@ -103,3 +106,33 @@ def test_decoder_forward_and_its_checkpointed_recomputation_leave_cudnn_attentio
     assert len(seen) == 2  # and its recomputation in backward
     assert seen == [(True, False, True, True, True)] * 2
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("every, recomputed", [(1, [0, 1, 2, 3, 4]), (2, [0, 2, 4]),
+                                               (3, [0, 3]), (5, [0])])
+def test_checkpointing_every_nth_layer_recomputes_those_and_gives_the_same_gradients(
+        every, recomputed):
+    """``enable_checkpointing(model, every)`` recomputes layers 0, every, 2*every, ... in
+    backward (each is called twice, the others once) and the gradients equal the plain
+    backward's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from preftune.model.forward import enable_checkpointing
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)
+    plain = LlamaForCausalLM(config).train()
+    model = copy.deepcopy(plain)
+    enable_checkpointing(model, every)
+    calls = [0] * 5
+    for index, layer in enumerate(model.model.layers):  # (the layer's own hook runs once)
+        layer.self_attn.register_forward_pre_hook(lambda module, args, i=index: calls.__setitem__(
+            i, calls[i] + 1))
+    batch = collate_padded(_examples(), pad_token_id=0)
+    weights = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    for net in (plain, model):
+        (sequence_stats(LogpModel(net)(batch), batch).logps * weights).sum().backward()
+    assert calls == [2 if i in recomputed else 1 for i in range(5)]
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)

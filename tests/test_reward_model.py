@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from preftune.cli import main
 from preftune.config import ConfigError
 from preftune.data.layout import LAYOUTS, collate
-from preftune.data.records import DataError, Pair, Ranked
+from preftune.data.records import Pair, Ranked
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.reward.config import build_reward_config
 from preftune.reward.encoder import encoder_examples, plain_text

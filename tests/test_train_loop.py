@@ -3,6 +3,7 @@
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from preftune.config import ConfigError, build_config
 from preftune.train import loop, trainer
 from preftune.train.logging import read_metrics
+from preftune.train.plan import _activation_bytes
 from tiny_models import save_tiny_model_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -232,12 +234,13 @@ def test_layouts_train_identically_through_the_loop(workspace):
     assert json.loads((runs["packed"] / "run.json").read_text())["layout"] == "packed"
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_gradient_checkpointing_trains_identically(workspace, lora):
+@pytest.mark.parametrize("lora, every", [(False, 1), (True, 1), (False, 2)])
+def test_gradient_checkpointing_trains_identically(workspace, lora, every):
     extra = {"model__lora": {"r": 4, "alpha": 8}} if lora else {}
-    plain = run(workspace, f"ckpt-off-{lora}", train__max_steps=3, **extra)
-    checkpointed = run(workspace, f"ckpt-on-{lora}", train__max_steps=3,
-                       train__gradient_checkpointing=True, **extra)
+    plain = run(workspace, f"ckpt-off-{lora}-{every}", train__max_steps=3, **extra)
+    checkpointed = run(workspace, f"ckpt-on-{lora}-{every}", train__max_steps=3,
+                       train__gradient_checkpointing=True, train__checkpoint_every=every,
+                       **extra)
     assert losses(checkpointed) == pytest.approx(losses(plain), rel=1e-5)
     assert_same_weights(plain, checkpointed)
 
@@ -252,6 +255,24 @@ def test_plan_prints_layout_reference_and_memory_without_training(workspace, cap
                    "optimizer", "activations", "log-prob chunks", "total"]:
         assert needle in printed
     assert not (workspace / "runs" / "planned" / "model").exists()
+
+    def activations_line(**train):
+        tree = {**_tree_of(output), "output_dir": str(workspace / "runs" / "planned")}
+        tree["train"] = {**tree.get("train", {}), **train}
+        loop.train(build_config(tree), plan_only=True, show_progress=False)
+        return next(x for x in capsys.readouterr().out.splitlines() if "activations" in x)
+
+    assert activations_line(gradient_checkpointing=True).endswith("(gradient checkpointing)")
+    assert activations_line(gradient_checkpointing=True, checkpoint_every=2).endswith(
+        "(gradient checkpointing, every 2 layers)")
+    # 16 layers, 1,000 one-byte tokens, hidden size 100: a layer input is 1e5 bytes, a layer's
+    # full set (10 hidden-size tensors) 1e6. No checkpointing: 16 full sets; every 8th: the
+    # inputs of layers 0 and 8 and 14 full sets; each: 16 inputs and, while the top layer is
+    # recomputed, its full set
+    config = SimpleNamespace(hidden_size=100, num_hidden_layers=16, intermediate_size=0,
+                             num_attention_heads=1)
+    assert [_activation_bytes(config, 1, 1000, False, 1, every) for every in (None, 8, 1)] \
+        == [16_000_000, 14_200_000, 2_600_000]
 
 
 def test_zero_learning_rate_raises_policy_not_moving_through_the_loop(workspace):

@@ -193,6 +193,9 @@ class TrainConfig(Section):
     """Numeric record field that scales each example's loss."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in backward: less memory, more time."""
+    checkpoint_every: Count = 1
+    """With gradient_checkpointing: checkpoint every N-th decoder layer (1: each). The others
+    keep their activations: more memory than checkpointing all, less recomputation."""
     optimizer_in_backward: bool = False
     """AdamW applied to each weight as soon as its gradient is complete, which frees it at once:
     no full set of gradients in memory. Needs gradient_accumulation_steps 1, max_grad_norm
@@ -214,6 +217,13 @@ class TrainConfig(Section):
     """Where offline trackers write (default: output_dir/tracking)."""
     run_name: str | None = None
     """The run's name in the trackers (default: the name of output_dir)."""
+
+    @model_validator(mode="after")
+    def _checkpointing_is_on(self):
+        if self.checkpoint_every > 1 and not self.gradient_checkpointing:
+            raise ValueError(f"train.checkpoint_every: {self.checkpoint_every} does nothing "
+                             "without train.gradient_checkpointing: true; set both or remove it.")
+        return self
 
     @field_validator("report_to", mode="before")
     @classmethod

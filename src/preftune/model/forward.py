@@ -86,15 +86,21 @@ def checkpoint_contexts():
     return nullcontext(), attention_kernels()
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing for every decoder layer of a transformers model (non-reentrant,
-    recomputing within ``attention_kernels``): transformers' ``activation_checkpointing_enable``
-    where it has one, else its older name."""
+def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
+    """Activation checkpointing for every ``every``-th layer of a transformers model (the
+    first, then each ``every`` further; non-reentrant, recomputing within
+    ``attention_kernels``), through transformers' ``activation_checkpointing_enable`` where it
+    has one, else its older name."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
 
 
 def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None = None,

@@ -194,7 +194,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
     if cfg.gradient_checkpointing:
-        enable_checkpointing(causal_lm_of(reward_model.model))
+        enable_checkpointing(causal_lm_of(reward_model.model), cfg.checkpoint_every)
     reward_model.to(accelerator.device).train()
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)

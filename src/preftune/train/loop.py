@@ -279,7 +279,7 @@ def trainable(model, config: Config) -> LogpModel:
     (if configured), train mode, wrapped for log-probs."""
     model = _attach_lora(model, config)
     if config.train.gradient_checkpointing:
-        enable_checkpointing(causal_lm_of(model))
+        enable_checkpointing(causal_lm_of(model), config.train.checkpoint_every)
     model.train()
     if config.train.compile:
         compile_layers(model, config.train.compile_mode)

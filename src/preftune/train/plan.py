@@ -13,12 +13,14 @@ MIB = 2**20
 
 
 def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_bytes: int,
-                      checkpointing: bool) -> int:
+                      checkpoint_every: int | None) -> int:
     """Saved activations of one micro-batch for backward.
 
     Per token and layer a llama-style block keeps roughly 10 hidden-size and 3 MLP-size
-    tensors; an explicit attention mask adds the [heads, T, T] scores. With gradient
-    checkpointing only each layer's input is kept, plus one layer's full set.
+    tensors; an explicit attention mask adds the [heads, T, T] scores. A checkpointed layer
+    keeps only its input. Every ``checkpoint_every``-th layer is checkpointed (None: none);
+    backward runs from the last layer down, so the peak is either its start or the
+    recomputation of the highest checkpointed layer, when the layers above it are freed.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
     mlp = getattr(config, "intermediate_size", 4 * hidden)
@@ -28,9 +30,12 @@ def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_by
     per_layer = tokens * per_token_layer * dtype_bytes
     if custom_mask:
         per_layer += rows * heads * width * width * 4 + rows * width * width * dtype_bytes
-    if checkpointing:
-        return layers * tokens * hidden * dtype_bytes + per_layer
-    return layers * per_layer
+    if checkpoint_every is None:
+        return layers * per_layer
+    kept = [tokens * hidden * dtype_bytes if i % checkpoint_every == 0 else per_layer
+            for i in range(layers)]
+    highest = (layers - 1) // checkpoint_every * checkpoint_every
+    return max(sum(kept), sum(kept[: highest + 1]) + per_layer)
 
 
 def plan(config, model_config, n_params: int, trainable_params: int, train_examples, layout: str,
@@ -65,8 +70,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
 
     dense_mask = worst.unit_ids is not None and \
         config.model.attn_implementation not in ("flex_attention", "varlen")
-    activations = _activation_bytes(model_config, rows, width, dense_mask,
-                                    dtype_bytes, cfg.gradient_checkpointing)
+    every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
+    activations = _activation_bytes(model_config, rows, width, dense_mask, dtype_bytes, every)
     logps = cfg.logps_chunk_tokens * model_config.vocab_size * 4 * 3
     total = weights + grads + optimizer + reference + activations + logps
     lines = [
@@ -86,7 +91,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
         f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, fp32 states)" + split("optimizer"),
         f"  reference        {reference / MIB:10.0f}  ({strategy})",
         f"  activations      {activations / MIB:10.0f}"
-        + ("  (gradient checkpointing)" if cfg.gradient_checkpointing else ""),
+        + ("" if every is None else "  (gradient checkpointing"
+           + (")" if every == 1 else f", every {every} layers)")),
         f"  log-prob chunks  {logps / MIB:10.0f}  ({cfg.logps_chunk_tokens} tokens x vocab)",
         f"  total            {total / MIB:10.0f}",
     ]
