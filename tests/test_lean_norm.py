@@ -1,0 +1,106 @@
+"""Lean RMSNorm: the same forward as transformers' Llama-style norm, bit for bit, gradients
+equal to autograd's through that norm, 4 bytes per element less kept for backward in bf16,
+and only classes it reproduces are switched."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from preftune.data.layout import collate
+from preftune.model.forward import LogpModel, sequence_stats
+from preftune.model.lean_norm import use_lean_norms
+from test_forward import _examples
+from tiny_models import tiny_llama
+
+
+def norm_pair(dtype, hidden=48):
+    torch.manual_seed(0)
+    plain = LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(hidden))
+    lean = copy.deepcopy(plain)
+    assert use_lean_norms(lean) == 1
+    return plain, lean
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_is_bitwise_the_same_and_gradients_match_autograd(dtype):
+    plain, lean = norm_pair(dtype)
+    x = (torch.randn(5, 7, 48) * 4).to(dtype)
+    upstream = torch.randn(5, 7, 48).to(dtype)
+    outputs, grads = [], []
+    for module in (plain, lean):
+        inp = x.clone().requires_grad_()
+        out = module(inp)
+        (out * upstream).sum().backward()
+        outputs.append(out)
+        grads.append((inp.grad, module.weight.grad))
+    assert torch.equal(outputs[0], outputs[1])
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else \
+        {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(grads[1][0], grads[0][0], **tolerance)
+    torch.testing.assert_close(grads[1][1], grads[0][1], **tolerance)
+
+
+def test_keeps_four_bytes_per_element_less_for_backward_in_bf16():
+    """transformers' norm keeps the fp32 copy of its input (4 bytes an element) and its bf16
+    normalized values (2); the lean one keeps the bf16 input (2). Both keep the weight and one
+    fp32 scale per token."""
+    def saved_bytes(module, x):
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            module(x)
+        return sum(storages.values())
+
+    plain, lean = norm_pair(torch.bfloat16)
+    x = torch.randn(4, 10, 48, dtype=torch.bfloat16, requires_grad=True)
+    elements, tokens = x.numel(), 40
+    assert saved_bytes(plain, x) == 6 * elements + 4 * tokens + 2 * 48
+    assert saved_bytes(lean, x) == 2 * elements + 4 * tokens + 2 * 48
+
+
+def test_a_model_trains_the_same_through_lean_norms():
+    """Every norm of a Llama (two a layer and the final one) is switched; log-probs are
+    bitwise the same and gradients match."""
+    plain = tiny_llama(seed=2).train()
+    lean = copy.deepcopy(plain)
+    assert use_lean_norms(lean) == 2 * 2 + 1
+    batch = collate(_examples(), 0, "prefix_shared")
+    weights = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    logps = []
+    for model in (plain, lean):
+        stats = sequence_stats(LogpModel(model)(batch), batch)
+        (stats.logps * weights).sum().backward()
+        logps.append(stats.logps)
+    assert torch.equal(logps[0], logps[1])
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma's variant: scales by (1 + weight), and its weight starts at zero."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        upcast = x.float()
+        normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def test_norms_it_does_not_reproduce_are_left_alone():
+    model = nn.Sequential(OffsetRMSNorm(16), LlamaRMSNorm(16), nn.LayerNorm(16))
+    assert use_lean_norms(model) == 1
+    assert "forward" not in vars(model[0]) and "forward" in vars(model[1])
+    assert "forward" not in vars(model[2])
