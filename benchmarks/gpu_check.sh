@@ -2,8 +2,8 @@
 # Every GPU check and benchmark, sized for a short GPU lease: BUDGET seconds in all (default
 # 540), most important first, each part cut to what is left. PARTS (default all four) names
 # them: tests (layouts, FlexAttention, varlen, attention kernels, one sync per step, compiled
-# layers, vLLM where installed), profile (one eager step: kernel time vs wall time, top
-# operators), bench (preftune vs TRL in bf16 on SmolLM2-135M's and Llama-3.2-1B's shapes, long
+# layers, lean norms, vLLM where installed), profile (one eager step: kernel time vs wall
+# time, top operators), bench (preftune vs TRL in bf16 on SmolLM2-135M's and Llama-3.2-1B's shapes, long
 # and short prompts, 2 repeats, TRL's default once) and compile (the compiled step's profile).
 # All of it is about 14 minutes on an H200, in two calls split by PARTS and CASES:
 #
@@ -57,7 +57,7 @@ fi
 if part tests; then
   echo "== CUDA tests ($(left) s left)" > "$OUT/tests.txt"
   timeout "$(upto "$TEST_S")" $PY -m pytest -q -p no:cacheprovider \
-    -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
+    -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_lean_norm.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
   cat "$OUT/tests.txt"
 fi
 

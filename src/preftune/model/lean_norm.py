@@ -12,7 +12,6 @@ activation memory, at the same number of operations.
 from __future__ import annotations
 
 import copy
-import types
 
 import torch
 from torch import nn
@@ -47,6 +46,23 @@ def _lean_forward(self, hidden_states):
     return LeanRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _lean_class(kind: type) -> type:
+    """``kind`` with the lean forward: a subclass, not a forward set on each module, because
+    transformers (with the ``kernels`` package) resets per-module forwards whenever a model
+    switches between train and eval. Kept in this module's namespace, so pickle finds it."""
+    if kind not in _LEAN_CLASSES:
+        name = f"Lean{kind.__name__}"
+        while name in globals():  # another module's class of the same name (Qwen2RMSNorm)
+            name += "_"
+        lean = type(name, (kind,), {"forward": _lean_forward, "__module__": __name__,
+                                    "__qualname__": name})
+        globals()[name] = _LEAN_CLASSES[kind] = lean
+    return _LEAN_CLASSES[kind]
+
+
+_LEAN_CLASSES: dict[type, type] = {}
+
+
 def _reproduces(module: nn.Module) -> bool:
     """Whether ``LeanRMSNorm`` gives exactly the module's own output: checked on a copy with a
     random weight (not the ones a fresh model starts with, which would hide a ``1 + weight``
@@ -69,14 +85,18 @@ def _reproduces(module: nn.Module) -> bool:
 
 def use_lean_norms(model: nn.Module) -> int:
     """Every RMSNorm module of ``model`` whose class ``LeanRMSNorm`` reproduces exactly runs
-    through it from now on (other classes are left as they are). Returns how many."""
+    through it from now on (its class becomes a subclass with the lean forward; other classes
+    are left as they are). Returns how many."""
     verified: dict[type, bool] = {}
     count = 0
     for module in model.modules():
         kind = type(module)
+        if kind.forward is _lean_forward:
+            count += 1
+            continue
         if kind not in verified:
             verified[kind] = _reproduces(module)
         if verified[kind]:
-            module.forward = types.MethodType(_lean_forward, module)
+            module.__class__ = _lean_class(kind)
             count += 1
     return count
