@@ -112,6 +112,18 @@ def test_norms_it_does_not_reproduce_are_left_alone():
     assert use_lean_norms(model) == 1  # again: nothing more to switch
 
 
+def test_a_forward_put_on_the_module_stays_and_the_class_is_probed():
+    """A forward set on the module itself (what transformers does with a hub kernel) is left
+    in use; the probe checks the class's own forward, so the class is still switched."""
+    norm = LlamaRMSNorm(16)
+    norm.forward = lambda x: x * 0  # stands in for a kernel that differs on the probe
+    assert use_lean_norms(norm) == 1
+    assert type(norm).__name__ == "LeanLlamaRMSNorm"
+    assert torch.equal(norm(torch.ones(2, 16)), torch.zeros(2, 16))
+    del norm.forward  # the kernel's fallback: the class's forward, now the lean one
+    torch.testing.assert_close(norm(torch.ones(2, 16)), torch.ones(2, 16), atol=1e-5, rtol=0)
+
+
 def test_lean_norms_outlive_train_eval_switches_of_a_loaded_model(tmp_path):
     """transformers (with the kernels package it depends on) resets per-module forwards on
     every train/eval switch of a model from from_pretrained; the lean norms stay, and a copy

@@ -64,9 +64,11 @@ _LEAN_CLASSES: dict[type, type] = {}
 
 
 def _reproduces(module: nn.Module) -> bool:
-    """Whether ``LeanRMSNorm`` gives exactly the module's own output: checked on a copy with a
-    random weight (not the ones a fresh model starts with, which would hide a ``1 + weight``
-    variant such as Gemma's) and a random bf16 and fp32 input."""
+    """Whether ``LeanRMSNorm`` gives exactly the output of the module's class: checked on a
+    copy with a random weight (not the ones a fresh model starts with, which would hide a
+    ``1 + weight`` variant such as Gemma's) and a random bf16 and fp32 input. The class's own
+    forward, not the module's: transformers may have put a hub kernel's forward on the module,
+    which then stays in use (the class is what its fallback returns to)."""
     weight = getattr(module, "weight", None)
     if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter)
             and weight.dim() == 1 and weight.numel() > 0 and weight.device.type != "meta"
@@ -78,7 +80,7 @@ def _reproduces(module: nn.Module) -> bool:
         probe.weight.copy_(torch.randn(weight.shape, generator=generator))
         for dtype in (torch.bfloat16, torch.float32):
             x = (torch.randn(3, weight.numel(), generator=generator) * 3).to(dtype)
-            if not torch.equal(probe(x), _lean_forward(probe, x)):
+            if not torch.equal(type(module).forward(probe, x), _lean_forward(probe, x)):
                 return False
     return True
 
