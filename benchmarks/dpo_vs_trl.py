@@ -55,8 +55,8 @@ from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E4
 # gradient_checkpointing=False (TRL's fastest setting); preftune: reference precomputed, layout
 # auto; preftune-padded: the same with layout padded (no prefix sharing); preftune-gc: preftune
 # with train.gradient_checkpointing (opt-in there, on by default in TRL); preftune-gc2: the same
-# with train.checkpoint_every 2 (every other layer keeps its activations); preftune-hfnorm:
-# preftune with train.lean_norms false (transformers' RMSNorm); preftune-lean: gc plus
+# with train.checkpoint_every 2 (every other layer keeps its activations); preftune-hflayers:
+# preftune with train.lean_activations false (transformers' RMSNorm); preftune-lean: gc plus
 # train.optimizer_in_backward (each weight's AdamW update runs as its gradient completes, so no
 # full set of gradients is held; this mode cannot clip by the global norm, so it runs without
 # max_grad_norm while every other tool clips at 1.0).
@@ -69,7 +69,7 @@ from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E4
 # preftune-varlen (CUDA only): model.attn_implementation varlen, so rows are packed and run with
 # torch's variable-length attention and no mask (no prefix sharing).
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
-         "preftune-gc", "preftune-gc2", "preftune-hfnorm", "preftune-lean", "trl-mmap",
+         "preftune-gc", "preftune-gc2", "preftune-hflayers", "preftune-lean", "trl-mmap",
          "preftune-flex", "preftune-compile", "preftune-varlen")
 CUDA_ONLY = ("preftune-flex", "preftune-varlen")
 
@@ -134,7 +134,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
                   "gradient_checkpointing": tool in ("preftune-gc", "preftune-gc2",
                                                      "preftune-lean"),
                   "checkpoint_every": 2 if tool == "preftune-gc2" else 1,
-                  "lean_norms": tool != "preftune-hfnorm",
+                  "lean_activations": tool != "preftune-hflayers",
                   "compile": tool == "preftune-compile",
                   "optimizer_in_backward": tool == "preftune-lean"},
     })

@@ -1,6 +1,6 @@
-"""Bytes a forward keeps for backward, per token: transformers' RMSNorm against preftune's lean
-one. A GPU keeps the same tensors but for the attention kernel's own statistics, so a CPU run
-predicts the activation part of GPU memory.
+"""Bytes a forward keeps for backward, per token: transformers' layers against preftune's lean
+RMSNorm and SiLU-gated MLP. A GPU keeps the same tensors but for the attention kernel's own
+statistics, so a CPU run predicts the activation part of GPU memory.
 
     python benchmarks/saved_activations.py --model-dir DIR --rows 2 --width 436
 
@@ -17,7 +17,7 @@ import copy
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from preftune.model.lean_norm import use_lean_norms
+from preftune.model.lean import use_lean_layers
 
 
 def kept_bytes(model, ids: torch.Tensor) -> int:
@@ -44,13 +44,13 @@ def main() -> None:
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype)).train()
     lean = copy.deepcopy(plain)
-    switched = use_lean_norms(lean)
+    switched = use_lean_layers(lean)
     ids = torch.randint(0, config.vocab_size, (args.rows, args.width))
     tokens = ids.numel()
-    print(f"{args.model_dir}, {args.dtype}, {args.rows} rows x {args.width} tokens; "
-          f"{switched} norms switched")
+    print(f"{args.model_dir}, {args.dtype}, {args.rows} rows x {args.width} tokens; switched: "
+          + ", ".join(f"{count} {kind}" for kind, count in switched.items()))
     sizes = {name: kept_bytes(model, ids) for name, model in
-             (("transformers' RMSNorm", plain), ("lean RMSNorm", lean))}
+             (("transformers' layers", plain), ("lean layers", lean))}
     for name, size in sizes.items():
         print(f"| {name} | {size / 2**20:.1f} MiB | {size / tokens / 1024:.1f} KiB per token |")
     plain_size, lean_size = sizes.values()

@@ -97,8 +97,8 @@ def test_config_rejects_unknown_and_useless_keys(tmp_path):
         DiffusionConfig.from_dict(tree, ["data.resolutin=3"])
     with pytest.raises(ConfigError, match="train.layout applies to language models only"):
         DiffusionConfig.from_dict(tree, ["train.layout=packed"])
-    with pytest.raises(ConfigError, match="train.lean_norms applies to language models"):
-        DiffusionConfig.from_dict(tree, ["train.lean_norms=false"])
+    with pytest.raises(ConfigError, match="train.lean_activations applies to language models"):
+        DiffusionConfig.from_dict(tree, ["train.lean_activations=false"])
     with pytest.raises(ConfigError, match="train.checkpoint_every applies to language models"):
         DiffusionConfig.from_dict(tree, ["train.gradient_checkpointing=true",
                                          "train.checkpoint_every=2"])

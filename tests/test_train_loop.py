@@ -245,11 +245,11 @@ def test_gradient_checkpointing_trains_identically(workspace, lora, every):
     assert_same_weights(plain, checkpointed)
 
 
-def test_lean_norms_train_like_transformers_own(workspace, monkeypatch):
-    """train.lean_norms (the default) against transformers' RMSNorm: the same losses and
+def test_lean_activations_train_like_transformers_own(workspace, monkeypatch):
+    """train.lean_activations (the default) against transformers' RMSNorm: the same losses and
     weights after 3 steps (the forward is bitwise the same; gradients differ by rounding). The
     lean norm runs in every training forward (5 norms in the tiny model), not at all when off."""
-    from preftune.model.lean_norm import LeanRMSNorm
+    from preftune.model.lean import LeanRMSNorm
 
     calls = []
     forward = LeanRMSNorm.forward
@@ -258,7 +258,7 @@ def test_lean_norms_train_like_transformers_own(workspace, monkeypatch):
     lean = run(workspace, "norms-lean", train__max_steps=3)
     assert len(calls) >= 3 * 5
     calls.clear()
-    own = run(workspace, "norms-own", train__max_steps=3, train__lean_norms=False)
+    own = run(workspace, "norms-own", train__max_steps=3, train__lean_activations=False)
     assert calls == []
     assert losses(lean) == pytest.approx(losses(own), rel=1e-6)
     assert_same_weights(own, lean)

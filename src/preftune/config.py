@@ -193,10 +193,9 @@ class TrainConfig(Section):
     """Numeric record field that scales each example's loss."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in backward: less memory, more time."""
-    lean_norms: bool = True
-    """Llama-style RMSNorms keep their input for backward instead of an fp32 copy and their
-    normalized values (same forward, bit for bit; model/lean_norm.py); false: transformers'
-    own."""
+    lean_activations: bool = True
+    """Llama-style RMSNorms and SiLU-gated MLPs keep less for backward and recompute the rest
+    (same forward, bit for bit; model/lean.py); false: transformers' own layers."""
     checkpoint_every: Count = 1
     """With gradient_checkpointing: checkpoint every N-th decoder layer (1: each). The others
     keep their activations: more memory than checkpointing all, less recomputation."""

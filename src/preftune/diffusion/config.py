@@ -16,7 +16,7 @@ from .losses import DIFFUSION_LOSSES, get_diffusion_loss
 # TrainConfig keys about token layouts and log-prob chunks: no meaning for a denoiser
 LANGUAGE_MODEL_ONLY = ("logps_chunk_tokens", "example_weight_field", "layout", "max_row_tokens",
                        "compile", "compile_mode", "pad_to_multiple_of", "checkpoint_every",
-                       "lean_norms")
+                       "lean_activations")
 
 
 class DiffusionLoraConfig(LoraConfig):

@@ -16,7 +16,7 @@ from ..data.prepare import prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of, enable_checkpointing
-from ..model.lean_norm import use_lean_norms
+from ..model.lean import use_lean_layers
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
@@ -194,8 +194,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
                                          cfg.max_row_tokens or config.data.max_length)
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
-    if cfg.lean_norms:
-        use_lean_norms(reward_model.model)
+    if cfg.lean_activations:
+        use_lean_layers(reward_model.model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(causal_lm_of(reward_model.model), cfg.checkpoint_every)
     reward_model.to(accelerator.device).train()

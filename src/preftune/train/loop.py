@@ -20,7 +20,7 @@ from ..data.prepare import (prepare_examples, with_mismatched_completions,
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
 from ..model.forward import LogpModel, causal_lm_of, enable_checkpointing, sequence_stats
-from ..model.lean_norm import use_lean_norms
+from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import add_lora, cache_root, load_model_and_tokenizer
 from ..model.reference import (
@@ -276,11 +276,11 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
 
 
 def trainable(model, config: Config) -> LogpModel:
-    """The model made ready to train: LoRA attached (if configured), lean RMSNorms, activation
-    checkpointing (if configured), train mode, wrapped for log-probs."""
+    """The model made ready to train: LoRA attached (if configured), lean norms and MLPs,
+    activation checkpointing (if configured), train mode, wrapped for log-probs."""
     model = _attach_lora(model, config)
-    if config.train.lean_norms:
-        use_lean_norms(model)
+    if config.train.lean_activations:
+        use_lean_layers(model)
     if config.train.gradient_checkpointing:
         enable_checkpointing(causal_lm_of(model), config.train.checkpoint_every)
     model.train()

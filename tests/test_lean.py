@@ -1,6 +1,6 @@
-"""Lean RMSNorm: the same forward as transformers' Llama-style norm, bit for bit, gradients
-equal to autograd's through that norm, 4 bytes per element less kept for backward in bf16,
-and only classes it reproduces are switched."""
+"""Lean layers: the same forward as transformers' Llama-style RMSNorm and SiLU-gated MLP, bit
+for bit, gradients equal to autograd's through them, exactly the bytes named less kept for
+backward, and only classes they reproduce are switched."""
 
 import copy
 
@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from preftune.data.layout import collate
 from preftune.model.forward import LogpModel, sequence_stats
-from preftune.model.lean_norm import use_lean_norms
+from preftune.model.lean import use_lean_layers
 from test_forward import _examples
 from tiny_models import tiny_llama
 
@@ -26,7 +26,7 @@ def norm_pair(dtype, hidden=48, device="cpu"):
     with torch.no_grad():
         plain.weight.copy_(torch.randn(hidden))
     lean = copy.deepcopy(plain)
-    assert use_lean_norms(lean) == 1
+    assert use_lean_layers(lean) == {"RMSNorm": 1, "MLP": 0}
     return plain, lean
 
 
@@ -72,12 +72,12 @@ def test_keeps_four_bytes_per_element_less_for_backward_in_bf16():
     assert saved_bytes(lean, x) == 2 * elements + 4 * tokens + 2 * 48
 
 
-def test_a_model_trains_the_same_through_lean_norms():
-    """Every norm of a Llama (two a layer and the final one) is switched; log-probs are
-    bitwise the same and gradients match."""
+def test_a_model_trains_the_same_through_lean_layers():
+    """Every norm of a Llama (two a layer and the final one) and every MLP is switched;
+    log-probs are bitwise the same and gradients match."""
     plain = tiny_llama(seed=2).train()
     lean = copy.deepcopy(plain)
-    assert use_lean_norms(lean) == 2 * 2 + 1
+    assert use_lean_layers(lean) == {"RMSNorm": 2 * 2 + 1, "MLP": 2}
     batch = collate(_examples(), 0, "prefix_shared")
     weights = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     logps = []
@@ -106,10 +106,10 @@ class OffsetRMSNorm(nn.Module):
 
 def test_norms_it_does_not_reproduce_are_left_alone():
     model = nn.Sequential(OffsetRMSNorm(16), LlamaRMSNorm(16), nn.LayerNorm(16))
-    assert use_lean_norms(model) == 1
+    assert use_lean_layers(model) == {"RMSNorm": 1, "MLP": 0}
     assert [type(m).__name__ for m in model] == ["OffsetRMSNorm", "LeanLlamaRMSNorm", "LayerNorm"]
     assert isinstance(model[1], LlamaRMSNorm)
-    assert use_lean_norms(model) == 1  # again: nothing more to switch
+    assert use_lean_layers(model) == {"RMSNorm": 1, "MLP": 0}  # again: the same one
 
 
 def test_a_forward_put_on_the_module_stays_and_the_class_is_probed():
@@ -117,16 +117,16 @@ def test_a_forward_put_on_the_module_stays_and_the_class_is_probed():
     in use; the probe checks the class's own forward, so the class is still switched."""
     norm = LlamaRMSNorm(16)
     norm.forward = lambda x: x * 0  # stands in for a kernel that differs on the probe
-    assert use_lean_norms(norm) == 1
+    assert use_lean_layers(norm) == {"RMSNorm": 1, "MLP": 0}
     assert type(norm).__name__ == "LeanLlamaRMSNorm"
     assert torch.equal(norm(torch.ones(2, 16)), torch.zeros(2, 16))
     del norm.forward  # the kernel's fallback: the class's forward, now the lean one
     torch.testing.assert_close(norm(torch.ones(2, 16)), torch.ones(2, 16), atol=1e-5, rtol=0)
 
 
-def test_lean_norms_outlive_train_eval_switches_of_a_loaded_model(tmp_path):
+def test_lean_layers_outlive_train_eval_switches_of_a_loaded_model(tmp_path):
     """transformers (with the kernels package it depends on) resets per-module forwards on
-    every train/eval switch of a model from from_pretrained; the lean norms stay, and a copy
+    every train/eval switch of a model from from_pretrained; the lean layers stay, and a copy
     pickles."""
     import pickle
 
@@ -134,11 +134,70 @@ def test_lean_norms_outlive_train_eval_switches_of_a_loaded_model(tmp_path):
 
     tiny_llama().save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert use_lean_norms(model) == 5
+    assert use_lean_layers(model) == {"RMSNorm": 5, "MLP": 2}
     model.train()
     model.eval()
     model.train()
-    assert {type(m).__name__ for m in model.modules() if "RMSNorm" in type(m).__name__} == \
-        {"LeanLlamaRMSNorm"}
+    assert {type(m).__name__ for m in model.modules()
+            if type(m).__name__.endswith(("RMSNorm", "MLP"))} == {"LeanLlamaRMSNorm", "LeanLlamaMLP"}
     copied = pickle.loads(pickle.dumps(model))
     assert type(copied.model.norm).__name__ == "LeanLlamaRMSNorm"
+
+
+def mlp_pair(dtype, act="silu", device="cpu"):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    plain = LlamaMLP(LlamaConfig(hidden_size=24, intermediate_size=40, hidden_act=act,
+                                 num_attention_heads=4, num_key_value_heads=2))
+    plain = plain.to(device, dtype)
+    lean = copy.deepcopy(plain)
+    return plain, lean, use_lean_layers(lean)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_gated_mlp_forward_is_bitwise_the_same_and_gradients_match(dtype, device):
+    plain, lean, counts = mlp_pair(dtype, device=device)
+    assert counts == {"RMSNorm": 0, "MLP": 1}
+    x = torch.randn(3, 5, 24).to(device, dtype)
+    upstream = torch.randn(3, 5, 24).to(device, dtype)
+    outputs, grads = [], []
+    for module in (plain, lean):
+        inp = x.clone().requires_grad_()
+        out = module(inp)
+        (out * upstream).sum().backward()
+        outputs.append(out)
+        grads.append([inp.grad] + [p.grad for p in module.parameters()])
+    assert torch.equal(outputs[0], outputs[1])
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else \
+        {"atol": 2e-2, "rtol": 2e-2}
+    for mine, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(mine, reference, **tolerance)
+
+
+def test_silu_gated_mlp_keeps_one_intermediate_tensor_less():
+    """silu(gate) is not kept: 40 intermediate values x 2 bytes per token in bf16."""
+    def saved_bytes(module, x):
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            module(x)
+        weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+    plain, lean, _ = mlp_pair(torch.bfloat16)
+    x = torch.randn(4, 10, 24, dtype=torch.bfloat16, requires_grad=True)
+    tokens = 40  # kept by both: x (24 a token), gate, up and the product (40 each)
+    assert saved_bytes(plain, x) == 2 * tokens * (24 + 4 * 40)
+    assert saved_bytes(lean, x) == 2 * tokens * (24 + 3 * 40)
+
+
+def test_mlps_with_another_activation_are_left_alone():
+    _, lean, counts = mlp_pair(torch.float32, act="gelu")
+    assert counts == {"RMSNorm": 0, "MLP": 0} and type(lean).__name__ == "LlamaMLP"
