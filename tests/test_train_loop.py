@@ -284,14 +284,48 @@ def test_plan_prints_layout_reference_and_memory_without_training(workspace, cap
     assert activations_line(gradient_checkpointing=True).endswith("(gradient checkpointing)")
     assert activations_line(gradient_checkpointing=True, checkpoint_every=2).endswith(
         "(gradient checkpointing, every 2 layers)")
-    # 16 layers, 1,000 one-byte tokens, hidden size 100: a layer input is 1e5 bytes, a layer's
-    # full set (10 hidden-size tensors) 1e6. No checkpointing: 16 full sets; every 8th: the
-    # inputs of layers 0 and 8 and 14 full sets; each: 16 inputs and, while the top layer is
-    # recomputed, its full set
+    # 16 layers, 1,000 one-byte tokens, hidden size 100, one head, no MLP: a layer input is 1e5
+    # bytes, a layer's full set 8.04e5 (lean norms 2 x 100, attention 3 x 100 + 2 x 100 and 4
+    # for the log-sum-exp, MLP input 100 a token), the final norm and rotary tables 3e5. No
+    # checkpointing: 16 full sets; every 8th: the inputs of layers 0 and 8 and 14 full sets;
+    # each: 16 inputs and, while the top layer is recomputed, its full set
     config = SimpleNamespace(hidden_size=100, num_hidden_layers=16, intermediate_size=0,
                              num_attention_heads=1)
     assert [_activation_bytes(config, 1, 1000, False, 1, every) for every in (None, 8, 1)] \
-        == [16_000_000, 14_200_000, 2_600_000]
+        == [16 * 804_000 + 300_000, 200_000 + 14 * 804_000 + 300_000, 1_600_000 + 804_000]
+
+
+@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_activation_estimate_matches_what_autograd_keeps(lean, dtype):
+    """The plan's bytes per token and layer against the tensors autograd keeps for one forward
+    of a Llama (counted once per storage, weights left out), within 2%."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from preftune.model.lean import use_lean_layers
+    from preftune.train.plan import layer_bytes_per_token
+
+    config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=704,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype).train()
+    if lean:
+        use_lean_layers(model)
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, 64, (2, 96))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.model(input_ids=ids)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = sum(size for pointer, size in storages.items() if pointer not in weights)
+    estimate = _activation_bytes(config, 2, 96, False, dtype.itemsize, None, lean)
+    assert estimate == 2 * 96 * 2 * layer_bytes_per_token(config, dtype.itemsize, lean) \
+        + 2 * 96 * (dtype.itemsize * 256 + (0 if lean else 4 * 256) + 2 * 64 * dtype.itemsize)
+    assert estimate == pytest.approx(kept, rel=0.02)
 
 
 def test_zero_learning_rate_raises_policy_not_moving_through_the_loop(workspace):

@@ -12,30 +12,63 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
 
 
-def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_bytes: int,
-                      checkpoint_every: int | None) -> int:
-    """Saved activations of one micro-batch for backward.
+def layer_bytes_per_token(config, dtype_bytes: int, lean: bool) -> int:
+    """Bytes a llama-style decoder layer keeps for backward per token, counting tensors
+    (``b`` = bytes per element, h hidden, kv the key/value width, i the MLP width):
 
-    Per token and layer a llama-style block keeps roughly 10 hidden-size and 3 MLP-size
-    tensors; an explicit attention mask adds the [heads, T, T] scores. A checkpointed layer
-    keeps only its input. Every ``checkpoint_every``-th layer is checkpointed (None: none);
-    backward runs from the last layer down, so the peak is either its start or the
-    recomputation of the highest checkpointed layer, when the layers above it are freed.
-    """
-    hidden, layers = config.hidden_size, config.num_hidden_layers
+    - each of the two RMSNorms: transformers' keeps an fp32 copy of its input (4 h) and its
+      normalized values (b h), the lean one its input (b h);
+    - attention: the normed input of q/k/v (b h), q, k and v (b (h + 2 kv)), its output (b h);
+    - MLP: its input (b h), gate, up and their product (3 b i), and transformers' also
+      silu(gate) (b i);
+    - the attention kernel's log-sum-exp (4 bytes a head).
+
+    Checked against autograd's saved tensors in ``tests/test_train_loop.py``."""
+    hidden = config.hidden_size
     mlp = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
-    per_token_layer = 10 * hidden + 3 * mlp
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    b = dtype_bytes
+    return (2 * _norm_bytes(hidden, b, lean) + b * (3 * hidden + 2 * kv) + 4 * heads
+            + b * (hidden + (3 if lean else 4) * mlp))
+
+
+def _norm_bytes(hidden: int, b: int, lean: bool) -> int:
+    return b * hidden if lean else 4 * hidden + b * hidden
+
+
+def _stack_bytes_per_token(config, dtype_bytes: int, lean: bool) -> int:
+    """Kept once for the whole stack: the final norm, and the rotary cos and sin (an upper
+    bound: they are per position, shared by the rows)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return _norm_bytes(config.hidden_size, dtype_bytes, lean) + 2 * head_dim * dtype_bytes
+
+
+def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_bytes: int,
+                      checkpoint_every: int | None, lean: bool = True) -> int:
+    """Saved activations of one micro-batch for backward.
+
+    Per token and layer see ``layer_bytes_per_token``; an explicit attention mask adds the
+    [heads, T, T] scores. A checkpointed layer keeps only its input. Every
+    ``checkpoint_every``-th layer is checkpointed (None: none); backward runs from the last
+    layer down, so the peak is either its start or the recomputation of the highest
+    checkpointed layer, when the layers above it are freed.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
     tokens = rows * width
-    per_layer = tokens * per_token_layer * dtype_bytes
+    per_layer = tokens * layer_bytes_per_token(config, dtype_bytes, lean)
     if custom_mask:
         per_layer += rows * heads * width * width * 4 + rows * width * width * dtype_bytes
+    stack = tokens * _stack_bytes_per_token(config, dtype_bytes, lean)
     if checkpoint_every is None:
-        return layers * per_layer
+        return layers * per_layer + stack
     kept = [tokens * hidden * dtype_bytes if i % checkpoint_every == 0 else per_layer
             for i in range(layers)]
     highest = (layers - 1) // checkpoint_every * checkpoint_every
-    return max(sum(kept), sum(kept[: highest + 1]) + per_layer)
+    return max(sum(kept) + stack, sum(kept[: highest + 1]) + per_layer)
 
 
 def plan(config, model_config, n_params: int, trainable_params: int, train_examples, layout: str,
@@ -71,7 +104,8 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
     dense_mask = worst.unit_ids is not None and \
         config.model.attn_implementation not in ("flex_attention", "varlen")
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
-    activations = _activation_bytes(model_config, rows, width, dense_mask, dtype_bytes, every)
+    activations = _activation_bytes(model_config, rows, width, dense_mask, dtype_bytes, every,
+                                    cfg.lean_activations)
     logps = cfg.logps_chunk_tokens * model_config.vocab_size * 4 * 3
     total = weights + grads + optimizer + reference + activations + logps
     lines = [
