@@ -56,10 +56,10 @@ from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E4
 # auto; preftune-padded: the same with layout padded (no prefix sharing); preftune-gc: preftune
 # with train.gradient_checkpointing (opt-in there, on by default in TRL); preftune-gc2: the same
 # with train.checkpoint_every 2 (every other layer keeps its activations); preftune-hflayers:
-# preftune with train.lean_activations false (transformers' RMSNorm); preftune-lean: gc plus
-# train.optimizer_in_backward (each weight's AdamW update runs as its gradient completes, so no
-# full set of gradients is held; this mode cannot clip by the global norm, so it runs without
-# max_grad_norm while every other tool clips at 1.0).
+# preftune with train.lean_activations false (transformers' RMSNorm and MLP); preftune-lean:
+# gc plus train.optimizer_in_backward (each weight's AdamW update runs as its gradient
+# completes, so no full set of gradients is held; this mode cannot clip by the global norm, so
+# it runs without max_grad_norm while every other tool clips at 1.0).
 # trl-mmap: TRL defaults with glibc's mmap threshold fixed through MALLOC_MMAP_THRESHOLD_, the
 # allocator setting preftune applies to itself on CPU (train/memory.py), so peak memory can be
 # compared without it. preftune-flex (CUDA only): preftune with model.attn_implementation

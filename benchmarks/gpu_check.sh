@@ -2,9 +2,10 @@
 # Every GPU check and benchmark, sized for a short GPU lease: BUDGET seconds in all (default
 # 540), most important first, each part cut to what is left. PARTS (default all four) names
 # them: tests (layouts, FlexAttention, varlen, attention kernels, one sync per step, compiled
-# layers, lean norms, vLLM where installed), profile (one eager step: kernel time vs wall
-# time, top operators), bench (preftune vs TRL in bf16 on SmolLM2-135M's and Llama-3.2-1B's shapes, long
-# and short prompts, 2 repeats, TRL's default once) and compile (the compiled step's profile).
+# layers, lean layers, vLLM where installed), profile (one eager step: kernel time vs wall
+# time, top operators), bench (preftune vs TRL in bf16 on SmolLM2-135M's and Llama-3.2-1B's
+# shapes, long and short prompts, 2 repeats, TRL's default once) and compile (the compiled
+# step's profile).
 # All of it is about 14 minutes on an H200, in two calls split by PARTS and CASES:
 #
 #   PARTS=tests,profile,bench CASES=llama1b-long,smollm2-long bash benchmarks/gpu_check.sh
@@ -57,7 +58,8 @@ fi
 if part tests; then
   echo "== CUDA tests ($(left) s left)" > "$OUT/tests.txt"
   timeout "$(upto "$TEST_S")" $PY -m pytest -q -p no:cacheprovider \
-    -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_lean.py tests/test_vllm.py 2>&1 | tail -40 >> "$OUT/tests.txt"
+    -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_lean.py tests/test_vllm.py 2>&1 \
+    | tail -40 >> "$OUT/tests.txt"
   cat "$OUT/tests.txt"
 fi
 

@@ -17,20 +17,11 @@ import copy
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from preftune.model.lean import use_lean_layers
+from preftune.model.lean import kept_for_backward, use_lean_layers
 
 
 def kept_bytes(model, ids: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.model(input_ids=ids)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for pointer, size in storages.items() if pointer not in weights)
+    return kept_for_backward(lambda: model.model(input_ids=ids), leave_out=model.parameters())
 
 
 def main() -> None:

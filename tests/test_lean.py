@@ -11,13 +11,26 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from preftune.data.layout import collate
 from preftune.model.forward import LogpModel, sequence_stats
-from preftune.model.lean import use_lean_layers
+from preftune.model.lean import kept_for_backward, use_lean_layers
 from test_forward import _examples
 from tiny_models import tiny_llama
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                      reason="needs a CUDA device"))
+
+
+def outputs_and_grads(modules, x, upstream):
+    """Each module's output on ``x`` and the gradients of ``(output * upstream).sum()`` with
+    respect to ``x`` and its parameters."""
+    outputs, grads = [], []
+    for module in modules:
+        inp = x.clone().requires_grad_()
+        out = module(inp)
+        (out * upstream).sum().backward()
+        outputs.append(out)
+        grads.append([inp.grad] + [p.grad for p in module.parameters()])
+    return outputs, grads
 
 
 def norm_pair(dtype, hidden=48, device="cpu"):
@@ -36,18 +49,13 @@ def test_forward_is_bitwise_the_same_and_gradients_match_autograd(dtype, device)
     plain, lean = norm_pair(dtype, device=device)
     x = (torch.randn(5, 7, 48) * 4).to(device, dtype)
     upstream = torch.randn(5, 7, 48).to(device, dtype)
-    outputs, grads = [], []
-    for module in (plain, lean):
-        inp = x.clone().requires_grad_()
-        out = module(inp)
-        (out * upstream).sum().backward()
-        outputs.append(out)
-        grads.append((inp.grad, module.weight.grad))
+    outputs, grads = outputs_and_grads((plain, lean), x, upstream)
     assert torch.equal(outputs[0], outputs[1])
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else \
         {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(grads[1][0], grads[0][0], **tolerance)
-    torch.testing.assert_close(grads[1][1], grads[0][1], **tolerance)
+    assert len(grads[0]) == 2  # the input's and the weight's
+    for mine, reference in zip(grads[1], grads[0]):
+        torch.testing.assert_close(mine, reference, **tolerance)
 
 
 def test_keeps_four_bytes_per_element_less_for_backward_in_bf16():
@@ -55,15 +63,7 @@ def test_keeps_four_bytes_per_element_less_for_backward_in_bf16():
     normalized values (2); the lean one keeps the bf16 input (2). Both keep the weight and one
     fp32 scale per token."""
     def saved_bytes(module, x):
-        storages = {}
-
-        def pack(tensor):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            module(x)
-        return sum(storages.values())
+        return kept_for_backward(lambda: module(x))
 
     plain, lean = norm_pair(torch.bfloat16)
     x = torch.randn(4, 10, 48, dtype=torch.bfloat16, requires_grad=True)
@@ -163,13 +163,7 @@ def test_silu_gated_mlp_forward_is_bitwise_the_same_and_gradients_match(dtype, d
     assert counts == {"RMSNorm": 0, "MLP": 1}
     x = torch.randn(3, 5, 24).to(device, dtype)
     upstream = torch.randn(3, 5, 24).to(device, dtype)
-    outputs, grads = [], []
-    for module in (plain, lean):
-        inp = x.clone().requires_grad_()
-        out = module(inp)
-        (out * upstream).sum().backward()
-        outputs.append(out)
-        grads.append([inp.grad] + [p.grad for p in module.parameters()])
+    outputs, grads = outputs_and_grads((plain, lean), x, upstream)
     assert torch.equal(outputs[0], outputs[1])
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else \
         {"atol": 2e-2, "rtol": 2e-2}
@@ -180,16 +174,7 @@ def test_silu_gated_mlp_forward_is_bitwise_the_same_and_gradients_match(dtype, d
 def test_silu_gated_mlp_keeps_one_intermediate_tensor_less():
     """silu(gate) is not kept: 40 intermediate values x 2 bytes per token in bf16."""
     def saved_bytes(module, x):
-        storages = {}
-
-        def pack(tensor):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            module(x)
-        weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        return sum(size for pointer, size in storages.items() if pointer not in weights)
+        return kept_for_backward(lambda: module(x), leave_out=module.parameters())
 
     plain, lean, _ = mlp_pair(torch.bfloat16)
     x = torch.randn(4, 10, 24, dtype=torch.bfloat16, requires_grad=True)

@@ -302,7 +302,7 @@ def test_plan_activation_estimate_matches_what_autograd_keeps(lean, dtype):
     of a Llama (counted once per storage, weights left out), within 2%."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from preftune.model.lean import use_lean_layers
+    from preftune.model.lean import kept_for_backward, use_lean_layers
     from preftune.train.plan import layer_bytes_per_token
 
     config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=704,
@@ -311,17 +311,8 @@ def test_plan_activation_estimate_matches_what_autograd_keeps(lean, dtype):
     model = LlamaForCausalLM(config).to(dtype).train()
     if lean:
         use_lean_layers(model)
-    storages = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     ids = torch.randint(0, 64, (2, 96))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model.model(input_ids=ids)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = sum(size for pointer, size in storages.items() if pointer not in weights)
+    kept = kept_for_backward(lambda: model.model(input_ids=ids), leave_out=model.parameters())
     estimate = _activation_bytes(config, 2, 96, False, dtype.itemsize, None, lean)
     assert estimate == 2 * 96 * 2 * layer_bytes_per_token(config, dtype.itemsize, lean) \
         + 2 * 96 * (dtype.itemsize * 256 + (0 if lean else 4 * 256) + 2 * 64 * dtype.itemsize)

@@ -73,29 +73,28 @@ def _mlp_forward(self, x):
 
 def _probe_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    if not (isinstance(weight, nn.Parameter) and weight.dim() == 1 and weight.numel() > 0
-            and isinstance(getattr(module, "variance_epsilon", None), float)):
-        return False
-    probe = copy.deepcopy(module).cpu()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a random weight: ones would hide Gemma's 1 + weight
-        probe.weight.copy_(torch.randn(weight.shape, generator=generator))
-    return _same(module, probe, _norm_forward, weight.numel(), generator)
+    return (isinstance(weight, nn.Parameter) and weight.dim() == 1 and weight.numel() > 0
+            and isinstance(getattr(module, "variance_epsilon", None), float)
+            and _same(module, _norm_forward, weight.numel(), random_weight=True))
 
 
 def _probe_mlp(module: nn.Module) -> bool:
-    if not (all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
-            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")):
-        return False
-    width = getattr(module.gate_proj, "in_features", 0)
-    return width > 0 and _same(module, copy.deepcopy(module).cpu(), _mlp_forward, width,
-                               torch.Generator().manual_seed(0))
+    return (all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+            and getattr(module.gate_proj, "in_features", 0) > 0
+            and _same(module, _mlp_forward, module.gate_proj.in_features))
 
 
-def _same(module, probe, lean_forward, width: int, generator) -> bool:
+def _same(module, lean_forward, width: int, random_weight: bool = False) -> bool:
     """The class's own forward (not one transformers may have put on the module for a hub
-    kernel, which then stays in use) against ``lean_forward`` on random bf16 and fp32 rows."""
+    kernel, which then stays in use) against ``lean_forward``, on a host copy of the module
+    and random bf16 and fp32 rows; ``random_weight``: the copy's weight is random too (ones,
+    a fresh norm's, would hide Gemma's 1 + weight)."""
+    probe = copy.deepcopy(module).cpu()
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
+        if random_weight:
+            probe.weight.copy_(torch.randn(probe.weight.shape, generator=generator))
         for dtype in (torch.bfloat16, torch.float32):
             probe.to(dtype)
             x = (torch.randn(3, width, generator=generator) * 3).to(dtype)
@@ -127,22 +126,42 @@ _LEAN_CLASSES: dict[type, type] = {}
 def use_lean_layers(model: nn.Module) -> dict[str, int]:
     """Every RMSNorm and SiLU-gated MLP module of ``model`` whose class the lean forward
     reproduces exactly runs through it from now on (its class becomes a subclass with that
-    forward). Returns how many of each kind."""
+    forward; each class is probed once). Returns how many of each kind."""
     verified: dict[type, bool] = {}
     counts = dict.fromkeys(PROBES, 0)
     for module in model.modules():
         kind = type(module)
-        for suffix, (probe, forward) in PROBES.items():
-            if not kind.__name__.endswith(suffix):
+        suffix = next((s for s in PROBES if kind.__name__.endswith(s)), None)
+        if suffix is None:
+            continue
+        probe, forward = PROBES[suffix]
+        if kind.forward is not forward:
+            if kind not in verified:
+                verified[kind] = _passes(probe, module)
+            if not verified[kind]:
                 continue
-            if kind.forward is not forward:
-                if kind not in verified:
-                    try:  # a module it cannot copy or run on the host is left alone
-                        verified[kind] = probe(module)
-                    except Exception:
-                        verified[kind] = False
-                if not verified[kind]:
-                    continue
-                module.__class__ = _lean_class(kind, forward)
-            counts[suffix] += 1
+            module.__class__ = _lean_class(kind, forward)
+        counts[suffix] += 1
     return counts
+
+
+def _passes(probe, module: nn.Module) -> bool:
+    try:
+        return probe(module)
+    except Exception:  # a module it cannot copy or run on the host is left alone
+        return False
+
+
+def kept_for_backward(run, leave_out=()) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``run()`` executes, each storage
+    once, those of ``leave_out`` (e.g. the parameters) not counted."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    left_out = {tensor.untyped_storage().data_ptr() for tensor in leave_out}
+    return sum(size for pointer, size in storages.items() if pointer not in left_out)

@@ -27,11 +27,14 @@ def layer_bytes_per_token(config, dtype_bytes: int, lean: bool) -> int:
     hidden = config.hidden_size
     mlp = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    kv = getattr(config, "num_key_value_heads", heads) * _head_dim(config)
     b = dtype_bytes
     return (2 * _norm_bytes(hidden, b, lean) + b * (3 * hidden + 2 * kv) + 4 * heads
             + b * (hidden + (3 if lean else 4) * mlp))
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _norm_bytes(hidden: int, b: int, lean: bool) -> int:
@@ -41,9 +44,8 @@ def _norm_bytes(hidden: int, b: int, lean: bool) -> int:
 def _stack_bytes_per_token(config, dtype_bytes: int, lean: bool) -> int:
     """Kept once for the whole stack: the final norm, and the rotary cos and sin (an upper
     bound: they are per position, shared by the rows)."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return _norm_bytes(config.hidden_size, dtype_bytes, lean) + 2 * head_dim * dtype_bytes
+    return (_norm_bytes(config.hidden_size, dtype_bytes, lean)
+            + 2 * _head_dim(config) * dtype_bytes)
 
 
 def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_bytes: int,
