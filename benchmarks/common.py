@@ -221,19 +221,32 @@ def rss_mb() -> float:
 
 
 class PhaseMemory:
-    """Polls this process's RSS every 20 ms and keeps the maximum per phase (setup, reference,
-    train), to say where the peak happens. The exact peak is the parent's os.wait4 ru_maxrss.
-    With ``cuda``, it also keeps torch's peak allocated CUDA memory per phase (reset at each
-    phase change, so the largest of them is the run's peak)."""
+    """This process's peak memory per phase (setup, reference, train), to say where the peak
+    happens. ``kind`` (``memory_kind(args)``) picks what is counted:
 
-    def __init__(self, cuda: bool = False):
+    - ``"rss"``: the RSS, polled every 20 ms (the exact peak is the parent's os.wait4 ru_maxrss);
+    - ``"cuda"``: torch's peak allocated CUDA memory, reset at each phase change;
+    - ``"tensors"``: on CPU, the bytes of tensors alive, as torch.cuda.max_memory_allocated counts
+      them on a GPU: every allocation and free of the CPU allocator from here on, recorded by
+      torch.profiler's memory profiling. Exact, and free of the C library's caching that makes
+      RSS noisy, but the profiler slows every op, so such a run's tokens/s are no speed figure.
+      Allocations on other threads than this one are not seen: ``launch`` has transformers load
+      weights on the main thread (HF_DEACTIVATE_ASYNC_LOAD), and what stays unseen is preftune's
+      next batch, a few KB of token ids built on its collate thread."""
+
+    def __init__(self, kind: str = "rss"):
         import threading
 
-        self.phase, self.peaks, self.cuda, self.cuda_peaks = "setup", {}, cuda, {}
-        if cuda:
+        self.phase, self.kind, self.peaks, self.cuda_peaks = "setup", kind, {}, {}
+        if kind == "cuda":
             import torch
 
             torch.cuda.reset_peak_memory_stats()
+        if kind == "tensors":
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.start()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -248,7 +261,7 @@ class PhaseMemory:
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
 
     def close_phase(self):
-        if self.cuda:
+        if self.kind == "cuda":
             import torch
 
             peak = torch.cuda.max_memory_allocated() / 2**20
@@ -259,15 +272,49 @@ class PhaseMemory:
         self.sample()
         self.close_phase()
         self.phase = phase
+        if self.kind == "tensors":  # an event on the profiler's own clock
+            import torch
+
+            with torch.profiler.record_function(f"phase:{phase}"):
+                pass
         self.sample()
 
     def stop(self) -> dict:
-        """RSS peaks per phase on CPU; CUDA peaks per phase with ``cuda``."""
+        """Peaks per phase in MB: RSS, CUDA or tensor bytes, by ``kind``."""
         self.sample()
         self.close_phase()
         self._stop.set()
         self._thread.join()
-        return self.cuda_peaks if self.cuda else self.peaks
+        if self.kind == "tensors":
+            self._profiler.stop()
+            return self._tensor_peaks()
+        return self.cuda_peaks if self.kind == "cuda" else self.peaks
+
+    def _tensor_peaks(self) -> dict:
+        """Replays the recorded allocations and frees in time order and keeps, per phase, the
+        largest total alive; ``enter`` left a ``phase:<name>`` event where each phase begins."""
+        events = sorted(((e.start_ns(), e.name(), e.nbytes()) for e in
+                         self._profiler.profiler.kineto_results.events()
+                         if e.name() == "[memory]" or e.name().startswith("phase:")))
+        peaks, alive, phase = {}, 0, "setup"
+        for _, name, nbytes in events:
+            if name != "[memory]":
+                phase = name.removeprefix("phase:")
+                continue
+            alive += nbytes
+            peaks[phase] = max(peaks.get(phase, 0), alive)
+        return {phase: nbytes / 2**20 for phase, nbytes in peaks.items()}
+
+
+def memory_kind(args) -> str:
+    """What PhaseMemory counts for a benchmark's command line."""
+    if args.device == "cuda":
+        return "cuda"
+    return "tensors" if args.tensor_memory else "rss"
+
+
+def memory_label(args) -> str:
+    return {"cuda": "CUDA", "tensors": "tensor", "rss": "RSS"}[memory_kind(args)]
 
 
 def trl_step_clock(memory: PhaseMemory, cuda: bool):
@@ -320,7 +367,7 @@ def run_child(args, child_for_tool, process_start: float) -> None:
 def launch(script: str, case: dict, tool: str, args, root: Path, repeat: int,
            extra_env: dict | None = None) -> dict:
     """One run of ``tool`` on ``case`` as a child process of ``script``; its result dict plus
-    ``peak_mb`` (peak RSS on CPU, peak allocated CUDA memory on CUDA) and ``tokens_per_second``;
+    ``peak_mb`` (peak RSS, CUDA or tensor memory, by ``memory_kind``) and ``tokens_per_second``;
     None (after printing the child's log tail) when the run failed, so that one broken tool does
     not cost the other tools' results."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{case['name']}-{tool}-{repeat}-", dir=root))
@@ -331,11 +378,14 @@ def launch(script: str, case: dict, tool: str, args, root: Path, repeat: int,
                HF_DATASETS_CACHE=str(workdir / "hf-datasets"))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if memory_kind(args) == "tensors":  # transformers loads weights on the calling thread, where
+        env["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # the profiler sees the allocations (PhaseMemory)
     env.update(extra_env or {})
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     command = [sys.executable, script, "--child", str(spec_path), "--device", args.device,
                "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
+    command += ["--tensor-memory"] if args.tensor_memory else []
     log = open(workdir / "child.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(process.pid, 0)
@@ -345,7 +395,8 @@ def launch(script: str, case: dict, tool: str, args, root: Path, repeat: int,
         print(f"{case['name']} / {tool} failed (status {status}); log tail:\n{tail}", flush=True)
         return None
     result = json.loads(result_path.read_text())
-    result["peak_mb"] = result["cuda_peak_mb"] if args.device == "cuda" else usage.ru_maxrss / 1024
+    result["peak_mb"] = (usage.ru_maxrss / 1024 if memory_kind(args) == "rss" else
+                         max(result["phase_peaks"].values()))
     result["rss_peak_mb"] = usage.ru_maxrss / 1024
     result["tokens_per_second"] = case["timed_tokens"] / result["timed_seconds"]
     return result
@@ -410,6 +461,11 @@ def make_parser(description: str, tools_help: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--tensor-memory", action="store_true",
+                        help="CPU: report the peak bytes of live tensors (what "
+                             "torch.cuda.max_memory_allocated counts on a GPU) instead of the RSS, "
+                             "recorded by torch.profiler; that slows every op, so the run's "
+                             "tokens/s are no speed figure")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per run (torch/OMP); default: torch's default")
     parser.add_argument("--default-model", default=None,
@@ -440,6 +496,9 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
     the per-run line; ``extra_env(tool)`` gives environment variables for a tool's child.
     ``--results`` is a folder (the file is ``<machine>-<date><file_suffix>.md``) or a ``.md``
     file path."""
+    if args.tensor_memory and args.device != "cpu":
+        raise SystemExit("--tensor-memory is for CPU runs: on CUDA the peak is already torch's "
+                         "allocated bytes")
     repeats = args.repeats or (1 if args.device == "cpu" else 3)
     once = {name.strip() for name in args.once.split(",") if name.strip()}
     if once - set(tools):

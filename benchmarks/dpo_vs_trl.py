@@ -5,6 +5,7 @@
     python benchmarks/dpo_vs_trl.py --cases tiny-long,tiny-short --repeats 3
     python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --repeats 3
     python benchmarks/dpo_vs_trl.py --device cuda --dtype bfloat16 --repeats 2 --once trl
+    python benchmarks/dpo_vs_trl.py --tensor-memory --dtype bfloat16 --cases smollm2-long
 
 Every run is its own subprocess (clean peak memory) and the tools alternate inside each repeat
 (trl, preftune, trl-precompute, preftune-padded, trl-precompute-nogc), so slow drift of the
@@ -34,7 +35,9 @@ Definitions (identical for every tool):
   CUDA (the whole child: model load, reference pass, steps). "base MB" is the RSS after imports,
   before the model is loaded; "RSS in ref / train" are the largest RSS samples (every 20 ms)
   during the reference pass and during training; on CUDA, "CUDA in ref / train" are the peak
-  allocated CUDA memory of those phases.
+  allocated CUDA memory of those phases. With --tensor-memory on CPU, "peak tensor MB" and
+  "tensor in ref / train" count the bytes of live tensors as CUDA's column does (recorded by
+  torch.profiler, which slows the steps: that run's tokens/s are no speed figure).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from pathlib import Path
 
 T_PROCESS_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E402
-                    run_benchmark, run_child, split_names, trl_step_clock)
+from common import (CASES, PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
+                    memory_label, rss_mb, run_benchmark, run_child, split_names, trl_step_clock)
 
 # trl: TRL defaults (reference = second model in memory, gradient checkpointing on);
 # trl-precompute: precompute_ref_log_probs=True; trl-precompute-nogc: that and
@@ -92,7 +95,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
     from preftune.train.logging import MetricsLog
 
     base_mb = rss_mb()
-    memory = PhaseMemory(cuda=args.device == "cuda")
+    memory = PhaseMemory(memory_kind(args))
     step_ends: list[float] = []
     reference_seconds = [0.0]
     write = MetricsLog.write
@@ -144,8 +147,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
     metrics = [json.loads(line) for line in (workdir / "out" / "metrics.jsonl").read_text().splitlines()]
     return {"step_ends": step_ends, "reference_seconds": reference_seconds[0], "base_mb": base_mb,
             "phase_peaks": phase_peaks, "layout": run["layout"], "losses": [m["loss"] for m in metrics],
-            "step_seconds": [m["step_seconds"] for m in metrics],
-            "cuda_peak_mb": max(phase_peaks.values()) if args.device == "cuda" else None}
+            "step_seconds": [m["step_seconds"] for m in metrics]}
 
 
 def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
@@ -157,7 +159,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     base_mb = rss_mb()
-    memory = PhaseMemory(cuda=args.device == "cuda")
+    memory = PhaseMemory(memory_kind(args))
     precompute = tool.startswith("trl-precompute")
     checkpointing = not tool.endswith("-nogc")  # TRL's default is gradient_checkpointing=True
     reference_seconds = [0.0]
@@ -211,8 +213,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     phase_peaks = memory.stop()
     return {"step_ends": clock.step_ends, "reference_seconds": reference_seconds[0],
             "base_mb": base_mb, "phase_peaks": phase_peaks, "losses": clock.losses, "layout": "padded",
-            "trl_timed_tokens": sum(lengths[case["batch_size"]:]),
-            "cuda_peak_mb": max(phase_peaks.values()) if args.device == "cuda" else None}
+            "trl_timed_tokens": sum(lengths[case["batch_size"]:])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
 
 
 def summarize(case: dict, runs: dict, args) -> str:
-    mem_label = "peak CUDA MB" if args.device == "cuda" else "peak RSS MB"
+    mem_label = f"peak {memory_label(args)} MB"
     for results in runs.values():
         for r in results:
             r["train_rss_mb"] = r["phase_peaks"].get("train")
@@ -241,7 +242,7 @@ def summarize(case: dict, runs: dict, args) -> str:
         f"2..{case['steps']} = {case['timed_tokens']} trained tokens.",
         "",
         f"| tool | layout | tokens/s | x TRL | x fastest TRL | {mem_label} | x TRL | base MB "
-        f"| {'CUDA' if args.device == 'cuda' else 'RSS'} in ref / train MB | ref s | steps s | e2e s |",
+        f"| {memory_label(args)} in ref / train MB | ref s | steps s | e2e s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, row in rows.items():

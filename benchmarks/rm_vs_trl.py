@@ -52,8 +52,8 @@ from pathlib import Path
 
 T_PROCESS_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CASES, PhaseMemory, make_parser, median, rss_mb,  # noqa: E402
-                    run_benchmark, run_child, split_names, trl_step_clock)
+from common import (CASES, PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
+                    memory_label, rss_mb, run_benchmark, run_child, split_names, trl_step_clock)
 
 TOOLS = ("trl", "preftune", "trl-nogc", "preftune-padded", "preftune-gc", "preftune-inbw")
 LEARNING_RATE = 1e-5  # preftune's reward-model default (a fresh head needs more than 1e-6)
@@ -78,7 +78,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
     from preftune.train.trainer import Trainer
 
     base_mb = rss_mb()
-    memory = PhaseMemory(cuda=args.device == "cuda")
+    memory = PhaseMemory(memory_kind(args))
     step_ends: list[float] = []
     trainer_init, trainer_step = Trainer.__init__, Trainer.step
 
@@ -119,8 +119,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
             "layout": run["layout"], "losses": [m["loss"] for m in metrics],
             "accuracies": [m.get("rewards/accuracies") for m in metrics],
             "padding_fraction": [m["padding_fraction"] for m in metrics],
-            "step_seconds": [m["step_seconds"] for m in metrics],
-            "cuda_peak_mb": max(phase_peaks.values()) if args.device == "cuda" else None}
+            "step_seconds": [m["step_seconds"] for m in metrics]}
 
 
 def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
@@ -130,7 +129,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     base_mb = rss_mb()
-    memory = PhaseMemory(cuda=args.device == "cuda")
+    memory = PhaseMemory(memory_kind(args))
     checkpointing = not tool.endswith("-nogc")  # TRL's default is gradient_checkpointing=True
 
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
@@ -160,8 +159,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     phase_peaks = memory.stop()
     return {"step_ends": clock.step_ends, "base_mb": base_mb, "phase_peaks": phase_peaks,
             "losses": clock.losses, "layout": "padded",
-            "trl_timed_tokens": sum(lengths[case["batch_size"]:]),
-            "cuda_peak_mb": max(phase_peaks.values()) if args.device == "cuda" else None}
+            "trl_timed_tokens": sum(lengths[case["batch_size"]:])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +193,7 @@ def _ratio(value) -> str:
 
 
 def summarize(case: dict, runs: dict, args) -> str:
-    mem_label = "peak CUDA MB" if args.device == "cuda" else "peak RSS MB"
+    mem_label = f"peak {memory_label(args)} MB"
     table = table_rows(runs)
     lines = [
         f"### {case['name']}",
@@ -205,7 +203,7 @@ def summarize(case: dict, runs: dict, args) -> str:
         f"2..{case['steps']} = {case['timed_tokens']} trained tokens.",
         "",
         f"| tool | layout | tokens/s | min-max | x TRL | x fastest TRL | {mem_label} | x TRL "
-        f"| x leanest TRL | base MB | {'CUDA' if args.device == 'cuda' else 'RSS'} setup / train MB "
+        f"| x leanest TRL | base MB | {memory_label(args)} setup / train MB "
         "| steps s | e2e s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
