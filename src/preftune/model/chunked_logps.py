@@ -21,6 +21,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             logits = (hidden[start:stop] @ weight.T).float()
             picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
             logps[start:stop] = picked - torch.logsumexp(logits, dim=-1)
+            del logits  # before the next chunk's, not after
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_tokens = chunk_tokens
         return logps
@@ -34,18 +35,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             stop = start + ctx.chunk_tokens
             h = hidden[start:stop]
-            logits = (h @ weight.T).float()
-            # d logp[target] / d logits = onehot(target) - softmax(logits)
-            grad_logits = -torch.softmax(logits, dim=-1)
+            # d logp[target] / d logits = onehot(target) - softmax(logits), the softmax in fp32
+            # straight from the model-dtype logits (no fp32 copy of them besides)
+            grad_logits = torch.softmax(h @ weight.T, dim=-1, dtype=torch.float32).neg_()
             grad_logits.scatter_add_(
                 1, targets[start:stop, None], torch.ones_like(grad_logits[:, :1])
             )
             grad_logits *= grad_logps[start:stop, None]
-            grad_logits = grad_logits.to(weight.dtype)
+            if need_weight:  # accumulated in fp32 from the fp32 chunk, in place: no [vocab, d]
+                grad_weight.addmm_(grad_logits.T, h.float())  # product to round or cast
             if need_hidden:
-                grad_hidden[start:stop] = grad_logits @ weight
-            if need_weight:
-                grad_weight += (grad_logits.T @ h).float()
+                grad_hidden[start:stop] = grad_logits.to(weight.dtype) @ weight
+            del grad_logits  # before the next chunk's, not after
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
