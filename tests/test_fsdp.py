@@ -4,6 +4,7 @@ files that resume on any number of processes and load in transformers."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,8 +155,8 @@ def test_a_reward_model_trains_under_fsdp2_like_on_one_process(tmp_path):
 def planned_memory(printed: str) -> dict[str, float]:
     """The MiB column of ``--plan``'s memory estimate, by row."""
     rows = printed[printed.index("memory estimate"):].splitlines()[1:]
-    return {row.split()[0]: float(row.split()[1]) for row in rows
-            if row.startswith("  ") and not row.startswith("  log-prob")}
+    found = (re.match(r"  (\S+(?: \S+)?) +(\d+)", row) for row in rows)
+    return {match[1]: float(match[2]) for match in found if match}
 
 
 def wider_model_config(workspace: Path, tmp_path: Path) -> Path:  # noqa: F811

@@ -220,9 +220,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
 
     if plan_only:
         model = _attach_lora(model, config)
-        trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(plan(config, causal_lm_of(model).get_decoder().config, sum(p.numel() for p in model.parameters()),
-                   trainable_count, train_examples, layout, tokenizer.pad_token_id,
+        print(plan(config, model, train_examples, layout, tokenizer.pad_token_id,
                    shards(accelerator)))
         return None, 0
 

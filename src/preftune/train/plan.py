@@ -1,36 +1,76 @@
 """``preftune train --plan``: what a run will do and roughly how much memory it needs, before
-any training step. Estimates are upper-bound style (peak of one micro-batch), in MiB."""
+any training step. Estimates are upper-bound style (the peak of a micro-batch of the longest
+examples), in MiB, and count the tensors themselves, as torch.cuda.max_memory_allocated does:
+within a few percent of the CPU allocator's peak for a run (tests/test_plan.py)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from ..data.layout import collate
+from ..model.forward import causal_lm_of
 from ..objectives.compose import Objective
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
 
 
-def layer_bytes_per_token(config, dtype_bytes: int, lean: bool) -> int:
+def layer_bytes_per_token(config, dtype_bytes: int, lean: bool, *, eager: bool = False,
+                          repeated_kv: bool = False) -> int:
     """Bytes a llama-style decoder layer keeps for backward per token, counting tensors
     (``b`` = bytes per element, h hidden, kv the key/value width, i the MLP width):
 
     - each of the two RMSNorms: transformers' keeps an fp32 copy of its input (4 h) and its
       normalized values (b h), the lean one its input (b h);
     - attention: the normed input of q/k/v (b h), q, k and v (b (h + 2 kv)), its output (b h);
+      with ``repeated_kv`` (transformers repeats grouped k and v to every head for eager
+      attention and for SDPA given a mask), k and v are kept for every head;
     - MLP: its input (b h), gate, up and their product (3 b i), and transformers' also
       silu(gate) (b i);
-    - the attention kernel's log-sum-exp (4 bytes a head).
+    - SDPA's and FlexAttention's kernels their log-sum-exp (4 bytes a head); ``eager``
+      attention its scores instead (``_eager_scores_bytes``, per row, not per token).
 
     Checked against autograd's saved tensors in ``tests/test_train_loop.py``."""
     hidden = config.hidden_size
     mlp = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads) * _head_dim(config)
+    kv_heads = heads if repeated_kv else getattr(config, "num_key_value_heads", heads)
+    kv = kv_heads * _head_dim(config)
     b = dtype_bytes
-    return (2 * _norm_bytes(hidden, b, lean) + b * (3 * hidden + 2 * kv) + 4 * heads
-            + b * (hidden + (3 if lean else 4) * mlp))
+    return (2 * _norm_bytes(hidden, b, lean) + b * (3 * hidden + 2 * kv)
+            + (0 if eager else 4 * heads) + b * (hidden + (3 if lean else 4) * mlp))
+
+
+def _eager_scores_bytes(config, rows: int, width: int, dtype_bytes: int) -> int:
+    """What transformers' eager attention keeps a layer beyond ``layer_bytes_per_token``: the
+    softmax of the [rows, heads, T, T] scores in fp32, and its cast to the model's dtype that
+    multiplies the values (the same tensor in fp32)."""
+    return rows * config.num_attention_heads * width * width * (
+        4 + (dtype_bytes if dtype_bytes != 4 else 0))
+
+
+def _layer_bytes(config, rows: int, width: int, dtype_bytes: int, lean: bool,
+                 dense_mask: bool, eager: bool) -> int:
+    """What one layer keeps for backward over a [rows, width] micro-batch."""
+    kept = rows * width * layer_bytes_per_token(config, dtype_bytes, lean, eager=eager,
+                                                repeated_kv=eager or dense_mask)
+    return kept + (_eager_scores_bytes(config, rows, width, dtype_bytes) if eager else 0)
+
+
+def _layer_backward_bytes(config, tokens: int, dtype_bytes: int) -> int:
+    """Working tensors of one layer's backward beyond what it kept: up to five MLP-width
+    tensors (the gradients of its product, gate and up, and silu recomputed), counted from
+    the CPU allocator on SmolLM2's shapes (benchmarks/common.py, --tensor-memory)."""
+    mlp = getattr(config, "intermediate_size", 4 * config.hidden_size)
+    return tokens * 5 * mlp * dtype_bytes
+
+
+def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_bytes: int,
+                           trainable: bool) -> int:
+    """The chunked log-probs' backward (model/chunked_logps.py): the output weight's gradient
+    accumulated in fp32 when that weight trains, and one chunk's logits in the model's dtype,
+    their softmax in fp32 with the CPU's fp32 copy of the logits, and its cast back."""
+    return (4 * vocab * hidden if trainable else 0) + chunk_tokens * vocab * (2 * dtype_bytes + 8)
 
 
 def _head_dim(config) -> int:
@@ -41,43 +81,46 @@ def _norm_bytes(hidden: int, b: int, lean: bool) -> int:
     return b * hidden if lean else 4 * hidden + b * hidden
 
 
-def _stack_bytes_per_token(config, dtype_bytes: int, lean: bool) -> int:
-    """Kept once for the whole stack: the final norm, and the rotary cos and sin (an upper
-    bound: they are per position, shared by the rows)."""
-    return (_norm_bytes(config.hidden_size, dtype_bytes, lean)
-            + 2 * _head_dim(config) * dtype_bytes)
-
-
-def _activation_bytes(config, rows: int, width: int, custom_mask: bool, dtype_bytes: int,
-                      checkpoint_every: int | None, lean: bool = True) -> int:
+def _activation_bytes(config, rows: int, width: int, dtype_bytes: int,
+                      checkpoint_every: int | None = None, lean: bool = True, *,
+                      dense_mask: bool = False, eager: bool = False) -> int:
     """Saved activations of one micro-batch for backward.
 
-    Per token and layer see ``layer_bytes_per_token``; an explicit attention mask adds the
-    [heads, T, T] scores. A checkpointed layer keeps only its input. Every
+    Per token and layer see ``layer_bytes_per_token`` (and ``_eager_scores_bytes`` for
+    ``eager`` attention). A ``dense_mask``, the [rows, 1, T, T] additive mask that SDPA and
+    eager attention get for prefix-shared, packed or padded rows, is one tensor alive for the
+    whole step, as are the rotary tables. A checkpointed layer keeps only its input. Every
     ``checkpoint_every``-th layer is checkpointed (None: none); backward runs from the last
     layer down, so the peak is either its start or the recomputation of the highest
     checkpointed layer, when the layers above it are freed.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
     tokens = rows * width
-    per_layer = tokens * layer_bytes_per_token(config, dtype_bytes, lean)
-    if custom_mask:
-        per_layer += rows * heads * width * width * 4 + rows * width * width * dtype_bytes
-    stack = tokens * _stack_bytes_per_token(config, dtype_bytes, lean)
+    per_layer = _layer_bytes(config, rows, width, dtype_bytes, lean, dense_mask, eager)
+    final_norm = tokens * _norm_bytes(hidden, dtype_bytes, lean)
+    shared = tokens * 2 * _head_dim(config) * dtype_bytes  # rotary cos and sin
+    if dense_mask:
+        shared += rows * width * width * dtype_bytes
     if checkpoint_every is None:
-        return layers * per_layer + stack
+        return layers * per_layer + final_norm + shared
     kept = [tokens * hidden * dtype_bytes if i % checkpoint_every == 0 else per_layer
             for i in range(layers)]
     highest = (layers - 1) // checkpoint_every * checkpoint_every
-    return max(sum(kept) + stack, sum(kept[: highest + 1]) + per_layer)
+    return shared + max(sum(kept) + final_norm, sum(kept[: highest + 1]) + per_layer)
 
 
-def plan(config, model_config, n_params: int, trainable_params: int, train_examples, layout: str,
-         pad_token_id: int, sharding: tuple[str, dict] = ("", {})) -> str:
+def plan(config, model, train_examples, layout: str, pad_token_id: int,
+         sharding: tuple[str, dict] = ("", {})) -> str:
     """A human-readable plan: layout, reference strategy, padding, memory estimate (per
-    process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits)."""
-    engine, parts = sharding
+    process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits).
+    Weights, gradients and AdamW's moments are counted from ``model``'s parameters as they are
+    (LoRA adapters may be fp32 on a bf16 model); torch's AdamW keeps its two moments in each
+    parameter's dtype, DeepSpeed's in fp32."""
+    model_config = causal_lm_of(model).get_decoder().config
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable_params = sum(p.numel() for p in trainable)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     objective = Objective.from_config(config.objective, total_steps=1)
     cfg = config.train
     dtype_bytes = BYTES[config.model.dtype]
@@ -93,23 +136,38 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
                      pad_token_id, layout, max_row)
     strategy = config.reference_strategy
 
-    weights = n_params * dtype_bytes / parts.get("weights", 1)
+    engine, parts = sharding
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes / parts.get("weights", 1)
     # in-backward updates free each gradient at once: about one parameter's worth is held
-    grads = 0 if cfg.optimizer_in_backward else \
-        trainable_params * dtype_bytes / parts.get("gradients", 1)
-    optimizer = 2 * trainable_params * 4 / parts.get("optimizer", 1)
-    reference = n_params * dtype_bytes if strategy == "live" else 0  # held whole
+    grads = 0 if cfg.optimizer_in_backward else trainable_bytes / parts.get("gradients", 1)
+    fp32_moments = engine.startswith("ZeRO")
+    optimizer = (2 * trainable_params * 4 if fp32_moments else 2 * trainable_bytes) \
+        / parts.get("optimizer", 1)
+    reference = weight_bytes if strategy == "live" else 0  # held whole
 
     def split(kind):
         return f"  (1/{parts[kind]} per process: {engine})" if parts.get(kind, 1) > 1 else ""
 
-    dense_mask = worst.unit_ids is not None and \
-        config.model.attn_implementation not in ("flex_attention", "varlen")
+    attention = config.model.attn_implementation or "sdpa"
+    padding = worst.unit_ids is None and worst.real_tokens < worst.attention_mask.numel()
+    dense_mask = (worst.unit_ids is not None and attention not in ("flex_attention", "varlen")
+                  or padding and attention in ("sdpa", "eager"))  # as model/forward.py builds
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
-    activations = _activation_bytes(model_config, rows, width, dense_mask, dtype_bytes, every,
-                                    cfg.lean_activations)
-    logps = cfg.logps_chunk_tokens * model_config.vocab_size * 4 * 3
-    total = weights + grads + optimizer + reference + activations + logps
+    lean, eager = cfg.lean_activations, attention == "eager"
+    activations = _activation_bytes(model_config, rows, width, dtype_bytes, every, lean,
+                                    dense_mask=dense_mask, eager=eager)
+    head = causal_lm_of(model).get_output_embeddings().weight
+    output = _output_backward_bytes(model_config.vocab_size, model_config.hidden_size,
+                                    cfg.logps_chunk_tokens, dtype_bytes, head.requires_grad)
+    layer = _layer_backward_bytes(model_config, rows * width, dtype_bytes)
+    bottom = _layer_bytes(model_config, rows, width, dtype_bytes, lean, dense_mask, eager)
+    # backward's three candidate peaks: the output layer's, with every activation still kept;
+    # the top layer's; and the bottom layer's, with (nearly) every gradient made
+    top_grads = head.numel() * head.element_size() if head.requires_grad else 0
+    transient = max(activations + output, activations + top_grads + layer,
+                    grads + bottom + layer)
+    total = weights + optimizer + reference + transient
     lines = [
         f"objective          {objective.name} ({objective.data}, "
         f"{'needs reference' if objective.needs_reference else 'reference-free'})",
@@ -124,12 +182,17 @@ def plan(config, model_config, n_params: int, trainable_params: int, train_examp
         f"  gradients        {grads / MIB:10.0f}"
         + ("  (optimizer in backward: freed as applied)" if cfg.optimizer_in_backward
            else split("gradients")),
-        f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, fp32 states)" + split("optimizer"),
+        f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, "
+        + ("fp32 moments)" if fp32_moments else "moments in the weights' dtype)")
+        + split("optimizer"),
         f"  reference        {reference / MIB:10.0f}  ({strategy})",
         f"  activations      {activations / MIB:10.0f}"
         + ("" if every is None else "  (gradient checkpointing"
            + (")" if every == 1 else f", every {every} layers)")),
-        f"  log-prob chunks  {logps / MIB:10.0f}  ({cfg.logps_chunk_tokens} tokens x vocab)",
-        f"  total            {total / MIB:10.0f}",
+        f"  output backward  {output / MIB:10.0f}  ({cfg.logps_chunk_tokens}-token chunks of "
+        "logits" + (", fp32 gradient of the output weight)" if head.requires_grad else ")"),
+        f"  layer backward   {layer / MIB:10.0f}  (one layer's working tensors)",
+        f"  total            {total / MIB:10.0f}  (the largest moment of backward: activations "
+        "with the output's or top layer's, or gradients with the bottom layer's)",
     ]
     return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""``--plan``'s memory estimate against the tensor bytes a real run peaks at, counted by the
+CPU allocator (benchmarks/common.py's PhaseMemory, the figure torch.cuda.max_memory_allocated
+gives on a GPU), for the default run and the memory-saving settings."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import preftune.train.loop as loop
+from preftune.config import build_config
+from tiny_models import char_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import PhaseMemory  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A 3M-parameter Llama saved in fp32 (trained in bf16, so loading allocates its weights)
+    and 16 pairs of one length, so the plan's worst micro-batch is every micro-batch."""
+    root = tmp_path_factory.mktemp("plan")
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"prompt": [{"role": "user", "content": f"question {i:02d} " + "abcd " * 50}],
+             "chosen": [{"role": "assistant", "content": "yes " * 6}],
+             "rejected": [{"role": "assistant", "content": "nope " * 5 + "n"}]}
+            for i in range(16)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def planned_total(printed: str) -> float:
+    return float(next(line.split()[1] for line in printed.splitlines()
+                      if line.strip().startswith("total")))
+
+
+@pytest.mark.parametrize("train", [
+    {}, {"gradient_checkpointing": True}, {"lean_activations": False}, {"layout": "padded"},
+    {"gradient_checkpointing": True, "checkpoint_every": 2},
+], ids=["default", "checkpointing", "transformers-layers", "padded", "checkpoint-every-2"])
+def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, train, capsys,
+                                                                monkeypatch):
+    monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted
+
+    def tree(name):
+        return {"output_dir": str(workspace / name),
+                "model": {"path": str(workspace / "model"), "dtype": "bfloat16"},
+                "data": {"train": str(workspace / "pairs.jsonl")},
+                "reference": {"cache_dir": str(workspace / "cache")},
+                "train": {"batch_size": 8, "max_steps": 2, "seed": 0, **train}}
+
+    loop.train(build_config(tree("planned")), plan_only=True, show_progress=False)
+    planned = planned_total(capsys.readouterr().out)
+    memory = PhaseMemory("tensors")
+    build_reference = loop.build_reference
+
+    def then_train(*args, **kwargs):
+        references = build_reference(*args, **kwargs)
+        memory.enter("train")
+        return references
+
+    monkeypatch.setattr(loop, "build_reference", then_train)
+    loop.train(build_config(tree("measured-" + "-".join(map(str, train.values())))),
+               show_progress=False)
+    measured = memory.stop()["train"]
+    assert planned == pytest.approx(measured, rel=0.05)
