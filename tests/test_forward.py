@@ -136,3 +136,26 @@ def test_checkpointing_every_nth_layer_recomputes_those_and_gives_the_same_gradi
     assert calls == [2 if i in recomputed else 1 for i in range(5)]
     for (name, p), q in zip(plain.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_chunked_logps_backward_holds_no_vocab_sized_product_besides_the_fp32_gradient():
+    """In bf16, the output weight's gradient is one fp32 [vocab, d] accumulator (4 bytes an
+    entry) and, at the end, its bf16 copy (2): each chunk's product goes into it in place, not
+    through a bf16 product and its fp32 copy (6 more). Counted from the CPU allocator."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import PhaseMemory
+
+    vocab, d, n = 8192, 512, 64
+    torch.manual_seed(0)
+    hidden = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(vocab, d) * 0.05).to(torch.bfloat16).requires_grad_()
+    logps = chunked_token_logps(hidden, weight, torch.randint(0, vocab, (n,)), chunk_tokens=32)
+    memory = PhaseMemory("tensors")
+    logps.sum().backward()
+    peak = memory.stop()["setup"] * 2**20
+    entries = vocab * d
+    chunk = 32 * vocab * (2 + 4 + 4 + 2)  # logits, the CPU's fp32 copy, softmax, its cast
+    assert 6 * entries <= peak <= 6 * entries + chunk + 2 * n * d + 2**16
