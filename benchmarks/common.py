@@ -537,6 +537,10 @@ def run_benchmark(args, argv, *, script: str, title: str, cases: list[str], tool
             f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} now, "
             f"{min(loads):.1f}-{max(loads):.1f} (median {median(loads):.1f}) over the runs' ends "
             f"(other processes on the machine compete for the cores).",
+            *(["Memory: the peak bytes of live tensors (--tensor-memory: torch.profiler's "
+               "memory events), what torch.cuda.max_memory_allocated counts on a GPU; the "
+               "profiler slows every op, so tokens/s here are no speed figures."]
+              if memory_kind(args) == "tensors" else []),
             *sections,
             *([closing(collected, args)] if closing and collected else []),
             *([f"**Failed runs** (left out above; their log tails are in the run's output): "

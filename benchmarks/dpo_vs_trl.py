@@ -13,8 +13,9 @@ machine hits all of them alike. All get the same model directory, the same JSONL
 same step order (TRL reads them through datasets.Dataset.from_list with a sequential sampler),
 batch size, max_length, step count, lr, beta=0.1, sigmoid loss, seed and dtype; none evaluates,
 saves checkpoints or logs more than once. TRL's own default gradient_checkpointing=True is kept
-for "trl" and "trl-precompute"; "trl-precompute-nogc" turns it off (preftune has no activation
-checkpointing), so "x fastest TRL" compares against TRL's best setting on that case.
+for "trl" and "trl-precompute"; "trl-precompute-nogc" turns it off (preftune's default keeps
+activations too; "preftune-gc" checkpoints them), so "x fastest TRL" compares against TRL's
+best setting on that case.
 
 On a busy CPU, pass --threads 1: with OMP threads competing against other processes a step can
 be 10x slower and timings become meaningless.
