@@ -44,6 +44,32 @@ def planned_total(printed: str) -> float:
                       if line.strip().startswith("total")))
 
 
+def config_of(workspace, name: str, **train):
+    """Two bf16 steps of 8 pairs, with ``train`` settings on top."""
+    return build_config({"output_dir": str(workspace / name),
+                         "model": {"path": str(workspace / "model"), "dtype": "bfloat16"},
+                         "data": {"train": str(workspace / "pairs.jsonl")},
+                         "reference": {"cache_dir": str(workspace / "cache")},
+                         "train": {"batch_size": 8, "max_steps": 2, "seed": 0, **train}})
+
+
+def plan_of(workspace, capsys, **train) -> str:
+    loop.train(config_of(workspace, "planned", **train), plan_only=True, show_progress=False)
+    return capsys.readouterr().out
+
+
+def test_plan_without_checkpointing_names_what_checkpointing_would_need(workspace, capsys):
+    printed = plan_of(workspace, capsys)
+    line = next(x for x in printed.splitlines() if x.strip().startswith("with checkpointing"))
+    every_layer, every_other = line.split()[2], line.rstrip(")").split()[-1]
+    assert float(every_layer) == planned_total(plan_of(workspace, capsys,
+                                                       gradient_checkpointing=True)) == 64
+    assert float(every_other) == planned_total(plan_of(
+        workspace, capsys, gradient_checkpointing=True, checkpoint_every=2)) == 84
+    assert planned_total(printed) == 123
+    assert "with checkpointing" not in plan_of(workspace, capsys, gradient_checkpointing=True)
+
+
 @pytest.mark.parametrize("train", [
     {}, {"gradient_checkpointing": True}, {"lean_activations": False}, {"layout": "padded"},
     {"gradient_checkpointing": True, "checkpoint_every": 2},
@@ -52,15 +78,7 @@ def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, trai
                                                                 monkeypatch):
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted
 
-    def tree(name):
-        return {"output_dir": str(workspace / name),
-                "model": {"path": str(workspace / "model"), "dtype": "bfloat16"},
-                "data": {"train": str(workspace / "pairs.jsonl")},
-                "reference": {"cache_dir": str(workspace / "cache")},
-                "train": {"batch_size": 8, "max_steps": 2, "seed": 0, **train}}
-
-    loop.train(build_config(tree("planned")), plan_only=True, show_progress=False)
-    planned = planned_total(capsys.readouterr().out)
+    planned = planned_total(plan_of(workspace, capsys, **train))
     memory = PhaseMemory("tensors")
     build_reference = loop.build_reference
 
@@ -70,7 +88,7 @@ def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, trai
         return references
 
     monkeypatch.setattr(loop, "build_reference", then_train)
-    loop.train(build_config(tree("measured-" + "-".join(map(str, train.values())))),
-               show_progress=False)
+    name = "measured-" + "-".join(map(str, train.values()))
+    loop.train(config_of(workspace, name, **train), show_progress=False)
     measured = memory.stop()["train"]
     assert planned == pytest.approx(measured, rel=0.05)

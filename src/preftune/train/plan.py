@@ -155,19 +155,22 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
                   or padding and attention in ("sdpa", "eager"))  # as model/forward.py builds
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
     lean, eager = cfg.lean_activations, attention == "eager"
-    activations = _activation_bytes(model_config, rows, width, dtype_bytes, every, lean,
-                                    dense_mask=dense_mask, eager=eager)
     head = causal_lm_of(model).get_output_embeddings().weight
     output = _output_backward_bytes(model_config.vocab_size, model_config.hidden_size,
                                     cfg.logps_chunk_tokens, dtype_bytes, head.requires_grad)
     layer = _layer_backward_bytes(model_config, rows * width, dtype_bytes)
     bottom = _layer_bytes(model_config, rows, width, dtype_bytes, lean, dense_mask, eager)
-    # backward's three candidate peaks: the output layer's, with every activation still kept;
-    # the top layer's; and the bottom layer's, with (nearly) every gradient made
     top_grads = head.numel() * head.element_size() if head.requires_grad else 0
-    transient = max(activations + output, activations + top_grads + layer,
-                    grads + bottom + layer)
-    total = weights + optimizer + reference + transient
+
+    def activations_and_total(checkpoint_every):
+        kept = _activation_bytes(model_config, rows, width, dtype_bytes, checkpoint_every, lean,
+                                 dense_mask=dense_mask, eager=eager)
+        # backward's three candidate peaks: the output layer's, with every activation still
+        # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
+        largest = max(kept + output, kept + top_grads + layer, grads + bottom + layer)
+        return kept, weights + optimizer + reference + largest
+
+    activations, total = activations_and_total(every)
     lines = [
         f"objective          {objective.name} ({objective.data}, "
         f"{'needs reference' if objective.needs_reference else 'reference-free'})",
@@ -195,4 +198,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         f"  total            {total / MIB:10.0f}  (the largest moment of backward: activations "
         "with the output's or top layer's, or gradients with the bottom layer's)",
     ]
+    if every is None:  # what the memory-saving settings would bring it to
+        lines.append(f"  with checkpointing {activations_and_total(1)[1] / MIB:8.0f}  "
+                     "(train.gradient_checkpointing: true; with checkpoint_every: 2, "
+                     f"{activations_and_total(2)[1] / MIB:.0f})")
     return "\n".join(lines)
