@@ -237,10 +237,10 @@ class PhaseMemory:
     def __init__(self, kind: str = "rss"):
         import threading
 
-        self.phase, self.kind, self.peaks, self.cuda_peaks = "setup", kind, {}, {}
-        if kind == "cuda":
-            import torch
+        import torch
 
+        self.phase, self.kind, self.peaks = "setup", kind, {}
+        if kind == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if kind == "tensors":
             from torch.profiler import ProfilerActivity, profile
@@ -248,47 +248,48 @@ class PhaseMemory:
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._profiler.start()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
+        if kind == "rss":
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
 
     def _poll(self):
         while not self._stop.is_set():
-            self.sample()
+            self._close_phase()
             self._stop.wait(0.02)
 
-    def sample(self):
-        rss = rss_mb()
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
-
-    def close_phase(self):
-        if self.kind == "cuda":
+    def _close_phase(self):
+        """Folds what the current phase reached so far into its peak (RSS, CUDA); the
+        profiler's records are read once, at ``stop``."""
+        if self.kind == "tensors":
+            return
+        if self.kind == "rss":
+            peak = rss_mb()
+        else:
             import torch
 
             peak = torch.cuda.max_memory_allocated() / 2**20
-            self.cuda_peaks[self.phase] = max(self.cuda_peaks.get(self.phase, 0.0), peak)
             torch.cuda.reset_peak_memory_stats()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), peak)
 
     def enter(self, phase: str):
-        self.sample()
-        self.close_phase()
+        self._close_phase()
         self.phase = phase
         if self.kind == "tensors":  # an event on the profiler's own clock
             import torch
 
             with torch.profiler.record_function(f"phase:{phase}"):
                 pass
-        self.sample()
 
     def stop(self) -> dict:
         """Peaks per phase in MB: RSS, CUDA or tensor bytes, by ``kind``."""
-        self.sample()
-        self.close_phase()
+        self._close_phase()
         self._stop.set()
-        self._thread.join()
+        if self.kind == "rss":
+            self._thread.join()
         if self.kind == "tensors":
             self._profiler.stop()
             return self._tensor_peaks()
-        return self.cuda_peaks if self.kind == "cuda" else self.peaks
+        return self.peaks
 
     def _tensor_peaks(self) -> dict:
         """Replays the recorded allocations and frees in time order and keeps, per phase, the

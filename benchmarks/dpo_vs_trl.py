@@ -225,11 +225,11 @@ def summarize(case: dict, runs: dict, args) -> str:
     mem_label = f"peak {memory_label(args)} MB"
     for results in runs.values():
         for r in results:
-            r["train_rss_mb"] = r["phase_peaks"].get("train")
-            r["reference_rss_mb"] = r["phase_peaks"].get("reference")
+            r["train_mb"] = r["phase_peaks"].get("train")
+            r["reference_mb"] = r["phase_peaks"].get("reference")
     rows = {tool: {key: median([r[key] for r in results]) for key in
                    ("tokens_per_second", "peak_mb", "base_mb", "reference_seconds", "e2e_seconds",
-                    "timed_seconds", "train_rss_mb", "reference_rss_mb")}
+                    "timed_seconds", "train_mb", "reference_mb")}
             | {"layout": results[0]["layout"]}
             for tool, results in runs.items()}
     fastest_trl = max((t for t in rows if t.startswith("trl")),
@@ -253,7 +253,7 @@ def summarize(case: dict, runs: dict, args) -> str:
                    if fastest_trl else "-")
         reference = "in steps" if tool == "trl" else f"{row['reference_seconds']:.1f}"
         phases = " / ".join("-" if v is None else f"{v:.0f}"
-                            for v in (row["reference_rss_mb"], row["train_rss_mb"]))
+                            for v in (row["reference_mb"], row["train_mb"]))
         lines.append(
             f"| {tool} | {row['layout']} | {row['tokens_per_second']:.1f} | {speed} | {fastest} | "
             f"{row['peak_mb']:.0f} | {memory} | {row['base_mb']:.0f} | {phases} | {reference} | "

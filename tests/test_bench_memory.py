@@ -1,13 +1,8 @@
 """The benchmarks' tensor-byte accounting on CPU (benchmarks/common.py: PhaseMemory "tensors"),
 which stands in for torch.cuda.max_memory_allocated when comparing peaks without a GPU."""
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import PhaseMemory  # noqa: E402
+from common import PhaseMemory
 
 MIB = 2**20
 

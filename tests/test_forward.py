@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from common import PhaseMemory
 
 from preftune.data.layout import collate_padded
 from preftune.data.tokenize import TokenizedExample
@@ -142,12 +143,6 @@ def test_chunked_logps_backward_holds_no_vocab_sized_product_besides_the_fp32_gr
     """In bf16, the output weight's gradient is one fp32 [vocab, d] accumulator (4 bytes an
     entry) and, at the end, its bf16 copy (2): each chunk's product goes into it in place, not
     through a bf16 product and its fp32 copy (6 more). Counted from the CPU allocator."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from common import PhaseMemory
-
     vocab, d, n = 8192, 512, 64
     torch.manual_seed(0)
     hidden = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)

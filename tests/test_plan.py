@@ -3,19 +3,16 @@ CPU allocator (benchmarks/common.py's PhaseMemory, the figure torch.cuda.max_mem
 gives on a GPU), for the default run and the memory-saving settings."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from common import PhaseMemory
+from test_fsdp import planned_memory
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import preftune.train.loop as loop
 from preftune.config import build_config
 from tiny_models import char_tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import PhaseMemory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +37,7 @@ def workspace(tmp_path_factory):
 
 
 def planned_total(printed: str) -> float:
-    return float(next(line.split()[1] for line in printed.splitlines()
-                      if line.strip().startswith("total")))
+    return planned_memory(printed)["total"]
 
 
 def config_of(workspace, name: str, **train):

@@ -31,8 +31,7 @@ def layer_bytes_per_token(config, dtype_bytes: int, lean: bool, *, eager: bool =
       attention its scores instead (``_eager_scores_bytes``, per row, not per token).
 
     Checked against autograd's saved tensors in ``tests/test_train_loop.py``."""
-    hidden = config.hidden_size
-    mlp = getattr(config, "intermediate_size", 4 * hidden)
+    hidden, mlp = config.hidden_size, _mlp_width(config)
     heads = config.num_attention_heads
     kv_heads = heads if repeated_kv else getattr(config, "num_key_value_heads", heads)
     kv = kv_heads * _head_dim(config)
@@ -61,8 +60,7 @@ def _layer_backward_bytes(config, tokens: int, dtype_bytes: int) -> int:
     """Working tensors of one layer's backward beyond what it kept: up to five MLP-width
     tensors (the gradients of its product, gate and up, and silu recomputed), counted from
     the CPU allocator on SmolLM2's shapes (benchmarks/common.py, --tensor-memory)."""
-    mlp = getattr(config, "intermediate_size", 4 * config.hidden_size)
-    return tokens * 5 * mlp * dtype_bytes
+    return tokens * 5 * _mlp_width(config) * dtype_bytes
 
 
 def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_bytes: int,
@@ -71,6 +69,10 @@ def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_byt
     accumulated in fp32 when that weight trains, and one chunk's logits in the model's dtype,
     their softmax in fp32 with the CPU's fp32 copy of the logits, and its cast back."""
     return (4 * vocab * hidden if trainable else 0) + chunk_tokens * vocab * (2 * dtype_bytes + 8)
+
+
+def _mlp_width(config) -> int:
+    return getattr(config, "intermediate_size", 4 * config.hidden_size)
 
 
 def _head_dim(config) -> int:
