@@ -42,14 +42,12 @@ def _bool_index(args) -> bool:
 
 class HostReads(TorchDispatchMode):
     """Inside ``with HostReads() as reads:``, ``reads.count`` is the number of host reads and
-    ``reads.ops`` the number of operator calls (metadata-only ones excluded), ``reads.calls``
-    those calls by operator name; ``reads.where`` has a short stack for each read (to find it
-    when a budget test fails)."""
+    ``reads.ops`` the number of operator calls (metadata-only ones excluded); ``reads.where``
+    has a short stack for each read (to find it when a budget test fails)."""
 
     def __init__(self):
         super().__init__()
         self.count, self.ops, self.where = 0, 0, []
-        self.calls = collections.Counter()
         self._patched = {}
 
     def _read(self, what: str) -> None:
@@ -66,10 +64,8 @@ class HostReads(TorchDispatchMode):
         elif func in DATA_DEPENDENT or (func in (aten.index.Tensor, aten.index_put.default,
                                                  aten.index_put_.default) and _bool_index(args)):
             self._read(str(func))
-        name = func.__name__.split(".")[0]
-        if name not in METADATA:
+        if func.__name__.split(".")[0] not in METADATA:
             self.ops += 1
-            self.calls[name] += 1
         return func(*args, **kwargs)
 
     def __enter__(self):

@@ -1,7 +1,6 @@
-"""Lean layers: the same forward as transformers' Llama-style RMSNorm, SiLU-gated MLP and rotary
-embedding, bit for bit, gradients equal to autograd's through them (bit for bit for the MLP and
-the rotary embedding), exactly the bytes named less kept for backward, fewer operators, and
-only classes they reproduce are switched."""
+"""Lean layers: the same forward as transformers' Llama-style RMSNorm and SiLU-gated MLP, bit
+for bit, gradients equal to autograd's through them (bit for bit for the MLP), exactly the
+bytes named less kept for backward, and only classes they reproduce are switched."""
 
 import copy
 
@@ -40,7 +39,7 @@ def norm_pair(dtype, hidden=48, device="cpu"):
     with torch.no_grad():
         plain.weight.copy_(torch.randn(hidden))
     lean = copy.deepcopy(plain)
-    assert use_lean_layers(lean) == {"RMSNorm": 1, "MLP": 0, "rotary": 0}
+    assert use_lean_layers(lean) == {"RMSNorm": 1, "MLP": 0}
     return plain, lean
 
 
@@ -78,7 +77,7 @@ def test_a_model_trains_the_same_through_lean_layers():
     log-probs are bitwise the same and gradients match."""
     plain = tiny_llama(seed=2).train()
     lean = copy.deepcopy(plain)
-    assert use_lean_layers(lean) == {"RMSNorm": 2 * 2 + 1, "MLP": 2, "rotary": 2}
+    assert use_lean_layers(lean) == {"RMSNorm": 2 * 2 + 1, "MLP": 2}
     batch = collate(_examples(), 0, "prefix_shared")
     weights = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     logps = []
@@ -107,10 +106,10 @@ class OffsetRMSNorm(nn.Module):
 
 def test_norms_it_does_not_reproduce_are_left_alone():
     model = nn.Sequential(OffsetRMSNorm(16), LlamaRMSNorm(16), nn.LayerNorm(16))
-    assert use_lean_layers(model) == {"RMSNorm": 1, "MLP": 0, "rotary": 0}
+    assert use_lean_layers(model) == {"RMSNorm": 1, "MLP": 0}
     assert [type(m).__name__ for m in model] == ["OffsetRMSNorm", "LeanLlamaRMSNorm", "LayerNorm"]
     assert isinstance(model[1], LlamaRMSNorm)
-    assert use_lean_layers(model) == {"RMSNorm": 1, "MLP": 0, "rotary": 0}  # again: the same one
+    assert use_lean_layers(model) == {"RMSNorm": 1, "MLP": 0}  # again: the same one
 
 
 def test_a_forward_put_on_the_module_stays_and_the_class_is_probed():
@@ -118,7 +117,7 @@ def test_a_forward_put_on_the_module_stays_and_the_class_is_probed():
     in use; the probe checks the class's own forward, so the class is still switched."""
     norm = LlamaRMSNorm(16)
     norm.forward = lambda x: x * 0  # stands in for a kernel that differs on the probe
-    assert use_lean_layers(norm) == {"RMSNorm": 1, "MLP": 0, "rotary": 0}
+    assert use_lean_layers(norm) == {"RMSNorm": 1, "MLP": 0}
     assert type(norm).__name__ == "LeanLlamaRMSNorm"
     assert torch.equal(norm(torch.ones(2, 16)), torch.zeros(2, 16))
     del norm.forward  # the kernel's fallback: the class's forward, now the lean one
@@ -135,14 +134,12 @@ def test_lean_layers_outlive_train_eval_switches_of_a_loaded_model(tmp_path):
 
     tiny_llama().save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert use_lean_layers(model) == {"RMSNorm": 5, "MLP": 2, "rotary": 2}
+    assert use_lean_layers(model) == {"RMSNorm": 5, "MLP": 2}
     model.train()
     model.eval()
     model.train()
     assert {type(m).__name__ for m in model.modules()
             if type(m).__name__.endswith(("RMSNorm", "MLP"))} == {"LeanLlamaRMSNorm", "LeanLlamaMLP"}
-    assert {type(layer.self_attn._kernel_funcs["rotary_pos_emb"]).__name__
-            for layer in model.model.layers} == {"LeanRotaryLlama"}
     copied = pickle.loads(pickle.dumps(model))
     assert type(copied.model.norm).__name__ == "LeanLlamaRMSNorm"
 
@@ -163,7 +160,7 @@ def mlp_pair(dtype, act="silu", device="cpu"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_gated_mlp_forward_and_gradients_are_bitwise_the_same(dtype, device):
     plain, lean, counts = mlp_pair(dtype, device=device)
-    assert counts == {"RMSNorm": 0, "MLP": 1, "rotary": 0}
+    assert counts == {"RMSNorm": 0, "MLP": 1}
     x = torch.randn(3, 5, 24).to(device, dtype)
     upstream = torch.randn(3, 5, 24).to(device, dtype)
     outputs, grads = outputs_and_grads((plain, lean), x, upstream)
@@ -187,4 +184,4 @@ def test_silu_gated_mlp_keeps_one_intermediate_tensor_less():
 
 def test_mlps_with_another_activation_are_left_alone():
     _, lean, counts = mlp_pair(torch.float32, act="gelu")
-    assert counts == {"RMSNorm": 0, "MLP": 0, "rotary": 0} and type(lean).__name__ == "LlamaMLP"
+    assert counts == {"RMSNorm": 0, "MLP": 0} and type(lean).__name__ == "LlamaMLP"

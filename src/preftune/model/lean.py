@@ -6,11 +6,6 @@
   fp32 scale per token and recomputes the rest in backward.
 - SiLU-gated MLP. ``down(silu(gate(x)) * up(x))`` keeps gate(x), silu(gate(x)), up(x) and the
   product; ``LeanSiluMul`` keeps gate(x) and up(x) and recomputes silu in backward.
-- Rotary position embedding. ``q * cos + rotate_half(q) * sin`` (and k's) slices, negates and
-  concatenates in forward, and autograd's backward of that is about 18 operators a layer, each
-  a kernel launch on a GPU; ``LeanRotary`` computes the same bits with a roll and a signed sin,
-  and its backward in 8 operators, written in the layout q and k came in, so the projections'
-  backward needs no copies. This one keeps nothing less; it is here for the launches.
 
 Each class is switched only where a random probe shows the lean forward gives exactly the
 class's own output; everything else is left as it is.
@@ -67,46 +62,6 @@ class LeanSiluMul(torch.autograd.Function):
         return grad_gate, grad * F.silu(gate)
 
 
-class LeanRotary(torch.autograd.Function):
-    """``x * cos + rotate_half(x) * sin`` for x = q and k, with rotate_half(x) = cat(-x2, x1)
-    written as ``roll(x, half) * signed``, signed = cat(-sin1, sin2): the same products and
-    sums, so the same bits. Its transpose is the same roll: the gradient is
-    ``g * cos + roll(g * signed, half)``."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        half = q.shape[-1] // 2
-        signed = torch.cat((-sin[..., :half], sin[..., half:]), -1)
-        ctx.save_for_backward(cos, signed)
-        ctx.layouts = [(x.shape, x.stride()) for x in (q, k)]
-        return tuple(x * cos + x.roll(half, -1) * signed for x in (q, k))
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        cos, signed = ctx.saved_tensors
-        half = cos.shape[-1] // 2
-        grads = []
-        for grad, (shape, stride) in zip((grad_q, grad_k), ctx.layouts):
-            out = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
-            grads.append(torch.add(grad * cos, (grad * signed).roll(half, -1), out=out))
-        return grads[0], grads[1], None, None
-
-
-def _rotary_forward(plain: nn.Module):
-    """The lean forward for one model family's rotary function; ``plain``, an instance of its
-    function module that no attention layer has registered, runs transformers' own function
-    (for what the lean one does not cover: a partial rotary width, other arguments, tracing
-    for a compiler, which fuses it anyway)."""
-
-    def forward(self, q, k, cos, sin, *args, **kwargs):
-        if (args or kwargs or torch.compiler.is_compiling() or cos.shape[-1] != q.shape[-1]
-                or q.shape[-1] % 2 or cos.requires_grad or sin.requires_grad):
-            return plain(q, k, cos, sin, *args, **kwargs)
-        return LeanRotary.apply(q, k, cos.unsqueeze(1), sin.unsqueeze(1))
-
-    return forward
-
-
 def _norm_forward(self, hidden_states):
     return LeanRMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
@@ -147,39 +102,18 @@ def _same(module, lean_forward, width: int, random_weight: bool = False) -> bool
     return True
 
 
-def _probe_rotary(function: nn.Module) -> bool:
-    """transformers' rotary function of this family (an instance no layer registered runs it)
-    against the lean one on random q, k, cos and sin, bf16 and fp32."""
-    plain, generator = type(function)(), torch.Generator().manual_seed(0)
-    lean_forward = _rotary_forward(plain)
-    for dtype in (torch.bfloat16, torch.float32):
-        q, k = (torch.randn(2, heads, 5, 8, generator=generator).to(dtype) for heads in (4, 2))
-        cos, sin = (torch.randn(2, 5, 8, generator=generator).to(dtype) for _ in range(2))
-        expected, lean = plain(q, k, cos, sin), lean_forward(None, q, k, cos, sin)
-        if not all(torch.equal(a, b) for a, b in zip(expected, lean, strict=True)):
-            return False
-    return True
-
-
-# kind -> (probe, the lean forward for a class); rotary functions hang off attention layers
-PROBES = {"RMSNorm": (_probe_norm, lambda kind: _norm_forward),
-          "MLP": (_probe_mlp, lambda kind: _mlp_forward),
-          "rotary": (_probe_rotary, lambda kind: _rotary_forward(kind()))}
+PROBES = {"RMSNorm": (_probe_norm, _norm_forward), "MLP": (_probe_mlp, _mlp_forward)}
 
 
 def _lean_class(kind: type, forward) -> type:
-    """``kind`` with the lean forward (``forward(kind)`` makes it): a subclass, not a forward
-    set on each module, because transformers (with the ``kernels`` package) resets per-module
-    forwards whenever a model switches between train and eval. Kept in this module's
-    namespace, so pickle finds it."""
+    """``kind`` with the lean forward: a subclass, not a forward set on each module, because
+    transformers (with the ``kernels`` package) resets per-module forwards whenever a model
+    switches between train and eval. Kept in this module's namespace, so pickle finds it."""
     if kind not in _LEAN_CLASSES:
-        base = kind.__name__
-        if base == "Func":  # a function module: named after its model family
-            base = "Rotary" + kind.__module__.rsplit("_", 1)[-1].title()
-        name = f"Lean{base}"
+        name = f"Lean{kind.__name__}"
         while name in globals():  # another module's class of the same name (Qwen2RMSNorm)
             name += "_"
-        lean = type(name, (kind,), {"forward": forward(kind), "__module__": __name__,
+        lean = type(name, (kind,), {"forward": forward, "__module__": __name__,
                                     "__qualname__": name})
         globals()[name] = _LEAN_CLASSES[kind] = lean
     return _LEAN_CLASSES[kind]
@@ -188,35 +122,25 @@ def _lean_class(kind: type, forward) -> type:
 _LEAN_CLASSES: dict[type, type] = {}
 
 
-def _candidates(module: nn.Module):
-    """(kind, target) for what in ``module`` a lean forward may replace: the module itself by
-    its class name, and the rotary function an attention layer calls (transformers attaches
-    one to each layer for the ``kernels`` package to swap)."""
-    suffix = next((s for s in ("RMSNorm", "MLP") if type(module).__name__.endswith(s)), None)
-    if suffix:
-        yield suffix, module
-    functions = getattr(module, "_kernel_funcs", None)
-    if isinstance(functions, dict) and isinstance(functions.get("rotary_pos_emb"), nn.Module):
-        yield "rotary", functions["rotary_pos_emb"]
-
-
 def use_lean_layers(model: nn.Module) -> dict[str, int]:
-    """Every RMSNorm, SiLU-gated MLP and rotary function of ``model`` whose class the lean
-    forward reproduces exactly runs through it from now on (its class becomes a subclass with
-    that forward; each class is probed once). Returns how many of each kind."""
+    """Every RMSNorm and SiLU-gated MLP module of ``model`` whose class the lean forward
+    reproduces exactly runs through it from now on (its class becomes a subclass with that
+    forward; each class is probed once). Returns how many of each kind."""
     verified: dict[type, bool] = {}
     counts = dict.fromkeys(PROBES, 0)
     for module in model.modules():
-        for suffix, target in _candidates(module):
-            kind = type(target)
-            if kind not in _LEAN_CLASSES.values():
-                probe, forward = PROBES[suffix]
-                if kind not in verified:
-                    verified[kind] = _passes(probe, target)
-                if not verified[kind]:
-                    continue
-                target.__class__ = _lean_class(kind, forward)
-            counts[suffix] += 1
+        kind = type(module)
+        suffix = next((s for s in PROBES if kind.__name__.endswith(s)), None)
+        if suffix is None:
+            continue
+        probe, forward = PROBES[suffix]
+        if kind.forward is not forward:
+            if kind not in verified:
+                verified[kind] = _passes(probe, module)
+            if not verified[kind]:
+                continue
+            module.__class__ = _lean_class(kind, forward)
+        counts[suffix] += 1
     return counts
 
 
