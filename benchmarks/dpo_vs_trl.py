@@ -51,7 +51,8 @@ from pathlib import Path
 
 T_PROCESS_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CASES, PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
+from cases import CASES  # noqa: E402
+from common import (PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
                     memory_label, rss_mb, run_benchmark, run_child, split_names, trl_step_clock)
 
 # trl: TRL defaults (reference = second model in memory, gradient checkpointing on);

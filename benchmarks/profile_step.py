@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CASES, prepare_case  # noqa: E402
+from cases import CASES, prepare_case  # noqa: E402
 
 RUN_SIZE = {"default": (8, 8), "tiny": (8, 8), "llama1b": (6, 8)}
 

@@ -6,7 +6,7 @@
     python benchmarks/rm_vs_trl.py --device cuda --dtype bfloat16 --repeats 3
 
 The cases, data, child-process machinery and memory sampling are those of dpo_vs_trl.py
-(benchmarks/common.py). Every run is its own subprocess and the tools alternate inside each
+(benchmarks/cases.py, benchmarks/common.py). Every run is its own subprocess and the tools alternate inside each
 repeat (trl, preftune, trl-nogc, preftune-padded, preftune-gc). Both tools start from the same
 model directory loaded as AutoModelForSequenceClassification with one output (the score head is
 new and random in both), train on the same JSONL records in the same step order (TRL reads them
@@ -52,7 +52,8 @@ from pathlib import Path
 
 T_PROCESS_START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CASES, PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
+from cases import CASES  # noqa: E402
+from common import (PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
                     memory_label, rss_mb, run_benchmark, run_child, split_names, trl_step_clock)
 
 TOOLS = ("trl", "preftune", "trl-nogc", "preftune-padded", "preftune-gc", "preftune-inbw")
