@@ -63,8 +63,8 @@ class PhaseMemory:
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._profiler.start()
-        self._stop = threading.Event()
         if kind == "rss":
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
 
@@ -99,8 +99,8 @@ class PhaseMemory:
     def stop(self) -> dict:
         """Peaks per phase in MB: RSS, CUDA or tensor bytes, by ``kind``."""
         self._close_phase()
-        self._stop.set()
         if self.kind == "rss":
+            self._stop.set()
             self._thread.join()
         if self.kind == "tensors":
             self._profiler.stop()

@@ -6,21 +6,21 @@
     python benchmarks/rm_vs_trl.py --device cuda --dtype bfloat16 --repeats 3
 
 The cases, data, child-process machinery and memory sampling are those of dpo_vs_trl.py
-(benchmarks/cases.py, benchmarks/common.py). Every run is its own subprocess and the tools alternate inside each
-repeat (trl, preftune, trl-nogc, preftune-padded, preftune-gc). Both tools start from the same
-model directory loaded as AutoModelForSequenceClassification with one output (the score head is
-new and random in both), train on the same JSONL records in the same step order (TRL reads them
-through datasets.Dataset.from_list with a sequential sampler), with the same batch size,
-max_length (data chosen so nothing is filtered or truncated), step count, lr 1e-5 with linear
-decay and no warmup, AdamW without weight decay, gradient clipping at 1.0, the Bradley-Terry loss
--log sigmoid(r_chosen - r_rejected), seed and dtype; neither evaluates, saves checkpoints or logs
-more than once. TRL's default gradient_checkpointing=True is kept for "trl"; "trl-nogc" turns it
-off (TRL's fastest setting). preftune: layout auto (prefix sharing when prompts are longer than
-responses: one row per pair, prompt encoded once, the reward read at each response's last
-token); "preftune-padded": layout padded (one row per prompt+response, like TRL);
-"preftune-gc": preftune with train.gradient_checkpointing; "preftune-inbw": preftune with
-train.optimizer_in_backward (each weight's AdamW update runs in backward and its gradient is
-freed at once; it cannot clip, so max_grad_norm is off for this tool only).
+(benchmarks/cases.py, benchmarks/common.py). Every run is its own subprocess and the tools
+alternate inside each repeat (trl, preftune, trl-nogc, preftune-padded, preftune-gc). Both
+tools start from the same model directory loaded as AutoModelForSequenceClassification with one
+output (the score head is new and random in both), train on the same JSONL records in the same
+step order (TRL reads them through datasets.Dataset.from_list with a sequential sampler), with
+the same batch size, max_length (data chosen so nothing is filtered or truncated), step count,
+lr 1e-5 with linear decay and no warmup, AdamW without weight decay, gradient clipping at 1.0,
+the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), seed and dtype; neither evaluates,
+saves checkpoints or logs more than once. TRL's default gradient_checkpointing=True is kept for
+"trl"; "trl-nogc" turns it off (TRL's fastest setting). preftune: layout auto (prefix sharing
+when prompts are longer than responses: one row per pair, prompt encoded once, the reward read
+at each response's last token); "preftune-padded": layout padded (one row per prompt+response,
+like TRL); "preftune-gc": preftune with train.gradient_checkpointing; "preftune-inbw": preftune
+with train.optimizer_in_backward (each weight's AdamW update runs in backward and its gradient
+is freed at once; it cannot clip, so max_grad_norm is off for this tool only).
 
 On a busy CPU, pass --threads 1: with OMP threads competing against other processes a step can
 be 10x slower and timings become meaningless.
