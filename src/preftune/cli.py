@@ -333,19 +333,32 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     else:
         code = 0
-    _leave_process_group()
+    _end_launched_process(code)
     return code
 
 
-def _leave_process_group() -> None:
-    """Under a launcher, leave the process group once every process is done. Left to the
-    interpreter's exit, a process of a finished run could abort ("terminate called without an
-    active exception", SIGABRT: seen once in a 2-process FSDP test)."""
+def _end_launched_process(code: int) -> None:
+    """Under a launcher, leave the process group once every process is done, then end the
+    process at once with ``code``, its output flushed, without the interpreter's teardown.
+
+    Libraries keep process groups referenced past ``destroy_process_group`` (DeepSpeed's ZeRO-3
+    keeps the top module in a module-level stack, and every parameter holds its group), so the
+    gloo threads outlive the run. Torn down with the interpreter, such a thread that drops a
+    tensor needs the GIL, is stopped by a forced unwind, and the process aborts ("terminate
+    called without an active exception", SIGABRT) after everything was written. Every file of
+    the run is closed and every tracker finished by the time this runs."""
+    import logging
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
