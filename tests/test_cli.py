@@ -4,6 +4,8 @@ import argparse
 import json
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -138,12 +140,9 @@ def test_a_launched_process_ends_after_its_group_without_the_interpreter_teardow
     """Under a launcher, ``main`` leaves the process group and ends the process with its code
     and its output flushed, skipping the teardown where a gloo thread that outlived the group
     could abort the process (seen under DeepSpeed ZeRO-3)."""
-    import subprocess
-    import sys
-
     script = tmp_path / "launched.py"
     script.write_text(
-        "import atexit, sys\n"
+        "import atexit\n"
         "import torch.distributed as dist\n"
         "from preftune.cli import main\n"
         "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
