@@ -2,7 +2,6 @@
 noise and timesteps: values and a gradient. The reference strategies give the reference they
 promise."""
 
-import copy
 import math
 
 import numpy as np

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_
 
 from ..config import (Count, Fraction, LoraConfig, NonNegative, RunConfig, Section,
                       TrainConfig, _unknown)
-from .losses import DIFFUSION_LOSSES, get_diffusion_loss
+from .losses import get_diffusion_loss
 
 # TrainConfig keys about token layouts and log-prob chunks: no meaning for a denoiser
 LANGUAGE_MODEL_ONLY = ("logps_chunk_tokens", "example_weight_field", "layout", "max_row_tokens",
@@ -170,6 +170,3 @@ class DiffusionConfig(RunConfig):
             return "adapter-off" if self.model.lora is not None else "live"
         return chosen
 
-
-def objective_names() -> list[str]:
-    return sorted(DIFFUSION_LOSSES)

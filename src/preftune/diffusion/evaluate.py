@@ -12,9 +12,6 @@ from .data import tensor_image
 from .model import load_diffusion_model
 from .sample import sample_images
 
-IMAGE_SCORERS = {"shape_colour": "the demo's checker: share of the painted pixels in the "
-                                 "prompt's colour"}
-
 
 def image_scorer(spec: str):
     """``shape_colour`` (the demo's checker) or any scorer spec ``load_scorer`` reads whose

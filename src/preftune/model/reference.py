@@ -24,9 +24,6 @@ from .chunked_logps import chunked_token_logps
 from .forward import LogpModel, SequenceStats, causal_lm_of, sequence_stats, token_grid
 from .load import weights_fingerprint
 
-STRATEGIES = ("precomputed", "adapter-off", "live", "none")
-
-
 @contextmanager
 def _eval_mode(module: torch.nn.Module):
     was_training = module.training
