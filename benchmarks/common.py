@@ -53,10 +53,10 @@ class PhaseMemory:
     def __init__(self, kind: str = "rss"):
         import threading
 
-        import torch
-
         self.phase, self.kind, self.peaks = "setup", kind, {}
         if kind == "cuda":
+            import torch
+
             torch.cuda.reset_peak_memory_stats()
         if kind == "tensors":
             from torch.profiler import ProfilerActivity, profile
@@ -70,12 +70,12 @@ class PhaseMemory:
 
     def _poll(self):
         while not self._stop.is_set():
-            self._close_phase()
+            self._fold_peak()
             self._stop.wait(0.02)
 
-    def _close_phase(self):
-        """Folds what the current phase reached so far into its peak (RSS, CUDA); the
-        profiler's records are read once, at ``stop``."""
+    def _fold_peak(self):
+        """Folds what the current phase reached so far into its peak (RSS, CUDA; polled and at
+        each phase change); the profiler's records are read once, at ``stop``."""
         if self.kind == "tensors":
             return
         if self.kind == "rss":
@@ -88,7 +88,7 @@ class PhaseMemory:
         self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), peak)
 
     def enter(self, phase: str):
-        self._close_phase()
+        self._fold_peak()
         self.phase = phase
         if self.kind == "tensors":  # an event on the profiler's own clock
             import torch
@@ -98,7 +98,7 @@ class PhaseMemory:
 
     def stop(self) -> dict:
         """Peaks per phase in MB: RSS, CUDA or tensor bytes, by ``kind``."""
-        self._close_phase()
+        self._fold_peak()
         if self.kind == "rss":
             self._stop.set()
             self._thread.join()
