@@ -100,6 +100,38 @@ def test_cli_train_report_inspect_and_eval(files, tmp_path, capsys):
     assert main(["diffusion", "train", str(config)]) == 2  # the run exists: an error, not a redo
 
 
+def test_python_api_trains_and_evaluates_as_the_cli_does(files, tmp_path):
+    from safetensors.torch import load_file
+
+    from preftune import api
+
+    pipe, pairs = files
+    tree = config_tree(pipe, pairs, tmp_path / "by_api", train={"learning_rate": 1e-3})
+    assert api.train_diffusion(tree, show_progress=False) == tmp_path / "by_api"
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({**tree, "output_dir": str(tmp_path / "by_cli")}))
+    assert main(["diffusion", "train", str(config)]) == 0
+    weights = "model/unet/diffusion_pytorch_model.safetensors"
+    by_api, by_cli = (load_file(tmp_path / run / weights) for run in ("by_api", "by_cli"))
+    assert by_api.keys() == by_cli.keys()
+    assert all(torch.equal(by_api[name], by_cli[name]) for name in by_api)
+    results = api.evaluate_diffusion(str(tmp_path / "by_api"), str(pipe), ["a red circle"],
+                                     "shape_colour", seeds=[0, 1], steps=3)
+    assert main(["diffusion", "eval", "--model", str(tmp_path / "by_cli"), "--reference",
+                 str(pipe), "--prompt", "a red circle", "--seeds", "0,1", "--steps", "3",
+                 "--scorer", "shape_colour"]) == 0
+    by_cli_results = json.loads((tmp_path / "by_cli" / "eval.json").read_text())
+    assert by_cli_results.pop("model") == str(tmp_path / "by_cli" / "model")
+    assert results.pop("model") == str(tmp_path / "by_api" / "model")
+    assert by_cli_results == results and results["samples"] == 2
+    page = api.write_report(tmp_path / "by_api", tmp_path / "page.html")
+    figures = sorted((tmp_path / "by_api" / "report").glob("*.png"))
+    html = page.read_text()
+    assert page == tmp_path / "page.html" and not (tmp_path / "by_api" / "report.html").exists()
+    assert html.count('src="data:image/png;base64,') == len(figures) >= 3
+    assert "diffusion_dpo" in html and "Samples before and after" not in html  # none asked for
+
+
 def test_quick_demo_numbers_are_the_checkers(tmp_path):
     """``preftune diffusion demo --quick`` as a user runs it; its before/after numbers are
     recounted from the saved models by the checker."""

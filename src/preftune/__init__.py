@@ -9,10 +9,11 @@ here are preftune's subpackages.
 __version__ = "0.1.0"
 
 # preftune.api.__all__ less the names of subpackages (a test keeps the two in step)
-_API_NAMES = {"Config", "ConfigError", "NoParams", "ObjectiveInputs", "ObjectiveOutput",
-              "OnlineConfig", "RewardConfig", "evaluate_reward_model", "load_scorer",
-              "register_objective", "register_scorer", "run_online", "score_with_reward_model",
-              "train_reward_model"}
+_API_NAMES = {"Config", "ConfigError", "DiffusionConfig", "NoParams", "ObjectiveInputs",
+              "ObjectiveOutput", "OnlineConfig", "RewardConfig", "evaluate_diffusion",
+              "evaluate_reward_model", "load_scorer", "register_objective", "register_scorer",
+              "run_online", "score_with_reward_model", "train_diffusion", "train_reward_model",
+              "write_report"}
 
 
 def __getattr__(name: str):

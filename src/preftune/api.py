@@ -1,4 +1,5 @@
-"""The Python API: the functions every ``preftune`` command calls, for scripts and notebooks.
+"""The Python API: the functions the ``preftune`` commands that train, evaluate, score and
+report call, for scripts and notebooks.
 
     from preftune.api import Config, train
     config = Config.from_yaml("examples/dpo.yaml", overrides=["train.max_steps=10"])
@@ -17,15 +18,18 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Config, ConfigError
+from .diffusion import require_diffusers
+from .diffusion.config import DiffusionConfig
 from .objectives.registry import NoParams, ObjectiveInputs, ObjectiveOutput, register_objective
 from .online.config import OnlineConfig
 from .reward.config import RewardConfig
 from .score import load_scorer, register_scorer
 
-__all__ = ["Config", "ConfigError", "NoParams", "ObjectiveInputs", "ObjectiveOutput",
-           "OnlineConfig", "RewardConfig", "compare", "evaluate", "evaluate_reward_model",
-           "load_scorer", "register_objective", "register_scorer", "run_online",
-           "score_with_reward_model", "train", "train_reward_model"]
+__all__ = ["Config", "ConfigError", "DiffusionConfig", "NoParams", "ObjectiveInputs",
+           "ObjectiveOutput", "OnlineConfig", "RewardConfig", "compare", "evaluate",
+           "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "register_objective",
+           "register_scorer", "run_online", "score_with_reward_model", "train",
+           "train_diffusion", "train_reward_model", "write_report"]
 
 
 def _as(kind: type, config):
@@ -105,3 +109,37 @@ def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False
     from .online.loop import run_online as run_rounds
 
     return run_rounds(_as(OnlineConfig, config), resume=resume, overwrite=overwrite)
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Plots, alarms and eval results of a run of any kind as one self-contained HTML page
+    (``preftune report``): ``output``, else ``RUN_DIR/report.html``; each figure also as a PNG
+    under ``RUN_DIR/report/``. Returns the page's path; ``ReportError`` says what is missing."""
+    from .report import write_report as write_page
+
+    return write_page(run_dir, output)
+
+
+def train_diffusion(config: DiffusionConfig | dict | str | Path, *, resume: bool = False,
+                    overwrite: bool = False, show_progress: bool = True) -> Path:
+    """Train a diffusers denoiser on image preference pairs, or on prompts alone with ``spo``
+    (``preftune diffusion train``; needs ``pip install 'preftune[diffusion]'``). Returns the
+    output directory; the pipeline is saved under its ``model/``."""
+    require_diffusers("preftune diffusion train")
+    from .diffusion.train import train_diffusion as train_denoiser
+
+    return train_denoiser(_as(DiffusionConfig, config), resume=resume,
+                          show_progress=show_progress, overwrite=overwrite)
+
+
+def evaluate_diffusion(model: str, reference: str, prompts: Sequence[str], scorer: str, *,
+                       seeds: Sequence[int] = (0, 1), steps: int = 25,
+                       guidance_scale: float = 1.0, output: str | None = None) -> dict:
+    """Win rate of ``model`` (a run dir or a pipeline dir) over ``reference`` under an image
+    scorer, same prompts and seeds (``preftune diffusion eval``). Writes eval.json and returns
+    the results."""
+    require_diffusers("preftune diffusion eval")
+    from .diffusion.evaluate import evaluate_diffusion as win_rate_over_reference
+
+    return win_rate_over_reference(model, reference, list(prompts), list(seeds), scorer, steps,
+                                   guidance_scale, output)

@@ -1,5 +1,6 @@
-"""Command line: ``preftune train | online | rm | demo | eval | report | compare | data |
-objectives | config``. Each command calls the function of ``preftune.api`` that does its job."""
+"""Command line: ``preftune train | online | rm | diffusion | demo | eval | report | compare |
+data | objectives | config``. Each command that trains, evaluates, scores or reports calls the
+function of ``preftune.api`` that does its job."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def _objectives(args) -> None:
 
 
 def _report(args) -> None:
-    from .report import ReportError, write_report
+    from .api import write_report
+    from .report import ReportError
 
     try:
         html_path = write_report(args.run_dir, args.output)

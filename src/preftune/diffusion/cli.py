@@ -3,22 +3,11 @@
 
 from __future__ import annotations
 
-import sys
-
-
-def _require_diffusers() -> None:
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        print("error: the diffusion commands need diffusers: pip install 'preftune[diffusion]'",
-              file=sys.stderr)
-        raise SystemExit(2) from None
+from . import require_diffusers
 
 
 def _train(args) -> None:
-    _require_diffusers()
-    from .config import DiffusionConfig
-    from .train import train_diffusion
+    from ..api import DiffusionConfig, train_diffusion
 
     config = DiffusionConfig.from_yaml(args.config, args.set or [])
     output_dir = train_diffusion(config, resume=args.resume, overwrite=args.overwrite)
@@ -27,7 +16,7 @@ def _train(args) -> None:
 
 
 def _sample(args) -> None:
-    _require_diffusers()
+    require_diffusers("preftune diffusion sample")
     from types import SimpleNamespace
 
     from .model import load_diffusion_model
@@ -41,18 +30,18 @@ def _sample(args) -> None:
 
 
 def _eval(args) -> None:
-    _require_diffusers()
     import json
 
-    from .evaluate import evaluate_diffusion
+    from ..api import evaluate_diffusion
 
-    results = evaluate_diffusion(args.model, args.reference, args.prompt, args.seeds,
-                                 args.scorer, args.steps, args.guidance_scale, args.output)
+    results = evaluate_diffusion(args.model, args.reference, args.prompt, args.scorer,
+                                 seeds=args.seeds, steps=args.steps,
+                                 guidance_scale=args.guidance_scale, output=args.output)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
 
 
 def _demo(args) -> None:
-    _require_diffusers()
+    require_diffusers("preftune diffusion demo")
     from .demo import run_demo
 
     run_demo(args.output_dir, quick=args.quick, beta=args.beta)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
+from . import require_diffusers
 from .model import DENOISER_FOLDERS
 
 
@@ -36,11 +37,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
     from .losses import get_diffusion_loss
     from .train import train_diffusion
 
-    try:
-        import diffusers  # noqa: F401  (only: is it installed)
-    except ImportError:
-        raise ConfigError(f"{config_path} is a diffusion config: comparing diffusion objectives "
-                          "needs diffusers: pip install 'preftune[diffusion]'") from None
+    require_diffusers(f"{config_path} is a diffusion config: comparing diffusion objectives")
     for name in objectives:  # unknown names fail before anything trains
         try:
             get_diffusion_loss(name)
