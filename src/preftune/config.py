@@ -68,7 +68,7 @@ class LoraConfig(Section):
 
 class ModelConfig(Section):
     path: str = "default"
-    """'default' (SmolLM2-135M-Instruct), a Hugging Face model dir, or a .gguf file."""
+    """'default' (SmolLM2-135M-Instruct), a Hugging Face model dir, a .gguf file, or a Hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype of the weights; log-probs accumulate in float32 whatever it is."""
     trust_remote_code: bool = False

@@ -94,8 +94,10 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
     return target
 
 
-def resolve_model_dir(path: str) -> str:
-    """Map a config ``model.path`` to something ``from_pretrained`` can load."""
+def resolve_model_dir(path: str, allow_pickle: bool = False) -> str:
+    """Map a config ``model.path`` to a local directory ``from_pretrained`` loads: the bundled
+    default, the encoder alias, a GGUF file (converted once), a model directory, or a Hugging
+    Face Hub id (its snapshot in the local HF cache, downloaded once)."""
     if path == DEFAULT_MODEL:
         return str(gguf_to_safetensors(default_gguf_path()))
     if path in ENCODER_ALIASES:
@@ -115,7 +117,33 @@ def resolve_model_dir(path: str) -> str:
         raise FileNotFoundError(
             f"model.path: {path} is neither a model directory nor a .gguf file"
         )
-    return path  # a hub id: the user named it, so transformers may download it
+    return hub_snapshot(path, allow_pickle)
+
+
+# what a model needs from a Hub repository: config, tokenizer, chat template, processor,
+# safetensors weights and their index, remote code; pickled weights only when allowed
+HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py",
+             "README.md")
+
+
+def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> str:
+    """The local snapshot of the Hub model ``repo_id`` (downloaded into the HF cache once, then
+    reused; with ``HF_HUB_OFFLINE=1`` only the cache is read). Every part of preftune then sees a
+    local directory: the vision check, the weights-format check and the fingerprints."""
+    from huggingface_hub import snapshot_download
+
+    patterns = list(HUB_FILES) + (list(PICKLE_WEIGHTS) if allow_pickle else [])
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except (OSError, ValueError) as error:  # offline and not cached, a typo, a gated repo
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"model.path: '{repo_id}' is not a local model directory or .gguf file, "
+            f"and fetching it as a Hugging Face Hub model failed ({type(error).__name__}: "
+            f"{reason}). Pass a model directory, a .gguf file or 'default'; for a Hub model, "
+            "check the id and the network (HF_TOKEN for a gated model), or download it where "
+            f"there is a network with `hf download {repo_id}` and copy the HF cache over."
+        ) from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -159,7 +187,7 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
     tokenizer then carries as ``tokenizer.image_inputs`` (``data/vision.py``)."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model_dir(path)
+    source = resolve_model_dir(path, allow_pickle)
     check_weights_format(source, allow_pickle)
     vision = is_vision_language(source, trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code)

@@ -52,9 +52,20 @@ def base_model(path: str) -> tuple[str | None, str | None]:
     if path in KNOWN_BASES:
         return KNOWN_BASES[path]
     local = Path(path).expanduser()
-    card = local / "README.md"
-    meta = front_matter(card.read_text(encoding="utf-8")) if card.is_file() else {}
+    card = local / "README.md" if local.exists() else _cached_hub_card(path)
+    meta = front_matter(card.read_text(encoding="utf-8")) if card and card.is_file() else {}
     return (None if local.exists() else path), meta.get("license")
+
+
+def _cached_hub_card(repo_id: str) -> Path | None:
+    """The model card of a Hub model in the local HF cache (where loading it put it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "README.md")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def front_matter(text: str) -> dict:
