@@ -145,10 +145,15 @@ def test_python_dash_m_preftune_runs_the_command_line():
     assert done.returncode == 0 and "dpo" in done.stdout
 
 
-def test_on_error_skip_drops_malformed_records_and_reports_them(workspace):  # noqa: F811
+def test_on_error_skip_drops_malformed_records_and_reports_them(workspace, monkeypatch):  # noqa: F811
     import json
 
     from preftune.data.records import DataError
+
+    weights_loaded = []
+    load_model = loop.load_model
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: weights_loaded.append(a[0]) or
+                        load_model(*a, **k))
 
     lines = (workspace / "pairs.jsonl").read_text().splitlines()
     lines.insert(3, json.dumps({"prompt": [{"role": "user", "content": "q"}], "chosen": 7,
@@ -158,12 +163,14 @@ def test_on_error_skip_drops_malformed_records_and_reports_them(workspace):  # n
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"with-bad-rows.jsonl:4: .*chosen"):
         run(workspace, "strict", data__train=str(bad))
+    assert weights_loaded == []  # the data is checked before the weights load
     out = run(workspace, "lenient", data__train=str(bad), data__on_error="skip",
               train__max_steps=1)
     report = json.loads((out / "data_report.json").read_text())
     assert report["skipped_rows"]["count"] == 2
     assert report["skipped_rows"]["reasons"][0].startswith(f"{bad}:4:")
     assert report["train"]["records"] == 36  # the 48 valid rows, a quarter held out for eval
+    assert weights_loaded == [str(workspace / "model")]
 
 
 KILLER = """

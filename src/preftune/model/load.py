@@ -182,19 +182,30 @@ def check_weights_format(source: str, allow_pickle: bool = False) -> None:
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                              attn_implementation: str | None = None, allow_pickle: bool = False):
-    """Return (causal LM, tokenizer) for a config ``model.path``. A vision-language model
-    (a config with a ``vision_config``) loads with its HF processor, whose image side the
-    tokenizer then carries as ``tokenizer.image_inputs`` (``data/vision.py``)."""
+    """Return (causal LM, tokenizer) for a config ``model.path`` (``load_tokenizer``, then
+    ``load_model``)."""
+    source = resolve_model_dir(path, allow_pickle)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    model = load_model(source, tokenizer, dtype, trust_remote_code, attn_implementation,
+                       allow_pickle)
+    return model, tokenizer
+
+
+def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: bool = False,
+               attn_implementation: str | None = None, allow_pickle: bool = False):
+    """The causal LM of a config ``model.path``, checked against its ``tokenizer``
+    (``load_tokenizer``'s; loading that first lets the data be read and checked before the
+    weights load). A vision-language model (a config with a ``vision_config``) loads as an
+    image-text-to-text model; its processor's image side rides on the tokenizer as
+    ``tokenizer.image_inputs`` (``data/vision.py``)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_dir(path, allow_pickle)
     check_weights_format(source, allow_pickle)
-    vision = is_vision_language(source, trust_remote_code)
-    tokenizer = load_tokenizer(source, trust_remote_code)
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     auto = AutoModelForCausalLM
-    if vision:
+    if is_vision_language(source, trust_remote_code):
         from transformers import AutoModelForImageTextToText as auto
     model = auto.from_pretrained(
         source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
@@ -207,7 +218,7 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
         raise ConfigError(f"model.path: {source}: its tokenizer has {len(tokenizer)} tokens but "
                           f"the model embeds only {embedded}; the tokenizer does not belong to "
                           "this model (put the model's own tokenizer files in the directory).")
-    return model, tokenizer
+    return model
 
 
 def is_vision_language(source: str, trust_remote_code: bool = False) -> bool:
