@@ -72,16 +72,22 @@ def test_a_download_asks_for_pickled_weights_only_when_allowed(workspace, monkey
     _, snapshot = workspace
     asked = []
 
-    def download(repo_id, allow_patterns):
-        asked.append((repo_id, allow_patterns))
+    def download(repo_id, allow_patterns, ignore_patterns):
+        asked.append((allow_patterns, ignore_patterns))
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     assert resolve_model_dir(REPO) == str(snapshot)
     assert resolve_model_dir(REPO, allow_pickle=True) == str(snapshot)
-    (_, safe), (_, pickled) = asked
+    (safe, skipped), (pickled, _) = asked
     assert "*.safetensors" in safe and "*.json" in safe
     assert not set(PICKLE_WEIGHTS) & set(safe) and set(PICKLE_WEIGHTS) <= set(pickled)
+    # what the Hub's filter keeps of a Llama-style repository: the top folder's files only
+    files = ["config.json", "model.safetensors", "tokenizer.json", "pytorch_model.bin",
+             "original/consolidated.00.pth", "original/params.json", "onnx/model.onnx"]
+    kept = list(huggingface_hub.utils.filter_repo_objects(files, allow_patterns=safe,
+                                                          ignore_patterns=skipped))
+    assert kept == ["config.json", "model.safetensors", "tokenizer.json"]
     # the fingerprint of an online round's model hashes the snapshot's weights, not nothing
     assert files_fingerprint(REPO) == files_fingerprint(str(snapshot))
     assert files_fingerprint(REPO) != hashlib.sha256().hexdigest()  # (what no files hash to)

@@ -121,9 +121,11 @@ def resolve_model_dir(path: str, allow_pickle: bool = False) -> str:
 
 
 # what a model needs from a Hub repository: config, tokenizer, chat template, processor,
-# safetensors weights and their index, remote code; pickled weights only when allowed
+# safetensors weights and their index, remote code; pickled weights only when allowed. Only
+# the top folder, as from_pretrained reads it (not original/, onnx/ or other copies)
 HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py",
              "README.md")
+HUB_SKIPPED = ("*/*",)
 
 
 def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> str:
@@ -134,7 +136,8 @@ def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> str:
 
     patterns = list(HUB_FILES) + (list(PICKLE_WEIGHTS) if allow_pickle else [])
     try:
-        return snapshot_download(repo_id, allow_patterns=patterns)
+        return snapshot_download(repo_id, allow_patterns=patterns,
+                                 ignore_patterns=list(HUB_SKIPPED))
     except (OSError, ValueError) as error:  # offline and not cached, a typo, a gated repo
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FileNotFoundError(
