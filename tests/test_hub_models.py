@@ -3,6 +3,7 @@ every part of preftune loads (run here offline, from a cache laid out as the Hub
 and an id that cannot be fetched is a one-line error naming it."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import huggingface_hub
 import pytest
 from safetensors.torch import load_file
 
-from preftune.model.load import PICKLE_WEIGHTS, files_fingerprint, resolve_model_dir
+from preftune.model.load import files_fingerprint, resolve_model_dir
 from preftune.train.model_card import front_matter
 from tiny_models import yes_no_workspace
 
@@ -68,26 +69,51 @@ def test_an_id_that_cannot_be_fetched_is_one_clear_error(workspace):
     assert "`hf download nobody/no-such-model`" in error
 
 
-def test_a_download_asks_for_pickled_weights_only_when_allowed(workspace, monkeypatch):
-    _, snapshot = workspace
-    asked = []
+def fake_hub(monkeypatch, root: Path, repository: dict[str, str]) -> list[list[str]]:
+    """``snapshot_download`` over ``repository`` (file name: content), filtered by the Hub
+    library's own pattern matching into one snapshot folder; returns each call's file list."""
+    calls = []
 
     def download(repo_id, allow_patterns, ignore_patterns):
-        asked.append((allow_patterns, ignore_patterns))
-        return str(snapshot)
+        kept = list(huggingface_hub.utils.filter_repo_objects(
+            sorted(repository), allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        calls.append(kept)
+        for name in kept:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(repository[name])
+        return str(root)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
-    assert resolve_model_dir(REPO) == str(snapshot)
-    assert resolve_model_dir(REPO, allow_pickle=True) == str(snapshot)
-    (safe, skipped), (pickled, _) = asked
-    assert "*.safetensors" in safe and "*.json" in safe
-    assert not set(PICKLE_WEIGHTS) & set(safe) and set(PICKLE_WEIGHTS) <= set(pickled)
-    # what the Hub's filter keeps of a Llama-style repository: the top folder's files only
-    files = ["config.json", "model.safetensors", "tokenizer.json", "pytorch_model.bin",
-             "original/consolidated.00.pth", "original/params.json", "onnx/model.onnx"]
-    kept = list(huggingface_hub.utils.filter_repo_objects(files, allow_patterns=safe,
-                                                          ignore_patterns=skipped))
-    assert kept == ["config.json", "model.safetensors", "tokenizer.json"]
-    # the fingerprint of an online round's model hashes the snapshot's weights, not nothing
+    return calls
+
+
+def _index(*shards: str) -> str:
+    return json.dumps({"weight_map": {f"layer{i}": shard for i, shard in enumerate(shards)}})
+
+
+def test_a_download_takes_what_from_pretrained_reads_and_no_copies(tmp_path, monkeypatch):
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    mistral_like = {"config.json": "{}", "tokenizer.json": "{}", "consolidated.safetensors": "w",
+                    "model.safetensors.index.json": _index(*shards, shards[1]),
+                    **{shard: "w" for shard in shards}, "original/params.json": "{}",
+                    "onnx/model.onnx": "w", "pytorch_model.bin": "w"}
+    calls = fake_hub(monkeypatch, tmp_path / "mistral", mistral_like)
+    assert resolve_model_dir("org/mistral-like", allow_pickle=True) == str(tmp_path / "mistral")
+    # the small files, then the shards the index names; the consolidated copy, subfolders and
+    # the pickle (not needed: there are safetensors) stay on the Hub
+    assert calls == [["config.json", "model.safetensors.index.json", "tokenizer.json"],
+                     ["config.json", *shards, "model.safetensors.index.json", "tokenizer.json"]]
+
+    pickled_only = {"config.json": "{}", "pytorch_model.bin": "w", "README.md": "card"}
+    calls = fake_hub(monkeypatch, tmp_path / "old", pickled_only)
+    resolve_model_dir("org/old")
+    assert calls[-1] == ["README.md", "config.json"]  # no pickle unless allowed
+    resolve_model_dir("org/old", allow_pickle=True)
+    assert calls[-1] == ["README.md", "config.json", "pytorch_model.bin"]
+
+
+def test_an_online_rounds_fingerprint_hashes_the_snapshots_weights(workspace, monkeypatch):
+    _, snapshot = workspace
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snapshot))
     assert files_fingerprint(REPO) == files_fingerprint(str(snapshot))
     assert files_fingerprint(REPO) != hashlib.sha256().hexdigest()  # (what no files hash to)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
+from .hub import hub_snapshot
 from .varlen import transformers_name
 
 DEFAULT_MODEL = "default"
@@ -118,35 +119,6 @@ def resolve_model_dir(path: str, allow_pickle: bool = False) -> str:
             f"model.path: {path} is neither a model directory nor a .gguf file"
         )
     return hub_snapshot(path, allow_pickle)
-
-
-# what a model needs from a Hub repository: config, tokenizer, chat template, processor,
-# safetensors weights and their index, remote code; pickled weights only when allowed. Only
-# the top folder, as from_pretrained reads it (not original/, onnx/ or other copies)
-HUB_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py",
-             "README.md")
-HUB_SKIPPED = ("*/*",)
-
-
-def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> str:
-    """The local snapshot of the Hub model ``repo_id`` (downloaded into the HF cache once, then
-    reused; with ``HF_HUB_OFFLINE=1`` only the cache is read). Every part of preftune then sees a
-    local directory: the vision check, the weights-format check and the fingerprints."""
-    from huggingface_hub import snapshot_download
-
-    patterns = list(HUB_FILES) + (list(PICKLE_WEIGHTS) if allow_pickle else [])
-    try:
-        return snapshot_download(repo_id, allow_patterns=patterns,
-                                 ignore_patterns=list(HUB_SKIPPED))
-    except (OSError, ValueError) as error:  # offline and not cached, a typo, a gated repo
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(
-            f"model.path: '{repo_id}' is not a local model directory or .gguf file, "
-            f"and fetching it as a Hugging Face Hub model failed ({type(error).__name__}: "
-            f"{reason}). Pass a model directory, a .gguf file or 'default'; for a Hub model, "
-            "check the id and the network (HF_TOKEN for a gated model), or download it where "
-            f"there is a network with `hf download {repo_id}` and copy the HF cache over."
-        ) from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
