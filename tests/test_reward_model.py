@@ -266,17 +266,31 @@ def test_rm_score_output_feeds_margin_objectives(workspace, tmp_path):
      ["bt trains on pairs", "unpaired", "bad.jsonl"]),
     ("bt", {}, [{"prompt": "p", "chosen": "a"}], ["bad.jsonl:1", "'rejected'"]),
 ])
-def test_bad_input_names_file_record_and_field(workspace, tmp_path, capsys, loss, head, rows,
-                                               message):
+def test_bad_input_names_file_record_and_field(workspace, tmp_path, capsys, monkeypatch, loss,
+                                               head, rows, message):
+    from preftune.reward import train as reward_train
+
+    loaded = []
+    monkeypatch.setattr(reward_train, "load_backbone", lambda *a, **k: loaded.append(a))
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     code = main(["rm", "train", "--set", f"output_dir={tmp_path / 'run'}",
                  "--set", f"model.path={workspace / 'decoder'}", "--set", f"data.train={bad}",
                  "--set", f"loss.name={loss}", "--set", f"model.head={json.dumps(head)}",
                  "--set", "train.max_steps=1"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 2 and loaded == []  # the data is checked before the weights load
+    assert not (tmp_path / "run" / "config.yaml").exists()  # and no run is left behind
     for part in message:
         assert part in err, (part, err)
+
+
+def test_decoder_or_encoder_is_known_from_the_config_before_the_weights_load(workspace):
+    from preftune.reward.model import scores_last_token
+
+    for backbone, decoder in (("decoder", True), ("encoder", False)):
+        assert scores_last_token(str(workspace / backbone)) is decoder
+        model, _ = load_backbone(str(workspace / backbone), Head())
+        assert RewardModel(model, Head()).last_token is decoder
 
 
 @pytest.mark.parametrize("tree, message", [

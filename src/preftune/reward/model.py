@@ -135,9 +135,31 @@ def reward_model_dir(path: str) -> Path:
         "the output_dir of `preftune rm train` (or its model/ directory).")
 
 
+def backbone_tokenizer(path: str, trust_remote_code: bool = False):
+    """(local source, tokenizer with a pad token that is not EOS) of a reward ``model.path``."""
+    source = resolve_model_dir(path)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    reward_pad_token(tokenizer)
+    return source, tokenizer
+
+
+def scores_last_token(source: str, trust_remote_code: bool = False) -> bool:
+    """Whether the backbone at ``source`` is a decoder that scores its last token (else an
+    encoder with its own pooling), decided from its config alone: a skeleton of its
+    sequence-classification model on the meta device, no weights read."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(
+            config, trust_remote_code=trust_remote_code)
+    return is_last_token_classifier(skeleton)
+
+
 def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_code: bool = False,
-                  attn_implementation: str | None = None):
-    """(sequence-classification model with ``head.num_outputs`` outputs, tokenizer).
+                  attn_implementation: str | None = None, tokenizer=None):
+    """(sequence-classification model with ``head.num_outputs`` outputs, tokenizer); pass the
+    ``tokenizer`` of ``backbone_tokenizer`` if it is already loaded.
 
     ``path`` is anything ``model.path`` accepts: ``default``, ``minilm``, a ``.gguf`` file, a
     causal-LM or encoder directory (the head starts random) or a saved reward model (its head
@@ -147,8 +169,8 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
 
     source = resolve_model_dir(path)
     check_weights_format(source)
-    tokenizer = load_tokenizer(source, trust_remote_code)
-    reward_pad_token(tokenizer)
+    if tokenizer is None:
+        _, tokenizer = backbone_tokenizer(source, trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     resized = getattr(config, "num_labels", None) not in (None, head.num_outputs) and \
         (Path(source) / HEAD_FILE).exists()

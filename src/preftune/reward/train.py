@@ -27,7 +27,8 @@ from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
 from .heads import Head
 from .losses import RewardInputs, get_reward_loss
-from .model import RewardModel, attach_reward_lora, load_backbone
+from .model import (RewardModel, attach_reward_lora, backbone_tokenizer, load_backbone,
+                    scores_last_token)
 
 
 @torch.no_grad()
@@ -147,11 +148,11 @@ class RewardTask:
                 "dtype": self.config.model.dtype}
 
 
-def reward_model_from(config: RewardConfig, head, lora: bool = True):
+def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=None):
     """(RewardModel, tokenizer) built from model.path, with LoRA attached if configured."""
     model, tokenizer = load_backbone(config.model.path, head, config.model.dtype,
                                      config.model.trust_remote_code,
-                                     config.model.attn_implementation)
+                                     config.model.attn_implementation, tokenizer)
     reward_model = RewardModel(model, head)
     if lora and config.model.lora is not None:
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
@@ -163,8 +164,10 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     cfg = config.train
     head, detected_head = detect_attributes(config)
     spec = get_reward_loss(config.loss.name)
-    reward_model, tokenizer = reward_model_from(config, head, lora=False)
-    tokenize = tokenize_records if reward_model.last_token else encoder_examples
+    # the data is read and checked before the weights load: a bad record stops the run early
+    source, tokenizer = backbone_tokenizer(config.model.path, config.model.trust_remote_code)
+    last_token = scores_last_token(source, config.model.trust_remote_code)
+    tokenize = tokenize_records if last_token else encoder_examples
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed, tokenize=tokenize)
     if shape not in spec.data:
@@ -184,6 +187,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     if detected_head:
         data_report["head"] = detected_head
         print(f"model.head: {detected_head}")
+    reward_model, _ = reward_model_from(config, head, lora=False, tokenizer=tokenizer)
     if accelerator.is_main_process:
         write_run_header(Path(config.output_dir), config, data_report)
     if not reward_model.last_token:  # encoders: every token sees the response
