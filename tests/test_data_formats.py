@@ -117,7 +117,7 @@ def test_hub_cache_by_name_or_folder(tmp_path, monkeypatch):
         load_records("HuggingFaceH4/not_here:train")
     message = str(error.value)
     assert "datasets--HuggingFaceH4--not_here" in message and "never downloads" in message
-    assert "huggingface-cli download --repo-type dataset HuggingFaceH4/not_here" in message
+    assert "hf download --repo-type dataset HuggingFaceH4/not_here" in message
 
 
 def test_message_list_prompt_repeated_in_responses_is_stripped(tmp_path):

@@ -66,7 +66,7 @@ def _cached_dataset(name: str) -> str:
             f"{name}: no such file or directory here, and no dataset of that name in the Hugging "
             f"Face hub cache "
             f"(looked for {folder}). preftune never downloads data: fetch it first, e.g. "
-            f"`huggingface-cli download --repo-type dataset {name}`, or point at a local copy."
+            f"`hf download --repo-type dataset {name}`, or point at a local copy."
         )
     return str(folder)
 
