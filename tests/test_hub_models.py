@@ -103,6 +103,9 @@ def test_a_download_takes_what_from_pretrained_reads_and_no_copies(tmp_path, mon
     # the pickle (not needed: there are safetensors) stay on the Hub
     assert calls == [["config.json", "model.safetensors.index.json", "tokenizer.json"],
                      ["config.json", *shards, "model.safetensors.index.json", "tokenizer.json"]]
+    calls.clear()  # the tokenizer alone (read before the data, the data before the weights)
+    resolve_model_dir("org/mistral-like", weights=False)
+    assert calls == [["config.json", "model.safetensors.index.json", "tokenizer.json"]]
 
     pickled_only = {"config.json": "{}", "pytorch_model.bin": "w", "README.md": "card"}
     calls = fake_hub(monkeypatch, tmp_path / "old", pickled_only)

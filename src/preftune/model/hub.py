@@ -17,10 +17,11 @@ SAFETENSORS = ("model.safetensors.index.json", "model.safetensors")
 PICKLED = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
-def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> str:
-    """The local snapshot folder of the Hub model ``repo_id``: its small files first, then the
-    safetensors weights they name; pickled weights only when allowed and there are no
-    safetensors. An id that cannot be fetched is a ``FileNotFoundError`` that says why."""
+def hub_snapshot(repo_id: str, allow_pickle: bool = False, weights: bool = True) -> str:
+    """The local snapshot folder of the Hub model ``repo_id``: its small files first, then (if
+    ``weights``) the safetensors weights they name; pickled weights only when allowed and there
+    are no safetensors. An id that cannot be fetched is a ``FileNotFoundError`` that says
+    why."""
     from huggingface_hub import snapshot_download
 
     def fetch(weights: list[str]) -> Path:
@@ -29,8 +30,9 @@ def hub_snapshot(repo_id: str, allow_pickle: bool = False) -> str:
 
     try:
         folder = fetch([])
-        folder = fetch(weight_files(folder, SAFETENSORS))
-        if allow_pickle and not any(folder.glob("*.safetensors")):
+        if weights:
+            folder = fetch(weight_files(folder, SAFETENSORS))
+        if weights and allow_pickle and not any(folder.glob("*.safetensors")):
             folder = fetch(weight_files(folder, PICKLED))
     except (OSError, ValueError) as error:  # offline and not cached, a typo, a gated repo
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -95,10 +95,11 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
     return target
 
 
-def resolve_model_dir(path: str, allow_pickle: bool = False) -> str:
+def resolve_model_dir(path: str, allow_pickle: bool = False, weights: bool = True) -> str:
     """Map a config ``model.path`` to a local directory ``from_pretrained`` loads: the bundled
     default, the encoder alias, a GGUF file (converted once), a model directory, or a Hugging
-    Face Hub id (its snapshot in the local HF cache, downloaded once)."""
+    Face Hub id (its snapshot in the local HF cache, downloaded once; without its weights
+    when ``weights`` is false, e.g. for the tokenizer alone)."""
     if path == DEFAULT_MODEL:
         return str(gguf_to_safetensors(default_gguf_path()))
     if path in ENCODER_ALIASES:
@@ -118,7 +119,7 @@ def resolve_model_dir(path: str, allow_pickle: bool = False) -> str:
         raise FileNotFoundError(
             f"model.path: {path} is neither a model directory nor a .gguf file"
         )
-    return hub_snapshot(path, allow_pickle)
+    return hub_snapshot(path, allow_pickle, weights)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -126,7 +127,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     vision-language model's comes from its processor (``load_processor_tokenizer``)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_dir(path)
+    source = resolve_model_dir(path, weights=False)
     if is_vision_language(source, trust_remote_code):
         return load_processor_tokenizer(source, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -159,9 +160,8 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_cod
                              attn_implementation: str | None = None, allow_pickle: bool = False):
     """Return (causal LM, tokenizer) for a config ``model.path`` (``load_tokenizer``, then
     ``load_model``)."""
-    source = resolve_model_dir(path, allow_pickle)
-    tokenizer = load_tokenizer(source, trust_remote_code)
-    model = load_model(source, tokenizer, dtype, trust_remote_code, attn_implementation,
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_model(path, tokenizer, dtype, trust_remote_code, attn_implementation,
                        allow_pickle)
     return model, tokenizer
 

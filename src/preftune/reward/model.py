@@ -136,8 +136,9 @@ def reward_model_dir(path: str) -> Path:
 
 
 def backbone_tokenizer(path: str, trust_remote_code: bool = False):
-    """(local source, tokenizer with a pad token that is not EOS) of a reward ``model.path``."""
-    source = resolve_model_dir(path)
+    """(local source, tokenizer with a pad token that is not EOS) of a reward ``model.path``
+    (a Hub model's snapshot without its weights)."""
+    source = resolve_model_dir(path, weights=False)
     tokenizer = load_tokenizer(source, trust_remote_code)
     reward_pad_token(tokenizer)
     return source, tokenizer

@@ -23,7 +23,7 @@ from ..model.forward import LogpModel, causal_lm_of, enable_checkpointing, seque
 from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
-                          load_tokenizer, resolve_model_dir)
+                          load_tokenizer)
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
@@ -189,13 +189,14 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     if config.model.attn_implementation == "flex_attention" and device.type != "cuda":
         raise ConfigError("model.attn_implementation 'flex_attention' trains on CUDA only (torch "
                           "has no FlexAttention backward on CPU); remove it or use 'sdpa'.")
-    source = resolve_model_dir(config.model.path, config.model.allow_pickle)
-    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
-    # the data is read and checked before the weights load: a bad record stops the run early
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    # the data is read and checked before the weights load (or download): a bad record stops
+    # the run early
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed)
-    model = load_model(source, tokenizer, config.model.dtype, config.model.trust_remote_code,
-                       config.model.attn_implementation, config.model.allow_pickle).to(device)
+    model = load_model(config.model.path, tokenizer, config.model.dtype,
+                       config.model.trust_remote_code, config.model.attn_implementation,
+                       config.model.allow_pickle).to(device)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
     layout = choose_layout(train_examples, cfg.layout, config.model.attn_implementation)
