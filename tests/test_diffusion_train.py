@@ -132,6 +132,66 @@ def test_python_api_trains_and_evaluates_as_the_cli_does(files, tmp_path):
     assert "diffusion_dpo" in html and "Samples before and after" not in html  # none asked for
 
 
+def test_a_hub_pipeline_id_fetches_the_loaded_components_and_saves_a_loadable_pipeline(
+        files, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from preftune import api
+    from test_hub_models import fake_hub
+
+    pipe, pairs = tiny_latent_pipeline(tmp_path / "latent"), files[1]
+    components = {path.relative_to(pipe).as_posix(): path.read_bytes()
+                  for path in pipe.rglob("*") if path.is_file()}
+    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+             "unet": ["diffusers", "UNet2DConditionModel"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "scheduler": ["diffusers", "DDPMScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "feature_extractor": ["transformers", "CLIPImageProcessor"]}
+    calls = fake_hub(monkeypatch, tmp_path / "snapshot", {
+        **components, "model_index.json": json.dumps(index),
+        "v1-5-pruned.safetensors": b"a whole-pipeline checkpoint",
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"a variant",
+        "safety_checker/config.json": "{}", "safety_checker/model.safetensors": b"weights",
+        "feature_extractor/preprocessor_config.json": "{}"})
+    tree = config_tree(pipe, pairs, tmp_path / "by_id", train={"learning_rate": 1e-3,
+                                                                "max_steps": 1})
+    tree["model"]["path"] = "org/tiny-sd"
+    api.train_diffusion(tree, show_progress=False)
+    # model_index.json and what preftune loads; no variant, checkpoint or other component
+    assert set(calls[-1]) == {*components, "model_index.json"}
+    api.train_diffusion({**tree, "model": {"path": str(pipe)},
+                         "output_dir": str(tmp_path / "by_dir")}, show_progress=False)
+    weights = "model/unet/diffusion_pytorch_model.safetensors"
+    by_id, by_dir = (load_file(tmp_path / run / weights) for run in ("by_id", "by_dir"))
+    assert all(torch.equal(by_id[name], by_dir[name]) for name in by_dir)
+    saved = json.loads((tmp_path / "by_id" / "model" / "model_index.json").read_text())
+    assert saved["safety_checker"] == saved["feature_extractor"] == [None, None]
+    assert saved["unet"] == ["diffusers", "UNet2DConditionModel"]
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "by_id" / "model")
+    assert loaded.safety_checker is None
+    assert all(torch.equal(tensor, by_id[name]) for name, tensor in loaded.unet.state_dict().items())
+
+
+def test_a_hub_pipeline_id_that_cannot_be_fetched_is_one_error_line(monkeypatch, capsys):
+    import huggingface_hub
+
+    def not_found(repo_id, **patterns):
+        raise OSError("404 Client Error: Repository Not Found for url ...\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    assert main(["diffusion", "sample", "--model", "nobody/no-pipeline", "--prompt", "a"]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.path: 'nobody/no-pipeline' is not a local diffusers pipeline directory, "
+        "and fetching it as a Hugging Face Hub diffusers pipeline failed (OSError: 404 Client "
+        "Error: Repository Not Found for url ...). Pass a diffusers pipeline directory; for a "
+        "Hub diffusers pipeline, check the id and the network (HF_TOKEN for a gated one), or "
+        "download it where there is a network with `hf download nobody/no-pipeline` and copy "
+        "the HF cache over.\n")
+
+
 def test_quick_demo_numbers_are_the_checkers(tmp_path):
     """``preftune diffusion demo --quick`` as a user runs it; its before/after numbers are
     recounted from the saved models by the checker."""

@@ -69,18 +69,20 @@ def test_an_id_that_cannot_be_fetched_is_one_clear_error(workspace):
     assert "`hf download nobody/no-such-model`" in error
 
 
-def fake_hub(monkeypatch, root: Path, repository: dict[str, str]) -> list[list[str]]:
+def fake_hub(monkeypatch, root: Path, repository: dict[str, str | bytes]) -> list[list[str]]:
     """``snapshot_download`` over ``repository`` (file name: content), filtered by the Hub
     library's own pattern matching into one snapshot folder; returns each call's file list."""
     calls = []
 
-    def download(repo_id, allow_patterns, ignore_patterns):
+    def download(repo_id, allow_patterns, ignore_patterns=None):
         kept = list(huggingface_hub.utils.filter_repo_objects(
             sorted(repository), allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         calls.append(kept)
         for name in kept:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_text(repository[name])
+            content = repository[name]
+            content = content if isinstance(content, bytes) else content.encode()
+            (root / name).write_bytes(content)
         return str(root)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)

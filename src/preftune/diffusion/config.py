@@ -27,8 +27,8 @@ class DiffusionLoraConfig(LoraConfig):
 
 class DiffusionModelConfig(Section):
     path: str = ""
-    """A local diffusers pipeline directory: unet/ (or transformer/), text_encoder/,
-    tokenizer/, scheduler/, optional vae/."""
+    """A diffusers pipeline directory: unet/ (or transformer/), text_encoder/, tokenizer/,
+    scheduler/, optional vae/; or a Hugging Face Hub pipeline id (fetched once)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights' dtype; denoising errors are computed in float32 whatever it is."""
     lora: DiffusionLoraConfig | None = None

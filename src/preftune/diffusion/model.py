@@ -111,6 +111,7 @@ class DiffusionModel(torch.nn.Module):
                 merged.save_pretrained(directory / folder)
         else:
             self.denoiser.save_pretrained(directory / folder)
+        drop_absent_components(directory)
         return directory
 
 
@@ -123,15 +124,36 @@ def denoiser_folder(path: Path) -> str:
                       "tokenizer/, scheduler/), e.g. one written by `preftune diffusion demo`.")
 
 
+def drop_absent_components(directory: Path) -> None:
+    """Mark the components that ``model_index.json`` lists but ``directory`` lacks (a Hub
+    pipeline's safety_checker/ and feature_extractor/, which preftune does not fetch) as
+    absent, ``[null, null]``, so that diffusers' pipelines load the directory."""
+    index_path = directory / "model_index.json"
+    if not index_path.is_file():
+        return
+    index = json.loads(index_path.read_text())
+    absent = [name for name, value in index.items() if not name.startswith("_") and
+              isinstance(value, list) and value[:1] != [None] and not (directory / name).is_dir()]
+    if absent:
+        index.update({name: [None, None] for name in absent})
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
-    """The pipeline directory ``path`` as a ``DiffusionModel`` (local files only)."""
+    """The pipeline directory ``path``, or a Hugging Face Hub pipeline id (the components
+    loaded here, fetched once into the HF cache), as a ``DiffusionModel``."""
     import diffusers
     from transformers import AutoTokenizer
 
+    from ..data.hub import HUB_NAME
+    from ..model.hub import hub_pipeline_snapshot
+
+    if not Path(path).exists() and HUB_NAME.match(str(path)):
+        path = hub_pipeline_snapshot(str(path))
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"model.path {path} is not a directory; give a local diffusers "
-                          "pipeline directory.")
+        raise ConfigError(f"model.path {path} is not a directory; give a diffusers pipeline "
+                          "directory or a Hugging Face Hub pipeline id.")
     folder = denoiser_folder(path)
     for needed in ("text_encoder", "tokenizer", "scheduler"):
         if not (path / needed).is_dir():

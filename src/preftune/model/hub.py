@@ -1,7 +1,7 @@
 """A Hugging Face Hub id as ``model.path``: the files ``from_pretrained`` would read, fetched
 once into the HF cache (``HF_HUB_OFFLINE=1``: read from it only), so that every part of
 preftune (the vision check, the weights-format check, fingerprints, the model card) sees a
-local directory."""
+local directory. A diffusers pipeline id fetches the components preftune loads."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ SUBFOLDERS = ["*/*"]
 # (index, single file) of each weights format
 SAFETENSORS = ("model.safetensors.index.json", "model.safetensors")
 PICKLED = ("pytorch_model.bin.index.json", "pytorch_model.bin")
+DIFFUSERS = ("diffusion_pytorch_model.safetensors.index.json",
+             "diffusion_pytorch_model.safetensors")
+# the folders of a diffusers pipeline that preftune loads, with the weights format of each
+# (not safety_checker/, feature_extractor/, fp16 variants or whole-pipeline checkpoints)
+PIPELINE_PARTS = {"unet": DIFFUSERS, "transformer": DIFFUSERS, "vae": DIFFUSERS,
+                  "text_encoder": SAFETENSORS, "tokenizer": None, "scheduler": None}
 
 
 def hub_snapshot(repo_id: str, allow_pickle: bool = False, weights: bool = True) -> str:
@@ -24,8 +30,8 @@ def hub_snapshot(repo_id: str, allow_pickle: bool = False, weights: bool = True)
     why."""
     from huggingface_hub import snapshot_download
 
-    def fetch(weights: list[str]) -> Path:
-        return Path(snapshot_download(repo_id, allow_patterns=SMALL_FILES + weights,
+    def fetch(files: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=SMALL_FILES + files,
                                       ignore_patterns=SUBFOLDERS))
 
     try:
@@ -35,15 +41,43 @@ def hub_snapshot(repo_id: str, allow_pickle: bool = False, weights: bool = True)
         if weights and allow_pickle and not any(folder.glob("*.safetensors")):
             folder = fetch(weight_files(folder, PICKLED))
     except (OSError, ValueError) as error:  # offline and not cached, a typo, a gated repo
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(
-            f"model.path: '{repo_id}' is not a local model directory or .gguf file, "
-            f"and fetching it as a Hugging Face Hub model failed ({type(error).__name__}: "
-            f"{reason}). Pass a model directory, a .gguf file or 'default'; for a Hub model, "
-            "check the id and the network (HF_TOKEN for a gated model), or download it where "
-            f"there is a network with `hf download {repo_id}` and copy the HF cache over."
-        ) from None
+        raise unreachable(repo_id, "model", error) from None
     return str(folder)
+
+
+def hub_pipeline_snapshot(repo_id: str) -> str:
+    """The local snapshot folder of the Hub diffusers pipeline ``repo_id``: ``model_index.json``
+    and the small files of the folders in ``PIPELINE_PARTS``, then each one's safetensors."""
+    from huggingface_hub import snapshot_download
+
+    small = ["model_index.json"] + [f"{part}/{name}" for part in PIPELINE_PARTS
+                                    for name in SMALL_FILES]
+
+    def fetch(files: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=small + files))
+
+    try:
+        folder = fetch([])
+        return str(fetch([f"{part}/{name}" for part, kind in PIPELINE_PARTS.items()
+                          if kind and (folder / part).is_dir()
+                          for name in weight_files(folder / part, kind)]))
+    except (OSError, ValueError) as error:
+        raise unreachable(repo_id, "diffusers pipeline", error) from None
+
+
+def unreachable(repo_id: str, kind: str, error: Exception) -> FileNotFoundError:
+    """The error for a Hub id that could not be fetched: why, and what to pass instead."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if kind == "model":
+        local, instead = "a local model directory or .gguf file", \
+            "a model directory, a .gguf file or 'default'"
+    else:
+        local, instead = f"a local {kind} directory", f"a {kind} directory"
+    return FileNotFoundError(
+        f"model.path: '{repo_id}' is not {local}, and fetching it as a Hugging Face Hub {kind} "
+        f"failed ({type(error).__name__}: {reason}). Pass {instead}; for a Hub {kind}, check "
+        "the id and the network (HF_TOKEN for a gated one), or download it where there is a "
+        f"network with `hf download {repo_id}` and copy the HF cache over.")
 
 
 def weight_files(folder: Path, kind: tuple[str, str]) -> list[str]:
