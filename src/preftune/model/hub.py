@@ -26,43 +26,38 @@ PIPELINE_PARTS = {"unet": DIFFUSERS, "transformer": DIFFUSERS, "vae": DIFFUSERS,
 def hub_snapshot(repo_id: str, allow_pickle: bool = False, weights: bool = True) -> str:
     """The local snapshot folder of the Hub model ``repo_id``: its small files first, then (if
     ``weights``) the safetensors weights they name; pickled weights only when allowed and there
-    are no safetensors. An id that cannot be fetched is a ``FileNotFoundError`` that says
-    why."""
-    from huggingface_hub import snapshot_download
-
-    def fetch(files: list[str]) -> Path:
-        return Path(snapshot_download(repo_id, allow_patterns=SMALL_FILES + files,
-                                      ignore_patterns=SUBFOLDERS))
-
-    try:
-        folder = fetch([])
-        if weights:
-            folder = fetch(weight_files(folder, SAFETENSORS))
-        if weights and allow_pickle and not any(folder.glob("*.safetensors")):
-            folder = fetch(weight_files(folder, PICKLED))
-    except (OSError, ValueError) as error:  # offline and not cached, a typo, a gated repo
-        raise unreachable(repo_id, "model", error) from None
+    are no safetensors."""
+    folder = fetch(repo_id, "model", SMALL_FILES, SUBFOLDERS)
+    if weights:
+        folder = fetch(repo_id, "model", SMALL_FILES + weight_files(folder, SAFETENSORS),
+                       SUBFOLDERS)
+    if weights and allow_pickle and not any(folder.glob("*.safetensors")):
+        folder = fetch(repo_id, "model", SMALL_FILES + weight_files(folder, PICKLED), SUBFOLDERS)
     return str(folder)
 
 
 def hub_pipeline_snapshot(repo_id: str) -> str:
     """The local snapshot folder of the Hub diffusers pipeline ``repo_id``: ``model_index.json``
     and the small files of the folders in ``PIPELINE_PARTS``, then each one's safetensors."""
-    from huggingface_hub import snapshot_download
-
     small = ["model_index.json"] + [f"{part}/{name}" for part in PIPELINE_PARTS
                                     for name in SMALL_FILES]
+    folder = fetch(repo_id, "diffusers pipeline", small)
+    weights = [f"{part}/{name}" for part, kind in PIPELINE_PARTS.items()
+               if kind and (folder / part).is_dir() for name in weight_files(folder / part, kind)]
+    return str(fetch(repo_id, "diffusers pipeline", small + weights))
 
-    def fetch(files: list[str]) -> Path:
-        return Path(snapshot_download(repo_id, allow_patterns=small + files))
+
+def fetch(repo_id: str, kind: str, patterns: list[str], skipped: list[str] | None = None) -> Path:
+    """``snapshot_download`` of the files matching ``patterns`` (less ``skipped``); an id that
+    cannot be fetched (offline and not cached, a typo, a gated repo) is a
+    ``FileNotFoundError`` that says why and what to pass instead."""
+    from huggingface_hub import snapshot_download
 
     try:
-        folder = fetch([])
-        return str(fetch([f"{part}/{name}" for part, kind in PIPELINE_PARTS.items()
-                          if kind and (folder / part).is_dir()
-                          for name in weight_files(folder / part, kind)]))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                      ignore_patterns=skipped))
     except (OSError, ValueError) as error:
-        raise unreachable(repo_id, "diffusers pipeline", error) from None
+        raise unreachable(repo_id, kind, error) from None
 
 
 def unreachable(repo_id: str, kind: str, error: Exception) -> FileNotFoundError:
