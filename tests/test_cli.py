@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
 from tiny_models import yes_no_workspace
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +96,17 @@ def test_objectives_lists_every_registered_objective(capsys):
 
 
 def test_docs_objectives_md_is_current():
-    from pathlib import Path
-
     from preftune.objectives.catalog import markdown
 
-    checked_in = (Path(__file__).parent.parent / "docs" / "objectives.md").read_text()
+    checked_in = (REPO / "docs" / "objectives.md").read_text()
     assert checked_in == markdown(), (
         "docs/objectives.md is stale: run `preftune objectives --markdown > docs/objectives.md`")
+
+
+def test_every_example_file_the_readme_names_exists():
+    named = set(re.findall(r"examples/[\w/.-]+\.(?:yaml|py)", (REPO / "README.md").read_text()))
+    assert "examples/dpo.yaml" in named
+    assert sorted(name for name in named if not (REPO / name).is_file()) == []
 
 
 def all_parsers(parser, path=()):
@@ -128,6 +135,9 @@ def test_every_command_help_ends_with_examples_that_run_that_command():
         for example in examples:
             words = shlex.split(example)
             assert words[0] == "preftune" and words[1 : 1 + len(path)] == list(path), example
+            for word in words:  # a shipped config it names exists
+                if word.startswith("examples/"):
+                    assert (REPO / word).is_file(), example
             args = build_parser().parse_args(words[1:])  # a valid invocation of that command
             chosen = (args.command, getattr(args, "rm_command", None)
                       or getattr(args, "data_command", None)
@@ -155,3 +165,19 @@ def test_a_launched_process_ends_after_its_group_without_the_interpreter_teardow
     assert "dpo" in done.stdout.split()  # the listing, flushed before the process ended
     assert "main returned" not in done.stdout
     assert "interpreter teardown ran" not in done.stdout
+
+
+def test_version_names_preftune_torch_transformers_and_python(capsys):
+    import platform
+
+    import torch
+    import transformers
+
+    import preftune
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"preftune {preftune.__version__} (torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, Python {platform.python_version()})")

@@ -47,8 +47,11 @@ def test_yaml_file_and_overrides(tmp_path):
     assert config.model.lora.r == 8
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(str(path), ["train.batch_size"])
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="missing.yaml does not exist .relative paths start "
+                       "at .*every key can come from --set"):
         load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder, not a file"):
+        load_config(str(tmp_path))
 
 
 def test_every_example_config_is_valid():

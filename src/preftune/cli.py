@@ -163,11 +163,31 @@ def _examples(examples) -> str:
         f"  {line}" for line in examples)
 
 
+def _versions() -> str:
+    """What a bug report needs, read from the installed packages' metadata (nothing imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"preftune {__version__} (torch {installed('torch')}, transformers "
+            f"{installed('transformers')}, Python {platform.python_version()})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="preftune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_examples(["preftune demo --quick",
                           "preftune train examples/dpo.yaml --set data.train=my_pairs.jsonl"]))
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="print the versions of preftune, torch, transformers and Python "
+                             "(for a bug report), then stop")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = command(commands, "train", "train on your own preference data",

@@ -19,7 +19,12 @@ def read_tree(path: str | None, overrides: Sequence[str] = ()) -> dict:
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            what = "is a folder, not a file" if file.is_dir() else "does not exist"
+            raise ConfigError(
+                f"config file {path} {what} (relative paths start at {Path.cwd()}). The "
+                "examples/ configs that --help names are in preftune's source repository; "
+                "without a file, every key can come from --set (`preftune config explain` "
+                "lists them)")
         try:
             tree = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as error:

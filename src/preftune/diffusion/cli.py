@@ -83,7 +83,7 @@ def add_diffusion_commands(commands) -> None:
     train = command(sub, "train", "train a diffusers denoiser on image preference pairs (or "
                     "on prompts, sampling online: spo)",
                     "preftune diffusion train examples/diffusion/diffusion_dpo.yaml",
-                    "preftune diffusion train examples/diffusion/mapo.yaml --set "
+                    "preftune diffusion train examples/diffusion/mapo_lora.yaml --set "
                     "data.train=pairs.jsonl",
                     "preftune diffusion train examples/diffusion/spo.yaml --set "
                     "data.train=prompts.jsonl")
