@@ -124,7 +124,8 @@ def test_empty_prompt_without_bos_is_dropped(tiny_tokenizer):
 def test_tokenizer_without_eos_or_template_gives_clear_errors(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
-    with pytest.raises(DataError, match=r"f\.jsonl:1: conversational record.*no chat template"):
+    with pytest.raises(DataError, match=r"f\.jsonl:1: conversational record.*no chat "
+                       r"template\. Set model\.chat_template"):
         tokenize_records([Pair([{"role": "user", "content": "x"}], "y", "z", origin="f.jsonl:1")],
                          tok, WIDE)
     tok.eos_token = None

@@ -57,15 +57,22 @@ def _inspect(args) -> None:
     from .data.inspect import inspect_prompts, inspect_report, prompts_only, render_example
     from .data.sources import load_records
     from .data.tokenize import TokenizeSettings, tokenize_records
+    from .config import ConfigError, chat_template_text
     from .model.load import load_tokenizer
 
     settings = TokenizeSettings(args.max_length, args.max_prompt_length)
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = chat_template_text(args.chat_template)
+        except ValueError as error:
+            raise ConfigError(f"--chat-template: {error}") from None
+    tokenizer = load_tokenizer(args.model, chat_template=template)
     if prompts_only(args.file):  # prompts alone: what online runs and spo sample from
-        print(inspect_prompts(args.file, load_tokenizer(args.model), settings, args.example))
+        print(inspect_prompts(args.file, tokenizer, settings, args.example))
         return
     detected: list = []
     records = load_records(args.file, format=args.format, detected=detected)
-    tokenizer = load_tokenizer(args.model)
     examples, report = tokenize_records(records, tokenizer, settings)
     print(inspect_report(records, examples, report, detected[0]))
     if args.example is not None:
@@ -251,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=int, default=1024)
     evaluate.add_argument("--max-prompt-length", type=int, default=512)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--chat-template", metavar="FILE_OR_TEXT",
+                          help="chat template (a .jinja file or the Jinja text) for "
+                               "conversational data when the model's tokenizer has none")
     evaluate.set_defaults(run=_eval)
 
     data = command(commands, "data", "look at a dataset the way preftune sees it",
@@ -267,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["auto", "standard", "conversational", "implicit"])
     inspect.add_argument("--max-length", type=int, default=1024)
     inspect.add_argument("--max-prompt-length", type=int, default=512)
+    inspect.add_argument("--chat-template", metavar="FILE_OR_TEXT",
+                         help="model.chat_template: render message lists with this template "
+                              "(a .jinja file or the Jinja text) instead of the tokenizer's")
     inspect.set_defaults(run=_inspect)
     synthetic = command(data_commands, "synthetic", "write the demo's checkable tasks as "
                         "preference pairs (train.jsonl, eval.jsonl)",

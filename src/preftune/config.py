@@ -53,6 +53,17 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # a share in [0, 1)
 
 
+def chat_template_text(value: str) -> str:
+    """A chat-template setting as Jinja text: the file it names, or the text itself."""
+    if "{" in value:  # Jinja text ({{ ... }}, {% ... %}); a file name has no braces
+        return value
+    file = Path(value).expanduser()
+    if not file.is_file():
+        raise ValueError(f"{value} is neither a file (relative paths start at {Path.cwd()}) "
+                         "nor Jinja template text; give a .jinja file or the template itself")
+    return file.read_text(encoding="utf-8")
+
+
 class LoraConfig(Section):
     r: Count = 16
     """LoRA rank: the inner size of each low-rank update."""
@@ -82,6 +93,21 @@ class ModelConfig(Section):
     prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask;
     'varlen' runs padded and packed rows with no mask (torch's variable-length attention on
     CUDA; layout auto then packs)."""
+    chat_template: str | None = None
+    """Chat template for message-list (conversational) data: a .jinja file or the Jinja text.
+    Needed for a model whose tokenizer has none (most base models); replaces the tokenizer's
+    own otherwise. The run's config.yaml keeps the text, and the trained model's tokenizer
+    saves it."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_text(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return chat_template_text(value)
+        except ValueError as error:
+            raise ValueError(f"model.chat_template: {error}") from None
 
 
 class DataConfig(Section):

@@ -200,7 +200,9 @@ def _chat(tokenizer, messages: list, record, add_generation_prompt: bool) -> str
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{record.origin}: conversational record, but the tokenizer has no chat template. "
-            f"Use a tokenizer with one (an instruct model) or set tokenizer.chat_template."
+            f"Set model.chat_template (a .jinja file or the Jinja text; --chat-template for "
+            f"`preftune eval` and `preftune data inspect`), or use a model whose tokenizer has "
+            f"one (an instruct model)."
         )
     try:
         return tokenizer.apply_chat_template(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, chat_template_text
 from ..data.images import with_images
 from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
@@ -56,6 +56,7 @@ class EvalOptions:
     max_length: int = 1024
     max_prompt_length: int = 512
     seed: int = 0
+    chat_template: str | None = None  # a .jinja file or the text, for a model without one
 
 
 def run_eval(options: EvalOptions) -> dict:
@@ -75,7 +76,13 @@ def run_eval(options: EvalOptions) -> dict:
             scorer = load_scorer(options.scorer, options.data)
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
-    policy, tokenizer = load_model_and_tokenizer(model_dir)
+    template = None
+    if options.chat_template is not None:
+        try:
+            template = chat_template_text(options.chat_template)
+        except ValueError as error:
+            raise ConfigError(f"--chat-template: {error}") from None
+    policy, tokenizer = load_model_and_tokenizer(model_dir, chat_template=template)
     reference, reference_tokenizer = load_model_and_tokenizer(options.reference)
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"--reference {options.reference} has another vocabulary than --model "

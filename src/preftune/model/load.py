@@ -122,18 +122,39 @@ def resolve_model_dir(path: str, allow_pickle: bool = False, weights: bool = Tru
     return hub_snapshot(path, allow_pickle, weights)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer for a config ``model.path``; padding falls back to EOS. A
-    vision-language model's comes from its processor (``load_processor_tokenizer``)."""
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer for a config ``model.path``; padding falls back to EOS; ``chat_template``
+    (Jinja text, ``model.chat_template``) replaces its own. A vision-language model's comes
+    from its processor (``load_processor_tokenizer``)."""
     from transformers import AutoTokenizer
 
     source = resolve_model_dir(path, weights=False)
     if is_vision_language(source, trust_remote_code):
-        return load_processor_tokenizer(source, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_processor_tokenizer(source, trust_remote_code)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        use_chat_template(tokenizer, chat_template)
     return tokenizer
+
+
+def use_chat_template(tokenizer, template: str, key: str = "model.chat_template") -> None:
+    """Give ``tokenizer`` (and a VLM's processor, which saves it) the Jinja ``template``,
+    checked by rendering a one-turn conversation."""
+    from ..config import ConfigError
+
+    tokenizer.chat_template = template
+    images = getattr(tokenizer, "image_inputs", None)
+    if images is not None:
+        images.processor.chat_template = template
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                      add_generation_prompt=True)
+    except Exception as error:  # jinja's syntax and runtime errors, or the template's own
+        raise ConfigError(f"{key}: the template does not render a one-turn conversation "
+                          f"({type(error).__name__}: {error})") from None
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -157,10 +178,11 @@ def check_weights_format(source: str, allow_pickle: bool = False) -> None:
 
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                             attn_implementation: str | None = None, allow_pickle: bool = False):
+                             attn_implementation: str | None = None, allow_pickle: bool = False,
+                             chat_template: str | None = None):
     """Return (causal LM, tokenizer) for a config ``model.path`` (``load_tokenizer``, then
     ``load_model``)."""
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, chat_template)
     model = load_model(path, tokenizer, dtype, trust_remote_code, attn_implementation,
                        allow_pickle)
     return model, tokenizer

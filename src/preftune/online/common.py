@@ -44,7 +44,8 @@ def online_scorer(config, judge: str, data):
 def load_on_device(path: str, config: Config):
     """A model for sampling, scoring or evaluation, on the accelerator when there is one."""
     model, tokenizer = load_model_and_tokenizer(path, config.model.dtype,
-                                                config.model.trust_remote_code)
+                                                config.model.trust_remote_code,
+                                                chat_template=config.model.chat_template)
     return model.to(PartialState().device), tokenizer
 
 

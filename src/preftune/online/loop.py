@@ -183,7 +183,8 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
     if sampling.backend == "vllm":
         from ..generation_vllm import VLLMGenerator
 
-        tokenizer = load_tokenizer(policy, config.model.trust_remote_code)
+        tokenizer = load_tokenizer(policy, config.model.trust_remote_code,
+                                   config.model.chat_template)
         generator = VLLMGenerator.from_pretrained(policy, tokenizer, config.model.dtype,
                                                   sampling.vllm_memory, settings.seed)
     else:

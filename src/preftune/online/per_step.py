@@ -100,7 +100,8 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
     device = accelerator.device
     model, tokenizer = load_model_and_tokenizer(config.model.path, config.model.dtype,
                                                 config.model.trust_remote_code,
-                                                config.model.attn_implementation)
+                                                config.model.attn_implementation,
+                                                chat_template=config.model.chat_template)
     model.to(device)
     total_steps = count_steps(cfg, len(prompts), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)

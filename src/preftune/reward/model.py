@@ -135,11 +135,12 @@ def reward_model_dir(path: str) -> Path:
         "the output_dir of `preftune rm train` (or its model/ directory).")
 
 
-def backbone_tokenizer(path: str, trust_remote_code: bool = False):
+def backbone_tokenizer(path: str, trust_remote_code: bool = False,
+                       chat_template: str | None = None):
     """(local source, tokenizer with a pad token that is not EOS) of a reward ``model.path``
     (a Hub model's snapshot without its weights)."""
     source = resolve_model_dir(path, weights=False)
-    tokenizer = load_tokenizer(source, trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code, chat_template)
     reward_pad_token(tokenizer)
     return source, tokenizer
 

@@ -165,7 +165,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     head, detected_head = detect_attributes(config)
     spec = get_reward_loss(config.loss.name)
     # the data is read and checked before the weights load: a bad record stops the run early
-    source, tokenizer = backbone_tokenizer(config.model.path, config.model.trust_remote_code)
+    source, tokenizer = backbone_tokenizer(config.model.path, config.model.trust_remote_code,
+                                           config.model.chat_template)
     last_token = scores_last_token(source, config.model.trust_remote_code)
     tokenize = tokenize_records if last_token else encoder_examples
     train_examples, eval_examples, data_report, shape = prepare_examples(

@@ -189,7 +189,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     if config.model.attn_implementation == "flex_attention" and device.type != "cuda":
         raise ConfigError("model.attn_implementation 'flex_attention' trains on CUDA only (torch "
                           "has no FlexAttention backward on CPU); remove it or use 'sdpa'.")
-    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
+                               config.model.chat_template)
     # the data is read and checked before the weights load (or download): a bad record stops
     # the run early
     train_examples, eval_examples, data_report, shape = prepare_examples(
