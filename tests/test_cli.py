@@ -55,6 +55,16 @@ def test_bad_data_names_file_line_and_field(files, capsys):
     assert "bad.jsonl" in err and "2" in err and "rejected" in err
 
 
+def test_lora_without_peft_says_what_to_install(files, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft fails as if not installed
+    code = main(["train", str(files / "config.yaml"), "--set", "model.lora.r=4",
+                 "--set", f"output_dir={files / 'nopeft'}"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (  # before anything loads
+        f"error: invalid configuration in {files / 'config.yaml'}:\n"
+        "  model.lora needs the peft package: pip install 'preftune[lora]'")
+
+
 def test_data_inspect_shows_counts_and_the_boundary(files, capsys):
     assert main(["data", "inspect", str(files / "pairs.jsonl"), "--model",
                  str(files / "model"), "--example", "3"]) == 0

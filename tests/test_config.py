@@ -32,6 +32,19 @@ def test_settings_that_would_do_nothing_are_errors(tree, expected):
         build_config(tree)
 
 
+@pytest.mark.parametrize("max_length,prompt_limit", [(1024, 512), (2048, 512), (513, 512),
+                                                     (512, 256), (256, 128), (3, 1)])
+def test_an_unset_prompt_limit_follows_a_lowered_max_length(max_length, prompt_limit):
+    data = build_config({"data": {"max_length": max_length}}).data
+    assert data.max_prompt_length == prompt_limit
+    assert build_config({}).data.max_prompt_length == 512
+    # a prompt limit that was set is kept, and null stays null
+    assert build_config({"data": {"max_length": 256, "max_prompt_length": 200}}
+                        ).data.max_prompt_length == 200
+    assert build_config({"data": {"max_length": 256, "max_prompt_length": None}}
+                        ).data.max_prompt_length is None
+
+
 def test_reference_strategy_defaults_follow_the_objective():
     assert build_config({}).reference_strategy == "precomputed"
     assert build_config({"objective": {"name": "simpo"}}).reference_strategy == "none"

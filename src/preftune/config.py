@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -76,6 +77,12 @@ class LoraConfig(Section):
     save_merged: bool = True
     """Also write the merged full model next to the adapter."""
 
+    @model_validator(mode="after")
+    def _peft_installed(self):
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("model.lora needs the peft package: pip install 'preftune[lora]'")
+        return self
+
 
 class ModelConfig(Section):
     path: str = "default"
@@ -138,7 +145,18 @@ class DataConfig(Section):
     """Tokens of the prompt plus one response; longer ones keep the prompt's end and the
     response's start."""
     max_prompt_length: Count | None = 512
-    """Tokens of the prompt alone (its end is kept); null: only max_length applies."""
+    """Tokens of the prompt alone (its end is kept); null: only max_length applies. Unset, it
+    is 512, or half of max_length when max_length is 512 or less."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_limit_fits(cls, tree):
+        """A lowered max_length brings the unset prompt limit down with it (to half)."""
+        if isinstance(tree, dict) and "max_prompt_length" not in tree:
+            length = tree.get("max_length")
+            if isinstance(length, int) and not isinstance(length, bool) and 2 <= length <= 512:
+                tree = {**tree, "max_prompt_length": length // 2}
+        return tree
 
 
 class ObjectiveConfig(BaseModel):

@@ -172,11 +172,8 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
 
 def attach_lora(model: DiffusionModel, lora) -> None:
     """LoRA adapters on the denoiser (diffusers' PEFT integration); only they train."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise ConfigError("model.lora needs the peft package: pip install 'preftune[lora]'") \
-            from None
+    from peft import LoraConfig  # installed: checked when model.lora was read
+
     model.denoiser.requires_grad_(False)
     model.denoiser.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha,
                                           lora_dropout=lora.dropout,

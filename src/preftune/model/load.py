@@ -268,15 +268,18 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules,
              task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with trainable LoRA adapters (PEFT); the base weights stay frozen.
     ``task_type`` "SEQ_CLS" (reward models) also trains the classification head in full."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as error:
-        raise ImportError("LoRA needs PEFT: `pip install peft` (or preftune[lora])") from error
+    import warnings
+
+    from peft import LoraConfig, get_peft_model  # installed: checked when model.lora was read
+
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
         task_type=task_type,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT reads an attribute transformers 5 deprecates
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        return get_peft_model(model, config)
 
 
 def files_fingerprint(path: str) -> str:
