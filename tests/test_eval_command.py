@@ -4,9 +4,11 @@ import json
 import re
 
 import pytest
+import yaml
 
 from preftune.cli import main
 from preftune.data.synthetic import generate_tasks, to_record
+from preftune.evaluate.run_eval import run_reference
 from tiny_models import save_tiny_model_dir
 
 PAIR_KEYS = ["rewards/accuracy", "rewards/margin", "ranking/summed", "ranking/normalised",
@@ -111,3 +113,22 @@ def test_bad_inputs_exit_2_naming_file_record_and_field(files, tmp_path, capsys,
     assert code == 2
     for part in message:
         assert part in err, (part, err)
+
+
+def test_a_run_dir_is_compared_with_the_model_it_trained_against(files, tmp_path, capsys):
+    run = tmp_path / "run"
+    save_tiny_model_dir(run / "model", seed=1)
+    (run / "run.json").write_text("{}")
+    base = str(files / "reference")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": base}}))
+    args = ["eval", "--model", str(run), "--data", str(files / "pairs.jsonl"), *FAST]
+    assert main(args) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert results["settings"]["reference"] == base
+    assert f"{run} vs reference {base} on" in capsys.readouterr().out
+    # an online round's reference.model (the initial model) comes before its model.path
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"path": "elsewhere"}, "reference": {"model": base}}))
+    assert main(args) == 0
+    assert json.loads((run / "eval.json").read_text())["settings"]["reference"] == base
+    assert run_reference(None) == "default"  # a bare model directory

@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "--scorer synthetic")
     evaluate.add_argument("--model", required=True, help="a run dir (holding model/) or a model dir")
     evaluate.add_argument("--data", required=True, help="preference pairs (JSONL, JSON, ...)")
-    evaluate.add_argument("--reference", default="default", help="reference model (default: "
-                          "the bundled SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--reference", help="reference model (default: the one a run dir's "
+                          "config.yaml trained against, its reference.model or model.path; "
+                          "for a bare model dir the bundled SmolLM2-135M-Instruct)")
     evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")
     evaluate.add_argument("--beta", type=float, default=0.1, help="beta of implied rewards and R*")
     evaluate.add_argument("--ches-model", choices=["reference", "policy"], default="reference",

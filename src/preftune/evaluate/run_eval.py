@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import ConfigError, chat_template_text
 from ..data.images import with_images
@@ -43,7 +44,7 @@ class EvalOptions:
 
     model: str
     data: str
-    reference: str = "default"
+    reference: str | None = None  # None: the run's own reference (run_reference)
     output: str | None = None
     beta: float = 0.1
     ches_model: str = "reference"  # or "policy"; the paper uses the model before training
@@ -63,6 +64,7 @@ def run_eval(options: EvalOptions) -> dict:
     """Run every diagnostic, write ``eval.json`` and ``eval_pairs.jsonl``; return the results."""
     _check_options(options)
     model_dir, run_dir = _model_location(options.model)
+    options = replace(options, reference=options.reference or run_reference(run_dir))
     seconds: dict = {}
     clock = time.perf_counter()
     records = load_records(options.data, shape="pairs")
@@ -168,6 +170,17 @@ def _model_location(path: str) -> tuple[str, Path | None]:
         is_run = any((local.parent / name).exists() for name in ("run.json", "metrics.jsonl"))
         return str(local), local.parent if is_run else None
     return path, None  # "default", a .gguf file or a hub id; load_model_and_tokenizer decides
+
+
+def run_reference(run_dir: Path | None) -> str:
+    """The model a run trained against: its config.yaml's ``reference.model``, else its
+    ``model.path`` (the model it started from); the bundled default for a bare model dir."""
+    config = run_dir / "config.yaml" if run_dir is not None else None
+    if config is None or not config.is_file():
+        return "default"
+    tree = yaml.safe_load(config.read_text()) or {}
+    return ((tree.get("reference") or {}).get("model") or (tree.get("model") or {}).get("path")
+            or "default")
 
 
 def _true_reward_gap(example: TokenizedExample) -> float | None:
