@@ -25,7 +25,12 @@ def test_bad_keys_and_types_name_the_key(tree, expected):
     ({"train": {"eval_every": 10}}, "eval_every does nothing"),
     ({"train": {"checkpoint_every": 2}},
      "train.checkpoint_every: 2 does nothing without train.gradient_checkpointing: true"),
-    ({"data": {"max_length": 128, "max_prompt_length": 256}}, "max_prompt_length"),
+    ({"data": {"max_length": 128, "max_prompt_length": 256}},
+     r"data.max_prompt_length \(256\) must be below data.max_length \(128\) .* lower it too, "
+     "e.g. --set data.max_prompt_length=64"),
+    ({"data": {"eval": "e.jsonl", "eval_fraction": 0.1}},
+     r"set data.eval or data.eval_fraction, not both .data.eval_fraction: 0 turns the split "
+     r"off, e.g. --set data.eval_fraction=0\)"),
 ])
 def test_settings_that_would_do_nothing_are_errors(tree, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -367,3 +367,31 @@ def test_checkpointed_reward_model_recomputes_under_the_forwards_attention_kerne
     assert seen == [(True, False, True)]
     losses.mean().backward()
     assert seen == [(True, False, True)] * 2
+
+
+def test_a_new_head_is_one_line_and_a_missing_backbone_weight_a_warning(workspace, tmp_path,
+                                                                         capsys, caplog):
+    from safetensors.torch import load_file, save_file
+
+    for kind, head in (("decoder", "score.weight"), ("encoder", "classifier.bias, "
+                                                                "classifier.weight")):
+        load_backbone(str(workspace / kind), Head())
+        assert capsys.readouterr().out == (f"{workspace / kind}: the reward head ({head}) is "
+                                           "new and starts from random weights\n")
+    assert "LOAD REPORT" not in caplog.text
+    damaged = tmp_path / "damaged"
+    save_tiny_model_dir(damaged)
+    weights = load_file(damaged / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    load_backbone(str(damaged), Head())
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"warning: {damaged} lacks 1 backbone weights, which start from random values: "
+        "model.layers.1.mlp.up_proj.weight. Check that model.path is the model you meant.")
+    saved = tmp_path / "saved"  # a trained reward model keeps its head: nothing to say
+    model, tokenizer = load_backbone(str(workspace / "decoder"), Head())
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    capsys.readouterr()
+    load_backbone(str(saved), Head())
+    assert capsys.readouterr().out == ""

@@ -372,14 +372,16 @@ def check_data_and_train(data: DataConfig, train: TrainConfig,
     if train.eval_every and not has_eval:
         raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
     if data.eval is not None and data.eval_fraction > 0:
-        raise ValueError("set data.eval or data.eval_fraction, not both.")
+        raise ValueError("set data.eval or data.eval_fraction, not both (data.eval_fraction: "
+                         "0 turns the split off, e.g. --set data.eval_fraction=0).")
     if train.max_row_tokens is not None and not train.layout.startswith("packed"):
         raise ValueError("train.max_row_tokens only applies to packed layouts; set train.layout "
                          "to 'packed' or 'packed_prefix_shared', or remove it.")
     limit = data.max_prompt_length
     if limit is not None and limit >= data.max_length:
         raise ValueError(f"data.max_prompt_length ({limit}) must be below data.max_length "
-                         f"({data.max_length}) or responses would be cut to nothing.")
+                         f"({data.max_length}) or responses would be cut to nothing; lower it "
+                         f"too, e.g. --set data.max_prompt_length={max(1, data.max_length // 2)}.")
 
 
 def _unknown(path: str, key: str, known, where: str) -> str:

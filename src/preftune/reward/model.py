@@ -12,6 +12,7 @@ their own ``forward`` on padded text pairs. Either way the saved directory is a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -181,14 +182,45 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
               f"{head.num_outputs}, so a fresh head is trained on its backbone")
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=head.num_outputs, id2label=dict(enumerate(head.labels)),
-        label2id={label: i for i, label in enumerate(head.labels)},
-        dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-        ignore_mismatched_sizes=resized, use_safetensors=True, **extra)
+    with _quiet_loading():  # transformers' table of missing keys: said in one line below
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=head.num_outputs, id2label=dict(enumerate(head.labels)),
+            label2id={label: i for i, label in enumerate(head.labels)},
+            dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=resized, use_safetensors=True, output_loading_info=True,
+            **extra)
+    _say_what_starts_random(model, info["missing_keys"], path)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.problem_type = "regression"  # raw outputs, no softmax: what the head reads
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _say_what_starts_random(model, missing: list[str], path: str) -> None:
+    """One line for a new reward head (the usual case: a language model or encoder as the
+    backbone), and a warning naming any backbone weight the checkpoint lacked."""
+    body = model.base_model_prefix + "."
+    head = sorted(key for key in missing if not key.startswith(body))
+    backbone = sorted(key for key in missing if key.startswith(body))
+    if head:
+        print(f"{path}: the reward head ({', '.join(head)}) is new and starts from random "
+              "weights")
+    if backbone:
+        shown = ", ".join(backbone[:5]) + (f" and {len(backbone) - 5} more" if
+                                           len(backbone) > 5 else "")
+        print(f"warning: {path} lacks {len(backbone)} backbone weights, which start from "
+              f"random values: {shown}. Check that model.path is the model you meant.")
 
 
 def attach_reward_lora(model, lora):
