@@ -1,6 +1,7 @@
 """The command line as a user runs it (on a tiny model directory)."""
 
 import argparse
+import os
 import json
 import re
 import shlex
@@ -191,3 +192,21 @@ def test_version_names_preftune_torch_transformers_and_python(capsys):
     assert capsys.readouterr().out.strip() == (
         f"preftune {preftune.__version__} (torch {torch.__version__}, transformers "
         f"{transformers.__version__}, Python {platform.python_version()})")
+
+
+def test_deepspeed_imported_on_a_cpu_machine_does_not_warn_after_a_command():
+    pytest.importorskip("deepspeed")
+    done = subprocess.run([sys.executable, "-c",
+                           "import logging, torch\n"
+                           "from preftune.cli import main\n"
+                           "main(['objectives']); main(['objectives'])\n"
+                           "import deepspeed\n"
+                           "print(len(logging.getLogger('DeepSpeed').filters))\n"
+                           "logging.getLogger('DeepSpeed').warning('another warning')"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout + done.stderr  # (DeepSpeed logs to stdout)
+    assert printed.splitlines()[-2] == "1"  # one filter, however many commands ran
+    assert "Setting accelerator to CPU" not in printed
+    assert printed.splitlines()[-1].endswith("another warning")  # the others still show

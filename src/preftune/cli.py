@@ -346,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, where installed, says "Setting accelerator to CPU" when it is imported on a
+    machine without a GPU, and transformers and accelerate import it at every model save only to
+    look for its engine, so every CPU run would end with that warning."""
+    import logging
+
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_notice)  # once: the same function
+
+
+def _not_the_cpu_notice(record) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.records import DataError
@@ -354,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train.trainer import TrainingStopped
 
     args = build_parser().parse_args(argv)
+    _quiet_deepspeed_on_cpu()
     talks = speaks()  # under a launcher, the first process speaks for all of them
     if not talks:
         sys.stdout = open(os.devnull, "w")
