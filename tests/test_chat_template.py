@@ -130,6 +130,9 @@ def test_eval_and_data_inspect_take_the_template(base, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--chat-template: nope is neither a file"):
         evaluate(str(base / "model"), str(base / "pairs.jsonl"), samples=0,
                  chat_template="nope", output=str(tmp_path / "eval"))
+    with pytest.raises(ConfigError, match="--chat-template: the template does not render"):
+        evaluate(str(base / "model"), str(base / "pairs.jsonl"), samples=0,
+                 chat_template="{% if %}", output=str(tmp_path / "eval"))
 
 
 def test_a_vision_language_model_saves_the_template_with_its_processor(tmp_path):

@@ -57,17 +57,14 @@ def _inspect(args) -> None:
     from .data.inspect import inspect_prompts, inspect_report, prompts_only, render_example
     from .data.sources import load_records
     from .data.tokenize import TokenizeSettings, tokenize_records
-    from .config import ConfigError, chat_template_text
-    from .model.load import load_tokenizer
+    from .config import chat_template_text
+    from .model.load import load_tokenizer, use_chat_template
 
     settings = TokenizeSettings(args.max_length, args.max_prompt_length)
-    template = None
+    tokenizer = load_tokenizer(args.model)
     if args.chat_template is not None:
-        try:
-            template = chat_template_text(args.chat_template)
-        except ValueError as error:
-            raise ConfigError(f"--chat-template: {error}") from None
-    tokenizer = load_tokenizer(args.model, chat_template=template)
+        use_chat_template(tokenizer, chat_template_text(args.chat_template, "--chat-template"),
+                          "--chat-template")
     if prompts_only(args.file):  # prompts alone: what online runs and spo sample from
         print(inspect_prompts(args.file, tokenizer, settings, args.example))
         return

@@ -54,14 +54,15 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # a share in [0, 1)
 
 
-def chat_template_text(value: str) -> str:
-    """A chat-template setting as Jinja text: the file it names, or the text itself."""
-    if "{" in value:  # Jinja text ({{ ... }}, {% ... %}); a file name has no braces
+def chat_template_text(value: str | None, key: str = "model.chat_template") -> str | None:
+    """A chat-template setting (``key``) as Jinja text: the file it names, or the text itself."""
+    if value is None or "{" in value:  # Jinja text ({{ }}, {% %}); a file name has no braces
         return value
     file = Path(value).expanduser()
     if not file.is_file():
-        raise ValueError(f"{value} is neither a file (relative paths start at {Path.cwd()}) "
-                         "nor Jinja template text; give a .jinja file or the template itself")
+        raise ConfigError(f"{key}: {value} is neither a file (relative paths start at "
+                          f"{Path.cwd()}) nor Jinja template text; give a .jinja file or the "
+                          "template itself")
     return file.read_text(encoding="utf-8")
 
 
@@ -109,12 +110,7 @@ class ModelConfig(Section):
     @field_validator("chat_template")
     @classmethod
     def _template_text(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return chat_template_text(value)
-        except ValueError as error:
-            raise ValueError(f"model.chat_template: {error}") from None
+        return chat_template_text(value)
 
 
 class DataConfig(Section):

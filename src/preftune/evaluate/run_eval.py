@@ -27,7 +27,7 @@ from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
 from ..data.tokenize import TokenizedExample, TokenizeSettings, tokenize_records
 from ..model.forward import SequenceStats
-from ..model.load import load_model_and_tokenizer
+from ..model.load import load_model, load_model_and_tokenizer, load_tokenizer, use_chat_template
 from . import diagnostics as D
 from ..score import load_scorer
 from ..score.base import scored_in_chunks
@@ -78,13 +78,11 @@ def run_eval(options: EvalOptions) -> dict:
             scorer = load_scorer(options.scorer, options.data)
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
-    template = None
+    tokenizer = load_tokenizer(model_dir)
     if options.chat_template is not None:
-        try:
-            template = chat_template_text(options.chat_template)
-        except ValueError as error:
-            raise ConfigError(f"--chat-template: {error}") from None
-    policy, tokenizer = load_model_and_tokenizer(model_dir, chat_template=template)
+        use_chat_template(tokenizer, chat_template_text(options.chat_template,
+                                                        "--chat-template"), "--chat-template")
+    policy = load_model(model_dir, tokenizer)
     reference, reference_tokenizer = load_model_and_tokenizer(options.reference)
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"--reference {options.reference} has another vocabulary than --model "
