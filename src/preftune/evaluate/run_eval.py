@@ -26,8 +26,10 @@ from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
 from ..data.tokenize import TokenizedExample, TokenizeSettings, tokenize_records
+from ..model.adapter_dirs import is_adapter_dir
 from ..model.forward import SequenceStats
 from ..model.load import load_model, load_model_and_tokenizer, load_tokenizer, use_chat_template
+from ..train.checkpoint import final_model_dir
 from . import diagnostics as D
 from ..score import load_scorer
 from ..score.base import scored_in_chunks
@@ -160,11 +162,12 @@ def _check_options(options: EvalOptions) -> None:
 
 
 def _model_location(path: str) -> tuple[str, Path | None]:
-    """(model dir to load, the run dir it belongs to or None). A run dir holds ``model/``."""
+    """(model dir to load, the run dir it belongs to or None). A run dir holds ``model/`` (or,
+    LoRA without a merged copy, ``adapter/``)."""
     local = Path(path)
-    if (local / "model" / "config.json").exists():
-        return str(local / "model"), local
-    if (local / "config.json").exists():
+    if (local / "run.json").exists() or (local / "model" / "config.json").exists():
+        return str(final_model_dir(local)), local
+    if (local / "config.json").exists() or is_adapter_dir(local):
         is_run = any((local.parent / name).exists() for name in ("run.json", "metrics.jsonl"))
         return str(local), local.parent if is_run else None
     return path, None  # "default", a .gguf file or a hub id; load_model_and_tokenizer decides

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
+from .adapter_dirs import adapter_base, config_source, is_adapter_dir, merge_adapter
 from .hub import hub_snapshot
 from .varlen import transformers_name
 
@@ -110,9 +111,10 @@ def resolve_model_dir(path: str, allow_pickle: bool = False, weights: bool = Tru
             raise FileNotFoundError(f"model.path: GGUF file {local} does not exist")
         return str(gguf_to_safetensors(local))
     if local.is_dir():
-        if not (local / "config.json").exists():
+        if not (local / "config.json").exists() and not is_adapter_dir(local):
             raise FileNotFoundError(
-                f"model.path: {local} has no config.json; expected a Hugging Face model directory"
+                f"model.path: {local} has no config.json; expected a Hugging Face model directory "
+                "(or a LoRA adapter directory, with adapter_config.json)"
             )
         return str(local)
     if local.exists() or path.startswith((".", "/", "~")):
@@ -129,7 +131,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     from transformers import AutoTokenizer
 
     source = resolve_model_dir(path, weights=False)
-    if is_vision_language(source, trust_remote_code):
+    if is_vision_language(config_source(source), trust_remote_code):
         tokenizer = load_processor_tokenizer(source, trust_remote_code)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -194,10 +196,14 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
     (``load_tokenizer``'s; loading that first lets the data be read and checked before the
     weights load). A vision-language model (a config with a ``vision_config``) loads as an
     image-text-to-text model; its processor's image side rides on the tokenizer as
-    ``tokenizer.image_inputs`` (``data/vision.py``)."""
+    ``tokenizer.image_inputs`` (``data/vision.py``). A LoRA adapter directory loads as its
+    base with the adapter merged in (``adapter_dirs.py``)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_dir(path, allow_pickle)
+    if is_adapter_dir(source):
+        return merge_adapter(load_model(adapter_base(source), tokenizer, dtype, trust_remote_code,
+                                        attn_implementation, allow_pickle), source)
     check_weights_format(source, allow_pickle)
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -248,7 +254,7 @@ def load_processor_tokenizer(source: str, trust_remote_code: bool = False):
 
     from ..data.vision import ImageInputs
 
-    mrope = is_mrope_config(_config_json(source) or {})
+    mrope = is_mrope_config(_config_json(config_source(source)) or {})
     if mrope and not is_torchvision_available():
         # Qwen2VLProcessor needs torchvision (its video processor): its tokenizer and PIL
         # image processor do the same for images

@@ -30,7 +30,7 @@ from ..model.load import files_fingerprint, load_tokenizer
 from ..objectives import get_objective
 from ..score import prompt_key
 from ..score.base import scored_in_chunks
-from ..train.checkpoint import latest_checkpoint
+from ..train.checkpoint import final_model_dir, latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
 from ..train.output import move_aside, prepare_output_dir
@@ -90,7 +90,7 @@ def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -
         print(f"round {r}: every prompt's samples were scored alike by {config.online.scorer}; "
               "no pairs, no training this round (more or more varied samples would help)")
         info["train"] = _phase(here, "train", lambda: {"skipped": "no pairs were built"})
-    trained = str(here / "model") if "skipped" not in info["train"] else policy
+    trained = str(final_model_dir(here)) if "skipped" not in info["train"] else policy
     if eval_prompts:
         info["evaluate"] = _phase(here, "evaluate", lambda: evaluate_model(
             config, trained, eval_prompts, here))
@@ -101,8 +101,9 @@ def policy_before(out: Path, r: int, initial: str) -> str:
     """The model round r starts from: the newest earlier round's trained model (a round that
     built no pairs trains nothing), else the initial model."""
     for earlier in range(r - 1, 0, -1):
-        if (out / f"round-{earlier}" / "model").is_dir():
-            return str(out / f"round-{earlier}" / "model")
+        trained = final_model_dir(out / f"round-{earlier}")
+        if trained.is_dir():
+            return str(trained)
     return initial
 
 
@@ -126,7 +127,7 @@ def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: 
     info["train"] = _phase(here, "train", train_per_step)
     if eval_prompts:
         info["evaluate"] = _phase(here, "evaluate", lambda: evaluate_model(
-            config, str(here / "model"), eval_prompts, here))
+            config, str(final_model_dir(here)), eval_prompts, here))
     summary["rounds"].append(info)
     write_json(out / "online.json", summary)
     return out
@@ -281,7 +282,8 @@ def _train(config: OnlineConfig, r: int, policy: str, here: Path) -> dict:
     if checkpoint is None:  # cut off before its first checkpoint: the phase starts over
         for name in ("metrics.jsonl", "alarms.jsonl", "run.json"):
             (here / name).unlink(missing_ok=True)
-        shutil.rmtree(here / "model", ignore_errors=True)
+        for folder in ("model", "adapter"):
+            shutil.rmtree(here / folder, ignore_errors=True)
     train(round_config(config, r, policy, here), resume=checkpoint is not None)
     return _train_result(here)
 

@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,12 +150,22 @@ def _restore_the_rest(path: Path, scheduler) -> int:
     return json.loads((path / "state.json").read_text())["step"]
 
 
+def final_model_dir(output_dir: Path) -> Path:
+    """Where a run's trained model is: ``model/``, or ``adapter/`` when LoRA wrote no merged
+    model (``model.lora.save_merged: false``; it loads as its base plus the adapter)."""
+    if not (output_dir / "model").is_dir() and (output_dir / "adapter").is_dir():
+        return output_dir / "adapter"
+    return output_dir / "model"
+
+
 def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool) -> dict[str, Path]:
     """Write the trained model as HF directories: ``model/`` (full or merged) and ``adapter/``,
     each written aside and renamed into place, so a kill never leaves half a model."""
     written = {}
     if hasattr(model, "merge_and_unload"):  # LoRA (PEFT)
-        written["adapter"] = _write_dir(output_dir / "adapter", model, tokenizer)
+        with warnings.catch_warnings():  # a base that is itself an adapter dir has no config
+            warnings.filterwarnings("ignore", "Could not find a config file in", UserWarning)
+            written["adapter"] = _write_dir(output_dir / "adapter", model, tokenizer)
         if not save_merged:
             return written
         import copy

@@ -1,0 +1,66 @@
+"""A PEFT adapter directory (``adapter/`` of a LoRA run, written with
+``model.lora.save_merged: false``) used as a model: its base loads, the adapter merges into it.
+
+The adapter's ``adapter_config.json`` names its base (``base_model_name_or_path``). A base may
+itself be an adapter directory: an online round that trains LoRA on the previous round's
+adapter records that directory as its base, so the chain loads back in order.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(source: str | Path) -> bool:
+    """A directory with a PEFT adapter and no model config of its own."""
+    local = Path(source)
+    return (local / ADAPTER_CONFIG).is_file() and not (local / "config.json").exists()
+
+
+def adapter_base(source: str | Path) -> str:
+    """The model path the adapter at ``source`` was trained on."""
+    from ..config import ConfigError
+
+    config = json.loads((Path(source) / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"model.path: {source} is a PEFT adapter whose {ADAPTER_CONFIG} names "
+                          "no base model (base_model_name_or_path); load its base yourself, or "
+                          "train with model.lora.save_merged: true")
+    return base
+
+
+def config_source(source: str) -> str:
+    """The directory whose ``config.json`` describes the model at ``source``: ``source`` itself,
+    or for an adapter directory the (first) base below it that has one."""
+    from .load import resolve_model_dir
+
+    while is_adapter_dir(source):
+        source = resolve_model_dir(adapter_base(source), weights=False)
+    return source
+
+
+def merge_adapter(base_model, source: str):
+    """``base_model`` with the adapter at ``source`` merged in: a plain transformers model,
+    named after ``source`` so that an adapter trained on it records ``source`` as its base."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        from ..config import ConfigError
+
+        raise ConfigError(f"model.path: {source} is a LoRA adapter; loading it needs the peft "
+                          "package: pip install 'preftune[lora]'") from None
+    import torch
+
+    # the adapter's layers are built with a random init before its weights load: that must not
+    # draw from the run's random stream (a training run seeded before loading would differ)
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        merged = PeftModel.from_pretrained(base_model, source).merge_and_unload()
+    merged.name_or_path = merged.config._name_or_path = source
+    return merged

@@ -1,0 +1,110 @@
+"""A LoRA run saved without its merged model (``model.lora.save_merged: false``) is still a
+model: its ``adapter/`` loads as the base plus the adapter, in ``preftune eval``, as a
+reference and across online rounds, equal to the merged model it stands for."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from preftune.api import Config, evaluate, run_online, train
+from preftune.config import ConfigError
+from preftune.model.load import load_model_and_tokenizer
+from tiny_models import save_tiny_model_dir
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA run that wrote both ``model/`` (merged) and ``adapter/``, and the same run with
+    the merged copy removed."""
+    root = tmp_path_factory.mktemp("adapter")
+    save_tiny_model_dir(root / "base")
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
+            for i in range(8)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train(Config.from_dict({
+        "output_dir": str(root / "run"), "model": {"path": str(root / "base"), "lora": LORA},
+        "data": {"train": str(root / "pairs.jsonl")},
+        "reference": {"cache_dir": str(root / "cache")},
+        "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2}}), show_progress=False)
+    adapter_only = root / "adapter_only"
+    shutil.copytree(run, adapter_only, ignore=shutil.ignore_patterns("model", "eval*"))
+    return root, run, adapter_only
+
+
+def weights(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_an_adapter_dir_loads_as_its_merged_model(lora_run):
+    root, run, _ = lora_run
+    merged, _ = load_model_and_tokenizer(str(run / "model"))
+    from_adapter, tokenizer = load_model_and_tokenizer(str(run / "adapter"))
+    base, _ = load_model_and_tokenizer(str(root / "base"))
+    expected = weights(merged)
+    assert weights(from_adapter).keys() == expected.keys()
+    for name, tensor in weights(from_adapter).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6)
+    trained = "model.layers.0.self_attn.q_proj.weight"  # training moved the adapted weights
+    assert not torch.equal(expected[trained], weights(base)[trained])
+    assert type(from_adapter).__name__ == "LlamaForCausalLM"  # a plain model, no PEFT wrapper
+    assert len(tokenizer) == len(load_model_and_tokenizer(str(run / "model"))[1])
+
+
+def test_eval_of_an_adapter_only_run_equals_eval_of_the_merged_run(lora_run, tmp_path):
+    root, run, adapter_only = lora_run
+    options = {"reference": str(root / "base"), "samples": 0}
+    merged = evaluate(str(run), str(root / "pairs.jsonl"), output=str(tmp_path / "a"), **options)
+    adapter = evaluate(str(adapter_only), str(root / "pairs.jsonl"), output=str(tmp_path / "b"),
+                       **options)
+    assert adapter["settings"]["model_dir"] == str(adapter_only / "adapter")
+    assert adapter["rewards/margin"] != 0.0
+    for key in ("rewards/accuracy", "rewards/margin", "displacement/chosen",
+                "displacement/rejected"):
+        assert adapter[key] == pytest.approx(merged[key], abs=1e-6), key
+
+
+def test_an_adapter_without_a_base_says_so(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ConfigError, match="is a PEFT adapter whose adapter_config.json names no "
+                                          "base model"):
+        load_model_and_tokenizer(str(tmp_path / "adapter"))
+
+
+def count_a(prompt, response):
+    return float(response.count("a"))
+
+
+def test_online_rounds_without_merged_copies_train_like_merged_ones(lora_run, tmp_path):
+    root, rounds = lora_run[0], 2
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say a{'a' * k} {k}"}) + "\n"
+                               for k in range(6)))
+
+    def online(name, save_merged):
+        return run_online({
+            "output_dir": str(tmp_path / name),
+            "model": {"path": str(root / "base"), "lora": {**LORA, "save_merged": save_merged}},
+            "data": {"train": str(prompts), "max_length": 64, "max_prompt_length": 32},
+            "reference": {"cache_dir": str(tmp_path / "cache")},
+            "train": {"learning_rate": 1e-2, "batch_size": 2, "max_steps": 2, "seed": 0,
+                      "warmup_ratio": 0.0},
+            "online": {"rounds": rounds, "scorer": "test_adapter_dirs:count_a",
+                       "reference": "previous",
+                       "sampling": {"samples": 4, "max_new_tokens": 10, "batch_size": 4}}})
+
+    merged, adapters = online("merged", True), online("adapters", False)
+    last = f"round-{rounds}"
+    assert not (adapters / last / "model").exists()
+    config = json.loads((adapters / last / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(adapters / f"round-{rounds - 1}" / "adapter")
+    summary = json.loads((adapters / "online.json").read_text())
+    assert summary["rounds"][-1]["policy"] == str(adapters / f"round-{rounds - 1}" / "adapter")
+    expected = weights(load_model_and_tokenizer(str(merged / last / "model"))[0])
+    for name, tensor in weights(load_model_and_tokenizer(str(adapters / last / "adapter"))[0]
+                                ).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-5)
