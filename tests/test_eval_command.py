@@ -125,7 +125,10 @@ def test_a_run_dir_is_compared_with_the_model_it_trained_against(files, tmp_path
     assert main(args) == 0
     results = json.loads((run / "eval.json").read_text())
     assert results["settings"]["reference"] == base
-    assert f"{run} vs reference {base} on" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"reference: {base} (what {run / 'config.yaml'} trained against; "
+                          "--reference chooses another)\n")
+    assert f"{run} vs reference {base} on" in out
     # an online round's reference.model (the initial model) comes before its model.path
     (run / "config.yaml").write_text(yaml.safe_dump(
         {"model": {"path": "elsewhere"}, "reference": {"model": base}}))

@@ -66,7 +66,11 @@ def run_eval(options: EvalOptions) -> dict:
     """Run every diagnostic, write ``eval.json`` and ``eval_pairs.jsonl``; return the results."""
     _check_options(options)
     model_dir, run_dir = _model_location(options.model)
-    options = replace(options, reference=options.reference or run_reference(run_dir))
+    if options.reference is None:
+        options = replace(options, reference=run_reference(run_dir))
+        if run_dir is not None and (run_dir / "config.yaml").is_file():
+            print(f"reference: {options.reference} (what {run_dir / 'config.yaml'} trained "
+                  "against; --reference chooses another)")
     seconds: dict = {}
     clock = time.perf_counter()
     records = load_records(options.data, shape="pairs")
