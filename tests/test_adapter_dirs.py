@@ -108,3 +108,18 @@ def test_online_rounds_without_merged_copies_train_like_merged_ones(lora_run, tm
     for name, tensor in weights(load_model_and_tokenizer(str(adapters / last / "adapter"))[0]
                                 ).items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-5)
+
+
+def test_vllm_sampling_needs_merged_round_models(tmp_path):
+    from preftune.config import build_config
+    from preftune.online.config import OnlineConfig
+
+    tree = {"output_dir": str(tmp_path), "data": {"train": "prompts.jsonl"},
+            "model": {"lora": {**LORA, "save_merged": False}},
+            "online": {"scorer": "synthetic", "sampling": {"backend": "vllm"}}}
+    with pytest.raises(ConfigError, match="online.sampling.backend vllm loads each round's model "
+                                          "from its directory, and LoRA writes one only with "
+                                          "model.lora.save_merged: true"):
+        build_config(tree, schema=OnlineConfig)
+    tree["model"]["lora"]["save_merged"] = True
+    assert build_config(tree, schema=OnlineConfig).online.sampling.backend == "vllm"

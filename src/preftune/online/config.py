@@ -146,6 +146,11 @@ class OnlineConfig(Config):
                 raise ValueError(f"objective {term.name}'s n ({n}) must equal "
                                  f"online.sampling.samples ({online.sampling.samples}): its target "
                                  "is the gap between the best and worst of exactly n samples.")
+        lora = self.model.lora
+        if online.sampling.backend == "vllm" and lora is not None and not lora.save_merged:
+            raise ValueError("online.sampling.backend vllm loads each round's model from its "
+                             "directory, and LoRA writes one only with model.lora.save_merged: "
+                             "true; set it, or sample with backend hf.")
         if online.eval_best_of == 1 or online.eval_best_of < 0:
             raise ValueError("online.eval_best_of is 0 (off) or the n of best-of-n, at least 2.")
         if self.reference.model is not None:
