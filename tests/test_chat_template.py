@@ -145,3 +145,19 @@ def test_a_vision_language_model_saves_the_template_with_its_processor(tmp_path)
     assert tokenizer.chat_template == TEMPLATE
     tokenizer.image_inputs.processor.save_pretrained(tmp_path / "saved")  # as training saves it
     assert AutoProcessor.from_pretrained(tmp_path / "saved").chat_template == TEMPLATE
+
+
+def test_the_readme_base_model_template_renders_plain_turns(base):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```yaml\n(model:\n  path: /models/my-base-model\n.*?)```", readme,
+                      re.DOTALL).group(1)
+    tree = yaml.safe_load(block)
+    tree["model"]["path"] = str(base / "model")
+    config = Config.from_dict(tree)
+    tokenizer = load_tokenizer(config.model.path, chat_template=config.model.chat_template)
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+         {"role": "user", "content": "R"}], tokenize=False, add_generation_prompt=True) == \
+        "User: Q\n\nAssistant: A\n\nUser: R\n\nAssistant:"
