@@ -123,3 +123,12 @@ def test_vllm_sampling_needs_merged_round_models(tmp_path):
         build_config(tree, schema=OnlineConfig)
     tree["model"]["lora"]["save_merged"] = True
     assert build_config(tree, schema=OnlineConfig).online.sampling.backend == "vllm"
+
+
+def test_a_run_dir_given_as_a_model_names_the_model_inside(lora_run):
+    _, run, adapter_only = lora_run
+    for directory, inside in ((run, run / "model"), (adapter_only, adapter_only / "adapter")):
+        with pytest.raises(FileNotFoundError, match=f"model.path: {directory} has no config.json"
+                                                    f".*; it is a preftune run directory: give "
+                                                    f"the model it trained, {inside}$"):
+            load_model_and_tokenizer(str(directory))

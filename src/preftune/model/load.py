@@ -112,9 +112,12 @@ def resolve_model_dir(path: str, allow_pickle: bool = False, weights: bool = Tru
         return str(gguf_to_safetensors(local))
     if local.is_dir():
         if not (local / "config.json").exists() and not is_adapter_dir(local):
+            trained = [local / name for name in ("model", "adapter") if (local / name).is_dir()]
+            hint = (f"; it is a preftune run directory: give the model it trained, {trained[0]}"
+                    if (local / "run.json").is_file() and trained else "")
             raise FileNotFoundError(
                 f"model.path: {local} has no config.json; expected a Hugging Face model directory "
-                "(or a LoRA adapter directory, with adapter_config.json)"
+                f"(or a LoRA adapter directory, with adapter_config.json){hint}"
             )
         return str(local)
     if local.exists() or path.startswith((".", "/", "~")):
