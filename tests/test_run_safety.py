@@ -78,6 +78,17 @@ def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
     assert again == first and (first / "model" / "model.safetensors").exists()
 
 
+def test_resume_without_a_checkpoint_stops_before_anything_loads(workspace, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(loop, "policy_task", lambda *a, **k: pytest.fail("the model loaded"))
+    fresh = workspace / "runs" / "never-started"
+    tree = {"output_dir": str(fresh), "model": {"path": str(workspace / "model")},
+            "data": {"train": str(workspace / "pairs.jsonl")}}
+    with pytest.raises(ConfigError, match=f"--resume: {fresh} holds no checkpoint to continue "
+                                          "from .* start the run without --resume"):
+        loop.train(build_config(tree), resume=True, show_progress=False)
+    assert not fresh.exists()  # nothing made that the next try would trip over
+
+
 def _saved(run_dir):
     import yaml
 

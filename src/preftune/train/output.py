@@ -58,6 +58,14 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
     """The output directory of ``config`` made ready (and a resume checked) by the main
     process, before any process loads anything."""
     if accelerator.is_main_process:
+        if resume and not overwrite:
+            from .checkpoint import checkpoints
+
+            if not checkpoints(Path(config.output_dir) / "checkpoints"):
+                raise ConfigError(f"--resume: {config.output_dir} holds no checkpoint to "
+                                  "continue from (one is written every train.save_every steps "
+                                  "and when a signal stops a run); start the run without "
+                                  "--resume.")
         out = prepare_output_dir(config.output_dir, resume, overwrite)
         if resume:
             check_resume(out, config.model_dump(), accelerator.num_processes,
