@@ -57,14 +57,13 @@ def _inspect(args) -> None:
     from .data.inspect import inspect_prompts, inspect_report, prompts_only, render_example
     from .data.sources import load_records
     from .data.tokenize import TokenizeSettings, tokenize_records
-    from .config import chat_template_text
-    from .model.load import load_tokenizer, use_chat_template
+    from .model.chat_template import use_chat_template
+    from .model.load import load_tokenizer
 
     settings = TokenizeSettings(args.max_length, args.max_prompt_length)
     tokenizer = load_tokenizer(args.model)
     if args.chat_template is not None:
-        use_chat_template(tokenizer, chat_template_text(args.chat_template, "--chat-template"),
-                          "--chat-template")
+        use_chat_template(tokenizer, args.chat_template, "--chat-template")
     if prompts_only(args.file):  # prompts alone: what online runs and spo sample from
         print(inspect_prompts(args.file, tokenizer, settings, args.example))
         return
@@ -168,20 +167,11 @@ def _examples(examples) -> str:
 
 
 def _versions() -> str:
-    """What a bug report needs, read from the installed packages' metadata (nothing imported)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
+    """``preftune X (torch Y, transformers Z, Python W)``: what a bug report needs."""
+    from .versions import installed_versions
 
-    from . import __version__
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return (f"preftune {__version__} (torch {installed('torch')}, transformers "
-            f"{installed('transformers')}, Python {platform.python_version()})")
+    preftune, *others = installed_versions().items()
+    return f"preftune {preftune[1]} ({', '.join(f'{name} {v}' for name, v in others)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,28 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_deepspeed_on_cpu() -> None:
-    """DeepSpeed, where installed, says "Setting accelerator to CPU" when it is imported on a
-    machine without a GPU, and transformers and accelerate import it at every model save only to
-    look for its engine, so every CPU run would end with that warning."""
-    import logging
-
-    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_notice)  # once: the same function
-
-
-def _not_the_cpu_notice(record) -> bool:
-    return not record.getMessage().startswith("Setting accelerator to CPU")
-
-
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.records import DataError
 
-    from .train.logging import speaks
+    from .train.logging import quiet_deepspeed_on_cpu, speaks
     from .train.trainer import TrainingStopped
 
     args = build_parser().parse_args(argv)
-    _quiet_deepspeed_on_cpu()
+    quiet_deepspeed_on_cpu()
     talks = speaks()  # under a launcher, the first process speaks for all of them
     if not talks:
         sys.stdout = open(os.devnull, "w")

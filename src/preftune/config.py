@@ -16,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 
 from .config_tree import ConfigError, read_tree, set_override
 from .data.convert import CONVERSIONS
+from .model.chat_template import chat_template_text
 from .objectives import get_objective
 from .objectives.compose import Objective, validate_params
 
@@ -52,18 +53,6 @@ Count = Annotated[int, Field(ge=1)]  # a size or a number of things: at least 1
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # a share in [0, 1)
-
-
-def chat_template_text(value: str | None, key: str = "model.chat_template") -> str | None:
-    """A chat-template setting (``key``) as Jinja text: the file it names, or the text itself."""
-    if value is None or "{" in value:  # Jinja text ({{ }}, {% %}); a file name has no braces
-        return value
-    file = Path(value).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{key}: {value} is neither a file (relative paths start at "
-                          f"{Path.cwd()}) nor Jinja template text; give a .jinja file or the "
-                          "template itself")
-    return file.read_text(encoding="utf-8")
 
 
 class LoraConfig(Section):

@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import ConfigError, chat_template_text
+from ..config import ConfigError
 from ..data.images import with_images
 from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
 from ..data.tokenize import TokenizedExample, TokenizeSettings, tokenize_records
-from ..model.adapter_dirs import is_adapter_dir
+from ..model.adapter_dirs import final_model_dir, is_adapter_dir
 from ..model.forward import SequenceStats
-from ..model.load import load_model, load_model_and_tokenizer, load_tokenizer, use_chat_template
-from ..train.checkpoint import final_model_dir
+from ..model.chat_template import use_chat_template
+from ..model.load import load_model, load_model_and_tokenizer, load_tokenizer
 from . import diagnostics as D
 from ..score import load_scorer
 from ..score.base import scored_in_chunks
@@ -86,8 +86,7 @@ def run_eval(options: EvalOptions) -> dict:
             raise ConfigError(f"--scorer: {error}") from None
     tokenizer = load_tokenizer(model_dir)
     if options.chat_template is not None:
-        use_chat_template(tokenizer, chat_template_text(options.chat_template,
-                                                        "--chat-template"), "--chat-template")
+        use_chat_template(tokenizer, options.chat_template, "--chat-template")
     policy = load_model(model_dir, tokenizer)
     reference, reference_tokenizer = load_model_and_tokenizer(options.reference)
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():

@@ -4,6 +4,7 @@
 The adapter's ``adapter_config.json`` names its base (``base_model_name_or_path``). A base may
 itself be an adapter directory: an online round that trains LoRA on the previous round's
 adapter records that directory as its base, so the chain loads back in order.
+``final_model_dir`` finds a run's trained model, whichever of the two it wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ def is_adapter_dir(source: str | Path) -> bool:
     """A directory with a PEFT adapter and no model config of its own."""
     local = Path(source)
     return (local / ADAPTER_CONFIG).is_file() and not (local / "config.json").exists()
+
+
+def final_model_dir(output_dir: Path) -> Path:
+    """Where a run's trained model is: ``model/``, or ``adapter/`` when LoRA wrote no merged
+    model (``model.lora.save_merged: false``; it loads as its base plus the adapter)."""
+    if not (output_dir / "model").is_dir() and (output_dir / "adapter").is_dir():
+        return output_dir / "adapter"
+    return output_dir / "model"
 
 
 def adapter_base(source: str | Path) -> str:

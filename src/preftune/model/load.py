@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
-from .adapter_dirs import adapter_base, config_source, is_adapter_dir, merge_adapter
+from .adapter_dirs import (adapter_base, config_source, final_model_dir, is_adapter_dir,
+                           merge_adapter)
+from .chat_template import use_chat_template
 from .hub import hub_snapshot
 from .varlen import transformers_name
 
@@ -112,9 +114,9 @@ def resolve_model_dir(path: str, allow_pickle: bool = False, weights: bool = Tru
         return str(gguf_to_safetensors(local))
     if local.is_dir():
         if not (local / "config.json").exists() and not is_adapter_dir(local):
-            trained = [local / name for name in ("model", "adapter") if (local / name).is_dir()]
-            hint = (f"; it is a preftune run directory: give the model it trained, {trained[0]}"
-                    if (local / "run.json").is_file() and trained else "")
+            trained = final_model_dir(local)
+            hint = (f"; it is a preftune run directory: give the model it trained, {trained}"
+                    if (local / "run.json").is_file() and trained.is_dir() else "")
             raise FileNotFoundError(
                 f"model.path: {local} has no config.json; expected a Hugging Face model directory "
                 f"(or a LoRA adapter directory, with adapter_config.json){hint}"
@@ -143,23 +145,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     if chat_template is not None:
         use_chat_template(tokenizer, chat_template)
     return tokenizer
-
-
-def use_chat_template(tokenizer, template: str, key: str = "model.chat_template") -> None:
-    """Give ``tokenizer`` (and a VLM's processor, which saves it) the Jinja ``template``,
-    checked by rendering a one-turn conversation."""
-    from ..config import ConfigError
-
-    tokenizer.chat_template = template
-    images = getattr(tokenizer, "image_inputs", None)
-    if images is not None:
-        images.processor.chat_template = template
-    try:
-        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                      add_generation_prompt=True)
-    except Exception as error:  # jinja's syntax and runtime errors, or the template's own
-        raise ConfigError(f"{key}: the template does not render a one-turn conversation "
-                          f"({type(error).__name__}: {error})") from None
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")

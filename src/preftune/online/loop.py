@@ -26,11 +26,12 @@ from ..data.records import required_prompt
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..generation import HFGenerator
+from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer
 from ..objectives import get_objective
 from ..score import prompt_key
 from ..score.base import scored_in_chunks
-from ..train.checkpoint import final_model_dir, latest_checkpoint
+from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
 from ..train.output import move_aside, prepare_output_dir

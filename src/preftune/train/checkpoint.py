@@ -150,14 +150,6 @@ def _restore_the_rest(path: Path, scheduler) -> int:
     return json.loads((path / "state.json").read_text())["step"]
 
 
-def final_model_dir(output_dir: Path) -> Path:
-    """Where a run's trained model is: ``model/``, or ``adapter/`` when LoRA wrote no merged
-    model (``model.lora.save_merged: false``; it loads as its base plus the adapter)."""
-    if not (output_dir / "model").is_dir() and (output_dir / "adapter").is_dir():
-        return output_dir / "adapter"
-    return output_dir / "model"
-
-
 def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool) -> dict[str, Path]:
     """Write the trained model as HF directories: ``model/`` (full or merged) and ``adapter/``,
     each written aside and renamed into place, so a kill never leaves half a model."""

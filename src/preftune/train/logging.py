@@ -68,3 +68,16 @@ def progress(description: str | None, total: int, unit: str = "it", leave: bool 
         yield bar.update
     finally:
         bar.close()
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, where installed, says "Setting accelerator to CPU" when it is imported on a
+    machine without a GPU, and transformers and accelerate import it at every model save only to
+    look for its engine, so every CPU run would end with that warning."""
+    import logging
+
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_notice)  # once: the same function
+
+
+def _not_the_cpu_notice(record) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shlex
 import sys
 from pathlib import Path
 
 import yaml
 
+from ..versions import installed_versions
 from .logging import read_metrics
 
 # the bundled model aliases of model.path: their Hugging Face id and license
@@ -81,11 +81,6 @@ def front_matter(text: str) -> dict:
 def model_card(output_dir: Path, info: dict, kind: str) -> str:
     """The card of the run in ``output_dir`` (its config.yaml, data_report.json, metrics.jsonl)
     for its ``model`` or ``adapter`` directory; ``info`` is the run's run.json."""
-    import torch
-    import transformers
-
-    from .. import __version__
-
     config = yaml.safe_load((output_dir / "config.yaml").read_text())
     report_path = output_dir / "data_report.json"
     data_report = json.loads(report_path.read_text()) if report_path.exists() else {}
@@ -128,8 +123,7 @@ def model_card(output_dir: Path, info: dict, kind: str) -> str:
     lines += ["", "## Reproduce", "", "```bash", command_line(), "```", "",
               "The full resolved config is the run's `config.yaml`:", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
-              f"preftune {__version__}, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, Python {platform.python_version()}."]
+              ", ".join(f"{name} {v}" for name, v in installed_versions().items()) + "."]
     return "\n".join(lines) + "\n"
 
 
