@@ -10,7 +10,6 @@ adapter records that directory as its base, so the chain loads back in order.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,11 +64,11 @@ def merge_adapter(base_model, source: str):
                           "package: pip install 'preftune[lora]'") from None
     import torch
 
+    from .load import quiet_peft
+
     # the adapter's layers are built with a random init before its weights load: that must not
     # draw from the run's random stream (a training run seeded before loading would differ)
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
-                                FutureWarning)
+    with torch.random.fork_rng(), quiet_peft():
         merged = PeftModel.from_pretrained(base_model, source).merge_and_unload()
     merged.name_or_path = merged.config._name_or_path = source
     return merged

@@ -6,11 +6,13 @@ safetensors model directory, so every later run loads in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -262,18 +264,23 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules,
              task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with trainable LoRA adapters (PEFT); the base weights stay frozen.
     ``task_type`` "SEQ_CLS" (reward models) also trains the classification head in full."""
-    import warnings
-
     from peft import LoraConfig, get_peft_model  # installed: checked when model.lora was read
 
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
         task_type=task_type,
     )
-    with warnings.catch_warnings():  # PEFT reads an attribute transformers 5 deprecates
+    with quiet_peft():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT reads an attribute transformers 5 deprecates: its warning says nothing to a user."""
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                                 FutureWarning)
-        return get_peft_model(model, config)
+        yield
 
 
 def files_fingerprint(path: str) -> str:
