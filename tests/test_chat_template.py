@@ -114,6 +114,28 @@ def test_online_rounds_sample_with_the_template(base, tmp_path):
         run_online(tree)
 
 
+def test_the_policy_as_judge_reads_its_questions_through_the_template(base, tmp_path):
+    from preftune.model.load import load_model_and_tokenizer
+    from preftune.score.judge import LLMJudge
+
+    tree = {"output_dir": str(tmp_path / "online"),
+            "model": {"path": str(base / "model"), "chat_template": TEMPLATE},
+            "data": {"train": str(base / "prompts.jsonl"), "max_length": 64,
+                     "max_prompt_length": 32},
+            "train": {"batch_size": 2, "max_steps": 1, "learning_rate": 1e-3},
+            "online": {"rounds": 1, "scorer": "judge:policy",
+                       "sampling": {"samples": 2, "max_new_tokens": 4}}}
+    out = run_online(tree)
+    row = json.loads((out / "round-1" / "scored.jsonl").read_text().splitlines()[0])
+    judges = {template: LLMJudge(*load_model_and_tokenizer(str(base / "model"),
+                                                           chat_template=template), "judge")
+              for template in (TEMPLATE, None)}
+    scores = {template: judge.score([row["prompt"]] * 2, row["responses"])
+              for template, judge in judges.items()}
+    assert row["scores"] == pytest.approx(scores[TEMPLATE], abs=1e-6)
+    assert row["scores"] != pytest.approx(scores[None], abs=1e-6)  # plain text judges otherwise
+
+
 def test_eval_and_data_inspect_take_the_template(base, tmp_path, capsys):
     template = str(base / "template.jinja")
     assert main(["data", "inspect", str(base / "pairs.jsonl"), "--model", str(base / "model"),

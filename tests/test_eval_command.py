@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -135,3 +136,26 @@ def test_a_run_dir_is_compared_with_the_model_it_trained_against(files, tmp_path
     assert main(args) == 0
     assert json.loads((run / "eval.json").read_text())["settings"]["reference"] == base
     assert run_reference(None) == "default"  # a bare model directory
+
+
+def test_a_relative_model_path_is_read_from_where_training_ran(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    run = work / "runs" / "dpo"
+    (work / "base").mkdir(parents=True)
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(
+        {"output_dir": "./runs/dpo", "model": {"path": "base"}}))
+    monkeypatch.chdir(tmp_path)  # not where training ran
+    assert run_reference(Path("work/runs/dpo")) == str(work.resolve() / "base")
+    monkeypatch.chdir(work)  # where it ran: the path as written
+    assert run_reference(Path("runs/dpo")) == "base"
+    monkeypatch.chdir(tmp_path)
+    (run / "config.yaml").write_text(yaml.safe_dump(  # a hub id stays one
+        {"output_dir": "runs/dpo", "model": {"path": "HuggingFaceTB/SmolLM2-135M"}}))
+    assert run_reference(run) == "HuggingFaceTB/SmolLM2-135M"
+    (run / "config.yaml").write_text(yaml.safe_dump(  # output_dir moved since: not guessed
+        {"output_dir": "old/dpo", "model": {"path": "base"}}))
+    assert run_reference(run) == "base"
+    (run / "config.yaml").write_text(yaml.safe_dump(  # trained inside the run directory
+        {"output_dir": ".", "model": {"path": "../../base"}}))
+    assert Path(run_reference(run)).resolve() == (work / "base").resolve()

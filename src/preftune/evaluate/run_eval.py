@@ -183,8 +183,23 @@ def run_reference(run_dir: Path | None) -> str:
     if config is None or not config.is_file():
         return "default"
     tree = yaml.safe_load(config.read_text()) or {}
-    return ((tree.get("reference") or {}).get("model") or (tree.get("model") or {}).get("path")
+    path = ((tree.get("reference") or {}).get("model") or (tree.get("model") or {}).get("path")
             or "default")
+    return _where_training_ran(path, run_dir, tree.get("output_dir"))
+
+
+def _where_training_ran(path: str, run_dir: Path, output_dir: str | None) -> str:
+    """A relative ``path`` from a run's config.yaml is relative to the directory training ran
+    in: the run directory less its relative ``output_dir`` (``/w/runs/dpo`` less
+    ``runs/dpo`` is ``/w``). ``path`` itself when it exists from here, when that directory
+    cannot be told, or when nothing is there (a hub id, ``default``)."""
+    if Path(path).is_absolute() or Path(path).exists() or not output_dir:
+        return path
+    parts, here = Path(output_dir).parts, run_dir.resolve()
+    if Path(output_dir).is_absolute() or (parts and here.parts[-len(parts):] != parts):
+        return path
+    there = (here.parents[len(parts) - 1] if parts else here) / path
+    return str(there) if there.exists() else path
 
 
 def _true_reward_gap(example: TokenizedExample) -> float | None:

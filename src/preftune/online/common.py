@@ -34,10 +34,15 @@ def prompts_to_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
 
 def online_scorer(config, judge: str, data):
     """The online scorer; ``judge:policy`` / ``judge-pair:policy`` (self-rewarding) judge with
-    the model at ``judge``."""
+    the model at ``judge``, loaded as the policy is (its dtype, and ``model.chat_template``,
+    which the initial model's tokenizer may lack)."""
     spec = config.online.scorer
     if spec in ("judge:policy", "judge-pair:policy"):
-        spec = spec.replace(":policy", f":{judge}")
+        from ..score.judge import LLMJudge
+
+        kind = spec.removesuffix(":policy")
+        model, tokenizer = load_on_device(judge, config)
+        return LLMJudge(model, tokenizer, f"{kind}:{judge}", pairwise=kind == "judge-pair")
     return load_scorer(spec, data)
 
 
