@@ -14,8 +14,8 @@ import torch
 
 from ..data.layout import choose_layout, collate
 from ..data.tokenize import TokenizedExample
-from ..model.chunked_logps import chunked_token_logps
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
+from ..model.verify import check_head, decoder_of, verified_layout
 from ..train.logging import progress
 from .diagnostics import topk_entropy_and_mass
 
@@ -49,7 +49,8 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
     """
     logp_model = LogpModel(causal_lm_of(model), chunk_tokens).eval()
     device = next(model.parameters()).device
-    layout = choose_layout(examples)
+    check_head(model)
+    layout = verified_layout(*decoder_of(model), choose_layout(examples))
     order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
     logps, counts, sums, entropies, masses = [], [], [], [], []
     with progress(description, len(examples), "example") as update:
@@ -58,7 +59,7 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
                             pad_token_id, layout, images=images).to(device)
             hidden, weight = logp_model.hidden_and_weight(batch)  # the training forward pass
             stats = sequence_stats(
-                chunked_token_logps(hidden, weight, batch.target_tokens, chunk_tokens), batch)
+                logp_model.token_logps(hidden, weight, batch.target_tokens), batch)
             logps.append(stats.logps)
             counts.append(stats.token_counts)
             if hidden_sums:
@@ -67,7 +68,8 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
                 total.index_add_(0, batch.target_response, hidden.float())
                 sums.append(total.view(batch.num_examples, batch.responses_per_example, -1))
             for chunk in hidden.split(chunk_tokens) if top_k else ():
-                entropy, mass = topk_entropy_and_mass(chunk @ weight.T, top_k)
+                entropy, mass = topk_entropy_and_mass(logp_model.head.logits(chunk, weight),
+                                                      top_k)
                 entropies.append(entropy)
                 masses.append(mass)
             update(batch.num_examples)

@@ -6,24 +6,71 @@ logits are recomputed, so peak memory holds one chunk's logits instead of the wh
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
+@dataclass(frozen=True)
+class Head:
+    """What a model does to ``hidden @ weight.T`` before its softmax: multiply by ``scale``
+    (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, Falcon-H1's
+    ``lm_head_multiplier``), then cap softly, ``softcap * tanh(logits / softcap)`` (Gemma 2's
+    ``final_logit_softcapping``). ``forward.output_head`` reads it from a model's config."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.scale == 1.0 and not self.softcap
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 logits of ``hidden`` [n, d] under output embedding ``weight`` [vocab, d]."""
+        logits = (hidden @ weight.T).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def backward(self, hidden, weight, targets, grad_logps) -> torch.Tensor:
+        """d (grad_logps . log softmax(logits)[targets]) / d (hidden @ weight.T), in fp32."""
+        raw = hidden @ weight.T
+        if self.plain:  # the softmax straight from the model-dtype logits: no fp32 copy besides
+            grad = torch.softmax(raw, dim=-1, dtype=torch.float32).neg_()
+        else:
+            raw = raw.float() * self.scale
+            capped = torch.tanh(raw / self.softcap) if self.softcap else None
+            grad = torch.softmax(raw if capped is None else capped * self.softcap, dim=-1).neg_()
+        # d logp[target] / d logits = onehot(target) - softmax(logits)
+        grad.scatter_add_(1, targets[:, None], torch.ones_like(grad[:, :1]))
+        grad *= grad_logps[:, None]
+        if not self.plain:
+            if capped is not None:  # d cap tanh(z / cap) / dz = 1 - tanh^2
+                grad *= 1 - capped * capped
+            grad *= self.scale
+        return grad
+
+
+PLAIN = Head()
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log softmax(h @ W^T)[target] per row of ``hidden``, computed chunk by chunk in fp32."""
+    """log softmax(head(h @ W^T))[target] per row of ``hidden``, chunk by chunk in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, head):
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             stop = start + chunk_tokens
-            logits = (hidden[start:stop] @ weight.T).float()
+            logits = head.logits(hidden[start:stop], weight)
             picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
             logps[start:stop] = picked - torch.logsumexp(logits, dim=-1)
             del logits  # before the next chunk's, not after
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.head = chunk_tokens, head
         return logps
 
     @staticmethod
@@ -35,13 +82,8 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             stop = start + ctx.chunk_tokens
             h = hidden[start:stop]
-            # d logp[target] / d logits = onehot(target) - softmax(logits), the softmax in fp32
-            # straight from the model-dtype logits (no fp32 copy of them besides)
-            grad_logits = torch.softmax(h @ weight.T, dim=-1, dtype=torch.float32).neg_()
-            grad_logits.scatter_add_(
-                1, targets[start:stop, None], torch.ones_like(grad_logits[:, :1])
-            )
-            grad_logits *= grad_logps[start:stop, None]
+            grad_logits = ctx.head.backward(h, weight, targets[start:stop],
+                                            grad_logps[start:stop])
             if need_weight:  # accumulated in fp32 from the fp32 chunk, in place: no [vocab, d]
                 grad_weight.addmm_(grad_logits.T, h.float())  # product to round or cast
             if need_hidden:
@@ -49,25 +91,26 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             del grad_logits  # before the next chunk's, not after
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunked_token_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 256
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 256,
+    head: Head = PLAIN,
 ) -> torch.Tensor:
-    """Log-probability of ``targets[i]`` under ``softmax(hidden[i] @ weight.T)``, in fp32.
+    """Log-probability of ``targets[i]`` under ``softmax(head(hidden[i] @ weight.T))``, in fp32.
 
     hidden: [n, d] final hidden states at the positions that predict each target token.
     weight: [vocab, d] output embedding. targets: [n] token ids. Returns [n] fp32 log-probs.
     """
-    return _ChunkedTokenLogps.apply(hidden, weight, targets, int(chunk_tokens))
+    return _ChunkedTokenLogps.apply(hidden, weight, targets, int(chunk_tokens), head)
 
 
-def _logps_and_kl(hidden, weight, targets, ref_hidden, ref_weight):
+def _logps_and_kl(hidden, weight, targets, ref_hidden, ref_weight, head):
     """One chunk: log pi(target) and KL(pi_ref || pi) over the vocabulary, both in fp32."""
-    log_pi = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    log_pi = torch.log_softmax(head.logits(hidden, weight), dim=-1)
     with torch.no_grad():
-        log_ref = torch.log_softmax((ref_hidden @ ref_weight.T).float(), dim=-1)
+        log_ref = torch.log_softmax(head.logits(ref_hidden, ref_weight), dim=-1)
     kl = (log_ref.exp() * (log_ref - log_pi)).sum(-1)
     return log_pi.gather(1, targets[:, None]).squeeze(1), kl
 
@@ -75,19 +118,20 @@ def _logps_and_kl(hidden, weight, targets, ref_hidden, ref_weight):
 def chunked_token_logps_and_kl(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     ref_hidden: torch.Tensor, ref_weight: torch.Tensor, chunk_tokens: int = 256,
+    head: Head = PLAIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token log-probs plus the forward KL from the reference's next-token distribution.
 
     At each position, KL(pi_ref || pi_theta) = sum_v pi_ref(v) (log pi_ref(v) - log pi_theta(v)),
-    with pi_ref = softmax(ref_hidden @ ref_weight^T) (no gradient) and pi_theta as in
-    ``chunked_token_logps``. Each chunk is checkpointed: only one chunk's [tokens x vocab]
+    with pi_ref = softmax(head(ref_hidden @ ref_weight^T)) (no gradient; the reference is the
+    same architecture) and pi_theta as in ``chunked_token_logps``. Each chunk is checkpointed: only one chunk's [tokens x vocab]
     logits of either model exist at a time, in forward and in backward.
     """
     logps, kls = [], []
     for start in range(0, hidden.shape[0], chunk_tokens):
         part = slice(start, start + chunk_tokens)
         logp, kl = checkpoint(_logps_and_kl, hidden[part], weight, targets[part],
-                              ref_hidden[part], ref_weight, use_reentrant=False)
+                              ref_hidden[part], ref_weight, head, use_reentrant=False)
         logps.append(logp)
         kls.append(kl)
     empty = hidden.new_zeros(0, dtype=torch.float32)

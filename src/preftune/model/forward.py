@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..config_tree import ConfigError
 from ..data.layout import Batch
-from .chunked_logps import chunked_token_logps, chunked_token_logps_and_kl
+from .chunked_logps import Head, chunked_token_logps, chunked_token_logps_and_kl
 from .varlen import NAME as VARLEN
 
 
@@ -157,14 +158,7 @@ class LogpModel(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
-        lm = causal_lm_of(model)
-        if getattr(lm.config, "final_logit_softcapping", None):
-            raise NotImplementedError(
-                f"{type(lm).__name__} uses final_logit_softcapping, which preftune's chunked "
-                "log-probs do not support yet."
-            )
-        if getattr(lm.get_output_embeddings(), "bias", None) is not None:
-            raise NotImplementedError("output projections with a bias are not supported yet.")
+        self.head = output_head(causal_lm_of(model))
 
     def external_weights(self) -> list:
         """Weights used outside their module's forward: the output projection (ZeRO-3 must
@@ -188,9 +182,15 @@ class LogpModel(nn.Module):
             return self.hidden_and_weight(batch, layer_means)
         hidden, weight = self.hidden_and_weight(batch)
         if reference is None:
-            return chunked_token_logps(hidden, weight, batch.target_tokens, self.chunk_tokens)
+            return self.token_logps(hidden, weight, batch.target_tokens)
         return chunked_token_logps_and_kl(hidden, weight, batch.target_tokens, *reference,
-                                          self.chunk_tokens)
+                                          self.chunk_tokens, self.head)
+
+    def token_logps(self, hidden: torch.Tensor, weight: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+        """log pi(target) at each row of ``hidden`` (``hidden_and_weight``'s), through the
+        model's own head, in chunks."""
+        return chunked_token_logps(hidden, weight, targets, self.chunk_tokens, self.head)
 
     def hidden_and_weight(self, batch: Batch, layer_means: bool = False):
         """Final hidden states at the positions that predict response tokens, [n, d], and the
@@ -208,6 +208,24 @@ class LogpModel(nn.Module):
         means = torch.stack([h.float().mean(-1).reshape(-1)[batch.logit_positions]
                              for h in out.hidden_states[1:]])
         return hidden[batch.logit_positions], weight, means
+
+
+def output_head(lm: nn.Module) -> Head:
+    """How ``lm`` turns ``hidden @ weight.T`` into the logits of its softmax, from its config:
+    the factors and the soft cap transformers' heads apply (``chunked_logps.Head``). A head
+    that does something else is caught by ``verify.check_head`` on the model itself."""
+    if getattr(lm.get_output_embeddings(), "bias", None) is not None:
+        raise ConfigError(f"model.path: {type(lm).__name__}'s output layer has a bias, which "
+                          "preftune's chunked log-probs do not support yet (models whose output "
+                          "layer has none train: Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2 ...).")
+    config = lm.config.get_text_config()
+    scale = 1.0
+    for name in ("logit_scale", "lm_head_multiplier"):  # Cohere; Falcon-H1
+        if isinstance(getattr(config, name, None), (int, float)):
+            scale *= getattr(config, name)
+    if isinstance(getattr(config, "logits_scaling", None), (int, float)):  # Granite
+        scale /= config.logits_scaling
+    return Head(float(scale), getattr(config, "final_logit_softcapping", None) or None)
 
 
 def token_grid(values: torch.Tensor, batch: Batch) -> torch.Tensor:

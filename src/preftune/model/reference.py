@@ -20,7 +20,6 @@ import torch
 
 from ..data.layout import Batch
 from ..data.tokenize import TokenizedExample
-from .chunked_logps import chunked_token_logps
 from .forward import LogpModel, SequenceStats, causal_lm_of, sequence_stats, token_grid
 from .load import weights_fingerprint
 
@@ -62,7 +61,7 @@ def _stats_with_hidden(logp_model: LogpModel, batch: Batch, per_token: bool):
     ``token_activation``: per response token, the min-max rescaled feature mean of each layer's
     output over that response, averaged over layers (in [0, 1]; SparsePO's reference mask)."""
     hidden, weight, *layer_means = logp_model(batch, hidden=True, layer_means=per_token)
-    token_logps = chunked_token_logps(hidden, weight, batch.target_tokens, logp_model.chunk_tokens)
+    token_logps = logp_model.token_logps(hidden, weight, batch.target_tokens)
     stats = sequence_stats(token_logps, batch, per_token)
     if per_token:
         stats.token_activation = activation_mask(layer_means[0], batch)

@@ -23,6 +23,7 @@ from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..generation import HFGenerator, prompt_ids
 from ..model.forward import causal_lm_of
 from ..model.load import load_model_and_tokenizer
+from ..model.verify import check_head, decoder_of, layout_setting
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
 from ..objectives.compose import Objective
 from ..train.loop import PolicyTask, row_multiple, trainable, write_run_header
@@ -103,6 +104,8 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
                                                 config.model.attn_implementation,
                                                 chat_template=config.model.chat_template)
     model.to(device)
+    check_head(model)
+    layout = layout_setting(*decoder_of(model), cfg.layout, config.model.attn_implementation)
     total_steps = count_steps(cfg, len(prompts), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
     if objective.data != "pairs" or objective.extra_references or objective.kl_completions:
@@ -117,7 +120,7 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
     if objective.needs_reference and config.model.lora is not None and strategy != "none":
         reference = AdapterOffReference(logp_model, objective.per_token)
     task = OnlineStepTask(config, logp_model, tokenizer, objective, prompts, reference,
-                          cfg.layout, device, scorer, out)  # "auto": chosen per batch
+                          layout, device, scorer, out)  # "auto": chosen per batch
     trainer = Trainer(task, cfg, out, accelerator, total_steps, resume=resume)
     _keep_logs_through(out, trainer.start_step)
     return trainer.run(before_step=lambda step: setattr(task, "step", step))

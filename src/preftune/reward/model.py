@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.layout import choose_layout, collate
 from ..model.forward import attention_kernels, causal_lm_of, run_decoder
+from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
 from ..model.load import DTYPES, add_lora, check_weights_format, load_tokenizer, resolve_model_dir
 from .encoder import collate_encoder
@@ -80,9 +81,12 @@ class RewardModel(nn.Module):
         return classifier.score(last).float().view(shape)
 
     def make_batch(self, pad_token_id: int, layout: str = "auto", max_row_tokens=None):
-        """A collate function for this model: decoders take any layout, encoders padded rows."""
+        """A collate function for this model: decoders take any layout their layers keep to
+        (``model/verify.py``), encoders padded rows."""
         if not self.last_token:
             return lambda examples: collate_encoder(examples, pad_token_id)
+        classifier = causal_lm_of(self.model)
+        layout = layout_setting(classifier.base_model, classifier.config, layout)
 
         def make(examples):
             return collate(examples, pad_token_id, choose_layout(examples, layout),

@@ -17,6 +17,7 @@ from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of, enable_checkpointing
 from ..model.lean import use_lean_layers
+from ..model.verify import verified_layout
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
@@ -191,12 +192,6 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     reward_model, _ = reward_model_from(config, head, lora=False, tokenizer=tokenizer)
     if accelerator.is_main_process:
         write_run_header(Path(config.output_dir), config, data_report)
-    if not reward_model.last_token:  # encoders: every token sees the response
-        layout = "padded"
-    else:
-        layout = choose_layout(train_examples, cfg.layout, config.model.attn_implementation)
-    make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
-                                         cfg.max_row_tokens or config.data.max_length)
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
     if cfg.lean_activations:
@@ -204,6 +199,14 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     if cfg.gradient_checkpointing:
         enable_checkpointing(causal_lm_of(reward_model.model), cfg.checkpoint_every)
     reward_model.to(accelerator.device).train()
+    if not reward_model.last_token:  # encoders: every token sees the response
+        layout = "padded"
+    else:  # (checked on the model, on its device)
+        classifier = causal_lm_of(reward_model.model)
+        layout = verified_layout(classifier.base_model, classifier.config, choose_layout(
+            train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
+    make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
+                                         cfg.max_row_tokens or config.data.max_length)
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)
     return task, count_steps(cfg, len(train_examples), accelerator.num_processes)

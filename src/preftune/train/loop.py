@@ -24,6 +24,7 @@ from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
                           load_tokenizer)
+from ..model.verify import check_head, decoder_of, verified_layout
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
@@ -89,8 +90,12 @@ def reference_from(path, key, config, tokenizer, examples_by_split, make_batch, 
         raise DataError(f"{key}: {path} has a different tokenizer from model.path "
                         f"{config.model.path}; a reference must share it (re-tokenising for "
                         "another vocabulary is not supported).")
-    return build_reference("precomputed", config, model.to(device), examples_by_split,
-                           make_batch, objective, device)
+    model.to(device)
+    check_head(model, key)
+    layout = make_batch.keywords["layout"]  # the policy's; the reference must keep to it too
+    verified_layout(*decoder_of(model), layout, layout, key=f"{key} ({path})")
+    return build_reference("precomputed", config, model, examples_by_split, make_batch,
+                           objective, device)
 
 
 def objective_inputs(logp_model, reference, extras, batch, objective, step) -> ObjectiveInputs:
@@ -200,7 +205,9 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                        config.model.allow_pickle).to(device)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
-    layout = choose_layout(train_examples, cfg.layout, config.model.attn_implementation)
+    check_head(model)
+    layout = verified_layout(*decoder_of(model), choose_layout(
+        train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length,
                                    pad_to_multiple_of=row_multiple(config),

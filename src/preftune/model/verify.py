@@ -1,0 +1,175 @@
+"""Checks, on the user's own model, that preftune's forward computes what the model computes.
+
+preftune never asks a model for its logits: it runs the decoder on its own layouts and applies
+the output head itself (``forward.py``). Both rest on assumptions about the architecture, and
+transformers has hundreds; so before a model trains or is evaluated, two small probes on the
+model itself check them:
+
+- ``check_head``: the log-probs of one plain row, computed preftune's way, equal the model's
+  own ``forward`` logits' (a head that scales, caps or otherwise changes its logits in a way
+  ``forward.output_head`` does not know is refused by name, rather than trained wrong);
+- ``layout_holds``: the prefix-shared and packed layouts rely on the attention mask to keep
+  responses and packed sequences apart. Layers that mix tokens outside attention (state-space
+  layers, short convolutions, linear attention: Mamba hybrids such as Jamba, Bamba, Granite 4,
+  Falcon-H1, or LFM2 and Qwen3-Next) ignore it. The probe changes tokens a response must not
+  see and checks that its hidden states stay exactly as they were.
+
+Each probe is one forward or two of a dozen tokens, without gradients; results are kept per
+model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from ..config_tree import ConfigError
+from ..data.layout import collate
+from ..data.tokenize import TokenizedExample
+from .forward import LogpModel, causal_lm_of, run_decoder
+
+_LEAKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_SAID: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# per-token log-prob differences allowed between preftune's head and the model's own: the
+# same matmul in both; only the rounding of a factor or cap differs (a wrong head is off by
+# nats on a trained model)
+HEAD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.25}
+
+
+@contextlib.contextmanager
+def _probe(module: nn.Module):
+    """Eval mode, no gradients and deterministic kernels (warn-only) while a probe runs."""
+    training = module.training
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    module.eval()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no deterministic implementation" notices
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        module.train(training)
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Parameters partitioned at load (DeepSpeed ZeRO-3): no forward outside its engine."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _ids(generator: torch.Generator, vocab: int, n: int) -> list[int]:
+    return torch.randint(vocab, (n,), generator=generator).tolist()
+
+
+def check_head(model: nn.Module, key: str = "model.path") -> None:
+    """Refuse a causal LM whose logits preftune's head does not reproduce (see the module
+    docstring): one row of 12 tokens, preftune's token log-probs against the model's
+    ``forward``."""
+    lm = causal_lm_of(model)
+    if lm in _CHECKED or _sharded(lm):
+        return
+    device = next(lm.parameters()).device
+    ids = _ids(torch.Generator().manual_seed(0), lm.get_input_embeddings().num_embeddings, 12)
+    batch = collate([TokenizedExample(prompt_ids=ids[:4], response_ids=[ids[4:]], index=0)],
+                    pad_token_id=0).to(device)
+    with _probe(lm):
+        ours = LogpModel(lm)(batch)
+        logits = lm(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
+        theirs = logits[0, 3:-1].float().log_softmax(-1).gather(
+            1, torch.tensor(ids[4:], device=device)[:, None]).squeeze(1)
+    gap = (ours - theirs).abs().max().item()
+    dtype = next(lm.parameters()).dtype
+    if not gap <= HEAD_TOLERANCE.get(dtype, 0.25):
+        raise ConfigError(
+            f"{key}: {type(lm).__name__} computes its logits in a way preftune's log-probs do "
+            f"not reproduce (they differ from the model's own by up to {gap:.3g} nats per "
+            "token on a probe): its output head changes the logits beyond the factors and "
+            "soft caps preftune knows. Training it would optimise the wrong numbers; please "
+            "report the architecture.")
+    _CHECKED.add(lm)
+
+
+def _leak_examples(seed: int) -> list[TokenizedExample]:
+    """Two examples. What a seed changes: all of the first, and the second's first response;
+    the second's second response, kept the same, follows the first example in a packed row
+    and the first response in a prefix-shared one."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.Generator().manual_seed(1234)
+    prompt, second = _ids(keep, 64, 3), _ids(keep, 64, 4)
+    return [TokenizedExample(prompt_ids=_ids(generator, 64, 5),
+                             response_ids=[_ids(generator, 64, 4), _ids(generator, 64, 3)],
+                             index=0),
+            TokenizedExample(prompt_ids=prompt, response_ids=[_ids(generator, 64, 3), second],
+                             index=1)]
+
+
+def mask_leak(decoder: nn.Module, config, layout: str) -> float:
+    """How far the final hidden states of a response move when tokens ``layout``'s mask hides
+    from it change: 0.0 exactly when the mask holds."""
+    device = next(decoder.parameters()).device
+    states = []
+    with _probe(decoder):
+        for seed in (0, 1):
+            batch = collate(_leak_examples(seed), pad_token_id=0, layout=layout,
+                            max_row_tokens=64).to(device)
+            hidden = run_decoder(decoder, batch, config).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            kept = batch.logit_positions[batch.target_response == 3]  # example 1, response 1
+            states.append(hidden[kept].float())
+    return (states[0] - states[1]).abs().max().item()
+
+
+def layout_holds(decoder: nn.Module, config, layout: str) -> tuple[bool, float]:
+    """(whether ``layout`` keeps every response to what it may see in this model, the probe's
+    measure). Padded rows always do: the padding comes after every real token."""
+    if layout == "padded" or _sharded(decoder):
+        return True, 0.0
+    known = _LEAKS.setdefault(decoder, {})
+    if layout not in known:
+        known[layout] = mask_leak(decoder, config, layout)
+    return known[layout] == 0.0, known[layout]
+
+
+def decoder_of(model: nn.Module) -> tuple[nn.Module, object]:
+    """(decoder stack, its config) of a causal LM, as ``LogpModel`` runs it."""
+    decoder = causal_lm_of(model).get_decoder()
+    return decoder, decoder.config
+
+
+def verified_layout(decoder: nn.Module, config, layout: str, configured: str = "auto",
+                    key: str = "train.layout") -> str:
+    """``layout`` when the model keeps to its mask there; else padded rows if the layout was
+    chosen automatically (``configured`` auto, said once), or an error naming ``key``."""
+    holds, leak = layout_holds(decoder, config, layout)
+    if holds:
+        return layout
+    why = (f"{type(decoder).__name__} mixes tokens outside attention (state-space, convolution "
+           f"or linear-attention layers ignore the attention mask), so in the {layout} layout a "
+           f"response sees tokens hidden from it (its hidden states moved by {leak:.3g} on a "
+           "probe)")
+    if configured != "auto":
+        raise ConfigError(f"{key}: {layout}: {why}. Use layout padded (or auto).")
+    said = _SAID.setdefault(decoder, set())
+    if layout not in said:
+        print(f"layout: padded, not {layout}: {why}.")
+        said.add(layout)
+    return "padded"
+
+
+def layout_setting(decoder: nn.Module, config, configured: str,
+                   attn_implementation: str | None = None) -> str:
+    """``train.layout`` for batches laid out one at a time (``auto`` chooses per batch):
+    ``configured``, or padded where the layout auto would choose does not hold in this model
+    (said once); an explicit layout that does not hold is an error."""
+    if configured == "padded":
+        return configured
+    chosen = configured if configured != "auto" else (
+        "packed" if attn_implementation == "varlen" else "prefix_shared")
+    return configured if verified_layout(decoder, config, chosen, configured) == chosen \
+        else "padded"

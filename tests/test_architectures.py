@@ -1,0 +1,206 @@
+"""Architectures beyond Llama: preftune's log-probs equal each model's own, in every layout it
+lets the model use; heads that scale or cap their logits are reproduced; models whose layers
+mix tokens outside attention (Mamba hybrids, short convolutions) train on padded rows, never on
+a layout whose mask they ignore; an unknown head is refused rather than trained wrong."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+from preftune.api import Config, train
+from preftune.config import ConfigError
+from preftune.data.layout import LAYOUTS, collate
+from preftune.data.tokenize import TokenizedExample
+from preftune.model.chunked_logps import Head, chunked_token_logps
+from preftune.model.forward import LogpModel, output_head, sequence_stats
+from preftune.model.verify import check_head, decoder_of, mask_leak, verified_layout
+from tiny_models import char_tokenizer, tiny_llama
+
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# model_type -> (config changes, attention); each a way of computing logits Llama does not use
+ATTENTION_MODELS = {
+    "qwen2": ({}, "sdpa"),                                   # biased q/k/v projections
+    "gemma": ({"head_dim": 8}, "sdpa"),                      # scaled embeddings, (1 + w) norms
+    "gemma2": ({"head_dim": 8, "final_logit_softcapping": 5.0}, "eager"),  # capped logits
+    "cohere": ({"logit_scale": 0.25}, "sdpa"),               # logits times a factor
+    "granite": ({"logits_scaling": 8.0}, "sdpa"),            # logits over a factor
+    "gpt2": ({"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}, "sdpa"),
+    "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "sdpa"),  # experts
+}
+
+
+def build(model_type: str, changes: dict, attention: str = "sdpa", seed: int = 0):
+    config = AutoConfig.for_model(model_type, **{**SMALL, **changes})
+    config._attn_implementation = attention
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def examples():
+    """Prompts of 3, 11, 1 and 7 tokens, two responses each of 2 to 7 tokens."""
+    generator = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 100, (n,), generator=generator).tolist()
+
+    return [TokenizedExample(prompt_ids=ids(p), response_ids=[ids(1 + (3 * e + 2 * r) % 6) + [2]
+                                                               for r in range(2)], index=e)
+            for e, p in enumerate([3, 11, 1, 7])]
+
+
+def own_logps(model, batch_examples):
+    """Summed response log-probs from the model's own forward, one unpadded row at a time."""
+    rows = []
+    for example in batch_examples:
+        row = []
+        for response in example.response_ids:
+            ids = torch.tensor([example.prompt_ids + response])
+            logps = model(ids).logits[0].float().log_softmax(-1)
+            start = len(example.prompt_ids)
+            row.append(sum(logps[start - 1 + t, token] for t, token in enumerate(response)))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def preftune_logps(model, layout):
+    batch = collate(examples(), pad_token_id=0, layout=layout, max_row_tokens=40)
+    return sequence_stats(LogpModel(model, chunk_tokens=5)(batch), batch).logps
+
+
+@pytest.mark.parametrize("model_type", list(ATTENTION_MODELS))
+def test_log_probs_and_gradients_equal_the_models_own_in_every_layout(model_type):
+    changes, attention = ATTENTION_MODELS[model_type]
+    model = build(model_type, changes, attention)
+    check_head(model)  # passes: preftune's head is the model's
+    expected = own_logps(model, examples())
+    expected.sum().backward()
+    plain_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for layout in LAYOUTS:
+        model.zero_grad()
+        assert mask_leak(*decoder_of(model), layout) == 0.0  # the mask holds, exactly
+        got = preftune_logps(model, layout)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+        got.sum().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, plain_grads[name], atol=2e-5, rtol=1e-4)
+
+
+def test_the_head_reads_the_factors_and_cap_from_the_config():
+    assert output_head(build("cohere", {"logit_scale": 0.25})) == Head(0.25, None)
+    assert output_head(build("granite", {"logits_scaling": 8.0})) == Head(0.125, None)
+    assert output_head(build("gemma2", {"head_dim": 8, "final_logit_softcapping": 5.0},
+                             "eager")) == Head(1.0, 5.0)
+    assert output_head(tiny_llama()) == Head()
+
+
+def test_a_scaled_and_capped_head_has_the_formulas_log_probs_and_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (13,))
+    upstream = torch.randn(13)
+    head = Head(scale=3.0, softcap=2.5)
+    got = chunked_token_logps(hidden, weight, targets, chunk_tokens=4, head=head)
+    (got * upstream).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = 2.5 * torch.tanh(3.0 * (hidden @ weight.T) / 2.5)  # the formula, by autograd
+    expected = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+class TripledLogits(LlamaForCausalLM):
+    """A head preftune does not know: logits times 3, with nothing in the config saying so."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+
+def test_a_head_that_does_something_unknown_is_refused_by_name():
+    model = TripledLogits(tiny_llama().config).eval()
+    with pytest.raises(ConfigError, match=r"model.path: TripledLogits computes its logits in a "
+                                          r"way preftune's log-probs do not reproduce"):
+        check_head(model)
+
+
+def hybrid(seed: int = 0, vocab_size: int = 128):
+    """LFM2 with a short-convolution layer before its attention layer."""
+    return build("lfm2", {"layer_types": ["conv", "full_attention"], "vocab_size": vocab_size},
+                 seed=seed)
+
+
+def test_layers_that_ignore_the_mask_keep_to_padded_rows(capsys):
+    model = hybrid()
+    decoder, config = decoder_of(model)
+    for layout in ("prefix_shared", "packed", "packed_prefix_shared"):
+        assert mask_leak(decoder, config, layout) > 1e-6  # the convolution reads across
+    assert verified_layout(decoder, config, "prefix_shared") == "padded"
+    assert verified_layout(decoder, config, "prefix_shared") == "padded"  # said once
+    said = capsys.readouterr().out
+    assert said.count("layout: padded, not prefix_shared: Lfm2Model mixes tokens outside "
+                      "attention") == 1
+    with pytest.raises(ConfigError, match=r"train.layout: packed: Lfm2Model mixes tokens "
+                                          r"outside attention .* Use layout padded"):
+        verified_layout(decoder, config, "packed", configured="packed")
+    torch.testing.assert_close(preftune_logps(model, "padded").detach(),
+                               own_logps(model, examples()).detach(), atol=2e-5, rtol=1e-5)
+
+
+def test_a_hybrid_model_trains_on_padded_rows_and_refuses_a_shared_layout(tmp_path):
+    tokenizer = char_tokenizer()
+    hybrid(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    pairs = [{"prompt": f"Question {i}: which word comes next, please?", "chosen": "yes",
+              "rejected": "no"} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tree = {"output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "model")},
+            "data": {"train": str(tmp_path / "pairs.jsonl")},
+            "reference": {"cache_dir": str(tmp_path / "cache")},
+            "train": {"batch_size": 2, "max_steps": 1}}
+    run = train(Config.from_dict(tree), show_progress=False)
+    assert json.loads((run / "run.json").read_text())["layout"] == "padded"
+    tree["output_dir"] = str(tmp_path / "shared")
+    tree["train"]["layout"] = "prefix_shared"
+    with pytest.raises(ConfigError, match="train.layout: prefix_shared: Lfm2Model mixes"):
+        train(Config.from_dict(tree), show_progress=False)
+
+
+def test_a_hybrid_reward_model_scores_on_padded_rows():
+    from transformers import AutoModelForSequenceClassification
+
+    from preftune.reward.heads import Head as RewardHead
+    from preftune.reward.model import RewardModel
+
+    config = AutoConfig.for_model("jamba", **{**SMALL, "num_labels": 1, "attn_layer_period": 2,
+                                              "attn_layer_offset": 1, "expert_layer_period": 2,
+                                              "num_experts": 2, "mamba_d_state": 8,
+                                              "use_mamba_kernels": False})
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_config(config).eval()
+    reward_model = RewardModel(classifier, RewardHead())
+    long_prompts = examples()[1:2] * 2  # 11 prompt tokens: auto would share the prompt
+    batch = reward_model.make_batch(0, "auto")(long_prompts)
+    assert batch.unit_ids is None and batch.input_ids.shape[0] == 4  # a padded row each
+    with torch.no_grad():
+        rewards = reward_model(batch)[0, :, 0]
+        alone = [classifier(torch.tensor([long_prompts[0].prompt_ids + response])).logits[0, 0]
+                 for response in long_prompts[0].response_ids]
+    torch.testing.assert_close(rewards, torch.stack(alone), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="train.layout: prefix_shared: JambaModel mixes"):
+        reward_model.make_batch(0, "prefix_shared")
+
+
+def test_an_output_layer_with_a_bias_is_refused_by_name():
+    model = build("phi", {})
+    with pytest.raises(ConfigError, match="model.path: PhiForCausalLM's output layer has a bias"):
+        check_head(model)
+
