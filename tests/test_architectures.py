@@ -204,3 +204,20 @@ def test_an_output_layer_with_a_bias_is_refused_by_name():
     with pytest.raises(ConfigError, match="model.path: PhiForCausalLM's output layer has a bias"):
         check_head(model)
 
+
+def test_the_same_weights_in_another_architecture_do_not_share_a_cached_reference(tmp_path):
+    from preftune.model.load import weights_fingerprint
+    from preftune.model.reference import reference_cache_key
+
+    llama = build("llama", {})
+    granite = build("granite", {"logits_scaling": 8.0})
+    granite.load_state_dict(llama.state_dict())
+    assert weights_fingerprint(granite) == weights_fingerprint(llama)
+    assert reference_cache_key(granite, examples(), {}) != reference_cache_key(
+        llama, examples(), {})
+    for name in ("one", "two"):  # where the model was loaded from does not matter
+        llama.save_pretrained(tmp_path / name)
+    keys = {reference_cache_key(AutoModelForCausalLM.from_pretrained(tmp_path / name),
+                                examples(), {}) for name in ("one", "two")}
+    assert keys == {reference_cache_key(llama, examples(), {})}
+

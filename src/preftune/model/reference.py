@@ -146,9 +146,13 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def reference_cache_key(model, examples: list[TokenizedExample], settings: dict) -> str:
-    """Hash of the weights, every token id, every image's content and the settings that change
-    the numbers."""
+    """Hash of the weights, the model's config (the same weights under another architecture,
+    rope setting or logit factor give other numbers), every token id, every image's content
+    and the settings that change the numbers."""
     digest = hashlib.sha256(weights_fingerprint(model).encode())
+    config = {key: value for key, value in causal_lm_of(model).config.to_dict().items()
+              if not key.startswith("_") and key != "transformers_version"}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for ex in examples:
         images = [[image.key for image in ex.images_of_slot(slot)]
