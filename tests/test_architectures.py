@@ -221,3 +221,37 @@ def test_the_same_weights_in_another_architecture_do_not_share_a_cached_referenc
                                 examples(), {}) for name in ("one", "two")}
     assert keys == {reference_cache_key(llama, examples(), {})}
 
+
+def test_dropout_is_off_while_training_unless_kept(tmp_path):
+    from preftune.model.load import without_dropout
+
+    gpt2 = build("gpt2", ATTENTION_MODELS["gpt2"][0])  # nn.Dropout layers, p = 0.1
+    llama = build("llama", {"attention_dropout": 0.5})  # a rate the attention keeps as a float
+    ids = torch.tensor([list(range(3, 40))])
+    for model in (gpt2, llama):
+        evaluated = model(ids).logits
+        assert not torch.equal(model.train()(ids).logits, evaluated)
+        without_dropout(model)
+        assert torch.equal(model(ids).logits, evaluated)  # train mode, now as in eval
+
+    tokenizer = char_tokenizer()
+    model = build("gpt2", {**ATTENTION_MODELS["gpt2"][0], "vocab_size": len(tokenizer)})
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(
+        {"prompt": f"Question {i}?", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(4)))
+    losses = {}
+    for keep in (False, True):
+        tree = {"output_dir": str(tmp_path / f"run-{keep}"),
+                "model": {"path": str(tmp_path / "model")},
+                "data": {"train": str(tmp_path / "pairs.jsonl")},
+                "reference": {"cache_dir": str(tmp_path / "cache")},
+                "train": {"batch_size": 4, "max_steps": 1, "keep_dropout": keep}}
+        run = train(Config.from_dict(tree), show_progress=False)
+        losses[keep] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    # step 1: the policy is its reference, so DPO's loss is -log sigmoid(0) = log 2, exactly
+    # as computed in fp32, unless dropout perturbs the policy
+    assert losses[False] == pytest.approx(0.6931471805599453, abs=1e-7)
+    assert abs(losses[True] - 0.6931471805599453) > 1e-4
+    saved = AutoConfig.from_pretrained(tmp_path / "run-False" / "model")
+    assert saved.resid_pdrop == 0.1  # the saved model keeps its own rates

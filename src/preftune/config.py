@@ -225,6 +225,9 @@ class TrainConfig(Section):
     lean_activations: bool = True
     """Llama-style RMSNorms and SiLU-gated MLPs keep less for backward and recompute the rest
     (same forward, bit for bit; model/lean.py); false: transformers' own layers."""
+    keep_dropout: bool = False
+    """Train with the model's own dropout rates; false (the default) sets them all to 0, so the
+    policy is compared with its reference on equal terms (LoRA's dropout is kept either way)."""
     checkpoint_every: Count = 1
     """With gradient_checkpointing: checkpoint every N-th decoder layer (1: each). The others
     keep their activations: more memory than checkpointing all, less recomputation."""

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
 from .adapter_dirs import (adapter_base, config_source, final_model_dir, is_adapter_dir,
@@ -272,6 +273,19 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules,
     )
     with quiet_peft():
         return get_peft_model(model, config)
+
+
+def without_dropout(model: nn.Module) -> None:
+    """Every dropout rate of ``model`` set to 0: its ``nn.Dropout`` layers and the rates
+    attention layers keep as plain numbers (``attention_dropout``, ...). Preference training
+    compares the policy with a reference computed without dropout; with it, the implied
+    rewards are noisy from the first step (TRL turns it off by default too)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 @contextlib.contextmanager

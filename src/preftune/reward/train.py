@@ -16,6 +16,7 @@ from ..data.prepare import prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of, enable_checkpointing
+from ..model.load import without_dropout
 from ..model.lean import use_lean_layers
 from ..model.verify import verified_layout
 from ..objectives.metrics import sum_count
@@ -192,6 +193,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     reward_model, _ = reward_model_from(config, head, lora=False, tokenizer=tokenizer)
     if accelerator.is_main_process:
         write_run_header(Path(config.output_dir), config, data_report)
+    if not cfg.keep_dropout:
+        without_dropout(reward_model.model)
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
     if cfg.lean_activations:

@@ -23,7 +23,7 @@ from ..model.forward import LogpModel, causal_lm_of, enable_checkpointing, seque
 from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
-                          load_tokenizer)
+                          load_tokenizer, without_dropout)
 from ..model.verify import check_head, decoder_of, verified_layout
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
@@ -284,8 +284,11 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
 
 
 def trainable(model, config: Config) -> LogpModel:
-    """The model made ready to train: LoRA attached (if configured), lean norms and MLPs,
-    activation checkpointing (if configured), train mode, wrapped for log-probs."""
+    """The model made ready to train: dropout off (unless kept), LoRA attached (if
+    configured), lean norms and MLPs, activation checkpointing (if configured), train mode,
+    wrapped for log-probs."""
+    if not config.train.keep_dropout:
+        without_dropout(model)
     model = _attach_lora(model, config)
     if config.train.lean_activations:
         use_lean_layers(model)
