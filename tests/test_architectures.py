@@ -30,6 +30,10 @@ ATTENTION_MODELS = {
     "granite": ({"logits_scaling": 8.0}, "sdpa"),            # logits over a factor
     "gpt2": ({"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}, "sdpa"),
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "sdpa"),  # experts
+    # sliding windows shorter than the examples: every layer (one mask), or some (a mask each)
+    "mistral": ({"sliding_window": 4}, "sdpa"),
+    "gemma3_text": ({"head_dim": 8, "sliding_window": 4,
+                     "layer_types": ["sliding_attention", "full_attention"]}, "sdpa"),
 }
 
 
@@ -87,6 +91,29 @@ def test_log_probs_and_gradients_equal_the_models_own_in_every_layout(model_type
         got.sum().backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, plain_grads[name], atol=2e-5, rtol=1e-4)
+
+
+def test_sliding_windows_are_read_by_layer_type_and_refused_where_they_cannot_be_built():
+    from preftune.model.forward import attention_windows
+    from preftune.model.verify import check_windows
+
+    mistral = build("mistral", {"sliding_window": 4}).config
+    gemma = build("gemma3_text", *ATTENTION_MODELS["gemma3_text"]).config
+    assert attention_windows(mistral) == {None: 4}
+    assert attention_windows(gemma) == {"sliding_attention": 4, "full_attention": None}
+    assert attention_windows(tiny_llama().config) is None
+    check_windows(gemma, 4, "varlen")  # the window never binds on 4 tokens
+    check_windows(gemma, 64, "sdpa")  # it binds, and the dense masks have it
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: varlen has no sliding "
+                                          r"window, .* look back 4 tokens, fewer than "
+                                          r"data.max_length \(64\)"):
+        check_windows(gemma, 64, "varlen")
+    chunked = build("llama4_text", {"attention_chunk_size": 8, "head_dim": 8,
+                                    "num_local_experts": 2, "intermediate_size_mlp": 64,
+                                    "layer_types": ["chunked_attention", "full_attention"]}).config
+    with pytest.raises(ConfigError, match="data.max_length: 64 tokens are more than this "
+                                          r"model's attention chunks \(8\)"):
+        check_windows(chunked, 64, "sdpa")
 
 
 def test_the_head_reads_the_factors_and_cap_from_the_config():

@@ -60,6 +60,7 @@ class Batch:
     example_ids: tuple = ()  # example_indices as Python ints
     real_tokens: int = 0  # tokens that are not padding
     longest_response: int = 0
+    longest_sequence: int = 0  # prompt + response, as if written out alone
     # vision-language batches: the pixel inputs of the batch's distinct images (processor
     # output, stacked), each image-token position (flat index into rows * T) and which row of
     # the concatenated image features goes there
@@ -113,10 +114,13 @@ class Batch:
                 device=self.input_ids.device)
         return self._masks["cu_seqlens"]
 
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+    def attention_bias(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
         """Additive [rows, 1, T, T] mask (0 = may attend), built once per batch: the layouts'
-        visibility rule, or for padded rows causal attention to the row's real tokens."""
-        if ("bias", dtype) not in self._masks:
+        visibility rule, or for padded rows causal attention to the row's real tokens. With a
+        sliding ``window``, also only to keys fewer than ``window`` positions back in the
+        query's own sequence (positions restart after a shared prompt, so a response's
+        distance to its prompt is the one it has when written out alone)."""
+        if ("bias", dtype, window) not in self._masks:
             rows, width = self.input_ids.shape
             device = self.input_ids.device
             row = torch.arange(rows, device=device)[:, None, None]
@@ -124,12 +128,20 @@ class Batch:
             key = torch.arange(width, device=device)[None, None, :]
             if self.unit_ids is None:
                 allowed = (key <= query) & (self.attention_mask[row, key] > 0)
+                distance = query - key
             else:
                 allowed = _visibility(self.unit_ids, self.segment_ids)(row, None, query, key)
+                if window is not None:
+                    if self.position_ids is None or self.position_ids.dim() != 2:
+                        raise ValueError("a sliding window over shared or packed rows needs "
+                                         "their 1-D positions (M-RoPE rows have none)")
+                    distance = self.position_ids[row, query] - self.position_ids[row, key]
+            if window is not None:
+                allowed &= (distance < window) | (key == query)
             bias = torch.zeros(rows, 1, width, width, dtype=dtype, device=device)
-            self._masks[("bias", dtype)] = bias.masked_fill_(~allowed[:, None],
-                                                             torch.finfo(dtype).min)
-        return self._masks[("bias", dtype)]
+            self._masks[("bias", dtype, window)] = bias.masked_fill_(~allowed[:, None],
+                                                                     torch.finfo(dtype).min)
+        return self._masks[("bias", dtype, window)]
 
     def block_mask(self):
         """The same rule as a FlexAttention BlockMask, built once per batch from one fixed mask
@@ -261,6 +273,8 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         example_ids=tuple(ex.index for ex in examples),
         real_tokens=sum(used),
         longest_response=max(lengths),
+        longest_sequence=max(len(ex.prompt_ids) + len(response) for ex in examples
+                             for response in ex.response_ids),
         **(pictures.fields() if pictures is not None else {}),
     )
 

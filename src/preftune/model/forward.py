@@ -128,6 +128,14 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
                              "ones (their responses share a prompt): use sdpa or flex_attention")
         mask = None
         kwargs.update(cu_seqlens=batch.cu_seqlens(), max_seqlen=batch.max_seqlen)
+    elif (windows := binding_windows(config, batch.longest_sequence)) is not None:
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"{implementation} attention has no sliding window; this model's "
+                             f"layers look back {min(w for w in windows.values() if w)} tokens "
+                             "at most, and its rows are longer: use sdpa or eager")
+        masks = {kind: batch.attention_bias(decoder.dtype, window)
+                 for kind, window in windows.items()}
+        mask = masks.pop(None) if None in masks else masks
     elif batch.unit_ids is not None:
         mask = batch.block_mask() if implementation == "flex_attention" \
             else batch.attention_bias(decoder.dtype)
@@ -144,6 +152,37 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
         kwargs["input_ids"] = batch.input_ids
     with attention_kernels():
         return decoder(attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
+
+
+def attention_windows(config) -> dict | None:
+    """The sliding windows of a decoder's attention, by the layer types transformers indexes
+    its masks with (``{"sliding_attention": 512, "full_attention": None}``, Gemma 3), or
+    ``{None: window}`` when every layer slides (Mistral, Phi-3); None when no layer does.
+    Chunked attention (Llama 4) is refused by ``run_decoder`` where its chunks would bind."""
+    def positive(name):
+        value = getattr(config, name, None)
+        return value if isinstance(value, int) and value > 0 else None
+
+    window, chunk = positive("sliding_window"), positive("attention_chunk_size")
+    kinds = set(getattr(config, "layer_types", None) or ())
+    spans = {"sliding_attention": window, "chunked_attention": chunk}
+    if kinds:
+        windows = {kind: spans.get(kind) for kind in kinds}
+        return windows if any(windows.values()) else None
+    return {None: window} if window else None
+
+
+def binding_windows(config, longest: int) -> dict | None:
+    """``attention_windows`` when one of them is shorter than the ``longest`` sequence (it
+    then changes what a token sees); None otherwise: no mask needs a window."""
+    windows = attention_windows(config)
+    if windows is None or min(w for w in windows.values() if w) >= longest:
+        return None
+    if windows.get("chunked_attention"):
+        raise ValueError(f"chunked attention ({windows['chunked_attention']} tokens) would "
+                         f"split sequences of {longest} tokens, which preftune does not "
+                         "support: set data.max_length to at most the chunk size")
+    return windows
 
 
 class LogpModel(nn.Module):

@@ -30,7 +30,7 @@ from torch import nn
 from ..config_tree import ConfigError
 from ..data.layout import collate
 from ..data.tokenize import TokenizedExample
-from .forward import LogpModel, causal_lm_of, run_decoder
+from .forward import LogpModel, attention_windows, causal_lm_of, run_decoder
 
 _LEAKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _SAID: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
@@ -173,3 +173,22 @@ def layout_setting(decoder: nn.Module, config, configured: str,
         "packed" if attn_implementation == "varlen" else "prefix_shared")
     return configured if verified_layout(decoder, config, chosen, configured) == chosen \
         else "padded"
+
+
+def check_windows(config, max_length: int, attn_implementation: str | None) -> None:
+    """Sliding windows that bind on sequences of ``max_length`` tokens are built into the
+    dense masks of sdpa and eager attention (``forward.run_decoder``); refuse what cannot
+    have them, before anything runs."""
+    windows = attention_windows(config)
+    if windows is None or min(w for w in windows.values() if w) >= max_length:
+        return
+    shortest = min(w for w in windows.values() if w)
+    if windows.get("chunked_attention"):
+        raise ConfigError(f"data.max_length: {max_length} tokens are more than this model's "
+                          f"attention chunks ({windows['chunked_attention']}), which preftune "
+                          "does not support; set data.max_length to at most the chunk size.")
+    if attn_implementation in ("flex_attention", "varlen"):
+        raise ConfigError(f"model.attn_implementation: {attn_implementation} has no sliding "
+                          f"window, and this model's layers look back {shortest} tokens, fewer "
+                          f"than data.max_length ({max_length}): use sdpa or eager, or set "
+                          f"data.max_length to at most {shortest}.")

@@ -18,7 +18,7 @@ from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of, enable_checkpointing
 from ..model.load import without_dropout
 from ..model.lean import use_lean_layers
-from ..model.verify import verified_layout
+from ..model.verify import check_windows, verified_layout
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
@@ -206,6 +206,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
         layout = "padded"
     else:  # (checked on the model, on its device)
         classifier = causal_lm_of(reward_model.model)
+        check_windows(classifier.config, config.data.max_length,
+                      config.model.attn_implementation)
         layout = verified_layout(classifier.base_model, classifier.config, choose_layout(
             train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
     make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,

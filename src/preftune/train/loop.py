@@ -24,7 +24,7 @@ from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
                           load_tokenizer, without_dropout)
-from ..model.verify import check_head, decoder_of, verified_layout
+from ..model.verify import check_head, check_windows, decoder_of, verified_layout
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
@@ -206,6 +206,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
     check_head(model)
+    check_windows(decoder_of(model)[1], config.data.max_length, config.model.attn_implementation)
     layout = verified_layout(*decoder_of(model), choose_layout(
         train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
