@@ -33,7 +33,7 @@ from ..data.tokenize import TokenizedExample
 from .forward import LogpModel, attention_windows, causal_lm_of, run_decoder
 
 _LEAKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_SAID: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+_SAID: set = set()  # (architecture, layout) already said in this process
 _CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # per-token log-prob differences allowed between preftune's head and the model's own: the
 # same matmul in both; only the rounding of a factor or cap differs (a wrong head is off by
@@ -155,10 +155,9 @@ def verified_layout(decoder: nn.Module, config, layout: str, configured: str = "
            "probe)")
     if configured != "auto":
         raise ConfigError(f"{key}: {layout}: {why}. Use layout padded (or auto).")
-    said = _SAID.setdefault(decoder, set())
-    if layout not in said:
+    if (type(decoder).__name__, layout) not in _SAID:
         print(f"layout: padded, not {layout}: {why}.")
-        said.add(layout)
+        _SAID.add((type(decoder).__name__, layout))
     return "padded"
 
 

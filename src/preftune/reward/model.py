@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config_tree import ConfigError
 from ..data.layout import choose_layout, collate
 from ..model.forward import attention_kernels, causal_lm_of, run_decoder
 from ..model.verify import layout_setting
@@ -157,6 +158,14 @@ def scores_last_token(source: str, trust_remote_code: bool = False) -> bool:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if type(config) not in AutoModelForSequenceClassification._model_mapping and not (
+            trust_remote_code and "AutoModelForSequenceClassification" in
+            (getattr(config, "auto_map", None) or {})):
+        raise ConfigError(f"model.path: {source} is a {config.model_type} model, for which "
+                          "transformers has no sequence-classification class, so it cannot "
+                          "carry a reward head. Pick a backbone whose architecture has one "
+                          "(Llama, Qwen, Mistral, Gemma, Phi-3, SmolLM, BERT-style encoders "
+                          "...).")
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(
             config, trust_remote_code=trust_remote_code)
