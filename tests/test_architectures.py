@@ -299,17 +299,17 @@ def test_a_backbone_without_a_classification_class_is_refused_before_the_data_is
         train_reward_model(RewardConfig.from_dict(tree), show_progress=False)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "lfm2"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "lfm2", "falcon_h1"])
 def test_sampling_k_answers_equals_k_prompt_copies(model_type, monkeypatch):
-    """Gemma 3 (sliding-window cache layers) takes the shared prompt cache, LFM2 (convolution
-    state layers, which cannot be repeated) encodes each copy: both draw what K copies of each
-    prompt draw."""
+    """Gemma 3 (sliding-window cache layers) takes the shared prompt cache; LFM2 and Falcon-H1
+    (convolution and state layers besides keys and values) encode each copy: all draw what K
+    copies of each prompt draw."""
     from preftune import generation
     from preftune.generation import HFGenerator, SamplingSettings
 
     tokenizer = char_tokenizer()
-    changes = ATTENTION_MODELS["gemma3_text"][0] if model_type == "gemma3_text" else {
-        "layer_types": ["conv", "full_attention"]}
+    changes = {"gemma3_text": ATTENTION_MODELS["gemma3_text"][0], "falcon_h1": {},
+               "lfm2": {"layer_types": ["conv", "full_attention"]}}[model_type]
     model = build(model_type, {**changes, "vocab_size": len(tokenizer)}, seed=3)
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"]
                for p in ("hello there, friend", "ab", "the quick brown fox")]
@@ -319,7 +319,7 @@ def test_sampling_k_answers_equals_k_prompt_copies(model_type, monkeypatch):
     monkeypatch.setattr(generation, "_shared_prefix_cache",
                         lambda *a: caches.append(real(*a)) or caches[-1])
     drawn = HFGenerator(model, tokenizer).generate(prompts, settings)
-    assert (caches[0] is None) == (model_type == "lfm2")
+    assert (caches[0] is None) == (model_type != "gemma3_text")
     monkeypatch.setattr(generation, "_shared_prefix_cache", lambda *a: None)
     assert drawn.token_ids == HFGenerator(model, tokenizer).generate(prompts, settings).token_ids
     assert [len(samples) for samples in drawn.token_ids] == [3, 3, 3]

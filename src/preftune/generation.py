@@ -167,14 +167,17 @@ def _shared_prefix_cache(model, input_ids, mask, k: int):
     """The KV cache of every prompt but its last token, computed once per prompt and repeated
     K times, so that ``generate`` encodes each prompt once instead of once per sample (prefill
     was ~40% of sampling 4 answers to the demo's prompts on CPU). None when the prompts are one
-    token long, or when the model's cache has layers that cannot be repeated (the convolution
-    and state layers of hybrid models such as LFM2): ``generate`` then encodes each copy."""
-    from transformers import DynamicCache
+    token long, or when the model's cache holds more than keys and values (the convolution and
+    state layers of hybrid models such as LFM2 or Falcon-H1): ``generate`` then encodes each
+    copy."""
+    from transformers import DynamicCache, cache_utils
 
     if input_ids.shape[1] < 2:
         return None
     cache = DynamicCache(config=model.config)
-    if not all(hasattr(layer, "batch_repeat_interleave") for layer in cache.layers):
+    states = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
+    if not all(isinstance(layer, cache_utils.DynamicLayer) and not isinstance(layer, states)
+               for layer in cache.layers):
         return None
     prefix_mask = mask[:, :-1]
     positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
