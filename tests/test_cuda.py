@@ -225,3 +225,19 @@ def test_masked_attention_on_cuda_leaves_out_cudnn_and_checkpointing_recomputes_
     stats.logps.sum().backward()
     for name, p in checkpointed.named_parameters():
         torch.testing.assert_close(p.grad.float(), plain[name], atol=2e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention", "varlen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mask_probe_finds_no_leak_in_an_attention_model_on_cuda(dtype, attn):
+    """model/verify.py keeps a model to padded rows when tokens hidden by the mask move a
+    response's hidden states at all; on CUDA a Llama must come out exactly unmoved in every
+    layout its attention runs, or prefix sharing would be switched off on GPUs."""
+    from preftune.model.varlen import transformers_name
+    from preftune.model.verify import decoder_of, mask_leak
+
+    model = small_llama().to("cuda", dtype)
+    model.set_attn_implementation(transformers_name(attn))
+    layouts = ["packed"] if attn == "varlen" else [l for l in LAYOUTS if l != "padded"]
+    for layout in layouts:
+        assert mask_leak(*decoder_of(model), layout) == 0.0, layout
