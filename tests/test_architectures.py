@@ -323,3 +323,15 @@ def test_sampling_k_answers_equals_k_prompt_copies(model_type, monkeypatch):
     monkeypatch.setattr(generation, "_shared_prefix_cache", lambda *a: None)
     assert drawn.token_ids == HFGenerator(model, tokenizer).generate(prompts, settings).token_ids
     assert [len(samples) for samples in drawn.token_ids] == [3, 3, 3]
+
+
+def test_image_data_is_refused_for_a_model_whose_image_tokens_attend_both_ways():
+    from preftune.model.verify import check_image_attention
+
+    model = build("gemma3_text", ATTENTION_MODELS["gemma3_text"][0])
+    model.config.model_type = "gemma3"  # the vision-language Gemma 3's type
+    text, pictured = examples()[:2], [TokenizedExample([1, 2], [[3]], 0, images=("cat.png",))]
+    check_image_attention(model, text)  # text alone trains
+    with pytest.raises(ConfigError, match="model.path: a gemma3 model lets each image's tokens "
+                                          "attend to each other both ways"):
+        check_image_attention(model, text + pictured)

@@ -191,3 +191,18 @@ def check_windows(config, max_length: int, attn_implementation: str | None) -> N
                           f"window, and this model's layers look back {shortest} tokens, fewer "
                           f"than data.max_length ({max_length}): use sdpa or eager, or set "
                           f"data.max_length to at most {shortest}.")
+
+
+# vision-language families whose forward lets an image's tokens attend to each other both ways
+# (transformers builds that mask from token_type_ids); preftune's masks keep every token causal
+IMAGES_BOTH_WAYS = ("gemma3", "gemma3n", "gemma4", "paligemma", "molmo2")
+
+
+def check_image_attention(model: nn.Module, examples) -> None:
+    """Refuse image data for a model whose image tokens attend both ways (text alone trains)."""
+    model_type = getattr(causal_lm_of(model).config, "model_type", None)
+    if model_type in IMAGES_BOTH_WAYS and any(example.images for example in examples):
+        raise ConfigError(f"model.path: a {model_type} model lets each image's tokens attend "
+                          "to each other both ways, which preftune's attention masks do not "
+                          "reproduce yet; train it on text alone, or use a LLaVA-, Idefics3- "
+                          "or Qwen2-VL-style model for image data.")

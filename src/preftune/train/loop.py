@@ -24,7 +24,8 @@ from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
                           load_tokenizer, without_dropout)
-from ..model.verify import check_head, check_windows, decoder_of, verified_layout
+from ..model.verify import (check_head, check_image_attention, check_windows, decoder_of,
+                            verified_layout)
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
@@ -206,6 +207,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
     check_head(model)
+    check_image_attention(model, [*train_examples, *(eval_examples or [])])
     check_windows(decoder_of(model)[1], config.data.max_length, config.model.attn_implementation)
     layout = verified_layout(*decoder_of(model), choose_layout(
         train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
