@@ -3,7 +3,7 @@
 preftune never asks a model for its logits: it runs the decoder on its own layouts and applies
 the output head itself (``forward.py``). Both rest on assumptions about the architecture, and
 transformers has hundreds; so before a model trains or is evaluated, two small probes on the
-model itself check them:
+model itself check them, and two checks of its config refuse what preftune cannot reproduce:
 
 - ``check_head``: the log-probs of one plain row, computed preftune's way, equal the model's
   own ``forward`` logits' (a head that scales, caps or otherwise changes its logits in a way
@@ -12,7 +12,10 @@ model itself check them:
   responses and packed sequences apart. Layers that mix tokens outside attention (state-space
   layers, short convolutions, linear attention: Mamba hybrids such as Jamba, Bamba, Granite 4,
   Falcon-H1, or LFM2 and Qwen3-Next) ignore it. The probe changes tokens a response must not
-  see and checks that its hidden states stay exactly as they were.
+  see and checks that its hidden states stay exactly as they were;
+- ``check_windows``: sliding windows are built into the dense masks (``forward.py``); the
+  attention kernels that cannot have them, and Llama 4's chunks, are refused where they bind;
+- ``check_image_attention``: image data for models whose image tokens attend both ways.
 
 Each probe is one forward or two of a dozen tokens, without gradients; results are kept per
 model.
@@ -95,17 +98,17 @@ def check_head(model: nn.Module, key: str = "model.path") -> None:
     _CHECKED.add(lm)
 
 
-def _leak_examples(seed: int) -> list[TokenizedExample]:
+def _leak_examples(seed: int, vocab: int) -> list[TokenizedExample]:
     """Two examples. What a seed changes: all of the first, and the second's first response;
     the second's second response, kept the same, follows the first example in a packed row
     and the first response in a prefix-shared one."""
     generator = torch.Generator().manual_seed(seed)
     keep = torch.Generator().manual_seed(1234)
-    prompt, second = _ids(keep, 64, 3), _ids(keep, 64, 4)
-    return [TokenizedExample(prompt_ids=_ids(generator, 64, 5),
-                             response_ids=[_ids(generator, 64, 4), _ids(generator, 64, 3)],
+    prompt, second = _ids(keep, vocab, 3), _ids(keep, vocab, 4)
+    return [TokenizedExample(prompt_ids=_ids(generator, vocab, 5),
+                             response_ids=[_ids(generator, vocab, 4), _ids(generator, vocab, 3)],
                              index=0),
-            TokenizedExample(prompt_ids=prompt, response_ids=[_ids(generator, 64, 3), second],
+            TokenizedExample(prompt_ids=prompt, response_ids=[_ids(generator, vocab, 3), second],
                              index=1)]
 
 
@@ -113,10 +116,11 @@ def mask_leak(decoder: nn.Module, config, layout: str) -> float:
     """How far the final hidden states of a response move when tokens ``layout``'s mask hides
     from it change: 0.0 exactly when the mask holds."""
     device = next(decoder.parameters()).device
+    vocab = min(64, decoder.get_input_embeddings().num_embeddings)
     states = []
     with _probe(decoder):
         for seed in (0, 1):
-            batch = collate(_leak_examples(seed), pad_token_id=0, layout=layout,
+            batch = collate(_leak_examples(seed, vocab), pad_token_id=0, layout=layout,
                             max_row_tokens=64).to(device)
             hidden = run_decoder(decoder, batch, config).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -178,10 +182,10 @@ def check_windows(config, max_length: int, attn_implementation: str | None) -> N
     """Sliding windows that bind on sequences of ``max_length`` tokens are built into the
     dense masks of sdpa and eager attention (``forward.run_decoder``); refuse what cannot
     have them, before anything runs."""
-    windows = attention_windows(config)
-    if windows is None or min(w for w in windows.values() if w) >= max_length:
+    windows = attention_windows(config) or {}
+    shortest = min((w for w in windows.values() if w), default=None)
+    if shortest is None or shortest >= max_length:
         return
-    shortest = min(w for w in windows.values() if w)
     if windows.get("chunked_attention"):
         raise ConfigError(f"data.max_length: {max_length} tokens are more than this model's "
                           f"attention chunks ({windows['chunked_attention']}), which preftune "
