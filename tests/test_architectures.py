@@ -30,6 +30,7 @@ ATTENTION_MODELS = {
     "granite": ({"logits_scaling": 8.0}, "sdpa"),            # logits over a factor
     "gpt2": ({"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}, "sdpa"),
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "sdpa"),  # experts
+    "opt": ({"ffn_dim": 64, "word_embed_proj_dim": 32}, "sdpa"),  # positions from the mask
     # sliding windows shorter than the examples: every layer (one mask), or some (a mask each)
     "mistral": ({"sliding_window": 4}, "sdpa"),
     "gemma3_text": ({"head_dim": 8, "sliding_window": 4,

@@ -143,6 +143,14 @@ class Batch:
                                                                      torch.finfo(dtype).min)
         return self._masks[("bias", dtype, window)]
 
+    def column_positions(self) -> torch.Tensor:
+        """[rows, T] positions 0, 1, ... of right-padded rows, built once per batch."""
+        if "positions" not in self._masks:
+            rows, width = self.input_ids.shape
+            self._masks["positions"] = torch.arange(
+                width, device=self.input_ids.device).expand(rows, width)
+        return self._masks["positions"]
+
     def block_mask(self):
         """The same rule as a FlexAttention BlockMask, built once per batch from one fixed mask
         function: block-sparse, never a dense [T, T] mask, so fully masked blocks (other units,
