@@ -336,3 +336,17 @@ def test_image_data_is_refused_for_a_model_whose_image_tokens_attend_both_ways()
     with pytest.raises(ConfigError, match="model.path: a gemma3 model lets each image's tokens "
                                           "attend to each other both ways"):
         check_image_attention(model, text + pictured)
+
+
+def test_an_encoder_decoder_model_is_refused_by_name(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from preftune.model.load import load_model
+
+    tokenizer = char_tokenizer()
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64,
+                                        num_layers=1, num_heads=2, d_kv=16)).save_pretrained(
+        tmp_path / "t5")
+    with pytest.raises(ConfigError, match=r"model.path: .*t5 is a t5 model, which is not a "
+                                          r"causal \(decoder-only\) language model"):
+        load_model(str(tmp_path / "t5"), tokenizer)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config_tree import ConfigError
 from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
 from .adapter_dirs import (adapter_base, config_source, final_model_dir, is_adapter_dir,
                            merge_adapter)
@@ -161,8 +162,6 @@ def check_weights_format(source: str, allow_pickle: bool = False) -> None:
         return
     pickled = [p.name for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern)]
     if pickled:
-        from ..config import ConfigError
-
         raise ConfigError(
             f"model.path: {directory} holds its weights only as pickle files ({pickled[0]}), and "
             "preftune loads safetensors only (unpickling can run code). Convert it once "
@@ -201,18 +200,31 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
     auto = AutoModelForCausalLM
     if is_vision_language(source, trust_remote_code):
         from transformers import AutoModelForImageTextToText as auto
+    _check_kind(source, auto, trust_remote_code)
     model = auto.from_pretrained(
         source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True, **extra
     )
     embedded = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embedded:
-        from ..config import ConfigError
-
         raise ConfigError(f"model.path: {source}: its tokenizer has {len(tokenizer)} tokens but "
                           f"the model embeds only {embedded}; the tokenizer does not belong to "
                           "this model (put the model's own tokenizer files in the directory).")
     return model
+
+
+def _check_kind(source: str, auto, trust_remote_code: bool) -> None:
+    """Refuse, by name, a model that ``auto`` (causal LM, or image-text-to-text) cannot load:
+    an encoder-decoder (T5, BART) or another kind of model, not transformers' long list."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    remote = trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {})
+    if type(config) not in auto._model_mapping and not remote:
+        raise ConfigError(f"model.path: {source} is a {config.model_type} model, which is not a "
+                          "causal (decoder-only) language model; preference training here needs "
+                          "one (Llama, Qwen, Mistral, Gemma, SmolLM ...). Encoder-decoder "
+                          "models such as T5 and BART are not supported.")
 
 
 def is_vision_language(source: str, trust_remote_code: bool = False) -> bool:
@@ -223,8 +235,6 @@ def is_vision_language(source: str, trust_remote_code: bool = False) -> bool:
     if config is None or "vision_config" not in config:
         return False
     if is_mrope_config(config) and config.get("model_type") not in MROPE_MODEL_TYPES:
-        from ..config import ConfigError
-
         raise ConfigError(f"model.path: {source} is a {config.get('model_type')} model with "
                           "multimodal rotary positions (M-RoPE), which preftune supports for "
                           "Qwen2-VL and Qwen2.5-VL only; LLaVA- and Idefics3/SmolVLM-style "
