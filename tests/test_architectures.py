@@ -350,3 +350,20 @@ def test_an_encoder_decoder_model_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"model.path: .*t5 is a t5 model, which is not a "
                                           r"causal \(decoder-only\) language model"):
         load_model(str(tmp_path / "t5"), tokenizer)
+
+
+def test_the_plan_names_the_head_and_the_windows(tmp_path, capsys):
+    tokenizer = char_tokenizer()
+    changes = {**ATTENTION_MODELS["gemma3_text"][0], "vocab_size": len(tokenizer),
+               "final_logit_softcapping": 30.0}
+    build("gemma3_text", changes).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(
+        {"prompt": f"Question {i}?", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(4)))
+    tree = {"output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "model")},
+            "data": {"train": str(tmp_path / "pairs.jsonl"), "max_length": 64}}
+    train(Config.from_dict(tree), plan_only=True)
+    out = capsys.readouterr().out
+    assert "output head        logits x 1, capped at 30\n" in out
+    assert ("attention windows  sliding_attention 4 tokens (built into the masks: "
+            "data.max_length is longer)\n") in out

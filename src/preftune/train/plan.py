@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..data.layout import collate
-from ..model.forward import causal_lm_of
+from ..model.forward import attention_windows, binding_windows, causal_lm_of, output_head
 from ..objectives.compose import Objective
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -85,13 +85,14 @@ def _norm_bytes(hidden: int, b: int, lean: bool) -> int:
 
 def _activation_bytes(config, rows: int, width: int, dtype_bytes: int,
                       checkpoint_every: int | None = None, lean: bool = True, *,
-                      dense_mask: bool = False, eager: bool = False) -> int:
+                      dense_mask: bool = False, eager: bool = False, masks: int = 1) -> int:
     """Saved activations of one micro-batch for backward.
 
     Per token and layer see ``layer_bytes_per_token`` (and ``_eager_scores_bytes`` for
     ``eager`` attention). A ``dense_mask``, the [rows, 1, T, T] additive mask that SDPA and
     eager attention get for prefix-shared, packed or padded rows, is one tensor alive for the
-    whole step, as are the rotary tables. A checkpointed layer keeps only its input. Every
+    whole step (``masks`` of them where sliding windows bind: one per distinct window), as are
+    the rotary tables. A checkpointed layer keeps only its input. Every
     ``checkpoint_every``-th layer is checkpointed (None: none); backward runs from the last
     layer down, so the peak is either its start or the recomputation of the highest
     checkpointed layer, when the layers above it are freed.
@@ -102,13 +103,31 @@ def _activation_bytes(config, rows: int, width: int, dtype_bytes: int,
     final_norm = tokens * _norm_bytes(hidden, dtype_bytes, lean)
     shared = tokens * 2 * _head_dim(config) * dtype_bytes  # rotary cos and sin
     if dense_mask:
-        shared += rows * width * width * dtype_bytes
+        shared += masks * rows * width * width * dtype_bytes
     if checkpoint_every is None:
         return layers * per_layer + final_norm + shared
     kept = [tokens * hidden * dtype_bytes if i % checkpoint_every == 0 else per_layer
             for i in range(layers)]
     highest = (layers - 1) // checkpoint_every * checkpoint_every
     return shared + max(sum(kept) + final_norm, sum(kept[: highest + 1]) + per_layer)
+
+
+def _model_lines(lm, decoder_config, max_length: int) -> list[str]:
+    """What preftune reproduces of this model beyond a plain decoder (``model/verify.py``):
+    a head that scales or caps its logits, sliding attention windows."""
+    lines = []
+    head = output_head(lm)
+    if not head.plain:
+        lines.append(f"output head        logits x {head.scale:g}"
+                     + (f", capped at {head.softcap:g}" if head.softcap else ""))
+    windows = {kind: w for kind, w in (attention_windows(decoder_config) or {}).items() if w}
+    if windows:
+        spans = ", ".join(f"{kind or 'every layer'} {w}" for kind, w in windows.items())
+        binds = max_length > min(windows.values())
+        lines.append(f"attention windows  {spans} tokens ("
+                     + ("built into the masks: data.max_length is longer)" if binds else
+                        f"never reached at data.max_length {max_length})"))
+    return lines
 
 
 def plan(config, model, train_examples, layout: str, pad_token_id: int,
@@ -155,6 +174,9 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     padding = worst.unit_ids is None and worst.real_tokens < worst.attention_mask.numel()
     dense_mask = (worst.unit_ids is not None and attention not in ("flex_attention", "varlen")
                   or padding and attention in ("sdpa", "eager"))  # as model/forward.py builds
+    windows = binding_windows(model_config, worst.longest_sequence)
+    masks = len(set(windows.values())) if windows else 1
+    dense_mask = dense_mask or windows is not None
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
     lean, eager = cfg.lean_activations, attention == "eager"
     head = causal_lm_of(model).get_output_embeddings().weight
@@ -166,7 +188,7 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
 
     def activations_and_total(checkpoint_every):
         kept = _activation_bytes(model_config, rows, width, dtype_bytes, checkpoint_every, lean,
-                                 dense_mask=dense_mask, eager=eager)
+                                 dense_mask=dense_mask, eager=eager, masks=masks)
         # backward's three candidate peaks: the output layer's, with every activation still
         # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
         largest = max(kept + output, kept + top_grads + layer, grads + bottom + layer)
@@ -179,6 +201,7 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         f"reference          {strategy}",
         f"layout             {layout}"
         + (" (chosen automatically)" if cfg.layout == "auto" else ""),
+        *_model_lines(causal_lm_of(model), model_config, config.data.max_length),
         f"padding fraction   {sample.padding_fraction:.1%} (first 64 examples)",
         f"worst micro-batch  {rows} rows x {width} tokens",
         f"parameters         {n_params / 1e6:.1f}M, trainable {trainable_params / 1e6:.2f}M",
