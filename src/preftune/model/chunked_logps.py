@@ -37,7 +37,7 @@ class Head:
 
     def backward(self, hidden, weight, targets, grad_logps) -> torch.Tensor:
         """d (grad_logps . log softmax(logits)[targets]) / d (hidden @ weight.T), in fp32."""
-        raw = hidden @ weight.T
+        raw, capped = hidden @ weight.T, None
         if self.plain:  # the softmax straight from the model-dtype logits: no fp32 copy besides
             grad = torch.softmax(raw, dim=-1, dtype=torch.float32).neg_()
         else:
@@ -47,9 +47,9 @@ class Head:
         # d logp[target] / d logits = onehot(target) - softmax(logits)
         grad.scatter_add_(1, targets[:, None], torch.ones_like(grad[:, :1]))
         grad *= grad_logps[:, None]
-        if not self.plain:
-            if capped is not None:  # d cap tanh(z / cap) / dz = 1 - tanh^2
-                grad *= 1 - capped * capped
+        if capped is not None:  # d cap tanh(z / cap) / dz = 1 - tanh^2
+            grad *= 1 - capped * capped
+        if self.scale != 1.0:
             grad *= self.scale
         return grad
 
@@ -124,8 +124,9 @@ def chunked_token_logps_and_kl(
 
     At each position, KL(pi_ref || pi_theta) = sum_v pi_ref(v) (log pi_ref(v) - log pi_theta(v)),
     with pi_ref = softmax(head(ref_hidden @ ref_weight^T)) (no gradient; the reference is the
-    same architecture) and pi_theta as in ``chunked_token_logps``. Each chunk is checkpointed: only one chunk's [tokens x vocab]
-    logits of either model exist at a time, in forward and in backward.
+    same architecture) and pi_theta as in ``chunked_token_logps``. Each chunk is
+    checkpointed: only one chunk's [tokens x vocab] logits of either model exist at a time, in
+    forward and in backward.
     """
     logps, kls = [], []
     for start in range(0, hidden.shape[0], chunk_tokens):

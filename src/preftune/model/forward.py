@@ -146,8 +146,7 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
             mask = batch.attention_bias(decoder.dtype)
         else:
             mask = batch.attention_mask
-    if positions is None and isinstance(mask, (dict, torch.Tensor)) and \
-            (isinstance(mask, dict) or mask.dim() == 4):
+    if positions is None and (isinstance(mask, dict) or mask is not None and mask.dim() == 4):
         # models that count positions from the 2-D mask (OPT) cannot read them from ours
         positions = batch.column_positions()
     if batch.image_positions is not None:
