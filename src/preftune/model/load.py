@@ -213,14 +213,20 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
     return model
 
 
+def builds(auto, config, trust_remote_code: bool = False) -> bool:
+    """Whether transformers' ``auto`` class has a model for ``config``: one of its
+    architectures, or (with remote code) one the config's ``auto_map`` names."""
+    return type(config) in auto._model_mapping or (
+        trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {}))
+
+
 def _check_kind(source: str, auto, trust_remote_code: bool) -> None:
     """Refuse, by name, a model that ``auto`` (causal LM, or image-text-to-text) cannot load:
     an encoder-decoder (T5, BART) or another kind of model, not transformers' long list."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    remote = trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {})
-    if type(config) not in auto._model_mapping and not remote:
+    if not builds(auto, config, trust_remote_code):
         raise ConfigError(f"model.path: {source} is a {config.model_type} model, which is not a "
                           "causal (decoder-only) language model; preference training here needs "
                           "one (Llama, Qwen, Mistral, Gemma, SmolLM ...). Encoder-decoder "

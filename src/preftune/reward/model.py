@@ -24,7 +24,8 @@ from ..data.layout import choose_layout, collate
 from ..model.forward import attention_kernels, causal_lm_of, run_decoder
 from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
-from ..model.load import DTYPES, add_lora, check_weights_format, load_tokenizer, resolve_model_dir
+from ..model.load import (DTYPES, add_lora, builds, check_weights_format, load_tokenizer,
+                          resolve_model_dir)
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
 
@@ -158,9 +159,7 @@ def scores_last_token(source: str, trust_remote_code: bool = False) -> bool:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if type(config) not in AutoModelForSequenceClassification._model_mapping and not (
-            trust_remote_code and "AutoModelForSequenceClassification" in
-            (getattr(config, "auto_map", None) or {})):
+    if not builds(AutoModelForSequenceClassification, config, trust_remote_code):
         raise ConfigError(f"model.path: {source} is a {config.model_type} model, for which "
                           "transformers has no sequence-classification class, so it cannot "
                           "carry a reward head. Pick a backbone whose architecture has one "
