@@ -9,7 +9,7 @@ import yaml
 
 from preftune.cli import main
 from preftune.data.synthetic import generate_tasks, to_record
-from preftune.evaluate.run_eval import run_reference
+from preftune.evaluate.run_models import run_reference
 from tiny_models import save_tiny_model_dir
 
 PAIR_KEYS = ["rewards/accuracy", "rewards/margin", "ranking/summed", "ranking/normalised",

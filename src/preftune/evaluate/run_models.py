@@ -1,0 +1,49 @@
+"""Which models ``preftune eval`` compares when given a path: the model a run directory
+trained (``model/``, or ``adapter/`` without a merged copy) or a model directory itself, and
+by default the reference that run trained against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..model.adapter_dirs import final_model_dir, is_adapter_dir
+
+
+def model_location(path: str) -> tuple[str, Path | None]:
+    """(model dir to load, the run dir it belongs to or None). A run dir holds ``model/`` (or,
+    LoRA without a merged copy, ``adapter/``)."""
+    local = Path(path)
+    if (local / "run.json").exists() or (local / "model" / "config.json").exists():
+        return str(final_model_dir(local)), local
+    if (local / "config.json").exists() or is_adapter_dir(local):
+        is_run = any((local.parent / name).exists() for name in ("run.json", "metrics.jsonl"))
+        return str(local), local.parent if is_run else None
+    return path, None  # "default", a .gguf file or a hub id; load_model_and_tokenizer decides
+
+
+def run_reference(run_dir: Path | None) -> str:
+    """The model a run trained against: its config.yaml's ``reference.model``, else its
+    ``model.path`` (the model it started from); the bundled default for a bare model dir."""
+    config = run_dir / "config.yaml" if run_dir is not None else None
+    if config is None or not config.is_file():
+        return "default"
+    tree = yaml.safe_load(config.read_text()) or {}
+    path = ((tree.get("reference") or {}).get("model") or (tree.get("model") or {}).get("path")
+            or "default")
+    return _where_training_ran(path, run_dir, tree.get("output_dir"))
+
+
+def _where_training_ran(path: str, run_dir: Path, output_dir: str | None) -> str:
+    """A relative ``path`` from a run's config.yaml is relative to the directory training ran
+    in: the run directory less its relative ``output_dir`` (``/w/runs/dpo`` less
+    ``runs/dpo`` is ``/w``). ``path`` itself when it exists from here, when that directory
+    cannot be told, or when nothing is there (a hub id, ``default``)."""
+    if Path(path).is_absolute() or Path(path).exists() or not output_dir:
+        return path
+    parts, here = Path(output_dir).parts, run_dir.resolve()
+    if Path(output_dir).is_absolute() or (parts and here.parts[-len(parts):] != parts):
+        return path
+    there = (here.parents[len(parts) - 1] if parts else here) / path
+    return str(there) if there.exists() else path
