@@ -98,14 +98,19 @@ def test_a_reward_model_on_a_base_backbone_uses_and_saves_the_template(base, tmp
     assert AutoTokenizer.from_pretrained(run / "model").chat_template == TEMPLATE
 
 
-def test_online_rounds_sample_with_the_template(base, tmp_path):
-    tree = {"output_dir": str(tmp_path / "online"),
+def online_tree(base, output_dir, scorer, samples, max_new_tokens):
+    """One online round on the base model with the template."""
+    return {"output_dir": str(output_dir),
             "model": {"path": str(base / "model"), "chat_template": TEMPLATE},
             "data": {"train": str(base / "prompts.jsonl"), "max_length": 64,
                      "max_prompt_length": 32},
             "train": {"batch_size": 2, "max_steps": 1, "learning_rate": 1e-3},
-            "online": {"rounds": 1, "scorer": "test_chat_template:checksum",
-                       "sampling": {"samples": 4, "max_new_tokens": 6}}}
+            "online": {"rounds": 1, "scorer": scorer,
+                       "sampling": {"samples": samples, "max_new_tokens": max_new_tokens}}}
+
+
+def test_online_rounds_sample_with_the_template(base, tmp_path):
+    tree = online_tree(base, tmp_path / "online", "test_chat_template:checksum", 4, 6)
     out = run_online(tree)
     assert AutoTokenizer.from_pretrained(out / "round-1" / "model").chat_template == TEMPLATE
     del tree["model"]["chat_template"]
@@ -118,14 +123,7 @@ def test_the_policy_as_judge_reads_its_questions_through_the_template(base, tmp_
     from preftune.model.load import load_model_and_tokenizer
     from preftune.score.judge import LLMJudge
 
-    tree = {"output_dir": str(tmp_path / "online"),
-            "model": {"path": str(base / "model"), "chat_template": TEMPLATE},
-            "data": {"train": str(base / "prompts.jsonl"), "max_length": 64,
-                     "max_prompt_length": 32},
-            "train": {"batch_size": 2, "max_steps": 1, "learning_rate": 1e-3},
-            "online": {"rounds": 1, "scorer": "judge:policy",
-                       "sampling": {"samples": 2, "max_new_tokens": 4}}}
-    out = run_online(tree)
+    out = run_online(online_tree(base, tmp_path / "online", "judge:policy", 2, 4))
     row = json.loads((out / "round-1" / "scored.jsonl").read_text().splitlines()[0])
     judges = {template: LLMJudge(*load_model_and_tokenizer(str(base / "model"),
                                                            chat_template=template), "judge")

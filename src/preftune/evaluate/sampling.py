@@ -15,7 +15,7 @@ import torch
 from ..data.layout import choose_layout, collate
 from ..data.tokenize import TokenizedExample
 from ..model.forward import LogpModel, causal_lm_of, sequence_stats
-from ..model.verify import check_head, check_image_attention, decoder_of, verified_layout
+from ..model.verify import check_model, decoder_of, verified_layout
 from ..train.logging import progress
 from .diagnostics import topk_entropy_and_mass
 
@@ -49,8 +49,7 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
     """
     logp_model = LogpModel(causal_lm_of(model), chunk_tokens).eval()
     device = next(model.parameters()).device
-    check_head(model)
-    check_image_attention(model, examples)
+    check_model(model, examples)
     layout = verified_layout(*decoder_of(model), choose_layout(examples))
     order = sorted(range(len(examples)), key=lambda i: _size(examples[i]))
     logps, counts, sums, entropies, masses = [], [], [], [], []

@@ -182,9 +182,9 @@ def binding_windows(config, longest: int) -> dict | None:
     if windows is None or min(w for w in windows.values() if w) >= longest:
         return None
     if windows.get("chunked_attention"):
-        raise ValueError(f"chunked attention ({windows['chunked_attention']} tokens) would "
-                         f"split sequences of {longest} tokens, which preftune does not "
-                         "support: set data.max_length to at most the chunk size")
+        raise ValueError(f"{longest} tokens are more than this model's attention chunks "
+                         f"({windows['chunked_attention']}), which preftune does not support; "
+                         "set data.max_length to at most the chunk size.")
     return windows
 
 

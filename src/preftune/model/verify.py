@@ -17,6 +17,9 @@ model itself check them, and two checks of its config refuse what preftune canno
   attention kernels that cannot have them, and Llama 4's chunks, are refused where they bind;
 - ``check_image_attention``: image data for models whose image tokens attend both ways.
 
+``check_model`` runs the first and the last two for a causal LM; ``verified_layout`` acts on
+the second.
+
 Each probe is one forward or two of a dozen tokens, without gradients; results are kept per
 model.
 """
@@ -33,7 +36,7 @@ from torch import nn
 from ..config_tree import ConfigError
 from ..data.layout import collate
 from ..data.tokenize import TokenizedExample
-from .forward import LogpModel, attention_windows, causal_lm_of, run_decoder
+from .forward import LogpModel, binding_windows, causal_lm_of, run_decoder
 
 _LEAKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _SAID: set = set()  # (architecture, layout) already said in this process
@@ -182,14 +185,13 @@ def check_windows(config, max_length: int, attn_implementation: str | None) -> N
     """Sliding windows that bind on sequences of ``max_length`` tokens are built into the
     dense masks of sdpa and eager attention (``forward.run_decoder``); refuse what cannot
     have them, before anything runs."""
-    windows = attention_windows(config) or {}
-    shortest = min((w for w in windows.values() if w), default=None)
-    if shortest is None or shortest >= max_length:
+    try:
+        windows = binding_windows(config, max_length)
+    except ValueError as error:  # chunked attention
+        raise ConfigError(f"data.max_length: {error}") from None
+    if windows is None:
         return
-    if windows.get("chunked_attention"):
-        raise ConfigError(f"data.max_length: {max_length} tokens are more than this model's "
-                          f"attention chunks ({windows['chunked_attention']}), which preftune "
-                          "does not support; set data.max_length to at most the chunk size.")
+    shortest = min(w for w in windows.values() if w)
     if attn_implementation in ("flex_attention", "varlen"):
         raise ConfigError(f"model.attn_implementation: {attn_implementation} has no sliding "
                           f"window, and this model's layers look back {shortest} tokens, fewer "
@@ -202,11 +204,21 @@ def check_windows(config, max_length: int, attn_implementation: str | None) -> N
 IMAGES_BOTH_WAYS = ("gemma3", "gemma3n", "gemma4", "paligemma", "molmo2")
 
 
-def check_image_attention(model: nn.Module, examples) -> None:
+def check_image_attention(model: nn.Module, examples, key: str = "model.path") -> None:
     """Refuse image data for a model whose image tokens attend both ways (text alone trains)."""
     model_type = getattr(causal_lm_of(model).config, "model_type", None)
     if model_type in IMAGES_BOTH_WAYS and any(example.images for example in examples):
-        raise ConfigError(f"model.path: a {model_type} model lets each image's tokens attend "
+        raise ConfigError(f"{key}: a {model_type} model lets each image's tokens attend "
                           "to each other both ways, which preftune's attention masks do not "
                           "reproduce yet; train it on text alone, or use a LLaVA-, Idefics3- "
                           "or Qwen2-VL-style model for image data.")
+
+
+def check_model(model: nn.Module, examples=(), max_length: int | None = None,
+                attn_implementation: str | None = None, key: str = "model.path") -> None:
+    """A causal LM's checks before it trains or is evaluated: its head, image data it cannot
+    reproduce, and (given the run's ``max_length``) its sliding windows."""
+    check_head(model, key)
+    check_image_attention(model, examples, key)
+    if max_length is not None:
+        check_windows(decoder_of(model)[1], max_length, attn_implementation)

@@ -23,7 +23,7 @@ from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..generation import HFGenerator, prompt_ids
 from ..model.forward import causal_lm_of
 from ..model.load import load_model_and_tokenizer
-from ..model.verify import check_head, check_windows, decoder_of, layout_setting
+from ..model.verify import check_model, decoder_of, layout_setting
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
 from ..objectives.compose import Objective
 from ..train.loop import PolicyTask, row_multiple, trainable, write_run_header
@@ -104,8 +104,8 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
                                                 config.model.attn_implementation,
                                                 chat_template=config.model.chat_template)
     model.to(device)
-    check_head(model)
-    check_windows(decoder_of(model)[1], config.data.max_length, config.model.attn_implementation)
+    check_model(model, max_length=config.data.max_length,
+                attn_implementation=config.model.attn_implementation)
     layout = layout_setting(*decoder_of(model), cfg.layout, config.model.attn_implementation)
     total_steps = count_steps(cfg, len(prompts), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)

@@ -24,8 +24,7 @@ from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
                           load_tokenizer, without_dropout)
-from ..model.verify import (check_head, check_image_attention, check_windows, decoder_of,
-                            verified_layout)
+from ..model.verify import check_model, decoder_of, verified_layout
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
@@ -92,7 +91,8 @@ def reference_from(path, key, config, tokenizer, examples_by_split, make_batch, 
                         f"{config.model.path}; a reference must share it (re-tokenising for "
                         "another vocabulary is not supported).")
     model.to(device)
-    check_head(model, key)
+    check_model(model, max_length=config.data.max_length,
+                attn_implementation=config.model.attn_implementation, key=key)
     layout = make_batch.keywords["layout"]  # the policy's; the reference must keep to it too
     verified_layout(*decoder_of(model), layout, layout, key=f"{key} ({path})")
     return build_reference("precomputed", config, model, examples_by_split, make_batch,
@@ -206,9 +206,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                        config.model.allow_pickle).to(device)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
-    check_head(model)
-    check_image_attention(model, [*train_examples, *(eval_examples or [])])
-    check_windows(decoder_of(model)[1], config.data.max_length, config.model.attn_implementation)
+    check_model(model, [*train_examples, *(eval_examples or [])], config.data.max_length,
+                config.model.attn_implementation)
     layout = verified_layout(*decoder_of(model), choose_layout(
         train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
     make_batch = functools.partial(collate, pad_token_id=tokenizer.pad_token_id, layout=layout,
