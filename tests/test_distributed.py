@@ -17,14 +17,17 @@ from test_train_loop import (crashed_run, final_weights, losses, run,  # noqa: F
 from preftune.train.logging import read_metrics
 
 
-@pytest.mark.parametrize("layout,objective,strategy", [
-    ("padded", "dpo", "precomputed"), ("prefix_shared", "dpo", "precomputed"),
-    ("padded", "dpo", "live"), ("prefix_shared", "tdpo", "live"),  # tdpo: token-level KL
-    ("prefix_shared", "dpo", "adapter-off")])  # LoRA, the reference = adapters switched off
+@pytest.mark.parametrize("layout,objective,strategy,adapter", [
+    ("padded", "dpo", "precomputed", None), ("prefix_shared", "dpo", "precomputed", None),
+    ("padded", "dpo", "live", None), ("prefix_shared", "tdpo", "live", None),  # token-level KL
+    ("prefix_shared", "dpo", "adapter-off", "lora"),  # the reference = adapters switched off
+    ("prefix_shared", "dpo", "precomputed", "qlora")])  # each process holds the 4-bit base
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
-                                                            objective, strategy):
-    name = f"{layout}-{objective}-{strategy}"
-    lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
+                                                            objective, strategy, adapter):
+    name = f"{layout}-{objective}-{strategy}-{adapter}"
+    lora = {"model__lora": {"r": 4, "alpha": 8}} if adapter else {}
+    if adapter == "qlora":
+        lora["model__quantize"] = "nf4"
     one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective},
               reference__strategy=strategy, **lora)

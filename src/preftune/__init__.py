@@ -6,7 +6,10 @@ first use so ``import preftune`` stays fast; not ``train``, ``evaluate`` and ``c
 here are preftune's subpackages.
 """
 
+from .model.quantize import quiet_bitsandbytes
+
 __version__ = "0.1.0"
+quiet_bitsandbytes()
 
 # preftune.api.__all__ less the names of subpackages (a test keeps the two in step)
 _API_NAMES = {"Config", "ConfigError", "DiffusionConfig", "NoParams", "ObjectiveInputs",

@@ -85,6 +85,10 @@ class ModelConfig(Section):
     """Load pickle weight files (*.bin) when no safetensors exist."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of every weight (null: full fine-tuning)."""
+    quantize: Literal["nf4", "fp4"] | None = None
+    """QLoRA: hold the base's linear layers in 4 bits (bitsandbytes), 'nf4' (NormalFloat4 with
+    double quantization, QLoRA's recipe) or 'fp4', and train model.lora's adapters on them.
+    The trained model/ is the adapter merged into the unquantized base, in model.dtype."""
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "varlen"] | None = None
     """Attention kernel; null = transformers' default (sdpa). 'flex_attention' (CUDA) runs the
     prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask;
@@ -100,6 +104,19 @@ class ModelConfig(Section):
     @classmethod
     def _template_text(cls, value: str | None) -> str | None:
         return chat_template_text(value)
+
+    @model_validator(mode="after")
+    def _quantized_base_trains_adapters(self):
+        if self.quantize is None:
+            return self
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("model.quantize needs the bitsandbytes package: "
+                             "pip install 'preftune[qlora]'")
+        if self.lora is None:
+            raise ValueError(f"model.quantize: {self.quantize} weights do not train; add "
+                             "model.lora (QLoRA trains LoRA adapters on the quantized base) or "
+                             "remove model.quantize.")
+        return self
 
 
 class DataConfig(Section):

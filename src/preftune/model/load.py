@@ -24,6 +24,7 @@ from .adapter_dirs import (adapter_base, config_source, final_model_dir, is_adap
                            merge_adapter)
 from .chat_template import use_chat_template
 from .hub import hub_snapshot
+from .quantize import keep_training_layout, quantization_config
 from .varlen import transformers_name
 
 DEFAULT_MODEL = "default"
@@ -171,32 +172,40 @@ def check_weights_format(source: str, allow_pickle: bool = False) -> None:
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                              attn_implementation: str | None = None, allow_pickle: bool = False,
-                             chat_template: str | None = None):
+                             chat_template: str | None = None, quantize: str | None = None,
+                             device: torch.device | str | None = None):
     """Return (causal LM, tokenizer) for a config ``model.path`` (``load_tokenizer``, then
     ``load_model``)."""
     tokenizer = load_tokenizer(path, trust_remote_code, chat_template)
     model = load_model(path, tokenizer, dtype, trust_remote_code, attn_implementation,
-                       allow_pickle)
+                       allow_pickle, quantize, device)
     return model, tokenizer
 
 
 def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: bool = False,
-               attn_implementation: str | None = None, allow_pickle: bool = False):
+               attn_implementation: str | None = None, allow_pickle: bool = False,
+               quantize: str | None = None, device: torch.device | str | None = None):
     """The causal LM of a config ``model.path``, checked against its ``tokenizer``
     (``load_tokenizer``'s; loading that first lets the data be read and checked before the
     weights load). A vision-language model (a config with a ``vision_config``) loads as an
     image-text-to-text model; its processor's image side rides on the tokenizer as
     ``tokenizer.image_inputs`` (``data/vision.py``). A LoRA adapter directory loads as its
-    base with the adapter merged in (``adapter_dirs.py``)."""
+    base with the adapter merged in (``adapter_dirs.py``). ``quantize`` ('nf4', 'fp4'): the
+    linear layers load in 4 bits (``quantize.py``). The model is returned on ``device`` when
+    one is given (a quantized one is built there), else on the host."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_dir(path, allow_pickle)
     if is_adapter_dir(source):
-        return merge_adapter(load_model(adapter_base(source), tokenizer, dtype, trust_remote_code,
-                                        attn_implementation, allow_pickle), source)
+        base = load_model(adapter_base(source), tokenizer, dtype, trust_remote_code,
+                          attn_implementation, allow_pickle, quantize, device)
+        return merge_adapter(base, source)
     check_weights_format(source, allow_pickle)
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if quantize is not None:
+        extra["quantization_config"] = quantization_config(quantize, DTYPES[dtype])
+        extra["device_map"] = {"": torch.device(device or "cpu")}
     auto = AutoModelForCausalLM
     if is_vision_language(source, trust_remote_code):
         from transformers import AutoModelForImageTextToText as auto
@@ -210,7 +219,10 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
         raise ConfigError(f"model.path: {source}: its tokenizer has {len(tokenizer)} tokens but "
                           f"the model embeds only {embedded}; the tokenizer does not belong to "
                           "this model (put the model's own tokenizer files in the directory).")
-    return model
+    if quantize is not None:
+        keep_training_layout(model)
+        return model
+    return model if device is None else model.to(device)
 
 
 def builds(auto, config, trust_remote_code: bool = False) -> bool:

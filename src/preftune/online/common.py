@@ -47,11 +47,12 @@ def online_scorer(config, judge: str, data):
 
 
 def load_on_device(path: str, config: Config):
-    """A model for sampling, scoring or evaluation, on the accelerator when there is one."""
-    model, tokenizer = load_model_and_tokenizer(path, config.model.dtype,
-                                                config.model.trust_remote_code,
-                                                chat_template=config.model.chat_template)
-    return model.to(PartialState().device), tokenizer
+    """A model for sampling, scoring or evaluation, on the accelerator when there is one; in 4
+    bits under model.quantize, as the policy trains (and so that it fits where that does)."""
+    return load_model_and_tokenizer(path, config.model.dtype, config.model.trust_remote_code,
+                                    chat_template=config.model.chat_template,
+                                    quantize=config.model.quantize,
+                                    device=PartialState().device)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -22,11 +22,12 @@ from ..data.records import DataError, Pair
 from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..generation import HFGenerator, prompt_ids
 from ..model.forward import causal_lm_of
-from ..model.load import load_model_and_tokenizer
+from ..model.load import load_tokenizer
 from ..model.verify import check_model, decoder_of, layout_setting
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
 from ..objectives.compose import Objective
-from ..train.loop import PolicyTask, row_multiple, trainable, write_run_header
+from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
+                          write_run_header)
 from ..train.trainer import Trainer, count_steps
 from .build import build_rows
 
@@ -99,11 +100,9 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
     accelerator = Accelerator(gradient_accumulation_steps=1)
     set_seed(cfg.seed)
     device = accelerator.device
-    model, tokenizer = load_model_and_tokenizer(config.model.path, config.model.dtype,
-                                                config.model.trust_remote_code,
-                                                config.model.attn_implementation,
-                                                chat_template=config.model.chat_template)
-    model.to(device)
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
+                               config.model.chat_template)
+    model = load_policy(config, tokenizer, accelerator)
     check_model(model, max_length=config.data.max_length,
                 attn_implementation=config.model.attn_implementation)
     layout = layout_setting(*decoder_of(model), cfg.layout, config.model.attn_implementation)

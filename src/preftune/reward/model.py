@@ -26,10 +26,13 @@ from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, add_lora, builds, check_weights_format, load_tokenizer,
                           resolve_model_dir)
+from ..model.adapter_dirs import merge_adapter
+from ..model.quantize import keep_training_layout, quantization_config
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
 
 PAD_CANDIDATES = ("unk_token", "<|endoftext|>", "<pad>", "[PAD]", "bos_token")
+REWARD_HEADS = ("score", "classifier")  # transformers' sequence-classification heads
 
 
 def is_last_token_classifier(model: nn.Module) -> bool:
@@ -99,9 +102,10 @@ class RewardModel(nn.Module):
     # -- storage ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory: Path, tokenizer, extra: dict | None = None,
-                        save_merged: bool = True) -> dict[str, Path]:
+                        save_merged: bool = True, unquantized_base=None) -> dict[str, Path]:
         """``model/`` (a plain sequence-classification model) and, with LoRA, ``adapter/``;
-        ``preftune_reward.json`` in each."""
+        ``preftune_reward.json`` in each. LoRA on a quantized backbone merges into
+        ``unquantized_base()`` (the backbone loaded again)."""
         directory = Path(directory)
         written = {}
         model = self.model
@@ -112,7 +116,8 @@ class RewardModel(nn.Module):
             written["adapter"] = directory / "adapter"
             if not save_merged:
                 return written
-            model = copy.deepcopy(model).merge_and_unload()
+            model = (merge_adapter(unquantized_base(), str(written["adapter"]))
+                     if unquantized_base is not None else copy.deepcopy(model).merge_and_unload())
         model.config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(directory / "model", safe_serialization=True)
         tokenizer.save_pretrained(directory / "model")
@@ -172,9 +177,12 @@ def scores_last_token(source: str, trust_remote_code: bool = False) -> bool:
 
 
 def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_code: bool = False,
-                  attn_implementation: str | None = None, tokenizer=None):
+                  attn_implementation: str | None = None, tokenizer=None,
+                  quantize: str | None = None, device=None, announce: bool = True):
     """(sequence-classification model with ``head.num_outputs`` outputs, tokenizer); pass the
-    ``tokenizer`` of ``backbone_tokenizer`` if it is already loaded.
+    ``tokenizer`` of ``backbone_tokenizer`` if it is already loaded. ``quantize`` ('nf4',
+    'fp4'): the backbone's linear layers in 4 bits, built on ``device``, the head in ``dtype``.
+    ``announce``: say which weights start random.
 
     ``path`` is anything ``model.path`` accepts: ``default``, ``minilm``, a ``.gguf`` file, a
     causal-LM or encoder directory (the head starts random) or a saved reward model (its head
@@ -194,6 +202,10 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
               f"{head.num_outputs}, so a fresh head is trained on its backbone")
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if quantize is not None:
+        extra["quantization_config"] = quantization_config(quantize, DTYPES[dtype],
+                                                           keep=REWARD_HEADS)
+        extra["device_map"] = {"": torch.device(device or "cpu")}
     with _quiet_loading():  # transformers' table of missing keys: said in one line below
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=head.num_outputs, id2label=dict(enumerate(head.labels)),
@@ -201,7 +213,10 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
             dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=resized, use_safetensors=True, output_loading_info=True,
             **extra)
-    _say_what_starts_random(model, info["missing_keys"], path)
+    if announce:
+        _say_what_starts_random(model, info["missing_keys"], path)
+    if quantize is not None:
+        keep_training_layout(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.problem_type = "regression"  # raw outputs, no softmax: what the head reads
     return model, tokenizer

@@ -23,7 +23,7 @@ from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import write_run_header
 from ..train.output import start_run
-from ..train.engines import check_engine, whole_models
+from ..train.engines import check_engine, refuse_sharding, whole_models
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
@@ -133,9 +133,14 @@ class RewardTask:
         return copy
 
     def save(self, module, output_dir: Path):
-        lora = self.config.model.lora
+        model = self.config.model
+        # QLoRA: the adapter merges into the backbone's own weights, not their 4-bit copies
+        unquantized = (lambda: load_backbone(model.path, self.head, model.dtype,
+                                             model.trust_remote_code, tokenizer=self.tokenizer,
+                                             announce=False)[0]) if model.quantize else None
         module.save_pretrained(output_dir, self.tokenizer, self.saved_record(),
-                               save_merged=lora.save_merged if lora else True)
+                               save_merged=model.lora.save_merged if model.lora else True,
+                               unquantized_base=unquantized)
 
     def saved_record(self) -> dict:
         """What ``preftune_reward.json`` keeps beside the head: how inputs were tokenized."""
@@ -147,14 +152,22 @@ class RewardTask:
     def run_info(self) -> dict:
         return {"reward_loss": self.spec.name, "params": asdict(self.params),
                 "head": self.head.to_dict(), "layout": self.layout, "shape": self.shape,
-                "dtype": self.config.model.dtype}
+                "dtype": self.config.model.dtype,
+                **({"quantize": self.config.model.quantize} if self.config.model.quantize
+                   else {})}
 
 
-def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=None):
-    """(RewardModel, tokenizer) built from model.path, with LoRA attached if configured."""
+def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=None,
+                      accelerator: Accelerator | None = None):
+    """(RewardModel, tokenizer) built from model.path, with LoRA attached if configured; a
+    quantized backbone (model.quantize) is built on the ``accelerator``'s device."""
+    if config.model.quantize and accelerator is not None:
+        refuse_sharding(accelerator, "model.quantize")
     model, tokenizer = load_backbone(config.model.path, head, config.model.dtype,
                                      config.model.trust_remote_code,
-                                     config.model.attn_implementation, tokenizer)
+                                     config.model.attn_implementation, tokenizer,
+                                     config.model.quantize,
+                                     accelerator.device if accelerator else None)
     reward_model = RewardModel(model, head)
     if lora and config.model.lora is not None:
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
@@ -190,7 +203,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     if detected_head:
         data_report["head"] = detected_head
         print(f"model.head: {detected_head}")
-    reward_model, _ = reward_model_from(config, head, lora=False, tokenizer=tokenizer)
+    reward_model, _ = reward_model_from(config, head, lora=False, tokenizer=tokenizer,
+                                        accelerator=accelerator)
     if accelerator.is_main_process:
         write_run_header(Path(config.output_dir), config, data_report)
     if not cfg.keep_dropout:

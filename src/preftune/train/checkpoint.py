@@ -13,6 +13,7 @@ processes, sharded or not.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..model.adapter_dirs import merge_adapter
 from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
 
 PREFIX = "step-"
@@ -150,9 +152,11 @@ def _restore_the_rest(path: Path, scheduler) -> int:
     return json.loads((path / "state.json").read_text())["step"]
 
 
-def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool) -> dict[str, Path]:
+def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool,
+                     unquantized_base=None) -> dict[str, Path]:
     """Write the trained model as HF directories: ``model/`` (full or merged) and ``adapter/``,
-    each written aside and renamed into place, so a kill never leaves half a model."""
+    each written aside and renamed into place, so a kill never leaves half a model. A LoRA
+    model on a quantized base merges into ``unquantized_base()`` (the base loaded again)."""
     written = {}
     if hasattr(model, "merge_and_unload"):  # LoRA (PEFT)
         with warnings.catch_warnings():  # a base that is itself an adapter dir has no config
@@ -160,9 +164,10 @@ def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool) -> d
             written["adapter"] = _write_dir(output_dir / "adapter", model, tokenizer)
         if not save_merged:
             return written
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
+        if unquantized_base is not None:
+            model = merge_adapter(unquantized_base(), str(written["adapter"]))
+        else:
+            model = copy.deepcopy(model).merge_and_unload()
     written["model"] = _write_dir(output_dir / "model", model, tokenizer)
     return written
 

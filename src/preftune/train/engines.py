@@ -56,6 +56,16 @@ def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
                           "DDP (examples/accelerate/ddp.yaml) or on one process.")
 
 
+def refuse_sharding(accelerator: Accelerator, setting: str) -> None:
+    """``setting`` (4-bit weights) cannot be split across processes by FSDP or DeepSpeed."""
+    engine = accelerator.distributed_type
+    if engine in SHARDED:
+        name = "FSDP" if engine == DistributedType.FSDP else "DeepSpeed"
+        raise ConfigError(f"{setting} does not run under {name}, which would shard the 4-bit "
+                          "weights; launch it with DDP (examples/accelerate/ddp.yaml: each "
+                          "process holds the quantized base) or on one process.")
+
+
 def shards(accelerator: Accelerator) -> tuple[str, dict[str, int]]:
     """The engine's name and into how many parts it splits each kind of training state across
     the processes: {"weights", "gradients", "optimizer"} (1: every process holds it whole)."""

@@ -35,7 +35,7 @@ from .checkpoint import save_final_model
 from .logging import progress, progress_bar
 from .output import start_run
 from .plan import plan
-from .engines import check_engine, shards, whole_models
+from .engines import check_engine, refuse_sharding, shards, whole_models
 from .trainer import Trainer, add_metrics, count_steps, means
 
 
@@ -176,13 +176,21 @@ class PolicyTask:
 
     def save(self, module, output_dir: Path):
         save_merged = self.config.model.lora.save_merged if self.config.model.lora else True
-        save_final_model(module.model, self.tokenizer, output_dir, save_merged)
+        model = self.config.model
+        # QLoRA: the adapter merges into the base's own weights, not their 4-bit copies
+        unquantized = (lambda: load_model(model.path, self.tokenizer, model.dtype,
+                                          model.trust_remote_code,
+                                          allow_pickle=model.allow_pickle)) \
+            if model.quantize else None
+        save_final_model(module.model, self.tokenizer, output_dir, save_merged, unquantized)
 
     def run_info(self) -> dict:
         return {"objective": self.objective.name,
                 "params": {name: asdict(p) for name, p in self.objective.params_at(0).items()},
                 "reference": self.config.reference_strategy, "layout": self.layout,
-                "dtype": self.config.model.dtype}
+                "dtype": self.config.model.dtype,
+                **({"quantize": self.config.model.quantize} if self.config.model.quantize
+                   else {})}
 
 
 def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = False):
@@ -201,9 +209,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     # the run early
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed)
-    model = load_model(config.model.path, tokenizer, config.model.dtype,
-                       config.model.trust_remote_code, config.model.attn_implementation,
-                       config.model.allow_pickle).to(device)
+    model = load_policy(config, tokenizer, accelerator)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
     check_model(model, [*train_examples, *(eval_examples or [])], config.data.max_length,
@@ -257,6 +263,17 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     task = PolicyTask(config, logp_model, tokenizer, objective, splits, references, extras,
                       make_batch, layout, device)
     return task, total_steps
+
+
+def load_policy(config: Config, tokenizer, accelerator: Accelerator):
+    """The causal LM of model.path to train, on the accelerator's device; its linear layers in
+    4 bits under model.quantize (not under a sharding engine, which cannot split them)."""
+    model = config.model
+    if model.quantize:
+        refuse_sharding(accelerator, "model.quantize")
+    return load_model(model.path, tokenizer, model.dtype, model.trust_remote_code,
+                      model.attn_implementation, model.allow_pickle, model.quantize,
+                      accelerator.device)
 
 
 def write_run_header(output_dir: Path, config, data_report: dict) -> None:

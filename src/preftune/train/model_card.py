@@ -143,7 +143,9 @@ def _settings(config: dict, info: dict) -> dict:
             **({"max length (prompt)": f"{data['max_length']} ({data['max_prompt_length']})"}
                if "max_length" in data else {"image resolution": data.get("resolution")}),
             **({"LoRA": json.dumps(config["model"]["lora"])}
-               if config["model"].get("lora") else {})}
+               if config["model"].get("lora") else {}),
+            **({"quantized base (QLoRA)": config["model"]["quantize"]}
+               if config["model"].get("quantize") else {})}
 
 
 def _results(metrics: list[dict]) -> list[str]:

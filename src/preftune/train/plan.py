@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from ..data.layout import collate
 from ..model.forward import attention_windows, binding_windows, causal_lm_of, output_head
+from ..model.quantize import four_bit_storage
 from ..objectives.compose import Objective
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -139,7 +140,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     parameter's dtype, DeepSpeed's in fp32."""
     model_config = causal_lm_of(model).get_decoder().config
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in model.parameters())
+    four_bit, scale_bytes = four_bit_storage(model)  # model.quantize
+    n_params = sum(p.numel() for p in model.parameters()) + four_bit // 2
     trainable_params = sum(p.numel() for p in trainable)
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     objective = Objective.from_config(config.objective, total_steps=1)
@@ -158,7 +160,7 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     strategy = config.reference_strategy
 
     engine, parts = sharding
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + scale_bytes
     weights = weight_bytes / parts.get("weights", 1)
     # in-backward updates free each gradient at once: about one parameter's worth is held
     grads = 0 if cfg.optimizer_in_backward else trainable_bytes / parts.get("gradients", 1)
@@ -204,7 +206,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         *_model_lines(causal_lm_of(model), model_config, config.data.max_length),
         f"padding fraction   {sample.padding_fraction:.1%} (first 64 examples)",
         f"worst micro-batch  {rows} rows x {width} tokens",
-        f"parameters         {n_params / 1e6:.1f}M, trainable {trainable_params / 1e6:.2f}M",
+        f"parameters         {n_params / 1e6:.1f}M, trainable {trainable_params / 1e6:.2f}M"
+        + (f", {four_bit / 1e6:.1f}M in 4 bits ({config.model.quantize})" if four_bit else ""),
         "memory estimate (MiB per process, peak of one micro-batch):",
         f"  weights          {weights / MIB:10.0f}" + split("weights"),
         f"  gradients        {grads / MIB:10.0f}"
