@@ -73,10 +73,24 @@ from common import (PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
 # to 64 tokens); its first steps include the compilation, so give it enough --steps.
 # preftune-varlen (CUDA only): model.attn_implementation varlen, so rows are packed and run with
 # torch's variable-length attention and no mask (no prefix sharing).
+# Adapters (run only when named in --tools): preftune-lora and trl-lora train LoRA (r 16,
+# alpha 32, every linear layer, no dropout) on the model as it is; preftune-qlora and
+# trl-qlora do the same on a base held in 4 bits (NF4, double quantization, computing in
+# --dtype). The TRL ones keep TRL's defaults otherwise (gradient checkpointing, and with an
+# adapter the reference is the model with it disabled, inside each step); preftune's reference
+# is precomputed as in every preftune tool. Each is compared with the TRL tool of its kind.
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
          "preftune-gc", "preftune-gc2", "preftune-hflayers", "preftune-lean", "trl-mmap",
-         "preftune-flex", "preftune-compile", "preftune-varlen")
+         "preftune-flex", "preftune-compile", "preftune-varlen",
+         "trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora")
 CUDA_ONLY = ("preftune-flex", "preftune-varlen")
+BY_NAME_ONLY = ("trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora")
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def kind(tool: str) -> str:
+    """Which TRL tools a tool is compared with: full fine-tuning, LoRA or QLoRA."""
+    return next((k for k in ("qlora", "lora") if tool.endswith(f"-{k}")), "full")
 
 # (steps, batch size) per model on each device; --steps/--batch-size override
 RUN_SIZE = {
@@ -126,7 +140,9 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
         "output_dir": str(workdir / "out"),
         "model": {"path": case["model_dir"], "dtype": args.dtype,
                   "attn_implementation": {"preftune-flex": "flex_attention",
-                                          "preftune-varlen": "varlen"}.get(tool)},
+                                          "preftune-varlen": "varlen"}.get(tool),
+                  "lora": LORA if kind(tool) != "full" else None,
+                  "quantize": "nf4" if kind(tool) == "qlora" else None},
         "data": {"train": case["data_path"], "format": "conversational",
                  "max_length": case["max_length"], "max_prompt_length": case["max_prompt_length"]},
         "objective": {"name": "dpo", "beta": 0.1},
@@ -186,7 +202,19 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(case["model_dir"], dtype=dtype)
+    adapter, quantized = {}, {}
+    if kind(tool) != "full":
+        from peft import LoraConfig
+        adapter = {"peft_config": LoraConfig(
+            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"], task_type="CAUSAL_LM")}
+    if kind(tool) == "qlora":
+        from transformers import BitsAndBytesConfig
+        quantized = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype),
+            "device_map": {"": "cuda:0" if args.device == "cuda" else "cpu"}}
+    model = AutoModelForCausalLM.from_pretrained(case["model_dir"], dtype=dtype, **quantized)
     records = [json.loads(line) for line in Path(case["data_path"]).read_text().splitlines()]
     # the same records in preftune's step order; the sampler below keeps that order
     dataset = Dataset.from_list([records[i] for i in case["order"]])
@@ -203,7 +231,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     )
     clock = trl_step_clock(memory, cuda=args.device == "cuda")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[clock])
+                         processing_class=tokenizer, callbacks=[clock], **adapter)
     rows = trainer.train_dataset
     lengths = [2 * len(p) + len(c) + len(r)
                for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])]
@@ -233,9 +261,12 @@ def summarize(case: dict, runs: dict, args) -> str:
                     "timed_seconds", "train_mb", "reference_mb")}
             | {"layout": results[0]["layout"]}
             for tool, results in runs.items()}
-    fastest_trl = max((t for t in rows if t.startswith("trl")),
-                      key=lambda t: rows[t]["tokens_per_second"], default=None)
-    base = rows.get("trl")
+    def fastest_trl(tool):
+        return max((t for t in rows if t.startswith("trl") and kind(t) == kind(tool)),
+                   key=lambda t: rows[t]["tokens_per_second"], default=None)
+
+    def base(tool):
+        return rows.get("trl" if kind(tool) == "full" else f"trl-{kind(tool)}")
     lines = [
         f"### {case['name']}",
         "",
@@ -248,11 +279,13 @@ def summarize(case: dict, runs: dict, args) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, row in rows.items():
-        speed = f"{row['tokens_per_second'] / base['tokens_per_second']:.2f}" if base else "-"
-        memory = f"{row['peak_mb'] / base['peak_mb']:.2f}" if base else "-"
-        fastest = (f"{row['tokens_per_second'] / rows[fastest_trl]['tokens_per_second']:.2f}"
-                   if fastest_trl else "-")
-        reference = "in steps" if tool == "trl" else f"{row['reference_seconds']:.1f}"
+        trl, best = base(tool), fastest_trl(tool)
+        speed = f"{row['tokens_per_second'] / trl['tokens_per_second']:.2f}" if trl else "-"
+        memory = f"{row['peak_mb'] / trl['peak_mb']:.2f}" if trl else "-"
+        fastest = (f"{row['tokens_per_second'] / rows[best]['tokens_per_second']:.2f}"
+                   if best else "-")
+        reference = ("in steps" if tool in ("trl", "trl-lora", "trl-qlora")
+                     else f"{row['reference_seconds']:.1f}")
         phases = " / ".join("-" if v is None else f"{v:.0f}"
                             for v in (row["reference_mb"], row["train_mb"]))
         lines.append(
@@ -260,8 +293,9 @@ def summarize(case: dict, runs: dict, args) -> str:
             f"{row['peak_mb']:.0f} | {memory} | {row['base_mb']:.0f} | {phases} | {reference} | "
             f"{row['timed_seconds']:.1f} | {row['e2e_seconds']:.1f} |")
     trl_tokens = next((r[0].get("trl_timed_tokens") for t, r in runs.items() if t.startswith("trl")), None)
-    if fastest_trl:
-        lines += ["", f"Fastest TRL setting here: {fastest_trl}."]
+    fastest = sorted({fastest_trl(tool) for tool in rows} - {None})
+    if fastest:
+        lines += ["", f"Fastest TRL setting here, of each kind: {', '.join(fastest)}."]
     if trl_tokens:
         lines += ["", f"TRL's own tokenization of the same timed pairs: {trl_tokens} tokens "
                       f"({trl_tokens / case['timed_tokens'] - 1:+.1%}); tokens/s above use "
@@ -271,7 +305,8 @@ def summarize(case: dict, runs: dict, args) -> str:
 
 def main(argv=None) -> None:
     parser = make_parser(__doc__.split("\n")[0],
-                         f"comma list of {', '.join(TOOLS)} (default: all; preftune-flex and -varlen on CUDA only)")
+                         f"comma list of {', '.join(TOOLS)} (default: all but the LoRA "
+                         "and QLoRA ones; preftune-flex and -varlen on CUDA only)")
     args = parser.parse_args(argv)
     if args.child:
         run_child(args, lambda tool: child_trl if tool.startswith("trl") else child_preftune,
@@ -280,7 +315,8 @@ def main(argv=None) -> None:
 
     cases = split_names(parser, args.cases, CASES, "case")
     tools = (split_names(parser, args.tools, TOOLS, "tool") if args.tools else
-             [t for t in TOOLS if args.device == "cuda" or t not in CUDA_ONLY])
+             [t for t in TOOLS if (args.device == "cuda" or t not in CUDA_ONLY)
+              and t not in BY_NAME_ONLY])
     if "preftune-flex" in tools and args.device != "cuda":
         parser.error("preftune-flex needs --device cuda (torch has no FlexAttention backward on CPU)")
     run_benchmark(

@@ -310,3 +310,28 @@ def test_a_reward_model_on_a_quantized_backbone_trains_as_on_its_dequantized_wei
     saved = AutoModelForSequenceClassification.from_pretrained(quantized / "model")
     trained_head = adapters[0][f"base_model.model.{head}.weight"]
     assert torch.equal(saved.get_submodule(head).weight.detach(), trained_head)
+
+
+def test_a_quantized_model_on_the_host_lets_go_of_its_weights_file(workspace, tmp_path):
+    """Its unquantized weights are copied out of the file transformers mapped to read them, so
+    the mapping (and every page of the file that quantizing read) goes."""
+    import gc
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(workspace / "model", tmp_path / "model")
+    weights_file = str(tmp_path / "model" / "model.safetensors")
+
+    def mapped() -> bool:
+        gc.collect()
+        return any(line.endswith(weights_file) for line in
+                   Path("/proc/self/maps").read_text().splitlines())
+
+    tokenizer = load_tokenizer(str(tmp_path / "model"))
+    model = load_model(str(tmp_path / "model"), tokenizer)  # as it is: it trains on the file's
+    assert mapped()
+    del model
+    assert not mapped()
+    model = load_model(str(tmp_path / "model"), tokenizer, quantize="nf4")
+    assert not mapped()
+    assert model.model.embed_tokens.weight.dtype == torch.float32

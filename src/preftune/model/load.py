@@ -24,7 +24,7 @@ from .adapter_dirs import (adapter_base, config_source, final_model_dir, is_adap
                            merge_adapter)
 from .chat_template import use_chat_template
 from .hub import hub_snapshot
-from .quantize import keep_training_layout, quantization_config
+from .quantize import keep_training_layout, own_host_memory, quantization_config
 from .varlen import transformers_name
 
 DEFAULT_MODEL = "default"
@@ -221,6 +221,7 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
                           "this model (put the model's own tokenizer files in the directory).")
     if quantize is not None:
         keep_training_layout(model)
+        own_host_memory(model)
         return model
     return model if device is None else model.to(device)
 

@@ -3,9 +3,10 @@
 Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs". The frozen base is
 stored as 4-bit NormalFloat (NF4, a data type whose 16 levels are quantiles of a normal
 distribution, so weights that are roughly normal lose little), with double quantization (the
-per-block scales are quantized too, saving about 0.4 bits per weight). Each layer's weight is
+per-block scales are quantized too, saving about 0.37 bits per weight). Each layer's weight is
 dequantized to ``model.dtype`` when it runs; gradients flow through it into the adapters, which
-train in ``model.dtype`` as usual. The base takes about a quarter of its bf16 memory.
+train in ``model.dtype`` as usual. The linear layers take about a quarter of their bf16
+memory.
 
 bitsandbytes does the storage and the matmuls (CUDA, and CPUs since 0.46.1). Embeddings, norms
 and the output layer stay in ``model.dtype``: the output layer is what the chunked log-probs
@@ -73,4 +74,15 @@ def keep_training_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def own_host_memory(model) -> None:
+    """On the host, the weights a quantized model keeps as they are (embeddings, norms) still
+    view the safetensors file transformers mapped to read them, and while that mapping is open
+    every page of the file that quantizing read stays resident: the whole file, counted in the
+    process's memory beside the 4-bit copy. Copied into memory of their own, they let the
+    mapping close."""
+    for param in model.parameters():
+        if param.device.type == "cpu" and getattr(param, "quant_state", None) is None:
+            param.data = param.data.clone()
 

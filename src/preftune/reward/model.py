@@ -27,7 +27,7 @@ from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, add_lora, builds, check_weights_format, load_tokenizer,
                           resolve_model_dir)
 from ..model.adapter_dirs import merge_adapter
-from ..model.quantize import keep_training_layout, quantization_config
+from ..model.quantize import keep_training_layout, own_host_memory, quantization_config
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
 
@@ -217,6 +217,7 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
         _say_what_starts_random(model, info["missing_keys"], path)
     if quantize is not None:
         keep_training_layout(model)
+        own_host_memory(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.problem_type = "regression"  # raw outputs, no softmax: what the head reads
     return model, tokenizer
