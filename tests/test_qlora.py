@@ -101,12 +101,16 @@ def run(workspace, name: str, **overrides):
 RUNS = {}
 
 
-@pytest.mark.parametrize("kind, layout", [("nf4", "auto"), ("nf4", "padded"),
-                                          ("fp4", "packed_prefix_shared")])
-def test_a_quantized_base_trains_as_lora_on_its_dequantized_weights(workspace, kind, layout):
-    quantized = run(workspace, f"{kind}-{layout}", model__quantize=kind, train__layout=layout)
-    plain = run(workspace, f"dequantized-{kind}-{layout}", train__layout=layout,
-                model__path=str(workspace / f"dequantized-{kind}"))
+@pytest.mark.parametrize("kind, layout, reference", [
+    ("nf4", "auto", "precomputed"), ("nf4", "padded", "live"),  # live: a copy of the 4-bit base
+    ("fp4", "packed_prefix_shared", "adapter-off")])
+def test_a_quantized_base_trains_as_lora_on_its_dequantized_weights(workspace, kind, layout,
+                                                                    reference):
+    name = f"{kind}-{layout}" + ("" if reference == "precomputed" else f"-{reference}")
+    quantized = run(workspace, name, model__quantize=kind, train__layout=layout,
+                    reference__strategy=reference)
+    plain = run(workspace, f"dequantized-{name}", train__layout=layout,
+                reference__strategy=reference, model__path=str(workspace / f"dequantized-{kind}"))
     log, expected = (read_metrics(path / "metrics.jsonl") for path in (quantized, plain))
     assert len(log) == len(expected) == 3
     for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/ref_rejected"):
