@@ -130,6 +130,16 @@ def test_a_quantized_base_trains_as_lora_on_its_dequantized_weights(workspace, k
     assert info[0]["layout"] == info[1]["layout"]
 
 
+def test_compiled_layers_on_a_4_bit_base_train_as_eager_ones(workspace):
+    eager = read_metrics(run(workspace, "nf4-auto", model__quantize="nf4") / "metrics.jsonl")
+    compiled = read_metrics(run(workspace, "nf4-auto-compiled", model__quantize="nf4",
+                                train__compile=True) / "metrics.jsonl")
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert [r[key] for r in compiled] == pytest.approx([r[key] for r in eager],
+                                                           rel=1e-5, abs=1e-6), key
+    assert compiled[-1]["eval/loss"] == pytest.approx(eager[-1]["eval/loss"], rel=1e-5)
+
+
 def test_quantizing_changes_the_numbers(workspace):
     """The base really is held in 4 bits: its log-probs are not the original model's."""
     quantized = read_metrics(run(workspace, "nf4-auto", model__quantize="nf4")
