@@ -349,3 +349,28 @@ def test_a_quantized_model_on_the_host_lets_go_of_its_weights_file(workspace, tm
     model = load_model(str(tmp_path / "model"), tokenizer, quantize="nf4")
     assert not mapped()
     assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_a_vision_language_model_trains_on_a_4_bit_base(tmp_path):
+    """An Idefics3-style model: its text and vision layers in 4 bits, the image side intact."""
+    from tiny_vlms import save_tiny_vlm_dir, solid_image
+
+    save_tiny_vlm_dir(tmp_path / "model", "idefics3")
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
+    for name, colour in colours.items():
+        solid_image(tmp_path / f"{name}.png", colour)
+    names = list(colours)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({
+        "prompt": "What colour? <image>", "images": [f"{names[i % 3]}.png"],
+        "chosen": names[i % 3], "rejected": names[(i + 1) % 3]}) + "\n" for i in range(8)))
+    out = loop.train(build_config({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(tmp_path / "model"), "lora": LORA, "quantize": "nf4"},
+        "data": {"train": str(tmp_path / "pairs.jsonl"), "max_length": 48,
+                 "max_prompt_length": 32},
+        "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 5e-3}}),
+        show_progress=False)
+    log = read_metrics(out / "metrics.jsonl")
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[1]["loss"] < log[0]["loss"]
+    assert "quantization_config" not in json.loads((out / "model" / "config.json").read_text())
