@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from preftune.config import ConfigError, ModelConfig, build_config
 from preftune.model.load import load_model, load_tokenizer
-from preftune.model.quantize import four_bit_storage, quantization_config
+from preftune.model.quantize import four_bit_storage, loading_arguments
 from preftune.reward.config import build_reward_config
 from preftune.reward.train import train_reward_model
 from preftune.train import loop
@@ -63,8 +63,7 @@ def dequantized_twin(source, target, kind: str, auto=AutoModelForCausalLM):
     """The model at ``source`` with each linear layer's weight replaced by its ``kind``
     quantization, dequantized: a plain model holding the numbers a quantized run computes
     with."""
-    quantized = auto.from_pretrained(source, device_map={"": "cpu"},
-                                     quantization_config=quantization_config(kind, torch.float32))
+    quantized = auto.from_pretrained(source, **loading_arguments(kind, torch.float32, "cpu"))
     plain = auto.from_pretrained(source)
     with torch.no_grad():
         for name, module in quantized.named_modules():

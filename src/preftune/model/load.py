@@ -24,7 +24,7 @@ from .adapter_dirs import (adapter_base, config_source, final_model_dir, is_adap
                            merge_adapter)
 from .chat_template import use_chat_template
 from .hub import hub_snapshot
-from .quantize import keep_training_layout, own_host_memory, quantization_config
+from .quantize import loading_arguments, settle
 from .varlen import transformers_name
 
 DEFAULT_MODEL = "default"
@@ -204,8 +204,7 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantize is not None:
-        extra["quantization_config"] = quantization_config(quantize, DTYPES[dtype])
-        extra["device_map"] = {"": torch.device(device or "cpu")}
+        extra |= loading_arguments(quantize, DTYPES[dtype], device)
     auto = AutoModelForCausalLM
     if is_vision_language(source, trust_remote_code):
         from transformers import AutoModelForImageTextToText as auto
@@ -220,8 +219,7 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
                           f"the model embeds only {embedded}; the tokenizer does not belong to "
                           "this model (put the model's own tokenizer files in the directory).")
     if quantize is not None:
-        keep_training_layout(model)
-        own_host_memory(model)
+        settle(model)
         return model
     return model if device is None else model.to(device)
 

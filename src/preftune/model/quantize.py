@@ -51,6 +51,22 @@ def quantization_config(kind: str, dtype, keep: tuple[str, ...] = ()):
                               llm_int8_skip_modules=list(keep) or None)
 
 
+def loading_arguments(kind: str, dtype, device, keep: tuple[str, ...] = ()) -> dict:
+    """``from_pretrained``'s arguments for a model whose linear layers load in 4 bits
+    (``quantization_config``), quantized where it will run: on ``device``, or the host."""
+    import torch
+
+    return {"quantization_config": quantization_config(kind, dtype, keep),
+            "device_map": {"": torch.device(device or "cpu")}}
+
+
+def settle(model) -> None:
+    """What a model loaded with ``loading_arguments`` needs before it trains or runs:
+    ``keep_training_layout`` and ``own_host_memory``."""
+    keep_training_layout(model)
+    own_host_memory(model)
+
+
 def four_bit_storage(model) -> tuple[int, int]:
     """(how many weights of ``model`` are held in 4 bits, bytes of their per-block scales)."""
     weights = scale_bytes = 0

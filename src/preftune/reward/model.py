@@ -27,7 +27,7 @@ from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, add_lora, builds, check_weights_format, load_tokenizer,
                           resolve_model_dir)
 from ..model.adapter_dirs import merge_adapter
-from ..model.quantize import keep_training_layout, own_host_memory, quantization_config
+from ..model.quantize import loading_arguments, settle
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
 
@@ -203,9 +203,7 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantize is not None:
-        extra["quantization_config"] = quantization_config(quantize, DTYPES[dtype],
-                                                           keep=REWARD_HEADS)
-        extra["device_map"] = {"": torch.device(device or "cpu")}
+        extra |= loading_arguments(quantize, DTYPES[dtype], device, keep=REWARD_HEADS)
     with _quiet_loading():  # transformers' table of missing keys: said in one line below
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=head.num_outputs, id2label=dict(enumerate(head.labels)),
@@ -216,8 +214,7 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
     if announce:
         _say_what_starts_random(model, info["missing_keys"], path)
     if quantize is not None:
-        keep_training_layout(model)
-        own_host_memory(model)
+        settle(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.problem_type = "regression"  # raw outputs, no softmax: what the head reads
     return model, tokenizer
