@@ -129,14 +129,16 @@ def test_a_quantized_base_trains_as_lora_on_its_dequantized_weights(workspace, k
     assert info[0]["layout"] == info[1]["layout"]
 
 
-def test_compiled_layers_on_a_4_bit_base_train_as_eager_ones(workspace):
-    eager = read_metrics(run(workspace, "nf4-auto", model__quantize="nf4") / "metrics.jsonl")
-    compiled = read_metrics(run(workspace, "nf4-auto-compiled", model__quantize="nf4",
-                                train__compile=True) / "metrics.jsonl")
+@pytest.mark.parametrize("setting", ["compile", "gradient_checkpointing"])
+def test_compiled_or_checkpointed_layers_on_a_4_bit_base_train_as_plain_ones(workspace,
+                                                                            setting):
+    plain = read_metrics(run(workspace, "nf4-auto", model__quantize="nf4") / "metrics.jsonl")
+    fast = read_metrics(run(workspace, f"nf4-auto-{setting}", model__quantize="nf4",
+                            **{f"train__{setting}": True}) / "metrics.jsonl")
     for key in ("loss", "grad_norm", "rewards/margins"):
-        assert [r[key] for r in compiled] == pytest.approx([r[key] for r in eager],
-                                                           rel=1e-5, abs=1e-6), key
-    assert compiled[-1]["eval/loss"] == pytest.approx(eager[-1]["eval/loss"], rel=1e-5)
+        assert [r[key] for r in fast] == pytest.approx([r[key] for r in plain],
+                                                       rel=1e-5, abs=1e-6), key
+    assert fast[-1]["eval/loss"] == pytest.approx(plain[-1]["eval/loss"], rel=1e-5)
 
 
 def test_quantizing_changes_the_numbers(workspace):
