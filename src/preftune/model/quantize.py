@@ -101,4 +101,3 @@ def own_host_memory(model) -> None:
     for param in model.parameters():
         if param.device.type == "cpu" and getattr(param, "quant_state", None) is None:
             param.data = param.data.clone()
-
