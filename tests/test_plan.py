@@ -68,8 +68,9 @@ def test_plan_without_checkpointing_names_what_checkpointing_would_need(workspac
 
 @pytest.mark.parametrize("train", [
     {}, {"gradient_checkpointing": True}, {"lean_activations": False}, {"layout": "padded"},
-    {"gradient_checkpointing": True, "checkpoint_every": 2},
-], ids=["default", "checkpointing", "transformers-layers", "padded", "checkpoint-every-2"])
+    {"gradient_checkpointing": True, "checkpoint_every": 2}, {"optimizer": "adamw_8bit"},
+], ids=["default", "checkpointing", "transformers-layers", "padded", "checkpoint-every-2",
+        "8bit-adamw"])
 def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, train, capsys,
                                                                 monkeypatch):
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted

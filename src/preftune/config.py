@@ -220,6 +220,10 @@ class TrainConfig(Section):
     """Learning-rate decay after warmup."""
     weight_decay: NonNegative = 0.0
     """AdamW weight decay."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """AdamW's two moments per weight held in the weights' dtype (torch's fused AdamW), or in
+    8 bits (bitsandbytes: about a quarter of fp32 moments' memory); paged_adamw_8bit also lets
+    CUDA move them to host memory when the GPU runs short (train/optimizers.py)."""
     max_grad_norm: Positive | None = 1.0
     """Clip the global gradient norm to this; null: no clipping."""
     seed: int = 42
@@ -275,6 +279,19 @@ class TrainConfig(Section):
         if self.checkpoint_every > 1 and not self.gradient_checkpointing:
             raise ValueError(f"train.checkpoint_every: {self.checkpoint_every} does nothing "
                              "without train.gradient_checkpointing: true; set both or remove it.")
+        return self
+
+    @model_validator(mode="after")
+    def _eight_bit_optimizer_available(self):
+        if self.optimizer == "adamw":
+            return self
+        if self.optimizer_in_backward:
+            raise ValueError(f"train.optimizer: {self.optimizer} and train.optimizer_in_backward "
+                             "do not combine (the in-backward updates are torch's AdamW); "
+                             "choose one.")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"train.optimizer: {self.optimizer} needs the bitsandbytes "
+                             "package: pip install 'bitsandbytes>=0.46.1'")
         return self
 
     @field_validator("report_to", mode="before")

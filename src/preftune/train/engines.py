@@ -39,6 +39,10 @@ def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
         raise ConfigError(f"train.optimizer_in_backward does not work under {name} (it updates "
                           "each weight in its backward hook, before the gradient is sharded); "
                           "turn it off, or use DDP.")
+    if cfg.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer: {cfg.optimizer} does not run under {name} (its "
+                          "8-bit moments would have to be split with the weights); use adamw, "
+                          "or DDP.")
     if engine == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         for section in ("optimizer", "scheduler"):

@@ -11,6 +11,7 @@ from ..data.layout import collate
 from ..model.forward import attention_windows, binding_windows, causal_lm_of, output_head
 from ..model.quantize import four_bit_storage
 from ..objectives.compose import Objective
+from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
@@ -137,7 +138,7 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits).
     Weights, gradients and AdamW's moments are counted from ``model``'s parameters as they are
     (LoRA adapters may be fp32 on a bf16 model); torch's AdamW keeps its two moments in each
-    parameter's dtype, DeepSpeed's in fp32."""
+    parameter's dtype, DeepSpeed's in fp32, the 8-bit ones in a byte (``moment_bytes``)."""
     model_config = causal_lm_of(model).get_decoder().config
     trainable = [p for p in model.parameters() if p.requires_grad]
     four_bit, scale_bytes = four_bit_storage(model)  # model.quantize
@@ -165,8 +166,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     # in-backward updates free each gradient at once: about one parameter's worth is held
     grads = 0 if cfg.optimizer_in_backward else trainable_bytes / parts.get("gradients", 1)
     fp32_moments = engine.startswith("ZeRO")
-    optimizer = (2 * trainable_params * 4 if fp32_moments else 2 * trainable_bytes) \
-        / parts.get("optimizer", 1)
+    optimizer = (2 * trainable_params * 4 if fp32_moments
+                 else moment_bytes(cfg.optimizer, trainable, embedding_weights(model))) / parts.get("optimizer", 1)
     reference = weight_bytes if strategy == "live" else 0  # held whole
 
     def split(kind):
@@ -214,7 +215,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         + ("  (optimizer in backward: freed as applied)" if cfg.optimizer_in_backward
            else split("gradients")),
         f"  optimizer        {optimizer / MIB:10.0f}  (AdamW, "
-        + ("fp32 moments)" if fp32_moments else "moments in the weights' dtype)")
+        + ("fp32 moments)" if fp32_moments else "8-bit moments)" if cfg.optimizer in EIGHT_BIT
+           else "moments in the weights' dtype)")
         + split("optimizer"),
         f"  reference        {reference / MIB:10.0f}  ({strategy})",
         f"  activations      {activations / MIB:10.0f}"

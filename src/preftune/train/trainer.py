@@ -27,10 +27,10 @@ from .alarms import Alarms, WeightProbe
 from .batches import MicroBatches
 from .checkpoint import checkpoints, gather_training_state, load_checkpoint, save_checkpoint
 from .engines import SHARDED, check_engine, configure_deepspeed, whole_models
-from .in_backward import AdamWInBackward
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
 from .model_card import write_model_cards
+from .optimizers import embedding_weights, make_optimizer
 from .tracking import Trackers
 
 
@@ -162,14 +162,9 @@ class Trainer:
         self.local_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         self.examples_per_step = self.local_per_step * self.world
         self.trainable = [p for p in task.module.parameters() if p.requires_grad]
-        if cfg.optimizer_in_backward:  # each weight updated as its gradient completes
-            if accelerator.device.type == "cpu":  # let freed gradients leave the process
-                return_freed_tensors_to_the_os()
-            optimizer = AdamWInBackward(self.trainable, cfg.learning_rate, cfg.weight_decay)
-        else:  # fused: one kernel for all weights (the per-tensor loop was ~30% of a small step)
-            fused = all(p.device.type in ("cpu", "cuda") for p in self.trainable)
-            optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate,
-                                          weight_decay=cfg.weight_decay, fused=fused or None)
+        if cfg.optimizer_in_backward and accelerator.device.type == "cpu":
+            return_freed_tensors_to_the_os()  # let freed gradients leave the process
+        optimizer = make_optimizer(cfg, self.trainable, embedding_weights(task.module))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps), cfg.schedule))
         check_engine(accelerator, cfg, task)
