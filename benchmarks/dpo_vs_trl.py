@@ -79,18 +79,21 @@ from common import (PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
 # --dtype). The TRL ones keep TRL's defaults otherwise (gradient checkpointing, and with an
 # adapter the reference is the model with it disabled, inside each step); preftune's reference
 # is precomputed as in every preftune tool. Each is compared with the TRL tool of its kind.
+# preftune-8bit and trl-8bit (by name only, too): full fine-tuning with AdamW's moments in 8
+# bits (train.optimizer adamw_8bit; TRL's optim adamw_bnb_8bit), compared with each other.
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
          "preftune-gc", "preftune-gc2", "preftune-hflayers", "preftune-lean", "trl-mmap",
          "preftune-flex", "preftune-compile", "preftune-varlen",
-         "trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora")
+         "trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora", "trl-8bit", "preftune-8bit")
 CUDA_ONLY = ("preftune-flex", "preftune-varlen")
-BY_NAME_ONLY = ("trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora")
+BY_NAME_ONLY = ("trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora", "trl-8bit",
+                "preftune-8bit")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def kind(tool: str) -> str:
-    """Which TRL tools a tool is compared with: full fine-tuning, LoRA or QLoRA."""
-    return next((k for k in ("qlora", "lora") if tool.endswith(f"-{k}")), "full")
+    """Which TRL tools a tool is compared with: full fine-tuning, LoRA, QLoRA or 8-bit AdamW."""
+    return next((k for k in ("qlora", "lora", "8bit") if tool.endswith(f"-{k}")), "full")
 
 # (steps, batch size) per model on each device; --steps/--batch-size override
 RUN_SIZE = {
@@ -141,7 +144,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
         "model": {"path": case["model_dir"], "dtype": args.dtype,
                   "attn_implementation": {"preftune-flex": "flex_attention",
                                           "preftune-varlen": "varlen"}.get(tool),
-                  "lora": LORA if kind(tool) != "full" else None,
+                  "lora": LORA if kind(tool) in ("lora", "qlora") else None,
                   "quantize": "nf4" if kind(tool) == "qlora" else None},
         "data": {"train": case["data_path"], "format": "conversational",
                  "max_length": case["max_length"], "max_prompt_length": case["max_prompt_length"]},
@@ -157,6 +160,7 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
                   "checkpoint_every": 2 if tool == "preftune-gc2" else 1,
                   "lean_activations": tool != "preftune-hflayers",
                   "compile": tool == "preftune-compile",
+                  "optimizer": "adamw_8bit" if kind(tool) == "8bit" else "adamw",
                   "optimizer_in_backward": tool == "preftune-lean"},
     })
     loop.train(config, show_progress=False)
@@ -203,7 +207,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter, quantized = {}, {}
-    if kind(tool) != "full":
+    if kind(tool) in ("lora", "qlora"):
         from peft import LoraConfig
         adapter = {"peft_config": LoraConfig(
             r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -228,6 +232,7 @@ def child_trl(case: dict, tool: str, args, workdir: Path) -> dict:
         save_strategy="no", eval_strategy="no", logging_steps=case["steps"], report_to=[],
         seed=case["seed"], data_seed=case["seed"], dataloader_num_workers=0,
         use_cpu=args.device == "cpu", bf16=False, fp16=False, disable_tqdm=True,
+        **({"optim": "adamw_bnb_8bit"} if kind(tool) == "8bit" else {}),  # else TRL's default
     )
     clock = trl_step_clock(memory, cuda=args.device == "cuda")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
@@ -284,7 +289,7 @@ def summarize(case: dict, runs: dict, args) -> str:
         memory = f"{row['peak_mb'] / trl['peak_mb']:.2f}" if trl else "-"
         fastest = (f"{row['tokens_per_second'] / rows[best]['tokens_per_second']:.2f}"
                    if best else "-")
-        reference = ("in steps" if tool in ("trl", "trl-lora", "trl-qlora")
+        reference = ("in steps" if tool in ("trl", "trl-lora", "trl-qlora", "trl-8bit")
                      else f"{row['reference_seconds']:.1f}")
         phases = " / ".join("-" if v is None else f"{v:.0f}"
                             for v in (row["reference_mb"], row["train_mb"]))
