@@ -100,7 +100,7 @@ def eight_bit_from_1024(monkeypatch):
 
 
 def test_a_run_with_8bit_adamw_trains_as_adamw_then_drifts_and_resumes_exactly(
-        workspace, monkeypatch, eight_bit_from_1024):
+        workspace, monkeypatch, eight_bit_from_1024):  # noqa: F811
     settings = dict(train__max_steps=4, train__save_every=2, train__batch_size=4)
     adamw = run(workspace, "opt-adamw", **settings)
     straight = run(workspace, "opt-8bit", train__optimizer="adamw_8bit", **settings)
@@ -124,7 +124,7 @@ def test_a_run_with_8bit_adamw_trains_as_adamw_then_drifts_and_resumes_exactly(
     assert_same_weights(straight, resumed, atol=0)
 
 
-def test_8bit_adamw_trains_lora_adapters(workspace, eight_bit_from_1024):
+def test_8bit_adamw_trains_lora_adapters(workspace, eight_bit_from_1024):  # noqa: F811
     lora = {"model__lora": {"r": 32, "alpha": 64}, "train__max_steps": 3,
             "train__save_every": 2}
     eight = run(workspace, "opt-8bit-lora", train__optimizer="adamw_8bit", **lora)
