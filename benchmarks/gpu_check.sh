@@ -59,7 +59,7 @@ if part tests; then
   echo "== CUDA tests ($(left) s left)" > "$OUT/tests.txt"
   timeout "$(upto "$TEST_S")" $PY -m pytest -q -p no:cacheprovider \
     -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_lean.py tests/test_vllm.py \
-    tests/test_qlora.py 2>&1 \
+    tests/test_qlora.py tests/test_optimizers.py 2>&1 \
     | tail -40 >> "$OUT/tests.txt"
   cat "$OUT/tests.txt"
 fi
