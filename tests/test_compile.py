@@ -71,19 +71,21 @@ def test_train_compile_true_trains_like_eager(workspace):  # noqa: F811
                                    atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("variant", ["lora", "gradient_checkpointing"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "gradient_checkpointing"])
 def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
-    """Compiling the layers keeps LoRA's injected adapters and activation checkpointing: the
-    same log-probs and (adapter) gradients as eager."""
+    """Compiling the layers keeps LoRA's (or DoRA's) injected adapters and activation
+    checkpointing: the same log-probs and (adapter) gradients as eager."""
     import copy
 
+    from preftune.config import LoraConfig
     from preftune.model.forward import enable_checkpointing
     from preftune.model.load import add_lora
 
     torch._dynamo.reset()
     base = tiny_llama(seed=1).train()
-    if variant == "lora":
-        base = add_lora(base, 4, 8, 0.0, None)
+    if variant != "gradient_checkpointing":
+        base = add_lora(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                                         dora=variant == "dora"))
     else:
         enable_checkpointing(base)
     eager_logps, eager_grads = stats_and_grads(copy.deepcopy(base), "prefix_shared")

@@ -63,9 +63,11 @@ def test_saved_denoiser_reloads_in_diffusers_and_denoises_identically(files, tmp
         assert (output / "model" / part).is_dir()
 
 
-def test_lora_merged_save_denoises_like_the_adapted_model(files, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_merged_save_denoises_like_the_adapted_model(files, tmp_path, dora):
     pytest.importorskip("peft")
-    output, initial = trained(files, tmp_path, model={"lora": {"r": 4, "alpha": 8}},
+    output, initial = trained(files, tmp_path, model={"lora": {"r": 4, "alpha": 8,
+                                                               "dora": dora}},
                               train={"max_steps": 2, "learning_rate": 1e-2})
     merged = UNet2DConditionModel.from_pretrained(output / "model" / "unet")
     adapted = load_diffusion_model(files[0]).denoiser

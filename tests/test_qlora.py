@@ -100,15 +100,18 @@ def run(workspace, name: str, **overrides):
 RUNS = {}
 
 
-@pytest.mark.parametrize("kind, layout, reference", [
-    ("nf4", "auto", "precomputed"), ("nf4", "padded", "live"),  # live: a copy of the 4-bit base
-    ("fp4", "packed_prefix_shared", "adapter-off")])
+@pytest.mark.parametrize("kind, layout, reference, dora", [
+    ("nf4", "auto", "precomputed", False), ("nf4", "padded", "live", False),  # live: 4-bit copy
+    ("fp4", "packed_prefix_shared", "adapter-off", False),
+    ("nf4", "prefix_shared", "adapter-off", True)])  # DoRA's norms of the dequantized weights
 def test_a_quantized_base_trains_as_lora_on_its_dequantized_weights(workspace, kind, layout,
-                                                                    reference):
-    name = f"{kind}-{layout}" + ("" if reference == "precomputed" else f"-{reference}")
+                                                                    reference, dora):
+    name = (f"{kind}-{layout}" + ("" if reference == "precomputed" else f"-{reference}")
+            + ("-dora" if dora else ""))
+    lora = {**LORA, "dora": dora}
     quantized = run(workspace, name, model__quantize=kind, train__layout=layout,
-                    reference__strategy=reference)
-    plain = run(workspace, f"dequantized-{name}", train__layout=layout,
+                    reference__strategy=reference, model__lora=lora)
+    plain = run(workspace, f"dequantized-{name}", train__layout=layout, model__lora=lora,
                 reference__strategy=reference, model__path=str(workspace / f"dequantized-{kind}"))
     log, expected = (read_metrics(path / "metrics.jsonl") for path in (quantized, plain))
     assert len(log) == len(expected) == 3

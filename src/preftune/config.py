@@ -64,6 +64,12 @@ class LoraConfig(Section):
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or 'all-linear'."""
+    rslora: bool = False
+    """rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of alpha / r,
+    so that higher ranks keep learning at the same rate."""
+    dora: bool = False
+    """DoRA (Liu et al. 2024): each adapted weight is a learned magnitude per output times the
+    direction of W + scale * B A (its rows normalized); LoRA trains the direction."""
     save_merged: bool = True
     """Also write the merged full model next to the adapter."""
 

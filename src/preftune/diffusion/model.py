@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..model.load import peft_lora_config
 
 DENOISER_FOLDERS = ("unet", "transformer")
 LORA_FOLDER = "unet_lora"
@@ -172,13 +173,8 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
 
 def attach_lora(model: DiffusionModel, lora) -> None:
     """LoRA adapters on the denoiser (diffusers' PEFT integration); only they train."""
-    from peft import LoraConfig  # installed: checked when model.lora was read
-
     model.denoiser.requires_grad_(False)
-    model.denoiser.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha,
-                                          lora_dropout=lora.dropout,
-                                          target_modules=list(lora.target_modules),
-                                          init_lora_weights="gaussian"))
+    model.denoiser.add_adapter(peft_lora_config(lora, init_lora_weights="gaussian"))
 
 
 def word_tokenizer(words: list[str], max_length: int = 8):

@@ -288,18 +288,24 @@ def load_processor_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules,
-             task_type: str = "CAUSAL_LM"):
-    """Wrap ``model`` with trainable LoRA adapters (PEFT); the base weights stay frozen.
-    ``task_type`` "SEQ_CLS" (reward models) also trains the classification head in full."""
-    from peft import LoraConfig, get_peft_model  # installed: checked when model.lora was read
+def peft_lora_config(lora, **settings):
+    """peft's ``LoraConfig`` for a config's ``model.lora`` (plus peft ``settings``)."""
+    from peft import LoraConfig  # installed: checked when model.lora was read
 
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-        task_type=task_type,
-    )
+    target = lora.target_modules
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=target if isinstance(target, str) else list(target),
+                      use_rslora=lora.rslora, use_dora=lora.dora, **settings)
+
+
+def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with trainable adapters of a config's ``model.lora`` (PEFT); the base
+    weights stay frozen. ``task_type`` "SEQ_CLS" (reward models) also trains the
+    classification head in full."""
+    from peft import get_peft_model
+
     with quiet_peft():
-        return get_peft_model(model, config)
+        return get_peft_model(model, peft_lora_config(lora, task_type=task_type))
 
 
 def without_dropout(model: nn.Module) -> None:

@@ -250,8 +250,7 @@ def _say_what_starts_random(model, missing: list[str], path: str) -> None:
 
 def attach_reward_lora(model, lora):
     """LoRA on the backbone; the head (``score`` / ``classifier``) trains in full."""
-    return add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules,
-                    task_type="SEQ_CLS")
+    return add_lora(model, lora, task_type="SEQ_CLS")
 
 
 @torch.no_grad()

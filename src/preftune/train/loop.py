@@ -333,4 +333,4 @@ def _attach_lora(model, config: Config):
     lora = config.model.lora
     if lora is None:
         return model
-    return add_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    return add_lora(model, lora)

@@ -1,0 +1,95 @@
+"""model.lora.rslora and model.lora.dora: the saved model is the formula of each applied to the
+trained adapter (checked from the adapter's tensors), every layout trains DoRA alike, and its
+reference (adapters off) starts DPO at log 2."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_loop import losses, run, workspace  # noqa: F401
+
+from preftune.config import LoraConfig
+from preftune.train.logging import read_metrics
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def merged_and_parts(output):
+    """(merged model/ weights, the base's weights, the adapter's tensors)."""
+    return (load_file(output / "model" / "model.safetensors"),
+            load_file(output.parent.parent / "model" / "model.safetensors"),
+            load_file(output / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_the_saved_model_is_w_plus_the_scaled_update(workspace, rslora):  # noqa: F811
+    """W + s B A, with s = alpha / r, or alpha / sqrt(r) under rsLoRA (r 16: 2 against 8)."""
+    output = run(workspace, f"rslora-{rslora}", model__lora={"r": 16, "alpha": 32,
+                                                              "rslora": rslora})
+    merged, base, adapter = merged_and_parts(output)
+    scale = 32 / math.sqrt(16) if rslora else 32 / 16
+    adapted = 0
+    for name, weight in base.items():
+        stem = "base_model.model." + name.removesuffix(".weight")
+        if f"{stem}.lora_A.weight" in adapter:
+            delta = adapter[f"{stem}.lora_B.weight"] @ adapter[f"{stem}.lora_A.weight"]
+            weight = weight + scale * delta
+            adapted += bool(delta.abs().max() > 0)
+        torch.testing.assert_close(merged[name], weight, rtol=0, atol=1e-6)
+    assert adapted == 2 * len(LINEAR)
+
+
+def test_the_saved_dora_model_is_magnitude_times_normalized_direction(workspace):  # noqa: F811
+    """W' = m / ||W + s B A|| * (W + s B A), the norm taken over each output row's inputs, m
+    the trained magnitudes (starting at ||W||: the untrained adapter is the base)."""
+    output = run(workspace, "dora", model__lora={"r": 4, "alpha": 8, "dora": True})
+    merged, base, adapter = merged_and_parts(output)
+    adapted = 0
+    for name, weight in base.items():
+        stem = "base_model.model." + name.removesuffix(".weight")
+        if f"{stem}.lora_A.weight" in adapter:
+            direction = weight + 2.0 * (adapter[f"{stem}.lora_B.weight"]
+                                        @ adapter[f"{stem}.lora_A.weight"])
+            magnitude = adapter[f"{stem}.lora_magnitude_vector"]
+            assert magnitude.shape == (weight.shape[0],)
+            moved = (magnitude - weight.norm(dim=1)).abs().max()
+            weight = (magnitude / direction.norm(dim=1))[:, None] * direction
+            adapted += bool(moved > 0)
+        torch.testing.assert_close(merged[name], weight, rtol=0, atol=1e-6)
+    assert adapted == 2 * len(LINEAR)  # every magnitude trained
+
+
+@pytest.mark.parametrize("layout", ["prefix_shared", "packed", "packed_prefix_shared"])
+def test_dora_trains_alike_in_every_layout(workspace, layout):  # noqa: F811
+    lora = {"r": 4, "alpha": 8, "dora": True}
+    padded = run(workspace, f"dora-padded-{layout}", model__lora=lora, train__layout="padded")
+    other = run(workspace, f"dora-{layout}", model__lora=lora, train__layout=layout)
+    assert losses(other) == pytest.approx(losses(padded), rel=1e-5)
+    norms = [[r["grad_norm"] for r in read_metrics(out / "metrics.jsonl")]
+             for out in (padded, other)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    for name, value in load_file(padded / "adapter" / "adapter_model.safetensors").items():
+        torch.testing.assert_close(
+            load_file(other / "adapter" / "adapter_model.safetensors")[name], value,
+            atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dora_with_its_adapters_off_as_reference_starts_at_log_2(workspace):  # noqa: F811
+    lora = {"r": 4, "alpha": 8, "dora": True}
+    off = run(workspace, "dora-adapter-off", model__lora=lora, reference__strategy="adapter-off")
+    precomputed = run(workspace, "dora-precomputed", model__lora=lora,
+                      reference__strategy="precomputed")
+    assert losses(off)[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses(off) == pytest.approx(losses(precomputed), rel=1e-5)
+
+
+def test_the_lora_settings_reach_peft():
+    from preftune.model.load import peft_lora_config
+
+    config = peft_lora_config(LoraConfig(r=8, alpha=16, rslora=True, dora=True,
+                                         target_modules=["q_proj"]), task_type="CAUSAL_LM")
+    assert (config.r, config.lora_alpha, config.use_rslora, config.use_dora) == (8, 16, True, True)
+    assert config.target_modules == {"q_proj"}
