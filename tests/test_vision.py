@@ -19,7 +19,7 @@ from tiny_vlms import save_tiny_vlm_dir, solid_image
 RED, BLUE, GREY = (200, 30, 30), (30, 30, 200), (120, 120, 120)
 
 
-@pytest.fixture(scope="module", params=["llava", "idefics3", "qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["llava", "idefics3", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 def vlm(request, tmp_path_factory):
     """(model, tokenizer, data folder) for each tiny VLM family."""
     root = tmp_path_factory.mktemp(request.param)
@@ -56,8 +56,11 @@ def plain_logps(model, tokenizer, example, slot):
     response = example.response_ids[slot]
     ids = torch.tensor([example.prompt_ids + response])
     pixels = tokenizer.image_inputs.pixels(list(example.images_of_slot(slot)))
+    image_tokens = (ids == tokenizer.image_inputs.image_token_id).int()
     if tokenizer.image_inputs.mrope:  # Qwen2-VL computes its own 3-D positions from these
-        pixels["mm_token_type_ids"] = (ids == tokenizer.image_inputs.image_token_id).int()
+        pixels["mm_token_type_ids"] = image_tokens
+    if model.config.model_type == "gemma3":  # its image tokens attend both ways, from these
+        pixels["token_type_ids"] = image_tokens
     logits = model(input_ids=ids, **pixels).logits[0].float().log_softmax(-1)
     start = len(example.prompt_ids) - 1
     return sum(logits[start + j, token] for j, token in enumerate(response))
@@ -68,7 +71,8 @@ def test_image_tokens_come_from_the_processor(vlm):
     examples = image_examples(tokenizer, root)
     images = tokenizer.image_inputs
     per_image = {"LlavaForConditionalGeneration": 16, "Idefics3ForConditionalGeneration": 4,
-                 "Qwen2VLForConditionalGeneration": 4, "Qwen2_5_VLForConditionalGeneration": 4}
+                 "Qwen2VLForConditionalGeneration": 4, "Qwen2_5_VLForConditionalGeneration": 4,
+                 "Gemma3ForConditionalGeneration": 4}
     expected = per_image[type(model).__name__]
     for example in examples:
         assert example.image_token_counts == (expected,)
@@ -99,8 +103,42 @@ def test_every_layout_equals_plain_forwards(vlm):
     assert vision_grads, "the vision tower takes part in the gradient"
     for layout in LAYOUTS[1:]:
         assert grads[layout].keys() == grads["padded"].keys()
-        for name, value in grads["padded"].items():
-            torch.testing.assert_close(grads[layout][name], value, rtol=1e-4, atol=1e-5)
+        for name, value in grads["padded"].items():  # float noise grows with the gradients
+            scale = max(1.0, value.abs().max().item())  # (Gemma 3's reach the thousands)
+            torch.testing.assert_close(grads[layout][name], value, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_gemma3_image_tokens_see_each_other_both_ways_in_every_layout(vlm):
+    """The mask adds to each layout's causal rule exactly the pairs (query, key) of one image's
+    tokens with the key after the query, with and without an 8-token sliding window (which
+    limits how far back a query looks, not forward)."""
+    model, tokenizer, root = vlm
+    if model.config.model_type != "gemma3":
+        pytest.skip("Gemma 3's rule")
+    token = tokenizer.image_inputs.image_token_id
+    examples = image_examples(tokenizer, root)
+    for layout in LAYOUTS:
+        batch = collate(examples, tokenizer.pad_token_id, layout, images=tokenizer.image_inputs)
+        expected, images = set(), 0
+        for row, ids in enumerate(batch.input_ids.tolist()):
+            at = 0
+            while at < len(ids):
+                if ids[at] != token:
+                    at += 1
+                    continue
+                start = at  # a run of image tokens: one image
+                while at < len(ids) and ids[at] == token:
+                    at += 1
+                images += 1
+                expected |= {(row, q, k) for q in range(start, at) for k in range(q + 1, at)}
+        # 2 pairs, each image once per prompt when shared, else once per response
+        assert images == (2 if "shared" in layout else 4)
+        assert len(expected) == 6 * images  # 4 tokens an image: 6 pairs
+        for window in (None, 8):
+            causal = batch.attention_bias(torch.float32, window)[:, 0] == 0
+            both = batch.attention_bias(torch.float32, window, token)[:, 0] == 0
+            assert not (causal & ~both).any()
+            assert set(map(tuple, (both & ~causal).nonzero().tolist())) == expected
 
 
 def test_prefix_sharing_runs_the_image_prompt_once_per_pair(vlm):

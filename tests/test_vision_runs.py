@@ -106,8 +106,10 @@ def test_eval_and_report_on_a_vision_run(workspace, capsys):
     assert (out / "report.html").exists()
 
 
-def test_greedy_generation_with_images_matches_one_prompt_at_a_time(workspace):
-    model, tokenizer = load_model_and_tokenizer(str(workspace / "model"))
+@pytest.mark.parametrize("kind", ["idefics3", "gemma3"])
+def test_greedy_generation_with_images_matches_one_prompt_at_a_time(workspace, tmp_path, kind):
+    path = workspace / "model" if kind == "idefics3" else save_tiny_vlm_dir(tmp_path / kind, kind)
+    model, tokenizer = load_model_and_tokenizer(str(path))
     records = load_records(str(workspace / "pairs.jsonl"))[:3]
     records[1] = type(records[1])("What colour is this? <image>", "x", "y",
                                   images=records[1].images)
@@ -117,6 +119,13 @@ def test_greedy_generation_with_images_matches_one_prompt_at_a_time(workspace):
     together = greedy_texts(model, tokenizer, ids, 5, images=shown)
     alone = [greedy_texts(model, tokenizer, [i], 5, images=[s])[0] for i, s in zip(ids, shown)]
     assert together == alone
+    if kind == "gemma3":  # as its own generate draws with its image rule switched on
+        one = torch.tensor([ids[0]])
+        drawn = model.generate(input_ids=one, **tokenizer.image_inputs.pixels(list(shown[0])),
+                               token_type_ids=(one == tokenizer.image_inputs.image_token_id).long(),
+                               max_new_tokens=5, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, one.shape[1]:]
+        assert tokenizer.decode(drawn, skip_special_tokens=True) == alone[0]
 
 
 def test_data_inspect_shows_image_prompt_and_response_tokens(workspace, capsys):
@@ -158,3 +167,38 @@ def test_plan_of_a_vision_run(workspace, capsys):
     assert "layout             prefix_shared" in out
     # [prompt with its 4 image tokens | y_w | y_l] rows; nothing trained, nothing written
     assert not (workspace / "plan" / "metrics.jsonl").exists()
+
+
+def test_gemma3_trains_on_images_and_its_own_forward_agrees_after(workspace, tmp_path):
+    """A Gemma 3-style model (image tokens attending both ways, a sliding layer) trains on the
+    image pairs in the prefix-shared layout from log 2; the saved model's own forward, given
+    the token types that switch its image rule on, reproduces the run's last eval log-probs."""
+    from PIL import Image
+    from transformers import Gemma3ForConditionalGeneration
+
+    save_tiny_vlm_dir(tmp_path / "gemma3", "gemma3")
+    tree = config(workspace, "gemma3-dpo", objective="dpo")
+    tree["model"]["path"] = str(tmp_path / "gemma3")
+    out = api.train(tree)
+    log = read_metrics(out / "metrics.jsonl")
+    assert json.loads((out / "run.json").read_text())["layout"] == "prefix_shared"
+    assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert log[-1]["loss"] != pytest.approx(log[0]["loss"], abs=1e-4)
+    model = Gemma3ForConditionalGeneration.from_pretrained(out / "model").eval()
+    processor = AutoProcessor.from_pretrained(out / "model")
+    rows = [json.loads(line) for line in open(workspace / "pairs.jsonl")]
+    total = 0.0
+    for row in rows:
+        inputs = processor(text=["What colour? <start_of_image>"],
+                           images=[[Image.open(workspace / row["images"][0])]],
+                           add_special_tokens=False, return_tensors="pt")
+        answer = processor.tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
+        ids = torch.cat([inputs["input_ids"],
+                         torch.tensor([answer + [processor.tokenizer.eos_token_id]])], 1)
+        types = (ids == processor.tokenizer.image_token_id).long()
+        with torch.no_grad():
+            logps = model(input_ids=ids, pixel_values=inputs["pixel_values"],
+                          token_type_ids=types).logits[0].float().log_softmax(-1)
+        start = inputs["input_ids"].shape[1] - 1
+        total += sum(logps[start + j, t].item() for j, t in enumerate(ids[0, start + 1:]))
+    assert total / len(rows) == pytest.approx(log[-1]["eval/logps/chosen"], abs=1e-4)

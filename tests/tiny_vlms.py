@@ -1,4 +1,4 @@
-"""Tiny random vision-language models (LLaVA-, Idefics3/SmolVLM- and Qwen2-VL-style) with their
+"""Tiny random vision-language models (LLaVA-, Idefics3/SmolVLM-, Qwen2-VL- and Gemma 3-style) with their
 HF processors, built from configs in-process and saved as model directories (no downloads)."""
 
 from pathlib import Path
@@ -133,8 +133,46 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
     return model, QwenImageProcessorParts(tokenizer, images, QWEN_TEMPLATE)
 
 
+def tiny_gemma3(seed: int = 0):
+    """(model, processor): Gemma 3-style, a SigLIP tower (4x4 patches of a 16x16 image) pooled
+    to 4 image tokens, over a two-layer Gemma 3 text model whose first layer looks back 8
+    tokens only. An image part renders as ``<start_of_image>``, which the processor turns into
+    that token between blank lines with 4 ``<image_soft_token>`` and ``<end_of_image>``; the
+    model's image tokens attend to each other both ways."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor,
+                              Gemma3TextConfig, PreTrainedTokenizerFast, SiglipVisionConfig)
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+             "image_token": "<image_soft_token>"}
+    backend = char_tokenizer().backend_tokenizer
+    backend.add_special_tokens(list(named.values()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        bos_token="<s>", eos_token="<|im_end|>",
+                                        extra_special_tokens=named)
+    template = VLM_TEMPLATE.replace("<image>", named["boi_token"])
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in named.items()}
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(hidden_size=32, image_size=IMAGE_SIZE, patch_size=4,
+                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"],
+                            max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                          image_token_index=ids["image_token"])
+    model = Gemma3ForConditionalGeneration(config).float().eval()
+    images = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer,
+                                chat_template=template, image_seq_length=4)
+    return model, processor
+
+
 BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl,
-            "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, "2.5")}
+            "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, "2.5"), "gemma3": tiny_gemma3}
 
 
 def save_tiny_vlm_dir(directory: Path, kind: str = "llava", seed: int = 0) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model.forward import attention_kernels
+from .model.forward import attention_kernels, image_block_token
 from .train.logging import progress
 
 
@@ -122,9 +122,12 @@ class HFGenerator:
                     shared = _shared_prefix_cache(model, input_ids, mask, k)
                 if pixels or shared is not None:
                     input_ids, mask = input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+                    image_tokens = input_ids == tokenizer.image_inputs.image_token_id \
+                        if pixels else None
                     if pixels and tokenizer.image_inputs.mrope:  # Qwen2-VL: its rope index
-                        pixels["mm_token_type_ids"] = (
-                            input_ids == tokenizer.image_inputs.image_token_id).int()
+                        pixels["mm_token_type_ids"] = image_tokens.int()
+                    if pixels and image_block_token(model) is not None:  # Gemma 3: images
+                        pixels["token_type_ids"] = image_tokens.long()  # attend both ways
                     options_k = dict(options, num_return_sequences=1)
                     if shared is not None:  # each prompt encoded once, its cache copied K times
                         options_k[_cache_argument(model)] = shared

@@ -114,13 +114,17 @@ class Batch:
                 device=self.input_ids.device)
         return self._masks["cu_seqlens"]
 
-    def attention_bias(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    def attention_bias(self, dtype: torch.dtype, window: int | None = None,
+                       image_token: int | None = None) -> torch.Tensor:
         """Additive [rows, 1, T, T] mask (0 = may attend), built once per batch: the layouts'
-        visibility rule, or for padded rows causal attention to the row's real tokens. With a
-        sliding ``window``, also only to keys fewer than ``window`` positions back in the
-        query's own sequence (positions restart after a shared prompt, so a response's
-        distance to its prompt is the one it has when written out alone)."""
-        if ("bias", dtype, window) not in self._masks:
+        visibility rule, or for padded rows causal attention to the row's real tokens. With
+        ``image_token``, also both ways within each run of that token (one image's tokens,
+        as Gemma 3 attends). With a sliding ``window``, then only to keys fewer than
+        ``window`` positions back in the query's own sequence (positions restart after a
+        shared prompt, so a response's distance to its prompt is the one it has when written
+        out alone)."""
+        cache_key = ("bias", dtype, window, image_token)
+        if cache_key not in self._masks:
             rows, width = self.input_ids.shape
             device = self.input_ids.device
             row = torch.arange(rows, device=device)[:, None, None]
@@ -136,12 +140,14 @@ class Batch:
                         raise ValueError("a sliding window over shared or packed rows needs "
                                          "their 1-D positions (M-RoPE rows have none)")
                     distance = self.position_ids[row, query] - self.position_ids[row, key]
+            if image_token is not None:
+                block = image_blocks(self.input_ids, image_token)
+                allowed |= (block[row, query] == block[row, key]) & (block[row, query] >= 0)
             if window is not None:
                 allowed &= (distance < window) | (key == query)
             bias = torch.zeros(rows, 1, width, width, dtype=dtype, device=device)
-            self._masks[("bias", dtype, window)] = bias.masked_fill_(~allowed[:, None],
-                                                                     torch.finfo(dtype).min)
-        return self._masks[("bias", dtype, window)]
+            self._masks[cache_key] = bias.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        return self._masks[cache_key]
 
     def column_positions(self) -> torch.Tensor:
         """[rows, T] positions 0, 1, ... of right-padded rows, built once per batch."""
@@ -163,6 +169,14 @@ class Batch:
                 _visibility(self.unit_ids, self.segment_ids), rows, None, width, width,
                 device=self.input_ids.device)
         return self._masks["block"]
+
+
+def image_blocks(input_ids: torch.Tensor, image_token: int) -> torch.Tensor:
+    """[rows, T]: for each position holding ``image_token``, the number of its run of them in
+    the row (0, 1, ...: one image each), -1 elsewhere."""
+    is_image = input_ids == image_token
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(1) - 1, -1)
 
 
 def _visibility(unit: torch.Tensor, segment: torch.Tensor):

@@ -5,7 +5,8 @@ prompt/response boundary); each image placeholder in the prompt ids is then repl
 tokens the model's processor writes for that image (LLaVA: N ``<image>`` tokens; Idefics3 /
 SmolVLM: the image tokens wrapped in ``<fake_token_around_image>``...; Qwen2-VL:
 ``<|vision_start|><|image_pad|>...<|vision_end|>``, whose grid also sets the M-RoPE positions,
-``vision_qwen.py``). When a batch is built the
+``vision_qwen.py``; Gemma 3: ``<start_of_image>`` becomes that token between blank lines,
+followed by N ``<image_soft_token>`` and ``<end_of_image>``). When a batch is built the
 distinct images of the batch are turned into the processor's pixel inputs once, whatever the
 layout, and the model's image features are scattered onto the image-token positions of every
 row that shows them (``model/forward.py``).
@@ -20,6 +21,11 @@ from .records import DataError
 from .vision_qwen import VISION_END, VISION_START
 
 
+# what image processors return for their processor's text, which models take no input of:
+# Gemma 3's number of pan-and-scan crops per image
+NOT_MODEL_INPUTS = ("num_crops",)
+
+
 class ImageInputs:
     """A processor's image side, attached to its tokenizer as ``tokenizer.image_inputs``."""
 
@@ -27,7 +33,13 @@ class ImageInputs:
         self.processor = processor
         tokenizer = processor.tokenizer
         self.image_token = processor.image_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        # the token whose positions take the image features: the processor's image token, but
+        # Gemma 3's names the image's opening token (what a prompt holds), the tokenizer the one
+        # its expansion repeats
+        feature = self.image_token
+        if self.image_token == getattr(processor, "boi_token", None):
+            feature = tokenizer.image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(feature)
         # M-RoPE models (Qwen2-VL): 3-D positions from each image's grid (data/vision_qwen.py)
         self.mrope = mrope
         # the text that stands for one image in a rendered prompt (Qwen2-VL wraps its token)
@@ -92,7 +104,8 @@ class ImageInputs:
         order, so the model's image features come out in the same order."""
         parts = [self.processor.image_processor(images=[image.load()], return_tensors="pt")
                  for image in images]
-        return {name: _stack([dict(part)[name] for part in parts]) for name in parts[0].keys()}
+        return {name: _stack([dict(part)[name] for part in parts]) for name in parts[0].keys()
+                if name not in NOT_MODEL_INPUTS}
 
 
 def _find(ids: list[int], span: list[int], start: int) -> int:

@@ -117,24 +117,30 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
     and eager attention get the [rows, 1, T, T] mask built here, because transformers would
     otherwise test the 2-D mask for padding on every forward (a read of device memory per
     call); other attention kernels (flash) take the 2-D padding mask. Batches with images need
-    the vision-language model ``vlm`` for their image features (``embed_with_images``). SDPA
-    chooses its kernel within ``attention_kernels``.
+    the vision-language model ``vlm`` for their image features (``embed_with_images``); for a
+    model in ``IMAGE_BLOCKS`` they get the dense mask in every layout, in which each image's
+    tokens also see each other. SDPA chooses its kernel within ``attention_kernels``.
     """
     implementation = config._attn_implementation
     positions = batch.position_ids  # None for padded rows, unless 3-D (M-RoPE models)
+    blocks = image_block_token(vlm) if batch.image_positions is not None else None
+    if blocks is not None and implementation not in ("sdpa", "eager"):
+        raise ValueError(f"{implementation} attention cannot let an image's tokens attend both "
+                         "ways, as this model's do: use sdpa or eager")
     if implementation == VARLEN:  # no mask: the sequence boundaries instead
         if not batch.sequence_lengths:
             raise ValueError("varlen attention runs padded and packed rows, not prefix-shared "
                              "ones (their responses share a prompt): use sdpa or flex_attention")
         mask = None
         kwargs.update(cu_seqlens=batch.cu_seqlens(), max_seqlen=batch.max_seqlen)
-    elif (windows := binding_windows(config, batch.longest_sequence)) is not None:
+    elif (windows := binding_windows(config, batch.longest_sequence)) is not None \
+            or blocks is not None:
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"{implementation} attention has no sliding window; this model's "
                              f"layers look back {min(w for w in windows.values() if w)} tokens "
                              "at most, and its rows are longer: use sdpa or eager")
-        masks = {kind: batch.attention_bias(decoder.dtype, window)
-                 for kind, window in windows.items()}
+        masks = {kind: batch.attention_bias(decoder.dtype, window, blocks)
+                 for kind, window in (windows or {None: None}).items()}
         mask = masks.pop(None) if None in masks else masks
     elif batch.unit_ids is not None:
         mask = batch.block_mask() if implementation == "flex_attention" \
@@ -155,6 +161,18 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
         kwargs["input_ids"] = batch.input_ids
     with attention_kernels():
         return decoder(attention_mask=mask, position_ids=positions, use_cache=False, **kwargs)
+
+
+# vision-language families whose image tokens attend to each other both ways, in every layer
+# (transformers builds that from token_type_ids), which ``Batch.attention_bias`` reproduces
+IMAGE_BLOCKS = ("gemma3",)
+
+
+def image_block_token(vlm: nn.Module | None) -> int | None:
+    """The image token of a model in ``IMAGE_BLOCKS`` (each run of it attends both ways)."""
+    config = getattr(vlm, "config", None)
+    return config.image_token_id if getattr(config, "model_type", None) in IMAGE_BLOCKS \
+        else None
 
 
 def attention_windows(config) -> dict | None:

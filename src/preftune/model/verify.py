@@ -15,7 +15,8 @@ model itself check them, and two checks of its config refuse what preftune canno
   see and checks that its hidden states stay exactly as they were;
 - ``check_windows``: sliding windows are built into the dense masks (``forward.py``); the
   attention kernels that cannot have them, and Llama 4's chunks, are refused where they bind;
-- ``check_image_attention``: image data for models whose image tokens attend both ways.
+- ``check_image_attention``: image data for models whose image tokens attend both ways by a
+  rule the masks do not reproduce (Gemma 3's they do, on sdpa and eager attention).
 
 ``check_model`` runs the first and the last two for a causal LM; ``verified_layout`` acts on
 the second.
@@ -36,7 +37,7 @@ from torch import nn
 from ..config_tree import ConfigError
 from ..data.layout import collate
 from ..data.tokenize import TokenizedExample
-from .forward import LogpModel, binding_windows, causal_lm_of, run_decoder
+from .forward import LogpModel, binding_windows, causal_lm_of, image_block_token, run_decoder
 
 _LEAKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _SAID: set = set()  # (architecture, layout) already said in this process
@@ -199,19 +200,32 @@ def check_windows(config, max_length: int, attn_implementation: str | None) -> N
                           f"data.max_length to at most {shortest}.")
 
 
-# vision-language families whose forward lets an image's tokens attend to each other both ways
-# (transformers builds that mask from token_type_ids); preftune's masks keep every token causal
-IMAGES_BOTH_WAYS = ("gemma3", "gemma3n", "gemma4", "paligemma", "molmo2")
+# vision-language families whose forward lets image (or prompt) tokens attend both ways by
+# rules preftune's masks do not reproduce: Gemma 4 on its sliding layers only, PaliGemma over
+# the whole prompt, ... (Gemma 3's rule they do: forward.IMAGE_BLOCKS); Gemma 3n's image path
+# is not verified
+IMAGES_BOTH_WAYS = ("gemma3n", "gemma4", "paligemma", "molmo2")
 
 
-def check_image_attention(model: nn.Module, examples, key: str = "model.path") -> None:
-    """Refuse image data for a model whose image tokens attend both ways (text alone trains)."""
-    model_type = getattr(causal_lm_of(model).config, "model_type", None)
-    if model_type in IMAGES_BOTH_WAYS and any(example.images for example in examples):
-        raise ConfigError(f"{key}: a {model_type} model lets each image's tokens attend "
-                          "to each other both ways, which preftune's attention masks do not "
-                          "reproduce yet; train it on text alone, or use a LLaVA-, Idefics3- "
-                          "or Qwen2-VL-style model for image data.")
+def check_image_attention(model: nn.Module, examples, key: str = "model.path",
+                          attn_implementation: str | None = None) -> None:
+    """Refuse image data for a model whose image tokens attend both ways by a rule the masks
+    do not reproduce, or under an attention kernel that cannot take the rule they do (text
+    alone trains either way)."""
+    lm = causal_lm_of(model)
+    model_type = getattr(lm.config, "model_type", None)
+    if not any(example.images for example in examples):
+        return
+    if model_type in IMAGES_BOTH_WAYS:
+        raise ConfigError(f"{key}: a {model_type} model lets image tokens attend both ways "
+                          "by a rule preftune's attention masks do not reproduce yet; train it "
+                          "on text alone, or use a Gemma 3-, LLaVA-, Idefics3- or Qwen2-VL-"
+                          "style model for image data.")
+    if image_block_token(lm) is not None and attn_implementation in ("flex_attention",
+                                                                     "varlen"):
+        raise ConfigError(f"model.attn_implementation: {attn_implementation} cannot let an "
+                          f"image's tokens attend both ways, as a {model_type} model's do: "
+                          "use sdpa (the default) or eager for its image data.")
 
 
 def check_model(model: nn.Module, examples=(), max_length: int | None = None,
@@ -219,6 +233,6 @@ def check_model(model: nn.Module, examples=(), max_length: int | None = None,
     """A causal LM's checks before it trains or is evaluated: its head, image data it cannot
     reproduce, and (given the run's ``max_length``) its sliding windows."""
     check_head(model, key)
-    check_image_attention(model, examples, key)
+    check_image_attention(model, examples, key, attn_implementation)
     if max_length is not None:
         check_windows(decoder_of(model)[1], max_length, attn_implementation)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..data.layout import collate
-from ..model.forward import attention_windows, binding_windows, causal_lm_of, output_head
+from ..model.forward import (attention_windows, binding_windows, causal_lm_of,
+                             image_block_token, output_head)
 from ..model.quantize import four_bit_storage
 from ..objectives.compose import Objective
 from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes
@@ -179,7 +180,9 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
                   or padding and attention in ("sdpa", "eager"))  # as model/forward.py builds
     windows = binding_windows(model_config, worst.longest_sequence)
     masks = len(set(windows.values())) if windows else 1
-    dense_mask = dense_mask or windows is not None
+    image_blocks = image_block_token(causal_lm_of(model)) is not None and any(
+        ex.images for ex in train_examples)  # Gemma 3: a dense mask in every layout
+    dense_mask = dense_mask or windows is not None or image_blocks
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
     lean, eager = cfg.lean_activations, attention == "eager"
     head = causal_lm_of(model).get_output_embeddings().weight
