@@ -1,5 +1,6 @@
-"""Tiny random vision-language models (LLaVA-, Idefics3/SmolVLM-, Qwen2-VL- and Gemma 3-style) with their
-HF processors, built from configs in-process and saved as model directories (no downloads)."""
+"""Tiny random vision-language models (LLaVA-, Idefics3/SmolVLM-, Qwen2-VL- and Gemma 3-style)
+with their HF processors, built from configs in-process and saved as model directories (no
+downloads)."""
 
 from pathlib import Path
 
