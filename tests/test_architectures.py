@@ -253,6 +253,15 @@ def test_the_same_weights_in_another_architecture_do_not_share_a_cached_referenc
     assert keys == {reference_cache_key(llama, examples(), {})}
 
 
+def test_a_change_to_preftunes_forward_retires_cached_references(monkeypatch):
+    from preftune.model import reference
+
+    llama = build("llama", {})
+    key = reference.reference_cache_key(llama, examples(), {})
+    monkeypatch.setattr(reference, "FORWARD_REVISION", reference.FORWARD_REVISION + 1)
+    assert reference.reference_cache_key(llama, examples(), {}) != key
+
+
 def test_dropout_is_off_while_training_unless_kept(tmp_path):
     from preftune.model.load import without_dropout
 

@@ -145,11 +145,17 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+# Raised whenever a change to preftune makes its forward give other log-probs for some model,
+# so references cached before it are computed again: 2, Gemma 3's image tokens attend both ways.
+FORWARD_REVISION = 2
+
+
 def reference_cache_key(model, examples: list[TokenizedExample], settings: dict) -> str:
-    """Hash of the weights, the model's config (the same weights under another architecture,
-    rope setting or logit factor give other numbers), every token id, every image's content
-    and the settings that change the numbers."""
-    digest = hashlib.sha256(weights_fingerprint(model).encode())
+    """Hash of ``FORWARD_REVISION``, the weights, the model's config (the same weights under
+    another architecture, rope setting or logit factor give other numbers), every token id,
+    every image's content and the settings that change the numbers."""
+    digest = hashlib.sha256(f"forward {FORWARD_REVISION}".encode())
+    digest.update(weights_fingerprint(model).encode())
     config = {key: value for key, value in causal_lm_of(model).config.to_dict().items()
               if not key.startswith("_") and key != "transformers_version"}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
