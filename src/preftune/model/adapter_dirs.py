@@ -4,7 +4,8 @@
 The adapter's ``adapter_config.json`` names its base (``base_model_name_or_path``). A base may
 itself be an adapter directory: an online round that trains LoRA on the previous round's
 adapter records that directory as its base, so the chain loads back in order.
-``final_model_dir`` finds a run's trained model, whichever of the two it wrote.
+``final_model_dir`` finds a run's trained model, whichever of the two it wrote;
+``merged_copy`` makes the merged one when a run saves.
 """
 
 from __future__ import annotations
@@ -72,3 +73,14 @@ def merge_adapter(base_model, source: str):
         merged = PeftModel.from_pretrained(base_model, source).merge_and_unload()
     merged.name_or_path = merged.config._name_or_path = source
     return merged
+
+
+def merged_copy(model, adapter_dir: Path, unquantized_base=None):
+    """A trained PEFT ``model`` as one plain model, its own weights left as they are: a copy
+    merged, or, when its base is held in 4 bits (QLoRA), the adapter saved in ``adapter_dir``
+    merged into ``unquantized_base()`` (the base loaded again, in full precision)."""
+    if unquantized_base is not None:
+        return merge_adapter(unquantized_base(), str(adapter_dir))
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()

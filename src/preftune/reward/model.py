@@ -13,7 +13,6 @@ their own ``forward`` on padded text pairs. Either way the saved directory is a 
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, add_lora, builds, check_weights_format, load_tokenizer,
                           resolve_model_dir)
-from ..model.adapter_dirs import merge_adapter
+from ..model.adapter_dirs import merged_copy
 from ..model.quantize import loading_arguments, settle
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
@@ -116,8 +115,7 @@ class RewardModel(nn.Module):
             written["adapter"] = directory / "adapter"
             if not save_merged:
                 return written
-            model = (merge_adapter(unquantized_base(), str(written["adapter"]))
-                     if unquantized_base is not None else copy.deepcopy(model).merge_and_unload())
+            model = merged_copy(model, written["adapter"], unquantized_base)
         model.config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(directory / "model", safe_serialization=True)
         tokenizer.save_pretrained(directory / "model")

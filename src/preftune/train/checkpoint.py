@@ -13,7 +13,6 @@ processes, sharded or not.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -28,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..model.adapter_dirs import merge_adapter
+from ..model.adapter_dirs import merged_copy
 from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
 
 PREFIX = "step-"
@@ -164,10 +163,7 @@ def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool,
             written["adapter"] = _write_dir(output_dir / "adapter", model, tokenizer)
         if not save_merged:
             return written
-        if unquantized_base is not None:
-            model = merge_adapter(unquantized_base(), str(written["adapter"]))
-        else:
-            model = copy.deepcopy(model).merge_and_unload()
+        model = merged_copy(model, written["adapter"], unquantized_base)
     written["model"] = _write_dir(output_dir / "model", model, tokenizer)
     return written
 
