@@ -122,12 +122,8 @@ class HFGenerator:
                     shared = _shared_prefix_cache(model, input_ids, mask, k)
                 if pixels or shared is not None:
                     input_ids, mask = input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-                    image_tokens = input_ids == tokenizer.image_inputs.image_token_id \
-                        if pixels else None
-                    if pixels and tokenizer.image_inputs.mrope:  # Qwen2-VL: its rope index
-                        pixels["mm_token_type_ids"] = image_tokens.int()
-                    if pixels and image_block_token(model) is not None:  # Gemma 3: images
-                        pixels["token_type_ids"] = image_tokens.long()  # attend both ways
+                    if pixels:
+                        pixels |= _token_types(model, tokenizer.image_inputs, input_ids)
                     options_k = dict(options, num_return_sequences=1)
                     if shared is not None:  # each prompt encoded once, its cache copied K times
                         options_k[_cache_argument(model)] = shared
@@ -211,6 +207,17 @@ def _stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> tuple[list[int], 
         if len(tokenizer.decode(ids[:end], skip_special_tokens=True)) >= at + len(first):
             return ids[:end], text[:at]
     return ids, text[:at]
+
+
+def _token_types(model, image_inputs, input_ids: torch.Tensor) -> dict:
+    """Which prompt tokens are image tokens, for the models that read it from ``generate``'s
+    inputs: Qwen2-VL for its rotary positions, Gemma 3 to let an image's tokens attend both
+    ways."""
+    image_tokens = input_ids == image_inputs.image_token_id
+    types = {"mm_token_type_ids": image_tokens.int()} if image_inputs.mrope else {}
+    if image_block_token(model) is not None:
+        types["token_type_ids"] = image_tokens.long()
+    return types
 
 
 def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None) -> list[list[int]]:

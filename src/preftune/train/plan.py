@@ -167,8 +167,9 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     # in-backward updates free each gradient at once: about one parameter's worth is held
     grads = 0 if cfg.optimizer_in_backward else trainable_bytes / parts.get("gradients", 1)
     fp32_moments = engine.startswith("ZeRO")
-    optimizer = (2 * trainable_params * 4 if fp32_moments
-                 else moment_bytes(cfg.optimizer, trainable, embedding_weights(model))) / parts.get("optimizer", 1)
+    moments = 2 * trainable_params * 4 if fp32_moments else moment_bytes(
+        cfg.optimizer, trainable, embedding_weights(model))
+    optimizer = moments / parts.get("optimizer", 1)
     reference = weight_bytes if strategy == "live" else 0  # held whole
 
     def split(kind):
