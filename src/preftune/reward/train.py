@@ -21,7 +21,7 @@ from ..model.lean import use_lean_layers
 from ..model.verify import check_windows, verified_layout
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
-from ..train.loop import write_run_header
+from ..train.loop import precision, write_run_header
 from ..train.output import start_run
 from ..train.engines import check_engine, refuse_sharding, whole_models
 from ..train.trainer import Trainer, add_metrics, count_steps, means
@@ -152,9 +152,7 @@ class RewardTask:
     def run_info(self) -> dict:
         return {"reward_loss": self.spec.name, "params": asdict(self.params),
                 "head": self.head.to_dict(), "layout": self.layout, "shape": self.shape,
-                "dtype": self.config.model.dtype,
-                **({"quantize": self.config.model.quantize} if self.config.model.quantize
-                   else {})}
+                **precision(self.config.model)}
 
 
 def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=None,

@@ -188,9 +188,7 @@ class PolicyTask:
         return {"objective": self.objective.name,
                 "params": {name: asdict(p) for name, p in self.objective.params_at(0).items()},
                 "reference": self.config.reference_strategy, "layout": self.layout,
-                "dtype": self.config.model.dtype,
-                **({"quantize": self.config.model.quantize} if self.config.model.quantize
-                   else {})}
+                **precision(self.config.model)}
 
 
 def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = False):
@@ -274,6 +272,12 @@ def load_policy(config: Config, tokenizer, accelerator: Accelerator):
     return load_model(model.path, tokenizer, model.dtype, model.trust_remote_code,
                       model.attn_implementation, model.allow_pickle, model.quantize,
                       accelerator.device)
+
+
+def precision(model) -> dict:
+    """What ``run.json`` says of a config's ``model`` numbers: its dtype, and its 4-bit type
+    under model.quantize."""
+    return {"dtype": model.dtype, **({"quantize": model.quantize} if model.quantize else {})}
 
 
 def write_run_header(output_dir: Path, config, data_report: dict) -> None:
