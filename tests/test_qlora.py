@@ -8,7 +8,6 @@ into the unquantized base, and a pass without gradients sees the numbers trainin
 
 import json
 import math
-import random
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +24,8 @@ from preftune.reward.train import train_reward_model
 from preftune.train import loop
 from preftune.train.engines import refuse_sharding
 from preftune.train.logging import read_metrics
+from test_lora_variants import merged_and_parts, merged_is_w_plus_scaled_update
+from test_train_loop import write_sum_pairs
 from tiny_models import save_tiny_encoder_dir, save_tiny_model_dir
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -39,16 +40,7 @@ def workspace(tmp_path_factory):
     """A tiny Llama, chat pairs, and for each 4-bit type the base's dequantized twin."""
     root = tmp_path_factory.mktemp("qlora")
     save_tiny_model_dir(root / "model")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(24):
-        a, b = rng.randint(1, 40), rng.randint(1, 40)
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is {a}+{b}?" + " please" * rng.randint(0, 3)}],
-            "chosen": [{"role": "assistant", "content": str(a + b)}],
-            "rejected": [{"role": "assistant", "content": f"It is {a + b + rng.randint(1, 9)}."}],
-        })
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_sum_pairs(root / "pairs.jsonl", 24)
     for kind in ("nf4", "fp4"):
         dequantized_twin(root / "model", root / f"dequantized-{kind}", kind)
     save_tiny_encoder_dir(root / "encoder")
@@ -155,21 +147,12 @@ def test_quantizing_changes_the_numbers(workspace):
 def test_the_saved_model_is_the_adapter_merged_into_the_unquantized_base(workspace):
     output = run(workspace, "nf4-auto", model__quantize="nf4")
     assert "quantization_config" not in json.loads((output / "model" / "config.json").read_text())
-    merged = load_file(output / "model" / "model.safetensors")
-    base = load_file(workspace / "model" / "model.safetensors")
-    adapter = load_file(output / "adapter" / "adapter_model.safetensors")
-    scale = LORA["alpha"] / LORA["r"]
+    merged, base, adapter = merged_and_parts(output)
     assert merged.keys() == base.keys()
-    adapted = 0
-    for name, weight in base.items():
-        stem = "base_model.model." + name.removesuffix(".weight")
-        if f"{stem}.lora_A.weight" in adapter:
-            delta = adapter[f"{stem}.lora_B.weight"] @ adapter[f"{stem}.lora_A.weight"]
-            weight = weight + scale * delta
-            adapted += bool(delta.abs().max() > 0)
-        assert merged[name].dtype == torch.float32
-        torch.testing.assert_close(merged[name], weight, rtol=0, atol=1e-6)
-    assert adapted == 2 * len(LINEAR)  # every linear layer of both decoder layers moved
+    assert {weight.dtype for weight in merged.values()} == {torch.float32}
+    # every linear layer of both decoder layers moved
+    assert merged_is_w_plus_scaled_update(merged, base, adapter,
+                                          LORA["alpha"] / LORA["r"]) == 2 * len(LINEAR)
 
 
 def test_passes_without_gradients_see_the_numbers_training_sees(workspace):

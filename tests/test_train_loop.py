@@ -19,20 +19,26 @@ from tiny_models import save_tiny_model_dir
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loop")
-    save_tiny_model_dir(root / "model")
+def write_sum_pairs(path: Path, count: int) -> Path:
+    """``count`` chat pairs asking for a sum (seeded): the right answer against a wrong one."""
     rng = random.Random(0)
     rows = []
-    for _ in range(48):
+    for _ in range(count):
         a, b = rng.randint(1, 40), rng.randint(1, 40)
         rows.append({
             "prompt": [{"role": "user", "content": f"What is {a}+{b}?" + " please" * rng.randint(0, 3)}],
             "chosen": [{"role": "assistant", "content": str(a + b)}],
             "rejected": [{"role": "assistant", "content": f"It is {a + b + rng.randint(1, 9)}."}],
         })
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    save_tiny_model_dir(root / "model")
+    write_sum_pairs(root / "pairs.jsonl", 48)
     return root
 
 
