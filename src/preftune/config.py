@@ -70,6 +70,10 @@ class LoraConfig(Section):
     dora: bool = False
     """DoRA (Liu et al. 2024): each adapted weight is a learned magnitude per output times the
     direction of W + scale * B A (its rows normalized); LoRA trains the direction."""
+    lr_ratio: Positive | None = None
+    """LoRA+ (Hayou et al. 2024): each B matrix trains at this multiple of
+    train.learning_rate (A matrices and the rest at train.learning_rate); the paper
+    suggests 16. null: one rate for all."""
     save_merged: bool = True
     """Also write the merged full model next to the adapter."""
 

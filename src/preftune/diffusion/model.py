@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..model.load import peft_lora_config
+from ..model.load import mark_lora_plus, peft_lora_config
 
 DENOISER_FOLDERS = ("unet", "transformer")
 LORA_FOLDER = "unet_lora"
@@ -175,6 +175,7 @@ def attach_lora(model: DiffusionModel, lora) -> None:
     """LoRA adapters on the denoiser (diffusers' PEFT integration); only they train."""
     model.denoiser.requires_grad_(False)
     model.denoiser.add_adapter(peft_lora_config(lora, init_lora_weights="gaussian"))
+    mark_lora_plus(model.denoiser, lora.lr_ratio)
 
 
 def word_tokenizer(words: list[str], max_length: int = 8):

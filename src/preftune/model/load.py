@@ -305,7 +305,29 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
     from peft import get_peft_model
 
     with quiet_peft():
-        return get_peft_model(model, peft_lora_config(lora, task_type=task_type))
+        model = get_peft_model(model, peft_lora_config(lora, task_type=task_type))
+    mark_lora_plus(model, lora.lr_ratio)
+    return model
+
+
+LR_SCALE = "preftune_lr_scale"  # set on a parameter: it trains at learning_rate times this
+
+
+def mark_lora_plus(module: nn.Module, ratio: float | None) -> None:
+    """LoRA+ (Hayou et al. 2024): each adapter's B matrix (``lora_B``, the one that starts at
+    zero) trains at ``ratio`` times the learning rate of its A. In a wide layer a shared rate
+    is either too small for B or unstable for A; a ratio of about 16 (the paper's advice for
+    LLMs) learns faster at the same cost. ``None``: one rate for all."""
+    if ratio is None:
+        return
+    for name, param in module.named_parameters():
+        if "lora_B" in name and param.requires_grad:
+            setattr(param, LR_SCALE, ratio)
+
+
+def lr_scale(param: torch.Tensor) -> float:
+    """The learning-rate multiplier ``mark_lora_plus`` set on ``param`` (1 if none)."""
+    return getattr(param, LR_SCALE, 1.0)
 
 
 def without_dropout(model: nn.Module) -> None:

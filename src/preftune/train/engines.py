@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from ..config import ConfigError, TrainConfig
+from ..model.load import lr_scale
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -55,6 +56,11 @@ def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
                 raise ConfigError(
                     f"the DeepSpeed config turns on {section}: preftune takes the precision "
                     "from model.dtype (bfloat16 trains in bf16); use mixed_precision: 'no'.")
+    if (engine == DistributedType.DEEPSPEED and task is not None
+            and any(lr_scale(p) != 1.0 for p in task.module.parameters())):
+        raise ConfigError("model.lora.lr_ratio (LoRA+) does not run under DeepSpeed, whose "
+                          "checkpoints here keep one learning rate; use FSDP2 or DDP, or remove "
+                          "it.")
     if task is not None and not hasattr(task, "unsharded"):
         raise ConfigError(f"{task.name} training does not run under {name} yet; launch it with "
                           "DDP (examples/accelerate/ddp.yaml) or on one process.")

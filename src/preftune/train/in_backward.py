@@ -24,11 +24,14 @@ class AdamWInBackward(torch.optim.Optimizer):
     torch's fused AdamW, whose update matches the plain one to rounding.
     """
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, lr_scales=None):
+        """``lr_scales``: a learning-rate multiplier per parameter (default 1 each)."""
         params = list(params)
+        scales = list(lr_scales) if lr_scales is not None else [1.0] * len(params)
         super().__init__(params, {"lr": lr})
-        self.parts = [torch.optim.AdamW([p], lr=lr, weight_decay=weight_decay, fused=True)
-                      for p in params]
+        self.parts = [torch.optim.AdamW([p], lr=lr * scale, weight_decay=weight_decay,
+                                        fused=True)
+                      for p, scale in zip(params, scales, strict=True)]
         self.param_groups = [group for part in self.parts for group in part.param_groups]
         self._squared_norm = 0.0
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(part))

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..config import TrainConfig
+from ..model.load import lr_scale
 from .in_backward import AdamWInBackward
 
 EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
@@ -36,22 +37,35 @@ BLOCK = 256  # weights per scale of an 8-bit moment
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter],
                    embeddings: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
     """``train.optimizer`` (or ``train.optimizer_in_backward``) over ``params``; the 8-bit
-    ones keep fp32 moments for those of ``params`` that are ``embeddings``."""
+    ones keep fp32 moments for those of ``params`` that are ``embeddings``. A parameter marked
+    with a learning-rate scale (LoRA+'s B matrices) gets ``learning_rate`` times it, in a group
+    after the unscaled one (whose rate the metrics log)."""
     if cfg.optimizer_in_backward:  # each weight updated as its gradient completes
-        return AdamWInBackward(params, cfg.learning_rate, cfg.weight_decay)
+        return AdamWInBackward(params, cfg.learning_rate, cfg.weight_decay,
+                               [lr_scale(p) for p in params])
+    groups = learning_rate_groups(params, cfg.learning_rate)
     if cfg.optimizer in EIGHT_BIT:
         from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
 
         kind = PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else AdamW8bit
-        optimizer = kind(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        optimizer = kind(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                          min_8bit_size=SMALLEST_8BIT)
         full = {id(p) for p in embeddings}
         optimizer.get_config = _fp32_moments_for(full, optimizer.get_config)
         return optimizer
     # fused: one kernel for all weights (the per-tensor loop was ~30% of a small step)
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                              fused=fused or None)
+
+
+def learning_rate_groups(params: list[torch.nn.Parameter], learning_rate: float) -> list[dict]:
+    """One optimizer group per learning-rate scale of ``params``, the unscaled one first."""
+    by_scale: dict[float, list] = {}
+    for param in params:
+        by_scale.setdefault(lr_scale(param), []).append(param)
+    return [{"params": group, "lr": learning_rate * scale}
+            for scale, group in sorted(by_scale.items(), key=lambda item: item[0] != 1.0)]
 
 
 def _fp32_moments_for(full: set[int], get_config: Callable) -> Callable:
