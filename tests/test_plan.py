@@ -40,10 +40,11 @@ def planned_total(printed: str) -> float:
     return planned_memory(printed)["total"]
 
 
-def config_of(workspace, name: str, **train):
-    """Two bf16 steps of 8 pairs, with ``train`` settings on top."""
+def config_of(workspace, name: str, model=None, **train):
+    """Two bf16 steps of 8 pairs, with ``train`` (and ``model``) settings on top."""
     return build_config({"output_dir": str(workspace / name),
-                         "model": {"path": str(workspace / "model"), "dtype": "bfloat16"},
+                         "model": {"path": str(workspace / "model"), "dtype": "bfloat16",
+                                   **(model or {})},
                          "data": {"train": str(workspace / "pairs.jsonl")},
                          "reference": {"cache_dir": str(workspace / "cache")},
                          "train": {"batch_size": 8, "max_steps": 2, "seed": 0, **train}})
@@ -69,8 +70,11 @@ def test_plan_without_checkpointing_names_what_checkpointing_would_need(workspac
 @pytest.mark.parametrize("train", [
     {}, {"gradient_checkpointing": True}, {"lean_activations": False}, {"layout": "padded"},
     {"gradient_checkpointing": True, "checkpoint_every": 2}, {"optimizer": "adamw_8bit"},
+    {"model": {"train_layers": 2}},
+    {"model": {"train_layers": 1}, "gradient_checkpointing": True},
+    {"model": {"train_layers": 1}},
 ], ids=["default", "checkpointing", "transformers-layers", "padded", "checkpoint-every-2",
-        "8bit-adamw"])
+        "8bit-adamw", "top-2-layers", "top-layer-checkpointed", "top-layer"])
 def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, train, capsys,
                                                                 monkeypatch):
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted
@@ -85,7 +89,7 @@ def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, trai
         return references
 
     monkeypatch.setattr(loop, "build_reference", then_train)
-    name = "measured-" + "-".join(map(str, train.values()))
+    name = "measured-" + "-".join(map(str, train.values())).replace("'", "").replace(" ", "")
     loop.train(config_of(workspace, name, **train), show_progress=False)
     measured = memory.stop()["train"]
     assert planned == pytest.approx(measured, rel=0.05)

@@ -397,3 +397,22 @@ def test_a_new_head_is_one_line_and_a_missing_backbone_weight_a_warning(workspac
     capsys.readouterr()
     load_backbone(str(saved), Head())
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("backbone, top", [("decoder", "model.layers.1."),
+                                           ("encoder", "bert.encoder.layer.1.")])
+def test_partial_training_moves_the_top_layer_and_the_head_only(workspace, backbone, top):
+    """(The head is new, so its start is random: it counts as moved whatever happens.)"""
+    from safetensors.torch import load_file
+
+    run = train(workspace, f"top-{backbone}", model={"path": str(workspace / backbone),
+                                                     "train_layers": 1},
+                train={"max_steps": 2})
+    start, _ = load_backbone(str(workspace / backbone), Head())
+    start = start.state_dict()
+    end = load_file(run / "model" / "model.safetensors")
+    changed = {name for name, value in end.items()
+               if name not in start or not torch.equal(value, start[name])}
+    head = {name for name in changed if not name.startswith(top)}
+    assert head and all(name.startswith(("score.", "classifier.")) for name in head)
+    assert len(changed - head) == sum(1 for name in start if name.startswith(top))

@@ -99,6 +99,13 @@ class ModelConfig(Section):
     """QLoRA: hold the base's linear layers in 4 bits (bitsandbytes), 'nf4' (NormalFloat4 with
     double quantization, QLoRA's recipe) or 'fp4', and train model.lora's adapters on them.
     The trained model/ is the adapter merged into the unquantized base, in model.dtype."""
+    train_layers: int | None = None
+    """Full fine-tuning of part of the model: only the last N decoder layers train (negative:
+    the first N); embeddings, the final norm, the output layer and a vision tower stay frozen
+    unless train_params names them. null: every weight trains."""
+    train_params: list[str] | None = None
+    """Only the weights whose names match one of these globs train (e.g. '*.mlp.*',
+    'model.norm.weight'), besides train_layers' layers; everything else is frozen."""
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "varlen"] | None = None
     """Attention kernel; null = transformers' default (sdpa). 'flex_attention' (CUDA) runs the
     prefix-shared and packed layouts as block-sparse FlexAttention instead of a dense mask;
@@ -114,6 +121,16 @@ class ModelConfig(Section):
     @classmethod
     def _template_text(cls, value: str | None) -> str | None:
         return chat_template_text(value)
+
+    @model_validator(mode="after")
+    def _one_way_to_choose_what_trains(self):
+        if self.train_layers == 0 or self.train_params == []:
+            raise ValueError("model.train_layers: 0 / model.train_params: [] would train "
+                             "nothing; remove it (null: every weight trains).")
+        if self.lora is not None and (self.train_layers or self.train_params):
+            raise ValueError("model.train_layers / model.train_params choose weights to train "
+                             "in full, model.lora trains adapters on a frozen base; use one.")
+        return self
 
     @model_validator(mode="after")
     def _quantized_base_trains_adapters(self):

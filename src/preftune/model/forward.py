@@ -99,6 +99,10 @@ def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embeddings' output require a gradient, which only reentrant
+    # checkpointing needs: with frozen lower layers (model.train_layers) backward would run
+    # through them and keep their inputs for nothing
+    model.disable_input_require_grads()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index % every == 0

@@ -16,6 +16,7 @@ from ..data.prepare import prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.forward import causal_lm_of, enable_checkpointing
+from ..model.freeze import train_only_part
 from ..model.load import without_dropout
 from ..model.lean import use_lean_layers
 from ..model.verify import check_windows, verified_layout
@@ -209,6 +210,12 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
         without_dropout(reward_model.model)
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
+    elif config.model.train_layers is not None or config.model.train_params:
+        backbone = reward_model.model.base_model_prefix + "."
+        head = tuple(name for name, _ in reward_model.model.named_parameters()
+                     if not name.startswith(backbone))  # a new head always trains
+        print(train_only_part(reward_model.model, config.model.train_layers,
+                              config.model.train_params, always=head) + ", the head included")
     if cfg.lean_activations:
         use_lean_layers(reward_model.model)
     if cfg.gradient_checkpointing:

@@ -20,6 +20,7 @@ from ..data.prepare import (prepare_examples, with_mismatched_completions,
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
 from ..model.forward import LogpModel, causal_lm_of, enable_checkpointing, sequence_stats
+from ..model.freeze import train_only_part
 from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
 from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
@@ -167,9 +168,11 @@ class PolicyTask:
     def unsharded(self, state: dict) -> LogpModel:
         """A plain (unsharded) copy of the policy holding ``state``, the gathered weights of a
         sharded run: the model of model.path, LoRA attached as in training."""
-        model = _attach_lora(load_model_and_tokenizer(
+        model = load_model_and_tokenizer(
             self.config.model.path, self.config.model.dtype, self.config.model.trust_remote_code,
-            allow_pickle=self.config.model.allow_pickle)[0], self.config)
+            allow_pickle=self.config.model.allow_pickle)[0]
+        if self.config.model.lora is not None:
+            model = add_lora(model, self.config.model.lora)
         copy = LogpModel(model, self.config.train.logps_chunk_tokens)
         copy.load_state_dict(state)
         return copy
@@ -235,7 +238,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
             f"{shape} (`preftune objectives`).")
 
     if plan_only:
-        model = _attach_lora(model, config)
+        model = trained_part(model, config)
         print(plan(config, model, train_examples, layout, tokenizer.pad_token_id,
                    shards(accelerator)))
         return None, 0
@@ -307,12 +310,12 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
 
 
 def trainable(model, config: Config) -> LogpModel:
-    """The model made ready to train: dropout off (unless kept), LoRA attached (if
-    configured), lean norms and MLPs, activation checkpointing (if configured), train mode,
+    """The model made ready to train: dropout off (unless kept), what trains chosen (LoRA or
+    part of the weights, if configured), lean norms and MLPs, activation checkpointing (if configured), train mode,
     wrapped for log-probs."""
     if not config.train.keep_dropout:
         without_dropout(model)
-    model = _attach_lora(model, config)
+    model = trained_part(model, config)
     if config.train.lean_activations:
         use_lean_layers(model)
     if config.train.gradient_checkpointing:
@@ -333,8 +336,12 @@ def row_multiple(config: Config) -> int:
     return 64 if config.train.compile else 1
 
 
-def _attach_lora(model, config: Config):
-    lora = config.model.lora
-    if lora is None:
-        return model
-    return add_lora(model, lora)
+def trained_part(model, config: Config):
+    """``model`` with what trains chosen: LoRA adapters (model.lora), some layers or weights
+    (model.train_layers / train_params, the rest frozen), or everything."""
+    settings = config.model
+    if settings.lora is not None:
+        return add_lora(model, settings.lora)
+    if settings.train_layers is not None or settings.train_params:
+        print(train_only_part(model, settings.train_layers, settings.train_params))
+    return model

@@ -10,6 +10,7 @@ from dataclasses import replace
 from ..data.layout import collate
 from ..model.forward import (attention_windows, binding_windows, causal_lm_of,
                              image_block_token, output_head)
+from ..model.freeze import decoder_layers
 from ..model.quantize import four_bit_storage
 from ..objectives.compose import Objective
 from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes
@@ -88,7 +89,8 @@ def _norm_bytes(hidden: int, b: int, lean: bool) -> int:
 
 def _activation_bytes(config, rows: int, width: int, dtype_bytes: int,
                       checkpoint_every: int | None = None, lean: bool = True, *,
-                      dense_mask: bool = False, eager: bool = False, masks: int = 1) -> int:
+                      dense_mask: bool = False, eager: bool = False, masks: int = 1,
+                      frozen_below: int = 0) -> int:
     """Saved activations of one micro-batch for backward.
 
     Per token and layer see ``layer_bytes_per_token`` (and ``_eager_scores_bytes`` for
@@ -98,7 +100,8 @@ def _activation_bytes(config, rows: int, width: int, dtype_bytes: int,
     the rotary tables. A checkpointed layer keeps only its input. Every
     ``checkpoint_every``-th layer is checkpointed (None: none); backward runs from the last
     layer down, so the peak is either its start or the recomputation of the highest
-    checkpointed layer, when the layers above it are freed.
+    checkpointed layer, when the layers above it are freed. The ``frozen_below`` lowest layers
+    keep nothing: no weight at or under them trains (``model.train_layers``).
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
     tokens = rows * width
@@ -108,11 +111,20 @@ def _activation_bytes(config, rows: int, width: int, dtype_bytes: int,
     if dense_mask:
         shared += masks * rows * width * width * dtype_bytes
     if checkpoint_every is None:
-        return layers * per_layer + final_norm + shared
-    kept = [tokens * hidden * dtype_bytes if i % checkpoint_every == 0 else per_layer
-            for i in range(layers)]
+        return (layers - frozen_below) * per_layer + final_norm + shared
+    kept = [0 if i < frozen_below else tokens * hidden * dtype_bytes
+            if i % checkpoint_every == 0 else per_layer for i in range(layers)]
     highest = (layers - 1) // checkpoint_every * checkpoint_every
     return shared + max(sum(kept) + final_norm, sum(kept[: highest + 1]) + per_layer)
+
+
+def frozen_layers_below(model) -> int:
+    """How many of the lowest decoder layers have no trained weight at or under them."""
+    if causal_lm_of(model).get_input_embeddings().weight.requires_grad:
+        return 0
+    layers = decoder_layers(model)
+    return next((i for i, layer in enumerate(layers)
+                 if any(p.requires_grad for p in layer.parameters())), len(layers))
 
 
 def _model_lines(lm, decoder_config, max_length: int) -> list[str]:
@@ -195,7 +207,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
 
     def activations_and_total(checkpoint_every):
         kept = _activation_bytes(model_config, rows, width, dtype_bytes, checkpoint_every, lean,
-                                 dense_mask=dense_mask, eager=eager, masks=masks)
+                                 dense_mask=dense_mask, eager=eager, masks=masks,
+                                 frozen_below=frozen_layers_below(model))
         # backward's three candidate peaks: the output layer's, with every activation still
         # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
         largest = max(kept + output, kept + top_grads + layer, grads + bottom + layer)
