@@ -1,15 +1,18 @@
-"""model.lora.rslora and model.lora.dora: the saved model is the formula of each applied to the
-trained adapter (checked from the adapter's tensors), every layout trains DoRA alike, and its
-reference (adapters off) starts DPO at log 2."""
+"""model.lora.rslora, model.lora.dora and model.lora.init (PiSSA, OLoRA): the saved model is the
+formula of each applied to the trained adapter (checked from the adapter's tensors), every
+layout trains DoRA alike, and its reference (adapters off) starts DPO at log 2."""
 
+import json
 import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
-from test_train_loop import losses, run, workspace  # noqa: F401
+from test_train_loop import assert_same_weights, crashed_run, losses, run, workspace  # noqa: F401
 
-from preftune.config import LoraConfig
+from preftune.config import ConfigError, LoraConfig, build_config
+from preftune.train import loop
 from preftune.train.logging import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -98,3 +101,60 @@ def test_the_lora_settings_reach_peft():
                                          target_modules=["q_proj"]), task_type="CAUSAL_LM")
     assert (config.r, config.lora_alpha, config.use_rslora, config.use_dora) == (8, 16, True, True)
     assert config.target_modules == {"q_proj"}
+
+
+def principal_part(weight: torch.Tensor, init: str, r: int, scale: float) -> torch.Tensor:
+    """What each init takes out of W into the adapter (s B0 A0), computed from W itself: PiSSA
+    the top r singular triplets U_r S_r V_r^T; OLoRA s Q_r R_r of W = Q R."""
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        return (u[:, :r] * s[:r]) @ vh[:r]
+    q, upper = torch.linalg.qr(weight.double())
+    return scale * q[:, :r] @ upper[:r]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_start_at_the_base_and_save_a_plain_lora_of_it(workspace, init):  # noqa: F811
+    """The run starts as the base (DPO at log 2 against the precomputed reference); adapter/ is
+    [B, -B0] [A; A0] at rank 2r, alpha 2 alpha, so base + s B'A' is the saved model/, and its
+    second half, s B0 A0, is the part of W the paper's decomposition puts in the adapter."""
+    output = run(workspace, f"init-{init}", model__lora={"r": 4, "alpha": 8, "init": init})
+    assert losses(output)[0] == pytest.approx(math.log(2), abs=1e-5)
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    merged, base, adapter = merged_and_parts(output)
+    assert merged_is_w_plus_scaled_update(merged, base, adapter, 2.0) == 2 * len(LINEAR)
+    for name, weight in base.items():
+        stem = "base_model.model." + name.removesuffix(".weight")
+        if f"{stem}.lora_A.weight" in adapter:
+            initial = -adapter[f"{stem}.lora_B.weight"][:, 4:] @ adapter[f"{stem}.lora_A.weight"][4:]
+            torch.testing.assert_close(2.0 * initial.double(),
+                                       principal_part(weight, init, 4, 2.0), atol=1e-5, rtol=0,
+                                       msg=name)
+
+
+def test_a_resumed_pissa_run_ends_as_an_uninterrupted_one(workspace, monkeypatch):  # noqa: F811
+    """Resuming decomposes the base again; the checkpoint's adapters go on from there."""
+    settings = dict(model__lora={"r": 4, "alpha": 8, "init": "pissa"}, train__max_steps=4,
+                    train__save_every=2, train__batch_size=4)
+    straight = run(workspace, "pissa-straight", **settings)
+    crashed = crashed_run(workspace, "pissa-crashed", monkeypatch, 2, **settings)
+    tree = yaml.safe_load((crashed / "config.yaml").read_text())
+    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    assert_same_weights(straight, resumed)
+
+
+def test_what_pissa_cannot_combine_with_is_refused():
+    pissa = {"r": 4, "alpha": 8, "init": "pissa"}
+    tdpo = build_config({"model": {"lora": pissa}, "objective": {"name": "tdpo"}})
+    assert tdpo.reference_strategy == "live"  # the base under PiSSA adapters is not the model
+    with pytest.raises(ConfigError, match="reference.strategy='adapter-off' is the base without "
+                                          "adapters, but model.lora.init: pissa takes"):
+        build_config({"model": {"lora": pissa}, "reference": {"strategy": "adapter-off"}})
+    with pytest.raises(ConfigError, match="model.lora.init: olora and model.lora.dora do not "
+                                          "combine"):
+        build_config({"model": {"lora": {"init": "olora", "dora": True}}})
+    with pytest.raises(ConfigError, match="model.lora.init: pissa decomposes the base's weights, "
+                                          "which model.quantize: nf4 holds in 4 bits"):
+        build_config({"model": {"lora": pissa, "quantize": "nf4"}})

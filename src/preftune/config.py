@@ -70,12 +70,26 @@ class LoraConfig(Section):
     dora: bool = False
     """DoRA (Liu et al. 2024): each adapted weight is a learned magnitude per output times the
     direction of W + scale * B A (its rows normalized); LoRA trains the direction."""
+    init: Literal["default", "pissa", "olora"] = "default"
+    """How adapters start: 'default' (B = 0, A random: the model starts as the base); 'pissa'
+    (Meng et al. 2024: A, B from the top r singular vectors of each weight, which keeps the
+    rest) or 'olora' (Büyükakyüz 2024: from a QR decomposition), both training the weight's
+    principal part and converging faster. adapter/ is written as a plain LoRA adapter of the
+    original base either way."""
     lr_ratio: Positive | None = None
     """LoRA+ (Hayou et al. 2024): each B matrix trains at this multiple of
     train.learning_rate (A matrices and the rest at train.learning_rate); the paper
     suggests 16. null: one rate for all."""
     save_merged: bool = True
     """Also write the merged full model next to the adapter."""
+
+    @model_validator(mode="after")
+    def _pissa_without_dora(self):
+        if self.init != "default" and self.dora:
+            raise ValueError(f"model.lora.init: {self.init} and model.lora.dora do not combine "
+                             "(a DoRA magnitude cannot be converted to a LoRA of the original "
+                             "base); choose one.")
+        return self
 
     @model_validator(mode="after")
     def _peft_installed(self):
@@ -139,6 +153,10 @@ class ModelConfig(Section):
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("model.quantize needs the bitsandbytes package: "
                              "pip install 'preftune[qlora]'")
+        if self.lora is not None and self.lora.init != "default":
+            raise ValueError(f"model.lora.init: {self.lora.init} decomposes the base's weights, "
+                             f"which model.quantize: {self.quantize} holds in 4 bits; use "
+                             "model.lora.init: default with QLoRA.")
         if self.lora is None:
             raise ValueError(f"model.quantize: {self.quantize} weights do not train; add "
                              "model.lora (QLoRA trains LoRA adapters on the quantized base) or "
@@ -375,6 +393,10 @@ class Config(RunConfig):
                              "use reference.strategy 'precomputed', 'live' or 'adapter-off'.")
         if strategy == "adapter-off" and self.model.lora is None:
             raise ValueError("reference.strategy='adapter-off' needs model.lora to be set.")
+        if strategy == "adapter-off" and self.model.lora.init != "default":
+            raise ValueError(f"reference.strategy='adapter-off' is the base without adapters, "
+                             f"but model.lora.init: {self.model.lora.init} takes the adapters' "
+                             "part out of the base: use 'precomputed' or 'live'.")
         if objective.extra_references and not self.reference.extra_models:
             raise ValueError(f"{objective.name} combines several reference models; list them in "
                              "reference.extra_models (paths or 'default', same tokenizer).")
@@ -400,7 +422,8 @@ class Config(RunConfig):
         if not objective.needs_reference:
             return "none"
         if objective.reference_distributions:  # full distributions: a model must be at hand
-            return "adapter-off" if self.model.lora is not None else "live"
+            lora = self.model.lora
+            return "adapter-off" if lora is not None and lora.init == "default" else "live"
         return "precomputed"
 
 

@@ -131,6 +131,10 @@ class DiffusionConfig(RunConfig):
             if getattr(self.train, key) != getattr(defaults, key):
                 raise ValueError(f"train.{key} applies to language models only and does nothing "
                                  "for a denoiser; remove it.")
+        lora = self.model.lora
+        if lora is not None and lora.init != "default":
+            raise ValueError(f"model.lora.init: {lora.init} is for language models; a "
+                             "denoiser's adapters start gaussian (B = 0): remove it.")
         if self.train.eval_every and self.data.eval is None and not self.data.eval_fraction:
             raise ValueError("train.eval_every does nothing without data.eval or "
                              "data.eval_fraction.")

@@ -5,7 +5,8 @@ The adapter's ``adapter_config.json`` names its base (``base_model_name_or_path`
 itself be an adapter directory: an online round that trains LoRA on the previous round's
 adapter records that directory as its base, so the chain loads back in order.
 ``final_model_dir`` finds a run's trained model, whichever of the two it wrote;
-``merged_copy`` makes the merged one when a run saves.
+``merged_copy`` makes the merged one when a run saves; ``save_model`` writes a model or adapter, a PiSSA or OLoRA adapter
+as one of the original base (``as_plain_lora``).
 """
 
 from __future__ import annotations
@@ -84,3 +85,39 @@ def merged_copy(model, adapter_dir: Path, unquantized_base=None):
     import copy
 
     return copy.deepcopy(model).merge_and_unload()
+
+
+def save_model(model, directory: Path) -> None:
+    """``model.save_pretrained(directory)``; a PiSSA/OLoRA adapter is then rewritten as a LoRA
+    adapter of the original base (``add_lora`` kept its initial tensors)."""
+    from .load import INITIAL_ADAPTER
+
+    model.save_pretrained(directory)
+    initial = getattr(model, INITIAL_ADAPTER, None)
+    if initial is not None:
+        as_plain_lora(Path(directory), initial)
+
+
+def as_plain_lora(directory: Path, initial: dict) -> None:
+    """Rewrite the PiSSA/OLoRA adapter saved in ``directory`` as a LoRA adapter of the original
+    base. Such a run trains on a residual base, W_res = W - s B0 A0 (``initial`` holds A0 and
+    B0), so its update of W is s (B A - B0 A0) = s [B, -B0] [A; A0]: a plain adapter of twice
+    the rank, its alpha doubled (times sqrt 2 under rsLoRA) to keep the scale s."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = directory / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    for name, value in tensors.items():
+        if ".lora_A." in name:
+            tensors[name] = torch.cat([value, initial[name].to(value.dtype)], dim=0)
+        elif ".lora_B." in name:
+            tensors[name] = torch.cat([value, -initial[name].to(value.dtype)], dim=1)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    path = directory / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["lora_alpha"] *= math.sqrt(2) if config.get("use_rslora") else 2
+    config.update(r=2 * config["r"], init_lora_weights=True)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))

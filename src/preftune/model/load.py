@@ -293,9 +293,14 @@ def peft_lora_config(lora, **settings):
     from peft import LoraConfig  # installed: checked when model.lora was read
 
     target = lora.target_modules
+    settings.setdefault("init_lora_weights", INITS[lora.init])
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=target if isinstance(target, str) else list(target),
                       use_rslora=lora.rslora, use_dora=lora.dora, **settings)
+
+
+INITS = {"default": True, "pissa": "pissa", "olora": "olora"}  # model.lora.init -> peft's
+INITIAL_ADAPTER = "preftune_initial_adapter"  # on a PiSSA/OLoRA model: its adapter at the start
 
 
 def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
@@ -306,6 +311,11 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
 
     with quiet_peft():
         model = get_peft_model(model, peft_lora_config(lora, task_type=task_type))
+    if lora.init != "default":  # kept to write the trained adapter as one of the original base
+        from peft import get_peft_model_state_dict
+
+        setattr(model, INITIAL_ADAPTER, {name: value.detach().to("cpu", copy=True)
+                                         for name, value in get_peft_model_state_dict(model).items()})
     mark_lora_plus(model, lora.lr_ratio)
     return model
 

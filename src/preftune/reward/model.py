@@ -25,7 +25,7 @@ from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, add_lora, builds, check_weights_format, load_tokenizer,
                           resolve_model_dir)
-from ..model.adapter_dirs import merged_copy
+from ..model.adapter_dirs import merged_copy, save_model
 from ..model.quantize import loading_arguments, settle
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
@@ -109,7 +109,7 @@ class RewardModel(nn.Module):
         written = {}
         model = self.model
         if hasattr(model, "merge_and_unload"):  # LoRA (PEFT)
-            model.save_pretrained(directory / "adapter")
+            save_model(model, directory / "adapter")
             tokenizer.save_pretrained(directory / "adapter")
             self.head.save(directory / "adapter", extra)
             written["adapter"] = directory / "adapter"

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..model.adapter_dirs import merged_copy
+from ..model.adapter_dirs import merged_copy, save_model
 from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
 
 PREFIX = "step-"
@@ -171,7 +171,7 @@ def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool,
 def _write_dir(target: Path, model, tokenizer) -> Path:
     staging = target.with_name(f".staging-{target.name}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    save_model(model, staging)  # (PiSSA / OLoRA: as an adapter of the original base)
     images = getattr(tokenizer, "image_inputs", None)  # a VLM: its processor holds the tokenizer
     (images.processor if images is not None else tokenizer).save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)
