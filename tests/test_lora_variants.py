@@ -114,7 +114,8 @@ def principal_part(weight: torch.Tensor, init: str, r: int, scale: float) -> tor
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_and_olora_start_at_the_base_and_save_a_plain_lora_of_it(workspace, init):  # noqa: F811
+def test_pissa_and_olora_start_at_the_base_and_save_a_plain_lora_of_it(workspace,  # noqa: F811
+                                                                      init):
     """The run starts as the base (DPO at log 2 against the precomputed reference); adapter/ is
     [B, -B0] [A; A0] at rank 2r, alpha 2 alpha, so base + s B'A' is the saved model/, and its
     second half, s B0 A0, is the part of W the paper's decomposition puts in the adapter."""
@@ -127,7 +128,8 @@ def test_pissa_and_olora_start_at_the_base_and_save_a_plain_lora_of_it(workspace
     for name, weight in base.items():
         stem = "base_model.model." + name.removesuffix(".weight")
         if f"{stem}.lora_A.weight" in adapter:
-            initial = -adapter[f"{stem}.lora_B.weight"][:, 4:] @ adapter[f"{stem}.lora_A.weight"][4:]
+            b0, a0 = -adapter[f"{stem}.lora_B.weight"][:, 4:], adapter[f"{stem}.lora_A.weight"][4:]
+            initial = b0 @ a0
             torch.testing.assert_close(2.0 * initial.double(),
                                        principal_part(weight, init, 4, 2.0), atol=1e-5, rtol=0,
                                        msg=name)

@@ -73,9 +73,9 @@ class LoraConfig(Section):
     init: Literal["default", "pissa", "olora"] = "default"
     """How adapters start: 'default' (B = 0, A random: the model starts as the base); 'pissa'
     (Meng et al. 2024: A, B from the top r singular vectors of each weight, which keeps the
-    rest) or 'olora' (Büyükakyüz 2024: from a QR decomposition), both training the weight's
-    principal part and converging faster. adapter/ is written as a plain LoRA adapter of the
-    original base either way."""
+    rest) or 'olora' (Büyükakyüz 2024: from a QR decomposition): the adapter trains the
+    weight's principal part, which the papers find converges faster. adapter/ is written as a
+    plain LoRA adapter of the original base either way."""
     lr_ratio: Positive | None = None
     """LoRA+ (Hayou et al. 2024): each B matrix trains at this multiple of
     train.learning_rate (A matrices and the rest at train.learning_rate); the paper

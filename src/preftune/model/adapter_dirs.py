@@ -5,8 +5,8 @@ The adapter's ``adapter_config.json`` names its base (``base_model_name_or_path`
 itself be an adapter directory: an online round that trains LoRA on the previous round's
 adapter records that directory as its base, so the chain loads back in order.
 ``final_model_dir`` finds a run's trained model, whichever of the two it wrote;
-``merged_copy`` makes the merged one when a run saves; ``save_model`` writes a model or adapter, a PiSSA or OLoRA adapter
-as one of the original base (``as_plain_lora``).
+``merged_copy`` makes the merged one when a run saves; ``save_model`` writes a model or
+adapter, a PiSSA or OLoRA adapter as one of the original base (``as_plain_lora``).
 """
 
 from __future__ import annotations

@@ -314,8 +314,9 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
     if lora.init != "default":  # kept to write the trained adapter as one of the original base
         from peft import get_peft_model_state_dict
 
+        initial = get_peft_model_state_dict(model)
         setattr(model, INITIAL_ADAPTER, {name: value.detach().to("cpu", copy=True)
-                                         for name, value in get_peft_model_state_dict(model).items()})
+                                         for name, value in initial.items()})
     mark_lora_plus(model, lora.lr_ratio)
     return model
 
