@@ -101,6 +101,27 @@ def test_fsdp2_on_two_processes_equals_one_unsharded_process(workspace, tmp_path
         assert_same_weights(two, one, atol=1e-6)
 
 
+@pytest.mark.parametrize("model", [{"train_layers": 1},
+                                   {"lora": {"r": 4, "alpha": 8, "init": "pissa",
+                                             "lr_ratio": 4.0}}], ids=["top-layer", "pissa+"])
+def test_fsdp2_trains_part_of_a_model_like_one_process(workspace, tmp_path, model):  # noqa: F811
+    """Frozen weights inside a shard unit (model.train_layers), and adapters that start from the
+    base's decomposition with two learning rates (PiSSA, LoRA+), shard like the rest."""
+    name = "fsdp-part-" + next(iter(model))
+    one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
+              **{f"model__{key}": value for key, value in model.items()})
+    done = launch(sharded_config(one, tmp_path, name, 4))
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = one.parent / name
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    assert_same_weights(two, one, atol=1e-6)
+    if "lora" in model:  # the adapter, converted to one of the original base
+        ours, theirs = (load_file(out / "adapter" / "adapter_model.safetensors")
+                        for out in (two, one))
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
 def checkpoints_cross_between_sharded_and_one_process(workspace, tmp_path, monkeypatch,
                                                      name: str, engine) -> None:
     """A 1-process checkpoint resumes on 2 sharded processes (``engine()``'s variables), and a
