@@ -59,6 +59,19 @@ def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # 
     assert_same_weights(two, one, atol=1e-6)
 
 
+@pytest.mark.parametrize("stage", [3, 2])
+def test_zero_trains_the_top_layer_alone_like_one_process(workspace, tmp_path, stage):  # noqa: F811
+    """model.train_layers: frozen weights partitioned with the rest, never stepped."""
+    name = f"zero{stage}-top-layer"
+    one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
+              model__train_layers=1)
+    done = launch(sharded_config(one, tmp_path, name, 4), engine=lambda: zero_environment(stage))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    two = one.parent / name
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert_same_weights(two, one, atol=1e-6)
+
+
 def test_checkpoints_move_between_zero3_and_one_process(workspace, tmp_path,  # noqa: F811
                                                         monkeypatch):
     checkpoints_cross_between_sharded_and_one_process(workspace, tmp_path, monkeypatch, "zero",
