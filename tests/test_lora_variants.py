@@ -113,7 +113,7 @@ def principal_part(weight: torch.Tensor, init: str, r: int, scale: float) -> tor
     return scale * q[:, :r] @ upper[:r]
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_fast", "olora"])
 def test_pissa_and_olora_start_at_the_base_and_save_a_plain_lora_of_it(workspace,  # noqa: F811
                                                                       init):
     """The run starts as the base (DPO at log 2 against the precomputed reference); adapter/ is
@@ -125,6 +125,8 @@ def test_pissa_and_olora_start_at_the_base_and_save_a_plain_lora_of_it(workspace
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
     merged, base, adapter = merged_and_parts(output)
     assert merged_is_w_plus_scaled_update(merged, base, adapter, 2.0) == 2 * len(LINEAR)
+    if init == "pissa_fast":  # randomized: near the SVD part only where the spectrum falls off
+        return
     for name, weight in base.items():
         stem = "base_model.model." + name.removesuffix(".weight")
         if f"{stem}.lora_A.weight" in adapter:
@@ -160,3 +162,24 @@ def test_what_pissa_cannot_combine_with_is_refused():
     with pytest.raises(ConfigError, match="model.lora.init: pissa decomposes the base's weights, "
                                           "which model.quantize: nf4 holds in 4 bits"):
         build_config({"model": {"lora": pissa, "quantize": "nf4"}})
+
+
+def test_pissa_fast_finds_the_top_singular_part_of_a_weight_whose_spectrum_falls():
+    """16 randomized subspace iterations recover U_r S_r V_r^T when the singular values fall
+    off (as trained weights' do; a random matrix's flat spectrum would need a full SVD)."""
+    from peft import get_peft_model
+
+    from preftune.model.load import peft_lora_config
+
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 48))
+    v, _ = torch.linalg.qr(torch.randn(48, 48))
+    sigma = 2.0 ** -torch.arange(48.0)
+    weight = (u * sigma) @ v.T
+    layer = torch.nn.Sequential(torch.nn.Linear(48, 64, bias=False))
+    layer[0].weight.data = weight.clone()
+    lora = LoraConfig(r=4, alpha=8, init="pissa_fast", target_modules=["0"])
+    adapted = get_peft_model(layer, peft_lora_config(lora)).base_model.model[0]
+    part = 2.0 * adapted.lora_B["default"].weight @ adapted.lora_A["default"].weight
+    torch.testing.assert_close(part, (u[:, :4] * sigma[:4]) @ v[:, :4].T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adapted.base_layer.weight + part, weight, atol=1e-6, rtol=0)

@@ -70,12 +70,13 @@ class LoraConfig(Section):
     dora: bool = False
     """DoRA (Liu et al. 2024): each adapted weight is a learned magnitude per output times the
     direction of W + scale * B A (its rows normalized); LoRA trains the direction."""
-    init: Literal["default", "pissa", "olora"] = "default"
+    init: Literal["default", "pissa", "pissa_fast", "olora"] = "default"
     """How adapters start: 'default' (B = 0, A random: the model starts as the base); 'pissa'
     (Meng et al. 2024: A, B from the top r singular vectors of each weight, which keeps the
-    rest) or 'olora' (Büyükakyüz 2024: from a QR decomposition): the adapter trains the
-    weight's principal part, which the papers find converges faster. adapter/ is written as a
-    plain LoRA adapter of the original base either way."""
+    rest; 'pissa_fast' finds them by 16 randomized subspace iterations instead of a full SVD)
+    or 'olora' (Büyükakyüz 2024: from a QR decomposition): the adapter trains the weight's
+    principal part, which the papers find converges faster. adapter/ is written as a plain
+    LoRA adapter of the original base either way."""
     lr_ratio: Positive | None = None
     """LoRA+ (Hayou et al. 2024): each B matrix trains at this multiple of
     train.learning_rate (A matrices and the rest at train.learning_rate); the paper

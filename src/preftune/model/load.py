@@ -299,7 +299,8 @@ def peft_lora_config(lora, **settings):
                       use_rslora=lora.rslora, use_dora=lora.dora, **settings)
 
 
-INITS = {"default": True, "pissa": "pissa", "olora": "olora"}  # model.lora.init -> peft's
+INITS = {"default": True, "pissa": "pissa", "pissa_fast": "pissa_niter_16",  # -> peft's
+         "olora": "olora"}
 INITIAL_ADAPTER = "preftune_initial_adapter"  # on a PiSSA/OLoRA model: its adapter at the start
 
 
