@@ -266,6 +266,10 @@ class TrainConfig(Section):
     """Learning-rate decay after warmup."""
     weight_decay: NonNegative = 0.0
     """AdamW weight decay."""
+    adam_betas: list[Fraction] = [0.9, 0.999]
+    """AdamW's decay rates of its two moments, [beta1, beta2] (each in [0, 1))."""
+    adam_epsilon: Positive = 1e-8
+    """AdamW's epsilon, added to the root of the second moment."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     """AdamW's two moments per weight held in the weights' dtype (torch's fused AdamW), or in
     8 bits (bitsandbytes: about a quarter of fp32 moments' memory); paged_adamw_8bit also lets
@@ -319,6 +323,14 @@ class TrainConfig(Section):
     """Where offline trackers write (default: output_dir/tracking)."""
     run_name: str | None = None
     """The run's name in the trackers (default: the name of output_dir)."""
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _two_betas(cls, value: list[float]) -> list[float]:
+        if len(value) != 2:
+            raise ValueError(f"train.adam_betas takes two numbers, [beta1, beta2] (got {value}), "
+                             "e.g. [0.9, 0.95].")
+        return value
 
     @model_validator(mode="after")
     def _checkpointing_is_on(self):

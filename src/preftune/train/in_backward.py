@@ -24,13 +24,13 @@ class AdamWInBackward(torch.optim.Optimizer):
     torch's fused AdamW, whose update matches the plain one to rounding.
     """
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, lr_scales=None):
-        """``lr_scales``: a learning-rate multiplier per parameter (default 1 each)."""
+    def __init__(self, params, lr: float, lr_scales=None, **adamw):
+        """``lr_scales``: a learning-rate multiplier per parameter (default 1 each); ``adamw``:
+        torch AdamW's other settings (weight_decay, betas, eps)."""
         params = list(params)
         scales = list(lr_scales) if lr_scales is not None else [1.0] * len(params)
         super().__init__(params, {"lr": lr})
-        self.parts = [torch.optim.AdamW([p], lr=lr * scale, weight_decay=weight_decay,
-                                        fused=True)
+        self.parts = [torch.optim.AdamW([p], lr=lr * scale, fused=True, **adamw)
                       for p, scale in zip(params, scales, strict=True)]
         self.param_groups = [group for part in self.parts for group in part.param_groups]
         self._squared_norm = 0.0

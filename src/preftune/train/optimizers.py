@@ -40,23 +40,23 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter],
     ones keep fp32 moments for those of ``params`` that are ``embeddings``. A parameter marked
     with a learning-rate scale (LoRA+'s B matrices) gets ``learning_rate`` times it, in a group
     after the unscaled one (whose rate the metrics log)."""
+    settings = {"weight_decay": cfg.weight_decay, "betas": tuple(cfg.adam_betas),
+                "eps": cfg.adam_epsilon}
     if cfg.optimizer_in_backward:  # each weight updated as its gradient completes
-        return AdamWInBackward(params, cfg.learning_rate, cfg.weight_decay,
-                               [lr_scale(p) for p in params])
+        return AdamWInBackward(params, cfg.learning_rate, [lr_scale(p) for p in params],
+                               **settings)
     groups = learning_rate_groups(params, cfg.learning_rate)
     if cfg.optimizer in EIGHT_BIT:
         from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
 
         kind = PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else AdamW8bit
-        optimizer = kind(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                         min_8bit_size=SMALLEST_8BIT)
+        optimizer = kind(groups, lr=cfg.learning_rate, min_8bit_size=SMALLEST_8BIT, **settings)
         full = {id(p) for p in embeddings}
         optimizer.get_config = _fp32_moments_for(full, optimizer.get_config)
         return optimizer
     # fused: one kernel for all weights (the per-tensor loop was ~30% of a small step)
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                             fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None, **settings)
 
 
 def learning_rate_groups(params: list[torch.nn.Parameter], learning_rate: float) -> list[dict]:
