@@ -57,6 +57,7 @@ def test_policy_model_card_lists_base_objective_data_metrics_and_command(policy_
     assert f"from `{policy_run / 'base'}`" in text
     assert '| parameters | {"dpo": {"beta": 0.2' in text
     assert "| reference | precomputed |" in text and "| optimizer steps | 2 |" in text
+    assert "| optimizer | adamw, betas [0.9, 0.999], eps 1e-08, weight decay 0 |" in text
     digest = hashlib.sha256((policy_run / "pairs.jsonl").read_bytes()).hexdigest()
     assert f"| train | `{policy_run / 'pairs.jsonl'}` | `{digest}` |" in text
     report = json.loads((run / "data_report.json").read_text())

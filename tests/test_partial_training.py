@@ -44,6 +44,8 @@ def test_only_the_chosen_layers_move_and_as_in_full_training(workspace, full, la
     changed = moved(output, workspace)
     assert {layer_of(name) for name in changed} == trained
     assert len(changed) == 9 * len(trained)  # 7 projections and 2 norms per layer
+    card = (output / "model" / "README.md").read_text()
+    assert f'| trained weights | {{"train_layers": {layers}}} |' in card
     assert losses(output) == pytest.approx(losses(full), rel=1e-6)  # the same model at step 1
     end, reference = final_weights(output), final_weights(full)
     for name in changed:

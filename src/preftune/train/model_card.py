@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import TrainConfig
 from ..versions import installed_versions
 from .logging import read_metrics
 
@@ -139,13 +140,27 @@ def _settings(config: dict, info: dict) -> dict:
             "batch size x accumulation (per process)":
                 f"{train['batch_size']} x {train['gradient_accumulation_steps']}",
             "schedule, warmup": f"{train['schedule']}, {train['warmup_ratio']}",
+            "optimizer": _optimizer(train),
             "seed": train["seed"],
             **({"max length (prompt)": f"{data['max_length']} ({data['max_prompt_length']})"}
                if "max_length" in data else {"image resolution": data.get("resolution")}),
             **({"LoRA": json.dumps(config["model"]["lora"])}
                if config["model"].get("lora") else {}),
             **({"quantized base (QLoRA)": config["model"]["quantize"]}
-               if config["model"].get("quantize") else {})}
+               if config["model"].get("quantize") else {}),
+            **({"trained weights": json.dumps(part)} if (part := {
+                key: config["model"][key] for key in ("train_layers", "train_params")
+                if config["model"].get(key) is not None}) else {})}
+
+
+def _optimizer(train: dict) -> str:
+    """The optimizer and its settings (a config written before a key existed: its default)."""
+    defaults = TrainConfig()
+    setting = {key: train.get(key, getattr(defaults, key)) for key in (
+        "optimizer", "adam_betas", "adam_epsilon", "weight_decay", "optimizer_in_backward")}
+    return (f"{setting['optimizer']}, betas {setting['adam_betas']}, eps "
+            f"{setting['adam_epsilon']:g}, weight decay {setting['weight_decay']:g}"
+            + (", in backward" if setting["optimizer_in_backward"] else ""))
 
 
 def _results(metrics: list[dict]) -> list[str]:
