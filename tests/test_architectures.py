@@ -31,6 +31,7 @@ ATTENTION_MODELS = {
     "gpt2": ({"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256}, "sdpa"),
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "sdpa"),  # experts
     "opt": ({"ffn_dim": 64, "word_embed_proj_dim": 32}, "sdpa"),  # positions from the mask
+    "phi": ({}, "sdpa"),  # an output layer with a bias (folded into the chunked head)
     # sliding windows shorter than the examples: every layer (one mask), or some (a mask each)
     "mistral": ({"sliding_window": 4}, "sdpa"),
     "gemma3_text": ({"head_dim": 8, "sliding_window": 4,
@@ -80,6 +81,9 @@ def preftune_logps(model, layout):
 def test_log_probs_and_gradients_equal_the_models_own_in_every_layout(model_type):
     changes, attention = ATTENTION_MODELS[model_type]
     model = build(model_type, changes, attention)
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:  # (it starts at 0: make it count)
+        torch.nn.init.normal_(head.bias)
     check_head(model)  # passes: preftune's head is the model's
     expected = own_logps(model, examples())
     expected.sum().backward()
@@ -228,12 +232,6 @@ def test_a_hybrid_reward_model_scores_on_padded_rows():
     torch.testing.assert_close(rewards, torch.stack(alone), atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="train.layout: prefix_shared: JambaModel mixes"):
         reward_model.make_batch(0, "prefix_shared")
-
-
-def test_an_output_layer_with_a_bias_is_refused_by_name():
-    model = build("phi", {})
-    with pytest.raises(ConfigError, match="model.path: PhiForCausalLM's output layer has a bias"):
-        check_head(model)
 
 
 def test_the_same_weights_in_another_architecture_do_not_share_a_cached_reference(tmp_path):
@@ -387,3 +385,27 @@ def test_the_plan_names_the_head_and_the_windows(tmp_path, capsys):
     assert "output head        logits x 1, capped at 30\n" in out
     assert ("attention windows  sliding_attention 4 tokens (built into the masks: "
             "data.max_length is longer)\n") in out
+
+
+@pytest.mark.parametrize("objective", ["dpo", "tdpo"])  # tdpo: both models' heads, chunk by chunk
+def test_a_model_whose_output_layer_has_a_bias_trains_it(tmp_path, objective):
+    from safetensors.torch import load_file
+
+    tokenizer = char_tokenizer()
+    model = build("phi", {"vocab_size": len(tokenizer)})
+    torch.nn.init.normal_(model.lm_head.bias)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    pairs = [{"prompt": f"Question {i}: which word comes next?", "chosen": "yes",
+              "rejected": "no"} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tree = {"output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "model")},
+            "data": {"train": str(tmp_path / "pairs.jsonl")}, "objective": {"name": objective},
+            "reference": {"cache_dir": str(tmp_path / "cache")},
+            "train": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-2}}
+    run = train(Config.from_dict(tree), show_progress=False)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)  # the reference is the model
+    start = load_file(tmp_path / "model" / "model.safetensors")["lm_head.bias"]
+    end = load_file(run / "model" / "model.safetensors")["lm_head.bias"]
+    assert (end - start).abs().max() > 1e-3  # the bias trained

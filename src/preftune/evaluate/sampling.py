@@ -48,6 +48,7 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
     Examples with images need the model's ``images`` (``tokenizer.image_inputs``).
     """
     logp_model = LogpModel(causal_lm_of(model), chunk_tokens).eval()
+    width = causal_lm_of(model).get_output_embeddings().weight.shape[1]
     device = next(model.parameters()).device
     check_model(model, examples)
     layout = verified_layout(*decoder_of(model), choose_layout(examples))
@@ -62,10 +63,10 @@ def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
                 logp_model.token_logps(hidden, weight, batch.target_tokens), batch)
             logps.append(stats.logps)
             counts.append(stats.token_counts)
-            if hidden_sums:
-                total = hidden.new_zeros(batch.num_responses, hidden.shape[-1],
-                                         dtype=torch.float32)
-                total.index_add_(0, batch.target_response, hidden.float())
+            if hidden_sums:  # (the model's features only: not a folded-in bias's constant)
+                features = hidden[:, :width]
+                total = features.new_zeros(batch.num_responses, width, dtype=torch.float32)
+                total.index_add_(0, batch.target_response, features.float())
                 sums.append(total.view(batch.num_examples, batch.responses_per_example, -1))
             for chunk in hidden.split(chunk_tokens) if top_k else ():
                 entropy, mass = topk_entropy_and_mass(logp_model.head.logits(chunk, weight),

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..config_tree import ConfigError
 from ..data.layout import Batch
 from .chunked_logps import Head, chunked_token_logps, chunked_token_logps_and_kl
 from .varlen import NAME as VARLEN
@@ -227,7 +226,8 @@ class LogpModel(nn.Module):
     def external_weights(self) -> list:
         """Weights used outside their module's forward: the output projection (ZeRO-3 must
         gather it for this module's forward)."""
-        return [causal_lm_of(self.model).get_output_embeddings().weight]
+        head = causal_lm_of(self.model).get_output_embeddings()
+        return [head.weight] + ([head.bias] if head.bias is not None else [])
 
     @property
     def _no_split_modules(self):  # FSDP's default wrapping: the decoder layers of the model
@@ -258,30 +258,39 @@ class LogpModel(nn.Module):
 
     def hidden_and_weight(self, batch: Batch, layer_means: bool = False):
         """Final hidden states at the positions that predict response tokens, [n, d], and the
-        output embedding [vocab, d]. ``layer_means`` adds, per decoder layer, the mean over
-        features of its output at those positions, [layers, n] (SparsePO's activation masks).
+        output embedding [vocab, d]. An output layer with a bias (Phi-1/2) has it folded in:
+        a feature of 1 appended to the hidden states, the bias as the weight's last column
+        ([n, d + 1], [vocab, d + 1]), so the chunked head needs nothing else. ``layer_means``
+        adds, per decoder layer, the mean over features of its output at those positions,
+        [layers, n] (SparsePO's activation masks).
         """
         lm = causal_lm_of(self.model)
         decoder = lm.get_decoder()
         out = run_decoder(decoder, batch, decoder.config, vlm=lm,
                           output_hidden_states=layer_means)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-        weight = lm.get_output_embeddings().weight
+        hidden, weight = _fold_bias(hidden[batch.logit_positions], lm.get_output_embeddings())
         if not layer_means:
-            return hidden[batch.logit_positions], weight
+            return hidden, weight
         means = torch.stack([h.float().mean(-1).reshape(-1)[batch.logit_positions]
                              for h in out.hidden_states[1:]])
-        return hidden[batch.logit_positions], weight, means
+        return hidden, weight, means
+
+
+def _fold_bias(hidden: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, head weight), the head's bias folded in as ``hidden_and_weight`` says: a copy
+    of the weight with one more column per forward (autograd splits its gradient back)."""
+    if getattr(head, "bias", None) is None:
+        return hidden, head.weight
+    ones = hidden.new_ones(hidden.shape[0], 1)
+    bias = head.bias.to(head.weight.dtype)[:, None]
+    return torch.cat([hidden, ones], dim=1), torch.cat([head.weight, bias], dim=1)
 
 
 def output_head(lm: nn.Module) -> Head:
     """How ``lm`` turns ``hidden @ weight.T`` into the logits of its softmax, from its config:
     the factors and the soft cap transformers' heads apply (``chunked_logps.Head``). A head
     that does something else is caught by ``verify.check_head`` on the model itself."""
-    if getattr(lm.get_output_embeddings(), "bias", None) is not None:
-        raise ConfigError(f"model.path: {type(lm).__name__}'s output layer has a bias, which "
-                          "preftune's chunked log-probs do not support yet (models whose output "
-                          "layer has none train: Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2 ...).")
     config = lm.config.get_text_config()
     scale = 1.0
     for name in ("logit_scale", "lm_head_multiplier"):  # Cohere; Falcon-H1
