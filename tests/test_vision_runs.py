@@ -202,3 +202,18 @@ def test_gemma3_trains_on_images_and_its_own_forward_agrees_after(workspace, tmp
         start = inputs["input_ids"].shape[1] - 1
         total += sum(logps[start + j, t].item() for j, t in enumerate(ids[0, start + 1:]))
     assert total / len(rows) == pytest.approx(log[-1]["eval/logps/chosen"], abs=1e-4)
+
+
+def test_top_layers_train_and_the_vision_tower_stays_as_loaded(workspace):
+    """model.train_layers counts the language model's layers; the vision tower, its connector
+    and the embeddings stay frozen unless named."""
+    from safetensors.torch import load_file
+
+    tree = config(workspace, "top-layer", objective="dpo")
+    tree["model"]["train_layers"] = 1
+    out = api.train(tree)
+    start = load_file(workspace / "model" / "model.safetensors")
+    end = load_file(out / "model" / "model.safetensors")
+    moved = {name for name in start if not torch.equal(start[name], end[name])}
+    assert moved and all(name.startswith("model.text_model.layers.1.") for name in moved)
+    assert len(moved) == sum(1 for name in start if name.startswith("model.text_model.layers.1."))
