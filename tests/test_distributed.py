@@ -23,6 +23,7 @@ from preftune.train.logging import read_metrics
     ("prefix_shared", "dpo", "adapter-off", "lora"),  # the reference = adapters switched off
     ("prefix_shared", "dpo", "precomputed", "qlora"),  # each process holds the 4-bit base
     ("prefix_shared", "dpo", "precomputed", "pissa+"),  # PiSSA with LoRA+ rates
+    ("prefix_shared", "dpo", "adapter-off", "head"),  # the tied head trained beside LoRA
     ("prefix_shared", "dpo", "precomputed", "top-layer")])  # model.train_layers, no adapters
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
                                                             objective, strategy, adapter):
@@ -32,6 +33,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
         lora["model__quantize"] = "nf4"
     if adapter == "pissa+":
         lora["model__lora"].update(init="pissa", lr_ratio=4.0)
+    if adapter == "head":
+        lora["model__lora"].update(modules_to_save=["lm_head"])
     if adapter == "top-layer":
         lora = {"model__train_layers": 1}
     one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,

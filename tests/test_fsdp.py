@@ -103,11 +103,15 @@ def test_fsdp2_on_two_processes_equals_one_unsharded_process(workspace, tmp_path
 
 @pytest.mark.parametrize("model", [{"train_layers": 1},
                                    {"lora": {"r": 4, "alpha": 8, "init": "pissa",
-                                             "lr_ratio": 4.0}}], ids=["top-layer", "pissa+"])
-def test_fsdp2_trains_part_of_a_model_like_one_process(workspace, tmp_path, model):  # noqa: F811
-    """Frozen weights inside a shard unit (model.train_layers), and adapters that start from the
-    base's decomposition with two learning rates (PiSSA, LoRA+), shard like the rest."""
-    name = "fsdp-part-" + next(iter(model))
+                                             "lr_ratio": 4.0}},
+                                   {"lora": {"r": 4, "alpha": 8, "modules_to_save": ["lm_head"]}}],
+                         ids=["top-layer", "pissa+", "head"])
+def test_fsdp2_trains_part_of_a_model_like_one_process(workspace, tmp_path, model,  # noqa: F811
+                                                       request):
+    """Frozen weights inside a shard unit (model.train_layers), adapters that start from the
+    base's decomposition with two learning rates (PiSSA, LoRA+), and a tied head trained beside
+    adapters (a copy in peft's wrapper) shard like the rest."""
+    name = "fsdp-part-" + request.node.callspec.id
     one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
               **{f"model__{key}": value for key, value in model.items()})
     done = launch(sharded_config(one, tmp_path, name, 4))

@@ -77,6 +77,10 @@ class LoraConfig(Section):
     or 'olora' (Büyükakyüz 2024: from a QR decomposition): the adapter trains the weight's
     principal part, which the papers find converges faster. adapter/ is written as a plain
     LoRA adapter of the original base either way."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full beside the adapters (PEFT's modules_to_save), e.g.
+    ['embed_tokens', 'lm_head'] for tokens the model has not learnt: a trainable copy of each;
+    tied embeddings stay tied; the adapters-off reference keeps the originals."""
     lr_ratio: Positive | None = None
     """LoRA+ (Hayou et al. 2024): each B matrix trains at this multiple of
     train.learning_rate (A matrices and the rest at train.learning_rate); the paper

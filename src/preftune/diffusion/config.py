@@ -135,6 +135,9 @@ class DiffusionConfig(RunConfig):
         if lora is not None and lora.init != "default":
             raise ValueError(f"model.lora.init: {lora.init} is for language models; a "
                              "denoiser's adapters start gaussian (B = 0): remove it.")
+        if lora is not None and lora.modules_to_save:
+            raise ValueError("model.lora.modules_to_save is for language models; a denoiser "
+                             "trains its adapters only: remove it.")
         if self.train.eval_every and self.data.eval is None and not self.data.eval_fraction:
             raise ValueError("train.eval_every does nothing without data.eval or "
                              "data.eval_fraction.")

@@ -294,6 +294,8 @@ def peft_lora_config(lora, **settings):
 
     target = lora.target_modules
     settings.setdefault("init_lora_weights", INITS[lora.init])
+    if lora.modules_to_save:  # (a reward model's head is added to them by peft)
+        settings.update(modules_to_save=list(lora.modules_to_save), ensure_weight_tying=True)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=target if isinstance(target, str) else list(target),
                       use_rslora=lora.rslora, use_dora=lora.dora, **settings)
@@ -310,6 +312,7 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
     classification head in full."""
     from peft import get_peft_model
 
+    check_modules_to_save(model, lora.modules_to_save)
     with quiet_peft():
         model = get_peft_model(model, peft_lora_config(lora, task_type=task_type))
     if lora.init != "default":  # kept to write the trained adapter as one of the original base
@@ -320,6 +323,21 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
                                          for name, value in initial.items()})
     mark_lora_plus(model, lora.lr_ratio)
     return model
+
+
+def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
+    """Each of model.lora.modules_to_save names a module of ``model`` (as peft matches them:
+    the full name or its last parts)."""
+    modules = [name for name, _ in model.named_modules()]
+    for wanted in names or []:
+        if not any(name == wanted or name.endswith("." + wanted) for name in modules):
+            from ..config import ConfigError
+
+            tops = sorted({name.rsplit(".", 1)[-1] for name in modules if name
+                           and not name.rsplit(".", 1)[-1].isdigit()})
+            raise ConfigError(f"model.lora.modules_to_save: no module of {type(model).__name__} "
+                              f"is called {wanted!r}; module names include "
+                              f"{', '.join(tops[:12])}.")
 
 
 LR_SCALE = "preftune_lr_scale"  # set on a parameter: it trains at learning_rate times this

@@ -1,0 +1,58 @@
+"""model.lora.modules_to_save: whole modules train beside the adapters (a copy each); the saved
+adapter carries them, the merged model has them, tied embeddings stay tied, and the
+adapters-off reference keeps the originals."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_loop import losses, run, workspace  # noqa: F401
+
+from preftune.config import ConfigError, build_config
+from preftune.model.adapter_dirs import merge_adapter
+from preftune.model.load import load_model_and_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["lm_head"]}
+
+
+def test_the_tied_head_trains_and_the_adapter_dir_rebuilds_the_merged_model(workspace):  # noqa: F811
+    output = run(workspace, "head-saved", model__lora=LORA)
+    base = load_file(workspace / "model" / "model.safetensors")
+    merged = load_file(output / "model" / "model.safetensors")
+    # the tiny model ties its output layer to the embeddings: one tensor, trained
+    assert "lm_head.weight" not in merged
+    moved = (merged["model.embed_tokens.weight"] - base["model.embed_tokens.weight"]).abs()
+    assert moved.max() > 1e-3
+    adapter = load_file(output / "adapter" / "adapter_model.safetensors")
+    torch.testing.assert_close(adapter["base_model.model.model.embed_tokens.weight"],
+                               merged["model.embed_tokens.weight"], rtol=0, atol=0)
+    model, _ = load_model_and_tokenizer(str(workspace / "model"), "float32")
+    rebuilt = merge_adapter(model, str(output / "adapter"))
+    assert rebuilt.get_output_embeddings().weight is rebuilt.get_input_embeddings().weight
+    for name, value in rebuilt.state_dict().items():
+        if name in merged:
+            torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_adapters_off_reference_keeps_the_original_modules(workspace):  # noqa: F811
+    """Every step, the adapters-off reference equals the precomputed one (the model before
+    training), though the head's copy has moved since step 1."""
+    off = run(workspace, "head-adapter-off", model__lora=LORA, reference__strategy="adapter-off")
+    precomputed = run(workspace, "head-precomputed", model__lora=LORA,
+                      reference__strategy="precomputed")
+    assert losses(off) == pytest.approx(losses(precomputed), rel=1e-5)
+    assert losses(off)[-1] < losses(off)[0] - 0.01
+
+
+def test_a_module_name_the_model_lacks_is_refused_by_name(workspace):  # noqa: F811
+    with pytest.raises(ConfigError, match=r"model.lora.modules_to_save: no module of "
+                                          r"LlamaForCausalLM is called 'head'; module names "
+                                          r"include .*embed_tokens"):
+        run(workspace, "no-head", model__lora={**LORA, "modules_to_save": ["head"]})
+    with pytest.raises(ConfigError, match="model.lora.modules_to_save is for language models"):
+        from preftune.diffusion.config import DiffusionConfig
+
+        DiffusionConfig.from_dict({"model": {"path": "x", "lora": LORA}})
+    build_config({"model": {"lora": LORA}})  # a policy takes it
