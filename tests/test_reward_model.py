@@ -174,12 +174,13 @@ def test_encoder_text_pair_ids_match_the_tokenizer(workspace):
     assert example.prompt_ids + example.response_ids[0] == expected
 
 
-@pytest.mark.parametrize("variant", [{}, {"dora": True}, {"init": "pissa"}])
+@pytest.mark.parametrize("variant", [{}, {"dora": True}, {"init": "pissa"},
+                                     {"modules_to_save": ["embed_tokens"]}])
 def test_lora_reward_model_saves_adapter_and_merged_model(workspace, variant):
     """(PiSSA's adapter is saved as one of the original backbone: it loads on that.)"""
     from peft import PeftModel
 
-    run = train(workspace, "lora-" + "-".join(map(str, variant.values())),
+    run = train(workspace, "lora-" + "-".join(variant),
                 model={"lora": {"r": 4, "alpha": 8, **variant}}, train={"max_steps": 3})
     assert (run / "adapter" / "preftune_reward.json").exists()
     from preftune.train.model_card import front_matter
