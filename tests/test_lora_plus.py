@@ -1,17 +1,16 @@
 """model.lora.lr_ratio (LoRA+): the B matrices train at ratio x the learning rate, everything
 else at the learning rate, with every optimizer and across a resume."""
 
-import pytest
-import torch
-from safetensors.torch import load_file
-from test_train_loop import crashed_run, losses, run, workspace  # noqa: F401
 from types import SimpleNamespace
 
+import pytest
+import torch
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+from test_train_loop import crashed_run, losses, resume, run, workspace  # noqa: F401
 
 from preftune.config import ConfigError, LoraConfig, build_config
 from preftune.model.load import lr_scale, mark_lora_plus
-from preftune.train import loop
 from preftune.train.engines import check_engine
 from preftune.train.logging import read_metrics
 from preftune.train.optimizers import learning_rate_groups
@@ -67,8 +66,7 @@ def test_a_resumed_lora_plus_run_ends_as_an_uninterrupted_one(workspace, monkeyp
                     train__save_every=2, train__batch_size=4)
     straight = run(workspace, "plus-straight", **settings)
     crashed = crashed_run(workspace, "plus-crashed", monkeypatch, 2, **settings)
-    tree = __import__("yaml").safe_load((crashed / "config.yaml").read_text())
-    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    resumed = resume(crashed)
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
     for name, value in adapter(straight).items():
         torch.testing.assert_close(adapter(resumed)[name], value, atol=1e-6, rtol=1e-4, msg=name)

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from test_train_loop import assert_same_weights, crashed_run, losses, run, workspace  # noqa: F401
+from test_train_loop import (assert_same_weights, crashed_run, losses, resume, run,  # noqa: F401
+                             workspace)
 
 from preftune.config import ConfigError, LoraConfig, build_config
-from preftune.train import loop
 from preftune.train.logging import read_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -143,8 +142,7 @@ def test_a_resumed_pissa_run_ends_as_an_uninterrupted_one(workspace, monkeypatch
                     train__save_every=2, train__batch_size=4)
     straight = run(workspace, "pissa-straight", **settings)
     crashed = crashed_run(workspace, "pissa-crashed", monkeypatch, 2, **settings)
-    tree = yaml.safe_load((crashed / "config.yaml").read_text())
-    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    resumed = resume(crashed)
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
     assert_same_weights(straight, resumed)
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_loop import (assert_same_weights, crashed_run, final_weights, losses,  # noqa: F401
-                             run, workspace)
+                             resume, run, workspace)
 
-from preftune.config import ConfigError, ModelConfig, build_config
-from preftune.train import loop
+from preftune.config import ConfigError, ModelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -79,8 +78,7 @@ def test_checkpoints_hold_only_the_trained_weights_and_resume(workspace,  # noqa
     assert {layer_of(name.removeprefix("model.")) for name in saved} == {"1"}
     assert len(saved) == 9
     crashed = crashed_run(workspace, "top-crashed", monkeypatch, 1, **settings)
-    tree = __import__("yaml").safe_load((crashed / "config.yaml").read_text())
-    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    resumed = resume(crashed)
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6)
     assert moved(resumed, workspace) == moved(straight, workspace)
     assert_same_weights(straight, resumed)

@@ -160,6 +160,11 @@ def _tree_of(output_dir: Path) -> dict:
     return yaml.safe_load((output_dir / "config.yaml").read_text())
 
 
+def resume(output_dir: Path) -> Path:
+    """``--resume`` of the run in ``output_dir``, with the config it wrote."""
+    return loop.train(build_config(_tree_of(output_dir)), resume=True, show_progress=False)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_reference_strategies_give_the_same_losses(workspace, lora):
     extra = {"model__lora": {"r": 4, "alpha": 8}} if lora else {}
