@@ -79,7 +79,7 @@ def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
 
     from preftune.config import LoraConfig
     from preftune.model.forward import enable_checkpointing
-    from preftune.model.load import add_lora
+    from preftune.model.lora import add_lora
 
     torch._dynamo.reset()
     base = tiny_llama(seed=1).train()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from test_train_loop import crashed_run, losses, resume, run, workspace  # noqa: F401
 
 from preftune.config import ConfigError, LoraConfig, build_config
-from preftune.model.load import lr_scale, mark_lora_plus
+from preftune.model.lora import lr_scale, mark_lora_plus
 from preftune.train.engines import check_engine
 from preftune.train.logging import read_metrics
 from preftune.train.optimizers import learning_rate_groups

@@ -94,7 +94,7 @@ def test_dora_with_its_adapters_off_as_reference_starts_at_log_2(workspace):  # 
 
 
 def test_the_lora_settings_reach_peft():
-    from preftune.model.load import peft_lora_config
+    from preftune.model.lora import peft_lora_config
 
     config = peft_lora_config(LoraConfig(r=8, alpha=16, rslora=True, dora=True,
                                          target_modules=["q_proj"]), task_type="CAUSAL_LM")
@@ -167,7 +167,7 @@ def test_pissa_fast_finds_the_top_singular_part_of_a_weight_whose_spectrum_falls
     off (as trained weights' do; a random matrix's flat spectrum would need a full SVD)."""
     from peft import get_peft_model
 
-    from preftune.model.load import peft_lora_config
+    from preftune.model.lora import peft_lora_config
 
     torch.manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(64, 48))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..model.load import mark_lora_plus, peft_lora_config
+from ..model.lora import mark_lora_plus, peft_lora_config
 
 DENOISER_FOLDERS = ("unet", "transformer")
 LORA_FOLDER = "unet_lora"

@@ -90,7 +90,7 @@ def merged_copy(model, adapter_dir: Path, unquantized_base=None):
 def save_model(model, directory: Path) -> None:
     """``model.save_pretrained(directory)``; a PiSSA/OLoRA adapter is then rewritten as a LoRA
     adapter of the original base (``add_lora`` kept its initial tensors)."""
-    from .load import INITIAL_ADAPTER
+    from .lora import INITIAL_ADAPTER
 
     model.save_pretrained(directory)
     initial = getattr(model, INITIAL_ADAPTER, None)

@@ -23,8 +23,9 @@ from ..data.layout import choose_layout, collate
 from ..model.forward import attention_kernels, causal_lm_of, run_decoder
 from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
-from ..model.load import (DTYPES, add_lora, builds, check_weights_format, load_tokenizer,
+from ..model.load import (DTYPES, builds, check_weights_format, load_tokenizer,
                           resolve_model_dir)
+from ..model.lora import add_lora
 from ..model.adapter_dirs import merged_copy, save_model
 from ..model.quantize import loading_arguments, settle
 from .encoder import collate_encoder

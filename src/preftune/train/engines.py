@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from ..config import ConfigError, TrainConfig
-from ..model.load import lr_scale
+from ..model.lora import lr_scale
 
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 

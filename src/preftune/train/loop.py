@@ -23,8 +23,9 @@ from ..model.forward import LogpModel, causal_lm_of, enable_checkpointing, seque
 from ..model.freeze import train_only_part
 from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
-from ..model.load import (add_lora, cache_root, load_model, load_model_and_tokenizer,
-                          load_tokenizer, without_dropout)
+from ..model.load import (cache_root, load_model, load_model_and_tokenizer, load_tokenizer,
+                          without_dropout)
+from ..model.lora import add_lora
 from ..model.verify import check_model, decoder_of, verified_layout
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,

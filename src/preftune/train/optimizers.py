@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..config import TrainConfig
-from ..model.load import lr_scale
+from ..model.lora import lr_scale
 from .in_backward import AdamWInBackward
 
 EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")

@@ -1,0 +1,81 @@
+"""LoRA adapters on a model (``model.lora``, through PEFT): their config, their start (default,
+PiSSA, OLoRA), LoRA+'s learning rates and the modules trained in full beside them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .load import quiet_peft
+
+
+def peft_lora_config(lora, **settings):
+    """peft's ``LoraConfig`` for a config's ``model.lora`` (plus peft ``settings``)."""
+    from peft import LoraConfig  # installed: checked when model.lora was read
+
+    target = lora.target_modules
+    settings.setdefault("init_lora_weights", INITS[lora.init])
+    if lora.modules_to_save:  # (a reward model's head is added to them by peft)
+        settings.update(modules_to_save=list(lora.modules_to_save), ensure_weight_tying=True)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=target if isinstance(target, str) else list(target),
+                      use_rslora=lora.rslora, use_dora=lora.dora, **settings)
+
+
+INITS = {"default": True, "pissa": "pissa", "pissa_fast": "pissa_niter_16",  # -> peft's
+         "olora": "olora"}
+INITIAL_ADAPTER = "preftune_initial_adapter"  # on a PiSSA/OLoRA model: its adapter at the start
+
+
+def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with trainable adapters of a config's ``model.lora`` (PEFT); the base
+    weights stay frozen. ``task_type`` "SEQ_CLS" (reward models) also trains the
+    classification head in full."""
+    from peft import get_peft_model
+
+    check_modules_to_save(model, lora.modules_to_save)
+    with quiet_peft():
+        model = get_peft_model(model, peft_lora_config(lora, task_type=task_type))
+    if lora.init != "default":  # kept to write the trained adapter as one of the original base
+        from peft import get_peft_model_state_dict
+
+        initial = get_peft_model_state_dict(model)
+        setattr(model, INITIAL_ADAPTER, {name: value.detach().to("cpu", copy=True)
+                                         for name, value in initial.items()})
+    mark_lora_plus(model, lora.lr_ratio)
+    return model
+
+
+def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
+    """Each of model.lora.modules_to_save names a module of ``model`` (as peft matches them:
+    the full name or its last parts)."""
+    modules = [name for name, _ in model.named_modules()]
+    for wanted in names or []:
+        if not any(name == wanted or name.endswith("." + wanted) for name in modules):
+            from ..config import ConfigError
+
+            tops = sorted({name.rsplit(".", 1)[-1] for name in modules if name
+                           and not name.rsplit(".", 1)[-1].isdigit()})
+            raise ConfigError(f"model.lora.modules_to_save: no module of {type(model).__name__} "
+                              f"is called {wanted!r}; module names include "
+                              f"{', '.join(tops[:12])}.")
+
+
+LR_SCALE = "preftune_lr_scale"  # set on a parameter: it trains at learning_rate times this
+
+
+def mark_lora_plus(module: nn.Module, ratio: float | None) -> None:
+    """LoRA+ (Hayou et al. 2024): each adapter's B matrix (``lora_B``, the one that starts at
+    zero) trains at ``ratio`` times the learning rate of its A. In a wide layer a shared rate
+    is either too small for B or unstable for A; a ratio of about 16 (the paper's advice for
+    LLMs) learns faster at the same cost. ``None``: one rate for all."""
+    if ratio is None:
+        return
+    for name, param in module.named_parameters():
+        if "lora_B" in name and param.requires_grad:
+            setattr(param, LR_SCALE, ratio)
+
+
+def lr_scale(param: torch.Tensor) -> float:
+    """The learning-rate multiplier ``mark_lora_plus`` set on ``param`` (1 if none)."""
+    return getattr(param, LR_SCALE, 1.0)
