@@ -97,3 +97,18 @@ def test_deepspeed_refuses_lora_plus():
     with pytest.raises(ConfigError, match=r"model.lora.lr_ratio \(LoRA\+\) does not run under "
                                           "DeepSpeed"):
         check_engine(accelerator, build_config({}).train, task)
+
+
+def test_a_denoisers_b_matrices_are_marked_too(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffusion_fixtures import tiny_pipeline
+
+    from preftune.diffusion.model import attach_lora, load_diffusion_model
+
+    model = load_diffusion_model(str(tiny_pipeline(tmp_path / "pipeline")))
+    attach_lora(model, LoraConfig(r=4, alpha=8, lr_ratio=16.0, target_modules=["to_q"]))
+    scales = {name: lr_scale(p) for name, p in model.denoiser.named_parameters()
+              if p.requires_grad}
+    assert scales and all(scale == (16.0 if "lora_B" in name else 1.0)
+                          for name, scale in scales.items())
+    assert sorted(set(scales.values())) == [1.0, 16.0]
