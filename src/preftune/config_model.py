@@ -110,12 +110,17 @@ class ModelConfig(Section):
     def _template_text(cls, value: str | None) -> str | None:
         return chat_template_text(value)
 
+    @property
+    def trains_part(self) -> bool:
+        """Only some weights train in full (train_layers / train_params)."""
+        return self.train_layers is not None or bool(self.train_params)
+
     @model_validator(mode="after")
     def _one_way_to_choose_what_trains(self):
         if self.train_layers == 0 or self.train_params == []:
             raise ValueError("model.train_layers: 0 / model.train_params: [] would train "
                              "nothing; remove it (null: every weight trains).")
-        if self.lora is not None and (self.train_layers or self.train_params):
+        if self.lora is not None and self.trains_part:
             raise ValueError("model.train_layers / model.train_params choose weights to train "
                              "in full, model.lora trains adapters on a frozen base; use one.")
         return self

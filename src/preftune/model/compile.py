@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .forward import causal_lm_of
+from .forward import causal_lm_of, decoder_layers
 
 # compiled graphs kept per layer code before falling back to eager: one per (rows, width)
 # bucket, so enough for the buckets of a run with packed rows of varying count
@@ -25,7 +25,7 @@ def compile_layers(model: nn.Module, mode: str = "default", backend: str = "indu
     """Compile every decoder layer of ``model`` (a transformers causal LM, PEFT-wrapped or not)
     in place; returns how many were compiled. ``mode`` is torch.compile's ("reduce-overhead"
     adds CUDA graphs on a GPU)."""
-    layers = getattr(causal_lm_of(model).get_decoder(), "layers", None)
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"train.compile: {type(causal_lm_of(model)).__name__} has no "
                          "decoder `layers` to compile; set train.compile: false.")

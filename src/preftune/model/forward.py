@@ -49,6 +49,16 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The language model's stack of layers, first to last (a vision tower's are not in it;
+    an encoder's, with no decoder of its own, are)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    lm = causal_lm_of(model)
+    stack = (lm.get_decoder() if hasattr(lm, "get_decoder") else None) or lm
+    return [m for m in stack.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def embed_with_images(vlm: nn.Module, decoder: nn.Module, batch: Batch) -> torch.Tensor:
     """Token embeddings with the image features of the batch's distinct images written onto
     every image-token position (a row per response in the padded layout, once per prompt when

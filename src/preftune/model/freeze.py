@@ -15,25 +15,15 @@ import fnmatch
 from torch import nn
 
 from ..config import ConfigError
+from .forward import decoder_layers
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The language model's stack of layers, first to last (a vision tower's are not in it)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from .forward import causal_lm_of
-
-    decoder = causal_lm_of(model)
-    if hasattr(decoder, "get_decoder"):
-        decoder = decoder.get_decoder() or decoder
-    return [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def train_only_part(model: nn.Module, layers: int | None, patterns: list[str] | None,
-                    always: tuple[str, ...] = ()) -> str:
-    """Freeze every weight of ``model`` but those of its last ``layers`` decoder layers (the
-    first ``-layers`` when negative), those whose names match one of ``patterns`` (fnmatch)
-    and those matching ``always`` (a reward head). Returns a line saying what trains."""
+def train_only_part(model: nn.Module, settings, always: tuple[str, ...] = ()) -> str:
+    """Freeze every weight of ``model`` but those of its last ``settings.train_layers`` decoder
+    layers (the first ones when negative), those whose names match one of
+    ``settings.train_params`` (fnmatch) and those matching ``always`` (a reward head). Returns
+    a line saying what trains."""
+    layers, patterns = settings.train_layers, settings.train_params
     stack = decoder_layers(model)
     chosen: set[int] = set()
     if layers is not None:

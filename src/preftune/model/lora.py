@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config_tree import ConfigError
 from .load import quiet_peft
 
 
@@ -52,8 +53,6 @@ def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
     modules = [name for name, _ in model.named_modules()]
     for wanted in names or []:
         if not any(name == wanted or name.endswith("." + wanted) for name in modules):
-            from ..config import ConfigError
-
             tops = sorted({name.rsplit(".", 1)[-1] for name in modules if name
                            and not name.rsplit(".", 1)[-1].isdigit()})
             raise ConfigError(f"model.lora.modules_to_save: no module of {type(model).__name__} "

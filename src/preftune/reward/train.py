@@ -30,8 +30,8 @@ from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
 from .heads import Head
 from .losses import RewardInputs, get_reward_loss
-from .model import (RewardModel, attach_reward_lora, backbone_tokenizer, load_backbone,
-                    scores_last_token)
+from .model import (REWARD_HEADS, RewardModel, attach_reward_lora, backbone_tokenizer,
+                    load_backbone, scores_last_token)
 
 
 @torch.no_grad()
@@ -210,12 +210,10 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
         without_dropout(reward_model.model)
     if config.model.lora is not None:  # (after tokenizing: the data errors come first)
         reward_model.model = attach_reward_lora(reward_model.model, config.model.lora)
-    elif config.model.train_layers is not None or config.model.train_params:
-        backbone = reward_model.model.base_model_prefix + "."
-        head = tuple(name for name, _ in reward_model.model.named_parameters()
-                     if not name.startswith(backbone))  # a new head always trains
-        print(train_only_part(reward_model.model, config.model.train_layers,
-                              config.model.train_params, always=head) + ", the head included")
+    elif config.model.trains_part:  # the head always trains
+        head = tuple(f"{name}.*" for name in REWARD_HEADS)
+        print(train_only_part(reward_model.model, config.model, always=head)
+              + ", the head included")
     if cfg.lean_activations:
         use_lean_layers(reward_model.model)
     if cfg.gradient_checkpointing:

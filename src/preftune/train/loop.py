@@ -343,6 +343,6 @@ def trained_part(model, config: Config):
     settings = config.model
     if settings.lora is not None:
         return add_lora(model, settings.lora)
-    if settings.train_layers is not None or settings.train_params:
-        print(train_only_part(model, settings.train_layers, settings.train_params))
+    if settings.trains_part:
+        print(train_only_part(model, settings))
     return model

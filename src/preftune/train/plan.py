@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..data.layout import collate
-from ..model.forward import (attention_windows, binding_windows, causal_lm_of,
+from ..model.forward import (attention_windows, binding_windows, causal_lm_of, decoder_layers,
                              image_block_token, output_head)
-from ..model.freeze import decoder_layers
 from ..model.quantize import four_bit_storage
 from ..objectives.compose import Objective
 from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes
@@ -205,10 +204,12 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     bottom = _layer_bytes(model_config, rows, width, dtype_bytes, lean, dense_mask, eager)
     top_grads = head.numel() * head.element_size() if head.requires_grad else 0
 
+    frozen_below = frozen_layers_below(model)
+
     def activations_and_total(checkpoint_every):
         kept = _activation_bytes(model_config, rows, width, dtype_bytes, checkpoint_every, lean,
                                  dense_mask=dense_mask, eager=eager, masks=masks,
-                                 frozen_below=frozen_layers_below(model))
+                                 frozen_below=frozen_below)
         # backward's three candidate peaks: the output layer's, with every activation still
         # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
         largest = max(kept + output, kept + top_grads + layer, grads + bottom + layer)
