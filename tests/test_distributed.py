@@ -24,11 +24,12 @@ from preftune.train.logging import read_metrics
     ("prefix_shared", "dpo", "precomputed", "qlora"),  # each process holds the 4-bit base
     ("prefix_shared", "dpo", "precomputed", "pissa+"),  # PiSSA with LoRA+ rates
     ("prefix_shared", "dpo", "adapter-off", "head"),  # the tied head trained beside LoRA
-    ("prefix_shared", "dpo", "precomputed", "top-layer")])  # model.train_layers, no adapters
+    ("prefix_shared", "dpo", "precomputed", "top-layer"),  # model.train_layers, no adapters
+    ("padded", "dpo", "live", "sync")])  # TR-DPO: each process moves its reference alike
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
                                                             objective, strategy, adapter):
     name = f"{layout}-{objective}-{strategy}-{adapter}"
-    lora = {"model__lora": {"r": 4, "alpha": 8}} if adapter else {}
+    lora = {"model__lora": {"r": 4, "alpha": 8}} if adapter not in (None, "sync") else {}
     if adapter == "qlora":
         lora["model__quantize"] = "nf4"
     if adapter == "pissa+":
@@ -37,6 +38,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
         lora["model__lora"].update(modules_to_save=["lm_head"])
     if adapter == "top-layer":
         lora = {"model__train_layers": 1}
+    if adapter == "sync":
+        lora = {"reference__sync_every": 2, "reference__sync_mix": 0.5}
     one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective},
               reference__strategy=strategy, **lora)

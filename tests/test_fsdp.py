@@ -159,15 +159,21 @@ def test_checkpoints_move_between_fsdp_and_one_process(workspace, tmp_path,  # n
                                                       fsdp2_environment)
 
 
-def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "optimizer_in_backward", True, "train.optimizer_in_backward does not work under "
+                                             "FSDP"),
+    ("reference", "sync_every", 2, "reference.sync_every mixes the policy's whole weights into "
+                                   "the reference, but FSDP splits them")])
+def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path, section,  # noqa: F811
+                                                        key, value, message):
     one = run(workspace, "fsdp-refused-base", train__max_steps=1)
     config = sharded_config(one, tmp_path, "fsdp-refused", 4)
     tree = yaml.safe_load(config.read_text())
-    tree["train"]["optimizer_in_backward"] = True
+    tree[section][key] = value
     config.write_text(yaml.safe_dump(tree))
     done = launch(config)
     assert done.returncode != 0
-    assert "train.optimizer_in_backward does not work under FSDP" in done.stderr
+    assert message in done.stderr
     assert "reference logps" not in done.stderr + done.stdout  # stopped before the reference pass
     assert not (one.parent / "fsdp-refused").exists()  # nothing written
 

@@ -340,6 +340,35 @@ def test_per_step_mode_resumes_to_the_same_samples_and_weights(model_dir, data, 
     assert_same_weights(broken / "round-1" / "model", straight / "round-1" / "model")
 
 
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8}])
+def test_per_step_mode_moves_the_reference_to_the_policy_with_tr_dpo_syncs(model_dir, data,
+                                                                           tmp_path, lora):
+    """A hard sync after every step: each step starts with reference = policy, so every DPO
+    loss is log 2 (a fixed reference gives other values from step 2 on)."""
+    tree = per_step_tree(model_dir, data, tmp_path / "synced")
+    tree["reference"] = {"sync_every": 1, "sync_mix": 1.0}
+    if lora:
+        tree["model"]["lora"] = lora
+    run_online(build_config(tree, schema=OnlineConfig))
+    synced = [m["loss"] for m in read_jsonl(tmp_path / "synced" / "round-1" / "metrics.jsonl")]
+    assert synced == pytest.approx([math.log(2)] * 3, abs=1e-6)
+    tree = per_step_tree(model_dir, data, tmp_path / "fixed")
+    if lora:
+        tree["model"]["lora"] = lora
+    run_online(build_config(tree, schema=OnlineConfig))
+    fixed = [m["loss"] for m in read_jsonl(tmp_path / "fixed" / "round-1" / "metrics.jsonl")]
+    assert fixed[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert fixed[1:] != pytest.approx([math.log(2)] * 2, abs=1e-4)
+
+
+def test_online_rounds_refuse_reference_syncs(model_dir, data, tmp_path):
+    tree = config_tree(model_dir, data, tmp_path)
+    tree["reference"] = {"sync_every": 2}
+    with pytest.raises(ConfigError, match="reference.sync_every moves the reference within one "
+                                          "run: it works with online.mode per_step"):
+        build_config(tree, schema=OnlineConfig)
+
+
 def test_per_step_mode_refuses_settings_it_would_ignore(model_dir, data, tmp_path):
     tree = per_step_tree(model_dir, data, tmp_path)
     tree["online"]["rounds"] = 3

@@ -15,7 +15,7 @@ from pydantic import (BaseModel, ConfigDict, ValidationError, field_validator,
                       model_validator)
 
 from .config_model import (Count, Fraction, LoraConfig, ModelConfig, NonNegative,  # noqa: F401
-                           Positive, Section)
+                           Positive, Section, Share)
 from .config_tree import ConfigError, read_tree, set_override
 from .data.convert import CONVERSIONS
 from .objectives import get_objective
@@ -125,6 +125,19 @@ class ReferenceConfig(Section):
     extra_models: list[str] = []
     """More reference models (MRPO): paths like model.path, same tokenizer; precomputed one by
     one."""
+    sync_every: Count | None = None
+    """TR-DPO: every this many optimizer steps the reference moves toward the policy,
+    ref <- mix * policy + (1 - mix) * ref (a live reference; null: it never moves)."""
+    sync_mix: Share | None = None
+    """The policy's share in each reference sync (default 0.6; 1: the reference becomes the
+    policy, TR-DPO's hard update). Needs sync_every."""
+
+    @model_validator(mode="after")
+    def _mix_needs_every(self):
+        if self.sync_mix is not None and self.sync_every is None:
+            raise ValueError("reference.sync_mix does nothing without reference.sync_every "
+                             "(how often the reference moves); set it, or remove sync_mix.")
+        return self
 
 
 class TrainConfig(Section):
@@ -298,6 +311,7 @@ class Config(RunConfig):
             raise ValueError(f"reference.model is read by the precomputed reference only, but "
                              f"the reference here is {self.reference_strategy!r}; remove it or "
                              "set reference.strategy: precomputed.")
+        self._check_reference_sync(needs_reference, names)
         if objective.reference_distributions and strategy == "precomputed":
             raise ValueError(f"{objective.name} needs the reference's full next-token "
                              "distributions, which are not precomputed; use reference.strategy "
@@ -305,10 +319,29 @@ class Config(RunConfig):
         check_data_and_train(self.data, self.train, self.model.attn_implementation)
         return self
 
+    def _check_reference_sync(self, needs_reference: bool, names: list[str]) -> None:
+        """reference.sync_every / sync_mix (TR-DPO): a reference in memory that can move."""
+        sync = self.reference
+        if sync.sync_every is None:
+            return
+        if not needs_reference:
+            raise ValueError(f"reference.sync_every does nothing: {' + '.join(names)} is "
+                             "reference-free. Remove it.")
+        if sync.strategy not in ("auto", "live"):
+            raise ValueError(f"reference.sync_every moves a reference held in memory, but "
+                             f"reference.strategy is {sync.strategy!r}; set it to 'live' (or "
+                             "leave it 'auto').")
+        if self.model.quantize:
+            raise ValueError("reference.sync_every mixes the policy's weights into the "
+                             "reference's, which a 4-bit base (model.quantize) does not have "
+                             "in full; remove one of the two.")
+
     @property
     def reference_strategy(self) -> str:
         if self.reference.strategy != "auto":
             return self.reference.strategy
+        if self.reference.sync_every is not None:
+            return "live"
         objective = Objective.from_config(self.objective, total_steps=1)
         if not objective.needs_reference:
             return "none"

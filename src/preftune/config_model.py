@@ -22,6 +22,7 @@ Count = Annotated[int, Field(ge=1)]  # a size or a number of things: at least 1
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # a share in [0, 1)
+Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]  # a share in (0, 1]
 
 
 class LoraConfig(Section):

@@ -156,6 +156,10 @@ class OnlineConfig(Config):
         if self.reference.model is not None:
             raise ValueError("reference.model is set by online.reference in an online run "
                              "(initial or previous); remove it.")
+        if self.reference.sync_every is not None and online.mode == "rounds":
+            raise ValueError("reference.sync_every moves the reference within one run: it works "
+                             "with online.mode per_step; rounds move it by online.reference "
+                             "(previous). Remove it, or use per_step.")
         return self
 
     def _check_declared_builders(self) -> None:

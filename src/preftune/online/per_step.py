@@ -114,10 +114,13 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
                           "online.mode: rounds.")
     write_run_header(out, config, {"prompts": len(prompts)})
     strategy = config.reference_strategy
+    # a copy of the initial model; with LoRA the adapters switched off, unless asked for a
+    # copy (reference.strategy: live, which TR-DPO's syncs need)
+    live = objective.needs_reference and (config.model.lora is None or strategy == "live")
     reference = LiveReference(model, cfg.logps_chunk_tokens, objective.per_token) \
-        if objective.needs_reference and config.model.lora is None else NoReference()
+        if live else NoReference()
     logp_model = trainable(model, config)
-    if objective.needs_reference and config.model.lora is not None and strategy != "none":
+    if objective.needs_reference and not live and strategy != "none":
         reference = AdapterOffReference(logp_model, objective.per_token)
     task = OnlineStepTask(config, logp_model, tokenizer, objective, prompts, reference,
                           layout, device, scorer, out)  # "auto": chosen per batch

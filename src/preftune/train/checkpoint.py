@@ -1,7 +1,8 @@
 """Atomic training checkpoints and the final model directory.
 
 A checkpoint holds exactly what resuming needs: trainable weights, optimizer and scheduler
-state, RNG states, the step and the global batch, all loadable without unpickling code
+state, RNG states, the step and the global batch (and a moving reference's weights, TR-DPO),
+all loadable without unpickling code
 (safetensors, and ``torch.load(weights_only=True)`` for the rest). It is written to a staging
 directory and renamed into place, so an interruption never leaves a half-written checkpoint.
 
@@ -31,6 +32,7 @@ from ..model.adapter_dirs import merged_copy, save_model
 from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
 
 PREFIX = "step-"
+REFERENCE_FILE = "reference.safetensors"  # the weights TR-DPO's syncs moved
 
 
 def gather_training_state(model, optimizer, keep: bool = True) -> tuple[dict, dict]:
@@ -69,14 +71,17 @@ def _unwrap(model):
 
 
 def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: dict, scheduler,
-                    keep: int, global_batch: int | None = None) -> Path:
-    """Write a checkpoint of what ``gather_training_state`` returned (main process only)."""
+                    keep: int, global_batch: int | None = None, reference_sync=None) -> Path:
+    """Write a checkpoint of what ``gather_training_state`` returned (main process only), and
+    the weights a ``reference_sync`` has moved."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{PREFIX}{step:08d}"
     staging = directory / f".staging-{PREFIX}{step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save_file(weights, staging / "trainable.safetensors")
+    if reference_sync is not None:
+        save_file(reference_sync.state_dict(), staging / REFERENCE_FILE)
     torch.save(optimizer_state, staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     kind, keys, position, has_gauss, gauss = np.random.get_state()
@@ -104,10 +109,11 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, reference_sync=None) -> int:
     """Restore everything saved by ``save_checkpoint`` (every process reads it; sharded
     parameters take their own shard); returns the step it was taken at."""
     state = load_file(path / "trainable.safetensors")
+    moved = load_file(path / REFERENCE_FILE) if reference_sync is not None else None
     # weights_only: tensors and plain values, never arbitrary pickled objects
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     named = all(isinstance(key, str) for key in optimizer_state.get("state", {}))
@@ -117,7 +123,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
                              "version or by train.optimizer_in_backward), which DeepSpeed "
                              "cannot take; resume it without DeepSpeed")
         load_deepspeed_training_state(model, state, optimizer_state)
-        return _restore_the_rest(path, scheduler)
+        return _restore_the_rest(path, scheduler, reference_sync, moved)
     params = dict(_unwrap(model).named_parameters())
     missing = [name for name in state if name not in params]
     if missing:
@@ -135,11 +141,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
                                  options=StateDictOptions(full_state_dict=True))
     else:  # keyed by position: an optimizer of its own, or a checkpoint from before names
         optimizer.load_state_dict(optimizer_state)
-    return _restore_the_rest(path, scheduler)
+    return _restore_the_rest(path, scheduler, reference_sync, moved)
 
 
-def _restore_the_rest(path: Path, scheduler) -> int:
-    """The scheduler and RNG states; returns the checkpoint's step."""
+def _restore_the_rest(path: Path, scheduler, reference_sync=None, moved=None) -> int:
+    """The scheduler, RNG states and moved reference weights; returns the checkpoint's step."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -148,7 +154,10 @@ def _restore_the_rest(path: Path, scheduler) -> int:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())["step"]
+    step = json.loads((path / "state.json").read_text())["step"]
+    if reference_sync is not None:  # last: nothing after it can fail half-way
+        reference_sync.load_state_dict(moved)
+    return step
 
 
 def save_final_model(model, tokenizer, output_dir: Path, save_merged: bool,

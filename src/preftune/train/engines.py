@@ -76,6 +76,15 @@ def refuse_sharding(accelerator: Accelerator, setting: str) -> None:
                           "process holds the quantized base) or on one process.")
 
 
+def refuse_split_weights(accelerator: Accelerator, setting: str, why: str) -> None:
+    """``setting`` needs every process to hold the policy's weights whole (``why``): not under
+    FSDP or ZeRO-3, which split them."""
+    engine, parts = shards(accelerator)
+    if parts["weights"] > 1:
+        raise ConfigError(f"{setting} {why}, but {engine} splits them across the processes "
+                          "here; use DDP (or DeepSpeed ZeRO-1/2), or remove it.")
+
+
 def shards(accelerator: Accelerator) -> tuple[str, dict[str, int]]:
     """The engine's name and into how many parts it splits each kind of training state across
     the processes: {"weights", "gradients", "optimizer"} (1: every process holds it whole)."""

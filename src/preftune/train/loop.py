@@ -30,6 +30,7 @@ from ..model.verify import check_model, decoder_of, verified_layout
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
+from ..model.reference_sync import DEFAULT_MIX, ReferenceSync
 from ..objectives import ObjectiveInputs
 from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
@@ -37,7 +38,8 @@ from .checkpoint import save_final_model
 from .logging import progress, progress_bar
 from .output import start_run
 from .plan import plan
-from .engines import check_engine, refuse_sharding, shards, whole_models
+from .engines import (check_engine, refuse_sharding, refuse_split_weights, shards,
+                      whole_models)
 from .trainer import Trainer, add_metrics, count_steps, means
 
 
@@ -152,6 +154,7 @@ class PolicyTask:
         self.name = objective.name
         self.needs_reference = objective.needs_reference
         self.batches_ahead = True  # batches depend on their examples only
+        self.reference_sync = reference_sync(config, references, logp_model.model)
 
     def losses(self, module, batch, step):
         inputs = objective_inputs(module, self.references["train"], self.extras["train"], batch,
@@ -192,7 +195,21 @@ class PolicyTask:
         return {"objective": self.objective.name,
                 "params": {name: asdict(p) for name, p in self.objective.params_at(0).items()},
                 "reference": self.config.reference_strategy, "layout": self.layout,
+                **({"reference_sync": {"every": self.reference_sync.every,
+                                       "mix": self.reference_sync.mix}}
+                   if self.reference_sync else {}),
                 **precision(self.config.model)}
+
+
+def reference_sync(config: Config, references: dict, policy) -> ReferenceSync | None:
+    """TR-DPO's moving reference (reference.sync_every): the live reference's weights, moved
+    toward ``policy``'s."""
+    every = config.reference.sync_every
+    if every is None:
+        return None
+    live = references["train"]  # every split shares the one live copy
+    return ReferenceSync(live.logp_model.model, policy, every,
+                         config.reference.sync_mix or DEFAULT_MIX)
 
 
 def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = False):
@@ -298,6 +315,9 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     output_dir holding a run needs ``resume`` (same settings) or ``overwrite`` (moved aside)."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
     check_engine(accelerator, config.train)
+    if config.reference.sync_every is not None:
+        refuse_split_weights(accelerator, "reference.sync_every",
+                             "mixes the policy's whole weights into the reference")
     if not plan_only:
         start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)

@@ -133,7 +133,7 @@ def _settings(config: dict, info: dict) -> dict:
     train, data, reward = config["train"], config["data"], "reward_loss" in info
     return {"parameters": json.dumps(info.get("params", {})),
             **({"head": json.dumps(info["head"])} if reward
-               else {"reference": info.get("reference")}),
+               else {"reference": _reference(info)}),
             "layout": info.get("layout"), "dtype": info.get("dtype"),
             "optimizer steps": info.get("steps"), "processes": info.get("processes"),
             "device": info.get("device"), "learning rate": train["learning_rate"],
@@ -151,6 +151,14 @@ def _settings(config: dict, info: dict) -> dict:
             **({"trained weights": json.dumps(part)} if (part := {
                 key: config["model"][key] for key in ("train_layers", "train_params")
                 if config["model"].get(key) is not None}) else {})}
+
+
+def _reference(info: dict) -> str | None:
+    """The reference strategy, and TR-DPO's syncs when the reference moved."""
+    sync = info.get("reference_sync")
+    return info.get("reference") if sync is None else (
+        f"{info['reference']}, moved toward the policy every {sync['every']} steps "
+        f"(mix {sync['mix']}, TR-DPO)")
 
 
 def _optimizer(train: dict) -> str:

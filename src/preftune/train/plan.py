@@ -11,6 +11,7 @@ from ..data.layout import collate
 from ..model.forward import (attention_windows, binding_windows, causal_lm_of, decoder_layers,
                              image_block_token, output_head)
 from ..model.quantize import four_bit_storage
+from ..model.reference_sync import DEFAULT_MIX
 from ..objectives.compose import Objective
 from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes
 
@@ -219,7 +220,9 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     lines = [
         f"objective          {objective.name} ({objective.data}, "
         f"{'needs reference' if objective.needs_reference else 'reference-free'})",
-        f"reference          {strategy}",
+        f"reference          {strategy}" + (
+            f", moved toward the policy every {config.reference.sync_every} steps (mix "
+            f"{config.reference.sync_mix or DEFAULT_MIX})" if config.reference.sync_every else ""),
         f"layout             {layout}"
         + (" (chosen automatically)" if cfg.layout == "auto" else ""),
         *_model_lines(causal_lm_of(model), model_config, config.data.max_length),

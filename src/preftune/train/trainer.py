@@ -66,7 +66,10 @@ class StopRequests:
 
 class Task(Protocol):
     """What a trainer trains. ``module`` holds the trainable parameters; ``losses`` runs it on
-    one micro-batch and returns per-example losses [E] plus ``{name: (sum, count)}`` metrics."""
+    one micro-batch and returns per-example losses [E] plus ``{name: (sum, count)}`` metrics.
+    A task whose reference moves with the policy (TR-DPO) has a ``reference_sync``
+    (``model.reference_sync.ReferenceSync``): the trainer calls it after every update and
+    keeps its state in checkpoints."""
 
     name: str
     module: torch.nn.Module
@@ -176,6 +179,7 @@ class Trainer:
         # FSDP replaces the parameters by sharded ones (accelerate re-points the optimizer)
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.in_backward = optimizer if cfg.optimizer_in_backward else None
+        self.reference_sync = getattr(task, "reference_sync", None)
 
         self.start_step = 0
         self.stop_signal, self.stop_requested = None, False  # set by run()
@@ -203,7 +207,7 @@ class Trainer:
         for checkpoint in reversed(found):
             try:
                 step = load_checkpoint(checkpoint, self.module, self.optimizer,
-                                       self.scheduler)
+                                       self.scheduler, self.reference_sync)
             except Exception as error:  # any damage: try the previous checkpoint
                 print(f"--resume: skipped {checkpoint}, which cannot be read "
                       f"({type(error).__name__}: {str(error)[:120]})")
@@ -280,6 +284,8 @@ class Trainer:
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.reference_sync is not None:
+            self.reference_sync.after_update(step)
 
         names = list(sums)
         flat = read_values([v for n in names for v in sums[n]] + [grad_norm])  # the one read
@@ -341,7 +347,8 @@ class Trainer:
         if self.main:
             path = save_checkpoint(self.checkpoint_dir, step, weights, optimizer_state,
                                    self.scheduler, self.cfg.keep_checkpoints,
-                                   global_batch=self.examples_per_step)
+                                   global_batch=self.examples_per_step,
+                                   reference_sync=self.reference_sync)
         self.accelerator.wait_for_everyone()
         return path
 
