@@ -58,7 +58,7 @@ def ranked_to_pairs(records: Sequence, mode: str = "best_vs_worst") -> list[Pair
         for i, j in PAIRINGS[mode](scores):
             pairs.append(Pair(
                 record.prompt, record.responses[i], record.responses[j],
-                origin=f"{record.origin} [{i}>{j}]", images=record.images,
+                origin=f"{record.origin} [{i}>{j}]", images=record.images, tools=record.tools,
                 scores={**record.scores, "chosen_score": scores[i], "rejected_score": scores[j]},
             ))
     return pairs
@@ -102,7 +102,7 @@ def pairs_to_unpaired(records: Sequence) -> list[Unpaired]:
             own = {k[len(prefix):]: v for k, v in pair.scores.items() if k.startswith(prefix)}
             unpaired.append(Unpaired(prompt, text, label, origin=f"{pair.origin} [{side}]",
                                      scores={**shared, **own},
-                                     images=getattr(pair, "images", ())))
+                                     images=getattr(pair, "images", ()), tools=pair.tools))
     return unpaired
 
 

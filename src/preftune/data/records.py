@@ -9,7 +9,8 @@ a plain string or a list of chat messages (``{"role": ..., "content": ...}``); t
 decides how to render them.
 
 Records of vision-language data carry ``images`` (``data.images.ImageRef``) shown by the prompt;
-text-only records have none. Every record has ``prompts`` (the prompt of each response slot), ``responses`` (the texts to
+text-only records have none. Chat records may carry ``tools``, the function schemas their
+prompt offers (``data/tools.py``). Every record has ``prompts`` (the prompt of each response slot), ``responses`` (the texts to
 score, in slot order), ``origin`` (``file.jsonl:12``, so later errors can name it), ``scores``
 (numeric side columns) and ``side_data()``: the numbers that must reach the batch with it.
 """
@@ -25,6 +26,14 @@ Text = Union[str, list]  # a plain string or a list of messages
 
 class DataError(ValueError):
     """Bad input data. The message names the file, the record (line or row) and the field."""
+
+
+def describe(value) -> str:
+    """A value's type and the start of its repr, for error messages."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
 
 
 def required_prompt(origin: str, row, column: str, missing: str):
@@ -70,6 +79,7 @@ class Pair(_Record):
     gold: Optional[Text] = None
     images: tuple = ()  # data.images.ImageRef, in the prompt's placeholder order
     negative_images: tuple = ()  # images under which chosen should be less likely (mDPO)
+    tools: tuple = ()  # function schemas the prompt offers (data/tools.py)
 
     @property
     def responses(self) -> tuple:
@@ -101,6 +111,7 @@ class JointPair:
     rejected: Text
     origin: str = ""
     scores: dict = field(default_factory=dict)
+    tools: tuple = ()
 
     def __post_init__(self):
         if isinstance(self.chosen_prompt, list) != isinstance(self.rejected_prompt, list):
@@ -139,6 +150,7 @@ class Unpaired(_Record):
     origin: str = ""
     scores: dict = field(default_factory=dict)
     images: tuple = ()
+    tools: tuple = ()
 
     @property
     def responses(self) -> tuple:
@@ -162,6 +174,7 @@ class Ranked(_Record):
     origin: str = ""
     scores: dict = field(default_factory=dict)
     images: tuple = ()
+    tools: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "responses", tuple(self.responses))
@@ -189,6 +202,7 @@ class Rated(_Record):
     origin: str = ""
     scores: dict = field(default_factory=dict)
     images: tuple = ()
+    tools: tuple = ()
 
     @property
     def responses(self) -> tuple:

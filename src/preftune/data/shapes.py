@@ -16,7 +16,8 @@ import math
 from typing import Any
 
 from .dialogues import FIELDS_HINT, split_dialogues, strip_gold
-from .records import DataError, JointPair, Pair, Ranked, Rated, Unpaired
+from .records import DataError, JointPair, Pair, Ranked, Rated, Unpaired, describe
+from .tools import check_tool_calls
 
 JOINT_PROMPT_FIELDS = ("chosen_prompt", "rejected_prompt")  # a joint pair's prompt per side
 SHAPE_FIELDS = {
@@ -26,7 +27,8 @@ SHAPE_FIELDS = {
     "rated": ("prompt", "response"),
 }
 CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for n in names)) \
-    + ("images", "negative_images")  # vision-language records (data/images.py)
+    + ("images", "negative_images",  # vision-language records (data/images.py)
+       "tools")  # the functions a chat prompt offers (data/tools.py)
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses", "response",
                *JOINT_PROMPT_FIELDS)
 # the fields that identify a shape; "responses" must also hold a list (or "completions" be a
@@ -333,7 +335,12 @@ def _messages(value: list, column: str, origin: str) -> list:
         if not isinstance(message, dict):
             raise DataError(f"{where}: expected an object with 'role' and 'content', got "
                             f"{describe(message)}.")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            check_tool_calls(calls, where)
         for key in ("role", "content"):
+            if key == "content" and calls is not None and message.get(key) is None:
+                continue  # a message that only calls tools has no text
             if key not in message or message[key] is None:
                 raise DataError(
                     f"{where}: missing {key!r} (keys present: "
@@ -389,10 +396,3 @@ def present_fields(row: dict) -> str:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"

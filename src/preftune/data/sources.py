@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from .detect import check_shape, detect
 from .hub import DATA_EXTENSIONS, Source, locate
 from .images import attach_images
+from .tools import attach_tools
 from .records import SHAPES, DataError
 from .shapes import CANONICAL_FIELDS, TEXT_FIELDS, describe, parse_row
 
@@ -73,6 +74,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
             mixed = format == "auto" and bool(records)
             record = parse_row(found.shape, row, found.columns, found.format, origin, mixed)
             record = attach_images(record, row, found.columns, origin, base_dir)
+            record = attach_tools(record, row, found.columns, origin)
             if records:
                 _check_consistent(record, records[0], found.columns)
         except DataError as error:

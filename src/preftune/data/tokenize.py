@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
+from .tools import TOOLS_HINT, called_names
 
 ENCODE_CHUNK = 1024  # texts per batched tokenizer call: fast tokenizers parallelize a batch
 
@@ -173,7 +174,8 @@ def _prompt_texts(record, tokenizer) -> list[str]:
 def _response_text(response, prompt, prompt_text: str, tokenizer, record) -> str:
     if isinstance(response, str):
         return response
-    if len(response) == 1 and response[0].get("role") == "assistant":
+    if (len(response) == 1 and response[0].get("role") == "assistant"
+            and not response[0].get("tool_calls")):  # tool calls: the template writes them
         content = response[0]["content"]
         return content if isinstance(content, str) else "".join(
             part["text"] for part in content if part.get("type") == "text")
@@ -197,6 +199,9 @@ def _response_text(response, prompt, prompt_text: str, tokenizer, record) -> str
 
 
 def _chat(tokenizer, messages: list, record, add_generation_prompt: bool) -> str:
+    """``messages`` rendered by the chat template (with the record's ``tools``), checked to
+    show the tools (in a prompt) and every tool call: a template that leaves them out is
+    refused rather than trained on."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{record.origin}: conversational record, but the tokenizer has no chat template. "
@@ -204,15 +209,40 @@ def _chat(tokenizer, messages: list, record, add_generation_prompt: bool) -> str
             f"`preftune eval` and `preftune data inspect`), or use a model whose tokenizer has "
             f"one (an instruct model)."
         )
+    tools = list(getattr(record, "tools", ()))
+    text = _apply_template(tokenizer, messages, tools, add_generation_prompt, record)
+    if tools and add_generation_prompt and text == _apply_template(tokenizer, messages, [],
+                                                                   True, record):
+        raise DataError(f"{record.origin}: field 'tools': the chat template writes the same "
+                        f"prompt with and without them, so the model would never see the "
+                        f"tools. {TOOLS_HINT}")
+    names = called_names(messages)
+    if names and text == _apply_template(tokenizer, [_without_calls(m) for m in messages],
+                                         tools, add_generation_prompt, record):
+        raise DataError(f"{record.origin}: the chat template leaves out the tool call to "
+                        f"{names[0]!r} (a message's 'tool_calls'): it writes the same text "
+                        f"without it. {TOOLS_HINT}")
+    return text
+
+
+def _apply_template(tokenizer, messages: list, tools: list, add_generation_prompt: bool,
+                    record) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+            **({"tools": tools} if tools else {}))
     except Exception as error:  # template errors come as jinja or ValueError types
         raise DataError(
             f"{record.origin}: the chat template rejected these messages ({error}). Check the "
             f"roles and their order."
         ) from None
+
+
+def _without_calls(message: dict) -> dict:
+    if "tool_calls" not in message:
+        return message
+    bare = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**bare, "content": bare.get("content", "")}
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, build_config
-from ..data.records import required_prompt
+from ..data.records import DataError, required_prompt
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..generation import HFGenerator
@@ -158,6 +158,11 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
                 "(the prompt) is missing or empty; an online run samples answers to each row's "
                 "prompt (a string or a list of chat messages). Rename the column with "
                 "data.fields."))
+            tools = config.data.fields.get("tools", "tools")
+            if row.get(tools) is not None:
+                raise DataError(f"{origin}: field {tools!r} (tools): online runs do not pass "
+                                "tools to sampling and scoring yet; train on tool-use pairs "
+                                "with `preftune train`, or leave the tools out.")
             seen.setdefault(prompt_key(prompt), Prompt(
                 origin, prompt, _text(row.get(config.data.fields.get("rejected", "rejected"))),
                 _text(row.get(config.data.fields.get("chosen", "chosen")))))

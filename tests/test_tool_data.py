@@ -1,0 +1,142 @@
+"""Tool-use records: a record's ``tools`` (function schemas given to the chat template) and
+assistant messages with ``tool_calls``: read, checked, rendered by the template exactly as
+transformers renders them, trained through the loop; templates that drop them are refused."""
+
+import json
+import re
+
+import pytest
+from test_train_loop import run
+
+from preftune.config import build_config
+from preftune.data.convert import pairs_to_unpaired, ranked_to_pairs
+from preftune.data.records import DataError
+from preftune.data.sources import load_records
+from preftune.data.tokenize import TokenizeSettings, tokenize_records
+from preftune.online.config import OnlineConfig
+from preftune.online.loop import run_online
+from preftune.train.logging import read_metrics
+from tiny_models import CHATML_TEMPLATE, char_tokenizer, save_tiny_model_dir
+
+# ChatML that lists the tools in a system turn and writes each call as <call>{function}</call>
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t['function']['name'] }}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.tool_calls is defined and m.tool_calls %}{% for c in m.tool_calls %}"
+    "<call>{{ c['function'] | tojson }}</call>{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "today's weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def tool_row(city="Paris", tools=(WEATHER,)):
+    return {"prompt": [{"role": "user", "content": f"Weather in {city}?"}],
+            "chosen": [{"role": "assistant", "tool_calls": [
+                {**CALL, "function": {**CALL["function"], "arguments": {"city": city}}}]}],
+            "rejected": [{"role": "assistant", "content": "Sunny."}],
+            "tools": list(tools)}
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def tool_tokenizer(template=TOOL_TEMPLATE):
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_tools_and_tool_calls_are_read_from_lists_and_json_strings(tmp_path):
+    as_string = {**tool_row("Rome"), "tools": json.dumps([WEATHER])}
+    records = load_records(write(tmp_path / "tools.jsonl", [tool_row(), as_string]))
+    assert [record.tools for record in records] == [(WEATHER,), (WEATHER,)]
+    assert records[0].chosen == [{"role": "assistant", "tool_calls": [CALL]}]  # no content
+    ranked = {"prompt": tool_row()["prompt"], "tools": [WEATHER],
+              "responses": [tool_row()["chosen"], tool_row()["rejected"]], "scores": [1, 0]}
+    (pair,) = ranked_to_pairs(load_records(write(tmp_path / "ranked.jsonl", [ranked])),
+                              "best_vs_worst")
+    assert pair.tools == (WEATHER,)  # conversions keep them
+    assert [r.tools for r in pairs_to_unpaired(records[:1])] == [(WEATHER,), (WEATHER,)]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tools": "[{not json"}, "tools.jsonl:1: field 'tools' (tools): a string that is not JSON"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]},
+     "tools.jsonl:1: field 'tools' (tools), item 0: expected {\"type\": \"function\""),
+    ({"tools": []}, "field 'tools' (tools): expected a non-empty list of function schemas"),
+    ({"chosen": [{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]},
+     "tools.jsonl:1: field 'chosen', message 0: tool call 0: expected"),
+    ({"chosen": [{"role": "assistant", "tool_calls": "get_weather(Paris)"}]},
+     "field 'chosen', message 0: 'tool_calls' must be a non-empty list of calls"),
+    ({"prompt": "Weather in Paris?", "chosen": "call it", "rejected": "Sunny."},
+     "tools are written into the prompt by the chat template, which needs a message-list"),
+])
+def test_bad_tools_name_the_file_record_and_field(tmp_path, change, message):
+    with pytest.raises(DataError, match=_literal(message)):
+        load_records(write(tmp_path / "tools.jsonl", [{**tool_row(), **change}]))
+
+
+def _literal(text):
+    return re.escape(text)
+
+
+def test_the_template_writes_the_tools_into_the_prompt_and_the_call_is_the_response(tmp_path):
+    tokenizer = tool_tokenizer()
+    records = load_records(write(tmp_path / "tools.jsonl", [tool_row()]))
+    (example,), _ = tokenize_records(records, tokenizer, TokenizeSettings(512, 256))
+    row = tool_row()
+    prompt_text = tokenizer.apply_chat_template(row["prompt"], tools=[WEATHER], tokenize=False,
+                                                add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tools=[WEATHER],
+                                         tokenize=False)
+    assert prompt_text.startswith("<|im_start|>system\nTools: get_weather<|im_end|>\n")
+    assert example.prompt_ids == tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    call = ('<call>{"name": "get_weather", "arguments": {"city": "Paris"}}</call><|im_end|>')
+    assert full[len(prompt_text):] == call + "\n"
+    assert tokenizer.decode(example.response_ids[0]) == call  # ends at the end of the turn
+    assert tokenizer.decode(example.response_ids[1]) == "Sunny.<|im_end|>"
+
+
+@pytest.mark.parametrize("template,message", [
+    (CHATML_TEMPLATE, "field 'tools': the chat template writes the same prompt with and "
+                      "without them"),
+    (TOOL_TEMPLATE.replace("{% if tools %}", "{% if false %}"),
+     "field 'tools': the chat template writes the same prompt"),
+    (TOOL_TEMPLATE.replace("m.tool_calls is defined and m.tool_calls", "false"),
+     "the chat template leaves out the tool call to 'get_weather'"),
+])
+def test_templates_that_drop_tools_or_calls_are_refused(tmp_path, template, message):
+    records = load_records(write(tmp_path / "tools.jsonl", [tool_row()]))
+    with pytest.raises(DataError, match=_literal("tools.jsonl:1: ") + ".*" + _literal(message)):
+        tokenize_records(records, tool_tokenizer(template), TokenizeSettings(512, 256))
+
+
+def test_tool_use_pairs_train_through_the_loop(tmp_path):
+    save_tiny_model_dir(tmp_path / "model")  # the layout run() expects: model/, pairs.jsonl
+    write(tmp_path / "pairs.jsonl", [tool_row(city) for city in ("Paris", "Rome", "Oslo",
+                                                                 "Lima")] * 2)
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    output = run(tmp_path, "tool-pairs", data__eval_fraction=0.0,
+                 model__chat_template=str(template), train__batch_size=4, train__max_steps=2)
+    values = [r["loss"] for r in read_metrics(output / "metrics.jsonl")]
+    assert values[0] == pytest.approx(0.6931472, abs=1e-6) and len(values) == 2
+    assert values[1] != pytest.approx(values[0], abs=1e-4)  # it learns from the calls
+
+
+def test_online_runs_refuse_prompts_with_tools_rather_than_drop_them(tmp_path):
+    save_tiny_model_dir(tmp_path / "model")
+    data = write(tmp_path / "tools.jsonl", [tool_row()])
+    config = build_config({
+        "output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "model")},
+        "data": {"train": data, "eval": data}, "objective": {"name": "dpo"},
+        "online": {"rounds": 1, "scorer": "test_online_loop:count_a"}}, schema=OnlineConfig)
+    with pytest.raises(DataError, match=_literal("tools.jsonl:1: field 'tools' (tools): online "
+                                                 "runs do not pass tools")):
+        run_online(config)
