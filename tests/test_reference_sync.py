@@ -111,6 +111,8 @@ def test_a_reference_reset_to_the_policy_gives_a_loss_of_log_2_after_each_sync(w
         assert values[step] == pytest.approx(LOG_2, abs=1e-6), values
     for step in (1, 3):
         assert abs(values[step] - LOG_2) > 1e-4, values
+    # rewards of exactly 0 after a sync are by design, not a policy that does not move
+    assert not (output / "alarms.jsonl").exists()
 
 
 def test_a_fixed_reference_is_what_a_run_without_syncs_has(workspace):

@@ -188,7 +188,10 @@ class Trainer:
             self.start_step = self._resume()
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step,
                               trackers=Trackers(cfg, self.output_dir)) if self.main else None
-        self.alarms = Alarms(self.output_dir / "alarms.jsonl", task.needs_reference,
+        # a reference synced to the policy (TR-DPO) makes implied rewards 0 by design: only
+        # the weights tell whether the policy moves
+        self.alarms = Alarms(self.output_dir / "alarms.jsonl",
+                             task.needs_reference and self.reference_sync is None,
                              WeightProbe(self.trainable))
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
                                     total_steps, cfg.seed, shuffle=shuffle)
