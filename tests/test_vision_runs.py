@@ -96,6 +96,19 @@ def test_reference_strategies_and_lora(workspace, strategy):
         assert (out / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}])
+def test_a_tr_dpo_reference_synced_every_step_gives_a_loss_of_log_2(workspace, lora):
+    """reference.sync_every on a VLM: the vision tower and language model are mixed in by
+    name like a text model's (LoRA merged), so a hard sync leaves no log-ratio behind."""
+    tree = config(workspace, f"tr-dpo-{bool(lora)}", objective="dpo", max_steps=3, eval_every=3)
+    tree["reference"] = {"sync_every": 1, "sync_mix": 1.0}
+    if lora:
+        tree["model"]["lora"] = lora
+    out = api.train(tree)
+    losses = [record["loss"] for record in read_metrics(out / "metrics.jsonl")]
+    assert losses == pytest.approx([0.6931472] * 3, abs=1e-6)
+
+
 def test_eval_and_report_on_a_vision_run(workspace, capsys):
     out = api.train(config(workspace, "for-eval", objective="dpo"))
     assert main(["eval", "--model", str(out), "--data", str(workspace / "pairs.jsonl"),
