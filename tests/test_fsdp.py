@@ -166,8 +166,8 @@ def test_checkpoints_move_between_fsdp_and_one_process(workspace, tmp_path,  # n
                                    "the reference, but FSDP splits them")])
 def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path, section,  # noqa: F811
                                                         key, value, message):
-    one = run(workspace, "fsdp-refused-base", train__max_steps=1)
-    config = sharded_config(one, tmp_path, "fsdp-refused", 4)
+    one = run(workspace, f"fsdp-refused-base-{key}", train__max_steps=1)
+    config = sharded_config(one, tmp_path, f"fsdp-refused-{key}", 4)
     tree = yaml.safe_load(config.read_text())
     tree[section][key] = value
     config.write_text(yaml.safe_dump(tree))
@@ -175,7 +175,7 @@ def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path, sec
     assert done.returncode != 0
     assert message in done.stderr
     assert "reference logps" not in done.stderr + done.stdout  # stopped before the reference pass
-    assert not (one.parent / "fsdp-refused").exists()  # nothing written
+    assert not (one.parent / f"fsdp-refused-{key}").exists()  # nothing written
 
 
 def test_a_reward_model_trains_under_fsdp2_like_on_one_process(tmp_path):
