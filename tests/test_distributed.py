@@ -25,11 +25,13 @@ from preftune.train.logging import read_metrics
     ("prefix_shared", "dpo", "precomputed", "pissa+"),  # PiSSA with LoRA+ rates
     ("prefix_shared", "dpo", "adapter-off", "head"),  # the tied head trained beside LoRA
     ("prefix_shared", "dpo", "precomputed", "top-layer"),  # model.train_layers, no adapters
-    ("padded", "dpo", "live", "sync")])  # TR-DPO: each process moves its reference alike
+    ("padded", "dpo", "live", "sync"),  # TR-DPO: each process moves its reference alike
+    ("padded", "dpo", "live", "answers")])  # held-out answers: the main process writes them
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
                                                             objective, strategy, adapter):
     name = f"{layout}-{objective}-{strategy}-{adapter}"
-    lora = {"model__lora": {"r": 4, "alpha": 8}} if adapter not in (None, "sync") else {}
+    lora = {"model__lora": {"r": 4, "alpha": 8}} if adapter not in (None, "sync", "answers") \
+        else {}
     if adapter == "qlora":
         lora["model__quantize"] = "nf4"
     if adapter == "pissa+":
@@ -40,6 +42,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
         lora = {"model__train_layers": 1}
     if adapter == "sync":
         lora = {"reference__sync_every": 2, "reference__sync_mix": 0.5}
+    if adapter == "answers":
+        lora = {"train__eval_every": 3, "train__eval_generations": 2}
     one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective},
               reference__strategy=strategy, **lora)
@@ -70,6 +74,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
     ours, theirs = final_weights(two), final_weights(one)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    if adapter == "answers":  # written once, the same answers as one process gives
+        answers = [(two / "eval_generations.jsonl").read_text(),
+                   (one / "eval_generations.jsonl").read_text()]
+        assert answers[0] == answers[1] and answers[0].count("\n") == 2
 
 
 def test_reference_table_parts_merge_in_example_order_with_their_token_logps():

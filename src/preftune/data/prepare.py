@@ -81,6 +81,8 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if eval_records:
         evaluation, eval_report = tokenize(eval_records, tokenizer, settings)
         _same_response_count(evaluation, "eval")
+        for example in evaluation:  # what answers to it are scored against
+            example.prompt = eval_records[example.index].prompts[0]
         report["eval"] = eval_report.as_dict()
     return train, evaluation, report, shape
 

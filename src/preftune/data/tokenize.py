@@ -53,6 +53,9 @@ class TokenizedExample:
     image_token_counts: tuple = ()
     negative_images: tuple = ()
     slot_images: tuple = ()
+    # held-out examples: the record's prompt (a string or messages; a joint pair's chosen
+    # side's), for scoring answers to it (data.prepare)
+    prompt: Any = None
 
     def images_of_slot(self, slot: int) -> tuple:
         """The images response slot ``slot`` is conditioned on."""

@@ -156,6 +156,10 @@ class OnlineConfig(Config):
         if self.reference.model is not None:
             raise ValueError("reference.model is set by online.reference in an online run "
                              "(initial or previous); remove it.")
+        if self.train.eval_generations is not None:
+            raise ValueError("train.eval_generations does nothing in an online run: it answers "
+                             "and scores the held-out prompts after every round already "
+                             "(online.eval_max_new_tokens, eval_answers.jsonl); remove it.")
         if self.reference.sync_every is not None and online.mode == "rounds":
             raise ValueError("reference.sync_every moves the reference within one run: it works "
                              "with online.mode per_step; rounds move it by online.reference "

@@ -14,6 +14,7 @@ from datetime import datetime
 from html import escape
 
 from .. import __version__
+from ..train.model_card import reference_text
 from .rundir import RunData
 
 CSS = """
@@ -65,6 +66,7 @@ def render_page(run: RunData, figures: list[tuple[str, str, bytes]],
         _alarms(run.alarms),
         _figures(figures),
         _samples(run),
+        _answers(run.answers),
         _eval_table(run.eval_results),
         _reward_eval(run.reward_eval, reward_figures),
         _config(run.config_text),
@@ -104,7 +106,7 @@ def _summary(run: RunData) -> str:
         ("parameters", _params(info.get("params")) if "objective" in info
          else _params({info["reward_loss"]: info.get("params")}) if "reward_loss" in info
          else None),
-        ("reference", info.get("reference")),
+        ("reference", reference_text(info)),
         ("layout", info.get("layout")),
         ("steps logged", f"{len(run.metrics)} (last: {last['step']}"
                          + (f" of {info['steps']})" if "steps" in info else ")")),
@@ -200,6 +202,39 @@ def _samples(run: RunData) -> str:
             f"a column per seed ({escape(', '.join(map(str, index.get('seeds', []))))}); the "
             f"same seed starts from the same noise; {index.get('steps')} DDIM steps, guidance "
             f"{index.get('guidance_scale')}.</p>\n<ol>{prompts}</ol>\n{_figure_grid(grids)}")
+
+
+def _answers(rows: list[dict], shown: int = 8) -> str:
+    """Greedy answers to held-out prompts (train.eval_generations) at the first and the last
+    evaluation, side by side, with their scores when a scorer was set."""
+    if not rows:
+        return ""
+    steps = sorted({row["step"] for row in rows})
+    first, last = steps[0], steps[-1]
+    at = {(row["step"], row["origin"]): row for row in rows}
+    origins = list(dict.fromkeys(row["origin"] for row in rows if row["step"] == last))[:shown]
+
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return "<td></td>"
+        score = f" <em>(score {_format_value(row['score'])})</em>" if "score" in row else ""
+        return f"<td>{escape(row['answer'])}{score}</td>"
+
+    body = "".join(f"<tr><td>{escape(_prompt_text(at[(last, origin)]['prompt']))}</td>"
+                   f"{cell(at.get((first, origin)))}{cell(at[(last, origin)])}</tr>"
+                   for origin in origins)
+    return (f"<h2>Answers to held-out prompts</h2>\n<p class=\"note\">Greedy answers at the "
+            f"first and the last evaluation (step {first} and {last}); every evaluation's are in "
+            f"eval_generations.jsonl.</p>\n<table><tr><th>prompt</th><th>step {first}</th>"
+            f"<th>step {last}</th></tr>{body}</table>")
+
+
+def _prompt_text(prompt) -> str:
+    """A prompt as one line of text: a string, or a message list's last message."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        content = prompt[-1].get("content")
+        return content if isinstance(content, str) else str(content)
+    return str(prompt)
 
 
 def _reward_eval(results: dict | None, figures) -> str:

@@ -30,6 +30,9 @@ KNOWN_PANELS = {
     "tokens_per_second": ("Throughput", "tokens / s"),
     "padding_fraction": ("Padding fraction", "fraction of slots"),
     "step_seconds": ("Step time", "seconds"),
+    "answer_score": ("Greedy answers to held-out prompts: mean score", "score"),
+    "answer_tokens": ("Greedy answers to held-out prompts: mean length", "tokens"),
+    "answers_ended": ("Greedy answers that ended (EOS)", "fraction"),
 }
 
 

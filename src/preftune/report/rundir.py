@@ -30,6 +30,7 @@ class RunData:
     reward_eval: dict | None = None  # rm_eval.json of a reward model (preftune rm eval)
     online: dict | None = None  # online.json of a preftune online run
     samples: dict | None = None  # samples/samples.json: before/after image grids (diffusion)
+    answers: list[dict] = field(default_factory=list)  # eval_generations.jsonl
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -71,6 +72,8 @@ def load_run(run_dir: str | Path) -> RunData:
         eval_results=_optional_json(run_dir / "eval.json"),
         reward_eval=_optional_json(run_dir / "rm_eval.json"),
         samples=_optional_json(run_dir / "samples" / "samples.json"),
+        answers=read_jsonl(answers) if (answers := run_dir / "eval_generations.jsonl").is_file()
+        else [],
     )
 
 

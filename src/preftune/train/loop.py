@@ -38,6 +38,7 @@ from .checkpoint import save_final_model
 from .logging import progress, progress_bar
 from .output import start_run
 from .plan import plan
+from .generations import eval_generations
 from .engines import (check_engine, refuse_sharding, refuse_split_weights, shards,
                       whole_models)
 from .trainer import Trainer, add_metrics, count_steps, means
@@ -146,8 +147,10 @@ class PolicyTask:
     ``preftune train`` (built by ``policy_task``)."""
 
     def __init__(self, config: Config, logp_model: LogpModel, tokenizer, objective: Objective,
-                 splits: dict, references: dict, extras: dict, make_batch, layout: str, device):
+                 splits: dict, references: dict, extras: dict, make_batch, layout: str, device,
+                 generations=None):
         self.config, self.module, self.tokenizer = config, logp_model, tokenizer
+        self.generations = generations  # train.eval_generations (main process only)
         self.objective, self.references, self.extras = objective, references, extras
         self.train_examples, self.eval_examples = splits["train"], splits.get("eval", [])
         self.make_batch, self.layout, self.device = make_batch, layout, device
@@ -165,9 +168,12 @@ class PolicyTask:
         return output.losses, metrics
 
     def evaluate(self, module, step):
-        return evaluate(module, self.references["eval"], self.extras["eval"], self.eval_examples,
-                        self.objective, self.make_batch, self.config.train.batch_size,
-                        self.device, step)
+        metrics = evaluate(module, self.references["eval"], self.extras["eval"],
+                           self.eval_examples, self.objective, self.make_batch,
+                           self.config.train.batch_size, self.device, step)
+        if self.generations is not None:  # the LogpModel's transformers model answers
+            metrics.update(self.generations(getattr(module, "module", module).model, step))
+        return metrics
 
     def unsharded(self, state: dict) -> LogpModel:
         """A plain (unsharded) copy of the policy holding ``state``, the gathered weights of a
@@ -260,6 +266,9 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         print(plan(config, model, train_examples, layout, tokenizer.pad_token_id,
                    shards(accelerator)))
         return None, 0
+    # the scorer of held-out answers is loaded before any long pass: a bad one stops here
+    generations = eval_generations(config, splits.get("eval", []), tokenizer, output_dir) \
+        if accelerator.is_main_process else None
 
     # Reference (before LoRA: the reference is the initial model, unless reference.model names
     # another), then adapters.
@@ -280,7 +289,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         adapter_off = AdapterOffReference(logp_model, objective.per_token)
         references = {split: adapter_off for split in splits}
     task = PolicyTask(config, logp_model, tokenizer, objective, splits, references, extras,
-                      make_batch, layout, device)
+                      make_batch, layout, device, generations)
     return task, total_steps
 
 
@@ -318,6 +327,9 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     if config.reference.sync_every is not None:
         refuse_split_weights(accelerator, "reference.sync_every",
                              "mixes the policy's whole weights into the reference")
+    if config.train.eval_generations is not None:
+        refuse_split_weights(accelerator, "train.eval_generations",
+                             "answers with the policy's whole weights on the main process")
     if not plan_only:
         start_run(config, accelerator, resume, overwrite)
     set_seed(config.train.seed)

@@ -133,7 +133,7 @@ def _settings(config: dict, info: dict) -> dict:
     train, data, reward = config["train"], config["data"], "reward_loss" in info
     return {"parameters": json.dumps(info.get("params", {})),
             **({"head": json.dumps(info["head"])} if reward
-               else {"reference": _reference(info)}),
+               else {"reference": reference_text(info)}),
             "layout": info.get("layout"), "dtype": info.get("dtype"),
             "optimizer steps": info.get("steps"), "processes": info.get("processes"),
             "device": info.get("device"), "learning rate": train["learning_rate"],
@@ -153,7 +153,7 @@ def _settings(config: dict, info: dict) -> dict:
                 if config["model"].get(key) is not None}) else {})}
 
 
-def _reference(info: dict) -> str | None:
+def reference_text(info: dict) -> str | None:
     """The reference strategy, and TR-DPO's syncs when the reference moved."""
     sync = info.get("reference_sync")
     return info.get("reference") if sync is None else (
