@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from test_train_loop import (assert_same_weights, crashed_run, losses, resume, run,  # noqa: F401
                              workspace)
 
+from preftune.api import write_report
 from preftune.config import ConfigError, build_config
 from preftune.model.lora import add_lora
 from preftune.model.reference_sync import ReferenceSync, trained_weights
@@ -141,8 +142,8 @@ def test_checkpoints_hold_the_mixed_reference(workspace):
                                    + 0.5 * reference[2][name], rtol=0, atol=1e-7)
     run_info = (output / "run.json").read_text()
     assert '"reference_sync": {\n    "every": 2,\n    "mix": 0.5\n  }' in run_info
-    assert "moved toward the policy every 2 steps (mix 0.5, TR-DPO)" in (
-        output / "model" / "README.md").read_text()
+    for page in (output / "model" / "README.md", write_report(output)):  # card and report
+        assert "moved toward the policy every 2 steps (mix 0.5, TR-DPO)" in page.read_text()
 
 
 def test_a_resumed_run_continues_from_the_same_moved_reference(workspace, monkeypatch):
