@@ -98,3 +98,18 @@ def test_bf16_rounding_away_a_tiny_update_counts_as_not_moving():
     with torch.no_grad():
         weight += 1e-5  # under half a bf16 ulp of 0.5 (2**-9)
     assert not probe.moved()
+
+
+def test_held_out_answers_that_are_empty_or_stop_ending(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True)
+    evaluation = {"step": 4, "loss": 0.6, "eval/answers_empty": 0.25, "eval/answers_ended": 1.0}
+    assert alarms.check(evaluation, ["a:1"]) == []  # a quarter empty: not yet
+    later = {**evaluation, "step": 8, "eval/answers_empty": 0.5, "eval/answers_ended": 0.375}
+    assert [a["kind"] for a in alarms.check(later, ["a:1"])] == ["answers_empty",
+                                                                 "answers_unended"]
+    assert "against 100% at the first evaluation" in (tmp_path / "alarms.jsonl").read_text()
+    # answers that never ended from the start are how the model writes, not a change
+    quiet = Alarms(tmp_path / "quiet.jsonl", needs_reference=True)
+    for step, ended in ((4, 0.25), (8, 0.0)):
+        assert quiet.check({"step": step, "loss": 0.6, "eval/answers_ended": ended},
+                           ["a:1"]) == []

@@ -67,6 +67,9 @@ def test_answers_are_the_models_own_greedy_answers_scored_and_logged(workspace):
         assert record["eval/answer_tokens"] == pytest.approx(sum(r["tokens"] for r in mine) / 3)
         assert record["eval/answer_score"] == pytest.approx(sum(r["score"] for r in mine) / 3)
         assert record["eval/answers_ended"] == pytest.approx(sum(r["ended"] for r in mine) / 3)
+    assert evaluated[-1]["eval/answers_empty"] == 1.0  # SFT this hard: every answer is EOS
+    alarm = json.loads((output / "alarms.jsonl").read_text().splitlines()[0])
+    assert (alarm["kind"], alarm["step"]) == ("answers_empty", 8)
     page = write_report(output).read_text()
     assert "Answers to held-out prompts" in page and "<th>step 4</th><th>step 8</th>" in page
     assert "Greedy answers to held-out prompts: mean length" in page

@@ -33,6 +33,7 @@ KNOWN_PANELS = {
     "answer_score": ("Greedy answers to held-out prompts: mean score", "score"),
     "answer_tokens": ("Greedy answers to held-out prompts: mean length", "tokens"),
     "answers_ended": ("Greedy answers that ended (EOS)", "fraction"),
+    "answers_empty": ("Greedy answers that are empty", "fraction"),
 }
 
 

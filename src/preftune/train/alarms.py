@@ -48,6 +48,7 @@ class Alarms:
         self.displacement_nats = displacement_nats
         self.frozen_after_steps = frozen_after_steps
         self.accuracies: deque = deque(maxlen=chance_window)
+        self.first_ended: float | None = None  # share of held-out answers that ended, first
         self.fired: set[str] = set()
 
     def check(self, record: dict, example_origins: list[str],
@@ -77,6 +78,7 @@ class Alarms:
                     f"chosen responses are {-drop:.1f} nats less likely than under the reference "
                     f"(threshold {self.displacement_nats}): both responses are being pushed down. "
                     "Consider dpo_sft / an sft term, a larger beta or a lower learning rate."))
+        raised += self._answers(record)
         if "rewards/accuracies" in record:
             self.accuracies.append(record["rewards/accuracies"])
             window = self.accuracies.maxlen
@@ -91,6 +93,31 @@ class Alarms:
             tqdm.write(f"ALARM [{alarm['kind']}] step {step}: {alarm['message']}")
             with self.path.open("a") as handle:
                 handle.write(json.dumps(alarm) + "\n")
+        return raised
+
+    def _answers(self, record: dict) -> list:
+        """What the held-out answers of an evaluation (train.eval_generations) show: most of
+        them empty, or most no longer ending where most ended at the first evaluation."""
+        step, raised = record["step"], []
+        empty, ended = record.get("eval/answers_empty"), record.get("eval/answers_ended")
+        if empty is not None and empty >= 0.5:
+            raised.append(self._alarm(
+                "answers_empty", step,
+                f"{empty:.0%} of the held-out answers are empty: the policy ends at once. The "
+                "objective has pushed the responses' likelihood down until ending is likeliest "
+                "(see logps/chosen); lower the learning rate, raise beta or add an sft term. "
+                "The answers are in eval_generations.jsonl."))
+        if ended is not None:
+            if self.first_ended is None:
+                self.first_ended = ended
+            elif ended < 0.5 <= self.first_ended:
+                raised.append(self._alarm(
+                    "answers_unended", step,
+                    f"only {ended:.0%} of the held-out answers end within "
+                    f"train.eval_max_new_tokens, against {self.first_ended:.0%} at the first "
+                    "evaluation: answers grow longer (length exploitation) or repeat. Check "
+                    "eval_generations.jsonl; a length-normalised objective (simpo, ln_dpo) or "
+                    "a lower learning rate helps."))
         return raised
 
     def _not_moving(self, record: dict) -> dict | None:

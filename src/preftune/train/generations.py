@@ -4,7 +4,8 @@
 Each evaluation appends one row per prompt to ``eval_generations.jsonl`` ({step, origin,
 prompt, answer, tokens, ended, score}) and returns means for the eval metrics:
 ``answer_tokens`` (length), ``answers_ended`` (the share that ended with EOS within
-``eval_max_new_tokens``) and, with a scorer, ``answer_score``. Generation draws no training randomness (``HFGenerator`` forks the RNG) and runs
+``eval_max_new_tokens``), ``answers_empty`` (the share with no text) and, with a scorer,
+``answer_score``; the alarms read the last two. Generation draws no training randomness (``HFGenerator`` forks the RNG) and runs
 without compiled graphs, so a run trains the same with or without it.
 """
 
@@ -55,8 +56,10 @@ class EvalGenerations:
         rows = [{"step": step + 1, "origin": p.origin, "prompt": p.prompt, "answer": answer,
                  "tokens": n, "ended": end}
                 for p, answer, n, end in zip(self.prompts, answers, lengths, ended)]
+        empty = [not answer.strip() for answer in answers]
         metrics = {"answer_tokens": sum(lengths) / len(lengths),
-                   "answers_ended": sum(ended) / len(ended)}
+                   "answers_ended": sum(ended) / len(ended),
+                   "answers_empty": sum(empty) / len(empty)}
         if self.scorer is not None:
             questions = [with_images(p.prompt, p.images) for p in self.prompts]
             scores = checked(self.scorer.score(questions, answers), self.scorer.name,

@@ -300,13 +300,13 @@ class Trainer:
                   "lr": learning_rate, "grad_norm": flat[-1],
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            record.update({f"eval/{k}": v for k, v in task.evaluate(self.module, step).items()})
         examples = [task.train_examples[i] for i in indices]
         raised = self.alarms.check(record, [ex.origin for ex in examples], examples) \
             if self.main else []
         if raised:
             record["alarms"] = [alarm["kind"] for alarm in raised]
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            record.update({f"eval/{k}": v for k, v in task.evaluate(self.module, step).items()})
         if self.main and ((step + 1) % cfg.log_every == 0 or "eval/loss" in record or raised):
             self.log.write(record)
         self.bar.update(1)
