@@ -109,6 +109,23 @@ def test_a_tr_dpo_reference_synced_every_step_gives_a_loss_of_log_2(workspace, l
     assert losses == pytest.approx([0.6931472] * 3, abs=1e-6)
 
 
+def test_held_out_answers_of_a_vision_run_see_the_images(workspace):
+    """train.eval_generations on a VLM: each prompt is answered with its image, as the saved
+    model answers it."""
+    tree = config(workspace, "answers", objective="dpo", eval_generations=3,
+                  eval_max_new_tokens=5)
+    out = api.train(tree)
+    rows = [json.loads(line) for line in (out / "eval_generations.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 2, 2]
+    model, tokenizer = load_model_and_tokenizer(str(out / "model"))
+    records = {r.origin: r for r in load_records(str(workspace / "pairs.jsonl"))}
+    shown = [records[row["origin"]].images for row in rows]
+    ids = prompt_ids([row["prompt"] for row in rows], tokenizer, TokenizeSettings(48, 32), shown)
+    assert [row["answer"] for row in rows] == greedy_texts(model, tokenizer, ids, 5,
+                                                           images=shown)
+    assert len({image.key for images in shown for image in images}) == 3  # three colours
+
+
 def test_eval_and_report_on_a_vision_run(workspace, capsys):
     out = api.train(config(workspace, "for-eval", objective="dpo"))
     assert main(["eval", "--model", str(out), "--data", str(workspace / "pairs.jsonl"),
