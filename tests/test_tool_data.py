@@ -14,7 +14,9 @@ from preftune.data.records import DataError
 from preftune.data.sources import load_records
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.online.config import OnlineConfig
-from preftune.online.loop import run_online
+from preftune.model.load import load_tokenizer
+from preftune.online.common import prompts_to_ids
+from preftune.online.loop import _prompts, run_online
 from preftune.train.logging import read_metrics
 from tiny_models import CHATML_TEMPLATE, char_tokenizer, save_tiny_model_dir
 
@@ -130,13 +132,37 @@ def test_tool_use_pairs_train_through_the_loop(tmp_path):
     assert values[1] != pytest.approx(values[0], abs=1e-4)  # it learns from the calls
 
 
-def test_online_runs_refuse_prompts_with_tools_rather_than_drop_them(tmp_path):
-    save_tiny_model_dir(tmp_path / "model")
-    data = write(tmp_path / "tools.jsonl", [tool_row()])
+@pytest.mark.parametrize("mode", ["rounds", "per_step"])
+def test_online_runs_sample_with_the_tools_and_train_on_them(tmp_path, mode):
+    """Online prompts with tools: sampled from the prompt as the template writes it with its
+    tools, and the pairs built keep the tools for training."""
+    save_tiny_model_dir(tmp_path / "model", seed=1)
+    rows = [{"prompt": tool_row(city)["prompt"], "tools": [WEATHER]}
+            for city in ("Paris", "Rome", "Oslo", "Lima")]
+    data = write(tmp_path / "prompts.jsonl", rows)
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    online = {"scorer": "test_online_loop:count_a", "eval_max_new_tokens": 8,
+              "sampling": {"samples": 4, "max_new_tokens": 10, "batch_size": 4}}
+    online.update({"rounds": 1} if mode == "rounds" else {"mode": "per_step"})
     config = build_config({
-        "output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "model")},
-        "data": {"train": data, "eval": data}, "objective": {"name": "dpo"},
-        "online": {"rounds": 1, "scorer": "test_online_loop:count_a"}}, schema=OnlineConfig)
-    with pytest.raises(DataError, match=_literal("tools.jsonl:1: field 'tools' (tools): online "
-                                                 "runs do not pass tools")):
-        run_online(config)
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(tmp_path / "model"), "chat_template": str(template)},
+        "data": {"train": data, "eval": data, "max_length": 96, "max_prompt_length": 64},
+        "objective": {"name": "dpo"},
+        "train": {"learning_rate": 1e-3, "batch_size": 2, "max_steps": 2, "seed": 0,
+                  "warmup_ratio": 0.0},
+        "online": online}, schema=OnlineConfig)
+    tokenizer = load_tokenizer(str(tmp_path / "model"), chat_template=TOOL_TEMPLATE)
+    (prompt,) = _prompts(data, config)[:1]
+    assert prompt.tools == (WEATHER,)
+    expected = tokenizer.apply_chat_template(rows[0]["prompt"], tools=[WEATHER],
+                                             add_generation_prompt=True, return_dict=False)
+    assert prompts_to_ids([prompt], tokenizer, config) == [expected]
+    run_online(config)
+    here = tmp_path / "run" / "round-1"
+    samples = [json.loads(line) for line in (here / "samples.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (here / "pairs.jsonl").read_text().splitlines()]
+    assert samples and all(row["tools"] == [WEATHER] for row in samples)
+    assert pairs and all(row["tools"] == [WEATHER] for row in pairs)
+    assert len(read_metrics(here / "metrics.jsonl")) == 2

@@ -220,16 +220,19 @@ def _token_types(model, image_inputs, input_ids: torch.Tensor) -> dict:
     return types
 
 
-def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None) -> list[list[int]]:
+def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None,
+               tools: list | None = None) -> list[list[int]]:
     """Each prompt (a string or chat messages) rendered and tokenized exactly as training renders
     it, cut to ``settings`` (``TokenizeSettings``) like a training prompt; ``images[p]`` are the
-    images prompt p shows (their tokens are written in)."""
+    images prompt p shows (their tokens are written in), ``tools[p]`` the functions it offers
+    (written in by the chat template)."""
     from .data.records import DataError, Unpaired
     from .data.tokenize import tokenize_records
 
     images = images or [()] * len(prompts)
-    records = [Unpaired(prompt, "", True, images=tuple(shown))
-               for prompt, shown in zip(prompts, images)]
+    tools = tools or [()] * len(prompts)
+    records = [Unpaired(prompt, "", True, images=tuple(shown), tools=tuple(offered))
+               for prompt, shown, offered in zip(prompts, images, tools)]
     examples, report = tokenize_records(records, tokenizer, settings, keep_empty=True)
     if len(examples) != len(records):  # answers must line up with their prompts
         kept = {example.index for example in examples}

@@ -49,17 +49,23 @@ def read_tools(value: Any, column: str, origin: str) -> tuple[dict, ...]:
     return tuple(value)
 
 
-def attach_tools(record, row: dict, columns: dict, origin: str):
-    """``record`` with the row's ``tools`` (unchanged when the row has none)."""
-    column = columns["tools"]
+def tools_of(row: dict, column: str, origin: str, conversational: bool) -> tuple[dict, ...]:
+    """The row's tools under ``column`` (none when it has none); only a message-list prompt
+    (``conversational``) can take them."""
     if row.get(column) is None:
-        return record
+        return ()
     tools = read_tools(row[column], column, origin)
-    if not record.is_conversational:
+    if not conversational:
         raise DataError(f"{origin}: field {column!r} (tools): tools are written into the prompt "
                         "by the chat template, which needs a message-list prompt ([{\"role\": "
                         "\"user\", \"content\": ...}]); this record's prompt is a string.")
-    return replace(record, tools=tools)
+    return tools
+
+
+def attach_tools(record, row: dict, columns: dict, origin: str):
+    """``record`` with the row's ``tools`` (unchanged when the row has none)."""
+    tools = tools_of(row, columns["tools"], origin, record.is_conversational)
+    return replace(record, tools=tools) if tools else record
 
 
 def check_tool_calls(calls: Any, where: str) -> None:

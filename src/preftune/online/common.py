@@ -24,12 +24,14 @@ class Prompt(NamedTuple):
     prompt: object
     negative: str | None = None  # the row's rejected response, if any (D2O's negative)
     positive: str | None = None  # the row's chosen response, if any (SELM ranks both)
+    tools: tuple = ()  # the functions the prompt offers (data/tools.py)
 
 
 def prompts_to_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
     """The prompts tokenized as training renders them, cut to the data limits."""
     settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
-    return prompt_ids([p.prompt for p in prompts], tokenizer, settings)
+    return prompt_ids([p.prompt for p in prompts], tokenizer, settings,
+                      tools=[p.tools for p in prompts])
 
 
 def online_scorer(config, judge: str, data):

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, build_config
-from ..data.records import DataError, required_prompt
+from ..data.records import required_prompt
+from ..data.tools import tools_of
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..generation import HFGenerator
@@ -158,14 +159,11 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
                 "(the prompt) is missing or empty; an online run samples answers to each row's "
                 "prompt (a string or a list of chat messages). Rename the column with "
                 "data.fields."))
-            tools = config.data.fields.get("tools", "tools")
-            if row.get(tools) is not None:
-                raise DataError(f"{origin}: field {tools!r} (tools): online runs do not pass "
-                                "tools to sampling and scoring yet; train on tool-use pairs "
-                                "with `preftune train`, or leave the tools out.")
-            seen.setdefault(prompt_key(prompt), Prompt(
+            tools = tools_of(row, config.data.fields.get("tools", "tools"), origin,
+                             isinstance(prompt, list))
+            seen.setdefault(prompt_key(prompt) + json.dumps(tools, sort_keys=True), Prompt(
                 origin, prompt, _text(row.get(config.data.fields.get("rejected", "rejected"))),
-                _text(row.get(config.data.fields.get("chosen", "chosen")))))
+                _text(row.get(config.data.fields.get("chosen", "chosen"))), tools))
     return list(seen.values())
 
 
@@ -204,6 +202,7 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
     provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
                   "sampling": {**asdict(settings), "backend": sampling.backend}}
     rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
+             **({"tools": list(p.tools)} if p.tools else {}),  # on to the pairs built
              **({"negative": p.negative} if p.negative else {}),
              **({"positive": p.positive} if p.positive else {}), **provenance}
             for p, texts in zip(prompts, generations.texts)]

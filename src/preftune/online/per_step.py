@@ -62,7 +62,8 @@ class OnlineStepTask(PolicyTask):
                 "(online.sampling.samples, temperature) or use a finer scorer.")
         records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=r["source"],
                         scores={"chosen_score": r["chosen_score"],
-                                "rejected_score": r["rejected_score"]}) for r in rows]
+                                "rejected_score": r["rejected_score"]},
+                        tools=tuple(r.get("tools", ()))) for r in rows]
         examples, _ = tokenize_records(records, self.tokenizer, self.settings)
         for index, example in enumerate(examples):
             example.index = index
@@ -74,13 +75,15 @@ class OnlineStepTask(PolicyTask):
         online = self.config.online
         settings = online.sampling.settings(seed)
         policy = causal_lm_of(self.module.model)
-        ids = prompt_ids([p.prompt for p in prompts], self.tokenizer, self.settings)
+        ids = prompt_ids([p.prompt for p in prompts], self.tokenizer, self.settings,
+                         tools=[p.tools for p in prompts])
         texts = HFGenerator(policy, self.tokenizer).generate(ids, settings).texts
         flat_prompts = [p.prompt for p, samples in zip(prompts, texts) for _ in samples]
         scores = self.scorer.score(flat_prompts, [t for samples in texts for t in samples])
         k = settings.samples
         scored = [{"prompt": p.prompt, "responses": samples, "scores": scores[n * k : (n + 1) * k],
-                   "origin": p.origin, "step": self.step + 1}
+                   "origin": p.origin, "step": self.step + 1,
+                   **({"tools": list(p.tools)} if p.tools else {})}
                   for n, (p, samples) in enumerate(zip(prompts, texts))]
         rows, _ = build_rows(scored, online.pairs.builder, online.pairs.min_margin,
                              online.pairs.rso_beta, online.pairs.rso_accept, seed=seed)
