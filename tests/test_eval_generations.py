@@ -75,10 +75,14 @@ def test_answers_are_the_models_own_greedy_answers_scored_and_logged(workspace):
     assert "Greedy answers to held-out prompts: mean length" in page
 
 
-def test_training_is_the_same_with_or_without_answers(workspace):
-    plain = run(workspace, "no-answers", objective={"name": "sft"}, train__learning_rate=2e-2,
-                train__max_steps=8, train__eval_every=4)
-    answered = run(workspace, "with-answers", **ANSWERS)
+@pytest.mark.parametrize("setting", [
+    {}, {"model__lora": {"r": 4, "alpha": 8}, "train__gradient_checkpointing": True},
+    {"train__compile": True}])  # compiled layers: answered eagerly, no recompiles
+def test_training_is_the_same_with_or_without_answers(workspace, setting):
+    name = "-".join(key.split("__")[-1] for key in setting) or "plain"
+    plain = run(workspace, f"no-answers-{name}", objective={"name": "sft"},
+                train__learning_rate=2e-2, train__max_steps=8, train__eval_every=4, **setting)
+    answered = run(workspace, f"with-answers-{name}", **ANSWERS, **setting)
     assert losses(answered) == losses(plain)
     assert_same_weights(plain, answered, atol=0)
 

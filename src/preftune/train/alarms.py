@@ -103,10 +103,10 @@ class Alarms:
         if empty is not None and empty >= 0.5:
             raised.append(self._alarm(
                 "answers_empty", step,
-                f"{empty:.0%} of the held-out answers are empty: the policy ends at once. The "
-                "objective has pushed the responses' likelihood down until ending is likeliest "
-                "(see logps/chosen); lower the learning rate, raise beta or add an sft term. "
-                "The answers are in eval_generations.jsonl."))
+                f"{empty:.0%} of the held-out answers are empty: the policy ends at once (EOS "
+                "has become its likeliest first token). Usual causes: a learning rate too high, "
+                "or an objective pushing both responses' likelihood down (see logps/chosen; "
+                "raise beta or add an sft term). The answers are in eval_generations.jsonl."))
         if ended is not None:
             if self.first_ended is None:
                 self.first_ended = ended
