@@ -36,7 +36,8 @@ def test_generate_tasks_counts_and_distinct_prompts():
 def test_prompt_is_single_user_message():
     for t in S.generate_tasks(30, seed=1, families=ALL):
         assert t.prompt == [{"role": "user", "content": t.prompt_text}]
-        assert t.chosen.strip() and t.rejected.strip() and t.chosen != t.rejected
+        chosen, rejected = S.answer_text(t.chosen), S.answer_text(t.rejected)
+        assert chosen.strip() and rejected.strip() and chosen != rejected
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -53,8 +54,10 @@ def test_split_disjoint(seed):
 def test_chosen_passes_rejected_fails(family):
     for seed in range(15):
         for t in S.generate_tasks(20, seed=seed, families=[family]):
-            assert S.check_response(t, t.chosen), (t.prompt_text, t.chosen)
-            assert not S.check_response(t, t.rejected), (t.prompt_text, t.rejected)
+            for answer, passes in ((t.chosen, True), (t.rejected, False),
+                                   (t.bare_wrong, False)):
+                assert S.check_response(t, S.answer_text(answer)) == passes, (t.prompt_text,
+                                                                               answer)
 
 
 def test_chosen_is_short():
@@ -71,18 +74,24 @@ def test_jsonl_round_trip(tmp_path):
     for line, t in zip(lines, tasks):
         rec = json.loads(line)
         assert rec["prompt"] == t.prompt and rec["family"] == t.family
-        assert rec["chosen"] == [{"role": "assistant", "content": t.chosen}]
-        assert rec["rejected"] == [{"role": "assistant", "content": t.rejected}]
+        assert rec.get("tools", []) == t.tools
+        if t.tools:  # the answer is a call
+            assert rec["chosen"] == [{"role": "assistant", "tool_calls": [
+                {"type": "function", "function": t.chosen}]}]
+        else:
+            assert rec["chosen"] == [{"role": "assistant", "content": t.chosen}]
+            assert rec["rejected"] == [{"role": "assistant", "content": t.rejected}]
         check = S.load_checker(rec)
-        assert check(t.chosen) and not check(t.rejected)
-        for probe in ["", "yes", "12", t.chosen.upper(), t.chosen + " and more words"]:
+        chosen, rejected = S.answer_text(t.chosen), S.answer_text(t.rejected)
+        assert check(chosen) and not check(rejected)
+        for probe in ["", "yes", "12", chosen.upper(), chosen + " and more words"]:
             assert check(probe) == t.check(probe)
 
 
 def test_tasks_and_checkers_pickle():
     for t in S.generate_tasks(12, seed=0, families=ALL):
         t2 = pickle.loads(pickle.dumps(t))
-        assert t2.check(t.chosen) and not t2.check(t.rejected)
+        assert t2.check(S.answer_text(t.chosen)) and not t2.check(S.answer_text(t.rejected))
 
 
 def test_load_checker_rejects_unknown_type():
@@ -163,4 +172,5 @@ def test_every_family_has_a_bare_wrong_answer_that_fails():
     for family in S.FAMILIES:
         for _ in range(20):
             task = S._make(family, rng)
-            assert task.bare_wrong and not task.check(task.bare_wrong), (family, task.bare_wrong)
+            wrong = S.answer_text(task.bare_wrong)
+            assert wrong and not task.check(wrong), (family, wrong)

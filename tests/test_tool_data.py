@@ -4,14 +4,17 @@ transformers renders them, trained through the loop; templates that drop them ar
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from test_train_loop import run
 
 from preftune.config import build_config
+from preftune.data.checks import answer_text, load_checker, write_jsonl
 from preftune.data.convert import pairs_to_unpaired, ranked_to_pairs
 from preftune.data.records import DataError
 from preftune.data.sources import load_records
+from preftune.data.synthetic import generate_split
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.online.config import OnlineConfig
 from preftune.model.load import load_tokenizer
@@ -166,3 +169,29 @@ def test_online_runs_sample_with_the_tools_and_train_on_them(tmp_path, mode):
     assert samples and all(row["tools"] == [WEATHER] for row in samples)
     assert pairs and all(row["tools"] == [WEATHER] for row in pairs)
     assert len(read_metrics(here / "metrics.jsonl")) == 2
+
+
+def test_the_shipped_tools_template_writes_calls_the_tool_call_checker_reads(tmp_path):
+    """examples/chat_templates/chatml_tools.jinja and `preftune data synthetic --families
+    tool_call`: every chosen call, as the template writes it, passes its record's checker, and
+    every rejected answer (prose, or the wrong call) fails it; without tools the template
+    writes what SmolLM2's own does (a system turn, then ChatML)."""
+    template = (Path(__file__).parents[1] / "examples" / "chat_templates" /
+                "chatml_tools.jinja").read_text()
+    tokenizer = tool_tokenizer(template)
+    train, _ = generate_split(24, 6, seed=3, families=["tool_call"], hard_negatives=0.5)
+    records = load_records(write_jsonl(train, tmp_path / "calls.jsonl"))
+    examples, _ = tokenize_records(records, tokenizer, TokenizeSettings(4096, 3000))
+    assert len(examples) == 24 and {task.negative for task in train} == {"bare", "chatty"}
+    rows = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    for example, row, task in zip(examples, rows, train):
+        check = load_checker(row)
+        chosen, rejected = (tokenizer.decode(ids, skip_special_tokens=True)
+                            for ids in example.response_ids)
+        assert chosen == answer_text(task.chosen) and check(chosen)
+        assert rejected == answer_text(task.rejected) and not check(rejected)
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert tokenizer.apply_chat_template(plain, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"
+        "<|im_end|>\n")

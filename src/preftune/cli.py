@@ -129,12 +129,17 @@ def _config_schema(args) -> None:
 
 
 def _synthetic(args) -> None:
+    from .config import ConfigError
     from .data.synthetic import generate_split, write_jsonl
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed,
-                                             hard_negatives=args.hard_negatives)
+    try:
+        train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed,
+                                                 families=args.families,
+                                                 hard_negatives=args.hard_negatives)
+    except ValueError as error:  # an unknown family, a share outside [0, 1], too few items
+        raise ConfigError(f"preftune data synthetic: {error}") from None
     write_jsonl(train_tasks, out / "train.jsonl")
     write_jsonl(eval_tasks, out / "eval.jsonl")
     print(f"wrote {len(train_tasks)} training pairs to {out / 'train.jsonl'} and "
@@ -281,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="share of pairs whose rejected answer is a bare wrong answer "
                            "(as short as chosen) instead of a chatty one; field 'negative' "
                            "says which (for reward models, which would otherwise learn length)")
+    synthetic.add_argument("--families", type=lambda text: text.split(","), metavar="A,B",
+                           help="task families (default: the demo's six); tool_call: calls to "
+                           "functions, for model.chat_template "
+                           "examples/chat_templates/chatml_tools.jinja")
     synthetic.set_defaults(run=_synthetic)
 
     objectives = command(commands, "objectives", "list the registered objectives (with those "

@@ -70,12 +70,35 @@ def _check_first_word(text: str, answer: str) -> bool:
     return first_word(text) == first_word(answer) != ""
 
 
+_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+def _check_tool_call(text: str, name: str, arguments: dict) -> bool:
+    """The response is one call, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+    (examples/chat_templates/chatml_tools.jinja's syntax) and nothing else, to ``name`` with
+    ``arguments`` (strings compared like exact answers, numbers by value)."""
+    calls = _CALL.findall(text)
+    if len(calls) != 1 or _CALL.sub("", text).strip():
+        return False
+    try:
+        call = json.loads(calls[0])
+    except ValueError:
+        return False
+    if not isinstance(call, dict) or call.get("name") != name:
+        return False
+    given = call.get("arguments")
+    return isinstance(given, dict) and set(given) == set(arguments) and all(
+        _norm(str(given[k])) == _norm(str(v)) if isinstance(v, str)
+        else isinstance(given[k], (int, float)) and given[k] == v for k, v in arguments.items())
+
+
 _CHECKS: dict[str, Callable[..., bool]] = {
     "exact": _check_exact,
     "first_word": _check_first_word,
     "all_caps": _check_caps,
     "keyword": _check_keyword,
     "json_answer": _check_json,
+    "tool_call": _check_tool_call,
 }
 
 
@@ -107,13 +130,14 @@ class Task:
     """
 
     prompt: list
-    chosen: str
-    rejected: str
+    chosen: str | dict  # a dict: a call {"name", "arguments"} to one of ``tools``
+    rejected: str | dict
     family: str
     check: Callable[[str], bool]
     key: str = field(default="", compare=False)
-    bare_wrong: str = field(default="", compare=False)  # a short answer that fails the check
+    bare_wrong: str | dict = field(default="", compare=False)  # short, and fails the check
     negative: str = ""  # "bare" or "chatty" when the data mixes both kinds of rejected answers
+    tools: list = field(default_factory=list)  # the functions the prompt offers
 
     @property
     def prompt_text(self) -> str:
@@ -139,12 +163,29 @@ def to_record(task: Task) -> dict:
         raise TypeError("only tasks whose check is a Checker can be serialized")
     return {
         "prompt": [dict(m) for m in task.prompt],
-        "chosen": [{"role": "assistant", "content": task.chosen}],
-        "rejected": [{"role": "assistant", "content": task.rejected}],
+        "chosen": [_reply(task.chosen)],
+        "rejected": [_reply(task.rejected)],
         "family": task.family,
         "check": dict(task.check.spec),
         **({"negative": task.negative} if task.negative else {}),
+        **({"tools": task.tools} if task.tools else {}),
     }
+
+
+def answer_text(answer: str | dict) -> str:
+    """An answer as the model writes it: the text, or a call in
+    examples/chat_templates/chatml_tools.jinja's syntax (what ``tool_call`` checks)."""
+    if isinstance(answer, dict):
+        call = {"name": answer["name"], "arguments": answer["arguments"]}
+        return f"<tool_call>{json.dumps(call, ensure_ascii=False)}</tool_call>"
+    return answer
+
+
+def _reply(answer: str | dict) -> dict:
+    """An assistant message: the text, or a call to one of the task's tools."""
+    if isinstance(answer, dict):
+        return {"role": "assistant", "tool_calls": [{"type": "function", "function": answer}]}
+    return {"role": "assistant", "content": answer}
 
 
 def write_jsonl(tasks: list[Task], path) -> str:

@@ -15,12 +15,12 @@ import random
 from dataclasses import replace
 from typing import Callable
 
-from .checks import (Checker, Task, check_response, check_spec, load_checker, to_record,
-                     write_jsonl)
+from .checks import (Checker, Task, answer_text, check_response, check_spec, load_checker,
+                     to_record, write_jsonl)
 
 __all__ = [
     "Task", "Checker", "FAMILIES", "DEFAULT_FAMILIES", "generate_tasks", "generate_split",
-    "check_response", "check_spec", "load_checker", "to_record", "write_jsonl",
+    "answer_text", "check_response", "check_spec", "load_checker", "to_record", "write_jsonl",
 ]
 
 # ----------------------------------------------------------------------------- vocabularies
@@ -215,6 +215,60 @@ def _fam_json(rng: random.Random):
         {"type": "json_answer", "answer": n + 1}, json.dumps({"answer": n})
 
 
+# The functions every tool_call task offers; a task is answered by calling the right one
+_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "get_population", "description": "How many people live in a country",
+        "parameters": {"type": "object", "properties": {"country": {"type": "string"}},
+                       "required": ["country"]}}},
+    {"type": "function", "function": {
+        "name": "convert_currency", "description": "Convert an amount between currencies",
+        "parameters": {"type": "object", "properties": {
+            "amount": {"type": "number"}, "from_currency": {"type": "string"},
+            "to_currency": {"type": "string"}},
+            "required": ["amount", "from_currency", "to_currency"]}}},
+]
+_CURRENCIES = ["USD", "EUR", "GBP", "JPY", "CHF", "CAD"]
+
+
+def _fam_tool_call(rng: random.Random):
+    """Answer by calling the right function with the right arguments (``_TOOLS``); rejected is
+    the prose the base model writes instead (no call), the hard negative a call to the wrong
+    function or with a wrong argument. Needs a chat template that writes tools and calls
+    (examples/chat_templates/chatml_tools.jinja)."""
+    kind = rng.choice(["weather", "population", "currency"])
+    if kind == "weather":
+        country, city = rng.choice(_CAPITALS)
+        text = rng.choice(["What's the weather like in {c} right now?",
+                           "Is it raining in {c} today?"]).format(c=city)
+        call = {"name": "get_weather", "arguments": {"city": city}}
+        prose, key = f"The weather in {city} is sunny and warm today.", city
+        wrong = {"name": "get_population", "arguments": {"country": country}}
+    elif kind == "population":
+        country, city = rng.choice(_CAPITALS)
+        text = rng.choice(["How many people live in {c}?",
+                           "What is the population of {c}?"]).format(c=country)
+        call = {"name": "get_population", "arguments": {"country": country}}
+        prose, key = f"About 50 million people live in {country}.", country
+        wrong = {"name": "get_weather", "arguments": {"city": city}}
+    else:
+        amount = rng.randint(5, 500)
+        source, target = rng.sample(_CURRENCIES, 2)
+        text = rng.choice(["Convert {a} {s} to {t}.",
+                           "How much is {a} {s} in {t}?"]).format(a=amount, s=source, t=target)
+        call = {"name": "convert_currency",
+                "arguments": {"amount": amount, "from_currency": source, "to_currency": target}}
+        prose, key = f"{amount} {source} is about {amount * 2} {target}.", \
+            f"{amount}{source}{target}"
+        wrong = {"name": "convert_currency",
+                 "arguments": {"amount": amount, "from_currency": target, "to_currency": source}}
+    return f"{kind}:{key}", text, call, prose, {"type": "tool_call", **call}, wrong
+
+
 FAMILIES: dict[str, Callable] = {
     "arithmetic": _fam_arithmetic,
     "next": _fam_next,
@@ -225,15 +279,17 @@ FAMILIES: dict[str, Callable] = {
     "caps": _fam_caps,
     "keyword": _fam_keyword,
     "json": _fam_json,
+    "tool_call": _fam_tool_call,
 }
 DEFAULT_FAMILIES = ["capital", "yesno", "echo", "next", "arithmetic", "opposite"]
+FAMILY_TOOLS = {"tool_call": _TOOLS}  # the functions a family's prompts offer
 
 
 def _make(family: str, rng: random.Random) -> Task:
     key, text, chosen, rejected, spec, bare_wrong = FAMILIES[family](rng)
     return Task(prompt=[{"role": "user", "content": text}], chosen=chosen, rejected=rejected,
                 family=family, check=Checker(spec), key=f"{family}:{key}",
-                bare_wrong=bare_wrong)
+                bare_wrong=bare_wrong, tools=FAMILY_TOOLS.get(family, []))
 
 
 def _families(families) -> list[str]:
