@@ -12,10 +12,12 @@ without compiled graphs, so a run trains the same with or without it.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..data.images import with_images
 from ..generation import HFGenerator, SamplingSettings
 from ..score import load_scorer
@@ -36,7 +38,7 @@ class EvalGenerations:
             key = (tuple(example.prompt_ids), tuple(image.key for image in example.images))
             seen.setdefault(key, example)
         self.prompts = list(seen.values())[:count]
-        self.tokenizer, self.scorer, self.batch_size = tokenizer, scorer, batch_size
+        self.tokenizer, self.scorer = tokenizer, scorer
         self.settings = SamplingSettings(temperature=0.0, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
         self.path = Path(output_dir) / FILE
@@ -90,8 +92,6 @@ def eval_generations(config, examples: list, tokenizer, output_dir: Path):
         return None
     scorer = None
     if cfg.eval_scorer is not None:
-        from ..config import ConfigError
-
         data = config.data.eval or config.data.train
         try:
             scorer = load_scorer(cfg.eval_scorer, data)
@@ -105,15 +105,15 @@ def eval_generations(config, examples: list, tokenizer, output_dir: Path):
                            scorer, output_dir, cfg.batch_size)
 
 
-class _eager:
-    """Run compiled layers eagerly: generation's growing shapes would recompile them."""
-
-    def __enter__(self):
-        self.stance = getattr(torch.compiler, "set_stance", None)
-        if self.stance is not None:
-            self.stance("force_eager")
-
-    def __exit__(self, *exc):
-        if self.stance is not None:
-            self.stance("default")
-        return False
+@contextmanager
+def _eager():
+    """Compiled layers run eagerly inside: generation's growing shapes would recompile them."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None:
+        yield
+        return
+    set_stance("force_eager")
+    try:
+        yield
+    finally:
+        set_stance("default")
