@@ -233,6 +233,14 @@ _TOOLS = [
             "required": ["amount", "from_currency", "to_currency"]}}},
 ]
 _CURRENCIES = ["USD", "EUR", "GBP", "JPY", "CHF", "CAD"]
+_PLACE_QUESTIONS = {  # kind: (function, its argument, questions, the prose answer instead)
+    "weather": ("get_weather", "city", ["What's the weather like in {c} right now?",
+                                        "Is it raining in {c} today?"],
+                "The weather in {c} is sunny and warm today."),
+    "population": ("get_population", "country", ["How many people live in {c}?",
+                                                  "What is the population of {c}?"],
+                   "About 50 million people live in {c}."),
+}
 
 
 def _fam_tool_call(rng: random.Random):
@@ -241,20 +249,16 @@ def _fam_tool_call(rng: random.Random):
     function or with a wrong argument. Needs a chat template that writes tools and calls
     (examples/chat_templates/chatml_tools.jinja)."""
     kind = rng.choice(["weather", "population", "currency"])
-    if kind == "weather":
+    if kind in _PLACE_QUESTIONS:  # about a capital city or its country
         country, city = rng.choice(_CAPITALS)
-        text = rng.choice(["What's the weather like in {c} right now?",
-                           "Is it raining in {c} today?"]).format(c=city)
-        call = {"name": "get_weather", "arguments": {"city": city}}
-        prose, key = f"The weather in {city} is sunny and warm today.", city
-        wrong = {"name": "get_population", "arguments": {"country": country}}
-    elif kind == "population":
-        country, city = rng.choice(_CAPITALS)
-        text = rng.choice(["How many people live in {c}?",
-                           "What is the population of {c}?"]).format(c=country)
-        call = {"name": "get_population", "arguments": {"country": country}}
-        prose, key = f"About 50 million people live in {country}.", country
-        wrong = {"name": "get_weather", "arguments": {"city": city}}
+        places = {"city": city, "country": country}
+        function, argument, questions, prose = _PLACE_QUESTIONS[kind]
+        key = places[argument]
+        text, prose = rng.choice(questions).format(c=key), prose.format(c=key)
+        call = {"name": function, "arguments": {argument: key}}
+        other, other_argument, _, _ = next(  # the other question's function: the wrong call
+            spec for name, spec in _PLACE_QUESTIONS.items() if name != kind)
+        wrong = {"name": other, "arguments": {other_argument: places[other_argument]}}
     else:
         amount = rng.randint(5, 500)
         source, target = rng.sample(_CURRENCIES, 2)
