@@ -6,7 +6,8 @@ import torch
 
 from preftune.config import ConfigError
 from preftune.score import load_scorer
-from preftune.score.judge import PAIRWISE, POINTWISE, LLMJudge, prompt_text
+from preftune.data.records import plain_text
+from preftune.score.judge import PAIRWISE, POINTWISE, LLMJudge
 from tiny_models import char_tokenizer, save_tiny_model_dir, tiny_llama
 
 PROMPTS = ["say hi", [{"role": "user", "content": "2+2?"}], "name a color"]
@@ -35,10 +36,10 @@ def test_pointwise_score_is_the_expected_rating(judge_parts):
     judge = LLMJudge(model, tokenizer, "judge:tiny", scale=5, batch_size=2)
     scores = judge.score(PROMPTS, FIRST)
     for prompt, response, score in zip(PROMPTS, FIRST, scores):
-        question = POINTWISE.format(prompt=prompt_text(prompt), response=response, scale=5)
+        question = POINTWISE.format(prompt=plain_text(prompt), response=response, scale=5)
         probs = next_token_probs(model, tokenizer, question, list("12345"))
         assert score == pytest.approx(float(probs @ torch.arange(1.0, 6.0)), abs=1e-5)
-    assert prompt_text(PROMPTS[1]) == "user: 2+2?"
+    assert plain_text(PROMPTS[1]) == "user: 2+2?"
 
 
 def test_pairwise_preference_averages_both_orders(judge_parts):
@@ -47,7 +48,7 @@ def test_pairwise_preference_averages_both_orders(judge_parts):
     forward = judge.prefer(PROMPTS, FIRST, SECOND)
     backward = judge.prefer(PROMPTS, SECOND, FIRST)
     for k, (prompt, a, b) in enumerate(zip(PROMPTS, FIRST, SECOND)):
-        text = prompt_text(prompt)
+        text = plain_text(prompt)
         p_ab = next_token_probs(model, tokenizer, PAIRWISE.format(prompt=text, first=a, second=b),
                                 ["A", "B"])[0]
         p_ba = next_token_probs(model, tokenizer, PAIRWISE.format(prompt=text, first=b, second=a),

@@ -16,7 +16,8 @@ from preftune.data.layout import LAYOUTS, collate
 from preftune.data.records import Pair, Ranked
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.reward.config import build_reward_config
-from preftune.reward.encoder import encoder_examples, plain_text
+from preftune.data.records import plain_text
+from preftune.reward.encoder import encoder_examples
 from preftune.reward.heads import Head
 from preftune.reward.model import RewardModel, load_backbone
 from preftune.reward.scoring import RewardScoring

@@ -28,6 +28,14 @@ class DataError(ValueError):
     """Bad input data. The message names the file, the record (line or row) and the field."""
 
 
+def plain_text(text) -> str:
+    """A prompt or response as plain text: strings as they are, a message list as one
+    ``role: content`` line per message (a message that only calls tools has no content)."""
+    if isinstance(text, str):
+        return text
+    return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in text)
+
+
 def describe(value) -> str:
     """A value's type and the start of its repr, for error messages."""
     text = repr(value)

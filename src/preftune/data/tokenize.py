@@ -96,6 +96,14 @@ class _Rendered:
     response_texts: list
 
 
+def distinct_prompts(examples: Sequence[TokenizedExample]) -> list[TokenizedExample]:
+    """The first example of each distinct prompt (by token ids and images), in data order."""
+    seen: dict = {}
+    for example in examples:
+        seen.setdefault((tuple(example.prompt_ids), tuple(i.key for i in example.images)), example)
+    return list(seen.values())
+
+
 def tokenize_records(
     records: Sequence, tokenizer, settings: TokenizeSettings, keep_empty: bool = False
 ) -> tuple[list[TokenizedExample], TokenizeReport]:

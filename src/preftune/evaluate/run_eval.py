@@ -24,7 +24,8 @@ from ..data.images import with_images
 from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
-from ..data.tokenize import TokenizedExample, TokenizeSettings, tokenize_records
+from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompts,
+                             tokenize_records)
 from ..model.forward import SequenceStats
 from ..model.chat_template import use_chat_template
 from ..model.load import load_model, load_model_and_tokenizer, load_tokenizer
@@ -110,7 +111,7 @@ def run_eval(options: EvalOptions) -> dict:
                                    description="eval pairs: reference", images=images)
     metrics, pair_rows = _pair_metrics(examples, on_policy, on_reference, options)
     seconds["pairs"] = time.perf_counter() - clock
-    prompts = _unique_prompts(examples)
+    prompts = distinct_prompts(examples)
     if options.samples:
         clock = time.perf_counter()
         metrics.update(_sampled_metrics(policy, reference, tokenizer, prompts, options))
@@ -264,14 +265,6 @@ def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -
     return {**result, "win_rate": D.win_rate(*scores),
             "win_rate/policy_score": scores[0].mean().item(),
             "win_rate/reference_score": scores[1].mean().item()}, rows
-
-
-def _unique_prompts(examples) -> list[TokenizedExample]:
-    """The first example of each distinct prompt (by token ids and images), in data order."""
-    seen: dict = {}
-    for example in examples:
-        seen.setdefault((tuple(example.prompt_ids), tuple(i.key for i in example.images)), example)
-    return list(seen.values())
 
 
 def _prompt_images(prompts) -> list | None:

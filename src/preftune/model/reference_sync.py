@@ -74,13 +74,14 @@ def trained_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     layer's merged weight, each ``modules_to_save`` copy under the original name, and the
     trainable weights of a model without adapters."""
     lm = causal_lm_of(model)
+    lora_layer, saved_copy = _peft_classes()
     covered: set[int] = set()
     for path, module in lm.named_modules():
-        if _is_lora_layer(module):
+        if isinstance(module, lora_layer):
             adapter = module.active_adapters[0]
             covered.update(id(p) for p in module.parameters())
             yield f"{path}.weight", merged_lora_weight(module, adapter)
-        elif type(module).__name__ == "ModulesToSaveWrapper":
+        elif isinstance(module, saved_copy):
             adapter = module.active_adapters[0]
             covered.update(id(p) for p in module.parameters())
             yield from ((f"{path}.{name}", p)
@@ -90,12 +91,15 @@ def trained_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, param
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
+def _peft_classes() -> tuple[type | tuple, type | tuple]:
+    """(LoRA layers, modules_to_save's wrapper) of PEFT, or () each (nothing matches) without
+    it."""
     try:
         from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
     except ImportError:
-        return False
-    return isinstance(module, LoraLayer)
+        return (), ()
+    return LoraLayer, ModulesToSaveWrapper
 
 
 def merged_lora_weight(layer: nn.Module, adapter: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..config import ConfigError
 from ..data.layout import choose_layout, collate
 from ..data.records import DataError, Pair
 from ..data.tokenize import TokenizeSettings, tokenize_records
-from ..generation import HFGenerator, prompt_ids
+from ..generation import HFGenerator
 from ..model.forward import causal_lm_of
 from ..model.load import load_tokenizer
 from ..model.verify import check_model, decoder_of, layout_setting
@@ -30,6 +30,7 @@ from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
                           write_run_header)
 from ..train.trainer import Trainer, count_steps
 from .build import build_rows
+from .common import prompts_to_ids
 
 RETRIES = 4  # further draws of prompts when a step's samples all tie
 
@@ -75,8 +76,7 @@ class OnlineStepTask(PolicyTask):
         online = self.config.online
         settings = online.sampling.settings(seed)
         policy = causal_lm_of(self.module.model)
-        ids = prompt_ids([p.prompt for p in prompts], self.tokenizer, self.settings,
-                         tools=[p.tools for p in prompts])
+        ids = prompts_to_ids(prompts, self.tokenizer, self.config)
         texts = HFGenerator(policy, self.tokenizer).generate(ids, settings).texts
         flat_prompts = [p.prompt for p, samples in zip(prompts, texts) for _ in samples]
         scores = self.scorer.score(flat_prompts, [t for samples in texts for t in samples])

@@ -14,6 +14,7 @@ from datetime import datetime
 from html import escape
 
 from .. import __version__
+from ..data.records import plain_text
 from ..train.model_card import reference_text
 from .rundir import RunData
 
@@ -220,21 +221,13 @@ def _answers(rows: list[dict], shown: int = 8) -> str:
         score = f" <em>(score {_format_value(row['score'])})</em>" if "score" in row else ""
         return f"<td>{escape(row['answer'])}{score}</td>"
 
-    body = "".join(f"<tr><td>{escape(_prompt_text(at[(last, origin)]['prompt']))}</td>"
+    body = "".join(f"<tr><td>{escape(plain_text(at[(last, origin)]['prompt']))}</td>"
                    f"{cell(at.get((first, origin)))}{cell(at[(last, origin)])}</tr>"
                    for origin in origins)
     return (f"<h2>Answers to held-out prompts</h2>\n<p class=\"note\">Greedy answers at the "
             f"first and the last evaluation (step {first} and {last}); every evaluation's are in "
             f"eval_generations.jsonl.</p>\n<table><tr><th>prompt</th><th>step {first}</th>"
             f"<th>step {last}</th></tr>{body}</table>")
-
-
-def _prompt_text(prompt) -> str:
-    """A prompt as one line of text: a string, or a message list's last message."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
-        content = prompt[-1].get("content")
-        return content if isinstance(content, str) else str(content)
-    return str(prompt)
 
 
 def _reward_eval(results: dict | None, figures) -> str:

@@ -12,16 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..data.layout import collate
-from ..data.records import DataError
+from ..data.records import DataError, plain_text
 from ..data.tokenize import TokenizedExample, TokenizeReport, TokenizeSettings
-
-
-def plain_text(text) -> str:
-    """A prompt or response as plain text: strings as they are, a message list as one
-    ``role: content`` line per message."""
-    if isinstance(text, str):
-        return text
-    return "\n".join(f"{m['role']}: {m['content']}" for m in text)
 
 
 def encoder_examples(records, tokenizer, settings: TokenizeSettings, keep_empty: bool = False):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
+from ..data.records import plain_text
 from ..generation import left_padded
 from .base import checked
 
@@ -25,13 +26,6 @@ POINTWISE = (
 PAIRWISE = (
     "Which response answers the request better? Reply with A or B only.\n\n"
     "Request:\n{prompt}\n\nResponse A:\n{first}\n\nResponse B:\n{second}")
-
-
-def prompt_text(prompt) -> str:
-    """A record's prompt as plain text (chat messages as 'role: content' lines)."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 class LLMJudge:
@@ -90,7 +84,7 @@ class LLMJudge:
             raise ConfigError(f"{self.name} compares two responses and gives no score of one; "
                               "use it where a pairwise scorer is accepted (win rates, online "
                               "rounds) or use the pointwise judge:PATH.")
-        questions = [self.template.format(prompt=prompt_text(p), response=r, scale=self.scale)
+        questions = [self.template.format(prompt=plain_text(p), response=r, scale=self.scale)
                      for p, r in zip(prompts, responses, strict=True)]
         ratings = torch.arange(1, self.scale + 1, dtype=torch.float32)
         return checked((self.label_probs(questions) @ ratings).tolist(), self.name,
@@ -100,7 +94,7 @@ class LLMJudge:
         if not self.pairwise:
             a, b = self.score(prompts, first), self.score(prompts, second)
             return [torch.sigmoid(torch.tensor(x - y)).item() for x, y in zip(a, b)]
-        texts = [prompt_text(p) for p in prompts]
+        texts = [plain_text(p) for p in prompts]
         asked = [self.template.format(prompt=t, first=a, second=b)
                  for t, a, b in zip(texts, first, second, strict=True)]
         swapped = [self.template.format(prompt=t, first=b, second=a)

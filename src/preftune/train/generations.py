@@ -19,6 +19,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.images import with_images
+from ..data.tokenize import distinct_prompts
 from ..generation import HFGenerator, SamplingSettings
 from ..score import load_scorer
 from ..score.base import checked
@@ -33,11 +34,7 @@ class EvalGenerations:
 
     def __init__(self, examples: list, tokenizer, count: int, max_new_tokens: int | None,
                  scorer, output_dir: Path, batch_size: int):
-        seen: dict = {}
-        for example in examples:
-            key = (tuple(example.prompt_ids), tuple(image.key for image in example.images))
-            seen.setdefault(key, example)
-        self.prompts = list(seen.values())[:count]
+        self.prompts = distinct_prompts(examples)[:count]
         self.tokenizer, self.scorer = tokenizer, scorer
         self.settings = SamplingSettings(temperature=0.0, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
