@@ -4,8 +4,10 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from preftune.diffusion.model import build_tiny_pipeline
 from preftune.diffusion.shapes import COLOURS, SHAPES, draw_shape, prompt_of
@@ -96,3 +98,18 @@ def tiny_latent_pipeline(directory: Path) -> Path:
     UNet2DConditionModel.from_config({**config, "in_channels": 4, "out_channels": 4,
                                       "sample_size": 8}).save_pretrained(pipe / "unet")
     return pipe
+
+
+def hand_error(denoiser, model, image_paths, texts, noise, timesteps):
+    """|| eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, c, t) ||^2 averaged over dims,
+    from the parts: PIL pixels, the tokenizer, the text encoder and alphas_cumprod."""
+    pixels = torch.stack([torch.tensor(np.asarray(Image.open(p).convert("RGB")),
+                                       dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
+                          for p in image_paths])
+    ids = model.tokenizer(texts, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    condition = model.text_encoder(ids).last_hidden_state
+    abar = model.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * pixels + (1 - abar).sqrt() * noise
+    prediction = denoiser(x_t, timesteps, encoder_hidden_states=condition).sample
+    return ((prediction - noise) ** 2).flatten(1).mean(dim=1)

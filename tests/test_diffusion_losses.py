@@ -4,7 +4,6 @@ promise."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +11,9 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 
 from accelerate import Accelerator  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from diffusion_fixtures import (config_tree, one_thread, tiny_pipeline,  # noqa: E402, F401
-                                write_pairs)
+from diffusion_fixtures import (config_tree, hand_error, one_thread,  # noqa: E402, F401
+                                tiny_pipeline, write_pairs)
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.losses import DIFFUSION_LOSSES  # noqa: E402
 from preftune.diffusion.model import load_diffusion_model  # noqa: E402
@@ -40,21 +38,6 @@ def make_task(files, name, tmp_path, perturb=True, **sections):
                 if parameter.requires_grad:
                     parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
     return task
-
-
-def hand_error(denoiser, model, image_paths, texts, noise, timesteps):
-    """|| eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, c, t) ||^2 averaged over dims,
-    from the parts: PIL pixels, the tokenizer, the text encoder and alphas_cumprod."""
-    pixels = torch.stack([torch.tensor(np.asarray(Image.open(p).convert("RGB")),
-                                       dtype=torch.float32).permute(2, 0, 1) / 127.5 - 1
-                          for p in image_paths])
-    ids = model.tokenizer(texts, padding="max_length", max_length=model.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
-    condition = model.text_encoder(ids).last_hidden_state
-    abar = model.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * pixels + (1 - abar).sqrt() * noise
-    prediction = denoiser(x_t, timesteps, encoder_hidden_states=condition).sample
-    return ((prediction - noise) ** 2).flatten(1).mean(dim=1)
 
 
 def shared_inputs(task):

@@ -49,10 +49,16 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
-    from .diffusion.data import inspect_pairs, looks_like_image_pairs
+    from .diffusion.data import image_data_kind, inspect_pairs
 
-    if looks_like_image_pairs(args.file):  # (prompt, chosen image, rejected image) records
+    kind = image_data_kind(args.file)
+    if kind == "pairs":  # (prompt, chosen image, rejected image) records
         print(inspect_pairs(args.file, args.example))
+        return
+    if kind == "ranked":  # (prompt, images, image_scores): RankDPO's lists
+        from .diffusion.ranked import inspect_ranked
+
+        print(inspect_ranked(args.file, args.example))
         return
     from .data.inspect import inspect_prompts, inspect_report, prompts_only, render_example
     from .data.sources import load_records

@@ -1,4 +1,4 @@
-"""``preftune diffusion train | sample | eval | demo | objectives``: the diffusion commands
+"""``preftune diffusion train | sample | eval | rank | demo | objectives``: the diffusion commands
 (the ``diffusion`` extra; diffusers is imported only when one of them runs)."""
 
 from __future__ import annotations
@@ -40,6 +40,21 @@ def _eval(args) -> None:
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
 
 
+def _rank(args) -> None:
+    require_diffusers("preftune diffusion rank")
+    from .ranking import make_ranked_lists, read_prompts
+
+    prompts = list(args.prompt or [])
+    for path in args.prompts or []:
+        prompts += read_prompts(path, args.prompt_field)
+    result = make_ranked_lists(prompts, args.model, args.scorer, args.seeds, args.output_dir,
+                               args.steps, args.guidance_scale, args.list_size)
+    print(f"wrote {result['lists']} ranked lists of {result['images']} images to "
+          f"{result['ranked']} (objective rank_dpo) and {result['pairs']} best-vs-worst pairs "
+          f"to {result['pairs_file']} (diffusion_dpo); {result['lists_all_tied']} lists "
+          "scored every image the same and make no pair")
+
+
 def _demo(args) -> None:
     require_diffusers("preftune diffusion demo")
     from .demo import run_demo
@@ -55,6 +70,8 @@ def _objectives(args) -> None:
         needs = "reference denoiser" if spec.needs_reference else "no reference"
         if spec.online:
             needs += "; online: records need only a prompt, it samples its own images"
+        if spec.ranked:
+            needs += "; ranked image lists (prompt, images, image_scores)"
         print(f"{name:<14} {spec.summary}\n{'':<14} {needs}; params: {defaults}; paper: "
               f"{spec.paper}{'' if spec.verified else ' (formula UNVERIFIED)'}")
 
@@ -63,8 +80,8 @@ def _seeds(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-def _sampling_arguments(parser) -> None:
-    parser.add_argument("--prompt", action="append", required=True,
+def _sampling_arguments(parser, prompt_required: bool = True) -> None:
+    parser.add_argument("--prompt", action="append", required=prompt_required,
                         help="a prompt (repeat for several)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated, e.g. 0,1")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
@@ -76,7 +93,7 @@ def add_diffusion_commands(commands) -> None:
     from ..cli import add_config_arguments, command
 
     group = command(commands, "diffusion", "text-to-image denoisers: Diffusion-DPO, DCPO, MaPO, "
-                    "SPO (needs preftune[diffusion])", "preftune diffusion demo --quick",
+                    "SPO, RankDPO (needs preftune[diffusion])", "preftune diffusion demo --quick",
                     "preftune diffusion train examples/diffusion/diffusion_dpo.yaml")
     sub = group.add_subparsers(dest="diffusion_command", required=True)
 
@@ -111,6 +128,31 @@ def add_diffusion_commands(commands) -> None:
     evaluate.add_argument("--output", help="where eval.json goes (default: the run dir)")
     _sampling_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
+
+    rank = command(sub, "rank", "ranked image lists without people (Syn-Pic): pipelines sample "
+                   "each prompt, scorers rate every image; writes ranked.jsonl (rank_dpo) and "
+                   "best-vs-worst pairs.jsonl (diffusion_dpo)",
+                   "preftune diffusion rank --model runs/diffusion_demo/pretrain/model "
+                   "--prompt 'a red circle' --seeds 0,1,2,3 --scorer shape_colour "
+                   "--output-dir data/ranked",
+                   "preftune diffusion rank --model sd15/ --model sd21/ --prompts prompts.jsonl "
+                   "--scorer mymod:pickscore --scorer mymod:hps --output-dir syn")
+    rank.add_argument("--model", action="append", required=True,
+                      help="a pipeline directory or a run dir holding model/ (repeat: every "
+                      "model samples every prompt from every seed)")
+    rank.add_argument("--scorer", action="append", required=True,
+                      help="shape_colour or module:function(prompt, PIL image) -> float "
+                      "(repeat: scores are averaged as win shares)")
+    rank.add_argument("--prompts", action="append",
+                      help="a data file of prompts (JSONL, JSON, Parquet, CSV; repeatable)")
+    rank.add_argument("--prompt-field", default="prompt", help="the prompt column of --prompts")
+    rank.add_argument("--output-dir", required=True,
+                      help="writes ranked.jsonl, pairs.jsonl and images/ here")
+    rank.add_argument("--list-size", type=int,
+                      help="seeds per list (default: all seeds of a prompt in one list); "
+                      "a list holds every model's image of each of its seeds")
+    _sampling_arguments(rank, prompt_required=False)
+    rank.set_defaults(run=_rank)
 
     demo = command(sub, "demo", "pretrain a tiny denoiser on coloured shapes, then Diffusion-DPO "
                    "toward the requested colour, checked by a program",

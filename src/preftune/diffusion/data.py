@@ -87,6 +87,9 @@ def describe_source(source: Any, base_dir: str = ".") -> str:
 PROMPTS_ONLY = (" (an online objective such as spo samples its own images: a record needs "
                 "only its prompt)")
 
+RANKED_HINT = (" (the record is a ranked list of images: train it with objective rank_dpo, or "
+               "use the best-vs-worst pairs.jsonl that `preftune diffusion rank` writes)")
+
 
 def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: str,
                     captions: bool = False, prompts_only: bool = False) -> ImagePair:
@@ -103,7 +106,8 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
         # an empty prompt is allowed: unconditional training, as for classifier-free guidance
         if row.get(name[key]) is None or (key != "prompt" and row[name[key]] == ""):
             why = " (objective dcpo conditions each image on its own caption)" \
-                if key in CAPTION_FIELDS else PROMPTS_ONLY if prompts_only else ""
+                if key in CAPTION_FIELDS else PROMPTS_ONLY if prompts_only else \
+                RANKED_HINT if "images" in row else ""
             raise DataError(f"{origin}: field {name[key]!r} ({key}) is missing or empty{why}; "
                             f"present fields: {', '.join(sorted(row))}. Fix the record or map "
                             f"the column with data.fields.{key}.")
@@ -174,19 +178,25 @@ def tensor_image(pixels: torch.Tensor):
     return Image.fromarray(data.permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
-def looks_like_image_pairs(path: str) -> bool:
-    """True when the first record of ``path`` has image fields that are not text responses:
+def image_data_kind(path: str) -> str | None:
+    """"pairs" or "ranked" when the first record of ``path`` holds images to denoise (image
+    fields that are not text responses, or a ranked list with ``image_scores``), else None:
     how ``preftune data inspect`` tells image preference data from text (anything it cannot
     read is left to the text path, which names the problem)."""
     try:
         _, row = next(iter(read_rows(path, {"prompt"})))
     except Exception:  # unreadable or empty here: the text path reports it
-        return False
-    value = row.get("chosen") if isinstance(row, dict) else None
-    if isinstance(value, (bytes, dict)):
-        return True
-    return isinstance(value, str) and (value.startswith("data:image") or value.lower()
-                                       .endswith((".png", ".jpg", ".jpeg", ".webp", ".bmp")))
+        return None
+    if not isinstance(row, dict):
+        return None
+    if isinstance(row.get("images"), list) and "image_scores" in row:
+        return "ranked"
+    value = row.get("chosen")
+    if isinstance(value, (bytes, dict)) or (isinstance(value, str) and (
+            value.startswith("data:image") or value.lower().endswith(
+                (".png", ".jpg", ".jpeg", ".webp", ".bmp")))):
+        return "pairs"
+    return None
 
 
 def inspect_pairs(path: str, example: int | None = None) -> str:

@@ -1,7 +1,7 @@
 """Diffusion preference objectives: each a small pure function over denoising errors,
 registered with what it needs (a reference denoiser or not, the rejected image or not, captions
-per side or the shared prompt, or prompts only for an online objective that samples its own
-images: SPO).
+per side or the shared prompt, ranked lists of images instead of pairs (RankDPO), or prompts
+only for an online objective that samples its own images: SPO).
 
 Notation (all per example, shape [E]): for an image x_0 with condition c, a timestep t and noise
 eps shared by the chosen (w) and rejected (l) image and by policy and reference,
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 
+from ..objectives.listwise import lambda_weights, strictly_better
+
 
 @dataclass
 class DenoisingErrors:
@@ -43,6 +45,7 @@ class DiffusionLossOutput:
     losses: torch.Tensor  # [E]
     chosen_rewards: torch.Tensor | None = None  # [E] implicit rewards, detached
     rejected_rewards: torch.Tensor | None = None
+    list_rewards: torch.Tensor | None = None  # [E, K] of a ranked list, detached
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class DiffusionLossSpec:
     # True: records are prompts only; the objective samples its images online (SPO) and its
     # fn takes ``TransitionLogps`` instead of ``DenoisingErrors``
     online: bool = False
+    # True: records are ranked lists of images with a score each, and fn takes ``RankedErrors``
+    ranked: bool = False
 
     @property
     def summary(self) -> str:
@@ -72,14 +77,15 @@ DIFFUSION_LOSSES: dict[str, DiffusionLossSpec] = {}
 
 def diffusion_loss(name: str, *, params: type, needs_reference: bool, paper: str,
                    uses_rejected: bool = True, captions: bool = False, verified: bool = True,
-                   online: bool = False):
+                   online: bool = False, ranked: bool = False):
     """Register ``fn(errors, params) -> DiffusionLossOutput`` as diffusion objective ``name``
-    (``online``: ``fn(logps: TransitionLogps, params)``, trained from prompts only)."""
+    (``online``: ``fn(logps: TransitionLogps, params)``, trained from prompts only;
+    ``ranked``: ``fn(errors: RankedErrors, params)``, trained on ranked image lists)."""
 
     def register(fn):
         DIFFUSION_LOSSES[name] = DiffusionLossSpec(name, fn, params, needs_reference,
                                                    uses_rejected, captions, paper, verified,
-                                                   online)
+                                                   online, ranked)
         return fn
 
     return register
@@ -139,6 +145,56 @@ def dcpo(errors: DenoisingErrors, params: DiffusionDPOParams) -> DiffusionLossOu
     Diffusion-DPO and the abstract (OBJECTIVES.md 4.10).
     """
     return _dpo_on_errors(errors, params.beta)
+
+
+@dataclass
+class RankedErrors:
+    """Denoising errors of ranked image lists, [E, K] each (fp32): list e's image k under the
+    policy and the reference, its score (higher = better), and whether slot k holds an image
+    (lists in a batch may be shorter than K; absent slots hold zeros)."""
+
+    policy: torch.Tensor
+    reference: torch.Tensor
+    scores: torch.Tensor
+    present: torch.Tensor  # bool
+
+
+@diffusion_loss("rank_dpo", params=DiffusionDPOParams, needs_reference=True, ranked=True,
+                paper="arXiv:2410.18013", verified=False)
+def rank_dpo(errors: RankedErrors, params: DiffusionDPOParams) -> DiffusionLossOutput:
+    """RankDPO: Diffusion-DPO over every ordered pair of a ranked list, DCG-weighted.
+
+    r_k = -(beta/2)(e_theta(x_t^k) - e_ref(x_t^k)), one noise and timestep per list;
+    l = -sum_{i,j: psi_i > psi_j} dDCG_ij log sigma(r_i - r_j),
+    dDCG_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|,  G = 2^psi - 1,  D(tau) = log2(1 + tau)
+
+    psi: the images' scores; tau_i: image i's rank in the list by the current r (detached).
+    Pairs the model orders badly and whose swap moves the list's DCG most weigh most, so
+    training fixes the top of the ranking first. Karthik et al. 2024 (#232), arXiv:2410.18013.
+    UNVERIFIED: the spec recalls a LiPO-style weighting (OBJECTIVES.md 4.10) without the
+    paper's equations; this follows it with Diffusion-DPO's beta/2 and the same lambda
+    weights as ``tree_po``. Scores are expected in [0, 1] (``preftune diffusion rank`` writes
+    each image's share of wins); |score| above 60 is refused when the data is read.
+    Implicit rewards: r of the best- and the worst-scored image of each list.
+    """
+    rewards = -0.5 * params.beta * (errors.policy - errors.reference)
+    ordering = rewards.detach().masked_fill(~errors.present, -math.inf)
+    scores = errors.scores.masked_fill(~errors.present, -math.inf)
+    pairs = (strictly_better(scores) & errors.present[:, :, None]
+             & errors.present[:, None, :])
+    weights = torch.where(pairs, lambda_weights(scores, ordering), 0.0)
+    pair_losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])
+    best, worst = _best_and_worst(errors.scores, errors.present)
+    rows = torch.arange(len(rewards), device=rewards.device)
+    return DiffusionLossOutput((weights * pair_losses).sum(dim=(1, 2)),
+                               rewards[rows, best].detach(), rewards[rows, worst].detach(),
+                               rewards.detach())
+
+
+def _best_and_worst(scores: torch.Tensor, present: torch.Tensor):
+    """Slot of the highest and of the lowest score of each list, [E] each (first on ties)."""
+    return (scores.masked_fill(~present, -math.inf).argmax(dim=1),
+            scores.masked_fill(~present, math.inf).argmin(dim=1))
 
 
 @dataclass
@@ -288,3 +344,27 @@ def preference_metrics(output: DiffusionLossOutput, errors: DenoisingErrors) -> 
         metrics["rewards/margins"] = sum_count(margin)
         metrics["rewards/accuracies"] = sum_count((margin > 0).float())
     return metrics
+
+
+def ranked_metrics(output: DiffusionLossOutput, errors: RankedErrors) -> dict:
+    """``{name: (sum, count)}`` of a ranked objective: loss; rewards of the best- and
+    worst-scored image (``rewards/chosen``, ``rewards/rejected``, their difference
+    ``rewards/margins``); ``rewards/accuracies`` = share of the lists' ordered pairs (score i >
+    score j) whose rewards agree; ``rewards/top1_accuracy`` = share of lists whose highest
+    reward is on a best-scored image; the mean raw errors over present images."""
+    rewards, present, scores = output.list_rewards, errors.present, errors.scores
+    better = strictly_better(scores) & present[:, :, None] & present[:, None, :]
+    agree = better & (rewards[:, :, None] > rewards[:, None, :])
+    top = rewards.masked_fill(~present, -math.inf).argmax(dim=1, keepdim=True)
+    best_score = scores.masked_fill(~present, -math.inf).amax(dim=1, keepdim=True)
+    margin = output.chosen_rewards - output.rejected_rewards
+    count = present.sum()
+    return {"loss": sum_count(output.losses),
+            "rewards/chosen": sum_count(output.chosen_rewards),
+            "rewards/rejected": sum_count(output.rejected_rewards),
+            "rewards/margins": sum_count(margin),
+            "rewards/accuracies": (agree.sum().float(), better.sum()),
+            "rewards/top1_accuracy": sum_count(
+                (scores.gather(1, top) == best_score).float()),
+            "denoise/policy": (torch.where(present, errors.policy, 0.0).sum(), count),
+            "denoise/reference": (torch.where(present, errors.reference, 0.0).sum(), count)}

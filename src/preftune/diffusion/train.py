@@ -23,8 +23,10 @@ from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import DiffusionConfig
 from .data import ImagePair, image_tensor, load_pairs
-from .losses import DenoisingErrors, denoising_error, get_diffusion_loss, preference_metrics
+from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
+                     preference_metrics, ranked_metrics)
 from .model import DiffusionModel, attach_lora, load_diffusion_model
+from .ranked import RankedBatch, collate_ranked, load_ranked
 
 EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evaluation
 
@@ -49,6 +51,10 @@ class ImageBatch:
 
     def pin_memory(self) -> "ImageBatch":
         return self._map(lambda t: t.pin_memory())
+
+    @property
+    def one_image(self) -> torch.Tensor:
+        return self.chosen[:1]
 
     @property
     def num_examples(self) -> int:
@@ -112,22 +118,27 @@ class DiffusionTask:
         self.needs_reference = self.spec.needs_reference
         self.batches_ahead = True
 
-    def make_batch(self, pairs: list[ImagePair]) -> ImageBatch:
-        return collate(pairs, self.config.data.resolution, self.spec.captions)
+    def make_batch(self, records: list) -> ImageBatch | RankedBatch:
+        if self.spec.ranked:
+            return collate_ranked(records, self.config.data.resolution)
+        return collate(records, self.config.data.resolution, self.spec.captions)
 
     def losses(self, module, batch: ImageBatch, step: int):
         """Per-example losses [E] and metrics, with this step's shared noise and timesteps."""
         return self.losses_with(module, batch, *self.noise_for(module, batch, step))
 
-    def noise_for(self, module, batch: ImageBatch, step: int):
-        shape = tuple(module.to_model_space(batch.chosen[:1]).shape[1:])
+    def noise_for(self, module, batch: ImageBatch | RankedBatch, step: int):
+        shape = tuple(module.to_model_space(batch.one_image).shape[1:])
         noise, timesteps = shared_noise(shape, batch.indices, self.config.train.seed, step,
                                         module.num_train_timesteps)
-        return noise.to(batch.chosen.device), timesteps.to(batch.chosen.device)
+        return noise.to(batch.one_image.device), timesteps.to(batch.one_image.device)
 
-    def losses_with(self, module: DiffusionModel, batch: ImageBatch, noise, timesteps):
+    def losses_with(self, module: DiffusionModel, batch: ImageBatch | RankedBatch, noise,
+                    timesteps):
         """Losses and metrics for given noise [E, ...] and timesteps [E] (tests pass their
         own, to compare with a hand-written computation)."""
+        if self.spec.ranked:
+            return self._ranked_losses(module, batch, noise, timesteps)
         sides = ("chosen", "rejected") if self.spec.uses_rejected else ("chosen",)
         noisy, targets, conditions = [], [], []
         for side in sides:
@@ -146,6 +157,20 @@ class DiffusionTask:
                                  num_train_timesteps=module.num_train_timesteps)
         output = self.spec.fn(errors, self.params)
         return output.losses, preference_metrics(output, errors)
+
+    def _ranked_losses(self, module: DiffusionModel, batch: RankedBatch, noise, timesteps):
+        """Every image of a list shares its list's noise and timestep (as both images of a
+        pair do); the errors go back to [E, K] by list and slot."""
+        steps = timesteps[batch.owner]
+        x_t, target = module.noisy_and_target(module.to_model_space(batch.images),
+                                              noise[batch.owner], steps)
+        condition = module.encode_prompts(batch.texts)[batch.owner]
+        policy = denoising_error(module.predict(module.denoiser, x_t, steps, condition), target)
+        reference = self._reference_errors(module, x_t, steps, condition, target)
+        errors = RankedErrors(batch.grid(policy), batch.grid(reference), batch.scores,
+                              batch.present)
+        output = self.spec.fn(errors, self.params)
+        return output.losses, ranked_metrics(output, errors)
 
     @torch.no_grad()
     def _reference_errors(self, module, x_t, steps, condition, target) -> torch.Tensor:
@@ -191,9 +216,13 @@ def split_pairs(config: DiffusionConfig) -> dict:
             f"{spec.name} samples its own images)." if spec.online else
             "data.train is empty: give a file of image preference records (prompt, chosen, "
             "rejected).")
-    options = dict(captions=spec.captions, prompts_only=spec.online)
-    train = load_pairs(data.train, data.fields, **options)
-    evaluation = load_pairs(data.eval, data.fields, **options) if data.eval else []
+    def load(paths):
+        if spec.ranked:  # lists whose images all tie make no pair: left out, counted
+            return load_ranked(paths, data.fields)
+        return load_pairs(paths, data.fields, captions=spec.captions, prompts_only=spec.online)
+
+    train = load(data.train)
+    evaluation = load(data.eval) if data.eval else []
     if data.eval_fraction:
         order = list(range(len(train)))
         random.Random(config.train.seed).shuffle(order)
@@ -216,10 +245,18 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
         attach_lora(model, config.model.lora)
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
-    online = get_diffusion_loss(config.objective.name).online
-    report = {"shape": "prompts" if online else "image pairs",
-              **{name: {"records": len(pairs), "kept": len(pairs)}
-                 for name, pairs in splits.items()}}
+    spec = get_diffusion_loss(config.objective.name)
+    online = spec.online
+    kept = {name: [r for r in records if getattr(r, "orders_something", True)]
+            for name, records in splits.items()}
+    if not kept["train"]:
+        raise ConfigError(f"{config.data.train}: every ranked list gives all its images the "
+                          "same score, so no list orders anything to train on.")
+    report = {"shape": "prompts" if online else "ranked image lists" if spec.ranked
+              else "image pairs",
+              **{name: {"records": len(splits[name]), "kept": len(kept[name])}
+                 for name in splits}}
+    splits = {name: records for name, records in kept.items() if records}
     if accelerator.is_main_process:
         write_run_header(Path(config.output_dir), config, report)
     model.to(accelerator.device)

@@ -38,7 +38,7 @@ def _response_scores(inputs: ObjectiveInputs, name: str) -> torch.Tensor:
     return scores
 
 
-def _strictly_better(scores: torch.Tensor) -> torch.Tensor:
+def strictly_better(scores: torch.Tensor) -> torch.Tensor:
     """[E, K, K] bool: entry (k, j) is True when psi_k > psi_j."""
     return scores[:, :, None] > scores[:, None, :]
 
@@ -79,7 +79,7 @@ def pro(inputs: ObjectiveInputs, params: PROParams) -> ObjectiveOutput:
     """
     scores = _response_scores(inputs, "pro")
     s = inputs.policy.mean_logps
-    better = _strictly_better(scores)
+    better = strictly_better(scores)
     if params.reward_gap_temperature:
         gaps = scores[:, :, None] - scores[:, None, :]  # T_kj
         top_gap = torch.where(better, gaps, torch.zeros_like(gaps)).amax(dim=-1)  # T_kk
@@ -110,7 +110,7 @@ def listwise_pl(inputs: ObjectiveInputs, params: ListwisePLParams) -> ObjectiveO
     """
     scores = _response_scores(inputs, "listwise_pl")
     rewards = params.beta * log_ratios(inputs)
-    better = _strictly_better(scores)
+    better = strictly_better(scores)
     logits = rewards[:, None, :].expand_as(better)
     return ObjectiveOutput(_plackett_luce_stages(logits, rewards, better), rewards)
 
@@ -149,7 +149,7 @@ class TreePOParams:
     beta: float = 0.1
 
 
-def _lambda_weights(scores: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+def lambda_weights(scores: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     """LiPO's lambda_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|, [E, K, K], no gradient.
 
     G = 2^psi - 1; D(tau) = log2(1 + tau), tau = 1-based rank by the implied reward (ties in
@@ -192,6 +192,6 @@ def tree_po(inputs: ObjectiveInputs, params: TreePOParams) -> ObjectiveOutput:
                          f"{MAX_EXP2_GAIN_SCORE:g} (got {scores.abs().max().item():g}). Rescale "
                          "the scores, e.g. to [0, 1] as in LiPO.")
     rewards = params.beta * log_ratios(inputs)
-    weights = _lambda_weights(scores, rewards.detach()) * _strictly_better(scores)
+    weights = lambda_weights(scores, rewards.detach()) * strictly_better(scores)
     pair_losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])
     return ObjectiveOutput((weights * pair_losses).sum(dim=(1, 2)), rewards)

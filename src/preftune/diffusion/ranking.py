@@ -1,0 +1,123 @@
+"""``preftune diffusion rank``: ranked image lists made without people, as Syn-Pic makes them
+(Karthik et al. 2024, arXiv:2410.18013): several pipelines sample each prompt, several scorers
+rate every image, and each image's score is its share of wins against the other images of its
+list, averaged over the scorers (ties count 1/2).
+
+A win share is in [0, 1] whatever a scorer's scale, so scorers with different ranges weigh
+equally and RankDPO's gain 2^score - 1 stays small. The paper's exact aggregation is not
+published in the spec; this is ours (UNVERIFIED).
+
+Writes ``ranked.jsonl`` (``rank_dpo``'s data: prompt, images, image_scores, plus each
+scorer's raw scores and where each image came from), ``pairs.jsonl`` (the best image over
+the worst of each list that orders anything: ``diffusion_dpo``'s data from the same images)
+and the images under ``images/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ConfigError
+from ..score.base import checked
+from .data import tensor_image
+from .evaluate import image_scorer
+from .model import load_diffusion_model
+from .sample import sample_images
+
+
+def win_shares(scores: list[float]) -> list[float]:
+    """Each score's share of wins against the others (ties 1/2), [0, 1]; one score: 0.5."""
+    if len(scores) < 2:
+        return [0.5] * len(scores)
+    return [sum(1.0 if mine > other else 0.5 if mine == other else 0.0
+                for j, other in enumerate(scores) if j != i) / (len(scores) - 1)
+            for i, mine in enumerate(scores)]
+
+
+def read_prompts(path: str, field: str = "prompt") -> list[str]:
+    """The ``field`` of every record of a data file (any format ``data.train`` reads)."""
+    from ..data.records import DataError
+    from ..data.sources import read_rows
+
+    prompts = []
+    for origin, row in read_rows(path, {field}):
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise DataError(f"{origin}: expected a record with a text field {field!r}"
+                            + (f"; present fields: {', '.join(sorted(row))}"
+                               if isinstance(row, dict) else ""))
+        prompts.append(row[field])
+    if not prompts:
+        raise DataError(f"{path}: no records; expected rows with a {field!r} field.")
+    return prompts
+
+
+def pipeline_dir(path: str) -> Path:
+    """A pipeline directory, or a run directory holding one in ``model/``."""
+    run = Path(path)
+    return run / "model" if (run / "model" / "model_index.json").is_file() else run
+
+
+def _lists(prompts: list[str], models: list[str], seeds: list[int], list_size: int | None):
+    """(prompt index, [(model index, seed), ...]) per list: a prompt's images (every model x
+    seed) in groups of ``list_size`` seeds (default: all of them in one list)."""
+    size = list_size or len(seeds)
+    groups = [seeds[k : k + size] for k in range(0, len(seeds), size)]
+    return [(p, [(m, seed) for m in range(len(models)) for seed in group])
+            for p in range(len(prompts)) for group in groups]
+
+
+def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
+                      seeds: list[int], output_dir: str | Path, steps: int = 25,
+                      guidance_scale: float = 1.0, list_size: int | None = None) -> dict:
+    """Sample, score and write the lists (see the module docstring); returns counts."""
+    if not prompts or not models or not scorers or not seeds:
+        raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
+                          "--scorer and seed.")
+    if list_size is not None and list_size < 1:
+        raise ConfigError(f"--list-size must be at least 1 (got {list_size}).")
+    rating = [image_scorer(spec) for spec in scorers]
+    for spec, scorer in zip(scorers, rating):
+        if getattr(scorer, "pairwise", False):
+            raise ConfigError(f"scorer {spec!r} only compares two images; preftune diffusion "
+                              "rank needs a score per image (shape_colour or "
+                              "module:function(prompt, PIL image) -> float).")
+    out = Path(output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files: dict[tuple, str] = {}  # (prompt, model, seed) -> image path, relative to out
+    raw: dict[tuple, list[float]] = {}  # same key -> one score per scorer
+    for m, model_path in enumerate(models):
+        model = load_diffusion_model(pipeline_dir(model_path))
+        images = [tensor_image(x) for x in sample_images(model, prompts, seeds, steps,
+                                                         guidance_scale)]
+        rows = [prompt for prompt in prompts for _ in seeds]
+        per_scorer = [checked(s.score(rows, images), s.name, len(rows)) for s in rating]
+        for k, image in enumerate(images):
+            p, s = divmod(k, len(seeds))
+            key = (p, m, seeds[s])
+            files[key] = f"images/p{p:03d}_m{m}_s{seeds[s]}.png"
+            image.save(out / files[key])
+            raw[key] = [scores[k] for scores in per_scorer]
+        del model
+    ranked, pairs, ties = [], [], 0
+    for p, members in _lists(prompts, models, seeds, list_size):
+        keys = [(p, m, seed) for m, seed in members]
+        shares = [win_shares([raw[key][r] for key in keys]) for r in range(len(rating))]
+        image_scores = [round(sum(column) / len(rating), 6) for column in zip(*shares)]
+        ranked.append({"prompt": prompts[p], "images": [files[key] for key in keys],
+                       "image_scores": image_scores,
+                       "scorer_scores": {spec: [raw[key][r] for key in keys]
+                                         for r, spec in enumerate(scorers)},
+                       "sources": [{"model": models[m], "seed": seed} for m, seed in members]})
+        best, worst = image_scores.index(max(image_scores)), image_scores.index(min(image_scores))
+        if image_scores[best] == image_scores[worst]:
+            ties += 1
+            continue
+        pairs.append({"prompt": prompts[p], "chosen": files[keys[best]],
+                      "rejected": files[keys[worst]], "chosen_score": image_scores[best],
+                      "rejected_score": image_scores[worst]})
+    for name, rows in (("ranked.jsonl", ranked), ("pairs.jsonl", pairs)):
+        (out / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {"lists": len(ranked), "images": len(files), "pairs": len(pairs),
+            "lists_all_tied": ties, "ranked": str(out / "ranked.jsonl"),
+            "pairs_file": str(out / "pairs.jsonl")}
