@@ -206,7 +206,8 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
                    capture_output=True)
     results = json.loads((tmp_path / "demo" / "demo.json").read_text())
     from preftune.diffusion.demo import colour_accuracy
-    from preftune.diffusion.shapes import right_colour
+    from preftune.diffusion.ranking import win_shares
+    from preftune.diffusion.shapes import colour_score, right_colour
 
     after = load_diffusion_model(tmp_path / "demo" / "diffusion_dpo" / "model")
     held_out = results["held_out_prompts"]
@@ -220,10 +221,20 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
             "a red circle", "a red square", "a green circle", "a green square", "a blue circle",
             "a blue square", "a yellow circle", "a yellow square"],
         list(range(results["seeds"])), results["sampling_steps"])
-    for name in ("diffusion_dpo", "spo"):
+    rank = load_diffusion_model(tmp_path / "demo" / "rank_dpo" / "model")
+    assert results["rank_dpo/held_out/accuracy"] == colour_accuracy(
+        rank, held_out, list(range(results["seeds"])), results["sampling_steps"])
+    for name in ("diffusion_dpo", "spo", "rank_dpo"):
         assert (tmp_path / "demo" / name / "report.html").is_file()
-    # every preference pair is right by the checker: chosen in the prompt's colour, rejected not
+    # RankDPO's lists: the 8 training prompts' 4 samples each, scored by the checker's win shares
     data = tmp_path / "demo" / "data"
+    lists = [json.loads(line) for line in (data / "ranked" / "ranked.jsonl").open()]
+    assert len(lists) == results["ranked/lists"] == 8
+    for ranked in lists:
+        raw = [colour_score(ranked["prompt"], data / "ranked" / f) for f in ranked["images"]]
+        assert ranked["scorer_scores"]["shape_colour"] == pytest.approx(raw, abs=1e-6)
+        assert ranked["image_scores"] == pytest.approx(win_shares(raw), abs=1e-6)
+    # every preference pair is right by the checker: chosen in the prompt's colour, rejected not
     pairs = [json.loads(line) for line in (data / "dpo.jsonl").read_text().splitlines()]
     assert len(pairs) == results["pairs/count"] > 0
     for pair in pairs:

@@ -7,8 +7,10 @@
 3. Preference pairs the way Pick-a-Pic-style data is made: the pretrained model samples each
    circle and square prompt from many seeds, the checker (``shapes.py``) labels every sample,
    and a right-colour sample is preferred over a wrong-colour one of the same prompt.
-4. From the pretrained model: Diffusion-DPO on those pairs, and SPO online on the same prompts
-   (its pools scored by the same checker).
+   The same samples, rated by the checker's score, also make ranked lists of 4
+   (``preftune diffusion rank``'s Syn-Pic-style lists).
+4. From the pretrained model: Diffusion-DPO on those pairs, SPO online on the same prompts
+   (its pools scored by the same checker), and RankDPO on the ranked lists.
 5. Before and after, sample the 4 held-out triangle prompts (and the 8 training prompts) from
    fixed seeds and let the checker say whether the dominant colour is the requested one.
    Everything goes through the same code a user runs (config, Trainer, report).
@@ -25,19 +27,22 @@ from pathlib import Path
 from .config import DiffusionConfig
 from .evaluate import win_rate
 from .model import build_tiny_pipeline, load_diffusion_model
-from .data import tensor_image
+from .ranking import make_ranked_lists
 from .sample import sample_images
 from .shapes import COLOURS, SHAPES, ColourScorer, draw_shape, prompt_of, right_colour
 from .train import train_diffusion
 
 RESOLUTION = 16
+RANK_LR = 1e-5
 GUIDANCE = 3.0  # classifier-free guidance when sampling; pretraining drops 10% of captions
 FULL = {"pretrain_steps": 500, "pretrain_lr": 2e-3, "pretrain_images": 2400,
         "pair_seeds": 64, "pairs_per_prompt": 100, "drawn_pairs": 800, "dpo_steps": 300,
-        "dpo_lr": 1e-5, "spo_steps": 60, "spo_lr": 5e-5, "seeds": 16, "sampling_steps": 20}
+        "dpo_lr": 1e-5, "spo_steps": 60, "spo_lr": 5e-5, "list_size": 4, "rank_steps": 150,
+        "rank_lr": RANK_LR, "seeds": 16, "sampling_steps": 20}
 QUICK = {"pretrain_steps": 20, "pretrain_lr": 2e-3, "pretrain_images": 64, "pair_seeds": 4,
          "pairs_per_prompt": 4, "drawn_pairs": 16, "dpo_steps": 6, "dpo_lr": 1e-5,
-         "spo_steps": 2, "spo_lr": 5e-5, "seeds": 2, "sampling_steps": 5}
+         "spo_steps": 2, "spo_lr": 5e-5, "list_size": 4, "rank_steps": 2, "rank_lr": RANK_LR,
+         "seeds": 2, "sampling_steps": 5}
 SPO = {"name": "spo", "guidance_scale": GUIDANCE, "steps_per_trajectory": 4}
 
 
@@ -51,6 +56,11 @@ def prompts_split() -> tuple[list[str], list[str]]:
     rejected images, since a tiny model does not compose words.)"""
     train = [prompt_of(c, s) for c in COLOURS for s in SHAPES if s != HELD_OUT_SHAPE]
     return train, [prompt_of(c, HELD_OUT_SHAPE) for c in COLOURS]
+
+
+def pair_seeds(settings: dict) -> list[int]:
+    """The seeds the preference data is sampled from (not the measuring seeds)."""
+    return list(range(1000, 1000 + settings["pair_seeds"]))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -73,23 +83,24 @@ def make_pretraining_data(directory: Path, settings: dict, seed: int = 0) -> Pat
     return write_jsonl(directory / "pretrain.jsonl", rows)
 
 
-def sample_pairs(model, directory: Path, settings: dict, seed: int = 0) -> tuple[Path, str]:
-    """dpo.jsonl from the model's own samples: each training prompt from ``pair_seeds`` seeds,
-    every sample labelled by the checker, then up to ``pairs_per_prompt`` random (right colour,
-    wrong colour) pairs per prompt. A model with no such pair yet (the quick demo's) gets drawn
-    pairs instead: the requested colour over another colour, same shape, place and size.
-    Returns the file and which kind it holds."""
+def sample_pairs(ranked: Path, directory: Path, settings: dict,
+                 seed: int = 0) -> tuple[Path, str]:
+    """dpo.jsonl from the model's own samples, as ``ranked`` (``preftune diffusion rank``'s
+    lists, from ``directory``'s ``ranked/``) holds them with the checker's score: a sample is
+    right when the score is at least 1/2 (``right_colour``), and up to ``pairs_per_prompt``
+    random (right colour, wrong colour) pairs are drawn per prompt. A model with no such pair
+    yet (the quick demo's) gets drawn pairs instead: the requested colour over another colour,
+    same shape, place and size. Returns the file and which kind it holds."""
     rng = random.Random(seed)
     prompts, _ = prompts_split()
-    seeds = list(range(1000, 1000 + settings["pair_seeds"]))  # not the measuring seeds
-    images = sample_images(model, prompts, seeds, settings["sampling_steps"], GUIDANCE)
+    samples: dict[str, list] = {prompt: [] for prompt in prompts}
+    for line in ranked.read_text().splitlines():
+        row = json.loads(line)  # a prompt's lists come in seed order
+        samples[row["prompt"]] += zip(row["images"], row["scorer_scores"]["shape_colour"])
     rows = []
-    for p, prompt in enumerate(prompts):
-        files, right, wrong = [], [], []
-        for k, image in enumerate(images[p * len(seeds):(p + 1) * len(seeds)]):
-            files.append(f"images/sample_{p}_{k}.png")
-            tensor_image(image).save(directory / files[-1])
-            (right if right_colour(prompt, image) else wrong).append(files[-1])
+    for prompt in prompts:
+        right = [f"ranked/{file}" for file, score in samples[prompt] if score >= 0.5]
+        wrong = [f"ranked/{file}" for file, score in samples[prompt] if score < 0.5]
         for _ in range(settings["pairs_per_prompt"] if right and wrong else 0):
             rows.append({"prompt": prompt, "chosen": rng.choice(right),
                          "rejected": rng.choice(wrong)})
@@ -149,7 +160,8 @@ def measure(model, before, prompts_by_split: dict, seeds: list[int], steps: int)
 def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta: float = 5000.0,
              show_progress: bool = True) -> dict:
     """The whole demo; returns (and writes to ``demo.json``) the measured numbers: the
-    pretrained model, then Diffusion-DPO and SPO each trained from it."""
+    pretrained model, then Diffusion-DPO, SPO and RankDPO each trained from it (RankDPO only
+    when some ranked list orders its images, which the quick demo's model may not give)."""
     from ..report import write_report
 
     started = time.perf_counter()
@@ -165,21 +177,29 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
                                settings["pretrain_steps"], 32, settings["pretrain_lr"], {}),
                     show_progress=show_progress)
     base = load_diffusion_model(out / "pretrain" / "model")
-    pair_data, pair_kind = sample_pairs(base, out / "data", settings)
+    ranked = make_ranked_lists(train_prompts, [str(out / "pretrain" / "model")],
+                               ["shape_colour"], pair_seeds(settings), out / "data" / "ranked",
+                               steps, GUIDANCE, settings["list_size"])
+    pair_data, pair_kind = sample_pairs(Path(ranked["ranked"]), out / "data", settings)
     splits = {"held_out": held_out, "train_prompts": train_prompts}
     results = {"held_out_prompts": held_out, "seeds": len(seeds), "sampling_steps": steps,
                "settings": settings, "pairs": pair_kind,
                "pairs/count": sum(1 for _ in pair_data.open()),
+               "ranked/lists": ranked["lists"],
+               "ranked/lists_all_tied": ranked["lists_all_tied"],
                "seconds/pretrain": round(time.perf_counter() - started, 1),
                **{f"pretrained/{k}": v for k, v in measure(base, base, splits, seeds,
                                                             steps).items() if "accuracy" in k}}
-    for name, objective, run_steps, learning_rate in (
-            ("diffusion_dpo", {"name": "diffusion_dpo", "beta": beta}, settings["dpo_steps"],
-             settings["dpo_lr"]),
-            ("spo", SPO, settings["spo_steps"], settings["spo_lr"])):
+    runs = [("diffusion_dpo", {"name": "diffusion_dpo", "beta": beta}, pair_data,
+             settings["dpo_steps"], 16, settings["dpo_lr"]),
+            ("spo", SPO, pair_data, settings["spo_steps"], 16, settings["spo_lr"])]
+    if ranked["lists"] > ranked["lists_all_tied"]:  # lists of 4: 8 a step = 32 images, as DPO
+        runs.append(("rank_dpo", {"name": "rank_dpo", "beta": beta}, Path(ranked["ranked"]),
+                     settings["rank_steps"], 8, settings["rank_lr"]))
+    for name, objective, data, run_steps, batch_size, learning_rate in runs:
         began = time.perf_counter()
-        train_diffusion(run_config(out / name, out / "pretrain" / "model", pair_data, objective,
-                                   run_steps, 16, learning_rate, samples),
+        train_diffusion(run_config(out / name, out / "pretrain" / "model", data, objective,
+                                   run_steps, batch_size, learning_rate, samples),
                         show_progress=show_progress)
         trained = load_diffusion_model(out / name / "model")
         measured = measure(trained, base, splits, seeds, steps)
