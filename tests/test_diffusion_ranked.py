@@ -241,3 +241,45 @@ def test_data_inspect_shows_a_list_best_first(files, capsys):
                           "  score 0.5      images/1_2.png (16x16)",
                           "  score 0.5      images/1_3.png (16x16)",
                           "  score 0        images/1_0.png (16x16)"]
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("pairs:best_vs_worst", [(0, 0, 1), (1, 1, 0), (2, 1, 0)]),
+    ("pairs:all_pairs", [(0, 0, 1), (0, 0, 2), (0, 2, 1), (1, 1, 0), (1, 1, 2), (1, 1, 3),
+                         (1, 2, 0), (1, 3, 0), (2, 1, 0)]),
+])
+def test_pair_objectives_read_ranked_lists_through_data_convert(files, tmp_path, how, expected):
+    """(list, chosen image, rejected image) of every pair; the tied images 2 and 3 of list 1
+    make no pair with each other. rank_dpo in the same config still reads the lists."""
+    pipe, data, _ = files
+    tree = config_tree(pipe, data, tmp_path / "run", objective={"name": "diffusion_dpo"},
+                       data={"convert": how})
+    task, _ = diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())
+    lists = load_ranked(str(data))
+    got = []
+    for pair in task.train_examples:
+        e = next(k for k, r in enumerate(lists) if pair.origin.startswith(r.origin + " "))
+        got.append((e, lists[e].images.index(pair.chosen), lists[e].images.index(pair.rejected)))
+        assert pair.scores["chosen_score"] > pair.scores["rejected_score"]
+    assert got == expected
+    assert [p.index for p in task.train_examples] == list(range(len(expected)))
+    tree["objective"] = {"name": "rank_dpo"}
+    ranked_task, _ = diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())
+    assert len(ranked_task.train_examples) == 3
+
+
+def test_compare_trains_pair_and_ranked_objectives_from_one_config(files, tmp_path):
+    pipe, data, _ = files
+    tree = config_tree(pipe, data, tmp_path / "unused", data={"convert": "pairs:best_vs_worst"},
+                       samples={"prompts": ["a red circle"], "seeds": [0], "steps": 2})
+    config = tmp_path / "base.yaml"
+    config.write_text(json.dumps(tree))
+    main(["compare", "--objectives", "diffusion_dpo,rank_dpo", "--config", str(config),
+          "--scorer", "shape_colour", "--output-dir", str(tmp_path / "cmp")])
+    board = json.loads((tmp_path / "cmp" / "leaderboard.json").read_text())
+    assert sorted(e["objective"] for e in board) == ["diffusion_dpo", "rank_dpo"]
+    reports = {name: json.loads((tmp_path / "cmp" / name / "data_report.json").read_text())
+               for name in ("diffusion_dpo", "rank_dpo")}
+    assert reports["diffusion_dpo"]["shape"] == "image pairs"
+    assert reports["diffusion_dpo"]["train"] == {"records": 3, "kept": 3}
+    assert reports["rank_dpo"]["shape"] == "ranked image lists"

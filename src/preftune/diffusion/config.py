@@ -48,6 +48,10 @@ class DiffusionDataConfig(Section):
     resolution: Count = 512
     """Images are resized to resolution x resolution (the denoiser's sample size, or the VAE
     input size)."""
+    convert: Literal["pairs:best_vs_worst", "pairs:all_pairs"] | None = None
+    """How a pair objective reads ranked image lists: each list's best image over its worst,
+    or every (higher, lower) pair of it. Ranked objectives (rank_dpo) read the lists as they
+    are and online ones (spo) their prompts, so one config compares them all."""
 
 
 class DiffusionObjectiveConfig(BaseModel):

@@ -24,7 +24,7 @@ import torch
 from ..data.records import DataError
 from ..data.sources import read_rows
 from ..objectives.listwise import MAX_EXP2_GAIN_SCORE
-from .data import describe_source, image_tensor, open_image
+from .data import ImagePair, describe_source, image_tensor, open_image
 
 LIST_FIELDS = ("images", "image_scores")
 
@@ -116,6 +116,27 @@ def load_ranked(paths: str | list[str], fields: dict | None = None,
         raise DataError(f"{paths}: no records; expected rows with a prompt, images and "
                         "image_scores.")
     return lists
+
+
+def lists_to_pairs(lists: list[RankedImages], how: str) -> list[ImagePair]:
+    """Pairs for a pair objective from ranked lists (``data.convert``): ``pairs:best_vs_worst``
+    (each list's first best-scored image over its first worst-scored one) or
+    ``pairs:all_pairs`` (every pair with a higher and a lower score, in list order); a list
+    whose images all tie gives none. Scores come along as chosen_score / rejected_score."""
+    pairs = []
+    for ranked in lists:
+        scores = ranked.image_scores
+        candidates = ([(scores.index(max(scores)), scores.index(min(scores)))]
+                      if how == "pairs:best_vs_worst" else
+                      [(i, j) for i in range(len(scores)) for j in range(len(scores))])
+        for i, j in candidates:
+            if scores[i] > scores[j]:
+                pairs.append(ImagePair(len(pairs), f"{ranked.origin} (images {i} > {j})",
+                                       ranked.prompt, ranked.images[i], ranked.images[j],
+                                       ranked.base_dir, scores={
+                                           **ranked.scores, "chosen_score": scores[i],
+                                           "rejected_score": scores[j]}))
+    return pairs
 
 
 @dataclass

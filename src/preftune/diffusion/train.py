@@ -26,7 +26,7 @@ from .data import ImagePair, image_tensor, load_pairs
 from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
                      preference_metrics, ranked_metrics)
 from .model import DiffusionModel, attach_lora, load_diffusion_model
-from .ranked import RankedBatch, collate_ranked, load_ranked
+from .ranked import RankedBatch, collate_ranked, lists_to_pairs, load_ranked
 
 EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evaluation
 
@@ -219,6 +219,11 @@ def split_pairs(config: DiffusionConfig) -> dict:
     def load(paths):
         if spec.ranked:  # lists whose images all tie make no pair: left out, counted
             return load_ranked(paths, data.fields)
+        if data.convert and not spec.online:
+            if spec.captions:
+                raise ConfigError(f"data.convert: {spec.name} conditions each image on its own "
+                                  "caption, which ranked lists do not have.")
+            return lists_to_pairs(load_ranked(paths, data.fields), data.convert)
         return load_pairs(paths, data.fields, captions=spec.captions, prompts_only=spec.online)
 
     train = load(data.train)
