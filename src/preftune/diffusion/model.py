@@ -95,6 +95,11 @@ class DiffusionModel(torch.nn.Module):
     def predict(self, denoiser, x_t, timesteps, conditioning) -> torch.Tensor:
         return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning).sample
 
+    def forward(self, x_t, timesteps, conditioning) -> torch.Tensor:
+        """The trained denoiser's prediction: the call that goes through DDP's wrapper, so
+        its gradients are averaged over processes."""
+        return self.predict(self.denoiser, x_t, timesteps, conditioning)
+
     def save(self, directory: Path, save_merged: bool = True) -> Path:
         """The pipeline directory again, with the trained denoiser: frozen parts copied from
         ``source``; with LoRA the adapter goes to ``unet_lora/`` and (``save_merged``) the

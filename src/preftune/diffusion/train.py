@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..config import ConfigError
+from ..train.engines import SHARDED
 from ..train.loop import write_run_header
 from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
@@ -125,63 +126,65 @@ class DiffusionTask:
 
     def losses(self, module, batch: ImageBatch, step: int):
         """Per-example losses [E] and metrics, with this step's shared noise and timesteps."""
-        return self.losses_with(module, batch, *self.noise_for(module, batch, step))
+        return self.losses_with(module, batch, *self.noise_for(batch, step))
 
-    def noise_for(self, module, batch: ImageBatch | RankedBatch, step: int):
-        shape = tuple(module.to_model_space(batch.one_image).shape[1:])
+    def noise_for(self, batch: ImageBatch | RankedBatch, step: int):
+        shape = tuple(self.module.to_model_space(batch.one_image).shape[1:])
         noise, timesteps = shared_noise(shape, batch.indices, self.config.train.seed, step,
-                                        module.num_train_timesteps)
+                                        self.module.num_train_timesteps)
         return noise.to(batch.one_image.device), timesteps.to(batch.one_image.device)
 
-    def losses_with(self, module: DiffusionModel, batch: ImageBatch | RankedBatch, noise,
-                    timesteps):
+    def losses_with(self, module, batch: ImageBatch | RankedBatch, noise, timesteps):
         """Losses and metrics for given noise [E, ...] and timesteps [E] (tests pass their
-        own, to compare with a hand-written computation)."""
+        own, to compare with a hand-written computation). ``module`` is the task's
+        ``DiffusionModel`` or the DDP wrapper around it: only the trained denoiser's call goes
+        through it (``module(x_t, t, c)``), so that DDP averages its gradients."""
         if self.spec.ranked:
             return self._ranked_losses(module, batch, noise, timesteps)
+        model = self.module
         sides = ("chosen", "rejected") if self.spec.uses_rejected else ("chosen",)
         noisy, targets, conditions = [], [], []
         for side in sides:
-            x_t, target = module.noisy_and_target(
-                module.to_model_space(getattr(batch, side)), noise, timesteps)
+            x_t, target = model.noisy_and_target(
+                model.to_model_space(getattr(batch, side)), noise, timesteps)
             noisy.append(x_t)
             targets.append(target)
-            conditions.append(module.encode_prompts(getattr(batch, f"{side}_text")))
+            conditions.append(model.encode_prompts(getattr(batch, f"{side}_text")))
         x_t, target = torch.cat(noisy), torch.cat(targets)
         condition, steps = torch.cat(conditions), timesteps.repeat(len(sides))
-        policy = denoising_error(module.predict(module.denoiser, x_t, steps, condition), target)
-        reference = (self._reference_errors(module, x_t, steps, condition, target)
+        policy = denoising_error(module(x_t, steps, condition), target)
+        reference = (self._reference_errors(x_t, steps, condition, target)
                      if self.spec.needs_reference else None)
         errors = DenoisingErrors(*policy.chunk(len(sides)),
                                  *(reference.chunk(2) if reference is not None else ()),
-                                 num_train_timesteps=module.num_train_timesteps)
+                                 num_train_timesteps=model.num_train_timesteps)
         output = self.spec.fn(errors, self.params)
         return output.losses, preference_metrics(output, errors)
 
-    def _ranked_losses(self, module: DiffusionModel, batch: RankedBatch, noise, timesteps):
+    def _ranked_losses(self, module, batch: RankedBatch, noise, timesteps):
         """Every image of a list shares its list's noise and timestep (as both images of a
         pair do); the errors go back to [E, K] by list and slot."""
-        steps = timesteps[batch.owner]
-        x_t, target = module.noisy_and_target(module.to_model_space(batch.images),
-                                              noise[batch.owner], steps)
-        condition = module.encode_prompts(batch.texts)[batch.owner]
-        policy = denoising_error(module.predict(module.denoiser, x_t, steps, condition), target)
-        reference = self._reference_errors(module, x_t, steps, condition, target)
+        model, steps = self.module, timesteps[batch.owner]
+        x_t, target = model.noisy_and_target(model.to_model_space(batch.images),
+                                             noise[batch.owner], steps)
+        condition = model.encode_prompts(batch.texts)[batch.owner]
+        policy = denoising_error(module(x_t, steps, condition), target)
+        reference = self._reference_errors(x_t, steps, condition, target)
         errors = RankedErrors(batch.grid(policy), batch.grid(reference), batch.scores,
                               batch.present)
         output = self.spec.fn(errors, self.params)
         return output.losses, ranked_metrics(output, errors)
 
     @torch.no_grad()
-    def _reference_errors(self, module, x_t, steps, condition, target) -> torch.Tensor:
+    def _reference_errors(self, x_t, steps, condition, target) -> torch.Tensor:
+        model = self.module
         if self.reference_strategy == "live":
-            return denoising_error(module.predict(self.reference, x_t, steps, condition), target)
-        module.denoiser.disable_adapters()  # adapter-off: the base denoiser is the reference
+            return denoising_error(model.predict(self.reference, x_t, steps, condition), target)
+        model.denoiser.disable_adapters()  # adapter-off: the base denoiser is the reference
         try:
-            return denoising_error(module.predict(module.denoiser, x_t, steps, condition),
-                                   target)
+            return denoising_error(model.predict(model.denoiser, x_t, steps, condition), target)
         finally:
-            module.denoiser.enable_adapters()
+            model.denoiser.enable_adapters()
 
     @torch.no_grad()
     def evaluate(self, module, step: int) -> dict:
@@ -191,7 +194,8 @@ class DiffusionTask:
         totals: dict = {}
         size = self.config.train.batch_size
         for start in range(0, len(self.eval_examples), size):
-            batch = self.make_batch(self.eval_examples[start : start + size]).to(module.device)
+            batch = self.make_batch(self.eval_examples[start : start + size]).to(
+                self.module.device)
             add_metrics(totals, self.losses(module, batch, EVAL_STEP)[1])
         module.train(was_training)
         return means(totals)
@@ -239,9 +243,13 @@ def split_pairs(config: DiffusionConfig) -> dict:
 
 def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     """Load the pipeline and the data, attach LoRA; returns (task, total_steps)."""
-    if accelerator.num_processes > 1:
-        raise ConfigError("preftune diffusion train runs in one process; launch it without "
-                          "accelerate launch / several processes.")
+    if accelerator.num_processes > 1 and get_diffusion_loss(config.objective.name).online:
+        raise ConfigError(f"objective {config.objective.name} samples online and runs in one "
+                          "process; launch it without accelerate launch / several processes.")
+    if accelerator.distributed_type in SHARDED:
+        raise ConfigError("preftune diffusion train runs under DDP (several processes, each "
+                          "with the whole denoiser), not FSDP or DeepSpeed: choose "
+                          "multi-GPU without them in `accelerate config`.")
     strategy = config.reference_strategy
     dtype = getattr(torch, config.model.dtype)
     model = load_diffusion_model(config.model.path, dtype)
@@ -286,11 +294,12 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
     set_seed(config.train.seed)
     task, total_steps = diffusion_task(config, accelerator)
     output_dir = Path(config.output_dir)
-    if config.samples.prompts and not resume:
+    sampling = config.samples.prompts and accelerator.is_main_process
+    if sampling and not resume:
         write_samples(task.module, config.samples, output_dir, "before")
     Trainer(task, config.train, output_dir, accelerator, total_steps, resume=resume,
             show_progress=show_progress).run()
-    if config.samples.prompts:
+    if sampling:
         write_samples(task.module, config.samples, output_dir, "after")
     return output_dir
 

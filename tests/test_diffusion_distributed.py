@@ -1,0 +1,90 @@
+"""Two processes (torch.distributed.run, gloo on CPU, through accelerate) train a denoiser
+exactly like one process with the same global batch: each process takes its share of every
+step's pairs or lists, their noise is seeded per example, and DDP averages the gradients."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("diffusers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from diffusion_fixtures import (config_tree, one_thread, tiny_pipeline,  # noqa: E402, F401
+                                write_pairs, write_prompts)
+from preftune.diffusion.config import DiffusionConfig  # noqa: E402
+from preftune.diffusion.train import train_diffusion  # noqa: E402
+from test_diffusion_ranked import LISTS, write_ranked  # noqa: E402
+
+
+def losses(run):
+    """Each step's loss, then each evaluation's."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows] + [r["eval/loss"] for r in rows if "eval/loss" in r]
+
+
+def two_processes(config_tree_, tmp_path, name):
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(config_tree_))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "-m", "preftune", "diffusion", "train", str(config)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("objective, lora", [("diffusion_dpo", False), ("rank_dpo", False),
+                                             ("diffusion_dpo", True)])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective, lora):
+    pipe = tiny_pipeline(tmp_path / "pipe")
+    data = (write_ranked(tmp_path / "data", [*LISTS, LISTS[0]]) if objective == "rank_dpo"
+            else write_pairs(tmp_path / "data", count=8))
+    sections = {"objective": {"name": objective, "beta": 500.0},
+                "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 3},
+                "data": {"eval": str(data)},
+                "samples": {"prompts": ["a red circle"], "seeds": [0], "steps": 2}}
+    if lora:
+        sections["model"] = {"lora": {"r": 4, "alpha": 8}}
+    one = config_tree(pipe, data, tmp_path / "one", **sections)
+    train_diffusion(DiffusionConfig.from_dict(one), show_progress=False)
+    two = {**one, "output_dir": str(tmp_path / "two"),
+           "train": {**one["train"], "batch_size": 2}}  # per process: 2 x 2 = the same 4
+    done = two_processes(two, tmp_path, objective)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # (other batch sizes per forward and an all-reduce: float32 rounding, magnified by beta/2)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert len(losses(tmp_path / "one")) == 4  # 3 steps and the evaluation at step 3
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    weights = [load_file(tmp_path / run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+               for run in ("one", "two")]
+    # Adam moves each weight by about the learning rate (1e-4) a step whatever its gradient's
+    # size, so weights whose gradient is near 0 move by rounding noise: the runs agree to a
+    # tenth of one step, and on average to far less. An attention key's bias has no gradient
+    # at all (softmax ignores it), so it moves by noise alone and is left out.
+    initial = load_file(pipe / "unet" / "diffusion_pytorch_model.safetensors")
+    differences, movements = [], []
+    for name, value in weights[0].items():
+        if not name.endswith("k_proj.bias"):
+            torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5, msg=name)
+        differences.append((weights[1][name] - value).abs().flatten())
+        movements.append((value - initial[name]).abs().flatten())
+    difference, movement = torch.cat(differences).mean(), torch.cat(movements).mean()
+    assert movement > 1e-5 and difference < 1e-3 * movement
+    # the main process alone wrote the samples
+    index = json.loads((tmp_path / "two" / "samples" / "samples.json").read_text())
+    assert sorted(index["grids"]) == ["after", "before"]
+
+
+def test_an_online_objective_refuses_several_processes(tmp_path):
+    pipe = tiny_pipeline(tmp_path / "pipe")
+    tree = config_tree(pipe, write_prompts(tmp_path / "data", ["a red circle"] * 4),
+                       tmp_path / "run", objective={"name": "spo"})
+    done = two_processes(tree, tmp_path, "spo")
+    assert done.returncode != 0
+    assert ("objective spo samples online and runs in one process; launch it without "
+            "accelerate launch / several processes.") in done.stderr
