@@ -113,3 +113,37 @@ def hand_error(denoiser, model, image_paths, texts, noise, timesteps):
     x_t = abar.sqrt() * pixels + (1 - abar).sqrt() * noise
     prediction = denoiser(x_t, timesteps, encoder_hidden_states=condition).sample
     return ((prediction - noise) ** 2).flatten(1).mean(dim=1)
+
+
+def tiny_sdxl_pipeline(directory: Path, seed: int = 0, width: int = 32) -> Path:
+    """A tiny random SDXL-layout pipeline in pixel space: two CLIP text encoders (the second
+    with a projection: the pooled embedding), two tokenizers, and a UNet whose time embedding
+    takes the pooled text and the time ids (``addition_embed_type: text_time``); its
+    model_index.json asks for zeros as the empty prompt, as SDXL base does."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from preftune.diffusion.model import word_tokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(WORDS)
+    config = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=2, num_attention_heads=4, pad_token_id=0, bos_token_id=2,
+                  eos_token_id=3, max_position_embeddings=tokenizer.model_max_length)
+    CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(directory / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=16)).save_pretrained(
+        directory / "text_encoder_2")
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer.save_pretrained(directory / name)
+    diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2 * width,
+        attention_head_dim=8, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8).save_pretrained(directory / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}))
+    return directory

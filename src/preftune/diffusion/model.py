@@ -1,7 +1,9 @@
 """A text-to-image denoiser with its frozen conditioning, loaded from a diffusers pipeline
 directory: ``unet/`` (or ``transformer/``), ``text_encoder/``, ``tokenizer/``, ``scheduler/``
 and, when present, ``vae/`` (images are then encoded to latents; without it the denoiser works
-in pixel space, as the tiny demo model does).
+in pixel space, as the tiny demo model does) and SDXL's ``text_encoder_2/`` + ``tokenizer_2/``
+(the two encoders' penultimate hidden states side by side, plus the second one's pooled
+embedding and the image size, which an SDXL UNet's time embedding takes).
 
 Only the denoiser trains; the text encoder and the VAE are frozen. ``build_tiny_pipeline``
 writes a small random pipeline directory of the same layout (no downloads), for tests and the
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,17 +41,46 @@ def _component_class(folder: Path, library: str):
     return getattr(module, name)
 
 
-class DiffusionModel(torch.nn.Module):
-    """The denoiser (trainable) plus text encoder, tokenizer, noise scheduler and optional VAE
-    (frozen). ``source`` is the pipeline directory it was loaded from."""
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on, a row per image: the text encoders' hidden states
+    [E, S, D] and, for SDXL (a UNet with ``addition_embed_type: text_time``), the pooled text
+    embedding [E, P] its time embedding also takes."""
 
-    def __init__(self, denoiser, text_encoder, tokenizer, scheduler, vae=None, source=None):
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __getitem__(self, rows) -> "Conditioning":
+        return Conditioning(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        pooled = [part.pooled for part in parts]
+        return Conditioning(torch.cat([part.hidden for part in parts]),
+                            None if pooled[0] is None else torch.cat(pooled))
+
+
+class DiffusionModel(torch.nn.Module):
+    """The denoiser (trainable) plus text encoder(s), tokenizer(s), noise scheduler and
+    optional VAE (frozen). ``source`` is the pipeline directory it was loaded from; with
+    ``zero_empty_prompt`` (SDXL's ``force_zeros_for_empty_prompt``) guidance's unconditional
+    input is zeros instead of the empty prompt's encoding."""
+
+    def __init__(self, denoiser, text_encoder, tokenizer, scheduler, vae=None, source=None,
+                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False):
         super().__init__()
         self.denoiser, self.text_encoder, self.vae = denoiser, text_encoder, vae
         self.tokenizer, self.scheduler, self.source = tokenizer, scheduler, source
-        for frozen in (text_encoder, vae):
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.zero_empty_prompt = zero_empty_prompt
+        for frozen in (text_encoder, vae, text_encoder_2):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
+        if getattr(denoiser.config, "addition_embed_type", None) == "text_time" \
+                and text_encoder_2 is None:
+            raise ConfigError(f"{source}: the UNet is SDXL-style (addition_embed_type "
+                              "text_time) but the pipeline has no text_encoder_2/ and "
+                              "tokenizer_2/ for its pooled text embedding.")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -59,11 +91,33 @@ class DiffusionModel(torch.nn.Module):
         return next(self.denoiser.parameters()).device
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[E, S, D] conditioning: the text encoder's last hidden states (as SD pipelines)."""
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """The text encoder's last hidden states (as SD pipelines); with a second encoder
+        (SDXL) both encoders' penultimate hidden states side by side and the second's pooled
+        (projected) embedding, as diffusers' SDXL pipeline encodes a prompt."""
+        def ids(tokenizer):
+            return tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=tokenizer.model_max_length,
+                             return_tensors="pt").input_ids.to(self.device)
+
+        if self.text_encoder_2 is None:
+            return Conditioning(self.text_encoder(ids(self.tokenizer))[0])
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder),
+                                   (self.tokenizer_2, self.text_encoder_2)):
+            output = encoder(ids(tokenizer), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # CLIPTextModelWithProjection: the projected pooled embedding
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+
+    def unconditional(self, count: int) -> Conditioning:
+        """Guidance's unconditional input for ``count`` rows: the empty prompt encoded, or
+        zeros of its shape (``zero_empty_prompt``, as SDXL's pipeline does)."""
+        empty = self.encode_prompts([""] * count)
+        if not self.zero_empty_prompt:
+            return empty
+        return Conditioning(torch.zeros_like(empty.hidden), None if empty.pooled is None
+                            else torch.zeros_like(empty.pooled))
 
     @torch.no_grad()
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -92,8 +146,26 @@ class DiffusionModel(torch.nn.Module):
         raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon or "
                           "v_prediction).")
 
-    def predict(self, denoiser, x_t, timesteps, conditioning) -> torch.Tensor:
-        return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning).sample
+    def predict(self, denoiser, x_t, timesteps, conditioning: Conditioning) -> torch.Tensor:
+        """The denoiser's output on ``x_t``; an SDXL UNet also gets the pooled text embedding
+        and the time ids (original size, crop corner, target size) of a whole square image of
+        ``x_t``'s size (data images are resized, never cropped)."""
+        extra = {}
+        if conditioning.pooled is not None:
+            height, width = (side * self.pixels_per_sample for side in x_t.shape[-2:])
+            time_ids = torch.tensor([height, width, 0, 0, height, width],
+                                    dtype=conditioning.hidden.dtype, device=x_t.device)
+            extra["added_cond_kwargs"] = {"text_embeds": conditioning.pooled,
+                                          "time_ids": time_ids.expand(len(x_t), 6)}
+        return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning.hidden,
+                        **extra).sample
+
+    @property
+    def pixels_per_sample(self) -> int:
+        """Image pixels per denoiser sample along a side: the VAE's downscaling, else 1."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def forward(self, x_t, timesteps, conditioning) -> torch.Tensor:
         """The trained denoiser's prediction: the call that goes through DDP's wrapper, so
@@ -173,7 +245,19 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
     scheduler = diffusers.DDPMScheduler.from_pretrained(path / "scheduler")
     vae = (diffusers.AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
            if (path / "vae").is_dir() else None)
-    return DiffusionModel(denoiser, text_encoder, tokenizer, scheduler, vae, source=str(path))
+    second = {}
+    if (path / "text_encoder_2").is_dir():  # SDXL
+        if not (path / "tokenizer_2").is_dir():
+            raise ConfigError(f"model.path {path}: text_encoder_2/ without tokenizer_2/.")
+        second = {"text_encoder_2": _component_class(
+                      path / "text_encoder_2", "transformers").from_pretrained(
+                      path / "text_encoder_2", dtype=dtype),
+                  "tokenizer_2": AutoTokenizer.from_pretrained(path / "tokenizer_2")}
+    index = path / "model_index.json"
+    zero_empty = bool(index.is_file() and json.loads(index.read_text()).get(
+        "force_zeros_for_empty_prompt", False))
+    return DiffusionModel(denoiser, text_encoder, tokenizer, scheduler, vae, source=str(path),
+                          zero_empty_prompt=zero_empty, **second)
 
 
 def attach_lora(model: DiffusionModel, lora) -> None:

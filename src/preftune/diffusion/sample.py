@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import tensor_image
-from .model import DiffusionModel
+from .model import Conditioning, DiffusionModel
 
 SAMPLES_DIR = "samples"
 
@@ -37,7 +37,7 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
     condition = model.encode_prompts([prompt for prompt, _ in rows])
     guided = guidance_scale != 1.0
     if guided:
-        condition = torch.cat([model.encode_prompts([""] * len(rows)), condition])
+        condition = Conditioning.cat([model.unconditional(len(rows)), condition])
     for t in scheduler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
         prediction = model.predict(denoiser, scheduler.scale_model_input(x_in, t),

@@ -31,6 +31,7 @@ import torch
 from ..config import ConfigError
 from ..score.base import checked
 from .losses import DiffusionLossOutput, TransitionLogps, clipped_log_ratio, sum_count
+from .model import Conditioning
 from .train import DiffusionTask, example_generator
 
 
@@ -227,7 +228,7 @@ class SPOTask(DiffusionTask):
 
     def conditions(self, module, prompts: list[str]):
         """(prompt conditioning, unconditional conditioning or None without guidance)."""
-        uncond = (module.encode_prompts([""] * len(prompts))
+        uncond = (module.unconditional(len(prompts))
                   if self.params.guidance_scale != 1 else None)
         return module.encode_prompts(prompts), uncond
 
@@ -238,7 +239,7 @@ class SPOTask(DiffusionTask):
         if uncond is None:
             return module.predict(denoiser, x, steps, cond).float()
         both = module.predict(denoiser, torch.cat([x, x]), torch.cat([steps, steps]),
-                              torch.cat([uncond, cond])).float()
+                              Conditioning.cat([uncond, cond])).float()
         unconditional, conditional = both.chunk(2)
         return unconditional + self.params.guidance_scale * (conditional - unconditional)
 

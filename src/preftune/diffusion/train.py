@@ -26,7 +26,7 @@ from .config import DiffusionConfig
 from .data import ImagePair, image_tensor, load_pairs
 from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
                      preference_metrics, ranked_metrics)
-from .model import DiffusionModel, attach_lora, load_diffusion_model
+from .model import Conditioning, DiffusionModel, attach_lora, load_diffusion_model
 from .ranked import RankedBatch, collate_ranked, lists_to_pairs, load_ranked
 
 EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evaluation
@@ -151,7 +151,7 @@ class DiffusionTask:
             targets.append(target)
             conditions.append(model.encode_prompts(getattr(batch, f"{side}_text")))
         x_t, target = torch.cat(noisy), torch.cat(targets)
-        condition, steps = torch.cat(conditions), timesteps.repeat(len(sides))
+        condition, steps = Conditioning.cat(conditions), timesteps.repeat(len(sides))
         policy = denoising_error(module(x_t, steps, condition), target)
         reference = (self._reference_errors(x_t, steps, condition, target)
                      if self.spec.needs_reference else None)

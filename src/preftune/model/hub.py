@@ -20,7 +20,8 @@ DIFFUSERS = ("diffusion_pytorch_model.safetensors.index.json",
 # the folders of a diffusers pipeline that preftune loads, with the weights format of each
 # (not safety_checker/, feature_extractor/, fp16 variants or whole-pipeline checkpoints)
 PIPELINE_PARTS = {"unet": DIFFUSERS, "transformer": DIFFUSERS, "vae": DIFFUSERS,
-                  "text_encoder": SAFETENSORS, "tokenizer": None, "scheduler": None}
+                  "text_encoder": SAFETENSORS, "tokenizer": None, "scheduler": None,
+                  "text_encoder_2": SAFETENSORS, "tokenizer_2": None}  # SDXL's second encoder
 
 
 def hub_snapshot(repo_id: str, allow_pickle: bool = False, weights: bool = True) -> str:
