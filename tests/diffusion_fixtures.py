@@ -147,3 +147,41 @@ def tiny_sdxl_pipeline(directory: Path, seed: int = 0, width: int = 32) -> Path:
     (directory / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}))
     return directory
+
+
+def tiny_sd3_pipeline(directory: Path, seed: int = 0, t5: bool = True) -> Path:
+    """A tiny random SD3-layout pipeline in pixel space: two CLIP text encoders with
+    projections, a T5 encoder (``t5``; SD3 also runs without one), three tokenizers, an
+    ``SD3Transformer2DModel`` and a ``FlowMatchEulerDiscreteScheduler`` (shift 3, as SD3)."""
+    import diffusers
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
+                              T5EncoderModel)
+
+    from preftune.diffusion.model import word_tokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(WORDS)
+    clip = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                max_position_embeddings=tokenizer.model_max_length, projection_dim=16)
+    CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_size=16)).save_pretrained(
+        directory / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(**clip, hidden_size=32)).save_pretrained(
+        directory / "text_encoder_2")
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3")[: 3 if t5 else 2]:
+        tokenizer.save_pretrained(directory / name)
+    if t5:
+        T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=64,
+                                num_layers=1, num_heads=4, pad_token_id=0, eos_token_id=3)
+                       ).save_pretrained(directory / "text_encoder_3")
+    diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=3, out_channels=3, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16
+    ).save_pretrained(directory / "transformer")
+    diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0
+                                              ).save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline"}))
+    return directory

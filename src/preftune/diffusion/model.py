@@ -3,7 +3,10 @@ directory: ``unet/`` (or ``transformer/``), ``text_encoder/``, ``tokenizer/``, `
 and, when present, ``vae/`` (images are then encoded to latents; without it the denoiser works
 in pixel space, as the tiny demo model does) and SDXL's ``text_encoder_2/`` + ``tokenizer_2/``
 (the two encoders' penultimate hidden states side by side, plus the second one's pooled
-embedding and the image size, which an SDXL UNet's time embedding takes).
+embedding and the image size, which an SDXL UNet's time embedding takes). A flow-matching
+pipeline (SD3: ``SD3Transformer2DModel`` in ``transformer/``, a ``FlowMatchEulerDiscreteScheduler``,
+two CLIP encoders and an optional T5 in ``text_encoder_3/``) is noised along the straight path
+x_t = (1 - sigma) x_0 + sigma eps and regresses the velocity eps - x_0.
 
 Only the denoiser trains; the text encoder and the VAE are frozen. ``build_tiny_pipeline``
 writes a small random pipeline directory of the same layout (no downloads), for tests and the
@@ -24,6 +27,8 @@ from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
 
 DENOISER_FOLDERS = ("unet", "transformer")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 LORA_FOLDER = "unet_lora"
 
 
@@ -67,15 +72,26 @@ class DiffusionModel(torch.nn.Module):
     input is zeros instead of the empty prompt's encoding."""
 
     def __init__(self, denoiser, text_encoder, tokenizer, scheduler, vae=None, source=None,
-                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False):
+                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False,
+                 text_encoder_3=None, tokenizer_3=None):
         super().__init__()
         self.denoiser, self.text_encoder, self.vae = denoiser, text_encoder, vae
         self.tokenizer, self.scheduler, self.source = tokenizer, scheduler, source
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
         self.zero_empty_prompt = zero_empty_prompt
-        for frozen in (text_encoder, vae, text_encoder_2):
+        self.sd3 = type(denoiser).__name__ == "SD3Transformer2DModel"
+        for frozen in (text_encoder, vae, text_encoder_2, text_encoder_3):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
+        if self.sd3 and (text_encoder_2 is None or not self.flow):
+            raise ConfigError(f"{source}: an SD3 transformer needs text_encoder_2/ and "
+                              f"tokenizer_2/ (the second CLIP) and a {FLOW_SCHEDULER} in "
+                              "scheduler/.")
+        if self.flow and not self.sd3:
+            raise ConfigError(f"{source}: a {FLOW_SCHEDULER} with a "
+                              f"{type(denoiser).__name__}: flow matching is supported for SD3 "
+                              "(SD3Transformer2DModel); Flux and others are not yet.")
         if getattr(denoiser.config, "addition_embed_type", None) == "text_time" \
                 and text_encoder_2 is None:
             raise ConfigError(f"{source}: the UNet is SDXL-style (addition_embed_type "
@@ -85,6 +101,11 @@ class DiffusionModel(torch.nn.Module):
     @property
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
+
+    @property
+    def flow(self) -> bool:
+        """A flow-matching model (SD3): straight-path noise, velocity targets, Euler sampling."""
+        return type(self.scheduler).__name__ == FLOW_SCHEDULER
 
     @property
     def device(self) -> torch.device:
@@ -102,13 +123,31 @@ class DiffusionModel(torch.nn.Module):
 
         if self.text_encoder_2 is None:
             return Conditioning(self.text_encoder(ids(self.tokenizer))[0])
-        hidden, pooled = [], None
+        hidden, pooled = [], []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder),
                                    (self.tokenizer_2, self.text_encoder_2)):
             output = encoder(ids(tokenizer), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
-            pooled = output[0]  # CLIPTextModelWithProjection: the projected pooled embedding
-        return Conditioning(torch.cat(hidden, dim=-1), pooled)
+            pooled.append(output[0])  # CLIPTextModelWithProjection: the pooled projection
+        clip = torch.cat(hidden, dim=-1)
+        if not self.sd3:  # SDXL: the second encoder's pooled embedding
+            return Conditioning(clip, pooled[-1])
+        # SD3: both CLIPs' states padded to T5's width, then T5's states after them
+        t5 = self._t5_states(prompts, clip.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+
+    def _t5_states(self, prompts: list[str], dtype) -> torch.Tensor:
+        """SD3's T5 hidden states [E, 256, D], or zeros without ``text_encoder_3/`` (as the
+        SD3 pipeline does when T5 is left out)."""
+        if self.text_encoder_3 is None:
+            return torch.zeros((len(prompts), SD3_T5_TOKENS,
+                                self.denoiser.config.joint_attention_dim),
+                               dtype=dtype, device=self.device)
+        ids = self.tokenizer_3(list(prompts), padding="max_length", max_length=SD3_T5_TOKENS,
+                               truncation=True, add_special_tokens=True,
+                               return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder_3(ids)[0]
 
     def unconditional(self, count: int) -> Conditioning:
         """Guidance's unconditional input for ``count`` rows: the empty prompt encoded, or
@@ -122,21 +161,32 @@ class DiffusionModel(torch.nn.Module):
     @torch.no_grad()
     def to_model_space(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> what the denoiser denoises: VAE latents (mean of the posterior,
-        times the VAE's scaling factor) when there is a VAE, else the pixels themselves."""
+        less the VAE's shift factor (SD3), times its scaling factor) when there is a VAE, else
+        the pixels themselves."""
         if self.vae is None:
             return pixels
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+        return (latents - self._vae_shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def to_pixels(self, x0: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return x0
-        return self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return self.vae.decode(x0 / self.vae.config.scaling_factor + self._vae_shift).sample
+
+    @property
+    def _vae_shift(self) -> float:
+        """SD3's VAE centres its latents (``shift_factor``); SD's and SDXL's do not."""
+        return getattr(self.vae.config, "shift_factor", None) or 0.0
 
     def noisy_and_target(self, x0, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the regression target of the
-        scheduler's prediction type (eps, or the velocity)."""
+        scheduler's prediction type (eps, or the velocity); for flow matching, training step
+        k in [0, T) has the scheduler's sigma_k: x_t = (1 - sigma) x_0 + sigma eps, target
+        eps - x_0 (as diffusers' SD3 training script, with k drawn uniformly)."""
+        if self.flow:
+            sigma = self.scheduler.sigmas.to(x0.device)[timesteps].view(-1, *[1] * (x0.dim() - 1))
+            return (1 - sigma) * x0 + sigma * noise, noise - x0
         x_t = self.scheduler.add_noise(x0, noise, timesteps)
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
@@ -150,6 +200,10 @@ class DiffusionModel(torch.nn.Module):
         """The denoiser's output on ``x_t``; an SDXL UNet also gets the pooled text embedding
         and the time ids (original size, crop corner, target size) of a whole square image of
         ``x_t``'s size (data images are resized, never cropped)."""
+        if self.sd3:
+            return denoiser(hidden_states=x_t, timestep=timesteps,
+                            encoder_hidden_states=conditioning.hidden,
+                            pooled_projections=conditioning.pooled).sample
         extra = {}
         if conditioning.pooled is not None:
             height, width = (side * self.pixels_per_sample for side in x_t.shape[-2:])
@@ -166,6 +220,11 @@ class DiffusionModel(torch.nn.Module):
         if self.vae is None:
             return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def denoiser_timesteps(self, steps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is called with at training step k: k itself, or for flow
+        matching the scheduler's timestep k (1000 sigma_k)."""
+        return self.scheduler.timesteps.to(steps.device)[steps] if self.flow else steps
 
     def forward(self, x_t, timesteps, conditioning) -> torch.Tensor:
         """The trained denoiser's prediction: the call that goes through DDP's wrapper, so
@@ -242,22 +301,27 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
     text_encoder = _component_class(path / "text_encoder", "transformers").from_pretrained(
         path / "text_encoder", dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    scheduler = diffusers.DDPMScheduler.from_pretrained(path / "scheduler")
+    scheduler_class = json.loads((path / "scheduler" / "scheduler_config.json").read_text()) \
+        .get("_class_name")
+    scheduler = (diffusers.FlowMatchEulerDiscreteScheduler if scheduler_class == FLOW_SCHEDULER
+                 else diffusers.DDPMScheduler).from_pretrained(path / "scheduler")
     vae = (diffusers.AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
            if (path / "vae").is_dir() else None)
-    second = {}
-    if (path / "text_encoder_2").is_dir():  # SDXL
-        if not (path / "tokenizer_2").is_dir():
-            raise ConfigError(f"model.path {path}: text_encoder_2/ without tokenizer_2/.")
-        second = {"text_encoder_2": _component_class(
-                      path / "text_encoder_2", "transformers").from_pretrained(
-                      path / "text_encoder_2", dtype=dtype),
-                  "tokenizer_2": AutoTokenizer.from_pretrained(path / "tokenizer_2")}
+    extra = {}  # SDXL's second encoder; SD3's second and third (T5, optional)
+    for suffix in ("_2", "_3"):
+        if (path / f"text_encoder{suffix}").is_dir():
+            if not (path / f"tokenizer{suffix}").is_dir():
+                raise ConfigError(f"model.path {path}: text_encoder{suffix}/ without "
+                                  f"tokenizer{suffix}/.")
+            extra[f"text_encoder{suffix}"] = _component_class(
+                path / f"text_encoder{suffix}", "transformers").from_pretrained(
+                path / f"text_encoder{suffix}", dtype=dtype)
+            extra[f"tokenizer{suffix}"] = AutoTokenizer.from_pretrained(path / f"tokenizer{suffix}")
     index = path / "model_index.json"
     zero_empty = bool(index.is_file() and json.loads(index.read_text()).get(
         "force_zeros_for_empty_prompt", False))
     return DiffusionModel(denoiser, text_encoder, tokenizer, scheduler, vae, source=str(path),
-                          zero_empty_prompt=zero_empty, **second)
+                          zero_empty_prompt=zero_empty, **extra)
 
 
 def attach_lora(model: DiffusionModel, lora) -> None:

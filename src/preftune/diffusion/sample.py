@@ -21,26 +21,40 @@ SAMPLES_DIR = "samples"
 def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
                   guidance_scale: float = 1.0, denoiser=None) -> torch.Tensor:
     """[len(prompts) * len(seeds), 3, H, W] images in [-1, 1], prompt-major, by DDIM (eta 0)
-    with the model's noise schedule; ``denoiser`` defaults to the model's own."""
-    from diffusers import DDIMScheduler
+    with the model's noise schedule, or by the flow-matching Euler sampler of an SD3 model;
+    ``denoiser`` defaults to the model's own."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     denoiser = denoiser if denoiser is not None else model.denoiser
     was_training = denoiser.training
     denoiser.eval()
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps)
+    scheduler = (FlowMatchEulerDiscreteScheduler if model.flow else DDIMScheduler).from_config(
+        model.scheduler.config)
     config = denoiser.config
     shape = (config.in_channels, config.sample_size, config.sample_size)
+    if model.flow and scheduler.config.get("use_dynamic_shifting"):  # SD3.5: as its pipeline
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import \
+            calculate_shift
+
+        patches = (config.sample_size // config.patch_size) ** 2
+        scheduler.set_timesteps(steps, mu=calculate_shift(
+            patches, *(scheduler.config.get(key, default) for key, default in (
+                ("base_image_seq_len", 256), ("max_image_seq_len", 4096),
+                ("base_shift", 0.5), ("max_shift", 1.16)))))
+    else:
+        scheduler.set_timesteps(steps)
+    scale = (lambda x, t: x) if model.flow else scheduler.scale_model_input
     rows = [(prompt, seed) for prompt in prompts for seed in seeds]
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-                     for _, seed in rows]).to(model.device) * scheduler.init_noise_sigma
+                     for _, seed in rows]).to(model.device) * getattr(scheduler,
+                                                                    "init_noise_sigma", 1.0)
     condition = model.encode_prompts([prompt for prompt, _ in rows])
     guided = guidance_scale != 1.0
     if guided:
         condition = Conditioning.cat([model.unconditional(len(rows)), condition])
     for t in scheduler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
-        prediction = model.predict(denoiser, scheduler.scale_model_input(x_in, t),
+        prediction = model.predict(denoiser, scale(x_in, t),
                                    t.expand(len(x_in)).to(model.device), condition)
         if guided:
             unconditional, conditional = prediction.chunk(2)

@@ -151,7 +151,8 @@ class DiffusionTask:
             targets.append(target)
             conditions.append(model.encode_prompts(getattr(batch, f"{side}_text")))
         x_t, target = torch.cat(noisy), torch.cat(targets)
-        condition, steps = Conditioning.cat(conditions), timesteps.repeat(len(sides))
+        condition = Conditioning.cat(conditions)
+        steps = model.denoiser_timesteps(timesteps.repeat(len(sides)))
         policy = denoising_error(module(x_t, steps, condition), target)
         reference = (self._reference_errors(x_t, steps, condition, target)
                      if self.spec.needs_reference else None)
@@ -168,6 +169,7 @@ class DiffusionTask:
         x_t, target = model.noisy_and_target(model.to_model_space(batch.images),
                                              noise[batch.owner], steps)
         condition = model.encode_prompts(batch.texts)[batch.owner]
+        steps = model.denoiser_timesteps(steps)
         policy = denoising_error(module(x_t, steps, condition), target)
         reference = self._reference_errors(x_t, steps, condition, target)
         errors = RankedErrors(batch.grid(policy), batch.grid(reference), batch.scores,
@@ -256,6 +258,11 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     splits = split_pairs(config)
     if config.model.lora is not None:
         attach_lora(model, config.model.lora)
+    if model.flow and get_diffusion_loss(config.objective.name).online:
+        raise ConfigError(f"objective {config.objective.name} samples DDIM transitions; "
+                          f"{config.model.path} is a flow-matching pipeline (SD3), which it "
+                          "does not support: use diffusion_dpo, dcpo, mapo, rank_dpo or "
+                          "denoising.")
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
     spec = get_diffusion_loss(config.objective.name)
