@@ -141,3 +141,28 @@ def test_spo_is_refused_on_a_flow_matching_pipeline(pipes, tmp_path):
     with pytest.raises(ConfigError, match="objective spo samples DDIM transitions; .* is a "
                        "flow-matching pipeline .SD3."):
         diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())
+
+
+def test_logit_normal_timesteps_are_drawn_from_each_examples_generator(pipes, tmp_path):
+    from preftune.diffusion.train import example_generator
+
+    data = write_pairs(tmp_path / "data", count=4)
+    tree = config_tree(pipes["no_t5"], data, tmp_path / "run", objective={"name": "mapo"},
+                       train={"timestep_sampling": "logit_normal", "logit_mean": 0.5,
+                              "logit_std": 2.0, "seed": 3})
+    task, _ = diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())
+    batch = task.make_batch(task.train_examples)
+    noise, timesteps = task.noise_for(batch, step=7)
+    for row, index in enumerate(batch.indices):
+        generator = example_generator(3, 7, index)
+        z = torch.randn(1, generator=generator, dtype=torch.float64).item()
+        expected = int(1000 / (1 + torch.exp(torch.tensor(-(0.5 + 2.0 * z))).item()))
+        assert timesteps[row].item() == expected
+        assert torch.equal(noise[row], torch.randn((3, 16, 16), generator=generator))
+
+    tree = config_tree(pipes["no_t5"], write_prompts(tmp_path / "prompts", PROMPTS),
+                       tmp_path / "spo", objective={"name": "spo"},
+                       train={"timestep_sampling": "logit_normal"})
+    with pytest.raises(ConfigError, match="train.timestep_sampling: logit_normal draws the "
+                       "noise level of pairs and lists; objective spo samples its own"):
+        diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())

@@ -5,9 +5,10 @@ Unknown keys, and language-model settings that would do nothing here, are errors
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+                      model_validator)
 
 from ..config import (Count, Fraction, LoraConfig, NonNegative, RunConfig, Section,
                       TrainConfig, _unknown)
@@ -108,6 +109,14 @@ class DiffusionTrainConfig(TrainConfig):
     """Peak AdamW learning rate."""
     batch_size: Count = 4
     """Pairs per micro-batch (per process)."""
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """How each example's training step k in [0, T) is drawn: uniformly (DDPM, Diffusion-DPO),
+    or k = floor(T sigmoid(n)), n ~ N(logit_mean, logit_std^2), which favours the middle
+    noise levels (SD3's training default; diffusers' --weighting_scheme logit_normal)."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal draw."""
+    logit_std: Annotated[float, Field(gt=0)] = 1.0
+    """Standard deviation of the logit-normal draw."""
 
 
 class DiffusionConfig(RunConfig):

@@ -91,13 +91,20 @@ def example_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 
 def shared_noise(shape: tuple, indices: list[int], seed: int, step: int,
-                 num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_train_timesteps: int, logit_normal: tuple[float, float] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise [E, *shape], timesteps [E]) from one generator per example seeded by (seed,
-    step, index): the same however the examples are batched."""
+    step, index): the same however the examples are batched. Timesteps are uniform on
+    [0, T), or with ``logit_normal`` = (mean, std) floor(T sigmoid(mean + std z))."""
     noise, timesteps = [], []
     for index in indices:
         generator = example_generator(seed, step, index)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+        if logit_normal is None:
+            timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+        else:
+            mean, std = logit_normal
+            u = torch.sigmoid(mean + std * torch.randn(1, generator=generator, dtype=torch.float64))
+            timesteps.append((u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1))
         noise.append(torch.randn(shape, generator=generator))
     return torch.stack(noise), torch.cat(timesteps)
 
@@ -130,8 +137,11 @@ class DiffusionTask:
 
     def noise_for(self, batch: ImageBatch | RankedBatch, step: int):
         shape = tuple(self.module.to_model_space(batch.one_image).shape[1:])
-        noise, timesteps = shared_noise(shape, batch.indices, self.config.train.seed, step,
-                                        self.module.num_train_timesteps)
+        train = self.config.train
+        noise, timesteps = shared_noise(
+            shape, batch.indices, train.seed, step, self.module.num_train_timesteps,
+            (train.logit_mean, train.logit_std) if train.timestep_sampling == "logit_normal"
+            else None)
         return noise.to(batch.one_image.device), timesteps.to(batch.one_image.device)
 
     def losses_with(self, module, batch: ImageBatch | RankedBatch, noise, timesteps):
@@ -258,6 +268,11 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     splits = split_pairs(config)
     if config.model.lora is not None:
         attach_lora(model, config.model.lora)
+    if get_diffusion_loss(config.objective.name).online \
+            and config.train.timestep_sampling != "uniform":
+        raise ConfigError(f"train.timestep_sampling: {config.train.timestep_sampling} draws "
+                          "the noise level of pairs and lists; objective "
+                          f"{config.objective.name} samples its own trajectories. Remove it.")
     if model.flow and get_diffusion_loss(config.objective.name).online:
         raise ConfigError(f"objective {config.objective.name} samples DDIM transitions; "
                           f"{config.model.path} is a flow-matching pipeline (SD3), which it "
