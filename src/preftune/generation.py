@@ -226,6 +226,14 @@ def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None,
     it, cut to ``settings`` (``TokenizeSettings``) like a training prompt; ``images[p]`` are the
     images prompt p shows (their tokens are written in), ``tools[p]`` the functions it offers
     (written in by the chat template)."""
+    return [example.prompt_ids for example in
+            prompt_examples(prompts, tokenizer, settings, images, tools)]
+
+
+def prompt_examples(prompts: list, tokenizer, settings, images: list | None = None,
+                    tools: list | None = None) -> list:
+    """``prompt_ids``' prompts as ``TokenizedExample``s (an empty response each), which also
+    carry the images and their token counts that scoring a response under them needs."""
     from .data.records import DataError, Unpaired
     from .data.tokenize import tokenize_records
 
@@ -240,7 +248,7 @@ def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None,
         raise DataError(f"prompt {lost} ({str(prompts[lost])[:60]!r}) cannot be rendered within "
                         f"max_length {settings.max_length} / max_prompt_length "
                         f"{settings.max_prompt_length} ({report.as_dict()}); raise the limits.")
-    return [example.prompt_ids for example in examples]
+    return examples
 
 
 def greedy_texts(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,

@@ -55,8 +55,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                         f"{shape} records need a prompt field.")
     columns = _column_map(path, fields)
     source = locate(path)
-    base_dir = source.path if source.kind == "saved" else os.path.dirname(
-        source.files[0] if source.files else source.path)
+    base_dir = images_folder(source)
     records: list = []
     detection = None
     for origin, row in _rows(source, {columns[name] for name in TEXT_FIELDS}, skipped):
@@ -101,6 +100,13 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
 
 # ---------------------------------------------------------------------------------------------
 # reading files into (origin, row dict)
+
+
+def images_folder(source: Source) -> str:
+    """Where a data source's relative image paths start: its folder (a saved dataset's own
+    directory)."""
+    return source.path if source.kind == "saved" else os.path.dirname(
+        source.files[0] if source.files else source.path)
 
 
 def read_rows(path: str, text_columns: set,

@@ -1,5 +1,5 @@
-"""What the online modules share: the prompts, loading a model onto the device, the round's
-scorer, and atomic JSON / JSONL files."""
+"""What the online modules share: the prompts (with the images they show), loading a model
+onto the device, the round's scorer, and atomic JSON / JSONL files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import NamedTuple
 from accelerate import PartialState
 
 from ..config import Config
+from ..data.images import image_ref, with_images
 from ..data.tokenize import TokenizeSettings
-from ..generation import prompt_ids
+from ..generation import prompt_examples
 from ..model.load import load_model_and_tokenizer
 from ..score import load_scorer
 
@@ -25,13 +26,52 @@ class Prompt(NamedTuple):
     negative: str | None = None  # the row's rejected response, if any (D2O's negative)
     positive: str | None = None  # the row's chosen response, if any (SELM ranks both)
     tools: tuple = ()  # the functions the prompt offers (data/tools.py)
+    images: tuple = ()  # the images the prompt shows (ImageRef), placeholders in the prompt
+
+    @property
+    def question(self):
+        """The prompt as scorers get it: with ``.images`` when it shows any."""
+        return with_images(self.prompt, self.images)
 
 
 def prompts_to_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
     """The prompts tokenized as training renders them, cut to the data limits."""
+    return [example.prompt_ids for example in prompts_to_examples(prompts, tokenizer, config)]
+
+
+def prompts_to_examples(prompts: list, tokenizer, config: Config) -> list:
+    """``prompts_to_ids``' prompts as ``TokenizedExample``s (with their images' token counts)."""
     settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
-    return prompt_ids([p.prompt for p in prompts], tokenizer, settings,
-                      tools=[p.tools for p in prompts])
+    return prompt_examples([p.prompt for p in prompts], tokenizer, settings,
+                           images=[p.images for p in prompts], tools=[p.tools for p in prompts])
+
+
+def prompt_images(prompts: list) -> list | None:
+    """Each prompt's images for generation, or None when no prompt shows any."""
+    return [p.images for p in prompts] if any(p.images for p in prompts) else None
+
+
+def stored_images(images: tuple, folder: Path) -> list[str]:
+    """Absolute paths of a prompt's images for the round files (samples, pairs): a file as
+    it is, bytes or an in-memory image written once to ``folder`` under its content key."""
+    paths = []
+    for image in images:
+        if image.path is not None:
+            paths.append(os.path.abspath(image.path))
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{image.key}.png"
+        if not target.exists():
+            image.load().save(target)
+        paths.append(str(target.resolve()))
+    return paths
+
+
+def row_question(row: dict):
+    """A round file row's prompt as scorers get it (with ``.images`` when it has any)."""
+    return with_images(row["prompt"], tuple(
+        image_ref(path, row.get("origin", ""), f"field 'images', item {k}")
+        for k, path in enumerate(row.get("images", ()))))
 
 
 def online_scorer(config, judge: str, data):

@@ -22,10 +22,12 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, build_config
-from ..data.records import required_prompt
+from ..data.hub import locate
+from ..data.images import attach_images, with_images
+from ..data.records import Unpaired, required_prompt
 from ..data.tools import tools_of
 from ..data.shapes import TEXT_FIELDS
-from ..data.sources import read_rows
+from ..data.sources import images_folder, read_rows
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer
@@ -37,8 +39,8 @@ from ..train.logging import read_metrics
 from ..train.loop import train
 from ..train.output import move_aside, prepare_output_dir
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, win_probs
-from .common import (Prompt, load_on_device, online_scorer, prompts_to_ids, read_jsonl,
-                     write_json, write_jsonl)
+from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
+                     read_jsonl, row_question, stored_images, write_json, write_jsonl)
 from .config import OnlineConfig
 from .measure import evaluate_model
 
@@ -57,6 +59,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     prompts = _prompts(config.data.train, config)
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
+    _check_images(config, prompts + eval_prompts)
     summary = {"initial": None, "rounds": []}
     if eval_prompts:
         summary["initial"] = _phase(out / "initial", "evaluate", lambda: evaluate_model(
@@ -150,21 +153,38 @@ def _phase(here: Path, name: str, work) -> dict:
 
 def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
     """Each distinct prompt of the data file(s), in file order, with its origin. Any row with
-    a prompt field works (pairs, lists, or prompts alone); ``data.fields`` may rename it."""
-    column = config.data.fields.get("prompt", "prompt")
+    a prompt field works (pairs, lists, or prompts alone); ``data.fields`` may rename it. A
+    prompt shows the images of the row's ``images`` field or its inline image parts, as in
+    training data; the same question about another image is another prompt."""
+    fields = config.data.fields
+    column = fields.get("prompt", "prompt")
     seen: dict = {}
     for path in [paths] if isinstance(paths, str) else paths:
+        folder = images_folder(locate(path))
         for origin, row in read_rows(path, set(TEXT_FIELDS) | {column}):
             prompt = required_prompt(origin, row, column, (
                 "(the prompt) is missing or empty; an online run samples answers to each row's "
                 "prompt (a string or a list of chat messages). Rename the column with "
                 "data.fields."))
-            tools = tools_of(row, config.data.fields.get("tools", "tools"), origin,
-                             isinstance(prompt, list))
-            seen.setdefault(prompt_key(prompt) + json.dumps(tools, sort_keys=True), Prompt(
-                origin, prompt, _text(row.get(config.data.fields.get("rejected", "rejected"))),
-                _text(row.get(config.data.fields.get("chosen", "chosen"))), tools))
+            tools = tools_of(row, fields.get("tools", "tools"), origin, isinstance(prompt, list))
+            shown = attach_images(Unpaired(prompt, "", True), row, fields, origin, folder)
+            key = prompt_key(with_images(shown.prompt, shown.images))
+            seen.setdefault(key + json.dumps(tools, sort_keys=True), Prompt(
+                origin, shown.prompt, _text(row.get(fields.get("rejected", "rejected"))),
+                _text(row.get(fields.get("chosen", "chosen"))), tools, shown.images))
     return list(seen.values())
+
+
+def _check_images(config: OnlineConfig, prompts: list) -> None:
+    """Image prompts sample through transformers in rounds; say so for the rest."""
+    if not any(p.images for p in prompts):
+        return
+    if config.online.mode == "per_step":
+        raise ConfigError("online.mode: per_step does not take image prompts yet; use rounds "
+                          "(online.mode: rounds), which sample, score and train on them.")
+    if config.online.sampling.backend == "vllm":
+        raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
+                          "use the transformers backend (online.sampling.backend: hf).")
 
 
 def _text(reply) -> str | None:
@@ -196,13 +216,15 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
         model, tokenizer = load_on_device(policy, config)
         generator = HFGenerator(model, tokenizer)
     generations = generator.generate(prompts_to_ids(prompts, tokenizer, config), settings,
-                                     f"round {r}: sampling")
+                                     f"round {r}: sampling", prompt_images(prompts))
     if sampling.backend == "vllm":
         generator.close()
     provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
                   "sampling": {**asdict(settings), "backend": sampling.backend}}
     rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
              **({"tools": list(p.tools)} if p.tools else {}),  # on to the pairs built
+             **({"images": stored_images(p.images, here.parent / "images")}
+                if p.images else {}),
              **({"negative": p.negative} if p.negative else {}),
              **({"positive": p.positive} if p.positive else {}), **provenance}
             for p, texts in zip(prompts, generations.texts)]
@@ -221,7 +243,7 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
     candidates = [row["responses"] + ([row["positive"], row["negative"]] if with_data and
                                       row.get("positive") and row.get("negative") else [])
                   for row in rows]
-    flat_prompts = [row["prompt"] for row, texts in zip(rows, candidates) for _ in texts]
+    flat_prompts = [row_question(row) for row, texts in zip(rows, candidates) for _ in texts]
     flat = [text for texts in candidates for text in texts]
     scores = None if scorer.pairwise else scored_in_chunks(
         scorer.score, f"{here.name}: scoring", flat_prompts, flat)
@@ -247,7 +269,7 @@ def _preference_matrix(scorer, row: dict) -> list[list[float]]:
     """P(response i beats response j) for every ordered pair of one prompt's responses."""
     responses, k = row["responses"], len(row["responses"])
     upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    probs = scorer.prefer([row["prompt"]] * len(upper), [responses[i] for i, _ in upper],
+    probs = scorer.prefer([row_question(row)] * len(upper), [responses[i] for i, _ in upper],
                           [responses[j] for _, j in upper])
     matrix = [[0.5] * k for _ in range(k)]
     for (i, j), p in zip(upper, probs):

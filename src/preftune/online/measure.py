@@ -10,8 +10,8 @@ from ..data.tokenize import TokenizedExample
 from ..evaluate.diagnostics import sampled_kl
 from ..evaluate.sampling import score_responses
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
-from .common import (load_on_device, online_scorer, prompts_to_ids, read_jsonl, write_json,
-                     write_jsonl)
+from .common import (load_on_device, online_scorer, prompt_images, prompts_to_examples,
+                     prompts_to_ids, read_jsonl, write_json, write_jsonl)
 from .config import OnlineConfig
 
 
@@ -22,11 +22,12 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
     model, tokenizer = load_on_device(model_path, config)
     ids = prompts_to_ids(prompts, tokenizer, config)
     online = config.online
+    images = prompt_images(prompts)
     texts = greedy_texts(model, tokenizer, ids, online.eval_max_new_tokens,
-                         online.sampling.batch_size, f"{here.name}: held-out answers")
+                         online.sampling.batch_size, f"{here.name}: held-out answers", images)
     # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
     scorer = online_scorer(config, config.model.path, config.data.eval)
-    questions = [p.prompt for p in prompts]
+    questions = [p.question for p in prompts]
     if scorer.pairwise:  # no score of one answer: P(this answer > the initial model's answer)
         initial = texts if model_path == config.model.path else [
             row["response"] for row in read_jsonl(here.parent / "initial" / "eval_answers.jsonl")]
@@ -36,27 +37,30 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
         scores = scorer.score(questions, texts)
     here.mkdir(parents=True, exist_ok=True)
     write_jsonl(here / "eval_answers.jsonl",
-                 [{"prompt": p.prompt, "response": t, "score": s, "origin": p.origin}
+                 [{"prompt": p.prompt, "response": t, "score": s, "origin": p.origin,
+                   **({"images": [i.describe() for i in p.images]} if p.images else {})}
                   for p, t, s in zip(prompts, texts, scores)])
     result = {"prompts": len(texts), "mean_score": statistics.fmean(scores)}
     if set(scores) <= {0.0, 1.0}:  # a pass/fail scorer (checkers, unit tests)
         result["pass_rate"] = result["mean_score"]
     if online.eval_kl_samples and model_path != config.model.path:
-        result["kl_to_initial"] = _kl_to_initial(config, model, tokenizer, ids)
+        result["kl_to_initial"] = _kl_to_initial(config, model, tokenizer, ids, prompts)
     if online.eval_best_of and model_path == config.model.path and not scorer.pairwise:
-        result["best_of_n"] = _best_of_n(config, model, tokenizer, ids, questions, scorer)
+        result["best_of_n"] = _best_of_n(config, model, tokenizer, ids, questions, scorer,
+                                         images)
     write_json(here / "eval.json", result)
     return result
 
 
 def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: list,
-               scorer) -> dict:
+               scorer, images: list | None) -> dict:
     """The best-of-n baseline: n samples per held-out prompt (online.sampling's temperature,
     top-p, top-k), each prompt scored by its best sample."""
     online = config.online
     settings = online.sampling.settings(config.train.seed + 1, samples=online.eval_best_of,
                                         max_new_tokens=online.eval_max_new_tokens)
-    drawn = HFGenerator(model, tokenizer).generate(ids, settings, "best-of-n: sampling").texts
+    drawn = HFGenerator(model, tokenizer).generate(ids, settings, "best-of-n: sampling",
+                                                   images).texts
     n = online.eval_best_of
     scores = scorer.score([q for q in questions for _ in range(n)],
                           [t for texts in drawn for t in texts])
@@ -68,7 +72,7 @@ def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: lis
     return result
 
 
-def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list) -> float:
+def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list, prompts: list) -> float:
     """KL(pi_round || pi_initial) estimated on ``eval_kl_samples`` samples of each held-out prompt
     from the round's model: the mean of log pi_round(y|x) - log pi_initial(y|x), the estimate
     ``preftune eval`` reports as sampled/kl, from the same scoring pass."""
@@ -76,13 +80,16 @@ def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list) -> float:
                                 max_new_tokens=config.online.eval_max_new_tokens,
                                 batch_size=config.online.sampling.batch_size,
                                 seed=config.train.seed)
-    drawn = HFGenerator(model, tokenizer).generate(ids, settings, "KL: sampling").token_ids
-    examples = [TokenizedExample(p, responses, index=n)
-                for n, (p, responses) in enumerate(zip(ids, drawn))]
-    pad = tokenizer.pad_token_id
+    drawn = HFGenerator(model, tokenizer).generate(ids, settings, "KL: sampling",
+                                                   prompt_images(prompts)).token_ids
+    examples = [TokenizedExample(p.prompt_ids, responses, index=n, images=p.images,
+                                 image_token_counts=p.image_token_counts)
+                for n, (p, responses) in enumerate(zip(
+                    prompts_to_examples(prompts, tokenizer, config), drawn))]
+    pad, images = tokenizer.pad_token_id, getattr(tokenizer, "image_inputs", None)
     policy = score_responses(model, examples, pad, config.online.sampling.batch_size,
-                             description="KL: round's model").logps
+                             description="KL: round's model", images=images).logps
     initial, _ = load_on_device(config.model.path, config)
     reference = score_responses(initial, examples, pad, config.online.sampling.batch_size,
-                                description="KL: initial model").logps
+                                description="KL: initial model", images=images).logps
     return sampled_kl(policy.flatten(), reference.flatten())

@@ -1,0 +1,114 @@
+"""``preftune online`` rounds on image prompts: each prompt is sampled, scored and trained with
+the images it shows (a scorer sees them), the round files name the images, and the held-out
+measurement (answers, best-of-n, KL to the initial model) runs under them too."""
+
+import json
+
+import pytest
+
+from preftune.config import ConfigError
+from preftune.model.load import load_tokenizer
+from preftune.online.config import OnlineConfig
+from preftune.online.common import prompts_to_ids
+from preftune.online.loop import _prompts, run_online
+from tiny_vlms import save_tiny_vlm_dir, solid_image
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+LETTER = {(200, 30, 30): "r", (30, 30, 200): "b"}  # the colour of an image -> the letter it wants
+SCORED = []
+
+
+def colour_letter(prompt, response):
+    """A scorer that needs the image: how often the response has the letter of the colour of
+    the image the prompt shows (its top-right pixel)."""
+    (image,) = prompt.images
+    letter = LETTER[image.load().getpixel((19, 0))]
+    SCORED.append((str(prompt), image.path, response))
+    return float(response.count(letter))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online_vision")
+    save_tiny_vlm_dir(root / "model", "idefics3")
+    solid_image(root / "red.png", (200, 30, 30))
+    solid_image(root / "blue.png", (30, 30, 200))
+    # the same question about two images: two prompts
+    rows = [{"prompt": "What colour? <image>", "images": [name]}
+            for name in ("red.png", "blue.png", "red.png")]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def tree(root, name, **online):
+    return {"output_dir": str(root / name), "model": {"path": str(root / "model")},
+            "data": {"train": str(root / "prompts.jsonl"), "eval": str(root / "prompts.jsonl"),
+                     "max_length": 48, "max_prompt_length": 32},
+            "objective": {"name": "dpo", "beta": 0.1},
+            "train": {"learning_rate": 5e-3, "batch_size": 2, "max_steps": 2, "seed": 0,
+                      "warmup_ratio": 0.0},
+            "online": {"rounds": 1, "scorer": "test_online_vision:colour_letter",
+                       "eval_max_new_tokens": 6, "eval_best_of": 2, "eval_kl_samples": 2,
+                       "sampling": {"samples": 4, "max_new_tokens": 8, "batch_size": 4,
+                                    "temperature": 1.5},
+                       **online}}
+
+
+def test_a_round_samples_scores_and_trains_on_image_prompts(workspace):
+    config = OnlineConfig.from_dict(tree(workspace, "run"))
+    prompts = _prompts(config.data.train, config)
+    assert [p.images[0].path for p in prompts] == [str(workspace / "red.png"),
+                                                   str(workspace / "blue.png")]
+    tokenizer = load_tokenizer(str(workspace / "model"))
+    image_token = tokenizer.image_inputs.image_token_id
+    assert all(ids.count(image_token) > 0 for ids in prompts_to_ids(prompts, tokenizer, config))
+
+    SCORED.clear()
+    out = run_online(config)
+    here = out / "round-1"
+    samples = [json.loads(line) for line in (here / "samples.jsonl").open()]
+    assert [row["images"] for row in samples] == [[str(workspace / "red.png")],
+                                                  [str(workspace / "blue.png")]]
+    scored = [json.loads(line) for line in (here / "scored.jsonl").open()]
+    for row in scored:  # the scorer saw each sample with its own prompt's image
+        letter = "r" if row["images"][0].endswith("red.png") else "b"
+        assert row["scores"] == [float(text.count(letter)) for text in row["responses"]]
+    assert {(prompt, path) for prompt, path, _ in SCORED} == {
+        ("What colour? <image>", str(workspace / "red.png")),
+        ("What colour? <image>", str(workspace / "blue.png"))}
+    pairs = [json.loads(line) for line in (here / "pairs.jsonl").open()]
+    assert pairs and all(len(pair["images"]) == 1 for pair in pairs)
+    assert (here / "metrics.jsonl").is_file() and (here / "model").is_dir()
+    trained = json.loads((here / "data_report.json").read_text())["train"]
+    assert trained["images"] == trained["kept"] == len(pairs)  # each pair under its image
+    evaluation = json.loads((here / "eval.json").read_text())
+    assert evaluation["prompts"] == 2 and "kl_to_initial" in evaluation
+    initial = json.loads((out / "initial" / "eval.json").read_text())
+    assert initial["best_of_n"]["n"] == 2
+    answers = [json.loads(line) for line in (here / "eval_answers.jsonl").open()]
+    assert [a["images"] for a in answers] == [[str(workspace / "red.png")],
+                                              [str(workspace / "blue.png")]]
+
+
+@pytest.mark.parametrize("online, message", [
+    ({"mode": "per_step"}, "online.mode: per_step does not take image prompts yet"),
+    ({"sampling": {"backend": "vllm"}}, "online.sampling.backend: vllm does not take image"),
+])
+def test_what_does_not_take_image_prompts_says_so(workspace, online, message):
+    settings = tree(workspace, "refused")
+    sampling = {**settings["online"]["sampling"], **online.pop("sampling", {})}
+    settings["online"].update(online, sampling=sampling)
+    if "mode" in online:  # one run of train.max_steps steps
+        del settings["online"]["rounds"]
+    with pytest.raises(ConfigError, match=message):
+        run_online(OnlineConfig.from_dict(settings))
+
+
+def test_image_prompts_without_images_on_disk_name_the_record(workspace, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(
+        {"prompt": "What colour? <image>", "images": ["missing.png"]}) + "\n")
+    settings = tree(workspace, "missing")
+    settings["data"]["train"] = settings["data"]["eval"] = str(tmp_path / "prompts.jsonl")
+    with pytest.raises(Exception, match="prompts.jsonl:1: field 'images', item 0: image file "
+                       "'missing.png' does not exist"):
+        run_online(OnlineConfig.from_dict(settings))
