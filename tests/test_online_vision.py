@@ -90,17 +90,39 @@ def test_a_round_samples_scores_and_trains_on_image_prompts(workspace):
                                               [str(workspace / "blue.png")]]
 
 
-@pytest.mark.parametrize("online, message", [
-    ({"mode": "per_step"}, "online.mode: per_step does not take image prompts yet"),
-    ({"sampling": {"backend": "vllm"}}, "online.sampling.backend: vllm does not take image"),
-])
-def test_what_does_not_take_image_prompts_says_so(workspace, online, message):
+def test_online_dpo_steps_sample_and_train_under_each_prompts_image(workspace, monkeypatch):
+    from preftune.online import per_step
+
+    collated = []  # the image paths of every trained example, as the step's batch is laid out
+
+    def collate(examples, *args, **kwargs):
+        collated.extend(tuple(image.path for image in ex.images) for ex in examples)
+        assert kwargs["images"] is not None  # the processor's image inputs
+        return plain_collate(examples, *args, **kwargs)
+
+    plain_collate = per_step.collate
+    monkeypatch.setattr(per_step, "collate", collate)
+    settings = tree(workspace, "per_step", mode="per_step", eval_best_of=0, eval_kl_samples=0)
+    del settings["online"]["rounds"]  # one run of train.max_steps steps
+    SCORED.clear()
+    out = run_online(OnlineConfig.from_dict(settings)) / "round-1"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert {row["step"] for row in samples} == {1, 2}
+    for row in samples:
+        letter = "r" if row["images"][0].endswith("red.png") else "b"
+        assert row["scores"] == [float(text.count(letter)) for text in row["responses"]]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+    assert pairs and all(len(pair["images"]) == 1 for pair in pairs)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()] == [1, 2]
+    assert collated == [tuple(pair["images"]) for pair in pairs]
+    assert {path for _, path, _ in SCORED} == {str(workspace / "red.png"),
+                                               str(workspace / "blue.png")}
+
+
+def test_vllm_sampling_refuses_image_prompts(workspace):
     settings = tree(workspace, "refused")
-    sampling = {**settings["online"]["sampling"], **online.pop("sampling", {})}
-    settings["online"].update(online, sampling=sampling)
-    if "mode" in online:  # one run of train.max_steps steps
-        del settings["online"]["rounds"]
-    with pytest.raises(ConfigError, match=message):
+    settings["online"]["sampling"]["backend"] = "vllm"
+    with pytest.raises(ConfigError, match="online.sampling.backend: vllm does not take image"):
         run_online(OnlineConfig.from_dict(settings))
 
 

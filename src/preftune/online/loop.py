@@ -176,12 +176,9 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
 
 
 def _check_images(config: OnlineConfig, prompts: list) -> None:
-    """Image prompts sample through transformers in rounds; say so for the rest."""
+    """Image prompts sample through transformers; vLLM is refused by name."""
     if not any(p.images for p in prompts):
         return
-    if config.online.mode == "per_step":
-        raise ConfigError("online.mode: per_step does not take image prompts yet; use rounds "
-                          "(online.mode: rounds), which sample, score and train on them.")
     if config.online.sampling.backend == "vllm":
         raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
                           "use the transformers backend (online.sampling.backend: hf).")

@@ -30,7 +30,7 @@ from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
                           write_run_header)
 from ..train.trainer import Trainer, count_steps
 from .build import build_rows
-from .common import prompts_to_ids
+from .common import prompt_images, prompts_to_ids, row_question, stored_images
 
 RETRIES = 4  # further draws of prompts when a step's samples all tie
 
@@ -64,26 +64,31 @@ class OnlineStepTask(PolicyTask):
         records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=r["source"],
                         scores={"chosen_score": r["chosen_score"],
                                 "rejected_score": r["rejected_score"]},
-                        tools=tuple(r.get("tools", ()))) for r in rows]
+                        tools=tuple(r.get("tools", ())), images=row_question(r).images
+                        if r.get("images") else ()) for r in rows]
         examples, _ = tokenize_records(records, self.tokenizer, self.settings)
         for index, example in enumerate(examples):
             example.index = index
         layout = choose_layout(examples, self.layout, self.config.model.attn_implementation)
         return collate(examples, self.tokenizer.pad_token_id, layout,
-                       pad_to_multiple_of=row_multiple(self.config))
+                       pad_to_multiple_of=row_multiple(self.config),
+                       images=getattr(self.tokenizer, "image_inputs", None))
 
     def _pairs(self, prompts: list, seed: int) -> tuple[list, list]:
         online = self.config.online
         settings = online.sampling.settings(seed)
         policy = causal_lm_of(self.module.model)
         ids = prompts_to_ids(prompts, self.tokenizer, self.config)
-        texts = HFGenerator(policy, self.tokenizer).generate(ids, settings).texts
-        flat_prompts = [p.prompt for p, samples in zip(prompts, texts) for _ in samples]
+        texts = HFGenerator(policy, self.tokenizer).generate(ids, settings, None,
+                                                             prompt_images(prompts)).texts
+        flat_prompts = [p.question for p, samples in zip(prompts, texts) for _ in samples]
         scores = self.scorer.score(flat_prompts, [t for samples in texts for t in samples])
         k = settings.samples
         scored = [{"prompt": p.prompt, "responses": samples, "scores": scores[n * k : (n + 1) * k],
                    "origin": p.origin, "step": self.step + 1,
-                   **({"tools": list(p.tools)} if p.tools else {})}
+                   **({"tools": list(p.tools)} if p.tools else {}),
+                   **({"images": stored_images(p.images, self.output_dir / "images")}
+                      if p.images else {})}
                   for n, (p, samples) in enumerate(zip(prompts, texts))]
         rows, _ = build_rows(scored, online.pairs.builder, online.pairs.min_margin,
                              online.pairs.rso_beta, online.pairs.rso_accept, seed=seed)
