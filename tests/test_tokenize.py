@@ -26,6 +26,7 @@ def test_string_prompt_gets_bos_and_responses_end_with_eos(tiny_tokenizer):
         "records": 1, "kept": 1, "dropped_too_long": 0, "empty_responses": 0, "empty_prompts": 0,
         "prompt_truncated": 0, "response_truncated": 0, "identical_responses": 0,
         "boundary_merges": 0, "joint_pairs": 0, "images": 0, "dropped_image_cut": 0,
+        "masked_tokens": 0,
     }
 
 

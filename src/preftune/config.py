@@ -18,6 +18,7 @@ from .config_model import (Count, Fraction, LoraConfig, ModelConfig, NonNegative
 from .config_train import PolicyTrainConfig, TrainConfig  # noqa: F401
 from .config_tree import ConfigError, read_tree, set_override
 from .data.convert import CONVERSIONS
+from .data.tools import MASK_ROLES
 from .objectives import get_objective
 from .objectives.compose import Objective, validate_params
 
@@ -73,6 +74,10 @@ class DataConfig(Section):
     max_prompt_length: Count | None = 512
     """Tokens of the prompt alone (its end is kept); null: only max_length applies. Unset, it
     is 512, or half of max_length when max_length is 512 or less."""
+    mask_roles: list[str] = list(MASK_ROLES)
+    """Inside a multi-turn response, messages of these roles (tool results) are context: their
+    tokens stay in the sequence but are left out of log-probs and the loss. []: score every
+    token of a response."""
 
     @model_validator(mode="before")
     @classmethod

@@ -90,6 +90,10 @@ def render_example(example: TokenizedExample, tokenizer) -> str:
                          f"{len(response) - own} response tokens")
         else:
             lines.append(f"{name}: {len(prompt)} prompt + {len(response)} response tokens")
+        if example.response_masks and not all(example.response_masks[number]):
+            left_out = sum(not keep for keep in example.response_masks[number])
+            lines.append(f"  ({left_out} of them tool output, marked '(not scored)': context, "
+                         "left out of the loss; data.mask_roles)")
         shown_from = 0
         if number > 0 and len(prompt) > CONTEXT_TOKENS:
             # the prompt is the same for every response; show only the tokens before the cut
@@ -97,6 +101,9 @@ def render_example(example: TokenizedExample, tokenizer) -> str:
             lines.append(f"  ... {shown_from} prompt tokens as above")
         lines += _prompt_lines(prompt, shown_from, tokenizer)
         tokens = [_token_line(len(prompt) + p, t, tokenizer) for p, t in enumerate(response)]
+        if example.response_masks:
+            tokens = [line if keep else f"{line}  (not scored)"
+                      for line, keep in zip(tokens, example.response_masks[number])]
         if example.own_prompt_lengths:
             lines += [OWN_PROMPT, *tokens[:own]]
         lines += [BOUNDARY, *tokens[own:]]

@@ -250,13 +250,18 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
                 start = base + len(row_ids)
                 # the first response token is predicted by the last prompt token, each later
                 # one by the response token before it
+                predicted_by = [last_prompt_position, *range(start, start + len(response) - 1)]
+                scored = response
+                if examples[e].response_masks:  # tool results: in the row, not scored
+                    mask = examples[e].response_masks[r]
+                    predicted_by = [p for p, keep in zip(predicted_by, mask) if keep]
+                    scored = [token for token, keep in zip(response, mask) if keep]
                 if response:
-                    predictors.append(last_prompt_position)
-                    predictors += range(start, start + len(response) - 1)
-                targets += response
-                owners += [k] * len(response)
-                offsets += range(len(response))
-                lengths[k], ends[k] = len(response), start + len(response) - 1
+                    predictors += predicted_by
+                targets += scored
+                owners += [k] * len(scored)
+                offsets += range(len(scored))
+                lengths[k], ends[k] = len(scored), start + len(response) - 1
                 row_ids += response
                 row_pos += range(len(prompt), len(prompt) + len(response))
                 if mrope:

@@ -47,7 +47,8 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if not data_config.train:
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
-    settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length)
+    settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length,
+                                tuple(data_config.mask_roles))
     skipped: list | None = [] if data_config.on_error == "skip" else None
     detected: list = []
     train_records = _load_all(data_config.train, data_config, seed, skipped, detected)

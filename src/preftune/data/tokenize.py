@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
-from .tools import TOOLS_HINT, called_names
+from .tools import MASK_ROLES, TOOLS_HINT, called_names, masked_spans, response_masks
 
 ENCODE_CHUNK = 1024  # texts per batched tokenizer call: fast tokenizers parallelize a batch
 
@@ -24,6 +24,9 @@ class TokenizeSettings:
 
     max_length: int = 1024  # prompt + one response, in tokens
     max_prompt_length: int | None = 512  # prompt alone; None = only max_length applies
+    # messages of these roles inside a multi-turn response are context the model did not
+    # write (tool results): their tokens stay in the sequence but are left out of log-probs
+    mask_roles: tuple = MASK_ROLES
 
 
 @dataclass
@@ -56,6 +59,9 @@ class TokenizedExample:
     # held-out examples: the record's prompt (a string or messages; a joint pair's chosen
     # side's), for scoring answers to it (data.prepare)
     prompt: Any = None
+    # per response slot, True for each token that is scored (False: a masked role's message,
+    # e.g. a tool result inside a multi-turn response); () when every token is scored
+    response_masks: tuple = ()
 
     def images_of_slot(self, slot: int) -> tuple:
         """The images response slot ``slot`` is conditioned on."""
@@ -80,6 +86,7 @@ class TokenizeReport:
     joint_pairs: int = 0  # kept pairs whose two sides have different prompts (DOVE)
     images: int = 0  # images shown by the kept records' prompts
     dropped_image_cut: int = 0  # the prompt limit would cut into an image's tokens: dropped
+    masked_tokens: int = 0  # response tokens of masked roles (tool results): not scored
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +101,7 @@ class _Rendered:
     prompt_texts: list  # one per response slot; they differ only for a joint pair's two sides
     prompt_prefix: list  # special ids put before a plain-string prompt (BOS)
     response_texts: list
+    masked_spans: list = field(default_factory=list)  # per slot: (start, end) chars not scored
 
 
 def distinct_prompts(examples: Sequence[TokenizedExample]) -> list[TokenizedExample]:
@@ -127,7 +135,7 @@ def tokenize_records(
     examples: list[TokenizedExample] = []
     rendered: list[_Rendered] = []
     for index, record in enumerate(records):
-        item = _render(index, record, tokenizer, string_prefix)
+        item = _render(index, record, tokenizer, string_prefix, settings.mask_roles)
         if any(not text.strip() for text in item.response_texts):
             report.empty_responses += 1
             if not keep_empty:
@@ -156,7 +164,8 @@ def _leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
-def _render(index: int, record, tokenizer, string_prefix: list) -> _Rendered:
+def _render(index: int, record, tokenizer, string_prefix: list,
+            mask_roles: tuple = ()) -> _Rendered:
     prompt_texts = _prompt_texts(record, tokenizer)
     if getattr(record, "images", ()):
         images = _image_inputs(tokenizer, record)
@@ -164,11 +173,13 @@ def _render(index: int, record, tokenizer, string_prefix: list) -> _Rendered:
                         for text in prompt_texts]
     # a chat template writes its own BOS, if any, into the text
     prefix = [] if record.is_conversational else string_prefix
-    response_texts = [
-        _response_text(response, prompt, prompt_text, tokenizer, record)
+    rendered = [
+        _response_text(response, prompt, prompt_text, tokenizer, record, mask_roles)
         for response, prompt, prompt_text in zip(record.responses, record.prompts, prompt_texts)
     ]
-    return _Rendered(index, record, prompt_texts, prefix, response_texts)
+    spans = [found for _, found in rendered]
+    return _Rendered(index, record, prompt_texts, prefix, [text for text, _ in rendered],
+                     spans if any(spans) else [])
 
 
 def _prompt_texts(record, tokenizer) -> list[str]:
@@ -182,14 +193,17 @@ def _prompt_texts(record, tokenizer) -> list[str]:
     return [rendered[id(prompt)] for prompt in record.prompts]
 
 
-def _response_text(response, prompt, prompt_text: str, tokenizer, record) -> str:
+def _response_text(response, prompt, prompt_text: str, tokenizer, record,
+                   mask_roles: tuple = ()) -> tuple[str, list]:
+    """The response as text, and the (start, end) character spans of its messages whose role
+    is in ``mask_roles`` (tool results: not scored)."""
     if isinstance(response, str):
-        return response
+        return response, []
     if (len(response) == 1 and response[0].get("role") == "assistant"
             and not response[0].get("tool_calls")):  # tool calls: the template writes them
         content = response[0]["content"]
-        return content if isinstance(content, str) else "".join(
-            part["text"] for part in content if part.get("type") == "text")
+        return (content if isinstance(content, str) else "".join(
+            part["text"] for part in content if part.get("type") == "text")), []
     # a multi-turn continuation: render the whole dialogue and keep what follows the prompt
     history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list):
@@ -206,7 +220,10 @@ def _response_text(response, prompt, prompt_text: str, tokenizer, record) -> str
     eos_text = tokenizer.eos_token
     if eos_text and eos_text in continuation:
         continuation = continuation[: continuation.rindex(eos_text) + len(eos_text)]
-    return continuation
+    spans = masked_spans(history, response, prompt_text, full, mask_roles, record,
+                         lambda messages: _chat(tokenizer, messages, record, False))
+    return continuation, [(start, min(end, len(continuation))) for start, end in spans
+                          if start < len(continuation)]
 
 
 def _chat(tokenizer, messages: list, record, add_generation_prompt: bool) -> str:
@@ -293,8 +310,11 @@ def _encode_chunk(
             report.empty_prompts += 1
             continue
         shared, own = split_shared_prefix(side_prompts, getattr(item.record, "origin", ""))
+        masks = response_masks(tokenizer, item, response_ids) if item.masked_spans else []
+        masks = [mask if ids[-1:] == [eos_id] else mask + [True]
+                 for mask, ids in zip(masks, response_ids)]
         response_ids = [ids if ids[-1:] == [eos_id] else ids + [eos_id] for ids in response_ids]
-        example = _truncate(item, shared, own, response_ids, settings)
+        example = _truncate(item, shared, own, response_ids, settings, masks)
         if example is None:
             report.dropped_too_long += 1
             continue
@@ -306,6 +326,7 @@ def _encode_chunk(
             example.images, example.image_token_counts = tuple(images), tuple(counts)
             example.negative_images = tuple(getattr(item.record, "negative_images", ()))
             report.images += len(images)
+        report.masked_tokens += sum(not keep for mask in example.response_masks for keep in mask)
         report.prompt_truncated += example.prompt_truncated
         report.response_truncated += example.response_truncated
         report.joint_pairs += any(own)
@@ -336,7 +357,8 @@ def _with_image_tokens(prompt_ids: list, record, tokenizer) -> tuple[list, list]
 
 
 def _truncate(
-    item: _Rendered, shared: list, own: list, response_ids: list, settings: TokenizeSettings
+    item: _Rendered, shared: list, own: list, response_ids: list, settings: TokenizeSettings,
+    masks: list = (),
 ) -> TokenizedExample | None:
     """Keep each prompt's end (``cut_prompts``) and each response's start, so every side fits
     ``max_length`` with at least one response token; None when that is impossible."""
@@ -358,6 +380,8 @@ def _truncate(
         prompt_truncated=prompt_truncated,
         response_truncated=response_truncated,
         own_prompt_lengths=[len(part) for part in own] if any(own) else [],
+        response_masks=tuple(tuple([True] * len(part) + mask[:room])
+                             for part, mask, room in zip(own, masks, rooms)) if masks else (),
     )
 
 

@@ -9,9 +9,11 @@ format of transformers' chat templates:
      "tools": [{"type": "function", "function": {"name": "get_weather", "description": "...",
                 "parameters": {...}}}]}
 
-A tool's result is a ``{"role": "tool", "content": ...}`` message in the prompt. Only the chat
-template knows how tools and calls are written, so preftune checks that it wrote them: a
-template that drops them would train on prompts without the tools or on empty responses.
+A tool's result is a ``{"role": "tool", "content": ...}`` message, in the prompt or inside a
+multi-turn response (call, result, answer). Only the chat template knows how tools and calls
+are written, so preftune checks that it wrote them: a template that drops them would train on
+prompts without the tools or on empty responses. Inside a response, a tool's result is context
+the model did not write: its tokens are left out of the log-probs (``data.mask_roles``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import replace
 from typing import Any
 
 from .records import DataError, describe
+
+MASK_ROLES = ("tool", "ipython", "function")  # roles whose messages are tool output
 
 TOOLS_HINT = ("Set model.chat_template to a template that renders tools and tool calls (the "
               "tool-use template of the model's family), or leave them out.")
@@ -91,3 +95,51 @@ def called_names(messages: list) -> list[str]:
 
 def _is_name(value) -> bool:
     return isinstance(value, str) and bool(value.strip())
+
+
+def masked_spans(history: list, response: list, prompt_text: str, full: str, roles: tuple,
+                 record, render) -> list[tuple[int, int]]:
+    """(start, end) character spans, within the response's text (``full`` after
+    ``prompt_text``), of the response's messages whose role is in ``roles``: each message's
+    span is what rendering it adds to the dialogue before it (``render(messages)`` renders a
+    dialogue as ``full`` was rendered)."""
+    spans = []
+    for k, message in enumerate(response):
+        if message.get("role") not in roles:
+            continue
+        before = render(history + response[:k]) if k else prompt_text
+        through = render(history + response[: k + 1])
+        if not (full.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"{record.origin}: the chat template renders the dialogue before the "
+                f"{message['role']!r} message of a response differently once later messages "
+                "follow, so its tokens cannot be told apart to leave them out of the loss. "
+                "Set data.mask_roles: [] to train on them, or use a template that renders "
+                "turns one after another.")
+        spans.append((max(len(before), len(prompt_text)) - len(prompt_text),
+                      len(through) - len(prompt_text)))
+    return spans
+
+
+def response_masks(tokenizer, item, response_ids: list) -> list[list[bool]]:
+    """Per response slot of ``item`` (a rendered record), True for each token of
+    ``response_ids`` that is scored: a token is left out when it starts inside one of the
+    slot's masked spans (its character offsets, from the fast tokenizer)."""
+    masks = []
+    for text, spans, ids in zip(item.response_texts, item.masked_spans, response_ids):
+        if not spans:
+            masks.append([True] * len(ids))
+            continue
+        try:
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow tokenizers have no offsets
+            raise DataError(f"{item.record.origin}: leaving tool results out of the loss needs "
+                            "a fast tokenizer (character offsets); set data.mask_roles: [] to "
+                            "train on them.") from None
+        if encoded["input_ids"] != ids:
+            raise DataError(f"{item.record.origin}: the tokenizer encodes the response to other "
+                            "ids when asked for character offsets; set data.mask_roles: [] to "
+                            "train on its tool results.")
+        masks.append([not any(start <= first < end for start, end in spans)
+                      for first, _ in encoded["offset_mapping"]])
+    return masks

@@ -163,7 +163,9 @@ def reference_cache_key(model, examples: list[TokenizedExample], settings: dict)
     for ex in examples:
         images = [[image.key for image in ex.images_of_slot(slot)]
                   for slot in range(len(ex.response_ids))] if ex.images else []
-        digest.update(json.dumps([ex.index, ex.prompt_ids, ex.response_ids, images]).encode())
+        masks = [ex.response_masks] if ex.response_masks else []  # tool results left out
+        digest.update(json.dumps([ex.index, ex.prompt_ids, ex.response_ids, images, *masks])
+                      .encode())
     return digest.hexdigest()[:24]
 
 

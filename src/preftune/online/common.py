@@ -41,7 +41,8 @@ def prompts_to_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
 
 def prompts_to_examples(prompts: list, tokenizer, config: Config) -> list:
     """``prompts_to_ids``' prompts as ``TokenizedExample``s (with their images' token counts)."""
-    settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
+    settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length,
+                                tuple(config.data.mask_roles))
     return prompt_examples([p.prompt for p in prompts], tokenizer, settings,
                            images=[p.images for p in prompts], tools=[p.tools for p in prompts])
 

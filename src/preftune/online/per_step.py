@@ -45,7 +45,8 @@ class OnlineStepTask(PolicyTask):
                          {"train": reference}, {"train": []}, self._make_batch, layout, device)
         self.scorer, self.output_dir, self.step = scorer, Path(output_dir), 0
         self.batches_ahead = False  # a batch is sampled from the policy as it is at its step
-        self.settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length)
+        self.settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length,
+                                         tuple(config.data.mask_roles))
 
     def _make_batch(self, prompts: list):
         seed = self.config.train.seed
