@@ -185,3 +185,14 @@ def tiny_sd3_pipeline(directory: Path, seed: int = 0, t5: bool = True) -> Path:
     (directory / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusion3Pipeline"}))
     return directory
+
+
+def assert_same_gradient(losses, expected, weight):
+    """d losses.sum() / d weight equals d expected.sum() / d weight: float32 rounding of two
+    evaluations of a formula is magnified by beta/2 or T c, so compared to a small share of the
+    gradient's size."""
+    (got,) = torch.autograd.grad(losses.sum(), weight, retain_graph=True)
+    (want,) = torch.autograd.grad(expected.sum(), weight, retain_graph=True)
+    scale = want.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3 * scale)

@@ -43,8 +43,12 @@ class VLLMGenerator:
         return cls(llm, tokenizer)
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings,
-                 description: str | None = None):
-        """Samples of every prompt; vLLM's progress bar when ``description`` is given."""
+                 description: str | None = None, images: list | None = None):
+        """Samples of every prompt; vLLM's progress bar when ``description`` is given. Image
+        prompts are not taken here (``images`` must be None: the online loop refuses them
+        before it loads vLLM)."""
+        if images is not None:
+            raise ValueError("the vLLM backend does not sample image prompts")
         from vllm import SamplingParams
 
         params = SamplingParams(

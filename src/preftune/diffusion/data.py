@@ -136,6 +136,16 @@ def check_images(pair: ImagePair, fields: dict) -> None:
                             "or bytes; paths are relative to the data file's folder.") from None
 
 
+def rows_and_folders(paths: str | list[str], fields: dict):
+    """(origin, row, folder) of every record of ``paths``: relative image paths of a row start
+    at its data file's folder."""
+    for path in [paths] if isinstance(paths, str) else paths:
+        folder = str(Path(path.partition(":")[0] if not os.path.exists(path) else path)
+                     .resolve().parent)
+        for origin, row in read_rows(path, {fields.get("prompt", "prompt")}):
+            yield origin, row, folder
+
+
 def load_pairs(paths: str | list[str], fields: dict | None = None, captions: bool = False,
                check: bool = True, prompts_only: bool = False) -> list[ImagePair]:
     """Every record of ``paths`` as an ``ImagePair`` (images checked unless ``check`` is
@@ -143,15 +153,12 @@ def load_pairs(paths: str | list[str], fields: dict | None = None, captions: boo
     source is an error."""
     fields = fields or {}
     pairs: list[ImagePair] = []
-    for path in [paths] if isinstance(paths, str) else paths:
-        base_dir = str(Path(path.partition(":")[0] if not os.path.exists(path) else path)
-                       .resolve().parent)
-        for origin, row in read_rows(path, {fields.get("prompt", "prompt")}):
-            pair = record_from_row(len(pairs), origin, row, fields, base_dir, captions,
-                                   prompts_only)
-            if check and not prompts_only:
-                check_images(pair, fields)
-            pairs.append(pair)
+    for origin, row, base_dir in rows_and_folders(paths, fields):
+        pair = record_from_row(len(pairs), origin, row, fields, base_dir, captions,
+                               prompts_only)
+        if check and not prompts_only:
+            check_images(pair, fields)
+        pairs.append(pair)
     if not pairs:
         expected = "a prompt" if prompts_only else "prompt, chosen and rejected images"
         raise DataError(f"{paths}: no records; expected rows with {expected}.")

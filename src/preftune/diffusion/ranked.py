@@ -14,17 +14,14 @@ all have the same score makes no pair and is left out of training (counted in ``
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data.records import DataError
-from ..data.sources import read_rows
 from ..objectives.listwise import MAX_EXP2_GAIN_SCORE
-from .data import ImagePair, describe_source, image_tensor, open_image
+from .data import ImagePair, describe_source, image_tensor, open_image, rows_and_folders
 
 LIST_FIELDS = ("images", "image_scores")
 
@@ -104,14 +101,11 @@ def load_ranked(paths: str | list[str], fields: dict | None = None,
     False); an empty source is an error."""
     fields = fields or {}
     lists: list[RankedImages] = []
-    for path in [paths] if isinstance(paths, str) else paths:
-        base_dir = str(Path(path.partition(":")[0] if not os.path.exists(path) else path)
-                       .resolve().parent)
-        for origin, row in read_rows(path, {fields.get("prompt", "prompt")}):
-            ranked = ranked_from_row(len(lists), origin, row, fields, base_dir)
-            if check:
-                check_list_images(ranked, fields)
-            lists.append(ranked)
+    for origin, row, base_dir in rows_and_folders(paths, fields):
+        ranked = ranked_from_row(len(lists), origin, row, fields, base_dir)
+        if check:
+            check_list_images(ranked, fields)
+        lists.append(ranked)
     if not lists:
         raise DataError(f"{paths}: no records; expected rows with a prompt, images and "
                         "image_scores.")
