@@ -135,17 +135,27 @@ def test_tool_use_pairs_train_through_the_loop(tmp_path):
     assert values[1] != pytest.approx(values[0], abs=1e-4)  # it learns from the calls
 
 
+OFFERED = []  # the tools each call of offered_a gets with its prompt
+
+
+def offered_a(prompt, response):
+    """``test_online_loop:count_a`` that also records the tools its prompt offers."""
+    OFFERED.append(tuple(getattr(prompt, "tools", ())))
+    return float(response.count("a"))
+
+
 @pytest.mark.parametrize("mode", ["rounds", "per_step"])
 def test_online_runs_sample_with_the_tools_and_train_on_them(tmp_path, mode):
     """Online prompts with tools: sampled from the prompt as the template writes it with its
-    tools, and the pairs built keep the tools for training."""
+    tools, scored with the tools at hand (``prompt.tools``), and the pairs built keep the tools
+    for training."""
     save_tiny_model_dir(tmp_path / "model", seed=1)
     rows = [{"prompt": tool_row(city)["prompt"], "tools": [WEATHER]}
             for city in ("Paris", "Rome", "Oslo", "Lima")]
     data = write(tmp_path / "prompts.jsonl", rows)
     template = tmp_path / "tools.jinja"
     template.write_text(TOOL_TEMPLATE)
-    online = {"scorer": "test_online_loop:count_a", "eval_max_new_tokens": 8,
+    online = {"scorer": "test_tool_data:offered_a", "eval_max_new_tokens": 8,
               "sampling": {"samples": 4, "max_new_tokens": 10, "batch_size": 4}}
     online.update({"rounds": 1} if mode == "rounds" else {"mode": "per_step"})
     config = build_config({
@@ -162,7 +172,10 @@ def test_online_runs_sample_with_the_tools_and_train_on_them(tmp_path, mode):
     expected = tokenizer.apply_chat_template(rows[0]["prompt"], tools=[WEATHER],
                                              add_generation_prompt=True, return_dict=False)
     assert prompts_to_ids([prompt], tokenizer, config) == [expected]
+    OFFERED.clear()
     run_online(config)
+    # every sample and every held-out answer was scored with the prompt's tools at hand
+    assert OFFERED and all(tools == (WEATHER,) for tools in OFFERED)
     here = tmp_path / "run" / "round-1"
     samples = [json.loads(line) for line in (here / "samples.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (here / "pairs.jsonl").read_text().splitlines()]
@@ -195,3 +208,31 @@ def test_the_shipped_tools_template_writes_calls_the_tool_call_checker_reads(tmp
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
         "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"
         "<|im_end|>\n")
+
+
+def test_preftune_eval_scores_answers_with_the_prompts_tools_at_hand(tmp_path):
+    from preftune.api import evaluate
+
+    save_tiny_model_dir(tmp_path / "model")
+    data = write(tmp_path / "pairs.jsonl", [tool_row(city) for city in ("Paris", "Rome")])
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    OFFERED.clear()
+    evaluate(str(tmp_path / "model"), data, reference=str(tmp_path / "model"), samples=0,
+             scorer="test_tool_data:offered_a", chat_template=str(template), max_new_tokens=4,
+             output=str(tmp_path / "eval"))
+    assert OFFERED and all(tools == (WEATHER,) for tools in OFFERED)
+
+
+def test_answers_during_training_are_scored_with_the_prompts_tools_at_hand(tmp_path):
+    save_tiny_model_dir(tmp_path / "model")
+    write(tmp_path / "pairs.jsonl", [tool_row(city) for city in ("Paris", "Rome", "Oslo",
+                                                                 "Lima")])
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    OFFERED.clear()
+    run(tmp_path, "answers", data__eval_fraction=0.5, model__chat_template=str(template),
+        train__batch_size=2, train__max_steps=1, train__eval_every=1,
+        train__eval_generations=2, train__eval_max_new_tokens=4,
+        train__eval_scorer="test_tool_data:offered_a")
+    assert len(OFFERED) == 2 and all(tools == (WEATHER,) for tools in OFFERED)

@@ -212,25 +212,3 @@ def attach_images(record, row: dict, columns: dict, origin: str, base_dir: str):
                             f"the prompt shows {len(images)}; give one negative per image.")
         changes["negative_images"] = negative
     return replace(record, **changes)
-
-
-class ImageText(str):
-    """A plain-string prompt that also carries the images it shows (``.images``): text-only
-    scorers read it as the string it is, image-aware scorers look at the images."""
-
-    images: tuple = ()
-
-
-class ImageMessages(list):
-    """A message-list prompt that also carries the images it shows (``.images``)."""
-
-    images: tuple = ()
-
-
-def with_images(prompt, images: tuple):
-    """``prompt`` as handed to scorers: unchanged without images, else with ``.images``."""
-    if not images:
-        return prompt
-    carrier = ImageText(prompt) if isinstance(prompt, str) else ImageMessages(prompt)
-    carrier.images = tuple(images)
-    return carrier

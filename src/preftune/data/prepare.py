@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from ..score.base import scorer_prompt
 from .convert import convert, curriculum_order
 from .records import DataError
 from .sources import load_records
@@ -82,8 +83,9 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if eval_records:
         evaluation, eval_report = tokenize(eval_records, tokenizer, settings)
         _same_response_count(evaluation, "eval")
-        for example in evaluation:  # what answers to it are scored against
-            example.prompt = eval_records[example.index].prompts[0]
+        for example in evaluation:  # what answers to it are scored against, with its tools
+            record = eval_records[example.index]
+            example.prompt = scorer_prompt(record.prompts[0], (), getattr(record, "tools", ()))
         report["eval"] = eval_report.as_dict()
     return train, evaluation, report, shape
 

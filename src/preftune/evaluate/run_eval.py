@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..data.images import with_images
 from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
@@ -32,7 +31,7 @@ from ..model.load import load_model, load_model_and_tokenizer, load_tokenizer
 from . import diagnostics as D
 from .run_models import model_location, run_reference
 from ..score import load_scorer
-from ..score.base import scored_in_chunks
+from ..score.base import scored_in_chunks, scorer_prompt
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
 from .sampling import score_responses
 
@@ -244,7 +243,8 @@ def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -
                           options.batch_size, f"win rate: {who} answers", shown)
              for model, who in ((policy, "policy"), (reference, "reference"))]
     same = torch.tensor([a == b for a, b in zip(*texts)])
-    questions = [with_images(records[p.index].prompt, p.images) for p in prompts]
+    questions = [scorer_prompt(records[p.index].prompt, p.images,
+                               getattr(records[p.index], "tools", ())) for p in prompts]
     rows = [{"origin": records[p.index].origin, "policy_answer": a, "reference_answer": b}
             for p, a, b in zip(prompts, *texts)]
     result = {"win_rate/prompts": len(prompts), "win_rate/same_answer": same.double().mean().item()}

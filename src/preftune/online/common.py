@@ -11,11 +11,12 @@ from typing import NamedTuple
 from accelerate import PartialState
 
 from ..config import Config
-from ..data.images import image_ref, with_images
+from ..data.images import image_ref
 from ..data.tokenize import TokenizeSettings
 from ..generation import prompt_examples
 from ..model.load import load_model_and_tokenizer
 from ..score import load_scorer
+from ..score.base import scorer_prompt
 
 
 class Prompt(NamedTuple):
@@ -30,8 +31,8 @@ class Prompt(NamedTuple):
 
     @property
     def question(self):
-        """The prompt as scorers get it: with ``.images`` when it shows any."""
-        return with_images(self.prompt, self.images)
+        """The prompt as scorers get it: with ``.images`` and ``.tools``."""
+        return scorer_prompt(self.prompt, self.images, self.tools)
 
 
 def prompts_to_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:
@@ -69,10 +70,10 @@ def stored_images(images: tuple, folder: Path) -> list[str]:
 
 
 def row_question(row: dict):
-    """A round file row's prompt as scorers get it (with ``.images`` when it has any)."""
-    return with_images(row["prompt"], tuple(
+    """A round file row's prompt as scorers get it (with its ``.images`` and ``.tools``)."""
+    return scorer_prompt(row["prompt"], tuple(
         image_ref(path, row.get("origin", ""), f"field 'images', item {k}")
-        for k, path in enumerate(row.get("images", ()))))
+        for k, path in enumerate(row.get("images", ()))), tuple(row.get("tools", ())))
 
 
 def online_scorer(config, judge: str, data):

@@ -23,7 +23,7 @@ import yaml
 
 from ..config import Config, ConfigError, build_config
 from ..data.hub import locate
-from ..data.images import attach_images, with_images
+from ..data.images import attach_images
 from ..data.records import Unpaired, required_prompt
 from ..data.tools import tools_of
 from ..data.shapes import TEXT_FIELDS
@@ -33,7 +33,7 @@ from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer
 from ..objectives import get_objective
 from ..score import prompt_key
-from ..score.base import scored_in_chunks
+from ..score.base import scored_in_chunks, scorer_prompt
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
@@ -168,7 +168,7 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
                 "data.fields."))
             tools = tools_of(row, fields.get("tools", "tools"), origin, isinstance(prompt, list))
             shown = attach_images(Unpaired(prompt, "", True), row, fields, origin, folder)
-            key = prompt_key(with_images(shown.prompt, shown.images))
+            key = prompt_key(scorer_prompt(shown.prompt, shown.images))
             seen.setdefault(key + json.dumps(tools, sort_keys=True), Prompt(
                 origin, shown.prompt, _text(row.get(fields.get("rejected", "rejected"))),
                 _text(row.get(fields.get("chosen", "chosen"))), tools, shown.images))

@@ -1,6 +1,9 @@
 """The ``Scorer`` interface: (prompt, response) -> a number, in batches.
 
-A prompt is what a record holds (a string or a list of chat messages); a response is text.
+A prompt is what a record holds (a string or a list of chat messages); a response is text. A
+prompt that shows images or offers tools comes with them: ``prompt.images`` (``ImageRef``s,
+``.load()`` gives a PIL image) and ``prompt.tools`` (the function schemas), while it still
+reads as the string or message list it is (``scorer_prompt``).
 Scorers that judge two responses against each other (a GPM reward model, a pairwise judge)
 set ``pairwise`` and implement ``prefer``; every scorer may implement it, and win rates use it
 when the scorer is pairwise.
@@ -27,6 +30,31 @@ class Scorer(Protocol):
                second: Sequence[str]) -> list[float]:
         """P(first is better than second) per prompt."""
         ...
+
+
+class PromptText(str):
+    """A plain-string prompt that also carries the images it shows and the tools it offers:
+    text-only scorers read it as the string it is, others look at ``.images`` / ``.tools``."""
+
+    images: tuple = ()
+    tools: tuple = ()
+
+
+class PromptMessages(list):
+    """A message-list prompt that also carries its images and tools."""
+
+    images: tuple = ()
+    tools: tuple = ()
+
+
+def scorer_prompt(prompt, images: tuple = (), tools: tuple = ()):
+    """``prompt`` as handed to scorers: unchanged without images or tools, else a copy with
+    ``.images`` and ``.tools``."""
+    if not images and not tools:
+        return prompt
+    carrier = PromptText(prompt) if isinstance(prompt, str) else PromptMessages(prompt)
+    carrier.images, carrier.tools = tuple(images), tuple(tools)
+    return carrier
 
 
 def prompt_key(prompt) -> str:

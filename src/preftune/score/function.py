@@ -11,9 +11,9 @@ from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows
 from ..data.checks import load_checker
-from ..data.images import row_images, with_images
+from ..data.images import row_images
 from ..entry_points import import_attribute, load_entry_point
-from .base import checked, prefer_by_scores, prompt_key
+from .base import checked, prefer_by_scores, prompt_key, scorer_prompt
 
 
 ENTRY_POINT_GROUP = "preftune.scorers"
@@ -94,7 +94,7 @@ class SyntheticScorer:
             folder = os.path.dirname(path)  # image paths start at the data file's folder
             for origin, row in read_rows(path, set(TEXT_FIELDS)):
                 try:
-                    prompt = with_images(row["prompt"],
+                    prompt = scorer_prompt(row["prompt"],
                                          row_images(row, {}, "images", origin, folder))
                     checkers[prompt_key(prompt)] = load_checker(row)
                 except (KeyError, TypeError, ValueError):

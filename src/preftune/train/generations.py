@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..data.images import with_images
 from ..data.tokenize import distinct_prompts
 from ..generation import HFGenerator, SamplingSettings
 from ..score import load_scorer
-from ..score.base import checked
+from ..score.base import checked, scorer_prompt
 
 DEFAULT_MAX_NEW_TOKENS = 64
 FILE = "eval_generations.jsonl"
@@ -60,7 +59,8 @@ class EvalGenerations:
                    "answers_ended": sum(ended) / len(ended),
                    "answers_empty": sum(empty) / len(empty)}
         if self.scorer is not None:
-            questions = [with_images(p.prompt, p.images) for p in self.prompts]
+            questions = [scorer_prompt(p.prompt, p.images, getattr(p.prompt, "tools", ()))
+                         for p in self.prompts]
             scores = checked(self.scorer.score(questions, answers), self.scorer.name,
                              len(answers))
             for row, score in zip(rows, scores):
