@@ -134,3 +134,17 @@ def test_image_prompts_without_images_on_disk_name_the_record(workspace, tmp_pat
     with pytest.raises(Exception, match="prompts.jsonl:1: field 'images', item 0: image file "
                        "'missing.png' does not exist"):
         run_online(OnlineConfig.from_dict(settings))
+
+
+def test_images_given_as_bytes_are_written_once_under_their_content_key(workspace, tmp_path):
+    from preftune.data.images import ImageRef
+    from preftune.online.common import stored_images
+
+    data = (workspace / "red.png").read_bytes()
+    on_disk = ImageRef(path=str(workspace / "blue.png"))
+    paths = stored_images((ImageRef(data=data), on_disk, ImageRef(data=data)), tmp_path / "im")
+    key = ImageRef(data=data).key
+    assert paths == [str((tmp_path / "im" / f"{key}.png").resolve()),
+                     str(workspace / "blue.png"), str((tmp_path / "im" / f"{key}.png").resolve())]
+    assert [p.name for p in (tmp_path / "im").iterdir()] == [f"{key}.png"]
+    assert ImageRef(path=paths[0]).load().getpixel((19, 0)) == (200, 30, 30)

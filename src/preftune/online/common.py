@@ -1,4 +1,4 @@
-"""What the online modules share: the prompts (with the images they show), loading a model
+"""What the online modules share: the prompts (with their images and tools), loading a model
 onto the device, the round's scorer, and atomic JSON / JSONL files."""
 
 from __future__ import annotations
