@@ -111,7 +111,7 @@ def image_pixels(path):
 
 
 @pytest.mark.parametrize("objective, lora", [("diffusion_dpo", False), ("rank_dpo", False),
-                                             ("mapo", True)])
+                                             ("mapo", True), ("rank_dpo", True)])
 def test_offline_objectives_train_an_sd3_pipeline(pipes, tmp_path, objective, lora):
     if objective == "rank_dpo":
         from test_diffusion_ranked import write_ranked
