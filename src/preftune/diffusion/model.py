@@ -80,6 +80,8 @@ class DiffusionModel(torch.nn.Module):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
         self.zero_empty_prompt = zero_empty_prompt
+        # what the denoiser computes in (model.dtype): inputs are cast to it, errors are fp32
+        self.compute_dtype = next(denoiser.parameters()).dtype
         self.sd3 = type(denoiser).__name__ == "SD3Transformer2DModel"
         for frozen in (text_encoder, vae, text_encoder_2, text_encoder_3):
             if frozen is not None:
@@ -172,7 +174,8 @@ class DiffusionModel(torch.nn.Module):
     def to_pixels(self, x0: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return x0
-        return self.vae.decode(x0 / self.vae.config.scaling_factor + self._vae_shift).sample
+        latents = x0 / self.vae.config.scaling_factor + self._vae_shift
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
 
     @property
     def _vae_shift(self) -> float:
@@ -199,7 +202,12 @@ class DiffusionModel(torch.nn.Module):
     def predict(self, denoiser, x_t, timesteps, conditioning: Conditioning) -> torch.Tensor:
         """The denoiser's output on ``x_t``; an SDXL UNet also gets the pooled text embedding
         and the time ids (original size, crop corner, target size) of a whole square image of
-        ``x_t``'s size (data images are resized, never cropped)."""
+        ``x_t``'s size (data images are resized, never cropped). Inputs are cast to the
+        denoiser's dtype (the noise and the targets stay fp32)."""
+        dtype = self.compute_dtype
+        x_t = x_t.to(dtype)
+        conditioning = Conditioning(conditioning.hidden.to(dtype), None
+                                    if conditioning.pooled is None else conditioning.pooled.to(dtype))
         if self.sd3:
             return denoiser(hidden_states=x_t, timestep=timesteps,
                             encoder_hidden_states=conditioning.hidden,
