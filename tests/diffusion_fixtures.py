@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from preftune.diffusion.model import build_tiny_pipeline
+from preftune.diffusion.tiny import build_tiny_pipeline, word_tokenizer
 from preftune.diffusion.shapes import COLOURS, SHAPES, draw_shape, prompt_of
 
 WORDS = ["a", *COLOURS, *SHAPES]
@@ -123,8 +123,6 @@ def tiny_sdxl_pipeline(directory: Path, seed: int = 0, width: int = 32) -> Path:
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from preftune.diffusion.model import word_tokenizer
-
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(WORDS)
@@ -156,8 +154,6 @@ def tiny_sd3_pipeline(directory: Path, seed: int = 0, t5: bool = True) -> Path:
     import diffusers
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
                               T5EncoderModel)
-
-    from preftune.diffusion.model import word_tokenizer
 
     directory = Path(directory)
     torch.manual_seed(seed)

@@ -49,16 +49,11 @@ def _eval(args) -> None:
 
 
 def _inspect(args) -> None:
-    from .diffusion.data import image_data_kind, inspect_pairs
+    from .diffusion.data import inspect_image_data
 
-    kind = image_data_kind(args.file)
-    if kind == "pairs":  # (prompt, chosen image, rejected image) records
-        print(inspect_pairs(args.file, args.example))
-        return
-    if kind == "ranked":  # (prompt, images, image_scores): RankDPO's lists
-        from .diffusion.ranked import inspect_ranked
-
-        print(inspect_ranked(args.file, args.example))
+    shown = inspect_image_data(args.file, args.example)  # None: not images to denoise
+    if shown is not None:
+        print(shown)
         return
     from .data.inspect import inspect_prompts, inspect_report, prompts_only, render_example
     from .data.sources import load_records

@@ -83,9 +83,10 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if eval_records:
         evaluation, eval_report = tokenize(eval_records, tokenizer, settings)
         _same_response_count(evaluation, "eval")
-        for example in evaluation:  # what answers to it are scored against, with its tools
+        for example in evaluation:  # what answers to it are scored against, as scorers get it
             record = eval_records[example.index]
-            example.prompt = scorer_prompt(record.prompts[0], (), getattr(record, "tools", ()))
+            example.prompt = scorer_prompt(record.prompts[0], example.images,
+                                           getattr(record, "tools", ()))
         report["eval"] = eval_report.as_dict()
     return train, evaluation, report, shape
 

@@ -310,10 +310,8 @@ def _encode_chunk(
             report.empty_prompts += 1
             continue
         shared, own = split_shared_prefix(side_prompts, getattr(item.record, "origin", ""))
-        masks = response_masks(tokenizer, item, response_ids) if item.masked_spans else []
-        masks = [mask if ids[-1:] == [eos_id] else mask + [True]
-                 for mask, ids in zip(masks, response_ids)]
         response_ids = [ids if ids[-1:] == [eos_id] else ids + [eos_id] for ids in response_ids]
+        masks = response_masks(tokenizer, item, response_ids) if item.masked_spans else []
         example = _truncate(item, shared, own, response_ids, settings, masks)
         if example is None:
             report.dropped_too_long += 1

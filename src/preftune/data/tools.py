@@ -124,7 +124,8 @@ def masked_spans(history: list, response: list, prompt_text: str, full: str, rol
 def response_masks(tokenizer, item, response_ids: list) -> list[list[bool]]:
     """Per response slot of ``item`` (a rendered record), True for each token of
     ``response_ids`` that is scored: a token is left out when it starts inside one of the
-    slot's masked spans (its character offsets, from the fast tokenizer)."""
+    slot's masked spans (its character offsets, from the fast tokenizer); tokens after the
+    text's (the EOS that ends a response) are scored."""
     masks = []
     for text, spans, ids in zip(item.response_texts, item.masked_spans, response_ids):
         if not spans:
@@ -136,10 +137,11 @@ def response_masks(tokenizer, item, response_ids: list) -> list[list[bool]]:
             raise DataError(f"{item.record.origin}: leaving tool results out of the loss needs "
                             "a fast tokenizer (character offsets); set data.mask_roles: [] to "
                             "train on them.") from None
-        if encoded["input_ids"] != ids:
+        if encoded["input_ids"] != ids[: len(encoded["input_ids"])]:
             raise DataError(f"{item.record.origin}: the tokenizer encodes the response to other "
                             "ids when asked for character offsets; set data.mask_roles: [] to "
                             "train on its tool results.")
         masks.append([not any(start <= first < end for start, end in spans)
-                      for first, _ in encoded["offset_mapping"]])
+                      for first, _ in encoded["offset_mapping"]]
+                     + [True] * (len(ids) - len(encoded["input_ids"])))
     return masks

@@ -42,11 +42,13 @@ def _eval(args) -> None:
 
 def _rank(args) -> None:
     require_diffusers("preftune diffusion rank")
-    from .ranking import make_ranked_lists, read_prompts
+    from .data import load_pairs
+    from .ranking import make_ranked_lists
 
     prompts = list(args.prompt or [])
-    for path in args.prompts or []:
-        prompts += read_prompts(path, args.prompt_field)
+    for path in args.prompts or []:  # records need only their prompt
+        prompts += [record.prompt for record in load_pairs(
+            path, {"prompt": args.prompt_field}, check=False, prompts_only=True)]
     result = make_ranked_lists(prompts, args.model, args.scorer, args.seeds, args.output_dir,
                                args.steps, args.guidance_scale, args.list_size)
     print(f"wrote {result['lists']} ranked lists of {result['images']} images to "

@@ -48,6 +48,26 @@ class ImagePair:
         return getattr(self, f"{side}_caption") or self.prompt
 
 
+class DenoiserBatch:
+    """What the trainer needs of a denoiser batch, from a subclass's ``_map`` (the batch with
+    ``function`` applied to each tensor), ``indices`` and ``real_tokens`` (images: for a
+    denoiser a "token" is an image, none of them padding)."""
+
+    def to(self, device, non_blocking: bool = False):
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.ones(self.real_tokens)
+
+
 def open_image(source: Any, base_dir: str = "."):
     """A PIL image (RGB) from any image source a record may hold; raises ``ValueError`` or
     ``OSError`` that say what is wrong with it."""
@@ -204,6 +224,17 @@ def image_data_kind(path: str) -> str | None:
                 (".png", ".jpg", ".jpeg", ".webp", ".bmp")))):
         return "pairs"
     return None
+
+
+def inspect_image_data(path: str, example: int | None = None) -> str | None:
+    """What ``preftune data inspect`` prints for images to denoise (pairs, or RankDPO's ranked
+    lists), or None when ``path`` holds text data."""
+    kind = image_data_kind(path)
+    if kind == "ranked":
+        from .ranked import inspect_ranked
+
+        return inspect_ranked(path, example)
+    return inspect_pairs(path, example) if kind == "pairs" else None
 
 
 def inspect_pairs(path: str, example: int | None = None) -> str:

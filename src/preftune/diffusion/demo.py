@@ -26,7 +26,8 @@ from pathlib import Path
 
 from .config import DiffusionConfig
 from .evaluate import win_rate
-from .model import build_tiny_pipeline, load_diffusion_model
+from .model import load_diffusion_model
+from .tiny import build_tiny_pipeline
 from .ranking import make_ranked_lists
 from .sample import sample_images
 from .shapes import COLOURS, SHAPES, ColourScorer, draw_shape, prompt_of, right_colour

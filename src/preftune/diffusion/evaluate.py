@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..score.base import checked, prefer_by_scores
 from .data import tensor_image
-from .model import load_diffusion_model
+from .model import load_diffusion_model, pipeline_dir
 from .sample import sample_images
 
 
@@ -49,7 +49,7 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
     """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
     (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output``."""
     run_dir = Path(model)
-    pipeline = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    pipeline = pipeline_dir(run_dir)
     results = win_rate(load_diffusion_model(pipeline), load_diffusion_model(reference), prompts,
                        seeds, image_scorer(scorer), steps, guidance_scale)
     results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds)

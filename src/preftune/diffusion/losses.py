@@ -18,6 +18,7 @@ those once, in ``preference_metrics``, not by each loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 import math
 from typing import Annotated, Callable
@@ -158,6 +159,13 @@ class RankedErrors:
     scores: torch.Tensor
     present: torch.Tensor  # bool
 
+    @functools.cached_property
+    def ordered_pairs(self) -> torch.Tensor:
+        """[E, K, K] bool: images i and j are both present and i is scored above j (the loss
+        and the metrics read it; computed once)."""
+        return (strictly_better(self.scores) & self.present[:, :, None]
+                & self.present[:, None, :])
+
 
 @diffusion_loss("rank_dpo", params=DiffusionDPOParams, needs_reference=True, ranked=True,
                 paper="arXiv:2410.18013", verified=False)
@@ -180,9 +188,7 @@ def rank_dpo(errors: RankedErrors, params: DiffusionDPOParams) -> DiffusionLossO
     rewards = -0.5 * params.beta * (errors.policy - errors.reference)
     ordering = rewards.detach().masked_fill(~errors.present, -math.inf)
     scores = errors.scores.masked_fill(~errors.present, -math.inf)
-    pairs = (strictly_better(scores) & errors.present[:, :, None]
-             & errors.present[:, None, :])
-    weights = torch.where(pairs, lambda_weights(scores, ordering), 0.0)
+    weights = torch.where(errors.ordered_pairs, lambda_weights(scores, ordering), 0.0)
     pair_losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])
     best, worst = _best_and_worst(errors.scores, errors.present)
     rows = torch.arange(len(rewards), device=rewards.device)
@@ -353,7 +359,7 @@ def ranked_metrics(output: DiffusionLossOutput, errors: RankedErrors) -> dict:
     score j) whose rewards agree; ``rewards/top1_accuracy`` = share of lists whose highest
     reward is on a best-scored image; the mean raw errors over present images."""
     rewards, present, scores = output.list_rewards, errors.present, errors.scores
-    better = strictly_better(scores) & present[:, :, None] & present[:, None, :]
+    better = errors.ordered_pairs
     agree = better & (rewards[:, :, None] > rewards[:, None, :])
     top = rewards.masked_fill(~present, -math.inf).argmax(dim=1, keepdim=True)
     best_score = scores.masked_fill(~present, -math.inf).amax(dim=1, keepdim=True)

@@ -8,9 +8,8 @@ pipeline (SD3: ``SD3Transformer2DModel`` in ``transformer/``, a ``FlowMatchEuler
 two CLIP encoders and an optional T5 in ``text_encoder_3/``) is noised along the straight path
 x_t = (1 - sigma) x_0 + sigma eps and regresses the velocity eps - x_0.
 
-Only the denoiser trains; the text encoder and the VAE are frozen. ``build_tiny_pipeline``
-writes a small random pipeline directory of the same layout (no downloads), for tests and the
-demo.
+Only the denoiser trains; the text encoder and the VAE are frozen. ``tiny.py`` writes small
+random pipeline directories of the same layout (no downloads), for tests and the demo.
 """
 
 from __future__ import annotations
@@ -58,6 +57,10 @@ class Conditioning:
     def __getitem__(self, rows) -> "Conditioning":
         return Conditioning(self.hidden[rows], None if self.pooled is None else self.pooled[rows])
 
+    def to(self, dtype: torch.dtype) -> "Conditioning":
+        return Conditioning(self.hidden.to(dtype),
+                            None if self.pooled is None else self.pooled.to(dtype))
+
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         pooled = [part.pooled for part in parts]
@@ -82,6 +85,7 @@ class DiffusionModel(torch.nn.Module):
         self.zero_empty_prompt = zero_empty_prompt
         # what the denoiser computes in (model.dtype): inputs are cast to it, errors are fp32
         self.compute_dtype = next(denoiser.parameters()).dtype
+        self._constants: dict = {}  # small fixed tensors, copied to a device once (on_device)
         self.sd3 = type(denoiser).__name__ == "SD3Transformer2DModel"
         for frozen in (text_encoder, vae, text_encoder_2, text_encoder_3):
             if frozen is not None:
@@ -188,7 +192,8 @@ class DiffusionModel(torch.nn.Module):
         k in [0, T) has the scheduler's sigma_k: x_t = (1 - sigma) x_0 + sigma eps, target
         eps - x_0 (as diffusers' SD3 training script, with k drawn uniformly)."""
         if self.flow:
-            sigma = self.scheduler.sigmas.to(x0.device)[timesteps].view(-1, *[1] * (x0.dim() - 1))
+            sigmas = self.on_device("sigmas", x0.device, lambda: self.scheduler.sigmas)
+            sigma = sigmas[timesteps].view(-1, *[1] * (x0.dim() - 1))
             return (1 - sigma) * x0 + sigma * noise, noise - x0
         x_t = self.scheduler.add_noise(x0, noise, timesteps)
         kind = self.scheduler.config.prediction_type
@@ -204,10 +209,7 @@ class DiffusionModel(torch.nn.Module):
         and the time ids (original size, crop corner, target size) of a whole square image of
         ``x_t``'s size (data images are resized, never cropped). Inputs are cast to the
         denoiser's dtype (the noise and the targets stay fp32)."""
-        dtype = self.compute_dtype
-        x_t = x_t.to(dtype)
-        conditioning = Conditioning(conditioning.hidden.to(dtype), None
-                                    if conditioning.pooled is None else conditioning.pooled.to(dtype))
+        x_t, conditioning = x_t.to(self.compute_dtype), conditioning.to(self.compute_dtype)
         if self.sd3:
             return denoiser(hidden_states=x_t, timestep=timesteps,
                             encoder_hidden_states=conditioning.hidden,
@@ -215,8 +217,9 @@ class DiffusionModel(torch.nn.Module):
         extra = {}
         if conditioning.pooled is not None:
             height, width = (side * self.pixels_per_sample for side in x_t.shape[-2:])
-            time_ids = torch.tensor([height, width, 0, 0, height, width],
-                                    dtype=conditioning.hidden.dtype, device=x_t.device)
+            time_ids = self.on_device(("time_ids", height, width, x_t.dtype), x_t.device,
+                                      lambda: torch.tensor([height, width, 0, 0, height, width],
+                                                           dtype=x_t.dtype))
             extra["added_cond_kwargs"] = {"text_embeds": conditioning.pooled,
                                           "time_ids": time_ids.expand(len(x_t), 6)}
         return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning.hidden,
@@ -232,7 +235,16 @@ class DiffusionModel(torch.nn.Module):
     def denoiser_timesteps(self, steps: torch.Tensor) -> torch.Tensor:
         """What the denoiser is called with at training step k: k itself, or for flow
         matching the scheduler's timestep k (1000 sigma_k)."""
-        return self.scheduler.timesteps.to(steps.device)[steps] if self.flow else steps
+        if not self.flow:
+            return steps
+        return self.on_device("timesteps", steps.device, lambda: self.scheduler.timesteps)[steps]
+
+    def on_device(self, key, device, make):
+        """The tensor ``make()`` on ``device``, made and copied once per key and device (the
+        training scheduler's schedule, SDXL's time ids): no host copy on every step."""
+        if (key, device) not in self._constants:
+            self._constants[(key, device)] = make().to(device)
+        return self._constants[(key, device)]
 
     def forward(self, x_t, timesteps, conditioning) -> torch.Tensor:
         """The trained denoiser's prediction: the call that goes through DDP's wrapper, so
@@ -258,6 +270,12 @@ class DiffusionModel(torch.nn.Module):
             self.denoiser.save_pretrained(directory / folder)
         drop_absent_components(directory)
         return directory
+
+
+def pipeline_dir(path: str | Path) -> Path:
+    """A pipeline directory: ``path`` itself, or the ``model/`` a run directory holds."""
+    run = Path(path)
+    return run / "model" if (run / "model").is_dir() else run
 
 
 def denoiser_folder(path: Path) -> str:
@@ -337,49 +355,3 @@ def attach_lora(model: DiffusionModel, lora) -> None:
     model.denoiser.requires_grad_(False)
     model.denoiser.add_adapter(peft_lora_config(lora, init_lora_weights="gaussian"))
     mark_lora_plus(model.denoiser, lora.lr_ratio)
-
-
-def word_tokenizer(words: list[str], max_length: int = 8):
-    """A lower-cased word-level tokenizer over ``words`` (plus <pad>, <unk>, <s>, </s>)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted({w.lower() for w in words}))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=max_length)
-
-
-def build_tiny_pipeline(directory: str | Path, words: list[str], resolution: int = 16,
-                        seed: int = 0, width: int = 32) -> Path:
-    """Write a small random pixel-space pipeline (UNet2DConditionModel with cross-attention
-    and a text term in its time embedding, a 1-layer CLIP text encoder over ``words``, DDPM
-    scheduler) to ``directory``."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    tokenizer = word_tokenizer(words)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=tokenizer
-        .model_max_length, pad_token_id=0, bos_token_id=2, eos_token_id=3))
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(width, 2 * width), norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=width, attention_head_dim=8,
-        # the text also enters the time embedding (every ResNet block), as in UnCLIP-style
-        # UNets: a tiny model trained briefly learns to follow a colour word far sooner
-        addition_embed_type="text", addition_embed_type_num_heads=4)
-    unet.save_pretrained(directory / "unet")
-    text_encoder.save_pretrained(directory / "text_encoder")
-    tokenizer.save_pretrained(directory / "tokenizer")
-    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(directory / "scheduler")
-    return directory

@@ -21,7 +21,8 @@ import torch
 
 from ..data.records import DataError
 from ..objectives.listwise import MAX_EXP2_GAIN_SCORE
-from .data import ImagePair, describe_source, image_tensor, open_image, rows_and_folders
+from .data import (DenoiserBatch, ImagePair, describe_source, image_tensor, open_image,
+                   rows_and_folders)
 
 LIST_FIELDS = ("images", "image_scores")
 
@@ -112,6 +113,12 @@ def load_ranked(paths: str | list[str], fields: dict | None = None,
     return lists
 
 
+def best_vs_worst(scores) -> tuple[int, int] | None:
+    """(first best-scored slot, first worst-scored slot), or None when every score ties."""
+    best, worst = scores.index(max(scores)), scores.index(min(scores))
+    return None if scores[best] == scores[worst] else (best, worst)
+
+
 def lists_to_pairs(lists: list[RankedImages], how: str) -> list[ImagePair]:
     """Pairs for a pair objective from ranked lists (``data.convert``): ``pairs:best_vs_worst``
     (each list's first best-scored image over its first worst-scored one) or
@@ -120,9 +127,11 @@ def lists_to_pairs(lists: list[RankedImages], how: str) -> list[ImagePair]:
     pairs = []
     for ranked in lists:
         scores = ranked.image_scores
-        candidates = ([(scores.index(max(scores)), scores.index(min(scores)))]
-                      if how == "pairs:best_vs_worst" else
-                      [(i, j) for i in range(len(scores)) for j in range(len(scores))])
+        if how == "pairs:best_vs_worst":
+            found = best_vs_worst(scores)
+            candidates = [found] if found else []
+        else:
+            candidates = [(i, j) for i in range(len(scores)) for j in range(len(scores))]
         for i, j in candidates:
             if scores[i] > scores[j]:
                 pairs.append(ImagePair(len(pairs), f"{ranked.origin} (images {i} > {j})",
@@ -134,7 +143,7 @@ def lists_to_pairs(lists: list[RankedImages], how: str) -> list[ImagePair]:
 
 
 @dataclass
-class RankedBatch:
+class RankedBatch(DenoiserBatch):
     """A micro-batch of ranked lists, their images flattened: ``images`` [N, 3, R, R] in
     [-1, 1]; image n belongs to list ``owner[n]`` at slot ``slot[n]``; ``scores`` and
     ``present`` [E, K] (K the longest list; absent slots score 0, present False)."""
@@ -152,28 +161,13 @@ class RankedBatch:
                                                    self.scores, self.present)),
                            self.texts, self.indices)
 
-    def to(self, device, non_blocking: bool = False) -> "RankedBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "RankedBatch":
-        return self._map(lambda t: t.pin_memory())
-
     @property
     def one_image(self) -> torch.Tensor:
         return self.images[:1]
 
     @property
-    def num_examples(self) -> int:
-        return len(self.indices)
-
-    # the trainer's throughput counters: for a denoiser a "token" is an image, none padded
-    @property
     def real_tokens(self) -> int:
         return len(self.images)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.ones(len(self.images))
 
     def grid(self, values: torch.Tensor) -> torch.Tensor:
         """Per-image values [N] -> [E, K] by list and slot (zeros where no image; keeps the

@@ -22,7 +22,8 @@ from ..config import ConfigError
 from ..score.base import checked
 from .data import tensor_image
 from .evaluate import image_scorer
-from .model import load_diffusion_model
+from .model import load_diffusion_model, pipeline_dir
+from .ranked import best_vs_worst
 from .sample import sample_images
 
 
@@ -33,29 +34,6 @@ def win_shares(scores: list[float]) -> list[float]:
     return [sum(1.0 if mine > other else 0.5 if mine == other else 0.0
                 for j, other in enumerate(scores) if j != i) / (len(scores) - 1)
             for i, mine in enumerate(scores)]
-
-
-def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """The ``field`` of every record of a data file (any format ``data.train`` reads)."""
-    from ..data.records import DataError
-    from ..data.sources import read_rows
-
-    prompts = []
-    for origin, row in read_rows(path, {field}):
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise DataError(f"{origin}: expected a record with a text field {field!r}"
-                            + (f"; present fields: {', '.join(sorted(row))}"
-                               if isinstance(row, dict) else ""))
-        prompts.append(row[field])
-    if not prompts:
-        raise DataError(f"{path}: no records; expected rows with a {field!r} field.")
-    return prompts
-
-
-def pipeline_dir(path: str) -> Path:
-    """A pipeline directory, or a run directory holding one in ``model/``."""
-    run = Path(path)
-    return run / "model" if (run / "model" / "model_index.json").is_file() else run
 
 
 def _lists(prompts: list[str], models: list[str], seeds: list[int], list_size: int | None):
@@ -109,10 +87,11 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
                        "scorer_scores": {spec: [raw[key][r] for key in keys]
                                          for r, spec in enumerate(scorers)},
                        "sources": [{"model": models[m], "seed": seed} for m, seed in members]})
-        best, worst = image_scores.index(max(image_scores)), image_scores.index(min(image_scores))
-        if image_scores[best] == image_scores[worst]:
+        found = best_vs_worst(image_scores)
+        if found is None:
             ties += 1
             continue
+        best, worst = found
         pairs.append({"prompt": prompts[p], "chosen": files[keys[best]],
                       "rejected": files[keys[worst]], "chosen_score": image_scores[best],
                       "rejected_score": image_scores[worst]})

@@ -23,7 +23,7 @@ from ..train.loop import write_run_header
 from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import DiffusionConfig
-from .data import ImagePair, image_tensor, load_pairs
+from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs
 from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
                      preference_metrics, ranked_metrics)
 from .model import Conditioning, DiffusionModel, attach_lora, load_diffusion_model
@@ -33,7 +33,7 @@ EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evalua
 
 
 @dataclass
-class ImageBatch:
+class ImageBatch(DenoiserBatch):
     """A micro-batch of pairs: pixels [E, 3, R, R] in [-1, 1] per side, the conditioning text
     per side, and the examples' indices (which seed their noise)."""
 
@@ -47,28 +47,13 @@ class ImageBatch:
         return ImageBatch(function(self.chosen), function(self.rejected), self.chosen_text,
                           self.rejected_text, self.indices)
 
-    def to(self, device, non_blocking: bool = False) -> "ImageBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "ImageBatch":
-        return self._map(lambda t: t.pin_memory())
-
     @property
     def one_image(self) -> torch.Tensor:
         return self.chosen[:1]
 
     @property
-    def num_examples(self) -> int:
-        return len(self.indices)
-
-    # the trainer's throughput counters: for a denoiser a "token" is an image, none padded
-    @property
     def real_tokens(self) -> int:
         return 2 * self.num_examples
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.ones(2 * self.num_examples)
 
 
 def collate(pairs: list[ImagePair], resolution: int, captions: bool = False) -> ImageBatch:
@@ -125,6 +110,7 @@ class DiffusionTask:
         self.name = f"diffusion {self.spec.name}"
         self.needs_reference = self.spec.needs_reference
         self.batches_ahead = True
+        self.sample_shape = None  # the denoiser's [C, H, W] at data.resolution, found once
 
     def make_batch(self, records: list) -> ImageBatch | RankedBatch:
         if self.spec.ranked:
@@ -136,10 +122,11 @@ class DiffusionTask:
         return self.losses_with(module, batch, *self.noise_for(batch, step))
 
     def noise_for(self, batch: ImageBatch | RankedBatch, step: int):
-        shape = tuple(self.module.to_model_space(batch.one_image).shape[1:])
+        if self.sample_shape is None:  # one VAE encode for the run, not one per step
+            self.sample_shape = tuple(self.module.to_model_space(batch.one_image).shape[1:])
         train = self.config.train
         noise, timesteps = shared_noise(
-            shape, batch.indices, train.seed, step, self.module.num_train_timesteps,
+            self.sample_shape, batch.indices, train.seed, step, self.module.num_train_timesteps,
             (train.logit_mean, train.logit_std) if train.timestep_sampling == "logit_normal"
             else None)
         return noise.to(batch.one_image.device), timesteps.to(batch.one_image.device)
@@ -160,12 +147,8 @@ class DiffusionTask:
             noisy.append(x_t)
             targets.append(target)
             conditions.append(model.encode_prompts(getattr(batch, f"{side}_text")))
-        x_t, target = torch.cat(noisy), torch.cat(targets)
-        condition = Conditioning.cat(conditions)
-        steps = model.denoiser_timesteps(timesteps.repeat(len(sides)))
-        policy = denoising_error(module(x_t, steps, condition), target)
-        reference = (self._reference_errors(x_t, steps, condition, target)
-                     if self.spec.needs_reference else None)
+        policy, reference = self._errors(module, torch.cat(noisy), timesteps.repeat(len(sides)),
+                                         Conditioning.cat(conditions), torch.cat(targets))
         errors = DenoisingErrors(*policy.chunk(len(sides)),
                                  *(reference.chunk(2) if reference is not None else ()),
                                  num_train_timesteps=model.num_train_timesteps)
@@ -178,14 +161,21 @@ class DiffusionTask:
         model, steps = self.module, timesteps[batch.owner]
         x_t, target = model.noisy_and_target(model.to_model_space(batch.images),
                                              noise[batch.owner], steps)
-        condition = model.encode_prompts(batch.texts)[batch.owner]
-        steps = model.denoiser_timesteps(steps)
-        policy = denoising_error(module(x_t, steps, condition), target)
-        reference = self._reference_errors(x_t, steps, condition, target)
+        policy, reference = self._errors(module, x_t, steps,
+                                         model.encode_prompts(batch.texts)[batch.owner], target)
         errors = RankedErrors(batch.grid(policy), batch.grid(reference), batch.scores,
                               batch.present)
         output = self.spec.fn(errors, self.params)
         return output.losses, ranked_metrics(output, errors)
+
+    def _errors(self, module, x_t, steps, condition, target):
+        """The policy's denoising errors (through ``module``, the DDP wrapper when there is
+        one) and the reference's (None without one), at training steps ``steps``."""
+        steps = self.module.denoiser_timesteps(steps)
+        policy = denoising_error(module(x_t, steps, condition), target)
+        if not self.spec.needs_reference:
+            return policy, None
+        return policy, self._reference_errors(x_t, steps, condition, target)
 
     @torch.no_grad()
     def _reference_errors(self, x_t, steps, condition, target) -> torch.Tensor:
@@ -255,9 +245,14 @@ def split_pairs(config: DiffusionConfig) -> dict:
 
 def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     """Load the pipeline and the data, attach LoRA; returns (task, total_steps)."""
-    if accelerator.num_processes > 1 and get_diffusion_loss(config.objective.name).online:
-        raise ConfigError(f"objective {config.objective.name} samples online and runs in one "
-                          "process; launch it without accelerate launch / several processes.")
+    spec = get_diffusion_loss(config.objective.name)
+    if spec.online and accelerator.num_processes > 1:
+        raise ConfigError(f"objective {spec.name} samples online and runs in one process; "
+                          "launch it without accelerate launch / several processes.")
+    if spec.online and config.train.timestep_sampling != "uniform":
+        raise ConfigError(f"train.timestep_sampling: {config.train.timestep_sampling} draws "
+                          f"the noise level of pairs and lists; objective {spec.name} samples "
+                          "its own trajectories. Remove it.")
     if accelerator.distributed_type in SHARDED:
         raise ConfigError("preftune diffusion train runs under DDP (several processes, each "
                           "with the whole denoiser), not FSDP or DeepSpeed: choose "
@@ -268,26 +263,19 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     splits = split_pairs(config)
     if config.model.lora is not None:
         attach_lora(model, config.model.lora)
-    if get_diffusion_loss(config.objective.name).online \
-            and config.train.timestep_sampling != "uniform":
-        raise ConfigError(f"train.timestep_sampling: {config.train.timestep_sampling} draws "
-                          "the noise level of pairs and lists; objective "
-                          f"{config.objective.name} samples its own trajectories. Remove it.")
-    if model.flow and get_diffusion_loss(config.objective.name).online:
-        raise ConfigError(f"objective {config.objective.name} samples DDIM transitions; "
+    if model.flow and spec.online:
+        raise ConfigError(f"objective {spec.name} samples DDIM transitions; "
                           f"{config.model.path} is a flow-matching pipeline (SD3), which it "
                           "does not support: use diffusion_dpo, dcpo, mapo, rank_dpo or "
                           "denoising.")
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
-    spec = get_diffusion_loss(config.objective.name)
-    online = spec.online
     kept = {name: [r for r in records if getattr(r, "orders_something", True)]
             for name, records in splits.items()}
     if not kept["train"]:
         raise ConfigError(f"{config.data.train}: every ranked list gives all its images the "
                           "same score, so no list orders anything to train on.")
-    report = {"shape": "prompts" if online else "ranked image lists" if spec.ranked
+    report = {"shape": "prompts" if spec.online else "ranked image lists" if spec.ranked
               else "image pairs",
               **{name: {"records": len(splits[name]), "kept": len(kept[name])}
                  for name in splits}}
@@ -296,7 +284,7 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
         write_run_header(Path(config.output_dir), config, report)
     model.to(accelerator.device)
     model.denoiser.train()
-    if online:  # SPO: samples from prompts at each step
+    if spec.online:  # SPO: samples from prompts at each step
         from .spo import SPOTask
 
         task = SPOTask(config, model, splits, strategy)

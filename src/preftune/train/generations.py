@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..data.tokenize import distinct_prompts
 from ..generation import HFGenerator, SamplingSettings
 from ..score import load_scorer
-from ..score.base import checked, scorer_prompt
+from ..score.base import checked
 
 DEFAULT_MAX_NEW_TOKENS = 64
 FILE = "eval_generations.jsonl"
@@ -59,8 +59,7 @@ class EvalGenerations:
                    "answers_ended": sum(ended) / len(ended),
                    "answers_empty": sum(empty) / len(empty)}
         if self.scorer is not None:
-            questions = [scorer_prompt(p.prompt, p.images, getattr(p.prompt, "tools", ()))
-                         for p in self.prompts]
+            questions = [p.prompt for p in self.prompts]  # with its images and tools
             scores = checked(self.scorer.score(questions, answers), self.scorer.name,
                              len(answers))
             for row, score in zip(rows, scores):
