@@ -192,3 +192,56 @@ def assert_same_gradient(losses, expected, weight):
     scale = want.abs().max().item()
     assert scale > 0
     torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3 * scale)
+
+
+def tiny_flux_pipeline(directory: Path, seed: int = 0, guidance: bool = True,
+                       vae: bool = False) -> Path:
+    """A tiny random Flux-layout pipeline: a CLIP text encoder (its pooled embedding), a T5
+    encoder (its hidden states), a ``FluxTransformer2DModel`` over 2x2 patches (``guidance``:
+    guidance-distilled, as Flux.1-dev), a ``FlowMatchEulerDiscreteScheduler`` with dynamic
+    shifting (as Flux.1-dev's), and with ``vae`` a random VAE (4 latent channels, 2x smaller,
+    shift and scaling factors as Flux's is centred and scaled) instead of pixel space."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(WORDS)
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        max_position_embeddings=tokenizer.model_max_length)).save_pretrained(
+        directory / "text_encoder")
+    T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                            num_heads=4, pad_token_id=0, eos_token_id=3)).save_pretrained(
+        directory / "text_encoder_2")
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer.save_pretrained(directory / name)
+    channels = 3
+    if vae:
+        channels = 4
+        diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=4,
+            up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.6, shift_factor=0.1
+        ).save_pretrained(directory / "vae")
+    diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6)
+    ).save_pretrained(directory / "transformer")
+    diffusers.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    ).save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps({  # as a Hub Flux's, whose vae/
+        "_class_name": "FluxPipeline",  # this pixel-space one may lack (saving marks it absent)
+        **{name: ["transformers", "PreTrainedTokenizerFast"]
+           for name in ("tokenizer", "tokenizer_2")},
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None], "feature_extractor": [None, None]}))
+    return directory

@@ -15,8 +15,8 @@ pytest.importorskip("diffusers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from diffusion_fixtures import (config_tree, one_thread, tiny_pipeline,  # noqa: E402, F401
-                                tiny_sdxl_pipeline, write_pairs, write_prompts)
+from diffusion_fixtures import (config_tree, one_thread, tiny_flux_pipeline,  # noqa: E402, F401
+                                tiny_pipeline, tiny_sdxl_pipeline, write_pairs, write_prompts)
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.train import train_diffusion  # noqa: E402
 from test_diffusion_ranked import LISTS, write_ranked  # noqa: E402
@@ -37,17 +37,22 @@ def two_processes(config_tree_, tmp_path, name):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("objective, lora, sdxl", [
-    ("diffusion_dpo", False, False), ("rank_dpo", False, False), ("diffusion_dpo", True, False),
-    ("diffusion_dpo", False, True)])  # SDXL: its pooled text and time ids through the wrapper
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective, lora, sdxl):
-    pipe = (tiny_sdxl_pipeline if sdxl else tiny_pipeline)(tmp_path / "pipe")
+PIPELINES = {"sd": tiny_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline}
+
+
+# SDXL: its pooled text and time ids through the wrapper; Flux: its packed latents and guidance
+@pytest.mark.parametrize("objective, lora, kind", [
+    ("diffusion_dpo", False, "sd"), ("rank_dpo", False, "sd"), ("diffusion_dpo", True, "sd"),
+    ("diffusion_dpo", False, "sdxl"), ("diffusion_dpo", False, "flux")])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective, lora, kind):
+    pipe = PIPELINES[kind](tmp_path / "pipe")
     data = (write_ranked(tmp_path / "data", [*LISTS, LISTS[0]]) if objective == "rank_dpo"
             else write_pairs(tmp_path / "data", count=8))
     sections = {"objective": {"name": objective, "beta": 500.0},
                 "train": {"max_steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 3},
                 "data": {"eval": str(data)},
-                "samples": {"prompts": ["a red circle"], "seeds": [0], "steps": 2}}
+                "samples": {"prompts": ["a red circle"], "seeds": [0], "steps": 2,
+                            "resolution": 16}}
     if lora:
         sections["model"] = {"lora": {"r": 4, "alpha": 8}}
     one = config_tree(pipe, data, tmp_path / "one", **sections)
@@ -61,14 +66,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective,
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert len(losses(tmp_path / "one")) == 4  # 3 steps and the evaluation at step 3
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
-    weights = [load_file(tmp_path / run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    folder = "transformer" if kind == "flux" else "unet"
+    weights = [load_file(tmp_path / run / "model" / folder / "diffusion_pytorch_model.safetensors")
                for run in ("one", "two")]
     # Adam moves each weight by about the learning rate (1e-4) a step whatever its gradient's
     # size, so the odd weight whose gradient is near 0 moves by rounding noise: every weight
     # agrees to a tenth of the 3 steps' reach, and on average to a thousandth of the distance
     # weights moved. An attention key's bias has no gradient at all (softmax ignores it), so
     # it moves by noise alone and is left out.
-    initial = load_file(pipe / "unet" / "diffusion_pytorch_model.safetensors")
+    initial = load_file(pipe / folder / "diffusion_pytorch_model.safetensors")
     differences, movements = [], []
     for name, value in weights[0].items():
         if not name.endswith("k_proj.bias"):

@@ -1,6 +1,6 @@
 """Denoisers loaded in bfloat16 (``model.dtype``) train and sample: noise, targets and errors
-stay fp32 while the denoiser gets its inputs in its own dtype, for pixel-space, latent, SDXL
-and SD3 pipelines; the numbers are the fp32 run's up to bf16 rounding."""
+stay fp32 while the denoiser gets its inputs in its own dtype, for pixel-space, latent, SDXL,
+SD3 and Flux pipelines; the numbers are the fp32 run's up to bf16 rounding."""
 
 import json
 
@@ -9,14 +9,15 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusion_fixtures import (config_tree, one_thread, tiny_latent_pipeline,  # noqa: E402, F401
-                                tiny_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline, write_pairs)
+from diffusion_fixtures import (config_tree, one_thread, tiny_flux_pipeline,  # noqa: E402, F401
+                                tiny_latent_pipeline, tiny_pipeline, tiny_sd3_pipeline,
+                                tiny_sdxl_pipeline, write_pairs)
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.model import load_diffusion_model  # noqa: E402
 from preftune.diffusion.train import train_diffusion  # noqa: E402
 
 PIPELINES = {"pixel": tiny_pipeline, "latent": tiny_latent_pipeline, "sdxl": tiny_sdxl_pipeline,
-             "sd3": tiny_sd3_pipeline}
+             "sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 
 
 @pytest.mark.parametrize("kind", sorted(PIPELINES))
@@ -28,7 +29,7 @@ def test_bfloat16_weights_train_and_sample_like_float32(tmp_path, kind):
         tree = config_tree(pipe, data, tmp_path / dtype, model={"dtype": dtype},
                            objective={"name": "mapo"},  # no reference: the errors themselves
                            samples={"prompts": ["a red circle"], "seeds": [0], "steps": 2,
-                                    "guidance_scale": 2.0},
+                                    "guidance_scale": 2.0, "resolution": 16},
                            train={"max_steps": 2, "batch_size": 2, "log_every": 1})
         out = train_diffusion(DiffusionConfig.from_dict(tree), show_progress=False)
         losses[dtype] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]

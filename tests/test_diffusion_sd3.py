@@ -44,7 +44,8 @@ def diffusers_pipeline(model):
 @pytest.mark.parametrize("kind", ["t5", "no_t5"])
 def test_conditioning_and_sampling_equal_diffusers_sd3_pipeline(pipes, kind):
     model = load_diffusion_model(pipes[kind])
-    assert model.flow and model.sd3 and (model.text_encoder_3 is None) == (kind == "no_t5")
+    assert model.flow and model.family == "sd3"
+    assert (model.text_encoder_3 is None) == (kind == "no_t5")
     reference = diffusers_pipeline(model)
     hidden, negative, pooled, negative_pooled = reference.encode_prompt(
         PROMPTS, PROMPTS, PROMPTS, device="cpu", do_classifier_free_guidance=True)
@@ -128,7 +129,7 @@ def test_offline_objectives_train_an_sd3_pipeline(pipes, tmp_path, objective, lo
     logged = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert [row["step"] for row in logged] == [1, 2]
     trained = load_diffusion_model(out / "model")
-    assert trained.sd3 and trained.flow
+    assert trained.family == "sd3" and trained.flow
     before = load_diffusion_model(pipes["no_t5"]).denoiser.state_dict()
     assert any(not torch.equal(value, before[name])
                for name, value in trained.denoiser.state_dict().items())
@@ -139,7 +140,7 @@ def test_spo_is_refused_on_a_flow_matching_pipeline(pipes, tmp_path):
     tree = config_tree(pipes["no_t5"], write_prompts(tmp_path / "data", PROMPTS),
                        tmp_path / "run", objective={"name": "spo"})
     with pytest.raises(ConfigError, match="objective spo samples DDIM transitions; .* is a "
-                       "flow-matching pipeline .SD3."):
+                       "flow-matching pipeline .sd3."):
         diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())
 
 

@@ -23,7 +23,7 @@ def _sample(args) -> None:
     from .sample import write_samples
 
     samples = SimpleNamespace(prompts=args.prompt, seeds=args.seeds, steps=args.steps,
-                              guidance_scale=args.guidance_scale)
+                              guidance_scale=args.guidance_scale, resolution=args.resolution)
     model = load_diffusion_model(args.model)
     grid = write_samples(model, samples, args.output_dir, args.label)
     print(f"wrote {len(args.prompt) * len(args.seeds)} images and the grid {grid}")
@@ -36,7 +36,8 @@ def _eval(args) -> None:
 
     results = evaluate_diffusion(args.model, args.reference, args.prompt, args.scorer,
                                  seeds=args.seeds, steps=args.steps,
-                                 guidance_scale=args.guidance_scale, output=args.output)
+                                 guidance_scale=args.guidance_scale, output=args.output,
+                                 resolution=args.resolution)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
 
 
@@ -50,7 +51,8 @@ def _rank(args) -> None:
         prompts += [record.prompt for record in load_pairs(
             path, {"prompt": args.prompt_field}, check=False, prompts_only=True)]
     result = make_ranked_lists(prompts, args.model, args.scorer, args.seeds, args.output_dir,
-                               args.steps, args.guidance_scale, args.list_size)
+                               args.steps, args.guidance_scale, args.list_size,
+                               args.resolution)
     print(f"wrote {result['lists']} ranked lists of {result['images']} images to "
           f"{result['ranked']} (objective rank_dpo) and {result['pairs']} best-vs-worst pairs "
           f"to {result['pairs_file']} (diffusion_dpo); {result['lists_all_tied']} lists "
@@ -88,7 +90,10 @@ def _sampling_arguments(parser, prompt_required: bool = True) -> None:
     parser.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated, e.g. 0,1")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
-                        help="classifier-free guidance (1: none)")
+                        help="classifier-free guidance (1: none); Flux.1-dev: its guidance "
+                        "input (FluxPipeline uses 3.5)")
+    parser.add_argument("--resolution", type=int,
+                        help="pixels per side (default: the denoiser's own size; Flux: 1024)")
 
 
 def add_diffusion_commands(commands) -> None:

@@ -34,6 +34,10 @@ class DiffusionModelConfig(Section):
     """Weights' dtype; denoising errors are computed in float32 whatever it is."""
     lora: DiffusionLoraConfig | None = None
     """Train LoRA adapters on the denoiser instead of every weight (null: full fine-tuning)."""
+    guidance: NonNegative | None = None
+    """The guidance value a guidance-distilled Flux transformer (Flux.1-dev, guidance_embeds)
+    is given while training, policy and reference alike; null: 3.5, diffusers' Flux training
+    scripts' default. Refused for other denoisers."""
 
 
 class DiffusionDataConfig(Section):
@@ -101,7 +105,11 @@ class SamplesConfig(Section):
     steps: Count = 25
     """DDIM steps per sample."""
     guidance_scale: NonNegative = 1.0
-    """Classifier-free guidance; 1 = none (one denoiser call per step)."""
+    """Classifier-free guidance; 1 = none (one denoiser call per step). Flux: the guidance
+    input of a guidance-distilled transformer (Flux.1-dev; 3.5 is FluxPipeline's default)."""
+    resolution: Count | None = None
+    """Pixels per side of the samples; null: the denoiser's own size (its sample_size,
+    1024 for Flux)."""
 
 
 class DiffusionTrainConfig(TrainConfig):

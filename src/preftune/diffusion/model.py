@@ -5,8 +5,9 @@ in pixel space, as the tiny demo model does) and SDXL's ``text_encoder_2/`` + ``
 (the two encoders' penultimate hidden states side by side, plus the second one's pooled
 embedding and the image size, which an SDXL UNet's time embedding takes). A flow-matching
 pipeline (SD3: ``SD3Transformer2DModel`` in ``transformer/``, a ``FlowMatchEulerDiscreteScheduler``,
-two CLIP encoders and an optional T5 in ``text_encoder_3/``) is noised along the straight path
-x_t = (1 - sigma) x_0 + sigma eps and regresses the velocity eps - x_0.
+two CLIP encoders and an optional T5 in ``text_encoder_3/``; Flux: ``FluxTransformer2DModel``,
+CLIP in ``text_encoder/`` and T5 in ``text_encoder_2/``, see ``flux.py``) is noised along the
+straight path x_t = (1 - sigma) x_0 + sigma eps and regresses the velocity eps - x_0.
 
 Only the denoiser trains; the text encoder and the VAE are frozen. ``tiny.py`` writes small
 random pipeline directories of the same layout (no downloads), for tests and the demo.
@@ -24,10 +25,12 @@ import torch
 
 from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
+from . import flux
 
 DENOISER_FOLDERS = ("unet", "transformer")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}  # else a UNet
 LORA_FOLDER = "unet_lora"
 
 
@@ -72,7 +75,9 @@ class DiffusionModel(torch.nn.Module):
     """The denoiser (trainable) plus text encoder(s), tokenizer(s), noise scheduler and
     optional VAE (frozen). ``source`` is the pipeline directory it was loaded from; with
     ``zero_empty_prompt`` (SDXL's ``force_zeros_for_empty_prompt``) guidance's unconditional
-    input is zeros instead of the empty prompt's encoding."""
+    input is zeros instead of the empty prompt's encoding. ``family`` is ``unet`` (SD 1.x/2.x,
+    SDXL), ``sd3`` or ``flux``; ``train_guidance`` is the guidance a guidance-distilled Flux
+    transformer is given while training."""
 
     def __init__(self, denoiser, text_encoder, tokenizer, scheduler, vae=None, source=None,
                  text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False,
@@ -86,18 +91,20 @@ class DiffusionModel(torch.nn.Module):
         # what the denoiser computes in (model.dtype): inputs are cast to it, errors are fp32
         self.compute_dtype = next(denoiser.parameters()).dtype
         self._constants: dict = {}  # small fixed tensors, copied to a device once (on_device)
-        self.sd3 = type(denoiser).__name__ == "SD3Transformer2DModel"
+        self.family = FAMILIES.get(type(denoiser).__name__, "unet")
+        self.train_guidance = flux.DEFAULT_TRAIN_GUIDANCE
         for frozen in (text_encoder, vae, text_encoder_2, text_encoder_3):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
-        if self.sd3 and (text_encoder_2 is None or not self.flow):
-            raise ConfigError(f"{source}: an SD3 transformer needs text_encoder_2/ and "
-                              f"tokenizer_2/ (the second CLIP) and a {FLOW_SCHEDULER} in "
+        second = {"sd3": "the second CLIP", "flux": "T5"}.get(self.family)
+        if second and (text_encoder_2 is None or not self.flow):
+            raise ConfigError(f"{source}: a {type(denoiser).__name__} needs text_encoder_2/ "
+                              f"and tokenizer_2/ ({second}) and a {FLOW_SCHEDULER} in "
                               "scheduler/.")
-        if self.flow and not self.sd3:
+        if self.flow and not second:
             raise ConfigError(f"{source}: a {FLOW_SCHEDULER} with a "
                               f"{type(denoiser).__name__}: flow matching is supported for SD3 "
-                              "(SD3Transformer2DModel); Flux and others are not yet.")
+                              "(SD3Transformer2DModel) and Flux (FluxTransformer2DModel).")
         if getattr(denoiser.config, "addition_embed_type", None) == "text_time" \
                 and text_encoder_2 is None:
             raise ConfigError(f"{source}: the UNet is SDXL-style (addition_embed_type "
@@ -110,7 +117,8 @@ class DiffusionModel(torch.nn.Module):
 
     @property
     def flow(self) -> bool:
-        """A flow-matching model (SD3): straight-path noise, velocity targets, Euler sampling."""
+        """A flow-matching model (SD3, Flux): straight-path noise, velocity targets, Euler
+        sampling."""
         return type(self.scheduler).__name__ == FLOW_SCHEDULER
 
     @property
@@ -121,7 +129,10 @@ class DiffusionModel(torch.nn.Module):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """The text encoder's last hidden states (as SD pipelines); with a second encoder
         (SDXL) both encoders' penultimate hidden states side by side and the second's pooled
-        (projected) embedding, as diffusers' SDXL pipeline encodes a prompt."""
+        (projected) embedding, as diffusers' SDXL pipeline encodes a prompt; SD3's and
+        Flux's as their pipelines do."""
+        if self.family == "flux":
+            return flux.encode(self, prompts)
         def ids(tokenizer):
             return tokenizer(list(prompts), padding="max_length", truncation=True,
                              max_length=tokenizer.model_max_length,
@@ -136,7 +147,7 @@ class DiffusionModel(torch.nn.Module):
             hidden.append(output.hidden_states[-2])
             pooled.append(output[0])  # CLIPTextModelWithProjection: the pooled projection
         clip = torch.cat(hidden, dim=-1)
-        if not self.sd3:  # SDXL: the second encoder's pooled embedding
+        if self.family != "sd3":  # SDXL: the second encoder's pooled embedding
             return Conditioning(clip, pooled[-1])
         # SD3: both CLIPs' states padded to T5's width, then T5's states after them
         t5 = self._t5_states(prompts, clip.dtype)
@@ -204,13 +215,18 @@ class DiffusionModel(torch.nn.Module):
         raise ConfigError(f"scheduler prediction_type {kind!r} is not supported (epsilon or "
                           "v_prediction).")
 
-    def predict(self, denoiser, x_t, timesteps, conditioning: Conditioning) -> torch.Tensor:
+    def predict(self, denoiser, x_t, timesteps, conditioning: Conditioning,
+                guidance: float | None = None) -> torch.Tensor:
         """The denoiser's output on ``x_t``; an SDXL UNet also gets the pooled text embedding
         and the time ids (original size, crop corner, target size) of a whole square image of
-        ``x_t``'s size (data images are resized, never cropped). Inputs are cast to the
+        ``x_t``'s size (data images are resized, never cropped); a guidance-distilled Flux
+        transformer gets ``guidance`` (default: ``train_guidance``). Inputs are cast to the
         denoiser's dtype (the noise and the targets stay fp32)."""
         x_t, conditioning = x_t.to(self.compute_dtype), conditioning.to(self.compute_dtype)
-        if self.sd3:
+        if self.family == "flux":
+            return flux.predict(self, denoiser, x_t, timesteps, conditioning,
+                                self.train_guidance if guidance is None else guidance)
+        if self.family == "sd3":
             return denoiser(hidden_states=x_t, timestep=timesteps,
                             encoder_hidden_states=conditioning.hidden,
                             pooled_projections=conditioning.pooled).sample
@@ -224,6 +240,19 @@ class DiffusionModel(torch.nn.Module):
                                           "time_ids": time_ids.expand(len(x_t), 6)}
         return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning.hidden,
                         **extra).sample
+
+    def sample_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        """[C, H, W] of one sample in the denoiser's space for ``resolution``-pixel images;
+        None: the denoiser's own size (its ``sample_size``; Flux: FluxPipeline's 1024 pixels)."""
+        config = self.denoiser.config
+        channels = config.in_channels // 4 if self.family == "flux" else config.in_channels
+        if resolution is not None:
+            if self.family == "flux":
+                flux.check_resolution(self, resolution, "resolution")
+            side = resolution // self.pixels_per_sample
+        else:
+            side = flux.DEFAULT_SAMPLE_SIDE if self.family == "flux" else config.sample_size
+        return channels, side, side
 
     @property
     def pixels_per_sample(self) -> int:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from .data import tensor_image
+from .flux import set_sampling_timesteps
 from .model import Conditioning, DiffusionModel
 
 SAMPLES_DIR = "samples"
@@ -19,24 +21,33 @@ SAMPLES_DIR = "samples"
 
 @torch.no_grad()
 def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
-                  guidance_scale: float = 1.0, denoiser=None) -> torch.Tensor:
+                  guidance_scale: float = 1.0, denoiser=None,
+                  resolution: int | None = None) -> torch.Tensor:
     """[len(prompts) * len(seeds), 3, H, W] images in [-1, 1], prompt-major, by DDIM (eta 0)
-    with the model's noise schedule, or by the flow-matching Euler sampler of an SD3 model;
-    ``denoiser`` defaults to the model's own."""
+    with the model's noise schedule, or by the flow-matching Euler sampler of an SD3 or Flux
+    model; ``denoiser`` defaults to the model's own, ``resolution`` (pixels per side) to the
+    denoiser's own size. Guidance is classifier-free, except for Flux, which (as FluxPipeline)
+    gives a guidance-distilled transformer the scale as an input and refuses it otherwise."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     denoiser = denoiser if denoiser is not None else model.denoiser
+    flux = model.family == "flux"
+    if flux and guidance_scale != 1.0 and not denoiser.config.guidance_embeds:
+        raise ConfigError(f"guidance scale {guidance_scale}: this Flux transformer has no "
+                          "guidance input (guidance_embeds false, as Flux.1-schnell) and "
+                          "Flux samples without classifier-free guidance; use 1.")
     was_training = denoiser.training
     denoiser.eval()
     scheduler = (FlowMatchEulerDiscreteScheduler if model.flow else DDIMScheduler).from_config(
         model.scheduler.config)
-    config = denoiser.config
-    shape = (config.in_channels, config.sample_size, config.sample_size)
-    if model.flow and scheduler.config.get("use_dynamic_shifting"):  # SD3.5: as its pipeline
+    shape = model.sample_shape(resolution)
+    if flux:
+        set_sampling_timesteps(scheduler, steps, shape[-1])
+    elif model.flow and scheduler.config.get("use_dynamic_shifting"):  # SD3.5: as its pipeline
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import \
             calculate_shift
 
-        patches = (config.sample_size // config.patch_size) ** 2
+        patches = (shape[-1] // denoiser.config.patch_size) ** 2
         scheduler.set_timesteps(steps, mu=calculate_shift(
             patches, *(scheduler.config.get(key, default) for key, default in (
                 ("base_image_seq_len", 256), ("max_image_seq_len", 4096),
@@ -49,13 +60,14 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
                      for _, seed in rows]).to(model.device) * getattr(scheduler,
                                                                     "init_noise_sigma", 1.0)
     condition = model.encode_prompts([prompt for prompt, _ in rows])
-    guided = guidance_scale != 1.0
+    guided = guidance_scale != 1.0 and not flux
     if guided:
         condition = Conditioning.cat([model.unconditional(len(rows)), condition])
     for t in scheduler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
         prediction = model.predict(denoiser, scale(x_in, t),
-                                   t.expand(len(x_in)).to(model.device), condition)
+                                   t.expand(len(x_in)).to(model.device), condition,
+                                   guidance=guidance_scale)
         if guided:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -87,7 +99,7 @@ def write_samples(model: DiffusionModel, samples, output_dir: Path, label: str,
     directory = Path(output_dir) / SAMPLES_DIR
     (directory / label).mkdir(parents=True, exist_ok=True)
     pixels = sample_images(model, samples.prompts, samples.seeds, samples.steps,
-                           samples.guidance_scale, denoiser)
+                           samples.guidance_scale, denoiser, samples.resolution)
     images = [tensor_image(p) for p in pixels]
     for k, image in enumerate(images):
         prompt, seed = divmod(k, len(samples.seeds))
@@ -97,7 +109,7 @@ def write_samples(model: DiffusionModel, samples, output_dir: Path, label: str,
     index_path = directory / "samples.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     index.update({"prompts": samples.prompts, "seeds": samples.seeds, "steps": samples.steps,
-                  "guidance_scale": samples.guidance_scale})
+                  "guidance_scale": samples.guidance_scale, "resolution": samples.resolution})
     index.setdefault("grids", {})[label] = f"{label}.png"
     index_path.write_text(json.dumps(index, indent=2))
     return directory / f"{label}.png"

@@ -24,6 +24,7 @@ from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import DiffusionConfig
 from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs
+from .flux import configure as configure_flux
 from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
                      preference_metrics, ranked_metrics)
 from .model import Conditioning, DiffusionModel, attach_lora, load_diffusion_model
@@ -265,9 +266,10 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
         attach_lora(model, config.model.lora)
     if model.flow and spec.online:
         raise ConfigError(f"objective {spec.name} samples DDIM transitions; "
-                          f"{config.model.path} is a flow-matching pipeline (SD3), which it "
-                          "does not support: use diffusion_dpo, dcpo, mapo, rank_dpo or "
-                          "denoising.")
+                          f"{config.model.path} is a flow-matching pipeline ({model.family}), "
+                          "which it does not support: use diffusion_dpo, dcpo, mapo, rank_dpo "
+                          "or denoising.")
+    configure_flux(model, config)
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
     kept = {name: [r for r in records if getattr(r, "orders_something", True)]
