@@ -1,15 +1,16 @@
-"""Qwen2-VL (M-RoPE) on the spine: 3-D positions of every layout against the model's own rope
-index and plain HF forwards (non-square images, two images in a prompt), batched generation
-with images, a DPO run whose saved model reloads with its HF class and reproduces the logged
-eval log-probs, LoRA with the adapters-off reference and a live reference. (test_vision.py
-runs its general vision tests on Qwen2-VL and Qwen2.5-VL too.)"""
+"""Qwen2-VL and Qwen3-VL (M-RoPE; Qwen3-VL's interleaved, with DeepStack features added in its
+first layer) on the spine: 3-D positions of every layout against the model's own rope index and
+plain HF forwards (non-square images, two images in a prompt), batched generation with images,
+a DPO run whose saved model reloads with its HF class and reproduces the logged eval log-probs,
+LoRA with the adapters-off reference and a live reference. (test_vision.py runs its general
+vision tests on Qwen2-VL, Qwen2.5-VL and Qwen3-VL too.)"""
 
 import json
 
 import pytest
 import torch
 from PIL import Image
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 
 from preftune import api
 from preftune.data.layout import LAYOUTS, collate
@@ -27,11 +28,11 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """A tiny Qwen2-VL dir, square and non-square images, colour pairs."""
-    root = tmp_path_factory.mktemp("qwen")
-    save_tiny_vlm_dir(root / "model", "qwen2_vl")
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def root(tmp_path_factory, request):
+    """A tiny Qwen2-VL or Qwen3-VL dir, square and non-square images, colour pairs."""
+    root = tmp_path_factory.mktemp(request.param)
+    save_tiny_vlm_dir(root / "model", request.param)
     for name, colour in COLOURS.items():
         solid_image(root / f"{name}.png", colour)
     Image.new("RGB", (32, 16), (200, 200, 30)).save(root / "wide.png")  # 4x2 grid -> 8 tokens
@@ -107,8 +108,13 @@ def test_every_layout_gives_the_models_own_positions_and_logps(loaded, root):
             assert (flat - plain).abs().max() > 1e-3, (flat - plain).abs().max()
     assert any("visual" in name for name in grads["padded"])
     for layout in LAYOUTS[1:]:
-        for name, value in grads["padded"].items():
-            torch.testing.assert_close(grads[layout][name], value, rtol=1e-4, atol=1e-5)
+        for name, value in grads["padded"].items():  # float32 sums in other orders: a
+            # weight's gradient agrees to a millionth of its largest element (Qwen3-VL's
+            # merger bias reaches 90, and one of its elements differed by 2.4e-5)
+            scale = float(value.abs().max())
+            torch.testing.assert_close(grads[layout][name], value, rtol=1e-4,
+                                       atol=max(1e-5, 1e-6 * scale),
+                                       msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_greedy_generation_with_images_matches_one_prompt_at_a_time(loaded, root):
@@ -159,7 +165,9 @@ def test_dpo_trains_saves_and_reloads_with_its_hf_class(root, layout):
                   "layout": layout}})
     first, last = read_metrics(out / "metrics.jsonl")[0], read_metrics(out / "metrics.jsonl")[-1]
     assert last["step"] == 2 and "eval/loss" in last
-    model = Qwen2VLForConditionalGeneration.from_pretrained(out / "model").eval()
+    model = AutoModelForImageTextToText.from_pretrained(out / "model").eval()
+    assert type(model).__name__ == json.loads((root / "model" / "config.json").read_text())[
+        "architectures"][0]
     try:  # transformers' processor where torchvision is installed
         from transformers import AutoProcessor
 

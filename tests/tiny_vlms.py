@@ -98,7 +98,8 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
     PIL image processor (``QwenImageProcessorParts``): transformers' Qwen2VLProcessor needs
     torchvision."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+                              Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil)
 
@@ -121,6 +122,12 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
     if version == "2":
         config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
         vision.update(embed_dim=16, mlp_ratio=2)
+    elif version == "3":  # Qwen3-VL: interleaved M-RoPE, DeepStack features into layer 0
+        config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        vision.update(depth=2, intermediate_size=32, out_hidden_size=32,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0])
+        text.update(head_dim=8, rope_parameters={**text["rope_parameters"],
+                                                 "mrope_interleaved": True})
     else:
         config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         vision.update(intermediate_size=32, out_hidden_size=32, window_size=16,
@@ -173,7 +180,8 @@ def tiny_gemma3(seed: int = 0):
 
 
 BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl,
-            "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, "2.5"), "gemma3": tiny_gemma3}
+            "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, "2.5"),
+            "qwen3_vl": lambda seed=0: tiny_qwen2_vl(seed, "3"), "gemma3": tiny_gemma3}
 
 
 def save_tiny_vlm_dir(directory: Path, kind: str = "llava", seed: int = 0) -> Path:

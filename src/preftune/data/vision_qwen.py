@@ -1,5 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL (M-RoPE) on preftune's layouts: 3-D positions and a processor that
-needs no torchvision.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (M-RoPE) on preftune's layouts: 3-D positions and a
+processor that needs no torchvision.
 
 M-RoPE gives every token three position components (temporal, height, width). Text tokens
 have all three equal; an image's tokens get its (t, h, w) grid positions, all offset by the
@@ -22,7 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
-MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 # processor-side files of a model directory, carried over when a trained model is saved
 _PROCESSOR_FILES = ("processor_config.json", "video_preprocessor_config.json",

@@ -59,23 +59,42 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in stack.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def embed_with_images(vlm: nn.Module, decoder: nn.Module, batch: Batch) -> torch.Tensor:
-    """Token embeddings with the image features of the batch's distinct images written onto
-    every image-token position (a row per response in the padded layout, once per prompt when
-    prefix-shared): each image goes through the vision tower once per batch."""
+def embed_with_images(vlm: nn.Module, decoder: nn.Module, batch: Batch) -> dict:
+    """The decoder's inputs for a batch with images: token embeddings with the image features
+    of the batch's distinct images written onto every image-token position (a row per
+    response in the padded layout, once per prompt when prefix-shared), each image through the
+    vision tower once per batch. Qwen3-VL's tower also gives DeepStack features, which its
+    decoder adds to the image positions of its first layers: those go along as the decoder's
+    ``visual_pos_masks`` and ``deepstack_visual_embeds``, in the same positions' order."""
     embeds = decoder.get_input_embeddings()(batch.input_ids)
-    features = vlm.get_image_features(**batch.image_inputs, return_dict=True).pooler_output
-    if isinstance(features, (list, tuple)):
-        features = torch.cat(list(features))
-    features = features.reshape(-1, embeds.shape[-1])
+    output = vlm.get_image_features(**batch.image_inputs, return_dict=True)
+    features = flat_features(output.pooler_output, embeds.shape[-1])
     expected = batch.image_feature_rows  # counted on the host when the batch was built
     if features.shape[0] != expected:
         raise ValueError(f"the model made {features.shape[0]} image features for the batch's "
                          f"images but their prompts hold {expected} image tokens: the processor "
                          "files do not belong to this model.")
+    positions, index = batch.image_positions, batch.image_features_index
     flat = embeds.reshape(-1, embeds.shape[-1]).index_put(
-        (batch.image_positions,), features[batch.image_features_index].to(embeds.dtype))
-    return flat.view_as(embeds)
+        (positions,), features[index].to(embeds.dtype))
+    inputs = {"inputs_embeds": flat.view_as(embeds)}
+    deepstack = getattr(output, "deepstack_features", None)
+    if deepstack:
+        # the decoder reads the masked positions in row-major order
+        order = positions.argsort()
+        mask = torch.zeros(embeds.shape[:2].numel(), dtype=torch.bool, device=embeds.device)
+        inputs["visual_pos_masks"] = mask.index_fill(0, positions, True).view(embeds.shape[:2])
+        inputs["deepstack_visual_embeds"] = [
+            flat_features(layer, embeds.shape[-1])[index[order]].to(embeds.dtype)
+            for layer in deepstack]
+    return inputs
+
+
+def flat_features(features, width: int) -> torch.Tensor:
+    """Image features [rows, width], from a tensor or one tensor per image."""
+    if isinstance(features, (list, tuple)):
+        features = torch.cat(list(features))
+    return features.reshape(-1, width)
 
 
 # The SDPA kernels torch may choose from: all but cuDNN's, its first choice on Hopper GPUs,
@@ -169,7 +188,7 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
         # models that count positions from the 2-D mask (OPT) cannot read them from ours
         positions = batch.column_positions()
     if batch.image_positions is not None:
-        kwargs["inputs_embeds"] = embed_with_images(vlm, decoder, batch)
+        kwargs.update(embed_with_images(vlm, decoder, batch))
     else:
         kwargs["input_ids"] = batch.input_ids
     with attention_kernels():

@@ -21,7 +21,7 @@ DIFFUSERS = ("diffusion_pytorch_model.safetensors.index.json",
 # (not safety_checker/, feature_extractor/, fp16 variants or whole-pipeline checkpoints)
 PIPELINE_PARTS = {"unet": DIFFUSERS, "transformer": DIFFUSERS, "vae": DIFFUSERS,
                   "text_encoder": SAFETENSORS, "tokenizer": None, "scheduler": None,
-                  "text_encoder_2": SAFETENSORS, "tokenizer_2": None,  # SDXL, SD3
+                  "text_encoder_2": SAFETENSORS, "tokenizer_2": None,  # SDXL, SD3, Flux (T5)
                   "text_encoder_3": SAFETENSORS, "tokenizer_3": None}  # SD3's T5
 
 
