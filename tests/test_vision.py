@@ -20,7 +20,7 @@ RED, BLUE, GREY = (200, 30, 30), (30, 30, 200), (120, 120, 120)
 
 
 @pytest.fixture(scope="module", params=["llava", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                        "gemma3"])
+                                        "qwen3_vl_moe", "gemma3"])
 def vlm(request, tmp_path_factory):
     """(model, tokenizer, data folder) for each tiny VLM family."""
     root = tmp_path_factory.mktemp(request.param)
@@ -73,7 +73,7 @@ def test_image_tokens_come_from_the_processor(vlm):
     images = tokenizer.image_inputs
     per_image = {"LlavaForConditionalGeneration": 16, "Idefics3ForConditionalGeneration": 4,
                  "Qwen2VLForConditionalGeneration": 4, "Qwen2_5_VLForConditionalGeneration": 4,
-                 "Qwen3VLForConditionalGeneration": 4,
+                 "Qwen3VLForConditionalGeneration": 4, "Qwen3VLMoeForConditionalGeneration": 4,
                  "Gemma3ForConditionalGeneration": 4}
     expected = per_image[type(model).__name__]
     for example in examples:
@@ -246,13 +246,14 @@ def test_negative_images_one_per_image(tmp_path):
 
 
 def test_other_mrope_models_are_refused_by_name(tmp_path):
-    """M-RoPE models other than Qwen2-VL / Qwen2.5-VL / Qwen3-VL were not checked against the
-    layouts: a clear refusal, not silently wrong positions."""
+    """M-RoPE models other than Qwen2-VL / Qwen2.5-VL / Qwen3-VL (-MoE) were not checked
+    against the layouts: a clear refusal, not silently wrong positions."""
     from preftune.config import ConfigError
 
     (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen3_vl_moe", "vision_config": {"depth": 1},
+        "model_type": "glm4v", "vision_config": {"depth": 1},
         "text_config": {"rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}}))
-    with pytest.raises(ConfigError, match=r"qwen3_vl_moe model with multimodal rotary positions "
-                                          r"\(M-RoPE\).*Qwen2-VL, Qwen2.5-VL and Qwen3-VL only"):
+    with pytest.raises(ConfigError, match=r"glm4v model with multimodal rotary positions "
+                                          r"\(M-RoPE\).*Qwen2-VL, Qwen2.5-VL and Qwen3-VL "
+                                          r"\(-MoE\) only"):
         load_model_and_tokenizer(str(tmp_path))

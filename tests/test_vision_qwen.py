@@ -1,9 +1,10 @@
-"""Qwen2-VL and Qwen3-VL (M-RoPE; Qwen3-VL's interleaved, with DeepStack features added in its
-first layer) on the spine: 3-D positions of every layout against the model's own rope index and
-plain HF forwards (non-square images, two images in a prompt), batched generation with images,
-a DPO run whose saved model reloads with its HF class and reproduces the logged eval log-probs,
-LoRA with the adapters-off reference and a live reference. (test_vision.py runs its general
-vision tests on Qwen2-VL, Qwen2.5-VL and Qwen3-VL too.)"""
+"""Qwen2-VL, Qwen3-VL and Qwen3-VL-MoE (M-RoPE; Qwen3-VL's interleaved, with DeepStack features
+added in its first layer) on the spine: 3-D positions of every layout against the model's own
+rope index and plain HF forwards (non-square images, two images in a prompt), batched
+generation with images, a DPO run whose saved model reloads with its HF class and reproduces
+the logged eval log-probs, LoRA with the adapters-off reference and a live reference.
+(test_vision.py runs its general vision tests on Qwen2-VL, Qwen2.5-VL and Qwen3-VL (-MoE) too.)
+"""
 
 import json
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def root(tmp_path_factory, request):
     """A tiny Qwen2-VL or Qwen3-VL dir, square and non-square images, colour pairs."""
     root = tmp_path_factory.mktemp(request.param)

@@ -99,7 +99,8 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
     torchvision."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration)
+                              Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil)
 
@@ -122,12 +123,15 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
     if version == "2":
         config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
         vision.update(embed_dim=16, mlp_ratio=2)
-    elif version == "3":  # Qwen3-VL: interleaved M-RoPE, DeepStack features into layer 0
+    elif version in ("3", "3-moe"):  # interleaved M-RoPE, DeepStack features into layer 0
         config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
         vision.update(depth=2, intermediate_size=32, out_hidden_size=32,
                       num_position_embeddings=16, deepstack_visual_indexes=[0])
         text.update(head_dim=8, rope_parameters={**text["rope_parameters"],
                                                  "mrope_interleaved": True})
+        if version == "3-moe":  # Qwen3-VL-MoE: 4 experts, 2 per token, in every layer
+            config_class, model_class = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     else:
         config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         vision.update(intermediate_size=32, out_hidden_size=32, window_size=16,
@@ -181,7 +185,8 @@ def tiny_gemma3(seed: int = 0):
 
 BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl,
             "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, "2.5"),
-            "qwen3_vl": lambda seed=0: tiny_qwen2_vl(seed, "3"), "gemma3": tiny_gemma3}
+            "qwen3_vl": lambda seed=0: tiny_qwen2_vl(seed, "3"),
+            "qwen3_vl_moe": lambda seed=0: tiny_qwen2_vl(seed, "3-moe"), "gemma3": tiny_gemma3}
 
 
 def save_tiny_vlm_dir(directory: Path, kind: str = "llava", seed: int = 0) -> Path:

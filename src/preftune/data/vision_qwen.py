@@ -22,7 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
-MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 # processor-side files of a model directory, carried over when a trained model is saved
 _PROCESSOR_FILES = ("processor_config.json", "video_preprocessor_config.json",

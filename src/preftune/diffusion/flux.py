@@ -96,11 +96,11 @@ def set_sampling_timesteps(scheduler, steps: int, side: int) -> None:
 
 def check_resolution(model, resolution: int, key: str) -> None:
     """Flux packs 2x2 latent patches: ``resolution`` must give an even latent side."""
-    scale = model.pixels_per_sample
-    if resolution % (2 * scale):
+    step = 2 * model.pixels_per_sample
+    if resolution % step:
         raise ConfigError(f"{key} {resolution}: a Flux transformer packs 2x2 patches of "
-                          f"{scale}x{scale}-pixel samples, so the side must be a multiple of "
-                          f"{2 * scale} (e.g. {max(2 * scale, resolution // (2 * scale) * 2 * scale)}).")
+                          f"{step // 2}x{step // 2}-pixel samples, so the side must be a multiple "
+                          f"of {step} (e.g. {max(step, resolution // step * step)}).")
 
 
 def configure(model, config) -> None:

@@ -246,15 +246,16 @@ def _check_kind(source: str, auto, trust_remote_code: bool) -> None:
 
 def is_vision_language(source: str, trust_remote_code: bool = False) -> bool:
     """True for a model directory whose config has a vision tower. M-RoPE models train when
-    they are Qwen2-VL, Qwen2.5-VL or Qwen3-VL (``data/vision_qwen.py``); others are refused by
-    name, since their position rules were not checked against preftune's layouts."""
+    they are Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dense or MoE; ``data/vision_qwen.py``); others
+    are refused by name, since their position rules were not checked against preftune's
+    layouts."""
     config = _config_json(source)
     if config is None or "vision_config" not in config:
         return False
     if is_mrope_config(config) and config.get("model_type") not in MROPE_MODEL_TYPES:
         raise ConfigError(f"model.path: {source} is a {config.get('model_type')} model with "
                           "multimodal rotary positions (M-RoPE), which preftune supports for "
-                          "Qwen2-VL, Qwen2.5-VL and Qwen3-VL only; LLaVA- and "
+                          "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (-MoE) only; LLaVA- and "
                           "Idefics3/SmolVLM-style models train too.")
     return True
 
