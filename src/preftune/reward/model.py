@@ -7,7 +7,9 @@ prefix-shared and packed layouts apply: the prompt of a pair or list is encoded 
 the hidden state of each response's last token is projected. Encoders (BERT-style) run through
 their own ``forward`` on padded text pairs. Either way the saved directory is a plain
 ``AutoModelForSequenceClassification`` model that gives the same outputs, plus
-``preftune_reward.json`` (the head).
+``preftune_reward.json`` (the head). Vision-language backbones, which transformers gives no such
+class, are ``VisionRewardModel``s (``vision.py``): the same last-token head on their language
+model, with images in every layout.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from ..data.layout import choose_layout, collate
 from ..model.forward import attention_kernels, causal_lm_of, run_decoder
 from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
-from ..model.load import (DTYPES, builds, check_weights_format, load_tokenizer,
-                          resolve_model_dir)
+from ..model.load import (DTYPES, builds, check_weights_format, is_vision_language,
+                          load_tokenizer, resolve_model_dir)
 from ..model.lora import add_lora
 from ..model.adapter_dirs import merged_copy, save_model
 from ..model.quantize import loading_arguments, settle
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
+from .vision import load_vision_backbone
 
 PAD_CANDIDATES = ("unk_token", "<|endoftext|>", "<pad>", "[PAD]", "bos_token")
 REWARD_HEADS = ("score", "classifier")  # transformers' sequence-classification heads
@@ -81,21 +84,24 @@ class RewardModel(nn.Module):
                                     attention_mask=batch.attention_mask, **kwargs).logits
             return logits.float().view(shape)
         decoder = classifier.base_model
-        hidden = run_decoder(decoder, batch, classifier.config).last_hidden_state
+        hidden = run_decoder(decoder, batch, decoder.config,
+                             vlm=getattr(classifier, "vlm", None)).last_hidden_state
         last = hidden.reshape(-1, hidden.shape[-1])[batch.last_token_positions]
         return classifier.score(last).float().view(shape)
 
-    def make_batch(self, pad_token_id: int, layout: str = "auto", max_row_tokens=None):
+    def make_batch(self, pad_token_id: int, layout: str = "auto", max_row_tokens=None,
+                   images=None):
         """A collate function for this model: decoders take any layout their layers keep to
-        (``model/verify.py``), encoders padded rows."""
+        (``model/verify.py``), encoders padded rows; ``images`` (``tokenizer.image_inputs``)
+        for a vision-language backbone's image data."""
         if not self.last_token:
             return lambda examples: collate_encoder(examples, pad_token_id)
-        classifier = causal_lm_of(self.model)
-        layout = layout_setting(classifier.base_model, classifier.config, layout)
+        decoder = causal_lm_of(self.model).base_model
+        layout = layout_setting(decoder, decoder.config, layout)
 
         def make(examples):
             return collate(examples, pad_token_id, choose_layout(examples, layout),
-                           max_row_tokens)
+                           max_row_tokens, images=images)
 
         return make
 
@@ -109,6 +115,9 @@ class RewardModel(nn.Module):
         directory = Path(directory)
         written = {}
         model = self.model
+        # a VLM's processor holds its tokenizer and image processor
+        images = getattr(tokenizer, "image_inputs", None)
+        tokenizer = images.processor if images is not None else tokenizer
         if hasattr(model, "merge_and_unload"):  # LoRA (PEFT)
             save_model(model, directory / "adapter")
             tokenizer.save_pretrained(directory / "adapter")
@@ -117,7 +126,7 @@ class RewardModel(nn.Module):
             if not save_merged:
                 return written
             model = merged_copy(model, written["adapter"], unquantized_base)
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id
         model.save_pretrained(directory / "model", safe_serialization=True)
         tokenizer.save_pretrained(directory / "model")
         self.head.save(directory / "model", extra)
@@ -162,6 +171,8 @@ def scores_last_token(source: str, trust_remote_code: bool = False) -> bool:
     sequence-classification model on the meta device, no weights read."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    if is_vision_language(source, trust_remote_code):  # VisionRewardModel: the last token
+        return True
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     if not builds(AutoModelForSequenceClassification, config, trust_remote_code):
         raise ConfigError(f"model.path: {source} is a {config.model_type} model, for which "
@@ -193,14 +204,23 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
     check_weights_format(source)
     if tokenizer is None:
         _, tokenizer = backbone_tokenizer(source, trust_remote_code)
+    attn_implementation = transformers_name(attn_implementation)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if is_vision_language(source, trust_remote_code):
+        if quantize is not None:
+            raise ConfigError(f"model.quantize: {quantize} is not supported for a "
+                              "vision-language reward backbone yet; train it in model.dtype "
+                              "(with model.lora for less memory).")
+        model = load_vision_backbone(source, head.num_outputs, DTYPES[dtype],
+                                     trust_remote_code, extra, path, announce)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     resized = getattr(config, "num_labels", None) not in (None, head.num_outputs) and \
         (Path(source) / HEAD_FILE).exists()
     if resized:
         print(f"{path}: its reward head has {config.num_labels} outputs; this run's head needs "
               f"{head.num_outputs}, so a fresh head is trained on its backbone")
-    attn_implementation = transformers_name(attn_implementation)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantize is not None:
         extra |= loading_arguments(quantize, DTYPES[dtype], device, keep=REWARD_HEADS)
     with _quiet_loading():  # transformers' table of missing keys: said in one line below

@@ -30,7 +30,8 @@ class RewardScoring:
                  batch_size: int = 16):
         self.model, self.tokenizer = reward_model, tokenizer
         self.settings, self.batch_size = settings, batch_size
-        self.make_batch = reward_model.make_batch(tokenizer.pad_token_id, "auto")
+        self.make_batch = reward_model.make_batch(
+            tokenizer.pad_token_id, "auto", images=getattr(tokenizer, "image_inputs", None))
 
     @classmethod
     def load(cls, path: str, batch_size: int = 16, device: str | None = None) -> "RewardScoring":

@@ -19,7 +19,7 @@ from ..model.forward import causal_lm_of, enable_checkpointing
 from ..model.freeze import train_only_part
 from ..model.load import without_dropout
 from ..model.lean import use_lean_layers
-from ..model.verify import check_windows, verified_layout
+from ..model.verify import check_image_attention, check_windows, verified_layout
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import precision, write_run_header
@@ -222,13 +222,15 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     if not reward_model.last_token:  # encoders: every token sees the response
         layout = "padded"
     else:  # (checked on the model, on its device)
-        classifier = causal_lm_of(reward_model.model)
-        check_windows(classifier.config, config.data.max_length,
-                      config.model.attn_implementation)
-        layout = verified_layout(classifier.base_model, classifier.config, choose_layout(
+        decoder = causal_lm_of(reward_model.model).base_model
+        check_windows(decoder.config, config.data.max_length, config.model.attn_implementation)
+        check_image_attention(reward_model.model, [*train_examples, *eval_examples],
+                              attn_implementation=config.model.attn_implementation)
+        layout = verified_layout(decoder, decoder.config, choose_layout(
             train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
     make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
-                                         cfg.max_row_tokens or config.data.max_length)
+                                         cfg.max_row_tokens or config.data.max_length,
+                                         images=getattr(tokenizer, "image_inputs", None))
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)
     return task, count_steps(cfg, len(train_examples), accelerator.num_processes)

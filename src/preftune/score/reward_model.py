@@ -22,15 +22,21 @@ class RewardModelScorer:
     def from_pretrained(cls, path: str, batch_size: int = 16) -> "RewardModelScorer":
         return cls(RewardScoring.load(path, batch_size), f"rm:{path}")
 
+    def _images(self, prompt) -> tuple:
+        """The images a prompt shows, for a vision-language reward model (a text-only one
+        scores the text, as it was trained)."""
+        seen = getattr(self.scoring.tokenizer, "image_inputs", None) is not None
+        return tuple(getattr(prompt, "images", ())) if seen else ()
+
     def score(self, prompts, responses) -> list[float]:
-        records = [Rated(p, r, origin=f"{self.name} input {i}")
+        records = [Rated(p, r, origin=f"{self.name} input {i}", images=self._images(p))
                    for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
         outputs = self.scoring.outputs(records)
         head = self.scoring.head
         return checked([head.reward(o[0]).item() for o in outputs], self.name, len(records))
 
     def prefer(self, prompts, first, second) -> list[float]:
-        records = [Pair(p, a, b, origin=f"{self.name} input {i}")
+        records = [Pair(p, a, b, origin=f"{self.name} input {i}", images=self._images(p))
                    for i, (p, a, b) in enumerate(zip(prompts, first, second, strict=True))]
         head = self.scoring.head
         return [torch.sigmoid(head.preference_logit(o[0], o[1])).item()
