@@ -1,8 +1,9 @@
-"""Reward models on vision-language backbones (LLaVA-, Qwen2-VL- and Gemma 3-style: plain
-positions, M-RoPE, image tokens that attend both ways): every layout's rewards and gradients
-equal the VLM's own forward read at each response's last token, `preftune rm train` trains and
-saves a directory the VLM's class loads, `preftune rm score` and the scorer read the saved
-head, LoRA merges, and settings that do not apply are refused by name."""
+"""Reward models on vision-language backbones (LLaVA-, Qwen2-VL-, Qwen3-VL- and Gemma 3-style:
+plain positions, M-RoPE, DeepStack features, image tokens that attend both ways): every layout's
+rewards and gradients equal the VLM's own forward read at each response's last token, `preftune
+rm train` trains and saves a directory the VLM's class loads, `rm score`, `rm eval` and the
+scorer read the saved head (an online round on image prompts too), LoRA merges, and settings
+that do not apply are refused by name."""
 
 import json
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "gemma3"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen3_vl", "gemma3"])
 def root(request, tmp_path_factory):
     """A tiny VLM dir of one family, coloured images and pairs: the image's colour over
     another."""
@@ -163,3 +164,44 @@ def test_settings_that_do_not_apply_are_refused_by_name(root, tmp_path):
             "data": {"train": str(root / "pairs.jsonl"), "max_length": 96,
                      "max_prompt_length": 64},
             "train": {"batch_size": 4, "max_steps": 1}})
+
+
+def test_an_online_round_on_image_prompts_is_scored_by_a_vlm_reward_model(tmp_path):
+    from preftune.online.config import OnlineConfig
+    from preftune.online.loop import run_online
+
+    save_tiny_vlm_dir(tmp_path / "vlm", "llava")
+    for name, colour in COLOURS.items():
+        solid_image(tmp_path / f"{name}.png", colour)
+    write_rows(tmp_path / "pairs.jsonl", [
+        {"prompt": "What colour? <image>", "images": [f"{name}.png"], "chosen": name,
+         "rejected": "no"} for name in COLOURS])
+    rm = api.train_reward_model({
+        "output_dir": str(tmp_path / "rm"), "model": {"path": str(tmp_path / "vlm")},
+        "data": {"train": str(tmp_path / "pairs.jsonl"), "max_length": 96,
+                 "max_prompt_length": 64},
+        "train": {"batch_size": 3, "max_steps": 1}})
+    write_rows(tmp_path / "prompts.jsonl", [{"prompt": "What colour? <image>",
+                                             "images": [name]} for name in ("red.png",
+                                                                            "blue.png")])
+    out = run_online(OnlineConfig.from_dict({
+        "output_dir": str(tmp_path / "online"), "model": {"path": str(tmp_path / "vlm")},
+        "data": {"train": str(tmp_path / "prompts.jsonl"), "max_length": 96,
+                 "max_prompt_length": 64},
+        "objective": {"name": "dpo"},
+        "train": {"batch_size": 2, "max_steps": 1, "learning_rate": 1e-3},
+        "online": {"rounds": 1, "scorer": f"rm:{rm}",
+                   "sampling": {"samples": 3, "max_new_tokens": 4, "temperature": 1.5}}}))
+    scored = [json.loads(line) for line in (out / "round-1" / "scored.jsonl").open()]
+    scorer = load_scorer(f"rm:{rm}")
+    shown = {record.images[0].path.rsplit("/", 1)[-1]: record  # the same prompt per image
+             for record in load_records(str(tmp_path / "pairs.jsonl"))}
+    for row in scored:  # each sample scored under its own prompt's image
+        name = row["images"][0].rsplit("/", 1)[-1]
+        here = scorer_prompt(shown[name].prompt, shown[name].images)
+        assert row["scores"] == pytest.approx(
+            scorer.score([here] * len(row["responses"]), row["responses"]), abs=1e-5)
+        other = shown["green.png"]
+        elsewhere = scorer.score([scorer_prompt(other.prompt, other.images)] *
+                                 len(row["responses"]), row["responses"])
+        assert row["scores"] != pytest.approx(elsewhere, abs=1e-6)  # the image matters
