@@ -245,3 +245,30 @@ def tiny_flux_pipeline(directory: Path, seed: int = 0, guidance: bool = True,
         "vae": ["diffusers", "AutoencoderKL"],
         "image_encoder": [None, None], "feature_extractor": [None, None]}))
     return directory
+
+
+def tiny_clip_dir(directory: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP directory (model, word tokenizer that ends each prompt with </s>,
+    where CLIP pools the text, and preprocessor_config.json for 16x16 inputs): what a
+    step-aware preference model starts from."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import CLIPConfig, CLIPModel
+
+    directory = Path(directory)
+    tokenizer = word_tokenizer(WORDS)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=tokenizer.model_max_length, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=16, patch_size=4),
+        projection_dim=16)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28],
+        "crop_size": {"height": 16, "width": 16}}))
+    return directory

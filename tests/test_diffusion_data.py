@@ -130,5 +130,10 @@ def test_colour_checker(tmp_path):
     (__import__("pathlib").Path(__file__).parents[1] / "examples/diffusion").glob("*.yaml")),
     ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
+    if path.stem == "spm":  # the step-aware preference model of SPO, not a denoiser run
+        from preftune.diffusion.step_model_train import StepModelConfig
+
+        assert StepModelConfig.from_yaml(path).pipeline.guidance_scale == 5.0
+        return
     config = DiffusionConfig.from_yaml(path)
     assert path.stem.removesuffix("_lora").startswith(config.objective.name)

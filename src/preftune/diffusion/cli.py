@@ -15,6 +15,16 @@ def _train(args) -> None:
           f"{output_dir / 'metrics.jsonl'}; `preftune report {output_dir}` for the report")
 
 
+def _spm(args) -> None:
+    require_diffusers("preftune diffusion spm")
+    from .step_model_train import StepModelConfig, train_step_model
+
+    config = StepModelConfig.from_yaml(args.config, args.set or [])
+    output_dir = train_step_model(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: step-aware preference model in {output_dir / 'model'}; SPO uses it with "
+          f"objective.scorer: spm:{output_dir / 'model'}")
+
+
 def _sample(args) -> None:
     require_diffusers("preftune diffusion sample")
     from types import SimpleNamespace
@@ -113,6 +123,13 @@ def add_diffusion_commands(commands) -> None:
                     "data.train=prompts.jsonl")
     add_config_arguments(train, "examples/diffusion/", "objective.beta=2500")
     train.set_defaults(run=_train)
+
+    spm = command(sub, "spm", "train SPO's step-aware preference model: a CLIP scorer (e.g. "
+                  "PickScore) rating a pipeline's predicted clean images at each noise level",
+                  "preftune diffusion spm examples/diffusion/spm.yaml --set "
+                  "data.train=pairs.jsonl")
+    add_config_arguments(spm, "examples/diffusion/", "pipeline.guidance_scale=5")
+    spm.set_defaults(run=_spm)
 
     sample = command(sub, "sample", "fixed-seed samples and a grid (a row per prompt)",
                      "preftune diffusion sample --model runs/diffusion/model --prompt 'a red "

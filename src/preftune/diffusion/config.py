@@ -20,6 +20,15 @@ LANGUAGE_MODEL_ONLY = ("logps_chunk_tokens", "example_weight_field", "layout", "
                        "lean_activations")
 
 
+def refuse_language_model_keys(train: TrainConfig, what: str) -> None:
+    """A ValueError naming the first ``LANGUAGE_MODEL_ONLY`` key set in ``train``."""
+    defaults = TrainConfig()
+    for key in LANGUAGE_MODEL_ONLY:
+        if getattr(train, key) != getattr(defaults, key):
+            raise ValueError(f"train.{key} applies to language models only and does nothing "
+                             f"for {what}; remove it.")
+
+
 class DiffusionLoraConfig(LoraConfig):
     target_modules: list[str] | str = ["to_q", "to_k", "to_v", "to_out.0"]
     """Denoiser modules to adapt (default: the attention projections, as diffusers' LoRA
@@ -147,11 +156,7 @@ class DiffusionConfig(RunConfig):
 
     @model_validator(mode="after")
     def _consistent(self):
-        defaults = TrainConfig()
-        for key in LANGUAGE_MODEL_ONLY:
-            if getattr(self.train, key) != getattr(defaults, key):
-                raise ValueError(f"train.{key} applies to language models only and does nothing "
-                                 "for a denoiser; remove it.")
+        refuse_language_model_keys(self.train, "a denoiser")
         lora = self.model.lora
         if lora is not None and lora.init != "default":
             raise ValueError(f"model.lora.init: {lora.init} is for language models; a "

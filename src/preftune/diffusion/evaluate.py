@@ -14,12 +14,17 @@ from .sample import sample_images
 
 
 def image_scorer(spec: str):
-    """``shape_colour`` (the demo's checker) or any scorer spec ``load_scorer`` reads whose
+    """``shape_colour`` (the demo's checker), ``spm:PATH`` (a step-aware preference model,
+    ``preftune diffusion spm``) or any scorer spec ``load_scorer`` reads whose
     ``score(prompts, responses)`` accepts PIL images (e.g. ``module:function``)."""
     if spec == "shape_colour":
         from .shapes import ColourScorer
 
         return ColourScorer()
+    if spec.startswith("spm:"):  # a step-aware preference model, on clean images
+        from .step_model import StepModelScorer
+
+        return StepModelScorer(spec[4:])
     from ..score import load_scorer
 
     return load_scorer(spec)

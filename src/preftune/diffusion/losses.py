@@ -252,10 +252,12 @@ def denoising(errors: DenoisingErrors, params: DenoisingParams) -> DiffusionLoss
 
 def _scorer_spec(spec: str) -> str:
     module, colon, attribute = spec.partition(":")
-    if spec == "shape_colour" or (colon and module and attribute.isidentifier()):
+    if spec == "shape_colour" or (module == "spm" and attribute) or (
+            colon and module and attribute.isidentifier()):
         return spec
     raise ValueError(f"unknown scorer {spec!r}: expected shape_colour (the demo's colour "
-                     "checker) or module:function(prompts, images, timesteps) -> scores")
+                     "checker), spm:PATH (a step-aware preference model) or "
+                     "module:function(prompts, images, timesteps) -> scores")
 
 
 @dataclass
@@ -279,7 +281,8 @@ class SPOParams:
     per trajectory (the rest are plain DDIM steps), to bound the cost."""
     scorer: Annotated[str, AfterValidator(_scorer_spec)] = "shape_colour"
     """The step-aware preference model: shape_colour (the demo's checker on each candidate's
-    predicted x_0) or module:function(prompts, images, timesteps) -> scores."""
+    predicted x_0), spm:PATH (one trained by `preftune diffusion spm`) or
+    module:function(prompts, images, timesteps) -> scores."""
     guidance_scale: Annotated[float, Field(ge=1)] = 5.0
     """Classifier-free guidance of the sampler and of both log-probs (sample.guidance_scale,
     train.cfg); 1: none."""

@@ -172,6 +172,10 @@ def step_scorer(spec: str):
     """The step-aware scorer ``objective.scorer`` names."""
     if spec == "shape_colour":
         return ColourStepScorer()
+    if spec.startswith("spm:"):  # a trained step-aware preference model (step_model.py)
+        from .step_model import StepModelScorer
+
+        return StepModelScorer(spec[4:])
     from ..entry_points import import_attribute
 
     try:

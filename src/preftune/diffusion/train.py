@@ -214,9 +214,10 @@ class DiffusionTask:
                 "dtype": self.config.model.dtype, "paper": self.spec.paper}
 
 
-def split_pairs(config: DiffusionConfig) -> dict:
-    """Train (and eval) pairs; ``data.eval_fraction`` splits off a seeded share of train."""
-    data, spec = config.data, get_diffusion_loss(config.objective.name)
+def split_pairs(config, spec=None) -> dict:
+    """Train (and eval) records as the objective ``spec`` (default: the config's) reads
+    them; ``data.eval_fraction`` splits off a seeded share of train."""
+    data, spec = config.data, spec or get_diffusion_loss(config.objective.name)
     if not data.train:
         raise ConfigError(
             f"data.train is empty: give a file of prompts (a prompt field per record: "
