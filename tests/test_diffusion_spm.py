@@ -1,7 +1,7 @@
 """SPO's step-aware preference model: at init it is exactly the CLIP it starts from, its time
 conditioning is the adaLN rule computed by hand, its loss is PickScore's, it learns from the
-pipeline's guided x̂_0 computed by hand, `preftune diffusion spm` trains and saves it, and SPO,
-`diffusion eval` and `diffusion rank` use it as `spm:PATH`."""
+pipeline's guided x̂_0 computed by hand, `preftune diffusion spm` trains, saves and resumes
+it, and SPO, `diffusion eval` and `diffusion rank` use it as `spm:PATH`."""
 
 import json
 import math
@@ -199,3 +199,31 @@ def test_what_it_cannot_take_is_refused_by_name(parts, tmp_path):
     with pytest.raises(ValueError, match="train.layout applies to language models only and "
                        "does nothing for a step-aware preference model"):
         StepModelConfig.from_dict(spm_tree(parts, tmp_path / "b", train={"layout": "packed"}))
+
+
+def test_a_stopped_run_resumes_to_the_same_losses(parts, tmp_path, monkeypatch):
+    from preftune.diffusion import step_model_train
+    from preftune.diffusion.step_model_train import train_step_model
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()
+                if "loss" in line]
+
+    tree = spm_tree(parts, tmp_path / "whole", train={"max_steps": 4, "save_every": 2,
+                                                      "log_every": 1})
+    train_step_model(StepModelConfig.from_dict(tree), show_progress=False)
+    tree["output_dir"] = str(tmp_path / "stopped")
+    original = step_model_train.StepModelTask.losses
+
+    def stop_at_step_2(self, module, batch, step, timesteps=None):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(self, module, batch, step, timesteps)
+
+    monkeypatch.setattr(step_model_train.StepModelTask, "losses", stop_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_step_model(StepModelConfig.from_dict(tree), show_progress=False)
+    monkeypatch.setattr(step_model_train.StepModelTask, "losses", original)
+    train_step_model(StepModelConfig.from_dict(tree), resume=True, show_progress=False)
+    assert len(losses(tmp_path / "whole")) == 4
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
