@@ -272,3 +272,17 @@ def tiny_clip_dir(directory: Path, seed: int = 0) -> Path:
         "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28],
         "crop_size": {"height": 16, "width": 16}}))
     return directory
+
+
+def losses_of_a_moved_policy(task):
+    """The task's policy moved off its reference (seeded), then its losses on all its train
+    pairs at fixed noise [3, 3, 16, 16] and training steps (10, 500, 990): (losses, noise,
+    steps), for a hand computation to match."""
+    with torch.no_grad():
+        for parameter in task.module.denoiser.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape,
+                                              generator=torch.Generator().manual_seed(1)))
+    batch = task.make_batch(task.train_examples)
+    noise = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(7))
+    steps = torch.tensor([10, 500, 990])
+    return task.losses_with(task.module, batch, noise, steps)[0], noise, steps

@@ -13,8 +13,8 @@ pytest.importorskip("diffusers")
 
 from accelerate import Accelerator  # noqa: E402
 
-from diffusion_fixtures import (config_tree, one_thread, tiny_sd3_pipeline,  # noqa: E402, F401
-                                write_pairs, write_prompts)
+from diffusion_fixtures import (config_tree, losses_of_a_moved_policy,  # noqa: E402, F401
+                                one_thread, tiny_sd3_pipeline, write_pairs, write_prompts)
 from preftune.config import ConfigError  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.model import load_diffusion_model  # noqa: E402
@@ -71,14 +71,7 @@ def test_diffusion_dpo_on_the_straight_path_matches_a_hand_computation(pipes, tm
                        objective={"name": "diffusion_dpo", "beta": 200.0})
     task, _ = diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())
     model = task.module
-    with torch.no_grad():  # policy != reference
-        for parameter in model.denoiser.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape,
-                                              generator=torch.Generator().manual_seed(1)))
-    batch = task.make_batch(task.train_examples)
-    noise = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(7))
-    steps = torch.tensor([10, 500, 990])
-    losses, _ = task.losses_with(model, batch, noise, steps)
+    losses, noise, steps = losses_of_a_moved_policy(task)  # policy != reference
 
     reference = diffusers_pipeline(model)
     prompts = [p.prompt for p in task.train_examples]

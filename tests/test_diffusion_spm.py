@@ -15,8 +15,8 @@ pytest.importorskip("diffusers")
 
 from accelerate import Accelerator  # noqa: E402
 
-from diffusion_fixtures import (config_tree, one_thread, tiny_clip_dir, tiny_pipeline,  # noqa: E402, F401
-                                tiny_sd3_pipeline, write_pairs, write_prompts)
+from diffusion_fixtures import (config_tree, one_thread, tiny_clip_dir,  # noqa: E402, F401
+                                tiny_pipeline, tiny_sd3_pipeline, write_pairs, write_prompts)
 from preftune.cli import main  # noqa: E402
 from preftune.config import ConfigError  # noqa: E402
 from preftune.diffusion.step_model import StepAwarePreferenceModel  # noqa: E402
