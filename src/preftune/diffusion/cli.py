@@ -25,6 +25,22 @@ def _spm(args) -> None:
           f"objective.scorer: spm:{output_dir / 'model'}")
 
 
+def _caption(args) -> None:
+    from .captions import caption_pairs
+
+    fields = {}
+    for item in args.field or []:
+        key, equals, column = item.partition("=")
+        if not equals or not key or not column:
+            raise SystemExit(f"error: --field {item!r}: expected KEY=COLUMN, e.g. prompt=caption")
+        fields[key] = column
+    result = caption_pairs(args.data, args.output, args.captioner, args.perturber, fields,
+                           args.max_new_tokens, args.batch_size, args.caption_instruction,
+                           args.perturb_instruction, args.overwrite)
+    print(f"wrote {result['pairs']} pairs with chosen_caption and rejected_caption "
+          f"({result['method']}) to {result['output']}; train them with objective dcpo")
+
+
 def _sample(args) -> None:
     require_diffusers("preftune diffusion sample")
     from types import SimpleNamespace
@@ -130,6 +146,29 @@ def add_diffusion_commands(commands) -> None:
                   "data.train=pairs.jsonl")
     add_config_arguments(spm, "examples/diffusion/", "pipeline.guidance_scale=5")
     spm.set_defaults(run=_spm)
+
+    caption = command(sub, "caption", "DCPO's captions: a vision-language model captions each "
+                      "image of a pair (DCPO-c), a language model perturbs the rejected one's "
+                      "text (DCPO-p), or both (DCPO-h); writes chosen_caption/rejected_caption",
+                      "preftune diffusion caption --data pairs.jsonl --output captioned.jsonl "
+                      "--captioner models/qwen2.5-vl-3b",
+                      "preftune diffusion caption --data pairs.jsonl --output captioned.jsonl "
+                      "--perturber default")
+    caption.add_argument("--data", required=True, help="image pairs (prompt, chosen, rejected)")
+    caption.add_argument("--output", required=True, help="JSONL file to write")
+    caption.add_argument("--captioner", help="a vision-language model directory")
+    caption.add_argument("--perturber", help="a language model (directory, Hub id or default)")
+    caption.add_argument("--field", action="append", metavar="KEY=COLUMN",
+                         help="read a column under another name, e.g. prompt=caption")
+    caption.add_argument("--max-new-tokens", type=int, default=48)
+    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--caption-instruction", default=None,
+                         help="the captioner's instruction, with <image> and {prompt}")
+    caption.add_argument("--perturb-instruction", default=None,
+                         help="the perturber's instruction, with {text}")
+    caption.add_argument("--overwrite", action="store_true",
+                         help="replace captions the rows already have")
+    caption.set_defaults(run=_caption)
 
     sample = command(sub, "sample", "fixed-seed samples and a grid (a row per prompt)",
                      "preftune diffusion sample --model runs/diffusion/model --prompt 'a red "
