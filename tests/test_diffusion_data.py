@@ -135,5 +135,12 @@ def test_example_configs_are_valid(path):
 
         assert StepModelConfig.from_yaml(path).pipeline.guidance_scale == 5.0
         return
-    config = DiffusionConfig.from_yaml(path)
-    assert path.stem.removesuffix("_lora").startswith(config.objective.name)
+    if path.stem.startswith("online_"):  # rounds of sample -> rank -> train
+        from preftune.diffusion.online import DiffusionOnlineConfig
+
+        config = DiffusionOnlineConfig.from_yaml(path)
+        assert config.online.rounds > 1
+    else:
+        config = DiffusionConfig.from_yaml(path)
+    name = path.stem.removeprefix("online_").removesuffix("_lora")
+    assert name.startswith(config.objective.name)

@@ -25,6 +25,16 @@ def _spm(args) -> None:
           f"objective.scorer: spm:{output_dir / 'model'}")
 
 
+def _online(args) -> None:
+    require_diffusers("preftune diffusion online")
+    from .online import DiffusionOnlineConfig, run_diffusion_online
+
+    config = DiffusionOnlineConfig.from_yaml(args.config, args.set or [])
+    output_dir = run_diffusion_online(config, resume=args.resume, overwrite=args.overwrite)
+    print(f"done: each round's model in {output_dir}/round-N/train/model, its win rate over "
+          f"the initial model in round-N/eval.json; summary in {output_dir / 'online.json'}")
+
+
 def _caption(args) -> None:
     from .captions import caption_pairs
 
@@ -146,6 +156,13 @@ def add_diffusion_commands(commands) -> None:
                   "data.train=pairs.jsonl")
     add_config_arguments(spm, "examples/diffusion/", "pipeline.guidance_scale=5")
     spm.set_defaults(run=_spm)
+
+    online = command(sub, "online", "rounds of sample -> rank -> train: the current model "
+                     "samples every prompt, scorers rank the images, the objective trains on "
+                     "them, the next round starts from the result",
+                     "preftune diffusion online examples/diffusion/online_rank_dpo.yaml")
+    add_config_arguments(online, "examples/diffusion/", "online.rounds=3")
+    online.set_defaults(run=_online)
 
     caption = command(sub, "caption", "DCPO's captions: a vision-language model captions each "
                       "image of a pair (DCPO-c), a language model perturbs the rejected one's "

@@ -62,7 +62,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     _check_images(config, prompts + eval_prompts)
     summary = {"initial": None, "rounds": []}
     if eval_prompts:
-        summary["initial"] = _phase(out / "initial", "evaluate", lambda: evaluate_model(
+        summary["initial"] = run_phase(out / "initial", "evaluate", lambda: evaluate_model(
             config, config.model.path, eval_prompts, out / "initial"))
     if config.online.mode == "per_step":
         return _per_step(config, prompts, eval_prompts, summary, resume)
@@ -86,18 +86,18 @@ def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -
     policy = policy_before(out, r, config.model.path)
     mine = _round_prompts(prompts, config.online.prompts_per_round, r)
     info = {"round": r, "policy": policy}
-    info["sample"] = _phase(here, "sample", lambda: _sample(config, r, policy, mine, here))
-    info["score"] = _phase(here, "score", lambda: _score(config, policy, here))
-    info["build"] = _phase(here, "build", lambda: _build(config, r, here))
+    info["sample"] = run_phase(here, "sample", lambda: _sample(config, r, policy, mine, here))
+    info["score"] = run_phase(here, "score", lambda: _score(config, policy, here))
+    info["build"] = run_phase(here, "build", lambda: _build(config, r, here))
     if info["build"]["rows"]:
-        info["train"] = _phase(here, "train", lambda: _train(config, r, policy, here))
+        info["train"] = run_phase(here, "train", lambda: _train(config, r, policy, here))
     else:  # nothing to learn from this round's samples: the next round starts from `policy`
         print(f"round {r}: every prompt's samples were scored alike by {config.online.scorer}; "
               "no pairs, no training this round (more or more varied samples would help)")
-        info["train"] = _phase(here, "train", lambda: {"skipped": "no pairs were built"})
+        info["train"] = run_phase(here, "train", lambda: {"skipped": "no pairs were built"})
     trained = str(final_model_dir(here)) if "skipped" not in info["train"] else policy
     if eval_prompts:
-        info["evaluate"] = _phase(here, "evaluate", lambda: evaluate_model(
+        info["evaluate"] = run_phase(here, "evaluate", lambda: evaluate_model(
             config, trained, eval_prompts, here))
     return info
 
@@ -129,16 +129,16 @@ def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: 
         run_per_step(step_config, prompts, scorer, resume=resume and checkpoint is not None)
         return _train_result(here)
 
-    info["train"] = _phase(here, "train", train_per_step)
+    info["train"] = run_phase(here, "train", train_per_step)
     if eval_prompts:
-        info["evaluate"] = _phase(here, "evaluate", lambda: evaluate_model(
+        info["evaluate"] = run_phase(here, "evaluate", lambda: evaluate_model(
             config, str(final_model_dir(here)), eval_prompts, here))
     summary["rounds"].append(info)
     write_json(out / "online.json", summary)
     return out
 
 
-def _phase(here: Path, name: str, work) -> dict:
+def run_phase(here: Path, name: str, work) -> dict:
     """Run ``work`` unless ``phases.json`` says it finished; record what it returns."""
     record = here / "phases.json"
     done = json.loads(record.read_text()) if record.exists() else {}

@@ -1,0 +1,150 @@
+"""``preftune diffusion online``: iterative preference training of a denoiser, round after round:
+the current model samples every prompt from fresh seeds, scorers rank each prompt's images
+(``ranking.py``, Syn-Pic's win shares), and the configured offline objective trains on those
+lists (``rank_dpo`` as they are, a pair objective through ``data.convert``, default best vs
+worst); the next round starts from the model this round trained, which is also this round's
+reference. This is the diffusion counterpart of ``preftune online``'s rounds, built from the same
+two commands a user would chain by hand (``diffusion rank``, ``diffusion train``).
+
+Round r samples with seeds ``seed + 1000 (r - 1)`` for each configured seed, so every round sees
+new noise; after training, the round's model plays the initial model on the evaluation prompts
+(``data.eval``, else the training prompts) under the first scorer, same seeds for both
+(``diffusion eval``'s win rate). Each phase is recorded in ``round-r/phases.json``; ``--resume``
+skips the phases already done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from ..config import ConfigError, Count, NonNegative, Section
+from ..online.common import write_json
+from ..online.loop import has_started, run_phase
+from ..train.output import move_aside, prepare_output_dir
+from .config import DiffusionConfig
+from .losses import get_diffusion_loss
+
+SEED_STRIDE = 1000  # round r samples seed + SEED_STRIDE * (r - 1)
+
+
+class DiffusionOnlineSection(Section):
+    rounds: Count = 2
+    """How many rounds of sample -> rank -> train."""
+    scorers: Annotated[list[str], Field(min_length=1)] = ["shape_colour"]
+    """Image scorers rating every sample (shape_colour, spm:PATH or module:function(prompt, PIL
+    image) -> float); several are averaged as win shares. The first one also judges the
+    evaluation."""
+    seeds: Annotated[list[int], Field(min_length=2)] = [0, 1, 2, 3]
+    """The samples per prompt per round (one per seed; shifted by 1000 each round)."""
+    list_size: Count | None = None
+    """Images per ranked list (default: all of a prompt's samples in one list)."""
+    steps: Count = 25
+    """Sampling steps."""
+    guidance_scale: NonNegative = 1.0
+    """Guidance of the samples (Flux.1-dev: its guidance input)."""
+    resolution: Count | None = None
+    """Pixels per side of the samples (default: the denoiser's own size)."""
+    eval_seeds: Annotated[list[int], Field(min_length=1)] = [0, 1]
+    """Seeds of the evaluation's samples, the same every round."""
+
+
+class DiffusionOnlineConfig(DiffusionConfig):
+    """A ``preftune diffusion online`` run: a ``diffusion train`` config (what each round's
+    training does; data.train holds the prompts) plus ``online``."""
+
+    output_dir: str = "runs/diffusion_online"
+    """Where round-1/, round-2/ ... and online.json are written."""
+    online: DiffusionOnlineSection = DiffusionOnlineSection()
+    """The rounds, the sampling and the scorers."""
+
+    @model_validator(mode="after")
+    def _online(self):
+        spec = get_diffusion_loss(self.objective.name)
+        if spec.online:
+            raise ValueError(f"objective {spec.name} samples its own images at every step; "
+                             "train it with `preftune diffusion train`, not in rounds.")
+        if spec.captions:
+            raise ValueError(f"objective {spec.name} needs a caption per image, which sampled "
+                             "lists do not have; use diffusion_dpo, mapo, rank_dpo or "
+                             "denoising.")
+        if self.train.eval_every:
+            raise ValueError("train.eval_every: each round is evaluated by its win rate over "
+                             "the initial model (online.eval_seeds on data.eval's prompts); "
+                             "remove it.")
+        if set(self.data.fields) - {"prompt"}:
+            raise ValueError("data.fields: an online run reads only each record's prompt "
+                             "(map it with data.fields.prompt).")
+        return self
+
+
+def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
+                         overwrite: bool = False, show_progress: bool = True) -> Path:
+    """Every round of ``config`` (what is left of them with ``resume``); returns output_dir."""
+    import yaml
+
+    from .data import load_pairs
+
+    out = Path(config.output_dir)
+    if has_started(out) and not (resume or overwrite):
+        raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
+                          "over with --overwrite (the old run is moved aside), or choose another "
+                          "output_dir.")
+    if has_started(out) and overwrite:
+        move_aside(out)
+    prepare_output_dir(str(out), resume=resume)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    column = {"prompt": config.data.fields.get("prompt", "prompt")}
+    prompts = [r.prompt for r in load_pairs(config.data.train, column, check=False,
+                                            prompts_only=True)]
+    held_out = [r.prompt for r in load_pairs(config.data.eval, column, check=False,
+                                             prompts_only=True)] if config.data.eval else prompts
+    summary, model = {"rounds": []}, config.model.path
+    for r in range(1, config.online.rounds + 1):
+        info = run_round(config, r, model, prompts, held_out, show_progress)
+        summary["rounds"].append(info)
+        write_json(out / "online.json", summary)
+        model = info["model"]
+    return out
+
+
+def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[str],
+              held_out: list[str], show_progress: bool) -> dict:
+    from .evaluate import evaluate_diffusion
+    from .ranking import make_ranked_lists
+    from .train import train_diffusion
+
+    online, here = config.online, Path(config.output_dir) / f"round-{r}"
+    here.mkdir(parents=True, exist_ok=True)
+    seeds = [seed + SEED_STRIDE * (r - 1) for seed in online.seeds]
+    info = {"round": r, "model_before": model, "seeds": seeds}
+    info["rank"] = run_phase(here, "rank", lambda: make_ranked_lists(
+        prompts, [model], online.scorers, seeds, here / "data", online.steps,
+        online.guidance_scale, online.list_size, online.resolution))
+    if not info["rank"]["pairs"]:
+        print(f"round {r}: every list scored its images alike; nothing to train on this round")
+        info["model"] = model
+        return info
+    spec = get_diffusion_loss(config.objective.name)
+    tree = config.model_dump(exclude={"online"})
+    tree["output_dir"] = str(here / "train")
+    tree["model"]["path"] = model
+    tree["data"].update(train=info["rank"]["ranked"], eval=None, eval_fraction=0.0, fields={})
+    if not spec.ranked and tree["data"]["convert"] is None:
+        tree["data"]["convert"] = "pairs:best_vs_worst"
+
+    def train():  # a stopped round's training continues from its checkpoint, or starts over
+        stopped = any((here / "train" / "checkpoints").glob("step-*"))
+        run = train_diffusion(DiffusionConfig.from_dict(tree), resume=stopped,
+                              show_progress=show_progress,
+                              overwrite=(here / "train").exists() and not stopped)
+        return {"output_dir": str(run)}
+
+    info["train"] = run_phase(here, "train", train)
+    info["model"] = str(here / "train" / "model")
+    info["evaluate"] = run_phase(here, "evaluate", lambda: evaluate_diffusion(
+        info["model"], config.model.path, held_out, online.eval_seeds, online.scorers[0],
+        online.steps, online.guidance_scale, str(here), online.resolution))
+    return info

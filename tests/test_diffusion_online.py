@@ -1,0 +1,111 @@
+"""`preftune diffusion online`: each round's lists are what `diffusion rank` makes from the
+model the round starts from (new seeds each round), the round trains from that model on them
+(pair objectives through best vs worst), the next round starts from the result, every round's
+model is evaluated against the initial one, a stopped run resumes without redoing finished
+phases, and objectives that cannot train on sampled lists are refused by name."""
+
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from diffusion_fixtures import (one_thread, tiny_pipeline, write_prompts)  # noqa: E402, F401
+from preftune.cli import main  # noqa: E402
+from preftune.config import ConfigError  # noqa: E402
+from preftune.diffusion.online import DiffusionOnlineConfig, run_diffusion_online  # noqa: E402
+from preftune.diffusion.ranking import make_ranked_lists  # noqa: E402
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online")
+    return {"pipe": tiny_pipeline(root / "pipe"), "prompts": write_prompts(root / "data", PROMPTS)}
+
+
+def tree(parts, output_dir, objective="rank_dpo", **online):
+    return {"output_dir": str(output_dir), "model": {"path": str(parts["pipe"])},
+            "data": {"train": str(parts["prompts"]), "resolution": 16},
+            "objective": {"name": objective},
+            "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3},
+            "online": {"rounds": 2, "seeds": [0, 1, 2], "steps": 2, "eval_seeds": [5],
+                       **online}}
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_rounds_rank_their_own_samples_and_train_from_the_last_model(parts, tmp_path):
+    import yaml
+
+    out = run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "run")),
+                               show_progress=False)
+    summary = json.loads((out / "online.json").read_text())
+    assert [info["round"] for info in summary["rounds"]] == [1, 2]
+    models = [str(parts["pipe"]), str(out / "round-1/train/model"),
+              str(out / "round-2/train/model")]
+    for r in (1, 2):
+        here = out / f"round-{r}"
+        # the lists are `diffusion rank`'s from the round's starting model and seeds
+        seeds = [s + 1000 * (r - 1) for s in (0, 1, 2)]
+        expected = make_ranked_lists(PROMPTS, [models[r - 1]], ["shape_colour"], seeds,
+                                     tmp_path / f"by-hand-{r}", 2)
+        assert read(here / "data/ranked.jsonl") == read(expected["ranked"])
+        for row in read(expected["ranked"]):
+            for image in row["images"]:
+                assert (here / "data" / image).read_bytes() == \
+                    (tmp_path / f"by-hand-{r}" / image).read_bytes()
+        trained = yaml.safe_load((here / "train/config.yaml").read_text())
+        assert trained["model"]["path"] == models[r - 1]
+        assert trained["data"]["train"] == str(here / "data/ranked.jsonl")
+        assert [row["step"] for row in read(here / "train/metrics.jsonl")] == [1, 2]
+        evaluation = json.loads((here / "eval.json").read_text())
+        assert evaluation["model"] == models[r] and evaluation["reference"] == models[0]
+        assert evaluation["samples"] == 2 and evaluation["scorer"] == "shape_colour"
+        assert summary["rounds"][r - 1]["model"] == models[r]
+
+
+def test_a_pair_objective_trains_each_lists_best_over_its_worst(parts, tmp_path):
+    import yaml
+
+    out = run_diffusion_online(DiffusionOnlineConfig.from_dict(
+        tree(parts, tmp_path / "run", objective="diffusion_dpo", rounds=1)), show_progress=False)
+    trained = yaml.safe_load((out / "round-1/train/config.yaml").read_text())
+    assert trained["data"]["convert"] == "pairs:best_vs_worst"
+    report = json.loads((out / "round-1/train/data_report.json").read_text())
+    pairs = read(out / "round-1/data/pairs.jsonl")  # rank's best-vs-worst pairs, the same count
+    assert report["train"]["kept"] == len(pairs) > 0
+
+
+def test_a_stopped_run_resumes_without_redoing_finished_phases(parts, tmp_path):
+    config = tmp_path / "online.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(tree(parts, tmp_path / "run", rounds=1)))
+    assert main(["diffusion", "online", str(config)]) == 0
+    first = (tmp_path / "run/round-1/phases.json").read_text()
+    stamp = (tmp_path / "run/round-1/data/ranked.jsonl").stat().st_mtime_ns
+    assert main(["diffusion", "online", str(config), "--set", "online.rounds=2"]) == 2
+    assert main(["diffusion", "online", str(config), "--set", "online.rounds=2",
+                 "--resume"]) == 0
+    assert (tmp_path / "run/round-1/phases.json").read_text() == first
+    assert (tmp_path / "run/round-1/data/ranked.jsonl").stat().st_mtime_ns == stamp
+    assert len(json.loads((tmp_path / "run/online.json").read_text())["rounds"]) == 2
+
+
+def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_path):
+    with pytest.raises(ValueError, match="objective spo samples its own images"):
+        DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "a", objective="spo"))
+    with pytest.raises(ValueError, match="objective dcpo needs a caption per image"):
+        DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "b", objective="dcpo"))
+    with pytest.raises(ValueError, match="online.seeds"):
+        DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "c", seeds=[0]))
+    out = tmp_path / "d"
+    run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, out, rounds=1)),
+                         show_progress=False)
+    with pytest.raises(ConfigError, match="already holds an online run; continue it with "
+                       "--resume"):
+        run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, out, rounds=1)))
