@@ -109,3 +109,18 @@ def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_pa
     with pytest.raises(ConfigError, match="already holds an online run; continue it with "
                        "--resume"):
         run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, out, rounds=1)))
+
+
+def same_score(prompt, image):
+    """A scorer that rates every image alike: every list ties."""
+    return 0.5
+
+
+def test_a_round_whose_lists_all_tie_trains_nothing(parts, tmp_path):
+    out = run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(
+        parts, tmp_path / "run", scorers=["test_diffusion_online:same_score"])),
+        show_progress=False)
+    rounds = json.loads((out / "online.json").read_text())["rounds"]
+    assert [info["rank"]["lists_all_tied"] for info in rounds] == [2, 2]
+    assert [info["model"] for info in rounds] == [str(parts["pipe"])] * 2
+    assert not (out / "round-1" / "train").exists() and not (out / "round-2" / "train").exists()
