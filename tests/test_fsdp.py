@@ -161,9 +161,7 @@ def test_checkpoints_move_between_fsdp_and_one_process(workspace, tmp_path,  # n
 
 @pytest.mark.parametrize("section,key,value,message", [
     ("train", "optimizer_in_backward", True, "train.optimizer_in_backward does not work under "
-                                             "FSDP"),
-    ("reference", "sync_every", 2, "reference.sync_every mixes the policy's whole weights into "
-                                   "the reference, but FSDP splits them")])
+                                             "FSDP")])
 def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path, section,  # noqa: F811
                                                         key, value, message):
     one = run(workspace, f"fsdp-refused-base-{key}", train__max_steps=1)
@@ -176,6 +174,25 @@ def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path, sec
     assert message in done.stderr
     assert "reference logps" not in done.stderr + done.stdout  # stopped before the reference pass
     assert not (one.parent / f"fsdp-refused-{key}").exists()  # nothing written
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp2_moves_a_tr_dpo_reference_like_one_process(workspace, tmp_path, lora):  # noqa: F811
+    """reference.sync_every under FSDP2: each process gathers the policy's sharded weights
+    (with LoRA, each layer's merged weight) and mixes them into its whole reference; the losses,
+    which the moved reference decides from step 2 on, and the final weights equal one
+    process's."""
+    name = f"fsdp-sync-{'lora' if lora else 'full'}"
+    one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
+              reference__sync_every=1, reference__sync_mix=0.5, reference__strategy="live",
+              **({"model__lora": {"r": 4, "alpha": 8}} if lora else {}))
+    done = launch(sharded_config(one, tmp_path, name, 4))
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = one.parent / name
+    assert losses(two) == pytest.approx(losses(one), rel=1e-6)
+    rewards = [r["rewards/margins"] for r in read_metrics(two / "metrics.jsonl") if "loss" in r]
+    assert rewards[1] != pytest.approx(0.0, abs=1e-6)  # the reference moved, not the policy's
+    assert_same_weights(two, one, atol=1e-6)
 
 
 def test_a_reward_model_trains_under_fsdp2_like_on_one_process(tmp_path):

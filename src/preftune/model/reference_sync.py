@@ -10,7 +10,8 @@ mix 0.5-0.6 every 256-512 steps best on Anthropic-HH and Reddit TL;DR.
 The reference is a plain copy of the initial model (``LiveReference``). With LoRA the policy's
 weights are the base plus the adapter, so each adapted layer is mixed in merged (W + s·BA, or
 DoRA's rescaled direction), and ``modules_to_save``'s trained copies under the original names.
-Only weights that train are mixed: the others are the same in both models already.
+Only weights that train are mixed: the others are the same in both models already. Under FSDP2
+every process keeps a whole reference and gathers the policy's sharded weights to mix them in.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class ReferenceSync:
             if id(target) in seen:  # tied weights: one tensor under two names
                 continue
             seen.add(id(target))
-            target.lerp_(value.to(target.dtype), self.mix)
+            target.lerp_(whole(value).to(target.dtype), self.mix)
             moved.append(name)
         self.moved = moved
         return True
@@ -67,6 +68,15 @@ class ReferenceSync:
         for name, value in state.items():
             self.weights[name].copy_(value)
         self.moved = list(state)
+
+
+def whole(value: torch.Tensor) -> torch.Tensor:
+    """A weight as one plain tensor: under FSDP2 the policy's weights (and what is computed
+    from them, a LoRA layer's merged weight) are sharded DTensors, gathered here; every process
+    gathers the same weights in the same order, as the collective needs."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def trained_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
