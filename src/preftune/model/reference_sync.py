@@ -11,11 +11,13 @@ The reference is a plain copy of the initial model (``LiveReference``). With LoR
 weights are the base plus the adapter, so each adapted layer is mixed in merged (W + s·BA, or
 DoRA's rescaled direction), and ``modules_to_save``'s trained copies under the original names.
 Only weights that train are mixed: the others are the same in both models already. Under FSDP2
-every process keeps a whole reference and gathers the policy's sharded weights to mix them in.
+and ZeRO-3 every process keeps a whole reference and gathers the policy's sharded weights to
+mix them in.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -46,6 +48,11 @@ class ReferenceSync:
         """Mix the policy into the reference if ``step`` is due; returns whether it was."""
         if not self.due(step):
             return False
+        with gathered(self.policy):
+            self._mix()
+        return True
+
+    def _mix(self) -> None:
         moved, seen = [], set()
         for name, value in trained_weights(self.policy):
             target = self.weights.get(name)
@@ -58,7 +65,6 @@ class ReferenceSync:
             target.lerp_(whole(value).to(target.dtype), self.mix)
             moved.append(name)
         self.moved = moved
-        return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: self.weights[name].detach().cpu().contiguous() for name in self.moved}
@@ -68,6 +74,17 @@ class ReferenceSync:
         for name, value in state.items():
             self.weights[name].copy_(value)
         self.moved = list(state)
+
+
+def gathered(model: nn.Module):
+    """Under DeepSpeed ZeRO-3, a context in which ``model``'s partitioned weights are whole
+    (every process takes part); otherwise nothing."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def whole(value: torch.Tensor) -> torch.Tensor:

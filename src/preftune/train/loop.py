@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from ..config import Config, ConfigError
 from ..data.layout import choose_layout, collate
@@ -324,10 +324,6 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     output_dir holding a run needs ``resume`` (same settings) or ``overwrite`` (moved aside)."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
     check_engine(accelerator, config.train)
-    if config.reference.sync_every is not None and \
-            accelerator.distributed_type == DistributedType.DEEPSPEED:  # FSDP2: gathered
-        refuse_split_weights(accelerator, "reference.sync_every",
-                             "mixes the policy's whole weights into the reference")
     if config.train.eval_generations is not None:
         refuse_split_weights(accelerator, "train.eval_generations",
                              "answers with the policy's whole weights on the main process")
