@@ -254,3 +254,14 @@ def test_two_processes_train_as_one_with_the_same_global_batch(parts, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+
+
+def test_a_hub_id_is_fetched_once_as_a_clip_directory(parts, monkeypatch):
+    from preftune.model import hub
+
+    asked = []
+    monkeypatch.setattr(hub, "hub_snapshot", lambda repo: asked.append(repo) or
+                        str(parts["clip"]))
+    model = StepAwarePreferenceModel.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    assert asked == ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
+    assert model.size == 16

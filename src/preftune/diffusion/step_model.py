@@ -160,11 +160,17 @@ class StepAwarePreferenceModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype = torch.float32):
-        """A CLIP directory (model, tokenizer, ``preprocessor_config.json``), with its time
-        conditioning when it has one (a trained step-aware model), else the identity."""
+        """A CLIP directory (model, tokenizer, ``preprocessor_config.json``) or a Hugging Face
+        Hub id of one (fetched once), with its time conditioning when it has one (a trained
+        step-aware model), else the identity."""
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, CLIPModel
 
+        from ..data.hub import HUB_NAME
+        from ..model.hub import hub_snapshot
+
+        if not Path(path).exists() and HUB_NAME.match(str(path)):  # e.g. a CLIP on the Hub
+            path = hub_snapshot(str(path))
         directory = Path(path)
         for needed in ("config.json", IMAGE_FILE):
             if not (directory / needed).is_file():
