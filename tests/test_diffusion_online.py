@@ -66,6 +66,21 @@ def test_rounds_rank_their_own_samples_and_train_from_the_last_model(parts, tmp_
         assert evaluation["model"] == models[r] and evaluation["reference"] == models[0]
         assert evaluation["samples"] == 2 and evaluation["scorer"] == "shape_colour"
         assert summary["rounds"][r - 1]["model"] == models[r]
+        assert summary["rounds"][r - 1]["evaluate"]["mean_score"] == \
+            evaluation["mean_score/policy"]
+    assert summary["initial"] == {"mean_score": evaluation["mean_score/reference"]}
+
+    # `preftune report` joins the rounds' training curves and shows each round's win rate
+    from preftune.report import write_report
+    from preftune.report.rundir import load_run
+    from preftune.report.online import round_rows
+
+    assert [m["step"] for m in load_run(out).metrics] == [1, 2, 3, 4]
+    assert "Online rounds (online.json)" in write_report(out).read_text()
+    rows = round_rows(summary)
+    assert [row["win rate vs initial"] for row in rows] == [
+        json.loads((out / f"round-{r}/eval.json").read_text())["win_rate"] for r in (1, 2)]
+    assert [row["steps"] for row in rows] == [2, 2] and "KL to initial" not in rows[0]
 
 
 def test_a_pair_objective_trains_each_lists_best_over_its_worst(parts, tmp_path):

@@ -15,6 +15,7 @@ skips the phases already done.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -101,10 +102,12 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
                                             prompts_only=True)]
     held_out = [r.prompt for r in load_pairs(config.data.eval, column, check=False,
                                              prompts_only=True)] if config.data.eval else prompts
-    summary, model = {"rounds": []}, config.model.path
+    summary, model = {"initial": None, "rounds": []}, config.model.path
     for r in range(1, config.online.rounds + 1):
         info = run_round(config, r, model, prompts, held_out, show_progress)
         summary["rounds"].append(info)
+        if "evaluate" in info and summary["initial"] is None:  # the same seeds every round
+            summary["initial"] = {"mean_score": info["evaluate"]["mean_score/reference"]}
         write_json(out / "online.json", summary)
         model = info["model"]
     return out
@@ -123,6 +126,9 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["rank"] = run_phase(here, "rank", lambda: make_ranked_lists(
         prompts, [model], online.scorers, seeds, here / "data", online.steps,
         online.guidance_scale, online.list_size, online.resolution))
+    # what `preftune report` shows of a round, under the names of `preftune online`'s
+    info["sample"] = {"prompts": len(prompts), "samples": info["rank"]["images"]}
+    info["build"] = {"rows": info["rank"]["pairs"], "tied": info["rank"]["lists_all_tied"]}
     if not info["rank"]["pairs"]:
         print(f"round {r}: every list scored its images alike; nothing to train on this round")
         info["model"] = model
@@ -140,11 +146,20 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
         run = train_diffusion(DiffusionConfig.from_dict(tree), resume=stopped,
                               show_progress=show_progress,
                               overwrite=(here / "train").exists() and not stopped)
-        return {"output_dir": str(run)}
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+        steps = [row for row in logged if "loss" in row]
+        return {"output_dir": str(run), "steps": steps[-1]["step"] if steps else 0,
+                "loss": steps[-1]["loss"] if steps else None}
 
     info["train"] = run_phase(here, "train", train)
     info["model"] = str(here / "train" / "model")
-    info["evaluate"] = run_phase(here, "evaluate", lambda: evaluate_diffusion(
+    info["evaluate"] = run_phase(here, "evaluate", lambda: evaluated(evaluate_diffusion(
         info["model"], config.model.path, held_out, online.eval_seeds, online.scorers[0],
-        online.steps, online.guidance_scale, str(here), online.resolution))
+        online.steps, online.guidance_scale, str(here), online.resolution)))
     return info
+
+
+def evaluated(results: dict) -> dict:
+    """A round's win rate over the initial model, with its mean score as ``mean_score``."""
+    return {**{k: v for k, v in results.items() if not isinstance(v, list)},
+            "mean_score": results["mean_score/policy"]}

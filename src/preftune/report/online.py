@@ -1,6 +1,7 @@
-"""An online run (``preftune online``) in the report: per-round figures from ``online.json``
-(held-out score and pass rate, the scores of each round's samples, KL to the initial model) and
-the rounds' training metrics joined into one curve per metric (steps counted across rounds)."""
+"""An online run (``preftune online`` or ``preftune diffusion online``) in the report: per-round
+figures from ``online.json`` (held-out score and pass rate, the scores of each round's samples,
+KL to the initial model, a denoiser's win rate over it) and the rounds' training metrics joined
+into one curve per metric (steps counted across rounds)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ def joined_metrics(run_dir: Path, summary: dict, read_jsonl) -> list[dict]:
     """The finished rounds' ``metrics.jsonl`` one after another, steps offset so they continue."""
     joined, offset = [], 0
     for info in summary["rounds"]:
-        path = run_dir / f"round-{info['round']}" / "metrics.jsonl"
-        records = read_jsonl(path) if path.is_file() else []
+        here = run_dir / f"round-{info['round']}"
+        # `preftune online` trains in the round's folder, `diffusion online` in its train/
+        path = next((p for p in (here / "metrics.jsonl", here / "train" / "metrics.jsonl")
+                     if p.is_file()), None)
+        records = read_jsonl(path) if path is not None else []
         joined += [{**r, "step": r["step"] + offset} for r in records]
         offset += records[-1]["step"] if records else 0
     return joined
@@ -101,5 +105,7 @@ def round_rows(summary: dict) -> list[dict]:
                      "rows built": build.get("rows"), "tied prompts": build.get("tied"),
                      "steps": train.get("steps"), "last loss": train.get("loss"),
                      "held-out score": evaluate.get("mean_score"),
-                     "KL to initial": evaluate.get("kl_to_initial")})
-    return rows
+                     "KL to initial": evaluate.get("kl_to_initial"),
+                     "win rate vs initial": evaluate.get("win_rate")})
+    return [{k: v for k, v in row.items()  # columns no round has (e.g. KL for images)
+             if any(other[k] is not None for other in rows)} for row in rows]
