@@ -159,7 +159,9 @@ class StepModelTask:
     def losses(self, module, batch: StepPairBatch, step: int, timesteps=None):
         chosen, rejected, t = self.predicted_images(batch, step, timesteps)
         prompts = batch.pairs.chosen_text
-        score_w, score_l = module(prompts, chosen, t), module(prompts, rejected, t)
+        # one forward for both sides (through DDP's wrapper when there is one)
+        score_w, score_l = module(prompts * 2, torch.cat([chosen, rejected]),
+                                  torch.cat([t, t])).chunk(2)
         losses = pickscore_loss(score_w, score_l, batch.labels.to(score_w))
         margin = (score_w - score_l).detach()
         decided = batch.labels != 0.5
