@@ -83,16 +83,23 @@ def test_rounds_rank_their_own_samples_and_train_from_the_last_model(parts, tmp_
     assert [row["steps"] for row in rows] == [2, 2] and "KL to initial" not in rows[0]
 
 
-def test_a_pair_objective_trains_each_lists_best_over_its_worst(parts, tmp_path):
+def test_a_pair_objective_trains_each_lists_best_over_its_worst_with_lora(parts, tmp_path):
     import yaml
 
-    out = run_diffusion_online(DiffusionOnlineConfig.from_dict(
-        tree(parts, tmp_path / "run", objective="diffusion_dpo", rounds=1)), show_progress=False)
+    config = tree(parts, tmp_path / "run", objective="diffusion_dpo")
+    config["model"]["lora"] = {"r": 4, "alpha": 8}
+    out = run_diffusion_online(DiffusionOnlineConfig.from_dict(config), show_progress=False)
     trained = yaml.safe_load((out / "round-1/train/config.yaml").read_text())
     assert trained["data"]["convert"] == "pairs:best_vs_worst"
     report = json.loads((out / "round-1/train/data_report.json").read_text())
     pairs = read(out / "round-1/data/pairs.jsonl")  # rank's best-vs-worst pairs, the same count
     assert report["train"]["kept"] == len(pairs) > 0
+    # round 2 puts fresh adapters on round 1's merged model, its reference with them off
+    second = yaml.safe_load((out / "round-2/train/config.yaml").read_text())
+    assert second["model"]["path"] == str(out / "round-1/train/model")
+    run_info = json.loads((out / "round-2/train/run.json").read_text())
+    assert run_info["reference"] == "adapter-off"
+    assert (out / "round-2/train/model/unet_lora").is_dir()
 
 
 def test_a_stopped_run_resumes_without_redoing_finished_phases(parts, tmp_path):
