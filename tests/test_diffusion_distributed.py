@@ -40,11 +40,9 @@ def two_processes(config_tree_, tmp_path, name):
 PIPELINES = {"sd": tiny_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline}
 
 
-# SDXL: its pooled text and time ids through the wrapper; Flux: its packed latents and guidance
-@pytest.mark.parametrize("objective, lora, kind", [
-    ("diffusion_dpo", False, "sd"), ("rank_dpo", False, "sd"), ("diffusion_dpo", True, "sd"),
-    ("diffusion_dpo", False, "sdxl"), ("diffusion_dpo", False, "flux")])
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective, lora, kind):
+def one_and_two_processes(tmp_path, objective, lora, kind, launcher):
+    """The same run on one process (batch 4) and on two (2 each, launched by
+    ``launcher(config_tree, tmp_path, name)``); returns the pipeline it started from."""
     pipe = PIPELINES[kind](tmp_path / "pipe")
     data = (write_ranked(tmp_path / "data", [*LISTS, LISTS[0]]) if objective == "rank_dpo"
             else write_pairs(tmp_path / "data", count=8))
@@ -59,9 +57,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective,
     train_diffusion(DiffusionConfig.from_dict(one), show_progress=False)
     two = {**one, "output_dir": str(tmp_path / "two"),
            "train": {**one["train"], "batch_size": 2}}  # per process: 2 x 2 = the same 4
-    done = two_processes(two, tmp_path, objective)
+    done = launcher(two, tmp_path, objective)
     assert done.returncode == 0, done.stderr[-3000:]
+    return pipe
 
+
+def assert_same_training(tmp_path, pipe, kind):
+    """Two processes' losses, evaluation and final denoiser equal one process's."""
     # (other batch sizes per forward and an all-reduce: float32 rounding, magnified by beta/2)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert len(losses(tmp_path / "one")) == 4  # 3 steps and the evaluation at step 3
@@ -86,6 +88,34 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective,
     # the main process alone wrote the samples
     index = json.loads((tmp_path / "two" / "samples" / "samples.json").read_text())
     assert sorted(index["grids"]) == ["after", "before"]
+
+
+# SDXL: its pooled text and time ids through the wrapper; Flux: its packed latents and guidance
+@pytest.mark.parametrize("objective, lora, kind", [
+    ("diffusion_dpo", False, "sd"), ("rank_dpo", False, "sd"), ("diffusion_dpo", True, "sd"),
+    ("diffusion_dpo", False, "sdxl"), ("diffusion_dpo", False, "flux")])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective, lora, kind):
+    pipe = one_and_two_processes(tmp_path, objective, lora, kind, two_processes)
+    assert_same_training(tmp_path, pipe, kind)
+
+
+def fsdp2_processes(config_tree_, tmp_path, name):
+    """Two CPU processes under accelerate's FSDP2 (``examples/accelerate/fsdp2.yaml``)."""
+    from test_fsdp import launch
+
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(config_tree_))
+    return launch(config, command=("diffusion", "train"))
+
+
+@pytest.mark.parametrize("objective, lora, kind", [
+    ("diffusion_dpo", False, "sd"), ("diffusion_dpo", True, "flux"), ("mapo", False, "flux")])
+def test_fsdp2_splits_the_denoiser_and_trains_as_one_process(tmp_path, objective, lora, kind):
+    """Under FSDP2 the denoiser is split block by block, the text encoders and VAE stay whole;
+    a live reference, adapters-off (LoRA) or none; the final pipeline is gathered."""
+    pipe = one_and_two_processes(tmp_path, objective, lora, kind, fsdp2_processes)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["engine"] == "FSDP"
+    assert_same_training(tmp_path, pipe, kind)
 
 
 def test_an_online_objective_refuses_several_processes(tmp_path):

@@ -301,6 +301,15 @@ class DiffusionModel(torch.nn.Module):
         return directory
 
 
+def shard_the_denoiser_only(accelerator, model: DiffusionModel) -> None:
+    """Under FSDP2: the frozen text encoders and VAE stay whole on every process (they run
+    outside the trained module's forward), and the denoiser is split block by block (its
+    ``_no_split_modules``, which accelerate's transformer wrap policy reads off the model)."""
+    frozen = (model.text_encoder, model.text_encoder_2, model.text_encoder_3, model.vae)
+    accelerator.state.fsdp_plugin.ignored_modules = [m for m in frozen if m is not None]
+    model._no_split_modules = list(getattr(model.denoiser, "_no_split_modules", None) or [])
+
+
 def pipeline_dir(path: str | Path) -> Path:
     """A pipeline directory: ``path`` itself, or the ``model/`` a run directory holds."""
     run = Path(path)

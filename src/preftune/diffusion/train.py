@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 
 from ..config import ConfigError
-from ..train.engines import SHARDED
 from ..train.loop import write_run_header
 from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
@@ -27,7 +27,8 @@ from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs
 from .flux import configure as configure_flux
 from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
                      preference_metrics, ranked_metrics)
-from .model import Conditioning, DiffusionModel, attach_lora, load_diffusion_model
+from .model import (Conditioning, DiffusionModel, attach_lora, load_diffusion_model,
+                    shard_the_denoiser_only)
 from .ranked import RankedBatch, collate_ranked, lists_to_pairs, load_ranked
 
 EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evaluation
@@ -176,16 +177,16 @@ class DiffusionTask:
         policy = denoising_error(module(x_t, steps, condition), target)
         if not self.spec.needs_reference:
             return policy, None
-        return policy, self._reference_errors(x_t, steps, condition, target)
+        return policy, self._reference_errors(module, x_t, steps, condition, target)
 
     @torch.no_grad()
-    def _reference_errors(self, x_t, steps, condition, target) -> torch.Tensor:
+    def _reference_errors(self, module, x_t, steps, condition, target) -> torch.Tensor:
         model = self.module
         if self.reference_strategy == "live":
             return denoising_error(model.predict(self.reference, x_t, steps, condition), target)
-        model.denoiser.disable_adapters()  # adapter-off: the base denoiser is the reference
-        try:
-            return denoising_error(model.predict(model.denoiser, x_t, steps, condition), target)
+        model.denoiser.disable_adapters()  # adapter-off: the base denoiser is the reference,
+        try:  # called through the wrapper too (under FSDP only its forward gathers weights)
+            return denoising_error(module(x_t, steps, condition), target)
         finally:
             model.denoiser.enable_adapters()
 
@@ -202,6 +203,17 @@ class DiffusionTask:
             add_metrics(totals, self.losses(module, batch, EVAL_STEP)[1])
         module.train(was_training)
         return means(totals)
+
+    def unsharded(self, state: dict) -> DiffusionModel:
+        """A plain copy of the pipeline holding ``state``, the gathered weights of an FSDP
+        run: the pipeline of model.path, LoRA attached as in training."""
+        model = load_diffusion_model(self.config.model.path, self.module.compute_dtype)
+        if self.config.model.lora is not None:
+            attach_lora(model, self.config.model.lora)
+        missing = model.load_state_dict(state, strict=False).missing_keys
+        if any(name.startswith("denoiser.") for name in missing):
+            raise RuntimeError(f"the gathered state lacks denoiser weights: {missing[:3]}")
+        return model
 
     def save(self, module: DiffusionModel, output_dir: Path) -> None:
         lora = self.config.model.lora
@@ -255,10 +267,9 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
         raise ConfigError(f"train.timestep_sampling: {config.train.timestep_sampling} draws "
                           f"the noise level of pairs and lists; objective {spec.name} samples "
                           "its own trajectories. Remove it.")
-    if accelerator.distributed_type in SHARDED:
-        raise ConfigError("preftune diffusion train runs under DDP (several processes, each "
-                          "with the whole denoiser), not FSDP or DeepSpeed: choose "
-                          "multi-GPU without them in `accelerate config`.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("preftune diffusion train runs under DDP or FSDP2, not DeepSpeed: "
+                          "choose multi-GPU without it in `accelerate config`.")
     strategy = config.reference_strategy
     dtype = getattr(torch, config.model.dtype)
     model = load_diffusion_model(config.model.path, dtype)
@@ -287,6 +298,8 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
         write_run_header(Path(config.output_dir), config, report)
     model.to(accelerator.device)
     model.denoiser.train()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shard_the_denoiser_only(accelerator, model)
     if spec.online:  # SPO: samples from prompts at each step
         from .spo import SPOTask
 
@@ -312,7 +325,10 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         write_samples(task.module, config.samples, output_dir, "before")
     Trainer(task, config.train, output_dir, accelerator, total_steps, resume=resume,
             show_progress=show_progress).run()
-    if sampling:
-        write_samples(task.module, config.samples, output_dir, "after")
+    if sampling:  # under FSDP the trained weights are whole only in the saved pipeline
+        sharded = accelerator.distributed_type == DistributedType.FSDP
+        write_samples(load_diffusion_model(output_dir / "model", task.module.compute_dtype)
+                      .to(accelerator.device) if sharded else task.module, config.samples,
+                      output_dir, "after")
     return output_dir
 
