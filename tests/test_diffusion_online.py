@@ -118,13 +118,19 @@ def test_a_stopped_run_resumes_without_redoing_finished_phases(parts, tmp_path):
     assert len(json.loads((tmp_path / "run/online.json").read_text())["rounds"]) == 2
 
 
-def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_path):
+def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_path,
+                                                                     monkeypatch):
     with pytest.raises(ValueError, match="objective spo samples its own images"):
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "a", objective="spo"))
     with pytest.raises(ValueError, match="objective dcpo needs a caption per image"):
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "b", objective="dcpo"))
     with pytest.raises(ValueError, match="online.seeds"):
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "c", seeds=[0]))
+    with monkeypatch.context() as patch:
+        patch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="preftune diffusion online runs in one process"):
+            run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "e")))
+        assert not (tmp_path / "e").exists()
     out = tmp_path / "d"
     run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, out, rounds=1)),
                          show_progress=False)

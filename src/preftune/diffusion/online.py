@@ -16,6 +16,7 @@ skips the phases already done.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -88,6 +89,11 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
 
     from .data import load_pairs
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("preftune diffusion online runs in one process (its sampling and "
+                          "ranking are not split across processes); launch it without "
+                          "accelerate launch / torchrun. Several GPUs: run `diffusion rank` "
+                          "and `diffusion train` rounds yourself, training under DDP or FSDP2.")
     out = Path(config.output_dir)
     if has_started(out) and not (resume or overwrite):
         raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
