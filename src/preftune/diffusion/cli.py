@@ -1,38 +1,51 @@
-"""``preftune diffusion train | sample | eval | rank | demo | objectives``: the diffusion commands
-(the ``diffusion`` extra; diffusers is imported only when one of them runs)."""
+"""``preftune diffusion train | online | spm | caption | sample | eval | rank | demo |
+objectives``: the diffusion commands (the ``diffusion`` extra; diffusers is imported only when
+one of them runs)."""
 
 from __future__ import annotations
 
 from . import require_diffusers
 
 
-def _train(args) -> None:
-    from ..api import DiffusionConfig, train_diffusion
+def _config_command(name: str, load, done):
+    """A command that runs a config (YAML plus ``--set``, ``--resume``, ``--overwrite``):
+    ``load()`` gives (config class, run function), ``done(output_dir)`` the closing line."""
+    def command(args) -> None:
+        require_diffusers(f"preftune diffusion {name}")
+        config_class, run = load()
+        config = config_class.from_yaml(args.config, args.set or [])
+        print(done(run(config, resume=args.resume, overwrite=args.overwrite)))
+    return command
 
-    config = DiffusionConfig.from_yaml(args.config, args.set or [])
-    output_dir = train_diffusion(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"done: pipeline in {output_dir / 'model'} (diffusers loads its unet/), metrics in "
-          f"{output_dir / 'metrics.jsonl'}; `preftune report {output_dir}` for the report")
+
+def _train_parts():
+    from .config import DiffusionConfig
+    from .train import train_diffusion
+
+    return DiffusionConfig, train_diffusion
 
 
-def _spm(args) -> None:
-    require_diffusers("preftune diffusion spm")
+def _spm_parts():
     from .step_model_train import StepModelConfig, train_step_model
 
-    config = StepModelConfig.from_yaml(args.config, args.set or [])
-    output_dir = train_step_model(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"done: step-aware preference model in {output_dir / 'model'}; SPO uses it with "
-          f"objective.scorer: spm:{output_dir / 'model'}")
+    return StepModelConfig, train_step_model
 
 
-def _online(args) -> None:
-    require_diffusers("preftune diffusion online")
+def _online_parts():
     from .online import DiffusionOnlineConfig, run_diffusion_online
 
-    config = DiffusionOnlineConfig.from_yaml(args.config, args.set or [])
-    output_dir = run_diffusion_online(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"done: each round's model in {output_dir}/round-N/train/model, its win rate over "
-          f"the initial model in round-N/eval.json; summary in {output_dir / 'online.json'}")
+    return DiffusionOnlineConfig, run_diffusion_online
+
+
+_train = _config_command("train", _train_parts, lambda out: (
+    f"done: pipeline in {out / 'model'} (diffusers loads its unet/), metrics in "
+    f"{out / 'metrics.jsonl'}; `preftune report {out}` for the report"))
+_spm = _config_command("spm", _spm_parts, lambda out: (
+    f"done: step-aware preference model in {out / 'model'}; SPO uses it with "
+    f"objective.scorer: spm:{out / 'model'}"))
+_online = _config_command("online", _online_parts, lambda out: (
+    f"done: each round's model in {out}/round-N/train/model, its win rate over the initial "
+    f"model in round-N/eval.json; summary in {out / 'online.json'}"))
 
 
 def _caption(args) -> None:
@@ -140,29 +153,27 @@ def add_diffusion_commands(commands) -> None:
                     "preftune diffusion train examples/diffusion/diffusion_dpo.yaml")
     sub = group.add_subparsers(dest="diffusion_command", required=True)
 
-    train = command(sub, "train", "train a diffusers denoiser on image preference pairs (or "
-                    "on prompts, sampling online: spo)",
-                    "preftune diffusion train examples/diffusion/diffusion_dpo.yaml",
-                    "preftune diffusion train examples/diffusion/mapo_lora.yaml --set "
-                    "data.train=pairs.jsonl",
-                    "preftune diffusion train examples/diffusion/spo.yaml --set "
-                    "data.train=prompts.jsonl")
-    add_config_arguments(train, "examples/diffusion/", "objective.beta=2500")
-    train.set_defaults(run=_train)
-
-    spm = command(sub, "spm", "train SPO's step-aware preference model: a CLIP scorer (e.g. "
-                  "PickScore) rating a pipeline's predicted clean images at each noise level",
-                  "preftune diffusion spm examples/diffusion/spm.yaml --set "
-                  "data.train=pairs.jsonl")
-    add_config_arguments(spm, "examples/diffusion/", "pipeline.guidance_scale=5")
-    spm.set_defaults(run=_spm)
-
-    online = command(sub, "online", "rounds of sample -> rank -> train: the current model "
-                     "samples every prompt, scorers rank the images, the objective trains on "
-                     "them, the next round starts from the result",
-                     "preftune diffusion online examples/diffusion/online_rank_dpo.yaml")
-    add_config_arguments(online, "examples/diffusion/", "online.rounds=3")
-    online.set_defaults(run=_online)
+    config_commands = [  # (name, summary, examples, an override for --help, what runs)
+        ("train", "train a diffusers denoiser on image preference pairs (or on prompts, "
+         "sampling online: spo)",
+         ["preftune diffusion train examples/diffusion/diffusion_dpo.yaml",
+          "preftune diffusion train examples/diffusion/mapo_lora.yaml --set "
+          "data.train=pairs.jsonl",
+          "preftune diffusion train examples/diffusion/spo.yaml --set data.train=prompts.jsonl"],
+         "objective.beta=2500", _train),
+        ("spm", "train SPO's step-aware preference model: a CLIP scorer (e.g. PickScore) "
+         "rating a pipeline's predicted clean images at each noise level",
+         ["preftune diffusion spm examples/diffusion/spm.yaml --set data.train=pairs.jsonl"],
+         "pipeline.guidance_scale=5", _spm),
+        ("online", "rounds of sample -> rank -> train: the current model samples every "
+         "prompt, scorers rank the images, the objective trains on them, the next round "
+         "starts from the result",
+         ["preftune diffusion online examples/diffusion/online_rank_dpo.yaml"],
+         "online.rounds=3", _online)]
+    for name, summary, examples, override, run in config_commands:
+        parser = command(sub, name, summary, *examples)
+        add_config_arguments(parser, "examples/diffusion/", override)
+        parser.set_defaults(run=run)
 
     caption = command(sub, "caption", "DCPO's captions: a vision-language model captions each "
                       "image of a pair (DCPO-c), a language model perturbs the rejected one's "

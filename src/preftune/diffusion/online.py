@@ -24,8 +24,7 @@ from pydantic import Field, model_validator
 
 from ..config import ConfigError, Count, NonNegative, Section
 from ..online.common import write_json
-from ..online.loop import has_started, run_phase
-from ..train.output import move_aside, prepare_output_dir
+from ..online.loop import run_phase, start_rounds
 from .config import DiffusionConfig
 from .losses import get_diffusion_loss
 
@@ -85,8 +84,6 @@ class DiffusionOnlineConfig(DiffusionConfig):
 def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
                          overwrite: bool = False, show_progress: bool = True) -> Path:
     """Every round of ``config`` (what is left of them with ``resume``); returns output_dir."""
-    import yaml
-
     from .data import load_pairs
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -94,15 +91,7 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
                           "ranking are not split across processes); launch it without "
                           "accelerate launch / torchrun. Several GPUs: run `diffusion rank` "
                           "and `diffusion train` rounds yourself, training under DDP or FSDP2.")
-    out = Path(config.output_dir)
-    if has_started(out) and not (resume or overwrite):
-        raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
-                          "over with --overwrite (the old run is moved aside), or choose another "
-                          "output_dir.")
-    if has_started(out) and overwrite:
-        move_aside(out)
-    prepare_output_dir(str(out), resume=resume)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    out = start_rounds(config, resume, overwrite)
     column = {"prompt": config.data.fields.get("prompt", "prompt")}
     prompts = [r.prompt for r in load_pairs(config.data.train, column, check=False,
                                             prompts_only=True)]

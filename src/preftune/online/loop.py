@@ -48,15 +48,7 @@ from .measure import evaluate_model
 def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run every round of ``config`` (or what is left of them with ``resume``; ``overwrite``
     moves a previous run in output_dir aside)."""
-    out = Path(config.output_dir)
-    if has_started(out) and not (resume or overwrite):
-        raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
-                          "over with --overwrite (the old run is moved aside), or choose another "
-                          "output_dir.")
-    if has_started(out) and overwrite:
-        move_aside(out)
-    prepare_output_dir(str(out), resume=resume)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    out = start_rounds(config, resume, overwrite)
     prompts = _prompts(config.data.train, config)
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_images(config, prompts + eval_prompts)
@@ -69,6 +61,21 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     for r in range(1, config.online.rounds + 1):
         summary["rounds"].append(run_round(config, r, prompts, eval_prompts))
         write_json(out / "online.json", summary)
+    return out
+
+
+def start_rounds(config, resume: bool, overwrite: bool) -> Path:
+    """The output directory of a run of rounds made ready, with its ``config.yaml``: a run
+    already there needs ``resume`` (continued) or ``overwrite`` (moved aside)."""
+    out = Path(config.output_dir)
+    if has_started(out) and not (resume or overwrite):
+        raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
+                          "over with --overwrite (the old run is moved aside), or choose another "
+                          "output_dir.")
+    if has_started(out) and overwrite:
+        move_aside(out)
+    prepare_output_dir(str(out), resume=resume)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     return out
 
 
