@@ -2,8 +2,8 @@
 plain positions, M-RoPE, DeepStack features, image tokens that attend both ways): every layout's
 rewards and gradients equal the VLM's own forward read at each response's last token, `preftune
 rm train` trains and saves a directory the VLM's class loads, `rm score`, `rm eval` and the
-scorer read the saved head (an online round on image prompts too), LoRA merges, and settings
-that do not apply are refused by name."""
+scorer read the saved head (an online round on image prompts too), LoRA merges, and a 4-bit
+backbone trains as LoRA on its dequantized weights."""
 
 import json
 
@@ -154,16 +154,53 @@ def test_rm_train_saves_a_vlm_directory_that_scores_as_it_trained(root, tmp_path
                                    abs=1e-4)
 
 
-def test_settings_that_do_not_apply_are_refused_by_name(root, tmp_path):
-    with pytest.raises(Exception, match="model.quantize: nf4 is not supported for a "
-                       "vision-language reward backbone yet"):
-        api.train_reward_model({
-            "output_dir": str(tmp_path / "q"),
-            "model": {"path": str(root / "vlm"), "quantize": "nf4",
-                      "lora": {"r": 4, "alpha": 8}},
-            "data": {"train": str(root / "pairs.jsonl"), "max_length": 96,
+def test_a_4_bit_backbone_trains_as_lora_on_its_dequantized_weights(tmp_path):
+    """QLoRA on a VLM reward model (LLaVA-style: language and vision layers in 4 bits, the head
+    in model.dtype) trains exactly as LoRA on the dequantized weights; model/ is the adapter
+    merged into the unquantized backbone."""
+    import shutil
+
+    bnb = pytest.importorskip("bitsandbytes")
+    from preftune.model.quantize import loading_arguments
+    from preftune.train.logging import read_metrics
+
+    source = save_tiny_vlm_dir(tmp_path / "vlm", "llava")
+    quantized = AutoModelForImageTextToText.from_pretrained(
+        source, **loading_arguments("nf4", torch.float32, "cpu"))
+    plain = AutoModelForImageTextToText.from_pretrained(source)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                plain.get_submodule(name).weight.copy_(bnb.functional.dequantize_4bit(
+                    module.weight.data, module.weight.quant_state))
+    shutil.copytree(source, tmp_path / "twin")
+    plain.save_pretrained(tmp_path / "twin")
+    for name, colour in COLOURS.items():
+        solid_image(tmp_path / f"{name}.png", colour)
+    write_rows(tmp_path / "pairs.jsonl", [
+        {"prompt": "What colour? <image>", "images": [f"{name}.png"], "chosen": name,
+         "rejected": "no"} for name in [*COLOURS, *COLOURS]])
+
+    def train(name, path, **model):
+        return api.train_reward_model({
+            "output_dir": str(tmp_path / name),
+            "model": {"path": str(path), "lora": {"r": 4, "alpha": 8}, **model},
+            "data": {"train": str(tmp_path / "pairs.jsonl"), "max_length": 96,
                      "max_prompt_length": 64},
-            "train": {"batch_size": 4, "max_steps": 1}})
+            "train": {"batch_size": 3, "max_steps": 2, "learning_rate": 3e-3, "seed": 0}})
+
+    four_bit, twin = train("nf4", source, quantize="nf4"), train("twin", tmp_path / "twin")
+    logs = [read_metrics(run / "metrics.jsonl") for run in (four_bit, twin)]
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert [r[key] for r in logs[0]] == pytest.approx([r[key] for r in logs[1]],
+                                                          rel=1e-5, abs=1e-6), key
+    assert json.loads((four_bit / "run.json").read_text())["quantize"] == "nf4"
+    original = read_metrics(train("original", source) / "metrics.jsonl")  # 4 bits change them
+    assert original[1]["loss"] != pytest.approx(logs[0][1]["loss"], rel=1e-4)
+    assert "quantization_config" not in json.loads((four_bit / "model/config.json").read_text())
+    heads = [load_file(run / "model" / SCORE_FILE)["weight"] for run in (four_bit, twin)]
+    torch.testing.assert_close(heads[0], heads[1], rtol=1e-5, atol=1e-6)
+    AutoModelForImageTextToText.from_pretrained(four_bit / "model")  # a plain VLM again
 
 
 def test_an_online_round_on_image_prompts_is_scored_by_a_vlm_reward_model(tmp_path):

@@ -206,13 +206,13 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
         _, tokenizer = backbone_tokenizer(source, trust_remote_code)
     attn_implementation = transformers_name(attn_implementation)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if is_vision_language(source, trust_remote_code):
+    if is_vision_language(source, trust_remote_code):  # the head is a layer of its own
         if quantize is not None:
-            raise ConfigError(f"model.quantize: {quantize} is not supported for a "
-                              "vision-language reward backbone yet; train it in model.dtype "
-                              "(with model.lora for less memory).")
+            extra |= loading_arguments(quantize, DTYPES[dtype], device)
         model = load_vision_backbone(source, head.num_outputs, DTYPES[dtype],
                                      trust_remote_code, extra, path, announce)
+        if quantize is not None:
+            settle(model.vlm)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)

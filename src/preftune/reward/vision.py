@@ -25,14 +25,15 @@ class VisionRewardModel(nn.Module):
 
     base_model_prefix = "vlm"  # where the pretrained model sits (transformers and PEFT read it)
 
-    def __init__(self, vlm: nn.Module, num_outputs: int):
+    def __init__(self, vlm: nn.Module, num_outputs: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.vlm = vlm
         self.config = vlm.config
         text = vlm.config.get_text_config()
-        weight = next(vlm.parameters())
-        self.score = nn.Linear(text.hidden_size, num_outputs, bias=False, dtype=weight.dtype,
-                               device=weight.device)
+        device = vlm.get_input_embeddings().weight.device
+        dtype = dtype or vlm.get_input_embeddings().weight.dtype  # (not a 4-bit weight's)
+        self.score = nn.Linear(text.hidden_size, num_outputs, bias=False, dtype=dtype,
+                               device=device)
         nn.init.normal_(self.score.weight, std=getattr(text, "initializer_range", 0.02))
 
     @property
@@ -72,7 +73,7 @@ def load_vision_backbone(source: str, num_outputs: int, dtype: torch.dtype,
     vlm = AutoModelForImageTextToText.from_pretrained(
         source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
         **(extra or {}))
-    model = VisionRewardModel(vlm, num_outputs)
+    model = VisionRewardModel(vlm, num_outputs, dtype)
     saved = Path(source) / SCORE_FILE
     weight = load_file(saved)["weight"] if saved.is_file() else None
     if weight is not None and tuple(weight.shape) == tuple(model.score.weight.shape):
