@@ -118,6 +118,30 @@ def test_fsdp2_splits_the_denoiser_and_trains_as_one_process(tmp_path, objective
     assert_same_training(tmp_path, pipe, kind)
 
 
+def zero2_processes(config_tree_, tmp_path, name):
+    """Two CPU processes under DeepSpeed ZeRO-2 (``examples/accelerate/zero3.yaml``, stage 2)."""
+    from test_deepspeed import zero_environment
+    from test_fsdp import launch
+
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(config_tree_))
+    return launch(config, command=("diffusion", "train"), engine=lambda: zero_environment(2))
+
+
+def test_zero2_trains_a_denoiser_as_one_process_and_zero3_is_refused(tmp_path):
+    pipe = one_and_two_processes(tmp_path, "diffusion_dpo", True, "sd", zero2_processes)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["engine"] == "DEEPSPEED"
+    assert_same_training(tmp_path, pipe, "sd")
+    from test_deepspeed import zero_environment
+    from test_fsdp import launch
+
+    config = tmp_path / "zero3.yaml"
+    config.write_text(yaml.safe_dump(config_tree(pipe, write_pairs(tmp_path / "z3"),
+                                                 tmp_path / "z3run")))
+    done = launch(config, command=("diffusion", "train"), engine=lambda: zero_environment(3))
+    assert done.returncode != 0 and "not ZeRO-3 (it would partition the frozen" in done.stderr
+
+
 def test_an_online_objective_refuses_several_processes(tmp_path):
     pipe = tiny_pipeline(tmp_path / "pipe")
     tree = config_tree(pipe, write_prompts(tmp_path / "data", ["a red circle"] * 4),

@@ -267,9 +267,12 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
         raise ConfigError(f"train.timestep_sampling: {config.train.timestep_sampling} draws "
                           f"the noise level of pairs and lists; objective {spec.name} samples "
                           "its own trajectories. Remove it.")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("preftune diffusion train runs under DDP or FSDP2, not DeepSpeed: "
-                          "choose multi-GPU without it in `accelerate config`.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            accelerator.state.deepspeed_plugin.zero_stage >= 3:
+        raise ConfigError("preftune diffusion train runs under DDP, FSDP2 or DeepSpeed ZeRO-1/2, "
+                          "not ZeRO-3 (it would partition the frozen text encoders and VAE, "
+                          "which run outside the denoiser's forward): use FSDP2 to split the "
+                          "denoiser.")
     strategy = config.reference_strategy
     dtype = getattr(torch, config.model.dtype)
     model = load_diffusion_model(config.model.path, dtype)
