@@ -118,19 +118,13 @@ def test_a_stopped_run_resumes_without_redoing_finished_phases(parts, tmp_path):
     assert len(json.loads((tmp_path / "run/online.json").read_text())["rounds"]) == 2
 
 
-def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_path,
-                                                                     monkeypatch):
+def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_path):
     with pytest.raises(ValueError, match="objective spo samples its own images"):
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "a", objective="spo"))
     with pytest.raises(ValueError, match="objective dcpo needs a caption per image"):
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "b", objective="dcpo"))
     with pytest.raises(ValueError, match="online.seeds"):
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "c", seeds=[0]))
-    with monkeypatch.context() as patch:
-        patch.setenv("WORLD_SIZE", "2")
-        with pytest.raises(ConfigError, match="preftune diffusion online runs in one process"):
-            run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "e")))
-        assert not (tmp_path / "e").exists()
     out = tmp_path / "d"
     run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, out, rounds=1)),
                          show_progress=False)
@@ -152,3 +146,45 @@ def test_a_round_whose_lists_all_tie_trains_nothing(parts, tmp_path):
     assert [info["rank"]["lists_all_tied"] for info in rounds] == [2, 2]
     assert [info["model"] for info in rounds] == [str(parts["pipe"])] * 2
     assert not (out / "round-1" / "train").exists() and not (out / "round-2" / "train").exists()
+
+
+def test_two_processes_run_the_rounds_as_one(parts, tmp_path):
+    """Launched on two processes, the main one samples, ranks and evaluates and both train
+    (DDP): the same lists, losses and win rates as one process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    one = tree(parts, tmp_path / "one")
+    one["train"].update(batch_size=4, log_every=1)
+    run_diffusion_online(DiffusionOnlineConfig.from_dict(one), show_progress=False)
+    two = {**one, "output_dir": str(tmp_path / "two"), "train": {**one["train"], "batch_size": 2}}
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(two))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "-m", "preftune", "diffusion", "online", str(config)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for r in (1, 2):
+        here = {run: tmp_path / run / f"round-{r}" for run in ("one", "two")}
+        lists = {run: [{k: v for k, v in row.items() if k != "sources"}  # (their model dirs)
+                       for row in read(here[run] / "data/ranked.jsonl")] for run in here}
+        if r == 1:  # the same initial model: the same lists
+            assert lists["two"] == lists["one"]
+        else:  # models equal up to float rounding: scores up to a pixel or two of the checker
+            for mine, theirs in zip(lists["two"], lists["one"]):
+                assert mine["images"] == theirs["images"]
+                assert mine["scorer_scores"]["shape_colour"] == pytest.approx(
+                    theirs["scorer_scores"]["shape_colour"], abs=0.02)
+        losses = {run: [row["loss"] for row in read(here[run] / "train/metrics.jsonl")]
+                  for run in here}
+        assert len(losses["one"]) == 2
+        assert losses["two"] == pytest.approx(losses["one"], rel=1e-4)
+        assert json.loads((here["two"] / "train/run.json").read_text())["processes"] == 2
+        evaluations = [json.loads((here[run] / "eval.json").read_text()) for run in here]
+        assert evaluations[1]["mean_score/policy"] == pytest.approx(
+            evaluations[0]["mean_score/policy"], abs=0.02)
+    assert len(json.loads((tmp_path / "two/online.json").read_text())["rounds"]) == 2

@@ -16,7 +16,6 @@ skips the phases already done.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -86,12 +85,17 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     """Every round of ``config`` (what is left of them with ``resume``); returns output_dir."""
     from .data import load_pairs
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("preftune diffusion online runs in one process (its sampling and "
-                          "ranking are not split across processes); launch it without "
-                          "accelerate launch / torchrun. Several GPUs: run `diffusion rank` "
-                          "and `diffusion train` rounds yourself, training under DDP or FSDP2.")
-    out = start_rounds(config, resume, overwrite)
+    from accelerate import Accelerator
+
+    from ..online.loop import has_started
+
+    state = Accelerator()  # the processes' state, as each round's training sees it
+    out = Path(config.output_dir)
+    if state.is_main_process:
+        out = start_rounds(config, resume, overwrite)
+    elif has_started(out) and not (resume or overwrite):  # the same refusal on every process
+        raise ConfigError(f"{out} already holds an online run (see the first process).")
+    state.wait_for_everyone()
     column = {"prompt": config.data.fields.get("prompt", "prompt")}
     prompts = [r.prompt for r in load_pairs(config.data.train, column, check=False,
                                             prompts_only=True)]
@@ -99,17 +103,43 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
                                              prompts_only=True)] if config.data.eval else prompts
     summary, model = {"initial": None, "rounds": []}, config.model.path
     for r in range(1, config.online.rounds + 1):
-        info = run_round(config, r, model, prompts, held_out, show_progress)
+        info = run_round(config, r, model, prompts, held_out, show_progress, state)
         summary["rounds"].append(info)
         if "evaluate" in info and summary["initial"] is None:  # the same seeds every round
             summary["initial"] = {"mean_score": info["evaluate"]["mean_score/reference"]}
-        write_json(out / "online.json", summary)
+        if state.is_main_process:
+            write_json(out / "online.json", summary)
         model = info["model"]
     return out
 
 
+def main_phase(state, here: Path, name: str, work) -> dict:
+    """``work`` done once, by the main process (recorded in ``phases.json``); every process
+    returns the record."""
+    if state.is_main_process:
+        run_phase(here, name, work)
+    state.wait_for_everyone()
+    return json.loads((here / "phases.json").read_text())[name]
+
+
+def every_process_phase(state, here: Path, name: str, work) -> dict:
+    """``work`` done by every process together (training: DDP or FSDP2 collectives), once;
+    the main process records it."""
+    record = here / "phases.json"
+    if record.exists() and name in json.loads(record.read_text()):
+        return json.loads(record.read_text())[name]
+    if state.is_main_process:
+        run_phase(here, name, work)
+    else:
+        work()
+    state.wait_for_everyone()
+    return json.loads(record.read_text())[name]
+
+
 def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[str],
-              held_out: list[str], show_progress: bool) -> dict:
+              held_out: list[str], show_progress: bool, state) -> dict:
+    """Round ``r`` from ``model``: the main process samples, ranks and evaluates; training
+    runs on every process (DDP or FSDP2 when launched with several)."""
     from .evaluate import evaluate_diffusion
     from .ranking import make_ranked_lists
     from .train import train_diffusion
@@ -118,7 +148,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     here.mkdir(parents=True, exist_ok=True)
     seeds = [seed + SEED_STRIDE * (r - 1) for seed in online.seeds]
     info = {"round": r, "model_before": model, "seeds": seeds}
-    info["rank"] = run_phase(here, "rank", lambda: make_ranked_lists(
+    info["rank"] = main_phase(state, here, "rank", lambda: make_ranked_lists(
         prompts, [model], online.scorers, seeds, here / "data", online.steps,
         online.guidance_scale, online.list_size, online.resolution))
     # what `preftune report` shows of a round, under the names of `preftune online`'s
@@ -146,9 +176,9 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
         return {"output_dir": str(run), "steps": steps[-1]["step"] if steps else 0,
                 "loss": steps[-1]["loss"] if steps else None}
 
-    info["train"] = run_phase(here, "train", train)
+    info["train"] = every_process_phase(state, here, "train", train)
     info["model"] = str(here / "train" / "model")
-    info["evaluate"] = run_phase(here, "evaluate", lambda: evaluated(evaluate_diffusion(
+    info["evaluate"] = main_phase(state, here, "evaluate", lambda: evaluated(evaluate_diffusion(
         info["model"], config.model.path, held_out, online.eval_seeds, online.scorers[0],
         online.steps, online.guidance_scale, str(here), online.resolution)))
     return info
