@@ -10,7 +10,8 @@ Round r samples with seeds ``seed + 1000 (r - 1)`` for each configured seed, so 
 new noise; after training, the round's model plays the initial model on the evaluation prompts
 (``data.eval``, else the training prompts) under the first scorer, same seeds for both
 (``diffusion eval``'s win rate). Each phase is recorded in ``round-r/phases.json``; ``--resume``
-skips the phases already done.
+skips the phases already done. Launched on several processes, the main one samples, ranks and
+evaluates, and all of them train.
 """
 
 from __future__ import annotations
