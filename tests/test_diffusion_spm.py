@@ -265,3 +265,21 @@ def test_a_hub_id_is_fetched_once_as_a_clip_directory(parts, monkeypatch):
     model = StepAwarePreferenceModel.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     assert asked == ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
     assert model.size == 16
+
+
+def test_an_sdxl_pipelines_predictions_train_it(parts, tmp_path):
+    """SDXL's pooled text, time ids and zeros as the unconditional input reach x̂_0 too."""
+    from diffusion_fixtures import tiny_sdxl_pipeline
+
+    from preftune.diffusion.step_model_train import train_step_model
+
+    tree = spm_tree(parts, tmp_path / "run",
+                    pipeline={"path": str(tiny_sdxl_pipeline(tmp_path / "sdxl"))},
+                    train={"max_steps": 2, "log_every": 1})
+    task, _ = step_model_task(StepModelConfig.from_dict(tree), Accelerator())
+    assert task.pipeline.zero_empty_prompt and task.pipeline.text_encoder_2 is not None
+    chosen, _, _ = task.predicted_images(task.make_batch(task.train_examples[:2]), step=0)
+    assert chosen.shape == (2, 3, 16, 16) and chosen.abs().max() <= 1
+    out = train_step_model(StepModelConfig.from_dict({**tree, "output_dir": str(
+        tmp_path / "trained")}), show_progress=False)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()] == [1, 2]
