@@ -286,3 +286,19 @@ def losses_of_a_moved_policy(task):
     noise = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(7))
     steps = torch.tensor([10, 500, 990])
     return task.losses_with(task.module, batch, noise, steps)[0], noise, steps
+
+
+def on_two_processes(command: str, tree: dict, config_path: Path):
+    """``preftune diffusion COMMAND CONFIG`` on two CPU processes (gloo, torch.distributed.run),
+    ``tree`` written to ``config_path`` as its config."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "-m", "preftune", "diffusion", command, str(config_path)],
+                          capture_output=True, text=True, env=env, timeout=600)

@@ -3,9 +3,6 @@ exactly like one process with the same global batch: each process takes its shar
 step's pairs or lists, their noise is seeded per example, and DDP averages the gradients."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,8 +12,9 @@ pytest.importorskip("diffusers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from diffusion_fixtures import (config_tree, one_thread, tiny_flux_pipeline,  # noqa: E402, F401
-                                tiny_pipeline, tiny_sdxl_pipeline, write_pairs, write_prompts)
+from diffusion_fixtures import (config_tree, on_two_processes, one_thread,  # noqa: E402, F401
+                                tiny_flux_pipeline, tiny_pipeline, tiny_sdxl_pipeline,
+                                write_pairs, write_prompts)
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.train import train_diffusion  # noqa: E402
 from test_diffusion_ranked import LISTS, write_ranked  # noqa: E402
@@ -29,12 +27,7 @@ def losses(run):
 
 
 def two_processes(config_tree_, tmp_path, name):
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(config_tree_))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           "2", "-m", "preftune", "diffusion", "train", str(config)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return on_two_processes("train", config_tree_, tmp_path / f"{name}.yaml")
 
 
 PIPELINES = {"sd": tiny_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline}

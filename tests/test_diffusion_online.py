@@ -151,22 +151,13 @@ def test_a_round_whose_lists_all_tie_trains_nothing(parts, tmp_path):
 def test_two_processes_run_the_rounds_as_one(parts, tmp_path):
     """Launched on two processes, the main one samples, ranks and evaluates and both train
     (DDP): the same lists, losses and win rates as one process with the same global batch."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
+    from diffusion_fixtures import on_two_processes
 
     one = tree(parts, tmp_path / "one")
     one["train"].update(batch_size=4, log_every=1)
     run_diffusion_online(DiffusionOnlineConfig.from_dict(one), show_progress=False)
     two = {**one, "output_dir": str(tmp_path / "two"), "train": {**one["train"], "batch_size": 2}}
-    config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump(two))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           "2", "-m", "preftune", "diffusion", "online", str(config)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = on_two_processes("online", two, tmp_path / "two.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
     for r in (1, 2):
         here = {run: tmp_path / run / f"round-{r}" for run in ("one", "two")}

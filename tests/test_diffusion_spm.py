@@ -230,9 +230,7 @@ def test_a_stopped_run_resumes_to_the_same_losses(parts, tmp_path, monkeypatch):
 
 
 def test_two_processes_train_as_one_with_the_same_global_batch(parts, tmp_path):
-    import os
-    import subprocess
-    import sys
+    from diffusion_fixtures import on_two_processes
 
     from preftune.diffusion.step_model_train import train_step_model
 
@@ -245,12 +243,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(parts, tmp_path):
     one["data"]["train"] = str(write_pairs(tmp_path / "data", count=8))
     train_step_model(StepModelConfig.from_dict(one), show_progress=False)
     two = {**one, "output_dir": str(tmp_path / "two"), "train": {**one["train"], "batch_size": 2}}
-    config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump(two))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           "2", "-m", "preftune", "diffusion", "spm", str(config)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = on_two_processes("spm", two, tmp_path / "two.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
