@@ -84,7 +84,7 @@ def caption_pairs(data: str, output: str, captioner: str | None = None,
     rows = list(rows_and_folders(data, fields))
     names = {side: fields.get(f"{side}_caption", f"{side}_caption")
              for side in ("chosen", "rejected")}
-    for (origin, row, _), pair in zip(rows, pairs):
+    for origin, row, _ in rows:
         taken = [name for name in names.values() if row.get(name) not in (None, "")]
         if taken and not overwrite:
             raise DataError(f"{origin}: field {taken[0]!r} already holds a caption; pass "

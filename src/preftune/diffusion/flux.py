@@ -120,7 +120,15 @@ def configure(model, config) -> None:
     samples = config.samples
     if samples.prompts and samples.resolution is not None:
         check_resolution(model, samples.resolution, "samples.resolution")
-    if samples.prompts and samples.guidance_scale != 1.0 and not distilled:
-        raise ConfigError(f"samples.guidance_scale {samples.guidance_scale}: this Flux "
-                          "transformer has no guidance input (as Flux.1-schnell) and Flux "
-                          "samples without classifier-free guidance; use 1.")
+    if samples.prompts:
+        check_sampling_guidance(model.denoiser, samples.guidance_scale,
+                                "samples.guidance_scale")
+
+
+def check_sampling_guidance(transformer, scale: float, key: str) -> None:
+    """Flux samples without classifier-free guidance: a scale other than 1 needs a
+    guidance-distilled transformer, which takes it as an input."""
+    if scale != 1.0 and not transformer.config.guidance_embeds:
+        raise ConfigError(f"{key} {scale}: this Flux transformer has no guidance input "
+                          "(guidance_embeds false, as Flux.1-schnell) and Flux samples without "
+                          "classifier-free guidance; use 1.")

@@ -241,6 +241,18 @@ class DiffusionModel(torch.nn.Module):
         return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning.hidden,
                         **extra).sample
 
+    def guided_predict(self, denoiser, x_t, timesteps, conditioning: Conditioning,
+                       unconditional: Conditioning | None, scale: float) -> torch.Tensor:
+        """The prediction with classifier-free guidance, in float32: unconditional + scale
+        (conditional - unconditional), both from one batched call; without
+        ``unconditional``, the plain prediction."""
+        if unconditional is None:
+            return self.predict(denoiser, x_t, timesteps, conditioning).float()
+        both = self.predict(denoiser, torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
+                            Conditioning.cat([unconditional, conditioning])).float()
+        free, conditional = both.chunk(2)
+        return free + scale * (conditional - free)
+
     def sample_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         """[C, H, W] of one sample in the denoiser's space for ``resolution``-pixel images;
         None: the denoiser's own size (its ``sample_size``; Flux: FluxPipeline's 1024 pixels)."""

@@ -127,8 +127,9 @@ def every_process_phase(state, here: Path, name: str, work) -> dict:
     """``work`` done by every process together (training: DDP or FSDP2 collectives), once;
     the main process records it."""
     record = here / "phases.json"
-    if record.exists() and name in json.loads(record.read_text()):
-        return json.loads(record.read_text())[name]
+    done = json.loads(record.read_text()) if record.exists() else {}
+    if name in done:
+        return done[name]
     if state.is_main_process:
         run_phase(here, name, work)
     else:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
 from .data import tensor_image
-from .flux import set_sampling_timesteps
+from .flux import check_sampling_guidance, set_sampling_timesteps
 from .model import Conditioning, DiffusionModel
 
 SAMPLES_DIR = "samples"
@@ -32,10 +31,8 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
 
     denoiser = denoiser if denoiser is not None else model.denoiser
     flux = model.family == "flux"
-    if flux and guidance_scale != 1.0 and not denoiser.config.guidance_embeds:
-        raise ConfigError(f"guidance scale {guidance_scale}: this Flux transformer has no "
-                          "guidance input (guidance_embeds false, as Flux.1-schnell) and "
-                          "Flux samples without classifier-free guidance; use 1.")
+    if flux:
+        check_sampling_guidance(denoiser, guidance_scale, "guidance scale")
     was_training = denoiser.training
     denoiser.eval()
     scheduler = (FlowMatchEulerDiscreteScheduler if model.flow else DDIMScheduler).from_config(

@@ -31,7 +31,6 @@ import torch
 from ..config import ConfigError
 from ..score.base import checked
 from .losses import DiffusionLossOutput, TransitionLogps, clipped_log_ratio, sum_count
-from .model import Conditioning
 from .train import DiffusionTask, example_generator
 
 
@@ -239,13 +238,8 @@ class SPOTask(DiffusionTask):
     def predict(self, module, denoiser, x, timesteps, cond, uncond) -> torch.Tensor:
         """The (classifier-free guided) prediction of ``denoiser`` in float32."""
         steps = torch.as_tensor(timesteps, device=x.device).long().expand(len(x))
-        x = x.to(next(denoiser.parameters()).dtype)
-        if uncond is None:
-            return module.predict(denoiser, x, steps, cond).float()
-        both = module.predict(denoiser, torch.cat([x, x]), torch.cat([steps, steps]),
-                              Conditioning.cat([uncond, cond])).float()
-        unconditional, conditional = both.chunk(2)
-        return unconditional + self.params.guidance_scale * (conditional - unconditional)
+        return module.guided_predict(denoiser, x, steps, cond, uncond,
+                                     self.params.guidance_scale)
 
     @torch.no_grad()
     def _reference_predict(self, module, *inputs) -> torch.Tensor:

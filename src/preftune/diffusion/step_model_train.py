@@ -140,8 +140,8 @@ class StepModelTask:
         noise, drawn = shared_noise(self.sample_shape, pairs.indices, self.config.train.seed,
                                     step, pipeline.num_train_timesteps)
         device = pairs.chosen.device
-        t = (drawn if timesteps is None else timesteps).to(device)
-        noise = noise.to(device)
+        t_host = drawn if timesteps is None else timesteps  # (x̂_0's schedule lookup: no read)
+        t, noise = t_host.to(device), noise.to(device)
         condition = pipeline.encode_prompts(pairs.chosen_text)
         guidance = self.config.pipeline.guidance_scale
         unconditional = pipeline.unconditional(len(t)) if guidance != 1 else None
@@ -149,10 +149,10 @@ class StepModelTask:
         for pixels in (pairs.chosen, pairs.rejected):
             x_t, _ = pipeline.noisy_and_target(pipeline.to_model_space(pixels), noise, t)
             prediction = pipeline.predict(pipeline.denoiser, x_t, t, condition).float()
-            if unconditional is not None:
+            if unconditional is not None:  # (two calls, as the paper's code makes them)
                 free = pipeline.predict(pipeline.denoiser, x_t, t, unconditional).float()
                 prediction = free + guidance * (prediction - free)
-            x0 = self.x0.predicted_x0(prediction, t, x_t.float())
+            x0 = self.x0.predicted_x0(prediction, t_host, x_t.float())
             images.append(pipeline.to_pixels(x0.to(pipeline.compute_dtype)).float().clamp(-1, 1))
         return images[0], images[1], t
 

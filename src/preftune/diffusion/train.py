@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from ..config import ConfigError
 from ..train.loop import write_run_header
@@ -328,10 +327,11 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         write_samples(task.module, config.samples, output_dir, "before")
     Trainer(task, config.train, output_dir, accelerator, total_steps, resume=resume,
             show_progress=show_progress).run()
-    if sampling:  # under FSDP the trained weights are whole only in the saved pipeline
-        sharded = accelerator.distributed_type == DistributedType.FSDP
-        write_samples(load_diffusion_model(output_dir / "model", task.module.compute_dtype)
-                      .to(accelerator.device) if sharded else task.module, config.samples,
-                      output_dir, "after")
+    if sampling:
+        trained = task.module
+        if accelerator.distributed_type == DistributedType.FSDP:  # whole only when saved
+            trained = load_diffusion_model(output_dir / "model", trained.compute_dtype)
+            trained.to(accelerator.device)
+        write_samples(trained, config.samples, output_dir, "after")
     return output_dir
 

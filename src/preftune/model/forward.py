@@ -81,12 +81,11 @@ def embed_with_images(vlm: nn.Module, decoder: nn.Module, batch: Batch) -> dict:
     deepstack = getattr(output, "deepstack_features", None)
     if deepstack:
         # the decoder reads the masked positions in row-major order
-        order = positions.argsort()
+        rows = index[positions.argsort()]
         mask = torch.zeros(embeds.shape[:2].numel(), dtype=torch.bool, device=embeds.device)
         inputs["visual_pos_masks"] = mask.index_fill(0, positions, True).view(embeds.shape[:2])
         inputs["deepstack_visual_embeds"] = [
-            flat_features(layer, embeds.shape[-1])[index[order]].to(embeds.dtype)
-            for layer in deepstack]
+            flat_features(layer, embeds.shape[-1])[rows].to(embeds.dtype) for layer in deepstack]
     return inputs
 
 

@@ -115,6 +115,7 @@ class RewardModel(nn.Module):
         directory = Path(directory)
         written = {}
         model = self.model
+        pad_token_id = tokenizer.pad_token_id
         # a VLM's processor holds its tokenizer and image processor
         images = getattr(tokenizer, "image_inputs", None)
         tokenizer = images.processor if images is not None else tokenizer
@@ -126,7 +127,7 @@ class RewardModel(nn.Module):
             if not save_merged:
                 return written
             model = merged_copy(model, written["adapter"], unquantized_base)
-        model.config.pad_token_id = getattr(tokenizer, "tokenizer", tokenizer).pad_token_id
+        model.config.pad_token_id = pad_token_id
         model.save_pretrained(directory / "model", safe_serialization=True)
         tokenizer.save_pretrained(directory / "model")
         self.head.save(directory / "model", extra)

@@ -36,13 +36,11 @@ class VisionRewardModel(nn.Module):
                                device=device)
         nn.init.normal_(self.score.weight, std=getattr(text, "initializer_range", 0.02))
 
-    @property
-    def base_model(self) -> nn.Module:
+    def get_decoder(self) -> nn.Module:
         """The language model (decoder stack) the head reads."""
         return self.vlm.get_decoder()
 
-    def get_decoder(self) -> nn.Module:
-        return self.vlm.get_decoder()
+    base_model = property(get_decoder)  # where sequence classifiers keep it
 
     def get_output_embeddings(self):
         """The VLM's language-model head (so that LoRA's ``all-linear`` leaves it out)."""

@@ -95,7 +95,7 @@ class SyntheticScorer:
             for origin, row in read_rows(path, set(TEXT_FIELDS)):
                 try:
                     prompt = scorer_prompt(row["prompt"],
-                                         row_images(row, {}, "images", origin, folder))
+                                           row_images(row, {}, "images", origin, folder))
                     checkers[prompt_key(prompt)] = load_checker(row)
                 except (KeyError, TypeError, ValueError):
                     raise DataError(f"{origin}: field 'check' is missing or not a checker spec; "
