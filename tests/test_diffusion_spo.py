@@ -109,7 +109,7 @@ def test_log_ratios_and_loss_equal_the_hand_computation(files, tmp_path, clip):
         _, mean, sigma = hand_logps(task.reference, model, x_t, t, prompts, [], 2.0, 0.8, 10)
         chosen, rejected = (mean + sigma * torch.randn(mean.shape, generator=generator)
                             for _ in range(2))
-    output, logps = task.transition_losses(model, x_t, t, *task.conditions(model, prompts),
+    output, logps = task.transition_losses(model, x_t, t, *task.conditions(prompts),
                                            chosen, rejected)
 
     (policy_w, policy_l), _, _ = hand_logps(model.denoiser, model, x_t, t, prompts,
@@ -154,7 +154,7 @@ def test_pool_pair_is_the_scorers_best_and_worst_of_the_policys_x0(files, tmp_pa
     diffusion_fixtures.SCORED.clear()
     batch = task.make_batch(task.train_examples[:2])
     model = task.module
-    rollout = task.rollout(model, batch, 0, *task.conditions(model, batch.prompts))
+    rollout = task.rollout(batch, 0, *task.conditions(batch.prompts))
     # steps 1..3 of 0..4 for each prompt: step 0 is before first_step, step 4 (t 0, onto
     # alpha_bar = 1) is deterministic
     assert rollout.step_index.tolist() == [1, 1, 2, 2, 3, 3]
@@ -169,8 +169,8 @@ def test_pool_pair_is_the_scorers_best_and_worst_of_the_policys_x0(files, tmp_pa
     t_next = task.transition.timesteps[rollout.step_index[row] + 1]
     assert timesteps[0] == t_next and prompts[:3] == [batch.prompts[rollout.example[row]]] * 3
     with torch.no_grad():
-        prediction = task.predict(model, model.denoiser, rollout.pool[row], t_next,
-                                  *task.conditions(model, prompts[:3]))
+        prediction = task.predict(model, rollout.pool[row], t_next,
+                                  *task.conditions(prompts[:3]))
     x0 = ((rollout.pool[row] - (1 - model.scheduler.alphas_cumprod[t_next]).sqrt() * prediction)
           / model.scheduler.alphas_cumprod[t_next].sqrt()).clamp(-1, 1)
     torch.testing.assert_close(images[:3], x0, rtol=1e-5, atol=1e-5)
@@ -181,7 +181,7 @@ def test_pool_pair_is_the_scorers_best_and_worst_of_the_policys_x0(files, tmp_pa
     task.transition = DDIMTransition(config, 5, 1.0)
     task.eligible = task.eligible_steps()
     assert task.transition.timesteps == [801, 601, 401, 201, 1] and task.eligible == [1, 2, 3, 4]
-    rollout = task.rollout(model, batch, 0, *task.conditions(model, batch.prompts))
+    rollout = task.rollout(batch, 0, *task.conditions(batch.prompts))
     prompts, images, timesteps, scores = diffusion_fixtures.SCORED[-1]
     assert rollout.step_index[-2:].tolist() == [4, 4] and timesteps == [0] * 6
     torch.testing.assert_close(images, rollout.pool[-2:].flatten(0, 1).clamp(-1, 1))
@@ -193,8 +193,11 @@ def test_ties_are_skipped_and_counted(files, tmp_path):
     batch = task.make_batch(task.train_examples[:2])
     losses, metrics = task.losses(task.module, batch, 0)
     assert losses.tolist() == [0.0, 0.0] and metrics["spo/skipped_ties"] == (6.0, 6)
-    assert metrics["spo/score_gap"][0] == 0 and "rewards/chosen" not in metrics
-    losses.sum().backward()  # nothing to learn, and nothing breaks
+    assert metrics["spo/score_gap"][0] == 0 and metrics["rewards/chosen"][1] == 0
+    assert metrics["spo/ratio_chosen"][1] == 0 and metrics["loss"] == (0.0, 2)
+    losses.sum().backward()  # nothing to learn: zero gradients, and nothing breaks
+    assert all(p.grad is not None and not p.grad.any()
+               for p in task.module.denoiser.parameters())
 
 
 def test_same_seed_same_pools_and_loss_and_the_resampler_continues_from_the_pool(files,
@@ -202,15 +205,15 @@ def test_same_seed_same_pools_and_loss_and_the_resampler_continues_from_the_pool
     task = make_task(files, tmp_path, perturb=True, params={"first_step": 0})
     model = task.module
     batch = task.make_batch(task.train_examples[:2])
-    conditions = task.conditions(model, batch.prompts)
-    first, again = (task.rollout(model, batch, 5, *conditions) for _ in range(2))
+    conditions = task.conditions(batch.prompts)
+    first, again = (task.rollout(batch, 5, *conditions) for _ in range(2))
     assert torch.equal(first.pool, again.pool) and torch.equal(first.continued, again.continued)
     assert torch.equal(task.losses(model, batch, 5)[0], task.losses(model, batch, 5)[0])
-    other = task.rollout(model, batch, 6, *conditions)
+    other = task.rollout(batch, 6, *conditions)
     assert not torch.allclose(first.pool, other.pool)
     # the second prompt alone: the same trajectory as in the batch of two
     alone = task.make_batch(task.train_examples[1:2])
-    single = task.rollout(model, alone, 5, *task.conditions(model, alone.prompts))
+    single = task.rollout(alone, 5, *task.conditions(alone.prompts))
     torch.testing.assert_close(single.pool, first.pool[first.example == 1], rtol=1e-4,
                                atol=1e-4)  # batched convolutions round differently
     # step-wise resampler: the next step starts from the pool member it continued from
@@ -221,7 +224,7 @@ def test_same_seed_same_pools_and_loss_and_the_resampler_continues_from_the_pool
             assert torch.equal(first.x_t[following], first.pool[row, first.continued[row]])
     assert len(set(first.continued.tolist())) > 1  # a random member, not always the same
     subset = make_task(files, tmp_path / "b", params={"steps_per_trajectory": 2})
-    rollout = subset.rollout(subset.module, batch, 5, *conditions)
+    rollout = subset.rollout(batch, 5, *conditions)
     assert [int((rollout.example == e).sum()) for e in (0, 1)] == [2, 2]
 
 
@@ -236,7 +239,7 @@ def test_adapter_off_reference_is_the_base_denoiser(files, tmp_path):
     model, generator = task.module, torch.Generator().manual_seed(0)
     x_t, chosen, rejected = (torch.randn((2, 3, 16, 16), generator=generator) * 0.5
                              for _ in range(3))
-    inputs = (x_t, torch.tensor([600, 200]), *task.conditions(model, PROMPTS[:2]), chosen,
+    inputs = (x_t, torch.tensor([600, 200]), *task.conditions(PROMPTS[:2]), chosen,
               rejected)
     _, logps = task.transition_losses(model, *inputs)
     task.reference, task.reference_strategy = load_diffusion_model(files[0]).denoiser, "live"

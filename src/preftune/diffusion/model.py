@@ -71,6 +71,21 @@ class Conditioning:
                             None if pooled[0] is None else torch.cat(pooled))
 
 
+def guided(call, x_t, timesteps, conditioning: Conditioning,
+           unconditional: Conditioning | None, scale: float) -> torch.Tensor:
+    """A prediction with classifier-free guidance, in float32: unconditional + scale
+    (conditional - unconditional), both from one batched ``call(x_t, timesteps,
+    conditioning)``; without ``unconditional``, the plain prediction. ``call`` is a
+    ``DiffusionModel`` (or the DDP wrapper around it: its trained denoiser, with gradients
+    averaged over processes) or ``partial(model.predict, denoiser)`` for another denoiser."""
+    if unconditional is None:
+        return call(x_t, timesteps, conditioning).float()
+    both = call(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
+                Conditioning.cat([unconditional, conditioning])).float()
+    free, conditional = both.chunk(2)
+    return free + scale * (conditional - free)
+
+
 class DiffusionModel(torch.nn.Module):
     """The denoiser (trainable) plus text encoder(s), tokenizer(s), noise scheduler and
     optional VAE (frozen). ``source`` is the pipeline directory it was loaded from; with
@@ -240,18 +255,6 @@ class DiffusionModel(torch.nn.Module):
                                           "time_ids": time_ids.expand(len(x_t), 6)}
         return denoiser(x_t, timestep=timesteps, encoder_hidden_states=conditioning.hidden,
                         **extra).sample
-
-    def guided_predict(self, denoiser, x_t, timesteps, conditioning: Conditioning,
-                       unconditional: Conditioning | None, scale: float) -> torch.Tensor:
-        """The prediction with classifier-free guidance, in float32: unconditional + scale
-        (conditional - unconditional), both from one batched call; without
-        ``unconditional``, the plain prediction."""
-        if unconditional is None:
-            return self.predict(denoiser, x_t, timesteps, conditioning).float()
-        both = self.predict(denoiser, torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
-                            Conditioning.cat([unconditional, conditioning])).float()
-        free, conditional = both.chunk(2)
-        return free + scale * (conditional - free)
 
     def sample_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         """[C, H, W] of one sample in the denoiser's space for ``resolution``-pixel images;

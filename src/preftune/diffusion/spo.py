@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..config import ConfigError
 from ..score.base import checked
 from .losses import DiffusionLossOutput, TransitionLogps, clipped_log_ratio, sum_count
+from .model import guided
 from .train import DiffusionTask, example_generator
 
 
@@ -229,27 +231,33 @@ class SPOTask(DiffusionTask):
     def make_batch(self, records) -> PromptBatch:
         return PromptBatch([r.prompt for r in records], [r.index for r in records])
 
-    def conditions(self, module, prompts: list[str]):
+    def conditions(self, prompts: list[str]):
         """(prompt conditioning, unconditional conditioning or None without guidance)."""
-        uncond = (module.unconditional(len(prompts))
+        model = self.module
+        uncond = (model.unconditional(len(prompts))
                   if self.params.guidance_scale != 1 else None)
-        return module.encode_prompts(prompts), uncond
+        return model.encode_prompts(prompts), uncond
 
-    def predict(self, module, denoiser, x, timesteps, cond, uncond) -> torch.Tensor:
-        """The (classifier-free guided) prediction of ``denoiser`` in float32."""
+    def predict(self, call, x, timesteps, cond, uncond) -> torch.Tensor:
+        """The (classifier-free guided) prediction of ``call`` (see ``model.guided``)."""
         steps = torch.as_tensor(timesteps, device=x.device).long().expand(len(x))
-        return module.guided_predict(denoiser, x, steps, cond, uncond,
-                                     self.params.guidance_scale)
+        return guided(call, x, steps, cond, uncond, self.params.guidance_scale)
+
+    def sampler(self):
+        """The policy's denoiser called directly, never through a DDP wrapper: each process
+        samples its own trajectories, as many calls as they need, with no collective."""
+        return partial(self.module.predict, self.module.denoiser)
 
     @torch.no_grad()
-    def _reference_predict(self, module, *inputs) -> torch.Tensor:
+    def _reference_predict(self, *inputs) -> torch.Tensor:
+        model = self.module
         if self.reference_strategy == "live":
-            return self.predict(module, self.reference, *inputs)
-        module.denoiser.disable_adapters()  # adapter-off: the base denoiser is the reference
+            return self.predict(partial(model.predict, self.reference), *inputs)
+        model.denoiser.disable_adapters()  # adapter-off: the base denoiser is the reference
         try:
-            return self.predict(module, module.denoiser, *inputs)
+            return self.predict(self.sampler(), *inputs)
         finally:
-            module.denoiser.enable_adapters()
+            model.denoiser.enable_adapters()
 
     def trained_steps(self, generator: torch.Generator) -> set[int]:
         count = self.params.steps_per_trajectory
@@ -259,16 +267,16 @@ class SPOTask(DiffusionTask):
         return {self.eligible[k] for k in order.tolist()}
 
     @torch.no_grad()
-    def rollout(self, module, batch: PromptBatch, step: int, cond, uncond) -> Rollout:
+    def rollout(self, batch: PromptBatch, step: int, cond, uncond) -> Rollout:
         """Sample the batch's trajectories with the policy; pools, pairs and resampling at the
         trained steps (see the module docstring)."""
-        k, transition, denoiser = self.params.pool_size, self.transition, module.denoiser
-        size = batch.num_examples
-        config = denoiser.config
+        k, transition, model = self.params.pool_size, self.transition, self.module
+        size, policy = batch.num_examples, self.sampler()
+        config = model.denoiser.config
         shape = (config.in_channels, config.sample_size, config.sample_size)
         generators = [example_generator(self.config.train.seed, step, index)
                       for index in batch.indices]
-        x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(module.device)
+        x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(model.device)
         plans = [self.trained_steps(g) for g in generators]
 
         def rows(positions):
@@ -279,7 +287,7 @@ class SPOTask(DiffusionTask):
         for i, t in enumerate(transition.timesteps):
             todo = (~known).nonzero().flatten().tolist()
             if todo:
-                prediction[todo] = self.predict(module, denoiser, x[todo], t, *rows(todo))
+                prediction[todo] = self.predict(policy, x[todo], t, *rows(todo))
             mean, sigma, _ = transition(prediction, [t] * size, x)
             here = [e for e in range(size) if i in plans[e]]
             noise = [torch.randn((k if i in plans[e] else 1, *shape), generator=g)
@@ -295,12 +303,11 @@ class SPOTask(DiffusionTask):
                     x0 = flat
                 else:
                     score_t = transition.timesteps[i + 1]
-                    pool_prediction = self.predict(module, denoiser, flat, score_t,
-                                                   *rows(repeated))
+                    pool_prediction = self.predict(policy, flat, score_t, *rows(repeated))
                     x0 = transition.predicted_x0(pool_prediction, [score_t] * len(flat), flat)
-                if module.vae is not None:
-                    x0 = x0.to(module.vae.dtype)
-                images = module.to_pixels(x0).float().clamp(-1, 1).cpu()
+                if model.vae is not None:
+                    x0 = x0.to(model.vae.dtype)
+                images = model.to_pixels(x0).float().clamp(-1, 1).cpu()
                 scores = torch.tensor(self.scorer.score([batch.prompts[e] for e in repeated],
                                                         images, [score_t] * len(flat)))
                 win, lose, gap, kept = pick_pairs(scores.view(len(here), k),
@@ -321,9 +328,10 @@ class SPOTask(DiffusionTask):
 
     def transition_losses(self, module, x_t, timesteps, cond, uncond, chosen, rejected):
         """(loss output, log-probs) of pairs (x^w_{t-1}, x^l_{t-1}) from ``x_t`` [N, ...] at
-        ``timesteps`` [N]: the policy's prediction with gradients, the reference's without."""
-        policy = self.predict(module, module.denoiser, x_t, timesteps, cond, uncond)
-        reference = self._reference_predict(module, x_t, timesteps, cond, uncond)
+        ``timesteps`` [N]: the policy's prediction with gradients through ``module`` (the
+        task's model or its DDP wrapper: one call per step), the reference's without."""
+        policy = self.predict(module, x_t, timesteps, cond, uncond)
+        reference = self._reference_predict(x_t, timesteps, cond, uncond)
         mean, sigma, _ = self.transition(policy, timesteps, x_t)
         reference_mean = self.transition(reference, timesteps, x_t)[0]
         logps = TransitionLogps(
@@ -334,27 +342,28 @@ class SPOTask(DiffusionTask):
 
     def losses(self, module, batch: PromptBatch, step: int):
         """Per-prompt losses [E] whose mean is the mean loss over the batch's kept pairs (the
-        repo's mean over a training batch), and metrics."""
-        size = batch.num_examples
-        cond, uncond = self.conditions(module, batch.prompts)
-        rollout = self.rollout(module, batch, step, cond, uncond)
-        device = module.device  # the trainer reads every metric of a step in one stack
-        metrics = {"spo/skipped_ties": sum_count((~rollout.kept).float().to(device)),
-                   "spo/score_gap": sum_count(rollout.gap.to(device))}
+        repo's mean over a training batch; under DDP each process's, averaged as gradients
+        are), and metrics."""
+        size, device = batch.num_examples, self.module.device
+        cond, uncond = self.conditions(batch.prompts)
+        rollout = self.rollout(batch, step, cond, uncond)
         kept = rollout.kept.nonzero().flatten()
-        if len(kept):
-            where = rollout.example[kept].to(device)
-            output, logps = self.transition_losses(
-                module, rollout.x_t[kept], rollout.timesteps[kept], cond[where],
-                None if uncond is None else uncond[where], rollout.side(rollout.win)[kept],
-                rollout.side(rollout.lose)[kept])
-            losses = torch.zeros(size, device=device).index_add(
-                0, where, output.losses) * (size / len(kept))
-            metrics.update(pair_metrics(output, logps, self.params.clip))
-        else:  # every pool a tie: nothing to learn, but a graph to backpropagate through
-            anchor = next(p for p in module.denoiser.parameters() if p.requires_grad)
-            losses = torch.zeros(size, device=device) + 0.0 * anchor.sum()
-        metrics["loss"] = sum_count(losses)
+        # every pool a tie: nothing to learn, yet one pair goes through the policy with weight
+        # 0, so that the step has a graph and (under DDP) its one forward and gradient exchange
+        rows = kept if len(kept) else torch.zeros(1, dtype=torch.long)
+        where = rollout.example[rows].to(device)
+        output, logps = self.transition_losses(
+            module, rollout.x_t[rows], rollout.timesteps[rows], cond[where],
+            None if uncond is None else uncond[where], rollout.side(rollout.win)[rows],
+            rollout.side(rollout.lose)[rows])
+        weight = size / len(kept) if len(kept) else 0.0
+        losses = torch.zeros(size, device=device).index_add(0, where, output.losses) * weight
+        # the same metric names whatever was kept (processes add them up in one collective);
+        # the trainer reads every metric of a step in one stack
+        metrics = {"loss": sum_count(losses),
+                   "spo/skipped_ties": sum_count((~rollout.kept).float().to(device)),
+                   "spo/score_gap": sum_count(rollout.gap.to(device)),
+                   **pair_metrics(output, logps, self.params.clip, len(kept))}
         return losses, metrics
 
     def run_info(self) -> dict:
@@ -364,15 +373,18 @@ class SPOTask(DiffusionTask):
                           f"{config.sample_size}"}
 
 
-def pair_metrics(output: DiffusionLossOutput, logps: TransitionLogps, clip: float) -> dict:
-    """Implicit rewards beta log ratio per side over the kept pairs, their margin and accuracy,
-    and the clipped ratios themselves (the repo's train_ratio_win / train_ratio_lose)."""
-    margin = output.chosen_rewards - output.rejected_rewards
-    return {"rewards/chosen": sum_count(output.chosen_rewards),
-            "rewards/rejected": sum_count(output.rejected_rewards),
+def pair_metrics(output: DiffusionLossOutput, logps: TransitionLogps, clip: float,
+                 kept: int) -> dict:
+    """Implicit rewards beta log ratio per side over the first ``kept`` pairs (the kept ones;
+    0: none, counted as such), their margin and accuracy, and the clipped ratios themselves
+    (the repo's train_ratio_win / train_ratio_lose)."""
+    chosen, rejected = output.chosen_rewards[:kept], output.rejected_rewards[:kept]
+    margin = chosen - rejected
+    ratio = {side: clipped_log_ratio(getattr(logps, f"policy_{side}")[:kept],
+                                     getattr(logps, f"reference_{side}")[:kept], clip).exp()
+             for side in ("chosen", "rejected")}
+    return {"rewards/chosen": sum_count(chosen), "rewards/rejected": sum_count(rejected),
             "rewards/margins": sum_count(margin),
             "rewards/accuracies": sum_count((margin > 0).float()),
-            "spo/ratio_chosen": sum_count(clipped_log_ratio(
-                logps.policy_chosen, logps.reference_chosen, clip).exp()),
-            "spo/ratio_rejected": sum_count(clipped_log_ratio(
-                logps.policy_rejected, logps.reference_rejected, clip).exp())}
+            "spo/ratio_chosen": sum_count(ratio["chosen"]),
+            "spo/ratio_rejected": sum_count(ratio["rejected"])}

@@ -259,9 +259,12 @@ def split_pairs(config, spec=None) -> dict:
 def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     """Load the pipeline and the data, attach LoRA; returns (task, total_steps)."""
     spec = get_diffusion_loss(config.objective.name)
-    if spec.online and accelerator.num_processes > 1:
-        raise ConfigError(f"objective {spec.name} samples online and runs in one process; "
-                          "launch it without accelerate launch / several processes.")
+    if spec.online and accelerator.distributed_type in (DistributedType.FSDP,
+                                                        DistributedType.DEEPSPEED):
+        raise ConfigError(f"objective {spec.name} samples with the whole denoiser at every step, "
+                          "outside the trained forward: it runs in one process or under DDP "
+                          "(accelerate launch without an FSDP or DeepSpeed config), not "
+                          f"{accelerator.distributed_type.value}.")
     if spec.online and config.train.timestep_sampling != "uniform":
         raise ConfigError(f"train.timestep_sampling: {config.train.timestep_sampling} draws "
                           f"the noise level of pairs and lists; objective {spec.name} samples "
