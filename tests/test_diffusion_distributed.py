@@ -13,7 +13,8 @@ pytest.importorskip("diffusers")
 from safetensors.torch import load_file  # noqa: E402
 
 from diffusion_fixtures import (config_tree, on_two_processes, one_thread,  # noqa: E402, F401
-                                tiny_flux_pipeline, tiny_pipeline, tiny_sdxl_pipeline,
+                                tiny_clip_dir, tiny_flux_pipeline, tiny_pipeline,
+                                tiny_sdxl_pipeline,
                                 write_pairs, write_prompts)
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.train import train_diffusion  # noqa: E402
@@ -173,3 +174,34 @@ def test_spo_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
     assert done.returncode != 0
     assert ("objective spo samples with the whole denoiser at every step, outside the trained "
             "forward: it runs in one process or under DDP") in done.stderr
+
+
+def test_longalign_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
+    """Several denoiser calls with gradients per step go through the DDP wrapper; the
+    text-irrelevant direction comes from all training prompts, not the process's batch."""
+    pipe = tiny_pipeline(tmp_path / "pipe")
+    prompts = write_prompts(tmp_path / "data", ["a red circle. a blue square", "a blue square",
+                                                "a green triangle", "a yellow circle"] * 2)
+    one = config_tree(pipe, prompts, tmp_path / "one", objective={
+        "name": "longalign", "reward_model": str(tiny_clip_dir(tmp_path / "clip")),
+        "sampling_steps": 6, "grad_steps": 2, "guidance_scale": 2.0},
+        train={"max_steps": 2, "batch_size": 2, "log_every": 1,
+               "gradient_accumulation_steps": 2, "learning_rate": 1e-3})
+    train_diffusion(DiffusionConfig.from_dict(one), show_progress=False)
+    two = {**one, "output_dir": str(tmp_path / "two"),
+           "train": {**one["train"], "gradient_accumulation_steps": 1}}
+    done = two_processes(two, tmp_path, "longalign")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {run: [json.loads(line) for line in
+                  (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")}
+    assert len(rows["one"]) == 2 and rows["one"][1]["loss"] != rows["one"][0]["loss"]
+    for first, second in zip(rows["one"], rows["two"]):
+        for key in ("loss", "reward/score", "reward/text_relevant", "reward/text_irrelevant",
+                    "grad_norm"):
+            assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
+    weights = [load_file(tmp_path / run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+               for run in ("one", "two")]
+    for name, value in weights[0].items():
+        if not name.endswith("k_proj.bias"):  # no gradient: moved by Adam's rounding noise
+            torch.testing.assert_close(weights[1][name], value, rtol=0, atol=3e-5, msg=name)

@@ -58,11 +58,14 @@ def check(task, expected_fn, captions=False):
     texts = {side: [p.caption(side) if captions else p.prompt for p in task.train_examples]
              for side in ("chosen", "rejected")}
     # both sides in one batch of 2E, as the task runs them: per-example math is the same in any
-    # batch, and float32 sums then round alike (beta/2 = 100 and T c = 700 magnify rounding)
-    both = (paths["chosen"] + paths["rejected"], texts["chosen"] + texts["rejected"],
-            torch.cat([noise, noise]), torch.cat([timesteps, timesteps]))
+    # batch, and float32 sums then round alike (beta/2 = 100 and T c = 700 magnify rounding);
+    # the chosen side alone for an objective that reads no rejected image (denoising)
+    sides = ("chosen", "rejected") if task.spec.uses_rejected else ("chosen",)
+    both = ([path for side in sides for path in paths[side]],
+            [text for side in sides for text in texts[side]],
+            torch.cat([noise] * len(sides)), torch.cat([timesteps] * len(sides)))
     errors = dict(zip(("policy_chosen", "policy_rejected"),
-                      hand_error(model.denoiser, model, *both).chunk(2)))
+                      hand_error(model.denoiser, model, *both).chunk(len(sides))))
     if task.reference is not None:
         with torch.no_grad():
             errors.update(zip(("reference_chosen", "reference_rejected"),

@@ -254,3 +254,48 @@ def test_latent_pipeline_with_a_vae_trains_and_samples(files, tmp_path):
     from PIL import Image
 
     assert Image.open(output / "samples" / "after" / "p00_s0.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("objective", ["diffusion_dpo", "rank_dpo"])
+def test_prompt_dropout_gives_a_seeded_share_the_empty_prompt_in_training_only(files, tmp_path,
+                                                                             objective):
+    from accelerate import Accelerator
+
+    from preftune.diffusion.train import EVAL_STEP, diffusion_task, dropped_prompts
+    from test_diffusion_ranked import LISTS, write_ranked
+
+    data = (write_ranked(tmp_path / "lists", LISTS * 2) if objective == "rank_dpo"
+            else write_pairs(tmp_path / "pairs", count=6))
+    tree = config_tree(files[0], data, tmp_path / "run", objective={"name": objective,
+                                                                     "beta": 50.0},
+                       data={"prompt_dropout": 0.5})
+    task = diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())[0]
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the policy off its reference, so that the prompt matters
+        for parameter in task.module.denoiser.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    records = task.train_examples[:6]
+    batch, seed = task.make_batch(records), task.config.train.seed
+    draws = [dropped_prompts(batch.indices, seed, step, 0.5) for step in range(200)]
+    assert sum(map(len, draws)) / 1200 == pytest.approx(0.5, abs=0.05)  # the share
+    step = next(k for k, rows in enumerate(draws) if 0 < len(rows) < 6)
+    dropped = draws[step]
+    assert dropped == dropped_prompts(batch.indices, seed, step, 0.5)  # seeded
+    assert dropped_prompts(batch.indices[2:], seed, step, 0.5) == {r - 2 for r in dropped
+                                                                   if r >= 2}
+    by_hand = batch.without_prompts(dropped)
+    texts = by_hand.texts if objective == "rank_dpo" else by_hand.chosen_text
+    assert [text == "" for text in texts] == [row in dropped for row in range(6)]
+    noise = task.noise_for(batch, step)
+    torch.testing.assert_close(task.losses(task.module, batch, step)[0],
+                               task.losses_with(task.module, by_hand, *noise)[0])
+    kept = task.losses_with(task.module, batch, *noise)[0]
+    differs = ~torch.isclose(task.losses(task.module, batch, step)[0], kept)
+    assert differs.tolist() == [row in dropped for row in range(6)]
+    # evaluation keeps every prompt
+    torch.testing.assert_close(task.losses(task.module, batch, EVAL_STEP)[0], task.losses_with(
+        task.module, batch, *task.noise_for(batch, EVAL_STEP))[0])
+    from preftune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.prompt_dropout does nothing for spo"):
+        DiffusionConfig.from_dict({**tree, "objective": {"name": "spo"}})

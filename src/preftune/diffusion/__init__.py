@@ -1,7 +1,8 @@
 """Preference optimization of text-to-image diffusion denoisers (the ``diffusion`` extra:
 ``pip install preftune[diffusion]``): image preference records, Diffusion-DPO, DCPO and MaPO
-on the shared ``Trainer``, SPO (online, from prompts; ``spo.py``), fixed-seed sample grids, and
-an image scorer.
+on the shared ``Trainer``, SPO and LongAlign (online, from prompts; ``spo.py``,
+``longalign.py``), long prompts by segment-level encoding (``segments.py``), fixed-seed sample
+grids, and image scorers.
 
 Nothing here is imported by ``import preftune``; the modules import ``diffusers`` when used.
 """

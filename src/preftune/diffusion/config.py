@@ -43,6 +43,11 @@ class DiffusionModelConfig(Section):
     """Weights' dtype; denoising errors are computed in float32 whatever it is."""
     lora: DiffusionLoraConfig | None = None
     """Train LoRA adapters on the denoiser instead of every weight (null: full fine-tuning)."""
+    segment_tokens: Count | None = None
+    """LongAlign's segment-level encoding (SD 1.x/2.x): prompts encoded sentence by sentence
+    into this many conditioning tokens (the paper: 240), so prompts past CLIP's 77 tokens
+    count whole; null: the text encoder's own window, or what the pipeline was trained with
+    (its prompt_encoding.json)."""
     guidance: NonNegative | None = None
     """The guidance value a guidance-distilled Flux transformer (Flux.1-dev, guidance_embeds)
     is given while training, policy and reference alike; null: 3.5, diffusers' Flux training
@@ -62,6 +67,10 @@ class DiffusionDataConfig(Section):
     resolution: Count = 512
     """Images are resized to resolution x resolution (the denoiser's sample size, or the VAE
     input size)."""
+    prompt_dropout: Fraction = 0.0
+    """Share of training examples whose prompt is replaced by the empty one (seeded per example
+    and step), so classifier-free guidance keeps working after fine-tuning (diffusers' scripts'
+    --proportion_empty_prompts; LongAlign's first stage: 0.1). Evaluation keeps every prompt."""
     convert: Literal["pairs:best_vs_worst", "pairs:all_pairs"] | None = None
     """How a pair objective reads ranked image lists: each list's best image over its worst,
     or every (higher, lower) pair of it. Ranked objectives (rank_dpo) read the lists as they
@@ -170,6 +179,9 @@ class DiffusionConfig(RunConfig):
         if self.data.eval is not None and self.data.eval_fraction > 0:
             raise ValueError("set data.eval or data.eval_fraction, not both.")
         spec = get_diffusion_loss(self.objective.name)
+        if spec.online and self.data.prompt_dropout:
+            raise ValueError(f"data.prompt_dropout does nothing for {spec.name}: it samples "
+                             "its own images from the prompts; remove it.")
         if spec.online:
             for key in sorted(set(self.data.fields) - {"prompt"}):
                 raise ValueError(f"data.fields.{key} does nothing for {spec.name}: it samples "

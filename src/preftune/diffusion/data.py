@@ -112,16 +112,18 @@ RANKED_HINT = (" (the record is a ranked list of images: train it with objective
 
 
 def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: str,
-                    captions: bool = False, prompts_only: bool = False) -> ImagePair:
+                    captions: bool = False, prompts_only: bool = False,
+                    rejected: bool = True) -> ImagePair:
     """An ``ImagePair`` from one row, or a ``DataError`` naming the record and the field;
-    ``prompts_only``: only the prompt is needed (its images are None)."""
+    ``prompts_only``: only the prompt is needed (its images are None); not ``rejected``: the
+    rejected image is neither needed nor read (plain denoising of the chosen one)."""
     if not isinstance(row, dict):
         expected = "prompt" if prompts_only else "prompt, chosen, rejected"
         raise DataError(f"{origin}: expected a record (an object with {expected}), got "
                         f"{type(row).__name__}")
     name = {key: fields.get(key, key) for key in ("prompt", *IMAGE_FIELDS, *CAPTION_FIELDS)}
     needed = ("prompt",) if prompts_only else (
-        "prompt", *IMAGE_FIELDS, *(CAPTION_FIELDS if captions else ()))
+        "prompt", *IMAGE_FIELDS[: 2 if rejected else 1], *(CAPTION_FIELDS if captions else ()))
     for key in needed:
         # an empty prompt is allowed: unconditional training, as for classifier-free guidance
         if row.get(name[key]) is None or (key != "prompt" and row[name[key]] == ""):
@@ -141,13 +143,15 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
     if prompts_only:
         return ImagePair(index, origin, row[name["prompt"]], None, None, base_dir, scores=scores)
     return ImagePair(index, origin, row[name["prompt"]], row[name["chosen"]],
-                     row[name["rejected"]], base_dir, row.get(name["chosen_caption"]),
-                     row.get(name["rejected_caption"]), scores)
+                     row[name["rejected"]] if rejected else None, base_dir,
+                     row.get(name["chosen_caption"]), row.get(name["rejected_caption"]), scores)
 
 
 def check_images(pair: ImagePair, fields: dict) -> None:
     """Open both images of ``pair`` now; a ``DataError`` names the record, field and file."""
     for side in IMAGE_FIELDS:
+        if getattr(pair, side) is None:  # not read (plain denoising needs no rejected image)
+            continue
         try:
             open_image(getattr(pair, side), pair.base_dir)
         except Exception as error:  # PIL raises several types for bad bytes
@@ -167,15 +171,17 @@ def rows_and_folders(paths: str | list[str], fields: dict):
 
 
 def load_pairs(paths: str | list[str], fields: dict | None = None, captions: bool = False,
-               check: bool = True, prompts_only: bool = False) -> list[ImagePair]:
+               check: bool = True, prompts_only: bool = False,
+               rejected: bool = True) -> list[ImagePair]:
     """Every record of ``paths`` as an ``ImagePair`` (images checked unless ``check`` is
-    False; ``prompts_only``: records need only a prompt, for an online objective); an empty
-    source is an error."""
+    False; ``prompts_only``: records need only a prompt, for an online objective; not
+    ``rejected``: a prompt and a chosen image, for plain denoising); an empty source is an
+    error."""
     fields = fields or {}
     pairs: list[ImagePair] = []
     for origin, row, base_dir in rows_and_folders(paths, fields):
         pair = record_from_row(len(pairs), origin, row, fields, base_dir, captions,
-                               prompts_only)
+                               prompts_only, rejected)
         if check and not prompts_only:
             check_images(pair, fields)
         pairs.append(pair)

@@ -59,9 +59,10 @@ class DiffusionLossSpec:
     captions: bool  # True: each side is conditioned on its own caption (DCPO)
     paper: str
     verified: bool
-    # True: records are prompts only; the objective samples its images online (SPO) and its
-    # fn takes ``TransitionLogps`` instead of ``DenoisingErrors``
-    online: bool = False
+    # records are prompts only and the objective samples its own images: "transitions" (SPO,
+    # fn takes ``TransitionLogps``) or "reward" (LongAlign, fn takes ``RewardEmbeddings``);
+    # "": offline, fn takes ``DenoisingErrors``
+    online: str = ""
     # True: records are ranked lists of images with a score each, and fn takes ``RankedErrors``
     ranked: bool = False
 
@@ -78,9 +79,10 @@ DIFFUSION_LOSSES: dict[str, DiffusionLossSpec] = {}
 
 def diffusion_loss(name: str, *, params: type, needs_reference: bool, paper: str,
                    uses_rejected: bool = True, captions: bool = False, verified: bool = True,
-                   online: bool = False, ranked: bool = False):
+                   online: str = "", ranked: bool = False):
     """Register ``fn(errors, params) -> DiffusionLossOutput`` as diffusion objective ``name``
-    (``online``: ``fn(logps: TransitionLogps, params)``, trained from prompts only;
+    (``online``: trained from prompts only, ``fn(logps: TransitionLogps, params)`` or
+    ``fn(embeddings: RewardEmbeddings, params)``, see ``DiffusionLossSpec.online``;
     ``ranked``: ``fn(errors: RankedErrors, params)``, trained on ranked image lists)."""
 
     def register(fn):
@@ -310,7 +312,7 @@ def clipped_log_ratio(policy: torch.Tensor, reference: torch.Tensor, clip: float
     return (policy - reference).clamp(math.log1p(-clip), math.log1p(clip))
 
 
-@diffusion_loss("spo", params=SPOParams, needs_reference=True, online=True,
+@diffusion_loss("spo", params=SPOParams, needs_reference=True, online="transitions",
                 paper="arXiv:2406.04314")
 def spo(logps: TransitionLogps, params: SPOParams) -> DiffusionLossOutput:
     """SPO: step-aware DPO on DDIM transitions, pairs picked from a pool at each step.
@@ -377,3 +379,6 @@ def ranked_metrics(output: DiffusionLossOutput, errors: RankedErrors) -> dict:
                 (scores.gather(1, top) == best_score).float()),
             "denoise/policy": (torch.where(present, errors.policy, 0.0).sum(), count),
             "denoise/reference": (torch.where(present, errors.reference, 0.0).sum(), count)}
+
+
+from . import reward_loss  # noqa: E402, F401  (registers longalign)

@@ -25,7 +25,7 @@ import torch
 
 from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
-from . import flux
+from . import flux, segments
 
 DENOISER_FOLDERS = ("unet", "transformer")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
@@ -71,21 +71,6 @@ class Conditioning:
                             None if pooled[0] is None else torch.cat(pooled))
 
 
-def guided(call, x_t, timesteps, conditioning: Conditioning,
-           unconditional: Conditioning | None, scale: float) -> torch.Tensor:
-    """A prediction with classifier-free guidance, in float32: unconditional + scale
-    (conditional - unconditional), both from one batched ``call(x_t, timesteps,
-    conditioning)``; without ``unconditional``, the plain prediction. ``call`` is a
-    ``DiffusionModel`` (or the DDP wrapper around it: its trained denoiser, with gradients
-    averaged over processes) or ``partial(model.predict, denoiser)`` for another denoiser."""
-    if unconditional is None:
-        return call(x_t, timesteps, conditioning).float()
-    both = call(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
-                Conditioning.cat([unconditional, conditioning])).float()
-    free, conditional = both.chunk(2)
-    return free + scale * (conditional - free)
-
-
 class DiffusionModel(torch.nn.Module):
     """The denoiser (trainable) plus text encoder(s), tokenizer(s), noise scheduler and
     optional VAE (frozen). ``source`` is the pipeline directory it was loaded from; with
@@ -108,6 +93,7 @@ class DiffusionModel(torch.nn.Module):
         self._constants: dict = {}  # small fixed tensors, copied to a device once (on_device)
         self.family = FAMILIES.get(type(denoiser).__name__, "unet")
         self.train_guidance = flux.DEFAULT_TRAIN_GUIDANCE
+        self.segment_tokens = None  # LongAlign's segment-level encoding into so many tokens
         for frozen in (text_encoder, vae, text_encoder_2, text_encoder_3):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
@@ -148,6 +134,9 @@ class DiffusionModel(torch.nn.Module):
         Flux's as their pipelines do."""
         if self.family == "flux":
             return flux.encode(self, prompts)
+        if self.segment_tokens:
+            return Conditioning(segments.encode(self, prompts, self.segment_tokens))
+
         def ids(tokenizer):
             return tokenizer(list(prompts), padding="max_length", truncation=True,
                              max_length=tokenizer.model_max_length,
@@ -200,8 +189,9 @@ class DiffusionModel(torch.nn.Module):
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
         return (latents - self._vae_shift) * self.vae.config.scaling_factor
 
-    @torch.no_grad()
     def to_pixels(self, x0: torch.Tensor) -> torch.Tensor:
+        """Samples in the denoiser's space -> images in about [-1, 1]: the VAE's decoding, or
+        the samples themselves; differentiable (LongAlign backpropagates through it)."""
         if self.vae is None:
             return x0
         latents = x0 / self.vae.config.scaling_factor + self._vae_shift
@@ -312,6 +302,8 @@ class DiffusionModel(torch.nn.Module):
                 merged.save_pretrained(directory / folder)
         else:
             self.denoiser.save_pretrained(directory / folder)
+        if self.segment_tokens:
+            segments.record(directory, self.segment_tokens)
         drop_absent_components(directory)
         return directory
 
@@ -399,8 +391,10 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
     index = path / "model_index.json"
     zero_empty = bool(index.is_file() and json.loads(index.read_text()).get(
         "force_zeros_for_empty_prompt", False))
-    return DiffusionModel(denoiser, text_encoder, tokenizer, scheduler, vae, source=str(path),
-                          zero_empty_prompt=zero_empty, **extra)
+    model = DiffusionModel(denoiser, text_encoder, tokenizer, scheduler, vae, source=str(path),
+                           zero_empty_prompt=zero_empty, **extra)
+    segments.configure(model, None)  # as the pipeline was trained (prompt_encoding.json)
+    return model
 
 
 def attach_lora(model: DiffusionModel, lora) -> None:

@@ -14,7 +14,7 @@ all have the same score makes no pair and is left out of training (counted in ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -164,6 +164,11 @@ class RankedBatch(DenoiserBatch):
     @property
     def one_image(self) -> torch.Tensor:
         return self.images[:1]
+
+    def without_prompts(self, rows: set[int]) -> "RankedBatch":
+        """The batch with the empty prompt for the lists at ``rows``."""
+        return replace(self, texts=["" if row in rows else text
+                                    for row, text in enumerate(self.texts)])
 
     @property
     def real_tokens(self) -> int:

@@ -18,6 +18,21 @@ from .model import Conditioning, DiffusionModel
 SAMPLES_DIR = "samples"
 
 
+def guided(call, x_t, timesteps, conditioning: Conditioning,
+           unconditional: Conditioning | None, scale: float) -> torch.Tensor:
+    """A prediction with classifier-free guidance, in float32: unconditional + scale
+    (conditional - unconditional), both from one batched ``call(x_t, timesteps,
+    conditioning)``; without ``unconditional``, the plain prediction. ``call`` is a
+    ``DiffusionModel`` (or the DDP wrapper around it: its trained denoiser, with gradients
+    averaged over processes) or ``partial(model.predict, denoiser)`` for another denoiser."""
+    if unconditional is None:
+        return call(x_t, timesteps, conditioning).float()
+    both = call(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
+                Conditioning.cat([unconditional, conditioning])).float()
+    free, conditional = both.chunk(2)
+    return free + scale * (conditional - free)
+
+
 @torch.no_grad()
 def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
                   guidance_scale: float = 1.0, denoiser=None,
@@ -57,17 +72,14 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
                      for _, seed in rows]).to(model.device) * getattr(scheduler,
                                                                     "init_noise_sigma", 1.0)
     condition = model.encode_prompts([prompt for prompt, _ in rows])
-    guided = guidance_scale != 1.0 and not flux
-    if guided:
-        condition = Conditioning.cat([model.unconditional(len(rows)), condition])
+    unconditional = (model.unconditional(len(rows)) if guidance_scale != 1.0 and not flux
+                     else None)
     for t in scheduler.timesteps:
-        x_in = torch.cat([x, x]) if guided else x
-        prediction = model.predict(denoiser, scale(x_in, t),
-                                   t.expand(len(x_in)).to(model.device), condition,
-                                   guidance=guidance_scale)
-        if guided:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        def call(x_in, steps, c):
+            return model.predict(denoiser, scale(x_in, t), steps, c, guidance=guidance_scale)
+
+        prediction = guided(call, x, t.expand(len(x)).to(model.device), condition,
+                            unconditional, guidance_scale)
         x = scheduler.step(prediction, t, x).prev_sample
     denoiser.train(was_training)
     return model.to_pixels(x).float().clamp(-1, 1).cpu()

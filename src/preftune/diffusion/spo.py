@@ -32,7 +32,7 @@ import torch
 from ..config import ConfigError
 from ..score.base import checked
 from .losses import DiffusionLossOutput, TransitionLogps, clipped_log_ratio, sum_count
-from .model import guided
+from .sample import guided
 from .train import DiffusionTask, example_generator
 
 
@@ -210,23 +210,8 @@ class Rollout:
         return self.pool[torch.arange(len(which)), which]
 
 
-class SPOTask(DiffusionTask):
-    """SPO: each ``losses`` call samples the batch's trajectories, then trains on their pairs."""
-
-    def __init__(self, config, model, splits: dict, reference_strategy: str):
-        super().__init__(config, model, splits, reference_strategy)
-        p = self.params
-        self.transition = DDIMTransition(model.scheduler.config, p.sampling_steps, p.eta)
-        self.scorer = step_scorer(p.scorer)
-        self.eligible = self.eligible_steps()
-        if not self.eligible:
-            raise ConfigError(f"objective.first_step {p.first_step}: no step of the "
-                              f"{p.sampling_steps} sampling steps is left to train; lower it.")
-
-    def eligible_steps(self) -> list[int]:
-        """Indices of the sampler's steps that may train: from first_step on, sigma_t > 0."""
-        return [i for i, t in enumerate(self.transition.timesteps)
-                if i >= self.params.first_step and self.transition.step_sigma(t) > 0]
+class PromptTask(DiffusionTask):
+    """An objective trained from prompts alone, sampling its own images with the policy."""
 
     def make_batch(self, records) -> PromptBatch:
         return PromptBatch([r.prompt for r in records], [r.index for r in records])
@@ -247,6 +232,31 @@ class SPOTask(DiffusionTask):
         """The policy's denoiser called directly, never through a DDP wrapper: each process
         samples its own trajectories, as many calls as they need, with no collective."""
         return partial(self.module.predict, self.module.denoiser)
+
+    def run_info(self) -> dict:
+        config = self.module.denoiser.config
+        return {**super().run_info(), "online": True,
+                "layout": f"prompts -> sampled {config.in_channels}x{config.sample_size}x"
+                          f"{config.sample_size}"}
+
+
+class SPOTask(PromptTask):
+    """SPO: each ``losses`` call samples the batch's trajectories, then trains on their pairs."""
+
+    def __init__(self, config, model, splits: dict, reference_strategy: str):
+        super().__init__(config, model, splits, reference_strategy)
+        p = self.params
+        self.transition = DDIMTransition(model.scheduler.config, p.sampling_steps, p.eta)
+        self.scorer = step_scorer(p.scorer)
+        self.eligible = self.eligible_steps()
+        if not self.eligible:
+            raise ConfigError(f"objective.first_step {p.first_step}: no step of the "
+                              f"{p.sampling_steps} sampling steps is left to train; lower it.")
+
+    def eligible_steps(self) -> list[int]:
+        """Indices of the sampler's steps that may train: from first_step on, sigma_t > 0."""
+        return [i for i, t in enumerate(self.transition.timesteps)
+                if i >= self.params.first_step and self.transition.step_sigma(t) > 0]
 
     @torch.no_grad()
     def _reference_predict(self, *inputs) -> torch.Tensor:
@@ -365,12 +375,6 @@ class SPOTask(DiffusionTask):
                    "spo/score_gap": sum_count(rollout.gap.to(device)),
                    **pair_metrics(output, logps, self.params.clip, len(kept))}
         return losses, metrics
-
-    def run_info(self) -> dict:
-        config = self.module.denoiser.config
-        return {**super().run_info(), "online": True,
-                "layout": f"prompts -> sampled {config.in_channels}x{config.sample_size}x"
-                          f"{config.sample_size}"}
 
 
 def pair_metrics(output: DiffusionLossOutput, logps: TransitionLogps, clip: float,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..config import ConfigError
 from ..train.loop import write_run_header
 from ..train.output import start_run
 from ..train.trainer import Trainer, add_metrics, count_steps, means
+from . import segments
 from .config import DiffusionConfig
 from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs
 from .flux import configure as configure_flux
@@ -39,28 +40,36 @@ class ImageBatch(DenoiserBatch):
     per side, and the examples' indices (which seed their noise)."""
 
     chosen: torch.Tensor
-    rejected: torch.Tensor
+    rejected: torch.Tensor | None  # None: not read (plain denoising)
     chosen_text: list[str]
     rejected_text: list[str]
     indices: list[int]
 
     def _map(self, function) -> "ImageBatch":
-        return ImageBatch(function(self.chosen), function(self.rejected), self.chosen_text,
+        return ImageBatch(function(self.chosen), None if self.rejected is None
+                          else function(self.rejected), self.chosen_text,
                           self.rejected_text, self.indices)
 
     @property
     def one_image(self) -> torch.Tensor:
         return self.chosen[:1]
 
+    def without_prompts(self, rows: set[int]) -> "ImageBatch":
+        """The batch with the empty prompt (both sides) for the examples at ``rows``."""
+        return replace(self, chosen_text=_emptied(self.chosen_text, rows),
+                       rejected_text=_emptied(self.rejected_text, rows))
+
     @property
     def real_tokens(self) -> int:
-        return 2 * self.num_examples
+        return (1 if self.rejected is None else 2) * self.num_examples
 
 
 def collate(pairs: list[ImagePair], resolution: int, captions: bool = False) -> ImageBatch:
-    """Pixels of both sides; the text of each side is its own caption with ``captions``
-    (DCPO), else the shared prompt."""
+    """Pixels of both sides (the rejected side None when the records have none); the text of
+    each side is its own caption with ``captions`` (DCPO), else the shared prompt."""
     def side(name):
+        if getattr(pairs[0], name) is None:
+            return None
         return torch.stack([image_tensor(getattr(p, name), p.base_dir, resolution)
                             for p in pairs])
 
@@ -69,6 +78,17 @@ def collate(pairs: list[ImagePair], resolution: int, captions: bool = False) -> 
 
     return ImageBatch(side("chosen"), side("rejected"), text("chosen"), text("rejected"),
                       [p.index for p in pairs])
+
+
+def _emptied(texts: list[str], rows: set[int]) -> list[str]:
+    return ["" if row in rows else text for row, text in enumerate(texts)]
+
+
+def dropped_prompts(indices: list[int], seed: int, step: int, share: float) -> set[int]:
+    """Positions of the examples whose prompt is dropped at ``step``: each with probability
+    ``share``, seeded by (seed, step, example index), so the same however batched."""
+    return {row for row, index in enumerate(indices)
+            if random.Random(f"prompt dropout {seed} {step} {index}").random() < share}
 
 
 def example_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -119,7 +139,13 @@ class DiffusionTask:
         return collate(records, self.config.data.resolution, self.spec.captions)
 
     def losses(self, module, batch: ImageBatch, step: int):
-        """Per-example losses [E] and metrics, with this step's shared noise and timesteps."""
+        """Per-example losses [E] and metrics, with this step's shared noise and timesteps;
+        at a training step, a seeded ``data.prompt_dropout`` share of the examples get the
+        empty prompt."""
+        share = self.config.data.prompt_dropout
+        if share and step != EVAL_STEP:
+            batch = batch.without_prompts(dropped_prompts(batch.indices, self.config.train.seed,
+                                                          step, share))
         return self.losses_with(module, batch, *self.noise_for(batch, step))
 
     def noise_for(self, batch: ImageBatch | RankedBatch, step: int):
@@ -209,6 +235,7 @@ class DiffusionTask:
         model = load_diffusion_model(self.config.model.path, self.module.compute_dtype)
         if self.config.model.lora is not None:
             attach_lora(model, self.config.model.lora)
+        segments.configure(model, self.config.model.segment_tokens)
         missing = model.load_state_dict(state, strict=False).missing_keys
         if any(name.startswith("denoiser.") for name in missing):
             raise RuntimeError(f"the gathered state lacks denoiser weights: {missing[:3]}")
@@ -243,7 +270,8 @@ def split_pairs(config, spec=None) -> dict:
                 raise ConfigError(f"data.convert: {spec.name} conditions each image on its own "
                                   "caption, which ranked lists do not have.")
             return lists_to_pairs(load_ranked(paths, data.fields), data.convert)
-        return load_pairs(paths, data.fields, captions=spec.captions, prompts_only=spec.online)
+        return load_pairs(paths, data.fields, captions=spec.captions, prompts_only=spec.online,
+                          rejected=spec.uses_rejected)
 
     train = load(data.train)
     evaluation = load(data.eval) if data.eval else []
@@ -287,6 +315,7 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
                           "which it does not support: use diffusion_dpo, dcpo, mapo, rank_dpo "
                           "or denoising.")
     configure_flux(model, config)
+    segments.configure(model, config.model.segment_tokens)
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
     kept = {name: [r for r in records if getattr(r, "orders_something", True)]
@@ -305,10 +334,12 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     model.denoiser.train()
     if accelerator.distributed_type == DistributedType.FSDP:
         shard_the_denoiser_only(accelerator, model)
-    if spec.online:  # SPO: samples from prompts at each step
+    if spec.online:  # SPO, LongAlign: sample from prompts at each step
+        from .longalign import LongAlignTask
         from .spo import SPOTask
 
-        task = SPOTask(config, model, splits, strategy)
+        task = {"transitions": SPOTask, "reward": LongAlignTask}[spec.online](
+            config, model, splits, strategy)
     else:
         task = DiffusionTask(config, model, splits, strategy)
     return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
