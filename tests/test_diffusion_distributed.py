@@ -136,40 +136,49 @@ def test_zero2_trains_a_denoiser_as_one_process_and_zero3_is_refused(tmp_path):
     assert done.returncode != 0 and "not ZeRO-3 (it would partition the frozen" in done.stderr
 
 
-def test_spo_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
-    """Each process samples its prompts' trajectories (seeded per prompt) with its own
-    denoiser calls and averages over its kept pairs: one process accumulating the two shares
-    as micro-batches gives the same losses, metrics and weights. FSDP is refused."""
+def prompt_objective_on_one_and_two_processes(tmp_path, objective: dict, prompts: list[str],
+                                              keys: tuple) -> tuple[dict, dict]:
+    """An objective trained from prompts, on one process accumulating two micro-batches of 2
+    and on two processes of 2 each: the same metrics (``keys``) at every step and the same
+    weights. Returns (the two-process config tree, the one-process metric rows)."""
     pipe = tiny_pipeline(tmp_path / "pipe")
-    prompts = write_prompts(tmp_path / "data", ["a red circle", "a blue square",
-                                                "a green triangle", "a yellow circle"] * 2)
-    one = config_tree(pipe, prompts, tmp_path / "one", objective={
-        "name": "spo", "sampling_steps": 4, "first_step": 1, "pool_size": 3,
-        "guidance_scale": 2.0}, train={"max_steps": 2, "batch_size": 2, "log_every": 1,
-                                       "gradient_accumulation_steps": 2,
-                                       "learning_rate": 1e-3})
+    one = config_tree(pipe, write_prompts(tmp_path / "data", prompts * 2), tmp_path / "one",
+                      objective=objective, train={
+                          "max_steps": 2, "batch_size": 2, "log_every": 1,
+                          "gradient_accumulation_steps": 2, "learning_rate": 1e-3})
     train_diffusion(DiffusionConfig.from_dict(one), show_progress=False)
     two = {**one, "output_dir": str(tmp_path / "two"),
            "train": {**one["train"], "gradient_accumulation_steps": 1}}
-    done = two_processes(two, tmp_path, "spo")
+    done = two_processes(two, tmp_path, objective["name"])
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {run: [json.loads(line) for line in
                   (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one", "two")}
-    assert len(rows["one"]) == 2 and rows["one"][0]["rewards/chosen"] == 0.0
+    assert len(rows["one"]) == 2
     for first, second in zip(rows["one"], rows["two"]):
-        for key in ("loss", "rewards/margins", "spo/score_gap", "spo/skipped_ties",
-                    "spo/ratio_chosen"):
+        for key in keys:
             assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
-    assert rows["one"][1]["rewards/margins"] != 0  # the second step saw a moved policy
     weights = [load_file(tmp_path / run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
                for run in ("one", "two")]
     initial = load_file(pipe / "unet" / "diffusion_pytorch_model.safetensors")
-    moved = sum(float((value - initial[name]).abs().sum()) for name, value in weights[0].items())
-    assert moved > 0
+    assert sum(float((value - initial[name]).abs().sum()) for name, value in weights[0].items())
     for name, value in weights[0].items():
         if not name.endswith("k_proj.bias"):  # no gradient: moved by Adam's rounding noise
             torch.testing.assert_close(weights[1][name], value, rtol=0, atol=3e-5, msg=name)
+    return two, rows["one"]
+
+
+def test_spo_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
+    """Each process samples its prompts' trajectories (seeded per prompt) with its own
+    denoiser calls and averages over its kept pairs: one process accumulating the two shares
+    as micro-batches gives the same losses, metrics and weights. FSDP is refused."""
+    two, rows = prompt_objective_on_one_and_two_processes(
+        tmp_path, {"name": "spo", "sampling_steps": 4, "first_step": 1, "pool_size": 3,
+                   "guidance_scale": 2.0},
+        ["a red circle", "a blue square", "a green triangle", "a yellow circle"],
+        ("loss", "rewards/margins", "spo/score_gap", "spo/skipped_ties", "spo/ratio_chosen"))
+    assert rows[0]["rewards/chosen"] == 0.0  # the first step: policy = reference
+    assert rows[1]["rewards/margins"] != 0  # the second step saw a moved policy
     done = fsdp2_processes({**two, "output_dir": str(tmp_path / "fsdp")}, tmp_path, "spo_fsdp")
     assert done.returncode != 0
     assert ("objective spo samples with the whole denoiser at every step, outside the trained "
@@ -179,29 +188,9 @@ def test_spo_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
 def test_longalign_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
     """Several denoiser calls with gradients per step go through the DDP wrapper; the
     text-irrelevant direction comes from all training prompts, not the process's batch."""
-    pipe = tiny_pipeline(tmp_path / "pipe")
-    prompts = write_prompts(tmp_path / "data", ["a red circle. a blue square", "a blue square",
-                                                "a green triangle", "a yellow circle"] * 2)
-    one = config_tree(pipe, prompts, tmp_path / "one", objective={
-        "name": "longalign", "reward_model": str(tiny_clip_dir(tmp_path / "clip")),
-        "sampling_steps": 6, "grad_steps": 2, "guidance_scale": 2.0},
-        train={"max_steps": 2, "batch_size": 2, "log_every": 1,
-               "gradient_accumulation_steps": 2, "learning_rate": 1e-3})
-    train_diffusion(DiffusionConfig.from_dict(one), show_progress=False)
-    two = {**one, "output_dir": str(tmp_path / "two"),
-           "train": {**one["train"], "gradient_accumulation_steps": 1}}
-    done = two_processes(two, tmp_path, "longalign")
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {run: [json.loads(line) for line in
-                  (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-            for run in ("one", "two")}
-    assert len(rows["one"]) == 2 and rows["one"][1]["loss"] != rows["one"][0]["loss"]
-    for first, second in zip(rows["one"], rows["two"]):
-        for key in ("loss", "reward/score", "reward/text_relevant", "reward/text_irrelevant",
-                    "grad_norm"):
-            assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
-    weights = [load_file(tmp_path / run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
-               for run in ("one", "two")]
-    for name, value in weights[0].items():
-        if not name.endswith("k_proj.bias"):  # no gradient: moved by Adam's rounding noise
-            torch.testing.assert_close(weights[1][name], value, rtol=0, atol=3e-5, msg=name)
+    _, rows = prompt_objective_on_one_and_two_processes(
+        tmp_path, {"name": "longalign", "reward_model": str(tiny_clip_dir(tmp_path / "clip")),
+                   "sampling_steps": 6, "grad_steps": 2, "guidance_scale": 2.0},
+        ["a red circle. a blue square", "a blue square", "a green triangle", "a yellow circle"],
+        ("loss", "reward/score", "reward/text_relevant", "reward/text_irrelevant", "grad_norm"))
+    assert rows[1]["loss"] != rows[0]["loss"]
