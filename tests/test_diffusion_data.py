@@ -87,6 +87,12 @@ def test_inspect_shows_prompt_images_sizes_and_scores(tmp_path):
     assert "prompt:   a green square" in text
     assert "chosen:   images/1_w.png (16x16)  caption: a green square" in text
     assert "scores:   chosen_score=1, rejected_score=0" in text
+    # captioned images without a rejected one (what plain denoising reads)
+    captioned = tmp_path / "captioned.jsonl"
+    captioned.write_text(json.dumps({"prompt": "a red circle", "chosen": "images/0_w.png"}) + "\n")
+    text = inspect_pairs(str(captioned))
+    assert "1 captioned images (prompt, chosen image; no rejected image: for denoising)" in text
+    assert "chosen:   images/0_w.png (16x16)" in text and "rejected:" not in text
 
 
 def test_config_rejects_unknown_and_useless_keys(tmp_path):

@@ -246,17 +246,20 @@ def inspect_image_data(path: str, example: int | None = None) -> str | None:
 def inspect_pairs(path: str, example: int | None = None) -> str:
     """What ``preftune data inspect`` prints for image preference data: counts, then each
     shown record's prompt, both images (source and size), captions and scores."""
-    pairs = load_pairs(path)
+    _, first = next(iter(read_rows(path, {"prompt"})))
+    paired = "rejected" in first  # else image-caption records, for plain denoising
+    pairs = load_pairs(path, rejected=paired)
     shown = [p for p in pairs if p.index == example] if example is not None else pairs[:3]
     if example is not None and not shown:
         raise DataError(f"record {example} of {path} does not exist ({len(pairs)} records)")
-    lines = [f"{path}: {len(pairs)} image preference pairs (prompt, chosen image, rejected "
-             "image); every image opened and readable",
+    kind = ("image preference pairs (prompt, chosen image, rejected image)" if paired else
+            "captioned images (prompt, chosen image; no rejected image: for denoising)")
+    lines = [f"{path}: {len(pairs)} {kind}; every image opened and readable",
              f"captions per side: {sum(bool(p.chosen_caption) for p in pairs)} records; "
              f"numeric fields: {', '.join(sorted({k for p in pairs for k in p.scores})) or 'none'}"]
     for pair in shown:
         lines += ["", f"record {pair.index} ({pair.origin})", f"  prompt:   {pair.prompt}"]
-        for side in IMAGE_FIELDS:
+        for side in IMAGE_FIELDS[: 2 if paired else 1]:
             source = getattr(pair, side)
             width, height = open_image(source, pair.base_dir).size
             caption = getattr(pair, f"{side}_caption")
