@@ -8,7 +8,9 @@ rounds. ``load_scorer`` reads the spec a user writes on the command line or in a
 - ``rm:DIR`` (or a reward-model directory): a model trained with ``preftune rm train``;
 - ``judge:MODEL`` / ``judge-pair:MODEL``: a causal LM as judge, pointwise or pairwise
   (``judge.py``); ``default`` is the bundled SmolLM2;
-- ``FILE.yaml``: a combination of the above (see ``combine.py``).
+- ``FILE.yaml``: a combination of the above (see ``combine.py``), or with a ``render`` mapping
+  a text-to-image pipeline that renders each response and an image scorer that judges the
+  images (``diffusion/render.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             except (FileNotFoundError, OSError) as error:
                 raise ConfigError(f"scorer {spec!r}: {error}") from None
     if spec.endswith((".yaml", ".yml")):
+        tree = _yaml_mapping(spec)
+        if "render" in tree:  # a text-to-image pipeline renders the responses, images judged
+            from ..diffusion.render import RenderScorer
+
+            return RenderScorer.from_file(spec, tree)
         return combined_from_yaml(spec, data, load_scorer)
     if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):
         from .reward_model import RewardModelScorer
@@ -58,3 +65,18 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
                       "scorer name, 'rm:DIR' (a reward model from preftune rm train), "
                       "'judge:MODEL' or 'judge-pair:MODEL' (an LLM judge) or a .yaml "
                       "combination file.")
+
+
+def _yaml_mapping(path: str) -> dict:
+    """The mapping a scorer file holds ({} for anything else: the combination's reader
+    names the problem)."""
+    import yaml
+
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"scorer file {path} does not exist.")
+    try:
+        tree = yaml.safe_load(source.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"scorer file {path}: not valid YAML ({error}).") from None
+    return tree if isinstance(tree, dict) else {}
