@@ -72,7 +72,9 @@ def _sample(args) -> None:
     from .sample import write_samples
 
     samples = SimpleNamespace(prompts=args.prompt, seeds=args.seeds, steps=args.steps,
-                              guidance_scale=args.guidance_scale, resolution=args.resolution)
+                              guidance_scale=args.guidance_scale, resolution=args.resolution,
+                              negative_prompt=args.negative_prompt,
+                              true_cfg_scale=args.true_cfg_scale)
     model = load_diffusion_model(args.model)
     grid = write_samples(model, samples, args.output_dir, args.label)
     print(f"wrote {len(args.prompt) * len(args.seeds)} images and the grid {grid}")
@@ -86,7 +88,9 @@ def _eval(args) -> None:
     results = evaluate_diffusion(args.model, args.reference, args.prompt, args.scorer,
                                  seeds=args.seeds, steps=args.steps,
                                  guidance_scale=args.guidance_scale, output=args.output,
-                                 resolution=args.resolution)
+                                 resolution=args.resolution,
+                                 negative_prompt=args.negative_prompt,
+                                 true_cfg_scale=args.true_cfg_scale)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
 
 
@@ -101,7 +105,7 @@ def _rank(args) -> None:
             path, {"prompt": args.prompt_field}, check=False, prompts_only=True)]
     result = make_ranked_lists(prompts, args.model, args.scorer, args.seeds, args.output_dir,
                                args.steps, args.guidance_scale, args.list_size,
-                               args.resolution)
+                               args.resolution, args.negative_prompt, args.true_cfg_scale)
     print(f"wrote {result['lists']} ranked lists of {result['images']} images to "
           f"{result['ranked']} (objective rank_dpo) and {result['pairs']} best-vs-worst pairs "
           f"to {result['pairs_file']} (diffusion_dpo); {result['lists_all_tied']} lists "
@@ -143,6 +147,10 @@ def _sampling_arguments(parser, prompt_required: bool = True) -> None:
                         "input (FluxPipeline uses 3.5)")
     parser.add_argument("--resolution", type=int,
                         help="pixels per side (default: the denoiser's own size; Flux: 1024)")
+    parser.add_argument("--negative-prompt", default="",
+                        help="what guidance steers away from (default: the empty prompt)")
+    parser.add_argument("--true-cfg-scale", type=float, default=1.0,
+                        help="Flux: classifier-free guidance away from --negative-prompt")
 
 
 def add_diffusion_commands(commands) -> None:

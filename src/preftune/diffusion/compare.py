@@ -66,7 +66,8 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
             entry["train_minutes"] = (time.perf_counter() - started) / 60
             results = evaluate_diffusion(str(run_dir), base.model.path, samples.prompts,
                                          samples.seeds, scorer, samples.steps,
-                                         samples.guidance_scale)
+                                         samples.guidance_scale, None, samples.resolution,
+                                         samples.negative_prompt, samples.true_cfg_scale)
             entry.update({"win_rate": results["win_rate"],
                           "win_rate/policy_score": results["mean_score/policy"],
                           "win_rate/reference_score": results["mean_score/reference"]})

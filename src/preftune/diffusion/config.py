@@ -128,6 +128,12 @@ class SamplesConfig(Section):
     resolution: Count | None = None
     """Pixels per side of the samples; null: the denoiser's own size (its sample_size,
     1024 for Flux)."""
+    negative_prompt: str = ""
+    """What classifier-free guidance steers away from (default: the empty prompt); needs a
+    guidance scale other than 1 (Flux: true_cfg_scale above 1)."""
+    true_cfg_scale: NonNegative = 1.0
+    """Flux only: classifier-free guidance away from negative_prompt, beside the guidance
+    input (FluxPipeline's true_cfg_scale; 1: none)."""
 
 
 class DiffusionTrainConfig(TrainConfig):

@@ -31,11 +31,13 @@ def image_scorer(spec: str):
 
 
 def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, steps: int = 25,
-             guidance_scale: float = 1.0, resolution: int | None = None) -> dict:
+             guidance_scale: float = 1.0, resolution: int | None = None,
+             negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
     """Policy vs reference (``DiffusionModel``s) on prompts x seeds under ``scorer``."""
     rows = [prompt for prompt in prompts for _ in seeds]
     images = {name: [tensor_image(x) for x in sample_images(
-                  model, prompts, seeds, steps, guidance_scale, resolution=resolution)]
+                  model, prompts, seeds, steps, guidance_scale, resolution=resolution,
+                  negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)]
               for name, model in (("policy", policy), ("reference", reference))}
     scores = {name: checked(scorer.score(rows, images[name]), scorer.name, len(rows))
               for name in images}
@@ -50,14 +52,17 @@ def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, st
 
 def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: list[int],
                        scorer: str, steps: int = 25, guidance_scale: float = 1.0,
-                       output: str | None = None, resolution: int | None = None) -> dict:
+                       output: str | None = None, resolution: int | None = None,
+                       negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
     """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
     (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output``."""
     run_dir = Path(model)
     pipeline = pipeline_dir(run_dir)
     results = win_rate(load_diffusion_model(pipeline), load_diffusion_model(reference), prompts,
-                       seeds, image_scorer(scorer), steps, guidance_scale, resolution)
-    results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds)
+                       seeds, image_scorer(scorer), steps, guidance_scale, resolution,
+                       negative_prompt, true_cfg_scale)
+    results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds,
+                   negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
     target = Path(output) if output else (run_dir if pipeline != run_dir else Path("."))
     target.mkdir(parents=True, exist_ok=True)
     (target / "eval.json").write_text(json.dumps(results, indent=2))

@@ -48,6 +48,11 @@ class DiffusionOnlineSection(Section):
     """Guidance of the samples (Flux.1-dev: its guidance input)."""
     resolution: Count | None = None
     """Pixels per side of the samples (default: the denoiser's own size)."""
+    negative_prompt: str = ""
+    """What the samples' classifier-free guidance steers away from (default: the empty
+    prompt); Flux: with true_cfg_scale above 1."""
+    true_cfg_scale: NonNegative = 1.0
+    """Flux only: classifier-free guidance away from negative_prompt (1: none)."""
     eval_seeds: Annotated[list[int], Field(min_length=1)] = [0, 1]
     """Seeds of the evaluation's samples, the same every round."""
 
@@ -152,7 +157,8 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info = {"round": r, "model_before": model, "seeds": seeds}
     info["rank"] = main_phase(state, here, "rank", lambda: make_ranked_lists(
         prompts, [model], online.scorers, seeds, here / "data", online.steps,
-        online.guidance_scale, online.list_size, online.resolution))
+        online.guidance_scale, online.list_size, online.resolution, online.negative_prompt,
+        online.true_cfg_scale))
     # what `preftune report` shows of a round, under the names of `preftune online`'s
     info["sample"] = {"prompts": len(prompts), "samples": info["rank"]["images"]}
     info["build"] = {"rows": info["rank"]["pairs"], "tied": info["rank"]["lists_all_tied"]}
@@ -182,7 +188,8 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["model"] = str(here / "train" / "model")
     info["evaluate"] = main_phase(state, here, "evaluate", lambda: evaluated(evaluate_diffusion(
         info["model"], config.model.path, held_out, online.eval_seeds, online.scorers[0],
-        online.steps, online.guidance_scale, str(here), online.resolution)))
+        online.steps, online.guidance_scale, str(here), online.resolution,
+        online.negative_prompt, online.true_cfg_scale)))
     return info
 
 

@@ -48,7 +48,8 @@ def _lists(prompts: list[str], models: list[str], seeds: list[int], list_size: i
 def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
                       seeds: list[int], output_dir: str | Path, steps: int = 25,
                       guidance_scale: float = 1.0, list_size: int | None = None,
-                      resolution: int | None = None) -> dict:
+                      resolution: int | None = None, negative_prompt: str = "",
+                      true_cfg_scale: float = 1.0) -> dict:
     """Sample, score and write the lists (see the module docstring); returns counts."""
     if not prompts or not models or not scorers or not seeds:
         raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
@@ -67,8 +68,9 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
     raw: dict[tuple, list[float]] = {}  # same key -> one score per scorer
     for m, model_path in enumerate(models):
         model = load_diffusion_model(pipeline_dir(model_path))
-        images = [tensor_image(x) for x in sample_images(model, prompts, seeds, steps,
-                                                         guidance_scale, resolution=resolution)]
+        images = [tensor_image(x) for x in sample_images(
+            model, prompts, seeds, steps, guidance_scale, resolution=resolution,
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)]
         rows = [prompt for prompt in prompts for _ in seeds]
         per_scorer = [checked(s.score(rows, images), s.name, len(rows)) for s in rating]
         for k, image in enumerate(images):

@@ -31,7 +31,7 @@ from ..score.base import checked, prefer_by_scores
 from . import require_diffusers
 
 KEYS = {"pipeline", "scorer", "seeds", "steps", "guidance_scale", "resolution", "batch_size",
-        "target_pattern"}
+        "target_pattern", "negative_prompt", "true_cfg_scale"}
 
 
 class RenderScorer:
@@ -40,9 +40,10 @@ class RenderScorer:
     def __init__(self, model, image_scorer, seeds=(0,), steps: int = 20,
                  guidance_scale: float = 1.0, resolution: int | None = None,
                  batch_size: int = 8, target_pattern: str | None = None,
-                 name: str = "render"):
+                 name: str = "render", negative_prompt: str = "", true_cfg_scale: float = 1.0):
         self.model, self.image_scorer, self.seeds = model, image_scorer, list(seeds)
         self.steps, self.guidance_scale, self.resolution = steps, guidance_scale, resolution
+        self.negative_prompt, self.true_cfg_scale = negative_prompt, true_cfg_scale
         self.batch_size, self.name = batch_size, name
         self.pattern = re.compile(target_pattern, re.DOTALL) if target_pattern else None
 
@@ -54,6 +55,7 @@ class RenderScorer:
 
         from .evaluate import image_scorer
         from .model import load_diffusion_model, pipeline_dir
+        from .sample import check_negative_prompt
 
         settings = tree["render"]
         if set(tree) != {"render"} or not isinstance(settings, dict):
@@ -88,10 +90,15 @@ class RenderScorer:
         model = load_diffusion_model(source)
         if torch.cuda.is_available():
             model.to("cuda")
+        guidance = float(settings.get("guidance_scale", 1.0))
+        negative = str(settings.get("negative_prompt", ""))
+        true_cfg = float(settings.get("true_cfg_scale", 1.0))
+        check_negative_prompt(model, negative, guidance, true_cfg,
+                              (f"{path}: render.negative_prompt", f"{path}: render.true_cfg_scale"))
         return cls(model, image_scorer(str(settings["scorer"])), seeds,
-                   settings.get("steps", 20), float(settings.get("guidance_scale", 1.0)),
-                   settings.get("resolution"), settings.get("batch_size", 8), pattern,
-                   name=f"render({settings['scorer']} on {settings['pipeline']})")
+                   settings.get("steps", 20), guidance, settings.get("resolution"),
+                   settings.get("batch_size", 8), pattern,
+                   f"render({settings['scorer']} on {settings['pipeline']})", negative, true_cfg)
 
     def target(self, prompt) -> str:
         """What the images should show: the prompt's text (a chat prompt's last user
@@ -114,7 +121,9 @@ class RenderScorer:
         for start in range(0, len(responses), self.batch_size):
             chunk = [str(r) for r in responses[start : start + self.batch_size]]
             images = sample_images(self.model, chunk, self.seeds, self.steps,
-                                   self.guidance_scale, resolution=self.resolution)
+                                   self.guidance_scale, resolution=self.resolution,
+                                   negative_prompt=self.negative_prompt,
+                                   true_cfg_scale=self.true_cfg_scale)
             targets = [self.target(prompt) for prompt in prompts[start : start + len(chunk)]
                        for _ in range(per)]
             values = checked(self.image_scorer.score(targets, [tensor_image(x) for x in images]),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from .data import tensor_image
 from .flux import check_sampling_guidance, set_sampling_timesteps
 from .model import Conditioning, DiffusionModel
@@ -36,16 +37,21 @@ def guided(call, x_t, timesteps, conditioning: Conditioning,
 @torch.no_grad()
 def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
                   guidance_scale: float = 1.0, denoiser=None,
-                  resolution: int | None = None) -> torch.Tensor:
+                  resolution: int | None = None, negative_prompt: str = "",
+                  true_cfg_scale: float = 1.0) -> torch.Tensor:
     """[len(prompts) * len(seeds), 3, H, W] images in [-1, 1], prompt-major, by DDIM (eta 0)
     with the model's noise schedule, or by the flow-matching Euler sampler of an SD3 or Flux
     model; ``denoiser`` defaults to the model's own, ``resolution`` (pixels per side) to the
-    denoiser's own size. Guidance is classifier-free, except for Flux, which (as FluxPipeline)
-    gives a guidance-distilled transformer the scale as an input and refuses it otherwise."""
+    denoiser's own size. Guidance is classifier-free, away from ``negative_prompt`` (default:
+    the empty prompt, or SDXL's zeros), except for Flux, which (as FluxPipeline) gives a
+    guidance-distilled transformer the scale as an input and refuses it otherwise; Flux takes
+    classifier-free guidance away from ``negative_prompt`` with ``true_cfg_scale`` > 1 (its
+    pipeline's "true CFG")."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     denoiser = denoiser if denoiser is not None else model.denoiser
     flux = model.family == "flux"
+    check_negative_prompt(model, negative_prompt, guidance_scale, true_cfg_scale)
     if flux:
         check_sampling_guidance(denoiser, guidance_scale, "guidance scale")
     was_training = denoiser.training
@@ -72,17 +78,37 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
                      for _, seed in rows]).to(model.device) * getattr(scheduler,
                                                                     "init_noise_sigma", 1.0)
     condition = model.encode_prompts([prompt for prompt, _ in rows])
-    unconditional = (model.unconditional(len(rows)) if guidance_scale != 1.0 and not flux
-                     else None)
+    free_scale = true_cfg_scale if flux else guidance_scale  # the classifier-free scale
+    unconditional = None
+    if free_scale != 1.0:
+        unconditional = (model.encode_prompts([negative_prompt] * len(rows)) if negative_prompt
+                         else model.unconditional(len(rows)))
     for t in scheduler.timesteps:
         def call(x_in, steps, c):
             return model.predict(denoiser, scale(x_in, t), steps, c, guidance=guidance_scale)
 
         prediction = guided(call, x, t.expand(len(x)).to(model.device), condition,
-                            unconditional, guidance_scale)
+                            unconditional, free_scale)
         x = scheduler.step(prediction, t, x).prev_sample
     denoiser.train(was_training)
     return model.to_pixels(x).float().clamp(-1, 1).cpu()
+
+
+def check_negative_prompt(model, negative_prompt: str, guidance_scale: float,
+                          true_cfg_scale: float,
+                          keys: tuple = ("negative prompt", "true CFG scale")) -> None:
+    """Settings that would do nothing are refused (``keys`` name them): a negative prompt
+    without classifier-free guidance, and a true-CFG scale on a denoiser other than Flux."""
+    if model.family != "flux" and true_cfg_scale != 1.0:
+        raise ConfigError(f"{keys[1]} {true_cfg_scale}: only Flux takes it (its "
+                          "classifier-free guidance beside the guidance input); other "
+                          "denoisers' guidance scale is classifier-free already.")
+    guided = true_cfg_scale > 1.0 if model.family == "flux" else guidance_scale != 1.0
+    if negative_prompt and not guided:
+        raise ConfigError(f"{keys[0]} {negative_prompt!r} does nothing without "
+                          "classifier-free guidance: set a guidance scale other than 1"
+                          + (" (Flux: a true CFG scale above 1)." if model.family == "flux"
+                             else "."))
 
 
 def image_grid(images: list, columns: int, scale: int = 1, gap: int = 2):
@@ -108,7 +134,8 @@ def write_samples(model: DiffusionModel, samples, output_dir: Path, label: str,
     directory = Path(output_dir) / SAMPLES_DIR
     (directory / label).mkdir(parents=True, exist_ok=True)
     pixels = sample_images(model, samples.prompts, samples.seeds, samples.steps,
-                           samples.guidance_scale, denoiser, samples.resolution)
+                           samples.guidance_scale, denoiser, samples.resolution,
+                           samples.negative_prompt, samples.true_cfg_scale)
     images = [tensor_image(p) for p in pixels]
     for k, image in enumerate(images):
         prompt, seed = divmod(k, len(samples.seeds))
@@ -118,7 +145,9 @@ def write_samples(model: DiffusionModel, samples, output_dir: Path, label: str,
     index_path = directory / "samples.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     index.update({"prompts": samples.prompts, "seeds": samples.seeds, "steps": samples.steps,
-                  "guidance_scale": samples.guidance_scale, "resolution": samples.resolution})
+                  "guidance_scale": samples.guidance_scale, "resolution": samples.resolution,
+                  "negative_prompt": samples.negative_prompt,
+                  "true_cfg_scale": samples.true_cfg_scale})
     index.setdefault("grids", {})[label] = f"{label}.png"
     index_path.write_text(json.dumps(index, indent=2))
     return directory / f"{label}.png"

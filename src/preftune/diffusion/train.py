@@ -30,6 +30,7 @@ from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusi
 from .model import (Conditioning, DiffusionModel, attach_lora, load_diffusion_model,
                     shard_the_denoiser_only)
 from .ranked import RankedBatch, collate_ranked, lists_to_pairs, load_ranked
+from .sample import check_negative_prompt
 
 EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evaluation
 
@@ -316,6 +317,11 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
                           "or denoising.")
     configure_flux(model, config)
     segments.configure(model, config.model.segment_tokens)
+    samples = config.samples
+    if samples.prompts:
+        check_negative_prompt(model, samples.negative_prompt, samples.guidance_scale,
+                              samples.true_cfg_scale,
+                              ("samples.negative_prompt", "samples.true_cfg_scale"))
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
     kept = {name: [r for r in records if getattr(r, "orders_something", True)]
