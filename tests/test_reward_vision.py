@@ -1,9 +1,9 @@
-"""Reward models on vision-language backbones (LLaVA-, Qwen2-VL-, Qwen3-VL- and Gemma 3-style:
-plain positions, M-RoPE, DeepStack features, image tokens that attend both ways): every layout's
-rewards and gradients equal the VLM's own forward read at each response's last token, `preftune
-rm train` trains and saves a directory the VLM's class loads, `rm score`, `rm eval` and the
-scorer read the saved head (an online round on image prompts too), LoRA merges, and a 4-bit
-backbone trains as LoRA on its dequantized weights."""
+"""Reward models on vision-language backbones (LLaVA-, Qwen2-VL-, Qwen3-VL-, GLM-4.1V- and Gemma
+3-style: plain positions, M-RoPE, DeepStack features, image tokens that attend both ways): every
+layout's rewards and gradients equal the VLM's own forward read at each response's last token,
+`preftune rm train` trains and saves a directory the VLM's class loads, `rm score`, `rm eval`
+and the scorer read the saved head (an online round on image prompts too), LoRA merges, and a
+4-bit backbone trains as LoRA on its dequantized weights."""
 
 import json
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen3_vl", "gemma3"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen3_vl", "glm4v", "gemma3"])
 def root(request, tmp_path_factory):
     """A tiny VLM dir of one family, coloured images and pairs: the image's colour over
     another."""

@@ -20,7 +20,7 @@ RED, BLUE, GREY = (200, 30, 30), (30, 30, 200), (120, 120, 120)
 
 
 @pytest.fixture(scope="module", params=["llava", "idefics3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                        "qwen3_vl_moe", "gemma3"])
+                                        "qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3"])
 def vlm(request, tmp_path_factory):
     """(model, tokenizer, data folder) for each tiny VLM family."""
     root = tmp_path_factory.mktemp(request.param)
@@ -58,7 +58,7 @@ def plain_logps(model, tokenizer, example, slot):
     ids = torch.tensor([example.prompt_ids + response])
     pixels = tokenizer.image_inputs.pixels(list(example.images_of_slot(slot)))
     image_tokens = (ids == tokenizer.image_inputs.image_token_id).int()
-    if tokenizer.image_inputs.mrope:  # Qwen2-VL computes its own 3-D positions from these
+    if tokenizer.image_inputs.mrope:  # Qwen2-VL, GLM-4.1V: their 3-D positions from these
         pixels["mm_token_type_ids"] = image_tokens
     if model.config.model_type == "gemma3":  # its image tokens attend both ways, from these
         pixels["token_type_ids"] = image_tokens
@@ -74,6 +74,7 @@ def test_image_tokens_come_from_the_processor(vlm):
     per_image = {"LlavaForConditionalGeneration": 16, "Idefics3ForConditionalGeneration": 4,
                  "Qwen2VLForConditionalGeneration": 4, "Qwen2_5_VLForConditionalGeneration": 4,
                  "Qwen3VLForConditionalGeneration": 4, "Qwen3VLMoeForConditionalGeneration": 4,
+                 "Glm4vForConditionalGeneration": 4, "Glm4vMoeForConditionalGeneration": 4,
                  "Gemma3ForConditionalGeneration": 4}
     expected = per_image[type(model).__name__]
     for example in examples:
@@ -246,14 +247,33 @@ def test_negative_images_one_per_image(tmp_path):
 
 
 def test_other_mrope_models_are_refused_by_name(tmp_path):
-    """M-RoPE models other than Qwen2-VL / Qwen2.5-VL / Qwen3-VL (-MoE) were not checked
-    against the layouts: a clear refusal, not silently wrong positions."""
+    """M-RoPE models other than Qwen2-VL / Qwen2.5-VL / Qwen3-VL (-MoE) / GLM-4.1V / GLM-4.5V
+    (here ERNIE 4.5-VL) were not checked against the layouts: a clear refusal, not silently
+    wrong positions."""
     from preftune.config import ConfigError
 
     (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "glm4v", "vision_config": {"depth": 1},
+        "model_type": "ernie4_5_vl_moe", "vision_config": {"depth": 1},
         "text_config": {"rope_scaling": {"type": "mrope", "mrope_section": [2, 1, 1]}}}))
-    with pytest.raises(ConfigError, match=r"glm4v model with multimodal rotary positions "
-                                          r"\(M-RoPE\).*Qwen2-VL, Qwen2.5-VL and Qwen3-VL "
-                                          r"\(-MoE\) only"):
+    with pytest.raises(ConfigError, match=r"ernie4_5_vl_moe model with multimodal rotary "
+                                          r"positions \(M-RoPE\).*Qwen2-VL, Qwen2.5-VL, "
+                                          r"Qwen3-VL \(-MoE\), GLM-4.1V and GLM-4.5V only"):
         load_model_and_tokenizer(str(tmp_path))
+
+
+def test_an_unknown_mrope_image_token_is_named():
+    """A processor that does not name the tokens around its image token gets them from the
+    known M-RoPE families (Qwen2-VL's, GLM-4.1V's); any other image token is refused by name."""
+    from types import SimpleNamespace
+
+    from preftune.data.vision import ImageInputs
+    from tiny_models import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|img|>"]})
+    glm = ImageInputs(SimpleNamespace(tokenizer=tokenizer, image_token="<|image|>"), mrope=True)
+    assert glm.image_text == "<|begin_of_image|><|image|><|end_of_image|>"
+    with pytest.raises(ValueError, match=r"image token '<\|img\|>' is none of the M-RoPE image "
+                                         r"tokens preftune knows"):
+        ImageInputs(SimpleNamespace(tokenizer=tokenizer, image_token="<|img|>"), mrope=True)

@@ -1,9 +1,11 @@
-"""Qwen2-VL, Qwen3-VL and Qwen3-VL-MoE (M-RoPE; Qwen3-VL's interleaved, with DeepStack features
-added in its first layer) on the spine: 3-D positions of every layout against the model's own
-rope index and plain HF forwards (non-square images, two images in a prompt), batched
-generation with images, a DPO run whose saved model reloads with its HF class and reproduces
-the logged eval log-probs, LoRA with the adapters-off reference and a live reference.
-(test_vision.py runs its general vision tests on Qwen2-VL, Qwen2.5-VL and Qwen3-VL (-MoE) too.)
+"""Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V and GLM-4.5V (M-RoPE; Qwen3-VL's interleaved, with
+DeepStack features added in its first layer; GLM's on half of each head, its image tokens
+<|image|> between <|begin_of_image|> and <|end_of_image|>) on the spine: 3-D positions of every
+layout against the model's own rope index and plain HF forwards (non-square images, two images
+in a prompt), batched generation with images, a DPO run whose saved model reloads with its HF
+class and reproduces the logged eval log-probs, LoRA with the adapters-off reference and a live
+reference. (test_vision.py runs its general vision tests on Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+(-MoE) and GLM-4.1V / GLM-4.5V too.)
 """
 
 import json
@@ -17,7 +19,7 @@ from preftune import api
 from preftune.data.layout import LAYOUTS, collate
 from preftune.data.sources import load_records
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
-from preftune.data.vision_qwen import QwenImageProcessorParts, mrope_positions
+from preftune.data.vision_qwen import mrope_positions, processor_parts
 from preftune.generation import greedy_texts, prompt_ids
 from preftune.model.forward import LogpModel, sequence_stats
 from preftune.model.load import load_model_and_tokenizer
@@ -27,11 +29,15 @@ from tiny_vlms import save_tiny_vlm_dir, solid_image
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
+# one image in each family's prompt text, written out here (not from preftune's tables)
+WRAPS = {"<|image_pad|>": "<|vision_start|><|image_pad|><|vision_end|>",
+         "<|image|>": "<|begin_of_image|><|image|><|end_of_image|>"}
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v",
+                                        "glm4v_moe"])
 def root(tmp_path_factory, request):
-    """A tiny Qwen2-VL or Qwen3-VL dir, square and non-square images, colour pairs."""
+    """A tiny Qwen2-VL, Qwen3-VL or GLM-4.1V dir, square and non-square images, colour pairs."""
     root = tmp_path_factory.mktemp(request.param)
     save_tiny_vlm_dir(root / "model", request.param)
     for name, colour in COLOURS.items():
@@ -136,9 +142,9 @@ def plain_chosen_logps(model, processor, root):
     """Mean log pi(chosen | prompt, image) over the pairs, from the HF model's own forward
     (which computes its own rope index from mm_token_type_ids and image_grid_thw)."""
     total, rows = 0.0, [json.loads(line) for line in open(root / "pairs.jsonl")]
-    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     for row in rows:
-        text = "What colour? <|vision_start|><|image_pad|><|vision_end|>"
+        text = f"What colour? {WRAPS[processor.image_token]}"
         inputs = processor(text=[text], images=[Image.open(root / row["images"][0])],
                            add_special_tokens=False, return_tensors="pt")
         answer = processor.tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
@@ -173,8 +179,8 @@ def test_dpo_trains_saves_and_reloads_with_its_hf_class(root, layout):
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(out / "model")
-    except Exception:  # its parts without it (Qwen2VLProcessor needs torchvision)
-        processor = QwenImageProcessorParts.from_pretrained(str(out / "model"))
+    except Exception:  # its parts without it (Qwen2VLProcessor, Glm4vProcessor need it)
+        processor = processor_parts(model.config.model_type).from_pretrained(str(out / "model"))
     reloaded = plain_chosen_logps(model, processor, root)
     assert reloaded == pytest.approx(last["eval/logps/chosen"], abs=1e-4)
     assert abs(reloaded - first["logps/chosen"]) > 1e-3  # training moved it

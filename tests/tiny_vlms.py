@@ -1,6 +1,6 @@
-"""Tiny random vision-language models (LLaVA-, Idefics3/SmolVLM-, Qwen2-VL- and Gemma 3-style)
-with their HF processors, built from configs in-process and saved as model directories (no
-downloads)."""
+"""Tiny random vision-language models (LLaVA-, Idefics3/SmolVLM-, Qwen2-VL-, GLM-4.1V- and Gemma
+3-style) with their HF processors, built from configs in-process and saved as model directories
+(no downloads)."""
 
 from pathlib import Path
 
@@ -22,6 +22,8 @@ VLM_TEMPLATE = (
 IMAGE_SIZE = 16
 # Qwen2-VL's template wraps each image part in its vision tokens
 QWEN_TEMPLATE = VLM_TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+# and GLM-4.1V's in its own
+GLM_TEMPLATE = VLM_TEMPLATE.replace("<image>", "<|begin_of_image|><|image|><|end_of_image|>")
 
 
 def _tokenizer(extra: list[str]):
@@ -145,6 +147,49 @@ def tiny_qwen2_vl(seed: int = 0, version: str = "2"):
     return model, QwenImageProcessorParts(tokenizer, images, QWEN_TEMPLATE)
 
 
+def tiny_glm4v(seed: int = 0, moe: bool = False):
+    """(model, processor parts): GLM-4.1V-style (``moe``: GLM-4.5V-style, its text model's second
+    layer routing to 4 experts, 2 per token, plus a shared one) with a depth-1 vision tower on
+    4x4 patches merged 2x2 (a 16x16 image: 4 image tokens, a 32x16 one: 8 on a 4x2 grid), M-RoPE
+    on half of each head's dimensions. The processor is the tokenizer and the PIL image
+    processor (``GlmImageProcessorParts``): transformers' Glm4vProcessor needs torchvision."""
+    from transformers import (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vMoeConfig,
+                              Glm4vMoeForConditionalGeneration)
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    from preftune.data.vision_qwen import GlmImageProcessorParts
+
+    names = {"image": "image", "video": "video", "image_start": "begin_of_image",
+             "image_end": "end_of_image", "video_start": "begin_of_video",
+             "video_end": "end_of_video"}
+    tokenizer = _tokenizer([f"<|{token}|>" for token in names.values()])
+    tokenizer.chat_template = GLM_TEMPLATE
+    ids = {f"{name}_token_id": tokenizer.convert_tokens_to_ids(f"<|{token}|>")
+           for name, token in names.items()}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                initializer_range=0.2,  # positions matter visibly
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=4, image_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                  out_hidden_size=32, intermediate_size=32)
+    config_class, model_class = Glm4vConfig, Glm4vForConditionalGeneration
+    if moe:
+        config_class, model_class = Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+        text.update(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    moe_intermediate_size=16, first_k_dense_replace=1, head_dim=16)
+    torch.manual_seed(seed)
+    # output layer untied from the embeddings (the config's default)
+    config = config_class(text_config=text, vision_config=vision, **ids)
+    model = model_class(config).float().eval()
+    # GLM's resize rule counts an image's pixels twice (its two temporal frames): up to 32x32
+    images = Glm4vImageProcessorPil(size={"shortest_edge": 8 * 8, "longest_edge": 2 * 32 * 32},
+                                    patch_size=4, temporal_patch_size=2, merge_size=2)
+    return model, GlmImageProcessorParts(tokenizer, images, GLM_TEMPLATE)
+
+
 def tiny_gemma3(seed: int = 0):
     """(model, processor): Gemma 3-style, a SigLIP tower (4x4 patches of a 16x16 image) pooled
     to 4 image tokens, over a two-layer Gemma 3 text model whose first layer looks back 8
@@ -186,7 +231,8 @@ def tiny_gemma3(seed: int = 0):
 BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl,
             "qwen2_5_vl": lambda seed=0: tiny_qwen2_vl(seed, "2.5"),
             "qwen3_vl": lambda seed=0: tiny_qwen2_vl(seed, "3"),
-            "qwen3_vl_moe": lambda seed=0: tiny_qwen2_vl(seed, "3-moe"), "gemma3": tiny_gemma3}
+            "qwen3_vl_moe": lambda seed=0: tiny_qwen2_vl(seed, "3-moe"), "glm4v": tiny_glm4v,
+            "glm4v_moe": lambda seed=0: tiny_glm4v(seed, moe=True), "gemma3": tiny_gemma3}
 
 
 def save_tiny_vlm_dir(directory: Path, kind: str = "llava", seed: int = 0) -> Path:

@@ -211,8 +211,8 @@ def _stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> tuple[list[int], 
 
 def _token_types(model, image_inputs, input_ids: torch.Tensor) -> dict:
     """Which prompt tokens are image tokens, for the models that read it from ``generate``'s
-    inputs: Qwen2-VL for its rotary positions, Gemma 3 to let an image's tokens attend both
-    ways."""
+    inputs: M-RoPE models (Qwen2-VL, GLM-4.1V) for their rotary positions, Gemma 3 to let an
+    image's tokens attend both ways."""
     image_tokens = input_ids == image_inputs.image_token_id
     types = {"mm_token_type_ids": image_tokens.int()} if image_inputs.mrope else {}
     if image_block_token(model) is not None:

@@ -4,7 +4,8 @@ Text is tokenized exactly as for language models (``tokenize.py``: chat template
 prompt/response boundary); each image placeholder in the prompt ids is then replaced by the
 tokens the model's processor writes for that image (LLaVA: N ``<image>`` tokens; Idefics3 /
 SmolVLM: the image tokens wrapped in ``<fake_token_around_image>``...; Qwen2-VL:
-``<|vision_start|><|image_pad|>...<|vision_end|>``, whose grid also sets the M-RoPE positions,
+``<|vision_start|><|image_pad|>...<|vision_end|>``, GLM-4.1V:
+``<|begin_of_image|><|image|>...<|end_of_image|>``, whose grid also sets the M-RoPE positions,
 ``vision_qwen.py``; Gemma 3: ``<start_of_image>`` becomes that token between blank lines,
 followed by N ``<image_soft_token>`` and ``<end_of_image>``). When a batch is built the
 distinct images of the batch are turned into the processor's pixel inputs once, whatever the
@@ -18,7 +19,7 @@ import torch
 
 from .images import PLACEHOLDER, ImageRef
 from .records import DataError
-from .vision_qwen import VISION_END, VISION_START
+from .vision_qwen import IMAGE_WRAPS
 
 
 # what image processors return for their processor's text, which models take no input of:
@@ -40,13 +41,19 @@ class ImageInputs:
         if self.image_token == getattr(processor, "boi_token", None):
             feature = tokenizer.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(feature)
-        # M-RoPE models (Qwen2-VL): 3-D positions from each image's grid (data/vision_qwen.py)
+        # M-RoPE models (Qwen2-VL, GLM-4.1V): 3-D positions from each image's grid
+        # (data/vision_qwen.py)
         self.mrope = mrope
-        # the text that stands for one image in a rendered prompt (Qwen2-VL wraps its token)
+        # the text that stands for one image in a rendered prompt (M-RoPE models wrap their
+        # token; transformers' processors do not all name the wrapping tokens)
         start, end = (getattr(processor, name, None) for name in ("vision_start_token",
                                                                   "vision_end_token"))
         if mrope and not (start and end):
-            start, end = VISION_START, VISION_END
+            if self.image_token not in IMAGE_WRAPS:
+                raise ValueError(f"the processor's image token {self.image_token!r} is none of "
+                                 f"the M-RoPE image tokens preftune knows {sorted(IMAGE_WRAPS)}, "
+                                 "so the text around each image in a prompt is unknown")
+            start, end = IMAGE_WRAPS[self.image_token]
         self.image_text = f"{start}{self.image_token}{end}" if start and end else self.image_token
         self.span = tokenizer(self.image_text, add_special_tokens=False)["input_ids"]
         self._expansions: dict = {}
@@ -64,7 +71,7 @@ class ImageInputs:
         if size not in self._expansions:
             out = self.processor(text=[self.image_text], images=[pil], add_special_tokens=False)
             self._expansions[size] = list(out["input_ids"][0])
-            if "image_grid_thw" in out:  # Qwen2-VL: (t, h, w) in patches, before the merge
+            if "image_grid_thw" in out:  # M-RoPE: (t, h, w) in patches, before the merge
                 merge = self.processor.image_processor.merge_size
                 t, h, w = (int(n) for n in out["image_grid_thw"][0])
                 self._grids[size] = (t, h // merge, w // merge)

@@ -1,19 +1,21 @@
-"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (M-RoPE) on preftune's layouts: 3-D positions and a
-processor that needs no torchvision.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL and GLM-4.1V / GLM-4.5V (M-RoPE) on preftune's layouts:
+3-D positions and a processor that needs no torchvision.
 
 M-RoPE gives every token three position components (temporal, height, width). Text tokens
 have all three equal; an image's tokens get its (t, h, w) grid positions, all offset by the
 position where the image starts, and the text after an image continues from that start plus
-the larger of the grid's height and width (the rule of the model's own ``get_rope_index``).
+the larger of the grid's height and width (the rule of the model's own ``get_rope_index``,
+the same in all these families).
 ``mrope_positions`` applies that rule to one prompt on the host, so each unit of every layout
 (a padded row, a prefix-shared [prompt | responses], a packed unit) gets exactly the positions
 HF computes for the sequence alone; response tokens continue as text after the prompt.
 
-transformers' ``Qwen2VLProcessor`` cannot be built without torchvision (its video processor);
-``QwenImageProcessorParts`` stands in for it then: the model directory's tokenizer and its
-image processor on the PIL backend, expanding each image to
-``<|vision_start|><|image_pad|> x N<|vision_end|>`` with N = grid t*h*w / merge_size**2, the
-processor's own rule.
+transformers' ``Qwen2VLProcessor`` and ``Glm4vProcessor`` cannot be built without torchvision
+(their video processors); ``QwenImageProcessorParts`` and ``GlmImageProcessorParts`` stand in
+for them then: the model directory's tokenizer and its image processor on the PIL backend,
+expanding each image to ``<|vision_start|><|image_pad|> x N<|vision_end|>`` (GLM:
+``<|begin_of_image|><|image|> x N<|end_of_image|>``) with N = grid t*h*w / merge_size**2, the
+processors' own rule.
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ import json
 import shutil
 from pathlib import Path
 
-MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+GLM_MODEL_TYPES = ("glm4v", "glm4v_moe")
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", *GLM_MODEL_TYPES)
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+GLM_IMAGE_START, GLM_IMAGE_END, GLM_IMAGE = "<|begin_of_image|>", "<|end_of_image|>", "<|image|>"
+# the tokens around each family's image token in a rendered prompt
+IMAGE_WRAPS = {IMAGE_PAD: (VISION_START, VISION_END),
+               GLM_IMAGE: (GLM_IMAGE_START, GLM_IMAGE_END)}
 # processor-side files of a model directory, carried over when a trained model is saved
 _PROCESSOR_FILES = ("processor_config.json", "video_preprocessor_config.json",
                     "chat_template.json", "chat_template.jinja")
@@ -81,12 +88,17 @@ class QwenImageProcessorParts:
     @classmethod
     def from_pretrained(cls, source: str, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        image_processor = cls.image_processor_class().from_pretrained(source)
+        return cls(tokenizer, image_processor, _chat_template(Path(source)), source)
+
+    @staticmethod
+    def image_processor_class():
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil)
 
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(source)
-        return cls(tokenizer, image_processor, _chat_template(Path(source)), source)
+        return Qwen2VLImageProcessorPil
 
     def __call__(self, text: list[str], images: list, add_special_tokens: bool = False,
                  **_ignored) -> dict:
@@ -114,6 +126,26 @@ class QwenImageProcessorParts:
                     shutil.copyfile(Path(self.source, name), Path(target, name))
         elif self.chat_template and not Path(target, "chat_template.jinja").exists():
             Path(target, "chat_template.jinja").write_text(self.chat_template)
+
+
+class GlmImageProcessorParts(QwenImageProcessorParts):
+    """GLM-4.1V's processor parts: the same expansion rule with GLM's image tokens, and its
+    PIL image processor (which sizes images by its own rule)."""
+
+    image_token = GLM_IMAGE
+    vision_start_token = GLM_IMAGE_START
+    vision_end_token = GLM_IMAGE_END
+
+    @staticmethod
+    def image_processor_class():
+        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+        return Glm4vImageProcessorPil
+
+
+def processor_parts(model_type: str | None) -> type[QwenImageProcessorParts]:
+    """The stand-in processor class of an M-RoPE model type."""
+    return GlmImageProcessorParts if model_type in GLM_MODEL_TYPES else QwenImageProcessorParts
 
 
 def _chat_template(source: Path) -> str | None:

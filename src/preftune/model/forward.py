@@ -142,7 +142,7 @@ def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None 
     Prefix-shared and packed rows get their visibility rule (each response sees its prompt and
     itself; units never see each other) with positions that restart after the prompt, as a
     FlexAttention block mask when the model runs flex_attention, else as a dense additive mask.
-    M-RoPE models (Qwen2-VL) get their 3-D positions in every layout (built in ``collate``).
+    M-RoPE models (Qwen2-VL, GLM-4.1V) get their 3-D positions in every layout (from ``collate``).
     Under ``varlen`` attention (``model/varlen.py``) padded and packed rows get no mask, only
     their sequence boundaries. Padded rows without padding need no mask; with padding, SDPA
     and eager attention get the [rows, 1, T, T] mask built here, because transformers would

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config_tree import ConfigError
-from ..data.vision_qwen import MROPE_MODEL_TYPES, QwenImageProcessorParts, is_mrope_config
+from ..data.vision_qwen import MROPE_MODEL_TYPES, is_mrope_config, processor_parts
 from .adapter_dirs import (adapter_base, config_source, final_model_dir, is_adapter_dir,
                            merge_adapter)
 from .chat_template import use_chat_template
@@ -246,17 +246,17 @@ def _check_kind(source: str, auto, trust_remote_code: bool) -> None:
 
 def is_vision_language(source: str, trust_remote_code: bool = False) -> bool:
     """True for a model directory whose config has a vision tower. M-RoPE models train when
-    they are Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dense or MoE; ``data/vision_qwen.py``); others
-    are refused by name, since their position rules were not checked against preftune's
-    layouts."""
+    they are Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE), GLM-4.1V or GLM-4.5V
+    (``data/vision_qwen.py``); others are refused by name, since their position rules were not
+    checked against preftune's layouts."""
     config = _config_json(source)
     if config is None or "vision_config" not in config:
         return False
     if is_mrope_config(config) and config.get("model_type") not in MROPE_MODEL_TYPES:
         raise ConfigError(f"model.path: {source} is a {config.get('model_type')} model with "
                           "multimodal rotary positions (M-RoPE), which preftune supports for "
-                          "Qwen2-VL, Qwen2.5-VL and Qwen3-VL (-MoE) only; LLaVA- and "
-                          "Idefics3/SmolVLM-style models train too.")
+                          "Qwen2-VL, Qwen2.5-VL, Qwen3-VL (-MoE), GLM-4.1V and GLM-4.5V only; "
+                          "LLaVA-, Idefics3/SmolVLM- and Gemma 3-style models train too.")
     return True
 
 
@@ -273,11 +273,13 @@ def load_processor_tokenizer(source: str, trust_remote_code: bool = False):
 
     from ..data.vision import ImageInputs
 
-    mrope = is_mrope_config(_config_json(config_source(source)) or {})
+    config = _config_json(config_source(source)) or {}
+    mrope = is_mrope_config(config)
     if mrope and not is_torchvision_available():
-        # Qwen2VLProcessor needs torchvision (its video processor): its tokenizer and PIL
-        # image processor do the same for images
-        processor = QwenImageProcessorParts.from_pretrained(source, trust_remote_code)
+        # Qwen2VLProcessor and Glm4vProcessor need torchvision (their video processors): the
+        # tokenizer and PIL image processor do the same for images
+        parts = processor_parts(config.get("model_type"))
+        processor = parts.from_pretrained(source, trust_remote_code)
     else:
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
