@@ -157,13 +157,14 @@ def add_diffusion_commands(commands) -> None:
     from ..cli import add_config_arguments, command
 
     group = command(commands, "diffusion", "text-to-image denoisers: Diffusion-DPO, DCPO, MaPO, "
-                    "SPO, RankDPO (needs preftune[diffusion])", "preftune diffusion demo --quick",
+                    "SPO, RankDPO, LongAlign (needs preftune[diffusion])",
+                    "preftune diffusion demo --quick",
                     "preftune diffusion train examples/diffusion/diffusion_dpo.yaml")
     sub = group.add_subparsers(dest="diffusion_command", required=True)
 
     config_commands = [  # (name, summary, examples, an override for --help, what runs)
         ("train", "train a diffusers denoiser on image preference pairs (or on prompts, "
-         "sampling online: spo)",
+         "sampling online: spo, longalign)",
          ["preftune diffusion train examples/diffusion/diffusion_dpo.yaml",
           "preftune diffusion train examples/diffusion/mapo_lora.yaml --set "
           "data.train=pairs.jsonl",
