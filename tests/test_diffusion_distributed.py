@@ -137,10 +137,11 @@ def test_zero2_trains_a_denoiser_as_one_process_and_zero3_is_refused(tmp_path):
 
 
 def prompt_objective_on_one_and_two_processes(tmp_path, objective: dict, prompts: list[str],
-                                              keys: tuple) -> tuple[dict, dict]:
+                                              keys: tuple, launcher=None) -> list[dict]:
     """An objective trained from prompts, on one process accumulating two micro-batches of 2
-    and on two processes of 2 each: the same metrics (``keys``) at every step and the same
-    weights. Returns (the two-process config tree, the one-process metric rows)."""
+    and on two processes of 2 each (DDP, or ``launcher(tree, tmp_path, name)``): the same
+    metrics (``keys``) at every step and the same weights. Returns the one-process metric
+    rows."""
     pipe = tiny_pipeline(tmp_path / "pipe")
     one = config_tree(pipe, write_prompts(tmp_path / "data", prompts * 2), tmp_path / "one",
                       objective=objective, train={
@@ -149,7 +150,7 @@ def prompt_objective_on_one_and_two_processes(tmp_path, objective: dict, prompts
     train_diffusion(DiffusionConfig.from_dict(one), show_progress=False)
     two = {**one, "output_dir": str(tmp_path / "two"),
            "train": {**one["train"], "gradient_accumulation_steps": 1}}
-    done = two_processes(two, tmp_path, objective["name"])
+    done = (launcher or two_processes)(two, tmp_path, objective["name"])
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {run: [json.loads(line) for line in
                   (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -165,32 +166,43 @@ def prompt_objective_on_one_and_two_processes(tmp_path, objective: dict, prompts
     for name, value in weights[0].items():
         if not name.endswith("k_proj.bias"):  # no gradient: moved by Adam's rounding noise
             torch.testing.assert_close(weights[1][name], value, rtol=0, atol=3e-5, msg=name)
-    return two, rows["one"]
+    return rows["one"]
 
 
-def test_spo_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_spo_on_two_processes_equals_one_accumulating_their_shares(tmp_path, engine):
     """Each process samples its prompts' trajectories (seeded per prompt) with its own
     denoiser calls and averages over its kept pairs: one process accumulating the two shares
-    as micro-batches gives the same losses, metrics and weights. FSDP is refused."""
-    two, rows = prompt_objective_on_one_and_two_processes(
+    as micro-batches gives the same losses, metrics and weights, under DDP and ZeRO-2."""
+    rows = prompt_objective_on_one_and_two_processes(
         tmp_path, {"name": "spo", "sampling_steps": 4, "first_step": 1, "pool_size": 3,
                    "guidance_scale": 2.0},
         ["a red circle", "a blue square", "a green triangle", "a yellow circle"],
-        ("loss", "rewards/margins", "spo/score_gap", "spo/skipped_ties", "spo/ratio_chosen"))
+        ("loss", "rewards/margins", "spo/score_gap", "spo/skipped_ties", "spo/ratio_chosen"),
+        zero2_processes if engine == "zero2" else None)
     assert rows[0]["rewards/chosen"] == 0.0  # the first step: policy = reference
     assert rows[1]["rewards/margins"] != 0  # the second step saw a moved policy
-    done = fsdp2_processes({**two, "output_dir": str(tmp_path / "fsdp")}, tmp_path, "spo_fsdp")
+
+
+def test_spo_refuses_fsdp(tmp_path):
+    tree = config_tree(tiny_pipeline(tmp_path / "pipe"), write_prompts(
+        tmp_path / "data", ["a red circle", "a blue square"]), tmp_path / "run",
+        objective={"name": "spo"})
+    done = fsdp2_processes(tree, tmp_path, "spo_fsdp")
     assert done.returncode != 0
     assert ("objective spo samples with the whole denoiser at every step, outside the trained "
-            "forward: it runs in one process or under DDP") in done.stderr
+            "forward: it runs in one process, under DDP or DeepSpeed ZeRO-1/2") in done.stderr
 
 
-def test_longalign_on_two_processes_equals_one_accumulating_their_shares(tmp_path):
-    """Several denoiser calls with gradients per step go through the DDP wrapper; the
-    text-irrelevant direction comes from all training prompts, not the process's batch."""
-    _, rows = prompt_objective_on_one_and_two_processes(
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_longalign_on_two_processes_equals_one_accumulating_their_shares(tmp_path, engine):
+    """Several denoiser calls with gradients per step go through the DDP wrapper (or
+    DeepSpeed's engine, ZeRO-2); the text-irrelevant direction comes from all training
+    prompts, not the process's batch."""
+    rows = prompt_objective_on_one_and_two_processes(
         tmp_path, {"name": "longalign", "reward_model": str(tiny_clip_dir(tmp_path / "clip")),
                    "sampling_steps": 6, "grad_steps": 2, "guidance_scale": 2.0},
         ["a red circle. a blue square", "a blue square", "a green triangle", "a yellow circle"],
-        ("loss", "reward/score", "reward/text_relevant", "reward/text_irrelevant", "grad_norm"))
+        ("loss", "reward/score", "reward/text_relevant", "reward/text_irrelevant", "grad_norm"),
+        zero2_processes if engine == "zero2" else None)
     assert rows[1]["loss"] != rows[0]["loss"]

@@ -288,12 +288,10 @@ def split_pairs(config, spec=None) -> dict:
 def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     """Load the pipeline and the data, attach LoRA; returns (task, total_steps)."""
     spec = get_diffusion_loss(config.objective.name)
-    if spec.online and accelerator.distributed_type in (DistributedType.FSDP,
-                                                        DistributedType.DEEPSPEED):
+    if spec.online and accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError(f"objective {spec.name} samples with the whole denoiser at every step, "
-                          "outside the trained forward: it runs in one process or under DDP "
-                          "(accelerate launch without an FSDP or DeepSpeed config), not "
-                          f"{accelerator.distributed_type.value}.")
+                          "outside the trained forward: it runs in one process, under DDP or "
+                          "DeepSpeed ZeRO-1/2 (whole weights on every process), not FSDP.")
     if spec.online and config.train.timestep_sampling != "uniform":
         raise ConfigError(f"train.timestep_sampling: {config.train.timestep_sampling} draws "
                           f"the noise level of pairs and lists; objective {spec.name} samples "
