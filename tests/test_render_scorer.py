@@ -32,11 +32,12 @@ def scorer_file(path, pipe, **settings):
     return str(path)
 
 
-def by_hand(pipe, target, response):
-    """The mean colour score of ``response`` rendered from seeds 0, 1, 2, judged against
+def by_hand(pipe, target, response, seeds=(0, 1, 2)):
+    """The mean colour score of ``response`` rendered from ``seeds``, judged against
     ``target``."""
-    images = sample_images(load_diffusion_model(pipe), [response], [0, 1, 2], 3, 2.0)
-    return sum(ColourScorer().score([target] * 3, [tensor_image(x) for x in images])) / 3
+    images = sample_images(load_diffusion_model(pipe), [response], list(seeds), 3, 2.0)
+    scores = ColourScorer().score([target] * len(seeds), [tensor_image(x) for x in images])
+    return sum(scores) / len(seeds)
 
 
 def test_each_response_is_rendered_from_every_seed_and_judged_against_the_prompt(pipe,
@@ -109,9 +110,8 @@ def test_an_online_round_trains_a_prompt_writer_on_rendered_scores(pipe, tmp_pat
     for row in rows:  # the scores the round trained on are the rendered ones
         target = row["prompt"].split("painter: ")[1]
         assert row["scores"] == pytest.approx(
-            [sum(ColourScorer().score([target], [tensor_image(x) for x in sample_images(
-                load_diffusion_model(pipe), [response], [0], 3, 2.0)])) for response in
-             row["responses"]], abs=1e-6)
+            [by_hand(pipe, target, response, seeds=[0]) for response in row["responses"]],
+            abs=1e-6)
     pairs = (out / "round-1" / "pairs.jsonl").read_text().splitlines()
     assert pairs and (out / "round-1" / "model" / "model.safetensors").exists()
 

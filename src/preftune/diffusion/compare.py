@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from . import require_diffusers
-from .model import DENOISER_FOLDERS
+from .pipeline_files import DENOISER_FOLDERS
 
 
 def is_diffusion_config(tree: dict, objectives: list[str]) -> bool:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..score.base import checked, prefer_by_scores
 from .data import tensor_image
-from .model import load_diffusion_model, pipeline_dir
+from .model import load_diffusion_model
+from .pipeline_files import pipeline_dir
 from .sample import sample_images
 
 

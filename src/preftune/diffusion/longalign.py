@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .losses import sum_count
+from ..objectives.metrics import sum_count
 from .reward_loss import RewardEmbeddings
 from .segments import sentences
 from .spo import DDIMTransition, PromptBatch, PromptTask
@@ -104,7 +104,6 @@ class LongAlignTask(PromptTask):
         shape = model.sample_shape()
         x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(model.device)
         plan, policy = self.grad_plan(step), self.sampler()
-        x0 = x
         for i, t in enumerate(self.transition.timesteps):
             if i in plan:  # through the trained forward, on a detached x_t
                 prediction = self.predict(module, x.detach(), t, cond, uncond)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 
 from ..objectives.listwise import lambda_weights, strictly_better
+from ..objectives.metrics import sum_count
 
 
 @dataclass
@@ -332,10 +333,6 @@ def spo(logps: TransitionLogps, params: SPOParams) -> DiffusionLossOutput:
                                                params.clip)
     return DiffusionLossOutput(-F.logsigmoid(chosen - rejected), chosen.detach(),
                                rejected.detach())
-
-
-def sum_count(values: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return values.detach().float().sum(), values.numel()
 
 
 def preference_metrics(output: DiffusionLossOutput, errors: DenoisingErrors) -> dict:

@@ -26,26 +26,12 @@ import torch
 from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
 from . import flux, segments
+from .pipeline_files import component_class, denoiser_folder, drop_absent_components
 
-DENOISER_FOLDERS = ("unet", "transformer")
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}  # else a UNet
 LORA_FOLDER = "unet_lora"
-
-
-def _component_class(folder: Path, library: str):
-    """The class named in ``folder/config.json`` (diffusers ``_class_name`` or transformers
-    ``architectures``), from ``library``."""
-    import importlib
-
-    config = json.loads((folder / "config.json").read_text())
-    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
-    module = importlib.import_module(library)
-    if name is None or not hasattr(module, name):
-        raise ConfigError(f"{folder}/config.json names no {library} class ({name!r}); expected a "
-                          f"diffusers pipeline directory.")
-    return getattr(module, name)
 
 
 @dataclass
@@ -317,36 +303,6 @@ def shard_the_denoiser_only(accelerator, model: DiffusionModel) -> None:
     model._no_split_modules = list(getattr(model.denoiser, "_no_split_modules", None) or [])
 
 
-def pipeline_dir(path: str | Path) -> Path:
-    """A pipeline directory: ``path`` itself, or the ``model/`` a run directory holds."""
-    run = Path(path)
-    return run / "model" if (run / "model").is_dir() else run
-
-
-def denoiser_folder(path: Path) -> str:
-    for folder in DENOISER_FOLDERS:
-        if (path / folder / "config.json").is_file():
-            return folder
-    raise ConfigError(f"model.path {path}: no unet/ or transformer/ folder with a config.json; "
-                      "expected a diffusers pipeline directory (unet/, text_encoder/, "
-                      "tokenizer/, scheduler/), e.g. one written by `preftune diffusion demo`.")
-
-
-def drop_absent_components(directory: Path) -> None:
-    """Mark the components that ``model_index.json`` lists but ``directory`` lacks (a Hub
-    pipeline's safety_checker/ and feature_extractor/, which preftune does not fetch) as
-    absent, ``[null, null]``, so that diffusers' pipelines load the directory."""
-    index_path = directory / "model_index.json"
-    if not index_path.is_file():
-        return
-    index = json.loads(index_path.read_text())
-    absent = [name for name, value in index.items() if not name.startswith("_") and
-              isinstance(value, list) and value[:1] != [None] and not (directory / name).is_dir()]
-    if absent:
-        index.update({name: [None, None] for name in absent})
-        index_path.write_text(json.dumps(index, indent=2) + "\n")
-
-
 def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
     """The pipeline directory ``path``, or a Hugging Face Hub pipeline id (the components
     loaded here, fetched once into the HF cache), as a ``DiffusionModel``."""
@@ -367,9 +323,9 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
         if not (path / needed).is_dir():
             raise ConfigError(f"model.path {path}: no {needed}/ folder; a text-to-image "
                               "pipeline directory needs text_encoder/, tokenizer/, scheduler/.")
-    denoiser = _component_class(path / folder, "diffusers").from_pretrained(
+    denoiser = component_class(path / folder, "diffusers").from_pretrained(
         path / folder, torch_dtype=dtype)
-    text_encoder = _component_class(path / "text_encoder", "transformers").from_pretrained(
+    text_encoder = component_class(path / "text_encoder", "transformers").from_pretrained(
         path / "text_encoder", dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler_class = json.loads((path / "scheduler" / "scheduler_config.json").read_text()) \
@@ -384,7 +340,7 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
             if not (path / f"tokenizer{suffix}").is_dir():
                 raise ConfigError(f"model.path {path}: text_encoder{suffix}/ without "
                                   f"tokenizer{suffix}/.")
-            extra[f"text_encoder{suffix}"] = _component_class(
+            extra[f"text_encoder{suffix}"] = component_class(
                 path / f"text_encoder{suffix}", "transformers").from_pretrained(
                 path / f"text_encoder{suffix}", dtype=dtype)
             extra[f"tokenizer{suffix}"] = AutoTokenizer.from_pretrained(path / f"tokenizer{suffix}")

@@ -22,7 +22,8 @@ from ..config import ConfigError
 from ..score.base import checked
 from .data import tensor_image
 from .evaluate import image_scorer
-from .model import load_diffusion_model, pipeline_dir
+from .model import load_diffusion_model
+from .pipeline_files import pipeline_dir
 from .ranked import best_vs_worst
 from .sample import sample_images
 

@@ -24,7 +24,6 @@ the pattern's first group captures), not against the rewritten text.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from ..config import ConfigError
 from ..score.base import checked, prefer_by_scores
@@ -54,7 +53,8 @@ class RenderScorer:
         import torch
 
         from .evaluate import image_scorer
-        from .model import load_diffusion_model, pipeline_dir
+        from .model import load_diffusion_model
+        from .pipeline_files import pipeline_dir
         from .sample import check_negative_prompt
 
         settings = tree["render"]
@@ -84,10 +84,7 @@ class RenderScorer:
             except re.error as error:
                 raise ConfigError(f"{path}: render.target_pattern {pattern!r}: {error}; give a "
                                   "regex whose group 1 is the user's prompt.") from None
-        source = settings["pipeline"]
-        if Path(str(source)).is_dir():
-            source = pipeline_dir(source)
-        model = load_diffusion_model(source)
+        model = load_diffusion_model(pipeline_dir(settings["pipeline"]))
         if torch.cuda.is_available():
             model.to("cuda")
         guidance = float(settings.get("guidance_scale", 1.0))

@@ -103,8 +103,8 @@ def check_negative_prompt(model, negative_prompt: str, guidance_scale: float,
         raise ConfigError(f"{keys[1]} {true_cfg_scale}: only Flux takes it (its "
                           "classifier-free guidance beside the guidance input); other "
                           "denoisers' guidance scale is classifier-free already.")
-    guided = true_cfg_scale > 1.0 if model.family == "flux" else guidance_scale != 1.0
-    if negative_prompt and not guided:
+    free = true_cfg_scale > 1.0 if model.family == "flux" else guidance_scale != 1.0
+    if negative_prompt and not free:
         raise ConfigError(f"{keys[0]} {negative_prompt!r} does nothing without "
                           "classifier-free guidance: set a guidance scale other than 1"
                           + (" (Flux: a true CFG scale above 1)." if model.family == "flux"

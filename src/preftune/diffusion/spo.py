@@ -30,8 +30,9 @@ from functools import partial
 import torch
 
 from ..config import ConfigError
+from ..objectives.metrics import sum_count
 from ..score.base import checked
-from .losses import DiffusionLossOutput, TransitionLogps, clipped_log_ratio, sum_count
+from .losses import DiffusionLossOutput, TransitionLogps, clipped_log_ratio
 from .sample import guided
 from .train import DiffusionTask, example_generator
 
@@ -224,7 +225,7 @@ class PromptTask(DiffusionTask):
         return model.encode_prompts(prompts), uncond
 
     def predict(self, call, x, timesteps, cond, uncond) -> torch.Tensor:
-        """The (classifier-free guided) prediction of ``call`` (see ``model.guided``)."""
+        """The (classifier-free guided) prediction of ``call`` (see ``sample.guided``)."""
         steps = torch.as_tensor(timesteps, device=x.device).long().expand(len(x))
         return guided(call, x, steps, cond, uncond, self.params.guidance_scale)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .base import Scorer, prompt_key
-from .combine import CombinedScorer, LogSigmoidCentred, baselines_from_samples, combined_from_yaml
+from .combine import CombinedScorer, LogSigmoidCentred, baselines_from_samples, combined_from_tree
 from .function import FunctionScorer, SyntheticScorer, is_function_spec, register_scorer
 
 __all__ = ["CombinedScorer", "FunctionScorer", "LogSigmoidCentred", "Scorer", "SyntheticScorer",
@@ -46,12 +46,12 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             except (FileNotFoundError, OSError) as error:
                 raise ConfigError(f"scorer {spec!r}: {error}") from None
     if spec.endswith((".yaml", ".yml")):
-        tree = _yaml_mapping(spec)
-        if "render" in tree:  # a text-to-image pipeline renders the responses, images judged
+        tree = _scorer_file(spec)
+        if isinstance(tree, dict) and "render" in tree:  # responses rendered, images judged
             from ..diffusion.render import RenderScorer
 
             return RenderScorer.from_file(spec, tree)
-        return combined_from_yaml(spec, data, load_scorer)
+        return combined_from_tree(spec, tree, data, load_scorer)
     if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):
         from .reward_model import RewardModelScorer
 
@@ -67,9 +67,8 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
                       "combination file.")
 
 
-def _yaml_mapping(path: str) -> dict:
-    """The mapping a scorer file holds ({} for anything else: the combination's reader
-    names the problem)."""
+def _scorer_file(path: str):
+    """What the scorer file ``path`` holds (its readers name what is wrong with it)."""
     import yaml
 
     source = Path(path)
@@ -79,4 +78,4 @@ def _yaml_mapping(path: str) -> dict:
         tree = yaml.safe_load(source.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"scorer file {path}: not valid YAML ({error}).") from None
-    return tree if isinstance(tree, dict) else {}
+    return tree or {}

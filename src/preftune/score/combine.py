@@ -24,10 +24,8 @@ number per prompt; r_ref(x) is the ``quantile`` of the scorer's rewards on those
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
-import yaml
 
 from ..config import ConfigError
 from ..data.sources import load_records
@@ -98,13 +96,9 @@ class CombinedScorer:
         return prefer_by_scores(self, prompts, first, second)
 
 
-def combined_from_yaml(path: str, data: str | None, load) -> CombinedScorer:
-    """A ``CombinedScorer`` from a YAML file (see the module docstring); ``load(spec, data)``
-    builds each term's scorer."""
-    source = Path(path)
-    if not source.is_file():
-        raise ConfigError(f"scorer file {path} does not exist.")
-    spec = yaml.safe_load(source.read_text()) or {}
+def combined_from_tree(path: str, spec, data: str | None, load) -> CombinedScorer:
+    """A ``CombinedScorer`` from the YAML file ``path`` holds, ``spec`` as read (see the
+    module docstring); ``load(spec, data)`` builds each term's scorer."""
     if not isinstance(spec, dict) or not isinstance(spec.get("terms"), list):
         raise ConfigError(f"{path}: expected a mapping with 'terms' (a list) and optionally "
                           "'combine' (sum or min).")

@@ -1,0 +1,56 @@
+"""The files of a diffusers pipeline directory: which folder holds the denoiser, the class a
+component's config names, a run directory's pipeline, and a saved ``model_index.json`` that
+diffusers' pipelines load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ConfigError
+
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
+def component_class(folder: Path, library: str):
+    """The class named in ``folder/config.json`` (diffusers ``_class_name`` or transformers
+    ``architectures``), from ``library``."""
+    import importlib
+
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    module = importlib.import_module(library)
+    if name is None or not hasattr(module, name):
+        raise ConfigError(f"{folder}/config.json names no {library} class ({name!r}); expected a "
+                          f"diffusers pipeline directory.")
+    return getattr(module, name)
+
+
+def pipeline_dir(path: str | Path) -> Path:
+    """A pipeline directory: ``path`` itself, or the ``model/`` a run directory holds."""
+    run = Path(path)
+    return run / "model" if (run / "model").is_dir() else run
+
+
+def denoiser_folder(path: Path) -> str:
+    for folder in DENOISER_FOLDERS:
+        if (path / folder / "config.json").is_file():
+            return folder
+    raise ConfigError(f"model.path {path}: no unet/ or transformer/ folder with a config.json; "
+                      "expected a diffusers pipeline directory (unet/, text_encoder/, "
+                      "tokenizer/, scheduler/), e.g. one written by `preftune diffusion demo`.")
+
+
+def drop_absent_components(directory: Path) -> None:
+    """Mark the components that ``model_index.json`` lists but ``directory`` lacks (a Hub
+    pipeline's safety_checker/ and feature_extractor/, which preftune does not fetch) as
+    absent, ``[null, null]``, so that diffusers' pipelines load the directory."""
+    index_path = directory / "model_index.json"
+    if not index_path.is_file():
+        return
+    index = json.loads(index_path.read_text())
+    absent = [name for name, value in index.items() if not name.startswith("_") and
+              isinstance(value, list) and value[:1] != [None] and not (directory / name).is_dir()]
+    if absent:
+        index.update({name: [None, None] for name in absent})
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
