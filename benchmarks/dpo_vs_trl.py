@@ -71,6 +71,8 @@ from common import (PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
 # flex_attention, so prefix-shared and packed rows run block-sparse instead of with a dense mask.
 # preftune-compile: preftune with train.compile (each decoder layer compiled, row widths rounded
 # to 64 tokens); its first steps include the compilation, so give it enough --steps.
+# preftune-gc-compile: both (each checkpointed layer's forward compiled, run without gradients
+# in forward and with them in backward).
 # preftune-varlen (CUDA only): model.attn_implementation varlen, so rows are packed and run with
 # torch's variable-length attention and no mask (no prefix sharing).
 # Adapters (run only when named in --tools): preftune-lora and trl-lora train LoRA (r 16,
@@ -83,7 +85,7 @@ from common import (PhaseMemory, make_parser, median, memory_kind,  # noqa: E402
 # bits (train.optimizer adamw_8bit; TRL's optim adamw_bnb_8bit), compared with each other.
 TOOLS = ("trl", "preftune", "trl-precompute", "preftune-padded", "trl-precompute-nogc",
          "preftune-gc", "preftune-gc2", "preftune-hflayers", "preftune-lean", "trl-mmap",
-         "preftune-flex", "preftune-compile", "preftune-varlen",
+         "preftune-flex", "preftune-compile", "preftune-gc-compile", "preftune-varlen",
          "trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora", "trl-8bit", "preftune-8bit")
 CUDA_ONLY = ("preftune-flex", "preftune-varlen")
 BY_NAME_ONLY = ("trl-lora", "preftune-lora", "trl-qlora", "preftune-qlora", "trl-8bit",
@@ -156,10 +158,10 @@ def child_preftune(case: dict, tool: str, args, workdir: Path) -> dict:
                   "max_grad_norm": None if tool == "preftune-lean" else 1.0,
                   "seed": case["seed"], "log_every": 1, "layout": layout,
                   "gradient_checkpointing": tool in ("preftune-gc", "preftune-gc2",
-                                                     "preftune-lean"),
+                                                     "preftune-lean", "preftune-gc-compile"),
                   "checkpoint_every": 2 if tool == "preftune-gc2" else 1,
                   "lean_activations": tool != "preftune-hflayers",
-                  "compile": tool == "preftune-compile",
+                  "compile": tool in ("preftune-compile", "preftune-gc-compile"),
                   "optimizer": "adamw_8bit" if kind(tool) == "8bit" else "adamw",
                   "optimizer_in_backward": tool == "preftune-lean"},
     })

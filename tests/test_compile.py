@@ -74,14 +74,19 @@ def test_train_compile_true_trains_like_eager(workspace):  # noqa: F811
 @pytest.mark.parametrize("variant", ["lora", "dora", "gradient_checkpointing"])
 def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
     """Compiling the layers keeps LoRA's (or DoRA's) injected adapters and activation
-    checkpointing: the same log-probs and (adapter) gradients as eager."""
+    checkpointing: the same log-probs and (adapter) gradients as eager. A checkpointed layer's
+    forward is what is compiled, without graph breaks: one graph without gradients (the
+    forward) and one with them (its recomputation), shared by both layers."""
     import copy
 
+    from torch._dynamo.utils import counters
+
     from preftune.config import LoraConfig
-    from preftune.model.forward import enable_checkpointing
+    from preftune.model.checkpointing import enable_checkpointing
     from preftune.model.lora import add_lora
 
     torch._dynamo.reset()
+    counters.clear()
     base = tiny_llama(seed=1).train()
     if variant != "gradient_checkpointing":
         base = add_lora(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
@@ -96,3 +101,6 @@ def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
     assert grads.keys() == eager_grads.keys() and len(grads) > 0
     for name in eager_grads:
         torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
+    if variant == "gradient_checkpointing":
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 2

@@ -149,10 +149,12 @@ def test_training_loop_on_cuda_varlen_equals_sdpa_in_bf16(model_dir):
     assert fast == pytest.approx(sdpa, rel=0.02)  # the same run, bf16 rounding only
 
 
-@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
-def test_a_cuda_training_step_waits_for_the_device_once(model_dir, layout):
+@pytest.mark.parametrize("layout,checkpointed", [("padded", False), ("prefix_shared", False),
+                                                 ("prefix_shared", True)])
+def test_a_cuda_training_step_waits_for_the_device_once(model_dir, layout, checkpointed):
     """torch's sync debug mode warns at every operation that makes the host wait for the GPU:
-    a whole optimizer step (two micro-batches, precomputed reference) waits once, at its end."""
+    a whole optimizer step (two micro-batches, precomputed reference) waits once, at its end,
+    also with its layers recomputed in backward (their random state is read on the host)."""
     import warnings
 
     from accelerate import Accelerator
@@ -161,15 +163,17 @@ def test_a_cuda_training_step_waits_for_the_device_once(model_dir, layout):
     from preftune.train.trainer import Trainer
 
     config = build_config({
-        "output_dir": str(model_dir / f"syncs-{layout}"), "model": {"path": str(model_dir / "model")},
+        "output_dir": str(model_dir / f"syncs-{layout}-{checkpointed}"),
+        "model": {"path": str(model_dir / "model")},
         "data": {"train": str(model_dir / "pairs.jsonl")},
         "reference": {"cache_dir": str(model_dir / "cache-syncs")},
         "train": {"batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 8,
-                  "layout": layout, "learning_rate": 1e-3}})
+                  "layout": layout, "learning_rate": 1e-3,
+                  "gradient_checkpointing": checkpointed}})
     accelerator = Accelerator()
     task, steps = loop.policy_task(config, accelerator)
-    trainer = Trainer(task, config.train, model_dir / f"syncs-{layout}", accelerator, steps,
-                      show_progress=False)
+    trainer = Trainer(task, config.train, model_dir / f"syncs-{layout}-{checkpointed}",
+                      accelerator, steps, show_progress=False)
     for step in range(4):  # past the one-off check that the weights moved (step 3)
         trainer.step(step)
     torch.cuda.synchronize()
@@ -199,6 +203,27 @@ def test_compiled_layers_on_cuda_match_eager():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_checkpointed_layers_on_cuda_match_eager(mode):
+    """train.compile with gradient checkpointing: each layer's compiled forward runs without
+    gradients, then again with them in backward (inductor; reduce-overhead: CUDA graphs), and
+    gives eager's stats and gradients, two steps in a row."""
+    from preftune.model.checkpointing import enable_checkpointing
+    from preftune.model.compile import compile_layers
+
+    torch._dynamo.reset()
+    model, batch_examples = small_llama().train(), examples(2)
+    plain, plain_grads = stats_and_grads(model, "prefix_shared", batch_examples)
+    compiled = copy.deepcopy(model)
+    enable_checkpointing(compiled)
+    compile_layers(compiled, mode)
+    for _ in range(2):
+        fast, fast_grads = stats_and_grads(compiled, "prefix_shared", batch_examples)
+    torch.testing.assert_close(fast.logps, plain.logps, atol=1e-4, rtol=1e-4)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def test_masked_attention_on_cuda_leaves_out_cudnn_and_checkpointing_recomputes_alike():
     """In bf16 with prefix sharing's dense mask, SDPA runs the memory-efficient kernel, not
     cuDNN's (2.5 ms of host time a call on an H200); activation checkpointing recomputes with
@@ -206,7 +231,7 @@ def test_masked_attention_on_cuda_leaves_out_cudnn_and_checkpointing_recomputes_
     fail the backward) and gives the plain backward's gradients."""
     from torch.profiler import ProfilerActivity, profile
 
-    from preftune.model.forward import enable_checkpointing
+    from preftune.model.checkpointing import enable_checkpointing
 
     batch_examples = examples(2)
     model = small_llama().cuda().to(torch.bfloat16).train()

@@ -36,16 +36,18 @@ def zero_environment(stage: int = 3):
     return {**env, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage), "DS_ACCELERATOR": "cpu"}
 
 
-@pytest.mark.parametrize("stage,layout,objective,strategy,clip,accumulation", [
-    (3, "padded", "dpo", "precomputed", None, 1),
-    (3, "prefix_shared", "tdpo", "live", 1.0, 2),  # DeepSpeed steps at the last micro-batch
-    (3, "prefix_shared", "dpo", "adapter-off", None, 1),  # LoRA: adapters off, partitioned
-    (2, "padded", "dpo", "adapter-off", None, 2)])
+@pytest.mark.parametrize("stage,layout,objective,strategy,clip,accumulation,checkpointed", [
+    (3, "padded", "dpo", "precomputed", None, 1, False),
+    (3, "prefix_shared", "tdpo", "live", 1.0, 2, False),  # DeepSpeed steps at the last micro-batch
+    (3, "prefix_shared", "dpo", "adapter-off", None, 1, False),  # LoRA: adapters off, partitioned
+    (2, "padded", "dpo", "adapter-off", None, 2, False),
+    (3, "prefix_shared", "dpo", "precomputed", 1.0, 1, True),  # checkpointed through torch's
+    (2, "prefix_shared", "dpo", "precomputed", 1.0, 1, True)])  # through preftune's recompute
 def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # noqa: F811
                                                         stage, layout, objective, strategy, clip,
-                                                        accumulation):
-    name = f"zero{stage}-{layout}-{objective}-{strategy}"
-    one, _ = one_process_run(workspace, name, layout, objective, strategy, clip)
+                                                        accumulation, checkpointed):
+    name = f"zero{stage}-{layout}-{objective}-{strategy}-{checkpointed}"
+    one, _ = one_process_run(workspace, name, layout, objective, strategy, clip, checkpointed)
     config = sharded_config(one, tmp_path, name, 4 // accumulation, accumulation)
     done = launch(config, engine=lambda: zero_environment(stage))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

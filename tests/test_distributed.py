@@ -26,12 +26,13 @@ from preftune.train.logging import read_metrics
     ("prefix_shared", "dpo", "adapter-off", "head"),  # the tied head trained beside LoRA
     ("prefix_shared", "dpo", "precomputed", "top-layer"),  # model.train_layers, no adapters
     ("padded", "dpo", "live", "sync"),  # TR-DPO: each process moves its reference alike
-    ("padded", "dpo", "live", "answers")])  # held-out answers: the main process writes them
+    ("padded", "dpo", "live", "answers"),  # held-out answers: the main process writes them
+    ("prefix_shared", "dpo", "precomputed", "checkpointed")])  # activation checkpointing
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
                                                             objective, strategy, adapter):
     name = f"{layout}-{objective}-{strategy}-{adapter}"
-    lora = {"model__lora": {"r": 4, "alpha": 8}} if adapter not in (None, "sync", "answers") \
-        else {}
+    lora = {"model__lora": {"r": 4, "alpha": 8}} \
+        if adapter not in (None, "sync", "answers", "checkpointed") else {}
     if adapter == "qlora":
         lora["model__quantize"] = "nf4"
     if adapter == "pissa+":
@@ -44,6 +45,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
         lora = {"reference__sync_every": 2, "reference__sync_mix": 0.5}
     if adapter == "answers":
         lora = {"train__eval_every": 3, "train__eval_generations": 2}
+    if adapter == "checkpointed":
+        lora = {"train__gradient_checkpointing": True}
     one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective},
               reference__strategy=strategy, **lora)

@@ -85,7 +85,7 @@ def test_decoder_forward_and_its_checkpointed_recomputation_leave_cudnn_attentio
     Hopper GPUs, see ``attention_kernels``) and the other kernels allowed, also when activation
     checkpointing recomputes the layer in backward; outside the decoder torch's setting is
     untouched."""
-    from preftune.model.forward import enable_checkpointing
+    from preftune.model.checkpointing import enable_checkpointing
 
     model = tiny_llama()
     enable_checkpointing(model)
@@ -105,7 +105,9 @@ def test_decoder_forward_and_its_checkpointed_recomputation_leave_cudnn_attentio
     assert len(seen) == 1  # the forward
     logps.sum().backward()
     assert len(seen) == 2  # and its recomputation in backward
-    assert seen == [(True, False, True, True, True)] * 2
+    # the forward runs without gradients (``recompute`` keeps the layer's inputs only), the
+    # recomputation with them
+    assert seen == [(False, False, True, True, True), (True, False, True, True, True)]
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
@@ -118,7 +120,7 @@ def test_checkpointing_every_nth_layer_recomputes_those_and_gives_the_same_gradi
     backward's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from preftune.model.forward import enable_checkpointing
+    from preftune.model.checkpointing import enable_checkpointing
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,

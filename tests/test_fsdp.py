@@ -59,25 +59,29 @@ def sharded_config(one: Path, tmp_path: Path, name: str, batch_size: int,
     return config
 
 
-def one_process_run(workspace, name, layout, objective, strategy, clip):  # noqa: F811
+def one_process_run(workspace, name, layout, objective, strategy, clip,  # noqa: F811
+                    checkpointed=False):
     """The plain 1-process run (batch 8, 3 steps) a sharded one is compared with; LoRA for the
-    adapter-off reference. Returns (output dir, whether LoRA is on)."""
+    adapter-off reference; activation checkpointing if ``checkpointed``. Returns (output dir,
+    whether LoRA is on)."""
     lora = {"model__lora": {"r": 4, "alpha": 8}} if strategy == "adapter-off" else {}
     one = run(workspace, f"one-{name}", train__batch_size=8, train__max_steps=3,
               train__layout=layout, objective={"name": objective}, train__max_grad_norm=clip,
-              reference__strategy=strategy, **lora)
+              reference__strategy=strategy, train__gradient_checkpointing=checkpointed, **lora)
     return one, bool(lora)
 
 
-@pytest.mark.parametrize("layout,objective,strategy,clip,accumulation", [
-    ("padded", "dpo", "precomputed", None, 1),
-    ("prefix_shared", "tdpo", "live", 1.0, 2),  # tdpo: the reference's hidden states and weights
-    ("prefix_shared", "tdpo", "adapter-off", None, 1)])  # LoRA: adapters off, sharded model
+@pytest.mark.parametrize("layout,objective,strategy,clip,accumulation,checkpointed", [
+    ("padded", "dpo", "precomputed", None, 1, False),
+    ("prefix_shared", "tdpo", "live", 1.0, 2, False),  # the reference's hidden states, weights
+    ("prefix_shared", "tdpo", "adapter-off", None, 1, False),  # LoRA: adapters off, sharded
+    ("prefix_shared", "dpo", "precomputed", 1.0, 1, True)])  # activation checkpointing
 def test_fsdp2_on_two_processes_equals_one_unsharded_process(workspace, tmp_path,  # noqa: F811
                                                              layout, objective, strategy, clip,
-                                                             accumulation):
-    name = f"fsdp-{layout}-{objective}-{strategy}"
-    one, lora = one_process_run(workspace, name, layout, objective, strategy, clip)
+                                                             accumulation, checkpointed):
+    name = f"fsdp-{layout}-{objective}-{strategy}-{checkpointed}"
+    one, lora = one_process_run(workspace, name, layout, objective, strategy, clip,
+                                checkpointed)
     # 2 processes x 4 (or 2 x 2 accumulated): the same 8 examples a step
     done = launch(sharded_config(one, tmp_path, name, 4 // accumulation, accumulation))
     assert done.returncode == 0, done.stderr[-4000:]

@@ -357,12 +357,15 @@ def test_zero_learning_rate_raises_policy_not_moving_through_the_loop(workspace)
     assert read_metrics(output / "metrics.jsonl")[2]["alarms"] == ["policy_not_moving"]
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_optimizer_in_backward_trains_like_adamw(workspace, lora):
-    """Per-parameter AdamW applied during backward = one AdamW step after it (no clipping)."""
-    extra = {"model__lora": {"r": 4, "alpha": 8}} if lora else {}
-    plain = run(workspace, f"adamw-{lora}", train__weight_decay=0.01, **extra)
-    fused = run(workspace, f"in-bwd-{lora}", train__weight_decay=0.01,
+@pytest.mark.parametrize("variant", ["full", "lora", "checkpointed"])
+def test_optimizer_in_backward_trains_like_adamw(workspace, variant):
+    """Per-parameter AdamW applied during backward = one AdamW step after it (no clipping);
+    also when the layers are recomputed in backward (each layer's update runs before the
+    layer below is recomputed)."""
+    extra = {"lora": {"model__lora": {"r": 4, "alpha": 8}},
+             "checkpointed": {"train__gradient_checkpointing": True}}.get(variant, {})
+    plain = run(workspace, f"adamw-{variant}", train__weight_decay=0.01, **extra)
+    fused = run(workspace, f"in-bwd-{variant}", train__weight_decay=0.01,
                 train__optimizer_in_backward=True, **extra)
     assert losses(fused) == pytest.approx(losses(plain), rel=1e-5)
     grad_norms = [[r["grad_norm"] for r in read_metrics(out / "metrics.jsonl")]

@@ -7,6 +7,11 @@ model shares one compiled graph (same code, parameters passed as inputs), and no
 reads the device back (masks, positions and counts are built outside, once per batch). Shapes
 are static: collate rounds row widths up (``train.pad_to_multiple_of``) so a few shapes repeat
 for the whole run instead of one recompilation per new width.
+
+A layer under activation checkpointing (``model/checkpointing.py``) has its forward compiled
+instead of its call: ``recompute`` runs that compiled forward without gradients in forward and
+with them in backward (two graphs per shape), where a compiled call would stop at the
+recomputation node and run the layer eagerly.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import functools
+
+from .checkpointing import recompute
 from .forward import causal_lm_of, decoder_layers
 
 # compiled graphs kept per layer code before falling back to eager: one per (rows, width)
@@ -31,6 +39,15 @@ def compile_layers(model: nn.Module, mode: str = "default", backend: str = "indu
                          "decoder `layers` to compile; set train.compile: false.")
     limits = torch._dynamo.config
     limits.recompile_limit = max(limits.recompile_limit, RECOMPILE_LIMIT)
+    compiled_forwards = {}  # one per layer class: its layers share the compiled graphs
     for layer in layers:
-        layer.compile(mode=mode, backend=backend, dynamic=False)
+        if layer.gradient_checkpointing and layer._gradient_checkpointing_func is recompute:
+            forward = type(layer).forward.__wrapped__  # transformers' wrapper checkpoints it
+            if forward not in compiled_forwards:
+                compiled_forwards[forward] = torch.compile(forward, mode=mode, backend=backend,
+                                                           dynamic=False)
+            layer._gradient_checkpointing_func = functools.partial(
+                recompute, forward=compiled_forwards[forward])
+        else:
+            layer.compile(mode=mode, backend=backend, dynamic=False)
     return len(layers)

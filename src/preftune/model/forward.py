@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -106,33 +105,6 @@ def attention_kernels():
     """The context of every decoder forward, and of its recomputation under activation
     checkpointing (which must choose the same kernels, or its saved tensors differ)."""
     return sdpa_kernel(SDPA_KERNELS)
-
-
-def checkpoint_contexts():
-    """``context_fn`` of activation checkpointing: the forward already runs in
-    ``attention_kernels``; the recomputation in backward enters it again."""
-    return nullcontext(), attention_kernels()
-
-
-def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
-    """Activation checkpointing for every ``every``-th layer of a transformers model (the
-    first, then each ``every`` further; non-reentrant, recomputing within
-    ``attention_kernels``), through transformers' ``activation_checkpointing_enable`` where it
-    has one, else its older name."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    # transformers also makes the embeddings' output require a gradient, which only reentrant
-    # checkpointing needs: with frozen lower layers (model.train_layers) backward would run
-    # through them and keep their inputs for nothing
-    model.disable_input_require_grads()
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index % every == 0
 
 
 def run_decoder(decoder: nn.Module, batch: Batch, config, vlm: nn.Module | None = None,

@@ -15,7 +15,8 @@ from ..data.layout import choose_layout
 from ..data.prepare import prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
-from ..model.forward import causal_lm_of, enable_checkpointing
+from ..model.checkpointing import enable_checkpointing
+from ..model.forward import causal_lm_of
 from ..model.freeze import train_only_part
 from ..model.load import without_dropout
 from ..model.lean import use_lean_layers

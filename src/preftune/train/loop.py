@@ -19,7 +19,8 @@ from ..data.prepare import (prepare_examples, with_mismatched_completions,
                             with_negative_image_slot)
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
-from ..model.forward import LogpModel, causal_lm_of, enable_checkpointing, sequence_stats
+from ..model.checkpointing import enable_checkpointing
+from ..model.forward import LogpModel, causal_lm_of, sequence_stats
 from ..model.freeze import train_only_part
 from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
