@@ -87,3 +87,22 @@ def test_varlen_refuses_prefix_shared_layouts(workspace):  # noqa: F811
             "train": {"layout": "packed_prefix_shared"}}
     with pytest.raises(ConfigError, match="'varlen' runs padded and packed rows"):
         build_config(tree)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_varlen_in_float32_on_cuda_is_refused_before_any_work(workspace, dtype):  # noqa: F811
+    """FlashAttention's variable-length kernel takes bf16 and fp16: a float32 model with varlen
+    attention on CUDA is stopped with what to change, the same run on CPU (one sequence at a
+    time through SDPA) or in bf16 is not."""
+    from preftune.model.verify import check_attention_device
+
+    config = build_config({"model": {"path": str(workspace / "model"), "dtype": dtype,
+                                     "attn_implementation": "varlen"},
+                           "data": {"train": str(workspace / "pairs.jsonl")}})
+    check_attention_device(config.model, torch.device("cpu"))
+    if dtype == "bfloat16":
+        check_attention_device(config.model, torch.device("cuda"))
+        return
+    with pytest.raises(ConfigError, match="set model.dtype: bfloat16, or use 'flex_attention' "
+                                          "or 'sdpa' for float32"):
+        check_attention_device(config.model, torch.device("cuda"))

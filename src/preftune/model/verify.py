@@ -182,6 +182,21 @@ def layout_setting(decoder: nn.Module, config, configured: str,
         else "padded"
 
 
+def check_attention_device(model_config, device: torch.device) -> None:
+    """Attention kernels that cannot run a training step on ``device`` in ``model.dtype``,
+    refused before any work: FlexAttention off CUDA (torch has no backward for it on CPU), and
+    varlen attention in float32 on CUDA (FlashAttention's kernel takes bf16 and fp16 only)."""
+    attention = model_config.attn_implementation
+    if attention == "flex_attention" and device.type != "cuda":
+        raise ConfigError("model.attn_implementation 'flex_attention' trains on CUDA only (torch "
+                          "has no FlexAttention backward on CPU); remove it or use 'sdpa'.")
+    if attention == "varlen" and device.type == "cuda" and model_config.dtype == "float32":
+        raise ConfigError("model.attn_implementation 'varlen' runs FlashAttention's "
+                          "variable-length kernel on CUDA, which takes bfloat16 or float16, "
+                          "and model.dtype is float32: set model.dtype: bfloat16, or use "
+                          "'flex_attention' or 'sdpa' for float32.")
+
+
 def check_windows(config, max_length: int, attn_implementation: str | None) -> None:
     """Sliding windows that bind on sequences of ``max_length`` tokens are built into the
     dense masks of sdpa and eager attention (``forward.run_decoder``); refuse what cannot

@@ -23,7 +23,7 @@ from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..generation import HFGenerator
 from ..model.forward import causal_lm_of
 from ..model.load import load_tokenizer
-from ..model.verify import check_model, decoder_of, layout_setting
+from ..model.verify import check_attention_device, check_model, decoder_of, layout_setting
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
 from ..objectives.compose import Objective
 from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
@@ -109,6 +109,7 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
     accelerator = Accelerator(gradient_accumulation_steps=1)
     set_seed(cfg.seed)
     device = accelerator.device
+    check_attention_device(config.model, device)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
                                config.model.chat_template)
     model = load_policy(config, tokenizer, accelerator)

@@ -20,7 +20,8 @@ from ..model.forward import causal_lm_of
 from ..model.freeze import train_only_part
 from ..model.load import without_dropout
 from ..model.lean import use_lean_layers
-from ..model.verify import check_image_attention, check_windows, verified_layout
+from ..model.verify import (check_attention_device, check_image_attention, check_windows,
+                            verified_layout)
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import precision, write_run_header
@@ -177,6 +178,7 @@ def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=N
 def reward_task(config: RewardConfig, accelerator: Accelerator):
     """Load the backbone and data, attach LoRA; returns (task, total_steps)."""
     cfg = config.train
+    check_attention_device(config.model, accelerator.device)
     head, detected_head = detect_attributes(config)
     spec = get_reward_loss(config.loss.name)
     # the data is read and checked before the weights load: a bad record stops the run early

@@ -13,7 +13,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data.layout import choose_layout, collate
 from ..data.prepare import (prepare_examples, with_mismatched_completions,
                             with_negative_image_slot)
@@ -27,7 +27,8 @@ from ..model.compile import compile_layers
 from ..model.load import (cache_root, load_model, load_model_and_tokenizer, load_tokenizer,
                           without_dropout)
 from ..model.lora import add_lora
-from ..model.verify import check_model, decoder_of, verified_layout
+from ..model.verify import (check_attention_device, check_model, decoder_of,
+                            verified_layout)
 from ..model.reference import (
     AdapterOffReference, LiveReference, NoReference, precomputed_reference,
 )
@@ -226,9 +227,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     cfg = config.train
     device = accelerator.device
     strategy = config.reference_strategy
-    if config.model.attn_implementation == "flex_attention" and device.type != "cuda":
-        raise ConfigError("model.attn_implementation 'flex_attention' trains on CUDA only (torch "
-                          "has no FlexAttention backward on CPU); remove it or use 'sdpa'.")
+    check_attention_device(config.model, device)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
                                config.model.chat_template)
     # the data is read and checked before the weights load (or download): a bad record stops
