@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -32,6 +33,9 @@ from preftune.model.checkpointing import checkpoint_contexts, enable_checkpointi
 from preftune.model.compile import compile_layers
 from preftune.model.forward import LogpModel, sequence_stats
 from preftune.model.lean import use_lean_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_description, source_state  # noqa: E402
 
 
 def thin_model(layers: int) -> LlamaForCausalLM:
@@ -86,28 +90,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of all variants")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also the compiled layers")
     parser.add_argument("--results", help="write the table to this markdown file")
     args = parser.parse_args()
+    args.threads = 1
     torch.set_num_threads(1)
     base = thin_model(args.layers).to(args.device)
     rows = batch().to(args.device)
     lines = [f"{args.layers} layers, hidden 32, {rows.input_ids.numel()} row tokens "
-             f"(prefix-shared); median of {args.steps} steps; device {args.device}, torch "
-             f"{torch.__version__}, {platform.processor() or platform.machine()}, 1 thread.", "",
+             f"(prefix-shared); the median of {args.repeats} alternating rounds, each the "
+             f"median of {args.steps} steps after 5 warm-up steps; device {args.device}.", "",
+             f"Machine: {machine_description(args)[0]}.", "",
+             f"preftune source: {source_state()}.", "",
              "| variant | compiled | ms per step | x plain |", "|---|---|---:|---:|"]
+    runs = {}  # (name, compiled) -> model; the variants alternate within each repeat
     for compiled in (False, True) if args.compile else (False,):
-        plain = None
         for name in ("plain", "torch checkpoint", "preftune recompute"):
-            torch._dynamo.reset()
-            ms = step_ms(variant(base, name, compiled), rows, args.steps)
-            plain = plain or ms
-            lines.append(f"| {name} | {'yes' if compiled else 'no'} | {ms:.1f} | "
-                         f"{ms / plain:.2f} |")
-        ms = step_ms(variant(base, "plain", compiled), rows, args.steps, backward=False)
-        lines.append(f"| forward alone, no gradients | {'yes' if compiled else 'no'} | {ms:.1f} |"
-                     f" {ms / plain:.2f} |")
+            runs[name, compiled] = variant(base, name, compiled)
+        runs["forward alone, no gradients", compiled] = runs["plain", compiled]
+    times = {key: [] for key in runs}
+    for _ in range(args.repeats):
+        for (name, compiled), model in runs.items():
+            times[name, compiled].append(step_ms(model, rows, args.steps,
+                                                 backward=not name.startswith("forward")))
+    for (name, compiled), values in times.items():
+        ms, plain = statistics.median(values), statistics.median(times["plain", compiled])
+        lines.append(f"| {name} | {'yes' if compiled else 'no'} | {ms:.1f} | "
+                     f"{ms / plain:.2f} |")
     print("\n".join(lines))
     if args.results:
         with open(args.results, "w") as out:

@@ -25,7 +25,7 @@ CASES=${CASES:-llama1b-long,smollm2-long,smollm2-short,llama1b-short}
 TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune,preftune-gc}
 STEPS=${STEPS:-10}
 REPEATS=${REPEATS:-2}
-ONCE=${ONCE:-trl}           # tools run in the first repeat only (TRL's default: its memory)
+ONCE=${ONCE-trl}            # tools run in the first repeat only (TRL's default: its memory)
 PARTS=${PARTS:-tests,profile,bench,compile}
 BUDGET=${BUDGET:-540}
 TESTS=${TESTS:-}            # a pytest -k expression; empty: every CUDA test
@@ -55,13 +55,13 @@ fi
   $PY -c "import trl, datasets, pydantic; print('trl', trl.__version__, 'datasets', datasets.__version__, 'pydantic', pydantic.__version__)" 2>&1 | tail -1
   $PY -c "import preftune.train.loop; print('preftune imports')" 2>&1 | tail -1; } | tee "$OUT/machine.txt"
 
-if part tests; then
+if part tests; then  # one line per test as it ends, so a run cut short still names each result
   echo "== CUDA tests ($(left) s left)" > "$OUT/tests.txt"
-  timeout "$(upto "$TEST_S")" $PY -m pytest -q -p no:cacheprovider \
+  timeout "$(upto "$TEST_S")" $PY -m pytest -v --tb=line -p no:cacheprovider \
     -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_lean.py tests/test_vllm.py \
     tests/test_qlora.py tests/test_optimizers.py 2>&1 \
-    | tail -40 >> "$OUT/tests.txt"
-  cat "$OUT/tests.txt"
+    | grep -E "PASSED|FAILED|ERROR|SKIPPED|^/|Error|passed|failed" >> "$OUT/tests.txt"
+  grep -vE "PASSED" "$OUT/tests.txt"; echo "$(grep -c PASSED "$OUT/tests.txt") passed"
 fi
 
 if part profile; then
