@@ -37,6 +37,17 @@ def test_settings_that_would_do_nothing_are_errors(tree, expected):
         build_config(tree)
 
 
+def test_cuda_graphs_and_checkpointing_are_refused_together():
+    """A checkpointed layer's compiled call without gradients would start a new CUDA-graph
+    iteration and reuse the memory backward still needs; compile's default mode is fine."""
+    train = {"compile": True, "compile_mode": "reduce-overhead", "gradient_checkpointing": True}
+    with pytest.raises(ConfigError, match="train.compile_mode: reduce-overhead .CUDA graphs. does "
+                                          "not combine with train.gradient_checkpointing"):
+        build_config({"train": train})
+    assert build_config({"train": {**train, "compile_mode": "default"}}).train.compile
+    assert build_config({"train": {**train, "gradient_checkpointing": False}}).train.compile
+
+
 @pytest.mark.parametrize("max_length,prompt_limit", [(1024, 512), (2048, 512), (513, 512),
                                                      (512, 256), (256, 128), (3, 1)])
 def test_an_unset_prompt_limit_follows_a_lowered_max_length(max_length, prompt_limit):

@@ -103,6 +103,18 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _cuda_graphs_without_recomputation(self):
+        if self.compile and self.compile_mode == "reduce-overhead" and self.gradient_checkpointing:
+            raise ValueError(
+                "train.compile_mode: reduce-overhead (CUDA graphs) does not combine with "
+                "train.gradient_checkpointing: a checkpointed layer runs without gradients in "
+                "forward, and CUDA graphs start a new iteration at each such call, reusing the "
+                "memory of the previous layer's output that backward still needs. Use "
+                "compile_mode: default (the layers are still compiled) or turn checkpointing "
+                "off.")
+        return self
+
+    @model_validator(mode="after")
     def _eight_bit_optimizer_available(self):
         if self.optimizer == "adamw":
             return self
