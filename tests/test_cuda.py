@@ -188,16 +188,25 @@ def test_a_cuda_training_step_waits_for_the_device_once(model_dir, layout, check
     assert len(syncs) == 1, syncs
 
 
-def test_compiled_layers_on_cuda_match_eager():
-    """train.compile's layers (inductor, Triton kernels) give eager's stats and gradients."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_layers_on_cuda_match_eager(mode):
+    """train.compile's layers (inductor, Triton kernels; reduce-overhead: CUDA graphs) give
+    eager's stats and gradients two steps in a row, and its log-probs without gradients (an
+    evaluation's forward) between them."""
     from preftune.model.compile import compile_layers
 
     torch._dynamo.reset()
     model, batch_examples = small_llama(), examples(2)
     plain, plain_grads = stats_and_grads(model, "prefix_shared", batch_examples)
-    compiled = copy.deepcopy(model)
-    compile_layers(compiled)
-    fast, fast_grads = stats_and_grads(compiled, "prefix_shared", batch_examples)
+    compiled = copy.deepcopy(model).cuda()
+    compile_layers(compiled, mode)
+    batch = collate(batch_examples, pad_token_id=0, layout="prefix_shared",
+                    max_row_tokens=40).to("cuda")
+    for _ in range(2):
+        fast, fast_grads = stats_and_grads(compiled, "prefix_shared", batch_examples)
+        with torch.no_grad():
+            evaluated = sequence_stats(LogpModel(compiled, chunk_tokens=5)(batch), batch).logps
+        torch.testing.assert_close(evaluated, plain.logps.detach(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.logps, plain.logps, atol=1e-4, rtol=1e-4)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
