@@ -124,6 +124,30 @@ def test_every_layout_gives_the_models_own_positions_and_logps(loaded, root):
                                        msg=lambda text, name=name: f"{name}: {text}")
 
 
+def test_recomputed_layers_give_the_plain_gradients_with_images(loaded, root):
+    """Activation checkpointing (``recompute``) on the decoder and the vision tower's blocks:
+    the plain backward's gradients, images, M-RoPE positions and DeepStack features
+    included."""
+    import copy
+
+    from preftune.model.checkpointing import enable_checkpointing
+
+    model, tokenizer = loaded
+    batch = collate(grid_examples(tokenizer, root), tokenizer.pad_token_id, "prefix_shared",
+                    images=tokenizer.image_inputs)
+    grads = []
+    for checkpointed in (False, True):
+        net = copy.deepcopy(model).train()
+        if checkpointed:
+            enable_checkpointing(net)
+        sequence_stats(LogpModel(net)(batch), batch).logps.sum().backward()
+        grads.append({name: p.grad for name, p in net.named_parameters() if p.grad is not None})
+    assert grads[1].keys() == grads[0].keys()
+    assert any("visual" in name for name in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_greedy_generation_with_images_matches_one_prompt_at_a_time(loaded, root):
     model, tokenizer = loaded
     records = load_records(str(root / "pairs.jsonl"))[:2]
