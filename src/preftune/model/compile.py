@@ -16,10 +16,10 @@ recomputation node and run the layer eagerly.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
-
-import functools
 
 from .checkpointing import recompute
 from .forward import causal_lm_of, decoder_layers
