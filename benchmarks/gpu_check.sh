@@ -33,6 +33,7 @@ TEST_S=${TEST_S:-110}       # at most this long for the tests,
 PROFILE_S=${PROFILE_S:-50}  # the eager step's profile,
 COMPILE_S=${COMPILE_S:-45}  # and what the benchmark leaves for the compiled step's profile
 PROFILED=${PROFILED:-smollm2-long}  # the case whose step is profiled
+PROFILE_TOOLS=${PROFILE_TOOLS:-auto}  # its eager variants (auto, padded, gc), each PROFILE_S
 OUT=${OUT:-benchmarks/results/gpu-$(date +%F)}
 MODEL_ARGS=()
 [ -d smollm2-arch ] && MODEL_ARGS=(--default-model smollm2-arch)
@@ -65,10 +66,12 @@ if part tests; then  # one line per test as it ends, so a run cut short still na
 fi
 
 if part profile; then
-  echo "== one profiled step, eager ($(left) s left)"
-  timeout "$(upto "$PROFILE_S")" $PY benchmarks/profile_step.py --device "$DEVICE" --dtype "$DTYPE" \
-    --cases "$PROFILED" --tool auto --top 15 "${MODEL_ARGS[@]}" --results "$OUT/profile.md" \
-    2>&1 | tail -6
+  for tool in ${PROFILE_TOOLS//,/ }; do
+    echo "== one profiled step, eager, $tool ($(left) s left)"
+    timeout "$(upto "$PROFILE_S")" $PY benchmarks/profile_step.py --device "$DEVICE" \
+      --dtype "$DTYPE" --cases "$PROFILED" --tool "$tool" --top 15 "${MODEL_ARGS[@]}" \
+      --results "$OUT/profile.md" 2>&1 | tail -6
+  done
 fi
 
 if part bench; then

@@ -44,7 +44,8 @@ def profile_case(name: str, args, root: Path) -> dict:
         "reference": {"cache_dir": str(root / "reference-cache")},
         "train": {"learning_rate": 1e-6, "batch_size": case["batch_size"],
                   "max_steps": case["steps"], "warmup_ratio": 0.0, "seed": 42,
-                  "compile": args.tool == "compile",
+                  "compile": args.tool in ("compile", "gc-compile"),
+                  "gradient_checkpointing": args.tool in ("gc", "gc-compile"),
                   "layout": "padded" if args.tool == "padded" else "auto"},
     })
     accelerator = Accelerator(cpu=args.device == "cpu")
@@ -89,7 +90,8 @@ def profile_case(name: str, args, root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="smollm2-long", help=f"comma list of {', '.join(CASES)}")
-    parser.add_argument("--tool", choices=("auto", "padded", "compile"), default="auto")
+    parser.add_argument("--tool", choices=("auto", "padded", "compile", "gc", "gc-compile"),
+                        default="auto", help="gc: train.gradient_checkpointing")
     parser.add_argument("--steps", type=int, default=3, help="warm-up steps before the profiled one")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
