@@ -277,6 +277,7 @@ class Trainer:
             sums = self._summed(sums)
         if self.in_backward is not None:
             grad_norm = self.in_backward.grad_norm()  # its updates already ran (no clipping)
+            self.optimizer.step()  # does nothing but tell the LR schedule the step happened
         elif self.deepspeed:  # DeepSpeed clipped and stepped in the last backward
             grad_norm = torch.as_tensor(self.module.get_global_grad_norm() or 0.0)
         else:
