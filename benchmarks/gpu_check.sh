@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, sized for a short GPU lease: BUDGET seconds in all (default
-# 540), most important first, each part cut to what is left. PARTS (default all four) names
+# 540), most important first, each part cut to what is left. PARTS (default all five) names
 # them: tests (layouts, FlexAttention, varlen, attention kernels, one sync per step, compiled
-# layers, lean layers, vLLM where installed), profile (one eager step: kernel time vs wall
+# layers, lean layers, vLLM where installed), overhead (checkpointing's host time on a thin
+# model: torch's checkpoint against recompute), profile (one eager step: kernel time vs wall
 # time, top operators), bench (preftune vs TRL in bf16 on SmolLM2-135M's and Llama-3.2-1B's
 # shapes, long and short prompts, 2 repeats, TRL's default once) and compile (the compiled
 # step's profile).
 # All of it is about 14 minutes on an H200, in two calls split by PARTS and CASES:
 #
-#   PARTS=tests,profile,bench CASES=llama1b-long,smollm2-long bash benchmarks/gpu_check.sh
+#   PARTS=tests,overhead,profile,bench CASES=llama1b-long,smollm2-long bash benchmarks/gpu_check.sh
 #   PARTS=bench,compile CASES=smollm2-short,llama1b-short bash benchmarks/gpu_check.sh
 #   DEVICE=cpu DTYPE=float32 CASES=tiny-long,tiny-short PROFILED=tiny-long STEPS=3 \
 #     bash benchmarks/gpu_check.sh                        # its dry run on CPU
@@ -26,7 +27,7 @@ TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune,preftune-gc}
 STEPS=${STEPS:-10}
 REPEATS=${REPEATS:-2}
 ONCE=${ONCE-trl}            # tools run in the first repeat only (TRL's default: its memory)
-PARTS=${PARTS:-tests,profile,bench,compile}
+PARTS=${PARTS:-tests,overhead,profile,bench,compile}
 BUDGET=${BUDGET:-540}
 TESTS=${TESTS:-}            # a pytest -k expression; empty: every CUDA test
 TEST_S=${TEST_S:-110}       # at most this long for the tests,
@@ -63,6 +64,12 @@ if part tests; then  # one line per test as it ends, so a run cut short still na
     tests/test_qlora.py tests/test_optimizers.py 2>&1 \
     | grep -E "PASSED|FAILED|ERROR|SKIPPED|^/|Error|passed|failed" >> "$OUT/tests.txt"
   grep -vE "PASSED" "$OUT/tests.txt"; echo "$(grep -c PASSED "$OUT/tests.txt") passed"
+fi
+
+if part overhead; then  # checkpointing's host time on a thin model (seconds, eager)
+  echo "== checkpointing overhead ($(left) s left)"
+  timeout "$(upto 60)" $PY benchmarks/checkpointing_overhead.py --device "$DEVICE" --steps 20 \
+    --results "$OUT/checkpointing_overhead.md" 2>&1 | tail -8
 fi
 
 if part profile; then
