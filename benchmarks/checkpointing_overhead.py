@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from preftune.data.layout import collate
 from preftune.data.tokenize import TokenizedExample
-from preftune.model.checkpointing import checkpoint_contexts, enable_checkpointing
+from preftune.model.checkpointing import enable_checkpointing, torch_checkpoint
 from preftune.model.compile import compile_layers
 from preftune.model.forward import LogpModel, sequence_stats
 from preftune.model.lean import use_lean_layers
@@ -60,8 +58,6 @@ def variant(base, name: str, compiled: bool):
     if name != "plain":
         enable_checkpointing(model)
     if name == "torch checkpoint":
-        torch_checkpoint = functools.partial(checkpoint, use_reentrant=False,
-                                             context_fn=checkpoint_contexts)
         for layer in model.modules():
             if isinstance(layer, GradientCheckpointingLayer):
                 layer._gradient_checkpointing_func = torch_checkpoint

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from preftune.config import LoraConfig
+from preftune.config import LoraConfig, ModelConfig
 from preftune.data.layout import collate
 from preftune.model.checkpointing import enable_checkpointing
 from preftune.model.forward import LogpModel, sequence_stats
@@ -45,7 +45,6 @@ def prepared(variant: str) -> nn.Module:
     if variant == "lora":
         model = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"]))
     elif variant == "top layer":  # the layers below get no gradient at all
-        from preftune.config import ModelConfig
         train_only_part(model, ModelConfig(path="unused", train_layers=1))
     return model
 

@@ -4,8 +4,9 @@ node per layer.
 torch's non-reentrant checkpoint hooks every tensor a layer keeps for backward: a Python call
 packs it in forward, another unpacks it in backward, and the recomputation packs and checks
 each again (about 40 tensors a Llama layer). Where a step is bound by the host, as a small
-model's is on a GPU, those calls cost more than the recomputed kernels: on a 30-layer model
-they made a checkpointed step 2.7x a plain one on the host, where one extra forward is 1.35x.
+model's is on a GPU, those calls cost more than the recomputed kernels: on a thin 30-layer
+model they made a checkpointed step 2.1x a plain one on the host, where one extra forward is
+1.3x (``benchmarks/checkpointing_overhead.py``).
 
 ``recompute`` keeps a layer's positional inputs only and runs it under no_grad; in backward it
 runs the layer again with gradients (same random state, same attention kernels) and hands the
@@ -28,6 +29,18 @@ from torch.utils.checkpoint import checkpoint
 from .forward import attention_kernels
 
 
+def checkpoint_contexts():
+    """``context_fn`` of torch's checkpoint: the forward already runs in
+    ``attention_kernels``; the recomputation in backward enters it again."""
+    return nullcontext(), attention_kernels()
+
+
+# torch's checkpoint as preftune runs it (where ``recompute`` does not apply, and for layers
+# transformers checkpoints itself)
+TORCH_SETTINGS = {"use_reentrant": False, "context_fn": checkpoint_contexts}
+torch_checkpoint = functools.partial(checkpoint, **TORCH_SETTINGS)
+
+
 def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
     """Activation checkpointing for every ``every``-th decoder layer of a transformers model
     (the first, then each ``every`` further), through ``recompute``. transformers' own switch
@@ -35,11 +48,10 @@ def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
     ``recompute`` with its forward."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(TORCH_SETTINGS))
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(TORCH_SETTINGS))
     # transformers also makes the embeddings' output require a gradient, which only reentrant
     # checkpointing needs: with frozen lower layers (model.train_layers) backward would run
     # through them and keep their inputs for nothing
@@ -48,12 +60,6 @@ def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index % every == 0
         layer._gradient_checkpointing_func = recompute
-
-
-def checkpoint_contexts():
-    """``context_fn`` of torch's checkpoint: the forward already runs in
-    ``attention_kernels``; the recomputation in backward enters it again."""
-    return nullcontext(), attention_kernels()
 
 
 def recompute(run: functools.partial, *args, forward=None):
@@ -69,7 +75,7 @@ def recompute(run: functools.partial, *args, forward=None):
     # DeepSpeed ZeRO-3 (its weights carry a ds_id) gathers each weight for the call that uses
     # it and frees it after: the weights this node would hold are empty by backward
     if weights is None or _needs_grad(run.keywords) or any(hasattr(w, "ds_id") for w in weights):
-        return checkpoint(run, *args, use_reentrant=False, context_fn=checkpoint_contexts)
+        return torch_checkpoint(run, *args)
     return _Recompute.apply(run, len(args), *args, *(w for w in weights if w.requires_grad))
 
 
@@ -92,8 +98,8 @@ class _Recompute(torch.autograd.Function):
         ctx.run, ctx.count = run, count
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in inputs[:count]]
         ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs))
-        ctx.devices = sorted({a.device for a in inputs[:count] if isinstance(a, torch.Tensor)
-                              and a.device.type == "cuda"}, key=str)
+        ctx.devices = list(dict.fromkeys(a.device for a in inputs[:count]
+                                         if isinstance(a, torch.Tensor) and a.is_cuda))
         ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
         return run(*inputs[:count])
 
