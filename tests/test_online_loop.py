@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from preftune.cli import main
@@ -17,7 +18,7 @@ from preftune.generation import HFGenerator, SamplingSettings, prompt_ids
 from preftune.model.load import (files_fingerprint, load_model_and_tokenizer, load_tokenizer,
                                  weights_fingerprint)
 from preftune.online.config import OnlineConfig, load_online_config
-from preftune.online.loop import round_config, run_online
+from preftune.online.loop import round_config, run_online, start_rounds
 from preftune.report.online import round_rows
 from preftune.report.render import write_report
 from preftune.report.rundir import load_run
@@ -192,6 +193,13 @@ def test_an_interrupted_round_resumes_to_the_same_pairs_and_weights(model_dir, d
 
     with pytest.raises(ConfigError, match="continue it with --resume"):
         run_online(config)  # a half-finished run is never silently resumed or overwritten
+    saved = (broken / "config.yaml").read_text()
+    rescored = config.model_copy(update={"online": config.online.model_copy(
+        update={"scorer": "test_online_loop:count_b"})})
+    with pytest.raises(ConfigError, match="online.scorer: 'test_online_loop:count_a' -> "
+                                          "'test_online_loop:count_b'"):
+        run_online(rescored, resume=True)  # round 2's samples were scored by count_a
+    assert (broken / "config.yaml").read_text() == saved
     calls.clear()
     monkeypatch.setattr(trainer_module.Trainer, "step", failing_step)
     run_online(config, resume=True)
@@ -200,6 +208,9 @@ def test_an_interrupted_round_resumes_to_the_same_pairs_and_weights(model_dir, d
     for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl"):
         assert (broken / "round-2" / name).read_text() == (straight / "round-2" / name).read_text()
     assert_same_weights(broken / "round-2" / "model", straight / "round-2" / "model")
+    more = config.model_copy(update={"online": config.online.model_copy(update={"rounds": 3})})
+    start_rounds(more, resume=True, overwrite=False)  # more rounds of the same run: allowed
+    assert yaml.safe_load((broken / "config.yaml").read_text())["online"]["rounds"] == 3
 
 
 def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, capsys):
@@ -458,8 +469,6 @@ def test_selm_needs_its_builder_the_previous_reference_and_rounds(model_dir, dat
 
 
 def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data, tmp_path):
-    import yaml
-
     from preftune.compare import run_compare
 
     base = tmp_path / "online.yaml"
@@ -478,6 +487,17 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
     lists = read_jsonl(root / "listwise_pl" / "round-1" / "pairs.jsonl")
     assert all("responses" in row for row in lists)  # the list objective got lists
     assert "held-out score by round" in (root / "leaderboard.md").read_text()
+
+    trained = root / "dpo" / "round-1" / "model" / "model.safetensors"
+    stamp = trained.stat().st_mtime_ns
+    run_compare(["dpo"], str(base), [], str(root))  # the same settings: nothing is redone
+    assert trained.stat().st_mtime_ns == stamp
+    run_compare(["dpo"], str(base), ["train.learning_rate=0.5"], str(root))  # other settings
+    assert len(list(root.glob("dpo.old-*"))) == 1  # the earlier run, moved aside
+    assert yaml.safe_load((root / "dpo" / "round-1" / "config.yaml").read_text())[
+        "train"]["learning_rate"] == 0.5
+    with pytest.raises(ConfigError, match="give --output-dir DIR instead"):
+        run_compare(["dpo"], str(base), [f"output_dir={tmp_path}"], str(root))
 
 
 def constant(prompt, response):

@@ -64,6 +64,15 @@ def test_bad_scores_and_specs_are_named(scorer_module):
         load_scorer("no_such_module_here:f")
 
 
+def test_a_scorer_module_in_the_working_directory_is_found_off_the_path(tmp_path, monkeypatch):
+    """The ``preftune`` command (unlike ``python -m``) does not put the working directory on
+    sys.path; a user's ``my_module:my_function`` there is found all the same."""
+    (tmp_path / "scorer_in_cwd.py").write_text("def two(prompt, response):\n    return 2.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_scorer("scorer_in_cwd:two").score(["p"], ["a"]) == [2.0]
+
+
 def test_synthetic_scorer_applies_each_prompts_checker(tmp_path):
     _, tasks = generate_split(4, 6, seed=0)
     write_jsonl(tasks, tmp_path / "eval.jsonl")

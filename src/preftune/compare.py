@@ -48,6 +48,9 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     from .evaluate.run_eval import EvalOptions, run_eval
     from .train.loop import train
 
+    if any(o.partition("=")[0].strip() == "output_dir" for o in overrides):
+        raise ConfigError("compare writes each objective's run to OUTPUT_DIR/<objective>: give "
+                          "--output-dir DIR instead of --set output_dir=DIR.")
     tree = read_tree(config_path, overrides)
     if _diffusion(tree, objectives):
         from .diffusion.compare import compare_diffusion
@@ -63,7 +66,7 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     base = load_config(config_path, overrides)
     eval_data = eval_data or _first(base.data.eval)
     if not eval_data:
-        raise ValueError("compare evaluates every objective on held-out pairs: set data.eval in "
+        raise ConfigError("compare evaluates every objective on held-out pairs: set data.eval in "
                          "the base config or pass --eval-data FILE")
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -121,12 +124,12 @@ def run_entry(name: str, run_dir: Path, settings: list, work) -> dict:
 def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) -> Path:
     """Each objective through the same online rounds (same prompts, scorer, sampling, steps)."""
     from .online.config import OnlineConfig
-    from .online.loop import has_started, run_online
+    from .online.loop import continues, run_online
     from .report import write_report
 
     base = build_config(tree, config_path or "the config", schema=OnlineConfig)
     if not base.data.eval:
-        raise ValueError("an online compare measures every objective on held-out prompts: set "
+        raise ConfigError("an online compare measures every objective on held-out prompts: set "
                          "data.eval in the base config")
     root.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -138,7 +141,8 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) 
                                   f"{config_path} with objective {name}", schema=OnlineConfig)
             print(f"\n[compare] {name}: online rounds in {run_dir}")
             started = time.perf_counter()
-            run_online(config, resume=has_started(run_dir))
+            resume = continues(config)  # an earlier run under other settings: moved aside
+            run_online(config, resume=resume, overwrite=not resume)
             entry["train_minutes"] = (time.perf_counter() - started) / 60
             summary = json.loads((run_dir / "online.json").read_text())
             entry.update(_online_numbers(summary))

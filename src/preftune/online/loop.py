@@ -37,7 +37,7 @@ from ..score.base import scored_in_chunks, scorer_prompt
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
-from ..train.output import move_aside, prepare_output_dir
+from ..train.output import check_resume, move_aside, prepare_output_dir
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
                      read_jsonl, row_question, stored_images, write_json, write_jsonl)
@@ -66,7 +66,8 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
 
 def start_rounds(config, resume: bool, overwrite: bool) -> Path:
     """The output directory of a run of rounds made ready, with its ``config.yaml``: a run
-    already there needs ``resume`` (continued) or ``overwrite`` (moved aside)."""
+    already there needs ``resume`` (continued under the same settings, more or fewer rounds
+    allowed) or ``overwrite`` (moved aside)."""
     out = Path(config.output_dir)
     if has_started(out) and not (resume or overwrite):
         raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
@@ -74,9 +75,30 @@ def start_rounds(config, resume: bool, overwrite: bool) -> Path:
                           "output_dir.")
     if has_started(out) and overwrite:
         move_aside(out)
+    if resume:
+        check_same_settings(config)
     prepare_output_dir(str(out), resume=resume)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     return out
+
+
+def check_same_settings(config: OnlineConfig) -> None:
+    """Refuse to resume the run in ``config.output_dir`` under other settings (naming them);
+    more or fewer rounds are allowed."""
+    check_resume(Path(config.output_dir), config.model_dump(),
+                 may_change=frozenset({"online.rounds"}),
+                 defaults=OnlineConfig.model_construct().model_dump())
+
+
+def continues(config: OnlineConfig) -> bool:
+    """Whether ``config.output_dir`` holds a run that ``config`` may resume."""
+    if not has_started(config.output_dir):
+        return False
+    try:
+        check_same_settings(config)
+    except ConfigError:
+        return False
+    return True
 
 
 def has_started(output_dir) -> bool:

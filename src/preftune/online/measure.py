@@ -19,14 +19,15 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
     """Greedy answers to the held-out prompts, scored (the round's headline number; for a
     pairwise scorer, the win rate against the initial model's answers), and the KL of the
     round's model to the initial one on its own samples of those prompts."""
+    # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
+    # (loaded first: a scorer that cannot load stops the run before any answer is generated)
+    scorer = online_scorer(config, config.model.path, config.data.eval)
     model, tokenizer = load_on_device(model_path, config)
     ids = prompts_to_ids(prompts, tokenizer, config)
     online = config.online
     images = prompt_images(prompts)
     texts = greedy_texts(model, tokenizer, ids, online.eval_max_new_tokens,
                          online.sampling.batch_size, f"{here.name}: held-out answers", images)
-    # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
-    scorer = online_scorer(config, config.model.path, config.data.eval)
     questions = [p.question for p in prompts]
     if scorer.pairwise:  # no score of one answer: P(this answer > the initial model's answer)
         initial = texts if model_path == config.model.path else [

@@ -81,19 +81,22 @@ def move_aside(out: Path) -> Path:
     return aside
 
 
-def check_resume(out: Path, tree: dict, processes: int = 1, defaults: dict | None = None) -> None:
+def check_resume(out: Path, tree: dict, processes: int = 1, defaults: dict | None = None,
+                 may_change: frozenset = frozenset()) -> None:
     """Refuse ``--resume`` when settings that change training differ from the run's
-    ``config.yaml``; name them, and the ones that may change. The per-process batch may change
-    with the number of processes as long as the global batch (batch_size x accumulation x
-    processes, recorded in the checkpoint) stays the same. A key the saved file lacks (added
-    by a later preftune version) counts as its ``defaults`` value."""
+    ``config.yaml``; name them, and the ones that may change (``SAFE_TO_CHANGE`` and the
+    caller's ``may_change``). The per-process batch may change with the number of processes as
+    long as the global batch (batch_size x accumulation x processes, recorded in the
+    checkpoint) stays the same. A key the saved file lacks (added by a later preftune version)
+    counts as its ``defaults`` value."""
+    safe = SAFE_TO_CHANGE | may_change
     saved_file = out / "config.yaml"
     if not saved_file.exists():
         return
     saved = {**_flat(defaults or {}), **_flat(yaml.safe_load(saved_file.read_text()) or {})}
     now = _flat(tree)
     changed = sorted(key for key in set(saved) | set(now)
-                     if saved.get(key) != now.get(key) and key not in SAFE_TO_CHANGE)
+                     if saved.get(key) != now.get(key) and key not in safe)
     split = {"train.batch_size", "train.gradient_accumulation_steps"}
     if changed and set(changed) <= split:
         global_now = now["train.batch_size"] * now["train.gradient_accumulation_steps"] * processes
@@ -104,7 +107,7 @@ def check_resume(out: Path, tree: dict, processes: int = 1, defaults: dict | Non
         raise ConfigError(
             f"--resume in {out}: the settings differ from the run's config.yaml ({shown}"
             f"{'; ...' if len(changed) > 6 else ''}). A resumed run must train as it started; "
-            f"only {', '.join(sorted(SAFE_TO_CHANGE))} may change, and the per-process batch "
+            f"only {', '.join(sorted(safe))} may change, and the per-process batch "
             "if the global batch (batch_size x accumulation x processes) stays the same. Start "
             "a new run with another output_dir (or --overwrite) to train differently.")
 
