@@ -107,3 +107,14 @@ def test_reward_model_example_configs_are_valid(path):
 
     config = load_reward_config(str(path))
     assert config.data.train and config.head.kind in get_reward_loss(config.loss.name).heads
+
+
+def test_the_helpsteer_recipe_starts_scaled_bt_from_the_model_regression_trains():
+    """README's HelpSteer2-Preference recipe: the second config reads the first one's model."""
+    from preftune.model.adapter_dirs import final_model_dir
+    from preftune.reward.config import load_reward_config
+
+    examples = Path(__file__).parent.parent / "examples" / "rm"
+    regression = load_reward_config(str(examples / "helpsteer_regression.yaml"))
+    scaled = load_reward_config(str(examples / "helpsteer_scaled_bt.yaml"))
+    assert scaled.model.path == str(final_model_dir(Path(regression.output_dir)))

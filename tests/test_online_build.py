@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from preftune.online.build import build_rows, positions, rso_pairs, win_probs
+from preftune.online.build import build_rows, positions, rso_pairs, why_no_rows, win_probs
 
 SCORES = [0.2, 0.9, 0.2, -0.5, 0.6]  # best = 1, worst = 3; positions 0 and 2 tie
 
@@ -76,7 +76,7 @@ def test_build_rows_keeps_provenance_and_formats_replies_like_the_prompt():
          "origin": "p.jsonl:2", "round": 2, "policy": "abc"},
     ]
     rows, counts = build_rows(scored, "best_vs_worst")
-    assert counts == {"prompts": 2, "tied": 1, "empty": 0, "rows": 1}
+    assert counts == {"prompts": 2, "tied": 1, "no_pair": 0, "empty": 0, "rows": 1}
     assert rows == [{"prompt": [{"role": "user", "content": "q"}],
                      "chosen": [{"role": "assistant", "content": "b"}],
                      "rejected": [{"role": "assistant", "content": "a"}],
@@ -91,8 +91,20 @@ def test_empty_samples_are_left_out_and_positions_stay_those_of_the_file():
     scored = [{"prompt": "p", "responses": ["", "good", " ", "bad"], "scores": [-9, 2, -9, 1],
                "origin": "f:1"}]
     rows, counts = build_rows(scored, "best_vs_worst")
-    assert counts == {"prompts": 1, "tied": 0, "empty": 2, "rows": 1}
+    assert counts == {"prompts": 1, "tied": 0, "no_pair": 0, "empty": 2, "rows": 1}
     assert (rows[0]["chosen"], rows[0]["rejected"], rows[0]["source"]) == ("good", "bad", "f:1 [1>3]")
+
+
+def test_a_round_without_rows_is_explained_by_what_dropped_each_prompt():
+    scored = [{"prompt": "p", "responses": ["a", "b", ""], "scores": [1.0, 1.05, 0.0],
+               "origin": "f:1"},
+              {"prompt": "q", "responses": ["c", "d"], "scores": [2.0, 2.0], "origin": "f:2"}]
+    rows, counts = build_rows(scored, "best_vs_worst", min_margin=0.1)
+    assert rows == [] and counts == {"prompts": 2, "tied": 1, "no_pair": 1, "empty": 1, "rows": 0}
+    assert why_no_rows(counts, "my:scorer") == (
+        "1 of 2 prompts: every sample scored alike by my:scorer; 1 of 2 prompts: no score gap of "
+        "at least online.pairs.min_margin (or no pair drawn by rejection sampling); 1 empty "
+        "samples left out")
 
 
 def test_build_rows_carries_win_probabilities_for_sppo():

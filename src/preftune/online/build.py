@@ -83,9 +83,9 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
                rso_beta: float = 0.5, rso_accept: int = 4, seed: int = 0) -> tuple[list, dict]:
     """Training rows from scored rows (``prompt``, ``responses``, ``scores``, optional
     ``win_probs``, ``origin``, provenance); returns them and counts: prompts, ``tied`` (fewer
-    than two different scores among the non-empty samples: nothing to learn), ``empty``
-    samples, rows made."""
-    rows, counts = [], {"prompts": len(scored), "tied": 0, "empty": 0, "rows": 0}
+    than two different scores among the non-empty samples: nothing to learn), ``no_pair``
+    (different scores, no pair the builder keeps), ``empty`` samples, rows made."""
+    rows, counts = [], {"prompts": len(scored), "tied": 0, "no_pair": 0, "empty": 0, "rows": 0}
     for number, item in enumerate(scored):
         kept = [k for k, text in enumerate(item["responses"]) if text.strip()]
         counts["empty"] += len(item["responses"]) - len(kept)
@@ -103,7 +103,9 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
                          "scores": scores, "source": f"{item['origin']} {kept}", **provenance})
             continue
         rng = random.Random(f"{seed}:{number}")
-        for a, b in positions(builder, scores, min_margin, rso_beta, rso_accept, rng):
+        chosen_pairs = positions(builder, scores, min_margin, rso_beta, rso_accept, rng)
+        counts["no_pair"] += not chosen_pairs
+        for a, b in chosen_pairs:
             i, j = kept[a], kept[b]
             row = {"prompt": item["prompt"],
                    "chosen": _reply(item["prompt"], item["responses"][i]),
@@ -115,6 +117,20 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
             rows.append({**row, "source": f"{item['origin']} [{i}>{j}]", **provenance})
     counts["rows"] = len(rows)
     return rows, counts
+
+
+def why_no_rows(counts: dict, scorer: str) -> str:
+    """Why ``build_rows`` made no row, from its counts."""
+    reasons = {"tied": f"every sample scored alike by {scorer}",
+               "no_pair": "no score gap of at least online.pairs.min_margin (or no pair drawn "
+                          "by rejection sampling)",
+               "without_negative": "no rejected response in the data",
+               "without_data_pair": "no chosen and rejected response in the data"}
+    found = [f"{counts[key]} of {counts['prompts']} prompts: {why}"
+             for key, why in reasons.items() if counts.get(key)]
+    if counts.get("empty"):
+        found.append(f"{counts['empty']} empty samples left out")
+    return "; ".join(found) or "no prompts"
 
 
 def _d2o_row(item: dict, kept: list, counts: dict) -> list:

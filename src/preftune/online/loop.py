@@ -38,7 +38,7 @@ from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
 from ..train.output import check_resume, move_aside, prepare_output_dir
-from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, win_probs
+from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
                      read_jsonl, row_question, stored_images, write_json, write_jsonl)
 from .config import OnlineConfig
@@ -121,8 +121,8 @@ def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -
     if info["build"]["rows"]:
         info["train"] = run_phase(here, "train", lambda: _train(config, r, policy, here))
     else:  # nothing to learn from this round's samples: the next round starts from `policy`
-        print(f"round {r}: every prompt's samples were scored alike by {config.online.scorer}; "
-              "no pairs, no training this round (more or more varied samples would help)")
+        print(f"round {r}: no training rows ({why_no_rows(info['build'], info['score']['scorer'])}"
+              "); no training this round (more or more varied samples would help)")
         info["train"] = run_phase(here, "train", lambda: {"skipped": "no pairs were built"})
     trained = str(final_model_dir(here)) if "skipped" not in info["train"] else policy
     if eval_prompts:

@@ -29,6 +29,17 @@ def joined_metrics(run_dir: Path, summary: dict, read_jsonl) -> list[dict]:
     return joined
 
 
+def rounds_run_info(run_dir: Path, summary: dict, read_json) -> dict | None:
+    """The newest trained round's ``run.json`` (objective, reference, layout), its ``steps``
+    the rounds' total; None before a round finished training."""
+    infos = [info for r in summary["rounds"] for here in [run_dir / f"round-{r['round']}"]
+             for path in (here / "run.json", here / "train" / "run.json")
+             if (info := read_json(path)) is not None]
+    if not infos:
+        return None
+    return {**infos[-1], "steps": sum(info.get("steps", 0) for info in infos)}
+
+
 def _held_out(summary: dict) -> list[tuple[int, dict]]:
     points = [(0, summary["initial"])] if summary.get("initial") else []
     return points + [(r["round"], r["evaluate"]) for r in summary["rounds"] if "evaluate" in r]

@@ -42,7 +42,7 @@ def load_run(run_dir: str | Path) -> RunData:
     online = _optional_json(run_dir / "online.json")
     metrics_path = run_dir / "metrics.jsonl"
     if online is not None:  # the rounds' training metrics, one after another
-        from .online import joined_metrics
+        from .online import joined_metrics, rounds_run_info
 
         metrics = joined_metrics(run_dir, online, read_jsonl)
         if not metrics:
@@ -50,6 +50,7 @@ def load_run(run_dir: str | Path) -> RunData:
                               "again after the first round's training")
         config_path = run_dir / "config.yaml"
         return RunData(run_dir=run_dir, metrics=metrics, online=online,
+                       run_info=rounds_run_info(run_dir, online, _optional_json),
                        config_text=config_path.read_text() if config_path.is_file() else None)
     if not metrics_path.is_file():
         raise ReportError(f"{metrics_path} not found: is {run_dir} the output_dir of a "
