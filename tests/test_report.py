@@ -107,11 +107,13 @@ def test_panels_group_an_open_set_of_keys_and_overlay_eval_on_train():
 def test_output_option_and_an_unfinished_run(tmp_path, capsys):
     run = tmp_path / "running"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69, "lr": 1e-6}) + "\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.69, "lr": 1e-6}) + "\n"
+                                       + '{"step": 2, "lo')  # the next line, being written
     output = tmp_path / "elsewhere.html"
     assert main(["report", str(run), "--output", str(output)]) == 0
     html = output.read_text()
     assert "run.json is missing" in html and "No alarms fired" in html
+    assert "1 (last: 1)" in html
     assert not (run / "report.html").exists()
     assert sorted(p.name for p in (run / "report").glob("*.png")) == ["loss.png", "lr.png"]
     assert str(output) in capsys.readouterr().out

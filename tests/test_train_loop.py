@@ -123,12 +123,18 @@ def test_interrupt_and_resume_matches_uninterrupted(workspace, monkeypatch):
     interrupted_dir = workspace / "runs" / "interrupted"
     with (interrupted_dir / "metrics.jsonl").open("a") as handle:
         handle.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
+        handle.write('{"step": 6, "loss": 0.69')  # and a line whose write was cut off
 
     config = build_config(json.loads(json.dumps(_tree_of(interrupted_dir))))
     resumed = loop.train(config, resume=True, show_progress=False)
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
     assert_same_weights(straight, resumed)
+
+
+def test_the_last_step_is_logged_whatever_log_every_says(workspace):
+    logged = run(workspace, "log3", train__max_steps=3, train__log_every=2)
+    assert [r["step"] for r in read_metrics(logged / "metrics.jsonl")] == [2, 3]
 
 
 def test_checkpoints_key_optimizer_state_by_name_and_old_positional_ones_still_resume(

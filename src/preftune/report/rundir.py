@@ -79,9 +79,12 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects in ``path``, one per non-blank line; a bad line is named by number."""
+    """The JSON objects in ``path``, one per non-blank line; a bad line is named by number
+    (a last line still being written is left out: the report works on a running run)."""
+    from ..train.logging import complete_lines
+
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(complete_lines(path.read_text()), start=1):
         if not line.strip():
             continue
         try:

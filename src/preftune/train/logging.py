@@ -23,8 +23,8 @@ class MetricsLog:
         self.path, self.trackers = path, trackers
         kept = []
         if keep_through_step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= keep_through_step]
+            kept = [json.dumps(record) for record in read_metrics(path)
+                    if record.get("step", 0) <= keep_through_step]
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -39,7 +39,21 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of ``metrics.jsonl``, less a last line whose write was cut off (a run
+    killed mid-write, or one still writing)."""
+    return [json.loads(line) for line in complete_lines(Path(path).read_text()) if line]
+
+
+def complete_lines(text: str) -> list[str]:
+    """The lines of a JSONL file that an appending writer finished: without an unterminated
+    last line that does not parse."""
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    return lines
 
 
 def speaks() -> bool:

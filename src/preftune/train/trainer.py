@@ -308,7 +308,8 @@ class Trainer:
             if self.main else []
         if raised:
             record["alarms"] = [alarm["kind"] for alarm in raised]
-        if self.main and ((step + 1) % cfg.log_every == 0 or "eval/loss" in record or raised):
+        if self.main and ((step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
+                          or "eval/loss" in record or raised):
             self.log.write(record)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
