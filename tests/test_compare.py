@@ -61,3 +61,36 @@ def test_compare_trains_evaluates_and_ranks_then_skips_finished_entries(base, ca
 def test_compare_rejects_unknown_objectives_before_training(base, capsys):
     assert _compare(base, "dpo,dpoo") == 2
     assert "unknown objective 'dpoo'" in capsys.readouterr().err
+
+
+def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objective(
+        base, capsys, monkeypatch):
+    """SIGTERM during dpo's first step: the comparison stops there (kto is not started), with
+    a checkpoint; the same command again continues dpo from it, not from step 0."""
+    import os
+    import signal
+
+    from preftune.train import trainer as trainer_module
+
+    real_step, steps = trainer_module.Trainer.step, []
+
+    def step_then_signal(self, step):
+        steps.append(step)
+        if len(steps) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught: the step ends, a checkpoint follows
+        return real_step(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_then_signal)
+    out = ["--output-dir", str(base / "stopped"), "--samples", "1", "--max-new-tokens", "3"]
+    args = ["compare", "--objectives", "dpo,kto", "--config", str(base / "base.yaml"), *out]
+    assert main(args) == 130
+    assert "compare, objective dpo: stopped by SIGTERM after step 1 of 2" in capsys.readouterr().err
+    assert steps == [0] and not (base / "stopped" / "kto").exists()
+    assert (base / "stopped" / "dpo" / "checkpoints" / "step-00000001").is_dir()
+
+    steps.clear()
+    assert main(args) == 0
+    assert steps == [1, 0, 1]  # dpo's second step, then kto's two
+    assert not list((base / "stopped").glob("dpo.old-*"))  # nothing moved aside
+    dpo = base / "stopped" / "dpo"
+    assert [json.loads(line)["step"] for line in (dpo / "metrics.jsonl").open()] == [1, 2]

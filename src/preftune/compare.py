@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import ConfigError, build_config, load_config, read_tree
 from .objectives import get_objective
+from .train.output import resumable
 
 # leaderboard columns: (key in the entry, header, format); missing values print as "-"
 COLUMNS = [
@@ -77,8 +78,11 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
 
         def work(entry: dict, tree=tree, name=name, run_dir=run_dir) -> None:
             started = time.perf_counter()
-            # an earlier, different or failed run of this entry is moved aside, not reused
-            train(build_config(tree, f"{config_path} with objective {name}"), overwrite=True)
+            # an interrupted run of these settings continues from its checkpoint; an earlier,
+            # different or failed one is moved aside, not reused
+            config = build_config(tree, f"{config_path} with objective {name}")
+            resume = resumable(config)
+            train(config, resume=resume, overwrite=not resume)
             entry["train_minutes"] = (time.perf_counter() - started) / 60
             started = time.perf_counter()
             results = run_eval(EvalOptions(
@@ -109,16 +113,35 @@ def run_entry(name: str, run_dir: Path, settings: list, work) -> dict:
         return json.loads(done.read_text())
     print(f"\n[compare] {name}: training in {run_dir}")
     entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
-    try:
-        work(entry)
+    if attempt(name, entry, lambda: work(entry)):
         write_report(run_dir)
         entry["report"] = str(run_dir / "report.html")
-    except Exception as error:  # one failing objective must not lose the others
+        done.write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
+
+
+def attempt(name: str, entry: dict, work) -> bool:
+    """Run one entry's ``work``; a failure is recorded in ``entry`` (and printed: one line
+    for bad settings or data, the traceback for anything else), so one objective cannot lose
+    the others. A signal stops the whole comparison; running it again continues."""
+    from .data.records import DataError
+    from .train.trainer import TrainingStopped
+
+    try:
+        work()
+    except TrainingStopped as stopped:
+        raise TrainingStopped(f"compare, objective {name}: {stopped.summary}",
+                              "Run the same compare command again to continue: finished "
+                              "objectives are skipped and this one resumes.") from None
+    except (ConfigError, DataError) as error:
+        entry["error"] = f"{type(error).__name__}: {error}"
+        print(f"[compare] {name} failed: {error}")
+    except Exception as error:
         entry["error"] = f"{type(error).__name__}: {error}"
         traceback.print_exc()
     else:
-        done.write_text(json.dumps(entry, indent=2) + "\n")
-    return entry
+        return True
+    return False
 
 
 def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) -> Path:
@@ -136,7 +159,8 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) 
     for name in objectives:
         run_dir = root / name
         entry = {"objective": name, "run_dir": str(run_dir)}
-        try:
+
+        def work(entry=entry, name=name, run_dir=run_dir) -> None:
             config = build_config(_online_tree(base.model_dump(), name, run_dir),
                                   f"{config_path} with objective {name}", schema=OnlineConfig)
             print(f"\n[compare] {name}: online rounds in {run_dir}")
@@ -148,9 +172,8 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) 
             entry.update(_online_numbers(summary))
             write_report(run_dir)
             entry["report"] = str(run_dir / "report.html")
-        except Exception as error:  # one failing objective must not lose the others
-            entry["error"] = f"{type(error).__name__}: {error}"
-            traceback.print_exc()
+
+        attempt(name, entry, work)
         entries.append(entry)
     _write_leaderboard(root, entries, f"{_first(base.data.eval)} (its prompts)",
                        base.online.scorer)
@@ -230,7 +253,8 @@ def _write_leaderboard(root: Path, entries: list[dict], eval_data: str, scorer) 
              "|---|" + "---|" * (len(shown) + 1)]
     for entry in ranked:
         if "error" in entry:
-            lines.append(f"| {entry['objective']} | failed: {entry['error'][:120]} |")
+            error = " ".join(entry["error"].split()).replace("|", "\\|")
+            lines.append(f"| {entry['objective']} | failed: {error} |")
             continue
         cells = [fmt.format(entry[key]) if isinstance(entry.get(key), (int, float, str))
                  else "-" for key, _, fmt in shown]

@@ -32,6 +32,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
     """Train, evaluate (win rate vs the base pipeline) and report every objective; write the
     leaderboard through the text comparison's writer."""
     from ..compare import _write_leaderboard, run_entry
+    from ..train.output import resumable
     from .config import DiffusionConfig
     from .evaluate import evaluate_diffusion, image_scorer
     from .losses import get_diffusion_loss
@@ -62,7 +63,9 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
 
         def work(entry: dict, run_tree=run_tree, run_dir=run_dir) -> None:
             started = time.perf_counter()
-            train_diffusion(DiffusionConfig.from_dict(run_tree), overwrite=True)
+            config = DiffusionConfig.from_dict(run_tree)
+            resume = resumable(config)  # an interrupted run of these settings continues
+            train_diffusion(config, resume=resume, overwrite=not resume)
             entry["train_minutes"] = (time.perf_counter() - started) / 60
             results = evaluate_diffusion(str(run_dir), base.model.path, samples.prompts,
                                          samples.seeds, scorer, samples.steps,

@@ -73,6 +73,21 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
     accelerator.wait_for_everyone()
 
 
+def resumable(config) -> bool:
+    """Whether ``config.output_dir`` holds a checkpoint of a run under ``config``'s settings
+    (one that ``--resume`` continues)."""
+    from .checkpoint import checkpoints
+
+    out = Path(config.output_dir)
+    if not checkpoints(out / "checkpoints"):
+        return False
+    try:
+        check_resume(out, config.model_dump(), defaults=type(config).model_construct().model_dump())
+    except ConfigError:
+        return False
+    return True
+
+
 def move_aside(out: Path) -> Path:
     """Rename a previous run to ``OUT.old-TIME`` (never delete it); returns the new path."""
     aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -35,7 +35,13 @@ from .tracking import Trackers
 
 
 class TrainingStopped(Exception):
-    """A signal stopped training after a checkpoint; the message says how to resume."""
+    """A signal stopped training after a checkpoint: ``summary`` says where, ``advice`` how
+    to continue."""
+
+    def __init__(self, summary: str,
+                 advice: str = "Run the same command with --resume to continue."):
+        super().__init__(f"{summary} {advice}")
+        self.summary = summary
 
 
 class StopRequests:
@@ -241,9 +247,7 @@ class Trainer:
                         self.log.close()
                     raise TrainingStopped(
                         f"stopped by {stop.signal or 'a signal to another process'} after step "
-                        f"{step + 1} of {self.total_steps}; "
-                        f"checkpoint written to {path}. Run the same command with --resume to "
-                        "continue.")
+                        f"{step + 1} of {self.total_steps}; checkpoint written to {path}.")
         return self.finish()
 
     def step(self, step: int) -> dict:
