@@ -50,14 +50,19 @@ def test_mask_blacks_out_one_large_rectangle_and_nothing_else():
     assert all(p == (255, 255, 255) for k, p in enumerate(pixels) if k not in set(black))
 
 
-def test_crop_keeps_a_small_region_of_the_image():
+def test_crop_keeps_a_small_region_of_the_image_at_the_image_size():
+    """A region of 5-20% of the area, scaled back up (the negative image must give as many
+    image tokens as the image): exactly one such square region of the gradient matches."""
+    from PIL import Image
+
     image = gradient()
     crop = corrupt_image(image, "crop", random.Random(0))
-    w, h = crop.size
-    assert w == h and 1 <= w * h <= 0.2 * 32 * 32
-    r, g, _ = crop.getpixel((0, 0))
-    x, y = r // 8, g // 8
-    assert crop.tobytes() == image.crop((x, y, x + w, y + h)).tobytes()
+    assert crop.size == image.size
+    matches = [(x, y, side) for side in range(7, 15) for x in range(33 - side)
+               for y in range(33 - side)
+               if image.crop((x, y, x + side, y + side)).resize(
+                   (32, 32), Image.Resampling.BICUBIC).tobytes() == crop.tobytes()]
+    assert len(matches) == 1 and 0.05 <= matches[0][2] ** 2 / (32 * 32) <= 0.2
 
 
 def test_noise_and_blur():
@@ -88,7 +93,8 @@ def test_corrupt_pairs_sets_negative_images_deterministically():
     assert corrupt_pairs(records, "mask", seed=8)[0].negative_images[0].key != keys[0]
     default = convert(records, "images:corrupt", seed=7)
     assert default[0].origin == "f:1 [corrupt:crop]"
-    assert default[0].negative_images[0].load().size[0] < 32
+    assert default[0].negative_images[0].key == corrupt_pairs(records, "crop", seed=7)[
+        0].negative_images[0].key  # the default corruption is a crop
 
 
 def test_image_conversion_on_records_without_images_says_what_to_do():

@@ -218,6 +218,19 @@ def test_wrong_placeholder_count(tmp_path):
         load_records(path)
 
 
+def test_the_image_token_without_an_image_is_refused(tmp_path):
+    """A string prompt holding LLaVA's image token and no images: refused by record, not left
+    for the forward to fail on (a shape mismatch)."""
+    model_dir = save_tiny_vlm_dir(tmp_path / "model", "llava")
+    _, tokenizer = load_model_and_tokenizer(str(model_dir))
+    path = write_rows(tmp_path / "d.jsonl", [
+        {"prompt": "Colour?", "chosen": "red", "rejected": "blue"},
+        {"prompt": "What colour is the shape? <image>", "chosen": "red", "rejected": "blue"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'prompt' holds an image placeholder "
+                                        r"but the record has no images"):
+        tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
+
+
 def test_prompt_without_placeholder_gets_the_image_first(tmp_path):
     solid_image(tmp_path / "x.png", RED)
     path = write_rows(tmp_path / "d.jsonl", [{"prompt": "What colour?", "image": "x.png",

@@ -51,7 +51,9 @@ def corrupt_image(image, kind: str, rng: random.Random):
     (mDPO, arXiv:2406.11839; POVID's noised image, arXiv:2405.17220).
 
     ``crop``: a random rectangle with the image's aspect ratio and 5-20% of its area (mDPO's
-    "less than 20%"), returned at its own small size (the processor resizes it). ``mask``: a
+    "less than 20%"), scaled back to the image's size (bicubic), so the negative image gives
+    as many image tokens as the image it stands in for (dynamic-resolution processors such as
+    Qwen2-VL's would give a small crop fewer). ``mask``: a
     random black rectangle covering 60-90% of each side. ``noise``: forward-diffusion noise
     ``sqrt(a) x + sqrt(1 - a) eps`` on pixels in [-1, 1], ``a = NOISE_ALPHA_BAR``. ``blur``: a
     Gaussian blur of radius max(width, height) / 16 (no randomness).
@@ -62,7 +64,9 @@ def corrupt_image(image, kind: str, rng: random.Random):
         side = math.sqrt(rng.uniform(0.05, CROP_MAX_SHARE))
         w, h = max(1, int(width * side)), max(1, int(height * side))
         x, y = rng.randint(0, width - w), rng.randint(0, height - h)
-        return image.crop((x, y, x + w, y + h))
+        from PIL import Image
+
+        return image.crop((x, y, x + w, y + h)).resize((width, height), Image.Resampling.BICUBIC)
     if kind == "mask":
         w, h = round(width * rng.uniform(0.6, 0.9)), round(height * rng.uniform(0.6, 0.9))
         x, y = rng.randint(0, width - w), rng.randint(0, height - h)

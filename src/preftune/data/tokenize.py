@@ -306,6 +306,8 @@ def _encode_chunk(
         if images:
             side_prompts, counts = _with_image_tokens(side_prompts[0], item.record, tokenizer)
             side_prompts = [side_prompts] * len(response_ids)
+        else:
+            _check_no_image_tokens(side_prompts, item.record, tokenizer)
         if not all(side_prompts):
             report.empty_prompts += 1
             continue
@@ -330,6 +332,16 @@ def _encode_chunk(
         report.joint_pairs += any(own)
         examples.append(example)
     return examples
+
+
+def _check_no_image_tokens(prompts: list, record, tokenizer) -> None:
+    """A record without images whose prompt holds the model's image token (``<image>`` in a
+    string prompt) would leave that token without an image."""
+    images = getattr(tokenizer, "image_inputs", None)
+    if images is not None and any(images.image_token_id in ids for ids in prompts):
+        raise DataError(f"{record.origin}: field 'prompt' holds an image placeholder but the "
+                        "record has no images; give them in field 'images' (one per "
+                        "placeholder, in order) or remove the placeholder.")
 
 
 def _image_inputs(tokenizer, record):
