@@ -87,7 +87,7 @@ def test_settings_that_would_do_nothing_are_refused(pipes, tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
-def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path):
+def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path, capsys):
     out = tmp_path / "samples"
     assert main(["diffusion", "sample", "--model", str(pipes["sd"]), "--prompt",
                  "a red circle", "--seeds", "4", "--steps", "4", "--guidance-scale", "3",
@@ -102,6 +102,16 @@ def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path):
                              guidance_scale=3.0, negative_prompt="a blue square")[0]
     written = Image.open(next((out / "samples").glob("*/p00_s4.png")))
     assert written.tobytes() == tensor_image(expected).tobytes()
+    again = ["diffusion", "sample", "--model", str(pipes["sd"]), "--prompt", "a red circle",
+             "--seeds", "5", "--steps", "4", "--output-dir", str(out)]
+    assert main(again) == 2  # one samples/ folder, one set of prompts and seeds
+    assert "already has grid 'samples'" in capsys.readouterr().err
+    assert main(again + ["--label", "other"]) == 2
+    assert "grids sampled with other guidance_scale, negative_prompt, seeds" in \
+        capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0
+    assert json.loads((out / "samples" / "samples.json").read_text())["seeds"] == [5]
+    assert len(list(out.glob("samples.old-*/samples/p00_s4.png"))) == 1
     evaluated = tmp_path / "eval"
     assert main(["diffusion", "eval", "--model", str(pipes["sd"]), "--reference",
                  str(pipes["sd"]), "--prompt", "a red circle", "--seeds", "4", "--steps", "4",

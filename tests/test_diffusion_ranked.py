@@ -217,6 +217,16 @@ def test_rank_command_writes_win_share_lists_that_rank_dpo_trains_on(files, tmp_
         assert pair["chosen"] == ranked["images"][scores.index(max(scores))]
         assert pair["rejected"] == ranked["images"][scores.index(min(scores))]
 
+    again = ["diffusion", "rank", "--model", str(pipe), "--prompt", "a red circle", "--seeds",
+             "0", "--steps", "1", "--scorer", "shape_colour", "--output-dir", str(out)]
+    assert main(again) == 2  # the lists written above are not replaced silently
+    assert f"{out} already holds ranked lists" in capsys.readouterr().err
+    main(again + ["--overwrite"])
+    assert len([json.loads(line) for line in (out / "ranked.jsonl").open()]) == 1
+    (aside,) = tmp_path.glob("syn.old-*")  # moved aside, not deleted
+    assert len((aside / "ranked.jsonl").read_text().splitlines()) == 6
+    out = aside
+
     tree = config_tree(pipe, out / "ranked.jsonl", tmp_path / "run",
                        objective={"name": "rank_dpo"}, train={"log_every": 1})
     config = tmp_path / "rank_dpo.yaml"

@@ -4,6 +4,8 @@ one of them runs)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import require_diffusers
 
 
@@ -75,9 +77,35 @@ def _sample(args) -> None:
                               guidance_scale=args.guidance_scale, resolution=args.resolution,
                               negative_prompt=args.negative_prompt,
                               true_cfg_scale=args.true_cfg_scale)
+    _check_samples_dir(Path(args.output_dir), args.label, vars(samples), args.overwrite)
     model = load_diffusion_model(args.model)
     grid = write_samples(model, samples, args.output_dir, args.label)
     print(f"wrote {len(args.prompt) * len(args.seeds)} images and the grid {grid}")
+
+
+def _check_samples_dir(out: Path, label: str, settings: dict, overwrite: bool) -> None:
+    """Grids in one ``samples/`` share its ``samples.json`` (prompts, seeds, sampler): another
+    grid there must be sampled alike and not replace one of the same label, unless
+    ``overwrite`` (the folder is moved aside)."""
+    import json
+
+    from ..config import ConfigError
+    from ..train.output import move_aside
+    from .sample import SAMPLES_DIR
+
+    index_path = out / SAMPLES_DIR / "samples.json"
+    if not index_path.is_file():
+        return
+    index = json.loads(index_path.read_text())
+    differ = sorted(key for key, value in settings.items() if index.get(key) != value)
+    if label in index.get("grids", {}) or differ:
+        if overwrite:
+            move_aside(out / SAMPLES_DIR)
+            return
+        why = (f"already has grid {label!r}" if label in index.get("grids", {}) else
+               f"holds grids sampled with other {', '.join(differ)}")
+        raise ConfigError(f"{index_path.parent} {why}; choose another --label or --output-dir, "
+                          "or pass --overwrite (the folder is moved aside, not deleted).")
 
 
 def _eval(args) -> None:
@@ -99,6 +127,16 @@ def _rank(args) -> None:
     from .data import load_pairs
     from .ranking import make_ranked_lists
 
+    from ..config import ConfigError
+
+    out = Path(args.output_dir)
+    if (out / "ranked.jsonl").exists():
+        if not args.overwrite:
+            raise ConfigError(f"{out} already holds ranked lists; choose another --output-dir "
+                              "or pass --overwrite (the folder is moved aside, not deleted).")
+        from ..train.output import move_aside
+
+        move_aside(out)
     prompts = list(args.prompt or [])
     for path in args.prompts or []:  # records need only their prompt
         prompts += [record.prompt for record in load_pairs(
@@ -213,6 +251,8 @@ def add_diffusion_commands(commands) -> None:
     sample.add_argument("--model", required=True, help="a pipeline directory")
     sample.add_argument("--output-dir", default=".", help="writes samples/<label>.png here")
     sample.add_argument("--label", default="samples")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="move an earlier samples/ folder aside instead of refusing")
     _sampling_arguments(sample)
     sample.set_defaults(run=_sample)
 
@@ -248,6 +288,8 @@ def add_diffusion_commands(commands) -> None:
     rank.add_argument("--prompt-field", default="prompt", help="the prompt column of --prompts")
     rank.add_argument("--output-dir", required=True,
                       help="writes ranked.jsonl, pairs.jsonl and images/ here")
+    rank.add_argument("--overwrite", action="store_true",
+                      help="move earlier lists in --output-dir aside instead of refusing")
     rank.add_argument("--list-size", type=int,
                       help="seeds per list (default: all seeds of a prompt in one list); "
                       "a list holds every model's image of each of its seeds")
