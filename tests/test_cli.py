@@ -210,3 +210,17 @@ def test_deepspeed_imported_on_a_cpu_machine_does_not_warn_after_a_command():
     assert printed.splitlines()[-2] == "1"  # one filter, however many commands ran
     assert "Setting accelerator to CPU" not in printed
     assert printed.splitlines()[-1].endswith("another warning")  # the others still show
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["rm", "eval", "--model", "m", "--data", "d", "--bins", "0"], "--bins"),
+    (["rm", "score", "--model", "m", "--data", "d", "--output", "o", "--batch-size", "0"],
+     "--batch-size"),
+    (["eval", "--model", "m", "--data", "d", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["compare", "--objectives", "dpo", "--samples", "-1"], "--samples"),
+])
+def test_counts_out_of_range_are_usage_errors(argv, option, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert f"argument {option}: must be at least" in capsys.readouterr().err

@@ -255,9 +255,15 @@ def test_rm_score_output_feeds_margin_objectives(workspace, tmp_path):
         "reference": {"cache_dir": str(tmp_path / "cache")},
         "train": {"batch_size": 4, "max_steps": 1}}), show_progress=False)
     assert (policy / "model" / "model.safetensors").exists()
-    # a second run refuses to overwrite the scores it already holds
-    assert main(["rm", "score", "--model", str(run), "--data", str(out), "--output",
-                 str(tmp_path / "again.jsonl")]) == 2
+    # a second run refuses to overwrite the scores it already holds, or an existing file
+    again = ["rm", "score", "--model", str(run), "--data", str(out), "--output",
+             str(tmp_path / "again.jsonl")]
+    assert main(again) == 2
+    assert main(again + ["--field", "rm2"]) == 0
+    rescored = [json.loads(line) for line in (tmp_path / "again.jsonl").open()]
+    assert [r["origin"] for r in rescored] == [s["origin"] for s in scored]  # the first origins
+    assert main(again + ["--field", "rm3"]) == 2
+    assert main(again + ["--field", "rm3", "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("loss, head, rows, message", [

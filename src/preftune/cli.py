@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from .arguments import COUNT, POSITIVE
 
 
 def _train(args) -> None:
@@ -242,15 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="whose hidden states CHES uses (the paper: the model before training)")
     evaluate.add_argument("--filter-top", type=float, metavar="FRACTION",
                           help="also write the data without this fraction of highest-CHES pairs")
-    evaluate.add_argument("--samples", type=int, default=4,
+    evaluate.add_argument("--samples", type=COUNT, default=4,
                           help="policy samples per prompt for KL, top-k and length stats (0: skip)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=64)
-    evaluate.add_argument("--top-k", type=int, default=10, help="k of top-k entropy and mass")
+    evaluate.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    evaluate.add_argument("--top-k", type=POSITIVE, default=10, help="k of top-k entropy and mass")
     evaluate.add_argument("--scorer", help="win rate vs the reference under 'synthetic' (the "
                           "demo's checkers) or module:function(prompt, response) -> float")
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-length", type=int, default=1024)
-    evaluate.add_argument("--max-prompt-length", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=POSITIVE, default=16)
+    evaluate.add_argument("--max-length", type=POSITIVE, default=1024)
+    evaluate.add_argument("--max-prompt-length", type=POSITIVE, default=512)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                           help="chat template (a .jinja file or the Jinja text) for "
@@ -265,12 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "preftune data inspect my_pairs.jsonl --example 3 --model default")
     inspect.add_argument("file", help="a data file, a dataset directory or hub-cache dataset "
                          "(ORG/NAME), optionally :SPLIT")
-    inspect.add_argument("--example", type=int, help="show record N token by token")
+    inspect.add_argument("--example", type=COUNT, help="show record N token by token")
     inspect.add_argument("--model", default="default", help="whose tokenizer to use")
     inspect.add_argument("--format", default="auto",
                          choices=["auto", "standard", "conversational", "implicit"])
-    inspect.add_argument("--max-length", type=int, default=1024)
-    inspect.add_argument("--max-prompt-length", type=int, default=512)
+    inspect.add_argument("--max-length", type=POSITIVE, default=1024)
+    inspect.add_argument("--max-prompt-length", type=POSITIVE, default=512)
     inspect.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                          help="model.chat_template: render message lists with this template "
                               "(a .jinja file or the Jinja text) instead of the tokenizer's")
@@ -280,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "preftune data synthetic --output-dir runs/synthetic --train 192 "
                         "--eval 96")
     synthetic.add_argument("--output-dir", default="runs/synthetic")
-    synthetic.add_argument("--train", type=int, default=192, help="training pairs")
-    synthetic.add_argument("--eval", type=int, default=96, help="held-out pairs")
+    synthetic.add_argument("--train", type=POSITIVE, default=192, help="training pairs")
+    synthetic.add_argument("--eval", type=COUNT, default=96, help="held-out pairs")
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
                            help="share of pairs whose rejected answer is a bare wrong answer "
@@ -319,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output-dir", default="runs/compare")
     compare.add_argument("--eval-data", help="held-out pairs (default: the config's data.eval)")
     compare.add_argument("--scorer", help="win rate under 'synthetic' or module:function")
-    compare.add_argument("--samples", type=int, default=2,
+    compare.add_argument("--samples", type=COUNT, default=2,
                          help="policy samples per prompt for KL and length (0: skip)")
-    compare.add_argument("--max-new-tokens", type=int, default=32)
+    compare.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     compare.set_defaults(run=_compare)
 
     config = command(commands, "config", "every config key with its type, default and help; "

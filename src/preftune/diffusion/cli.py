@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..arguments import POSITIVE
 from . import require_diffusers
 
 
@@ -179,11 +180,11 @@ def _sampling_arguments(parser, prompt_required: bool = True) -> None:
     parser.add_argument("--prompt", action="append", required=prompt_required,
                         help="a prompt (repeat for several)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated, e.g. 0,1")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--steps", type=POSITIVE, default=25, help="DDIM steps")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance (1: none); Flux.1-dev: its guidance "
                         "input (FluxPipeline uses 3.5)")
-    parser.add_argument("--resolution", type=int,
+    parser.add_argument("--resolution", type=POSITIVE,
                         help="pixels per side (default: the denoiser's own size; Flux: 1024)")
     parser.add_argument("--negative-prompt", default="",
                         help="what guidance steers away from (default: the empty prompt)")
@@ -235,8 +236,8 @@ def add_diffusion_commands(commands) -> None:
     caption.add_argument("--perturber", help="a language model (directory, Hub id or default)")
     caption.add_argument("--field", action="append", metavar="KEY=COLUMN",
                          help="read a column under another name, e.g. prompt=caption")
-    caption.add_argument("--max-new-tokens", type=int, default=48)
-    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--max-new-tokens", type=POSITIVE, default=48)
+    caption.add_argument("--batch-size", type=POSITIVE, default=8)
     caption.add_argument("--caption-instruction", default=None,
                          help="the captioner's instruction, with <image> and {prompt}")
     caption.add_argument("--perturb-instruction", default=None,
@@ -290,7 +291,7 @@ def add_diffusion_commands(commands) -> None:
                       help="writes ranked.jsonl, pairs.jsonl and images/ here")
     rank.add_argument("--overwrite", action="store_true",
                       help="move earlier lists in --output-dir aside instead of refusing")
-    rank.add_argument("--list-size", type=int,
+    rank.add_argument("--list-size", type=POSITIVE,
                       help="seeds per list (default: all seeds of a prompt in one list); "
                       "a list holds every model's image of each of its seeds")
     _sampling_arguments(rank, prompt_required=False)

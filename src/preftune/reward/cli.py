@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..arguments import POSITIVE
+
 
 def _train(args) -> None:
     from ..api import RewardConfig, train_reward_model
@@ -58,8 +60,8 @@ def add_rm_commands(commands) -> None:
     evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")
     evaluate.add_argument("--category-field", default="category",
                           help="record field whose values group the accuracy (default category)")
-    evaluate.add_argument("--bins", type=int, default=10, help="confidence bins of the ECE")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--bins", type=POSITIVE, default=10, help="confidence bins of the ECE")
+    evaluate.add_argument("--batch-size", type=POSITIVE, default=16)
     evaluate.set_defaults(run=_eval)
 
     score = command(sub, "score", "score (prompt, response) records, pairs or lists; writes "
@@ -72,8 +74,9 @@ def add_rm_commands(commands) -> None:
                        "chosen_NAME / rejected_NAME (what odpo and modpo read), lists NAMEs, "
                        "single responses NAME (default score)")
     score.add_argument("--overwrite", action="store_true",
-                       help="replace score fields the input rows already have")
-    score.add_argument("--batch-size", type=int, default=16)
+                       help="replace score fields the input rows already have, and an "
+                            "existing --output file")
+    score.add_argument("--batch-size", type=POSITIVE, default=16)
     score.set_defaults(run=_score)
 
     losses = command(sub, "losses", "list the reward losses", "preftune rm losses")

@@ -119,12 +119,15 @@ def score_row(row: dict, record, head: Head, outputs: torch.Tensor, field: str) 
 
 def run_score(model: str, data: str, output: str, batch_size: int = 16, field: str = "score",
               overwrite: bool = False) -> Path:
-    """Score every record of ``data`` and write ``output`` (JSONL): each input row with its
-    ``origin`` and the scores added (pairs: ``chosen_<field>``, ``rejected_<field>``,
+    """Score every record of ``data`` and write ``output`` (JSONL; an existing file only with
+    ``overwrite``): each input row with its ``origin`` (unless it has one) and the scores added (pairs: ``chosen_<field>``, ``rejected_<field>``,
     ``<field>_preference``; lists: ``<field>s``; one response: ``<field>``). Returns the file."""
     target = Path(output)
     if target.resolve() == Path(data).resolve():
         raise DataError(f"--output {output} is the input file; write the scores to a new file.")
+    if target.exists() and not overwrite:
+        raise DataError(f"--output {output} already exists; choose another file, or pass "
+                        "--overwrite to replace it.")
     records = load_records(data)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS))]
     scoring = RewardScoring.load(model, batch_size)
@@ -135,15 +138,17 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     staging = target.with_name(target.name + ".partial")
     with open(staging, "w", encoding="utf-8") as handle:
         for row, record, values in zip(rows, records, outputs):
-            added = {"origin": record.origin, **score_row(row, record, scoring.head, values, field)}
-            taken = [name for name in added if name in row and name != "origin"]
+            added = score_row(row, record, scoring.head, values, field)
+            taken = [name for name in added if name in row]
             if taken and not overwrite:
                 handle.close()
                 staging.unlink()
                 raise DataError(f"{record.origin}: field {taken[0]!r} already exists; pass "
                                 f"--field NAME to write the scores under another name, or "
                                 f"--overwrite to replace it.")
-            handle.write(json.dumps({**row, **added}, ensure_ascii=False, default=str) + "\n")
+            # a row's own origin (where an earlier step took it from) is kept
+            handle.write(json.dumps({"origin": record.origin, **row, **added},
+                                    ensure_ascii=False, default=str) + "\n")
     os.replace(staging, target)
     print(f"scored {len(records)} records ({records[0].shape}) with {model}: {target}")
     return target
