@@ -385,9 +385,12 @@ def test_online_rounds_refuse_reference_syncs(model_dir, data, tmp_path):
 
 def test_per_step_mode_refuses_settings_it_would_ignore(model_dir, data, tmp_path):
     tree = per_step_tree(model_dir, data, tmp_path)
-    tree["online"]["rounds"] = 3
-    with pytest.raises(ConfigError, match="online.rounds does nothing with online.mode per_step"):
+    tree["online"].update(rounds=3, reference="previous", prompts_per_round=None)
+    with pytest.raises(ConfigError, match="online.rounds: 3, online.reference: 'previous': "
+                                          "nothing to set with online.mode per_step"):
         build_config(tree, schema=OnlineConfig)
+    tree["online"].update(rounds=2, reference="initial")  # what per_step does anyway: accepted
+    assert build_config(tree, schema=OnlineConfig).online.mode == "per_step"
 
 
 def test_best_of_n_baseline_scores_each_prompt_by_its_best_sample(model_dir, data, tmp_path):

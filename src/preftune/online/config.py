@@ -125,11 +125,14 @@ class OnlineConfig(Config):
                                  f"but online.pairs.builder {online.pairs.builder!r} makes "
                                  f"{data}; use builder 'list' (or 'd2o') for listwise objectives.")
         if online.mode == "per_step":
-            fixed = {"rounds", "prompts_per_round", "reference"} & online.model_fields_set
+            plain = type(online)()
+            fixed = [f"online.{key}: {getattr(online, key)!r}" for key in
+                     ("rounds", "prompts_per_round", "reference")
+                     if getattr(online, key) != getattr(plain, key)]
             if fixed:
-                raise ValueError(f"online.{sorted(fixed)[0]} does nothing with online.mode "
-                                 "per_step (one run of train.max_steps steps, each on fresh "
-                                 "samples, against the initial model); remove it.")
+                raise ValueError(f"{', '.join(fixed)}: nothing to set with online.mode per_step "
+                                 "(one run of train.max_steps steps, each on fresh samples, "
+                                 "against the initial model); remove them.")
             if online.sampling.backend != "hf":
                 raise ValueError("online.mode per_step samples with the policy being trained "
                                  "(transformers); set online.sampling.backend: hf.")
