@@ -18,6 +18,17 @@ def test_bad_keys_and_types_name_the_key(tree, expected):
         build_config(tree)
 
 
+def test_switching_objective_by_name_says_how_to_drop_the_old_parameters():
+    with pytest.raises(ConfigError, match=r"unknown key 'objective.beta' in objective pro. "
+                                          r"\(--set objective.name=... keeps the parameters .*"
+                                          r"--set 'objective=\{name: ...\}'\) Known keys: "):
+        build_config({"objective": {"name": "pro", "beta": 0.1}})
+    with pytest.raises(ConfigError, match="unknown key 'objective.beta' in objective sft. .* It "
+                                          "takes no parameters."):
+        build_config({"objective": {"name": "sft", "beta": 0.1}})
+    assert build_config({"objective": "ipo"}).objective[0].name == "ipo"  # a name alone
+
+
 @pytest.mark.parametrize("tree,expected", [
     ({"objective": {"name": "simpo"}, "reference": {"strategy": "precomputed"}}, "reference-free"),
     ({"reference": {"strategy": "adapter-off"}}, "needs model.lora"),

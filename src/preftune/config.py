@@ -113,7 +113,8 @@ class ObjectiveConfig(BaseModel):
         known = {f.name for f in dataclasses.fields(spec.params)}
         for key in self.model_extra or {}:
             if key not in known:
-                raise ValueError(_unknown(f"objective.{key}", key, known, f"objective {self.name}"))
+                raise ValueError(_unknown(f"objective.{key}", key, known,
+                                          f"objective {self.name}", "objective"))
         validate_params(spec, self.model_extra or {})
         return self
 
@@ -164,6 +165,9 @@ class Config(RunConfig):
     @field_validator("objective", mode="before")
     @classmethod
     def _one_or_many(cls, value):
+        """One term (``{name: dpo, beta: 0.1}``, or just its name) or a list of them."""
+        if isinstance(value, str):
+            value = {"name": value}
         return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
@@ -268,10 +272,17 @@ def check_data_and_train(data: DataConfig, train: TrainConfig,
                          f"too, e.g. --set data.max_prompt_length={max(1, data.max_length // 2)}.")
 
 
-def _unknown(path: str, key: str, known, where: str) -> str:
+def _unknown(path: str, key: str, known, where: str, section: str | None = None) -> str:
+    """An unknown key named, with the closest known one; for a parameter of a ``section``
+    (objective, loss) that is no typo, how to switch that section's name from the command
+    line without the old parameters."""
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" Did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}?" if close else ""
-    return f"unknown key {path!r} in {where}.{hint} Known keys: {', '.join(sorted(known))}."
+    if section and not close:
+        hint = (f" (--set {section}.name=... keeps the parameters of the {section} before; "
+                f"replace the whole section instead: --set '{section}={{name: ...}}')")
+    keys = f"Known keys: {', '.join(sorted(known))}." if known else "It takes no parameters."
+    return f"unknown key {path!r} in {where}.{hint} {keys}"
 
 
 def _describe(error: dict, model: type[BaseModel]) -> str:

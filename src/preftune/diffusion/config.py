@@ -94,7 +94,7 @@ class DiffusionObjectiveConfig(BaseModel):
         for key in self.model_extra or {}:
             if key not in known:
                 raise ValueError(_unknown(f"objective.{key}", key, known,
-                                          f"diffusion objective {self.name}"))
+                                          f"diffusion objective {self.name}", "objective"))
         try:
             self.params()
         except ValidationError as error:

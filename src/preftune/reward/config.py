@@ -62,7 +62,8 @@ class RewardLossConfig(BaseModel):
         known = {f.name for f in dataclasses.fields(spec.params)}
         for key in self.model_extra or {}:
             if key not in known:
-                raise ValueError(_unknown(f"loss.{key}", key, known, f"reward loss {self.name}"))
+                raise ValueError(_unknown(f"loss.{key}", key, known, f"reward loss {self.name}",
+                                          "loss"))
         try:
             TypeAdapter(spec.params).validate_python(self.model_extra or {})
         except ValidationError as error:

@@ -81,7 +81,7 @@ def check_fields(example, needed: list[str], spec, weight_field: str | None) -> 
     for name in [*needed, *([weight_field] if weight_field else [])]:
         value = example.scores.get(name)
         if value is None or not math.isfinite(value) or (name == weight_field and value < 0):
-            state = "is missing" if value is None else f"is {value}"
+            state = "is missing or not a number" if value is None else f"is {value}"
             setting = ("train.example_weight_field" if name == weight_field else
                        f"the reward loss {spec.name} ({', '.join(spec.defaults()) or 'no params'}"
                        " / model.head)")
