@@ -88,6 +88,10 @@ def test_user_scorer_and_default_output_in_the_working_directory(files, tmp_path
     assert results["win_rate"] == 0.5  # the policy is the reference: every prompt ties
     assert results["rewards/margin"] == 0.0 and results["displacement/chosen_fell"] == 0.0
     assert "sampled/kl" not in results
+    assert (tmp_path / "eval_answers.jsonl").is_file()
+    assert main(["eval", "--model", str(files / "reference"), "--data", str(files / "pairs.jsonl"),
+                 "--reference", str(files / "reference"), "--samples", "0"]) == 0
+    assert not (tmp_path / "eval_answers.jsonl").exists()  # not this evaluation's answers
 
 
 @pytest.mark.parametrize("rows, flags, message", [
@@ -114,6 +118,19 @@ def test_bad_inputs_exit_2_naming_file_record_and_field(files, tmp_path, capsys,
     assert code == 2
     for part in message:
         assert part in err, (part, err)
+
+
+def test_model_paths_are_named_by_their_flag(files, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    args = ["eval", "--data", str(pairs), "--samples", "0", "--output", str(tmp_path)]
+    assert main(args + ["--model", str(files / "run"), "--reference", str(tmp_path)]) == 2
+    assert f"--reference: {tmp_path} has no config.json" in capsys.readouterr().err
+    stopped = tmp_path / "stopped"  # a run stopped before it wrote its model
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n")
+    assert main(args + ["--model", str(stopped)]) == 2
+    assert "a run that has not written its model yet" in capsys.readouterr().err
 
 
 def test_a_run_dir_is_compared_with_the_model_it_trained_against(files, tmp_path, capsys):

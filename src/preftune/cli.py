@@ -60,10 +60,11 @@ def _inspect(args) -> None:
     from .data.sources import load_records
     from .data.tokenize import TokenizeSettings, tokenize_records
     from .model.chat_template import use_chat_template
-    from .model.load import load_tokenizer
+    from .model.load import given_as, load_tokenizer
 
     settings = TokenizeSettings(args.max_length, args.max_prompt_length)
-    tokenizer = load_tokenizer(args.model)
+    with given_as("--model"):
+        tokenizer = load_tokenizer(args.model)
     if args.chat_template is not None:
         use_chat_template(tokenizer, args.chat_template, "--chat-template")
     if prompts_only(args.file):  # prompts alone: what online runs and spo sample from

@@ -27,7 +27,7 @@ from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompt
                              tokenize_records)
 from ..model.forward import SequenceStats
 from ..model.chat_template import use_chat_template
-from ..model.load import load_model, load_model_and_tokenizer, load_tokenizer
+from ..model.load import given_as, load_model, load_model_and_tokenizer, load_tokenizer
 from . import diagnostics as D
 from .run_models import model_location, run_reference
 from ..score import load_scorer
@@ -83,11 +83,13 @@ def run_eval(options: EvalOptions) -> dict:
             scorer = load_scorer(options.scorer, options.data)
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
-    tokenizer = load_tokenizer(model_dir)
-    if options.chat_template is not None:
-        use_chat_template(tokenizer, options.chat_template, "--chat-template")
-    policy = load_model(model_dir, tokenizer)
-    reference, reference_tokenizer = load_model_and_tokenizer(options.reference)
+    with given_as("--model"):
+        tokenizer = load_tokenizer(model_dir)
+        if options.chat_template is not None:
+            use_chat_template(tokenizer, options.chat_template, "--chat-template")
+        policy = load_model(model_dir, tokenizer)
+    with given_as("--reference"):
+        reference, reference_tokenizer = load_model_and_tokenizer(options.reference)
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"--reference {options.reference} has another vocabulary than --model "
                           f"{options.model}; log-prob ratios need the same tokenizer.")
@@ -129,6 +131,8 @@ def run_eval(options: EvalOptions) -> dict:
         with open(output / "eval_answers.jsonl", "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answers)
         print(f"wrote {output / 'eval_answers.jsonl'} (each prompt's greedy answers and scores)")
+    else:  # an earlier evaluation's answers would read as this one's
+        (output / "eval_answers.jsonl").unlink(missing_ok=True)
     return results
 
 

@@ -17,6 +17,11 @@ def model_location(path: str) -> tuple[str, Path | None]:
     local = Path(path)
     if (local / "run.json").exists() or (local / "model" / "config.json").exists():
         return str(final_model_dir(local)), local
+    if (local / "metrics.jsonl").exists() and not (local / "config.json").exists():
+        raise FileNotFoundError(f"--model {path}: a run that has not written its model yet "
+                                "(no model/ and no run.json: still training, or stopped); finish "
+                                "it with the same preftune train command and --resume, then "
+                                "evaluate it.")
     if (local / "config.json").exists() or is_adapter_dir(local):
         is_run = any((local.parent / name).exists() for name in ("run.json", "metrics.jsonl"))
         return str(local), local.parent if is_run else None

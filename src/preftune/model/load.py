@@ -103,6 +103,16 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def given_as(flag: str):
+    """Errors about a model path that a command-line flag gave name that flag, not the config
+    key ``model.path``."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        raise FileNotFoundError(str(error).replace("model.path", flag, 1)) from None
+
+
 def resolve_model_dir(path: str, allow_pickle: bool = False, weights: bool = True) -> str:
     """Map a config ``model.path`` to a local directory ``from_pretrained`` loads: the bundled
     default, the encoder alias, a GGUF file (converted once), a model directory, or a Hugging
