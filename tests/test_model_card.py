@@ -97,5 +97,6 @@ def test_reward_model_card_names_the_loss_and_head(policy_run):
 
 def test_command_line_reads_as_typed():
     assert command_line(["/venv/bin/preftune", "train", "a b.yaml"]) == "preftune train 'a b.yaml'"
+    assert command_line(["scripts/align.py", "--lr", "1e-6"]) == "python scripts/align.py --lr 1e-6"
     assert command_line(["/x/preftune/__main__.py", "rm", "train"]) == \
         "python -m preftune rm train"

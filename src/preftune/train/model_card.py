@@ -28,6 +28,8 @@ def command_line(argv: list[str] | None = None) -> str:
     program = Path(argv[0]).name if argv else "python"
     if program == "__main__.py":  # python -m preftune
         return shlex.join(["python", "-m", "preftune", *argv[1:]])
+    if program.endswith(".py"):  # a script calling preftune.api
+        return shlex.join(["python", argv[0], *argv[1:]])
     return shlex.join([program, *argv[1:]])
 
 
