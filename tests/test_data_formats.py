@@ -149,6 +149,13 @@ def test_repeated_prompt_that_does_not_match_names_record_and_field(tmp_path):
     with pytest.raises(DataError, match=r"s\.jsonl:2: field 'prompt' \(prompt\) does not match the "
                                         r"dialogue.*'Name a prime\.'.*'Name an even number\.'"):
         load_records(write_jsonl(tmp_path / "s.jsonl", [BINARIZED[0], row]))
+    row = binarized_row("Name a prime.", "7", "8")
+    row["rejected"][0] = user("Name an odd number.")
+    with pytest.raises(DataError, match=r"o\.jsonl:2: fields 'chosen' and 'rejected' should both "
+                                        r"open with the prompt of field 'prompt', but they open "
+                                        r"differently \(chosen: 'Name a prime\.'; rejected: "
+                                        r"'Name an odd number\.'\)"):
+        load_records(write_jsonl(tmp_path / "o.jsonl", [BINARIZED[0], row]))
 
 
 def test_implicit_format_with_a_prompt_column_says_and_strips_it(tmp_path):

@@ -58,7 +58,10 @@ def _split_text(chosen: str, rejected: str, origin: str) -> tuple[str, str, str]
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def _split_messages(chosen: list, rejected: list, origin: str) -> tuple:
+def _split_messages(chosen: list, rejected: list, origin: str,
+                    prompt_column: str | None = None) -> tuple:
+    """(shared opening, chosen response, rejected response) of two message lists; with a
+    ``prompt_column`` the row has a prompt that both dialogues should open with."""
     shared = 0
     # each side keeps at least one message as its response
     limit = min(len(chosen), len(rejected)) - 1
@@ -67,6 +70,12 @@ def _split_messages(chosen: list, rejected: list, origin: str) -> tuple:
     # the responses start at an assistant turn; back off to the last one inside the shared part
     while shared > 0 and not (chosen[shared]["role"] == rejected[shared]["role"] == "assistant"):
         shared -= 1
+    if shared == 0 and prompt_column is not None:
+        raise DataError(
+            f"{origin}: fields 'chosen' and 'rejected' should both open with the prompt of "
+            f"field {prompt_column!r}, but they open differently (chosen: "
+            f"{_short(chosen[0])}; rejected: {_short(rejected[0])}). Fix the record so both "
+            "dialogues start with the same prompt messages.")
     if shared == 0:
         raise DataError(
             f"{origin}: fields 'chosen' and 'rejected' share no turn boundary: they need a "
@@ -114,7 +123,7 @@ def _after(prompt: list, side: list, column: str, prompt_column: str, origin: st
 def _strip_named(prompt: str, chosen: list, rejected: list, columns: dict, origin: str) -> tuple:
     """A string prompt that the dialogues repeat as a user message: their shared opening up to
     the responses becomes the prompt."""
-    opening, chosen, rejected = _split_messages(chosen, rejected, origin)
+    opening, chosen, rejected = _split_messages(chosen, rejected, origin, columns["prompt"])
     users = [m["content"] for m in opening if m["role"] == "user"]
     if prompt.strip() not in (text.strip() for text in users):
         shown = _short({"content": users[-1]}) if users else "no user message"
