@@ -203,6 +203,17 @@ def test_missing_field_lists_present_fields_and_suggests_mapping(tmp_path):
     assert "'good', 'bad'" in message and "fields=" in message and "data.fields" in message
 
 
+def test_a_misspelt_column_in_fields_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [{"question": "p", "good": "g", "bad": "b"}])
+    with pytest.raises(DataError, match=r"f\.jsonl:1: data.fields maps 'prompt' to column "
+                                        r"'questoin', which the record lacks; its fields are "
+                                        r"'question', 'good', 'bad'"):
+        load_records(path, fields={"prompt": "questoin", "chosen": "good", "rejected": "bad"})
+    (record,) = load_records(path, fields={"prompt": "question", "chosen": "good",
+                                           "rejected": "bad"})
+    assert (record.prompt, record.chosen, record.rejected) == ("p", "g", "b")
+
+
 @pytest.mark.parametrize("row,field,expected", [
     ({"prompt": "p", "chosen": 42, "rejected": "r"}, "'chosen'", "expects a string"),
     ({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "r"}, "'prompt', message 0",

@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import os
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 from .detect import check_shape, detect
@@ -66,12 +67,14 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                     f"rejected), got {describe(row)}. Each record must be a JSON object (one per "
                     f"line in JSONL)."
                 )
-            found = detection or detect(row, columns, origin, shape, format)
-            if detection is not None and shape == "auto":
-                check_shape(row, found.columns, found.shape, origin)
-            # in auto mode a later record of another valid format is a mixed file, not a bad value
-            mixed = format == "auto" and bool(records)
-            record = parse_row(found.shape, row, found.columns, found.format, origin, mixed)
+            with _misspelt_columns(row, fields, origin, first=detection is None):
+                found = detection or detect(row, columns, origin, shape, format)
+                if detection is not None and shape == "auto":
+                    check_shape(row, found.columns, found.shape, origin)
+                # in auto mode a later record of another valid format is a mixed file, not a
+                # bad value
+                mixed = format == "auto" and bool(records)
+                record = parse_row(found.shape, row, found.columns, found.format, origin, mixed)
             record = attach_images(record, row, found.columns, origin, base_dir)
             record = attach_tools(record, row, found.columns, origin)
             if records:
@@ -290,6 +293,23 @@ def _column_map(path: str, fields: dict | None) -> dict:
             raise DataError(f"{path}: fields[{canonical!r}] must be a column name (a string).")
         columns[canonical] = column
     return columns
+
+
+@contextmanager
+def _misspelt_columns(row: dict, fields: dict | None, origin: str, first: bool):
+    """When a file's first record cannot be read and a column that ``fields`` (data.fields)
+    names is not in it, that misspelt name is the error (not the layout it led to)."""
+    try:
+        yield
+    except DataError:
+        missing = [(k, c) for k, c in (fields or {}).items() if first and c not in row]
+        if missing:
+            canonical, column = missing[0]
+            raise DataError(f"{origin}: data.fields maps {canonical!r} to column {column!r}, "
+                            f"which the record lacks; its fields are "
+                            f"{', '.join(map(repr, row))}. Fix the column name in "
+                            "data.fields.") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
