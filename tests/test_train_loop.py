@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune.config import ConfigError, build_config
+from preftune.data.records import DataError
 from preftune.train import loop, trainer
 from preftune.train.logging import read_metrics
 from preftune.train.plan import _activation_bytes
@@ -412,3 +413,14 @@ def test_attention_implementation_is_configurable(workspace):
     if not torch.cuda.is_available():  # on CUDA, tests/test_cuda.py trains with it
         with pytest.raises(ConfigError, match="CUDA only"):
             run(workspace, "attn-flex", model__attn_implementation="flex_attention")
+
+
+@pytest.mark.parametrize("objective, expected", [
+    ("pro", r"pro trains on ranked data, but .*pairs\.jsonl holds pairs\. No data\.convert turns "
+            r"pairs into ranked: pick an objective for pairs"),
+    ("kto", r"kto trains on unpaired data, but .*pairs\.jsonl holds pairs\. Convert it with "
+            r"data\.convert \(one of: unpaired\) or pick an objective for pairs"),
+])
+def test_data_of_another_shape_names_only_conversions_that_apply(workspace, objective, expected):
+    with pytest.raises(DataError, match=expected):
+        run(workspace, f"shape-{objective}", objective={"name": objective})

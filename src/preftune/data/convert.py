@@ -134,6 +134,18 @@ def curriculum_order(pairs: Sequence, chosen_key: str = "chosen_score",
     return [pairs[i] for i in order]
 
 
+def conversions(source: str, target: str) -> list[str]:
+    """The ``data.convert`` values that turn ``source``-shaped records into ``target``."""
+    to_pairs = [f"pairs:{mode}" for mode in RANKED_TO_PAIRS_MODES]
+    if (source, target) == ("ranked", "pairs"):
+        return to_pairs
+    if (source, target) == ("pairs", "unpaired"):
+        return ["unpaired"]
+    if (source, target) == ("ranked", "unpaired"):
+        return [f"[{mode}, unpaired]" for mode in to_pairs]
+    return []
+
+
 def convert(records: Sequence, to: str | Sequence[str], seed: int = 0) -> list:
     """Convert records by a config string, or a list of them applied in order.
 

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..config import Config
+from ..data.convert import conversions
 from ..data.layout import choose_layout, collate
 from ..data.prepare import (prepare_examples, with_mismatched_completions,
                             with_negative_image_slot)
@@ -255,11 +256,12 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         eval_examples = with_negative_image_slot(eval_examples)
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     if objective.data != shape:
+        ways = conversions(shape, objective.data)
+        convert_it = (f"Convert it with data.convert (one of: {', '.join(ways)}) or pick"
+                      if ways else f"No data.convert turns {shape} into {objective.data}: pick")
         raise DataError(
             f"{objective.name} trains on {objective.data} data, but {config.data.train} holds "
-            f"{shape}. Convert it with data.convert (one of: pairs:best_vs_worst, "
-            "pairs:all_pairs, pairs:best_vs_each, unpaired) or pick an objective for "
-            f"{shape} (`preftune objectives`).")
+            f"{shape}. {convert_it} an objective for {shape} (`preftune objectives`).")
 
     if plan_only:
         model = trained_part(model, config)
