@@ -42,6 +42,9 @@ def scorer_module(tmp_path_factory):
 
         def broken(prompt, response):
             return float("nan")
+
+        def raising(prompt, response):
+            return {"x": 1}[response]
     """))
     sys.path.insert(0, str(root))
     yield root
@@ -62,6 +65,11 @@ def test_bad_scores_and_specs_are_named(scorer_module):
         load_scorer("nothing-like-a-scorer")
     with pytest.raises(ConfigError, match="importable"):
         load_scorer("no_such_module_here:f")
+    with pytest.raises(KeyError) as raised:  # the user's own error, with its traceback
+        load_scorer("my_checks:raising").score(["Name a prime."], ["7"])
+    if sys.version_info >= (3, 11):
+        assert raised.value.__notes__ == ["(raised by scorer 'my_checks:raising' while scoring a "
+                                          "response to prompt 'Name a prime.')"]
 
 
 def test_a_scorer_module_in_the_working_directory_is_found_off_the_path(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ program checkers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -66,13 +67,30 @@ class FunctionScorer:
 
     def score(self, prompts, responses) -> list[float]:
         if getattr(self.function, "batched", False):
-            return checked(self.function(list(prompts), list(responses)), self.name,
-                           len(responses))
-        return checked([self.function(p, r) for p, r in zip(prompts, responses, strict=True)],
-                       self.name, len(responses))
+            with _named(self.name, "a batch of", prompts[0] if len(prompts) else ""):
+                values = self.function(list(prompts), list(responses))
+            return checked(values, self.name, len(responses))
+        values = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            with _named(self.name, "a response to", prompt):
+                values.append(self.function(prompt, response))
+        return checked(values, self.name, len(responses))
 
     def prefer(self, prompts, first, second) -> list[float]:
         return prefer_by_scores(self, prompts, first, second)
+
+
+@contextlib.contextmanager
+def _named(scorer: str, what: str, prompt):
+    """An error raised by the user's scoring function keeps its traceback, and says which
+    scorer raised it on what."""
+    try:
+        yield
+    except Exception as error:
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(f"(raised by scorer {scorer!r} while scoring {what} prompt "
+                           f"{str(prompt)[:120]!r})")
+        raise
 
 
 class SyntheticScorer:
