@@ -121,6 +121,8 @@ def test_trained_model_reaches_held_out_accuracy_and_reloads_identically(workspa
     assert results["pairs"] == 96
     assert set(results["accuracy_by"]["category"]) == {"short", "long"}
     assert (run / "rm_eval" / "rm_reliability.png").stat().st_size > 1000
+    assert main(["rm", "eval", "--model", str(run), "--data", str(workspace / "eval.jsonl"),
+                 "--output", str(tmp_path / "by-family"), "--category-field", "family"]) == 2
     # the run's HTML report shows the evaluation beside the training curves
     from preftune.report import write_report
 

@@ -58,8 +58,9 @@ def add_rm_commands(commands) -> None:
     evaluate.add_argument("--model", required=True, help="a reward-model run dir or model dir")
     evaluate.add_argument("--data", required=True, help="pairs or ranked lists (JSONL, ...)")
     evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")
-    evaluate.add_argument("--category-field", default="category",
-                          help="record field whose values group the accuracy (default category)")
+    evaluate.add_argument("--category-field",
+                          help="record field whose values group the accuracy (default: "
+                               "'category', where the records have it)")
     evaluate.add_argument("--bins", type=POSITIVE, default=10, help="confidence bins of the ECE")
     evaluate.add_argument("--batch-size", type=POSITIVE, default=16)
     evaluate.set_defaults(run=_eval)

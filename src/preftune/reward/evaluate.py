@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..data.convert import ranked_to_pairs
+from ..config import ConfigError
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import load_records, read_rows
@@ -46,7 +47,7 @@ class RewardEvalOptions:
     model: str
     data: str
     output: str | None = None
-    category_field: str = "category"
+    category_field: str | None = None  # None: "category", where the records have it
     bins: int = 10
     batch_size: int = 16
 
@@ -155,11 +156,15 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
     """Score the pairs of ``--data``, write rm_eval.json, rm_eval_pairs.jsonl and the figures."""
     started = time.perf_counter()
     if options.bins < 1:
-        raise ValueError("--bins must be at least 1")
+        raise ConfigError("--bins must be at least 1")
     records = load_records(options.data)
     raw = [row for _, row in read_rows(options.data, set(TEXT_FIELDS))]
-    categories = [row.get(options.category_field) if isinstance(row, dict) else None
-                  for row in raw]
+    field = options.category_field or "category"
+    categories = [row.get(field) if isinstance(row, dict) else None for row in raw]
+    if options.category_field and all(c is None for c in categories):
+        raise DataError(f"{options.data}: --category-field {field}: no record has that field "
+                        f"(the first has {', '.join(map(repr, raw[0]))}); name one of its "
+                        "fields, or leave the option out.")
     shape = records[0].shape
     if shape == "ranked":  # every pair of each list with unequal scores; categories follow
         per_list = [ranked_to_pairs([record], "all_pairs") for record in records]
