@@ -83,7 +83,7 @@ def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objectiv
     monkeypatch.setattr(trainer_module.Trainer, "step", step_then_signal)
     out = ["--output-dir", str(base / "stopped"), "--samples", "1", "--max-new-tokens", "3"]
     args = ["compare", "--objectives", "dpo,kto", "--config", str(base / "base.yaml"), *out]
-    assert main(args) == 130
+    assert main(args) == 143  # 128 + SIGTERM
     assert "compare, objective dpo: stopped by SIGTERM after step 1 of 2" in capsys.readouterr().err
     assert steps == [0] and not (base / "stopped" / "kto").exists()
     assert (base / "stopped" / "dpo" / "checkpoints" / "step-00000001").is_dir()

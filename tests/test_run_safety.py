@@ -139,8 +139,10 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes(workspace, mo
         return real_step(self, step)
 
     monkeypatch.setattr(trainer.Trainer, "step", step_with_signal)
-    with pytest.raises(trainer.TrainingStopped, match="stopped by SIGTERM after step 2 of 4"):
+    with pytest.raises(trainer.TrainingStopped, match="stopped by SIGTERM after step 2 of 4") \
+            as stopped:
         run(workspace, "signalled", **settings)
+    assert stopped.value.exit_code == 143  # what a shell reports for a SIGTERM
     monkeypatch.setattr(trainer.Trainer, "step", real_step)
     signalled = workspace / "runs" / "signalled"
     assert (signalled / "checkpoints" / "step-00000002").is_dir()

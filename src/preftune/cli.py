@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         if talks:
             print(str(stopped), file=sys.stderr)
-        code = 130
+        code = stopped.exit_code
     else:
         code = 0
     _end_launched_process(code)

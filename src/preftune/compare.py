@@ -132,7 +132,8 @@ def attempt(name: str, entry: dict, work) -> bool:
     except TrainingStopped as stopped:
         raise TrainingStopped(f"compare, objective {name}: {stopped.summary}",
                               "Run the same compare command again to continue: finished "
-                              "objectives are skipped and this one resumes.") from None
+                              "objectives are skipped and this one resumes.",
+                              stopped.signal_name) from None
     except (ConfigError, DataError) as error:
         entry["error"] = f"{type(error).__name__}: {error}"
         print(f"[compare] {name} failed: {error}")

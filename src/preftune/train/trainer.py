@@ -39,9 +39,16 @@ class TrainingStopped(Exception):
     to continue."""
 
     def __init__(self, summary: str,
-                 advice: str = "Run the same command with --resume to continue."):
+                 advice: str = "Run the same command with --resume to continue.",
+                 signal_name: str | None = None):
         super().__init__(f"{summary} {advice}")
-        self.summary = summary
+        self.summary, self.signal_name = summary, signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the signal: 143 for SIGTERM, 130 for SIGINT
+        (also when another process was signalled)."""
+        return 128 + getattr(signal, self.signal_name or "SIGINT")
 
 
 class StopRequests:
@@ -247,7 +254,8 @@ class Trainer:
                         self.log.close()
                     raise TrainingStopped(
                         f"stopped by {stop.signal or 'a signal to another process'} after step "
-                        f"{step + 1} of {self.total_steps}; checkpoint written to {path}.")
+                        f"{step + 1} of {self.total_steps}; checkpoint written to {path}.",
+                        signal_name=stop.signal)
         return self.finish()
 
     def step(self, step: int) -> dict:
