@@ -54,6 +54,9 @@ def test_missing_image_file_names_file_record_and_field(tmp_path):
         load_pairs(str(path))
     message = str(error.value)
     assert f"{path}:2" in message and "'rejected'" in message and "1_l.png" in message
+    (tmp_path / "images/1_l.png").mkdir()  # a folder where the image should be
+    with pytest.raises(DataError, match="1_l.png is a directory, not an image file"):
+        load_pairs(str(path))
 
 
 def test_unreadable_image_bytes_name_record_and_field(tmp_path):
@@ -130,6 +133,15 @@ def test_colour_checker(tmp_path):
     # a collapsed model's noise: about an 80-radius ball of the RGB cube per colour, ~10%
     noise = torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert colour_score("a red circle", noise) < 0.25 and not right_colour("a red circle", noise)
+
+
+def test_a_misspelt_image_scorer_lists_the_image_scorers():
+    from preftune.config import ConfigError
+    from preftune.diffusion.evaluate import image_scorer
+
+    with pytest.raises(ConfigError, match=r"scorer 'shape_color': .* For images: shape_colour "
+                                          r"\(the demo's checker\), spm:PATH"):
+        image_scorer("shape_color")
 
 
 @pytest.mark.parametrize("path", sorted(

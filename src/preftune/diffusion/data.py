@@ -86,7 +86,8 @@ def open_image(source: Any, base_dir: str = "."):
     elif isinstance(source, str) and source:
         path = source if os.path.isabs(source) else os.path.join(base_dir, source)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file {path} does not exist")
+            raise FileNotFoundError(f"image file {path} " + (
+                "is a directory, not an image file" if os.path.isdir(path) else "does not exist"))
         handle = path
     else:
         raise ValueError(f"expected an image path, bytes or a data: URI, got {source!r:.60}")
@@ -107,8 +108,9 @@ def describe_source(source: Any, base_dir: str = ".") -> str:
 PROMPTS_ONLY = (" (an online objective such as spo samples its own images: a record needs "
                 "only its prompt)")
 
-RANKED_HINT = (" (the record is a ranked list of images: train it with objective rank_dpo, or "
-               "use the best-vs-worst pairs.jsonl that `preftune diffusion rank` writes)")
+RANKED_HINT = (" (the record is a ranked list of images: train it with objective rank_dpo, "
+               "turn the lists into pairs with data.convert: pairs:best_vs_worst, or use the "
+               "best-vs-worst pairs.jsonl that `preftune diffusion rank` writes)")
 
 
 def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: str,

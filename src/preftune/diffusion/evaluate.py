@@ -26,9 +26,15 @@ def image_scorer(spec: str):
         from .step_model import StepModelScorer
 
         return StepModelScorer(spec[4:])
+    from ..config import ConfigError
     from ..score import load_scorer
 
-    return load_scorer(spec)
+    try:
+        return load_scorer(spec)
+    except ConfigError as error:
+        raise ConfigError(f"{error} For images: shape_colour (the demo's checker), spm:PATH (a "
+                          "step-aware preference model) or module:function(prompt, PIL image) "
+                          "-> float.") from None
 
 
 def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, steps: int = 25,
