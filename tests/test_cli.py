@@ -95,6 +95,10 @@ def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):
     path.write_text('{"prompt": "a"}\n{"prompt": ""}\n')
     assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
     assert f"{path}:2: field 'prompt' is missing or empty" in capsys.readouterr().err
+    path.write_text('{"prompt": "a"}\n{"prompt": 5}\n')
+    assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
+    assert f"{path}:2: field 'prompt' is int 5; a prompt is a string or a list of chat " \
+           "messages." in capsys.readouterr().err
 
 
 def test_objectives_lists_every_registered_objective(capsys):

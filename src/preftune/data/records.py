@@ -50,6 +50,9 @@ def required_prompt(origin: str, row, column: str, missing: str):
     prompt = row.get(column) if isinstance(row, dict) else None
     if (isinstance(prompt, str) and prompt.strip()) or (isinstance(prompt, list) and prompt):
         return prompt
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        raise DataError(f"{origin}: field {column!r} is {describe(prompt)}; a prompt is a string "
+                        "or a list of chat messages.")
     raise DataError(f"{origin}: field {column!r} {missing}")
 
 
