@@ -39,9 +39,9 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
     if holds_run(out) and not resume:
         if not overwrite:
             raise ConfigError(
-                f"output_dir {out} already holds a run; continue it with --resume, start over "
-                "with --overwrite (the old run is moved aside, not deleted), or choose another "
-                "output_dir.")
+                f"output_dir {out} already holds a run; continue it with --resume (in Python: "
+                "resume=True), start over with --overwrite (overwrite=True; the old run is moved "
+                "aside, not deleted), or choose another output_dir.")
         move_aside(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
