@@ -111,6 +111,8 @@ def test_a_stopped_run_resumes_without_redoing_finished_phases(parts, tmp_path):
     first = (tmp_path / "run/round-1/phases.json").read_text()
     stamp = (tmp_path / "run/round-1/data/ranked.jsonl").stat().st_mtime_ns
     assert main(["diffusion", "online", str(config), "--set", "online.rounds=2"]) == 2
+    assert main(["diffusion", "online", str(config), "--set", "online.rounds=2", "--set",
+                 "train.learning_rate=0.5", "--resume"]) == 2  # other settings: refused
     assert main(["diffusion", "online", str(config), "--set", "online.rounds=2",
                  "--resume"]) == 0
     assert (tmp_path / "run/round-1/phases.json").read_text() == first

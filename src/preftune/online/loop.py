@@ -82,15 +82,15 @@ def start_rounds(config, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def check_same_settings(config: OnlineConfig) -> None:
+def check_same_settings(config) -> None:
     """Refuse to resume the run in ``config.output_dir`` under other settings (naming them);
-    more or fewer rounds are allowed."""
+    more or fewer rounds are allowed (text and diffusion online configs alike)."""
     check_resume(Path(config.output_dir), config.model_dump(),
                  may_change=frozenset({"online.rounds"}),
-                 defaults=OnlineConfig.model_construct().model_dump())
+                 defaults=type(config).model_construct().model_dump())
 
 
-def continues(config: OnlineConfig) -> bool:
+def continues(config) -> bool:
     """Whether ``config.output_dir`` holds a run that ``config`` may resume."""
     if not has_started(config.output_dir):
         return False
