@@ -131,3 +131,39 @@ def test_convert_unknown_target_and_mixed_shapes():
     with pytest.raises(DataError, match=r"f:7: record is pairs but the first record \(f:3\) is "
                                         r"ranked"):
         convert([LIST, Pair("p", "a", "b", origin="f:7")], "pairs:all_pairs")
+
+
+def _ranked_file(path, lists):
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": prompt, "responses": ["a", "bb", "ccc"],
+                                        "scores": scores}) + "\n" for prompt, scores in lists))
+    return str(path)
+
+
+def test_the_held_out_split_is_drawn_before_conversion(tmp_path, tiny_tokenizer):
+    """data.eval_fraction holds out source records: the pairs a list makes all land on the
+    same side, so no held-out prompt is also trained on."""
+    from preftune.config import build_config
+    from preftune.data.prepare import prepare_examples
+
+    data = _ranked_file(tmp_path / "lists.jsonl", [(f"q{k}", [3, 2, 1]) for k in range(6)])
+    config = build_config({"data": {"train": data, "convert": "pairs:all_pairs",
+                                    "eval_fraction": 0.34, "max_length": 32}})
+    train, held_out, _, shape = prepare_examples(config.data, tiny_tokenizer, seed=0)
+    prompts = [{ex.origin.split(" ")[0] for ex in part} for part in (train, held_out)]
+    assert shape == "pairs" and (len(train), len(held_out)) == (12, 6)  # 4 and 2 lists x 3
+    assert len(prompts[0]) == 4 and len(prompts[1]) == 2 and not prompts[0] & prompts[1]
+
+
+def test_lists_that_all_tie_make_no_pairs_and_say_so(tmp_path, tiny_tokenizer):
+    from preftune.config import build_config
+    from preftune.data.prepare import prepare_examples
+
+    data = _ranked_file(tmp_path / "ties.jsonl", [("q0", [1, 1, 1]), ("q1", [2, 2, 2])])
+    config = build_config({"data": {"train": data, "convert": "pairs:best_vs_worst",
+                                    "max_length": 32}})
+    with pytest.raises(DataError, match=r"data.train: data.convert pairs:best_vs_worst made no "
+                                        r"records from the 2 read \(ranked lists whose scores "
+                                        r"all tie make no pair\)"):
+        prepare_examples(config.data, tiny_tokenizer, seed=0)

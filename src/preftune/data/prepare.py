@@ -12,16 +12,29 @@ from .sources import load_records
 from .tokenize import TokenizeSettings, tokenize_records
 
 
-def _load_all(paths, data_config, seed: int, skipped: list | None = None,
+def _load_all(paths, data_config, skipped: list | None = None,
               detected: list | None = None) -> list:
     records = []
     for path in [paths] if isinstance(paths, str) else paths:
         records += load_records(path, format=data_config.format,
                                 fields=data_config.fields or None, shape=data_config.shape,
                                 skipped=skipped, detected=detected)
-    if data_config.convert:
-        records = convert(records, data_config.convert, seed)
     return records
+
+
+def _converted(records: list, data_config, seed: int, key: str) -> list:
+    """``records`` through ``data.convert``; it must leave some (ranked lists whose scores all
+    tie make no pair)."""
+    if not data_config.convert or not records:
+        return records
+    made = convert(records, data_config.convert, seed)
+    if not made:
+        raise DataError(f"{key}: data.convert {data_config.convert} made no records from the "
+                        f"{len(records)} read (ranked lists whose scores all tie make no pair).")
+    if len(made) != len(records):
+        print(f"data: {key}: data.convert {data_config.convert}: {len(records)} records -> "
+              f"{len(made)}")
+    return made
 
 
 def data_shape(records) -> str:
@@ -52,18 +65,20 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
                                 tuple(data_config.mask_roles))
     skipped: list | None = [] if data_config.on_error == "skip" else None
     detected: list = []
-    train_records = _load_all(data_config.train, data_config, seed, skipped, detected)
-    shape = data_shape(train_records)
-    eval_records = (_load_all(data_config.eval, data_config, seed, skipped, detected)
+    train_records = _load_all(data_config.train, data_config, skipped, detected)
+    eval_records = (_load_all(data_config.eval, data_config, skipped, detected)
                     if data_config.eval else [])
     for found in detected:
         print(f"data: {found['source']}: {found['layout']} ({found['why']})")
-    if data_config.eval_fraction > 0:
-        order = list(range(len(train_records)))
+    if data_config.eval_fraction > 0:  # by source record: what a list or pair makes stays on
+        order = list(range(len(train_records)))  # one side of the split
         random.Random(seed).shuffle(order)
         n_eval = max(1, round(len(order) * data_config.eval_fraction))
         eval_records = [train_records[i] for i in sorted(order[:n_eval])]
         train_records = [train_records[i] for i in sorted(order[n_eval:])]
+    train_records = _converted(train_records, data_config, seed, "data.train")
+    eval_records = _converted(eval_records, data_config, seed, "data.eval")
+    shape = data_shape(train_records)
     if data_config.curriculum:
         train_records = curriculum_order(train_records)
     train, train_report = tokenize(train_records, tokenizer, settings)
