@@ -69,8 +69,9 @@ def test_an_output_dir_that_is_a_file_or_unwritable_is_named(workspace, tmp_path
 def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
     first = run(workspace, "twice", train__max_steps=2)
     before = (first / "metrics.jsonl").read_text()
-    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
-        run(workspace, "twice", train__max_steps=2)
+    with pytest.raises(ConfigError, match="already holds a run; it has no checkpoint to "
+                                          "continue from; start over with --overwrite"):
+        run(workspace, "twice", train__max_steps=2)  # (2 steps: no checkpoint was written)
     assert (first / "metrics.jsonl").read_text() == before  # nothing lost
     again = loop.train(build_config(_saved(first)), show_progress=False, overwrite=True)
     moved = [p for p in first.parent.iterdir() if p.name.startswith("twice.old-")]
@@ -87,6 +88,11 @@ def test_resume_without_a_checkpoint_stops_before_anything_loads(workspace, monk
                                           "from .* start the run without --resume"):
         loop.train(build_config(tree), resume=True, show_progress=False)
     assert not fresh.exists()  # nothing made that the next try would trip over
+    fresh.mkdir(parents=True)  # a run that failed before its first checkpoint
+    (fresh / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=f"--resume: {fresh} holds no checkpoint to continue "
+                                          "from .* start over with --overwrite"):
+        loop.train(build_config(tree), resume=True, show_progress=False)
 
 
 def _saved(run_dir):

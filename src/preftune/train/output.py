@@ -38,10 +38,15 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                           "output_dir (the file is left as it is).")
     if holds_run(out) and not resume:
         if not overwrite:
+            from .checkpoint import checkpoints
+
+            resumable_here = ("continue it with --resume (in Python: resume=True), "
+                              if checkpoints(out / "checkpoints") else
+                              "it has no checkpoint to continue from; ")
             raise ConfigError(
-                f"output_dir {out} already holds a run; continue it with --resume (in Python: "
-                "resume=True), start over with --overwrite (overwrite=True; the old run is moved "
-                "aside, not deleted), or choose another output_dir.")
+                f"output_dir {out} already holds a run; {resumable_here}start over with "
+                "--overwrite (overwrite=True; the old run is moved aside, not deleted), or "
+                "choose another output_dir.")
         move_aside(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -61,11 +66,13 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
         if resume and not overwrite:
             from .checkpoint import checkpoints
 
-            if not checkpoints(Path(config.output_dir) / "checkpoints"):
-                raise ConfigError(f"--resume: {config.output_dir} holds no checkpoint to "
-                                  "continue from (one is written every train.save_every steps "
-                                  "and when a signal stops a run); start the run without "
-                                  "--resume.")
+            out = Path(config.output_dir)
+            if not checkpoints(out / "checkpoints"):
+                instead = ("start over with --overwrite (the old run is moved aside, not "
+                           "deleted)" if holds_run(out) else "start the run without --resume")
+                raise ConfigError(f"--resume: {out} holds no checkpoint to continue from (one "
+                                  "is written every train.save_every steps and when a signal "
+                                  f"stops a run); {instead}.")
         out = prepare_output_dir(config.output_dir, resume, overwrite)
         if resume:
             check_resume(out, config.model_dump(), accelerator.num_processes,
