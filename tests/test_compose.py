@@ -57,10 +57,23 @@ def test_example_weights_scale_each_loss():
     weighted = objective({"name": "dpo"}, weight_field="weight")
     output, _ = weighted(inputs(scores={"weight": torch.tensor([2.0, 0.0])}))
     assert output.losses.tolist() == pytest.approx([2 * dpo_by_hand(0, 0.1), 0.0], rel=1e-5)
-    with pytest.raises(ValueError, match="no such numeric field"):
-        weighted(inputs())
-    with pytest.raises(ValueError, match="non-negative"):
-        weighted(inputs(scores={"weight": torch.tensor([-1.0, 1.0])}))
+
+
+@pytest.mark.parametrize("scores, state", [
+    ({}, "is missing or not a number"), ({"weight": -1.0}, "is -1.0"),
+    ({"weight": float("nan")}, "is nan")])
+def test_example_weights_are_checked_as_the_data_is_read(scores, state):
+    from types import SimpleNamespace
+
+    from preftune.data.prepare import check_example_weights
+    from preftune.data.records import DataError
+
+    examples = [SimpleNamespace(origin="w.jsonl:1", scores={"weight": 2.0}),
+                SimpleNamespace(origin="w.jsonl:2", scores=scores)]
+    with pytest.raises(DataError, match=f"w.jsonl:2: numeric field 'weight' {state}; "
+                                        "train.example_weight_field weights"):
+        check_example_weights(examples, "weight")
+    check_example_weights(examples[:1], "weight")  # a good one passes
 
 
 @pytest.mark.parametrize("tree,expected", [

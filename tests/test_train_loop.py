@@ -424,3 +424,9 @@ def test_attention_implementation_is_configurable(workspace):
 def test_data_of_another_shape_names_only_conversions_that_apply(workspace, objective, expected):
     with pytest.raises(DataError, match=expected):
         run(workspace, f"shape-{objective}", objective={"name": objective})
+
+
+def test_a_missing_example_weight_stops_the_run_before_the_model_loads(workspace, monkeypatch):
+    monkeypatch.setattr(loop, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(DataError, match=r"pairs\.jsonl:\d+: numeric field 'weight' is missing"):
+        run(workspace, "no-weights", train__example_weight_field="weight")

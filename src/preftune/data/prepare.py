@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -104,6 +105,20 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
                                            getattr(record, "tools", ()))
         report["eval"] = eval_report.as_dict()
     return train, evaluation, report, shape
+
+
+def check_example_weights(examples: list, field: str) -> None:
+    """Every example's ``train.example_weight_field`` a finite number, not negative: checked as
+    the data is read, not at the step that meets a bad one."""
+    for example in examples:
+        value = example.scores.get(field)
+        if value is None or not math.isfinite(value) or value < 0:
+            state = "is missing or not a number" if value is None else f"is {value}"
+            raise DataError(f"{example.origin}: numeric field {field!r} {state}; "
+                            "train.example_weight_field weights each example's loss by it, so "
+                            "every record needs it as a finite number, not negative. Fix the "
+                            "record, point the setting at the column that holds the weights, or "
+                            "remove it.")
 
 
 def with_mismatched_completions(examples: list, max_length: int) -> list:

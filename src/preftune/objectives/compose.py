@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 from pydantic import TypeAdapter, ValidationError
 
 from .registry import ObjectiveInputs, ObjectiveOutput, ObjectiveSpec, get_objective
@@ -115,14 +114,7 @@ class Objective:
             rewards = output.rewards if rewards is None else rewards
             if len(self.terms) > 1:
                 parts[f"loss/{term.spec.name}"] = output.losses.detach().sum()
-        if self.example_weight_field is not None:
-            if self.example_weight_field not in inputs.scores:
-                raise ValueError(
-                    f"train.example_weight_field={self.example_weight_field!r}, but the records "
-                    f"have no such numeric field (they have: {sorted(inputs.scores) or 'none'})")
-            weights = inputs.scores[self.example_weight_field].to(losses)
-            if not (torch.isfinite(weights).all() and (weights >= 0).all()):
-                raise ValueError(f"example weights ({self.example_weight_field!r}) must be finite "
-                                 "and non-negative")
-            losses = losses * weights
+        if self.example_weight_field is not None:  # (checked as the data was read:
+            # check_example_weights; here it would read the device every step)
+            losses = losses * inputs.scores[self.example_weight_field].to(losses)
         return ObjectiveOutput(losses, rewards), parts

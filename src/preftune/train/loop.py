@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from ..config import Config
 from ..data.convert import conversions
 from ..data.layout import choose_layout, collate
-from ..data.prepare import (prepare_examples, with_mismatched_completions,
+from ..data.prepare import (check_example_weights, prepare_examples, with_mismatched_completions,
                             with_negative_image_slot)
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
@@ -235,6 +235,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     # the run early
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed)
+    if cfg.example_weight_field:
+        check_example_weights(train_examples + eval_examples, cfg.example_weight_field)
     model = load_policy(config, tokenizer, accelerator)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
