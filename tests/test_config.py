@@ -12,6 +12,7 @@ from preftune.config import ConfigError, build_config, load_config
     ({"train": {"batch_size": "eight"}}, "train.batch_size"),
     ({"objective": {"name": "dpo", "beta": "strong"}}, "objective.beta"),
     ({"modle": {}}, "unknown key 'modle'.*Did you mean model"),
+    ({"objective": []}, r"objective is an empty list; give one term \(\{name: dpo\}\)"),
 ])
 def test_bad_keys_and_types_name_the_key(tree, expected):
     with pytest.raises(ConfigError, match=expected):

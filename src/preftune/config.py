@@ -168,6 +168,8 @@ class Config(RunConfig):
         """One term (``{name: dpo, beta: 0.1}``, or just its name) or a list of them."""
         if isinstance(value, str):
             value = {"name": value}
+        if isinstance(value, list) and not value:
+            raise ValueError("objective is an empty list; give one term ({name: dpo}) or several.")
         return [value] if isinstance(value, dict) else value
 
     @model_validator(mode="after")
