@@ -269,3 +269,44 @@ def test_readme_config_commands_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "train.learning_rate: float >= 0 = 1e-06" in out
     assert json.loads((tmp_path / "preftune.schema.json").read_text()) == json_schema("train")
+
+
+def test_a_registered_objective_is_checked_when_declared_and_when_it_returns(registries):
+    """Params that a config could not set are refused at registration; a return value that
+    is not one loss per example is refused at the first call, naming the objective."""
+    from dataclasses import dataclass
+
+    import torch
+
+    from preftune.model.forward import SequenceStats
+
+    class NotADataclass:
+        beta = 0.1
+
+    @dataclass
+    class TakesWeight:
+        weight: float = 1.0
+
+    @dataclass
+    class NoDefault:
+        beta: float
+
+    for params, message in ((NotADataclass, "is not a dataclass"),
+                            (TakesWeight, "parameter 'weight' is taken by the config term"),
+                            (NoDefault, "parameter 'beta' has no default")):
+        with pytest.raises((TypeError, ValueError), match=message):
+            preftune.register_objective("checked", params=params, needs_reference=False)(
+                lambda inputs, p: None)
+
+    @preftune.register_objective(needs_reference=False)
+    def per_response(inputs, params):
+        return preftune.ObjectiveOutput(-inputs.policy.logps, inputs.policy.logps)
+
+    from preftune.objectives import get_objective
+    from preftune.objectives.registry import NoParams, ObjectiveInputs
+
+    stats = SequenceStats(logps=torch.zeros(3, 2), token_counts=torch.ones(3, 2))
+    with pytest.raises(TypeError, match=r"objective 'per_response' returned losses of shape "
+                                        r"\(3, 2\); an objective returns ObjectiveOutput\(losses="
+                                        r"\[examples\] \(3,\)"):
+        get_objective("per_response")(ObjectiveInputs(stats), NoParams())

@@ -94,9 +94,9 @@ MODPO_SCORES = {"chosen_score": [0.3, 0.0, -2.0, 5.0, 1.0, 100.0],
 
 
 def modpo_formula(case, p, s_w, s_l):
-    w0 = 1 - p.weight
+    w0 = 1 - p.margin_weight
     rw, rl = rho(case)
-    return -log_sigmoid(((p.beta * rw - p.weight * s_w) - (p.beta * rl - p.weight * s_l)) / w0)
+    return -log_sigmoid(((p.beta * rw - p.margin_weight * s_w) - (p.beta * rl - p.margin_weight * s_l)) / w0)
 
 
 @pytest.mark.parametrize("params", [MODPOParams(), MODPOParams(0.5, 0.9), MODPOParams(0.1, 0.1),
@@ -110,7 +110,7 @@ def test_modpo_matches_formula(params):
         assert out.losses[i].item() == pytest.approx(modpo_formula(case, params, s_w, s_l),
                                                      rel=1e-5, abs=1e-6)
     rw, _ = rho(CASES[0])
-    expected = (params.beta * rw - params.weight * 0.3) / (1 - params.weight)
+    expected = (params.beta * rw - params.margin_weight * 0.3) / (1 - params.margin_weight)
     assert out.rewards[0, 0].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -133,7 +133,7 @@ def test_modpo_names_missing_scores():
     with pytest.raises(ValueError, match="chosen_score"):
         get_objective("modpo")(inputs, MODPOParams())
     with pytest.raises(ValueError, match="weight"):
-        MODPOParams(weight=1.0)
+        MODPOParams(margin_weight=1.0)
 
 
 # --- soft SPPO ---------------------------------------------------------------------------------

@@ -60,11 +60,14 @@ def triple_po(inputs: ObjectiveInputs, params: TriplePOParams) -> ObjectiveOutpu
 @dataclass
 class MODPOParams:
     beta: float = 0.1
-    weight: float = 0.5  # w_1, weight of the other objective; w_0 = 1 - w_1 (paper sweeps 0.1/0.5/0.9)
+    # w_1, weight of the other objective; w_0 = 1 - w_1 (paper sweeps 0.1/0.5/0.9). Not
+    # `weight`: that key of a config term scales the term's loss.
+    margin_weight: float = 0.5
 
     def __post_init__(self):
-        if not 0.0 <= self.weight < 1.0:
-            raise ValueError(f"modpo weight is the other objective's share w_1 in [0, 1); got {self.weight}")
+        if not 0.0 <= self.margin_weight < 1.0:
+            raise ValueError("modpo margin_weight is the other objective's share w_1 in [0, 1); "
+                             f"got {self.margin_weight}")
 
 
 @objective("modpo", params=MODPOParams, needs_reference=True, paper="arXiv:2310.03708")
@@ -80,7 +83,8 @@ def modpo(inputs: ObjectiveInputs, params: MODPOParams) -> ObjectiveOutput:
     """
     chosen, rejected = required_scores(inputs, ("chosen_score", "rejected_score"), "modpo")
     margin_scores = torch.stack((chosen, rejected), dim=1)
-    rewards = (params.beta * log_ratios(inputs) - params.weight * margin_scores) / (1.0 - params.weight)
+    w_1 = params.margin_weight
+    rewards = (params.beta * log_ratios(inputs) - w_1 * margin_scores) / (1.0 - w_1)
     return ObjectiveOutput(-F.logsigmoid(chosen_minus_rejected(rewards)), rewards)
 
 

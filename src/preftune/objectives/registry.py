@@ -66,7 +66,15 @@ class ObjectiveSpec:
     def __call__(self, inputs: ObjectiveInputs, params) -> ObjectiveOutput:
         if self.needs_reference and inputs.reference is None:
             raise ValueError(f"objective {self.name!r} needs reference log-probs")
-        return self.fn(inputs, params)
+        output = self.fn(inputs, params)
+        examples = inputs.policy.logps.shape[0]  # shapes are known on the host: no device read
+        if not isinstance(output, ObjectiveOutput) or output.losses.shape != (examples,):
+            got = (f"losses of shape {tuple(output.losses.shape)}"
+                   if isinstance(output, ObjectiveOutput) else type(output).__name__)
+            raise TypeError(f"objective {self.name!r} returned {got}; an objective returns "
+                            f"ObjectiveOutput(losses=[examples] ({examples},), rewards=[examples, "
+                            "responses]).")
+        return output
 
 
 REGISTRY: dict[str, ObjectiveSpec] = {}
@@ -90,6 +98,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
+    _check_params(name, params)
 
     def register(fn):
         if name in REGISTRY:
@@ -100,6 +109,24 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
         return fn
 
     return register
+
+
+RESERVED_PARAMS = ("name", "weight")  # an objective term's own keys in a config
+
+
+def _check_params(name: str, params) -> None:
+    """A params class is a dataclass whose every field has a default and none of whose names a
+    config term uses for itself."""
+    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        raise TypeError(f"objective {name!r}: params={params!r} is not a dataclass; declare "
+                        "the parameters as a @dataclass with defaults.")
+    for f in dataclasses.fields(params):
+        if f.name in RESERVED_PARAMS:
+            raise ValueError(f"objective {name!r}: parameter {f.name!r} is taken by the config "
+                             f"term itself ({', '.join(RESERVED_PARAMS)}); rename it.")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"objective {name!r}: parameter {f.name!r} has no default; every "
+                             "parameter needs one (a config may leave it out).")
 
 
 @dataclass
