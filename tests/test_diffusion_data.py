@@ -111,6 +111,9 @@ def test_config_rejects_unknown_and_useless_keys(tmp_path):
     with pytest.raises(ConfigError, match="train.checkpoint_every applies to language models"):
         DiffusionConfig.from_dict(tree, ["train.gradient_checkpointing=true",
                                          "train.checkpoint_every=2"])
+    with pytest.raises(ConfigError, match="model.lora.save_merged: false leaves a pipeline "
+                                          "without its unet/"):
+        DiffusionConfig.from_dict(tree, ["model.lora={r: 4, save_merged: false}"])
     with pytest.raises(ConfigError, match="reference.strategy: precomputed is not available"):
         DiffusionConfig.from_dict(tree, ["reference.strategy=precomputed"])
     with pytest.raises(ConfigError, match="adapter-off needs model.lora"):

@@ -179,6 +179,10 @@ class DiffusionConfig(RunConfig):
         if lora is not None and lora.modules_to_save:
             raise ValueError("model.lora.modules_to_save is for language models; a denoiser "
                              "trains its adapters only: remove it.")
+        if lora is not None and not lora.save_merged:
+            raise ValueError("model.lora.save_merged: false leaves a pipeline without its "
+                             "unet/ (or transformer/), which nothing here loads; remove it (the "
+                             "adapter is saved in unet_lora/ beside the merged denoiser).")
         if self.train.eval_every and self.data.eval is None and not self.data.eval_fraction:
             raise ValueError("train.eval_every does nothing without data.eval or "
                              "data.eval_fraction.")

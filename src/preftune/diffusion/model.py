@@ -271,21 +271,20 @@ class DiffusionModel(torch.nn.Module):
         its gradients are averaged over processes."""
         return self.predict(self.denoiser, x_t, timesteps, conditioning)
 
-    def save(self, directory: Path, save_merged: bool = True) -> Path:
+    def save(self, directory: Path) -> Path:
         """The pipeline directory again, with the trained denoiser: frozen parts copied from
-        ``source``; with LoRA the adapter goes to ``unet_lora/`` and (``save_merged``) the
-        merged denoiser to ``unet/``."""
+        ``source``; with LoRA the adapter goes to ``unet_lora/`` and the merged denoiser to
+        ``unet/``."""
         directory = Path(directory)
         folder = denoiser_folder(Path(self.source))
         shutil.copytree(self.source, directory, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(folder, LORA_FOLDER))
         if getattr(self.denoiser, "peft_config", None):
             self.denoiser.save_lora_adapter(str(directory / LORA_FOLDER))
-            if save_merged:
-                merged = copy.deepcopy(self.denoiser)
-                merged.fuse_lora()
-                merged.unload_lora()
-                merged.save_pretrained(directory / folder)
+            merged = copy.deepcopy(self.denoiser)
+            merged.fuse_lora()
+            merged.unload_lora()
+            merged.save_pretrained(directory / folder)
         else:
             self.denoiser.save_pretrained(directory / folder)
         if self.segment_tokens:

@@ -243,8 +243,7 @@ class DiffusionTask:
         return model
 
     def save(self, module: DiffusionModel, output_dir: Path) -> None:
-        lora = self.config.model.lora
-        module.save(Path(output_dir) / "model", save_merged=lora.save_merged if lora else True)
+        module.save(Path(output_dir) / "model")
 
     def run_info(self) -> dict:
         return {"objective": self.spec.name, "params": {self.spec.name: asdict(self.params)},
