@@ -22,7 +22,9 @@ PROMPTS = ["a red circle", "a blue square"]
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("online")
-    return {"pipe": tiny_pipeline(root / "pipe"), "prompts": write_prompts(root / "data", PROMPTS)}
+    # a prompt repeated (as a pairs file repeats them): sampled once a round all the same
+    return {"pipe": tiny_pipeline(root / "pipe"),
+            "prompts": write_prompts(root / "data", PROMPTS + PROMPTS[:1])}
 
 
 def tree(parts, output_dir, objective="rank_dpo", **online):

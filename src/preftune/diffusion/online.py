@@ -89,8 +89,6 @@ class DiffusionOnlineConfig(DiffusionConfig):
 def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
                          overwrite: bool = False, show_progress: bool = True) -> Path:
     """Every round of ``config`` (what is left of them with ``resume``); returns output_dir."""
-    from .data import load_pairs
-
     from accelerate import Accelerator
 
     from ..online.loop import has_started
@@ -103,10 +101,8 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
         raise ConfigError(f"{out} already holds an online run (see the first process).")
     state.wait_for_everyone()
     column = {"prompt": config.data.fields.get("prompt", "prompt")}
-    prompts = [r.prompt for r in load_pairs(config.data.train, column, check=False,
-                                            prompts_only=True)]
-    held_out = [r.prompt for r in load_pairs(config.data.eval, column, check=False,
-                                             prompts_only=True)] if config.data.eval else prompts
+    prompts = _distinct_prompts(config.data.train, column)
+    held_out = _distinct_prompts(config.data.eval, column) if config.data.eval else prompts
     summary, model = {"initial": None, "rounds": []}, config.model.path
     for r in range(1, config.online.rounds + 1):
         info = run_round(config, r, model, prompts, held_out, show_progress, state)
@@ -141,6 +137,19 @@ def every_process_phase(state, here: Path, name: str, work) -> dict:
         work()
     state.wait_for_everyone()
     return json.loads(record.read_text())[name]
+
+
+def _distinct_prompts(path: str, column: dict) -> list[str]:
+    """Each prompt of a data file once, in file order (a pairs file repeats its prompts; the
+    same prompt and seeds would sample the same images again)."""
+    from .data import load_pairs
+
+    prompts = [r.prompt for r in load_pairs(path, column, check=False, prompts_only=True)]
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) < len(prompts):
+        print(f"{path}: {len(prompts)} records, {len(distinct)} distinct prompts (each sampled "
+              "once a round)")
+    return distinct
 
 
 def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[str],
