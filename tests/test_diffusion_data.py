@@ -82,6 +82,11 @@ def test_dcpo_needs_captions(tmp_path):
     path = write_pairs(tmp_path, count=1)
     with pytest.raises(DataError, match="'chosen_caption'.*dcpo"):
         load_pairs(str(path), captions=True)
+    rows = [json.loads(line) for line in path.open()]
+    path.write_text(json.dumps({**rows[0], "chosen_caption": 5, "rejected_caption": "x"}) + "\n")
+    with pytest.raises(DataError, match=r":1: field 'chosen_caption' \(chosen_caption\) must be "
+                                        r"text, got int"):
+        load_pairs(str(path), captions=True)
 
 
 def test_inspect_shows_prompt_images_sizes_and_scores(tmp_path):

@@ -44,7 +44,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
             get_diffusion_loss(name)
         except KeyError as error:
             raise ConfigError(error.args[0]) from None
-    base = DiffusionConfig.from_dict(tree)
+    base = DiffusionConfig.from_dict(tree, source=config_path or "the config")
     samples = base.samples
     if not samples.prompts:
         raise ConfigError(f"{config_path}: a diffusion compare scores each objective's samples "

@@ -135,9 +135,10 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
             raise DataError(f"{origin}: field {name[key]!r} ({key}) is missing or empty{why}; "
                             f"present fields: {', '.join(sorted(row))}. Fix the record or map "
                             f"the column with data.fields.{key}.")
-    if not isinstance(row[name["prompt"]], str):
-        raise DataError(f"{origin}: field {name['prompt']!r} (prompt) must be text, got "
-                        f"{type(row[name['prompt']]).__name__}")
+    for key in ("prompt", *(CAPTION_FIELDS if captions else ())):
+        if not isinstance(row[name[key]], str):
+            raise DataError(f"{origin}: field {name[key]!r} ({key}) must be text, got "
+                            f"{type(row[name[key]]).__name__}")
     used = set(name.values())
     scores = {key: float(value) for key, value in row.items() if key not in used
               and isinstance(value, (int, float)) and not isinstance(value, bool)
