@@ -228,3 +228,23 @@ def test_counts_out_of_range_are_usage_errors(argv, option, capsys):
         main(argv)
     assert stopped.value.code == 2
     assert f"argument {option}: must be at least" in capsys.readouterr().err
+
+
+def test_data_synthetic_never_replaces_other_data_unasked(tmp_path, capsys):
+    out = tmp_path / "data"
+    args = ["data", "synthetic", "--output-dir", str(out), "--train", "4", "--eval", "2"]
+    assert main(args) == 0
+    written = (out / "train.jsonl").read_text()
+    assert len(written.splitlines()) == 4 and len((out / "eval.jsonl").read_text().splitlines()) == 2
+    assert main(args) == 0  # the same data again: nothing to lose
+    (out / "train.jsonl").write_text('{"prompt": "mine", "chosen": "a", "rejected": "b"}\n')
+    assert main(args) == 2
+    assert "train.jsonl exists with other contents" in capsys.readouterr().err
+    assert (out / "train.jsonl").read_text().startswith('{"prompt": "mine"')
+    assert main(args + ["--overwrite"]) == 0 and (out / "train.jsonl").read_text() == written
+    (tmp_path / "afile").write_text("x")
+    assert main(["data", "synthetic", "--output-dir", str(tmp_path / "afile"), "--train", "2"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["data", "synthetic", "--output-dir", str(tmp_path / "no-eval"), "--train", "2",
+                 "--eval", "0"]) == 0
+    assert not (tmp_path / "no-eval" / "eval.jsonl").exists()

@@ -133,20 +133,22 @@ def _config_schema(args) -> None:
 
 def _synthetic(args) -> None:
     from .config import ConfigError
-    from .data.synthetic import generate_split, write_jsonl
+    from .data.checks import write_task_files
+    from .data.synthetic import generate_split
 
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed,
                                                  families=args.families,
                                                  hard_negatives=args.hard_negatives)
     except ValueError as error:  # an unknown family, a share outside [0, 1], too few items
         raise ConfigError(f"preftune data synthetic: {error}") from None
-    write_jsonl(train_tasks, out / "train.jsonl")
-    write_jsonl(eval_tasks, out / "eval.jsonl")
-    print(f"wrote {len(train_tasks)} training pairs to {out / 'train.jsonl'} and "
-          f"{len(eval_tasks)} held-out pairs to {out / 'eval.jsonl'}")
+    write_task_files({out / "train.jsonl": train_tasks,
+                      **({out / "eval.jsonl": eval_tasks} if eval_tasks else {})},
+                     args.overwrite)
+    print(f"wrote {len(train_tasks)} training pairs to {out / 'train.jsonl'}"
+          + (f" and {len(eval_tasks)} held-out pairs to {out / 'eval.jsonl'}"
+             if eval_tasks else ""))
 
 
 def add_config_arguments(parser, examples: str, example_override: str) -> None:
@@ -285,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--train", type=POSITIVE, default=192, help="training pairs")
     synthetic.add_argument("--eval", type=COUNT, default=96, help="held-out pairs")
     synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--overwrite", action="store_true",
+                           help="replace train.jsonl / eval.jsonl that hold other data")
     synthetic.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
                            help="share of pairs whose rejected answer is a bare wrong answer "
                            "(as short as chosen) instead of a chatty one; field 'negative' "

@@ -195,3 +195,24 @@ def write_jsonl(tasks: list[Task], path) -> str:
         for task in tasks:
             f.write(json.dumps(to_record(task), ensure_ascii=False) + "\n")
     return path
+
+
+def write_task_files(files: dict, overwrite: bool = False) -> None:
+    """Write ``{path: tasks}``; a file already there with other contents is replaced only with
+    ``overwrite`` (a user's own data is never lost to a rerun)."""
+    from pathlib import Path
+
+    from ..config import ConfigError
+
+    texts = {Path(path): "".join(json.dumps(to_record(task), ensure_ascii=False) + "\n"
+                                 for task in tasks) for path, tasks in files.items()}
+    for path, text in texts.items():
+        if path.parent.exists() and not path.parent.is_dir():
+            raise ConfigError(f"--output-dir {path.parent} is a file, not a folder; choose "
+                              "another --output-dir.")
+        if path.exists() and path.read_text(encoding="utf-8") != text and not overwrite:
+            raise ConfigError(f"{path} exists with other contents; choose another --output-dir "
+                              "or pass --overwrite to replace it.")
+    for path, text in texts.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
