@@ -12,6 +12,8 @@ from preftune.config import ConfigError, build_config, load_config
     ({"train": {"batch_size": "eight"}}, "train.batch_size"),
     ({"objective": {"name": "dpo", "beta": "strong"}}, "objective.beta"),
     ({"modle": {}}, "unknown key 'modle'.*Did you mean model"),
+    ({"data": {"convert": ["pairs:best_vs_wrost", "unpaired"]}},
+     r"data.convert: unknown conversion 'pairs:best_vs_wrost'. Did you mean pairs:best_vs_worst"),
     ({"objective": []}, r"objective is an empty list; give one term \(\{name: dpo\}\)"),
 ])
 def test_bad_keys_and_types_name_the_key(tree, expected):

@@ -66,6 +66,18 @@ class DataConfig(Section):
     answers). A list is applied in order; the run seed fixes their randomness."""
     curriculum: bool = False
     """Curry-DPO: train in order of score gap, easiest first."""
+
+    @field_validator("convert", mode="before")
+    @classmethod
+    def _known_conversions(cls, value):
+        """A conversion that is not one is named, with the closest one."""
+        for name in [value] if isinstance(value, str) else value or []:
+            if isinstance(name, str) and name not in CONVERSIONS:
+                close = difflib.get_close_matches(name, CONVERSIONS, n=1)
+                hint = f" Did you mean {close[0]}?" if close else ""
+                raise ValueError(f"data.convert: unknown conversion {name!r}.{hint} Known: "
+                                 f"{', '.join(CONVERSIONS)}.")
+        return value
     on_error: Literal["raise", "skip"] = "raise"
     """A malformed record: raise (stop with file, line and field) or skip (count it, go on)."""
     max_length: Count = 1024
