@@ -419,7 +419,7 @@ def test_attention_implementation_is_configurable(workspace):
     ("pro", r"pro trains on ranked data, but .*pairs\.jsonl holds pairs\. No data\.convert turns "
             r"pairs into ranked: pick an objective for pairs"),
     ("kto", r"kto trains on unpaired data, but .*pairs\.jsonl holds pairs\. Convert it with "
-            r"data\.convert \(one of: unpaired\) or pick an objective for pairs"),
+            r"data\.convert: unpaired, or pick an objective for pairs"),
 ])
 def test_data_of_another_shape_names_only_conversions_that_apply(workspace, objective, expected):
     with pytest.raises(DataError, match=expected):
@@ -430,3 +430,13 @@ def test_a_missing_example_weight_stops_the_run_before_the_model_loads(workspace
     monkeypatch.setattr(loop, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(DataError, match=r"pairs\.jsonl:\d+: numeric field 'weight' is missing"):
         run(workspace, "no-weights", train__example_weight_field="weight")
+
+
+def test_a_shape_mismatch_after_a_conversion_extends_that_conversion():
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(train="lists.jsonl", convert="pairs:all_pairs")
+    assert loop.shape_mismatch(SimpleNamespace(name="kto", data="unpaired"), "pairs", data) == (
+        "kto trains on unpaired data, but lists.jsonl gives pairs after data.convert "
+        "[pairs:all_pairs]. Convert it with data.convert: [pairs:all_pairs, unpaired], or pick "
+        "an objective for pairs (`preftune objectives`).")

@@ -221,6 +221,20 @@ def reference_sync(config: Config, references: dict, policy) -> ReferenceSync | 
                          config.reference.sync_mix or DEFAULT_MIX)
 
 
+def shape_mismatch(objective, shape: str, data) -> str:
+    """Why ``data`` (its records of ``shape``, converted by ``data.convert``) cannot train
+    ``objective``, and the ``data.convert`` values that would make its shape."""
+    given = [data.convert] if isinstance(data.convert, str) else list(data.convert or [])
+    source = f"{data.train} gives {shape} after data.convert [{', '.join(given)}]" if given else \
+        f"{data.train} holds {shape}"
+    ways = [f"[{', '.join([*given, way.strip('[]')])}]" if given else way
+            for way in conversions(shape, objective.data)]
+    convert_it = (f"Convert it with data.convert: {' or '.join(ways)}, or pick" if ways else
+                  f"No data.convert turns {shape} into {objective.data}: pick")
+    return (f"{objective.name} trains on {objective.data} data, but {source}. {convert_it} an "
+            f"objective for {shape} (`preftune objectives`).")
+
+
 def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = False):
     """Load the model and data, build the objective and the reference, attach LoRA. Returns
     (task, total_steps), or (None, 0) after printing the plan when ``plan_only``."""
@@ -258,12 +272,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         eval_examples = with_negative_image_slot(eval_examples)
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     if objective.data != shape:
-        ways = conversions(shape, objective.data)
-        convert_it = (f"Convert it with data.convert (one of: {', '.join(ways)}) or pick"
-                      if ways else f"No data.convert turns {shape} into {objective.data}: pick")
-        raise DataError(
-            f"{objective.name} trains on {objective.data} data, but {config.data.train} holds "
-            f"{shape}. {convert_it} an objective for {shape} (`preftune objectives`).")
+        raise DataError(shape_mismatch(objective, shape, config.data))
 
     if plan_only:
         model = trained_part(model, config)
