@@ -37,6 +37,8 @@ def test_switching_objective_by_name_says_how_to_drop_the_old_parameters():
     ({"reference": {"strategy": "adapter-off"}}, "needs model.lora"),
     ({"reference": {"strategy": "none"}}, "needs a reference"),
     ({"train": {"eval_every": 10}}, "eval_every does nothing"),
+    ({"objective": {"name": "kto"}, "data": {"curriculum": True}},
+     "data.curriculum orders pairs by their score gap; kto trains on unpaired data. Remove it."),
     ({"train": {"checkpoint_every": 2}},
      "train.checkpoint_every: 2 does nothing without train.gradient_checkpointing: true"),
     ({"data": {"max_length": 128, "max_prompt_length": 256}},

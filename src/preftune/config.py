@@ -192,6 +192,9 @@ class Config(RunConfig):
         needs_reference = objective.needs_reference
         if len(names) == 1 and self.objective[0].weight != 1.0:
             raise ValueError("objective.weight only matters when objective is a list of terms.")
+        if self.data.curriculum and objective.data != "pairs":
+            raise ValueError(f"data.curriculum orders pairs by their score gap; {objective.name} "
+                             f"trains on {objective.data} data. Remove it.")
         strategy = self.reference.strategy
         if not needs_reference and strategy not in ("auto", "none"):
             raise ValueError(
