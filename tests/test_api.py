@@ -81,6 +81,11 @@ def test_from_dict_and_from_yaml_give_the_cli_errors(files, capsys):
     assert str(from_yaml.value) in capsys.readouterr().err
     overridden = api.Config.from_dict({}, ["train.batch_size=3", "objective.beta=0.5"])
     assert overridden.train.batch_size == 3 and overridden.objective[0].model_extra == {"beta": 0.5}
+    # one override as a bare string is one override, not a sequence of characters
+    assert api.Config.from_dict({}, "train.batch_size=5").train.batch_size == 5
+    assert api.Config.from_yaml(None, "train.batch_size=6").train.batch_size == 6
+    with pytest.raises(api.ConfigError, match="unknown objective 'dpoo'"):  # not 'd'
+        api.compare("dpo,dpoo", str(files / "config.yaml"), output_dir=str(files / "cmp"))
 
 
 def test_rm_and_online_configs_read_the_same_ways():

@@ -71,9 +71,12 @@ def compare(objectives: Sequence[str], config: str | None = None, *,
     """Train each objective on the base config ``config`` (a YAML path, its objective
     replaced), evaluate them alike and write a leaderboard (``preftune compare``)."""
     from .compare import run_compare
+    from .config import as_list
 
-    return run_compare(list(objectives), config, list(overrides), output_dir, eval_data, scorer,
-                       samples, max_new_tokens)
+    if isinstance(objectives, str):  # "dpo,ipo", as on the command line
+        objectives = [name.strip() for name in objectives.split(",") if name.strip()]
+    return run_compare(list(objectives), config, as_list(overrides), output_dir, eval_data,
+                       scorer, samples, max_new_tokens)
 
 
 def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool = False,

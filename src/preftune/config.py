@@ -26,6 +26,12 @@ from .objectives.compose import Objective, validate_params
 Conversion = Literal[CONVERSIONS]  # data.convert names
 
 
+def as_list(overrides) -> list[str]:
+    """``key=value`` overrides as a list (one given as a bare string is one override, not a
+    sequence of characters)."""
+    return [overrides] if isinstance(overrides, str) else list(overrides)
+
+
 class RunConfig(Section):
     """A whole run's configuration, read with the command line's checks and error messages."""
 
@@ -33,13 +39,13 @@ class RunConfig(Section):
     def from_yaml(cls, path: str | Path | None, overrides: Sequence[str] = ()):
         """The YAML file ``path`` (None: start empty) with ``key=value`` overrides applied."""
         source = str(path) if path is not None else None
-        return build_config(read_tree(source, overrides), source or "the config", cls)
+        return build_config(read_tree(source, as_list(overrides)), source or "the config", cls)
 
     @classmethod
     def from_dict(cls, tree: dict, overrides: Sequence[str] = (), source: str = "the config"):
         """A config from nested dicts as in the YAML file (``tree`` is not modified)."""
         tree = copy.deepcopy(tree)
-        for item in overrides:
+        for item in as_list(overrides):
             set_override(tree, item)
         return build_config(tree, source, cls)
 
