@@ -134,3 +134,17 @@ def test_the_helpsteer_recipe_starts_scaled_bt_from_the_model_regression_trains(
     regression = load_reward_config(str(examples / "helpsteer_regression.yaml"))
     scaled = load_reward_config(str(examples / "helpsteer_scaled_bt.yaml"))
     assert scaled.model.path == str(final_model_dir(Path(regression.output_dir)))
+
+
+def test_command_line_prompt_limits_follow_the_config_rule():
+    """eval and data inspect cut prompts as training would: unset, 512, or half of a
+    max_length of 512 or less; a limit that leaves no room for the response is refused."""
+    from preftune.config import DataConfig, prompt_limit
+
+    for length in (20, 512, 1024):
+        assert prompt_limit(length, None) == DataConfig(max_length=length).max_prompt_length
+    assert prompt_limit(20, None) == 10 and prompt_limit(1024, None) == 512
+    assert prompt_limit(20, 5) == 5
+    with pytest.raises(ConfigError, match=r"--max-prompt-length \(30\) must be below "
+                                          r"--max-length \(20\)"):
+        prompt_limit(20, 30)

@@ -60,9 +60,11 @@ def _inspect(args) -> None:
     from .data.sources import load_records
     from .data.tokenize import TokenizeSettings, tokenize_records
     from .model.chat_template import use_chat_template
+    from .config import prompt_limit
     from .model.load import given_as, load_tokenizer
 
-    settings = TokenizeSettings(args.max_length, args.max_prompt_length)
+    settings = TokenizeSettings(args.max_length,
+                                prompt_limit(args.max_length, args.max_prompt_length))
     with given_as("--model"):
         tokenizer = load_tokenizer(args.model)
     if args.chat_template is not None:
@@ -254,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "demo's checkers) or module:function(prompt, response) -> float")
     evaluate.add_argument("--batch-size", type=POSITIVE, default=16)
     evaluate.add_argument("--max-length", type=POSITIVE, default=1024)
-    evaluate.add_argument("--max-prompt-length", type=POSITIVE, default=512)
+    evaluate.add_argument("--max-prompt-length", type=POSITIVE,
+                          help="default: 512, or half of --max-length when that is 512 or less")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                           help="chat template (a .jinja file or the Jinja text) for "
@@ -274,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", default="auto",
                          choices=["auto", "standard", "conversational", "implicit"])
     inspect.add_argument("--max-length", type=POSITIVE, default=1024)
-    inspect.add_argument("--max-prompt-length", type=POSITIVE, default=512)
+    inspect.add_argument("--max-prompt-length", type=POSITIVE,
+                         help="default: 512, or half of --max-length when that is 512 or less")
     inspect.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                          help="model.chat_template: render message lists with this template "
                               "(a .jinja file or the Jinja text) instead of the tokenizer's")

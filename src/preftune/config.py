@@ -333,6 +333,18 @@ def build_config(tree: dict, source: str = "the config", schema: type[BaseModel]
         raise ConfigError(f"invalid configuration in {source}:\n  {problems}") from None
 
 
+def prompt_limit(max_length: int, max_prompt_length: int | None) -> int:
+    """The prompt limit of the command-line flags, by the config's rule: unset, 512, or half
+    of ``max_length`` when that is 512 or less; below ``max_length`` in any case."""
+    limit = max_prompt_length if max_prompt_length is not None else (
+        max_length // 2 if max_length <= 512 else 512)
+    if limit >= max_length:
+        raise ConfigError(f"--max-prompt-length ({limit}) must be below --max-length "
+                          f"({max_length}) or responses would be cut to nothing; lower it, e.g. "
+                          f"--max-prompt-length {max(1, max_length // 2)}.")
+    return limit
+
+
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config file and apply ``key=value`` overrides (``Config.from_yaml``)."""
     return Config.from_yaml(path, overrides)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, prompt_limit
 from ..data.records import DataError, JointPair
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
@@ -56,7 +56,7 @@ class EvalOptions:
     scorer: str | None = None
     batch_size: int = 16
     max_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # None: 512, or max_length // 2 when that is <= 512
     seed: int = 0
     chat_template: str | None = None  # a .jinja file or the text, for a model without one
 
@@ -93,7 +93,8 @@ def run_eval(options: EvalOptions) -> dict:
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"--reference {options.reference} has another vocabulary than --model "
                           f"{options.model}; log-prob ratios need the same tokenizer.")
-    settings = TokenizeSettings(options.max_length, options.max_prompt_length)
+    settings = TokenizeSettings(options.max_length,
+                                prompt_limit(options.max_length, options.max_prompt_length))
     examples, report = tokenize_records(records, tokenizer, settings)
     if not examples:
         raise DataError(f"{options.data}: no pair survived tokenization ({report.as_dict()}).")
