@@ -312,3 +312,19 @@ def test_bad_input_names_the_key_file_record_and_field(files, tmp_path):
     with pytest.raises(DataError, match=rf"{prompts}:1: field 'chosen'"):
         diffusion_task(DiffusionConfig.from_dict(
             config_tree(pipe, prompts, tmp_path / "dpo")), Accelerator())
+
+
+def test_an_error_in_a_step_scorer_names_the_scorer():
+    import sys
+
+    from preftune.diffusion.spo import FunctionStepScorer
+
+    def down(prompts, images, timesteps):
+        raise RuntimeError("scorer backend down")
+
+    with pytest.raises(RuntimeError, match="scorer backend down") as raised:
+        FunctionStepScorer(down, "mymod:down").score(["a red circle"], torch.zeros(1, 3, 4, 4),
+                                                      [0])
+    if sys.version_info >= (3, 11):
+        assert raised.value.__notes__ == ["(raised by scorer 'mymod:down' while scoring a batch "
+                                          "of prompt 'a red circle')"]

@@ -204,8 +204,14 @@ def test_the_plan_counts_the_4_bit_weights(workspace, capsys):
     total = sum(p.numel() for p in original.parameters())
     linear = sum(module.weight.numel() for name, module in original.named_modules()
                  if name.endswith(LINEAR))
-    assert f"parameters         {total / 1e6:.1f}M, trainable " in printed
-    assert f"M, {linear / 1e6:.1f}M in 4 bits (nf4)\n" in printed
+    from preftune.train.plan import _millions
+
+    adapters = sum(LORA["r"] * (module.in_features + module.out_features)  # all-linear LoRA
+                   for name, module in original.named_modules() if name.endswith(LINEAR))
+    assert f"parameters         {_millions(total + adapters)}, trainable " \
+        f"{_millions(adapters)}, {_millions(linear)} in 4 bits (nf4)\n" in printed
+    assert (_millions(135_300_000), _millions(24_576), _millions(1_536)) == (
+        "135.3M", "0.02M", "0.0015M")  # as many decimals as a small count needs
 
 
 def test_settings_that_cannot_train_a_quantized_base_are_refused(monkeypatch):

@@ -166,8 +166,11 @@ class FunctionStepScorer:
         self.function, self.name = function, name
 
     def score(self, prompts, images, timesteps) -> list[float]:
-        return checked(self.function(list(prompts), images, list(timesteps)), self.name,
-                       len(prompts))
+        from ..score.function import named_errors
+
+        with named_errors(self.name, "a batch of", prompts[0] if len(prompts) else ""):
+            values = self.function(list(prompts), images, list(timesteps))
+        return checked(values, self.name, len(prompts))
 
 
 def step_scorer(spec: str):

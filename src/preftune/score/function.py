@@ -67,12 +67,12 @@ class FunctionScorer:
 
     def score(self, prompts, responses) -> list[float]:
         if getattr(self.function, "batched", False):
-            with _named(self.name, "a batch of", prompts[0] if len(prompts) else ""):
+            with named_errors(self.name, "a batch of", prompts[0] if len(prompts) else ""):
                 values = self.function(list(prompts), list(responses))
             return checked(values, self.name, len(responses))
         values = []
         for prompt, response in zip(prompts, responses, strict=True):
-            with _named(self.name, "a response to", prompt):
+            with named_errors(self.name, "a response to", prompt):
                 values.append(self.function(prompt, response))
         return checked(values, self.name, len(responses))
 
@@ -81,7 +81,7 @@ class FunctionScorer:
 
 
 @contextlib.contextmanager
-def _named(scorer: str, what: str, prompt):
+def named_errors(scorer: str, what: str, prompt):
     """An error raised by the user's scoring function keeps its traceback, and says which
     scorer raised it on what."""
     try:

@@ -228,8 +228,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         *_model_lines(causal_lm_of(model), model_config, config.data.max_length),
         f"padding fraction   {sample.padding_fraction:.1%} (first 64 examples)",
         f"worst micro-batch  {rows} rows x {width} tokens",
-        f"parameters         {n_params / 1e6:.1f}M, trainable {trainable_params / 1e6:.2f}M"
-        + (f", {four_bit / 1e6:.1f}M in 4 bits ({config.model.quantize})" if four_bit else ""),
+        f"parameters         {_millions(n_params)}, trainable {_millions(trainable_params)}"
+        + (f", {_millions(four_bit)} in 4 bits ({config.model.quantize})" if four_bit else ""),
         "memory estimate (MiB per process, peak of one micro-batch):",
         f"  weights          {weights / MIB:10.0f}" + split("weights"),
         f"  gradients        {grads / MIB:10.0f}"
@@ -254,3 +254,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
                      "(train.gradient_checkpointing: true; with checkpoint_every: 2, "
                      f"{activations_and_total(2)[1] / MIB:.0f})")
     return "\n".join(lines)
+
+
+def _millions(count: int) -> str:
+    """A parameter count in millions, with the decimals a small one needs (0.02M, 135.3M)."""
+    return f"{count / 1e6:.{1 if count >= 1e7 else 2 if count >= 1e4 else 4}f}M"
