@@ -198,6 +198,13 @@ class Config(RunConfig):
         needs_reference = objective.needs_reference
         if len(names) == 1 and self.objective[0].weight != 1.0:
             raise ValueError("objective.weight only matters when objective is a list of terms.")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"objective {twice[0]} appears twice in the list; give each "
+                             "objective once (its loss is logged as loss/<name>).")
+        if any(term.weight <= 0 for term in self.objective):
+            raise ValueError("objective weights must be above 0 (a term of weight 0 does "
+                             "nothing: remove it).")
         if self.data.curriculum and objective.data != "pairs":
             raise ValueError(f"data.curriculum orders pairs by their score gap; {objective.name} "
                              f"trains on {objective.data} data. Remove it.")
