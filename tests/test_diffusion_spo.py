@@ -328,3 +328,15 @@ def test_an_error_in_a_step_scorer_names_the_scorer():
     if sys.version_info >= (3, 11):
         assert raised.value.__notes__ == ["(raised by scorer 'mymod:down' while scoring a batch "
                                           "of prompt 'a red circle')"]
+
+
+def test_a_missing_step_aware_model_is_named_by_its_config_key(tmp_path, monkeypatch):
+    from preftune.diffusion.spo import step_scorer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="^objective.scorer: 'runs/nonexist' is not a "
+                                                "local model directory"):
+        step_scorer("spm:runs/nonexist")
+    with pytest.raises(ConfigError, match="expected shape_colour, spm:PATH or module:function"):
+        step_scorer("no_such_module_here:f")

@@ -41,9 +41,11 @@ class CLIPPreference:
     model of ``preftune diffusion spm`` read at t = 0)."""
 
     def __init__(self, path: str, device):
+        from ..model.load import given_as
         from .step_model import StepAwarePreferenceModel
 
-        self.model = StepAwarePreferenceModel.from_pretrained(path).to(device).eval()
+        with given_as("objective.reward_model"):
+            self.model = StepAwarePreferenceModel.from_pretrained(path).to(device).eval()
         self.model.requires_grad_(False)
         self.device = device
 

@@ -178,17 +178,19 @@ def step_scorer(spec: str):
     if spec == "shape_colour":
         return ColourStepScorer()
     if spec.startswith("spm:"):  # a trained step-aware preference model (step_model.py)
+        from ..model.load import given_as
         from .step_model import StepModelScorer
 
-        return StepModelScorer(spec[4:])
+        with given_as("objective.scorer"):
+            return StepModelScorer(spec[4:])
     from ..entry_points import import_attribute
 
     try:
         function = import_attribute(spec)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"objective.scorer {spec!r}: expected shape_colour or module:function "
-                          f"with an importable module and function ({type(error).__name__}: "
-                          f"{error}).") from None
+        raise ConfigError(f"objective.scorer {spec!r}: expected shape_colour, spm:PATH or "
+                          "module:function with an importable module and function "
+                          f"({type(error).__name__}: {error}).") from None
     if not callable(function):
         raise ConfigError(f"objective.scorer {spec!r}: {spec.partition(':')[2]} is not callable.")
     return FunctionStepScorer(function, spec)
