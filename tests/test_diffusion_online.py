@@ -129,6 +129,12 @@ def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_pa
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "b", objective="dcpo"))
     with pytest.raises(ValueError, match="online.seeds"):
         DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "c", seeds=[0]))
+    for override, message in (("train.eval_every=1", "train.eval_every: each round is "
+                                                     "evaluated by its win rate"),
+                              ("data.eval_fraction=0.25", "data.eval_fraction: an online run "
+                                                          "samples every training prompt")):
+        with pytest.raises(ValueError, match=message):
+            DiffusionOnlineConfig.from_dict(tree(parts, tmp_path / "c"), [override])
     out = tmp_path / "d"
     run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, out, rounds=1)),
                          show_progress=False)

@@ -66,6 +66,23 @@ class DiffusionOnlineConfig(DiffusionConfig):
     online: DiffusionOnlineSection = DiffusionOnlineSection()
     """The rounds, the sampling and the scorers."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _evaluated_by_rounds(cls, tree):
+        """Checked before the training config's own checks, which would ask for held-out data
+        that an online run does not use that way."""
+        train = tree.get("train") if isinstance(tree, dict) else None
+        if isinstance(train, dict) and train.get("eval_every"):
+            raise ValueError("train.eval_every: each round is evaluated by its win rate over "
+                             "the initial model (online.eval_seeds on data.eval's prompts); "
+                             "remove it.")
+        data = tree.get("data") if isinstance(tree, dict) else None
+        if isinstance(data, dict) and data.get("eval_fraction"):
+            raise ValueError("data.eval_fraction: an online run samples every training prompt "
+                             "and evaluates on data.eval's prompts (else the training ones); "
+                             "give held-out prompts with data.eval instead.")
+        return tree
+
     @model_validator(mode="after")
     def _online(self):
         spec = get_diffusion_loss(self.objective.name)
@@ -76,10 +93,6 @@ class DiffusionOnlineConfig(DiffusionConfig):
             raise ValueError(f"objective {spec.name} needs a caption per image, which sampled "
                              "lists do not have; use diffusion_dpo, mapo, rank_dpo or "
                              "denoising.")
-        if self.train.eval_every:
-            raise ValueError("train.eval_every: each round is evaluated by its win rate over "
-                             "the initial model (online.eval_seeds on data.eval's prompts); "
-                             "remove it.")
         if set(self.data.fields) - {"prompt"}:
             raise ValueError("data.fields: an online run reads only each record's prompt "
                              "(map it with data.fields.prompt).")
