@@ -521,6 +521,10 @@ def test_a_round_without_pairs_trains_nothing_and_the_next_starts_from_the_same_
     assert not (tmp_path / "run" / "round-1" / "model").exists()
     assert summary["rounds"][1]["evaluate"]["mean_score"] == summary["initial"]["mean_score"]
     assert read_jsonl(tmp_path / "run" / "round-1" / "pairs.jsonl") == []
+    from preftune.report.rundir import ReportError
+
+    with pytest.raises(ReportError, match="none of its 2 rounds trained"):
+        load_run(tmp_path / "run")  # a finished run: not "run the report again later"
 
 
 def test_compare_gives_selm_its_builder_and_the_previous_reference(model_dir, data, tmp_path):

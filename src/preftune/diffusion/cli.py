@@ -47,7 +47,7 @@ _spm = _config_command("spm", _spm_parts, lambda out: (
     f"done: step-aware preference model in {out / 'model'}; SPO uses it with "
     f"objective.scorer: spm:{out / 'model'}"))
 _online = _config_command("online", _online_parts, lambda out: (
-    f"done: each round's model in {out}/round-N/train/model, its win rate over the initial "
+    f"done: each trained round's model in {out}/round-N/train/model, its win rate over the initial "
     f"model in round-N/eval.json; summary in {out / 'online.json'}"))
 
 

@@ -46,8 +46,13 @@ def load_run(run_dir: str | Path) -> RunData:
 
         metrics = joined_metrics(run_dir, online, read_jsonl)
         if not metrics:
-            raise ReportError(f"{run_dir}/online.json: no round has trained yet; run the report "
-                              "again after the first round's training")
+            done = len(online.get("rounds", []))
+            raise ReportError(
+                f"{run_dir}/online.json: no round has trained yet; run the report again after "
+                "the first round's training" if not done else
+                f"{run_dir}/online.json: none of its {done} rounds trained (each built no "
+                "training data: every sample or list scored alike; see the rounds in "
+                "online.json), so there is no training curve to draw")
         config_path = run_dir / "config.yaml"
         return RunData(run_dir=run_dir, metrics=metrics, online=online,
                        run_info=rounds_run_info(run_dir, online, _optional_json),
