@@ -106,3 +106,7 @@ def test_bad_input_is_refused_by_name(parts, tmp_path):
                        "--overwrite"):
         caption_pairs(str(done), str(tmp_path / "again.jsonl"), perturber=str(parts["lm"]))
     assert done.read_text() == before and not (tmp_path / "again.jsonl").exists()
+    with pytest.raises(DataError, match="--output .*done.jsonl already exists; choose another "
+                                        "file, or pass --overwrite"):
+        caption_pairs(data, str(done), perturber=str(parts["lm"]))
+    assert done.read_text() == before

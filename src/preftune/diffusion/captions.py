@@ -80,6 +80,9 @@ def caption_pairs(data: str, output: str, captioner: str | None = None,
     target = Path(output)
     if target.exists() and target.resolve() == Path(data).resolve():
         raise DataError(f"--output {output} is the input file; write the captions to a new file.")
+    if target.exists() and not overwrite:
+        raise DataError(f"--output {output} already exists; choose another file, or pass "
+                        "--overwrite to replace it.")
     pairs = load_pairs(data, fields)
     rows = list(rows_and_folders(data, fields))
     names = {side: fields.get(f"{side}_caption", f"{side}_caption")

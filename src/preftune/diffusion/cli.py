@@ -243,7 +243,8 @@ def add_diffusion_commands(commands) -> None:
     caption.add_argument("--perturb-instruction", default=None,
                          help="the perturber's instruction, with {text}")
     caption.add_argument("--overwrite", action="store_true",
-                         help="replace captions the rows already have")
+                         help="replace captions the rows already have, and an existing "
+                              "--output file")
     caption.set_defaults(run=_caption)
 
     sample = command(sub, "sample", "fixed-seed samples and a grid (a row per prompt)",
