@@ -119,3 +119,7 @@ def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path, capsys):
                  "shape_colour", "--output", str(evaluated)]) == 0
     results = json.loads((evaluated / "eval.json").read_text())
     assert results["negative_prompt"] == "a blue square" and results["win_rate"] == 0.5
+    assert main(["diffusion", "eval", "--model", str(pipes["sd"]), "--reference",
+                 str(pipes["sd"]), "--prompt", "a red circle", "--seeds", "4", "--steps", "1",
+                 "--scorer", "shape_colour", "--output", str(tmp_path / "named.json")]) == 0
+    assert json.loads((tmp_path / "named.json").read_text())["prompts"] == ["a red circle"]

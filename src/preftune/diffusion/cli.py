@@ -267,7 +267,8 @@ def add_diffusion_commands(commands) -> None:
     evaluate.add_argument("--reference", required=True, help="the pipeline before training")
     evaluate.add_argument("--scorer", required=True, help="shape_colour (the demo's checker) "
                           "or module:function(prompt, PIL image) -> float")
-    evaluate.add_argument("--output", help="where eval.json goes (default: the run dir)")
+    evaluate.add_argument("--output", help="a folder for eval.json (default: the run dir), or "
+                                           "a FILE.json")
     _sampling_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
 

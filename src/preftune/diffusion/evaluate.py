@@ -62,7 +62,8 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
                        output: str | None = None, resolution: int | None = None,
                        negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
     """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
-    (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output``."""
+    (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output`` (a folder,
+    or the file itself when it ends in .json)."""
     run_dir = Path(model)
     pipeline = pipeline_dir(run_dir)
     results = win_rate(load_diffusion_model(pipeline), load_diffusion_model(reference), prompts,
@@ -71,6 +72,7 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
     results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds,
                    negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
     target = Path(output) if output else (run_dir if pipeline != run_dir else Path("."))
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "eval.json").write_text(json.dumps(results, indent=2))
+    written = target if target.suffix == ".json" else target / "eval.json"  # a file or a folder
+    written.parent.mkdir(parents=True, exist_ok=True)
+    written.write_text(json.dumps(results, indent=2))
     return results
