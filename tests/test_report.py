@@ -95,7 +95,7 @@ def test_panels_group_an_open_set_of_keys_and_overlay_eval_on_train():
     records = [{"step": 1, "loss": 1.0, "loss/kto": 0.9, "rewards/desirable": 0.1,
                 "rewards/undesirable": -0.1, "rewards/top1_accuracy": 0.5, "kl/mean": 0.0,
                 "alarms": ["accuracy_at_chance"], "eval/rewards/desirable": 0.2,
-                "eval/only_eval": 3.0}]
+                "eval/only_eval": 3.0, "padding_fraction": 0.0}]  # no padding: not drawn
     panels = {panel.name: [curve.key for curve in panel.series] for panel in build_panels(records)}
     assert panels == {"loss": ["loss", "loss/kto"],
                       "rewards": ["rewards/desirable", "rewards/undesirable",

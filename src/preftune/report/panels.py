@@ -95,11 +95,14 @@ def numeric_series(metrics: list[dict]) -> dict[str, Series]:
 def build_panels(metrics: list[dict]) -> list[Panel]:
     """The panels for a run's metrics: known ones first in a fixed order, then the rest.
 
-    A key that is never finite has nothing to draw and gets no curve.
+    A key that is never finite has nothing to draw and gets no curve, nor does a padding
+    fraction that is 0 throughout (images, packed rows: there is no padding to watch).
     """
     grouped: dict[str, list[Series]] = {}
     for curve in numeric_series(metrics).values():
         if all(math.isnan(value) for value in curve.values):
+            continue
+        if curve.key == "padding_fraction" and all(value == 0 for value in curve.values):
             continue
         grouped.setdefault(panel_name(curve.key), []).append(curve)
     order = [name for name in KNOWN_PANELS if name in grouped]
