@@ -87,7 +87,7 @@ def test_saved_dataset_dict_split(tmp_path):
                          ).save_to_disk(str(root))
     pairs, detected = load(f"{root}:train_prefs")
     check_binarized(pairs)
-    assert "(saved with save_to_disk)" in detected and pairs[0].origin.endswith(
+    assert "(saved with save_to_disk), split 'train_prefs'" in detected and pairs[0].origin.endswith(
         "saved:train_prefs:record 0")
 
 

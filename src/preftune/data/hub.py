@@ -88,7 +88,8 @@ def _dataset_dir(path: str, split: str | None, label: str) -> Source:
     if (root / "snapshots").is_dir():
         root = _snapshot(root)
     if any((root / marker).is_file() for marker in SAVED_MARKERS):
-        return Source("saved", str(root), split, description=f"{label} (saved with save_to_disk)")
+        return Source("saved", str(root), split, description=f"{label} (saved with save_to_disk)"
+                      + (f", split {split!r}" if split else ""))
     splits = _split_files(root)
     if not splits:
         raise DataError(
