@@ -32,11 +32,16 @@ def _defaults(spec: ObjectiveSpec) -> str:
 
 
 def terminal_listing() -> str:
+    """Name, data, needs, paper and defaults in columns as wide as their longest entry, then
+    the summary under each."""
+    specs = sorted(REGISTRY.values(), key=lambda s: s.name)
+    name, needs, paper = (max(len(text(s)) for s in specs)
+                          for text in (lambda s: s.name, _needs, lambda s: s.paper))
     lines = []
-    for spec in sorted(REGISTRY.values(), key=lambda s: s.name):
-        lines.append(f"{spec.name:<17} {spec.data:<8} {_needs(spec):<32} {spec.paper:<24} "
-                     f"{_defaults(spec)}")
-        lines.append(f"{'':<17} {spec.summary}")
+    for spec in specs:
+        lines.append(f"{spec.name:<{name}} {spec.data:<8} {_needs(spec):<{needs}} "
+                     f"{spec.paper:<{paper}} {_defaults(spec)}")
+        lines.append(f"{'':<{name}} {spec.summary}")
     return "\n".join(lines)
 
 
