@@ -15,6 +15,7 @@ from preftune.cli import main
 from preftune.config import ConfigError, build_config
 from preftune.train import loop, trainer
 from preftune.train.logging import read_metrics
+from preftune.train.stopping import TrainingStopped
 
 
 @pytest.mark.parametrize("key,value,says", [
@@ -145,7 +146,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes(workspace, mo
         return real_step(self, step)
 
     monkeypatch.setattr(trainer.Trainer, "step", step_with_signal)
-    with pytest.raises(trainer.TrainingStopped, match="stopped by SIGTERM after step 2 of 4") \
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after step 2 of 4") \
             as stopped:
         run(workspace, "signalled", **settings)
     assert stopped.value.exit_code == 143  # what a shell reports for a SIGTERM

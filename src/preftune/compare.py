@@ -125,7 +125,7 @@ def attempt(name: str, entry: dict, work) -> bool:
     for bad settings or data, the traceback for anything else), so one objective cannot lose
     the others. A signal stops the whole comparison; running it again continues."""
     from .data.records import DataError
-    from .train.trainer import TrainingStopped
+    from .train.stopping import TrainingStopped
 
     try:
         work()

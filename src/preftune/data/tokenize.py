@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from .image_tokens import check_no_image_tokens, image_inputs, with_image_tokens
 from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
 from .tools import MASK_ROLES, TOOLS_HINT, called_names, masked_spans, response_masks
@@ -168,7 +169,7 @@ def _render(index: int, record, tokenizer, string_prefix: list,
             mask_roles: tuple = ()) -> _Rendered:
     prompt_texts = _prompt_texts(record, tokenizer)
     if getattr(record, "images", ()):
-        images = _image_inputs(tokenizer, record)
+        images = image_inputs(tokenizer, record)
         prompt_texts = [text if record.is_conversational else images.prompt_text(text)
                         for text in prompt_texts]
     # a chat template writes its own BOS, if any, into the text
@@ -304,10 +305,10 @@ def _encode_chunk(
         images = getattr(item.record, "images", ())
         counts: list = []
         if images:
-            side_prompts, counts = _with_image_tokens(side_prompts[0], item.record, tokenizer)
+            side_prompts, counts = with_image_tokens(side_prompts[0], item.record, tokenizer)
             side_prompts = [side_prompts] * len(response_ids)
         else:
-            _check_no_image_tokens(side_prompts, item.record, tokenizer)
+            check_no_image_tokens(side_prompts, item.record, tokenizer)
         if not all(side_prompts):
             report.empty_prompts += 1
             continue
@@ -332,38 +333,6 @@ def _encode_chunk(
         report.joint_pairs += any(own)
         examples.append(example)
     return examples
-
-
-def _check_no_image_tokens(prompts: list, record, tokenizer) -> None:
-    """A record without images whose prompt holds the model's image token (``<image>`` in a
-    string prompt) would leave that token without an image."""
-    images = getattr(tokenizer, "image_inputs", None)
-    if images is not None and any(images.image_token_id in ids for ids in prompts):
-        raise DataError(f"{record.origin}: field 'prompt' holds an image placeholder but the "
-                        "record has no images; give them in field 'images' (one per "
-                        "placeholder, in order) or remove the placeholder.")
-
-
-def _image_inputs(tokenizer, record):
-    images = getattr(tokenizer, "image_inputs", None)
-    if images is None:
-        raise DataError(f"{record.origin}: the record has images but the model is text-only (its "
-                        "tokenizer has no image processor). Use a vision-language model directory "
-                        "with its processor files, or leave the images out.")
-    return images
-
-
-def _with_image_tokens(prompt_ids: list, record, tokenizer) -> tuple[list, list]:
-    """The prompt with its images' tokens; negative images must give the very same tokens
-    (same size), since they are scored in the prompt's place."""
-    images = _image_inputs(tokenizer, record)
-    expanded, counts = images.expand(prompt_ids, record.images, record.origin)
-    negative = getattr(record, "negative_images", ())
-    if negative and images.expand(prompt_ids, negative, record.origin)[0] != expanded:
-        raise DataError(f"{record.origin}: field 'negative_images': the negative images give "
-                        "different image tokens than field 'images' (a different size); make "
-                        "each negative image the size of the image it stands in for.")
-    return expanded, counts
 
 
 def _truncate(

@@ -37,7 +37,7 @@ from ..score.base import scored_in_chunks, scorer_prompt
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
-from ..train.output import check_resume, move_aside, prepare_output_dir
+from ..train.output import check_resume, move_aside, prepare_output_dir, same_settings
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
                      read_jsonl, row_question, stored_images, write_json, write_jsonl)
@@ -76,29 +76,19 @@ def start_rounds(config, resume: bool, overwrite: bool) -> Path:
     if has_started(out) and overwrite:
         move_aside(out)
     if resume:
-        check_same_settings(config)
+        check_resume(config, may_change=ROUNDS_MAY_CHANGE)
     prepare_output_dir(str(out), resume=resume)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     return out
 
 
-def check_same_settings(config) -> None:
-    """Refuse to resume the run in ``config.output_dir`` under other settings (naming them);
-    more or fewer rounds are allowed (text and diffusion online configs alike)."""
-    check_resume(Path(config.output_dir), config.model_dump(),
-                 may_change=frozenset({"online.rounds"}),
-                 defaults=type(config).model_construct().model_dump())
+ROUNDS_MAY_CHANGE = frozenset({"online.rounds"})  # a resumed run may add rounds
 
 
 def continues(config) -> bool:
-    """Whether ``config.output_dir`` holds a run that ``config`` may resume."""
-    if not has_started(config.output_dir):
-        return False
-    try:
-        check_same_settings(config)
-    except ConfigError:
-        return False
-    return True
+    """Whether ``config.output_dir`` holds a run that ``config`` may resume (text and
+    diffusion online configs alike)."""
+    return has_started(config.output_dir) and same_settings(config, ROUNDS_MAY_CHANGE)
 
 
 def has_started(output_dir) -> bool:

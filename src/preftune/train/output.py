@@ -73,10 +73,9 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
                 raise ConfigError(f"--resume: {out} holds no checkpoint to continue from (one "
                                   "is written every train.save_every steps and when a signal "
                                   f"stops a run); {instead}.")
-        out = prepare_output_dir(config.output_dir, resume, overwrite)
+        prepare_output_dir(config.output_dir, resume, overwrite)
         if resume:
-            check_resume(out, config.model_dump(), accelerator.num_processes,
-                         defaults=type(config).model_construct().model_dump())
+            check_resume(config, accelerator.num_processes)
     accelerator.wait_for_everyone()
 
 
@@ -85,11 +84,13 @@ def resumable(config) -> bool:
     (one that ``--resume`` continues)."""
     from .checkpoint import checkpoints
 
-    out = Path(config.output_dir)
-    if not checkpoints(out / "checkpoints"):
-        return False
+    return bool(checkpoints(Path(config.output_dir) / "checkpoints")) and same_settings(config)
+
+
+def same_settings(config, may_change: frozenset = frozenset()) -> bool:
+    """Whether ``check_resume`` lets ``config`` continue the run in its output_dir."""
     try:
-        check_resume(out, config.model_dump(), defaults=type(config).model_construct().model_dump())
+        check_resume(config, may_change=may_change)
     except ConfigError:
         return False
     return True
@@ -103,20 +104,21 @@ def move_aside(out: Path) -> Path:
     return aside
 
 
-def check_resume(out: Path, tree: dict, processes: int = 1, defaults: dict | None = None,
-                 may_change: frozenset = frozenset()) -> None:
-    """Refuse ``--resume`` when settings that change training differ from the run's
-    ``config.yaml``; name them, and the ones that may change (``SAFE_TO_CHANGE`` and the
+def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()) -> None:
+    """Refuse ``--resume`` when settings of ``config`` that change training differ from its
+    run's ``config.yaml``; name them, and the ones that may change (``SAFE_TO_CHANGE`` and the
     caller's ``may_change``). The per-process batch may change with the number of processes as
     long as the global batch (batch_size x accumulation x processes, recorded in the
     checkpoint) stays the same. A key the saved file lacks (added by a later preftune version)
-    counts as its ``defaults`` value."""
+    counts as its default in ``config``'s class."""
+    out = Path(config.output_dir)
     safe = SAFE_TO_CHANGE | may_change
     saved_file = out / "config.yaml"
     if not saved_file.exists():
         return
-    saved = {**_flat(defaults or {}), **_flat(yaml.safe_load(saved_file.read_text()) or {})}
-    now = _flat(tree)
+    defaults = type(config).model_construct().model_dump()
+    saved = {**_flat(defaults), **_flat(yaml.safe_load(saved_file.read_text()) or {})}
+    now = _flat(config.model_dump())
     changed = sorted(key for key in set(saved) | set(now)
                      if saved.get(key) != now.get(key) and key not in safe)
     split = {"train.batch_size", "train.gradient_accumulation_steps"}

@@ -1,0 +1,106 @@
+"""``preftune data inspect | synthetic``: look at a dataset the way preftune sees it, and
+write the demo's checkable tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..arguments import COUNT, POSITIVE
+
+
+def _inspect(args) -> None:
+    from ..diffusion.data import inspect_image_data
+
+    shown = inspect_image_data(args.file, args.example)  # None: not images to denoise
+    if shown is not None:
+        print(shown)
+        return
+    from ..config import prompt_limit
+    from ..model.chat_template import use_chat_template
+    from ..model.load import given_as, load_tokenizer
+    from .inspect import inspect_prompts, inspect_report, prompts_only, render_example
+    from .sources import load_records
+    from .tokenize import TokenizeSettings, tokenize_records
+
+    settings = TokenizeSettings(args.max_length,
+                                prompt_limit(args.max_length, args.max_prompt_length))
+    with given_as("--model"):
+        tokenizer = load_tokenizer(args.model)
+    if args.chat_template is not None:
+        use_chat_template(tokenizer, args.chat_template, "--chat-template")
+    if prompts_only(args.file):  # prompts alone: what online runs and spo sample from
+        print(inspect_prompts(args.file, tokenizer, settings, args.example))
+        return
+    detected: list = []
+    records = load_records(args.file, format=args.format, detected=detected)
+    examples, report = tokenize_records(records, tokenizer, settings)
+    print(inspect_report(records, examples, report, detected[0]))
+    if args.example is not None:
+        match = [ex for ex in examples if ex.index == args.example]
+        if not match:
+            raise SystemExit(f"error: record {args.example} of {args.file} was dropped or does "
+                             f"not exist ({len(records)} records)")
+        print(render_example(match[0], tokenizer))
+
+
+def _synthetic(args) -> None:
+    from ..config import ConfigError
+    from .checks import write_task_files
+    from .synthetic import generate_split
+
+    out = Path(args.output_dir)
+    try:
+        train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed,
+                                                 families=args.families,
+                                                 hard_negatives=args.hard_negatives)
+    except ValueError as error:  # an unknown family, a share outside [0, 1], too few items
+        raise ConfigError(f"preftune data synthetic: {error}") from None
+    write_task_files({out / "train.jsonl": train_tasks,
+                      **({out / "eval.jsonl": eval_tasks} if eval_tasks else {})},
+                     args.overwrite)
+    print(f"wrote {len(train_tasks)} training pairs to {out / 'train.jsonl'}"
+          + (f" and {len(eval_tasks)} held-out pairs to {out / 'eval.jsonl'}"
+             if eval_tasks else ""))
+
+
+def add_data_commands(commands) -> None:
+    from ..cli import command
+
+    data = command(commands, "data", "look at a dataset the way preftune sees it",
+                   "preftune data inspect my_pairs.jsonl --example 3",
+                   "preftune data synthetic --output-dir runs/synthetic")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = command(data_commands, "inspect", "counts and token-level view",
+                      "preftune data inspect my_pairs.jsonl --example 3 --model default")
+    inspect.add_argument("file", help="a data file, a dataset directory or hub-cache dataset "
+                         "(ORG/NAME), optionally :SPLIT")
+    inspect.add_argument("--example", type=COUNT, help="show record N token by token")
+    inspect.add_argument("--model", default="default", help="whose tokenizer to use")
+    inspect.add_argument("--format", default="auto",
+                         choices=["auto", "standard", "conversational", "implicit"])
+    inspect.add_argument("--max-length", type=POSITIVE, default=1024)
+    inspect.add_argument("--max-prompt-length", type=POSITIVE,
+                         help="default: 512, or half of --max-length when that is 512 or less")
+    inspect.add_argument("--chat-template", metavar="FILE_OR_TEXT",
+                         help="model.chat_template: render message lists with this template "
+                              "(a .jinja file or the Jinja text) instead of the tokenizer's")
+    inspect.set_defaults(run=_inspect)
+    synthetic = command(data_commands, "synthetic", "write the demo's checkable tasks as "
+                        "preference pairs (train.jsonl, eval.jsonl)",
+                        "preftune data synthetic --output-dir runs/synthetic --train 192 "
+                        "--eval 96")
+    synthetic.add_argument("--output-dir", default="runs/synthetic")
+    synthetic.add_argument("--train", type=POSITIVE, default=192, help="training pairs")
+    synthetic.add_argument("--eval", type=COUNT, default=96, help="held-out pairs")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--overwrite", action="store_true",
+                           help="replace train.jsonl / eval.jsonl that hold other data")
+    synthetic.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
+                           help="share of pairs whose rejected answer is a bare wrong answer "
+                           "(as short as chosen) instead of a chatty one; field 'negative' "
+                           "says which (for reward models, which would otherwise learn length)")
+    synthetic.add_argument("--families", type=lambda text: text.split(","), metavar="A,B",
+                           help="task families (default: the demo's six); tool_call: calls to "
+                           "functions, for model.chat_template "
+                           "examples/chat_templates/chatml_tools.jinja")
+    synthetic.set_defaults(run=_synthetic)
