@@ -200,12 +200,14 @@ def test_missing_field_lists_present_fields_and_suggests_mapping(tmp_path):
         load_records(path)
     message = str(error.value)
     assert f"{path}:2" in message and "'chosen'" in message and "missing" in message
-    assert "'good', 'bad'" in message and "fields=" in message and "data.fields" in message
+    assert "'good', 'bad'" in message and "data.fields: {chosen: <column>}" in message
+    assert "--column KEY=COLUMN on the command line, or fields={...} in Python" in message
 
 
 def test_a_misspelt_column_in_fields_is_named(tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", [{"question": "p", "good": "g", "bad": "b"}])
-    with pytest.raises(DataError, match=r"f\.jsonl:1: data.fields maps 'prompt' to column "
+    with pytest.raises(DataError, match=r"f\.jsonl:1: the field map \(data.fields, --column\) maps "
+                                        r"'prompt' to column "
                                         r"'questoin', which the record lacks; its fields are "
                                         r"'question', 'good', 'bad'"):
         load_records(path, fields={"prompt": "questoin", "chosen": "good", "rejected": "bad"})

@@ -176,3 +176,35 @@ def test_a_relative_model_path_is_read_from_where_training_ran(tmp_path, monkeyp
     (run / "config.yaml").write_text(yaml.safe_dump(  # trained inside the run directory
         {"output_dir": ".", "model": {"path": "../../base"}}))
     assert Path(run_reference(run)).resolve() == (work / "base").resolve()
+
+
+def test_columns_under_other_names_are_read_with_column(files, tmp_path, capsys):
+    """--column KEY=COLUMN reads a file whose fields have other names, as data.fields does:
+    the per-pair values equal those of the same pairs under the canonical names."""
+    names = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    rows = [json.loads(line) for line in (files / "pairs.jsonl").read_text().splitlines()]
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({names.get(k, k): v for k, v in row.items()}) + "\n"
+                               for row in rows))
+    common = ["--model", str(files / "run"), "--reference", str(files / "reference"),
+              "--samples", "0"]
+    assert main(["eval", "--data", str(files / "pairs.jsonl"), "--output",
+                 str(tmp_path / "plain"), *common]) == 0
+    assert main(["eval", "--data", str(renamed), "--output", str(tmp_path / "mapped"), *common,
+                 *[f"--column={k}={v}" for k, v in names.items()]]) == 0
+    plain, mapped = ([json.loads(line) for line in (tmp_path / d / "eval_pairs.jsonl")
+                      .read_text().splitlines()] for d in ("plain", "mapped"))
+    assert len(mapped) == 8
+    assert [p["logp_chosen"] for p in mapped] == [p["logp_chosen"] for p in plain]
+    assert [p["ref_logp_rejected"] for p in mapped] == [p["ref_logp_rejected"] for p in plain]
+    # without the map the record is refused by field, naming the flag that maps it
+    capsys.readouterr()
+    assert main(["eval", "--data", str(renamed), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {renamed}:1: field 'chosen' (chosen) is missing") and \
+        "--column KEY=COLUMN on the command line" in err, err
+    with pytest.raises(SystemExit) as error:  # a usage error: one line, no traceback
+        main(["eval", "--data", str(renamed), "--column", "prompt", *common])
+    assert error.value.code == 2
+    assert "--column 'prompt': expected KEY=COLUMN, e.g. prompt=question" in \
+        capsys.readouterr().err

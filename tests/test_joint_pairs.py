@@ -135,9 +135,9 @@ def test_errors_use_the_files_column_names(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [{"q_good": "a", "c": "x", "r": "y"}])
     message = load_error(path, fields={"chosen_prompt": "q_good", "rejected_prompt": "q_bad",
                                        "chosen": "c", "rejected": "r"})
-    assert message == (f"{path}:1: data.fields maps 'rejected_prompt' to column 'q_bad', which "
-                       "the record lacks; its fields are 'q_good', 'c', 'r'. Fix the column name "
-                       "in data.fields.")
+    assert message == (f"{path}:1: the field map (data.fields, --column) maps 'rejected_prompt' "
+                       "to column 'q_bad', which the record lacks; its fields are 'q_good', 'c', "
+                       "'r'. Fix the column name.")
 
 
 def test_explicit_implicit_format_rejects_joint_pairs(tmp_path):

@@ -247,6 +247,28 @@ def test_rm_score_output_feeds_margin_objectives(workspace, tmp_path):
     assert [s["rejected_score"] for s in scored] == pytest.approx(expected[:, 1].tolist(),
                                                                   abs=1e-6)
     assert scored[0]["prompt"] == rows[0]["prompt"] and scored[3]["origin"].endswith(":4")
+    # a file with other column names is read with --column (rm eval too), its rows kept as
+    # they are
+    names = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    renamed = write_jsonl(tmp_path / "renamed.jsonl",
+                          [{names.get(k, k): v for k, v in row.items()} for row in rows])
+    columns = [f"--column={k}={v}" for k, v in names.items()]
+    assert main(["rm", "score", "--model", str(run), "--data", str(renamed), "--output",
+                 str(tmp_path / "renamed-scored.jsonl"), *columns]) == 0
+    mapped = [json.loads(line) for line in (tmp_path / "renamed-scored.jsonl").read_text()
+              .splitlines()]
+    assert [s["chosen_score"] for s in mapped] == [s["chosen_score"] for s in scored]
+    assert mapped[0]["question"] == rows[0]["prompt"] and "prompt" not in mapped[0]
+    for data_file, out_dir, flags in ((data, "eval-plain", []), (renamed, "eval-mapped", columns)):
+        assert main(["rm", "eval", "--model", str(run), "--data", str(data_file), "--output",
+                     str(tmp_path / out_dir), *flags]) == 0
+    plain, by_columns = (json.loads((tmp_path / d / "rm_eval.json").read_text())
+                         for d in ("eval-plain", "eval-mapped"))
+    assert by_columns["pairs"] == 12 and by_columns["accuracy"] == plain["accuracy"]
+    plain, by_columns = ([json.loads(line)["reward_chosen"] for line in
+                          (tmp_path / d / "rm_eval_pairs.jsonl").read_text().splitlines()]
+                         for d in ("eval-plain", "eval-mapped"))
+    assert by_columns == plain and by_columns[0] == mapped[0]["chosen_score"]
     # the scored file trains modpo (its margin reward) as it is
     from preftune.config import build_config
     from preftune.train import loop

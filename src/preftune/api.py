@@ -90,19 +90,20 @@ def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool
 
 def evaluate_reward_model(model: str, data: str, **options) -> dict:
     """Accuracy, calibration and reward distribution of a reward model (``preftune rm eval``;
-    ``options``: output, category_field, bins, batch_size). Returns the results."""
+    ``options``: fields, output, category_field, bins, batch_size). Returns the results."""
     from .reward.evaluate import RewardEvalOptions, run_rm_eval
 
     return run_rm_eval(RewardEvalOptions(model=model, data=data, **options))
 
 
 def score_with_reward_model(model: str, data: str, output: str, *, batch_size: int = 16,
-                            field: str = "score", overwrite: bool = False) -> Path:
+                            field: str = "score", overwrite: bool = False,
+                            fields: dict | None = None) -> Path:
     """Write every record of ``data`` with its reward-model scores to ``output`` (JSONL;
-    ``preftune rm score``)."""
+    ``preftune rm score``); ``fields`` maps canonical field names to the file's columns."""
     from .reward.scoring import run_score
 
-    return run_score(model, data, output, batch_size, field, overwrite)
+    return run_score(model, data, output, batch_size, field, overwrite, fields)
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,

@@ -23,3 +23,27 @@ def at_least(lowest: int):
 
 
 POSITIVE, COUNT = at_least(1), at_least(0)
+
+
+class _Columns(argparse.Action):
+    """``--column KEY=COLUMN``, repeatable: collects ``{KEY: COLUMN}`` (data.fields' form)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        key, equals, column = value.partition("=")
+        if not equals or not key.strip() or not column.strip():
+            parser.error(f"{option_string} {value!r}: expected KEY=COLUMN, e.g. prompt=question")
+        columns = dict(getattr(namespace, self.dest) or {})
+        if key.strip() in columns:
+            parser.error(f"{option_string} {key.strip()} is given twice")
+        columns[key.strip()] = column.strip()
+        setattr(namespace, self.dest, columns)
+
+
+def add_column_option(parser: argparse.ArgumentParser, *aliases: str,
+                      example: str = "prompt=question") -> None:
+    """``--column KEY=COLUMN`` (repeatable): read the field KEY from a column of another name,
+    what a config's data.fields does; the parsed value is ``args.fields``."""
+    parser.add_argument("--column", *aliases, dest="fields", action=_Columns, default=None,
+                        metavar="KEY=COLUMN",
+                        help=f"read field KEY from a column of another name (repeatable), "
+                             f"e.g. {example}; what a config's data.fields does")

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .arguments import COUNT, POSITIVE
+from .arguments import COUNT, POSITIVE, add_column_option
 
 
 def _train(args) -> None:
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--scorer synthetic")
     evaluate.add_argument("--model", required=True, help="a run dir (holding model/) or a model dir")
     evaluate.add_argument("--data", required=True, help="preference pairs (JSONL, JSON, ...)")
+    add_column_option(evaluate)
     evaluate.add_argument("--reference", help="reference model (default: the one a run dir's "
                           "config.yaml trained against, its reference.model or model.path; "
                           "for a bare model dir the bundled SmolLM2-135M-Instruct)")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..arguments import COUNT, POSITIVE
+from ..arguments import COUNT, POSITIVE, add_column_option
 
 
 def _inspect(args) -> None:
     from ..diffusion.data import inspect_image_data
 
-    shown = inspect_image_data(args.file, args.example)  # None: not images to denoise
+    shown = inspect_image_data(args.file, args.example, args.fields)  # None: not images to denoise
     if shown is not None:
         print(shown)
         return
@@ -28,11 +28,13 @@ def _inspect(args) -> None:
         tokenizer = load_tokenizer(args.model)
     if args.chat_template is not None:
         use_chat_template(tokenizer, args.chat_template, "--chat-template")
-    if prompts_only(args.file):  # prompts alone: what online runs and spo sample from
-        print(inspect_prompts(args.file, tokenizer, settings, args.example))
+    if prompts_only(args.file, args.fields):  # prompts alone: what online and spo sample from
+        print(inspect_prompts(args.file, tokenizer, settings, args.example,
+                              (args.fields or {}).get("prompt", "prompt")))
         return
     detected: list = []
-    records = load_records(args.file, format=args.format, detected=detected)
+    records = load_records(args.file, format=args.format, fields=args.fields,
+                           detected=detected)
     examples, report = tokenize_records(records, tokenizer, settings)
     print(inspect_report(records, examples, report, detected[0]))
     if args.example is not None:
@@ -74,6 +76,7 @@ def add_data_commands(commands) -> None:
                       "preftune data inspect my_pairs.jsonl --example 3 --model default")
     inspect.add_argument("file", help="a data file, a dataset directory or hub-cache dataset "
                          "(ORG/NAME), optionally :SPLIT")
+    add_column_option(inspect)
     inspect.add_argument("--example", type=COUNT, help="show record N token by token")
     inspect.add_argument("--model", default="default", help="whose tokenizer to use")
     inspect.add_argument("--format", default="auto",

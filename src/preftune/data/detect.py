@@ -165,7 +165,7 @@ def _explain(row: dict, columns: dict, shape: str, format: str) -> tuple[str, st
         return "ultrafeedback", (
             f"{columns['prompt']!r} + {columns['completions']!r} (a list of objects): each "
             f"completion's {columns['response']!r} is a response, scored by its "
-            f"{columns['scores']!r} (other keys: data.fields: {{response: ..., scores: ...}}); "
+            f"{columns['scores']!r} (other keys: data.fields: {{response: ..., scores: ...}}, or --column); "
             "read as a ranked list")
     if shape == "ranked":
         by = columns["scores"] if row.get(columns["scores"]) is not None else columns["ranks"]

@@ -10,7 +10,8 @@ from typing import Any
 from .records import DataError
 
 ASSISTANT_MARKER = "\n\nAssistant:"
-FIELDS_HINT = "map column names with fields={...} (config key data.fields)"
+FIELDS_HINT = ("map column names with data.fields in a config, --column KEY=COLUMN on the "
+               "command line, or fields={...} in Python")
 
 
 def split_dialogues(chosen: Any, rejected: Any, prompt: Any, columns: dict, origin: str,
@@ -131,7 +132,7 @@ def _strip_named(prompt: str, chosen: list, rejected: list, columns: dict, origi
             f"{origin}: field {columns['prompt']!r} (prompt) does not match the dialogue that "
             f"{columns['chosen']!r} and {columns['rejected']!r} start with: their opening has "
             f"{shown}, the prompt is {_short({'content': prompt})}. Fix the record, or map the "
-            f"right column with data.fields."
+            f"right column with data.fields (--column prompt=COLUMN on the command line)."
         )
     return opening, chosen, rejected
 

@@ -149,30 +149,33 @@ def _row(label: str, value) -> str:
     return f"{label:<20}{value}"
 
 
-def prompts_only(path: str) -> bool:
+def prompts_only(path: str, fields: dict | None = None) -> bool:
     """True when the first row of ``path`` has a prompt and no response field: the prompts
     files that ``preftune online`` and the diffusion ``spo`` objective sample from."""
     from .shapes import TEXT_FIELDS
     from .sources import read_rows
 
+    column = {key: (fields or {}).get(key, key) for key in
+              (*TEXT_FIELDS, "completions", "scores", "ranks", "label")}
     try:
-        _, row = next(iter(read_rows(path, set(TEXT_FIELDS))))
+        _, row = next(iter(read_rows(path, set(column.values()))))
     except Exception:  # unreadable or empty here: the records path reports it
         return False
-    responses = set(TEXT_FIELDS) - {"prompt"} | {"completions", "scores", "ranks", "label"}
-    return isinstance(row, dict) and "prompt" in row and not responses & set(row)
+    responses = set(column.values()) - {column["prompt"]}
+    return isinstance(row, dict) and column["prompt"] in row and not responses & set(row)
 
 
-def inspect_prompts(path: str, tokenizer, settings, example: int | None = None) -> str:
+def inspect_prompts(path: str, tokenizer, settings, example: int | None = None,
+                    prompt_column: str = "prompt") -> str:
     """What ``preftune data inspect`` prints for a prompts file: counts, distinct prompts,
     rendered token lengths (as training and generation render them) and a few prompts."""
     from ..generation import prompt_ids
     from .records import DataError, required_prompt
     from .sources import read_rows
 
-    rows = [(origin, required_prompt(origin, row, "prompt", (
+    rows = [(origin, required_prompt(origin, row, prompt_column, (
         "is missing or empty; a prompts file holds one prompt (a string or a list of chat "
-        "messages) per record."))) for origin, row in read_rows(path, {"prompt"})]
+        "messages) per record."))) for origin, row in read_rows(path, {prompt_column})]
     distinct = {repr(prompt) for _, prompt in rows}
     lengths = [len(ids) for ids in prompt_ids([p for _, p in rows], tokenizer, settings)]
     lines = [_row("source", path),

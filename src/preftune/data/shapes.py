@@ -165,12 +165,13 @@ def _completions_to_ranked(row: dict, columns: dict, format: str, origin: str,
             keys = ", ".join(repr(key) for key in item) if isinstance(item, dict) else "none"
             raise DataError(f"{where}: expected an object with the response under {text_key!r} "
                             f"(keys present: {keys}); map another key with data.fields: "
-                            f"{{response: KEY}}.")
+                            f"{{response: KEY}} (--column response=KEY on the command line).")
         score = item.get(score_key)
         if not is_number(score) or not math.isfinite(score):
             raise DataError(f"{where}: score {score_key!r} is {describe(score)}, expected a "
                             f"finite number; pick another per-completion score with "
-                            f"data.fields: {{scores: KEY}} (e.g. fine-grained_score).")
+                            f"data.fields: {{scores: KEY}} (e.g. fine-grained_score; --column "
+                            f"scores=KEY on the command line).")
         responses.append(_reply(item[text_key], columns, "response", format, origin, mixed))
         scores.append(float(score))
     prompt = _prompt(row, columns, format, origin, mixed)
@@ -200,7 +201,7 @@ def _get(row: dict, columns: dict, canonical: str, origin: str) -> Any:
         raise DataError(
             f"{origin}: field {column!r} ({canonical}) {state}; fields present: "
             f"{present_fields(row)}. If the {canonical} is under another name, {FIELDS_HINT}, "
-            f"e.g. fields={{'{canonical}': '<column>'}}."
+            f"e.g. data.fields: {{{canonical}: <column>}}."
         )
     return value
 

@@ -286,7 +286,8 @@ def _column_map(path: str, fields: dict | None) -> dict:
     for canonical, column in (fields or {}).items():
         if canonical not in CANONICAL_FIELDS:
             raise DataError(
-                f"{path}: fields= has unknown key {canonical!r}; keys are canonical names "
+                f"{path}: the field map (data.fields, --column) has unknown key {canonical!r}; "
+                f"keys are canonical names "
                 f"({', '.join(CANONICAL_FIELDS)}) and values the file's column names."
             )
         if not isinstance(column, str):
@@ -305,10 +306,10 @@ def _misspelt_columns(row: dict, fields: dict | None, origin: str, first: bool):
         missing = [(k, c) for k, c in (fields or {}).items() if first and c not in row]
         if missing:
             canonical, column = missing[0]
-            raise DataError(f"{origin}: data.fields maps {canonical!r} to column {column!r}, "
-                            f"which the record lacks; its fields are "
-                            f"{', '.join(map(repr, row))}. Fix the column name in "
-                            "data.fields.") from None
+            raise DataError(f"{origin}: the field map (data.fields, --column) maps "
+                            f"{canonical!r} to column {column!r}, which the record lacks; its "
+                            f"fields are {', '.join(map(repr, row))}. Fix the column name.") \
+                from None
         raise
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..arguments import POSITIVE
+from ..arguments import POSITIVE, add_column_option
 from . import require_diffusers
 
 
@@ -54,13 +54,7 @@ _online = _config_command("online", _online_parts, lambda out: (
 def _caption(args) -> None:
     from .captions import caption_pairs
 
-    fields = {}
-    for item in args.field or []:
-        key, equals, column = item.partition("=")
-        if not equals or not key or not column:
-            raise SystemExit(f"error: --field {item!r}: expected KEY=COLUMN, e.g. prompt=caption")
-        fields[key] = column
-    result = caption_pairs(args.data, args.output, args.captioner, args.perturber, fields,
+    result = caption_pairs(args.data, args.output, args.captioner, args.perturber, args.fields,
                            args.max_new_tokens, args.batch_size, args.caption_instruction,
                            args.perturb_instruction, args.overwrite)
     print(f"wrote {result['pairs']} pairs with chosen_caption and rejected_caption "
@@ -234,8 +228,7 @@ def add_diffusion_commands(commands) -> None:
     caption.add_argument("--output", required=True, help="JSONL file to write")
     caption.add_argument("--captioner", help="a vision-language model directory")
     caption.add_argument("--perturber", help="a language model (directory, Hub id or default)")
-    caption.add_argument("--field", action="append", metavar="KEY=COLUMN",
-                         help="read a column under another name, e.g. prompt=caption")
+    add_column_option(caption, "--field", example="prompt=caption")
     caption.add_argument("--max-new-tokens", type=POSITIVE, default=48)
     caption.add_argument("--batch-size", type=POSITIVE, default=8)
     caption.add_argument("--caption-instruction", default=None,

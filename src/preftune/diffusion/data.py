@@ -134,7 +134,8 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
                 RANKED_HINT if "images" in row else ""
             raise DataError(f"{origin}: field {name[key]!r} ({key}) is missing or empty{why}; "
                             f"present fields: {', '.join(sorted(row))}. Fix the record or map "
-                            f"the column with data.fields.{key}.")
+                            f"the column with data.fields.{key} (--column {key}=COLUMN on the "
+                            "command line).")
     for key in ("prompt", *(CAPTION_FIELDS if captions else ())):
         if not isinstance(row[name[key]], str):
             raise DataError(f"{origin}: field {name[key]!r} ({key}) must be text, got "
@@ -214,20 +215,22 @@ def tensor_image(pixels: torch.Tensor):
     return Image.fromarray(data.permute(1, 2, 0).cpu().numpy(), "RGB")
 
 
-def image_data_kind(path: str) -> str | None:
+def image_data_kind(path: str, fields: dict | None = None) -> str | None:
     """"pairs" or "ranked" when the first record of ``path`` holds images to denoise (image
     fields that are not text responses, or a ranked list with ``image_scores``), else None:
     how ``preftune data inspect`` tells image preference data from text (anything it cannot
     read is left to the text path, which names the problem)."""
+    column = {key: (fields or {}).get(key, key) for key in ("prompt", "chosen", "images",
+                                                           "image_scores")}
     try:
-        _, row = next(iter(read_rows(path, {"prompt"})))
+        _, row = next(iter(read_rows(path, {column["prompt"]})))
     except Exception:  # unreadable or empty here: the text path reports it
         return None
     if not isinstance(row, dict):
         return None
-    if isinstance(row.get("images"), list) and "image_scores" in row:
+    if isinstance(row.get(column["images"]), list) and column["image_scores"] in row:
         return "ranked"
-    value = row.get("chosen")
+    value = row.get(column["chosen"])
     if isinstance(value, (bytes, dict)) or (isinstance(value, str) and (
             value.startswith("data:image") or value.lower().endswith(
                 (".png", ".jpg", ".jpeg", ".webp", ".bmp")))):
@@ -235,23 +238,25 @@ def image_data_kind(path: str) -> str | None:
     return None
 
 
-def inspect_image_data(path: str, example: int | None = None) -> str | None:
+def inspect_image_data(path: str, example: int | None = None,
+                       fields: dict | None = None) -> str | None:
     """What ``preftune data inspect`` prints for images to denoise (pairs, or RankDPO's ranked
-    lists), or None when ``path`` holds text data."""
-    kind = image_data_kind(path)
+    lists), or None when ``path`` holds text data; ``fields`` renames columns (data.fields)."""
+    kind = image_data_kind(path, fields)
     if kind == "ranked":
         from .ranked import inspect_ranked
 
-        return inspect_ranked(path, example)
-    return inspect_pairs(path, example) if kind == "pairs" else None
+        return inspect_ranked(path, example, fields)
+    return inspect_pairs(path, example, fields) if kind == "pairs" else None
 
 
-def inspect_pairs(path: str, example: int | None = None) -> str:
+def inspect_pairs(path: str, example: int | None = None, fields: dict | None = None) -> str:
     """What ``preftune data inspect`` prints for image preference data: counts, then each
     shown record's prompt, both images (source and size), captions and scores."""
-    _, first = next(iter(read_rows(path, {"prompt"})))
-    paired = "rejected" in first  # else image-caption records, for plain denoising
-    pairs = load_pairs(path, rejected=paired)
+    fields = fields or {}
+    _, first = next(iter(read_rows(path, {fields.get("prompt", "prompt")})))
+    paired = fields.get("rejected", "rejected") in first  # else captioned images, to denoise
+    pairs = load_pairs(path, fields, rejected=paired)
     shown = [p for p in pairs if p.index == example] if example is not None else pairs[:3]
     if example is not None and not shown:
         raise DataError(f"record {example} of {path} does not exist ({len(pairs)} records)")

@@ -48,7 +48,8 @@ class RankedImages:
 def _field_error(origin: str, name: str, key: str, problem: str, row: dict) -> DataError:
     return DataError(f"{origin}: field {name!r} ({key}) {problem}; present fields: "
                      f"{', '.join(sorted(row))}. Fix the record or map the column with "
-                     f"data.fields.{key} (a ranked record: prompt, images, image_scores).")
+                     f"data.fields.{key} (--column {key}=COLUMN on the command line; a ranked "
+                     "record: prompt, images, image_scores).")
 
 
 def ranked_from_row(index: int, origin: str, row: Any, fields: dict,
@@ -196,10 +197,10 @@ def collate_ranked(lists: list[RankedImages], resolution: int) -> RankedBatch:
                        present, [r.prompt for r in lists], [r.index for r in lists])
 
 
-def inspect_ranked(path: str, example: int | None = None) -> str:
+def inspect_ranked(path: str, example: int | None = None, fields: dict | None = None) -> str:
     """What ``preftune data inspect`` prints for ranked image lists: counts, then each shown
     list's prompt and its images (source, size, score) from best to worst."""
-    lists = load_ranked(path)
+    lists = load_ranked(path, fields)
     shown = [r for r in lists if r.index == example] if example is not None else lists[:3]
     if example is not None and not shown:
         raise DataError(f"record {example} of {path} does not exist ({len(lists)} records)")

@@ -45,6 +45,7 @@ class EvalOptions:
 
     model: str
     data: str
+    fields: dict | None = None  # canonical field -> the file's column (data.fields, --column)
     reference: str | None = None  # None: the run's own reference (run_reference)
     output: str | None = None
     beta: float = 0.1
@@ -72,7 +73,7 @@ def run_eval(options: EvalOptions) -> dict:
                   "against; --reference chooses another)")
     seconds: dict = {}
     clock = time.perf_counter()
-    records = load_records(options.data, shape="pairs")
+    records = load_records(options.data, shape="pairs", fields=options.fields)
     joint = next((r for r in records if isinstance(r, JointPair)), None)
     if joint is not None:
         raise DataError(f"{joint.origin}: a joint pair (chosen_prompt/rejected_prompt); eval "

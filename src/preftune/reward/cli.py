@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..arguments import POSITIVE
+from ..arguments import POSITIVE, add_column_option
 
 
 def _train(args) -> None:
@@ -19,14 +19,14 @@ def _eval(args) -> None:
 
     evaluate_reward_model(args.model, args.data, output=args.output,
                           category_field=args.category_field, bins=args.bins,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, fields=args.fields)
 
 
 def _score(args) -> None:
     from ..api import score_with_reward_model
 
     score_with_reward_model(args.model, args.data, args.output, batch_size=args.batch_size,
-                            field=args.field, overwrite=args.overwrite)
+                            field=args.field, overwrite=args.overwrite, fields=args.fields)
 
 
 def _losses(args) -> None:
@@ -57,6 +57,7 @@ def add_rm_commands(commands) -> None:
                        "preftune rm eval --model runs/rm --data held_out.jsonl")
     evaluate.add_argument("--model", required=True, help="a reward-model run dir or model dir")
     evaluate.add_argument("--data", required=True, help="pairs or ranked lists (JSONL, ...)")
+    add_column_option(evaluate)
     evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")
     evaluate.add_argument("--category-field",
                           help="record field whose values group the accuracy (default: "
@@ -70,6 +71,7 @@ def add_rm_commands(commands) -> None:
                     "preftune rm score --model runs/rm --data samples.jsonl --output scored.jsonl")
     score.add_argument("--model", required=True, help="a reward-model run dir or model dir")
     score.add_argument("--data", required=True, help="records to score (JSONL, JSON, ...)")
+    add_column_option(score)
     score.add_argument("--output", required=True, help="JSONL file to write")
     score.add_argument("--field", default="score", help="name of the score fields: pairs get "
                        "chosen_NAME / rejected_NAME (what odpo and modpo read), lists NAMEs, "

@@ -47,6 +47,7 @@ class RewardEvalOptions:
     model: str
     data: str
     output: str | None = None
+    fields: dict | None = None  # canonical field -> the file's column (data.fields, --column)
     category_field: str | None = None  # None: "category", where the records have it
     bins: int = 10
     batch_size: int = 16
@@ -157,8 +158,9 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
     started = time.perf_counter()
     if options.bins < 1:
         raise ConfigError("--bins must be at least 1")
-    records = load_records(options.data)
-    raw = [row for _, row in read_rows(options.data, set(TEXT_FIELDS))]
+    records = load_records(options.data, fields=options.fields)
+    raw = [row for _, row in read_rows(options.data,
+                                       set(TEXT_FIELDS) | set((options.fields or {}).values()))]
     field = options.category_field or "category"
     categories = [row.get(field) if isinstance(row, dict) else None for row in raw]
     if options.category_field and all(c is None for c in categories):

@@ -118,7 +118,7 @@ def score_row(row: dict, record, head: Head, outputs: torch.Tensor, field: str) 
 
 
 def run_score(model: str, data: str, output: str, batch_size: int = 16, field: str = "score",
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, fields: dict | None = None) -> Path:
     """Score every record of ``data`` and write ``output`` (JSONL; an existing file only with
     ``overwrite``): each input row with its ``origin`` (unless it has one) and the scores added (pairs: ``chosen_<field>``, ``rejected_<field>``,
     ``<field>_preference``; lists: ``<field>s``; one response: ``<field>``). Returns the file."""
@@ -128,8 +128,8 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     if target.exists() and not overwrite:
         raise DataError(f"--output {output} already exists; choose another file, or pass "
                         "--overwrite to replace it.")
-    records = load_records(data)
-    rows = [row for _, row in read_rows(data, set(TEXT_FIELDS))]
+    records = load_records(data, fields=fields)
+    rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
     scoring = RewardScoring.load(model, batch_size)
     bar = progress_bar(len(records), f"rm score {Path(data).name}", unit="record")
     outputs = scoring.outputs(records, progress=bar.update)
