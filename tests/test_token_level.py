@@ -79,6 +79,24 @@ def test_tdpo_matches_formula(params):
         assert out.losses[i].item() == pytest.approx(tdpo_formula(case, params), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("params", [TDPOParams(beta=0.5), TDPOParams(beta=0.5, alpha=0.2,
+                                                                     variant="tdpo2")])
+def test_tdpo_reward_margin_is_the_loss_logit(params):
+    """r(y) = beta (rho(y) + w D(y)), w = 1 (TDPO1) or alpha (TDPO2): the logged margin is the
+    loss's logit, so accuracy says whether the loss ranks the chosen response first."""
+    inputs, _, _ = tdpo_inputs(TDPO_CASES)
+    out = get_objective("tdpo")(inputs, params)
+    weight = params.alpha if params.variant == "tdpo2" else 1.0
+    for i, (pw, pl, rw, rl, dw, dl) in enumerate(TDPO_CASES):
+        expected = [params.beta * (pw - rw + weight * dw), params.beta * (pl - rl + weight * dl)]
+        assert out.rewards[i].tolist() == pytest.approx(expected, rel=1e-5)
+        logit = params.beta * ((pw - rw) - (pl - rl) - weight * (dl - dw))
+        assert out.losses[i].item() == pytest.approx(-log_sigmoid(logit), rel=1e-5, abs=1e-6)
+    # case 0: u = 2, and D(y_l) - D(y_w) = 0.6 comes off the margin (beta rho alone logs 2 beta)
+    assert (out.rewards[0, 0] - out.rewards[0, 1]).item() == pytest.approx(
+        params.beta * (2 - weight * 0.6), rel=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
 def test_tdpo_gradients_and_stop_gradient(variant):
     p = TDPOParams(beta=0.5, alpha=0.3, variant=variant)
@@ -236,3 +254,25 @@ def test_sparse_po_with_a_uniform_mask_is_tdpo1():
     halved = get_objective("sparse_po")(ObjectiveInputs(policy, half),
                                         get_objective("sparse_po").params(beta=0.6))
     torch.testing.assert_close(halved.losses, tdpo.losses)  # 0.5 weights = half beta
+    torch.testing.assert_close(sparse.rewards, tdpo.rewards)  # and the same implied rewards
+
+
+def test_sparse_po_reward_margin_is_the_loss_logit():
+    """One token per response: U = m rho, K = m KL; r(y) = beta (U + K), so the logged margin
+    beta [(U_w + K_w) - (U_l + K_l)] is the loss's logit. Here the chosen token's log-ratio is
+    only 0.1 above the rejected one's but its KL is 0.5 higher: the loss ranks it first
+    (logit +0.06 at beta 0.1), and so must the logged accuracy."""
+    token_logps = torch.tensor([[[-1.0], [-1.1]]])
+    ref_logps = torch.tensor([[[-1.0], [-1.0]]])
+    token_kl, mask = torch.tensor([[[0.5], [0.0]]]), torch.ones(1, 2, 1, dtype=torch.bool)
+    counts = torch.ones(1, 2)
+    policy = SequenceStats(token_logps.sum(-1), counts, token_logps, mask, token_kl.sum(-1),
+                           token_kl)
+    reference = SequenceStats(ref_logps.sum(-1), counts, ref_logps, mask,
+                              token_activation=torch.full((1, 2, 1), 0.5))
+    spec = get_objective("sparse_po")
+    out = spec(ObjectiveInputs(policy, reference), spec.params(beta=0.1))
+    assert out.rewards[0].tolist() == pytest.approx([0.1 * 0.5 * (0.0 + 0.5),
+                                                     0.1 * 0.5 * (-0.1 + 0.0)])
+    logit = 0.1 * 0.5 * ((0.0 - -0.1) - (0.0 - 0.5))
+    assert out.losses.item() == pytest.approx(-log_sigmoid(logit))

@@ -44,20 +44,23 @@ def tdpo(inputs: ObjectiveInputs, params: TDPOParams) -> ObjectiveOutput:
     D(y) = sum_t KL(pi_ref(.|x, y_<t) || pi_theta(.|x, y_<t)) over the response's positions.
     TDPO1: loss = -log sigmoid(beta (u - (D(y_l) - D(y_w)))).
     TDPO2: loss = -log sigmoid(beta (u - alpha (D(y_l) - sg[D(y_w)]))), sg = stop-gradient.
-    r(y) = beta rho(y). Sequence-level DPO only sees the sampled tokens; the KL term watches the
-    whole next-token distribution at every position, so the policy cannot buy its margin by
-    drifting far from the reference on tokens it does not sample; TDPO2 lets the rejected
-    response's divergence grow but holds the chosen one's. Formula as in the authors'
+    r(y) = beta (rho(y) + w D(y)) with w = 1 (TDPO1) or alpha (TDPO2): the loss's logit is
+    exactly r(y_w) - r(y_l), so the logged margins and accuracies are the loss's own.
+    Sequence-level DPO only sees the sampled tokens; the KL term watches the whole next-token
+    distribution at every position, so the policy cannot buy its margin by drifting far from the
+    reference on tokens it does not sample; TDPO2 lets the rejected response's divergence grow
+    but holds the chosen one's. Formula as in the authors'
     Vance0124/Token-level-Direct-Preference-Optimization tdpo_loss.
     """
     kl = sequence_kl(inputs, "tdpo")
     ratios = log_ratios(inputs)
     u = chosen_minus_rejected(ratios)
     if params.variant == "tdpo2":
-        delta = params.alpha * (kl[:, 1] - kl[:, 0].detach())
+        weight, delta = params.alpha, params.alpha * (kl[:, 1] - kl[:, 0].detach())
     else:
-        delta = kl[:, 1] - kl[:, 0]
-    return ObjectiveOutput(-F.logsigmoid(params.beta * (u - delta)), params.beta * ratios)
+        weight, delta = 1.0, kl[:, 1] - kl[:, 0]
+    rewards = params.beta * (ratios + weight * kl.detach())
+    return ObjectiveOutput(-F.logsigmoid(params.beta * (u - delta)), rewards)
 
 
 @dataclass
@@ -73,7 +76,7 @@ def sparse_po(inputs: ObjectiveInputs, params: SparsePOParams) -> ObjectiveOutpu
     Per response token t: rho_t = log pi_theta(y_t) - log pi_ref(y_t), KL_t as in tdpo, and a
     weight m_t in [0, 1] from the reference model's activations. U(y) = sum_t m_t rho_t,
     K(y) = sum_t m_t KL_t; loss = -log sigmoid(beta [(U(y_w) - U(y_l)) - (K(y_l) - K(y_w))]),
-    r(y) = beta (U(y) - K(y)). Tokens the reference barely activates on get weights near 0, so
+    r(y) = beta (U(y) + K(y)), so that r(y_w) - r(y_l) is the loss's logit. Tokens the reference barely activates on get weights near 0, so
     the reward and the KL constraint concentrate on the tokens that carry the preference.
     m_t: each decoder layer's output is averaged over features, min-max rescaled over the
     response's tokens, and averaged over layers (the authors' "zn_rescale" mapping, whose
@@ -92,4 +95,4 @@ def sparse_po(inputs: ObjectiveInputs, params: SparsePOParams) -> ObjectiveOutpu
     u = (weights * (policy.token_logps - reference.token_logps)).sum(-1)
     k = (weights * policy.token_kl).sum(-1)
     logits = chosen_minus_rejected(u) - (k[:, 1] - k[:, 0])
-    return ObjectiveOutput(-F.logsigmoid(params.beta * logits), params.beta * (u - k))
+    return ObjectiveOutput(-F.logsigmoid(params.beta * logits), params.beta * (u + k))
