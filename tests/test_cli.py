@@ -74,6 +74,32 @@ def test_data_inspect_shows_counts_and_the_boundary(files, capsys):
     assert "pairs.jsonl:4" in out  # record 3 is line 4
 
 
+def test_data_inspect_reads_renamed_columns_with_column(files, tmp_path, capsys):
+    rows = [json.loads(line) for line in (files / "pairs.jsonl").read_text().splitlines()]
+    names = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({names.get(k, k): v for k, v in row.items()}) + "\n"
+                               for row in rows))
+    assert main(["data", "inspect", str(files / "pairs.jsonl"), "--model",
+                 str(files / "model"), "--example", "3"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["data", "inspect", str(renamed), "--model", str(files / "model"),
+                 "--example", "3", *[f"--column={k}={v}" for k, v in names.items()]]) == 0
+    mapped = capsys.readouterr().out
+    assert "records read        12" in mapped and "'question' + 'good'/'bad' responses" in mapped
+
+    def rest(text, folder):  # all but the layout line, which names the file's own columns
+        return [line.replace(str(folder), "").replace("renamed.jsonl", "pairs.jsonl")
+                for line in text.splitlines() if "responses (shape detected" not in line]
+
+    assert rest(mapped, tmp_path) == rest(plain, files)
+    prompts = tmp_path / "prompts.jsonl"  # a prompts file under another column name
+    prompts.write_text('{"text": "a red circle"}\n{"text": "a blue square"}\n')
+    assert main(["data", "inspect", str(prompts), "--model", str(files / "model"),
+                 "--column", "prompt=text"]) == 0
+    assert "records             2" in capsys.readouterr().out
+
+
 def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):
     """Prompt-only records (what `preftune online` and spo sample from) are counted and
     rendered, each with its token count as generation renders it."""

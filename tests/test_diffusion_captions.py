@@ -88,6 +88,22 @@ def test_the_captioned_file_trains_dcpo(parts, tmp_path):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1]
 
 
+@pytest.mark.parametrize("flag", ["--column", "--field"])  # --field: the flag's first name
+def test_a_renamed_prompt_column_is_read_with_column(parts, tmp_path, flag):
+    renamed = parts["pairs"].parent / f"renamed{flag}.jsonl"
+    renamed.write_text("".join(json.dumps({("text" if k == "prompt" else k): v
+                                           for k, v in row.items()}) + "\n"
+                               for row in rows(parts["pairs"])))
+    out = tmp_path / "captioned.jsonl"
+    assert main(["diffusion", "caption", "--data", str(renamed), "--output", str(out),
+                 "--perturber", str(parts["lm"]), "--max-new-tokens", "4",
+                 flag, "prompt=text"]) == 0
+    written = rows(out)
+    prompts = [row["prompt"] for row in rows(parts["pairs"])]
+    assert [row["text"] for row in written] == prompts  # the row keeps its own column names
+    assert [row["chosen_caption"] for row in written] == prompts  # DCPO-p: chosen keeps it
+
+
 def test_bad_input_is_refused_by_name(parts, tmp_path):
     data = str(parts["pairs"])
     with pytest.raises(ConfigError, match="needs --captioner .DCPO-c., --perturber"):
