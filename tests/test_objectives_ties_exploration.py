@@ -75,8 +75,6 @@ def test_todo_errors():
     inputs, _ = pair_inputs(CASES[:1], scores={"tie": [0.5]})
     with pytest.raises(ValueError, match="0/1"):
         get_objective("todo")(inputs, TODOParams())
-    with pytest.raises(ValueError, match="negative"):
-        TODOParams(theta=0.3)
 
 
 # --- SELM ----------------------------------------------------------------------------------------

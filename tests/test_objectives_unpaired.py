@@ -136,8 +136,8 @@ def test_kto_needs_the_mismatched_slot_and_labels():
     inputs.scores = {"label": torch.full((len(CASES),), 0.5)}
     with pytest.raises(ValueError, match="label values 0"):
         get_objective("kto")(inputs, KTOParams())
-    with pytest.raises(ValidationError, match="non-negative"):
-        TypeAdapter(KTOParams).validate_python({"undesirable_weight": -1})
+    with pytest.raises(ValidationError, match="both 0, so the loss is 0"):
+        TypeAdapter(KTOParams).validate_python({"desirable_weight": 0, "undesirable_weight": 0})
 
 
 def test_kto_is_declared_with_mismatched_completions():

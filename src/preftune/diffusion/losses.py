@@ -110,7 +110,7 @@ def denoising_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 @dataclass
 class DiffusionDPOParams:
-    beta: float = 5000.0
+    beta: Annotated[float, Field(gt=0)] = 5000.0
     """beta_DPO; the paper's -beta T omega(lambda_t) folded into one constant (repo default)."""
 
 
@@ -208,9 +208,10 @@ def _best_and_worst(scores: torch.Tensor, present: torch.Tensor):
 
 @dataclass
 class MaPOParams:
-    beta: float = 0.1
-    """beta_MaPO, the weight of the margin term (mapo-t2i/mapo args.py default)."""
-    snr_value: float = 0.5
+    beta: Annotated[float, Field(ge=0)] = 0.1
+    """beta_MaPO, the weight of the margin term (mapo-t2i/mapo args.py default); 0: plain
+    denoising on the chosen images."""
+    snr_value: Annotated[float, Field(gt=0)] = 0.5
     """c of the log-odds surrogate c e / (exp(c e) - 1) (SDXL default)."""
 
 

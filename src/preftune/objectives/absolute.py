@@ -11,30 +11,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from .common import chosen_minus_rejected, log_ratios
+from .common import NonNegative, Positive, Share, chosen_minus_rejected, log_ratios
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class BCOPairParams:
-    beta: float = 0.01  # paper C (via the TRL paper index)
-    reward_shift: bool = True  # subtract delta; False gives TRL 1.16's "bco_pair"
+    beta: Positive = 0.01  # paper C (via the TRL paper index)
+    reward_shift: bool = False  # True: subtract delta, the micro-batch's mean reward
 
 
 @objective("bco_pair", params=BCOPairParams, needs_reference=True, paper="arXiv:2404.04656")
 def bco_pair(inputs: ObjectiveInputs, params: BCOPairParams) -> ObjectiveOutput:
-    """Binary Classifier Optimization on pairs: classify each response by its shifted reward.
+    """Binary Classifier Optimization on pairs: classify each response by its own reward.
 
-    loss = -log sigmoid(r(y_w) - delta) - log sigmoid(-(r(y_l) - delta)), r(y) = beta rho(y).
-    delta is a reward shift that centres the classifier. In the paper (and TRL's former BCO
-    trainer) delta is a running mean of the rewards over training; an objective here is a pure
-    function with no state, so delta is the mean of this micro-batch's chosen and rejected
-    rewards, detached. That is noisier for small batches and, unlike the running mean, depends on
-    how the step is split into micro-batches. reward_shift=False sets delta = 0, which is exactly
-    TRL 1.16's DPOTrainer "bco_pair".
+    loss = -log sigmoid(r(y_w) - delta) - log sigmoid(-(r(y_l) - delta)), r(y) = beta rho(y),
+    with delta = 0 by default: the paired form of OBJECTIVES.md and TRL 1.16's DPOTrainer
+    "bco_pair". Each response's reward is pinned on its own (chosen above 0, rejected below),
+    not only their gap. reward_shift=True centres the classifier with delta = the mean of this
+    micro-batch's chosen and rejected rewards, detached (the paper's unpaired BCO uses a running
+    mean over training, which a stateless objective cannot keep). Beware that with one pair per
+    micro-batch that shift turns the loss into 2 (-log sigmoid(beta h / 2)), a margin-only loss.
     """
     rewards = params.beta * log_ratios(inputs)
     shifted = rewards - rewards.detach().mean() if params.reward_shift else rewards
@@ -43,7 +46,7 @@ def bco_pair(inputs: ObjectiveInputs, params: BCOPairParams) -> ObjectiveOutput:
 
 @dataclass
 class NCAPairParams:
-    beta: float = 0.01  # alpha in the paper's section C (via the TRL paper index)
+    beta: Positive = 0.01  # alpha in the paper's section C (via the TRL paper index)
 
 
 @objective("nca_pair", params=NCAPairParams, needs_reference=True, paper="arXiv:2402.05369")
@@ -63,7 +66,7 @@ def nca_pair(inputs: ObjectiveInputs, params: NCAPairParams) -> ObjectiveOutput:
 
 @dataclass
 class AnchoredPOParams:
-    beta: float = 0.1  # paper 5.2 (via the TRL paper index)
+    beta: Positive = 0.1  # paper 5.2 (via the TRL paper index)
 
 
 @objective("anchored_po_zero", params=AnchoredPOParams, needs_reference=True,
@@ -94,7 +97,7 @@ def anchored_po_down(inputs: ObjectiveInputs, params: AnchoredPOParams) -> Objec
 
 @dataclass
 class SPPOHardParams:
-    beta: float = 0.001  # 1/eta in the paper (eta = 1000)
+    beta: Positive = 0.001  # 1/eta in the paper (eta = 1000)
 
 
 @objective("sppo_hard", params=SPPOHardParams, needs_reference=True, paper="arXiv:2405.00675")
@@ -115,8 +118,8 @@ def sppo_hard(inputs: ObjectiveInputs, params: SPPOHardParams) -> ObjectiveOutpu
 
 @dataclass
 class CalDPOParams:
-    beta: float = 0.001  # authors' zephyr script (run/beta001_sametokenize.sh)
-    calibration_weight: float = 1.0  # authors' Pythia code: 1; their zephyr trainer: 0.5
+    beta: Positive = 0.001  # authors' zephyr script (run/beta001_sametokenize.sh)
+    calibration_weight: NonNegative = 1.0  # authors' Pythia code: 1; their zephyr trainer: 0.5
 
 
 @objective("cal_dpo", params=CalDPOParams, needs_reference=True, paper="arXiv:2412.14516")
@@ -139,15 +142,10 @@ def cal_dpo(inputs: ObjectiveInputs, params: CalDPOParams) -> ObjectiveOutput:
 
 @dataclass
 class BoNBoNParams:
-    n: int = 8  # samples per prompt the best/worst pair was drawn from (paper's experiments)
-    alpha: float = 0.005  # SFT weight; UNVERIFIED (the paper tunes it to balance both terms)
+    # samples per prompt the best/worst pair was drawn from (paper's experiments)
+    n: Annotated[int, Field(ge=2)] = 8
+    alpha: Share = 0.005  # SFT weight; UNVERIFIED (the paper tunes it to balance both terms)
     normalize_sft_length: bool = False  # authors' code: summed NLL; True divides it by |y_w|
-
-    def __post_init__(self):
-        if self.n < 2:
-            raise ValueError(f"bonbon needs n >= 2 samples per prompt; got n={self.n}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"bonbon alpha mixes two losses and must be in [0, 1]; got {self.alpha}")
 
 
 def best_of_n_log_ratio_gap(n: int) -> float:

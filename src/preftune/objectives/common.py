@@ -5,8 +5,11 @@ Slot 0 of every [E, R] tensor is the chosen response y_w, slot 1 the rejected re
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..model.forward import SequenceStats
 from .registry import ObjectiveInputs
@@ -17,6 +20,15 @@ MAX_EXPONENT = 80.0
 # log(1 - e^x) is -inf at x = 0 (a response the policy produces with probability one); clamping x
 # just below 0 keeps the odds-ratio objectives finite there without touching any realistic value.
 LOG1MEXP_MAX = -1e-8
+
+
+# Parameter ranges: a params field typed with one of these is checked when a config is read
+# (both ends of a schedule too) and shows its bounds in `preftune config schema`.
+Positive = Annotated[float, Field(gt=0)]  # a temperature or inverse KL strength (beta)
+NonNegative = Annotated[float, Field(ge=0)]  # a weight or target margin; 0 switches it off
+Share = Annotated[float, Field(ge=0, le=1)]  # a mixing weight between two terms
+PositiveShare = Annotated[float, Field(gt=0, le=1)]  # a share that 0 would make meaningless
+FlipRate = Annotated[float, Field(ge=0, lt=0.5)]  # a label-flip rate or label smoothing
 
 
 def log_ratios(inputs: ObjectiveInputs) -> torch.Tensor:

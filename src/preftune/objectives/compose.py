@@ -47,8 +47,14 @@ def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
                 {k: v[end] if isinstance(v, dict) else v for k, v in raw.items()})
         except ValidationError as error:
             first = error.errors()[0]
-            raise ValueError(f"objective.{'.'.join(map(str, first['loc']))}: {first['msg']} "
-                             f"(got {first.get('input')!r})") from None
+            if not first["loc"]:  # the params' own check of several values together
+                message = first["msg"].removeprefix("Value error, ")
+                named = message if message.startswith(spec.name) else f"{spec.name}: {message}"
+                raise ValueError(f"objective {named}") from None
+            key = str(first["loc"][0])
+            where = f"{key}.{end}" if isinstance(raw.get(key), dict) else key
+            raise ValueError(f"objective.{where}: {first['msg']} (got {first.get('input')!r})"
+                             ) from None
 
 
 @dataclass

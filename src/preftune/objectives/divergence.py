@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from .common import MAX_EXPONENT, chosen_minus_rejected, conservative_logistic, log_ratios
+from .common import (
+    MAX_EXPONENT,
+    FlipRate,
+    Positive,
+    chosen_minus_rejected,
+    conservative_logistic,
+    log_ratios,
+)
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class FDPOParams:
-    beta: float = 0.1
+    beta: Positive = 0.1
     divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = "reverse_kl"
     alpha: float = 0.5  # alpha-divergence coefficient, paper convention, in (0, 1)
 
@@ -65,12 +73,10 @@ def f_dpo(inputs: ObjectiveInputs, params: FDPOParams) -> ObjectiveOutput:
 
 @dataclass
 class EXOPairParams:
-    beta: float = 0.1  # beta_r in the paper's section B (via the TRL paper index)
-    epsilon: float = 1e-3  # label smoothing of the target distribution (1 - eps, eps)
-
-    def __post_init__(self):
-        if not 0.0 < self.epsilon < 1.0:
-            raise ValueError(f"exo_pair needs 0 < epsilon < 1 (log epsilon); got {self.epsilon}")
+    beta: Positive = 0.1  # beta_r in the paper's section B (via the TRL paper index)
+    # label smoothing of the target distribution (1 - eps, eps): log eps needs eps > 0, and
+    # from 0.5 on the target prefers the rejected response
+    epsilon: Annotated[float, Field(gt=0, lt=0.5)] = 1e-3
 
 
 @objective("exo_pair", params=EXOPairParams, needs_reference=True, paper="arXiv:2402.00856")
@@ -93,12 +99,8 @@ def exo_pair(inputs: ObjectiveInputs, params: EXOPairParams) -> ObjectiveOutput:
 
 @dataclass
 class AOTParams:
-    beta: float = 0.01  # OBJECTIVES.md; the paper has no other hyperparameter
-    epsilon: float = 0.0  # label smoothing of the logistic loss (TRL's label_smoothing)
-
-    def __post_init__(self):
-        if not 0.0 <= self.epsilon < 0.5:
-            raise ValueError(f"AOT label smoothing epsilon must be in [0, 0.5); got {self.epsilon}")
+    beta: Positive = 0.01  # OBJECTIVES.md; the paper has no other hyperparameter
+    epsilon: FlipRate = 0.0  # label smoothing of the logistic loss (TRL's label_smoothing)
 
 
 @objective("aot_pair", params=AOTParams, needs_reference=True, paper="arXiv:2406.05882")

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .common import chosen_minus_rejected, log_ratios
+from .common import Positive, chosen_minus_rejected, log_ratios
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class DOVEParams:
-    beta: float = 0.1  # inverse strength of the KL constraint to the reference, as in DPO
+    beta: Positive = 0.1  # inverse strength of the KL constraint to the reference, as in DPO
 
 
 @objective("dove", params=DOVEParams, needs_reference=True, paper="arXiv:2404.00530")

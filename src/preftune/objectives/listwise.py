@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import log_ratios, required_scores
+from .common import NonNegative, Positive, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 # Scores above this make LiPO's gain 2^psi - 1 overflow float32 products (2^60 ~ 1e18).
@@ -57,7 +57,7 @@ def _plackett_luce_stages(logits: torch.Tensor, own: torch.Tensor, better: torch
 
 @dataclass
 class PROParams:
-    sft_weight: float = 0.05  # w_sft (PRO/train/train_hh.sh); scaled by (K - 1)^2
+    sft_weight: NonNegative = 0.05  # w_sft (PRO/train/train_hh.sh); scaled by (K - 1)^2
     reward_gap_temperature: bool = True  # False: the paper's ablation without temperatures
 
 
@@ -95,7 +95,7 @@ def pro(inputs: ObjectiveInputs, params: PROParams) -> ObjectiveOutput:
 
 @dataclass
 class ListwisePLParams:
-    beta: float = 0.1
+    beta: Positive = 0.1
 
 
 @objective("listwise_pl", params=ListwisePLParams, needs_reference=True, data="ranked",
@@ -117,13 +117,8 @@ def listwise_pl(inputs: ObjectiveInputs, params: ListwisePLParams) -> ObjectiveO
 
 @dataclass
 class EXOParams:
-    beta_pi: float = 0.5  # scale of the policy's log-ratios (authors' HH and TL;DR scripts)
-    beta_r: float = 0.5  # temperature of the score distribution
-
-    def __post_init__(self):
-        if self.beta_pi <= 0 or self.beta_r <= 0:
-            raise ValueError(f"exo needs beta_pi > 0 and beta_r > 0; got {self.beta_pi}, "
-                             f"{self.beta_r}")
+    beta_pi: Positive = 0.5  # scale of the policy's log-ratios (authors' HH and TL;DR scripts)
+    beta_r: Positive = 0.5  # temperature of the score distribution
 
 
 @objective("exo", params=EXOParams, needs_reference=True, data="ranked", paper="arXiv:2402.00856")
@@ -146,7 +141,7 @@ def exo(inputs: ObjectiveInputs, params: EXOParams) -> ObjectiveOutput:
 
 @dataclass
 class TreePOParams:
-    beta: float = 0.1
+    beta: Positive = 0.1
 
 
 def lambda_weights(scores: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:

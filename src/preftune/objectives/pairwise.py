@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 from .common import (
     MAX_EXPONENT,
+    FlipRate,
+    NonNegative,
+    Positive,
+    PositiveShare,
     chosen_minus_rejected,
     chosen_nll,
     conservative_logistic,
@@ -23,14 +27,9 @@ from .common import (
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
-def _check_flip_rate(epsilon: float, upper: float = 0.5) -> None:
-    if not 0.0 <= epsilon < upper:
-        raise ValueError(f"epsilon is a label-flip rate and must be in [0, {upper}); got {epsilon}")
-
-
 @dataclass
 class DPOParams:
-    beta: float = 0.1  # inverse strength of the KL constraint to the reference
+    beta: Positive = 0.1  # inverse strength of the KL constraint to the reference
 
 
 @objective("dpo", params=DPOParams, needs_reference=True, paper="arXiv:2305.18290")
@@ -47,7 +46,7 @@ def dpo(inputs: ObjectiveInputs, params: DPOParams) -> ObjectiveOutput:
 
 @dataclass
 class IPOParams:
-    beta: float = 0.1  # tau in the paper: the target margin is 1 / (2 * beta)
+    beta: Positive = 0.1  # tau in the paper: the target margin is 1 / (2 * beta)
     normalize_length: bool = True  # TRL's convention; False gives the paper's summed Eq. 17
 
 
@@ -73,11 +72,8 @@ def ipo(inputs: ObjectiveInputs, params: IPOParams) -> ObjectiveOutput:
 
 @dataclass
 class CDPOParams:
-    beta: float = 0.1
-    epsilon: float = 0.1  # assumed probability that a preference label is flipped
-
-    def __post_init__(self):
-        _check_flip_rate(self.epsilon)
+    beta: Positive = 0.1
+    epsilon: FlipRate = 0.1  # assumed probability that a preference label is flipped
 
 
 @objective("cdpo", params=CDPOParams, needs_reference=True,
@@ -98,11 +94,8 @@ def cdpo(inputs: ObjectiveInputs, params: CDPOParams) -> ObjectiveOutput:
 
 @dataclass
 class RobustDPOParams:
-    beta: float = 0.01  # paper App. B (via the TRL paper index)
-    epsilon: float = 0.1  # assumed label-flip rate, in [0, 0.5)
-
-    def __post_init__(self):
-        _check_flip_rate(self.epsilon)
+    beta: Positive = 0.01  # paper App. B (via the TRL paper index)
+    epsilon: FlipRate = 0.1  # assumed label-flip rate, in [0, 0.5)
 
 
 @objective("robust_dpo", params=RobustDPOParams, needs_reference=True, paper="arXiv:2403.00409")
@@ -123,7 +116,7 @@ def robust_dpo(inputs: ObjectiveInputs, params: RobustDPOParams) -> ObjectiveOut
 
 @dataclass
 class HingeParams:
-    beta: float = 0.05  # the hinge asks for a margin h >= 1 / beta (RSO's gamma, via TRL index)
+    beta: Positive = 0.05  # the hinge asks for a margin h >= 1 / beta (RSO's gamma, via TRL index)
 
 
 @objective("hinge", params=HingeParams, needs_reference=True, paper="arXiv:2309.06657")
@@ -141,8 +134,8 @@ def hinge(inputs: ObjectiveInputs, params: HingeParams) -> ObjectiveOutput:
 
 @dataclass
 class ODPOParams:
-    beta: float = 0.1
-    alpha: float = 1.0  # scale of the offset (config/loss/odpo.yaml)
+    beta: Positive = 0.1
+    alpha: NonNegative = 1.0  # scale of the offset (config/loss/odpo.yaml)
     offset: Literal["difference", "ratio"] = "difference"
 
 
@@ -174,17 +167,20 @@ def odpo(inputs: ObjectiveInputs, params: ODPOParams) -> ObjectiveOutput:
 
 @dataclass
 class DPOShiftParams:
-    beta: float = 0.1
+    beta: Positive = 0.1
     schedule: Literal["fixed", "increase_linear", "decrease_linear"] = "fixed"
-    shift_lambda: float = 0.95  # lambda for schedule="fixed" (paper: 0.75-0.95 work well)
-    lambda_min: float = 0.5  # bounds of the linear schedules (authors' config defaults)
-    lambda_max: float = 1.0
+    shift_lambda: PositiveShare = 0.95  # lambda for schedule="fixed" (paper: 0.75-0.95 work well)
+    lambda_min: PositiveShare = 0.5  # bounds of the linear schedules (authors' config defaults)
+    lambda_max: PositiveShare = 1.0
     schedule_steps: int = 0  # T: optimizer steps over which a linear schedule runs (required)
 
     def __post_init__(self):
         if self.schedule != "fixed" and self.schedule_steps <= 0:
             raise ValueError(f"dpo_shift schedule={self.schedule!r} needs schedule_steps > 0 "
                              "(usually the run's total optimizer steps)")
+        if self.lambda_min > self.lambda_max:
+            raise ValueError(f"dpo_shift lambda_min ({self.lambda_min}) is above lambda_max "
+                             f"({self.lambda_max})")
 
 
 def shift_lambda_at(params: DPOShiftParams, step: int) -> float:
@@ -216,7 +212,7 @@ def dpo_shift(inputs: ObjectiveInputs, params: DPOShiftParams) -> ObjectiveOutpu
 
 @dataclass
 class LNDPOParams:
-    beta: float = 0.1  # the paper's value is not in OBJECTIVES.md; TRL's default
+    beta: Positive = 0.1  # the paper's value is not in OBJECTIVES.md; TRL's default
 
 
 @objective("ln_dpo", params=LNDPOParams, needs_reference=True, paper="arXiv:2407.15229")
@@ -234,8 +230,8 @@ def ln_dpo(inputs: ObjectiveInputs, params: LNDPOParams) -> ObjectiveOutput:
 
 @dataclass
 class DPOSFTParams:
-    beta: float = 0.01  # paper App. E.1 via TRL index
-    alpha: float = 0.005  # eta: weight of the chosen NLL
+    beta: Positive = 0.01  # paper App. E.1 via TRL index
+    alpha: NonNegative = 0.005  # eta: weight of the chosen NLL
 
 
 @objective("dpo_sft", params=DPOSFTParams, needs_reference=True, paper="arXiv:2405.16436")
@@ -254,8 +250,8 @@ def dpo_sft(inputs: ObjectiveInputs, params: DPOSFTParams) -> ObjectiveOutput:
 
 @dataclass
 class DiscoPOPParams:
-    beta: float = 0.05  # paper B.1
-    tau: float = 0.05  # temperature of the modulation (paper E)
+    beta: Positive = 0.05  # paper B.1
+    tau: Positive = 0.05  # temperature of the modulation (paper E)
 
 
 @objective("discopop", params=DiscoPOPParams, needs_reference=True, paper="arXiv:2406.08414")
@@ -266,6 +262,10 @@ def discopop(inputs: ObjectiveInputs, params: DiscoPOPParams) -> ObjectiveOutput
     r(y) = beta rho(y). Negative margins get the logistic loss, positive ones the exponential.
     The second term is evaluated as exp(log sigmoid(z/tau) - z), so very negative margins give no
     0 * inf; its exponent is clamped at 80, which only binds for tau > 1 (flat, no gradient, there).
+    A property of the formula itself (the paper's, as in TRL): it is not monotone in the margin.
+    At the defaults it rises with h for h in about (-2.4, 1.4), so at the start of training
+    (policy = reference, h = 0) its gradient lowers the chosen log-prob and raises the rejected
+    one (d loss / d log pi(y_w) = +0.039); larger margins are pushed the right way.
     """
     rewards = params.beta * log_ratios(inputs)
     z = chosen_minus_rejected(rewards)
@@ -276,7 +276,7 @@ def discopop(inputs: ObjectiveInputs, params: DiscoPOPParams) -> ObjectiveOutput
 
 @dataclass
 class MIPOParams:
-    beta: float = 20.0  # Llama-3-8B-Instruct config; README: 5-25 all fine
+    beta: Positive = 20.0  # Llama-3-8B-Instruct config; README: 5-25 all fine
 
 
 @objective("mipo", params=MIPOParams, needs_reference=True, paper="arXiv:2409.17545")

@@ -8,26 +8,37 @@ h = rho(y_w) - rho(y_l); |y| is the number of response tokens; bar log pi(y) = l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from .common import chosen_minus_rejected, conservative_logistic, log_ratios, required_scores
+from .common import (
+    FlipRate,
+    NonNegative,
+    Positive,
+    chosen_minus_rejected,
+    conservative_logistic,
+    log_ratios,
+    required_scores,
+)
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class TriplePOParams:
-    beta: float = 0.01  # TRL TPOConfig / paper
-    alpha: float = 1.0  # tpo_alpha: weight of the gold-response NLL
-    epsilon: float = 0.0  # label smoothing of the preference term (TRL label_smoothing)
+    beta: Positive = 0.01  # TRL TPOConfig / paper
+    alpha: NonNegative = 1.0  # tpo_alpha: weight of the gold-response NLL
+    epsilon: FlipRate = 0.0  # label smoothing of the preference term (TRL label_smoothing)
     variant: Literal["sigmoid", "tpo_l"] = "sigmoid"
-    gamma: float = 0.5  # TPO-L target margin (only for variant="tpo_l")
+    gamma: NonNegative = 0.5  # TPO-L target margin (only for variant="tpo_l")
 
     def __post_init__(self):
-        if not 0.0 <= self.epsilon < 0.5:
-            raise ValueError(f"epsilon is a label-flip rate and must be in [0, 0.5); got {self.epsilon}")
+        if self.variant == "tpo_l" and self.epsilon:
+            raise ValueError("triple_po variant=tpo_l has no label smoothing (its term is "
+                             "-log sigmoid(beta h - gamma), with a target margin instead); "
+                             "remove epsilon, or use variant=sigmoid.")
 
 
 @objective("triple_po", params=TriplePOParams, needs_reference=False, paper="arXiv:2405.16681")
@@ -59,15 +70,10 @@ def triple_po(inputs: ObjectiveInputs, params: TriplePOParams) -> ObjectiveOutpu
 
 @dataclass
 class MODPOParams:
-    beta: float = 0.1
+    beta: Positive = 0.1
     # w_1, weight of the other objective; w_0 = 1 - w_1 (paper sweeps 0.1/0.5/0.9). Not
     # `weight`: that key of a config term scales the term's loss.
-    margin_weight: float = 0.5
-
-    def __post_init__(self):
-        if not 0.0 <= self.margin_weight < 1.0:
-            raise ValueError("modpo margin_weight is the other objective's share w_1 in [0, 1); "
-                             f"got {self.margin_weight}")
+    margin_weight: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
 @objective("modpo", params=MODPOParams, needs_reference=True, paper="arXiv:2310.03708")
@@ -90,7 +96,7 @@ def modpo(inputs: ObjectiveInputs, params: MODPOParams) -> ObjectiveOutput:
 
 @dataclass
 class SPPOSoftParams:
-    beta: float = 0.001  # 1/eta in the paper (eta = 1000)
+    beta: Positive = 0.001  # 1/eta in the paper (eta = 1000)
 
 
 @objective("sppo_soft", params=SPPOSoftParams, needs_reference=True, paper="arXiv:2405.00675",
@@ -115,8 +121,9 @@ def sppo_soft(inputs: ObjectiveInputs, params: SPPOSoftParams) -> ObjectiveOutpu
 
 @dataclass
 class GroupRobustDPOParams:
-    beta: float = 0.1
-    step_size: float = 0.01  # eta_alpha of the mirror-ascent group weights (paper plots: 0.05, 0.1)
+    beta: Positive = 0.1
+    # eta_alpha of the mirror-ascent group weights (paper plots: 0.05, 0.1); 0: group-balanced
+    step_size: NonNegative = 0.01
 
 
 def group_weights(group_losses: torch.Tensor, step_size: float) -> torch.Tensor:
@@ -151,7 +158,7 @@ def group_robust_dpo(inputs: ObjectiveInputs, params: GroupRobustDPOParams) -> O
 
 @dataclass
 class MRPOParams:
-    beta: float = 0.1
+    beta: Positive = 0.1
     # alpha_k of the combined reference, for [the main reference, *reference.extra_models];
     # None = equal weights. Must sum to 1.
     weights: Optional[list[float]] = None

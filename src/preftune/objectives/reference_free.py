@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .common import chosen_minus_rejected, chosen_nll, log1mexp, log_odds
+from .common import NonNegative, Positive, chosen_minus_rejected, chosen_nll, log1mexp, log_odds
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
@@ -31,8 +31,8 @@ def sft(inputs: ObjectiveInputs, params: SFTParams) -> ObjectiveOutput:
 
 @dataclass
 class SimPOParams:
-    beta: float = 2.0  # reward scale
-    gamma_beta_ratio: float = 0.5  # target margin gamma, expressed as gamma / beta
+    beta: Positive = 2.0  # reward scale
+    gamma_beta_ratio: NonNegative = 0.5  # target margin gamma, expressed as gamma / beta
 
 
 @objective("simpo", params=SimPOParams, needs_reference=False, paper="arXiv:2405.14734")
@@ -51,8 +51,8 @@ def simpo(inputs: ObjectiveInputs, params: SimPOParams) -> ObjectiveOutput:
 
 @dataclass
 class CPOParams:
-    beta: float = 0.1
-    alpha: float = 1.0  # weight of the behaviour-cloning (NLL) term on the chosen response
+    beta: Positive = 0.1
+    alpha: NonNegative = 1.0  # weight of the behaviour-cloning (NLL) term on the chosen response
 
 
 @objective("cpo", params=CPOParams, needs_reference=False, paper="arXiv:2401.08417")
@@ -73,7 +73,7 @@ def cpo(inputs: ObjectiveInputs, params: CPOParams) -> ObjectiveOutput:
 
 @dataclass
 class ORPOParams:
-    odds_ratio_weight: float = 0.1  # lambda in the paper (TRL's ORPOConfig.beta)
+    odds_ratio_weight: NonNegative = 0.1  # lambda in the paper (TRL's ORPOConfig.beta)
 
 
 @objective("orpo", params=ORPOParams, needs_reference=False, paper="arXiv:2403.07691")
@@ -96,7 +96,7 @@ def orpo(inputs: ObjectiveInputs, params: ORPOParams) -> ObjectiveOutput:
 
 @dataclass
 class ASFTParams:
-    alignment_weight: float = 0.1  # lambda in the paper; UNVERIFIED (0.1-1 reported to work)
+    alignment_weight: NonNegative = 0.1  # lambda in the paper; UNVERIFIED (0.1-1 reported to work)
 
 
 @objective("asft", params=ASFTParams, needs_reference=False, paper="arXiv:2409.10571")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import log_ratios, required_scores
+from .common import NonNegative, Positive, Share, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
@@ -34,8 +34,8 @@ def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class D2OParams:
-    beta: float = 0.1  # UNVERIFIED: the spec gives no default
-    alpha: float = 1.0  # weight of the negatives' log-ratio; UNVERIFIED (1 makes K = 1 DPO)
+    beta: Positive = 0.1  # UNVERIFIED: the spec gives no default
+    alpha: Positive = 1.0  # weight of the negatives' log-ratio; UNVERIFIED (1 makes K = 1 DPO)
 
 
 @objective("d2o", params=D2OParams, needs_reference=True, data="ranked",
@@ -58,8 +58,14 @@ def d2o(inputs: ObjectiveInputs, params: D2OParams) -> ObjectiveOutput:
 
 @dataclass
 class PMPOParams:
-    alpha: float = 0.5  # weight of the positives; 1 - alpha weighs the negatives
-    beta: float = 1.0  # weight of KL(pi_ref || pi_theta); UNVERIFIED (not in the spec for LMs)
+    alpha: Share = 0.5  # weight of the positives; 1 - alpha weighs the negatives
+    # weight of KL(pi_ref || pi_theta); UNVERIFIED (not in the spec for LMs)
+    beta: NonNegative = 1.0
+
+    def __post_init__(self):
+        if self.alpha < 1 and self.beta == 0:
+            raise ValueError("pmpo with negatives (alpha < 1) needs beta > 0: the KL term keeps "
+                             "the negatives' term from diverging.")
 
 
 @objective("pmpo", params=PMPOParams, needs_reference=True, data="ranked",

@@ -10,22 +10,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from .common import chosen_minus_rejected, log_ratios, required_scores
+from .common import NonNegative, Positive, chosen_minus_rejected, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class TODOParams:
-    beta: float = 0.01
-    theta: float = -0.5  # dpo_theta in the authors' code; alpha = -theta > 0 is the tie band
-
-    def __post_init__(self):
-        if self.theta >= 0:
-            raise ValueError(f"todo theta must be negative (the tie band is alpha = -theta > 0); "
-                             f"got {self.theta}")
+    beta: Positive = 0.01
+    # dpo_theta in the authors' code; alpha = -theta > 0 is the tie band
+    theta: Annotated[float, Field(lt=0)] = -0.5
 
 
 def tie_nll(u: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -58,8 +57,8 @@ def todo(inputs: ObjectiveInputs, params: TODOParams) -> ObjectiveOutput:
 
 @dataclass
 class SELMParams:
-    beta: float = 0.01
-    alpha: float = 0.001  # weight of the optimism term (1e-4 for Llama-3-8B-Instruct)
+    beta: Positive = 0.01
+    alpha: NonNegative = 0.001  # weight of the optimism term (1e-4 for Llama-3-8B-Instruct)
 
 
 @objective("selm", params=SELMParams, needs_reference=True, paper="arXiv:2405.19332",

@@ -15,14 +15,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .common import chosen_minus_rejected, log_ratios
+from .common import NonNegative, Positive, chosen_minus_rejected, log_ratios
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class TDPOParams:
-    beta: float = 0.1
-    alpha: float = 0.5  # weight of the KL difference (TDPO2 only)
+    beta: Positive = 0.1
+    alpha: NonNegative = 0.5  # weight of the KL difference (TDPO2 only)
     variant: Literal["tdpo1", "tdpo2"] = "tdpo1"  # the authors' config default is TDPO1
 
 
@@ -65,7 +65,7 @@ def tdpo(inputs: ObjectiveInputs, params: TDPOParams) -> ObjectiveOutput:
 
 @dataclass
 class SparsePOParams:
-    beta: float = 0.1  # 0.8 in the paper's IMDB and TL;DR runs, 0.1 for HH
+    beta: Positive = 0.1  # 0.8 in the paper's IMDB and TL;DR runs, 0.1 for HH
 
 
 @objective("sparse_po", params=SparsePOParams, needs_reference=True, paper="arXiv:2410.05102",
@@ -76,8 +76,9 @@ def sparse_po(inputs: ObjectiveInputs, params: SparsePOParams) -> ObjectiveOutpu
     Per response token t: rho_t = log pi_theta(y_t) - log pi_ref(y_t), KL_t as in tdpo, and a
     weight m_t in [0, 1] from the reference model's activations. U(y) = sum_t m_t rho_t,
     K(y) = sum_t m_t KL_t; loss = -log sigmoid(beta [(U(y_w) - U(y_l)) - (K(y_l) - K(y_w))]),
-    r(y) = beta (U(y) + K(y)), so that r(y_w) - r(y_l) is the loss's logit. Tokens the reference barely activates on get weights near 0, so
-    the reward and the KL constraint concentrate on the tokens that carry the preference.
+    r(y) = beta (U(y) + K(y)), so that r(y_w) - r(y_l) is the loss's logit. Tokens the
+    reference barely activates on get weights near 0, so the reward and the KL constraint
+    concentrate on the tokens that carry the preference.
     m_t: each decoder layer's output is averaged over features, min-max rescaled over the
     response's tokens, and averaged over layers (the authors' "zn_rescale" mapping, whose
     z-normalisation cancels under the min-max rescale; huawei-noah/HEBO SparsePO MAPOTrainer).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.forward import SequenceStats
-from .common import chosen_minus_rejected, log_ratios, required_token_logps
+from .common import Positive, Share, chosen_minus_rejected, log_ratios, required_token_logps
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
@@ -25,7 +25,7 @@ def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class WPOParams:
-    beta: float = 0.1
+    beta: Positive = 0.1
     alignment: Literal["none", "sampled"] = "none"  # see the docstring: "sampled" needs vocab stats
 
 
@@ -70,12 +70,8 @@ def wpo(inputs: ObjectiveInputs, params: WPOParams) -> ObjectiveOutput:
 
 @dataclass
 class LDDPOParams:
-    beta: float = 0.1
-    alpha: float = 0.5  # weight of tokens past the shorter response; UNVERIFIED default
-
-    def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"ld_dpo alpha must be in [0, 1] (1 is DPO); got {self.alpha}")
+    beta: Positive = 0.1
+    alpha: Share = 0.5  # weight of tokens past the shorter response; UNVERIFIED default
 
 
 def length_desensitized_logps(stats: SequenceStats, shared_lengths: torch.Tensor,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import log_ratios, required_scores
+from .common import NonNegative, Positive, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
@@ -29,14 +29,14 @@ def _desirable(inputs: ObjectiveInputs, name: str) -> torch.Tensor:
 
 @dataclass
 class KTOParams:
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # lambda_D
-    undesirable_weight: float = 1.0  # lambda_U
+    beta: Positive = 0.1
+    desirable_weight: NonNegative = 1.0  # lambda_D
+    undesirable_weight: NonNegative = 1.0  # lambda_U
 
     def __post_init__(self):
-        if self.desirable_weight < 0 or self.undesirable_weight < 0:
-            raise ValueError("kto desirable_weight and undesirable_weight must be non-negative; "
-                             f"got {self.desirable_weight}, {self.undesirable_weight}")
+        if self.desirable_weight == self.undesirable_weight == 0:
+            raise ValueError("kto desirable_weight and undesirable_weight are both 0, so the "
+                             "loss is 0 whatever the model does; give one of them a weight.")
 
 
 @objective("kto", params=KTOParams, needs_reference=True, data="unpaired",
@@ -77,7 +77,7 @@ def kto(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
 
 @dataclass
 class BCOParams:
-    beta: float = 0.01  # paper (via the TRL paper index); TRL's BCOConfig default was 0.1
+    beta: Positive = 0.01  # paper (via the TRL paper index); TRL's BCOConfig default was 0.1
 
 
 @objective("bco", params=BCOParams, needs_reference=True, data="unpaired", paper="arXiv:2404.04656")

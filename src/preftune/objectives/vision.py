@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .common import log_ratios
+from .common import Positive, log_ratios
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class MDPOParams:
-    beta: float = 0.1  # inverse strength of the KL constraint, shared by the three terms
+    beta: Positive = 0.1  # inverse strength of the KL constraint, shared by the three terms
     anchor: float = 0.0  # delta: the chosen implied reward is pushed above it (0 in the paper)
 
 
