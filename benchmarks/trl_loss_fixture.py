@@ -155,8 +155,7 @@ DPO_CASES = [
     ({"loss_type": ["robust"], "beta": 0.1, "label_smoothing": 0.1}, "varied",
      ("robust_dpo", {"beta": 0.1, "epsilon": 0.1}), 1.0, False, True, ""),
     ({"loss_type": ["bco_pair"], "beta": 0.1}, "varied",
-     ("bco_pair", {"beta": 0.1, "reward_shift": False}), 1.0, False, True,
-     "TRL 1.16 bco_pair has no reward shift delta; preftune's default subtracts the batch mean"),
+     ("bco_pair", {"beta": 0.1}), 1.0, False, True, ""),
     ({"loss_type": ["sppo_hard"], "beta": 0.1}, "varied",
      ("sppo_hard", {"beta": 0.1}), 2.0, False, True,
      "TRL sums the two squares; preftune (like uclaml/SPPO) averages them, so TRL = 2 x preftune"),
@@ -176,6 +175,9 @@ DPO_CASES = [
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1}, "equal_chosen",
      ("dpo_sft", {"beta": 0.1, "alpha": 0.5}), 1.0, False, True,
      "TRL's sft term is one token mean over the batch; equal to preftune's per-example mean only "
+     "when chosen lengths are equal, hence the equal_chosen inputs"),
+    ({"loss_type": ["sft"]}, "equal_chosen", ("sft", {}), 1.0, False, True,
+     "TRL's sft loss is one token mean over the batch; equal to preftune's per-example mean only "
      "when chosen lengths are equal, hence the equal_chosen inputs"),
     ({"loss_type": ["sigmoid"], "beta": 0.1, "f_divergence_type": "forward_kl"}, "varied",
      ("f_dpo", {"beta": 0.1, "divergence": "forward_kl"}), 1.0, False, True, ""),
@@ -202,8 +204,6 @@ DPO_CASES = [
 ]
 
 NOT_MATCHED = {
-    "sft (alone)": "plain SFT on the chosen response, not a preference objective; preftune has it "
-                   "only combined with DPO as dpo_sft",
     "f_divergence_type with hinge/ipo/exo_pair/robust/discopop/sigmoid_norm/sft": "f_dpo uses the "
         "paper's logistic form only; the other combinations are TRL compositions, not papers",
     "use_weighting or ld_alpha with losses other than sigmoid": "wpo and ld_dpo are DPO-based, as "
