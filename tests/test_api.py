@@ -99,6 +99,8 @@ def test_rm_and_online_configs_read_the_same_ways():
 
 
 USER_LOSSES = '''
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -108,8 +110,8 @@ import preftune
 
 @dataclass
 class HingeParams:
-    beta: float = 0.1
-    target: float = 1.0
+    beta: preftune.Positive = 0.1
+    target: preftune.NonNegative = 1.0
 
 
 @preftune.register_objective(params=HingeParams, needs_reference=True, data="pairs")
@@ -141,6 +143,9 @@ def test_a_user_objective_named_as_module_function_trains_from_the_cli(files, tm
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= set(first)
     saved = yaml.safe_load((run / "config.yaml").read_text())["objective"][0]
     assert saved == {"name": "user_losses:soft_hinge", "weight": 1.0, "target": 2.0}
+    with pytest.raises(api.ConfigError, match=r"objective.target: Input should be greater than "
+                                              r"or equal to 0 \(got -1\)"):
+        api.Config.from_dict({"objective": {"name": "user_losses:soft_hinge", "target": -1}})
     with pytest.raises(api.ConfigError, match="objective.betta"):
         api.Config.from_dict({"objective": {"name": "user_losses:soft_hinge", "betta": 1}})
     with pytest.raises(api.ConfigError, match="'not_registered' is not a registered objective"):

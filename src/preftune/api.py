@@ -20,13 +20,15 @@ from typing import Sequence
 from .config import Config, ConfigError
 from .diffusion import require_diffusers
 from .diffusion.config import DiffusionConfig
+from .objectives.common import FlipRate, NonNegative, Positive, Share
 from .objectives.registry import NoParams, ObjectiveInputs, ObjectiveOutput, register_objective
 from .online.config import OnlineConfig
 from .reward.config import RewardConfig
 from .score import load_scorer, register_scorer
 
-__all__ = ["Config", "ConfigError", "DiffusionConfig", "NoParams", "ObjectiveInputs",
-           "ObjectiveOutput", "OnlineConfig", "RewardConfig", "compare", "evaluate",
+__all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "NonNegative",
+           "ObjectiveInputs", "ObjectiveOutput", "OnlineConfig", "Positive", "RewardConfig",
+           "Share", "compare", "evaluate",
            "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "register_objective",
            "register_scorer", "run_online", "score_with_reward_model", "train",
            "train_diffusion", "train_reward_model", "write_report"]
