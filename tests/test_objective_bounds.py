@@ -104,3 +104,17 @@ def test_diffusion_objectives_are_bounded_too():
     tree["objective"] = {"name": "diffusion_dpo", "beta": -5000}
     with pytest.raises(ConfigError, match=r"objective.beta: Input should be greater than 0"):
         DiffusionConfig.from_dict(tree)
+
+
+def test_reward_losses_are_bounded_too():
+    from preftune.reward.config import RewardConfig
+
+    tree = {"model": {"path": "m"}, "data": {"train": "d.jsonl"},
+            "loss": {"name": "bt", "label_smoothing": 0.5}}
+    with pytest.raises(ConfigError, match=r"loss.label_smoothing: Input should be less than 0.5 "
+                                          r"\(got 0.5\)"):
+        RewardConfig.from_dict(tree)
+    tree["loss"] = {"name": "bt_margin", "center_coefficient": -0.01}
+    with pytest.raises(ConfigError, match=r"loss.center_coefficient: Input should be greater "
+                                          r"than or equal to 0 \(got -0.01\)"):
+        RewardConfig.from_dict(tree)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..objectives.common import FlipRate, NonNegative
 from .heads import Head
 
 PAPERS = {
@@ -156,8 +157,9 @@ def _centering(chosen: torch.Tensor, rejected: torch.Tensor, coefficient: float)
 
 @dataclass
 class BTParams:
-    label_smoothing: float = 0.0  # eps: probability that a label is flipped
-    center_coefficient: float = 0.0  # eta of the centering penalty eta (r_w + r_l)^2 (0.01 common)
+    label_smoothing: FlipRate = 0.0  # eps: probability that a label is flipped
+    # eta of the centering penalty eta (r_w + r_l)^2 (0.01 common)
+    center_coefficient: NonNegative = 0.0
 
 
 @reward_loss("bt", params=BTParams, data=("pairs",), heads=("scalar", "attributes"),
