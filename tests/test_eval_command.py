@@ -63,7 +63,22 @@ def test_eval_writes_metrics_per_pair_values_and_the_ches_filtered_file(files, c
         assert key in results, key
     assert results["pairs"] == 8 and results["ranking/idealized_pairs"] == 4
     assert results["sampled/responses"] == 16
-    assert 0.0 <= results["win_rate"] <= 1.0
+    # the win rate is the mean over prompts of 1[policy wins] + 1/2 1[tie], each answer scored
+    # by the data's own checkers (scored again here from eval_answers.jsonl)
+    from preftune.score import load_scorer
+
+    answers = [json.loads(line) for line in (run / "eval_answers.jsonl").read_text().splitlines()]
+    checker = load_scorer("synthetic", str(files / "pairs.jsonl"))
+    prompts = {row["origin"]: row["prompt"] for row in
+               ({**r, "origin": f"{files / 'pairs.jsonl'}:{i + 1}"} for i, r in enumerate(
+                   json.loads(line) for line in (files / "pairs.jsonl").read_text().splitlines()))}
+    asked = [prompts[a["origin"]] for a in answers]
+    assert [a["policy_score"] for a in answers] == checker.score(
+        asked, [a["policy_answer"] for a in answers])
+    expected = sum(1.0 if a["policy_score"] > a["reference_score"] else
+                   0.5 if a["policy_score"] == a["reference_score"] else 0.0
+                   for a in answers) / len(answers)
+    assert len(answers) == 8 and results["win_rate"] == pytest.approx(expected)
     assert "implied-reward accuracy" in out and "win rate" in out
     pairs = [json.loads(line) for line in (run / "eval_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 8 and sum("idealized_correct" in p for p in pairs) == 4
