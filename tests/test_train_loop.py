@@ -200,16 +200,17 @@ def test_precomputed_reference_is_cached_and_reused(workspace, capsys):
     assert len(list((workspace / "fresh-cache").glob("reference-*.pt"))) == 4
 
 
+def _plain_logp(model, example, response: int) -> float:
+    ids = torch.tensor([example.prompt_ids + example.response_ids[response]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    start = len(example.prompt_ids)
+    return sum(float(logprobs[start - 1 + t, tok])
+               for t, tok in enumerate(example.response_ids[response]))
+
+
 def _plain_mean_chosen_logp(model, examples) -> float:
-    total = 0.0
-    for example in examples:
-        ids = torch.tensor([example.prompt_ids + example.response_ids[0]])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
-        start = len(example.prompt_ids)
-        total += sum(float(logprobs[start - 1 + t, tok])
-                     for t, tok in enumerate(example.response_ids[0]))
-    return total / len(examples)
+    return sum(_plain_logp(model, example, 0) for example in examples) / len(examples)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -229,7 +230,11 @@ def test_saved_model_loads_and_reproduces_trained_logps(workspace, lora):
     # eval-step diagnostics: displacement of the chosen log-prob from the reference
     assert last["eval/diag/displacement/chosen"] == pytest.approx(
         plain - last["eval/logps/ref_chosen"], abs=1e-4)
-    assert 0.0 <= last["eval/diag/ranking/normalised"] <= 1.0
+    # the length-normalised ranking accuracy: share of pairs whose chosen response has the
+    # higher per-token log-prob under the trained model
+    ranked = [_plain_logp(model, e, 0) / len(e.response_ids[0]) >
+              _plain_logp(model, e, 1) / len(e.response_ids[1]) for e in eval_examples]
+    assert last["eval/diag/ranking/normalised"] == pytest.approx(sum(ranked) / len(ranked))
     if lora:
         from peft import AutoPeftModelForCausalLM
 
