@@ -28,7 +28,8 @@ REFUSED = [
      "objective.epsilon: Input should be less than 0.5 (got 0.5)"),
     ({"name": "exo_pair", "epsilon": 0.9},
      "objective.epsilon: Input should be less than 0.5 (got 0.9)"),
-    ({"name": "exo_pair", "epsilon": 0}, "objective.epsilon: Input should be greater than 0 (got 0)"),
+    ({"name": "exo_pair", "epsilon": 0},
+     "objective.epsilon: Input should be greater than 0 (got 0)"),
     ({"name": "dpo_sft", "alpha": -1},
      "objective.alpha: Input should be greater than or equal to 0 (got -1)"),
     ({"name": "discopop", "tau": 0}, "objective.tau: Input should be greater than 0 (got 0)"),
@@ -55,6 +56,16 @@ REFUSED = [
     ({"name": "modpo", "margin_weight": 1.0},
      "objective.margin_weight: Input should be less than 1 (got 1.0)"),
     ({"name": "d2o", "alpha": 0}, "objective.alpha: Input should be greater than 0 (got 0)"),
+    ({"name": "dpo", "beta": float("inf")},
+     "objective.beta: Input should be a finite number (got inf)"),
+    ({"name": "mdpo", "anchor": float("-inf")},
+     "objective.anchor: Input should be a finite number (got -inf)"),
+    ({"name": "ipo", "normalize_length": {"start": 0, "end": 1}},
+     "objective.normalize_length: only a number parameter can follow a schedule, and ipo's "
+     "normalize_length is not one; give one value."),
+    ({"name": "bonbon", "n": {"start": 2, "end": 9}},
+     "objective.n: only a number parameter can follow a schedule, and bonbon's n is not one; "
+     "give one value."),
 ]
 
 
@@ -94,6 +105,9 @@ def test_the_schema_carries_the_bounds():
     assert schedule["properties"]["end"] == {"type": "number", "minimum": 0,
                                              "exclusiveMaximum": 0.5}
     assert cdpo["beta"]["anyOf"][0]["exclusiveMinimum"] == 0
+    bonbon = next(t for t in terms if t["properties"]["name"] == {"const": "bonbon"})
+    assert "anyOf" not in bonbon["properties"]["n"]  # a whole number: no schedule
+    assert bonbon["properties"]["n"]["minimum"] == 2
 
 
 def test_diffusion_objectives_are_bounded_too():
@@ -114,6 +128,11 @@ def test_reward_losses_are_bounded_too():
     with pytest.raises(ConfigError, match=r"loss.label_smoothing: Input should be less than 0.5 "
                                           r"\(got 0.5\)"):
         RewardConfig.from_dict(tree)
+    tree["loss"] = {"name": "gpm"}
+    tree["model"]["head"] = {"tau": float("inf")}
+    with pytest.raises(ConfigError, match=r"model.head.tau: Input should be a finite number"):
+        RewardConfig.from_dict(tree)
+    del tree["model"]["head"]
     tree["loss"] = {"name": "bt_margin", "center_coefficient": -0.01}
     with pytest.raises(ConfigError, match=r"loss.center_coefficient: Input should be greater "
                                           r"than or equal to 0 \(got -0.01\)"):

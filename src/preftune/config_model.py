@@ -14,7 +14,7 @@ from .model.chat_template import chat_template_text
 class Section(BaseModel):
     # a string literal under a field is its help text (`preftune config explain`, the schema)
     model_config = ConfigDict(extra="forbid", validate_assignment=True,
-                              use_attribute_docstrings=True)
+                              use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 # numeric ranges, checked when the config is read (before any work)

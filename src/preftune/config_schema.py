@@ -73,15 +73,14 @@ def _term(name: str, params: type, summary: str, definitions: dict, default: str
     if schedulable:
         properties["weight"] = {"type": "number", "default": 1.0}
     for key, value in params_schema.get("properties", {}).items():
-        properties[key] = {"anyOf": [value, _schedule_of(value)]} if schedulable else value
+        properties[key] = ({"anyOf": [value, _schedule_of(value)]}
+                           if schedulable and value.get("type") == "number" else value)
     return {"type": "object", "description": summary, "properties": properties,
             "required": [] if name == default else ["name"], "additionalProperties": False}
 
 
 def _schedule_of(value: dict) -> dict:
-    """The schedule form of a parameter: its ends obey the parameter's own bounds."""
-    if value.get("type") not in ("number", "integer"):
-        return SCHEDULE
+    """The schedule form of a number parameter: its ends obey the parameter's own bounds."""
     end = {k: v for k, v in value.items() if k not in ("default", "title")}
     return {**SCHEDULE, "properties": {**SCHEDULE["properties"], "start": end, "end": end}}
 

@@ -110,7 +110,7 @@ def denoising_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 @dataclass
 class DiffusionDPOParams:
-    beta: Annotated[float, Field(gt=0)] = 5000.0
+    beta: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 5000.0
     """beta_DPO; the paper's -beta T omega(lambda_t) folded into one constant (repo default)."""
 
 
@@ -208,10 +208,10 @@ def _best_and_worst(scores: torch.Tensor, present: torch.Tensor):
 
 @dataclass
 class MaPOParams:
-    beta: Annotated[float, Field(ge=0)] = 0.1
+    beta: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
     """beta_MaPO, the weight of the margin term (mapo-t2i/mapo args.py default); 0: plain
     denoising on the chosen images."""
-    snr_value: Annotated[float, Field(gt=0)] = 0.5
+    snr_value: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.5
     """c of the log-odds surrogate c e / (exp(c e) - 1) (SDXL default)."""
 
 
@@ -266,7 +266,7 @@ def _scorer_spec(spec: str) -> str:
 
 @dataclass
 class SPOParams:
-    beta: Annotated[float, Field(gt=0)] = 10.0
+    beta: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
     """beta of the log sigma (SPO configs/basic_config.py train.beta)."""
     clip: Annotated[float, Field(gt=0, lt=1)] = 0.1
     """eps: each ratio p_theta / p_ref is clipped to [1 - eps, 1 + eps] (train.eps)."""
@@ -290,7 +290,7 @@ class SPOParams:
     guidance_scale: Annotated[float, Field(ge=1)] = 5.0
     """Classifier-free guidance of the sampler and of both log-probs (sample.guidance_scale,
     train.cfg); 1: none."""
-    min_gap: Annotated[float, Field(ge=0)] = 0.0
+    min_gap: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """A pool trains only when best score - worst score > min_gap (0: ties are skipped). The
     repo keeps softmax(best, worst) gaps > 0.3, i.e. score gaps > 2 atanh(0.3) = 0.619 on its
     preference model's logits."""

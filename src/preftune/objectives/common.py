@@ -24,11 +24,13 @@ LOG1MEXP_MAX = -1e-8
 
 # Parameter ranges: a params field typed with one of these is checked when a config is read
 # (both ends of a schedule too) and shows its bounds in `preftune config schema`.
-Positive = Annotated[float, Field(gt=0)]  # a temperature or inverse KL strength (beta)
-NonNegative = Annotated[float, Field(ge=0)]  # a weight or target margin; 0 switches it off
+# Infinity is refused too (a loss of inf * 0 is NaN).
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a temperature, inverse KL strength
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # a weight or target margin
 Share = Annotated[float, Field(ge=0, le=1)]  # a mixing weight between two terms
 PositiveShare = Annotated[float, Field(gt=0, le=1)]  # a share that 0 would make meaningless
 FlipRate = Annotated[float, Field(ge=0, lt=0.5)]  # a label-flip rate or label smoothing
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # any real number
 
 
 def log_ratios(inputs: ObjectiveInputs) -> torch.Tensor:

@@ -31,10 +31,21 @@ def scheduled_value(spec: dict, step: int, total_steps: int) -> float:
     return spec["start"] + (spec["end"] - spec["start"]) * progress
 
 
+def number_params(params: type) -> set[str]:
+    """The parameters that are real numbers: the ones a schedule may move."""
+    properties = TypeAdapter(params).json_schema().get("properties", {})
+    return {key for key, value in properties.items() if value.get("type") == "number"}
+
+
 def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
     """Type-check raw params (both ends of any schedule); raises ValueError naming the key."""
+    numbers = None
     for key, value in raw.items():
         if isinstance(value, dict):
+            numbers = number_params(spec.params) if numbers is None else numbers
+            if key not in numbers:
+                raise ValueError(f"objective.{key}: only a number parameter can follow a "
+                                 f"schedule, and {spec.name}'s {key} is not one; give one value.")
             unknown = set(value) - SCHEDULE_KEYS
             if unknown or not {"start", "end"} <= set(value):
                 raise ValueError(f"objective.{key}: a schedule needs start and end (and optionally "

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from .common import (
     MAX_EXPONENT,
+    Finite,
     FlipRate,
     Positive,
     chosen_minus_rejected,
@@ -31,7 +32,7 @@ from .registry import ObjectiveInputs, ObjectiveOutput, objective
 class FDPOParams:
     beta: Positive = 0.1
     divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = "reverse_kl"
-    alpha: float = 0.5  # alpha-divergence coefficient, paper convention, in (0, 1)
+    alpha: Finite = 0.5  # alpha-divergence coefficient, paper convention, in (0, 1)
 
     def __post_init__(self):
         if self.divergence == "alpha" and not 0.0 < self.alpha < 1.0:

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .common import Positive, log_ratios
+from .common import Finite, Positive, log_ratios
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class MDPOParams:
     beta: Positive = 0.1  # inverse strength of the KL constraint, shared by the three terms
-    anchor: float = 0.0  # delta: the chosen implied reward is pushed above it (0 in the paper)
+    anchor: Finite = 0.0  # delta: the chosen implied reward is pushed above it (0 in the paper)
 
 
 @objective("mdpo", params=MDPOParams, needs_reference=True, paper="arXiv:2406.11839",
