@@ -55,6 +55,23 @@ def test_broken_set_values_and_yaml_files_are_one_line_errors(tmp_path, capsys):
     config.write_text(f"train: !!python/object/apply:os.system ['touch {marker}']\n")
     assert main(["train", str(config)]) == 2
     assert "a config is data" in capsys.readouterr().err and not marker.exists()
+    # a repeated key would silently drop the first one's settings
+    config.write_text("train:\n  learning_rate: 5e-5\n  max_steps: 10\ntrain:\n  seed: 2\n")
+    assert main(["train", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {config}: not a valid YAML config at line 4, column 1: key 'train' appears "
+        "twice (also at line 1), and the second would silently replace the first; merge them; "
+        "nothing was run\n")
+    config.write_text("train: {seed: 1, seed: 2}\n")
+    assert main(["train", str(config)]) == 2
+    assert "key 'seed' appears twice" in capsys.readouterr().err
+    config.write_text("base: &b {seed: 1}\ntrain:\n  <<: *b\n  seed: 2\n")  # a merge key may
+    from preftune.config_tree import read_tree  # be overridden
+
+    assert read_tree(str(config))["train"] == {"seed": 2}
+    config.write_text("# nothing set yet\n")
+    assert main(["train", str(config)]) == 2
+    assert f"config file {config} is empty: it sets nothing" in capsys.readouterr().err
 
 
 def test_an_output_dir_that_is_a_file_or_unwritable_is_named(workspace, tmp_path):  # noqa: F811

@@ -13,6 +13,37 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """Safe YAML whose mappings may not repeat a key: PyYAML keeps the last one silently, so a
+    second ``train:`` section would drop every setting of the first."""
+
+
+def _mapping_once(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+            seen[key] = key_node.start_mark
+        except TypeError:  # an unhashable key: construct_mapping names that problem
+            break
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (also at line {first.line + 1}), and "
+                "the second would silently replace the first; merge them", key_node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
+
+
+def load_yaml(text: str):
+    """``text`` read as safe YAML that refuses a repeated key (yaml.YAMLError says where)."""
+    return yaml.load(text, Loader=_UniqueKeys)
+
+
 def read_tree(path: str | None, overrides: Sequence[str] = ()) -> dict:
     """A YAML config file as a dict, with ``key=value`` overrides applied."""
     tree: dict = {}
@@ -26,7 +57,7 @@ def read_tree(path: str | None, overrides: Sequence[str] = ()) -> dict:
                 "without a file, every key can come from --set (`preftune config explain` "
                 "lists them)")
         try:
-            tree = yaml.safe_load(file.read_text()) or {}
+            tree = load_yaml(file.read_text()) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -37,6 +68,9 @@ def read_tree(path: str | None, overrides: Sequence[str] = ()) -> dict:
                               "run") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        if not tree and not overrides:
+            raise ConfigError(f"config file {path} is empty: it sets nothing. Start from one of "
+                              "examples/*.yaml, or list the keys with `preftune config explain`.")
     for item in overrides:
         set_override(tree, item)
     return tree

@@ -71,11 +71,13 @@ def _scorer_file(path: str):
     """What the scorer file ``path`` holds (its readers name what is wrong with it)."""
     import yaml
 
+    from ..config_tree import load_yaml
+
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"scorer file {path} does not exist.")
     try:
-        tree = yaml.safe_load(source.read_text())
+        tree = load_yaml(source.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"scorer file {path}: not valid YAML ({error}).") from None
     return tree or {}
