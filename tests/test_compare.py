@@ -61,6 +61,10 @@ def test_compare_trains_evaluates_and_ranks_then_skips_finished_entries(base, ca
 def test_compare_rejects_unknown_objectives_before_training(base, capsys):
     assert _compare(base, "dpo,dpoo") == 2
     assert "unknown objective 'dpoo'" in capsys.readouterr().err
+    assert main(["compare", "--objectives", "dpo", "--config", str(base / "base.yaml"),
+                 "--output-dir", str(base / "typo"), "--scorer", "syntetic"]) == 2
+    assert "--scorer: scorer 'syntetic': expected" in capsys.readouterr().err
+    assert not (base / "typo").exists()
 
 
 def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objective(

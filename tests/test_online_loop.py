@@ -230,6 +230,17 @@ def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, ca
     assert main(args[:-2] + ["--set", "online.sampling.samples=1", "--set",
                              f"output_dir={tmp_path / 'x'}"]) == 2
     assert "online.sampling.samples must be at least 2" in capsys.readouterr().err
+    # a misspelt scorer stops the run before any model loads or anything is written
+    typo = tmp_path / "typo"
+    assert main(args[:-4] + ["--set", "online.scorer=syntetic", "--set",
+                             f"output_dir={typo}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: online.scorer: scorer 'syntetic': expected 'synthetic'")
+    assert err.rstrip().endswith("Did you mean 'synthetic'?") and not typo.exists()
+    assert main(args[:-4] + ["--set", "online.scorer=rm:nowhere", "--set",
+                             f"output_dir={typo}"]) == 2
+    assert "online.scorer: scorer 'rm:nowhere': nowhere is not a directory" in \
+        capsys.readouterr().err and not typo.exists()
 
 
 def test_a_prompt_file_row_without_a_prompt_is_named(model_dir, tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import ConfigError, build_config, load_config, read_tree
 from .objectives import get_objective
+from .score import check_scorer
 from .train.output import resumable
 
 # leaderboard columns: (key in the entry, header, format); missing values print as "-"
@@ -69,6 +70,11 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     if not eval_data:
         raise ConfigError("compare evaluates every objective on held-out pairs: set data.eval in "
                          "the base config or pass --eval-data FILE")
+    if scorer:  # a typo found now, not after the first objective has trained
+        try:
+            check_scorer(scorer, eval_data)
+        except ConfigError as error:
+            raise ConfigError(f"--scorer: {error}") from None
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     entries = []

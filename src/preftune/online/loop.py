@@ -32,7 +32,7 @@ from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer
 from ..objectives import get_objective
-from ..score import prompt_key
+from ..score import check_scorer, prompt_key
 from ..score.base import scored_in_chunks, scorer_prompt
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
@@ -48,6 +48,10 @@ from .measure import evaluate_model
 def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run every round of ``config`` (or what is left of them with ``resume``; ``overwrite``
     moves a previous run in output_dir aside)."""
+    try:  # before anything is written or loaded
+        check_scorer(config.online.scorer, config.data.train)
+    except ConfigError as error:
+        raise ConfigError(f"online.scorer: {error}") from None
     out = start_rounds(config, resume, overwrite)
     prompts = _prompts(config.data.train, config)
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []

@@ -23,7 +23,8 @@ from .combine import CombinedScorer, LogSigmoidCentred, baselines_from_samples, 
 from .function import FunctionScorer, SyntheticScorer, is_function_spec, register_scorer
 
 __all__ = ["CombinedScorer", "FunctionScorer", "LogSigmoidCentred", "Scorer", "SyntheticScorer",
-           "baselines_from_samples", "load_scorer", "prompt_key", "register_scorer"]
+           "baselines_from_samples", "check_scorer", "load_scorer", "prompt_key",
+           "register_scorer"]
 
 
 def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
@@ -61,10 +62,42 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             raise ConfigError(f"scorer {spec!r}: {error}") from None
     if is_function_spec(spec):
         return FunctionScorer.from_spec(spec)
-    raise ConfigError(f"scorer {spec!r}: expected 'synthetic', 'module:function', a registered "
-                      "scorer name, 'rm:DIR' (a reward model from preftune rm train), "
-                      "'judge:MODEL' or 'judge-pair:MODEL' (an LLM judge) or a .yaml "
-                      "combination file.")
+    raise _unknown(spec)
+
+
+def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
+    """Refuse a scorer spec that cannot work, without loading a model: its form, the file or
+    directory it names, the function it imports; what a run checks before any work (a judge's
+    or reward model's weights are read when the scorer loads)."""
+    if spec == "synthetic" or spec.startswith(("judge:", "judge-pair:")):
+        if spec == "synthetic":
+            load_scorer(spec, data)  # the checkers come from the data file: cheap
+        return
+    if FunctionScorer.registered(spec) is not None:
+        return
+    if spec.endswith((".yaml", ".yml")):
+        _scorer_file(spec)
+    elif spec.startswith("rm:"):
+        if not Path(spec.removeprefix("rm:")).is_dir():
+            raise ConfigError(f"scorer {spec!r}: {spec.removeprefix('rm:')} is not a directory "
+                              "(a reward model from preftune rm train).")
+    elif is_function_spec(spec):
+        FunctionScorer.from_spec(spec)
+    elif not Path(spec).exists():
+        raise _unknown(spec)
+
+
+def _unknown(spec: str) -> ConfigError:
+    import difflib
+
+    from .function import SCORERS
+
+    close = difflib.get_close_matches(spec, ["synthetic", *SCORERS], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"scorer {spec!r}: expected 'synthetic', 'module:function', a registered "
+                       "scorer name, 'rm:DIR' (a reward model from preftune rm train), "
+                       "'judge:MODEL' or 'judge-pair:MODEL' (an LLM judge) or a .yaml "
+                       f"combination file.{hint}")
 
 
 def _scorer_file(path: str):
