@@ -279,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     try:
         args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): no traceback, and none at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a command ended by SIGPIPE
     except (ConfigError, DataError, FileNotFoundError) as error:
         if talks:  # (every process reads the same config and data)
             print(f"error: {error}", file=sys.stderr)
