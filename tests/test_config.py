@@ -57,6 +57,48 @@ def test_settings_that_would_do_nothing_are_errors(tree, expected):
         build_config(tree)
 
 
+def test_settings_of_a_feature_that_is_off_are_refused_unless_left_at_their_default():
+    """compile_mode without compile, tracker settings without a tracker; a value equal to the
+    default (as a saved config.yaml holds every key) is no setting."""
+    for train, key, needs in (({"compile_mode": "max-autotune"}, "compile_mode",
+                               "train.compile: true"),
+                              ({"tracking_dir": "t"}, "tracking_dir", "a tracker in "
+                               "train.report_to"),
+                              ({"run_name": "r"}, "run_name", "a tracker in train.report_to")):
+        with pytest.raises(ConfigError) as error:
+            build_config({"train": train})
+        assert str(error.value).endswith(f"train.{key} does nothing without {needs}; remove "
+                                         "it, or set what it needs.")
+    assert build_config({"train": {"compile_mode": "default", "run_name": None}})
+    assert build_config({"train": {"compile": True, "compile_mode": "max-autotune"}})
+
+
+def test_online_and_reward_settings_of_what_is_off_are_refused():
+    from preftune.online.config import OnlineConfig
+    from preftune.reward.config import RewardConfig
+
+    data = {"train": "p.jsonl"}
+    online = {"data": data, "online": {"scorer": "synthetic", "pairs": {"rso_beta": 1.0}}}
+    with pytest.raises(ConfigError, match=r"online.pairs.rso_beta does nothing with builder "
+                                          r"best_vs_worst \(it is for builder rso\)"):
+        OnlineConfig.from_dict(online)
+    OnlineConfig.from_dict({"data": data, "online": {
+        "scorer": "synthetic", "pairs": {"builder": "rso", "rso_beta": 1.0}}})
+    with pytest.raises(ConfigError, match=r"online.sampling.vllm_memory does nothing with "
+                                          r"backend hf"):
+        OnlineConfig.from_dict({"data": data, "online": {"scorer": "synthetic",
+                                                         "sampling": {"vllm_memory": 0.5}}})
+    tree = {"data": {"train": "d.jsonl"}, "model": {"head": {"tau": 0.5}}}
+    with pytest.raises(ConfigError, match=r"model.head.tau does nothing for a scalar head \(it "
+                                          r"is for the gpm head\)"):
+        RewardConfig.from_dict(tree)
+    RewardConfig.from_dict({**tree, "loss": {"name": "gpm"}})
+    tree["model"]["head"] = {"quantiles": [0.1, 0.9]}
+    with pytest.raises(ConfigError, match=r"model.head.quantiles does nothing for a scalar "
+                                          r"head \(it is for the quantile head\)"):
+        RewardConfig.from_dict(tree)
+
+
 def test_cuda_graphs_and_checkpointing_are_refused_together():
     """A checkpointed layer's compiled call without gradients would start a new CUDA-graph
     iteration and reuse the memory backward still needs; compile's default mode is fine."""

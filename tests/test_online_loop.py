@@ -33,6 +33,11 @@ def count_a(prompt, response):
     return float(response.count("a"))
 
 
+def count_b(prompt, response):
+    """Another verifier (a resumed run may not change its scorer)."""
+    return float(response.count("b"))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return str(save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", seed=1))

@@ -17,6 +17,16 @@ class Section(BaseModel):
                               use_attribute_docstrings=True, allow_inf_nan=False)
 
 
+def refuse_unused(section: BaseModel, names, where: str, why: str) -> None:
+    """Refuse the first of ``names`` that the config gave a value other than its default: a
+    setting that would silently do nothing; ``why`` says what it needs (or is for)."""
+    for name in names:
+        default = type(section).model_fields[name].get_default(call_default_factory=True)
+        if name in section.model_fields_set and getattr(section, name) != default:
+            raise ValueError(f"{where}.{name} does nothing {why}; remove it, or set what it "
+                             "needs.")
+
+
 # numeric ranges, checked when the config is read (before any work)
 Count = Annotated[int, Field(ge=1)]  # a size or a number of things: at least 1
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]

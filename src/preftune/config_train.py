@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from .config_model import Count, Fraction, NonNegative, Positive, Section
+from .config_model import Count, Fraction, NonNegative, Positive, Section, refuse_unused
 
 
 class TrainConfig(Section):
@@ -94,6 +94,15 @@ class TrainConfig(Section):
             raise ValueError(f"train.adam_betas takes two numbers, [beta1, beta2] (got {value}), "
                              "e.g. [0.9, 0.95].")
         return value
+
+    @model_validator(mode="after")
+    def _settings_of_what_is_off(self):
+        if not self.compile:
+            refuse_unused(self, ("compile_mode",), "train", "without train.compile: true")
+        if not self.report_to:
+            refuse_unused(self, ("tracking_dir", "run_name"), "train",
+                          "without a tracker in train.report_to")
+        return self
 
     @model_validator(mode="after")
     def _checkpointing_is_on(self):

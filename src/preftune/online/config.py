@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from ..config import Config, Count, NonNegative, Positive, Section
+from ..config_model import refuse_unused
 from ..generation import SamplingSettings
 from ..objectives import REGISTRY, get_objective
 from .build import BUILDERS, DATA_PAIR_BUILDERS, LIST_BUILDERS
@@ -35,6 +36,13 @@ class SamplingSection(Section):
     vllm_memory: Annotated[float, Field(gt=0, le=1)] = 0.3
     """Share of GPU memory vLLM may hold while it samples."""
 
+    @model_validator(mode="after")
+    def _vllm_settings_need_vllm(self):
+        if self.backend != "vllm":
+            refuse_unused(self, ("vllm_memory",), "online.sampling",
+                          f"with backend {self.backend} (it is vLLM's share)")
+        return self
+
     def settings(self, seed: int, **changes) -> SamplingSettings:
         """These settings for one draw, with ``seed`` and any ``changes``."""
         values = self.model_dump(exclude={"backend", "vllm_memory"})
@@ -54,6 +62,13 @@ class PairsSection(Section):
     """rso: samples accepted per prompt (paired two by two)."""
     win_probs: bool = False
     """Add chosen_win_prob / rejected_win_prob (sppo_soft)."""
+
+    @model_validator(mode="after")
+    def _rso_settings_need_rso(self):
+        if self.builder != "rso":
+            refuse_unused(self, ("rso_beta", "rso_accept"), "online.pairs",
+                          f"with builder {self.builder} (it is for builder rso)")
+        return self
 
 
 class OnlineSection(Section):

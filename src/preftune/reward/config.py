@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_
 
 from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, RunConfig, Section,
                       TrainConfig, _unknown, check_data_and_train)
+from ..config_model import refuse_unused
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS, is_number
 from ..data.sources import read_rows
@@ -39,6 +40,10 @@ class HeadSettings(Section):
     """gpm head: temperature of P(y_i > y_j) = sigmoid(s / tau)."""
     target: str = "score"
     """quantile head: the rating the distribution is fit to."""
+
+
+HEAD_SETTINGS = {"attributes": ("attributes", "weights"),
+                 "quantile": ("quantiles", "risk", "target"), "gpm": ("dims", "tau")}
 
 
 class RewardModelConfig(ModelConfig):
@@ -105,6 +110,11 @@ class RewardConfig(RunConfig):
             raise ValueError(f"reward loss {spec.name} fits a {' or '.join(spec.heads)} head, not "
                              f"model.head.kind {head.kind!r}; change one of them (or set "
                              "model.head.kind: auto).")
+        kind = "attributes" if self.detects_attributes else head.kind
+        for owner, names in HEAD_SETTINGS.items():
+            if owner != kind:
+                refuse_unused(self.model.head, names, "model.head",
+                              f"for a {kind} head (it is for the {owner} head)")
         check_data_and_train(self.data, self.train, self.model.attn_implementation)
         return self
 
