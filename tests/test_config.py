@@ -21,14 +21,30 @@ def test_bad_keys_and_types_name_the_key(tree, expected):
         build_config(tree)
 
 
-def test_switching_objective_by_name_says_how_to_drop_the_old_parameters():
-    with pytest.raises(ConfigError, match=r"unknown key 'objective.beta' in objective pro. "
-                                          r"\(--set objective.name=... keeps the parameters .*"
-                                          r"--set 'objective=\{name: ...\}'\) Known keys: "):
-        build_config({"objective": {"name": "pro", "beta": 0.1}})
-    with pytest.raises(ConfigError, match="unknown key 'objective.beta' in objective sft. .* It "
+def test_switching_objective_by_name_drops_the_old_parameters(tmp_path, capsys):
+    """simpo's beta is 20x dpo's: a file's parameters do not carry over to another objective
+    named with --set (in whichever order its own parameters are set), and that is said."""
+    from preftune.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("objective: {name: dpo, beta: 0.1}\ndata: {train: p.jsonl}\n")
+    term = load_config(str(path), ["objective.name=simpo"]).objective[0]
+    assert (term.name, term.model_extra) == ("simpo", {})
+    assert capsys.readouterr().err == (
+        "note: --set objective.name=simpo replaces dpo; its parameters from the file (beta=0.1) "
+        "are dropped (set simpo's with --set objective.KEY=VALUE)\n")
+    term = load_config(str(path), ["objective.beta=3", "objective.name=simpo"]).objective[0]
+    assert term.model_extra == {"beta": 3}
+    assert load_config(str(path), ["objective.name=dpo"]).objective[0].model_extra == \
+        {"beta": 0.1}  # the same name: nothing changes
+    path.write_text("objective: dpo\ndata: {train: p.jsonl}\n")  # a name alone
+    assert load_config(str(path), ["objective.name=ipo"]).objective[0].name == "ipo"
+    with pytest.raises(ConfigError, match="unknown key 'objective.beta' in objective sft. It "
                                           "takes no parameters."):
         build_config({"objective": {"name": "sft", "beta": 0.1}})
+    with pytest.raises(ConfigError, match="unknown key 'objective.wieght' in objective sft. Did "
+                                          "you mean objective.weight?"):
+        build_config({"objective": [{"name": "dpo"}, {"name": "sft", "wieght": 0.2}]})
     assert build_config({"objective": "ipo"}).objective[0].name == "ipo"  # a name alone
 
 

@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, ValidationError, field_validator,
 from .config_model import (Count, Fraction, LoraConfig, ModelConfig, NonNegative,  # noqa: F401
                            Positive, Section, Share)
 from .config_train import PolicyTrainConfig, TrainConfig  # noqa: F401
-from .config_tree import ConfigError, read_tree, set_override
+from .config_tree import ConfigError, apply_overrides, read_tree
 from .data.convert import CONVERSIONS
 from .data.tools import MASK_ROLES
 from .objectives import get_objective
@@ -45,8 +45,7 @@ class RunConfig(Section):
     def from_dict(cls, tree: dict, overrides: Sequence[str] = (), source: str = "the config"):
         """A config from nested dicts as in the YAML file (``tree`` is not modified)."""
         tree = copy.deepcopy(tree)
-        for item in as_list(overrides):
-            set_override(tree, item)
+        apply_overrides(tree, as_list(overrides))
         return build_config(tree, source, cls)
 
 
@@ -132,7 +131,7 @@ class ObjectiveConfig(BaseModel):
         for key in self.model_extra or {}:
             if key not in known:
                 raise ValueError(_unknown(f"objective.{key}", key, known,
-                                          f"objective {self.name}", "objective"))
+                                          f"objective {self.name}", ("name", "weight")))
         validate_params(spec, self.model_extra or {})
         return self
 
@@ -302,15 +301,11 @@ def check_data_and_train(data: DataConfig, train: TrainConfig,
                          f"too, e.g. --set data.max_prompt_length={max(1, data.max_length // 2)}.")
 
 
-def _unknown(path: str, key: str, known, where: str, section: str | None = None) -> str:
-    """An unknown key named, with the closest known one; for a parameter of a ``section``
-    (objective, loss) that is no typo, how to switch that section's name from the command
-    line without the old parameters."""
-    close = difflib.get_close_matches(key, list(known), n=1)
+def _unknown(path: str, key: str, known, where: str, own: tuple = ()) -> str:
+    """An unknown key named, with the closest known one (among ``known`` and the section's
+    ``own`` keys, e.g. an objective term's weight)."""
+    close = difflib.get_close_matches(key, [*known, *own], n=1)
     hint = f" Did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}?" if close else ""
-    if section and not close:
-        hint = (f" (--set {section}.name=... keeps the parameters of the {section} before; "
-                f"replace the whole section instead: --set '{section}={{name: ...}}')")
     keys = f"Known keys: {', '.join(sorted(known))}." if known else "It takes no parameters."
     return f"unknown key {path!r} in {where}.{hint} {keys}"
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -71,9 +72,41 @@ def read_tree(path: str | None, overrides: Sequence[str] = ()) -> dict:
         if not tree and not overrides:
             raise ConfigError(f"config file {path} is empty: it sets nothing. Start from one of "
                               "examples/*.yaml, or list the keys with `preftune config explain`.")
-    for item in overrides:
-        set_override(tree, item)
+    apply_overrides(tree, overrides)
     return tree
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str]) -> None:
+    """Apply ``key=value`` overrides (``--set``); a new objective (or loss) name first, so that
+    --set objective.beta=... in any order sets the new objective's parameter."""
+    for item in sorted(overrides, key=lambda item: not _names_a_term(item.partition("=")[0])):
+        set_override(tree, item)
+
+
+TERMS = ("objective", "loss")  # sections that are a registered name and its own parameters
+KEPT = ("name", "weight")  # a term's own keys, kept when its name changes
+
+
+def _names_a_term(dotted: str) -> bool:
+    """``objective.name``, ``objective.1.name`` or ``loss.name``."""
+    parts = dotted.strip().split(".")
+    return parts[0] in TERMS and parts[-1] == "name" and (
+        len(parts) == 2 or (len(parts) == 3 and parts[1].isdigit()))
+
+
+def _switch_term(node: dict, dotted: str, name) -> None:
+    """``--set objective.name=X`` names another objective: the parameters the file gave the
+    old one mean other things to X (simpo's beta is 20x dpo's), so they are dropped, and said."""
+    old = node.get("name")
+    dropped = {k: v for k, v in node.items() if k not in KEPT}
+    if old is None or old == name or not dropped:
+        return
+    for key in dropped:
+        del node[key]
+    settings = ", ".join(f"{k}={v}" for k, v in dropped.items())
+    print(f"note: --set {dotted}={name} replaces {old}; its parameters from the file "
+          f"({settings}) are dropped (set {name}'s with --set "
+          f"{dotted.rsplit('.', 1)[0]}.KEY=VALUE)", file=sys.stderr)
 
 
 def set_override(tree: dict, item: str) -> None:
@@ -96,6 +129,8 @@ def set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
                           f"'{dotted}=\"{raw_value}\"'") from None
     node, where = tree, []
     for part in parents:
+        if part in TERMS and not where and isinstance(node.get(part), str):
+            node[part] = {"name": node[part]}  # `objective: dpo`, the name alone
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]  # e.g. objective.1.weight for a list of objectives
         elif isinstance(node, dict):
@@ -109,6 +144,8 @@ def set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
             raise ConfigError(f"--set {dotted}: {leaf!r} is not an index of that list")
         node[int(leaf)] = value
     elif isinstance(node, dict):
+        if _names_a_term(dotted):
+            _switch_term(node, dotted, value)
         node[leaf] = value
     else:
         raise ConfigError(f"--set {dotted}: {'.'.join(where)} is a value ({node!r}), not a "

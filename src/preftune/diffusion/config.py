@@ -94,7 +94,7 @@ class DiffusionObjectiveConfig(BaseModel):
         for key in self.model_extra or {}:
             if key not in known:
                 raise ValueError(_unknown(f"objective.{key}", key, known,
-                                          f"diffusion objective {self.name}", "objective"))
+                                          f"diffusion objective {self.name}", ("name",)))
         try:
             self.params()
         except ValidationError as error:

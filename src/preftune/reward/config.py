@@ -68,7 +68,7 @@ class RewardLossConfig(BaseModel):
         for key in self.model_extra or {}:
             if key not in known:
                 raise ValueError(_unknown(f"loss.{key}", key, known, f"reward loss {self.name}",
-                                          "loss"))
+                                          ("name",)))
         try:
             TypeAdapter(spec.params).validate_python(self.model_extra or {})
         except ValidationError as error:
