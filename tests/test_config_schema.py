@@ -39,6 +39,8 @@ def test_every_example_config_validates_against_its_schema(kind):
     ({"reference": {"strategy": "frozen"}}, "'frozen' is not one of"),
     ({"objective": {"name": "dpo", "betta": 0.1}}, "is not valid under any of the given schemas"),
     ({"objective": {"name": "no_such_objective"}}, "is not valid under any of the given schemas"),
+    ({"train": {"adam_betas": [0.9]}}, "is too short"),
+    ({"objective": {"name": "dpo", "beta": 0}}, "is not valid under any of the given schemas"),
 ])
 def test_schema_rejects_a_bad_config(tree, problem):
     messages = [error.message for error in _validator("train").iter_errors(tree)]
@@ -50,11 +52,24 @@ def test_schema_accepts_the_objective_forms_the_config_accepts():
     for tree in [{"objective": {"beta": 0.2}},  # name left out: dpo
                  {"objective": [{"name": "dpo"}, {"name": "sft", "weight": 0.2}]},
                  {"objective": {"name": "dpo", "beta": {"start": 0.05, "end": 0.5}}},
-                 {"objective": {"name": "mypkg.losses:my_loss", "margin": 1.0}}]:
+                 {"objective": {"name": "mypkg.losses:my_loss", "margin": 1.0}},
+                 {"objective": "simpo"}, {"objective": ["dpo", {"name": "sft", "weight": 0.2}]},
+                 {"objective": "mypkg.losses:my_loss"}]:
         assert list(validator.iter_errors(tree)) == [], tree
+    assert list(validator.iter_errors({"objective": "simpoo"})) != []
     rm = _validator("rm")
     assert list(rm.iter_errors({"loss": {"name": "bt_margin", "margin_field": "gap"}})) == []
     assert list(rm.iter_errors({"loss": {"name": "bt", "margin_field": "gap"}})) != []
+    for head, problem in (({"dims": 3}, "is not a multiple of 2"), ({"tau": 0}, "less than or "
+                          "equal to the minimum of 0"), ({"quantiles": [0.5, 1.0]}, "greater than "
+                          "or equal to the maximum of 1")):
+        messages = [e.message for e in rm.iter_errors({"model": {"head": head}})]
+        assert any(problem in m for m in messages), messages
+    online = _validator("online")
+    for settings, problem in (({"sampling": {"temperature": 0}}, "less than or equal to the "
+                               "minimum of 0"), ({"eval_best_of": 1}, "should not be valid")):
+        messages = [e.message for e in online.iter_errors({"online": settings})]
+        assert any(problem in m for m in messages), messages
 
 
 def test_schema_command_writes_the_schema(tmp_path, capsys):

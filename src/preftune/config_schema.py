@@ -45,7 +45,11 @@ def json_schema(kind: str = "train") -> dict:
             _term(spec.name, spec.params, spec.summary, definitions, default="bt")
             for spec in sorted(REWARD_LOSSES.values(), key=lambda s: s.name)]}
     else:
-        definitions["ObjectiveConfig"] = {"anyOf": [*_objective_terms(definitions), FROM_CODE]}
+        terms = _objective_terms(definitions)
+        names = [term["properties"]["name"]["const"] for term in terms]
+        definitions["ObjectiveConfig"] = {"anyOf": [
+            *terms, FROM_CODE, {"enum": names, "description": "an objective by name alone"},
+            {**FROM_CODE["properties"]["name"], "description": FROM_CODE["description"]}]}
         field = schema["properties"]["objective"]
         field.pop("type"), field.pop("items")
         item = {"$ref": "#/$defs/ObjectiveConfig"}

@@ -5,9 +5,9 @@ batching, logging, checkpoints, speed settings), and what only a policy's has
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .config_model import Count, Fraction, NonNegative, Positive, Section, refuse_unused
 
@@ -29,7 +29,8 @@ class TrainConfig(Section):
     """Learning-rate decay after warmup."""
     weight_decay: NonNegative = 0.0
     """AdamW weight decay."""
-    adam_betas: list[Fraction] = [0.9, 0.999]
+    adam_betas: Annotated[list[Fraction], Field(json_schema_extra={"minItems": 2,
+                                                                   "maxItems": 2})] = [0.9, 0.999]
     """AdamW's decay rates of its two moments, [beta1, beta2] (each in [0, 1))."""
     adam_epsilon: Positive = 1e-8
     """AdamW's epsilon, added to the root of the second moment."""

@@ -17,8 +17,9 @@ from .build import BUILDERS, DATA_PAIR_BUILDERS, LIST_BUILDERS
 
 class SamplingSection(Section):
     samples: Count = 4
-    """Responses per prompt."""
-    temperature: NonNegative = 1.0
+    """Responses per prompt: at least 2 (pairs are made of them), except for the builders
+    that rank one sample with the data's pair (selm)."""
+    temperature: Positive = 1.0
     """Sampling temperature (above 0: pairs need different samples)."""
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Nucleus sampling: keep the smallest set of tokens with this much probability."""
@@ -94,7 +95,7 @@ class OnlineSection(Section):
     eval_kl_samples: Annotated[int, Field(ge=0)] = 2
     """Samples per held-out prompt for the KL of each round's model to the initial one (0:
     off)."""
-    eval_best_of: int = 0
+    eval_best_of: Annotated[int, Field(ge=0, json_schema_extra={"not": {"const": 1}})] = 0
     """Best-of-n baseline: n samples of the initial model per held-out prompt, the best scored
     (what BoNBoN imitates); 0: off."""
 

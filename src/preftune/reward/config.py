@@ -4,12 +4,13 @@ same thing (data, train, LoRA), plus the head and the reward loss."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+                      model_validator)
 
-from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, RunConfig, Section,
-                      TrainConfig, _unknown, check_data_and_train)
+from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Positive, RunConfig,
+                      Section, TrainConfig, _unknown, check_data_and_train)
 from ..config_model import refuse_unused
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS, is_number
@@ -30,13 +31,13 @@ class HeadSettings(Section):
     """attributes head: the names of the K ratings, e.g. [helpfulness, correctness]."""
     weights: list[float] = []
     """attributes head: w_a of the reward sum (default: 1/K each, their mean)."""
-    quantiles: list[float] = list(Head().quantiles)
+    quantiles: list[Annotated[float, Field(gt=0, lt=1)]] = list(Head().quantiles)
     """quantile head: the quantile levels it predicts."""
-    risk: str = "mean"
+    risk: Annotated[str, Field(pattern=r"^(mean|cvar:.+)$")] = "mean"
     """quantile head: the reward is 'mean' or 'cvar:ALPHA' (mean of the levels <= ALPHA)."""
-    dims: int = 4
+    dims: Annotated[int, Field(ge=2, multiple_of=2)] = 4
     """gpm head: 2k, the size of the preference embedding (even)."""
-    tau: float = 0.1
+    tau: Positive = 0.1
     """gpm head: temperature of P(y_i > y_j) = sigmoid(s / tau)."""
     target: str = "score"
     """quantile head: the rating the distribution is fit to."""
