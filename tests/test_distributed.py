@@ -129,7 +129,8 @@ def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, 
     config.write_text(yaml.safe_dump(tree))
     refused = subprocess.run([sys.executable, "-m", "preftune", "train", str(config), "--resume"],
                              capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "train.batch_size: 4 -> 2" in refused.stderr
+    assert refused.returncode == 2 and "the global batch would be 2 (batch_size 2 x " \
+        "accumulation 1 x 1 process), and the run started with 8" in refused.stderr
 
 
 def reward_model_on_two_processes_equals_one(tmp_path, launch_two, engine: str) -> None:

@@ -133,6 +133,17 @@ def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeyp
     older = yaml.safe_load(saved_file.read_text())
     del older["train"]["compile"]
     saved_file.write_text(yaml.safe_dump(older))
+    # the same settings on another number of processes change the global batch (4 -> 8)
+    from preftune.train.output import check_resume
+
+    with pytest.raises(ConfigError, match=r"the global batch would be 8 \(batch_size 4 x "
+                                          r"accumulation 1 x 2 processes\), and the run started "
+                                          r"with 4; .* set train.batch_size so that the product "
+                                          r"is 4 again"):
+        check_resume(build_config(tree), processes=2)
+    tree["train"]["batch_size"] = 2  # 2 x 2 processes: the global batch is kept
+    check_resume(build_config(tree), processes=2)
+    tree["train"]["batch_size"] = 4
     resumed = loop.train(build_config(tree), resume=True, show_progress=False)
     assert (resumed / "model" / "model.safetensors").exists()
 

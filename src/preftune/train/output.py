@@ -122,11 +122,7 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
     changed = sorted(key for key in set(saved) | set(now)
                      if saved.get(key) != now.get(key) and key not in safe)
     split = {"train.batch_size", "train.gradient_accumulation_steps"}
-    if changed and set(changed) <= split:
-        global_now = now["train.batch_size"] * now["train.gradient_accumulation_steps"] * processes
-        if global_now == _recorded_global_batch(out, saved):
-            return
-    if changed:
+    if changed and not set(changed) <= split:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise ConfigError(
             f"--resume in {out}: the settings differ from the run's config.yaml ({shown}"
@@ -134,6 +130,15 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
             f"only {', '.join(sorted(safe))} may change, and the per-process batch "
             "if the global batch (batch_size x accumulation x processes) stays the same. Start "
             "a new run with another output_dir (or --overwrite) to train differently.")
+    batch, steps = now["train.batch_size"], now.get("train.gradient_accumulation_steps", 1)
+    started = _recorded_global_batch(out, saved)
+    if batch * steps * processes != started:
+        raise ConfigError(
+            f"--resume in {out}: the global batch would be {batch * steps * processes} "
+            f"(batch_size {batch} x accumulation {steps} x {processes} process"
+            f"{'es' if processes > 1 else ''}), and the run started with {started}; a resumed "
+            "run must train as it started. Launch the run's number of processes, or set "
+            f"train.batch_size so that the product is {started} again.")
 
 
 def _recorded_global_batch(out: Path, saved: dict) -> int:
@@ -145,7 +150,7 @@ def _recorded_global_batch(out: Path, saved: dict) -> int:
     checkpoint = latest_checkpoint(out / "checkpoints")
     state = json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
     return state.get("global_batch") or (saved["train.batch_size"]
-                                         * saved["train.gradient_accumulation_steps"])
+                                         * saved.get("train.gradient_accumulation_steps", 1))
 
 
 def _flat(tree, prefix: str = "") -> dict:
