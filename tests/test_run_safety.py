@@ -319,3 +319,29 @@ def test_pairs_whose_responses_are_identical_warn_and_raise_the_no_signal_alarm(
     alarms = [json.loads(line) for line in (out / "alarms.jsonl").read_text().splitlines()]
     assert [a["kind"] for a in alarms if a["kind"] == "no_signal"] == ["no_signal", "no_signal"]
     assert "identical responses" in alarms[0]["message"] and "same.jsonl:" in alarms[0]["message"]
+
+
+def test_a_directory_another_process_runs_in_is_refused(tmp_path):
+    """A second run, a --resume or an --overwrite while the first still runs would interleave
+    two runs' metrics and checkpoints; the lock goes with the process, however it ends."""
+    from preftune.train.output import prepare_output_dir
+
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from preftune.train.output import prepare_output_dir; "
+         f"prepare_output_dir({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        (out / "metrics.jsonl").write_text("")  # it holds a run
+        for resume, overwrite in ((False, False), (True, False), (False, True)):
+            with pytest.raises(ConfigError, match=rf"output_dir {out} is in use by another "
+                                                  rf"preftune run \(pid {holder.pid} on "):
+                prepare_output_dir(str(out), resume=resume, overwrite=overwrite)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # nothing moved aside
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prepare_output_dir(str(out), resume=True) == out  # killed: the lock went with it
+    assert prepare_output_dir(str(out), resume=True) == out  # this process may claim it again

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError
+from .run_lock import check_free, claim, release
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json", "model")
 # settings a resumed run may change: they decide what is logged or kept, not what is trained
@@ -36,6 +37,8 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a directory; choose another "
                           "output_dir (the file is left as it is).")
+    if out.is_dir():
+        check_free(out)
     if holds_run(out) and not resume:
         if not overwrite:
             from .checkpoint import checkpoints
@@ -56,6 +59,7 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
     except OSError as error:
         raise ConfigError(f"output_dir {out} cannot be written ({error.strerror or error}); "
                           "choose a directory you can write to, with free space.") from None
+    claim(out)
     return out
 
 
@@ -98,6 +102,8 @@ def same_settings(config, may_change: frozenset = frozenset()) -> bool:
 
 def move_aside(out: Path) -> Path:
     """Rename a previous run to ``OUT.old-TIME`` (never delete it); returns the new path."""
+    check_free(out)
+    release(out)
     aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     out.rename(aside)
     print(f"the previous run in {out} was moved to {aside} (not deleted)")

@@ -1,0 +1,69 @@
+"""One run per output directory at a time: a lock file in it that this process holds from
+the moment it claims the directory until it ends, however it ends (the operating system
+releases an flock when its process dies, so a killed run never leaves a stale lock).
+
+Another process that starts a run, a ``--resume`` or an ``--overwrite`` on that directory
+meanwhile is refused by name. The same process may claim a directory again (a notebook that
+resumes its own run)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from ..config import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not guarded there
+    fcntl = None
+
+LOCK = ".preftune.lock"
+_HELD: dict[Path, int] = {}  # resolved directory -> the open, locked file
+
+
+def claim(out: Path) -> None:
+    """Hold ``out``'s lock for the rest of this process, or refuse: another process runs there."""
+    key = out.resolve()
+    if fcntl is None or key in _HELD:
+        return
+    handle = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(handle, 300).decode(errors="replace").strip() or "another process"
+        os.close(handle)
+        raise _in_use(out, owner) from None
+    os.ftruncate(handle, 0)
+    os.write(handle, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _HELD[key] = handle
+
+
+def check_free(out: Path) -> None:
+    """Refuse when another process holds ``out``'s lock (before moving or reusing it)."""
+    path = out / LOCK
+    if fcntl is None or out.resolve() in _HELD or not path.is_file():
+        return
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(out, path.read_text().strip() or "another process") from None
+    finally:
+        os.close(handle)
+
+
+def release(out: Path) -> None:
+    """Let go of ``out``'s lock if this process holds it (before the directory moves aside)."""
+    handle = _HELD.pop(out.resolve(), None)
+    if handle is not None:
+        os.close(handle)
+
+
+def _in_use(out: Path, owner: str) -> ConfigError:
+    return ConfigError(f"output_dir {out} is in use by another preftune run ({owner}); wait for "
+                       "it to end (or stop it: it writes a checkpoint), or choose another "
+                       "output_dir.")
