@@ -1,7 +1,9 @@
 """What a new user runs into: numeric ranges, broken --set and YAML, output directories that
 are files or hold a run, --resume under changed settings, damaged checkpoints, SIGTERM."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -345,3 +347,25 @@ def test_a_directory_another_process_runs_in_is_refused(tmp_path):
         holder.wait()
     assert prepare_output_dir(str(out), resume=True) == out  # killed: the lock went with it
     assert prepare_output_dir(str(out), resume=True) == out  # this process may claim it again
+
+
+def test_alarms_fire_once_across_a_resume(workspace, monkeypatch):  # noqa: F811
+    """Each kind fires once per run: the checkpoint keeps what the checks remember, and
+    alarms.jsonl loses the alarms of the steps a resume replays."""
+    settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4,
+                    train__learning_rate=0.0, train__keep_checkpoints=3)  # nothing moves
+    straight = run(workspace, "alarm-straight", **settings)
+    expected = [json.loads(line) for line in (straight / "alarms.jsonl").read_text().splitlines()]
+    assert [(a["kind"], a["step"]) for a in expected] == [("policy_not_moving", 3)]
+    out = crashed_run(workspace, "alarm-resumed", monkeypatch, 4, **settings)
+    monkeypatch.undo()
+    loop.train(build_config(_saved(out)), resume=True, show_progress=False)  # from step 4
+    assert (out / "alarms.jsonl").read_text() == (straight / "alarms.jsonl").read_text()
+    assert [r.get("alarms") for r in read_metrics(out / "metrics.jsonl") if "alarms" in r] == \
+        [["policy_not_moving"]]
+    # from the step-2 checkpoint, step 3 is replayed: its alarm is written once, not twice
+    out = crashed_run(workspace, "alarm-replayed", monkeypatch, 4, **settings)
+    monkeypatch.undo()
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    loop.train(build_config(_saved(out)), resume=True, show_progress=False)
+    assert (out / "alarms.jsonl").read_text() == (straight / "alarms.jsonl").read_text()

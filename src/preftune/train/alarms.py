@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .logging import complete_lines
+
 
 class WeightProbe:
     """A few leading elements of every trainable tensor, copied at the start: ``moved()`` says
@@ -50,6 +52,27 @@ class Alarms:
         self.accuracies: deque = deque(maxlen=chance_window)
         self.first_ended: float | None = None  # share of held-out answers that ended, first
         self.fired: set[str] = set()
+
+    def state(self) -> dict:
+        """What the checks remember, for a checkpoint: a resumed run fires each alarm once."""
+        return {"fired": sorted(self.fired), "checked_moving": self.checked_moving,
+                "accuracies": list(self.accuracies), "first_ended": self.first_ended}
+
+    def resume(self, state: dict | None, through_step: int) -> None:
+        """Continue after a checkpoint of step ``through_step``: ``alarms.jsonl`` loses the
+        alarms of the steps after it (they are replayed), and the checks pick up ``state``
+        (a checkpoint without one: the kinds that alarms.jsonl kept, as fired)."""
+        kept = []
+        if self.path.exists():
+            kept = [json.loads(line) for line in complete_lines(self.path.read_text()) if line]
+            kept = [alarm for alarm in kept if alarm.get("step", 0) <= through_step]
+            self.path.write_text("".join(json.dumps(alarm) + "\n" for alarm in kept))
+        state = state or {"fired": [alarm["kind"] for alarm in kept],
+                          "checked_moving": through_step >= self.frozen_after_steps}
+        self.fired = set(state["fired"])
+        self.checked_moving = state["checked_moving"]
+        self.accuracies.extend(state.get("accuracies", []))
+        self.first_ended = state.get("first_ended")
 
     def check(self, record: dict, example_origins: list[str],
               examples: list | None = None) -> list[dict]:

@@ -71,9 +71,10 @@ def _unwrap(model):
 
 
 def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: dict, scheduler,
-                    keep: int, global_batch: int | None = None, reference_sync=None) -> Path:
-    """Write a checkpoint of what ``gather_training_state`` returned (main process only), and
-    the weights a ``reference_sync`` has moved."""
+                    keep: int, global_batch: int | None = None, reference_sync=None,
+                    alarms: dict | None = None) -> Path:
+    """Write a checkpoint of what ``gather_training_state`` returned (main process only), the
+    weights a ``reference_sync`` has moved, and the alarms' state (``Alarms.state``)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{PREFIX}{step:08d}"
     staging = directory / f".staging-{PREFIX}{step:08d}"
@@ -91,7 +92,8 @@ def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: 
          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         staging / "rng.pt",
     )
-    (staging / "state.json").write_text(json.dumps({"step": step, "global_batch": global_batch}))
+    (staging / "state.json").write_text(json.dumps({"step": step, "global_batch": global_batch,
+                                                    "alarms": alarms}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:

@@ -162,6 +162,8 @@ class Trainer:
         self.alarms = Alarms(self.output_dir / "alarms.jsonl",
                              task.needs_reference and self.reference_sync is None,
                              WeightProbe(self.trainable))
+        if resume and self.main:
+            self.alarms.resume(self.resumed_state.get("alarms"), self.start_step)
         self.order = example_stream(len(task.train_examples), self.examples_per_step,
                                     total_steps, cfg.seed, shuffle=shuffle)
         self.batches = MicroBatches(task, self.order, self.examples_per_step, self.rank,
@@ -185,6 +187,7 @@ class Trainer:
                       f"({type(error).__name__}: {str(error)[:120]})")
                 continue
             print(f"resumed from {checkpoint} (step {step})")
+            self.resumed_state = json.loads((checkpoint / "state.json").read_text())
             return step
         raise FileNotFoundError(f"--resume: none of the {len(found)} checkpoints under "
                                 f"{self.checkpoint_dir} can be read; start over with --overwrite")
@@ -321,7 +324,8 @@ class Trainer:
             path = save_checkpoint(self.checkpoint_dir, step, weights, optimizer_state,
                                    self.scheduler, self.cfg.keep_checkpoints,
                                    global_batch=self.examples_per_step,
-                                   reference_sync=self.reference_sync)
+                                   reference_sync=self.reference_sync,
+                                   alarms=self.alarms.state())
         self.accelerator.wait_for_everyone()
         return path
 
