@@ -84,6 +84,11 @@ def test_an_output_dir_that_is_a_file_or_unwritable_is_named(workspace, tmp_path
     with pytest.raises(ConfigError, match="output_dir .*cannot be written"):
         run(workspace, "x", output_dir=str(afile / "below"))
     assert afile.read_text() == "keep me"
+    # the reference cache is checked before the reference pass, not after it
+    with pytest.raises(ConfigError, match=rf"reference.cache_dir {afile / 'cache'} cannot be "
+                                          r"written \(Not a directory\)"):
+        run(workspace, "y", reference__cache_dir=str(afile / "cache"))
+    assert not (workspace / "runs" / "y" / "metrics.jsonl").exists()
 
 
 def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811

@@ -39,7 +39,7 @@ from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
 from .logging import progress, progress_bar
-from .output import start_run
+from .output import check_writable, start_run
 from .plan import plan
 from .generations import eval_generations
 from .engines import (check_engine, refuse_sharding, refuse_split_weights, shards,
@@ -59,6 +59,9 @@ def build_reference(strategy, config, model, examples_by_split, make_batch, obje
     if strategy == "adapter-off":
         return None  # built after LoRA is attached
     cache_dir = Path(config.reference.cache_dir or cache_root() / "reference")
+    if accelerator is None or accelerator.is_main_process:  # before the pass, not after it
+        check_writable(cache_dir, "reference.cache_dir" if config.reference.cache_dir else
+                       "the reference cache (under PREFTUNE_CACHE)")
     references = {}
     for split, examples in examples_by_split.items():
         bar = progress_bar(len(examples), f"reference logps ({split})", unit="example")

@@ -7,6 +7,7 @@ with ``--resume`` (and only under the same settings, see ``check_resume``) or re
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -51,16 +52,22 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                 "--overwrite (overwrite=True; the old run is moved aside, not deleted), or "
                 "choose another output_dir.")
         move_aside(out)
+    check_writable(out, "output_dir")
+    claim(out)
+    return out
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """``directory`` made and written to once, or a ``ConfigError`` naming the config ``key``
+    it comes from: before the work whose result goes there."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".preftune-write-test"
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".preftune-write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"output_dir {out} cannot be written ({error.strerror or error}); "
+        raise ConfigError(f"{key} {directory} cannot be written ({error.strerror or error}); "
                           "choose a directory you can write to, with free space.") from None
-    claim(out)
-    return out
 
 
 def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
