@@ -374,3 +374,32 @@ def test_alarms_fire_once_across_a_resume(workspace, monkeypatch):  # noqa: F811
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     loop.train(build_config(_saved(out)), resume=True, show_progress=False)
     assert (out / "alarms.jsonl").read_text() == (straight / "alarms.jsonl").read_text()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_removed(workspace, monkeypatch):  # noqa: F811
+    """A full disk mid-checkpoint (torch reports it as "unexpected pos"): the error names the
+    step, the directory and the free space, the partial checkpoint is removed, and --resume
+    continues from the one before."""
+    from preftune.train import checkpoint as checkpoint_module
+
+    settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4)
+    straight = run(workspace, "disk-straight", **settings)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt") and "step-00000004" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2888320 "
+                               "vs 2888208")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(ConfigError, match=r"the checkpoint of step 4 could not be written to "
+                                          r".*checkpoints \(\[enforce fail .* unexpected pos "
+                                          r"2888320 vs 2888208; \d+ MB free there\); the partial "
+                                          r"checkpoint was removed. .* --resume"):
+        run(workspace, "disk-full", **settings)
+    monkeypatch.undo()
+    out = workspace / "runs" / "disk-full"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    resumed = loop.train(build_config(_saved(out)), resume=True, show_progress=False)
+    assert losses(resumed) == losses(straight)

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..config import ConfigError
 from ..model.adapter_dirs import merged_copy, save_model
 from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
 
@@ -79,6 +80,27 @@ def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: 
     target = directory / f"{PREFIX}{step:08d}"
     staging = directory / f".staging-{PREFIX}{step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write(staging, weights, optimizer_state, scheduler, reference_sync,
+               {"step": step, "global_batch": global_batch, "alarms": alarms})
+    except (OSError, RuntimeError) as error:  # a full disk: torch says "unexpected pos ..."
+        shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(directory).free / 2**20
+        raise ConfigError(
+            f"the checkpoint of step {step} could not be written to {directory} "
+            f"({getattr(error, 'strerror', None) or str(error).splitlines()[0][:160]}; "
+            f"{free:.0f} MB free there); the partial checkpoint was removed. Free some space "
+            "(or lower train.keep_checkpoints), then run the same command with --resume.") \
+            from None
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write(staging: Path, weights: dict, optimizer_state: dict, scheduler, reference_sync,
+           state: dict) -> None:
     staging.mkdir()
     save_file(weights, staging / "trainable.safetensors")
     if reference_sync is not None:
@@ -92,13 +114,7 @@ def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: 
          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         staging / "rng.pt",
     )
-    (staging / "state.json").write_text(json.dumps({"step": step, "global_batch": global_batch,
-                                                    "alarms": alarms}))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    (staging / "state.json").write_text(json.dumps(state))
 
 
 def checkpoints(directory: Path) -> list[Path]:
