@@ -376,7 +376,8 @@ def test_alarms_fire_once_across_a_resume(workspace, monkeypatch):  # noqa: F811
     assert (out / "alarms.jsonl").read_text() == (straight / "alarms.jsonl").read_text()
 
 
-def test_a_checkpoint_that_cannot_be_written_is_named_and_removed(workspace, monkeypatch):  # noqa: F811
+def test_a_checkpoint_that_cannot_be_written_is_named_and_removed(workspace,  # noqa: F811
+                                                                 monkeypatch):
     """A full disk mid-checkpoint (torch reports it as "unexpected pos"): the error names the
     step, the directory and the free space, the partial checkpoint is removed, and --resume
     continues from the one before."""
