@@ -287,3 +287,28 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     process.stdout.close()
     err = process.stderr.read().decode()
     assert process.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("how,code,name", [("sigterm", 143, "SIGTERM"),
+                                           ("ctrl-c", 130, "SIGINT (Ctrl-C)")])
+def test_a_signal_outside_the_training_steps_ends_with_a_message(files, capsys, monkeypatch,
+                                                                 how, code, name):
+    """During the reference pass (or a final save, sampling ...): no traceback and no silent
+    death, but the signal's exit code and what to do."""
+    import signal
+
+    from preftune.train import loop
+
+    def interrupted(*args, **kwargs):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "build_reference", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", str(files / "config.yaml"), "--set",
+                 f"output_dir={files / ('stopped-' + how)}"]) == code
+    assert capsys.readouterr().err.endswith(
+        f"\nstopped by {name}; what was written is kept. Run the same command to start again, "
+        "or with --resume to continue from the last checkpoint if one was written.\n")
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .arguments import COUNT, POSITIVE, add_column_option
@@ -270,13 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     from .data.records import DataError
 
     from .train.logging import quiet_deepspeed_on_cpu, speaks
-    from .train.stopping import TrainingStopped
+    from .train.stopping import Terminated, TrainingStopped, raise_terminated
 
     args = build_parser().parse_args(argv)
     quiet_deepspeed_on_cpu()
     talks = speaks()  # under a launcher, the first process speaks for all of them
     if not talks:
         sys.stdout = open(os.devnull, "w")
+    here = threading.current_thread() is threading.main_thread()  # (signals: main thread only)
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if here else None
     try:
         args.run(args)
         sys.stdout.flush()
@@ -291,8 +295,18 @@ def main(argv: list[str] | None = None) -> int:
         if talks:
             print(str(stopped), file=sys.stderr)
         code = stopped.exit_code
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM, outside a training step
+        name = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT (Ctrl-C)"
+        if talks:
+            print(f"\nstopped by {name}; what was written is kept. Run the same command to "
+                  "start again, or with --resume to continue from the last checkpoint if one "
+                  "was written.", file=sys.stderr)
+        code = 143 if isinstance(stop, Terminated) else 130
     else:
         code = 0
+    finally:
+        if here:
+            signal.signal(signal.SIGTERM, previous)
     _end_launched_process(code)
     return code
 

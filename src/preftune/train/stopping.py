@@ -24,6 +24,15 @@ class TrainingStopped(Exception):
         return 128 + getattr(signal, self.signal_name or "SIGINT")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training steps: raised, as Ctrl-C raises KeyboardInterrupt, so that
+    the command ends with a message instead of dying without a word."""
+
+
+def raise_terminated(number, frame):
+    raise Terminated
+
+
 class StopRequests:
     """While active, the first SIGTERM or SIGINT is remembered (``signal`` names it) instead of
     killing the process; a second one stops at once. Outside the main thread it does nothing."""
@@ -39,7 +48,7 @@ class StopRequests:
 
     def _request(self, number, frame):
         if self.signal is not None:  # asked twice: stop now
-            raise KeyboardInterrupt
+            raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
         self.signal = signal.Signals(number).name
         print(f"\n{self.signal}: finishing this step, then writing a checkpoint "
               "(send it again to stop at once)")
