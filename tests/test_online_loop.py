@@ -235,6 +235,12 @@ def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, ca
     assert main(args[:-2] + ["--set", "online.sampling.samples=1", "--set",
                              f"output_dir={tmp_path / 'x'}"]) == 2
     assert "online.sampling.samples must be at least 2" in capsys.readouterr().err
+    # several processes: refused at the start, not after the first round has sampled
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORLD_SIZE", "2")
+        assert main(args[:-2] + ["--set", f"output_dir={tmp_path / 'two'}"]) == 2
+    assert "preftune online runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "two").exists()
     # a misspelt scorer stops the run before any model loads or anything is written
     typo = tmp_path / "typo"
     assert main(args[:-4] + ["--set", "online.scorer=syntetic", "--set",

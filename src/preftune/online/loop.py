@@ -13,6 +13,7 @@ that was cut off continues from its last checkpoint. Training is ``preftune trai
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -48,6 +49,10 @@ from .measure import evaluate_model
 def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run every round of ``config`` (or what is left of them with ``resume``; ``overwrite``
     moves a previous run in output_dir aside)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("preftune online runs in one process (its rounds sample, score and "
+                          "train one after another, on one device); start it without "
+                          "torch.distributed.run or accelerate launch.")
     try:  # before anything is written or loaded
         check_scorer(config.online.scorer, config.data.train)
     except ConfigError as error:
