@@ -13,7 +13,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from preftune.cli import main
+from preftune.cli import build_parser, main
 from tiny_models import yes_no_workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -312,3 +312,24 @@ def test_a_signal_outside_the_training_steps_ends_with_a_message(files, capsys, 
         f"\nstopped by {name}; what was written is kept. Run the same command to start again, "
         "or with --resume to continue from the last checkpoint if one was written.\n")
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    def parsers(parser, path=()):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, (*path, name))
+
+    undocumented = [(" ".join(path), action.option_strings) for path, parser in parsers(
+        build_parser()) for action in parser._actions if action.option_strings and not action.help]
+    assert undocumented == []
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS longest sampled or greedy answer, in tokens " \
+           "(default: 64)" in text
+    assert "--samples SAMPLES policy samples per prompt for KL, top-k and length stats (0: " \
+           "skip) (default: 4)" in text
+    assert "--output OUTPUT output dir (default: the run dir, else the cwd) " in text  # said

@@ -117,8 +117,19 @@ def add_config_arguments(parser, examples: str, example_override: str) -> None:
 def command(commands, name: str, summary: str, *examples: str) -> argparse.ArgumentParser:
     """A (sub)command whose ``--help`` ends with example invocations."""
     return commands.add_parser(name, help=summary, description=summary,
-                               epilog=_examples(examples),
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=_examples(examples), formatter_class=_ShowsDefaults)
+
+
+class _ShowsDefaults(argparse.RawDescriptionHelpFormatter):
+    """--help gives each option's default, where it has one and its help does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default in (None, False, [], argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 def _examples(examples) -> str:
@@ -199,15 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also write the data without this fraction of highest-CHES pairs")
     evaluate.add_argument("--samples", type=COUNT, default=4,
                           help="policy samples per prompt for KL, top-k and length stats (0: skip)")
-    evaluate.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    evaluate.add_argument("--max-new-tokens", type=POSITIVE, default=64,
+                          help="longest sampled or greedy answer, in tokens")
     evaluate.add_argument("--top-k", type=POSITIVE, default=10, help="k of top-k entropy and mass")
     evaluate.add_argument("--scorer", help="win rate vs the reference under 'synthetic' (the "
                           "demo's checkers) or module:function(prompt, response) -> float")
-    evaluate.add_argument("--batch-size", type=POSITIVE, default=16)
-    evaluate.add_argument("--max-length", type=POSITIVE, default=1024)
+    evaluate.add_argument("--batch-size", type=POSITIVE, default=16,
+                          help="pairs (or prompts) per forward pass")
+    evaluate.add_argument("--max-length", type=POSITIVE, default=1024,
+                          help="prompt + response tokens; longer pairs are truncated as in "
+                               "training")
     evaluate.add_argument("--max-prompt-length", type=POSITIVE,
                           help="default: 512, or half of --max-length when that is 512 or less")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
     evaluate.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                           help="chat template (a .jinja file or the Jinja text) for "
                                "conversational data when the model's tokenizer has none")
@@ -240,12 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="base YAML config; its objective is replaced")
     compare.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override a base config key")
-    compare.add_argument("--output-dir", default="runs/compare")
+    compare.add_argument("--output-dir", default="runs/compare",
+                         help="each objective's run goes to OUTPUT_DIR/<objective>")
     compare.add_argument("--eval-data", help="held-out pairs (default: the config's data.eval)")
     compare.add_argument("--scorer", help="win rate under 'synthetic' or module:function")
     compare.add_argument("--samples", type=COUNT, default=2,
                          help="policy samples per prompt for KL and length (0: skip)")
-    compare.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    compare.add_argument("--max-new-tokens", type=POSITIVE, default=32,
+                         help="longest answer of the win-rate evaluation, in tokens")
     compare.set_defaults(run=_compare)
 
     config = command(commands, "config", "every config key with its type, default and help; "

@@ -80,8 +80,10 @@ def add_data_commands(commands) -> None:
     inspect.add_argument("--example", type=COUNT, help="show record N token by token")
     inspect.add_argument("--model", default="default", help="whose tokenizer to use")
     inspect.add_argument("--format", default="auto",
-                         choices=["auto", "standard", "conversational", "implicit"])
-    inspect.add_argument("--max-length", type=POSITIVE, default=1024)
+                         choices=["auto", "standard", "conversational", "implicit"],
+                         help="how the text fields are read, as data.format")
+    inspect.add_argument("--max-length", type=POSITIVE, default=1024,
+                         help="prompt + response tokens, as data.max_length")
     inspect.add_argument("--max-prompt-length", type=POSITIVE,
                          help="default: 512, or half of --max-length when that is 512 or less")
     inspect.add_argument("--chat-template", metavar="FILE_OR_TEXT",
@@ -92,10 +94,12 @@ def add_data_commands(commands) -> None:
                         "preference pairs (train.jsonl, eval.jsonl)",
                         "preftune data synthetic --output-dir runs/synthetic --train 192 "
                         "--eval 96")
-    synthetic.add_argument("--output-dir", default="runs/synthetic")
+    synthetic.add_argument("--output-dir", default="runs/synthetic",
+                           help="where train.jsonl and eval.jsonl go")
     synthetic.add_argument("--train", type=POSITIVE, default=192, help="training pairs")
     synthetic.add_argument("--eval", type=COUNT, default=96, help="held-out pairs")
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--seed", type=int, default=0,
+                           help="the same seed writes the same tasks")
     synthetic.add_argument("--overwrite", action="store_true",
                            help="replace train.jsonl / eval.jsonl that hold other data")
     synthetic.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",

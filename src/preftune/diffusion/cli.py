@@ -229,8 +229,10 @@ def add_diffusion_commands(commands) -> None:
     caption.add_argument("--captioner", help="a vision-language model directory")
     caption.add_argument("--perturber", help="a language model (directory, Hub id or default)")
     add_column_option(caption, "--field", example="prompt=caption")
-    caption.add_argument("--max-new-tokens", type=POSITIVE, default=48)
-    caption.add_argument("--batch-size", type=POSITIVE, default=8)
+    caption.add_argument("--max-new-tokens", type=POSITIVE, default=48,
+                         help="longest caption or rewritten prompt, in tokens")
+    caption.add_argument("--batch-size", type=POSITIVE, default=8,
+                         help="images (or texts) per generate call")
     caption.add_argument("--caption-instruction", default=None,
                          help="the captioner's instruction, with <image> and {prompt}")
     caption.add_argument("--perturb-instruction", default=None,
@@ -245,7 +247,8 @@ def add_diffusion_commands(commands) -> None:
                      "circle' --seeds 0,1,2")
     sample.add_argument("--model", required=True, help="a pipeline directory")
     sample.add_argument("--output-dir", default=".", help="writes samples/<label>.png here")
-    sample.add_argument("--label", default="samples")
+    sample.add_argument("--label", default="samples",
+                        help="name of the image grid: samples/<label>.png")
     sample.add_argument("--overwrite", action="store_true",
                         help="move an earlier samples/ folder aside instead of refusing")
     _sampling_arguments(sample)
@@ -295,7 +298,8 @@ def add_diffusion_commands(commands) -> None:
     demo = command(sub, "demo", "pretrain a tiny denoiser on coloured shapes, then Diffusion-DPO "
                    "toward the requested colour, checked by a program",
                    "preftune diffusion demo --quick")
-    demo.add_argument("--output-dir", default="runs/diffusion_demo")
+    demo.add_argument("--output-dir", default="runs/diffusion_demo",
+                      help="where the demo's data, runs and results go")
     demo.add_argument("--quick", action="store_true", help="a smoke version (seconds)")
     demo.add_argument("--beta", type=float, default=5000.0,
                       help="beta of Diffusion-DPO (default: the paper's 5000)")

@@ -63,7 +63,8 @@ def add_rm_commands(commands) -> None:
                           help="record field whose values group the accuracy (default: "
                                "'category', where the records have it)")
     evaluate.add_argument("--bins", type=POSITIVE, default=10, help="confidence bins of the ECE")
-    evaluate.add_argument("--batch-size", type=POSITIVE, default=16)
+    evaluate.add_argument("--batch-size", type=POSITIVE, default=16,
+                          help="records per forward pass")
     evaluate.set_defaults(run=_eval)
 
     score = command(sub, "score", "score (prompt, response) records, pairs or lists; writes "
@@ -79,7 +80,8 @@ def add_rm_commands(commands) -> None:
     score.add_argument("--overwrite", action="store_true",
                        help="replace score fields the input rows already have, and an "
                             "existing --output file")
-    score.add_argument("--batch-size", type=POSITIVE, default=16)
+    score.add_argument("--batch-size", type=POSITIVE, default=16,
+                          help="records per forward pass")
     score.set_defaults(run=_score)
 
     losses = command(sub, "losses", "list the reward losses", "preftune rm losses")
