@@ -210,3 +210,14 @@ def test_command_line_prompt_limits_follow_the_config_rule():
     with pytest.raises(ConfigError, match=r"--max-prompt-length \(30\) must be below "
                                           r"--max-length \(20\)"):
         prompt_limit(20, 30)
+
+
+def test_a_value_that_fits_no_member_of_a_union_is_one_line_of_keys():
+    """data.train is a path or a list of them: pydantic tags each member (data.train.str,
+    data.train.list[str]); the message names the key once, with what each member wanted."""
+    with pytest.raises(ConfigError) as error:
+        build_config({"data": {"train": {"foo": 1}}, "train": {"batch_size": "abc"}})
+    assert str(error.value).split("\n")[1:] == [
+        "  data.train: Input should be a valid string or a valid list (got {'foo': 1})",
+        "  train.batch_size: Input should be a valid integer, unable to parse string as an "
+        "integer (got 'abc')"]

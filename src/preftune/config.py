@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -310,7 +312,53 @@ def _unknown(path: str, key: str, known, where: str, own: tuple = ()) -> str:
     return f"unknown key {path!r} in {where}.{hint} {keys}"
 
 
+def _key_path(loc: tuple, model: type[BaseModel]) -> str:
+    """An error's location as config keys: list indices and the tags pydantic gives each
+    member of a union (``data.train.str``, ``data.train.list[str]``) left out."""
+    keys, section, union = [], model, False
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if union:  # the member's tag
+            union = False
+            continue
+        fields = section.model_fields if isinstance(section, type) and issubclass(
+            section, BaseModel) else {}
+        keys.append(str(part))
+        if part not in fields:
+            section = None
+            continue
+        annotation = fields[part].annotation
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [a for a in members or [annotation]
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        section = models[0] if models else None
+        union = not models and len(members) > 1 and typing.get_origin(annotation) in (
+            typing.Union, types.UnionType)
+    return ".".join(keys)
+
+
+def _problems(errors: list[dict], model: type[BaseModel]) -> list[str]:
+    """One line per problem; a value that fits no member of a union is one line that names
+    what each member wanted."""
+    lines, merged = [], {}
+    for error in errors:
+        if error["type"] in ("extra_forbidden", "value_error"):
+            lines.append(_describe(error, model))
+            continue
+        location = _key_path(error["loc"], model)
+        if location in merged:
+            wanted = error["msg"].removeprefix("Input should be ")
+            lines[merged[location]] = lines[merged[location]].replace(
+                " (got ", f" or {wanted} (got ", 1)
+            continue
+        merged[location] = len(lines)
+        lines.append(f"{location}: {error['msg']} (got {error.get('input')!r})")
+    return lines
+
+
 def _describe(error: dict, model: type[BaseModel]) -> str:
+    """An unknown key, or a validator's message."""
     location = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
     if error["type"] == "extra_forbidden":
         section = model
@@ -319,9 +367,7 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
             section = next((a for a in getattr(annotation, "__args__", (annotation,))
                             if isinstance(a, type) and issubclass(a, BaseModel)), section)
         return _unknown(location, str(error["loc"][-1]), section.model_fields, "the config")
-    if error["type"] == "value_error":
-        return error["msg"].removeprefix("Value error, ")
-    return f"{location}: {error['msg']} (got {error.get('input')!r})"
+    return error["msg"].removeprefix("Value error, ")  # a validator's own message
 
 
 def build_config(tree: dict, source: str = "the config", schema: type[BaseModel] | None = None):
@@ -331,7 +377,7 @@ def build_config(tree: dict, source: str = "the config", schema: type[BaseModel]
     try:
         return schema.model_validate(tree)
     except ValidationError as error:
-        problems = "\n  ".join(_describe(e, schema) for e in error.errors())
+        problems = "\n  ".join(_problems(error.errors(), schema))
         raise ConfigError(f"invalid configuration in {source}:\n  {problems}") from None
 
 
