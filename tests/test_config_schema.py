@@ -13,8 +13,18 @@ from preftune.cli import main
 from preftune.config_schema import config_class, explain, json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
+DIFFUSION_ONLINE, SPM = ["online_rank_dpo.yaml"], ["spm.yaml"]
 KINDS = {"train": "examples/*.yaml", "rm": "examples/rm/*.yaml",
-         "online": "examples/online/*.yaml"}
+         "online": "examples/online/*.yaml", "diffusion": "examples/diffusion/*.yaml",
+         "diffusion-online": "examples/diffusion/online_*.yaml",
+         "diffusion-spm": "examples/diffusion/spm.yaml"}
+
+
+def examples(kind: str) -> list[Path]:
+    files = sorted(ROOT.glob(KINDS[kind]))
+    if kind == "diffusion":  # the other two diffusion commands' configs
+        files = [f for f in files if f.name not in DIFFUSION_ONLINE + SPM]
+    return files
 
 
 def _validator(kind: str) -> jsonschema.Draft202012Validator:
@@ -25,12 +35,22 @@ def _validator(kind: str) -> jsonschema.Draft202012Validator:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_example_config_validates_against_its_schema(kind):
+    """Both checks agree on every shipped example: the schema and the loader."""
     validator = _validator(kind)
-    files = sorted(ROOT.glob(KINDS[kind]))
+    files = examples(kind)
     assert files
     for file in files:
         errors = [error.message for error in validator.iter_errors(yaml.safe_load(file.read_text()))]
         assert errors == [], file
+        config_class(kind).from_yaml(str(file))
+
+
+def test_diffusion_schemas_list_the_diffusion_objectives_and_refuse_a_bad_one():
+    validator = _validator("diffusion")
+    assert list(validator.iter_errors({"objective": {"name": "mapo", "snr_value": 0.2}})) == []
+    assert list(validator.iter_errors({"objective": {"name": "mapo", "snr_value": 0}})) != []
+    assert list(validator.iter_errors({"objective": {"name": "dpo"}})) != []  # text only
+    assert "spo" in json.dumps(json_schema("diffusion-online"))
 
 
 @pytest.mark.parametrize("tree, problem", [
@@ -124,3 +144,9 @@ def test_explain_an_unknown_key_suggests_one(capsys):
     assert main(["config", "explain", "train.learning_rat"]) == 2
     assert "no key 'train.learning_rat' in a train config. Did you mean train.learning_rate?" \
         in capsys.readouterr().err
+    assert main(["config", "explain", "objective.beta"]) == 2  # a parameter: by objective
+    assert "no key 'objective.beta' in a train config. Its parameters depend on the " \
+        "objective's name: `preftune objectives` lists each one's, with defaults." in \
+        capsys.readouterr().err
+    assert main(["config", "explain", "--kind", "diffusion", "objective"]) == 0
+    assert "`preftune diffusion objectives`" in " ".join(capsys.readouterr().out.split())

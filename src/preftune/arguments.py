@@ -24,6 +24,10 @@ def at_least(lowest: int):
 
 POSITIVE, COUNT = at_least(1), at_least(0)
 
+# `config explain | schema --kind`: the config files of preftune train, rm train, online,
+# diffusion train | online | spm
+CONFIG_KINDS = ("train", "rm", "online", "diffusion", "diffusion-online", "diffusion-spm")
+
 
 class _Columns(argparse.Action):
     """``--column KEY=COLUMN``, repeatable: collects ``{KEY: COLUMN}`` (data.fields' form)."""

@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .arguments import COUNT, POSITIVE, add_column_option
+from .arguments import CONFIG_KINDS, COUNT, POSITIVE, add_column_option
 
 
 def _train(args) -> None:
@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "editor completion and checks)", "preftune config schema -o schema.json")
     schema.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     for sub, run in ((explain, _config_explain), (schema, _config_schema)):
-        sub.add_argument("--kind", choices=["train", "rm", "online"], default="train",
-                         help="which config: preftune train, rm train or online (default train)")
+        sub.add_argument("--kind", choices=CONFIG_KINDS, default="train",
+                         help="which config: preftune train, rm train, online, diffusion train, "
+                              "diffusion online or diffusion spm (default train)")
         sub.set_defaults(run=run)
     return parser
 

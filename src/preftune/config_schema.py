@@ -24,14 +24,20 @@ FROM_CODE = {"type": "object", "required": ["name"], "additionalProperties": Tru
 # keys whose value is a registered name with that name's own parameters
 LISTINGS = {"objective": ("{name, parameters...} or a list of them", "preftune objectives"),
             "loss": ("{name, parameters...}", "preftune rm losses")}
+DIFFUSION_LISTINGS = {"objective": ("{name, parameters...}", "preftune diffusion objectives")}
 
 
 def config_class(kind: str) -> type:
-    """The config class of ``kind``: train, rm or online."""
+    """The config class of ``kind`` (one of ``arguments.CONFIG_KINDS``)."""
+    from .diffusion.config import DiffusionConfig
+    from .diffusion.online import DiffusionOnlineConfig
+    from .diffusion.step_model_train import StepModelConfig
     from .online.config import OnlineConfig
     from .reward.config import RewardConfig
 
-    return {"train": Config, "rm": RewardConfig, "online": OnlineConfig}[kind]
+    return {"train": Config, "rm": RewardConfig, "online": OnlineConfig,
+            "diffusion": DiffusionConfig, "diffusion-online": DiffusionOnlineConfig,
+            "diffusion-spm": StepModelConfig}[kind]
 
 
 def json_schema(kind: str = "train") -> dict:
@@ -44,6 +50,14 @@ def json_schema(kind: str = "train") -> dict:
         definitions["RewardLossConfig"] = {"anyOf": [
             _term(spec.name, spec.params, spec.summary, definitions, default="bt")
             for spec in sorted(REWARD_LOSSES.values(), key=lambda s: s.name)]}
+    elif kind.startswith("diffusion"):
+        from .diffusion.losses import DIFFUSION_LOSSES
+
+        if "DiffusionObjectiveConfig" in definitions:  # (spm trains no objective)
+            definitions["DiffusionObjectiveConfig"] = {"anyOf": [
+                _term(spec.name, spec.params, spec.summary, definitions,
+                      default="diffusion_dpo")
+                for spec in sorted(DIFFUSION_LOSSES.values(), key=lambda s: s.name)]}
     else:
         terms = _objective_terms(definitions)
         names = [term["properties"]["name"]["const"] for term in terms]
@@ -92,12 +106,17 @@ def _schedule_of(value: dict) -> dict:
 def explain(kind: str = "train", key: str | None = None) -> str:
     """Every key of a ``kind`` config (or those under ``key``): type, default and help."""
     schema = json_schema(kind)
-    rows = list(_rows(schema, schema, ""))
+    listings = DIFFUSION_LISTINGS if kind.startswith("diffusion") else LISTINGS
+    rows = list(_rows(schema, schema, "", listings))
     if key:
         chosen = [row for row in rows if row[0] == key or row[0].startswith(key + ".")]
         if not chosen:
             close = difflib.get_close_matches(key, [row[0] for row in rows], n=1)
             hint = f" Did you mean {close[0]}?" if close else ""
+            if key.partition(".")[0] in listings and "." in key:
+                hint = (f" Its parameters depend on the {key.partition('.')[0]}'s name: "
+                        f"`{listings[key.partition('.')[0]][1]}` lists each one's, with "
+                        "defaults.")
             raise ConfigError(f"no key {key!r} in a {kind} config.{hint} Run `preftune config "
                               f"explain --kind {kind}` for the full list.")
         rows = chosen
@@ -111,18 +130,18 @@ def explain(kind: str = "train", key: str | None = None) -> str:
     return "\n".join(blocks)
 
 
-def _rows(node: dict, root: dict, prefix: str):
+def _rows(node: dict, root: dict, prefix: str, listings: dict):
     """(dotted key, type, default, help) of every leaf key under ``node``."""
     for name, field in node.get("properties", {}).items():
         dotted = prefix + name
         section = _section(field, root)
         if section is not None:
-            yield from _rows(section, root, dotted + ".")
+            yield from _rows(section, root, dotted + ".", listings)
             continue
         default = json.dumps(field["default"]) if "default" in field else None
         text = field.get("description", "")
-        if dotted in LISTINGS:
-            kind, command = LISTINGS[dotted]
+        if dotted in listings:
+            kind, command = listings[dotted]
             yield dotted, kind, default, f"{text} The names and their parameters: `{command}`."
         else:
             yield dotted, _type(field, root), default, text
