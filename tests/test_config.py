@@ -31,8 +31,8 @@ def test_switching_objective_by_name_drops_the_old_parameters(tmp_path, capsys):
     term = load_config(str(path), ["objective.name=simpo"]).objective[0]
     assert (term.name, term.model_extra) == ("simpo", {})
     assert capsys.readouterr().err == (
-        "note: --set objective.name=simpo replaces dpo; its parameters from the file (beta=0.1) "
-        "are dropped (set simpo's with --set objective.KEY=VALUE)\n")
+        "note: --set objective.name=simpo replaces dpo; its parameters from the config "
+        "(beta=0.1) are dropped (set simpo's with --set objective.KEY=VALUE)\n")
     term = load_config(str(path), ["objective.beta=3", "objective.name=simpo"]).objective[0]
     assert term.model_extra == {"beta": 3}
     assert load_config(str(path), ["objective.name=dpo"]).objective[0].model_extra == \

@@ -104,7 +104,7 @@ def _switch_term(node: dict, dotted: str, name) -> None:
     for key in dropped:
         del node[key]
     settings = ", ".join(f"{k}={v}" for k, v in dropped.items())
-    print(f"note: --set {dotted}={name} replaces {old}; its parameters from the file "
+    print(f"note: --set {dotted}={name} replaces {old}; its parameters from the config "
           f"({settings}) are dropped (set {name}'s with --set "
           f"{dotted.rsplit('.', 1)[0]}.KEY=VALUE)", file=sys.stderr)
 
