@@ -69,13 +69,11 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
     """Refuse a scorer spec that cannot work, without loading a model: its form, the file or
     directory it names, the function it imports; what a run checks before any work (a judge's
     or reward model's weights are read when the scorer loads)."""
-    if spec == "synthetic" or spec.startswith(("judge:", "judge-pair:")):
-        if spec == "synthetic":
-            load_scorer(spec, data)  # the checkers come from the data file: cheap
+    if spec == "synthetic":
+        load_scorer(spec, data)  # the checkers come from the data file: cheap
+    elif spec.startswith(("judge:", "judge-pair:")) or FunctionScorer.registered(spec):
         return
-    if FunctionScorer.registered(spec) is not None:
-        return
-    if spec.endswith((".yaml", ".yml")):
+    elif spec.endswith((".yaml", ".yml")):
         _scorer_file(spec)
     elif spec.startswith("rm:"):
         if not Path(spec.removeprefix("rm:")).is_dir():
