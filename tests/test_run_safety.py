@@ -93,6 +93,7 @@ def test_an_output_dir_that_is_a_file_or_unwritable_is_named(workspace, tmp_path
 
 def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
     first = run(workspace, "twice", train__max_steps=2)
+    assert not (first / ".preftune.lock").exists()  # released (and removed) when a run ends
     before = (first / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="already holds a run; it has no checkpoint to "
                                           "continue from; start over with --overwrite"):

@@ -32,6 +32,7 @@ from .score import SyntheticScorer
 from .train.logging import read_metrics
 from .train.loop import train
 from .train.output import prepare_output_dir
+from .train.run_lock import holding_output_dirs
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def _online(out: Path, data_dir: Path, settings: DemoSettings) -> Path:
     return Path(policy_before(out / "online", settings.rounds + 1, tree["model"]["path"]))
 
 
+@holding_output_dirs
 def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = False) -> dict:
     settings = QUICK if quick else DemoSettings()
     started = time.perf_counter()

@@ -30,6 +30,7 @@ from .model.load import load_model_and_tokenizer
 from .model.scratch_vlm import build_scratch_vlm
 from .train.loop import train
 from .train.output import prepare_output_dir
+from .train.run_lock import holding_output_dirs
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def _table(results: dict, settings: VisionDemoSettings, n_eval: int) -> str:
     return "\n".join(lines)
 
 
+@holding_output_dirs
 def run_vision_demo(output_dir: str = "runs/vision-demo", quick: bool = False) -> dict:
     settings = QUICK if quick else VisionDemoSettings()
     started = time.perf_counter()

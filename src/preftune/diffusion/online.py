@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from ..config import ConfigError, Count, NonNegative, Section
 from ..online.common import write_json
 from ..online.loop import run_phase, start_rounds
+from ..train.run_lock import holding_output_dirs
 from .config import DiffusionConfig
 from .losses import get_diffusion_loss
 
@@ -99,6 +100,7 @@ class DiffusionOnlineConfig(DiffusionConfig):
         return self
 
 
+@holding_output_dirs
 def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
                          overwrite: bool = False, show_progress: bool = True) -> Path:
     """Every round of ``config`` (what is left of them with ``resume``); returns output_dir."""

@@ -25,6 +25,7 @@ from ..objectives.metrics import sum_count
 from ..train.engines import SHARDED
 from ..train.loop import write_run_header
 from ..train.output import start_run
+from ..train.run_lock import holding_output_dirs
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import DiffusionDataConfig, DiffusionTrainConfig, refuse_language_model_keys
 from .data import DenoiserBatch
@@ -226,6 +227,7 @@ def step_model_task(config: StepModelConfig, accelerator: Accelerator):
     return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
 
 
+@holding_output_dirs
 def train_step_model(config: StepModelConfig, resume: bool = False, show_progress: bool = True,
                      overwrite: bool = False) -> Path:
     """Train a step-aware preference model according to ``config``; returns the output

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from ..config import ConfigError
 from ..train.loop import write_run_header
 from ..train.output import start_run
+from ..train.run_lock import holding_output_dirs
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from . import segments
 from .config import DiffusionConfig
@@ -348,6 +349,7 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
 
 
+@holding_output_dirs
 def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress: bool = True,
                     overwrite: bool = False) -> Path:
     """Train according to ``config``; sample the fixed prompts before and after (when

@@ -39,6 +39,7 @@ from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
 from ..train.output import check_resume, move_aside, prepare_output_dir, same_settings
+from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
                      read_jsonl, row_question, stored_images, write_json, write_jsonl)
@@ -46,6 +47,7 @@ from .config import OnlineConfig
 from .measure import evaluate_model
 
 
+@holding_output_dirs
 def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Run every round of ``config`` (or what is left of them with ``resume``; ``overwrite``
     moves a previous run in output_dir aside)."""

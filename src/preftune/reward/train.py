@@ -26,6 +26,7 @@ from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import precision, write_run_header
 from ..train.output import start_run
+from ..train.run_lock import holding_output_dirs
 from ..train.engines import check_engine, refuse_sharding, whole_models
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import RewardConfig, detect_attributes
@@ -239,6 +240,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     return task, count_steps(cfg, len(train_examples), accelerator.num_processes)
 
 
+@holding_output_dirs
 def train_reward_model(config: RewardConfig, resume: bool = False,
                        show_progress: bool = True, overwrite: bool = False) -> Path:
     """Train a reward model according to ``config``; returns the output directory."""

@@ -44,6 +44,7 @@ from .plan import plan
 from .generations import eval_generations
 from .engines import (check_engine, refuse_sharding, refuse_split_weights, shards,
                       whole_models)
+from .run_lock import holding_output_dirs
 from .trainer import Trainer, add_metrics, count_steps, means
 
 
@@ -333,6 +334,7 @@ def write_run_header(output_dir: Path, config, data_report: dict) -> None:
     (output_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
 
 
+@holding_output_dirs
 def train(config: Config, resume: bool = False, show_progress: bool = True,
           plan_only: bool = False, overwrite: bool = False) -> Path:
     """Train according to ``config``; returns the output directory. ``plan_only`` prints the

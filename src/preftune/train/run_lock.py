@@ -1,6 +1,7 @@
-"""One run per output directory at a time: a lock file in it that this process holds from
-the moment it claims the directory until it ends, however it ends (the operating system
-releases an flock when its process dies, so a killed run never leaves a stale lock).
+"""One run per output directory at a time: a lock file in it that the run's process holds
+from the moment it claims the directory until the run ends, however it ends (the lock is
+removed when the run function returns or raises, and the operating system releases an flock
+when its process dies, so a killed run never leaves a stale lock).
 
 Another process that starts a run, a ``--resume`` or an ``--overwrite`` on that directory
 meanwhile is refused by name. The same process may claim a directory again (a notebook that
@@ -8,6 +9,7 @@ resumes its own run)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -57,10 +59,28 @@ def check_free(out: Path) -> None:
 
 
 def release(out: Path) -> None:
-    """Let go of ``out``'s lock if this process holds it (before the directory moves aside)."""
-    handle = _HELD.pop(out.resolve(), None)
+    """Let go of ``out``'s lock, and remove the file, if this process holds it."""
+    key = out.resolve()
+    handle = _HELD.pop(key, None)
     if handle is not None:
+        (key / LOCK).unlink(missing_ok=True)  # still held: no other process took it meanwhile
         os.close(handle)
+
+
+def holding_output_dirs(run):
+    """``run`` releases the output directories it claimed when it returns or raises (and
+    only those: an online run's rounds release theirs, the run keeps its own)."""
+
+    @functools.wraps(run)
+    def wrapped(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for key in set(_HELD) - before:
+                release(key)
+
+    return wrapped
 
 
 def _in_use(out: Path, owner: str) -> ConfigError:
