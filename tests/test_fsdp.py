@@ -246,3 +246,24 @@ def test_plan_divides_what_fsdp_shards(workspace, tmp_path, capsys):  # noqa: F8
     for kind in ("weights", "gradients", "optimizer"):
         assert split[kind] == pytest.approx(whole[kind] / 2, abs=0.5)
     assert split["activations"] == whole["activations"]
+
+
+@pytest.mark.parametrize("variable,name", [("ACCELERATE_USE_FSDP", "FSDP"),
+                                           ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_sharded_engine_accelerate_did_not_start_is_said(monkeypatch, capsys, variable, name):
+    """accelerate starts FSDP and DeepSpeed on GPUs only: on CPU the same launch trains
+    unsharded, and the run says so instead of looking sharded."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from preftune.config import TrainConfig
+    from preftune.train.engines import check_engine
+
+    monkeypatch.setenv(variable, "true")  # (what accelerate launch sets from the config file)
+    unsharded = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO,
+                                is_main_process=True)  # what accelerate made of it on CPU
+    check_engine(unsharded, TrainConfig())
+    assert capsys.readouterr().out == (
+        f"note: the accelerate config asks for {name}, which accelerate starts on GPUs only; "
+        "this run is one process (every process holds the whole model).\n")

@@ -33,6 +33,13 @@ def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
             "`ACCELERATE_USE_CPU=true python -m torch.distributed.run --nproc_per_node 2 -m "
             "preftune train CONFIG`.")
     engine = accelerator.distributed_type
+    asked = next((name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"),
+                                              ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                  if os.environ.get(variable, "").lower() == "true"), None)
+    if asked and engine not in SHARDED and accelerator.is_main_process:
+        plain = "one process" if engine == DistributedType.NO else "DDP"
+        print(f"note: the accelerate config asks for {asked}, which accelerate starts on GPUs "
+              f"only; this run is {plain} (every process holds the whole model).")
     if engine not in SHARDED:
         return
     name = "FSDP" if engine == DistributedType.FSDP else "DeepSpeed"
