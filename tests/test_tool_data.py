@@ -70,6 +70,28 @@ def test_tools_and_tool_calls_are_read_from_lists_and_json_strings(tmp_path):
     assert [r.tools for r in pairs_to_unpaired(records[:1])] == [(WEATHER,), (WEATHER,)]
 
 
+def test_parquet_struct_nulls_do_not_become_arguments_or_schema_keys(tmp_path):
+    """Arrow gives a struct column the union of every row's keys: one row's call would carry
+    another function's arguments as null. Those nested nulls are dropped; rows read back as
+    the JSONL they were written from."""
+    pyarrow = pytest.importorskip("pyarrow")
+    from pyarrow import parquet
+
+    convert = {"type": "function", "function": {
+        "name": "convert", "description": "an amount in another currency",
+        "parameters": {"type": "object", "properties": {"amount": {"type": "number"},
+                                                        "currency": {"type": "string"}},
+                       "required": ["amount"]}}}
+    rows = [tool_row("Paris"), {**tool_row(), "tools": [convert], "chosen": [
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "convert", "arguments": {"amount": 3.0, "currency": "EUR"}}}]}]}]
+    parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "tools.parquet")
+    from_parquet = load_records(str(tmp_path / "tools.parquet"))
+    from_jsonl = load_records(write(tmp_path / "tools.jsonl", rows))
+    assert [(r.chosen, r.tools) for r in from_parquet] == [(r.chosen, r.tools) for r in from_jsonl]
+    assert from_parquet[0].chosen[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
 @pytest.mark.parametrize("change,message", [
     ({"tools": "[{not json"}, "tools.jsonl:1: field 'tools' (tools): a string that is not JSON"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]},

@@ -214,7 +214,7 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: cannot read as Parquet ({error}). Check that the file is "
                         f"a complete Parquet file.") from None
     for index, row in enumerate(table.to_pylist()):
-        yield f"{path}:record {index}", row
+        yield f"{path}:record {index}", columnar_row(row)
 
 
 def _read_csv(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
@@ -274,7 +274,23 @@ def _read_saved_dataset(path: str, split: str | None) -> Iterator[tuple[str, Any
     elif split is not None:
         raise DataError(f"{path}: a single dataset with no splits; drop the ':{split}' suffix.")
     for index, row in enumerate(loaded):
-        yield f"{where}:record {index}", row
+        yield f"{where}:record {index}", columnar_row(row)
+
+
+def columnar_row(row: dict) -> dict:
+    """A Parquet or Arrow row without the nulls Arrow adds: a struct column holds the union of
+    every row's keys, so one row's tool call would carry another's arguments as null (and a
+    tool schema, another function's parameters). A column's own null stays (a missing field);
+    nested ones are dropped, as the format cannot tell them from absent keys."""
+    return {key: _without_nulls(value) for key, value in row.items()}
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
