@@ -323,3 +323,24 @@ def test_string_prompt_with_reply_only_message_lists_says_what_to_change(tmp_pat
                                         r"expects a string, got list.*Message-list responses need "
                                         r"a message-list prompt"):
         load_records(write_jsonl(tmp_path / "a.jsonl", rows))
+
+
+def test_text_content_parts_are_read_as_text(tmp_path):
+    """{"type": "text", "text": ...} parts (the multimodal message form) without an image are
+    the message's text: a text model's template would otherwise write the list's Python repr
+    into the prompt. Parts with an image stay parts (a vision model's processor reads them)."""
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
+    rows = [{"prompt": [{"role": "user", "content": parts}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Hi"}]}],
+             "rejected": [{"role": "assistant", "content": "Go away"}]},
+            {"prompt": [{"role": "user", "content": [{"type": "image"}, *parts]}],
+             "chosen": "a cat", "rejected": "a dog", "images": ["cat.png"]}]
+    path = tmp_path / "parts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+    (record,) = load_records(str(path))
+    assert record.prompt == [{"role": "user", "content": "Hello there"}]
+    assert record.chosen == [{"role": "assistant", "content": "Hi"}]
+    from preftune.data.shapes import _messages
+
+    assert _messages(rows[1]["prompt"], "prompt", "x:1")[0]["content"] == [{"type": "image"},
+                                                                           *parts]

@@ -354,7 +354,11 @@ def _messages(value: list, column: str, origin: str) -> list:
                                 f"{describe(message[key])}.")
         # keep every key (some chat templates read e.g. "name"); drop nulls that columnar
         # formats add for keys other rows have
-        messages.append({k: v for k, v in message.items() if v is not None})
+        kept = {k: v for k, v in message.items() if v is not None}
+        if isinstance(kept.get("content"), list) and all(
+                part["type"] == "text" for part in kept["content"]):  # text parts: text
+            kept["content"] = "".join(part["text"] for part in kept["content"])
+        messages.append(kept)
     return messages
 
 

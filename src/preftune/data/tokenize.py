@@ -263,7 +263,8 @@ def _apply_template(tokenizer, messages: list, tools: list, add_generation_promp
     except Exception as error:  # template errors come as jinja or ValueError types
         raise DataError(
             f"{record.origin}: the chat template rejected these messages ({error}). Check the "
-            f"roles and their order."
+            f"roles and their order, and that the template is one for this kind of content "
+            f"(images need a vision model's template)."
         ) from None
 
 
