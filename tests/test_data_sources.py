@@ -204,6 +204,18 @@ def test_missing_field_lists_present_fields_and_suggests_mapping(tmp_path):
     assert "--column KEY=COLUMN on the command line, or fields={...} in Python" in message
 
 
+def test_a_right_field_map_is_not_blamed_for_another_problem(tmp_path):
+    """A map to a key inside the completions (UltraFeedback's fine-grained_score) is present;
+    the first record's real problem, a null score, is the error."""
+    row = {"instruction": "2+2?", "completions": [
+        {"response": "4", "fine-grained_score": 5.0},
+        {"response": "5", "fine-grained_score": None}]}
+    path = write_jsonl(tmp_path / "uf.jsonl", [row])
+    with pytest.raises(DataError, match=r"uf\.jsonl:1: field 'completions', item 1: score "
+                                        r"'fine-grained_score' is NoneType None"):
+        load_records(path, fields={"scores": "fine-grained_score"})
+
+
 def test_a_misspelt_column_in_fields_is_named(tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", [{"question": "p", "good": "g", "bad": "b"}])
     with pytest.raises(DataError, match=r"f\.jsonl:1: the field map \(data.fields, --column\) maps "

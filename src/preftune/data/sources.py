@@ -319,7 +319,8 @@ def _misspelt_columns(row: dict, fields: dict | None, origin: str, first: bool):
     try:
         yield
     except DataError:
-        missing = [(k, c) for k, c in (fields or {}).items() if first and c not in row]
+        present = _keys(row)  # a completion's keys too (response, scores inside completions)
+        missing = [(k, c) for k, c in (fields or {}).items() if first and c not in present]
         if missing:
             canonical, column = missing[0]
             raise DataError(f"{origin}: the field map (data.fields, --column) maps "
@@ -327,6 +328,15 @@ def _misspelt_columns(row: dict, fields: dict | None, origin: str, first: bool):
                             f"fields are {', '.join(map(repr, row))}. Fix the column name.") \
                 from None
         raise
+
+
+def _keys(value) -> set:
+    """Every key of ``value`` and of the objects nested in it."""
+    if isinstance(value, dict):
+        return set(value).union(*(_keys(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_keys(v) for v in value))
+    return set()
 
 
 # ---------------------------------------------------------------------------------------------
