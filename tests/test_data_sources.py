@@ -258,3 +258,39 @@ def test_non_object_line(tmp_path):
 def test_unknown_format_name(tmp_path):
     with pytest.raises(DataError, match="unknown format 'chat'"):
         load_records(write_jsonl(tmp_path / "x.jsonl", STANDARD), format="chat")
+
+
+def test_numeric_fields_objectives_read_can_come_from_other_columns(tmp_path):
+    """UltraFeedback-binarized's score_chosen/score_rejected are odpo's chosen_score and
+    rejected_score when data.fields names them; every declared field is a mappable one."""
+    from preftune.data.shapes import NUMERIC_FIELDS
+    from preftune.objectives import REGISTRY
+
+    declared = {key for spec in REGISTRY.values() for key in spec.scores}
+    assert declared == set(NUMERIC_FIELDS)
+    path = write_jsonl(tmp_path / "ufb.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r",
+                                                  "score_chosen": 8.0, "score_rejected": 3.5}])
+    (record,) = load_records(path, fields={"chosen_score": "score_chosen",
+                                           "rejected_score": "score_rejected"})
+    assert (record.scores["chosen_score"], record.scores["rejected_score"]) == (8.0, 3.5)
+    with pytest.raises(DataError, match="unknown key 'chosen_scor'; keys are canonical names"):
+        load_records(path, fields={"chosen_scor": "score_chosen"})
+
+
+def test_an_objectives_numeric_fields_are_checked_before_the_weights_load(tmp_path):
+    """odpo on pairs without scores: refused by record as the data is read (it crashed at step
+    1, after the reference pass)."""
+    from tiny_models import save_tiny_model_dir
+
+    from preftune.config import build_config
+    from preftune.train import loop
+
+    save_tiny_model_dir(tmp_path / "model")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": "yes",
+                                                     "rejected": "no"} for i in range(4)])
+    tree = {"output_dir": str(tmp_path / "run"), "model": {"path": str(tmp_path / "model")},
+            "data": {"train": pairs}, "objective": {"name": "odpo"}}
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: objective odpo needs the numeric fields "
+                                        r"chosen_score and rejected_score in every record"):
+        loop.train(build_config(tree), show_progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # before anything was written

@@ -121,6 +121,22 @@ def check_example_weights(examples: list, field: str) -> None:
                             "remove it.")
 
 
+def check_objective_scores(examples: list, objective) -> None:
+    """Every example carries the numeric fields its objective's terms declare (``scores``):
+    checked as the data is read, not at the step that meets a record without them."""
+    for term in objective.terms:
+        for example in examples:
+            missing = [key for key in term.spec.scores if key not in example.scores]
+            if missing:
+                have = ", ".join(sorted(example.scores)) or "none"
+                raise DataError(
+                    f"{example.origin}: objective {term.spec.name} needs the numeric field"
+                    f"{'s' if len(missing) > 1 else ''} {' and '.join(missing)} in every "
+                    f"record (this one's numeric fields: {have}). Add them (`preftune rm "
+                    "score` writes chosen_score and rejected_score), or name the columns that "
+                    f"hold them, e.g. data.fields: {{{missing[0]}: COLUMN}}.")
+
+
 def with_mismatched_completions(examples: list, max_length: int) -> list:
     """Give each example a second response: the completion of the next example in dataset
     order (wrapping around), under its own prompt, cut to fit ``max_length``.

@@ -31,6 +31,11 @@ CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for 
        "tools")  # the functions a chat prompt offers (data/tools.py)
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses", "response",
                *JOINT_PROMPT_FIELDS)
+# the numeric record fields objectives read (their ``scores`` declarations; a test keeps the
+# two in step): data.fields may name the columns that hold them, e.g. UltraFeedback-binarized's
+# {chosen_score: score_chosen}
+NUMERIC_FIELDS = ("chosen_score", "rejected_score", "chosen_win_prob", "rejected_win_prob",
+                  "group", "tie")
 # the fields that identify a shape; "responses" must also hold a list (or "completions" be a
 # list of objects, UltraFeedback's layout)
 SIGNATURES = {"pairs": ("chosen", "rejected"), "unpaired": ("completion", "label"),
@@ -298,11 +303,16 @@ def _response_scores(row: dict, columns: dict, count: int, origin: str) -> tuple
 
 
 def _extras(row: dict, columns: dict, shape: str) -> dict:
-    """Numeric side columns for the batch; true/false become 1.0/0.0 (e.g. TODO's ``tie``)."""
+    """Numeric side columns for the batch; true/false become 1.0/0.0 (e.g. TODO's ``tie``);
+    a numeric field the map names (``columns``) also under its own name."""
     used = {columns[name] for name in SHAPE_FIELDS[shape]}
-    return {name: float(value) if isinstance(value, bool) else value
-            for name, value in row.items()
-            if name not in used and (is_number(value) or isinstance(value, bool))}
+    extras = {name: float(value) if isinstance(value, bool) else value
+              for name, value in row.items()
+              if name not in used and (is_number(value) or isinstance(value, bool))}
+    for name in NUMERIC_FIELDS:
+        if columns.get(name, name) != name and columns[name] in extras:
+            extras[name] = extras[columns[name]]
+    return extras
 
 
 def _expect_string(value, where: str, origin: str, mixed: bool) -> None:

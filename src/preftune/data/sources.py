@@ -21,7 +21,7 @@ from .hub import DATA_EXTENSIONS, Source, locate
 from .images import attach_images
 from .tools import attach_tools
 from .records import SHAPES, DataError
-from .shapes import CANONICAL_FIELDS, TEXT_FIELDS, describe, parse_row
+from .shapes import CANONICAL_FIELDS, NUMERIC_FIELDS, TEXT_FIELDS, describe, parse_row
 
 FORMATS = ("auto", "standard", "conversational", "implicit")
 
@@ -298,13 +298,13 @@ def _without_nulls(value):
 
 
 def _column_map(path: str, fields: dict | None) -> dict:
-    columns = {name: name for name in CANONICAL_FIELDS}
+    columns = {name: name for name in CANONICAL_FIELDS + NUMERIC_FIELDS}
     for canonical, column in (fields or {}).items():
-        if canonical not in CANONICAL_FIELDS:
+        if canonical not in columns:
             raise DataError(
                 f"{path}: the field map (data.fields, --column) has unknown key {canonical!r}; "
-                f"keys are canonical names "
-                f"({', '.join(CANONICAL_FIELDS)}) and values the file's column names."
+                f"keys are canonical names ({', '.join(CANONICAL_FIELDS)}) or numeric fields "
+                f"({', '.join(NUMERIC_FIELDS)}), and values the file's column names."
             )
         if not isinstance(column, str):
             raise DataError(f"{path}: fields[{canonical!r}] must be a column name (a string).")

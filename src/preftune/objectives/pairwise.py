@@ -139,7 +139,8 @@ class ODPOParams:
     offset: Literal["difference", "ratio"] = "difference"
 
 
-@objective("odpo", params=ODPOParams, needs_reference=True, paper="arXiv:2402.10571")
+@objective("odpo", params=ODPOParams, needs_reference=True, paper="arXiv:2402.10571",
+           scores=("chosen_score", "rejected_score"))
 def odpo(inputs: ObjectiveInputs, params: ODPOParams) -> ObjectiveOutput:
     """DPO with an offset: the margin must beat a gap that grows with the score difference.
 

@@ -76,7 +76,8 @@ class MODPOParams:
     margin_weight: Annotated[float, Field(ge=0, lt=1)] = 0.5
 
 
-@objective("modpo", params=MODPOParams, needs_reference=True, paper="arXiv:2310.03708")
+@objective("modpo", params=MODPOParams, needs_reference=True, paper="arXiv:2310.03708",
+           scores=("chosen_score", "rejected_score"))
 def modpo(inputs: ObjectiveInputs, params: MODPOParams) -> ObjectiveOutput:
     """Multi-Objective DPO (MODPO): DPO whose margin is corrected by another objective's reward.
 
@@ -100,7 +101,7 @@ class SPPOSoftParams:
 
 
 @objective("sppo_soft", params=SPPOSoftParams, needs_reference=True, paper="arXiv:2405.00675",
-           online_win_probs=True)
+           online_win_probs=True, scores=("chosen_win_prob", "rejected_win_prob"))
 def sppo_soft(inputs: ObjectiveInputs, params: SPPOSoftParams) -> ObjectiveOutput:
     """Self-Play PO with soft win probabilities: regress each log-ratio onto (P - 1/2)/beta.
 
@@ -132,7 +133,7 @@ def group_weights(group_losses: torch.Tensor, step_size: float) -> torch.Tensor:
 
 
 @objective("group_robust_dpo", params=GroupRobustDPOParams, needs_reference=True,
-           paper="arXiv:2405.20304")
+           paper="arXiv:2405.20304", scores=("group",))
 def group_robust_dpo(inputs: ObjectiveInputs, params: GroupRobustDPOParams) -> ObjectiveOutput:
     """Group Robust DPO (GRPO of Ramesh et al., not DeepSeek's): DPO with worst-group emphasis.
 

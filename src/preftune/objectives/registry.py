@@ -55,6 +55,7 @@ class ObjectiveSpec:
     image_negatives: bool = False  # wants y_w under the negative images as the last slot
     online_builder: str | None = None  # online rounds must build its data with this builder
     online_win_probs: bool = False  # online rounds must add each response's win probability
+    scores: tuple = ()  # numeric fields every record must carry (checked as the data is read)
 
     @property
     def summary(self) -> str:
@@ -82,7 +83,7 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
               kl_completions=False, reference_distributions=False, extra_references=False,
-              image_negatives=False, online_builder=None, online_win_probs=False):
+              image_negatives=False, online_builder=None, online_win_probs=False, scores=()):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -95,6 +96,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     ``negative_images`` instead of its images, as the last response slot (mDPO).
     ``online_builder``: in ``preftune online`` its rows come from this pair/list builder
     (``online.pairs.builder``); ``online_win_probs``: they carry win probabilities.
+    ``scores``: the numeric record fields it reads from ``inputs.scores`` (odpo's
+    chosen_score, ...): a record without one is refused as the data is read.
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -105,7 +108,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
             raise ValueError(f"objective {name!r} is registered twice")
         REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
                                        kl_completions, reference_distributions, extra_references,
-                                       image_negatives, online_builder, online_win_probs)
+                                       image_negatives, online_builder, online_win_probs,
+                                       tuple(scores))
         return fn
 
     return register

@@ -33,7 +33,8 @@ def tie_nll(u: torch.Tensor, alpha: float) -> torch.Tensor:
     return F.softplus(alpha - u) + F.softplus(alpha + u) - math.log(math.expm1(2.0 * alpha))
 
 
-@objective("todo", params=TODOParams, needs_reference=True, paper="arXiv:2411.02442")
+@objective("todo", params=TODOParams, needs_reference=True, paper="arXiv:2411.02442",
+           scores=("tie",))
 def todo(inputs: ObjectiveInputs, params: TODOParams) -> ObjectiveOutput:
     """TODO (Tie-rank Oriented DPO): DPO under a Bradley-Terry model extended with ties (TOBT).
 

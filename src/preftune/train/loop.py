@@ -16,8 +16,8 @@ from accelerate.utils import set_seed
 from ..config import Config
 from ..data.convert import conversions
 from ..data.layout import choose_layout, collate
-from ..data.prepare import (check_example_weights, prepare_examples, with_mismatched_completions,
-                            with_negative_image_slot)
+from ..data.prepare import (check_example_weights, check_objective_scores, prepare_examples,
+                            with_mismatched_completions, with_negative_image_slot)
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
 from ..model.checkpointing import enable_checkpointing
@@ -255,6 +255,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         config.data, tokenizer, cfg.seed)
     if cfg.example_weight_field:
         check_example_weights(train_examples + eval_examples, cfg.example_weight_field)
+    check_objective_scores(train_examples + eval_examples,
+                           Objective.from_config(config.objective, total_steps=1))
     model = load_policy(config, tokenizer, accelerator)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
