@@ -218,6 +218,11 @@ def test_columns_under_other_names_are_read_with_column(files, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith(f"error: {renamed}:1: field 'chosen' (chosen) is missing") and \
         "--column KEY=COLUMN on the command line" in err, err
+    ranked = tmp_path / "ranked.jsonl"  # another shape: named as such
+    ranked.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}) + "\n")
+    assert main(["eval", "--data", str(ranked), *common]) == 2
+    assert f"{ranked}:1: eval compares each pair's chosen and rejected response, and this " \
+        "record is a ranked list. Make pairs of it first" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:  # a usage error: one line, no traceback
         main(["eval", "--data", str(renamed), "--column", "prompt", *common])
     assert error.value.code == 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, prompt_limit
-from ..data.records import DataError, JointPair
+from ..data.records import DataError, JointPair, Pair
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import read_rows, load_records
 from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompts,
@@ -62,6 +62,30 @@ class EvalOptions:
     chat_template: str | None = None  # a .jinja file or the text, for a model without one
 
 
+SHAPE_NAMES = {"Ranked": "a ranked list", "Unpaired": "a labelled completion",
+               "Rated": "a rated response"}
+
+
+def _pairs(options: EvalOptions) -> list:
+    """The pairs of ``--data``; a file of another shape (ranked lists, ...) is named as such,
+    not as pairs that lack their fields."""
+    try:
+        return load_records(options.data, shape="pairs", fields=options.fields)
+    except DataError:
+        try:
+            records = load_records(options.data, fields=options.fields)
+        except DataError:
+            records = []
+        other = next((r for r in records if not isinstance(r, (Pair, JointPair))), None)
+        if other is None:
+            raise
+        raise DataError(f"{other.origin}: eval compares each pair's chosen and rejected "
+                        f"response, and this record is {SHAPE_NAMES[type(other).__name__]}. "
+                        "Make pairs of it first (a config's data.convert, e.g. "
+                        "pairs:best_vs_worst for ranked lists), or evaluate a pairs file.") \
+            from None
+
+
 def run_eval(options: EvalOptions) -> dict:
     """Run every diagnostic, write ``eval.json`` and ``eval_pairs.jsonl``; return the results."""
     _check_options(options)
@@ -73,7 +97,7 @@ def run_eval(options: EvalOptions) -> dict:
                   "against; --reference chooses another)")
     seconds: dict = {}
     clock = time.perf_counter()
-    records = load_records(options.data, shape="pairs", fields=options.fields)
+    records = _pairs(options)
     joint = next((r for r in records if isinstance(r, JointPair)), None)
     if joint is not None:
         raise DataError(f"{joint.origin}: a joint pair (chosen_prompt/rejected_prompt); eval "
