@@ -144,6 +144,27 @@ def test_templates_that_drop_tools_or_calls_are_refused(tmp_path, template, mess
         tokenize_records(records, tool_tokenizer(template), TokenizeSettings(512, 256))
 
 
+def test_on_error_skip_leaves_out_what_the_chat_template_refuses(tmp_path):
+    """data.on_error: skip covers records refused as they are rendered too (a tools record
+    whose template ignores the tools), not only records refused as they are read."""
+    from preftune.config import DataConfig
+    from preftune.data.prepare import prepare_examples
+
+    plain = [{"prompt": [{"role": "user", "content": f"Hi {i}"}],
+              "chosen": [{"role": "assistant", "content": "Hello"}],
+              "rejected": [{"role": "assistant", "content": "Go"}]} for i in range(4)]
+    path = write(tmp_path / "mixed.jsonl", [*plain[:3], tool_row(), plain[3]])
+    tokenizer = tool_tokenizer(CHATML_TEMPLATE)  # writes no tools
+    config = DataConfig(train=path, max_length=256, max_prompt_length=128)
+    with pytest.raises(DataError, match=_literal(f"{path}:4: field 'tools'")):
+        prepare_examples(config, tokenizer, seed=0)
+    train, _, report, _ = prepare_examples(config.model_copy(update={"on_error": "skip"}),
+                                           tokenizer, seed=0)
+    assert [example.index for example in train] == [0, 1, 2, 4]  # record 3 left out
+    assert report["skipped_rows"]["count"] == 1
+    assert report["skipped_rows"]["reasons"][0].startswith(f"{path}:4: field 'tools'")
+
+
 def test_tool_use_pairs_train_through_the_loop(tmp_path):
     save_tiny_model_dir(tmp_path / "model")  # the layout run() expects: model/, pairs.jsonl
     write(tmp_path / "pairs.jsonl", [tool_row(city) for city in ("Paris", "Rome", "Oslo",

@@ -57,8 +57,8 @@ def _same_response_count(examples, split: str) -> None:
 
 def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_records):
     """Read, convert, split and tokenize. Returns (train, eval, report dict, data shape).
-    ``tokenize(records, tokenizer, settings)`` is ``tokenize_records`` unless a model reads its
-    inputs another way (encoder reward models)."""
+    ``tokenize(records, tokenizer, settings, skipped=...)`` is ``tokenize_records`` unless a
+    model reads its inputs another way (encoder reward models)."""
     if not data_config.train:
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
@@ -82,28 +82,28 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     shape = data_shape(train_records)
     if data_config.curriculum:
         train_records = curriculum_order(train_records)
-    train, train_report = tokenize(train_records, tokenizer, settings)
+    train, train_report = tokenize(train_records, tokenizer, settings, skipped=skipped)
     if not train:
         raise DataError(f"no training example survived tokenization: {train_report.as_dict()}")
     _same_response_count(train, "train")
     report = {"shape": shape, "detected": detected, "train": train_report.as_dict()}
-    if skipped:
-        report["skipped_rows"] = {"count": len(skipped), "reasons": skipped[:10]}
-        print(f"data.on_error skip: left out {len(skipped)} malformed records; the first: "
-              f"{skipped[0]} (up to 10 reasons in data_report.json)")
     if train_report.identical_responses:
         print(f"warning: {train_report.identical_responses} of {train_report.records} training "
               "records have identical responses (e.g. chosen == rejected); they carry no "
               "preference signal")
     evaluation = []
     if eval_records:
-        evaluation, eval_report = tokenize(eval_records, tokenizer, settings)
+        evaluation, eval_report = tokenize(eval_records, tokenizer, settings, skipped=skipped)
         _same_response_count(evaluation, "eval")
         for example in evaluation:  # what answers to it are scored against, as scorers get it
             record = eval_records[example.index]
             example.prompt = scorer_prompt(record.prompts[0], example.images,
                                            getattr(record, "tools", ()))
         report["eval"] = eval_report.as_dict()
+    if skipped:  # as read, and as the chat template refused them
+        report["skipped_rows"] = {"count": len(skipped), "reasons": skipped[:10]}
+        print(f"data.on_error skip: left out {len(skipped)} malformed records; the first: "
+              f"{skipped[0]} (up to 10 reasons in data_report.json)")
     return train, evaluation, report, shape
 
 

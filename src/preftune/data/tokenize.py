@@ -114,12 +114,14 @@ def distinct_prompts(examples: Sequence[TokenizedExample]) -> list[TokenizedExam
 
 
 def tokenize_records(
-    records: Sequence, tokenizer, settings: TokenizeSettings, keep_empty: bool = False
+    records: Sequence, tokenizer, settings: TokenizeSettings, keep_empty: bool = False,
+    skipped: list | None = None,
 ) -> tuple[list[TokenizedExample], TokenizeReport]:
     """Tokenize records (``Pair``, ``JointPair``, ``Unpaired``, ``Ranked``, ``Rated``) into
     examples; returns them with a report of drops, truncations and merges. Records with an empty
     response are dropped for training; ``keep_empty`` keeps them (scoring a model's empty
-    answer: the response is EOS alone)."""
+    answer: the response is EOS alone). With a ``skipped`` list (``data.on_error: skip``), a
+    record the chat template refuses is left out and the reason appended there."""
     if settings.max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {settings.max_length}")
     if settings.max_prompt_length is not None and settings.max_prompt_length < 1:
@@ -136,7 +138,13 @@ def tokenize_records(
     examples: list[TokenizedExample] = []
     rendered: list[_Rendered] = []
     for index, record in enumerate(records):
-        item = _render(index, record, tokenizer, string_prefix, settings.mask_roles)
+        try:
+            item = _render(index, record, tokenizer, string_prefix, settings.mask_roles)
+        except DataError as error:
+            if skipped is None:
+                raise
+            skipped.append(str(error))
+            continue
         if any(not text.strip() for text in item.response_texts):
             report.empty_responses += 1
             if not keep_empty:

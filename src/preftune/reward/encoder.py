@@ -16,10 +16,12 @@ from ..data.records import DataError, plain_text
 from ..data.tokenize import TokenizedExample, TokenizeReport, TokenizeSettings
 
 
-def encoder_examples(records, tokenizer, settings: TokenizeSettings, keep_empty: bool = False):
+def encoder_examples(records, tokenizer, settings: TokenizeSettings, keep_empty: bool = False,
+                     skipped: list | None = None):
     """Records -> examples whose prompt is ``[CLS] prompt [SEP]`` and whose responses are
     ``response [SEP]``. Truncation keeps the end of the prompt and the start of the response.
-    Empty responses are dropped unless ``keep_empty`` (then they are ``[SEP]`` alone)."""
+    Empty responses are dropped unless ``keep_empty`` (then they are ``[SEP]`` alone); with a
+    ``skipped`` list a joint pair is left out and said there, else refused."""
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is None or sep_id is None:
         raise DataError("this encoder's tokenizer has no [CLS]/[SEP] tokens, which a "
@@ -28,9 +30,13 @@ def encoder_examples(records, tokenizer, settings: TokenizeSettings, keep_empty:
     examples = []
     for index, record in enumerate(records):
         if any(prompt != record.prompts[0] for prompt in record.prompts):
-            raise DataError(f"{record.origin}: a joint pair (one prompt per side) cannot be scored "
-                            "by an encoder reward model, whose inputs are one prompt and one "
-                            "response; use a decoder backbone or ordinary pairs.")
+            problem = (f"{record.origin}: a joint pair (one prompt per side) cannot be scored "
+                       "by an encoder reward model, whose inputs are one prompt and one "
+                       "response; use a decoder backbone or ordinary pairs.")
+            if skipped is None:
+                raise DataError(problem)
+            skipped.append(problem)
+            continue
         responses = [plain_text(r) for r in record.responses]
         if any(not text.strip() for text in responses):
             report.empty_responses += 1
