@@ -162,7 +162,7 @@ def _read_jsonl(path: str, bad_lines: list | None = None,
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # (a cut line's column stays on it)
             except UnicodeDecodeError as error:
                 problem = (f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte "
                            f"{error.start}). Re-save the file as UTF-8.")
