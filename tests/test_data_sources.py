@@ -295,3 +295,13 @@ def test_an_objectives_numeric_fields_are_checked_before_the_weights_load(tmp_pa
                                         r"chosen_score and rejected_score in every record"):
         loop.train(build_config(tree), show_progress=False)
     assert not (tmp_path / "run" / "config.yaml").exists()  # before anything was written
+
+
+def test_an_objectives_numeric_fields_may_be_written_as_text(tmp_path):
+    """"4.5" (as spreadsheets export) is a number for the fields objectives read; other text
+    stays out of the scores."""
+    path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r",
+                                               "chosen_score": "4.5", "rejected_score": "1",
+                                               "note": "7", "tie": "n/a"}])
+    (record,) = load_records(path)
+    assert record.scores == {"chosen_score": 4.5, "rejected_score": 1.0}

@@ -309,10 +309,21 @@ def _extras(row: dict, columns: dict, shape: str) -> dict:
     extras = {name: float(value) if isinstance(value, bool) else value
               for name, value in row.items()
               if name not in used and (is_number(value) or isinstance(value, bool))}
-    for name in NUMERIC_FIELDS:
-        if columns.get(name, name) != name and columns[name] in extras:
-            extras[name] = extras[columns[name]]
+    for name in NUMERIC_FIELDS:  # an objective's fields: also as text ("4.5"), and renamed
+        value = row.get(columns.get(name, name))
+        if isinstance(value, str):
+            value = _number_text(value)
+        if is_number(value) or isinstance(value, bool):
+            extras[name] = float(value)
     return extras
+
+
+def _number_text(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _expect_string(value, where: str, origin: str, mixed: bool) -> None:
