@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from preftune.data.convert import (CONVERSIONS, convert, curriculum_order, pairs_to_unpaired,
@@ -164,6 +166,21 @@ def test_lists_that_all_tie_make_no_pairs_and_say_so(tmp_path, tiny_tokenizer):
     config = build_config({"data": {"train": data, "convert": "pairs:best_vs_worst",
                                     "max_length": 32}})
     with pytest.raises(DataError, match=r"data.train: data.convert pairs:best_vs_worst made no "
-                                        r"records from the 2 read \(ranked lists whose scores "
-                                        r"all tie make no pair\)"):
+                                        r"records from the 2 read \(.*ties.jsonl:1, .*ties.jsonl"
+                                        r":2\): ranked lists whose scores all tie make no pair."):
         prepare_examples(config.data, tiny_tokenizer, seed=0)
+    # a held-out share that drew only tied lists: said as such (the user set no data.eval)
+    data = _ranked_file(tmp_path / "one_tie.jsonl", [("q0", [1, 1, 1])] + [
+        (f"q{k}", [3, 2, 1]) for k in range(1, 10)])
+    config = build_config({"data": {"train": data, "convert": "pairs:best_vs_worst",
+                                    "eval_fraction": 0.1, "max_length": 32}})
+    def held_out(seed):  # the record prepare_examples holds out (its shuffle of the order)
+        order = list(range(10))
+        random.Random(seed).shuffle(order)
+        return order[0]
+
+    seed = next(seed for seed in range(100) if held_out(seed) == 0)  # the tied list
+    with pytest.raises(DataError, match=r"made no records from the 1 records data.eval_fraction "
+                                        r"held out of data.train .* Raise data.eval_fraction, "
+                                        r"or give data.eval."):
+        prepare_examples(config.data, tiny_tokenizer, seed=seed)

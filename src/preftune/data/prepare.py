@@ -30,8 +30,14 @@ def _converted(records: list, data_config, seed: int, key: str) -> list:
         return records
     made = convert(records, data_config.convert, seed)
     if not made:
-        raise DataError(f"{key}: data.convert {data_config.convert} made no records from the "
-                        f"{len(records)} read (ranked lists whose scores all tie make no pair).")
+        held_out = key == "data.eval" and not data_config.eval
+        where = (f"the {len(records)} records data.eval_fraction held out of data.train"
+                 if held_out else f"the {len(records)} read")
+        origins = ", ".join(record.origin for record in records[:3])
+        raise DataError(f"{key}: data.convert {data_config.convert} made no records from "
+                        f"{where} ({origins}{', ...' if len(records) > 3 else ''}): ranked "
+                        "lists whose scores all tie make no pair."
+                        + (" Raise data.eval_fraction, or give data.eval." if held_out else ""))
     if len(made) != len(records):
         print(f"data: {key}: data.convert {data_config.convert}: {len(records)} records -> "
               f"{len(made)}")
