@@ -98,6 +98,12 @@ def test_data_inspect_reads_renamed_columns_with_column(files, tmp_path, capsys)
     assert main(["data", "inspect", str(prompts), "--model", str(files / "model"),
                  "--column", "prompt=text"]) == 0
     assert "records             2" in capsys.readouterr().out
+    # columns a prompts file has besides the prompt are named: responses under an unknown
+    # name (Nectar's answers) would otherwise be missed without a word
+    prompts.write_text('{"prompt": "q", "answers": [{"answer": "a", "rank": 1}]}\n')
+    assert main(["data", "inspect", str(prompts), "--model", str(files / "model")]) == 0
+    assert "not read            answers (if a column holds responses, name it with --column, " \
+        "e.g. responses=COLUMN)" in capsys.readouterr().out
 
 
 def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):

@@ -173,9 +173,10 @@ def inspect_prompts(path: str, tokenizer, settings, example: int | None = None,
     from .records import DataError, required_prompt
     from .sources import read_rows
 
+    read = list(read_rows(path, {prompt_column}))
     rows = [(origin, required_prompt(origin, row, prompt_column, (
         "is missing or empty; a prompts file holds one prompt (a string or a list of chat "
-        "messages) per record."))) for origin, row in read_rows(path, {prompt_column})]
+        "messages) per record."))) for origin, row in read]
     distinct = {repr(prompt) for _, prompt in rows}
     lengths = [len(ids) for ids in prompt_ids([p for _, p in rows], tokenizer, settings)]
     lines = [_row("source", path),
@@ -184,6 +185,10 @@ def inspect_prompts(path: str, tokenizer, settings, example: int | None = None,
              _row("records", len(rows)),
              _row("distinct prompts", f"{len(distinct)} (each is sampled once per round)"),
              _row("prompt tokens", f"{_stats(lengths)} (min / mean / max, rendered)")]
+    unread = [key for key in read[0][1] if key != prompt_column] if read else []
+    if unread:  # responses under names preftune does not know would be missed silently
+        lines.append(_row("not read", f"{', '.join(unread)} (if a column holds responses, "
+                                      "name it with --column, e.g. responses=COLUMN)"))
     if example is not None and not 0 <= example < len(rows):
         raise DataError(f"record {example} of {path} does not exist ({len(rows)} records)")
     shown = [example] if example is not None else range(min(3, len(rows)))
