@@ -321,15 +321,9 @@ def test_a_signal_outside_the_training_steps_ends_with_a_message(files, capsys, 
 
 
 def test_every_option_has_help_and_shows_its_default(capsys):
-    def parsers(parser, path=()):
-        yield path, parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    yield from parsers(sub, (*path, name))
-
-    undocumented = [(" ".join(path), action.option_strings) for path, parser in parsers(
-        build_parser()) for action in parser._actions if action.option_strings and not action.help]
+    undocumented = [(" ".join(path), action.option_strings)
+                    for path, parser in all_parsers(build_parser())
+                    for action in parser._actions if action.option_strings and not action.help]
     assert undocumented == []
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
