@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from .model.chat_template import chat_template_text
 
@@ -25,6 +26,20 @@ def refuse_unused(section: BaseModel, names, where: str, why: str) -> None:
         if name in section.model_fields_set and getattr(section, name) != default:
             raise ValueError(f"{where}.{name} does nothing {why}; remove it, or set what it "
                              "needs.")
+
+
+def params_problem(error: ValidationError, section: str, name: str, scheduled=(),
+                   end: str = "") -> str:
+    """The first problem of the parameters of a registered ``name`` (an objective, a loss) as
+    one line: ``section.key: what (got value)``, with ``.end`` after a key in ``scheduled``
+    (a schedule's end being checked); a check of several values together, under the name."""
+    first = error.errors()[0]
+    if not first["loc"]:
+        message = first["msg"].removeprefix("Value error, ")
+        return f"{section} {message if message.startswith(name) else f'{name}: {message}'}"
+    key = ".".join(map(str, first["loc"]))
+    where = f"{key}.{end}" if key in scheduled else key
+    return f"{section}.{where}: {first['msg']} (got {first.get('input')!r})"
 
 
 # numeric ranges, checked when the config is read (before any work)

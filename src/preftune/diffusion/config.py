@@ -12,6 +12,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..config import (Count, Fraction, LoraConfig, NonNegative, RunConfig, Section,
                       TrainConfig, _unknown)
+from ..config_model import params_problem
 from .losses import get_diffusion_loss
 
 # TrainConfig keys about token layouts and log-prob chunks: no meaning for a denoiser
@@ -98,9 +99,7 @@ class DiffusionObjectiveConfig(BaseModel):
         try:
             self.params()
         except ValidationError as error:
-            first = error.errors()[0]
-            raise ValueError(f"objective.{'.'.join(map(str, first['loc']))}: {first['msg']} "
-                             f"(got {first.get('input')!r})") from None
+            raise ValueError(params_problem(error, "objective", self.name)) from None
         return self
 
     def params(self):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import TypeAdapter, ValidationError
 
+from ..config_model import params_problem
 from .registry import ObjectiveInputs, ObjectiveOutput, ObjectiveSpec, get_objective
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -57,14 +58,8 @@ def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
             TypeAdapter(spec.params).validate_python(
                 {k: v[end] if isinstance(v, dict) else v for k, v in raw.items()})
         except ValidationError as error:
-            first = error.errors()[0]
-            if not first["loc"]:  # the params' own check of several values together
-                message = first["msg"].removeprefix("Value error, ")
-                named = message if message.startswith(spec.name) else f"{spec.name}: {message}"
-                raise ValueError(f"objective {named}") from None
-            key = str(first["loc"][0])
-            where = f"{key}.{end}" if isinstance(raw.get(key), dict) else key
-            raise ValueError(f"objective.{where}: {first['msg']} (got {first.get('input')!r})"
+            scheduled = [key for key, value in raw.items() if isinstance(value, dict)]
+            raise ValueError(params_problem(error, "objective", spec.name, scheduled, end)
                              ) from None
 
 

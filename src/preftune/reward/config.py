@@ -11,7 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Positive, RunConfig,
                       Section, TrainConfig, _unknown, check_data_and_train)
-from ..config_model import refuse_unused
+from ..config_model import params_problem, refuse_unused
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS, is_number
 from ..data.sources import read_rows
@@ -73,9 +73,7 @@ class RewardLossConfig(BaseModel):
         try:
             TypeAdapter(spec.params).validate_python(self.model_extra or {})
         except ValidationError as error:
-            first = error.errors()[0]
-            raise ValueError(f"loss.{'.'.join(map(str, first['loc']))}: {first['msg']} "
-                             f"(got {first.get('input')!r})") from None
+            raise ValueError(params_problem(error, "loss", self.name)) from None
         return self
 
     def params(self):
