@@ -255,8 +255,9 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
         config.data, tokenizer, cfg.seed)
     if cfg.example_weight_field:
         check_example_weights(train_examples + eval_examples, cfg.example_weight_field)
-    check_objective_scores(train_examples + eval_examples,
-                           Objective.from_config(config.objective, total_steps=1))
+    total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)
+    objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
+    check_objective_scores(train_examples + eval_examples, objective)
     model = load_policy(config, tokenizer, accelerator)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
@@ -268,8 +269,6 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length,
                                    pad_to_multiple_of=row_multiple(config),
                                    images=getattr(tokenizer, "image_inputs", None))
-    total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)
-    objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
     if objective.kl_completions:
         train_examples = with_mismatched_completions(train_examples, config.data.max_length)
         eval_examples = with_mismatched_completions(eval_examples, config.data.max_length)
