@@ -312,13 +312,14 @@ def _extras(row: dict, columns: dict, shape: str) -> dict:
     for name in NUMERIC_FIELDS:  # an objective's fields: also as text ("4.5"), and renamed
         value = row.get(columns.get(name, name))
         if isinstance(value, str):
-            value = _number_text(value)
+            value = number_in_text(value)
         if is_number(value) or isinstance(value, bool):
             extras[name] = float(value)
     return extras
 
 
-def _number_text(text: str):
+def number_in_text(text: str) -> float | None:
+    """The finite number ``text`` spells ("4.5"), else None."""
     try:
         value = float(text)
     except ValueError:

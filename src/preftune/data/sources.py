@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import math
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -21,7 +20,8 @@ from .hub import DATA_EXTENSIONS, Source, locate
 from .images import attach_images
 from .tools import attach_tools
 from .records import SHAPES, DataError
-from .shapes import CANONICAL_FIELDS, NUMERIC_FIELDS, TEXT_FIELDS, describe, parse_row
+from .shapes import (CANONICAL_FIELDS, NUMERIC_FIELDS, TEXT_FIELDS, describe, number_in_text,
+                     parse_row)
 
 FORMATS = ("auto", "standard", "conversational", "implicit")
 
@@ -240,11 +240,8 @@ def _read_csv(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
 
 def _csv_number(value: str) -> Any:
     # CSV has no types: extra columns that hold numbers become numbers so scores survive
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return number if math.isfinite(number) else value
+    number = number_in_text(value)
+    return value if number is None else number
 
 
 def _read_saved_dataset(path: str, split: str | None) -> Iterator[tuple[str, Any]]:
