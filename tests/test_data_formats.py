@@ -340,7 +340,7 @@ def test_text_content_parts_are_read_as_text(tmp_path):
     (record,) = load_records(str(path))
     assert record.prompt == [{"role": "user", "content": "Hello there"}]
     assert record.chosen == [{"role": "assistant", "content": "Hi"}]
-    from preftune.data.shapes import _messages
+    from preftune.data.messages import read_messages
 
-    assert _messages(rows[1]["prompt"], "prompt", "x:1")[0]["content"] == [{"type": "image"},
-                                                                           *parts]
+    assert read_messages(rows[1]["prompt"], "prompt", "x:1")[0]["content"] == [
+        {"type": "image"}, *parts]

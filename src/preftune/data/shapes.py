@@ -17,7 +17,7 @@ from typing import Any
 
 from .dialogues import FIELDS_HINT, split_dialogues, strip_gold
 from .records import DataError, JointPair, Pair, Ranked, Rated, Unpaired, describe
-from .tools import check_tool_calls
+from .messages import read_messages
 
 JOINT_PROMPT_FIELDS = ("chosen_prompt", "rejected_prompt")  # a joint pair's prompt per side
 SHAPE_FIELDS = {
@@ -60,9 +60,9 @@ def _to_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) ->
     gold = row.get(columns["gold"])
     if format == "implicit":
         prompt, chosen, rejected = split_dialogues(chosen, rejected, row.get(columns["prompt"]),
-                                                   columns, origin, _messages)
+                                                   columns, origin, read_messages)
         if gold is not None:
-            gold = strip_gold(gold, prompt, columns["gold"], origin, _messages)
+            gold = strip_gold(gold, prompt, columns["gold"], origin, read_messages)
     else:
         prompt = _prompt(row, columns, format, origin, mixed)
         chosen = _reply(chosen, columns, "chosen", format, origin, mixed)
@@ -227,7 +227,7 @@ def _prompt(row: dict, columns: dict, format: str, origin: str, mixed: bool,
             f"expects a list of {{role, content}} messages, got {describe(prompt)}. "
             f"Use format='standard' for plain-string prompts."
         )
-    return _messages(prompt, column, origin)
+    return read_messages(prompt, column, origin)
 
 
 def _reply(value: Any, columns: dict, canonical: str, format: str, origin: str, mixed: bool,
@@ -348,61 +348,11 @@ def _mismatch(origin: str, expected: str, found: str) -> None:
     )
 
 
-def _messages(value: list, column: str, origin: str) -> list:
-    if not value:
-        raise DataError(f"{origin}: field {column!r}: empty message list; expected at least one "
-                        f"{{role, content}} message.")
-    messages = []
-    for position, message in enumerate(value):
-        where = f"{origin}: field {column!r}, message {position}"
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: expected an object with 'role' and 'content', got "
-                            f"{describe(message)}.")
-        calls = message.get("tool_calls")
-        if calls is not None:
-            check_tool_calls(calls, where)
-        for key in ("role", "content"):
-            if key == "content" and calls is not None and message.get(key) is None:
-                continue  # a message that only calls tools has no text
-            if key not in message or message[key] is None:
-                raise DataError(
-                    f"{where}: missing {key!r} (keys present: "
-                    f"{', '.join(repr(k) for k in message) or 'none'}). Messages must look like "
-                    f"{{\"role\": \"user\", \"content\": \"...\"}}."
-                )
-            if not isinstance(message[key], str) and not (key == "content"
-                                                          and _content_parts(message[key], where)):
-                raise DataError(f"{where}: {key!r} must be a string, got "
-                                f"{describe(message[key])}.")
-        # keep every key (some chat templates read e.g. "name"); drop nulls that columnar
-        # formats add for keys other rows have
-        kept = {k: v for k, v in message.items() if v is not None}
-        if isinstance(kept.get("content"), list) and all(
-                part["type"] == "text" for part in kept["content"]):  # text parts: text
-            kept["content"] = "".join(part["text"] for part in kept["content"])
-        messages.append(kept)
-    return messages
-
-
-def _content_parts(content: Any, where: str) -> bool:
-    """True for a list of content parts (``{"type": "text", "text": ...}`` or
-    ``{"type": "image", ...}``, the multimodal message format); an error names a bad part."""
-    if not isinstance(content, list) or not content:
-        return False
-    for p, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
-            continue
-        raise DataError(f"{where}: 'content' part {p}: expected {{\"type\": \"text\", "
-                        f"\"text\": ...}} or {{\"type\": \"image\"}}, got {describe(part)}.")
-    return True
-
-
 def _response(value: Any, column: str, origin: str) -> str | list:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _messages(value, column, origin)
+        return read_messages(value, column, origin)
     raise DataError(
         f"{origin}: field {column!r}: expected a string or a list of {{role, content}} messages, "
         f"got {describe(value)}. Fix the record."

@@ -1,0 +1,61 @@
+"""A record's chat messages as read from a data file: checked by message and field, and
+made plain for chat templates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .records import DataError, describe
+from .tools import check_tool_calls
+
+
+def read_messages(value: list, column: str, origin: str) -> list:
+    """A record's message list checked ({role, content} each; tool calls; content parts) and
+    made plain: nulls that columnar formats add dropped, text-only parts joined into text."""
+    if not value:
+        raise DataError(f"{origin}: field {column!r}: empty message list; expected at least one "
+                        f"{{role, content}} message.")
+    messages = []
+    for position, message in enumerate(value):
+        where = f"{origin}: field {column!r}, message {position}"
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: expected an object with 'role' and 'content', got "
+                            f"{describe(message)}.")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            check_tool_calls(calls, where)
+        for key in ("role", "content"):
+            if key == "content" and calls is not None and message.get(key) is None:
+                continue  # a message that only calls tools has no text
+            if key not in message or message[key] is None:
+                raise DataError(
+                    f"{where}: missing {key!r} (keys present: "
+                    f"{', '.join(repr(k) for k in message) or 'none'}). Messages must look like "
+                    f"{{\"role\": \"user\", \"content\": \"...\"}}."
+                )
+            if not isinstance(message[key], str) and not (key == "content"
+                                                          and _content_parts(message[key], where)):
+                raise DataError(f"{where}: {key!r} must be a string, got "
+                                f"{describe(message[key])}.")
+        # keep every key (some chat templates read e.g. "name"); drop nulls that columnar
+        # formats add for keys other rows have
+        kept = {k: v for k, v in message.items() if v is not None}
+        if isinstance(kept.get("content"), list) and all(
+                part["type"] == "text" for part in kept["content"]):  # text parts: text
+            kept["content"] = "".join(part["text"] for part in kept["content"])
+        messages.append(kept)
+    return messages
+
+
+def _content_parts(content: Any, where: str) -> bool:
+    """True for a list of content parts (``{"type": "text", "text": ...}`` or
+    ``{"type": "image", ...}``, the multimodal message format); an error names a bad part."""
+    if not isinstance(content, list) or not content:
+        return False
+    for p, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image" or (kind == "text" and isinstance(part.get("text"), str)):
+            continue
+        raise DataError(f"{where}: 'content' part {p}: expected {{\"type\": \"text\", "
+                        f"\"text\": ...}} or {{\"type\": \"image\"}}, got {describe(part)}.")
+    return True
