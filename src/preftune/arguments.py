@@ -51,3 +51,16 @@ def add_column_option(parser: argparse.ArgumentParser, *aliases: str,
                         metavar="KEY=COLUMN",
                         help=f"read field KEY from a column of another name (repeatable), "
                              f"e.g. {example}; what a config's data.fields does")
+
+
+def add_tokenize_options(parser: argparse.ArgumentParser) -> None:
+    """How records become tokens, as a config's data.max_length, data.max_prompt_length and
+    model.chat_template: --max-length, --max-prompt-length, --chat-template."""
+    parser.add_argument("--max-length", type=POSITIVE, default=1024,
+                        help="prompt + response tokens, as data.max_length (longer records "
+                             "are cut as in training)")
+    parser.add_argument("--max-prompt-length", type=POSITIVE,
+                        help="default: 512, or half of --max-length when that is 512 or less")
+    parser.add_argument("--chat-template", metavar="FILE_OR_TEXT",
+                        help="model.chat_template: render message lists with this template "
+                             "(a .jinja file or the Jinja text) instead of the tokenizer's")

@@ -11,7 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .arguments import CONFIG_KINDS, COUNT, POSITIVE, add_column_option
+from .arguments import (CONFIG_KINDS, COUNT, POSITIVE, add_column_option,
+                        add_tokenize_options)
 
 
 def _train(args) -> None:
@@ -217,15 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "demo's checkers) or module:function(prompt, response) -> float")
     evaluate.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="pairs (or prompts) per forward pass")
-    evaluate.add_argument("--max-length", type=POSITIVE, default=1024,
-                          help="prompt + response tokens; longer pairs are truncated as in "
-                               "training")
-    evaluate.add_argument("--max-prompt-length", type=POSITIVE,
-                          help="default: 512, or half of --max-length when that is 512 or less")
+    add_tokenize_options(evaluate)
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
-    evaluate.add_argument("--chat-template", metavar="FILE_OR_TEXT",
-                          help="chat template (a .jinja file or the Jinja text) for "
-                               "conversational data when the model's tokenizer has none")
     evaluate.set_defaults(run=_eval)
 
     from .data.cli import add_data_commands

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..arguments import COUNT, POSITIVE, add_column_option
+from ..arguments import COUNT, POSITIVE, add_column_option, add_tokenize_options
 
 
 def _inspect(args) -> None:
@@ -82,13 +82,7 @@ def add_data_commands(commands) -> None:
     inspect.add_argument("--format", default="auto",
                          choices=["auto", "standard", "conversational", "implicit"],
                          help="how the text fields are read, as data.format")
-    inspect.add_argument("--max-length", type=POSITIVE, default=1024,
-                         help="prompt + response tokens, as data.max_length")
-    inspect.add_argument("--max-prompt-length", type=POSITIVE,
-                         help="default: 512, or half of --max-length when that is 512 or less")
-    inspect.add_argument("--chat-template", metavar="FILE_OR_TEXT",
-                         help="model.chat_template: render message lists with this template "
-                              "(a .jinja file or the Jinja text) instead of the tokenizer's")
+    add_tokenize_options(inspect)
     inspect.set_defaults(run=_inspect)
     synthetic = command(data_commands, "synthetic", "write the demo's checkable tasks as "
                         "preference pairs (train.jsonl, eval.jsonl)",
