@@ -98,6 +98,18 @@ def test_log_probs_and_gradients_equal_the_models_own_in_every_layout(model_type
             torch.testing.assert_close(p.grad, plain_grads[name], atol=2e-5, rtol=1e-4)
 
 
+def test_the_mask_probe_runs_experts_per_token_and_gives_the_model_its_kernels_back():
+    """Grouped expert kernels round a token's result by which other tokens share its expert:
+    the probe computes experts per token, then restores the model's choice."""
+    model = build("mixtral", *ATTENTION_MODELS["mixtral"])
+    decoder, config = decoder_of(model)
+    if getattr(config, "_experts_implementation", None) is None:
+        pytest.skip("this transformers has one experts kernel")
+    model.set_experts_implementation("grouped_mm")
+    assert mask_leak(decoder, config, "prefix_shared") == 0.0
+    assert config._experts_implementation == "grouped_mm"
+
+
 def test_sliding_windows_are_read_by_layer_type_and_refused_where_they_cannot_be_built():
     from preftune.model.forward import attention_windows
     from preftune.model.verify import check_windows

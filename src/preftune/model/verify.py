@@ -48,19 +48,32 @@ _CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 HEAD_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.25}
 
 
+GROUPED_EXPERTS = ("eager", "grouped_mm")  # transformers' experts kernels over token groups
+
+
 @contextlib.contextmanager
 def _probe(module: nn.Module):
-    """Eval mode, no gradients and deterministic kernels (warn-only) while a probe runs."""
+    """Eval mode, no gradients and deterministic kernels (warn-only) while a probe runs.
+
+    Mixture-of-experts layers compute each token's experts one token at a time (transformers'
+    "batched_mm") meanwhile: grouped kernels round a token's result differently as the other
+    tokens routed to its expert change, which the probe would take for a leak."""
     training = module.training
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
+    experts = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    per_token = experts in GROUPED_EXPERTS and hasattr(module, "set_experts_implementation")
     module.eval()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if per_token:
+        module.set_experts_implementation("batched_mm")
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no deterministic implementation" notices
             yield
     finally:
+        if per_token:
+            module.set_experts_implementation(experts)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         module.train(training)
 
