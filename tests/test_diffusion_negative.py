@@ -42,7 +42,9 @@ def test_guidance_steers_away_from_the_negative_prompt(pipes):
             away = model.predict(model.denoiser, x, t.expand(1), negative)
             toward = model.predict(model.denoiser, x, t.expand(1), prompt)
             x = scheduler.step(away + 3.0 * (toward - away), t, x).prev_sample
-    torch.testing.assert_close(ours, x.clamp(-1, 1), rtol=1e-4, atol=1e-5)
+    # (ours runs both prompts in one batch: its rounding differs by the CPU's kernels, and
+    # four steps grow it to ~3e-5 on some)
+    torch.testing.assert_close(ours, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
     empty = sample_images(model, ["a red circle"], [4], steps=4, guidance_scale=3.0)
     assert (empty - ours).abs().max() > 1e-3  # the negative prompt is used
 

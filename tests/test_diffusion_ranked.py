@@ -128,7 +128,8 @@ def test_each_list_alone_gives_the_batched_loss(files, tmp_path):
     together, _ = task.losses(task.module, task.make_batch(task.train_examples), step=5)
     alone = torch.cat([task.losses(task.module, task.make_batch([ranked]), step=5)[0]
                        for ranked in task.train_examples])
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-7)
+    # (other batch mates, other kernel blocking: ~1e-5 relative on some CPUs)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-7)
     assert (together > 0).all()
 
 

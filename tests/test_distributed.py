@@ -75,8 +75,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
         # (other batch mates, other padding: equal up to float rounding)
         torch.testing.assert_close(split["logps"], whole["logps"], rtol=1e-6, atol=1e-5)
     ours, theirs = final_weights(two), final_weights(one)
-    for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    for name in theirs:  # (PiSSA's SVD rounds by the thread count: one process has two here)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0,
+                                   atol=1e-5 if adapter == "pissa+" else 1e-6, msg=name)
     if adapter == "answers":  # written once, the same answers as one process gives
         answers = [(two / "eval_generations.jsonl").read_text(),
                    (one / "eval_generations.jsonl").read_text()]

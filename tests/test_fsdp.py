@@ -122,12 +122,14 @@ def test_fsdp2_trains_part_of_a_model_like_one_process(workspace, tmp_path, mode
     assert done.returncode == 0, done.stderr[-4000:]
     two = one.parent / name
     assert losses(two) == pytest.approx(losses(one), rel=1e-6)
-    assert_same_weights(two, one, atol=1e-6)
+    # (PiSSA's SVD rounds by the thread count: the processes have one each, this one two)
+    atol = 1e-5 if model.get("lora", {}).get("init") == "pissa" else 1e-6
+    assert_same_weights(two, one, atol=atol)
     if "lora" in model:  # the adapter, converted to one of the original base
         ours, theirs = (load_file(out / "adapter" / "adapter_model.safetensors")
                         for out in (two, one))
         for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=atol, msg=key)
 
 
 def checkpoints_cross_between_sharded_and_one_process(workspace, tmp_path, monkeypatch,
