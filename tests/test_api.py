@@ -29,19 +29,6 @@ def files(tmp_path_factory):
     return yes_no_workspace(root, with_config=True)
 
 
-@pytest.fixture
-def registries():
-    """Objectives and scorers registered by a test are forgotten after it."""
-    from preftune.objectives.registry import REGISTRY
-    from preftune.score.function import SCORERS
-
-    saved = dict(REGISTRY), dict(SCORERS)
-    yield
-    for registry, before in zip((REGISTRY, SCORERS), saved):
-        registry.clear()
-        registry.update(before)
-
-
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from test_train_loop import (crashed_run, final_weights, losses, run,  # noqa: F401
                              workspace)
 
@@ -218,3 +219,33 @@ def test_processes_that_cannot_see_each_other_are_stopped(workspace, tmp_path): 
     assert "2 processes were launched but each runs alone" in done.stderr
     assert "ACCELERATE_USE_CPU=true" in done.stderr
     assert not (workspace / "runs" / "alone").exists()
+
+
+@pytest.mark.parametrize("name", ["bco", "group_robust_dpo"])
+def test_an_objective_state_counts_every_process_like_one_process(workspace, tmp_path,  # noqa: F811
+                                                                  name):
+    """BCO's running mean and group-robust DPO's weights take in both processes' rewards and
+    losses: the same state, losses and weights as one process with the global batch."""
+    from test_objective_state import stateful_settings
+
+    one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
+              train__save_every=2, **stateful_settings(name, workspace))
+    tree = yaml.safe_load((one / "config.yaml").read_text())
+    tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "preftune", "train", str(config)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two"
+    states = [load_file(run_dir / "checkpoints" / "step-00000002" / "objective.safetensors")
+              for run_dir in (two, one)]
+    assert states[0].keys() == states[1].keys()
+    for key in states[1]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-5, atol=0, msg=key)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    ours, theirs = final_weights(two), final_weights(one)
+    for weight in theirs:  # (Adam magnifies the rounding of gradient entries near 0: ~1e-5)
+        torch.testing.assert_close(ours[weight], theirs[weight], rtol=0, atol=1e-4, msg=weight)

@@ -22,13 +22,14 @@ from .diffusion import require_diffusers
 from .diffusion.config import DiffusionConfig
 from .objectives.common import FlipRate, NonNegative, Positive, Share
 from .objectives.registry import NoParams, ObjectiveInputs, ObjectiveOutput, register_objective
+from .objectives.state import ObjectiveState, RunningMean
 from .online.config import OnlineConfig
 from .reward.config import RewardConfig
 from .score import load_scorer, register_scorer
 
 __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "NonNegative",
-           "ObjectiveInputs", "ObjectiveOutput", "OnlineConfig", "Positive", "RewardConfig",
-           "Share", "compare", "evaluate",
+           "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState", "OnlineConfig", "Positive",
+           "RewardConfig", "RunningMean", "Share", "compare", "evaluate",
            "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "register_objective",
            "register_scorer", "run_online", "score_with_reward_model", "train",
            "train_diffusion", "train_reward_model", "write_report"]

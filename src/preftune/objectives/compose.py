@@ -10,7 +10,7 @@ Config forms this reads (values of ``objective`` in YAML):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -68,6 +68,7 @@ class Term:
     spec: ObjectiveSpec
     raw_params: dict
     weight: float
+    state: object = None  # the spec's declared state, made by Objective
 
     def __post_init__(self):
         self._adapter = TypeAdapter(self.spec.params)
@@ -86,10 +87,13 @@ class Objective:
     """A weighted sum of registered objectives, presented to the loop as one objective.
 
     Its needs are the union of its terms' needs; the implied rewards (and so the logged
-    rewards, margins and accuracies) are those of the first term.
+    rewards, margins and accuracies) are those of the first term. Terms that keep a state
+    across steps (``ObjectiveSpec.state``) get theirs made from ``examples``, the training
+    data (none when it is made while training); ``state_dict`` holds them all.
     """
 
-    def __init__(self, terms: list[Term], total_steps: int, example_weight_field: str | None):
+    def __init__(self, terms: list[Term], total_steps: int, example_weight_field: str | None,
+                 examples=()):
         shapes = {term.spec.data for term in terms}
         if len(shapes) > 1:
             raise ValueError(f"objectives {[t.spec.name for t in terms]} need different data "
@@ -104,15 +108,19 @@ class Objective:
         self.reference_distributions = any(t.spec.reference_distributions for t in terms)
         self.extra_references = any(t.spec.extra_references for t in terms)
         self.data = shapes.pop()
+        for term in terms:
+            term.state = term.spec.state(examples) if term.spec.state is not None else None
+        self.has_state = any(term.state is not None for term in terms)
         self.name = " + ".join(
             t.spec.name if t.weight == 1 and i == 0 else f"{t.weight:g}*{t.spec.name}"
             for i, t in enumerate(terms))
 
     @classmethod
-    def from_config(cls, objective_config, total_steps: int, example_weight_field=None):
+    def from_config(cls, objective_config, total_steps: int, example_weight_field=None,
+                    examples=()):
         terms = [Term(get_objective(item.name), dict(item.model_extra or {}), item.weight)
                  for item in objective_config]
-        return cls(terms, total_steps, example_weight_field)
+        return cls(terms, total_steps, example_weight_field, examples)
 
     def params_at(self, step: int) -> dict:
         return {t.spec.name: t.params_at(step, self.total_steps) for t in self.terms}
@@ -121,7 +129,8 @@ class Objective:
         """Combined output and each term's mean loss (for logging when there are several)."""
         losses, rewards, parts = 0.0, None, {}
         for term in self.terms:
-            output = term.spec(inputs, term.params_at(inputs.step, self.total_steps))
+            given = inputs if term.state is None else replace(inputs, state=term.state)
+            output = term.spec(given, term.params_at(inputs.step, self.total_steps))
             losses = losses + term.weight * output.losses
             rewards = output.rewards if rewards is None else rewards
             if len(self.terms) > 1:
@@ -130,3 +139,15 @@ class Objective:
             # check_example_weights; here it would read the device every step)
             losses = losses * inputs.scores[self.example_weight_field].to(losses)
         return ObjectiveOutput(losses, rewards), parts
+
+    def state_dict(self) -> dict:
+        """The states of the terms that keep one, keyed ``<term index>.<name>``."""
+        return {f"{i}.{name}": value for i, term in enumerate(self.terms) if term.state is not None
+                for name, value in term.state.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, term in enumerate(self.terms):
+            if term.state is not None:
+                prefix = f"{i}."
+                term.state.load_state_dict({name[len(prefix):]: value for name, value
+                                            in state.items() if name.startswith(prefix)})

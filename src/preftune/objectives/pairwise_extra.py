@@ -24,6 +24,7 @@ from .common import (
     required_scores,
 )
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
+from .state import GroupWeights
 
 
 @dataclass
@@ -127,34 +128,27 @@ class GroupRobustDPOParams:
     step_size: NonNegative = 0.01
 
 
-def group_weights(group_losses: torch.Tensor, step_size: float) -> torch.Tensor:
-    """One exponentiated-gradient step from uniform: alpha_g = softmax(eta L_g) (no gradient)."""
-    return torch.softmax(step_size * group_losses.detach(), dim=0)
-
-
 @objective("group_robust_dpo", params=GroupRobustDPOParams, needs_reference=True,
-           paper="arXiv:2405.20304", scores=("group",))
+           paper="arXiv:2405.20304", scores=("group",), state=GroupWeights)
 def group_robust_dpo(inputs: ObjectiveInputs, params: GroupRobustDPOParams) -> ObjectiveOutput:
     """Group Robust DPO (GRPO of Ramesh et al., not DeepSeek's): DPO with worst-group emphasis.
 
-    l_i = -log sigmoid(beta h_i); L_g = mean of l_i over the batch examples of group g;
-    alpha = softmax_g(eta L_g) over the groups in the batch (detached); objective sum_g alpha_g L_g,
-    returned per example as l_i alpha_g(i) E / N_g(i) so the batch mean equals it (E examples,
-    N_g of them in group g). r(y) = beta rho(y). Group ids are inputs.scores group.
-    Batch version: objectives are pure functions, so the weights start uniform in every batch
-    and take one mirror-ascent step there. The paper (rsshyam/GRPO) keeps alpha across steps
-    (alpha <- alpha exp(eta L), normalised) and may scale L_g by dataset group counts; with
-    micro-batches, each micro-batch weighs its own groups.
+    l_i = -log sigmoid(beta h_i); L_g = mean of l_i over the batch examples of group g (0 for a
+    group the batch lacks); mirror ascent on the group weights, kept across steps:
+    alpha <- alpha exp(eta L) / sum, from uniform over the training data's groups; objective
+    sum_g alpha_g L_g, returned per example as l_i alpha_g(i) E / N_g(i) so the batch mean
+    equals it (E examples, N_g of them in group g). r(y) = beta rho(y). Group ids are
+    inputs.scores group. alpha takes its step on every training micro-batch (all processes'
+    losses counted) before it weighs it; it is checkpointed with the run, and evaluation
+    weighs groups by it as training left it. Groups that fare worst gain weight step after
+    step, so the policy cannot trade one group's loss for another's average gain. The
+    dataset-count scaling of L_g (rsshyam/GRPO's divide_by_totalcount) is not offered.
     """
     (group,) = required_scores(inputs, ("group",), "group_robust_dpo")
     rewards = params.beta * log_ratios(inputs)
     losses = -F.logsigmoid(chosen_minus_rejected(rewards))
-    ids, index, counts = torch.unique(group, return_inverse=True, return_counts=True)
-    group_losses = torch.zeros(len(ids), dtype=losses.dtype, device=losses.device)
-    group_losses = group_losses.index_add(0, index, losses.detach()) / counts.to(losses)
-    alpha = group_weights(group_losses, params.step_size)
-    scale = alpha[index] * len(losses) / counts.to(losses)[index]
-    return ObjectiveOutput(losses * scale, rewards)
+    weights = inputs.state.weights(group, losses, params.step_size, update=inputs.training)
+    return ObjectiveOutput(losses * weights, rewards)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ..model.forward import SequenceStats
+from .state import ObjectiveState
 
 DATA_SHAPES = ("pairs", "unpaired", "ranked")
 
@@ -26,6 +27,8 @@ class ObjectiveInputs:
     scores: dict = field(default_factory=dict)
     step: int = 0
     extra_references: list[SequenceStats] = field(default_factory=list)  # reference.extra_models
+    state: object = None  # the objective's declared state (objectives.state), kept across steps
+    training: bool = True  # False in evaluation: a state is read, not updated
 
 
 @dataclass
@@ -56,10 +59,12 @@ class ObjectiveSpec:
     online_builder: str | None = None  # online rounds must build its data with this builder
     online_win_probs: bool = False  # online rounds must add each response's win probability
     scores: tuple = ()  # numeric fields every record must carry (checked as the data is read)
+    state: type | None = None  # what it keeps across steps (an objectives.state.ObjectiveState)
 
     @property
     def summary(self) -> str:
-        return (self.fn.__doc__ or "").strip().splitlines()[0]
+        lines = (self.fn.__doc__ or "").strip().splitlines()
+        return lines[0] if lines else ""
 
     def defaults(self) -> dict:
         return dataclasses.asdict(self.params())
@@ -67,6 +72,8 @@ class ObjectiveSpec:
     def __call__(self, inputs: ObjectiveInputs, params) -> ObjectiveOutput:
         if self.needs_reference and inputs.reference is None:
             raise ValueError(f"objective {self.name!r} needs reference log-probs")
+        if self.state is not None and inputs.state is None:  # called on its own: a fresh state
+            inputs = dataclasses.replace(inputs, state=self.state())
         output = self.fn(inputs, params)
         examples = inputs.policy.logps.shape[0]  # shapes are known on the host: no device read
         if not isinstance(output, ObjectiveOutput) or output.losses.shape != (examples,):
@@ -83,7 +90,8 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
               kl_completions=False, reference_distributions=False, extra_references=False,
-              image_negatives=False, online_builder=None, online_win_probs=False, scores=()):
+              image_negatives=False, online_builder=None, online_win_probs=False, scores=(),
+              state=None):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -98,10 +106,16 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     (``online.pairs.builder``); ``online_win_probs``: they carry win probabilities.
     ``scores``: the numeric record fields it reads from ``inputs.scores`` (odpo's
     chosen_score, ...): a record without one is refused as the data is read.
+    ``state``: an ``objectives.state.ObjectiveState`` subclass; the loop makes one per run,
+    passes it as ``inputs.state``, checkpoints it, and sets ``inputs.training`` False in
+    evaluation, where it is only read (BCO's running mean, group-robust DPO's weights).
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
     _check_params(name, params)
+    if state is not None and not (isinstance(state, type) and issubclass(state, ObjectiveState)):
+        raise TypeError(f"objective {name!r}: state={state!r} is not a subclass of "
+                        "preftune.ObjectiveState")
 
     def register(fn):
         if name in REGISTRY:
@@ -109,7 +123,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
         REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
                                        kl_completions, reference_distributions, extra_references,
                                        image_negatives, online_builder, online_win_probs,
-                                       tuple(scores))
+                                       tuple(scores), state)
         return fn
 
     return register

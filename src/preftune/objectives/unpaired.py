@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .common import NonNegative, Positive, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
+from .state import RunningMean
 
 
 def _desirable(inputs: ObjectiveInputs, name: str) -> torch.Tensor:
@@ -80,24 +81,26 @@ class BCOParams:
     beta: Positive = 0.01  # paper (via the TRL paper index); TRL's BCOConfig default was 0.1
 
 
-@objective("bco", params=BCOParams, needs_reference=True, data="unpaired", paper="arXiv:2404.04656")
+@objective("bco", params=BCOParams, needs_reference=True, data="unpaired", paper="arXiv:2404.04656",
+           state=RunningMean)
 def bco(inputs: ObjectiveInputs, params: BCOParams) -> ObjectiveOutput:
     """Binary Classifier Optimization (BCO): a logistic classifier on the shifted implied reward.
 
     desirable: loss = -log sigmoid(r(y) - delta), undesirable: loss = -log sigmoid(-(r(y) - delta)),
     r(y) = beta rho(y). The implied reward is the logit of "this completion is desirable";
     delta (the reward shift) centres the classifier so that it separates the two labels rather
-    than moving all rewards one way. The paper (and TRL's former BCOTrainer) uses a running
-    mean of all rewards over training for delta; an objective here is a pure function with no
-    state, so delta is the detached mean of this micro-batch's rewards over both labels. That is
-    noisier for small batches and depends on how a step is split into micro-batches (TRL updated
-    its running mean with the batch before using it, so its first step equals this one).
+    than moving all rewards one way. delta is the running mean of every reward of both labels
+    seen in training so far, this micro-batch's included (updated before it is used, as in
+    TRL's former BCOTrainer; every process's rewards count), detached. It is checkpointed and
+    resumed with the run; evaluation uses it as training left it. (TRL averaged per-batch
+    means; this is the mean over rewards, equal when batches are equal.)
     Underlying distribution matching (UDM: density-ratio weights for undesirable examples from a
     prompt classifier) is not computed here; precomputed weights can be passed per example
     with train.example_weight_field.
     """
     desirable = _desirable(inputs, "bco")
     rewards = params.beta * log_ratios(inputs)
-    shifted = rewards[:, 0] - rewards[:, 0].detach().mean()
+    delta = inputs.state.update(rewards[:, 0]) if inputs.training else inputs.state.mean
+    shifted = rewards[:, 0] - delta
     losses = torch.where(desirable, -F.logsigmoid(shifted), -F.logsigmoid(-shifted))
     return ObjectiveOutput(losses, rewards)

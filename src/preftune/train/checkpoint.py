@@ -1,8 +1,9 @@
 """Atomic training checkpoints and the final model directory.
 
 A checkpoint holds exactly what resuming needs: trainable weights, optimizer and scheduler
-state, RNG states, the step and the global batch (and a moving reference's weights, TR-DPO),
-all loadable without unpickling code
+state, RNG states, the step and the global batch (and the tensors of what else moves: a
+moving reference's weights, TR-DPO; an objective's state, BCO's running mean), all loadable
+without unpickling code
 (safetensors, and ``torch.load(weights_only=True)`` for the rest). It is written to a staging
 directory and renamed into place, so an interruption never leaves a half-written checkpoint.
 
@@ -33,7 +34,11 @@ from ..model.adapter_dirs import merged_copy, save_model
 from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
 
 PREFIX = "step-"
-REFERENCE_FILE = "reference.safetensors"  # the weights TR-DPO's syncs moved
+# what else a run may keep as tensors, by the name Trainer gives it: one safetensors file each
+STATE_FILES = {"reference": "reference.safetensors",  # the weights TR-DPO's syncs moved
+               "objective": "objective.safetensors"}  # objectives.state (BCO, group-robust DPO)
+# states a checkpoint may lack (written before objectives kept one): resumed afresh, said so
+OPTIONAL_STATES = ("objective",)
 
 
 def gather_training_state(model, optimizer, keep: bool = True) -> tuple[dict, dict]:
@@ -72,16 +77,17 @@ def _unwrap(model):
 
 
 def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: dict, scheduler,
-                    keep: int, global_batch: int | None = None, reference_sync=None,
+                    keep: int, global_batch: int | None = None, states: dict | None = None,
                     alarms: dict | None = None) -> Path:
     """Write a checkpoint of what ``gather_training_state`` returned (main process only), the
-    weights a ``reference_sync`` has moved, and the alarms' state (``Alarms.state``)."""
+    tensors of ``states`` (``{name in STATE_FILES: holder with state_dict()}``, such as a
+    reference_sync's moved weights) and the alarms' state (``Alarms.state``)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{PREFIX}{step:08d}"
     staging = directory / f".staging-{PREFIX}{step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _write(staging, weights, optimizer_state, scheduler, reference_sync,
+        _write(staging, weights, optimizer_state, scheduler, states or {},
                {"step": step, "global_batch": global_batch, "alarms": alarms})
     except (OSError, RuntimeError) as error:  # a full disk: torch says "unexpected pos ..."
         shutil.rmtree(staging, ignore_errors=True)
@@ -99,12 +105,12 @@ def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: 
     return target
 
 
-def _write(staging: Path, weights: dict, optimizer_state: dict, scheduler, reference_sync,
+def _write(staging: Path, weights: dict, optimizer_state: dict, scheduler, states: dict,
            state: dict) -> None:
     staging.mkdir()
     save_file(weights, staging / "trainable.safetensors")
-    if reference_sync is not None:
-        save_file(reference_sync.state_dict(), staging / REFERENCE_FILE)
+    for name, holder in states.items():
+        save_file(holder.state_dict(), staging / STATE_FILES[name])
     torch.save(optimizer_state, staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     kind, keys, position, has_gauss, gauss = np.random.get_state()
@@ -127,11 +133,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, reference_sync=None) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, states: dict | None = None) -> int:
     """Restore everything saved by ``save_checkpoint`` (every process reads it; sharded
     parameters take their own shard); returns the step it was taken at."""
     state = load_file(path / "trainable.safetensors")
-    moved = load_file(path / REFERENCE_FILE) if reference_sync is not None else None
+    states = states or {}
+    saved = {name: load_file(path / STATE_FILES[name]) for name in states
+             if name not in OPTIONAL_STATES or (path / STATE_FILES[name]).exists()}
     # weights_only: tensors and plain values, never arbitrary pickled objects
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     named = all(isinstance(key, str) for key in optimizer_state.get("state", {}))
@@ -141,7 +149,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, reference_sync=None
                              "version or by train.optimizer_in_backward), which DeepSpeed "
                              "cannot take; resume it without DeepSpeed")
         load_deepspeed_training_state(model, state, optimizer_state)
-        return _restore_the_rest(path, scheduler, reference_sync, moved)
+        return _restore_the_rest(path, scheduler, states, saved)
     params = dict(_unwrap(model).named_parameters())
     missing = [name for name in state if name not in params]
     if missing:
@@ -159,11 +167,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, reference_sync=None
                                  options=StateDictOptions(full_state_dict=True))
     else:  # keyed by position: an optimizer of its own, or a checkpoint from before names
         optimizer.load_state_dict(optimizer_state)
-    return _restore_the_rest(path, scheduler, reference_sync, moved)
+    return _restore_the_rest(path, scheduler, states, saved)
 
 
-def _restore_the_rest(path: Path, scheduler, reference_sync=None, moved=None) -> int:
-    """The scheduler, RNG states and moved reference weights; returns the checkpoint's step."""
+def _restore_the_rest(path: Path, scheduler, states: dict, saved: dict) -> int:
+    """The scheduler, RNG states and the ``states`` saved; returns the checkpoint's step."""
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -173,8 +181,12 @@ def _restore_the_rest(path: Path, scheduler, reference_sync=None, moved=None) ->
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     step = json.loads((path / "state.json").read_text())["step"]
-    if reference_sync is not None:  # last: nothing after it can fail half-way
-        reference_sync.load_state_dict(moved)
+    for name, holder in states.items():  # last: nothing after them can fail half-way
+        if name in saved:
+            holder.load_state_dict(saved[name])
+        else:
+            print(f"{path} holds no {name} state; the objective's running statistics "
+                  "start afresh")
     return step
 
 

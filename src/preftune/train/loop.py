@@ -111,8 +111,10 @@ def reference_from(path, key, config, tokenizer, examples_by_split, make_batch, 
                            objective, device)
 
 
-def objective_inputs(logp_model, reference, extras, batch, objective, step) -> ObjectiveInputs:
-    """Policy and reference stats of one batch, with what the objective declared it needs."""
+def objective_inputs(logp_model, reference, extras, batch, objective, step,
+                     training: bool = True) -> ObjectiveInputs:
+    """Policy and reference stats of one batch, with what the objective declared it needs
+    (``training`` False: an objective's state is read, not updated)."""
     if objective.reference_distributions:  # TDPO-style: KL to the reference's full distribution
         reference_stats, reference_hidden = reference.stats_with_hidden(batch)
         token_logps, token_kl = logp_model(batch, reference_hidden)
@@ -121,7 +123,7 @@ def objective_inputs(logp_model, reference, extras, batch, objective, step) -> O
         reference_stats = reference.stats(batch)
         policy = sequence_stats(logp_model(batch), batch, objective.per_token)
     return ObjectiveInputs(policy, reference_stats, batch.scores, step,
-                           [extra.stats(batch) for extra in extras])
+                           [extra.stats(batch) for extra in extras], training=training)
 
 
 @torch.no_grad()
@@ -136,7 +138,8 @@ def evaluate(logp_model, reference, extras, examples, objective, make_batch, bat
     with progress("eval", len(examples), "example", leave=False) as update:
         for start in range(0, len(examples), batch_size):
             batch = make_batch(examples[start : start + batch_size]).to(device)
-            inputs = objective_inputs(logp_model, reference, extras, batch, objective, step)
+            inputs = objective_inputs(logp_model, reference, extras, batch, objective, step,
+                                      training=False)
             add_metrics(totals, metric_sums(objective.data, inputs, objective(inputs)[0]))
             n = batch.num_examples
             if objective.data == "pairs" and inputs.reference is not None:
@@ -165,6 +168,7 @@ class PolicyTask:
         self.needs_reference = objective.needs_reference
         self.batches_ahead = True  # batches depend on their examples only
         self.reference_sync = reference_sync(config, references, logp_model.model)
+        self.objective_state = objective if objective.has_state else None
 
     def losses(self, module, batch, step):
         inputs = objective_inputs(module, self.references["train"], self.extras["train"], batch,
@@ -256,7 +260,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     if cfg.example_weight_field:
         check_example_weights(train_examples + eval_examples, cfg.example_weight_field)
     total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)
-    objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field)
+    objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field,
+                                      train_examples)
     check_objective_scores(train_examples + eval_examples, objective)
     model = load_policy(config, tokenizer, accelerator)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing

@@ -38,7 +38,8 @@ class Task(Protocol):
     one micro-batch and returns per-example losses [E] plus ``{name: (sum, count)}`` metrics.
     A task whose reference moves with the policy (TR-DPO) has a ``reference_sync``
     (``model.reference_sync.ReferenceSync``): the trainer calls it after every update and
-    keeps its state in checkpoints."""
+    keeps its state in checkpoints; likewise an ``objective_state`` (an objective's running
+    statistics: ``objectives.compose.Objective``), which the task updates itself."""
 
     name: str
     module: torch.nn.Module
@@ -149,6 +150,11 @@ class Trainer:
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self.in_backward = optimizer if cfg.optimizer_in_backward else None
         self.reference_sync = getattr(task, "reference_sync", None)
+        # what else moves in training and resumes from checkpoints, as tensors
+        self.states = {name: holder for name, holder in
+                       (("reference", self.reference_sync),
+                        ("objective", getattr(task, "objective_state", None)))
+                       if holder is not None}
 
         self.start_step = 0
         self.stop_signal, self.stop_requested = None, False  # set by run()
@@ -181,7 +187,7 @@ class Trainer:
         for checkpoint in reversed(found):
             try:
                 step = load_checkpoint(checkpoint, self.module, self.optimizer,
-                                       self.scheduler, self.reference_sync)
+                                       self.scheduler, self.states)
             except Exception as error:  # any damage: try the previous checkpoint
                 print(f"--resume: skipped {checkpoint}, which cannot be read "
                       f"({type(error).__name__}: {str(error)[:120]})")
@@ -324,7 +330,7 @@ class Trainer:
             path = save_checkpoint(self.checkpoint_dir, step, weights, optimizer_state,
                                    self.scheduler, self.cfg.keep_checkpoints,
                                    global_batch=self.examples_per_step,
-                                   reference_sync=self.reference_sync,
+                                   states=self.states,
                                    alarms=self.alarms.state())
         self.accelerator.wait_for_everyone()
         return path
