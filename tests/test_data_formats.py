@@ -248,6 +248,29 @@ def test_rm_train_regression_detects_the_helpsteer_attributes(tmp_path, capsys):
     assert "model.head: attributes helpfulness" in out and "data: " in out
 
 
+def test_helpsteer_ratings_written_as_text_are_read_and_detected(tmp_path):
+    """Exports that quote every value ("4") rate and train like numbers."""
+    from preftune.cli import main
+    from tiny_models import save_tiny_model_dir
+
+    quoted = [{k: v if k in ("prompt", "response") else str(v) for k, v in row.items()}
+              for row in HELPSTEER]
+    rated, detected = load(write_jsonl(tmp_path / "hs.jsonl", quoted))
+    assert rated[1].scores == {"helpfulness": 1.0, "correctness": 0.0, "coherence": 3.0,
+                               "complexity": 1.0, "verbosity": 0.0}
+    assert "numeric ratings helpfulness, correctness, coherence, complexity, verbosity" \
+        in detected
+    save_tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "quoted.jsonl", quoted * 4)
+    assert main(["rm", "train", "--set", f"model.path={tmp_path / 'model'}",
+                 "--set", f"data.train={data}", "--set", "loss.name=regression",
+                 "--set", "train.max_steps=1", "--set", "train.batch_size=4",
+                 "--set", f"output_dir={tmp_path / 'rm'}"]) == 0
+    saved = json.loads((tmp_path / "rm" / "model" / "preftune_reward.json").read_text())
+    assert saved["head"]["attributes"] == ["helpfulness", "correctness", "coherence",
+                                           "complexity", "verbosity"]
+
+
 def readme_block(heading: str, index: int) -> str:
     from pathlib import Path
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .records import DataError
-from .shapes import (FIELDS_HINT, JOINT_PROMPT_FIELDS, SIGNATURES, describe, is_number,
+from .shapes import (FIELDS_HINT, JOINT_PROMPT_FIELDS, SIGNATURES, describe, side_number,
                      present_fields, signature)
 
 ULTRAFEEDBACK_SCORE = "overall_score"  # the per-completion score read unless data.fields.scores
@@ -179,6 +179,12 @@ def _explain(row: dict, columns: dict, shape: str, format: str) -> tuple[str, st
 
 
 def rating_columns(row: dict, columns: dict) -> list[str]:
-    """The numeric columns of a rated row other than its text fields (HelpSteer's ratings)."""
+    """The numeric columns of a rated row other than its text fields (HelpSteer's ratings;
+    numbers written as text count)."""
     used = {columns[name] for name in ("prompt", "response")}
-    return [name for name, value in row.items() if name not in used and is_number(value)]
+    return [name for name, value in row.items() if name not in used and is_rating(value)]
+
+
+def is_rating(value) -> bool:
+    """A number, or one written as text ("4"); not true/false."""
+    return not isinstance(value, bool) and side_number(value) is not None

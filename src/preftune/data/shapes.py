@@ -303,19 +303,27 @@ def _response_scores(row: dict, columns: dict, count: int, origin: str) -> tuple
 
 
 def _extras(row: dict, columns: dict, shape: str) -> dict:
-    """Numeric side columns for the batch; true/false become 1.0/0.0 (e.g. TODO's ``tie``);
-    a numeric field the map names (``columns``) also under its own name."""
+    """Numeric side columns for the batch; true/false become 1.0/0.0 (e.g. TODO's ``tie``).
+    Numbers written as text ("4.5") count for an objective's fields (also under the name the
+    map gives them, ``columns``) and for a rated row's columns, which are all its ratings;
+    other text stays text."""
     used = {columns[name] for name in SHAPE_FIELDS[shape]}
-    extras = {name: float(value) if isinstance(value, bool) else value
-              for name, value in row.items()
-              if name not in used and (is_number(value) or isinstance(value, bool))}
-    for name in NUMERIC_FIELDS:  # an objective's fields: also as text ("4.5"), and renamed
-        value = row.get(columns.get(name, name))
-        if isinstance(value, str):
-            value = number_in_text(value)
-        if is_number(value) or isinstance(value, bool):
-            extras[name] = float(value)
+    extras = {name: number for name, value in row.items()
+              if name not in used and (number := side_number(value, shape == "rated"))
+              is not None}
+    for name in NUMERIC_FIELDS:
+        number = side_number(row.get(columns.get(name, name)), text=True)
+        if number is not None:
+            extras[name] = number
     return extras
+
+
+def side_number(value, text: bool = True) -> float | None:
+    """The number a side column holds: a number, true/false as 1/0, or (``text``) a number
+    written as text."""
+    if isinstance(value, str):
+        return number_in_text(value) if text else None
+    return float(value) if is_number(value) or isinstance(value, bool) else None
 
 
 def number_in_text(text: str) -> float | None:

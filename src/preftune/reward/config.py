@@ -13,6 +13,7 @@ from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Positiv
                       Section, TrainConfig, _unknown, check_data_and_train)
 from ..config_model import params_problem, refuse_unused
 from ..data.records import DataError
+from ..data.detect import is_rating, rating_columns
 from ..data.shapes import TEXT_FIELDS, is_number
 from ..data.sources import read_rows
 from .heads import Head, HeadError
@@ -167,11 +168,11 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
     if not isinstance(row, dict):
         return config.head, None  # load_records names the bad record
     rated = fields.get("response", "response") in row
-    if config.model.head.kind == "auto" and is_number(row.get(target if rated
-                                                               else f"chosen_{target}")):
+    if config.model.head.kind == "auto" and (is_rating(row.get(target)) if rated
+                                             else is_number(row.get(f"chosen_{target}"))):
         return config.head, None
-    used = {fields.get(name, name) for name in ("prompt", "response")}
-    names = [name for name, value in row.items() if name not in used and is_number(value)]
+    columns = {name: fields.get(name, name) for name in ("prompt", "response")}
+    names = rating_columns(row, columns)
     where = "numeric columns"
     if not rated:
         names = [name[len("chosen_"):] for name in row if name.startswith("chosen_")
