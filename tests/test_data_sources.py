@@ -25,13 +25,13 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def check_standard(pairs, origin_prefix):
+def check_standard(pairs, second_origin):
     assert [p.prompt for p in pairs] == ["What is 2+2?", "Capital of France?"]
     assert [p.chosen for p in pairs] == ["4", "Paris"]
     assert [p.rejected for p in pairs] == ["5", "Rome"]
     assert pairs[0].scores == {"chosen_score": 9.0, "rejected_score": 2}
     assert all(isinstance(p, Pair) and not p.is_conversational for p in pairs)
-    assert pairs[1].origin == origin_prefix + ("2" if origin_prefix.endswith(":") else "1")
+    assert pairs[1].origin == second_origin
 
 
 # ---- file kinds ----
@@ -50,7 +50,7 @@ def test_jsonl_standard_with_scores_and_blank_lines(tmp_path):
 def test_json_list_or_data_object(tmp_path, wrapped):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"data": STANDARD} if wrapped else STANDARD))
-    check_standard(load_records(str(path)), f"{path}:record ")
+    check_standard(load_records(str(path)), f"{path}:record 1")
 
 
 def test_parquet(tmp_path):
@@ -59,7 +59,7 @@ def test_parquet(tmp_path):
 
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(STANDARD), path)
-    check_standard(load_records(str(path)), f"{path}:record ")
+    check_standard(load_records(str(path)), f"{path}:record 1")
 
 
 def test_csv_numbers_only_in_extra_columns(tmp_path):
@@ -71,9 +71,21 @@ def test_csv_numbers_only_in_extra_columns(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     pairs = load_records(str(path))
-    check_standard(pairs[:2], f"{path}:record ")
+    check_standard(pairs[:2], f"{path}:3")  # named by line, as JSONL: line 1 is the header
     assert (pairs[2].prompt, pairs[2].chosen, pairs[2].rejected) == ("7", "8", "9, or 10")
     assert pairs[2].scores == {"rejected_score": 3.0}
+
+
+def test_csv_records_and_errors_name_the_line_a_row_starts_on(tmp_path):
+    """A quoted cell may hold newlines and blank lines are skipped: the origin is still the
+    row's first line in the file, as an editor shows it."""
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,chosen,rejected\n"two\nlines",yes,no\n\nq,"a\n\nb",no\n'
+                    'q,yes\n')
+    with pytest.raises(DataError, match=rf"{path}:8: row has fewer cells than the header"):
+        load_records(str(path))
+    path.write_text(path.read_text().replace("q,yes\n", "q,yes,no\n"))
+    assert [p.origin for p in load_records(str(path))] == [f"{path}:{n}" for n in (2, 5, 8)]
 
 
 def test_hf_saved_dataset_and_split(tmp_path):
@@ -90,7 +102,7 @@ def test_hf_saved_dataset_and_split(tmp_path):
         "train": datasets.Dataset.from_list(STANDARD),
         "test": datasets.Dataset.from_list(STANDARD[:1]),
     }).save_to_disk(str(both))
-    check_standard(load_records(str(both)), f"{both}:train:record ")
+    check_standard(load_records(str(both)), f"{both}:train:record 1")
     assert len(load_records(f"{both}:test")) == 1
     with pytest.raises(DataError, match="no split 'valid'.*train"):
         load_records(f"{both}:valid")

@@ -41,8 +41,8 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     gold, chosen_prompt, rejected_prompt, completion, label, responses, scores, ranks, response)
     to the
     file's column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to
-    ``record.scores``. ``origin`` is ``path:LINE`` (1-based) for JSONL and ``path:record I``
-    (0-based) otherwise. With a ``skipped`` list, a malformed record is left out and its error
+    ``record.scores``. ``origin`` is ``path:LINE`` (1-based; a CSV row's first line) for JSONL and
+    CSV, and ``path:record I`` (0-based) otherwise. With a ``skipped`` list, a malformed record is left out and its error
     message appended there instead of raised (``data.on_error: skip``); problems with the file
     itself (missing, unreadable, no valid record at all) still raise. With a ``detected`` list,
     ``{source, layout, why}`` is appended: where the rows came from, the layout found and why.
@@ -221,15 +221,18 @@ def _read_csv(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as handle:
         try:
             reader = csv.DictReader(handle)
-            for index, row in enumerate(reader):
+            for row in reader:
+                # the line the row starts on: it ends on line_num, after its cells' newlines
+                start = reader.line_num - sum(value.count("\n") for value in row.values()
+                                              if isinstance(value, str))
                 # DictReader puts surplus cells under None; a short row gives None values
                 if None in row or any(value is None for value in row.values()):
                     raise DataError(
-                        f"{path}:record {index}: row has {'more' if None in row else 'fewer'} "
+                        f"{path}:{start}: row has {'more' if None in row else 'fewer'} "
                         f"cells than the header ({', '.join(reader.fieldnames or [])}). "
                         f"Quote cells that contain commas or newlines."
                     )
-                yield f"{path}:record {index}", {
+                yield f"{path}:{start}", {
                     k: v if k in text_columns else _csv_number(v) for k, v in row.items()
                 }
         except csv.Error as error:
