@@ -53,6 +53,16 @@ def test_json_list_or_data_object(tmp_path, wrapped):
     check_standard(load_records(str(path)), f"{path}:record 1")
 
 
+def test_json_lines_saved_as_json_are_read_as_lines(tmp_path):
+    """datasets' Dataset.to_json writes one object per line, whatever the file is named."""
+    path = tmp_path / "d.json"
+    path.write_text("".join(json.dumps(row) + "\n" for row in STANDARD))
+    check_standard(load_records(str(path)), f"{path}:2")
+    path.write_text(path.read_text() + '{"prompt": "cut\n')
+    with pytest.raises(DataError, match=rf"{path}:3: malformed JSON \(Unterminated string"):
+        load_records(str(path))
+
+
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

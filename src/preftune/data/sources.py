@@ -135,7 +135,7 @@ def _rows(source: Source, text_columns: set, bad_lines: list | None) -> Iterator
         elif extension == ".jsonl":
             yield from _read_jsonl(path, bad_lines)
         elif extension == ".json":
-            yield from _read_json(path)
+            yield from _read_json(path, bad_lines)
         elif extension == ".parquet":
             yield from _read_parquet(path)
         elif extension == ".csv":
@@ -178,7 +178,7 @@ def _read_jsonl(path: str, bad_lines: list | None = None,
             bad_lines.append(problem)
 
 
-def _read_json(path: str) -> Iterator[tuple[str, Any]]:
+def _read_json(path: str, bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
     try:
         with _open_text(path) as handle:
             text = handle.read()
@@ -189,6 +189,10 @@ def _read_json(path: str) -> Iterator[tuple[str, Any]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
+        if error.msg == "Extra data" and _one_object_per_line(text):
+            # JSON Lines under a .json name, as datasets' Dataset.to_json writes by default
+            yield from _read_jsonl(path, bad_lines)
+            return
         raise DataError(
             f"{path}: malformed JSON ({error.msg} at line {error.lineno}, column {error.colno}). "
             f"A .json file must hold one JSON list of records (or {{\"data\": [...]}}); "
@@ -203,6 +207,14 @@ def _read_json(path: str) -> Iterator[tuple[str, Any]]:
         )
     for index, row in enumerate(document):
         yield f"{path}:record {index}", row
+
+
+def _one_object_per_line(text: str) -> bool:
+    """Whether ``text``'s first line is one whole JSON object (so the file is JSON Lines)."""
+    try:
+        return isinstance(json.loads(text.lstrip().split("\n", 1)[0]), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
