@@ -95,8 +95,9 @@ def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
     first = run(workspace, "twice", train__max_steps=2)
     assert not (first / ".preftune.lock").exists()  # released (and removed) when a run ends
     before = (first / "metrics.jsonl").read_text()
-    with pytest.raises(ConfigError, match="already holds a run; it has no checkpoint to "
-                                          "continue from; start over with --overwrite"):
+    with pytest.raises(ConfigError, match=r"already holds a run; it has no checkpoint to "
+                                          r"continue from; start over with --overwrite \(in "
+                                          r"Python: overwrite=True; the old run is moved aside"):
         run(workspace, "twice", train__max_steps=2)  # (2 steps: no checkpoint was written)
     assert (first / "metrics.jsonl").read_text() == before  # nothing lost
     again = loop.train(build_config(_saved(first)), show_progress=False, overwrite=True)

@@ -49,8 +49,8 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                               "it has no checkpoint to continue from; ")
             raise ConfigError(
                 f"output_dir {out} already holds a run; {resumable_here}start over with "
-                "--overwrite (overwrite=True; the old run is moved aside, not deleted), or "
-                "choose another output_dir.")
+                "--overwrite (in Python: overwrite=True; the old run is moved aside, not "
+                "deleted), or choose another output_dir.")
         move_aside(out)
     check_writable(out, "output_dir")
     claim(out)
