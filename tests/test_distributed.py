@@ -18,17 +18,27 @@ from test_train_loop import (crashed_run, final_weights, losses, run,  # noqa: F
 from preftune.train.logging import read_metrics
 
 
+SLOW = pytest.mark.slow  # (`pytest -m slow`; FSDP and DeepSpeed tests cover these features too)
+
+
 @pytest.mark.parametrize("layout,objective,strategy,adapter", [
     ("padded", "dpo", "precomputed", None), ("prefix_shared", "dpo", "precomputed", None),
-    ("padded", "dpo", "live", None), ("prefix_shared", "tdpo", "live", None),  # token-level KL
+    pytest.param("padded", "dpo", "live", None, marks=SLOW),
+    ("prefix_shared", "tdpo", "live", None),  # token-level KL
     ("prefix_shared", "dpo", "adapter-off", "lora"),  # the reference = adapters switched off
-    ("prefix_shared", "dpo", "precomputed", "qlora"),  # each process holds the 4-bit base
-    ("prefix_shared", "dpo", "precomputed", "pissa+"),  # PiSSA with LoRA+ rates
-    ("prefix_shared", "dpo", "adapter-off", "head"),  # the tied head trained beside LoRA
-    ("prefix_shared", "dpo", "precomputed", "top-layer"),  # model.train_layers, no adapters
-    ("padded", "dpo", "live", "sync"),  # TR-DPO: each process moves its reference alike
+    pytest.param("prefix_shared", "dpo", "precomputed", "qlora",  # each holds the 4-bit base
+                 marks=SLOW),
+    pytest.param("prefix_shared", "dpo", "precomputed", "pissa+",  # PiSSA with LoRA+ rates
+                 marks=SLOW),
+    pytest.param("prefix_shared", "dpo", "adapter-off", "head",  # the tied head beside LoRA
+                 marks=SLOW),
+    pytest.param("prefix_shared", "dpo", "precomputed", "top-layer",  # model.train_layers
+                 marks=SLOW),
+    pytest.param("padded", "dpo", "live", "sync",  # TR-DPO: each moves its reference alike
+                 marks=SLOW),
     ("padded", "dpo", "live", "answers"),  # held-out answers: the main process writes them
-    ("prefix_shared", "dpo", "precomputed", "checkpointed")])  # activation checkpointing
+    pytest.param("prefix_shared", "dpo", "precomputed", "checkpointed",  # checkpointing
+                 marks=SLOW)])
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
                                                             objective, strategy, adapter):
     name = f"{layout}-{objective}-{strategy}-{adapter}"

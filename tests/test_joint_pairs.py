@@ -103,7 +103,7 @@ def test_joint_prompt_columns_can_be_renamed_and_stay_text_in_csv(tmp_path):
     (record,) = load_records(str(path), fields={"chosen_prompt": "good_q",
                                                 "rejected_prompt": "bad_q",
                                                 "chosen": "good", "rejected": "bad"})
-    assert record == JointPair("12", "13", "yes", "no", origin=f"{path}:record 0",
+    assert record == JointPair("12", "13", "yes", "no", origin=f"{path}:2",
                                scores={"weight": 0.5})
 
 

@@ -67,14 +67,22 @@ def test_plan_without_checkpointing_names_what_checkpointing_would_need(workspac
     assert "with checkpointing" not in plan_of(workspace, capsys, gradient_checkpointing=True)
 
 
+SLOW = pytest.mark.slow  # (bf16 on CPUs without bf16 units: ~30 s each; `pytest -m slow`)
+
+
 @pytest.mark.parametrize("train", [
-    {}, {"gradient_checkpointing": True}, {"lean_activations": False}, {"layout": "padded"},
-    {"gradient_checkpointing": True, "checkpoint_every": 2}, {"optimizer": "adamw_8bit"},
-    {"model": {"train_layers": 2}},
-    {"model": {"train_layers": 1}, "gradient_checkpointing": True},
-    {"model": {"train_layers": 1}},
-], ids=["default", "checkpointing", "transformers-layers", "padded", "checkpoint-every-2",
-        "8bit-adamw", "top-2-layers", "top-layer-checkpointed", "top-layer"])
+    pytest.param({}, id="default"),
+    pytest.param({"gradient_checkpointing": True}, id="checkpointing"),
+    pytest.param({"lean_activations": False}, id="transformers-layers", marks=SLOW),
+    pytest.param({"layout": "padded"}, id="padded", marks=SLOW),
+    pytest.param({"gradient_checkpointing": True, "checkpoint_every": 2},
+                 id="checkpoint-every-2", marks=SLOW),
+    pytest.param({"optimizer": "adamw_8bit"}, id="8bit-adamw"),
+    pytest.param({"model": {"train_layers": 2}}, id="top-2-layers", marks=SLOW),
+    pytest.param({"model": {"train_layers": 1}, "gradient_checkpointing": True},
+                 id="top-layer-checkpointed"),
+    pytest.param({"model": {"train_layers": 1}}, id="top-layer", marks=SLOW),
+])
 def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, train, capsys,
                                                                 monkeypatch):
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted
