@@ -224,16 +224,21 @@ def test_helpsteer_rows_are_rated_with_their_attributes(tmp_path):
            "coherence, complexity, verbosity" in detected
 
 
-def test_rm_train_regression_detects_the_helpsteer_attributes(tmp_path, capsys):
+def rm_train_regression(tmp_path, data) -> None:
+    """``preftune rm train`` with the regression loss, 2 steps of a tiny model, into rm/."""
     from preftune.cli import main
     from tiny_models import save_tiny_model_dir
 
     save_tiny_model_dir(tmp_path / "model")
-    data = write_jsonl(tmp_path / "hs.jsonl", HELPSTEER * 4)
     assert main(["rm", "train", "--set", f"model.path={tmp_path / 'model'}",
                  "--set", f"data.train={data}", "--set", "loss.name=regression",
                  "--set", "train.max_steps=2", "--set", "train.batch_size=4",
                  "--set", f"output_dir={tmp_path / 'rm'}"]) == 0
+
+
+def test_rm_train_regression_detects_the_helpsteer_attributes(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "hs.jsonl", HELPSTEER * 4)
+    rm_train_regression(tmp_path, data)
     names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
     saved = json.loads((tmp_path / "rm" / "model" / "preftune_reward.json").read_text())
     assert saved["head"]["kind"] == "attributes" and saved["head"]["attributes"] == names
@@ -250,9 +255,6 @@ def test_rm_train_regression_detects_the_helpsteer_attributes(tmp_path, capsys):
 
 def test_helpsteer_ratings_written_as_text_are_read_and_detected(tmp_path):
     """Exports that quote every value ("4") rate and train like numbers."""
-    from preftune.cli import main
-    from tiny_models import save_tiny_model_dir
-
     quoted = [{k: v if k in ("prompt", "response") else str(v) for k, v in row.items()}
               for row in HELPSTEER]
     rated, detected = load(write_jsonl(tmp_path / "hs.jsonl", quoted))
@@ -260,12 +262,7 @@ def test_helpsteer_ratings_written_as_text_are_read_and_detected(tmp_path):
                                "complexity": 1.0, "verbosity": 0.0}
     assert "numeric ratings helpfulness, correctness, coherence, complexity, verbosity" \
         in detected
-    save_tiny_model_dir(tmp_path / "model")
-    data = write_jsonl(tmp_path / "quoted.jsonl", quoted * 4)
-    assert main(["rm", "train", "--set", f"model.path={tmp_path / 'model'}",
-                 "--set", f"data.train={data}", "--set", "loss.name=regression",
-                 "--set", "train.max_steps=1", "--set", "train.batch_size=4",
-                 "--set", f"output_dir={tmp_path / 'rm'}"]) == 0
+    rm_train_regression(tmp_path, write_jsonl(tmp_path / "quoted.jsonl", quoted * 4))
     saved = json.loads((tmp_path / "rm" / "model" / "preftune_reward.json").read_text())
     assert saved["head"]["attributes"] == ["helpfulness", "correctness", "coherence",
                                            "complexity", "verbosity"]

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,14 @@ from test_train_loop import (crashed_run, final_weights, losses, run,  # noqa: F
                              workspace)
 
 from preftune.train.logging import read_metrics
+
+
+def train_on_two_processes(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """``preftune train config *args`` on two CPU processes (torch.distributed.run, gloo)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "-m", "preftune", "train", str(config), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 SLOW = pytest.mark.slow  # (`pytest -m slow`; FSDP and DeepSpeed tests cover these features too)
@@ -67,10 +76,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
     tree["reference"]["cache_dir"] = str(tmp_path / "cache")  # the reference pass runs again
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "preftune", "train", str(config)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = train_on_two_processes(config)
     assert done.returncode == 0, done.stderr[-3000:]
     two = workspace / "runs" / f"two-processes-{name}"
     assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == [1, 2, 3]  # logged once
@@ -126,10 +132,7 @@ def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, 
     tree["train"]["batch_size"] = 4  # 2 processes x 4: the global batch of 8 is kept
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-               "preftune", "train", str(config), "--resume"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = train_on_two_processes(config, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
@@ -244,10 +247,7 @@ def test_an_objective_state_counts_every_process_like_one_process(workspace, tmp
     tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "preftune", "train", str(config)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = train_on_two_processes(config)
     assert done.returncode == 0, done.stderr[-3000:]
     two = tmp_path / "two"
     states = [load_file(run_dir / "checkpoints" / "step-00000002" / "objective.safetensors")
