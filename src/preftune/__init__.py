@@ -14,10 +14,10 @@ quiet_bitsandbytes()
 # preftune.api.__all__ less the names of subpackages (a test keeps the two in step)
 _API_NAMES = {"Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams",
               "NonNegative", "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState",
-              "OnlineConfig", "Positive", "RewardConfig", "RunningMean", "Share", "evaluate_diffusion",
-              "evaluate_reward_model", "load_scorer", "register_objective", "register_scorer",
-              "run_online", "score_with_reward_model", "train_diffusion", "train_reward_model",
-              "write_report"}
+              "OnlineConfig", "Positive", "RewardConfig", "RunningMean", "Share",
+              "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "register_objective",
+              "register_scorer", "run_online", "score_with_reward_model", "train_diffusion",
+              "train_reward_model", "write_report"}
 
 
 def __getattr__(name: str):

@@ -41,8 +41,9 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     gold, chosen_prompt, rejected_prompt, completion, label, responses, scores, ranks, response)
     to the
     file's column names, e.g. ``{"prompt": "question"}``. Numeric extra columns go to
-    ``record.scores``. ``origin`` is ``path:LINE`` (1-based; a CSV row's first line) for JSONL and
-    CSV, and ``path:record I`` (0-based) otherwise. With a ``skipped`` list, a malformed record is left out and its error
+    ``record.scores``. ``origin`` is ``path:LINE`` (1-based; a CSV row's first line) for JSONL
+    and CSV, and ``path:record I`` (0-based) otherwise. With a ``skipped`` list, a malformed
+    record is left out and its error
     message appended there instead of raised (``data.on_error: skip``); problems with the file
     itself (missing, unreadable, no valid record at all) still raise. With a ``detected`` list,
     ``{source, layout, why}`` is appended: where the rows came from, the layout found and why.

@@ -110,7 +110,6 @@ class Objective:
         self.data = shapes.pop()
         for term in terms:
             term.state = term.spec.state(examples) if term.spec.state is not None else None
-        self.has_state = any(term.state is not None for term in terms)
         self.name = " + ".join(
             t.spec.name if t.weight == 1 and i == 0 else f"{t.weight:g}*{t.spec.name}"
             for i, t in enumerate(terms))
@@ -121,6 +120,10 @@ class Objective:
         terms = [Term(get_objective(item.name), dict(item.model_extra or {}), item.weight)
                  for item in objective_config]
         return cls(terms, total_steps, example_weight_field, examples)
+
+    @property
+    def has_state(self) -> bool:
+        return any(term.state is not None for term in self.terms)
 
     def params_at(self, step: int) -> dict:
         return {t.spec.name: t.params_at(step, self.total_steps) for t in self.terms}

@@ -25,90 +25,24 @@ from ..model.forward import LogpModel, causal_lm_of, sequence_stats
 from ..model.freeze import train_only_part
 from ..model.lean import use_lean_layers
 from ..model.compile import compile_layers
-from ..model.load import (cache_root, load_model, load_model_and_tokenizer, load_tokenizer,
+from ..model.load import (load_model, load_model_and_tokenizer, load_tokenizer,
                           without_dropout)
 from ..model.lora import add_lora
-from ..model.verify import (check_attention_device, check_model, decoder_of,
-                            verified_layout)
-from ..model.reference import (
-    AdapterOffReference, LiveReference, NoReference, precomputed_reference,
-)
-from ..model.reference_sync import DEFAULT_MIX, ReferenceSync
+from ..model.verify import check_attention_device, check_model, decoder_of, verified_layout
+from ..model.reference import AdapterOffReference
 from ..objectives import ObjectiveInputs
 from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
-from .logging import progress, progress_bar
-from .output import check_writable, start_run
+from .logging import progress
+from .output import start_run
 from .plan import plan
 from .generations import eval_generations
 from .engines import (check_engine, refuse_sharding, refuse_split_weights, shards,
                       whole_models)
+from .references import build_extra_references, build_reference, reference_from, reference_sync
 from .run_lock import holding_output_dirs
 from .trainer import Trainer, add_metrics, count_steps, means
-
-
-def build_reference(strategy, config, model, examples_by_split, make_batch, objective, device,
-                    accelerator=None):
-    """One reference per data split (the precomputed one is a table per split)."""
-    chunk = config.train.logps_chunk_tokens
-    if strategy == "none":
-        return {split: NoReference() for split in examples_by_split}
-    if strategy == "live":
-        live = LiveReference(model, chunk, objective.per_token)
-        return {split: live for split in examples_by_split}
-    if strategy == "adapter-off":
-        return None  # built after LoRA is attached
-    cache_dir = Path(config.reference.cache_dir or cache_root() / "reference")
-    if accelerator is None or accelerator.is_main_process:  # before the pass, not after it
-        check_writable(cache_dir, "reference.cache_dir" if config.reference.cache_dir else
-                       "the reference cache (under PREFTUNE_CACHE)")
-    references = {}
-    for split, examples in examples_by_split.items():
-        bar = progress_bar(len(examples), f"reference logps ({split})", unit="example")
-        reference, hit = precomputed_reference(
-            model, examples, make_batch=make_batch,
-            batch_size=config.train.batch_size, chunk_tokens=chunk, per_token=objective.per_token,
-            device=device, cache_dir=cache_dir, progress=bar.update,
-            settings={"max_length": config.data.max_length,
-                      "max_prompt_length": config.data.max_prompt_length},
-            accelerator=accelerator,
-        )
-        bar.close()
-        if hit:
-            print(f"reference logps ({split}): loaded from cache {cache_dir}")
-        references[split] = reference
-    return references
-
-
-def build_extra_references(config, tokenizer, examples_by_split, make_batch, objective, device):
-    """MRPO's further references: each model of reference.extra_models is loaded, run once over
-    the data (cached like the precomputed reference) and freed, so only tables stay in memory."""
-    extras = {split: [] for split in examples_by_split}
-    for path in config.reference.extra_models:
-        one = reference_from(path, "reference.extra_models", config, tokenizer, examples_by_split,
-                             make_batch, objective, device)
-        for split in extras:
-            extras[split].append(one[split])
-    return extras
-
-
-def reference_from(path, key, config, tokenizer, examples_by_split, make_batch, objective,
-                   device):
-    """A precomputed reference per split from the model at ``path`` (loaded, run, freed)."""
-    model, other = load_model_and_tokenizer(path, config.model.dtype,
-                                            config.model.trust_remote_code)
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise DataError(f"{key}: {path} has a different tokenizer from model.path "
-                        f"{config.model.path}; a reference must share it (re-tokenising for "
-                        "another vocabulary is not supported).")
-    model.to(device)
-    check_model(model, max_length=config.data.max_length,
-                attn_implementation=config.model.attn_implementation, key=key)
-    layout = make_batch.keywords["layout"]  # the policy's; the reference must keep to it too
-    verified_layout(*decoder_of(model), layout, layout, key=f"{key} ({path})")
-    return build_reference("precomputed", config, model, examples_by_split, make_batch,
-                           objective, device)
 
 
 def objective_inputs(logp_model, reference, extras, batch, objective, step,
@@ -216,17 +150,6 @@ class PolicyTask:
                                        "mix": self.reference_sync.mix}}
                    if self.reference_sync else {}),
                 **precision(self.config.model)}
-
-
-def reference_sync(config: Config, references: dict, policy) -> ReferenceSync | None:
-    """TR-DPO's moving reference (reference.sync_every): the live reference's weights, moved
-    toward ``policy``'s."""
-    every = config.reference.sync_every
-    if every is None:
-        return None
-    live = references["train"]  # every split shares the one live copy
-    return ReferenceSync(live.logp_model.model, policy, every,
-                         config.reference.sync_mix or DEFAULT_MIX)
 
 
 def shape_mismatch(objective, shape: str, data) -> str:
