@@ -71,16 +71,21 @@ GROUP_BATCHES = [(CASES[:3], [0.0, 1.0, 0.0]), (CASES[3:5], [1.0, 1.0]),
                  (CASES[5:] + CASES[:1], [0.0, 0.0])]
 
 
-def robust_losses(cases, groups, p, cumulative):
+def robust_losses(cases, groups, p, cumulative, data_counts=None):
     """This batch's per-example losses after alpha steps on it; ``cumulative`` {g: sum of eta
-    L_g} over every group of the data, updated in place (L_g = 0 when g is not in the batch)."""
+    (L_g + c / sqrt(N_g))} over every group of the data, updated in place (L_g = 0 when g is not
+    in the batch). With ``data_counts`` {g: N_g}, L_g = N / N_g x the group's loss sum."""
     base = [-log_sigmoid(p.beta * ((c[0] - c[2]) - (c[1] - c[3]))) for c in cases]
+    factor = {}
     for g in cumulative:
         members = [b for b, gi in zip(base, groups) if gi == g]
-        cumulative[g] += p.step_size * (sum(members) / len(members) if members else 0.0)
+        factor[g] = (sum(data_counts.values()) / data_counts[g] if p.divide_by_totalcount
+                     else 1 / max(len(members), 1))
+        adjusted = p.adjustment / math.sqrt(data_counts[g]) if p.adjustment else 0.0
+        cumulative[g] += p.step_size * (sum(members) * factor[g] + adjusted)
     total = sum(math.exp(v) for v in cumulative.values())
     alpha = {g: math.exp(v) / total for g, v in cumulative.items()}
-    return [b * alpha[g] * len(cases) / groups.count(g) for b, g in zip(base, groups)]
+    return [b * alpha[g] * len(cases) * factor[g] for b, g in zip(base, groups)]
 
 
 def test_group_weights_carry_over_steps_and_count_every_group_of_the_data():
@@ -97,6 +102,42 @@ def test_group_weights_carry_over_steps_and_count_every_group_of_the_data():
     assert state.ids.tolist() == [0.0, 1.0, 2.0]
     assert state.log_weights.tolist() == pytest.approx([cumulative[g] for g in (0.0, 1.0, 2.0)],
                                                        rel=1e-5)
+
+
+@pytest.mark.parametrize("params", [GroupRobustDPOParams(0.1, 0.05, divide_by_totalcount=True),
+                                    GroupRobustDPOParams(0.1, 2.0, adjustment=3.0),
+                                    GroupRobustDPOParams(0.5, 0.1, True, 1.0)])
+def test_group_losses_scale_by_the_datas_group_counts_and_the_step_favours_small_groups(params):
+    """divide_by_totalcount: L_g = N / N_g x the group's batch loss sum (N_g of the N training
+    examples in group g); adjustment c: alpha steps on L_g + c / sqrt(N_g)."""
+    objective = get_objective("group_robust_dpo")
+    data = [SimpleNamespace(scores={"group": g}) for g in [0.0] * 5 + [1.0] * 2 + [2.0]]
+    state, cumulative = GroupWeights(data), {0.0: 0.0, 1.0: 0.0, 2.0: 0.0}
+    for cases, groups in GROUP_BATCHES:
+        inputs, _ = pair_inputs(cases, scores={"group": groups})
+        inputs.state = state
+        expected = robust_losses(cases, groups, params, cumulative, {0.0: 5, 1.0: 2, 2.0: 1})
+        assert objective(inputs, params).losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert state.log_weights.tolist() == pytest.approx([cumulative[g] for g in (0.0, 1.0, 2.0)],
+                                                       rel=1e-5)
+    assert set(state.state_dict()) == {"ids", "log_weights"}  # the counts are the data's
+
+
+def test_counts_of_the_data_are_made_again_on_resume_and_a_group_without_one_is_refused():
+    params = GroupRobustDPOParams(0.1, 1.0, divide_by_totalcount=True)
+    data = [SimpleNamespace(scores={"group": g}) for g in (0.0, 0.0, 1.0)]
+    state = GroupWeights(data)
+    inputs, _ = pair_inputs(CASES[:3], scores={"group": [0.0, 1.0, 0.0]})
+    inputs.state = state
+    get_objective("group_robust_dpo")(inputs, params)
+    resumed = GroupWeights(data)
+    resumed.load_state_dict(state.state_dict())
+    assert resumed.counts.tolist() == [2.0, 1.0] and torch.equal(resumed.log_weights,
+                                                                 state.log_weights)
+    held_out, _ = pair_inputs(CASES[3:5], scores={"group": [1.0, 7.0]})
+    held_out.state, held_out.training = state, False
+    with pytest.raises(ValueError, match=r"group\(s\) \[7.0\] have none there"):
+        get_objective("group_robust_dpo")(held_out, params)
 
 
 def test_group_weights_in_evaluation_are_read_and_an_unknown_group_starts_at_zero():
@@ -187,7 +228,8 @@ def grouped_pairs(workspace: Path) -> Path:
 
 
 def stateful_settings(name: str, workspace: Path) -> dict:
-    params = {"step_size": 5.0} if name == "group_robust_dpo" else {"beta": 1.0}
+    params = {"step_size": 0.5, "divide_by_totalcount": True, "adjustment": 1.0} \
+        if name == "group_robust_dpo" else {"beta": 1.0}
     return {"objective": {"name": name, **params}, **STATEFUL_RUNS[name](workspace)}
 
 

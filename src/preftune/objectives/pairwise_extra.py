@@ -126,6 +126,11 @@ class GroupRobustDPOParams:
     beta: Positive = 0.1
     # eta_alpha of the mirror-ascent group weights (paper plots: 0.05, 0.1); 0: group-balanced
     step_size: NonNegative = 0.01
+    # L_g = (N / N_g) x the group's loss sum in the batch, N_g of the N training examples being
+    # in group g (the authors' divide_by_totalcount); false: the group's mean loss in the batch
+    divide_by_totalcount: bool = False
+    # c of the weight step on L_g + c / sqrt(N_g), which favours small groups (paper eq. 5); 0: off
+    adjustment: NonNegative = 0.0
 
 
 @objective("group_robust_dpo", params=GroupRobustDPOParams, needs_reference=True,
@@ -134,20 +139,24 @@ def group_robust_dpo(inputs: ObjectiveInputs, params: GroupRobustDPOParams) -> O
     """Group Robust DPO (GRPO of Ramesh et al., not DeepSeek's): DPO with worst-group emphasis.
 
     l_i = -log sigmoid(beta h_i); L_g = mean of l_i over the batch examples of group g (0 for a
-    group the batch lacks); mirror ascent on the group weights, kept across steps:
-    alpha <- alpha exp(eta L) / sum, from uniform over the training data's groups; objective
-    sum_g alpha_g L_g, returned per example as l_i alpha_g(i) E / N_g(i) so the batch mean
-    equals it (E examples, N_g of them in group g). r(y) = beta rho(y). Group ids are
-    inputs.scores group. alpha takes its step on every training micro-batch (all processes'
-    losses counted) before it weighs it; it is checkpointed with the run, and evaluation
-    weighs groups by it as training left it. Groups that fare worst gain weight step after
-    step, so the policy cannot trade one group's loss for another's average gain. The
-    dataset-count scaling of L_g (rsshyam/GRPO's divide_by_totalcount) is not offered.
+    group the batch lacks), or with divide_by_totalcount (N / N_g) sum of them, N_g of the
+    training data's N examples being in group g; mirror ascent on the group weights, kept
+    across steps: alpha <- alpha exp(eta (L + c / sqrt(N_g))) / sum, from uniform over the
+    training data's groups (c = adjustment); objective sum_g alpha_g L_g, returned per example
+    as l_i alpha_g(i) E s_g(i), s_g being L_g's factor (1 / the group's batch count, or N / N_g),
+    so the batch mean equals it (E examples). r(y) = beta rho(y). Group ids are inputs.scores
+    group. alpha takes its step on every training micro-batch (all processes' losses counted)
+    before it weighs it; it is checkpointed with the run, and evaluation weighs groups by it as
+    training left it. Groups that fare worst gain weight step after step, so the policy cannot
+    trade one group's loss for another's average gain. With divide_by_totalcount the loss
+    grows with the batch size, as in the authors' code (rsshyam/GRPO).
     """
     (group,) = required_scores(inputs, ("group",), "group_robust_dpo")
     rewards = params.beta * log_ratios(inputs)
     losses = -F.logsigmoid(chosen_minus_rejected(rewards))
-    weights = inputs.state.weights(group, losses, params.step_size, update=inputs.training)
+    weights = inputs.state.weights(group, losses, params.step_size, update=inputs.training,
+                                   by_data_counts=params.divide_by_totalcount,
+                                   adjustment=params.adjustment)
     return ObjectiveOutput(losses * weights, rewards)
 
 

@@ -11,6 +11,8 @@ the training device: updating one never waits for the device.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 
@@ -32,9 +34,11 @@ class ObjectiveState:
     def __init__(self, examples=()):
         pass
 
+    unsaved: tuple[str, ...] = ()  # tensor attributes made again from the data, not saved
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: value.detach().cpu().contiguous() for name, value in vars(self).items()
-                if isinstance(value, torch.Tensor)}
+                if isinstance(value, torch.Tensor) and name not in self.unsaved}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         mine = self.state_dict()
@@ -69,44 +73,75 @@ class RunningMean(ObjectiveState):
 class GroupWeights(ObjectiveState):
     """Mirror-ascent weights over groups (group-robust DPO): alpha = softmax(log_weights),
     where each group's ``log_weights`` entry adds up eta L_g over the updates, L_g being the
-    group's mean loss in the batch (0 when the batch has none of it). That is the paper's
+    group's loss in the batch (0 when the batch has none of it). That is the paper's
     alpha <- alpha exp(eta L) / sum, from uniform, written in log space (no under- or overflow).
 
     The groups are those of the training examples (``scores["group"]``); a group first met
-    later (held-out data, examples made while training) starts where all groups started."""
+    later (held-out data, examples made while training) starts where all groups started.
+    ``counts`` holds how many training examples each group has (0 for one met later): they are
+    the data's, so they are made again from it rather than saved."""
+
+    unsaved = ("counts",)
 
     def __init__(self, examples=()):
-        ids = sorted({float(ex.scores["group"]) for ex in examples
-                      if "group" in getattr(ex, "scores", {})})
-        self.ids = torch.tensor(ids, dtype=torch.float32)
-        self.log_weights = torch.zeros(len(ids))
+        self.data_counts = Counter(float(ex.scores["group"]) for ex in examples
+                                   if "group" in getattr(ex, "scores", {}))
+        self.ids = torch.tensor(sorted(self.data_counts), dtype=torch.float32)
+        self.log_weights = torch.zeros(len(self.ids))
+        self.counts = self._counts_of(self.ids)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.counts = self._counts_of(self.ids)
 
     def weights(self, group: torch.Tensor, losses: torch.Tensor, step_size: float,
-                update: bool) -> torch.Tensor:
-        """Each example's weight alpha_g(i) E / N_g(i) [E], so that the mean of losses x weight
-        over the batch is sum_g alpha_g L_g (E examples, N_g of them in group g, all processes
-        counted); with ``update``, alpha takes its step on this batch's group losses first."""
-        ids, log_weights = self._with(group)
+                update: bool, by_data_counts: bool = False,
+                adjustment: float = 0.0) -> torch.Tensor:
+        """Each example's weight, such that the mean of losses x weight over the batch (E
+        examples, N_g of them in group g, all processes counted) is sum_g alpha_g L_g. L_g is
+        the group's mean loss in the batch, or with ``by_data_counts`` (N / D_g) times its sum,
+        D_g of the data's N training examples being in group g. With ``update``, alpha first
+        takes its step on this batch's L_g + ``adjustment`` / sqrt(D_g)."""
+        ids, log_weights, counts = self._with(group)
         index = torch.searchsorted(ids, group.to(ids))
+        if by_data_counts or (adjustment and update):
+            self._require_counts(counts[index], group)
         sums = torch.zeros(2, len(ids), device=losses.device)
         sums[0].index_add_(0, index, losses.detach().float())
         sums[1].index_add_(0, index, torch.ones_like(losses, dtype=torch.float32))
         if update:
             sums = summed_over_processes(sums)
-        totals, counts = sums
+        totals, in_batch = sums
+        scale = counts.sum() / counts.clamp(min=1) if by_data_counts \
+            else 1 / in_batch.clamp(min=1)  # L_g = scale_g x the group's loss sum
         if update:  # a group not in the batch has L_g = 0
-            log_weights = log_weights + step_size * totals / counts.clamp(min=1)
-            self.ids, self.log_weights = ids, log_weights
+            steps = totals * scale + adjustment / counts.clamp(min=1).sqrt()
+            log_weights = log_weights + step_size * steps
+            self.ids, self.log_weights, self.counts = ids, log_weights, counts
         alpha = torch.softmax(log_weights, dim=0)
-        return (alpha * counts.sum() / counts.clamp(min=1))[index].to(losses)
+        return (alpha * in_batch.sum() * scale)[index].to(losses)
 
-    def _with(self, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, log weights) of the groups known and of those in ``group`` not met yet, which
-        start at log weight 0."""
-        known, log_weights = self.ids.to(group.device), self.log_weights.to(group.device)
+    def _counts_of(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([float(self.data_counts.get(g, 0)) for g in ids.tolist()])
+
+    def _require_counts(self, counts: torch.Tensor, group: torch.Tensor) -> None:
+        if (counts == 0).any():
+            missing = sorted(set(group[counts == 0].tolist()))
+            raise ValueError(
+                f"group_robust_dpo: divide_by_totalcount and adjustment use each group's count "
+                f"in the training data, and group(s) {missing} have none there (held-out data "
+                f"or examples made while training); give the training data examples of every "
+                f"group, or set divide_by_totalcount: false and adjustment: 0")
+
+    def _with(self, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, log weights, counts) of the groups known and of those in ``group`` not met
+        yet, which start at log weight 0 with count 0."""
+        known = self.ids.to(group.device)
+        log_weights, counts = self.log_weights.to(group.device), self.counts.to(group.device)
         ids = torch.unique(torch.cat([known, group.float()]))
         if len(ids) == len(known):
-            return known, log_weights
-        widened = torch.zeros(len(ids), device=group.device)
-        widened[torch.searchsorted(ids, known)] = log_weights
-        return ids, widened
+            return known, log_weights, counts
+        place = torch.searchsorted(ids, known)
+        widened = torch.zeros(2, len(ids), device=group.device)
+        widened[0, place], widened[1, place] = log_weights, counts
+        return ids, widened[0], widened[1]
