@@ -61,10 +61,12 @@ def _same_response_count(examples, split: str) -> None:
             "convert lists to pairs (data.convert: pairs:best_vs_worst).")
 
 
-def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_records):
+def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_records,
+                     keep_prompts: bool = False):
     """Read, convert, split and tokenize. Returns (train, eval, report dict, data shape).
     ``tokenize(records, tokenizer, settings, skipped=...)`` is ``tokenize_records`` unless a
-    model reads its inputs another way (encoder reward models)."""
+    model reads its inputs another way (encoder reward models). Held-out examples keep their
+    record's prompt (``.prompt``); training examples too with ``keep_prompts``."""
     if not data_config.train:
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
@@ -92,6 +94,9 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if not train:
         raise DataError(f"no training example survived tokenization: {train_report.as_dict()}")
     _same_response_count(train, "train")
+    if keep_prompts:
+        for example in train:
+            example.prompt = train_records[example.index].prompts[0]
     report = {"shape": shape, "detected": detected, "train": train_report.as_dict()}
     if train_report.identical_responses:
         print(f"warning: {train_report.identical_responses} of {train_report.records} training "

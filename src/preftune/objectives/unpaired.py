@@ -10,9 +10,11 @@ log pi_ref(y|x) (summed log-probs), r(y) = beta rho(y).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from .common import NonNegative, Positive, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
@@ -79,6 +81,18 @@ def kto(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
 @dataclass
 class BCOParams:
     beta: Positive = 0.01  # paper (via the TRL paper index); TRL's BCOConfig default was 0.1
+    # underlying distribution matching: weigh undesirable examples by their prompt's density
+    # ratio p(desirable|x) / p(undesirable|x) from a classifier on prompt embeddings
+    udm: bool = False
+    udm_encoder: str = "minilm"  # the sentence encoder of the prompts: a path or "minilm"
+    prompt_sample_size: Annotated[int, Field(gt=0)] = 1024  # prompts per label to fit it on
+    min_density_ratio: NonNegative = 0.5
+    max_density_ratio: Positive = 10.0
+
+    def __post_init__(self):
+        if self.min_density_ratio > self.max_density_ratio:
+            raise ValueError(f"bco min_density_ratio {self.min_density_ratio} exceeds "
+                             f"max_density_ratio {self.max_density_ratio}")
 
 
 @objective("bco", params=BCOParams, needs_reference=True, data="unpaired", paper="arXiv:2404.04656",
@@ -94,13 +108,21 @@ def bco(inputs: ObjectiveInputs, params: BCOParams) -> ObjectiveOutput:
     TRL's former BCOTrainer; every process's rewards count), detached. It is checkpointed and
     resumed with the run; evaluation uses it as training left it. (TRL averaged per-batch
     means; this is the mean over rewards, equal when batches are equal.)
-    Underlying distribution matching (UDM: density-ratio weights for undesirable examples from a
-    prompt classifier) is not computed here; precomputed weights can be passed per example
-    with train.example_weight_field.
+    With udm (underlying distribution matching, for desirable and undesirable prompts drawn
+    differently), each undesirable loss is multiplied by its prompt's density ratio
+    w(x) = clamp(p(desirable|x) / p(undesirable|x), min_density_ratio, max_density_ratio),
+    inputs.scores udm_weight (1 for desirable examples), which the training loop makes before
+    training from a logistic regression on udm_encoder's embeddings of prompt_sample_size
+    training prompts of each label (train/udm.py).
     """
     desirable = _desirable(inputs, "bco")
     rewards = params.beta * log_ratios(inputs)
     delta = inputs.state.update(rewards[:, 0]) if inputs.training else inputs.state.mean
     shifted = rewards[:, 0] - delta
     losses = torch.where(desirable, -F.logsigmoid(shifted), -F.logsigmoid(-shifted))
+    if params.udm:
+        if "udm_weight" not in inputs.scores:
+            raise ValueError("bco with udm: true weighs examples by scores['udm_weight'], which "
+                             "preftune train makes before training; hand-built inputs need it")
+        losses = losses * inputs.scores["udm_weight"].to(losses)
     return ObjectiveOutput(losses, rewards)
