@@ -289,16 +289,10 @@ def losses_of_a_moved_policy(task):
 
 
 def on_two_processes(command: str, tree: dict, config_path: Path):
-    """``preftune diffusion COMMAND CONFIG`` on two CPU processes (gloo, torch.distributed.run),
-    ``tree`` written to ``config_path`` as its config."""
-    import os
-    import subprocess
-    import sys
-
+    """``preftune diffusion COMMAND CONFIG`` on two CPU processes (gloo), ``tree`` written to
+    ``config_path`` as its config."""
     import yaml
+    from two_processes import run_on_two_processes
 
     config_path.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           "2", "-m", "preftune", "diffusion", command, str(config_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return run_on_two_processes(["-m", "preftune", "diffusion", command, str(config_path)])

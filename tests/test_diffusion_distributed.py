@@ -1,4 +1,4 @@
-"""Two processes (torch.distributed.run, gloo on CPU, through accelerate) train a denoiser
+"""Two processes (gloo on CPU, through accelerate) train a denoiser
 exactly like one process with the same global batch: each process takes its share of every
 step's pairs or lists, their noise is seeded per example, and DDP averages the gradients."""
 

@@ -1,10 +1,9 @@
-"""Two processes (torch.distributed.run, gloo on CPU, through accelerate) train exactly like one
+"""Two processes (gloo on CPU, through accelerate) train exactly like one
 process with the same global batch: each process takes its share of every step's examples and
 of the reference pass."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,14 @@ import yaml
 from safetensors.torch import load_file
 from test_train_loop import (crashed_run, final_weights, losses, run,  # noqa: F401
                              workspace)
+from two_processes import free_port, run_on_two_processes
 
 from preftune.train.logging import read_metrics
 
 
 def train_on_two_processes(config: Path, *args: str) -> subprocess.CompletedProcess:
-    """``preftune train config *args`` on two CPU processes (torch.distributed.run, gloo)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                           "2", "-m", "preftune", "train", str(config), *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+    """``preftune train config *args`` on two CPU processes (gloo)."""
+    return run_on_two_processes(["-m", "preftune", "train", str(config), *args])
 
 
 SLOW = pytest.mark.slow  # (`pytest -m slow`; FSDP and DeepSpeed tests cover these features too)
@@ -182,11 +179,8 @@ def reward_model_on_two_processes_equals_one(tmp_path, launch_two, engine: str) 
 
 
 def test_a_reward_model_trains_on_two_processes_like_on_one(tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    reward_model_on_two_processes_equals_one(tmp_path, lambda config: subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "-m", "preftune", "rm", "train", str(config)],
-        capture_output=True, text=True, env=env, timeout=600), engine="MULTI_CPU")
+    reward_model_on_two_processes_equals_one(tmp_path, lambda config: run_on_two_processes(
+        ["-m", "preftune", "rm", "train", str(config)]), engine="MULTI_CPU")
 
 
 def test_two_machines_of_one_process_each_equal_one_process(workspace, tmp_path):  # noqa: F811
@@ -198,9 +192,7 @@ def test_two_machines_of_one_process_each_equal_one_process(workspace, tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the rendezvous
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),

@@ -3,11 +3,8 @@ process with the same global batch; checkpoints and the final model are gathered
 files that resume on any number of processes and load in transformers."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from safetensors.torch import load_file
 from test_distributed import reward_model_on_two_processes_equals_one
 from test_train_loop import (assert_same_weights, crashed_run, losses, run,  # noqa: F401
                              workspace)
+from two_processes import run_on_two_processes
 
 from preftune.config import build_config
 from preftune.train import loop
@@ -41,10 +39,8 @@ def fsdp2_environment() -> dict:
 def launch(config: Path, *args, command=("train",), engine=fsdp2_environment):
     """``preftune train CONFIG ARGS`` (or another command) on 2 CPU processes under FSDP2 (or
     the engine whose variables ``engine()`` returns)."""
-    env = {**os.environ, **engine(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(LAUNCHER), *command, str(config), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run_on_two_processes([str(LAUNCHER), *command, str(config), *args], engine(),
+                                timeout=300)
 
 
 def sharded_config(one: Path, tmp_path: Path, name: str, batch_size: int,
