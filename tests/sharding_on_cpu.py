@@ -33,6 +33,14 @@ def _init_with_sharding_on_cpu(self, *args, fsdp_plugin=None, deepspeed_plugin=N
 
 AcceleratorState.__init__ = _init_with_sharding_on_cpu
 
+if os.environ.get("ACCELERATE_USE_DEEPSPEED", "") == "true":
+    import importlib
+
+    # DeepSpeed compiles its CPU shared-memory all-reduce the first time a process group starts
+    # on a machine (about 40 s on 2 cores); only its inference engine calls it, not training.
+    # (The module by name: the attribute deepspeed.comm.torch is torch itself.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
 if __name__ == "__main__":
     from preftune.cli import main
 
