@@ -34,5 +34,5 @@ def test_quick_demo_runs_on_the_real_default_model(tmp_path, monkeypatch):
     online = json.loads((tmp_path / "demo" / "online" / "online.json").read_text())
     samples = [json.loads(line) for line in
                (tmp_path / "demo" / "online" / "round-1" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 16 and all(len(s["responses"]) == 2 for s in samples)
+    assert len(samples) == 8 and all(len(s["responses"]) == 2 for s in samples)
     assert online["rounds"][0]["evaluate"]["pass_rate"] == results["online"]["pass_rate"]

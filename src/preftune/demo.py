@@ -53,8 +53,8 @@ class DemoSettings:
     samples: int = 4
 
 
-QUICK = DemoSettings(train_pairs=32, eval_prompts=16, batch_size=4, max_steps=4, warmup_steps=2,
-                     rounds=1, round_steps=2, prompts_per_round=16, samples=2)
+QUICK = DemoSettings(train_pairs=16, eval_prompts=8, batch_size=4, max_steps=4, warmup_steps=2,
+                     rounds=1, round_steps=2, prompts_per_round=8, samples=2)
 LIMITS = TokenizeSettings(max_length=256, max_prompt_length=192)
 
 
