@@ -145,27 +145,27 @@ def add_udm_weights(train: list, held_out: list, settings: UDMSettings, seed: in
     rng = random.Random(f"udm {seed}")
     sample = [rng.sample(side, min(len(side), settings.prompt_sample_size))
               for side in (undesirable, desirable)]
-    texts = sorted({prompt_text(ex.prompt) for ex in [*sample[0], *sample[1], *train,
-                                                       *held_out]})
+    weighed = [ex for ex in [*train, *held_out] if ex.scores["label"] <= 0.5]
+    texts = sorted({prompt_text(ex.prompt) for ex in [*sample[1], *weighed]})
     encoder = SentenceEncoder(settings.encoder, device)
     embedding = dict(zip(texts, encoder(texts)))
     del encoder
-    x = torch.stack([embedding[prompt_text(ex.prompt)] for side in sample for ex in side])
+
+    def embedded(examples):
+        return torch.stack([embedding[prompt_text(ex.prompt)] for ex in examples]).double()
+
+    x = embedded([*sample[0], *sample[1]])
     labels = torch.tensor([0] * len(sample[0]) + [1] * len(sample[1]))
     w, b = fit_logistic(x, labels)
-    accuracy = ((x.double() @ w + b > 0).long() == labels).double().mean().item()
-    ratios = []
-    for example in [*train, *held_out]:
-        if example.scores["label"] > 0.5:
-            example.scores[WEIGHT] = 1.0
-            continue
-        p = torch.sigmoid(embedding[prompt_text(example.prompt)].double() @ w + b).item()
-        ratio = p / (1 - p + 1e-8)
-        example.scores[WEIGHT] = min(max(ratio, settings.min_density_ratio),
-                                     settings.max_density_ratio)
-        ratios.append(ratio)
+    accuracy = ((x @ w + b > 0).long() == labels).double().mean().item()
+    p = torch.sigmoid(embedded(weighed) @ w + b)
+    ratios = (p / (1 - p + 1e-8)).tolist()
     weights = [min(max(r, settings.min_density_ratio), settings.max_density_ratio)
                for r in ratios]
+    for example in [*train, *held_out]:
+        example.scores[WEIGHT] = 1.0
+    for example, weight in zip(weighed, weights):
+        example.scores[WEIGHT] = weight
     report = {"encoder": settings.encoder, "sampled_prompts": [len(s) for s in sample][::-1],
               "classifier_accuracy": round(accuracy, 4),
               "undesirable_weight_mean": round(sum(weights) / len(weights), 4),
