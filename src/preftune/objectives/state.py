@@ -102,10 +102,8 @@ class GroupWeights(ObjectiveState):
         the group's mean loss in the batch, or with ``by_data_counts`` (N / D_g) times its sum,
         D_g of the data's N training examples being in group g. With ``update``, alpha first
         takes its step on this batch's L_g + ``adjustment`` / sqrt(D_g)."""
-        ids, log_weights, counts = self._with(group)
+        ids, log_weights, counts = self._with(group, by_data_counts or (adjustment and update))
         index = torch.searchsorted(ids, group.to(ids))
-        if by_data_counts or (adjustment and update):
-            self._require_counts(counts[index], group)
         sums = torch.zeros(2, len(ids), device=losses.device)
         sums[0].index_add_(0, index, losses.detach().float())
         sums[1].index_add_(0, index, torch.ones_like(losses, dtype=torch.float32))
@@ -124,23 +122,23 @@ class GroupWeights(ObjectiveState):
     def _counts_of(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.tensor([float(self.data_counts.get(g, 0)) for g in ids.tolist()])
 
-    def _require_counts(self, counts: torch.Tensor, group: torch.Tensor) -> None:
-        if (counts == 0).any():
-            missing = sorted(set(group[counts == 0].tolist()))
-            raise ValueError(
-                f"group_robust_dpo: divide_by_totalcount and adjustment use each group's count "
-                f"in the training data, and group(s) {missing} have none there (held-out data "
-                f"or examples made while training); give the training data examples of every "
-                f"group, or set divide_by_totalcount: false and adjustment: 0")
-
-    def _with(self, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _with(self, group: torch.Tensor,
+              need_counts: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, log weights, counts) of the groups known and of those in ``group`` not met
-        yet, which start at log weight 0 with count 0."""
+        yet, which start at log weight 0 with count 0 (refused if ``need_counts``: a group met
+        after the data was counted has no count)."""
         known = self.ids.to(group.device)
         log_weights, counts = self.log_weights.to(group.device), self.counts.to(group.device)
         ids = torch.unique(torch.cat([known, group.float()]))
-        if len(ids) == len(known):
+        if len(ids) == len(known):  # (the host reads the size: no second read below)
             return known, log_weights, counts
+        if need_counts:
+            raise ValueError(
+                f"group_robust_dpo: divide_by_totalcount and adjustment use each group's count "
+                f"in the training data, and group(s) {ids[~torch.isin(ids, known)].tolist()} "
+                "have none there (held-out data or examples made while training); give the "
+                "training data examples of every group, or set divide_by_totalcount: false and "
+                "adjustment: 0")
         place = torch.searchsorted(ids, known)
         widened = torch.zeros(2, len(ids), device=group.device)
         widened[0, place], widened[1, place] = log_weights, counts
