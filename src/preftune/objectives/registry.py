@@ -60,6 +60,7 @@ class ObjectiveSpec:
     online_win_probs: bool = False  # online rounds must add each response's win probability
     scores: tuple = ()  # numeric fields every record must carry (checked as the data is read)
     state: type | None = None  # what it keeps across steps (an objectives.state.ObjectiveState)
+    prepare: Callable | None = None  # a step over the data before training (see ``objective``)
 
     @property
     def summary(self) -> str:
@@ -91,7 +92,7 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
               kl_completions=False, reference_distributions=False, extra_references=False,
               image_negatives=False, online_builder=None, online_win_probs=False, scores=(),
-              state=None):
+              state=None, prepare=None):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -109,6 +110,10 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     ``state``: an ``objectives.state.ObjectiveState`` subclass; the loop makes one per run,
     passes it as ``inputs.state``, checkpoints it, and sets ``inputs.training`` False in
     evaluation, where it is only read (BCO's running mean, group-robust DPO's weights).
+    ``prepare(params, train, held_out, seed, device) -> dict``: run once before training with
+    the params of every term of this objective; the examples carry their record's prompt
+    (``.prompt``) and it may add scores to them (BCO's UDM weights). What it returns goes into
+    the run's data report.
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -123,7 +128,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
         REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
                                        kl_completions, reference_distributions, extra_references,
                                        image_negatives, online_builder, online_win_probs,
-                                       tuple(scores), state)
+                                       tuple(scores), state, prepare)
         return fn
 
     return register

@@ -11,8 +11,9 @@ penalty of 1/2 |w|^2, the setup of TRL's former BCOTrainer (scikit-learn's defau
 
 The weights are made once, before training, for every training and held-out example
 (desirable ones weigh 1), and go into the examples' ``udm_weight`` score, which ``bco``
-multiplies its losses by. They depend only on the data, the encoder and ``train.seed``, so a
-resumed run makes the same ones again.
+multiplies its losses by: ``prepare_udm`` is bco's ``prepare`` step (objectives.registry).
+They depend only on the data, the encoder and ``train.seed``, so a resumed run makes the same
+ones again.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
-from ..data.records import DataError
+from ..config_tree import ConfigError
+from ..data.records import DataError, plain_text
 
 WEIGHT = "udm_weight"  # the score bco reads
 ENCODE_BATCH = 64
@@ -39,20 +40,11 @@ class UDMSettings:
     max_density_ratio: float
 
 
-def udm_settings(objective_config) -> UDMSettings | None:
-    """The UDM settings of the config's ``bco`` terms that set ``udm: true`` (one set of them:
-    the weights are one score per example), or None."""
-    from ..objectives import get_objective
-    from ..objectives.compose import Term
-
-    found = set()
-    for item in objective_config:
-        if item.name == "bco":
-            term = Term(get_objective("bco"), dict(item.model_extra or {}), 1.0)
-            params = term.params_at(0, 1)
-            if params.udm:
-                found.add(UDMSettings(params.udm_encoder, params.prompt_sample_size,
-                                      params.min_density_ratio, params.max_density_ratio))
+def udm_settings(params: list) -> UDMSettings | None:
+    """The UDM settings of the ``bco`` terms (their ``params``) that set ``udm: true`` (one set
+    of them: the weights are one score per example), or None."""
+    found = {UDMSettings(p.udm_encoder, p.prompt_sample_size, p.min_density_ratio,
+                         p.max_density_ratio) for p in params if p.udm}
     if len(found) > 1:
         raise ConfigError("objective: bco terms with udm: true must share udm_encoder, "
                           "prompt_sample_size and the density ratio bounds (each example "
@@ -60,17 +52,12 @@ def udm_settings(objective_config) -> UDMSettings | None:
     return found.pop() if found else None
 
 
-def prompt_text(prompt) -> str:
-    """A prompt as the encoder reads it: a string as it is; messages as their text, one per
-    line (images and tool calls left out)."""
-    if isinstance(prompt, str):
-        return str(prompt)
-    lines = []
-    for message in prompt:
-        content = message.get("content") or ""
-        lines.append(content if isinstance(content, str) else " ".join(
-            part.get("text", "") for part in content if part.get("type") == "text"))
-    return "\n".join(lines)
+def prepare_udm(params: list, train: list, held_out: list, seed: int, device) -> dict:
+    """bco's step before training: the UDM weights, if a term asks for them."""
+    settings = udm_settings(params)
+    if settings is None:
+        return {}
+    return {"udm": add_udm_weights(train, held_out, settings, seed, device)}
 
 
 class SentenceEncoder:
@@ -146,13 +133,13 @@ def add_udm_weights(train: list, held_out: list, settings: UDMSettings, seed: in
     sample = [rng.sample(side, min(len(side), settings.prompt_sample_size))
               for side in (undesirable, desirable)]
     weighed = [ex for ex in [*train, *held_out] if ex.scores["label"] <= 0.5]
-    texts = sorted({prompt_text(ex.prompt) for ex in [*sample[1], *weighed]})
+    texts = sorted({plain_text(ex.prompt) for ex in [*sample[1], *weighed]})
     encoder = SentenceEncoder(settings.encoder, device)
     embedding = dict(zip(texts, encoder(texts)))
     del encoder
 
     def embedded(examples):
-        return torch.stack([embedding[prompt_text(ex.prompt)] for ex in examples]).double()
+        return torch.stack([embedding[plain_text(ex.prompt)] for ex in examples]).double()
 
     x = embedded([*sample[0], *sample[1]])
     labels = torch.tensor([0] * len(sample[0]) + [1] * len(sample[1]))

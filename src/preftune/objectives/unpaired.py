@@ -19,6 +19,7 @@ from pydantic import Field
 from .common import NonNegative, Positive, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 from .state import RunningMean
+from .udm import WEIGHT, prepare_udm
 
 
 def _desirable(inputs: ObjectiveInputs, name: str) -> torch.Tensor:
@@ -96,7 +97,7 @@ class BCOParams:
 
 
 @objective("bco", params=BCOParams, needs_reference=True, data="unpaired", paper="arXiv:2404.04656",
-           state=RunningMean)
+           state=RunningMean, prepare=prepare_udm)
 def bco(inputs: ObjectiveInputs, params: BCOParams) -> ObjectiveOutput:
     """Binary Classifier Optimization (BCO): a logistic classifier on the shifted implied reward.
 
@@ -113,7 +114,7 @@ def bco(inputs: ObjectiveInputs, params: BCOParams) -> ObjectiveOutput:
     w(x) = clamp(p(desirable|x) / p(undesirable|x), min_density_ratio, max_density_ratio),
     inputs.scores udm_weight (1 for desirable examples), which the training loop makes before
     training from a logistic regression on udm_encoder's embeddings of prompt_sample_size
-    training prompts of each label (train/udm.py).
+    training prompts of each label (objectives/udm.py).
     """
     desirable = _desirable(inputs, "bco")
     rewards = params.beta * log_ratios(inputs)
@@ -121,8 +122,8 @@ def bco(inputs: ObjectiveInputs, params: BCOParams) -> ObjectiveOutput:
     shifted = rewards[:, 0] - delta
     losses = torch.where(desirable, -F.logsigmoid(shifted), -F.logsigmoid(-shifted))
     if params.udm:
-        if "udm_weight" not in inputs.scores:
+        if WEIGHT not in inputs.scores:
             raise ValueError("bco with udm: true weighs examples by scores['udm_weight'], which "
                              "preftune train makes before training; hand-built inputs need it")
-        losses = losses * inputs.scores["udm_weight"].to(losses)
+        losses = losses * inputs.scores[WEIGHT].to(losses)
     return ObjectiveOutput(losses, rewards)

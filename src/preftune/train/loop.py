@@ -30,7 +30,7 @@ from ..model.load import (load_model, load_model_and_tokenizer, load_tokenizer,
 from ..model.lora import add_lora
 from ..model.verify import check_attention_device, check_model, decoder_of, verified_layout
 from ..model.reference import AdapterOffReference
-from ..objectives import ObjectiveInputs
+from ..objectives import ObjectiveInputs, get_objective
 from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
@@ -43,7 +43,6 @@ from .engines import (check_engine, refuse_sharding, refuse_split_weights, shard
 from .references import build_extra_references, build_reference, reference_from, reference_sync
 from .run_lock import holding_output_dirs
 from .trainer import Trainer, add_metrics, count_steps, means
-from .udm import add_udm_weights, udm_settings
 
 
 def objective_inputs(logp_model, reference, extras, batch, objective, step,
@@ -179,18 +178,17 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                                config.model.chat_template)
     # the data is read and checked before the weights load (or download): a bad record stops
     # the run early
-    udm = udm_settings(config.objective)
+    prepares = any(get_objective(item.name).prepare for item in config.objective)
     train_examples, eval_examples, data_report, shape = prepare_examples(
-        config.data, tokenizer, cfg.seed, keep_prompts=udm is not None)
+        config.data, tokenizer, cfg.seed, keep_prompts=prepares)
     if cfg.example_weight_field:
         check_example_weights(train_examples + eval_examples, cfg.example_weight_field)
     total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field,
                                       train_examples)
     check_objective_scores(train_examples + eval_examples, objective)
-    if udm is not None and not plan_only and objective.data == shape:
-        data_report["udm"] = add_udm_weights(train_examples, eval_examples, udm, cfg.seed,
-                                             device)
+    if prepares and not plan_only and objective.data == shape:
+        data_report.update(objective.prepare(train_examples, eval_examples, cfg.seed, device))
     model = load_policy(config, tokenizer, accelerator)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing
         write_run_header(output_dir, config, data_report)
