@@ -7,6 +7,7 @@ safetensors model directory, so every later run loads in about a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -72,6 +73,22 @@ def packaged_encoder_dir() -> Path:
     return directory
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """transformers parses the whole GGUF file (a 49k-token vocabulary included) three times,
+    for the tokenizer, the config and the weights, and builds gguf's tensor-name table again for
+    every module (397 times for SmolLM2): two thirds of a conversion. Inside this block gguf's
+    reader and name table are made once per file and per architecture; both are only read."""
+    import gguf
+
+    made = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = map(functools.cache, made)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = made
+
+
 def gguf_to_safetensors(gguf_path: Path) -> Path:
     """Dequantize ``gguf_path`` once into a cached HF model directory and return that dir."""
     stat = gguf_path.stat()
@@ -84,8 +101,9 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
 
     print(f"Converting {gguf_path.name} to safetensors once (cached in {target}) ...")
     directory, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
     # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
