@@ -17,8 +17,10 @@ import sys
 import tempfile
 import time
 
-PRELOAD = ["torch", "transformers", "accelerate", "safetensors.torch",
-           "transformers.models.llama.modeling_llama", "preftune.cli", "preftune.train.loop"]
+# What the ranks of these tests import; a module missing here (an optional extra) is skipped.
+PRELOAD = ["torch", "transformers", "accelerate", "safetensors.torch", "deepspeed",
+           "transformers.models.llama.modeling_llama", "diffusers.models.unets.unet_2d_condition",
+           "preftune.cli", "preftune.train.loop", "preftune.diffusion.train"]
 
 
 def free_port() -> int:
