@@ -292,7 +292,7 @@ def on_two_processes(command: str, tree: dict, config_path: Path):
     """``preftune diffusion COMMAND CONFIG`` on two CPU processes (gloo), ``tree`` written to
     ``config_path`` as its config."""
     import yaml
-    from two_processes import run_on_two_processes
+    from forked_python import run_on_two_processes
 
     config_path.write_text(yaml.safe_dump(tree))
     return run_on_two_processes(["-m", "preftune", "diffusion", command, str(config_path)])

@@ -4,7 +4,6 @@ installed entry points), on a tiny model."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from forked_python import run_python
 from safetensors.torch import load_file
 
 import preftune
@@ -219,11 +219,10 @@ def test_top_level_names_are_the_api_and_import_preftune_stays_light():
 
 
 def test_example_script_trains_its_own_objective_and_evaluates(files, tmp_path):
-    env = {**os.environ, "PREFTUNE_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples/python_api.py"), "--model", str(files / "model"),
-         "--steps", "2", "--output-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=300)
+    result = run_python(
+        [str(ROOT / "examples/python_api.py"), "--model", str(files / "model"), "--steps", "2",
+         "--output-dir", str(tmp_path / "out")], {"PREFTUNE_CACHE": str(tmp_path / "cache")},
+        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = _metrics(tmp_path / "out" / "run")
     assert [m["step"] for m in metrics] == [1, 2]

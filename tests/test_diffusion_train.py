@@ -4,9 +4,6 @@ the report's sample grids, eval win rates and the quick demo."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusion_fixtures import (config_tree, one_thread, tiny_latent_pipeline,  # noqa: E402, F401
                                 tiny_pipeline,
                                 write_pairs)
+from forked_python import run_python  # noqa: E402
 from preftune.cli import main  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.model import load_diffusion_model  # noqa: E402
@@ -199,10 +197,9 @@ def test_a_hub_pipeline_id_that_cannot_be_fetched_is_one_error_line(monkeypatch,
 def test_quick_demo_numbers_are_the_checkers(tmp_path):
     """``preftune diffusion demo --quick`` as a user runs it; its before/after numbers are
     recounted from the saved models by the checker."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    subprocess.run([sys.executable, "-m", "preftune", "diffusion", "demo", "--quick",
-                    "--output-dir", str(tmp_path / "demo")], check=True, env=env,
-                   capture_output=True)
+    done = run_python(["-m", "preftune", "diffusion", "demo", "--quick", "--output-dir",
+                       str(tmp_path / "demo")])
+    assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "demo.json").read_text())
     from preftune.diffusion.demo import colour_accuracy
     from preftune.diffusion.ranking import win_shares

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from test_train_loop import (crashed_run, final_weights, losses, run,  # noqa: F401
                              workspace)
-from two_processes import free_port, run_on_two_processes
+from forked_python import free_port, run_on_two_processes, run_python
 
 from preftune.train.logging import read_metrics
 
@@ -139,8 +139,7 @@ def test_a_one_process_run_resumes_on_two_with_the_same_global_batch(workspace, 
     # another global batch is a change in training, refused with the keys
     tree["train"]["batch_size"] = 2
     config.write_text(yaml.safe_dump(tree))
-    refused = subprocess.run([sys.executable, "-m", "preftune", "train", str(config), "--resume"],
-                             capture_output=True, text=True, timeout=300)
+    refused = run_python(["-m", "preftune", "train", str(config), "--resume"], timeout=300)
     assert refused.returncode == 2 and "the global batch would be 2 (batch_size 2 x " \
         "accumulation 1 x 1 process), and the run started with 8" in refused.stderr
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_distributed import reward_model_on_two_processes_equals_one
 from test_train_loop import (assert_same_weights, crashed_run, losses, run,  # noqa: F401
                              workspace)
-from two_processes import run_on_two_processes
+from forked_python import run_on_two_processes
 
 from preftune.config import build_config
 from preftune.train import loop

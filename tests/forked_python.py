@@ -1,10 +1,11 @@
-"""Two CPU processes of one command, started as ``torch.distributed.run --nproc_per_node 2``
+"""``python ARGV`` for tests that run a command as a user would, in one process or as two CPU
+processes of one process group. Two are started as ``torch.distributed.run --nproc_per_node 2``
 starts its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, gloo through
-accelerate) but without the launcher's own process, and without each rank importing torch,
-transformers and preftune again: the ranks are forked from a server process (multiprocessing's
+accelerate) but without the launcher's own process. Neither imports torch, transformers and
+preftune again: processes are forked from a server process (multiprocessing's
 ``forkserver``) that imported them once for the whole test session and then never ran a
 computation, so no thread pool is copied into the fork. That saves about 5 s of every test
-here. A rank then runs ``python ARGV`` in-process (``runpy``), with the command's environment,
+here. A process then runs ``python ARGV`` in-process (``runpy``), with the command's environment,
 working directory and output files. The multi-machine launch and its errors are tested through
 torch.distributed.run itself (test_distributed.py)."""
 
@@ -35,18 +36,18 @@ def _forkserver():
     return context
 
 
-def _rank(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
-    """The body of ``python ARGV`` in a forked rank: its exit code is the command's."""
+def _python(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
+    """The body of ``python ARGV`` in a forked process: its exit code is the command's."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
     for path, fd in ((out, 1), (err, 2)):
         with open(path, "w") as file:
             os.dup2(file.fileno(), fd)
-    import torch
+    if "OMP_NUM_THREADS" in env:  # OpenMP was loaded with the server's environment
+        import torch
 
-    # The server loaded OpenMP with its own environment; a rank takes the command's.
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", os.cpu_count())))
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
@@ -54,6 +55,15 @@ def _rank(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
         sys.argv = list(argv)
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
         runpy.run_path(argv[0], run_name="__main__")
+
+
+def run_python(argv: list[str], env: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python ARGV`` (``-m MODULE ...`` or ``SCRIPT ...``) in one forked process, with
+    ``env`` on top of this one's; as ``subprocess.run(..., capture_output=True, text=True)``
+    returns it. Not for a command whose libraries read the environment when imported (the
+    Hugging Face cache variables, for one): those were imported with the server's."""
+    return _run(argv, [{**os.environ, **(env or {})}], timeout)
 
 
 def run_on_two_processes(argv: list[str], env: dict | None = None,
@@ -64,26 +74,30 @@ def run_on_two_processes(argv: list[str], env: dict | None = None,
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {}),
            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
+    return _run(argv, [{**env, "RANK": str(r), "LOCAL_RANK": str(r)} for r in (0, 1)], timeout)
+
+
+def _run(argv: list[str], envs: list[dict], timeout: float) -> subprocess.CompletedProcess:
+    """One forked process per environment in ``envs``, all stopped as soon as one fails."""
     context = _forkserver()
     with tempfile.TemporaryDirectory() as logs:
-        files = [(f"{logs}/out{r}", f"{logs}/err{r}") for r in (0, 1)]
-        ranks = [context.Process(target=_rank, args=(
-            argv, {**env, "RANK": str(r), "LOCAL_RANK": str(r)}, os.getcwd(), out, err))
-            for r, (out, err) in enumerate(files)]
-        for rank in ranks:
-            rank.start()
+        files = [(f"{logs}/out{r}", f"{logs}/err{r}") for r in range(len(envs))]
+        processes = [context.Process(target=_python, args=(argv, env, os.getcwd(), *pair))
+                     for env, pair in zip(envs, files)]
+        for process in processes:
+            process.start()
         deadline, code = time.monotonic() + timeout, 0
-        while any(rank.exitcode is None for rank in ranks):
-            failed = [rank.exitcode for rank in ranks if rank.exitcode not in (None, 0)]
+        while any(process.exitcode is None for process in processes):
+            failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
             if failed or time.monotonic() > deadline:
                 code = failed[0] if failed else -9
-                for rank in ranks:
-                    rank.kill()
+                for process in processes:
+                    process.kill()
                 break
             time.sleep(0.05)
-        for rank in ranks:
-            rank.join()
-        code = code or next((rank.exitcode for rank in ranks if rank.exitcode), 0)
-        texts = [tuple(open(path).read() for path in pair) for pair in files]
-    return subprocess.CompletedProcess(argv, code, texts[0][0] + texts[1][0],
-                                       texts[0][1] + texts[1][1])
+        for process in processes:
+            process.join()
+        code = code or next((p.exitcode for p in processes if p.exitcode), 0)
+        texts = [[open(path).read() for path in pair] for pair in files]
+    return subprocess.CompletedProcess(argv, code, "".join(out for out, _ in texts),
+                                       "".join(err for _, err in texts))
