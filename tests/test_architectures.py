@@ -328,7 +328,9 @@ def test_sampling_k_answers_equals_k_prompt_copies(model_type, monkeypatch):
     from preftune.generation import HFGenerator, SamplingSettings
 
     tokenizer = char_tokenizer()
-    changes = {"gemma3_text": ATTENTION_MODELS["gemma3_text"][0], "falcon_h1": {},
+    changes = {"gemma3_text": ATTENTION_MODELS["gemma3_text"][0],
+               "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 8, "mamba_d_head": 8,
+                             "mamba_d_state": 16, "mamba_chunk_size": 16},
                "lfm2": {"layer_types": ["conv", "full_attention"]}}[model_type]
     model = build(model_type, {**changes, "vocab_size": len(tokenizer)}, seed=3)
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"]
