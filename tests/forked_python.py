@@ -10,6 +10,7 @@ working directory and output files. The multi-machine launch and its errors are 
 torch.distributed.run itself (test_distributed.py)."""
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import runpy
 import socket
@@ -30,9 +31,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# The environment the session started with: the server imports under it, whichever test
+# happens to start it (a test's monkeypatched variables would otherwise reach every later
+# command through the values libraries read once, on import).
+SESSION_ENVIRONMENT = dict(os.environ)
+
+
 def _forkserver():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
+    now = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(SESSION_ENVIRONMENT)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(now)
     return context
 
 
