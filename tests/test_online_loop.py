@@ -301,6 +301,12 @@ def test_each_data_shape_trains_in_a_round(model_dir, data, tmp_path, objective,
             assert row["chosen_win_prob"] == pytest.approx(expected)
     metrics = read_jsonl(tmp_path / "run" / "round-1" / "metrics.jsonl")
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+    # round 1 trains the initial model against itself: at step 1 every log-ratio is 0, so
+    # DPO's loss is log 2 and KTO's 1 - sigmoid(0) (z_ref = 0, weights 1)
+    first = {"dpo": math.log(2), "kto": 0.5}.get(objective["name"])
+    if first is not None:
+        assert metrics[0]["loss"] == pytest.approx(first, abs=1e-6)
+        assert metrics[1]["loss"] != pytest.approx(first, abs=1e-6)  # and then it trains
 
 
 def test_self_rewarding_round_with_the_policy_as_pairwise_judge(model_dir, data, tmp_path):
