@@ -2,6 +2,7 @@
 is scored by win rate over the untrained pipeline on the config's fixed prompts and seeds."""
 
 import json
+
 import pytest
 import yaml
 
