@@ -40,9 +40,8 @@ def zero_environment(stage: int = 3):
     (3, "padded", "dpo", "precomputed", None, 1, False),
     (3, "prefix_shared", "tdpo", "live", 1.0, 2, False),  # DeepSpeed steps at the last micro-batch
     (3, "prefix_shared", "dpo", "adapter-off", None, 1, False),  # LoRA: adapters off, partitioned
-    pytest.param(2, "padded", "dpo", "adapter-off", None, 2, False, marks=pytest.mark.slow),
-    pytest.param(3, "prefix_shared", "dpo", "precomputed", 1.0, 1, True,  # torch's checkpoint
-                 marks=pytest.mark.slow),
+    (2, "padded", "dpo", "adapter-off", None, 2, False),
+    (3, "prefix_shared", "dpo", "precomputed", 1.0, 1, True),  # torch's checkpoint
     (2, "prefix_shared", "dpo", "precomputed", 1.0, 1, True)])  # through preftune's recompute
 def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # noqa: F811
                                                         stage, layout, objective, strategy, clip,
@@ -62,7 +61,7 @@ def test_zero_on_two_processes_equals_one_plain_process(workspace, tmp_path,  # 
     assert_same_weights(two, one, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", [3, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", [3, 2])
 def test_zero_trains_the_top_layer_alone_like_one_process(workspace, tmp_path, stage):  # noqa: F811
     """model.train_layers: frozen weights partitioned with the rest, never stepped."""
     name = f"zero{stage}-top-layer"
@@ -75,8 +74,7 @@ def test_zero_trains_the_top_layer_alone_like_one_process(workspace, tmp_path, s
     assert_same_weights(two, one, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage,lora", [pytest.param(2, False, marks=pytest.mark.slow),
-                                        (3, True)])
+@pytest.mark.parametrize("stage,lora", [(2, False), (3, True)])
 def test_zero_moves_a_tr_dpo_reference_like_one_process(workspace, tmp_path, stage,  # noqa: F811
                                                         lora):
     """reference.sync_every: each process mixes the updated weights into its whole reference

@@ -86,9 +86,8 @@ def assert_same_training(tmp_path, pipe, kind):
 
 # SDXL: its pooled text and time ids through the wrapper; Flux: its packed latents and guidance
 @pytest.mark.parametrize("objective, lora, kind", [
-    ("diffusion_dpo", False, "sd"), pytest.param("rank_dpo", False, "sd", marks=pytest.mark.slow),
-    ("diffusion_dpo", True, "sd"), pytest.param("diffusion_dpo", False, "sdxl",
-                                                marks=pytest.mark.slow),
+    ("diffusion_dpo", False, "sd"), ("rank_dpo", False, "sd"),
+    ("diffusion_dpo", True, "sd"), ("diffusion_dpo", False, "sdxl"),
     ("diffusion_dpo", False, "flux")])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective, lora, kind):
     pipe = one_and_two_processes(tmp_path, objective, lora, kind, two_processes)
@@ -105,8 +104,7 @@ def fsdp2_processes(config_tree_, tmp_path, name):
 
 
 @pytest.mark.parametrize("objective, lora, kind", [
-    pytest.param("diffusion_dpo", False, "sd", marks=pytest.mark.slow),
-    ("diffusion_dpo", True, "flux"), ("mapo", False, "flux")])
+    ("diffusion_dpo", False, "sd"), ("diffusion_dpo", True, "flux"), ("mapo", False, "flux")])
 def test_fsdp2_splits_the_denoiser_and_trains_as_one_process(tmp_path, objective, lora, kind):
     """Under FSDP2 the denoiser is split block by block, the text encoders and VAE stay whole;
     a live reference, adapters-off (LoRA) or none; the final pipeline is gathered."""
@@ -172,7 +170,7 @@ def prompt_objective_on_one_and_two_processes(tmp_path, objective: dict, prompts
     return rows["one"]
 
 
-@pytest.mark.parametrize("engine", [pytest.param("ddp", marks=pytest.mark.slow), "zero2"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
 def test_spo_on_two_processes_equals_one_accumulating_their_shares(tmp_path, engine):
     """Each process samples its prompts' trajectories (seeded per prompt) with its own
     denoiser calls and averages over its kept pairs: one process accumulating the two shares
@@ -197,7 +195,7 @@ def test_spo_refuses_fsdp(tmp_path):
             "forward: it runs in one process, under DDP or DeepSpeed ZeRO-1/2") in done.stderr
 
 
-@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
 def test_longalign_on_two_processes_equals_one_accumulating_their_shares(tmp_path, engine):
     """Several denoiser calls with gradients per step go through the DDP wrapper (or
     DeepSpeed's engine, ZeRO-2); the text-irrelevant direction comes from all training

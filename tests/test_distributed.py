@@ -24,27 +24,18 @@ def train_on_two_processes(config: Path, *args: str) -> subprocess.CompletedProc
     return run_on_two_processes(["-m", "preftune", "train", str(config), *args])
 
 
-SLOW = pytest.mark.slow  # (`pytest -m slow`; FSDP and DeepSpeed tests cover these features too)
-
-
 @pytest.mark.parametrize("layout,objective,strategy,adapter", [
     ("padded", "dpo", "precomputed", None), ("prefix_shared", "dpo", "precomputed", None),
-    pytest.param("padded", "dpo", "live", None, marks=SLOW),
+    ("padded", "dpo", "live", None),
     ("prefix_shared", "tdpo", "live", None),  # token-level KL
     ("prefix_shared", "dpo", "adapter-off", "lora"),  # the reference = adapters switched off
-    pytest.param("prefix_shared", "dpo", "precomputed", "qlora",  # each holds the 4-bit base
-                 marks=SLOW),
-    pytest.param("prefix_shared", "dpo", "precomputed", "pissa+",  # PiSSA with LoRA+ rates
-                 marks=SLOW),
-    pytest.param("prefix_shared", "dpo", "adapter-off", "head",  # the tied head beside LoRA
-                 marks=SLOW),
-    pytest.param("prefix_shared", "dpo", "precomputed", "top-layer",  # model.train_layers
-                 marks=SLOW),
-    pytest.param("padded", "dpo", "live", "sync",  # TR-DPO: each moves its reference alike
-                 marks=SLOW),
+    ("prefix_shared", "dpo", "precomputed", "qlora"),  # each holds the 4-bit base
+    ("prefix_shared", "dpo", "precomputed", "pissa+"),  # PiSSA with LoRA+ rates
+    ("prefix_shared", "dpo", "adapter-off", "head"),  # the tied head beside LoRA
+    ("prefix_shared", "dpo", "precomputed", "top-layer"),  # model.train_layers
+    ("padded", "dpo", "live", "sync"),  # TR-DPO: each moves its reference alike
     ("padded", "dpo", "live", "answers"),  # held-out answers: the main process writes them
-    pytest.param("prefix_shared", "dpo", "precomputed", "checkpointed",  # checkpointing
-                 marks=SLOW)])
+    ("prefix_shared", "dpo", "precomputed", "checkpointed")])  # checkpointing
 def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path, layout,  # noqa: F811
                                                             objective, strategy, adapter):
     name = f"{layout}-{objective}-{strategy}-{adapter}"

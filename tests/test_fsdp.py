@@ -178,7 +178,7 @@ def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path, sec
     assert not (one.parent / f"fsdp-refused-{key}").exists()  # nothing written
 
 
-@pytest.mark.parametrize("lora", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize("lora", [False, True])
 def test_fsdp2_moves_a_tr_dpo_reference_like_one_process(workspace, tmp_path, lora):  # noqa: F811
     """reference.sync_every under FSDP2: each process gathers the policy's sharded weights
     (with LoRA, each layer's merged weight) and mixes them into its whole reference; the losses,
