@@ -202,6 +202,28 @@ def test_layers_that_ignore_the_mask_keep_to_padded_rows(capsys, monkeypatch):
                                own_logps(model, examples()).detach(), atol=2e-5, rtol=1e-5)
 
 
+def test_a_model_that_cannot_take_a_layouts_mask_keeps_to_padded_rows(capsys, monkeypatch):
+    """Where the probe's forward raises on a layout's inputs (older transformers' Jamba took no
+    4D mask), auto keeps to padded rows saying why, and an explicit layout is refused."""
+    from preftune.model import verify
+
+    monkeypatch.setattr(verify, "_SAID", set())
+    decoder, config = decoder_of(tiny_llama())
+
+    def refuse(module, args, kwargs):
+        raise RuntimeError("The size of tensor a (64) must match the size of tensor b (12)\nmore")
+
+    decoder.layers[0].register_forward_pre_hook(refuse, with_kwargs=True)
+    assert verified_layout(decoder, config, "prefix_shared") == "padded"
+    assert capsys.readouterr().out == (
+        "layout: padded, not prefix_shared: LlamaModel cannot run the prefix_shared layout's "
+        "mask (RuntimeError: The size of tensor a (64) must match the size of tensor b (12)).\n")
+    with pytest.raises(ConfigError, match=r"train.layout: packed: LlamaModel cannot run the "
+                                          r"packed layout's mask \(RuntimeError: The size .* "
+                                          r"Use layout padded"):
+        verified_layout(decoder, config, "packed", configured="packed")
+
+
 def test_a_hybrid_model_trains_on_padded_rows_and_refuses_a_shared_layout(tmp_path):
     tokenizer = char_tokenizer()
     hybrid(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")

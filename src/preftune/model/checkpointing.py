@@ -68,15 +68,24 @@ def recompute(run: functools.partial, *args, forward=None):
     compiled: ``model/compile.py``) in place of ``run.func`` if given; through torch's
     checkpoint where a keyword tensor needs a gradient or DeepSpeed ZeRO-3 splits the
     weights."""
-    layer = run.args[0] if isinstance(run, functools.partial) and run.args else None
-    if forward is not None:
-        run = functools.partial(forward, *run.args, **run.keywords)
+    layer = _layer_of(run)
+    if forward is not None and layer is not None:
+        run = functools.partial(forward, layer, **run.keywords)
     weights = list(layer.parameters()) if isinstance(layer, nn.Module) else None
     # DeepSpeed ZeRO-3 (its weights carry a ds_id) gathers each weight for the call that uses
     # it and frees it after: the weights this node would hold are empty by backward
     if weights is None or _needs_grad(run.keywords) or any(hasattr(w, "ds_id") for w in weights):
         return torch_checkpoint(run, *args)
     return _Recompute.apply(run, len(args), *args, *(w for w in weights if w.requires_grad))
+
+
+def _layer_of(run) -> nn.Module | None:
+    """The layer transformers hands ``recompute``: ``partial(forward, layer, **kwargs)``, or in
+    transformers before 5.23 ``partial(layer.__call__, **kwargs)``."""
+    if not isinstance(run, functools.partial):
+        return None
+    owner = run.args[0] if run.args else getattr(run.func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def _needs_grad(value) -> bool:

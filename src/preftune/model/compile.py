@@ -42,7 +42,8 @@ def compile_layers(model: nn.Module, mode: str = "default", backend: str = "indu
     compiled_forwards = {}  # one per layer class: its layers share the compiled graphs
     for layer in layers:
         if layer.gradient_checkpointing and layer._gradient_checkpointing_func is recompute:
-            forward = type(layer).forward.__wrapped__  # transformers' wrapper checkpoints it
+            forward = type(layer).forward  # unwrapped: transformers >= 5.23 wraps it to
+            forward = getattr(forward, "__wrapped__", forward)  # checkpoint it
             if forward not in compiled_forwards:
                 compiled_forwards[forward] = torch.compile(forward, mode=mode, backend=backend,
                                                            dynamic=False)

@@ -146,14 +146,18 @@ def mask_leak(decoder: nn.Module, config, layout: str) -> float:
     return (states[0] - states[1]).abs().max().item()
 
 
-def layout_holds(decoder: nn.Module, config, layout: str) -> tuple[bool, float]:
+def layout_holds(decoder: nn.Module, config, layout: str) -> tuple[bool, float | str]:
     """(whether ``layout`` keeps every response to what it may see in this model, the probe's
-    measure). Padded rows always do: the padding comes after every real token."""
+    measure, or the error the model raised on the layout's mask). Padded rows always do: the
+    padding comes after every real token."""
     if layout == "padded" or _sharded(decoder):
         return True, 0.0
     known = _LEAKS.setdefault(decoder, {})
     if layout not in known:
-        known[layout] = mask_leak(decoder, config, layout)
+        try:
+            known[layout] = mask_leak(decoder, config, layout)
+        except RuntimeError as error:  # e.g. a state-space layer that cannot take the mask
+            known[layout] = f"{type(error).__name__}: {error}".splitlines()[0]
     return known[layout] == 0.0, known[layout]
 
 
@@ -170,7 +174,9 @@ def verified_layout(decoder: nn.Module, config, layout: str, configured: str = "
     holds, leak = layout_holds(decoder, config, layout)
     if holds:
         return layout
-    why = (f"{type(decoder).__name__} mixes tokens outside attention (state-space, convolution "
+    why = (f"{type(decoder).__name__} cannot run the {layout} layout's mask ({leak})"
+           if isinstance(leak, str) else
+           f"{type(decoder).__name__} mixes tokens outside attention (state-space, convolution "
            f"or linear-attention layers ignore the attention mask), so in the {layout} layout a "
            f"response sees tokens hidden from it (its hidden states moved by {leak:.3g} on a "
            "probe)")
