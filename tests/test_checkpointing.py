@@ -140,3 +140,42 @@ def test_a_keyword_tensor_that_needs_a_gradient_goes_through_torchs_checkpoint()
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
     for ours, theirs in zip(grads[1][1], grads[0][1]):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+class Noting(nn.Module):
+    """A layer that notes whether each of its calls builds a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.grad_enabled = []
+
+    def forward(self, x, *, scale):
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return torch.tanh(self.linear(x)) * scale
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_layer_handed_over_as_its_call_recomputes_with_the_plain_gradients(hooked):
+    """transformers before 5.23 hands ``recompute`` ``partial(layer.__call__, **kwargs)``: the
+    layer is found there and recomputed (its forward without a graph); a layer with hooks
+    (FSDP2's) goes through torch's checkpoint, which builds the graph in its forward."""
+    import functools
+
+    from preftune.model.checkpointing import recompute
+
+    torch.manual_seed(0)
+    layer, x = Noting(), torch.randn(3, 2, requires_grad=True)
+    if hooked:
+        layer.register_forward_pre_hook(lambda module, args: None)
+    plain = layer(x, scale=2.0)
+    plain.square().sum().backward()
+    expected = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
+    x.grad = None
+    layer.zero_grad()
+    layer.grad_enabled.clear()
+    out = recompute(functools.partial(layer.__call__, scale=2.0), x)
+    out.square().sum().backward()
+    assert layer.grad_enabled == [hooked, True]  # the forward, then its recomputation
+    for got, want in zip([x.grad, *(p.grad for p in layer.parameters())], expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -66,15 +66,20 @@ def recompute(run: functools.partial, *args, forward=None):
     """``run(*args)`` (transformers' ``partial(forward, layer, **kwargs)``) with its
     activations recomputed in backward, calling ``forward`` (the layer class's forward,
     compiled: ``model/compile.py``) in place of ``run.func`` if given; through torch's
-    checkpoint where a keyword tensor needs a gradient or DeepSpeed ZeRO-3 splits the
-    weights."""
+    checkpoint where a keyword tensor needs a gradient, DeepSpeed ZeRO-3 splits the weights,
+    or the call runs the layer's hooks."""
     layer = _layer_of(run)
-    if forward is not None and layer is not None:
+    # transformers before 5.23 hands over ``layer.__call__``: its hooks (FSDP2's unshard and
+    # reshard, which also reduce the weights' gradients) would run again in the recomputation
+    hooked = layer is not None and not run.args and bool(
+        layer._forward_pre_hooks or layer._forward_hooks)
+    if forward is not None and layer is not None and not hooked:
         run = functools.partial(forward, layer, **run.keywords)
     weights = list(layer.parameters()) if isinstance(layer, nn.Module) else None
     # DeepSpeed ZeRO-3 (its weights carry a ds_id) gathers each weight for the call that uses
     # it and frees it after: the weights this node would hold are empty by backward
-    if weights is None or _needs_grad(run.keywords) or any(hasattr(w, "ds_id") for w in weights):
+    if weights is None or hooked or _needs_grad(run.keywords) \
+            or any(hasattr(w, "ds_id") for w in weights):
         return torch_checkpoint(run, *args)
     return _Recompute.apply(run, len(args), *args, *(w for w in weights if w.requires_grad))
 
