@@ -40,6 +40,16 @@ def test_train_command_writes_a_loadable_model_and_run_record(files, capsys):
     assert json.loads((run / "data_report.json").read_text())["train"]["kept"] == 12
 
 
+def test_a_run_saving_only_its_adapter_says_where_the_adapter_is(files, capsys):
+    code = main(["train", str(files / "config.yaml"), "--set", f"output_dir={files / 'lora'}",
+                 "--set", "model.lora={r: 4, alpha: 8, save_merged: false}"])
+    assert code == 0
+    assert (files / "lora" / "adapter").is_dir() and not (files / "lora" / "model").exists()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"done: adapter in {files / 'lora' / 'adapter'}, metrics in "
+        f"{files / 'lora' / 'metrics.jsonl'}")
+
+
 def test_bad_config_key_is_a_clear_error(files, capsys):
     code = main(["train", str(files / "config.yaml"), "--set", "train.lr=1e-3"])
     assert code == 2
@@ -218,10 +228,10 @@ def test_a_launched_process_ends_after_its_group_without_the_interpreter_teardow
 
 
 def test_version_names_preftune_torch_transformers_and_python(capsys):
+    """The installed distributions' versions (PyPI's CUDA wheel of torch says 2.9.0 where
+    torch.__version__ says 2.9.0+cu128), read without importing them."""
     import platform
-
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     import preftune
 
@@ -229,8 +239,8 @@ def test_version_names_preftune_torch_transformers_and_python(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == (
-        f"preftune {preftune.__version__} (torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, Python {platform.python_version()})")
+        f"preftune {preftune.__version__} (torch {version('torch')}, transformers "
+        f"{version('transformers')}, Python {platform.python_version()})")
 
 
 def test_deepspeed_imported_on_a_cpu_machine_does_not_warn_after_a_command():

@@ -23,7 +23,9 @@ def _train(args) -> None:
                        overwrite=args.overwrite)
     if args.plan:
         return
-    print(f"done: model in {output_dir / 'model'}, metrics in {output_dir / 'metrics.jsonl'}")
+    saved = "model" if (output_dir / "model").is_dir() or not (output_dir / "adapter").is_dir() \
+        else "adapter"  # model.lora.save_merged: false
+    print(f"done: {saved} in {output_dir / saved}, metrics in {output_dir / 'metrics.jsonl'}")
 
 
 def _online(args) -> None:
