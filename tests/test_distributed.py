@@ -196,7 +196,9 @@ def test_two_machines_of_one_process_each_equal_one_process(workspace, tmp_path)
     ours, theirs = final_weights(two), final_weights(one)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
-    assert "done: model in" in outputs[0][0] and outputs[1][0] == ""  # the first one speaks
+    said = [[line for line in out.splitlines() if not line.startswith("[Gloo]")]  # torch 2.9
+            for out, _ in outputs]
+    assert "done: model in" in outputs[0][0] and said[1] == []  # the first one speaks
 
 
 def test_processes_that_cannot_see_each_other_are_stopped(workspace, tmp_path):  # noqa: F811
