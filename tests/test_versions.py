@@ -25,3 +25,33 @@ def test_every_floor_is_the_version_the_oldest_versions_script_tests():
     assert {"torch", "transformers", "accelerate", "peft"} <= set(pins)
     assert {name: floor for name, floor in floors.items() if name not in NOT_PINNED} == \
         {name: {pins.get(name)} for name in floors if name not in NOT_PINNED}
+
+
+def test_a_package_below_its_floor_stops_a_command_saying_how_to_upgrade(monkeypatch, capsys):
+    from importlib.metadata import PackageNotFoundError
+
+    from preftune import versions
+    from preftune.cli import main
+
+    monkeypatch.setattr(versions, "requires", lambda name: [
+        "torch>=2.9.0", "transformers>=5.13.1", "gguf>=0.10.0", 'peft>=0.19.1; extra == "lora"'])
+    installed = {"torch": "2.9.0+cu128", "transformers": "4.57.1", "peft": "0.13.0"}
+
+    def version(name):
+        if name not in installed:
+            raise PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(versions, "version", version)
+    assert main(["objectives"]) == 2
+    assert capsys.readouterr().err == (
+        "error: transformers 4.57.1 (preftune needs >=5.13.1); gguf is not installed (preftune "
+        "needs >=0.10.0). Upgrade: pip install -U 'transformers>=5.13.1' 'gguf>=0.10.0'\n")
+    installed.update(transformers="5.13.1", gguf="0.10.0")
+    assert versions.below_floors() is None
+
+
+def test_this_environment_meets_the_floors():
+    from preftune.versions import below_floors
+
+    assert below_floors() is None

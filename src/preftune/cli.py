@@ -287,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .train.logging import quiet_deepspeed_on_cpu, speaks
     from .train.stopping import Terminated, TrainingStopped, raise_terminated
+    from .versions import below_floors
 
     args = build_parser().parse_args(argv)
+    too_old = below_floors()
+    if too_old:
+        print(f"error: {too_old}", file=sys.stderr)
+        return 2
     quiet_deepspeed_on_cpu()
     talks = speaks()  # under a launcher, the first process speaks for all of them
     if not talks:
