@@ -23,7 +23,6 @@ def installed_versions() -> dict[str, str]:
             "transformers": installed("transformers"), "Python": platform.python_version()}
 
 
-
 def below_floors() -> str | None:
     """What of preftune's requirements (the ``>=`` floors in its installed metadata, extras
     left out) is missing or too old, with the command that fixes it; None when all is met or

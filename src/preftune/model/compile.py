@@ -42,8 +42,9 @@ def compile_layers(model: nn.Module, mode: str = "default", backend: str = "indu
     compiled_forwards = {}  # one per layer class: its layers share the compiled graphs
     for layer in layers:
         if layer.gradient_checkpointing and layer._gradient_checkpointing_func is recompute:
-            forward = type(layer).forward  # unwrapped: transformers >= 5.23 wraps it to
-            forward = getattr(forward, "__wrapped__", forward)  # checkpoint it
+            # the class's own forward (transformers >= 5.23 wraps it to checkpoint it)
+            forward = type(layer).forward
+            forward = getattr(forward, "__wrapped__", forward)
             if forward not in compiled_forwards:
                 compiled_forwards[forward] = torch.compile(forward, mode=mode, backend=backend,
                                                            dynamic=False)
