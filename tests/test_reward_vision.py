@@ -242,3 +242,21 @@ def test_an_online_round_on_image_prompts_is_scored_by_a_vlm_reward_model(tmp_pa
         elsewhere = scorer.score([scorer_prompt(other.prompt, other.images)] *
                                  len(row["responses"]), row["responses"])
         assert row["scores"] != pytest.approx(elsewhere, abs=1e-6)  # the image matters
+
+
+def test_lora_all_linear_adapts_every_linear_layer_but_the_lm_head_and_the_score(root):
+    """peft finds the output layer of transformers models only; a VLM reward model (preftune's
+    module around the VLM) names its linear layers itself, leaving the unused language-model
+    head and the reward head (trained in full) out."""
+    from torch import nn
+
+    from preftune.config import LoraConfig
+    from preftune.reward.model import attach_reward_lora
+
+    model = load_backbone(str(root / "vlm"), Head(), announce=False)[0]
+    linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    assert {"vlm.lm_head", "score"} <= linear
+    wrapped = attach_reward_lora(model, LoraConfig(r=4, alpha=8))
+    adapted = {name.removeprefix("base_model.model.") for name, module in wrapped.named_modules()
+               if hasattr(module, "lora_A")}
+    assert adapted == linear - {"vlm.lm_head", "score"}

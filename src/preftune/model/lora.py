@@ -33,10 +33,16 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
     weights stay frozen. ``task_type`` "SEQ_CLS" (reward models) also trains the
     classification head in full."""
     from peft import get_peft_model
+    from transformers import PreTrainedModel
 
     check_modules_to_save(model, lora.modules_to_save)
+    settings = peft_lora_config(lora, task_type=task_type)
+    # peft leaves the output layer out of all-linear in transformers models only: a VLM reward
+    # model (preftune's module) would get adapters on its unused language-model head
+    if settings.target_modules == "all-linear" and not isinstance(model, PreTrainedModel):
+        settings.target_modules = all_linear(model)
     with quiet_peft():
-        model = get_peft_model(model, peft_lora_config(lora, task_type=task_type))
+        model = get_peft_model(model, settings)
     if lora.init != "default":  # kept to write the trained adapter as one of the original base
         from peft import get_peft_model_state_dict
 
@@ -45,6 +51,15 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
                                          for name, value in initial.items()})
     mark_lora_plus(model, lora.lr_ratio)
     return model
+
+
+def all_linear(model: nn.Module) -> set[str]:
+    """peft's ``all-linear`` for a model that is not a transformers one: the full names of its
+    linear layers (a short name can also be a block's), less its output layer and a reward
+    head (``score``), which trains in full."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not output and name != "score"}
 
 
 def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
