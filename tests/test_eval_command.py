@@ -55,7 +55,7 @@ def test_eval_writes_metrics_per_pair_values_and_the_ches_filtered_file(files, c
               "win rate: scoring policy answers": "response"}
     for phase, unit in phases.items():  # each long phase shows its rate and the time left
         done = re.search(rf"{phase}: 100%\|[^|]*\| (\d+)/\1 \[\d\d:\d\d<00:00, "
-                         rf"(?:[\d.]+{unit}/s|[\d.]+s/{unit})\]", err)
+                         rf" *(?:[\d.]+{unit}/s|[\d.]+s/{unit})\]", err)
         assert done, phase
     run = files / "run"
     results = json.loads((run / "eval.json").read_text())  # next to the model: the run dir
