@@ -15,6 +15,7 @@ from preftune.config import ConfigError
 from preftune.data.layout import LAYOUTS, collate
 from preftune.data.records import Pair, Ranked
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
+from preftune.reward.cli import done_line
 from preftune.reward.config import build_reward_config
 from preftune.data.records import plain_text
 from preftune.reward.encoder import encoder_examples
@@ -114,6 +115,8 @@ def test_trained_model_reaches_held_out_accuracy_and_reloads_identically(workspa
     held-out strings are new. It took 16 steps to pass 99% when this test was written, so 95%
     leaves room for numeric differences across machines and is far above chance (50%)."""
     run = train(workspace, "digits", train={"max_steps": 24})
+    assert done_line(run) == (f"done: reward model in {run / 'model'} (AutoModelForSequence"
+                              f"Classification loads it), metrics in {run / 'metrics.jsonl'}")
     code = main(["rm", "eval", "--model", str(run), "--data", str(workspace / "eval.jsonl")])
     assert code == 0
     results = json.loads((run / "rm_eval.json").read_text())

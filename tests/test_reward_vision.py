@@ -17,6 +17,7 @@ from preftune.cli import main
 from preftune.data.layout import LAYOUTS, collate
 from preftune.data.sources import load_records
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
+from preftune.reward.cli import done_line
 from preftune.reward.model import RewardModel, load_backbone
 from preftune.reward.heads import Head
 from preftune.reward.vision import SCORE_FILE, VisionRewardModel
@@ -111,6 +112,9 @@ def test_rm_train_saves_a_vlm_directory_that_scores_as_it_trained(root, tmp_path
     saved = out / "model"
     assert (saved / SCORE_FILE).is_file() and (saved / "preftune_reward.json").is_file()
     assert (out / "adapter").is_dir() == lora
+    assert done_line(out) == (f"done: reward model in {saved} (AutoModelForImageTextToText "
+                              f"loads the model, {SCORE_FILE} holds its head), metrics in "
+                              f"{out / 'metrics.jsonl'}")
     vlm = AutoModelForImageTextToText.from_pretrained(saved)  # the VLM's class loads it
     assert type(vlm).__name__ == json.loads((root / "vlm" / "config.json").read_text())[
         "architectures"][0]

@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=POSITIVE, default=64,
                           help="longest sampled or greedy answer, in tokens")
     evaluate.add_argument("--top-k", type=POSITIVE, default=10, help="k of top-k entropy and mass")
-    evaluate.add_argument("--scorer", help="win rate vs the reference under 'synthetic' (the "
-                          "demo's checkers) or module:function(prompt, response) -> float")
+    evaluate.add_argument("--scorer", help="win rate vs the reference under a scorer (README, "
+                          "Scorers): 'synthetic' (the demo's checkers), rm:DIR, judge:default "
+                          "or module:function(prompt, response) -> float")
     evaluate.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="pairs (or prompts) per forward pass")
     add_tokenize_options(evaluate)
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output-dir", default="runs/compare",
                          help="each objective's run goes to OUTPUT_DIR/<objective>")
     compare.add_argument("--eval-data", help="held-out pairs (default: the config's data.eval)")
-    compare.add_argument("--scorer", help="win rate under 'synthetic' or module:function")
+    compare.add_argument("--scorer", help="win rate under a scorer: 'synthetic', rm:DIR, "
+                         "judge:default or module:function")
     compare.add_argument("--samples", type=COUNT, default=2,
                          help="policy samples per prompt for KL and length (0: skip)")
     compare.add_argument("--max-new-tokens", type=POSITIVE, default=32,

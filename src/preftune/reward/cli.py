@@ -10,8 +10,17 @@ def _train(args) -> None:
 
     config = RewardConfig.from_yaml(args.config, args.set or [])
     output_dir = train_reward_model(config, resume=args.resume, overwrite=args.overwrite)
-    print(f"done: reward model in {output_dir / 'model'} (AutoModelForSequenceClassification "
-          f"loads it), metrics in {output_dir / 'metrics.jsonl'}")
+    print(done_line(output_dir))
+
+
+def done_line(output_dir) -> str:
+    """What ``rm train`` says at the end: where the model is and what loads it."""
+    from .vision import SCORE_FILE
+
+    saved = output_dir / "model"
+    loads = (f"AutoModelForImageTextToText loads the model, {SCORE_FILE} holds its head"
+             if (saved / SCORE_FILE).is_file() else "AutoModelForSequenceClassification loads it")
+    return f"done: reward model in {saved} ({loads}), metrics in {output_dir / 'metrics.jsonl'}"
 
 
 def _eval(args) -> None:
