@@ -13,11 +13,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from preftune.cli import main
 from preftune.config import ConfigError
 from preftune.data.layout import LAYOUTS, collate
-from preftune.data.records import Pair, Ranked
+from preftune.data.records import DataError, Pair, Ranked, plain_text
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.reward.cli import done_line
 from preftune.reward.config import build_reward_config
-from preftune.data.records import plain_text
 from preftune.reward.encoder import encoder_examples
 from preftune.reward.heads import Head
 from preftune.reward.model import RewardModel, load_backbone
@@ -229,6 +228,15 @@ def test_ranked_lists_train_with_plackett_luce_and_score_as_lists(workspace, tmp
     pairs = convert(load_records(str(out), fields={"scores": "rewards"}), "pairs:best_vs_worst")
     best = max(range(3), key=lambda k: scored[0]["rewards"][k])
     assert pairs[0].chosen == scored[0]["responses"][best]
+    # lists with neither scores nor ranks (samples to judge) get their "scores" written
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": r["prompt"],
+                                                  "responses": r["responses"]} for r in rows])
+    assert main(["rm", "score", "--model", str(run), "--data", str(bare), "--output",
+                 str(tmp_path / "bare_scored.jsonl")]) == 0
+    rescored = [json.loads(line) for line in (tmp_path / "bare_scored.jsonl").open()]
+    assert [r["scores"] for r in rescored] == [s["rewards"] for s in scored]
+    with pytest.raises(DataError, match="both are missing"):  # training still needs them
+        load_records(str(bare))
 
 
 def test_rm_score_output_feeds_margin_objectives(workspace, tmp_path):

@@ -47,8 +47,13 @@ LABEL_STRINGS = {"true": True, "false": False, "1": True, "0": False}
 # one parser per shape
 
 
-def parse_row(shape: str, row: dict, columns: dict, format: str, origin: str, mixed: bool):
-    """One source row -> a ``Pair``, ``JointPair``, ``Unpaired``, ``Ranked`` or ``Rated`` record."""
+def parse_row(shape: str, row: dict, columns: dict, format: str, origin: str, mixed: bool,
+              unscored: bool = False):
+    """One source row -> a ``Pair``, ``JointPair``, ``Unpaired``, ``Ranked`` or ``Rated`` record.
+    ``unscored``: a list may carry neither scores nor ranks (they are about to be computed; its
+    scores are then zeros)."""
+    if shape == "ranked":
+        return _to_ranked(row, columns, format, origin, mixed, unscored)
     return PARSERS[shape](row, columns, format, origin, mixed)
 
 
@@ -128,7 +133,8 @@ def _to_unpaired(row: dict, columns: dict, format: str, origin: str, mixed: bool
                     scores=_extras(row, columns, "unpaired"))
 
 
-def _to_ranked(row: dict, columns: dict, format: str, origin: str, mixed: bool) -> Ranked:
+def _to_ranked(row: dict, columns: dict, format: str, origin: str, mixed: bool,
+               unscored: bool = False) -> Ranked:
     if row.get(columns["responses"]) is None and isinstance(row.get(columns["completions"]), list):
         return _completions_to_ranked(row, columns, format, origin, mixed)
     column = columns["responses"]
@@ -150,8 +156,10 @@ def _to_ranked(row: dict, columns: dict, format: str, origin: str, mixed: bool) 
         _reply(item, columns, "responses", format, origin, mixed, item=k)
         for k, item in enumerate(items)
     )
-    return Ranked(prompt, responses, _response_scores(row, columns, len(items), origin),
-                  origin=origin, scores=_extras(row, columns, "ranked"))
+    given = any(row.get(columns[name]) is not None for name in ("scores", "ranks"))
+    scores = _response_scores(row, columns, len(items), origin) if given or not unscored \
+        else (0.0,) * len(items)
+    return Ranked(prompt, responses, scores, origin=origin, scores=_extras(row, columns, "ranked"))
 
 
 def _completions_to_ranked(row: dict, columns: dict, format: str, origin: str,

@@ -28,7 +28,7 @@ FORMATS = ("auto", "standard", "conversational", "implicit")
 
 def load_records(path: str, format: str = "auto", fields: dict | None = None,
                  shape: str = "auto", skipped: list | None = None,
-                 detected: list | None = None) -> list:
+                 detected: list | None = None, unscored_lists: bool = False) -> list:
     """Read a preference file into ``Pair``, ``JointPair``, ``Unpaired`` or ``Ranked`` records.
 
     ``shape`` is "auto" (decided by the first record's fields; every record must then match),
@@ -47,6 +47,8 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     message appended there instead of raised (``data.on_error: skip``); problems with the file
     itself (missing, unreadable, no valid record at all) still raise. With a ``detected`` list,
     ``{source, layout, why}`` is appended: where the rows came from, the layout found and why.
+    With ``unscored_lists`` a list may carry neither scores nor ranks (``rm score`` computes
+    them); its scores are zeros.
     """
     if format not in FORMATS:
         raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
@@ -75,7 +77,8 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                 # in auto mode a later record of another valid format is a mixed file, not a
                 # bad value
                 mixed = format == "auto" and bool(records)
-                record = parse_row(found.shape, row, found.columns, found.format, origin, mixed)
+                record = parse_row(found.shape, row, found.columns, found.format, origin, mixed,
+                                   unscored_lists)
             record = attach_images(record, row, found.columns, origin, base_dir)
             record = attach_tools(record, row, found.columns, origin)
             if records:

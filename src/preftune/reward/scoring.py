@@ -128,7 +128,7 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     if target.exists() and not overwrite:
         raise DataError(f"--output {output} already exists; choose another file, or pass "
                         "--overwrite to replace it.")
-    records = load_records(data, fields=fields)
+    records = load_records(data, fields=fields, unscored_lists=True)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
     scoring = RewardScoring.load(model, batch_size)
     bar = progress_bar(len(records), f"rm score {Path(data).name}", unit="record")
