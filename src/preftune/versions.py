@@ -12,15 +12,17 @@ from . import __version__
 
 def installed_versions() -> dict[str, str]:
     """preftune, torch, transformers and Python, by name."""
+    return {"preftune": __version__,
+            "torch": _installed("torch") or "not installed",
+            "transformers": _installed("transformers") or "not installed",
+            "Python": platform.python_version()}
 
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
 
-    return {"preftune": __version__, "torch": installed("torch"),
-            "transformers": installed("transformers"), "Python": platform.python_version()}
+def _installed(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def below_floors() -> str | None:
@@ -37,10 +39,7 @@ def below_floors() -> str | None:
         if floor is None:  # an extra's (``; extra == ...``) or another form
             continue
         name, needed = floor[1], floor[2]
-        try:
-            have = version(name)
-        except PackageNotFoundError:
-            have = None
+        have = _installed(name)
         if have is None or _release(have) < _release(needed):
             problems.append(f"{name} {have or 'is not installed'} (preftune needs >={needed})")
             fixes.append(f"'{name}>={needed}'")

@@ -156,10 +156,8 @@ def _to_ranked(row: dict, columns: dict, format: str, origin: str, mixed: bool,
         _reply(item, columns, "responses", format, origin, mixed, item=k)
         for k, item in enumerate(items)
     )
-    given = any(row.get(columns[name]) is not None for name in ("scores", "ranks"))
-    scores = _response_scores(row, columns, len(items), origin) if given or not unscored \
-        else (0.0,) * len(items)
-    return Ranked(prompt, responses, scores, origin=origin, scores=_extras(row, columns, "ranked"))
+    return Ranked(prompt, responses, _response_scores(row, columns, len(items), origin, unscored),
+                  origin=origin, scores=_extras(row, columns, "ranked"))
 
 
 def _completions_to_ranked(row: dict, columns: dict, format: str, origin: str,
@@ -271,9 +269,13 @@ def _label(value: Any, column: str, origin: str) -> bool:
     )
 
 
-def _response_scores(row: dict, columns: dict, count: int, origin: str) -> tuple:
-    """The list's scores (higher = better), from ``scores`` or from ``ranks`` (1 = best)."""
+def _response_scores(row: dict, columns: dict, count: int, origin: str,
+                     unscored: bool = False) -> tuple:
+    """The list's scores (higher = better), from ``scores`` or from ``ranks`` (1 = best); zeros
+    when it has neither and may be ``unscored``."""
     given = [name for name in ("scores", "ranks") if row.get(columns[name]) is not None]
+    if not given and unscored:
+        return (0.0,) * count
     if len(given) != 1:
         names = f"{columns['scores']!r} (scores) and {columns['ranks']!r} (ranks)"
         raise DataError(
