@@ -66,14 +66,16 @@ def _sample(args) -> None:
     from types import SimpleNamespace
 
     from .model import load_diffusion_model
-    from .sample import write_samples
+    from .sample import SAMPLING_FLAGS, check_negative_prompt, write_samples
 
     samples = SimpleNamespace(prompts=args.prompt, seeds=args.seeds, steps=args.steps,
                               guidance_scale=args.guidance_scale, resolution=args.resolution,
                               negative_prompt=args.negative_prompt,
                               true_cfg_scale=args.true_cfg_scale)
+    model = load_diffusion_model(args.model, key="--model")
+    check_negative_prompt(model.family, args.negative_prompt, args.guidance_scale,
+                          args.true_cfg_scale, SAMPLING_FLAGS[1:])  # before anything is written
     _check_samples_dir(Path(args.output_dir), args.label, vars(samples), args.overwrite)
-    model = load_diffusion_model(args.model)
     grid = write_samples(model, samples, args.output_dir, args.label)
     print(f"wrote {len(args.prompt) * len(args.seeds)} images and the grid {grid}")
 
