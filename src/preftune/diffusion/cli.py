@@ -263,8 +263,9 @@ def add_diffusion_commands(commands) -> None:
     evaluate.add_argument("--model", required=True, help="a run dir (holding model/) or a "
                           "pipeline directory")
     evaluate.add_argument("--reference", required=True, help="the pipeline before training")
-    evaluate.add_argument("--scorer", required=True, help="shape_colour (the demo's checker) "
-                          "or module:function(prompt, PIL image) -> float")
+    evaluate.add_argument("--scorer", required=True, help="shape_colour (the demo's checker), "
+                          "spm:PATH (a step-aware preference model) or "
+                          "module:function(prompt, PIL image) -> float")
     evaluate.add_argument("--output", help="a folder for eval.json (default: the run dir), or "
                                            "a FILE.json")
     _sampling_arguments(evaluate)
@@ -282,8 +283,8 @@ def add_diffusion_commands(commands) -> None:
                       help="a pipeline directory or a run dir holding model/ (repeat: every "
                       "model samples every prompt from every seed)")
     rank.add_argument("--scorer", action="append", required=True,
-                      help="shape_colour or module:function(prompt, PIL image) -> float "
-                      "(repeat: scores are averaged as win shares)")
+                      help="shape_colour, spm:PATH or module:function(prompt, PIL image) -> "
+                      "float (repeat: scores are averaged as win shares)")
     rank.add_argument("--prompts", action="append",
                       help="a data file of prompts (JSONL, JSON, Parquet, CSV; repeatable)")
     rank.add_argument("--prompt-field", default="prompt", help="the prompt column of --prompts")
@@ -302,7 +303,8 @@ def add_diffusion_commands(commands) -> None:
                    "preftune diffusion demo --quick")
     demo.add_argument("--output-dir", default="runs/diffusion_demo",
                       help="where the demo's data, runs and results go")
-    demo.add_argument("--quick", action="store_true", help="a smoke version (seconds)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke version (about a minute on 2 CPU cores)")
     demo.add_argument("--beta", type=float, default=5000.0,
                       help="beta of Diffusion-DPO (default: the paper's 5000)")
     demo.set_defaults(run=_demo)

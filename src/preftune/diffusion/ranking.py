@@ -63,7 +63,7 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
     for spec, scorer in zip(scorers, rating):
         if getattr(scorer, "pairwise", False):
             raise ConfigError(f"scorer {spec!r} only compares two images; preftune diffusion "
-                              "rank needs a score per image (shape_colour or "
+                              "rank needs a score per image (shape_colour, spm:PATH or "
                               "module:function(prompt, PIL image) -> float).")
     out = Path(output_dir)
     files: dict[tuple, str] = {}  # (prompt, model, seed) -> image path, relative to out
