@@ -89,6 +89,34 @@ def test_settings_that_would_do_nothing_are_refused(pipes, tmp_path):
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_commands_refuse_a_negative_prompt_without_guidance_by_flag_before_writing(
+        pipes, tmp_path, capsys):
+    from preftune.diffusion.online import DiffusionOnlineConfig, run_diffusion_online
+
+    nothing = ["--prompt", "a red circle", "--seeds", "0", "--steps", "1", "--negative-prompt",
+               "a blue square"]
+    commands = {
+        "sample": ["--model", str(pipes["sd"]), "--output-dir", str(tmp_path / "sample")],
+        "rank": ["--model", str(pipes["sd"]), "--scorer", "shape_colour", "--output-dir",
+                 str(tmp_path / "rank")],
+        "eval": ["--model", str(pipes["sd"]), "--reference", str(pipes["sd"]), "--scorer",
+                 "shape_colour", "--output", str(tmp_path / "eval")]}
+    for name, arguments in commands.items():
+        assert main(["diffusion", name, *arguments, *nothing]) == 2
+        assert ("error: --negative-prompt 'a blue square' does nothing without classifier-free"
+                in capsys.readouterr().err)
+        assert not (tmp_path / name).exists()
+    assert main(["diffusion", "sample", *commands["sample"], *nothing[:-2], "--guidance-scale",
+                 "3", "--true-cfg-scale", "2"]) == 2
+    assert "error: --true-cfg-scale 2.0: only Flux takes it" in capsys.readouterr().err
+    tree = config_tree(pipes["sd"], write_pairs(tmp_path / "data", count=2), tmp_path / "online",
+                       objective={"name": "rank_dpo"},
+                       online={"negative_prompt": "a blue square", "rounds": 1, "steps": 1})
+    with pytest.raises(ConfigError, match="online.negative_prompt 'a blue square' does nothing"):
+        run_diffusion_online(DiffusionOnlineConfig.from_dict(tree), show_progress=False)
+    assert not (tmp_path / "online").exists()
+
+
 def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path, capsys):
     out = tmp_path / "samples"
     assert main(["diffusion", "sample", "--model", str(pipes["sd"]), "--prompt",

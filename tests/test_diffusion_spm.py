@@ -5,6 +5,7 @@ it, and SPO, `diffusion eval` and `diffusion rank` use it as `spm:PATH`."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -199,6 +200,9 @@ def test_what_it_cannot_take_is_refused_by_name(parts, tmp_path):
     with pytest.raises(ValueError, match="train.layout applies to language models only and "
                        "does nothing for a step-aware preference model"):
         StepModelConfig.from_dict(spm_tree(parts, tmp_path / "b", train={"layout": "packed"}))
+    with pytest.raises(ConfigError, match=re.escape(f"pipeline.path {bare}: no unet/ or ")):
+        step_model_task(StepModelConfig.from_dict(spm_tree(
+            parts, tmp_path / "c", pipeline={"path": str(bare)})), Accelerator())
 
 
 def test_a_stopped_run_resumes_to_the_same_losses(parts, tmp_path, monkeypatch):

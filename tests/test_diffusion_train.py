@@ -185,13 +185,29 @@ def test_a_hub_pipeline_id_that_cannot_be_fetched_is_one_error_line(monkeypatch,
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
     assert main(["diffusion", "sample", "--model", "nobody/no-pipeline", "--prompt", "a"]) == 2
-    assert capsys.readouterr().err == (
-        "error: model.path: 'nobody/no-pipeline' is not a local diffusers pipeline directory, "
+    assert capsys.readouterr().err == (  # named by the flag that gave it
+        "error: --model: 'nobody/no-pipeline' is not a local diffusers pipeline directory, "
         "and fetching it as a Hugging Face Hub diffusers pipeline failed (OSError: 404 Client "
         "Error: Repository Not Found for url ...). Pass a diffusers pipeline directory; for a "
         "Hub diffusers pipeline, check the id and the network (HF_TOKEN for a gated one), or "
         "download it where there is a network with `hf download nobody/no-pipeline` and copy "
         "the HF cache over.\n")
+
+
+def test_a_pipeline_given_by_a_flag_is_named_by_that_flag(files, tmp_path, capsys):
+    pipe, not_a_pipeline = str(files[0]), str(tmp_path)
+    common = ["--prompt", "a red circle", "--seeds", "0", "--steps", "1"]
+    commands = {
+        "--model": ["diffusion", "rank", "--model", not_a_pipeline, "--scorer", "shape_colour",
+                    "--output-dir", str(tmp_path / "ranked"), *common],
+        "--reference": ["diffusion", "eval", "--model", pipe, "--reference", not_a_pipeline,
+                        "--scorer", "shape_colour", "--output", str(tmp_path / "e.json"),
+                        *common]}
+    for flag, command in commands.items():
+        assert main(command) == 2
+        assert (f"error: {flag} {not_a_pipeline}: no unet/ or transformer/ folder"
+                in capsys.readouterr().err)
+    assert not (tmp_path / "ranked").exists() and not (tmp_path / "e.json").exists()
 
 
 def test_quick_demo_numbers_are_the_checkers(tmp_path):

@@ -66,14 +66,16 @@ def _sample(args) -> None:
     from types import SimpleNamespace
 
     from .model import load_diffusion_model
-    from .sample import write_samples
+    from .sample import SAMPLING_FLAGS, check_negative_prompt, write_samples
 
     samples = SimpleNamespace(prompts=args.prompt, seeds=args.seeds, steps=args.steps,
                               guidance_scale=args.guidance_scale, resolution=args.resolution,
                               negative_prompt=args.negative_prompt,
                               true_cfg_scale=args.true_cfg_scale)
+    model = load_diffusion_model(args.model, key="--model")
+    check_negative_prompt(model.family, args.negative_prompt, args.guidance_scale,
+                          args.true_cfg_scale, SAMPLING_FLAGS[1:])  # before anything is written
     _check_samples_dir(Path(args.output_dir), args.label, vars(samples), args.overwrite)
-    model = load_diffusion_model(args.model)
     grid = write_samples(model, samples, args.output_dir, args.label)
     print(f"wrote {len(args.prompt) * len(args.seeds)} images and the grid {grid}")
 
@@ -261,8 +263,9 @@ def add_diffusion_commands(commands) -> None:
     evaluate.add_argument("--model", required=True, help="a run dir (holding model/) or a "
                           "pipeline directory")
     evaluate.add_argument("--reference", required=True, help="the pipeline before training")
-    evaluate.add_argument("--scorer", required=True, help="shape_colour (the demo's checker) "
-                          "or module:function(prompt, PIL image) -> float")
+    evaluate.add_argument("--scorer", required=True, help="shape_colour (the demo's checker), "
+                          "spm:PATH (a step-aware preference model) or "
+                          "module:function(prompt, PIL image) -> float")
     evaluate.add_argument("--output", help="a folder for eval.json (default: the run dir), or "
                                            "a FILE.json")
     _sampling_arguments(evaluate)
@@ -280,8 +283,8 @@ def add_diffusion_commands(commands) -> None:
                       help="a pipeline directory or a run dir holding model/ (repeat: every "
                       "model samples every prompt from every seed)")
     rank.add_argument("--scorer", action="append", required=True,
-                      help="shape_colour or module:function(prompt, PIL image) -> float "
-                      "(repeat: scores are averaged as win shares)")
+                      help="shape_colour, spm:PATH or module:function(prompt, PIL image) -> "
+                      "float (repeat: scores are averaged as win shares)")
     rank.add_argument("--prompts", action="append",
                       help="a data file of prompts (JSONL, JSON, Parquet, CSV; repeatable)")
     rank.add_argument("--prompt-field", default="prompt", help="the prompt column of --prompts")
@@ -300,7 +303,8 @@ def add_diffusion_commands(commands) -> None:
                    "preftune diffusion demo --quick")
     demo.add_argument("--output-dir", default="runs/diffusion_demo",
                       help="where the demo's data, runs and results go")
-    demo.add_argument("--quick", action="store_true", help="a smoke version (seconds)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke version (about a minute on 2 CPU cores)")
     demo.add_argument("--beta", type=float, default=5000.0,
                       help="beta of Diffusion-DPO (default: the paper's 5000)")
     demo.set_defaults(run=_demo)

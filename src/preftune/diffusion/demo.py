@@ -88,10 +88,11 @@ def sample_pairs(ranked: Path, directory: Path, settings: dict,
                  seed: int = 0) -> tuple[Path, str]:
     """dpo.jsonl from the model's own samples, as ``ranked`` (``preftune diffusion rank``'s
     lists, from ``directory``'s ``ranked/``) holds them with the checker's score: a sample is
-    right when the score is at least 1/2 (``right_colour``), and up to ``pairs_per_prompt``
-    random (right colour, wrong colour) pairs are drawn per prompt. A model with no such pair
-    yet (the quick demo's) gets drawn pairs instead: the requested colour over another colour,
-    same shape, place and size. Returns the file and which kind it holds."""
+    right when the score is at least 1/2 (``right_colour``), and ``pairs_per_prompt`` random
+    (right colour, wrong colour) pairs are drawn, with replacement, per prompt that has both.
+    A model with no such pair yet (the quick demo's) gets drawn pairs instead: the requested
+    colour over another colour, same shape, place and size. Returns the file and which kind it
+    holds."""
     rng = random.Random(seed)
     prompts, _ = prompts_split()
     samples: dict[str, list] = {prompt: [] for prompt in prompts}

@@ -63,10 +63,16 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
                        negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
     """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
     (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output`` (a folder,
-    or the file itself when it ends in .json)."""
+    or the file itself when it ends in .json). Errors name the command's flags (the runs of
+    ``compare`` and ``diffusion online`` that call it have checked their settings before)."""
+    from .sample import SAMPLING_FLAGS, check_negative_prompt
+
     run_dir = Path(model)
     pipeline = pipeline_dir(run_dir)
-    results = win_rate(load_diffusion_model(pipeline), load_diffusion_model(reference), prompts,
+    policy = load_diffusion_model(pipeline, key="--model")
+    check_negative_prompt(policy.family, negative_prompt, guidance_scale, true_cfg_scale,
+                          SAMPLING_FLAGS[1:])
+    results = win_rate(policy, load_diffusion_model(reference, key="--reference"), prompts,
                        seeds, image_scorer(scorer), steps, guidance_scale, resolution,
                        negative_prompt, true_cfg_scale)
     results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds,

@@ -26,7 +26,8 @@ import torch
 from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
 from . import flux, segments
-from .pipeline_files import component_class, denoiser_folder, drop_absent_components
+from .pipeline_files import (DENOISER_FOLDERS, component_class, denoiser_folder,
+                             drop_absent_components)
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -302,25 +303,40 @@ def shard_the_denoiser_only(accelerator, model: DiffusionModel) -> None:
     model._no_split_modules = list(getattr(model.denoiser, "_no_split_modules", None) or [])
 
 
-def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DiffusionModel:
+def pipeline_family(path: str | Path) -> str | None:
+    """The family (``FAMILIES``, else ``unet``) of the local pipeline directory ``path``, read
+    from its denoiser's config.json without loading it; None when ``path`` is not one (e.g. a
+    Hub id, which loading fetches)."""
+    for folder in DENOISER_FOLDERS:
+        config = Path(path) / folder / "config.json"
+        if config.is_file():
+            return FAMILIES.get(json.loads(config.read_text()).get("_class_name"), "unet")
+    return None
+
+
+def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32,
+                         key: str = "model.path") -> DiffusionModel:
     """The pipeline directory ``path``, or a Hugging Face Hub pipeline id (the components
-    loaded here, fetched once into the HF cache), as a ``DiffusionModel``."""
+    loaded here, fetched once into the HF cache), as a ``DiffusionModel``; errors name ``key``,
+    the config key or flag that gave ``path``."""
     import diffusers
     from transformers import AutoTokenizer
 
     from ..data.hub import HUB_NAME
     from ..model.hub import hub_pipeline_snapshot
+    from ..model.load import given_as
 
     if not Path(path).exists() and HUB_NAME.match(str(path)):
-        path = hub_pipeline_snapshot(str(path))
+        with given_as(key):
+            path = hub_pipeline_snapshot(str(path))
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"model.path {path} is not a directory; give a diffusers pipeline "
+        raise ConfigError(f"{key} {path} is not a directory; give a diffusers pipeline "
                           "directory or a Hugging Face Hub pipeline id.")
-    folder = denoiser_folder(path)
+    folder = denoiser_folder(path, key)
     for needed in ("text_encoder", "tokenizer", "scheduler"):
         if not (path / needed).is_dir():
-            raise ConfigError(f"model.path {path}: no {needed}/ folder; a text-to-image "
+            raise ConfigError(f"{key} {path}: no {needed}/ folder; a text-to-image "
                               "pipeline directory needs text_encoder/, tokenizer/, scheduler/.")
     denoiser = component_class(path / folder, "diffusers").from_pretrained(
         path / folder, torch_dtype=dtype)
@@ -337,7 +353,7 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32) -
     for suffix in ("_2", "_3"):
         if (path / f"text_encoder{suffix}").is_dir():
             if not (path / f"tokenizer{suffix}").is_dir():
-                raise ConfigError(f"model.path {path}: text_encoder{suffix}/ without "
+                raise ConfigError(f"{key} {path}: text_encoder{suffix}/ without "
                                   f"tokenizer{suffix}/.")
             extra[f"text_encoder{suffix}"] = component_class(
                 path / f"text_encoder{suffix}", "transformers").from_pretrained(

@@ -30,6 +30,7 @@ from .config import DiffusionConfig
 from .losses import get_diffusion_loss
 
 SEED_STRIDE = 1000  # round r samples seed + SEED_STRIDE * (r - 1)
+ONLINE_KEYS = ("model.path", "online.negative_prompt", "online.true_cfg_scale")  # in errors
 
 
 class DiffusionOnlineSection(Section):
@@ -107,7 +108,13 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     from accelerate import Accelerator
 
     from ..online.loop import has_started
+    from .model import pipeline_family
+    from .sample import check_negative_prompt
 
+    family = pipeline_family(config.model.path)  # None for a Hub id: checked when sampling
+    if family is not None:  # settings that would do nothing, before anything is written
+        check_negative_prompt(family, config.online.negative_prompt, config.online.guidance_scale,
+                              config.online.true_cfg_scale, ONLINE_KEYS[1:])
     state = Accelerator()  # the processes' state, as each round's training sees it
     out = Path(config.output_dir)
     if state.is_main_process:
@@ -182,7 +189,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["rank"] = main_phase(state, here, "rank", lambda: make_ranked_lists(
         prompts, [model], online.scorers, seeds, here / "data", online.steps,
         online.guidance_scale, online.list_size, online.resolution, online.negative_prompt,
-        online.true_cfg_scale))
+        online.true_cfg_scale, ONLINE_KEYS))
     # what `preftune report` shows of a round, under the names of `preftune online`'s
     info["sample"] = {"prompts": len(prompts), "samples": info["rank"]["images"]}
     info["build"] = {"rows": info["rank"]["pairs"], "tied": info["rank"]["lists_all_tied"]}

@@ -32,11 +32,13 @@ def pipeline_dir(path: str | Path) -> Path:
     return run / "model" if (run / "model").is_dir() else run
 
 
-def denoiser_folder(path: Path) -> str:
+def denoiser_folder(path: Path, key: str = "model.path") -> str:
+    """``unet`` or ``transformer``: the folder holding ``path``'s denoiser; errors name ``key``
+    (the config key or flag that gave ``path``)."""
     for folder in DENOISER_FOLDERS:
         if (path / folder / "config.json").is_file():
             return folder
-    raise ConfigError(f"model.path {path}: no unet/ or transformer/ folder with a config.json; "
+    raise ConfigError(f"{key} {path}: no unet/ or transformer/ folder with a config.json; "
                       "expected a diffusers pipeline directory (unet/, text_encoder/, "
                       "tokenizer/, scheduler/), e.g. one written by `preftune diffusion demo`.")
 

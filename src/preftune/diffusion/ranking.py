@@ -25,7 +25,7 @@ from .evaluate import image_scorer
 from .model import load_diffusion_model
 from .pipeline_files import pipeline_dir
 from .ranked import best_vs_worst
-from .sample import sample_images
+from .sample import SAMPLING_FLAGS, check_negative_prompt, sample_images
 
 
 def win_shares(scores: list[float]) -> list[float]:
@@ -50,8 +50,10 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
                       seeds: list[int], output_dir: str | Path, steps: int = 25,
                       guidance_scale: float = 1.0, list_size: int | None = None,
                       resolution: int | None = None, negative_prompt: str = "",
-                      true_cfg_scale: float = 1.0) -> dict:
-    """Sample, score and write the lists (see the module docstring); returns counts."""
+                      true_cfg_scale: float = 1.0, keys: tuple = SAMPLING_FLAGS) -> dict:
+    """Sample, score and write the lists (see the module docstring); returns counts. Errors
+    name ``keys``: what the caller calls a model, the negative prompt and the true-CFG
+    scale."""
     if not prompts or not models or not scorers or not seeds:
         raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
                           "--scorer and seed.")
@@ -61,14 +63,16 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
     for spec, scorer in zip(scorers, rating):
         if getattr(scorer, "pairwise", False):
             raise ConfigError(f"scorer {spec!r} only compares two images; preftune diffusion "
-                              "rank needs a score per image (shape_colour or "
+                              "rank needs a score per image (shape_colour, spm:PATH or "
                               "module:function(prompt, PIL image) -> float).")
     out = Path(output_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     files: dict[tuple, str] = {}  # (prompt, model, seed) -> image path, relative to out
     raw: dict[tuple, list[float]] = {}  # same key -> one score per scorer
     for m, model_path in enumerate(models):
-        model = load_diffusion_model(pipeline_dir(model_path))
+        model = load_diffusion_model(pipeline_dir(model_path), key=keys[0])
+        check_negative_prompt(model.family, negative_prompt, guidance_scale, true_cfg_scale,
+                              keys[1:])
+        (out / "images").mkdir(parents=True, exist_ok=True)  # once the settings hold
         images = [tensor_image(x) for x in sample_images(
             model, prompts, seeds, steps, guidance_scale, resolution=resolution,
             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)]

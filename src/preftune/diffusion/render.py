@@ -84,13 +84,14 @@ class RenderScorer:
             except re.error as error:
                 raise ConfigError(f"{path}: render.target_pattern {pattern!r}: {error}; give a "
                                   "regex whose group 1 is the user's prompt.") from None
-        model = load_diffusion_model(pipeline_dir(settings["pipeline"]))
+        model = load_diffusion_model(pipeline_dir(settings["pipeline"]),
+                                     key=f"{path}: render.pipeline")
         if torch.cuda.is_available():
             model.to("cuda")
         guidance = float(settings.get("guidance_scale", 1.0))
         negative = str(settings.get("negative_prompt", ""))
         true_cfg = float(settings.get("true_cfg_scale", 1.0))
-        check_negative_prompt(model, negative, guidance, true_cfg,
+        check_negative_prompt(model.family, negative, guidance, true_cfg,
                               (f"{path}: render.negative_prompt", f"{path}: render.true_cfg_scale"))
         return cls(model, image_scorer(str(settings["scorer"])), seeds,
                    settings.get("steps", 20), guidance, settings.get("resolution"),

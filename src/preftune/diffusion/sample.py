@@ -51,7 +51,7 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
 
     denoiser = denoiser if denoiser is not None else model.denoiser
     flux = model.family == "flux"
-    check_negative_prompt(model, negative_prompt, guidance_scale, true_cfg_scale)
+    check_negative_prompt(model.family, negative_prompt, guidance_scale, true_cfg_scale)
     if flux:
         check_sampling_guidance(denoiser, guidance_scale, "guidance scale")
     was_training = denoiser.training
@@ -94,20 +94,26 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
     return model.to_pixels(x).float().clamp(-1, 1).cpu()
 
 
-def check_negative_prompt(model, negative_prompt: str, guidance_scale: float,
+# what the sample, eval and rank commands call the model, the negative prompt and the true-CFG
+# scale in their errors
+SAMPLING_FLAGS = ("--model", "--negative-prompt", "--true-cfg-scale")
+
+
+def check_negative_prompt(family: str, negative_prompt: str, guidance_scale: float,
                           true_cfg_scale: float,
                           keys: tuple = ("negative prompt", "true CFG scale")) -> None:
     """Settings that would do nothing are refused (``keys`` name them): a negative prompt
-    without classifier-free guidance, and a true-CFG scale on a denoiser other than Flux."""
-    if model.family != "flux" and true_cfg_scale != 1.0:
+    without classifier-free guidance, and a true-CFG scale on a denoiser other than Flux
+    (``family``: a ``DiffusionModel``'s)."""
+    if family != "flux" and true_cfg_scale != 1.0:
         raise ConfigError(f"{keys[1]} {true_cfg_scale}: only Flux takes it (its "
                           "classifier-free guidance beside the guidance input); other "
                           "denoisers' guidance scale is classifier-free already.")
-    free = true_cfg_scale > 1.0 if model.family == "flux" else guidance_scale != 1.0
+    free = true_cfg_scale > 1.0 if family == "flux" else guidance_scale != 1.0
     if negative_prompt and not free:
         raise ConfigError(f"{keys[0]} {negative_prompt!r} does nothing without "
                           "classifier-free guidance: set a guidance scale other than 1"
-                          + (" (Flux: a true CFG scale above 1)." if model.family == "flux"
+                          + (" (Flux: a true CFG scale above 1)." if family == "flux"
                              else "."))
 
 

@@ -210,7 +210,8 @@ def step_model_task(config: StepModelConfig, accelerator: Accelerator):
         raise ConfigError("preftune diffusion spm runs under DDP or in one process, not FSDP "
                           "or DeepSpeed.")
     splits = split_pairs(config, get_diffusion_loss("diffusion_dpo"))  # pairs, as it reads them
-    pipeline = load_diffusion_model(config.pipeline.path, getattr(torch, config.pipeline.dtype))
+    pipeline = load_diffusion_model(config.pipeline.path, getattr(torch, config.pipeline.dtype),
+                                    key="pipeline.path")
     if pipeline.flow:
         raise ConfigError(f"pipeline.path {config.pipeline.path}: a flow-matching pipeline "
                           f"({pipeline.family}); SPO, which the step-aware model serves, runs "

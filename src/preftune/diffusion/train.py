@@ -317,7 +317,7 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
     segments.configure(model, config.model.segment_tokens)
     samples = config.samples
     if samples.prompts:
-        check_negative_prompt(model, samples.negative_prompt, samples.guidance_scale,
+        check_negative_prompt(model.family, samples.negative_prompt, samples.guidance_scale,
                               samples.true_cfg_scale,
                               ("samples.negative_prompt", "samples.true_cfg_scale"))
     if config.train.gradient_checkpointing:
