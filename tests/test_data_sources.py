@@ -224,7 +224,8 @@ def test_missing_field_lists_present_fields_and_suggests_mapping(tmp_path):
     message = str(error.value)
     assert f"{path}:2" in message and "'chosen'" in message and "missing" in message
     assert "'good', 'bad'" in message and "data.fields: {chosen: <column>}" in message
-    assert "--column KEY=COLUMN on the command line, or fields={...} in Python" in message
+    assert ("(--set data.fields.KEY=COLUMN with a training command, --column KEY=COLUMN with "
+            "eval, data inspect and the rm commands), or fields={...} in Python") in message
 
 
 def test_a_right_field_map_is_not_blamed_for_another_problem(tmp_path):

@@ -217,7 +217,7 @@ def test_columns_under_other_names_are_read_with_column(files, tmp_path, capsys)
     assert main(["eval", "--data", str(renamed), *common]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {renamed}:1: field 'chosen' (chosen) is missing") and \
-        "--column KEY=COLUMN on the command line" in err, err
+        "--column KEY=COLUMN with eval" in err, err
     ranked = tmp_path / "ranked.jsonl"  # another shape: named as such
     ranked.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}) + "\n")
     assert main(["eval", "--data", str(ranked), *common]) == 2

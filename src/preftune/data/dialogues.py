@@ -10,8 +10,15 @@ from typing import Any
 from .records import DataError
 
 ASSISTANT_MARKER = "\n\nAssistant:"
-FIELDS_HINT = ("map column names with data.fields in a config, --column KEY=COLUMN on the "
-               "command line, or fields={...} in Python")
+FIELDS_HINT = ("map column names with data.fields in a config (--set data.fields.KEY=COLUMN "
+               "with a training command, --column KEY=COLUMN with eval, data inspect and the rm "
+               "commands), or fields={...} in Python")
+
+
+def map_field(key: str) -> str:
+    """How to read field ``key`` from another column, from a config or a command line."""
+    return (f"data.fields.{key} (--set data.fields.{key}=COLUMN with a training command, "
+            f"--column {key}=COLUMN with eval, data inspect and the rm commands)")
 
 
 def split_dialogues(chosen: Any, rejected: Any, prompt: Any, columns: dict, origin: str,
@@ -132,7 +139,7 @@ def _strip_named(prompt: str, chosen: list, rejected: list, columns: dict, origi
             f"{origin}: field {columns['prompt']!r} (prompt) does not match the dialogue that "
             f"{columns['chosen']!r} and {columns['rejected']!r} start with: their opening has "
             f"{shown}, the prompt is {_short({'content': prompt})}. Fix the record, or map the "
-            f"right column with data.fields (--column prompt=COLUMN on the command line)."
+            f"right column with {map_field('prompt')}."
         )
     return opening, chosen, rejected
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .dialogues import FIELDS_HINT, split_dialogues, strip_gold
+from .dialogues import FIELDS_HINT, map_field, split_dialogues, strip_gold
 from .records import DataError, JointPair, Pair, Ranked, Rated, Unpaired, describe
 from .messages import read_messages
 
@@ -175,14 +175,13 @@ def _completions_to_ranked(row: dict, columns: dict, format: str, origin: str,
         if not isinstance(item, dict) or item.get(text_key) is None:
             keys = ", ".join(repr(key) for key in item) if isinstance(item, dict) else "none"
             raise DataError(f"{where}: expected an object with the response under {text_key!r} "
-                            f"(keys present: {keys}); map another key with data.fields: "
-                            f"{{response: KEY}} (--column response=KEY on the command line).")
+                            f"(keys present: {keys}); map another key with "
+                            f"{map_field('response')}.")
         score = item.get(score_key)
         if not is_number(score) or not math.isfinite(score):
             raise DataError(f"{where}: score {score_key!r} is {describe(score)}, expected a "
-                            f"finite number; pick another per-completion score with "
-                            f"data.fields: {{scores: KEY}} (e.g. fine-grained_score; --column "
-                            f"scores=KEY on the command line).")
+                            f"finite number; pick another per-completion score (e.g. "
+                            f"fine-grained_score) with {map_field('scores')}.")
         responses.append(_reply(item[text_key], columns, "response", format, origin, mixed))
         scores.append(float(score))
     prompt = _prompt(row, columns, format, origin, mixed)

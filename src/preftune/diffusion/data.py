@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..data.dialogues import map_field
 from ..data.records import DataError
 from ..data.sources import read_rows
 
@@ -134,8 +135,7 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
                 RANKED_HINT if "images" in row else ""
             raise DataError(f"{origin}: field {name[key]!r} ({key}) is missing or empty{why}; "
                             f"present fields: {', '.join(sorted(row))}. Fix the record or map "
-                            f"the column with data.fields.{key} (--column {key}=COLUMN on the "
-                            "command line).")
+                            f"the column with {map_field(key)}.")
     for key in ("prompt", *(CAPTION_FIELDS if captions else ())):
         if not isinstance(row[name[key]], str):
             raise DataError(f"{origin}: field {name[key]!r} ({key}) must be text, got "

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..data.dialogues import map_field
 from ..data.records import DataError
 from ..objectives.listwise import MAX_EXP2_GAIN_SCORE
 from .data import (DenoiserBatch, ImagePair, describe_source, image_tensor, open_image,
@@ -48,8 +49,7 @@ class RankedImages:
 def _field_error(origin: str, name: str, key: str, problem: str, row: dict) -> DataError:
     return DataError(f"{origin}: field {name!r} ({key}) {problem}; present fields: "
                      f"{', '.join(sorted(row))}. Fix the record or map the column with "
-                     f"data.fields.{key} (--column {key}=COLUMN on the command line; a ranked "
-                     "record: prompt, images, image_scores).")
+                     f"{map_field(key)}; a ranked record: prompt, images, image_scores.")
 
 
 def ranked_from_row(index: int, origin: str, row: Any, fields: dict,
