@@ -129,9 +129,10 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 def train_diffusion(config: DiffusionConfig | dict | str | Path, *, resume: bool = False,
                     overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Train a diffusers denoiser on image preference pairs, or on prompts alone with ``spo``
-    (``preftune diffusion train``; needs ``pip install 'preftune[diffusion]'``). Returns the
-    output directory; the pipeline is saved under its ``model/``."""
+    """Train a diffusers denoiser on image preference pairs or ranked lists, or on prompts alone
+    with ``spo`` and ``longalign`` (``preftune diffusion train``; needs ``pip install
+    'preftune[diffusion]'``). Returns the output directory; the pipeline is saved under its
+    ``model/``."""
     require_diffusers("preftune diffusion train")
     from .diffusion.train import train_diffusion as train_denoiser
 
