@@ -222,6 +222,9 @@ def test_rank_command_writes_win_share_lists_that_rank_dpo_trains_on(files, tmp_
              "0", "--steps", "1", "--scorer", "shape_colour", "--output-dir", str(out)]
     assert main(again) == 2  # the lists written above are not replaced silently
     assert f"{out} already holds ranked lists" in capsys.readouterr().err
+    missing = str(tmp_path / "no-such-prompts.jsonl")  # a bad --prompts moves nothing aside
+    assert main(again + ["--overwrite", "--prompts", missing]) == 2
+    assert missing in capsys.readouterr().err and not list(tmp_path.glob("syn.old-*"))
     main(again + ["--overwrite"])
     assert len([json.loads(line) for line in (out / "ranked.jsonl").open()]) == 1
     (aside,) = tmp_path.glob("syn.old-*")  # moved aside, not deleted

@@ -127,17 +127,17 @@ def _rank(args) -> None:
     from ..config import ConfigError
 
     out = Path(args.output_dir)
-    if (out / "ranked.jsonl").exists():
-        if not args.overwrite:
-            raise ConfigError(f"{out} already holds ranked lists; choose another --output-dir "
-                              "or pass --overwrite (the folder is moved aside, not deleted).")
-        from ..train.output import move_aside
-
-        move_aside(out)
+    if (out / "ranked.jsonl").exists() and not args.overwrite:
+        raise ConfigError(f"{out} already holds ranked lists; choose another --output-dir "
+                          "or pass --overwrite (the folder is moved aside, not deleted).")
     prompts = list(args.prompt or [])
     for path in args.prompts or []:  # records need only their prompt
         prompts += [record.prompt for record in load_pairs(
             path, {"prompt": args.prompt_field}, check=False, prompts_only=True)]
+    if (out / "ranked.jsonl").exists():  # --overwrite, once the prompts have been read
+        from ..train.output import move_aside
+
+        move_aside(out)
     result = make_ranked_lists(prompts, args.model, args.scorer, args.seeds, args.output_dir,
                                args.steps, args.guidance_scale, args.list_size,
                                args.resolution, args.negative_prompt, args.true_cfg_scale)
