@@ -1,5 +1,5 @@
-"""Experiment trackers (train.report_to): TensorBoard event files and an MLflow file store hold
-exactly what metrics.jsonl holds, plus the config as hyperparameters."""
+"""Experiment trackers (train.report_to): TensorBoard event files, an MLflow file store and an
+offline W&B run hold exactly what metrics.jsonl holds, plus the config as hyperparameters."""
 
 import json
 import re
@@ -41,14 +41,18 @@ def tracked_run(workspace, monkeypatch_module):
     command = readme_tracker_command()
     assert command[:3] == ["preftune", "train", "examples/dpo.yaml"]
     out = workspace / "run"
+    command[2] = str(README.parent / command[2])  # whatever the working directory
+    assert main(command[1:] + tiny_settings(workspace, out)) == 0
+    return out
+
+
+def tiny_settings(workspace: Path, out: Path) -> list[str]:
+    """--set arguments: the tiny model, lr 0, 4 steps, an eval every 2."""
     tiny = [f"model.path={workspace / 'model'}", f"data.train={workspace / 'pairs.jsonl'}",
             "data.eval_fraction=0.25", f"reference.cache_dir={workspace / 'cache'}",
             f"output_dir={out}", "train.learning_rate=0.0", "train.batch_size=4",
             "train.gradient_accumulation_steps=1", "train.max_steps=4", "train.eval_every=2"]
-    command[2] = str(README.parent / command[2])  # whatever the working directory
-    argv = command[1:] + [item for setting in tiny for item in ("--set", setting)]
-    assert main(argv) == 0
-    return out
+    return [item for setting in tiny for item in ("--set", setting)]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +108,43 @@ def test_mlflow_file_store_holds_the_metrics_and_the_config(tracked_run):
     assert run.data.params["train.learning_rate"] == "0.0"
     assert run.data.params["objective"] == json.dumps([{"name": "dpo", "weight": 1.0,
                                                         "beta": 0.1}])
+
+
+def test_wandb_offline_run_holds_the_metrics_and_the_config(workspace, monkeypatch):
+    pytest.importorskip("wandb")
+    from wandb.proto.wandb_internal_pb2 import Record
+    from wandb.sdk.internal.datastore import DataStore
+
+    for name in ("WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = workspace / "wandb-run"
+    argv = ["train", str(README.parent / "examples" / "dpo.yaml"), "--set",
+            "train.report_to=[wandb]"] + tiny_settings(workspace, out)
+    assert main(argv) == 0
+    (path,) = (out / "tracking" / "wandb").glob("offline-run-*/run-*.wandb")
+    store, logged, config, names = DataStore(), {}, {}, set()
+    store.open_for_scan(str(path))  # the records `wandb sync` would upload
+    while (data := store.scan_data()) is not None:
+        record = Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "run":
+            names.add((record.run.project, record.run.display_name))
+        elif record.WhichOneof("record_type") == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif record.WhichOneof("record_type") == "history":
+            values = {item.key: json.loads(item.value_json) for item in record.history.item}
+            for name, value in values.items():
+                if not name.startswith("_"):
+                    logged.setdefault(name, {})[values["_step"]] = value
+    assert names == {("preftune", "wandb-run")}
+    expected = expected_values(out)
+    assert sorted(logged) == sorted(expected)
+    for name, by_step in expected.items():
+        assert logged[name] == pytest.approx(by_step, rel=1e-12), name
+    assert config["train.learning_rate"] == 0.0 and config["train.max_steps"] == 4
+    assert json.loads(config["train.report_to"]) == ["wandb"]
 
 
 def test_alarm_lists_become_one_indicator_per_kind():
