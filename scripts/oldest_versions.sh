@@ -30,5 +30,5 @@ PYTHON="${PYTHON:-python3}"
   tests/test_vision.py tests/test_vision_qwen.py tests/test_vision_runs.py \
   tests/test_image_transforms.py tests/test_demo_vision.py tests/test_objectives_vision.py \
   tests/test_online_vision.py tests/test_reward_vision.py tests/test_synthetic_vision.py \
-  tests/test_report.py \
+  tests/test_report.py tests/test_gguf.py \
   --deselect tests/test_diffusion_train.py::test_quick_demo_numbers_are_the_checkers "$@"

@@ -96,8 +96,8 @@ def test_a_gguf_file_becomes_the_model_and_tokenizer_it_holds(gguf_file, tmp_pat
 def test_reading_the_file_once_converts_byte_for_byte_like_reading_it_each_time(
         gguf_file, tmp_path, monkeypatch):
     """The conversion shares one gguf reader and one tensor-name table across transformers'
-    three loads (tokenizer, config, weights); the files it writes equal those of a conversion
-    that lets transformers read the file each time."""
+    three loads (tokenizer, config, weights) and preftune's read of the tokenizer's BOS/EOS
+    flags; the files it writes equal those of a conversion that reads the file each time."""
     path = gguf_file[0]
     readers = []
     reader = gguf.GGUFReader
@@ -106,7 +106,7 @@ def test_reading_the_file_once_converts_byte_for_byte_like_reading_it_each_time(
     assert len(readers) == 1
     monkeypatch.setattr(load, "gguf_read_once", contextlib.nullcontext)
     each_time = converted(path, tmp_path / "each", monkeypatch)
-    assert len(readers) == 4
+    assert len(readers) == 1 + 4
     names = sorted(p.name for p in once.iterdir())
     assert names == sorted(p.name for p in each_time.iterdir()) and "model.safetensors" in names
     for name in names:

@@ -89,10 +89,27 @@ def gguf_read_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = made
 
 
+# part of a conversion's cache key: 2 since the tokenizer keeps the file's add_bos_token (a
+# conversion under transformers before 5.23 left BOS out)
+GGUF_CONVERSION = 2
+
+
+def gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
+    """The file's ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` as the tokenizer's
+    ``add_bos_token`` / ``add_eos_token``, for those it sets."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    return {flag: bool(fields[key].parts[fields[key].data[0]][0])
+            for flag in ("add_bos_token", "add_eos_token")
+            if (key := f"tokenizer.ggml.{flag}") in fields}
+
+
 def gguf_to_safetensors(gguf_path: Path) -> Path:
     """Dequantize ``gguf_path`` once into a cached HF model directory and return that dir."""
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|"
+                         f"{GGUF_CONVERSION}".encode())
     target = cache_root() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target
@@ -104,6 +121,8 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
     with gguf_read_once():
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+        for flag, value in gguf_special_token_flags(gguf_path).items():
+            setattr(tokenizer, flag, value)  # transformers before 5.23 drops them
     # save_pretrained refuses GGUF-loaded models: rebuild a plain model from the config.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
