@@ -10,15 +10,15 @@ from typing import Any
 from .records import DataError
 
 ASSISTANT_MARKER = "\n\nAssistant:"
-FIELDS_HINT = ("map column names with data.fields in a config (--set data.fields.KEY=COLUMN "
-               "with a training command, --column KEY=COLUMN with eval, data inspect and the rm "
-               "commands), or fields={...} in Python")
 
 
 def map_field(key: str) -> str:
     """How to read field ``key`` from another column, from a config or a command line."""
     return (f"data.fields.{key} (--set data.fields.{key}=COLUMN with a training command, "
             f"--column {key}=COLUMN with eval, data inspect and the rm commands)")
+
+
+FIELDS_HINT = f"map column names with {map_field('KEY')}, or fields={{...}} in Python"
 
 
 def split_dialogues(chosen: Any, rejected: Any, prompt: Any, columns: dict, origin: str,

@@ -26,8 +26,7 @@ import torch
 from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
 from . import flux, segments
-from .pipeline_files import (DENOISER_FOLDERS, component_class, denoiser_folder,
-                             drop_absent_components)
+from .pipeline_files import component_class, denoiser_folder, drop_absent_components
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -307,11 +306,12 @@ def pipeline_family(path: str | Path) -> str | None:
     """The family (``FAMILIES``, else ``unet``) of the local pipeline directory ``path``, read
     from its denoiser's config.json without loading it; None when ``path`` is not one (e.g. a
     Hub id, which loading fetches)."""
-    for folder in DENOISER_FOLDERS:
-        config = Path(path) / folder / "config.json"
-        if config.is_file():
-            return FAMILIES.get(json.loads(config.read_text()).get("_class_name"), "unet")
-    return None
+    try:
+        folder = denoiser_folder(Path(path))
+    except ConfigError:
+        return None
+    config = json.loads((Path(path) / folder / "config.json").read_text())
+    return FAMILIES.get(config.get("_class_name"), "unet")
 
 
 def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32,
