@@ -299,6 +299,11 @@ def test_pickle_only_model_weights_are_refused_unless_allowed(workspace, tmp_pat
     assert [p.name for p in directory.glob("*.bin")] and not list(directory.glob("*.safetensors"))
     with pytest.raises(ConfigError, match="opt in with model.allow_pickle: true"):
         run(workspace, "pickled", model__path=str(directory), train__max_steps=1)
+    assert not (workspace / "runs" / "pickled").exists()  # made by the run, left empty: removed
+    (workspace / "runs" / "mine").mkdir()  # a directory the user made stays, empty or not
+    with pytest.raises(ConfigError, match="opt in with model.allow_pickle: true"):
+        run(workspace, "mine", model__path=str(directory), train__max_steps=1)
+    assert list((workspace / "runs" / "mine").iterdir()) == []
     out = run(workspace, "pickled-allowed", model__path=str(directory), model__allow_pickle=True,
               train__max_steps=1)
     assert (out / "model" / "model.safetensors").exists()  # and what it writes is safetensors

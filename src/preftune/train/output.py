@@ -52,8 +52,9 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                 "--overwrite (in Python: overwrite=True; the old run is moved aside, not "
                 "deleted), or choose another output_dir.")
         move_aside(out)
+    made = not out.exists()
     check_writable(out, "output_dir")
-    claim(out)
+    claim(out, made)
     return out
 
 

@@ -1,7 +1,9 @@
 """One run per output directory at a time: a lock file in it that the run's process holds
 from the moment it claims the directory until the run ends, however it ends (the lock is
 removed when the run function returns or raises, and the operating system releases an flock
-when its process dies, so a killed run never leaves a stale lock).
+when its process dies, so a killed run never leaves a stale lock). A directory the claim
+made, that is still empty when the run ends (it stopped before writing anything: a model that
+did not load), is removed with the lock.
 
 Another process that starts a run, a ``--resume`` or an ``--overwrite`` on that directory
 meanwhile is refused by name. The same process may claim a directory again (a notebook that
@@ -24,10 +26,12 @@ except ImportError:  # Windows: no flock; runs are not guarded there
 
 LOCK = ".preftune.lock"
 _HELD: dict[Path, int] = {}  # resolved directory -> the open, locked file
+_MADE: set[Path] = set()  # held directories the claim made (removed on release when empty)
 
 
-def claim(out: Path) -> None:
-    """Hold ``out``'s lock for the rest of this process, or refuse: another process runs there."""
+def claim(out: Path, made: bool = False) -> None:
+    """Hold ``out``'s lock for the rest of this process, or refuse: another process runs there.
+    ``made``: this run made ``out``, so an ``out`` left empty is removed on release."""
     key = out.resolve()
     if fcntl is None or key in _HELD:
         return
@@ -42,6 +46,8 @@ def claim(out: Path) -> None:
     os.write(handle, f"pid {os.getpid()} on {socket.gethostname()}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _HELD[key] = handle
+    if made:
+        _MADE.add(key)
 
 
 def check_free(out: Path) -> None:
@@ -59,12 +65,16 @@ def check_free(out: Path) -> None:
 
 
 def release(out: Path) -> None:
-    """Let go of ``out``'s lock, and remove the file, if this process holds it."""
+    """Let go of ``out``'s lock, and remove the file, if this process holds it (and ``out``
+    itself when the claim made it and nothing was written into it)."""
     key = out.resolve()
     handle = _HELD.pop(key, None)
     if handle is not None:
         (key / LOCK).unlink(missing_ok=True)  # still held: no other process took it meanwhile
         os.close(handle)
+        if key in _MADE and not any(key.iterdir()):
+            key.rmdir()
+    _MADE.discard(key)
 
 
 def holding_output_dirs(run):
