@@ -86,7 +86,7 @@ def test_settings_that_would_do_nothing_are_refused(pipes, tmp_path):
     with pytest.raises(ConfigError, match="samples.negative_prompt 'a blue square' does "
                                           "nothing without"):
         train_diffusion(DiffusionConfig.from_dict(tree), show_progress=False)
-    assert not (tmp_path / "run" / "model").exists()
+    assert not (tmp_path / "run").exists()  # made by the run, nothing written: removed
 
 
 def test_commands_refuse_a_negative_prompt_without_guidance_by_flag_before_writing(
@@ -115,6 +115,24 @@ def test_commands_refuse_a_negative_prompt_without_guidance_by_flag_before_writi
     with pytest.raises(ConfigError, match="online.negative_prompt 'a blue square' does nothing"):
         run_diffusion_online(DiffusionOnlineConfig.from_dict(tree), show_progress=False)
     assert not (tmp_path / "online").exists()
+
+
+def test_online_refuses_a_negative_prompt_for_a_hub_pipeline_id_from_its_configs_alone(
+        pipes, tmp_path, monkeypatch):
+    from preftune.diffusion.online import DiffusionOnlineConfig, run_diffusion_online
+    from test_hub_models import fake_hub
+
+    calls = fake_hub(monkeypatch, tmp_path / "snapshot",
+                     {path.relative_to(pipes["sd"]).as_posix(): path.read_bytes()
+                      for path in pipes["sd"].rglob("*") if path.is_file()})
+    tree = config_tree("org/tiny-sd", write_pairs(tmp_path / "data", count=2), tmp_path / "online",
+                       objective={"name": "rank_dpo"},
+                       online={"negative_prompt": "a blue square", "rounds": 1, "steps": 1})
+    with pytest.raises(ConfigError, match="online.negative_prompt 'a blue square' does nothing"):
+        run_diffusion_online(DiffusionOnlineConfig.from_dict(tree), show_progress=False)
+    assert not (tmp_path / "online").exists()
+    weights = [name for name in sorted(calls[0]) if name.endswith(".safetensors")]
+    assert len(calls) == 1 and "unet/config.json" in calls[0] and not weights  # configs only
 
 
 def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path, capsys):

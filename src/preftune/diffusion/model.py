@@ -302,10 +302,17 @@ def shard_the_denoiser_only(accelerator, model: DiffusionModel) -> None:
     model._no_split_modules = list(getattr(model.denoiser, "_no_split_modules", None) or [])
 
 
-def pipeline_family(path: str | Path) -> str | None:
-    """The family (``FAMILIES``, else ``unet``) of the local pipeline directory ``path``, read
-    from its denoiser's config.json without loading it; None when ``path`` is not one (e.g. a
-    Hub id, which loading fetches)."""
+def pipeline_family(path: str | Path, key: str = "model.path") -> str | None:
+    """The family (``FAMILIES``, else ``unet``) of the pipeline ``path``, read from its
+    denoiser's config.json without loading any weights (of a Hub id, only the small files are
+    fetched); None when ``path`` is not a pipeline (loading it says why)."""
+    from ..data.hub import HUB_NAME
+    from ..model.hub import hub_pipeline_snapshot
+    from ..model.load import given_as
+
+    if not Path(path).exists() and HUB_NAME.match(str(path)):
+        with given_as(key):
+            path = hub_pipeline_snapshot(str(path), weights=False)
     try:
         folder = denoiser_folder(Path(path))
     except ConfigError:

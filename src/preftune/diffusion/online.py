@@ -111,7 +111,7 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     from .model import pipeline_family
     from .sample import check_negative_prompt
 
-    family = pipeline_family(config.model.path)  # None for a Hub id: checked when sampling
+    family = pipeline_family(config.model.path)
     if family is not None:  # settings that would do nothing, before anything is written
         check_negative_prompt(family, config.online.negative_prompt, config.online.guidance_scale,
                               config.online.true_cfg_scale, ONLINE_KEYS[1:])

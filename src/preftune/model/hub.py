@@ -38,15 +38,21 @@ def hub_snapshot(repo_id: str, allow_pickle: bool = False, weights: bool = True)
     return str(folder)
 
 
-def hub_pipeline_snapshot(repo_id: str) -> str:
+# model_index.json and the configs, tokenizers and indexes of the folders preftune loads
+PIPELINE_SMALL_FILES = ["model_index.json"] + [f"{part}/{name}" for part in PIPELINE_PARTS
+                                               for name in SMALL_FILES]
+
+
+def hub_pipeline_snapshot(repo_id: str, weights: bool = True) -> str:
     """The local snapshot folder of the Hub diffusers pipeline ``repo_id``: ``model_index.json``
-    and the small files of the folders in ``PIPELINE_PARTS``, then each one's safetensors."""
-    small = ["model_index.json"] + [f"{part}/{name}" for part in PIPELINE_PARTS
-                                    for name in SMALL_FILES]
-    folder = fetch(repo_id, "diffusers pipeline", small)
-    weights = [f"{part}/{name}" for part, kind in PIPELINE_PARTS.items()
-               if kind and (folder / part).is_dir() for name in weight_files(folder / part, kind)]
-    return str(fetch(repo_id, "diffusers pipeline", small + weights))
+    and the small files of the folders in ``PIPELINE_PARTS``, then (if ``weights``) each one's
+    safetensors."""
+    folder = fetch(repo_id, "diffusers pipeline", PIPELINE_SMALL_FILES)
+    if not weights:
+        return str(folder)
+    files = [f"{part}/{name}" for part, kind in PIPELINE_PARTS.items()
+             if kind and (folder / part).is_dir() for name in weight_files(folder / part, kind)]
+    return str(fetch(repo_id, "diffusers pipeline", PIPELINE_SMALL_FILES + files))
 
 
 def fetch(repo_id: str, kind: str, patterns: list[str], skipped: list[str] | None = None) -> Path:
