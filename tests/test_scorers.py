@@ -197,3 +197,30 @@ def test_preference_win_rate_counts_ties_as_half():
     from preftune.evaluate.diagnostics import preference_win_rate
 
     assert preference_win_rate(torch.tensor([0.9, 0.5, 0.2, 0.51])) == pytest.approx(0.625)
+
+
+def test_rm_eval_measures_any_scorer_on_pairs(scorer_module, tmp_path):
+    """``rm eval --scorer``: the score gap is the logit, a tie counts as wrong, lengths are in
+    characters for a scorer without a tokenizer (here the score is the length itself)."""
+    pairs = [("abcd", "ab", "x"), ("a", "abc", "x"), ("xy", "zw", "y"), ("abcdef", "a", "y")]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "p", "chosen": c, "rejected": r,
+                                        "category": k}) + "\n" for c, r, k in pairs))
+    assert main(["rm", "eval", "--scorer", "my_checks:length", "--data", str(data),
+                 "--output", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "rm_eval.json").read_text())
+    assert results["scorer"] == "my_checks:length" and results["pairs"] == 4
+    assert results["accuracy"] == 0.5
+    assert results["accuracy_by"]["category"] == {"x": {"pairs": 2, "accuracy": 0.5},
+                                                  "y": {"pairs": 2, "accuracy": 0.5}}
+    assert results["rewards/chosen_mean"] == 3.25 and results["rewards/rejected_mean"] == 2.0
+    assert results["rewards/length_corr"] == pytest.approx(1.0)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rm_eval_pairs.jsonl").open()]
+    gaps = [len(c) - len(r) for c, r, _ in pairs]
+    assert [row["p_chosen"] for row in rows] == pytest.approx([1 / (1 + math.exp(-g))
+                                                               for g in gaps])
+    assert [row["correct"] for row in rows] == [True, False, False, True]
+    assert [(row["characters_chosen"], row["reward_chosen"]) for row in rows] == [
+        (4, 4.0), (1, 1.0), (2, 2.0), (6, 6.0)]
+    with pytest.raises(SystemExit):  # one of them, not both
+        main(["rm", "eval", "--scorer", "my_checks:length", "--model", "x", "--data", str(data)])

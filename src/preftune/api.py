@@ -91,9 +91,10 @@ def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool
                         overwrite=overwrite)
 
 
-def evaluate_reward_model(model: str, data: str, **options) -> dict:
+def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
     """Accuracy, calibration and reward distribution of a reward model (``preftune rm eval``;
-    ``options``: fields, output, category_field, bins, batch_size). Returns the results."""
+    ``options``: scorer (instead of a model: any scorer spec), fields, output, category_field,
+    bins, batch_size). Returns the results."""
     from .reward.evaluate import RewardEvalOptions, run_rm_eval
 
     return run_rm_eval(RewardEvalOptions(model=model, data=data, **options))

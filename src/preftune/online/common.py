@@ -78,14 +78,17 @@ def row_question(row: dict):
 
 def online_scorer(config, judge: str, data):
     """The online scorer; ``judge:policy`` / ``judge-pair:policy`` (self-rewarding) judge with
-    the model at ``judge``, loaded as the policy is (its dtype, and ``model.chat_template``,
-    which the initial model's tokenizer may lack)."""
+    the model at ``judge``, and ``follow-up:policy`` scores with it, loaded as the policy is
+    (its dtype, and ``model.chat_template``, which the initial model's tokenizer may lack)."""
     spec = config.online.scorer
-    if spec in ("judge:policy", "judge-pair:policy"):
+    if spec in ("judge:policy", "judge-pair:policy", "follow-up:policy"):
+        from ..score.follow_up import FollowUpScorer
         from ..score.judge import LLMJudge
 
         kind = spec.removesuffix(":policy")
         model, tokenizer = load_on_device(judge, config)
+        if kind == "follow-up":
+            return FollowUpScorer(model, tokenizer, f"follow-up:{judge}")
         return LLMJudge(model, tokenizer, f"{kind}:{judge}", pairwise=kind == "judge-pair")
     return load_scorer(spec, data)
 

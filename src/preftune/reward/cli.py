@@ -26,7 +26,7 @@ def done_line(output_dir) -> str:
 def _eval(args) -> None:
     from ..api import evaluate_reward_model
 
-    evaluate_reward_model(args.model, args.data, output=args.output,
+    evaluate_reward_model(args.model, args.data, scorer=args.scorer, output=args.output,
                           category_field=args.category_field, bins=args.bins,
                           batch_size=args.batch_size, fields=args.fields)
 
@@ -61,10 +61,16 @@ def add_rm_commands(commands) -> None:
     add_config_arguments(train, "examples/rm/", "loss.name=bt_margin")
     train.set_defaults(run=_train)
 
-    evaluate = command(sub, "eval", "pairwise accuracy (by category and length), calibration "
-                       "(ECE, reliability plot), reward distribution",
-                       "preftune rm eval --model runs/rm --data held_out.jsonl")
-    evaluate.add_argument("--model", required=True, help="a reward-model run dir or model dir")
+    evaluate = command(sub, "eval", "how a reward model or any scorer orders pairs: accuracy "
+                       "(by category and length), calibration (ECE, reliability plot), reward "
+                       "distribution",
+                       "preftune rm eval --model runs/rm --data held_out.jsonl\n"
+                       "  preftune rm eval --scorer follow-up:default --data held_out.jsonl")
+    measured = evaluate.add_mutually_exclusive_group(required=True)
+    measured.add_argument("--model", help="a reward-model run dir or model dir")
+    measured.add_argument("--scorer", help="instead of a reward model, any scorer (see "
+                          "'Scorers' in the README): judge:MODEL, follow-up:MODEL, "
+                          "module:function, a .yaml file")
     evaluate.add_argument("--data", required=True, help="pairs or ranked lists (JSONL, ...)")
     add_column_option(evaluate)
     evaluate.add_argument("--output", help="output dir (default: the run dir, else the cwd)")

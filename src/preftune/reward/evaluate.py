@@ -1,7 +1,10 @@
-"""``preftune rm eval``: how well a reward model orders held-out pairs, and how far to trust it.
+"""``preftune rm eval``: how well a reward model, or any scorer, orders held-out pairs, and how
+far to trust it.
 
-On every pair it computes logit P(chosen > rejected) from the head (the reward gap r_w - r_l,
-or GPM's s / tau) and reports:
+On every pair it computes logit P(chosen > rejected): from a reward model's head, the reward
+gap r_w - r_l (or GPM's s / tau); from a scorer (``--scorer``: a judge, follow-up likelihood, a
+function, a combination), its score gap, or the log-odds of ``prefer`` for a pairwise one. It
+reports:
 
 - pairwise accuracy (1[logit > 0]; ties count as wrong), overall, per category (a string field
   of the records, ``--category-field``) and per length bucket: whether chosen is the longer
@@ -10,9 +13,12 @@ or GPM's s / tau) and reports:
   arXiv:2312.07401, uses for reward models). Each pair predicts "chosen wins" with confidence
   c = max(p, 1 - p), which is right when p > 1/2; pairs are binned by c in equal-width bins over
   [1/2, 1], ECE = sum_b |B_b| / n * |accuracy(B_b) - mean confidence(B_b)|. Also the Brier score
-  mean (1 - p)^2 and the log loss mean -log p;
+  mean (1 - p)^2 and the log loss mean -log p (a scorer's score gap is not trained to be a
+  log-odds, so for scorers these say how far sigmoid(gap) is from one);
 - the reward distribution of chosen and rejected responses (mean, std, quantiles, histogram) and
-  the Pearson correlation of reward with response length in tokens (reward heads only).
+  the Pearson correlation of reward with response length (reward heads and scalar scorers).
+
+Lengths are in tokens of the model's tokenizer (a scorer's, where it has one; else characters).
 
 Writes ``rm_eval.json``, ``rm_eval_pairs.jsonl`` and the figures (``rm_eval/*.png``).
 """
@@ -44,8 +50,9 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 class RewardEvalOptions:
     """The flags of ``preftune rm eval``."""
 
-    model: str
+    model: str | None  # a reward model; or
     data: str
+    scorer: str | None = None  # any scorer spec (preftune.score.load_scorer)
     output: str | None = None
     fields: dict | None = None  # canonical field -> the file's column (data.fields, --column)
     category_field: str | None = None  # None: "category", where the records have it
@@ -109,10 +116,11 @@ def _length_quartiles(lengths: torch.Tensor) -> tuple[list[str], list[str]]:
     return [names[int(i)] for i in which], names
 
 
-def pair_metrics(head, outputs: torch.Tensor, lengths: torch.Tensor, categories: list,
-                 bins: int) -> tuple[dict, list[dict]]:
-    """Results and per-pair rows from head outputs [N, 2, K] and token lengths [N, 2]."""
-    logit = head.preference_logit(outputs[:, 0], outputs[:, 1]).double()
+def pair_metrics(logit: torch.Tensor, rewards: torch.Tensor | None, lengths: torch.Tensor,
+                 categories: list, bins: int, unit: str = "tokens") -> tuple[dict, list[dict]]:
+    """Results and per-pair rows from the logits of P(chosen > rejected) [N], the rewards of
+    chosen and rejected [N, 2] (None: a pairwise model) and their lengths in ``unit`` [N, 2]."""
+    logit = logit.double()
     p = torch.sigmoid(logit)
     correct = logit > 0
     results: dict = {"pairs": len(logit), "accuracy": correct.double().mean().item(),
@@ -130,8 +138,8 @@ def pair_metrics(head, outputs: torch.Tensor, lengths: torch.Tensor, categories:
     results["accuracy_by"] = groups
     for kind, table in groups.items():
         results.update({f"accuracy/{kind}/{key}": row["accuracy"] for key, row in table.items()})
-    rewards = head.reward(outputs).double() if head.has_reward else None
     if rewards is not None:
+        rewards = rewards.double()
         for slot, name in enumerate(("chosen", "rejected")):
             results.update({f"rewards/{name}_{k}": v
                             for k, v in distribution(rewards[:, slot]).items()})
@@ -144,7 +152,7 @@ def pair_metrics(head, outputs: torch.Tensor, lengths: torch.Tensor, categories:
     rows = []
     for i in range(len(logit)):
         row = {"p_chosen": p[i].item(), "correct": bool(correct[i]),
-               "tokens_chosen": int(lengths[i, 0]), "tokens_rejected": int(lengths[i, 1])}
+               f"{unit}_chosen": int(lengths[i, 0]), f"{unit}_rejected": int(lengths[i, 1])}
         if rewards is not None:
             row.update(reward_chosen=rewards[i, 0].item(), reward_rejected=rewards[i, 1].item())
         if categories[i] is not None:
@@ -177,15 +185,25 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
                         f"the file holds {shape} records; give pairs (prompt, chosen, rejected) or "
                         "ranked lists (scored as all their pairs). To score any records, use "
                         "`preftune rm score`.")
-    scoring = RewardScoring.load(options.model, options.batch_size)
-    examples = scoring.examples(records)
-    bar = progress_bar(len(examples), "rm eval", unit="example")
-    outputs = torch.stack([o[:2] for o in scoring.outputs_of(examples, bar.update)])
-    bar.close()
-    lengths = torch.tensor([[len(ids) for ids in ex.response_ids[:2]] for ex in examples])
-    results, rows = pair_metrics(scoring.head, outputs, lengths, categories, options.bins)
-    results.update(model=options.model, data=options.data, head=scoring.head.kind,
-                   settings=asdict(options), seconds=time.perf_counter() - started)
+    if (options.model is None) == (options.scorer is None):
+        raise ConfigError("rm eval measures one reward model (--model) or one scorer "
+                          "(--scorer); give exactly one of them.")
+    if options.scorer is not None:
+        logit, rewards, lengths, unit = _scorer_gaps(options, records)
+        kind = {"scorer": options.scorer}
+    else:
+        scoring = RewardScoring.load(options.model, options.batch_size)
+        examples = scoring.examples(records)
+        bar = progress_bar(len(examples), "rm eval", unit="example")
+        outputs = torch.stack([o[:2] for o in scoring.outputs_of(examples, bar.update)])
+        bar.close()
+        logit = scoring.head.preference_logit(outputs[:, 0], outputs[:, 1])
+        rewards = scoring.head.reward(outputs) if scoring.head.has_reward else None
+        lengths = torch.tensor([[len(ids) for ids in ex.response_ids[:2]] for ex in examples])
+        unit, kind = "tokens", {"model": options.model, "head": scoring.head.kind}
+    results, rows = pair_metrics(logit, rewards, lengths, categories, options.bins, unit)
+    results.update(**kind, data=options.data, settings=asdict(options),
+                   seconds=time.perf_counter() - started)
     output = _output_dir(options)
     output.mkdir(parents=True, exist_ok=True)
     (output / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
@@ -201,16 +219,44 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
     return results
 
 
+def _scorer_gaps(options: RewardEvalOptions, records: list):
+    """A scorer's logit of P(chosen > rejected) per pair, its rewards [N, 2] (None for a
+    pairwise scorer) and the responses' lengths with their unit."""
+    from ..data.records import plain_text
+    from ..score import load_scorer
+    from ..score.base import scored_in_chunks, scorer_prompt
+
+    scorer = load_scorer(options.scorer, options.data)
+    prompts = [scorer_prompt(r.prompt, r.images, r.tools) for r in records]
+    chosen, rejected = ([plain_text(getattr(r, side)) for r in records]
+                        for side in ("chosen", "rejected"))
+    if scorer.pairwise:
+        p = torch.tensor(scored_in_chunks(scorer.prefer, "rm eval", prompts, chosen, rejected),
+                         dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        logit, rewards = p.logit(), None
+    else:
+        scores = scored_in_chunks(scorer.score, "rm eval", prompts + prompts, chosen + rejected)
+        rewards = torch.tensor(scores, dtype=torch.float64).view(2, -1).T
+        logit = rewards[:, 0] - rewards[:, 1]
+    tokenizer = getattr(scorer, "tokenizer", None)
+    measure = (lambda text: len(tokenizer.encode(text, add_special_tokens=False))) \
+        if tokenizer is not None else len
+    lengths = torch.tensor([[measure(c), measure(r)] for c, r in zip(chosen, rejected)])
+    return logit, rewards, lengths, "tokens" if tokenizer is not None else "characters"
+
+
 def _output_dir(options: RewardEvalOptions) -> Path:
     if options.output:
         return Path(options.output)
-    model = Path(options.model)
-    return model if (model / "model").is_dir() else Path.cwd()
+    model = Path(options.model or "")
+    return model if options.model and (model / "model").is_dir() else Path.cwd()
 
 
 def render_summary(results: dict) -> str:
-    lines = [f"preftune rm eval: {results['model']} on {results['data']} "
-             f"({results['pairs']} pairs, {results['head']} head)",
+    measured = (f"{results['model']} on {results['data']} ({results['pairs']} pairs, "
+                f"{results['head']} head)" if "model" in results else
+                f"scorer {results['scorer']} on {results['data']} ({results['pairs']} pairs)")
+    lines = [f"preftune rm eval: {measured}",
              f"  {'pairwise accuracy':<34} {results['accuracy']:.1%}",
              f"  {'ECE (calibration error)':<34} {results['calibration/ece']:.4f}",
              f"  {'Brier score / log loss':<34} {results['calibration/brier']:.4f} / "
@@ -223,7 +269,7 @@ def render_summary(results: dict) -> str:
         lines.append(f"  {'reward chosen / rejected, mean':<34} "
                      f"{results['rewards/chosen_mean']:.3f} / {results['rewards/rejected_mean']:.3f}")
         corr = results["rewards/length_corr"]
-        lines.append(f"  {'corr(reward, length in tokens)':<34} "
+        lines.append(f"  {'corr(reward, length)':<34} "
                      f"{'n/a' if corr is None else f'{corr:.3f}'}")
     return "\n".join(lines)
 

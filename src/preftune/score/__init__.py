@@ -8,9 +8,12 @@ rounds. ``load_scorer`` reads the spec a user writes on the command line or in a
 - ``rm:DIR`` (or a reward-model directory): a model trained with ``preftune rm train``;
 - ``judge:MODEL`` / ``judge-pair:MODEL``: a causal LM as judge, pointwise or pairwise
   (``judge.py``); ``default`` is the bundled SmolLM2;
+- ``follow-up:MODEL``: a causal LM's likelihood of positive against negative follow-up
+  reactions (FLR, ``follow_up.py``);
 - ``FILE.yaml``: a combination of the above (see ``combine.py``), or with a ``render`` mapping
   a text-to-image pipeline that renders each response and an image scorer that judges the
-  images (``diffusion/render.py``).
+  images (``diffusion/render.py``), or with a ``follow_up`` mapping an FLR scorer with its
+  own follow-ups.
 """
 
 from __future__ import annotations
@@ -46,12 +49,23 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
                 return LLMJudge.from_pretrained(spec[len(prefix):], pairwise=pairwise)
             except (FileNotFoundError, OSError) as error:
                 raise ConfigError(f"scorer {spec!r}: {error}") from None
+    if spec.startswith("follow-up:"):
+        from .follow_up import FollowUpScorer
+
+        try:
+            return FollowUpScorer.from_pretrained(spec.removeprefix("follow-up:"))
+        except (FileNotFoundError, OSError) as error:
+            raise ConfigError(f"scorer {spec!r}: {error}") from None
     if spec.endswith((".yaml", ".yml")):
         tree = _scorer_file(spec)
         if isinstance(tree, dict) and "render" in tree:  # responses rendered, images judged
             from ..diffusion.render import RenderScorer
 
             return RenderScorer.from_file(spec, tree)
+        if isinstance(tree, dict) and "follow_up" in tree:
+            from .follow_up import follow_up_from_tree
+
+            return follow_up_from_tree(spec, tree)
         return combined_from_tree(spec, tree, data, load_scorer)
     if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):
         from .reward_model import RewardModelScorer
@@ -71,7 +85,8 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
     or reward model's weights are read when the scorer loads)."""
     if spec == "synthetic":
         load_scorer(spec, data)  # the checkers come from the data file: cheap
-    elif spec.startswith(("judge:", "judge-pair:")) or FunctionScorer.registered(spec):
+    elif spec.startswith(("judge:", "judge-pair:", "follow-up:")) or \
+            FunctionScorer.registered(spec):
         return
     elif spec.endswith((".yaml", ".yml")):
         _scorer_file(spec)
@@ -94,8 +109,9 @@ def _unknown(spec: str) -> ConfigError:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"scorer {spec!r}: expected 'synthetic', 'module:function', a registered "
                        "scorer name, 'rm:DIR' (a reward model from preftune rm train), "
-                       "'judge:MODEL' or 'judge-pair:MODEL' (an LLM judge) or a .yaml "
-                       f"combination file.{hint}")
+                       "'judge:MODEL' or 'judge-pair:MODEL' (an LLM judge), "
+                       "'follow-up:MODEL' (follow-up likelihood) or a .yaml scorer "
+                       f"file.{hint}")
 
 
 def _scorer_file(path: str):

@@ -1,0 +1,141 @@
+"""Follow-up likelihood as reward (FLR; Zhang et al. 2024, arXiv:2409.13948).
+
+People react to an answer: "thanks, that's what I needed" after a good one, "that's not what I
+asked" after a bad one. A language model that has read many conversations knows which reaction
+is likely after a given answer, so how likely it finds the positive reactions, against the
+negative ones, rates the answer without any preference labels or reward-model training:
+
+    FLR(x, y) = mean_{f in F+} log p(f | x, y) - mean_{f in F-} log p(f | x, y)
+
+where log p(f | x, y) sums the log-probabilities of the follow-up's tokens when it is the
+user's next turn after prompt x and response y (the scoring model's chat template; without
+one, ``role: content`` lines). The spec of the paper's exact aggregation is unverified; this is
+the formula as stated there. Any causal LM scores; the paper's point is that an instruction-tuned
+one (or one fine-tuned on natural-language feedback) ranks responses about as well as trained
+reward models. One forward pass per (response, follow-up), no sampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..config import ConfigError
+from ..generation import left_padded
+from .base import checked, prefer_by_scores
+
+POSITIVE = ("Thank you, that is exactly what I needed.",
+            "Great, that answers my question.",
+            "Perfect, that is correct.")
+NEGATIVE = ("That is wrong.",
+            "That does not answer my question.",
+            "No, that is not what I asked for.")
+
+
+class FollowUpScorer:
+    """``score`` is FLR(x, y) under ``model``; ``prefer`` compares two scores (1, 0, or 1/2 for
+    a tie), as for every scalar scorer."""
+
+    pairwise = False
+
+    def __init__(self, model, tokenizer, name: str, positive=POSITIVE, negative=NEGATIVE,
+                 batch_size: int = 8):
+        if not positive or not negative:
+            raise ConfigError(f"scorer {name}: follow-up likelihood needs at least one positive "
+                              "and one negative follow-up.")
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.positive, self.negative = list(positive), list(negative)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, **options) -> "FollowUpScorer":
+        from accelerate import PartialState
+
+        from ..model.load import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(path)
+        model.to(PartialState().device)
+        return cls(model, tokenizer, f"follow-up:{path}", **options)
+
+    def follow_up_ids(self, prompt, response: str, follow_up: str) -> tuple[list[int], int]:
+        """The token ids of the conversation up to the end of ``follow_up`` (the user's next
+        turn), and how many of them, at the end, are the follow-up's."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) \
+            else [dict(m) for m in prompt]
+        messages += [{"role": "assistant", "content": response},
+                     {"role": "user", "content": follow_up}]
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        else:
+            text = "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in messages)
+        at = text.rfind(follow_up)
+        if at < 0:
+            raise ConfigError(f"scorer {self.name}: the chat template does not show the "
+                              f"follow-up {follow_up!r} as written; give follow-ups the "
+                              "template keeps as they are.")
+        end = at + len(follow_up)
+        whole = self.tokenizer.encode(text[:end], add_special_tokens=False)
+        before = self.tokenizer.encode(text[:end - len(follow_up)], add_special_tokens=False)
+        shared = next((k for k, (a, b) in enumerate(zip(whole, before)) if a != b),
+                      min(len(whole), len(before)))  # a token merged across the boundary
+        return whole, len(whole) - shared           # counts as the follow-up's
+
+    @torch.no_grad()
+    def log_likelihoods(self, rows: list[tuple[list[int], int]]) -> torch.Tensor:
+        """[N]: the summed log-probability of each row's last ``count`` tokens given the rest."""
+        device = next(self.model.parameters()).device
+        keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            ids, mask = left_padded([r[0] for r in batch], self.tokenizer.pad_token_id, device)
+            width = max(count for _, count in batch) + 1  # the rows end together (left padding)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            extra = {"logits_to_keep": width} if keep else {}
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                **extra).logits[:, -width:-1].float()
+            targets = ids[:, -width + 1 :]
+            token = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+            counts = torch.tensor([count for _, count in batch], device=device)
+            counted = torch.arange(width - 1, 0, -1, device=device) <= counts[:, None]
+            out.append((token * counted).sum(-1).cpu())
+        return torch.cat(out)
+
+    def score(self, prompts, responses) -> list[float]:
+        follow_ups = self.positive + self.negative
+        rows = [self.follow_up_ids(p, r, f) for p, r in zip(prompts, responses, strict=True)
+                for f in follow_ups]
+        likelihoods = self.log_likelihoods(rows).view(len(responses), len(follow_ups))
+        split = len(self.positive)
+        flr = likelihoods[:, :split].mean(-1) - likelihoods[:, split:].mean(-1)
+        return checked(flr.tolist(), self.name, len(responses))
+
+    def prefer(self, prompts, first, second) -> list[float]:
+        return prefer_by_scores(self, prompts, first, second)
+
+
+def follow_up_from_tree(path: str, tree: dict) -> FollowUpScorer:
+    """The scorer a YAML file's ``follow_up`` mapping describes: ``model`` (required),
+    ``positive`` and ``negative`` (lists of follow-ups; the defaults above when left out) and
+    ``batch_size``."""
+    spec = tree["follow_up"]
+    known = {"model", "positive", "negative", "batch_size"}
+    if not isinstance(spec, dict) or "model" not in spec or set(spec) - known:
+        raise ConfigError(f"scorer file {path}: follow_up takes a mapping with 'model' (a "
+                          "causal LM directory, or default) and optionally 'positive', "
+                          f"'negative' (lists of follow-up texts) and 'batch_size'; got {spec!r}.")
+    options = {"batch_size": spec.get("batch_size", 8)}
+    for key in ("positive", "negative"):
+        texts = spec.get(key)
+        if texts is None:
+            continue
+        if not isinstance(texts, list) or not texts or \
+                not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ConfigError(f"scorer file {path}: follow_up.{key} must be a non-empty list of "
+                              f"non-empty texts; got {texts!r}.")
+        options[key] = texts
+    try:
+        return FollowUpScorer.from_pretrained(str(spec["model"]), **options)
+    except (FileNotFoundError, OSError) as error:
+        raise ConfigError(f"scorer file {path}: follow_up.model: {error}") from None
