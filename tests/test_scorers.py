@@ -204,8 +204,12 @@ def test_rm_eval_measures_any_scorer_on_pairs(scorer_module, tmp_path):
     characters for a scorer without a tokenizer (here the score is the length itself)."""
     pairs = [("abcd", "ab", "x"), ("a", "abc", "x"), ("xy", "zw", "y"), ("abcdef", "a", "y")]
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": "p", "chosen": c, "rejected": r,
-                                        "category": k}) + "\n" for c, r, k in pairs))
+    def row(chosen, rejected, category):  # chat messages: their content is what is scored
+        return {"prompt": [{"role": "user", "content": "p"}], "category": category,
+                **{side: [{"role": "assistant", "content": text}]
+                   for side, text in (("chosen", chosen), ("rejected", rejected))}}
+
+    data.write_text("".join(json.dumps(row(*pair)) + "\n" for pair in pairs))
     assert main(["rm", "eval", "--scorer", "my_checks:length", "--data", str(data),
                  "--output", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "rm_eval.json").read_text())

@@ -36,6 +36,14 @@ def plain_text(text) -> str:
     return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in text)
 
 
+def response_text(response) -> str:
+    """A response as the text a scorer reads: a string as it is, one message as its content, an
+    exchange of several (tool calls and results) as ``plain_text``."""
+    if isinstance(response, list) and len(response) == 1:
+        return response[0].get("content") or ""
+    return plain_text(response)
+
+
 def describe(value) -> str:
     """A value's type and the start of its repr, for error messages."""
     text = repr(value)

@@ -222,13 +222,13 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
 def _scorer_gaps(options: RewardEvalOptions, records: list):
     """A scorer's logit of P(chosen > rejected) per pair, its rewards [N, 2] (None for a
     pairwise scorer) and the responses' lengths with their unit."""
-    from ..data.records import plain_text
+    from ..data.records import response_text
     from ..score import load_scorer
     from ..score.base import scored_in_chunks, scorer_prompt
 
     scorer = load_scorer(options.scorer, options.data)
     prompts = [scorer_prompt(r.prompt, r.images, r.tools) for r in records]
-    chosen, rejected = ([plain_text(getattr(r, side)) for r in records]
+    chosen, rejected = ([response_text(getattr(r, side)) for r in records]
                         for side in ("chosen", "rejected"))
     if scorer.pairwise:
         p = torch.tensor(scored_in_chunks(scorer.prefer, "rm eval", prompts, chosen, rejected),
