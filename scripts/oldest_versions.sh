@@ -7,7 +7,7 @@
 # vLLM is not installed: it needs CUDA. Run it when a floor in pyproject.toml moves;
 # tests/test_versions.py keeps the pins below equal to those floors. Extra pytest arguments are
 # passed on (e.g. -x, -k ...). 7 to 12 minutes on 2 cores, plus the install (two runs on
-# 2026-12-06: 763 tests).
+# 2026-12-06: 763 tests, then 767 with tests/test_gguf.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

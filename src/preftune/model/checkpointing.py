@@ -12,9 +12,10 @@ model they made a checkpointed step 2.1x a plain one on the host, where one extr
 runs the layer again with gradients (same random state, same attention kernels) and hands the
 gradients of the inputs and of the layer's trained weights back to the graph. The weights are
 inputs of the node, so their gradients accumulate where every other weight's do (DDP's and
-FSDP's hooks, ``optimizer_in_backward``). Two cases go through torch's checkpoint instead: a
-layer called with a keyword tensor that needs a gradient (that gradient would be lost), and
-DeepSpeed ZeRO-3, which frees each weight after the call that gathered it.
+FSDP's hooks, ``optimizer_in_backward``). Three cases go through torch's checkpoint instead: a
+layer called with a keyword tensor that needs a gradient (that gradient would be lost),
+DeepSpeed ZeRO-3, which frees each weight after the call that gathered it, and a layer with
+hooks handed over as its ``__call__`` (transformers before 5.23), whose hooks would run again.
 """
 
 from __future__ import annotations
