@@ -58,9 +58,20 @@ def test_score_is_the_gap_between_positive_and_negative_follow_up_log_likelihood
         expected = sum(positive) / len(positive) - sum(negative) / len(negative)
         assert score == pytest.approx(expected, abs=1e-4)
     assert len(set(scores)) == 3  # responses are told apart
-    # one batch or one row at a time: the same numbers
+    # one batch or one response at a time: the same numbers
     alone = FollowUpScorer(model, tokenizer, "follow-up:tiny", batch_size=1)
     assert alone.score(PROMPTS, RESPONSES) == pytest.approx(scores, abs=1e-4)
+    # the shared conversation run once (its cache serving every follow-up) or each row whole
+    groups = [[scorer.follow_up_ids(p, r, f) for f in POSITIVE + NEGATIVE]
+              for p, r in zip(PROMPTS, RESPONSES)]
+    torch.testing.assert_close(scorer.log_likelihoods(groups, share=True),
+                               scorer.log_likelihoods(groups, share=False), atol=1e-4, rtol=0)
+    assert scorer._shared(groups) is not None  # (the shared path did run)
+    alike = FollowUpScorer(model, tokenizer, "follow-up:tiny", positive=["That is right."],
+                           negative=["That is wrong."])  # the rows share a follow-up's start
+    right, wrong = (log_p(model, tokenizer, PROMPTS[0], RESPONSES[0], f, template)
+                    for f in ("That is right.", "That is wrong."))
+    assert alike.score(PROMPTS[:1], RESPONSES[:1]) == pytest.approx([right - wrong], abs=1e-4)
     first, second = scores[0], scores[2]
     assert scorer.prefer(PROMPTS[:1], RESPONSES[:1], RESPONSES[2:]) == [float(first > second)]
 

@@ -119,14 +119,14 @@ class HFGenerator:
                     pixels = {name: value.to(device) for name, value in
                               tokenizer.image_inputs.pixels(shown).items()}
                 elif k > 1:
-                    shared = _shared_prefix_cache(model, input_ids, mask, k)
+                    shared = shared_prefix_cache(model, input_ids, mask, k)
                 if pixels or shared is not None:
                     input_ids, mask = input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
                     if pixels:
                         pixels |= _token_types(model, tokenizer.image_inputs, input_ids)
                     options_k = dict(options, num_return_sequences=1)
                     if shared is not None:  # each prompt encoded once, its cache copied K times
-                        options_k[_cache_argument(model)] = shared
+                        options_k[cache_argument(model)] = shared
                 else:
                     options_k = dict(options, num_return_sequences=k)
                 generated = model.generate(
@@ -162,7 +162,7 @@ def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
     return input_ids, mask
 
 
-def _shared_prefix_cache(model, input_ids, mask, k: int):
+def shared_prefix_cache(model, input_ids, mask, k: int):
     """The KV cache of every prompt but its last token, computed once per prompt and repeated
     K times, so that ``generate`` encodes each prompt once instead of once per sample (prefill
     was ~40% of sampling 4 answers to the demo's prompts on CPU). None when the prompts are one
@@ -181,12 +181,12 @@ def _shared_prefix_cache(model, input_ids, mask, k: int):
     prefix_mask = mask[:, :-1]
     positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     model(input_ids=input_ids[:, :-1], attention_mask=prefix_mask, position_ids=positions,
-          use_cache=True, **{_cache_argument(model): cache})
+          use_cache=True, **{cache_argument(model): cache})
     cache.batch_repeat_interleave(k)
     return cache
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.25); take what this one has."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters \
         else "past_key_values"

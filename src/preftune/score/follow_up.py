@@ -82,31 +82,76 @@ class FollowUpScorer:
         return whole, len(whole) - shared           # counts as the follow-up's
 
     @torch.no_grad()
-    def log_likelihoods(self, rows: list[tuple[list[int], int]]) -> torch.Tensor:
-        """[N]: the summed log-probability of each row's last ``count`` tokens given the rest."""
-        device = next(self.model.parameters()).device
-        keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+    def log_likelihoods(self, groups: list[list[tuple[list[int], int]]],
+                        share: bool = True) -> torch.Tensor:
+        """[responses, follow-ups]: the summed log-probability of each row's last ``count``
+        tokens given the rest. A response's rows share the conversation before the follow-ups:
+        with ``share`` it runs once per response and its key-value cache serves every follow-up
+        (models whose cache holds more than keys and values run each row whole)."""
         out = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
-            ids, mask = left_padded([r[0] for r in batch], self.tokenizer.pad_token_id, device)
-            width = max(count for _, count in batch) + 1  # the rows end together (left padding)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            extra = {"logits_to_keep": width} if keep else {}
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                **extra).logits[:, -width:-1].float()
-            targets = ids[:, -width + 1 :]
-            token = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-            counts = torch.tensor([count for _, count in batch], device=device)
-            counted = torch.arange(width - 1, 0, -1, device=device) <= counts[:, None]
-            out.append((token * counted).sum(-1).cpu())
+        for start in range(0, len(groups), self.batch_size):
+            batch = groups[start : start + self.batch_size]
+            values = self._shared(batch) if share else None
+            if values is None:
+                values = self._whole([row for group in batch for row in group])
+            out.append(values.view(len(batch), -1).cpu())
         return torch.cat(out)
+
+    def _whole(self, rows: list[tuple[list[int], int]]) -> torch.Tensor:
+        """Each row's follow-up log-likelihood from one left-padded forward of the rows."""
+        device = next(self.model.parameters()).device
+        ids, mask = left_padded([r[0] for r in rows], self.tokenizer.pad_token_id, device)
+        width = max(count for _, count in rows) + 1  # the rows end together (left padding)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            **({"logits_to_keep": width} if keep else {})).logits
+        token = logits[:, -width:-1].float().log_softmax(-1).gather(
+            -1, ids[:, -width + 1 :, None])[..., 0]
+        counts = torch.tensor([count for _, count in rows], device=device)
+        return (token * (torch.arange(width - 1, 0, -1, device=device) <= counts[:, None])).sum(-1)
+
+    def _shared(self, groups) -> torch.Tensor | None:
+        """The same numbers, each response's shared conversation run once: its cache (of all
+        but its last token) repeated for its follow-ups, which then run from that last token."""
+        from ..generation import cache_argument, shared_prefix_cache
+
+        device = next(self.model.parameters()).device
+        contexts, tails, counts = [], [], []
+        for group in groups:  # shared: the common start of the rows, never into a follow-up
+            shared = min(min(len(ids) - count for ids, count in group),
+                         next((k for k, column in enumerate(zip(*(ids for ids, _ in group)))
+                               if len(set(column)) > 1), len(group[0][0])))
+            contexts.append(group[0][0][:shared])
+            tails += [ids[shared - 1 :] for ids, _ in group]
+            counts += [count for _, count in group]
+        ids, mask = left_padded(contexts, self.tokenizer.pad_token_id, device)
+        cache = shared_prefix_cache(self.model, ids, mask, len(groups[0]))
+        if cache is None:
+            return None
+        follow = max(map(len, tails))
+        tail_ids = torch.tensor([t + [self.tokenizer.pad_token_id] * (follow - len(t))
+                                 for t in tails], device=device)
+        tail_mask = torch.tensor([[1] * len(t) + [0] * (follow - len(t)) for t in tails],
+                                 device=device)
+        before = mask[:, :-1].sum(-1).repeat_interleave(len(groups[0]))
+        logits = self.model(input_ids=tail_ids, position_ids=before[:, None] + torch.arange(
+                                follow, device=device),
+                            attention_mask=torch.cat([mask[:, :-1].repeat_interleave(
+                                len(groups[0]), 0), tail_mask], -1),
+                            use_cache=True, **{cache_argument(self.model): cache}).logits
+        token = logits[:, :-1].float().log_softmax(-1).gather(-1, tail_ids[:, 1:, None])[..., 0]
+        lengths = torch.tensor([len(t) for t in tails], device=device)
+        counts = torch.tensor(counts, device=device)
+        place = torch.arange(1, follow, device=device)  # the target's index in its tail
+        counted = (place < lengths[:, None]) & (place >= (lengths - counts)[:, None])
+        return (token * counted).sum(-1)
 
     def score(self, prompts, responses) -> list[float]:
         follow_ups = self.positive + self.negative
-        rows = [self.follow_up_ids(p, r, f) for p, r in zip(prompts, responses, strict=True)
-                for f in follow_ups]
-        likelihoods = self.log_likelihoods(rows).view(len(responses), len(follow_ups))
+        groups = [[self.follow_up_ids(p, r, f) for f in follow_ups]
+                  for p, r in zip(prompts, responses, strict=True)]
+        likelihoods = self.log_likelihoods(groups)
         split = len(self.positive)
         flr = likelihoods[:, :split].mean(-1) - likelihoods[:, split:].mean(-1)
         return checked(flr.tolist(), self.name, len(responses))
