@@ -359,12 +359,12 @@ def test_sampling_k_answers_equals_k_prompt_copies(model_type, monkeypatch):
                for p in ("hello there, friend", "ab", "the quick brown fox")]
     settings = SamplingSettings(samples=3, max_new_tokens=8, seed=4, batch_size=4)
     caches = []
-    real = generation._shared_prefix_cache
-    monkeypatch.setattr(generation, "_shared_prefix_cache",
+    real = generation.shared_prefix_cache
+    monkeypatch.setattr(generation, "shared_prefix_cache",
                         lambda *a: caches.append(real(*a)) or caches[-1])
     drawn = HFGenerator(model, tokenizer).generate(prompts, settings)
     assert (caches[0] is None) == (model_type != "gemma3_text")
-    monkeypatch.setattr(generation, "_shared_prefix_cache", lambda *a: None)
+    monkeypatch.setattr(generation, "shared_prefix_cache", lambda *a: None)
     assert drawn.token_ids == HFGenerator(model, tokenizer).generate(prompts, settings).token_ids
     assert [len(samples) for samples in drawn.token_ids] == [3, 3, 3]
 

@@ -92,12 +92,12 @@ def test_shared_prompt_cache_draws_the_same_samples_as_k_prompt_copies(generator
 
     settings = SamplingSettings(samples=3, max_new_tokens=10, seed=4, batch_size=4)
     calls = []
-    real = generation._shared_prefix_cache
-    monkeypatch.setattr(generation, "_shared_prefix_cache",
+    real = generation.shared_prefix_cache
+    monkeypatch.setattr(generation, "shared_prefix_cache",
                         lambda *a: calls.append(1) or real(*a))
     shared = generator.generate(ids(generator), settings)
     assert calls == [1]  # the fast path ran
-    monkeypatch.setattr(generation, "_shared_prefix_cache", lambda *a: None)
+    monkeypatch.setattr(generation, "shared_prefix_cache", lambda *a: None)
     plain = generator.generate(ids(generator), settings)
     assert shared.token_ids == plain.token_ids
     assert sum(len(x) for s in shared.token_ids for x in s) > 12 * 3  # not all cut at once
