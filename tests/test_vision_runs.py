@@ -170,6 +170,10 @@ def test_data_inspect_shows_image_prompt_and_response_tokens(workspace, capsys):
     image_line = next(line for line in lines if line.endswith("<- image 0"))
     assert "'<image>' x4" in image_line
     assert lines.index(image_line) < lines.index("──── prompt | response ────")
+    # the rejected answer repeats the prompt's end from the image's first token: the count of
+    # tokens left out ends where the image's line starts (13 characters, two markers before it)
+    skipped = lines.index("  ... 15 prompt tokens as above")
+    assert lines[skipped + 1].split()[:2] == ["15-18", "104"]
 
 
 def test_per_pair_weights_scale_each_pairs_loss(workspace, tmp_path):
