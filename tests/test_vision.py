@@ -197,6 +197,16 @@ def test_missing_image_file(tmp_path):
         load_records(path)
 
 
+def test_image_bytes_as_text_are_refused_by_record(tmp_path):
+    """JSON holds no bytes: a base64 string under 'bytes' is named, not a TypeError."""
+    base64_png = {"bytes": "iVBORw0KGgo=", "path": None}
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": [base64_png],
+                                              "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'images', item 0: 'bytes' holds a "
+                                        r"str, not encoded image bytes"):
+        load_records(path)
+
+
 def test_unreadable_image_bytes(vlm, tmp_path):
     model, tokenizer, root = vlm
     (tmp_path / "broken.png").write_bytes(b"not an image at all")
