@@ -92,6 +92,17 @@ class TokenizeReport:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def dropped(self) -> str:
+        """How many records were dropped for each reason, with what to change."""
+        return "; ".join(f"{count} {why}" for count, why in (
+            (self.dropped_too_long, "left no room for a response token within data.max_length "
+                                    "(raise it, or lower data.max_prompt_length)"),
+            (self.dropped_image_cut, "would have an image's tokens cut by "
+                                     "data.max_prompt_length (raise it: image tokens count "
+                                     "toward it)"),
+            (self.empty_responses, "have an empty response"),
+            (self.empty_prompts, "have a prompt that renders to no tokens")) if count)
+
 
 @dataclass
 class _Rendered:
