@@ -241,6 +241,29 @@ def test_the_image_token_without_an_image_is_refused(tmp_path):
         tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
 
 
+def test_an_image_in_a_response_is_refused(tmp_path):
+    """Images go in the prompt only: a response's image part was dropped without a word, and
+    '<image>' in a response's text trained LLaVA's image token with no image behind it."""
+    model_dir = save_tiny_vlm_dir(tmp_path / "model", "llava")
+    _, tokenizer = load_model_and_tokenizer(str(model_dir))
+    solid_image(tmp_path / "x.png", RED)
+    part = [{"role": "assistant", "content": [{"type": "image", "image": "x.png"},
+                                              {"type": "text", "text": "red"}]}]
+    path = write_rows(tmp_path / "d.jsonl", [
+        {"prompt": "Colour? <image>", "images": ["x.png"], "chosen": "red", "rejected": "blue"},
+        {"prompt": "Colour? <image>", "images": ["x.png"], "chosen": "red <image>",
+         "rejected": "blue"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: a response holds the model's image token "
+                                        r"'<image>'; images go in the prompt only"):
+        tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
+    path = write_rows(tmp_path / "m.jsonl", [{
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
+        "images": ["x.png"], "chosen": part, "rejected": [{"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"m\.jsonl:1: a response holds an image part; images "
+                                        r"go in the prompt only"):
+        tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
+
+
 def test_prompt_without_placeholder_gets_the_image_first(tmp_path):
     solid_image(tmp_path / "x.png", RED)
     path = write_rows(tmp_path / "d.jsonl", [{"prompt": "What colour?", "image": "x.png",
