@@ -11,7 +11,11 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def test_quick_vision_demo(tmp_path, capsys):
     out = tmp_path / "vision-demo"
+    (out / "sft").mkdir(parents=True)  # an earlier demo's first run: moved aside, kept whole
+    (out / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')
     assert main(["demo", "--vision", "--quick", "--output-dir", str(out)]) in (0, None)
+    (earlier,) = tmp_path.glob("vision-demo.old-*")
+    assert (earlier / "sft" / "metrics.jsonl").read_text() == '{"step": 1}\n'
     record = json.loads((out / "demo_results.json").read_text())
     assert list(record["results"]) == ["SFT", "SFT, more steps", "DPO", "mDPO"]
     for folder in ("sft", "sft-more", "dpo", "mdpo"):

@@ -197,6 +197,16 @@ def test_missing_image_file(tmp_path):
         load_records(path)
 
 
+def test_image_bytes_as_text_are_refused_by_record(tmp_path):
+    """JSON holds no bytes: a base64 string under 'bytes' is named, not a TypeError."""
+    base64_png = {"bytes": "iVBORw0KGgo=", "path": None}
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": [base64_png],
+                                              "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'images', item 0: 'bytes' holds a "
+                                        r"str, not encoded image bytes"):
+        load_records(path)
+
+
 def test_unreadable_image_bytes(vlm, tmp_path):
     model, tokenizer, root = vlm
     (tmp_path / "broken.png").write_bytes(b"not an image at all")
@@ -228,6 +238,29 @@ def test_the_image_token_without_an_image_is_refused(tmp_path):
         {"prompt": "What colour is the shape? <image>", "chosen": "red", "rejected": "blue"}])
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'prompt' holds an image placeholder "
                                         r"but the record has no images"):
+        tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
+
+
+def test_an_image_in_a_response_is_refused(tmp_path):
+    """Images go in the prompt only: a response's image part was dropped without a word, and
+    '<image>' in a response's text trained LLaVA's image token with no image behind it."""
+    model_dir = save_tiny_vlm_dir(tmp_path / "model", "llava")
+    _, tokenizer = load_model_and_tokenizer(str(model_dir))
+    solid_image(tmp_path / "x.png", RED)
+    part = [{"role": "assistant", "content": [{"type": "image", "image": "x.png"},
+                                              {"type": "text", "text": "red"}]}]
+    path = write_rows(tmp_path / "d.jsonl", [
+        {"prompt": "Colour? <image>", "images": ["x.png"], "chosen": "red", "rejected": "blue"},
+        {"prompt": "Colour? <image>", "images": ["x.png"], "chosen": "red <image>",
+         "rejected": "blue"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: a response holds the model's image token "
+                                        r"'<image>'; images go in the prompt only"):
+        tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
+    path = write_rows(tmp_path / "m.jsonl", [{
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
+        "images": ["x.png"], "chosen": part, "rejected": [{"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"m\.jsonl:1: a response holds an image part; images "
+                                        r"go in the prompt only"):
         tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
 
 

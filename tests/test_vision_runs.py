@@ -9,6 +9,7 @@ from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
 from preftune import api
 from preftune.cli import main
+from preftune.data.records import DataError
 from preftune.data.sources import load_records
 from preftune.data.tokenize import TokenizeSettings
 from preftune.generation import greedy_texts, prompt_ids
@@ -170,6 +171,19 @@ def test_data_inspect_shows_image_prompt_and_response_tokens(workspace, capsys):
     image_line = next(line for line in lines if line.endswith("<- image 0"))
     assert "'<image>' x4" in image_line
     assert lines.index(image_line) < lines.index("──── prompt | response ────")
+    # the rejected answer repeats the prompt's end from the image's first token: the count of
+    # tokens left out ends where the image's line starts (13 characters, two markers before it)
+    skipped = lines.index("  ... 15 prompt tokens as above")
+    assert lines[skipped + 1].split()[:2] == ["15-18", "104"]
+
+
+def test_a_prompt_limit_that_cuts_every_image_says_what_to_raise(workspace):
+    tree = config(workspace, "cut")
+    tree["data"]["max_prompt_length"] = 4  # the prompt's last 4 tokens: 3 of its 4 image tokens
+    with pytest.raises(DataError, match=r"^data\.train: none of its 12 records survived "
+                                        r"tokenization: 12 would have an image's tokens cut by "
+                                        r"data\.max_prompt_length \(raise it"):
+        api.train(tree)
 
 
 def test_per_pair_weights_scale_each_pairs_loss(workspace, tmp_path):

@@ -29,7 +29,7 @@ from .generation import greedy_texts, prompt_ids
 from .model.load import load_model_and_tokenizer
 from .model.scratch_vlm import build_scratch_vlm
 from .train.loop import train
-from .train.output import prepare_output_dir
+from .train.output import move_aside, prepare_output_dir
 from .train.run_lock import holding_output_dirs
 
 
@@ -105,6 +105,8 @@ def _table(results: dict, settings: VisionDemoSettings, n_eval: int) -> str:
 def run_vision_demo(output_dir: str = "runs/vision-demo", quick: bool = False) -> dict:
     settings = QUICK if quick else VisionDemoSettings()
     started = time.perf_counter()
+    if any((Path(output_dir) / folder).exists() for folder in ("data", "base", "sft")):
+        move_aside(Path(output_dir))  # an earlier demo: its runs are folders inside
     out = prepare_output_dir(output_dir, overwrite=True)
     data_dir = out / "data"
     train_tasks, eval_tasks = generate_split(settings.train_pairs, settings.eval_prompts,

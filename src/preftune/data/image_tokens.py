@@ -16,6 +16,16 @@ def check_no_image_tokens(prompts: list, record, tokenizer) -> None:
                         "placeholder, in order) or remove the placeholder.")
 
 
+def check_no_response_images(responses: list, record, tokenizer) -> None:
+    """A response holding the model's image token (``<image>`` in its text, or an image part
+    that the chat template wrote) would train that token with no image behind it."""
+    images = getattr(tokenizer, "image_inputs", None)
+    if images is not None and any(images.image_token_id in ids for ids in responses):
+        raise DataError(f"{record.origin}: a response holds the model's image token "
+                        f"{images.image_token!r}; images go in the prompt only (a response "
+                        "cannot show one). Move the image into the prompt or remove it.")
+
+
 def image_inputs(tokenizer, record):
     """The model's image processing (``tokenizer.image_inputs``), which a record with images
     needs."""

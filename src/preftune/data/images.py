@@ -83,8 +83,14 @@ class ImageRef:
 def image_ref(value: Any, origin: str, where: str, base_dir: str = "") -> ImageRef:
     """One image value from a data row -> an ``ImageRef``; a missing file is an error here."""
     if isinstance(value, dict):  # an HF datasets Image column without decoding
-        if value.get("bytes") is not None:
-            return ImageRef(data=bytes(value["bytes"]), origin=origin, where=where)
+        data = value.get("bytes")
+        if isinstance(data, (bytes, bytearray)):
+            return ImageRef(data=bytes(data), origin=origin, where=where)
+        if data is not None:  # JSON holds no bytes: base64 or other text lands here
+            raise DataError(f"{origin}: {where}: 'bytes' holds a {type(data).__name__}, not "
+                            "encoded image bytes (JSON cannot hold bytes); give the image as "
+                            "a file path, or keep the bytes in a Parquet file or a saved "
+                            "dataset.")
         value = value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return ImageRef(data=bytes(value), origin=origin, where=where)

@@ -97,8 +97,10 @@ def render_example(example: TokenizedExample, tokenizer) -> str:
         shown_from = 0
         if number > 0 and len(prompt) > CONTEXT_TOKENS:
             # the prompt is the same for every response; show only the tokens before the cut
-            shown_from = len(prompt) - CONTEXT_TOKENS
-            lines.append(f"  ... {shown_from} prompt tokens as above")
+            # (an image's run of tokens whole, as its one line)
+            shown_from = _run_start(prompt, len(prompt) - CONTEXT_TOKENS, tokenizer)
+            if shown_from:
+                lines.append(f"  ... {shown_from} prompt tokens as above")
         lines += _prompt_lines(prompt, shown_from, tokenizer)
         tokens = [_token_line(len(prompt) + p, t, tokenizer) for p, t in enumerate(response)]
         if example.response_masks:
@@ -128,6 +130,15 @@ def _prompt_lines(prompt: list, shown_from: int, tokenizer) -> list[str]:
         elif position >= shown_from:
             lines.append(_token_line(position, token, tokenizer))
     return lines
+
+
+def _run_start(prompt: list, position: int, tokenizer) -> int:
+    """``position``, or the first position of the run of image tokens it falls inside."""
+    images = getattr(tokenizer, "image_inputs", None)
+    if images is not None:
+        while position > 0 and prompt[position - 1] == prompt[position] == images.image_token_id:
+            position -= 1
+    return position
 
 
 def _token_line(position: int, token_id: int, tokenizer) -> str:

@@ -92,7 +92,8 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
         train_records = curriculum_order(train_records)
     train, train_report = tokenize(train_records, tokenizer, settings, skipped=skipped)
     if not train:
-        raise DataError(f"no training example survived tokenization: {train_report.as_dict()}")
+        raise DataError(f"data.train: none of its {train_report.records} records survived "
+                        f"tokenization: {train_report.dropped() or train_report.as_dict()}.")
     _same_response_count(train, "train")
     if keep_prompts:
         for example in train:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from .image_tokens import check_no_image_tokens, image_inputs, with_image_tokens
+from .image_tokens import (check_no_image_tokens, check_no_response_images, image_inputs,
+                           with_image_tokens)
 from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
 from .tools import MASK_ROLES, TOOLS_HINT, called_names, masked_spans, response_masks
@@ -91,6 +92,17 @@ class TokenizeReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def dropped(self) -> str:
+        """How many records were dropped for each reason, with what to change."""
+        return "; ".join(f"{count} {why}" for count, why in (
+            (self.dropped_too_long, "left no room for a response token within data.max_length "
+                                    "(raise it, or lower data.max_prompt_length)"),
+            (self.dropped_image_cut, "would have an image's tokens cut by "
+                                     "data.max_prompt_length (raise it: image tokens count "
+                                     "toward it)"),
+            (self.empty_responses, "have an empty response"),
+            (self.empty_prompts, "have a prompt that renders to no tokens")) if count)
 
 
 @dataclass
@@ -211,6 +223,9 @@ def _response_text(response, prompt, prompt_text: str, tokenizer, record,
     if (len(response) == 1 and response[0].get("role") == "assistant"
             and not response[0].get("tool_calls")):  # tool calls: the template writes them
         content = response[0]["content"]
+        if not isinstance(content, str) and any(p.get("type") == "image" for p in content):
+            raise DataError(f"{record.origin}: a response holds an image part; images go in the "
+                            "prompt only (a response cannot show one). Move it into the prompt.")
         return (content if isinstance(content, str) else "".join(
             part["text"] for part in content if part.get("type") == "text")), []
     # a multi-turn continuation: render the whole dialogue and keep what follows the prompt
@@ -307,6 +322,7 @@ def _encode_chunk(
         encoded = {text: next(prompts) for text in texts}
         side_prompts = [encoded[text] for text in item.prompt_texts]
         response_ids = [next(responses) for _ in item.response_texts]
+        check_no_response_images(response_ids, item.record, tokenizer)
         # a list, not a generator: every slot's joint encoding must be consumed
         merged = [next(joints) != prompt + ids for prompt, ids in zip(side_prompts, response_ids)]
         report.boundary_merges += any(merged)
