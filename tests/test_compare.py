@@ -67,6 +67,36 @@ def test_compare_rejects_unknown_objectives_before_training(base, capsys):
     assert not (base / "typo").exists()
 
 
+def test_held_out_pairs_are_read_with_data_fields_and_checked_before_training(base, capsys):
+    """The evaluation reads data.eval as training does (a renamed prompt column); a missing
+    --eval-data file stops the comparison before anything trains or is written."""
+    rows = [json.loads(line) for line in (base / "train.jsonl").open()]
+    rows += [json.loads(line) for line in (base / "eval.jsonl").open()]
+    for split, part in (("train", rows[:8]), ("eval", rows[8:])):
+        (base / f"question_{split}.jsonl").write_text("".join(
+            json.dumps({"question": r["prompt"], "chosen": r["chosen"],
+                        "rejected": r["rejected"]}) + "\n" for r in part))
+    config = yaml.safe_load((base / "base.yaml").read_text())
+    config["data"].update({"train": str(base / "question_train.jsonl"),
+                           "eval": str(base / "question_eval.jsonl"),
+                           "fields": {"prompt": "question"}})
+    (base / "fields.yaml").write_text(yaml.safe_dump(config))
+    args = ["compare", "--objectives", "dpo", "--config", str(base / "fields.yaml"),
+            "--samples", "0"]
+    assert main([*args, "--output-dir", str(base / "fields")]) == 0
+    (entry,) = json.loads((base / "fields" / "leaderboard.json").read_text())
+    assert "error" not in entry and entry["pairs"] == 2
+    assert json.loads((base / "fields" / "dpo" / "eval.json").read_text())["pairs"] == 2
+    capsys.readouterr()
+
+    missing = base / "no_such_eval.jsonl"
+    assert main([*args, "--output-dir", str(base / "missing"), "--eval-data",
+                 str(missing)]) == 2
+    captured = capsys.readouterr()
+    assert f"error: {missing}: file not found" in captured.err
+    assert "training in" not in captured.out and not (base / "missing").exists()
+
+
 def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objective(
         base, capsys, monkeypatch):
     """SIGTERM during dpo's first step: the comparison stops there (kto is not started), with

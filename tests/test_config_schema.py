@@ -14,14 +14,14 @@ from preftune.config_schema import config_class, explain, json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 DIFFUSION_ONLINE, SPM = ["online_rank_dpo.yaml"], ["spm.yaml"]
-KINDS = {"train": "examples/*.yaml", "rm": "examples/rm/*.yaml",
-         "online": "examples/online/*.yaml", "diffusion": "examples/diffusion/*.yaml",
-         "diffusion-online": "examples/diffusion/online_*.yaml",
-         "diffusion-spm": "examples/diffusion/spm.yaml"}
+KINDS = {"train": ["examples/*.yaml", "examples/vision/*.yaml"], "rm": ["examples/rm/*.yaml"],
+         "online": ["examples/online/*.yaml"], "diffusion": ["examples/diffusion/*.yaml"],
+         "diffusion-online": ["examples/diffusion/online_*.yaml"],
+         "diffusion-spm": ["examples/diffusion/spm.yaml"]}
 
 
 def examples(kind: str) -> list[Path]:
-    files = sorted(ROOT.glob(KINDS[kind]))
+    files = sorted(file for pattern in KINDS[kind] for file in ROOT.glob(pattern))
     if kind == "diffusion":  # the other two diffusion commands' configs
         files = [f for f in files if f.name not in DIFFUSION_ONLINE + SPM]
     return files

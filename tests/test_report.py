@@ -119,6 +119,18 @@ def test_output_option_and_an_unfinished_run(tmp_path, capsys):
     assert str(output) in capsys.readouterr().out
 
 
+def test_output_in_a_new_folder_is_written_and_a_folder_as_output_is_refused(tmp_path, capsys):
+    run = make_run(tmp_path)
+    output = tmp_path / "pages" / "june" / "run.html"
+    assert exit_code(["report", str(run), "--output", str(output)]) == 0
+    assert output.read_text().count('src="data:image/png;base64,') == 10
+    assert exit_code(["report", str(run), "--output", str(tmp_path / "pages")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {tmp_path / 'pages'} is a folder" in err
+    assert f"e.g. {tmp_path / 'pages' / 'report.html'}" in err
+    assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["june"]
+
+
 @pytest.mark.parametrize("case, expected", [
     ("no_dir", ["is not a directory", "output_dir"]),
     ("no_metrics", ["metrics.jsonl not found"]),

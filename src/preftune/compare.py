@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, build_config, load_config, read_tree
@@ -47,7 +48,7 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
                 output_dir: str, eval_data: str | None = None, scorer: str | None = None,
                 samples: int = 2, max_new_tokens: int = 32) -> Path:
     """Train, evaluate and report every objective; write leaderboard.md/.json/.png."""
-    from .evaluate.run_eval import EvalOptions, run_eval
+    from .evaluate.run_eval import EvalOptions, read_pairs, run_eval
     from .train.loop import train
 
     if any(o.partition("=")[0].strip() == "output_dir" for o in overrides):
@@ -70,6 +71,15 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     if not eval_data:
         raise ConfigError("compare evaluates every objective on held-out pairs: set data.eval in "
                          "the base config or pass --eval-data FILE")
+    # the held-out pairs are read as training reads data (data.fields), and read now: a
+    # missing or bad file stops the comparison before anything trains
+    evaluation = EvalOptions(
+        model=base.model.path, data=eval_data, fields=base.data.fields or None,
+        reference=base.model.path, scorer=scorer, samples=samples,
+        max_new_tokens=max_new_tokens, beta=_beta(base), seed=base.train.seed,
+        max_length=base.data.max_length,
+        max_prompt_length=base.data.max_prompt_length or base.data.max_length - 1)
+    read_pairs(evaluation)
     if scorer:  # a typo found now, not after the first objective has trained
         try:
             check_scorer(scorer, eval_data)
@@ -91,12 +101,7 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
             train(config, resume=resume, overwrite=not resume)
             entry["train_minutes"] = (time.perf_counter() - started) / 60
             started = time.perf_counter()
-            results = run_eval(EvalOptions(
-                model=str(run_dir), data=eval_data, reference=base.model.path,
-                output=str(run_dir), scorer=scorer, samples=samples,
-                max_new_tokens=max_new_tokens, beta=_beta(base), seed=base.train.seed,
-                max_length=base.data.max_length,
-                max_prompt_length=base.data.max_prompt_length or base.data.max_length - 1))
+            results = run_eval(replace(evaluation, model=str(run_dir), output=str(run_dir)))
             entry["eval_minutes"] = (time.perf_counter() - started) / 60
             entry.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
 

@@ -66,9 +66,9 @@ SHAPE_NAMES = {"Ranked": "a ranked list", "Unpaired": "a labelled completion",
                "Rated": "a rated response"}
 
 
-def _pairs(options: EvalOptions) -> list:
-    """The pairs of ``--data``; a file of another shape (ranked lists, ...) is named as such,
-    not as pairs that lack their fields."""
+def read_pairs(options: EvalOptions) -> list:
+    """The pairs of ``--data`` (its columns mapped by ``fields``); a file of another shape
+    (ranked lists, ...) is named as such, not as pairs that lack their fields."""
     try:
         return load_records(options.data, shape="pairs", fields=options.fields)
     except DataError:
@@ -97,7 +97,7 @@ def run_eval(options: EvalOptions) -> dict:
                   "against; --reference chooses another)")
     seconds: dict = {}
     clock = time.perf_counter()
-    records = _pairs(options)
+    records = read_pairs(options)
     joint = next((r for r in records if isinstance(r, JointPair)), None)
     if joint is not None:
         raise DataError(f"{joint.origin}: a joint pair (chosen_prompt/rejected_prompt); eval "

@@ -18,13 +18,18 @@ REPORT_FILE = "report.html"
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/report/<panel>.png`` and the HTML report; return the HTML's path.
 
-    The page goes to ``output`` if given, else ``RUN_DIR/report.html``; the PNG files always go
-    under the run directory, next to the metrics they were drawn from.
+    The page goes to ``output`` if given (its folder made if missing), else
+    ``RUN_DIR/report.html``; the PNG files always go under the run directory, next to the
+    metrics they were drawn from.
     """
     run = load_run(run_dir)
     figures_dir = run.run_dir / FIGURES_DIR
     html_path = Path(output) if output is not None else run.run_dir / REPORT_FILE
+    if html_path.is_dir():
+        raise ReportError(f"--output {html_path} is a folder; name the page's file, e.g. "
+                          f"{html_path / REPORT_FILE}")
     try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
         figures_dir.mkdir(exist_ok=True)
         figures = []
         for panel in build_panels(run.metrics):
@@ -38,6 +43,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
             (figures_dir / file_name).write_bytes(png)
         html_path.write_text(render_page(run, figures, reward, rounds), encoding="utf-8")
     except OSError as error:
-        raise ReportError(f"cannot write the report: {error}; check that the folder exists "
-                          "and is writable, or pass --output") from None
+        raise ReportError(f"cannot write the report: {error}. The page goes to {html_path} "
+                          f"(--output chooses the file) and the figures to {figures_dir}/: "
+                          "both need a folder you can write to.") from None
     return html_path
