@@ -35,8 +35,10 @@ def _compare(base, objectives):
 
 def test_compare_trains_evaluates_and_ranks_then_skips_finished_entries(base, capsys):
     # kto trains on the pairs split into labelled completions; triple_po needs a gold response
-    # this data lacks, so it fails on its own without costing the others
-    assert _compare(base, "dpo,kto,triple_po") == 0
+    # this data lacks, so it fails on its own without costing the others (the exit code says so)
+    assert _compare(base, "dpo,kto,triple_po") == 1
+    assert capsys.readouterr().err.endswith(
+        f"compare: 1 of 3 objectives failed (triple_po); see {base / 'out' / 'leaderboard.md'}\n")
     out = base / "out"
     board = (out / "leaderboard.md").read_text()
     for name in ("dpo", "kto"):

@@ -76,13 +76,22 @@ def _report(args) -> None:
     print(f"report: {html_path} (each figure also as a PNG under {args.run_dir}/report/)")
 
 
-def _compare(args) -> None:
+def _compare(args) -> int:
+    import json
+
     from .api import compare
 
     objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
-    compare(objectives, args.config, overrides=args.set or [], output_dir=args.output_dir,
-            eval_data=args.eval_data, scorer=args.scorer, samples=args.samples,
-            max_new_tokens=args.max_new_tokens)
+    root = compare(objectives, args.config, overrides=args.set or [],
+                   output_dir=args.output_dir, eval_data=args.eval_data, scorer=args.scorer,
+                   samples=args.samples, max_new_tokens=args.max_new_tokens)
+    entries = json.loads((root / "leaderboard.json").read_text())
+    failed = [entry["objective"] for entry in entries if "error" in entry]
+    if failed:  # the others were trained and ranked; a script still learns of the failures
+        print(f"compare: {len(failed)} of {len(entries)} objectives failed "
+              f"({', '.join(failed)}); see {root / 'leaderboard.md'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _config_explain(args) -> None:
@@ -303,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     here = threading.current_thread() is threading.main_thread()  # (signals: main thread only)
     previous = signal.signal(signal.SIGTERM, raise_terminated) if here else None
     try:
-        args.run(args)
+        code = args.run(args) or 0  # a command returns a code only when it is not 0
         sys.stdout.flush()
     except BrokenPipeError:  # the reader stopped early (`| head`): no traceback, and none at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -323,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
                   "start again, or with --resume to continue from the last checkpoint if one "
                   "was written.", file=sys.stderr)
         code = 143 if isinstance(stop, Terminated) else 130
-    else:
-        code = 0
     finally:
         if here:
             signal.signal(signal.SIGTERM, previous)
