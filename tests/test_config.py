@@ -42,9 +42,19 @@ def test_switching_objective_by_name_drops_the_old_parameters(tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown key 'objective.beta' in objective sft. It "
                                           "takes no parameters."):
         build_config({"objective": {"name": "sft", "beta": 0.1}})
-    with pytest.raises(ConfigError, match="unknown key 'objective.wieght' in objective sft. Did "
+    with pytest.raises(ConfigError, match="objective item 2 of 2: unknown key "
+                                          "'objective.wieght' in objective sft. Did "
                                           "you mean objective.weight?"):
         build_config({"objective": [{"name": "dpo"}, {"name": "sft", "wieght": 0.2}]})
+    with pytest.raises(ConfigError) as raised:  # which term of several, however it is wrong
+        build_config({"objective": [{"name": "dpo", "beta": 0.1}, {"name": "ipo", "beta": -1},
+                                    {"name": "sft", "weight": "x"}]})
+    assert str(raised.value).splitlines()[1:] == [
+        "  objective item 2 of 3: objective.beta: Input should be greater than 0 (got -1)",
+        "  objective item 3 of 3: objective.weight: Input should be a valid number, unable to "
+        "parse string as a number (got 'x')"]
+    with pytest.raises(ConfigError, match=r"configuration in the config:\n  objective.beta: "):
+        build_config({"objective": [{"name": "ipo", "beta": -1}]})  # one term: no item named
     assert build_config({"objective": "ipo"}).objective[0].name == "ipo"  # a name alone
 
 

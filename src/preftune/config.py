@@ -338,13 +338,15 @@ def _key_path(loc: tuple, model: type[BaseModel]) -> str:
     return ".".join(keys)
 
 
-def _problems(errors: list[dict], model: type[BaseModel]) -> list[str]:
+def _problems(errors: list[dict], model: type[BaseModel], tree=None) -> list[str]:
     """One line per problem; a value that fits no member of a union is one line that names
-    what each member wanted."""
+    what each member wanted; a problem in one of several list items (objective terms) says
+    which."""
     lines, merged = [], {}
     for error in errors:
+        item = _list_item(error["loc"], tree)
         if error["type"] in ("extra_forbidden", "value_error"):
-            lines.append(_describe(error, model))
+            lines.append(item + _describe(error, model))
             continue
         location = _key_path(error["loc"], model)
         if location in merged:
@@ -353,8 +355,25 @@ def _problems(errors: list[dict], model: type[BaseModel]) -> list[str]:
                 " (got ", f" or {wanted} (got ", 1)
             continue
         merged[location] = len(lines)
-        lines.append(f"{location}: {error['msg']} (got {error.get('input')!r})")
+        lines.append(f"{item}{location}: {error['msg']} (got {error.get('input')!r})")
     return lines
+
+
+def _list_item(loc: tuple, tree) -> str:
+    """``"objective item 2 of 3: "`` when ``loc`` runs through a list of several mappings in
+    ``tree`` (the terms of an objective list), else nothing."""
+    keys, node = [], tree
+    for part in loc:
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            if len(node) > 1 and isinstance(node[part], dict):
+                return f"{'.'.join(keys)} item {part + 1} of {len(node)}: "
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            keys.append(part)
+            node = node[part]
+        else:
+            return ""
+    return ""
 
 
 def _describe(error: dict, model: type[BaseModel]) -> str:
@@ -377,7 +396,7 @@ def build_config(tree: dict, source: str = "the config", schema: type[BaseModel]
     try:
         return schema.model_validate(tree)
     except ValidationError as error:
-        problems = "\n  ".join(_problems(error.errors(), schema))
+        problems = "\n  ".join(_problems(error.errors(), schema, tree))
         raise ConfigError(f"invalid configuration in {source}:\n  {problems}") from None
 
 
