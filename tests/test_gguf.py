@@ -3,6 +3,7 @@ tokenizer are the ones the file holds. The file here is written in-process from 
 the way llama.cpp's converter writes one (q and k rows permuted for its rope layout)."""
 
 import contextlib
+import shutil
 import json
 from pathlib import Path
 
@@ -111,3 +112,24 @@ def test_reading_the_file_once_converts_byte_for_byte_like_reading_it_each_time(
     assert names == sorted(p.name for p in each_time.iterdir()) and "model.safetensors" in names
     for name in names:
         assert (once / name).read_bytes() == (each_time / name).read_bytes(), name
+
+
+def test_a_conversion_that_another_process_finished_first_is_taken_as_it_is(
+        gguf_file, tmp_path, monkeypatch):
+    """Two runs started together both convert the file; the one that finishes second finds the
+    cached directory in place of its own (os.replace: 'Directory not empty'), keeps that one,
+    and leaves no staging directory behind."""
+    replace = load.os.replace
+    other = {}
+
+    def other_process_first(staging, target):
+        other["files"] = sorted(p.name for p in Path(staging).iterdir())
+        shutil.copytree(staging, target)
+        (Path(target) / "written-by").write_text("the other process")
+        replace(staging, target)
+
+    monkeypatch.setattr(load.os, "replace", other_process_first)
+    directory = converted(gguf_file[0], tmp_path / "cache", monkeypatch)
+    assert (directory / "written-by").read_text() == "the other process"
+    assert "model.safetensors" in other["files"]
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]
