@@ -330,12 +330,14 @@ def test_pairs_whose_responses_are_identical_warn_and_raise_the_no_signal_alarm(
     assert "identical responses" in alarms[0]["message"] and "same.jsonl:" in alarms[0]["message"]
 
 
-def test_a_directory_another_process_runs_in_is_refused(tmp_path):
+def test_a_directory_another_process_runs_in_is_refused(tmp_path, workspace):  # noqa: F811
     """A second run, a --resume or an --overwrite while the first still runs would interleave
     two runs' metrics and checkpoints; the lock goes with the process, however it ends."""
     from preftune.train.output import prepare_output_dir
 
     out = tmp_path / "busy"
+    tree = {"output_dir": str(out), "model": {"path": str(workspace / "model")},
+            "data": {"train": str(workspace / "pairs.jsonl")}}
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from preftune.train.output import prepare_output_dir; "
@@ -348,6 +350,10 @@ def test_a_directory_another_process_runs_in_is_refused(tmp_path):
             with pytest.raises(ConfigError, match=rf"output_dir {out} is in use by another "
                                                   rf"preftune run \(pid {holder.pid} on "):
                 prepare_output_dir(str(out), resume=resume, overwrite=overwrite)
+        # before its first checkpoint too: not "holds no checkpoint ... without --resume"
+        with pytest.raises(ConfigError, match=rf"output_dir {out} is in use by another "
+                                              rf"preftune run \(pid {holder.pid} on "):
+            loop.train(build_config(tree), resume=True, show_progress=False)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # nothing moved aside
     finally:
         holder.kill()

@@ -78,6 +78,8 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
             from .checkpoint import checkpoints
 
             out = Path(config.output_dir)
+            if out.is_dir():
+                check_free(out)  # a run still going there has written no checkpoint yet
             if not checkpoints(out / "checkpoints"):
                 instead = ("start over with --overwrite (the old run is moved aside, not "
                            "deleted)" if holds_run(out) else "start the run without --resume")
