@@ -9,6 +9,7 @@ resumes its own run)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -24,10 +25,14 @@ except ImportError:  # Windows: no flock; runs are not guarded there
 
 LOCK = ".preftune.lock"
 _HELD: dict[Path, int] = {}  # resolved directory -> the open, locked file
+# resolved directory this process made for a run -> (it as given, the run moved aside for it)
+_MADE: dict[Path, tuple[Path, Path | None]] = {}
 
 
-def claim(out: Path) -> None:
-    """Hold ``out``'s lock for the rest of this process, or refuse: another process runs there."""
+def claim(out: Path, made: bool = False, aside: Path | None = None) -> None:
+    """Hold ``out``'s lock for the rest of this process, or refuse: another process runs there.
+    ``made``: this process made ``out`` (after moving the run there to ``aside``), so a run
+    that stops before writing anything removes it again (and puts ``aside`` back)."""
     key = out.resolve()
     if fcntl is None or key in _HELD:
         return
@@ -42,6 +47,8 @@ def claim(out: Path) -> None:
     os.write(handle, f"pid {os.getpid()} on {socket.gethostname()}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _HELD[key] = handle
+    if made:
+        _MADE[key] = (out, aside)
 
 
 def check_free(out: Path) -> None:
@@ -59,12 +66,21 @@ def check_free(out: Path) -> None:
 
 
 def release(out: Path) -> None:
-    """Let go of ``out``'s lock, and remove the file, if this process holds it."""
+    """Let go of ``out``'s lock, and remove the file, if this process holds it; then undo
+    ``claim``'s making of ``out`` if nothing was written there (a refused run: bad data, a
+    missing model)."""
     key = out.resolve()
     handle = _HELD.pop(key, None)
     if handle is not None:
         (key / LOCK).unlink(missing_ok=True)  # still held: no other process took it meanwhile
         os.close(handle)
+    if key in _MADE:
+        given, aside = _MADE.pop(key)
+        with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
+            key.rmdir()
+            if aside is not None:
+                aside.rename(given)
+                print(f"{aside} was moved back to {given}: the new run wrote nothing")
 
 
 def holding_output_dirs(run):
