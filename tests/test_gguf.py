@@ -3,8 +3,9 @@ tokenizer are the ones the file holds. The file here is written in-process from 
 the way llama.cpp's converter writes one (q and k rows permuted for its rope layout)."""
 
 import contextlib
-import shutil
 import json
+import os
+import shutil
 from pathlib import Path
 
 import gguf
@@ -133,3 +134,6 @@ def test_a_conversion_that_another_process_finished_first_is_taken_as_it_is(
     assert (directory / "written-by").read_text() == "the other process"
     assert "model.safetensors" in other["files"]
     assert [p.name for p in directory.parent.iterdir()] == [directory.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~umask  # as a plain mkdir makes it

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -135,8 +134,8 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
         plain.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     # a staging directory of this process's own: another one converting the same file at the
     # same time (a second run started before the first finished) must not write into it
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
