@@ -318,6 +318,17 @@ def test_an_objectives_numeric_fields_are_checked_before_the_weights_load(tmp_pa
                                         r"chosen_score and rejected_score in every record"):
         loop.train(build_config(tree), show_progress=False)
     assert not (tmp_path / "run" / "config.yaml").exists()  # before anything was written
+    # a mapped column that is there but not a number: the message says why it does not count
+    scored = write_jsonl(tmp_path / "scored.jsonl", [
+        {"prompt": "q", "chosen": "yes", "rejected": "no", "score_chosen": 8, "score_rejected": s}
+        for s in (3, "x")])
+    tree["data"] = {"train": scored, "fields": {"chosen_score": "score_chosen",
+                                                "rejected_score": "score_rejected"}}
+    with pytest.raises(DataError, match=r"scored.jsonl:2: objective odpo needs the numeric field "
+                                        r"rejected_score in every record \(this one's numeric "
+                                        r"fields: chosen_score, score_chosen; a column that holds "
+                                        r"text other than a number, or null, counts as missing\)"):
+        loop.train(build_config(tree), show_progress=False)
 
 
 def test_an_objectives_numeric_fields_may_be_written_as_text(tmp_path):

@@ -4,6 +4,8 @@ the way llama.cpp's converter writes one (q and k rows permuted for its rope lay
 
 import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import gguf
@@ -111,3 +113,27 @@ def test_reading_the_file_once_converts_byte_for_byte_like_reading_it_each_time(
     assert names == sorted(p.name for p in each_time.iterdir()) and "model.safetensors" in names
     for name in names:
         assert (once / name).read_bytes() == (each_time / name).read_bytes(), name
+
+
+def test_a_conversion_that_another_process_finished_first_is_taken_as_it_is(
+        gguf_file, tmp_path, monkeypatch):
+    """Two runs started together both convert the file; the one that finishes second finds the
+    cached directory in place of its own (os.replace: 'Directory not empty'), keeps that one,
+    and leaves no staging directory behind."""
+    replace = load.os.replace
+    other = {}
+
+    def other_process_first(staging, target):
+        other["files"] = sorted(p.name for p in Path(staging).iterdir())
+        shutil.copytree(staging, target)
+        (Path(target) / "written-by").write_text("the other process")
+        replace(staging, target)
+
+    monkeypatch.setattr(load.os, "replace", other_process_first)
+    directory = converted(gguf_file[0], tmp_path / "cache", monkeypatch)
+    assert (directory / "written-by").read_text() == "the other process"
+    assert "model.safetensors" in other["files"]
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~umask  # as a plain mkdir makes it

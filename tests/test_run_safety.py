@@ -15,6 +15,7 @@ from test_train_loop import crashed_run, losses, run, workspace  # noqa: F401
 
 from preftune.cli import main
 from preftune.config import ConfigError, build_config
+from preftune.data.records import DataError
 from preftune.train import loop, trainer
 from preftune.train.logging import read_metrics
 from preftune.train.stopping import TrainingStopped
@@ -104,6 +105,32 @@ def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
     moved = [p for p in first.parent.iterdir() if p.name.startswith("twice.old-")]
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == before
     assert again == first and (first / "model" / "model.safetensors").exists()
+
+
+def test_a_refused_run_leaves_no_directory_and_an_overwrite_puts_the_old_run_back(
+        workspace, capsys):  # noqa: F811
+    """A run stopped by its data before writing anything (here record 2 lacks 'rejected')
+    takes back what it did to output_dir: the directory it made, and the run that
+    --overwrite moved aside for it."""
+    bad = workspace / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                   '{"prompt": "2+2=", "chosen": "4"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'rejected'"):
+        run(workspace, "never-made", data__train=str(bad))
+    assert not (workspace / "runs" / "never-made").exists()
+    kept = run(workspace, "kept", train__max_steps=2)
+    before = sorted(p.name for p in kept.iterdir())
+    metrics = (kept / "metrics.jsonl").read_text()
+    tree = {**_saved(kept), "data": {"train": str(bad)}}
+    capsys.readouterr()
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'rejected'"):
+        loop.train(build_config(tree), show_progress=False, overwrite=True)
+    assert sorted(p.name for p in kept.iterdir()) == before
+    assert (kept / "metrics.jsonl").read_text() == metrics
+    assert not [p for p in kept.parent.iterdir() if p.name.startswith("kept.old-")]
+    out = capsys.readouterr().out
+    assert f"the previous run in {kept} was moved to {kept}.old-" in out
+    assert f"was moved back to {kept}: the new run wrote nothing" in out
 
 
 def test_resume_without_a_checkpoint_stops_before_anything_loads(workspace, monkeypatch):  # noqa: F811
@@ -204,8 +231,6 @@ def test_python_dash_m_preftune_runs_the_command_line():
 
 def test_on_error_skip_drops_malformed_records_and_reports_them(workspace, monkeypatch):  # noqa: F811
     import json
-
-    from preftune.data.records import DataError
 
     weights_loaded = []
     load_model = loop.load_model
@@ -335,12 +360,14 @@ def test_pairs_whose_responses_are_identical_warn_and_raise_the_no_signal_alarm(
     assert "identical responses" in alarms[0]["message"] and "same.jsonl:" in alarms[0]["message"]
 
 
-def test_a_directory_another_process_runs_in_is_refused(tmp_path):
+def test_a_directory_another_process_runs_in_is_refused(tmp_path, workspace):  # noqa: F811
     """A second run, a --resume or an --overwrite while the first still runs would interleave
     two runs' metrics and checkpoints; the lock goes with the process, however it ends."""
     from preftune.train.output import prepare_output_dir
 
     out = tmp_path / "busy"
+    tree = {"output_dir": str(out), "model": {"path": str(workspace / "model")},
+            "data": {"train": str(workspace / "pairs.jsonl")}}
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from preftune.train.output import prepare_output_dir; "
@@ -353,6 +380,10 @@ def test_a_directory_another_process_runs_in_is_refused(tmp_path):
             with pytest.raises(ConfigError, match=rf"output_dir {out} is in use by another "
                                                   rf"preftune run \(pid {holder.pid} on "):
                 prepare_output_dir(str(out), resume=resume, overwrite=overwrite)
+        # before its first checkpoint too: not "holds no checkpoint ... without --resume"
+        with pytest.raises(ConfigError, match=rf"output_dir {out} is in use by another "
+                                              rf"preftune run \(pid {holder.pid} on "):
+            loop.train(build_config(tree), resume=True, show_progress=False)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # nothing moved aside
     finally:
         holder.kill()

@@ -144,7 +144,8 @@ def check_objective_scores(examples: list, objective) -> None:
                 raise DataError(
                     f"{example.origin}: objective {term.spec.name} needs the numeric field"
                     f"{'s' if len(missing) > 1 else ''} {' and '.join(missing)} in every "
-                    f"record (this one's numeric fields: {have}). Add them (`preftune rm "
+                    f"record (this one's numeric fields: {have}; a column that holds text "
+                    "other than a number, or null, counts as missing). Add them (`preftune rm "
                     "score` writes chosen_score and rejected_score), or name the columns that "
                     f"hold them, e.g. data.fields: {{{missing[0]}: COLUMN}}.")
 

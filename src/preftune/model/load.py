@@ -132,11 +132,20 @@ def gguf_to_safetensors(gguf_path: Path) -> Path:
     if plain.generation_config is not None:
         plain.generation_config.eos_token_id = tokenizer.eos_token_id
         plain.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    staging = target.with_name(target.name + ".tmp")
+    # a staging directory of this process's own: another one converting the same file at the
+    # same time (a second run started before the first finished) must not write into it
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    os.replace(staging, target)
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        # the other process finished first: its directory is the same conversion
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

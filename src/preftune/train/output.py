@@ -40,6 +40,7 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                           "output_dir (the file is left as it is).")
     if out.is_dir():
         check_free(out)
+    aside = None
     if holds_run(out) and not resume:
         if not overwrite:
             from .checkpoint import checkpoints
@@ -51,10 +52,10 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                 f"output_dir {out} already holds a run; {resumable_here}start over with "
                 "--overwrite (in Python: overwrite=True; the old run is moved aside, not "
                 "deleted), or choose another output_dir.")
-        move_aside(out)
+        aside = move_aside(out)
     made = not out.exists()
     check_writable(out, "output_dir")
-    claim(out, made)
+    claim(out, made, aside)
     return out
 
 
@@ -79,6 +80,8 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
             from .checkpoint import checkpoints
 
             out = Path(config.output_dir)
+            if out.is_dir():
+                check_free(out)  # a run still going there has written no checkpoint yet
             if not checkpoints(out / "checkpoints"):
                 instead = ("start over with --overwrite (the old run is moved aside, not "
                            "deleted)" if holds_run(out) else "start the run without --resume")

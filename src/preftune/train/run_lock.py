@@ -1,9 +1,7 @@
 """One run per output directory at a time: a lock file in it that the run's process holds
 from the moment it claims the directory until the run ends, however it ends (the lock is
 removed when the run function returns or raises, and the operating system releases an flock
-when its process dies, so a killed run never leaves a stale lock). A directory the claim
-made, that is still empty when the run ends (it stopped before writing anything: a model that
-did not load), is removed with the lock.
+when its process dies, so a killed run never leaves a stale lock).
 
 Another process that starts a run, a ``--resume`` or an ``--overwrite`` on that directory
 meanwhile is refused by name. The same process may claim a directory again (a notebook that
@@ -11,6 +9,7 @@ resumes its own run)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -26,12 +25,14 @@ except ImportError:  # Windows: no flock; runs are not guarded there
 
 LOCK = ".preftune.lock"
 _HELD: dict[Path, int] = {}  # resolved directory -> the open, locked file
-_MADE: set[Path] = set()  # held directories the claim made (removed on release when empty)
+# resolved directory this process made for a run -> (it as given, the run moved aside for it)
+_MADE: dict[Path, tuple[Path, Path | None]] = {}
 
 
-def claim(out: Path, made: bool = False) -> None:
+def claim(out: Path, made: bool = False, aside: Path | None = None) -> None:
     """Hold ``out``'s lock for the rest of this process, or refuse: another process runs there.
-    ``made``: this run made ``out``, so an ``out`` left empty is removed on release."""
+    ``made``: this process made ``out`` (after moving the run there to ``aside``), so a run
+    that stops before writing anything removes it again (and puts ``aside`` back)."""
     key = out.resolve()
     if fcntl is None or key in _HELD:
         return
@@ -47,7 +48,7 @@ def claim(out: Path, made: bool = False) -> None:
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     _HELD[key] = handle
     if made:
-        _MADE.add(key)
+        _MADE[key] = (out, aside)
 
 
 def check_free(out: Path) -> None:
@@ -65,16 +66,21 @@ def check_free(out: Path) -> None:
 
 
 def release(out: Path) -> None:
-    """Let go of ``out``'s lock, and remove the file, if this process holds it (and ``out``
-    itself when the claim made it and nothing was written into it)."""
+    """Let go of ``out``'s lock, and remove the file, if this process holds it; then undo
+    ``claim``'s making of ``out`` if nothing was written there (a refused run: bad data, a
+    missing model)."""
     key = out.resolve()
     handle = _HELD.pop(key, None)
     if handle is not None:
         (key / LOCK).unlink(missing_ok=True)  # still held: no other process took it meanwhile
         os.close(handle)
-        if key in _MADE and not any(key.iterdir()):
+    if key in _MADE:
+        given, aside = _MADE.pop(key)
+        with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
             key.rmdir()
-    _MADE.discard(key)
+            if aside is not None:
+                aside.rename(given)
+                print(f"{aside} was moved back to {given}: the new run wrote nothing")
 
 
 def holding_output_dirs(run):
