@@ -331,6 +331,19 @@ def test_rm_score_refuses_a_taken_field_before_loading_or_scoring(workspace, tmp
     assert written[1]["rejected_score"] == 0.5
 
 
+def test_rm_score_refuses_single_responses_for_a_gpm_model_before_scoring(workspace, tmp_path,
+                                                                          capsys):
+    """A GPM model has no reward of one response: single responses are refused up front,
+    naming the record, and nothing is left behind (no half-written output)."""
+    run = train(workspace, "gpm-for-refusal", loss={"name": "gpm"}, train={"max_steps": 1})
+    data = write_jsonl(tmp_path / "singles.jsonl", [{"prompt": "p", "response": "a"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["rm", "score", "--model", str(run), "--data", str(data), "--output",
+                 str(out)]) == 2
+    assert "singles.jsonl:1: a GPM reward model compares responses" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["singles.jsonl"]
+
+
 @pytest.mark.parametrize("loss, head, rows, message", [
     ("bt_margin", {}, [{"prompt": "p", "chosen": "a1", "rejected": "b"},
                        {"prompt": "p", "chosen": "a2", "rejected": "b", "margin": 1}],

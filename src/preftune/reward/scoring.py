@@ -82,10 +82,7 @@ def response_values(head: Head, outputs: torch.Tensor) -> list[float]:
     (no reward of one response) its mean P(beats each other response) over the record."""
     if head.has_reward:
         return head.reward(outputs).tolist()
-    count = outputs.shape[0]
-    if count < 2:
-        raise DataError("a GPM reward model compares responses: score pairs or lists, not single "
-                        "responses.")
+    count = outputs.shape[0]  # at least 2: run_score refuses single responses for GPM
     logits = head.preference_logit(outputs[:, None], outputs[None, :])  # [R, R]
     wins = torch.sigmoid(logits).masked_fill(torch.eye(count, dtype=torch.bool), 0.0)
     return (wins.sum(1) / (count - 1)).tolist()
@@ -141,6 +138,9 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
     head, _ = Head.load(reward_model_dir(model))
     for row, record in zip(rows, records):  # before any weight loads or record is scored
+        if not head.has_reward and record.shape not in ("pairs", "ranked"):
+            raise DataError(f"{record.origin}: a GPM reward model compares responses and gives "
+                            "no score of one: score pairs or lists, not single responses.")
         taken = [name for name in score_fields(head, record.shape, field) if name in row]
         if taken and not overwrite:
             raise DataError(f"{record.origin}: field {taken[0]!r} already exists; pass "
