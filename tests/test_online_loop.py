@@ -261,6 +261,13 @@ def test_a_prompt_file_row_without_a_prompt_is_named(model_dir, tmp_path):
                           schema=OnlineConfig)
     with pytest.raises(Exception, match=r"bad.jsonl:2: field 'prompt' \(the prompt\) is missing"):
         run_online(config)
+    assert not (tmp_path / "o").exists()  # refused before the output directory is made
+    # with --overwrite, the run already there is left in place (not moved aside for nothing)
+    (tmp_path / "o" / "round-1").mkdir(parents=True)
+    with pytest.raises(Exception, match=r"bad.jsonl:2: field 'prompt'"):
+        run_online(config, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "o"]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["round-1"]
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/online/*.yaml")),

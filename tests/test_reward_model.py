@@ -301,13 +301,58 @@ def test_rm_score_output_feeds_margin_objectives(workspace, tmp_path):
     assert main(again + ["--field", "rm3", "--overwrite"]) == 0
 
 
+def test_rm_score_refuses_a_taken_field_before_loading_or_scoring(workspace, tmp_path, capsys,
+                                                                   monkeypatch):
+    """A score field the input rows already hold stops ``rm score`` before the weights load or
+    any record is scored, naming the record and the field; no output file is written."""
+    from preftune.reward import scoring
+
+    run = train(workspace, "for-refusal", train={"max_steps": 1})
+    rows = [{"prompt": "p", "chosen": "a1", "rejected": "b"},
+            {"prompt": "p", "chosen": "a2", "rejected": "b", "rejected_score": 0.5}]
+    data = write_jsonl(tmp_path / "scored-before.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(scoring.RewardScoring, "load", no_loading)
+    assert main(["rm", "score", "--model", str(run), "--data", str(data), "--output",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "scored-before.jsonl:2: field 'rejected_score' already exists" in err
+    assert not out.exists() and not out.with_name("out.jsonl.partial").exists()
+    monkeypatch.undo()
+    assert main(["rm", "score", "--model", str(run), "--data", str(data), "--output",
+                 str(out), "--field", "rm"]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(set(written[1]) - set(rows[1])) == ["chosen_rm", "origin", "rejected_rm",
+                                                      "rm_preference"]
+    assert written[1]["rejected_score"] == 0.5
+
+
+def test_rm_score_refuses_single_responses_for_a_gpm_model_before_scoring(workspace, tmp_path,
+                                                                          capsys):
+    """A GPM model has no reward of one response: single responses are refused up front,
+    naming the record, and nothing is left behind (no half-written output)."""
+    run = train(workspace, "gpm-for-refusal", loss={"name": "gpm"}, train={"max_steps": 1})
+    data = write_jsonl(tmp_path / "singles.jsonl", [{"prompt": "p", "response": "a"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["rm", "score", "--model", str(run), "--data", str(data), "--output",
+                 str(out)]) == 2
+    assert "singles.jsonl:1: a GPM reward model compares responses" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["singles.jsonl"]
+
+
 @pytest.mark.parametrize("loss, head, rows, message", [
     ("bt_margin", {}, [{"prompt": "p", "chosen": "a1", "rejected": "b"},
                        {"prompt": "p", "chosen": "a2", "rejected": "b", "margin": 1}],
-     ["bad.jsonl:1", "'margin'", "bt_margin"]),
+     ["bad.jsonl:1", "'margin'", "the reward loss bt_margin (loss.margin_field)"]),
     ("regression", {"kind": "attributes", "attributes": ["help"]},
      [{"prompt": "p", "response": "a", "help": 2}, {"prompt": "p", "response": "b"}],
-     ["bad.jsonl:2", "'help'"]),
+     ["bad.jsonl:2", "'help'", "regression (model.head.attributes)"]),
+    ("regression", {}, [{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 1}],
+     ["bad.jsonl:1", "'rejected_score'", "regression (loss.target)"]),
     ("bt", {}, [{"prompt": "p", "completion": "a", "label": True}],
      ["bt trains on pairs", "unpaired", "bad.jsonl"]),
     ("bt", {}, [{"prompt": "p", "chosen": "a"}], ["bad.jsonl:1", "'rejected'"]),

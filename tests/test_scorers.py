@@ -133,6 +133,40 @@ def test_yaml_combination(scorer_module, tmp_path):
         load_scorer(str(spec))
 
 
+@pytest.mark.parametrize("text, message", [
+    ("terms:\n  - scorer: my_checks:length\n    wieght: 2\n",
+     r"terms\[0\]: unknown keys \['wieght'\]; expected scorer, weight, transform, baseline"),
+    ("terms:\n  - scorer: my_checks:length\n    weight: heavy\n",
+     r"terms\[0\]: weight must be a number, got 'heavy'"),
+    ("combine: mean\nterms:\n  - scorer: my_checks:length\n",
+     r"scorer.yaml: combine is 'sum' or 'min', got 'mean'"),
+    ("terms: []\n", r"scorer.yaml: terms is empty"),
+    ("terms:\n  - scorer: my_checks:length\n  - scorer: rm:nowhere\n",
+     r"scorer 'rm:nowhere': nowhere is not a"),
+    ("terms:\n  - scorer: my_checks:length\n  - scorer: my_checks:nothing_here\n",
+     r"scorer 'my_checks:nothing_here'"),
+    ("terms:\n  - scorer: my_checks:length\n    transform: lsc\n"
+     "    baseline: {data: missing.jsonl}\n",
+     r"terms\[0\]: baseline.data: missing.jsonl: file not found"),
+    ("terms:\n  - scorer: my_checks:length\n    transform: lsc\n"
+     "    baseline: {data: scorer.yaml, quantile: 1.5}\n",
+     r"terms\[0\]: baseline.quantile must be a number in \[0, 1\], got 1.5"),
+])
+def test_a_bad_combination_file_is_refused_before_a_run_names_its_term(scorer_module, tmp_path,
+                                                                       monkeypatch, text,
+                                                                       message):
+    """``check_scorer`` (what a run calls before anything is written or loaded) reads the whole
+    combination: its keys, values and every term's scorer, and names the file and the term."""
+    from preftune.score import check_scorer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scorer.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        check_scorer("scorer.yaml")
+    with pytest.raises(ConfigError, match=message):
+        load_scorer("scorer.yaml")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("scorer-models")

@@ -59,10 +59,10 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
         check_scorer(config.online.scorer, config.data.train)
     except ConfigError as error:
         raise ConfigError(f"online.scorer: {error}") from None
-    out = start_rounds(config, resume, overwrite)
-    prompts = _prompts(config.data.train, config)
+    prompts = _prompts(config.data.train, config)  # a bad file stops the run before output_dir
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_images(config, prompts + eval_prompts)
+    out = start_rounds(config, resume, overwrite)
     summary = {"initial": None, "rounds": []}
     if eval_prompts:
         summary["initial"] = run_phase(out / "initial", "evaluate", lambda: evaluate_model(

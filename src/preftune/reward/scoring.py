@@ -82,10 +82,7 @@ def response_values(head: Head, outputs: torch.Tensor) -> list[float]:
     (no reward of one response) its mean P(beats each other response) over the record."""
     if head.has_reward:
         return head.reward(outputs).tolist()
-    count = outputs.shape[0]
-    if count < 2:
-        raise DataError("a GPM reward model compares responses: score pairs or lists, not single "
-                        "responses.")
+    count = outputs.shape[0]  # at least 2: run_score refuses single responses for GPM
     logits = head.preference_logit(outputs[:, None], outputs[None, :])  # [R, R]
     wins = torch.sigmoid(logits).masked_fill(torch.eye(count, dtype=torch.bool), 0.0)
     return (wins.sum(1) / (count - 1)).tolist()
@@ -95,33 +92,42 @@ def labelled(head: Head, outputs: torch.Tensor) -> dict:
     return {label: float(v) for label, v in zip(head.labels, outputs.tolist())}
 
 
-def score_row(row: dict, record, head: Head, outputs: torch.Tensor, field: str) -> dict:
+DETAILED = ("attributes", "quantile")  # heads whose named outputs are written too
+
+
+def score_fields(head: Head, shape: str, field: str) -> list[str]:
+    """The names ``preftune rm score`` adds to a row of ``shape``, in ``score_row``'s order."""
+    if shape == "pairs":
+        names = [f"chosen_{field}", f"rejected_{field}", f"{field}_preference"]
+        details = [f"chosen_{field}_outputs", f"rejected_{field}_outputs"]
+    elif shape == "ranked":
+        names, details = [f"{field}s"], [f"{field}_outputs"]
+    else:
+        names, details = [field], [f"{field}_outputs"]
+    return names + (details if head.kind in DETAILED else [])
+
+
+def score_row(record, head: Head, outputs: torch.Tensor, field: str) -> dict:
     """The fields ``preftune rm score`` adds to one input row (see ``run_score``)."""
     values = response_values(head, outputs)
-    detail = head.kind in ("attributes", "quantile")
     if record.shape == "pairs":
         logit = head.preference_logit(outputs[0], outputs[1])
-        added = {f"chosen_{field}": values[0], f"rejected_{field}": values[1],
-                 f"{field}_preference": float(torch.sigmoid(logit))}
-        if detail:
-            added[f"chosen_{field}_outputs"] = labelled(head, outputs[0])
-            added[f"rejected_{field}_outputs"] = labelled(head, outputs[1])
+        numbers = [values[0], values[1], float(torch.sigmoid(logit))]
+        details = [labelled(head, outputs[0]), labelled(head, outputs[1])]
     elif record.shape == "ranked":
-        added = {f"{field}s": values}
-        if detail:
-            added[f"{field}_outputs"] = [labelled(head, o) for o in outputs]
+        numbers, details = [values], [[labelled(head, o) for o in outputs]]
     else:
-        added = {field: values[0]}
-        if detail:
-            added[f"{field}_outputs"] = labelled(head, outputs[0])
-    return added
+        numbers, details = [values[0]], [labelled(head, outputs[0])]
+    written = numbers + (details if head.kind in DETAILED else [])
+    return dict(zip(score_fields(head, record.shape, field), written, strict=True))
 
 
 def run_score(model: str, data: str, output: str, batch_size: int = 16, field: str = "score",
               overwrite: bool = False, fields: dict | None = None) -> Path:
     """Score every record of ``data`` and write ``output`` (JSONL; an existing file only with
-    ``overwrite``): each input row with its ``origin`` (unless it has one) and the scores added (pairs: ``chosen_<field>``, ``rejected_<field>``,
-    ``<field>_preference``; lists: ``<field>s``; one response: ``<field>``). Returns the file."""
+    ``overwrite``): each input row with its ``origin`` (unless it has one) and the scores added
+    (``score_fields``; a field a row already has only with ``overwrite``, refused before any
+    record is scored). Returns the file."""
     target = Path(output)
     if target.resolve() == Path(data).resolve():
         raise DataError(f"--output {output} is the input file; write the scores to a new file.")
@@ -130,6 +136,16 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
                         "--overwrite to replace it.")
     records = load_records(data, fields=fields, unscored_lists=True)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
+    head, _ = Head.load(reward_model_dir(model))
+    for row, record in zip(rows, records):  # before any weight loads or record is scored
+        if not head.has_reward and record.shape not in ("pairs", "ranked"):
+            raise DataError(f"{record.origin}: a GPM reward model compares responses and gives "
+                            "no score of one: score pairs or lists, not single responses.")
+        taken = [name for name in score_fields(head, record.shape, field) if name in row]
+        if taken and not overwrite:
+            raise DataError(f"{record.origin}: field {taken[0]!r} already exists; pass "
+                            f"--field NAME to write the scores under another name, or "
+                            f"--overwrite to replace it.")
     scoring = RewardScoring.load(model, batch_size)
     bar = progress_bar(len(records), f"rm score {Path(data).name}", unit="record")
     outputs = scoring.outputs(records, progress=bar.update)
@@ -138,14 +154,7 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     staging = target.with_name(target.name + ".partial")
     with open(staging, "w", encoding="utf-8") as handle:
         for row, record, values in zip(rows, records, outputs):
-            added = score_row(row, record, scoring.head, values, field)
-            taken = [name for name in added if name in row]
-            if taken and not overwrite:
-                handle.close()
-                staging.unlink()
-                raise DataError(f"{record.origin}: field {taken[0]!r} already exists; pass "
-                                f"--field NAME to write the scores under another name, or "
-                                f"--overwrite to replace it.")
+            added = score_row(record, scoring.head, values, field)
             # a row's own origin (where an earlier step took it from) is kept
             handle.write(json.dumps({"origin": record.origin, **row, **added},
                                     ensure_ascii=False, default=str) + "\n")

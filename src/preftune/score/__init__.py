@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..config import ConfigError
 from .base import Scorer, prompt_key
-from .combine import CombinedScorer, LogSigmoidCentred, baselines_from_samples, combined_from_tree
+from .combine import (CombinedScorer, LogSigmoidCentred, baselines_from_samples,
+                      check_combination, combined_from_tree)
 from .function import FunctionScorer, SyntheticScorer, is_function_spec, register_scorer
 
 __all__ = ["CombinedScorer", "FunctionScorer", "LogSigmoidCentred", "Scorer", "SyntheticScorer",
@@ -89,7 +90,10 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
             FunctionScorer.registered(spec):
         return
     elif spec.endswith((".yaml", ".yml")):
-        _scorer_file(spec)
+        tree = _scorer_file(spec)
+        if not (isinstance(tree, dict) and "render" in tree):  # a combination: each term too
+            for term in check_combination(spec, tree):
+                check_scorer(term, data)
     elif spec.startswith("rm:"):
         if not Path(spec.removeprefix("rm:")).is_dir():
             raise ConfigError(f"scorer {spec!r}: {spec.removeprefix('rm:')} is not a directory "

@@ -28,6 +28,9 @@ import math
 import torch
 
 from ..config import ConfigError
+from ..data.hub import locate
+from ..data.records import DataError
+from ..data.shapes import is_number
 from ..data.sources import load_records
 from .base import checked, prefer_by_scores, prompt_key
 
@@ -96,39 +99,69 @@ class CombinedScorer:
         return prefer_by_scores(self, prompts, first, second)
 
 
-def combined_from_tree(path: str, spec, data: str | None, load) -> CombinedScorer:
-    """A ``CombinedScorer`` from the YAML file ``path`` holds, ``spec`` as read (see the
-    module docstring); ``load(spec, data)`` builds each term's scorer."""
+TERM_KEYS = ("scorer", "weight", "transform", "baseline")
+
+
+def check_combination(path: str, spec) -> list[str]:
+    """The scorer specs of the terms of the combination ``spec`` (the YAML file ``path`` holds),
+    or a ``ConfigError`` naming the file, the term and the key that is wrong: checked before
+    any term's scorer loads (``check_scorer`` then checks each spec)."""
     if not isinstance(spec, dict) or not isinstance(spec.get("terms"), list):
         raise ConfigError(f"{path}: expected a mapping with 'terms' (a list) and optionally "
                           "'combine' (sum or min).")
     unknown = set(spec) - {"combine", "terms"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected combine, terms.")
-    terms = []
+    if spec.get("combine", "sum") not in ("sum", "min"):
+        raise ConfigError(f"{path}: combine is 'sum' or 'min', got {spec['combine']!r}.")
+    if not spec["terms"]:
+        raise ConfigError(f"{path}: terms is empty; give at least one term.")
     for number, term in enumerate(spec["terms"]):
         where = f"{path}: terms[{number}]"
         if not isinstance(term, dict) or "scorer" not in term:
             raise ConfigError(f"{where}: expected a mapping with 'scorer' (and optionally weight, "
                               "transform, baseline).")
-        extra = set(term) - {"scorer", "weight", "transform", "baseline"}
+        extra = set(term) - set(TERM_KEYS)
         if extra:
-            raise ConfigError(f"{where}: unknown keys {sorted(extra)}.")
-        scorer = load(str(term["scorer"]), data)
+            raise ConfigError(f"{where}: unknown keys {sorted(extra)}; expected "
+                              f"{', '.join(TERM_KEYS)}.")
+        if not is_number(term.get("weight", 1.0)):
+            raise ConfigError(f"{where}: weight must be a number, got {term['weight']!r}.")
         transform = term.get("transform", "none")
         if transform == "lsc":
             baseline = term.get("baseline")
             if not isinstance(baseline, dict) or "data" not in baseline:
                 raise ConfigError(f"{where}: transform lsc needs baseline: {{data: FILE, "
                                   "quantile: 0.5}} with reference samples of every prompt.")
-            samples = load_records(str(baseline["data"]), shape="rated")
-            scorer = LogSigmoidCentred(scorer, baselines_from_samples(
-                scorer, [r.prompt for r in samples], [_text(r.response) for r in samples],
-                float(baseline.get("quantile", 0.5))))
+            quantile = baseline.get("quantile", 0.5)
+            if not is_number(quantile) or not 0 <= quantile <= 1:
+                raise ConfigError(f"{where}: baseline.quantile must be a number in [0, 1], got "
+                                  f"{quantile!r}.")
+            try:
+                locate(str(baseline["data"]))
+            except DataError as error:
+                raise ConfigError(f"{where}: baseline.data: {error}") from None
         elif transform != "none":
             raise ConfigError(f"{where}: transform is 'none' or 'lsc', got {transform!r}.")
         elif "baseline" in term:
             raise ConfigError(f"{where}: baseline does nothing without transform: lsc.")
+    return [str(term["scorer"]) for term in spec["terms"]]
+
+
+def combined_from_tree(path: str, spec, data: str | None, load) -> CombinedScorer:
+    """A ``CombinedScorer`` from the YAML file ``path`` holds, ``spec`` as read (see the
+    module docstring; checked by ``check_combination`` first); ``load(spec, data)`` builds
+    each term's scorer."""
+    check_combination(path, spec)
+    terms = []
+    for term in spec["terms"]:
+        scorer = load(str(term["scorer"]), data)
+        if term.get("transform", "none") == "lsc":
+            baseline = term["baseline"]
+            samples = load_records(str(baseline["data"]), shape="rated")
+            scorer = LogSigmoidCentred(scorer, baselines_from_samples(
+                scorer, [r.prompt for r in samples], [_text(r.response) for r in samples],
+                float(baseline.get("quantile", 0.5))))
         terms.append((scorer, float(term.get("weight", 1.0))))
     return CombinedScorer(terms, spec.get("combine", "sum"))
 
