@@ -100,6 +100,7 @@ def test_follow_up_spec_and_file_forms(tmp_path):
     path.write_text(yaml.safe_dump({"follow_up": {"model": directory, "positive": ["Thanks!"],
                                                   "negative": ["Wrong.", "Huh?"],
                                                   "batch_size": 2}}))
+    check_scorer(str(path))  # what a run checks before any work: the file, not the model
     custom = load_scorer(str(path))
     assert (custom.positive, custom.negative, custom.batch_size) == (["Thanks!"],
                                                                       ["Wrong.", "Huh?"], 2)
@@ -107,10 +108,15 @@ def test_follow_up_spec_and_file_forms(tmp_path):
                       ({"model": directory, "negative": []},
                        r"follow_up.negative must be a non-empty list of non-empty texts"),
                       ({"model": directory, "weight": 2}, "follow_up takes a mapping"),
+                      ({"model": directory, "batch_size": 0},
+                       "follow_up.batch_size must be a whole number of at least 1"),
                       ({"model": str(tmp_path / "nothing")}, "follow_up.model: ")]:
         path.write_text(yaml.safe_dump({"follow_up": bad}))
         with pytest.raises(ConfigError, match=f"scorer file {path}: {says}"):
             load_scorer(str(path))
+        if "model: " not in says:  # (a model is read only when the scorer loads)
+            with pytest.raises(ConfigError, match=f"scorer file {path}: {says}"):
+                check_scorer(str(path))
     with pytest.raises(ConfigError, match="scorer 'follow-up:/no/such/dir': "):
         load_scorer("follow-up:/no/such/dir")
 

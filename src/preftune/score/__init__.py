@@ -91,7 +91,11 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
         return
     elif spec.endswith((".yaml", ".yml")):
         tree = _scorer_file(spec)
-        if not (isinstance(tree, dict) and "render" in tree):  # a combination: each term too
+        if isinstance(tree, dict) and "follow_up" in tree:
+            from .follow_up import follow_up_options
+
+            follow_up_options(spec, tree)
+        elif not (isinstance(tree, dict) and "render" in tree):  # a combination: each term
             for term in check_combination(spec, tree):
                 check_scorer(term, data)
     elif spec.startswith("rm:"):

@@ -161,9 +161,18 @@ class FollowUpScorer:
 
 
 def follow_up_from_tree(path: str, tree: dict) -> FollowUpScorer:
-    """The scorer a YAML file's ``follow_up`` mapping describes: ``model`` (required),
-    ``positive`` and ``negative`` (lists of follow-ups; the defaults above when left out) and
-    ``batch_size``."""
+    """The scorer a YAML file's ``follow_up`` mapping describes (``follow_up_options``)."""
+    model, options = follow_up_options(path, tree)
+    try:
+        return FollowUpScorer.from_pretrained(model, **options)
+    except (FileNotFoundError, OSError) as error:
+        raise ConfigError(f"scorer file {path}: follow_up.model: {error}") from None
+
+
+def follow_up_options(path: str, tree: dict) -> tuple[str, dict]:
+    """The model and the options of a YAML file's ``follow_up`` mapping, checked: ``model``
+    (required), ``positive`` and ``negative`` (lists of follow-ups; the defaults above when
+    left out) and ``batch_size``."""
     spec = tree["follow_up"]
     known = {"model", "positive", "negative", "batch_size"}
     if not isinstance(spec, dict) or "model" not in spec or set(spec) - known:
@@ -180,7 +189,7 @@ def follow_up_from_tree(path: str, tree: dict) -> FollowUpScorer:
             raise ConfigError(f"scorer file {path}: follow_up.{key} must be a non-empty list of "
                               f"non-empty texts; got {texts!r}.")
         options[key] = texts
-    try:
-        return FollowUpScorer.from_pretrained(str(spec["model"]), **options)
-    except (FileNotFoundError, OSError) as error:
-        raise ConfigError(f"scorer file {path}: follow_up.model: {error}") from None
+    if not isinstance(options["batch_size"], int) or options["batch_size"] < 1:
+        raise ConfigError(f"scorer file {path}: follow_up.batch_size must be a whole number "
+                          f"of at least 1; got {options['batch_size']!r}.")
+    return str(spec["model"]), options
