@@ -29,7 +29,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.hub import locate
-from ..data.records import DataError
+from ..data.records import DataError, response_text
 from ..data.shapes import is_number
 from ..data.sources import load_records
 from .base import checked, prefer_by_scores, prompt_key
@@ -160,14 +160,7 @@ def combined_from_tree(path: str, spec, data: str | None, load) -> CombinedScore
             baseline = term["baseline"]
             samples = load_records(str(baseline["data"]), shape="rated")
             scorer = LogSigmoidCentred(scorer, baselines_from_samples(
-                scorer, [r.prompt for r in samples], [_text(r.response) for r in samples],
+                scorer, [r.prompt for r in samples], [response_text(r.response) for r in samples],
                 float(baseline.get("quantile", 0.5))))
         terms.append((scorer, float(term.get("weight", 1.0))))
     return CombinedScorer(terms, spec.get("combine", "sum"))
-
-
-def _text(response) -> str:
-    """A response as the text a model would have produced (a single assistant message's content)."""
-    if isinstance(response, str):
-        return response
-    return "".join(m["content"] for m in response)
