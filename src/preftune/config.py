@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,6 +16,7 @@ from pydantic import (BaseModel, ConfigDict, ValidationError, field_validator,
 from .config_model import (Count, Fraction, LoraConfig, ModelConfig, NonNegative,  # noqa: F401
                            Positive, Section, Share)
 from .config_train import PolicyTrainConfig, TrainConfig  # noqa: F401
+from .config_errors import problems, unknown_key
 from .config_tree import ConfigError, apply_overrides, read_tree
 from .data.convert import CONVERSIONS
 from .data.tools import MASK_ROLES
@@ -132,7 +131,7 @@ class ObjectiveConfig(BaseModel):
         known = {f.name for f in dataclasses.fields(spec.params)}
         for key in self.model_extra or {}:
             if key not in known:
-                raise ValueError(_unknown(f"objective.{key}", key, known,
+                raise ValueError(unknown_key(f"objective.{key}", key, known,
                                           f"objective {self.name}", ("name", "weight")))
         validate_params(spec, self.model_extra or {})
         return self
@@ -303,92 +302,6 @@ def check_data_and_train(data: DataConfig, train: TrainConfig,
                          f"too, e.g. --set data.max_prompt_length={max(1, data.max_length // 2)}.")
 
 
-def _unknown(path: str, key: str, known, where: str, own: tuple = ()) -> str:
-    """An unknown key named, with the closest known one (among ``known`` and the section's
-    ``own`` keys, e.g. an objective term's weight)."""
-    close = difflib.get_close_matches(key, [*known, *own], n=1)
-    hint = f" Did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}?" if close else ""
-    keys = f"Known keys: {', '.join(sorted(known))}." if known else "It takes no parameters."
-    return f"unknown key {path!r} in {where}.{hint} {keys}"
-
-
-def _key_path(loc: tuple, model: type[BaseModel]) -> str:
-    """An error's location as config keys: list indices and the tags pydantic gives each
-    member of a union (``data.train.str``, ``data.train.list[str]``) left out."""
-    keys, section, union = [], model, False
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if union:  # the member's tag
-            union = False
-            continue
-        fields = section.model_fields if isinstance(section, type) and issubclass(
-            section, BaseModel) else {}
-        keys.append(str(part))
-        if part not in fields:
-            section = None
-            continue
-        annotation = fields[part].annotation
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        models = [a for a in members or [annotation]
-                  if isinstance(a, type) and issubclass(a, BaseModel)]
-        section = models[0] if models else None
-        union = not models and len(members) > 1 and typing.get_origin(annotation) in (
-            typing.Union, types.UnionType)
-    return ".".join(keys)
-
-
-def _problems(errors: list[dict], model: type[BaseModel], tree=None) -> list[str]:
-    """One line per problem; a value that fits no member of a union is one line that names
-    what each member wanted; a problem in one of several list items (objective terms) says
-    which."""
-    lines, merged = [], {}
-    for error in errors:
-        item = _list_item(error["loc"], tree)
-        if error["type"] in ("extra_forbidden", "value_error"):
-            lines.append(item + _describe(error, model))
-            continue
-        location = _key_path(error["loc"], model)
-        if location in merged:
-            wanted = error["msg"].removeprefix("Input should be ")
-            lines[merged[location]] = lines[merged[location]].replace(
-                " (got ", f" or {wanted} (got ", 1)
-            continue
-        merged[location] = len(lines)
-        lines.append(f"{item}{location}: {error['msg']} (got {error.get('input')!r})")
-    return lines
-
-
-def _list_item(loc: tuple, tree) -> str:
-    """``"objective item 2 of 3: "`` when ``loc`` runs through a list of several mappings in
-    ``tree`` (the terms of an objective list), else nothing."""
-    keys, node = [], tree
-    for part in loc:
-        if isinstance(part, int) and isinstance(node, list) and part < len(node):
-            if len(node) > 1 and isinstance(node[part], dict):
-                return f"{'.'.join(keys)} item {part + 1} of {len(node)}: "
-            node = node[part]
-        elif isinstance(part, str) and isinstance(node, dict) and part in node:
-            keys.append(part)
-            node = node[part]
-        else:
-            return ""
-    return ""
-
-
-def _describe(error: dict, model: type[BaseModel]) -> str:
-    """An unknown key, or a validator's message."""
-    location = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
-    if error["type"] == "extra_forbidden":
-        section = model
-        for part in error["loc"][:-1]:
-            annotation = section.model_fields[str(part)].annotation
-            section = next((a for a in getattr(annotation, "__args__", (annotation,))
-                            if isinstance(a, type) and issubclass(a, BaseModel)), section)
-        return _unknown(location, str(error["loc"][-1]), section.model_fields, "the config")
-    return error["msg"].removeprefix("Value error, ")  # a validator's own message
-
-
 def build_config(tree: dict, source: str = "the config", schema: type[BaseModel] | None = None):
     """``tree`` validated as ``schema`` (default: ``Config``, a policy run); every problem is
     described by its key in one ``ConfigError``."""
@@ -396,8 +309,8 @@ def build_config(tree: dict, source: str = "the config", schema: type[BaseModel]
     try:
         return schema.model_validate(tree)
     except ValidationError as error:
-        problems = "\n  ".join(_problems(error.errors(), schema, tree))
-        raise ConfigError(f"invalid configuration in {source}:\n  {problems}") from None
+        lines = "\n  ".join(problems(error.errors(), schema, tree))
+        raise ConfigError(f"invalid configuration in {source}:\n  {lines}") from None
 
 
 def prompt_limit(max_length: int, max_prompt_length: int | None) -> int:

@@ -11,7 +11,8 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
                       model_validator)
 
 from ..config import (Count, Fraction, LoraConfig, NonNegative, RunConfig, Section,
-                      TrainConfig, _unknown)
+                      TrainConfig)
+from ..config_errors import unknown_key
 from ..config_model import params_problem
 from .losses import get_diffusion_loss
 
@@ -94,7 +95,7 @@ class DiffusionObjectiveConfig(BaseModel):
         known = {f.name for f in dataclasses.fields(spec.params)}
         for key in self.model_extra or {}:
             if key not in known:
-                raise ValueError(_unknown(f"objective.{key}", key, known,
+                raise ValueError(unknown_key(f"objective.{key}", key, known,
                                           f"diffusion objective {self.name}", ("name",)))
         try:
             self.params()

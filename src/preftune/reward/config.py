@@ -10,7 +10,8 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
                       model_validator)
 
 from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Positive, RunConfig,
-                      Section, TrainConfig, _unknown, check_data_and_train)
+                      Section, TrainConfig, check_data_and_train)
+from ..config_errors import unknown_key
 from ..config_model import params_problem, refuse_unused
 from ..data.records import DataError
 from ..data.detect import is_rating, rating_columns
@@ -69,7 +70,7 @@ class RewardLossConfig(BaseModel):
         known = {f.name for f in dataclasses.fields(spec.params)}
         for key in self.model_extra or {}:
             if key not in known:
-                raise ValueError(_unknown(f"loss.{key}", key, known, f"reward loss {self.name}",
+                raise ValueError(unknown_key(f"loss.{key}", key, known, f"reward loss {self.name}",
                                           ("name",)))
         try:
             TypeAdapter(spec.params).validate_python(self.model_extra or {})
