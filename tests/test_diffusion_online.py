@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 from diffusion_fixtures import (one_thread, tiny_pipeline, write_prompts)  # noqa: E402, F401
 from preftune.cli import main  # noqa: E402
 from preftune.config import ConfigError  # noqa: E402
+from preftune.data.records import DataError  # noqa: E402
 from preftune.diffusion.online import DiffusionOnlineConfig, run_diffusion_online  # noqa: E402
 from preftune.diffusion.ranking import make_ranked_lists  # noqa: E402
 
@@ -141,6 +142,13 @@ def test_objectives_that_cannot_train_on_sampled_lists_are_refused(parts, tmp_pa
     with pytest.raises(ConfigError, match="already holds an online run; continue it with "
                        "--resume"):
         run_diffusion_online(DiffusionOnlineConfig.from_dict(tree(parts, out, rounds=1)))
+    bad = tmp_path / "bad.jsonl"  # prompts are read before the run there is moved aside
+    bad.write_text('{"text": "no prompt here"}\n')
+    broken = tree(parts, out, rounds=1)
+    broken["data"]["train"] = str(bad)
+    with pytest.raises(DataError, match=f"{bad}:1: "):
+        run_diffusion_online(DiffusionOnlineConfig.from_dict(broken), overwrite=True)
+    assert (out / "online.json").is_file() and not list(tmp_path.glob("d.old-*"))
 
 
 def same_score(prompt, image):

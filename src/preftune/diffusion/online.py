@@ -115,6 +115,9 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     if family is not None:  # settings that would do nothing, before anything is written
         check_negative_prompt(family, config.online.negative_prompt, config.online.guidance_scale,
                               config.online.true_cfg_scale, ONLINE_KEYS[1:])
+    column = {"prompt": config.data.fields.get("prompt", "prompt")}  # read before anything
+    prompts = _distinct_prompts(config.data.train, column)              # is written
+    held_out = _distinct_prompts(config.data.eval, column) if config.data.eval else prompts
     state = Accelerator()  # the processes' state, as each round's training sees it
     out = Path(config.output_dir)
     if state.is_main_process:
@@ -122,9 +125,6 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     elif has_started(out) and not (resume or overwrite):  # the same refusal on every process
         raise ConfigError(f"{out} already holds an online run (see the first process).")
     state.wait_for_everyone()
-    column = {"prompt": config.data.fields.get("prompt", "prompt")}
-    prompts = _distinct_prompts(config.data.train, column)
-    held_out = _distinct_prompts(config.data.eval, column) if config.data.eval else prompts
     summary, model = {"initial": None, "rounds": []}, config.model.path
     for r in range(1, config.online.rounds + 1):
         info = run_round(config, r, model, prompts, held_out, show_progress, state)
