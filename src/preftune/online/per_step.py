@@ -60,7 +60,7 @@ class OnlineStepTask(PolicyTask):
         else:
             raise DataError(
                 f"step {self.step + 1}: the samples of {RETRIES + 1} batches of prompts all tied "
-                f"under {self.scorer.name}; draw more or more varied samples "
+                f"under {self.scorer.name}; draw more samples, or more varied ones "
                 "(online.sampling.samples, temperature) or use a finer scorer.")
         records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=r["source"],
                         scores={"chosen_score": r["chosen_score"],

@@ -264,7 +264,7 @@ def render_summary(results: dict) -> str:
     for kind, table in results["accuracy_by"].items():
         for key, row in table.items():
             lines.append(f"  {'accuracy, ' + kind + ': ' + key:<34} {row['accuracy']:.1%} "
-                         f"({row['pairs']} pairs)")
+                         f"({row['pairs']} pair{'s' * (row['pairs'] != 1)})")
     if "rewards/chosen_mean" in results:
         lines.append(f"  {'reward chosen / rejected, mean':<34} "
                      f"{results['rewards/chosen_mean']:.3f} / {results['rewards/rejected_mean']:.3f}")
