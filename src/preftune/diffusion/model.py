@@ -302,22 +302,29 @@ def shard_the_denoiser_only(accelerator, model: DiffusionModel) -> None:
     model._no_split_modules = list(getattr(model.denoiser, "_no_split_modules", None) or [])
 
 
-def pipeline_family(path: str | Path, key: str = "model.path") -> str | None:
-    """The family (``FAMILIES``, else ``unet``) of the pipeline ``path``, read from its
-    denoiser's config.json without loading any weights (of a Hub id, only the small files are
-    fetched); None when ``path`` is not a pipeline (loading it says why)."""
+def local_pipeline(path: str | Path, key: str, weights: bool = True) -> Path:
+    """``path`` itself, or for a Hugging Face Hub pipeline id its snapshot in the HF cache
+    (fetched once; without ``weights``, only the configs and tokenizers); errors name ``key``."""
     from ..data.hub import HUB_NAME
     from ..model.hub import hub_pipeline_snapshot
     from ..model.load import given_as
 
     if not Path(path).exists() and HUB_NAME.match(str(path)):
         with given_as(key):
-            path = hub_pipeline_snapshot(str(path), weights=False)
+            return Path(hub_pipeline_snapshot(str(path), weights))
+    return Path(path)
+
+
+def pipeline_family(path: str | Path, key: str = "model.path") -> str | None:
+    """The family (``FAMILIES``, else ``unet``) of the pipeline ``path``, read from its
+    denoiser's config.json without loading any weights (of a Hub id, only the small files are
+    fetched); None when ``path`` is not a pipeline (loading it says why)."""
+    path = local_pipeline(path, key, weights=False)
     try:
-        folder = denoiser_folder(Path(path))
+        folder = denoiser_folder(path)
     except ConfigError:
         return None
-    config = json.loads((Path(path) / folder / "config.json").read_text())
+    config = json.loads((path / folder / "config.json").read_text())
     return FAMILIES.get(config.get("_class_name"), "unet")
 
 
@@ -329,14 +336,7 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32,
     import diffusers
     from transformers import AutoTokenizer
 
-    from ..data.hub import HUB_NAME
-    from ..model.hub import hub_pipeline_snapshot
-    from ..model.load import given_as
-
-    if not Path(path).exists() and HUB_NAME.match(str(path)):
-        with given_as(key):
-            path = hub_pipeline_snapshot(str(path))
-    path = Path(path)
+    path = local_pipeline(path, key)
     if not path.is_dir():
         raise ConfigError(f"{key} {path} is not a directory; give a diffusers pipeline "
                           "directory or a Hugging Face Hub pipeline id.")

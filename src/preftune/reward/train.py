@@ -76,16 +76,17 @@ def reward_metrics(shape: str, head: Head, outputs: torch.Tensor, scores: dict,
     return metrics
 
 
-def check_fields(example, needed: list[str], spec, setting_of, weight_field: str | None) -> None:
+def check_fields(example, needed: list[str], spec, params, head: Head,
+                 weight_field: str | None) -> None:
     """Every numeric field the loss (or the example weights) reads, present and finite in the
     record, or an error that names the record, the field and the setting that reads it
-    (``setting_of(field)``)."""
+    (``field_setting``)."""
     for name in [*needed, *([weight_field] if weight_field else [])]:
         value = example.scores.get(name)
         if value is None or not math.isfinite(value) or (name == weight_field and value < 0):
             state = "is missing or not a number" if value is None else f"is {value}"
             setting = ("train.example_weight_field" if name == weight_field else
-                       f"the reward loss {spec.name} ({setting_of(name)})")
+                       f"the reward loss {spec.name} ({field_setting(name, params, head)})")
             raise DataError(f"{example.origin}: numeric field {name!r} {state}; it is read by "
                             f"{setting}. Every record needs it as a finite number (a weight: "
                             "not negative): fix the record, or point that setting at the column "
@@ -213,8 +214,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     params = config.loss.params()
     for example in [*train_examples, *eval_examples]:
         check_fields(example, spec.record_fields(params, head, len(example.response_ids)), spec,
-                     lambda name: field_setting(name, params, head),
-                     config.train.example_weight_field)
+                     params, head, config.train.example_weight_field)
     if detected_head:
         data_report["head"] = detected_head
         print(f"model.head: {detected_head}")

@@ -47,6 +47,8 @@ class FollowUpScorer:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.positive, self.negative = list(positive), list(negative)
         self.batch_size = batch_size
+        # logits of the last positions only, where the model's forward takes it
+        self.keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def from_pretrained(cls, path: str, **options) -> "FollowUpScorer":
@@ -103,9 +105,8 @@ class FollowUpScorer:
         ids, mask = left_padded([r[0] for r in rows], self.tokenizer.pad_token_id, device)
         width = max(count for _, count in rows) + 1  # the rows end together (left padding)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            **({"logits_to_keep": width} if keep else {})).logits
+                            **({"logits_to_keep": width} if self.keep_logits else {})).logits
         token = logits[:, -width:-1].float().log_softmax(-1).gather(
             -1, ids[:, -width + 1 :, None])[..., 0]
         counts = torch.tensor([count for _, count in rows], device=device)
