@@ -260,5 +260,9 @@ def test_rm_eval_measures_any_scorer_on_pairs(scorer_module, tmp_path):
     assert [row["correct"] for row in rows] == [True, False, False, True]
     assert [(row["characters_chosen"], row["reward_chosen"]) for row in rows] == [
         (4, 4.0), (1, 1.0), (2, 2.0), (6, 6.0)]
+    from preftune.data.records import response_text
+
+    parts = [{"type": "text", "text": "ab"}, {"type": "text", "text": "cd"}]
+    assert response_text([{"role": "assistant", "content": parts}]) == "abcd"
     with pytest.raises(SystemExit):  # one of them, not both
         main(["rm", "eval", "--scorer", "my_checks:length", "--model", "x", "--data", str(data)])

@@ -37,10 +37,13 @@ def plain_text(text) -> str:
 
 
 def response_text(response) -> str:
-    """A response as the text a scorer reads: a string as it is, one message as its content, an
-    exchange of several (tool calls and results) as ``plain_text``."""
+    """A response as the text a scorer reads: a string as it is, one message as its content
+    (the text of its parts, where it has parts), an exchange of several (tool calls and
+    results) as ``plain_text``."""
     if isinstance(response, list) and len(response) == 1:
-        return response[0].get("content") or ""
+        content = response[0].get("content") or ""
+        return content if isinstance(content, str) else "".join(
+            part.get("text", "") for part in content if part.get("type") == "text")
     return plain_text(response)
 
 
