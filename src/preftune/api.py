@@ -30,9 +30,9 @@ from .score import load_scorer, register_scorer
 __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "NonNegative",
            "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState", "OnlineConfig", "Positive",
            "RewardConfig", "RunningMean", "Share", "compare", "evaluate",
-           "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "register_objective",
-           "register_scorer", "run_online", "score_with_reward_model", "train",
-           "train_diffusion", "train_reward_model", "write_report"]
+           "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "preference_strength",
+           "register_objective", "register_scorer", "run_online", "score_with_reward_model",
+           "train", "train_diffusion", "train_reward_model", "write_report"]
 
 
 def _as(kind: type, config):
@@ -108,6 +108,21 @@ def score_with_reward_model(model: str, data: str, output: str, *, batch_size: i
     from .reward.scoring import run_score
 
     return run_score(model, data, output, batch_size, field, overwrite, fields)
+
+
+def preference_strength(models: str | list[str], data: str, output: str, *, passes: int = 1,
+                        dropout: float = 0.0, flip: bool = False, field: str = "strength",
+                        seed: int = 0, batch_size: int = 16, overwrite: bool = False,
+                        fields: dict | None = None) -> Path:
+    """Each pair of ``data`` with the mean, spread and agreement of the reward gaps that
+    ``models`` (an ensemble) or ``passes`` dropout passes give it, written to ``output``
+    (``preftune rm strength``; Secrets of RLHF II, UPO's MC-dropout estimator)."""
+    from .reward.strength import run_strength
+
+    models = [models] if isinstance(models, str) else list(models)
+    return run_strength(models, data, output, passes=passes, dropout=dropout, flip=flip,
+                        field=field, seed=seed, batch_size=batch_size, overwrite=overwrite,
+                        fields=fields)
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,

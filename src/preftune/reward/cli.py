@@ -38,6 +38,15 @@ def _score(args) -> None:
                             field=args.field, overwrite=args.overwrite, fields=args.fields)
 
 
+def _strength(args) -> None:
+    from ..api import preference_strength
+
+    preference_strength(args.model, args.data, args.output, passes=args.passes,
+                        dropout=args.dropout, flip=args.flip, field=args.field,
+                        seed=args.seed, batch_size=args.batch_size, overwrite=args.overwrite,
+                        fields=args.fields)
+
+
 def _losses(args) -> None:
     from .losses import REWARD_LOSSES
 
@@ -98,6 +107,36 @@ def add_rm_commands(commands) -> None:
     score.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="records per forward pass")
     score.set_defaults(run=_score)
+
+    strength = command(sub, "strength", "how strongly an ensemble of reward models (or one "
+                       "under MC dropout) agrees with each pair's label: mean, spread and "
+                       "agreement of the reward gaps; --flip swaps pairs they reverse",
+                       "preftune rm strength --model runs/rm_0 --model runs/rm_1 --model "
+                       "runs/rm_2 --data pairs.jsonl --output strength.jsonl --flip\n"
+                       "  preftune rm strength --model runs/rm --passes 16 --dropout 0.1 "
+                       "--data pairs.jsonl --output strength.jsonl")
+    strength.add_argument("--model", required=True, action="append",
+                          help="a reward-model run dir or model dir; repeat for an ensemble")
+    strength.add_argument("--data", required=True, help="pairs (JSONL, JSON, ...)")
+    add_column_option(strength)
+    strength.add_argument("--output", required=True, help="JSONL file to write")
+    strength.add_argument("--passes", type=POSITIVE, default=1,
+                          help="scorings per model, each with its own dropout masks (MC "
+                               "dropout; needs --dropout)")
+    strength.add_argument("--dropout", type=float, default=0.0,
+                          help="share of the head's input features dropped in each pass")
+    strength.add_argument("--flip", action="store_true",
+                          help="write pairs whose mean strength is below 0 with chosen and "
+                               "rejected swapped (and NAME_flipped: true)")
+    strength.add_argument("--field", default="strength",
+                          help="NAME of the fields written: NAME (mean), NAME_std, "
+                               "NAME_agreement (default strength)")
+    strength.add_argument("--seed", type=int, default=0, help="seed of the dropout masks")
+    strength.add_argument("--overwrite", action="store_true",
+                          help="replace fields the rows already have, and an existing --output")
+    strength.add_argument("--batch-size", type=POSITIVE, default=16,
+                          help="records per forward pass")
+    strength.set_defaults(run=_strength)
 
     losses = command(sub, "losses", "list the reward losses", "preftune rm losses")
     losses.set_defaults(run=_losses)
