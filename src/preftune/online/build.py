@@ -130,6 +130,9 @@ def why_no_rows(counts: dict, scorer: str) -> str:
              for key, why in reasons.items() if counts.get(key)]
     if counts.get("empty"):
         found.append(f"{counts['empty']} empty samples left out")
+    for key, why in (("estimator_reversed", "reversed"), ("estimator_uncertain", "too uncertain")):
+        if counts.get(key):
+            found.append(f"{counts[key]} pairs dropped by online.pairs.estimator as {why}")
     return "; ".join(found) or "no prompts"
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Config, Count, NonNegative, Positive, Section
+from ..config import Config, Count, NonNegative, Positive, Section, Share
 from ..config_model import refuse_unused
 from ..generation import SamplingSettings
 from ..objectives import REGISTRY, get_objective
@@ -50,6 +50,42 @@ class SamplingSection(Section):
         return SamplingSettings(**{**values, **changes}, seed=seed)
 
 
+class EstimatorSection(Section):
+    """UPO's reliable-pair sampling (arXiv:2409.11212): an estimator scores each built pair
+    several times (an ensemble of reward models, or one under MC dropout) and only the pairs it
+    is surest of train; each keeps ``estimator_prob`` (mean P(chosen > rejected) over the
+    members) and ``estimator_std`` (their spread), which ``train.example_weight_field`` can
+    read."""
+
+    models: list[str] = []
+    """Reward models (``preftune rm train`` run or model dirs): several make an ensemble."""
+    passes: Count = 1
+    """Scorings per model, each with its own dropout masks (MC dropout; needs dropout)."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of the features the reward head reads dropped in each pass."""
+    min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    """Drop pairs whose mean P(chosen > rejected) is below this: the estimator reverses them."""
+    keep: Share = 1.0
+    """Share of the remaining pairs kept, those with the smallest spread first."""
+
+    @model_validator(mode="after")
+    def _has_a_spread(self):
+        if not self.models:
+            raise ValueError("online.pairs.estimator.models is required: the reward model(s) "
+                             "that judge each built pair.")
+        if self.passes > 1 and self.dropout == 0:
+            raise ValueError(f"online.pairs.estimator.passes {self.passes} without dropout "
+                             "scores every pass alike; set estimator.dropout (e.g. 0.1).")
+        if self.dropout > 0 and self.passes < 2:
+            raise ValueError("online.pairs.estimator.dropout needs passes of 2 or more: the "
+                             "spread of several dropout passes is the uncertainty.")
+        if len(self.models) * self.passes < 2:
+            raise ValueError("online.pairs.estimator: one model scored once gives no spread; "
+                             "list several models (an ensemble) or set passes and dropout (MC "
+                             "dropout).")
+        return self
+
+
 class PairsSection(Section):
     builder: Literal[BUILDERS] = "best_vs_worst"  # type: ignore[valid-type]
     """How scored samples become training examples (pairs, or lists for listwise
@@ -63,6 +99,8 @@ class PairsSection(Section):
     """rso: samples accepted per prompt (paired two by two)."""
     win_probs: bool = False
     """Add chosen_win_prob / rejected_win_prob (sppo_soft)."""
+    estimator: EstimatorSection | None = None
+    """Keep only the pairs an estimator is sure of (UPO); null: every built pair trains."""
 
     @model_validator(mode="after")
     def _rso_settings_need_rso(self):
@@ -134,6 +172,9 @@ class OnlineConfig(Config):
             raise ValueError("data.convert does nothing in an online run: the pairs (or lists) "
                              "are built from the samples by online.pairs.builder.")
         data = "ranked" if builder in LIST_BUILDERS else "pairs"
+        if online.pairs.estimator is not None and data == "ranked":
+            raise ValueError(f"online.pairs.estimator judges pairs; builder {builder} makes "
+                             "lists. Use a pair builder, or remove the estimator.")
         wanted = {term.name for term in self.objective}
         for name in wanted:
             if get_objective(name).data not in (data, "unpaired"):
@@ -155,6 +196,9 @@ class OnlineConfig(Config):
             if online.pairs.builder in LIST_BUILDERS or online.pairs.win_probs:
                 raise ValueError("online.mode per_step builds pairs for pairwise objectives; "
                                  "lists and win probabilities need online.mode: rounds.")
+            if online.pairs.estimator is not None:
+                raise ValueError("online.pairs.estimator filters each round's pairs; it needs "
+                                 "online.mode: rounds.")
             if self.train.eval_every is not None:
                 raise ValueError("train.eval_every does nothing with online.mode per_step: the "
                                  "held-out prompts are answered and scored after training.")

@@ -44,6 +44,7 @@ from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, w
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
                      read_jsonl, row_question, stored_images, write_json, write_jsonl)
 from .config import OnlineConfig
+from .estimator import check_estimator, estimator_probs, select_pairs
 from .measure import evaluate_model
 
 
@@ -59,6 +60,8 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
         check_scorer(config.online.scorer, config.data.train)
     except ConfigError as error:
         raise ConfigError(f"online.scorer: {error}") from None
+    if config.online.pairs.estimator is not None:
+        check_estimator(config.online.pairs.estimator)
     prompts = _prompts(config.data.train, config)  # a bad file stops the run before output_dir
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_images(config, prompts + eval_prompts)
@@ -307,9 +310,16 @@ def _preference_matrix(scorer, row: dict) -> list[list[float]]:
 def _build(config: OnlineConfig, r: int, here: Path) -> dict:
     pairs = config.online.pairs
     scored = read_jsonl(here / "scored.jsonl")
+    seed = config.train.seed * 1000 + r
     rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
-                              pairs.rso_accept, seed=config.train.seed * 1000 + r)
+                              pairs.rso_accept, seed=seed)
     write_jsonl(here / "pairs.jsonl", rows)
+    if pairs.estimator is not None and rows:  # keep the pairs the estimator is sure of
+        probs = estimator_probs(pairs.estimator, here / "pairs.jsonl", seed)
+        rows, dropped, dropped_counts = select_pairs(rows, probs, pairs.estimator)
+        write_jsonl(here / "pairs_dropped.jsonl", dropped)
+        write_jsonl(here / "pairs.jsonl", rows)
+        counts.update(dropped_counts, rows=len(rows))
     return counts
 
 
