@@ -15,9 +15,10 @@ quiet_bitsandbytes()
 _API_NAMES = {"Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams",
               "NonNegative", "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState",
               "OnlineConfig", "Positive", "RewardConfig", "RunningMean", "Share",
-              "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "preference_strength",
-              "register_objective", "register_scorer", "run_online", "score_with_reward_model",
-              "train_diffusion", "train_reward_model", "write_report"}
+              "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
+              "preference_strength", "register_objective", "register_scorer", "run_online",
+              "score_with_reward_model", "train_diffusion", "train_reward_model",
+              "write_report"}
 
 
 def __getattr__(name: str):

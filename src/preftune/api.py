@@ -30,9 +30,10 @@ from .score import load_scorer, register_scorer
 __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "NonNegative",
            "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState", "OnlineConfig", "Positive",
            "RewardConfig", "RunningMean", "Share", "compare", "evaluate",
-           "evaluate_diffusion", "evaluate_reward_model", "load_scorer", "preference_strength",
-           "register_objective", "register_scorer", "run_online", "score_with_reward_model",
-           "train", "train_diffusion", "train_reward_model", "write_report"]
+           "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
+           "preference_strength", "register_objective", "register_scorer", "run_online",
+           "score_with_reward_model", "train", "train_diffusion", "train_reward_model",
+           "write_report"]
 
 
 def _as(kind: type, config):
@@ -123,6 +124,16 @@ def preference_strength(models: str | list[str], data: str, output: str, *, pass
     return run_strength(models, data, output, passes=passes, dropout=dropout, flip=flip,
                         field=field, seed=seed, batch_size=batch_size, overwrite=overwrite,
                         fields=fields)
+
+
+def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0.01,
+                      overwrite: bool = False, fields: dict | None = None) -> dict:
+    """Fit the feature weights of a compositional preference model (a scorer file's
+    ``compositional`` mapping) on labelled pairs and write the file with them to ``output``
+    (``preftune rm fit-cpm``); returns the fit (weights, accuracy, log loss)."""
+    from .reward.fit_cpm import run_fit_cpm
+
+    return run_fit_cpm(scorer_file, data, output, l2, overwrite, fields)
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,

@@ -47,6 +47,13 @@ def _strength(args) -> None:
                         fields=args.fields)
 
 
+def _fit_cpm(args) -> None:
+    from ..api import fit_compositional
+
+    fit_compositional(args.scorer_file, args.data, args.output, l2=args.l2,
+                      overwrite=args.overwrite, fields=args.fields)
+
+
 def _losses(args) -> None:
     from .losses import REWARD_LOSSES
 
@@ -137,6 +144,22 @@ def add_rm_commands(commands) -> None:
     strength.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="records per forward pass")
     strength.set_defaults(run=_strength)
+
+    fit_cpm = command(sub, "fit-cpm", "fit a compositional preference model: a judge rates "
+                      "each response on named features, a logistic regression on labelled "
+                      "pairs weights them (CPM)",
+                      "preftune rm fit-cpm examples/scorers/cpm.yaml --data pairs.jsonl "
+                      "--output cpm_fitted.yaml")
+    fit_cpm.add_argument("scorer_file", help="a scorer file with a 'compositional' mapping "
+                         "(judge, features)")
+    fit_cpm.add_argument("--data", required=True, help="labelled pairs (JSONL, JSON, ...)")
+    add_column_option(fit_cpm)
+    fit_cpm.add_argument("--output", required=True,
+                         help="the scorer file to write, with the fitted weights")
+    fit_cpm.add_argument("--l2", type=float, default=0.01,
+                         help="L2 penalty on the weights (above 0)")
+    fit_cpm.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    fit_cpm.set_defaults(run=_fit_cpm)
 
     losses = command(sub, "losses", "list the reward losses", "preftune rm losses")
     losses.set_defaults(run=_losses)

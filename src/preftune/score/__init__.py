@@ -13,7 +13,8 @@ rounds. ``load_scorer`` reads the spec a user writes on the command line or in a
 - ``FILE.yaml``: a combination of the above (see ``combine.py``), or with a ``render`` mapping
   a text-to-image pipeline that renders each response and an image scorer that judges the
   images (``diffusion/render.py``), or with a ``follow_up`` mapping an FLR scorer with its
-  own follow-ups.
+  own follow-ups, or with a ``compositional`` mapping a compositional preference model
+  (CPM: a judge's ratings of named features, weighted; ``compositional.py``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
         except (FileNotFoundError, OSError) as error:
             raise ConfigError(f"scorer {spec!r}: {error}") from None
     if spec.endswith((".yaml", ".yml")):
-        tree = _scorer_file(spec)
+        tree = read_scorer_file(spec)
         if isinstance(tree, dict) and "render" in tree:  # responses rendered, images judged
             from ..diffusion.render import RenderScorer
 
@@ -67,6 +68,10 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             from .follow_up import follow_up_from_tree
 
             return follow_up_from_tree(spec, tree)
+        if isinstance(tree, dict) and "compositional" in tree:
+            from .compositional import CompositionalScorer
+
+            return CompositionalScorer.from_file(spec, tree)
         return combined_from_tree(spec, tree, data, load_scorer)
     if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):
         from .reward_model import RewardModelScorer
@@ -90,11 +95,15 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
             FunctionScorer.registered(spec):
         return
     elif spec.endswith((".yaml", ".yml")):
-        tree = _scorer_file(spec)
+        tree = read_scorer_file(spec)
         if isinstance(tree, dict) and "follow_up" in tree:
             from .follow_up import follow_up_options
 
             follow_up_options(spec, tree)
+        elif isinstance(tree, dict) and "compositional" in tree:
+            from .compositional import compositional_options
+
+            compositional_options(spec, tree)
         elif not (isinstance(tree, dict) and "render" in tree):  # a combination: each term
             for term in check_combination(spec, tree):
                 check_scorer(term, data)
@@ -122,7 +131,7 @@ def _unknown(spec: str) -> ConfigError:
                        f"file.{hint}")
 
 
-def _scorer_file(path: str):
+def read_scorer_file(path: str):
     """What the scorer file ``path`` holds (its readers name what is wrong with it)."""
     import yaml
 
