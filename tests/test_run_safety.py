@@ -184,6 +184,25 @@ def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeyp
     assert (resumed / "model" / "model.safetensors").exists()
 
 
+def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeypatch,  # noqa: F811
+                                                                capsys):
+    finished = run(workspace, "finished", train__max_steps=2, train__save_every=1,
+                   train__batch_size=4)
+    before = {p.name: p.stat().st_mtime_ns for p in (finished / "model").iterdir()}
+    metrics = (finished / "metrics.jsonl").read_text()
+    monkeypatch.setattr(loop, "policy_task", lambda *a, **k: pytest.fail("the model loaded"))
+    assert loop.train(build_config(_saved(finished)), resume=True,
+                      show_progress=False) == finished
+    assert "holds a finished run (run.json, its model saved); nothing is left to train" in \
+        capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (finished / "model").iterdir()} == before
+    assert (finished / "metrics.jsonl").read_text() == metrics
+    changed = _saved(finished)
+    changed["train"]["learning_rate"] = 1.0  # a finished run is not continued differently
+    with pytest.raises(ConfigError, match="train.learning_rate: 0.005 -> 1.0"):
+        loop.train(build_config(changed), resume=True, show_progress=False)
+
+
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(workspace, monkeypatch,  # noqa: F811
                                                                   capsys):
     settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4,

@@ -234,7 +234,8 @@ def train_step_model(config: StepModelConfig, resume: bool = False, show_progres
     """Train a step-aware preference model according to ``config``; returns the output
     directory (the model in ``model/``)."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
-    start_run(config, accelerator, resume, overwrite)
+    if start_run(config, accelerator, resume, overwrite):
+        return Path(config.output_dir)  # --resume of a finished run: nothing to train
     set_seed(config.train.seed)
     task, total_steps = step_model_task(config, accelerator)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,

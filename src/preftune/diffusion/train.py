@@ -357,7 +357,8 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
     from .sample import write_samples
 
     accelerator = Accelerator(gradient_accumulation_steps=1)
-    start_run(config, accelerator, resume, overwrite)
+    if start_run(config, accelerator, resume, overwrite):
+        return Path(config.output_dir)  # --resume of a finished run: nothing to train
     set_seed(config.train.seed)
     task, total_steps = diffusion_task(config, accelerator)
     output_dir = Path(config.output_dir)

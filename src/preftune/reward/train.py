@@ -258,7 +258,8 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
     """Train a reward model according to ``config``; returns the output directory."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
     check_engine(accelerator, config.train)
-    start_run(config, accelerator, resume, overwrite)
+    if start_run(config, accelerator, resume, overwrite):
+        return Path(config.output_dir)  # --resume of a finished run: nothing to train
     set_seed(config.train.seed)
     with whole_models(accelerator):
         task, total_steps = reward_task(config, accelerator)

@@ -277,8 +277,8 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
     if config.train.eval_generations is not None:
         refuse_split_weights(accelerator, "train.eval_generations",
                              "answers with the policy's whole weights on the main process")
-    if not plan_only:
-        start_run(config, accelerator, resume, overwrite)
+    if not plan_only and start_run(config, accelerator, resume, overwrite):
+        return Path(config.output_dir)  # --resume of a finished run: nothing to train
     set_seed(config.train.seed)
     with whole_models(accelerator):
         task, total_steps = policy_task(config, accelerator, plan_only)

@@ -72,9 +72,20 @@ def check_writable(directory: Path, key: str) -> None:
                           "choose a directory you can write to, with free space.") from None
 
 
-def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
+def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     """The output directory of ``config`` made ready (and a resume checked) by the main
-    process, before any process loads anything."""
+    process, before any process loads anything. Returns whether ``resume`` found the run
+    already finished (its ``run.json`` written, under the same settings): nothing to train."""
+    out = Path(config.output_dir)
+    if resume and not overwrite and (out / "run.json").is_file():
+        if accelerator.is_main_process:
+            check_free(out)
+            check_resume(config, accelerator.num_processes)
+            print(f"--resume: {out} holds a finished run (run.json, its model saved); nothing "
+                  "is left to train. Start over with --overwrite, or choose another "
+                  "output_dir.")
+        accelerator.wait_for_everyone()
+        return True
     if accelerator.is_main_process:
         if resume and not overwrite:
             from .checkpoint import checkpoints
@@ -92,6 +103,7 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> None:
         if resume:
             check_resume(config, accelerator.num_processes)
     accelerator.wait_for_everyone()
+    return False
 
 
 def resumable(config) -> bool:
