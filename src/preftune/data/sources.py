@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from .detect import check_shape, detect
 from .hub import DATA_EXTENSIONS, Source, locate
 from .images import attach_images
+from .system import attach_system, check_same_system
 from .tools import attach_tools
 from .records import SHAPES, DataError
 from .shapes import (CANONICAL_FIELDS, NUMERIC_FIELDS, TEXT_FIELDS, describe, number_in_text,
@@ -61,8 +62,9 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     source = locate(path)
     base_dir = images_folder(source)
     records: list = []
-    detection = None
-    for origin, row in _rows(source, {columns[name] for name in TEXT_FIELDS}, skipped):
+    detection, first_row = None, {}
+    text_columns = {columns[name] for name in (*TEXT_FIELDS, "system")}
+    for origin, row in _rows(source, text_columns, skipped):
         try:
             if not isinstance(row, dict):
                 raise DataError(
@@ -80,17 +82,24 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                 record = parse_row(found.shape, row, found.columns, found.format, origin, mixed,
                                    unscored_lists)
             record = attach_images(record, row, found.columns, origin, base_dir)
+            record = attach_system(record, row, found.columns, origin,
+                                   found.format == "implicit")
             record = attach_tools(record, row, found.columns, origin)
             if records:
                 _check_consistent(record, records[0], found.columns)
+                check_same_system(row, first_row, found.columns, origin)
         except DataError as error:
             if skipped is None:
                 raise
             skipped.append(str(error))
             continue
         if detection is None and detected is not None:
+            system = (f"; {found.columns['system']!r} opens each prompt as its system message "
+                      "(the prompt is a conversation)" if found.columns["system"] in row else "")
             detected.append({"source": source.description, "layout": found.layout,
-                             "why": found.reason})
+                             "why": found.reason + system})
+        if not records:
+            first_row = row
         detection = found
         records.append(record)
     if not records and skipped:

@@ -29,6 +29,7 @@ from ..data.records import Unpaired, required_prompt
 from ..data.tools import tools_of
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import images_folder, read_rows
+from ..data.system import with_system
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer
@@ -194,11 +195,12 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
     seen: dict = {}
     for path in [paths] if isinstance(paths, str) else paths:
         folder = images_folder(locate(path))
-        for origin, row in read_rows(path, set(TEXT_FIELDS) | {column}):
-            prompt = required_prompt(origin, row, column, (
+        system = fields.get("system", "system")
+        for origin, row in read_rows(path, set(TEXT_FIELDS) | {column, system}):
+            prompt = with_system(required_prompt(origin, row, column, (
                 "(the prompt) is missing or empty; an online run samples answers to each row's "
                 "prompt (a string or a list of chat messages). Rename the column with "
-                "data.fields."))
+                "data.fields.")), row, system, origin)
             tools = tools_of(row, fields.get("tools", "tools"), origin, isinstance(prompt, list))
             shown = attach_images(Unpaired(prompt, "", True), row, fields, origin, folder)
             key = prompt_key(scorer_prompt(shown.prompt, shown.images))
