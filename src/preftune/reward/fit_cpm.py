@@ -3,8 +3,6 @@ pairs (``score/compositional.py``) and write the scorer file with them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import yaml
 
@@ -15,6 +13,7 @@ from ..score import read_scorer_file
 from ..score.base import scorer_prompt
 from ..score.compositional import CompositionalScorer, compositional_options, fit_weights
 from ..train.logging import progress_bar
+from .scoring import new_output_file
 
 
 def run_fit_cpm(scorer_file: str, data: str, output: str, l2: float = 0.01,
@@ -25,12 +24,7 @@ def run_fit_cpm(scorer_file: str, data: str, output: str, l2: float = 0.01,
     if l2 <= 0:
         raise ConfigError(f"--l2 {l2}: give a value above 0; without it the weights grow "
                           "without bound when a feature separates the pairs.")
-    target = Path(output)
-    if target.resolve() == Path(scorer_file).resolve():
-        raise ConfigError(f"--output {output} is the scorer file itself; write a new file.")
-    if target.exists() and not overwrite:
-        raise ConfigError(f"--output {output} already exists; choose another file, or pass "
-                          "--overwrite to replace it.")
+    target = new_output_file(output, scorer_file, overwrite)
     tree = read_scorer_file(scorer_file)
     if not isinstance(tree, dict) or "compositional" not in tree:
         raise ConfigError(f"scorer file {scorer_file}: rm fit-cpm fits a 'compositional' "

@@ -122,18 +122,26 @@ def score_row(record, head: Head, outputs: torch.Tensor, field: str) -> dict:
     return dict(zip(score_fields(head, record.shape, field), written, strict=True))
 
 
+def new_output_file(output: str, source: str, overwrite: bool) -> Path:
+    """``--output`` as a path, refused when it is the ``source`` file the command reads, or
+    exists (unless ``overwrite``)."""
+    target = Path(output)
+    if target.resolve() == Path(source).resolve():
+        raise DataError(f"--output {output} is the file the command reads; write to a new "
+                        "file.")
+    if target.exists() and not overwrite:
+        raise DataError(f"--output {output} already exists; choose another file, or pass "
+                        "--overwrite to replace it.")
+    return target
+
+
 def run_score(model: str, data: str, output: str, batch_size: int = 16, field: str = "score",
               overwrite: bool = False, fields: dict | None = None) -> Path:
     """Score every record of ``data`` and write ``output`` (JSONL; an existing file only with
     ``overwrite``): each input row with its ``origin`` (unless it has one) and the scores added
     (``score_fields``; a field a row already has only with ``overwrite``, refused before any
     record is scored). Returns the file."""
-    target = Path(output)
-    if target.resolve() == Path(data).resolve():
-        raise DataError(f"--output {output} is the input file; write the scores to a new file.")
-    if target.exists() and not overwrite:
-        raise DataError(f"--output {output} already exists; choose another file, or pass "
-                        "--overwrite to replace it.")
+    target = new_output_file(output, data, overwrite)
     records = load_records(data, fields=fields, unscored_lists=True)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
     head, _ = Head.load(reward_model_dir(model))

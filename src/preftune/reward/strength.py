@@ -37,7 +37,7 @@ from ..data.sources import load_records, read_rows
 from ..model.forward import causal_lm_of
 from ..train.logging import progress_bar
 from .model import reward_model_dir
-from .scoring import RewardScoring
+from .scoring import RewardScoring, new_output_file
 
 
 def strength_fields(field: str, flip: bool) -> list[str]:
@@ -129,12 +129,7 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
     pairs whose mean strength is below 0 are written swapped (their strength then above 0).
     Everything is checked before a model loads. Returns the file."""
     _check_arguments(models, passes, dropout)
-    target = Path(output)
-    if target.resolve() == Path(data).resolve():
-        raise DataError(f"--output {output} is the input file; write to a new file.")
-    if target.exists() and not overwrite:
-        raise DataError(f"--output {output} already exists; choose another file, or pass "
-                        "--overwrite to replace it.")
+    target = new_output_file(output, data, overwrite)
     for model in models:
         reward_model_dir(model)  # a missing model is named before anything is scored
     records = load_records(data, fields=fields)
