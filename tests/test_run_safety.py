@@ -201,6 +201,11 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeyp
     changed["train"]["learning_rate"] = 1.0  # a finished run is not continued differently
     with pytest.raises(ConfigError, match="train.learning_rate: 0.005 -> 1.0"):
         loop.train(build_config(changed), resume=True, show_progress=False)
+    monkeypatch.undo()
+    weights = (finished / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(finished / "model")  # its model deleted: finished again from the checkpoint
+    loop.train(build_config(_saved(finished)), resume=True, show_progress=False)
+    assert (finished / "model" / "model.safetensors").read_bytes() == weights
 
 
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(workspace, monkeypatch,  # noqa: F811

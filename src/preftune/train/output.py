@@ -75,9 +75,14 @@ def check_writable(directory: Path, key: str) -> None:
 def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     """The output directory of ``config`` made ready (and a resume checked) by the main
     process, before any process loads anything. Returns whether ``resume`` found the run
-    already finished (its ``run.json`` written, under the same settings): nothing to train."""
+    already finished (its ``run.json`` and its model written, under the same settings):
+    nothing to train. A finished run whose model was deleted finishes again from its last
+    checkpoint."""
+    from ..model.adapter_dirs import final_model_dir
+
     out = Path(config.output_dir)
-    if resume and not overwrite and (out / "run.json").is_file():
+    if resume and not overwrite and (out / "run.json").is_file() \
+            and final_model_dir(out).is_dir():
         if accelerator.is_main_process:
             check_free(out)
             check_resume(config, accelerator.num_processes)
