@@ -66,7 +66,8 @@ def _losses(args) -> None:
 def add_rm_commands(commands) -> None:
     from ..cli import add_config_arguments, command
 
-    rm = command(commands, "rm", "reward and preference models: train, eval, score",
+    rm = command(commands, "rm", "reward and preference models: train, eval, score, "
+                 "strength, fit-cpm",
                  "preftune rm train examples/rm/bt.yaml --set data.train=my_pairs.jsonl",
                  "preftune rm score --model runs/rm --data samples.jsonl --output scored.jsonl")
     sub = rm.add_subparsers(dest="rm_command", required=True)
