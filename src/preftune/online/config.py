@@ -12,6 +12,7 @@ from ..config import Config, Count, NonNegative, Positive, Section, Share
 from ..config_model import refuse_unused
 from ..generation import SamplingSettings
 from ..objectives import REGISTRY, get_objective
+from ..reward.strength import no_spread
 from .build import BUILDERS, DATA_PAIR_BUILDERS, LIST_BUILDERS
 
 
@@ -50,6 +51,10 @@ class SamplingSection(Section):
         return SamplingSettings(**{**values, **changes}, seed=seed)
 
 
+ESTIMATOR_KEYS = {"where": "online.pairs.estimator: ", "passes": "passes", "dropout": "dropout",
+                  "models": "list several models"}
+
+
 class EstimatorSection(Section):
     """UPO's reliable-pair sampling (arXiv:2409.11212): an estimator scores each built pair
     several times (an ensemble of reward models, or one under MC dropout) and only the pairs it
@@ -73,16 +78,9 @@ class EstimatorSection(Section):
         if not self.models:
             raise ValueError("online.pairs.estimator.models is required: the reward model(s) "
                              "that judge each built pair.")
-        if self.passes > 1 and self.dropout == 0:
-            raise ValueError(f"online.pairs.estimator.passes {self.passes} without dropout "
-                             "scores every pass alike; set estimator.dropout (e.g. 0.1).")
-        if self.dropout > 0 and self.passes < 2:
-            raise ValueError("online.pairs.estimator.dropout needs passes of 2 or more: the "
-                             "spread of several dropout passes is the uncertainty.")
-        if len(self.models) * self.passes < 2:
-            raise ValueError("online.pairs.estimator: one model scored once gives no spread; "
-                             "list several models (an ensemble) or set passes and dropout (MC "
-                             "dropout).")
+        problem = no_spread(len(self.models), self.passes, self.dropout, ESTIMATOR_KEYS)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 

@@ -18,7 +18,6 @@ Pairs with ``estimator_prob`` below ``min_prob`` are dropped as reversed; of the
 
 from __future__ import annotations
 
-import gc
 import math
 from pathlib import Path
 
@@ -27,8 +26,7 @@ import torch
 from ..config import ConfigError
 from ..data.sources import load_records
 from ..reward.model import reward_model_dir
-from ..reward.scoring import RewardScoring
-from ..reward.strength import member_gaps
+from ..reward.strength import ensemble_gaps
 
 
 def check_estimator(estimator) -> None:
@@ -44,15 +42,8 @@ def estimator_probs(estimator, pairs_file: Path, seed: int) -> torch.Tensor:
     """[members, pairs] P(chosen > rejected) of each pair of ``pairs_file`` by each estimator
     member (model x pass), the pairs read as the round's training reads them."""
     records = load_records(str(pairs_file), shape="pairs")
-    gaps = []
-    with torch.random.fork_rng():  # the round's own random state is left as it was
-        torch.manual_seed(seed)
-        for model in estimator.models:  # one model in memory at a time
-            scoring = RewardScoring.load(model)
-            gaps.append(member_gaps(scoring, records, estimator.passes, estimator.dropout))
-            del scoring
-            gc.collect()
-    return torch.sigmoid(torch.cat(gaps))
+    return torch.sigmoid(ensemble_gaps(estimator.models, records, estimator.passes,
+                                       estimator.dropout, seed))
 
 
 def select_pairs(rows: list[dict], probs: torch.Tensor, estimator) -> tuple[list, list, dict]:

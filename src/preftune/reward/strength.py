@@ -91,19 +91,41 @@ def strength_stats(gaps: torch.Tensor) -> dict[str, list[float]]:
             "agreement": (gaps > 0).double().mean(0).tolist()}
 
 
-def _check_arguments(models, passes, dropout) -> None:
+def no_spread(models: int, passes: int, dropout: float, keys: dict) -> str | None:
+    """Why ``models`` reward models scored ``passes`` times with ``dropout`` give no spread to
+    measure, or None; ``keys`` names the settings (passes, dropout, models) as the user wrote
+    them, and ``where`` they are (command-line flags, or a config section)."""
+    where, passes_key, dropout_key = keys["where"], keys["passes"], keys["dropout"]
     if passes > 1 and dropout <= 0:
-        raise DataError(f"--passes {passes} without --dropout gives {passes} identical scores; "
-                        "set --dropout (e.g. 0.1) for MC dropout.")
+        return (f"{where}{passes_key} {passes} without {dropout_key} gives {passes} identical "
+                f"scores; set {dropout_key} (e.g. 0.1) for MC dropout.")
     if dropout > 0 and passes < 2:
-        raise DataError("--dropout needs --passes of 2 or more: the spread of several dropout "
-                        "passes is the uncertainty.")
-    if len(models) * passes < 2:
-        raise DataError("one model scored once gives no spread: pass --model several times "
-                        "(an ensemble, e.g. seeds of one config), or --passes K with --dropout "
-                        "P (MC dropout).")
-    if not 0 <= dropout < 1:
-        raise DataError(f"--dropout {dropout}: a probability in [0, 1).")
+        return (f"{where}{dropout_key} needs {passes_key} of 2 or more: the spread of several "
+                "dropout passes is the uncertainty.")
+    if models * passes < 2:
+        return (f"{where}one model scored once gives no spread: {keys['models']} (an "
+                f"ensemble, e.g. seeds of one config), or {passes_key} K with {dropout_key} P "
+                "(MC dropout).")
+    return None
+
+
+CLI_KEYS = {"where": "", "passes": "--passes", "dropout": "--dropout",
+            "models": "pass --model several times"}
+
+
+def ensemble_gaps(models: list[str], records, passes: int, dropout: float, seed: int,
+                  batch_size: int = 16, progress=None) -> torch.Tensor:
+    """[models x passes, pairs] logits of P(chosen > rejected), the models loaded one at a time
+    and the dropout masks drawn from ``seed`` (the caller's random state is left as it was)."""
+    gaps = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for model in models:
+            scoring = RewardScoring.load(model, batch_size)
+            gaps.append(member_gaps(scoring, records, passes, dropout, progress))
+            del scoring
+            gc.collect()
+    return torch.cat(gaps)
 
 
 def _swap(row: dict, fields: dict | None) -> dict:
@@ -128,7 +150,11 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
     ``dropout``) and write ``output``: each row with ``strength_fields`` added; with ``flip``,
     pairs whose mean strength is below 0 are written swapped (their strength then above 0).
     Everything is checked before a model loads. Returns the file."""
-    _check_arguments(models, passes, dropout)
+    problem = no_spread(len(models), passes, dropout, CLI_KEYS)
+    if problem is not None:
+        raise DataError(problem)
+    if not 0 <= dropout < 1:
+        raise DataError(f"--dropout {dropout}: a probability in [0, 1).")
     target = new_output_file(output, data, overwrite)
     for model in models:
         reward_model_dir(model)  # a missing model is named before anything is scored
@@ -144,17 +170,10 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
         if taken and not overwrite:
             raise DataError(f"{record.origin}: field {taken[0]!r} already exists; pass --field "
                             "NAME to write under another name, or --overwrite to replace it.")
-    torch.manual_seed(seed)
     bar = progress_bar(len(models) * passes * len(records), f"rm strength {Path(data).name}",
                        unit="pair")
-    gaps = []
-    for model in models:  # one model in memory at a time
-        scoring = RewardScoring.load(model, batch_size)
-        gaps.append(member_gaps(scoring, records, passes, dropout, bar.update))
-        del scoring
-        gc.collect()
+    gaps = ensemble_gaps(models, records, passes, dropout, seed, batch_size, bar.update)
     bar.close()
-    gaps = torch.cat(gaps)
     means = gaps.mean(0)
     turned = (means < 0) if flip else torch.zeros_like(means, dtype=torch.bool)
     stats = strength_stats(torch.where(turned, -gaps, gaps))  # a flipped pair's own gaps
