@@ -4,9 +4,7 @@ variance that dropout on the head's input implies, and bad input is refused befo
 loads."""
 
 import json
-import random
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,30 +15,21 @@ from preftune.reward.config import build_reward_config
 from preftune.reward.scoring import RewardScoring
 from preftune.reward.strength import head_module, member_gaps
 from preftune.reward.train import train_reward_model
+from test_reward_model import digit_pairs as clean_digit_pairs, write_jsonl
 from tiny_models import save_tiny_model_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def digit_pairs(count: int, seed: int, wrong: tuple = ()) -> list[dict]:
-    """Chosen hides a digit among letters, rejected is letters only; rows in ``wrong`` have
-    the two exchanged (a mislabelled pair)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        good = [rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))]
-        good.insert(rng.randint(0, len(good)), rng.choice("0123456789"))
-        bad = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 8)))
-        chosen, rejected = ("".join(good), bad) if i not in wrong else (bad, "".join(good))
-        prompt = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 10)))
-        rows.append({"prompt": f"Q: {prompt}?", "chosen": chosen, "rejected": rejected,
-                     "chosen_note": f"c{i}", "rejected_note": f"r{i}"})
+    """test_reward_model's pairs (chosen hides a digit among letters, rejected is letters
+    only) with a note per response; rows in ``wrong`` have the two exchanged (mislabelled)."""
+    rows = clean_digit_pairs(count, seed)
+    for i, row in enumerate(rows):
+        row.update(chosen_note=f"c{i}", rejected_note=f"r{i}")
+        if i in wrong:
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
