@@ -18,6 +18,7 @@ from preftune.generation import HFGenerator, SamplingSettings, prompt_ids
 from preftune.model.load import (files_fingerprint, load_model_and_tokenizer, load_tokenizer,
                                  weights_fingerprint)
 from preftune.online.config import OnlineConfig, load_online_config
+from preftune.online.diversity import sample_diversity
 from preftune.online.loop import round_config, run_online, start_rounds
 from preftune.report.online import round_rows
 from preftune.report.render import write_report
@@ -127,12 +128,17 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
     tokenizer = load_tokenizer(model_dir)
     ids = prompt_ids([json.loads(line)["prompt"] for line in open(data[1])], tokenizer,
                      TokenizeSettings(64, 32))
-    drawn = HFGenerator(round_1, tokenizer).generate(ids, SamplingSettings(
-        samples=2, max_new_tokens=8, batch_size=4, seed=0)).token_ids
+    held_out_draw = SamplingSettings(samples=2, max_new_tokens=8, batch_size=4, seed=0)
+    generations = HFGenerator(round_1, tokenizer).generate(ids, held_out_draw)
+    drawn = generations.token_ids
     gaps = [plain_logp(round_1, p, y) - plain_logp(initial_model, p, y)
             for p, ys in zip(ids, drawn) for y in ys]
-    kl = json.loads((out / "round-1" / "eval.json").read_text())["kl_to_initial"]
-    assert kl == pytest.approx(sum(gaps) / len(gaps), abs=1e-4)
+    evaluation = json.loads((out / "round-1" / "eval.json").read_text())
+    assert evaluation["kl_to_initial"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-4)
+    # the diversity of each model's held-out samples, the same seeded draws as the KL's
+    assert evaluation["sample_diversity"] == sample_diversity(generations.texts)
+    initial_texts = HFGenerator(initial_model, tokenizer).generate(ids, held_out_draw).texts
+    assert summary["initial"]["sample_diversity"] == sample_diversity(initial_texts)
     # round 2 trained its own policy: round 2's model differs from round 1's
     round_2, _ = load_model_and_tokenizer(str(out / "round-2" / "model"))
     assert weights_fingerprint(round_2) != weights_fingerprint(round_1)
@@ -152,8 +158,10 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
     for name in ("online_held_out.png", "online_sample_scores.png", "online_kl.png", "loss.png"):
         assert (out / "report" / name).stat().st_size > 1000
     rows = round_rows(summary)
-    assert [row["held-out score"] for row in rows] == [
-        json.loads((out / f"round-{r}" / "eval.json").read_text())["mean_score"] for r in (1, 2)]
+    evaluations = [json.loads((out / f"round-{r}" / "eval.json").read_text()) for r in (1, 2)]
+    assert [row["held-out score"] for row in rows] == [e["mean_score"] for e in evaluations]
+    assert [row["held-out distinct"] for row in rows] == [
+        e["sample_diversity"]["distinct"] for e in evaluations]
 
 
 def test_reference_is_the_initial_model_or_the_previous_round(model_dir, data, tmp_path):

@@ -203,11 +203,14 @@ def _online_tree(tree: dict, name: str, run_dir: Path) -> dict:
     tree["reference"]["strategy"] = "auto"
     tree["reference"].pop("model", None)
     spec, pairs = get_objective(name), tree["online"]["pairs"]
-    ranked = spec.data == "ranked"
+    ranked, given = spec.data == "ranked", pairs["builder"]
     if spec.online_builder:  # what the objective declares its online rows need
         pairs["builder"] = spec.online_builder
     elif ranked != (pairs["builder"] in LIST_BUILDERS) or pairs["builder"] in DATA_PAIR_BUILDERS:
         pairs["builder"] = "list" if ranked else "best_vs_worst"
+    if pairs["builder"] != given:  # the given builder's own settings (rso_*, divpo_*) go
+        for key in [k for k in pairs if k.startswith(f"{given}_")]:
+            del pairs[key]
     pairs["win_probs"] = pairs["win_probs"] or spec.online_win_probs
     if pairs["builder"] in DATA_PAIR_BUILDERS:  # y_ref: a sample of the round's start model
         tree["online"]["reference"] = "previous"

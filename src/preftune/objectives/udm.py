@@ -64,12 +64,12 @@ class SentenceEncoder:
     """Unit-length mean-pooled token embeddings of an encoder (all-MiniLM-L6-v2 by default:
     sentence-transformers' pooling for it)."""
 
-    def __init__(self, path: str, device):
+    def __init__(self, path: str, device, setting: str = "objective.udm_encoder"):
         from transformers import AutoModel, AutoTokenizer
 
         from ..model.load import given_as, resolve_model_dir
 
-        with given_as("objective.udm_encoder"):
+        with given_as(setting):  # the config key a missing encoder is reported under
             source = resolve_model_dir(path)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.model = AutoModel.from_pretrained(source).to(device).eval()

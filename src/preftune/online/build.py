@@ -12,6 +12,8 @@ turns them into JSONL rows that keep their provenance. Ties never make a pair.
   accepted; the accepted ones are paired two by two in order of acceptance, the higher chosen.
   The kept samples approximate draws from pi*(y|x) ~ pi(y|x) exp(r(x, y) / beta), the policy
   that DPO's optimum is, rather than from pi itself;
+- ``divpo``: DivPO (arXiv:2501.18101): the most diverse of the prompt's good samples against the
+  least diverse of its bad ones, by a diversity value of each sample (``diversity.py``);
 - ``list``: the whole list with its scores, for listwise objectives;
 - ``d2o``: the samples (scored 1, whatever the scorer said) and the prompt's negative from the
   data (its ``rejected``, scored 0) as one list: D2O's anchors and negative;
@@ -32,8 +34,9 @@ import random
 from typing import Sequence
 
 from ..data.convert import PAIRINGS
+from .diversity import divpo_pair
 
-BUILDERS = (*PAIRINGS, "rso", "list", "d2o", "selm")
+BUILDERS = (*PAIRINGS, "rso", "divpo", "list", "d2o", "selm")
 DATA_PAIR_BUILDERS = ("selm",)  # these also score each prompt's chosen and rejected from the data
 LIST_BUILDERS = ("list", "d2o")  # these make ranked lists, the others pairs
 
@@ -66,11 +69,17 @@ def win_probs(preference: Sequence[Sequence[float]]) -> list[float]:
 
 
 def positions(builder: str, scores: Sequence[float], min_margin: float = 0.0,
-              rso_beta: float = 0.5, rso_accept: int = 4,
-              rng: random.Random | None = None) -> list[tuple[int, int]]:
-    """The (chosen, rejected) positions that ``builder`` makes of one prompt's ``scores``."""
+              rso_beta: float = 0.5, rso_accept: int = 4, rng: random.Random | None = None,
+              diversity: Sequence[float] | None = None,
+              divpo_rho: float = 0.3) -> list[tuple[int, int]]:
+    """The (chosen, rejected) positions that ``builder`` makes of one prompt's ``scores``
+    (divpo: and each sample's ``diversity``)."""
     if builder == "rso":
         pairs = rso_pairs(scores, rso_beta, rso_accept, rng or random.Random(0))
+    elif builder == "divpo":
+        if diversity is None:
+            raise ValueError("builder divpo needs each sample's diversity")
+        pairs = divpo_pair(scores, diversity, divpo_rho)
     elif builder in PAIRINGS:
         pairs = PAIRINGS[builder](scores)
     else:
@@ -80,9 +89,11 @@ def positions(builder: str, scores: Sequence[float], min_margin: float = 0.0,
 
 
 def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
-               rso_beta: float = 0.5, rso_accept: int = 4, seed: int = 0) -> tuple[list, dict]:
+               rso_beta: float = 0.5, rso_accept: int = 4, seed: int = 0,
+               divpo_rho: float = 0.3) -> tuple[list, dict]:
     """Training rows from scored rows (``prompt``, ``responses``, ``scores``, optional
-    ``win_probs``, ``origin``, provenance); returns them and counts: prompts, ``tied`` (fewer
+    ``win_probs`` and ``diversity``, ``origin``, provenance); returns them and counts: prompts,
+    ``tied`` (fewer
     than two different scores among the non-empty samples: nothing to learn), ``no_pair``
     (different scores, no pair the builder keeps), ``empty`` samples, rows made."""
     rows, counts = [], {"prompts": len(scored), "tied": 0, "no_pair": 0, "empty": 0, "rows": 0}
@@ -103,7 +114,9 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
                          "scores": scores, "source": f"{item['origin']} {kept}", **provenance})
             continue
         rng = random.Random(f"{seed}:{number}")
-        chosen_pairs = positions(builder, scores, min_margin, rso_beta, rso_accept, rng)
+        diversity = [item["diversity"][k] for k in kept] if "diversity" in item else None
+        chosen_pairs = positions(builder, scores, min_margin, rso_beta, rso_accept, rng,
+                                 diversity, divpo_rho)
         counts["no_pair"] += not chosen_pairs
         for a, b in chosen_pairs:
             i, j = kept[a], kept[b]
@@ -114,6 +127,9 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
             if "win_probs" in item:
                 row.update(chosen_win_prob=item["win_probs"][i],
                            rejected_win_prob=item["win_probs"][j])
+            if diversity is not None:
+                row.update(chosen_diversity=item["diversity"][i],
+                           rejected_diversity=item["diversity"][j])
             rows.append({**row, "source": f"{item['origin']} [{i}>{j}]", **provenance})
     counts["rows"] = len(rows)
     return rows, counts
@@ -181,7 +197,7 @@ def _provenance(item: dict) -> dict:
     """What a scored row carries besides its texts and scores: round, policy, sampling..."""
     return {k: v for k, v in item.items()
             if k not in ("prompt", "responses", "scores", "win_probs", "origin", "negative",
-                         "positive", "data_scores")}
+                         "positive", "data_scores", "diversity", "surprisal")}
 
 
 def _reply(prompt, text: str):

@@ -14,6 +14,7 @@ from ..generation import SamplingSettings
 from ..objectives import REGISTRY, get_objective
 from ..reward.strength import no_spread
 from .build import BUILDERS, DATA_PAIR_BUILDERS, LIST_BUILDERS
+from .diversity import CRITERIA
 
 
 class SamplingSection(Section):
@@ -95,6 +96,15 @@ class PairsSection(Section):
     """rso: the temperature of pi* ~ pi exp(r / beta)."""
     rso_accept: Count = 4
     """rso: samples accepted per prompt (paired two by two)."""
+    divpo_criterion: Literal[CRITERIA] = "logprob"  # type: ignore[valid-type]
+    """divpo: what makes a sample diverse: logprob (the policy's mean surprisal per token),
+    words (rare words in the prompt's pool of samples), embedding (far from the other samples
+    in a sentence encoder's space)."""
+    divpo_rho: Annotated[float, Field(gt=0, lt=0.5)] = 0.3
+    """divpo: the good pool is the samples within this share of the prompt's score range from
+    the top, the bad pool within it from the bottom."""
+    divpo_encoder: str = "minilm"
+    """divpo with criterion embedding: the sentence encoder (a path, or minilm)."""
     win_probs: bool = False
     """Add chosen_win_prob / rejected_win_prob (sppo_soft)."""
     estimator: EstimatorSection | None = None
@@ -105,6 +115,13 @@ class PairsSection(Section):
         if self.builder != "rso":
             refuse_unused(self, ("rso_beta", "rso_accept"), "online.pairs",
                           f"with builder {self.builder} (it is for builder rso)")
+        if self.builder != "divpo":
+            refuse_unused(self, ("divpo_criterion", "divpo_rho", "divpo_encoder"),
+                          "online.pairs", f"with builder {self.builder} (it is for builder divpo)")
+        elif self.divpo_criterion != "embedding":
+            refuse_unused(self, ("divpo_encoder",), "online.pairs",
+                          f"with divpo_criterion {self.divpo_criterion} (it is the embedding "
+                          "criterion's encoder)")
         return self
 
 
@@ -129,8 +146,8 @@ class OnlineSection(Section):
     eval_max_new_tokens: Count = 64
     """Greedy answers to data.eval's prompts after each round, up to this many tokens."""
     eval_kl_samples: Annotated[int, Field(ge=0)] = 2
-    """Samples per held-out prompt for the KL of each round's model to the initial one (0:
-    off)."""
+    """Samples per held-out prompt from each evaluated model: their diversity (2 or more) and
+    the KL of each round's model to the initial one (0: off)."""
     eval_best_of: Annotated[int, Field(ge=0, json_schema_extra={"not": {"const": 1}})] = 0
     """Best-of-n baseline: n samples of the initial model per held-out prompt, the best scored
     (what BoNBoN imitates); 0: off."""
@@ -196,6 +213,10 @@ class OnlineConfig(Config):
                                  "lists and win probabilities need online.mode: rounds.")
             if online.pairs.estimator is not None:
                 raise ValueError("online.pairs.estimator filters each round's pairs; it needs "
+                                 "online.mode: rounds.")
+            if online.pairs.builder == "divpo":
+                raise ValueError("online.pairs.builder divpo measures each round's samples "
+                                 "(their diversity) before pairing them; it needs "
                                  "online.mode: rounds.")
             if self.train.eval_every is not None:
                 raise ValueError("train.eval_every does nothing with online.mode per_step: the "

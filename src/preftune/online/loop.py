@@ -45,8 +45,9 @@ from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, w
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
                      read_jsonl, row_question, stored_images, write_json, write_jsonl)
 from .config import OnlineConfig
+from .diversity import add_diversity, divpo_encoder
 from .estimator import check_estimator, estimator_probs, select_pairs
-from .measure import evaluate_model
+from .measure import evaluate_model, samples_under
 
 
 @holding_output_dirs
@@ -63,6 +64,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
         raise ConfigError(f"online.scorer: {error}") from None
     if config.online.pairs.estimator is not None:
         check_estimator(config.online.pairs.estimator)
+    divpo_encoder(config.online.pairs, load=False)  # an encoder that is not there stops it here
     prompts = _prompts(config.data.train, config)  # a bad file stops the run before output_dir
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_images(config, prompts + eval_prompts)
@@ -251,6 +253,13 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
                                      f"round {r}: sampling", prompt_images(prompts))
     if sampling.backend == "vllm":
         generator.close()
+    surprisal = None
+    if _wants_surprisal(config):  # DivPO's logprob criterion: -log pi(y|x) per token
+        if sampling.backend == "vllm":
+            model, tokenizer = load_on_device(policy, config)
+        under = samples_under(model, tokenizer, prompts, generations.token_ids, config,
+                              f"round {r}: surprisal")
+        surprisal = (-under.logps / under.token_counts.clamp(min=1)).tolist()
     provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
                   "sampling": {**asdict(settings), "backend": sampling.backend}}
     rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
@@ -258,12 +267,19 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
              **({"images": stored_images(p.images, here.parent / "images")}
                 if p.images else {}),
              **({"negative": p.negative} if p.negative else {}),
-             **({"positive": p.positive} if p.positive else {}), **provenance}
-            for p, texts in zip(prompts, generations.texts)]
+             **({"positive": p.positive} if p.positive else {}),
+             **({"surprisal": [round(v, 6) for v in surprisal[n]]} if surprisal else {}),
+             **provenance}
+            for n, (p, texts) in enumerate(zip(prompts, generations.texts))]
     write_jsonl(here / "samples.jsonl", rows)
     return {"prompts": len(rows), "samples": len(rows) * settings.samples,
             "new_tokens": generations.new_tokens,
             "tokens_per_second": round(generations.tokens_per_second, 1)}
+
+
+def _wants_surprisal(config: OnlineConfig) -> bool:
+    pairs = config.online.pairs
+    return pairs.builder == "divpo" and pairs.divpo_criterion == "logprob"
 
 
 def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
@@ -291,6 +307,9 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
             row.setdefault("scores", row["win_probs"])  # a pairwise scorer ranks by win rate
         row["scorer"] = scorer.name
         at += len(texts)
+    pairs = config.online.pairs
+    if pairs.builder == "divpo":  # each sample's diversity, beside its score
+        add_diversity(rows, pairs.divpo_criterion, divpo_encoder(pairs))
     write_jsonl(here / "scored.jsonl", rows)
     values = [s for row in rows for s in row["scores"]]
     return {"scorer": scorer.name, "mean": statistics.fmean(values),
@@ -314,7 +333,7 @@ def _build(config: OnlineConfig, r: int, here: Path) -> dict:
     scored = read_jsonl(here / "scored.jsonl")
     seed = config.train.seed * 1000 + r
     rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
-                              pairs.rso_accept, seed=seed)
+                              pairs.rso_accept, seed=seed, divpo_rho=pairs.divpo_rho)
     write_jsonl(here / "pairs.jsonl", rows)
     if pairs.estimator is not None and rows:  # keep the pairs the estimator is sure of
         probs = estimator_probs(pairs.estimator, here / "pairs.jsonl", seed)

@@ -1,5 +1,6 @@
-"""The held-out measurement after each online round: greedy answers scored, the KL of the
-round's model to the initial one, and the initial model's best-of-n baseline."""
+"""The held-out measurement after each online round: greedy answers scored, the diversity of
+the model's samples and the KL of the round's model to the initial one on them, and the initial
+model's best-of-n baseline."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..generation import HFGenerator, SamplingSettings, greedy_texts
 from .common import (load_on_device, online_scorer, prompt_images, prompts_to_examples,
                      prompts_to_ids, read_jsonl, write_json, write_jsonl)
 from .config import OnlineConfig
+from .diversity import sample_diversity
 
 
 def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: Path) -> dict:
@@ -44,8 +46,13 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
     result = {"prompts": len(texts), "mean_score": statistics.fmean(scores)}
     if set(scores) <= {0.0, 1.0}:  # a pass/fail scorer (checkers, unit tests)
         result["pass_rate"] = result["mean_score"]
-    if online.eval_kl_samples and model_path != config.model.path:
-        result["kl_to_initial"] = _kl_to_initial(config, model, tokenizer, ids, prompts)
+    if online.eval_kl_samples:
+        drawn = _held_out_samples(config, model, tokenizer, ids, prompts)
+        if online.eval_kl_samples >= 2:
+            result["sample_diversity"] = sample_diversity(drawn.texts)
+        if model_path != config.model.path:
+            result["kl_to_initial"] = _kl_to_initial(config, model, tokenizer, prompts,
+                                                     drawn.token_ids)
     if online.eval_best_of and model_path == config.model.path and not scorer.pairwise:
         result["best_of_n"] = _best_of_n(config, model, tokenizer, ids, questions, scorer,
                                          images)
@@ -73,24 +80,36 @@ def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: lis
     return result
 
 
-def _kl_to_initial(config: OnlineConfig, model, tokenizer, ids: list, prompts: list) -> float:
-    """KL(pi_round || pi_initial) estimated on ``eval_kl_samples`` samples of each held-out prompt
-    from the round's model: the mean of log pi_round(y|x) - log pi_initial(y|x), the estimate
-    ``preftune eval`` reports as sampled/kl, from the same scoring pass."""
+def _held_out_samples(config: OnlineConfig, model, tokenizer, ids: list, prompts: list):
+    """``eval_kl_samples`` samples of each held-out prompt (seeded: every model draws with the
+    same seed), for the diversity of a model's answers and its KL to the initial model."""
     settings = SamplingSettings(samples=config.online.eval_kl_samples,
                                 max_new_tokens=config.online.eval_max_new_tokens,
                                 batch_size=config.online.sampling.batch_size,
                                 seed=config.train.seed)
-    drawn = HFGenerator(model, tokenizer).generate(ids, settings, "KL: sampling",
-                                                   prompt_images(prompts)).token_ids
+    return HFGenerator(model, tokenizer).generate(ids, settings, "held-out samples",
+                                                  prompt_images(prompts))
+
+
+def _kl_to_initial(config: OnlineConfig, model, tokenizer, prompts: list, drawn: list) -> float:
+    """KL(pi_round || pi_initial) estimated on the round's model's samples of the held-out
+    prompts: the mean of log pi_round(y|x) - log pi_initial(y|x), the estimate ``preftune eval``
+    reports as sampled/kl, from the same scoring pass."""
+    policy = samples_under(model, tokenizer, prompts, drawn, config, "KL: round's model").logps
+    initial, _ = load_on_device(config.model.path, config)
+    reference = samples_under(initial, tokenizer, prompts, drawn, config,
+                              "KL: initial model").logps
+    return sampled_kl(policy.flatten(), reference.flatten())
+
+
+def samples_under(model, tokenizer, prompts: list, token_ids: list, config: OnlineConfig,
+                  description: str):
+    """Log-probs and token counts ([prompts, samples] each) of sampled ``token_ids`` (sample k
+    of prompt p: ``token_ids[p][k]``) under ``model``, by the training forward pass."""
     examples = [TokenizedExample(p.prompt_ids, responses, index=n, images=p.images,
                                  image_token_counts=p.image_token_counts)
                 for n, (p, responses) in enumerate(zip(
-                    prompts_to_examples(prompts, tokenizer, config), drawn))]
-    pad, images = tokenizer.pad_token_id, getattr(tokenizer, "image_inputs", None)
-    policy = score_responses(model, examples, pad, config.online.sampling.batch_size,
-                             description="KL: round's model", images=images).logps
-    initial, _ = load_on_device(config.model.path, config)
-    reference = score_responses(initial, examples, pad, config.online.sampling.batch_size,
-                                description="KL: initial model", images=images).logps
-    return sampled_kl(policy.flatten(), reference.flatten())
+                    prompts_to_examples(prompts, tokenizer, config), token_ids))]
+    return score_responses(model, examples, tokenizer.pad_token_id,
+                           config.online.sampling.batch_size, description=description,
+                           images=getattr(tokenizer, "image_inputs", None))

@@ -117,6 +117,9 @@ def round_rows(summary: dict) -> list[dict]:
                      "steps": train.get("steps"), "last loss": train.get("loss"),
                      "held-out score": evaluate.get("mean_score"),
                      "KL to initial": evaluate.get("kl_to_initial"),
+                     "held-out distinct": evaluate.get("sample_diversity", {}).get("distinct"),
+                     "held-out word distance": evaluate.get("sample_diversity", {}).get(
+                         "word_distance"),
                      "win rate vs initial": evaluate.get("win_rate")})
     return [{k: v for k, v in row.items()  # columns no round has (e.g. KL for images)
              if any(other[k] is not None for other in rows)} for row in rows]
