@@ -466,3 +466,21 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_removed(workspace,  # 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     resumed = loop.train(build_config(_saved(out)), resume=True, show_progress=False)
     assert losses(resumed) == losses(straight)
+
+
+def test_a_run_refused_after_its_model_loaded_takes_back_its_header_too(workspace,  # noqa: F811
+                                                                       capsys):
+    """A refusal that comes once the model has loaded (here: a listwise objective on pairs)
+    follows config.yaml and data_report.json: the directory the run made goes, and the run
+    --overwrite moved aside comes back."""
+    with pytest.raises(DataError, match="listwise_pl trains on ranked data"):
+        run(workspace, "refused-late", objective__name="listwise_pl")
+    assert not (workspace / "runs" / "refused-late").exists()
+    kept = run(workspace, "kept-late", train__max_steps=2)
+    before = {p.name: p.stat().st_mtime_ns for p in kept.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(DataError, match="listwise_pl trains on ranked data"):
+        loop.train(build_config({**_saved(kept), "objective": {"name": "listwise_pl"}}),
+                   show_progress=False, overwrite=True)
+    assert {p.name: p.stat().st_mtime_ns for p in kept.iterdir()} == before
+    assert f"was moved back to {kept}: the new run wrote nothing" in capsys.readouterr().out

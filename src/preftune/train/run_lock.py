@@ -27,6 +27,9 @@ LOCK = ".preftune.lock"
 _HELD: dict[Path, int] = {}  # resolved directory -> the open, locked file
 # resolved directory this process made for a run -> (it as given, the run moved aside for it)
 _MADE: dict[Path, tuple[Path, Path | None]] = {}
+# what a run writes before its work starts: a run that stops with nothing else written trained
+# nothing, and a directory it made is taken back with these in it
+HEADER = frozenset({"config.yaml", "data_report.json"})
 
 
 def claim(out: Path, made: bool = False, aside: Path | None = None) -> None:
@@ -67,8 +70,8 @@ def check_free(out: Path) -> None:
 
 def release(out: Path) -> None:
     """Let go of ``out``'s lock, and remove the file, if this process holds it; then undo
-    ``claim``'s making of ``out`` if nothing was written there (a refused run: bad data, a
-    missing model)."""
+    ``claim``'s making of ``out`` if nothing but the run's header (``HEADER``) was written
+    there: a refused run (bad data, a missing model, a model that cannot take the data)."""
     key = out.resolve()
     handle = _HELD.pop(key, None)
     if handle is not None:
@@ -76,6 +79,9 @@ def release(out: Path) -> None:
         os.close(handle)
     if key in _MADE:
         given, aside = _MADE.pop(key)
+        if key.is_dir() and {path.name for path in key.iterdir()} <= HEADER:
+            for name in HEADER:
+                (key / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
             key.rmdir()
             if aside is not None:
