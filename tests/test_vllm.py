@@ -72,7 +72,8 @@ def test_vllm_greedy_answers_equal_transformers(tmp_path):
     vllm.close()
 
 
-def test_an_online_round_samples_with_the_vllm_backend(fake_vllm, monkeypatch, tmp_path):
+@pytest.mark.parametrize("pairs", [{}, {"builder": "divpo"}], ids=["best_vs_worst", "divpo"])
+def test_an_online_round_samples_with_the_vllm_backend(fake_vllm, monkeypatch, tmp_path, pairs):
     import json
 
     from preftune import generation_vllm
@@ -98,7 +99,8 @@ def test_an_online_round_samples_with_the_vllm_backend(fake_vllm, monkeypatch, t
         "data": {"train": str(prompts), "max_length": 32, "max_prompt_length": 16},
         "train": {"max_steps": 1, "batch_size": 2, "learning_rate": 1e-3},
         "online": {"rounds": 1, "scorer": "test_online_loop:count_a",
-                   "sampling": {"samples": 3, "backend": "vllm", "vllm_memory": 0.2}},
+                   "sampling": {"samples": 3, "backend": "vllm", "vllm_memory": 0.2},
+                   "pairs": pairs},
     }, schema=OnlineConfig)
     run_online(config)
     assert loaded == [(directory, {"dtype": "float32", "seed": 42 * 1000 + 1,
@@ -108,3 +110,6 @@ def test_an_online_round_samples_with_the_vllm_backend(fake_vllm, monkeypatch, t
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("aaa", "a")] * 4
     samples = (tmp_path / "run" / "round-1" / "samples.jsonl").read_text()
     assert '"backend": "vllm"' in samples
+    if pairs:  # divpo's surprisal: vLLM's samples scored by the policy loaded with transformers
+        for row in map(json.loads, samples.splitlines()):
+            assert len(row["surprisal"]) == 3 and min(row["surprisal"]) > 0
