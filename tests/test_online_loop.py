@@ -478,6 +478,30 @@ def test_d2o_and_pmpo_train_on_samples_and_the_data_negatives(model_dir, tmp_pat
         assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
 
 
+def test_fdpg_rounds_train_on_lists_of_the_references_samples(model_dir, data, tmp_path):
+    tree = config_tree(model_dir, data, tmp_path / "fdpg", pairs={"builder": "list"})
+    tree["objective"] = {"name": "fdpg", "divergence": "js", "beta": 2.0}
+    tree["train"]["batch_size"] = 8  # every list of a round in each step
+    with pytest.raises(ConfigError, match="objective fdpg reads each list as samples of the "
+                                          "reference.*online.reference: previous"):
+        build_config(tree, schema=OnlineConfig)
+    tree["online"]["reference"] = "previous"
+    run_online(build_config(tree, schema=OnlineConfig))
+    for r in (1, 2):
+        # step 1 starts at pi_theta = pi_ref: the loss is the mean over the lists of the JS
+        # divergence estimate mean_i f(t_i) / t_i, t_i = Z e^(-r_i / beta), Z = mean e^(r / beta)
+        lists = read_jsonl(tmp_path / "fdpg" / f"round-{r}" / "pairs.jsonl")
+        estimates = []
+        for row in lists:
+            z = sum(math.exp(s / 2.0) for s in row["scores"]) / len(row["scores"])
+            ts = [z * math.exp(-s / 2.0) for s in row["scores"]]
+            estimates.append(sum(0.5 * (math.log(2 * t / (1 + t)) - math.log((1 + t) / 2) / t)
+                                 for t in ts) / len(ts))
+        metrics = read_jsonl(tmp_path / "fdpg" / f"round-{r}" / "metrics.jsonl")
+        assert metrics[0]["loss"] == pytest.approx(sum(estimates) / len(estimates), abs=1e-5)
+        assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+
+
 def test_selm_rounds_rank_the_reference_sample_with_the_data_pair(model_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"say a {k}", "chosen": "a" * (k % 3),

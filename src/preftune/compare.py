@@ -212,7 +212,8 @@ def _online_tree(tree: dict, name: str, run_dir: Path) -> dict:
         for key in [k for k in pairs if k.startswith(f"{given}_")]:
             del pairs[key]
     pairs["win_probs"] = pairs["win_probs"] or spec.online_win_probs
-    if pairs["builder"] in DATA_PAIR_BUILDERS:  # y_ref: a sample of the round's start model
+    # y_ref, or the whole list: samples of the round's start model, which is the reference
+    if pairs["builder"] in DATA_PAIR_BUILDERS or spec.reference_samples:
         tree["online"]["reference"] = "previous"
     return tree
 

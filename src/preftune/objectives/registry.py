@@ -58,6 +58,7 @@ class ObjectiveSpec:
     image_negatives: bool = False  # wants y_w under the negative images as the last slot
     online_builder: str | None = None  # online rounds must build its data with this builder
     online_win_probs: bool = False  # online rounds must add each response's win probability
+    reference_samples: bool = False  # its lists must be samples of the reference model
     scores: tuple = ()  # numeric fields every record must carry (checked as the data is read)
     state: type | None = None  # what it keeps across steps (an objectives.state.ObjectiveState)
     prepare: Callable | None = None  # a step over the data before training (see ``objective``)
@@ -91,8 +92,8 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
               kl_completions=False, reference_distributions=False, extra_references=False,
-              image_negatives=False, online_builder=None, online_win_probs=False, scores=(),
-              state=None, prepare=None):
+              image_negatives=False, online_builder=None, online_win_probs=False,
+              reference_samples=False, scores=(), state=None, prepare=None):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -105,6 +106,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     ``negative_images`` instead of its images, as the last response slot (mDPO).
     ``online_builder``: in ``preftune online`` its rows come from this pair/list builder
     (``online.pairs.builder``); ``online_win_probs``: they carry win probabilities.
+    ``reference_samples``: its lists must be samples of the reference model (online rounds:
+    round 1, or ``online.reference: previous``), as its estimates assume.
     ``scores``: the numeric record fields it reads from ``inputs.scores`` (odpo's
     chosen_score, ...): a record without one is refused as the data is read.
     ``state``: an ``objectives.state.ObjectiveState`` subclass; the loop makes one per run,
@@ -128,7 +131,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
         REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
                                        kl_completions, reference_distributions, extra_references,
                                        image_negatives, online_builder, online_win_probs,
-                                       tuple(scores), state, prepare)
+                                       reference_samples, tuple(scores), state, prepare)
         return fn
 
     return register

@@ -1,19 +1,22 @@
 """Objectives whose data holds samples of the model itself (``preftune online`` makes it).
 
-Both read ranked lists: K responses per prompt with ``response_scores``. The responses with the
-list's highest score are its positives P (or D2O's generated anchors), those with the lowest
-its negatives N; a list whose scores are all equal has neither and contributes 0.
+They read ranked lists: K responses per prompt with ``response_scores``. For D2O and PMPO the
+responses with the list's highest score are its positives P (or D2O's generated anchors), those
+with the lowest its negatives N; a list whose scores are all equal has neither and contributes
+0. f-DPG reads the scores as rewards of a target distribution.
 rho(y) = log pi_theta(y|x) - log pi_ref(y|x), summed over tokens.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .common import NonNegative, Positive, Share, log_ratios, required_scores
+from .common import MAX_EXPONENT, NonNegative, Positive, Share, log_ratios, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
@@ -69,7 +72,7 @@ class PMPOParams:
 
 
 @objective("pmpo", params=PMPOParams, needs_reference=True, data="ranked",
-           paper="arXiv:2410.04166")
+           paper="arXiv:2410.04166", reference_samples=True)
 def pmpo(inputs: ObjectiveInputs, params: PMPOParams) -> ObjectiveOutput:
     """PMPO: maximise the likelihood of positives, minimise it on negatives, kept near pi_ref.
 
@@ -87,3 +90,56 @@ def pmpo(inputs: ObjectiveInputs, params: PMPOParams) -> ObjectiveOutput:
     loss = (-params.alpha * _mean(logps, top) + (1.0 - params.alpha) * _mean(logps, bottom)
             + params.beta * kl)
     return ObjectiveOutput(loss * informative, log_ratios(inputs))
+
+
+@dataclass
+class FDPGParams:
+    beta: Positive = 0.1  # temperature of the target pi_ref exp(r / beta); UNVERIFIED default
+    divergence: Literal["reverse_kl", "forward_kl", "js", "tv"] = "js"  # the paper's pick
+
+
+def _f_terms(log_t: torch.Tensor, divergence: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f'(t), f(t) / t) at t = e^log_t for the f-divergence D_f(pi || p) = E_p f(pi / p)."""
+    inverse = torch.exp((-log_t).clamp(max=MAX_EXPONENT))  # 1 / t
+    if divergence == "reverse_kl":  # f(t) = t log t: KL(pi || p)
+        return log_t + 1.0, log_t
+    if divergence == "forward_kl":  # f(t) = -log t: KL(p || pi)
+        return -inverse, -log_t * inverse
+    if divergence == "js":  # f(t) = (t log(2t / (1 + t)) - log((1 + t) / 2)) / 2
+        log_share = math.log(2.0) + F.logsigmoid(log_t)  # log(2t / (1 + t))
+        return 0.5 * log_share, 0.5 * (log_share - inverse * (F.softplus(log_t) - math.log(2.0)))
+    return 0.5 * torch.sign(log_t), 0.5 * (1.0 - inverse).abs()  # tv: f(t) = |t - 1| / 2
+
+
+@objective("fdpg", params=FDPGParams, needs_reference=True, data="ranked",
+           paper="arXiv:2302.08215", reference_samples=True)
+def fdpg(inputs: ObjectiveInputs, params: FDPGParams) -> ObjectiveOutput:
+    """f-DPG: move the policy toward the target p(y) ~ pi_ref(y) exp(r(y) / beta) by an f-divergence.
+
+    The target is the RLHF optimum (a pass/fail reward with a small beta makes it pi_ref
+    conditioned on passing, GDC's target). f-DPG minimises D_f(pi_theta || p), whose gradient is
+    E_{y ~ pi_theta}[f'(pi_theta(y) / p(y)) grad log pi_theta(y)]. The list's K responses are
+    samples of the reference (online round 1, or online.reference: previous), so with
+    w = pi_theta / pi_ref = e^rho normalised over the list (w_i / mean w),
+      Z   = mean_i exp(r_i / beta)               (p's normaliser),
+      t_i = pi_theta(y_i) / p(y_i) = exp(rho_i - r_i / beta) Z,
+      grad = mean_i w_i (f'(t_i) - b) grad log pi_theta(y_i),  b = mean_i w_i f'(t_i).
+    The loss's value is the estimate mean_i w_i f(t_i) / t_i of D_f(pi_theta || p) itself.
+    divergence: reverse_kl (f = t log t: KL-regularised RL), forward_kl (f = -log t: DPG), js
+    (the paper's best trade-off of reward and diversity), tv (f = |t - 1| / 2).
+    Z by the list's samples and the self-normalised weights are this implementation's choices
+    (the paper's code, naver/gdc, is not read here); UNVERIFIED.
+    """
+    (rewards,) = required_scores(inputs, ("response_scores",), "fdpg")
+    rho = log_ratios(inputs)
+    with torch.no_grad():
+        tilt = rewards.to(rho.dtype) / params.beta
+        log_z = torch.logsumexp(tilt, dim=1, keepdim=True) - math.log(tilt.shape[1])
+        log_t = rho - tilt + log_z
+        weights = torch.softmax(rho, dim=1) * rho.shape[1]  # w_i / mean_j w_j
+        slope, value = _f_terms(log_t, params.divergence)
+        baseline = (weights * slope).mean(dim=1, keepdim=True)
+        coefficient = weights * (slope - baseline)
+        estimate = (weights * value).mean(dim=1)
+    surrogate = (coefficient * inputs.policy.logps).mean(dim=1)
+    return ObjectiveOutput(estimate + surrogate - surrogate.detach(), params.beta * rho)

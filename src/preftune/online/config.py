@@ -258,6 +258,12 @@ class OnlineConfig(Config):
                 raise ValueError(f"objective {spec.name} and online.pairs.builder "
                                  f"{spec.online_builder} go together: its rows come from that "
                                  f"builder; set online.pairs.builder: {spec.online_builder}.")
+            if spec.reference_samples and self.online.reference != "previous" \
+                    and self.online.rounds > 1:
+                raise ValueError(f"objective {spec.name} reads each list as samples of the "
+                                 "reference, but after round 1 they come from the previous "
+                                 "round's model: set online.reference: previous (or "
+                                 "online.rounds: 1).")
             if spec.online_win_probs and not pairs.win_probs:
                 raise ValueError(f"objective {spec.name} reads each response's win probability: "
                                  "set online.pairs.win_probs: true.")
