@@ -115,13 +115,32 @@ def test_build_rows_carries_win_probabilities_for_sppo():
 
 
 def test_d2o_lists_the_samples_as_anchors_and_the_data_negative_last():
-    scored = [{"prompt": "p", "responses": ["s1", "", "s3"], "scores": [0.0, 0.0, 9.0],
+    scored = [{"prompt": "p", "responses": ["s1", "s2", "s3"], "scores": [0.0, 0.0, 9.0],
                "negative": "bad answer", "origin": "f:1", "round": 1},
-              {"prompt": "q", "responses": ["x", "y"], "scores": [1.0, 0.0], "origin": "f:2"}]
+              {"prompt": "q", "responses": ["x", "y", "z"], "scores": [1.0, 0.0, 0.0],
+               "origin": "f:2"}]
     rows, counts = build_rows(scored, "d2o")
-    assert rows == [{"prompt": "p", "responses": ["s1", "s3", "bad answer"],
-                     "scores": [1.0, 1.0, 0.0], "source": "f:1 [0, 2] + rejected", "round": 1}]
-    assert counts["without_negative"] == 1 and counts["empty"] == 1
+    assert rows == [{"prompt": "p", "responses": ["s1", "s2", "s3", "bad answer"],
+                     "scores": [1.0, 1.0, 1.0, 0.0], "source": "f:1 [0, 1, 2] + rejected",
+                     "round": 1}]
+    assert counts["without_negative"] == 1
+
+
+@pytest.mark.parametrize("builder", ["list", "d2o"])
+def test_a_list_with_an_empty_sample_is_left_out_whole(builder):
+    """Every list of a round has the same length (training needs that), so a prompt with an
+    empty sample makes no list, and the round says why."""
+    scored = [{"prompt": "p", "responses": ["a", "", "c"], "scores": [1.0, 0.0, 2.0],
+               "negative": "n", "origin": "f:1"},
+              {"prompt": "q", "responses": ["a", "b", "c"], "scores": [1.0, 0.0, 2.0],
+               "negative": "n", "origin": "f:2"}]
+    rows, counts = build_rows(scored, builder)
+    assert [row["source"].split(" ")[0] for row in rows] == ["f:2"]
+    assert (counts["incomplete"], counts["empty"], counts["rows"]) == (1, 1, 1)
+    rows, counts = build_rows(scored[:1], builder)
+    assert why_no_rows(counts, "s") == ("1 of 1 prompts: an empty sample in the list (lists "
+                                        "train at one length: every sample of a prompt); 1 "
+                                        "empty samples left out")
 
 
 def test_selm_ranks_the_reference_sample_with_the_data_pair_and_keeps_it_as_gold():

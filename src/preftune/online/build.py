@@ -24,7 +24,8 @@ turns them into JSONL rows that keep their provenance. Ties never make a pair.
 
 ``min_margin`` drops pairs whose score gap is smaller. ``win_probs`` (SPPO/DNO) is each
 sample's mean probability of beating the prompt's other samples. Empty samples (the model
-answered with EOS alone) are left out of pairs and lists, as training drops empty responses.
+answered with EOS alone) are left out of pairs, as training drops empty responses; a list with
+one is left out whole (``incomplete``), since the lists of a run all have the same length.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
     for number, item in enumerate(scored):
         kept = [k for k, text in enumerate(item["responses"]) if text.strip()]
         counts["empty"] += len(item["responses"]) - len(kept)
+        if builder in LIST_BUILDERS and len(kept) < len(item["responses"]):
+            counts["incomplete"] = counts.get("incomplete", 0) + 1  # lists train at one length
+            continue
         if builder in WHOLE_ROW_BUILDERS:
             rows += WHOLE_ROW_BUILDERS[builder](item, kept, counts)
             continue
@@ -141,7 +145,9 @@ def why_no_rows(counts: dict, scorer: str) -> str:
                "no_pair": "no score gap of at least online.pairs.min_margin (or no pair drawn "
                           "by rejection sampling)",
                "without_negative": "no rejected response in the data",
-               "without_data_pair": "no chosen and rejected response in the data"}
+               "without_data_pair": "no chosen and rejected response in the data",
+               "incomplete": "an empty sample in the list (lists train at one length: every "
+                             "sample of a prompt)"}
     found = [f"{counts[key]} of {counts['prompts']} prompts: {why}"
              for key, why in reasons.items() if counts.get(key)]
     if counts.get("empty"):
@@ -153,11 +159,10 @@ def why_no_rows(counts: dict, scorer: str) -> str:
 
 
 def _d2o_row(item: dict, kept: list, counts: dict) -> list:
-    """[samples..., the data's negative] scored [1, ..., 1, 0], or nothing without both."""
+    """[samples..., the data's negative] scored [1, ..., 1, 0], or nothing without a negative."""
     negative = item.get("negative")
-    if not kept or not negative:
-        counts["without_negative" if not negative else "tied"] = counts.get(
-            "without_negative" if not negative else "tied", 0) + 1
+    if not negative:
+        counts["without_negative"] = counts.get("without_negative", 0) + 1
         return []
     provenance = _provenance(item)
     responses = [item["responses"][k] for k in kept] + [negative]
