@@ -1,5 +1,5 @@
-"""``preftune data inspect | synthetic``: look at a dataset the way preftune sees it, and
-write the demo's checkable tasks."""
+"""``preftune data inspect | synthetic | tree``: look at a dataset the way preftune sees it,
+write the demo's checkable tasks, and grow step-level pairs from a policy's search trees."""
 
 from __future__ import annotations
 
@@ -65,12 +65,35 @@ def _synthetic(args) -> None:
              if eval_tasks else ""))
 
 
+def _tree(args) -> None:
+    import codecs
+
+    from ..config import ConfigError, prompt_limit
+    from .tree import TreeSettings, run_tree
+
+    try:
+        settings = TreeSettings(
+            branches=args.branches, rollouts=args.rollouts, expansions=args.expansions,
+            delimiter=codecs.decode(args.delimiter, "unicode_escape"),
+            step_tokens=args.step_tokens, answer_tokens=args.answer_tokens,
+            min_gap=args.min_gap, temperature=args.temperature, seed=args.seed,
+            batch_size=args.batch_size)
+    except ValueError as error:
+        raise ConfigError(f"preftune data tree: {error}") from None
+    run_tree(args.model, args.data, args.output_dir, args.scorer, settings, fields=args.fields,
+             max_length=args.max_length,
+             max_prompt_length=prompt_limit(args.max_length, args.max_prompt_length),
+             dtype=args.dtype, chat_template=args.chat_template, overwrite=args.overwrite)
+
+
 def add_data_commands(commands) -> None:
     from ..cli import command
 
     data = command(commands, "data", "look at a dataset the way preftune sees it",
                    "preftune data inspect my_pairs.jsonl --example 3",
-                   "preftune data synthetic --output-dir runs/synthetic")
+                   "preftune data synthetic --output-dir runs/synthetic",
+                   "preftune data tree --data prompts.jsonl --scorer synthetic --output-dir "
+                   "runs/tree")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = command(data_commands, "inspect", "counts and token-level view",
                       "preftune data inspect my_pairs.jsonl --example 3 --model default")
@@ -105,3 +128,37 @@ def add_data_commands(commands) -> None:
                            "functions, for model.chat_template "
                            "examples/chat_templates/chatml_tools.jinja")
     synthetic.set_defaults(run=_synthetic)
+    tree = command(data_commands, "tree", "step-level pairs from best-first search trees "
+                   "of a policy's answers, each step valued by rollouts (Tree-PLV)",
+                   "preftune data tree --data runs/synthetic/train.jsonl --scorer synthetic "
+                   "--output-dir runs/tree --branches 4 --rollouts 4 --expansions 4\n"
+                   "  preftune rm train examples/rm/step_verifier.yaml   # a verifier on them")
+    tree.add_argument("--data", required=True, help="prompts (any preftune file with a prompt "
+                      "field)")
+    tree.add_argument("--scorer", required=True,
+                      help="what values a finished answer: synthetic, module:function, rm:DIR, "
+                           "judge:MODEL or a .yaml combination (pointwise)")
+    tree.add_argument("--output-dir", required=True, help="where pairs.jsonl and trees.jsonl go")
+    tree.add_argument("--model", default="default", help="the policy that answers")
+    tree.add_argument("--branches", type=POSITIVE, default=4, help="next steps per expansion")
+    tree.add_argument("--rollouts", type=POSITIVE, default=4,
+                      help="completions per step that estimate its value")
+    tree.add_argument("--expansions", type=POSITIVE, default=4,
+                      help="nodes expanded per prompt, best first")
+    tree.add_argument("--delimiter", default="\\n",
+                      help="what ends a step (escapes such as \\n are read; default: a line)")
+    tree.add_argument("--step-tokens", type=POSITIVE, default=64, help="longest step")
+    tree.add_argument("--answer-tokens", type=POSITIVE, default=256,
+                      help="longest completion of a rollout")
+    tree.add_argument("--min-gap", type=float, default=0.25,
+                      help="the value gap a pair of sibling steps needs")
+    tree.add_argument("--temperature", type=float, default=1.0)
+    tree.add_argument("--seed", type=int, default=0)
+    tree.add_argument("--batch-size", type=POSITIVE, default=16,
+                      help="generation contexts per call")
+    tree.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tree.add_argument("--overwrite", action="store_true",
+                      help="replace pairs.jsonl / trees.jsonl in --output-dir")
+    add_column_option(tree)
+    add_tokenize_options(tree)
+    tree.set_defaults(run=_tree)
