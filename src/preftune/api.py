@@ -33,7 +33,7 @@ __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "
            "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
            "preference_strength", "register_objective", "register_scorer", "run_online",
            "score_with_reward_model", "train", "train_diffusion", "train_reward_model",
-           "write_report"]
+           "tree_pairs", "write_report"]
 
 
 def _as(kind: type, config):
@@ -134,6 +134,30 @@ def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0
     from .reward.fit_cpm import run_fit_cpm
 
     return run_fit_cpm(scorer_file, data, output, l2, overwrite, fields)
+
+
+def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,
+               fields: dict | None = None, max_length: int = 1024,
+               max_prompt_length: int | None = None, dtype: str = "float32",
+               chat_template: str | None = None, overwrite: bool = False,
+               **settings) -> Path:
+    """Step-level pairs from best-first search trees of ``model``'s answers to the prompts of
+    ``data``, each step valued by the mean ``scorer`` score of its rollouts, written to
+    ``output_dir`` (``pairs.jsonl``, ``trees.jsonl``; ``preftune data tree``, Tree-PLV).
+    ``settings``: ``branches``, ``rollouts``, ``expansions``, ``delimiter``, ``step_tokens``,
+    ``answer_tokens``, ``min_gap``, ``temperature``, ``seed``, ``batch_size``. Returns the
+    pairs file."""
+    from .config import prompt_limit
+    from .data.tree import TreeSettings, run_tree
+
+    try:
+        search = TreeSettings(**settings)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return run_tree(model, data, output_dir, scorer, search, fields=fields,
+                    max_length=max_length,
+                    max_prompt_length=prompt_limit(max_length, max_prompt_length),
+                    dtype=dtype, chat_template=chat_template, overwrite=overwrite)
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,

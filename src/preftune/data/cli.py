@@ -68,22 +68,16 @@ def _synthetic(args) -> None:
 def _tree(args) -> None:
     import codecs
 
-    from ..config import ConfigError, prompt_limit
-    from .tree import TreeSettings, run_tree
+    from ..api import tree_pairs
 
-    try:
-        settings = TreeSettings(
-            branches=args.branches, rollouts=args.rollouts, expansions=args.expansions,
-            delimiter=codecs.decode(args.delimiter, "unicode_escape"),
-            step_tokens=args.step_tokens, answer_tokens=args.answer_tokens,
-            min_gap=args.min_gap, temperature=args.temperature, seed=args.seed,
-            batch_size=args.batch_size)
-    except ValueError as error:
-        raise ConfigError(f"preftune data tree: {error}") from None
-    run_tree(args.model, args.data, args.output_dir, args.scorer, settings, fields=args.fields,
-             max_length=args.max_length,
-             max_prompt_length=prompt_limit(args.max_length, args.max_prompt_length),
-             dtype=args.dtype, chat_template=args.chat_template, overwrite=args.overwrite)
+    tree_pairs(args.model, args.data, args.output_dir, args.scorer, fields=args.fields,
+               max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+               dtype=args.dtype, chat_template=args.chat_template, overwrite=args.overwrite,
+               branches=args.branches, rollouts=args.rollouts, expansions=args.expansions,
+               delimiter=codecs.decode(args.delimiter, "unicode_escape"),
+               step_tokens=args.step_tokens, answer_tokens=args.answer_tokens,
+               min_gap=args.min_gap, temperature=args.temperature, seed=args.seed,
+               batch_size=args.batch_size)
 
 
 def add_data_commands(commands) -> None:
