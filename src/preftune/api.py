@@ -33,7 +33,7 @@ __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "
            "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
            "preference_strength", "register_objective", "register_scorer", "run_online",
            "score_with_reward_model", "train", "train_diffusion", "train_reward_model",
-           "tree_pairs", "write_report"]
+           "tree_pairs", "pairs_from_commits", "write_report"]
 
 
 def _as(kind: type, config):
@@ -158,6 +158,17 @@ def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,
                     max_length=max_length,
                     max_prompt_length=prompt_limit(max_length, max_prompt_length),
                     dtype=dtype, chat_template=chat_template, overwrite=overwrite)
+
+
+def pairs_from_commits(repo: str, output: str, *, overwrite: bool = False,
+                       **settings) -> Path:
+    """Code preference pairs from ``repo``'s git history written to ``output``: each Python
+    function a commit changed, after over before, the commit message as the request
+    (``preftune data commits``; CodeFavor's Commit-Instruct). ``settings``: ``max_commits``,
+    ``min_words``, ``max_functions``, ``max_chars``, ``context``. Returns the file."""
+    from .data.commits import CommitSettings, run_commits
+
+    return run_commits(repo, output, CommitSettings(**settings), overwrite)
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,

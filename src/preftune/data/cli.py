@@ -1,5 +1,6 @@
-"""``preftune data inspect | synthetic | tree``: look at a dataset the way preftune sees it,
-write the demo's checkable tasks, and grow step-level pairs from a policy's search trees."""
+"""``preftune data inspect | synthetic | tree | commits``: look at a dataset the way preftune
+sees it, write the demo's checkable tasks, grow step-level pairs from a policy's search trees,
+and mine code pairs from a repository's history."""
 
 from __future__ import annotations
 
@@ -80,6 +81,15 @@ def _tree(args) -> None:
                batch_size=args.batch_size)
 
 
+def _commits(args) -> None:
+    from ..api import pairs_from_commits
+
+    pairs_from_commits(args.repo, args.output, max_commits=args.max_commits,
+                       min_words=args.min_words, max_functions=args.max_functions,
+                       max_chars=args.max_chars, context=not args.no_context,
+                       overwrite=args.overwrite)
+
+
 def add_data_commands(commands) -> None:
     from ..cli import command
 
@@ -125,8 +135,7 @@ def add_data_commands(commands) -> None:
     tree = command(data_commands, "tree", "step-level pairs from best-first search trees "
                    "of a policy's answers, each step valued by rollouts (Tree-PLV)",
                    "preftune data tree --data runs/synthetic/train.jsonl --scorer synthetic "
-                   "--output-dir runs/tree --branches 4 --rollouts 4 --expansions 4\n"
-                   "  preftune rm train examples/rm/step_verifier.yaml   # a verifier on them")
+                   "--output-dir runs/tree --branches 4 --rollouts 4 --expansions 4")
     tree.add_argument("--data", required=True, help="prompts (any preftune file with a prompt "
                       "field)")
     tree.add_argument("--scorer", required=True,
@@ -146,13 +155,33 @@ def add_data_commands(commands) -> None:
                       help="longest completion of a rollout")
     tree.add_argument("--min-gap", type=float, default=0.25,
                       help="the value gap a pair of sibling steps needs")
-    tree.add_argument("--temperature", type=float, default=1.0)
-    tree.add_argument("--seed", type=int, default=0)
+    tree.add_argument("--temperature", type=float, default=1.0,
+                      help="sampling temperature of steps and rollouts (above 0)")
+    tree.add_argument("--seed", type=int, default=0, help="the same seed grows the same trees")
     tree.add_argument("--batch-size", type=POSITIVE, default=16,
                       help="generation contexts per call")
-    tree.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tree.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="the policy's weights, as model.dtype")
     tree.add_argument("--overwrite", action="store_true",
                       help="replace pairs.jsonl / trees.jsonl in --output-dir")
     add_column_option(tree)
     add_tokenize_options(tree)
     tree.set_defaults(run=_tree)
+    commits = command(data_commands, "commits", "code preference pairs from a git "
+                      "history: each changed Python function after a commit over before it, "
+                      "the message as the request (CodeFavor's Commit-Instruct)",
+                      "preftune data commits --repo path/to/clone --output code_pairs.jsonl")
+    commits.add_argument("--repo", required=True, help="a local git clone (with its history)")
+    commits.add_argument("--output", required=True, help="the pairs file (JSONL) to write")
+    commits.add_argument("--max-commits", type=POSITIVE, default=1000,
+                         help="how many commits to read, newest first")
+    commits.add_argument("--min-words", type=POSITIVE, default=3,
+                         help="commits with shorter messages are passed over")
+    commits.add_argument("--max-functions", type=POSITIVE, default=3,
+                         help="commits changing more functions are passed over (refactors)")
+    commits.add_argument("--max-chars", type=POSITIVE, default=4000,
+                         help="longer functions are passed over")
+    commits.add_argument("--no-context", action="store_true",
+                         help="leave the function's old code out of the prompt")
+    commits.add_argument("--overwrite", action="store_true", help="replace --output")
+    commits.set_defaults(run=_commits)
