@@ -137,6 +137,11 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
     assert evaluation["kl_to_initial"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-4)
     # the diversity of each model's held-out samples, the same seeded draws as the KL's
     assert evaluation["sample_diversity"] == sample_diversity(generations.texts)
+    samples = read_jsonl(out / "round-1" / "eval_samples.jsonl")
+    assert [row["responses"] for row in samples] == generations.texts
+    scores = [count_a(None, t) for texts in generations.texts for t in texts]
+    assert [s for row in samples for s in row["scores"]] == scores
+    assert evaluation["sample_mean_score"] == pytest.approx(sum(scores) / len(scores))
     initial_texts = HFGenerator(initial_model, tokenizer).generate(ids, held_out_draw).texts
     assert summary["initial"]["sample_diversity"] == sample_diversity(initial_texts)
     # round 2 trained its own policy: round 2's model differs from round 1's

@@ -48,6 +48,16 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
         result["pass_rate"] = result["mean_score"]
     if online.eval_kl_samples:
         drawn = _held_out_samples(config, model, tokenizer, ids, prompts)
+        rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin}
+                for p, texts in zip(prompts, drawn.texts)]
+        if not scorer.pairwise:  # how good the samples are whose diversity is measured
+            n = online.eval_kl_samples
+            flat = scorer.score([q for q in questions for _ in range(n)],
+                                [t for texts in drawn.texts for t in texts])
+            result["sample_mean_score"] = statistics.fmean(flat)
+            for k, row in enumerate(rows):
+                row["scores"] = flat[k * n : (k + 1) * n]
+        write_jsonl(here / "eval_samples.jsonl", rows)
         if online.eval_kl_samples >= 2:
             result["sample_diversity"] = sample_diversity(drawn.texts)
         if model_path != config.model.path:

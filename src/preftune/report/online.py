@@ -117,6 +117,7 @@ def round_rows(summary: dict) -> list[dict]:
                      "steps": train.get("steps"), "last loss": train.get("loss"),
                      "held-out score": evaluate.get("mean_score"),
                      "KL to initial": evaluate.get("kl_to_initial"),
+                     "held-out sample score": evaluate.get("sample_mean_score"),
                      "held-out distinct": evaluate.get("sample_diversity", {}).get("distinct"),
                      "held-out word distance": evaluate.get("sample_diversity", {}).get(
                          "word_distance"),
