@@ -18,7 +18,7 @@ _API_NAMES = {"Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams"
               "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
               "preference_strength", "register_objective", "register_scorer", "run_online",
               "score_with_reward_model", "train_diffusion", "train_reward_model",
-              "tree_pairs", "pairs_from_commits", "write_report"}
+              "tree_pairs", "pairs_from_commits", "relevance_pairs", "write_report"}
 
 
 def __getattr__(name: str):

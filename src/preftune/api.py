@@ -33,7 +33,7 @@ __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "
            "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
            "preference_strength", "register_objective", "register_scorer", "run_online",
            "score_with_reward_model", "train", "train_diffusion", "train_reward_model",
-           "tree_pairs", "pairs_from_commits", "write_report"]
+           "tree_pairs", "pairs_from_commits", "relevance_pairs", "write_report"]
 
 
 def _as(kind: type, config):
@@ -169,6 +169,20 @@ def pairs_from_commits(repo: str, output: str, *, overwrite: bool = False,
     from .data.commits import CommitSettings, run_commits
 
     return run_commits(repo, output, CommitSettings(**settings), overwrite)
+
+
+def relevance_pairs(data: str, output: str, *, min_similarity: float = 0.3,
+                    max_similarity: float = 0.95, encoder: str = "minilm",
+                    fields: dict | None = None, overwrite: bool = False) -> Path:
+    """Each prompt of ``data`` with its best answer over the best answer to the most similar
+    other prompt (cosine of sentence embeddings in [min_similarity, max_similarity]), written
+    to ``output`` (``preftune data relevance``; axiomatic preference modeling's relevance
+    axiom). Returns the file."""
+    from .data.relevance import RelevanceSettings, run_relevance
+
+    return run_relevance(data, output, RelevanceSettings(min_similarity, max_similarity,
+                                                         encoder),
+                         fields=fields, overwrite=overwrite)
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,

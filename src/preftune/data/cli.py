@@ -1,6 +1,7 @@
-"""``preftune data inspect | synthetic | tree | commits``: look at a dataset the way preftune
-sees it, write the demo's checkable tasks, grow step-level pairs from a policy's search trees,
-and mine code pairs from a repository's history."""
+"""``preftune data inspect | synthetic | tree | commits | relevance``: look at a dataset the
+way preftune sees it, write the demo's checkable tasks, and make pairs: step-level ones from a
+policy's search trees, code ones from a repository's history, relevance ones from the answers
+to related questions."""
 
 from __future__ import annotations
 
@@ -88,6 +89,14 @@ def _commits(args) -> None:
                        min_words=args.min_words, max_functions=args.max_functions,
                        max_chars=args.max_chars, context=not args.no_context,
                        overwrite=args.overwrite)
+
+
+def _relevance(args) -> None:
+    from ..api import relevance_pairs
+
+    relevance_pairs(args.data, args.output, min_similarity=args.min_similarity,
+                    max_similarity=args.max_similarity, encoder=args.encoder,
+                    fields=args.fields, overwrite=args.overwrite)
 
 
 def add_data_commands(commands) -> None:
@@ -185,3 +194,19 @@ def add_data_commands(commands) -> None:
                          help="leave the function's old code out of the prompt")
     commits.add_argument("--overwrite", action="store_true", help="replace --output")
     commits.set_defaults(run=_commits)
+    relevance = command(data_commands, "relevance", "pairs that teach a reward model to read "
+                        "the question: each prompt's best answer over the best answer to the "
+                        "most similar other prompt (axiomatic preference modeling)",
+                        "preftune data relevance --data pairs.jsonl --output relevance.jsonl")
+    relevance.add_argument("--data", required=True, help="pairs, lists, labelled or rated "
+                           "answers: any preftune file with one prompt per record")
+    relevance.add_argument("--output", required=True, help="the pairs file (JSONL) to write")
+    relevance.add_argument("--min-similarity", type=float, default=0.3,
+                           help="a prompt with no other this similar (cosine) makes no pair")
+    relevance.add_argument("--max-similarity", type=float, default=0.95,
+                           help="more similar prompts are the same question: passed over")
+    relevance.add_argument("--encoder", default="minilm",
+                           help="the sentence encoder of the prompts (a path, or minilm)")
+    add_column_option(relevance)
+    relevance.add_argument("--overwrite", action="store_true", help="replace --output")
+    relevance.set_defaults(run=_relevance)
