@@ -39,7 +39,8 @@ class CommitSettings:
 
 
 def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    result = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                            encoding="utf-8", errors="replace")  # a file in another encoding
     if result.returncode != 0:
         raise DataError(f"git {' '.join(args[:2])} in {repo} failed: "
                         f"{result.stderr.strip() or result.stdout.strip()}")
