@@ -18,12 +18,13 @@ merges of unrelated work say little about each function), as are functions longe
 from __future__ import annotations
 
 import ast
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..reward.scoring import new_output_file
 from .records import DataError
+from .sources import write_rows
 
 SEPARATOR = "\x1e"  # between commits in the git log output
 FIELD = "\x1f"  # between a commit's hash, parents and message
@@ -138,16 +139,10 @@ def run_commits(repo: str, output: str, settings: CommitSettings = CommitSetting
     if not inside:
         raise DataError(f"--repo {repo} is not a git repository; give the folder of a clone "
                         "(with its history: not a shallow one).")
-    if target.exists() and not overwrite:
-        raise DataError(f"--output {output} already exists; choose another file, or pass "
-                        "--overwrite to replace it.")
+    new_output_file(output, repo, overwrite)
     rows, counts = commit_pairs(root, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".partial")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    staging.replace(target)
+    write_rows(target, rows)
     passed = ", ".join(f"{counts[key]} {why}" for key, why in (
         ("short_message", f"with messages under {settings.min_words} words"),
         ("no_function", "changing no Python function"),

@@ -93,7 +93,7 @@ def run_relevance(data: str, output: str, settings: RelevanceSettings = Relevanc
 
     from ..objectives.udm import SentenceEncoder
     from ..reward.scoring import new_output_file
-    from .sources import load_records
+    from .sources import load_records, write_rows
 
     if not -1 <= settings.min_similarity < settings.max_similarity <= 1:
         raise DataError(f"--min-similarity {settings.min_similarity} and --max-similarity "
@@ -107,11 +107,7 @@ def run_relevance(data: str, output: str, settings: RelevanceSettings = Relevanc
     vectors = encoder([plain_text(prompt) for _, prompt, _ in answers])
     rows, counts = pair_with_neighbours(answers, vectors, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".partial")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    staging.replace(target)
+    write_rows(target, rows)
     print(f"{counts['pairs']} relevance pairs from {counts['prompts']} prompts of {data} "
           f"({counts['unmatched']} without another prompt of similarity in "
           f"[{settings.min_similarity}, {settings.max_similarity}]): {target}")

@@ -118,6 +118,16 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
 # reading files into (origin, row dict)
 
 
+def write_rows(path, rows) -> None:
+    """``rows`` (dicts) as JSONL at ``path``, written aside and renamed into place, so a
+    reader never sees half a file."""
+    staging = f"{os.fspath(path)}.partial"
+    with open(staging, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(staging, path)
+
+
 def images_folder(source: Source) -> str:
     """Where a data source's relative image paths start: its folder (a saved dataset's own
     directory)."""

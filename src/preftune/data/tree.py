@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..generation import HFGenerator, SamplingSettings, prompt_ids
 from ..train.logging import progress
 from .records import DataError
+from .sources import write_rows
 
 PAIR_FIELDS = ("chosen_value", "rejected_value", "depth")
 
@@ -244,8 +245,8 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
     counts = search(policy, tokenizer, trees, judge, settings)
     rows = pair_rows(trees)
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "trees.jsonl", tree_rows(trees, settings))
-    write_jsonl(out / "pairs.jsonl", rows)
+    write_rows(out / "trees.jsonl", tree_rows(trees, settings))
+    write_rows(out / "pairs.jsonl", rows)
     print(f"tree search over {len(trees)} prompts: {counts['expansions']} expansions, "
           f"{counts['children']} steps valued by {counts['rollouts']} rollouts "
           f"({counts['blank_steps']} blank steps passed over): {len(rows)} step pairs with a "
@@ -272,14 +273,6 @@ def distinct_prompts(data: str, fields: dict) -> list[tuple[str, object]]:
     if not seen:
         raise DataError(f"{data} holds no records; give a file of prompts.")
     return list(seen.values())
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    staging = path.with_name(path.name + ".partial")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    staging.replace(path)
 
 
 def _reply(prompt, text: str):

@@ -102,15 +102,6 @@ def load_on_device(path: str, config: Config):
                                     device=PartialState().device)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """``rows`` as JSONL, written aside and renamed into place."""
-    staging = path.with_suffix(".tmp")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(staging, path)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 

@@ -28,7 +28,7 @@ from ..data.images import attach_images
 from ..data.records import Unpaired, required_prompt
 from ..data.tools import tools_of
 from ..data.shapes import TEXT_FIELDS
-from ..data.sources import images_folder, read_rows
+from ..data.sources import images_folder, read_rows, write_rows
 from ..data.system import with_system
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
@@ -43,7 +43,7 @@ from ..train.output import check_resume, move_aside, prepare_output_dir, same_se
 from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
-                     read_jsonl, row_question, stored_images, write_json, write_jsonl)
+                     read_jsonl, row_question, stored_images, write_json)
 from .config import OnlineConfig
 from .diversity import add_diversity, divpo_encoder
 from .estimator import check_estimator, estimator_probs, select_pairs
@@ -271,7 +271,7 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
              **({"surprisal": [round(v, 6) for v in surprisal[n]]} if surprisal else {}),
              **provenance}
             for n, (p, texts) in enumerate(zip(prompts, generations.texts))]
-    write_jsonl(here / "samples.jsonl", rows)
+    write_rows(here / "samples.jsonl", rows)
     return {"prompts": len(rows), "samples": len(rows) * settings.samples,
             "new_tokens": generations.new_tokens,
             "tokens_per_second": round(generations.tokens_per_second, 1)}
@@ -310,7 +310,7 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
     pairs = config.online.pairs
     if pairs.builder == "divpo":  # each sample's diversity, beside its score
         add_diversity(rows, pairs.divpo_criterion, divpo_encoder(pairs))
-    write_jsonl(here / "scored.jsonl", rows)
+    write_rows(here / "scored.jsonl", rows)
     values = [s for row in rows for s in row["scores"]]
     return {"scorer": scorer.name, "mean": statistics.fmean(values),
             "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
@@ -334,12 +334,12 @@ def _build(config: OnlineConfig, r: int, here: Path) -> dict:
     seed = config.train.seed * 1000 + r
     rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
                               pairs.rso_accept, seed=seed, divpo_rho=pairs.divpo_rho)
-    write_jsonl(here / "pairs.jsonl", rows)
+    write_rows(here / "pairs.jsonl", rows)
     if pairs.estimator is not None and rows:  # keep the pairs the estimator is sure of
         probs = estimator_probs(pairs.estimator, here / "pairs.jsonl", seed)
         rows, dropped, dropped_counts = select_pairs(rows, probs, pairs.estimator)
-        write_jsonl(here / "pairs_dropped.jsonl", dropped)
-        write_jsonl(here / "pairs.jsonl", rows)
+        write_rows(here / "pairs_dropped.jsonl", dropped)
+        write_rows(here / "pairs.jsonl", rows)
         counts.update(dropped_counts, rows=len(rows))
     return counts
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..data.sources import write_rows
 from ..data.tokenize import TokenizedExample
 from ..evaluate.diagnostics import sampled_kl
 from ..evaluate.sampling import score_responses
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
 from .common import (load_on_device, online_scorer, prompt_images, prompts_to_examples,
-                     prompts_to_ids, read_jsonl, write_json, write_jsonl)
+                     prompts_to_ids, read_jsonl, write_json)
 from .config import OnlineConfig
 from .diversity import sample_diversity
 
@@ -39,7 +40,7 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
     else:
         scores = scorer.score(questions, texts)
     here.mkdir(parents=True, exist_ok=True)
-    write_jsonl(here / "eval_answers.jsonl",
+    write_rows(here / "eval_answers.jsonl",
                  [{"prompt": p.prompt, "response": t, "score": s, "origin": p.origin,
                    **({"images": [i.describe() for i in p.images]} if p.images else {})}
                   for p, t, s in zip(prompts, texts, scores)])
@@ -57,7 +58,7 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
             result["sample_mean_score"] = statistics.fmean(flat)
             for k, row in enumerate(rows):
                 row["scores"] = flat[k * n : (k + 1) * n]
-        write_jsonl(here / "eval_samples.jsonl", rows)
+        write_rows(here / "eval_samples.jsonl", rows)
         if online.eval_kl_samples >= 2:
             result["sample_diversity"] = sample_diversity(drawn.texts)
         if model_path != config.model.path:
