@@ -562,6 +562,9 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
         assert entry["online/score"] == scores[-1]
         assert entry["online/scores"] == " > ".join(f"{s:.3f}" for s in scores)
         assert entry["online/kl"] == summary["rounds"][0]["evaluate"]["kl_to_initial"]
+        diversity = summary["rounds"][0]["evaluate"]["sample_diversity"]
+        assert (entry["online/distinct"], entry["online/word_distance"]) == (
+            diversity["distinct"], diversity["word_distance"])
     lists = read_jsonl(root / "listwise_pl" / "round-1" / "pairs.jsonl")
     assert all("responses" in row for row in lists)  # the list objective got lists
     assert "held-out score by round" in (root / "leaderboard.md").read_text()

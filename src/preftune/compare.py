@@ -39,6 +39,8 @@ COLUMNS = [
     ("online/score", "held-out score, last round", "{:.3f}"),
     ("online/scores", "held-out score by round (0 = before)", "{}"),
     ("online/kl", "KL to initial, last round", "{:.2f}"),
+    ("online/distinct", "distinct samples, last round", "{:.1%}"),
+    ("online/word_distance", "sample word distance, last round", "{:.3f}"),
     ("sampled/length_mean", "length", "{:.1f}"),
     ("train_minutes", "train min", "{:.1f}"),
 ]
@@ -228,6 +230,8 @@ def _online_numbers(summary: dict) -> dict:
         numbers["online/pass_rate"] = last["pass_rate"]
     if "kl_to_initial" in last:
         numbers["online/kl"] = last["kl_to_initial"]
+    for key, value in last.get("sample_diversity", {}).items():  # distinct, word_distance
+        numbers[f"online/{key}"] = value
     return numbers
 
 
