@@ -14,8 +14,9 @@ per prompt. Sibling steps whose values differ by at least ``min_gap`` make a pai
 
 so a reward model trained on them (``preftune rm train``, the Bradley-Terry loss
 -log sigmoid(V(chosen) - V(rejected)), Tree-PLV's step-level ranking loss) scores partial
-answers, and scores a whole answer by its last step, as Tree-PLV reranks best-of-N. The same
-pairs train a policy step by step (DPO on pairs that share their prefix).
+answers, and scores a whole answer by its last step, as Tree-PLV reranks best-of-N. (A
+partial answer is a whole assistant turn here, as finished answers are when the verifier
+scores them; a policy trained on these pairs would learn to stop after a step.)
 
 Prompts are expanded together, one node each per wave, so generation runs in batches. Each
 child keeps its rollouts and their scores in ``trees.jsonl``.
