@@ -41,9 +41,9 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
         scores = scorer.score(questions, texts)
     here.mkdir(parents=True, exist_ok=True)
     write_rows(here / "eval_answers.jsonl",
-                 [{"prompt": p.prompt, "response": t, "score": s, "origin": p.origin,
-                   **({"images": [i.describe() for i in p.images]} if p.images else {})}
-                  for p, t, s in zip(prompts, texts, scores)])
+               [{"prompt": p.prompt, "response": t, "score": s, "origin": p.origin,
+                 **({"images": [i.describe() for i in p.images]} if p.images else {})}
+                for p, t, s in zip(prompts, texts, scores)])
     result = {"prompts": len(texts), "mean_score": statistics.fmean(scores)}
     if set(scores) <= {0.0, 1.0}:  # a pass/fail scorer (checkers, unit tests)
         result["pass_rate"] = result["mean_score"]
