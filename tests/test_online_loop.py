@@ -160,7 +160,8 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
     page = write_report(out).read_text()
     assert "Online rounds (online.json)" in page
     assert "run.json is missing" not in page and "6 (last: 6 of 6)" in page
-    for name in ("online_held_out.png", "online_sample_scores.png", "online_kl.png", "loss.png"):
+    for name in ("online_held_out.png", "online_sample_scores.png", "online_kl.png",
+                 "online_diversity.png", "loss.png"):
         assert (out / "report" / name).stat().st_size > 1000
     rows = round_rows(summary)
     evaluations = [json.loads((out / f"round-{r}" / "eval.json").read_text()) for r in (1, 2)]

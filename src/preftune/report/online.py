@@ -1,7 +1,8 @@
 """An online run (``preftune online`` or ``preftune diffusion online``) in the report: per-round
 figures from ``online.json`` (held-out score and pass rate, the scores of each round's samples,
-KL to the initial model, a denoiser's win rate over it) and the rounds' training metrics joined
-into one curve per metric (steps counted across rounds)."""
+KL to the initial model, the diversity and score of the held-out samples, a denoiser's win rate
+over it) and the rounds' training metrics joined into one curve per metric (steps counted
+across rounds)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,28 @@ def kl_png(summary: dict) -> bytes:
         return _png(figure)
 
 
+def diversity_png(summary: dict) -> bytes:
+    """The held-out samples' word distance and distinct share by round (0 = before), beside
+    their mean score: answers that get better while collapsing onto one show here."""
+    points = [(r, e) for r, e in _held_out(summary) if "sample_diversity" in e]
+    rounds = [r for r, _ in points]
+    with rc_context(STYLE):
+        figure, axes = _canvas()
+        axes.plot(rounds, [e["sample_diversity"]["word_distance"] for _, e in points], "o-",
+                  color=BLUE, label="word distance between two samples")
+        axes.plot(rounds, [e["sample_diversity"]["distinct"] for _, e in points], "s--",
+                  color=ROLE_COLOURS["rejected"], label="distinct share")
+        scored = [(r, e["sample_mean_score"]) for r, e in points if "sample_mean_score" in e]
+        if scored:
+            axes.plot([r for r, _ in scored], [v for _, v in scored], "^:", color=GREEN,
+                      label="mean score of the samples")
+        axes.set_title("Held-out samples by round (0 = before)", pad=10)
+        axes.set_xlabel("round")
+        axes.set_xticks(rounds)
+        axes.legend(loc="best")
+        return _png(figure)
+
+
 def online_figures(summary: dict) -> list[tuple[str, str, bytes]]:
     figures = []
     if _held_out(summary):
@@ -100,6 +123,9 @@ def online_figures(summary: dict) -> list[tuple[str, str, bytes]]:
                         sample_scores_png(summary)))
     if any("kl_to_initial" in e for _, e in _held_out(summary)):
         figures.append(("online_kl.png", "KL to the initial model", kl_png(summary)))
+    if any("sample_diversity" in e for _, e in _held_out(summary)):
+        figures.append(("online_diversity.png", "Diversity of the held-out samples",
+                        diversity_png(summary)))
     return figures
 
 
