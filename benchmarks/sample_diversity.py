@@ -15,24 +15,23 @@ import statistics
 import torch
 
 from preftune.data.tokenize import TokenizeSettings
-from preftune.data.tree import distinct_prompts
 from preftune.generation import HFGenerator, SamplingSettings, prompt_ids
 from preftune.model.load import load_model_and_tokenizer
 from preftune.objectives.udm import SentenceEncoder
+from preftune.online.common import read_prompts
 from preftune.online.diversity import embedding_rarity, sample_diversity
 from preftune.score import load_scorer
-from preftune.score.base import scorer_prompt
+from preftune.score.base import score_samples
 
 
 def measure(model_path: str, prompts: list, scorer, encoder, args) -> dict:
     model, tokenizer = load_model_and_tokenizer(model_path)
-    ids = prompt_ids([p for _, p in prompts], tokenizer, TokenizeSettings(256, 192))
+    ids = prompt_ids([p.prompt for p in prompts], tokenizer, TokenizeSettings(256, 192))
     settings = SamplingSettings(samples=args.samples, temperature=args.temperature,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
     texts = HFGenerator(model, tokenizer).generate(ids, settings).texts
-    questions = [scorer_prompt(p) for _, p in prompts]
-    scores = scorer.score([q for q in questions for _ in range(args.samples)],
-                          [t for group in texts for t in group])
+    scores = [s for group in score_samples(scorer, [p.question for p in prompts], texts)
+              for s in group]
     semantic = statistics.fmean(statistics.fmean(embedding_rarity(encoder(group)))
                                 for group in texts)
     return {"score": statistics.fmean(scores), **sample_diversity(texts),
@@ -49,7 +48,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    prompts = distinct_prompts(args.prompts, {})
+    prompts = read_prompts(args.prompts, {}, "each row's prompt is sampled", "a 'prompt' "
+                           "field")
     scorer = load_scorer(args.scorer, args.prompts)
     encoder = SentenceEncoder("minilm", torch.device("cpu"))
     print(f"{len(prompts)} prompts x {args.samples} samples (temperature {args.temperature}, "

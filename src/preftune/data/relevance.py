@@ -38,9 +38,9 @@ def best_answers(records) -> list[tuple[str, object, object]]:
     found: dict = {}
     for record in records:
         answer = _best(record)
-        key = json.dumps(record.prompt, sort_keys=True) if hasattr(record, "prompt") else None
-        if answer is not None and key is not None:
-            found.setdefault(key, (record.origin, record.prompt, answer))
+        if answer is not None:
+            found.setdefault(json.dumps(record.prompt, sort_keys=True),
+                             (record.origin, record.prompt, answer))
     return list(found.values())
 
 

@@ -24,13 +24,13 @@ child keeps its rollouts and their scores in ``trees.jsonl``.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
 from ..generation import HFGenerator, SamplingSettings, prompt_ids
+from ..score.base import score_samples
 from ..train.logging import progress
 from .records import DataError
 from .sources import write_rows
@@ -176,14 +176,10 @@ def _value(generator, tokenizer, children: list, scorer, settings: TreeSettings,
             node.rollouts = [node.answer + text for text in texts]
         counts["rollouts"] += settings.rollouts * len(open_)
     texts = [node.rollouts or [node.answer] for _, node in children]
-    flat = scorer.score([tree.question for (tree, _), group in zip(children, texts)
-                         for _ in group], [text for group in texts for text in group])
-    at = 0
-    for (_, node), group in zip(children, texts):
-        scores = flat[at : at + len(group)]
-        node.rollout_scores = list(scores) if node.rollouts else []
+    groups = score_samples(scorer, [tree.question for tree, _ in children], texts)
+    for (_, node), scores in zip(children, groups):
+        node.rollout_scores = scores if node.rollouts else []
         node.value = statistics.fmean(scores)
-        at += len(group)
 
 
 def pair_rows(trees: list[Tree]) -> list[dict]:
@@ -217,8 +213,8 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
     from accelerate import PartialState
 
     from ..model.load import given_as, load_model_and_tokenizer
+    from ..online.common import read_prompts
     from ..score import check_scorer, load_scorer
-    from ..score.base import scorer_prompt
     from .tokenize import TokenizeSettings
 
     out = Path(output_dir)
@@ -230,7 +226,14 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
         check_scorer(scorer, data)
     except ConfigError as error:
         raise ConfigError(f"--scorer: {error}") from None
-    prompts = distinct_prompts(data, fields or {})
+    prompts = read_prompts(data, fields or {}, "the tree search answers each row's prompt",
+                           "--column prompt=NAME")
+    if not prompts:
+        raise DataError(f"{data} holds no records; give a file of prompts.")
+    shown = next((p for p in prompts if p.images), None)
+    if shown is not None:
+        raise DataError(f"{shown.origin}: the tree search samples text; prompts with images "
+                        "are not taken here.")
     judge = load_scorer(scorer, data)
     if getattr(judge, "pairwise", False):
         raise ConfigError(f"--scorer {scorer} compares two answers; a step's value is the mean "
@@ -239,10 +242,10 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
     with given_as("--model"):
         policy, tokenizer = load_model_and_tokenizer(model, dtype, chat_template=chat_template,
                                                      device=PartialState().device)
-    ids = prompt_ids([prompt for _, prompt in prompts], tokenizer,
-                     TokenizeSettings(max_length, max_prompt_length))
-    trees = [Tree(origin, prompt, scorer_prompt(prompt), rendered)
-             for (origin, prompt), rendered in zip(prompts, ids)]
+    ids = prompt_ids([p.prompt for p in prompts], tokenizer,
+                     TokenizeSettings(max_length, max_prompt_length),
+                     tools=[p.tools for p in prompts])
+    trees = [Tree(p.origin, p.prompt, p.question, rendered) for p, rendered in zip(prompts, ids)]
     counts = search(policy, tokenizer, trees, judge, settings)
     rows = pair_rows(trees)
     out.mkdir(parents=True, exist_ok=True)
@@ -254,26 +257,6 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
           f"value gap of at least {settings.min_gap} in {out / 'pairs.jsonl'}; the trees in "
           f"{out / 'trees.jsonl'}")
     return out / "pairs.jsonl"
-
-
-def distinct_prompts(data: str, fields: dict) -> list[tuple[str, object]]:
-    """(origin, prompt) of each distinct prompt of ``data`` (any file with a prompt field; a
-    row's system prompt in front), in file order."""
-    from .records import required_prompt
-    from .shapes import TEXT_FIELDS
-    from .sources import read_rows
-    from .system import with_system
-
-    column, system = fields.get("prompt", "prompt"), fields.get("system", "system")
-    seen: dict = {}
-    for origin, row in read_rows(data, set(TEXT_FIELDS) | {column, system}):
-        prompt = with_system(required_prompt(origin, row, column, (
-            "(the prompt) is missing or empty; the tree search answers each row's prompt. "
-            "Rename the column with --column prompt=NAME.")), row, system, origin)
-        seen.setdefault(json.dumps(prompt, sort_keys=True), (origin, prompt))
-    if not seen:
-        raise DataError(f"{data} holds no records; give a file of prompts.")
-    return list(seen.values())
 
 
 def _reply(prompt, text: str):

@@ -94,9 +94,9 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
                divpo_rho: float = 0.3) -> tuple[list, dict]:
     """Training rows from scored rows (``prompt``, ``responses``, ``scores``, optional
     ``win_probs`` and ``diversity``, ``origin``, provenance); returns them and counts: prompts,
-    ``tied`` (fewer
-    than two different scores among the non-empty samples: nothing to learn), ``no_pair``
-    (different scores, no pair the builder keeps), ``empty`` samples, rows made."""
+    ``tied`` (fewer than two different scores among the non-empty samples: nothing to learn),
+    ``no_pair`` (different scores, no pair the builder keeps), ``empty`` samples,
+    ``incomplete`` lists, rows made."""
     rows, counts = [], {"prompts": len(scored), "tied": 0, "no_pair": 0, "empty": 0, "rows": 0}
     for number, item in enumerate(scored):
         kept = [k for k, text in enumerate(item["responses"]) if text.strip()]

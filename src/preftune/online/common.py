@@ -1,5 +1,5 @@
-"""What the online modules share: the prompts (with their images and tools), loading a model
-onto the device, the round's scorer, and atomic JSON / JSONL files."""
+"""What the online modules share: the prompts (read from data files, with their images and
+tools), loading a model onto the device, the round's scorer, and atomic JSON files."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ from typing import NamedTuple
 from accelerate import PartialState
 
 from ..config import Config
-from ..data.images import image_ref
+from ..data.hub import locate
+from ..data.images import attach_images, image_ref
+from ..data.records import Unpaired, required_prompt
+from ..data.shapes import TEXT_FIELDS
+from ..data.sources import images_folder, read_rows
+from ..data.system import with_system
+from ..data.tools import tools_of
 from ..data.tokenize import TokenizeSettings
 from ..generation import prompt_examples
 from ..model.load import load_model_and_tokenizer
-from ..score import load_scorer
+from ..score import load_scorer, prompt_key
 from ..score.base import scorer_prompt
 
 
@@ -33,6 +39,36 @@ class Prompt(NamedTuple):
     def question(self):
         """The prompt as scorers get it: with ``.images`` and ``.tools``."""
         return scorer_prompt(self.prompt, self.images, self.tools)
+
+
+def read_prompts(paths, fields: dict, use: str, rename: str) -> list[Prompt]:
+    """Each distinct prompt of the data file(s), in file order, with its origin. Any row with
+    a prompt field works (pairs, lists, or prompts alone); ``fields`` may rename it (a row
+    without one is refused, saying what needs it, ``use``, and how to ``rename`` the column).
+    A prompt shows the images of the row's ``images`` field or its inline image parts, as in
+    training data; the same question about another image is another prompt."""
+    column, system = fields.get("prompt", "prompt"), fields.get("system", "system")
+    seen: dict = {}
+    for path in [paths] if isinstance(paths, str) else paths:
+        folder = images_folder(locate(path))
+        for origin, row in read_rows(path, set(TEXT_FIELDS) | {column, system}):
+            prompt = with_system(required_prompt(origin, row, column, (
+                f"(the prompt) is missing or empty; {use} (a string or a list of chat "
+                f"messages). Rename the column with {rename}.")), row, system, origin)
+            tools = tools_of(row, fields.get("tools", "tools"), origin, isinstance(prompt, list))
+            shown = attach_images(Unpaired(prompt, "", True), row, fields, origin, folder)
+            key = prompt_key(scorer_prompt(shown.prompt, shown.images))
+            seen.setdefault(key + json.dumps(tools, sort_keys=True), Prompt(
+                origin, shown.prompt, _text(row.get(fields.get("rejected", "rejected"))),
+                _text(row.get(fields.get("chosen", "chosen"))), tools, shown.images))
+    return list(seen.values())
+
+
+def _text(reply) -> str | None:
+    """A response as text: a string, or the last message's content of a message list."""
+    if isinstance(reply, list) and reply and isinstance(reply[-1], dict):
+        return reply[-1].get("content")
+    return reply if isinstance(reply, str) else None
 
 
 def prompts_to_ids(prompts: list, tokenizer, config: Config) -> list[list[int]]:

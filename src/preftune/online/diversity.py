@@ -85,26 +85,48 @@ def add_diversity(rows: list[dict], criterion: str, encoder=None) -> None:
             row["diversity"][k] = round(value, 6)
 
 
-def divpo_encoder(pairs, load: bool = True):
+def needs_surprisal(pairs) -> bool:
+    """Whether ``online.pairs`` pairs by the policy's surprisal, which sampling records."""
+    return pairs.builder == "divpo" and pairs.divpo_criterion == "logprob"
+
+
+def add_pair_diversity(rows: list[dict], pairs) -> None:
+    """Each scored row's ``diversity`` when ``online.pairs`` pairs by it (divpo)."""
+    if pairs.builder == "divpo":
+        add_diversity(rows, pairs.divpo_criterion, divpo_encoder(pairs))
+
+
+ENCODER_SETTING = "online.pairs.divpo_encoder"
+
+
+def _uses_encoder(pairs) -> bool:
+    return pairs.builder == "divpo" and pairs.divpo_criterion == "embedding"
+
+
+def check_divpo_encoder(pairs) -> None:
+    """The embedding criterion's encoder is there (checked before a run writes anything)."""
+    if not _uses_encoder(pairs):
+        return
+    from ..config import ConfigError
+    from ..model.load import given_as, resolve_model_dir
+
+    try:
+        with given_as(ENCODER_SETTING):
+            resolve_model_dir(pairs.divpo_encoder)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+
+
+def divpo_encoder(pairs):
     """The sentence encoder of ``online.pairs`` (texts -> unit vectors) when its divpo criterion
-    is ``embedding``, else None; ``load=False`` only checks that it is there."""
-    if pairs.builder != "divpo" or pairs.divpo_criterion != "embedding":
+    is ``embedding``, else None."""
+    if not _uses_encoder(pairs):
         return None
     from accelerate import PartialState
 
-    from ..config import ConfigError
-    from ..model.load import given_as, resolve_model_dir
     from ..objectives.udm import SentenceEncoder
 
-    setting = "online.pairs.divpo_encoder"
-    if not load:
-        try:
-            with given_as(setting):
-                resolve_model_dir(pairs.divpo_encoder)
-        except FileNotFoundError as error:
-            raise ConfigError(str(error)) from None
-        return None
-    return SentenceEncoder(pairs.divpo_encoder, PartialState().device, setting)
+    return SentenceEncoder(pairs.divpo_encoder, PartialState().device, ENCODER_SETTING)
 
 
 def divpo_pair(scores: Sequence[float], diversity: Sequence[float],

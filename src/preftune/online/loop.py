@@ -23,19 +23,13 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, build_config
-from ..data.hub import locate
-from ..data.images import attach_images
-from ..data.records import Unpaired, required_prompt
-from ..data.tools import tools_of
-from ..data.shapes import TEXT_FIELDS
-from ..data.sources import images_folder, read_rows, write_rows
-from ..data.system import with_system
+from ..data.sources import write_rows
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer
 from ..objectives import get_objective
-from ..score import check_scorer, prompt_key
-from ..score.base import scored_in_chunks, scorer_prompt
+from ..score import check_scorer
+from ..score.base import scored_in_chunks
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
@@ -43,9 +37,9 @@ from ..train.output import check_resume, move_aside, prepare_output_dir, same_se
 from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
-                     read_jsonl, row_question, stored_images, write_json)
+                     read_jsonl, read_prompts, row_question, stored_images, write_json)
 from .config import OnlineConfig
-from .diversity import add_diversity, divpo_encoder
+from .diversity import add_pair_diversity, check_divpo_encoder, needs_surprisal
 from .estimator import check_estimator, estimator_probs, select_pairs
 from .measure import evaluate_model, samples_under
 
@@ -64,7 +58,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
         raise ConfigError(f"online.scorer: {error}") from None
     if config.online.pairs.estimator is not None:
         check_estimator(config.online.pairs.estimator)
-    divpo_encoder(config.online.pairs, load=False)  # an encoder that is not there stops it here
+    check_divpo_encoder(config.online.pairs)
     prompts = _prompts(config.data.train, config)  # a bad file stops the run before output_dir
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_images(config, prompts + eval_prompts)
@@ -188,28 +182,10 @@ def run_phase(here: Path, name: str, work) -> dict:
 
 
 def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
-    """Each distinct prompt of the data file(s), in file order, with its origin. Any row with
-    a prompt field works (pairs, lists, or prompts alone); ``data.fields`` may rename it. A
-    prompt shows the images of the row's ``images`` field or its inline image parts, as in
-    training data; the same question about another image is another prompt."""
-    fields = config.data.fields
-    column = fields.get("prompt", "prompt")
-    seen: dict = {}
-    for path in [paths] if isinstance(paths, str) else paths:
-        folder = images_folder(locate(path))
-        system = fields.get("system", "system")
-        for origin, row in read_rows(path, set(TEXT_FIELDS) | {column, system}):
-            prompt = with_system(required_prompt(origin, row, column, (
-                "(the prompt) is missing or empty; an online run samples answers to each row's "
-                "prompt (a string or a list of chat messages). Rename the column with "
-                "data.fields.")), row, system, origin)
-            tools = tools_of(row, fields.get("tools", "tools"), origin, isinstance(prompt, list))
-            shown = attach_images(Unpaired(prompt, "", True), row, fields, origin, folder)
-            key = prompt_key(scorer_prompt(shown.prompt, shown.images))
-            seen.setdefault(key + json.dumps(tools, sort_keys=True), Prompt(
-                origin, shown.prompt, _text(row.get(fields.get("rejected", "rejected"))),
-                _text(row.get(fields.get("chosen", "chosen"))), tools, shown.images))
-    return list(seen.values())
+    """Each distinct prompt of the data file(s) (``read_prompts``), ``data.fields`` naming
+    the columns."""
+    return read_prompts(paths, config.data.fields, "an online run samples answers to each "
+                        "row's prompt", "data.fields")
 
 
 def _check_images(config: OnlineConfig, prompts: list) -> None:
@@ -219,13 +195,6 @@ def _check_images(config: OnlineConfig, prompts: list) -> None:
     if config.online.sampling.backend == "vllm":
         raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
                           "use the transformers backend (online.sampling.backend: hf).")
-
-
-def _text(reply) -> str | None:
-    """A response as text: a string, or the last message's content of a message list."""
-    if isinstance(reply, list) and reply and isinstance(reply[-1], dict):
-        return reply[-1].get("content")
-    return reply if isinstance(reply, str) else None
 
 
 def _round_prompts(prompts: list, per_round: int | None, r: int) -> list:
@@ -254,7 +223,7 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
     if sampling.backend == "vllm":
         generator.close()
     surprisal = None
-    if _wants_surprisal(config):  # DivPO's logprob criterion: -log pi(y|x) per token
+    if needs_surprisal(config.online.pairs):  # DivPO's logprob criterion: -log pi(y|x) / |y|
         if sampling.backend == "vllm":
             model, tokenizer = load_on_device(policy, config)
         under = samples_under(model, tokenizer, prompts, generations.token_ids, config,
@@ -275,11 +244,6 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
     return {"prompts": len(rows), "samples": len(rows) * settings.samples,
             "new_tokens": generations.new_tokens,
             "tokens_per_second": round(generations.tokens_per_second, 1)}
-
-
-def _wants_surprisal(config: OnlineConfig) -> bool:
-    pairs = config.online.pairs
-    return pairs.builder == "divpo" and pairs.divpo_criterion == "logprob"
 
 
 def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
@@ -307,9 +271,7 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
             row.setdefault("scores", row["win_probs"])  # a pairwise scorer ranks by win rate
         row["scorer"] = scorer.name
         at += len(texts)
-    pairs = config.online.pairs
-    if pairs.builder == "divpo":  # each sample's diversity, beside its score
-        add_diversity(rows, pairs.divpo_criterion, divpo_encoder(pairs))
+    add_pair_diversity(rows, config.online.pairs)  # divpo: each sample's diversity
     write_rows(here / "scored.jsonl", rows)
     values = [s for row in rows for s in row["scores"]]
     return {"scorer": scorer.name, "mean": statistics.fmean(values),

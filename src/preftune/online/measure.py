@@ -12,6 +12,7 @@ from ..data.tokenize import TokenizedExample
 from ..evaluate.diagnostics import sampled_kl
 from ..evaluate.sampling import score_responses
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
+from ..score.base import score_samples
 from .common import (load_on_device, online_scorer, prompt_images, prompts_to_examples,
                      prompts_to_ids, read_jsonl, write_json)
 from .config import OnlineConfig
@@ -52,12 +53,10 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
         rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin}
                 for p, texts in zip(prompts, drawn.texts)]
         if not scorer.pairwise:  # how good the samples are whose diversity is measured
-            n = online.eval_kl_samples
-            flat = scorer.score([q for q in questions for _ in range(n)],
-                                [t for texts in drawn.texts for t in texts])
-            result["sample_mean_score"] = statistics.fmean(flat)
-            for k, row in enumerate(rows):
-                row["scores"] = flat[k * n : (k + 1) * n]
+            for row, scores in zip(rows, score_samples(scorer, questions, drawn.texts)):
+                row["scores"] = scores
+            result["sample_mean_score"] = statistics.fmean(s for row in rows
+                                                           for s in row["scores"])
         write_rows(here / "eval_samples.jsonl", rows)
         if online.eval_kl_samples >= 2:
             result["sample_diversity"] = sample_diversity(drawn.texts)
@@ -80,11 +79,10 @@ def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: lis
                                         max_new_tokens=online.eval_max_new_tokens)
     drawn = HFGenerator(model, tokenizer).generate(ids, settings, "best-of-n: sampling",
                                                    images).texts
-    n = online.eval_best_of
-    scores = scorer.score([q for q in questions for _ in range(n)],
-                          [t for texts in drawn for t in texts])
-    best = [max(scores[k * n : (k + 1) * n]) for k in range(len(questions))]
-    result = {"n": n, "mean_score": statistics.fmean(best),
+    grouped = score_samples(scorer, questions, drawn)
+    scores = [s for group in grouped for s in group]
+    result = {"n": online.eval_best_of,
+              "mean_score": statistics.fmean(max(group) for group in grouped),
               "mean_score_of_samples": statistics.fmean(scores)}
     if set(scores) <= {0.0, 1.0}:
         result["pass_rate"] = result["mean_score"]

@@ -25,6 +25,7 @@ from ..model.forward import causal_lm_of
 from ..model.load import load_tokenizer
 from ..model.verify import check_attention_device, check_model, decoder_of, layout_setting
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
+from ..score.base import score_samples
 from ..objectives.compose import Objective
 from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
                           write_run_header)
@@ -82,15 +83,13 @@ class OnlineStepTask(PolicyTask):
         ids = prompts_to_ids(prompts, self.tokenizer, self.config)
         texts = HFGenerator(policy, self.tokenizer).generate(ids, settings, None,
                                                              prompt_images(prompts)).texts
-        flat_prompts = [p.question for p, samples in zip(prompts, texts) for _ in samples]
-        scores = self.scorer.score(flat_prompts, [t for samples in texts for t in samples])
-        k = settings.samples
-        scored = [{"prompt": p.prompt, "responses": samples, "scores": scores[n * k : (n + 1) * k],
+        scores = score_samples(self.scorer, [p.question for p in prompts], texts)
+        scored = [{"prompt": p.prompt, "responses": samples, "scores": prompt_scores,
                    "origin": p.origin, "step": self.step + 1,
                    **({"tools": list(p.tools)} if p.tools else {}),
                    **({"images": stored_images(p.images, self.output_dir / "images")}
                       if p.images else {})}
-                  for n, (p, samples) in enumerate(zip(prompts, texts))]
+                  for p, samples, prompt_scores in zip(prompts, texts, scores)]
         rows, _ = build_rows(scored, online.pairs.builder, online.pairs.min_margin,
                              online.pairs.rso_beta, online.pairs.rso_accept, seed=seed)
         return rows, scored

@@ -94,3 +94,15 @@ def scored_in_chunks(method, description: str, *columns, chunk: int = 64) -> lis
             values += method(*(column[start : start + chunk] for column in columns))
             update(min(chunk, total - start))
     return values
+
+
+def score_samples(scorer, questions: list, samples: list[list[str]]) -> list[list[float]]:
+    """``scorer``'s scores of each question's samples (one call for them all), grouped as the
+    samples are."""
+    flat = scorer.score([q for q, group in zip(questions, samples) for _ in group],
+                        [text for group in samples for text in group])
+    grouped, at = [], 0
+    for group in samples:
+        grouped.append(list(flat[at : at + len(group)]))
+        at += len(group)
+    return grouped
