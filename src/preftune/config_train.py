@@ -1,6 +1,7 @@
 """The ``train`` section: what every trainer shares (``TrainConfig``: optimizer, schedule,
 batching, logging, checkpoints, speed settings), and what only a policy's has
-(``PolicyTrainConfig``: greedy answers to held-out prompts at each evaluation)."""
+(``PolicyTrainConfig``: greedy answers to held-out prompts at each evaluation, the routers'
+load-balancing loss of a mixture of experts)."""
 
 from __future__ import annotations
 
@@ -164,6 +165,11 @@ class PolicyTrainConfig(TrainConfig):
     eval_scorer: str | None = None
     """What scores those answers, as `preftune eval --scorer`: synthetic, module:function,
     rm:DIR, judge:MODEL or a .yaml combination; its mean is eval/answer_score."""
+    router_aux_loss_coef: NonNegative | None = None
+    """Mixture-of-experts models (Mixtral, Qwen-MoE, OLMoE, GPT-OSS ...): the weight of the
+    routers' load-balancing loss added to the preference loss (logged as router_aux_loss).
+    null: as the model's config says (its router_aux_loss_coef when it sets
+    output_router_logits, else off); 0: off."""
 
     @model_validator(mode="after")
     def _generation_settings_need_generations(self):

@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.layout import Batch
 from .chunked_logps import Head, chunked_token_logps, chunked_token_logps_and_kl
+from .router import RouterBalance
 from .varlen import NAME as VARLEN
 
 
@@ -217,11 +218,13 @@ class LogpModel(nn.Module):
     in one module keeps DDP/FSDP hooks intact under accelerate.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int = 256):
+    def __init__(self, model: nn.Module, chunk_tokens: int = 256,
+                 router: RouterBalance | None = None):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.head = output_head(causal_lm_of(model))
+        self.router = router  # mixture of experts: the load-balancing loss (model/router.py)
 
     def external_weights(self) -> list:
         """Weights used outside their module's forward: the output projection (ZeRO-3 must
@@ -234,21 +237,24 @@ class LogpModel(nn.Module):
         return getattr(causal_lm_of(self.model), "_no_split_modules", None)
 
     def forward(self, batch: Batch, reference: tuple | None = None, hidden: bool = False,
-                layer_means: bool = False):
+                layer_means: bool = False, balance: bool = False):
         """Log-probs of the batch's response tokens, [response tokens] in fp32.
 
         With ``reference = (ref_hidden, ref_weight)`` (see ``hidden_and_weight``) it returns
         ``(token_logps, token_kl)``, adding each position's KL(pi_ref || pi_theta). With
         ``hidden`` it returns ``hidden_and_weight(batch, layer_means)`` instead (through
-        ``forward``, so FSDP gathers the weights it needs).
+        ``forward``, so FSDP gathers the weights it needs). With ``balance`` (a model with a
+        ``router``) it returns ``(that result, the routers' load-balancing loss)``.
         """
         if hidden:
             return self.hidden_and_weight(batch, layer_means)
-        hidden, weight = self.hidden_and_weight(batch)
+        hidden, weight, *balancing = self.hidden_and_weight(batch, balance=balance)
         if reference is None:
-            return self.token_logps(hidden, weight, batch.target_tokens)
-        return chunked_token_logps_and_kl(hidden, weight, batch.target_tokens, *reference,
-                                          self.chunk_tokens, self.head)
+            result = self.token_logps(hidden, weight, batch.target_tokens)
+        else:
+            result = chunked_token_logps_and_kl(hidden, weight, batch.target_tokens, *reference,
+                                                self.chunk_tokens, self.head)
+        return (result, *balancing) if balance else result
 
     def token_logps(self, hidden: torch.Tensor, weight: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:
@@ -256,25 +262,30 @@ class LogpModel(nn.Module):
         model's own head, in chunks."""
         return chunked_token_logps(hidden, weight, targets, self.chunk_tokens, self.head)
 
-    def hidden_and_weight(self, batch: Batch, layer_means: bool = False):
+    def hidden_and_weight(self, batch: Batch, layer_means: bool = False,
+                          balance: bool = False):
         """Final hidden states at the positions that predict response tokens, [n, d], and the
         output embedding [vocab, d]. An output layer with a bias (Phi-1/2) has it folded in:
         a feature of 1 appended to the hidden states, the bias as the weight's last column
         ([n, d + 1], [vocab, d + 1]), so the chunked head needs nothing else. ``layer_means``
         adds, per decoder layer, the mean over features of its output at those positions,
-        [layers, n] (SparsePO's activation masks).
+        [layers, n] (SparsePO's activation masks); ``balance`` adds the routers'
+        load-balancing loss (``self.router``).
         """
         lm = causal_lm_of(self.model)
         decoder = lm.get_decoder()
+        routed = {"output_router_logits": True} if balance else {}
         out = run_decoder(decoder, batch, decoder.config, vlm=lm,
-                          output_hidden_states=layer_means)
+                          output_hidden_states=layer_means, **routed)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         hidden, weight = _fold_bias(hidden[batch.logit_positions], lm.get_output_embeddings())
-        if not layer_means:
-            return hidden, weight
-        means = torch.stack([h.float().mean(-1).reshape(-1)[batch.logit_positions]
-                             for h in out.hidden_states[1:]])
-        return hidden, weight, means
+        extra = []
+        if layer_means:
+            extra.append(torch.stack([h.float().mean(-1).reshape(-1)[batch.logit_positions]
+                                      for h in out.hidden_states[1:]]))
+        if balance:
+            extra.append(self.router.loss(out.router_logits, batch))
+        return hidden, weight, *extra
 
 
 def _fold_bias(hidden: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from ..model.load import (load_model, load_model_and_tokenizer, load_tokenizer,
 from ..model.lora import add_lora
 from ..model.verify import check_attention_device, check_model, decoder_of, verified_layout
 from ..model.reference import AdapterOffReference
+from ..model.router import router_balance
 from ..objectives import ObjectiveInputs, get_objective
 from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
@@ -46,18 +47,24 @@ from .trainer import Trainer, add_metrics, count_steps, means
 
 
 def objective_inputs(logp_model, reference, extras, batch, objective, step,
-                     training: bool = True) -> ObjectiveInputs:
+                     training: bool = True, balance: bool = False):
     """Policy and reference stats of one batch, with what the objective declared it needs
-    (``training`` False: an objective's state is read, not updated)."""
+    (``training`` False: an objective's state is read, not updated), and with ``balance`` the
+    routers' load-balancing loss of a mixture-of-experts policy (else None)."""
+    balancing = None
     if objective.reference_distributions:  # TDPO-style: KL to the reference's full distribution
         reference_stats, reference_hidden = reference.stats_with_hidden(batch)
-        token_logps, token_kl = logp_model(batch, reference_hidden)
+        output = logp_model(batch, reference_hidden, balance=balance)
+        (token_logps, token_kl), *balancing = output if balance else (output,)
         policy = sequence_stats(token_logps, batch, objective.per_token, token_kl)
     else:
         reference_stats = reference.stats(batch)
-        policy = sequence_stats(logp_model(batch), batch, objective.per_token)
-    return ObjectiveInputs(policy, reference_stats, batch.scores, step,
-                           [extra.stats(batch) for extra in extras], training=training)
+        output = logp_model(batch, balance=balance)
+        token_logps, *balancing = output if balance else (output,)
+        policy = sequence_stats(token_logps, batch, objective.per_token)
+    inputs = ObjectiveInputs(policy, reference_stats, batch.scores, step,
+                             [extra.stats(batch) for extra in extras], training=training)
+    return inputs, balancing[0] if balancing else None
 
 
 @torch.no_grad()
@@ -72,8 +79,8 @@ def evaluate(logp_model, reference, extras, examples, objective, make_batch, bat
     with progress("eval", len(examples), "example", leave=False) as update:
         for start in range(0, len(examples), batch_size):
             batch = make_batch(examples[start : start + batch_size]).to(device)
-            inputs = objective_inputs(logp_model, reference, extras, batch, objective, step,
-                                      training=False)
+            inputs, _ = objective_inputs(logp_model, reference, extras, batch, objective, step,
+                                         training=False)
             add_metrics(totals, metric_sums(objective.data, inputs, objective(inputs)[0]))
             n = batch.num_examples
             if objective.data == "pairs" and inputs.reference is not None:
@@ -105,12 +112,19 @@ class PolicyTask:
         self.objective_state = objective if objective.has_state else None
 
     def losses(self, module, batch, step):
-        inputs = objective_inputs(module, self.references["train"], self.extras["train"], batch,
-                                  self.objective, step)
+        router = self.module.router  # a mixture of experts' load balancing, or None
+        inputs, balancing = objective_inputs(module, self.references["train"],
+                                             self.extras["train"], batch, self.objective, step,
+                                             balance=router is not None)
         output, parts = self.objective(inputs)
         metrics = metric_sums(self.objective.data, inputs, output)
         add_metrics(metrics, {name: (value, batch.num_examples) for name, value in parts.items()})
-        return output.losses, metrics
+        if balancing is None:
+            return output.losses, metrics
+        # the batch's loss, on each of its examples: their mean gets it once
+        add_metrics(metrics, {"router_aux_loss": (balancing.detach() * batch.num_examples,
+                                                  batch.num_examples)})
+        return output.losses + router.coefficient * balancing, metrics
 
     def evaluate(self, module, step):
         metrics = evaluate(module, self.references["eval"], self.extras["eval"],
@@ -303,7 +317,8 @@ def trainable(model, config: Config) -> LogpModel:
     model.train()
     if config.train.compile:
         compile_layers(model, config.train.compile_mode)
-    return LogpModel(model, config.train.logps_chunk_tokens)
+    return LogpModel(model, config.train.logps_chunk_tokens,
+                     router_balance(causal_lm_of(model), config.train.router_aux_loss_coef))
 
 
 def row_multiple(config: Config) -> int:
