@@ -18,7 +18,8 @@ from preftune.model.router import balancing_loss, router_balance
 from preftune.train import loop
 from preftune.train.logging import read_metrics
 from test_architectures import SMALL, examples
-from tiny_models import char_tokenizer, tiny_llama
+from test_train_loop import write_sum_pairs
+from tiny_models import char_tokenizer, save_tiny_moe_dir, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -109,13 +110,8 @@ def test_the_setting_follows_the_models_config_unless_given():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    tokenizer = char_tokenizer()
-    moe_model("mixtral", vocab_size=len(tokenizer), max_position_embeddings=512).save_pretrained(
-        root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rows = [{"prompt": f"What is {a}+{b}? Answer now.", "chosen": str(a + b),
-             "rejected": f"It is {a + b + 1}."} for a, b in [(3, 4), (10, 7), (21, 5), (8, 8)]]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_tiny_moe_dir(root / "model")
+    write_sum_pairs(root / "pairs.jsonl", 4)
     return root
 
 

@@ -55,6 +55,22 @@ def save_tiny_model_dir(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def save_tiny_moe_dir(directory: Path, seed: int = 0) -> Path:
+    """A loadable Mixtral directory (4 experts, 2 per token; char tokenizer)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, num_local_experts=4,
+                           num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0)
+    MixtralForCausalLM(config).float().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 TOKENIZER_CORPUS = [
     "hello world", "hello there", "say hello", "the quick brown fox jumps over the lazy dog",
     "user assistant system", "What is the capital of France? Paris is the capital.",

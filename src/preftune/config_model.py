@@ -59,6 +59,11 @@ class LoraConfig(Section):
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or 'all-linear'."""
+    target_parameters: list[str] | None = None
+    """Weights to adapt that are not linear layers, by their name or its last parts (PEFT's
+    target_parameters): the experts of mixture-of-experts models, 3-D tensors in transformers
+    5 (e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]), which all-linear leaves out.
+    Each expert gets its own rank-r update."""
     rslora: bool = False
     """rsLoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r) instead of alpha / r,
     so that higher ranks keep learning at the same rate."""
@@ -89,6 +94,21 @@ class LoraConfig(Section):
             raise ValueError(f"model.lora.init: {self.init} and model.lora.dora do not combine "
                              "(a DoRA magnitude cannot be converted to a LoRA of the original "
                              "base); choose one.")
+        return self
+
+    @model_validator(mode="after")
+    def _what_adapted_weights_take(self):
+        if not self.target_parameters:
+            return self
+        unsupported = [f"{key}: {value}" for key, value, off in (
+            ("dropout", self.dropout, 0.0), ("dora", self.dora, False), ("init", self.init,
+                                                                          "default"))
+            if value != off]
+        if unsupported:
+            raise ValueError(f"model.lora.target_parameters adapts weights outside any layer, "
+                             f"whose input PEFT never sees, so model.lora.{unsupported[0]} "
+                             "cannot apply to them (PEFT takes dropout 0, no DoRA and the "
+                             "default start there); remove one or the other.")
         return self
 
     @model_validator(mode="after")

@@ -3,6 +3,8 @@ PiSSA, OLoRA), LoRA+'s learning rates and the modules trained in full beside the
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -18,6 +20,8 @@ def peft_lora_config(lora, **settings):
     settings.setdefault("init_lora_weights", INITS[lora.init])
     if lora.modules_to_save:  # (a reward model's head is added to them by peft)
         settings.update(modules_to_save=list(lora.modules_to_save), ensure_weight_tying=True)
+    if lora.target_parameters:
+        settings["target_parameters"] = list(lora.target_parameters)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=target if isinstance(target, str) else list(target),
                       use_rslora=lora.rslora, use_dora=lora.dora, **settings)
@@ -36,6 +40,7 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
     from transformers import PreTrainedModel
 
     check_modules_to_save(model, lora.modules_to_save)
+    check_target_parameters(model, lora.target_parameters)
     settings = peft_lora_config(lora, task_type=task_type)
     # peft leaves the output layer out of all-linear in transformers models only: a VLM reward
     # model (preftune's module) would get adapters on its unused language-model head
@@ -73,6 +78,21 @@ def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
             raise ConfigError(f"model.lora.modules_to_save: no module of {type(model).__name__} "
                               f"is called {wanted!r}; module names include "
                               f"{', '.join(tops[:12])}.")
+
+
+def check_target_parameters(model: nn.Module, names: list[str] | None) -> None:
+    """Each of model.lora.target_parameters names a weight of ``model`` (its full name or its
+    last parts, as peft matches them) that no linear layer holds."""
+    weights = [name for name, _ in model.named_parameters()]
+    for wanted in names or []:
+        if not any(name == wanted or name.endswith("." + wanted) for name in weights):
+            stacked = sorted({re.sub(r"^.*?\.\d+\.", "", name)  # less the layer's path
+                              for name, param in model.named_parameters() if param.dim() == 3})
+            have = (f"its 3-D weights (experts) are {', '.join(stacked[:8])}" if stacked else
+                    "it has no 3-D weights (experts): all-linear already adapts its linear "
+                    "layers")
+            raise ConfigError(f"model.lora.target_parameters: no weight of "
+                              f"{type(model).__name__} is called {wanted!r}; {have}.")
 
 
 LR_SCALE = "preftune_lr_scale"  # set on a parameter: it trains at learning_rate times this
