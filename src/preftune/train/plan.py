@@ -30,18 +30,50 @@ def layer_bytes_per_token(config, dtype_bytes: int, lean: bool, *, eager: bool =
       with ``repeated_kv`` (transformers repeats grouped k and v to every head for eager
       attention and for SDPA given a mask), k and v are kept for every head;
     - MLP: its input (b h), gate, up and their product (3 b i), and transformers' also
-      silu(gate) (b i);
+      silu(gate) (b i); a mixture of experts' block instead ``_experts_bytes_per_token``;
     - SDPA's and FlexAttention's kernels their log-sum-exp (4 bytes a head); ``eager``
       attention its scores instead (``_eager_scores_bytes``, per row, not per token).
 
     Checked against autograd's saved tensors in ``tests/test_train_loop.py``."""
-    hidden, mlp = config.hidden_size, _mlp_width(config)
+    hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = heads if repeated_kv else getattr(config, "num_key_value_heads", heads)
     kv = kv_heads * _head_dim(config)
     b = dtype_bytes
+    mlp = _experts_bytes_per_token(config, b, lean) if _routed(config) else \
+        b * (hidden + (3 if lean else 4) * _mlp_width(config))
     return (2 * _norm_bytes(hidden, b, lean) + b * (3 * hidden + 2 * kv)
-            + (0 if eager else 4 * heads) + b * (hidden + (3 if lean else 4) * mlp))
+            + (0 if eager else 4 * heads) + mlp)
+
+
+def _routed(config) -> tuple[int, int, int] | None:
+    """A mixture of experts' (experts, experts per token, each one's MLP width); None for a
+    dense model."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not (isinstance(experts, int) and isinstance(top_k, int) and experts > 1):
+        return None
+    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return experts, top_k, width
+
+
+def _experts_bytes_per_token(config, b: int, lean: bool) -> int:
+    """What a mixture-of-experts block keeps per token (every layer counted as one: an upper
+    bound where some layers are dense): the router's input (b h), its fp32 probabilities
+    (4 E) and top-k choices (8 k), and for each of the token's k experts its gathered input
+    (b h), gate and up (2 b i), silu(gate) and their product (2 b i), its output before the
+    routing weight (b h), that weight and the indices that sort and gather it (28 bytes at
+    most); transformers' per-expert loop (``eager``) one more b h, its grouped kernels not. A
+    shared expert (Qwen2-MoE) is a dense MLP whose output (b h) its sigmoid gate (b) scales."""
+    hidden = config.hidden_size
+    experts, top_k, width = _routed(config)
+    loop = getattr(config, "_experts_implementation", None) == "eager"
+    routed = b * ((3 if loop else 2) * hidden + 4 * width) + 28
+    kept = b * hidden + 4 * experts + 8 * top_k + top_k * routed
+    shared = getattr(config, "shared_expert_intermediate_size", None)
+    if shared:
+        kept += b * ((3 if lean else 4) * shared + hidden + 1)
+    return kept
 
 
 def _eager_scores_bytes(config, rows: int, width: int, dtype_bytes: int) -> int:
@@ -76,7 +108,11 @@ def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_byt
 
 
 def _mlp_width(config) -> int:
-    return getattr(config, "intermediate_size", 4 * config.hidden_size)
+    """The MLP's width per token: a mixture of experts' k experts' (and a shared one's)."""
+    routed = _routed(config)
+    if routed is None:
+        return getattr(config, "intermediate_size", 4 * config.hidden_size)
+    return routed[1] * routed[2] + (getattr(config, "shared_expert_intermediate_size", 0) or 0)
 
 
 def _head_dim(config) -> int:
