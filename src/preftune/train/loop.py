@@ -224,10 +224,9 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     if objective.data != shape:
         raise DataError(shape_mismatch(objective, shape, config.data))
 
-    if plan_only:
-        model = trained_part(model, config)
-        print(plan(config, model, train_examples, layout, tokenizer.pad_token_id,
-                   shards(accelerator)))
+    if plan_only:  # (the plan measures what the model keeps, set up as it will train)
+        print(plan(config, prepared(model, config), train_examples, layout,
+                   tokenizer.pad_token_id, shards(accelerator)))
         return None, 0
     # the scorer of held-out answers is loaded before any long pass: a bad one stops here
     generations = eval_generations(config, splits.get("eval", []), tokenizer, output_dir) \
@@ -303,18 +302,23 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
                    shuffle=not config.data.curriculum).run()
 
 
-def trainable(model, config: Config) -> LogpModel:
-    """The model made ready to train: dropout off (unless kept), what trains chosen (LoRA or
-    part of the weights, if configured), lean norms and MLPs, activation checkpointing (if configured), train mode,
-    wrapped for log-probs."""
+def prepared(model, config: Config):
+    """``model`` with dropout off (unless kept), what trains chosen (LoRA or part of the
+    weights, if configured) and lean norms and MLPs (if configured), in train mode."""
     if not config.train.keep_dropout:
         without_dropout(model)
     model = trained_part(model, config)
     if config.train.lean_activations:
         use_lean_layers(model)
+    return model.train()
+
+
+def trainable(model, config: Config) -> LogpModel:
+    """The model made ready to train (``prepared``), with activation checkpointing and
+    compiled layers (if configured), wrapped for log-probs."""
+    model = prepared(model, config)
     if config.train.gradient_checkpointing:
         enable_checkpointing(causal_lm_of(model), config.train.checkpoint_every)
-    model.train()
     if config.train.compile:
         compile_layers(model, config.train.compile_mode)
     return LogpModel(model, config.train.logps_chunk_tokens,

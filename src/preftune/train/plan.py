@@ -1,7 +1,8 @@
 """``preftune train --plan``: what a run will do and roughly how much memory it needs, before
 any training step. Estimates are upper-bound style (the peak of a micro-batch of the longest
 examples), in MiB, and count the tensors themselves, as torch.cuda.max_memory_allocated does:
-within a few percent of the CPU allocator's peak for a run (tests/test_plan.py)."""
+within a few percent of the CPU allocator's peak for a run (tests/test_plan.py). What the
+layers keep for backward is measured on the model itself (``kept.py``)."""
 
 from __future__ import annotations
 
@@ -13,37 +14,11 @@ from ..model.forward import (attention_windows, binding_windows, causal_lm_of, d
 from ..model.quantize import four_bit_storage
 from ..model.reference_sync import DEFAULT_MIX
 from ..objectives.compose import Objective
+from .kept import KeptBytes, measure_kept
 from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
-
-
-def layer_bytes_per_token(config, dtype_bytes: int, lean: bool, *, eager: bool = False,
-                          repeated_kv: bool = False) -> int:
-    """Bytes a llama-style decoder layer keeps for backward per token, counting tensors
-    (``b`` = bytes per element, h hidden, kv the key/value width, i the MLP width):
-
-    - each of the two RMSNorms: transformers' keeps an fp32 copy of its input (4 h) and its
-      normalized values (b h), the lean one its input (b h);
-    - attention: the normed input of q/k/v (b h), q, k and v (b (h + 2 kv)), its output (b h);
-      with ``repeated_kv`` (transformers repeats grouped k and v to every head for eager
-      attention and for SDPA given a mask), k and v are kept for every head;
-    - MLP: its input (b h), gate, up and their product (3 b i), and transformers' also
-      silu(gate) (b i); a mixture of experts' block instead ``_experts_bytes_per_token``;
-    - SDPA's and FlexAttention's kernels their log-sum-exp (4 bytes a head); ``eager``
-      attention its scores instead (``_eager_scores_bytes``, per row, not per token).
-
-    Checked against autograd's saved tensors in ``tests/test_train_loop.py``."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = heads if repeated_kv else getattr(config, "num_key_value_heads", heads)
-    kv = kv_heads * _head_dim(config)
-    b = dtype_bytes
-    mlp = _experts_bytes_per_token(config, b, lean) if _routed(config) else \
-        b * (hidden + (3 if lean else 4) * _mlp_width(config))
-    return (2 * _norm_bytes(hidden, b, lean) + b * (3 * hidden + 2 * kv)
-            + (0 if eager else 4 * heads) + mlp)
 
 
 def _routed(config) -> tuple[int, int, int] | None:
@@ -55,41 +30,6 @@ def _routed(config) -> tuple[int, int, int] | None:
         return None
     width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     return experts, top_k, width
-
-
-def _experts_bytes_per_token(config, b: int, lean: bool) -> int:
-    """What a mixture-of-experts block keeps per token (every layer counted as one: an upper
-    bound where some layers are dense): the router's input (b h), its fp32 probabilities
-    (4 E) and top-k choices (8 k), and for each of the token's k experts its gathered input
-    (b h), gate and up (2 b i), silu(gate) and their product (2 b i), its output before the
-    routing weight (b h), that weight and the indices that sort and gather it (28 bytes at
-    most); transformers' per-expert loop (``eager``) one more b h, its grouped kernels not. A
-    shared expert (Qwen2-MoE) is a dense MLP whose output (b h) its sigmoid gate (b) scales."""
-    hidden = config.hidden_size
-    experts, top_k, width = _routed(config)
-    loop = getattr(config, "_experts_implementation", None) == "eager"
-    routed = b * ((3 if loop else 2) * hidden + 4 * width) + 28
-    kept = b * hidden + 4 * experts + 8 * top_k + top_k * routed
-    shared = getattr(config, "shared_expert_intermediate_size", None)
-    if shared:
-        kept += b * ((3 if lean else 4) * shared + hidden + 1)
-    return kept
-
-
-def _eager_scores_bytes(config, rows: int, width: int, dtype_bytes: int) -> int:
-    """What transformers' eager attention keeps a layer beyond ``layer_bytes_per_token``: the
-    softmax of the [rows, heads, T, T] scores in fp32, and its cast to the model's dtype that
-    multiplies the values (the same tensor in fp32)."""
-    return rows * config.num_attention_heads * width * width * (
-        4 + (dtype_bytes if dtype_bytes != 4 else 0))
-
-
-def _layer_bytes(config, rows: int, width: int, dtype_bytes: int, lean: bool,
-                 dense_mask: bool, eager: bool) -> int:
-    """What one layer keeps for backward over a [rows, width] micro-batch."""
-    kept = rows * width * layer_bytes_per_token(config, dtype_bytes, lean, eager=eager,
-                                                repeated_kv=eager or dense_mask)
-    return kept + (_eager_scores_bytes(config, rows, width, dtype_bytes) if eager else 0)
 
 
 def _layer_backward_bytes(config, tokens: int, dtype_bytes: int) -> int:
@@ -115,43 +55,24 @@ def _mlp_width(config) -> int:
     return routed[1] * routed[2] + (getattr(config, "shared_expert_intermediate_size", 0) or 0)
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _norm_bytes(hidden: int, b: int, lean: bool) -> int:
-    return b * hidden if lean else 4 * hidden + b * hidden
-
-
-def _activation_bytes(config, rows: int, width: int, dtype_bytes: int,
-                      checkpoint_every: int | None = None, lean: bool = True, *,
-                      dense_mask: bool = False, eager: bool = False, masks: int = 1,
-                      frozen_below: int = 0) -> int:
-    """Saved activations of one micro-batch for backward.
-
-    Per token and layer see ``layer_bytes_per_token`` (and ``_eager_scores_bytes`` for
-    ``eager`` attention). A ``dense_mask``, the [rows, 1, T, T] additive mask that SDPA and
-    eager attention get for prefix-shared, packed or padded rows, is one tensor alive for the
-    whole step (``masks`` of them where sliding windows bind: one per distinct window), as are
-    the rotary tables. A checkpointed layer keeps only its input. Every
-    ``checkpoint_every``-th layer is checkpointed (None: none); backward runs from the last
-    layer down, so the peak is either its start or the recomputation of the highest
-    checkpointed layer, when the layers above it are freed. The ``frozen_below`` lowest layers
-    keep nothing: no weight at or under them trains (``model.train_layers``).
-    """
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    tokens = rows * width
-    per_layer = _layer_bytes(config, rows, width, dtype_bytes, lean, dense_mask, eager)
-    final_norm = tokens * _norm_bytes(hidden, dtype_bytes, lean)
-    shared = tokens * 2 * _head_dim(config) * dtype_bytes  # rotary cos and sin
-    if dense_mask:
-        shared += masks * rows * width * width * dtype_bytes
+def _activation_bytes(kept: KeptBytes, rows: int, width: int, input_bytes: int,
+                      checkpoint_every: int | None = None, mask_bytes: int = 0,
+                      frozen_below: int = 0) -> float:
+    """Saved activations of one micro-batch for backward: what each layer keeps (measured,
+    ``kept``), what is kept outside the layers, and the layout's dense mask (``mask_bytes``,
+    one tensor alive for the whole step). A checkpointed layer keeps only its input
+    (``input_bytes`` a slot). Every ``checkpoint_every``-th layer is checkpointed (None: none);
+    backward runs from the last layer down, so the peak is either its start or the
+    recomputation of the highest checkpointed layer, when the layers above it are freed. The
+    ``frozen_below`` lowest layers keep nothing: no weight at or under them trains."""
+    layers = kept.layers(rows, width)
+    shared = rows * width * kept.outside + mask_bytes
     if checkpoint_every is None:
-        return (layers - frozen_below) * per_layer + final_norm + shared
-    kept = [0 if i < frozen_below else tokens * hidden * dtype_bytes
-            if i % checkpoint_every == 0 else per_layer for i in range(layers)]
-    highest = (layers - 1) // checkpoint_every * checkpoint_every
-    return shared + max(sum(kept) + final_norm, sum(kept[: highest + 1]) + per_layer)
+        return sum(layers) + shared
+    kept_now = [0 if i < frozen_below else rows * width * input_bytes
+                if i % checkpoint_every == 0 else layer for i, layer in enumerate(layers)]
+    highest = (len(layers) - 1) // checkpoint_every * checkpoint_every
+    return shared + max(sum(kept_now), sum(kept_now[: highest + 1]) + layers[highest])
 
 
 def frozen_layers_below(model) -> int:
@@ -233,20 +154,19 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         ex.images for ex in train_examples)  # Gemma 3: a dense mask in every layout
     dense_mask = dense_mask or windows is not None or image_blocks
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
-    lean, eager = cfg.lean_activations, attention == "eager"
     head = causal_lm_of(model).get_output_embeddings().weight
     output = _output_backward_bytes(model_config.vocab_size, model_config.hidden_size,
                                     cfg.logps_chunk_tokens, dtype_bytes, head.requires_grad)
     layer = _layer_backward_bytes(model_config, rows * width, dtype_bytes)
-    bottom = _layer_bytes(model_config, rows, width, dtype_bytes, lean, dense_mask, eager)
     top_grads = head.numel() * head.element_size() if head.requires_grad else 0
-
+    measured = measure_kept(model, layout, padding, pad_token_id)
     frozen_below = frozen_layers_below(model)
+    bottom = measured.layer(min(frozen_below, len(measured.per_slot) - 1), rows, width)
+    mask_bytes = masks * rows * width * width * dtype_bytes if dense_mask else 0
 
     def activations_and_total(checkpoint_every):
-        kept = _activation_bytes(model_config, rows, width, dtype_bytes, checkpoint_every, lean,
-                                 dense_mask=dense_mask, eager=eager, masks=masks,
-                                 frozen_below=frozen_below)
+        kept = _activation_bytes(measured, rows, width, model_config.hidden_size * dtype_bytes,
+                                 checkpoint_every, mask_bytes, frozen_below)
         # backward's three candidate peaks: the output layer's, with every activation still
         # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
         largest = max(kept + output, kept + top_grads + layer, grads + bottom + layer)
