@@ -50,8 +50,9 @@ class KeptBytes:
 def measure_kept(model, layout: str, padded_rows: bool = False,
                  pad_token_id: int = 0) -> KeptBytes:
     """Run ``model`` (set up as it will train: LoRA, frozen weights, lean layers, dropout off,
-    no checkpointing) on probe batches of ``layout``; ``padded_rows``: the padded layout's
-    rows hold padding, so they get a mask, as the run's will."""
+    no checkpointing) on probe batches of ``layout``; ``padded_rows``: rows of the padded
+    layout hold padding, so they get preftune's dense mask (and transformers repeats grouped
+    keys and values for it), as the run's will."""
     lm = causal_lm_of(model)
     decoder = lm.get_decoder()
     layers = decoder_layers(model)

@@ -159,7 +159,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
                                     cfg.logps_chunk_tokens, dtype_bytes, head.requires_grad)
     layer = _layer_backward_bytes(model_config, rows * width, dtype_bytes)
     top_grads = head.numel() * head.element_size() if head.requires_grad else 0
-    measured = measure_kept(model, layout, padding, pad_token_id)
+    # (padded probe rows get padding, and so a dense mask, where the run's rows get one)
+    measured = measure_kept(model, layout, dense_mask, pad_token_id)
     frozen_below = frozen_layers_below(model)
     bottom = measured.layer(min(frozen_below, len(measured.per_slot) - 1), rows, width)
     mask_bytes = masks * rows * width * width * dtype_bytes if dense_mask else 0
