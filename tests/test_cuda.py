@@ -276,3 +276,21 @@ def test_the_mask_probe_finds_no_leak_in_an_attention_model_on_cuda(dtype, attn)
     layouts = ["packed"] if attn == "varlen" else [l for l in LAYOUTS if l != "padded"]
     for layout in layouts:
         assert mask_leak(*decoder_of(model), layout) == 0.0, layout
+
+
+@pytest.mark.parametrize("family, layout", [("llama", "padded"), ("llama", "prefix_shared"),
+                                            ("qwen3", "padded"), ("mixtral", "prefix_shared")])
+def test_the_plans_probe_predicts_what_cuda_kernels_keep(family, layout):
+    """--plan's probe rows (train/kept.py) on CUDA, where SDPA runs flash or memory-efficient
+    kernels that keep other tensors than the CPU's, against a real batch of another shape."""
+    from preftune.train.kept import measure_kept
+    from preftune.train.plan import _activation_bytes
+    from test_architectures import examples as short_examples
+    from test_kept import autograd_keeps, build
+
+    model = build(family).cuda()
+    batch = collate(short_examples() * 2, 0, layout, max_row_tokens=40).to("cuda")
+    rows, width = batch.input_ids.shape
+    padded = batch.unit_ids is None and batch.real_tokens < batch.attention_mask.numel()
+    planned = _activation_bytes(measure_kept(model, layout, padded), rows, width, 128 * 2)
+    assert planned == pytest.approx(autograd_keeps(model, batch), rel=0.005)

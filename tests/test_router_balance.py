@@ -176,3 +176,22 @@ def test_a_run_logs_the_routers_loss_and_a_dense_model_refuses_the_key(workspace
     with pytest.raises(ConfigError, match="LlamaForCausalLM trains without one"):
         loop.train(build_config(tree), show_progress=False)
     assert not (workspace / "runs" / "dense" / "config.yaml").exists()
+
+
+def test_checkpointed_layers_keep_the_gradient_of_the_routers_loss(workspace):
+    """preftune's recomputation runs a layer's forward without gradients, which would cut the
+    router logits transformers hands out beside the layer's output: such forwards go through
+    torch's checkpoint, and the step's gradients are those of the plain one."""
+    grads = {}
+    for checkpointed in (False, True):
+        config = build_config(config_tree(workspace, f"ckpt-{checkpointed}",
+                                          router_aux_loss_coef=0.5,
+                                          gradient_checkpointing=checkpointed))
+        task, _ = loop.policy_task(config, Accelerator())
+        losses, _ = task.losses(task.module, task.make_batch(task.train_examples), 0)
+        losses.mean().backward()
+        grads[checkpointed] = {n: p.grad for n, p in task.module.model.named_parameters()
+                               if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)

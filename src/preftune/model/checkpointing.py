@@ -12,10 +12,13 @@ model they made a checkpointed step 2.1x a plain one on the host, where one extr
 runs the layer again with gradients (same random state, same attention kernels) and hands the
 gradients of the inputs and of the layer's trained weights back to the graph. The weights are
 inputs of the node, so their gradients accumulate where every other weight's do (DDP's and
-FSDP's hooks, ``optimizer_in_backward``). Three cases go through torch's checkpoint instead: a
+FSDP's hooks, ``optimizer_in_backward``). Four cases go through torch's checkpoint instead: a
 layer called with a keyword tensor that needs a gradient (that gradient would be lost),
-DeepSpeed ZeRO-3, which frees each weight after the call that gathered it, and a layer with
-hooks handed over as its ``__call__`` (transformers before 5.23), whose hooks would run again.
+DeepSpeed ZeRO-3, which frees each weight after the call that gathered it, a layer with
+hooks handed over as its ``__call__`` (transformers before 5.23), whose hooks would run again,
+and a forward inside ``side_outputs`` (a mixture of experts' router logits, which
+transformers' hooks hand out beside the layer's output: computed under no_grad, they would
+give the load-balancing loss no gradient).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .forward import attention_kernels
+from .forward import SIDE_OUTPUTS, attention_kernels
 
 
 def checkpoint_contexts():
@@ -79,7 +82,7 @@ def recompute(run: functools.partial, *args, forward=None):
     weights = list(layer.parameters()) if isinstance(layer, nn.Module) else None
     # DeepSpeed ZeRO-3 (its weights carry a ds_id) gathers each weight for the call that uses
     # it and frees it after: the weights this node would hold are empty by backward
-    if weights is None or hooked or _needs_grad(run.keywords) \
+    if weights is None or hooked or SIDE_OUTPUTS.get() or _needs_grad(run.keywords) \
             or any(hasattr(w, "ds_id") for w in weights):
         return torch_checkpoint(run, *args)
     return _Recompute.apply(run, len(args), *args, *(w for w in weights if w.requires_grad))

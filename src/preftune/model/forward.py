@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -94,6 +96,21 @@ def flat_features(features, width: int) -> torch.Tensor:
     if isinstance(features, (list, tuple)):
         features = torch.cat(list(features))
     return features.reshape(-1, width)
+
+
+# Set while a forward's layers hand out tensors beside their outputs (a mixture of experts'
+# router logits, through transformers' hooks): checkpointed layers then keep their gradients
+# (model/checkpointing.py)
+SIDE_OUTPUTS = contextvars.ContextVar("preftune_side_outputs", default=False)
+
+
+@contextmanager
+def side_outputs():
+    token = SIDE_OUTPUTS.set(True)
+    try:
+        yield
+    finally:
+        SIDE_OUTPUTS.reset(token)
 
 
 # The SDPA kernels torch may choose from: all but cuDNN's, its first choice on Hopper GPUs,
@@ -275,8 +292,9 @@ class LogpModel(nn.Module):
         lm = causal_lm_of(self.model)
         decoder = lm.get_decoder()
         routed = {"output_router_logits": True} if balance else {}
-        out = run_decoder(decoder, batch, decoder.config, vlm=lm,
-                          output_hidden_states=layer_means, **routed)
+        with side_outputs() if balance else nullcontext():
+            out = run_decoder(decoder, batch, decoder.config, vlm=lm,
+                              output_hidden_states=layer_means, **routed)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         hidden, weight = _fold_bias(hidden[batch.logit_positions], lm.get_output_embeddings())
         extra = []
