@@ -149,9 +149,9 @@ def assert_batch_path_matches_plain(name, beta, plain_loss, layout, per_token):
 
     objective = Objective.from_config([_Cfg(name, {"beta": beta})], total_steps=1)
     batch = collate(_examples(), pad_token_id=0, layout=layout, max_row_tokens=40)
-    inputs = objective_inputs(LogpModel(policy, chunk_tokens=3),
-                              LiveReference(reference, chunk_tokens=3, per_token=per_token),
-                              [], batch, objective, step=0)
+    inputs, _ = objective_inputs(LogpModel(policy, chunk_tokens=3),
+                                 LiveReference(reference, chunk_tokens=3, per_token=per_token),
+                                 [], batch, objective, step=0)
     losses = objective(inputs)[0].losses
     losses.sum().backward()
     torch.testing.assert_close(losses, expected.detach(), atol=1e-5, rtol=1e-5)
