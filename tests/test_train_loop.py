@@ -321,6 +321,8 @@ def test_plan_prints_layout_reference_and_memory_without_training(workspace, cap
         == [16 * 804_000 + 1_300_000, 1_600_000 + 804_000 + 1_300_000]
     scores = KeptBytes((7.0,) * 16, (804.0,) * 16, (0.5,) * 16, 300.0)
     assert _activation_bytes(scores, 2, 1000, 100) == 16 * (7 + 2 * (804_000 + 500_000)) + 600_000
+    # a model whose layers preftune cannot find: all it keeps counts outside them
+    assert _activation_bytes(KeptBytes((), (), (), 900.0), 1, 1000, 100, 1) == 900_000
 
 
 def test_zero_learning_rate_raises_policy_not_moving_through_the_loop(workspace):

@@ -67,7 +67,7 @@ def _activation_bytes(kept: KeptBytes, rows: int, width: int, input_bytes: int,
     ``frozen_below`` lowest layers keep nothing: no weight at or under them trains."""
     layers = kept.layers(rows, width)
     shared = rows * width * kept.outside + mask_bytes
-    if checkpoint_every is None:
+    if checkpoint_every is None or not layers:  # (layers it cannot find count as outside)
         return sum(layers) + shared
     kept_now = [0 if i < frozen_below else rows * width * input_bytes
                 if i % checkpoint_every == 0 else layer for i, layer in enumerate(layers)]
@@ -162,7 +162,8 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     # (padded probe rows get padding, and so a dense mask, where the run's rows get one)
     measured = measure_kept(model, layout, dense_mask, pad_token_id)
     frozen_below = frozen_layers_below(model)
-    bottom = measured.layer(min(frozen_below, len(measured.per_slot) - 1), rows, width)
+    bottom = measured.layer(min(frozen_below, len(measured.per_slot) - 1), rows, width) \
+        if measured.per_slot else 0
     mask_bytes = masks * rows * width * width * dtype_bytes if dense_mask else 0
 
     def activations_and_total(checkpoint_every):
