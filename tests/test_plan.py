@@ -91,7 +91,7 @@ SLOW = pytest.mark.slow  # (bf16 on CPUs without bf16 units: ~17 s each; `pytest
                  id="top-layer-checkpointed"),
     pytest.param({"model": {"train_layers": 1}}, id="top-layer", marks=SLOW),
     pytest.param({"model": {"lora": {"r": 16, "alpha": 32}}}, id="lora"),
-    pytest.param({"model": {"path": "moe"}}, id="mixture-of-experts"),
+    pytest.param({"model": {"path": "moe"}}, id="mixture-of-experts", marks=SLOW),
 ])
 def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, train, capsys,
                                                                 monkeypatch):
