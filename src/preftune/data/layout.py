@@ -53,9 +53,6 @@ class Batch:
     last_token_positions: torch.Tensor | None = None  # [num_responses] flat index of each end
     token_type_ids: torch.Tensor | None = None  # [rows, T] encoders: 1 on response tokens
     response_lengths: torch.Tensor | None = None  # [num_responses] tokens of each response
-    # prefix-shared rows: how many sequences (prompt + one response) each token is part of, a
-    # prompt token once per response after it; 0 on padding. Other layouts: attention_mask
-    token_copies: torch.Tensor | None = None  # [rows, T]
     # padded and packed rows: the length of each sequence in the flattened rows (a row's or
     # unit's tokens, the padding after them), for varlen attention (model/varlen.py)
     sequence_lengths: tuple = ()
@@ -220,7 +217,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
     used = [sum(sizes[u] for u in row) for row in rows]
     width = -(-max(used) // pad_to_multiple_of) * pad_to_multiple_of
 
-    ids, position, unit_of, segment, copies = [], [], [], [], []  # per row, `width` long
+    ids, position, unit_of, segment = [], [], [], []  # per row, each `width` long
     sequences = [length for row, total in zip(rows, used) for length in
                  [*(sizes[u] for u in row), width - total] if length] if not shared else []
     predictors, targets, owners, offsets = [], [], [], []
@@ -230,8 +227,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
     mrope = images is not None and images.mrope  # 3-D positions (data/vision_qwen.py)
     position3: list = [[], [], []]
     for row_number, row in enumerate(rows):
-        base, row_ids, row_pos, row_unit, row_seg, row_copies = (row_number * width, [], [],
-                                                                  [], [], [])
+        base, row_ids, row_pos, row_unit, row_seg = row_number * width, [], [], [], []
         row_pos3: list = [[], [], []]
         for unit_in_row, unit in enumerate(row):
             e, slots = units[unit]
@@ -248,7 +244,6 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
                     row_pos3[axis] += prompt3[axis]
             row_unit += [unit_in_row] * len(prompt)
             row_seg += [-1] * len(prompt)
-            row_copies += [len(slots)] * len(prompt)
             last_prompt_position = base + len(row_ids) - 1
             for r in slots:
                 response, k = examples[e].response_ids[r], e * per_example + r
@@ -274,7 +269,6 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
                         row_pos3[axis] += range(after, after + len(response))
                 row_unit += [unit_in_row] * len(response)
                 row_seg += [r] * len(response)
-                row_copies += [1] * len(response)
         pad = width - len(row_ids)
         ids.append(row_ids + [pad_token_id] * pad)
         position.append(row_pos + [0] * pad)
@@ -283,7 +277,6 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
                 position3[axis].append(row_pos3[axis] + [0] * pad)
         unit_of.append(row_unit + [-1] * pad)
         segment.append(row_seg + [-1] * pad)
-        copies.append(row_copies + [0] * pad)
     custom_mask = shared or packed
     long = functools.partial(torch.tensor, dtype=torch.long)
     units_tensor = long(unit_of)
@@ -303,7 +296,6 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, layout: str = "
         segment_ids=long(segment) if custom_mask else None,
         last_token_positions=long(ends),
         response_lengths=long(lengths),
-        token_copies=long(copies) if shared else None,
         sequence_lengths=tuple(sequences),
         example_ids=tuple(ex.index for ex in examples),
         real_tokens=sum(used),

@@ -12,7 +12,7 @@ add it when the model's config has ``output_router_logits``; preftune does the s
 
 The tokens are those of the batch's sequences, each prompt with each of its responses, as in
 a padded batch: a prefix-shared prompt, run once for all its responses, counts once per
-response (``Batch.token_copies``), so every layout gives the padded layout's loss.
+response (``sequence_copies``), so every layout gives the padded layout's loss.
 """
 
 from __future__ import annotations
@@ -34,8 +34,27 @@ class RouterBalance:
 
     def loss(self, router_logits: tuple, batch) -> torch.Tensor:
         """The batch's balancing loss from each MoE layer's router logits [rows * T, E]."""
-        copies = batch.token_copies if batch.token_copies is not None else batch.attention_mask
-        return balancing_loss(router_logits, copies.reshape(-1), self.experts, self.top_k)
+        return balancing_loss(router_logits, sequence_copies(batch), self.experts, self.top_k)
+
+
+def sequence_copies(batch) -> torch.Tensor:
+    """How many of the batch's sequences (a prompt and one response) each slot of its rows is
+    part of, flat [rows * T]: a prompt token once per response that follows it in its unit
+    (the distinct response segments there), a response token once, padding 0. Built on the
+    batch's device from its unit and segment ids, with no read back to the host."""
+    real = batch.attention_mask.reshape(-1).float()
+    if batch.segment_ids is None:  # padded rows: one sequence each
+        return real
+    rows, width = batch.unit_ids.shape
+    unit, segment = batch.unit_ids.reshape(-1), batch.segment_ids.reshape(-1)
+    row = torch.arange(rows, device=unit.device).repeat_interleave(width)
+    key = row * width + unit.clamp(min=0)  # (row, unit): which prompt a slot belongs to
+    response = segment >= 0
+    responses = batch.responses_per_example
+    seen = real.new_zeros(rows * width * responses).scatter_reduce(
+        0, key * responses + segment.clamp(min=0), response.float(), reduce="amax")
+    per_unit = seen.view(rows * width, responses).sum(1)
+    return torch.where(response, real, per_unit[key] * real)
 
 
 def router_balance(lm, coefficient: float | None) -> RouterBalance | None:

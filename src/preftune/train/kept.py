@@ -117,7 +117,8 @@ def _saved_by_layer(model, lm, decoder, layers, batch) -> tuple[int, list[int], 
         for hook in hooks:
             hook.remove()
     left_out = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    left_out |= {mask.untyped_storage().data_ptr() for mask in _tensors(batch._masks)}
+    left_out |= {mask.untyped_storage().data_ptr() for mask in batch._masks.values()
+                 if isinstance(mask, torch.Tensor)}  # (a BlockMask is no tensor)
     per_layer, outside = [0] * len(layers), 0
     for key, who in savers.items():
         if key in left_out:
@@ -128,12 +129,3 @@ def _saved_by_layer(model, lm, decoder, layers, batch) -> tuple[int, list[int], 
             outside += sizes[key]
     return batch.input_ids.shape[0], per_layer, outside
 
-
-def _tensors(masks: dict) -> list:
-    found = []
-    for value in masks.values():
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif isinstance(value, dict):
-            found += _tensors(value)
-    return found
