@@ -311,7 +311,7 @@ def test_plan_prints_layout_reference_and_memory_without_training(workspace, cap
     # 16 layers that keep 804 bytes a slot, 300 kept outside them, 1,000 slots, a layer input
     # 100 bytes a slot. No checkpointing: 16 full sets; every 8th: the inputs of layers 0 and
     # 8 and 14 full sets; each: 16 inputs and, while the top layer is recomputed, its full set
-    kept = KeptBytes((0.0,) * 16, (804.0,) * 16, (0.0,) * 16, 300.0)
+    kept = KeptBytes((0.0,) * 16, (804.0,) * 16, (0.0,) * 16, (0.0, 300.0, 0.0))
     assert [_activation_bytes(kept, 1, 1000, 100, every) for every in (None, 8, 1)] \
         == [16 * 804_000 + 300_000, 200_000 + 14 * 804_000 + 300_000,
             1_600_000 + 804_000 + 300_000]
@@ -319,10 +319,10 @@ def test_plan_prints_layout_reference_and_memory_without_training(workspace, cap
     # attention's scores grow with the square of the row, and a layer may keep a constant
     assert [_activation_bytes(kept, 1, 1000, 100, every, 1_000_000) for every in (None, 1)] \
         == [16 * 804_000 + 1_300_000, 1_600_000 + 804_000 + 1_300_000]
-    scores = KeptBytes((7.0,) * 16, (804.0,) * 16, (0.5,) * 16, 300.0)
+    scores = KeptBytes((7.0,) * 16, (804.0,) * 16, (0.5,) * 16, (0.0, 300.0, 0.0))
     assert _activation_bytes(scores, 2, 1000, 100) == 16 * (7 + 2 * (804_000 + 500_000)) + 600_000
     # a model whose layers preftune cannot find: all it keeps counts outside them
-    assert _activation_bytes(KeptBytes((), (), (), 900.0), 1, 1000, 100, 1) == 900_000
+    assert _activation_bytes(KeptBytes((), (), (), (0.0, 900.0, 0.0)), 1, 1000, 100, 1) == 900_000
 
 
 def test_zero_learning_rate_raises_policy_not_moving_through_the_loop(workspace):

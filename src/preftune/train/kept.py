@@ -10,12 +10,14 @@ training will keep. Per decoder layer, over R rows of W slots, the bytes are
 k + R W (a + c W): c for eager attention's [heads, W, W] scores, k for what does not grow with
 the batch (a kernel's copy of frozen expert weights); three widths give all three. A tensor
 saved by more than one layer (the rotary tables) and everything saved outside the layers (the
-embedding's indices, the final norm) count once, per slot. The layout's attention mask is left
-out: the plan adds it, once per batch. The probe costs forwards of 16, 32 and 48 tokens.
+embedding's indices, the final norm, an encoder's own attention mask) count once, fit the same
+way. The mask of preftune's layouts is left out: the plan adds it, once per batch. The probe
+costs forwards of 16, 32 and 48 tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,38 +33,53 @@ WIDTHS = (16, 32, 48)  # evenly spaced
 class KeptBytes:
     """Bytes kept for backward by each decoder layer over a [rows, W] micro-batch,
     ``constant + rows W per_slot + rows W^2 per_row_slot2``, and outside the layers (or by
-    several of them) ``outside`` per slot."""
+    several of them) ``outside``, the same three terms."""
 
     constant: tuple[float, ...]
     per_slot: tuple[float, ...]
     per_row_slot2: tuple[float, ...]
-    outside: float
+    outside: tuple[float, float, float]
 
     def layer(self, index: int, rows: int, width: int) -> float:
         """What layer ``index`` keeps over a [rows, width] micro-batch."""
-        return self.constant[index] + rows * width * (
-            self.per_slot[index] + width * self.per_row_slot2[index])
+        return _bytes((self.constant[index], self.per_slot[index], self.per_row_slot2[index]),
+                      rows, width)
 
     def layers(self, rows: int, width: int) -> list[float]:
         return [self.layer(i, rows, width) for i in range(len(self.per_slot))]
 
+    def shared(self, rows: int, width: int) -> float:
+        """What is kept outside the layers over a [rows, width] micro-batch."""
+        return _bytes(self.outside, rows, width)
 
-def measure_kept(model, layout: str, padded_rows: bool = False,
-                 pad_token_id: int = 0) -> KeptBytes:
+
+def _bytes(terms: tuple[float, float, float], rows: int, width: int) -> float:
+    constant, per_slot, per_row_slot2 = terms
+    return constant + rows * width * (per_slot + width * per_row_slot2)
+
+
+def measure_kept(model, layout: str, padded_rows: bool = False, pad_token_id: int = 0,
+                 forward: Callable | None = None,
+                 make_batch: Callable | None = None) -> KeptBytes:
     """Run ``model`` (set up as it will train: LoRA, frozen weights, lean layers, dropout off,
     no checkpointing) on probe batches of ``layout``; ``padded_rows``: rows of the padded
     layout hold padding, so they get preftune's dense mask (and transformers repeats grouped
-    keys and values for it), as the run's will."""
+    keys and values for it), as the run's will. ``forward(batch)`` runs the model (by default
+    its decoder, as a policy's log-probs do) and ``make_batch(examples)`` builds a probe batch
+    (by default ``collate`` in ``layout``): a reward model passes its own."""
     lm = causal_lm_of(model)
-    decoder = lm.get_decoder()
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    probes = [_saved_by_layer(model, lm, decoder, layers, _probe_batch(
-        width, layout, padded_rows, pad_token_id, decoder.config.vocab_size).to(device))
+    if forward is None:
+        decoder = lm.get_decoder()
+        forward = lambda batch: run_decoder(decoder, batch, decoder.config, vlm=lm)  # noqa: E731
+    vocab = lm.config.get_text_config().vocab_size
+    probes = [_saved_by_layer(model, forward, layers, _probe_batch(
+        width, layout, padded_rows, pad_token_id, vocab, make_batch).to(device))
         for width in WIDTHS]
-    rows, step = probes[0][0], WIDTHS[1] - WIDTHS[0]
+    rows = probes[0][0]
     fits = [_fit(*kept, rows=rows) for kept in zip(*(probe[1] for probe in probes))]
-    outside = (probes[2][2] - probes[0][2]) / (rows * 2 * step)
+    outside = _fit(*(probe[2] for probe in probes), rows=rows)
     return KeptBytes(*(tuple(column) for column in zip(*fits)), outside) if fits else \
         KeptBytes((), (), (), outside)
 
@@ -76,7 +93,8 @@ def _fit(first: int, second: int, third: int, rows: int = 1) -> tuple[float, flo
     return first - rows * w1 * (a + c * w1), a, c
 
 
-def _probe_batch(width: int, layout: str, padded_rows: bool, pad_token_id: int, vocab: int):
+def _probe_batch(width: int, layout: str, padded_rows: bool, pad_token_id: int, vocab: int,
+                 make_batch: Callable | None = None):
     """A batch of ``width``-slot rows: one example (a prompt and one response of half the
     row each), or under ``padded_rows`` two, the second 4 tokens shorter."""
     generator = torch.Generator().manual_seed(width)
@@ -87,10 +105,12 @@ def _probe_batch(width: int, layout: str, padded_rows: bool, pad_token_id: int, 
                                 response_ids=[ids[length // 2 :]], index=index)
 
     examples = [example(width, 0)] + ([example(width - 4, 1)] if padded_rows else [])
+    if make_batch is not None:
+        return make_batch(examples)
     return collate(examples, pad_token_id, layout, max_row_tokens=width)
 
 
-def _saved_by_layer(model, lm, decoder, layers, batch) -> tuple[int, list[int], int]:
+def _saved_by_layer(model, forward, layers, batch) -> tuple[int, list[int], int]:
     """(rows, the bytes each layer alone saves, the bytes saved outside the layers or by more
     than one) for one forward of ``batch``; parameters and the batch's masks left out."""
     current: list = [None]
@@ -112,7 +132,7 @@ def _saved_by_layer(model, lm, decoder, layers, batch) -> tuple[int, list[int], 
               for layer in layers]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            run_decoder(decoder, batch, decoder.config, vlm=lm)
+            forward(batch)
     finally:
         for hook in hooks:
             hook.remove()

@@ -6,6 +6,7 @@ layers keep for backward is measured on the model itself (``kept.py``)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 from ..data.layout import collate
@@ -32,11 +33,24 @@ def _routed(config) -> tuple[int, int, int] | None:
     return experts, top_k, width
 
 
-def _layer_backward_bytes(config, tokens: int, dtype_bytes: int) -> int:
-    """Working tensors of one layer's backward beyond what it kept: three MLP-width tensors
-    (the gradient of its product, and of gate and up, or silu recomputed in the lean MLP), as
-    the CPU allocator counts the peak in tests/test_plan.py."""
-    return tokens * 3 * _mlp_width(config) * dtype_bytes
+def _layer_backward_bytes(config, tokens: int, dtype_bytes: int, gated: bool = True) -> int:
+    """Working tensors of one layer's backward beyond what it kept, as the CPU allocator counts
+    the peak in tests/test_plan.py and tests/test_rm_plan.py: for a gated MLP three MLP-width
+    tensors (the gradient of its product, and of gate and up, or silu recomputed in the lean
+    MLP); for a plain one (BERT's, GPT-2's) two, between the 0.8 of BERT's fused GELU in fp32
+    and the 2.2 of GPT-2's composed tanh GELU in bf16."""
+    return tokens * (3 if gated else 2) * _mlp_width(config) * dtype_bytes
+
+
+def gated_mlp(layer, config) -> bool:
+    """Whether ``layer``'s MLP is gated (Llama's gate and up projections, or one fused weight
+    of both): it has three hidden-by-MLP-width weights, where a plain MLP has two. A mixture
+    of experts, whose experts are 3-D weights, counts as gated."""
+    hidden, width = config.hidden_size, _mlp_width(config)
+    shapes = [tuple(p.shape) for p in layer.parameters() if p.dim() == 2]
+    pieces = sum(1 if set(shape) == {hidden, width} else 2 if set(shape) == {hidden, 2 * width}
+                 else 0 for shape in shapes)
+    return pieces != 2
 
 
 def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_bytes: int,
@@ -66,7 +80,7 @@ def _activation_bytes(kept: KeptBytes, rows: int, width: int, input_bytes: int,
     recomputation of the highest checkpointed layer, when the layers above it are freed. The
     ``frozen_below`` lowest layers keep nothing: no weight at or under them trains."""
     layers = kept.layers(rows, width)
-    shared = rows * width * kept.outside + mask_bytes
+    shared = kept.shared(rows, width) + mask_bytes
     if checkpoint_every is None or not layers:  # (layers it cannot find count as outside)
         return sum(layers) + shared
     kept_now = [0 if i < frozen_below else rows * width * input_bytes
@@ -105,76 +119,24 @@ def _model_lines(lm, decoder_config, max_length: int) -> list[str]:
 def plan(config, model, train_examples, layout: str, pad_token_id: int,
          sharding: tuple[str, dict] = ("", {})) -> str:
     """A human-readable plan: layout, reference strategy, padding, memory estimate (per
-    process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits).
-    Weights, gradients and AdamW's moments are counted from ``model``'s parameters as they are
-    (LoRA adapters may be fp32 on a bf16 model); torch's AdamW keeps its two moments in each
-    parameter's dtype, DeepSpeed's in fp32, the 8-bit ones in a byte (``moment_bytes``)."""
-    model_config = causal_lm_of(model).get_decoder().config
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    four_bit, scale_bytes = four_bit_storage(model)  # model.quantize
-    n_params = sum(p.numel() for p in model.parameters()) + four_bit // 2
-    trainable_params = sum(p.numel() for p in trainable)
-    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits)."""
+    lm = causal_lm_of(model)
+    model_config = lm.get_decoder().config
     objective = Objective.from_config(config.objective, total_steps=1)
     cfg = config.train
     dtype_bytes = BYTES[config.model.dtype]
-    longest = sorted(train_examples, key=lambda ex: -(len(ex.prompt_ids)
-                     + sum(len(r) for r in ex.response_ids)))[: cfg.batch_size]
     max_row = cfg.max_row_tokens or config.data.max_length
-    # the token layout is what counts here; images (their tokens are in the prompts) need no
-    # pixels for it
-    longest = [replace(ex, images=(), slot_images=()) for ex in longest]
-    worst = collate(longest, pad_token_id, layout, max_row)
+    worst, sample = worst_and_sample(train_examples, cfg.batch_size, functools.partial(
+        collate, pad_token_id=pad_token_id, layout=layout, max_row_tokens=max_row))
     rows, width = worst.input_ids.shape
-    sample = collate([replace(ex, images=(), slot_images=()) for ex in train_examples[:64]],
-                     pad_token_id, layout, max_row)
+    masks = dense_masks(model_config, lm, worst, config.model.attn_implementation,
+                        train_examples)
     strategy = config.reference_strategy
-
-    engine, parts = sharding
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + scale_bytes
-    weights = weight_bytes / parts.get("weights", 1)
-    # in-backward updates free each gradient at once: about one parameter's worth is held
-    grads = 0 if cfg.optimizer_in_backward else trainable_bytes / parts.get("gradients", 1)
-    fp32_moments = engine.startswith("ZeRO")
-    moments = 2 * trainable_params * 4 if fp32_moments else moment_bytes(
-        cfg.optimizer, trainable, embedding_weights(model))
-    optimizer = moments / parts.get("optimizer", 1)
-    reference = weight_bytes if strategy == "live" else 0  # held whole
-
-    def split(kind):
-        return f"  (1/{parts[kind]} per process: {engine})" if parts.get(kind, 1) > 1 else ""
-
-    attention = config.model.attn_implementation or "sdpa"
-    padding = worst.unit_ids is None and worst.real_tokens < worst.attention_mask.numel()
-    dense_mask = (worst.unit_ids is not None and attention not in ("flex_attention", "varlen")
-                  or padding and attention in ("sdpa", "eager"))  # as model/forward.py builds
-    windows = binding_windows(model_config, worst.longest_sequence)
-    masks = len(set(windows.values())) if windows else 1
-    image_blocks = image_block_token(causal_lm_of(model)) is not None and any(
-        ex.images for ex in train_examples)  # Gemma 3: a dense mask in every layout
-    dense_mask = dense_mask or windows is not None or image_blocks
-    every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
-    head = causal_lm_of(model).get_output_embeddings().weight
+    head = lm.get_output_embeddings().weight
     output = _output_backward_bytes(model_config.vocab_size, model_config.hidden_size,
                                     cfg.logps_chunk_tokens, dtype_bytes, head.requires_grad)
-    layer = _layer_backward_bytes(model_config, rows * width, dtype_bytes)
-    top_grads = head.numel() * head.element_size() if head.requires_grad else 0
     # (padded probe rows get padding, and so a dense mask, where the run's rows get one)
-    measured = measure_kept(model, layout, dense_mask, pad_token_id)
-    frozen_below = frozen_layers_below(model)
-    bottom = measured.layer(min(frozen_below, len(measured.per_slot) - 1), rows, width) \
-        if measured.per_slot else 0
-    mask_bytes = masks * rows * width * width * dtype_bytes if dense_mask else 0
-
-    def activations_and_total(checkpoint_every):
-        kept = _activation_bytes(measured, rows, width, model_config.hidden_size * dtype_bytes,
-                                 checkpoint_every, mask_bytes, frozen_below)
-        # backward's three candidate peaks: the output layer's, with every activation still
-        # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
-        largest = max(kept + output, kept + top_grads + layer, grads + bottom + layer)
-        return kept, weights + optimizer + reference + largest
-
-    activations, total = activations_and_total(every)
+    measured = measure_kept(model, layout, masks > 0, pad_token_id)
     lines = [
         f"objective          {objective.name} ({objective.data}, "
         f"{'needs reference' if objective.needs_reference else 'reference-free'})",
@@ -183,11 +145,107 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
             f"{config.reference.sync_mix or DEFAULT_MIX})" if config.reference.sync_every else ""),
         f"layout             {layout}"
         + (" (chosen automatically)" if cfg.layout == "auto" else ""),
-        *_model_lines(causal_lm_of(model), model_config, config.data.max_length),
-        f"padding fraction   {sample.padding_fraction:.1%} (first 64 examples)",
-        f"worst micro-batch  {rows} rows x {width} tokens",
-        f"parameters         {_millions(n_params)}, trainable {_millions(trainable_params)}"
-        + (f", {_millions(four_bit)} in 4 bits ({config.model.quantize})" if four_bit else ""),
+        *_model_lines(lm, model_config, config.data.max_length),
+        *batch_lines(sample, worst, model, config.model.quantize),
+    ]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) \
+        + four_bit_storage(model)[1]
+    head_grads = head.numel() * head.element_size() if head.requires_grad else 0
+    return "\n".join(lines + memory_lines(
+        cfg, model, model_config, dtype_bytes, measured, (rows, width), masks, sharding,
+        head_grads,
+        output=(output, f"{cfg.logps_chunk_tokens}-token chunks of logits"
+                + (", fp32 gradient of the output weight" if head.requires_grad else "")),
+        reference=(weight_bytes if strategy == "live" else 0, strategy)))
+
+
+def worst_and_sample(examples, batch_size: int, make_batch):
+    """(the micro-batch of the ``batch_size`` longest examples, a batch of the first 64): the
+    token layout is what counts, so images (their tokens are in the prompts) are left out."""
+    def tokens_only(chosen):
+        return [replace(ex, images=(), slot_images=()) for ex in chosen]
+
+    longest = sorted(examples, key=lambda ex: -(len(ex.prompt_ids)
+                     + sum(len(r) for r in ex.response_ids)))[:batch_size]
+    return make_batch(tokens_only(longest)), make_batch(tokens_only(examples[:64]))
+
+
+def dense_masks(model_config, lm, worst, attention: str | None, examples) -> int:
+    """How many dense [rows, W, W] masks preftune's forward builds for ``worst`` (as
+    model/forward.py does): one for packed or prefix-shared rows outside FlexAttention and
+    varlen, or for padded rows under sdpa or eager, or for Gemma 3's image blocks; one per
+    distinct attention window that the rows reach."""
+    attention = attention or "sdpa"
+    padding = worst.unit_ids is None and worst.real_tokens < worst.attention_mask.numel()
+    dense = (worst.unit_ids is not None and attention not in ("flex_attention", "varlen")
+             or padding and attention in ("sdpa", "eager"))
+    windows = binding_windows(model_config, worst.longest_sequence)
+    image_blocks = image_block_token(lm) is not None and any(ex.images for ex in examples)
+    if windows is not None:
+        return len(set(windows.values()))
+    return int(dense or image_blocks)
+
+
+def batch_lines(sample, worst, model, quantize: str | None) -> list[str]:
+    """The plan's lines on padding, the worst micro-batch and the parameters."""
+    four_bit = four_bit_storage(model)[0]
+    total = sum(p.numel() for p in model.parameters()) + four_bit // 2
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows, width = worst.input_ids.shape
+    return [f"padding fraction   {sample.padding_fraction:.1%} (first 64 examples)",
+            f"worst micro-batch  {rows} rows x {width} tokens",
+            f"parameters         {_millions(total)}, trainable {_millions(trainable)}"
+            + (f", {_millions(four_bit)} in 4 bits ({quantize})" if four_bit else "")]
+
+
+def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes,
+                 shape: tuple[int, int], masks: int, sharding: tuple[str, dict],
+                 head_grads: int,
+                 output: tuple[int, str] | None = None,
+                 reference: tuple[int, str] | None = None) -> list[str]:
+    """The memory estimate of one micro-batch of ``shape`` (rows, width) with ``masks`` dense
+    masks (``dense_masks``), per process.
+    Weights, gradients and AdamW's moments are counted from ``model``'s parameters as they are
+    (LoRA adapters may be fp32 on a bf16 model); torch's AdamW keeps its two moments in each
+    parameter's dtype, DeepSpeed's in fp32, the 8-bit ones in a byte (``moment_bytes``).
+    ``head_grads``: the bytes of the output layer's gradient; ``output``: (bytes, what) of its backward beyond one
+    layer's; ``reference``: (bytes, strategy) of a reference model held in memory."""
+    rows, width = shape
+    mask_bytes = masks * rows * width * width * dtype_bytes
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, parts = sharding
+    weights = (sum(p.numel() * p.element_size() for p in model.parameters())
+               + four_bit_storage(model)[1]) / parts.get("weights", 1)
+    # in-backward updates free each gradient at once: about one parameter's worth is held
+    grads = 0 if cfg.optimizer_in_backward else sum(
+        p.numel() * p.element_size() for p in trainable) / parts.get("gradients", 1)
+    fp32_moments = engine.startswith("ZeRO")
+    moments = 2 * sum(p.numel() for p in trainable) * 4 if fp32_moments else moment_bytes(
+        cfg.optimizer, trainable, embedding_weights(model))
+    optimizer = moments / parts.get("optimizer", 1)
+    held = reference[0] if reference else 0
+    output_bytes = output[0] if output else 0
+    every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
+    layers = decoder_layers(model)
+    layer = _layer_backward_bytes(layer_config, rows * width, dtype_bytes,
+                                  not layers or gated_mlp(layers[0], layer_config))
+    frozen_below = frozen_layers_below(model)
+    bottom = measured.layer(min(frozen_below, len(measured.per_slot) - 1), rows, width) \
+        if measured.per_slot else 0
+
+    def activations_and_total(checkpoint_every):
+        kept = _activation_bytes(measured, rows, width, layer_config.hidden_size * dtype_bytes,
+                                 checkpoint_every, mask_bytes, frozen_below)
+        # backward's three candidate peaks: the output layer's, with every activation still
+        # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
+        largest = max(kept + output_bytes, kept + head_grads + layer, grads + bottom + layer)
+        return kept, weights + optimizer + held + largest
+
+    def split(kind):
+        return f"  (1/{parts[kind]} per process: {engine})" if parts.get(kind, 1) > 1 else ""
+
+    activations, total = activations_and_total(every)
+    lines = [
         "memory estimate (MiB per process, peak of one micro-batch):",
         f"  weights          {weights / MIB:10.0f}" + split("weights"),
         f"  gradients        {grads / MIB:10.0f}"
@@ -197,21 +255,21 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         + ("fp32 moments)" if fp32_moments else "8-bit moments)" if cfg.optimizer in EIGHT_BIT
            else "moments in the weights' dtype)")
         + split("optimizer"),
-        f"  reference        {reference / MIB:10.0f}  ({strategy})",
+        *([f"  reference        {held / MIB:10.0f}  ({reference[1]})"] if reference else []),
         f"  activations      {activations / MIB:10.0f}"
         + ("" if every is None else "  (gradient checkpointing"
            + (")" if every == 1 else f", every {every} layers)")),
-        f"  output backward  {output / MIB:10.0f}  ({cfg.logps_chunk_tokens}-token chunks of "
-        "logits" + (", fp32 gradient of the output weight)" if head.requires_grad else ")"),
+        *([f"  output backward  {output_bytes / MIB:10.0f}  ({output[1]})"] if output else []),
         f"  layer backward   {layer / MIB:10.0f}  (one layer's working tensors)",
         f"  total            {total / MIB:10.0f}  (the largest moment of backward: activations "
-        "with the output's or top layer's, or gradients with the bottom layer's)",
+        + ("with the output's or top layer's" if output else "with the top layer's")
+        + ", or gradients with the bottom layer's)",
     ]
     if every is None:  # what the memory-saving settings would bring it to
         lines.append(f"  with checkpointing {activations_and_total(1)[1] / MIB:8.0f}  "
                      "(train.gradient_checkpointing: true; with checkpoint_every: 2, "
                      f"{activations_and_total(2)[1] / MIB:.0f})")
-    return "\n".join(lines)
+    return lines
 
 
 def _millions(count: int) -> str:
