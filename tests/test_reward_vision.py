@@ -23,6 +23,7 @@ from preftune.reward.heads import Head
 from preftune.reward.vision import SCORE_FILE, VisionRewardModel
 from preftune.score import load_scorer
 from preftune.score.base import scorer_prompt
+from preftune.train.plan import _millions
 from test_vision import write_rows
 from tiny_vlms import save_tiny_vlm_dir, solid_image
 
@@ -264,3 +265,16 @@ def test_lora_all_linear_adapts_every_linear_layer_but_the_lm_head_and_the_score
     adapted = {name.removeprefix("base_model.model.") for name, module in wrapped.named_modules()
                if hasattr(module, "lora_A")}
     assert adapted == linear - {"vlm.lm_head", "score"}
+
+
+def test_rm_plan_of_a_vlm_counts_the_whole_model_and_writes_nothing(root, tmp_path, capsys):
+    api.train_reward_model({"output_dir": str(tmp_path / "plan"),
+                            "model": {"path": str(root / "vlm")},
+                            "data": {"train": str(root / "pairs.jsonl"), "max_length": 96}},
+                           plan_only=True)
+    printed = capsys.readouterr().out
+    model = load_backbone(str(root / "vlm"), Head(), announce=False)[0]  # vision tower and head
+    count = _millions(sum(p.numel() for p in model.parameters()))
+    assert f"parameters         {count}, trainable {count}" in printed
+    assert "layout             prefix_shared (chosen automatically)" in printed
+    assert "activations" in printed and not (tmp_path / "plan").exists()

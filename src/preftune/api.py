@@ -84,12 +84,14 @@ def compare(objectives: Sequence[str], config: str | None = None, *,
 
 
 def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool = False,
-                       overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Train a reward model (``preftune rm train``); returns the output directory."""
+                       overwrite: bool = False, show_progress: bool = True,
+                       plan_only: bool = False) -> Path:
+    """Train a reward model (``preftune rm train``); returns the output directory.
+    ``plan_only`` prints the layout and memory plan and stops."""
     from .reward.train import train_reward_model as train_reward
 
     return train_reward(_as(RewardConfig, config), resume=resume, show_progress=show_progress,
-                        overwrite=overwrite)
+                        overwrite=overwrite, plan_only=plan_only)
 
 
 def evaluate_reward_model(model: str | None, data: str, **options) -> dict:

@@ -9,8 +9,10 @@ def _train(args) -> None:
     from ..api import RewardConfig, train_reward_model
 
     config = RewardConfig.from_yaml(args.config, args.set or [])
-    output_dir = train_reward_model(config, resume=args.resume, overwrite=args.overwrite)
-    print(done_line(output_dir))
+    output_dir = train_reward_model(config, resume=args.resume, overwrite=args.overwrite,
+                                    plan_only=args.plan)
+    if not args.plan:
+        print(done_line(output_dir))
 
 
 def done_line(output_dir) -> str:
@@ -74,8 +76,11 @@ def add_rm_commands(commands) -> None:
 
     train = command(sub, "train", "train a reward model (see examples/rm/)",
                     "preftune rm train examples/rm/bt.yaml --set data.train=my_pairs.jsonl",
-                    "preftune rm train examples/rm/bt.yaml --resume")
+                    "preftune rm train examples/rm/bt.yaml --resume",
+                    "preftune rm train examples/rm/bt.yaml --plan")
     add_config_arguments(train, "examples/rm/", "loss.name=bt_margin")
+    train.add_argument("--plan", action="store_true",
+                       help="print the layout and a memory estimate, then stop")
     train.set_defaults(run=_train)
 
     evaluate = command(sub, "eval", "how a reward model or any scorer orders pairs: accuracy "

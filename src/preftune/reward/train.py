@@ -27,7 +27,7 @@ from ..train.logging import progress
 from ..train.loop import precision, write_run_header
 from ..train.output import start_run
 from ..train.run_lock import holding_output_dirs
-from ..train.engines import check_engine, refuse_sharding, whole_models
+from ..train.engines import check_engine, refuse_sharding, shards, whole_models
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
@@ -35,6 +35,7 @@ from .heads import Head
 from .losses import RewardInputs, get_reward_loss
 from .model import (REWARD_HEADS, RewardModel, attach_reward_lora, backbone_tokenizer,
                     load_backbone, scores_last_token)
+from .plan import reward_plan
 
 
 @torch.no_grad()
@@ -188,8 +189,9 @@ def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=N
     return reward_model, tokenizer
 
 
-def reward_task(config: RewardConfig, accelerator: Accelerator):
-    """Load the backbone and data, attach LoRA; returns (task, total_steps)."""
+def reward_task(config: RewardConfig, accelerator: Accelerator, plan_only: bool = False):
+    """Load the backbone and data, attach LoRA; returns (task, total_steps), or (None, 0) after
+    printing the plan when ``plan_only``."""
     cfg = config.train
     check_attention_device(config.model, accelerator.device)
     head, detected_head = detect_attributes(config)
@@ -220,7 +222,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
         print(f"model.head: {detected_head}")
     reward_model, _ = reward_model_from(config, head, lora=False, tokenizer=tokenizer,
                                         accelerator=accelerator)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not plan_only:  # a plan writes nothing
         write_run_header(Path(config.output_dir), config, data_report)
     if not cfg.keep_dropout:
         without_dropout(reward_model.model)
@@ -232,7 +234,7 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
               + ", the head included")
     if cfg.lean_activations:
         use_lean_layers(reward_model.model)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not plan_only:  # (the plan measures the plain layers)
         enable_checkpointing(causal_lm_of(reward_model.model), cfg.checkpoint_every)
     reward_model.to(accelerator.device).train()
     if not reward_model.last_token:  # encoders: every token sees the response
@@ -247,6 +249,11 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
     make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
                                          cfg.max_row_tokens or config.data.max_length,
                                          images=getattr(tokenizer, "image_inputs", None))
+    if plan_only:  # (token layouts only: the plan leaves images' pixels out)
+        print(reward_plan(config, reward_model, train_examples, layout, reward_model.make_batch(
+            tokenizer.pad_token_id, layout, cfg.max_row_tokens or config.data.max_length),
+            tokenizer.pad_token_id, shards(accelerator)))
+        return None, 0
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)
     return task, count_steps(cfg, len(train_examples), accelerator.num_processes)
@@ -254,15 +261,19 @@ def reward_task(config: RewardConfig, accelerator: Accelerator):
 
 @holding_output_dirs
 def train_reward_model(config: RewardConfig, resume: bool = False,
-                       show_progress: bool = True, overwrite: bool = False) -> Path:
-    """Train a reward model according to ``config``; returns the output directory."""
+                       show_progress: bool = True, overwrite: bool = False,
+                       plan_only: bool = False) -> Path:
+    """Train a reward model according to ``config``; returns the output directory.
+    ``plan_only`` prints the layout and memory plan and stops before training."""
     accelerator = Accelerator(gradient_accumulation_steps=1)
     check_engine(accelerator, config.train)
-    if start_run(config, accelerator, resume, overwrite):
+    if not plan_only and start_run(config, accelerator, resume, overwrite):
         return Path(config.output_dir)  # --resume of a finished run: nothing to train
     set_seed(config.train.seed)
     with whole_models(accelerator):
-        task, total_steps = reward_task(config, accelerator)
+        task, total_steps = reward_task(config, accelerator, plan_only)
+    if task is None:
+        return Path(config.output_dir)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,
                    resume=resume, show_progress=show_progress,
                    shuffle=not config.data.curriculum).run()

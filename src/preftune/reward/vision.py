@@ -42,6 +42,9 @@ class VisionRewardModel(nn.Module):
 
     base_model = property(get_decoder)  # where sequence classifiers keep it
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
     def get_output_embeddings(self):
         """The VLM's language-model head (so that LoRA's ``all-linear`` leaves it out)."""
         return self.vlm.get_output_embeddings()
