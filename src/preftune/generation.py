@@ -180,8 +180,11 @@ def shared_prefix_cache(model, input_ids, mask, k: int):
         return None
     prefix_mask = mask[:, :-1]
     positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+    # only the cache is wanted: logits of one position, not [prompts, P, vocab] in fp32
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        model.forward).parameters else {}
     model(input_ids=input_ids[:, :-1], attention_mask=prefix_mask, position_ids=positions,
-          use_cache=True, **{cache_argument(model): cache})
+          use_cache=True, **{cache_argument(model): cache}, **keep)
     cache.batch_repeat_interleave(k)
     return cache
 
