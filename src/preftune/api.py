@@ -188,12 +188,13 @@ def relevance_pairs(data: str, output: str, *, min_similarity: float = 0.3,
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, plan_only: bool = False) -> Path:
     """Online rounds: sample, score, pair, train, evaluate (``preftune online``); returns the
-    output directory."""
+    output directory. ``plan_only`` prints the sampling and training memory plan and stops."""
     from .online.loop import run_online as run_rounds
 
-    return run_rounds(_as(OnlineConfig, config), resume=resume, overwrite=overwrite)
+    return run_rounds(_as(OnlineConfig, config), resume=resume, overwrite=overwrite,
+                      plan_only=plan_only)
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:

@@ -32,8 +32,9 @@ def _online(args) -> None:
     from .api import OnlineConfig, run_online
 
     output_dir = run_online(OnlineConfig.from_yaml(args.config, args.set or []),
-                            resume=args.resume, overwrite=args.overwrite)
-    print(f"done: rounds in {output_dir}, summary in {output_dir / 'online.json'}")
+                            resume=args.resume, overwrite=args.overwrite, plan_only=args.plan)
+    if not args.plan:
+        print(f"done: rounds in {output_dir}, summary in {output_dir / 'online.json'}")
 
 
 def _demo(args) -> None:
@@ -178,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     online = command(commands, "online", "rounds of sample, score, pair, train, evaluate",
                      "preftune online examples/online/iterative_dpo_checkers.yaml "
-                     "--set online.rounds=3")
+                     "--set online.rounds=3",
+                     "preftune online examples/online/iterative_dpo_checkers.yaml --plan")
     add_config_arguments(online, "examples/online/", "online.rounds=3")
+    online.add_argument("--plan", action="store_true",
+                        help="print the sampling and training memory of the rounds, then stop")
     online.set_defaults(run=_online)
 
     from .reward.cli import add_rm_commands

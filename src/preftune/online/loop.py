@@ -45,9 +45,11 @@ from .measure import evaluate_model, samples_under
 
 
 @holding_output_dirs
-def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = False,
+               plan_only: bool = False) -> Path:
     """Run every round of ``config`` (or what is left of them with ``resume``; ``overwrite``
-    moves a previous run in output_dir aside)."""
+    moves a previous run in output_dir aside). ``plan_only`` prints the plan of the rounds
+    (sampling and training memory) and stops before anything is written."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("preftune online runs in one process (its rounds sample, score and "
                           "train one after another, on one device); start it without "
@@ -62,6 +64,11 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     prompts = _prompts(config.data.train, config)  # a bad file stops the run before output_dir
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_images(config, prompts + eval_prompts)
+    if plan_only:
+        from .plan import online_plan
+
+        print(online_plan(config, prompts))
+        return Path(config.output_dir)
     out = start_rounds(config, resume, overwrite)
     summary = {"initial": None, "rounds": []}
     if eval_prompts:

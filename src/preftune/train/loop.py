@@ -213,12 +213,9 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                                    max_row_tokens=cfg.max_row_tokens or config.data.max_length,
                                    pad_to_multiple_of=row_multiple(config),
                                    images=getattr(tokenizer, "image_inputs", None))
-    if objective.kl_completions:
-        train_examples = with_mismatched_completions(train_examples, config.data.max_length)
-        eval_examples = with_mismatched_completions(eval_examples, config.data.max_length)
-    if objective.image_negatives:
-        train_examples = with_negative_image_slot(train_examples)
-        eval_examples = with_negative_image_slot(eval_examples)
+    train_examples, eval_examples = (with_objective_slots(objective, split,
+                                                          config.data.max_length)
+                                     for split in (train_examples, eval_examples))
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     if objective.data != shape:
         raise DataError(shape_mismatch(objective, shape, config.data))
@@ -252,6 +249,16 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     task = PolicyTask(config, logp_model, tokenizer, objective, splits, references, extras,
                       make_batch, layout, device, generations)
     return task, total_steps
+
+
+def with_objective_slots(objective: Objective, examples: list, max_length: int) -> list:
+    """``examples`` with the responses the objective adds to each: KTO's mismatched
+    completions, mDPO's image negatives."""
+    if objective.kl_completions:
+        examples = with_mismatched_completions(examples, max_length)
+    if objective.image_negatives:
+        examples = with_negative_image_slot(examples)
+    return examples
 
 
 def load_policy(config: Config, tokenizer, accelerator: Accelerator):

@@ -39,14 +39,14 @@ def _layer_backward_bytes(config, tokens: int, dtype_bytes: int, gated: bool = T
     tensors (the gradient of its product, and of gate and up, or silu recomputed in the lean
     MLP); for a plain one (BERT's, GPT-2's) two, between the 0.8 of BERT's fused GELU in fp32
     and the 2.2 of GPT-2's composed tanh GELU in bf16."""
-    return tokens * (3 if gated else 2) * _mlp_width(config) * dtype_bytes
+    return tokens * (3 if gated else 2) * mlp_width(config) * dtype_bytes
 
 
 def gated_mlp(layer, config) -> bool:
     """Whether ``layer``'s MLP is gated (Llama's gate and up projections, or one fused weight
     of both): it has three hidden-by-MLP-width weights, where a plain MLP has two. A mixture
     of experts, whose experts are 3-D weights, counts as gated."""
-    hidden, width = config.hidden_size, _mlp_width(config)
+    hidden, width = config.hidden_size, mlp_width(config)
     shapes = [tuple(p.shape) for p in layer.parameters() if p.dim() == 2]
     pieces = sum(1 if set(shape) == {hidden, width} else 2 if set(shape) == {hidden, 2 * width}
                  else 0 for shape in shapes)
@@ -61,7 +61,7 @@ def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_byt
     return (4 * vocab * hidden if trainable else 0) + chunk_tokens * vocab * (2 * dtype_bytes + 8)
 
 
-def _mlp_width(config) -> int:
+def mlp_width(config) -> int:
     """The MLP's width per token: a mixture of experts' k experts' (and a shared one's)."""
     routed = _routed(config)
     if routed is None:

@@ -1,0 +1,119 @@
+"""``preftune online --plan``: what the rounds will do and the memory of their two heaviest
+phases, before anything is sampled or written. Sampling: the policy's weights, the KV cache of
+one generate call of the longest prompts grown to ``max_new_tokens``, and the logits of a
+step. Training: ``preftune train --plan`` of round 1 on worst-case rows, the longest prompts
+each with responses of ``max_new_tokens`` (the most a sample can hold), as many per row as
+the pair builder makes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from ..data.layout import choose_layout
+from ..model.forward import causal_lm_of
+from ..model.load import load_tokenizer
+from ..model.quantize import four_bit_storage
+from ..model.verify import decoder_of, verified_layout
+from ..objectives import get_objective
+from ..objectives.compose import Objective
+from ..train.engines import shards
+from ..train.loop import load_policy, prepared, with_objective_slots
+from ..train.plan import BYTES, MIB, mlp_width, plan
+from .build import LIST_BUILDERS
+from .common import prompts_to_examples
+from .loop import round_config
+
+WORST_ROWS = 64  # the longest prompts the training plan lays out
+
+
+def online_plan(config, prompts: list) -> str:
+    """The plan of ``preftune online`` for ``config`` over its distinct ``prompts``."""
+    online, sampling = config.online, config.online.sampling
+    trained = round_config(config, 1, config.model.path, Path(config.output_dir) / "round-1")
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
+                               config.model.chat_template)
+    examples = sorted(prompts_to_examples(prompts, tokenizer, config),
+                      key=lambda ex: -len(ex.prompt_ids))
+    accelerator = Accelerator()
+    model = load_policy(trained, tokenizer, accelerator)
+    per_round = online.prompts_per_round or len(prompts)
+    lines = [f"rounds             {online.rounds if online.mode == 'rounds' else 1} ("
+             f"{online.mode}), {min(per_round, len(prompts))} of {len(prompts)} prompts each"
+             f" x {sampling.samples} samples of up to {sampling.max_new_tokens} tokens",
+             f"pairs              {online.pairs.builder}, scored by {online.scorer}",
+             *sampling_lines(sampling, model, [len(ex.prompt_ids) for ex in examples],
+                             BYTES[config.model.dtype]),
+             f"training (round 1, on the {min(WORST_ROWS, len(examples))} longest prompts with "
+             f"{responses_per_row(config)} responses of {sampling.max_new_tokens} tokens each):"]
+    rows = worst_rows(config, examples[:WORST_ROWS], tokenizer.eos_token_id)
+    attention = trained.model.attn_implementation
+    layout = verified_layout(*decoder_of(model), choose_layout(rows, trained.train.layout,
+                                                               attention), trained.train.layout)
+    objective = Objective.from_config(trained.objective, total_steps=1)
+    rows = with_objective_slots(objective, rows, trained.data.max_length)
+    return "\n".join(lines + [plan(trained, prepared(model, trained), rows, layout,
+                                   tokenizer.pad_token_id, shards(accelerator))])
+
+
+def responses_per_row(config) -> int:
+    """How many responses a training row of the rounds holds: the samples in a list (D2O's
+    with the data's negative), SELM's three, one for an objective of unpaired rows, else two."""
+    builder = config.online.pairs.builder
+    if builder in LIST_BUILDERS:
+        return config.online.sampling.samples + (builder == "d2o")
+    if builder == "selm":
+        return 3
+    unpaired = all(get_objective(item.name).data == "unpaired" for item in config.objective)
+    return 1 if unpaired else 2  # (as round_config converts the pairs)
+
+
+def worst_rows(config, examples: list, eos_token_id: int) -> list:
+    """``examples`` (tokenized prompts) with ``responses_per_row`` responses of
+    ``max_new_tokens`` tokens and the EOS training appends, cut to ``data.max_length``."""
+    count, new = responses_per_row(config), config.online.sampling.max_new_tokens
+    rows = []
+    for index, example in enumerate(examples):
+        length = max(1, min(new + 1, config.data.max_length - len(example.prompt_ids)))
+        rows.append(replace(example, response_ids=[[eos_token_id] * length] * count,
+                            index=index))
+    return rows
+
+
+def sampling_lines(sampling, model, prompt_lengths: list[int], dtype_bytes: int) -> list[str]:
+    """The memory of one generate call of the longest prompts, each with its samples (as the
+    CPU allocator counts the peak in tests/test_online_plan.py): the weights, and the larger
+    of the prefill (the prompts' cache and four MLP-width tensors of their tokens) and the
+    last step (the KV cache grown to ``max_new_tokens`` on prompts left-padded to the
+    longest, one layer's keys or values copied as it grows, and about three fp32 tensors of
+    a step's logits, their softmax and what sampling draws from them)."""
+    if sampling.backend == "vllm":
+        return [f"sampling           vLLM, holding {sampling.vllm_memory:.0%} of the GPU's "
+                "memory (its weights and KV cache) while it samples"]
+    text = causal_lm_of(model).config.get_text_config()
+    prompts = min(sampling.batch_size, len(prompt_lengths))
+    sequences, longest = prompts * sampling.samples, max(prompt_lengths)
+    tokens = longest + sampling.max_new_tokens
+    layers = text.num_hidden_layers
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = layers * 2 * heads * head_dim * dtype_bytes  # keys and values, every layer
+    cache = sequences * tokens * per_token * (1 + 1 / (2 * layers))
+    logits = 3 * sequences * text.vocab_size * 4
+    prefill = prompts * longest * (per_token + 4 * mlp_width(text) * dtype_bytes)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) \
+        + four_bit_storage(model)[1]
+    peak = "the prompts' prefill" if prefill > cache + logits else "the last step"
+    return [f"sampling memory (MiB, one generate call of {prompts} prompts x "
+            f"{sampling.samples} samples, {longest} + {sampling.max_new_tokens} tokens, "
+            "transformers):",
+            f"  weights          {weights / MIB:10.0f}",
+            f"  KV cache         {cache / MIB:10.0f}  (keys and values of {layers} layers, "
+            f"{sequences} sequences x {tokens} tokens)",
+            f"  logits           {logits / MIB:10.0f}  (fp32, a step's, {sequences} x "
+            f"{text.vocab_size})",
+            f"  prefill          {prefill / MIB:10.0f}  (the prompts' cache and MLP tensors)",
+            f"  total            {(weights + max(prefill, cache + logits)) / MIB:10.0f}  "
+            f"(at {peak})"]

@@ -1,0 +1,91 @@
+"""``preftune online --plan``: the sampling memory against the tensor bytes a generate call
+peaks at (the CPU allocator's count), the training part equal to ``preftune train --plan`` on
+the worst-case rows it describes, written out as a pairs file, and nothing written."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from common import PhaseMemory
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from preftune import api
+from preftune.cli import main
+from preftune.generation import HFGenerator, SamplingSettings
+from preftune.online.config import SamplingSection
+from preftune.online.plan import sampling_lines
+from tiny_models import char_tokenizer, save_tiny_model_dir
+
+NEW_TOKENS = 16
+SCORER = "test_online_plan:shortness"
+
+
+def shortness(prompt, response):
+    return -float(len(response))
+
+
+@pytest.fixture()
+def workspace(tmp_path):
+    save_tiny_model_dir(tmp_path / "model")
+    rows = [{"prompt": f"Q{i}: say yes" + "!" * (i % 5)} for i in range(12)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"output_dir": str(tmp_path / "online"), "model": {"path": str(tmp_path / "model")},
+              "data": {"train": str(tmp_path / "prompts.jsonl")},
+              "objective": {"name": "dpo"}, "train": {"batch_size": 4, "max_steps": 2},
+              "online": {"rounds": 2, "scorer": SCORER,
+                         "sampling": {"samples": 4, "max_new_tokens": NEW_TOKENS}}}
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_training_part_is_train_plan_on_the_worst_rows_and_nothing_is_written(workspace,
+                                                                              capsys):
+    assert main(["online", str(workspace / "online.yaml"), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert "rounds             2 (rounds), 12 of 12 prompts each x 4 samples of up to 16 " \
+        "tokens" in printed
+    assert f"pairs              best_vs_worst, scored by {SCORER}" in printed
+    assert "training (round 1, on the 12 longest prompts with 2 responses of 16 tokens " \
+        "each):" in printed
+    assert not (workspace / "online").exists()
+    # the same plan from `preftune train --plan` on pairs of those prompts whose responses
+    # hold 16 characters (16 tokens of the character tokenizer, and the EOS)
+    rows = [{"prompt": f"Q{i}: say yes" + "!" * (i % 5), "chosen": "a" * NEW_TOKENS,
+             "rejected": "b" * NEW_TOKENS} for i in range(12)]
+    (workspace / "worst.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    api.train({"output_dir": str(workspace / "offline"), "model": {"path": str(workspace /
+                                                                               "model")},
+               "data": {"train": str(workspace / "worst.jsonl"), "shape": "pairs"},
+               "objective": {"name": "dpo"}, "train": {"batch_size": 4, "max_steps": 2}},
+              plan_only=True)
+    offline = capsys.readouterr().out
+    training = printed[printed.index("objective "):]
+    assert training == offline[offline.index("objective "):]
+    assert "worst micro-batch  8 rows x 32 tokens" in training  # 15-token prompts, 16 + EOS
+
+
+@pytest.mark.parametrize("samples", [4, 1], ids=["last-step", "prefill"])
+def test_sampling_memory_is_within_a_few_percent_of_a_generate_calls_peak(samples):
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    # a vocabulary as wide as a real one's makes each step's logits count
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=20000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0)).eval()
+    settings = SamplingSection(samples=samples, max_new_tokens=64, batch_size=8)
+    prompts = [torch.randint(3, 90, (length,)).tolist() for length in [100] + [60] * 15]
+    printed = sampling_lines(settings, model, [len(p) for p in prompts], 4)
+    planned = float(next(line for line in printed if "total" in line).split()[1])
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    memory = PhaseMemory("tensors")
+    generated = HFGenerator(model, tokenizer).generate(prompts, SamplingSettings(
+        samples=samples, max_new_tokens=64, batch_size=8, seed=0))
+    measured = weights + memory.stop()["setup"]
+    assert max(len(s) for p in generated.token_ids for s in p) == 64  # the cache grew fully
+    assert printed[0].endswith(f"8 prompts x {samples} samples, 100 + 64 tokens, "
+                               "transformers):")
+    assert printed[-1].endswith("(at the last step)" if samples == 4 else
+                                "(at the prompts' prefill)")
+    assert planned == pytest.approx(measured, rel=0.05)
