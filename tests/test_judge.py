@@ -66,3 +66,23 @@ def test_load_scorer_names_judges_and_multi_token_answers_are_refused(tmp_path, 
     model, tokenizer = judge_parts
     with pytest.raises(ConfigError, match="'10' is 2 tokens"):
         LLMJudge(model, tokenizer, "judge:tiny", scale=10)
+
+
+def test_the_judge_projects_only_the_last_position_to_the_vocabulary():
+    """A batch of judge questions (hundreds of tokens each) allocates logits of one position,
+    not [questions, T, vocab]: what the forward allocates stays under one question's logits
+    (it was the whole batch's and their fp32 copy: 80 MB here)."""
+    from common import PhaseMemory
+
+    tokenizer = char_tokenizer()
+    model = tiny_llama(vocab_size=20000, seed=5)
+    judge = LLMJudge(model, tokenizer, "judge:tiny", scale=5, batch_size=4)
+    questions = [f"question {i}: " + "is this answer right? " * 10 for i in range(4)]
+    memory = PhaseMemory("tensors")
+    probs = judge.label_probs(questions)
+    peak = memory.stop()["setup"] * 2**20
+    longest = max(len(tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)) for q in questions)
+    assert probs.shape == (4, 5)
+    assert peak < longest * 20000 * 4

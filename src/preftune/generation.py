@@ -181,12 +181,18 @@ def shared_prefix_cache(model, input_ids, mask, k: int):
     prefix_mask = mask[:, :-1]
     positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
     # only the cache is wanted: logits of one position, not [prompts, P, vocab] in fp32
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-        model.forward).parameters else {}
     model(input_ids=input_ids[:, :-1], attention_mask=prefix_mask, position_ids=positions,
-          use_cache=True, **{cache_argument(model): cache}, **keep)
+          use_cache=True, **{cache_argument(model): cache}, **last_logits_only(model))
     cache.batch_repeat_interleave(k)
     return cache
+
+
+def last_logits_only(model) -> dict:
+    """The forward argument that makes a causal LM project only the last position to the
+    vocabulary (``logits_to_keep``), where it has one: a batch's [rows, T, vocab] logits are
+    gigabytes for long rows and a large vocabulary."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
+        model.forward).parameters else {}
 
 
 def cache_argument(model) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.records import plain_text
-from ..generation import left_padded
+from ..generation import last_logits_only, left_padded
 from .base import checked
 
 POINTWISE = (
@@ -74,8 +74,8 @@ class LLMJudge:
                        for t in texts[start : start + self.batch_size]]
             ids, mask = left_padded(encoded, self.tokenizer.pad_token_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask,
-                                position_ids=positions).logits[:, -1].float()
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                **last_logits_only(self.model)).logits[:, -1].float()
             out.append(logits[:, self.label_ids].softmax(-1).cpu())
         return torch.cat(out)
 
