@@ -207,16 +207,19 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def train_diffusion(config: DiffusionConfig | dict | str | Path, *, resume: bool = False,
-                    overwrite: bool = False, show_progress: bool = True) -> Path:
+                    overwrite: bool = False, show_progress: bool = True,
+                    plan_only: bool = False) -> Path:
     """Train a diffusers denoiser on image preference pairs or ranked lists, or on prompts alone
     with ``spo`` and ``longalign`` (``preftune diffusion train``; needs ``pip install
     'preftune[diffusion]'``). Returns the output directory; the pipeline is saved under its
-    ``model/``."""
+    ``model/``. ``plan_only`` prints the objective, the images and the memory of a step,
+    and stops."""
     require_diffusers("preftune diffusion train")
     from .diffusion.train import train_diffusion as train_denoiser
 
     return train_denoiser(_as(DiffusionConfig, config), resume=resume,
-                          show_progress=show_progress, overwrite=overwrite)
+                          show_progress=show_progress, overwrite=overwrite,
+                          plan_only=plan_only)
 
 
 def evaluate_diffusion(model: str, reference: str, prompts: Sequence[str], scorer: str, *,

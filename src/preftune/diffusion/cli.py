@@ -17,6 +17,9 @@ def _config_command(name: str, load, done):
         require_diffusers(f"preftune diffusion {name}")
         config_class, run = load()
         config = config_class.from_yaml(args.config, args.set or [])
+        if getattr(args, "plan", False):
+            run(config, plan_only=True)
+            return
         print(done(run(config, resume=args.resume, overwrite=args.overwrite)))
     return command
 
@@ -203,7 +206,8 @@ def add_diffusion_commands(commands) -> None:
          ["preftune diffusion train examples/diffusion/diffusion_dpo.yaml",
           "preftune diffusion train examples/diffusion/mapo_lora.yaml --set "
           "data.train=pairs.jsonl",
-          "preftune diffusion train examples/diffusion/spo.yaml --set data.train=prompts.jsonl"],
+          "preftune diffusion train examples/diffusion/spo.yaml --set data.train=prompts.jsonl",
+          "preftune diffusion train examples/diffusion/diffusion_dpo.yaml --plan"],
          "objective.beta=2500", _train),
         ("spm", "train SPO's step-aware preference model: a CLIP scorer (e.g. PickScore) "
          "rating a pipeline's predicted clean images at each noise level",
@@ -217,6 +221,10 @@ def add_diffusion_commands(commands) -> None:
     for name, summary, examples, override, run in config_commands:
         parser = command(sub, name, summary, *examples)
         add_config_arguments(parser, "examples/diffusion/", override)
+        if name == "train":
+            parser.add_argument("--plan", action="store_true",
+                                help="print the objective, the images and the memory of a "
+                                     "step (measured on 1 and 2 examples), then stop")
         parser.set_defaults(run=run)
 
     caption = command(sub, "caption", "DCPO's captions: a vision-language model captions each "

@@ -285,8 +285,9 @@ def split_pairs(config, spec=None) -> dict:
     return {"train": train, **({"eval": evaluation} if evaluation else {})}
 
 
-def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
-    """Load the pipeline and the data, attach LoRA; returns (task, total_steps)."""
+def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only: bool = False):
+    """Load the pipeline and the data, attach LoRA; returns (task, total_steps), or (None, 0)
+    after printing the plan when ``plan_only``."""
     spec = get_diffusion_loss(config.objective.name)
     if spec.online and accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError(f"objective {spec.name} samples with the whole denoiser at every step, "
@@ -332,7 +333,7 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
               **{name: {"records": len(splits[name]), "kept": len(kept[name])}
                  for name in splits}}
     splits = {name: records for name, records in kept.items() if records}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not plan_only:  # a plan writes nothing
         write_run_header(Path(config.output_dir), config, report)
     model.to(accelerator.device)
     model.denoiser.train()
@@ -346,22 +347,33 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator):
             config, model, splits, strategy)
     else:
         task = DiffusionTask(config, model, splits, strategy)
+    if plan_only:
+        from .plan import diffusion_plan
+
+        print(diffusion_plan(config, task, accelerator.device))
+        return None, 0
     return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
 
 
 @holding_output_dirs
 def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress: bool = True,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, plan_only: bool = False) -> Path:
     """Train according to ``config``; sample the fixed prompts before and after (when
-    ``samples.prompts`` is set). Returns the output directory."""
+    ``samples.prompts`` is set). Returns the output directory. ``plan_only`` prints the plan
+    (objective, images, the memory of a step) and stops before training."""
     from .sample import write_samples
 
     accelerator = Accelerator(gradient_accumulation_steps=1)
-    if start_run(config, accelerator, resume, overwrite):
+    if plan_only and accelerator.num_processes > 1:
+        raise ConfigError("preftune diffusion train --plan measures a step in one process; "
+                          "start it without torch.distributed.run or accelerate launch.")
+    if not plan_only and start_run(config, accelerator, resume, overwrite):
         return Path(config.output_dir)  # --resume of a finished run: nothing to train
     set_seed(config.train.seed)
-    task, total_steps = diffusion_task(config, accelerator)
+    task, total_steps = diffusion_task(config, accelerator, plan_only)
     output_dir = Path(config.output_dir)
+    if task is None:
+        return output_dir
     sampling = config.samples.prompts and accelerator.is_main_process
     if sampling and not resume:
         write_samples(task.module, config.samples, output_dir, "before")

@@ -1,0 +1,103 @@
+"""``preftune diffusion train --plan``: the objective, the images and the memory of a step
+before training, per process. Weights (the whole pipeline, and a live reference's copy of the
+denoiser) and AdamW's moments are counted from the parameters; what a training step adds on top
+(activations, gradients, backward's working tensors, and for SPO and LongAlign the sampling
+inside the step) is measured: the plan runs the step's forward and backward, without an
+update, on micro-batches of the largest example and the two largest of the run's data at its
+resolution, and extends the line through the two to the ``train.batch_size`` largest (every
+term but the gradients grows with the images). A denoiser's step at full resolution takes a
+while on a CPU."""
+
+from __future__ import annotations
+
+from ..train.optimizers import EIGHT_BIT, embedding_weights, moment_bytes
+from ..train.peak import peak_allocated
+from ..train.plan import MIB
+
+PROBE_STEP = 0  # the noise and timesteps of the first training step
+
+
+def diffusion_plan(config, task, device) -> str:
+    """The plan of ``task`` (set up as it will train: LoRA, checkpointing, on ``device``)."""
+    module, cfg = task.module, config.train
+    denoiser = module.denoiser
+    trained = [p for p in module.parameters() if p.requires_grad]
+    weights = _bytes(module.parameters()) + _bytes(module.buffers())
+    reference = _bytes(task.reference.parameters()) if task.reference is not None else 0
+    moments = moment_bytes(cfg.optimizer, trained, embedding_weights(module))
+    checkpointing = cfg.gradient_checkpointing
+    step = measured_step(task, device, cfg.batch_size)
+    other = not checkpointing and hasattr(denoiser, "enable_gradient_checkpointing")
+    if other:  # what checkpointing would bring it to, measured the same way
+        denoiser.enable_gradient_checkpointing()
+        try:
+            checkpointed = measured_step(task, device, cfg.batch_size)
+        finally:
+            denoiser.disable_gradient_checkpointing()
+    spec = task.spec
+    shape = ("prompts, sampled in each step" if spec.online else "ranked image lists"
+             if spec.ranked else "image pairs")
+    count = sum(p.numel() for p in module.parameters())
+    denoised = sum(p.numel() for p in denoiser.parameters())
+    base = weights + reference + moments
+    lines = [
+        f"objective          {spec.name} ({shape}, "
+        f"{'needs reference' if spec.needs_reference else 'reference-free'})",
+        f"reference          {task.reference_strategy if spec.needs_reference else 'none'}",
+        f"images             {config.data.resolution} x {config.data.resolution}, "
+        f"{cfg.batch_size} examples a micro-batch, the largest ({module.family} denoiser)",
+        f"parameters         denoiser {denoised / 1e6:.1f}M, trainable "
+        f"{sum(p.numel() for p in trained) / 1e6:.1f}M; the rest of the pipeline "
+        f"{(count - denoised) / 1e6:.1f}M (text encoders, VAE), frozen",
+        "memory estimate (MiB per process, peak of one micro-batch):",
+        f"  weights          {weights / MIB:10.0f}  (the whole pipeline)",
+        f"  reference        {reference / MIB:10.0f}  ({task.reference_strategy})"
+        if spec.needs_reference else None,
+        f"  optimizer        {moments / MIB:10.0f}  (AdamW, "
+        + ("8-bit moments)" if cfg.optimizer in EIGHT_BIT else "moments in the weights' dtype)"),
+        f"  step             {step / MIB:10.0f}  (activations, gradients and backward's working "
+        "tensors: measured on 1 and 2 examples"
+        + (", gradient checkpointing)" if checkpointing else ")"),
+        f"  total            {(base + step) / MIB:10.0f}",
+    ]
+    if other:
+        lines.append(f"  with checkpointing {(base + checkpointed) / MIB:8.0f}  "
+                     "(train.gradient_checkpointing: true)")
+    return "\n".join(line for line in lines if line is not None)
+
+
+def measured_step(task, device, batch_size: int) -> float:
+    """What a training step of the ``batch_size`` largest examples (lists with the most images
+    first) allocates at its peak beyond the weights: measured on the largest one and the two
+    largest, extended linearly in the images (or prompts) a micro-batch holds."""
+    ordered = sorted(task.train_examples, key=lambda record: -_size(record))
+    largest = (ordered * batch_size)[:batch_size]  # (data smaller than a batch repeats)
+    probes = largest[:2]
+    peaks = [_step_peak(task, probes[:count], device) for count in range(1, len(probes) + 1)]
+    sizes = [sum(map(_size, probes[:count])) for count in range(1, len(probes) + 1)]
+    per_size = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0]) if len(peaks) == 2 else \
+        peaks[0] / sizes[0]
+    return peaks[0] + per_size * (sum(map(_size, largest)) - sizes[0])
+
+
+def _size(record) -> int:
+    """What a record adds to a step: its images for a ranked list, else one pair or prompt."""
+    return len(getattr(record, "images", ())) or 1
+
+
+def _step_peak(task, examples: list, device) -> int:
+    module = task.module
+    batch = task.make_batch(examples).to(device)
+
+    def step():
+        losses, _ = task.losses(module, batch, PROBE_STEP)
+        losses.mean().backward()
+
+    try:
+        return peak_allocated(step, device)
+    finally:
+        module.zero_grad(set_to_none=True)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,102 @@
+"""``preftune diffusion train --plan``: its total against the tensor bytes two real training
+steps peak at (the CPU allocator's count), for full fine-tuning and LoRA, with a live
+reference, with none (MaPO), ranked lists of different lengths, gradient checkpointing and
+SPO (which samples inside the step); and a plan writes nothing."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import preftune.diffusion.train as diffusion_train  # noqa: E402
+from diffusion_fixtures import (config_tree, one_thread, write_pairs,  # noqa: E402, F401
+                                write_prompts)
+from preftune.cli import main  # noqa: E402
+from preftune.diffusion.config import DiffusionConfig  # noqa: E402
+from preftune.diffusion.tiny import build_tiny_pipeline  # noqa: E402
+from preftune.train.peak import peak_allocated  # noqa: E402
+from test_diffusion_ranked import write_ranked  # noqa: E402
+from test_diffusion_spo import PROMPTS, SMALL  # noqa: E402
+
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A pixel-space pipeline wide enough (width 64) for MiB-sized figures at 32 x 32."""
+    root = tmp_path_factory.mktemp("diffusion_plan")
+    pipeline = build_tiny_pipeline(root / "pipe", ["red", "green", "blue", "a", "circle",
+                                                   "square", "triangle"], RESOLUTION,
+                                   width=64)
+    return pipeline, write_pairs(root / "data", count=6)
+
+
+def tree(files, output_dir, **sections):
+    tree = config_tree(*files, output_dir, **{
+        **sections, "train": {"batch_size": 4, **sections.get("train", {})}})
+    tree["data"]["resolution"] = RESOLUTION
+    return tree
+
+
+def planned_total(printed: str) -> float:
+    return float(next(line for line in printed.splitlines()
+                      if line.startswith("  total")).split()[1])
+
+
+def test_plan_names_the_run_and_writes_nothing(files, tmp_path, capsys):
+    config = DiffusionConfig.from_dict(tree(files, tmp_path / "run"))
+    assert main(["diffusion", "train", "--plan", "--set", f"model.path={files[0]}",
+                 "--set", f"data.train={files[1]}", "--set", f"data.resolution={RESOLUTION}",
+                 "--set", f"output_dir={tmp_path / 'run'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "objective          diffusion_dpo (image pairs, needs reference)" in printed
+    assert f"images             {RESOLUTION} x {RESOLUTION}, 4 examples a micro-batch, the " \
+        "largest" in printed
+    assert "with checkpointing" in printed
+    assert not (tmp_path / "run").exists() and config.output_dir == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("sections", [
+    pytest.param({}, id="full-live-reference"),
+    pytest.param({"model": {"lora": {"r": 8, "alpha": 8}}}, id="lora-adapter-off"),
+    pytest.param({"objective": {"name": "mapo"}}, id="mapo-no-reference"),
+    pytest.param({"train": {"gradient_checkpointing": True}}, id="checkpointing"),
+    # three lists of 3, 4 and 2 images, all in each step: the line through one list and two
+    # meets nine images
+    pytest.param({"objective": {"name": "rank_dpo"}, "train": {"batch_size": 3}},
+                 id="ranked-lists"),
+    pytest.param({"objective": {"name": "spo", **SMALL}, "train": {"batch_size": 2}},
+                 id="spo-samples-in-the-step"),
+])
+def test_plan_total_is_within_a_few_percent_of_two_real_steps(files, tmp_path, capsys,
+                                                              monkeypatch, sections):
+    name = sections.get("objective", {}).get("name")
+    if name == "rank_dpo":
+        files = (files[0], write_ranked(tmp_path / "lists"))  # lists of 3, 4 and 2 images
+    if name == "spo":  # prompts alone: the step samples, then trains on the sampled pairs
+        files = (files[0], write_prompts(tmp_path / "prompts", PROMPTS))
+    config = tree(files, tmp_path / "planned", **sections)
+    diffusion_train.train_diffusion(DiffusionConfig.from_dict(config), plan_only=True,
+                                    show_progress=False)
+    planned = planned_total(capsys.readouterr().out)
+
+    found = {}
+
+    class Measured(diffusion_train.Trainer):
+        def run(self, before_step=None):
+            """The steps alone (nothing saved), and the weights they start from."""
+            def steps():
+                for step in range(self.total_steps):
+                    self.step(step)
+
+            held = [*self.task.module.parameters(), *self.task.module.buffers()]
+            if self.task.reference is not None:
+                held += list(self.task.reference.parameters())
+            found["weights"] = sum(t.numel() * t.element_size() for t in held)
+            found["steps"] = peak_allocated(steps, torch.device("cpu"))
+
+    monkeypatch.setattr(diffusion_train, "Trainer", Measured)
+    diffusion_train.train_diffusion(DiffusionConfig.from_dict(
+        tree(files, tmp_path / "measured", **sections)), show_progress=False)
+    measured = (found["weights"] + found["steps"]) / 2**20
+    assert planned == pytest.approx(measured, rel=0.05)
