@@ -43,8 +43,8 @@ def test_training_part_is_train_plan_on_the_worst_rows_and_nothing_is_written(wo
                                                                               capsys):
     assert main(["online", str(workspace / "online.yaml"), "--plan"]) == 0
     printed = capsys.readouterr().out
-    assert "rounds             2 (rounds), 12 of 12 prompts each x 4 samples of up to 16 " \
-        "tokens" in printed
+    assert "rounds             2, 12 of 12 prompts each x 4 samples of up to 16 tokens" \
+        in printed
     assert f"pairs              best_vs_worst, scored by {SCORER}" in printed
     assert "training (round 1, on the 12 longest prompts with 2 responses of 16 tokens " \
         "each):" in printed
@@ -76,7 +76,7 @@ def test_sampling_memory_is_within_a_few_percent_of_a_generate_calls_peak(sample
         pad_token_id=0)).eval()
     settings = SamplingSection(samples=samples, max_new_tokens=64, batch_size=8)
     prompts = [torch.randint(3, 90, (length,)).tolist() for length in [100] + [60] * 15]
-    printed = sampling_lines(settings, model, [len(p) for p in prompts], 4)
+    printed = sampling_lines(settings, model, [len(p) for p in prompts], 4, per_call=8)
     planned = float(next(line for line in printed if "total" in line).split()[1])
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     memory = PhaseMemory("tensors")

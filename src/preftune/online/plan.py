@@ -21,6 +21,7 @@ from ..objectives import get_objective
 from ..objectives.compose import Objective
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
+from ..train.trainer import count_steps
 from ..train.plan import BYTES, MIB, mlp_width, plan
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
@@ -39,14 +40,25 @@ def online_plan(config, prompts: list) -> str:
                       key=lambda ex: -len(ex.prompt_ids))
     accelerator = Accelerator()
     model = load_policy(trained, tokenizer, accelerator)
-    per_round = online.prompts_per_round or len(prompts)
-    lines = [f"rounds             {online.rounds if online.mode == 'rounds' else 1} ("
-             f"{online.mode}), {min(per_round, len(prompts))} of {len(prompts)} prompts each"
-             f" x {sampling.samples} samples of up to {sampling.max_new_tokens} tokens",
-             f"pairs              {online.pairs.builder}, scored by {online.scorer}",
+    drawn = f"{sampling.samples} samples of up to {sampling.max_new_tokens} tokens"
+    if online.mode == "per_step":  # each micro-batch samples for its own prompts
+        steps = count_steps(config.train, len(prompts), accelerator.num_processes)
+        per_call = min(sampling.batch_size, config.train.batch_size, len(prompts))
+        what = (f"steps              {steps} (per_step), each on {config.train.batch_size} "
+                f"prompts x {drawn}")
+    else:
+        per_call = min(sampling.batch_size, online.prompts_per_round or len(prompts),
+                       len(prompts))
+        what = (f"rounds             {online.rounds}, "
+                f"{min(online.prompts_per_round or len(prompts), len(prompts))} of "
+                f"{len(prompts)} prompts each x {drawn}")
+    lines = [what, f"pairs              {online.pairs.builder}, scored by {online.scorer}",
              *sampling_lines(sampling, model, [len(ex.prompt_ids) for ex in examples],
-                             BYTES[config.model.dtype]),
-             f"training (round 1, on the {min(WORST_ROWS, len(examples))} longest prompts with "
+                             BYTES[config.model.dtype], per_call),
+             *(["  (per_step: each step samples with the optimizer's moments and a live "
+                "reference in memory, on top of this)"] if online.mode == "per_step" else []),
+             f"training ({'each step' if online.mode == 'per_step' else 'round 1'}, on the "
+             f"{min(WORST_ROWS, len(examples))} longest prompts with "
              f"{responses_per_row(config)} responses of {sampling.max_new_tokens} tokens each):"]
     rows = worst_rows(config, examples[:WORST_ROWS], tokenizer.eos_token_id)
     attention = trained.model.attn_implementation
@@ -82,18 +94,19 @@ def worst_rows(config, examples: list, eos_token_id: int) -> list:
     return rows
 
 
-def sampling_lines(sampling, model, prompt_lengths: list[int], dtype_bytes: int) -> list[str]:
-    """The memory of one generate call of the longest prompts, each with its samples (as the
-    CPU allocator counts the peak in tests/test_online_plan.py): the weights, and the larger
-    of the prefill (the prompts' cache and four MLP-width tensors of their tokens) and the
-    last step (the KV cache grown to ``max_new_tokens`` on prompts left-padded to the
-    longest, one layer's keys or values copied as it grows, and about three fp32 tensors of
-    a step's logits, their softmax and what sampling draws from them)."""
+def sampling_lines(sampling, model, prompt_lengths: list[int], dtype_bytes: int,
+                   per_call: int) -> list[str]:
+    """The memory of one generate call of the ``per_call`` longest prompts, each with its
+    samples (as the CPU allocator counts the peak in tests/test_online_plan.py): the weights,
+    and the larger of the prefill (the prompts' cache and four MLP-width tensors of their
+    tokens) and the last step (the KV cache grown to ``max_new_tokens`` on prompts
+    left-padded to the longest, one layer's keys or values copied as it grows, and about
+    three fp32 tensors of a step's logits, their softmax and what sampling draws from them)."""
     if sampling.backend == "vllm":
         return [f"sampling           vLLM, holding {sampling.vllm_memory:.0%} of the GPU's "
                 "memory (its weights and KV cache) while it samples"]
     text = causal_lm_of(model).config.get_text_config()
-    prompts = min(sampling.batch_size, len(prompt_lengths))
+    prompts = per_call
     sequences, longest = prompts * sampling.samples, max(prompt_lengths)
     tokens = longest + sampling.max_new_tokens
     layers = text.num_hidden_layers
