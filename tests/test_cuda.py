@@ -294,3 +294,32 @@ def test_the_plans_probe_predicts_what_cuda_kernels_keep(family, layout):
     padded = batch.unit_ids is None and batch.real_tokens < batch.attention_mask.numel()
     planned = _activation_bytes(measure_kept(model, layout, padded), rows, width, 128 * 2)
     assert planned == pytest.approx(autograd_keeps(model, batch), rel=0.005)
+
+
+@pytest.mark.parametrize("train", [{}, {"gradient_checkpointing": True}],
+                         ids=["default", "checkpointing"])
+def test_the_plans_total_is_near_a_cuda_runs_peak(train, tmp_path, capsys, monkeypatch):
+    """--plan counts tensors as torch.cuda.max_memory_allocated does: its total against the
+    CUDA peak of a real two-step bf16 run (tests/test_plan.py holds it within 5% of the CPU
+    allocator's)."""
+    from common import PhaseMemory
+    from test_plan import measured_peak, plan_of, plan_workspace, planned_total
+
+    root = plan_workspace(tmp_path)
+    planned = planned_total(plan_of(root, capsys, **train))
+    assert planned == pytest.approx(measured_peak(root, train, PhaseMemory("cuda"),
+                                                  monkeypatch), rel=0.05)
+
+
+@pytest.mark.parametrize("path", ["decoder", "encoder"])
+def test_the_reward_models_plan_is_near_a_cuda_runs_peak(path, tmp_path, capsys, monkeypatch):
+    """``rm train --plan`` against the CUDA peak of a real two-step bf16 run
+    (tests/test_rm_plan.py: the CPU allocator's)."""
+    from common import PhaseMemory
+    from test_rm_plan import measured_peak, plan_of, rm_plan_workspace
+    from test_plan import planned_total
+
+    root = rm_plan_workspace(tmp_path)
+    planned = planned_total(plan_of(root, capsys, path))
+    assert planned == pytest.approx(measured_peak(root, path, {}, PhaseMemory("cuda"),
+                                                  monkeypatch), rel=0.05)

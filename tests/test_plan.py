@@ -17,9 +17,12 @@ from tiny_models import char_tokenizer
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    return plan_workspace(tmp_path_factory.mktemp("plan"))
+
+
+def plan_workspace(root):
     """A 3M-parameter Llama saved in fp32 (trained in bf16, so loading allocates its weights)
     and 16 pairs of one length, so the plan's worst micro-batch is every micro-batch."""
-    root = tmp_path_factory.mktemp("plan")
     save_model(root / "model", LlamaConfig, LlamaForCausalLM)
     save_model(root / "moe", MixtralConfig, MixtralForCausalLM, num_local_experts=8,
                num_experts_per_tok=2)
@@ -96,9 +99,14 @@ SLOW = pytest.mark.slow  # (bf16 on CPUs without bf16 units: ~17 s each; `pytest
 def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, train, capsys,
                                                                 monkeypatch):
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted
-
     planned = planned_total(plan_of(workspace, capsys, **train))
-    memory = PhaseMemory("tensors")
+    measured = measured_peak(workspace, train, PhaseMemory("tensors"), monkeypatch)
+    assert planned == pytest.approx(measured, rel=0.05)
+
+
+def measured_peak(workspace, train: dict, memory, monkeypatch) -> float:
+    """The peak (MiB, as ``memory`` counts it) of a real run with ``train`` settings, once its
+    reference is built."""
     build_reference = loop.build_reference
 
     def then_train(*args, **kwargs):
@@ -109,6 +117,5 @@ def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, trai
     monkeypatch.setattr(loop, "build_reference", then_train)
     name = "measured-" + "-".join(map(str, train.values())).replace("'", "").replace(" ", "")
     loop.train(config_of(workspace, name, **train), show_progress=False)
-    measured = memory.stop()["train"]
-    assert planned == pytest.approx(measured, rel=0.05)
+    return memory.stop()["train"]
 

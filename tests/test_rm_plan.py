@@ -19,10 +19,13 @@ from tiny_models import char_tokenizer, save_tiny_encoder_dir
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    return rm_plan_workspace(tmp_path_factory.mktemp("rm-plan"))
+
+
+def rm_plan_workspace(root):
     """A 3M-parameter Llama, a GPT-2 (whose MLP is not gated) and a BERT saved in fp32 (trained
     in bf16, so loading allocates their weights), and 16 pairs of one length, so the plan's
     worst micro-batch is every micro-batch."""
-    root = tmp_path_factory.mktemp("rm-plan")
     save_model(root / "decoder", LlamaConfig, LlamaForCausalLM)
     tokenizer = char_tokenizer()
     torch.manual_seed(0)
@@ -83,7 +86,13 @@ def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, path
                                                                 capsys, monkeypatch):
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted
     planned = planned_total(plan_of(workspace, capsys, path, **train))
-    memory = PhaseMemory("tensors")
+    measured = measured_peak(workspace, path, train, PhaseMemory("tensors"), monkeypatch)
+    assert planned == pytest.approx(measured, rel=0.05)
+
+
+def measured_peak(workspace, path: str, train: dict, memory, monkeypatch) -> float:
+    """The peak (MiB, as ``memory`` counts it) of a real run of the ``path`` backbone with
+    ``train`` settings, once it trains."""
     trainer = rm_train.Trainer
 
     def then_train(*args, **kwargs):
@@ -94,5 +103,4 @@ def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, path
     name = f"measured-{path}-" + "-".join(map(str, train.values())).replace("'", "").replace(
         " ", "")
     rm_train.train_reward_model(config_of(workspace, name, path, **train), show_progress=False)
-    measured = memory.stop()["train"]
-    assert planned == pytest.approx(measured, rel=0.05)
+    return memory.stop()["train"]
