@@ -67,7 +67,8 @@ def online_plan(config, prompts: list) -> str:
     objective = Objective.from_config(trained.objective, total_steps=1)
     rows = with_objective_slots(objective, rows, trained.data.max_length)
     return "\n".join(lines + [plan(trained, prepared(model, trained), rows, layout,
-                                   tokenizer.pad_token_id, shards(accelerator))])
+                                   tokenizer.pad_token_id, shards(accelerator),
+                                   getattr(tokenizer, "image_inputs", None))])
 
 
 def responses_per_row(config) -> int:

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 from ..model.forward import causal_lm_of
 from ..train.kept import measure_kept
-from ..train.plan import BYTES, batch_lines, dense_masks, memory_lines, worst_and_sample
+from ..train.plan import (BYTES, batch_lines, dense_masks, memory_lines, vision_kept,
+                          worst_and_sample)
 from .model import REWARD_HEADS
 
 
 def reward_plan(config, reward_model, train_examples, layout: str, make_batch,
-                pad_token_id: int, sharding: tuple[str, dict] = ("", {})) -> str:
+                pad_token_id: int, sharding: tuple[str, dict] = ("", {}),
+                with_images=None) -> str:
     """The plan of ``preftune rm train`` for ``reward_model`` (set up as it will train: LoRA,
-    frozen weights, lean layers, dropout off, no checkpointing) and the run's ``make_batch``."""
+    frozen weights, lean layers, dropout off, no checkpointing), the run's ``make_batch`` of
+    token layouts and, for a vision-language backbone, ``with_images``, its batches with
+    their images."""
     cfg = config.train
     backbone = causal_lm_of(reward_model.model)
     layer_config = backbone.base_model.config
-    worst, sample = worst_and_sample(train_examples, cfg.batch_size, make_batch)
+    worst, sample, longest = worst_and_sample(train_examples, cfg.batch_size, make_batch)
+    vision = vision_kept(reward_model.model, getattr(backbone, "vlm", None), longest,
+                         with_images) if with_images is not None else 0
     rows, width = worst.input_ids.shape
     dtype_bytes = BYTES[config.model.dtype]
     if reward_model.last_token:  # preftune's forward and masks, as for a policy
@@ -43,4 +49,4 @@ def reward_plan(config, reward_model, train_examples, layout: str, make_batch,
              *batch_lines(sample, worst, reward_model.model, config.model.quantize)]
     return "\n".join(lines + memory_lines(
         cfg, reward_model.model, layer_config, dtype_bytes, measured, (rows, width), masks,
-        sharding, head_grads))
+        sharding, head_grads, vision=vision))

@@ -249,10 +249,11 @@ def reward_task(config: RewardConfig, accelerator: Accelerator, plan_only: bool 
     make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
                                          cfg.max_row_tokens or config.data.max_length,
                                          images=getattr(tokenizer, "image_inputs", None))
-    if plan_only:  # (token layouts only: the plan leaves images' pixels out)
+    if plan_only:  # (the token layouts without the images, and the images' batches)
         print(reward_plan(config, reward_model, train_examples, layout, reward_model.make_batch(
             tokenizer.pad_token_id, layout, cfg.max_row_tokens or config.data.max_length),
-            tokenizer.pad_token_id, shards(accelerator)))
+            tokenizer.pad_token_id, shards(accelerator),
+            make_batch if hasattr(tokenizer, "image_inputs") else None))
         return None, 0
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)

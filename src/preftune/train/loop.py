@@ -222,7 +222,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
 
     if plan_only:  # (the plan measures what the model keeps, set up as it will train)
         print(plan(config, prepared(model, config), train_examples, layout,
-                   tokenizer.pad_token_id, shards(accelerator)))
+                   tokenizer.pad_token_id, shards(accelerator),
+                   getattr(tokenizer, "image_inputs", None)))
         return None, 0
     # the scorer of held-out answers is loaded before any long pass: a bad one stops here
     generations = eval_generations(config, splits.get("eval", []), tokenizer, output_dir) \

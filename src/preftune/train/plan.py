@@ -12,6 +12,7 @@ from dataclasses import replace
 from ..data.layout import collate
 from ..model.forward import (attention_windows, binding_windows, causal_lm_of, decoder_layers,
                              image_block_token, output_head)
+from ..model.lean import kept_for_backward
 from ..model.quantize import four_bit_storage
 from ..model.reference_sync import DEFAULT_MIX
 from ..objectives.compose import Objective
@@ -117,17 +118,20 @@ def _model_lines(lm, decoder_config, max_length: int) -> list[str]:
 
 
 def plan(config, model, train_examples, layout: str, pad_token_id: int,
-         sharding: tuple[str, dict] = ("", {})) -> str:
+         sharding: tuple[str, dict] = ("", {}), images=None) -> str:
     """A human-readable plan: layout, reference strategy, padding, memory estimate (per
-    process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits)."""
+    process: ``sharding`` = (engine, {state kind: parts}) divides what the engine splits);
+    ``images``: a vision-language model's ``tokenizer.image_inputs``."""
     lm = causal_lm_of(model)
     model_config = lm.get_decoder().config
     objective = Objective.from_config(config.objective, total_steps=1)
     cfg = config.train
     dtype_bytes = BYTES[config.model.dtype]
     max_row = cfg.max_row_tokens or config.data.max_length
-    worst, sample = worst_and_sample(train_examples, cfg.batch_size, functools.partial(
-        collate, pad_token_id=pad_token_id, layout=layout, max_row_tokens=max_row))
+    make_batch = functools.partial(collate, pad_token_id=pad_token_id, layout=layout,
+                                   max_row_tokens=max_row)
+    worst, sample, longest = worst_and_sample(train_examples, cfg.batch_size, make_batch)
+    vision = vision_kept(model, lm, longest, functools.partial(make_batch, images=images))
     rows, width = worst.input_ids.shape
     masks = dense_masks(model_config, lm, worst, config.model.attn_implementation,
                         train_examples)
@@ -153,21 +157,37 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
     head_grads = head.numel() * head.element_size() if head.requires_grad else 0
     return "\n".join(lines + memory_lines(
         cfg, model, model_config, dtype_bytes, measured, (rows, width), masks, sharding,
-        head_grads,
+        head_grads, vision=vision,
         output=(output, f"{cfg.logps_chunk_tokens}-token chunks of logits"
                 + (", fp32 gradient of the output weight" if head.requires_grad else "")),
         reference=(weight_bytes if strategy == "live" else 0, strategy)))
 
 
 def worst_and_sample(examples, batch_size: int, make_batch):
-    """(the micro-batch of the ``batch_size`` longest examples, a batch of the first 64): the
-    token layout is what counts, so images (their tokens are in the prompts) are left out."""
+    """(the micro-batch of the ``batch_size`` longest examples, a batch of the first 64, those
+    longest examples): the token layout is what counts in the batches, so images (their
+    tokens are in the prompts) are left out of them."""
     def tokens_only(chosen):
         return [replace(ex, images=(), slot_images=()) for ex in chosen]
 
     longest = sorted(examples, key=lambda ex: -(len(ex.prompt_ids)
                      + sum(len(r) for r in ex.response_ids)))[:batch_size]
-    return make_batch(tokens_only(longest)), make_batch(tokens_only(examples[:64]))
+    return make_batch(tokens_only(longest)), make_batch(tokens_only(examples[:64])), longest
+
+
+def vision_kept(model, vlm, examples: list, make_batch) -> int:
+    """What a vision-language model's vision tower (and projector) keeps for backward over
+    ``examples``' images, each distinct image once, as a micro-batch of them runs it
+    (``make_batch`` with the model's image inputs): measured. 0 without images, or when no
+    weight of the tower trains."""
+    if not any(ex.images or ex.slot_images for ex in examples):
+        return 0
+    batch = make_batch(examples).to(next(model.parameters()).device)
+    if batch.image_positions is None:
+        return 0
+    return kept_for_backward(lambda: vlm.get_image_features(**batch.image_inputs,
+                                                            return_dict=True),
+                             leave_out=list(model.parameters()))
 
 
 def dense_masks(model_config, lm, worst, attention: str | None, examples) -> int:
@@ -202,14 +222,15 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
                  shape: tuple[int, int], masks: int, sharding: tuple[str, dict],
                  head_grads: int,
                  output: tuple[int, str] | None = None,
-                 reference: tuple[int, str] | None = None) -> list[str]:
+                 reference: tuple[int, str] | None = None, vision: int = 0) -> list[str]:
     """The memory estimate of one micro-batch of ``shape`` (rows, width) with ``masks`` dense
     masks (``dense_masks``), per process.
     Weights, gradients and AdamW's moments are counted from ``model``'s parameters as they are
     (LoRA adapters may be fp32 on a bf16 model); torch's AdamW keeps its two moments in each
     parameter's dtype, DeepSpeed's in fp32, the 8-bit ones in a byte (``moment_bytes``).
     ``head_grads``: the bytes of the output layer's gradient; ``output``: (bytes, what) of its backward beyond one
-    layer's; ``reference``: (bytes, strategy) of a reference model held in memory."""
+    layer's; ``reference``: (bytes, strategy) of a reference model held in memory;
+    ``vision``: what a vision tower keeps for backward (``vision_kept``)."""
     rows, width = shape
     mask_bytes = masks * rows * width * width * dtype_bytes
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -234,8 +255,9 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
         if measured.per_slot else 0
 
     def activations_and_total(checkpoint_every):
-        kept = _activation_bytes(measured, rows, width, layer_config.hidden_size * dtype_bytes,
-                                 checkpoint_every, mask_bytes, frozen_below)
+        kept = vision + _activation_bytes(measured, rows, width,
+                                          layer_config.hidden_size * dtype_bytes,
+                                          checkpoint_every, mask_bytes, frozen_below)
         # backward's three candidate peaks: the output layer's, with every activation still
         # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
         largest = max(kept + output_bytes, kept + head_grads + layer, grads + bottom + layer)
@@ -259,6 +281,8 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
         f"  activations      {activations / MIB:10.0f}"
         + ("" if every is None else "  (gradient checkpointing"
            + (")" if every == 1 else f", every {every} layers)")),
+        *([f"    vision tower   {vision / MIB:10.0f}  (of the activations: the worst "
+           "micro-batch's images)"] if vision else []),
         *([f"  output backward  {output_bytes / MIB:10.0f}  ({output[1]})"] if output else []),
         f"  layer backward   {layer / MIB:10.0f}  (one layer's working tensors)",
         f"  total            {total / MIB:10.0f}  (the largest moment of backward: activations "
