@@ -11,6 +11,7 @@ pytest.importorskip("diffusers")
 import preftune.diffusion.train as diffusion_train  # noqa: E402
 from diffusion_fixtures import (config_tree, one_thread, write_pairs,  # noqa: E402, F401
                                 write_prompts)
+from preftune import api  # noqa: E402
 from preftune.cli import main  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.tiny import build_tiny_pipeline  # noqa: E402
@@ -54,6 +55,12 @@ def test_plan_names_the_run_and_writes_nothing(files, tmp_path, capsys):
         "largest" in printed
     assert "with checkpointing" in printed
     assert not (tmp_path / "run").exists() and config.output_dir == str(tmp_path / "run")
+    api.train_diffusion(tree(files, tmp_path / "run"), plan_only=True)  # a dict, from Python
+    counted = [line for line in printed[printed.index("objective "):].splitlines()
+               if not line.startswith(("  step", "  total", "  with"))]  # (not the measured)
+    assert len(counted) == 8  # objective, reference, images, parameters, memory: 4 lines
+    assert set(counted) <= set(capsys.readouterr().out.splitlines())
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("sections", [
