@@ -3,6 +3,8 @@ steps peak at (the CPU allocator's count), for full fine-tuning and LoRA, with a
 reference, with none (MaPO), ranked lists of different lengths, gradient checkpointing and
 SPO (which samples inside the step); and a plan writes nothing."""
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,29 @@ def test_plan_total_is_within_a_few_percent_of_two_real_steps(files, tmp_path, c
         tree(files, tmp_path / "measured", **sections)), show_progress=False)
     measured = (found["weights"] + found["steps"]) / 2**20
     assert planned == pytest.approx(measured, rel=0.05)
+
+
+def test_online_plan_is_train_plan_on_lists_like_its_samples(files, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts", ["a red circle", "a blue square"])
+    config = tmp_path / "online.yaml"
+    config.write_text(json.dumps({
+        "output_dir": str(tmp_path / "online"), "model": {"path": str(files[0])},
+        "data": {"train": str(prompts), "resolution": RESOLUTION},
+        "objective": {"name": "rank_dpo"}, "train": {"batch_size": 2, "max_steps": 1},
+        "online": {"rounds": 1, "seeds": [0, 1, 2]}}))
+    assert main(["diffusion", "online", str(config), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert "rounds             1, 2 prompts x 3 samples (25 steps) ranked by shape_colour" \
+        in printed
+    assert "training (round 1, on lists of 3 images):" in printed
+    assert not (tmp_path / "online").exists()
+    # `diffusion train --plan` on two lists of three images of the prompts
+    lists = write_ranked(tmp_path / "lists", [("red", ["red", "blue", "green"], [1.0, 0.5, 0.0]),
+                                              ("blue", ["blue", "red", "green"], [1.0, 0.5, 0.0])])
+    diffusion_train.train_diffusion(DiffusionConfig.from_dict(tree(
+        (files[0], lists), tmp_path / "offline", objective={"name": "rank_dpo"},
+        train={"batch_size": 2})), plan_only=True)
+    offline = capsys.readouterr().out
+    online_plan = printed[printed.index("objective "):]
+    assert online_plan.splitlines()[:8] == offline[offline.index("objective "):].splitlines()[:8]
+    assert planned_total(online_plan) == pytest.approx(planned_total(offline), rel=0.02)

@@ -216,15 +216,17 @@ def add_diffusion_commands(commands) -> None:
         ("online", "rounds of sample -> rank -> train: the current model samples every "
          "prompt, scorers rank the images, the objective trains on them, the next round "
          "starts from the result",
-         ["preftune diffusion online examples/diffusion/online_rank_dpo.yaml"],
+         ["preftune diffusion online examples/diffusion/online_rank_dpo.yaml",
+          "preftune diffusion online examples/diffusion/online_rank_dpo.yaml --plan"],
          "online.rounds=3", _online)]
     for name, summary, examples, override, run in config_commands:
         parser = command(sub, name, summary, *examples)
         add_config_arguments(parser, "examples/diffusion/", override)
-        if name == "train":
-            parser.add_argument("--plan", action="store_true",
-                                help="print the objective, the images and the memory of a "
-                                     "step (measured on 1 and 2 examples), then stop")
+        if name in ("train", "online"):
+            parser.add_argument("--plan", action="store_true", help=(
+                "print the objective, the images and the memory of a step (measured on 1 and "
+                "2 examples), then stop" if name == "train" else "print round 1's training "
+                "plan (diffusion train --plan on lists like its samples), then stop"))
         parser.set_defaults(run=run)
 
     caption = command(sub, "caption", "DCPO's captions: a vision-language model captions each "

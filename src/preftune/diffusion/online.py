@@ -103,8 +103,11 @@ class DiffusionOnlineConfig(DiffusionConfig):
 
 @holding_output_dirs
 def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
-                         overwrite: bool = False, show_progress: bool = True) -> Path:
-    """Every round of ``config`` (what is left of them with ``resume``); returns output_dir."""
+                         overwrite: bool = False, show_progress: bool = True,
+                         plan_only: bool = False) -> Path:
+    """Every round of ``config`` (what is left of them with ``resume``); returns output_dir.
+    ``plan_only`` prints the plan of round 1's training and stops before anything is
+    written."""
     from accelerate import Accelerator
 
     from ..online.loop import has_started
@@ -118,6 +121,11 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     column = {"prompt": config.data.fields.get("prompt", "prompt")}  # read before anything
     prompts = _distinct_prompts(config.data.train, column)              # is written
     held_out = _distinct_prompts(config.data.eval, column) if config.data.eval else prompts
+    if plan_only:
+        from .plan import print_rounds_plan
+
+        print_rounds_plan(config, prompts)
+        return Path(config.output_dir)
     state = Accelerator()  # the processes' state, as each round's training sees it
     out = Path(config.output_dir)
     if state.is_main_process:
@@ -197,13 +205,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
         print(f"round {r}: every list scored its images alike; nothing to train on this round")
         info["model"] = model
         return info
-    spec = get_diffusion_loss(config.objective.name)
-    tree = config.model_dump(exclude={"online"})
-    tree["output_dir"] = str(here / "train")
-    tree["model"]["path"] = model
-    tree["data"].update(train=info["rank"]["ranked"], eval=None, eval_fraction=0.0, fields={})
-    if not spec.ranked and tree["data"]["convert"] is None:
-        tree["data"]["convert"] = "pairs:best_vs_worst"
+    tree = round_tree(config, model, info["rank"]["ranked"], here / "train")
 
     def train():  # a stopped round's training continues from its checkpoint, or starts over
         stopped = any((here / "train" / "checkpoints").glob("step-*"))
@@ -222,6 +224,18 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
         online.steps, online.guidance_scale, str(here), online.resolution,
         online.negative_prompt, online.true_cfg_scale)))
     return info
+
+
+def round_tree(config: DiffusionOnlineConfig, model: str, ranked: str, output_dir: Path) -> dict:
+    """The ``diffusion train`` config of a round: the online config's sections, from ``model``,
+    on the round's ``ranked`` lists (a pair objective through data.convert best vs worst)."""
+    tree = config.model_dump(exclude={"online"})
+    tree["output_dir"] = str(output_dir)
+    tree["model"]["path"] = model
+    tree["data"].update(train=ranked, eval=None, eval_fraction=0.0, fields={})
+    if not get_diffusion_loss(config.objective.name).ranked and tree["data"]["convert"] is None:
+        tree["data"]["convert"] = "pairs:best_vs_worst"
+    return tree
 
 
 def evaluated(results: dict) -> dict:

@@ -10,6 +10,8 @@ while on a CPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..train.optimizers import EIGHT_BIT, embedding_weights, moment_bytes
 from ..train.peak import peak_allocated
 from ..train.plan import MIB
@@ -101,3 +103,34 @@ def _step_peak(task, examples: list, device) -> int:
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def print_rounds_plan(config, prompts: list[str]) -> None:
+    """``preftune diffusion online --plan``: prints round 1's ``diffusion train --plan`` on
+    lists like
+    the ones its sampling makes, each prompt's samples (``list_size``, default one per seed)
+    as blank images at data.resolution with distinct scores, written to a temporary folder.
+    Sampling, ranking and evaluation hold the pipeline without gradients or moments: less."""
+    import json
+    import tempfile
+
+    from PIL import Image
+
+    from .config import DiffusionConfig
+    from .online import round_tree
+    from .train import train_diffusion
+
+    online, size = config.online, config.data.resolution
+    images = min(online.list_size or len(online.seeds), len(online.seeds))
+    print(f"rounds             {online.rounds}, {len(prompts)} prompts x {len(online.seeds)} "
+          f"samples ({online.steps} steps) ranked by {', '.join(online.scorers)}\n"
+          f"training (round 1, on lists of {images} images):")
+    with tempfile.TemporaryDirectory() as folder:
+        Image.new("RGB", (size, size), (127, 127, 127)).save(Path(folder) / "blank.png")
+        rows = [{"prompt": prompt, "images": ["blank.png"] * images,
+                 "image_scores": [k / images for k in range(images)]}
+                for prompt in prompts[: config.train.batch_size]]
+        ranked = Path(folder) / "ranked.jsonl"
+        ranked.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tree = round_tree(config, config.model.path, str(ranked), Path(config.output_dir))
+        train_diffusion(DiffusionConfig.from_dict(tree), plan_only=True)
