@@ -21,8 +21,11 @@ RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json", "model")
 SAFE_TO_CHANGE = {"train.log_every", "train.eval_every", "train.save_every",
                   "train.keep_checkpoints", "reference.cache_dir", "output_dir",
                   "train.report_to", "train.tracking_dir", "train.run_name",
-                  # how the same numbers are computed (tested equal to eager, unpadded)
-                  "train.compile", "train.compile_mode", "train.pad_to_multiple_of"}
+                  # how the same numbers are computed (tested equal to eager, unpadded, not
+                  # recomputed, unchunked, unpacked): a run short of memory may resume with less
+                  "train.compile", "train.compile_mode", "train.pad_to_multiple_of",
+                  "train.gradient_checkpointing", "train.checkpoint_every",
+                  "train.lean_activations", "train.logps_chunk_tokens", "train.max_row_tokens"}
 
 
 def holds_run(out: Path) -> bool:

@@ -8,20 +8,43 @@ import threading
 
 
 class TrainingStopped(Exception):
-    """A signal stopped training after a checkpoint: ``summary`` says where, ``advice`` how
-    to continue."""
+    """A signal (or the device's memory) stopped training after a checkpoint: ``summary`` says
+    where, ``advice`` how to continue."""
 
     def __init__(self, summary: str,
                  advice: str = "Run the same command with --resume to continue.",
-                 signal_name: str | None = None):
+                 signal_name: str | None = None, code: int | None = None):
         super().__init__(f"{summary} {advice}")
-        self.summary, self.signal_name = summary, signal_name
+        self.summary, self.signal_name, self.code = summary, signal_name, code
 
     @property
     def exit_code(self) -> int:
         """The shell's code for a process ended by the signal: 143 for SIGTERM, 130 for SIGINT
-        (also when another process was signalled)."""
+        (also when another process was signalled); ``code`` when no signal stopped it."""
+        if self.code is not None:
+            return self.code
         return 128 + getattr(signal, self.signal_name or "SIGINT")
+
+
+LESS_MEMORY = ("train.gradient_checkpointing=true, or a smaller train.batch_size with "
+               "train.gradient_accumulation_steps raised to keep the global batch (batch_size x "
+               "accumulation), or LoRA; `--plan` (preftune train, rm train, online, diffusion "
+               "train) estimates a run's memory before it starts.")
+
+
+def out_of_memory(step: int, total: int, checkpoint, error: Exception) -> TrainingStopped:
+    """What to say when the device ran out of memory in ``step`` (0-based) of ``total``, the
+    steps before it kept in ``checkpoint`` (None: none written yet)."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if checkpoint is None:
+        return TrainingStopped(
+            f"out of memory in step {step + 1} of {total} ({cause}); no checkpoint was written "
+            "yet.", f"Start again with --overwrite and less memory: --set {LESS_MEMORY}",
+            code=1)
+    return TrainingStopped(
+        f"out of memory in step {step + 1} of {total} ({cause}); the steps before it are in "
+        f"{checkpoint}.", f"Continue with less memory: the same command with --resume --set "
+        f"{LESS_MEMORY}", code=1)
 
 
 class Terminated(KeyboardInterrupt):

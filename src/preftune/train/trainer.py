@@ -23,13 +23,14 @@ from torch.distributed.tensor import DTensor
 from ..config import TrainConfig
 from .alarms import Alarms, WeightProbe
 from .batches import MicroBatches
-from .checkpoint import checkpoints, gather_training_state, load_checkpoint, save_checkpoint
+from .checkpoint import (checkpoints, gather_training_state, latest_checkpoint, load_checkpoint,
+                         save_checkpoint)
 from .engines import SHARDED, check_engine, configure_deepspeed, whole_models
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
 from .model_card import write_model_cards
 from .optimizers import embedding_weights, make_optimizer
-from .stopping import StopRequests, TrainingStopped
+from .stopping import StopRequests, TrainingStopped, out_of_memory
 from .tracking import Trackers
 
 
@@ -210,7 +211,10 @@ class Trainer:
             for step in range(self.start_step, self.total_steps):
                 if before_step is not None:
                     before_step(step)
-                self.step(step)
+                try:
+                    self.step(step)
+                except torch.OutOfMemoryError as error:
+                    raise self._out_of_memory(step, error) from None
                 if self.stop_requested and step + 1 < self.total_steps:
                     self.bar.close()
                     self.batches.close()
@@ -334,6 +338,23 @@ class Trainer:
                                    alarms=self.alarms.state())
         self.accelerator.wait_for_everyone()
         return path
+
+    def _out_of_memory(self, step: int, error: Exception) -> TrainingStopped:
+        """After the device ran out of memory in ``step``: its partial gradients dropped, the
+        steps done since the start (or the resumed checkpoint) checkpointed, when one process
+        trains (several would wait on each other's collectives), and what to change."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bar.close()
+        self.batches.close()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        path = None
+        if self.world == 1 and step > self.start_step:
+            path = self.save(step)
+        if self.main:
+            self.log.close()
+        return out_of_memory(step, self.total_steps, path or latest_checkpoint(
+            self.checkpoint_dir), error)
 
     def _summed(self, sums: dict) -> dict:
         """Metric sums, token counts and stop requests added up over all processes: one
