@@ -84,3 +84,22 @@ def test_out_of_memory_in_the_first_step_says_to_start_again(workspace, tmp_path
         in said
     assert not (workspace / "runs" / "oom-first" / "checkpoints").exists() or not any(
         (workspace / "runs" / "oom-first" / "checkpoints").iterdir())
+
+
+def test_out_of_memory_outside_the_steps_is_one_error_line(workspace, tmp_path, monkeypatch,
+                                                           capsys):
+    """The reference pass runs out of memory: no traceback, what to change, exit code 1."""
+    config = config_file(workspace, tmp_path, "oom-reference")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(CAUSE)
+
+    monkeypatch.setattr(loop, "build_reference", out_of_memory)
+    assert main(["train", config]) == 1
+    err = capsys.readouterr().err
+    said = err.splitlines()[-1]  # (after the loading progress bar)
+    assert "Traceback" not in err
+    assert said.startswith(f"error: the device ran out of memory ({CAUSE}) outside the "
+                           "training steps: loading, the reference pass, evaluation, sampling "
+                           "or scoring. What was written is kept. Less memory: a smaller "
+                           "train.batch_size")

@@ -296,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_of_memory_outside_steps(error: Exception) -> str:
+    """What to say when the device ran out of memory outside the training steps (which say it
+    themselves, with a checkpoint)."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+    return (f"the device ran out of memory ({cause}) outside the training steps: loading, the "
+            "reference pass, evaluation, sampling or scoring. What was written is kept. Less "
+            "memory: a smaller train.batch_size (the reference pass and evaluation batch by "
+            "it; --batch-size for eval and scoring), model.dtype bfloat16, model.quantize "
+            "nf4, or LoRA; `--plan` estimates training's memory.")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.records import DataError
@@ -329,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         if talks:
             print(str(stopped), file=sys.stderr)
         code = stopped.exit_code
+    except RuntimeError as error:
+        if type(error).__name__ != "OutOfMemoryError":  # (torch's, raised by any device)
+            raise
+        if talks:
+            print(f"error: {out_of_memory_outside_steps(error)}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM, outside a training step
         name = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT (Ctrl-C)"
         if talks:
