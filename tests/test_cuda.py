@@ -303,12 +303,14 @@ def test_the_plans_total_is_near_a_cuda_runs_peak(train, tmp_path, capsys, monke
     CUDA peak of a real two-step bf16 run (tests/test_plan.py holds it within 5% of the CPU
     allocator's)."""
     from common import PhaseMemory
-    from test_plan import measured_peak, plan_of, plan_workspace, planned_total
+    from test_plan import (config_of, measured_name, measured_peak, plan_of, plan_workspace,
+                           planned_total)
 
     root = plan_workspace(tmp_path)
     planned = planned_total(plan_of(root, capsys, **train))
-    assert planned == pytest.approx(measured_peak(root, train, PhaseMemory("cuda"),
-                                                  monkeypatch), rel=0.05)
+    assert planned == pytest.approx(measured_peak(
+        config_of(root, measured_name(train), **train), PhaseMemory("cuda"), monkeypatch),
+        rel=0.05)
 
 
 @pytest.mark.parametrize("path", ["decoder", "encoder"])

@@ -100,12 +100,17 @@ def test_plan_total_is_within_a_few_percent_of_the_measured_peak(workspace, trai
                                                                 monkeypatch):
     monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")  # weights load on this thread: counted
     planned = planned_total(plan_of(workspace, capsys, **train))
-    measured = measured_peak(workspace, train, PhaseMemory("tensors"), monkeypatch)
+    measured = measured_peak(config_of(workspace, measured_name(train), **train),
+                             PhaseMemory("tensors"), monkeypatch)
     assert planned == pytest.approx(measured, rel=0.05)
 
 
-def measured_peak(workspace, train: dict, memory, monkeypatch) -> float:
-    """The peak (MiB, as ``memory`` counts it) of a real run with ``train`` settings, once its
+def measured_name(settings: dict) -> str:
+    return "measured-" + "-".join(map(str, settings.values())).replace("'", "").replace(" ", "")
+
+
+def measured_peak(config, memory, monkeypatch) -> float:
+    """The peak (MiB, as ``memory`` counts it) of a real run of ``config``, once its
     reference is built."""
     build_reference = loop.build_reference
 
@@ -115,7 +120,6 @@ def measured_peak(workspace, train: dict, memory, monkeypatch) -> float:
         return references
 
     monkeypatch.setattr(loop, "build_reference", then_train)
-    name = "measured-" + "-".join(map(str, train.values())).replace("'", "").replace(" ", "")
-    loop.train(config_of(workspace, name, **train), show_progress=False)
+    loop.train(config, show_progress=False)
     return memory.stop()["train"]
 

@@ -13,7 +13,7 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, 
 
 import preftune.train.loop as loop
 from preftune.config import build_config
-from test_plan import planned_total
+from test_plan import measured_name, measured_peak, planned_total
 from tiny_vlms import VLM_TEMPLATE, _tokenizer, solid_image
 
 SIZE, PATCH = 64, 8  # 64 patches an image
@@ -72,18 +72,9 @@ def test_plan_counts_the_vision_towers_activations(workspace, model, capsys, mon
         assert tower == []
     else:  # what the tower keeps over the worst micro-batch's four images, counted apart
         assert float(tower[0].split()[2]) == round(tower_keeps(workspace, range(4)) / 2**20)
-    memory = PhaseMemory("tensors")
-    build_reference = loop.build_reference
-
-    def then_train(*args, **kwargs):
-        references = build_reference(*args, **kwargs)
-        memory.enter("train")
-        return references
-
-    monkeypatch.setattr(loop, "build_reference", then_train)
-    loop.train(config_of(workspace, "measured-" + "-".join(map(str, model.values())), **model),
-               show_progress=False)
-    assert planned_total(printed) == pytest.approx(memory.stop()["train"], rel=0.05)
+    measured = measured_peak(config_of(workspace, measured_name(model), **model),
+                             PhaseMemory("tensors"), monkeypatch)
+    assert planned_total(printed) == pytest.approx(measured, rel=0.05)
 
 
 def tower_keeps(root, images) -> int:
