@@ -307,7 +307,10 @@ def test_the_plans_total_is_near_a_cuda_runs_peak(train, tmp_path, capsys, monke
                            planned_total)
 
     root = plan_workspace(tmp_path)
-    planned = planned_total(plan_of(root, capsys, **train))
+    printed = plan_of(root, capsys, **train)
+    assert "  this GPU " in printed and (": fits" in printed) == (
+        planned_total(printed) < torch.cuda.mem_get_info()[0] / 2**20)
+    planned = planned_total(printed)
     assert planned == pytest.approx(measured_peak(
         config_of(root, measured_name(train), **train), PhaseMemory("cuda"), monkeypatch),
         rel=0.05)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..train.optimizers import EIGHT_BIT, embedding_weights, moment_bytes
 from ..train.peak import peak_allocated
-from ..train.plan import MIB
+from ..train.plan import MIB, device_fit
 
 PROBE_STEP = 0  # the noise and timesteps of the first training step
 
@@ -65,6 +65,7 @@ def diffusion_plan(config, task, device) -> str:
     if other:
         lines.append(f"  with checkpointing {(base + checkpointed) / MIB:8.0f}  "
                      "(train.gradient_checkpointing: true)")
+    lines += device_fit(base + step, base + checkpointed if other else None, device)
     return "\n".join(line for line in lines if line is not None)
 
 

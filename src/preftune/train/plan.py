@@ -289,11 +289,29 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
         + ("with the output's or top layer's" if output else "with the top layer's")
         + ", or gradients with the bottom layer's)",
     ]
+    checkpointed = None
     if every is None:  # what the memory-saving settings would bring it to
-        lines.append(f"  with checkpointing {activations_and_total(1)[1] / MIB:8.0f}  "
+        checkpointed = activations_and_total(1)[1]
+        lines.append(f"  with checkpointing {checkpointed / MIB:8.0f}  "
                      "(train.gradient_checkpointing: true; with checkpoint_every: 2, "
                      f"{activations_and_total(2)[1] / MIB:.0f})")
-    return lines
+    return lines + device_fit(total, checkpointed, next(model.parameters()).device)
+
+
+def device_fit(total: float, checkpointed: float | None, device) -> list[str]:
+    """On a GPU, whether the plan's ``total`` fits in what the device has free now (the
+    allocator's own cache and CUDA's context come on top of what the plan counts), and
+    whether ``checkpointed``, the total with gradient checkpointing, would."""
+    if device.type != "cuda":
+        return []
+    import torch
+
+    free, whole = torch.cuda.mem_get_info(device)
+    verdict = "fits" if total < free else f"short by {(total - free) / MIB:.0f} MiB" + (
+        "; with gradient checkpointing it fits" if checkpointed and checkpointed < free else
+        ": see train.gradient_checkpointing, a smaller batch with accumulation, LoRA, 8-bit "
+        "AdamW")
+    return [f"  this GPU         {free / MIB:10.0f}  free of {whole / MIB:.0f}: {verdict}"]
 
 
 def _millions(count: int) -> str:
