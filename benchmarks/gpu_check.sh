@@ -2,7 +2,7 @@
 # Every GPU check and benchmark, sized for a short GPU lease: BUDGET seconds in all (default
 # 540), most important first, each part cut to what is left. PARTS (default all five) names
 # them: tests (layouts, FlexAttention, varlen, attention kernels, one sync per step, compiled
-# layers, lean layers, vLLM where installed), overhead (checkpointing's host time on a thin
+# layers, --plan against the CUDA peak, lean layers, vLLM where installed), overhead (checkpointing's host time on a thin
 # model: torch's checkpoint against recompute), profile (one eager step: kernel time vs wall
 # time, top operators), bench (preftune vs TRL in bf16 on SmolLM2-135M's and Llama-3.2-1B's
 # shapes, long and short prompts, 2 repeats, TRL's default once) and compile (the compiled
