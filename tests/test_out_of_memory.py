@@ -59,8 +59,8 @@ def test_out_of_memory_checkpoints_says_what_to_change_and_resumes_with_less(
     assert main(["train", config]) == 1
     said = capsys.readouterr().err
     checkpoint = workspace / "runs" / name / "checkpoints" / "step-00000002"
-    assert f"out of memory in step 3 of 4 ({CAUSE}); the steps before it are in " \
-        f"{checkpoint}. Continue with less memory: the same command with --resume --set " \
+    assert f"out of memory in step 3 of 4 ({CAUSE}); the last checkpoint is {checkpoint}. " \
+        "Continue from it with less memory: the same command with --resume --set " \
         "train.gradient_checkpointing=true, or a smaller train.batch_size" in said
     assert checkpoint.is_dir() and not (workspace / "runs" / name / "model").exists()
     monkeypatch.undo()

@@ -33,8 +33,8 @@ LESS_MEMORY = ("train.gradient_checkpointing=true, or a smaller train.batch_size
 
 
 def out_of_memory(step: int, total: int, checkpoint, error: Exception) -> TrainingStopped:
-    """What to say when the device ran out of memory in ``step`` (0-based) of ``total``, the
-    steps before it kept in ``checkpoint`` (None: none written yet)."""
+    """What to say when the device ran out of memory in ``step`` (0-based) of ``total``, with
+    the run's last ``checkpoint`` (None: none written yet)."""
     cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if checkpoint is None:
         return TrainingStopped(
@@ -42,9 +42,9 @@ def out_of_memory(step: int, total: int, checkpoint, error: Exception) -> Traini
             "yet.", f"Start again with --overwrite and less memory: --set {LESS_MEMORY}",
             code=1)
     return TrainingStopped(
-        f"out of memory in step {step + 1} of {total} ({cause}); the steps before it are in "
-        f"{checkpoint}.", f"Continue with less memory: the same command with --resume --set "
-        f"{LESS_MEMORY}", code=1)
+        f"out of memory in step {step + 1} of {total} ({cause}); the last checkpoint is "
+        f"{checkpoint}.", f"Continue from it with less memory: the same command with --resume "
+        f"--set {LESS_MEMORY}", code=1)
 
 
 class Terminated(KeyboardInterrupt):
