@@ -130,3 +130,15 @@ def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objectiv
     assert not list((base / "stopped").glob("dpo.old-*"))  # nothing moved aside
     dpo = base / "stopped" / "dpo"
     assert [json.loads(line)["step"] for line in (dpo / "metrics.jsonl").open()] == [1, 2]
+
+
+def test_plan_prints_each_objectives_plan_and_writes_nothing(base, capsys):
+    """dpo on the pairs, kto on them split into labelled completions: each one's --plan."""
+    assert main(["compare", "--objectives", "dpo,kto", "--config", str(base / "base.yaml"),
+                 "--output-dir", str(base / "planned"), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    dpo, kto = printed.split(f"[compare] kto: the plan of {base / 'planned' / 'kto'}")
+    assert f"[compare] dpo: the plan of {base / 'planned' / 'dpo'}" in dpo
+    assert "objective          dpo (pairs, needs reference)" in dpo and "  total " in dpo
+    assert "objective          kto (unpaired, needs reference)" in kto and "  total " in kto
+    assert not (base / "planned").exists()

@@ -85,7 +85,10 @@ def _compare(args) -> int:
     objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
     root = compare(objectives, args.config, overrides=args.set or [],
                    output_dir=args.output_dir, eval_data=args.eval_data, scorer=args.scorer,
-                   samples=args.samples, max_new_tokens=args.max_new_tokens)
+                   samples=args.samples, max_new_tokens=args.max_new_tokens,
+                   plan_only=args.plan)
+    if args.plan:
+        return 0
     entries = json.loads((root / "leaderboard.json").read_text())
     failed = [entry["objective"] for entry in entries if "error" in entry]
     if failed:  # the others were trained and ranked; a script still learns of the failures
@@ -260,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = command(commands, "compare", "train several objectives on the same data, "
                       "budget and seed; evaluate them alike; write a leaderboard",
                       "preftune compare --objectives dpo,ipo,simpo --config "
-                      "examples/compare_demo.yaml --scorer synthetic")
+                      "examples/compare_demo.yaml --scorer synthetic",
+                      "preftune compare --objectives dpo,ipo,simpo --config "
+                      "examples/compare_demo.yaml --plan")
     compare.add_argument("--objectives", required=True, help="comma-separated, e.g. dpo,ipo,simpo")
     compare.add_argument("--config", help="base YAML config; its objective is replaced")
     compare.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -274,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="policy samples per prompt for KL and length (0: skip)")
     compare.add_argument("--max-new-tokens", type=POSITIVE, default=32,
                          help="longest answer of the win-rate evaluation, in tokens")
+    compare.add_argument("--plan", action="store_true",
+                         help="print each objective's --plan (layout, memory), then stop")
     compare.set_defaults(run=_compare)
 
     config = command(commands, "config", "every config key with its type, default and help; "

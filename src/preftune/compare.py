@@ -48,8 +48,9 @@ COLUMNS = [
 
 def run_compare(objectives: list[str], config_path: str | None, overrides: list[str],
                 output_dir: str, eval_data: str | None = None, scorer: str | None = None,
-                samples: int = 2, max_new_tokens: int = 32) -> Path:
-    """Train, evaluate and report every objective; write leaderboard.md/.json/.png."""
+                samples: int = 2, max_new_tokens: int = 32, plan_only: bool = False) -> Path:
+    """Train, evaluate and report every objective; write leaderboard.md/.json/.png.
+    ``plan_only`` prints each objective's ``--plan`` instead, writing nothing."""
     from .evaluate.run_eval import EvalOptions, read_pairs, run_eval
     from .train.loop import train
 
@@ -60,14 +61,15 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     if _diffusion(tree, objectives):
         from .diffusion.compare import compare_diffusion
 
-        return compare_diffusion(objectives, tree, config_path, Path(output_dir), scorer)
+        return compare_diffusion(objectives, tree, config_path, Path(output_dir), scorer,
+                                 plan_only)
     for name in objectives:  # unknown names fail before anything trains
         try:
             get_objective(name)
         except KeyError as error:
             raise ConfigError(error.args[0]) from None
     if "online" in tree:
-        return _compare_online(objectives, tree, config_path, Path(output_dir))
+        return _compare_online(objectives, tree, config_path, Path(output_dir), plan_only)
     base = load_config(config_path, overrides)
     eval_data = eval_data or _first(base.data.eval)
     if not eval_data:
@@ -88,6 +90,10 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
     root = Path(output_dir)
+    if plan_only:
+        return plans(objectives, root, lambda name: build_config(
+            _config_for(base.model_dump(), name, root / name),
+            f"{config_path} with objective {name}"), lambda config: train(config, plan_only=True))
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in objectives:
@@ -110,6 +116,14 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         entries.append(run_entry(name, run_dir, [tree, eval_data, scorer, samples,
                                                  max_new_tokens], work))
     _write_leaderboard(root, entries, eval_data, scorer)
+    return root
+
+
+def plans(objectives: list[str], root: Path, config_of, plan) -> Path:
+    """Each objective's plan (``plan(config_of(name))`` prints it) under its name."""
+    for name in objectives:
+        print(f"\n[compare] {name}: the plan of {root / name}")
+        plan(config_of(name))
     return root
 
 
@@ -158,8 +172,10 @@ def attempt(name: str, entry: dict, work) -> bool:
     return False
 
 
-def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) -> Path:
-    """Each objective through the same online rounds (same prompts, scorer, sampling, steps)."""
+def _compare_online(objectives: list[str], tree: dict, config_path, root: Path,
+                    plan_only: bool = False) -> Path:
+    """Each objective through the same online rounds (same prompts, scorer, sampling, steps);
+    ``plan_only``: each one's ``--plan``."""
     from .online.config import OnlineConfig
     from .online.loop import continues, run_online
     from .report import write_report
@@ -168,6 +184,11 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path) 
     if not base.data.eval:
         raise ConfigError("an online compare measures every objective on held-out prompts: set "
                          "data.eval in the base config")
+    if plan_only:
+        return plans(objectives, root, lambda name: build_config(
+            _online_tree(base.model_dump(), name, root / name),
+            f"{config_path} with objective {name}", schema=OnlineConfig),
+            lambda config: run_online(config, plan_only=True))
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in objectives:

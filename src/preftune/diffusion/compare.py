@@ -28,10 +28,10 @@ def is_diffusion_config(tree: dict, objectives: list[str]) -> bool:
 
 
 def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path,
-                      scorer: str | None) -> Path:
+                      scorer: str | None, plan_only: bool = False) -> Path:
     """Train, evaluate (win rate vs the base pipeline) and report every objective; write the
-    leaderboard through the text comparison's writer."""
-    from ..compare import _write_leaderboard, run_entry
+    leaderboard through the text comparison's writer. ``plan_only``: each one's ``--plan``."""
+    from ..compare import _write_leaderboard, plans, run_entry
     from ..train.output import resumable
     from .config import DiffusionConfig
     from .evaluate import evaluate_diffusion, image_scorer
@@ -53,13 +53,21 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
         raise ConfigError("a diffusion compare needs --scorer: shape_colour (the demo's "
                           "checker) or module:function rating (prompt, PIL image).")
     image_scorer(scorer)  # a scorer that cannot load fails before anything trains
+
+    def tree_of(name: str) -> dict:
+        run_tree = json.loads(json.dumps(base.model_dump()))
+        run_tree.update(objective={"name": name}, output_dir=str(root / name))
+        run_tree["reference"]["strategy"] = "auto"
+        return run_tree
+
+    if plan_only:
+        return plans(objectives, root, lambda name: DiffusionConfig.from_dict(tree_of(name)),
+                     lambda config: train_diffusion(config, plan_only=True))
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in objectives:
         run_dir = root / name
-        run_tree = json.loads(json.dumps(base.model_dump()))
-        run_tree.update(objective={"name": name}, output_dir=str(run_dir))
-        run_tree["reference"]["strategy"] = "auto"
+        run_tree = tree_of(name)
 
         def work(entry: dict, run_tree=run_tree, run_dir=run_dir) -> None:
             started = time.perf_counter()
