@@ -266,3 +266,29 @@ def test_rm_eval_measures_any_scorer_on_pairs(scorer_module, tmp_path):
     assert response_text([{"role": "assistant", "content": parts}]) == "abcd"
     with pytest.raises(SystemExit):  # one of them, not both
         main(["rm", "eval", "--scorer", "my_checks:length", "--model", "x", "--data", str(data)])
+
+
+def test_scorer_models_load_in_the_runs_dtype(models, tmp_path):
+    """Judges, reward models and follow-up likelihood load in the dtype they are given (an
+    online run's or a training run's model.dtype: bf16 halves a GPU's share for them), float32
+    by default; a combination passes it to its terms."""
+    from types import SimpleNamespace
+
+    from preftune.online.common import online_scorer
+
+    root, runs = models
+    policy = root / "policy"
+    (tmp_path / "mix.yaml").write_text(f"terms:\n  - scorer: rm:{runs['bt']}\n")
+
+    def dtypes(scorer):
+        module = getattr(scorer, "model", None) or scorer.scoring.model
+        return {p.dtype for p in module.parameters()}
+
+    for spec in (f"judge:{policy}", f"follow-up:{policy}", f"rm:{runs['bt']}"):
+        assert dtypes(load_scorer(spec)) == {torch.float32}
+        assert dtypes(load_scorer(spec, dtype="bfloat16")) == {torch.bfloat16}
+    mixed = load_scorer(str(tmp_path / "mix.yaml"), dtype="bfloat16")
+    assert dtypes(mixed.terms[0][0]) == {torch.bfloat16}
+    config = SimpleNamespace(online=SimpleNamespace(scorer=f"rm:{runs['bt']}"),
+                             model=SimpleNamespace(dtype="bfloat16"))
+    assert dtypes(online_scorer(config, str(policy), None)) == {torch.bfloat16}

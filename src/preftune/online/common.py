@@ -115,7 +115,8 @@ def row_question(row: dict):
 def online_scorer(config, judge: str, data):
     """The online scorer; ``judge:policy`` / ``judge-pair:policy`` (self-rewarding) judge with
     the model at ``judge``, and ``follow-up:policy`` scores with it, loaded as the policy is
-    (its dtype, and ``model.chat_template``, which the initial model's tokenizer may lack)."""
+    (its dtype, and ``model.chat_template``, which the initial model's tokenizer may lack);
+    other judges' and reward models' models load in the policy's dtype too."""
     spec = config.online.scorer
     if spec in ("judge:policy", "judge-pair:policy", "follow-up:policy"):
         from ..score.follow_up import FollowUpScorer
@@ -126,7 +127,7 @@ def online_scorer(config, judge: str, data):
         if kind == "follow-up":
             return FollowUpScorer(model, tokenizer, f"follow-up:{judge}")
         return LLMJudge(model, tokenizer, f"{kind}:{judge}", pairwise=kind == "judge-pair")
-    return load_scorer(spec, data)
+    return load_scorer(spec, data, config.model.dtype)
 
 
 def load_on_device(path: str, config: Config):

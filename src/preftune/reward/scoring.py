@@ -34,8 +34,9 @@ class RewardScoring:
             tokenizer.pad_token_id, "auto", images=getattr(tokenizer, "image_inputs", None))
 
     @classmethod
-    def load(cls, path: str, batch_size: int = 16, device: str | None = None) -> "RewardScoring":
-        reward_model, tokenizer = RewardModel.from_pretrained(path)
+    def load(cls, path: str, batch_size: int = 16, device: str | None = None,
+             dtype: str = "float32") -> "RewardScoring":
+        reward_model, tokenizer = RewardModel.from_pretrained(path, dtype)
         _, record = Head.load(reward_model_dir(path))
         settings = TokenizeSettings(record.get("max_length", 1024),
                                     record.get("max_prompt_length", 512))

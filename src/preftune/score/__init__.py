@@ -32,9 +32,11 @@ __all__ = ["CombinedScorer", "FunctionScorer", "LogSigmoidCentred", "Scorer", "S
            "register_scorer"]
 
 
-def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
+def load_scorer(spec: str, data: str | list[str] | None = None,
+                dtype: str = "float32") -> Scorer:
     """The scorer a spec names (see the module docstring). ``data`` is the file (or files)
-    whose prompts will be scored (the synthetic scorer reads its checkers from it)."""
+    whose prompts will be scored (the synthetic scorer reads its checkers from it); ``dtype``:
+    the dtype its models (judges, reward models, follow-up likelihood) load in."""
     if spec == "synthetic":
         if data is None:
             raise ConfigError("the synthetic scorer reads its checkers from the data file; "
@@ -48,14 +50,15 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             from .judge import LLMJudge
 
             try:
-                return LLMJudge.from_pretrained(spec[len(prefix):], pairwise=pairwise)
+                return LLMJudge.from_pretrained(spec[len(prefix):], pairwise=pairwise,
+                                                dtype=dtype)
             except (FileNotFoundError, OSError) as error:
                 raise ConfigError(f"scorer {spec!r}: {error}") from None
     if spec.startswith("follow-up:"):
         from .follow_up import FollowUpScorer
 
         try:
-            return FollowUpScorer.from_pretrained(spec.removeprefix("follow-up:"))
+            return FollowUpScorer.from_pretrained(spec.removeprefix("follow-up:"), dtype)
         except (FileNotFoundError, OSError) as error:
             raise ConfigError(f"scorer {spec!r}: {error}") from None
     if spec.endswith((".yaml", ".yml")):
@@ -72,12 +75,13 @@ def load_scorer(spec: str, data: str | list[str] | None = None) -> Scorer:
             from .compositional import CompositionalScorer
 
             return CompositionalScorer.from_file(spec, tree)
-        return combined_from_tree(spec, tree, data, load_scorer)
+        return combined_from_tree(spec, tree, data, lambda term, data: load_scorer(
+            term, data, dtype))
     if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):
         from .reward_model import RewardModelScorer
 
         try:
-            return RewardModelScorer.from_pretrained(spec.removeprefix("rm:"))
+            return RewardModelScorer.from_pretrained(spec.removeprefix("rm:"), dtype=dtype)
         except FileNotFoundError as error:
             raise ConfigError(f"scorer {spec!r}: {error}") from None
     if is_function_spec(spec):

@@ -51,12 +51,12 @@ class FollowUpScorer:
         self.keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
-    def from_pretrained(cls, path: str, **options) -> "FollowUpScorer":
+    def from_pretrained(cls, path: str, dtype: str = "float32", **options) -> "FollowUpScorer":
         from accelerate import PartialState
 
         from ..model.load import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(path)
+        model, tokenizer = load_model_and_tokenizer(path, dtype)
         model.to(PartialState().device)
         return cls(model, tokenizer, f"follow-up:{path}", **options)
 

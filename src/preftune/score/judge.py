@@ -42,12 +42,13 @@ class LLMJudge:
         self.label_ids = [self._single_token(label) for label in labels]
 
     @classmethod
-    def from_pretrained(cls, path: str, pairwise: bool = False, **options) -> "LLMJudge":
+    def from_pretrained(cls, path: str, pairwise: bool = False, dtype: str = "float32",
+                        **options) -> "LLMJudge":
         from accelerate import PartialState
 
         from ..model.load import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(path)
+        model, tokenizer = load_model_and_tokenizer(path, dtype)
         model.to(PartialState().device)
         kind = "judge-pair" if pairwise else "judge"
         return cls(model, tokenizer, f"{kind}:{path}", pairwise=pairwise, **options)

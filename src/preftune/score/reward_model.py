@@ -19,8 +19,9 @@ class RewardModelScorer:
         self.pairwise = not scoring.head.has_reward
 
     @classmethod
-    def from_pretrained(cls, path: str, batch_size: int = 16) -> "RewardModelScorer":
-        return cls(RewardScoring.load(path, batch_size), f"rm:{path}")
+    def from_pretrained(cls, path: str, batch_size: int = 16,
+                        dtype: str = "float32") -> "RewardModelScorer":
+        return cls(RewardScoring.load(path, batch_size, dtype=dtype), f"rm:{path}")
 
     def _images(self, prompt) -> tuple:
         """The images a prompt shows, for a vision-language reward model (a text-only one

@@ -90,7 +90,7 @@ def eval_generations(config, examples: list, tokenizer, output_dir: Path):
     if cfg.eval_scorer is not None:
         data = config.data.eval or config.data.train
         try:
-            scorer = load_scorer(cfg.eval_scorer, data)
+            scorer = load_scorer(cfg.eval_scorer, data, config.model.dtype)
         except ConfigError as error:
             raise ConfigError(f"train.eval_scorer: {error}") from None
         if scorer.pairwise:
