@@ -348,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             print(str(stopped), file=sys.stderr)
         code = stopped.exit_code
     except RuntimeError as error:
-        if type(error).__name__ != "OutOfMemoryError":  # (torch's, raised by any device)
+        import torch  # (loaded by then: a command that runs out of memory imported it)
+
+        if not isinstance(error, torch.OutOfMemoryError):
             raise
         if talks:
             print(f"error: {out_of_memory_outside_steps(error)}", file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..train.optimizers import EIGHT_BIT, embedding_weights, moment_bytes
 from ..train.peak import peak_allocated
-from ..train.plan import MIB, device_fit
+from ..train.plan import MIB, device_fit, tensor_bytes
 
 PROBE_STEP = 0  # the noise and timesteps of the first training step
 
@@ -24,8 +24,8 @@ def diffusion_plan(config, task, device) -> str:
     module, cfg = task.module, config.train
     denoiser = module.denoiser
     trained = [p for p in module.parameters() if p.requires_grad]
-    weights = _bytes(module.parameters()) + _bytes(module.buffers())
-    reference = _bytes(task.reference.parameters()) if task.reference is not None else 0
+    weights = tensor_bytes(module.parameters()) + tensor_bytes(module.buffers())
+    reference = tensor_bytes(task.reference.parameters()) if task.reference is not None else 0
     moments = moment_bytes(cfg.optimizer, trained, embedding_weights(module))
     checkpointing = cfg.gradient_checkpointing
     step = measured_step(task, device, cfg.batch_size)
@@ -100,10 +100,6 @@ def _step_peak(task, examples: list, device) -> int:
         return peak_allocated(step, device)
     finally:
         module.zero_grad(set_to_none=True)
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def print_rounds_plan(config, prompts: list[str]) -> None:

@@ -15,14 +15,12 @@ from accelerate import Accelerator
 from ..data.layout import choose_layout
 from ..model.forward import causal_lm_of
 from ..model.load import load_tokenizer
-from ..model.quantize import four_bit_storage
 from ..model.verify import decoder_of, verified_layout
-from ..objectives import get_objective
 from ..objectives.compose import Objective
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
 from ..train.trainer import count_steps
-from ..train.plan import BYTES, MIB, mlp_width, plan
+from ..train.plan import BYTES, MIB, mlp_width, plan, weight_bytes
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
 from .loop import round_config
@@ -47,11 +45,11 @@ def online_plan(config, prompts: list) -> str:
         what = (f"steps              {steps} (per_step), each on {config.train.batch_size} "
                 f"prompts x {drawn}")
     else:
-        per_call = min(sampling.batch_size, online.prompts_per_round or len(prompts),
-                       len(prompts))
-        what = (f"rounds             {online.rounds}, "
-                f"{min(online.prompts_per_round or len(prompts), len(prompts))} of "
-                f"{len(prompts)} prompts each x {drawn}")
+        per_round = min(online.prompts_per_round or len(prompts), len(prompts))
+        per_call = min(sampling.batch_size, per_round)
+        what = (f"rounds             {online.rounds}, {per_round} of {len(prompts)} prompts "
+                f"each x {drawn}")
+    count = responses_per_row(config, trained)
     lines = [what, f"pairs              {online.pairs.builder}, scored by {online.scorer}",
              *sampling_lines(sampling, model, [len(ex.prompt_ids) for ex in examples],
                              BYTES[config.model.dtype], per_call),
@@ -59,8 +57,9 @@ def online_plan(config, prompts: list) -> str:
                 "reference in memory, on top of this)"] if online.mode == "per_step" else []),
              f"training ({'each step' if online.mode == 'per_step' else 'round 1'}, on the "
              f"{min(WORST_ROWS, len(examples))} longest prompts with "
-             f"{responses_per_row(config)} responses of {sampling.max_new_tokens} tokens each):"]
-    rows = worst_rows(config, examples[:WORST_ROWS], tokenizer.eos_token_id)
+             f"{count} response{'s' if count > 1 else ''} of {sampling.max_new_tokens} "
+             "tokens each):"]
+    rows = worst_rows(config, examples[:WORST_ROWS], count, tokenizer.eos_token_id)
     attention = trained.model.attn_implementation
     layout = verified_layout(*decoder_of(model), choose_layout(rows, trained.train.layout,
                                                                attention), trained.train.layout)
@@ -71,22 +70,22 @@ def online_plan(config, prompts: list) -> str:
                                    getattr(tokenizer, "image_inputs", None))])
 
 
-def responses_per_row(config) -> int:
+def responses_per_row(config, trained) -> int:
     """How many responses a training row of the rounds holds: the samples in a list (D2O's
-    with the data's negative), SELM's three, one for an objective of unpaired rows, else two."""
+    with the data's negative), SELM's three, one where the round's config ``trained``
+    converts the pairs for an unpaired objective, else two."""
     builder = config.online.pairs.builder
     if builder in LIST_BUILDERS:
         return config.online.sampling.samples + (builder == "d2o")
     if builder == "selm":
         return 3
-    unpaired = all(get_objective(item.name).data == "unpaired" for item in config.objective)
-    return 1 if unpaired else 2  # (as round_config converts the pairs)
+    return 1 if trained.data.convert == "unpaired" else 2
 
 
-def worst_rows(config, examples: list, eos_token_id: int) -> list:
-    """``examples`` (tokenized prompts) with ``responses_per_row`` responses of
-    ``max_new_tokens`` tokens and the EOS training appends, cut to ``data.max_length``."""
-    count, new = responses_per_row(config), config.online.sampling.max_new_tokens
+def worst_rows(config, examples: list, count: int, eos_token_id: int) -> list:
+    """``examples`` (tokenized prompts) with ``count`` responses of ``max_new_tokens`` tokens
+    and the EOS training appends, cut to ``data.max_length``."""
+    new = config.online.sampling.max_new_tokens
     rows = []
     for index, example in enumerate(examples):
         length = max(1, min(new + 1, config.data.max_length - len(example.prompt_ids)))
@@ -117,8 +116,7 @@ def sampling_lines(sampling, model, prompt_lengths: list[int], dtype_bytes: int,
     cache = sequences * tokens * per_token * (1 + 1 / (2 * layers))
     logits = 3 * sequences * text.vocab_size * 4
     prefill = prompts * longest * (per_token + 4 * mlp_width(text) * dtype_bytes)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) \
-        + four_bit_storage(model)[1]
+    weights = weight_bytes(model)
     peak = "the prompts' prefill" if prefill > cache + logits else "the last step"
     return [f"sampling memory (MiB, one generate call of {prompts} prompts x "
             f"{sampling.samples} samples, {longest} + {sampling.max_new_tokens} tokens, "

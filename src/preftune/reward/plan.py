@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ..model.forward import causal_lm_of
 from ..train.kept import measure_kept
-from ..train.plan import (BYTES, batch_lines, dense_masks, memory_lines, vision_kept,
-                          worst_and_sample)
+from ..train.plan import (BYTES, batch_lines, dense_masks, memory_lines, tensor_bytes,
+                          vision_kept, worst_and_sample)
 from .model import REWARD_HEADS
 
 
@@ -38,9 +38,8 @@ def reward_plan(config, reward_model, train_examples, layout: str, make_batch,
         reads = "its own pooling of each padded (prompt, response) row (encoder)"
     measured = measure_kept(reward_model.model, layout, padded_rows, pad_token_id,
                             forward=reward_model, make_batch=make_batch)
-    head_grads = sum(p.numel() * p.element_size() for name in REWARD_HEADS
-                     if hasattr(backbone, name)
-                     for p in getattr(backbone, name).parameters() if p.requires_grad)
+    head_grads = tensor_bytes(p for name in REWARD_HEADS if hasattr(backbone, name)
+                              for p in getattr(backbone, name).parameters() if p.requires_grad)
     lines = [f"reward loss        {config.loss.name} ({reward_model.head.kind} head)",
              f"reward read at     {reads}",
              f"layout             {layout}"

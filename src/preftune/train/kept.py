@@ -72,7 +72,9 @@ def measure_kept(model, layout: str, padded_rows: bool = False, pad_token_id: in
     device = next(model.parameters()).device
     if forward is None:
         decoder = lm.get_decoder()
-        forward = lambda batch: run_decoder(decoder, batch, decoder.config, vlm=lm)  # noqa: E731
+
+        def forward(batch):
+            return run_decoder(decoder, batch, decoder.config, vlm=lm)
     vocab = lm.config.get_text_config().vocab_size
     probes = [_saved_by_layer(model, forward, layers, _probe_batch(
         width, layout, padded_rows, pad_token_id, vocab, make_batch).to(device))

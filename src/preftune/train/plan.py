@@ -23,6 +23,16 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
 
 
+def tensor_bytes(tensors) -> int:
+    """The bytes ``tensors`` (parameters, buffers) hold."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_bytes(model) -> int:
+    """The bytes of ``model``'s weights as they are held, 4-bit ones with their scales."""
+    return tensor_bytes(model.parameters()) + four_bit_storage(model)[1]
+
+
 def _routed(config) -> tuple[int, int, int] | None:
     """A mixture of experts' (experts, experts per token, each one's MLP width); None for a
     dense model."""
@@ -152,15 +162,13 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         *_model_lines(lm, model_config, config.data.max_length),
         *batch_lines(sample, worst, model, config.model.quantize),
     ]
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) \
-        + four_bit_storage(model)[1]
-    head_grads = head.numel() * head.element_size() if head.requires_grad else 0
+    head_grads = tensor_bytes([head]) if head.requires_grad else 0
     return "\n".join(lines + memory_lines(
         cfg, model, model_config, dtype_bytes, measured, (rows, width), masks, sharding,
         head_grads, vision=vision,
         output=(output, f"{cfg.logps_chunk_tokens}-token chunks of logits"
                 + (", fp32 gradient of the output weight" if head.requires_grad else "")),
-        reference=(weight_bytes if strategy == "live" else 0, strategy)))
+        reference=(weight_bytes(model) if strategy == "live" else 0, strategy)))
 
 
 def worst_and_sample(examples, batch_size: int, make_batch):
@@ -228,18 +236,18 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
     Weights, gradients and AdamW's moments are counted from ``model``'s parameters as they are
     (LoRA adapters may be fp32 on a bf16 model); torch's AdamW keeps its two moments in each
     parameter's dtype, DeepSpeed's in fp32, the 8-bit ones in a byte (``moment_bytes``).
-    ``head_grads``: the bytes of the output layer's gradient; ``output``: (bytes, what) of its backward beyond one
-    layer's; ``reference``: (bytes, strategy) of a reference model held in memory;
+    ``head_grads``: the bytes of the output layer's gradient; ``output``: (bytes, what) of
+    its backward beyond one layer's; ``reference``: (bytes, strategy) of a reference model
+    held in memory;
     ``vision``: what a vision tower keeps for backward (``vision_kept``)."""
     rows, width = shape
     mask_bytes = masks * rows * width * width * dtype_bytes
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, parts = sharding
-    weights = (sum(p.numel() * p.element_size() for p in model.parameters())
-               + four_bit_storage(model)[1]) / parts.get("weights", 1)
+    weights = weight_bytes(model) / parts.get("weights", 1)
     # in-backward updates free each gradient at once: about one parameter's worth is held
-    grads = 0 if cfg.optimizer_in_backward else sum(
-        p.numel() * p.element_size() for p in trainable) / parts.get("gradients", 1)
+    grads = 0 if cfg.optimizer_in_backward else \
+        tensor_bytes(trainable) / parts.get("gradients", 1)
     fp32_moments = engine.startswith("ZeRO")
     moments = 2 * sum(p.numel() for p in trainable) * 4 if fp32_moments else moment_bytes(
         cfg.optimizer, trainable, embedding_weights(model))
