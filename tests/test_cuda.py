@@ -328,3 +328,40 @@ def test_the_reward_models_plan_is_near_a_cuda_runs_peak(path, tmp_path, capsys,
     planned = planned_total(plan_of(root, capsys, path))
     assert planned == pytest.approx(measured_peak(root, path, {}, PhaseMemory("cuda"),
                                                   monkeypatch), rel=0.05)
+
+
+def test_eval_and_rm_score_run_their_models_on_the_gpu(model_dir, tmp_path):
+    """``preftune eval`` loads policy and reference on the process's device (not the host),
+    in the policy's saved dtype; ``rm score`` its reward model. Both models' weights are
+    counted in the CUDA peak above what was allocated before."""
+    import gc
+
+    from preftune.cli import main
+    from preftune.reward.config import build_reward_config
+    from preftune.reward.train import train_reward_model
+
+    def allocated_now() -> int:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    run, pairs = tmp_path / "run", str(model_dir / "pairs.jsonl")
+    model = LlamaForCausalLM.from_pretrained(model_dir / "model", dtype=torch.bfloat16)
+    model.save_pretrained(run / "model")
+    char_tokenizer().save_pretrained(run / "model")
+    (run / "run.json").write_text("{}")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    before = allocated_now()
+    assert main(["eval", "--model", str(run), "--data", pairs, "--reference",
+                 str(model_dir / "model"), "--samples", "2", "--max-new-tokens", "4"]) == 0
+    assert json.loads((run / "eval.json").read_text())["settings"]["dtype"] == "bfloat16"
+    assert torch.cuda.max_memory_allocated() - before >= 2 * weights
+    rm = train_reward_model(build_reward_config({
+        "output_dir": str(tmp_path / "rm"), "model": {"path": str(model_dir / "model")},
+        "data": {"train": pairs}, "train": {"batch_size": 4, "max_steps": 1}}),
+        show_progress=False)
+    before = allocated_now()
+    assert main(["rm", "score", "--model", str(rm), "--data", pairs,
+                 "--output", str(tmp_path / "scored.jsonl")]) == 0
+    assert torch.cuda.max_memory_allocated() - before >= weights

@@ -98,7 +98,7 @@ def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool
 def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
     """Accuracy, calibration and reward distribution of a reward model (``preftune rm eval``;
     ``options``: scorer (instead of a model: any scorer spec), fields, output, category_field,
-    bins, batch_size). Returns the results."""
+    bins, batch_size, dtype). Returns the results."""
     from .reward.evaluate import RewardEvalOptions, run_rm_eval
 
     return run_rm_eval(RewardEvalOptions(model=model, data=data, **options))
@@ -106,18 +106,19 @@ def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
 
 def score_with_reward_model(model: str, data: str, output: str, *, batch_size: int = 16,
                             field: str = "score", overwrite: bool = False,
-                            fields: dict | None = None) -> Path:
+                            fields: dict | None = None, dtype: str = "auto") -> Path:
     """Write every record of ``data`` with its reward-model scores to ``output`` (JSONL;
-    ``preftune rm score``); ``fields`` maps canonical field names to the file's columns."""
+    ``preftune rm score``); ``fields`` maps canonical field names to the file's columns,
+    ``dtype`` is the model's ('auto': as saved)."""
     from .reward.scoring import run_score
 
-    return run_score(model, data, output, batch_size, field, overwrite, fields)
+    return run_score(model, data, output, batch_size, field, overwrite, fields, dtype)
 
 
 def preference_strength(models: str | list[str], data: str, output: str, *, passes: int = 1,
                         dropout: float = 0.0, flip: bool = False, field: str = "strength",
                         seed: int = 0, batch_size: int = 16, overwrite: bool = False,
-                        fields: dict | None = None) -> Path:
+                        fields: dict | None = None, dtype: str = "auto") -> Path:
     """Each pair of ``data`` with the mean, spread and agreement of the reward gaps that
     ``models`` (an ensemble) or ``passes`` dropout passes give it, written to ``output``
     (``preftune rm strength``; Secrets of RLHF II, UPO's MC-dropout estimator)."""
@@ -126,7 +127,7 @@ def preference_strength(models: str | list[str], data: str, output: str, *, pass
     models = [models] if isinstance(models, str) else list(models)
     return run_strength(models, data, output, passes=passes, dropout=dropout, flip=flip,
                         field=field, seed=seed, batch_size=batch_size, overwrite=overwrite,
-                        fields=fields)
+                        fields=fields, dtype=dtype)
 
 
 def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0.01,

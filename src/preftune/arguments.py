@@ -64,3 +64,13 @@ def add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                         help="model.chat_template: render message lists with this template "
                              "(a .jinja file or the Jinja text) instead of the tokenizer's")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser, which: str) -> None:
+    """``--dtype``: what the command's models load in, as a config's model.dtype; ``auto``
+    (the default) reads the dtype ``which`` model's weights are saved in."""
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help=f"the models' weights, as model.dtype (default auto: the dtype "
+                             f"{which}'s weights are saved in, float32 if its config.json "
+                             "names none); bfloat16 halves their memory on a GPU")

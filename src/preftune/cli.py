@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .arguments import (CONFIG_KINDS, COUNT, POSITIVE, add_column_option,
+from .arguments import (CONFIG_KINDS, COUNT, POSITIVE, add_column_option, add_dtype_option,
                         add_tokenize_options)
 
 
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="pairs (or prompts) per forward pass")
     add_tokenize_options(evaluate)
+    add_dtype_option(evaluate, "the evaluated model (--model)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
     evaluate.set_defaults(run=_eval)
 

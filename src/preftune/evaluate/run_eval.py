@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from ..config import ConfigError, prompt_limit
 from ..data.records import DataError, JointPair, Pair
@@ -27,7 +28,8 @@ from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompt
                              tokenize_records)
 from ..model.forward import SequenceStats
 from ..model.chat_template import use_chat_template
-from ..model.load import given_as, load_model, load_model_and_tokenizer, load_tokenizer
+from ..model.load import (given_as, load_model, load_model_and_tokenizer, load_tokenizer,
+                          resolve_model_dir, saved_dtype)
 from . import diagnostics as D
 from .run_models import model_location, run_reference
 from ..score import load_scorer
@@ -60,6 +62,7 @@ class EvalOptions:
     max_prompt_length: int | None = None  # None: 512, or max_length // 2 when that is <= 512
     seed: int = 0
     chat_template: str | None = None  # a .jinja file or the text, for a model without one
+    dtype: str = "auto"  # every model's; auto: the evaluated model's saved dtype (saved_dtype)
 
 
 SHAPE_NAMES = {"Ranked": "a ranked list", "Unpaired": "a labelled completion",
@@ -102,19 +105,25 @@ def run_eval(options: EvalOptions) -> dict:
     if joint is not None:
         raise DataError(f"{joint.origin}: a joint pair (chosen_prompt/rejected_prompt); eval "
                         "compares responses to one prompt, so evaluate ordinary pairs only.")
+    with given_as("--model"):
+        if options.dtype == "auto":  # policy, reference and scorer alike
+            options = replace(options, dtype=saved_dtype(resolve_model_dir(model_dir,
+                                                                           weights=False)))
     scorer = None
     if options.scorer:
         try:
-            scorer = load_scorer(options.scorer, options.data)
+            scorer = load_scorer(options.scorer, options.data, options.dtype)
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
+    device = PartialState().device
     with given_as("--model"):
         tokenizer = load_tokenizer(model_dir)
         if options.chat_template is not None:
             use_chat_template(tokenizer, options.chat_template, "--chat-template")
-        policy = load_model(model_dir, tokenizer)
+        policy = load_model(model_dir, tokenizer, options.dtype, device=device)
     with given_as("--reference"):
-        reference, reference_tokenizer = load_model_and_tokenizer(options.reference)
+        reference, reference_tokenizer = load_model_and_tokenizer(options.reference,
+                                                                  options.dtype, device=device)
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"--reference {options.reference} has another vocabulary than --model "
                           f"{options.model}; log-prob ratios need the same tokenizer.")
@@ -377,8 +386,8 @@ TABLE = [  # (label, key, percent?)
 def render_table(results: dict, options: EvalOptions) -> str:
     """The results as aligned lines; metrics that were not computed are left out."""
     lines = [f"preftune eval: {options.model} vs reference {options.reference} on "
-             f"{options.data} ({results['pairs']} pairs, beta {options.beta:g}, CHES with the "
-             f"{options.ches_model})"]
+             f"{options.data} ({results['pairs']} pairs, {options.dtype}, beta "
+             f"{options.beta:g}, CHES with the {options.ches_model})"]
     for label, keys, percent in TABLE:
         keys = keys if isinstance(keys, tuple) else (keys,)
         if any(key not in results for key in keys):

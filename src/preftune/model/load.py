@@ -247,11 +247,13 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
     image-text-to-text model; its processor's image side rides on the tokenizer as
     ``tokenizer.image_inputs`` (``data/vision.py``). A LoRA adapter directory loads as its
     base with the adapter merged in (``adapter_dirs.py``). ``quantize`` ('nf4', 'fp4'): the
-    linear layers load in 4 bits (``quantize.py``). The model is returned on ``device`` when
-    one is given (a quantized one is built there), else on the host."""
+    linear layers load in 4 bits (``quantize.py``). ``dtype`` 'auto': the dtype its weights
+    are saved in (``saved_dtype``). The model is returned on ``device`` when one is given (a
+    quantized one is built there), else on the host."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_dir(path, allow_pickle)
+    dtype = saved_dtype(source) if dtype == "auto" else dtype
     if is_adapter_dir(source):
         base = load_model(adapter_base(source), tokenizer, dtype, trust_remote_code,
                           attn_implementation, allow_pickle, quantize, device)
@@ -278,6 +280,21 @@ def load_model(path: str, tokenizer, dtype: str = "float32", trust_remote_code: 
         settle(model)
         return model
     return model if device is None else model.to(device)
+
+
+def saved_dtype(source: str) -> str:
+    """What dtype ``auto`` loads the model at ``source`` (a local directory) in: the one its
+    config.json says its weights are saved in (``dtype``, or ``torch_dtype`` as older files
+    write it; a VLM's text model's when the top level names none), float32 when it names none
+    of ``DTYPES``. An adapter directory loads in its base model's."""
+    if is_adapter_dir(source):
+        return saved_dtype(resolve_model_dir(adapter_base(source), weights=False))
+    config = _config_json(source) or {}
+    for tree in (config, config.get("text_config") or {}):
+        named = tree.get("dtype") or tree.get("torch_dtype")
+        if named in DTYPES:
+            return named
+    return "float32"
 
 
 def builds(auto, config, trust_remote_code: bool = False) -> bool:

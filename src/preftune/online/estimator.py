@@ -38,12 +38,13 @@ def check_estimator(estimator) -> None:
             raise ConfigError(f"online.pairs.estimator.models: {error}") from None
 
 
-def estimator_probs(estimator, pairs_file: Path, seed: int) -> torch.Tensor:
+def estimator_probs(estimator, pairs_file: Path, seed: int, dtype: str) -> torch.Tensor:
     """[members, pairs] P(chosen > rejected) of each pair of ``pairs_file`` by each estimator
-    member (model x pass), the pairs read as the round's training reads them."""
+    member (model x pass) loaded in ``dtype`` (the run's model.dtype), the pairs read as the
+    round's training reads them."""
     records = load_records(str(pairs_file), shape="pairs")
     return torch.sigmoid(ensemble_gaps(estimator.models, records, estimator.passes,
-                                       estimator.dropout, seed))
+                                       estimator.dropout, seed, dtype=dtype))
 
 
 def select_pairs(rows: list[dict], probs: torch.Tensor, estimator) -> tuple[list, list, dict]:

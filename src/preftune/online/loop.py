@@ -305,7 +305,8 @@ def _build(config: OnlineConfig, r: int, here: Path) -> dict:
                               pairs.rso_accept, seed=seed, divpo_rho=pairs.divpo_rho)
     write_rows(here / "pairs.jsonl", rows)
     if pairs.estimator is not None and rows:  # keep the pairs the estimator is sure of
-        probs = estimator_probs(pairs.estimator, here / "pairs.jsonl", seed)
+        probs = estimator_probs(pairs.estimator, here / "pairs.jsonl", seed,
+                                config.model.dtype)
         rows, dropped, dropped_counts = select_pairs(rows, probs, pairs.estimator)
         write_rows(here / "pairs_dropped.jsonl", dropped)
         write_rows(here / "pairs.jsonl", rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..arguments import POSITIVE, add_column_option
+from ..arguments import POSITIVE, add_column_option, add_dtype_option
 
 
 def _train(args) -> None:
@@ -30,14 +30,15 @@ def _eval(args) -> None:
 
     evaluate_reward_model(args.model, args.data, scorer=args.scorer, output=args.output,
                           category_field=args.category_field, bins=args.bins,
-                          batch_size=args.batch_size, fields=args.fields)
+                          batch_size=args.batch_size, fields=args.fields, dtype=args.dtype)
 
 
 def _score(args) -> None:
     from ..api import score_with_reward_model
 
     score_with_reward_model(args.model, args.data, args.output, batch_size=args.batch_size,
-                            field=args.field, overwrite=args.overwrite, fields=args.fields)
+                            field=args.field, overwrite=args.overwrite, fields=args.fields,
+                            dtype=args.dtype)
 
 
 def _strength(args) -> None:
@@ -46,7 +47,7 @@ def _strength(args) -> None:
     preference_strength(args.model, args.data, args.output, passes=args.passes,
                         dropout=args.dropout, flip=args.flip, field=args.field,
                         seed=args.seed, batch_size=args.batch_size, overwrite=args.overwrite,
-                        fields=args.fields)
+                        fields=args.fields, dtype=args.dtype)
 
 
 def _fit_cpm(args) -> None:
@@ -102,6 +103,7 @@ def add_rm_commands(commands) -> None:
     evaluate.add_argument("--bins", type=POSITIVE, default=10, help="confidence bins of the ECE")
     evaluate.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="records per forward pass")
+    add_dtype_option(evaluate, "the reward model (or the scorer's model)")
     evaluate.set_defaults(run=_eval)
 
     score = command(sub, "score", "score (prompt, response) records, pairs or lists; writes "
@@ -119,6 +121,7 @@ def add_rm_commands(commands) -> None:
                             "existing --output file")
     score.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="records per forward pass")
+    add_dtype_option(score, "the reward model")
     score.set_defaults(run=_score)
 
     strength = command(sub, "strength", "how strongly an ensemble of reward models (or one "
@@ -149,6 +152,7 @@ def add_rm_commands(commands) -> None:
                           help="replace fields the rows already have, and an existing --output")
     strength.add_argument("--batch-size", type=POSITIVE, default=16,
                           help="records per forward pass")
+    add_dtype_option(strength, "each reward model")
     strength.set_defaults(run=_strength)
 
     fit_cpm = command(sub, "fit-cpm", "fit a compositional preference model: a judge rates "

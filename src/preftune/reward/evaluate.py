@@ -58,6 +58,7 @@ class RewardEvalOptions:
     category_field: str | None = None  # None: "category", where the records have it
     bins: int = 10
     batch_size: int = 16
+    dtype: str = "auto"  # the model's (or the scorer's models'); auto: as saved
 
 
 def calibration(p_chosen: torch.Tensor, bins: int) -> dict:
@@ -192,7 +193,7 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
         logit, rewards, lengths, unit = _scorer_gaps(options, records)
         kind = {"scorer": options.scorer}
     else:
-        scoring = RewardScoring.load(options.model, options.batch_size)
+        scoring = RewardScoring.load(options.model, options.batch_size, dtype=options.dtype)
         examples = scoring.examples(records)
         bar = progress_bar(len(examples), "rm eval", unit="example")
         outputs = torch.stack([o[:2] for o in scoring.outputs_of(examples, bar.update)])
@@ -226,7 +227,7 @@ def _scorer_gaps(options: RewardEvalOptions, records: list):
     from ..score import load_scorer
     from ..score.base import scored_in_chunks, scorer_prompt
 
-    scorer = load_scorer(options.scorer, options.data)
+    scorer = load_scorer(options.scorer, options.data, options.dtype)
     prompts = [scorer_prompt(r.prompt, r.images, r.tools) for r in records]
     chosen, rejected = ([response_text(getattr(r, side)) for r in records]
                         for side in ("chosen", "rejected"))

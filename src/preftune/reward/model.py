@@ -26,7 +26,7 @@ from ..model.forward import attention_kernels, causal_lm_of, run_decoder
 from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, builds, check_weights_format, is_vision_language,
-                          load_tokenizer, resolve_model_dir)
+                          load_tokenizer, resolve_model_dir, saved_dtype)
 from ..model.lora import add_lora
 from ..model.adapter_dirs import merged_copy, save_model
 from ..model.quantize import loading_arguments, settle
@@ -192,8 +192,8 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
                   quantize: str | None = None, device=None, announce: bool = True):
     """(sequence-classification model with ``head.num_outputs`` outputs, tokenizer); pass the
     ``tokenizer`` of ``backbone_tokenizer`` if it is already loaded. ``quantize`` ('nf4',
-    'fp4'): the backbone's linear layers in 4 bits, built on ``device``, the head in ``dtype``.
-    ``announce``: say which weights start random.
+    'fp4'): the backbone's linear layers in 4 bits, built on ``device``, the head in ``dtype``
+    ('auto': the dtype the weights are saved in). ``announce``: say which weights start random.
 
     ``path`` is anything ``model.path`` accepts: ``default``, ``minilm``, a ``.gguf`` file, a
     causal-LM or encoder directory (the head starts random) or a saved reward model (its head
@@ -202,6 +202,7 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     source = resolve_model_dir(path)
+    dtype = saved_dtype(source) if dtype == "auto" else dtype
     check_weights_format(source)
     if tokenizer is None:
         _, tokenizer = backbone_tokenizer(source, trust_remote_code)

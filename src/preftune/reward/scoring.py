@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
@@ -36,11 +37,13 @@ class RewardScoring:
     @classmethod
     def load(cls, path: str, batch_size: int = 16, device: str | None = None,
              dtype: str = "float32") -> "RewardScoring":
+        """The reward model at ``path`` in ``dtype`` ('auto': as saved), on ``device``
+        (default: the process's accelerator, else the CPU)."""
         reward_model, tokenizer = RewardModel.from_pretrained(path, dtype)
         _, record = Head.load(reward_model_dir(path))
         settings = TokenizeSettings(record.get("max_length", 1024),
                                     record.get("max_prompt_length", 512))
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or PartialState().device
         return cls(reward_model.to(device), tokenizer, settings, batch_size)
 
     @property
@@ -137,11 +140,11 @@ def new_output_file(output: str, source: str, overwrite: bool) -> Path:
 
 
 def run_score(model: str, data: str, output: str, batch_size: int = 16, field: str = "score",
-              overwrite: bool = False, fields: dict | None = None) -> Path:
+              overwrite: bool = False, fields: dict | None = None, dtype: str = "auto") -> Path:
     """Score every record of ``data`` and write ``output`` (JSONL; an existing file only with
     ``overwrite``): each input row with its ``origin`` (unless it has one) and the scores added
     (``score_fields``; a field a row already has only with ``overwrite``, refused before any
-    record is scored). Returns the file."""
+    record is scored); the model loads in ``dtype`` ('auto': as saved). Returns the file."""
     target = new_output_file(output, data, overwrite)
     records = load_records(data, fields=fields, unscored_lists=True)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
@@ -155,7 +158,7 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
             raise DataError(f"{record.origin}: field {taken[0]!r} already exists; pass "
                             f"--field NAME to write the scores under another name, or "
                             f"--overwrite to replace it.")
-    scoring = RewardScoring.load(model, batch_size)
+    scoring = RewardScoring.load(model, batch_size, dtype=dtype)
     bar = progress_bar(len(records), f"rm score {Path(data).name}", unit="record")
     outputs = scoring.outputs(records, progress=bar.update)
     bar.close()

@@ -114,14 +114,15 @@ CLI_KEYS = {"where": "", "passes": "--passes", "dropout": "--dropout",
 
 
 def ensemble_gaps(models: list[str], records, passes: int, dropout: float, seed: int,
-                  batch_size: int = 16, progress=None) -> torch.Tensor:
+                  batch_size: int = 16, progress=None, dtype: str = "auto") -> torch.Tensor:
     """[models x passes, pairs] logits of P(chosen > rejected), the models loaded one at a time
-    and the dropout masks drawn from ``seed`` (the caller's random state is left as it was)."""
+    in ``dtype`` and the dropout masks drawn from ``seed`` (the caller's random state is left
+    as it was)."""
     gaps = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for model in models:
-            scoring = RewardScoring.load(model, batch_size)
+            scoring = RewardScoring.load(model, batch_size, dtype=dtype)
             gaps.append(member_gaps(scoring, records, passes, dropout, progress))
             del scoring
             gc.collect()
@@ -145,11 +146,12 @@ def _swap(row: dict, fields: dict | None) -> dict:
 def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
                  dropout: float = 0.0, flip: bool = False, field: str = "strength",
                  seed: int = 0, batch_size: int = 16, overwrite: bool = False,
-                 fields: dict | None = None) -> Path:
+                 fields: dict | None = None, dtype: str = "auto") -> Path:
     """Score every pair of ``data`` with each of ``models`` (``passes`` times each, with
     ``dropout``) and write ``output``: each row with ``strength_fields`` added; with ``flip``,
     pairs whose mean strength is below 0 are written swapped (their strength then above 0).
-    Everything is checked before a model loads. Returns the file."""
+    Everything is checked before a model loads; the models load in ``dtype``. Returns the
+    file."""
     problem = no_spread(len(models), passes, dropout, CLI_KEYS)
     if problem is not None:
         raise DataError(problem)
@@ -172,7 +174,7 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
                             "NAME to write under another name, or --overwrite to replace it.")
     bar = progress_bar(len(models) * passes * len(records), f"rm strength {Path(data).name}",
                        unit="pair")
-    gaps = ensemble_gaps(models, records, passes, dropout, seed, batch_size, bar.update)
+    gaps = ensemble_gaps(models, records, passes, dropout, seed, batch_size, bar.update, dtype)
     bar.close()
     means = gaps.mean(0)
     turned = (means < 0) if flip else torch.zeros_like(means, dtype=torch.bool)
