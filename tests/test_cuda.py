@@ -365,3 +365,26 @@ def test_eval_and_rm_score_run_their_models_on_the_gpu(model_dir, tmp_path):
     assert main(["rm", "score", "--model", str(rm), "--data", pairs,
                  "--output", str(tmp_path / "scored.jsonl")]) == 0
     assert torch.cuda.max_memory_allocated() - before >= weights
+
+
+def test_diffusion_eval_samples_on_the_gpu(tmp_path):
+    """``preftune diffusion eval`` (and so ``sample``, ``rank`` and the demo's measures, which
+    load through ``load_for_sampling``) samples policy and reference on the GPU."""
+    pytest.importorskip("diffusers")
+    import gc
+
+    from diffusion_fixtures import tiny_pipeline
+    from preftune.cli import main
+    from preftune.diffusion.model import load_diffusion_model
+
+    pipeline = tiny_pipeline(tmp_path / "pipe")
+    weights = sum(p.numel() * p.element_size()
+                  for p in load_diffusion_model(pipeline).parameters())
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    assert main(["diffusion", "eval", "--model", str(pipeline), "--reference", str(pipeline),
+                 "--scorer", "shape_colour", "--prompt", "a red circle", "--seeds", "0,1",
+                 "--steps", "2", "--output", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["win_rate"] == 0.5
+    assert torch.cuda.max_memory_allocated() - before >= 2 * weights

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from .config import build_config
 from .data.prepare import prepare_examples
@@ -56,6 +57,11 @@ class DemoSettings:
 QUICK = DemoSettings(train_pairs=16, eval_prompts=8, batch_size=4, max_steps=4, warmup_steps=2,
                      rounds=1, round_steps=2, prompts_per_round=8, samples=2)
 LIMITS = TokenizeSettings(max_length=256, max_prompt_length=192)
+
+
+def _on_device(path: str):
+    """(model, tokenizer) at ``path``, on the accelerator when there is one: measured there."""
+    return load_model_and_tokenizer(path, device=PartialState().device)
 
 
 def _measure(model, tokenizer, tasks, eval_examples, scorer, settings) -> dict:
@@ -165,7 +171,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = 
 
     config = build_config(_dpo_tree(out, data_dir, settings, settings.max_steps))
     scorer = SyntheticScorer.from_data(str(data_dir / "eval.jsonl"))
-    model, tokenizer = load_model_and_tokenizer("default")
+    model, tokenizer = _on_device("default")
     _, eval_examples, _, _ = prepare_examples(config.data, tokenizer, settings.seed)
     print("measuring the model before training ...")
     before = _measure(model, tokenizer, eval_tasks, eval_examples, scorer, settings)
@@ -173,7 +179,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = 
 
     train(config)
 
-    trained, _ = load_model_and_tokenizer(str(out / "model"))
+    trained, _ = _on_device(str(out / "model"))
     print("measuring the trained model ...")
     after = _measure(trained, tokenizer, eval_tasks, eval_examples, scorer, settings)
     final_eval = read_metrics(out / "metrics.jsonl")[-1]
@@ -183,7 +189,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = 
         offline_minutes = (time.perf_counter() - started) / 60
         online_model = _online(out, data_dir, settings)
         print("measuring the online model ...")
-        online_result = _measure(load_model_and_tokenizer(str(online_model))[0], tokenizer,
+        online_result = _measure(_on_device(str(online_model))[0], tokenizer,
                                  eval_tasks, eval_examples, scorer, settings)
         table += "\n\n" + _online_table(after, online_result, settings, offline_minutes,
                                          (time.perf_counter() - started) / 60 - offline_minutes)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from .config import build_config
 from .data.sources import load_records
@@ -68,7 +69,7 @@ def _run_tree(out: Path, model: str, data_dir: Path, settings: VisionDemoSetting
 
 def _measure(model_dir: Path, records: list, families: list) -> dict:
     """Held-out checker pass rate (greedy, overall and per family) and ranking accuracy."""
-    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), device=PartialState().device)
     shown = [record.images for record in records]
     ids = prompt_ids([record.prompt for record in records], tokenizer, LIMITS, shown)
     texts = greedy_texts(model, tokenizer, ids, 8, batch_size=32, images=shown,

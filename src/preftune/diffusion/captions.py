@@ -36,11 +36,13 @@ PERTURB_INSTRUCTION = ("Rewrite this image description so that it describes a di
 def generate(model_path: str, instructions: list[str], images: list[tuple] | None,
              max_new_tokens: int, batch_size: int, role: str) -> list[str]:
     """The greedy answer of the model at ``model_path`` to each instruction (with its images)."""
+    from accelerate import PartialState
+
     from ..data.tokenize import TokenizeSettings
     from ..generation import greedy_texts, prompt_ids
     from ..model.load import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, device=PartialState().device)
     if images is not None and getattr(tokenizer, "image_inputs", None) is None:
         raise ConfigError(f"--captioner {model_path}: a text-only model; captions need a "
                           "vision-language model (LLaVA-, Idefics3-, Qwen2/2.5/3-VL- or Gemma "

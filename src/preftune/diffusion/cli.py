@@ -68,14 +68,14 @@ def _sample(args) -> None:
     require_diffusers("preftune diffusion sample")
     from types import SimpleNamespace
 
-    from .model import load_diffusion_model
+    from .model import load_for_sampling
     from .sample import SAMPLING_FLAGS, check_negative_prompt, write_samples
 
     samples = SimpleNamespace(prompts=args.prompt, seeds=args.seeds, steps=args.steps,
                               guidance_scale=args.guidance_scale, resolution=args.resolution,
                               negative_prompt=args.negative_prompt,
                               true_cfg_scale=args.true_cfg_scale)
-    model = load_diffusion_model(args.model, key="--model")
+    model = load_for_sampling(args.model, "--model")
     check_negative_prompt(model.family, args.negative_prompt, args.guidance_scale,
                           args.true_cfg_scale, SAMPLING_FLAGS[1:])  # before anything is written
     _check_samples_dir(Path(args.output_dir), args.label, vars(samples), args.overwrite)

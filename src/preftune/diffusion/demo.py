@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .config import DiffusionConfig
 from .evaluate import win_rate
-from .model import load_diffusion_model
+from .model import load_for_sampling
 from .tiny import build_tiny_pipeline
 from .ranking import make_ranked_lists
 from .sample import sample_images
@@ -178,7 +178,7 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
     train_diffusion(run_config(out / "pretrain", pipeline, pretrain_data, {"name": "denoising"},
                                settings["pretrain_steps"], 32, settings["pretrain_lr"], {}),
                     show_progress=show_progress)
-    base = load_diffusion_model(out / "pretrain" / "model")
+    base = load_for_sampling(out / "pretrain" / "model", "model.path")
     ranked = make_ranked_lists(train_prompts, [str(out / "pretrain" / "model")],
                                ["shape_colour"], pair_seeds(settings), out / "data" / "ranked",
                                steps, GUIDANCE, settings["list_size"])
@@ -203,7 +203,7 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
         train_diffusion(run_config(out / name, out / "pretrain" / "model", data, objective,
                                    run_steps, batch_size, learning_rate, samples),
                         show_progress=show_progress)
-        trained = load_diffusion_model(out / name / "model")
+        trained = load_for_sampling(out / name / "model", "model.path")
         measured = measure(trained, base, splits, seeds, steps)
         (out / name / "eval.json").write_text(json.dumps(measured, indent=2))
         write_report(out / name)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..score.base import checked, prefer_by_scores
 from .data import tensor_image
-from .model import load_diffusion_model
+from .model import load_for_sampling
 from .pipeline_files import pipeline_dir
 from .sample import sample_images
 
@@ -69,10 +69,10 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
 
     run_dir = Path(model)
     pipeline = pipeline_dir(run_dir)
-    policy = load_diffusion_model(pipeline, key="--model")
+    policy = load_for_sampling(pipeline, "--model")
     check_negative_prompt(policy.family, negative_prompt, guidance_scale, true_cfg_scale,
                           SAMPLING_FLAGS[1:])
-    results = win_rate(policy, load_diffusion_model(reference, key="--reference"), prompts,
+    results = win_rate(policy, load_for_sampling(reference, "--reference"), prompts,
                        seeds, image_scorer(scorer), steps, guidance_scale, resolution,
                        negative_prompt, true_cfg_scale)
     results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds,

@@ -329,10 +329,10 @@ def pipeline_family(path: str | Path, key: str = "model.path") -> str | None:
 
 
 def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32,
-                         key: str = "model.path") -> DiffusionModel:
+                         key: str = "model.path", device=None) -> DiffusionModel:
     """The pipeline directory ``path``, or a Hugging Face Hub pipeline id (the components
-    loaded here, fetched once into the HF cache), as a ``DiffusionModel``; errors name ``key``,
-    the config key or flag that gave ``path``."""
+    loaded here, fetched once into the HF cache), as a ``DiffusionModel`` on ``device`` (the
+    host when None); errors name ``key``, the config key or flag that gave ``path``."""
     import diffusers
     from transformers import AutoTokenizer
 
@@ -372,7 +372,15 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32,
     model = DiffusionModel(denoiser, text_encoder, tokenizer, scheduler, vae, source=str(path),
                            zero_empty_prompt=zero_empty, **extra)
     segments.configure(model, None)  # as the pipeline was trained (prompt_encoding.json)
-    return model
+    return model if device is None else model.to(device)
+
+
+def load_for_sampling(path: str | Path, key: str) -> DiffusionModel:
+    """The pipeline at ``path`` on the process's device (the GPU when there is one), for
+    commands that only sample from it; ``key`` names the flag that gave it."""
+    from accelerate import PartialState
+
+    return load_diffusion_model(path, key=key, device=PartialState().device)
 
 
 def attach_lora(model: DiffusionModel, lora) -> None:

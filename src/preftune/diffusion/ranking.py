@@ -22,7 +22,7 @@ from ..config import ConfigError
 from ..score.base import checked
 from .data import tensor_image
 from .evaluate import image_scorer
-from .model import load_diffusion_model
+from .model import load_for_sampling
 from .pipeline_files import pipeline_dir
 from .ranked import best_vs_worst
 from .sample import SAMPLING_FLAGS, check_negative_prompt, sample_images
@@ -69,7 +69,7 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
     files: dict[tuple, str] = {}  # (prompt, model, seed) -> image path, relative to out
     raw: dict[tuple, list[float]] = {}  # same key -> one score per scorer
     for m, model_path in enumerate(models):
-        model = load_diffusion_model(pipeline_dir(model_path), key=keys[0])
+        model = load_for_sampling(pipeline_dir(model_path), keys[0])
         check_negative_prompt(model.family, negative_prompt, guidance_scale, true_cfg_scale,
                               keys[1:])
         (out / "images").mkdir(parents=True, exist_ok=True)  # once the settings hold

@@ -50,10 +50,8 @@ class RenderScorer:
     def from_file(cls, path: str, tree: dict) -> "RenderScorer":
         """The scorer a file's ``render`` mapping describes; errors name the file and key."""
         require_diffusers(f"scorer file {path} (render)")
-        import torch
-
         from .evaluate import image_scorer
-        from .model import load_diffusion_model
+        from .model import load_for_sampling
         from .pipeline_files import pipeline_dir
         from .sample import check_negative_prompt
 
@@ -84,10 +82,8 @@ class RenderScorer:
             except re.error as error:
                 raise ConfigError(f"{path}: render.target_pattern {pattern!r}: {error}; give a "
                                   "regex whose group 1 is the user's prompt.") from None
-        model = load_diffusion_model(pipeline_dir(settings["pipeline"]),
-                                     key=f"{path}: render.pipeline")
-        if torch.cuda.is_available():
-            model.to("cuda")
+        model = load_for_sampling(pipeline_dir(settings["pipeline"]),
+                                  f"{path}: render.pipeline")
         guidance = float(settings.get("guidance_scale", 1.0))
         negative = str(settings.get("negative_prompt", ""))
         true_cfg = float(settings.get("true_cfg_scale", 1.0))
