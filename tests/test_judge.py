@@ -86,3 +86,27 @@ def test_the_judge_projects_only_the_last_position_to_the_vocabulary():
         add_special_tokens=False)) for q in questions)
     assert probs.shape == (4, 5)
     assert peak < longest * 20000 * 4
+
+
+def test_the_judge_keeps_no_key_value_cache():
+    """One forward per batch of questions needs no cache: with a deep model whose cache of the
+    batch (every layer's keys and values) outweighs one layer's working tensors, the peak
+    stays under that cache's size (it was above it before the judge passed use_cache=False)."""
+    from common import PhaseMemory
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
+        num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=8,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    judge = LLMJudge(model, tokenizer, "judge:deep", scale=5, batch_size=4)
+    questions = [f"question {i}: " + "is this answer right? " * 10 for i in range(4)]
+    tokens = max(len(tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)) for q in questions)
+    cache = 4 * tokens * 24 * 2 * 256 * 4  # questions x tokens x layers x (keys, values) x fp32
+    memory = PhaseMemory("tensors")
+    judge.label_probs(questions)
+    assert memory.stop()["setup"] * 2**20 < cache

@@ -106,6 +106,7 @@ class FollowUpScorer:
         width = max(count for _, count in rows) + 1  # the rows end together (left padding)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            use_cache=False,  # one forward: no cache to keep
                             **({"logits_to_keep": width} if self.keep_logits else {})).logits
         token = logits[:, -width:-1].float().log_softmax(-1).gather(
             -1, ids[:, -width + 1 :, None])[..., 0]

@@ -76,6 +76,7 @@ class LLMJudge:
             ids, mask = left_padded(encoded, self.tokenizer.pad_token_id, device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                use_cache=False,  # one forward: a cache would be kept for nothing
                                 **last_logits_only(self.model)).logits[:, -1].float()
             out.append(logits[:, self.label_ids].softmax(-1).cpu())
         return torch.cat(out)
