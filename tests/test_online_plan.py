@@ -46,6 +46,7 @@ def test_training_part_is_train_plan_on_the_worst_rows_and_nothing_is_written(wo
     assert "rounds             2, 12 of 12 prompts each x 4 samples of up to 16 tokens" \
         in printed
     assert f"pairs              best_vs_worst, scored by {SCORER}" in printed
+    assert f"scoring            {SCORER}: a Python function: no model" in printed
     assert "training (round 1, on the 12 longest prompts with 2 responses of 16 tokens " \
         "each):" in printed
     assert not (workspace / "online").exists()
@@ -89,3 +90,90 @@ def test_sampling_memory_is_within_a_few_percent_of_a_generate_calls_peak(sample
     assert printed[-1].endswith("(at the last step)" if samples == 4 else
                                 "(at the prompts' prefill)")
     assert planned == pytest.approx(measured, rel=0.05)
+
+
+def wide_mlp_dir(directory, vocab_size: int):
+    """A saved Llama whose MLP is wide next to its attention, so a batch's MLP tensors are
+    most of what scoring allocates."""
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=2048, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def planned(lines: list[str], label: str) -> float:
+    return float(next(line for line in lines if line.strip().startswith(label)).split()[1])
+
+
+@pytest.mark.parametrize("kind", ["judge", "judge-pair", "rm", "follow-up"])
+def test_scoring_memory_is_near_a_scorers_peak(kind, tmp_path):
+    """The scoring phase's weights equal the loaded scorer's; its working tensors are within
+    5% of what one batch of the longest prompts with max_new_tokens responses allocates
+    (the CPU allocator's count)."""
+    from types import SimpleNamespace
+
+    from preftune.online.scoring_plan import scoring_lines
+    from preftune.score import load_scorer
+    from preftune.train.plan import weight_bytes
+
+    model = wide_mlp_dir(tmp_path / "model", len(char_tokenizer()))
+    spec = f"{kind}:{model}"
+    if kind == "rm":  # a reward model on that backbone, trained one step
+        from preftune.reward.config import build_reward_config
+        from preftune.reward.train import train_reward_model
+
+        rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4
+        (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec = "rm:" + str(train_reward_model(build_reward_config({
+            "output_dir": str(tmp_path / "rm"), "model": {"path": str(model)},
+            "data": {"train": str(tmp_path / "pairs.jsonl")},
+            "train": {"batch_size": 4, "max_steps": 1}}), show_progress=False))
+    config = SimpleNamespace(model=SimpleNamespace(dtype="float32"), online=SimpleNamespace(
+        scorer=spec, mode="rounds", sampling=SimpleNamespace(max_new_tokens=96)))
+    lines = scoring_lines(config, None, None, 80)
+    scorer = load_scorer(spec, None, "float32")
+    held = weight_bytes(scorer.scoring.model if kind == "rm" else scorer.model)
+    assert planned(lines, "weights") == round(held / 2**20)
+    rows = {"rm": 16, "follow-up": 8}.get(kind, 8)
+    prompts, responses = ["p" * 80] * rows, ["r" * 96] * rows
+    memory = PhaseMemory("tensors")
+    if kind == "judge-pair":
+        scorer.prefer(prompts, responses, ["s" * 96] * rows)
+    else:
+        scorer.score(prompts, responses)
+    measured = memory.stop()["setup"]
+    assert planned(lines, "working") == pytest.approx(measured, rel=0.05)
+    assert planned(lines, "total") == pytest.approx(planned(lines, "weights") +
+                                                    planned(lines, "working"), abs=1)
+
+
+def test_the_scoring_plan_counts_every_model_a_scorer_loads(tmp_path):
+    """Which models each kind of scorer spec loads: the policy for ``judge:policy``, each
+    model term of a combination (functions have none), a follow-up file's model with its own
+    follow-ups and batch; a rendering scorer is not estimated."""
+    from preftune.online.scoring_plan import ScorerModel, scorer_models
+
+    assert scorer_models("judge-pair:policy") == [ScorerModel("judge-pair:policy", "judge-pair",
+                                                              None, 8)]
+    assert scorer_models(SCORER) == "a Python function: no model"
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    combined = tmp_path / "combined.yaml"
+    combined.write_text(yaml.safe_dump({"terms": [
+        {"scorer": f"rm:{rm}"}, {"scorer": SCORER}, {"scorer": "judge:default", "weight": 2}]}))
+    assert scorer_models(str(combined)) == [
+        ScorerModel(f"rm:{rm}", "rm", str(rm), 16),
+        ScorerModel("judge:default", "judge", "default", 8)]
+    follow = tmp_path / "follow.yaml"
+    follow.write_text(yaml.safe_dump({"follow_up": {
+        "model": "default", "positive": ["Thanks!"], "negative": ["Wrong.", "No, not that."],
+        "batch_size": 2}}))
+    assert scorer_models(str(follow)) == [
+        ScorerModel(str(follow), "follow-up", "default", 2, 3, "No, not that.")]
+    render = tmp_path / "render.yaml"
+    render.write_text(yaml.safe_dump({"render": {"pipeline": "p", "scorer": "shape_colour"}}))
+    assert scorer_models(str(render)).startswith("a rendering pipeline")

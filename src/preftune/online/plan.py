@@ -1,9 +1,9 @@
-"""``preftune online --plan``: what the rounds will do and the memory of their two heaviest
-phases, before anything is sampled or written. Sampling: the policy's weights, the KV cache of
-one generate call of the longest prompts grown to ``max_new_tokens``, and the logits of a
-step. Training: ``preftune train --plan`` of round 1 on worst-case rows, the longest prompts
-each with responses of ``max_new_tokens`` (the most a sample can hold), as many per row as
-the pair builder makes."""
+"""``preftune online --plan``: what the rounds will do and the memory of their phases, before
+anything is sampled or written. Sampling: the policy's weights, the KV cache of one generate
+call of the longest prompts grown to ``max_new_tokens``, and the logits of a step. Scoring: the
+scorer's models and a batch (``scoring_plan.py``). Training: ``preftune train --plan`` of
+round 1 on worst-case rows, the longest prompts each with responses of ``max_new_tokens`` (the
+most a sample can hold), as many per row as the pair builder makes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from ..train.plan import BYTES, MIB, mlp_width, plan, weight_bytes
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
 from .loop import round_config
+from .scoring_plan import scoring_lines
 
 WORST_ROWS = 64  # the longest prompts the training plan lays out
 
@@ -55,6 +56,7 @@ def online_plan(config, prompts: list) -> str:
                              BYTES[config.model.dtype], per_call),
              *(["  (per_step: each step samples with the optimizer's moments and a live "
                 "reference in memory, on top of this)"] if online.mode == "per_step" else []),
+             *scoring_lines(config, model, tokenizer, len(examples[0].prompt_ids)),
              f"training ({'each step' if online.mode == 'per_step' else 'round 1'}, on the "
              f"{min(WORST_ROWS, len(examples))} longest prompts with "
              f"{count} response{'s' if count > 1 else ''} of {sampling.max_new_tokens} "
