@@ -613,3 +613,39 @@ def test_compare_gives_selm_its_builder_and_the_previous_reference(model_dir, da
     build_config(selm, schema=OnlineConfig)  # a valid online config
     back = _online_tree(selm, "dpo", tmp_path / "dpo")
     assert back["online"]["pairs"]["builder"] == "best_vs_worst"
+
+
+def test_a_phases_models_are_freed_before_the_next_phase_loads(model_dir, data, tmp_path,
+                                                               monkeypatch):
+    """The policy that sampled is gone when the scorer loads, even when it sits in a
+    reference cycle (as transformers' first load in a process leaves one) and the garbage
+    collector is off: run_phase collects after each phase."""
+    import gc
+    import weakref
+
+    from preftune.online import loop
+
+    loaded, alive_at_scoring = [], []
+    load, score = loop.load_on_device, loop.online_scorer
+
+    def cyclic(path, config):
+        model, tokenizer = load(path, config)
+        model.__dict__["cycle"] = [model]
+        loaded.append(weakref.ref(model))
+        return model, tokenizer
+
+    def scorer(*args):
+        alive_at_scoring.append(sum(ref() is not None for ref in loaded))
+        return score(*args)
+
+    monkeypatch.setattr(loop, "load_on_device", cyclic)
+    monkeypatch.setattr(loop, "online_scorer", scorer)
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1)
+    tree["data"].pop("eval")
+    gc.collect()
+    gc.disable()
+    try:
+        run_online(build_config(tree, schema=OnlineConfig))
+    finally:
+        gc.enable()
+    assert len(loaded) == 1 and alive_at_scoring == [0]

@@ -11,6 +11,7 @@ of ``preftune eval`` and ``preftune online`` (``preftune.generation``, the synth
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -176,6 +177,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = 
     print("measuring the model before training ...")
     before = _measure(model, tokenizer, eval_tasks, eval_examples, scorer, settings)
     del model
+    gc.collect()  # the process's first load sits in a reference cycle (online/loop.released)
 
     train(config)
 

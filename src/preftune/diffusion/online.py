@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from ..config import ConfigError, Count, NonNegative, Section
 from ..online.common import write_json
-from ..online.loop import run_phase, start_rounds
+from ..online.loop import released, run_phase, start_rounds
 from ..train.run_lock import holding_output_dirs
 from .config import DiffusionConfig
 from .losses import get_diffusion_loss
@@ -164,7 +164,7 @@ def every_process_phase(state, here: Path, name: str, work) -> dict:
     if state.is_main_process:
         run_phase(here, name, work)
     else:
-        work()
+        released(work)
     state.wait_for_everyone()
     return json.loads(record.read_text())[name]
 

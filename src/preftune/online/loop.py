@@ -12,6 +12,7 @@ that was cut off continues from its last checkpoint. Training is ``preftune trai
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -176,16 +177,28 @@ def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: 
 
 
 def run_phase(here: Path, name: str, work) -> dict:
-    """Run ``work`` unless ``phases.json`` says it finished; record what it returns."""
+    """Run ``work`` unless ``phases.json`` says it finished; record what it returns. The
+    phase's models are freed before the next phase loads its own (``released``)."""
     record = here / "phases.json"
     done = json.loads(record.read_text()) if record.exists() else {}
     if name in done:
         return done[name]
     started = time.perf_counter()
-    result = {**work(), "seconds": round(time.perf_counter() - started, 2)}
+    result = {**released(work), "seconds": round(time.perf_counter() - started, 2)}
     done[name] = result
     write_json(record, done)
     return result
+
+
+def released(work):
+    """``work()``, then a garbage collection: a model the phase loaded may sit in a reference
+    cycle (transformers' first load in a process leaves one, through a caught exception's
+    frames), which would hold its memory, on the GPU too, until the collector next runs, so
+    the next phase's models would load on top of it."""
+    try:
+        return work()
+    finally:
+        gc.collect()
 
 
 def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
