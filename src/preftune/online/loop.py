@@ -192,9 +192,10 @@ def run_phase(here: Path, name: str, work) -> dict:
 
 def released(work):
     """``work()``, then a garbage collection: a model the phase loaded may sit in a reference
-    cycle (transformers' first load in a process leaves one, through a caught exception's
-    frames), which would hold its memory, on the GPU too, until the collector next runs, so
-    the next phase's models would load on top of it."""
+    cycle, which would hold its memory, on the GPU too, until the collector next runs, so the
+    next phase's models would load on top of it. transformers' first load in a process makes
+    one: its lazy import of the model's modules leaves a cycle that holds the frames of the
+    loading call, preftune's ``load_model`` with the model among its locals."""
     try:
         return work()
     finally:
