@@ -615,37 +615,41 @@ def test_compare_gives_selm_its_builder_and_the_previous_reference(model_dir, da
     assert back["online"]["pairs"]["builder"] == "best_vs_worst"
 
 
-def test_a_phases_models_are_freed_before_the_next_phase_loads(model_dir, data, tmp_path,
-                                                               monkeypatch):
-    """The policy that sampled is gone when the scorer loads, even when it sits in a
-    reference cycle (as transformers' first load in a process leaves one) and the garbage
-    collector is off: run_phase collects after each phase."""
+def test_one_policy_sized_model_is_held_at_a_time(model_dir, data, tmp_path, monkeypatch):
+    """Whenever a model or the scorer loads (sampling's policy, the held-out evaluation's
+    model, the initial model for its KL), every model loaded before it is gone, even in a
+    reference cycle (as transformers' first load in a process leaves one) and with the
+    garbage collector off: run_phase collects after each phase, and the evaluation releases
+    the round's model before the initial one loads."""
     import gc
     import weakref
 
-    from preftune.online import loop
+    from preftune.online import loop, measure
 
-    loaded, alive_at_scoring = [], []
-    load, score = loop.load_on_device, loop.online_scorer
+    loaded, alive = [], []
+    load, score = measure.load_on_device, loop.online_scorer
 
     def cyclic(path, config):
+        alive.append(sum(ref() is not None for ref in loaded))
         model, tokenizer = load(path, config)
         model.__dict__["cycle"] = [model]
         loaded.append(weakref.ref(model))
         return model, tokenizer
 
     def scorer(*args):
-        alive_at_scoring.append(sum(ref() is not None for ref in loaded))
+        alive.append(sum(ref() is not None for ref in loaded))
         return score(*args)
 
-    monkeypatch.setattr(loop, "load_on_device", cyclic)
-    monkeypatch.setattr(loop, "online_scorer", scorer)
-    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1)
-    tree["data"].pop("eval")
+    for module in (loop, measure):
+        monkeypatch.setattr(module, "load_on_device", cyclic)
+        monkeypatch.setattr(module, "online_scorer", scorer)
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, eval_kl_samples=2)
     gc.collect()
     gc.disable()
     try:
         run_online(build_config(tree, schema=OnlineConfig))
     finally:
         gc.enable()
-    assert len(loaded) == 1 and alive_at_scoring == [0]
+    # initial evaluation: scorer, model; round 1: sampling's policy, scorer, then the
+    # evaluation's scorer, the round's model and the initial model for the KL
+    assert len(loaded) == 4 and alive == [0, 0, 0, 0, 0, 0, 0]

@@ -177,3 +177,51 @@ def test_the_scoring_plan_counts_every_model_a_scorer_loads(tmp_path):
     render = tmp_path / "render.yaml"
     render.write_text(yaml.safe_dump({"render": {"pipeline": "p", "scorer": "shape_colour"}}))
     assert scorer_models(str(render)).startswith("a rendering pipeline")
+
+
+def test_evaluation_memory_is_near_a_held_out_evaluations_peak(tmp_path, capsys):
+    """The evaluation section's total against the tensor bytes a real held-out evaluation
+    peaks at on CPU (``measure.evaluate_model`` of a round's model: the initial model
+    judging, greedy answers, KL samples, the initial model loaded for their KL)."""
+    from preftune.config import build_config
+    from preftune.online.config import OnlineConfig
+    from preftune.online.loop import _prompts
+    from preftune.online.measure import evaluate_model
+
+    tokenizer = char_tokenizer()
+    for name, seed in (("model", 0), ("round", 1)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=1024,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    rows = [{"prompt": f"Q{i}: " + "say yes " * (4 + i)} for i in range(6)]
+    for name in ("prompts", "held_out"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = build_config({
+        "output_dir": str(tmp_path / "online"), "model": {"path": str(tmp_path / "model")},
+        "data": {"train": str(tmp_path / "prompts.jsonl"),
+                 "eval": str(tmp_path / "held_out.jsonl")},
+        "objective": {"name": "dpo"}, "train": {"batch_size": 4, "max_steps": 2},
+        "online": {"scorer": "judge:policy", "eval_max_new_tokens": 48, "eval_kl_samples": 4,
+                   "sampling": {"samples": 2, "max_new_tokens": 8, "batch_size": 6}}},
+        schema=OnlineConfig)
+    assert main(["online", "--plan", str(_write(tmp_path, config))]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    section = printed[next(i for i, line in enumerate(printed) if line.startswith(
+        "evaluation memory")):]
+    assert section[0] == ("evaluation memory (MiB, after each round, 6 held-out prompts; the "
+                          "scorer and one model at a time):")
+    assert "a generate call of 6 prompts x 4 samples" in section[3]
+    memory = PhaseMemory("tensors")
+    evaluate_model(config, str(tmp_path / "round"), _prompts(config.data.eval, config),
+                   tmp_path / "evaluated")
+    measured = memory.stop()["setup"]
+    assert planned(section, "total") == pytest.approx(measured, rel=0.1)
+
+
+def _write(directory, config) -> str:
+    path = directory / "online.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump()))
+    return str(path)

@@ -68,7 +68,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     if plan_only:
         from .plan import online_plan
 
-        print(online_plan(config, prompts))
+        print(online_plan(config, prompts, eval_prompts))
         return Path(config.output_dir)
     out = start_rounds(config, resume, overwrite)
     summary = {"initial": None, "rounds": []}

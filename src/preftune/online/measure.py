@@ -4,6 +4,7 @@ model's best-of-n baseline."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from .diversity import sample_diversity
 def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: Path) -> dict:
     """Greedy answers to the held-out prompts, scored (the round's headline number; for a
     pairwise scorer, the win rate against the initial model's answers), and the KL of the
-    round's model to the initial one on its own samples of those prompts."""
+    round's model to the initial one on its own samples of those prompts. Besides the scorer,
+    one model is held at a time: the round's is released before the initial one loads."""
     # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
     # (loaded first: a scorer that cannot load stops the run before any answer is generated)
     scorer = online_scorer(config, config.model.path, config.data.eval)
@@ -60,12 +62,17 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
         write_rows(here / "eval_samples.jsonl", rows)
         if online.eval_kl_samples >= 2:
             result["sample_diversity"] = sample_diversity(drawn.texts)
-        if model_path != config.model.path:
-            result["kl_to_initial"] = _kl_to_initial(config, model, tokenizer, prompts,
-                                                     drawn.token_ids)
     if online.eval_best_of and model_path == config.model.path and not scorer.pairwise:
         result["best_of_n"] = _best_of_n(config, model, tokenizer, ids, questions, scorer,
                                          images)
+    if online.eval_kl_samples and model_path != config.model.path:
+        # the round's log-probs first, then its model goes before the initial one loads
+        policy = samples_under(model, tokenizer, prompts, drawn.token_ids, config,
+                               "KL: round's model").logps
+        del model
+        gc.collect()
+        result["kl_to_initial"] = _kl_to_initial(config, policy, tokenizer, prompts,
+                                                 drawn.token_ids)
     write_json(here / "eval.json", result)
     return result
 
@@ -100,11 +107,11 @@ def _held_out_samples(config: OnlineConfig, model, tokenizer, ids: list, prompts
                                                   prompt_images(prompts))
 
 
-def _kl_to_initial(config: OnlineConfig, model, tokenizer, prompts: list, drawn: list) -> float:
+def _kl_to_initial(config: OnlineConfig, policy, tokenizer, prompts: list, drawn: list) -> float:
     """KL(pi_round || pi_initial) estimated on the round's model's samples of the held-out
-    prompts: the mean of log pi_round(y|x) - log pi_initial(y|x), the estimate ``preftune eval``
-    reports as sampled/kl, from the same scoring pass."""
-    policy = samples_under(model, tokenizer, prompts, drawn, config, "KL: round's model").logps
+    prompts, whose log-probs under it are ``policy``: the mean of log pi_round(y|x) -
+    log pi_initial(y|x), the estimate ``preftune eval`` reports as sampled/kl, from the same
+    scoring pass."""
     initial, _ = load_on_device(config.model.path, config)
     reference = samples_under(initial, tokenizer, prompts, drawn, config,
                               "KL: initial model").logps

@@ -24,13 +24,14 @@ from ..train.plan import BYTES, MIB, mlp_width, plan, weight_bytes
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
 from .loop import round_config
-from .scoring_plan import scoring_lines
+from .scoring_plan import scorer_memory, scoring_lines
 
 WORST_ROWS = 64  # the longest prompts the training plan lays out
 
 
-def online_plan(config, prompts: list) -> str:
-    """The plan of ``preftune online`` for ``config`` over its distinct ``prompts``."""
+def online_plan(config, prompts: list, eval_prompts: list) -> str:
+    """The plan of ``preftune online`` for ``config`` over its distinct ``prompts`` (and
+    held-out ``eval_prompts``)."""
     online, sampling = config.online, config.online.sampling
     trained = round_config(config, 1, config.model.path, Path(config.output_dir) / "round-1")
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
@@ -57,6 +58,7 @@ def online_plan(config, prompts: list) -> str:
              *(["  (per_step: each step samples with the optimizer's moments and a live "
                 "reference in memory, on top of this)"] if online.mode == "per_step" else []),
              *scoring_lines(config, model, tokenizer, len(examples[0].prompt_ids)),
+             *evaluation_lines(config, model, tokenizer, eval_prompts),
              f"training ({'each step' if online.mode == 'per_step' else 'round 1'}, on the "
              f"{min(WORST_ROWS, len(examples))} longest prompts with "
              f"{count} response{'s' if count > 1 else ''} of {sampling.max_new_tokens} "
@@ -96,6 +98,54 @@ def worst_rows(config, examples: list, count: int, eos_token_id: int) -> list:
     return rows
 
 
+def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
+    """The memory of the held-out evaluation after each round (``measure.evaluate_model``):
+    the scorer, one policy-sized model (the round's, released before the initial one loads
+    for the KL), and the larger of its generate calls (greedy answers, ``eval_kl_samples``
+    or ``eval_best_of`` samples of each prompt) and one scorer batch of the answers."""
+    if not eval_prompts:
+        return []
+    online = config.online
+    lengths = [len(ex.prompt_ids) for ex in prompts_to_examples(eval_prompts, tokenizer, config)]
+    samples = max(1, online.eval_kl_samples, online.eval_best_of)
+    per_call = min(online.sampling.batch_size, len(eval_prompts))
+    cache, logits, prefill = generation_bytes(model, per_call, samples, max(lengths),
+                                              online.eval_max_new_tokens,
+                                              BYTES[config.model.dtype])
+    generate = max(prefill, cache + logits)
+    found = scorer_memory(config, model, tokenizer, max(lengths), online.eval_max_new_tokens)
+    scorer, scoring = (0, 0) if isinstance(found, str) else (
+        sum(m[1] for m in found), max(m[2] for m in found))
+    weights = weight_bytes(model)
+    return [f"evaluation memory (MiB, after each round, {len(eval_prompts)} held-out prompts; "
+            "the scorer and one model at a time):",
+            f"  scorer           {scorer / MIB:10.0f}  ({online.scorer})",
+            f"  model            {weights / MIB:10.0f}  (the round's, or the initial one for "
+            "the KL)",
+            f"  answers          {generate / MIB:10.0f}  (a generate call of {per_call} prompts "
+            f"x {samples} samples, {max(lengths)} + {online.eval_max_new_tokens} tokens)",
+            f"  scoring          {scoring / MIB:10.0f}  (a scorer batch of the answers)",
+            f"  total            {(scorer + weights + max(generate, scoring)) / MIB:10.0f}"]
+
+
+def generation_bytes(model, prompts: int, samples: int, longest: int, new_tokens: int,
+                     dtype_bytes: int) -> tuple[float, float, float]:
+    """(KV cache, a step's logits, prefill) bytes of one generate call of ``prompts`` prompts
+    of up to ``longest`` tokens, each with ``samples`` samples of ``new_tokens``
+    (``sampling_lines``); the call peaks at the larger of the prefill and the cache with the
+    logits."""
+    text = causal_lm_of(model).config.get_text_config()
+    sequences, tokens = prompts * samples, longest + new_tokens
+    layers = text.num_hidden_layers
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = layers * 2 * heads * head_dim * dtype_bytes  # keys and values, every layer
+    cache = sequences * tokens * per_token * (1 + 1 / (2 * layers))
+    logits = 3 * sequences * text.vocab_size * 4
+    prefill = prompts * longest * (per_token + 4 * mlp_width(text) * dtype_bytes)
+    return cache, logits, prefill
+
+
 def sampling_lines(sampling, model, prompt_lengths: list[int], dtype_bytes: int,
                    per_call: int) -> list[str]:
     """The memory of one generate call of the ``per_call`` longest prompts, each with its
@@ -108,23 +158,18 @@ def sampling_lines(sampling, model, prompt_lengths: list[int], dtype_bytes: int,
         return [f"sampling           vLLM, holding {sampling.vllm_memory:.0%} of the GPU's "
                 "memory (its weights and KV cache) while it samples"]
     text = causal_lm_of(model).config.get_text_config()
-    prompts = per_call
-    sequences, longest = prompts * sampling.samples, max(prompt_lengths)
-    tokens = longest + sampling.max_new_tokens
-    layers = text.num_hidden_layers
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_token = layers * 2 * heads * head_dim * dtype_bytes  # keys and values, every layer
-    cache = sequences * tokens * per_token * (1 + 1 / (2 * layers))
-    logits = 3 * sequences * text.vocab_size * 4
-    prefill = prompts * longest * (per_token + 4 * mlp_width(text) * dtype_bytes)
+    prompts, longest = per_call, max(prompt_lengths)
+    sequences, tokens = prompts * sampling.samples, longest + sampling.max_new_tokens
+    cache, logits, prefill = generation_bytes(model, prompts, sampling.samples, longest,
+                                              sampling.max_new_tokens, dtype_bytes)
     weights = weight_bytes(model)
     peak = "the prompts' prefill" if prefill > cache + logits else "the last step"
     return [f"sampling memory (MiB, one generate call of {prompts} prompts x "
             f"{sampling.samples} samples, {longest} + {sampling.max_new_tokens} tokens, "
             "transformers):",
             f"  weights          {weights / MIB:10.0f}",
-            f"  KV cache         {cache / MIB:10.0f}  (keys and values of {layers} layers, "
+            f"  KV cache         {cache / MIB:10.0f}  (keys and values of "
+            f"{text.num_hidden_layers} layers, "
             f"{sequences} sequences x {tokens} tokens)",
             f"  logits           {logits / MIB:10.0f}  (fp32, a step's, {sequences} x "
             f"{text.vocab_size})",

@@ -93,17 +93,33 @@ def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list
     none; ``policy`` is the loaded policy (the model of ``judge:policy`` and its kin),
     ``longest_prompt`` the longest prompt's tokens. In ``per_step`` mode the scorer is loaded
     once and held while the policy trains: its models' memory adds to training's."""
-    from ..reward.model import reward_model_dir
-
     online = config.online
-    found = scorer_models(online.scorer)
+    found = scorer_memory(config, policy, policy_tokenizer, longest_prompt,
+                          online.sampling.max_new_tokens)
     if isinstance(found, str):
         return [f"scoring            {online.scorer}: {found}"]
-    dtype_bytes = BYTES[config.model.dtype]
     when = ("held through training, on top of its memory" if online.mode == "per_step"
             else "after sampling releases the policy")
     lines = [f"scoring memory (MiB, {online.scorer} in {config.model.dtype}, {when}):"]
-    weights, working = 0, 0.0
+    for named, held, need, what in found:
+        lines.append(f"  weights          {held / MIB:10.0f}  ({named})")
+        lines.append(f"  working          {need / MIB:10.0f}  ({what})")
+    weights, working = sum(m[1] for m in found), max(m[2] for m in found)
+    return lines + [f"  total            {(weights + working) / MIB:10.0f}"]
+
+
+def scorer_memory(config, policy, policy_tokenizer, longest_prompt: int,
+                  new_tokens: int) -> list[tuple[str, int, float, str]] | str:
+    """For each model ``config``'s scorer loads: its name, weights, the working tensors of one
+    batch of the longest prompt with a ``new_tokens`` response, and what that batch is; or why
+    the scorer has no model to count."""
+    from ..reward.model import reward_model_dir
+
+    found = scorer_models(config.online.scorer)
+    if isinstance(found, str):
+        return found
+    dtype_bytes = BYTES[config.model.dtype]
+    counted = []
     for model in found:
         if model.path is None:
             text, tokenizer, held = policy.config.get_text_config(), policy_tokenizer, \
@@ -115,16 +131,13 @@ def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list
             text, shapes = _text_config(source), _saved_shapes(source)
             held = sum(math.prod(shape) for shape in shapes.values()) * dtype_bytes
             tokenizer = load_tokenizer(source)
-        tokens = longest_prompt + online.sampling.max_new_tokens * (
-            2 if model.kind == "judge-pair" else 1) + _overhead(model, tokenizer)
+        tokens = longest_prompt + new_tokens * (2 if model.kind == "judge-pair" else 1) + \
+            _overhead(model, tokenizer)
         tail = _follow_up_tokens(model, tokenizer) if model.kind == "follow-up" else 0
         need = _batch_bytes(model, text, tokens, dtype_bytes, _mlp_tensors(shapes, text), tail)
-        weights, working = weights + held, max(working, need)
-        named = model.path or f"the policy, {model.name}"
-        lines.append(f"  weights          {held / MIB:10.0f}  ({named})")
-        lines.append(f"  working          {need / MIB:10.0f}  ({_what(model, tokens)})")
-    lines.append(f"  total            {(weights + working) / MIB:10.0f}")
-    return lines
+        counted.append((model.path or f"the policy, {model.name}", held, need,
+                        _what(model, tokens)))
+    return counted
 
 
 def _batch_bytes(model: ScorerModel, text, tokens: int, dtype_bytes: int, mlp_tensors: int,
