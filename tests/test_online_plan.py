@@ -116,7 +116,7 @@ def test_scoring_memory_is_near_a_scorers_peak(kind, tmp_path):
     (the CPU allocator's count)."""
     from types import SimpleNamespace
 
-    from preftune.online.scoring_plan import scoring_lines
+    from preftune.online.plan import scoring_lines
     from preftune.score import load_scorer
     from preftune.train.plan import weight_bytes
 
@@ -155,7 +155,7 @@ def test_the_scoring_plan_counts_every_model_a_scorer_loads(tmp_path):
     """Which models each kind of scorer spec loads: the policy for ``judge:policy``, each
     model term of a combination (functions have none), a follow-up file's model with its own
     follow-ups and batch; a rendering scorer is not estimated."""
-    from preftune.online.scoring_plan import ScorerModel, scorer_models
+    from preftune.score.memory import ScorerModel, scorer_models
 
     assert scorer_models("judge-pair:policy") == [ScorerModel("judge-pair:policy", "judge-pair",
                                                               None, 8)]

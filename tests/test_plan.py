@@ -139,3 +139,23 @@ def test_on_a_gpu_the_plan_says_whether_it_fits_in_what_is_free(monkeypatch):
         "short by 500 MiB: see train.gradient_checkpointing, a smaller batch with "
         "accumulation, LoRA, 8-bit AdamW")
     assert device_fit(1500 * MIB, None, torch.device("cpu")) == []  # (RAM: not judged)
+
+
+def test_an_eval_scorers_models_are_counted_with_what_training_holds(workspace, capsys):
+    """train.eval_scorer's models are loaded before training and held through it: the plan
+    adds their weights in the run's dtype (here a saved Mixtral as judge, bf16) to the total."""
+    from transformers import AutoModelForCausalLM
+
+    judge = AutoModelForCausalLM.from_pretrained(workspace / "moe")
+    judged = sum(p.numel() for p in judge.parameters()) * 2 / 2**20
+    plain = plan_of(workspace, capsys)
+    tree = config_of(workspace, "planned").model_dump()
+    tree["data"]["eval"] = tree["data"]["train"]
+    tree["train"].update(eval_generations=4, eval_every=1,
+                         eval_scorer=f"judge:{workspace / 'moe'}")
+    loop.train(build_config(tree), plan_only=True, show_progress=False)
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("  eval scorer"))
+    assert line == (f"  eval scorer      {judged:10.0f}  (judge:{workspace / 'moe'}, "
+                    "train.eval_scorer: held by the main process)")
+    assert planned_total(printed) == pytest.approx(planned_total(plain) + judged, abs=1)

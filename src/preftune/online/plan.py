@@ -1,7 +1,7 @@
 """``preftune online --plan``: what the rounds will do and the memory of their phases, before
 anything is sampled or written. Sampling: the policy's weights, the KV cache of one generate
 call of the longest prompts grown to ``max_new_tokens``, and the logits of a step. Scoring: the
-scorer's models and a batch (``scoring_plan.py``). Training: ``preftune train --plan`` of
+scorer's models and a batch (``score/memory.py``). Training: ``preftune train --plan`` of
 round 1 on worst-case rows, the longest prompts each with responses of ``max_new_tokens`` (the
 most a sample can hold), as many per row as the pair builder makes."""
 
@@ -17,6 +17,7 @@ from ..model.forward import causal_lm_of
 from ..model.load import load_tokenizer
 from ..model.verify import decoder_of, verified_layout
 from ..objectives.compose import Objective
+from ..score.memory import scorer_memory
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
 from ..train.trainer import count_steps
@@ -24,7 +25,6 @@ from ..train.plan import BYTES, MIB, mlp_width, plan, weight_bytes
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
 from .loop import round_config
-from .scoring_plan import scorer_memory, scoring_lines
 
 WORST_ROWS = 64  # the longest prompts the training plan lays out
 
@@ -98,6 +98,27 @@ def worst_rows(config, examples: list, count: int, eos_token_id: int) -> list:
     return rows
 
 
+def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list[str]:
+    """The scoring phase's memory (MiB): the scorer's models and a batch of the longest prompt
+    with a ``max_new_tokens`` sample (``score/memory.py``), or a line saying why it has none;
+    ``policy`` is the loaded policy (the model of ``judge:policy`` and its kin). Sampling's
+    models are released before the scorer loads; in ``per_step`` mode the scorer is loaded
+    once and held while the policy trains, so its models' memory adds to training's."""
+    online = config.online
+    found = scorer_memory(online.scorer, config.model.dtype, policy, policy_tokenizer,
+                          longest_prompt, online.sampling.max_new_tokens)
+    if isinstance(found, str):
+        return [f"scoring            {online.scorer}: {found}"]
+    when = ("held through training, on top of its memory" if online.mode == "per_step"
+            else "after sampling releases the policy")
+    lines = [f"scoring memory (MiB, {online.scorer} in {config.model.dtype}, {when}):"]
+    for named, held, need, what in found:
+        lines.append(f"  weights          {held / MIB:10.0f}  ({named})")
+        lines.append(f"  working          {need / MIB:10.0f}  ({what})")
+    weights, working = sum(m[1] for m in found), max(m[2] for m in found)
+    return lines + [f"  total            {(weights + working) / MIB:10.0f}"]
+
+
 def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
     """The memory of the held-out evaluation after each round (``measure.evaluate_model``):
     the scorer, one policy-sized model (the round's, released before the initial one loads
@@ -113,7 +134,8 @@ def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
                                               online.eval_max_new_tokens,
                                               BYTES[config.model.dtype])
     generate = max(prefill, cache + logits)
-    found = scorer_memory(config, model, tokenizer, max(lengths), online.eval_max_new_tokens)
+    found = scorer_memory(online.scorer, config.model.dtype, model, tokenizer, max(lengths),
+                          online.eval_max_new_tokens)
     scorer, scoring = (0, 0) if isinstance(found, str) else (
         sum(m[1] for m in found), max(m[2] for m in found))
     weights = weight_bytes(model)

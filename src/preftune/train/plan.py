@@ -168,7 +168,18 @@ def plan(config, model, train_examples, layout: str, pad_token_id: int,
         head_grads, vision=vision,
         output=(output, f"{cfg.logps_chunk_tokens}-token chunks of logits"
                 + (", fp32 gradient of the output weight" if head.requires_grad else "")),
-        reference=(weight_bytes(model) if strategy == "live" else 0, strategy)))
+        reference=(weight_bytes(model) if strategy == "live" else 0, strategy),
+        scorer=eval_scorer(cfg, config.model.dtype)))
+
+
+def eval_scorer(cfg, dtype: str) -> tuple[int, str] | None:
+    """(bytes, spec) of ``train.eval_scorer``'s models, loaded before training and held
+    through it to score held-out answers; None without one."""
+    if cfg.eval_generations is None or cfg.eval_scorer is None:
+        return None
+    from ..score.memory import scorer_weights
+
+    return scorer_weights(cfg.eval_scorer, dtype), cfg.eval_scorer
 
 
 def worst_and_sample(examples, batch_size: int, make_batch):
@@ -230,7 +241,8 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
                  shape: tuple[int, int], masks: int, sharding: tuple[str, dict],
                  head_grads: int,
                  output: tuple[int, str] | None = None,
-                 reference: tuple[int, str] | None = None, vision: int = 0) -> list[str]:
+                 reference: tuple[int, str] | None = None, vision: int = 0,
+                 scorer: tuple[int, str] | None = None) -> list[str]:
     """The memory estimate of one micro-batch of ``shape`` (rows, width) with ``masks`` dense
     masks (``dense_masks``), per process.
     Weights, gradients and AdamW's moments are counted from ``model``'s parameters as they are
@@ -239,7 +251,8 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
     ``head_grads``: the bytes of the output layer's gradient; ``output``: (bytes, what) of
     its backward beyond one layer's; ``reference``: (bytes, strategy) of a reference model
     held in memory;
-    ``vision``: what a vision tower keeps for backward (``vision_kept``)."""
+    ``vision``: what a vision tower keeps for backward (``vision_kept``); ``scorer``: (bytes,
+    spec) of an evaluation scorer's models, held through training by the main process."""
     rows, width = shape
     mask_bytes = masks * rows * width * width * dtype_bytes
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -252,7 +265,7 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
     moments = 2 * sum(p.numel() for p in trainable) * 4 if fp32_moments else moment_bytes(
         cfg.optimizer, trainable, embedding_weights(model))
     optimizer = moments / parts.get("optimizer", 1)
-    held = reference[0] if reference else 0
+    held = (reference[0] if reference else 0) + (scorer[0] if scorer else 0)
     output_bytes = output[0] if output else 0
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
     layers = decoder_layers(model)
@@ -285,7 +298,10 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
         + ("fp32 moments)" if fp32_moments else "8-bit moments)" if cfg.optimizer in EIGHT_BIT
            else "moments in the weights' dtype)")
         + split("optimizer"),
-        *([f"  reference        {held / MIB:10.0f}  ({reference[1]})"] if reference else []),
+        *([f"  reference        {reference[0] / MIB:10.0f}  ({reference[1]})"]
+          if reference else []),
+        *([f"  eval scorer      {scorer[0] / MIB:10.0f}  ({scorer[1]}, train.eval_scorer: "
+           "held by the main process)"] if scorer else []),
         f"  activations      {activations / MIB:10.0f}"
         + ("" if every is None else "  (gradient checkpointing"
            + (")" if every == 1 else f", every {every} layers)")),

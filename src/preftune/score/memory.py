@@ -1,9 +1,9 @@
-"""The scoring phase of ``preftune online --plan``. Sampling's models are released before the
-round's scorer loads, so scoring is a phase of its own: the scorer's models (a judge, a reward
-model, follow-up likelihood; every model of a combination, all loaded at once) in
-``model.dtype``, and the working tensors of the largest batch one of them scores. Weights are
-counted from the saved files' headers (nothing is loaded); a batch's tensors follow what each
-scorer runs:
+"""The memory a scorer takes, for the plans (``online --plan``'s scoring and evaluation
+phases, ``train --plan`` with ``train.eval_scorer``): the models it loads (a judge, a reward
+model, follow-up likelihood; every model of a combination, all loaded at once) in the run's
+dtype, and the working tensors of the largest batch one of them scores. Weights are counted
+from the saved files' headers (nothing is loaded); a batch's tensors follow what each scorer
+runs:
 
 - a judge: one forward of ``batch`` questions (its template, the prompt, the response; both
   responses for a pairwise judge) with no cache. It peaks in an MLP, holding per token three
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..model.adapter_dirs import adapter_base, is_adapter_dir
 from ..model.load import load_tokenizer, resolve_model_dir
-from ..train.plan import BYTES, MIB, mlp_width, weight_bytes
+from ..train.plan import BYTES, mlp_width, weight_bytes
 
 POLICY_KINDS = {"judge:policy": "judge", "judge-pair:policy": "judge-pair",
                 "follow-up:policy": "follow-up"}
@@ -50,7 +50,7 @@ class ScorerModel:
 def scorer_models(spec: str) -> list[ScorerModel] | str:
     """The models ``spec`` loads, or why it has none to count (a function, a rendering
     pipeline)."""
-    from ..score import read_scorer_file
+    from . import read_scorer_file
     from ..score.combine import check_combination
     from ..score.follow_up import NEGATIVE, POSITIVE, follow_up_options
 
@@ -88,49 +88,19 @@ def _model(name, kind, path, positive, negative, batch: int = 8) -> ScorerModel:
                        max(follow_ups, key=len) if kind == "follow-up" else "")
 
 
-def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list[str]:
-    """The scoring phase's memory (MiB) for ``config``'s scorer, or a line saying why it has
-    none; ``policy`` is the loaded policy (the model of ``judge:policy`` and its kin),
-    ``longest_prompt`` the longest prompt's tokens. In ``per_step`` mode the scorer is loaded
-    once and held while the policy trains: its models' memory adds to training's."""
-    online = config.online
-    found = scorer_memory(config, policy, policy_tokenizer, longest_prompt,
-                          online.sampling.max_new_tokens)
-    if isinstance(found, str):
-        return [f"scoring            {online.scorer}: {found}"]
-    when = ("held through training, on top of its memory" if online.mode == "per_step"
-            else "after sampling releases the policy")
-    lines = [f"scoring memory (MiB, {online.scorer} in {config.model.dtype}, {when}):"]
-    for named, held, need, what in found:
-        lines.append(f"  weights          {held / MIB:10.0f}  ({named})")
-        lines.append(f"  working          {need / MIB:10.0f}  ({what})")
-    weights, working = sum(m[1] for m in found), max(m[2] for m in found)
-    return lines + [f"  total            {(weights + working) / MIB:10.0f}"]
-
-
-def scorer_memory(config, policy, policy_tokenizer, longest_prompt: int,
+def scorer_memory(spec: str, dtype: str, policy, policy_tokenizer, longest_prompt: int,
                   new_tokens: int) -> list[tuple[str, int, float, str]] | str:
-    """For each model ``config``'s scorer loads: its name, weights, the working tensors of one
-    batch of the longest prompt with a ``new_tokens`` response, and what that batch is; or why
-    the scorer has no model to count."""
-    from ..reward.model import reward_model_dir
-
-    found = scorer_models(config.online.scorer)
+    """For each model the scorer ``spec`` loads in ``dtype``: its name, weights, the working
+    tensors of one batch of the longest prompt with a ``new_tokens`` response, and what that
+    batch is; or why the scorer has no model to count. ``policy`` (and its tokenizer) is the
+    model of ``judge:policy`` and its kin."""
+    found = scorer_models(spec)
     if isinstance(found, str):
         return found
-    dtype_bytes = BYTES[config.model.dtype]
+    dtype_bytes = BYTES[dtype]
     counted = []
     for model in found:
-        if model.path is None:
-            text, tokenizer, held = policy.config.get_text_config(), policy_tokenizer, \
-                weight_bytes(policy)
-            shapes = {name: tuple(p.shape) for name, p in policy.named_parameters()}
-        else:
-            source = str(reward_model_dir(model.path)) if model.kind == "rm" else \
-                resolve_model_dir(model.path)
-            text, shapes = _text_config(source), _saved_shapes(source)
-            held = sum(math.prod(shape) for shape in shapes.values()) * dtype_bytes
-            tokenizer = load_tokenizer(source)
+        text, tokenizer, held, shapes = _sizes(model, dtype_bytes, policy, policy_tokenizer)
         tokens = longest_prompt + new_tokens * (2 if model.kind == "judge-pair" else 1) + \
             _overhead(model, tokenizer)
         tail = _follow_up_tokens(model, tokenizer) if model.kind == "follow-up" else 0
@@ -138,6 +108,28 @@ def scorer_memory(config, policy, policy_tokenizer, longest_prompt: int,
         counted.append((model.path or f"the policy, {model.name}", held, need,
                         _what(model, tokens)))
     return counted
+
+
+def scorer_weights(spec: str, dtype: str) -> int:
+    """The bytes of every model the scorer ``spec`` loads in ``dtype`` (0 for none)."""
+    found = scorer_models(spec)
+    return 0 if isinstance(found, str) else sum(
+        _sizes(model, BYTES[dtype], None, None)[2] for model in found if model.path)
+
+
+def _sizes(model: ScorerModel, dtype_bytes: int, policy, policy_tokenizer):
+    """(text config, tokenizer, weight bytes, parameter shapes) of ``model``: the policy's
+    as loaded, or a saved model's from its files."""
+    from ..reward.model import reward_model_dir
+
+    if model.path is None:
+        return (policy.config.get_text_config(), policy_tokenizer, weight_bytes(policy),
+                {name: tuple(p.shape) for name, p in policy.named_parameters()})
+    source = str(reward_model_dir(model.path)) if model.kind == "rm" else \
+        resolve_model_dir(model.path)
+    shapes = _saved_shapes(source)
+    return (_text_config(source), load_tokenizer(source),
+            sum(math.prod(shape) for shape in shapes.values()) * dtype_bytes, shapes)
 
 
 def _batch_bytes(model: ScorerModel, text, tokens: int, dtype_bytes: int, mlp_tensors: int,
