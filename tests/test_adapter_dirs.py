@@ -132,3 +132,40 @@ def test_a_run_dir_given_as_a_model_names_the_model_inside(lora_run):
                                                     f".*; it is a preftune run directory: give "
                                                     f"the model it trained, {inside}$"):
             load_model_and_tokenizer(str(directory))
+
+
+def test_eval_against_the_adapters_base_holds_one_copy_and_equals_two_models(lora_run, tmp_path,
+                                                                            monkeypatch):
+    """With the adapter's base as reference, eval loads the base once: the policy is it with
+    the adapter, the reference it with the adapter disabled. Its numbers equal the plain path's,
+    the merged model/ against a separate copy of the base."""
+    from preftune.model import load as loading
+
+    root, run, _ = lora_run
+    loads, load = [], loading.load_model
+    monkeypatch.setattr(loading, "load_model",
+                        lambda path, *args, **kwargs: loads.append(path) or load(path, *args,
+                                                                                  **kwargs))
+    shutil.copytree(root / "base", tmp_path / "copy")
+    options = {"samples": 2, "max_new_tokens": 4, "scorer": "test_adapter_dirs:count_a"}
+    results, rows, answers = {}, {}, {}
+    for name, reference in (("shared", root / "base"), ("plain", tmp_path / "copy")):
+        loads.clear()
+        results[name] = evaluate(str(run), str(root / "pairs.jsonl"), reference=str(reference),
+                                 output=str(tmp_path / name), **options)
+        rows[name] = [json.loads(line) for line in
+                      (tmp_path / name / "eval_pairs.jsonl").read_text().splitlines()]
+        answers[name] = [json.loads(line) for line in
+                         (tmp_path / name / "eval_answers.jsonl").read_text().splitlines()]
+        assert loads == ([str(reference)] if name == "shared" else
+                         [str(run / "model"), str(reference)]), name
+    for key in ("ref_logp_chosen", "ref_logp_rejected", "logp_chosen", "logp_rejected"):
+        assert [r[key] for r in rows["shared"]] == pytest.approx(
+            [r[key] for r in rows["plain"]], abs=1e-5), key
+    # the adapter was on for the policy and off for the reference
+    assert [r["logp_chosen"] for r in rows["shared"]] != pytest.approx(
+        [r["ref_logp_chosen"] for r in rows["shared"]], abs=1e-3)
+    assert [a["reference_answer"] for a in answers["shared"]] == \
+        [a["reference_answer"] for a in answers["plain"]]
+    for key in ("rewards/margin", "sampled/kl", "win_rate"):
+        assert results["shared"][key] == pytest.approx(results["plain"][key], abs=1e-4), key

@@ -11,6 +11,7 @@ win rate of the policy's greedy answers over the reference's. The formulas are i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -28,10 +29,9 @@ from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompt
                              tokenize_records)
 from ..model.forward import SequenceStats
 from ..model.chat_template import use_chat_template
-from ..model.load import (given_as, load_model, load_model_and_tokenizer, load_tokenizer,
-                          resolve_model_dir, saved_dtype)
+from ..model.load import given_as, load_tokenizer, resolve_model_dir, saved_dtype
 from . import diagnostics as D
-from .run_models import model_location, run_reference
+from .run_models import load_models, model_location, run_reference
 from ..score import load_scorer
 from ..score.base import scored_in_chunks, scorer_prompt
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
@@ -115,18 +115,13 @@ def run_eval(options: EvalOptions) -> dict:
             scorer = load_scorer(options.scorer, options.data, options.dtype)
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
-    device = PartialState().device
     with given_as("--model"):
         tokenizer = load_tokenizer(model_dir)
         if options.chat_template is not None:
             use_chat_template(tokenizer, options.chat_template, "--chat-template")
-        policy = load_model(model_dir, tokenizer, options.dtype, device=device)
-    with given_as("--reference"):
-        reference, reference_tokenizer = load_model_and_tokenizer(options.reference,
-                                                                  options.dtype, device=device)
-    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"--reference {options.reference} has another vocabulary than --model "
-                          f"{options.model}; log-prob ratios need the same tokenizer.")
+    policy, reference, as_reference = load_models(model_dir, run_dir, options.reference,
+                                                  tokenizer, options.dtype,
+                                                  PartialState().device)
     settings = TokenizeSettings(options.max_length,
                                 prompt_limit(options.max_length, options.max_prompt_length))
     examples, report = tokenize_records(records, tokenizer, settings)
@@ -142,19 +137,22 @@ def run_eval(options: EvalOptions) -> dict:
     on_policy = score_responses(policy, examples, pad, options.batch_size,
                                 hidden_sums=options.ches_model == "policy",
                                 description="eval pairs: policy", images=images)
-    on_reference = score_responses(reference, examples, pad, options.batch_size,
-                                   hidden_sums=options.ches_model == "reference",
-                                   description="eval pairs: reference", images=images)
+    with as_reference():
+        on_reference = score_responses(reference, examples, pad, options.batch_size,
+                                       hidden_sums=options.ches_model == "reference",
+                                       description="eval pairs: reference", images=images)
     metrics, pair_rows = _pair_metrics(examples, on_policy, on_reference, options)
     seconds["pairs"] = time.perf_counter() - clock
     prompts = distinct_prompts(examples)
     if options.samples:
         clock = time.perf_counter()
-        metrics.update(_sampled_metrics(policy, reference, tokenizer, prompts, options))
+        metrics.update(_sampled_metrics(policy, reference, tokenizer, prompts, options,
+                                        as_reference))
         seconds["sampled"] = time.perf_counter() - clock
     if scorer:
         clock = time.perf_counter()
-        win, answers = _win_rate(scorer, policy, reference, tokenizer, prompts, records, options)
+        win, answers = _win_rate(scorer, policy, reference, tokenizer, prompts, records, options,
+                                 as_reference)
         metrics.update(win)
         seconds["win_rate"] = time.perf_counter() - clock
     results = {**metrics, "pairs": len(examples), "pairs_dropped": report.records - report.kept,
@@ -272,15 +270,20 @@ def _pair_metrics(examples, on_policy, on_reference, options: EvalOptions):
     return metrics, rows
 
 
-def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options) -> dict:
+def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options,
+              as_reference) -> dict:
     """Win rate of the policy's greedy answers over the reference's under ``scorer``: by their
     scores, or, for a pairwise scorer, by its P(policy answer > reference answer). Identical
     answers tie exactly (a model scoring them in different batches may differ by rounding).
     Returns the metrics and one row per prompt (origin, both answers, their scores)."""
     shown = _prompt_images(prompts)
-    texts = [greedy_texts(model, tokenizer, [p.prompt_ids for p in prompts], options.max_new_tokens,
-                          options.batch_size, f"win rate: {who} answers", shown)
-             for model, who in ((policy, "policy"), (reference, "reference"))]
+    texts = []
+    for model, who, scope in ((policy, "policy", contextlib.nullcontext),
+                              (reference, "reference", as_reference)):
+        with scope():
+            texts.append(greedy_texts(model, tokenizer, [p.prompt_ids for p in prompts],
+                                      options.max_new_tokens, options.batch_size,
+                                      f"win rate: {who} answers", shown))
     same = torch.tensor([a == b for a, b in zip(*texts)])
     questions = [scorer_prompt(records[p.index].prompt, p.images,
                                getattr(records[p.index], "tools", ())) for p in prompts]
@@ -311,7 +314,8 @@ def _prompt_images(prompts) -> list | None:
     return [p.images for p in prompts] if any(p.images for p in prompts) else None
 
 
-def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions) -> dict:
+def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions,
+                     as_reference) -> dict:
     """KL, top-k entropy/mass, length statistics on ``--samples`` policy samples per prompt.
 
     A response's length counts its tokens including the closing EOS when one was generated.
@@ -327,8 +331,10 @@ def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions
     images = getattr(tokenizer, "image_inputs", None)
     on_policy = score_responses(policy, examples, tokenizer.pad_token_id, options.batch_size,
                                 top_k=options.top_k, description="samples: policy", images=images)
-    on_reference = score_responses(reference, examples, tokenizer.pad_token_id, options.batch_size,
-                                   description="samples: reference", images=images)
+    with as_reference():
+        on_reference = score_responses(reference, examples, tokenizer.pad_token_id,
+                                       options.batch_size, description="samples: reference",
+                                       images=images)
     logps, ref_logps = on_policy.logps.flatten(), on_reference.logps.flatten()
     lengths = on_policy.token_counts.flatten()
     rewards = D.implied_rewards(logps, ref_logps, options.beta)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ..model.adapter_dirs import final_model_dir, is_adapter_dir
+from ..model.adapter_dirs import adapter_base, final_model_dir, is_adapter_dir
 
 
 def model_location(path: str) -> tuple[str, Path | None]:
@@ -52,3 +52,49 @@ def _where_training_ran(path: str, run_dir: Path, output_dir: str | None) -> str
         return path
     there = (here.parents[len(parts) - 1] if parts else here) / path
     return str(there) if there.exists() else path
+
+
+def shared_adapter(run_dir: Path | None, reference: str) -> Path | None:
+    """The LoRA adapter a run directory holds when ``reference`` is the base it was trained
+    on: the policy is then that base with the adapter and the reference the same model with
+    the adapter disabled, as training computed them, one copy of the weights instead of two.
+    None otherwise (also when the base's path cannot be matched from here)."""
+    adapter = run_dir / "adapter" if run_dir is not None else None
+    if adapter is None or not is_adapter_dir(adapter):
+        return None
+    base = adapter_base(adapter)
+    if base == reference:
+        return adapter
+    if Path(base).exists() and Path(reference).exists() and \
+            Path(base).resolve() == Path(reference).resolve():
+        return adapter
+    return None
+
+
+def load_models(model_dir: str, run_dir: Path | None, reference: str, tokenizer, dtype: str,
+                device):
+    """(policy, reference model, a context under which the reference model computes as the
+    reference) of ``preftune eval``, on ``device`` in ``dtype``: one model with the run's
+    adapter enabled and disabled (``shared_adapter``), or two models."""
+    import contextlib
+
+    from ..config import ConfigError
+    from ..model.adapter_dirs import with_adapter
+    from ..model.load import given_as, load_model, load_model_and_tokenizer
+
+    adapter = shared_adapter(run_dir, reference)
+    if adapter is not None:
+        with given_as("--reference"):
+            base = load_model(reference, tokenizer, dtype, device=device)
+        policy = with_adapter(base, str(adapter)).eval()
+        print(f"policy and reference: {reference} with {adapter} on and off (one copy of the "
+              "weights)")
+        return policy, policy, policy.disable_adapter
+    with given_as("--model"):
+        policy = load_model(model_dir, tokenizer, dtype, device=device)
+    with given_as("--reference"):
+        other, other_tokenizer = load_model_and_tokenizer(reference, dtype, device=device)
+    if other_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"--reference {reference} has another vocabulary than --model "
+                          f"{model_dir}; log-prob ratios need the same tokenizer.")
+    return policy, other, contextlib.nullcontext

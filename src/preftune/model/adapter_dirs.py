@@ -57,6 +57,14 @@ def config_source(source: str) -> str:
 def merge_adapter(base_model, source: str):
     """``base_model`` with the adapter at ``source`` merged in: a plain transformers model,
     named after ``source`` so that an adapter trained on it records ``source`` as its base."""
+    merged = with_adapter(base_model, source).merge_and_unload()
+    merged.name_or_path = merged.config._name_or_path = source
+    return merged
+
+
+def with_adapter(base_model, source: str):
+    """``base_model`` wrapped with the adapter at ``source``, not merged (a PEFT model whose
+    ``disable_adapter()`` gives the base back)."""
     try:
         from peft import PeftModel
     except ImportError:
@@ -71,9 +79,7 @@ def merge_adapter(base_model, source: str):
     # the adapter's layers are built with a random init before its weights load: that must not
     # draw from the run's random stream (a training run seeded before loading would differ)
     with torch.random.fork_rng(), quiet_peft():
-        merged = PeftModel.from_pretrained(base_model, source).merge_and_unload()
-    merged.name_or_path = merged.config._name_or_path = source
-    return merged
+        return PeftModel.from_pretrained(base_model, source)
 
 
 def merged_copy(model, adapter_dir: Path, unquantized_base=None):
