@@ -3,7 +3,9 @@ anything is sampled or written. Sampling: the policy's weights, the KV cache of 
 call of the longest prompts grown to ``max_new_tokens``, and the logits of a step. Scoring: the
 scorer's models and a batch (``score/memory.py``). Training: ``preftune train --plan`` of
 round 1 on worst-case rows, the longest prompts each with responses of ``max_new_tokens`` (the
-most a sample can hold), as many per row as the pair builder makes."""
+most a sample can hold), as many per row as the pair builder makes. Evaluation (with
+``data.eval``): the scorer, one model and the larger of its generate calls and a scorer
+batch."""
 
 from __future__ import annotations
 
