@@ -210,7 +210,9 @@ class StepModelScorer:
     and ``eval`` call ``score(prompts, PIL images)``, clean images (t = 0)."""
 
     def __init__(self, path: str):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from accelerate import PartialState
+
+        device = PartialState().device  # each process's own GPU under a launch
         self.model = StepAwarePreferenceModel.from_pretrained(path).to(device).eval()
         self.name = f"spm:{path}"
 
