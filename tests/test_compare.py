@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from preftune.cli import main
@@ -142,3 +143,36 @@ def test_plan_prints_each_objectives_plan_and_writes_nothing(base, capsys):
     assert "objective          dpo (pairs, needs reference)" in dpo and "  total " in dpo
     assert "objective          kto (unpaired, needs reference)" in kto and "  total " in kto
     assert not (base / "planned").exists()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_objectives_models_are_released_before_the_next_one(tmp_path, monkeypatch, fails):
+    """What one objective's work held (a model in a reference cycle, as transformers' first
+    load in a process leaves one) is freed when its entry returns, with the garbage collector
+    off, also when it failed: its traceback held it until then."""
+    import gc
+    import weakref
+
+    from preftune.compare import run_entry
+    from preftune.config import ConfigError
+
+    import preftune.report
+
+    monkeypatch.setattr(preftune.report, "write_report", lambda run_dir: None)
+    (tmp_path / "dpo").mkdir()
+    held = []
+
+    def work(entry):
+        model = torch.nn.Linear(4, 4)
+        model.__dict__["cycle"] = [model]
+        held.append(weakref.ref(model))
+        if fails:
+            raise ConfigError("out of memory, say")
+
+    gc.collect()
+    gc.disable()
+    try:
+        entry = run_entry("dpo", tmp_path / "dpo", ["settings"], work)
+    finally:
+        gc.enable()
+    assert ("error" in entry) == fails and held[0]() is None

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, build_config, load_config, read_tree
+from .model.load import released
 from .objectives import get_objective
 from .score import check_scorer
 from .train.output import resumable
@@ -140,7 +141,9 @@ def run_entry(name: str, run_dir: Path, settings: list, work) -> dict:
         return json.loads(done.read_text())
     print(f"\n[compare] {name}: training in {run_dir}")
     entry = {"objective": name, "fingerprint": fingerprint, "run_dir": str(run_dir)}
-    if attempt(name, entry, lambda: work(entry)):
+    # this objective's models go before the next one's load, after a failure too (its
+    # traceback's frames held them until attempt returned)
+    if released(lambda: attempt(name, entry, lambda: work(entry))):
         write_report(run_dir)
         entry["report"] = str(run_dir / "report.html")
         done.write_text(json.dumps(entry, indent=2) + "\n")

@@ -177,7 +177,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = 
     print("measuring the model before training ...")
     before = _measure(model, tokenizer, eval_tasks, eval_examples, scorer, settings)
     del model
-    gc.collect()  # the process's first load sits in a reference cycle (online/loop.released)
+    gc.collect()  # the process's first load sits in a reference cycle (model/load.released)
 
     train(config)
 

@@ -24,7 +24,8 @@ from pydantic import Field, model_validator
 
 from ..config import ConfigError, Count, NonNegative, Section
 from ..online.common import write_json
-from ..online.loop import released, run_phase, start_rounds
+from ..model.load import released
+from ..online.loop import run_phase, start_rounds
 from ..train.run_lock import holding_output_dirs
 from .config import DiffusionConfig
 from .losses import get_diffusion_loss

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import importlib.util
 import json
@@ -295,6 +296,18 @@ def saved_dtype(source: str) -> str:
         if named in DTYPES:
             return named
     return "float32"
+
+
+def released(work):
+    """``work()``, then a garbage collection: a model that ``work`` loaded may sit in a
+    reference cycle, which would hold its memory, on the GPU too, until the collector next
+    runs, so the next piece of work's models would load on top of it. transformers' first load
+    in a process makes one: its lazy import of the model's modules leaves a cycle that holds
+    the frames of the loading call, ``load_model`` with the model among its locals."""
+    try:
+        return work()
+    finally:
+        gc.collect()
 
 
 def builds(auto, config, trust_remote_code: bool = False) -> bool:

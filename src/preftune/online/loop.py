@@ -12,7 +12,6 @@ that was cut off continues from its last checkpoint. Training is ``preftune trai
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from ..config import Config, ConfigError, build_config
 from ..data.sources import write_rows
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
-from ..model.load import files_fingerprint, load_tokenizer
+from ..model.load import files_fingerprint, load_tokenizer, released
 from ..objectives import get_objective
 from ..score import check_scorer
 from ..score.base import scored_in_chunks
@@ -188,18 +187,6 @@ def run_phase(here: Path, name: str, work) -> dict:
     done[name] = result
     write_json(record, done)
     return result
-
-
-def released(work):
-    """``work()``, then a garbage collection: a model the phase loaded may sit in a reference
-    cycle, which would hold its memory, on the GPU too, until the collector next runs, so the
-    next phase's models would load on top of it. transformers' first load in a process makes
-    one: its lazy import of the model's modules leaves a cycle that holds the frames of the
-    loading call, preftune's ``load_model`` with the model among its locals."""
-    try:
-        return work()
-    finally:
-        gc.collect()
 
 
 def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
