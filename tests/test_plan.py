@@ -126,15 +126,18 @@ def measured_peak(config, memory, monkeypatch) -> float:
 
 
 def test_on_a_gpu_the_plan_says_whether_it_fits_in_what_is_free(monkeypatch):
+    """What the run could have is the device's free memory and what this process holds (the
+    model the plan loaded, which the total counts, and the allocator's cache)."""
     from preftune.train.plan import MIB, device_fit
 
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000 * MIB, 81559 * MIB))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (800 * MIB, 81559 * MIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 200 * MIB)
     cuda = torch.device("cuda")
     assert device_fit(900 * MIB, None, cuda) == [
-        "  this GPU               1000  free of 81559: fits"]
+        "  this GPU               1000  free or held by this process, of 81559: fits"]
     assert device_fit(1500 * MIB, 800 * MIB, cuda) == [
-        "  this GPU               1000  free of 81559: short by 500 MiB; with gradient "
-        "checkpointing it fits"]
+        "  this GPU               1000  free or held by this process, of 81559: short by 500 "
+        "MiB; with gradient checkpointing it fits"]
     assert device_fit(1500 * MIB, 1200 * MIB, cuda)[0].endswith(
         "short by 500 MiB: see train.gradient_checkpointing, a smaller batch with "
         "accumulation, LoRA, 8-bit AdamW")

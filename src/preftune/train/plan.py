@@ -323,19 +323,24 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
 
 
 def device_fit(total: float, checkpointed: float | None, device) -> list[str]:
-    """On a GPU, whether the plan's ``total`` fits in what the device has free now (the
-    allocator's own cache and CUDA's context come on top of what the plan counts), and
-    whether ``checkpointed``, the total with gradient checkpointing, would."""
+    """On a GPU, whether the plan's ``total`` fits in what the run could have there: the
+    device's free memory and what this process holds already (the model the plan loaded,
+    which ``total`` counts, and the allocator's cache); CUDA's context and the allocator's
+    fragmentation come on top. And whether ``checkpointed``, the total with gradient
+    checkpointing, would fit."""
     if device.type != "cuda":
         return []
     import torch
 
     free, whole = torch.cuda.mem_get_info(device)
-    verdict = "fits" if total < free else f"short by {(total - free) / MIB:.0f} MiB" + (
-        "; with gradient checkpointing it fits" if checkpointed and checkpointed < free else
-        ": see train.gradient_checkpointing, a smaller batch with accumulation, LoRA, 8-bit "
-        "AdamW")
-    return [f"  this GPU         {free / MIB:10.0f}  free of {whole / MIB:.0f}: {verdict}"]
+    available = free + torch.cuda.memory_reserved(device)
+    verdict = "fits" if total < available else \
+        f"short by {(total - available) / MIB:.0f} MiB" + (
+            "; with gradient checkpointing it fits" if checkpointed and checkpointed < available
+            else ": see train.gradient_checkpointing, a smaller batch with accumulation, LoRA, "
+            "8-bit AdamW")
+    return [f"  this GPU         {available / MIB:10.0f}  free or held by this process, of "
+            f"{whole / MIB:.0f}: {verdict}"]
 
 
 def _millions(count: int) -> str:
