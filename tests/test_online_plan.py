@@ -134,7 +134,7 @@ def test_scoring_memory_is_near_a_scorers_peak(kind, tmp_path):
             "train": {"batch_size": 4, "max_steps": 1}}), show_progress=False))
     config = SimpleNamespace(model=SimpleNamespace(dtype="float32"), online=SimpleNamespace(
         scorer=spec, mode="rounds", sampling=SimpleNamespace(max_new_tokens=96)))
-    lines = scoring_lines(config, None, None, 80)
+    lines = scoring_lines(config, LlamaForCausalLM.from_pretrained(model), char_tokenizer(), 80)
     scorer = load_scorer(spec, None, "float32")
     held = weight_bytes(scorer.scoring.model if kind == "rm" else scorer.model)
     assert planned(lines, "weights") == round(held / 2**20)
@@ -225,3 +225,24 @@ def _write(directory, config) -> str:
     path = directory / "online.yaml"
     path.write_text(yaml.safe_dump(config.model_dump()))
     return str(path)
+
+
+def test_on_a_gpu_each_phase_says_whether_it_fits(workspace, capsys, monkeypatch):
+    """Sampling, scoring and evaluation each get the fit line of train --plan, with advice of
+    their own (a stubbed GPU with nothing free: nothing fits)."""
+    import preftune.online.plan as online_plan
+
+    monkeypatch.setattr(online_plan, "device_of", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    tree = yaml.safe_load((workspace / "online.yaml").read_text())
+    tree["online"]["scorer"] = f"judge:{workspace / 'model'}"
+    tree["data"]["eval"] = tree["data"]["train"]
+    (workspace / "online.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["online", str(workspace / "online.yaml"), "--plan"]) == 0
+    fits = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("  this GPU ")]
+    assert [line.split(": ", 1)[1].split(": ", 1)[1] for line in fits[:3]] == [
+        "a smaller online.sampling.batch_size, or max_new_tokens",
+        "a smaller scorer",
+        "fewer online.eval_kl_samples or eval_best_of, a smaller online.sampling.batch_size"]

@@ -23,7 +23,7 @@ from ..score.memory import scorer_memory
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
 from ..train.trainer import count_steps
-from ..train.plan import BYTES, MIB, mlp_width, plan, weight_bytes
+from ..train.plan import BYTES, MIB, device_fit, mlp_width, plan, weight_bytes
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
 from .loop import round_config
@@ -117,8 +117,9 @@ def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list
     for named, held, need, what in found:
         lines.append(f"  weights          {held / MIB:10.0f}  ({named})")
         lines.append(f"  working          {need / MIB:10.0f}  ({what})")
-    weights, working = sum(m[1] for m in found), max(m[2] for m in found)
-    return lines + [f"  total            {(weights + working) / MIB:10.0f}"]
+    total = sum(m[1] for m in found) + max(m[2] for m in found)
+    return lines + [f"  total            {total / MIB:10.0f}",
+                    *device_fit(total, None, device_of(policy), "a smaller scorer")]
 
 
 def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
@@ -149,7 +150,14 @@ def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
             f"  answers          {generate / MIB:10.0f}  (a generate call of {per_call} prompts "
             f"x {samples} samples, {max(lengths)} + {online.eval_max_new_tokens} tokens)",
             f"  scoring          {scoring / MIB:10.0f}  (a scorer batch of the answers)",
-            f"  total            {(scorer + weights + max(generate, scoring)) / MIB:10.0f}"]
+            f"  total            {(scorer + weights + max(generate, scoring)) / MIB:10.0f}",
+            *device_fit(scorer + weights + max(generate, scoring), None, device_of(model),
+                        "fewer online.eval_kl_samples or eval_best_of, a smaller "
+                        "online.sampling.batch_size")]
+
+
+def device_of(model):
+    return next(model.parameters()).device
 
 
 def generation_bytes(model, prompts: int, samples: int, longest: int, new_tokens: int,
@@ -199,4 +207,6 @@ def sampling_lines(sampling, model, prompt_lengths: list[int], dtype_bytes: int,
             f"{text.vocab_size})",
             f"  prefill          {prefill / MIB:10.0f}  (the prompts' cache and MLP tensors)",
             f"  total            {(weights + max(prefill, cache + logits)) / MIB:10.0f}  "
-            f"(at {peak})"]
+            f"(at {peak})",
+            *device_fit(weights + max(prefill, cache + logits), None, device_of(model),
+                        "a smaller online.sampling.batch_size, or max_new_tokens")]

@@ -322,12 +322,14 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
     return lines + device_fit(total, checkpointed, next(model.parameters()).device)
 
 
-def device_fit(total: float, checkpointed: float | None, device) -> list[str]:
+def device_fit(total: float, checkpointed: float | None, device,
+               advice: str = "see train.gradient_checkpointing, a smaller batch with "
+                             "accumulation, LoRA, 8-bit AdamW") -> list[str]:
     """On a GPU, whether the plan's ``total`` fits in what the run could have there: the
     device's free memory and what this process holds already (the model the plan loaded,
     which ``total`` counts, and the allocator's cache); CUDA's context and the allocator's
     fragmentation come on top. And whether ``checkpointed``, the total with gradient
-    checkpointing, would fit."""
+    checkpointing, would fit; else ``advice``."""
     if device.type != "cuda":
         return []
     import torch
@@ -337,8 +339,7 @@ def device_fit(total: float, checkpointed: float | None, device) -> list[str]:
     verdict = "fits" if total < available else \
         f"short by {(total - available) / MIB:.0f} MiB" + (
             "; with gradient checkpointing it fits" if checkpointed and checkpointed < available
-            else ": see train.gradient_checkpointing, a smaller batch with accumulation, LoRA, "
-            "8-bit AdamW")
+            else f": {advice}")
     return [f"  this GPU         {available / MIB:10.0f}  free or held by this process, of "
             f"{whole / MIB:.0f}: {verdict}"]
 
