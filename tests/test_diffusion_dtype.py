@@ -38,3 +38,25 @@ def test_bfloat16_weights_train_and_sample_like_float32(tmp_path, kind):
     trained = load_diffusion_model(tmp_path / "bfloat16" / "model", torch.bfloat16)
     assert trained.compute_dtype == torch.bfloat16
     assert {p.dtype for p in trained.denoiser.parameters()} == {torch.bfloat16}
+
+
+def test_sampling_commands_load_a_pipeline_as_its_denoiser_is_saved(tmp_path):
+    """``diffusion eval`` (and sample, rank, an online round's ranking and evaluation) load
+    the pipeline in ``--dtype``, by default its denoiser's saved dtype; eval's reference
+    follows the policy's."""
+    from preftune.cli import main
+    from preftune.diffusion.pipeline_files import saved_denoiser_dtype
+
+    pipe = tiny_pipeline(tmp_path / "pipe")
+    tree = config_tree(pipe, write_pairs(tmp_path / "data", count=2), tmp_path / "run",
+                       model={"dtype": "bfloat16"}, objective={"name": "mapo"},
+                       train={"max_steps": 1, "batch_size": 2})
+    run = train_diffusion(DiffusionConfig.from_dict(tree), show_progress=False)
+    assert (saved_denoiser_dtype(pipe), saved_denoiser_dtype(run / "model")) == \
+        ("float32", "bfloat16")
+    flags = ["--reference", str(pipe), "--scorer", "shape_colour", "--prompt", "a red circle",
+             "--seeds", "0", "--steps", "2"]
+    for given, expected in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
+        assert main(["diffusion", "eval", "--model", str(run), *flags, *given,
+                     "--output", str(tmp_path / "eval.json")]) == 0
+        assert json.loads((tmp_path / "eval.json").read_text())["dtype"] == expected

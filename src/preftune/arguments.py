@@ -66,11 +66,13 @@ def add_tokenize_options(parser: argparse.ArgumentParser) -> None:
                              "(a .jinja file or the Jinja text) instead of the tokenizer's")
 
 
-def add_dtype_option(parser: argparse.ArgumentParser, which: str) -> None:
+def add_dtype_option(parser: argparse.ArgumentParser, which: str,
+                     named_by: str = "its config.json") -> None:
     """``--dtype``: what the command's models load in, as a config's model.dtype; ``auto``
-    (the default) reads the dtype ``which`` model's weights are saved in."""
+    (the default) reads the dtype ``which`` model's weights are saved in (as ``named_by``
+    says)."""
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help=f"the models' weights, as model.dtype (default auto: the dtype "
-                             f"{which}'s weights are saved in, float32 if its config.json "
-                             "names none); bfloat16 halves their memory on a GPU")
+                             f"{which}'s weights are saved in, float32 if {named_by} names "
+                             "none); bfloat16 halves their memory on a GPU")

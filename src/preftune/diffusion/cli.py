@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..arguments import POSITIVE, add_column_option
+from ..arguments import POSITIVE, add_column_option, add_dtype_option
 from . import require_diffusers
 
 
@@ -75,7 +75,7 @@ def _sample(args) -> None:
                               guidance_scale=args.guidance_scale, resolution=args.resolution,
                               negative_prompt=args.negative_prompt,
                               true_cfg_scale=args.true_cfg_scale)
-    model = load_for_sampling(args.model, "--model")
+    model = load_for_sampling(args.model, "--model", args.dtype)
     check_negative_prompt(model.family, args.negative_prompt, args.guidance_scale,
                           args.true_cfg_scale, SAMPLING_FLAGS[1:])  # before anything is written
     _check_samples_dir(Path(args.output_dir), args.label, vars(samples), args.overwrite)
@@ -118,7 +118,7 @@ def _eval(args) -> None:
                                  guidance_scale=args.guidance_scale, output=args.output,
                                  resolution=args.resolution,
                                  negative_prompt=args.negative_prompt,
-                                 true_cfg_scale=args.true_cfg_scale)
+                                 true_cfg_scale=args.true_cfg_scale, dtype=args.dtype)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
 
 
@@ -143,7 +143,8 @@ def _rank(args) -> None:
         move_aside(out)
     result = make_ranked_lists(prompts, args.model, args.scorer, args.seeds, args.output_dir,
                                args.steps, args.guidance_scale, args.list_size,
-                               args.resolution, args.negative_prompt, args.true_cfg_scale)
+                               args.resolution, args.negative_prompt, args.true_cfg_scale,
+                               dtype=args.dtype)
     print(f"wrote {result['lists']} ranked lists of {result['images']} images to "
           f"{result['ranked']} (objective rank_dpo) and {result['pairs']} best-vs-worst pairs "
           f"to {result['pairs_file']} (diffusion_dpo); {result['lists_all_tied']} lists "
@@ -189,6 +190,7 @@ def _sampling_arguments(parser, prompt_required: bool = True) -> None:
                         help="what guidance steers away from (default: the empty prompt)")
     parser.add_argument("--true-cfg-scale", type=float, default=1.0,
                         help="Flux: classifier-free guidance away from --negative-prompt")
+    add_dtype_option(parser, "the --model pipeline's denoiser", "its safetensors files")
 
 
 def add_diffusion_commands(commands) -> None:

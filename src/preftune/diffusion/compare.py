@@ -78,7 +78,8 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
             results = evaluate_diffusion(str(run_dir), base.model.path, samples.prompts,
                                          samples.seeds, scorer, samples.steps,
                                          samples.guidance_scale, None, samples.resolution,
-                                         samples.negative_prompt, samples.true_cfg_scale)
+                                         samples.negative_prompt, samples.true_cfg_scale,
+                                         base.model.dtype)
             entry.update({"win_rate": results["win_rate"],
                           "win_rate/policy_score": results["mean_score/policy"],
                           "win_rate/reference_score": results["mean_score/reference"]})

@@ -60,23 +60,26 @@ def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, st
 def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: list[int],
                        scorer: str, steps: int = 25, guidance_scale: float = 1.0,
                        output: str | None = None, resolution: int | None = None,
-                       negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
+                       negative_prompt: str = "", true_cfg_scale: float = 1.0,
+                       dtype: str = "auto") -> dict:
     """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
     (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output`` (a folder,
-    or the file itself when it ends in .json). Errors name the command's flags (the runs of
-    ``compare`` and ``diffusion online`` that call it have checked their settings before)."""
+    or the file itself when it ends in .json). Both pipelines load in ``dtype`` ('auto': the
+    policy's saved dtype). Errors name the command's flags (the runs of ``compare`` and
+    ``diffusion online`` that call it have checked their settings before)."""
     from .sample import SAMPLING_FLAGS, check_negative_prompt
 
     run_dir = Path(model)
     pipeline = pipeline_dir(run_dir)
-    policy = load_for_sampling(pipeline, "--model")
+    policy = load_for_sampling(pipeline, "--model", dtype)
+    dtype = str(policy.denoiser.dtype).removeprefix("torch.")  # the reference's too
     check_negative_prompt(policy.family, negative_prompt, guidance_scale, true_cfg_scale,
                           SAMPLING_FLAGS[1:])
-    results = win_rate(policy, load_for_sampling(reference, "--reference"), prompts,
+    results = win_rate(policy, load_for_sampling(reference, "--reference", dtype), prompts,
                        seeds, image_scorer(scorer), steps, guidance_scale, resolution,
                        negative_prompt, true_cfg_scale)
-    results.update(model=str(pipeline), reference=str(reference), prompts=prompts, seeds=seeds,
-                   negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
+    results.update(model=str(pipeline), reference=str(reference), dtype=dtype, prompts=prompts,
+                   seeds=seeds, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
     target = Path(output) if output else (run_dir if pipeline != run_dir else Path("."))
     written = target if target.suffix == ".json" else target / "eval.json"  # a file or a folder
     written.parent.mkdir(parents=True, exist_ok=True)

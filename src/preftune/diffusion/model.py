@@ -26,7 +26,8 @@ import torch
 from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
 from . import flux, segments
-from .pipeline_files import component_class, denoiser_folder, drop_absent_components
+from .pipeline_files import (component_class, denoiser_folder, drop_absent_components,
+                             saved_denoiser_dtype)
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -375,12 +376,16 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32,
     return model if device is None else model.to(device)
 
 
-def load_for_sampling(path: str | Path, key: str) -> DiffusionModel:
-    """The pipeline at ``path`` on the process's device (the GPU when there is one), for
-    commands that only sample from it; ``key`` names the flag that gave it."""
+def load_for_sampling(path: str | Path, key: str, dtype: str = "auto") -> DiffusionModel:
+    """The pipeline at ``path`` on the process's device (the GPU when there is one) in
+    ``dtype`` ('auto': its denoiser's saved dtype), for what only samples from it; ``key``
+    names the flag or config key that gave it."""
     from accelerate import PartialState
 
-    return load_diffusion_model(path, key=key, device=PartialState().device)
+    local = local_pipeline(path, key)
+    if dtype == "auto":  # (a path that is no pipeline is named by load_diffusion_model)
+        dtype = saved_denoiser_dtype(local, key) if local.is_dir() else "float32"
+    return load_diffusion_model(local, getattr(torch, dtype), key, PartialState().device)
 
 
 def attach_lora(model: DiffusionModel, lora) -> None:

@@ -198,7 +198,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["rank"] = main_phase(state, here, "rank", lambda: make_ranked_lists(
         prompts, [model], online.scorers, seeds, here / "data", online.steps,
         online.guidance_scale, online.list_size, online.resolution, online.negative_prompt,
-        online.true_cfg_scale, ONLINE_KEYS))
+        online.true_cfg_scale, ONLINE_KEYS, config.model.dtype))
     # what `preftune report` shows of a round, under the names of `preftune online`'s
     info["sample"] = {"prompts": len(prompts), "samples": info["rank"]["images"]}
     info["build"] = {"rows": info["rank"]["pairs"], "tied": info["rank"]["lists_all_tied"]}
@@ -223,7 +223,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["evaluate"] = main_phase(state, here, "evaluate", lambda: evaluated(evaluate_diffusion(
         info["model"], config.model.path, held_out, online.eval_seeds, online.scorers[0],
         online.steps, online.guidance_scale, str(here), online.resolution,
-        online.negative_prompt, online.true_cfg_scale)))
+        online.negative_prompt, online.true_cfg_scale, config.model.dtype)))
     return info
 
 

@@ -26,6 +26,19 @@ def component_class(folder: Path, library: str):
     return getattr(module, name)
 
 
+def saved_denoiser_dtype(path: Path, key: str = "model.path") -> str:
+    """The dtype the denoiser of the pipeline at ``path`` is saved in (its safetensors files'
+    first floating tensor; diffusers' configs do not name one): what ``dtype: auto`` loads
+    the pipeline in. float32 when the files name none preftune loads in."""
+    from ..model.load import SAFETENSORS_DTYPES, safetensors_header
+
+    for file in sorted((path / denoiser_folder(path, key)).glob("*.safetensors")):
+        for name, entry in safetensors_header(file).items():
+            if name != "__metadata__" and entry["dtype"] in SAFETENSORS_DTYPES:
+                return SAFETENSORS_DTYPES[entry["dtype"]]
+    return "float32"
+
+
 def pipeline_dir(path: str | Path) -> Path:
     """A pipeline directory: ``path`` itself, or the ``model/`` a run directory holds."""
     run = Path(path)

@@ -50,10 +50,11 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
                       seeds: list[int], output_dir: str | Path, steps: int = 25,
                       guidance_scale: float = 1.0, list_size: int | None = None,
                       resolution: int | None = None, negative_prompt: str = "",
-                      true_cfg_scale: float = 1.0, keys: tuple = SAMPLING_FLAGS) -> dict:
-    """Sample, score and write the lists (see the module docstring); returns counts. Errors
-    name ``keys``: what the caller calls a model, the negative prompt and the true-CFG
-    scale."""
+                      true_cfg_scale: float = 1.0, keys: tuple = SAMPLING_FLAGS,
+                      dtype: str = "auto") -> dict:
+    """Sample, score and write the lists (see the module docstring), each model in ``dtype``
+    ('auto': as saved); returns counts. Errors name ``keys``: what the caller calls a model,
+    the negative prompt and the true-CFG scale."""
     if not prompts or not models or not scorers or not seeds:
         raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
                           "--scorer and seed.")
@@ -69,7 +70,7 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
     files: dict[tuple, str] = {}  # (prompt, model, seed) -> image path, relative to out
     raw: dict[tuple, list[float]] = {}  # same key -> one score per scorer
     for m, model_path in enumerate(models):
-        model = load_for_sampling(pipeline_dir(model_path), keys[0])
+        model = load_for_sampling(pipeline_dir(model_path), keys[0], dtype)
         check_negative_prompt(model.family, negative_prompt, guidance_scale, true_cfg_scale,
                               keys[1:])
         (out / "images").mkdir(parents=True, exist_ok=True)  # once the settings hold

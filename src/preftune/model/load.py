@@ -310,6 +310,16 @@ def released(work):
         gc.collect()
 
 
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def safetensors_header(file: Path) -> dict:
+    """A safetensors file's JSON header: each tensor's ``dtype``, ``shape`` and offsets (and
+    ``__metadata__``), read without a tensor."""
+    with open(file, "rb") as handle:
+        return json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+
+
 def builds(auto, config, trust_remote_code: bool = False) -> bool:
     """Whether transformers' ``auto`` class has a model for ``config``: one of its
     architectures, or (with remote code) one the config's ``auto_map`` names."""

@@ -19,14 +19,13 @@ The samples' token counts are the policy's; another tokenizer counts somewhat di
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..model.adapter_dirs import adapter_base, is_adapter_dir
-from ..model.load import load_tokenizer, resolve_model_dir
+from ..model.load import load_tokenizer, resolve_model_dir, safetensors_header
 from ..train.plan import BYTES, mlp_width, weight_bytes
 
 POLICY_KINDS = {"judge:policy": "judge", "judge-pair:policy": "judge-pair",
@@ -213,8 +212,6 @@ def _saved_shapes(source: str) -> dict[str, tuple]:
     if is_adapter_dir(source):
         shapes = _saved_shapes(resolve_model_dir(adapter_base(source)))
     for file in sorted(Path(source).glob("*.safetensors")):
-        with open(file, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        shapes |= {name: tuple(entry["shape"]) for name, entry in header.items()
-                   if name != "__metadata__"}
+        shapes |= {name: tuple(entry["shape"]) for name, entry in
+                   safetensors_header(file).items() if name != "__metadata__"}
     return shapes
