@@ -228,3 +228,41 @@ def test_columns_under_other_names_are_read_with_column(files, tmp_path, capsys)
     assert error.value.code == 2
     assert "--column 'prompt': expected KEY=COLUMN, e.g. prompt=question" in \
         capsys.readouterr().err
+
+
+def test_the_scorer_loads_once_policy_and_reference_are_gone(files, monkeypatch, capsys):
+    """A judge (or reward model) would otherwise sit next to two policy-sized models: the
+    evaluated models are released (even from a reference cycle, with the collector off)
+    before the scorer loads; a scorer spec that cannot work still stops eval before any
+    model loads."""
+    import gc
+    import weakref
+
+    from preftune.evaluate import run_eval as module
+
+    held, alive = [], []
+    load_models, load_scorer = module.load_models, module.load_scorer
+
+    def cyclic(*args):
+        policy, reference, scope = load_models(*args)
+        for model in (policy, reference):
+            model.__dict__["cycle"] = [model]
+            held.append(weakref.ref(model))
+        return policy, reference, scope
+
+    def scorer(*args):  # (models loaded so far, those still alive)
+        alive.append((len(held), sum(ref() is not None for ref in held)))
+        return load_scorer(*args)
+
+    monkeypatch.setattr(module, "load_models", cyclic)
+    monkeypatch.setattr(module, "load_scorer", scorer)
+    gc.collect()
+    gc.disable()
+    try:
+        assert evaluate(files, "--scorer", "synthetic") == 0
+    finally:
+        gc.enable()
+    assert alive == [(2, 0)]  # after the models had answered, with both gone
+    held.clear()
+    assert evaluate(files, "--scorer", "nowhere:nothing") == 2
+    assert held == [] and "--scorer: " in capsys.readouterr().err

@@ -11,7 +11,6 @@ win rate of the policy's greedy answers over the reference's. The formulas are i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -29,12 +28,11 @@ from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompt
                              tokenize_records)
 from ..model.forward import SequenceStats
 from ..model.chat_template import use_chat_template
-from ..model.load import given_as, load_tokenizer, resolve_model_dir, saved_dtype
+from ..model.load import given_as, load_tokenizer, released, resolve_model_dir, saved_dtype
+from ..score import check_scorer, load_scorer
 from . import diagnostics as D
+from .generated import greedy_answers, sampled_metrics, win_rate
 from .run_models import load_models, model_location, run_reference
-from ..score import load_scorer
-from ..score.base import scored_in_chunks, scorer_prompt
-from ..generation import HFGenerator, SamplingSettings, greedy_texts
 from .sampling import score_responses
 
 VOTE_FIELDS = ("chosen_votes", "rejected_votes")  # vote fractions or counts: r* gap = log ratio
@@ -109,25 +107,55 @@ def run_eval(options: EvalOptions) -> dict:
         if options.dtype == "auto":  # policy, reference and scorer alike
             options = replace(options, dtype=saved_dtype(resolve_model_dir(model_dir,
                                                                            weights=False)))
-    scorer = None
-    if options.scorer:
+    if options.scorer:  # a bad spec stops here; its models load once the evaluated ones go
         try:
-            scorer = load_scorer(options.scorer, options.data, options.dtype)
+            check_scorer(options.scorer, options.data)
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
     with given_as("--model"):
         tokenizer = load_tokenizer(model_dir)
         if options.chat_template is not None:
             use_chat_template(tokenizer, options.chat_template, "--chat-template")
-    policy, reference, as_reference = load_models(model_dir, run_dir, options.reference,
-                                                  tokenizer, options.dtype,
-                                                  PartialState().device)
     settings = TokenizeSettings(options.max_length,
                                 prompt_limit(options.max_length, options.max_prompt_length))
     examples, report = tokenize_records(records, tokenizer, settings)
     if not examples:
         raise DataError(f"{options.data}: no pair survived tokenization ({report.as_dict()}).")
     examples = [replace(ex, response_ids=ex.response_ids[:2]) for ex in examples]  # no gold
+    prompts = distinct_prompts(examples)
+    metrics, pair_rows, texts = released(lambda: _with_models(
+        options, model_dir, run_dir, tokenizer, examples, prompts, seconds, clock))
+    if options.scorer:
+        clock = time.perf_counter()
+        try:
+            scorer = load_scorer(options.scorer, options.data, options.dtype)
+        except ConfigError as error:
+            raise ConfigError(f"--scorer: {error}") from None
+        win, answers = win_rate(scorer, texts, prompts, records)
+        metrics.update(win)
+        seconds["win_rate"] += time.perf_counter() - clock
+    results = {**metrics, "pairs": len(examples), "pairs_dropped": report.records - report.kept,
+               "settings": {**asdict(options), "model_dir": str(model_dir)},
+               "seconds": seconds}
+    output = Path(options.output or run_dir or ".")
+    _write_outputs(results, pair_rows, examples, options, output)
+    if options.scorer:
+        with open(output / "eval_answers.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answers)
+        print(f"wrote {output / 'eval_answers.jsonl'} (each prompt's greedy answers and scores)")
+    else:  # an earlier evaluation's answers would read as this one's
+        (output / "eval_answers.jsonl").unlink(missing_ok=True)
+    return results
+
+
+def _with_models(options: EvalOptions, model_dir: str, run_dir, tokenizer, examples: list,
+                 prompts: list, seconds: dict, clock: float):
+    """What needs the policy and the reference: the pairs' metrics and per-pair rows, the
+    sampled metrics, and (with a scorer) both models' greedy answers. The models are loaded
+    here and gone when it returns, before the scorer's load."""
+    policy, reference, as_reference = load_models(model_dir, run_dir, options.reference,
+                                                  tokenizer, options.dtype,
+                                                  PartialState().device)
     seconds["load"] = time.perf_counter() - clock
     torch.manual_seed(options.seed)
 
@@ -143,30 +171,17 @@ def run_eval(options: EvalOptions) -> dict:
                                        description="eval pairs: reference", images=images)
     metrics, pair_rows = _pair_metrics(examples, on_policy, on_reference, options)
     seconds["pairs"] = time.perf_counter() - clock
-    prompts = distinct_prompts(examples)
     if options.samples:
         clock = time.perf_counter()
-        metrics.update(_sampled_metrics(policy, reference, tokenizer, prompts, options,
-                                        as_reference))
+        metrics.update(sampled_metrics(policy, reference, tokenizer, prompts, options,
+                                       as_reference))
         seconds["sampled"] = time.perf_counter() - clock
-    if scorer:
+    texts = None
+    if options.scorer:
         clock = time.perf_counter()
-        win, answers = _win_rate(scorer, policy, reference, tokenizer, prompts, records, options,
-                                 as_reference)
-        metrics.update(win)
+        texts = greedy_answers(policy, reference, as_reference, tokenizer, prompts, options)
         seconds["win_rate"] = time.perf_counter() - clock
-    results = {**metrics, "pairs": len(examples), "pairs_dropped": report.records - report.kept,
-               "settings": {**asdict(options), "model_dir": str(model_dir)},
-               "seconds": seconds}
-    output = Path(options.output or run_dir or ".")
-    _write_outputs(results, pair_rows, examples, options, output)
-    if scorer:
-        with open(output / "eval_answers.jsonl", "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in answers)
-        print(f"wrote {output / 'eval_answers.jsonl'} (each prompt's greedy answers and scores)")
-    else:  # an earlier evaluation's answers would read as this one's
-        (output / "eval_answers.jsonl").unlink(missing_ok=True)
-    return results
+    return metrics, pair_rows, texts
 
 
 def _write_outputs(results: dict, pair_rows: list, examples: list, options: EvalOptions,
@@ -268,85 +283,6 @@ def _pair_metrics(examples, on_policy, on_reference, options: EvalOptions):
             row["idealized_correct"] = bool(idealized[e])
         rows.append(row)
     return metrics, rows
-
-
-def _win_rate(scorer, policy, reference, tokenizer, prompts, records, options,
-              as_reference) -> dict:
-    """Win rate of the policy's greedy answers over the reference's under ``scorer``: by their
-    scores, or, for a pairwise scorer, by its P(policy answer > reference answer). Identical
-    answers tie exactly (a model scoring them in different batches may differ by rounding).
-    Returns the metrics and one row per prompt (origin, both answers, their scores)."""
-    shown = _prompt_images(prompts)
-    texts = []
-    for model, who, scope in ((policy, "policy", contextlib.nullcontext),
-                              (reference, "reference", as_reference)):
-        with scope():
-            texts.append(greedy_texts(model, tokenizer, [p.prompt_ids for p in prompts],
-                                      options.max_new_tokens, options.batch_size,
-                                      f"win rate: {who} answers", shown))
-    same = torch.tensor([a == b for a, b in zip(*texts)])
-    questions = [scorer_prompt(records[p.index].prompt, p.images,
-                               getattr(records[p.index], "tools", ())) for p in prompts]
-    rows = [{"origin": records[p.index].origin, "policy_answer": a, "reference_answer": b}
-            for p, a, b in zip(prompts, *texts)]
-    result = {"win_rate/prompts": len(prompts), "win_rate/same_answer": same.double().mean().item()}
-    if scorer.pairwise:
-        preference = torch.tensor(scored_in_chunks(scorer.prefer, "win rate: judging",
-                                                   questions, *texts), dtype=torch.float64)
-        preference[same] = 0.5
-        for row, value in zip(rows, preference.tolist()):
-            row["p_policy_better"] = value
-        return {**result, "win_rate": D.preference_win_rate(preference),
-                "win_rate/preference_mean": preference.mean().item()}, rows
-    scores = [torch.tensor(scored_in_chunks(scorer.score, f"win rate: scoring {who} answers",
-                                            questions, answers), dtype=torch.float64)
-              for answers, who in zip(texts, ("policy", "reference"))]
-    scores[1][same] = scores[0][same]
-    for row, mine, theirs in zip(rows, scores[0].tolist(), scores[1].tolist()):
-        row.update(policy_score=mine, reference_score=theirs)
-    return {**result, "win_rate": D.win_rate(*scores),
-            "win_rate/policy_score": scores[0].mean().item(),
-            "win_rate/reference_score": scores[1].mean().item()}, rows
-
-
-def _prompt_images(prompts) -> list | None:
-    """Each prompt's images for generation; None for text-only prompts."""
-    return [p.images for p in prompts] if any(p.images for p in prompts) else None
-
-
-def _sampled_metrics(policy, reference, tokenizer, prompts, options: EvalOptions,
-                     as_reference) -> dict:
-    """KL, top-k entropy/mass, length statistics on ``--samples`` policy samples per prompt.
-
-    A response's length counts its tokens including the closing EOS when one was generated.
-    """
-    settings = SamplingSettings(samples=options.samples, max_new_tokens=options.max_new_tokens,
-                                batch_size=options.batch_size, seed=options.seed)
-    drawn = HFGenerator(policy, tokenizer).generate([p.prompt_ids for p in prompts], settings,
-                                                     "samples: generating",
-                                                     _prompt_images(prompts)).token_ids
-    examples = [TokenizedExample(p.prompt_ids, responses, index=n, images=p.images,
-                                 image_token_counts=p.image_token_counts)
-                for n, (p, responses) in enumerate(zip(prompts, drawn))]
-    images = getattr(tokenizer, "image_inputs", None)
-    on_policy = score_responses(policy, examples, tokenizer.pad_token_id, options.batch_size,
-                                top_k=options.top_k, description="samples: policy", images=images)
-    with as_reference():
-        on_reference = score_responses(reference, examples, tokenizer.pad_token_id,
-                                       options.batch_size, description="samples: reference",
-                                       images=images)
-    logps, ref_logps = on_policy.logps.flatten(), on_reference.logps.flatten()
-    lengths = on_policy.token_counts.flatten()
-    rewards = D.implied_rewards(logps, ref_logps, options.beta)
-    stats = D.length_stats(lengths)
-    return {
-        "sampled/responses": lengths.numel(),
-        "sampled/kl": D.sampled_kl(logps, ref_logps),
-        "sampled/topk_entropy": on_policy.topk_entropy.mean().item(),
-        "sampled/topk_mass": on_policy.topk_mass.mean().item(),
-        **{f"sampled/length_{name}": value for name, value in stats.items()},
-        "sampled/length_reward_corr": D.pearson(lengths, rewards),
-    }
 
 
 def _write_filtered(data: str, drop: set, output: Path, fraction: float) -> Path:
