@@ -371,7 +371,8 @@ def test_eval_and_rm_score_run_their_models_on_the_gpu(model_dir, tmp_path):
 
 def test_diffusion_eval_samples_on_the_gpu(tmp_path):
     """``preftune diffusion eval`` (and so ``sample``, ``rank`` and the demo's measures, which
-    load through ``load_for_sampling``) samples policy and reference on the GPU."""
+    load through ``load_for_sampling``) samples policy and reference on the GPU, one after
+    the other."""
     pytest.importorskip("diffusers")
     import gc
 
@@ -389,4 +390,4 @@ def test_diffusion_eval_samples_on_the_gpu(tmp_path):
                  "--scorer", "shape_colour", "--prompt", "a red circle", "--seeds", "0,1",
                  "--steps", "2", "--output", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["win_rate"] == 0.5
-    assert torch.cuda.max_memory_allocated() - before >= 2 * weights
+    assert torch.cuda.max_memory_allocated() - before >= weights

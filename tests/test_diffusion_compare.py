@@ -43,7 +43,8 @@ def test_compare_trains_each_objective_and_ranks_by_the_scorers_win_rate(tmp_pat
     for entry in board:
         # the same number, recomputed from the saved model with the same prompts and seeds
         trained = load_diffusion_model(out / entry["objective"] / "model")
-        expected = win_rate(trained, base, PROMPTS, SEEDS, ColourScorer(), 3, 1.0)
+        expected = win_rate(lambda: trained, lambda: base, PROMPTS, SEEDS, ColourScorer(), 3,
+                            1.0)
         assert entry["win_rate"] == expected["win_rate"]
         assert entry["win_rate/policy_score"] == pytest.approx(expected["mean_score/policy"])
         last = [json.loads(line) for line in

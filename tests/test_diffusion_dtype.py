@@ -60,3 +60,36 @@ def test_sampling_commands_load_a_pipeline_as_its_denoiser_is_saved(tmp_path):
         assert main(["diffusion", "eval", "--model", str(run), *flags, *given,
                      "--output", str(tmp_path / "eval.json")]) == 0
         assert json.loads((tmp_path / "eval.json").read_text())["dtype"] == expected
+
+
+def test_diffusion_eval_holds_one_pipeline_at_a_time(tmp_path, monkeypatch):
+    """The policy samples and is released (even from a reference cycle, with the collector
+    off) before the reference loads."""
+    import gc
+    import weakref
+
+    from preftune.cli import main
+    from preftune.diffusion import evaluate as module
+
+    held, alive = [], []
+    load = module.load_for_sampling
+
+    def cyclic(*args):
+        alive.append(sum(ref() is not None for ref in held))
+        model = load(*args)
+        model.__dict__["cycle"] = [model]
+        held.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(module, "load_for_sampling", cyclic)
+    pipe = tiny_pipeline(tmp_path / "pipe")
+    gc.collect()
+    gc.disable()
+    try:
+        assert main(["diffusion", "eval", "--model", str(pipe), "--reference", str(pipe),
+                     "--scorer", "shape_colour", "--prompt", "a red circle", "--seeds", "0",
+                     "--steps", "2", "--output", str(tmp_path / "eval.json")]) == 0
+    finally:
+        gc.enable()
+    assert len(held) == 2 and alive == [0, 0]
+    assert json.loads((tmp_path / "eval.json").read_text())["win_rate"] == 0.5

@@ -152,8 +152,8 @@ def measure(model, before, prompts_by_split: dict, seeds: list[int], steps: int)
     held-out prompts."""
     results = {f"{split}/accuracy": colour_accuracy(model, prompts, seeds, steps)
                for split, prompts in prompts_by_split.items()}
-    evaluation = win_rate(model, before, prompts_by_split["held_out"], seeds, ColourScorer(),
-                          steps, GUIDANCE)
+    evaluation = win_rate(lambda: model, lambda: before, prompts_by_split["held_out"], seeds,
+                          ColourScorer(), steps, GUIDANCE)
     results.update({f"held_out/{k}": v for k, v in evaluation.items()
                     if k in ("win_rate", "mean_score/policy", "mean_score/reference")})
     return results

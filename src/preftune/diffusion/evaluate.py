@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..model.load import released
 from ..score.base import checked, prefer_by_scores
 from .data import tensor_image
 from .model import load_for_sampling
-from .pipeline_files import pipeline_dir
+from .pipeline_files import pipeline_dir, saved_denoiser_dtype
 from .sample import sample_images
 
 
@@ -40,12 +41,15 @@ def image_scorer(spec: str):
 def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, steps: int = 25,
              guidance_scale: float = 1.0, resolution: int | None = None,
              negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
-    """Policy vs reference (``DiffusionModel``s) on prompts x seeds under ``scorer``."""
+    """Policy vs reference on prompts x seeds under ``scorer``. ``policy`` and ``reference``
+    give their ``DiffusionModel``s when called, one at a time: each samples and is released
+    before the other loads."""
     rows = [prompt for prompt in prompts for _ in seeds]
-    images = {name: [tensor_image(x) for x in sample_images(
-                  model, prompts, seeds, steps, guidance_scale, resolution=resolution,
-                  negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)]
-              for name, model in (("policy", policy), ("reference", reference))}
+    images = {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        images[name] = released(lambda: [tensor_image(x) for x in sample_images(
+            model(), prompts, seeds, steps, guidance_scale, resolution=resolution,
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)])
     scores = {name: checked(scorer.score(rows, images[name]), scorer.name, len(rows))
               for name in images}
     wins = (scorer.prefer(rows, images["policy"], images["reference"])
@@ -71,12 +75,17 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
 
     run_dir = Path(model)
     pipeline = pipeline_dir(run_dir)
-    policy = load_for_sampling(pipeline, "--model", dtype)
-    dtype = str(policy.denoiser.dtype).removeprefix("torch.")  # the reference's too
-    check_negative_prompt(policy.family, negative_prompt, guidance_scale, true_cfg_scale,
-                          SAMPLING_FLAGS[1:])
-    results = win_rate(policy, load_for_sampling(reference, "--reference", dtype), prompts,
-                       seeds, image_scorer(scorer), steps, guidance_scale, resolution,
+    if dtype == "auto":  # the policy's saved dtype, the reference's too
+        dtype = saved_denoiser_dtype(pipeline, "--model") if pipeline.is_dir() else "float32"
+
+    def policy():
+        loaded = load_for_sampling(pipeline, "--model", dtype)
+        check_negative_prompt(loaded.family, negative_prompt, guidance_scale, true_cfg_scale,
+                              SAMPLING_FLAGS[1:])
+        return loaded
+
+    results = win_rate(policy, lambda: load_for_sampling(reference, "--reference", dtype),
+                       prompts, seeds, image_scorer(scorer), steps, guidance_scale, resolution,
                        negative_prompt, true_cfg_scale)
     results.update(model=str(pipeline), reference=str(reference), dtype=dtype, prompts=prompts,
                    seeds=seeds, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
