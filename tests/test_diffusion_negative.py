@@ -171,3 +171,20 @@ def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path, capsys):
                  str(pipes["sd"]), "--prompt", "a red circle", "--seeds", "4", "--steps", "1",
                  "--scorer", "shape_colour", "--output", str(tmp_path / "named.json")]) == 0
     assert json.loads((tmp_path / "named.json").read_text())["prompts"] == ["a red circle"]
+
+
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_images_sampled_in_batches_are_those_sampled_at_once(pipes, kind):
+    """``batch_size`` splits the rows, each batch with a scheduler of its own (Flux's counts
+    its steps): every image is the one sampled with all rows together, its noise seeded by its
+    seed alone (up to the rounding of matrix products of another batch size). The last batch
+    is short."""
+    model = load_diffusion_model(pipes[kind])
+    guidance = {"guidance_scale": 3.0, "negative_prompt": "a blue square"} if kind == "sd" \
+        else {"guidance_scale": 3.5, "true_cfg_scale": 2.0, "negative_prompt": "a blue square"}
+    prompts, seeds = ["a red circle", "a green square", "a blue triangle"], [0, 1]
+    together = sample_images(model, prompts, seeds, steps=3, resolution=16, **guidance)
+    batched = sample_images(model, prompts, seeds, steps=3, resolution=16, batch_size=4,
+                            **guidance)
+    assert together.shape[0] == 6
+    torch.testing.assert_close(batched, together, rtol=0, atol=1e-4)

@@ -228,15 +228,16 @@ def evaluate_diffusion(model: str, reference: str, prompts: Sequence[str], score
                        seeds: Sequence[int] = (0, 1), steps: int = 25,
                        guidance_scale: float = 1.0, output: str | None = None,
                        resolution: int | None = None, negative_prompt: str = "",
-                       true_cfg_scale: float = 1.0, dtype: str = "auto") -> dict:
+                       true_cfg_scale: float = 1.0, dtype: str = "auto",
+                       batch_size: int = 8) -> dict:
     """Win rate of ``model`` (a run dir or a pipeline dir) over ``reference`` under an image
     scorer, same prompts and seeds (``preftune diffusion eval``), sampled at ``resolution``
     pixels per side (default: the denoiser's own size), guided away from ``negative_prompt``
     (Flux: with ``true_cfg_scale``), both pipelines in ``dtype`` ('auto': the policy's saved
-    dtype). Writes eval.json and returns the results."""
+    dtype), ``batch_size`` images at a time. Writes eval.json and returns the results."""
     require_diffusers("preftune diffusion eval")
     from .diffusion.evaluate import evaluate_diffusion as win_rate_over_reference
 
     return win_rate_over_reference(model, reference, list(prompts), list(seeds), scorer, steps,
                                    guidance_scale, output, resolution, negative_prompt,
-                                   true_cfg_scale, dtype)
+                                   true_cfg_scale, dtype, batch_size)

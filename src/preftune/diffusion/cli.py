@@ -79,7 +79,8 @@ def _sample(args) -> None:
     check_negative_prompt(model.family, args.negative_prompt, args.guidance_scale,
                           args.true_cfg_scale, SAMPLING_FLAGS[1:])  # before anything is written
     _check_samples_dir(Path(args.output_dir), args.label, vars(samples), args.overwrite)
-    grid = write_samples(model, samples, args.output_dir, args.label)
+    grid = write_samples(model, samples, args.output_dir, args.label,
+                         batch_size=args.batch_size)
     print(f"wrote {len(args.prompt) * len(args.seeds)} images and the grid {grid}")
 
 
@@ -118,7 +119,8 @@ def _eval(args) -> None:
                                  guidance_scale=args.guidance_scale, output=args.output,
                                  resolution=args.resolution,
                                  negative_prompt=args.negative_prompt,
-                                 true_cfg_scale=args.true_cfg_scale, dtype=args.dtype)
+                                 true_cfg_scale=args.true_cfg_scale, dtype=args.dtype,
+                                 batch_size=args.batch_size)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, list)}, indent=2))
 
 
@@ -144,7 +146,7 @@ def _rank(args) -> None:
     result = make_ranked_lists(prompts, args.model, args.scorer, args.seeds, args.output_dir,
                                args.steps, args.guidance_scale, args.list_size,
                                args.resolution, args.negative_prompt, args.true_cfg_scale,
-                               dtype=args.dtype)
+                               dtype=args.dtype, batch_size=args.batch_size)
     print(f"wrote {result['lists']} ranked lists of {result['images']} images to "
           f"{result['ranked']} (objective rank_dpo) and {result['pairs']} best-vs-worst pairs "
           f"to {result['pairs_file']} (diffusion_dpo); {result['lists_all_tied']} lists "
@@ -191,6 +193,8 @@ def _sampling_arguments(parser, prompt_required: bool = True) -> None:
     parser.add_argument("--true-cfg-scale", type=float, default=1.0,
                         help="Flux: classifier-free guidance away from --negative-prompt")
     add_dtype_option(parser, "the --model pipeline's denoiser", "its safetensors files")
+    parser.add_argument("--batch-size", type=POSITIVE, default=8,
+                        help="images sampled together (the images do not depend on it)")
 
 
 def add_diffusion_commands(commands) -> None:

@@ -40,8 +40,10 @@ def image_scorer(spec: str):
 
 def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, steps: int = 25,
              guidance_scale: float = 1.0, resolution: int | None = None,
-             negative_prompt: str = "", true_cfg_scale: float = 1.0) -> dict:
-    """Policy vs reference on prompts x seeds under ``scorer``. ``policy`` and ``reference``
+             negative_prompt: str = "", true_cfg_scale: float = 1.0,
+             batch_size: int | None = None) -> dict:
+    """Policy vs reference on prompts x seeds under ``scorer`` (``batch_size`` images sampled
+    at a time). ``policy`` and ``reference``
     give their ``DiffusionModel``s when called, one at a time: each samples and is released
     before the other loads."""
     rows = [prompt for prompt in prompts for _ in seeds]
@@ -49,7 +51,8 @@ def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, st
     for name, model in (("policy", policy), ("reference", reference)):
         images[name] = released(lambda: [tensor_image(x) for x in sample_images(
             model(), prompts, seeds, steps, guidance_scale, resolution=resolution,
-            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)])
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+            batch_size=batch_size)])
     scores = {name: checked(scorer.score(rows, images[name]), scorer.name, len(rows))
               for name in images}
     wins = (scorer.prefer(rows, images["policy"], images["reference"])
@@ -65,11 +68,11 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
                        scorer: str, steps: int = 25, guidance_scale: float = 1.0,
                        output: str | None = None, resolution: int | None = None,
                        negative_prompt: str = "", true_cfg_scale: float = 1.0,
-                       dtype: str = "auto") -> dict:
+                       dtype: str = "auto", batch_size: int = 8) -> dict:
     """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
     (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output`` (a folder,
     or the file itself when it ends in .json). Both pipelines load in ``dtype`` ('auto': the
-    policy's saved dtype). Errors name the command's flags (the runs of ``compare`` and
+    policy's saved dtype), ``batch_size`` images sampled at a time. Errors name the command's flags (the runs of ``compare`` and
     ``diffusion online`` that call it have checked their settings before)."""
     from .sample import SAMPLING_FLAGS, check_negative_prompt
 
@@ -86,7 +89,7 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
 
     results = win_rate(policy, lambda: load_for_sampling(reference, "--reference", dtype),
                        prompts, seeds, image_scorer(scorer), steps, guidance_scale, resolution,
-                       negative_prompt, true_cfg_scale)
+                       negative_prompt, true_cfg_scale, batch_size)
     results.update(model=str(pipeline), reference=str(reference), dtype=dtype, prompts=prompts,
                    seeds=seeds, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
     target = Path(output) if output else (run_dir if pipeline != run_dir else Path("."))

@@ -58,6 +58,9 @@ class DiffusionOnlineSection(Section):
     """Flux only: classifier-free guidance away from negative_prompt (1: none)."""
     eval_seeds: Annotated[list[int], Field(min_length=1)] = [0, 1]
     """Seeds of the evaluation's samples, the same every round."""
+    batch_size: Count = 8
+    """Images sampled together (for ranking and evaluation; the images do not depend on
+    it)."""
 
 
 class DiffusionOnlineConfig(DiffusionConfig):
@@ -198,7 +201,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["rank"] = main_phase(state, here, "rank", lambda: make_ranked_lists(
         prompts, [model], online.scorers, seeds, here / "data", online.steps,
         online.guidance_scale, online.list_size, online.resolution, online.negative_prompt,
-        online.true_cfg_scale, ONLINE_KEYS, config.model.dtype))
+        online.true_cfg_scale, ONLINE_KEYS, config.model.dtype, online.batch_size))
     # what `preftune report` shows of a round, under the names of `preftune online`'s
     info["sample"] = {"prompts": len(prompts), "samples": info["rank"]["images"]}
     info["build"] = {"rows": info["rank"]["pairs"], "tied": info["rank"]["lists_all_tied"]}
@@ -223,7 +226,8 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["evaluate"] = main_phase(state, here, "evaluate", lambda: evaluated(evaluate_diffusion(
         info["model"], config.model.path, held_out, online.eval_seeds, online.scorers[0],
         online.steps, online.guidance_scale, str(here), online.resolution,
-        online.negative_prompt, online.true_cfg_scale, config.model.dtype)))
+        online.negative_prompt, online.true_cfg_scale, config.model.dtype,
+        online.batch_size)))
     return info
 
 

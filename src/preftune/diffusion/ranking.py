@@ -51,9 +51,9 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
                       guidance_scale: float = 1.0, list_size: int | None = None,
                       resolution: int | None = None, negative_prompt: str = "",
                       true_cfg_scale: float = 1.0, keys: tuple = SAMPLING_FLAGS,
-                      dtype: str = "auto") -> dict:
-    """Sample, score and write the lists (see the module docstring), each model in ``dtype``
-    ('auto': as saved); returns counts. Errors name ``keys``: what the caller calls a model,
+                      dtype: str = "auto", batch_size: int = 8) -> dict:
+    """Sample (``batch_size`` images at a time), score and write the lists (see the module
+    docstring), each model in ``dtype`` ('auto': as saved); returns counts. Errors name ``keys``: what the caller calls a model,
     the negative prompt and the true-CFG scale."""
     if not prompts or not models or not scorers or not seeds:
         raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
@@ -76,7 +76,8 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
         (out / "images").mkdir(parents=True, exist_ok=True)  # once the settings hold
         images = [tensor_image(x) for x in sample_images(
             model, prompts, seeds, steps, guidance_scale, resolution=resolution,
-            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)]
+            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+            batch_size=batch_size)]
         rows = [prompt for prompt in prompts for _ in seeds]
         per_scorer = [checked(s.score(rows, images), s.name, len(rows)) for s in rating]
         for k, image in enumerate(images):

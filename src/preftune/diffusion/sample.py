@@ -38,7 +38,7 @@ def guided(call, x_t, timesteps, conditioning: Conditioning,
 def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
                   guidance_scale: float = 1.0, denoiser=None,
                   resolution: int | None = None, negative_prompt: str = "",
-                  true_cfg_scale: float = 1.0) -> torch.Tensor:
+                  true_cfg_scale: float = 1.0, batch_size: int | None = None) -> torch.Tensor:
     """[len(prompts) * len(seeds), 3, H, W] images in [-1, 1], prompt-major, by DDIM (eta 0)
     with the model's noise schedule, or by the flow-matching Euler sampler of an SD3 or Flux
     model; ``denoiser`` defaults to the model's own, ``resolution`` (pixels per side) to the
@@ -46,16 +46,32 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
     the empty prompt, or SDXL's zeros), except for Flux, which (as FluxPipeline) gives a
     guidance-distilled transformer the scale as an input and refuses it otherwise; Flux takes
     classifier-free guidance away from ``negative_prompt`` with ``true_cfg_scale`` > 1 (its
-    pipeline's "true CFG")."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
+    pipeline's "true CFG"). ``batch_size`` images go through the denoiser at once (default:
+    all); each image's noise comes from its seed alone, so batching does not change them."""
     denoiser = denoiser if denoiser is not None else model.denoiser
-    flux = model.family == "flux"
     check_negative_prompt(model.family, negative_prompt, guidance_scale, true_cfg_scale)
-    if flux:
+    if model.family == "flux":
         check_sampling_guidance(denoiser, guidance_scale, "guidance scale")
+    rows = [(prompt, seed) for prompt in prompts for seed in seeds]
+    size = batch_size or len(rows)
     was_training = denoiser.training
     denoiser.eval()
+    try:
+        return torch.cat([_denoised(model, denoiser, rows[start : start + size], steps,
+                                    guidance_scale, resolution, negative_prompt, true_cfg_scale)
+                          for start in range(0, len(rows), size)])
+    finally:
+        denoiser.train(was_training)
+
+
+def _denoised(model: DiffusionModel, denoiser, rows: list[tuple[str, int]], steps: int,
+              guidance_scale: float, resolution: int | None, negative_prompt: str,
+              true_cfg_scale: float) -> torch.Tensor:
+    """The images of ``rows`` ((prompt, seed) each), sampled together (``sample_images``),
+    with a scheduler of their own (the flow-matching one counts its steps)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    flux = model.family == "flux"
     scheduler = (FlowMatchEulerDiscreteScheduler if model.flow else DDIMScheduler).from_config(
         model.scheduler.config)
     shape = model.sample_shape(resolution)
@@ -73,7 +89,6 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
     else:
         scheduler.set_timesteps(steps)
     scale = (lambda x, t: x) if model.flow else scheduler.scale_model_input
-    rows = [(prompt, seed) for prompt in prompts for seed in seeds]
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed))
                      for _, seed in rows]).to(model.device) * getattr(scheduler,
                                                                     "init_noise_sigma", 1.0)
@@ -90,7 +105,6 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
         prediction = guided(call, x, t.expand(len(x)).to(model.device), condition,
                             unconditional, free_scale)
         x = scheduler.step(prediction, t, x).prev_sample
-    denoiser.train(was_training)
     return model.to_pixels(x).float().clamp(-1, 1).cpu()
 
 
@@ -133,15 +147,15 @@ def image_grid(images: list, columns: int, scale: int = 1, gap: int = 2):
 
 
 def write_samples(model: DiffusionModel, samples, output_dir: Path, label: str,
-                  denoiser=None) -> Path:
-    """Sample ``samples.prompts`` x ``samples.seeds``; write each image, a grid (a row per
-    prompt, a column per seed) as ``samples/<label>.png``, and record it in
-    ``samples/samples.json`` (which the report reads)."""
+                  denoiser=None, batch_size: int | None = None) -> Path:
+    """Sample ``samples.prompts`` x ``samples.seeds`` (``batch_size`` images at a time); write
+    each image, a grid (a row per prompt, a column per seed) as ``samples/<label>.png``, and
+    record it in ``samples/samples.json`` (which the report reads)."""
     directory = Path(output_dir) / SAMPLES_DIR
     (directory / label).mkdir(parents=True, exist_ok=True)
     pixels = sample_images(model, samples.prompts, samples.seeds, samples.steps,
                            samples.guidance_scale, denoiser, samples.resolution,
-                           samples.negative_prompt, samples.true_cfg_scale)
+                           samples.negative_prompt, samples.true_cfg_scale, batch_size)
     images = [tensor_image(p) for p in pixels]
     for k, image in enumerate(images):
         prompt, seed = divmod(k, len(samples.seeds))
