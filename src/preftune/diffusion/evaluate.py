@@ -43,9 +43,8 @@ def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, st
              negative_prompt: str = "", true_cfg_scale: float = 1.0,
              batch_size: int | None = None) -> dict:
     """Policy vs reference on prompts x seeds under ``scorer`` (``batch_size`` images sampled
-    at a time). ``policy`` and ``reference``
-    give their ``DiffusionModel``s when called, one at a time: each samples and is released
-    before the other loads."""
+    at a time). ``policy`` and ``reference`` give their ``DiffusionModel``s when called, one at
+    a time: each samples and is released before the other loads."""
     rows = [prompt for prompt in prompts for _ in seeds]
     images = {}
     for name, model in (("policy", policy), ("reference", reference)):
@@ -72,8 +71,9 @@ def evaluate_diffusion(model: str, reference: str, prompts: list[str], seeds: li
     """``preftune diffusion eval``: the win rate, written as ``eval.json`` in the run dir
     (``model`` is a run dir holding ``model/``, or a pipeline dir) or in ``output`` (a folder,
     or the file itself when it ends in .json). Both pipelines load in ``dtype`` ('auto': the
-    policy's saved dtype), ``batch_size`` images sampled at a time. Errors name the command's flags (the runs of ``compare`` and
-    ``diffusion online`` that call it have checked their settings before)."""
+    policy's saved dtype) and sample ``batch_size`` images at a time. Errors name the
+    command's flags (the runs of ``compare`` and ``diffusion online`` that call it have
+    checked their settings before)."""
     from .sample import SAMPLING_FLAGS, check_negative_prompt
 
     run_dir = Path(model)

@@ -53,8 +53,8 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
                       true_cfg_scale: float = 1.0, keys: tuple = SAMPLING_FLAGS,
                       dtype: str = "auto", batch_size: int = 8) -> dict:
     """Sample (``batch_size`` images at a time), score and write the lists (see the module
-    docstring), each model in ``dtype`` ('auto': as saved); returns counts. Errors name ``keys``: what the caller calls a model,
-    the negative prompt and the true-CFG scale."""
+    docstring), each model in ``dtype`` ('auto': as saved); returns counts. Errors name
+    ``keys``: what the caller calls a model, the negative prompt and the true-CFG scale."""
     if not prompts or not models or not scorers or not seeds:
         raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
                           "--scorer and seed.")
