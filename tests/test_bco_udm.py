@@ -92,7 +92,7 @@ def skewed_examples():
 def test_udm_weights_are_the_clamped_density_ratios_of_the_prompt_classifier():
     from transformers import AutoModel, AutoTokenizer
 
-    from preftune.model.load import packaged_encoder_dir
+    from preftune.model.packaged import packaged_encoder_dir
 
     train, held_out = skewed_examples(), [Example("How long should I cook a duck?", 0),
                                           Example("What is 31 times 5?", 0),

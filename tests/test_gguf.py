@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tiny_models import build_tiny_tokenizer, tiny_llama
 from transformers import AutoTokenizer
 
-from preftune.model import load
+from preftune.model import load, packaged
 
 LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -106,7 +106,7 @@ def test_reading_the_file_once_converts_byte_for_byte_like_reading_it_each_time(
     monkeypatch.setattr(gguf, "GGUFReader", lambda *a: readers.append(a) or reader(*a))
     once = converted(path, tmp_path / "once", monkeypatch)
     assert len(readers) == 1
-    monkeypatch.setattr(load, "gguf_read_once", contextlib.nullcontext)
+    monkeypatch.setattr(packaged, "gguf_read_once", contextlib.nullcontext)
     each_time = converted(path, tmp_path / "each", monkeypatch)
     assert len(readers) == 1 + 4
     names = sorted(p.name for p in once.iterdir())
@@ -120,7 +120,7 @@ def test_a_conversion_that_another_process_finished_first_is_taken_as_it_is(
     """Two runs started together both convert the file; the one that finishes second finds the
     cached directory in place of its own (os.replace: 'Directory not empty'), keeps that one,
     and leaves no staging directory behind."""
-    replace = load.os.replace
+    replace = packaged.os.replace
     other = {}
 
     def other_process_first(staging, target):
@@ -129,7 +129,7 @@ def test_a_conversion_that_another_process_finished_first_is_taken_as_it_is(
         (Path(target) / "written-by").write_text("the other process")
         replace(staging, target)
 
-    monkeypatch.setattr(load.os, "replace", other_process_first)
+    monkeypatch.setattr(packaged.os, "replace", other_process_first)
     directory = converted(gguf_file[0], tmp_path / "cache", monkeypatch)
     assert (directory / "written-by").read_text() == "the other process"
     assert "model.safetensors" in other["files"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..config import Config
 from ..data.records import DataError
-from ..model.load import cache_root, load_model_and_tokenizer
+from ..model.load import load_model_and_tokenizer
+from ..model.packaged import cache_root
 from ..model.reference import LiveReference, NoReference, precomputed_reference
 from ..model.reference_sync import DEFAULT_MIX, ReferenceSync
 from ..model.verify import check_model, decoder_of, verified_layout
