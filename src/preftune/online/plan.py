@@ -23,7 +23,8 @@ from ..score.memory import scorer_memory
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
 from ..train.trainer import count_steps
-from ..train.plan import BYTES, MIB, device_fit, mlp_width, plan, weight_bytes
+from ..train.plan import (BYTES, MIB, device_fit, kv_bytes_per_token, mlp_width, plan,
+                          weight_bytes)
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
 from .loop import round_config
@@ -114,10 +115,10 @@ def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list
     when = ("held through training, on top of its memory" if online.mode == "per_step"
             else "after sampling releases the policy")
     lines = [f"scoring memory (MiB, {online.scorer} in {config.model.dtype}, {when}):"]
-    for named, held, need, what in found:
-        lines.append(f"  weights          {held / MIB:10.0f}  ({named})")
-        lines.append(f"  working          {need / MIB:10.0f}  ({what})")
-    total = sum(m[1] for m in found) + max(m[2] for m in found)
+    for model in found:
+        lines.append(f"  weights          {model.weights / MIB:10.0f}  ({model.name})")
+        lines.append(f"  working          {model.working / MIB:10.0f}  ({model.batch})")
+    total = sum(m.weights for m in found) + max(m.working for m in found)
     return lines + [f"  total            {total / MIB:10.0f}",
                     *device_fit(total, None, device_of(policy), "a smaller scorer")]
 
@@ -140,7 +141,7 @@ def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
     found = scorer_memory(online.scorer, config.model.dtype, model, tokenizer, max(lengths),
                           online.eval_max_new_tokens)
     scorer, scoring = (0, 0) if isinstance(found, str) else (
-        sum(m[1] for m in found), max(m[2] for m in found))
+        sum(m.weights for m in found), max(m.working for m in found))
     weights = weight_bytes(model)
     return [f"evaluation memory (MiB, after each round, {len(eval_prompts)} held-out prompts; "
             "the scorer and one model at a time):",
@@ -168,11 +169,8 @@ def generation_bytes(model, prompts: int, samples: int, longest: int, new_tokens
     logits."""
     text = causal_lm_of(model).config.get_text_config()
     sequences, tokens = prompts * samples, longest + new_tokens
-    layers = text.num_hidden_layers
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_token = layers * 2 * heads * head_dim * dtype_bytes  # keys and values, every layer
-    cache = sequences * tokens * per_token * (1 + 1 / (2 * layers))
+    per_token = kv_bytes_per_token(text, dtype_bytes)
+    cache = sequences * tokens * per_token * (1 + 1 / (2 * text.num_hidden_layers))
     logits = 3 * sequences * text.vocab_size * 4
     prefill = prompts * longest * (per_token + 4 * mlp_width(text) * dtype_bytes)
     return cache, logits, prefill

@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from ..model.adapter_dirs import adapter_base, is_adapter_dir
 from ..model.load import load_tokenizer, resolve_model_dir, safetensors_header
-from ..train.plan import BYTES, mlp_width, weight_bytes
+from ..train.plan import BYTES, gated_shapes, kv_bytes_per_token, mlp_width, weight_bytes
 
 POLICY_KINDS = {"judge:policy": "judge", "judge-pair:policy": "judge-pair",
                 "follow-up:policy": "follow-up"}
@@ -87,48 +88,63 @@ def _model(name, kind, path, positive, negative, batch: int = 8) -> ScorerModel:
                        max(follow_ups, key=len) if kind == "follow-up" else "")
 
 
+class ScorerBytes(NamedTuple):
+    """One scorer model's share of memory: what it is, its weights, one batch's working
+    tensors and what that batch is."""
+
+    name: str
+    weights: int
+    working: float
+    batch: str
+
+
 def scorer_memory(spec: str, dtype: str, policy, policy_tokenizer, longest_prompt: int,
-                  new_tokens: int) -> list[tuple[str, int, float, str]] | str:
-    """For each model the scorer ``spec`` loads in ``dtype``: its name, weights, the working
-    tensors of one batch of the longest prompt with a ``new_tokens`` response, and what that
-    batch is; or why the scorer has no model to count. ``policy`` (and its tokenizer) is the
-    model of ``judge:policy`` and its kin."""
+                  new_tokens: int) -> list[ScorerBytes] | str:
+    """``ScorerBytes`` of each model the scorer ``spec`` loads in ``dtype``, its batch of the
+    longest prompt with a ``new_tokens`` response; or why the scorer has no model to count.
+    ``policy`` (and its tokenizer) is the model of ``judge:policy`` and its kin."""
     found = scorer_models(spec)
     if isinstance(found, str):
         return found
     dtype_bytes = BYTES[dtype]
     counted = []
     for model in found:
-        text, tokenizer, held, shapes = _sizes(model, dtype_bytes, policy, policy_tokenizer)
+        if model.path is None:
+            text, tokenizer = policy.config.get_text_config(), policy_tokenizer
+            held = weight_bytes(policy)
+            shapes = {name: tuple(p.shape) for name, p in policy.named_parameters()}
+        else:
+            source = _source(model)
+            text, tokenizer, shapes = _text_config(source), load_tokenizer(source), \
+                _saved_shapes(source)
+            held = sum(math.prod(shape) for shape in shapes.values()) * dtype_bytes
+        first = [shape for name, shape in shapes.items() if len(shape) == 2 and
+                 re.search(r"(^|\.)(layers|layer|h|blocks)\.0\.", name)]
         tokens = longest_prompt + new_tokens * (2 if model.kind == "judge-pair" else 1) + \
             _overhead(model, tokenizer)
         tail = _follow_up_tokens(model, tokenizer) if model.kind == "follow-up" else 0
-        need = _batch_bytes(model, text, tokens, dtype_bytes, _mlp_tensors(shapes, text), tail)
-        counted.append((model.path or f"the policy, {model.name}", held, need,
-                        _what(model, tokens)))
+        need = _batch_bytes(model, text, tokens, dtype_bytes,
+                            3 if gated_shapes(first, text) else 2, tail)
+        counted.append(ScorerBytes(model.path or f"the policy, {model.name}", held, need,
+                                   _what(model, tokens)))
     return counted
 
 
 def scorer_weights(spec: str, dtype: str) -> int:
-    """The bytes of every model the scorer ``spec`` loads in ``dtype`` (0 for none)."""
+    """The bytes of every saved model the scorer ``spec`` loads in ``dtype`` (0 for none),
+    from their files' headers."""
     found = scorer_models(spec)
     return 0 if isinstance(found, str) else sum(
-        _sizes(model, BYTES[dtype], None, None)[2] for model in found if model.path)
+        math.prod(shape) for model in found if model.path
+        for shape in _saved_shapes(_source(model)).values()) * BYTES[dtype]
 
 
-def _sizes(model: ScorerModel, dtype_bytes: int, policy, policy_tokenizer):
-    """(text config, tokenizer, weight bytes, parameter shapes) of ``model``: the policy's
-    as loaded, or a saved model's from its files."""
+def _source(model: ScorerModel) -> str:
+    """The local directory of a saved scorer model."""
     from ..reward.model import reward_model_dir
 
-    if model.path is None:
-        return (policy.config.get_text_config(), policy_tokenizer, weight_bytes(policy),
-                {name: tuple(p.shape) for name, p in policy.named_parameters()})
-    source = str(reward_model_dir(model.path)) if model.kind == "rm" else \
+    return str(reward_model_dir(model.path)) if model.kind == "rm" else \
         resolve_model_dir(model.path)
-    shapes = _saved_shapes(source)
-    return (_text_config(source), load_tokenizer(source),
-            sum(math.prod(shape) for shape in shapes.values()) * dtype_bytes, shapes)
 
 
 def _batch_bytes(model: ScorerModel, text, tokens: int, dtype_bytes: int, mlp_tensors: int,
@@ -142,9 +158,7 @@ def _batch_bytes(model: ScorerModel, text, tokens: int, dtype_bytes: int, mlp_te
         return forward
     if model.kind != "follow-up":
         return forward + model.batch * text.vocab_size * (dtype_bytes + 4)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cached = text.num_hidden_layers * 2 * heads * head_dim * dtype_bytes
+    cached = kv_bytes_per_token(text, dtype_bytes)
     rows = model.batch * model.follow_ups
     return max(forward + model.batch * tokens * cached,
                rows * tokens * cached + rows * tail * (per_token + text.vocab_size * (
@@ -191,18 +205,6 @@ def _text_config(source: str):
     if is_adapter_dir(source):
         source = resolve_model_dir(adapter_base(source))
     return AutoConfig.from_pretrained(source).get_text_config()
-
-
-def _mlp_tensors(shapes: dict, text) -> int:
-    """The MLP-width tensors a layer's MLP holds at once in a forward: three when it is gated
-    (the first layer has three hidden-by-width weights, or a fused one of both; a mixture of
-    experts counts as gated), else two."""
-    hidden, width = text.hidden_size, mlp_width(text)
-    first = [shape for name, shape in shapes.items()
-             if re.search(r"(^|\.)(layers|layer|h|blocks)\.0\.", name) and len(shape) == 2]
-    pieces = sum(1 if set(shape) == {hidden, width} else 2 if set(shape) == {hidden, 2 * width}
-                 else 0 for shape in first)
-    return 2 if pieces == 2 else 3
 
 
 def _saved_shapes(source: str) -> dict[str, tuple]:

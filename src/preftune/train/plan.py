@@ -54,14 +54,25 @@ def _layer_backward_bytes(config, tokens: int, dtype_bytes: int, gated: bool = T
 
 
 def gated_mlp(layer, config) -> bool:
-    """Whether ``layer``'s MLP is gated (Llama's gate and up projections, or one fused weight
-    of both): it has three hidden-by-MLP-width weights, where a plain MLP has two. A mixture
-    of experts, whose experts are 3-D weights, counts as gated."""
+    """Whether ``layer``'s MLP is gated (``gated_shapes`` of its 2-D weights)."""
+    return gated_shapes([tuple(p.shape) for p in layer.parameters() if p.dim() == 2], config)
+
+
+def gated_shapes(shapes: list[tuple], config) -> bool:
+    """Whether a layer whose 2-D weights have ``shapes`` has a gated MLP (Llama's gate and up
+    projections, or one fused weight of both): three hidden-by-MLP-width weights, where a
+    plain MLP has two. A mixture of experts, whose experts are 3-D weights, counts as gated."""
     hidden, width = config.hidden_size, mlp_width(config)
-    shapes = [tuple(p.shape) for p in layer.parameters() if p.dim() == 2]
     pieces = sum(1 if set(shape) == {hidden, width} else 2 if set(shape) == {hidden, 2 * width}
                  else 0 for shape in shapes)
     return pieces != 2
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """A token's keys and values in a cache of every layer."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * heads * head_dim * dtype_bytes
 
 
 def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_bytes: int,
