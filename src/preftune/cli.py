@@ -307,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 def out_of_memory_outside_steps(error: Exception) -> str:
     """What to say when the device ran out of memory outside the training steps (which say it
     themselves, with a checkpoint)."""
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
-    return (f"the device ran out of memory ({cause}) outside the training steps: loading, the "
+    from .train.stopping import first_line
+
+    return (f"the device ran out of memory ({first_line(error)}) outside the training steps: loading, the "
             "reference pass, evaluation, sampling or scoring. What was written is kept. Less "
             "memory: a smaller train.batch_size (the reference pass and evaluation batch by "
             "it; --batch-size for eval and scoring), model.dtype bfloat16, model.quantize "

@@ -246,14 +246,14 @@ def reward_task(config: RewardConfig, accelerator: Accelerator, plan_only: bool 
                               attn_implementation=config.model.attn_implementation)
         layout = verified_layout(decoder, decoder.config, choose_layout(
             train_examples, cfg.layout, config.model.attn_implementation), cfg.layout)
-    make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout,
-                                         cfg.max_row_tokens or config.data.max_length,
+    max_row = cfg.max_row_tokens or config.data.max_length
+    make_batch = reward_model.make_batch(tokenizer.pad_token_id, layout, max_row,
                                          images=getattr(tokenizer, "image_inputs", None))
     if plan_only:  # (the token layouts without the images, and the images' batches)
-        print(reward_plan(config, reward_model, train_examples, layout, reward_model.make_batch(
-            tokenizer.pad_token_id, layout, cfg.max_row_tokens or config.data.max_length),
-            tokenizer.pad_token_id, shards(accelerator),
-            make_batch if hasattr(tokenizer, "image_inputs") else None))
+        tokens_only = reward_model.make_batch(tokenizer.pad_token_id, layout, max_row)
+        print(reward_plan(config, reward_model, train_examples, layout, tokens_only,
+                          tokenizer.pad_token_id, shards(accelerator),
+                          make_batch if hasattr(tokenizer, "image_inputs") else None))
         return None, 0
     splits = {"train": train_examples, **({"eval": eval_examples} if eval_examples else {})}
     task = RewardTask(config, reward_model, tokenizer, splits, shape, make_batch, layout)

@@ -51,8 +51,8 @@ def scorer_models(spec: str) -> list[ScorerModel] | str:
     """The models ``spec`` loads, or why it has none to count (a function, a rendering
     pipeline)."""
     from . import read_scorer_file
-    from ..score.combine import check_combination
-    from ..score.follow_up import NEGATIVE, POSITIVE, follow_up_options
+    from .combine import check_combination
+    from .follow_up import NEGATIVE, POSITIVE, follow_up_options
 
     if spec in POLICY_KINDS:
         kind = POLICY_KINDS[spec]
@@ -182,7 +182,7 @@ def _what(model: ScorerModel, tokens: int) -> str:
 def _overhead(model: ScorerModel, tokenizer) -> int:
     """The tokens a scorer adds around the prompt and response: the judge's template in its
     chat template, the conversation's turns around them, or a reward model's EOS."""
-    from ..score.judge import PAIRWISE, POINTWISE
+    from .judge import PAIRWISE, POINTWISE
 
     if model.kind == "rm":  # the prompt as the data gives it, the response and an EOS
         return 1

@@ -225,14 +225,14 @@ def dense_masks(model_config, lm, worst, attention: str | None, examples) -> int
     model/forward.py does): one for packed or prefix-shared rows outside FlexAttention and
     varlen, or for padded rows under sdpa or eager, or for Gemma 3's image blocks; one per
     distinct attention window that the rows reach."""
+    windows = binding_windows(model_config, worst.longest_sequence)
+    if windows is not None:
+        return len(set(windows.values()))
     attention = attention or "sdpa"
     padding = worst.unit_ids is None and worst.real_tokens < worst.attention_mask.numel()
     dense = (worst.unit_ids is not None and attention not in ("flex_attention", "varlen")
              or padding and attention in ("sdpa", "eager"))
-    windows = binding_windows(model_config, worst.longest_sequence)
     image_blocks = image_block_token(lm) is not None and any(ex.images for ex in examples)
-    if windows is not None:
-        return len(set(windows.values()))
     return int(dense or image_blocks)
 
 

@@ -32,10 +32,15 @@ LESS_MEMORY = ("train.gradient_checkpointing=true, or a smaller train.batch_size
                "train) estimates a run's memory before it starts.")
 
 
+def first_line(error: Exception) -> str:
+    """The first line of ``error``'s message (an allocator's runs on), or its type's name."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def out_of_memory(step: int, total: int, checkpoint, error: Exception) -> TrainingStopped:
     """What to say when the device ran out of memory in ``step`` (0-based) of ``total``, with
     the run's last ``checkpoint`` (None: none written yet)."""
-    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = first_line(error)
     if checkpoint is None:
         return TrainingStopped(
             f"out of memory in step {step + 1} of {total} ({cause}); no checkpoint was written "
