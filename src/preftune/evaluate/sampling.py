@@ -19,6 +19,8 @@ from ..model.verify import check_model, decoder_of, verified_layout
 from ..train.logging import progress
 from .diagnostics import topk_entropy_and_mass
 
+CHUNK_TOKENS = 256  # the tokens whose logits are built at once
+
 
 @dataclass
 class ResponseScores:
@@ -38,7 +40,7 @@ class ResponseScores:
 @torch.no_grad()
 def score_responses(model, examples: list[TokenizedExample], pad_token_id: int,
                     batch_size: int = 16, hidden_sums: bool = False, top_k: int | None = None,
-                    chunk_tokens: int = 256, description: str | None = None,
+                    chunk_tokens: int = CHUNK_TOKENS, description: str | None = None,
                     images=None) -> ResponseScores:
     """Log-probs (and optionally CHES hidden sums, top-k stats) of every response of ``examples``.
 

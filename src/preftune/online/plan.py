@@ -4,8 +4,8 @@ call of the longest prompts grown to ``max_new_tokens``, and the logits of a ste
 scorer's models and a batch (``score/memory.py``). Training: ``preftune train --plan`` of
 round 1 on worst-case rows, the longest prompts each with responses of ``max_new_tokens`` (the
 most a sample can hold), as many per row as the pair builder makes. Evaluation (with
-``data.eval``): the scorer, one model and the larger of its generate calls and a scorer
-batch."""
+``data.eval``): the scorer, one model and the largest of its generate calls, a scorer batch
+and the forward that gives its KL samples' log-probs."""
 
 from __future__ import annotations
 
@@ -14,17 +14,18 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..data.layout import choose_layout
-from ..model.forward import causal_lm_of
+from ..data.layout import choose_layout, collate
+from ..evaluate.sampling import CHUNK_TOKENS
+from ..model.forward import causal_lm_of, decoder_layers
 from ..model.load import load_tokenizer
 from ..model.verify import decoder_of, verified_layout
 from ..objectives.compose import Objective
-from ..score.memory import scorer_memory
+from ..score.memory import forward_bytes, scorer_memory
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
 from ..train.trainer import count_steps
-from ..train.plan import (BYTES, MIB, device_fit, kv_bytes_per_token, mlp_width, plan,
-                          weight_bytes)
+from ..train.plan import (BYTES, MIB, device_fit, gated_mlp, kv_bytes_per_token, mlp_width,
+                          plan, weight_bytes)
 from .build import LIST_BUILDERS
 from .common import prompts_to_examples
 from .loop import round_config
@@ -66,7 +67,8 @@ def online_plan(config, prompts: list, eval_prompts: list) -> str:
              f"{min(WORST_ROWS, len(examples))} longest prompts with "
              f"{count} response{'s' if count > 1 else ''} of {sampling.max_new_tokens} "
              "tokens each):"]
-    rows = worst_rows(config, examples[:WORST_ROWS], count, tokenizer.eos_token_id)
+    rows = worst_rows(config, examples[:WORST_ROWS], count, tokenizer.eos_token_id,
+                      sampling.max_new_tokens)
     attention = trained.model.attn_implementation
     layout = verified_layout(*decoder_of(model), choose_layout(rows, trained.train.layout,
                                                                attention), trained.train.layout)
@@ -89,10 +91,9 @@ def responses_per_row(config, trained) -> int:
     return 1 if trained.data.convert == "unpaired" else 2
 
 
-def worst_rows(config, examples: list, count: int, eos_token_id: int) -> list:
-    """``examples`` (tokenized prompts) with ``count`` responses of ``max_new_tokens`` tokens
-    and the EOS training appends, cut to ``data.max_length``."""
-    new = config.online.sampling.max_new_tokens
+def worst_rows(config, examples: list, count: int, eos_token_id: int, new: int) -> list:
+    """``examples`` (tokenized prompts) with ``count`` responses of ``new`` tokens and the EOS
+    training appends, cut to ``data.max_length``."""
     rows = []
     for index, example in enumerate(examples):
         length = max(1, min(new + 1, config.data.max_length - len(example.prompt_ids)))
@@ -126,23 +127,30 @@ def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list
 def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
     """The memory of the held-out evaluation after each round (``measure.evaluate_model``):
     the scorer, one policy-sized model (the round's, released before the initial one loads
-    for the KL), and the larger of its generate calls (greedy answers, ``eval_kl_samples``
-    or ``eval_best_of`` samples of each prompt) and one scorer batch of the answers."""
+    for the KL), and the largest of its generate calls (greedy answers, ``eval_kl_samples``
+    or ``eval_best_of`` samples of each prompt), one scorer batch of the answers and the
+    forward that gives the KL samples' log-probs (a batch of prompts with their samples,
+    padded, and a chunk of their logits)."""
     if not eval_prompts:
         return []
     online = config.online
-    lengths = [len(ex.prompt_ids) for ex in prompts_to_examples(eval_prompts, tokenizer, config)]
+    examples = sorted(prompts_to_examples(eval_prompts, tokenizer, config),
+                      key=lambda ex: -len(ex.prompt_ids))
+    lengths = [len(ex.prompt_ids) for ex in examples]
     samples = max(1, online.eval_kl_samples, online.eval_best_of)
     per_call = min(online.sampling.batch_size, len(eval_prompts))
+    dtype_bytes = BYTES[config.model.dtype]
     cache, logits, prefill = generation_bytes(model, per_call, samples, max(lengths),
-                                              online.eval_max_new_tokens,
-                                              BYTES[config.model.dtype])
+                                              online.eval_max_new_tokens, dtype_bytes)
     generate = max(prefill, cache + logits)
     found = scorer_memory(online.scorer, config.model.dtype, model, tokenizer, max(lengths),
                           online.eval_max_new_tokens)
     scorer, scoring = (0, 0) if isinstance(found, str) else (
         sum(m.weights for m in found), max(m.working for m in found))
-    weights = weight_bytes(model)
+    kl = kl_forward_bytes(model, worst_rows(config, examples[:per_call], online.eval_kl_samples,
+                                            tokenizer.eos_token_id, online.eval_max_new_tokens),
+                          tokenizer.pad_token_id, dtype_bytes) if online.eval_kl_samples else 0
+    weights, working = weight_bytes(model), max(generate, scoring, kl)
     return [f"evaluation memory (MiB, after each round, {len(eval_prompts)} held-out prompts; "
             "the scorer and one model at a time):",
             f"  scorer           {scorer / MIB:10.0f}  ({online.scorer})",
@@ -151,10 +159,28 @@ def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
             f"  answers          {generate / MIB:10.0f}  (a generate call of {per_call} prompts "
             f"x {samples} samples, {max(lengths)} + {online.eval_max_new_tokens} tokens)",
             f"  scoring          {scoring / MIB:10.0f}  (a scorer batch of the answers)",
-            f"  total            {(scorer + weights + max(generate, scoring)) / MIB:10.0f}",
-            *device_fit(scorer + weights + max(generate, scoring), None, device_of(model),
+            *([f"  KL log-probs     {kl / MIB:10.0f}  (a forward of {per_call} prompts x "
+               f"{online.eval_kl_samples} samples)"] if kl else []),
+            f"  total            {(scorer + weights + working) / MIB:10.0f}",
+            *device_fit(scorer + weights + working, None, device_of(model),
                         "fewer online.eval_kl_samples or eval_best_of, a smaller "
                         "online.sampling.batch_size")]
+
+
+def kl_forward_bytes(model, examples: list, pad_token_id: int, dtype_bytes: int) -> float:
+    """The log-probs of a batch of ``examples`` (prompts with their samples) under ``model``
+    (``measure.samples_under``), laid out as ``score_responses`` lays them out: the larger of
+    the forward's working tensors and the final hidden states of every token with one chunk
+    of their logits and its fp32 log-softmax."""
+    layout = verified_layout(*decoder_of(model), choose_layout(examples))
+    rows, width = collate(examples, pad_token_id, layout).input_ids.shape
+    text = causal_lm_of(model).config.get_text_config()
+    layers = decoder_layers(model)
+    forward = forward_bytes(text, rows, width, dtype_bytes,
+                            not layers or gated_mlp(layers[0], text))
+    hidden = rows * width * text.hidden_size * dtype_bytes
+    chunk = min(CHUNK_TOKENS, rows * width) * text.vocab_size * (dtype_bytes + 8)
+    return max(forward, hidden + chunk)
 
 
 def device_of(model):

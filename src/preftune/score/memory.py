@@ -8,8 +8,9 @@ runs:
 - a judge: one forward of ``batch`` questions (its template, the prompt, the response; both
   responses for a pairwise judge) with no cache. It peaks in an MLP, holding per token three
   MLP-width tensors (the activated gate, the up projection and their product; two for a plain
-  MLP) and two hidden-width ones (the residual and its norm), then the last position's logits
-  and their fp32 copy;
+  MLP) and four hidden-width ones (the residual, its norm, a sublayer's output and their
+  sum), the rotary tables of each row's positions and a padded batch's boolean attention
+  mask (``forward_bytes``), then the last position's logits and their fp32 copy;
 - a reward model: one forward of ``batch`` prompt + response rows, the same MLP peak;
 - follow-up likelihood: the conversation's cache of ``batch`` responses, repeated for each
   follow-up (and the original held while it is copied), the follow-ups' forward over it and
@@ -123,8 +124,7 @@ def scorer_memory(spec: str, dtype: str, policy, policy_tokenizer, longest_promp
         tokens = longest_prompt + new_tokens * (2 if model.kind == "judge-pair" else 1) + \
             _overhead(model, tokenizer)
         tail = _follow_up_tokens(model, tokenizer) if model.kind == "follow-up" else 0
-        need = _batch_bytes(model, text, tokens, dtype_bytes,
-                            3 if gated_shapes(first, text) else 2, tail)
+        need = _batch_bytes(model, text, tokens, dtype_bytes, gated_shapes(first, text), tail)
         counted.append(ScorerBytes(model.path or f"the policy, {model.name}", held, need,
                                    _what(model, tokens)))
     return counted
@@ -147,13 +147,12 @@ def _source(model: ScorerModel) -> str:
         resolve_model_dir(model.path)
 
 
-def _batch_bytes(model: ScorerModel, text, tokens: int, dtype_bytes: int, mlp_tensors: int,
+def _batch_bytes(model: ScorerModel, text, tokens: int, dtype_bytes: int, gated: bool,
                  tail: int) -> float:
     """The working tensors of one batch of ``model`` over rows of ``tokens`` tokens (and
     follow-ups of ``tail`` tokens): a follow-up scorer's larger phase, the conversations'
     forward or the follow-ups' over the repeated cache."""
-    per_token = (mlp_tensors * mlp_width(text) + 2 * text.hidden_size) * dtype_bytes
-    forward = model.batch * tokens * per_token
+    forward = forward_bytes(text, model.batch, tokens, dtype_bytes, gated)
     if model.kind == "rm":
         return forward
     if model.kind != "follow-up":
@@ -161,8 +160,19 @@ def _batch_bytes(model: ScorerModel, text, tokens: int, dtype_bytes: int, mlp_te
     cached = kv_bytes_per_token(text, dtype_bytes)
     rows = model.batch * model.follow_ups
     return max(forward + model.batch * tokens * cached,
-               rows * tokens * cached + rows * tail * (per_token + text.vocab_size * (
-                   dtype_bytes + 8)))
+               rows * tokens * cached + forward_bytes(text, rows, tail, dtype_bytes, gated)
+               + rows * tail * text.vocab_size * (dtype_bytes + 8))
+
+
+def forward_bytes(text, rows: int, tokens: int, dtype_bytes: int, gated: bool) -> float:
+    """The working tensors of a forward without gradients over ``rows`` rows of ``tokens``
+    tokens (the model's ``text`` config): the MLP's peak (three MLP-width tensors for a gated
+    MLP, two for a plain one) with four hidden-width ones, the rotary tables (about four
+    head-width fp32 tensors a token) and a padded batch's boolean mask."""
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = ((3 if gated else 2) * mlp_width(text) + 4 * text.hidden_size) * dtype_bytes \
+        + 4 * head * 4
+    return rows * tokens * (per_token + tokens)
 
 
 def _follow_up_tokens(model: ScorerModel, tokenizer) -> int:
