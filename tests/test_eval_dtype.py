@@ -1,18 +1,21 @@
 """What evaluation and scoring load their models in: ``--dtype`` of ``preftune eval`` and of
-``preftune rm eval | score | strength``, whose default ``auto`` is the dtype the evaluated
-model's weights are saved in (``saved_dtype``); eval's reference and scorer follow the policy's
-dtype, and the UPO estimator loads in the run's ``model.dtype``."""
+``preftune rm eval | score | strength | fit-cpm``, whose default ``auto`` is the dtype the
+evaluated model's weights are saved in (``saved_dtype``); eval's reference and scorer follow
+the policy's dtype, a scorer file's models the dtype its scorer is loaded in, and the UPO
+estimator loads in the run's ``model.dtype``."""
 
 import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
 from preftune.model.load import saved_dtype
 from preftune.reward.config import build_reward_config
 from preftune.reward.train import train_reward_model
+from preftune.score import load_scorer
 from test_reward_model import digit_pairs, write_jsonl
 from tiny_models import save_tiny_model_dir
 
@@ -105,3 +108,36 @@ def test_rm_commands_load_the_reward_model_as_saved_or_in_the_dtype_given(tmp_pa
         pairs = [json.loads(line) for line in
                  (tmp_path / dtype / "rm_eval_pairs.jsonl").read_text().splitlines()]
         assert [p["reward_chosen"] for p in pairs] == pytest.approx(expected[:8], abs=1e-6)
+
+
+def test_a_scorer_files_models_load_in_the_scorers_dtype(bf16_run, tmp_path):
+    """Follow-up likelihood and a compositional preference model described in a YAML file
+    load their model in the dtype the scorer is loaded in, as judge:PATH does."""
+    judge = str(bf16_run / "fp32")
+    files = {"follow_up": {"model": judge}, "compositional": {
+        "judge": judge, "features": {"short": "Is it short?"}, "weights": {"short": 1.0}}}
+    for key, tree in files.items():
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump({key: tree}))
+        for dtype in ("bfloat16", "float32"):
+            scorer = load_scorer(str(path), dtype=dtype)
+            model = scorer.model if key == "follow_up" else scorer.judges[0].model
+            assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}, key
+
+
+def test_fit_cpm_rates_with_the_judge_as_saved_or_in_the_dtype_given(bf16_run, tmp_path):
+    source = tmp_path / "cpm.yaml"
+    source.write_text(yaml.safe_dump({"compositional": {
+        "judge": str(bf16_run / "run" / "model"),  # saved in bf16
+        "features": {"short": "Is it short?", "digits": "Does it have digits?"}}}))
+
+    def fitted(*dtype) -> dict:
+        out = tmp_path / "fitted.yaml"
+        assert main(["rm", "fit-cpm", str(source), "--data", str(bf16_run / "pairs.jsonl"),
+                     "--output", str(out), "--overwrite", *dtype]) == 0
+        return yaml.safe_load(out.read_text())["compositional"]["weights"]
+
+    auto = fitted()
+    assert auto == fitted("--dtype", "bfloat16")
+    fp32 = fitted("--dtype", "float32")
+    assert auto != fp32 and auto == pytest.approx(fp32, abs=0.05)

@@ -75,11 +75,21 @@ def test_target_pattern_takes_the_users_prompt_out_of_the_instruction(pipe, tmp_
     ({"seeds": []}, "render.seeds must be a non-empty list of integers"),
     ({"steps": 0}, r"render.steps must be an integer >= 1"),
     ({"target_pattern": "no group"}, "render.target_pattern 'no group': it has no group"),
+    ({"dtype": "fp8"}, "render.dtype 'fp8': give one of auto, float32, bfloat16, float16"),
 ])
 def test_bad_scorer_files_name_the_file_and_key(pipe, tmp_path, settings, message):
     path = scorer_file(tmp_path / "bad.yaml", pipe, **settings)
     with pytest.raises(ConfigError, match=f"{tmp_path / 'bad.yaml'}: {message}"):
         load_scorer(path)
+
+
+def test_the_pipeline_loads_as_its_denoiser_is_saved_or_in_render_dtype(pipe, tmp_path):
+    import torch
+
+    saved = load_scorer(scorer_file(tmp_path / "auto.yaml", pipe)).model.denoiser.dtype
+    assert saved == torch.float32  # the tiny pipeline is saved in float32
+    halved = load_scorer(scorer_file(tmp_path / "bf16.yaml", pipe, dtype="bfloat16"))
+    assert {p.dtype for p in halved.model.denoiser.parameters()} == {torch.bfloat16}
 
 
 def test_an_online_round_trains_a_prompt_writer_on_rendered_scores(pipe, tmp_path):

@@ -131,13 +131,15 @@ def preference_strength(models: str | list[str], data: str, output: str, *, pass
 
 
 def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0.01,
-                      overwrite: bool = False, fields: dict | None = None) -> dict:
+                      overwrite: bool = False, fields: dict | None = None,
+                      dtype: str = "auto") -> dict:
     """Fit the feature weights of a compositional preference model (a scorer file's
     ``compositional`` mapping) on labelled pairs and write the file with them to ``output``
-    (``preftune rm fit-cpm``); returns the fit (weights, accuracy, log loss)."""
+    (``preftune rm fit-cpm``); returns the fit (weights, accuracy, log loss). The judge loads
+    in ``dtype`` (auto: the dtype its weights are saved in)."""
     from .reward.fit_cpm import run_fit_cpm
 
-    return run_fit_cpm(scorer_file, data, output, l2, overwrite, fields)
+    return run_fit_cpm(scorer_file, data, output, l2, overwrite, fields, dtype)
 
 
 def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,

@@ -13,6 +13,7 @@ A scorer file (YAML, named wherever a scorer is)::
       guidance_scale: 3.0
       resolution: null        # the denoiser's own size
       batch_size: 8           # responses rendered at a time
+      dtype: auto             # the pipeline's: auto (as its denoiser is saved), float32, ...
       target_pattern: null    # a regex whose group 1 takes the user's prompt out of the record's
 
 Every response is rendered from the same seeds (the same starting noise), so the samples of
@@ -30,7 +31,8 @@ from ..score.base import checked, prefer_by_scores
 from . import require_diffusers
 
 KEYS = {"pipeline", "scorer", "seeds", "steps", "guidance_scale", "resolution", "batch_size",
-        "target_pattern", "negative_prompt", "true_cfg_scale"}
+        "target_pattern", "negative_prompt", "true_cfg_scale", "dtype"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class RenderScorer:
@@ -74,6 +76,10 @@ class RenderScorer:
             value = settings.get(key, 1)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"{path}: render.{key} must be an integer >= {low}.")
+        dtype = settings.get("dtype", "auto")
+        if dtype not in DTYPES:
+            raise ConfigError(f"{path}: render.dtype {dtype!r}: give one of {', '.join(DTYPES)} "
+                              "(auto: the dtype the pipeline's denoiser is saved in).")
         pattern = settings.get("target_pattern")
         if pattern is not None:
             try:
@@ -83,7 +89,7 @@ class RenderScorer:
                 raise ConfigError(f"{path}: render.target_pattern {pattern!r}: {error}; give a "
                                   "regex whose group 1 is the user's prompt.") from None
         model = load_for_sampling(pipeline_dir(settings["pipeline"]),
-                                  f"{path}: render.pipeline")
+                                  f"{path}: render.pipeline", dtype)
         guidance = float(settings.get("guidance_scale", 1.0))
         negative = str(settings.get("negative_prompt", ""))
         true_cfg = float(settings.get("true_cfg_scale", 1.0))

@@ -54,7 +54,7 @@ def _fit_cpm(args) -> None:
     from ..api import fit_compositional
 
     fit_compositional(args.scorer_file, args.data, args.output, l2=args.l2,
-                      overwrite=args.overwrite, fields=args.fields)
+                      overwrite=args.overwrite, fields=args.fields, dtype=args.dtype)
 
 
 def _losses(args) -> None:
@@ -169,6 +169,7 @@ def add_rm_commands(commands) -> None:
     fit_cpm.add_argument("--l2", type=float, default=0.01,
                          help="L2 penalty on the weights (above 0)")
     fit_cpm.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_dtype_option(fit_cpm, "the judge")
     fit_cpm.set_defaults(run=_fit_cpm)
 
     losses = command(sub, "losses", "list the reward losses", "preftune rm losses")

@@ -17,10 +17,12 @@ from .scoring import new_output_file
 
 
 def run_fit_cpm(scorer_file: str, data: str, output: str, l2: float = 0.01,
-                overwrite: bool = False, fields: dict | None = None) -> dict:
-    """Rate every pair's responses on the file's features, fit the weights (L2 ``l2``) and
-    write ``output``: the scorer file with ``compositional.weights`` set. Returns the fit:
-    weights, accuracy and log loss on the pairs, and each feature's own accuracy."""
+                overwrite: bool = False, fields: dict | None = None,
+                dtype: str = "auto") -> dict:
+    """Rate every pair's responses on the file's features (the judge in ``dtype``), fit the
+    weights (L2 ``l2``) and write ``output``: the scorer file with ``compositional.weights``
+    set. Returns the fit: weights, accuracy and log loss on the pairs, and each feature's own
+    accuracy."""
     if l2 <= 0:
         raise ConfigError(f"--l2 {l2}: give a value above 0; without it the weights grow "
                           "without bound when a feature separates the pairs.")
@@ -36,7 +38,7 @@ def run_fit_cpm(scorer_file: str, data: str, output: str, l2: float = 0.01,
             raise DataError(f"{record.origin}: rm fit-cpm fits on pairs (prompt, chosen, "
                             f"rejected) and this record is {record.shape}; give it a file "
                             "of pairs.")
-    scorer = CompositionalScorer.from_file(scorer_file, tree)
+    scorer = CompositionalScorer.from_file(scorer_file, tree, dtype)
     prompts = [scorer_prompt(r.prompt, r.images, r.tools) for r in records]
     chosen, rejected = ([response_text(getattr(r, side)) for r in records]
                         for side in ("chosen", "rejected"))

@@ -70,11 +70,11 @@ def load_scorer(spec: str, data: str | list[str] | None = None,
         if isinstance(tree, dict) and "follow_up" in tree:
             from .follow_up import follow_up_from_tree
 
-            return follow_up_from_tree(spec, tree)
+            return follow_up_from_tree(spec, tree, dtype)
         if isinstance(tree, dict) and "compositional" in tree:
             from .compositional import CompositionalScorer
 
-            return CompositionalScorer.from_file(spec, tree)
+            return CompositionalScorer.from_file(spec, tree, dtype)
         return combined_from_tree(spec, tree, data, lambda term, data: load_scorer(
             term, data, dtype))
     if spec.startswith("rm:") or (Path(spec).exists() and not is_function_spec(spec)):

@@ -90,14 +90,15 @@ class CompositionalScorer:
                        for feature, question in options["features"].items()]
 
     @classmethod
-    def from_file(cls, path: str, tree: dict) -> "CompositionalScorer":
+    def from_file(cls, path: str, tree: dict, dtype: str = "float32") -> "CompositionalScorer":
+        """The scorer a file's ``compositional`` mapping describes, its judge in ``dtype``."""
         from accelerate import PartialState
 
         from ..model.load import load_model_and_tokenizer
 
         options = compositional_options(path, tree)
         try:
-            model, tokenizer = load_model_and_tokenizer(options["judge"])
+            model, tokenizer = load_model_and_tokenizer(options["judge"], dtype)
         except (FileNotFoundError, OSError) as error:
             raise ConfigError(f"scorer file {path}: compositional.judge: {error}") from None
         return cls(model.to(PartialState().device), tokenizer, options, f"cpm:{path}")

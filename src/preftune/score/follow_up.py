@@ -162,11 +162,12 @@ class FollowUpScorer:
         return prefer_by_scores(self, prompts, first, second)
 
 
-def follow_up_from_tree(path: str, tree: dict) -> FollowUpScorer:
-    """The scorer a YAML file's ``follow_up`` mapping describes (``follow_up_options``)."""
+def follow_up_from_tree(path: str, tree: dict, dtype: str = "float32") -> FollowUpScorer:
+    """The scorer a YAML file's ``follow_up`` mapping describes (``follow_up_options``), its
+    model loaded in ``dtype``."""
     model, options = follow_up_options(path, tree)
     try:
-        return FollowUpScorer.from_pretrained(model, **options)
+        return FollowUpScorer.from_pretrained(model, dtype, **options)
     except (FileNotFoundError, OSError) as error:
         raise ConfigError(f"scorer file {path}: follow_up.model: {error}") from None
 
