@@ -75,13 +75,20 @@ def test_lora_merged_save_denoises_like_the_adapted_model(files, tmp_path, dora)
     assert not torch.allclose(denoise(merged), denoise(initial.denoiser), atol=1e-4)
 
 
-def test_cli_train_report_inspect_and_eval(files, tmp_path, capsys):
+def test_cli_train_report_inspect_and_eval(files, tmp_path, capsys, monkeypatch):
+    import preftune.diffusion.sample as sample
+
     pipe, pairs = files
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps(config_tree(pipe, pairs, tmp_path / "run", objective={
         "name": "mapo"}, samples={"prompts": ["a red circle", "a blue square"], "seeds": [0],
-                                  "steps": 3})))
+                                  "steps": 3, "batch_size": 1})))
+    batches, denoised = [], sample._denoised
+    monkeypatch.setattr(sample, "_denoised", lambda model, denoiser, rows, *rest: (
+        batches.append(len(rows)), denoised(model, denoiser, rows, *rest))[1])
     assert main(["diffusion", "train", str(config)]) == 0
+    assert batches == [1, 1, 1, 1]  # the grids before and after, an image at a time
+    monkeypatch.undo()
     run = tmp_path / "run"
     assert json.loads((run / "run.json").read_text())["objective"] == "mapo"
     index = json.loads((run / "samples" / "samples.json").read_text())

@@ -79,7 +79,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
                                          samples.seeds, scorer, samples.steps,
                                          samples.guidance_scale, None, samples.resolution,
                                          samples.negative_prompt, samples.true_cfg_scale,
-                                         base.model.dtype)
+                                         base.model.dtype, samples.batch_size)
             entry.update({"win_rate": results["win_rate"],
                           "win_rate/policy_score": results["mean_score/policy"],
                           "win_rate/reference_score": results["mean_score/reference"]})

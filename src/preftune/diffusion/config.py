@@ -134,6 +134,9 @@ class SamplesConfig(Section):
     true_cfg_scale: NonNegative = 1.0
     """Flux only: classifier-free guidance away from negative_prompt, beside the guidance
     input (FluxPipeline's true_cfg_scale; 1: none)."""
+    batch_size: Count = 8
+    """Images sampled at a time (each image's noise comes from its seed alone, so the images
+    do not depend on it)."""
 
 
 class DiffusionTrainConfig(TrainConfig):

@@ -376,7 +376,8 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         return output_dir
     sampling = config.samples.prompts and accelerator.is_main_process
     if sampling and not resume:
-        write_samples(task.module, config.samples, output_dir, "before")
+        write_samples(task.module, config.samples, output_dir, "before",
+                      batch_size=config.samples.batch_size)
     Trainer(task, config.train, output_dir, accelerator, total_steps, resume=resume,
             show_progress=show_progress).run()
     if sampling:
@@ -384,6 +385,7 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         if accelerator.distributed_type == DistributedType.FSDP:  # whole only when saved
             trained = load_diffusion_model(output_dir / "model", trained.compute_dtype)
             trained.to(accelerator.device)
-        write_samples(trained, config.samples, output_dir, "after")
+        write_samples(trained, config.samples, output_dir, "after",
+                      batch_size=config.samples.batch_size)
     return output_dir
 
