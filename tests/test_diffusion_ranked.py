@@ -293,3 +293,44 @@ def test_compare_trains_pair_and_ranked_objectives_from_one_config(files, tmp_pa
     assert reports["diffusion_dpo"]["shape"] == "image pairs"
     assert reports["diffusion_dpo"]["train"] == {"records": 3, "kept": 3}
     assert reports["rank_dpo"]["shape"] == "ranked image lists"
+
+
+
+EVENTS = []  # what the rank below did, in order
+
+
+def counted_brightness(prompt, image):
+    EVENTS.append("scored")
+    return brightness(prompt, image)
+
+
+def test_rank_saves_and_scores_each_batch_before_sampling_the_next(files, tmp_path,
+                                                                   monkeypatch):
+    """With ``batch_size`` 3, the 8 images of 2 prompts x 4 seeds are sampled 3, 3 and 2 at a
+    time, each batch scored and its files written before the next is sampled; the lists equal
+    those of sampling everything in one batch."""
+    import preftune.diffusion.ranking as ranking
+
+    sampled, folder = ranking.image_batches, tmp_path / "b3" / "images"
+
+    def watched(*args, **kwargs):
+        for batch in sampled(*args, **kwargs):
+            EVENTS.append((len(batch), len(list(folder.glob("*.png")))))  # (images, on disk)
+            yield batch
+
+    monkeypatch.setattr(ranking, "image_batches", watched)
+    EVENTS.clear()
+    prompts, seeds, scorer = ["a red circle", "a blue square"], [0, 1, 2, 3], \
+        f"{__name__}:counted_brightness"
+    ranking.make_ranked_lists(prompts, [str(pipe := files[0])], [scorer], seeds,
+                              tmp_path / "b3", steps=2, batch_size=3)
+    assert EVENTS == [(3, 0), *["scored"] * 3, (3, 3), *["scored"] * 3, (2, 6),
+                      *["scored"] * 2]
+    ranking.make_ranked_lists(prompts, [str(pipe)], [scorer], seeds, tmp_path / "all",
+                              steps=2, batch_size=8)
+    read = [[json.loads(line) for line in (tmp_path / name / "ranked.jsonl").open()]
+            for name in ("b3", "all")]
+    for a, b in zip(*read, strict=True):
+        assert a["images"] == b["images"]
+        # (the same images up to 1e-4, saved as 8-bit pixels)
+        assert a["scorer_scores"][scorer] == pytest.approx(b["scorer_scores"][scorer], abs=0.05)

@@ -25,7 +25,7 @@ from .evaluate import image_scorer
 from .model import load_for_sampling
 from .pipeline_files import pipeline_dir
 from .ranked import best_vs_worst
-from .sample import SAMPLING_FLAGS, check_negative_prompt, sample_images
+from .sample import SAMPLING_FLAGS, check_negative_prompt, image_batches
 
 
 def win_shares(scores: list[float]) -> list[float]:
@@ -52,9 +52,10 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
                       resolution: int | None = None, negative_prompt: str = "",
                       true_cfg_scale: float = 1.0, keys: tuple = SAMPLING_FLAGS,
                       dtype: str = "auto", batch_size: int = 8) -> dict:
-    """Sample (``batch_size`` images at a time), score and write the lists (see the module
-    docstring), each model in ``dtype`` ('auto': as saved); returns counts. Errors name
-    ``keys``: what the caller calls a model, the negative prompt and the true-CFG scale."""
+    """Sample, score and write the lists (see the module docstring), each model in ``dtype``
+    ('auto': as saved), ``batch_size`` images at a time: each batch is saved and scored before
+    the next is sampled, so no more are held at once. Returns counts. Errors name ``keys``:
+    what the caller calls a model, the negative prompt and the true-CFG scale."""
     if not prompts or not models or not scorers or not seeds:
         raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
                           "--scorer and seed.")
@@ -74,18 +75,20 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
         check_negative_prompt(model.family, negative_prompt, guidance_scale, true_cfg_scale,
                               keys[1:])
         (out / "images").mkdir(parents=True, exist_ok=True)  # once the settings hold
-        images = [tensor_image(x) for x in sample_images(
-            model, prompts, seeds, steps, guidance_scale, resolution=resolution,
-            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
-            batch_size=batch_size)]
-        rows = [prompt for prompt in prompts for _ in seeds]
-        per_scorer = [checked(s.score(rows, images), s.name, len(rows)) for s in rating]
-        for k, image in enumerate(images):
-            p, s = divmod(k, len(seeds))
-            key = (p, m, seeds[s])
-            files[key] = f"images/p{p:03d}_m{m}_s{seeds[s]}.png"
-            image.save(out / files[key])
-            raw[key] = [scores[k] for scores in per_scorer]
+        rows = [(p, seed) for p in range(len(prompts)) for seed in seeds]
+        done = 0
+        for batch in image_batches(model, prompts, seeds, steps, guidance_scale,
+                                   resolution=resolution, negative_prompt=negative_prompt,
+                                   true_cfg_scale=true_cfg_scale, batch_size=batch_size):
+            images, sampled = [tensor_image(x) for x in batch], rows[done : done + len(batch)]
+            texts = [prompts[p] for p, _ in sampled]
+            per_scorer = [checked(s.score(texts, images), s.name, len(texts)) for s in rating]
+            for k, ((p, seed), image) in enumerate(zip(sampled, images)):
+                key = (p, m, seed)
+                files[key] = f"images/p{p:03d}_m{m}_s{seed}.png"
+                image.save(out / files[key])
+                raw[key] = [scores[k] for scores in per_scorer]
+            done += len(batch)
         del model
     ranked, pairs, ties = [], [], 0
     for p, members in _lists(prompts, models, seeds, list_size):

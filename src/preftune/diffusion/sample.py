@@ -48,6 +48,18 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
     classifier-free guidance away from ``negative_prompt`` with ``true_cfg_scale`` > 1 (its
     pipeline's "true CFG"). ``batch_size`` images go through the denoiser at once (default:
     all); each image's noise comes from its seed alone, so batching does not change them."""
+    return torch.cat(list(image_batches(model, prompts, seeds, steps, guidance_scale, denoiser,
+                                        resolution, negative_prompt, true_cfg_scale,
+                                        batch_size)))
+
+
+def image_batches(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
+                  guidance_scale: float = 1.0, denoiser=None, resolution: int | None = None,
+                  negative_prompt: str = "", true_cfg_scale: float = 1.0,
+                  batch_size: int | None = None):
+    """``sample_images``'s images a batch at a time, each [b, 3, H, W] on the host as it is
+    sampled, so a caller can save and score them before the next (thousands of fp32 images
+    held at once are gigabytes)."""
     denoiser = denoiser if denoiser is not None else model.denoiser
     check_negative_prompt(model.family, negative_prompt, guidance_scale, true_cfg_scale)
     if model.family == "flux":
@@ -57,9 +69,9 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
     was_training = denoiser.training
     denoiser.eval()
     try:
-        return torch.cat([_denoised(model, denoiser, rows[start : start + size], steps,
-                                    guidance_scale, resolution, negative_prompt, true_cfg_scale)
-                          for start in range(0, len(rows), size)])
+        for start in range(0, len(rows), size):
+            yield _denoised(model, denoiser, rows[start : start + size], steps, guidance_scale,
+                            resolution, negative_prompt, true_cfg_scale)
     finally:
         denoiser.train(was_training)
 
