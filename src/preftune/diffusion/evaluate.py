@@ -12,7 +12,7 @@ from ..score.base import checked, prefer_by_scores
 from .data import tensor_image
 from .model import load_for_sampling
 from .pipeline_files import pipeline_dir, saved_denoiser_dtype
-from .sample import sample_images
+from .sample import image_batches
 
 
 def image_scorer(spec: str):
@@ -48,10 +48,10 @@ def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, st
     rows = [prompt for prompt in prompts for _ in seeds]
     images = {}
     for name, model in (("policy", policy), ("reference", reference)):
-        images[name] = released(lambda: [tensor_image(x) for x in sample_images(
+        images[name] = released(lambda: [tensor_image(x) for batch in image_batches(
             model(), prompts, seeds, steps, guidance_scale, resolution=resolution,
             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
-            batch_size=batch_size)])
+            batch_size=batch_size) for x in batch])  # (8-bit images; no fp32 copy of them all)
     scores = {name: checked(scorer.score(rows, images[name]), scorer.name, len(rows))
               for name in images}
     wins = (scorer.prefer(rows, images["policy"], images["reference"])
