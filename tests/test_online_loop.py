@@ -653,3 +653,41 @@ def test_one_policy_sized_model_is_held_at_a_time(model_dir, data, tmp_path, mon
     # initial evaluation: scorer, model; round 1: sampling's policy, scorer, then the
     # evaluation's scorer, the round's model and the initial model for the KL
     assert len(loaded) == 4 and alive == [0, 0, 0, 0, 0, 0, 0]
+
+
+def test_refused_runs_leave_nothing_and_an_overwrite_puts_the_old_run_back(model_dir, data,
+                                                                          tmp_path, capsys):
+    """An empty prompts file and a judge that is no model are refused before output_dir is
+    made; a run refused in its first phase (a model.path that is no model, found when round 1
+    loads it to sample, round-1/ made) takes back the folders it made, and the run
+    --overwrite moved aside for it."""
+    from preftune.data.records import DataError
+
+    def config(**changes):
+        tree = config_tree(model_dir, data, tmp_path / "o")
+        for key, value in changes.items():
+            section, _, name = key.partition("__")
+            tree[section] = value if not name else {**tree[section], name: value}
+        return build_config(tree, schema=OnlineConfig)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=f"{empty}: no rows; an online run samples answers"):
+        run_online(config(data__train=str(empty)))
+    with pytest.raises(ConfigError, match=r"online.scorer: scorer 'judge:\S*nowhere': \S*nowhere "
+                                          "is neither a model directory nor a .gguf file"):
+        run_online(config(online__scorer=f"judge:{tmp_path / 'nowhere'}"))
+    assert not (tmp_path / "o").exists()
+    broken = config(model__path=str(tmp_path / "no-model"), data__eval=None)
+    with pytest.raises(FileNotFoundError, match="no-model is neither a model directory"):
+        run_online(broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+    kept = tmp_path / "kept"
+    (kept / "round-1").mkdir(parents=True)
+    (kept / "round-1" / "samples.jsonl").write_text("{}\n")
+    capsys.readouterr()
+    with pytest.raises(FileNotFoundError, match="no-model is neither a model directory"):
+        run_online(broken.model_copy(update={"output_dir": str(kept)}), overwrite=True)
+    assert (kept / "round-1" / "samples.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "kept"]
+    assert f"was moved back to {kept}: the new run wrote nothing" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from accelerate import PartialState
 from ..config import Config
 from ..data.hub import locate
 from ..data.images import attach_images, image_ref
-from ..data.records import Unpaired, required_prompt
+from ..data.records import DataError, Unpaired, required_prompt
 from ..data.shapes import TEXT_FIELDS
 from ..data.sources import images_folder, read_rows
 from ..data.system import with_system
@@ -61,6 +61,9 @@ def read_prompts(paths, fields: dict, use: str, rename: str) -> list[Prompt]:
             seen.setdefault(key + json.dumps(tools, sort_keys=True), Prompt(
                 origin, shown.prompt, _text(row.get(fields.get("rejected", "rejected"))),
                 _text(row.get(fields.get("chosen", "chosen"))), tools, shown.images))
+    if not seen:
+        raise DataError(f"{', '.join(map(str, [paths] if isinstance(paths, str) else paths))}: "
+                        f"no rows; {use}: give a file of rows with a prompt.")
     return list(seen.values())
 
 

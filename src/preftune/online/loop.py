@@ -91,11 +91,10 @@ def start_rounds(config, resume: bool, overwrite: bool) -> Path:
         raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
                           "over with --overwrite (the old run is moved aside), or choose another "
                           "output_dir.")
-    if has_started(out) and overwrite:
-        move_aside(out)
+    aside = move_aside(out) if has_started(out) and overwrite else None
     if resume:
         check_resume(config, may_change=ROUNDS_MAY_CHANGE)
-    prepare_output_dir(str(out), resume=resume)
+    prepare_output_dir(str(out), resume=resume, aside=aside)
     (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     return out
 

@@ -95,19 +95,22 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
     or reward model's weights are read when the scorer loads)."""
     if spec == "synthetic":
         load_scorer(spec, data)  # the checkers come from the data file: cheap
-    elif spec.startswith(("judge:", "judge-pair:", "follow-up:")) or \
-            FunctionScorer.registered(spec):
+    elif spec.startswith(("judge:", "judge-pair:", "follow-up:")):
+        check_local_model(spec, spec.split(":", 1)[1])
+    elif FunctionScorer.registered(spec):
         return
     elif spec.endswith((".yaml", ".yml")):
         tree = read_scorer_file(spec)
         if isinstance(tree, dict) and "follow_up" in tree:
             from .follow_up import follow_up_options
 
-            follow_up_options(spec, tree)
+            check_local_model(f"scorer file {spec}: follow_up.model",
+                              follow_up_options(spec, tree)[0])
         elif isinstance(tree, dict) and "compositional" in tree:
             from .compositional import compositional_options
 
-            compositional_options(spec, tree)
+            check_local_model(f"scorer file {spec}: compositional.judge",
+                              compositional_options(spec, tree)["judge"])
         elif not (isinstance(tree, dict) and "render" in tree):  # a combination: each term
             for term in check_combination(spec, tree):
                 check_scorer(term, data)
@@ -119,6 +122,20 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
         FunctionScorer.from_spec(spec)
     elif not Path(spec).exists():
         raise _unknown(spec)
+
+
+def check_local_model(what: str, path: str) -> None:
+    """A model a scorer names by a local path (not ``policy``, the bundled ``default`` or a Hub
+    id) is a model directory, or a ``ConfigError`` saying so under ``what``."""
+    from ..model.load import resolve_model_dir
+
+    if not Path(path).expanduser().exists() and not path.startswith((".", "/", "~")):
+        return
+    try:
+        resolve_model_dir(path, weights=False)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{what if what.startswith('scorer file') else f'scorer {what!r}'}: "
+                          f"{str(error).removeprefix('model.path: ')}") from None
 
 
 def _unknown(spec: str) -> ConfigError:

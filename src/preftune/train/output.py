@@ -32,8 +32,11 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any((out / name).exists() for name in RUN_MARKERS)
 
 
-def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False) -> Path:
-    """``path`` ready to write into, or a ``ConfigError`` naming ``output_dir`` and what to do."""
+def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False,
+                       aside: Path | None = None) -> Path:
+    """``path`` ready to write into, or a ``ConfigError`` naming ``output_dir`` and what to do.
+    ``aside``: where the caller moved a previous run (``move_aside``), put back if the new run
+    writes nothing."""
     out = Path(path)
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it; "
@@ -43,7 +46,6 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False)
                           "output_dir (the file is left as it is).")
     if out.is_dir():
         check_free(out)
-    aside = None
     if holds_run(out) and not resume:
         if not overwrite:
             from .checkpoint import checkpoints

@@ -70,8 +70,9 @@ def check_free(out: Path) -> None:
 
 def release(out: Path) -> None:
     """Let go of ``out``'s lock, and remove the file, if this process holds it; then undo
-    ``claim``'s making of ``out`` if nothing but the run's header (``HEADER``) was written
-    there: a refused run (bad data, a missing model, a model that cannot take the data)."""
+    ``claim``'s making of ``out`` if nothing but the run's header (``HEADER``) and empty
+    folders were written there: a refused run (bad data, a missing model, a model that cannot
+    take the data, a scorer that does not load)."""
     key = out.resolve()
     handle = _HELD.pop(key, None)
     if handle is not None:
@@ -79,14 +80,30 @@ def release(out: Path) -> None:
         os.close(handle)
     if key in _MADE:
         given, aside = _MADE.pop(key)
-        if key.is_dir() and {path.name for path in key.iterdir()} <= HEADER:
-            for name in HEADER:
-                (key / name).unlink(missing_ok=True)
+        if key.is_dir() and {path.name for path in key.iterdir()
+                             if not _empty_folder(path)} <= HEADER:
+            for path in key.iterdir():
+                if path.is_dir():
+                    _remove_empty(path)
+                else:
+                    path.unlink()
         with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
             key.rmdir()
             if aside is not None:
                 aside.rename(given)
                 print(f"{aside} was moved back to {given}: the new run wrote nothing")
+
+
+def _empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding nothing but (nested) empty folders."""
+    return path.is_dir() and not path.is_symlink() and all(
+        _empty_folder(inner) for inner in path.iterdir())
+
+
+def _remove_empty(folder: Path) -> None:
+    for inner in folder.iterdir():
+        _remove_empty(inner)
+    folder.rmdir()
 
 
 def holding_output_dirs(run):
