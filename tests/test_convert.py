@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -184,3 +185,33 @@ def test_lists_that_all_tie_make_no_pairs_and_say_so(tmp_path, tiny_tokenizer):
                                         r"held out of data.train .* Raise data.eval_fraction, "
                                         r"or give data.eval."):
         prepare_examples(config.data, tiny_tokenizer, seed=seed)
+
+
+def test_held_out_data_of_another_shape_or_a_split_that_leaves_nothing_is_refused(
+        tmp_path, tiny_tokenizer):
+    """data.eval is measured as training data is trained on: ranked lists beside pairs (which
+    a pair objective would read as a pair of the list's first two responses) are refused by
+    name, as lists are beside the pairs data.convert makes of training lists; an
+    eval_fraction that holds every record out leaves nothing to train on."""
+    from preftune.config import build_config
+    from preftune.data.prepare import prepare_examples
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{k}", "chosen": "a", "rejected": "bb"})
+                             + "\n" for k in range(3)))
+    lists = _ranked_file(tmp_path / "lists.jsonl", [("q0", [1, 2, 3])])
+    config = build_config({"data": {"train": str(pairs), "eval": lists, "max_length": 32}})
+    with pytest.raises(DataError, match=r"data.eval holds ranked records \(\S*lists.jsonl:1\) "
+                                        r"and data.train pairs records; .* give data.eval pairs "
+                                        r"records.$"):
+        prepare_examples(config.data, tiny_tokenizer, seed=0)
+    both = build_config({"data": {"train": lists, "eval": lists, "max_length": 32,
+                                  "convert": "pairs:best_vs_worst"}})
+    train, held_out, _, shape = prepare_examples(both.data, tiny_tokenizer, seed=0)
+    assert shape == "pairs" and len(train) == len(held_out) == 1
+    assert [len(ids) for ids in held_out[0].response_ids] == [4, 2]  # "ccc" over "a", + EOS
+    greedy = build_config({"data": {"train": str(pairs), "eval_fraction": 0.9,
+                                    "max_length": 32}})
+    with pytest.raises(DataError, match=r"data.eval_fraction 0.9 of the 3 records of data.train "
+                                        "holds them all out, leaving none to train on"):
+        prepare_examples(greedy.data, tiny_tokenizer, seed=0)

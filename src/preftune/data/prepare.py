@@ -85,9 +85,20 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
         n_eval = max(1, round(len(order) * data_config.eval_fraction))
         eval_records = [train_records[i] for i in sorted(order[:n_eval])]
         train_records = [train_records[i] for i in sorted(order[n_eval:])]
+        if not train_records:
+            raise DataError(f"data.eval_fraction {data_config.eval_fraction} of the "
+                            f"{n_eval} records of data.train holds them all out, leaving none "
+                            "to train on: lower data.eval_fraction (0 holds none out), or give "
+                            "more records or a data.eval file.")
     train_records = _converted(train_records, data_config, seed, "data.train")
     eval_records = _converted(eval_records, data_config, seed, "data.eval")
     shape = data_shape(train_records)
+    if eval_records and data_shape(eval_records) != shape:
+        first = eval_records[0]
+        raise DataError(f"data.eval holds {first.shape} records ({first.origin}) and data.train "
+                        f"{shape} records; a run is measured on the shape it trains on (a "
+                        "pair objective would read a list's first two responses as its pair): "
+                        f"give data.eval {shape} records.")
     if data_config.curriculum:
         train_records = curriculum_order(train_records)
     train, train_report = tokenize(train_records, tokenizer, settings, skipped=skipped)
