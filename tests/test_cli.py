@@ -275,6 +275,33 @@ def test_counts_out_of_range_are_usage_errors(argv, option, capsys):
     assert f"argument {option}: must be at least" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "m", "--data", "d", "--output", "FILE"], "--output FILE is a file"),
+    (["rm", "eval", "--model", "m", "--data", "d", "--output", "FILE"],
+     "--output FILE is a file"),
+    (["rm", "score", "--model", "m", "--data", "d", "--output", "DIR", "--overwrite"],
+     "--output DIR is a folder; name the file to write (e.g. DIR/d)"),
+    (["compare", "--objectives", "dpo", "--output-dir", "FILE"], "--output-dir FILE is a file"),
+    (["compare", "--objectives", " , "], "--objectives names no objective"),
+    (["compare", "--objectives", "dpo,ipo,dpo"], "--objectives names dpo more than once"),
+])
+def test_outputs_of_the_wrong_kind_and_empty_lists_are_refused_before_any_work(
+        argv, message, tmp_path, capsys):
+    """eval's and rm eval's --output and compare's --output-dir are folders, rm score's
+    --output a file: the other kind is refused before anything loads (it was found after
+    the work, with a traceback), and the file or folder is left as it was; compare refuses an
+    empty or repeating objective list (an empty one wrote an empty leaderboard over the
+    last)."""
+    (tmp_path / "FILE").write_text("kept")
+    (tmp_path / "DIR").mkdir()
+    argv = [str(tmp_path / a) if a in ("FILE", "DIR") else a for a in argv]
+    assert main(argv) == 2
+    assert message.replace("FILE", str(tmp_path / "FILE")).replace(
+        "DIR", str(tmp_path / "DIR")) in capsys.readouterr().err
+    assert (tmp_path / "FILE").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "FILE"]
+
+
 def test_data_synthetic_never_replaces_other_data_unasked(tmp_path, capsys):
     out = tmp_path / "data"
     args = ["data", "synthetic", "--output-dir", str(out), "--train", "4", "--eval", "2"]

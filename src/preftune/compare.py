@@ -23,7 +23,7 @@ from .config import ConfigError, build_config, load_config, read_tree
 from .model.load import released
 from .objectives import get_objective
 from .score import check_scorer
-from .train.output import resumable
+from .train.output import check_output_folder, resumable
 
 # leaderboard columns: (key in the entry, header, format); missing values print as "-"
 COLUMNS = [
@@ -55,6 +55,14 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     from .evaluate.run_eval import EvalOptions, read_pairs, run_eval
     from .train.loop import train
 
+    if not objectives:
+        raise ConfigError("--objectives names no objective; give a comma-separated list, e.g. "
+                          "dpo,ipo,simpo (preftune objectives lists them).")
+    twice = sorted({name for name in objectives if objectives.count(name) > 1})
+    if twice:
+        raise ConfigError(f"--objectives names {', '.join(twice)} more than once; each "
+                          "objective trains once, into OUTPUT_DIR/<objective>.")
+    check_output_folder(output_dir, "--output-dir")
     if any(o.partition("=")[0].strip() == "output_dir" for o in overrides):
         raise ConfigError("compare writes each objective's run to OUTPUT_DIR/<objective>: give "
                           "--output-dir DIR instead of --set output_dir=DIR.")

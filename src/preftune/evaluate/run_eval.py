@@ -30,6 +30,7 @@ from ..model.forward import SequenceStats
 from ..model.chat_template import use_chat_template
 from ..model.load import given_as, load_tokenizer, released, resolve_model_dir, saved_dtype
 from ..score import check_scorer, load_scorer
+from ..train.output import check_output_folder
 from . import diagnostics as D
 from .generated import greedy_answers, sampled_metrics, win_rate
 from .run_models import load_models, model_location, run_reference
@@ -90,6 +91,8 @@ def read_pairs(options: EvalOptions) -> list:
 def run_eval(options: EvalOptions) -> dict:
     """Run every diagnostic, write ``eval.json`` and ``eval_pairs.jsonl``; return the results."""
     _check_options(options)
+    if options.output:
+        check_output_folder(options.output, "--output")
     model_dir, run_dir = model_location(options.model)
     if options.reference is None:
         options = replace(options, reference=run_reference(run_dir))

@@ -39,6 +39,7 @@ from ..data.shapes import TEXT_FIELDS
 from ..data.sources import load_records, read_rows
 from ..evaluate.diagnostics import pearson
 from ..train.logging import progress_bar
+from ..train.output import check_output_folder
 from .scoring import RewardScoring
 
 RESULTS_FILE = "rm_eval.json"
@@ -167,6 +168,8 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
     started = time.perf_counter()
     if options.bins < 1:
         raise ConfigError("--bins must be at least 1")
+    if options.output:
+        check_output_folder(options.output, "--output")
     records = load_records(options.data, fields=options.fields)
     raw = [row for _, row in read_rows(options.data,
                                        set(TEXT_FIELDS) | set((options.fields or {}).values()))]

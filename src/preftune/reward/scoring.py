@@ -130,6 +130,9 @@ def new_output_file(output: str, source: str, overwrite: bool) -> Path:
     """``--output`` as a path, refused when it is the ``source`` file the command reads, or
     exists (unless ``overwrite``)."""
     target = Path(output)
+    if target.is_dir():
+        raise DataError(f"--output {output} is a folder; name the file to write (e.g. "
+                        f"{target / Path(source).name}).")
     if target.resolve() == Path(source).resolve():
         raise DataError(f"--output {output} is the file the command reads; write to a new "
                         "file.")

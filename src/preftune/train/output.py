@@ -64,6 +64,18 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False,
     return out
 
 
+def check_output_folder(path, flag: str) -> None:
+    """The folder a command writes its results into (``flag`` names it), checked before the
+    work: not a file, and one this process may write in when it exists."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {folder} is a file; it names the folder the results are "
+                          "written into: choose a folder (the file is left as it is).")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {folder} cannot be written; choose a folder you can write "
+                          "to.")
+
+
 def check_writable(directory: Path, key: str) -> None:
     """``directory`` made and written to once, or a ``ConfigError`` naming the config ``key``
     it comes from: before the work whose result goes there."""
