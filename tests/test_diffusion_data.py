@@ -4,6 +4,7 @@ record and the field; the diffusion config's checks."""
 import base64
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -153,9 +154,48 @@ def test_a_misspelt_image_scorer_lists_the_image_scorers():
     from preftune.config import ConfigError
     from preftune.diffusion.evaluate import image_scorer
 
-    with pytest.raises(ConfigError, match=r"scorer 'shape_color': .* For images: shape_colour "
-                                          r"\(the demo's checker\), spm:PATH"):
+    with pytest.raises(ConfigError, match=r"^scorer 'shape_color': expected shape_colour \(the "
+                                          r"demo's checker\), spm:PATH .* Did you mean "
+                                          r"'shape_colour'\?$"):
         image_scorer("shape_color")
+
+
+def test_text_scorers_are_refused_for_images_before_anything_loads(tmp_path):
+    """A reward model, an LLM judge, follow-up likelihood, the synthetic checkers and files of
+    them rate text: on images a reward model failed after sampling (with a traceback) and a
+    judge rated nothing meaningful; they are refused by kind, as is a combination with such
+    a term, or one that names itself."""
+    import yaml
+
+    from preftune.config import ConfigError
+    from preftune.diffusion.evaluate import check_image_scorer
+
+    files = {"follow.yaml": {"follow_up": {"model": "default"}},
+             "render.yaml": {"render": {"pipeline": "p", "scorer": "shape_colour"}},
+             "mixed.yaml": {"terms": [{"scorer": "preftune.diffusion.shapes:colour_score"},
+                                      {"scorer": "judge:default", "weight": 0.5}]},
+             "loop.yaml": {"terms": [{"scorer": str(tmp_path / "loop.yaml")}]}}
+    for name, tree in files.items():
+        (tmp_path / name).write_text(yaml.safe_dump(tree))
+    (tmp_path / "rm").mkdir()
+    for spec, kind in [("rm:runs/rm", "a reward model"), ("judge:default", "an LLM judge"),
+                       ("judge-pair:policy", "a pairwise LLM judge"),
+                       ("follow-up:default", "follow-up likelihood"),
+                       ("synthetic", "the synthetic checkers"),
+                       (str(tmp_path / "rm"), "a reward model"),
+                       (str(tmp_path / "follow.yaml"), "follow-up likelihood"),
+                       (str(tmp_path / "render.yaml"), "a render scorer"),
+                       (str(tmp_path / "mixed.yaml"), "an LLM judge")]:
+        with pytest.raises(ConfigError, match=f"scorer '{re.escape(spec)}' is {kind}.* which "
+                                              "rates text, not images; for images give "
+                                              r"shape_colour \(the demo.s checker\), spm:PATH"):
+            check_image_scorer(spec)
+    with pytest.raises(ConfigError, match="a combination that names itself among its terms"):
+        check_image_scorer(str(tmp_path / "loop.yaml"))
+    with pytest.raises(ConfigError, match=r"scorer 'spm:nowhere': nowhere is not a directory"):
+        check_image_scorer("spm:nowhere")
+    for spec in ("shape_colour", "preftune.diffusion.shapes:colour_score"):
+        check_image_scorer(spec)  # image scorers pass
 
 
 @pytest.mark.parametrize("path", sorted(

@@ -198,3 +198,21 @@ def test_two_processes_run_the_rounds_as_one(parts, tmp_path):
         assert evaluations[1]["mean_score/policy"] == pytest.approx(
             evaluations[0]["mean_score/policy"], abs=0.02)
     assert len(json.loads((tmp_path / "two/online.json").read_text())["rounds"]) == 2
+
+
+def test_text_scorers_and_missing_pipelines_are_refused_before_the_rounds_start(parts, tmp_path):
+    """A text scorer among online.scorers is refused by its position before anything is
+    written (--plan too); a model.path that is no pipeline, found when round 1 loads it,
+    leaves no folder behind (a rerun was refused as 'already holds an online run')."""
+    out = tmp_path / "o"
+    judged = DiffusionOnlineConfig.from_dict(tree(parts, out, scorers=["shape_colour",
+                                                                       "judge:default"]))
+    for plan_only in (True, False):
+        with pytest.raises(ConfigError, match=r"online.scorers\[1\]: scorer 'judge:default' is "
+                                              "an LLM judge, which rates text, not images"):
+            run_diffusion_online(judged, plan_only=plan_only)
+    missing = tree(parts, out)
+    missing["model"]["path"] = str(tmp_path / "no-pipeline")
+    with pytest.raises(Exception, match="no-pipeline"):
+        run_diffusion_online(DiffusionOnlineConfig.from_dict(missing), show_progress=False)
+    assert not out.exists()

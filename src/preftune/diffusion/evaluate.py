@@ -4,6 +4,7 @@ the policy wins a (prompt, seed) when the scorer prefers its image (a tie counts
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -15,10 +16,18 @@ from .pipeline_files import pipeline_dir, saved_denoiser_dtype
 from .sample import image_batches
 
 
+TEXT_PREFIXES = {"rm:": "a reward model", "judge:": "an LLM judge",
+                 "judge-pair:": "a pairwise LLM judge", "follow-up:": "follow-up likelihood"}
+IMAGE_SCORERS = ("shape_colour (the demo's checker), spm:PATH (a step-aware preference model) or "
+                 "module:function(prompt, PIL image) -> float")
+
+
 def image_scorer(spec: str):
     """``shape_colour`` (the demo's checker), ``spm:PATH`` (a step-aware preference model,
     ``preftune diffusion spm``) or any scorer spec ``load_scorer`` reads whose
-    ``score(prompts, responses)`` accepts PIL images (e.g. ``module:function``)."""
+    ``score(prompts, responses)`` accepts PIL images (e.g. ``module:function``), checked
+    first (``check_image_scorer``)."""
+    check_image_scorer(spec)
     if spec == "shape_colour":
         from .shapes import ColourScorer
 
@@ -33,9 +42,61 @@ def image_scorer(spec: str):
     try:
         return load_scorer(spec)
     except ConfigError as error:
-        raise ConfigError(f"{error} For images: shape_colour (the demo's checker), spm:PATH (a "
-                          "step-aware preference model) or module:function(prompt, PIL image) "
-                          "-> float.") from None
+        raise ConfigError(f"{error} For images: {IMAGE_SCORERS}.") from None
+
+
+def check_image_scorer(spec: str) -> None:
+    """Refuse, before any model loads, a scorer that cannot rate images: one that reads text
+    (a reward model, an LLM judge, follow-up likelihood, the synthetic checkers, a render or
+    compositional file, a combination with such a term; they fail on an image, or rate its
+    description), an spm: path that is no folder, or a spec ``check_scorer`` refuses."""
+    from ..config import ConfigError
+    from ..score import check_scorer, is_function_spec
+
+    if spec == "shape_colour":
+        return
+    if spec.startswith("spm:"):
+        if not Path(spec[4:]).is_dir():
+            raise ConfigError(f"scorer {spec!r}: {spec[4:]} is not a directory (a step-aware "
+                              "preference model from preftune diffusion spm).")
+        return
+    if not (is_function_spec(spec) or spec.endswith((".yaml", ".yml")) or Path(spec).exists()
+            or spec.startswith(tuple(TEXT_PREFIXES)) or spec == "synthetic"):
+        near = difflib.get_close_matches(spec, ["shape_colour", "spm:"], n=1)
+        raise ConfigError(f"scorer {spec!r}: expected {IMAGE_SCORERS}."
+                          + (f" Did you mean {near[0]!r}?" if near else ""))
+    if not spec.startswith(tuple(TEXT_PREFIXES)) and spec != "synthetic":  # (said below)
+        try:  # (a combination that names itself is refused here, before it is read)
+            check_scorer(spec)
+        except ConfigError as error:
+            raise ConfigError(f"{error} For images: {IMAGE_SCORERS}.") from None
+    reads = _reads_text(spec)
+    if reads:
+        raise ConfigError(f"scorer {spec!r} is {reads}, which rates text, not images; for "
+                          f"images give {IMAGE_SCORERS}.")
+
+
+def _reads_text(spec: str) -> str | None:
+    """What text scorer ``spec`` is (or a combination's first text term), else None."""
+    from ..score import is_function_spec, read_scorer_file
+    from ..score.combine import check_combination
+
+    for prefix, kind in TEXT_PREFIXES.items():
+        if spec.startswith(prefix):
+            return kind
+    if spec == "synthetic":
+        return "the synthetic checkers"
+    if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+        tree = read_scorer_file(spec)
+        for key, kind in (("follow_up", "follow-up likelihood"),
+                          ("compositional", "a compositional preference model"),
+                          ("render", "a render scorer (it renders text into images)")):
+            if isinstance(tree, dict) and key in tree:
+                return kind
+        return next(filter(None, map(_reads_text, check_combination(spec, tree))), None)
+    if Path(spec).is_dir() and not is_function_spec(spec):
+        return "a reward model"
+    return None
 
 
 def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, steps: int = 25,

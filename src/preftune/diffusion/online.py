@@ -115,6 +115,7 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     from accelerate import Accelerator
 
     from ..online.loop import has_started
+    from .evaluate import check_image_scorer
     from .model import pipeline_family
     from .sample import check_negative_prompt
 
@@ -122,6 +123,11 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     if family is not None:  # settings that would do nothing, before anything is written
         check_negative_prompt(family, config.online.negative_prompt, config.online.guidance_scale,
                               config.online.true_cfg_scale, ONLINE_KEYS[1:])
+    for number, spec in enumerate(config.online.scorers):
+        try:
+            check_image_scorer(spec)
+        except ConfigError as error:
+            raise ConfigError(f"online.scorers[{number}]: {error}") from None
     column = {"prompt": config.data.fields.get("prompt", "prompt")}  # read before anything
     prompts = _distinct_prompts(config.data.train, column)              # is written
     held_out = _distinct_prompts(config.data.eval, column) if config.data.eval else prompts

@@ -89,10 +89,12 @@ def load_scorer(spec: str, data: str | list[str] | None = None,
     raise _unknown(spec)
 
 
-def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
+def check_scorer(spec: str, data: str | list[str] | None = None,
+                 within: tuple[Path, ...] = ()) -> None:
     """Refuse a scorer spec that cannot work, without loading a model: its form, the file or
-    directory it names, the function it imports; what a run checks before any work (a judge's
-    or reward model's weights are read when the scorer loads)."""
+    directory it names, the function it imports, a combination that names itself (``within``:
+    the combination files being checked); what a run checks before any work (a judge's or
+    reward model's weights are read when the scorer loads)."""
     if spec == "synthetic":
         load_scorer(spec, data)  # the checkers come from the data file: cheap
     elif spec.startswith(("judge:", "judge-pair:", "follow-up:")):
@@ -112,8 +114,14 @@ def check_scorer(spec: str, data: str | list[str] | None = None) -> None:
             check_local_model(f"scorer file {spec}: compositional.judge",
                               compositional_options(spec, tree)["judge"])
         elif not (isinstance(tree, dict) and "render" in tree):  # a combination: each term
+            here = Path(spec).resolve()
+            if here in within:
+                chain = " -> ".join(str(path) for path in (*within, here))
+                raise ConfigError(f"scorer file {spec}: a combination that names itself among "
+                                  f"its terms ({chain}) would never finish scoring; remove "
+                                  "that term.")
             for term in check_combination(spec, tree):
-                check_scorer(term, data)
+                check_scorer(term, data, (*within, here))
     elif spec.startswith("rm:"):
         if not Path(spec.removeprefix("rm:")).is_dir():
             raise ConfigError(f"scorer {spec!r}: {spec.removeprefix('rm:')} is not a directory "
