@@ -205,6 +205,31 @@ def test_lora_reward_model_saves_adapter_and_merged_model(workspace, variant):
     torch.testing.assert_close(via_adapter, merged, atol=1e-5, rtol=1e-5)
 
 
+def test_an_unmerged_lora_reward_model_scores_as_the_merged_one(workspace, tmp_path):
+    """With model.lora.save_merged: false only adapter/ is written; every command that takes
+    a reward model loads it on its base (it was 'not a preftune reward model'), scoring as the
+    merged model of the same training does."""
+    from preftune.cli import main
+    from preftune.reward.cli import done_line
+
+    settings = {"model": {"lora": {"r": 4, "alpha": 8}}, "train": {"max_steps": 3}}
+    merged = train(workspace, "lora-merged", **settings)
+    settings["model"]["lora"]["save_merged"] = False
+    unmerged = train(workspace, "lora-unmerged", **settings)
+    assert not (unmerged / "model").exists() and (unmerged / "adapter").is_dir()
+    assert done_line(unmerged).startswith(f"done: reward model as a LoRA adapter in "
+                                          f"{unmerged / 'adapter'}")
+    records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=str(i))
+               for i, r in enumerate(digit_pairs(4, 5))]
+    ours, theirs = (torch.stack(RewardScoring.load(str(run)).outputs(records))
+                    for run in (unmerged, merged))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    data = write_jsonl(tmp_path / "pairs.jsonl", digit_pairs(4, 5))
+    assert main(["rm", "score", "--model", str(unmerged), "--data", str(data), "--output",
+                 str(tmp_path / "scored.jsonl")]) == 0
+    assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 4
+
+
 def test_ranked_lists_train_with_plackett_luce_and_score_as_lists(workspace, tmp_path):
     rows = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], r["rejected"] + "x"],
              "scores": [2, 1, 0]} for r in digit_pairs(64, 6)]

@@ -20,6 +20,10 @@ def done_line(output_dir) -> str:
     from .vision import SCORE_FILE
 
     saved = output_dir / "model"
+    if not saved.is_dir():  # model.lora.save_merged: false
+        return (f"done: reward model as a LoRA adapter in {output_dir / 'adapter'} (preftune's "
+                f"commands load it on its base; PEFT's PeftModel does too), metrics in "
+                f"{output_dir / 'metrics.jsonl'}")
     loads = (f"AutoModelForImageTextToText loads the model, {SCORE_FILE} holds its head"
              if (saved / SCORE_FILE).is_file() else "AutoModelForSequenceClassification loads it")
     return f"done: reward model in {saved} ({loads}), metrics in {output_dir / 'metrics.jsonl'}"

@@ -28,7 +28,8 @@ from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, builds, check_weights_format, is_vision_language,
                           load_tokenizer, resolve_model_dir, saved_dtype)
 from ..model.lora import add_lora
-from ..model.adapter_dirs import merged_copy, save_model
+from ..model.adapter_dirs import (adapter_base, is_adapter_dir, merge_adapter, merged_copy,
+                                  save_model)
 from ..model.quantize import loading_arguments, settle
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
@@ -145,12 +146,13 @@ class RewardModel(nn.Module):
 
 
 def reward_model_dir(path: str) -> Path:
-    """The directory of a saved reward model given it or the run directory above it."""
+    """The directory of a saved reward model given it or the run directory above it (whose
+    ``adapter/`` is the model when LoRA wrote no merged one, ``model.lora.save_merged:
+    false``)."""
     directory = Path(path)
-    if (directory / "model" / HEAD_FILE).exists():
-        return directory / "model"
-    if (directory / HEAD_FILE).exists():
-        return directory
+    for inner in (directory / "model", directory / "adapter", directory):
+        if (inner / HEAD_FILE).exists():
+            return inner
     raise FileNotFoundError(
         f"{path} is not a preftune reward model: no {HEAD_FILE} in it or in {path}/model. Pass "
         "the output_dir of `preftune rm train` (or its model/ directory).")
@@ -203,6 +205,11 @@ def load_backbone(path: str, head: Head, dtype: str = "float32", trust_remote_co
 
     source = resolve_model_dir(path)
     dtype = saved_dtype(source) if dtype == "auto" else dtype
+    if is_adapter_dir(source):  # a LoRA reward model saved unmerged: its base, the adapter in
+        base, tokenizer = load_backbone(adapter_base(source), head, dtype, trust_remote_code,
+                                        attn_implementation, tokenizer, quantize, device,
+                                        announce=False)
+        return merge_adapter(base, source), tokenizer
     check_weights_format(source)
     if tokenizer is None:
         _, tokenizer = backbone_tokenizer(source, trust_remote_code)
