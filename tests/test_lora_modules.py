@@ -2,6 +2,8 @@
 adapter carries them, the merged model has them, tied embeddings stay tied, and the
 adapters-off reference keeps the originals."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,3 +58,23 @@ def test_a_module_name_the_model_lacks_is_refused_by_name(workspace):  # noqa: F
 
         DiffusionConfig.from_dict({"model": {"path": "x", "lora": LORA}})
     build_config({"model": {"lora": LORA}})  # a policy takes it
+
+
+def test_target_modules_that_name_nothing_are_refused_and_one_name_is_a_name(workspace):  # noqa: F811
+    """A target module the model lacks (in a list, or a pattern matching no module's whole
+    name) is refused by name before training (it was peft's traceback); a plain string
+    names a module, as in a list (peft would match it as a whole path, and find nothing)."""
+    for target, missing in ((["q_proj", "q_prj"], "q_prj"), (r".*\.q_prj", r".*\.q_prj")):
+        with pytest.raises(ConfigError, match=f"model.lora.target_modules: "
+                                              f"{re.escape(repr(missing))} names no "
+                                              "module of LlamaForCausalLM; its linear layers "
+                                              "are called down_proj, gate_proj, k_proj"):
+            run(workspace, "no-target", model__lora={**LORA, "target_modules": target})
+    one = run(workspace, "one-target", model__lora={"r": 4, "target_modules": "q_proj"})
+    pattern = run(workspace, "pattern-target",
+                  model__lora={"r": 4, "target_modules": r".*\.q_proj"})
+    adapted = [sorted(load_file(run_dir / "adapter" / "adapter_model.safetensors"))
+               for run_dir in (one, pattern)]
+    assert adapted[0] == adapted[1] and adapted[0]
+    assert all(".q_proj." in name for name in adapted[0])
+    assert losses(one) == pytest.approx(losses(pattern), rel=1e-6)

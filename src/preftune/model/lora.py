@@ -17,6 +17,8 @@ def peft_lora_config(lora, **settings):
     from peft import LoraConfig  # installed: checked when model.lora was read
 
     target = lora.target_modules
+    if isinstance(target, str) and target != "all-linear" and re.fullmatch(r"[\w.]+", target):
+        target = [target]  # a module's name, not a pattern (peft would match it as a whole path)
     settings.setdefault("init_lora_weights", INITS[lora.init])
     if lora.modules_to_save:  # (a reward model's head is added to them by peft)
         settings.update(modules_to_save=list(lora.modules_to_save), ensure_weight_tying=True)
@@ -42,6 +44,7 @@ def add_lora(model, lora, task_type: str = "CAUSAL_LM"):
     check_modules_to_save(model, lora.modules_to_save)
     check_target_parameters(model, lora.target_parameters)
     settings = peft_lora_config(lora, task_type=task_type)
+    check_target_modules(model, settings.target_modules)
     # peft leaves the output layer out of all-linear in transformers models only: a VLM reward
     # model (preftune's module) would get adapters on its unused language-model head
     if settings.target_modules == "all-linear" and not isinstance(model, PreTrainedModel):
@@ -78,6 +81,26 @@ def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
             raise ConfigError(f"model.lora.modules_to_save: no module of {type(model).__name__} "
                               f"is called {wanted!r}; module names include "
                               f"{', '.join(tops[:12])}.")
+
+
+def check_target_modules(model: nn.Module, target) -> None:
+    """model.lora.target_modules names layers of ``model``, as peft matches them: each name of
+    a list is a module's full name or its last parts, a string other than all-linear a
+    pattern of the whole name."""
+    if target == "all-linear":
+        return
+    modules = [name for name, _ in model.named_modules() if name]
+    if isinstance(target, str):
+        missing = [] if any(re.fullmatch(target, name) for name in modules) else [target]
+    else:
+        missing = [wanted for wanted in target
+                   if not any(name == wanted or name.endswith("." + wanted) for name in modules)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, nn.Linear)})
+        raise ConfigError(f"model.lora.target_modules: {', '.join(map(repr, missing))} names no "
+                          f"module of {type(model).__name__}; its linear layers are called "
+                          f"{', '.join(linear[:16])} (or give all-linear).")
 
 
 def check_target_parameters(model: nn.Module, names: list[str] | None) -> None:
