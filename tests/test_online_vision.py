@@ -126,6 +126,21 @@ def test_vllm_sampling_refuses_image_prompts(workspace):
         run_online(OnlineConfig.from_dict(settings))
 
 
+def test_image_prompts_on_a_text_only_model_name_the_prompt_before_anything_is_written(
+        workspace, tmp_path):
+    """(The error named no record, and came once round 1 had made its folder.)"""
+    from preftune.data.records import DataError
+    from tiny_models import save_tiny_model_dir
+
+    settings = tree(workspace, "text-only")
+    settings["model"]["path"] = str(save_tiny_model_dir(tmp_path / "text"))
+    settings["data"]["eval"] = None
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: the prompt shows images, and "
+                                        r"model.path \S*text is a text-only model"):
+        run_online(OnlineConfig.from_dict(settings))
+    assert not (workspace / "text-only").exists()
+
+
 def test_image_prompts_without_images_on_disk_name_the_record(workspace, tmp_path):
     (tmp_path / "prompts.jsonl").write_text(json.dumps(
         {"prompt": "What colour? <image>", "images": ["missing.png"]}) + "\n")

@@ -240,21 +240,24 @@ def prompt_ids(prompts: list, tokenizer, settings, images: list | None = None,
 
 
 def prompt_examples(prompts: list, tokenizer, settings, images: list | None = None,
-                    tools: list | None = None) -> list:
+                    tools: list | None = None, origins: list | None = None) -> list:
     """``prompt_ids``' prompts as ``TokenizedExample``s (an empty response each), which also
-    carry the images and their token counts that scoring a response under them needs."""
+    carry the images and their token counts that scoring a response under them needs;
+    ``origins`` (file:line of each prompt) name a prompt in an error."""
     from .data.records import DataError, Unpaired
     from .data.tokenize import tokenize_records
 
     images = images or [()] * len(prompts)
     tools = tools or [()] * len(prompts)
-    records = [Unpaired(prompt, "", True, images=tuple(shown), tools=tuple(offered))
-               for prompt, shown, offered in zip(prompts, images, tools)]
+    origins = origins or [f"prompt {number}" for number in range(len(prompts))]
+    records = [Unpaired(prompt, "", True, images=tuple(shown), tools=tuple(offered),
+                        origin=origin)
+               for prompt, shown, offered, origin in zip(prompts, images, tools, origins)]
     examples, report = tokenize_records(records, tokenizer, settings, keep_empty=True)
     if len(examples) != len(records):  # answers must line up with their prompts
         kept = {example.index for example in examples}
         lost = next(i for i in range(len(records)) if i not in kept)
-        raise DataError(f"prompt {lost} ({str(prompts[lost])[:60]!r}) cannot be rendered within "
+        raise DataError(f"{origins[lost]} ({str(prompts[lost])[:60]!r}) cannot be rendered within "
                         f"max_length {settings.max_length} / max_prompt_length "
                         f"{settings.max_prompt_length} ({report.as_dict()}); raise the limits.")
     return examples

@@ -84,7 +84,8 @@ def prompts_to_examples(prompts: list, tokenizer, config: Config) -> list:
     settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length,
                                 tuple(config.data.mask_roles))
     return prompt_examples([p.prompt for p in prompts], tokenizer, settings,
-                           images=[p.images for p in prompts], tools=[p.tools for p in prompts])
+                           images=[p.images for p in prompts], tools=[p.tools for p in prompts],
+                           origins=[p.origin for p in prompts])
 
 
 def prompt_images(prompts: list) -> list | None:

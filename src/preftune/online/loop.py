@@ -196,9 +196,21 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
 
 
 def _check_images(config: OnlineConfig, prompts: list) -> None:
-    """Image prompts sample through transformers; vLLM is refused by name."""
-    if not any(p.images for p in prompts):
+    """Image prompts need a vision-language model (said before anything is written, naming
+    the first prompt with images) and sample through transformers; vLLM is refused by
+    name."""
+    from ..data.records import DataError
+    from ..model.adapter_dirs import config_source
+    from ..model.load import is_vision_language, resolve_model_dir
+
+    shown = next((p for p in prompts if p.images), None)
+    if shown is None:
         return
+    source = config_source(resolve_model_dir(config.model.path, weights=False))
+    if not is_vision_language(source, config.model.trust_remote_code):
+        raise DataError(f"{shown.origin}: the prompt shows images, and model.path "
+                        f"{config.model.path} is a text-only model; use a vision-language model "
+                        "or leave the images out.")
     if config.online.sampling.backend == "vllm":
         raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
                           "use the transformers backend (online.sampling.backend: hf).")
