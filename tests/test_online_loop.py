@@ -536,6 +536,25 @@ def test_selm_rounds_rank_the_reference_sample_with_the_data_pair(model_dir, tmp
         read_jsonl(tmp_path / "selm" / "round-1" / "samples.jsonl")[0]["policy"]
 
 
+@pytest.mark.parametrize("builder, fields", [("d2o", "'rejected' response, and no row "
+                                                     "has one"),
+                                             ("selm", "'chosen' and 'rejected' response, and "
+                                                      "no row has them")])
+def test_builders_of_the_datas_responses_refuse_prompts_without_them(model_dir, data, tmp_path,
+                                                                    builder, fields):
+    """(Prompt-only data ran every round and trained nothing, its hint asking for more
+    samples.)"""
+    from preftune.data.records import DataError
+
+    tree = config_tree(model_dir, data, tmp_path / "o", pairs={"builder": builder},
+                       reference="previous")
+    tree["objective"] = {"name": builder}
+    with pytest.raises(DataError, match=f"{data[0]}: online.pairs.builder {builder} uses each "
+                                        f"row's {fields}; give pairs data"):
+        run_online(build_config(tree, schema=OnlineConfig))
+    assert not (tmp_path / "o").exists()
+
+
 def test_selm_needs_its_builder_the_previous_reference_and_rounds(model_dir, data, tmp_path):
     tree = config_tree(model_dir, data, tmp_path / "x", reference="previous")
     tree["objective"] = {"name": "selm"}

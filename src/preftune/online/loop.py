@@ -63,6 +63,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     check_divpo_encoder(config.online.pairs)
     prompts = _prompts(config.data.train, config)  # a bad file stops the run before output_dir
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
+    _check_data_responses(config, prompts)
     _check_images(config, prompts + eval_prompts)
     if plan_only:
         from .plan import online_plan
@@ -193,6 +194,22 @@ def _prompts(paths, config: OnlineConfig) -> list[Prompt]:
     the columns."""
     return read_prompts(paths, config.data.fields, "an online run samples answers to each "
                         "row's prompt", "data.fields")
+
+
+def _check_data_responses(config: OnlineConfig, prompts: list) -> None:
+    """D2O's builder pairs each prompt's samples with its row's rejected response, SELM's
+    ranks a sample with its row's chosen and rejected: prompts without them train nothing,
+    so data with none is refused before any round (it ran every round, training nothing)."""
+    from ..data.records import DataError
+
+    builder = config.online.pairs.builder
+    needs = {"d2o": ("negative",), "selm": ("positive", "negative")}.get(builder, ())
+    if needs and not any(all(getattr(p, side) for side in needs) for p in prompts):
+        fields = " and ".join(repr({"positive": "chosen", "negative": "rejected"}[side])
+                              for side in needs)
+        raise DataError(f"{config.data.train}: online.pairs.builder {builder} uses each row's "
+                        f"{fields} response, and no row has {'them' if len(needs) > 1 else 'one'}"
+                        "; give pairs data (prompt, chosen, rejected), or another builder.")
 
 
 def _check_images(config: OnlineConfig, prompts: list) -> None:
