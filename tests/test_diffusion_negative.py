@@ -157,6 +157,11 @@ def test_the_sample_command_takes_a_negative_prompt(pipes, tmp_path, capsys):
     assert main(again + ["--label", "other"]) == 2
     assert "grids sampled with other guidance_scale, negative_prompt, seeds" in \
         capsys.readouterr().err
+    for label in ("", "../../escape", "a/b", ".."):  # a file name under samples/, no path
+        assert main(again + ["--label", label]) == 2
+        assert f"--label {label!r}: the grid is written as samples/<label>.png" in \
+            capsys.readouterr().err
+    assert not list(tmp_path.rglob("escape*")) and not (out / "samples" / "a").exists()
     assert main(again + ["--overwrite"]) == 0
     assert json.loads((out / "samples" / "samples.json").read_text())["seeds"] == [5]
     assert len(list(out.glob("samples.old-*/samples/p00_s4.png"))) == 1

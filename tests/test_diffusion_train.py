@@ -104,6 +104,11 @@ def test_cli_train_report_inspect_and_eval(files, tmp_path, capsys, monkeypatch)
                  "--scorer", "shape_colour"]) == 0
     results = json.loads((run / "eval.json").read_text())
     assert results["samples"] == 2 and results["scorer"] == "shape_colour"
+    assert main(["diffusion", "sample", "--model", str(run), "--prompt", "a red circle",  # as
+                 "--seeds", "0", "--steps", "3", "--output-dir", str(tmp_path / "s")]) == 0  # eval
+    after = sorted((run / "samples" / "after").iterdir())[0]  # the run's own after-grid image
+    assert (tmp_path / "s" / "samples" / "samples" / "p00_s0.png").read_bytes() == \
+        after.read_bytes()
     assert main(["diffusion", "train", str(config)]) == 2  # the run exists: an error, not a redo
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..arguments import POSITIVE, add_column_option, add_dtype_option
+from ..config import ConfigError
 from . import require_diffusers
 
 
@@ -66,16 +67,22 @@ def _caption(args) -> None:
 
 def _sample(args) -> None:
     require_diffusers("preftune diffusion sample")
+    import re
     from types import SimpleNamespace
 
+    if not re.fullmatch(r"[\w-][\w.-]*", args.label):  # a file name under samples/, no path
+        raise ConfigError(f"--label {args.label!r}: the grid is written as samples/<label>.png; "
+                          "give a name of letters, digits, '-', '_' and '.' (no path).")
+
     from .model import load_for_sampling
+    from .pipeline_files import pipeline_dir
     from .sample import SAMPLING_FLAGS, check_negative_prompt, write_samples
 
     samples = SimpleNamespace(prompts=args.prompt, seeds=args.seeds, steps=args.steps,
                               guidance_scale=args.guidance_scale, resolution=args.resolution,
                               negative_prompt=args.negative_prompt,
                               true_cfg_scale=args.true_cfg_scale)
-    model = load_for_sampling(args.model, "--model", args.dtype)
+    model = load_for_sampling(pipeline_dir(args.model), "--model", args.dtype)  # (a run dir too)
     check_negative_prompt(model.family, args.negative_prompt, args.guidance_scale,
                           args.true_cfg_scale, SAMPLING_FLAGS[1:])  # before anything is written
     _check_samples_dir(Path(args.output_dir), args.label, vars(samples), args.overwrite)
@@ -90,7 +97,6 @@ def _check_samples_dir(out: Path, label: str, settings: dict, overwrite: bool) -
     ``overwrite`` (the folder is moved aside)."""
     import json
 
-    from ..config import ConfigError
     from ..train.output import move_aside
     from .sample import SAMPLES_DIR
 
