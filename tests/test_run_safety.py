@@ -184,6 +184,30 @@ def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeyp
     assert (resumed / "model" / "model.safetensors").exists()
 
 
+def test_resume_refuses_data_that_changed_since_the_run_started(workspace, monkeypatch,  # noqa: F811
+                                                                 tmp_path):
+    """The settings alone allowed a resume onto an edited data file: the resumed steps
+    trained on other examples than the run's. The examples' fingerprint (data_report.json)
+    is compared before the model loads; the same data read again resumes."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text((workspace / "pairs.jsonl").read_text())
+    crashed_run(workspace, "edited", monkeypatch, 2, train__max_steps=4, train__save_every=2,
+                train__batch_size=4, data__train=str(data))
+    out = workspace / "runs" / "edited"
+    tree = _saved(out)
+    original = data.read_text()
+    data.write_text(original.replace('What is', 'Tell me: what is'))  # every prompt
+    monkeypatch.setattr(loop, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match=rf"--resume: the training data read now differs from "
+                                          rf"what {out} started on \(\d+ examples then, \d+ "
+                                          r"now, other tokens\)"):
+        loop.train(build_config(tree), resume=True, show_progress=False)
+    monkeypatch.undo()
+    data.write_text(original)
+    resumed = loop.train(build_config(tree), resume=True, show_progress=False)
+    assert (resumed / "model" / "model.safetensors").exists()
+
+
 def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeypatch,  # noqa: F811
                                                                 capsys):
     finished = run(workspace, "finished", train__max_steps=2, train__save_every=1,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+from array import array
 from dataclasses import replace
 
 from ..score.base import scorer_prompt
@@ -42,6 +44,18 @@ def _converted(records: list, data_config, seed: int, key: str) -> list:
         print(f"data: {key}: data.convert {data_config.convert}: {len(records)} records -> "
               f"{len(made)}")
     return made
+
+
+def examples_fingerprint(examples) -> str:
+    """SHA-256 over the training examples' token ids, scores and images, in order: what a
+    resumed run checks it trains on (``check_same_data``)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for ids in (example.prompt_ids, *example.response_ids):
+            digest.update(array("q", ids).tobytes() + b"|")
+        digest.update(repr((sorted(example.scores.items()), [image.describe() for image in
+                                                             example.images])).encode())
+    return digest.hexdigest()
 
 
 def data_shape(records) -> str:
@@ -109,7 +123,8 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if keep_prompts:
         for example in train:
             example.prompt = train_records[example.index].prompts[0]
-    report = {"shape": shape, "detected": detected, "train": train_report.as_dict()}
+    report = {"shape": shape, "detected": detected, "train": train_report.as_dict(),
+              "train_fingerprint": examples_fingerprint(train)}
     if train_report.identical_responses:
         print(f"warning: {train_report.identical_responses} of {train_report.records} training "
               "records have identical responses (e.g. chosen == rejected); they carry no "

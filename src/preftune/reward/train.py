@@ -25,7 +25,7 @@ from ..model.verify import (check_attention_device, check_image_attention, check
 from ..objectives.metrics import sum_count
 from ..train.logging import progress
 from ..train.loop import precision, write_run_header
-from ..train.output import start_run
+from ..train.output import check_same_data, start_run
 from ..train.run_lock import holding_output_dirs
 from ..train.engines import check_engine, refuse_sharding, shards, whole_models
 from ..train.trainer import Trainer, add_metrics, count_steps, means
@@ -203,6 +203,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator, plan_only: bool 
     tokenize = tokenize_records if last_token else encoder_examples
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed, tokenize=tokenize)
+    if not plan_only:
+        check_same_data(config.output_dir, data_report)
     if shape not in spec.data:
         raise DataError(
             f"reward loss {spec.name} trains on {' or '.join(spec.data)} data, but "

@@ -36,7 +36,7 @@ from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
 from .logging import progress
-from .output import start_run
+from .output import check_same_data, start_run
 from .plan import plan
 from .generations import eval_generations
 from .engines import (check_engine, refuse_sharding, refuse_split_weights, shards,
@@ -194,6 +194,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     prepares = any(get_objective(item.name).prepare for item in config.objective)
     train_examples, eval_examples, data_report, shape = prepare_examples(
         config.data, tokenizer, cfg.seed, keep_prompts=prepares)
+    if not plan_only:
+        check_same_data(output_dir, data_report)
     if cfg.example_weight_field:
         check_example_weights(train_examples + eval_examples, cfg.example_weight_field)
     total_steps = count_steps(cfg, len(train_examples), accelerator.num_processes)

@@ -7,6 +7,7 @@ with ``--resume`` (and only under the same settings, see ``check_resume``) or re
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -153,6 +154,28 @@ def move_aside(out: Path) -> Path:
     out.rename(aside)
     print(f"the previous run in {out} was moved to {aside} (not deleted)")
     return aside
+
+
+def check_same_data(output_dir, report: dict) -> None:
+    """A run resumed in ``output_dir`` trains on the examples it started on: refuse when the
+    data read again (``report``, its ``train_fingerprint``) differs from the saved
+    ``data_report.json``'s (an edited file, another tokenizer or chat template)."""
+    saved_path = Path(output_dir) / "data_report.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        return
+    before, now = saved.get("train_fingerprint"), report.get("train_fingerprint")
+    if before is None or before == now:  # (a run of an earlier version kept none)
+        return
+    counts = (saved.get("train", {}).get("kept"), report.get("train", {}).get("kept"))
+    raise ConfigError(f"--resume: the training data read now differs from what {output_dir} "
+                      f"started on ({counts[0]} examples then, {counts[1]} now, other tokens); "
+                      "the resumed steps would train on other examples than the run's. Restore "
+                      "the data (and tokenizer), or start over with --overwrite (the old run is "
+                      "moved aside).")
 
 
 def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()) -> None:
