@@ -215,3 +215,19 @@ def test_held_out_data_of_another_shape_or_a_split_that_leaves_nothing_is_refuse
     with pytest.raises(DataError, match=r"data.eval_fraction 0.9 of the 3 records of data.train "
                                         "holds them all out, leaving none to train on"):
         prepare_examples(greedy.data, tiny_tokenizer, seed=0)
+
+
+def test_records_left_out_by_tokenization_are_said(tmp_path, tiny_tokenizer, capsys):
+    """(They were counted in data_report.json only: a run on 1 of 2 records said nothing.)"""
+    from preftune.config import build_config
+    from preftune.data.prepare import prepare_examples
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": " ", "rejected": "c"}) + "\n"
+                     + json.dumps({"prompt": "b", "chosen": "x", "rejected": "y"}) + "\n")
+    config = build_config({"data": {"train": str(pairs), "eval": str(pairs), "max_length": 32}})
+    train, held_out, report, _ = prepare_examples(config.data, tiny_tokenizer, seed=0)
+    assert len(train) == len(held_out) == 1 and report["train"]["empty_responses"] == 1
+    printed = capsys.readouterr().out.splitlines()
+    for split in ("train", "eval"):
+        assert f"data: data.{split}: 1 of 2 records left out: 1 have an empty response" in printed

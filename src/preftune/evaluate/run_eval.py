@@ -124,6 +124,9 @@ def run_eval(options: EvalOptions) -> dict:
     examples, report = tokenize_records(records, tokenizer, settings)
     if not examples:
         raise DataError(f"{options.data}: no pair survived tokenization ({report.as_dict()}).")
+    if report.dropped():  # (pairs_dropped in eval.json)
+        print(f"{options.data}: {report.records - report.kept} of {report.records} pairs left "
+              f"out: {report.dropped()}")
     examples = [replace(ex, response_ids=ex.response_ids[:2]) for ex in examples]  # no gold
     prompts = distinct_prompts(examples)
     metrics, pair_rows, texts = released(lambda: _with_models(
