@@ -231,3 +231,15 @@ def test_records_left_out_by_tokenization_are_said(tmp_path, tiny_tokenizer, cap
     printed = capsys.readouterr().out.splitlines()
     for split in ("train", "eval"):
         assert f"data: data.{split}: 1 of 2 records left out: 1 have an empty response" in printed
+
+
+def test_ranked_lists_that_all_tie_are_warned_of(tmp_path, tiny_tokenizer, capsys):
+    from preftune.config import build_config
+    from preftune.data.prepare import prepare_examples
+
+    data = _ranked_file(tmp_path / "lists.jsonl", [("q0", [2, 2, 2]), ("q1", [3, 2, 1])])
+    config = build_config({"data": {"train": data, "max_length": 32}})
+    train, _, _, shape = prepare_examples(config.data, tiny_tokenizer, seed=0)
+    assert shape == "ranked" and len(train) == 2  # kept: an objective may read ties
+    assert (f"warning: data.train: 1 of 2 ranked lists give every response the same score "
+            f"(e.g. {data}:1); they order nothing") in capsys.readouterr().out

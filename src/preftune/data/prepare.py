@@ -107,6 +107,13 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     train_records = _converted(train_records, data_config, seed, "data.train")
     eval_records = _converted(eval_records, data_config, seed, "data.eval")
     shape = data_shape(train_records)
+    for key, records in (("data.train", train_records), ("data.eval", eval_records)):
+        tied = [r for r in records if r.shape == "ranked" and len(set(r.response_scores)) == 1]
+        if tied:
+            print(f"warning: {key}: {len(tied)} of {len(records)} ranked lists give every "
+                  f"response the same score (e.g. {tied[0].origin}); they order nothing, so a "
+                  "ranking objective learns nothing from them, or the order they are written "
+                  "in (data.convert to pairs leaves them out)")
     if eval_records and data_shape(eval_records) != shape:
         first = eval_records[0]
         raise DataError(f"data.eval holds {first.shape} records ({first.origin}) and data.train "
