@@ -262,6 +262,11 @@ def test_a_misspelt_column_in_fields_is_named(tmp_path):
      "expected a string or a list"),
     ({"prompt": [{"role": "user", "content": "x"}], "chosen": ["hi"], "rejected": "r"},
      "'chosen', message 0", "expected an object"),
+    ({"prompt": [{"role": "usr", "content": "x"}], "chosen": "c", "rejected": "r"},
+     "'prompt', message 0", "role 'usr' is not one chat templates read; did you mean 'user'?"),
+    ({"prompt": [{"role": "user", "content": "x"}, {"role": "Assistant", "content": "y"},
+                 {"role": "user", "content": "z"}], "chosen": "c", "rejected": "r"},
+     "'prompt', message 1", "did you mean 'assistant'?"),
 ])
 def test_wrong_types_name_file_record_and_field(tmp_path, row, field, expected):
     path = tmp_path / "t.json"
@@ -270,6 +275,15 @@ def test_wrong_types_name_file_record_and_field(tmp_path, row, field, expected):
         load_records(str(path))
     message = str(error.value)
     assert f"{path}:record 0" in message and field in message and expected in message
+
+
+def test_roles_far_from_the_usual_ones_pass_for_a_models_own_template(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"prompt": [{"role": "user", "content": "x"},
+                                            {"role": "environment", "content": "y"}],
+                                 "chosen": "c", "rejected": "r"}]))
+    (record,) = load_records(str(path))
+    assert [m["role"] for m in record.prompt] == ["user", "environment"]
 
 
 def test_non_object_line(tmp_path):

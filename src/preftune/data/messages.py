@@ -3,6 +3,7 @@ made plain for chat templates."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from .records import DataError, describe
@@ -37,6 +38,7 @@ def read_messages(value: list, column: str, origin: str) -> list:
                                                           and _content_parts(message[key], where)):
                 raise DataError(f"{where}: {key!r} must be a string, got "
                                 f"{describe(message[key])}.")
+        _check_role(message["role"], where)
         # keep every key (some chat templates read e.g. "name"); drop nulls that columnar
         # formats add for keys other rows have
         kept = {k: v for k, v in message.items() if v is not None}
@@ -45,6 +47,22 @@ def read_messages(value: list, column: str, origin: str) -> list:
             kept["content"] = "".join(part["text"] for part in kept["content"])
         messages.append(kept)
     return messages
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function",
+         "observation")  # what chat templates read
+
+
+def _check_role(role: str, where: str) -> None:
+    """A role close to one chat templates read but not it (``usr``, ``User``) is a typo, which
+    a template would render as some other turn or not at all. Roles far from these pass: a
+    model's own template may read them."""
+    if role in ROLES:
+        return
+    near = difflib.get_close_matches(role.lower(), ROLES, n=1, cutoff=0.6)
+    if near:
+        raise DataError(f"{where}: role {role!r} is not one chat templates read; did you mean "
+                        f"{near[0]!r}? (roles: {', '.join(ROLES[:4])}, ...)")
 
 
 def _content_parts(content: Any, where: str) -> bool:
