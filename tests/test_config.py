@@ -9,6 +9,7 @@ from preftune.config import ConfigError, build_config, load_config
     ({"train": {"lerning_rate": 1e-6}}, "'train.lerning_rate'.*Did you mean train.learning_rate"),
     ({"objective": {"name": "dpo", "betta": 0.1}}, "'objective.betta'.*Did you mean objective.beta"),
     ({"objective": {"name": "dpoo"}}, "unknown objective 'dpoo'.*Did you mean dpo"),
+    ({"objective": {"name": "SimPO"}}, r"unknown objective 'SimPO'. Did you mean simpo\?"),
     ({"train": {"batch_size": "eight"}}, "train.batch_size"),
     ({"objective": {"name": "dpo", "beta": "strong"}}, "objective.beta"),
     ({"modle": {}}, "unknown key 'modle'.*Did you mean model"),

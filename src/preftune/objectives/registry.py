@@ -200,7 +200,8 @@ def get_objective(name: str) -> ObjectiveSpec:
         return spec
     import difflib
 
-    close = difflib.get_close_matches(name, REGISTRY, n=3)
+    close = ([name.lower()] if name.lower() in REGISTRY else  # (names are lowercase)
+             difflib.get_close_matches(name.lower(), REGISTRY, n=3))
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise KeyError(f"unknown objective {name!r}.{hint} Run `preftune objectives` to list them, "
                    "or name one from your code as module:function.")
