@@ -273,6 +273,17 @@ def test_prompt_without_placeholder_gets_the_image_first(tmp_path):
     assert [image.path for image in record.images] == [str(tmp_path / "x.png")]
 
 
+def test_an_image_and_an_images_field_together_are_refused(tmp_path):
+    """(The single image was dropped without a word.)"""
+    solid_image(tmp_path / "x.png", RED)
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image><image>?", "image": "x.png",
+                                              "images": ["x.png"], "chosen": "a",
+                                              "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: fields 'images' and 'image' both give the "
+                                        r"record's images; give them all in 'images'"):
+        load_records(path)
+
+
 def test_images_for_a_text_only_model(tmp_path, tiny_tokenizer):
     solid_image(tmp_path / "x.png", RED)
     path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": ["x.png"],

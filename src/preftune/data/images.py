@@ -114,9 +114,12 @@ def row_images(row: dict, columns: dict, canonical: str, origin: str,
     column also fills ``images``), in order; () when the row has none."""
     column = columns.get(canonical, canonical)
     value = row.get(column)
+    single = next((name for name, target in SINGLE_IMAGE_FIELDS.items()
+                   if target == canonical and row.get(name) is not None), None)
+    if value is not None and single is not None:
+        raise DataError(f"{origin}: fields {column!r} and {single!r} both give the record's "
+                        f"images; give them all in {column!r} (a list), or only one field.")
     if value is None:
-        single = next((name for name, target in SINGLE_IMAGE_FIELDS.items()
-                       if target == canonical and row.get(name) is not None), None)
         if single is None:
             return ()
         column, value = single, [row[single]]
