@@ -2,6 +2,7 @@
 layout against plain HF forwards, mDPO's negative-image slot, training, reload, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +272,28 @@ def test_prompt_without_placeholder_gets_the_image_first(tmp_path):
     (record,) = load_records(path)
     assert record.prompt == "<image>What colour?"
     assert [image.path for image in record.images] == [str(tmp_path / "x.png")]
+
+
+def test_images_given_as_data_uris_are_read_as_their_bytes(tmp_path):
+    """(A data URI was looked for as a file; diffusion data took them already.)"""
+    import base64
+
+    from preftune.data.images import ImageRef
+
+    solid_image(tmp_path / "x.png", RED)
+    encoded = base64.b64encode((tmp_path / "x.png").read_bytes()).decode()
+    path = write_rows(tmp_path / "d.jsonl", [
+        {"prompt": "<image>?", "images": [f"data:image/png;base64,{encoded}"], "chosen": "a",
+         "rejected": "b"}])
+    (record,) = load_records(path)
+    (image,) = record.images
+    assert image.data == (tmp_path / "x.png").read_bytes()
+    assert image.load().tobytes() == ImageRef(path=str(tmp_path / "x.png")).load().tobytes()
+    Path(path).write_text(json.dumps({"prompt": "<image>?", "images": ["data:image/png,%89PNG"],
+                                      "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'images', item 0: a data URI that "
+                                        r"is not base64 image data"):
+        load_records(path)
 
 
 def test_an_image_and_an_images_field_together_are_refused(tmp_path):

@@ -4,12 +4,15 @@ A record's ``images`` are the images its prompt shows, in placeholder order; ``n
 (optional, same count) are images under which the chosen answer should be *less* likely (mDPO's
 corrupted image, Re-Align's retrieved look-alike). Each is an ``ImageRef``: a file path (relative
 paths are resolved against the data file's folder), encoded bytes (an HF ``Image`` column,
-``{"bytes": ..., "path": ...}``), or an in-memory PIL image. Nothing is decoded while reading a
+``{"bytes": ..., "path": ...}``, or a ``data:image/...;base64,`` string), or an in-memory PIL
+image. Nothing is decoded while reading a
 file except to check it; pixels are produced when a batch is built.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import hashlib
 import io
@@ -94,6 +97,17 @@ def image_ref(value: Any, origin: str, where: str, base_dir: str = "") -> ImageR
         value = value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return ImageRef(data=bytes(value), origin=origin, where=where)
+    if isinstance(value, str) and value.startswith("data:image/"):  # a data URI, base64
+        header, _, encoded = value.partition(",")
+        try:
+            if not header.endswith(";base64"):
+                raise ValueError("not base64")
+            return ImageRef(data=base64.b64decode(encoded, validate=True), origin=origin,
+                            where=where)
+        except (ValueError, binascii.Error):
+            raise DataError(f"{origin}: {where}: a data URI that is not base64 image data "
+                            f"({value[:40]!r}...); give 'data:image/png;base64,...' or a file "
+                            "path.") from None
     if isinstance(value, str) and value:
         path = value if os.path.isabs(value) else os.path.join(base_dir, value)
         if not os.path.isfile(path):
