@@ -165,6 +165,13 @@ def test_yaml_file_and_overrides(tmp_path):
     assert config.model.lora.r == 8
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(str(path), ["train.batch_size"])
+    # `x:` alone reads as a mapping in YAML; a value ending in a colon is its text
+    from preftune.config_tree import set_dotted
+
+    tree = {}
+    set_dotted(tree, "online.scorer", "judge:")
+    set_dotted(tree, "model.lora", "{r: 4}")  # a mapping written as one stays one
+    assert tree == {"online": {"scorer": "judge:"}, "model": {"lora": {"r": 4}}}
     with pytest.raises(ConfigError, match="missing.yaml does not exist .relative paths start "
                        "at .*every key can come from --set"):
         load_config(str(tmp_path / "missing.yaml"))

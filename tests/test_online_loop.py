@@ -696,6 +696,8 @@ def test_refused_runs_leave_nothing_and_an_overwrite_puts_the_old_run_back(model
     with pytest.raises(ConfigError, match=r"online.scorer: scorer 'judge:\S*nowhere': \S*nowhere "
                                           "is neither a model directory nor a .gguf file"):
         run_online(config(online__scorer=f"judge:{tmp_path / 'nowhere'}"))
+    with pytest.raises(ConfigError, match=r"scorer 'judge:': name the model after judge:"):
+        run_online(config(online__scorer="judge:"))
     assert not (tmp_path / "o").exists()
     broken = config(model__path=str(tmp_path / "no-model"), data__eval=None)
     with pytest.raises(FileNotFoundError, match="no-model is neither a model directory"):

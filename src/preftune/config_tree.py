@@ -127,6 +127,9 @@ def set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
         raise ConfigError(f"--set {dotted}={raw_value}: the value is not valid YAML ({problem}); "
                           "quote text that holds brackets or colons, e.g. --set "
                           f"'{dotted}=\"{raw_value}\"'") from None
+    if isinstance(value, dict) and len(value) == 1 and None in value.values() and \
+            raw_value.strip().endswith(":"):  # `judge:` read as a mapping; meant as text
+        value = raw_value.strip()
     node, where = tree, []
     for part in parents:
         if part in TERMS and not where and isinstance(node.get(part), str):

@@ -98,7 +98,11 @@ def check_scorer(spec: str, data: str | list[str] | None = None,
     if spec == "synthetic":
         load_scorer(spec, data)  # the checkers come from the data file: cheap
     elif spec.startswith(("judge:", "judge-pair:", "follow-up:")):
-        check_local_model(spec, spec.split(":", 1)[1])
+        prefix, model = spec.split(":", 1)
+        if not model.strip():
+            raise ConfigError(f"scorer {spec!r}: name the model after {prefix}: (a model "
+                              f"directory, default, or policy in an online run).")
+        check_local_model(spec, model)
     elif FunctionScorer.registered(spec):
         return
     elif spec.endswith((".yaml", ".yml")):
