@@ -293,9 +293,15 @@ def test_online_example_configs_are_valid(path):
 
 def test_objective_and_builder_must_agree(model_dir, data, tmp_path):
     tree = config_tree(model_dir, data, tmp_path, pairs={"builder": "list"})
-    with pytest.raises(ConfigError, match="objective dpo trains on pairs data, but online.pairs"):
+    with pytest.raises(ConfigError, match="objective dpo trains on pairs data, but online.pairs"
+                                          r".* makes ranked; use a pair builder \(best_vs_worst"):
         build_config(tree, schema=OnlineConfig)
+    tree["online"]["pairs"]["builder"] = "best_vs_worst"
     tree["objective"] = {"name": "listwise_pl"}
+    with pytest.raises(ConfigError, match="objective listwise_pl trains on ranked data, .* use "
+                                          "builder 'list'"):
+        build_config(tree, schema=OnlineConfig)
+    tree["online"]["pairs"]["builder"] = "list"
     assert build_config(tree, schema=OnlineConfig).online.pairs.builder == "list"
 
 

@@ -193,9 +193,12 @@ class OnlineConfig(Config):
         wanted = {term.name for term in self.objective}
         for name in wanted:
             if get_objective(name).data not in (data, "unpaired"):
+                fits = ("a pair builder (best_vs_worst, the default; all_pairs, ...)"
+                        if get_objective(name).data == "pairs" else
+                        "builder 'list' (or 'd2o') for listwise objectives")
                 raise ValueError(f"objective {name} trains on {get_objective(name).data} data, "
                                  f"but online.pairs.builder {online.pairs.builder!r} makes "
-                                 f"{data}; use builder 'list' (or 'd2o') for listwise objectives.")
+                                 f"{data}; use {fits}.")
         if online.mode == "per_step":
             plain = type(online)()
             fixed = [f"online.{key}: {getattr(online, key)!r}" for key in
