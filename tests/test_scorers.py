@@ -147,7 +147,11 @@ def test_yaml_combination(scorer_module, tmp_path):
      r"scorer 'my_checks:nothing_here'"),
     ("terms:\n  - scorer: my_checks:length\n    transform: lsc\n"
      "    baseline: {data: missing.jsonl}\n",
-     r"terms\[0\]: baseline.data: missing.jsonl: file not found"),
+     r"terms\[0\]: baseline.data \(reference samples: rows with 'prompt' and 'response'\): "
+     r"missing.jsonl: file not found"),
+    ("terms:\n  - scorer: my_checks:length\n    transform: lsc\n"
+     "    baseline: {data: questions.jsonl}\n",  # read before a run samples
+     r"terms\[0\]: baseline.data .*: questions.jsonl:1: field 'prompt' \(prompt\) is missing"),
     ("terms:\n  - scorer: my_checks:length\n    transform: lsc\n"
      "    baseline: {data: scorer.yaml, quantile: 1.5}\n",
      r"terms\[0\]: baseline.quantile must be a number in \[0, 1\], got 1.5"),
@@ -161,6 +165,7 @@ def test_a_bad_combination_file_is_refused_before_a_run_names_its_term(scorer_mo
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "scorer.yaml").write_text(text)
+    (tmp_path / "questions.jsonl").write_text('{"question": "q", "response": "r"}\n')
     with pytest.raises(ConfigError, match=message):
         check_scorer("scorer.yaml")
     with pytest.raises(ConfigError, match=message):

@@ -28,7 +28,6 @@ import math
 import torch
 
 from ..config import ConfigError
-from ..data.hub import locate
 from ..data.records import DataError, response_text
 from ..data.shapes import is_number
 from ..data.sources import load_records
@@ -137,10 +136,11 @@ def check_combination(path: str, spec) -> list[str]:
             if not is_number(quantile) or not 0 <= quantile <= 1:
                 raise ConfigError(f"{where}: baseline.quantile must be a number in [0, 1], got "
                                   f"{quantile!r}.")
-            try:
-                locate(str(baseline["data"]))
-            except DataError as error:
-                raise ConfigError(f"{where}: baseline.data: {error}") from None
+            try:  # read now: a bad record stops a run before it samples
+                load_records(str(baseline["data"]), shape="rated")
+            except DataError as error:  # (a baseline file takes no field map: name them so)
+                raise ConfigError(f"{where}: baseline.data (reference samples: rows with "
+                                  f"'prompt' and 'response'): {error}") from None
         elif transform != "none":
             raise ConfigError(f"{where}: transform is 'none' or 'lsc', got {transform!r}.")
         elif "baseline" in term:
