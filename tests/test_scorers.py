@@ -45,6 +45,12 @@ def scorer_module(tmp_path_factory):
 
         def raising(prompt, response):
             return {"x": 1}[response]
+
+        def one_argument(image):
+            return 1.0
+
+        def with_options(prompt, response, scale=2.0, *more, **named):
+            return scale
     """))
     sys.path.insert(0, str(root))
     yield root
@@ -65,6 +71,10 @@ def test_bad_scores_and_specs_are_named(scorer_module):
         load_scorer("nothing-like-a-scorer")
     with pytest.raises(ConfigError, match="importable"):
         load_scorer("no_such_module_here:f")
+    with pytest.raises(ConfigError, match=r"scorer 'my_checks:one_argument': one_argument\(image\) "
+                                          r"cannot be called as function\(prompt, response\)"):
+        load_scorer("my_checks:one_argument")  # before any work, not at the first score
+    assert load_scorer("my_checks:with_options").score(["p"], ["r"]) == [2.0]
     with pytest.raises(KeyError) as raised:  # the user's own error, with its traceback
         load_scorer("my_checks:raising").score(["Name a prime."], ["7"])
     if sys.version_info >= (3, 11):

@@ -4,6 +4,7 @@ program checkers."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class FunctionScorer:
                               f"module and function ({error}).") from None
         if not callable(function):
             raise ConfigError(f"scorer {spec!r}: {spec.partition(':')[2]} is not callable.")
+        _check_signature(function, spec)
         return cls(function, spec)
 
     @classmethod
@@ -63,6 +65,7 @@ class FunctionScorer:
             return None
         if not callable(function):
             raise ConfigError(f"scorer {name!r}: the entry point does not name a function.")
+        _check_signature(function, name)
         return cls(function, name)
 
     def score(self, prompts, responses) -> list[float]:
@@ -78,6 +81,20 @@ class FunctionScorer:
 
     def prefer(self, prompts, first, second) -> list[float]:
         return prefer_by_scores(self, prompts, first, second)
+
+
+def _check_signature(function, name: str) -> None:
+    """``function`` takes (prompt, response) (batched: (prompts, responses)), or a
+    ``ConfigError`` before any work, not a TypeError once samples are scored."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # (a builtin without one: tried when it scores)
+        return
+    try:
+        signature.bind("prompt", "response")
+    except TypeError as error:
+        raise ConfigError(f"scorer {name!r}: {getattr(function, '__name__', name)}{signature} "
+                          f"cannot be called as function(prompt, response) ({error}).") from None
 
 
 @contextlib.contextmanager
