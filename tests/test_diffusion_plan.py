@@ -135,3 +135,35 @@ def test_online_plan_is_train_plan_on_lists_like_its_samples(files, tmp_path, ca
     online_plan = printed[printed.index("objective "):]
     assert online_plan.splitlines()[:8] == offline[offline.index("objective "):].splitlines()[:8]
     assert planned_total(online_plan) == pytest.approx(planned_total(offline), rel=0.02)
+
+
+def test_online_plan_ranking_memory_is_near_a_real_rounds_ranking_peak(files, tmp_path,
+                                                                       capsys):
+    """The ranking section (the pipeline, the scorers and one batch, measured with one
+    denoising step) against the tensor bytes a real round's ranking peaks at on CPU, from
+    before its pipeline loads: 2 prompts x 3 seeds in batches of 4, with guidance."""
+    from common import PhaseMemory
+
+    from preftune.diffusion.ranking import make_ranked_lists
+
+    prompts = write_prompts(tmp_path / "prompts", ["a red circle", "a blue square"])
+    config = tmp_path / "online.yaml"
+    config.write_text(json.dumps({
+        "output_dir": str(tmp_path / "online"), "model": {"path": str(files[0])},
+        "data": {"train": str(prompts), "resolution": RESOLUTION},
+        "objective": {"name": "rank_dpo"}, "train": {"batch_size": 2, "max_steps": 1},
+        "online": {"rounds": 1, "seeds": [0, 1, 2], "steps": 3, "batch_size": 4,
+                   "guidance_scale": 2.0}}))
+    assert main(["diffusion", "online", str(config), "--plan"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    section = printed[next(i for i, line in enumerate(printed)
+                           if line.startswith("ranking memory")):]
+    assert section[0] == ("ranking memory (MiB, each round; the pipeline in float32 without "
+                          "gradients, and the scorers):")
+    assert section[3].startswith("  sampling ") and "4 images at 32 px a batch" in section[3]
+    memory = PhaseMemory("tensors")
+    make_ranked_lists(["a red circle", "a blue square"], [str(files[0])], ["shape_colour"],
+                      [0, 1, 2], tmp_path / "ranked", steps=3, guidance_scale=2.0,
+                      dtype="float32", batch_size=4)
+    measured = memory.stop()["setup"]
+    assert planned_total("\n".join(section)) == pytest.approx(measured, rel=0.05)

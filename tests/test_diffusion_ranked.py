@@ -316,7 +316,8 @@ def test_rank_saves_and_scores_each_batch_before_sampling_the_next(files, tmp_pa
     def watched(*args, **kwargs):
         for batch in sampled(*args, **kwargs):
             EVENTS.append((len(batch), len(list(folder.glob("*.png")))))  # (images, on disk)
-            yield batch
+            assert not batch.requires_grad and torch.is_grad_enabled()  # no graph kept; the
+            yield batch  # caller's own grad mode between batches
 
     monkeypatch.setattr(ranking, "image_batches", watched)
     EVENTS.clear()

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
+from ..model.load import released
 from ..train.optimizers import EIGHT_BIT, embedding_weights, moment_bytes
 from ..train.peak import peak_allocated
 from ..train.plan import MIB, device_fit, tensor_bytes
+from .data import tensor_image
 
 PROBE_STEP = 0  # the noise and timesteps of the first training step
 
@@ -102,12 +106,56 @@ def _step_peak(task, examples: list, device) -> int:
         module.zero_grad(set_to_none=True)
 
 
+def ranking_lines(config, prompts: list[str]) -> list[str]:
+    """The memory of a round's sampling and ranking, which hold the pipeline in model.dtype
+    without gradients and every scorer: their weights, and one batch's peak, measured on the
+    device: ``online.batch_size`` images sampled (one denoising step, guidance and decoding as
+    the round does them; more steps hold no more) and scored by each scorer. A round's
+    evaluation holds one pipeline at a time and the first scorer: no more."""
+    from .evaluate import image_scorer
+    from .model import load_for_sampling
+    from .pipeline_files import pipeline_dir
+    from .sample import sample_images
+
+    online = config.online
+    model = load_for_sampling(pipeline_dir(config.model.path), "model.path", config.model.dtype)
+    scorers = [image_scorer(spec) for spec in online.scorers]
+    held = [module for scorer in scorers for module in vars(scorer).values()
+            if isinstance(module, nn.Module)]
+    weights = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    scorer_weights = sum(tensor_bytes(module.parameters()) for module in held)
+    count = min(online.batch_size, len(prompts) * len(online.seeds))
+    rows = [prompts[k % len(prompts)] for k in range(count)]
+    pixels = []
+
+    def sample():
+        pixels.append(sample_images(model, rows, [online.seeds[0]], 1, online.guidance_scale,
+                                    resolution=online.resolution,
+                                    negative_prompt=online.negative_prompt,
+                                    true_cfg_scale=online.true_cfg_scale, batch_size=count))
+
+    device = model.device
+    sampling = peak_allocated(sample, device)
+    images = [tensor_image(x) for x in pixels[0]]
+    scoring = max(peak_allocated(lambda s=s: s.score(rows, images), device) for s in scorers)
+    total = weights + scorer_weights + max(sampling, scoring)
+    resolution = online.resolution or model.sample_shape(None)[-1] * model.pixels_per_sample
+    return [f"ranking memory (MiB, each round; the pipeline in {config.model.dtype} without "
+            "gradients, and the scorers):",
+            f"  pipeline         {weights / MIB:10.0f}",
+            f"  scorers          {scorer_weights / MIB:10.0f}  ({', '.join(online.scorers)})",
+            f"  sampling         {sampling / MIB:10.0f}  ({count} images at {resolution} px a "
+            "batch, online.batch_size; measured)",
+            f"  scoring          {scoring / MIB:10.0f}  (a batch's images, measured)",
+            f"  total            {total / MIB:10.0f}",
+            *device_fit(total, None, device, "a smaller online.batch_size")]
+
+
 def print_rounds_plan(config, prompts: list[str]) -> None:
-    """``preftune diffusion online --plan``: prints round 1's ``diffusion train --plan`` on
-    lists like
-    the ones its sampling makes, each prompt's samples (``list_size``, default one per seed)
-    as blank images at data.resolution with distinct scores, written to a temporary folder.
-    Sampling, ranking and evaluation hold the pipeline without gradients or moments: less."""
+    """``preftune diffusion online --plan``: prints the memory of a round's sampling and
+    ranking (``ranking_lines``), then round 1's ``diffusion train --plan`` on lists like the
+    ones its sampling makes, each prompt's samples (``list_size``, default one per seed) as
+    blank images at data.resolution with distinct scores, written to a temporary folder."""
     import json
     import tempfile
 
@@ -120,8 +168,9 @@ def print_rounds_plan(config, prompts: list[str]) -> None:
     online, size = config.online, config.data.resolution
     images = min(online.list_size or len(online.seeds), len(online.seeds))
     print(f"rounds             {online.rounds}, {len(prompts)} prompts x {len(online.seeds)} "
-          f"samples ({online.steps} steps) ranked by {', '.join(online.scorers)}\n"
-          f"training (round 1, on lists of {images} images):")
+          f"samples ({online.steps} steps) ranked by {', '.join(online.scorers)}")
+    print("\n".join(released(lambda: ranking_lines(config, prompts))))
+    print(f"training (round 1, on lists of {images} images):")
     with tempfile.TemporaryDirectory() as folder:
         Image.new("RGB", (size, size), (127, 127, 127)).save(Path(folder) / "blank.png")
         rows = [{"prompt": prompt, "images": ["blank.png"] * images,

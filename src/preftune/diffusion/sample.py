@@ -53,6 +53,7 @@ def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], s
                                         batch_size)))
 
 
+@torch.no_grad()  # (torch applies it to each resumption of the generator, not between them)
 def image_batches(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
                   guidance_scale: float = 1.0, denoiser=None, resolution: int | None = None,
                   negative_prompt: str = "", true_cfg_scale: float = 1.0,
