@@ -60,12 +60,13 @@ def check_image_scorer(spec: str) -> None:
             raise ConfigError(f"scorer {spec!r}: {spec[4:]} is not a directory (a step-aware "
                               "preference model from preftune diffusion spm).")
         return
-    if not (is_function_spec(spec) or spec.endswith((".yaml", ".yml")) or Path(spec).exists()
-            or spec.startswith(tuple(TEXT_PREFIXES)) or spec == "synthetic"):
-        near = difflib.get_close_matches(spec, ["shape_colour", "spm:"], n=1)
-        raise ConfigError(f"scorer {spec!r}: expected {IMAGE_SCORERS}."
-                          + (f" Did you mean {near[0]!r}?" if near else ""))
-    if not spec.startswith(tuple(TEXT_PREFIXES)) and spec != "synthetic":  # (said below)
+    named_text = spec.startswith(tuple(TEXT_PREFIXES)) or spec == "synthetic"  # (said below)
+    if not named_text:
+        if not (is_function_spec(spec) or spec.endswith((".yaml", ".yml")) or
+                Path(spec).exists()):
+            near = difflib.get_close_matches(spec, ["shape_colour", "spm:"], n=1)
+            raise ConfigError(f"scorer {spec!r}: expected {IMAGE_SCORERS}."
+                              + (f" Did you mean {near[0]!r}?" if near else ""))
         try:  # (a combination that names itself is refused here, before it is read)
             check_scorer(spec)
         except ConfigError as error:

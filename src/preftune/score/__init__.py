@@ -102,7 +102,7 @@ def check_scorer(spec: str, data: str | list[str] | None = None,
         if not model.strip():
             raise ConfigError(f"scorer {spec!r}: name the model after {prefix}: (a model "
                               f"directory, default, or policy in an online run).")
-        check_local_model(spec, model)
+        check_local_model(f"scorer {spec!r}", model)
     elif FunctionScorer.registered(spec):
         return
     elif spec.endswith((".yaml", ".yml")):
@@ -138,7 +138,8 @@ def check_scorer(spec: str, data: str | list[str] | None = None,
 
 def check_local_model(what: str, path: str) -> None:
     """A model a scorer names by a local path (not ``policy``, the bundled ``default`` or a Hub
-    id) is a model directory, or a ``ConfigError`` saying so under ``what``."""
+    id) is a model directory, or a ``ConfigError`` saying so after ``what`` (the scorer, or
+    the file and key that name the model)."""
     from ..model.load import resolve_model_dir
 
     if not Path(path).expanduser().exists() and not path.startswith((".", "/", "~")):
@@ -146,8 +147,7 @@ def check_local_model(what: str, path: str) -> None:
     try:
         resolve_model_dir(path, weights=False)
     except FileNotFoundError as error:
-        raise ConfigError(f"{what if what.startswith('scorer file') else f'scorer {what!r}'}: "
-                          f"{str(error).removeprefix('model.path: ')}") from None
+        raise ConfigError(f"{what}: {str(error).removeprefix('model.path: ')}") from None
 
 
 def _unknown(spec: str) -> ConfigError:

@@ -161,8 +161,8 @@ def check_same_data(output_dir, report: dict) -> None:
     data read again (``report``, its ``train_fingerprint``) differs from the saved
     ``data_report.json``'s (an edited file, another tokenizer or chat template)."""
     saved_path = Path(output_dir) / "data_report.json"
-    if not saved_path.is_file():
-        return
+    if not saved_path.is_file() or not any((Path(output_dir) / "checkpoints").glob("step-*")):
+        return  # (nothing to resume: a fresh run writes its own report)
     try:
         saved = json.loads(saved_path.read_text())
     except ValueError:
