@@ -58,6 +58,14 @@ def examples_fingerprint(examples) -> str:
     return digest.hexdigest()
 
 
+def _say_left_out(key: str, report) -> None:
+    """The records tokenization left out of ``key``'s data, and why (data_report.json counts
+    them too)."""
+    if report.dropped():
+        print(f"data: {key}: {report.records - report.kept} of {report.records} records left "
+              f"out: {report.dropped()}")
+
+
 def data_shape(records) -> str:
     shapes = {record.shape for record in records}
     if len(shapes) > 1:
@@ -127,9 +135,7 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
         raise DataError(f"data.train: none of its {train_report.records} records survived "
                         f"tokenization: {train_report.dropped() or train_report.as_dict()}.")
     _same_response_count(train, "train")
-    if train_report.dropped():  # (counted in data_report.json, said here too)
-        print(f"data: data.train: {train_report.records - train_report.kept} of "
-              f"{train_report.records} records left out: {train_report.dropped()}")
+    _say_left_out("data.train", train_report)
     if keep_prompts:
         for example in train:
             example.prompt = train_records[example.index].prompts[0]
@@ -143,9 +149,7 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     if eval_records:
         evaluation, eval_report = tokenize(eval_records, tokenizer, settings, skipped=skipped)
         _same_response_count(evaluation, "eval")
-        if eval_report.dropped():
-            print(f"data: data.eval: {eval_report.records - eval_report.kept} of "
-                  f"{eval_report.records} records left out: {eval_report.dropped()}")
+        _say_left_out("data.eval", eval_report)
         for example in evaluation:  # what answers to it are scored against, as scorers get it
             record = eval_records[example.index]
             example.prompt = scorer_prompt(record.prompts[0], example.images,
