@@ -111,16 +111,21 @@ def test_plan_total_is_within_a_few_percent_of_two_real_steps(files, tmp_path, c
     assert planned == pytest.approx(measured, rel=0.05)
 
 
-def test_online_plan_is_train_plan_on_lists_like_its_samples(files, tmp_path, capsys):
+def online_plan(files, tmp_path, capsys, **online) -> str:
+    """What ``diffusion online --plan`` prints for 2 prompts x 3 seeds (and ``online``)."""
     prompts = write_prompts(tmp_path / "prompts", ["a red circle", "a blue square"])
     config = tmp_path / "online.yaml"
     config.write_text(json.dumps({
         "output_dir": str(tmp_path / "online"), "model": {"path": str(files[0])},
         "data": {"train": str(prompts), "resolution": RESOLUTION},
         "objective": {"name": "rank_dpo"}, "train": {"batch_size": 2, "max_steps": 1},
-        "online": {"rounds": 1, "seeds": [0, 1, 2]}}))
+        "online": {"rounds": 1, "seeds": [0, 1, 2], **online}}))
     assert main(["diffusion", "online", str(config), "--plan"]) == 0
-    printed = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_online_plan_is_train_plan_on_lists_like_its_samples(files, tmp_path, capsys):
+    printed = online_plan(files, tmp_path, capsys)
     assert "rounds             1, 2 prompts x 3 samples (25 steps) ranked by shape_colour" \
         in printed
     assert "training (round 1, on lists of 3 images):" in printed
@@ -132,9 +137,9 @@ def test_online_plan_is_train_plan_on_lists_like_its_samples(files, tmp_path, ca
         (files[0], lists), tmp_path / "offline", objective={"name": "rank_dpo"},
         train={"batch_size": 2})), plan_only=True)
     offline = capsys.readouterr().out
-    online_plan = printed[printed.index("objective "):]
-    assert online_plan.splitlines()[:8] == offline[offline.index("objective "):].splitlines()[:8]
-    assert planned_total(online_plan) == pytest.approx(planned_total(offline), rel=0.02)
+    training = printed[printed.index("objective "):]
+    assert training.splitlines()[:8] == offline[offline.index("objective "):].splitlines()[:8]
+    assert planned_total(training) == pytest.approx(planned_total(offline), rel=0.02)
 
 
 def test_online_plan_ranking_memory_is_near_a_real_rounds_ranking_peak(files, tmp_path,
@@ -146,16 +151,8 @@ def test_online_plan_ranking_memory_is_near_a_real_rounds_ranking_peak(files, tm
 
     from preftune.diffusion.ranking import make_ranked_lists
 
-    prompts = write_prompts(tmp_path / "prompts", ["a red circle", "a blue square"])
-    config = tmp_path / "online.yaml"
-    config.write_text(json.dumps({
-        "output_dir": str(tmp_path / "online"), "model": {"path": str(files[0])},
-        "data": {"train": str(prompts), "resolution": RESOLUTION},
-        "objective": {"name": "rank_dpo"}, "train": {"batch_size": 2, "max_steps": 1},
-        "online": {"rounds": 1, "seeds": [0, 1, 2], "steps": 3, "batch_size": 4,
-                   "guidance_scale": 2.0}}))
-    assert main(["diffusion", "online", str(config), "--plan"]) == 0
-    printed = capsys.readouterr().out.splitlines()
+    printed = online_plan(files, tmp_path, capsys, steps=3, batch_size=4,
+                          guidance_scale=2.0).splitlines()
     section = printed[next(i for i, line in enumerate(printed)
                            if line.startswith("ranking memory")):]
     assert section[0] == ("ranking memory (MiB, each round; the pipeline in float32 without "
