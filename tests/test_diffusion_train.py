@@ -323,3 +323,32 @@ def test_prompt_dropout_gives_a_seeded_share_the_empty_prompt_in_training_only(f
 
     with pytest.raises(ConfigError, match="data.prompt_dropout does nothing for spo"):
         DiffusionConfig.from_dict({**tree, "objective": {"name": "spo"}})
+
+
+def test_resume_refuses_pairs_that_changed_since_the_run_started(files, tmp_path, monkeypatch):
+    """As for text runs: the training records' fingerprint (prompts, image paths, scores) in
+    data_report.json is compared when a run resumes, before the pipeline loads; the same data
+    resumes."""
+    from preftune.config import ConfigError
+    from test_train_loop import crash_after_checkpoint
+
+    pipe, pairs = files
+    data = tmp_path / "pairs.jsonl"
+    original = pairs.read_text().replace('"images/', f'"{pairs.parent}/images/')
+    data.write_text(original)
+    config = DiffusionConfig.from_dict(config_tree(pipe, data, tmp_path / "run", train={
+        "max_steps": 4, "save_every": 2}))
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train_diffusion(config, show_progress=False)
+    data.write_text(original.replace('"chosen_score": 1.0', '"chosen_score": 0.5', 1))
+    import preftune.diffusion.train as diffusion_train
+
+    monkeypatch.setattr(diffusion_train, "load_diffusion_model",
+                        lambda *a, **k: pytest.fail("the pipeline loaded"))
+    with pytest.raises(ConfigError, match="--resume: the training data read now differs from "
+                                          "what .*run started on"):
+        train_diffusion(config, resume=True, show_progress=False)
+    monkeypatch.undo()
+    data.write_text(original)
+    assert (train_diffusion(config, resume=True, show_progress=False) / "model").is_dir()

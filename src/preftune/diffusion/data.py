@@ -12,6 +12,7 @@ file, the record and the field named; pixels are decoded again per batch.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 import os
@@ -276,3 +277,17 @@ def inspect_pairs(path: str, example: int | None = None, fields: dict | None = N
         if pair.scores:
             lines.append("  scores:   " + ", ".join(f"{k}={v:g}" for k, v in pair.scores.items()))
     return "\n".join(lines)
+
+
+def records_fingerprint(records) -> str:
+    """SHA-256 over image records in order (prompts, images by path, bytes' hash or size,
+    scores, captions): what a resumed run checks it trains on (``check_same_data``)."""
+    digest = hashlib.sha256()
+    for record in records:
+        for name, value in sorted(vars(record).items()):
+            if isinstance(value, (bytes, bytearray)):
+                value = hashlib.sha256(value).hexdigest()
+            elif hasattr(value, "size") and hasattr(value, "convert"):  # a PIL image
+                value = ("PIL", value.size, value.mode)
+            digest.update(f"{name}={value!r};".encode())
+    return digest.hexdigest()

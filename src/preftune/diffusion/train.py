@@ -19,12 +19,12 @@ from accelerate.utils import DistributedType, set_seed
 
 from ..config import ConfigError
 from ..train.loop import write_run_header
-from ..train.output import start_run
+from ..train.output import check_same_data, start_run
 from ..train.run_lock import holding_output_dirs
 from ..train.trainer import Trainer, add_metrics, count_steps, means
 from . import segments
 from .config import DiffusionConfig
-from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs
+from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs, records_fingerprint
 from .flux import configure as configure_flux
 from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
                      preference_metrics, ranked_metrics)
@@ -304,9 +304,20 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
                           "which run outside the denoiser's forward): use FSDP2 to split the "
                           "denoiser.")
     strategy = config.reference_strategy
-    dtype = getattr(torch, config.model.dtype)
-    model = load_diffusion_model(config.model.path, dtype)
-    splits = split_pairs(config)
+    splits = split_pairs(config)  # (a bad record stops the run before the pipeline loads)
+    kept = {name: [r for r in records if getattr(r, "orders_something", True)]
+            for name, records in splits.items()}
+    if not kept["train"]:
+        raise ConfigError(f"{config.data.train}: every ranked list gives all its images the "
+                          "same score, so no list orders anything to train on.")
+    report = {"shape": "prompts" if spec.online else "ranked image lists" if spec.ranked
+              else "image pairs",
+              **{name: {"records": len(splits[name]), "kept": len(kept[name])}
+                 for name in splits}}
+    report["train_fingerprint"] = records_fingerprint(kept["train"])
+    if not plan_only:
+        check_same_data(config.output_dir, report)
+    model = load_diffusion_model(config.model.path, getattr(torch, config.model.dtype))
     if config.model.lora is not None:
         attach_lora(model, config.model.lora)
     if model.flow and spec.online:
@@ -323,15 +334,6 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
                               ("samples.negative_prompt", "samples.true_cfg_scale"))
     if config.train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
-    kept = {name: [r for r in records if getattr(r, "orders_something", True)]
-            for name, records in splits.items()}
-    if not kept["train"]:
-        raise ConfigError(f"{config.data.train}: every ranked list gives all its images the "
-                          "same score, so no list orders anything to train on.")
-    report = {"shape": "prompts" if spec.online else "ranked image lists" if spec.ranked
-              else "image pairs",
-              **{name: {"records": len(splits[name]), "kept": len(kept[name])}
-                 for name in splits}}
     splits = {name: records for name, records in kept.items() if records}
     if accelerator.is_main_process and not plan_only:  # a plan writes nothing
         write_run_header(Path(config.output_dir), config, report)
