@@ -131,6 +131,29 @@ def test_output_in_a_new_folder_is_written_and_a_folder_as_output_is_refused(tmp
     assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == ["june"]
 
 
+def test_the_page_replaces_only_an_earlier_report(tmp_path, capsys):
+    """(--output replaced any file: the run's own metrics.jsonl, a config, the user's data.)
+    A path ending in a slash is a folder, and the page goes in it as report.html."""
+    run = make_run(tmp_path)
+    metrics = (run / "metrics.jsonl").read_text()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    for kept in (run / "metrics.jsonl", data):
+        assert exit_code(["report", str(run), "--output", str(kept)]) == 2
+        assert (f"--output {kept} exists and is not a preftune report; the report replaces "
+                "only an earlier one") in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == metrics and data.read_text().startswith('{"')
+    page = tmp_path / "page.html"
+    for _ in range(2):  # an earlier report is replaced
+        assert exit_code(["report", str(run), "--output", str(page)]) == 0
+    assert exit_code(["report", str(run), "--output", f"{tmp_path / 'pages'}/"]) == 0
+    assert (tmp_path / "pages" / "report.html").read_text().startswith("<!doctype html>")
+    (run / "report.html").write_text("my notes")  # the default path, taken by another file
+    assert exit_code(["report", str(run)]) == 2
+    assert f"the report's path {run / 'report.html'} exists and is not a preftune report" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case, expected", [
     ("no_dir", ["is not a directory", "output_dir"]),
     ("no_metrics", ["metrics.jsonl not found"]),
