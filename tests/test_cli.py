@@ -284,6 +284,10 @@ def test_counts_out_of_range_are_usage_errors(argv, option, capsys):
     (["compare", "--objectives", "dpo", "--output-dir", "FILE"], "--output-dir FILE is a file"),
     (["compare", "--objectives", " , "], "--objectives names no objective"),
     (["compare", "--objectives", "dpo,ipo,dpo"], "--objectives names dpo more than once"),
+    (["rm", "score", "--model", "m", "--data", "d", "--output", "o", "--field", "origin"],
+     "--field 'origin': name the column to write"),  # (it overwrote the origin column)
+    (["rm", "strength", "--model", "m", "--model", "n", "--data", "d", "--output", "o",
+      "--field", ""], "--field '': name the column to write"),
 ])
 def test_outputs_of_the_wrong_kind_and_empty_lists_are_refused_before_any_work(
         argv, message, tmp_path, capsys):
@@ -291,7 +295,7 @@ def test_outputs_of_the_wrong_kind_and_empty_lists_are_refused_before_any_work(
     --output a file: the other kind is refused before anything loads (it was found after
     the work, with a traceback), and the file or folder is left as it was; compare refuses an
     empty or repeating objective list (an empty one wrote an empty leaderboard over the
-    last)."""
+    last); rm score and strength refuse a --field that is empty or the origin they write."""
     (tmp_path / "FILE").write_text("kept")
     (tmp_path / "DIR").mkdir()
     argv = [str(tmp_path / a) if a in ("FILE", "DIR") else a for a in argv]

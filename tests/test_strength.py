@@ -184,3 +184,22 @@ def test_bad_input_is_named_before_a_model_loads(ensemble, tmp_path, capsys, mon
                  str(tmp_path / "exists.jsonl")]) == 2
     assert "exists.jsonl already exists" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_flipped_row_swaps_every_column_of_a_side_mapped_or_named_after_it():
+    """(Mapped score columns, and UltraFeedback-binarized's score_chosen/score_rejected, kept
+    their values while the responses swapped: the scores then belonged to the wrong answers.)"""
+    from preftune.reward.strength import _swap
+
+    row = {"question": "q", "good": "a", "bad": "b", "good_score": 1, "bad_score": 0,
+           "score_chosen": 8.0, "score_rejected": 3.0, "chosen_votes": 5, "rejected_votes": 1,
+           "note": "kept"}
+    fields = {"prompt": "question", "chosen": "good", "rejected": "bad",
+              "chosen_score": "good_score", "rejected_score": "bad_score"}
+    assert _swap(row, fields) == {
+        "question": "q", "good": "b", "bad": "a", "good_score": 0, "bad_score": 1,
+        "score_chosen": 3.0, "score_rejected": 8.0, "chosen_votes": 1, "rejected_votes": 5,
+        "note": "kept"}
+    plain = {"chosen": "a", "rejected": "b", "chosen_score": 2, "rejected_score": 1}
+    assert _swap(plain, None) == {"chosen": "b", "rejected": "a", "chosen_score": 1,
+                                  "rejected_score": 2}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -99,6 +100,14 @@ def labelled(head: Head, outputs: torch.Tensor) -> dict:
 DETAILED = ("attributes", "quantile")  # heads whose named outputs are written too
 
 
+def check_field(field: str) -> None:
+    """``--field``: a column name of its own (not empty, not the ``origin`` the command adds)."""
+    if not re.fullmatch(r"[A-Za-z_][\w.-]*", field) or field == "origin":
+        raise DataError(f"--field {field!r}: name the column to write, e.g. score or "
+                        "strength: letters, digits, '_', '-' and '.', not origin (which the "
+                        "command writes: where each row came from).")
+
+
 def score_fields(head: Head, shape: str, field: str) -> list[str]:
     """The names ``preftune rm score`` adds to a row of ``shape``, in ``score_row``'s order."""
     if shape == "pairs":
@@ -148,6 +157,7 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     ``overwrite``): each input row with its ``origin`` (unless it has one) and the scores added
     (``score_fields``; a field a row already has only with ``overwrite``, refused before any
     record is scored); the model loads in ``dtype`` ('auto': as saved). Returns the file."""
+    check_field(field)
     target = new_output_file(output, data, overwrite)
     records = load_records(data, fields=fields, unscored_lists=True)
     rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]

@@ -37,7 +37,7 @@ from ..data.sources import load_records, read_rows
 from ..model.forward import causal_lm_of
 from ..train.logging import progress_bar
 from .model import reward_model_dir
-from .scoring import RewardScoring, new_output_file
+from .scoring import RewardScoring, check_field, new_output_file
 
 
 def strength_fields(field: str, flip: bool) -> list[str]:
@@ -130,16 +130,22 @@ def ensemble_gaps(models: list[str], records, passes: int, dropout: float, seed:
 
 
 def _swap(row: dict, fields: dict | None) -> dict:
-    """The row with chosen and rejected exchanged, with every chosen_*/rejected_* pair of
-    columns (their scores, images, ...)."""
-    chosen, rejected = (fields or {}).get("chosen", "chosen"), (fields or {}).get(
-        "rejected", "rejected")
+    """The row with chosen and rejected exchanged, with every pair of columns that belong to
+    one side each: those the field map names for a side (``chosen_score: good_score``), and
+    those named after a side (``chosen_votes``/``rejected_votes``, ``score_chosen``/
+    ``score_rejected``)."""
+    mapped = fields or {}
+    pairs = {(mapped.get("chosen", "chosen"), mapped.get("rejected", "rejected"))}
+    for canonical, column in mapped.items():
+        other = mapped.get(canonical.replace("chosen", "rejected", 1))
+        if canonical.startswith("chosen") and other is not None:
+            pairs.add((column, other))
+    pairs |= {(key, key.replace("chosen", "rejected")) for key in row
+              if "chosen" in key and key.replace("chosen", "rejected") in row}
     swapped = dict(row)
-    swapped[chosen], swapped[rejected] = row[rejected], row[chosen]
-    for key in row:
-        if key.startswith("chosen_") and f"rejected_{key[7:]}" in row:
-            other = f"rejected_{key[7:]}"
-            swapped[key], swapped[other] = row[other], row[key]
+    for one, other in pairs:
+        if one in row and other in row:
+            swapped[one], swapped[other] = row[other], row[one]
     return swapped
 
 
@@ -157,6 +163,7 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
         raise DataError(problem)
     if not 0 <= dropout < 1:
         raise DataError(f"--dropout {dropout}: a probability in [0, 1).")
+    check_field(field)
     target = new_output_file(output, data, overwrite)
     for model in models:
         reward_model_dir(model)  # a missing model is named before anything is scored
