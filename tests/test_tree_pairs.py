@@ -123,7 +123,14 @@ def test_the_command_line_refuses_bad_input_before_the_model_loads(workspace, tm
     base = ["data", "tree", "--model", str(model), "--data", str(prompts), "--scorer", SCORER]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"question": "where is the prompt"}\n')
+    own = tmp_path / "own" / "pairs.jsonl"  # prompts in a file the output would replace
+    own.parent.mkdir()
+    own.write_text(prompts.read_text())
     for args, says in (
+            (base + ["--output-dir", str(bad)], f"--output-dir {bad} is a file"),
+            (base[:4] + ["--data", str(own), "--scorer", SCORER, "--output-dir",
+                         str(own.parent), "--overwrite"],
+             "its pairs.jsonl would replace --data"),
             (base + ["--output-dir", str(out)], "pairs.jsonl already exists; choose another "
                                                 "--output-dir, or pass --overwrite"),
             (base + ["--output-dir", str(tmp_path / "x"), "--branches", "1"],
@@ -135,7 +142,7 @@ def test_the_command_line_refuses_bad_input_before_the_model_loads(workspace, tm
              "bad.jsonl:2: field 'prompt' (the prompt) is missing or empty; the tree search")):
         assert main(args) == 2
         assert says in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and own.read_text() == prompts.read_text()
 
 
 def test_a_tree_pairs_every_far_enough_sibling_pair_of_an_expanded_node():

@@ -32,6 +32,7 @@ from ..config import ConfigError
 from ..generation import HFGenerator, SamplingSettings, prompt_ids
 from ..score.base import score_samples
 from ..train.logging import progress
+from ..train.output import check_output_folder
 from .records import DataError
 from .sources import write_rows
 
@@ -218,7 +219,12 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
     from .tokenize import TokenizeSettings
 
     out = Path(output_dir)
-    taken = [out / name for name in ("pairs.jsonl", "trees.jsonl") if (out / name).exists()]
+    check_output_folder(out, "--output-dir")
+    written = [out / name for name in ("pairs.jsonl", "trees.jsonl")]
+    if any(path.resolve() == Path(data).resolve() for path in written):
+        raise DataError(f"--output-dir {out}: its {Path(data).name} would replace --data "
+                        f"{data}, the file the search reads; choose another --output-dir.")
+    taken = [path for path in written if path.exists()]
     if taken and not overwrite:
         raise DataError(f"{taken[0]} already exists; choose another --output-dir, or pass "
                         "--overwrite to replace it.")
