@@ -99,6 +99,15 @@ def test_schema_command_writes_the_schema(tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote the online config schema to {target}\n"
     assert main(["config", "schema"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "preftune train config"
+    assert main(["config", "schema", "-o", str(target)]) == 0  # an earlier schema: replaced
+    assert json.loads(target.read_text()) == json_schema("train")
+    mine = tmp_path / "my_run.yaml"  # a user's config: left as it is
+    mine.write_text("train: {batch_size: 4}\n")
+    for output, says in ((mine, "exists and is not a JSON schema"), (tmp_path, "is a folder")):
+        assert main(["config", "schema", "-o", str(output)]) == 2
+        assert f"-o {output} {says}" in capsys.readouterr().err
+    assert mine.read_text() == "train: {batch_size: 4}\n"
+    assert main(["config", "schema", "-o", str(tmp_path / "new" / "s.json")]) == 0  # made
 
 
 def _leaf_fields(model: type[BaseModel], prefix: str = "") -> dict:

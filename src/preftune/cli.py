@@ -107,14 +107,24 @@ def _config_explain(args) -> None:
 def _config_schema(args) -> None:
     import json
 
+    from .config import ConfigError
     from .config_schema import json_schema
 
     text = json.dumps(json_schema(args.kind), indent=2) + "\n"
     if args.output is None:
         print(text, end="")
         return
-    Path(args.output).write_text(text)
-    print(f"wrote the {args.kind} config schema to {args.output}")
+    target = Path(args.output)
+    if target.is_dir():
+        raise ConfigError(f"-o {target} is a folder; name the file to write, e.g. "
+                          f"{target / f'{args.kind}.schema.json'}.")
+    if target.is_file() and '"$schema"' not in target.read_text(errors="replace")[:200]:
+        raise ConfigError(f"-o {target} exists and is not a JSON schema; the schema replaces "
+                          "only an earlier one: choose another file (this one is left as it "
+                          "is).")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote the {args.kind} config schema to {target}")
 
 
 def add_config_arguments(parser, examples: str, example_override: str) -> None:
