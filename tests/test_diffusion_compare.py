@@ -72,4 +72,9 @@ def test_diffusion_compare_needs_prompts_a_scorer_and_known_objectives(tmp_path)
     with pytest.raises(ConfigError, match="set samples.prompts"):
         compare(["mapo"], str(config), overrides=["samples.prompts=[]"],
                 scorer="shape_colour", output_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="--eval-data does nothing here: a comparison of "
+                                          "denoisers evaluates each run on the config's "
+                                          "samples.prompts"):
+        compare(["mapo"], str(config), scorer="shape_colour", eval_data="pairs.jsonl",
+                output_dir=str(tmp_path / "c"))
     assert not (tmp_path / "c" / "diffusion_dpo").exists()  # nothing trained

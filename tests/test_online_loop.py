@@ -605,6 +605,13 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
         "train"]["learning_rate"] == 0.5
     with pytest.raises(ConfigError, match="give --output-dir DIR instead"):
         run_compare(["dpo"], str(base), [f"output_dir={tmp_path}"], str(root))
+    # the held-out flags of a comparison of offline runs were ignored here, whatever they said
+    for flags, name in (({"eval_data": "nowhere.jsonl"}, "--eval-data"),
+                        ({"scorer": "nope:nope"}, "--scorer"), ({"samples": 8}, "--samples")):
+        with pytest.raises(ConfigError, match=f"{name} does nothing here: a comparison of "
+                                              "online runs evaluates each round on the "
+                                              "config's data.eval with online.scorer"):
+            run_compare(["dpo"], str(base), [], str(root), **flags)
 
 
 def constant(prompt, response):

@@ -67,7 +67,11 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         raise ConfigError("compare writes each objective's run to OUTPUT_DIR/<objective>: give "
                           "--output-dir DIR instead of --set output_dir=DIR.")
     tree = read_tree(config_path, overrides)
+    flags = {"--eval-data": eval_data is not None, "--samples": samples != 2,
+             "--max-new-tokens": max_new_tokens != 32}
     if _diffusion(tree, objectives):
+        _refuse_unused(flags, "a comparison of denoisers evaluates each run on the config's "
+                              "samples.prompts x samples.seeds under --scorer")
         from .diffusion.compare import compare_diffusion
 
         return compare_diffusion(objectives, tree, config_path, Path(output_dir), scorer,
@@ -78,6 +82,9 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         except KeyError as error:
             raise ConfigError(error.args[0]) from None
     if "online" in tree:
+        _refuse_unused({**flags, "--scorer": scorer is not None}, "a comparison of online "
+                       "runs evaluates each round on the config's data.eval with online.scorer "
+                       "(--set data.eval=FILE, --set online.scorer=SPEC)")
         return _compare_online(objectives, tree, config_path, Path(output_dir), plan_only)
     base = load_config(config_path, overrides)
     eval_data = eval_data or _first(base.data.eval)
@@ -265,6 +272,14 @@ def _online_numbers(summary: dict) -> dict:
     for key, value in last.get("sample_diversity", {}).items():  # distinct, word_distance
         numbers[f"online/{key}"] = value
     return numbers
+
+
+def _refuse_unused(flags: dict, instead: str) -> None:
+    """The first of ``flags`` (name -> given) that this kind of comparison does not read is
+    refused by name, saying what it reads ``instead`` (it was ignored)."""
+    given = [name for name, set_ in flags.items() if set_]
+    if given:
+        raise ConfigError(f"{given[0]} does nothing here: {instead}.")
 
 
 def _diffusion(tree: dict, objectives: list[str]) -> bool:
