@@ -160,6 +160,14 @@ def test_the_page_replaces_only_an_earlier_report(tmp_path, capsys):
     ("empty_metrics", ["metrics.jsonl has no steps yet"]),
     ("bad_line", ["metrics.jsonl:2:", "not valid JSON"]),
     ("bad_alarms", ["alarms.jsonl:1:", "not valid JSON"]),
+    # (these were tracebacks, or said the wrong thing)
+    ("answer_without_origin", ["eval_generations.jsonl:1: field 'origin' is missing"]),
+    ("rounds_not_a_list", ["online.json: field 'rounds' should be a list"]),
+    ("round_without_number", ["online.json: rounds[0] should be an object with an integer "
+                              "'round'"]),
+    ("online_before_round_1", ["is an online run whose first round has not finished"]),
+    ("trained_round_deleted", ["online.json says round 1 trained, and", "round-1 holds no "
+                               "metrics.jsonl: was it moved or deleted?"]),
 ])
 def test_unusable_run_dirs_are_clear_errors(tmp_path, capsys, case, expected):
     run = tmp_path / "run"
@@ -172,6 +180,16 @@ def test_unusable_run_dirs_are_clear_errors(tmp_path, capsys, case, expected):
         (run / "metrics.jsonl").write_text(contents[case])
     if case == "bad_alarms":
         (run / "alarms.jsonl").write_text("{oops\n")
+    if case == "answer_without_origin":
+        (run / "metrics.jsonl").write_text(good)
+        (run / "eval_generations.jsonl").write_text('{"step": 1, "prompt": "p"}\n')
+    online = {"rounds_not_a_list": {"rounds": "x"},
+              "round_without_number": {"rounds": [{"evaluate": 3}]},
+              "trained_round_deleted": {"rounds": [{"round": 1, "train": {"steps": 2}}]}}
+    if case in online:
+        (run / "online.json").write_text(json.dumps(online[case]))
+    if case == "online_before_round_1":
+        (run / "round-1").mkdir()
     assert exit_code(["report", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(run) in err

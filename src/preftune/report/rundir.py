@@ -39,19 +39,28 @@ def load_run(run_dir: str | Path) -> RunData:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory: pass the output_dir of a "
                           "`preftune train` run (the folder that holds metrics.jsonl)")
-    online = _optional_json(run_dir / "online.json")
+    online = _checked_online(run_dir / "online.json")
     metrics_path = run_dir / "metrics.jsonl"
+    if online is None and (run_dir / "round-1").is_dir():
+        raise ReportError(f"{run_dir} is an online run whose first round has not finished: "
+                          "online.json, which the report reads, is written after each round; "
+                          "run the report again then")
     if online is not None:  # the rounds' training metrics, one after another
         from .online import joined_metrics, rounds_run_info
 
         metrics = joined_metrics(run_dir, online, read_jsonl)
         if not metrics:
-            done = len(online.get("rounds", []))
+            rounds = online["rounds"]
+            trained = [r["round"] for r in rounds if "skipped" not in r.get("train", {
+                "skipped": True})]
             raise ReportError(
                 f"{run_dir}/online.json: no round has trained yet; run the report again after "
-                "the first round's training" if not done else
-                f"{run_dir}/online.json: none of its {done} rounds trained (each built no "
-                "training data: every sample or list scored alike; see the rounds in "
+                "the first round's training" if not rounds else
+                f"{run_dir}/online.json says round {trained[0]} trained, and "
+                f"{run_dir}/round-{trained[0]} holds no metrics.jsonl: was it moved or "
+                "deleted?" if trained else
+                f"{run_dir}/online.json: none of its {len(rounds)} rounds trained (each built "
+                "no training data: every sample or list scored alike; see the rounds in "
                 "online.json), so there is no training curve to draw")
         config_path = run_dir / "config.yaml"
         return RunData(run_dir=run_dir, metrics=metrics, online=online,
@@ -78,8 +87,7 @@ def load_run(run_dir: str | Path) -> RunData:
         eval_results=_optional_json(run_dir / "eval.json"),
         reward_eval=_optional_json(run_dir / "rm_eval.json"),
         samples=_optional_json(run_dir / "samples" / "samples.json"),
-        answers=read_jsonl(answers) if (answers := run_dir / "eval_generations.jsonl").is_file()
-        else [],
+        answers=_checked_answers(run_dir / "eval_generations.jsonl"),
     )
 
 
@@ -102,6 +110,35 @@ def read_jsonl(path: Path) -> list[dict]:
                               f"{type(record).__name__}")
         records.append(record)
     return records
+
+
+def _checked_online(path: Path) -> dict | None:
+    """``online.json``, with a list of rounds each numbered, or an error naming the field."""
+    online = _optional_json(path)
+    if online is None:
+        return None
+    rounds = online.get("rounds")
+    if not isinstance(rounds, list):
+        raise ReportError(f"{path}: field 'rounds' should be a list of rounds, got "
+                          f"{type(rounds).__name__}; the run writes it: fix or remove the file")
+    for number, info in enumerate(rounds):
+        if not isinstance(info, dict) or not isinstance(info.get("round"), int):
+            raise ReportError(f"{path}: rounds[{number}] should be an object with an integer "
+                              "'round'; the run writes it: fix or remove the file")
+    return online
+
+
+def _checked_answers(path: Path) -> list[dict]:
+    """``eval_generations.jsonl``'s rows, each with the fields the report reads."""
+    if not path.is_file():
+        return []
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        missing = [key for key in ("step", "origin", "prompt") if key not in row]
+        if missing:
+            raise ReportError(f"{path}:{number}: field {missing[0]!r} is missing; each row of "
+                              "held-out answers has step, origin, prompt and its answers")
+    return rows
 
 
 def _optional_json(path: Path) -> dict | None:
