@@ -75,6 +75,30 @@ def test_from_dict_and_from_yaml_give_the_cli_errors(files, capsys):
         api.compare("dpo,dpoo", str(files / "config.yaml"), output_dir=str(files / "cmp"))
 
 
+def test_options_of_the_api_functions_are_checked_in_their_own_names(tmp_path):
+    """(An unknown option named an internal class, a string for a number was a TypeError deep
+    in a comparison, and the CLI's ranges were not the API's.) Checked before any work."""
+    with pytest.raises(TypeError, match=r"evaluate\(\) takes no option 'sampels'; did you mean "
+                                        r"'samples'\? Its options: model, data"):
+        api.evaluate("m", "d", sampels=4)
+    with pytest.raises(TypeError, match=r"evaluate_reward_model\(\) takes no option 'bin'"):
+        api.evaluate_reward_model("m", "d", bin=4)
+    for call, message in (
+            (lambda: api.tree_pairs("m", "d", "o", "s", branches="2"),
+             r"tree_pairs\(\): branches should be an int, got '2'"),
+            (lambda: api.tree_pairs("m", "d", "o", "s", branches=1),
+             r"tree_pairs\(\): tree search: branches 1: at least 2"),
+            (lambda: api.relevance_pairs("d", "o", min_similarity="0.3"),
+             r"relevance_pairs\(\): min_similarity should be a float, got '0.3'"),
+            (lambda: api.pairs_from_commits("repo", str(tmp_path / "c.jsonl"), max_commits=0),
+             r"pairs_from_commits\(\): max_commits 0: at least 1")):
+        with pytest.raises(api.ConfigError, match=message):
+            call()
+    with pytest.raises(TypeError, match=r"pairs_from_commits\(\) takes no option 'max_commit'"):
+        api.pairs_from_commits("repo", str(tmp_path / "c.jsonl"), max_commit=3)
+    assert not list(tmp_path.iterdir())
+
+
 def test_rm_and_online_configs_read_the_same_ways():
     rm = api.RewardConfig.from_yaml(ROOT / "examples/rm/bt.yaml", ["loss.name=bt_margin"])
     assert rm.loss.name == "bt_margin"

@@ -14,6 +14,7 @@ Objectives and scorers from your own code: ``register_objective`` / ``register_s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -65,7 +66,7 @@ def evaluate(model: str, data: str, **options) -> dict:
     Writes eval.json and returns the results."""
     from .evaluate.run_eval import EvalOptions, run_eval
 
-    return run_eval(EvalOptions(model=model, data=data, **options))
+    return run_eval(_made(EvalOptions, "evaluate", model=model, data=data, **options))
 
 
 def compare(objectives: Sequence[str], config: str | None = None, *,
@@ -101,7 +102,8 @@ def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
     bins, batch_size, dtype). Returns the results."""
     from .reward.evaluate import RewardEvalOptions, run_rm_eval
 
-    return run_rm_eval(RewardEvalOptions(model=model, data=data, **options))
+    return run_rm_eval(_made(RewardEvalOptions, "evaluate_reward_model", model=model,
+                             data=data, **options))
 
 
 def score_with_reward_model(model: str, data: str, output: str, *, batch_size: int = 16,
@@ -156,10 +158,7 @@ def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,
     from .config import prompt_limit
     from .data.tree import TreeSettings, run_tree
 
-    try:
-        search = TreeSettings(**settings)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    search = _made(TreeSettings, "tree_pairs", **settings)
     return run_tree(model, data, output_dir, scorer, search, fields=fields,
                     max_length=max_length,
                     max_prompt_length=prompt_limit(max_length, max_prompt_length),
@@ -174,7 +173,8 @@ def pairs_from_commits(repo: str, output: str, *, overwrite: bool = False,
     ``min_words``, ``max_functions``, ``max_chars``, ``context``. Returns the file."""
     from .data.commits import CommitSettings, run_commits
 
-    return run_commits(repo, output, CommitSettings(**settings), overwrite)
+    return run_commits(repo, output, _made(CommitSettings, "pairs_from_commits",
+                                           **settings), overwrite)
 
 
 def relevance_pairs(data: str, output: str, *, min_similarity: float = 0.3,
@@ -186,9 +186,9 @@ def relevance_pairs(data: str, output: str, *, min_similarity: float = 0.3,
     axiom). Returns the file."""
     from .data.relevance import RelevanceSettings, run_relevance
 
-    return run_relevance(data, output, RelevanceSettings(min_similarity, max_similarity,
-                                                         encoder),
-                         fields=fields, overwrite=overwrite)
+    settings = _made(RelevanceSettings, "relevance_pairs", min_similarity=min_similarity,
+                     max_similarity=max_similarity, encoder=encoder)
+    return run_relevance(data, output, settings, fields=fields, overwrite=overwrite)
 
 
 def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False,
@@ -243,3 +243,33 @@ def evaluate_diffusion(model: str, reference: str, prompts: Sequence[str], score
     return win_rate_over_reference(model, reference, list(prompts), list(seeds), scorer, steps,
                                    guidance_scale, output, resolution, negative_prompt,
                                    true_cfg_scale, dtype, batch_size)
+
+
+SIMPLE_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": (str, os.PathLike)}
+
+
+def _made(cls, function: str, **given):
+    """``cls(**given)`` for the API ``function``: an option it does not take, a value of the
+    wrong type or out of range is said in its own name (not the settings class's, or as a
+    comparison's TypeError deep inside)."""
+    import dataclasses
+    import difflib
+
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    for name, value in given.items():
+        if name not in fields:
+            near = difflib.get_close_matches(name, fields, n=1)
+            raise TypeError(f"{function}() takes no option {name!r}"
+                            + (f"; did you mean {near[0]!r}?" if near else "")
+                            + f" Its options: {', '.join(fields)}.")
+        wanted = SIMPLE_TYPES.get(str(fields[name].type))
+        if wanted is not None and value is not None and (
+                not isinstance(value, wanted) or (wanted is not bool and isinstance(value, bool))):
+            kind = str(fields[name].type)
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigError(f"{function}(): {name} should be {article} {kind}, got "
+                              f"{value!r}.")
+    try:
+        return cls(**given)
+    except ValueError as error:
+        raise ConfigError(f"{function}(): {error}") from None

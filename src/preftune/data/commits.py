@@ -38,6 +38,12 @@ class CommitSettings:
     max_chars: int = 4000  # longer functions are passed over
     context: bool = True  # the prompt shows the function before the change
 
+    def __post_init__(self):
+        low = [name for name in ("max_commits", "min_words", "max_functions", "max_chars")
+               if getattr(self, name) < 1]
+        if low:
+            raise ValueError(f"{low[0]} {getattr(self, low[0])}: at least 1.")
+
 
 def git(repo: Path, *args: str) -> str:
     result = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
