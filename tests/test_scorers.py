@@ -71,6 +71,9 @@ def test_bad_scores_and_specs_are_named(scorer_module):
         load_scorer("nothing-like-a-scorer")
     with pytest.raises(ConfigError, match="importable"):
         load_scorer("no_such_module_here:f")
+    for nothing in ("", 3):  # (a reward-model error, an AttributeError)
+        with pytest.raises(ConfigError, match=f"scorer '{nothing}': expected 'synthetic'"):
+            load_scorer(nothing)
     with pytest.raises(ConfigError, match=r"scorer 'my_checks:one_argument': one_argument\(image\) "
                                           r"cannot be called as function\(prompt, response\)"):
         load_scorer("my_checks:one_argument")  # before any work, not at the first score

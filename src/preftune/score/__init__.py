@@ -37,6 +37,8 @@ def load_scorer(spec: str, data: str | list[str] | None = None,
     """The scorer a spec names (see the module docstring). ``data`` is the file (or files)
     whose prompts will be scored (the synthetic scorer reads its checkers from it); ``dtype``:
     the dtype its models (judges, reward models, follow-up likelihood) load in."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _unknown(str(spec))
     if spec == "synthetic":
         if data is None:
             raise ConfigError("the synthetic scorer reads its checkers from the data file; "
@@ -95,6 +97,8 @@ def check_scorer(spec: str, data: str | list[str] | None = None,
     directory it names, the function it imports, a combination that names itself (``within``:
     the combination files being checked); what a run checks before any work (a judge's or
     reward model's weights are read when the scorer loads)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _unknown(str(spec))
     if spec == "synthetic":
         load_scorer(spec, data)  # the checkers come from the data file: cheap
     elif spec.startswith(("judge:", "judge-pair:", "follow-up:")):
