@@ -102,7 +102,12 @@ def test_bad_input_is_named(repo, tmp_path, capsys):
     root, *_ = repo
     existing = tmp_path / "taken.jsonl"
     existing.write_text("")
+    shallow = tmp_path / "shallow"  # (it gave 0 pairs without a word)
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{root}", str(shallow)],
+                   check=True)
     for args, says in (
+            (["--repo", str(shallow), "--output", str(tmp_path / "x.jsonl")],
+             f"--repo {shallow} is a shallow clone"),
             (["--repo", str(tmp_path), "--output", str(tmp_path / "x.jsonl")],
              f"--repo {tmp_path} is not a git repository"),
             (["--repo", str(root), "--output", str(existing)],

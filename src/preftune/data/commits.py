@@ -145,6 +145,10 @@ def run_commits(repo: str, output: str, settings: CommitSettings = CommitSetting
     if not inside:
         raise DataError(f"--repo {repo} is not a git repository; give the folder of a clone "
                         "(with its history: not a shallow one).")
+    if git(root, "rev-parse", "--is-shallow-repository").strip() == "true":
+        raise DataError(f"--repo {repo} is a shallow clone: its commits have no parents to "
+                        "compare with; fetch its history (git -C REPO fetch --unshallow) or "
+                        "clone it whole.")
     new_output_file(output, repo, overwrite)
     rows, counts = commit_pairs(root, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
