@@ -166,6 +166,7 @@ def test_the_page_replaces_only_an_earlier_report(tmp_path, capsys):
     ("round_without_number", ["online.json: rounds[0] should be an object with an integer "
                               "'round'"]),
     ("online_before_round_1", ["is an online run whose first round has not finished"]),
+    ("compare_output", ["is the output of preftune compare: its leaderboard is"]),
     ("trained_round_deleted", ["online.json says round 1 trained, and", "round-1 holds no "
                                "metrics.jsonl: was it moved or deleted?"]),
 ])
@@ -190,6 +191,8 @@ def test_unusable_run_dirs_are_clear_errors(tmp_path, capsys, case, expected):
         (run / "online.json").write_text(json.dumps(online[case]))
     if case == "online_before_round_1":
         (run / "round-1").mkdir()
+    if case == "compare_output":
+        (run / "leaderboard.json").write_text("[]")
     assert exit_code(["report", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(run) in err

@@ -41,6 +41,10 @@ def load_run(run_dir: str | Path) -> RunData:
                           "`preftune train` run (the folder that holds metrics.jsonl)")
     online = _checked_online(run_dir / "online.json")
     metrics_path = run_dir / "metrics.jsonl"
+    if online is None and (run_dir / "leaderboard.json").is_file():
+        raise ReportError(f"{run_dir} is the output of preftune compare: its leaderboard is "
+                          f"{run_dir / 'leaderboard.md'}, and each objective's run has its own "
+                          f"report (preftune report {run_dir}/OBJECTIVE)")
     if online is None and (run_dir / "round-1").is_dir():
         raise ReportError(f"{run_dir} is an online run whose first round has not finished: "
                           "online.json, which the report reads, is written after each round; "
