@@ -244,8 +244,9 @@ def test_rm_train_regression_detects_the_helpsteer_attributes(tmp_path, capsys):
     assert saved["head"]["kind"] == "attributes" and saved["head"]["attributes"] == names
     report = json.loads((tmp_path / "rm" / "data_report.json").read_text())
     assert report["head"] == (f"attributes {', '.join(names)}: the numeric columns of {data}:1 "
-                              "(no model.head.attributes given and no 'score' column for a "
-                              "scalar head; set model.head.attributes to choose others)")
+                              "and the rows after it, up to 50 (no model.head.attributes given "
+                              "and no 'score' column for a scalar head; set "
+                              "model.head.attributes to choose others)")
     assert report["detected"] == [{"source": data, "layout": "helpsteer", "why": (
         f"string prompt + 'response' + numeric ratings {', '.join(names)} (shape detected: "
         "rated)")}]
@@ -364,3 +365,20 @@ def test_text_content_parts_are_read_as_text(tmp_path):
 
     assert read_messages(rows[1]["prompt"], "prompt", "x:1")[0]["content"] == [
         {"type": "image"}, *parts]
+
+
+def test_a_bad_rating_in_the_first_record_is_named_not_its_column_dropped(tmp_path, capsys):
+    """The attributes come from the first rows' numeric columns: a bad value in record 1 used
+    to drop its column for the whole file (the head trained on four attributes)."""
+    from preftune.cli import main
+    from tiny_models import save_tiny_model_dir
+
+    rows = [dict(HELPSTEER[0], correctness="x")] + HELPSTEER * 2
+    data = write_jsonl(tmp_path / "hs.jsonl", rows)
+    save_tiny_model_dir(tmp_path / "model")
+    assert main(["rm", "train", "--set", f"model.path={tmp_path / 'model'}",
+                 "--set", f"data.train={data}", "--set", "loss.name=regression",
+                 "--set", "train.max_steps=1", "--set", f"output_dir={tmp_path / 'rm'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:1" in err and "'correctness'" in err
+    assert not (tmp_path / "rm").exists()

@@ -4,6 +4,7 @@ same thing (data, train, LoRA), plus the head and the reward loss."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Annotated, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
@@ -19,6 +20,8 @@ from ..data.shapes import TEXT_FIELDS, is_number
 from ..data.sources import read_rows
 from .heads import Head, HeadError
 from .losses import get_reward_loss
+
+DETECT_ROWS = 50  # the rows whose numeric columns are a file's attributes
 
 
 class HeadSettings(Section):
@@ -173,12 +176,18 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
                                              else is_number(row.get(f"chosen_{target}"))):
         return config.head, None
     columns = {name: fields.get(name, name) for name in ("prompt", "response")}
-    names = rating_columns(row, columns)
-    where = "numeric columns"
-    if not rated:
-        names = [name[len("chosen_"):] for name in row if name.startswith("chosen_")
-                 and is_number(row[name]) and is_number(row.get("rejected_" + name[7:]))]
+    # the rating columns of the first rows, not of the first alone: a bad value there ("x")
+    # dropped its column for the whole file; the records' own checks name the bad value
+    first = [r for _, r in itertools.islice(read_rows(path, set(TEXT_FIELDS)), DETECT_ROWS)
+             if isinstance(r, dict)]
+    if rated:
+        found, where = [rating_columns(r, columns) for r in first], "numeric columns"
+    else:
+        found = [[name[len("chosen_"):] for name in r if name.startswith("chosen_")
+                  and is_number(r[name]) and is_number(r.get("rejected_" + name[7:]))]
+                 for r in first]
         where = "numeric chosen_X/rejected_X columns"
+    names = list(dict.fromkeys(name for columns_of_row in found for name in columns_of_row))
     if not names:
         raise DataError(
             f"{origin}: the regression loss needs ratings, but this record has neither the "
@@ -192,5 +201,6 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
     why = "no model.head.attributes given"
     if config.model.head.kind == "auto":
         why += f" and no {target!r} column for a scalar head"
-    return head, (f"attributes {', '.join(names)}: the {where} of {origin} ({why}; set "
-                  "model.head.attributes to choose others)")
+    return head, (f"attributes {', '.join(names)}: the {where} of {origin} and the rows "
+                  f"after it, up to {DETECT_ROWS} ({why}; set model.head.attributes to choose "
+                  "others)")
