@@ -280,7 +280,7 @@ def test_counts_out_of_range_are_usage_errors(argv, option, capsys):
     (["rm", "eval", "--model", "m", "--data", "d", "--output", "FILE"],
      "--output FILE is a file"),
     (["rm", "score", "--model", "m", "--data", "d", "--output", "DIR", "--overwrite"],
-     "--output DIR is a folder; name the file to write (e.g. DIR/d)"),
+     "--output DIR is a folder; name the file to write in it (e.g. DIR/output.jsonl)"),
     (["compare", "--objectives", "dpo", "--output-dir", "FILE"], "--output-dir FILE is a file"),
     (["compare", "--objectives", " , "], "--objectives names no objective"),
     (["compare", "--objectives", "dpo,ipo,dpo"], "--objectives names dpo more than once"),

@@ -140,8 +140,8 @@ def new_output_file(output: str, source: str, overwrite: bool) -> Path:
     exists (unless ``overwrite``)."""
     target = Path(output)
     if target.is_dir():
-        raise DataError(f"--output {output} is a folder; name the file to write (e.g. "
-                        f"{target / Path(source).name}).")
+        raise DataError(f"--output {output} is a folder; name the file to write in it (e.g. "
+                        f"{target / 'output.jsonl'}).")
     if target.resolve() == Path(source).resolve():
         raise DataError(f"--output {output} is the file the command reads; write to a new "
                         "file.")
