@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from .arguments import (CONFIG_KINDS, COUNT, POSITIVE, add_column_option, add_dtype_option,
                         add_tokenize_options)
@@ -105,26 +104,9 @@ def _config_explain(args) -> None:
 
 
 def _config_schema(args) -> None:
-    import json
+    from .config_schema import write_schema
 
-    from .config import ConfigError
-    from .config_schema import json_schema
-
-    text = json.dumps(json_schema(args.kind), indent=2) + "\n"
-    if args.output is None:
-        print(text, end="")
-        return
-    target = Path(args.output)
-    if target.is_dir():
-        raise ConfigError(f"-o {target} is a folder; name the file to write, e.g. "
-                          f"{target / f'{args.kind}.schema.json'}.")
-    if target.is_file() and '"$schema"' not in target.read_text(errors="replace")[:200]:
-        raise ConfigError(f"-o {target} exists and is not a JSON schema; the schema replaces "
-                          "only an earlier one: choose another file (this one is left as it "
-                          "is).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    print(f"wrote the {args.kind} config schema to {target}")
+    write_schema(args.kind, args.output)
 
 
 def add_config_arguments(parser, examples: str, example_override: str) -> None:

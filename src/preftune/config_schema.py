@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import textwrap
+from pathlib import Path
 
 from pydantic import TypeAdapter
 
@@ -70,6 +71,26 @@ def json_schema(kind: str = "train") -> dict:
         field["anyOf"] = [item, {"type": "array", "items": item, "minItems": 1}]
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema,
             "title": f"preftune {kind} config"}
+
+
+def write_schema(kind: str, output: str | None) -> None:
+    """``preftune config schema``: the ``kind`` config's schema on stdout, or written to
+    ``output`` (its folder made), which may replace only an earlier schema."""
+    text = json.dumps(json_schema(kind), indent=2) + "\n"
+    if output is None:
+        print(text, end="")
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise ConfigError(f"-o {target} is a folder; name the file to write, e.g. "
+                          f"{target / f'{kind}.schema.json'}.")
+    if target.is_file() and '"$schema"' not in target.read_text(errors="replace")[:200]:
+        raise ConfigError(f"-o {target} exists and is not a JSON schema; the schema replaces "
+                          "only an earlier one: choose another file (this one is left as it "
+                          "is).")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    print(f"wrote the {kind} config schema to {target}")
 
 
 def _objective_terms(definitions: dict) -> list[dict]:
