@@ -25,6 +25,7 @@ from .objectives import get_objective
 from .score import check_scorer
 from .train.output import check_output_folder, resumable
 
+SAMPLES, NEW_TOKENS = 2, 32  # the held-out sampling of a comparison of offline runs
 # leaderboard columns: (key in the entry, header, format); missing values print as "-"
 COLUMNS = [
     ("win_rate", "win rate vs reference", "{:.1%}"),
@@ -49,7 +50,8 @@ COLUMNS = [
 
 def run_compare(objectives: list[str], config_path: str | None, overrides: list[str],
                 output_dir: str, eval_data: str | None = None, scorer: str | None = None,
-                samples: int = 2, max_new_tokens: int = 32, plan_only: bool = False) -> Path:
+                samples: int = SAMPLES, max_new_tokens: int = NEW_TOKENS,
+                plan_only: bool = False) -> Path:
     """Train, evaluate and report every objective; write leaderboard.md/.json/.png.
     ``plan_only`` prints each objective's ``--plan`` instead, writing nothing."""
     from .evaluate.run_eval import EvalOptions, read_pairs, run_eval
@@ -67,8 +69,8 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         raise ConfigError("compare writes each objective's run to OUTPUT_DIR/<objective>: give "
                           "--output-dir DIR instead of --set output_dir=DIR.")
     tree = read_tree(config_path, overrides)
-    flags = {"--eval-data": eval_data is not None, "--samples": samples != 2,
-             "--max-new-tokens": max_new_tokens != 32}
+    flags = {"--eval-data": eval_data is not None, "--samples": samples != SAMPLES,
+             "--max-new-tokens": max_new_tokens != NEW_TOKENS}
     if _diffusion(tree, objectives):
         _refuse_unused(flags, "a comparison of denoisers evaluates each run on the config's "
                               "samples.prompts x samples.seeds under --scorer")
