@@ -108,6 +108,8 @@ def test_bad_input_is_named(repo, tmp_path, capsys):
     for args, says in (
             (["--repo", str(shallow), "--output", str(tmp_path / "x.jsonl")],
              f"--repo {shallow} is a shallow clone"),
+            (["--repo", str(root), "--output", str(tmp_path / "x.jsonl"), "--min-words", "99"],
+             "no code pair in "),  # (an empty file, exit 0)
             (["--repo", str(tmp_path), "--output", str(tmp_path / "x.jsonl")],
              f"--repo {tmp_path} is not a git repository"),
             (["--repo", str(root), "--output", str(existing)],

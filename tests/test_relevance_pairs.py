@@ -66,3 +66,8 @@ def test_minilm_pairs_each_question_with_the_answer_to_a_related_one(tmp_path, c
     assert main(["data", "relevance", "--data", str(data), "--output", str(tmp_path / "x"),
                  "--min-similarity", "0.9", "--max-similarity", "0.5"]) == 2
     assert "give -1 <= min < max <= 1" in capsys.readouterr().err
+    # a window no pair of prompts falls in: said, and no empty file written (it exited 0)
+    assert main(["data", "relevance", "--data", str(data), "--output", str(tmp_path / "y"),
+                 "--min-similarity", "0.99", "--max-similarity", "1"]) == 2
+    assert "none of its 4 prompts has another of similarity in [0.99, 1.0]" in \
+        capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -151,13 +151,18 @@ def run_commits(repo: str, output: str, settings: CommitSettings = CommitSetting
                         "clone it whole.")
     new_output_file(output, repo, overwrite)
     rows, counts = commit_pairs(root, settings)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_rows(target, rows)
     passed = ", ".join(f"{counts[key]} {why}" for key, why in (
         ("short_message", f"with messages under {settings.min_words} words"),
         ("no_function", "changing no Python function"),
         ("too_many", f"changing more than {settings.max_functions} functions"),
         ("too_long", f"functions over {settings.max_chars} characters")) if counts[key])
+    if not rows:  # (an empty file was written, exit 0)
+        raise DataError(f"--repo {repo}: no code pair in {counts['commits']} commits"
+                        + (f" (passed over: {passed})" if passed else "")
+                        + f"; nothing was written to {target}. See --max-commits, --min-words, "
+                        "--max-functions and --max-chars.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_rows(target, rows)
     print(f"{counts['pairs']} code pairs from {counts['commits']} commits of {repo}"
           + (f" (passed over: {passed})" if passed else "") + f": {target}")
     return target

@@ -106,6 +106,11 @@ def run_relevance(data: str, output: str, settings: RelevanceSettings = Relevanc
     encoder = SentenceEncoder(settings.encoder, PartialState().device, "--encoder")
     vectors = encoder([plain_text(prompt) for _, prompt, _ in answers])
     rows, counts = pair_with_neighbours(answers, vectors, settings)
+    if not rows:  # (an empty file was written, exit 0)
+        raise DataError(f"{data}: none of its {counts['prompts']} prompts has another of "
+                        f"similarity in [{settings.min_similarity}, {settings.max_similarity}]; "
+                        f"nothing was written to {target}. Widen --min-similarity / "
+                        "--max-similarity, or give more related prompts.")
     target.parent.mkdir(parents=True, exist_ok=True)
     write_rows(target, rows)
     print(f"{counts['pairs']} relevance pairs from {counts['prompts']} prompts of {data} "
