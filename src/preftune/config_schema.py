@@ -80,14 +80,13 @@ def write_schema(kind: str, output: str | None) -> None:
     if output is None:
         print(text, end="")
         return
+    from .train.output import replacing_problem
+
     target = Path(output)
-    if target.is_dir():
-        raise ConfigError(f"-o {target} is a folder; name the file to write, e.g. "
-                          f"{target / f'{kind}.schema.json'}.")
-    if target.is_file() and '"$schema"' not in target.read_text(errors="replace")[:200]:
-        raise ConfigError(f"-o {target} exists and is not a JSON schema; the schema replaces "
-                          "only an earlier one: choose another file (this one is left as it "
-                          "is).")
+    problem = replacing_problem(target, "-o", '"$schema"', ("a JSON schema", "the schema"),
+                                f"{kind}.schema.json")
+    if problem:
+        raise ConfigError(problem)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
     print(f"wrote the {kind} config schema to {target}")

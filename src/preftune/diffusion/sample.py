@@ -34,7 +34,6 @@ def guided(call, x_t, timesteps, conditioning: Conditioning,
     return free + scale * (conditional - free)
 
 
-@torch.no_grad()
 def sample_images(model: DiffusionModel, prompts: list[str], seeds: list[int], steps: int = 25,
                   guidance_scale: float = 1.0, denoiser=None,
                   resolution: int | None = None, negative_prompt: str = "",

@@ -10,6 +10,7 @@ from .panels import build_panels
 from .plots import render_panel
 from .online import online_figures
 from .reward import reward_figures
+from ..train.output import replacing_problem
 from .rundir import ReportError, load_run
 
 FIGURES_DIR = "report"
@@ -17,19 +18,6 @@ REPORT_FILE = "report.html"
 MARKER = "<title>preftune report"  # in the head of every page written here
 
 
-def check_page_path(html_path: Path, named: str) -> None:
-    """The page may replace only an earlier report: not a folder, and no other file (a run's
-    metrics, a config, the user's data), which is named and left as it is."""
-    if html_path.is_dir():
-        raise ReportError(f"{named} {html_path} is a folder; name the page's file, e.g. "
-                          f"{html_path / REPORT_FILE}")
-    if html_path.is_file():
-        with open(html_path, encoding="utf-8", errors="replace") as handle:
-            head = handle.read(2048)
-        if MARKER not in head:
-            raise ReportError(f"{named} {html_path} exists and is not a preftune report; the "
-                              "report replaces only an earlier one: choose another file (this "
-                              "one is left as it is).")
 
 
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
@@ -44,7 +32,11 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     html_path = Path(output) if output is not None else run.run_dir / REPORT_FILE
     if output is not None and str(output).endswith(("/", os.sep)):  # a folder, written so
         html_path = html_path / REPORT_FILE
-    check_page_path(html_path, "--output" if output is not None else "the report's path")
+    problem = replacing_problem(html_path, "--output" if output is not None else
+                                "the report's path", MARKER, ("a preftune report", "the report"),
+                                REPORT_FILE)
+    if problem:
+        raise ReportError(problem)
     try:
         html_path.parent.mkdir(parents=True, exist_ok=True)
         figures_dir.mkdir(exist_ok=True)

@@ -168,7 +168,10 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
         return config.head, None
     fields, target = config.data.fields, config.loss.params().target
     path = config.data.train if isinstance(config.data.train, str) else config.data.train[0]
-    origin, row = next(iter(read_rows(path, set(TEXT_FIELDS))), (path, {}))
+    # the first rows, whose rating columns are the attributes: a bad value in the first alone
+    # ("x") would drop its column for the whole file; the records' own checks name the value
+    rows = list(itertools.islice(read_rows(path, set(TEXT_FIELDS)), DETECT_ROWS))
+    origin, row = rows[0] if rows else (path, {})
     if not isinstance(row, dict):
         return config.head, None  # load_records names the bad record
     rated = fields.get("response", "response") in row
@@ -176,10 +179,7 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
                                              else is_number(row.get(f"chosen_{target}"))):
         return config.head, None
     columns = {name: fields.get(name, name) for name in ("prompt", "response")}
-    # the rating columns of the first rows, not of the first alone: a bad value there ("x")
-    # dropped its column for the whole file; the records' own checks name the bad value
-    first = [r for _, r in itertools.islice(read_rows(path, set(TEXT_FIELDS)), DETECT_ROWS)
-             if isinstance(r, dict)]
+    first = [r for _, r in rows if isinstance(r, dict)]
     if rated:
         found, where = [rating_columns(r, columns) for r in first], "numeric columns"
     else:

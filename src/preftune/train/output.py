@@ -65,6 +65,22 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False,
     return out
 
 
+def replacing_problem(path: Path, named: str, marker: str, kind: tuple[str, str],
+                      example: str) -> str | None:
+    """Why a command may not write its file at ``path`` (``named``: the flag or what gave it),
+    or None: a folder (``example``: a file to name in it), or a file that holds something else
+    than an earlier one of its ``kind`` (what one is, and what writes it; ``marker`` is in the
+    first 2 KiB of each): a run's metrics, a config, the user's data, left as they are."""
+    if path.is_dir():
+        return f"{named} {path} is a folder; name the file to write, e.g. {path / example}."
+    if path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            if marker not in handle.read(2048):
+                return (f"{named} {path} exists and is not {kind[0]}; {kind[1]} replaces only "
+                        "an earlier one: choose another file (this one is left as it is).")
+    return None
+
+
 def check_output_folder(path, flag: str) -> None:
     """The folder a command writes its results into (``flag`` names it), checked before the
     work: not a file, and one this process may write in when it exists."""
