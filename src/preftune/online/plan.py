@@ -129,8 +129,8 @@ def evaluation_lines(config, model, tokenizer, eval_prompts: list) -> list[str]:
     the scorer, one policy-sized model (the round's, released before the initial one loads
     for the KL), and the largest of its generate calls (greedy answers, ``eval_kl_samples``
     or ``eval_best_of`` samples of each prompt), one scorer batch of the answers and the
-    forward that gives the KL samples' log-probs (a batch of prompts with their samples,
-    padded, and a chunk of their logits)."""
+    forward that gives the KL samples' log-probs (a batch of prompts with their samples, laid
+    out as scoring lays them out, and a chunk of their logits)."""
     if not eval_prompts:
         return []
     online = config.online

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ..model.adapter_dirs import adapter_base, is_adapter_dir
 from ..model.load import load_tokenizer, resolve_model_dir, safetensors_header
-from ..train.plan import BYTES, gated_shapes, kv_bytes_per_token, mlp_width, weight_bytes
+from ..train.plan import (BYTES, gated_shapes, head_width, kv_bytes_per_token, mlp_width,
+                          weight_bytes)
 
 POLICY_KINDS = {"judge:policy": "judge", "judge-pair:policy": "judge-pair",
                 "follow-up:policy": "follow-up"}
@@ -169,9 +170,8 @@ def forward_bytes(text, rows: int, tokens: int, dtype_bytes: int, gated: bool) -
     tokens (the model's ``text`` config): the MLP's peak (three MLP-width tensors for a gated
     MLP, two for a plain one) with four hidden-width ones, the rotary tables (about four
     head-width fp32 tensors a token) and a padded batch's boolean mask."""
-    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_token = ((3 if gated else 2) * mlp_width(text) + 4 * text.hidden_size) * dtype_bytes \
-        + 4 * head * 4
+        + 4 * head_width(text) * 4
     return rows * tokens * (per_token + tokens)
 
 

@@ -71,8 +71,13 @@ def gated_shapes(shapes: list[tuple], config) -> bool:
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     """A token's keys and values in a cache of every layer."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * 2 * heads * head_dim * dtype_bytes
+    return config.num_hidden_layers * 2 * heads * head_width(config) * dtype_bytes
+
+
+def head_width(config) -> int:
+    """An attention head's width: the config's head_dim, else the hidden size split over the
+    heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _output_backward_bytes(vocab: int, hidden: int, chunk_tokens: int, dtype_bytes: int,
