@@ -116,6 +116,22 @@ def test_data_inspect_reads_renamed_columns_with_column(files, tmp_path, capsys)
         "e.g. responses=COLUMN)" in capsys.readouterr().out
 
 
+def test_data_inspect_counts_records_missing_a_rating(files, tmp_path, capsys):
+    """A rating that a later row leaves out or writes as words is counted, with its first
+    record: rm train refuses those records, so inspect is where a user should learn of them."""
+    path = tmp_path / "rated.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "helpfulness": i % 5, "correctness": 3}
+            for i in range(6)]
+    rows[4]["helpfulness"] = "good"
+    del rows[5]["helpfulness"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "scores              correctness, helpfulness" in out
+    assert f"  no helpfulness    2  (absent or not a number, first {path}:5;" in out
+    assert "no correctness" not in out
+
+
 def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):
     """Prompt-only records (what `preftune online` and spo sample from) are counted and
     rendered, each with its token count as generation renders it."""

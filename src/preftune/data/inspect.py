@@ -58,7 +58,22 @@ def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
         score_names = sorted({name for ex in examples for name in ex.scores})
         if score_names:
             lines.append(_row("scores", ", ".join(score_names)))
+            lines += _missing_scores(examples, score_names)
     return "\n".join(lines)
+
+
+def _missing_scores(examples: Sequence[TokenizedExample], names: list[str]) -> list[str]:
+    """A line per numeric field that some kept records lack (absent, or text that is no
+    number): training that reads the field refuses those records."""
+    lines = []
+    for name in names:
+        lacking = [ex for ex in examples if name not in ex.scores]
+        if lacking:
+            first = lacking[0].origin or f"example {lacking[0].index}"
+            lines.append(_row(f"  no {name}", f"{len(lacking)}  (absent or not a number, "
+                                              f"first {first}; a loss or head that reads "
+                                              f"{name} refuses them)"))
+    return lines
 
 
 def render_example(example: TokenizedExample, tokenizer) -> str:
