@@ -93,6 +93,30 @@ def test_eval_writes_metrics_per_pair_values_and_the_ches_filtered_file(files, c
     assert kept == [row for i, row in enumerate(original) if i not in top_two]
 
 
+def test_ches_filtered_csv_keeps_renamed_text_columns_as_text(files, tmp_path, capsys):
+    """Answers such as "4" in a CSV whose columns --column renames are written back as the
+    text they were ("4", not 4.0), so the filtered file reads with the same command."""
+    data = tmp_path / "math.csv"
+    data.write_text("question,good,bad\n2+2=,4,5\n3+3=,6,7\n1+1=,2,3\n4+4=,8,9\n")
+    columns = ["--column", "prompt=question", "--column", "chosen=good", "--column",
+               "rejected=bad"]
+    run = ["eval", "--model", str(files / "run"), "--reference", str(files / "reference"),
+           "--samples", "0", *columns]
+    assert main([*run, "--data", str(data), "--filter-top", "0.5", "--output",
+                 str(tmp_path / "first")]) == 0
+    pairs = [json.loads(line) for line in
+             (tmp_path / "first" / "eval_pairs.jsonl").read_text().splitlines()]
+    top = sorted(range(4), key=lambda i: -pairs[i]["ches"])[:2]
+    rows = [{"question": q, "good": g, "bad": b} for q, g, b in
+            [("2+2=", "4", "5"), ("3+3=", "6", "7"), ("1+1=", "2", "3"), ("4+4=", "8", "9")]]
+    filtered = tmp_path / "first" / "math.without-top-ches-0.5.jsonl"
+    assert [json.loads(line) for line in filtered.read_text().splitlines()] == [
+        row for i, row in enumerate(rows) if i not in top]
+    capsys.readouterr()
+    assert main([*run, "--data", str(filtered), "--output", str(tmp_path / "second")]) == 0
+    assert json.loads((tmp_path / "second" / "eval.json").read_text())["pairs"] == 2
+
+
 def test_user_scorer_and_default_output_in_the_working_directory(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["eval", "--model", str(files / "reference"), "--data", str(files / "pairs.jsonl"),

@@ -63,8 +63,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     base_dir = images_folder(source)
     records: list = []
     detection, first_row = None, {}
-    text_columns = {columns[name] for name in (*TEXT_FIELDS, "system")}
-    for origin, row in _rows(source, text_columns, skipped):
+    for origin, row in _rows(source, csv_text_columns(fields), skipped):
         try:
             if not isinstance(row, dict):
                 raise DataError(
@@ -133,6 +132,13 @@ def images_folder(source: Source) -> str:
     directory)."""
     return source.path if source.kind == "saved" else os.path.dirname(
         source.files[0] if source.files else source.path)
+
+
+def csv_text_columns(fields: dict | None) -> set:
+    """The columns whose CSV cells stay text ("2" is an answer, not a number): the text fields
+    under their own names and under the names ``fields`` (data.fields, --column) gives them."""
+    names = (*TEXT_FIELDS, "system")
+    return {*names, *((fields or {}).get(name, name) for name in names)}
 
 
 def read_rows(path: str, text_columns: set,

@@ -22,8 +22,7 @@ from accelerate import PartialState
 
 from ..config import ConfigError, prompt_limit
 from ..data.records import DataError, JointPair, Pair
-from ..data.shapes import TEXT_FIELDS
-from ..data.sources import read_rows, load_records
+from ..data.sources import csv_text_columns, load_records, read_rows
 from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompts,
                              tokenize_records)
 from ..model.forward import SequenceStats
@@ -202,7 +201,8 @@ def _write_outputs(results: dict, pair_rows: list, examples: list, options: Eval
     if options.filter_top:
         ches_values = torch.tensor([row["ches"] for row in pair_rows])
         drop = {examples[p].index for p in D.highest_positions(ches_values, options.filter_top)}
-        filtered = _write_filtered(options.data, drop, output, options.filter_top)
+        filtered = _write_filtered(options.data, options.fields, drop, output,
+                                   options.filter_top)
         print(f"wrote {filtered}: {options.data} without the {len(drop)} highest-CHES pairs")
 
 
@@ -291,11 +291,12 @@ def _pair_metrics(examples, on_policy, on_reference, options: EvalOptions):
     return metrics, rows
 
 
-def _write_filtered(data: str, drop: set, output: Path, fraction: float) -> Path:
+def _write_filtered(data: str, fields: dict | None, drop: set, output: Path,
+                    fraction: float) -> Path:
     """``data`` as JSONL without the records at positions ``drop``; returns the file written."""
     target = output / f"{Path(data).stem}.without-top-ches-{fraction:g}.jsonl"
     with open(target, "w", encoding="utf-8") as handle:
-        for position, (_, row) in enumerate(read_rows(data, set(TEXT_FIELDS))):
+        for position, (_, row) in enumerate(read_rows(data, csv_text_columns(fields))):
             if position not in drop:
                 handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     return target

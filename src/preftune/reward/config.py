@@ -16,8 +16,8 @@ from ..config_errors import unknown_key
 from ..config_model import params_problem, refuse_unused
 from ..data.records import DataError
 from ..data.detect import is_rating, rating_columns
-from ..data.shapes import TEXT_FIELDS, is_number
-from ..data.sources import read_rows
+from ..data.shapes import is_number
+from ..data.sources import csv_text_columns, read_rows
 from .heads import Head, HeadError
 from .losses import get_reward_loss
 
@@ -170,7 +170,7 @@ def detect_attributes(config: RewardConfig) -> tuple[Head, str | None]:
     path = config.data.train if isinstance(config.data.train, str) else config.data.train[0]
     # the first rows, whose rating columns are the attributes: a bad value in the first alone
     # ("x") would drop its column for the whole file; the records' own checks name the value
-    rows = list(itertools.islice(read_rows(path, set(TEXT_FIELDS)), DETECT_ROWS))
+    rows = list(itertools.islice(read_rows(path, csv_text_columns(fields)), DETECT_ROWS))
     origin, row = rows[0] if rows else (path, {})
     if not isinstance(row, dict):
         return config.head, None  # load_records names the bad record

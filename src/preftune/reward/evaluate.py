@@ -35,8 +35,7 @@ import torch
 from ..data.convert import ranked_to_pairs
 from ..config import ConfigError
 from ..data.records import DataError
-from ..data.shapes import TEXT_FIELDS
-from ..data.sources import load_records, read_rows
+from ..data.sources import csv_text_columns, load_records, read_rows
 from ..evaluate.diagnostics import pearson
 from ..train.logging import progress_bar
 from ..train.output import check_output_folder
@@ -171,8 +170,7 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
     if options.output:
         check_output_folder(options.output, "--output")
     records = load_records(options.data, fields=options.fields)
-    raw = [row for _, row in read_rows(options.data,
-                                       set(TEXT_FIELDS) | set((options.fields or {}).values()))]
+    raw = [row for _, row in read_rows(options.data, csv_text_columns(options.fields))]
     field = options.category_field or "category"
     categories = [row.get(field) if isinstance(row, dict) else None for row in raw]
     if options.category_field and all(c is None for c in categories):

@@ -16,8 +16,7 @@ import torch
 from accelerate import PartialState
 
 from ..data.records import DataError
-from ..data.shapes import TEXT_FIELDS
-from ..data.sources import load_records, read_rows
+from ..data.sources import csv_text_columns, load_records, read_rows
 from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..train.logging import progress_bar
 from .encoder import encoder_examples
@@ -160,7 +159,7 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     check_field(field)
     target = new_output_file(output, data, overwrite)
     records = load_records(data, fields=fields, unscored_lists=True)
-    rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
+    rows = [row for _, row in read_rows(data, csv_text_columns(fields))]
     head, _ = Head.load(reward_model_dir(model))
     for row, record in zip(rows, records):  # before any weight loads or record is scored
         if not head.has_reward and record.shape not in ("pairs", "ranked"):

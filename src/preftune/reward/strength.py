@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.records import DataError
-from ..data.shapes import TEXT_FIELDS
-from ..data.sources import load_records, read_rows
+from ..data.sources import csv_text_columns, load_records, read_rows
 from ..model.forward import causal_lm_of
 from ..train.logging import progress_bar
 from .model import reward_model_dir
@@ -168,7 +167,7 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
     for model in models:
         reward_model_dir(model)  # a missing model is named before anything is scored
     records = load_records(data, fields=fields)
-    rows = [row for _, row in read_rows(data, set(TEXT_FIELDS) | set((fields or {}).values()))]
+    rows = [row for _, row in read_rows(data, csv_text_columns(fields))]
     names = strength_fields(field, flip)
     for row, record in zip(rows, records):
         if record.shape != "pairs":
