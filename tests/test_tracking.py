@@ -113,7 +113,6 @@ def test_mlflow_file_store_holds_the_metrics_and_the_config(tracked_run):
 def test_wandb_offline_run_holds_the_metrics_and_the_config(workspace, monkeypatch):
     pytest.importorskip("wandb")
     from wandb.proto.wandb_internal_pb2 import Record
-    from wandb.sdk.internal.datastore import DataStore
 
     for name in ("WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
@@ -124,9 +123,8 @@ def test_wandb_offline_run_holds_the_metrics_and_the_config(workspace, monkeypat
             "train.report_to=[wandb]"] + tiny_settings(workspace, out)
     assert main(argv) == 0
     (path,) = (out / "tracking" / "wandb").glob("offline-run-*/run-*.wandb")
-    store, logged, config, names = DataStore(), {}, {}, set()
-    store.open_for_scan(str(path))  # the records `wandb sync` would upload
-    while (data := store.scan_data()) is not None:
+    logged, config, names = {}, {}, set()
+    for data in wandb_records(path):  # the records `wandb sync` would upload
         record = Record()
         record.ParseFromString(data)
         if record.WhichOneof("record_type") == "run":
@@ -134,7 +132,9 @@ def test_wandb_offline_run_holds_the_metrics_and_the_config(workspace, monkeypat
         elif record.WhichOneof("record_type") == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif record.WhichOneof("record_type") == "history":
-            values = {item.key: json.loads(item.value_json) for item in record.history.item}
+            # (a key is ``key``, or in newer wandb ``nested_key``'s parts)
+            values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                      for item in record.history.item}
             for name, value in values.items():
                 if not name.startswith("_"):
                     logged.setdefault(name, {})[values["_step"]] = value
@@ -145,6 +145,25 @@ def test_wandb_offline_run_holds_the_metrics_and_the_config(workspace, monkeypat
         assert logged[name] == pytest.approx(by_step, rel=1e-12), name
     assert config["train.learning_rate"] == 0.0 and config["train.max_steps"] == 4
     assert json.loads(config["train.report_to"]) == ["wandb"]
+
+
+def wandb_records(path: Path):
+    """The records of an offline W&B run file: after a 7-byte header (":W&B", magic,
+    version), LevelDB's log format, 32 KiB blocks of chunks each headed by a checksum (4
+    bytes), a length (2, little-endian) and a type (1 whole, 2 first, 3 middle, 4 last).
+    Read here because wandb's own reader left its Python package (0.31)."""
+    data, block, position, pending = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            yield pending
+            pending = b""
 
 
 def test_alarm_lists_become_one_indicator_per_kind():
@@ -170,3 +189,103 @@ def test_report_to_may_change_on_resume_and_an_unknown_tracker_is_refused():
     with pytest.raises(ConfigError, match="train.report_to"):
         build_config({"train": {"report_to": ["tensorbored"]}})
     assert build_config({"train": {"report_to": "mlflow"}}).train.report_to == ["mlflow"]
+
+
+def mlflow_runs(store: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.as_uri())
+    experiment = client.get_experiment_by_name("preftune")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_each_run_in_a_process_gets_its_own_mlflow_store(workspace, monkeypatch):
+    """A script (or online rounds, or compare) that trains twice: each run's store is its own
+    tracking dir, and the process's MLflow setting is as it was before (no tracking URI left
+    behind for the next run, or the user's own MLflow calls, to inherit)."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    base = ["train", str(README.parent / "examples" / "dpo.yaml"), "--set",
+            "train.report_to=[mlflow]"]
+    for name in ("first", "second"):
+        settings = tiny_settings(workspace, workspace / name)
+        assert main(base + settings[:-4] + ["--set", "train.max_steps=1"]) == 0
+        assert "MLFLOW_TRACKING_URI" not in tracking.os.environ
+        assert "MLFLOW_ALLOW_FILE_STORE" not in tracking.os.environ
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    for name in ("first", "second"):
+        (run,) = mlflow_runs(workspace / name / "tracking" / "mlruns")
+        assert run.info.run_name == name and run.info.status == "FINISHED"
+    assert mlflow.get_tracking_uri() != (workspace / "first" / "tracking" / "mlruns").as_uri()
+
+
+def test_a_run_inside_the_users_mlflow_run_is_its_child(workspace, tmp_path, monkeypatch):
+    """``with mlflow.start_run(): train(...)`` (a sweep's parent run): the run is logged as a
+    nested run in the user's store, not started beside the active one (which MLflow refuses)."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = tmp_path / "user-store"
+    mlflow.set_tracking_uri(store.as_uri())
+    try:
+        mlflow.set_experiment("preftune")
+        with mlflow.start_run(run_name="sweep") as parent:
+            settings = tiny_settings(workspace, tmp_path / "child")
+            assert main(["train", str(README.parent / "examples" / "dpo.yaml"), "--set",
+                         "train.report_to=[mlflow]"] + settings[:-4]
+                        + ["--set", "train.max_steps=1"]) == 0
+            assert mlflow.active_run().info.run_id == parent.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+    runs = {run.info.run_name: run for run in mlflow_runs(store)}
+    assert sorted(runs) == ["child", "sweep"]
+    assert runs["child"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "loss" in runs["child"].data.metrics
+    assert not (tmp_path / "child" / "tracking" / "mlruns").exists()
+
+
+def test_a_run_that_fails_ends_its_mlflow_run_as_failed(workspace, monkeypatch):
+    from preftune.train.trainer import Trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real_step = Trainer.step
+
+    def failing_step(self, step):
+        if step == 1:
+            raise RuntimeError("the data loader broke")
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "step", failing_step)
+    out = workspace / "failing"
+    with pytest.raises(RuntimeError, match="the data loader broke"):
+        main(["train", str(README.parent / "examples" / "dpo.yaml"), "--set",
+              "train.report_to=[mlflow]"] + tiny_settings(workspace, out))
+    assert "MLFLOW_TRACKING_URI" not in tracking.os.environ
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    (run,) = mlflow_runs(out / "tracking" / "mlruns")
+    assert run.info.status == "FAILED"
+    assert [m.step for m in __import__("mlflow").tracking.MlflowClient(
+        (out / "tracking" / "mlruns").as_uri()).get_metric_history(run.info.run_id, "loss")] == [1]
+
+
+def test_a_tracker_listed_twice_and_wandb_without_a_login_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="train.report_to lists mlflow more than once"):
+        build_config({"train": {"report_to": ["mlflow", "tensorboard", "mlflow"]}})
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec",  # as if wandb were installed
+                        lambda name: object() if name == "wandb" else real(name))
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine example.org login a password b\n")
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    with pytest.raises(ConfigError, match="W&B has no API key here .* set WANDB_MODE=offline"):
+        build_config({"train": {"report_to": "wandb"}})
+    netrc_file.write_text("machine api.wandb.ai login user password k\n")
+    netrc_file.chmod(0o600)
+    assert build_config({"train": {"report_to": "wandb"}}).train.report_to == ["wandb"]
+    netrc_file.unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert build_config({"train": {"report_to": "wandb"}}).train.report_to == ["wandb"]

@@ -33,9 +33,10 @@ class MetricsLog:
         if self.trackers is not None:
             self.trackers.log(record)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End the trackers' runs (``status``: FINISHED, FAILED, KILLED; see ``Trackers``)."""
         if self.trackers is not None:
-            self.trackers.finish()
+            self.trackers.finish(status)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -23,13 +25,36 @@ EXPERIMENT = "preftune"  # MLflow experiment and W&B project (their environment 
 
 
 def check_installed(names) -> None:
-    """A ``ValueError`` naming the extra to install for each chosen tracker that is missing."""
+    """A ``ValueError`` for a tracker listed twice, naming the extra to install for each chosen
+    tracker that is missing, or saying how to run W&B without a login."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"train.report_to lists {', '.join(twice)} more than once; list each "
+                         "tracker once.")
     missing = [name for name in names if importlib.util.find_spec(PACKAGES[name][0]) is None]
     if missing:
         extras = ",".join(PACKAGES[name][1] for name in missing)
         raise ValueError(f"train.report_to lists {', '.join(missing)}, which is not installed; "
                          f"install it with: pip install 'preftune[{extras}]' (or remove it from "
                          "train.report_to).")
+    if "wandb" in names and not _wandb_can_log():
+        raise ValueError("train.report_to lists wandb, but W&B has no API key here (neither "
+                         "WANDB_API_KEY nor a `wandb login`); log in, or set WANDB_MODE=offline "
+                         "to write the run under the tracking directory and upload it later "
+                         "with `wandb sync`.")
+
+
+def _wandb_can_log() -> bool:
+    """Whether W&B runs offline (or disabled), or has an API key: the environment's, or the
+    ``~/.netrc`` entry that ``wandb login`` writes for its server."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled") \
+            or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def tracker_values(record: dict) -> dict:
@@ -68,45 +93,73 @@ def hyperparameters(output_dir: Path) -> dict:
 
 class Trackers:
     """The trackers of ``train.report_to`` (none: nothing happens), started with the run's
-    hyperparameters."""
+    hyperparameters. What they change in the process (MLflow's tracking URI) is undone by
+    ``finish``, so the next run in the process (an online round, ``compare``'s next
+    objective, a script's next ``train``) gets its own store."""
 
     def __init__(self, cfg, output_dir: Path):
-        self.trackers = []
+        self.trackers, self.undo = [], []
         if not cfg.report_to:
             return
         output_dir = Path(output_dir)
         directory = Path(cfg.tracking_dir or output_dir / "tracking").resolve()
         run_name = cfg.run_name or output_dir.resolve().name
-        self.trackers = [_tracker(name, directory, run_name) for name in cfg.report_to]
         config = hyperparameters(output_dir)
-        for tracker in self.trackers:
-            tracker.start()
-            tracker.store_init_configuration(config)
+        try:
+            for name in cfg.report_to:
+                tracker = self._tracker(name, directory, run_name)
+                tracker.start()
+                self.trackers.append(tracker)
+                tracker.store_init_configuration(config)
+        except BaseException:
+            self.finish("FAILED")
+            raise
 
     def log(self, record: dict) -> None:
         values = tracker_values(record)
         for tracker in self.trackers:
             tracker.log(values, step=record["step"])
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
+        """End every tracker's run; MLflow's with ``status`` (FINISHED, FAILED when the run
+        raised, KILLED when a signal stopped it)."""
         for tracker in self.trackers:
-            tracker.finish()
+            if tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status=status)
+            else:
+                tracker.finish()
         self.trackers = []
+        while self.undo:
+            self.undo.pop()()
 
+    def _tracker(self, name: str, directory: Path, run_name: str):
+        from accelerate import tracking
 
-def _tracker(name: str, directory: Path, run_name: str):
-    from accelerate import tracking
+        if name == "tensorboard":  # event files under tracking_dir/tensorboard/RUN_NAME
+            return tracking.TensorBoardTracker(run_name, directory / "tensorboard")
+        if name == "mlflow":
+            return tracking.MLflowTracker(experiment_name=EXPERIMENT, run_name=run_name,
+                                          nested_run=self._mlflow_store(directory))
+        # W&B: online unless WANDB_MODE=offline (then files under tracking_dir/wandb)
+        directory.mkdir(parents=True, exist_ok=True)
+        return tracking.WandBTracker(os.environ.get("WANDB_PROJECT", EXPERIMENT), name=run_name,
+                                     dir=str(directory))
 
-    if name == "tensorboard":  # event files under tracking_dir/tensorboard/RUN_NAME
-        return tracking.TensorBoardTracker(run_name, directory / "tensorboard")
-    if name == "mlflow":
-        if "MLFLOW_TRACKING_URI" not in os.environ:  # offline: a file store in tracking_dir
-            import mlflow
+    def _mlflow_store(self, directory: Path) -> bool:
+        """Point MLflow at a file store in ``directory``, unless the user chose a tracking URI
+        (MLFLOW_TRACKING_URI, ``mlflow.set_tracking_uri``) or runs this inside a run of their
+        own, which then gets the run as a child, in their store (returns True)."""
+        import mlflow
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if mlflow.active_run() is not None:
+            return True
+        if not is_tracking_uri_set():
+            if "MLFLOW_ALLOW_FILE_STORE" not in os.environ:
+                os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+                self.undo.append(lambda: os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None))
             mlflow.set_tracking_uri((directory / "mlruns").as_uri())
-        return tracking.MLflowTracker(experiment_name=EXPERIMENT, run_name=run_name)
-    # W&B: online unless WANDB_MODE=offline (then files under tracking_dir/wandb)
-    directory.mkdir(parents=True, exist_ok=True)
-    return tracking.WandBTracker(os.environ.get("WANDB_PROJECT", EXPERIMENT), name=run_name,
-                                 dir=str(directory))
+            self.undo.append(lambda: mlflow.set_tracking_uri(None))
+        return False

@@ -205,26 +205,30 @@ class Trainer:
 
     def run(self, before_step: Callable[[int], None] | None = None) -> Path:
         """Every remaining step, then ``finish``. SIGTERM or SIGINT (preemption, Ctrl-C) lets
-        the current step end, writes a checkpoint and raises ``TrainingStopped``."""
+        the current step end, writes a checkpoint and raises ``TrainingStopped``; the trackers'
+        runs end whatever stops the loop (MLflow's as KILLED by a signal, else FAILED)."""
         with StopRequests() as stop:
             self.stop_signal = stop
-            for step in range(self.start_step, self.total_steps):
-                if before_step is not None:
-                    before_step(step)
-                try:
-                    self.step(step)
-                except torch.OutOfMemoryError as error:
-                    raise self._out_of_memory(step, error) from None
-                if self.stop_requested and step + 1 < self.total_steps:
-                    self.bar.close()
-                    self.batches.close()
-                    path = self.save(step + 1)
-                    if self.main:
-                        self.log.close()
-                    raise TrainingStopped(
-                        f"stopped by {stop.signal or 'a signal to another process'} after step "
-                        f"{step + 1} of {self.total_steps}; checkpoint written to {path}.",
-                        signal_name=stop.signal)
+            try:
+                for step in range(self.start_step, self.total_steps):
+                    if before_step is not None:
+                        before_step(step)
+                    try:
+                        self.step(step)
+                    except torch.OutOfMemoryError as error:
+                        raise self._out_of_memory(step, error) from None
+                    if self.stop_requested and step + 1 < self.total_steps:
+                        self.bar.close()
+                        self.batches.close()
+                        path = self.save(step + 1)
+                        raise TrainingStopped(
+                            f"stopped by {stop.signal or 'a signal to another process'} after "
+                            f"step {step + 1} of {self.total_steps}; checkpoint written to "
+                            f"{path}.", signal_name=stop.signal)
+            except BaseException as error:
+                if self.main:
+                    self.log.close("KILLED" if getattr(error, "signal_name", None) else "FAILED")
+                raise
         return self.finish()
 
     def step(self, step: int) -> dict:
@@ -351,8 +355,6 @@ class Trainer:
         path = None
         if self.world == 1 and step > self.start_step:
             path = self.save(step)
-        if self.main:
-            self.log.close()
         return out_of_memory(step, self.total_steps, path or latest_checkpoint(
             self.checkpoint_dir), error)
 
