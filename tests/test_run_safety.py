@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -232,14 +233,37 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeyp
     assert (finished / "model" / "model.safetensors").read_bytes() == weights
 
 
+def _empty_weights(checkpoint: Path) -> None:
+    (checkpoint / "trainable.safetensors").write_bytes(b"")
+
+
+def _empty_state(checkpoint: Path) -> None:
+    (checkpoint / "state.json").write_text("")
+
+
+def _no_state(checkpoint: Path) -> None:
+    (checkpoint / "state.json").unlink()
+
+
+def _emptied(checkpoint: Path) -> None:
+    shutil.rmtree(checkpoint)
+    checkpoint.mkdir()
+
+
+@pytest.mark.parametrize("damage", [_empty_weights, _empty_state, _no_state, _emptied])
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(workspace, monkeypatch,  # noqa: F811
-                                                                  capsys):
+                                                                  capsys, damage):
+    """Whatever the damage (a file cut short, state.json empty or gone, an empty folder), the
+    checkpoint is named and the one before it resumed: also by the check of the resumed
+    run's global batch, which reads state.json before the trainer does."""
     settings = dict(train__max_steps=6, train__save_every=2, train__batch_size=4,
                     train__keep_checkpoints=3)
-    straight = run(workspace, "intact", **settings)
-    crashed_run(workspace, "damaged", monkeypatch, 4, **settings)
-    damaged = workspace / "runs" / "damaged"
-    (damaged / "checkpoints" / "step-00000004" / "trainable.safetensors").write_bytes(b"")
+    straight = workspace / "runs" / "intact"
+    if not (straight / "run.json").is_file():
+        run(workspace, "intact", **settings)
+    crashed_run(workspace, f"damaged{damage.__name__}", monkeypatch, 4, **settings)
+    damaged = workspace / "runs" / f"damaged{damage.__name__}"
+    damage(damaged / "checkpoints" / "step-00000004")
     resumed = loop.train(build_config(_saved(damaged)), resume=True, show_progress=False)
     out = capsys.readouterr().out
     assert "skipped" in out and "step-00000004" in out and "step-00000002 (step 2)" in out

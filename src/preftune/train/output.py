@@ -232,15 +232,21 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
 
 
 def _recorded_global_batch(out: Path, saved: dict) -> int:
-    """The global batch of the newest checkpoint (older checkpoints: one process assumed)."""
+    """The global batch of the newest checkpoint whose ``state.json`` reads (the trainer
+    passes over a damaged one too; older checkpoints: one process assumed)."""
     import json
 
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import checkpoints
 
-    checkpoint = latest_checkpoint(out / "checkpoints")
-    state = json.loads((checkpoint / "state.json").read_text()) if checkpoint else {}
-    return state.get("global_batch") or (saved["train.batch_size"]
-                                         * saved.get("train.gradient_accumulation_steps", 1))
+    for checkpoint in reversed(checkpoints(out / "checkpoints")):
+        try:
+            state = json.loads((checkpoint / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("global_batch"):
+            return state["global_batch"]
+        break
+    return saved["train.batch_size"] * saved.get("train.gradient_accumulation_steps", 1)
 
 
 def _flat(tree, prefix: str = "") -> dict:
