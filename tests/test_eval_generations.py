@@ -93,7 +93,7 @@ def test_a_resumed_run_rewrites_the_answers_it_redoes(workspace, monkeypatch):
     interrupted = crashed_run(workspace, "answers-interrupted", monkeypatch, 4, **settings)
     stale = {**rows_of(interrupted)[0], "step": 8, "answer": "written after the checkpoint"}
     with (interrupted / "eval_generations.jsonl").open("a") as handle:
-        handle.write(json.dumps(stale) + "\n")
+        handle.write(json.dumps(stale) + "\n" + json.dumps(stale)[:30])  # and a line cut off
     resume(interrupted)
     assert rows_of(interrupted) == rows_of(straight)
 

@@ -271,6 +271,17 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(workspace, mon
     assert_identical_weights(straight, resumed)
 
 
+def test_a_damaged_line_in_a_run_log_is_named_on_resume(workspace, monkeypatch):  # noqa: F811
+    out = crashed_run(workspace, "torn-log", monkeypatch, 2, train__max_steps=4,
+                      train__save_every=2, train__batch_size=4)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0][:20], *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=rf"{out / 'metrics.jsonl'}:1: not valid JSON \(.*\); "
+                                        "the run writes one record per line: fix or delete "
+                                        "that line, then run again."):
+        loop.train(build_config(_saved(out)), resume=True, show_progress=False)
+
+
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes(workspace, monkeypatch):  # noqa: F811
     settings = dict(train__max_steps=4, train__batch_size=4)
     straight = run(workspace, "no-signal", **settings)

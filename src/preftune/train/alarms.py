@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .logging import complete_lines
+from .logging import keep_through
 
 
 class WeightProbe:
@@ -62,11 +62,7 @@ class Alarms:
         """Continue after a checkpoint of step ``through_step``: ``alarms.jsonl`` loses the
         alarms of the steps after it (they are replayed), and the checks pick up ``state``
         (a checkpoint without one: the kinds that alarms.jsonl kept, as fired)."""
-        kept = []
-        if self.path.exists():
-            kept = [json.loads(line) for line in complete_lines(self.path.read_text()) if line]
-            kept = [alarm for alarm in kept if alarm.get("step", 0) <= through_step]
-            self.path.write_text("".join(json.dumps(alarm) + "\n" for alarm in kept))
+        kept = keep_through(self.path, through_step)
         state = state or {"fired": [alarm["kind"] for alarm in kept],
                           "checked_moving": through_step >= self.frozen_after_steps}
         self.fired = set(state["fired"])

@@ -22,6 +22,7 @@ from ..data.tokenize import distinct_prompts
 from ..generation import HFGenerator, SamplingSettings
 from ..score import load_scorer
 from ..score.base import checked
+from .logging import keep_through
 
 DEFAULT_MAX_NEW_TOKENS = 64
 FILE = "eval_generations.jsonl"
@@ -38,6 +39,7 @@ class EvalGenerations:
         self.settings = SamplingSettings(temperature=0.0, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
         self.path = Path(output_dir) / FILE
+        self.trimmed = False  # whether this process dropped the later steps of a resumed run
 
     @torch.no_grad()
     def __call__(self, model, step: int) -> dict:
@@ -69,14 +71,13 @@ class EvalGenerations:
         return metrics
 
     def _write(self, rows: list[dict], step: int) -> None:
-        """Append ``rows``, first dropping any of this step or later (a resumed run's, written
-        after the checkpoint it continues from)."""
-        kept = []
-        if self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line and json.loads(line)["step"] < step]
-        lines = kept + [json.dumps(row, ensure_ascii=False) for row in rows]
-        self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        """Append ``rows``; before the first, drop any of this step or later (a resumed run's,
+        written after the checkpoint it continues from)."""
+        if not self.trimmed:
+            keep_through(self.path, step - 1)
+            self.trimmed = True
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def eval_generations(config, examples: list, tokenizer, output_dir: Path):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..data.records import DataError
+
 
 class MetricsLog:
     """Appends metric records to ``metrics.jsonl`` and hands each to the experiment trackers
@@ -21,11 +23,10 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_through_step: int = 0, trackers=None):
         self.path, self.trackers = path, trackers
-        kept = []
-        if keep_through_step and path.exists():
-            kept = [json.dumps(record) for record in read_metrics(path)
-                    if record.get("step", 0) <= keep_through_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        if keep_through_step:
+            keep_through(path, keep_through_step)
+        else:
+            path.write_text("")
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
@@ -40,9 +41,31 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of ``metrics.jsonl``, less a last line whose write was cut off (a run
-    killed mid-write, or one still writing)."""
-    return [json.loads(line) for line in complete_lines(Path(path).read_text()) if line]
+    """The records of one of a run's JSONL logs (``metrics.jsonl``, ``alarms.jsonl``,
+    ``eval_generations.jsonl``), less a last line whose write was cut off (a run killed
+    mid-write, or one still writing); a damaged line elsewhere is an error naming it."""
+    records = []
+    for number, line in enumerate(complete_lines(Path(path).read_text(encoding="utf-8")), 1):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg}); the run writes one "
+                            "record per line: fix or delete that line, then run again.") from None
+    return records
+
+
+def keep_through(path: Path, step: int) -> list[dict]:
+    """A run log resumed from step ``step``'s checkpoint: without the records of later steps
+    (the resumed run writes them again), replaced whole so that a kill leaves the old file or
+    the new one, never half of either. Returns the records kept."""
+    from ..data.sources import write_rows
+
+    kept = [record for record in read_metrics(path)
+            if record.get("step", 0) <= step] if path.exists() else []
+    write_rows(path, kept)
+    return kept
 
 
 def complete_lines(text: str) -> list[str]:
