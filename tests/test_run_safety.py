@@ -93,7 +93,7 @@ def test_an_output_dir_that_is_a_file_or_unwritable_is_named(workspace, tmp_path
     assert not (workspace / "runs" / "y" / "metrics.jsonl").exists()
 
 
-def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
+def test_a_run_directory_is_never_reused_silently(workspace, monkeypatch):  # noqa: F811
     first = run(workspace, "twice", train__max_steps=2)
     assert not (first / ".preftune.lock").exists()  # released (and removed) when a run ends
     before = (first / "metrics.jsonl").read_text()
@@ -106,6 +106,14 @@ def test_a_run_directory_is_never_reused_silently(workspace):  # noqa: F811
     moved = [p for p in first.parent.iterdir() if p.name.startswith("twice.old-")]
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == before
     assert again == first and (first / "model" / "model.safetensors").exists()
+    # an overwrite in the same second as the last one (its name taken) takes the next name
+    from preftune.train import output
+
+    monkeypatch.setattr(output.time, "strftime", lambda _: moved[0].name.split(".old-")[1])
+    trained = (first / "metrics.jsonl").read_text()
+    loop.train(build_config(_saved(first)), show_progress=False, overwrite=True)
+    assert (moved[0] / "metrics.jsonl").read_text() == before
+    assert (Path(f"{moved[0]}-2") / "metrics.jsonl").read_text() == trained
 
 
 def test_a_refused_run_leaves_no_directory_and_an_overwrite_puts_the_old_run_back(

@@ -163,10 +163,15 @@ def same_settings(config, may_change: frozenset = frozenset()) -> bool:
 
 
 def move_aside(out: Path) -> Path:
-    """Rename a previous run to ``OUT.old-TIME`` (never delete it); returns the new path."""
+    """Rename a previous run to ``OUT.old-TIME`` (``-2``, ``-3``, ... after it when that
+    name is taken: two overwrites in one second); never delete it. Returns the new path."""
     check_free(out)
     release(out)
-    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside, number = stem, 1
+    while aside.exists() or aside.is_symlink():
+        number += 1
+        aside = stem.with_name(f"{stem.name}-{number}")
     out.rename(aside)
     print(f"the previous run in {out} was moved to {aside} (not deleted)")
     return aside
