@@ -99,6 +99,28 @@ def test_options_of_the_api_functions_are_checked_in_their_own_names(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_paths_may_be_pathlib_paths_everywhere(files, tmp_path):
+    """A ``pathlib.Path`` for a model, data or output is what the same string gives: in
+    config dicts (at any depth) and in the functions' arguments (``evaluate`` ran the whole
+    evaluation, then failed to write eval.json; a data Path failed in the reader)."""
+    tree = yaml.safe_load((files / "config.yaml").read_text())
+    as_paths = {**tree, "model": {"path": files / "model"},
+                "data": {"train": [files / "pairs.jsonl"]}, "output_dir": tmp_path / "run"}
+    assert api.Config.from_dict(as_paths) == api.Config.from_dict(
+        {**tree, "model": {"path": str(files / "model")},
+         "data": {"train": [str(files / "pairs.jsonl")]}, "output_dir": str(tmp_path / "run")})
+    results = api.evaluate(files / "model", files / "pairs.jsonl", samples=0,
+                           reference=files / "model", output=tmp_path / "eval")
+    assert results == json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert results["pairs"] == 12
+    with pytest.raises(api.ConfigError, match=r"Config.from_dict: expected a dict shaped like "
+                                              r"the YAML file .*, got list"):
+        api.Config.from_dict(["model"])
+    with pytest.raises(api.ConfigError, match=r"compare\(\): config is the path of a YAML "
+                                              r"file .* got Config"):
+        api.compare("dpo", api.Config.from_dict(tree), output_dir=tmp_path / "cmp")
+
+
 def test_rm_and_online_configs_read_the_same_ways():
     rm = api.RewardConfig.from_yaml(ROOT / "examples/rm/bt.yaml", ["loss.name=bt_margin"])
     assert rm.loss.name == "bt_margin"

@@ -14,6 +14,7 @@ Objectives and scorers from your own code: ``register_objective`` / ``register_s
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,24 @@ __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "
            "preference_strength", "register_objective", "register_scorer", "run_online",
            "score_with_reward_model", "train", "train_diffusion", "train_reward_model",
            "tree_pairs", "pairs_from_commits", "relevance_pairs", "write_report"]
+
+
+def _paths_as_text(function):
+    """Let ``function``'s path arguments be ``pathlib.Path`` (any ``os.PathLike``), alone or in
+    a list, as well as strings: they are passed on as the strings the commands pass."""
+    @functools.wraps(function)
+    def call(*args, **options):
+        return function(*map(_text, args), **{name: _text(value)
+                                               for name, value in options.items()})
+    return call
+
+
+def _text(value):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_text(item) for item in value)
+    return value
 
 
 def _as(kind: type, config):
@@ -60,6 +79,7 @@ def train(config: Config | dict | str | Path, *, resume: bool = False, overwrite
                         plan_only=plan_only, overwrite=overwrite)
 
 
+@_paths_as_text
 def evaluate(model: str, data: str, **options) -> dict:
     """Diagnostics of a trained model against its reference on preference pairs (``preftune
     eval``; ``options`` are its flags, e.g. ``beta=0.1, samples=0, scorer="synthetic"``).
@@ -69,6 +89,7 @@ def evaluate(model: str, data: str, **options) -> dict:
     return run_eval(_made(EvalOptions, "evaluate", model=model, data=data, **options))
 
 
+@_paths_as_text
 def compare(objectives: Sequence[str], config: str | None = None, *,
             overrides: Sequence[str] = (), output_dir: str = "runs/compare",
             eval_data: str | None = None, scorer: str | None = None, samples: int = 2,
@@ -79,6 +100,11 @@ def compare(objectives: Sequence[str], config: str | None = None, *,
     from .compare import run_compare
     from .config import as_list
 
+    if config is not None and not isinstance(config, str):
+        raise ConfigError(f"compare(): config is the path of a YAML file (each objective's run "
+                          f"is that file with its objective replaced), got "
+                          f"{type(config).__name__}; save it (yaml.safe_dump(config.model_dump"
+                          f"())) and pass the path, or give settings as overrides.")
     if isinstance(objectives, str):  # "dpo,ipo", as on the command line
         objectives = [name.strip() for name in objectives.split(",") if name.strip()]
     return run_compare(list(objectives), config, as_list(overrides), output_dir, eval_data,
@@ -96,6 +122,7 @@ def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool
                         overwrite=overwrite, plan_only=plan_only)
 
 
+@_paths_as_text
 def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
     """Accuracy, calibration and reward distribution of a reward model (``preftune rm eval``;
     ``options``: scorer (instead of a model: any scorer spec), fields, output, category_field,
@@ -106,6 +133,7 @@ def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
                              data=data, **options))
 
 
+@_paths_as_text
 def score_with_reward_model(model: str, data: str, output: str, *, batch_size: int = 16,
                             field: str = "score", overwrite: bool = False,
                             fields: dict | None = None, dtype: str = "auto") -> Path:
@@ -117,6 +145,7 @@ def score_with_reward_model(model: str, data: str, output: str, *, batch_size: i
     return run_score(model, data, output, batch_size, field, overwrite, fields, dtype)
 
 
+@_paths_as_text
 def preference_strength(models: str | list[str], data: str, output: str, *, passes: int = 1,
                         dropout: float = 0.0, flip: bool = False, field: str = "strength",
                         seed: int = 0, batch_size: int = 16, overwrite: bool = False,
@@ -132,6 +161,7 @@ def preference_strength(models: str | list[str], data: str, output: str, *, pass
                         fields=fields, dtype=dtype)
 
 
+@_paths_as_text
 def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0.01,
                       overwrite: bool = False, fields: dict | None = None,
                       dtype: str = "auto") -> dict:
@@ -144,6 +174,7 @@ def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0
     return run_fit_cpm(scorer_file, data, output, l2, overwrite, fields, dtype)
 
 
+@_paths_as_text
 def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,
                fields: dict | None = None, max_length: int = 1024,
                max_prompt_length: int | None = None, dtype: str = "float32",
@@ -165,6 +196,7 @@ def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,
                     dtype=dtype, chat_template=chat_template, overwrite=overwrite)
 
 
+@_paths_as_text
 def pairs_from_commits(repo: str, output: str, *, overwrite: bool = False,
                        **settings) -> Path:
     """Code preference pairs from ``repo``'s git history written to ``output``: each Python
@@ -177,6 +209,7 @@ def pairs_from_commits(repo: str, output: str, *, overwrite: bool = False,
                                            **settings), overwrite)
 
 
+@_paths_as_text
 def relevance_pairs(data: str, output: str, *, min_similarity: float = 0.3,
                     max_similarity: float = 0.95, encoder: str = "minilm",
                     fields: dict | None = None, overwrite: bool = False) -> Path:
@@ -201,6 +234,7 @@ def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False
                       plan_only=plan_only)
 
 
+@_paths_as_text
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Plots, alarms and eval results of a run of any kind as one self-contained HTML page
     (``preftune report``): ``output``, else ``RUN_DIR/report.html``; each figure also as a PNG
@@ -226,6 +260,7 @@ def train_diffusion(config: DiffusionConfig | dict | str | Path, *, resume: bool
                           plan_only=plan_only)
 
 
+@_paths_as_text
 def evaluate_diffusion(model: str, reference: str, prompts: Sequence[str], scorer: str, *,
                        seeds: Sequence[int] = (0, 1), steps: int = 25,
                        guidance_scale: float = 1.0, output: str | None = None,
@@ -245,7 +280,7 @@ def evaluate_diffusion(model: str, reference: str, prompts: Sequence[str], score
                                    true_cfg_scale, dtype, batch_size)
 
 
-SIMPLE_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": (str, os.PathLike)}
+SIMPLE_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 
 def _made(cls, function: str, **given):

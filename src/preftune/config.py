@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -44,10 +45,24 @@ class RunConfig(Section):
 
     @classmethod
     def from_dict(cls, tree: dict, overrides: Sequence[str] = (), source: str = "the config"):
-        """A config from nested dicts as in the YAML file (``tree`` is not modified)."""
-        tree = copy.deepcopy(tree)
+        """A config from nested dicts as in the YAML file (``tree`` is not modified); a path
+        value may be a ``pathlib.Path``."""
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{cls.__name__}.from_dict: expected a dict shaped like the YAML "
+                              f"file (sections such as model, data, train), got "
+                              f"{type(tree).__name__}.")
+        tree = _path_text(copy.deepcopy(tree))
         apply_overrides(tree, as_list(overrides))
         return build_config(tree, source, cls)
+
+
+def _path_text(node):
+    """``node`` with every ``os.PathLike`` in it (at any depth) as its string."""
+    if isinstance(node, dict):
+        return {key: _path_text(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_path_text(value) for value in node]
+    return os.fspath(node) if isinstance(node, os.PathLike) else node
 
 
 class DataConfig(Section):
