@@ -189,6 +189,12 @@ def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeyp
     tree["train"]["batch_size"] = 2  # 2 x 2 processes: the global batch is kept
     check_resume(build_config(tree), processes=2)
     tree["train"]["batch_size"] = 4
+    # without config.yaml nothing says how the run started: refused, not waved through
+    saved_file.rename(saved_file.with_name("kept.yaml"))
+    with pytest.raises(ConfigError, match=r"its config.yaml, the settings the run started "
+                                          r"with, is gone"):
+        check_resume(build_config({**tree, "train": {**tree["train"], "learning_rate": 1.0}}))
+    saved_file.with_name("kept.yaml").rename(saved_file)
     resumed = loop.train(build_config(tree), resume=True, show_progress=False)
     assert (resumed / "model" / "model.safetensors").exists()
 

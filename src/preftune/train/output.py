@@ -210,6 +210,13 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
     safe = SAFE_TO_CHANGE | may_change
     saved_file = out / "config.yaml"
     if not saved_file.exists():
+        from .checkpoint import checkpoints
+
+        if checkpoints(out / "checkpoints"):  # a run's checkpoints without its settings
+            raise ConfigError(f"--resume in {out}: its config.yaml, the settings the run "
+                              "started with, is gone, so a resumed run cannot be checked to "
+                              "train as it started; put the file back (a copy of the run's "
+                              "config), or start over with --overwrite.")
         return
     defaults = type(config).model_construct().model_dump()
     saved = {**_flat(defaults), **_flat(yaml.safe_load(saved_file.read_text()) or {})}
