@@ -298,6 +298,9 @@ def test_counts_out_of_range_are_usage_errors(argv, option, capsys):
     (["rm", "score", "--model", "m", "--data", "d", "--output", "DIR", "--overwrite"],
      "--output DIR is a folder; name the file to write in it (e.g. DIR/output.jsonl)"),
     (["compare", "--objectives", "dpo", "--output-dir", "FILE"], "--output-dir FILE is a file"),
+    (["eval", "--model", "m", "--data", "d", "--output", "NEW/eval.json"],
+     "--output NEW/eval.json names the folder the results are written into (its files have "
+     "their own names), not a file: give a folder, e.g. NEW/eval."),
     (["compare", "--objectives", " , "], "--objectives names no objective"),
     (["compare", "--objectives", "dpo,ipo,dpo"], "--objectives names dpo more than once"),
     (["rm", "score", "--model", "m", "--data", "d", "--output", "o", "--field", "origin"],
@@ -314,10 +317,13 @@ def test_outputs_of_the_wrong_kind_and_empty_lists_are_refused_before_any_work(
     last); rm score and strength refuse a --field that is empty or the origin they write."""
     (tmp_path / "FILE").write_text("kept")
     (tmp_path / "DIR").mkdir()
-    argv = [str(tmp_path / a) if a in ("FILE", "DIR") else a for a in argv]
+    argv = [str(tmp_path / a) if a.split("/")[0] in ("FILE", "DIR", "NEW") else a
+            for a in argv]
     assert main(argv) == 2
     assert message.replace("FILE", str(tmp_path / "FILE")).replace(
-        "DIR", str(tmp_path / "DIR")) in capsys.readouterr().err
+        "DIR", str(tmp_path / "DIR")).replace("NEW", str(tmp_path / "NEW")) \
+        in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["DIR", "FILE"]
     assert (tmp_path / "FILE").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "FILE"]
 

@@ -83,11 +83,16 @@ def replacing_problem(path: Path, named: str, marker: str, kind: tuple[str, str]
 
 def check_output_folder(path, flag: str) -> None:
     """The folder a command writes its results into (``flag`` names it), checked before the
-    work: not a file, and one this process may write in when it exists."""
+    work: not a file, not a new one named like a results file (``out.json``: a folder of
+    that name would be made), and one this process may write in when it exists."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{flag} {folder} is a file; it names the folder the results are "
                           "written into: choose a folder (the file is left as it is).")
+    if not folder.exists() and folder.suffix.lower() in (".json", ".jsonl", ".md", ".html"):
+        raise ConfigError(f"{flag} {folder} names the folder the results are written into "
+                          "(its files have their own names), not a file: give a folder, e.g. "
+                          f"{folder.with_suffix('')}.")
     if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {folder} cannot be written; choose a folder you can write "
                           "to.")
