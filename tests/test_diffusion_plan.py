@@ -164,3 +164,36 @@ def test_online_plan_ranking_memory_is_near_a_real_rounds_ranking_peak(files, tm
                       dtype="float32", batch_size=4)
     measured = memory.stop()["setup"]
     assert planned_total("\n".join(section)) == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("objective", ["longalign", "spo"])
+def test_plan_counts_the_frozen_scorer_the_step_keeps_on_the_device(files, tmp_path, capsys,
+                                                                    objective):
+    """LongAlign's reward model and SPO's spm: scorer stay on the device for the whole run:
+    their weights are in the plan's total (they were left out), and only theirs."""
+    from accelerate import Accelerator
+
+    from diffusion_fixtures import tiny_clip_dir
+    from preftune.diffusion.plan import held_weights
+    from preftune.diffusion.train import diffusion_task
+    from test_diffusion_longalign import SMALL as LONGALIGN_SMALL
+
+    clip = tiny_clip_dir(tmp_path / "clip")
+    params = ({"reward_model": str(clip), **LONGALIGN_SMALL} if objective == "longalign" else
+              {"scorer": f"spm:{clip}", **SMALL})
+    prompts = write_prompts(tmp_path / "prompts", PROMPTS)
+    config = DiffusionConfig.from_dict(tree((files[0], prompts), tmp_path / "run", objective={
+        "name": objective, **params}, train={"batch_size": 2}))
+    task = diffusion_task(config, Accelerator())[0]
+    scorer = task.reward.model if objective == "longalign" else task.scorer.model
+    expected = sum(t.numel() * t.element_size()
+                   for t in (*scorer.parameters(), *scorer.buffers()))
+    assert expected > 0 and held_weights(task) == expected
+    plain = diffusion_task(DiffusionConfig.from_dict(tree(files, tmp_path / "plain")),
+                           Accelerator())[0]
+    assert held_weights(plain) == 0  # the pipeline and the reference are not counted twice
+    diffusion_train.train_diffusion(config, plan_only=True, show_progress=False)
+    printed = capsys.readouterr().out
+    setting = "objective.reward_model" if objective == "longalign" else "objective.scorer"
+    assert f"  scorer           {expected / 2**20:10.0f}  (frozen, on the device: {setting})" \
+        in printed

@@ -31,6 +31,7 @@ def diffusion_plan(config, task, device) -> str:
     weights = tensor_bytes(module.parameters()) + tensor_bytes(module.buffers())
     reference = tensor_bytes(task.reference.parameters()) if task.reference is not None else 0
     moments = moment_bytes(cfg.optimizer, trained, embedding_weights(module))
+    frozen = held_weights(task)
     checkpointing = cfg.gradient_checkpointing
     step = measured_step(task, device, cfg.batch_size)
     other = not checkpointing and hasattr(denoiser, "enable_gradient_checkpointing")
@@ -45,7 +46,7 @@ def diffusion_plan(config, task, device) -> str:
              if spec.ranked else "image pairs")
     count = sum(p.numel() for p in module.parameters())
     denoised = sum(p.numel() for p in denoiser.parameters())
-    base = weights + reference + moments
+    base = weights + reference + moments + frozen
     lines = [
         f"objective          {spec.name} ({shape}, "
         f"{'needs reference' if spec.needs_reference else 'reference-free'})",
@@ -59,6 +60,8 @@ def diffusion_plan(config, task, device) -> str:
         f"  weights          {weights / MIB:10.0f}  (the whole pipeline)",
         f"  reference        {reference / MIB:10.0f}  ({task.reference_strategy})"
         if spec.needs_reference else None,
+        f"  scorer           {frozen / MIB:10.0f}  (frozen, on the device: "
+        f"{_scorer_setting(spec)})" if frozen else None,
         f"  optimizer        {moments / MIB:10.0f}  (AdamW, "
         + ("8-bit moments)" if cfg.optimizer in EIGHT_BIT else "moments in the weights' dtype)"),
         f"  step             {step / MIB:10.0f}  (activations, gradients and backward's working "
@@ -71,6 +74,30 @@ def diffusion_plan(config, task, device) -> str:
                      "(train.gradient_checkpointing: true)")
     lines += device_fit(base + step, base + checkpointed if other else None, device)
     return "\n".join(line for line in lines if line is not None)
+
+
+def held_weights(task) -> int:
+    """Bytes of the models the task keeps beside the pipeline and the reference, which stay
+    on the device for the run: LongAlign's reward model, SPO's step-aware scorer. Found as the
+    modules its attributes hold; a tensor the pipeline or the reference has is not counted
+    again."""
+    counted = {id(t) for m in (task.module, task.reference) if m is not None
+               for t in (*m.parameters(), *m.buffers())}
+    holders = [value for value in vars(task).values()
+               if hasattr(value, "__dict__") and not isinstance(value, nn.Module)]
+    tensors = {id(t): t for module in held_modules(holders)
+               for t in (*module.parameters(), *module.buffers()) if id(t) not in counted}
+    return tensor_bytes(tensors.values())
+
+
+def held_modules(holders) -> list[nn.Module]:
+    """The networks that objects such as scorers keep as attributes."""
+    return [module for holder in holders for module in vars(holder).values()
+            if isinstance(module, nn.Module)]
+
+
+def _scorer_setting(spec) -> str:
+    return "objective.reward_model" if spec.name == "longalign" else "objective.scorer"
 
 
 def measured_step(task, device, batch_size: int) -> float:
@@ -120,8 +147,7 @@ def ranking_lines(config, prompts: list[str]) -> list[str]:
     online = config.online
     model = load_for_sampling(pipeline_dir(config.model.path), "model.path", config.model.dtype)
     scorers = [image_scorer(spec) for spec in online.scorers]
-    held = [module for scorer in scorers for module in vars(scorer).values()
-            if isinstance(module, nn.Module)]
+    held = held_modules(scorers)
     weights = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
     scorer_weights = sum(tensor_bytes(module.parameters()) for module in held)
     count = min(online.batch_size, len(prompts) * len(online.seeds))
