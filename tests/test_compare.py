@@ -60,6 +60,19 @@ def test_compare_trains_evaluates_and_ranks_then_skips_finished_entries(base, ca
     assert "dpo: finished earlier" in printed and "kto: finished earlier" in printed
     assert (out / "dpo" / "model" / "model.safetensors").stat().st_mtime == model_time
 
+    # only the evaluation changes (more new tokens): evaluated again, the runs kept as they
+    # were (they were trained again, the old ones moved aside)
+    minutes = entries["dpo"]["train_minutes"]
+    assert main(["compare", "--objectives", "dpo", "--config", str(base / "base.yaml"),
+                 "--output-dir", str(out), "--samples", "1", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing is left to train" in printed and "moved to" not in printed
+    assert (out / "dpo" / "model" / "model.safetensors").stat().st_mtime == model_time
+    assert not list(out.glob("dpo.old-*"))
+    (entry,) = json.loads((out / "leaderboard.json").read_text())
+    assert entry["train_minutes"] == minutes
+    assert entry["fingerprint"] != entries["dpo"]["fingerprint"]
+
 
 def test_compare_rejects_unknown_objectives_before_training(base, capsys):
     assert _compare(base, "dpo,dpoo") == 2

@@ -23,7 +23,7 @@ from .config import ConfigError, build_config, load_config, read_tree
 from .model.load import released
 from .objectives import get_objective
 from .score import check_scorer
-from .train.output import check_output_folder, resumable
+from .train.output import check_output_folder, finished, resumable
 
 SAMPLES, NEW_TOKENS = 2, 32  # the held-out sampling of a comparison of offline runs
 # leaderboard columns: (key in the entry, header, format); missing values print as "-"
@@ -119,13 +119,8 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         tree = _config_for(base.model_dump(), name, run_dir)
 
         def work(entry: dict, tree=tree, name=name, run_dir=run_dir) -> None:
-            started = time.perf_counter()
-            # an interrupted run of these settings continues from its checkpoint; an earlier,
-            # different or failed one is moved aside, not reused
             config = build_config(tree, f"{config_path} with objective {name}")
-            resume = resumable(config)
-            train(config, resume=resume, overwrite=not resume)
-            entry["train_minutes"] = (time.perf_counter() - started) / 60
+            trained(entry, config, train)
             started = time.perf_counter()
             results = run_eval(replace(evaluation, model=str(run_dir), output=str(run_dir)))
             entry["eval_minutes"] = (time.perf_counter() - started) / 60
@@ -135,6 +130,22 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
                                                  max_new_tokens], work))
     _write_leaderboard(root, entries, eval_data, scorer)
     return root
+
+
+def trained(entry: dict, config, train) -> None:
+    """``train(config, resume=, overwrite=)`` for a comparison's entry: an interrupted run of
+    these settings continues from its checkpoint, a finished one is kept (only the evaluation
+    changed: its ``train_minutes`` are the earlier entry's), an earlier, different or failed
+    one is moved aside, not reused."""
+    run_dir = Path(config.output_dir)
+    resume = resumable(config)
+    kept = resume and finished(run_dir)
+    started = time.perf_counter()
+    train(config, resume=resume, overwrite=not resume)
+    entry["train_minutes"] = (time.perf_counter() - started) / 60
+    earlier = run_dir / "compare_entry.json"
+    if kept and earlier.is_file():
+        entry["train_minutes"] = json.loads(earlier.read_text()).get("train_minutes")
 
 
 def plans(objectives: list[str], root: Path, config_of, plan) -> Path:

@@ -7,7 +7,6 @@ same settings is not trained again, so an interrupted comparison resumes."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from ..config import ConfigError
@@ -31,8 +30,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
                       scorer: str | None, plan_only: bool = False) -> Path:
     """Train, evaluate (win rate vs the base pipeline) and report every objective; write the
     leaderboard through the text comparison's writer. ``plan_only``: each one's ``--plan``."""
-    from ..compare import _write_leaderboard, plans, run_entry
-    from ..train.output import resumable
+    from ..compare import _write_leaderboard, plans, run_entry, trained
     from .config import DiffusionConfig
     from .evaluate import evaluate_diffusion, image_scorer
     from .losses import get_diffusion_loss
@@ -70,11 +68,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
         run_tree = tree_of(name)
 
         def work(entry: dict, run_tree=run_tree, run_dir=run_dir) -> None:
-            started = time.perf_counter()
-            config = DiffusionConfig.from_dict(run_tree)
-            resume = resumable(config)  # an interrupted run of these settings continues
-            train_diffusion(config, resume=resume, overwrite=not resume)
-            entry["train_minutes"] = (time.perf_counter() - started) / 60
+            trained(entry, DiffusionConfig.from_dict(run_tree), train_diffusion)
             results = evaluate_diffusion(str(run_dir), base.model.path, samples.prompts,
                                          samples.seeds, scorer, samples.steps,
                                          samples.guidance_scale, None, samples.resolution,

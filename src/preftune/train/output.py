@@ -117,11 +117,8 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     already finished (its ``run.json`` and its model written, under the same settings):
     nothing to train. A finished run whose model was deleted finishes again from its last
     checkpoint."""
-    from ..model.adapter_dirs import final_model_dir
-
     out = Path(config.output_dir)
-    if resume and not overwrite and (out / "run.json").is_file() \
-            and final_model_dir(out).is_dir():
+    if resume and not overwrite and finished(out):
         if accelerator.is_main_process:
             check_free(out)
             check_resume(config, accelerator.num_processes)
@@ -150,12 +147,20 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     return False
 
 
+def finished(out: Path) -> bool:
+    """Whether ``out`` holds a finished run: its ``run.json`` and its model written."""
+    from ..model.adapter_dirs import final_model_dir
+
+    return (out / "run.json").is_file() and final_model_dir(out).is_dir()
+
+
 def resumable(config) -> bool:
-    """Whether ``config.output_dir`` holds a checkpoint of a run under ``config``'s settings
-    (one that ``--resume`` continues)."""
+    """Whether ``config.output_dir`` holds a run under ``config``'s settings that ``--resume``
+    continues: one with a checkpoint, or a finished one (which it leaves as it is)."""
     from .checkpoint import checkpoints
 
-    return bool(checkpoints(Path(config.output_dir) / "checkpoints")) and same_settings(config)
+    out = Path(config.output_dir)
+    return (bool(checkpoints(out / "checkpoints")) or finished(out)) and same_settings(config)
 
 
 def same_settings(config, may_change: frozenset = frozenset()) -> bool:
