@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pairs (or prompts) per forward pass")
     add_tokenize_options(evaluate)
     add_dtype_option(evaluate, "the evaluated model (--model)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sampled answers")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="seed of the sampled answers (the draws also depend on "
+                               "--batch-size: compare runs at the same one)")
     evaluate.set_defaults(run=_eval)
 
     from .data.cli import add_data_commands
