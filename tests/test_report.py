@@ -218,3 +218,23 @@ def test_page_renders_in_headless_chromium_offline(reported, tmp_path):
         assert image.size == (1200, 1600)
     # The top of the page: header cards, the alarms table and the first rows of plots.
     assert script.distinct_colours(shot) > 500
+
+
+def test_a_diffusion_evaluation_shows_its_numbers_under_what_they_were_measured_against(
+        tmp_path):
+    """diffusion eval writes its settings beside its numbers: they are said in a line above
+    the table (reference, scorer, prompts x seeds), not listed as metrics."""
+    run = make_run(tmp_path)
+    (run / "eval.json").write_text(json.dumps(
+        {"win_rate": 0.75, "scorer": "shape_colour", "mean_score/policy": 0.6,
+         "mean_score/reference": 0.4, "samples": 6, "sampling_steps": 20, "model": "m",
+         "reference": "runs/pretrain/model", "dtype": "float32", "prompts": ["a", "b"],
+         "seeds": [0, 1, 2], "negative_prompt": "", "true_cfg_scale": 1.0}))
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    table = html[html.index("<h2>Evaluation (eval.json)</h2>"):]
+    table = table[:table.index("</table>")]
+    assert "against runs/pretrain/model; judged by shape_colour; on 2 prompts x 3 seeds, 20 " \
+        "sampling steps." in table
+    metrics = re.findall(r"<tr><td>([^<]+)</td>", table)
+    assert metrics == ["win_rate", "mean_score/policy", "mean_score/reference", "samples"]

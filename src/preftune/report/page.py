@@ -90,6 +90,9 @@ def _format_value(value) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
+EVAL_SETTINGS = ("sampling_steps", "true_cfg_scale")  # diffusion eval.json: settings, not metrics
+
+
 def _top_level_numbers(values: dict) -> dict[str, float]:
     """The top-level numeric entries of ``values``; nested settings, lists and text are left out."""
     return {key: value for key, value in values.items()
@@ -267,16 +270,34 @@ def _online(summary: dict | None, figures) -> str:
 
 
 def _eval_table(results: dict | None) -> str:
-    """eval.json's top-level numbers (written by ``preftune eval``), when the file exists."""
+    """eval.json's top-level numbers (written by ``preftune eval`` or ``diffusion eval``),
+    when the file exists, under what they were measured against."""
     if results is None:
         return ""
-    numbers = _top_level_numbers(results)
+    numbers = {key: value for key, value in _top_level_numbers(results).items()
+               if key not in EVAL_SETTINGS}
     if not numbers:
         return "<h2>Evaluation (eval.json)</h2>\n<p class=\"note\">eval.json has no numbers.</p>"
     rows = "".join(f"<tr><td>{escape(key)}</td><td class=\"num\">{_format_value(value)}</td></tr>"
                    for key, value in numbers.items())
-    return (f"<h2>Evaluation (eval.json)</h2>\n<table><tr><th>metric</th><th>value</th></tr>"
-            f"{rows}</table>")
+    return (f"<h2>Evaluation (eval.json)</h2>\n{_eval_about(results)}<table><tr><th>metric</th>"
+            f"<th>value</th></tr>{rows}</table>")
+
+
+def _eval_about(results: dict) -> str:
+    """The reference and the scorer an eval.json measured against, and a diffusion
+    evaluation's prompts x seeds (its settings sit beside its numbers)."""
+    settings = results.get("settings") if isinstance(results.get("settings"), dict) else {}
+    parts = []
+    for label, key in (("against", "reference"), ("judged by", "scorer")):
+        value = results.get(key) or settings.get(key)
+        if isinstance(value, str):
+            parts.append(f"{label} {value}")
+    prompts, seeds = results.get("prompts"), results.get("seeds")
+    if isinstance(prompts, list) and isinstance(seeds, list):
+        parts.append(f"on {len(prompts)} prompts x {len(seeds)} seeds, "
+                     f"{results.get('sampling_steps')} sampling steps")
+    return f"<p class=\"note\">{escape('; '.join(parts))}.</p>" if parts else ""
 
 
 def _config(config_text: str | None) -> str:
