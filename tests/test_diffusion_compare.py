@@ -50,11 +50,13 @@ def test_compare_trains_each_objective_and_ranks_by_the_scorers_win_rate(tmp_pat
         last = [json.loads(line) for line in
                 (out / entry["objective"] / "metrics.jsonl").read_text().splitlines()
                 if '"loss"' in line][-1]
-        assert entry["rewards/accuracy"] == last["rewards/accuracies"]
+        assert entry["train/rewards/accuracy"] == last["rewards/accuracies"]
+        assert "rewards/accuracy" not in entry  # (that column holds held-out numbers)
         assert (out / entry["objective"] / "report.html").is_file()
     assert board[0]["win_rate"] >= board[1]["win_rate"]  # ranked
     table = (out / "leaderboard.md").read_text()
     assert "2 prompts x 2 seeds" in table and "shape_colour" in table
+    assert "| implied-reward acc., last train step | margin, last train step |" in table
     # a second run with the same settings trains nothing again
     again = run_python(command)
     assert again.stdout.count("finished earlier with the same settings, skipped") == 2

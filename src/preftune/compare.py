@@ -33,6 +33,9 @@ COLUMNS = [
     ("win_rate/reference_score", "scorer mean (reference)", "{:.3f}"),
     ("rewards/accuracy", "implied-reward acc.", "{:.1%}"),
     ("rewards/margin", "margin", "{:.2f}"),
+    # (a diffusion run's, from its last logged training step: the loss's own reward terms)
+    ("train/rewards/accuracy", "implied-reward acc., last train step", "{:.1%}"),
+    ("train/rewards/margin", "margin, last train step", "{:.2f}"),
     ("ranking/normalised", "ranking acc. (norm.)", "{:.1%}"),
     ("displacement/chosen", "d logp chosen", "{:+.2f}"),
     ("displacement/rejected", "d logp rejected", "{:+.2f}"),
@@ -351,7 +354,7 @@ def _sort_key(entry: dict) -> tuple:
     if "error" in entry:
         return (-1.0, -1.0)
     return (entry.get("win_rate", entry.get("online/score", -1.0)),
-            entry.get("rewards/accuracy", -1.0))
+            entry.get("rewards/accuracy", entry.get("train/rewards/accuracy", -1.0)))
 
 
 def _plot(path: Path, entries: list[dict]) -> None:

@@ -87,12 +87,13 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
 
 
 def _last_train_metrics(run_dir: Path) -> dict:
-    """The implicit-reward accuracy and margin of the last logged training step."""
+    """The implicit-reward accuracy and margin of the last logged training step (under their
+    own names: not held-out numbers, and in each loss's own units, MaPO's not DPO's)."""
     last = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "rewards/accuracies" in record and "loss" in record:
             last = record
-    return {key: last[source] for key, source in (("rewards/accuracy", "rewards/accuracies"),
-                                                  ("rewards/margin", "rewards/margins"))
-            if source in last}
+    return {key: last[source] for key, source in (
+        ("train/rewards/accuracy", "rewards/accuracies"),
+        ("train/rewards/margin", "rewards/margins")) if source in last}
