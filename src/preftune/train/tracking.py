@@ -152,11 +152,10 @@ class Trackers:
         (MLFLOW_TRACKING_URI, ``mlflow.set_tracking_uri``) or runs this inside a run of their
         own, which then gets the run as a child, in their store (returns True)."""
         import mlflow
-        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
         if mlflow.active_run() is not None:
             return True
-        if not is_tracking_uri_set():
+        if not mlflow.is_tracking_uri_set():
             if "MLFLOW_ALLOW_FILE_STORE" not in os.environ:
                 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
                 self.undo.append(lambda: os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None))
