@@ -162,8 +162,8 @@ def test_checkpoints_move_between_fsdp_and_one_process(workspace, tmp_path,  # n
 
 
 @pytest.mark.parametrize("section,key,value,message", [
-    ("train", "optimizer_in_backward", True, "train.optimizer_in_backward does not work under "
-                                             "FSDP")])
+    ("train", "optimizer_in_backward", True, "train.optimizer_in_backward works in one process "
+                                             "only")])
 def test_what_fsdp_cannot_do_is_refused_before_any_work(workspace, tmp_path, section,  # noqa: F811
                                                         key, value, message):
     one = run(workspace, f"fsdp-refused-base-{key}", train__max_steps=1)
@@ -265,3 +265,24 @@ def test_a_sharded_engine_accelerate_did_not_start_is_said(monkeypatch, capsys, 
     assert capsys.readouterr().out == (
         f"note: the accelerate config asks for {name}, which accelerate starts on GPUs only; "
         "this run is one process (every process holds the whole model).\n")
+
+
+def test_optimizer_in_backward_on_several_processes_is_refused():
+    """Under DDP too: each process updated its weights from its own gradient before the
+    gradients were averaged, so two processes trained two different models."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from preftune.config import TrainConfig
+    from preftune.config_tree import ConfigError
+    from preftune.train.engines import check_engine
+
+    cfg = TrainConfig(optimizer_in_backward=True, max_grad_norm=None)
+    ddp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU,
+                          is_main_process=True)
+    with pytest.raises(ConfigError, match=r"works in one process only: .* 2 processes would "
+                                          r"each train their own weights"):
+        check_engine(ddp, cfg)
+    check_engine(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO,
+                                 is_main_process=True), cfg)

@@ -40,13 +40,15 @@ def check_engine(accelerator: Accelerator, cfg: TrainConfig, task=None) -> None:
         plain = "one process" if engine == DistributedType.NO else "DDP"
         print(f"note: the accelerate config asks for {asked}, which accelerate starts on GPUs "
               f"only; this run is {plain} (every process holds the whole model).")
+    if cfg.optimizer_in_backward and accelerator.num_processes > 1:
+        raise ConfigError(f"train.optimizer_in_backward works in one process only: it updates "
+                          "each weight in its backward hook from this process's own gradient, "
+                          "before the processes' gradients are averaged (or sharded), so "
+                          f"{accelerator.num_processes} processes would each train their own "
+                          "weights. Turn it off, or train in one process.")
     if engine not in SHARDED:
         return
     name = "FSDP" if engine == DistributedType.FSDP else "DeepSpeed"
-    if cfg.optimizer_in_backward:
-        raise ConfigError(f"train.optimizer_in_backward does not work under {name} (it updates "
-                          "each weight in its backward hook, before the gradient is sharded); "
-                          "turn it off, or use DDP.")
     if cfg.optimizer != "adamw":
         raise ConfigError(f"train.optimizer: {cfg.optimizer} does not run under {name} (its "
                           "8-bit moments would have to be split with the weights); use adamw, "
