@@ -140,3 +140,45 @@ def test_a_render_file_is_a_term_of_a_combination(pipe, tmp_path):
     expected = [2 * by_hand(pipe, "a red circle", r) + short(None, r) for r in responses]
     assert load_scorer(str(combined)).score(["a red circle"] * 2, responses) == pytest.approx(
         expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"pipeline": "MISSING"}, "render.pipeline MISSING is not a directory; give a diffusers "
+                              "pipeline directory"),
+    ({"pipeline": "NOT_A_PIPELINE"}, "render.pipeline NOT_A_PIPELINE: no unet/ or "
+                                     "transformer/ folder"),
+    ({"scorer": "judge:default"}, "render.scorer: scorer 'judge:default'"),
+    ({"seeds": []}, "render.seeds must be a non-empty list of integers"),
+])
+def test_a_render_file_is_checked_before_an_online_run_samples(pipe, tmp_path, settings,
+                                                               message):
+    """check_scorer (what online and its --plan run first) checks the render mapping, its
+    pipeline and its image scorer without loading them: a missing pipeline was found only
+    after round 1 had sampled every prompt, leaving a half-made run behind."""
+    from preftune.config import build_config
+    from preftune.online.config import OnlineConfig
+    from preftune.online.loop import run_online
+    from preftune.score import check_scorer
+    from tiny_models import save_tiny_model_dir
+
+    (tmp_path / "NOT_A_PIPELINE").mkdir()
+    places = {"MISSING": str(tmp_path / "MISSING"), "NOT_A_PIPELINE": str(tmp_path /
+                                                                        "NOT_A_PIPELINE")}
+    settings = {key: places.get(value, value) if isinstance(value, str) else value
+                for key, value in settings.items()}
+    path = scorer_file(tmp_path / "render.yaml", pipe, **settings)
+    expected = f"{path}: " + message.replace("MISSING", places["MISSING"]).replace(
+        "NOT_A_PIPELINE", places["NOT_A_PIPELINE"])
+    with pytest.raises(ConfigError) as error:
+        check_scorer(path)
+    assert str(error.value).startswith(expected)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square"}\n')
+    with pytest.raises(ConfigError) as error:
+        run_online(build_config({
+            "output_dir": str(tmp_path / "run"),
+            "model": {"path": str(save_tiny_model_dir(tmp_path / "policy"))},
+            "data": {"train": str(prompts)}, "objective": {"name": "dpo"},
+            "online": {"rounds": 1, "scorer": path}}, schema=OnlineConfig))
+    assert expected in str(error.value)
+    assert not (tmp_path / "run").exists()

@@ -26,8 +26,8 @@ import torch
 from ..config import ConfigError
 from ..model.lora import mark_lora_plus, peft_lora_config
 from . import flux, segments
-from .pipeline_files import (component_class, denoiser_folder, drop_absent_components,
-                             saved_denoiser_dtype)
+from .pipeline_files import (checked_pipeline, component_class, denoiser_folder,
+                             drop_absent_components, local_pipeline, saved_denoiser_dtype)
 
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -303,19 +303,6 @@ def shard_the_denoiser_only(accelerator, model: DiffusionModel) -> None:
     model._no_split_modules = list(getattr(model.denoiser, "_no_split_modules", None) or [])
 
 
-def local_pipeline(path: str | Path, key: str, weights: bool = True) -> Path:
-    """``path`` itself, or for a Hugging Face Hub pipeline id its snapshot in the HF cache
-    (fetched once; without ``weights``, only the configs and tokenizers); errors name ``key``."""
-    from ..data.hub import HUB_NAME
-    from ..model.hub import hub_pipeline_snapshot
-    from ..model.load import given_as
-
-    if not Path(path).exists() and HUB_NAME.match(str(path)):
-        with given_as(key):
-            return Path(hub_pipeline_snapshot(str(path), weights))
-    return Path(path)
-
-
 def pipeline_family(path: str | Path, key: str = "model.path") -> str | None:
     """The family (``FAMILIES``, else ``unet``) of the pipeline ``path``, read from its
     denoiser's config.json without loading any weights (of a Hub id, only the small files are
@@ -337,15 +324,7 @@ def load_diffusion_model(path: str | Path, dtype: torch.dtype = torch.float32,
     import diffusers
     from transformers import AutoTokenizer
 
-    path = local_pipeline(path, key)
-    if not path.is_dir():
-        raise ConfigError(f"{key} {path} is not a directory; give a diffusers pipeline "
-                          "directory or a Hugging Face Hub pipeline id.")
-    folder = denoiser_folder(path, key)
-    for needed in ("text_encoder", "tokenizer", "scheduler"):
-        if not (path / needed).is_dir():
-            raise ConfigError(f"{key} {path}: no {needed}/ folder; a text-to-image "
-                              "pipeline directory needs text_encoder/, tokenizer/, scheduler/.")
+    path, folder = checked_pipeline(path, key)
     denoiser = component_class(path / folder, "diffusers").from_pretrained(
         path / folder, torch_dtype=dtype)
     text_encoder = component_class(path / "text_encoder", "transformers").from_pretrained(

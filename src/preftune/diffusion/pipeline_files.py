@@ -69,3 +69,32 @@ def drop_absent_components(directory: Path) -> None:
     if absent:
         index.update({name: [None, None] for name in absent})
         index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def local_pipeline(path: str | Path, key: str, weights: bool = True) -> Path:
+    """``path`` itself, or for a Hugging Face Hub pipeline id its snapshot in the HF cache
+    (fetched once; without ``weights``, only the configs and tokenizers); errors name ``key``."""
+    from ..data.hub import HUB_NAME
+    from ..model.hub import hub_pipeline_snapshot
+    from ..model.load import given_as
+
+    if not Path(path).exists() and HUB_NAME.match(str(path)):
+        with given_as(key):
+            return Path(hub_pipeline_snapshot(str(path), weights))
+    return Path(path)
+
+
+def checked_pipeline(path: str | Path, key: str, weights: bool = True) -> tuple[Path, str]:
+    """The local directory of the pipeline ``path`` (a Hub id's snapshot, without
+    ``weights`` only its small files) and its denoiser's folder, or an error naming ``key``
+    when it is no text-to-image pipeline; nothing is loaded."""
+    path = local_pipeline(path, key, weights)
+    if not path.is_dir():
+        raise ConfigError(f"{key} {path} is not a directory; give a diffusers pipeline "
+                          "directory or a Hugging Face Hub pipeline id.")
+    folder = denoiser_folder(path, key)
+    for needed in ("text_encoder", "tokenizer", "scheduler"):
+        if not (path / needed).is_dir():
+            raise ConfigError(f"{key} {path}: no {needed}/ folder; a text-to-image "
+                              "pipeline directory needs text_encoder/, tokenizer/, scheduler/.")
+    return path, folder

@@ -57,47 +57,17 @@ class RenderScorer:
         from .pipeline_files import pipeline_dir
         from .sample import check_negative_prompt
 
-        settings = tree["render"]
-        if set(tree) != {"render"} or not isinstance(settings, dict):
-            raise ConfigError(f"{path}: expected one mapping, render, with {sorted(KEYS)}.")
-        unknown = set(settings) - KEYS
-        if unknown:
-            raise ConfigError(f"{path}: render: unknown keys {sorted(unknown)}; expected "
-                              f"{sorted(KEYS)}.")
-        for key in ("pipeline", "scorer"):
-            if not settings.get(key):
-                raise ConfigError(f"{path}: render.{key} is required (the text-to-image "
-                                  "pipeline, and the image scorer that judges its images).")
-        seeds = settings.get("seeds", [0])
-        if not isinstance(seeds, list) or not seeds or not all(
-                isinstance(seed, int) for seed in seeds):
-            raise ConfigError(f"{path}: render.seeds must be a non-empty list of integers.")
-        for key, low in (("steps", 1), ("batch_size", 1)):
-            value = settings.get(key, 1)
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{path}: render.{key} must be an integer >= {low}.")
-        dtype = settings.get("dtype", "auto")
-        if dtype not in DTYPES:
-            raise ConfigError(f"{path}: render.dtype {dtype!r}: give one of {', '.join(DTYPES)} "
-                              "(auto: the dtype the pipeline's denoiser is saved in).")
-        pattern = settings.get("target_pattern")
-        if pattern is not None:
-            try:
-                if re.compile(pattern).groups < 1:
-                    raise re.error("it has no group")
-            except re.error as error:
-                raise ConfigError(f"{path}: render.target_pattern {pattern!r}: {error}; give a "
-                                  "regex whose group 1 is the user's prompt.") from None
+        settings = render_settings(path, tree)
         model = load_for_sampling(pipeline_dir(settings["pipeline"]),
-                                  f"{path}: render.pipeline", dtype)
+                                  f"{path}: render.pipeline", settings.get("dtype", "auto"))
         guidance = float(settings.get("guidance_scale", 1.0))
         negative = str(settings.get("negative_prompt", ""))
         true_cfg = float(settings.get("true_cfg_scale", 1.0))
         check_negative_prompt(model.family, negative, guidance, true_cfg,
                               (f"{path}: render.negative_prompt", f"{path}: render.true_cfg_scale"))
-        return cls(model, image_scorer(str(settings["scorer"])), seeds,
+        return cls(model, image_scorer(str(settings["scorer"])), settings.get("seeds", [0]),
                    settings.get("steps", 20), guidance, settings.get("resolution"),
-                   settings.get("batch_size", 8), pattern,
+                   settings.get("batch_size", 8), settings.get("target_pattern"),
                    f"render({settings['scorer']} on {settings['pipeline']})", negative, true_cfg)
 
     def target(self, prompt) -> str:
@@ -133,6 +103,59 @@ class RenderScorer:
 
     def prefer(self, prompts, first, second) -> list[float]:
         return prefer_by_scores(self, prompts, first, second)
+
+
+def render_settings(path: str, tree: dict) -> dict:
+    """A scorer file's ``render`` mapping, its keys and values checked (not the pipeline);
+    errors name the file and key."""
+    settings = tree["render"]
+    if set(tree) != {"render"} or not isinstance(settings, dict):
+        raise ConfigError(f"{path}: expected one mapping, render, with {sorted(KEYS)}.")
+    unknown = set(settings) - KEYS
+    if unknown:
+        raise ConfigError(f"{path}: render: unknown keys {sorted(unknown)}; expected "
+                          f"{sorted(KEYS)}.")
+    for key in ("pipeline", "scorer"):
+        if not settings.get(key):
+            raise ConfigError(f"{path}: render.{key} is required (the text-to-image "
+                              "pipeline, and the image scorer that judges its images).")
+    seeds = settings.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(seed, int) for seed in seeds):
+        raise ConfigError(f"{path}: render.seeds must be a non-empty list of integers.")
+    for key, low in (("steps", 1), ("batch_size", 1)):
+        value = settings.get(key, 1)
+        if not isinstance(value, int) or value < low:
+            raise ConfigError(f"{path}: render.{key} must be an integer >= {low}.")
+    if settings.get("dtype", "auto") not in DTYPES:
+        raise ConfigError(f"{path}: render.dtype {settings['dtype']!r}: give one of "
+                          f"{', '.join(DTYPES)} (auto: the dtype the pipeline's denoiser is "
+                          "saved in).")
+    pattern = settings.get("target_pattern")
+    if pattern is not None:
+        try:
+            if re.compile(pattern).groups < 1:
+                raise re.error("it has no group")
+        except re.error as error:
+            raise ConfigError(f"{path}: render.target_pattern {pattern!r}: {error}; give a "
+                              "regex whose group 1 is the user's prompt.") from None
+    return settings
+
+
+def check_render(path: str, tree: dict) -> None:
+    """What a run checks before any work: the ``render`` mapping, its pipeline (a pipeline
+    directory, a run's, or a Hub id; no weights read) and its image scorer."""
+    require_diffusers(f"scorer file {path} (render)")
+    from .evaluate import check_image_scorer
+    from .pipeline_files import checked_pipeline, pipeline_dir
+
+    settings = render_settings(path, tree)
+    checked_pipeline(pipeline_dir(settings["pipeline"]), f"{path}: render.pipeline",
+                     weights=False)
+    try:
+        check_image_scorer(str(settings["scorer"]))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: render.scorer: {error}") from None
 
 
 def _last_user_text(messages) -> str:

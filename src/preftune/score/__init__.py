@@ -121,7 +121,11 @@ def check_scorer(spec: str, data: str | list[str] | None = None,
 
             check_local_model(f"scorer file {spec}: compositional.judge",
                               compositional_options(spec, tree)["judge"])
-        elif not (isinstance(tree, dict) and "render" in tree):  # a combination: each term
+        elif isinstance(tree, dict) and "render" in tree:
+            from ..diffusion.render import check_render
+
+            check_render(spec, tree)
+        else:  # a combination: each term
             here = Path(spec).resolve()
             if here in within:
                 chain = " -> ".join(str(path) for path in (*within, here))
