@@ -45,6 +45,30 @@ def test_numeric_keys_are_range_checked_before_any_work(key, value, says):
         build_config(tree)
 
 
+@pytest.mark.parametrize("argv, key", [
+    (["--set", "train.learning_rate=yes"], "train.learning_rate"),  # trained at lr 1.0
+    (["--set", "train.batch_size=true"], "train.batch_size"),
+    (["--set", "train.max_grad_norm=on"], "train.max_grad_norm"),
+    (["--set", "model.lora={r: true}"], "model.lora.r"),
+    (["--set", "objective.beta=true"], "objective.beta"),
+    (["--set", "objective.beta={start: true, end: 0.1}"], "objective.beta"),
+])
+def test_true_or_false_for_a_number_is_refused(argv, key, tmp_path, capsys):
+    """pydantic reads true as 1 and false as 0 for a number, and YAML reads yes/no/on/off as
+    true/false: ``learning_rate: yes`` trained at 1.0 without a word."""
+    assert main(["train", *argv, "--set", f"data.train={tmp_path / 'none.jsonl'}",
+                 "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+    got = "false" if argv[1].endswith("=false") else "true"
+    assert f"  {key}: expected a number, got {got} (YAML reads yes/no/on/off as true/false, " \
+        "which is no number)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert build_config({"train": {"compile": True, "learning_rate": 1e-3}}).train.compile
+    from preftune.reward.config import RewardConfig  # a reward loss's parameters too
+
+    with pytest.raises(ConfigError, match="loss.label_smoothing: expected a number, got true"):
+        RewardConfig.from_dict({"loss": {"name": "bt", "label_smoothing": True}})
+
+
 def test_broken_set_values_and_yaml_files_are_one_line_errors(tmp_path, capsys):
     assert main(["train", "--set", "train.learning_rate=[1e-3"]) == 2
     assert "the value is not valid YAML" in capsys.readouterr().err

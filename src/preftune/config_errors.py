@@ -88,10 +88,22 @@ def _describe(error: dict, model: type[BaseModel]) -> str:
     """An unknown key, or a validator's message."""
     location = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
     if error["type"] == "extra_forbidden":
-        section = model
-        for part in error["loc"][:-1]:
-            annotation = section.model_fields[str(part)].annotation
-            section = next((a for a in getattr(annotation, "__args__", (annotation,))
-                            if isinstance(a, type) and issubclass(a, BaseModel)), section)
+        section = _section(model, error["loc"][:-1])
         return unknown_key(location, str(error["loc"][-1]), section.model_fields, "the config")
-    return error["msg"].removeprefix("Value error, ")  # a validator's own message
+    message = error["msg"].removeprefix("Value error, ")  # a validator's own message
+    key = message.split(":", 1)[0]
+    if location and key in _section(model, error["loc"]).model_fields:  # a key of the section
+        return f"{location}.{message}"
+    return message
+
+
+def _section(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    """The section class that ``loc`` (keys, list positions) leads to from ``model``."""
+    section = model
+    for part in loc:
+        if isinstance(part, int) or str(part) not in section.model_fields:
+            continue
+        annotation = section.model_fields[str(part)].annotation
+        section = next((a for a in getattr(annotation, "__args__", (annotation,))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), section)
+    return section

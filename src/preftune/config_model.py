@@ -4,7 +4,8 @@ section is built from: ``Section`` and the numeric ranges checked when a config 
 from __future__ import annotations
 
 import importlib.util
-from typing import Annotated, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -16,6 +17,41 @@ class Section(BaseModel):
     # a string literal under a field is its help text (`preftune config explain`, the schema)
     model_config = ConfigDict(extra="forbid", validate_assignment=True,
                               use_attribute_docstrings=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data):
+        """pydantic reads true as 1 for a number (``learning_rate: yes`` trained at 1.0)."""
+        if isinstance(data, dict):
+            refuse_bools(data, {name: field.annotation for name, field in
+                                cls.model_fields.items()})
+        return data
+
+
+def refuse_bools(values: dict, annotations: dict, prefix: str = "") -> None:
+    """A ``ValueError`` for the first of ``values`` that is true/false where its annotation
+    takes numbers and not booleans."""
+    for name, value in values.items():
+        if isinstance(value, bool) and name in annotations and _numeric(annotations[name]):
+            raise ValueError(f"{prefix}{name}: expected a number, got {str(value).lower()} "
+                             "(YAML reads yes/no/on/off as true/false, which is no number)")
+
+
+def _numeric(annotation) -> bool:
+    """Whether a value of type ``annotation`` is a number and never a boolean."""
+    leaves = set()
+
+    def walk(kind):
+        if get_origin(kind) is Annotated:
+            walk(get_args(kind)[0])
+        elif get_origin(kind) in (Union, types.UnionType):
+            for part in get_args(kind):
+                walk(part)
+        else:
+            leaves.add(kind)
+
+    walk(annotation)
+    return bool(leaves & {int, float}) and not leaves & {bool, Any, object}
 
 
 def refuse_unused(section: BaseModel, names, where: str, why: str) -> None:

@@ -5,7 +5,7 @@ Unknown keys, and language-model settings that would do nothing here, are errors
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_type_hints
 
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
                       model_validator)
@@ -13,7 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ..config import (Count, Fraction, LoraConfig, NonNegative, RunConfig, Section,
                       TrainConfig)
 from ..config_errors import unknown_key
-from ..config_model import params_problem
+from ..config_model import params_problem, refuse_bools
 from .losses import get_diffusion_loss
 
 # TrainConfig keys about token layouts and log-prob chunks: no meaning for a denoiser
@@ -97,6 +97,8 @@ class DiffusionObjectiveConfig(BaseModel):
             if key not in known:
                 raise ValueError(unknown_key(f"objective.{key}", key, known,
                                           f"diffusion objective {self.name}", ("name",)))
+        refuse_bools(self.model_extra or {}, get_type_hints(spec.params, include_extras=True),
+                     "objective.")
         try:
             self.params()
         except ValidationError as error:

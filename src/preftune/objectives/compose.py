@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
-from ..config_model import params_problem
+from ..config_model import params_problem, refuse_bools
 from .registry import ObjectiveInputs, ObjectiveOutput, ObjectiveSpec, get_objective
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -54,9 +55,10 @@ def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
             if value.get("schedule", "linear") not in SCHEDULES:
                 raise ValueError(f"objective.{key}.schedule must be one of {SCHEDULES}")
     for end in ("start", "end"):
+        values = {k: v[end] if isinstance(v, dict) else v for k, v in raw.items()}
+        refuse_bools(values, get_type_hints(spec.params, include_extras=True), "objective.")
         try:
-            TypeAdapter(spec.params).validate_python(
-                {k: v[end] if isinstance(v, dict) else v for k, v in raw.items()})
+            TypeAdapter(spec.params).validate_python(values)
         except ValidationError as error:
             scheduled = [key for key, value in raw.items() if isinstance(value, dict)]
             raise ValueError(params_problem(error, "objective", spec.name, scheduled, end)

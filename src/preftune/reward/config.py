@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_type_hints
 
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
                       model_validator)
@@ -13,7 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Positive, RunConfig,
                       Section, TrainConfig, check_data_and_train)
 from ..config_errors import unknown_key
-from ..config_model import params_problem, refuse_unused
+from ..config_model import params_problem, refuse_bools, refuse_unused
 from ..data.records import DataError
 from ..data.detect import is_rating, rating_columns
 from ..data.shapes import is_number
@@ -75,6 +75,8 @@ class RewardLossConfig(BaseModel):
             if key not in known:
                 raise ValueError(unknown_key(f"loss.{key}", key, known, f"reward loss {self.name}",
                                           ("name",)))
+        refuse_bools(self.model_extra or {}, get_type_hints(spec.params, include_extras=True),
+                     "loss.")
         try:
             TypeAdapter(spec.params).validate_python(self.model_extra or {})
         except ValidationError as error:
