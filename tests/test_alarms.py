@@ -108,6 +108,8 @@ def test_held_out_answers_that_are_empty_or_stop_ending(tmp_path):
     assert [a["kind"] for a in alarms.check(later, ["a:1"])] == ["answers_empty",
                                                                  "answers_unended"]
     assert "against 100% at the first evaluation" in (tmp_path / "alarms.jsonl").read_text()
+    assert "50% of the held-out answers are empty or only blank space" in \
+        (tmp_path / "alarms.jsonl").read_text()  # (whitespace counts: the message says so)
     # answers that never ended from the start are how the model writes, not a change
     quiet = Alarms(tmp_path / "quiet.jsonl", needs_reference=True)
     for step, ended in ((4, 0.25), (8, 0.0)):

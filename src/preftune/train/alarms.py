@@ -122,8 +122,9 @@ class Alarms:
         if empty is not None and empty >= 0.5:
             raised.append(self._alarm(
                 "answers_empty", step,
-                f"{empty:.0%} of the held-out answers are empty: the policy ends at once (EOS "
-                "has become its likeliest first token). Usual causes: a learning rate too high, "
+                f"{empty:.0%} of the held-out answers are empty or only blank space: the policy "
+                "ends at once (EOS has become its likeliest first token) or writes nothing but "
+                "spaces and newlines. Usual causes: a learning rate too high, "
                 "or an objective pushing both responses' likelihood down (see logps/chosen; "
                 "raise beta or add an sft term). The answers are in eval_generations.jsonl."))
         if ended is not None:
