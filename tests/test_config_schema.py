@@ -61,6 +61,11 @@ def test_diffusion_schemas_list_the_diffusion_objectives_and_refuse_a_bad_one():
     ({"objective": {"name": "no_such_objective"}}, "is not valid under any of the given schemas"),
     ({"train": {"adam_betas": [0.9]}}, "is too short"),
     ({"objective": {"name": "dpo", "beta": 0}}, "is not valid under any of the given schemas"),
+    # (each also refused by the loader; the schema let them through)
+    ({"objective": [{"name": "dpo"}, {"name": "sft", "weight": 0}]}, "is not valid under any"),
+    ({"model": {"train_layers": 0}}, "should not be valid under {'const': 0}"),
+    ({"train": {"report_to": ["mlflow", "mlflow"]}}, "is not valid under any of the given"),
+    ({"train": {"learning_rate": True}}, "True is not of type 'number'"),
 ])
 def test_schema_rejects_a_bad_config(tree, problem):
     messages = [error.message for error in _validator("train").iter_errors(tree)]
@@ -74,7 +79,8 @@ def test_schema_accepts_the_objective_forms_the_config_accepts():
                  {"objective": {"name": "dpo", "beta": {"start": 0.05, "end": 0.5}}},
                  {"objective": {"name": "mypkg.losses:my_loss", "margin": 1.0}},
                  {"objective": "simpo"}, {"objective": ["dpo", {"name": "sft", "weight": 0.2}]},
-                 {"objective": "mypkg.losses:my_loss"}]:
+                 {"objective": "mypkg.losses:my_loss"},
+                 {"train": {"report_to": "tensorboard"}}, {"model": {"train_layers": -2}}]:
         assert list(validator.iter_errors(tree)) == [], tree
     assert list(validator.iter_errors({"objective": "simpoo"})) != []
     rm = _validator("rm")

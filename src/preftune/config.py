@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (BaseModel, ConfigDict, ValidationError, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
 from .config_model import (Count, Fraction, LoraConfig, ModelConfig, NonNegative,  # noqa: F401
@@ -134,7 +134,7 @@ class ObjectiveConfig(BaseModel):
     name: str = "dpo"
     """A registered objective (`preftune objectives`), or module:function of one registered in
     your code; its parameters sit beside the name."""
-    weight: float = 1.0
+    weight: float = Field(1.0, json_schema_extra={"exclusiveMinimum": 0})
     """Scale of this term when objective is a list (a weighted sum)."""
 
     @model_validator(mode="after")
@@ -212,7 +212,8 @@ class Config(RunConfig):
         objective = Objective.from_config(self.objective, total_steps=1)
         needs_reference = objective.needs_reference
         if len(names) == 1 and self.objective[0].weight != 1.0:
-            raise ValueError("objective.weight only matters when objective is a list of terms.")
+            raise ValueError("objective.weight only matters when objective lists several terms "
+                             "(a weighted sum); one term's weight stays 1: remove it.")
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"objective {twice[0]} appears twice in the list; give each "

@@ -169,7 +169,7 @@ class ModelConfig(Section):
     """QLoRA: hold the base's linear layers in 4 bits (bitsandbytes), 'nf4' (NormalFloat4 with
     double quantization, QLoRA's recipe) or 'fp4', and train model.lora's adapters on them.
     The trained model/ is the adapter merged into the unquantized base, in model.dtype."""
-    train_layers: int | None = None
+    train_layers: int | None = Field(None, json_schema_extra={"not": {"const": 0}})
     """Full fine-tuning of part of the model: only the last N decoder layers train (negative:
     the first N); embeddings, the final norm, the output layer and a vision tower stay frozen
     unless train_params names them. null: every weight trains."""

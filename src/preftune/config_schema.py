@@ -109,7 +109,7 @@ def _term(name: str, params: type, summary: str, definitions: dict, default: str
     definitions.update(params_schema.pop("$defs", {}))
     properties = {"name": {"const": name}}
     if schedulable:
-        properties["weight"] = {"type": "number", "default": 1.0}
+        properties["weight"] = {"type": "number", "default": 1.0, "exclusiveMinimum": 0}
     for key, value in params_schema.get("properties", {}).items():
         properties[key] = ({"anyOf": [value, _schedule_of(value)]}
                            if schedulable and value.get("type") == "number" else value)

@@ -82,7 +82,8 @@ class TrainConfig(Section):
     """torch.compile mode; reduce-overhead adds CUDA graphs on a GPU."""
     pad_to_multiple_of: Count | None = None
     """Round row widths up to this (default: 64 with compile, 128 under flex_attention, else 1)."""
-    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], json_schema_extra=lambda schema: one_or_many(schema))
     """Experiment trackers that get every metrics.jsonl record and the config (extras)."""
     tracking_dir: str | None = None
     """Where offline trackers write (default: output_dir/tracking)."""
@@ -150,6 +151,14 @@ class TrainConfig(Section):
 
         check_installed(value)
         return value
+
+
+def one_or_many(schema: dict) -> None:
+    """A list field's schema that also takes one item alone, as its validator does, and no
+    item twice."""
+    item = schema.pop("items")
+    schema.pop("type")
+    schema["anyOf"] = [item, {"type": "array", "items": item, "uniqueItems": True}]
 
 
 class PolicyTrainConfig(TrainConfig):
