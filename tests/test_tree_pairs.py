@@ -200,3 +200,23 @@ def test_steps_end_at_the_delimiter_or_the_answers_end_and_blank_steps_are_passe
     second = [n for n in tree.nodes if n.parent == first[0].id]
     assert [n.answer for n in second] == ["ab ab ", "ab x"] and first[0].expanded_at == 1
     assert counts == {"expansions": 2, "children": 4, "blank_steps": 2, "rollouts": 4}
+
+
+def constant(prompt, response):
+    """A verifier that scores every answer alike: no step is better than its sibling."""
+    return 1.0
+
+
+def test_a_search_that_finds_no_pair_says_so_and_keeps_its_trees(workspace, tmp_path, capsys):
+    """(It wrote an empty pairs.jsonl and exited 0.) The trees, each step's value in them,
+    are kept: they say why."""
+    root, model, prompts, _, _ = workspace
+    out = tmp_path / "flat"
+    assert main(["data", "tree", "--model", str(model), "--data", str(prompts), "--scorer",
+                 "test_tree_pairs:constant", "--output-dir", str(out), "--branches", "2",
+                 "--rollouts", "1", "--expansions", "1", "--max-length", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "tree search over 2 prompts: no sibling steps' values differ by --min-gap 0.25" in err
+    assert f"no pairs.jsonl was written. Each step's value is in {out / 'trees.jsonl'}" in err
+    assert not (out / "pairs.jsonl").exists()
+    assert len(read_jsonl(out / "trees.jsonl")) == 2  # (the repeated prompt grows one)

@@ -256,6 +256,12 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
     rows = pair_rows(trees)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / "trees.jsonl", tree_rows(trees, settings))
+    if not rows:  # (an empty pairs file was written, exit 0)
+        raise DataError(f"tree search over {len(trees)} prompts: no sibling steps' values "
+                        f"differ by --min-gap {settings.min_gap} (of {counts['children']} steps "
+                        f"valued by {counts['rollouts']} rollouts), so no pair; no pairs.jsonl "
+                        f"was written. Each step's value is in {out / 'trees.jsonl'}: lower "
+                        "--min-gap, or give more --branches or --rollouts.")
     write_rows(out / "pairs.jsonl", rows)
     print(f"tree search over {len(trees)} prompts: {counts['expansions']} expansions, "
           f"{counts['children']} steps valued by {counts['rollouts']} rollouts "
