@@ -344,6 +344,32 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes(workspace, mo
     assert_identical_weights(straight, resumed)
 
 
+def test_a_signal_to_another_process_stops_this_one_under_its_name(workspace,  # noqa: F811
+                                                                     monkeypatch):
+    """A scheduler's SIGTERM may reach one process of a launch: the others stop after the
+    same step, and say (and exit with) SIGTERM, not SIGINT's 130. Here the step's collective
+    reports another process's SIGTERM."""
+    real_step = trainer.Trainer.step
+
+    def step_as_one_of_two(self, step):
+        self.world = 2 if step == 1 else 1  # step 2's numbers go through the collective
+        try:
+            return real_step(self, step)
+        finally:
+            self.world = 1
+
+    def summed_with_a_signalled_peer(self, sums):
+        term, interrupt = sums["_stop"]
+        return {**sums, "_stop": (torch.as_tensor(term) + 1.0, torch.as_tensor(interrupt))}
+
+    monkeypatch.setattr(trainer.Trainer, "step", step_as_one_of_two)
+    monkeypatch.setattr(trainer.Trainer, "_summed", summed_with_a_signalled_peer)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM to another process after "
+                                              "step 2 of 4") as stopped:
+        run(workspace, "peer-signalled", train__max_steps=4, train__batch_size=4)
+    assert stopped.value.exit_code == 143
+
+
 def test_python_dash_m_preftune_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "preftune", "objectives"], capture_output=True,
                           text=True, timeout=120)

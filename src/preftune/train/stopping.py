@@ -19,8 +19,9 @@ class TrainingStopped(Exception):
 
     @property
     def exit_code(self) -> int:
-        """The shell's code for a process ended by the signal: 143 for SIGTERM, 130 for SIGINT
-        (also when another process was signalled); ``code`` when no signal stopped it."""
+        """The shell's code for a process ended by the signal (its own, or the one another
+        process of the launch got): 143 for SIGTERM, 130 for SIGINT; ``code`` when no signal
+        stopped it."""
         if self.code is not None:
             return self.code
         return 128 + getattr(signal, self.signal_name or "SIGINT")

@@ -158,7 +158,7 @@ class Trainer:
                        if holder is not None}
 
         self.start_step = 0
-        self.stop_signal, self.stop_requested = None, False  # set by run()
+        self.stop_signal, self.stop_requested = None, None  # set by run(), step()
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
             self.start_step = self._resume()
@@ -222,9 +222,9 @@ class Trainer:
                         self.batches.close()
                         path = self.save(step + 1)
                         raise TrainingStopped(
-                            f"stopped by {stop.signal or 'a signal to another process'} after "
-                            f"step {step + 1} of {self.total_steps}; checkpoint written to "
-                            f"{path}.", signal_name=stop.signal)
+                            f"stopped by {stop.signal or f'{self.stop_requested} to another process'}"
+                            f" after step {step + 1} of {self.total_steps}; checkpoint written "
+                            f"to {path}.", signal_name=self.stop_requested)
             except BaseException as error:
                 if self.main:
                     self.log.close("KILLED" if getattr(error, "signal_name", None) else "FAILED")
@@ -254,10 +254,11 @@ class Trainer:
             add_metrics(sums, metrics)
             real_tokens += batch.real_tokens
             slots += batch.attention_mask.numel()
-        # a signal may reach one process only: every process stops when any was signalled
-        self.stop_requested = self.stop_signal is not None and self.stop_signal.signal is not None
+        # a signal may reach one process only: every process stops when any was signalled,
+        # and says which signal (SIGTERM wins)
+        mine = self.stop_signal.signal if self.stop_signal is not None else None
         sums["_tokens"] = (real_tokens, slots)
-        sums["_stop"] = (float(self.stop_requested), 0.0)
+        sums["_stop"] = (float(mine == "SIGTERM"), float(mine == "SIGINT"))
         if self.world > 1:  # every process logs and decides on the whole step's numbers
             sums = self._summed(sums)
         if self.in_backward is not None:
@@ -280,7 +281,7 @@ class Trainer:
         flat = read_values([v for n in names for v in sums[n]] + [grad_norm])  # the one read
         values = {n: (flat[2 * k], flat[2 * k + 1]) for k, n in enumerate(names)}
         (real_tokens, slots), stop = values.pop("_tokens"), values.pop("_stop")
-        self.stop_requested = stop[0] > 0
+        self.stop_requested = "SIGTERM" if stop[0] > 0 else "SIGINT" if stop[1] > 0 else None
         seconds = time.perf_counter() - started
         record = {"step": step + 1, **{n: v / c for n, (v, c) in values.items() if c},
                   "lr": learning_rate, "grad_norm": flat[-1],
