@@ -8,7 +8,7 @@ import torch
 from preftune.data.layout import collate
 from preftune.data.tokenize import TokenizedExample
 from preftune.train.batches import MicroBatches
-from preftune.train.trainer import example_stream
+from preftune.train.schedule import example_stream
 
 
 class Task:

@@ -100,6 +100,17 @@ def losses(output_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(output_dir / "metrics.jsonl")]
 
 
+def test_a_step_larger_than_the_data_is_said(workspace, capsys):
+    """36 training pairs (48, a quarter held out) and steps of 20 x 2: some pairs repeat in
+    each step, which the run says rather than leaving to be found."""
+    run(workspace, "bigger-than-data", train__batch_size=20,
+        train__gradient_accumulation_steps=2, train__max_steps=1)
+    assert "note: a step takes 40 examples (batch_size x accumulation x processes) and the " \
+        "data has 36: some examples appear twice in each step." in capsys.readouterr().out
+    run(workspace, "fits", train__batch_size=36, train__max_steps=1)
+    assert "note: a step takes" not in capsys.readouterr().out
+
+
 def test_batch_8_equals_batch_4_times_2_accumulation(workspace):
     whole = run(workspace, "b8")
     split = run(workspace, "b4x2", train__batch_size=4, train__gradient_accumulation_steps=2)

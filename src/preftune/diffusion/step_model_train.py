@@ -26,7 +26,8 @@ from ..train.engines import SHARDED
 from ..train.loop import write_run_header
 from ..train.output import start_run
 from ..train.run_lock import holding_output_dirs
-from ..train.trainer import Trainer, add_metrics, count_steps, means
+from ..train.schedule import count_steps
+from ..train.trainer import Trainer, add_metrics, means
 from .config import DiffusionDataConfig, DiffusionTrainConfig, refuse_language_model_keys
 from .data import DenoiserBatch
 from .losses import get_diffusion_loss

@@ -21,7 +21,8 @@ from ..config import ConfigError
 from ..train.loop import write_run_header
 from ..train.output import check_same_data, start_run
 from ..train.run_lock import holding_output_dirs
-from ..train.trainer import Trainer, add_metrics, count_steps, means
+from ..train.schedule import count_steps
+from ..train.trainer import Trainer, add_metrics, means
 from . import segments
 from .config import DiffusionConfig
 from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs, records_fingerprint

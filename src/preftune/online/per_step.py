@@ -29,7 +29,8 @@ from ..score.base import score_samples
 from ..objectives.compose import Objective
 from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
                           write_run_header)
-from ..train.trainer import Trainer, count_steps
+from ..train.schedule import count_steps
+from ..train.trainer import Trainer
 from .build import build_rows
 from .common import prompt_images, prompts_to_ids, row_question, stored_images
 

@@ -23,7 +23,7 @@ from ..objectives.compose import Objective
 from ..score.memory import forward_bytes, scorer_memory
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
-from ..train.trainer import count_steps
+from ..train.schedule import count_steps
 from ..train.plan import (BYTES, MIB, device_fit, gated_mlp, kv_bytes_per_token, mlp_width,
                           plan, weight_bytes)
 from .build import LIST_BUILDERS

@@ -28,7 +28,8 @@ from ..train.loop import precision, write_run_header
 from ..train.output import check_same_data, start_run
 from ..train.run_lock import holding_output_dirs
 from ..train.engines import check_engine, refuse_sharding, shards, whole_models
-from ..train.trainer import Trainer, add_metrics, count_steps, means
+from ..train.schedule import count_steps
+from ..train.trainer import Trainer, add_metrics, means
 from .config import RewardConfig, detect_attributes
 from .encoder import encoder_examples
 from .heads import Head

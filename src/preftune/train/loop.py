@@ -43,7 +43,8 @@ from .engines import (check_engine, refuse_sharding, refuse_split_weights, shard
                       whole_models)
 from .references import build_extra_references, build_reference, reference_from, reference_sync
 from .run_lock import holding_output_dirs
-from .trainer import Trainer, add_metrics, count_steps, means
+from .schedule import count_steps
+from .trainer import Trainer, add_metrics, means
 
 
 def objective_inputs(logp_model, reference, extras, batch, objective, step,

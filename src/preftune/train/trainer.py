@@ -10,7 +10,6 @@ alarms, evaluation, atomic checkpoints and resume, and the final save.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -31,6 +30,7 @@ from .memory import return_freed_tensors_to_the_os
 from .model_card import write_model_cards
 from .optimizers import embedding_weights, make_optimizer
 from .stopping import StopRequests, TrainingStopped, out_of_memory
+from .schedule import example_stream, lr_lambda
 from .tracking import Trackers
 
 
@@ -57,44 +57,6 @@ class Task(Protocol):
     def save(self, module, output_dir: Path) -> None: ...
 
     def run_info(self) -> dict: ...
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
-    """Multiplier of the peak learning rate at each step: linear warmup, then decay."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
-
-    return factor
-
-
-def example_stream(num_examples: int, examples_per_step: int, total_steps: int, seed: int,
-                   shuffle: bool = True):
-    """Example order for the whole run: a fresh permutation per epoch, fixed by the seed (or the
-    data's own order, for curricula). Step k always trains on the same examples, which is what
-    makes resuming exact.
-    """
-    needed, order, epoch = total_steps * examples_per_step, [], 0
-    while len(order) < needed:
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order += (torch.randperm(num_examples, generator=generator).tolist() if shuffle
-                  else list(range(num_examples)))
-        epoch += 1
-    return order
-
-
-def count_steps(cfg: TrainConfig, num_examples: int, processes: int = 1) -> int:
-    """Optimizer steps of a run: ``max_steps``, else enough for ``epochs`` over the data (a
-    step takes batch_size x accumulation examples on each of ``processes``)."""
-    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * processes
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / examples_per_step))
 
 
 def add_metrics(totals: dict, new: dict) -> None:
@@ -135,6 +97,10 @@ class Trainer:
         self.main = accelerator.is_main_process
         self.local_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         self.examples_per_step = self.local_per_step * self.world
+        if self.main and self.examples_per_step > len(task.train_examples):
+            print(f"note: a step takes {self.examples_per_step} examples (batch_size x "
+                  f"accumulation x processes) and the data has {len(task.train_examples)}: "
+                  "some examples appear twice in each step.")
         self.trainable = [p for p in task.module.parameters() if p.requires_grad]
         if cfg.optimizer_in_backward and accelerator.device.type == "cpu":
             return_freed_tensors_to_the_os()  # let freed gradients leave the process
