@@ -3,6 +3,7 @@ offline W&B run hold exactly what metrics.jsonl holds, plus the config as hyperp
 
 import json
 import re
+import shutil
 import shlex
 from pathlib import Path
 
@@ -289,3 +290,26 @@ def test_a_tracker_listed_twice_and_wandb_without_a_login_are_refused(tmp_path, 
     netrc_file.unlink()
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert build_config({"train": {"report_to": "wandb"}}).train.report_to == ["wandb"]
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(workspace):
+    """A run stopped after logging steps 3 and 4, resumed from its step-2 checkpoint, logs
+    them again: the first run's later steps are purged, so TensorBoard shows each step once,
+    with the values the resumed run wrote to metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = workspace / "resumed-tb"
+    argv = ["train", str(README.parent / "examples" / "dpo.yaml"), "--set",
+            "train.report_to=[tensorboard]", "--set", "train.save_every=2",
+            "--set", "train.keep_checkpoints=2"] + tiny_settings(workspace, out)
+    argv[argv.index("train.learning_rate=0.0")] = "train.learning_rate=0.01"
+    assert main(argv) == 0
+    for name in ("model", "checkpoints/step-00000004"):  # as if killed after step 4 logged
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "run.json").unlink()
+    assert main(argv + ["--resume"]) == 0
+    events = EventAccumulator(str(out / "tracking" / "tensorboard" / "resumed-tb"))
+    events.Reload()
+    logged = {event.step: event.value for event in events.Scalars("loss")}
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert logged == pytest.approx(expected_values(out)["loss"], rel=1e-6)

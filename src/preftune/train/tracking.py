@@ -97,8 +97,9 @@ class Trackers:
     ``finish``, so the next run in the process (an online round, ``compare``'s next
     objective, a script's next ``train``) gets its own store."""
 
-    def __init__(self, cfg, output_dir: Path):
+    def __init__(self, cfg, output_dir: Path, resumed_from: int = 0):
         self.trackers, self.undo = [], []
+        self.resumed_from = resumed_from  # the checkpoint's step a resumed run continues from
         if not cfg.report_to:
             return
         output_dir = Path(output_dir)
@@ -138,7 +139,10 @@ class Trackers:
         from accelerate import tracking
 
         if name == "tensorboard":  # event files under tracking_dir/tensorboard/RUN_NAME
-            return tracking.TensorBoardTracker(run_name, directory / "tensorboard")
+            # resumed: the steps logged after the checkpoint by the run that stopped are
+            # purged (TensorBoard hides them), so each step shows once
+            purge = {"purge_step": self.resumed_from + 1} if self.resumed_from else {}
+            return tracking.TensorBoardTracker(run_name, directory / "tensorboard", **purge)
         if name == "mlflow":
             return tracking.MLflowTracker(experiment_name=EXPERIMENT, run_name=run_name,
                                           nested_run=self._mlflow_store(directory))

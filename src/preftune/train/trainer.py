@@ -129,7 +129,8 @@ class Trainer:
         if resume:
             self.start_step = self._resume()
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step,
-                              trackers=Trackers(cfg, self.output_dir)) if self.main else None
+                              trackers=Trackers(cfg, self.output_dir, self.start_step)
+                              ) if self.main else None
         # a reference synced to the policy (TR-DPO) makes implied rewards 0 by design: only
         # the weights tell whether the policy moves
         self.alarms = Alarms(self.output_dir / "alarms.jsonl",
