@@ -141,7 +141,7 @@ def random_init_dir(root: Path, source: str) -> str:
 
 
 def example_order(num_examples: int, batch_size: int, steps: int, seed: int) -> list[int]:
-    from preftune.train.trainer import example_stream
+    from preftune.train.schedule import example_stream
 
     return example_stream(num_examples, batch_size, steps, seed)[: steps * batch_size]
 
