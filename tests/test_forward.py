@@ -6,7 +6,8 @@ from common import PhaseMemory
 
 from preftune.data.layout import collate_padded
 from preftune.data.tokenize import TokenizedExample
-from preftune.model.chunked_logps import chunked_token_logps
+from preftune.model.chunked_logps import (Head, chunked_token_logps,
+                                           chunked_token_logps_and_kl)
 from preftune.model.forward import LogpModel, sequence_stats
 from tiny_models import tiny_llama
 
@@ -30,6 +31,34 @@ def test_chunked_logps_match_full_logits_values_and_gradients():
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads_chunked[0], hidden.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads_chunked[1], weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", [Head(), Head(scale=0.5, softcap=3.0)])
+def test_chunked_collisions_match_full_logits_and_leave_the_log_probs_as_they_were(head):
+    """WPO's alignment term log sum_v pi(v)^2, computed chunk by chunk with the log-probs (and
+    in the KL path), equals the full softmax's; asking for it changes neither the log-probs
+    nor their gradients, and it carries no gradient itself."""
+    torch.manual_seed(1)
+    hidden = torch.randn(29, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (29,))
+    full = torch.log_softmax(head.logits(hidden, weight), dim=-1)
+    expected = torch.log((full.exp() ** 2).sum(-1))  # the sum itself, not logsumexp
+    logps, collisions = chunked_token_logps(hidden, weight, targets, 8, head, collisions=True)
+    torch.testing.assert_close(collisions, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert not collisions.requires_grad
+    plain = chunked_token_logps(hidden, weight, targets, 8, head)
+    assert torch.equal(logps, plain)
+    logps.sum().backward()
+    with_collisions = hidden.grad.clone()
+    hidden.grad = None
+    plain.sum().backward()
+    assert torch.equal(with_collisions, hidden.grad)
+    reference = (torch.randn(29, 16), torch.randn(40, 16))
+    *_, kl_path = chunked_token_logps_and_kl(hidden, weight, targets, *reference, 8, head,
+                                             collisions=True)
+    torch.testing.assert_close(kl_path, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert len(chunked_token_logps_and_kl(hidden, weight, targets, *reference, 8, head)) == 2
 
 
 def _examples():

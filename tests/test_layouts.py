@@ -33,7 +33,8 @@ WEIGHTS = torch.tensor([0.7, -1.3, 2.0, 0.4, -0.5, 1.1, 0.9, -2.2, 1.7, 0.3, -0.
 def run(layout: str, batch_examples, max_row_tokens=None):
     model = tiny_llama(seed=1)
     batch = collate(batch_examples, pad_token_id=0, layout=layout, max_row_tokens=max_row_tokens)
-    stats = sequence_stats(LogpModel(model, chunk_tokens=5)(batch), batch, per_token=True)
+    token_logps, collisions = LogpModel(model, chunk_tokens=5)(batch, collisions=True)
+    stats = sequence_stats(token_logps, batch, per_token=True, token_collisions=collisions)
     weights = WEIGHTS[: stats.logps.numel()].view_as(stats.logps)
     (stats.logps * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -49,6 +50,8 @@ def test_layout_matches_padded_stats_and_gradients(layout, responses_per_example
     torch.testing.assert_close(fast.logps, plain.logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.token_counts, plain.token_counts)
     torch.testing.assert_close(fast.token_logps, plain.token_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.token_log_sum_sq_probs, plain.token_log_sum_sq_probs,
+                               atol=1e-5, rtol=1e-5)  # (WPO's alignment term)
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
     if layout.startswith("packed"):

@@ -63,6 +63,9 @@ def test_default_objective_is_finite_at_extremes(name, dtype):
     policy.token_kl = torch.where(policy.token_mask, grid.abs() * 0.01, torch.zeros_like(grid))
     policy.kl = policy.token_kl.sum(-1)
     reference.token_activation = torch.full_like(grid, 0.5).detach()
+    # log sum_v pi(v)^2 lies between 2 log pi(y_t) and 0: log pi(y_t) itself (WPO's alignment)
+    policy.token_log_sum_sq_probs = torch.where(policy.token_mask, grid.detach(),
+                                                torch.zeros_like(grid))
     inputs = ObjectiveInputs(policy, reference, scores, step=3, extra_references=[reference])
     output = spec(inputs, spec.params())
     n = len(EXTREME_CASES)

@@ -44,7 +44,7 @@ def wpo_formula(case, p, weight):
 
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 def test_wpo_matches_formula(beta):
-    params = WPOParams(beta)
+    params = WPOParams(beta, alignment="none")
     inputs, _ = token_inputs(TOKEN_CASES, dtype=torch.float32)
     out = get_objective("wpo")(inputs, params)
     assert torch.isfinite(out.losses).all() and torch.isfinite(out.rewards).all()
@@ -152,3 +152,55 @@ def assert_token_gradients(grid, case, formula):
         slot, t = (0, index) if index < chosen else (1, index - chosen)
         expected = finite_difference(loss, flat, index)
         assert grid.grad[0, slot, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-8), (slot, t)
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+def test_wpo_through_the_training_forward_equals_trls_weighting_on_whole_sequences(layout):
+    """The loop's forward gives wpo the alignment term (log sum_v pi(v)^2 per response token)
+    it declares for alignment='sampled', its default; the loss equals TRL 1.16's use_weighting
+    (no clamp needed here: weights < 1) computed from each whole sequence's own logits."""
+    from preftune.config import ObjectiveConfig
+    from preftune.data.layout import collate
+    from preftune.data.tokenize import TokenizedExample
+    from preftune.model.forward import LogpModel, sequence_stats
+    from preftune.objectives.compose import Objective
+    from preftune.train.loop import objective_inputs
+    from tiny_models import tiny_llama
+
+    policy, reference = tiny_llama(seed=1), tiny_llama(seed=2)
+    examples = [TokenizedExample(prompt_ids=[1, 5, 6, 7], response_ids=[[8, 9, 2], [10, 2]],
+                                 index=0),
+                TokenizedExample(prompt_ids=[1, 11], response_ids=[[12, 13, 14, 2], [15, 2]],
+                                 index=1)]
+    batch = collate(examples, pad_token_id=0, layout=layout)
+
+    class Reference:
+        def stats(self, batch):
+            with torch.no_grad():
+                return sequence_stats(LogpModel(reference)(batch), batch, per_token=True)
+
+    objective = Objective.from_config([ObjectiveConfig(name="wpo")], total_steps=1)
+    assert objective.policy_collisions  # the default alignment asks for them
+    inputs, _ = objective_inputs(LogpModel(policy, chunk_tokens=3), Reference(), [], batch,
+                                 objective, 0)
+    losses = objective(inputs)[0].losses
+
+    def whole(model, prompt, response):  # token log-probs and log sum_v pi^2, plain forward
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].double(), -1)
+        targets = torch.tensor(response)
+        return log_probs[torch.arange(len(response)), targets], torch.log(
+            (log_probs.exp() ** 2).sum(-1))
+
+    for example, loss in zip(examples, losses):
+        logits, log_weight = [], 0.0
+        for response in example.response_ids:
+            token_logps, collision = whole(policy, example.prompt_ids, response)
+            reference_logps, _ = whole(reference, example.prompt_ids, response)
+            logits.append(token_logps.sum() - reference_logps.sum())
+            log_weight += (token_logps - collision).mean()
+        weight = torch.exp(log_weight)
+        assert weight < 1
+        expected = weight * -torch.nn.functional.logsigmoid(0.1 * (logits[0] - logits[1]))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-4)

@@ -57,24 +57,37 @@ class Head:
 PLAIN = Head()
 
 
+def log_collision(log_probs: torch.Tensor) -> torch.Tensor:
+    """log sum_v pi(v)^2 per row of full log-probabilities [n, vocab]: the log-probability
+    that two draws from the distribution agree (WPO's weight alignment)."""
+    return torch.logsumexp(2 * log_probs, dim=-1)
+
+
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log softmax(head(h @ W^T))[target] per row of ``hidden``, chunk by chunk in fp32."""
+    """log softmax(head(h @ W^T))[target] per row of ``hidden``, chunk by chunk in fp32; with
+    ``collisions`` also each row's ``log_collision`` (no gradient; else an empty tensor)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, head):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, head, collisions):
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        collision = torch.empty(hidden.shape[0] if collisions else 0, dtype=torch.float32,
+                                device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             stop = start + chunk_tokens
             logits = head.logits(hidden[start:stop], weight)
             picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
-            logps[start:stop] = picked - torch.logsumexp(logits, dim=-1)
+            normaliser = torch.logsumexp(logits, dim=-1)
+            logps[start:stop] = picked - normaliser
+            if collisions:  # the chunk's log-probabilities, in place of its logits
+                collision[start:stop] = log_collision(logits.sub_(normaliser[:, None]))
             del logits  # before the next chunk's, not after
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk_tokens, ctx.head = chunk_tokens, head
-        return logps
+        ctx.mark_non_differentiable(collision)
+        return logps, collision
 
     @staticmethod
-    def backward(ctx, grad_logps):
+    def backward(ctx, grad_logps, _grad_collision):
         hidden, weight, targets = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -91,36 +104,42 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             del grad_logits  # before the next chunk's, not after
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_token_logps(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 256,
-    head: Head = PLAIN,
-) -> torch.Tensor:
+    head: Head = PLAIN, collisions: bool = False,
+):
     """Log-probability of ``targets[i]`` under ``softmax(head(hidden[i] @ weight.T))``, in fp32.
 
     hidden: [n, d] final hidden states at the positions that predict each target token.
-    weight: [vocab, d] output embedding. targets: [n] token ids. Returns [n] fp32 log-probs.
+    weight: [vocab, d] output embedding. targets: [n] token ids. Returns [n] fp32 log-probs;
+    with ``collisions``, ``(log-probs, log_collision per row)``, the second without gradient.
     """
-    return _ChunkedTokenLogps.apply(hidden, weight, targets, int(chunk_tokens), head)
+    logps, collision = _ChunkedTokenLogps.apply(hidden, weight, targets, int(chunk_tokens), head,
+                                                collisions)
+    return (logps, collision) if collisions else logps
 
 
 def _logps_and_kl(hidden, weight, targets, ref_hidden, ref_weight, head):
-    """One chunk: log pi(target) and KL(pi_ref || pi) over the vocabulary, both in fp32."""
+    """One chunk: log pi(target), KL(pi_ref || pi) over the vocabulary and log_collision of pi
+    (no gradient), all in fp32."""
     log_pi = torch.log_softmax(head.logits(hidden, weight), dim=-1)
     with torch.no_grad():
         log_ref = torch.log_softmax(head.logits(ref_hidden, ref_weight), dim=-1)
+        collision = log_collision(log_pi)
     kl = (log_ref.exp() * (log_ref - log_pi)).sum(-1)
-    return log_pi.gather(1, targets[:, None]).squeeze(1), kl
+    return log_pi.gather(1, targets[:, None]).squeeze(1), kl, collision
 
 
 def chunked_token_logps_and_kl(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     ref_hidden: torch.Tensor, ref_weight: torch.Tensor, chunk_tokens: int = 256,
-    head: Head = PLAIN,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs plus the forward KL from the reference's next-token distribution.
+    head: Head = PLAIN, collisions: bool = False,
+) -> tuple:
+    """Token log-probs plus the forward KL from the reference's next-token distribution (and
+    with ``collisions`` each position's ``log_collision``, a third result).
 
     At each position, KL(pi_ref || pi_theta) = sum_v pi_ref(v) (log pi_ref(v) - log pi_theta(v)),
     with pi_ref = softmax(head(ref_hidden @ ref_weight^T)) (no gradient; the reference is the
@@ -128,12 +147,10 @@ def chunked_token_logps_and_kl(
     checkpointed: only one chunk's [tokens x vocab] logits of either model exist at a time, in
     forward and in backward.
     """
-    logps, kls = [], []
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        logp, kl = checkpoint(_logps_and_kl, hidden[part], weight, targets[part],
-                              ref_hidden[part], ref_weight, head, use_reentrant=False)
-        logps.append(logp)
-        kls.append(kl)
+    parts = [checkpoint(_logps_and_kl, hidden[start:start + chunk_tokens], weight,
+                        targets[start:start + chunk_tokens], ref_hidden[start:start + chunk_tokens],
+                        ref_weight, head, use_reentrant=False)
+             for start in range(0, hidden.shape[0], chunk_tokens)]
     empty = hidden.new_zeros(0, dtype=torch.float32)
-    return (torch.cat(logps) if logps else empty), (torch.cat(kls) if kls else empty)
+    joined = [torch.cat(column) if parts else empty for column in zip(*parts)] or [empty] * 3
+    return tuple(joined if collisions else joined[:2])

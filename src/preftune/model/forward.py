@@ -34,6 +34,7 @@ class SequenceStats:
     kl: torch.Tensor | None = None
     token_kl: torch.Tensor | None = None
     token_activation: torch.Tensor | None = None  # reference only: SparsePO's activation mask
+    token_log_sum_sq_probs: torch.Tensor | None = None  # log sum_v pi(v)^2 per token (WPO)
 
     @property
     def mean_logps(self) -> torch.Tensor:
@@ -254,11 +255,12 @@ class LogpModel(nn.Module):
         return getattr(causal_lm_of(self.model), "_no_split_modules", None)
 
     def forward(self, batch: Batch, reference: tuple | None = None, hidden: bool = False,
-                layer_means: bool = False, balance: bool = False):
+                layer_means: bool = False, balance: bool = False, collisions: bool = False):
         """Log-probs of the batch's response tokens, [response tokens] in fp32.
 
         With ``reference = (ref_hidden, ref_weight)`` (see ``hidden_and_weight``) it returns
-        ``(token_logps, token_kl)``, adding each position's KL(pi_ref || pi_theta). With
+        ``(token_logps, token_kl)``, adding each position's KL(pi_ref || pi_theta); with
+        ``collisions`` each position's log sum_v pi(v)^2 comes last (without gradient). With
         ``hidden`` it returns ``hidden_and_weight(batch, layer_means)`` instead (through
         ``forward``, so FSDP gathers the weights it needs). With ``balance`` (a model with a
         ``router``) it returns ``(that result, the routers' load-balancing loss)``.
@@ -267,10 +269,11 @@ class LogpModel(nn.Module):
             return self.hidden_and_weight(batch, layer_means)
         hidden, weight, *balancing = self.hidden_and_weight(batch, balance=balance)
         if reference is None:
-            result = self.token_logps(hidden, weight, batch.target_tokens)
+            result = chunked_token_logps(hidden, weight, batch.target_tokens, self.chunk_tokens,
+                                         self.head, collisions)
         else:
             result = chunked_token_logps_and_kl(hidden, weight, batch.target_tokens, *reference,
-                                                self.chunk_tokens, self.head)
+                                                self.chunk_tokens, self.head, collisions)
         return (result, *balancing) if balance else result
 
     def token_logps(self, hidden: torch.Tensor, weight: torch.Tensor,
@@ -338,8 +341,10 @@ def token_grid(values: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def sequence_stats(token_logps: torch.Tensor, batch: Batch, per_token: bool = False,
-                   token_kl: torch.Tensor | None = None) -> SequenceStats:
-    """Sum flat response-token log-probs (and per-token KLs, if given) into per-response stats."""
+                   token_kl: torch.Tensor | None = None,
+                   token_collisions: torch.Tensor | None = None) -> SequenceStats:
+    """Sum flat response-token log-probs (and per-token KLs, if given) into per-response stats;
+    per-token collisions (``LogpModel``'s) are laid out as ``token_logps``."""
     shape = (batch.num_examples, batch.responses_per_example)
     owner = batch.target_response
 
@@ -355,4 +360,6 @@ def sequence_stats(token_logps: torch.Tensor, batch: Batch, per_token: bool = Fa
         stats.token_mask = token_grid(torch.ones_like(token_logps), batch) > 0
         if token_kl is not None:
             stats.token_kl = token_grid(token_kl, batch)
+        if token_collisions is not None:
+            stats.token_log_sum_sq_probs = token_grid(token_collisions, batch)
     return stats

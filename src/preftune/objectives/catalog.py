@@ -24,6 +24,7 @@ def _needs(spec: ObjectiveSpec) -> str:
     needs = "reference" if spec.needs_reference else "no reference"
     needs += ", per-token logps" if spec.per_token else ""
     needs += ", reference distributions" if spec.reference_distributions else ""
+    needs += ", policy distributions" if spec.policy_collisions else ""
     needs += ", several references" if spec.extra_references else ""
     needs += f", fields {'/'.join(spec.scores)}" if spec.scores else ""
     return needs + (", a state across steps" if spec.state is not None else "")

@@ -85,6 +85,11 @@ class Term:
         return self._adapter.validate_python(values)
 
 
+def _wants(need, params) -> bool:
+    """A need declared as a flag, or as a function of the term's parameters."""
+    return bool(need(params) if callable(need) else need)
+
+
 class Objective:
     """A weighted sum of registered objectives, presented to the loop as one objective.
 
@@ -108,6 +113,8 @@ class Objective:
         self.kl_completions = any(t.spec.kl_completions for t in terms)
         self.image_negatives = any(t.spec.image_negatives for t in terms)
         self.reference_distributions = any(t.spec.reference_distributions for t in terms)
+        self.policy_collisions = any(_wants(t.spec.policy_collisions, t.params_at(0, 1))
+                                     for t in terms)
         self.extra_references = any(t.spec.extra_references for t in terms)
         self.data = shapes.pop()
         for term in terms:

@@ -54,6 +54,9 @@ class ObjectiveSpec:
     paper: str
     kl_completions: bool = False  # wants a mismatched completion as the last response slot
     reference_distributions: bool = False  # wants per-token KL(pi_ref || pi_theta) in the stats
+    # wants each token's log sum_v pi_theta(v)^2 in the stats (or a function of the params
+    # that says whether it does)
+    policy_collisions: bool | Callable = False
     extra_references: bool = False  # wants stats from reference.extra_models as well
     image_negatives: bool = False  # wants y_w under the negative images as the last slot
     online_builder: str | None = None  # online rounds must build its data with this builder
@@ -91,15 +94,19 @@ REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def objective(name, *, params, needs_reference, paper, data="pairs", per_token=False,
-              kl_completions=False, reference_distributions=False, extra_references=False,
-              image_negatives=False, online_builder=None, online_win_probs=False,
-              reference_samples=False, scores=(), state=None, prepare=None):
+              kl_completions=False, reference_distributions=False, policy_collisions=False,
+              extra_references=False, image_negatives=False, online_builder=None,
+              online_win_probs=False, reference_samples=False, scores=(), state=None,
+              prepare=None):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
     own prompt, as its last response slot (KTO's KL estimate; see data.prepare).
     ``reference_distributions``: the policy stats carry the per-token forward KL from the
     reference's full next-token distribution (``kl``, and ``token_kl`` when per_token).
+    ``policy_collisions``: the per-token policy stats carry log sum_v pi_theta(v | x, y_<t)^2
+    over the vocabulary (``token_log_sum_sq_probs``, no gradient; WPO's weight alignment);
+    a function of the params says whether those params need it.
     ``extra_references``: ``inputs.extra_references`` holds the stats of each model of
     ``reference.extra_models`` (MRPO).
     ``image_negatives``: each pair also carries its chosen response conditioned on the record's
@@ -129,9 +136,10 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
         if name in REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
         REGISTRY[name] = ObjectiveSpec(name, fn, params, needs_reference, data, per_token, paper,
-                                       kl_completions, reference_distributions, extra_references,
-                                       image_negatives, online_builder, online_win_probs,
-                                       reference_samples, tuple(scores), state, prepare)
+                                       kl_completions, reference_distributions,
+                                       policy_collisions, extra_references, image_negatives,
+                                       online_builder, online_win_probs, reference_samples,
+                                       tuple(scores), state, prepare)
         return fn
 
     return register

@@ -26,7 +26,7 @@ def masked_token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @dataclass
 class WPOParams:
     beta: Positive = 0.1
-    alignment: Literal["none", "sampled"] = "none"  # see the docstring: "sampled" needs vocab stats
+    alignment: Literal["sampled", "none"] = "sampled"  # the paper's and TRL's; see the docstring
 
 
 def wpo_pair_weights(stats: SequenceStats, alignment: str) -> torch.Tensor:
@@ -37,8 +37,9 @@ def wpo_pair_weights(stats: SequenceStats, alignment: str) -> torch.Tensor:
         if log_sum_sq is None:
             raise ValueError(
                 "wpo alignment='sampled' needs, per response token, log sum_v pi(v|x, y_<t)^2 "
-                "over the vocabulary as stats.token_log_sum_sq_probs [E, R, L]; the forward pass "
-                "does not compute it yet. Use alignment='none'."
+                "over the vocabulary as stats.token_log_sum_sq_probs [E, R, L] (the training "
+                "loop's forward adds it, as wpo declares; called directly, pass "
+                "sequence_stats(..., token_collisions=...)), or alignment='none'."
             )
         token_logps = token_logps - log_sum_sq.detach()
     counts = stats.token_mask.sum(-1).clamp(min=1)
@@ -46,8 +47,12 @@ def wpo_pair_weights(stats: SequenceStats, alignment: str) -> torch.Tensor:
     return torch.exp(mean_logps.sum(-1).clamp(max=0.0))
 
 
+def _aligned(params: WPOParams) -> bool:
+    return params.alignment == "sampled"
+
+
 @objective("wpo", params=WPOParams, needs_reference=True, paper="arXiv:2406.11827",
-           per_token=True)
+           per_token=True, policy_collisions=_aligned)
 def wpo(inputs: ObjectiveInputs, params: WPOParams) -> ObjectiveOutput:
     """Weighted Preference Optimization (WPO): DPO with pairs weighted by their on-policy probability.
 
@@ -55,12 +60,14 @@ def wpo(inputs: ObjectiveInputs, params: WPOParams) -> ObjectiveOutput:
     w(x, y) = exp((1/|y|) sum_t log pi_theta(y_t|x, y_<t)) computed from the policy itself and
     detached (no gradient flows through the weight). Off-policy pairs the current model would
     rarely generate count less, which simulates on-policy training with off-policy data.
-    alignment="sampled" is the paper's weight alignment: each token's probability is divided by
-    sum_v pi_theta(v|x, y_<t)^2, the probability of the token the policy would itself sample, so
-    on-policy pairs get weight ~1; it needs that vocabulary sum from the forward pass
-    (stats.token_log_sum_sq_probs), which preftune's forward does not produce yet. The product is
-    clamped at 1 as in the authors' code (TRL 1.16's use_weighting does not clamp; with
-    alignment="none" the weight is <= 1 anyway).
+    alignment="sampled" (the default, as in the paper and TRL 1.16's use_weighting) is the
+    paper's weight alignment: each token's probability is divided by sum_v pi_theta(v|x, y_<t)^2,
+    the probability that the policy's own sample there agrees with another, so on-policy pairs
+    get weight ~1; the forward computes that vocabulary sum chunk by chunk with the token
+    log-probs (stats.token_log_sum_sq_probs). alignment="none" leaves it out (the weights of
+    releases before the alignment was computed). The product is clamped at 1 as in the authors'
+    code (TRL 1.16's use_weighting does not clamp; with alignment="none" the weight is <= 1
+    anyway).
     """
     policy = required_token_logps(inputs.policy, "policy", "wpo")
     rewards = params.beta * log_ratios(inputs)

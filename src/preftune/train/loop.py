@@ -52,16 +52,18 @@ def objective_inputs(logp_model, reference, extras, batch, objective, step,
     """Policy and reference stats of one batch, with what the objective declared it needs
     (``training`` False: an objective's state is read, not updated), and with ``balance`` the
     routers' load-balancing loss of a mixture-of-experts policy (else None)."""
+    wanted = {"balance": balance, "collisions": objective.policy_collisions}
     if objective.reference_distributions:  # TDPO-style: KL to the reference's full distribution
         reference_stats, reference_hidden = reference.stats_with_hidden(batch)
-        output = logp_model(batch, reference_hidden, balance=balance)
-        (token_logps, token_kl), balancing = output if balance else (output, None)
-        policy = sequence_stats(token_logps, batch, objective.per_token, token_kl)
+        output = logp_model(batch, reference_hidden, **wanted)
     else:
         reference_stats = reference.stats(batch)
-        output = logp_model(batch, balance=balance)
-        token_logps, balancing = output if balance else (output, None)
-        policy = sequence_stats(token_logps, batch, objective.per_token)
+        output = logp_model(batch, **wanted)
+    tokens, balancing = output if balance else (output, None)
+    # token log-probs, then the KL to the reference and WPO's collisions when asked for
+    token_logps, *rest = tokens if isinstance(tokens, tuple) else (tokens,)
+    token_kl = rest.pop(0) if objective.reference_distributions else None
+    policy = sequence_stats(token_logps, batch, objective.per_token, token_kl, *rest)
     inputs = ObjectiveInputs(policy, reference_stats, batch.scores, step,
                              [extra.stats(batch) for extra in extras], training=training)
     return inputs, balancing
