@@ -16,6 +16,7 @@ from preftune.reward.config import build_reward_config
 from preftune.reward.train import train_reward_model
 from preftune.score import (CombinedScorer, FunctionScorer, LogSigmoidCentred, SyntheticScorer,
                             baselines_from_samples, load_scorer)
+from preftune.score.base import scored_in_chunks
 from tiny_models import save_tiny_model_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -112,6 +113,46 @@ def test_combined_sum_and_min(scorer_module):
     assert worst.score(["p", "p"], ["a7", "abcd"]) == [2.0, 0.0]
 
 
+class GroupRM:
+    """A group's reward model: fixed rewards by response."""
+
+    pairwise = False
+
+    def __init__(self, name, rewards):
+        self.name, self.rewards = name, rewards
+
+    def score(self, prompts, responses):
+        return [self.rewards[r] for r in responses]
+
+
+def test_maxmin_scores_with_the_worst_served_groups_model():
+    """MaxMin-RLHF: max_pi min_k E[r_k]. Group 1's model rates these samples lowest on average
+    (2.0 against 6.5), so its rewards rank them: B best, A worst. The per-response minimum
+    ranks them otherwise (C best, B worst) and would pair them the other way round."""
+    first = GroupRM("group1", {"A": 1.0, "B": 3.0, "C": 2.0})
+    second = GroupRM("group2", {"A": 7.0, "B": 0.5, "C": 12.0})
+    samples = ["A", "B", "C"]
+    maxmin = CombinedScorer([(first, 1.0), (second, 1.0)], "maxmin")
+    assert maxmin.score(["p"] * 3, samples) == [1.0, 3.0, 2.0]
+    assert CombinedScorer([(first, 1.0), (second, 1.0)], "min").score(
+        ["p"] * 3, samples) == [1.0, 0.5, 2.0]
+    # weights scale each group's rewards before the worst is found: now group 2's mean is lower
+    assert CombinedScorer([(first, 1.0), (second, 0.25)], "maxmin").score(
+        ["p"] * 3, samples) == [1.75, 0.125, 3.0]
+    # both sides of a comparison under one group's model (group 1: means 2.5 vs group 2's 6.25)
+    assert maxmin.prefer(["p", "p"], ["A", "B"], ["C", "A"]) == [0.0, 1.0]
+    assert maxmin.score([], []) == []
+    # an online round scores its samples in chunks; a maxmin sees them all in one call
+    calls = []
+    many = GroupRM("many", {str(i): float(i) for i in range(150)})
+    many.score = lambda prompts, responses: calls.append(len(responses)) or [
+        float(r) for r in responses]
+    whole = CombinedScorer([(many, 1.0)], "maxmin")
+    assert scored_in_chunks(whole.score, "scoring", ["p"] * 150, [str(i) for i in range(150)]) \
+        == [float(i) for i in range(150)]
+    assert calls == [150]
+
+
 def test_log_sigmoid_centring_against_per_prompt_quantiles(scorer_module):
     length = load_scorer("my_checks:length")
     baselines = baselines_from_samples(length, ["p", "p", "p", "q"], ["a", "abc", "abcde", "ab"],
@@ -152,7 +193,7 @@ def test_yaml_combination(scorer_module, tmp_path):
     ("terms:\n  - scorer: my_checks:length\n    weight: heavy\n",
      r"terms\[0\]: weight must be a number, got 'heavy'"),
     ("combine: mean\nterms:\n  - scorer: my_checks:length\n",
-     r"scorer.yaml: combine is 'sum' or 'min', got 'mean'"),
+     r"scorer.yaml: combine is one of sum, min, maxmin, got 'mean'"),
     ("terms: []\n", r"scorer.yaml: terms is empty"),
     ("terms:\n  - scorer: my_checks:length\n  - scorer: rm:nowhere\n",
      r"scorer 'rm:nowhere': nowhere is not a"),

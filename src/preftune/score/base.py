@@ -85,10 +85,13 @@ def prefer_by_scores(scorer, prompts, first, second) -> list[float]:
 
 def scored_in_chunks(method, description: str, *columns, chunk: int = 64) -> list[float]:
     """``method(*columns)`` (a scorer's ``score`` or ``prefer``) on ``chunk`` items at a time,
-    with a progress bar named ``description`` (judges and reward models take a while)."""
+    with a progress bar named ``description`` (judges and reward models take a while); a
+    scorer that ranks a set as a whole (``whole_set``: a maxmin combination) gets it at once."""
     from ..train.logging import progress
 
     total, values = len(columns[0]), []
+    if getattr(getattr(method, "__self__", None), "whole_set", False):
+        chunk = max(total, 1)
     with progress(description, total, "response") as update:
         for start in range(0, total, chunk):
             values += method(*(column[start : start + chunk] for column in columns))

@@ -5,11 +5,14 @@ Language Models", arXiv:2402.00742; MaxMin-RLHF, arXiv:2402.08925).
   reference reward (e.g. the median reward of the initial policy's samples for x). It rewards
   fixing poor answers more than polishing good ones, and saturates, which limits reward hacking.
 - ``CombinedScorer``: sum_i w_i u_i ("sum"; with log-sigmoid terms this is log prod P(good_i), a
-  logical AND) or min_i w_i u_i ("min": the worst-served criterion, MaxMin).
+  logical AND); min_i w_i u_i of each response ("min": its worst-rated criterion, a
+  worst-case ensemble); or "maxmin", MaxMin-RLHF's egalitarian objective max_pi min_k
+  E[r_k]: the term whose mean over the scored responses is lowest (the worst-served group's
+  reward model) scores them all, so training serves that group next.
 
 A combination is written as YAML and passed wherever a scorer is named::
 
-    combine: sum                       # or min
+    combine: sum                       # or min, maxmin
     terms:
       - scorer: rm:runs/rm_helpful     # any scorer spec
         weight: 1.0
@@ -71,31 +74,45 @@ class LogSigmoidCentred:
         return prefer_by_scores(self, prompts, first, second)
 
 
+COMBINE = ("sum", "min", "maxmin")
+
+
 class CombinedScorer:
-    """sum_i w_i s_i or min_i w_i s_i over scalar scorers."""
+    """sum_i w_i s_i or min_i w_i s_i per response over scalar scorers, or (maxmin) the
+    w_k s_k whose mean over the scored responses is lowest. A maxmin is ``whole_set``: it
+    is called with all the responses it ranks (an online round's samples) at once."""
 
     pairwise = False
 
     def __init__(self, terms: list[tuple], how: str = "sum"):
-        if how not in ("sum", "min"):
-            raise ConfigError(f"combine: expected 'sum' or 'min', got {how!r}.")
+        if how not in COMBINE:
+            raise ConfigError(f"combine: expected one of {', '.join(COMBINE)}, got {how!r}.")
         if not terms:
             raise ConfigError("combine: give at least one term.")
         for scorer, _ in terms:
             if scorer.pairwise:
                 raise ConfigError(f"combine: {scorer.name} compares responses and has no score "
                                   "of its own, so it cannot be summed or minimised.")
-        self.terms, self.how = terms, how
+        self.terms, self.how, self.whole_set = terms, how, how == "maxmin"
         self.name = f"{how}(" + ", ".join(f"{w:g}*{s.name}" for s, w in terms) + ")"
 
     def score(self, prompts, responses) -> list[float]:
         columns = [[weight * value for value in scorer.score(prompts, responses)]
                    for scorer, weight in self.terms]
-        reduce = sum if self.how == "sum" else min
-        return checked([reduce(values) for values in zip(*columns)], self.name, len(responses))
+        if self.how == "maxmin":  # the worst-served term, by its mean over these responses
+            values = min(columns, key=lambda column: math.fsum(column)) if responses else []
+        else:
+            reduce = sum if self.how == "sum" else min
+            values = [reduce(row) for row in zip(*columns)]
+        return checked(values, self.name, len(responses))
 
     def prefer(self, prompts, first, second) -> list[float]:
-        return prefer_by_scores(self, prompts, first, second)
+        if self.how != "maxmin":
+            return prefer_by_scores(self, prompts, first, second)
+        # both sides scored together: one worst-served term judges them both
+        scores = self.score([*prompts, *prompts], [*first, *second])
+        return [1.0 if x > y else 0.0 if x < y else 0.5
+                for x, y in zip(scores[:len(first)], scores[len(first):])]
 
 
 TERM_KEYS = ("scorer", "weight", "transform", "baseline")
@@ -107,12 +124,13 @@ def check_combination(path: str, spec) -> list[str]:
     any term's scorer loads (``check_scorer`` then checks each spec)."""
     if not isinstance(spec, dict) or not isinstance(spec.get("terms"), list):
         raise ConfigError(f"{path}: expected a mapping with 'terms' (a list) and optionally "
-                          "'combine' (sum or min).")
+                          f"'combine' ({', '.join(COMBINE)}).")
     unknown = set(spec) - {"combine", "terms"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected combine, terms.")
-    if spec.get("combine", "sum") not in ("sum", "min"):
-        raise ConfigError(f"{path}: combine is 'sum' or 'min', got {spec['combine']!r}.")
+    if spec.get("combine", "sum") not in COMBINE:
+        raise ConfigError(f"{path}: combine is one of {', '.join(COMBINE)}, got "
+                          f"{spec['combine']!r}.")
     if not spec["terms"]:
         raise ConfigError(f"{path}: terms is empty; give at least one term.")
     for number, term in enumerate(spec["terms"]):
