@@ -189,9 +189,20 @@ def test_quantile_head_reward_is_mean_or_lower_cvar():
     outputs = torch.tensor([[3.0, 1.0, 2.0, 4.0]])  # unsorted quantiles at the levels below
     levels = (0.125, 0.375, 0.625, 0.875)
     assert Head(kind="quantile", quantiles=levels).reward(outputs).item() == pytest.approx(2.5)
+    # the quantile function as a step: 1 on [0, 0.25), 2 on [0.25, 0.5), 3, 4 (each level's
+    # value from the midpoints with its neighbours); CVaR_a = (1/a) int_0^a q(u) du
     cvar = Head(kind="quantile", quantiles=levels, risk="cvar:0.4").reward(outputs)
-    assert cvar.item() == pytest.approx(1.5)  # mean of the two lowest values, 1 and 2
-    assert lower_cvar(outputs, levels, 0.01).item() == pytest.approx(1.0)  # at least one
+    assert cvar.item() == pytest.approx((1 * 0.25 + 2 * 0.15) / 0.4)
+    assert lower_cvar(outputs, levels, 0.25).item() == pytest.approx(1.0)
+    assert lower_cvar(outputs, levels, 0.01).item() == pytest.approx(1.0)
+    assert lower_cvar(outputs, levels, 1.0).item() == pytest.approx(2.5)  # the whole mean
+    # the default levels 0.05 ... 0.95 and N(0, 1) quantiles: cvar:0.25 weighs the 0.25
+    # level by the half of its cell below 0.25 (it was the plain mean of three levels)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    default = tuple(round(0.05 + 0.1 * k, 2) for k in range(10))
+    values = normal.icdf(torch.tensor(default))[None]
+    expected = (values[0, 0] * 0.1 + values[0, 1] * 0.1 + values[0, 2] * 0.05) / 0.25
+    assert lower_cvar(values, default, 0.25).item() == pytest.approx(expected.item())
 
 
 def test_every_registered_loss_is_covered_here():

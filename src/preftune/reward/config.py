@@ -39,7 +39,7 @@ class HeadSettings(Section):
     quantiles: list[Annotated[float, Field(gt=0, lt=1)]] = list(Head().quantiles)
     """quantile head: the quantile levels it predicts."""
     risk: Annotated[str, Field(pattern=r"^(mean|cvar:.+)$")] = "mean"
-    """quantile head: the reward is 'mean' or 'cvar:ALPHA' (mean of the levels <= ALPHA)."""
+    """quantile head: the reward is 'mean' or 'cvar:ALPHA' (the mean of the worst ALPHA share)."""
     dims: Annotated[int, Field(ge=2, multiple_of=2)] = 4
     """gpm head: 2k, the size of the preference embedding (even)."""
     tau: Positive = 0.1

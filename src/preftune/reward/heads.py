@@ -154,10 +154,15 @@ def quantile_mean(quantiles: torch.Tensor) -> torch.Tensor:
 
 
 def lower_cvar(quantiles: torch.Tensor, levels: tuple, alpha: float) -> torch.Tensor:
-    """CVaR_alpha, the mean of the worst alpha share of outcomes: the average of the sorted
-    quantile values at levels <= alpha (at least the lowest one)."""
-    keep = max(1, sum(1 for level in levels if level <= alpha + 1e-12))
-    return quantiles.sort(dim=-1).values[..., :keep].mean(-1)
+    """CVaR_alpha = (1 / alpha) int_0^alpha q(u) du, the mean of the worst alpha share of
+    outcomes, with the quantile function a step: the sorted value at each level holds from
+    the midpoint with the level below to the midpoint with the level above (0 and 1 at the
+    ends), and each step counts by how much of [0, alpha] it covers."""
+    bounds = [0.0, *((a + b) / 2 for a, b in zip(levels, levels[1:])), 1.0]
+    alpha = max(alpha, 1e-12)
+    shares = [max(0.0, min(high, alpha) - low) / alpha for low, high in zip(bounds, bounds[1:])]
+    weights = quantiles.new_tensor(shares)
+    return (quantiles.sort(dim=-1).values * weights).sum(-1)
 
 
 def gpm_embedding(outputs: torch.Tensor) -> torch.Tensor:
