@@ -188,10 +188,10 @@ class Trainer:
                         self.bar.close()
                         self.batches.close()
                         path = self.save(step + 1)
+                        by = stop.signal or f"{self.stop_requested} to another process"
                         raise TrainingStopped(
-                            f"stopped by {stop.signal or f'{self.stop_requested} to another process'}"
-                            f" after step {step + 1} of {self.total_steps}; checkpoint written "
-                            f"to {path}.", signal_name=self.stop_requested)
+                            f"stopped by {by} after step {step + 1} of {self.total_steps}; "
+                            f"checkpoint written to {path}.", signal_name=self.stop_requested)
             except BaseException as error:
                 if self.main:
                     self.log.close("KILLED" if getattr(error, "signal_name", None) else "FAILED")
