@@ -151,6 +151,37 @@ def test_maxmin_scores_with_the_worst_served_groups_model():
     assert scored_in_chunks(whole.score, "scoring", ["p"] * 150, [str(i) for i in range(150)]) \
         == [float(i) for i in range(150)]
     assert calls == [150]
+    # inside another combination, or centred, it still gets the whole set at once
+    outer = CombinedScorer([(whole, 1.0)], "sum")
+    assert outer.whole_set and LogSigmoidCentred(whole, {}).whole_set
+    calls.clear()
+    scored_in_chunks(outer.score, "scoring", ["p"] * 150, [str(i) for i in range(150)])
+    assert calls == [150]
+
+
+def test_a_maxmin_judges_both_sides_of_every_comparison_with_one_term():
+    """Win rates (eval) and win probabilities (online rounds) under a maxmin: the term is
+    chosen once for the set being compared, not once per side or per prompt."""
+    from types import SimpleNamespace
+
+    from preftune.evaluate.generated import win_rate
+    from preftune.online.loop import _preference_matrix
+
+    length = GroupRM("length", {"y" * 10: 10.0, "y": 1.0, "z": 1.0, "zz": 2.0})
+    short = GroupRM("short", {"y" * 10: 2.0, "y": 6.5, "z": 6.5, "zz": 6.0})
+    maxmin = CombinedScorer([(length, 1.0), (short, 1.0)], "maxmin")
+    # policy "y"*10 against reference "y": scored per side, each side takes its own worst
+    # term (short gives the policy 2.0, length the reference 1.0) and the policy would win;
+    # together, short's mean (4.25) is below length's (5.5): short judges both, 2.0 vs 6.5
+    prompts = [SimpleNamespace(index=0, images=())]
+    records = [SimpleNamespace(prompt="p", origin="data:1", tools=())]
+    result, rows = win_rate(maxmin, [["y" * 10], ["y"]], prompts, records)
+    assert result["win_rate"] == 0.0 and maxmin.worst == "short"
+    assert (rows[0]["policy_score"], rows[0]["reference_score"]) == (2.0, 6.5)
+    assert maxmin.prefer(["p"], ["y" * 10], ["y"]) == [0.0]
+    # an online round: scored as a whole (short's mean is lower), the pairs judged by it too
+    row = {"prompt": "p", "responses": ["z", "zz"], "scores": [6.5, 6.0]}
+    assert _preference_matrix(maxmin, row) == [[0.5, 1.0], [0.0, 0.5]]
 
 
 def test_log_sigmoid_centring_against_per_prompt_quantiles(scorer_module):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..model.load import released
-from ..score.base import checked, prefer_by_scores
+from ..score.base import checked, paired_scores
 from .data import tensor_image
 from .model import load_for_sampling
 from .pipeline_files import pipeline_dir, saved_denoiser_dtype
@@ -114,11 +114,12 @@ def win_rate(policy, reference, prompts: list[str], seeds: list[int], scorer, st
             model(), prompts, seeds, steps, guidance_scale, resolution=resolution,
             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
             batch_size=batch_size) for x in batch])  # (8-bit images; no fp32 copy of them all)
-    scores = {name: checked(scorer.score(rows, images[name]), scorer.name, len(rows))
-              for name in images}
+    both = paired_scores(scorer, rows, images["policy"], images["reference"])  # (maxmin: one term)
+    scores = {name: checked(values, scorer.name, len(rows)) for name, values in zip(images, both)}
     wins = (scorer.prefer(rows, images["policy"], images["reference"])
             if getattr(scorer, "pairwise", False)
-            else prefer_by_scores(scorer, rows, images["policy"], images["reference"]))
+            else [1.0 if a > b else 0.0 if a < b else 0.5  # (from the scores: scored once)
+                  for a, b in zip(scores["policy"], scores["reference"])])
     return {"win_rate": sum(wins) / len(wins), "scorer": scorer.name,
             "mean_score/policy": sum(scores["policy"]) / len(rows),
             "mean_score/reference": sum(scores["reference"]) / len(rows),

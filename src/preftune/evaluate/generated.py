@@ -84,9 +84,16 @@ def win_rate(scorer, texts: list[list[str]], prompts, records) -> tuple[dict, li
             row["p_policy_better"] = value
         return {**result, "win_rate": D.preference_win_rate(preference),
                 "win_rate/preference_mean": preference.mean().item()}, rows
-    scores = [torch.tensor(scored_in_chunks(scorer.score, f"win rate: scoring {who} answers",
-                                            questions, answers), dtype=torch.float64)
-              for answers, who in zip(texts, ("policy", "reference"))]
+    if getattr(scorer, "whole_set", False):  # a maxmin: one call, so one term, for both sides
+        both = scored_in_chunks(scorer.score, "win rate: scoring answers", questions * 2,
+                                texts[0] + texts[1])
+        scores = [torch.tensor(part, dtype=torch.float64)
+                  for part in (both[:len(questions)], both[len(questions):])]
+    else:
+        scores = [torch.tensor(scored_in_chunks(scorer.score,
+                                                f"win rate: scoring {who} answers",
+                                                questions, answers), dtype=torch.float64)
+                  for answers, who in zip(texts, ("policy", "reference"))]
     scores[1][same] = scores[0][same]
     for row, mine, theirs in zip(rows, scores[0].tolist(), scores[1].tolist()):
         row.update(policy_score=mine, reference_score=theirs)

@@ -306,6 +306,8 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
             row["win_probs"] = win_probs(_preference_matrix(scorer, row))
             row.setdefault("scores", row["win_probs"])  # a pairwise scorer ranks by win rate
         row["scorer"] = scorer.name
+        if getattr(scorer, "worst", None):  # maxmin: the worst-served group's term
+            row["scored_by"] = scorer.worst
         at += len(texts)
     add_pair_diversity(rows, config.online.pairs)  # divpo: each sample's diversity
     write_rows(here / "scored.jsonl", rows)
@@ -315,11 +317,16 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
 
 
 def _preference_matrix(scorer, row: dict) -> list[list[float]]:
-    """P(response i beats response j) for every ordered pair of one prompt's responses."""
+    """P(response i beats response j) for every ordered pair of one prompt's responses: a
+    pairwise scorer's, else by the round's scores (1, 0, 1/2 for a tie; a maxmin scored the
+    round with one term, which judges the pairs too)."""
     responses, k = row["responses"], len(row["responses"])
     upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    probs = scorer.prefer([row_question(row)] * len(upper), [responses[i] for i, _ in upper],
-                          [responses[j] for _, j in upper])
+    scores = row.get("scores")
+    probs = [1.0 if scores[i] > scores[j] else 0.0 if scores[i] < scores[j] else 0.5
+             for i, j in upper] if not scorer.pairwise else scorer.prefer(
+        [row_question(row)] * len(upper), [responses[i] for i, _ in upper],
+        [responses[j] for _, j in upper])
     matrix = [[0.5] * k for _ in range(k)]
     for (i, j), p in zip(upper, probs):
         matrix[i][j], matrix[j][i] = p, 1.0 - p

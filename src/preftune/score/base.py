@@ -79,8 +79,18 @@ def checked(values, name: str, count: int) -> list[float]:
 
 def prefer_by_scores(scorer, prompts, first, second) -> list[float]:
     """P(first > second) of a scalar scorer: 1, 0, or 1/2 for a tie."""
-    a, b = scorer.score(prompts, first), scorer.score(prompts, second)
+    a, b = paired_scores(scorer, prompts, first, second)
     return [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b)]
+
+
+def paired_scores(scorer, prompts, first, second) -> tuple[list[float], list[float]]:
+    """A scalar scorer's scores of two answers to each prompt; one that ranks a set as a
+    whole (``whole_set``: a maxmin combination) scores both sides in one call, so the same
+    term judges them."""
+    if getattr(scorer, "whole_set", False):
+        both = scorer.score([*prompts, *prompts], [*first, *second])
+        return both[:len(first)], both[len(first):]
+    return scorer.score(prompts, first), scorer.score(prompts, second)
 
 
 def scored_in_chunks(method, description: str, *columns, chunk: int = 64) -> list[float]:

@@ -55,6 +55,7 @@ class LogSigmoidCentred:
         if scorer.pairwise:
             raise ConfigError(f"transform lsc needs a scalar scorer; {scorer.name} is pairwise.")
         self.scorer, self.baselines = scorer, baselines
+        self.whole_set = getattr(scorer, "whole_set", False)
         self.name = f"lsc({scorer.name})"
 
     def score(self, prompts, responses) -> list[float]:
@@ -93,26 +94,26 @@ class CombinedScorer:
             if scorer.pairwise:
                 raise ConfigError(f"combine: {scorer.name} compares responses and has no score "
                                   "of its own, so it cannot be summed or minimised.")
-        self.terms, self.how, self.whole_set = terms, how, how == "maxmin"
+        self.terms, self.how = terms, how
+        # (a maxmin term inside makes the whole combination rank sets as a whole too)
+        self.whole_set = how == "maxmin" or any(getattr(s, "whole_set", False) for s, _ in terms)
+        self.worst = None  # maxmin: the name of the term that scored the last set
         self.name = f"{how}(" + ", ".join(f"{w:g}*{s.name}" for s, w in terms) + ")"
 
     def score(self, prompts, responses) -> list[float]:
         columns = [[weight * value for value in scorer.score(prompts, responses)]
                    for scorer, weight in self.terms]
         if self.how == "maxmin":  # the worst-served term, by its mean over these responses
-            values = min(columns, key=lambda column: math.fsum(column)) if responses else []
+            worst = min(range(len(columns)), key=lambda k: math.fsum(columns[k]))
+            self.worst = self.terms[worst][0].name
+            values = columns[worst] if responses else []
         else:
             reduce = sum if self.how == "sum" else min
             values = [reduce(row) for row in zip(*columns)]
         return checked(values, self.name, len(responses))
 
     def prefer(self, prompts, first, second) -> list[float]:
-        if self.how != "maxmin":
-            return prefer_by_scores(self, prompts, first, second)
-        # both sides scored together: one worst-served term judges them both
-        scores = self.score([*prompts, *prompts], [*first, *second])
-        return [1.0 if x > y else 0.0 if x < y else 0.5
-                for x, y in zip(scores[:len(first)], scores[len(first):])]
+        return prefer_by_scores(self, prompts, first, second)  # (a maxmin: one call, one term)
 
 
 TERM_KEYS = ("scorer", "weight", "transform", "baseline")
