@@ -233,6 +233,10 @@ def test_an_interrupted_round_resumes_to_the_same_pairs_and_weights(model_dir, d
     more = config.model_copy(update={"online": config.online.model_copy(update={"rounds": 3})})
     start_rounds(more, resume=True, overwrite=False)  # more rounds of the same run: allowed
     assert yaml.safe_load((broken / "config.yaml").read_text())["online"]["rounds"] == 3
+    with pytest.raises(ConfigError, match="--resume continues the run in output_dir and "
+                                          "--overwrite replaces it; give one of them"):
+        start_rounds(more, resume=True, overwrite=True)  # (it moved the run aside, silently)
+    assert not list(broken.parent.glob(f"{broken.name}.old-*"))
 
 
 def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, capsys):
@@ -387,6 +391,8 @@ def test_per_step_mode_samples_from_the_current_policy_every_step(model_dir, dat
         assert p["chosen_score"] == count_a(None, p["chosen"]) > p["rejected_score"]
     assert [m["step"] for m in read_jsonl(here / "metrics.jsonl")] == [1, 2, 3]
     assert json.loads((out / "online.json").read_text())["rounds"][0]["evaluate"]["prompts"] == 3
+    # the reference it trained against: a live copy of the initial model (not "precomputed")
+    assert json.loads((here / "run.json").read_text())["reference"] == "live"
 
 
 def test_per_step_mode_resumes_to_the_same_samples_and_weights(model_dir, data, tmp_path,

@@ -33,7 +33,8 @@ from ..score.base import scored_in_chunks
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
-from ..train.output import check_resume, move_aside, prepare_output_dir, same_settings
+from ..train.output import (check_resume, move_aside, one_of, prepare_output_dir,
+                            same_settings)
 from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
@@ -88,6 +89,7 @@ def start_rounds(config, resume: bool, overwrite: bool) -> Path:
     already there needs ``resume`` (continued under the same settings, more or fewer rounds
     allowed) or ``overwrite`` (moved aside)."""
     out = Path(config.output_dir)
+    one_of(resume, overwrite)  # (it moved the finished run aside and started over)
     if has_started(out) and not (resume or overwrite):
         raise ConfigError(f"{out} already holds an online run; continue it with --resume, start "
                           "over with --overwrite (the old run is moved aside), or choose another "

@@ -134,6 +134,8 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
         reference = AdapterOffReference(logp_model, objective.per_token)
     task = OnlineStepTask(config, logp_model, tokenizer, objective, prompts, reference,
                           layout, device, scorer, out)  # "auto": chosen per batch
+    task.reference_strategy = ("live" if live else "adapter-off"
+                               if isinstance(reference, AdapterOffReference) else "none")
     trainer = Trainer(task, cfg, out, accelerator, total_steps, resume=resume)
     _keep_logs_through(out, trainer.start_step)
     return trainer.run(before_step=lambda step: setattr(task, "step", step))

@@ -107,6 +107,7 @@ class PolicyTask:
         self.objective, self.references, self.extras = objective, references, extras
         self.train_examples, self.eval_examples = splits["train"], splits.get("eval", [])
         self.make_batch, self.layout, self.device = make_batch, layout, device
+        self.reference_strategy = config.reference_strategy  # what run.json records
         self.name = objective.name
         self.needs_reference = objective.needs_reference
         self.batches_ahead = True  # batches depend on their examples only
@@ -161,7 +162,7 @@ class PolicyTask:
     def run_info(self) -> dict:
         return {"objective": self.objective.name,
                 "params": {name: asdict(p) for name, p in self.objective.params_at(0).items()},
-                "reference": self.config.reference_strategy, "layout": self.layout,
+                "reference": self.reference_strategy, "layout": self.layout,
                 **({"reference_sync": {"every": self.reference_sync.every,
                                        "mix": self.reference_sync.mix}}
                    if self.reference_sync else {}),

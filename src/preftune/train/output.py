@@ -33,15 +33,20 @@ def holds_run(out: Path) -> bool:
     return out.is_dir() and any((out / name).exists() for name in RUN_MARKERS)
 
 
+def one_of(resume: bool, overwrite: bool) -> None:
+    """Refuse ``--resume`` with ``--overwrite``, before anything is moved or read."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it; "
+                          "give one of them.")
+
+
 def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False,
                        aside: Path | None = None) -> Path:
     """``path`` ready to write into, or a ``ConfigError`` naming ``output_dir`` and what to do.
     ``aside``: where the caller moved a previous run (``move_aside``), put back if the new run
     writes nothing."""
     out = Path(path)
-    if resume and overwrite:
-        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it; "
-                          "give one of them.")
+    one_of(resume, overwrite)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a directory; choose another "
                           "output_dir (the file is left as it is).")
