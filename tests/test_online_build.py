@@ -159,3 +159,10 @@ def test_selm_ranks_the_reference_sample_with_the_data_pair_and_keeps_it_as_gold
          "rejected_score": 0.1, "gold_score": 2.0, "source": "f:1 [1] sample>rejected",
          "round": 2}]
     assert (counts["tied"], counts["without_data_pair"], counts["empty"]) == (1, 1, 1)
+    # ties go by the data's label (its chosen above the sample above its rejected): the
+    # data's chosen was made the rejected response when it tied the rejected one
+    tied = [{**base, "responses": ["s"], "scores": [2.0], "data_scores": [1.0, 1.0]},
+            {**base, "responses": ["s"], "scores": [1.0], "data_scores": [1.0, 0.0]}]
+    rows, _ = build_rows(tied, "selm")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("s", "bad"), ("good", "bad")]
+    assert [r["source"] for r in rows] == ["f:1 [0] sample>rejected", "f:1 [0] chosen>rejected"]

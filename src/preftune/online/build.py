@@ -184,7 +184,9 @@ def _selm_row(item: dict, kept: list, counts: dict) -> list:
     if len(set(scores)) <= 1:
         counts["tied"] += 1
         return []
-    best, worst = scores.index(max(scores)), scores.index(min(scores))
+    # ties go by the data's label: its chosen above the sample above its rejected
+    order = sorted(range(3), key=lambda k: (scores[k], (1, 2, 0)[k]))
+    best, worst = order[-1], order[0]
     names = ("sample", "chosen", "rejected")
     return [{"prompt": item["prompt"], "chosen": _reply(item["prompt"], texts[best]),
              "rejected": _reply(item["prompt"], texts[worst]),
