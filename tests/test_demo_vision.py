@@ -36,3 +36,14 @@ def test_quick_vision_demo(tmp_path, capsys):
     assert results["win_rate/prompts"] == 12
     answers = [json.loads(line) for line in open(out / "dpo" / "eval_answers.jsonl")]
     assert all(row["policy_score"] in (0.0, 1.0) for row in answers)
+
+
+def test_an_earlier_demo_in_the_working_directory_is_not_moved(tmp_path, monkeypatch, capsys):
+    """``--output-dir .`` over an earlier demo: the working directory cannot be moved aside;
+    said in one line (it was a traceback), nothing moved."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert main(["demo", "--vision", "--quick", "--output-dir", "."]) == 2
+    assert "error: . is the working directory, which cannot be moved aside" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -225,9 +225,21 @@ def test_a_pipeline_given_by_a_flag_is_named_by_that_flag(files, tmp_path, capsy
 def test_quick_demo_numbers_are_the_checkers(tmp_path):
     """``preftune diffusion demo --quick`` as a user runs it; its before/after numbers are
     recounted from the saved models by the checker."""
+    earlier = tmp_path / "demo"  # an earlier demo, with a note of the user's: moved aside
+    earlier.mkdir()
+    (earlier / "demo.json").write_text('{"earlier": true}')
+    (earlier / "notes.txt").write_text("mine")
     done = run_python(["-m", "preftune", "diffusion", "demo", "--quick", "--output-dir",
                        str(tmp_path / "demo")])
     assert done.returncode == 0, done.stderr[-3000:]
+    (aside,) = tmp_path.glob("demo.old-*")  # (the folder was deleted, notes and all)
+    assert (aside / "notes.txt").read_text() == "mine"
+    assert json.loads((aside / "demo.json").read_text()) == {"earlier": True}
+    (tmp_path / "file").write_text("kept")
+    refused = run_python(["-m", "preftune", "diffusion", "demo", "--quick", "--output-dir",
+                          str(tmp_path / "file")])
+    assert refused.returncode == 2 and "is a file, not a directory" in refused.stderr
+    assert (tmp_path / "file").read_text() == "kept"
     results = json.loads((tmp_path / "demo" / "demo.json").read_text())
     from preftune.diffusion.demo import colour_accuracy
     from preftune.diffusion.ranking import win_shares

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
+from ..train.output import move_aside, prepare_output_dir
+from ..train.run_lock import holding_output_dirs
 from .config import DiffusionConfig
 from .evaluate import win_rate
 from .model import load_for_sampling
@@ -159,6 +160,10 @@ def measure(model, before, prompts_by_split: dict, seeds: list[int], steps: int)
     return results
 
 
+DEMO_FILES = ("demo.json", "data", "initial", "pretrain")  # what says a folder holds a demo
+
+
+@holding_output_dirs
 def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta: float = 5000.0,
              show_progress: bool = True) -> dict:
     """The whole demo; returns (and writes to ``demo.json``) the measured numbers: the
@@ -168,8 +173,9 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
 
     started = time.perf_counter()
     settings = QUICK if quick else FULL
-    out = Path(output_dir)
-    shutil.rmtree(out, ignore_errors=True)
+    if any((Path(output_dir) / name).exists() for name in DEMO_FILES):
+        move_aside(Path(output_dir))  # an earlier demo (its runs are folders inside): kept
+    out = prepare_output_dir(output_dir, overwrite=True)  # (it deleted the folder it was given)
     train_prompts, held_out = prompts_split()
     pretrain_data = make_pretraining_data(out / "data", settings)
     pipeline = build_tiny_pipeline(out / "initial", ["a", *COLOURS, *SHAPES], RESOLUTION)
