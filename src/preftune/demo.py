@@ -108,7 +108,11 @@ def _table(before: dict, after: dict, final_eval: dict, n_eval: int) -> str:
 
 def _online_table(offline: dict, online: dict, settings: DemoSettings, offline_minutes: float,
                   online_minutes: float) -> str:
-    steps = f"{settings.warmup_steps} offline + {settings.rounds} x {settings.round_steps} online"
+    trained = online["rounds_trained"]
+    steps = f"{settings.warmup_steps} offline + {trained} x {settings.round_steps} online"
+    if trained < settings.rounds:  # a round whose samples all scored alike builds no pair
+        steps += (f" ({settings.rounds - trained} of {settings.rounds} rounds trained nothing: "
+                  "every sample scored alike)")
     lines = [f"| same {settings.max_steps} optimizer steps of {settings.batch_size} | offline DPO "
              f"| {steps} |", "|---|---|---|",
              f"| checker pass rate, greedy (held-out prompts) | {offline['pass_rate']:.1%} | "
@@ -193,6 +197,9 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = 
         print("measuring the online model ...")
         online_result = _measure(_on_device(str(online_model))[0], tokenizer,
                                  eval_tasks, eval_examples, scorer, settings)
+        rounds = json.loads((out / "online" / "online.json").read_text())["rounds"]
+        online_result["rounds_trained"] = sum("skipped" not in r.get("train", {"skipped": 1})
+                                              for r in rounds)
         table += "\n\n" + _online_table(after, online_result, settings, offline_minutes,
                                          (time.perf_counter() - started) / 60 - offline_minutes)
     minutes = (time.perf_counter() - started) / 60
