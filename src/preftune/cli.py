@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "preftune demo --vision")
     demo.add_argument("--output-dir", default=None,
                       help="default runs/demo (runs/vision-demo with --vision)")
-    demo.add_argument("--quick", action="store_true", help="a smoke version (under a minute; with --online about 3)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a smoke version (under a minute; with --online about 3)")
     demo.add_argument("--online", action="store_true",
                       help="also spend the same optimizer steps half offline, half in online "
                            "rounds on the model's own checked samples, and compare")
