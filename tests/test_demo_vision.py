@@ -44,6 +44,6 @@ def test_an_earlier_demo_in_the_working_directory_is_not_moved(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     assert main(["demo", "--vision", "--quick", "--output-dir", "."]) == 2
-    assert "error: . is the working directory, which cannot be moved aside" in \
+    assert "error: . is the working directory (or holds it), which cannot be moved aside" in \
         capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

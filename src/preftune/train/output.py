@@ -180,13 +180,14 @@ def same_settings(config, may_change: frozenset = frozenset()) -> bool:
 def move_aside(out: Path) -> Path:
     """Rename a previous run to ``OUT.old-TIME`` (``-2``, ``-3``, ... after it when that
     name is taken: two overwrites in one second); never delete it. Returns the new path."""
-    if out.resolve() == Path.cwd().resolve():
-        raise ConfigError(f"{out} is the working directory, which cannot be moved aside; give "
-                          "the run its own folder (e.g. --output-dir runs/NAME), or run from "
-                          "another directory.")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"{out} is the working directory (or holds it), which cannot be moved "
+                          "aside; give the run its own folder (e.g. --output-dir runs/NAME), or "
+                          "run from another directory.")
     check_free(out)
     release(out)
-    out = out.resolve() if not out.name else out  # ('..' and the like have no name)
+    if out.name in ("", ".", ".."):  # ('runs/..' and the like name no folder of their own)
+        out = Path(os.path.abspath(out))
     stem = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     aside, number = stem, 1
     while aside.exists() or aside.is_symlink():
