@@ -80,7 +80,7 @@ def test_example_weights_are_checked_as_the_data_is_read(scores, state):
     ({"name": "dpo", "beta": {"start": 0.1}}, "schedule needs start and end"),
     ({"name": "dpo", "beta": {"start": 0.1, "end": 0.2, "schedule": "wavy"}}, "schedule must be"),
     ({"name": "dpo", "beta": {"start": 0.1, "end": "big"}}, "objective.beta"),
-    ({"name": "dpo", "weight": 0.5}, "only matters when objective is a list"),
+    ({"name": "dpo", "weight": 0.5}, "only matters when objective lists several terms"),
     ([{"name": "simpo"}, {"name": "sft", "weight": 0.1}], None),
 ])
 def test_composition_config_errors(tree, expected):

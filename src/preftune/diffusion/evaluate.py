@@ -61,6 +61,10 @@ def check_image_scorer(spec: str) -> None:
                               "preference model from preftune diffusion spm).")
         return
     named_text = spec.startswith(tuple(TEXT_PREFIXES)) or spec == "synthetic"  # (said below)
+    if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
+        from ..score import read_scorer_file
+
+        named_text = named_text or _text_file(read_scorer_file(spec)) is not None
     if not named_text:
         if not (is_function_spec(spec) or spec.endswith((".yaml", ".yml")) or
                 Path(spec).exists()):
@@ -77,6 +81,16 @@ def check_image_scorer(spec: str) -> None:
                           f"images give {IMAGE_SCORERS}.")
 
 
+def _text_file(tree) -> str | None:
+    """What text scorer a scorer file's mapping describes (not a combination's terms)."""
+    for key, kind in (("follow_up", "follow-up likelihood"),
+                      ("compositional", "a compositional preference model"),
+                      ("render", "a render scorer (it renders text into images)")):
+        if isinstance(tree, dict) and key in tree:
+            return kind
+    return None
+
+
 def _reads_text(spec: str) -> str | None:
     """What text scorer ``spec`` is (or a combination's first text term), else None."""
     from ..score import is_function_spec, read_scorer_file
@@ -89,12 +103,8 @@ def _reads_text(spec: str) -> str | None:
         return "the synthetic checkers"
     if spec.endswith((".yaml", ".yml")) and Path(spec).is_file():
         tree = read_scorer_file(spec)
-        for key, kind in (("follow_up", "follow-up likelihood"),
-                          ("compositional", "a compositional preference model"),
-                          ("render", "a render scorer (it renders text into images)")):
-            if isinstance(tree, dict) and key in tree:
-                return kind
-        return next(filter(None, map(_reads_text, check_combination(spec, tree))), None)
+        return _text_file(tree) or next(filter(None, map(_reads_text,
+                                                          check_combination(spec, tree))), None)
     if Path(spec).is_dir() and not is_function_spec(spec):
         return "a reward model"
     return None
