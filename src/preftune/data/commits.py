@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..reward.scoring import new_output_file
 from .records import DataError
-from .sources import write_rows
+from .rows import write_rows
 
 SEPARATOR = "\x1e"  # between commits in the git log output
 FIELD = "\x1f"  # between a commit's hash, parents and message

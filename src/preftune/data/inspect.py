@@ -179,7 +179,7 @@ def prompts_only(path: str, fields: dict | None = None) -> bool:
     """True when the first row of ``path`` has a prompt and no response field: the prompts
     files that ``preftune online`` and the diffusion ``spo`` objective sample from."""
     from .shapes import TEXT_FIELDS
-    from .sources import read_rows
+    from .rows import read_rows
 
     column = {key: (fields or {}).get(key, key) for key in
               (*TEXT_FIELDS, "completions", "scores", "ranks", "label")}
@@ -197,7 +197,7 @@ def inspect_prompts(path: str, tokenizer, settings, example: int | None = None,
     rendered token lengths (as training and generation render them) and a few prompts."""
     from ..generation import prompt_ids
     from .records import DataError, required_prompt
-    from .sources import read_rows
+    from .rows import read_rows
 
     read = list(read_rows(path, {prompt_column}))
     rows = [(origin, required_prompt(origin, row, prompt_column, (

@@ -93,7 +93,8 @@ def run_relevance(data: str, output: str, settings: RelevanceSettings = Relevanc
 
     from ..objectives.udm import SentenceEncoder
     from ..reward.scoring import new_output_file
-    from .sources import load_records, write_rows
+    from .rows import write_rows
+    from .sources import load_records
 
     if not -1 <= settings.min_similarity < settings.max_similarity <= 1:
         raise DataError(f"--min-similarity {settings.min_similarity} and --max-similarity "

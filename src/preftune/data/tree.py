@@ -34,7 +34,7 @@ from ..score.base import score_samples
 from ..train.logging import progress
 from ..train.output import check_output_folder
 from .records import DataError
-from .sources import write_rows
+from .rows import write_rows
 
 PAIR_FIELDS = ("chosen_value", "rejected_value", "depth")
 

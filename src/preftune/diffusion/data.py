@@ -24,7 +24,7 @@ import torch
 
 from ..data.dialogues import map_field
 from ..data.records import DataError
-from ..data.sources import read_rows
+from ..data.rows import read_rows
 
 IMAGE_FIELDS = ("chosen", "rejected")
 CAPTION_FIELDS = ("chosen_caption", "rejected_caption")

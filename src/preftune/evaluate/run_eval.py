@@ -22,7 +22,8 @@ from accelerate import PartialState
 
 from ..config import ConfigError, prompt_limit
 from ..data.records import DataError, JointPair, Pair
-from ..data.sources import csv_text_columns, load_records, read_rows
+from ..data.rows import csv_text_columns, read_rows
+from ..data.sources import load_records
 from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompts,
                              tokenize_records)
 from ..model.forward import SequenceStats

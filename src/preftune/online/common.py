@@ -15,7 +15,8 @@ from ..data.hub import locate
 from ..data.images import attach_images, image_ref
 from ..data.records import DataError, Unpaired, required_prompt
 from ..data.shapes import TEXT_FIELDS
-from ..data.sources import images_folder, read_rows
+from ..data.rows import read_rows
+from ..data.sources import images_folder
 from ..data.system import with_system
 from ..data.tools import tools_of
 from ..data.tokenize import TokenizeSettings

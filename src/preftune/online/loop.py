@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, build_config
-from ..data.sources import write_rows
+from ..data.rows import write_rows
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer, released

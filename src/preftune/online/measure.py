@@ -8,7 +8,7 @@ import gc
 import statistics
 from pathlib import Path
 
-from ..data.sources import write_rows
+from ..data.rows import write_rows
 from ..data.tokenize import TokenizedExample
 from ..evaluate.diagnostics import sampled_kl
 from ..evaluate.sampling import score_responses

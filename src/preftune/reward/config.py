@@ -17,7 +17,7 @@ from ..config_model import params_problem, refuse_bools, refuse_unused
 from ..data.records import DataError
 from ..data.detect import is_rating, rating_columns
 from ..data.shapes import is_number
-from ..data.sources import csv_text_columns, read_rows
+from ..data.rows import csv_text_columns, read_rows
 from .heads import Head, HeadError
 from .losses import get_reward_loss
 

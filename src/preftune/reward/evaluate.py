@@ -35,7 +35,8 @@ import torch
 from ..data.convert import ranked_to_pairs
 from ..config import ConfigError
 from ..data.records import DataError
-from ..data.sources import csv_text_columns, load_records, read_rows
+from ..data.rows import csv_text_columns, read_rows
+from ..data.sources import load_records
 from ..evaluate.diagnostics import pearson
 from ..train.logging import progress_bar
 from ..train.output import check_output_folder

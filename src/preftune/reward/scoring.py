@@ -16,7 +16,8 @@ import torch
 from accelerate import PartialState
 
 from ..data.records import DataError
-from ..data.sources import csv_text_columns, load_records, read_rows
+from ..data.rows import csv_text_columns, read_rows
+from ..data.sources import load_records
 from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..train.logging import progress_bar
 from .encoder import encoder_examples

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.records import DataError
-from ..data.sources import csv_text_columns, load_records, read_rows
+from ..data.rows import csv_text_columns, read_rows
+from ..data.sources import load_records
 from ..model.forward import causal_lm_of
 from ..train.logging import progress_bar
 from .model import reward_model_dir

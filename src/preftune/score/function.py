@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..data.records import DataError
 from ..data.shapes import TEXT_FIELDS
-from ..data.sources import read_rows
+from ..data.rows import read_rows
 from ..data.checks import load_checker
 from ..data.images import row_images
 from ..entry_points import import_attribute, load_entry_point

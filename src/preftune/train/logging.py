@@ -60,7 +60,7 @@ def keep_through(path: Path, step: int) -> list[dict]:
     """A run log resumed from step ``step``'s checkpoint: without the records of later steps
     (the resumed run writes them again), replaced whole so that a kill leaves the old file or
     the new one, never half of either. Returns the records kept."""
-    from ..data.sources import write_rows
+    from ..data.rows import write_rows
 
     kept = [record for record in read_metrics(path)
             if record.get("step", 0) <= step] if path.exists() else []
