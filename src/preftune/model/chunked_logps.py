@@ -122,15 +122,15 @@ def chunked_token_logps(
     return (logps, collision) if collisions else logps
 
 
-def _logps_and_kl(hidden, weight, targets, ref_hidden, ref_weight, head):
-    """One chunk: log pi(target), KL(pi_ref || pi) over the vocabulary and log_collision of pi
-    (no gradient), all in fp32."""
+def _logps_and_kl(hidden, weight, targets, ref_hidden, ref_weight, head, collisions):
+    """One chunk: log pi(target) and KL(pi_ref || pi) over the vocabulary, and with
+    ``collisions`` log_collision of pi (no gradient), all in fp32."""
     log_pi = torch.log_softmax(head.logits(hidden, weight), dim=-1)
     with torch.no_grad():
         log_ref = torch.log_softmax(head.logits(ref_hidden, ref_weight), dim=-1)
-        collision = log_collision(log_pi)
+        extra = (log_collision(log_pi),) if collisions else ()
     kl = (log_ref.exp() * (log_ref - log_pi)).sum(-1)
-    return log_pi.gather(1, targets[:, None]).squeeze(1), kl, collision
+    return log_pi.gather(1, targets[:, None]).squeeze(1), kl, *extra
 
 
 def chunked_token_logps_and_kl(
@@ -149,8 +149,8 @@ def chunked_token_logps_and_kl(
     """
     parts = [checkpoint(_logps_and_kl, hidden[start:start + chunk_tokens], weight,
                         targets[start:start + chunk_tokens], ref_hidden[start:start + chunk_tokens],
-                        ref_weight, head, use_reentrant=False)
+                        ref_weight, head, collisions, use_reentrant=False)
              for start in range(0, hidden.shape[0], chunk_tokens)]
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    joined = [torch.cat(column) if parts else empty for column in zip(*parts)] or [empty] * 3
-    return tuple(joined if collisions else joined[:2])
+    if not parts:
+        return (hidden.new_zeros(0, dtype=torch.float32),) * (3 if collisions else 2)
+    return tuple(torch.cat(column) for column in zip(*parts))
