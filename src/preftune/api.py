@@ -15,11 +15,10 @@ Objectives and scorers from your own code: ``register_objective`` / ``register_s
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, path_text
 from .diffusion import require_diffusers
 from .diffusion.config import DiffusionConfig
 from .objectives.common import FlipRate, NonNegative, Positive, Share
@@ -43,17 +42,8 @@ def _paths_as_text(function):
     a list, as well as strings: they are passed on as the strings the commands pass."""
     @functools.wraps(function)
     def call(*args, **options):
-        return function(*map(_text, args), **{name: _text(value)
-                                               for name, value in options.items()})
+        return function(*path_text(args), **path_text(options))
     return call
-
-
-def _text(value):
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_text(item) for item in value)
-    return value
 
 
 def _as(kind: type, config):

@@ -51,17 +51,18 @@ class RunConfig(Section):
             raise ConfigError(f"{cls.__name__}.from_dict: expected a dict shaped like the YAML "
                               f"file (sections such as model, data, train), got "
                               f"{type(tree).__name__}.")
-        tree = _path_text(copy.deepcopy(tree))
+        tree = path_text(copy.deepcopy(tree))
         apply_overrides(tree, as_list(overrides))
         return build_config(tree, source, cls)
 
 
-def _path_text(node):
-    """``node`` with every ``os.PathLike`` in it (at any depth) as its string."""
+def path_text(node):
+    """``node`` with every ``os.PathLike`` in it (at any depth of dicts, lists and tuples) as
+    its string: paths given as ``pathlib.Path`` read as the strings a YAML file gives."""
     if isinstance(node, dict):
-        return {key: _path_text(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_path_text(value) for value in node]
+        return {key: path_text(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(path_text(value) for value in node)
     return os.fspath(node) if isinstance(node, os.PathLike) else node
 
 
