@@ -10,7 +10,7 @@ import torch
 
 from ..data.tokenize import TokenizedExample
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
-from ..score.base import scored_in_chunks, scorer_prompt
+from ..score.base import paired_scores, scored_in_chunks, scorer_prompt
 from . import diagnostics as D
 from .sampling import score_responses
 
@@ -85,10 +85,8 @@ def win_rate(scorer, texts: list[list[str]], prompts, records) -> tuple[dict, li
         return {**result, "win_rate": D.preference_win_rate(preference),
                 "win_rate/preference_mean": preference.mean().item()}, rows
     if getattr(scorer, "whole_set", False):  # a maxmin: one call, so one term, for both sides
-        both = scored_in_chunks(scorer.score, "win rate: scoring answers", questions * 2,
-                                texts[0] + texts[1])
         scores = [torch.tensor(part, dtype=torch.float64)
-                  for part in (both[:len(questions)], both[len(questions):])]
+                  for part in paired_scores(scorer, questions, *texts)]
     else:
         scores = [torch.tensor(scored_in_chunks(scorer.score,
                                                 f"win rate: scoring {who} answers",
