@@ -99,7 +99,6 @@ class Trackers:
 
     def __init__(self, cfg, output_dir: Path, resumed_from: int = 0):
         self.trackers, self.undo = [], []
-        self.resumed_from = resumed_from  # the checkpoint's step a resumed run continues from
         if not cfg.report_to:
             return
         output_dir = Path(output_dir)
@@ -108,7 +107,7 @@ class Trackers:
         config = hyperparameters(output_dir)
         try:
             for name in cfg.report_to:
-                tracker = self._tracker(name, directory, run_name)
+                tracker = self._tracker(name, directory, run_name, resumed_from)
                 tracker.start()
                 self.trackers.append(tracker)
                 tracker.store_init_configuration(config)
@@ -135,13 +134,13 @@ class Trackers:
         while self.undo:
             self.undo.pop()()
 
-    def _tracker(self, name: str, directory: Path, run_name: str):
+    def _tracker(self, name: str, directory: Path, run_name: str, resumed_from: int):
         from accelerate import tracking
 
         if name == "tensorboard":  # event files under tracking_dir/tensorboard/RUN_NAME
-            # resumed: the steps logged after the checkpoint by the run that stopped are
-            # purged (TensorBoard hides them), so each step shows once
-            purge = {"purge_step": self.resumed_from + 1} if self.resumed_from else {}
+            # resumed (from the checkpoint of step resumed_from): the steps the stopped run
+            # logged after it are purged (TensorBoard hides them), so each step shows once
+            purge = {"purge_step": resumed_from + 1} if resumed_from else {}
             return tracking.TensorBoardTracker(run_name, directory / "tensorboard", **purge)
         if name == "mlflow":
             return tracking.MLflowTracker(experiment_name=EXPERIMENT, run_name=run_name,
