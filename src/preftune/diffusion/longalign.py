@@ -47,7 +47,7 @@ class CLIPPreference:
         with given_as("objective.reward_model"):
             self.model = StepAwarePreferenceModel.from_pretrained(path).to(device).eval()
         self.model.requires_grad_(False)
-        self.device = device
+        self.device, self.setting = device, "objective.reward_model"  # (what named it)
 
     @torch.no_grad()
     def text(self, prompts: list[str]) -> torch.Tensor:

@@ -61,7 +61,7 @@ def diffusion_plan(config, task, device) -> str:
         f"  reference        {reference / MIB:10.0f}  ({task.reference_strategy})"
         if spec.needs_reference else None,
         f"  scorer           {frozen / MIB:10.0f}  (frozen, on the device: "
-        f"{_scorer_setting(spec)})" if frozen else None,
+        f"{_held_settings(task)})" if frozen else None,
         f"  optimizer        {moments / MIB:10.0f}  (AdamW, "
         + ("8-bit moments)" if cfg.optimizer in EIGHT_BIT else "moments in the weights' dtype)"),
         f"  step             {step / MIB:10.0f}  (activations, gradients and backward's working "
@@ -83,21 +83,28 @@ def held_weights(task) -> int:
     again."""
     counted = {id(t) for m in (task.module, task.reference) if m is not None
                for t in (*m.parameters(), *m.buffers())}
-    holders = [value for value in vars(task).values()
-               if hasattr(value, "__dict__") and not isinstance(value, nn.Module)]
-    tensors = {id(t): t for module in held_modules(holders)
+    tensors = {id(t): t for module in held_modules(_holders(task))
                for t in (*module.parameters(), *module.buffers()) if id(t) not in counted}
     return tensor_bytes(tensors.values())
+
+
+def _holders(task) -> list:
+    """The objects the task keeps as attributes (a scorer, a reward model), not its modules."""
+    return [value for value in vars(task).values()
+            if hasattr(value, "__dict__") and not isinstance(value, nn.Module)]
+
+
+def _held_settings(task) -> str:
+    """The config keys that named the models ``held_weights`` counts (each holder says its
+    own: ``setting``)."""
+    return ", ".join(holder.setting for holder in _holders(task)
+                     if getattr(holder, "setting", None) and held_modules([holder]))
 
 
 def held_modules(holders) -> list[nn.Module]:
     """The networks that objects such as scorers keep as attributes."""
     return [module for holder in holders for module in vars(holder).values()
             if isinstance(module, nn.Module)]
-
-
-def _scorer_setting(spec) -> str:
-    return "objective.reward_model" if spec.name == "longalign" else "objective.scorer"
 
 
 def measured_step(task, device, batch_size: int) -> float:

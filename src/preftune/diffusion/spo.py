@@ -182,7 +182,7 @@ def step_scorer(spec: str):
         from .step_model import StepModelScorer
 
         with given_as("objective.scorer"):
-            return StepModelScorer(spec[4:])
+            return StepModelScorer(spec[4:], "objective.scorer")
     from ..entry_points import import_attribute
 
     try:

@@ -209,12 +209,12 @@ class StepModelScorer:
     images, timesteps)`` with x̂_0 tensors [N, 3, H, W] in [-1, 1]; ``preftune diffusion rank``
     and ``eval`` call ``score(prompts, PIL images)``, clean images (t = 0)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, setting: str | None = None):
         from accelerate import PartialState
 
         device = PartialState().device  # each process's own GPU under a launch
         self.model = StepAwarePreferenceModel.from_pretrained(path).to(device).eval()
-        self.name = f"spm:{path}"
+        self.name, self.setting = f"spm:{path}", setting  # (setting: what named it)
 
     @torch.no_grad()
     def score(self, prompts, images, timesteps=None) -> list[float]:
