@@ -469,6 +469,20 @@ def test_best_of_n_baseline_scores_each_prompt_by_its_best_sample(model_dir, dat
     assert "best_of_n" not in json.loads((tmp_path / "run" / "round-1" / "eval.json").read_text())
 
 
+def test_best_of_n_needs_held_out_prompts_and_a_scorer_of_one_answer(model_dir, data,
+                                                                      tmp_path):
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, eval_best_of=3)
+    tree["data"].pop("eval")
+    with pytest.raises(ConfigError, match="online.eval_best_of samples the initial model on "
+                                          "data.eval's prompts; set data.eval"):
+        build_config(tree, schema=OnlineConfig)
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, eval_best_of=3,
+                       scorer="judge-pair:policy")
+    with pytest.raises(ConfigError, match=f"judge-pair:{model_dir} is pairwise"):
+        run_online(build_config(tree, schema=OnlineConfig))
+    assert not (tmp_path / "run" / "initial").exists()  # the fixed config may run there
+
+
 def test_bonbon_n_must_match_the_samples(model_dir, data, tmp_path):
     tree = config_tree(model_dir, data, tmp_path)
     tree["objective"] = {"name": "bonbon", "n": 8}

@@ -238,6 +238,9 @@ class OnlineConfig(Config):
                              "true; set it, or sample with backend hf.")
         if online.eval_best_of == 1 or online.eval_best_of < 0:
             raise ValueError("online.eval_best_of is 0 (off) or the n of best-of-n, at least 2.")
+        if online.eval_best_of and not self.data.eval:
+            raise ValueError("online.eval_best_of samples the initial model on data.eval's "
+                             "prompts; set data.eval, or remove eval_best_of.")
         if self.reference.model is not None:
             raise ValueError("reference.model is set by online.reference in an online run "
                              "(initial or previous); remove it.")

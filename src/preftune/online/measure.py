@@ -8,6 +8,7 @@ import gc
 import statistics
 from pathlib import Path
 
+from ..config import ConfigError
 from ..data.rows import write_rows
 from ..data.tokenize import TokenizedExample
 from ..evaluate.diagnostics import sampled_kl
@@ -28,9 +29,13 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
     # a self-rewarding run's held-out answers are judged by the initial model: a fixed yardstick
     # (loaded first: a scorer that cannot load stops the run before any answer is generated)
     scorer = online_scorer(config, config.model.path, config.data.eval)
+    online = config.online
+    if online.eval_best_of and model_path == config.model.path and scorer.pairwise:
+        raise ConfigError(f"online.eval_best_of keeps each prompt's best-scored sample, but "
+                          f"{scorer.name} is pairwise (it only compares two answers); set "
+                          "online.eval_best_of: 0, or score with a scorer that rates one answer.")
     model, tokenizer = load_on_device(model_path, config)
     ids = prompts_to_ids(prompts, tokenizer, config)
-    online = config.online
     images = prompt_images(prompts)
     texts = greedy_texts(model, tokenizer, ids, online.eval_max_new_tokens,
                          online.sampling.batch_size, f"{here.name}: held-out answers", images)
@@ -62,7 +67,7 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
         write_rows(here / "eval_samples.jsonl", rows)
         if online.eval_kl_samples >= 2:
             result["sample_diversity"] = sample_diversity(drawn.texts)
-    if online.eval_best_of and model_path == config.model.path and not scorer.pairwise:
+    if online.eval_best_of and model_path == config.model.path:
         result["best_of_n"] = _best_of_n(config, model, tokenizer, ids, questions, scorer,
                                          images)
     if online.eval_kl_samples and model_path != config.model.path:
