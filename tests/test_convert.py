@@ -159,6 +159,22 @@ def test_the_held_out_split_is_drawn_before_conversion(tmp_path, tiny_tokenizer)
     assert len(prompts[0]) == 4 and len(prompts[1]) == 2 and not prompts[0] & prompts[1]
 
 
+def test_each_files_layout_is_said_once_per_announced_reading(tmp_path, tiny_tokenizer,
+                                                               capsys):
+    """A run says how it read each data file; a second, quiet reading of the same data (the
+    demo's held-out examples, before the training run reads them) repeats nothing."""
+    from preftune.config import build_config
+    from preftune.data.prepare import prepare_examples
+
+    data = _ranked_file(tmp_path / "lists.jsonl", [(f"q{k}", [3, 2, 1]) for k in range(4)])
+    config = build_config({"data": {"train": data, "eval": data, "max_length": 32}})
+    prepare_examples(config.data, tiny_tokenizer, seed=0)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: ")]
+    assert len(said) == 2 and all(line.startswith(f"data: {data}: ranked") for line in said)
+    prepare_examples(config.data, tiny_tokenizer, seed=0, announce=False)
+    assert "data: " not in capsys.readouterr().out
+
+
 def test_lists_that_all_tie_make_no_pairs_and_say_so(tmp_path, tiny_tokenizer):
     from preftune.config import build_config
     from preftune.data.prepare import prepare_examples

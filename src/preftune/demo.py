@@ -177,7 +177,8 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, online: bool = 
     config = build_config(_dpo_tree(out, data_dir, settings, settings.max_steps))
     scorer = SyntheticScorer.from_data(str(data_dir / "eval.jsonl"))
     model, tokenizer = _on_device("default")
-    _, eval_examples, _, _ = prepare_examples(config.data, tokenizer, settings.seed)
+    _, eval_examples, _, _ = prepare_examples(config.data, tokenizer, settings.seed,
+                                              announce=False)  # training says what it read
     print("measuring the model before training ...")
     before = _measure(model, tokenizer, eval_tasks, eval_examples, scorer, settings)
     del model

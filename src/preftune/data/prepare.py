@@ -84,11 +84,12 @@ def _same_response_count(examples, split: str) -> None:
 
 
 def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_records,
-                     keep_prompts: bool = False):
+                     keep_prompts: bool = False, announce: bool = True):
     """Read, convert, split and tokenize. Returns (train, eval, report dict, data shape).
     ``tokenize(records, tokenizer, settings, skipped=...)`` is ``tokenize_records`` unless a
     model reads its inputs another way (encoder reward models). Held-out examples keep their
-    record's prompt (``.prompt``); training examples too with ``keep_prompts``."""
+    record's prompt (``.prompt``); training examples too with ``keep_prompts``. Each file's
+    layout is printed with ``announce`` (a second reading of the same data stays quiet)."""
     if not data_config.train:
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
@@ -99,7 +100,7 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     train_records = _load_all(data_config.train, data_config, skipped, detected)
     eval_records = (_load_all(data_config.eval, data_config, skipped, detected)
                     if data_config.eval else [])
-    for found in detected:
+    for found in detected if announce else ():
         print(f"data: {found['source']}: {found['layout']} ({found['why']})")
     if data_config.eval_fraction > 0:  # by source record: what a list or pair makes stays on
         order = list(range(len(train_records)))  # one side of the split
