@@ -92,6 +92,28 @@ def test_parquet_struct_nulls_do_not_become_arguments_or_schema_keys(tmp_path):
     assert from_parquet[0].chosen[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
 
 
+def test_whole_dialogues_whose_prompt_holds_a_tool_call_are_stripped_of_it(tmp_path):
+    """format implicit with a prompt column: the dialogues repeat a prompt in which the
+    assistant called a tool (a message with no text); it is checked and stripped like any."""
+    asked = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "tool_calls": [CALL]},
+             {"role": "tool", "content": "18C"}]
+    row = {"prompt": asked, "tools": [WEATHER],
+           "chosen": [*asked, {"role": "assistant", "content": "Mild."}],
+           "rejected": [*asked, {"role": "assistant", "content": "Cold."}]}
+    (pair,) = load_records(write(tmp_path / "d.jsonl", [row]), format="implicit")
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        asked, [{"role": "assistant", "content": "Mild."}],
+        [{"role": "assistant", "content": "Cold."}])
+    other = {**CALL, "function": {**CALL["function"], "arguments": {"city": "Rome"}}}
+    row["rejected"][1] = {"role": "assistant", "tool_calls": [other]}  # not the prompt's call
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'rejected' should repeat the prompt "
+                                        r"\(a whole dialogue\), but its message 1 has assistant: "
+                                        r'calls get_weather\(\{"city": "Rome"\}\) where \'prompt\' '
+                                        r'has assistant: calls get_weather\(\{"city": "Paris"'):
+        load_records(write(tmp_path / "d.jsonl", [row]), format="implicit")
+
+
 @pytest.mark.parametrize("change,message", [
     ({"tools": "[{not json"}, "tools.jsonl:1: field 'tools' (tools): a string that is not JSON"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]},

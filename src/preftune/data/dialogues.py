@@ -4,6 +4,7 @@ and stripped (UltraFeedback-binarized repeats its string prompt as the first use
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -112,8 +113,7 @@ def _after(prompt: list, side: list, column: str, prompt_column: str, origin: st
     """``side`` without its opening, which must be the message-list prompt."""
     for position, message in enumerate(prompt):
         theirs = side[position] if position < len(side) else None
-        if theirs is None or (theirs["role"], theirs["content"]) != (message["role"],
-                                                                      message["content"]):
+        if theirs is None or _said(theirs) != _said(message):
             found = "ends" if theirs is None else f"has {theirs['role']}: {_short(theirs)}"
             raise DataError(
                 f"{origin}: field {column!r} should repeat the prompt (a whole dialogue), but its "
@@ -159,6 +159,16 @@ def strip_gold(gold: Any, prompt: Any, column: str, origin: str, messages) -> An
     )
 
 
+def _said(message: dict) -> tuple:
+    """What a message says: its role, text and tool calls (a call may stand without text)."""
+    return message["role"], message.get("content"), message.get("tool_calls")
+
+
 def _short(message: dict) -> str:
-    text = repr(message["content"])
+    content = message.get("content")
+    if content is None and message.get("tool_calls"):  # a call: its function and arguments
+        return "; ".join(f"calls {call['function'].get('name')}"
+                         f"({json.dumps(call['function'].get('arguments'))})"
+                         for call in message["tool_calls"])
+    text = repr(content)
     return text if len(text) <= 50 else text[:47] + "...'"
