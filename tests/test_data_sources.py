@@ -86,6 +86,31 @@ def test_csv_numbers_only_in_extra_columns(tmp_path):
     assert pairs[2].scores == {"rejected_score": 3.0}
 
 
+@pytest.mark.parametrize("rows", [
+    [{"prompt": "q1", "chosen": "a", "rejected": "b", "gold": None, "tie": True},
+     {"prompt": "q2", "chosen": "c", "rejected": "", "gold": None, "tie": False}],
+    [{"chosen_prompt": "x", "rejected_prompt": "y", "prompt": None, "chosen": "a",
+      "rejected": "b"},
+     {"chosen_prompt": None, "rejected_prompt": None, "prompt": "q", "chosen": "c",
+      "rejected": "d"}],
+    [{"prompt": "", "completion": "a", "label": True, "tools": None},
+     {"prompt": "q", "completion": "b", "label": False, "tools": None}]],
+    ids=["gold-and-tie", "joint-and-plain", "unpaired"])
+def test_a_csv_reads_as_the_same_rows_with_nulls_and_booleans(tmp_path, rows):
+    """CSV has no null and no boolean: an empty cell is a missing value (an empty text where a
+    prompt or response belongs, as "" in JSONL), and True/False (as pandas writes them) are
+    booleans, so a CSV gives the records its JSONL twin gives."""
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
+    twin = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    read = load_records(str(path))
+    assert [vars(r) | {"origin": None} for r in read] == [
+        vars(r) | {"origin": None} for r in twin]
+
+
 def test_csv_records_and_errors_name_the_line_a_row_starts_on(tmp_path):
     """A quoted cell may hold newlines and blank lines are skipped: the origin is still the
     row's first line in the file, as an editor shows it."""

@@ -25,14 +25,21 @@ def write_rows(path, rows) -> None:
     os.replace(staging, path)
 
 
-def csv_text_columns(fields: dict | None) -> set:
-    """The columns whose CSV cells stay text ("2" is an answer, not a number): the text fields
-    under their own names and under the names ``fields`` (data.fields, --column) gives them."""
-    names = (*TEXT_FIELDS, "system")
-    return {*names, *((fields or {}).get(name, name) for name in names)}
+# an empty CSV cell is an empty text in these (an empty response is counted and left out, as
+# a JSONL "" is); elsewhere it is a missing value, as a null in JSONL or Parquet
+EMPTY_IS_TEXT = ("prompt", "chosen", "rejected", "completion", "responses", "response", "system")
 
 
-def read_rows(path: str, text_columns: set,
+def csv_text_columns(fields: dict | None) -> dict:
+    """The columns whose CSV cells stay text ("2" is an answer, not a number), each with
+    whether an empty cell is an empty text (True) or a missing value: the text fields under
+    their own names and under the names ``fields`` (data.fields, --column) gives them."""
+    names = dict.fromkeys((*TEXT_FIELDS, "system"))
+    return {column: name in EMPTY_IS_TEXT for name in names
+            for column in {name, (fields or {}).get(name, name)}}
+
+
+def read_rows(path: str, text_columns: dict,
               bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
     """(origin, row) of every record of a data path (a file, a dataset directory or hub-cache
     dataset, optionally ``:SPLIT``; see ``hub.py``). A JSONL line that is not valid JSON or
@@ -40,7 +47,7 @@ def read_rows(path: str, text_columns: set,
     yield from source_rows(locate(path), text_columns, bad_lines)
 
 
-def source_rows(source: Source, text_columns: set,
+def source_rows(source: Source, text_columns: dict,
                 bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
     """(origin, row) of every record of a located ``source`` (``read_rows``'s)."""
     if source.kind == "saved":
@@ -151,7 +158,7 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}:record {index}", columnar_row(row)
 
 
-def _read_csv(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
+def _read_csv(path: str, text_columns: dict) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as handle:
         try:
             reader = csv.DictReader(handle)
@@ -166,17 +173,24 @@ def _read_csv(path: str, text_columns: set) -> Iterator[tuple[str, Any]]:
                         f"cells than the header ({', '.join(reader.fieldnames or [])}). "
                         f"Quote cells that contain commas or newlines."
                     )
-                yield f"{path}:{start}", {
-                    k: v if k in text_columns else _csv_number(v) for k, v in row.items()
-                }
+                yield f"{path}:{start}", {k: _csv_cell(v, text_columns.get(k))
+                                          for k, v in row.items()}
         except csv.Error as error:
             raise DataError(f"{path}: malformed CSV ({error}).") from None
         except UnicodeDecodeError as error:
             raise DataError(f"{path}: not valid UTF-8 ({error}). Re-save as UTF-8.") from None
 
 
-def _csv_number(value: str) -> Any:
-    # CSV has no types: extra columns that hold numbers become numbers so scores survive
+def _csv_cell(value: str, text: bool | None) -> Any:
+    """A CSV cell as JSON would hold it: CSV has no types, so ``text`` columns (None: not one;
+    False: an empty cell is missing) stay text, and other cells that spell a number or
+    true/false (as pandas writes booleans) become one, so scores and flags survive."""
+    if value == "" and not text:
+        return None
+    if text is not None:
+        return value
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     number = number_in_text(value)
     return value if number is None else number
 

@@ -82,8 +82,9 @@ def _to_pair(row: dict, columns: dict, format: str, origin: str, mixed: bool) ->
 def _is_joint(row: dict, columns: dict, origin: str) -> bool:
     """Whether a pairs row gives one prompt per side (a joint pair) rather than one shared prompt.
 
-    Null counts as absent, so columnar files can mix both kinds. Half a joint pair, or a joint
-    pair that also has a shared prompt, is an error.
+    Null counts as absent, so columnar files can mix both kinds (and so does an empty shared
+    prompt beside the two: a CSV cell cannot say null). Half a joint pair, or a joint pair
+    that also has a shared prompt, is an error.
     """
     given = [name for name in JOINT_PROMPT_FIELDS if row.get(columns[name]) is not None]
     if not given:
@@ -96,7 +97,7 @@ def _is_joint(row: dict, columns: dict, origin: str) -> bool:
             f"({present}) is set. A joint pair needs both: the prompt each response answers. "
             f"For one shared prompt use {columns['prompt']!r} alone."
         )
-    if row.get(columns["prompt"]) is not None:
+    if row.get(columns["prompt"]) not in (None, ""):
         raise DataError(
             f"{origin}: fields {columns['prompt']!r} (prompt) and {columns['chosen_prompt']!r}/"
             f"{columns['rejected_prompt']!r} (chosen_prompt/rejected_prompt) are all set. Give "
