@@ -135,6 +135,7 @@ def test_image_prompts_on_a_text_only_model_name_the_prompt_before_anything_is_w
     settings = tree(workspace, "text-only")
     settings["model"]["path"] = str(save_tiny_model_dir(tmp_path / "text"))
     settings["data"]["eval"] = None
+    settings["online"]["eval_best_of"] = 0
     with pytest.raises(DataError, match=r"prompts.jsonl:1: the prompt shows images, and "
                                         r"model.path \S*text is a text-only model"):
         run_online(OnlineConfig.from_dict(settings))
