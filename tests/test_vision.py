@@ -198,6 +198,19 @@ def test_missing_image_file(tmp_path):
         load_records(path)
 
 
+def test_each_file_of_a_dataset_folder_finds_its_images_beside_it(tmp_path):
+    """A dataset directory whose split spans files in several folders: each file's relative
+    image paths start at its own folder (not the first file's)."""
+    for part, colour in (("aaa", RED), ("bbb", BLUE)):
+        (tmp_path / "hub" / part / "img").mkdir(parents=True)
+        solid_image(tmp_path / "hub" / part / "img" / "x.png", colour)
+        write_rows(tmp_path / "hub" / part / "train.jsonl", [
+            {"prompt": "<image>?", "images": ["img/x.png"], "chosen": part, "rejected": "b"}])
+    records = load_records(str(tmp_path / "hub"))
+    assert {r.chosen: r.images[0].path for r in records} == {
+        part: str(tmp_path / "hub" / part / "img" / "x.png") for part in ("aaa", "bbb")}
+
+
 def test_image_bytes_as_text_are_refused_by_record(tmp_path):
     """JSON holds no bytes: a base64 string under 'bytes' is named, not a TypeError."""
     base64_png = {"bytes": "iVBORw0KGgo=", "path": None}

@@ -44,37 +44,47 @@ def read_rows(path: str, text_columns: dict,
     """(origin, row) of every record of a data path (a file, a dataset directory or hub-cache
     dataset, optionally ``:SPLIT``; see ``hub.py``). A JSONL line that is not valid JSON or
     UTF-8 raises, or with a ``bad_lines`` list is described there and passed over."""
-    yield from source_rows(locate(path), text_columns, bad_lines)
+    for _, origin, row in source_rows(locate(path), text_columns, bad_lines):
+        yield origin, row
 
 
 def source_rows(source: Source, text_columns: dict,
-                bad_lines: list | None = None) -> Iterator[tuple[str, Any]]:
-    """(origin, row) of every record of a located ``source`` (``read_rows``'s)."""
+                bad_lines: list | None = None) -> Iterator[tuple[str, str, Any]]:
+    """(folder, origin, row) of every record of a located ``source`` (``read_rows``'s), the
+    folder where the row's relative paths (images) start: its file's (each file of a dataset
+    directory its own), a saved dataset's own directory."""
     if source.kind == "saved":
-        yield from _read_saved_dataset(source.path, source.split)
+        for origin, row in _read_saved_dataset(source.path, source.split):
+            yield source.path, origin, row
         return
     for path in source.files or (source.path,):
-        extension = os.path.splitext(path)[1].lower()
-        if path.lower().endswith(".jsonl.gz"):
-            try:
-                yield from _read_jsonl(path, bad_lines, opener=gzip.open)
-            except (OSError, EOFError) as error:  # not gzip, or cut short
-                raise DataError(f"{path}: cannot read as gzip-compressed JSONL ({error}); "
-                                f"check that the download is complete.") from None
-        elif extension == ".jsonl":
-            yield from _read_jsonl(path, bad_lines)
-        elif extension == ".json":
-            yield from _read_json(path, bad_lines)
-        elif extension == ".parquet":
-            yield from _read_parquet(path)
-        elif extension == ".csv":
-            yield from _read_csv(path, text_columns)
-        else:
-            raise DataError(
-                f"{path}: unknown file kind {extension or '(no extension)'!r}; expected one of "
-                f"{', '.join(DATA_EXTENSIONS)} or a dataset directory (save_to_disk, or data "
-                f"files as on the Hugging Face hub). Rename the file or convert it."
-            )
+        for origin, row in _file_rows(path, text_columns, bad_lines):
+            yield os.path.dirname(path), origin, row
+
+
+def _file_rows(path: str, text_columns: dict,
+               bad_lines: list | None) -> Iterator[tuple[str, Any]]:
+    extension = os.path.splitext(path)[1].lower()
+    if path.lower().endswith(".jsonl.gz"):
+        try:
+            yield from _read_jsonl(path, bad_lines, opener=gzip.open)
+        except (OSError, EOFError) as error:  # not gzip, or cut short
+            raise DataError(f"{path}: cannot read as gzip-compressed JSONL ({error}); "
+                            f"check that the download is complete.") from None
+    elif extension == ".jsonl":
+        yield from _read_jsonl(path, bad_lines)
+    elif extension == ".json":
+        yield from _read_json(path, bad_lines)
+    elif extension == ".parquet":
+        yield from _read_parquet(path)
+    elif extension == ".csv":
+        yield from _read_csv(path, text_columns)
+    else:
+        raise DataError(
+            f"{path}: unknown file kind {extension or '(no extension)'!r}; expected one of "
+            f"{', '.join(DATA_EXTENSIONS)} or a dataset directory (save_to_disk, or data "
+            f"files as on the Hugging Face hub). Rename the file or convert it."
+        )
 
 
 def _open_text(path: str):

@@ -9,11 +9,10 @@ why); ``shapes.py`` parses each row.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 from .detect import check_shape, detect
-from .hub import Source, locate
+from .hub import locate
 from .images import attach_images
 from .records import SHAPES, DataError
 from .rows import csv_text_columns, source_rows
@@ -57,10 +56,9 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                         f"{shape} records need a prompt field.")
     columns = _column_map(path, fields)
     source = locate(path)
-    base_dir = images_folder(source)
     records: list = []
     detection, first_row = None, {}
-    for origin, row in source_rows(source, csv_text_columns(fields), skipped):
+    for folder, origin, row in source_rows(source, csv_text_columns(fields), skipped):
         try:
             if not isinstance(row, dict):
                 raise DataError(
@@ -77,7 +75,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
                 mixed = format == "auto" and bool(records)
                 record = parse_row(found.shape, row, found.columns, found.format, origin, mixed,
                                    unscored_lists)
-            record = attach_images(record, row, found.columns, origin, base_dir)
+            record = attach_images(record, row, found.columns, origin, folder)
             record = attach_system(record, row, found.columns, origin,
                                    found.format == "implicit")
             record = attach_tools(record, row, found.columns, origin)
@@ -108,13 +106,6 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
             f"scores); check the path or the file's contents."
         )
     return records
-
-
-def images_folder(source: Source) -> str:
-    """Where a data source's relative image paths start: its folder (a saved dataset's own
-    directory)."""
-    return source.path if source.kind == "saved" else os.path.dirname(
-        source.files[0] if source.files else source.path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,7 @@ from ..config import Config
 from ..data.hub import locate
 from ..data.images import attach_images, image_ref
 from ..data.records import DataError, Unpaired, required_prompt
-from ..data.shapes import TEXT_FIELDS
-from ..data.rows import read_rows
-from ..data.sources import images_folder
+from ..data.rows import csv_text_columns, source_rows
 from ..data.system import with_system
 from ..data.tools import tools_of
 from ..data.tokenize import TokenizeSettings
@@ -51,8 +49,7 @@ def read_prompts(paths, fields: dict, use: str, rename: str) -> list[Prompt]:
     column, system = fields.get("prompt", "prompt"), fields.get("system", "system")
     seen: dict = {}
     for path in [paths] if isinstance(paths, str) else paths:
-        folder = images_folder(locate(path))
-        for origin, row in read_rows(path, set(TEXT_FIELDS) | {column, system}):
+        for folder, origin, row in source_rows(locate(path), csv_text_columns(fields)):
             prompt = with_system(required_prompt(origin, row, column, (
                 f"(the prompt) is missing or empty; {use} (a string or a list of chat "
                 f"messages). Rename the column with {rename}.")), row, system, origin)
