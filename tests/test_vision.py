@@ -242,10 +242,12 @@ def test_wrong_placeholder_count(tmp_path):
         load_records(path)
 
 
-def test_the_image_token_without_an_image_is_refused(tmp_path):
-    """A string prompt holding LLaVA's image token and no images: refused by record, not left
-    for the forward to fail on (a shape mismatch)."""
-    model_dir = save_tiny_vlm_dir(tmp_path / "model", "llava")
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_image_token_without_an_image_is_refused(tmp_path, family):
+    """A string prompt holding the image placeholder and no images: refused by record, not left
+    for the forward to fail on (a shape mismatch; LLaVA's token is the placeholder) or trained
+    as text (Qwen2-VL's token is another)."""
+    model_dir = save_tiny_vlm_dir(tmp_path / "model", family)
     _, tokenizer = load_model_and_tokenizer(str(model_dir))
     path = write_rows(tmp_path / "d.jsonl", [
         {"prompt": "Colour?", "chosen": "red", "rejected": "blue"},
@@ -253,6 +255,34 @@ def test_the_image_token_without_an_image_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'prompt' holds an image placeholder "
                                         r"but the record has no images"):
         tokenize_records(load_records(path), tokenizer, TokenizeSettings(128, 96))
+
+
+def test_a_placeholder_in_a_messages_text_is_an_image_part(tmp_path):
+    """``<image>`` written in a message's text is where its image goes, as an image part
+    there: Qwen2-VL's template writes its image tokens for a part, not for the text."""
+    model_dir = save_tiny_vlm_dir(tmp_path / "model", "qwen2_vl")
+    _, tokenizer = load_model_and_tokenizer(str(model_dir))
+    solid_image(tmp_path / "x.png", RED)
+    parts = [{"type": "text", "text": "What colour? "}, {"type": "image"},
+             {"type": "text", "text": " Say."}]
+    path = write_rows(tmp_path / "d.jsonl", [
+        {"prompt": [{"role": "user", "content": "What colour? <image> Say."}],
+         "images": ["x.png"], "chosen": "red", "rejected": "blue"},
+        {"prompt": [{"role": "user", "content": parts}], "images": ["x.png"], "chosen": "red",
+         "rejected": "blue"}])
+    records = load_records(path)
+    assert records[0].prompt == records[1].prompt == [{"role": "user", "content": parts}]
+    examples, report = tokenize_records(records, tokenizer, TokenizeSettings(128, 96))
+    assert report.kept == 2 and examples[0].prompt_ids == examples[1].prompt_ids
+
+
+def test_negative_images_without_images_are_refused(tmp_path):
+    solid_image(tmp_path / "x.png", RED)
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "Colour?", "negative_images": ["x.png"],
+                                              "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'negative_images' gives negative "
+                                        r"images, but the prompt shows no image"):
+        load_records(path)
 
 
 def test_an_image_in_a_response_is_refused(tmp_path):

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+from .images import count_placeholders
 from .records import DataError
 
 
 def check_no_image_tokens(prompts: list, record, tokenizer) -> None:
-    """A record without images whose prompt holds the model's image token (``<image>`` in a
-    string prompt) would leave that token without an image."""
+    """A record without images whose prompt holds the model's image token, or the ``<image>``
+    placeholder (which a vision-language model's own token may not be), would leave it
+    without an image."""
     images = getattr(tokenizer, "image_inputs", None)
-    if images is not None and any(images.image_token_id in ids for ids in prompts):
+    if images is None:  # a text-only model: "<image>" is text like any
+        return
+    if (any(images.image_token_id in ids for ids in prompts)
+            or count_placeholders(getattr(record, "prompt", ""))):
         raise DataError(f"{record.origin}: field 'prompt' holds an image placeholder but the "
                         "record has no images; give them in field 'images' (one per "
                         "placeholder, in order) or remove the placeholder.")

@@ -182,6 +182,24 @@ def count_placeholders(prompt: Any) -> int:
     return count
 
 
+def _placeholders_as_parts(prompt: Any) -> Any:
+    """A message-list prompt whose text holds ``<image>`` with each placeholder made an image
+    part, where the chat template puts the model's image tokens (it would write the text)."""
+    if not isinstance(prompt, list):
+        return prompt
+    messages = []
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, str) and PLACEHOLDER in content:
+            pieces = content.split(PLACEHOLDER)
+            parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+            for piece in pieces[1:]:
+                parts += [{"type": "image"}] + ([{"type": "text", "text": piece}] if piece else [])
+            message = {**message, "content": parts}
+        messages.append(message)
+    return messages
+
+
 def with_placeholders(prompt: Any, images: int) -> Any:
     """A prompt without placeholders gets one per image before its first user text (the common
     layout of VQA data); a prompt with placeholders is returned as it is."""
@@ -216,6 +234,12 @@ def attach_images(record, row: dict, columns: dict, origin: str, base_dir: str):
                         f"field {columns.get('images', 'images')!r}; give them in one place.")
     images = inline or listed
     wanted = count_placeholders(prompt)
+    negative = row_images(row, columns, "negative_images", origin, base_dir)
+    if negative and not images:
+        raise DataError(f"{origin}: field {columns.get('negative_images', 'negative_images')!r} "
+                        "gives negative images, but the prompt shows no image (field "
+                        f"{columns.get('images', 'images')!r} or image parts): a negative "
+                        "stands in for one of the prompt's images. Give the images too.")
     if not images and not (wanted and isinstance(prompt, list)):
         return record
     if images and wanted == 0:
@@ -225,8 +249,7 @@ def attach_images(record, row: dict, columns: dict, origin: str, base_dir: str):
                         f"({PLACEHOLDER} or {{\"type\": \"image\"}}) but the record has "
                         f"{len(images)} image(s) in field {columns.get('images', 'images')!r}; "
                         "give one placeholder per image, in order.")
-    changes = {"prompt": prompt, "images": images}
-    negative = row_images(row, columns, "negative_images", origin, base_dir)
+    changes = {"prompt": _placeholders_as_parts(prompt), "images": images}
     if negative:
         if record.shape != "pairs":
             raise DataError(f"{origin}: field 'negative_images' applies to pairs only.")
