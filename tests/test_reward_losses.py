@@ -74,13 +74,6 @@ def test_scaled_bt_weighs_by_magnitude():
           scores={"magnitude": 3.0})
 
 
-def test_scaled_bt_refuses_negative_magnitudes():
-    spec = get_reward_loss("scaled_bt")
-    with pytest.raises(ValueError, match="non-negative preference strength"):
-        spec.fn(RewardInputs(torch.zeros(1, 2, 1), Head(), {"magnitude": torch.tensor([-1.0])}),
-                spec.params())
-
-
 def test_bt_on_an_attributes_head_uses_the_weighted_reward():
     head = Head(kind="attributes", attributes=("help", "safe"), weights=(0.75, 0.25))
 

@@ -51,6 +51,8 @@ class RewardLossSpec:
     paper: str
     # (params, head) -> (numeric fields every record needs, ratings every response needs)
     fields: Callable | None = None
+    # params -> the per-example fields among them that must not be negative
+    nonnegative: Callable | None = None
 
     @property
     def summary(self) -> str:
@@ -73,15 +75,17 @@ REWARD_LOSSES: dict[str, RewardLossSpec] = {}
 
 
 def reward_loss(name: str, *, params: type, data: tuple, heads: tuple, paper: str,
-                fields: Callable | None = None):
+                fields: Callable | None = None, nonnegative: Callable | None = None):
     """Register ``fn(inputs, params) -> losses [E]`` as reward loss ``name``. ``fields(params,
-    head)`` names the numeric data it reads: (per-example fields, per-response ratings), so bad
+    head)`` names the numeric data it reads: (per-example fields, per-response ratings), and
+    ``nonnegative(params)`` those of its per-example fields that must not be negative, so bad
     records are found, and named, before training starts."""
 
     def register(fn):
         if name in REWARD_LOSSES:
             raise ValueError(f"reward loss {name!r} is registered twice")
-        REWARD_LOSSES[name] = RewardLossSpec(name, fn, params, data, heads, paper, fields)
+        REWARD_LOSSES[name] = RewardLossSpec(name, fn, params, data, heads, paper, fields,
+                                             nonnegative)
         return fn
 
     return register
@@ -199,18 +203,17 @@ class ScaledBTParams(BTParams):
 
 @reward_loss("scaled_bt", params=ScaledBTParams, data=("pairs",),
              heads=("scalar", "attributes"), paper=PAPERS["helpsteer2_pref"],
-             fields=lambda params, head: ((params.magnitude_field,), ()))
+             fields=lambda params, head: ((params.magnitude_field,), ()),
+             nonnegative=lambda params: (params.magnitude_field,))
 def scaled_bt(inputs: RewardInputs, params: ScaledBTParams) -> torch.Tensor:
     """Scaled Bradley-Terry (HelpSteer2-Preference): stronger preferences weigh more.
 
-    loss = m * [-(1 - eps) log sigma(h) - eps log sigma(-h)] + eta (r_w + r_l)^2.
+    loss = m * [-(1 - eps) log sigma(h) - eps log sigma(-h)] + eta (r_w + r_l)^2, the
+    strength m not negative (1 slightly, 2 better, 3 much better; a negative m would reward
+    the rejected response: refused by record before training).
     """
     chosen, rejected = pair_rewards(inputs)
     magnitude = side_column(inputs, params.magnitude_field, "scaled_bt", "magnitude_field")
-    if (magnitude < 0).any():
-        raise ValueError(f"reward loss 'scaled_bt': field {params.magnitude_field!r} must be a "
-                         "non-negative preference strength (e.g. 1 slightly, 2 better, 3 much "
-                         "better); a negative value would reward the rejected response.")
     return (magnitude * _smoothed_bt(chosen - rejected, params.label_smoothing)
             + _centering(chosen, rejected, params.center_coefficient))
 

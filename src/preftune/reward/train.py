@@ -81,18 +81,19 @@ def reward_metrics(shape: str, head: Head, outputs: torch.Tensor, scores: dict,
 def check_fields(example, needed: list[str], spec, params, head: Head,
                  weight_field: str | None) -> None:
     """Every numeric field the loss (or the example weights) reads, present and finite in the
-    record, or an error that names the record, the field and the setting that reads it
-    (``field_setting``)."""
+    record (not negative where the loss says so, and as a weight), or an error that names the
+    record, the field and the setting that reads it (``field_setting``)."""
+    nonnegative = {*(spec.nonnegative(params) if spec.nonnegative else ()), weight_field}
     for name in [*needed, *([weight_field] if weight_field else [])]:
         value = example.scores.get(name)
-        if value is None or not math.isfinite(value) or (name == weight_field and value < 0):
+        if value is None or not math.isfinite(value) or (name in nonnegative and value < 0):
             state = "is missing or not a number" if value is None else f"is {value}"
             setting = ("train.example_weight_field" if name == weight_field else
                        f"the reward loss {spec.name} ({field_setting(name, params, head)})")
+            kind = "a finite number, not negative" if name in nonnegative else "a finite number"
             raise DataError(f"{example.origin}: numeric field {name!r} {state}; it is read by "
-                            f"{setting}. Every record needs it as a finite number (a weight: "
-                            "not negative): fix the record, or point that setting at the column "
-                            "that holds it.")
+                            f"{setting}. Every record needs it as {kind}: fix the record, or "
+                            "point that setting at the column that holds it.")
 
 
 def field_setting(name: str, params, head: Head) -> str:
