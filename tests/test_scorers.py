@@ -41,6 +41,10 @@ def scorer_module(tmp_path_factory):
             return [float(len(r)) for r in responses]
         batch_length.batched = True
 
+        def noisy_length(prompts, responses):  # as a batch's float noise: earlier, a hair more
+            return [len(r) - 1e-9 * i for i, r in enumerate(responses)]
+        noisy_length.batched = True
+
         def broken(prompt, response):
             return float("nan")
 
@@ -354,8 +358,24 @@ def test_rm_eval_measures_any_scorer_on_pairs(scorer_module, tmp_path):
 
     parts = [{"type": "text", "text": "ab"}, {"type": "text", "text": "cd"}]
     assert response_text([{"role": "assistant", "content": parts}]) == "abcd"
+    # mean lengths 3, 2, 2, 3.5: quartile cuts 2 (the least: merged), 2.5 and 3.125
+    assert list(results["accuracy_by"]["length"]) == [
+        "[2, 2.5) characters", "[2.5, 3.125) characters", "[3.125, 3.5] characters"]
     with pytest.raises(SystemExit):  # one of them, not both
         main(["rm", "eval", "--scorer", "my_checks:length", "--model", "x", "--data", str(data)])
+
+
+def test_rm_eval_counts_a_response_against_itself_as_a_tie(scorer_module, tmp_path):
+    """Ties count as wrong: a pair of one response twice is one, whatever float noise the
+    scorer's batch gave its two sides."""
+    data = tmp_path / "same.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "p", "chosen": c, "rejected": r}) + "\n"
+                            for c, r in (("abc", "abc"), ("abcd", "a"), ("xy", "xy"))))
+    assert main(["rm", "eval", "--scorer", "my_checks:noisy_length", "--data", str(data),
+                 "--output", str(tmp_path / "out")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rm_eval_pairs.jsonl").open()]
+    assert [(row["correct"], row["p_chosen"]) for row in rows] == [
+        (False, 0.5), (True, pytest.approx(1 / (1 + math.exp(-3)))), (False, 0.5)]
 
 
 def test_scorer_models_load_in_the_runs_dtype(models, tmp_path):

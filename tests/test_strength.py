@@ -57,15 +57,17 @@ def test_ensemble_strength_is_the_members_gaps_and_reversed_pairs_flip(ensemble,
     root, runs = ensemble
     wrong = (1, 4, 7)
     rows = digit_pairs(10, 5, wrong)
+    rows[9]["rejected"] = rows[9]["chosen"]  # one response twice: a tie for every member
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "strength.jsonl"
     models = [arg for run in runs for arg in ("--model", str(run))]
     assert main(["rm", "strength", *models, "--data", str(data), "--output", str(out)]) == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
-    gaps = []  # each member's r(chosen) - r(rejected), computed apart
+    gaps = []  # each member's r(chosen) - r(rejected), computed apart (a tie's is 0)
     for run in runs:
         outputs = RewardScoring.load(str(run)).outputs(records_of(rows))
-        gaps.append([float(o[0, 0] - o[1, 0]) for o in outputs])
+        gaps.append([float(o[0, 0] - o[1, 0]) if row["chosen"] != row["rejected"] else 0.0
+                     for o, row in zip(outputs, rows)])
     for i, row in enumerate(written):
         members = [g[i] for g in gaps]
         assert row["strength"] == pytest.approx(statistics.fmean(members), abs=1e-6)
@@ -74,6 +76,7 @@ def test_ensemble_strength_is_the_members_gaps_and_reversed_pairs_flip(ensemble,
         assert (row["chosen"], row["chosen_note"]) == (rows[i]["chosen"], f"c{i}")
     # the ensemble reverses exactly the mislabelled pairs
     assert [i for i, row in enumerate(written) if row["strength"] < 0] == list(wrong)
+    assert (written[9]["strength"], written[9]["strength_agreement"]) == (0.0, 0.0)
 
     flipped_out = tmp_path / "flipped.jsonl"
     assert main(["rm", "strength", *models, "--data", str(data), "--output",

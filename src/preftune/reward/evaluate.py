@@ -40,7 +40,7 @@ from ..data.sources import load_records
 from ..evaluate.diagnostics import pearson
 from ..train.logging import progress_bar
 from ..train.output import check_output_folder
-from .scoring import RewardScoring
+from .scoring import RewardScoring, tied_gaps
 
 RESULTS_FILE = "rm_eval.json"
 PAIRS_FILE = "rm_eval_pairs.jsonl"
@@ -104,15 +104,15 @@ def _accuracy_groups(correct: torch.Tensor, keys: list[str], order: list[str] | 
             for key in (order or sorted(groups)) if key in groups}
 
 
-def _length_quartiles(lengths: torch.Tensor) -> tuple[list[str], list[str]]:
+def _length_quartiles(lengths: torch.Tensor, unit: str) -> tuple[list[str], list[str]]:
     """Each pair's bucket of mean response length, split at its quartiles (equal cut points
-    merged), named by the token range it covers: [lo, hi), the last one [lo, hi]. Returns the
-    bucket of each pair and the bucket names in increasing order."""
+    merged), named by the range of ``unit`` it covers: [lo, hi), the last one [lo, hi].
+    Returns the bucket of each pair and the bucket names in increasing order."""
     cuts = sorted(set(lengths.quantile(torch.tensor([0.25, 0.5, 0.75],
                                                     dtype=lengths.dtype)).tolist()))
     cuts = [c for c in cuts if lengths.min().item() < c]
     bounds = [lengths.min().item(), *cuts, lengths.max().item()]
-    names = [f"[{bounds[i]:g}, {bounds[i + 1]:g}{']' if i == len(cuts) else ')'} tokens"
+    names = [f"[{bounds[i]:g}, {bounds[i + 1]:g}{']' if i == len(cuts) else ')'} {unit}"
              for i in range(len(cuts) + 1)]
     which = torch.bucketize(lengths, torch.tensor(cuts, dtype=lengths.dtype), right=True)
     return [names[int(i)] for i in which], names
@@ -132,7 +132,7 @@ def pair_metrics(logit: torch.Tensor, rewards: torch.Tensor | None, lengths: tor
     results["reliability"] = cal["bins"]
     longer = ["chosen longer" if c > r else "chosen shorter" if c < r else "same length"
               for c, r in lengths.tolist()]
-    buckets, names = _length_quartiles(lengths.double().mean(1))
+    buckets, names = _length_quartiles(lengths.double().mean(1), unit)
     groups = {"length_difference": _accuracy_groups(correct, longer),
               "length": _accuracy_groups(correct, buckets, names)}
     if any(c is not None for c in categories):
@@ -204,7 +204,7 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
         rewards = scoring.head.reward(outputs) if scoring.head.has_reward else None
         lengths = torch.tensor([[len(ids) for ids in ex.response_ids[:2]] for ex in examples])
         unit, kind = "tokens", {"model": options.model, "head": scoring.head.kind}
-    results, rows = pair_metrics(logit, rewards, lengths, categories, options.bins, unit)
+    results, rows = pair_metrics(tied_gaps(logit, records), rewards, lengths, categories, options.bins, unit)
     results.update(**kind, data=options.data, settings=asdict(options),
                    seconds=time.perf_counter() - started)
     output = _output_dir(options)

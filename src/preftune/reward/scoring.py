@@ -82,6 +82,13 @@ class RewardScoring:
         return results
 
 
+def tied_gaps(gaps: torch.Tensor, records: list) -> torch.Tensor:
+    """The reward gaps (or preference logits) of pairs [..., N], zero where a pair holds one
+    response twice: a tie, whatever float noise the batch gave its two sides."""
+    same = torch.tensor([record.chosen == record.rejected for record in records])
+    return torch.where(same, torch.zeros_like(gaps), gaps)
+
+
 def response_values(head: Head, outputs: torch.Tensor) -> list[float]:
     """One number per response of a record (outputs [R, K]): its reward, or for a GPM head
     (no reward of one response) its mean P(beats each other response) over the record."""

@@ -37,7 +37,7 @@ from ..data.sources import load_records
 from ..model.forward import causal_lm_of
 from ..train.logging import progress_bar
 from .model import reward_model_dir
-from .scoring import RewardScoring, check_field, new_output_file
+from .scoring import RewardScoring, check_field, new_output_file, tied_gaps
 
 
 def strength_fields(field: str, flip: bool) -> list[str]:
@@ -181,7 +181,8 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
                             "NAME to write under another name, or --overwrite to replace it.")
     bar = progress_bar(len(models) * passes * len(records), f"rm strength {Path(data).name}",
                        unit="pair")
-    gaps = ensemble_gaps(models, records, passes, dropout, seed, batch_size, bar.update, dtype)
+    gaps = tied_gaps(ensemble_gaps(models, records, passes, dropout, seed, batch_size,
+                                   bar.update, dtype), records)
     bar.close()
     means = gaps.mean(0)
     turned = (means < 0) if flip else torch.zeros_like(means, dtype=torch.bool)
