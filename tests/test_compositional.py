@@ -4,6 +4,7 @@ optimum of its regularised logistic regression, and ``rm fit-cpm`` writes a scor
 scores as fitted; bad files and settings are refused before the judge loads."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,10 @@ def test_ratings_are_the_judges_expected_rating_per_question_and_the_reward_thei
                 expected_rating(model, tokenizer, question, prompt, response), abs=1e-5)
     assert scorer.score(PROMPTS, RESPONSES) == pytest.approx(
         (0.7 * ratings[:, 0] - 1.5 * ratings[:, 1]).tolist(), abs=1e-9)
-    a, b = scorer.score(PROMPTS[:1], ["hi"]), scorer.score(PROMPTS[:1], ["blue"])
-    assert scorer.prefer(PROMPTS[:1], ["hi"], ["blue"]) == [1.0 if a > b else 0.0]
+    (a,), (b,) = scorer.score(PROMPTS[:1], ["hi"]), scorer.score(PROMPTS[:1], ["blue"])
+    # CPM's preference model, the one fit-cpm fits: sigmoid of the weighted rating gap
+    assert scorer.prefer(PROMPTS[:1], ["hi"], ["blue"]) == pytest.approx(
+        [1 / (1 + math.exp(b - a))], abs=1e-12)
 
 
 def test_fit_weights_reaches_the_optimum_of_the_regularised_logistic_regression():
