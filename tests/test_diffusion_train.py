@@ -241,6 +241,12 @@ def test_quick_demo_numbers_are_the_checkers(tmp_path):
     assert refused.returncode == 2 and "is a file, not a directory" in refused.stderr
     assert (tmp_path / "file").read_text() == "kept"
     results = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert (f"| SPO | {results['spo/held_out/accuracy']:.3f} | "  # the table it prints
+            f"{results['spo/train_prompts/accuracy']:.3f} | "
+            f"{results['spo/held_out/win_rate']:.3f} | {results['seconds/spo']:.0f} |"
+            in done.stdout.splitlines())
+    assert (f"| pretrained (denoising) | {results['pretrained/held_out/accuracy']:.3f} | "
+            f"{results['pretrained/train_prompts/accuracy']:.3f} |  |" in done.stdout)
     from preftune.diffusion.demo import colour_accuracy
     from preftune.diffusion.ranking import win_shares
     from preftune.diffusion.shapes import colour_score, right_colour

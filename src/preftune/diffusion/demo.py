@@ -217,5 +217,27 @@ def run_demo(output_dir: str = "runs/diffusion_demo", quick: bool = False, beta:
         results[f"seconds/{name}"] = round(time.perf_counter() - began, 1)
     results["seconds/total"] = round(time.perf_counter() - started, 1)
     (out / "demo.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if "/" in k}, indent=2))
+    print(results_table(results))
+    print(f"every number: {out / 'demo.json'}; each run's report.html shows its samples")
     return results
+
+
+NAMES = {"pretrained": "pretrained (denoising)", "diffusion_dpo": "Diffusion-DPO", "spo": "SPO",
+         "rank_dpo": "RankDPO"}
+
+
+def results_table(results: dict) -> str:
+    """The demo's numbers as a markdown table: a row per model, the checker's accuracy on the
+    held-out and training prompts, and each trained model's win rate over the pretrained one."""
+    samples = results["seeds"] * len(results["held_out_prompts"])
+    lines = [f"| model | accuracy, held-out prompts ({samples} samples) | accuracy, training "
+             "prompts | win rate vs pretrained, held-out | seconds |", "|---|---|---|---|---|"]
+    for name, label in NAMES.items():
+        if f"{name}/held_out/accuracy" not in results:  # RankDPO without an ordered list
+            continue
+        win = results.get(f"{name}/held_out/win_rate")
+        seconds = results.get(f"seconds/{name}", results["seconds/pretrain"])
+        lines.append(f"| {label} | {results[f'{name}/held_out/accuracy']:.3f} | "
+                     f"{results[f'{name}/train_prompts/accuracy']:.3f} | "
+                     f"{'' if win is None else f'{win:.3f}'} | {seconds:.0f} |")
+    return "\n".join(lines)
