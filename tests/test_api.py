@@ -244,6 +244,40 @@ def test_installed_entry_points_add_objectives_and_scorers(tmp_path, monkeypatch
     assert "plugin_hinge" in names and "dpo" in names
 
 
+def test_a_broken_plugin_is_named_and_leaves_the_others_usable(tmp_path, monkeypatch,
+                                                                registries, capsys):
+    """One installed package whose entry points do not load (a missing module, a function it
+    never registered, a name that is not its objective's) is named with what to do; the
+    listing, the schema and every other objective still work."""
+    _install_plugin(tmp_path)
+    info = tmp_path / "pt_broken-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pt-broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[preftune.objectives]\ngone = pt_broken_nothere:fn\n"
+        "plain = pt_plugin:first_letter_is_y\nalias_hinge = pt_plugin:plugin_hinge\n\n"
+        "[preftune.scorers]\ngone_scorer = pt_broken_nothere:fn\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pt_plugin", raising=False)
+    assert main(["objectives"]) == 0
+    out, err = capsys.readouterr()
+    assert any(line.startswith("plugin_hinge ") for line in out.splitlines())
+    assert ("warning: not listed: objective 'gone': entry point gone = pt_broken_nothere:fn of "
+            "pt-broken (group preftune.objectives) does not load (ModuleNotFoundError: No "
+            "module named 'pt_broken_nothere'); fix or reinstall pt-broken, or uninstall it."
+            in err.splitlines())
+    assert "'first_letter_is_y' is not a registered objective" in err
+    assert ("objective 'alias_hinge': the installed entry point alias_hinge registers its "
+            "function as objective 'plugin_hinge'; name them alike") in err
+    assert "plugin_hinge" in json.dumps(json_schema("train"))
+    assert "left out of the schema: objective 'gone'" in capsys.readouterr().err
+    with pytest.raises(api.ConfigError, match="objective 'gone': entry point gone"):
+        api.Config.from_dict({"objective": {"name": "gone"}})
+    with pytest.raises(api.ConfigError, match="scorer 'gone_scorer': entry point gone_scorer = "
+                                              "pt_broken_nothere:fn of pt-broken"):
+        api.load_scorer("gone_scorer")
+
+
 def test_register_scorer_names_a_function_for_eval_and_online(registries):
     @preftune.register_scorer("length_scorer")
     def length(prompt, response):

@@ -60,7 +60,8 @@ def _objectives(args) -> None:
     from .objectives.registry import load_installed
 
     if not args.markdown:  # docs/objectives.md lists preftune's own
-        load_installed()
+        for problem in load_installed():
+            print(f"warning: not listed: {problem}", file=sys.stderr)
     print(markdown() if args.markdown else terminal_listing(), end="\n" if not args.markdown else "")
 
 

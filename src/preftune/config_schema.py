@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def _objective_terms(definitions: dict) -> list[dict]:
     from .objectives import REGISTRY
     from .objectives.registry import load_installed
 
-    load_installed()
+    for problem in load_installed():
+        print(f"warning: left out of the schema: {problem}", file=sys.stderr)
     return [_term(spec.name, spec.params, spec.summary, definitions, default="dpo",
                   schedulable=True)
             for spec in sorted(REGISTRY.values(), key=lambda s: s.name)]

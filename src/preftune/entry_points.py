@@ -23,9 +23,16 @@ def import_attribute(spec: str):
 
 def load_entry_point(group: str, name: str):
     """The object an installed package declares as entry point ``name`` of ``group`` (loading
-    it imports its module); None when no package declares one."""
+    it imports its module); None when no package declares one. A declaration that does not
+    load raises ``ValueError`` naming it, its package and what to do."""
     for point in entry_points(group=group, name=name):
-        return point.load()
+        try:
+            return point.load()
+        except Exception as error:  # the package's own import: anything may go wrong there
+            package = point.dist.name if point.dist is not None else "an installed package"
+            raise ValueError(f"entry point {name} = {point.value} of {package} (group {group}) "
+                             f"does not load ({type(error).__name__}: {error}); fix or "
+                             f"reinstall {package}, or uninstall it.") from error
     return None
 
 

@@ -205,6 +205,11 @@ def get_objective(name: str) -> ObjectiveSpec:
                            "a registered objective; decorate it with "
                            "@preftune.register_objective(params=..., needs_reference=..., "
                            "data=...) so it declares what it needs.")
+        if ":" not in name and spec.name != name:  # an entry point: one name, listed and run
+            raise KeyError(f"objective {name!r}: the installed entry point {name} registers its "
+                           f"function as objective {spec.name!r}; name them alike "
+                           f"(@preftune.register_objective({name!r}, ...), or call the entry "
+                           f"point {spec.name}) in the package that declares it.")
         return spec
     import difflib
 
@@ -215,12 +220,18 @@ def get_objective(name: str) -> ObjectiveSpec:
                    "or name one from your code as module:function.")
 
 
-def load_installed() -> None:
-    """Register the objectives that installed packages declare (entry points)."""
+def load_installed() -> list[str]:
+    """Register the objectives that installed packages declare (entry points); returns what
+    was wrong with those that could not be (one broken package leaves the rest usable)."""
     from ..entry_points import entry_point_names
 
+    problems = []
     for name in entry_point_names(ENTRY_POINT_GROUP):
-        get_objective(name)
+        try:
+            get_objective(name)
+        except KeyError as error:
+            problems.append(error.args[0])
+    return problems
 
 
 def _load_target(name: str):
@@ -236,4 +247,7 @@ def _load_target(name: str):
                            f"module and function ({error}).") from None
     from ..entry_points import load_entry_point
 
-    return load_entry_point(ENTRY_POINT_GROUP, name)
+    try:
+        return load_entry_point(ENTRY_POINT_GROUP, name)
+    except ValueError as error:
+        raise KeyError(f"objective {name!r}: {error}") from None

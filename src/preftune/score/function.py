@@ -60,7 +60,10 @@ class FunctionScorer:
     def registered(cls, name: str) -> "FunctionScorer | None":
         """The scorer registered as ``name`` with ``register_scorer`` or declared by an
         installed package (entry point group ``preftune.scorers``); None when there is none."""
-        function = SCORERS.get(name) or load_entry_point(ENTRY_POINT_GROUP, name)
+        try:
+            function = SCORERS.get(name) or load_entry_point(ENTRY_POINT_GROUP, name)
+        except ValueError as error:
+            raise ConfigError(f"scorer {name!r}: {error}") from None
         if function is None:
             return None
         if not callable(function):
