@@ -64,6 +64,7 @@ def test_diffusion_schemas_list_the_diffusion_objectives_and_refuse_a_bad_one():
     # (each also refused by the loader; the schema let them through)
     ({"objective": [{"name": "dpo"}, {"name": "sft", "weight": 0}]}, "is not valid under any"),
     ({"model": {"train_layers": 0}}, "should not be valid under {'const': 0}"),
+    ({"model": {"train_params": []}}, "should be non-empty"),
     ({"train": {"report_to": ["mlflow", "mlflow"]}}, "is not valid under any of the given"),
     ({"train": {"learning_rate": True}}, "True is not of type 'number'"),
 ])

@@ -173,7 +173,7 @@ class ModelConfig(Section):
     """Full fine-tuning of part of the model: only the last N decoder layers train (negative:
     the first N); embeddings, the final norm, the output layer and a vision tower stay frozen
     unless train_params names them. null: every weight trains."""
-    train_params: list[str] | None = None
+    train_params: list[str] | None = Field(None, json_schema_extra={"minItems": 1})
     """Only the weights whose names match one of these globs train (e.g. '*.mlp.*',
     'model.norm.weight'), besides train_layers' layers; everything else is frozen."""
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "varlen"] | None = None
