@@ -169,6 +169,8 @@ def test_objectives_lists_every_registered_objective(capsys):
     rows = [line for line in out.splitlines() if line and not line.startswith(" ")]
     starts = {line.index(REGISTRY[line.split()[0]].paper) for line in rows}
     assert len(starts) == 1  # the paper column lines up, the longest (cdpo's URL) included
+    mdpo = next(line for line in rows if line.startswith("mdpo "))
+    assert "reference, images with negatives " in mdpo  # what its data must carry
 
 
 def test_docs_objectives_md_is_current():

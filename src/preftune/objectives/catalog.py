@@ -26,6 +26,7 @@ def _needs(spec: ObjectiveSpec) -> str:
     needs += ", reference distributions" if spec.reference_distributions else ""
     needs += ", policy distributions" if spec.policy_collisions else ""
     needs += ", several references" if spec.extra_references else ""
+    needs += ", images with negatives" if spec.image_negatives else ""
     needs += f", fields {'/'.join(spec.scores)}" if spec.scores else ""
     return needs + (", a state across steps" if spec.state is not None else "")
 
