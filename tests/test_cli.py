@@ -134,25 +134,31 @@ def test_data_inspect_counts_records_missing_a_rating(files, tmp_path, capsys):
 
 def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):
     """Prompt-only records (what `preftune online` and spo sample from) are counted and
-    rendered, each with its token count as generation renders it."""
+    rendered as the online run reads them (a system column opens the prompt), each distinct
+    prompt with its token count as generation renders it."""
     from preftune.data.tokenize import TokenizeSettings
     from preftune.generation import prompt_ids
     from preftune.model.load import load_tokenizer
 
-    prompts = ["a red circle", [{"role": "user", "content": "What is 2+2?"}], "a red circle"]
+    rows = [{"prompt": "a red circle"}, {"prompt": "What is 2+2?", "system": "Be brief."},
+            {"prompt": "a red circle"}]
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert main(["data", "inspect", str(path), "--model", str(files / "model"),
                  "--example", "1"]) == 0
     out = capsys.readouterr().out
-    lengths = [len(ids) for ids in prompt_ids(prompts, load_tokenizer(str(files / "model")),
+    seen = ["a red circle", [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "What is 2+2?"}]]
+    lengths = [len(ids) for ids in prompt_ids(seen, load_tokenizer(str(files / "model")),
                                               TokenizeSettings(1024, None))]
     assert "records             3" in out and "distinct prompts    2" in out
-    assert f"{min(lengths)} / {sum(lengths) / 3:.1f} / {max(lengths)}" in out
-    assert f"record 1 ({path}:2), {lengths[1]} tokens" in out and "What is 2+2?" in out
+    assert f"{min(lengths)} / {sum(lengths) / 2:.1f} / {max(lengths)}" in out
+    assert f"prompt 1 ({path}:2), {lengths[1]} tokens\n  {seen[1]!r}" in out
+    assert "not read" not in out
     path.write_text('{"prompt": "a"}\n{"prompt": ""}\n')
     assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
-    assert f"{path}:2: field 'prompt' is missing or empty" in capsys.readouterr().err
+    assert f"{path}:2: field 'prompt' (the prompt) is missing or empty; a prompts file " \
+           "holds one prompt per record" in capsys.readouterr().err
     path.write_text('{"prompt": "a"}\n{"prompt": 5}\n')
     assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
     assert f"{path}:2: field 'prompt' is int 5; a prompt is a string or a list of chat " \

@@ -31,8 +31,7 @@ def _inspect(args) -> None:
     if args.chat_template is not None:
         use_chat_template(tokenizer, args.chat_template, "--chat-template")
     if prompts_only(args.file, args.fields):  # prompts alone: what online and spo sample from
-        print(inspect_prompts(args.file, tokenizer, settings, args.example,
-                              (args.fields or {}).get("prompt", "prompt")))
+        print(inspect_prompts(args.file, tokenizer, settings, args.example, args.fields))
         return
     detected: list = []
     records = load_records(args.file, format=args.format, fields=args.fields,

@@ -178,13 +178,13 @@ def _row(label: str, value) -> str:
 def prompts_only(path: str, fields: dict | None = None) -> bool:
     """True when the first row of ``path`` has a prompt and no response field: the prompts
     files that ``preftune online`` and the diffusion ``spo`` objective sample from."""
+    from .rows import csv_text_columns, read_rows
     from .shapes import TEXT_FIELDS
-    from .rows import read_rows
 
     column = {key: (fields or {}).get(key, key) for key in
               (*TEXT_FIELDS, "completions", "scores", "ranks", "label")}
     try:
-        _, row = next(iter(read_rows(path, set(column.values()))))
+        _, row = next(iter(read_rows(path, csv_text_columns(fields))))
     except Exception:  # unreadable or empty here: the records path reports it
         return False
     responses = set(column.values()) - {column["prompt"]}
@@ -192,32 +192,40 @@ def prompts_only(path: str, fields: dict | None = None) -> bool:
 
 
 def inspect_prompts(path: str, tokenizer, settings, example: int | None = None,
-                    prompt_column: str = "prompt") -> str:
+                    fields: dict | None = None) -> str:
     """What ``preftune data inspect`` prints for a prompts file: counts, distinct prompts,
-    rendered token lengths (as training and generation render them) and a few prompts."""
-    from ..generation import prompt_ids
-    from .records import DataError, required_prompt
-    from .rows import read_rows
+    rendered token lengths and a few prompts, each read as ``preftune online`` reads it
+    (its system message, tools and images) and rendered as training and generation render
+    it."""
+    from ..generation import prompt_examples
+    from ..online.common import read_prompts
+    from .records import DataError
+    from .rows import csv_text_columns, read_rows
 
-    read = list(read_rows(path, {prompt_column}))
-    rows = [(origin, required_prompt(origin, row, prompt_column, (
-        "is missing or empty; a prompts file holds one prompt (a string or a list of chat "
-        "messages) per record."))) for origin, row in read]
-    distinct = {repr(prompt) for _, prompt in rows}
-    lengths = [len(ids) for ids in prompt_ids([p for _, p in rows], tokenizer, settings)]
+    fields = fields or {}
+    read = list(read_rows(path, csv_text_columns(fields)))
+    prompts = read_prompts(path, fields, "a prompts file holds one prompt per record",
+                           "--column prompt=COLUMN")
+    lengths = [len(ex.prompt_ids) for ex in prompt_examples(
+        [p.prompt for p in prompts], tokenizer, settings, images=[p.images for p in prompts],
+        tools=[p.tools for p in prompts], origins=[p.origin for p in prompts])]
     lines = [_row("source", path),
              _row("layout", "prompts (a prompt per record, no responses: what `preftune "
                   "online` and the diffusion objective spo sample from)"),
-             _row("records", len(rows)),
-             _row("distinct prompts", f"{len(distinct)} (each is sampled once per round)"),
+             _row("records", len(read)),
+             _row("distinct prompts", f"{len(prompts)} (each is sampled once per round)"),
              _row("prompt tokens", f"{_stats(lengths)} (min / mean / max, rendered)")]
-    unread = [key for key in read[0][1] if key != prompt_column] if read else []
+    known = {fields.get(key, key) for key in ("prompt", "system", "tools", "images", "image")}
+    unread = [key for key in read[0][1] if key not in known] if read else []
     if unread:  # responses under names preftune does not know would be missed silently
         lines.append(_row("not read", f"{', '.join(unread)} (if a column holds responses, "
                                       "name it with --column, e.g. responses=COLUMN)"))
-    if example is not None and not 0 <= example < len(rows):
-        raise DataError(f"record {example} of {path} does not exist ({len(rows)} records)")
-    shown = [example] if example is not None else range(min(3, len(rows)))
+    if example is not None and not 0 <= example < len(prompts):
+        raise DataError(f"prompt {example} of {path} does not exist ({len(prompts)} distinct "
+                        "prompts)")
+    shown = [example] if example is not None else range(min(3, len(prompts)))
     for k in shown:
-        lines += ["", f"record {k} ({rows[k][0]}), {lengths[k]} tokens", f"  {rows[k][1]!r}"]
+        images = f", {len(prompts[k].images)} image(s)" if prompts[k].images else ""
+        lines += ["", f"prompt {k} ({prompts[k].origin}), {lengths[k]} tokens{images}",
+                  f"  {prompts[k].prompt!r}"]
     return "\n".join(lines)

@@ -24,7 +24,8 @@ import torch
 
 from ..data.dialogues import map_field
 from ..data.records import DataError
-from ..data.rows import read_rows
+from ..data.hub import locate
+from ..data.rows import csv_text_columns, read_rows, source_rows
 
 IMAGE_FIELDS = ("chosen", "rejected")
 CAPTION_FIELDS = ("chosen_caption", "rejected_caption")
@@ -169,10 +170,8 @@ def rows_and_folders(paths: str | list[str], fields: dict):
     """(origin, row, folder) of every record of ``paths``: relative image paths of a row start
     at its data file's folder."""
     for path in [paths] if isinstance(paths, str) else paths:
-        folder = str(Path(path.partition(":")[0] if not os.path.exists(path) else path)
-                     .resolve().parent)
-        for origin, row in read_rows(path, {fields.get("prompt", "prompt")}):
-            yield origin, row, folder
+        for folder, origin, row in source_rows(locate(path), csv_text_columns(fields)):
+            yield origin, row, str(Path(folder).resolve())
 
 
 def load_pairs(paths: str | list[str], fields: dict | None = None, captions: bool = False,
@@ -224,7 +223,7 @@ def image_data_kind(path: str, fields: dict | None = None) -> str | None:
     column = {key: (fields or {}).get(key, key) for key in ("prompt", "chosen", "images",
                                                            "image_scores")}
     try:
-        _, row = next(iter(read_rows(path, {column["prompt"]})))
+        _, row = next(iter(read_rows(path, csv_text_columns(fields))))
     except Exception:  # unreadable or empty here: the text path reports it
         return None
     if not isinstance(row, dict):
@@ -255,7 +254,7 @@ def inspect_pairs(path: str, example: int | None = None, fields: dict | None = N
     """What ``preftune data inspect`` prints for image preference data: counts, then each
     shown record's prompt, both images (source and size), captions and scores."""
     fields = fields or {}
-    _, first = next(iter(read_rows(path, {fields.get("prompt", "prompt")})))
+    _, first = next(iter(read_rows(path, csv_text_columns(fields))))
     paired = fields.get("rejected", "rejected") in first  # else captioned images, to denoise
     pairs = load_pairs(path, fields, rejected=paired)
     shown = [p for p in pairs if p.index == example] if example is not None else pairs[:3]

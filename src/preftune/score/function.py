@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from pathlib import Path
 
 from ..config import ConfigError
 from ..data.records import DataError
-from ..data.shapes import TEXT_FIELDS
-from ..data.rows import read_rows
+from ..data.hub import locate
+from ..data.rows import csv_text_columns, source_rows
 from ..data.checks import load_checker
 from ..data.images import row_images
 from ..entry_points import import_attribute, load_entry_point
@@ -129,8 +128,8 @@ class SyntheticScorer:
         image tasks, by the images the prompt shows."""
         checkers = {}
         for path in [paths] if isinstance(paths, str) else paths:
-            folder = os.path.dirname(path)  # image paths start at the data file's folder
-            for origin, row in read_rows(path, set(TEXT_FIELDS)):
+            # (image paths start at each data file's folder)
+            for folder, origin, row in source_rows(locate(path), csv_text_columns(None)):
                 try:
                     prompt = scorer_prompt(row["prompt"],
                                            row_images(row, {}, "images", origin, folder))
