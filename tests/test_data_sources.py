@@ -275,6 +275,13 @@ def test_a_misspelt_column_in_fields_is_named(tmp_path):
     (record,) = load_records(path, fields={"prompt": "question", "chosen": "good",
                                            "rejected": "bad"})
     assert (record.prompt, record.chosen, record.rejected) == ("p", "g", "b")
+    # an optional field's column (the record reads without it) no record has: named too
+    path = write_jsonl(tmp_path / "s.jsonl", [{"question": "p", "chosen": "g", "rejected": "b",
+                                               "system": "Be brief."}, {"question": "q",
+                                               "chosen": "g", "rejected": "b", "sytem": "x"}])
+    with pytest.raises(DataError, match=r"s\.jsonl: the field map \(data.fields, --column\) "
+                                        r"maps 'system' to column 'sys', which no record has"):
+        load_records(path, fields={"prompt": "question", "system": "sys"})
 
 
 @pytest.mark.parametrize("row,field,expected", [

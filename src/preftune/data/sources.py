@@ -58,7 +58,10 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
     source = locate(path)
     records: list = []
     detection, first_row = None, {}
+    seen: set = set()  # the columns the rows have (a mapped one none has is misspelt)
     for folder, origin, row in source_rows(source, csv_text_columns(fields), skipped):
+        if isinstance(row, dict):
+            seen.update(row)
         try:
             if not isinstance(row, dict):
                 raise DataError(
@@ -96,6 +99,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
             first_row = row
         detection = found
         records.append(record)
+    _check_mapped_columns(path, fields, seen, first_row)
     if not records and skipped:
         raise DataError(f"{path}: none of its {len(skipped)} records is valid; the first "
                         f"problem: {skipped[0]}")
@@ -143,6 +147,18 @@ def _misspelt_columns(row: dict, fields: dict | None, origin: str, first: bool):
                             f"fields are {', '.join(map(repr, row))}. Fix the column name.") \
                 from None
         raise
+
+
+def _check_mapped_columns(path: str, fields: dict | None, seen: set, first_row: dict) -> None:
+    """Every column the field map names is in some record of ``path`` (nested ones, such as a
+    completion's response, in the first): an optional field's misspelt column would otherwise
+    be read as absent, silently."""
+    for canonical, column in (fields or {}).items():
+        if column not in seen and column not in _keys(first_row):
+            raise DataError(f"{path}: the field map (data.fields, --column) maps {canonical!r} "
+                            f"to column {column!r}, which no record has (the first has "
+                            f"{', '.join(map(repr, first_row))}). Fix the column name, or "
+                            "remove the mapping.")
 
 
 def _keys(value) -> set:
