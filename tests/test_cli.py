@@ -159,6 +159,10 @@ def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):
     assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
     assert f"{path}:2: field 'prompt' (the prompt) is missing or empty; a prompts file " \
            "holds one prompt per record" in capsys.readouterr().err
+    assert main(["data", "inspect", str(path), "--model", str(files / "model"),
+                 "--max-length", "1"]) == 2
+    assert "error: --max-length 1: at least 2 (a prompt token and a response token)." in \
+        capsys.readouterr().err
     path.write_text('{"prompt": "a"}\n{"prompt": 5}\n')
     assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
     assert f"{path}:2: field 'prompt' is int 5; a prompt is a string or a list of chat " \

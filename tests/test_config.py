@@ -75,6 +75,8 @@ def test_switching_objective_by_name_drops_the_old_parameters(tmp_path, capsys):
     ({"data": {"max_length": 128, "max_prompt_length": 256}},
      r"data.max_prompt_length \(256\) must be below data.max_length \(128\) .* lower it too, "
      "e.g. --set data.max_prompt_length=64"),
+    ({"data": {"max_length": 1}}, r"data.max_length: Input should be greater than or equal to "
+                                  r"2 \(got 1\)"),  # (a prompt and a response token)
     ({"data": {"eval": "e.jsonl", "eval_fraction": 0.1}},
      r"set data.eval or data.eval_fraction, not both .data.eval_fraction: 0 turns the split "
      r"off, e.g. --set data.eval_fraction=0\)"),

@@ -9,7 +9,7 @@ import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -102,9 +102,9 @@ class DataConfig(Section):
         return value
     on_error: Literal["raise", "skip"] = "raise"
     """A malformed record: raise (stop with file, line and field) or skip (count it, go on)."""
-    max_length: Count = 1024
-    """Tokens of the prompt plus one response; longer ones keep the prompt's end and the
-    response's start."""
+    max_length: Annotated[int, Field(ge=2)] = 1024
+    """Tokens of the prompt plus one response (at least 2: one of each); longer ones keep the
+    prompt's end and the response's start."""
     max_prompt_length: Count | None = 512
     """Tokens of the prompt alone (its end is kept); null: only max_length applies. Unset, it
     is 512, or half of max_length when max_length is 512 or less."""
@@ -333,6 +333,9 @@ def build_config(tree: dict, source: str = "the config", schema: type[BaseModel]
 def prompt_limit(max_length: int, max_prompt_length: int | None) -> int:
     """The prompt limit of the command-line flags, by the config's rule: unset, 512, or half
     of ``max_length`` when that is 512 or less; below ``max_length`` in any case."""
+    if max_length < 2:
+        raise ConfigError(f"--max-length {max_length}: at least 2 (a prompt token and a "
+                          "response token).")
     limit = max_prompt_length if max_prompt_length is not None else (
         max_length // 2 if max_length <= 512 else 512)
     if limit >= max_length:
