@@ -245,7 +245,7 @@ def test_inspect_shows_shared_prompt_own_prompt_and_response(tiny_tokenizer):
     examples, report = tokenize_records(records, tiny_tokenizer, WIDE)
     summary = inspect_report(records, examples, report)
     assert "joint pairs         1" in summary and "plain text" in summary
-    text = render_example(examples[0], tiny_tokenizer)
+    text = render_example(examples[0], tiny_tokenizer, records[0])
     assert text.count(OWN_PROMPT) == 2 and text.count(BOUNDARY) == 2
     own = examples[0].own_prompt_lengths
     for name, prompt, response, length in zip(("chosen", "rejected"), records[0].prompts,

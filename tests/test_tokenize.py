@@ -3,7 +3,7 @@ import copy
 import pytest
 
 from preftune.data.inspect import BOUNDARY, inspect_report, render_example
-from preftune.data.records import DataError, Pair
+from preftune.data.records import DataError, Pair, Ranked, Unpaired
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 
 WIDE = TokenizeSettings(max_length=1000, max_prompt_length=None)
@@ -148,9 +148,17 @@ def test_inspect_report_and_render_example(tiny_tokenizer):
     summary = inspect_report(records, examples, report)
     assert "records read        2" in summary and "empty response    1" in summary
     assert "boundary merges     1" in summary
-    text = render_example(examples[0], tok)
+    text = render_example(examples[0], tok, records[0])
     assert text.count(BOUNDARY) == 2
     assert text.startswith("example 0 (d.jsonl:1)")
     prompt_length = len(examples[0].prompt_ids)
     assert f"chosen: {prompt_length} prompt + 3 response tokens" in text
     assert "'<|im_end|>'  <- eos" in text and "' world'" in text
+    # each response is named as its record holds it, not by how many there are
+    named = [Ranked("q", ("bad", "good"), (0.0, 1.0)), Pair("q", "a", "b", gold="g"),
+             Unpaired("q", "a", False)]
+    examples, _ = tokenize_records(named, tok, WIDE)
+    shown = [[line.split(":")[0] for line in render_example(ex, tok, record).splitlines()
+              if " prompt + " in line] for ex, record in zip(examples, named)]
+    assert shown == [["response 0 (score 0)", "response 1 (score 1)"],
+                     ["chosen", "rejected", "gold"], ["completion (undesirable)"]]

@@ -105,7 +105,7 @@ def test_data_inspect_marks_the_tokens_left_out():
     from preftune.data.inspect import render_example
 
     (example, _), tokenizer = tokenized()
-    lines = render_example(example, tokenizer).splitlines()
+    lines = render_example(example, tokenizer, multi_turn_pair()).splitlines()
     left_out = sum(not keep for keep in example.response_masks[0])
     assert left_out == 20
     assert sum(line.endswith("  (not scored)") for line in lines) == left_out

@@ -43,7 +43,7 @@ def _inspect(args) -> None:
         if not match:
             raise SystemExit(f"error: record {args.example} of {args.file} was dropped or does "
                              f"not exist ({len(records)} records)")
-        print(render_example(match[0], tokenizer))
+        print(render_example(match[0], tokenizer, records[args.example]))
 
 
 def _synthetic(args) -> None:

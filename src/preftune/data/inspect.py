@@ -76,15 +76,14 @@ def _missing_scores(examples: Sequence[TokenizedExample], names: list[str]) -> l
     return lines
 
 
-def render_example(example: TokenizedExample, tokenizer) -> str:
-    """One example token by token (position, id, text), with the prompt/response boundary.
+def render_example(example: TokenizedExample, tokenizer, record) -> str:
+    """One example token by token (position, id, text), with the prompt/response boundary;
+    each response named as its ``record`` (the source record) holds it.
 
     For a joint pair each side shows the shared prompt, then its own prompt (scored with the
     response), then its response.
     """
-    names = ["chosen", "rejected"] if len(example.response_ids) == 2 else [
-        f"response {i}" for i in range(len(example.response_ids))
-    ]
+    names = _slot_names(record, len(example.response_ids))
     flags = [name for name, on in (("prompt truncated", example.prompt_truncated),
                                    ("response truncated", example.response_truncated)) if on]
     header = f"example {example.index}" + (f" ({example.origin})" if example.origin else "")
@@ -125,6 +124,22 @@ def render_example(example: TokenizedExample, tokenizer) -> str:
             lines += [OWN_PROMPT, *tokens[:own]]
         lines += [BOUNDARY, *tokens[own:]]
     return "\n".join(lines)
+
+
+def _slot_names(record, slots: int) -> list[str]:
+    """What each response of a record is: a pair's chosen, rejected and gold, an unpaired
+    completion's label, a ranked list's or a rated response's scores."""
+    shape = getattr(record, "shape", None)
+    if shape == "pairs":
+        return ["chosen", "rejected", "gold"][:slots]
+    if shape == "unpaired":
+        return [f"completion ({'desirable' if record.label else 'undesirable'})"]
+    if shape == "ranked":
+        return [f"response {i} (score {score:g})" for i, score in enumerate(
+            record.response_scores)]
+    if shape == "rated":
+        return ["response"]
+    return [f"response {i}" for i in range(slots)]
 
 
 def _prompt_lines(prompt: list, shown_from: int, tokenizer) -> list[str]:
