@@ -358,6 +358,15 @@ def test_data_synthetic_never_replaces_other_data_unasked(tmp_path, capsys):
     assert main(["data", "synthetic", "--output-dir", str(tmp_path / "no-eval"), "--train", "2",
                  "--eval", "0"]) == 0
     assert not (tmp_path / "no-eval" / "eval.jsonl").exists()
+    # a split without held-out pairs beside an earlier run's eval.jsonl, which would pass for
+    # its own: refused, or removed with --overwrite
+    no_eval = ["data", "synthetic", "--output-dir", str(out), "--train", "4", "--eval", "0"]
+    (out / "train.jsonl").unlink()
+    assert main(no_eval) == 2
+    assert (f"{out / 'eval.jsonl'} exists with other contents; choose another --output-dir or "
+            "pass --overwrite to remove it (this run writes none)." in capsys.readouterr().err)
+    assert main(no_eval + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"]
 
 
 def test_a_reader_that_stops_early_gets_no_traceback():

@@ -198,21 +198,27 @@ def write_jsonl(tasks: list[Task], path) -> str:
 
 
 def write_task_files(files: dict, overwrite: bool = False) -> None:
-    """Write ``{path: tasks}``; a file already there with other contents is replaced only with
-    ``overwrite`` (a user's own data is never lost to a rerun)."""
+    """Write ``{path: tasks}``, no tasks meaning no file; a file already there with other
+    contents is replaced (or, for no tasks, removed: an earlier run's split would pass for
+    this one's) only with ``overwrite`` (a user's own data is never lost to a rerun)."""
     from pathlib import Path
 
     from ..config import ConfigError
 
     texts = {Path(path): "".join(json.dumps(to_record(task), ensure_ascii=False) + "\n"
-                                 for task in tasks) for path, tasks in files.items()}
+                                 for task in tasks) or None for path, tasks in files.items()}
     for path, text in texts.items():
         if path.parent.exists() and not path.parent.is_dir():
             raise ConfigError(f"--output-dir {path.parent} is a file, not a folder; choose "
                               "another --output-dir.")
-        if path.exists() and path.read_text(encoding="utf-8") != text and not overwrite:
+        if path.exists() and not overwrite and (
+                text is None or path.read_text(encoding="utf-8") != text):
+            action = "remove it (this run writes none)" if text is None else "replace it"
             raise ConfigError(f"{path} exists with other contents; choose another --output-dir "
-                              "or pass --overwrite to replace it.")
+                              f"or pass --overwrite to {action}.")
     for path, text in texts.items():
+        if text is None:
+            path.unlink(missing_ok=True)
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -58,8 +58,7 @@ def _synthetic(args) -> None:
                                                  hard_negatives=args.hard_negatives)
     except ValueError as error:  # an unknown family, a share outside [0, 1], too few items
         raise ConfigError(f"preftune data synthetic: {error}") from None
-    write_task_files({out / "train.jsonl": train_tasks,
-                      **({out / "eval.jsonl": eval_tasks} if eval_tasks else {})},
+    write_task_files({out / "train.jsonl": train_tasks, out / "eval.jsonl": eval_tasks},
                      args.overwrite)
     print(f"wrote {len(train_tasks)} training pairs to {out / 'train.jsonl'}"
           + (f" and {len(eval_tasks)} held-out pairs to {out / 'eval.jsonl'}"
