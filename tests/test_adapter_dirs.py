@@ -54,6 +54,27 @@ def test_an_adapter_dir_loads_as_its_merged_model(lora_run):
     assert len(tokenizer) == len(load_model_and_tokenizer(str(run / "model"))[1])
 
 
+def test_an_adapter_dir_trains_in_full_as_its_merged_model(lora_run, tmp_path):
+    """model.path an adapter/ and no LoRA: every weight trains, as from the merged model/."""
+    root, run, adapter_only = lora_run
+    losses, trained = [], []
+    for name, path in (("merged", run / "model"), ("adapter", adapter_only / "adapter")):
+        out = train(Config.from_dict({
+            "output_dir": str(tmp_path / name), "model": {"path": str(path)},
+            "data": {"train": str(root / "pairs.jsonl")},
+            "reference": {"cache_dir": str(tmp_path / f"cache-{name}")},
+            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2}}),
+            show_progress=False)
+        losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()])
+        trained.append(weights(load_model_and_tokenizer(str(out / "model"))[0]))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    moved = "model.layers.1.mlp.down_proj.weight"  # not adapted: trains only in full
+    assert not torch.equal(trained[1][moved], weights(load_model_and_tokenizer(
+        str(run / "model"))[0])[moved])
+    for name, tensor in trained[1].items():
+        torch.testing.assert_close(tensor, trained[0][name], rtol=0, atol=1e-4)
+
+
 def test_eval_of_an_adapter_only_run_equals_eval_of_the_merged_run(lora_run, tmp_path):
     root, run, adapter_only = lora_run
     options = {"reference": str(root / "base"), "samples": 0}

@@ -59,7 +59,7 @@ def merge_adapter(base_model, source: str):
     named after ``source`` so that an adapter trained on it records ``source`` as its base."""
     merged = with_adapter(base_model, source).merge_and_unload()
     merged.name_or_path = merged.config._name_or_path = source
-    return merged
+    return merged.requires_grad_(True)  # as any loaded model (PEFT froze the base's weights)
 
 
 def with_adapter(base_model, source: str):
