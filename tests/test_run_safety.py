@@ -271,6 +271,22 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeyp
     assert (finished / "model" / "model.safetensors").read_bytes() == weights
 
 
+@pytest.mark.parametrize("save_merged", [True, False])
+def test_a_lora_run_missing_the_model_it_writes_last_finishes_again(workspace,  # noqa: F811
+                                                                     save_merged):
+    """A LoRA run writes adapter/ and then (save_merged) model/: with model/ deleted it is not
+    finished, whatever adapter/ holds; without save_merged, adapter/ is what it writes last."""
+    name = f"lora-{save_merged}"
+    done = run(workspace, name, train__max_steps=2, train__save_every=1, train__batch_size=4,
+               model__lora={"r": 4, "save_merged": save_merged})
+    last = done / ("model" if save_merged else "adapter")
+    written = {p.name: p.read_bytes() for p in last.iterdir() if p.suffix == ".safetensors"}
+    shutil.rmtree(last)
+    loop.train(build_config(_saved(done)), resume=True, show_progress=False)
+    assert {p.name: p.read_bytes() for p in last.iterdir()
+            if p.suffix == ".safetensors"} == written
+
+
 def _empty_weights(checkpoint: Path) -> None:
     (checkpoint / "trainable.safetensors").write_bytes(b"")
 

@@ -142,7 +142,7 @@ def trained(entry: dict, config, train) -> None:
     one is moved aside, not reused."""
     run_dir = Path(config.output_dir)
     resume = resumable(config)
-    kept = resume and finished(run_dir)
+    kept = resume and finished(run_dir, config)
     started = time.perf_counter()
     train(config, resume=resume, overwrite=not resume)
     entry["train_minutes"] = (time.perf_counter() - started) / 60

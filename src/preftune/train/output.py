@@ -123,7 +123,7 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     nothing to train. A finished run whose model was deleted finishes again from its last
     checkpoint."""
     out = Path(config.output_dir)
-    if resume and not overwrite and finished(out):
+    if resume and not overwrite and finished(out, config):
         if accelerator.is_main_process:
             check_free(out)
             check_resume(config, accelerator.num_processes)
@@ -152,11 +152,12 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-def finished(out: Path) -> bool:
-    """Whether ``out`` holds a finished run: its ``run.json`` and its model written."""
-    from ..model.adapter_dirs import final_model_dir
-
-    return (out / "run.json").is_file() and final_model_dir(out).is_dir()
+def finished(out: Path, config) -> bool:
+    """Whether ``out`` holds a finished run of ``config``: its ``run.json`` and the model it
+    writes last (``model/``; ``adapter/`` for LoRA without the merged copy)."""
+    lora = getattr(config.model, "lora", None)  # (diffusion LoRA always writes model/)
+    last = "adapter" if lora is not None and not getattr(lora, "save_merged", True) else "model"
+    return (out / "run.json").is_file() and (out / last).is_dir()
 
 
 def resumable(config) -> bool:
@@ -165,7 +166,8 @@ def resumable(config) -> bool:
     from .checkpoint import checkpoints
 
     out = Path(config.output_dir)
-    return (bool(checkpoints(out / "checkpoints")) or finished(out)) and same_settings(config)
+    return (bool(checkpoints(out / "checkpoints")) or finished(out, config)) and \
+        same_settings(config)
 
 
 def same_settings(config, may_change: frozenset = frozenset()) -> bool:
