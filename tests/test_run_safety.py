@@ -31,7 +31,7 @@ from preftune.train.stopping import TrainingStopped
     ("train.warmup_ratio", 1.5, "less than 1"),
     ("train.max_grad_norm", 0, "greater than 0"),
     ("train.learning_rate", float("nan"), "finite"),
-    ("data.max_length", 0, "greater than or equal to 1"),
+    ("data.max_length", 1, "greater than or equal to 2"),
     ("model.lora.r", 0, "greater than or equal to 1"),
 ])
 def test_numeric_keys_are_range_checked_before_any_work(key, value, says):
