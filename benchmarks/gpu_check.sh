@@ -27,6 +27,8 @@ TOOLS=${TOOLS:-trl,trl-precompute-nogc,preftune,preftune-gc}
 STEPS=${STEPS:-10}
 REPEATS=${REPEATS:-2}
 ONCE=${ONCE-trl}            # tools run in the first repeat only (TRL's default: its memory)
+once_run=""                 # ... of those among TOOLS (a run without trl keeps every repeat)
+for tool in ${ONCE//,/ }; do [[ ",$TOOLS," == *",$tool,"* ]] && once_run+="${once_run:+,}$tool"; done
 PARTS=${PARTS:-tests,overhead,profile,bench,compile}
 BUDGET=${BUDGET:-540}
 TESTS=${TESTS:-}            # a pytest -k expression; empty: every CUDA test
@@ -86,7 +88,7 @@ if part bench; then
   part compile && reserve=$COMPILE_S || reserve=0
   timeout "$(left "$reserve")" $PY benchmarks/dpo_vs_trl.py --device "$DEVICE" --dtype "$DTYPE" \
     --cases "$CASES" --tools "$TOOLS" --steps "$STEPS" --tiny-steps "$STEPS" --repeats "$REPEATS" \
-    --once "$ONCE" "${MODEL_ARGS[@]}" --results "$OUT/dpo_vs_trl.md" > "$OUT/bench.log" 2>&1
+    --once "$once_run" "${MODEL_ARGS[@]}" --results "$OUT/dpo_vs_trl.md" > "$OUT/bench.log" 2>&1
   tail -60 "$OUT/bench.log"
 fi
 
