@@ -90,6 +90,35 @@ def test_moment_bytes_counts_what_the_optimizers_hold():
     assert moment_bytes("adamw_8bit", params[4:5]) == 2 * (5000 + 4 * math.ceil(5000 / 256))
 
 
+def test_the_8bit_step_on_a_cpu_holds_fp32_temporaries_of_its_largest_tensor():
+    """What --plan adds for bitsandbytes' CPU step: its fp32 temporaries (5x a tensor with
+    8-bit moments, 3x one with fp32 moments), measured as the tensor bytes alive during a
+    step (the moments already made by an earlier one)."""
+    from common import PhaseMemory
+
+    from preftune.train.optimizers import step_temporaries
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((64, 32), (500, 64), (63,))]
+    embedding = torch.nn.Parameter(torch.randn(1000, 64))  # fp32 moments: updated in place
+    optimizer = make_optimizer(TrainConfig(optimizer="adamw_8bit"), [*params, embedding],
+                               [embedding])
+    for p in [*params, embedding]:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    memory = PhaseMemory("tensors")
+    memory.enter("step")
+    optimizer.step()
+    measured = memory.stop()["step"] * 2**20
+    planned = step_temporaries("adamw_8bit", [*params, embedding], [embedding],
+                               torch.device("cpu"))
+    assert planned == max(5 * 4 * 500 * 64, 3 * 4 * 1000 * 64)  # the embedding's
+    assert measured == pytest.approx(planned, rel=1e-3)
+    assert step_temporaries("adamw_8bit", params, [], torch.device("cpu")) == 5 * 4 * 500 * 64
+    assert step_temporaries("adamw", params, [], torch.device("cpu")) == 0
+    assert step_temporaries("adamw_8bit", params, [], torch.device("cuda")) == 0
+
+
 def stored_moment_dtypes(output_dir, step: int) -> list[torch.dtype]:
     """The dtypes of the first moments in a checkpoint's optimizer state."""
     saved = torch.load(output_dir / "checkpoints" / f"step-{step:08d}" / "optimizer.pt",

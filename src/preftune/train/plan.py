@@ -17,7 +17,7 @@ from ..model.quantize import four_bit_storage
 from ..model.reference_sync import DEFAULT_MIX
 from ..objectives.compose import Objective
 from .kept import KeptBytes, measure_kept
-from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes
+from .optimizers import EIGHT_BIT, embedding_weights, moment_bytes, step_temporaries
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
@@ -282,6 +282,8 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
         cfg.optimizer, trainable, embedding_weights(model))
     optimizer = moments / parts.get("optimizer", 1)
     held = (reference[0] if reference else 0) + (scorer[0] if scorer else 0)
+    device = next(model.parameters()).device
+    stepping = step_temporaries(cfg.optimizer, trainable, embedding_weights(model), device)
     output_bytes = output[0] if output else 0
     every = cfg.checkpoint_every if cfg.gradient_checkpointing else None
     layers = decoder_layers(model)
@@ -297,7 +299,8 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
                                           checkpoint_every, mask_bytes, frozen_below)
         # backward's three candidate peaks: the output layer's, with every activation still
         # kept; the top layer's; and the bottom layer's, with (nearly) every gradient made
-        largest = max(kept + output_bytes, kept + head_grads + layer, grads + bottom + layer)
+        largest = max(kept + output_bytes, kept + head_grads + layer, grads + bottom + layer,
+                      grads + stepping)  # (or the optimizer step's, after backward)
         return kept, weights + optimizer + held + largest
 
     def split(kind):
@@ -325,9 +328,14 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
            "micro-batch's images)"] if vision else []),
         *([f"  output backward  {output_bytes / MIB:10.0f}  ({output[1]})"] if output else []),
         f"  layer backward   {layer / MIB:10.0f}  (one layer's working tensors)",
+        *([f"  optimizer step   {stepping / MIB:10.0f}  (bitsandbytes' 8-bit step on a CPU: "
+           "fp32 temporaries, 5x a tensor with 8-bit moments, 3x one with fp32 ones; after "
+           "backward, with the gradients)"]
+          if stepping else []),
         f"  total            {total / MIB:10.0f}  (the largest moment of backward: activations "
         + ("with the output's or top layer's" if output else "with the top layer's")
-        + ", or gradients with the bottom layer's)",
+        + ", or gradients with the bottom layer's"
+        + (", or with the optimizer step's)" if stepping else ")"),
     ]
     checkpointed = None
     if every is None:  # what the memory-saving settings would bring it to
@@ -335,7 +343,7 @@ def memory_lines(cfg, model, layer_config, dtype_bytes: int, measured: KeptBytes
         lines.append(f"  with checkpointing {checkpointed / MIB:8.0f}  "
                      "(train.gradient_checkpointing: true; with checkpoint_every: 2, "
                      f"{activations_and_total(2)[1] / MIB:.0f})")
-    return lines + device_fit(total, checkpointed, next(model.parameters()).device)
+    return lines + device_fit(total, checkpointed, device)
 
 
 def device_fit(total: float, checkpointed: float | None, device,
