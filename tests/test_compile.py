@@ -71,6 +71,32 @@ def test_train_compile_true_trains_like_eager(workspace):  # noqa: F811
                                    atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_compiled_varlen_layers_stop_compiling_once_lengths_vary():
+    """varlen on a CPU loops over each batch's own sequences: that loop runs eager, so new
+    lengths stop making new graphs once the shapes are dynamic (it compiled every batch
+    again), with eager's log-probs."""
+    from torch._dynamo.utils import counters
+
+    from preftune.model.varlen import transformers_name
+
+    torch._dynamo.reset()
+    counters.clear()
+    batches = [[TokenizedExample([1, 30 + k], [[31] * (k + 1) + [2], [32, 2]], index=k)]
+               for k in range(7)]
+    eager, model = (tiny_llama(seed=1).train() for _ in range(2))
+    for each in (eager, model):
+        each.set_attn_implementation(transformers_name("varlen"))
+    compile_layers(model, backend="aot_eager")
+    graphs = []
+    for examples in batches:
+        batch = collate(examples, 0, "padded", pad_to_multiple_of=16)
+        logps = [sequence_stats(LogpModel(m, chunk_tokens=4)(batch), batch).logps
+                 for m in (eager, model)]
+        torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[-4]  # the last four batches compiled nothing new
+
+
 @pytest.mark.parametrize("variant", ["lora", "dora", "gradient_checkpointing"])
 def test_compiled_layers_with_lora_or_checkpointing_match_eager(variant):
     """Compiling the layers keeps LoRA's (or DoRA's) injected adapters and activation

@@ -82,7 +82,8 @@ def repeat_kv_heads(key, value, heads: int):
     return key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
 
 
-def sequences_one_by_one(query, key, value, cu_seqlens, max_seqlen, scale):
+@torch.compiler.disable  # a loop over each batch's own lengths: eager (compiled, it would
+def sequences_one_by_one(query, key, value, cu_seqlens, max_seqlen, scale):  # recompile)
     """The same, one sequence at a time through SDPA (CPU; and the reference in tests)."""
     if key.shape[1] != query.shape[1]:
         key, value = repeat_kv_heads(key, value, query.shape[1])
