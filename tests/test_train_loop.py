@@ -149,6 +149,20 @@ def test_the_last_step_is_logged_whatever_log_every_says(workspace):
     assert [r["step"] for r in read_metrics(logged / "metrics.jsonl")] == [2, 3]
 
 
+def test_held_out_data_is_evaluated_at_the_last_step_without_eval_every(workspace):
+    """data.eval_fraction and no train.eval_every: the held-out pairs are measured once, at
+    the end (they were held out of training and never measured); eval_every adds its steps."""
+    plain = run(workspace, "eval-end", train__max_steps=3)
+    assert [sorted(k for k in r if k.startswith("eval/"))[:1] for r in read_metrics(
+        plain / "metrics.jsonl")] == [[], [], ["eval/diag/displacement/chosen"]]
+    every = read_metrics(run(workspace, "eval-2", train__max_steps=3, train__eval_every=2)
+                         / "metrics.jsonl")
+    assert [r["step"] for r in every if "eval/loss" in r] == [2, 3]
+    alone = read_metrics(run(workspace, "no-eval", train__max_steps=2,
+                             data__eval_fraction=0.0) / "metrics.jsonl")
+    assert not any(k.startswith("eval/") for r in alone for k in r)
+
+
 def test_checkpoints_key_optimizer_state_by_name_and_old_positional_ones_still_resume(
         workspace, monkeypatch):
     from preftune.train import checkpoint

@@ -47,7 +47,7 @@ class TrainConfig(Section):
     """Write metrics every this many steps."""
     eval_every: Count | None = None
     """Evaluate on the held-out data (data.eval or data.eval_fraction) every this many
-    steps."""
+    steps; the last step is evaluated whenever there is held-out data."""
     save_every: Count | None = None
     """Write a checkpoint every this many steps (for --resume)."""
     keep_checkpoints: Count = 2

@@ -254,7 +254,8 @@ class Trainer:
                   "lr": learning_rate, "grad_norm": flat[-1],
                   "tokens_per_second": real_tokens / seconds,
                   "padding_fraction": 1.0 - real_tokens / slots, "step_seconds": seconds}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        last = step + 1 == self.total_steps  # held-out data is always measured at the end
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or (last and task.eval_examples):
             record.update({f"eval/{k}": v for k, v in task.evaluate(self.module, step).items()})
         examples = [task.train_examples[i] for i in indices]
         raised = self.alarms.check(record, [ex.origin for ex in examples], examples) \
