@@ -204,7 +204,8 @@ def run_rm_eval(options: RewardEvalOptions) -> dict:
         rewards = scoring.head.reward(outputs) if scoring.head.has_reward else None
         lengths = torch.tensor([[len(ids) for ids in ex.response_ids[:2]] for ex in examples])
         unit, kind = "tokens", {"model": options.model, "head": scoring.head.kind}
-    results, rows = pair_metrics(tied_gaps(logit, records), rewards, lengths, categories, options.bins, unit)
+    results, rows = pair_metrics(tied_gaps(logit, records), rewards, lengths, categories,
+                                 options.bins, unit)
     results.update(**kind, data=options.data, settings=asdict(options),
                    seconds=time.perf_counter() - started)
     output = _output_dir(options)

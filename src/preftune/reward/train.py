@@ -83,8 +83,9 @@ def check_fields(example, needed: list[str], spec, params, head: Head,
     """Every numeric field the loss (or the example weights) reads, present and finite in the
     record (not negative where the loss says so, and as a weight), or an error that names the
     record, the field and the setting that reads it (``field_setting``)."""
-    nonnegative = {*(spec.nonnegative(params) if spec.nonnegative else ()), weight_field}
-    for name in [*needed, *([weight_field] if weight_field else [])]:
+    weights = [weight_field] if weight_field else []
+    nonnegative = {*(spec.nonnegative(params) if spec.nonnegative else ()), *weights}
+    for name in [*needed, *weights]:
         value = example.scores.get(name)
         if value is None or not math.isfinite(value) or (name in nonnegative and value < 0):
             state = "is missing or not a number" if value is None else f"is {value}"

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.shapes import is_number
-from .base import checked
+from .base import checked, paired_scores
 
 FEATURE_TEMPLATE = (
     "Answer this question about the response, from 1 (not at all) to {{scale}} (completely): "
@@ -115,9 +115,9 @@ class CompositionalScorer:
     def prefer(self, prompts, first, second) -> list[float]:
         """CPM's own preference model: P(first > second) = sigmoid(r(first) - r(second)),
         r(first) - r(second) = w . (c(first) - c(second)), what ``rm fit-cpm`` fits."""
-        both = torch.tensor(self.score([*prompts, *prompts], [*first, *second]),
-                            dtype=torch.float64).view(2, -1)
-        return torch.sigmoid(both[0] - both[1]).tolist()
+        a, b = (torch.tensor(side, dtype=torch.float64)
+                for side in paired_scores(self, prompts, first, second))
+        return torch.sigmoid(a - b).tolist()
 
 
 def fit_weights(deltas: torch.Tensor, l2: float) -> torch.Tensor:
