@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data.turn_end import stop_ids
 from .model.forward import attention_kernels, image_block_token
 from .train.logging import progress
 
@@ -97,7 +98,7 @@ class HFGenerator:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        pad, stops = tokenizer.pad_token_id, stop_ids(tokenizer)
         options = dict(do_sample=False) if settings.greedy else dict(
             do_sample=True, temperature=settings.temperature, top_k=settings.top_k,
             top_p=settings.top_p, typical_p=1.0, repetition_penalty=1.0)
@@ -131,7 +132,7 @@ class HFGenerator:
                     options_k = dict(options, num_return_sequences=k)
                 generated = model.generate(
                     input_ids=input_ids, attention_mask=mask,
-                    max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                    max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=stops,
                     **options_k, **pixels,
                 )[:, width:].tolist()
                 ids_out += [generated[p * k : (p + 1) * k] for p in range(len(chunk))]
@@ -142,12 +143,12 @@ class HFGenerator:
 
 def finished(ids_out: list[list[list[int]]], settings: SamplingSettings, tokenizer,
              seconds: float) -> Generations:
-    """Generations from every backend's raw ids: cut after the first EOS, then at the first
-    stop string, and decoded."""
-    eos = tokenizer.eos_token_id
+    """Generations from every backend's raw ids: cut after the first EOS or end of turn, then
+    at the first stop string, and decoded."""
+    stops = stop_ids(tokenizer)
     token_ids, texts = [], []
     for samples in ids_out:
-        cut = [_stop(_cut(list(ids), eos), settings.stop, tokenizer) for ids in samples]
+        cut = [_stop(_cut(list(ids), stops), settings.stop, tokenizer) for ids in samples]
         token_ids.append([ids for ids, _ in cut])
         texts.append([text for _, text in cut])
     return Generations(token_ids, texts, seconds)
@@ -201,8 +202,9 @@ def cache_argument(model) -> str:
         else "past_key_values"
 
 
-def _cut(ids: list[int], eos_token_id: int) -> list[int]:
-    return ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids
+def _cut(ids: list[int], stops: list[int]) -> list[int]:
+    end = next((position for position, token in enumerate(ids) if token in stops), None)
+    return ids if end is None else ids[: end + 1]
 
 
 def _stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> tuple[list[int], str]:

@@ -19,6 +19,7 @@ import time
 import torch
 
 from .config import ConfigError
+from .data.turn_end import stop_ids
 from .generation import SamplingSettings, finished
 from .model.load import resolve_model_dir
 
@@ -54,7 +55,8 @@ class VLLMGenerator:
         params = SamplingParams(
             n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
             top_k=settings.top_k if settings.top_k > 0 else -1,
-            max_tokens=settings.max_new_tokens, seed=settings.seed)
+            max_tokens=settings.max_new_tokens, seed=settings.seed,
+            stop_token_ids=stop_ids(self.tokenizer))
         started = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params,
                                     use_tqdm=description is not None)

@@ -16,6 +16,7 @@ from .image_tokens import (check_no_image_tokens, check_no_response_images, imag
 from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
 from .tools import MASK_ROLES, TOOLS_HINT, called_names, masked_spans, response_masks
+from .turn_end import ResponseEnds
 
 ENCODE_CHUNK = 1024  # texts per batched tokenizer call: fast tokenizers parallelize a batch
 
@@ -132,7 +133,7 @@ def tokenize_records(
     """Tokenize records (``Pair``, ``JointPair``, ``Unpaired``, ``Ranked``, ``Rated``) into
     examples; returns them with a report of drops, truncations and merges. Records with an empty
     response are dropped for training; ``keep_empty`` keeps them (scoring a model's empty
-    answer: the response is EOS alone). With a ``skipped`` list (``data.on_error: skip``), a
+    answer: the response is its end token alone). With a ``skipped`` list (``data.on_error: skip``), a
     record the chat template refuses is left out and the reason appended there."""
     if settings.max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {settings.max_length}")
@@ -147,11 +148,12 @@ def tokenize_records(
         )
     report = TokenizeReport(records=len(records))
     string_prefix = _leading_special_ids(tokenizer)
+    ends = ResponseEnds.of(tokenizer)
     examples: list[TokenizedExample] = []
     rendered: list[_Rendered] = []
     for index, record in enumerate(records):
         try:
-            item = _render(index, record, tokenizer, string_prefix, settings.mask_roles)
+            item = _render(index, record, tokenizer, string_prefix, ends, settings.mask_roles)
         except DataError as error:
             if skipped is None:
                 raise
@@ -165,9 +167,9 @@ def tokenize_records(
             report.identical_responses += 1
         rendered.append(item)
         if len(rendered) == ENCODE_CHUNK:
-            examples += _encode_chunk(rendered, tokenizer, eos_id, settings, report)
+            examples += _encode_chunk(rendered, tokenizer, ends, settings, report)
             rendered = []
-    examples += _encode_chunk(rendered, tokenizer, eos_id, settings, report)
+    examples += _encode_chunk(rendered, tokenizer, ends, settings, report)
     report.kept = len(examples)
     return examples, report
 
@@ -185,7 +187,7 @@ def _leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
-def _render(index: int, record, tokenizer, string_prefix: list,
+def _render(index: int, record, tokenizer, string_prefix: list, ends: ResponseEnds,
             mask_roles: tuple = ()) -> _Rendered:
     prompt_texts = _prompt_texts(record, tokenizer)
     if getattr(record, "images", ()):
@@ -195,7 +197,8 @@ def _render(index: int, record, tokenizer, string_prefix: list,
     # a chat template writes its own BOS, if any, into the text
     prefix = [] if record.is_conversational else string_prefix
     rendered = [
-        _response_text(response, prompt, prompt_text, tokenizer, record, mask_roles)
+        _response_text(response, prompt, prompt_text, tokenizer, record, ends.turn_text,
+                       mask_roles)
         for response, prompt, prompt_text in zip(record.responses, record.prompts, prompt_texts)
     ]
     spans = [found for _, found in rendered]
@@ -214,7 +217,7 @@ def _prompt_texts(record, tokenizer) -> list[str]:
     return [rendered[id(prompt)] for prompt in record.prompts]
 
 
-def _response_text(response, prompt, prompt_text: str, tokenizer, record,
+def _response_text(response, prompt, prompt_text: str, tokenizer, record, turn_text: str,
                    mask_roles: tuple = ()) -> tuple[str, list]:
     """The response as text, and the (start, end) character spans of its messages whose role
     is in ``mask_roles`` (tool results: not scored)."""
@@ -241,9 +244,8 @@ def _response_text(response, prompt, prompt_text: str, tokenizer, record,
         )
     continuation = full[len(prompt_text) :]
     # the template's separator after the final end-of-turn token is not part of the response
-    eos_text = tokenizer.eos_token
-    if eos_text and eos_text in continuation:
-        continuation = continuation[: continuation.rindex(eos_text) + len(eos_text)]
+    if turn_text and turn_text in continuation:
+        continuation = continuation[: continuation.rindex(turn_text) + len(turn_text)]
     spans = masked_spans(history, response, prompt_text, full, mask_roles, record,
                          lambda messages: _chat(tokenizer, messages, record, False))
     return continuation, [(start, min(end, len(continuation))) for start, end in spans
@@ -305,7 +307,7 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[
 
 
 def _encode_chunk(
-    items: list[_Rendered], tokenizer, eos_id: int, settings: TokenizeSettings,
+    items: list[_Rendered], tokenizer, ends: ResponseEnds, settings: TokenizeSettings,
     report: TokenizeReport,
 ) -> list[TokenizedExample]:
     if not items:
@@ -338,7 +340,8 @@ def _encode_chunk(
             report.empty_prompts += 1
             continue
         shared, own = split_shared_prefix(side_prompts, getattr(item.record, "origin", ""))
-        response_ids = [ids if ids[-1:] == [eos_id] else ids + [eos_id] for ids in response_ids]
+        end = ends.of_record(item.record)
+        response_ids = [ids if ids[-1:] == [end] else ids + [end] for ids in response_ids]
         masks = response_masks(tokenizer, item, response_ids) if item.masked_spans else []
         example = _truncate(item, shared, own, response_ids, settings, masks)
         if example is None:

@@ -35,6 +35,7 @@ from ..train.logging import progress
 from ..train.output import check_output_folder
 from .records import DataError
 from .rows import write_rows
+from .turn_end import stop_ids
 
 PAIR_FIELDS = ("chosen_value", "rejected_value", "depth")
 
@@ -145,11 +146,11 @@ def _expand(generator, tokenizer, picks: list, settings: TreeSettings, wave: int
         seed=settings.seed * 1000 + 2 * wave, batch_size=settings.batch_size)
     drawn = generator.generate([_context(tokenizer, tree, node.answer) for tree, node in picks],
                                step_settings)
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(tokenizer)
     children = []
     for (tree, node), ids_list, texts in zip(picks, drawn.token_ids, drawn.texts):
         for ids, text in zip(ids_list, texts):
-            terminal = bool(ids) and ids[-1] == eos
+            terminal = bool(ids) and ids[-1] in stops
             delimited = not terminal and settings.delimiter in tokenizer.decode(
                 ids, skip_special_tokens=True)
             if not terminal and not text.strip():  # a blank line is not a step

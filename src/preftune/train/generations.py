@@ -19,6 +19,7 @@ import torch
 
 from ..config import ConfigError
 from ..data.tokenize import distinct_prompts
+from ..data.turn_end import stop_ids
 from ..generation import HFGenerator, SamplingSettings
 from ..score import load_scorer
 from ..score.base import checked
@@ -51,8 +52,8 @@ class EvalGenerations:
                 [p.prompt_ids for p in self.prompts], self.settings, "eval generations", images)
         answers = [texts[0] for texts in drawn.texts]
         lengths = [len(ids[0]) for ids in drawn.token_ids]
-        eos = self.tokenizer.eos_token_id
-        ended = [bool(ids[0]) and ids[0][-1] == eos for ids in drawn.token_ids]
+        stops = stop_ids(self.tokenizer)
+        ended = [bool(ids[0]) and ids[0][-1] in stops for ids in drawn.token_ids]
         rows = [{"step": step + 1, "origin": p.origin, "prompt": p.prompt, "answer": answer,
                  "tokens": n, "ended": end}
                 for p, answer, n, end in zip(self.prompts, answers, lengths, ended)]

@@ -1,0 +1,63 @@
+"""The token that ends an assistant's turn, which a chat model learns to write and sampling
+stops at.
+
+For many chat models it is the tokenizer's EOS (SmolLM2 and Qwen's ``<|im_end|>``). For others
+the chat template closes a turn with its own token and EOS means "end of document": Gemma's
+``<end_of_turn>``, Phi-3's ``<|end|>``, a Llama-3 base tokenizer's ``<|eot_id|>``. Training
+those on ``answer<eos>`` teaches an ending the model never writes in a chat, and sampling that
+waits for EOS runs on past the turn into a made-up next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MARK = "\u2063preftune-turn-end\u2063"
+
+
+def turn_end_id(tokenizer) -> int:
+    """The id the chat template writes right after an assistant message's text, when that is
+    one special or added token; the tokenizer's EOS otherwise (no template, or a template that
+    ends a turn with plain text)."""
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that wants other roles or content parts: keep EOS
+        return eos
+    if not isinstance(text, str) or MARK not in text:
+        return eos
+    after = text[text.rindex(MARK) + len(MARK):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return eos
+    marked = set(getattr(tokenizer, "all_special_ids", ())) | set(
+        getattr(tokenizer, "added_tokens_decoder", {}))
+    marked -= {tokenizer.pad_token_id, tokenizer.unk_token_id}  # not a token a template writes
+    return ids[0] if ids[0] in marked else eos
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The ids sampling stops at: EOS and, where it differs, the end of an assistant turn."""
+    eos, end = tokenizer.eos_token_id, turn_end_id(tokenizer)
+    return [eos] if end == eos else [end, eos]
+
+
+@dataclass(frozen=True)
+class ResponseEnds:
+    """How a tokenized response ends: a chat answer (a record whose prompt is messages) with
+    the end of an assistant turn, a plain completion with EOS."""
+
+    eos: int
+    turn: int
+    turn_text: str  # the end of turn as the template writes it
+
+    @classmethod
+    def of(cls, tokenizer) -> "ResponseEnds":
+        turn = turn_end_id(tokenizer)
+        return cls(tokenizer.eos_token_id, turn, tokenizer.convert_ids_to_tokens(turn))
+
+    def of_record(self, record) -> int:
+        return self.turn if record.is_conversational else self.eos
