@@ -11,6 +11,7 @@ from preftune.data.records import Pair
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.data.turn_end import stop_ids, turn_end_id
 from preftune.generation import HFGenerator, SamplingSettings, finished
+from preftune.reward.model import reward_pad_token
 from tiny_models import char_tokenizer, tiny_llama
 
 GEMMA_LIKE = (
@@ -100,3 +101,10 @@ def test_sampling_stops_at_the_turn_end():
                    SamplingSettings(), gemma, 0.0)
     assert cut.token_ids == [[[a, end], [a, gemma.eos_token_id]]]
     assert cut.texts == [["a", "a"]]
+
+
+def test_a_reward_model_never_pads_with_the_token_its_reward_is_read_at():
+    gemma = gemma_like_tokenizer()
+    gemma.pad_token = "<end_of_turn>"  # the last token of every chat answer
+    reward_pad_token(gemma)
+    assert gemma.pad_token == "<pad>"

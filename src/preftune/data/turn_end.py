@@ -35,8 +35,9 @@ def turn_end_id(tokenizer) -> int:
         return eos
     marked = set(getattr(tokenizer, "all_special_ids", ())) | set(
         getattr(tokenizer, "added_tokens_decoder", {}))
-    marked -= {tokenizer.pad_token_id, tokenizer.unk_token_id}  # not a token a template writes
-    return ids[0] if ids[0] in marked else eos
+    # the token's own text, not an unknown-token stand-in for what the template wrote
+    written = after.startswith(tokenizer.convert_ids_to_tokens(ids[0]))
+    return ids[0] if ids[0] in marked and written else eos
 
 
 def stop_ids(tokenizer) -> list[int]:

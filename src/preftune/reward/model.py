@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config_tree import ConfigError
 from ..data.layout import choose_layout, collate
+from ..data.turn_end import stop_ids
 from ..model.forward import attention_kernels, causal_lm_of, run_decoder
 from ..model.verify import layout_setting
 from ..model.varlen import transformers_name
@@ -46,18 +47,20 @@ def is_last_token_classifier(model: nn.Module) -> bool:
 
 
 def reward_pad_token(tokenizer) -> None:
-    """Give the tokenizer a pad token that is not EOS.
+    """Give the tokenizer a pad token that is not EOS or the end of an assistant turn.
 
-    Responses end with EOS and the reward is read there; transformers' sequence-classification
-    models read the last token that is *not* the pad token, so with pad == EOS they would read
-    the token before it. A special token the tokenizer already has takes the pad role instead.
+    Responses end with one of those and the reward is read there; transformers'
+    sequence-classification models read the last token that is *not* the pad token, so with
+    pad == EOS they would read the token before it. A special token the tokenizer already has
+    takes the pad role instead.
     """
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+    ends = set(stop_ids(tokenizer))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ends:
         return
     vocab = tokenizer.get_vocab()
     for candidate in PAD_CANDIDATES:
         token = getattr(tokenizer, candidate, None) if candidate.endswith("_token") else candidate
-        if token is not None and token in vocab and vocab[token] != tokenizer.eos_token_id:
+        if token is not None and token in vocab and vocab[token] not in ends:
             tokenizer.pad_token = token
             return
     raise ValueError("the tokenizer has no token that can pad without being its EOS token; add a "
