@@ -49,7 +49,6 @@ def workspace(tmp_path_factory):
 
 
 DATA_FILES = {"pairs": "pairs.jsonl", "unpaired": "unpaired.jsonl", "ranked": "ranked.jsonl"}
-NEEDS_GOLD = {"triple_po", "selm"}  # pairs with a third response (gold / reference sample)
 
 
 # image-conditional objectives (mdpo) need image data: they train in test_vision_runs.py
@@ -60,7 +59,7 @@ def test_objective_trains_three_steps(workspace, name):
     output = loop.train(build_config({
         "output_dir": str(workspace / "runs" / name),
         "model": {"path": str(workspace / "model")},
-        "data": {"train": str(workspace / ("pairs_gold.jsonl" if name in NEEDS_GOLD
+        "data": {"train": str(workspace / ("pairs_gold.jsonl" if spec.gold
                                            else DATA_FILES[spec.data]))},
         "objective": {"name": name},
         "reference": {"cache_dir": str(workspace / "cache"),

@@ -84,12 +84,15 @@ def _same_response_count(examples, split: str) -> None:
 
 
 def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_records,
-                     keep_prompts: bool = False, announce: bool = True):
+                     keep_prompts: bool = False, announce: bool = True,
+                     gold: tuple | None = None):
     """Read, convert, split and tokenize. Returns (train, eval, report dict, data shape).
     ``tokenize(records, tokenizer, settings, skipped=...)`` is ``tokenize_records`` unless a
     model reads its inputs another way (encoder reward models). Held-out examples keep their
     record's prompt (``.prompt``); training examples too with ``keep_prompts``. Each file's
-    layout is printed with ``announce`` (a second reading of the same data stays quiet)."""
+    layout is printed with ``announce`` (a second reading of the same data stays quiet).
+    ``gold`` names the objectives that read a pair's gold response: each pair must have one;
+    an empty tuple leaves gold responses out (nothing reads them); None keeps them as read."""
     if not data_config.train:
         raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
                         "Parquet, CSV or a saved HF dataset directory).")
@@ -116,6 +119,9 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     train_records = _converted(train_records, data_config, seed, "data.train")
     eval_records = _converted(eval_records, data_config, seed, "data.eval")
     shape = data_shape(train_records)
+    if shape == "pairs" and gold is not None:
+        train_records = _gold_slots(train_records, gold, "data.train")
+        eval_records = _gold_slots(eval_records, gold, "data.eval")
     for key, records in (("data.train", train_records), ("data.eval", eval_records)):
         tied = [r for r in records if r.shape == "ranked" and len(set(r.response_scores)) == 1]
         if tied:
@@ -161,6 +167,29 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
         print(f"data.on_error skip: left out {len(skipped)} malformed records; the first: "
               f"{skipped[0]} (up to 10 reasons in data_report.json)")
     return train, evaluation, report, shape
+
+
+def _gold_slots(records: list, readers: tuple, key: str) -> list:
+    """Pairs as the objective reads them: each with its gold response when ``readers`` (the
+    objectives that read one) is not empty, refused by record without one; without any gold
+    response otherwise (a third slot would change what pair objectives compute)."""
+    if readers:
+        for record in records:
+            if getattr(record, "gold", None) is None:
+                raise DataError(
+                    f"{record.origin}: objective {' and '.join(readers)} reads a gold response "
+                    "in every pair (the record field 'gold', a third response: the reference "
+                    "answer, or for selm a sample of the reference model), and this record has "
+                    "none. Add it, or name the column that holds it with data.fields: "
+                    "{gold: COLUMN}.")
+        return records
+    with_gold = [record for record in records if getattr(record, "gold", None) is not None]
+    if with_gold:
+        print(f"data: {key}: {len(with_gold)} of {len(records)} pairs carry a gold response "
+              f"(e.g. {with_gold[0].origin}); the objective does not read one, so it is left "
+              "out (`preftune objectives` lists those that read one: \"a gold response\")")
+    return [replace(record, gold=None) if getattr(record, "gold", None) is not None else record
+            for record in records]
 
 
 def check_example_weights(examples: list, field: str) -> None:

@@ -41,6 +41,11 @@ class SequenceStats:
         """Length-normalised log-probability, log pi(y|x) / |y|."""
         return self.logps / self.token_counts
 
+    def first_slots(self, count: int) -> "SequenceStats":
+        """The stats of the first ``count`` responses of each example."""
+        return replace(self, **{f.name: getattr(self, f.name)[:, :count] for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
     def detach(self) -> "SequenceStats":
         return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
                                 if getattr(self, f.name) is not None})

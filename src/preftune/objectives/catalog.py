@@ -27,6 +27,8 @@ def _needs(spec: ObjectiveSpec) -> str:
     needs += ", policy distributions" if spec.policy_collisions else ""
     needs += ", several references" if spec.extra_references else ""
     needs += ", images with negatives" if spec.image_negatives else ""
+    needs += ", a gold response" if spec.gold else ""
+    needs += ", samples of the reference" if spec.reference_samples else ""
     needs += f", fields {'/'.join(spec.scores)}" if spec.scores else ""
     return needs + (", a state across steps" if spec.state is not None else "")
 

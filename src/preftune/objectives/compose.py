@@ -112,6 +112,7 @@ class Objective:
         self.per_token = any(t.spec.per_token for t in terms)
         self.kl_completions = any(t.spec.kl_completions for t in terms)
         self.image_negatives = any(t.spec.image_negatives for t in terms)
+        self.gold = any(t.spec.gold for t in terms)
         self.reference_distributions = any(t.spec.reference_distributions for t in terms)
         self.policy_collisions = any(_wants(t.spec.policy_collisions, t.params_at(0, 1))
                                      for t in terms)
@@ -151,6 +152,8 @@ class Objective:
         losses, rewards, parts = 0.0, None, {}
         for term in self.terms:
             given = inputs if term.state is None else replace(inputs, state=term.state)
+            if self.gold and not term.spec.gold:  # a pair term beside a gold reader
+                given = _pairs_only(given)
             output = term.spec(given, term.params_at(inputs.step, self.total_steps))
             losses = losses + term.weight * output.losses
             rewards = output.rewards if rewards is None else rewards
@@ -172,3 +175,10 @@ class Objective:
                 prefix = f"{i}."
                 term.state.load_state_dict({name[len(prefix):]: value for name, value
                                             in state.items() if name.startswith(prefix)})
+
+
+def _pairs_only(inputs: ObjectiveInputs) -> ObjectiveInputs:
+    """``inputs`` without the gold slot, for a term that does not read it."""
+    return replace(inputs, policy=inputs.policy.first_slots(2),
+                   reference=inputs.reference and inputs.reference.first_slots(2),
+                   extra_references=[stats.first_slots(2) for stats in inputs.extra_references])

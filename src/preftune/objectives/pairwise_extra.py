@@ -42,7 +42,8 @@ class TriplePOParams:
                              "remove epsilon, or use variant=sigmoid.")
 
 
-@objective("triple_po", params=TriplePOParams, needs_reference=False, paper="arXiv:2405.16681")
+@objective("triple_po", params=TriplePOParams, needs_reference=False, paper="arXiv:2405.16681",
+           gold=True)
 def triple_po(inputs: ObjectiveInputs, params: TriplePOParams) -> ObjectiveOutput:
     """Triple Preference Optimization (TPO): reference-free preference loss plus NLL on a gold response.
 
@@ -56,9 +57,6 @@ def triple_po(inputs: ObjectiveInputs, params: TriplePOParams) -> ObjectiveOutpu
     mean over the batch, which equals it when all gold responses have the same length.
     """
     logps, counts = inputs.policy.logps, inputs.policy.token_counts
-    if logps.shape[1] < 3:
-        raise ValueError("objective 'triple_po' needs a gold response per pair (the record field "
-                         "'gold', the third response slot); this data has chosen and rejected only")
     gold_nll = -logps[:, 2] / counts[:, 2]
     if params.variant == "tpo_l":
         rewards = params.beta * logps / counts

@@ -65,6 +65,7 @@ class ObjectiveSpec:
     scores: tuple = ()  # numeric fields every record must carry (checked as the data is read)
     state: type | None = None  # what it keeps across steps (an objectives.state.ObjectiveState)
     prepare: Callable | None = None  # a step over the data before training (see ``objective``)
+    gold: bool = False  # reads each pair's gold response, its third slot (refused without)
 
     @property
     def summary(self) -> str:
@@ -77,6 +78,10 @@ class ObjectiveSpec:
     def __call__(self, inputs: ObjectiveInputs, params) -> ObjectiveOutput:
         if self.needs_reference and inputs.reference is None:
             raise ValueError(f"objective {self.name!r} needs reference log-probs")
+        if self.gold and inputs.policy.logps.shape[1] < 3:
+            raise ValueError(f"objective {self.name!r} needs a gold response per pair (the "
+                             "record field 'gold', the third response slot); this data has "
+                             "chosen and rejected only")
         if self.state is not None and inputs.state is None:  # called on its own: a fresh state
             inputs = dataclasses.replace(inputs, state=self.state())
         output = self.fn(inputs, params)
@@ -97,7 +102,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
               kl_completions=False, reference_distributions=False, policy_collisions=False,
               extra_references=False, image_negatives=False, online_builder=None,
               online_win_probs=False, reference_samples=False, scores=(), state=None,
-              prepare=None):
+              prepare=None, gold=False):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -124,6 +129,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     the params of every term of this objective; the examples carry their record's prompt
     (``.prompt``) and it may add scores to them (BCO's UDM weights). What it returns goes into
     the run's data report.
+    ``gold``: each pair carries its ``gold`` response as the third slot; a pair without one
+    is refused as the data is read (other objectives never see a gold slot).
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -139,7 +146,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
                                        kl_completions, reference_distributions,
                                        policy_collisions, extra_references, image_negatives,
                                        online_builder, online_win_probs, reference_samples,
-                                       tuple(scores), state, prepare)
+                                       tuple(scores), state, prepare, gold)
         return fn
 
     return register

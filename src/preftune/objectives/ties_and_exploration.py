@@ -63,7 +63,7 @@ class SELMParams:
 
 
 @objective("selm", params=SELMParams, needs_reference=True, paper="arXiv:2405.19332",
-           online_builder="selm")
+           online_builder="selm", gold=True)
 def selm(inputs: ObjectiveInputs, params: SELMParams) -> ObjectiveOutput:
     """Self-Exploring LMs (SELM): DPO plus an optimism term on a sample of the reference policy.
 
@@ -76,9 +76,6 @@ def selm(inputs: ObjectiveInputs, params: SELMParams) -> ObjectiveOutput:
     online.pairs.builder selm runs the paper's loop: each round samples y_ref from the
     previous iterate (the reference) and ranks it with the data's chosen and rejected.
     """
-    if inputs.policy.logps.shape[1] < 3:
-        raise ValueError("objective 'selm' needs a reference sample per pair as the third response "
-                         "(the record field 'gold'); this data has chosen and rejected only")
     rewards = params.beta * log_ratios(inputs)
     dpo = -F.logsigmoid(chosen_minus_rejected(rewards))
     return ObjectiveOutput(dpo + params.alpha * rewards[:, 2], rewards)

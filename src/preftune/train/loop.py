@@ -195,9 +195,11 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                                config.model.chat_template)
     # the data is read and checked before the weights load (or download): a bad record stops
     # the run early
-    prepares = any(get_objective(item.name).prepare for item in config.objective)
+    specs = [get_objective(item.name) for item in config.objective]
+    prepares = any(spec.prepare for spec in specs)
     train_examples, eval_examples, data_report, shape = prepare_examples(
-        config.data, tokenizer, cfg.seed, keep_prompts=prepares)
+        config.data, tokenizer, cfg.seed, keep_prompts=prepares,
+        gold=tuple(spec.name for spec in specs if spec.gold))
     if not plan_only:
         check_same_data(output_dir, data_report)
     if cfg.example_weight_field:
