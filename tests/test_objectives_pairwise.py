@@ -137,11 +137,15 @@ def test_odpo_names_missing_scores():
     assert "chosen_score" in str(error.value)  # lists what the batch does have
 
 
-def test_odpo_refuses_ties_for_the_difference_offset():
-    scores = {"chosen_score": [2.0, 1.0], "rejected_score": [1.0, 1.0]}
-    inputs, _ = pair_inputs(CASES[:2], scores=scores)
-    with pytest.raises(ValueError, match="#1: 1 vs 1"):
-        get_objective("odpo")(inputs, ODPOParams())
+def test_odpo_refuses_records_its_offset_is_undefined_for():
+    check = get_objective("odpo").check
+    assert check({"chosen_score": 2.0, "rejected_score": 1.0}, ODPOParams()) is None
+    assert check({"chosen_score": 1.0, "rejected_score": 1.0}, ODPOParams()).startswith(
+        "chosen_score 1 is not above rejected_score 1, and offset 'difference' takes the log")
+    ratio = ODPOParams(offset="ratio")
+    assert check({"chosen_score": 1.0, "rejected_score": 2.0}, ratio) is None
+    assert check({"chosen_score": 1.0, "rejected_score": 0.0}, ratio).startswith(
+        "chosen_score 1 and rejected_score 0: offset 'ratio' takes the log of their ratio")
 
 
 # --- DPO-Shift ---------------------------------------------------------------------------------

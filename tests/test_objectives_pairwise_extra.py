@@ -173,10 +173,10 @@ def test_sppo_soft_checks_its_scores():
     inputs, _ = pair_inputs(CASES)
     with pytest.raises(ValueError, match="chosen_win_prob"):
         get_objective("sppo_soft")(inputs, SPPOSoftParams())
-    bad = {"chosen_win_prob": [1.5] * len(CASES), "rejected_win_prob": [0.0] * len(CASES)}
-    inputs, _ = pair_inputs(CASES, scores=bad)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        get_objective("sppo_soft")(inputs, SPPOSoftParams())
+    check = get_objective("sppo_soft").check
+    assert check({"chosen_win_prob": 1.0, "rejected_win_prob": 0.0}, SPPOSoftParams()) is None
+    assert check({"chosen_win_prob": 0.5, "rejected_win_prob": -0.1}, SPPOSoftParams()) == (
+        "rejected_win_prob is -0.1; a win probability is between 0 and 1.")
 
 
 # --- group-robust DPO --------------------------------------------------------------------------

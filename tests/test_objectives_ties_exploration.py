@@ -72,9 +72,9 @@ def test_todo_errors():
     inputs, _ = pair_inputs(CASES[:1])
     with pytest.raises(ValueError, match="tie"):
         get_objective("todo")(inputs, TODOParams())
-    inputs, _ = pair_inputs(CASES[:1], scores={"tie": [0.5]})
-    with pytest.raises(ValueError, match="0/1"):
-        get_objective("todo")(inputs, TODOParams())
+    check = get_objective("todo").check
+    assert check({"tie": 1.0}, TODOParams()) is None and check({"tie": False}, TODOParams()) is None
+    assert check({"tie": 0.5}, TODOParams()).startswith("tie is 0.5; it is 1 (or true) for a tie")
 
 
 # --- SELM ----------------------------------------------------------------------------------------

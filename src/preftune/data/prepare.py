@@ -207,9 +207,12 @@ def check_example_weights(examples: list, field: str) -> None:
 
 
 def check_objective_scores(examples: list, objective) -> None:
-    """Every example carries the numeric fields its objective's terms declare (``scores``):
-    checked as the data is read, not at the step that meets a record without them."""
+    """Every example carries the numeric fields its objective's terms declare (``scores``),
+    with values they take (``check``): checked as the data is read, not at the step that meets
+    a record without them."""
     for term in objective.terms:
+        check = term.spec.check
+        params = term.params_at(0, objective.total_steps) if check is not None else None
         for example in examples:
             missing = [key for key in term.spec.scores if key not in example.scores]
             if missing:
@@ -221,6 +224,9 @@ def check_objective_scores(examples: list, objective) -> None:
                     "other than a number, or null, counts as missing). Add them (`preftune rm "
                     "score` writes chosen_score and rejected_score), or name the columns that "
                     f"hold them, e.g. data.fields: {{{missing[0]}: COLUMN}}.")
+            problem = check(example.scores, params) if check is not None else None
+            if problem:
+                raise DataError(f"{example.origin}: objective {term.spec.name}: {problem}")
 
 
 def with_mismatched_completions(examples: list, max_length: int) -> list:

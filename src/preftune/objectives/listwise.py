@@ -163,8 +163,15 @@ def lambda_weights(scores: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
             * (inverse_discount[:, :, None] - inverse_discount[:, None, :]).abs())
 
 
+def _small_scores(scores: dict, params) -> str | None:
+    largest = max(abs(score) for score in scores["response_scores"])
+    return None if largest <= MAX_EXP2_GAIN_SCORE else (
+        f"a score of {largest:g}: tree_po weights pairs by 2^score, so |scores| must be at "
+        f"most {MAX_EXP2_GAIN_SCORE:g}. Rescale the scores, e.g. to [0, 1] as in LiPO.")
+
+
 @objective("tree_po", params=TreePOParams, needs_reference=True, data="ranked",
-           paper="arXiv:2410.12854")
+           paper="arXiv:2410.12854", check=_small_scores)
 def tree_po(inputs: ObjectiveInputs, params: TreePOParams) -> ObjectiveOutput:
     """Tree Preference Optimization (TPO, tree): lambda-weighted pairwise ranking of the list.
 
@@ -182,10 +189,6 @@ def tree_po(inputs: ObjectiveInputs, params: TreePOParams) -> ObjectiveOutput:
     rejected because 2^psi would swamp float32.
     """
     scores = _response_scores(inputs, "tree_po")
-    if scores.abs().max() > MAX_EXP2_GAIN_SCORE:
-        raise ValueError(f"tree_po weights pairs by 2^score; |response_scores| must be at most "
-                         f"{MAX_EXP2_GAIN_SCORE:g} (got {scores.abs().max().item():g}). Rescale "
-                         "the scores, e.g. to [0, 1] as in LiPO.")
     rewards = params.beta * log_ratios(inputs)
     weights = lambda_weights(scores, rewards.detach()) * strictly_better(scores)
     pair_losses = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])

@@ -139,8 +139,21 @@ class ODPOParams:
     offset: Literal["difference", "ratio"] = "difference"
 
 
+def _offset_defined(scores: dict, params) -> str | None:
+    chosen, rejected = scores["chosen_score"], scores["rejected_score"]
+    if params.offset == "difference" and chosen <= rejected:
+        return (f"chosen_score {chosen:g} is not above rejected_score {rejected:g}, and offset "
+                "'difference' takes the log of their difference. Drop ties and flipped pairs, "
+                "or use offset: ratio.")
+    if params.offset == "ratio" and min(chosen, rejected) <= 0:
+        return (f"chosen_score {chosen:g} and rejected_score {rejected:g}: offset 'ratio' takes "
+                "the log of their ratio, so both must be positive. Use offset: difference, or "
+                "shift the scores above 0.")
+    return None
+
+
 @objective("odpo", params=ODPOParams, needs_reference=True, paper="arXiv:2402.10571",
-           scores=("chosen_score", "rejected_score"))
+           scores=("chosen_score", "rejected_score"), check=_offset_defined)
 def odpo(inputs: ObjectiveInputs, params: ODPOParams) -> ObjectiveOutput:
     """DPO with an offset: the margin must beat a gap that grows with the score difference.
 
@@ -150,18 +163,9 @@ def odpo(inputs: ObjectiveInputs, params: ODPOParams) -> ObjectiveOutput:
     """
     chosen, rejected = required_scores(inputs, ("chosen_score", "rejected_score"), "odpo")
     if params.offset == "difference":
-        bad = chosen <= rejected
-        need = ("chosen_score > rejected_score (log of their difference); drop ties or use "
-                "offset='ratio'")
         gap = torch.log(chosen - rejected)
     else:
-        bad = (chosen <= 0) | (rejected <= 0)
-        need = "positive chosen_score and rejected_score (log of their ratio)"
         gap = torch.log(chosen) - torch.log(rejected)
-    if bad.any():
-        rows = bad.nonzero().flatten().tolist()[:5]
-        pairs = ", ".join(f"#{i}: {chosen[i].item():g} vs {rejected[i].item():g}" for i in rows)
-        raise ValueError(f"odpo with offset={params.offset!r} needs {need}; batch examples {pairs}")
     rewards = params.beta * log_ratios(inputs)
     return ObjectiveOutput(-F.logsigmoid(chosen_minus_rejected(rewards) - params.alpha * gap), rewards)
 

@@ -99,8 +99,15 @@ class SPPOSoftParams:
     beta: Positive = 0.001  # 1/eta in the paper (eta = 1000)
 
 
+def _probabilities(scores: dict, params) -> str | None:
+    bad = [key for key in ("chosen_win_prob", "rejected_win_prob") if not 0 <= scores[key] <= 1]
+    return None if not bad else (f"{bad[0]} is {scores[bad[0]]:g}; a win probability is "
+                                 "between 0 and 1.")
+
+
 @objective("sppo_soft", params=SPPOSoftParams, needs_reference=True, paper="arXiv:2405.00675",
-           online_win_probs=True, scores=("chosen_win_prob", "rejected_win_prob"))
+           online_win_probs=True, scores=("chosen_win_prob", "rejected_win_prob"),
+           check=_probabilities)
 def sppo_soft(inputs: ObjectiveInputs, params: SPPOSoftParams) -> ObjectiveOutput:
     """Self-Play PO with soft win probabilities: regress each log-ratio onto (P - 1/2)/beta.
 
@@ -112,8 +119,6 @@ def sppo_soft(inputs: ObjectiveInputs, params: SPPOSoftParams) -> ObjectiveOutpu
     """
     win_w, win_l = required_scores(inputs, ("chosen_win_prob", "rejected_win_prob"), "sppo_soft")
     wins = torch.stack((win_w, win_l), dim=1)
-    if ((wins < 0) | (wins > 1)).any():
-        raise ValueError("sppo_soft needs chosen_win_prob and rejected_win_prob in [0, 1]")
     ratios = log_ratios(inputs)[:, :2]
     losses = 0.5 * ((ratios - (wins - 0.5) / params.beta) ** 2).sum(dim=1)
     return ObjectiveOutput(losses, params.beta * ratios)

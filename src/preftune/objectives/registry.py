@@ -66,6 +66,7 @@ class ObjectiveSpec:
     state: type | None = None  # what it keeps across steps (an objectives.state.ObjectiveState)
     prepare: Callable | None = None  # a step over the data before training (see ``objective``)
     gold: bool = False  # reads each pair's gold response, its third slot (refused without)
+    check: Callable | None = None  # check(record's numbers, params) -> what is wrong, or None
 
     @property
     def summary(self) -> str:
@@ -102,7 +103,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
               kl_completions=False, reference_distributions=False, policy_collisions=False,
               extra_references=False, image_negatives=False, online_builder=None,
               online_win_probs=False, reference_samples=False, scores=(), state=None,
-              prepare=None, gold=False):
+              prepare=None, gold=False, check=None):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -131,6 +132,9 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     the run's data report.
     ``gold``: each pair carries its ``gold`` response as the third slot; a pair without one
     is refused as the data is read (other objectives never see a gold slot).
+    ``check(scores, params) -> str | None``: what is wrong with one record's numeric fields
+    (``scores``, a dict of its ``scores`` names) for these params, or None; run on every
+    record as the data is read, so the loss itself never reads values back from the device.
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -146,7 +150,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
                                        kl_completions, reference_distributions,
                                        policy_collisions, extra_references, image_negatives,
                                        online_builder, online_win_probs, reference_samples,
-                                       tuple(scores), state, prepare, gold)
+                                       tuple(scores), state, prepare, gold, check)
         return fn
 
     return register

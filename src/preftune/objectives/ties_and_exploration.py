@@ -33,8 +33,14 @@ def tie_nll(u: torch.Tensor, alpha: float) -> torch.Tensor:
     return F.softplus(alpha - u) + F.softplus(alpha + u) - math.log(math.expm1(2.0 * alpha))
 
 
+def _tie_flag(scores: dict, params) -> str | None:
+    return None if scores["tie"] in (0, 1) else (
+        f"tie is {scores['tie']:g}; it is 1 (or true) for a tie and 0 (or false) for a "
+        "preference.")
+
+
 @objective("todo", params=TODOParams, needs_reference=True, paper="arXiv:2411.02442",
-           scores=("tie",))
+           scores=("tie",), check=_tie_flag)
 def todo(inputs: ObjectiveInputs, params: TODOParams) -> ObjectiveOutput:
     """TODO (Tie-rank Oriented DPO): DPO under a Bradley-Terry model extended with ties (TOBT).
 
@@ -47,8 +53,6 @@ def todo(inputs: ObjectiveInputs, params: TODOParams) -> ObjectiveOutput:
     Formula as in the authors' XXares/TODO DPOTieTrainer.tie_loss.
     """
     (tie,) = required_scores(inputs, ("tie",), "todo")
-    if ((tie != 0) & (tie != 1)).any():
-        raise ValueError("todo: the tie field must be 0/1 (or false/true) for every pair")
     alpha = -params.theta
     rewards = params.beta * log_ratios(inputs)
     u = chosen_minus_rejected(rewards)

@@ -1,6 +1,7 @@
-"""A pair's optional ``gold`` response reaches only the objectives that declare they read it
-(triple_po, selm): the others train as if it were absent, and a reader refuses a pair without
-one as the data is read."""
+"""What an objective declares it reads from a record, checked as the data is read: a pair's
+optional ``gold`` response reaches only the objectives that read it (triple_po, selm; the
+others train as if it were absent, a reader refuses a pair without one), and declared numeric
+fields must hold values the objective takes (todo's tie flag, odpo's scores, ...)."""
 
 import json
 
@@ -56,6 +57,17 @@ def test_a_gold_reader_refuses_pairs_without_gold_before_the_model_loads(workspa
             "pair") in error
     assert "data.fields: {gold: COLUMN}" in error and "Traceback" not in error
     assert not (workspace / "no-gold").exists()
+
+
+def test_a_value_an_objective_cannot_take_is_refused_before_the_model_loads(workspace, capsys):
+    rows = [json.loads(line) for line in (workspace / "plain.jsonl").read_text().splitlines()]
+    ties = [{**row, "tie": 2 if i == 2 else i % 2} for i, row in enumerate(rows)]
+    (workspace / "ties.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ties))
+    assert _train(workspace, "todo", "ties.jsonl", "ties") == 2
+    error = capsys.readouterr().err
+    assert (f"{workspace / 'ties.jsonl'}:3: objective todo: tie is 2; it is 1 (or true) for a "
+            "tie and 0 (or false) for a preference.") in error
+    assert not (workspace / "ties").exists()
 
 
 def test_the_listing_says_which_objectives_read_gold_and_reference_samples():
