@@ -5,7 +5,9 @@ import math
 
 import torch
 
+from preftune.cli import main
 from preftune.train.alarms import Alarms, WeightProbe
+from tiny_models import yes_no_workspace
 
 
 def healthy(step, accuracy=0.8):
@@ -115,3 +117,37 @@ def test_held_out_answers_that_are_empty_or_stop_ending(tmp_path):
     for step, ended in ((4, 0.25), (8, 0.0)):
         assert quiet.check({"step": step, "loss": 0.6, "eval/answers_ended": ended},
                            ["a:1"]) == []
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_says_so(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True)
+    raised = alarms.check({**healthy(1), "grad_norm": math.inf}, ["data.jsonl:4"])
+    assert [a["kind"] for a in raised] == ["non_finite_gradient"]
+    assert raised[0]["message"].startswith(
+        "the loss is finite but the gradient norm is inf; optimizer step skipped.")
+    assert raised[0]["message"].endswith("Examples in this batch: data.jsonl:4")
+
+
+def test_weights_gone_non_finite_are_the_cause_not_the_batch(tmp_path):
+    alarms = Alarms(tmp_path / "alarms.jsonl", needs_reference=True)
+    raised = alarms.check({**healthy(2), "loss": math.nan}, ["data.jsonl:3"], diverged=True)
+    assert [a["kind"] for a in raised] == ["weights_non_finite"]
+    assert "data.jsonl:3" not in raised[0]["message"]
+    probe = WeightProbe([torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(70))])
+    assert probe.non_finite().item() == 0
+    with torch.no_grad():
+        probe.parameters[1][69] = math.inf  # past the 64 numbers the probe copies
+    assert probe.non_finite().item() == 1
+
+
+def test_a_run_whose_weights_blow_up_stops_without_saving_a_model(tmp_path, capsys):
+    root = yes_no_workspace(tmp_path, with_config=True)
+    code = main(["train", str(root / "config.yaml"), "--set", "train.learning_rate=1e38",
+                 "--set", "train.max_steps=4", "--set", "train.batch_size=2"])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "stopped in step 2 of 4: the trainable weights became NaN or inf (see the "
+        "weights_non_finite alarm); the model was not saved.")
+    logged = [json.loads(line) for line in (root / "run" / "alarms.jsonl").read_text().splitlines()]
+    assert [(a["kind"], a["step"]) for a in logged] == [("weights_non_finite", 2)]
+    assert not (root / "run" / "model").exists() and not (root / "run" / "run.json").exists()

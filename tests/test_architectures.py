@@ -176,6 +176,17 @@ def test_a_head_that_does_something_unknown_is_refused_by_name():
         check_head(model)
 
 
+def test_a_model_with_non_finite_weights_is_refused_as_such():
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ConfigError) as refused:
+        check_head(model, "--model")
+    assert str(refused.value).startswith(
+        "--model: 1 of the model's weight tensors hold NaN or inf values (e.g. "
+        "model.layers.1.mlp.up_proj.weight): a training run that diverged saved them?")
+
+
 def hybrid(seed: int = 0, vocab_size: int = 128):
     """LFM2 with a short-convolution layer before its attention layer."""
     return build("lfm2", {"layer_types": ["conv", "full_attention"], "vocab_size": vocab_size},

@@ -27,6 +27,7 @@ from ..data.sources import load_records
 from ..data.tokenize import (TokenizedExample, TokenizeSettings, distinct_prompts,
                              tokenize_records)
 from ..model.forward import SequenceStats
+from ..model.verify import check_model
 from ..model.chat_template import use_chat_template
 from ..model.load import given_as, load_tokenizer, released, resolve_model_dir, saved_dtype
 from ..score import check_scorer, load_scorer
@@ -163,6 +164,8 @@ def _with_models(options: EvalOptions, model_dir: str, run_dir, tokenizer, examp
                                                   tokenizer, options.dtype,
                                                   PartialState().device)
     seconds["load"] = time.perf_counter() - clock
+    check_model(policy, examples, key="--model")
+    check_model(reference, examples, key="the reference model (--reference)")
     torch.manual_seed(options.seed)
 
     clock = time.perf_counter()

@@ -103,6 +103,8 @@ def check_head(model: nn.Module, key: str = "model.path") -> None:
         logits = lm(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
         theirs = logits[0, 3:-1].float().log_softmax(-1).gather(
             1, torch.tensor(ids[4:], device=device)[:, None]).squeeze(1)
+    if not torch.isfinite(theirs).all():
+        raise ConfigError(_non_finite(lm, key))
     gap = (ours - theirs).abs().max().item()
     dtype = next(lm.parameters()).dtype
     if not gap <= HEAD_TOLERANCE.get(dtype, 0.25):
@@ -113,6 +115,18 @@ def check_head(model: nn.Module, key: str = "model.path") -> None:
             "soft caps preftune knows. Training it would optimise the wrong numbers; please "
             "report the architecture.")
     _CHECKED.add(lm)
+
+
+def _non_finite(lm: nn.Module, key: str) -> str:
+    """Why a model's own log-probs are NaN or inf: its weights, or its arithmetic."""
+    bad = [name for name, p in lm.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        return (f"{key}: {len(bad)} of the model's weight tensors hold NaN or inf values (e.g. "
+                f"{bad[0]}): a training run that diverged saved them? Train it again with a "
+                "lower learning rate; nothing can be measured or trained from these weights.")
+    return (f"{key}: the model's own log-probs are NaN or inf on a probe though its weights are "
+            "finite: its arithmetic overflows in this dtype. Load it in float32 "
+            "(model.dtype / --dtype).")
 
 
 def _leak_examples(seed: int, vocab: int) -> list[TokenizedExample]:

@@ -29,14 +29,24 @@ class WeightProbe:
         self.start = [self._head(p).clone() for p in self.parameters]
 
     def _head(self, parameter):
-        # sharded: this process's part, no gather (ZeRO-3's partition, FSDP's local shard)
-        local = getattr(parameter, "ds_tensor", None)
-        if local is None:
-            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
-        return local.detach().reshape(-1)[: self.per_tensor]
+        return _local(parameter).reshape(-1)[: self.per_tensor]
 
     def moved(self) -> bool:
         return any(not torch.equal(self._head(p), s) for p, s in zip(self.parameters, self.start))
+
+    def non_finite(self) -> torch.Tensor:
+        """How many trainable tensors (this process's part of them) hold a NaN or inf, on the
+        device: a whole pass over the weights, for the rare step whose loss is not finite."""
+        return sum(((~torch.isfinite(_local(p))).any().to(torch.int64) for p in self.parameters),
+                   torch.tensor(0))
+
+
+def _local(parameter) -> torch.Tensor:
+    """This process's part of a parameter, no gather (ZeRO-3's partition, FSDP's shard)."""
+    local = getattr(parameter, "ds_tensor", None)
+    if local is None:
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+    return local.detach()
 
 
 class Alarms:
@@ -71,9 +81,10 @@ class Alarms:
         self.first_ended = state.get("first_ended")
 
     def check(self, record: dict, example_origins: list[str],
-              examples: list | None = None) -> list[dict]:
+              examples: list | None = None, diverged: bool = False) -> list[dict]:
         """Alarms raised by one step's metrics ``record``; ``example_origins`` name its examples
-        (``examples``, when given, are the tokenized examples themselves)."""
+        (``examples``, when given, are the tokenized examples themselves); ``diverged``: the
+        weights hold NaN or inf."""
         step, raised = record["step"], []
         if examples and all(_same_responses(ex) for ex in examples):
             raised.append(self._alarm(
@@ -82,10 +93,24 @@ class Alarms:
                 "nothing in it tells the objective which is better: "
                 f"{', '.join(example_origins[:5])}. Check the data (data_report.json counts "
                 "identical_responses).", repeat=True))
-        if not math.isfinite(record["loss"]):
+        if diverged:
+            raised.append(self._alarm(
+                "weights_non_finite", step,
+                f"loss is {record['loss']} because the trainable weights hold NaN or inf values "
+                "(not because of this step's examples): an earlier update made them so. Usual "
+                "causes: a learning rate far too high, no gradient clipping "
+                "(train.max_grad_norm), fp16 overflow. Training stops here."))
+        elif not math.isfinite(record["loss"]):
             raised.append(self._alarm("non_finite_loss", step,
                                       f"loss is {record['loss']}; optimizer step skipped. Examples "
                                       f"in this batch: {', '.join(example_origins)}", repeat=True))
+        elif not math.isfinite(record.get("grad_norm", 0.0)):
+            raised.append(self._alarm(
+                "non_finite_gradient", step,
+                f"the loss is finite but the gradient norm is {record['grad_norm']}; optimizer "
+                "step skipped. Something in the loss has an infinite slope at these values (a "
+                "sqrt or log at 0, a division by a count of 0: a custom objective?) or fp16 "
+                f"overflows. Examples in this batch: {', '.join(example_origins)}", repeat=True))
         if step >= self.frozen_after_steps and not self.checked_moving:  # once: reads weights
             self.checked_moving = True
             raised.append(self._not_moving(record))

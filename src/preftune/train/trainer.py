@@ -10,6 +10,7 @@ alarms, evaluation, atomic checkpoints and resume, and the final save.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -258,13 +259,16 @@ class Trainer:
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or (last and task.eval_examples):
             record.update({f"eval/{k}": v for k, v in task.evaluate(self.module, step).items()})
         examples = [task.train_examples[i] for i in indices]
-        raised = self.alarms.check(record, [ex.origin for ex in examples], examples) \
-            if self.main else []
+        diverged = not math.isfinite(record["loss"]) and self._weights_non_finite()
+        raised = self.alarms.check(record, [ex.origin for ex in examples], examples,
+                                   diverged) if self.main else []
         if raised:
             record["alarms"] = [alarm["kind"] for alarm in raised]
         if self.main and ((step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
                           or "eval/loss" in record or raised):
             self.log.write(record)
+        if diverged:
+            raise self._diverged(step)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                              **({"acc": f"{record['rewards/accuracies']:.2f}"}
@@ -326,6 +330,25 @@ class Trainer:
             path = self.save(step)
         return out_of_memory(step, self.total_steps, path or latest_checkpoint(
             self.checkpoint_dir), error)
+
+    def _weights_non_finite(self) -> bool:
+        """Whether any process's trainable weights hold NaN or inf (every process asks: they
+        all read the same non-finite loss)."""
+        count = self.alarms.weights.non_finite().to(self.accelerator.device)
+        if self.world > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return bool(count.item())
+
+    def _diverged(self, step: int) -> TrainingStopped:
+        """The run stops: its weights are NaN or inf, so no later step can train, and the
+        model is not saved as if it had finished."""
+        self.bar.close()
+        self.batches.close()
+        return TrainingStopped(
+            f"stopped in step {step + 1} of {self.total_steps}: the trainable weights became NaN "
+            "or inf (see the weights_non_finite alarm); the model was not saved.",
+            "Lower train.learning_rate and train again (--overwrite), or --resume from a "
+            "checkpoint written before it went wrong.", code=1)
 
     def _summed(self, sums: dict) -> dict:
         """Metric sums, token counts and stop requests added up over all processes: one
