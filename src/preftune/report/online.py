@@ -16,9 +16,11 @@ from .reward import _canvas, _png
 BLUE, GREEN = ROLE_COLOURS["margins"], ROLE_COLOURS["chosen"]
 
 
-def joined_metrics(run_dir: Path, summary: dict, read_jsonl) -> list[dict]:
-    """The finished rounds' ``metrics.jsonl`` one after another, steps offset so they continue."""
-    joined, offset = [], 0
+def joined_metrics(run_dir: Path, summary: dict, read_jsonl,
+                   read_alarms) -> tuple[list[dict], list[dict]]:
+    """The finished rounds' ``metrics.jsonl`` one after another, steps offset so they
+    continue, and their alarms (``read_alarms(alarms.jsonl, records)``) at the same steps."""
+    joined, alarms, offset = [], [], 0
     for info in summary["rounds"]:
         here = run_dir / f"round-{info['round']}"
         # `preftune online` trains in the round's folder, `diffusion online` in its train/
@@ -26,8 +28,11 @@ def joined_metrics(run_dir: Path, summary: dict, read_jsonl) -> list[dict]:
                      if p.is_file()), None)
         records = read_jsonl(path) if path is not None else []
         joined += [{**r, "step": r["step"] + offset} for r in records]
+        if path is not None:
+            alarms += [{**alarm, "step": alarm["step"] + offset, "round": info["round"]}
+                       for alarm in read_alarms(path.parent / "alarms.jsonl", records)]
         offset += records[-1]["step"] if records else 0
-    return joined
+    return joined, alarms
 
 
 def rounds_run_info(run_dir: Path, summary: dict, read_json) -> dict | None:

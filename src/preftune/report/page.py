@@ -165,12 +165,16 @@ def _alarms(alarms: list[dict]) -> str:
     """The alarms table, or a line saying none fired."""
     if not alarms:
         return "<h2>Alarms</h2>\n<p class=\"note\">No alarms fired.</p>"
+    rounds = any("round" in alarm for alarm in alarms)  # an online run's: steps of all rounds
     rows = "".join(f"<tr><td class=\"num\">{escape(str(alarm.get('step', '')))}</td>"
-                   f"<td class=\"kind\">{escape(str(alarm.get('kind', '')))}</td>"
+                   + (f"<td class=\"num\">{escape(str(alarm.get('round', '')))}</td>"
+                      if rounds else "")
+                   + f"<td class=\"kind\">{escape(str(alarm.get('kind', '')))}</td>"
                    f"<td>{escape(str(alarm.get('message', '')))}</td></tr>" for alarm in alarms)
+    round_head = "<th>round</th>" if rounds else ""
     return (f"<h2>Alarms ({len(alarms)})</h2>\n<p class=\"note\">Also marked as dotted lines "
-            f"on the loss plot.</p>\n<table><tr><th>step</th><th>kind</th><th>message</th></tr>"
-            f"{rows}</table>")
+            f"on the loss plot.</p>\n<table><tr><th>step</th>{round_head}<th>kind</th>"
+            f"<th>message</th></tr>{rows}</table>")
 
 
 def _figure_grid(figures) -> str:

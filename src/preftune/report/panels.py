@@ -96,11 +96,12 @@ def build_panels(metrics: list[dict]) -> list[Panel]:
     """The panels for a run's metrics: known ones first in a fixed order, then the rest.
 
     A key that is never finite has nothing to draw and gets no curve, nor does a padding
-    fraction that is 0 throughout (images, packed rows: there is no padding to watch).
+    fraction that is 0 throughout (images, packed rows: there is no padding to watch). The
+    loss always has its panel: the alarms are drawn there, and its NaN steps are marked.
     """
     grouped: dict[str, list[Series]] = {}
     for curve in numeric_series(metrics).values():
-        if all(math.isnan(value) for value in curve.values):
+        if curve.key != "loss" and all(math.isnan(value) for value in curve.values):
             continue
         if curve.key == "padding_fraction" and all(value == 0 for value in curve.values):
             continue

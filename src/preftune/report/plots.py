@@ -9,6 +9,7 @@ curve, so a reader can compare without hunting through the legend.
 from __future__ import annotations
 
 import io
+import math
 from itertools import cycle
 
 from matplotlib import rc_context
@@ -71,7 +72,11 @@ def render_panel(panel: Panel, alarms: list[dict] | None = None) -> bytes:
         axes.set_title(panel.title, pad=10)
         axes.set_xlabel("step")
         axes.set_ylabel(panel.ylabel)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        steps = {step for curve in panel.series for step in curve.steps}
+        if len(steps) == 1:  # one point: the locator would tick fractions of a step around it
+            axes.set_xticks(sorted(steps))
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
         _legend(axes)
         buffer = io.BytesIO()
@@ -137,6 +142,11 @@ def _draw_series(axes, curve: Series, colour: str, has_train_twin: bool) -> None
     axes.plot(curve.steps, curve.values, color=colour, label=label,
               linestyle="--" if dashed else "-", alpha=0.75 if dashed else 1.0,
               marker="o" if few else None, markersize=3)
+    broken = [step for step, value in zip(curve.steps, curve.values) if math.isnan(value)]
+    if broken:  # a gap in the line would be easy to miss: a cross at the foot of each step
+        axes.plot(broken, [0.03] * len(broken), linestyle="none", marker="x", color=colour,
+                  markersize=7, transform=axes.get_xaxis_transform(), clip_on=False,
+                  label=f"{series_label(curve)}: NaN/inf")
 
 
 def _draw_alarms(axes, alarms: list[dict]) -> None:

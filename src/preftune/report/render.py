@@ -50,6 +50,10 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         rounds = online_figures(run.online) if run.online else []
         for file_name, _, png in reward + rounds:
             (figures_dir / file_name).write_bytes(png)
+        drawn = {name for name, _, _ in figures + reward + rounds}
+        for stale in figures_dir.glob("*.png"):  # an earlier report's panel this one lacks
+            if stale.name not in drawn:
+                stale.unlink()
         html_path.write_text(render_page(run, figures, reward, rounds), encoding="utf-8")
     except OSError as error:
         raise ReportError(f"cannot write the report: {error}. The page goes to {html_path} "

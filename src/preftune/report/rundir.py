@@ -52,7 +52,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if online is not None:  # the rounds' training metrics, one after another
         from .online import joined_metrics, rounds_run_info
 
-        metrics = joined_metrics(run_dir, online, read_jsonl)
+        metrics, alarms = joined_metrics(run_dir, online, read_jsonl, _alarms)
         if not metrics:
             rounds = online["rounds"]
             trained = [r["round"] for r in rounds if "skipped" not in r.get("train", {
@@ -67,7 +67,7 @@ def load_run(run_dir: str | Path) -> RunData:
                 "no training data: every sample or list scored alike; see the rounds in "
                 "online.json), so there is no training curve to draw")
         config_path = run_dir / "config.yaml"
-        return RunData(run_dir=run_dir, metrics=metrics, online=online,
+        return RunData(run_dir=run_dir, metrics=metrics, alarms=alarms, online=online,
                        run_info=rounds_run_info(run_dir, online, _optional_json),
                        config_text=config_path.read_text() if config_path.is_file() else None)
     if not metrics_path.is_file():
