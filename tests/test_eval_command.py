@@ -290,3 +290,29 @@ def test_the_scorer_loads_once_policy_and_reference_are_gone(files, monkeypatch,
     held.clear()
     assert evaluate(files, "--scorer", "nowhere:nothing") == 2
     assert held == [] and "--scorer: " in capsys.readouterr().err
+
+
+def test_a_reward_model_or_an_online_round_is_refused_before_anything_loads(tmp_path, capsys):
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    reward = tmp_path / "rm"
+    (reward / "model").mkdir(parents=True)
+    for name in ("config.json", "preftune_reward.json"):
+        (reward / "model" / name).write_text("{}")
+    (reward / "run.json").write_text("{}")
+    assert main(["eval", "--model", str(reward), "--data", str(tmp_path / "pairs.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --model {reward}: a reward model (preftune_reward.json), which scores "
+        f"responses rather than writing them; preftune eval measures a policy. Measure it with "
+        f"`preftune rm eval --model {reward} --data PAIRS`.")
+    online = tmp_path / "online"
+    (online / "round-1" / "model").mkdir(parents=True)
+    (online / "round-1" / "model" / "config.json").write_text("{}")
+    (online / "round-1" / "run.json").write_text("{}")
+    (online / "round-1" / "eval.json").write_text('{"mean_score": 0.5}')
+    (online / "online.json").write_text('{"rounds": []}')
+    assert main(["eval", "--model", str(online / "round-1"),
+                 "--data", str(tmp_path / "pairs.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --model {online / 'round-1'}: round-1 of an online run, whose eval.json and "
+        "eval_answers.jsonl are the round's own held-out evaluation")
+    assert (online / "round-1" / "eval.json").read_text() == '{"mean_score": 0.5}'

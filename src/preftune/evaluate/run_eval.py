@@ -95,6 +95,11 @@ def run_eval(options: EvalOptions) -> dict:
     if options.output:
         check_output_folder(options.output, "--output")
     model_dir, run_dir = model_location(options.model)
+    if not options.output and run_dir is not None and (run_dir.parent / "online.json").exists():
+        raise ConfigError(f"--model {options.model}: {run_dir.name} of an online run, whose "
+                          "eval.json and eval_answers.jsonl are the round's own held-out "
+                          "evaluation (online.json and the report read them); eval would "
+                          "replace them. Pass --output DIR for this evaluation's files.")
     if options.reference is None:
         options = replace(options, reference=run_reference(run_dir))
         if run_dir is not None and (run_dir / "config.yaml").is_file():

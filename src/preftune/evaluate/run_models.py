@@ -8,13 +8,19 @@ from pathlib import Path
 
 import yaml
 
+from ..config import ConfigError
 from ..model.adapter_dirs import adapter_base, final_model_dir, is_adapter_dir
+from ..reward.heads import HEAD_FILE
 
 
 def model_location(path: str) -> tuple[str, Path | None]:
     """(model dir to load, the run dir it belongs to or None). A run dir holds ``model/`` (or,
     LoRA without a merged copy, ``adapter/``)."""
     local = Path(path)
+    if any((where / HEAD_FILE).exists() for where in (local, local / "model")):
+        raise ConfigError(f"--model {path}: a reward model ({HEAD_FILE}), which scores "
+                          "responses rather than writing them; preftune eval measures a policy. "
+                          f"Measure it with `preftune rm eval --model {path} --data PAIRS`.")
     if (local / "run.json").exists() or (local / "model" / "config.json").exists():
         return str(final_model_dir(local)), local
     if (local / "metrics.jsonl").exists() and not (local / "config.json").exists():
