@@ -189,3 +189,32 @@ def test_an_objectives_models_are_released_before_the_next_one(tmp_path, monkeyp
     finally:
         gc.enable()
     assert ("error" in entry) == fails and held[0]() is None
+
+
+def test_param_trains_one_objective_with_other_parameters_and_a_change_retrains(base, capsys):
+    out = base / "params"
+    common = ["compare", "--objectives", "dpo", "--config", str(base / "base.yaml"),
+              "--output-dir", str(out), "--samples", "0"]
+    assert main(common + ["--param", "dpo.beta=0.5"]) == 0
+    trained = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
+    assert trained["objective"] == [{"name": "dpo", "weight": 1.0, "beta": 0.5}]
+    capsys.readouterr()
+    assert main(common + ["--param", "dpo.beta=0.25"]) == 0  # other settings: trained again
+    assert "dpo: finished earlier" not in capsys.readouterr().out
+    trained = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
+    assert trained["objective"][0]["beta"] == 0.25
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--param", "dpo.bta=0.5"], "bta"),  # a typo: before anything trains
+    (["--param", "ipo.beta=0.5"], "--param ipo.KEY: ipo is not one of --objectives (dpo)."),
+    (["--param", "beta=0.5"], "expected OBJECTIVE.KEY=VALUE"),
+    (["--set", "objective.beta=0.5"], "the base config's objective sets beta, but compare "
+                                      "replaces it with each of --objectives"),
+])
+def test_objective_parameters_that_would_be_dropped_are_refused(base, capsys, argv, expected):
+    out = base / "refused"
+    assert main(["compare", "--objectives", "dpo", "--config", str(base / "base.yaml"),
+                 "--output-dir", str(out)] + argv) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()

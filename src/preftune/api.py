@@ -83,10 +83,12 @@ def evaluate(model: str, data: str, **options) -> dict:
 def compare(objectives: Sequence[str], config: str | None = None, *,
             overrides: Sequence[str] = (), output_dir: str = "runs/compare",
             eval_data: str | None = None, scorer: str | None = None, samples: int = 2,
-            max_new_tokens: int = 32, plan_only: bool = False) -> Path:
+            max_new_tokens: int = 32, plan_only: bool = False,
+            params: dict | None = None) -> Path:
     """Train each objective on the base config ``config`` (a YAML path, its objective
     replaced), evaluate them alike and write a leaderboard (``preftune compare``);
-    ``plan_only`` prints each objective's ``--plan`` instead."""
+    ``params`` gives an objective other parameters than its paper's defaults, e.g.
+    ``{"simpo": {"beta": 2.5}}``; ``plan_only`` prints each objective's ``--plan`` instead."""
     from .compare import run_compare
     from .config import as_list
 
@@ -98,7 +100,7 @@ def compare(objectives: Sequence[str], config: str | None = None, *,
     if isinstance(objectives, str):  # "dpo,ipo", as on the command line
         objectives = [name.strip() for name in objectives.split(",") if name.strip()]
     return run_compare(list(objectives), config, as_list(overrides), output_dir, eval_data,
-                       scorer, samples, max_new_tokens, plan_only)
+                       scorer, samples, max_new_tokens, plan_only, params)
 
 
 def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool = False,

@@ -81,12 +81,13 @@ def _compare(args) -> int:
     import json
 
     from .api import compare
+    from .compare import objective_params
 
     objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
     root = compare(objectives, args.config, overrides=args.set or [],
                    output_dir=args.output_dir, eval_data=args.eval_data, scorer=args.scorer,
                    samples=args.samples, max_new_tokens=args.max_new_tokens,
-                   plan_only=args.plan)
+                   plan_only=args.plan, params=objective_params(args.param or []))
     if args.plan:
         return 0
     entries = json.loads((root / "leaderboard.json").read_text())
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", help="base YAML config; its objective is replaced")
     compare.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override a base config key")
+    compare.add_argument("--param", action="append", metavar="OBJECTIVE.KEY=VALUE",
+                         help="a parameter of one compared objective, e.g. simpo.beta=2.5 "
+                         "(repeatable; the rest keep their paper's defaults)")
     compare.add_argument("--output-dir", default="runs/compare",
                          help="each objective's run goes to OUTPUT_DIR/<objective>")
     compare.add_argument("--eval-data", help="held-out pairs (default: the config's data.eval)")

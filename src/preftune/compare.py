@@ -19,6 +19,8 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
 from .config import ConfigError, build_config, load_config, read_tree
 from .model.load import released
 from .objectives import get_objective
@@ -54,9 +56,10 @@ COLUMNS = [
 def run_compare(objectives: list[str], config_path: str | None, overrides: list[str],
                 output_dir: str, eval_data: str | None = None, scorer: str | None = None,
                 samples: int = SAMPLES, max_new_tokens: int = NEW_TOKENS,
-                plan_only: bool = False) -> Path:
+                plan_only: bool = False, params: dict | None = None) -> Path:
     """Train, evaluate and report every objective; write leaderboard.md/.json/.png.
-    ``plan_only`` prints each objective's ``--plan`` instead, writing nothing."""
+    ``params`` maps an objective to the parameters it trains with instead of its paper's
+    defaults. ``plan_only`` prints each objective's ``--plan`` instead, writing nothing."""
     from .evaluate.run_eval import EvalOptions, read_pairs, run_eval
     from .train.loop import train
 
@@ -72,6 +75,12 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         raise ConfigError("compare writes each objective's run to OUTPUT_DIR/<objective>: give "
                           "--output-dir DIR instead of --set output_dir=DIR.")
     tree = read_tree(config_path, overrides)
+    _refuse_base_params(tree)
+    params = params or {}
+    strangers = sorted(set(params) - set(objectives))
+    if strangers:
+        raise ConfigError(f"--param {strangers[0]}.KEY: {strangers[0]} is not one of "
+                          f"--objectives ({', '.join(objectives)}).")
     flags = {"--eval-data": eval_data is not None, "--samples": samples != SAMPLES,
              "--max-new-tokens": max_new_tokens != NEW_TOKENS}
     if _diffusion(tree, objectives):
@@ -80,7 +89,7 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         from .diffusion.compare import compare_diffusion
 
         return compare_diffusion(objectives, tree, config_path, Path(output_dir), scorer,
-                                 plan_only)
+                                 plan_only, params)
     for name in objectives:  # unknown names fail before anything trains
         try:
             get_objective(name)
@@ -90,7 +99,8 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         _refuse_unused({**flags, "--scorer": scorer is not None}, "a comparison of online "
                        "runs evaluates each round on the config's data.eval with online.scorer "
                        "(--set data.eval=FILE, --set online.scorer=SPEC)")
-        return _compare_online(objectives, tree, config_path, Path(output_dir), plan_only)
+        return _compare_online(objectives, tree, config_path, Path(output_dir), plan_only,
+                               params)
     base = load_config(config_path, overrides)
     eval_data = eval_data or _first(base.data.eval)
     if not eval_data:
@@ -101,7 +111,7 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
     evaluation = EvalOptions(
         model=base.model.path, data=eval_data, fields=base.data.fields or None,
         reference=base.model.path, scorer=scorer, samples=samples,
-        max_new_tokens=max_new_tokens, beta=_beta(base), seed=base.train.seed,
+        max_new_tokens=max_new_tokens, seed=base.train.seed,
         max_length=base.data.max_length,
         max_prompt_length=base.data.max_prompt_length or base.data.max_length - 1)
     read_pairs(evaluation)
@@ -111,19 +121,19 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         except ConfigError as error:
             raise ConfigError(f"--scorer: {error}") from None
     root = Path(output_dir)
+    trees = {name: _config_for(base.model_dump(), term(name, params), root / name)
+             for name in objectives}
+    configs = {name: build_config(tree, f"{config_path} with objective {name}")
+               for name, tree in trees.items()}  # a bad --param stops before anything trains
     if plan_only:
-        return plans(objectives, root, lambda name: build_config(
-            _config_for(base.model_dump(), name, root / name),
-            f"{config_path} with objective {name}"), lambda config: train(config, plan_only=True))
+        return plans(objectives, root, configs.get, lambda config: train(config, plan_only=True))
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in objectives:
-        run_dir = root / name
-        tree = _config_for(base.model_dump(), name, run_dir)
+        run_dir, tree = root / name, trees[name]
 
-        def work(entry: dict, tree=tree, name=name, run_dir=run_dir) -> None:
-            config = build_config(tree, f"{config_path} with objective {name}")
-            trained(entry, config, train)
+        def work(entry: dict, name=name, run_dir=run_dir) -> None:
+            trained(entry, configs[name], train)
             started = time.perf_counter()
             results = run_eval(replace(evaluation, model=str(run_dir), output=str(run_dir)))
             entry["eval_minutes"] = (time.perf_counter() - started) / 60
@@ -207,7 +217,7 @@ def attempt(name: str, entry: dict, work) -> bool:
 
 
 def _compare_online(objectives: list[str], tree: dict, config_path, root: Path,
-                    plan_only: bool = False) -> Path:
+                    plan_only: bool = False, params: dict | None = None) -> Path:
     """Each objective through the same online rounds (same prompts, scorer, sampling, steps);
     ``plan_only``: each one's ``--plan``."""
     from .online.config import OnlineConfig
@@ -218,11 +228,13 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path,
     if not base.data.eval:
         raise ConfigError("an online compare measures every objective on held-out prompts: set "
                          "data.eval in the base config")
+    configs = {name: build_config(_online_tree(base.model_dump(), term(name, params),
+                                               root / name),
+                                  f"{config_path} with objective {name}", schema=OnlineConfig)
+               for name in objectives}  # a bad --param stops before anything trains
     if plan_only:
-        return plans(objectives, root, lambda name: build_config(
-            _online_tree(base.model_dump(), name, root / name),
-            f"{config_path} with objective {name}", schema=OnlineConfig),
-            lambda config: run_online(config, plan_only=True))
+        return plans(objectives, root, configs.get,
+                     lambda config: run_online(config, plan_only=True))
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in objectives:
@@ -230,8 +242,7 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path,
         entry = {"objective": name, "run_dir": str(run_dir)}
 
         def work(entry=entry, name=name, run_dir=run_dir) -> None:
-            config = build_config(_online_tree(base.model_dump(), name, run_dir),
-                                  f"{config_path} with objective {name}", schema=OnlineConfig)
+            config = configs[name]
             print(f"\n[compare] {name}: online rounds in {run_dir}")
             started = time.perf_counter()
             resume = continues(config)  # an earlier run under other settings: moved aside
@@ -249,13 +260,15 @@ def _compare_online(objectives: list[str], tree: dict, config_path, root: Path,
     return root
 
 
-def _online_tree(tree: dict, name: str, run_dir: Path) -> dict:
-    """The base online config with ``name`` as its objective: list objectives get lists, and
-    what an objective declares of its online rows (builder, win probabilities) is set."""
+def _online_tree(tree: dict, objective: dict, run_dir: Path) -> dict:
+    """The base online config with ``objective`` (a term: its name and parameters): list
+    objectives get lists, and what an objective declares of its online rows (builder, win
+    probabilities) is set."""
     from .online.build import DATA_PAIR_BUILDERS, LIST_BUILDERS
 
+    name = objective["name"]
     tree = json.loads(json.dumps(tree))
-    tree["objective"] = {"name": name}
+    tree["objective"] = objective
     tree["output_dir"] = str(run_dir)
     tree["reference"]["strategy"] = "auto"
     tree["reference"].pop("model", None)
@@ -309,15 +322,50 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
-def _beta(config) -> float:
-    """The implied-reward beta for eval: the base objective's, else 0.1 (DPO's default)."""
-    return float((config.objective[0].model_extra or {}).get("beta", 0.1))
+def objective_params(items: list[str]) -> dict:
+    """``--param OBJECTIVE.KEY=VALUE`` values as {objective: {key: value}} (values read as
+    YAML, as --set reads them)."""
+    params: dict = {}
+    for item in items:
+        dotted, equals, raw = item.partition("=")
+        name, dot, key = dotted.strip().partition(".")
+        if not (equals and dot and name and key) or "." in key:
+            raise ConfigError(f"--param {item!r}: expected OBJECTIVE.KEY=VALUE, e.g. "
+                              "--param simpo.beta=2.5")
+        try:
+            params.setdefault(name, {})[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--param {item!r}: the value is not valid YAML; quote text "
+                              "that holds brackets or colons") from None
+    return params
 
 
-def _config_for(tree: dict, name: str, run_dir: Path) -> dict:
-    """The base config with ``name`` as its only objective (default params) and its own dir."""
+def term(name: str, params: dict) -> dict:
+    """Objective ``name`` with its ``--param`` values (its paper's defaults for the rest)."""
+    return {"name": name, **params.get(name, {})}
+
+
+def _refuse_base_params(tree: dict) -> None:
+    """A base config's objective parameters would be dropped (each run has one of
+    --objectives instead): refused, saying how to give them."""
+    objective = tree.get("objective")
+    terms = objective if isinstance(objective, list) else [objective]
+    given = [key for item in terms if isinstance(item, dict) for key in item if key != "name"]
+    if given or len(terms) > 1:
+        what = f"sets {', '.join(given)}" if given else "combines several objectives"
+        raise ConfigError(
+            f"the base config's objective {what}, but compare replaces it with each of "
+            "--objectives at its paper's defaults, so that would be dropped. Give one "
+            "objective's parameters with --param OBJECTIVE.KEY=VALUE (e.g. --param "
+            f"dpo.{given[0] if given else 'beta'}=...), and leave the base objective a name.")
+
+
+def _config_for(tree: dict, objective: dict, run_dir: Path) -> dict:
+    """The base config with ``objective`` (a term: its name and parameters) as its only
+    objective, and its own dir."""
+    name = objective["name"]
     tree = json.loads(json.dumps(tree))
-    tree["objective"] = {"name": name}
+    tree["objective"] = objective
     tree["output_dir"] = str(run_dir)
     tree["reference"]["strategy"] = "auto"
     if get_objective(name).data == "unpaired":  # each pair becomes a good and a bad completion

@@ -27,10 +27,11 @@ def is_diffusion_config(tree: dict, objectives: list[str]) -> bool:
 
 
 def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path,
-                      scorer: str | None, plan_only: bool = False) -> Path:
+                      scorer: str | None, plan_only: bool = False,
+                      params: dict | None = None) -> Path:
     """Train, evaluate (win rate vs the base pipeline) and report every objective; write the
     leaderboard through the text comparison's writer. ``plan_only``: each one's ``--plan``."""
-    from ..compare import _write_leaderboard, plans, run_entry, trained
+    from ..compare import _write_leaderboard, plans, run_entry, term, trained
     from .config import DiffusionConfig
     from .evaluate import evaluate_diffusion, image_scorer
     from .losses import get_diffusion_loss
@@ -54,21 +55,25 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
 
     def tree_of(name: str) -> dict:
         run_tree = json.loads(json.dumps(base.model_dump()))
-        run_tree.update(objective={"name": name}, output_dir=str(root / name))
+        run_tree.update(objective=term(name, params or {}), output_dir=str(root / name))
         run_tree["reference"]["strategy"] = "auto"
         return run_tree
 
+    trees = {name: tree_of(name) for name in objectives}
+    configs = {name: DiffusionConfig.from_dict(trees[name], source=f"{config_path} with "
+                                               f"objective {name}")
+               for name in objectives}  # a bad --param stops before anything trains
     if plan_only:
-        return plans(objectives, root, lambda name: DiffusionConfig.from_dict(tree_of(name)),
+        return plans(objectives, root, configs.get,
                      lambda config: train_diffusion(config, plan_only=True))
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in objectives:
         run_dir = root / name
-        run_tree = tree_of(name)
+        run_tree = trees[name]
 
-        def work(entry: dict, run_tree=run_tree, run_dir=run_dir) -> None:
-            trained(entry, DiffusionConfig.from_dict(run_tree), train_diffusion)
+        def work(entry: dict, name=name, run_dir=run_dir) -> None:
+            trained(entry, configs[name], train_diffusion)
             results = evaluate_diffusion(str(run_dir), base.model.path, samples.prompts,
                                          samples.seeds, scorer, samples.steps,
                                          samples.guidance_scale, None, samples.resolution,
