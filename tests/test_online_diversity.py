@@ -183,14 +183,15 @@ def test_a_divpo_round_pairs_by_the_policys_own_surprisal(model_dir, data, tmp_p
 
 def test_compare_leaves_the_divpo_settings_out_where_an_objective_needs_lists(model_dir, data,
                                                                              tmp_path):
-    from preftune.compare import _online_tree
+    from preftune.online.compare import online_tree
 
     base = build_config(config_tree(model_dir, data, tmp_path, pairs={
         "builder": "divpo", "divpo_rho": 0.2, "divpo_criterion": "words"}), schema=OnlineConfig)
-    listwise = build_config(_online_tree(base.model_dump(), "listwise_pl", tmp_path / "l"),
+    listwise = build_config(online_tree(base.model_dump(), {"name": "listwise_pl"},
+                                        tmp_path / "l"),
                             schema=OnlineConfig)
     assert listwise.online.pairs.builder == "list"
-    pairwise = build_config(_online_tree(base.model_dump(), "ipo", tmp_path / "i"),
+    pairwise = build_config(online_tree(base.model_dump(), {"name": "ipo"}, tmp_path / "i"),
                             schema=OnlineConfig)
     assert (pairwise.online.pairs.builder, pairwise.online.pairs.divpo_rho,
             pairwise.online.pairs.divpo_criterion) == ("divpo", 0.2, "words")

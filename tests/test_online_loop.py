@@ -598,6 +598,7 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
     base = tmp_path / "online.yaml"
     tree = config_tree(model_dir, data, tmp_path / "unused", rounds=1)
     tree["train"]["max_steps"] = 2
+    tree["objective"] = {"name": "dpo"}  # each compared objective brings its own parameters
     base.write_text(yaml.safe_dump(tree))
     root = run_compare(["dpo", "listwise_pl"], str(base), [], str(tmp_path / "cmp"))
     board = json.loads((root / "leaderboard.json").read_text())
@@ -606,7 +607,7 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
         summary = json.loads((root / entry["objective"] / "online.json").read_text())
         scores = [summary["initial"]["mean_score"], summary["rounds"][0]["evaluate"]["mean_score"]]
         assert entry["online/score"] == scores[-1]
-        assert entry["online/scores"] == " > ".join(f"{s:.3f}" for s in scores)
+        assert entry["online/scores"] == " → ".join(f"{s:.3f}" for s in scores)
         assert entry["online/kl"] == summary["rounds"][0]["evaluate"]["kl_to_initial"]
         diversity = summary["rounds"][0]["evaluate"]["sample_diversity"]
         assert (entry["online/distinct"], entry["online/word_distance"]) == (
@@ -656,14 +657,14 @@ def test_a_round_without_pairs_trains_nothing_and_the_next_starts_from_the_same_
 
 
 def test_compare_gives_selm_its_builder_and_the_previous_reference(model_dir, data, tmp_path):
-    from preftune.compare import _online_tree
+    from preftune.online.compare import online_tree
 
     tree = build_config(config_tree(model_dir, data, tmp_path / "x"),
                         schema=OnlineConfig).model_dump()
-    selm = _online_tree(tree, "selm", tmp_path / "selm")
+    selm = online_tree(tree, {"name": "selm"}, tmp_path / "selm")
     assert (selm["online"]["pairs"]["builder"], selm["online"]["reference"]) == ("selm", "previous")
     build_config(selm, schema=OnlineConfig)  # a valid online config
-    back = _online_tree(selm, "dpo", tmp_path / "dpo")
+    back = online_tree(selm, {"name": "dpo"}, tmp_path / "dpo")
     assert back["online"]["pairs"]["builder"] == "best_vs_worst"
 
 

@@ -5,8 +5,7 @@ get the pairs split into labelled completions), is evaluated with the same ``pre
 diagnostics on the same held-out pairs, and gets its own report. An entry whose run finished
 with the same effective config is not trained again, so an interrupted comparison resumes.
 A base config with an ``online`` section compares the objectives inside ``preftune online``
-rounds instead: the leaderboard has each run's held-out score after every round and its KL to
-the initial model. A diffusion config (a diffusers pipeline in ``model.path``) compares
+rounds instead (``online/compare.py``). A diffusion config (a diffusers pipeline in ``model.path``) compares
 diffusion objectives (``diffusion/compare.py``).
 """
 
@@ -99,8 +98,10 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         _refuse_unused({**flags, "--scorer": scorer is not None}, "a comparison of online "
                        "runs evaluates each round on the config's data.eval with online.scorer "
                        "(--set data.eval=FILE, --set online.scorer=SPEC)")
-        return _compare_online(objectives, tree, config_path, Path(output_dir), plan_only,
-                               params)
+        from .online.compare import compare_online
+
+        return compare_online(objectives, tree, config_path, Path(output_dir), plan_only,
+                              params)
     base = load_config(config_path, overrides)
     eval_data = eval_data or _first(base.data.eval)
     if not eval_data:
@@ -214,93 +215,6 @@ def attempt(name: str, entry: dict, work) -> bool:
     else:
         return True
     return False
-
-
-def _compare_online(objectives: list[str], tree: dict, config_path, root: Path,
-                    plan_only: bool = False, params: dict | None = None) -> Path:
-    """Each objective through the same online rounds (same prompts, scorer, sampling, steps);
-    ``plan_only``: each one's ``--plan``."""
-    from .online.config import OnlineConfig
-    from .online.loop import continues, run_online
-    from .report import write_report
-
-    base = build_config(tree, config_path or "the config", schema=OnlineConfig)
-    if not base.data.eval:
-        raise ConfigError("an online compare measures every objective on held-out prompts: set "
-                         "data.eval in the base config")
-    configs = {name: build_config(_online_tree(base.model_dump(), term(name, params),
-                                               root / name),
-                                  f"{config_path} with objective {name}", schema=OnlineConfig)
-               for name in objectives}  # a bad --param stops before anything trains
-    if plan_only:
-        return plans(objectives, root, configs.get,
-                     lambda config: run_online(config, plan_only=True))
-    root.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for name in objectives:
-        run_dir = root / name
-        entry = {"objective": name, "run_dir": str(run_dir)}
-
-        def work(entry=entry, name=name, run_dir=run_dir) -> None:
-            config = configs[name]
-            print(f"\n[compare] {name}: online rounds in {run_dir}")
-            started = time.perf_counter()
-            resume = continues(config)  # an earlier run under other settings: moved aside
-            run_online(config, resume=resume, overwrite=not resume)
-            entry["train_minutes"] = (time.perf_counter() - started) / 60
-            summary = json.loads((run_dir / "online.json").read_text())
-            entry.update(_online_numbers(summary))
-            write_report(run_dir)
-            entry["report"] = str(run_dir / "report.html")
-
-        attempt(name, entry, work)
-        entries.append(entry)
-    _write_leaderboard(root, entries, f"{_first(base.data.eval)} (its prompts)",
-                       base.online.scorer)
-    return root
-
-
-def _online_tree(tree: dict, objective: dict, run_dir: Path) -> dict:
-    """The base online config with ``objective`` (a term: its name and parameters): list
-    objectives get lists, and what an objective declares of its online rows (builder, win
-    probabilities) is set."""
-    from .online.build import DATA_PAIR_BUILDERS, LIST_BUILDERS
-
-    name = objective["name"]
-    tree = json.loads(json.dumps(tree))
-    tree["objective"] = objective
-    tree["output_dir"] = str(run_dir)
-    tree["reference"]["strategy"] = "auto"
-    tree["reference"].pop("model", None)
-    spec, pairs = get_objective(name), tree["online"]["pairs"]
-    ranked, given = spec.data == "ranked", pairs["builder"]
-    if spec.online_builder:  # what the objective declares its online rows need
-        pairs["builder"] = spec.online_builder
-    elif ranked != (pairs["builder"] in LIST_BUILDERS) or pairs["builder"] in DATA_PAIR_BUILDERS:
-        pairs["builder"] = "list" if ranked else "best_vs_worst"
-    if pairs["builder"] != given:  # the given builder's own settings (rso_*, divpo_*) go
-        for key in [k for k in pairs if k.startswith(f"{given}_")]:
-            del pairs[key]
-    pairs["win_probs"] = pairs["win_probs"] or spec.online_win_probs
-    # y_ref, or the whole list: samples of the round's start model, which is the reference
-    if pairs["builder"] in DATA_PAIR_BUILDERS or spec.reference_samples:
-        tree["online"]["reference"] = "previous"
-    return tree
-
-
-def _online_numbers(summary: dict) -> dict:
-    """The leaderboard's numbers of one online run: the last round's and the curve."""
-    evaluations = [summary["initial"]] + [r["evaluate"] for r in summary["rounds"]]
-    last = evaluations[-1]
-    numbers = {"online/score": last["mean_score"],
-               "online/scores": " > ".join(f"{e['mean_score']:.3f}" for e in evaluations)}
-    if "pass_rate" in last:
-        numbers["online/pass_rate"] = last["pass_rate"]
-    if "kl_to_initial" in last:
-        numbers["online/kl"] = last["kl_to_initial"]
-    for key, value in last.get("sample_diversity", {}).items():  # distinct, word_distance
-        numbers[f"online/{key}"] = value
-    return numbers
 
 
 def _refuse_unused(flags: dict, instead: str) -> None:
