@@ -218,3 +218,18 @@ def test_objective_parameters_that_would_be_dropped_are_refused(base, capsys, ar
                  "--output-dir", str(out)] + argv) == 2
     assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_entry_whose_data_was_edited_is_trained_again(base, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text((base / "train.jsonl").read_text())
+    command = ["compare", "--objectives", "dpo", "--config", str(base / "base.yaml"),
+               "--output-dir", str(tmp_path / "out"), "--samples", "0",
+               "--set", f"data.train={data}"]
+    assert main(command) == 0
+    assert main(command) == 0
+    assert "dpo: finished earlier with the same settings, skipped" in capsys.readouterr().out
+    data.write_text(data.read_text().replace("=", " ="))  # every prompt edited
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "finished earlier" not in printed and "was moved to" in printed

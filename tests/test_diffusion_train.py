@@ -362,3 +362,7 @@ def test_resume_refuses_pairs_that_changed_since_the_run_started(files, tmp_path
     monkeypatch.undo()
     data.write_text(original)
     assert (train_diffusion(config, resume=True, show_progress=False) / "model").is_dir()
+    data.write_text(original.replace('"chosen_score": 1.0', '"chosen_score": 0.5', 1))
+    with pytest.raises(ConfigError, match="what .*run trained on .*; its finished model was "
+                                          "trained on other examples"):
+        train_diffusion(config, resume=True, show_progress=False)  # finished: checked too

@@ -534,3 +534,22 @@ def test_partial_training_moves_the_top_layer_and_the_head_only(workspace, backb
     head = {name for name in changed if not name.startswith(top)}
     assert head and all(name.startswith(("score.", "classifier.")) for name in head)
     assert len(changed - head) == sum(1 for name in start if name.startswith(top))
+
+
+def test_resume_of_a_finished_reward_model_checks_its_data(workspace, tmp_path):
+    from preftune.config import ConfigError
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", digit_pairs(32, 5))
+    out = train(workspace, "finished", data={"train": str(data)}, train={"max_steps": 2})
+    tree = {"output_dir": str(out), "model": {"path": str(workspace / "decoder")},
+            "data": {"train": str(data)},
+            "train": {"learning_rate": 3e-3, "batch_size": 16, "max_steps": 2,
+                      "warmup_ratio": 0.0, "seed": 0}}
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    assert train_reward_model(build_reward_config(tree), resume=True,
+                              show_progress=False) == out  # the same data: kept as it is
+    write_jsonl(data, digit_pairs(32, 6))
+    with pytest.raises(ConfigError, match=f"what {out} trained on .*; its finished model was "
+                                          "trained on other examples"):
+        train_reward_model(build_reward_config(tree), resume=True, show_progress=False)
+    assert (out / "model" / "model.safetensors").read_bytes() == weights

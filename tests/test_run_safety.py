@@ -253,6 +253,7 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeyp
                    train__batch_size=4)
     before = {p.name: p.stat().st_mtime_ns for p in (finished / "model").iterdir()}
     metrics = (finished / "metrics.jsonl").read_text()
+    report = (finished / "data_report.json").read_text()
     monkeypatch.setattr(loop, "policy_task", lambda *a, **k: pytest.fail("the model loaded"))
     assert loop.train(build_config(_saved(finished)), resume=True,
                       show_progress=False) == finished
@@ -260,6 +261,20 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeyp
         capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (finished / "model").iterdir()} == before
     assert (finished / "metrics.jsonl").read_text() == metrics
+    data = Path(_saved(finished)["data"]["train"])
+    original = data.read_text()
+    data.write_text(original.replace("?", "??"))  # the run's data edited since it finished
+    with pytest.raises(ConfigError, match=rf"--resume: the training data read now differs from "
+                                          rf"what {finished} trained on \(\d+ examples then, "
+                                          r"\d+ now, other tokens\); its finished model was "
+                                          r"trained on other examples than these"):
+        loop.train(build_config(_saved(finished)), resume=True, show_progress=False)
+    data.write_text(original)
+    (finished / "data_report.json").write_text('{"train": ')  # damaged: no silent pass
+    with pytest.raises(ConfigError, match="data_report.json, what the run trained on, cannot "
+                                          "be read"):
+        loop.train(build_config(_saved(finished)), resume=True, show_progress=False)
+    (finished / "data_report.json").write_text(report)
     changed = _saved(finished)
     changed["train"]["learning_rate"] = 1.0  # a finished run is not continued differently
     with pytest.raises(ConfigError, match="train.learning_rate: 0.005 -> 1.0"):

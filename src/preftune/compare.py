@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, build_config, load_config, read_tree
+from .config import ConfigError, as_list, build_config, load_config, read_tree
 from .model.load import released
 from .objectives import get_objective
 from .score import check_scorer
@@ -140,7 +140,8 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
             entry["eval_minutes"] = (time.perf_counter() - started) / 60
             entry.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
 
-        entries.append(run_entry(name, run_dir, [tree, eval_data, scorer, samples,
+        entries.append(run_entry(name, run_dir, [tree, data_stamps(tree["data"], eval_data),
+                                                 eval_data, scorer, samples,
                                                  max_new_tokens], work))
     _write_leaderboard(root, entries, eval_data, scorer)
     return root
@@ -151,11 +152,17 @@ def trained(entry: dict, config, train) -> None:
     these settings continues from its checkpoint, a finished one is kept (only the evaluation
     changed: its ``train_minutes`` are the earlier entry's), an earlier, different or failed
     one is moved aside, not reused."""
+    from .train.output import DataChanged
+
     run_dir = Path(config.output_dir)
     resume = resumable(config)
     kept = resume and finished(run_dir, config)
     started = time.perf_counter()
-    train(config, resume=resume, overwrite=not resume)
+    try:
+        train(config, resume=resume, overwrite=not resume)
+    except DataChanged:  # the data was edited since: the earlier run moves aside
+        kept = False
+        train(config, resume=False, overwrite=True)
     entry["train_minutes"] = (time.perf_counter() - started) / 60
     earlier = run_dir / "compare_entry.json"
     if kept and earlier.is_file():
@@ -168,6 +175,24 @@ def plans(objectives: list[str], root: Path, config_of, plan) -> Path:
         print(f"\n[compare] {name}: the plan of {root / name}")
         plan(config_of(name))
     return root
+
+
+def data_stamps(data: dict, *more) -> list:
+    """What the data files of a config's ``data`` section (and ``more`` paths) hold: a hash
+    of each file's bytes, a folder's file names and sizes; a name that is no local path (a
+    Hub dataset) as it is. In an entry's settings, so editing the data trains it again."""
+    paths = [path for key in ("train", "eval") for path in as_list(data.get(key) or [])]
+    stamps = []
+    for path in dict.fromkeys(map(str, [*paths, *(p for p in more if p)])):
+        local = Path(path)
+        if local.is_file():
+            stamps.append(hashlib.sha256(local.read_bytes()).hexdigest())
+        elif local.is_dir():
+            stamps.append(sorted((str(f.relative_to(local)), f.stat().st_size)
+                                 for f in local.rglob("*") if f.is_file()))
+        else:
+            stamps.append(path)
+    return stamps
 
 
 def run_entry(name: str, run_dir: Path, settings: list, work) -> dict:

@@ -31,7 +31,7 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
                       params: dict | None = None) -> Path:
     """Train, evaluate (win rate vs the base pipeline) and report every objective; write the
     leaderboard through the text comparison's writer. ``plan_only``: each one's ``--plan``."""
-    from ..compare import _write_leaderboard, plans, run_entry, term, trained
+    from ..compare import _write_leaderboard, data_stamps, plans, run_entry, term, trained
     from .config import DiffusionConfig
     from .evaluate import evaluate_diffusion, image_scorer
     from .losses import get_diffusion_loss
@@ -84,7 +84,8 @@ def compare_diffusion(objectives: list[str], tree: dict, config_path, root: Path
                           "win_rate/reference_score": results["mean_score/reference"]})
             entry.update(_last_train_metrics(run_dir))
 
-        entries.append(run_entry(name, run_dir, [run_tree, scorer], work))
+        entries.append(run_entry(name, run_dir, [run_tree, data_stamps(run_tree["data"]),
+                                                 scorer], work))
     held_out = (f"{len(samples.prompts)} prompts x {len(samples.seeds)} seeds "
                 f"(samples.prompts of {config_path})")
     _write_leaderboard(root, entries, held_out, scorer)

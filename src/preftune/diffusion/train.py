@@ -305,17 +305,7 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
                           "which run outside the denoiser's forward): use FSDP2 to split the "
                           "denoiser.")
     strategy = config.reference_strategy
-    splits = split_pairs(config)  # (a bad record stops the run before the pipeline loads)
-    kept = {name: [r for r in records if getattr(r, "orders_something", True)]
-            for name, records in splits.items()}
-    if not kept["train"]:
-        raise ConfigError(f"{config.data.train}: every ranked list gives all its images the "
-                          "same score, so no list orders anything to train on.")
-    report = {"shape": "prompts" if spec.online else "ranked image lists" if spec.ranked
-              else "image pairs",
-              **{name: {"records": len(splits[name]), "kept": len(kept[name])}
-                 for name in splits}}
-    report["train_fingerprint"] = records_fingerprint(kept["train"])
+    kept, report = read_pairs(config)  # (a bad record stops the run before the pipeline loads)
     if not plan_only:
         check_same_data(config.output_dir, report)
     model = load_diffusion_model(config.model.path, getattr(torch, config.model.dtype))
@@ -359,6 +349,24 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
 
 
 @holding_output_dirs
+def read_pairs(config: DiffusionConfig) -> tuple[dict, dict]:
+    """The run's records by split (ranked lists that order nothing left out) and the data
+    report, with the fingerprint a resumed run checks."""
+    spec = get_diffusion_loss(config.objective.name)
+    splits = split_pairs(config)
+    kept = {name: [r for r in records if getattr(r, "orders_something", True)]
+            for name, records in splits.items()}
+    if not kept["train"]:
+        raise ConfigError(f"{config.data.train}: every ranked list gives all its images the "
+                          "same score, so no list orders anything to train on.")
+    report = {"shape": "prompts" if spec.online else "ranked image lists" if spec.ranked
+              else "image pairs",
+              **{name: {"records": len(splits[name]), "kept": len(kept[name])}
+                 for name in splits}}
+    report["train_fingerprint"] = records_fingerprint(kept["train"])
+    return kept, report
+
+
 def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress: bool = True,
                     overwrite: bool = False, plan_only: bool = False) -> Path:
     """Train according to ``config``; sample the fixed prompts before and after (when
@@ -371,7 +379,9 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         raise ConfigError("preftune diffusion train --plan measures a step in one process; "
                           "start it without torch.distributed.run or accelerate launch.")
     if not plan_only and start_run(config, accelerator, resume, overwrite):
-        return Path(config.output_dir)  # --resume of a finished run: nothing to train
+        # --resume of a finished run: nothing to train, if it trained on this data
+        check_same_data(config.output_dir, read_pairs(config)[1], finished=True)
+        return Path(config.output_dir)
     set_seed(config.train.seed)
     task, total_steps = diffusion_task(config, accelerator, plan_only)
     output_dir = Path(config.output_dir)

@@ -192,6 +192,17 @@ def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=N
     return reward_model, tokenizer
 
 
+def reward_data(config: RewardConfig, announce: bool = True):
+    """(backbone source, tokenizer, whether it scores the last token, ``prepare_examples`` of
+    the run's data as that backbone reads it)."""
+    source, tokenizer = backbone_tokenizer(config.model.path, config.model.trust_remote_code,
+                                           config.model.chat_template)
+    last_token = scores_last_token(source, config.model.trust_remote_code)
+    tokenize = tokenize_records if last_token else encoder_examples
+    return source, tokenizer, last_token, prepare_examples(
+        config.data, tokenizer, config.train.seed, tokenize=tokenize, announce=announce)
+
+
 def reward_task(config: RewardConfig, accelerator: Accelerator, plan_only: bool = False):
     """Load the backbone and data, attach LoRA; returns (task, total_steps), or (None, 0) after
     printing the plan when ``plan_only``."""
@@ -200,12 +211,8 @@ def reward_task(config: RewardConfig, accelerator: Accelerator, plan_only: bool 
     head, detected_head = detect_attributes(config)
     spec = get_reward_loss(config.loss.name)
     # the data is read and checked before the weights load: a bad record stops the run early
-    source, tokenizer = backbone_tokenizer(config.model.path, config.model.trust_remote_code,
-                                           config.model.chat_template)
-    last_token = scores_last_token(source, config.model.trust_remote_code)
-    tokenize = tokenize_records if last_token else encoder_examples
-    train_examples, eval_examples, data_report, shape = prepare_examples(
-        config.data, tokenizer, cfg.seed, tokenize=tokenize)
+    source, tokenizer, last_token, (train_examples, eval_examples, data_report, shape) = \
+        reward_data(config)
     if not plan_only:
         check_same_data(config.output_dir, data_report)
     if shape not in spec.data:
@@ -274,7 +281,10 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
     accelerator = Accelerator(gradient_accumulation_steps=1)
     check_engine(accelerator, config.train)
     if not plan_only and start_run(config, accelerator, resume, overwrite):
-        return Path(config.output_dir)  # --resume of a finished run: nothing to train
+        # --resume of a finished run: nothing to train, if it trained on this data
+        check_same_data(config.output_dir, reward_data(config, announce=False)[3][2],
+                        finished=True)
+        return Path(config.output_dir)
     set_seed(config.train.seed)
     with whole_models(accelerator):
         task, total_steps = reward_task(config, accelerator, plan_only)

@@ -195,11 +195,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                                config.model.chat_template)
     # the data is read and checked before the weights load (or download): a bad record stops
     # the run early
-    specs = [get_objective(item.name) for item in config.objective]
-    prepares = any(spec.prepare for spec in specs)
-    train_examples, eval_examples, data_report, shape = prepare_examples(
-        config.data, tokenizer, cfg.seed, keep_prompts=prepares,
-        gold=tuple(spec.name for spec in specs if spec.gold))
+    prepares = any(get_objective(item.name).prepare for item in config.objective)
+    train_examples, eval_examples, data_report, shape = read_data(config, tokenizer)
     if not plan_only:
         check_same_data(output_dir, data_report)
     if cfg.example_weight_field:
@@ -260,6 +257,15 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     return task, total_steps
 
 
+def read_data(config: Config, tokenizer, announce: bool = True):
+    """``prepare_examples`` of the run's data, as its objective reads it (prompts kept for
+    an objective that prepares the data; gold responses for those that read them)."""
+    specs = [get_objective(item.name) for item in config.objective]
+    return prepare_examples(config.data, tokenizer, config.train.seed,
+                            keep_prompts=any(spec.prepare for spec in specs), announce=announce,
+                            gold=tuple(spec.name for spec in specs if spec.gold))
+
+
 def with_objective_slots(objective: Objective, examples: list, max_length: int) -> list:
     """``examples`` with the responses the objective adds to each: KTO's mismatched
     completions, mDPO's image negatives."""
@@ -306,7 +312,12 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         refuse_split_weights(accelerator, "train.eval_generations",
                              "answers with the policy's whole weights on the main process")
     if not plan_only and start_run(config, accelerator, resume, overwrite):
-        return Path(config.output_dir)  # --resume of a finished run: nothing to train
+        # --resume of a finished run: nothing to train, if it trained on this data
+        tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
+                                   config.model.chat_template)
+        check_same_data(config.output_dir, read_data(config, tokenizer, announce=False)[2],
+                        finished=True)
+        return Path(config.output_dir)
     set_seed(config.train.seed)
     with whole_models(accelerator):
         task, total_steps = policy_task(config, accelerator, plan_only)

@@ -200,26 +200,37 @@ def move_aside(out: Path) -> Path:
     return aside
 
 
-def check_same_data(output_dir, report: dict) -> None:
-    """A run resumed in ``output_dir`` trains on the examples it started on: refuse when the
-    data read again (``report``, its ``train_fingerprint``) differs from the saved
+class DataChanged(ConfigError):
+    """``--resume`` read other training data than its run's."""
+
+
+def check_same_data(output_dir, report: dict, finished: bool = False) -> None:
+    """A run resumed in ``output_dir`` trains on the examples it started on, and a finished
+    run kept by ``--resume`` was trained on the data read now: refuse when the data read
+    again (``report``, its ``train_fingerprint``) differs from the saved
     ``data_report.json``'s (an edited file, another tokenizer or chat template)."""
     saved_path = Path(output_dir) / "data_report.json"
-    if not saved_path.is_file() or not any((Path(output_dir) / "checkpoints").glob("step-*")):
+    if not saved_path.is_file() or not (finished or any(
+            (Path(output_dir) / "checkpoints").glob("step-*"))):
         return  # (nothing to resume: a fresh run writes its own report)
     try:
         saved = json.loads(saved_path.read_text())
     except ValueError:
-        return
+        raise ConfigError(f"--resume: {saved_path}, what the run trained on, cannot be read "
+                          "(damaged?), so the data cannot be checked to be the same; restore "
+                          "the file, or start over with --overwrite (the old run is moved "
+                          "aside).") from None
     before, now = saved.get("train_fingerprint"), report.get("train_fingerprint")
     if before is None or before == now:  # (a run of an earlier version kept none)
         return
     counts = (saved.get("train", {}).get("kept"), report.get("train", {}).get("kept"))
-    raise ConfigError(f"--resume: the training data read now differs from what {output_dir} "
-                      f"started on ({counts[0]} examples then, {counts[1]} now, other tokens); "
-                      "the resumed steps would train on other examples than the run's. Restore "
-                      "the data (and tokenizer), or start over with --overwrite (the old run is "
-                      "moved aside).")
+    what = ("its finished model was trained on other examples than these" if finished else
+            "the resumed steps would train on other examples than the run's")
+    raise DataChanged(f"--resume: the training data read now differs from what {output_dir} "
+                      f"{'trained' if finished else 'started'} on ({counts[0]} examples then, "
+                      f"{counts[1]} now, other tokens); {what}. Restore the data (and "
+                      "tokenizer), or start over with --overwrite (the old run is moved "
+                      "aside).")
 
 
 def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()) -> None:
