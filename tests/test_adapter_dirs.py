@@ -190,3 +190,20 @@ def test_eval_against_the_adapters_base_holds_one_copy_and_equals_two_models(lor
         [a["reference_answer"] for a in answers["plain"]]
     for key in ("rewards/margin", "sampled/kl", "win_rate"):
         assert results["shared"][key] == pytest.approx(results["plain"][key], abs=1e-4), key
+
+
+def test_an_adapter_trained_on_a_relative_base_loads_from_anywhere(lora_run, tmp_path,
+                                                                   monkeypatch):
+    root, _, _ = lora_run
+    monkeypatch.chdir(root)  # model.path given relative to the run's working directory
+    run = train(Config.from_dict({
+        "output_dir": str(tmp_path / "run"), "model": {"path": "base", "lora": {
+            **LORA, "save_merged": False}},
+        "data": {"train": "pairs.jsonl"},
+        "train": {"batch_size": 4, "max_steps": 1, "learning_rate": 1e-2}}), show_progress=False)
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str((root / "base").resolve())
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model_and_tokenizer(str(run / "adapter"))  # (the relative name: refused)
+    base, _ = load_model_and_tokenizer(str(root / "base"))
+    assert torch.equal(model.get_input_embeddings().weight, base.get_input_embeddings().weight)

@@ -286,6 +286,23 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_it(workspace, monkeyp
     assert (finished / "model" / "model.safetensors").read_bytes() == weights
 
 
+def test_a_run_stopped_while_writing_its_model_card_is_not_finished(workspace,  # noqa: F811
+                                                                      monkeypatch):
+    """run.json marks a run finished, so it is written last: a stop before it leaves a run
+    that --resume finishes, model card included."""
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "write_model_cards", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(workspace, "card", train__max_steps=2, train__save_every=1, train__batch_size=4)
+    out = workspace / "runs" / "card"
+    assert (out / "model").is_dir() and not (out / "run.json").exists()
+    monkeypatch.undo()
+    loop.train(build_config(_saved(out)), resume=True, show_progress=False)
+    assert (out / "run.json").is_file() and (out / "model" / "README.md").is_file()
+
+
 @pytest.mark.parametrize("save_merged", [True, False])
 def test_a_lora_run_missing_the_model_it_writes_last_finishes_again(workspace,  # noqa: F811
                                                                      save_merged):

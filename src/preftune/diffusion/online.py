@@ -23,7 +23,7 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from ..config import ConfigError, Count, NonNegative, Section
-from ..online.common import write_json
+from ..train.output import write_json
 from ..model.load import released
 from ..online.loop import run_phase, start_rounds
 from ..train.run_lock import holding_output_dirs

@@ -99,9 +99,24 @@ def save_model(model, directory: Path) -> None:
     from .lora import INITIAL_ADAPTER
 
     model.save_pretrained(directory)
+    absolute_base(Path(directory))
     initial = getattr(model, INITIAL_ADAPTER, None)
     if initial is not None:
         as_plain_lora(Path(directory), initial)
+
+
+def absolute_base(directory: Path) -> None:
+    """Name the adapter's base by its absolute path when it is a folder given relative to
+    the working directory of the run: from anywhere else the relative name finds nothing (or
+    is taken for a Hub id)."""
+    path = directory / ADAPTER_CONFIG
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and not Path(base).is_absolute() and Path(base).exists():
+        config["base_model_name_or_path"] = str(Path(base).resolve())
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def as_plain_lora(directory: Path, initial: dict) -> None:

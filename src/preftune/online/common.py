@@ -145,7 +145,3 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def write_json(path: Path, value) -> None:
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(value, indent=2))
-    os.replace(staging, path)

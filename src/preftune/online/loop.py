@@ -34,11 +34,11 @@ from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
 from ..train.output import (check_resume, move_aside, one_of, prepare_output_dir,
-                            same_settings)
+                            same_settings, write_json)
 from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
-                     read_jsonl, read_prompts, row_question, stored_images, write_json)
+                     read_jsonl, read_prompts, row_question, stored_images)
 from .config import OnlineConfig
 from .diversity import add_pair_diversity, check_divpo_encoder, needs_surprisal
 from .estimator import check_estimator, estimator_probs, select_pairs

@@ -15,8 +15,9 @@ from ..evaluate.diagnostics import sampled_kl
 from ..evaluate.sampling import score_responses
 from ..generation import HFGenerator, SamplingSettings, greedy_texts
 from ..score.base import score_samples
+from ..train.output import write_json
 from .common import (load_on_device, online_scorer, prompt_images, prompts_to_examples,
-                     prompts_to_ids, read_jsonl, write_json)
+                     prompts_to_ids, read_jsonl)
 from .config import OnlineConfig
 from .diversity import sample_diversity
 

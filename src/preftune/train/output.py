@@ -302,3 +302,10 @@ def _flat(tree, prefix: str = "") -> dict:
             flat.update(_flat(value, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: tree}
+
+
+def write_json(path: Path, value) -> None:
+    """``value`` as JSON in ``path``, written whole or not at all (staged, then renamed)."""
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(value, indent=2))
+    os.replace(staging, path)

@@ -29,6 +29,7 @@ from .engines import SHARDED, check_engine, configure_deepspeed, whole_models
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
 from .model_card import write_model_cards
+from .output import write_json
 from .optimizers import embedding_weights, make_optimizer
 from .stopping import StopRequests, TrainingStopped, out_of_memory
 from .schedule import example_stream, lr_lambda
@@ -378,8 +379,8 @@ class Trainer:
                     "steps": self.total_steps,
                     "train_examples": len(self.task.train_examples),
                     "eval_examples": len(self.task.eval_examples)}
-            (self.output_dir / "run.json").write_text(json.dumps(info, indent=2))
             write_model_cards(self.output_dir, info)
+            write_json(self.output_dir / "run.json", info)  # last: it marks the run finished
         self.accelerator.wait_for_everyone()
         return self.output_dir
 
