@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from preftune.cli import main
+from preftune.compare import _with_base_params
 from tiny_models import save_tiny_model_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -199,18 +200,23 @@ def test_param_trains_one_objective_with_other_parameters_and_a_change_retrains(
     trained = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
     assert trained["objective"] == [{"name": "dpo", "weight": 1.0, "beta": 0.5}]
     capsys.readouterr()
-    assert main(common + ["--param", "dpo.beta=0.25"]) == 0  # other settings: trained again
-    assert "dpo: finished earlier" not in capsys.readouterr().out
+    # the base objective's own parameters configure it when it is compared
+    assert main(common + ["--set", "objective.beta=0.25"]) == 0
+    assert "dpo: finished earlier" not in capsys.readouterr().out  # other settings: trained again
     trained = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
     assert trained["objective"][0]["beta"] == 0.25
+    tree = {"objective": {"name": "dpo", "beta": 0.25}}  # and --param wins over them
+    assert _with_base_params(tree, ["dpo", "ipo"], {"dpo": {"beta": 0.3}}) == {"dpo": {"beta": 0.3}}
+    assert _with_base_params(tree, ["dpo", "ipo"], {"ipo": {"beta": 1}}) == {
+        "dpo": {"beta": 0.25}, "ipo": {"beta": 1}}
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["--param", "dpo.bta=0.5"], "bta"),  # a typo: before anything trains
     (["--param", "ipo.beta=0.5"], "--param ipo.KEY: ipo is not one of --objectives (dpo)."),
     (["--param", "beta=0.5"], "expected OBJECTIVE.KEY=VALUE"),
-    (["--set", "objective.beta=0.5"], "the base config's objective sets beta, but compare "
-                                      "replaces it with each of --objectives"),
+    (["--set", "objective.name=ipo", "--set", "objective.beta=0.5"],
+     "the base config's objective ipo sets beta, but ipo is not among --objectives (dpo)"),
 ])
 def test_objective_parameters_that_would_be_dropped_are_refused(base, capsys, argv, expected):
     out = base / "refused"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, as_list, build_config, load_config, read_tree
+from .config import (ConfigError, ObjectiveConfig, as_list, build_config, load_config,
+                     read_tree)
 from .model.load import released
 from .objectives import get_objective
 from .score import check_scorer
@@ -74,8 +75,7 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
         raise ConfigError("compare writes each objective's run to OUTPUT_DIR/<objective>: give "
                           "--output-dir DIR instead of --set output_dir=DIR.")
     tree = read_tree(config_path, overrides)
-    _refuse_base_params(tree)
-    params = params or {}
+    params = _with_base_params(tree, objectives, params or {})
     strangers = sorted(set(params) - set(objectives))
     if strangers:
         raise ConfigError(f"--param {strangers[0]}.KEY: {strangers[0]} is not one of "
@@ -284,19 +284,28 @@ def term(name: str, params: dict) -> dict:
     return {"name": name, **params.get(name, {})}
 
 
-def _refuse_base_params(tree: dict) -> None:
-    """A base config's objective parameters would be dropped (each run has one of
-    --objectives instead): refused, saying how to give them."""
+def _with_base_params(tree: dict, objectives: list[str], params: dict) -> dict:
+    """``params`` with the base config's objective parameters as those of that objective
+    (``--param`` wins): they configure it when it is compared. Where they would be dropped (it
+    is not compared, or the base combines several objectives) they are refused, saying how
+    to give them."""
     objective = tree.get("objective")
     terms = objective if isinstance(objective, list) else [objective]
-    given = [key for item in terms if isinstance(item, dict) for key in item if key != "name"]
-    if given or len(terms) > 1:
-        what = f"sets {', '.join(given)}" if given else "combines several objectives"
+    if len(terms) > 1:
+        raise ConfigError("the base config's objective combines several objectives, but compare "
+                          "trains each of --objectives alone; leave one objective there.")
+    base = terms[0] if isinstance(terms[0], dict) else {"name": terms[0]}
+    given = {key: value for key, value in base.items() if key not in ("name", "weight")}
+    if not given:
+        return params
+    name = base.get("name") or ObjectiveConfig().name  # (no name: the default objective)
+    if name not in objectives:
         raise ConfigError(
-            f"the base config's objective {what}, but compare replaces it with each of "
-            "--objectives at its paper's defaults, so that would be dropped. Give one "
-            "objective's parameters with --param OBJECTIVE.KEY=VALUE (e.g. --param "
-            f"dpo.{given[0] if given else 'beta'}=...), and leave the base objective a name.")
+            f"the base config's objective {name} sets {', '.join(given)}, but {name} is not "
+            f"among --objectives ({', '.join(objectives)}), so that would be dropped. Give a "
+            "compared objective's parameters with --param OBJECTIVE.KEY=VALUE, and leave the "
+            "base objective a name (or compare it too).")
+    return {**params, name: {**given, **params.get(name, {})}}
 
 
 def _config_for(tree: dict, objective: dict, run_dir: Path) -> dict:
