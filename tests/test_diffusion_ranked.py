@@ -18,10 +18,11 @@ from accelerate import Accelerator  # noqa: E402
 from diffusion_fixtures import (assert_same_gradient, config_tree, hand_error,  # noqa: E402
                                 one_thread, tiny_pipeline)  # noqa: F401
 from preftune.cli import main  # noqa: E402
+from preftune.config import ConfigError  # noqa: E402
 from preftune.data.records import DataError  # noqa: E402
 from preftune.diffusion.config import DiffusionConfig  # noqa: E402
 from preftune.diffusion.ranked import load_ranked  # noqa: E402
-from preftune.diffusion.ranking import win_shares  # noqa: E402
+from preftune.diffusion.ranking import list_members, make_ranked_lists, win_shares  # noqa: E402
 from preftune.diffusion.shapes import COLOURS, draw_shape, prompt_of  # noqa: E402
 from preftune.diffusion.train import diffusion_task  # noqa: E402
 
@@ -219,7 +220,7 @@ def test_rank_command_writes_win_share_lists_that_rank_dpo_trains_on(files, tmp_
         assert pair["rejected"] == ranked["images"][scores.index(min(scores))]
 
     again = ["diffusion", "rank", "--model", str(pipe), "--prompt", "a red circle", "--seeds",
-             "0", "--steps", "1", "--scorer", "shape_colour", "--output-dir", str(out)]
+             "0,1", "--steps", "1", "--scorer", "shape_colour", "--output-dir", str(out)]
     assert main(again) == 2  # the lists written above are not replaced silently
     assert f"{out} already holds ranked lists" in capsys.readouterr().err
     missing = str(tmp_path / "no-such-prompts.jsonl")  # a bad --prompts moves nothing aside
@@ -335,3 +336,14 @@ def test_rank_saves_and_scores_each_batch_before_sampling_the_next(files, tmp_pa
         assert a["images"] == b["images"]
         # (the same images up to 1e-4, saved as 8-bit pixels)
         assert a["scorer_scores"][scorer] == pytest.approx(b["scorer_scores"][scorer], abs=0.05)
+
+
+def test_no_list_holds_a_single_image():
+    """A last group of one seed joins the one before (one image orders nothing); with two
+    models a group of one seed holds two images and stays."""
+    one_model = list_members(["p"], ["m"], [0, 1, 2], 2)
+    assert one_model == [(0, [(0, 0), (0, 1), (0, 2)])]
+    two_models = list_members(["p"], ["a", "b"], [0, 1, 2], 2)
+    assert two_models == [(0, [(0, 0), (0, 1), (1, 0), (1, 1)]), (0, [(0, 2), (1, 2)])]
+    with pytest.raises(ConfigError, match=r"make lists of one image, which order nothing"):
+        make_ranked_lists(["p"], ["m"], ["shape_colour"], [0, 1], "unused", list_size=1)

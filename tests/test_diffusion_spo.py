@@ -298,8 +298,15 @@ def test_bad_input_names_the_key_file_record_and_field(files, tmp_path):
         DiffusionConfig.from_dict(tree, ["objective.eta=0"])
     with pytest.raises(ConfigError, match="data.fields.chosen does nothing for spo"):
         DiffusionConfig.from_dict(tree, ["data.fields={chosen: jpg_0}"])
-    with pytest.raises(ConfigError, match="objective.scorer 'no_such_module_xyz:score'"):
+    with pytest.raises(ConfigError, match="objective.scorer: .*'no_such_module_xyz:score': "
+                                          "expected shape_colour, spm:PATH or module:function"):
         make_task(files, tmp_path, params={"scorer": "no_such_module_xyz:score"})
+    # an image scorer's (prompt, image) in place of (prompts, images, timesteps): refused as
+    # the config is read, before the run writes anything
+    with pytest.raises(ConfigError, match=r"objective.scorer: .*write_prompts\(directory.* "
+                                          r"cannot be called as function\(prompts, images, "
+                                          r"timesteps\)"):
+        DiffusionConfig.from_dict(tree, ["objective.scorer=diffusion_fixtures:write_prompts"])
     with pytest.raises(ConfigError, match="objective.first_step 5"):
         make_task(files, tmp_path, params={"first_step": 5})
     bad = tmp_path / "bad.jsonl"

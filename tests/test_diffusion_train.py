@@ -4,6 +4,7 @@ the report's sample grids, eval win rates and the quick demo."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +60,18 @@ def test_saved_denoiser_reloads_in_diffusers_and_denoises_identically(files, tmp
     assert "eval/rewards/accuracies" in metrics[-1] and "eval/loss" not in metrics[0]
     for part in ("text_encoder", "tokenizer", "scheduler"):
         assert (output / "model" / part).is_dir()
+
+
+def test_lora_targets_that_name_no_layer_of_the_denoiser_are_refused(files):
+    from preftune.config import ConfigError
+    from preftune.diffusion.model import attach_lora
+
+    config = DiffusionConfig.from_dict(config_tree(*files, Path("unused"), model={
+        "lora": {"r": 4, "target_modules": ["to_qq"]}}))
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules: 'to_qq' names no module "
+                                          r"of UNet2DConditionModel; its linear layers are "
+                                          r"called .*to_q"):
+        attach_lora(load_diffusion_model(files[0]), config.model.lora)
 
 
 @pytest.mark.parametrize("dora", [False, True])

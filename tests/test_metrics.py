@@ -48,6 +48,19 @@ def test_ranked_metrics_count_ordered_pairs_and_skip_ties():
     assert m["rewards/margins"] == pytest.approx((0.9 - 0.1 + 0.3 - 0.2, 2))
 
 
+def test_top1_accuracy_shares_a_tie_for_the_highest_reward_whatever_the_order():
+    from preftune.objectives.metrics import top1_hits
+
+    tied = torch.zeros(1, 3)  # step 1: the policy is the reference
+    best_first, best_last = torch.tensor([[1.0, 0.5, 0.0]]), torch.tensor([[0.0, 0.5, 1.0]])
+    assert top1_hits(tied, best_first).tolist() == pytest.approx([1 / 3])
+    assert top1_hits(tied, best_last).tolist() == pytest.approx([1 / 3])
+    # two of three tie for the top reward, one of them best-scored; a padded slot is no item
+    rewards, scores = torch.tensor([[0.7, 0.7, 0.1, 0.0]]), torch.tensor([[2.0, 1.0, 0.0, 9.0]])
+    present = torch.tensor([[True, True, True, False]])
+    assert top1_hits(rewards, scores, present).tolist() == [0.5]
+
+
 def test_mismatched_completions_pair_each_prompt_with_the_next_completion():
     examples = [TokenizedExample([1, 2], [[10 + i, 2]], index=i) for i in range(3)]
     paired = with_mismatched_completions(examples, max_length=3)

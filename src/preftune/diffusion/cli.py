@@ -133,10 +133,11 @@ def _eval(args) -> None:
 def _rank(args) -> None:
     require_diffusers("preftune diffusion rank")
     from .data import load_pairs
-    from .ranking import make_ranked_lists
+    from .ranking import check_list_size, make_ranked_lists
 
     from ..config import ConfigError
 
+    check_list_size(args.model, args.seeds, args.list_size)
     out = Path(args.output_dir)
     if (out / "ranked.jsonl").exists() and not args.overwrite:
         raise ConfigError(f"{out} already holds ranked lists; choose another --output-dir "

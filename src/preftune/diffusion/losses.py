@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import AfterValidator, Field
 
+from ..config_tree import ConfigError
 from ..objectives.listwise import lambda_weights, strictly_better
-from ..objectives.metrics import sum_count
+from ..objectives.metrics import sum_count, top1_hits
 
 
 @dataclass
@@ -256,8 +257,15 @@ def denoising(errors: DenoisingErrors, params: DenoisingParams) -> DiffusionLoss
 
 def _scorer_spec(spec: str) -> str:
     module, colon, attribute = spec.partition(":")
-    if spec == "shape_colour" or (module == "spm" and attribute) or (
-            colon and module and attribute.isidentifier()):
+    if spec == "shape_colour" or (module == "spm" and attribute):
+        return spec
+    if colon and module and attribute.isidentifier():  # importable, with the right signature
+        from .spo import step_scorer
+
+        try:
+            step_scorer(spec)
+        except ConfigError as error:
+            raise ValueError(str(error).removeprefix("objective.scorer ")) from None
         return spec
     raise ValueError(f"unknown scorer {spec!r}: expected shape_colour (the demo's colour "
                      "checker), spm:PATH (a step-aware preference model) or "
@@ -360,12 +368,12 @@ def ranked_metrics(output: DiffusionLossOutput, errors: RankedErrors) -> dict:
     worst-scored image (``rewards/chosen``, ``rewards/rejected``, their difference
     ``rewards/margins``); ``rewards/accuracies`` = share of the lists' ordered pairs (score i >
     score j) whose rewards agree; ``rewards/top1_accuracy`` = share of lists whose highest
-    reward is on a best-scored image; the mean raw errors over present images."""
+    reward is on a best-scored image (images that tie for the highest reward share a list's
+    credit, so it does not depend on their order); the mean raw errors over present images."""
     rewards, present, scores = output.list_rewards, errors.present, errors.scores
     better = errors.ordered_pairs
     agree = better & (rewards[:, :, None] > rewards[:, None, :])
-    top = rewards.masked_fill(~present, -math.inf).argmax(dim=1, keepdim=True)
-    best_score = scores.masked_fill(~present, -math.inf).amax(dim=1, keepdim=True)
+
     margin = output.chosen_rewards - output.rejected_rewards
     count = present.sum()
     return {"loss": sum_count(output.losses),
@@ -373,8 +381,7 @@ def ranked_metrics(output: DiffusionLossOutput, errors: RankedErrors) -> dict:
             "rewards/rejected": sum_count(output.rejected_rewards),
             "rewards/margins": sum_count(margin),
             "rewards/accuracies": (agree.sum().float(), better.sum()),
-            "rewards/top1_accuracy": sum_count(
-                (scores.gather(1, top) == best_score).float()),
+            "rewards/top1_accuracy": sum_count(top1_hits(rewards, scores, present)),
             "denoise/policy": (torch.where(present, errors.policy, 0.0).sum(), count),
             "denoise/reference": (torch.where(present, errors.reference, 0.0).sum(), count)}
 

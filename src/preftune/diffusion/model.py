@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..model.lora import mark_lora_plus, peft_lora_config
+from ..model.lora import check_target_modules, mark_lora_plus, peft_lora_config
 from . import flux, segments
 from .pipeline_files import (checked_pipeline, component_class, denoiser_folder,
                              drop_absent_components, local_pipeline, saved_denoiser_dtype)
@@ -369,6 +369,7 @@ def load_for_sampling(path: str | Path, key: str, dtype: str = "auto") -> Diffus
 
 def attach_lora(model: DiffusionModel, lora) -> None:
     """LoRA adapters on the denoiser (diffusers' PEFT integration); only they train."""
+    check_target_modules(model.denoiser, lora.target_modules)  # (peft: a traceback)
     model.denoiser.requires_grad_(False)
     model.denoiser.add_adapter(peft_lora_config(lora, init_lora_weights="gaussian"))
     mark_lora_plus(model.denoiser, lora.lr_ratio)

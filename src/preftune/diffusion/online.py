@@ -43,8 +43,9 @@ class DiffusionOnlineSection(Section):
     evaluation."""
     seeds: Annotated[list[int], Field(min_length=2)] = [0, 1, 2, 3]
     """The samples per prompt per round (one per seed; shifted by 1000 each round)."""
-    list_size: Count | None = None
-    """Images per ranked list (default: all of a prompt's samples in one list)."""
+    list_size: Annotated[int, Field(ge=2)] | None = None
+    """Images per ranked list (default: all of a prompt's samples in one list); a last list
+    that would hold one image joins the one before."""
     steps: Count = 25
     """Sampling steps."""
     guidance_scale: NonNegative = 1.0

@@ -196,10 +196,12 @@ def print_rounds_plan(config, prompts: list[str]) -> None:
 
     from .config import DiffusionConfig
     from .online import round_tree
+    from .ranking import list_members
     from .train import train_diffusion
 
     online, size = config.online, config.data.resolution
-    images = min(online.list_size or len(online.seeds), len(online.seeds))
+    images = max(len(members) for _, members in list_members([""], ["policy"], online.seeds,
+                                                          online.list_size))
     print(f"rounds             {online.rounds}, {len(prompts)} prompts x {len(online.seeds)} "
           f"samples ({online.steps} steps) ranked by {', '.join(online.scorers)}")
     print("\n".join(released(lambda: ranking_lines(config, prompts))))

@@ -37,13 +37,29 @@ def win_shares(scores: list[float]) -> list[float]:
             for i, mine in enumerate(scores)]
 
 
-def _lists(prompts: list[str], models: list[str], seeds: list[int], list_size: int | None):
+def list_members(prompts: list[str], models: list[str], seeds: list[int],
+                 list_size: int | None):
     """(prompt index, [(model index, seed), ...]) per list: a prompt's images (every model x
-    seed) in groups of ``list_size`` seeds (default: all of them in one list)."""
+    seed) in groups of ``list_size`` seeds (default: all of them in one list); a last group
+    that would hold one image joins the group before it (one image ranks nothing)."""
     size = list_size or len(seeds)
     groups = [seeds[k : k + size] for k in range(0, len(seeds), size)]
+    if len(groups) > 1 and len(models) * len(groups[-1]) < 2:
+        last = groups.pop()
+        groups[-1] = groups[-1] + last
     return [(p, [(m, seed) for m in range(len(models)) for seed in group])
             for p in range(len(prompts)) for group in groups]
+
+
+def check_list_size(models: list, seeds: list[int], list_size: int | None) -> None:
+    """Lists of at least two images, or a ``ConfigError`` before anything samples."""
+    if list_size is not None and list_size < 1:
+        raise ConfigError(f"--list-size must be at least 1 (got {list_size}).")
+    if len(models) * min(list_size or len(seeds), len(seeds)) < 2:
+        raise ConfigError(f"{len(seeds)} seed(s) in lists of {list_size or len(seeds)} with "
+                          f"{len(models)} model(s) make lists of one image, which order "
+                          "nothing: give at least 2 seeds per list (--list-size, "
+                          "online.list_size) or more models.")
 
 
 def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
@@ -59,8 +75,7 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
     if not prompts or not models or not scorers or not seeds:
         raise ConfigError("preftune diffusion rank needs at least one prompt, --model, "
                           "--scorer and seed.")
-    if list_size is not None and list_size < 1:
-        raise ConfigError(f"--list-size must be at least 1 (got {list_size}).")
+    check_list_size(models, seeds, list_size)
     rating = [image_scorer(spec) for spec in scorers]
     for spec, scorer in zip(scorers, rating):
         if getattr(scorer, "pairwise", False):
@@ -91,7 +106,7 @@ def make_ranked_lists(prompts: list[str], models: list[str], scorers: list[str],
             done += len(batch)
         del model
     ranked, pairs, ties = [], [], 0
-    for p, members in _lists(prompts, models, seeds, list_size):
+    for p, members in list_members(prompts, models, seeds, list_size):
         keys = [(p, m, seed) for m, seed in members]
         shares = [win_shares([raw[key][r] for key in keys]) for r in range(len(rating))]
         image_scores = [round(sum(column) / len(rating), 6) for column in zip(*shares)]

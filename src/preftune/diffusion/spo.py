@@ -193,7 +193,29 @@ def step_scorer(spec: str):
                           f"({type(error).__name__}: {error}).") from None
     if not callable(function):
         raise ConfigError(f"objective.scorer {spec!r}: {spec.partition(':')[2]} is not callable.")
+    _check_signature(function, spec)
     return FunctionStepScorer(function, spec)
+
+
+def _check_signature(function, spec: str) -> None:
+    """A step scorer takes (prompts, images, timesteps): a ConfigError before the run writes
+    anything, not a TypeError at its first step (the image scorers of rank and eval take
+    (prompt, image), an easy mix-up)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # (a builtin without one: tried when it scores)
+        return
+    try:
+        signature.bind([], None, [])
+    except TypeError as error:
+        raise ConfigError(
+            f"objective.scorer {spec!r}: {getattr(function, '__name__', spec)}{signature} "
+            f"cannot be called as function(prompts, images, timesteps) ({error}); a step-aware "
+            "scorer rates a batch of candidates (images: a [N, 3, H, W] tensor in [-1, 1]; "
+            "timesteps: each one's noise level). The function(prompt, image) form is for "
+            "diffusion rank, eval and online.") from None
 
 
 @dataclass

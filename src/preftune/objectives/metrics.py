@@ -7,6 +7,8 @@ they depend on the data): the trainer reads a whole step's metrics back in one g
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .registry import ObjectiveInputs, ObjectiveOutput
@@ -48,6 +50,17 @@ def _unpaired_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
     return metrics
 
 
+def top1_hits(rewards: torch.Tensor, scores: torch.Tensor,
+              present: torch.Tensor | None = None) -> torch.Tensor:
+    """Per list [L, K], whether its highest reward is on a best-scored item: items tied for
+    the highest reward share the list's credit (at step 1 every reward ties), so the number
+    does not depend on the order a list is written in. ``present`` masks padding."""
+    present = torch.ones_like(scores, dtype=torch.bool) if present is None else present
+    top = present & (rewards == rewards.masked_fill(~present, -math.inf).amax(1, keepdim=True))
+    best = scores == scores.masked_fill(~present, -math.inf).amax(1, keepdim=True)
+    return (top & best).sum(1) / top.sum(1)
+
+
 def _ranked_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
     """Pairwise ranking accuracy of the implied rewards against the data's scores."""
     scores = inputs.scores["response_scores"].to(rewards)
@@ -60,7 +73,7 @@ def _ranked_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
         "rewards/best": sum_count(rewards[rows, best]),
         "rewards/worst": sum_count(rewards[rows, worst]),
         "rewards/margins": sum_count(rewards[rows, best] - rewards[rows, worst]),
-        "rewards/top1_accuracy": sum_count((rewards.argmax(dim=1) == best).float()),
+        "rewards/top1_accuracy": sum_count(top1_hits(rewards, scores)),
     }
 
 
