@@ -219,6 +219,14 @@ def test_precomputed_reference_is_cached_and_reused(workspace, capsys):
     run(workspace, "cache-b", reference__cache_dir=str(workspace / "fresh-cache"))
     assert "loaded from cache" in capsys.readouterr().out
     assert sorted((workspace / "fresh-cache").glob("reference-*.pt")) == first
+    # a damaged cache file (truncated) is said and computed again, to the same losses
+    whole = first[0].read_bytes()
+    first[0].write_bytes(whole[:100])
+    capsys.readouterr()
+    again = run(workspace, "cache-damaged", reference__cache_dir=str(workspace / "fresh-cache"))
+    assert f"reference cache {first[0]} cannot be read" in capsys.readouterr().out
+    assert losses(again) == losses(workspace / "runs" / "cache-b")
+    assert first[0].stat().st_size == len(whole)
     # a different tokenization setting is a different key
     run(workspace, "cache-c", reference__cache_dir=str(workspace / "fresh-cache"),
         data__max_length=40, data__max_prompt_length=30)

@@ -206,7 +206,11 @@ def precomputed_reference(
     key = reference_cache_key(model, examples, {**settings, "per_token": per_token})
     path = Path(cache_dir) / f"reference-{key}.pt"
     if path.exists():
-        return PrecomputedReference(torch.load(path, weights_only=True)), True
+        try:
+            return PrecomputedReference(torch.load(path, weights_only=True)), True
+        except Exception as error:  # a damaged file (truncated, emptied): computed again
+            print(f"reference cache {path} cannot be read ({type(error).__name__}); computing "
+                  "it again")
     world = accelerator.num_processes if accelerator is not None else 1
     mine = examples[accelerator.process_index::world] if world > 1 else examples
     table = compute_reference_table(

@@ -142,6 +142,19 @@ def load_on_device(path: str, config: Config):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The rows a round wrote; a damaged file (cut short) is named with what to do."""
+    return [read_json_text(line, f"{path}:{number}") for number, line
+            in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
+
+
+def read_json_text(text: str, where) -> dict | list:
+    """``text`` as JSON, or a ``DataError`` naming ``where`` (a file a run wrote itself, now
+    damaged: a crash mid-write, a full disk, an edit) and how to get past it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: not valid JSON ({error.msg}), so this run's file is damaged. "
+                        "Delete that round's folder (round-N, and any later one) to redo it "
+                        "with --resume, or start over with --overwrite.") from None
 
 

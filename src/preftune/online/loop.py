@@ -12,7 +12,6 @@ that was cut off continues from its last checkpoint. Training is ``preftune trai
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -38,7 +37,8 @@ from ..train.output import (check_resume, move_aside, one_of, prepare_output_dir
 from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
-                     read_jsonl, read_prompts, row_question, stored_images)
+                     read_json_text, read_jsonl, read_prompts, row_question,
+                     stored_images)
 from .config import OnlineConfig
 from .diversity import add_pair_diversity, check_divpo_encoder, needs_surprisal
 from .estimator import check_estimator, estimator_probs, select_pairs
@@ -181,7 +181,7 @@ def run_phase(here: Path, name: str, work) -> dict:
     """Run ``work`` unless ``phases.json`` says it finished; record what it returns. The
     phase's models are freed before the next phase loads its own (``released``)."""
     record = here / "phases.json"
-    done = json.loads(record.read_text()) if record.exists() else {}
+    done = read_json_text(record.read_text(), record) if record.exists() else {}
     if name in done:
         return done[name]
     started = time.perf_counter()

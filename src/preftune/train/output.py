@@ -253,7 +253,14 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
                               "config), or start over with --overwrite.")
         return
     defaults = type(config).model_construct().model_dump()
-    saved = {**_flat(defaults), **_flat(yaml.safe_load(saved_file.read_text()) or {})}
+    try:
+        given = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"--resume in {out}: {saved_file}, the settings the run started with, "
+                          "is not valid YAML (damaged or edited), so a resumed run cannot be "
+                          "checked to train as it started; restore the file (a copy of the "
+                          "run's config), or start over with --overwrite.") from None
+    saved = {**_flat(defaults), **_flat(given)}
     now = _flat(config.model_dump())
     changed = sorted(key for key in set(saved) | set(now)
                      if saved.get(key) != now.get(key) and key not in safe)
