@@ -316,3 +316,17 @@ def test_a_reward_model_or_an_online_round_is_refused_before_anything_loads(tmp_
         f"error: --model {online / 'round-1'}: round-1 of an online run, whose eval.json and "
         "eval_answers.jsonl are the round's own held-out evaluation")
     assert (online / "round-1" / "eval.json").read_text() == '{"mean_score": 0.5}'
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_work(tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder would go")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--data",
+                 str(tmp_path / "pairs.jsonl"), "--output", str(blocker / "eval")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --output {blocker / 'eval'} cannot be made: {blocker} is a file")
+    assert main(["data", "synthetic", "--output-dir", str(blocker / "syn")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --output-dir {blocker / 'syn'} cannot be made: {blocker} is a file")
+    assert blocker.read_text() == "a file where a folder would go"

@@ -51,7 +51,10 @@ def _synthetic(args) -> None:
     from .checks import write_task_files
     from .synthetic import generate_split
 
+    from ..train.output import check_output_folder
+
     out = Path(args.output_dir)
+    check_output_folder(out, "--output-dir")
     try:
         train_tasks, eval_tasks = generate_split(args.train, args.eval, seed=args.seed,
                                                  families=args.families,

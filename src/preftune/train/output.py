@@ -101,6 +101,12 @@ def check_output_folder(path, flag: str) -> None:
     if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {folder} cannot be written; choose a folder you can write "
                           "to.")
+    if not folder.exists():  # made when the results are written: where it would be made
+        above = next(p for p in folder.absolute().parents if p.exists())
+        if not above.is_dir() or not os.access(above, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {folder} cannot be made: {above} is "
+                              f"{'a file' if not above.is_dir() else 'not writable'}; choose "
+                              "a folder you can write to.")
 
 
 def check_writable(directory: Path, key: str) -> None:
