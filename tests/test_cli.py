@@ -399,8 +399,14 @@ def test_a_signal_outside_the_training_steps_ends_with_a_message(files, capsys, 
     assert main(["train", str(files / "config.yaml"), "--set",
                  f"output_dir={files / ('stopped-' + how)}"]) == code
     assert capsys.readouterr().err.endswith(
-        f"\nstopped by {name}; what was written is kept. Run the same command to start again, "
-        "or with --resume to continue from the last checkpoint if one was written.\n")
+        f"\nstopped by {name}; what was written is kept. Run the same command again; if it says "
+        "its folder holds a run, add --resume to continue from what was written (the last "
+        "checkpoint, the finished rounds) or --overwrite to start over.\n")
+    # a command without --resume is only told to run again
+    monkeypatch.setattr("preftune.data.synthetic.generate_split", interrupted)
+    assert main(["data", "synthetic", "--output-dir", str(files / "syn")]) == code
+    assert capsys.readouterr().err.endswith(
+        f"\nstopped by {name}; what was written is kept. Run the same command again.\n")
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone
 
 

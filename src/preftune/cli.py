@@ -359,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM, outside a training step
         name = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT (Ctrl-C)"
+        advice = ("Run the same command again; if it says its folder holds a run, add "
+                  "--resume to continue from what was written (the last checkpoint, the "
+                  "finished rounds) or --overwrite to start over." if hasattr(args, "resume")
+                  else "Run the same command again.")
         if talks:
-            print(f"\nstopped by {name}; what was written is kept. Run the same command to "
-                  "start again, or with --resume to continue from the last checkpoint if one "
-                  "was written.", file=sys.stderr)
+            print(f"\nstopped by {name}; what was written is kept. {advice}", file=sys.stderr)
         code = 143 if isinstance(stop, Terminated) else 130
     finally:
         if here:
