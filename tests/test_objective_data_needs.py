@@ -101,3 +101,21 @@ def test_a_pair_term_beside_a_gold_reader_sees_only_the_pair():
     three = get_objective("ld_dpo")(ObjectiveInputs(policy, reference),
                                     get_objective("ld_dpo").params())
     assert three.losses.sum().item() != pytest.approx(alone.losses.sum().item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("objective, says", [
+    ({"name": "f_dpo", "alpha": 0.3}, "alpha does nothing with divergence reverse_kl"),
+    ({"name": "tdpo", "alpha": 0.1}, "alpha does nothing with variant tdpo1"),
+    ({"name": "triple_po", "gamma": 2.0}, "gamma does nothing with variant sigmoid"),
+    ({"name": "bco", "prompt_sample_size": 5}, "prompt_sample_size does nothing without udm: "
+                                               "true"),
+])
+def test_a_parameter_its_other_settings_leave_idle_is_refused(objective, says):
+    from preftune.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=says):
+        build_config({"objective": objective})
+    name = objective["name"]
+    switched = {"f_dpo": {"divergence": "alpha"}, "tdpo": {"variant": "tdpo2"},
+                "triple_po": {"variant": "tpo_l"}, "bco": {"udm": True}}[name]
+    build_config({"objective": {**objective, **switched}})  # where it counts, it is taken

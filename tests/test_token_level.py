@@ -99,7 +99,8 @@ def test_tdpo_reward_margin_is_the_loss_logit(params):
 
 @pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
 def test_tdpo_gradients_and_stop_gradient(variant):
-    p = TDPOParams(beta=0.5, alpha=0.3, variant=variant)
+    p = TDPOParams(beta=0.5, alpha=0.3, variant=variant) if variant == "tdpo2" else \
+        TDPOParams(beta=0.5, variant=variant)  # (alpha weighs TDPO2's term only)
     inputs, policy, kl = tdpo_inputs(TDPO_CASES[:1], torch.float64, requires_grad=True)
     get_objective("tdpo")(inputs, p).losses.sum().backward()
     case = list(TDPO_CASES[0])

@@ -5,6 +5,7 @@ Slot 0 of every [E, R] tensor is the chosen response y_w, slot 1 the rejected re
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated
 
 import torch
@@ -31,6 +32,15 @@ Share = Annotated[float, Field(ge=0, le=1)]  # a mixing weight between two terms
 PositiveShare = Annotated[float, Field(gt=0, le=1)]  # a share that 0 would make meaningless
 FlipRate = Annotated[float, Field(ge=0, lt=0.5)]  # a label-flip rate or label smoothing
 Finite = Annotated[float, Field(allow_inf_nan=False)]  # any real number
+
+
+def refuse_idle(params, names: tuple, when: str) -> None:
+    """In a params ``__post_init__``: the first of ``names`` set away from its default is
+    refused, as its other settings make it do nothing (``when`` says which)."""
+    defaults = {f.name: f.default for f in fields(params)}
+    for name in names:
+        if getattr(params, name) != defaults[name]:
+            raise ValueError(f"{name} does nothing {when}; remove it, or set what it needs.")
 
 
 def log_ratios(inputs: ObjectiveInputs) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .common import (
     chosen_minus_rejected,
     conservative_logistic,
     log_ratios,
+    refuse_idle,
 )
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
@@ -35,6 +36,9 @@ class FDPOParams:
     alpha: Finite = 0.5  # alpha-divergence coefficient, paper convention, in (0, 1)
 
     def __post_init__(self):
+        if self.divergence != "alpha":
+            refuse_idle(self, ("alpha",), f"with divergence {self.divergence} (it is the "
+                        "alpha-divergence's coefficient)")
         if self.divergence == "alpha" and not 0.0 < self.alpha < 1.0:
             raise ValueError(f"f_dpo alpha-divergence needs 0 < alpha < 1; got {self.alpha} "
                              "(alpha -> 0 is reverse_kl, alpha -> 1 is forward_kl)")

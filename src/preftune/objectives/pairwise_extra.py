@@ -21,6 +21,7 @@ from .common import (
     chosen_minus_rejected,
     conservative_logistic,
     log_ratios,
+    refuse_idle,
     required_scores,
 )
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
@@ -36,6 +37,8 @@ class TriplePOParams:
     gamma: NonNegative = 0.5  # TPO-L target margin (only for variant="tpo_l")
 
     def __post_init__(self):
+        if self.variant == "sigmoid":
+            refuse_idle(self, ("gamma",), "with variant sigmoid (it is TPO-L's target margin)")
         if self.variant == "tpo_l" and self.epsilon:
             raise ValueError("triple_po variant=tpo_l has no label smoothing (its term is "
                              "-log sigmoid(beta h - gamma), with a target margin instead); "

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .common import NonNegative, Positive, chosen_minus_rejected, log_ratios
+from .common import NonNegative, Positive, chosen_minus_rejected, log_ratios, refuse_idle
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
@@ -24,6 +24,10 @@ class TDPOParams:
     beta: Positive = 0.1
     alpha: NonNegative = 0.5  # weight of the KL difference (TDPO2 only)
     variant: Literal["tdpo1", "tdpo2"] = "tdpo1"  # the authors' config default is TDPO1
+
+    def __post_init__(self):
+        if self.variant == "tdpo1":
+            refuse_idle(self, ("alpha",), "with variant tdpo1 (it weighs TDPO2's KL difference)")
 
 
 def sequence_kl(inputs: ObjectiveInputs, objective: str):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .common import NonNegative, Positive, log_ratios, required_scores
+from .common import NonNegative, Positive, log_ratios, refuse_idle, required_scores
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 from .state import RunningMean
 from .udm import WEIGHT, prepare_udm
@@ -91,6 +91,10 @@ class BCOParams:
     max_density_ratio: Positive = 10.0
 
     def __post_init__(self):
+        if not self.udm:
+            refuse_idle(self, ("udm_encoder", "prompt_sample_size", "min_density_ratio",
+                               "max_density_ratio"), "without udm: true (it sets up the "
+                        "density-ratio weights)")
         if self.min_density_ratio > self.max_density_ratio:
             raise ValueError(f"bco min_density_ratio {self.min_density_ratio} exceeds "
                              f"max_density_ratio {self.max_density_ratio}")
