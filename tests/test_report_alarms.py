@@ -46,3 +46,14 @@ def test_a_run_whose_every_logged_loss_is_nan_keeps_its_loss_plot(tmp_path):
     assert sorted(p.name for p in (run / "report").iterdir()) == ["loss.png", "lr.png"]
     assert (run / "report" / "loss.png").stat().st_size > 1000
     assert "Also marked as dotted lines on the loss plot." in (run / "report.html").read_text()
+
+
+def test_held_out_diagnostics_in_nats_and_fractions_get_their_own_plots():
+    records = [{"step": 4, "loss": 0.5, "eval/diag/displacement/chosen": -1.5,
+                "eval/diag/displacement/rejected": -3.0,
+                "eval/diag/displacement/chosen_fell": 0.25, "eval/diag/ranking/summed": 0.75}]
+    panels = {panel.name: [curve.key for curve in panel.series]
+              for panel in build_panels(records)}
+    assert panels["displacement"] == ["eval/diag/displacement/chosen",
+                                      "eval/diag/displacement/rejected"]
+    assert panels["ranking"] == ["eval/diag/displacement/chosen_fell", "eval/diag/ranking/summed"]

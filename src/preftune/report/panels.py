@@ -34,6 +34,8 @@ KNOWN_PANELS = {
     "answer_tokens": ("Greedy answers to held-out prompts: mean length", "tokens"),
     "answers_ended": ("Greedy answers that ended (EOS)", "fraction"),
     "answers_empty": ("Greedy answers that are empty", "fraction"),
+    "displacement": ("Held-out log-probs against the reference", "change (nats)"),
+    "ranking": ("Held-out ranking accuracy, and pairs whose chosen fell", "fraction"),
 }
 
 
@@ -73,6 +75,9 @@ def panel_name(key: str) -> str:
         return "accuracy"
     if group in ("loss", "rewards", "logps"):
         return group
+    if group == "diag":  # nats and fractions on separate axes
+        return "ranking" if leaf.startswith("ranking/") or leaf.endswith("_fell") \
+            else "displacement" if leaf.startswith("displacement/") else group
     return re.sub(r"[^A-Za-z0-9_.-]", "_", group)
 
 
