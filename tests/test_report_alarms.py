@@ -23,7 +23,13 @@ def test_an_online_runs_report_shows_each_rounds_alarms_at_the_joined_steps(tmp_
     _write(run / "round-2" / "alarms.jsonl",
            [{"kind": "no_signal", "step": 2, "message": "every example of this step ..."}])
     (run / "online.json").write_text(json.dumps(
-        {"rounds": [{"round": 1, "train": {"steps": 3}}, {"round": 2, "train": {"steps": 3}}]}))
+        {"rounds": [{"round": 1, "train": {"steps": 3}, "evaluate": {"prompts": 5, "mean_score": 0.5}},
+                    {"round": 2, "train": {"steps": 3}, "evaluate": {"prompts": 5, "mean_score": 0.5}}]}))
+    for number, examples in ((1, 6), (2, 4)):
+        (run / f"round-{number}" / "run.json").write_text(json.dumps(
+            {"objective": "dpo", "steps": 3, "train_examples": examples, "eval_examples": 0}))
+    info = load_run(run).run_info  # the rounds' totals, and the prompts each is measured on
+    assert (info["steps"], info["train_examples"], info["eval_examples"]) == (6, 10, 5)
     assert load_run(run).alarms == [{"kind": "no_signal", "step": 5, "round": 2,
                                      "message": "every example of this step ..."}]
     assert main(["report", str(run)]) == 0

@@ -37,13 +37,18 @@ def joined_metrics(run_dir: Path, summary: dict, read_jsonl,
 
 def rounds_run_info(run_dir: Path, summary: dict, read_json) -> dict | None:
     """The newest trained round's ``run.json`` (objective, reference, layout), its ``steps``
-    the rounds' total; None before a round finished training."""
+    and ``train_examples`` the rounds' totals and its ``eval_examples`` the held-out prompts
+    each round is measured on; None before a round finished training."""
     infos = [info for r in summary["rounds"] for here in [run_dir / f"round-{r['round']}"]
              for path in (here / "run.json", here / "train" / "run.json")
              if (info := read_json(path)) is not None]
     if not infos:
         return None
-    return {**infos[-1], "steps": sum(info.get("steps", 0) for info in infos)}
+    held_out = next((r["evaluate"]["prompts"] for r in summary["rounds"]
+                     if "prompts" in r.get("evaluate", {})), infos[-1].get("eval_examples", 0))
+    return {**infos[-1], "steps": sum(info.get("steps", 0) for info in infos),
+            "train_examples": sum(info.get("train_examples", 0) for info in infos),
+            "eval_examples": held_out}
 
 
 def _held_out(summary: dict) -> list[tuple[int, dict]]:
