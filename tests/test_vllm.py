@@ -48,7 +48,7 @@ def test_settings_reach_vllm_and_outputs_are_cut_like_hf(fake_vllm):
     prompts, params = llm.calls[0]
     assert prompts == [{"prompt_token_ids": [3, 4]}, {"prompt_token_ids": [5]}]
     assert params == {"n": 2, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_tokens": 4,
-                      "seed": 5}
+                      "seed": 5, "stop_token_ids": [eos]}  # (and a chat template's turn end)
     assert out.texts == [["ab", "c"], ["e", "fg"]]  # cut after EOS, and before the stop string
     assert out.token_ids[0] == [[say("a"), say("b"), eos], [say("c"), say("!")]]
 

@@ -348,7 +348,6 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
     return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
 
 
-@holding_output_dirs
 def read_pairs(config: DiffusionConfig) -> tuple[dict, dict]:
     """The run's records by split (ranked lists that order nothing left out) and the data
     report, with the fingerprint a resumed run checks."""
@@ -367,6 +366,7 @@ def read_pairs(config: DiffusionConfig) -> tuple[dict, dict]:
     return kept, report
 
 
+@holding_output_dirs
 def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress: bool = True,
                     overwrite: bool = False, plan_only: bool = False) -> Path:
     """Train according to ``config``; sample the fixed prompts before and after (when
