@@ -67,15 +67,16 @@ def test_plan_names_the_run_and_writes_nothing(files, tmp_path, capsys):
 
 @pytest.mark.parametrize("sections", [
     pytest.param({}, id="full-live-reference"),
-    pytest.param({"model": {"lora": {"r": 8, "alpha": 8}}}, id="lora-adapter-off"),
+    pytest.param({"model": {"lora": {"r": 8, "alpha": 8}}}, id="lora-adapter-off",
+                 marks=pytest.mark.slow),  # (the slowest three: `pytest -m slow`)
     pytest.param({"objective": {"name": "mapo"}}, id="mapo-no-reference"),
     pytest.param({"train": {"gradient_checkpointing": True}}, id="checkpointing"),
     # three lists of 3, 4 and 2 images, all in each step: the line through one list and two
     # meets nine images
     pytest.param({"objective": {"name": "rank_dpo"}, "train": {"batch_size": 3}},
-                 id="ranked-lists"),
+                 id="ranked-lists", marks=pytest.mark.slow),
     pytest.param({"objective": {"name": "spo", **SMALL}, "train": {"batch_size": 2}},
-                 id="spo-samples-in-the-step"),
+                 id="spo-samples-in-the-step", marks=pytest.mark.slow),
 ])
 def test_plan_total_is_within_a_few_percent_of_two_real_steps(files, tmp_path, capsys,
                                                               monkeypatch, sections):
@@ -166,7 +167,8 @@ def test_online_plan_ranking_memory_is_near_a_real_rounds_ranking_peak(files, tm
     assert planned_total("\n".join(section)) == pytest.approx(measured, rel=0.05)
 
 
-@pytest.mark.parametrize("objective", ["longalign", "spo"])
+@pytest.mark.parametrize("objective", [pytest.param("longalign", marks=pytest.mark.slow),
+                                       "spo"])
 def test_plan_counts_the_frozen_scorer_the_step_keeps_on_the_device(files, tmp_path, capsys,
                                                                     objective):
     """LongAlign's reward model and SPO's spm: scorer stay on the device for the whole run:

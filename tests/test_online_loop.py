@@ -599,6 +599,7 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
     tree = config_tree(model_dir, data, tmp_path / "unused", rounds=1)
     tree["train"]["max_steps"] = 2
     tree["objective"] = {"name": "dpo"}  # each compared objective brings its own parameters
+    tree["online"]["sampling"].update(samples=3, max_new_tokens=6)
     base.write_text(yaml.safe_dump(tree))
     root = run_compare(["dpo", "listwise_pl"], str(base), [], str(tmp_path / "cmp"))
     board = json.loads((root / "leaderboard.json").read_text())

@@ -124,7 +124,8 @@ def test_a_quantized_base_trains_as_lora_on_its_dequantized_weights(workspace, k
     assert info[0]["layout"] == info[1]["layout"]
 
 
-@pytest.mark.parametrize("setting", ["compile", "gradient_checkpointing"])
+@pytest.mark.parametrize("setting", [pytest.param("compile", marks=pytest.mark.slow),
+                                     "gradient_checkpointing"])  # (compile: test_compile.py)
 def test_compiled_or_checkpointed_layers_on_a_4_bit_base_train_as_plain_ones(workspace,
                                                                             setting):
     plain = read_metrics(run(workspace, "nf4-auto", model__quantize="nf4") / "metrics.jsonl")
