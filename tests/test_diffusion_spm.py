@@ -165,7 +165,7 @@ def test_spm_trains_saves_and_serves_spo_eval_and_rank(parts, tmp_path):
                                                    "sampling_steps": 4, "first_step": 1},
                       train={"max_steps": 1, "batch_size": 2})
     from preftune.diffusion.config import DiffusionConfig
-    from preftune.diffusion.spo import step_scorer
+    from preftune.diffusion.step_scorers import step_scorer
     from preftune.diffusion.train import train_diffusion
 
     scorer = step_scorer(f"spm:{saved}")

@@ -324,7 +324,7 @@ def test_bad_input_names_the_key_file_record_and_field(files, tmp_path):
 def test_an_error_in_a_step_scorer_names_the_scorer():
     import sys
 
-    from preftune.diffusion.spo import FunctionStepScorer
+    from preftune.diffusion.step_scorers import FunctionStepScorer
 
     def down(prompts, images, timesteps):
         raise RuntimeError("scorer backend down")
@@ -338,7 +338,7 @@ def test_an_error_in_a_step_scorer_names_the_scorer():
 
 
 def test_a_missing_step_aware_model_is_named_by_its_config_key(tmp_path, monkeypatch):
-    from preftune.diffusion.spo import step_scorer
+    from preftune.diffusion.step_scorers import step_scorer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -260,7 +260,7 @@ def _scorer_spec(spec: str) -> str:
     if spec == "shape_colour" or (module == "spm" and attribute):
         return spec
     if colon and module and attribute.isidentifier():  # importable, with the right signature
-        from .spo import step_scorer
+        from .step_scorers import step_scorer
 
         try:
             step_scorer(spec)
