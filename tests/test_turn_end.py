@@ -22,13 +22,15 @@ GEMMA_LIKE = (
 SETTINGS = TokenizeSettings(max_length=200, max_prompt_length=None)
 
 
-def gemma_like_tokenizer() -> PreTrainedTokenizerFast:
+def gemma_like_tokenizer(turn_tokens_special: bool = True) -> PreTrainedTokenizerFast:
     specials = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
     vocab = {token: i for i, token in enumerate(specials + list(string.printable))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(specials)
+    backend.add_special_tokens(specials if turn_tokens_special else specials[:3])
+    if not turn_tokens_special:  # added as plain tokens, as some fine-tunes do
+        backend.add_tokens(specials[3:])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
                                         bos_token="<bos>", eos_token="<eos>")
     tokenizer.chat_template = GEMMA_LIKE
@@ -108,3 +110,38 @@ def test_a_reward_model_never_pads_with_the_token_its_reward_is_read_at():
     gemma.pad_token = "<end_of_turn>"  # the last token of every chat answer
     reward_pad_token(gemma)
     assert gemma.pad_token == "<pad>"
+
+
+def test_a_template_that_ends_a_turn_with_plain_text_keeps_it_out_of_responses():
+    plain = char_tokenizer()
+    plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n"
+                           "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    eos = plain.eos_token_id
+    question = [{"role": "user", "content": "2+2?"}]
+    turns = [{"role": "assistant", "content": "4"}, {"role": "user", "content": "x2?"},
+             {"role": "assistant", "content": "8"}]
+    (example,), _ = tokenize_records([Pair(question, turns, [{"role": "assistant",
+                                                              "content": "5"}])], plain, SETTINGS)
+    assert example.response_ids[0][-2:] == [ids(plain, "8")[0], eos]  # not 8, \n, \n, EOS
+    assert example.response_ids[1] == ids(plain, "5") + [eos]
+
+
+def test_an_end_of_turn_added_as_a_plain_token_is_no_part_of_the_answer_text():
+    gemma = gemma_like_tokenizer(turn_tokens_special=False)
+    end = gemma.convert_tokens_to_ids("<end_of_turn>")
+    assert stop_ids(gemma) == [end, gemma.eos_token_id]
+    (seven,) = ids(gemma, "7")
+    cut = finished([[[seven, end, seven], [end]]], SamplingSettings(), gemma, 0.0)
+    assert cut.texts == [["7", ""]]
+
+
+def test_a_reward_model_pads_a_base_tokenizer_whose_pad_is_its_eos_with_an_unused_pad():
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_pad|>"]
+    vocab = {token: i for i, token in enumerate(specials + list(string.printable))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.add_special_tokens(specials)
+    base = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")  # no unk, no bos (Qwen2.5 base)
+    reward_pad_token(base)
+    assert base.pad_token == "<|fim_pad|>"

@@ -148,7 +148,7 @@ def finished(ids_out: list[list[list[int]]], settings: SamplingSettings, tokeniz
     stops = stop_ids(tokenizer)
     token_ids, texts = [], []
     for samples in ids_out:
-        cut = [_stop(_cut(list(ids), stops), settings.stop, tokenizer) for ids in samples]
+        cut = [_stop(_cut(list(ids), stops), settings.stop, tokenizer, stops) for ids in samples]
         token_ids.append([ids for ids, _ in cut])
         texts.append([text for _, text in cut])
     return Generations(token_ids, texts, seconds)
@@ -207,9 +207,12 @@ def _cut(ids: list[int], stops: list[int]) -> list[int]:
     return ids if end is None else ids[: end + 1]
 
 
-def _stop(ids: list[int], stop: tuple[str, ...], tokenizer) -> tuple[list[int], str]:
-    """The ids up to the token that completes the first stop string, and the text before it."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+def _stop(ids: list[int], stop: tuple[str, ...], tokenizer,
+          stops: list[int]) -> tuple[list[int], str]:
+    """The ids up to the token that completes the first stop string, and the text before it
+    (never the closing EOS or end of turn, special token or not)."""
+    text = tokenizer.decode(ids[:-1] if ids[-1:] and ids[-1] in stops else ids,
+                            skip_special_tokens=True)
     hits = [(text.find(s), s) for s in stop if s in text]
     if not hits:
         return ids, text

@@ -197,8 +197,7 @@ def _render(index: int, record, tokenizer, string_prefix: list, ends: ResponseEn
     # a chat template writes its own BOS, if any, into the text
     prefix = [] if record.is_conversational else string_prefix
     rendered = [
-        _response_text(response, prompt, prompt_text, tokenizer, record, ends.turn_text,
-                       mask_roles)
+        _response_text(response, prompt, prompt_text, tokenizer, record, ends, mask_roles)
         for response, prompt, prompt_text in zip(record.responses, record.prompts, prompt_texts)
     ]
     spans = [found for _, found in rendered]
@@ -217,7 +216,7 @@ def _prompt_texts(record, tokenizer) -> list[str]:
     return [rendered[id(prompt)] for prompt in record.prompts]
 
 
-def _response_text(response, prompt, prompt_text: str, tokenizer, record, turn_text: str,
+def _response_text(response, prompt, prompt_text: str, tokenizer, record, ends: ResponseEnds,
                    mask_roles: tuple = ()) -> tuple[str, list]:
     """The response as text, and the (start, end) character spans of its messages whose role
     is in ``mask_roles`` (tool results: not scored)."""
@@ -243,9 +242,12 @@ def _response_text(response, prompt, prompt_text: str, tokenizer, record, turn_t
             f"Give the response as a single assistant message or a string."
         )
     continuation = full[len(prompt_text) :]
-    # the template's separator after the final end-of-turn token is not part of the response
-    if turn_text and turn_text in continuation:
-        continuation = continuation[: continuation.rindex(turn_text) + len(turn_text)]
+    # the template's separator after the final end-of-turn token is not part of the response,
+    # nor is the plain text a template without one writes after an answer (EOS ends it)
+    if ends.turn_text and ends.turn_text in continuation:
+        continuation = continuation[: continuation.rindex(ends.turn_text) + len(ends.turn_text)]
+    elif ends.separator and continuation.endswith(ends.separator):
+        continuation = continuation[: -len(ends.separator)]
     spans = masked_spans(history, response, prompt_text, full, mask_roles, record,
                          lambda messages: _chat(tokenizer, messages, record, False))
     return continuation, [(start, min(end, len(continuation))) for start, end in spans

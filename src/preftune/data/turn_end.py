@@ -19,17 +19,7 @@ def turn_end_id(tokenizer) -> int:
     """The id the chat template writes right after an assistant message's text, when that is
     one special or added token; the tokenizer's EOS otherwise (no template, or a template that
     ends a turn with plain text)."""
-    eos = tokenizer.eos_token_id
-    if not getattr(tokenizer, "chat_template", None):
-        return eos
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": MARK}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template that wants other roles or content parts: keep EOS
-        return eos
-    if not isinstance(text, str) or MARK not in text:
-        return eos
-    after = text[text.rindex(MARK) + len(MARK):]
+    eos, after = tokenizer.eos_token_id, after_answer(tokenizer)
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
     if not ids:
         return eos
@@ -38,6 +28,21 @@ def turn_end_id(tokenizer) -> int:
     # the token's own text, not an unknown-token stand-in for what the template wrote
     written = after.startswith(tokenizer.convert_ids_to_tokens(ids[0]))
     return ids[0] if ids[0] in marked and written else eos
+
+
+def after_answer(tokenizer) -> str:
+    """What the chat template writes after an assistant message's text ("" without a template,
+    or with one that wants other roles or content parts)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": MARK}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # (templates raise jinja's or their own error types)
+        return ""
+    if not isinstance(text, str) or MARK not in text:
+        return ""
+    return text[text.rindex(MARK) + len(MARK):]
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -54,11 +59,16 @@ class ResponseEnds:
     eos: int
     turn: int
     turn_text: str  # the end of turn as the template writes it
+    # what the template writes after an answer when no token ends a turn ("\n\n"): not part
+    # of a multi-turn response, which ends with EOS instead
+    separator: str = ""
 
     @classmethod
     def of(cls, tokenizer) -> "ResponseEnds":
         turn = turn_end_id(tokenizer)
-        return cls(tokenizer.eos_token_id, turn, tokenizer.convert_ids_to_tokens(turn))
+        separator = after_answer(tokenizer) if turn == tokenizer.eos_token_id else ""
+        return cls(tokenizer.eos_token_id, turn, tokenizer.convert_ids_to_tokens(turn),
+                   separator if tokenizer.convert_ids_to_tokens(turn) not in separator else "")
 
     def of_record(self, record) -> int:
         return self.turn if record.is_conversational else self.eos

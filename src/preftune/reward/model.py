@@ -36,7 +36,10 @@ from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
 from .vision import load_vision_backbone
 
-PAD_CANDIDATES = ("unk_token", "<|endoftext|>", "<pad>", "[PAD]", "bos_token")
+# padding tokens models ship unused (Qwen's <|fim_pad|> and <|vision_pad|>, Llama 3's
+# <|finetune_right_pad_id|>) come before the BOS fallback
+PAD_CANDIDATES = ("unk_token", "<|endoftext|>", "<pad>", "[PAD]", "<|fim_pad|>", "<|vision_pad|>",
+                  "<|finetune_right_pad_id|>", "bos_token")
 REWARD_HEADS = ("score", "classifier")  # transformers' sequence-classification heads
 
 
@@ -63,9 +66,9 @@ def reward_pad_token(tokenizer) -> None:
         if token is not None and token in vocab and vocab[token] not in ends:
             tokenizer.pad_token = token
             return
-    raise ValueError("the tokenizer has no token that can pad without being its EOS token; add a "
-                     "pad token (tokenizer.add_special_tokens({'pad_token': '<pad>'})) and resize "
-                     "the model's embeddings first.")
+    raise ValueError("the tokenizer has no token that can pad without being its EOS or "
+                     "end-of-turn token; add a pad token (tokenizer.add_special_tokens("
+                     "{'pad_token': '<pad>'})) and resize the model's embeddings first.")
 
 
 class RewardModel(nn.Module):
