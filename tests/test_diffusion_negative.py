@@ -93,7 +93,7 @@ def test_commands_refuse_a_negative_prompt_without_guidance_by_flag_before_writi
         pipes, tmp_path, capsys):
     from preftune.diffusion.online import DiffusionOnlineConfig, run_diffusion_online
 
-    nothing = ["--prompt", "a red circle", "--seeds", "0", "--steps", "1", "--negative-prompt",
+    nothing = ["--prompt", "a red circle", "--seeds", "0,1", "--steps", "1", "--negative-prompt",
                "a blue square"]
     commands = {
         "sample": ["--model", str(pipes["sd"]), "--output-dir", str(tmp_path / "sample")],

@@ -221,7 +221,7 @@ def test_a_hub_pipeline_id_that_cannot_be_fetched_is_one_error_line(monkeypatch,
 
 def test_a_pipeline_given_by_a_flag_is_named_by_that_flag(files, tmp_path, capsys):
     pipe, not_a_pipeline = str(files[0]), str(tmp_path)
-    common = ["--prompt", "a red circle", "--seeds", "0", "--steps", "1"]
+    common = ["--prompt", "a red circle", "--seeds", "0,1", "--steps", "1"]
     commands = {
         "--model": ["diffusion", "rank", "--model", not_a_pipeline, "--scorer", "shape_colour",
                     "--output-dir", str(tmp_path / "ranked"), *common],
