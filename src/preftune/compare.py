@@ -5,8 +5,8 @@ get the pairs split into labelled completions), is evaluated with the same ``pre
 diagnostics on the same held-out pairs, and gets its own report. An entry whose run finished
 with the same effective config is not trained again, so an interrupted comparison resumes.
 A base config with an ``online`` section compares the objectives inside ``preftune online``
-rounds instead (``online/compare.py``). A diffusion config (a diffusers pipeline in ``model.path``) compares
-diffusion objectives (``diffusion/compare.py``).
+rounds instead (``online/compare.py``). A diffusion config (a diffusers pipeline in
+``model.path``) compares diffusion objectives (``diffusion/compare.py``).
 """
 
 from __future__ import annotations
