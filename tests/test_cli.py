@@ -354,7 +354,8 @@ def test_data_synthetic_never_replaces_other_data_unasked(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0 and (out / "train.jsonl").read_text() == written
     (tmp_path / "afile").write_text("x")
     assert main(["data", "synthetic", "--output-dir", str(tmp_path / "afile"), "--train", "2"]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
+    assert "afile is a file; it names the folder the results are written into" in \
+        capsys.readouterr().err
     assert main(["data", "synthetic", "--output-dir", str(tmp_path / "no-eval"), "--train", "2",
                  "--eval", "0"]) == 0
     assert not (tmp_path / "no-eval" / "eval.jsonl").exists()

@@ -155,8 +155,10 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
     losses = [m["loss"] for r in (1, 2) for m in read_jsonl(out / f"round-{r}" / "metrics.jsonl")]
     assert [m["step"] for m in run.metrics] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in run.metrics] == losses
-    round_2_info = json.loads((out / "round-2" / "run.json").read_text())
-    assert run.run_info == {**round_2_info, "steps": 6}  # the newest round's, steps in all
+    infos = [json.loads((out / f"round-{r}" / "run.json").read_text()) for r in (1, 2)]
+    assert run.run_info == {**infos[1], "steps": 6,  # the newest round's; steps and examples
+                            "train_examples": sum(i["train_examples"] for i in infos),  # in all
+                            "eval_examples": 3}  # the held-out prompts of each round
     page = write_report(out).read_text()
     assert "Online rounds (online.json)" in page
     assert "run.json is missing" not in page and "6 (last: 6 of 6)" in page

@@ -208,9 +208,6 @@ def write_task_files(files: dict, overwrite: bool = False) -> None:
     texts = {Path(path): "".join(json.dumps(to_record(task), ensure_ascii=False) + "\n"
                                  for task in tasks) or None for path, tasks in files.items()}
     for path, text in texts.items():
-        if path.parent.exists() and not path.parent.is_dir():
-            raise ConfigError(f"--output-dir {path.parent} is a file, not a folder; choose "
-                              "another --output-dir.")
         if path.exists() and not overwrite and (
                 text is None or path.read_text(encoding="utf-8") != text):
             action = "remove it (this run writes none)" if text is None else "replace it"
