@@ -143,6 +143,7 @@ def test_online_plan_is_train_plan_on_lists_like_its_samples(files, tmp_path, ca
     assert planned_total(training) == pytest.approx(planned_total(offline), rel=0.02)
 
 
+@pytest.mark.slow  # (a real round's ranking: `pytest -m slow`)
 def test_online_plan_ranking_memory_is_near_a_real_rounds_ranking_peak(files, tmp_path,
                                                                        capsys):
     """The ranking section (the pipeline, the scorers and one batch, measured with one

@@ -235,6 +235,7 @@ def test_a_pipeline_given_by_a_flag_is_named_by_that_flag(files, tmp_path, capsy
     assert not (tmp_path / "ranked").exists() and not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.slow  # (the whole diffusion demo: `pytest -m slow`)
 def test_quick_demo_numbers_are_the_checkers(tmp_path):
     """``preftune diffusion demo --quick`` as a user runs it; its before/after numbers are
     recounted from the saved models by the checker."""

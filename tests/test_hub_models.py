@@ -41,6 +41,7 @@ def _preftune(root: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # (two trainings in fresh interpreters: `pytest -m slow`)
 def test_a_cached_hub_id_trains_like_its_directory(workspace):
     root, snapshot = workspace
     by_id = _preftune(root, "train", str(root / "config.yaml"), "--set", f"model.path={REPO}",

@@ -494,6 +494,7 @@ def test_bonbon_n_must_match_the_samples(model_dir, data, tmp_path):
     assert build_config(tree, schema=OnlineConfig).objective[0].name == "bonbon"
 
 
+@pytest.mark.slow  # (their builders: test_online_build.py; lists in a round: below)
 def test_d2o_and_pmpo_train_on_samples_and_the_data_negatives(model_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"say a {k}", "chosen": "aaa",
@@ -512,6 +513,7 @@ def test_d2o_and_pmpo_train_on_samples_and_the_data_negatives(model_dir, tmp_pat
         assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
 
 
+@pytest.mark.slow  # (two rounds of lists: `pytest -m slow`)
 def test_fdpg_rounds_train_on_lists_of_the_references_samples(model_dir, data, tmp_path):
     tree = config_tree(model_dir, data, tmp_path / "fdpg", pairs={"builder": "list"})
     tree["objective"] = {"name": "fdpg", "divergence": "js", "beta": 2.0}

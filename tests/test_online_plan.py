@@ -66,7 +66,8 @@ def test_training_part_is_train_plan_on_the_worst_rows_and_nothing_is_written(wo
     assert "worst micro-batch  8 rows x 32 tokens" in training  # 15-token prompts, 16 + EOS
 
 
-@pytest.mark.parametrize("samples", [4, 1], ids=["last-step", "prefill"])
+@pytest.mark.parametrize("samples", [pytest.param(4, marks=pytest.mark.slow), 1],
+                         ids=["last-step", "prefill"])
 def test_sampling_memory_is_within_a_few_percent_of_a_generate_calls_peak(samples):
     tokenizer = char_tokenizer()
     torch.manual_seed(0)
@@ -180,7 +181,8 @@ def test_the_scoring_plan_counts_every_model_a_scorer_loads(tmp_path):
     assert scorer_models(str(render)).startswith("a rendering pipeline")
 
 
-@pytest.mark.parametrize("scorer", ["judge:policy", SCORER], ids=["judge", "function"])
+@pytest.mark.parametrize("scorer", ["judge:policy", pytest.param(SCORER, marks=pytest.mark.slow)],
+                         ids=["judge", "function"])
 def test_evaluation_memory_is_near_a_held_out_evaluations_peak(scorer, tmp_path, capsys):
     """The evaluation section's total against the tensor bytes a real held-out evaluation
     peaks at on CPU (``measure.evaluate_model`` of a round's model: greedy answers, KL
