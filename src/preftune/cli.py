@@ -83,8 +83,7 @@ def _compare(args) -> int:
     from .api import compare
     from .compare import objective_params
 
-    objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
-    root = compare(objectives, args.config, overrides=args.set or [],
+    root = compare(args.objectives, args.config, overrides=args.set or [],
                    output_dir=args.output_dir, eval_data=args.eval_data, scorer=args.scorer,
                    samples=args.samples, max_new_tokens=args.max_new_tokens,
                    plan_only=args.plan, params=objective_params(args.param or []))

@@ -4,6 +4,7 @@ installed packages (groups ``preftune.objectives`` and ``preftune.scorers``)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from importlib.metadata import entry_points
@@ -19,6 +20,22 @@ def import_attribute(spec: str):
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     return getattr(importlib.import_module(module_name), attribute)
+
+
+def call_problem(function, args: tuple, form: str, name: str) -> str | None:
+    """Why ``function`` (a user's, given as ``name``) cannot be called with ``args``, as a
+    ``form`` such as "function(prompt, response)"; None when it can, or when it has no
+    signature to read (a builtin: tried when called)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args)
+    except TypeError as error:
+        return (f"{getattr(function, '__name__', name)}{signature} cannot be called as {form} "
+                f"({error})")
+    return None
 
 
 def load_entry_point(group: str, name: str):

@@ -133,22 +133,17 @@ def tokenize_records(
     """Tokenize records (``Pair``, ``JointPair``, ``Unpaired``, ``Ranked``, ``Rated``) into
     examples; returns them with a report of drops, truncations and merges. Records with an empty
     response are dropped for training; ``keep_empty`` keeps them (scoring a model's empty
-    answer: the response is its end token alone). With a ``skipped`` list (``data.on_error: skip``), a
-    record the chat template refuses is left out and the reason appended there."""
+    answer: the response is its end token alone). With a ``skipped`` list
+    (``data.on_error: skip``), a record the chat template refuses is left out and the reason
+    appended there."""
     if settings.max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {settings.max_length}")
     if settings.max_prompt_length is not None and settings.max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be at least 1 or None, got "
                          f"{settings.max_prompt_length}")
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise DataError(
-            "the tokenizer has no eos token, so responses cannot be closed. Set one, e.g. "
-            "tokenizer.eos_token = '<|im_end|>' (the token that ends an assistant turn)."
-        )
+    ends = ResponseEnds.of(tokenizer)  # (a tokenizer without EOS is refused here)
     report = TokenizeReport(records=len(records))
     string_prefix = _leading_special_ids(tokenizer)
-    ends = ResponseEnds.of(tokenizer)
     examples: list[TokenizedExample] = []
     rendered: list[_Rendered] = []
     for index, record in enumerate(records):

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .records import DataError
+
 MARK = "\u2063preftune-turn-end\u2063"
 
 
-def turn_end_id(tokenizer) -> int:
-    """The id the chat template writes right after an assistant message's text, when that is
-    one special or added token; the tokenizer's EOS otherwise (no template, or a template that
-    ends a turn with plain text)."""
-    eos, after = tokenizer.eos_token_id, after_answer(tokenizer)
+def turn_end_id(tokenizer, after: str | None = None) -> int:
+    """The id the chat template writes right after an assistant message's text (``after``,
+    when the caller has it), when that is one special or added token; the tokenizer's EOS
+    otherwise (no template, or a template that ends a turn with plain text)."""
+    eos = tokenizer.eos_token_id
+    after = after_answer(tokenizer) if after is None else after
     ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
     if not ids:
         return eos
@@ -65,10 +68,15 @@ class ResponseEnds:
 
     @classmethod
     def of(cls, tokenizer) -> "ResponseEnds":
-        turn = turn_end_id(tokenizer)
-        separator = after_answer(tokenizer) if turn == tokenizer.eos_token_id else ""
-        return cls(tokenizer.eos_token_id, turn, tokenizer.convert_ids_to_tokens(turn),
-                   separator if tokenizer.convert_ids_to_tokens(turn) not in separator else "")
+        if tokenizer.eos_token_id is None:
+            raise DataError(
+                "the tokenizer has no eos token, so responses cannot be closed. Set one, e.g. "
+                "tokenizer.eos_token = '<|im_end|>' (the token that ends an assistant turn).")
+        after = after_answer(tokenizer)  # the template rendered once
+        turn = turn_end_id(tokenizer, after)
+        text = tokenizer.convert_ids_to_tokens(turn)
+        plain = turn == tokenizer.eos_token_id and text not in after  # ("\n\n", not "</s>")
+        return cls(tokenizer.eos_token_id, turn, text, after if plain else "")
 
     def of_record(self, record) -> int:
         return self.turn if record.is_conversational else self.eos

@@ -373,7 +373,6 @@ def ranked_metrics(output: DiffusionLossOutput, errors: RankedErrors) -> dict:
     rewards, present, scores = output.list_rewards, errors.present, errors.scores
     better = errors.ordered_pairs
     agree = better & (rewards[:, :, None] > rewards[:, None, :])
-
     margin = output.chosen_rewards - output.rejected_rewards
     count = present.sum()
     return {"loss": sum_count(output.losses),

@@ -34,7 +34,8 @@ from .losses import get_diffusion_loss
 from .model import DiffusionModel, load_diffusion_model
 from .spo import DDIMTransition
 from .step_model import StepAwarePreferenceModel
-from .train import EVAL_STEP, ImageBatch, collate, shared_noise, split_pairs
+from .splits import split_pairs
+from .train import EVAL_STEP, ImageBatch, collate, shared_noise
 
 EVAL_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.95)  # of T: the timesteps evaluation reports
 

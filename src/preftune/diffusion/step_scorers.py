@@ -5,6 +5,7 @@ colour checker, a trained step-aware preference model (``spm:PATH``), or a user'
 from __future__ import annotations
 
 from ..config import ConfigError
+from ..entry_points import call_problem, import_attribute
 from ..score.base import checked
 
 
@@ -47,7 +48,6 @@ def step_scorer(spec: str):
 
         with given_as("objective.scorer"):
             return StepModelScorer(spec[4:], "objective.scorer")
-    from ..entry_points import import_attribute
 
     try:
         function = import_attribute(spec)
@@ -65,18 +65,10 @@ def _check_signature(function, spec: str) -> None:
     """A step scorer takes (prompts, images, timesteps): a ConfigError before the run writes
     anything, not a TypeError at its first step (the image scorers of rank and eval take
     (prompt, image), an easy mix-up)."""
-    import inspect
-
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # (a builtin without one: tried when it scores)
-        return
-    try:
-        signature.bind([], None, [])
-    except TypeError as error:
+    problem = call_problem(function, ([], None, []), "function(prompts, images, timesteps)",
+                           spec)
+    if problem:
         raise ConfigError(
-            f"objective.scorer {spec!r}: {getattr(function, '__name__', spec)}{signature} "
-            f"cannot be called as function(prompts, images, timesteps) ({error}); a step-aware "
-            "scorer rates a batch of candidates (images: a [N, 3, H, W] tensor in [-1, 1]; "
-            "timesteps: each one's noise level). The function(prompt, image) form is for "
-            "diffusion rank, eval and online.") from None
+            f"objective.scorer {spec!r}: {problem}; a step-aware scorer rates a batch of "
+            "candidates (images: a [N, 3, H, W] tensor in [-1, 1]; timesteps: each one's noise "
+            "level). The function(prompt, image) form is for diffusion rank, eval and online.")

@@ -25,14 +25,15 @@ from ..train.schedule import count_steps
 from ..train.trainer import Trainer, add_metrics, means
 from . import segments
 from .config import DiffusionConfig
-from .data import DenoiserBatch, ImagePair, image_tensor, load_pairs, records_fingerprint
+from .data import DenoiserBatch, ImagePair, image_tensor
 from .flux import configure as configure_flux
 from .losses import (DenoisingErrors, RankedErrors, denoising_error, get_diffusion_loss,
                      preference_metrics, ranked_metrics)
 from .model import (Conditioning, DiffusionModel, attach_lora, load_diffusion_model,
                     shard_the_denoiser_only)
-from .ranked import RankedBatch, collate_ranked, lists_to_pairs, load_ranked
+from .ranked import RankedBatch, collate_ranked
 from .sample import check_negative_prompt
+from .splits import read_pairs
 
 EVAL_STEP = -1  # the noise "step" of evaluation: the same noise at every evaluation
 
@@ -254,38 +255,6 @@ class DiffusionTask:
                 "dtype": self.config.model.dtype, "paper": self.spec.paper}
 
 
-def split_pairs(config, spec=None) -> dict:
-    """Train (and eval) records as the objective ``spec`` (default: the config's) reads
-    them; ``data.eval_fraction`` splits off a seeded share of train."""
-    data, spec = config.data, spec or get_diffusion_loss(config.objective.name)
-    if not data.train:
-        raise ConfigError(
-            f"data.train is empty: give a file of prompts (a prompt field per record: "
-            f"{spec.name} samples its own images)." if spec.online else
-            "data.train is empty: give a file of image preference records (prompt, chosen, "
-            "rejected).")
-    def load(paths):
-        if spec.ranked:  # lists whose images all tie make no pair: left out, counted
-            return load_ranked(paths, data.fields)
-        if data.convert and not spec.online:
-            if spec.captions:
-                raise ConfigError(f"data.convert: {spec.name} conditions each image on its own "
-                                  "caption, which ranked lists do not have.")
-            return lists_to_pairs(load_ranked(paths, data.fields), data.convert)
-        return load_pairs(paths, data.fields, captions=spec.captions, prompts_only=spec.online,
-                          rejected=spec.uses_rejected)
-
-    train = load(data.train)
-    evaluation = load(data.eval) if data.eval else []
-    if data.eval_fraction:
-        order = list(range(len(train)))
-        random.Random(config.train.seed).shuffle(order)
-        held = set(order[: max(1, int(len(train) * data.eval_fraction))])
-        evaluation = [p for p in train if p.index in held]
-        train = [p for p in train if p.index not in held]
-    return {"train": train, **({"eval": evaluation} if evaluation else {})}
-
-
 def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only: bool = False):
     """Load the pipeline and the data, attach LoRA; returns (task, total_steps), or (None, 0)
     after printing the plan when ``plan_only``."""
@@ -346,24 +315,6 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
         print(diffusion_plan(config, task, accelerator.device))
         return None, 0
     return task, count_steps(config.train, len(splits["train"]), accelerator.num_processes)
-
-
-def read_pairs(config: DiffusionConfig) -> tuple[dict, dict]:
-    """The run's records by split (ranked lists that order nothing left out) and the data
-    report, with the fingerprint a resumed run checks."""
-    spec = get_diffusion_loss(config.objective.name)
-    splits = split_pairs(config)
-    kept = {name: [r for r in records if getattr(r, "orders_something", True)]
-            for name, records in splits.items()}
-    if not kept["train"]:
-        raise ConfigError(f"{config.data.train}: every ranked list gives all its images the "
-                          "same score, so no list orders anything to train on.")
-    report = {"shape": "prompts" if spec.online else "ranked image lists" if spec.ranked
-              else "image pairs",
-              **{name: {"records": len(splits[name]), "kept": len(kept[name])}
-                 for name in splits}}
-    report["train_fingerprint"] = records_fingerprint(kept["train"])
-    return kept, report
 
 
 @holding_output_dirs

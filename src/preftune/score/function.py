@@ -4,7 +4,6 @@ program checkers."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 from pathlib import Path
 
 from ..config import ConfigError
@@ -13,7 +12,7 @@ from ..data.hub import locate
 from ..data.rows import csv_text_columns, source_rows
 from ..data.checks import load_checker
 from ..data.images import row_images
-from ..entry_points import import_attribute, load_entry_point
+from ..entry_points import call_problem, import_attribute, load_entry_point
 from .base import checked, prefer_by_scores, prompt_key, scorer_prompt
 
 
@@ -88,15 +87,9 @@ class FunctionScorer:
 def _check_signature(function, name: str) -> None:
     """``function`` takes (prompt, response) (batched: (prompts, responses)), or a
     ``ConfigError`` before any work, not a TypeError once samples are scored."""
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # (a builtin without one: tried when it scores)
-        return
-    try:
-        signature.bind("prompt", "response")
-    except TypeError as error:
-        raise ConfigError(f"scorer {name!r}: {getattr(function, '__name__', name)}{signature} "
-                          f"cannot be called as function(prompt, response) ({error}).") from None
+    problem = call_problem(function, ("prompt", "response"), "function(prompt, response)", name)
+    if problem:
+        raise ConfigError(f"scorer {name!r}: {problem}.")
 
 
 @contextlib.contextmanager

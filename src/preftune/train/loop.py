@@ -195,7 +195,6 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                                config.model.chat_template)
     # the data is read and checked before the weights load (or download): a bad record stops
     # the run early
-    prepares = any(get_objective(item.name).prepare for item in config.objective)
     train_examples, eval_examples, data_report, shape = read_data(config, tokenizer)
     if not plan_only:
         check_same_data(output_dir, data_report)
@@ -205,7 +204,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field,
                                       train_examples)
     check_objective_scores(train_examples + eval_examples, objective)
-    if prepares and not plan_only and objective.data == shape:
+    if not plan_only and objective.data == shape:  # (what objectives that prepare need)
         data_report.update(objective.prepare(train_examples, eval_examples, cfg.seed, device))
     model = load_policy(config, tokenizer, accelerator)
     if not plan_only and accelerator.is_main_process:  # a plan writes nothing

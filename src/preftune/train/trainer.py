@@ -265,8 +265,8 @@ class Trainer:
                                    diverged) if self.main else []
         if raised:
             record["alarms"] = [alarm["kind"] for alarm in raised]
-        if self.main and ((step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps
-                          or "eval/loss" in record or raised):
+        if self.main and ((step + 1) % cfg.log_every == 0 or last or "eval/loss" in record
+                          or raised):
             self.log.write(record)
         if diverged:
             raise self._diverged(step)
