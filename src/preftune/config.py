@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+from pydantic import (BaseModel, Field, ValidationError, field_validator,
                       model_validator)
 
 from .config_model import (Count, Fraction, LoraConfig, ModelConfig, NonNegative,  # noqa: F401
-                           Positive, Section, Share)
+                           Positive, Section, Share, Term)
 from .config_train import PolicyTrainConfig, TrainConfig  # noqa: F401
 from .config_errors import problems, unknown_key
 from .config_tree import ConfigError, apply_overrides, read_tree
@@ -124,14 +124,14 @@ class DataConfig(Section):
         return tree
 
 
-class ObjectiveConfig(BaseModel):
+class ObjectiveConfig(Term):
     """``name`` plus that objective's own parameters, e.g. ``{name: dpo, beta: 0.1}``.
 
     A parameter may be a schedule ``{start, end, schedule}``; ``weight`` scales the term when
     several objectives are summed (``objective`` given as a list).
     """
 
-    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    registry = staticmethod(get_objective)
     name: str = "dpo"
     """A registered objective (`preftune objectives`), or module:function of one registered in
     your code; its parameters sit beside the name."""

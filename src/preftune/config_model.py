@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import types
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -26,6 +26,25 @@ class Section(BaseModel):
             refuse_bools(data, {name: field.annotation for name, field in
                                 cls.model_fields.items()})
         return data
+
+
+class Term(BaseModel):
+    """A named term whose parameters sit beside its name in a config (an objective, a reward
+    loss); ``registry`` finds its spec by name."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    registry: ClassVar[Callable]
+
+    @classmethod
+    def with_defaults(cls, term: dict) -> dict:
+        """``term`` as a config file gives it, with the parameters it leaves out at their
+        defaults: a default given explicitly is the same setting as one left out."""
+        try:
+            defaults = cls.registry(term.get("name", cls.model_fields["name"].default)).defaults()
+        except (KeyError, TypeError):  # (an unknown name differs anyway)
+            return term
+        return {**{key: list(value) if isinstance(value, tuple) else value
+                   for key, value in defaults.items()}, **term}
 
 
 def refuse_bools(values: dict, annotations: dict, prefix: str = "") -> None:

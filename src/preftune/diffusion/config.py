@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Literal, get_type_hints
 
-from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+from pydantic import (Field, TypeAdapter, ValidationError,
                       model_validator)
 
 from ..config import (Count, Fraction, LoraConfig, NonNegative, RunConfig, Section,
                       TrainConfig)
 from ..config_errors import unknown_key
-from ..config_model import params_problem, refuse_bools
+from ..config_model import Term, params_problem, refuse_bools
 from .losses import get_diffusion_loss
 
 # TrainConfig keys about token layouts and log-prob chunks: no meaning for a denoiser
@@ -79,10 +79,10 @@ class DiffusionDataConfig(Section):
     are and online ones (spo) their prompts, so one config compares them all."""
 
 
-class DiffusionObjectiveConfig(BaseModel):
+class DiffusionObjectiveConfig(Term):
     """``name`` plus its parameters, e.g. ``{name: diffusion_dpo, beta: 5000}``."""
 
-    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    registry = staticmethod(get_diffusion_loss)
     name: str = "diffusion_dpo"
     """A diffusion objective (`preftune diffusion objectives`)."""
 

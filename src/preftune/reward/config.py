@@ -7,13 +7,13 @@ import dataclasses
 import itertools
 from typing import Annotated, Literal, get_type_hints
 
-from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+from pydantic import (Field, TypeAdapter, ValidationError,
                       model_validator)
 
 from ..config import (ConfigError, DataConfig, ModelConfig, NonNegative, Positive, RunConfig,
                       Section, TrainConfig, check_data_and_train)
 from ..config_errors import unknown_key
-from ..config_model import params_problem, refuse_bools, refuse_unused
+from ..config_model import Term, params_problem, refuse_bools, refuse_unused
 from ..data.records import DataError
 from ..data.detect import is_rating, rating_columns
 from ..data.shapes import is_number
@@ -57,10 +57,10 @@ class RewardModelConfig(ModelConfig):
     """The head on the backbone's last hidden state."""
 
 
-class RewardLossConfig(BaseModel):
+class RewardLossConfig(Term):
     """``name`` plus that loss's parameters, e.g. ``{name: bt_margin, margin_field: gap}``."""
 
-    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    registry = staticmethod(get_reward_loss)
     name: str = "bt"
     """A reward loss (`preftune rm losses`); its parameters sit beside the name."""
 

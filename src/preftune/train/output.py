@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError
+from ..config_model import Term
 from .run_lock import check_free, claim, release
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json", "model")
@@ -266,8 +267,8 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
                           "is not valid YAML (damaged or edited), so a resumed run cannot be "
                           "checked to train as it started; restore the file (a copy of the "
                           "run's config), or start over with --overwrite.") from None
-    saved = {**_flat(defaults), **_flat(given)}
-    now = _flat(config.model_dump())
+    saved = {**_flat(defaults), **_flat(_terms_with_defaults(given, config))}
+    now = _flat(_terms_with_defaults(config.model_dump(), config))
     changed = sorted(key for key in set(saved) | set(now)
                      if saved.get(key) != now.get(key) and key not in safe)
     split = {"train.batch_size", "train.gradient_accumulation_steps"}
@@ -306,6 +307,22 @@ def _recorded_global_batch(out: Path, saved: dict) -> int:
             return state["global_batch"]
         break
     return saved["train.batch_size"] * saved.get("train.gradient_accumulation_steps", 1)
+
+
+def _terms_with_defaults(tree: dict, config) -> dict:
+    """``tree`` (a dump of ``config``'s kind) with the parameters its objective terms (or
+    reward loss) leave out at their defaults, so that giving a default explicitly is no change."""
+    tree = dict(tree)
+    for key in type(config).model_fields:
+        value = getattr(config, key)
+        kind = type(value[0] if isinstance(value, list) and value else value)
+        if key not in tree or not issubclass(kind, Term):
+            continue
+        terms = tree[key] if isinstance(tree[key], list) else [tree[key]]
+        terms = [kind.with_defaults({"name": term} if isinstance(term, str) else term)
+                 if isinstance(term, (str, dict)) else term for term in terms]
+        tree[key] = terms if isinstance(value, list) else terms[0]
+    return tree
 
 
 def _flat(tree, prefix: str = "") -> dict:
