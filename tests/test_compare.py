@@ -137,7 +137,10 @@ def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objectiv
     assert main(args) == 143  # 128 + SIGTERM
     assert "compare, objective dpo: stopped by SIGTERM after step 1 of 2" in capsys.readouterr().err
     assert steps == [0] and not (base / "stopped" / "kto").exists()
-    assert (base / "stopped" / "dpo" / "checkpoints" / "step-00000001").is_dir()
+    state_file = base / "stopped" / "dpo" / "checkpoints" / "step-00000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["train_seconds"] > 0  # the seconds trained before the signal
+    state_file.write_text(json.dumps({**state, "train_seconds": 600.0}))  # as if 10 minutes
 
     steps.clear()
     assert main(args) == 0
@@ -145,6 +148,12 @@ def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objectiv
     assert not list((base / "stopped").glob("dpo.old-*"))  # nothing moved aside
     dpo = base / "stopped" / "dpo"
     assert [json.loads(line)["step"] for line in (dpo / "metrics.jsonl").open()] == [1, 2]
+    # its minutes are the whole run's, the part before the signal included
+    seconds = json.loads((dpo / "run.json").read_text())["train_seconds"]
+    assert 600 < seconds < 600 + 300
+    entries = {e["objective"]: e for e in
+               json.loads((base / "stopped" / "leaderboard.json").read_text())}
+    assert entries["dpo"]["train_minutes"] == pytest.approx(seconds / 60)
 
 
 def test_plan_prints_each_objectives_plan_and_writes_nothing(base, capsys):

@@ -25,7 +25,7 @@ from .config import (ConfigError, ObjectiveConfig, as_list, build_config, load_c
 from .model.load import released
 from .objectives import get_objective
 from .score import check_scorer
-from .train.output import check_output_folder, finished, resumable
+from .train.output import check_output_folder, resumable
 
 SAMPLES, NEW_TOKENS = 2, 32  # the held-out sampling of a comparison of offline runs
 # leaderboard columns: (key in the entry, header, format); missing values print as "-"
@@ -150,23 +150,18 @@ def run_compare(objectives: list[str], config_path: str | None, overrides: list[
 def trained(entry: dict, config, train) -> None:
     """``train(config, resume=, overwrite=)`` for a comparison's entry: an interrupted run of
     these settings continues from its checkpoint, a finished one is kept (only the evaluation
-    changed: its ``train_minutes`` are the earlier entry's), an earlier, different or failed
-    one is moved aside, not reused."""
+    changed), an earlier, different or failed one is moved aside, not reused. The entry's
+    ``train_minutes`` are the run's own (its ``train_seconds``, resumed parts summed)."""
     from .train.output import DataChanged
 
     run_dir = Path(config.output_dir)
     resume = resumable(config)
-    kept = resume and finished(run_dir, config)
-    started = time.perf_counter()
     try:
         train(config, resume=resume, overwrite=not resume)
     except DataChanged:  # the data was edited since: the earlier run moves aside
-        kept = False
         train(config, resume=False, overwrite=True)
-    entry["train_minutes"] = (time.perf_counter() - started) / 60
-    earlier = run_dir / "compare_entry.json"
-    if kept and earlier.is_file():
-        entry["train_minutes"] = json.loads(earlier.read_text()).get("train_minutes")
+    seconds = json.loads((run_dir / "run.json").read_text()).get("train_seconds")
+    entry["train_minutes"] = None if seconds is None else seconds / 60  # (older runs: unknown)
 
 
 def plans(objectives: list[str], root: Path, config_of, plan) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -333,6 +334,7 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         # --resume of a finished run: nothing to train, if it trained on this data
         check_same_data(config.output_dir, read_pairs(config)[1], finished=True)
         return Path(config.output_dir)
+    started = time.perf_counter()  # setup counts in the run's train_seconds
     set_seed(config.train.seed)
     task, total_steps = diffusion_task(config, accelerator, plan_only)
     output_dir = Path(config.output_dir)
@@ -343,7 +345,7 @@ def train_diffusion(config: DiffusionConfig, resume: bool = False, show_progress
         write_samples(task.module, config.samples, output_dir, "before",
                       batch_size=config.samples.batch_size)
     Trainer(task, config.train, output_dir, accelerator, total_steps, resume=resume,
-            show_progress=show_progress).run()
+            show_progress=show_progress, started=started).run()
     if sampling:
         trained = task.module
         if accelerator.distributed_type == DistributedType.FSDP:  # whole only when saved

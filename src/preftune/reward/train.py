@@ -4,6 +4,7 @@ layer and layouts as policies."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -284,6 +285,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
         check_same_data(config.output_dir, reward_data(config, announce=False)[3][2],
                         finished=True)
         return Path(config.output_dir)
+    started = time.perf_counter()  # setup counts in the run's train_seconds
     set_seed(config.train.seed)
     with whole_models(accelerator):
         task, total_steps = reward_task(config, accelerator, plan_only)
@@ -291,4 +293,4 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
         return Path(config.output_dir)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,
                    resume=resume, show_progress=show_progress,
-                   shuffle=not config.data.curriculum).run()
+                   shuffle=not config.data.curriculum, started=started).run()

@@ -78,17 +78,19 @@ def _unwrap(model):
 
 def save_checkpoint(directory: Path, step: int, weights: dict, optimizer_state: dict, scheduler,
                     keep: int, global_batch: int | None = None, states: dict | None = None,
-                    alarms: dict | None = None) -> Path:
+                    alarms: dict | None = None, train_seconds: float = 0.0) -> Path:
     """Write a checkpoint of what ``gather_training_state`` returned (main process only), the
     tensors of ``states`` (``{name in STATE_FILES: holder with state_dict()}``, such as a
-    reference_sync's moved weights) and the alarms' state (``Alarms.state``)."""
+    reference_sync's moved weights), the alarms' state (``Alarms.state``) and the seconds
+    trained so far."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{PREFIX}{step:08d}"
     staging = directory / f".staging-{PREFIX}{step:08d}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _write(staging, weights, optimizer_state, scheduler, states or {},
-               {"step": step, "global_batch": global_batch, "alarms": alarms})
+               {"step": step, "global_batch": global_batch, "alarms": alarms,
+                "train_seconds": train_seconds})
     except (OSError, RuntimeError) as error:  # a full disk: torch says "unexpected pos ..."
         shutil.rmtree(staging, ignore_errors=True)
         free = shutil.disk_usage(directory).free / 2**20

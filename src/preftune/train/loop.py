@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -317,6 +318,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         check_same_data(config.output_dir, read_data(config, tokenizer, announce=False)[2],
                         finished=True)
         return Path(config.output_dir)
+    started = time.perf_counter()  # setup counts in the run's train_seconds
     set_seed(config.train.seed)
     with whole_models(accelerator):
         task, total_steps = policy_task(config, accelerator, plan_only)
@@ -324,7 +326,7 @@ def train(config: Config, resume: bool = False, show_progress: bool = True,
         return Path(config.output_dir)
     return Trainer(task, config.train, Path(config.output_dir), accelerator, total_steps,
                    resume=resume, show_progress=show_progress,
-                   shuffle=not config.data.curriculum).run()
+                   shuffle=not config.data.curriculum, started=started).run()
 
 
 def prepared(model, config: Config):

@@ -90,7 +90,9 @@ class Trainer:
 
     def __init__(self, task: Task, cfg: TrainConfig, output_dir: Path, accelerator: Accelerator,
                  total_steps: int, resume: bool = False, show_progress: bool = True,
-                 shuffle: bool = True):
+                 shuffle: bool = True, started: float | None = None):
+        # ``started``: when setup (loading, the reference pass) began, by time.perf_counter
+        self.started = time.perf_counter() if started is None else started
         self.task, self.cfg, self.output_dir = task, cfg, Path(output_dir)
         self.accelerator, self.total_steps = accelerator, total_steps
         # several processes (accelerate launch): each trains on its own share of every step's
@@ -125,7 +127,7 @@ class Trainer:
                         ("objective", getattr(task, "objective_state", None)))
                        if holder is not None}
 
-        self.start_step = 0
+        self.start_step, self.resumed_state = 0, {}
         self.stop_signal, self.stop_requested = None, None  # set by run(), step()
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
@@ -313,9 +315,14 @@ class Trainer:
                                    self.scheduler, self.cfg.keep_checkpoints,
                                    global_batch=self.examples_per_step,
                                    states=self.states,
-                                   alarms=self.alarms.state())
+                                   alarms=self.alarms.state(),
+                                   train_seconds=self.train_seconds())
         self.accelerator.wait_for_everyone()
         return path
+
+    def train_seconds(self) -> float:
+        """Wall seconds from setup to now, the earlier runs' of a resumed one included."""
+        return self.resumed_state.get("train_seconds", 0.0) + time.perf_counter() - self.started
 
     def _out_of_memory(self, step: int, error: Exception) -> TrainingStopped:
         """After the device ran out of memory in ``step``: its partial gradients dropped, the
@@ -376,7 +383,7 @@ class Trainer:
             self.task.save(module, self.output_dir)
             info = {**self.task.run_info(), "device": self.accelerator.device.type,
                     "processes": self.world, "engine": self.accelerator.distributed_type.value,
-                    "steps": self.total_steps,
+                    "steps": self.total_steps, "train_seconds": round(self.train_seconds(), 1),
                     "train_examples": len(self.task.train_examples),
                     "eval_examples": len(self.task.eval_examples)}
             write_model_cards(self.output_dir, info)
