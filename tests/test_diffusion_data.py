@@ -35,6 +35,17 @@ def test_records_read_with_scores_and_captions(tmp_path):
     assert pixels.shape == (3, 16, 16) and pixels.max() == 1.0  # white background
 
 
+@pytest.mark.parametrize("value", ["0.9", True, float("nan"), [1]])
+def test_a_score_that_is_no_number_is_refused_not_dropped(tmp_path, value):
+    """A tie's label is read from chosen_score == rejected_score (the step model): a score
+    written as text used to be dropped silently, and the tie trained as a preference."""
+    path = write_pairs(tmp_path, count=2)
+    rewrite(path, lambda rows: rows[1].update(chosen_score=value, rejected_score=0.9))
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'chosen_score' must be a finite "
+                                        r"number, got .*; write it as a number \(or remove it\)"):
+        load_pairs(str(path))
+
+
 def test_images_as_bytes_data_uri_and_hf_dicts_equal_the_file(tmp_path):
     path = write_pairs(tmp_path, count=1)
     png = (tmp_path / "images/0_w.png").read_bytes()

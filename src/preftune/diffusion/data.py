@@ -29,6 +29,7 @@ from ..data.rows import csv_text_columns, read_rows, source_rows
 
 IMAGE_FIELDS = ("chosen", "rejected")
 CAPTION_FIELDS = ("chosen_caption", "rejected_caption")
+SCORE_FIELDS = ("chosen_score", "rejected_score")  # equal scores: a tie (the step model)
 
 
 @dataclass
@@ -142,6 +143,12 @@ def record_from_row(index: int, origin: str, row: Any, fields: dict, base_dir: s
         if not isinstance(row[name[key]], str):
             raise DataError(f"{origin}: field {name[key]!r} ({key}) must be text, got "
                             f"{type(row[name[key]]).__name__}")
+    for key in SCORE_FIELDS:  # read as numbers (a tie's label): not dropped when mistyped
+        value = row.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(
+                value, bool) and math.isfinite(value)):
+            raise DataError(f"{origin}: field {key!r} must be a finite number, got {value!r}; "
+                            "write it as a number (or remove it).")
     used = set(name.values())
     scores = {key: float(value) for key, value in row.items() if key not in used
               and isinstance(value, (int, float)) and not isinstance(value, bool)
