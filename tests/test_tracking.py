@@ -192,12 +192,12 @@ def test_report_to_may_change_on_resume_and_an_unknown_tracker_is_refused():
     assert build_config({"train": {"report_to": "mlflow"}}).train.report_to == ["mlflow"]
 
 
-def mlflow_runs(store: Path) -> list:
+def mlflow_runs(store: Path, experiment: str = "preftune") -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(store.as_uri())
-    experiment = client.get_experiment_by_name("preftune")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
 
 
 def test_each_run_in_a_process_gets_its_own_mlflow_store(workspace, monkeypatch):
@@ -224,14 +224,16 @@ def test_each_run_in_a_process_gets_its_own_mlflow_store(workspace, monkeypatch)
 
 def test_a_run_inside_the_users_mlflow_run_is_its_child(workspace, tmp_path, monkeypatch):
     """``with mlflow.start_run(): train(...)`` (a sweep's parent run): the run is logged as a
-    nested run in the user's store, not started beside the active one (which MLflow refuses)."""
+    nested run in the user's store and experiment, not started beside the active one (which
+    MLflow refuses), nor in an experiment of preftune's own, where the parent's view misses
+    it."""
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     store = tmp_path / "user-store"
     mlflow.set_tracking_uri(store.as_uri())
     try:
-        mlflow.set_experiment("preftune")
+        mlflow.set_experiment("my-sweep")
         with mlflow.start_run(run_name="sweep") as parent:
             settings = tiny_settings(workspace, tmp_path / "child")
             assert main(["train", str(README.parent / "examples" / "dpo.yaml"), "--set",
@@ -240,8 +242,8 @@ def test_a_run_inside_the_users_mlflow_run_is_its_child(workspace, tmp_path, mon
             assert mlflow.active_run().info.run_id == parent.info.run_id
     finally:
         mlflow.set_tracking_uri(None)
-    runs = {run.info.run_name: run for run in mlflow_runs(store)}
-    assert sorted(runs) == ["child", "sweep"]
+    runs = {run.info.run_name: run for run in mlflow_runs(store, "my-sweep")}
+    assert sorted(runs) == ["child", "sweep"] and not mlflow_runs(store)
     assert runs["child"].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "loss" in runs["child"].data.metrics
     assert not (tmp_path / "child" / "tracking" / "mlruns").exists()

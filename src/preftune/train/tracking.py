@@ -143,25 +143,28 @@ class Trackers:
             purge = {"purge_step": resumed_from + 1} if resumed_from else {}
             return tracking.TensorBoardTracker(run_name, directory / "tensorboard", **purge)
         if name == "mlflow":
-            return tracking.MLflowTracker(experiment_name=EXPERIMENT, run_name=run_name,
-                                          nested_run=self._mlflow_store(directory))
+            parent = self._mlflow_store(directory)
+            return tracking.MLflowTracker(experiment_name=parent or EXPERIMENT,
+                                          run_name=run_name, nested_run=parent is not None)
         # W&B: online unless WANDB_MODE=offline (then files under tracking_dir/wandb)
         directory.mkdir(parents=True, exist_ok=True)
         return tracking.WandBTracker(os.environ.get("WANDB_PROJECT", EXPERIMENT), name=run_name,
                                      dir=str(directory))
 
-    def _mlflow_store(self, directory: Path) -> bool:
+    def _mlflow_store(self, directory: Path) -> str | None:
         """Point MLflow at a file store in ``directory``, unless the user chose a tracking URI
         (MLFLOW_TRACKING_URI, ``mlflow.set_tracking_uri``) or runs this inside a run of their
-        own, which then gets the run as a child, in their store (returns True)."""
+        own, which then gets the run as a child, in their store and experiment (whose name
+        is returned)."""
         import mlflow
 
-        if mlflow.active_run() is not None:
-            return True
+        parent = mlflow.active_run()
+        if parent is not None:
+            return mlflow.get_experiment(parent.info.experiment_id).name
         if not mlflow.is_tracking_uri_set():
             if "MLFLOW_ALLOW_FILE_STORE" not in os.environ:
                 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
                 self.undo.append(lambda: os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None))
             mlflow.set_tracking_uri((directory / "mlruns").as_uri())
             self.undo.append(lambda: mlflow.set_tracking_uri(None))
-        return False
+        return None
