@@ -85,11 +85,36 @@ def test_options_of_the_api_functions_are_checked_in_their_own_names(tmp_path):
         api.evaluate_reward_model("m", "d", bin=4)
     for call, message in (
             (lambda: api.tree_pairs("m", "d", "o", "s", branches="2"),
-             r"tree_pairs\(\): branches should be an int, got '2'"),
+             r"tree_pairs\(\): branches should be a whole number of at least 1, got '2'"),
             (lambda: api.tree_pairs("m", "d", "o", "s", branches=1),
              r"tree_pairs\(\): tree search: branches 1: at least 2"),
             (lambda: api.relevance_pairs("d", "o", min_similarity="0.3"),
-             r"relevance_pairs\(\): min_similarity should be a float, got '0.3'"),
+             r"relevance_pairs\(\): min_similarity should be a number, got '0.3'"),
+            # what the commands' flags refuse (it was a KeyError after the models loaded, a
+            # comparison's TypeError inside, a half-written file or another field's name)
+            (lambda: api.evaluate("m", "d", dtype="bf16"),
+             r"evaluate\(\): dtype should be one of auto, float32, bfloat16, float16, got "
+             r"'bf16'"),
+            (lambda: api.evaluate("m", "d", filter_top="0.1"),
+             r"evaluate\(\): filter_top should be a number, got '0.1'"),
+            (lambda: api.evaluate("m", "d", max_prompt_length=-5),
+             r"evaluate\(\): max_prompt_length should be at least 1, got -5"),
+            (lambda: api.evaluate_reward_model("m", "d", dtype="fp16"),
+             r"evaluate_reward_model\(\): dtype should be one of"),
+            (lambda: api.score_with_reward_model("m", "d", str(tmp_path / "s.jsonl"),
+                                                 batch_size=0),
+             r"score_with_reward_model\(\): batch_size should be at least 1, got 0"),
+            (lambda: api.score_with_reward_model("m", "d", str(tmp_path / "s.jsonl"),
+                                                 dtype="bf16"),
+             r"score_with_reward_model\(\): dtype should be one of"),
+            (lambda: api.preference_strength("m", "d", str(tmp_path / "p.jsonl"), passes="2"),
+             r"preference_strength\(\): passes should be a whole number of at least 1, got '2'"),
+            (lambda: api.fit_compositional("f", "d", str(tmp_path / "f.yaml"), l2="0.1"),
+             r"fit_compositional\(\): l2 should be a number, got '0.1'"),
+            (lambda: api.tree_pairs("m", "d", "o", "s", step_tokens=0),
+             r"tree_pairs\(\): step_tokens should be at least 1, got 0"),
+            (lambda: api.tree_pairs("m", "d", "o", "s", max_length=None),
+             r"tree_pairs\(\): max_length should be a whole number of at least 1, got None"),
             (lambda: api.pairs_from_commits("repo", str(tmp_path / "c.jsonl"), max_commits=0),
              r"pairs_from_commits\(\): max_commits 0: at least 1")):
         with pytest.raises(api.ConfigError, match=message):
@@ -97,6 +122,22 @@ def test_options_of_the_api_functions_are_checked_in_their_own_names(tmp_path):
     with pytest.raises(TypeError, match=r"pairs_from_commits\(\) takes no option 'max_commit'"):
         api.pairs_from_commits("repo", str(tmp_path / "c.jsonl"), max_commit=3)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_config_of_another_kind_is_refused_naming_the_function_that_runs_it(files,
+                                                                              tmp_path):
+    """An OnlineConfig is a Config: train() trained it offline, its online section ignored,
+    and wrote a config.yaml that no later --resume could read."""
+    tree = {"output_dir": str(tmp_path / "online"), "data": {"train": "pairs.jsonl"},
+            "online": {"rounds": 2, "scorer": "synthetic"}}
+    with pytest.raises(TypeError, match=r"^train\(\) takes a Config, a dict or a YAML path, "
+                                        r"got an OnlineConfig; call run_online\(config\) to "
+                                        r"run it\.$"):
+        api.train(api.OnlineConfig.from_dict(tree))
+    with pytest.raises(TypeError, match=r"^train_reward_model\(\) takes a RewardConfig, .* got "
+                                        r"a Config; call train\(config\) to run it\.$"):
+        api.train_reward_model(api.Config.from_dict({"data": {"train": "pairs.jsonl"}}))
+    assert not (tmp_path / "online").exists()
 
 
 def test_paths_may_be_pathlib_paths_everywhere(files, tmp_path):

@@ -49,6 +49,15 @@ def test_compare_trains_evaluates_and_ranks_then_skips_finished_entries(base, ca
         assert f"| {name} |" in board and f"[report]({name}/report.html)" in board
         assert json.loads((out / name / "run.json").read_text())["steps"] == 2
     assert "| triple_po | failed: " in board and "gold" in board
+    # a script learns of it too: raised once the leaderboard is written (the rerun skips the
+    # finished objectives and fails triple_po again)
+    from preftune import api
+
+    with pytest.raises(api.ObjectivesFailed, match=r"^compare: 1 of 3 objectives failed "
+                                                   r"\(triple_po\)") as failure:
+        api.compare("dpo,kto,triple_po", str(base / "base.yaml"), output_dir=out, samples=1,
+                    max_new_tokens=3)
+    assert failure.value.failed == ["triple_po"] and failure.value.output_dir == out
     entries = {e["objective"]: e for e in json.loads((out / "leaderboard.json").read_text())}
     assert entries["dpo"]["rewards/accuracy"] == pytest.approx(
         json.loads((out / "dpo" / "eval.json").read_text())["rewards/accuracy"])

@@ -15,6 +15,9 @@ Objectives and scorers from your own code: ``register_objective`` / ``register_s
 from __future__ import annotations
 
 import functools
+import json
+import inspect
+import numbers
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +32,8 @@ from .reward.config import RewardConfig
 from .score import load_scorer, register_scorer
 
 __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "NonNegative",
-           "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState", "OnlineConfig", "Positive",
+           "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState", "ObjectivesFailed", "OnlineConfig",
+           "Positive",
            "RewardConfig", "RunningMean", "Share", "compare", "evaluate",
            "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
            "preference_strength", "register_objective", "register_scorer", "run_online",
@@ -39,23 +43,69 @@ __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "
 
 def _paths_as_text(function):
     """Let ``function``'s path arguments be ``pathlib.Path`` (any ``os.PathLike``), alone or in
-    a list, as well as strings: they are passed on as the strings the commands pass."""
+    a list, as well as strings: they are passed on as the strings the commands pass. Its
+    numbers and dtype are checked as its command's flags are (``_check_arguments``)."""
+    signature = inspect.signature(function)
+
     @functools.wraps(function)
     def call(*args, **options):
+        _check_arguments(function.__name__, signature.bind(*args, **options).arguments)
         return function(*path_text(args), **path_text(options))
     return call
 
 
+# what the commands' flags accept (argparse types, choices), by argument name
+COUNTS = {"batch_size": 1, "passes": 1, "bins": 1, "steps": 1, "resolution": 1,
+          "max_new_tokens": 1, "top_k": 1, "max_length": 1, "max_prompt_length": 1,
+          "step_tokens": 1, "answer_tokens": 1, "branches": 1, "rollouts": 1, "expansions": 1,
+          "samples": 0, "seed": None}
+NUMBERS = ("beta", "filter_top", "dropout", "l2", "guidance_scale", "true_cfg_scale",
+           "min_gap", "temperature", "min_similarity", "max_similarity")
+MAY_BE_NONE = ("filter_top", "max_prompt_length", "resolution")  # None: the default rule
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_arguments(function: str, arguments: dict) -> None:
+    """A count, number or dtype of an API call that its command's flag would refuse is a
+    ``ConfigError`` naming it, before anything loads or is written (it was a KeyError or a
+    comparison's TypeError deep inside, or a crash halfway through)."""
+    for name, value in {**arguments.pop("options", {}), **arguments.pop("settings", {}),
+                        **arguments}.items():
+        if value is None and name in MAY_BE_NONE:
+            continue
+        problem = None
+        if name in COUNTS:
+            lowest = COUNTS[name]
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                problem = "a whole number" + (f" of at least {lowest}" if lowest is not None
+                                              else "")
+            elif lowest is not None and value < lowest:
+                problem = f"at least {lowest}"
+        elif name in NUMBERS and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
+            problem = "a number"
+        elif name == "dtype" and value not in DTYPES:
+            problem = f"one of {', '.join(DTYPES)}"
+        if problem:
+            raise ConfigError(f"{function}(): {name} should be {problem}, got {value!r}.")
+
+
 def _as(kind: type, config):
-    """``config`` as a ``kind``: kept if it is one, read if it is a dict or a YAML path."""
-    if isinstance(config, kind):
+    """``config`` as a ``kind``: kept if it is one, read if it is a dict or a YAML path. A
+    config of another kind is refused, naming the function that takes it: an OnlineConfig,
+    a Config's subclass, would train offline with its online section ignored."""
+    if type(config) is kind:
         return config
     if isinstance(config, dict):
         return kind.from_dict(config)
     if isinstance(config, (str, Path)):
         return kind.from_yaml(config)
-    raise TypeError(f"expected a {kind.__name__}, a dict or a YAML path, got "
-                    f"{type(config).__name__}")
+    takes = {Config: "train", OnlineConfig: "run_online", RewardConfig: "train_reward_model",
+             DiffusionConfig: "train_diffusion"}
+    raise TypeError(f"{takes[kind]}() takes a {kind.__name__}, a dict or a YAML path, got "
+                    f"{'an' if type(config).__name__[0] in 'AEIOU' else 'a'} "
+                    f"{type(config).__name__}"
+                    + (f"; call {takes[type(config)]}(config) to run it" if type(config) in
+                       takes else "") + ".")
 
 
 def train(config: Config | dict | str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -88,7 +138,9 @@ def compare(objectives: Sequence[str], config: str | None = None, *,
     """Train each objective on the base config ``config`` (a YAML path, its objective
     replaced), evaluate them alike and write a leaderboard (``preftune compare``);
     ``params`` gives an objective other parameters than its paper's defaults, e.g.
-    ``{"simpo": {"beta": 2.5}}``; ``plan_only`` prints each objective's ``--plan`` instead."""
+    ``{"simpo": {"beta": 2.5}}``; ``plan_only`` prints each objective's ``--plan`` instead.
+    When an objective failed, the others were trained and ranked, and ``ObjectivesFailed``
+    (its ``failed`` names, ``output_dir``) is raised once the leaderboard is written."""
     from .compare import run_compare
     from .config import as_list
 
@@ -99,8 +151,23 @@ def compare(objectives: Sequence[str], config: str | None = None, *,
                           f"())) and pass the path, or give settings as overrides.")
     if isinstance(objectives, str):  # "dpo,ipo", as on the command line
         objectives = [name.strip() for name in objectives.split(",") if name.strip()]
-    return run_compare(list(objectives), config, as_list(overrides), output_dir, eval_data,
+    root = run_compare(list(objectives), config, as_list(overrides), output_dir, eval_data,
                        scorer, samples, max_new_tokens, plan_only, params)
+    entries = [] if plan_only else json.loads((Path(root) / "leaderboard.json").read_text())
+    failed = [entry["objective"] for entry in entries if "error" in entry]
+    if failed:
+        raise ObjectivesFailed(failed, len(entries), Path(root))
+    return root
+
+
+class ObjectivesFailed(Exception):
+    """``compare()``: these objectives (``failed``) failed, their errors in the leaderboard
+    under ``output_dir``; the others were trained, evaluated and ranked."""
+
+    def __init__(self, failed: list[str], total: int, output_dir: Path):
+        self.failed, self.output_dir = failed, output_dir
+        super().__init__(f"compare: {len(failed)} of {total} objectives failed "
+                         f"({', '.join(failed)}); see {output_dir / 'leaderboard.md'}")
 
 
 def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool = False,

@@ -15,13 +15,18 @@ from .records import DataError
 from .shapes import TEXT_FIELDS, describe, number_in_text
 
 
-def write_rows(path, rows) -> None:
-    """``rows`` (dicts) as JSONL at ``path``, written aside and renamed into place, so a
-    reader never sees half a file."""
+def write_rows(path, rows, default=None) -> None:
+    """``rows`` (dicts, or a generator making them) as JSONL at ``path``, written aside and
+    renamed into place, so a reader never sees half a file, and a failure leaves none
+    behind; ``default`` is json.dumps' (``str``: values JSON has no type for as text)."""
     staging = f"{os.fspath(path)}.partial"
-    with open(staging, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        with open(staging, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False, default=default) + "\n")
+    except BaseException:
+        os.remove(staging)
+        raise
     os.replace(staging, path)
 
 

@@ -17,12 +17,12 @@ Answers are greedy (the same file gives the same captions), and the instructions
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..config import ConfigError
 from ..data.records import DataError
+from ..data.rows import write_rows
 from .data import IMAGE_FIELDS, load_pairs, rows_and_folders
 
 CAPTION_INSTRUCTION = ("<image>This image was generated for the prompt: {prompt}\n"
@@ -114,17 +114,16 @@ def caption_pairs(data: str, output: str, captioner: str | None = None,
                                         batch_size, "perturbations")
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".partial")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for k, (origin, row, folder) in enumerate(rows):
-            row = dict(row)
-            for side in IMAGE_FIELDS:
-                row[fields.get(side, side)] = _moved(row[fields.get(side, side)], folder,
-                                                    target.resolve().parent, origin)
-            row.update({names["chosen"]: captions["chosen"][k],
-                        names["rejected"]: captions["rejected"][k]})
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(staging, target)
+
+    def captioned(k: int, origin: str, row: dict, folder: str) -> dict:
+        row = dict(row)
+        for side in IMAGE_FIELDS:
+            row[fields.get(side, side)] = _moved(row[fields.get(side, side)], folder,
+                                                target.resolve().parent, origin)
+        return {**row, names["chosen"]: captions["chosen"][k],
+                names["rejected"]: captions["rejected"][k]}
+
+    write_rows(target, (captioned(k, *row) for k, row in enumerate(rows)))
     method = {(True, False): "dcpo-c", (False, True): "dcpo-p", (True, True): "dcpo-h"}[
         (captioner is not None, perturber is not None)]
     return {"pairs": len(rows), "method": method, "output": str(target)}

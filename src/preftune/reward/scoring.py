@@ -7,8 +7,6 @@ one prompt. Empty responses are scored too (EOS alone), since a model's sample c
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 from accelerate import PartialState
 
 from ..data.records import DataError
-from ..data.rows import csv_text_columns, read_rows
+from ..data.rows import csv_text_columns, read_rows, write_rows
 from ..data.sources import load_records
 from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..train.logging import progress_bar
@@ -183,13 +181,9 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     outputs = scoring.outputs(records, progress=bar.update)
     bar.close()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".partial")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for row, record, values in zip(rows, records, outputs):
-            added = score_row(record, scoring.head, values, field)
-            # a row's own origin (where an earlier step took it from) is kept
-            handle.write(json.dumps({"origin": record.origin, **row, **added},
-                                    ensure_ascii=False, default=str) + "\n")
-    os.replace(staging, target)
+    # a row's own origin (where an earlier step took it from) is kept
+    write_rows(target, ({"origin": record.origin, **row,
+                         **score_row(record, scoring.head, values, field)}
+                        for row, record, values in zip(rows, records, outputs)), default=str)
     print(f"scored {len(records)} records ({records[0].shape}) with {model}: {target}")
     return target

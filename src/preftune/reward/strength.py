@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..data.records import DataError
-from ..data.rows import csv_text_columns, read_rows
+from ..data.rows import csv_text_columns, read_rows, write_rows
 from ..data.sources import load_records
 from ..model.forward import causal_lm_of
 from ..train.logging import progress_bar
@@ -188,16 +186,15 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
     turned = (means < 0) if flip else torch.zeros_like(means, dtype=torch.bool)
     stats = strength_stats(torch.where(turned, -gaps, gaps))  # a flipped pair's own gaps
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".partial")
-    with open(staging, "w", encoding="utf-8") as handle:
-        for i, (row, record) in enumerate(zip(rows, records)):
-            turn = bool(turned[i])
-            values = [stats["mean"][i], stats["std"][i], stats["agreement"][i]]
-            added = dict(zip(names, values + ([turn] if flip else [])))
-            handle.write(json.dumps({"origin": record.origin,
-                                     **(_swap(row, fields) if turn else row), **added},
-                                    ensure_ascii=False, default=str) + "\n")
-    os.replace(staging, target)
+
+    def scored(i: int, row: dict, record) -> dict:
+        turn = bool(turned[i])
+        values = [stats["mean"][i], stats["std"][i], stats["agreement"][i]]
+        added = dict(zip(names, values + ([turn] if flip else [])))
+        return {"origin": record.origin, **(_swap(row, fields) if turn else row), **added}
+
+    write_rows(target, (scored(i, row, record) for i, (row, record) in
+                        enumerate(zip(rows, records))), default=str)
     members = f"{len(models)} model{'s' * (len(models) > 1)}" + (
         f" x {passes} dropout passes (p={dropout})" if passes > 1 else "")
     print(f"preference strength of {len(records)} pairs from {members}: mean "
