@@ -49,6 +49,18 @@ def test_api_train_gives_the_same_weights_as_the_cli(files):
         [m["loss"] for m in _metrics(files / "by_api")]
 
 
+def test_show_progress_false_draws_no_bar_the_reference_pass_included(files, tmp_path,
+                                                                       capsys):
+    """(The step bar was off, and the reference pass before it still drew its own.)"""
+    for shown in (False, True):
+        api.train(api.Config.from_yaml(files / "config.yaml", [
+            f"output_dir={tmp_path / str(shown)}", "train.max_steps=1",
+            f"reference.cache_dir={tmp_path / f'cache-{shown}'}"]), show_progress=shown)
+        err = capsys.readouterr().err
+        assert ("reference logps (train)" in err) == shown
+        assert ("train dpo" in err) == shown
+
+
 def test_from_dict_and_from_yaml_give_the_cli_errors(files, capsys):
     tree = yaml.safe_load((files / "config.yaml").read_text())
     tree["train"]["learning_rat"] = 1.0
@@ -246,8 +258,18 @@ def test_objective_registered_in_the_script_trains_by_name(files, registries):
     api.train(config, show_progress=False)
     first = _metrics(files / "gap")[0]
     assert first["loss"] == pytest.approx(-first["rewards/margins"], abs=1e-5)
-    with pytest.raises(ValueError, match="objective 'dpo' is registered twice"):
+    with pytest.raises(ValueError, match=r"^objective 'dpo' is built into preftune; register "
+                                         r"yours under another name \(register_objective\("
+                                         r"name=\.\.\.\) or rename mean_logp_gap\)\.$"):
         preftune.register_objective("dpo", needs_reference=True)(gap)
+
+    def other():  # another function under a taken user name
+        return None
+
+    with pytest.raises(ValueError, match=r"^objective 'mean_logp_gap' is already registered "
+                                         r"by test_api\..*define\.<locals>\.mean_logp_gap; "
+                                         r"register yours under another name"):
+        preftune.register_objective("mean_logp_gap", needs_reference=False)(other)
 
 
 def _install_plugin(root: Path) -> None:

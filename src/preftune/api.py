@@ -113,10 +113,12 @@ def train(config: Config | dict | str | Path, *, resume: bool = False, overwrite
     """Train a policy (``preftune train``); returns the output directory. An output_dir that
     holds a run needs ``resume`` (same settings) or ``overwrite`` (the old run is moved
     aside); ``plan_only`` prints the layout, reference and memory plan and stops."""
+    from .train.logging import bars_shown
     from .train.loop import train as train_policy
 
-    return train_policy(_as(Config, config), resume=resume, show_progress=show_progress,
-                        plan_only=plan_only, overwrite=overwrite)
+    with bars_shown(show_progress):
+        return train_policy(_as(Config, config), resume=resume, show_progress=show_progress,
+                            plan_only=plan_only, overwrite=overwrite)
 
 
 @_paths_as_text
@@ -176,9 +178,11 @@ def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool
     """Train a reward model (``preftune rm train``); returns the output directory.
     ``plan_only`` prints the layout and memory plan and stops."""
     from .reward.train import train_reward_model as train_reward
+    from .train.logging import bars_shown
 
-    return train_reward(_as(RewardConfig, config), resume=resume, show_progress=show_progress,
-                        overwrite=overwrite, plan_only=plan_only)
+    with bars_shown(show_progress):
+        return train_reward(_as(RewardConfig, config), resume=resume,
+                            show_progress=show_progress, overwrite=overwrite, plan_only=plan_only)
 
 
 @_paths_as_text
@@ -313,10 +317,12 @@ def train_diffusion(config: DiffusionConfig | dict | str | Path, *, resume: bool
     and stops."""
     require_diffusers("preftune diffusion train")
     from .diffusion.train import train_diffusion as train_denoiser
+    from .train.logging import bars_shown
 
-    return train_denoiser(_as(DiffusionConfig, config), resume=resume,
-                          show_progress=show_progress, overwrite=overwrite,
-                          plan_only=plan_only)
+    with bars_shown(show_progress):
+        return train_denoiser(_as(DiffusionConfig, config), resume=resume,
+                              show_progress=show_progress, overwrite=overwrite,
+                              plan_only=plan_only)
 
 
 @_paths_as_text

@@ -190,6 +190,12 @@ def register_objective(name: str | None = None, *, params: type = NoParams,
         previous = REGISTRY.get(key)
         if previous is not None and _same_definition(previous.fn, fn):
             del REGISTRY[key]
+        elif previous is not None:
+            owner = ("is built into preftune" if previous.fn.__module__.startswith("preftune.")
+                     else f"is already registered by {previous.fn.__module__}."
+                          f"{previous.fn.__qualname__}")
+            raise ValueError(f"objective {key!r} {owner}; register yours under another name "
+                             f"(register_objective(name=...) or rename {fn.__name__}).")
         return objective(key, params=params, needs_reference=needs_reference, paper=paper,
                          data=data, **needs)(fn)
 

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -85,12 +86,26 @@ def speaks() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+BARS_SHOWN = ContextVar("BARS_SHOWN", default=True)  # False inside ``bars_shown(False)``
+
+
+@contextmanager
+def bars_shown(shown: bool):
+    """Progress bars drawn (True) or not while the block runs: ``show_progress=False`` of
+    the API's trainers, for the reference pass and the others before the step bar too."""
+    token = BARS_SHOWN.set(shown)
+    try:
+        yield
+    finally:
+        BARS_SHOWN.reset(token)
+
+
 def progress_bar(total: int, description: str, initial: int = 0, disable: bool = False,
                  unit: str = "it", leave: bool = True):
     """A bar on stderr showing done/total, elapsed < time left and the rate in ``unit``/s
-    (drawn by the process that ``speaks`` only)."""
-    return tqdm(total=total, initial=initial, desc=description, disable=disable or not speaks(),
-                unit=unit,
+    (drawn by the process that ``speaks`` only, and not inside ``bars_shown(False)``)."""
+    return tqdm(total=total, initial=initial, desc=description,
+                disable=disable or not speaks() or not BARS_SHOWN.get(), unit=unit,
                 dynamic_ncols=True, file=sys.stderr, leave=leave)
 
 
