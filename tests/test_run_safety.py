@@ -171,10 +171,19 @@ def test_resume_without_a_checkpoint_stops_before_anything_loads(workspace, monk
     fresh = workspace / "runs" / "never-started"
     tree = {"output_dir": str(fresh), "model": {"path": str(workspace / "model")},
             "data": {"train": str(workspace / "pairs.jsonl")}}
-    with pytest.raises(ConfigError, match=f"--resume: {fresh} holds no checkpoint to continue "
-                                          "from .* start the run without --resume"):
+    with pytest.raises(ConfigError, match=f"^--resume: {fresh} does not exist, so there is no "
+                                          "run to continue.* or start the run without "
+                                          "--resume"):
         loop.train(build_config(tree), resume=True, show_progress=False)
     assert not fresh.exists()  # nothing made that the next try would trip over
+    # a relative output_dir read from another directory than the run's: where it was looked
+    monkeypatch.chdir(workspace)
+    with pytest.raises(ConfigError, match=rf"^--resume: runs/elsewhere \(from the working "
+                                          rf"directory {workspace}\) does not exist.* Run from "
+                                          "the directory the run was started in, or give "
+                                          "output_dir as an absolute path"):
+        loop.train(build_config({**tree, "output_dir": "runs/elsewhere"}), resume=True,
+                   show_progress=False)
     fresh.mkdir(parents=True)  # a run that failed before its first checkpoint
     (fresh / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match=f"--resume: {fresh} holds no checkpoint to continue "

@@ -144,6 +144,12 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
             from .checkpoint import checkpoints
 
             out = Path(config.output_dir)
+            if not out.exists():
+                where = "" if out.is_absolute() else f" (from the working directory {Path.cwd()})"
+                raise ConfigError(f"--resume: {out}{where} does not exist, so there is no run "
+                                  "to continue. Run from the directory the run was started "
+                                  "in, or give output_dir as an absolute path; or start the "
+                                  "run without --resume.")
             if out.is_dir():
                 check_free(out)  # a run still going there has written no checkpoint yet
             if not checkpoints(out / "checkpoints"):
