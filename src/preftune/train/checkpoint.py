@@ -165,8 +165,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, states: dict | None
             param.copy_(value.to(param.device))
     inner = getattr(optimizer, "optimizer", optimizer)
     if _standard(inner) and named:
+        # strict=False: a trained parameter that never had a gradient (LLaVA's unread
+        # post_layernorm) has no state to restore, as it had none when saved
         set_optimizer_state_dict(model, inner, optimizer_state,
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     else:  # keyed by position: an optimizer of its own, or a checkpoint from before names
         optimizer.load_state_dict(optimizer_state)
     return _restore_the_rest(path, scheduler, states, saved)
