@@ -350,15 +350,18 @@ def test_prompt_dropout_gives_a_seeded_share_the_empty_prompt_in_training_only(f
 
 
 def test_resume_refuses_pairs_that_changed_since_the_run_started(files, tmp_path, monkeypatch):
-    """As for text runs: the training records' fingerprint (prompts, image paths, scores) in
-    data_report.json is compared when a run resumes, before the pipeline loads; the same data
-    resumes."""
+    """As for text runs: the training records' fingerprints (prompts, image paths, scores;
+    the images' content) in data_report.json are compared when a run resumes, before the
+    pipeline loads; the same data resumes."""
+    import shutil
+
     from preftune.config import ConfigError
     from test_train_loop import crash_after_checkpoint
 
     pipe, pairs = files
     data = tmp_path / "pairs.jsonl"
-    original = pairs.read_text().replace('"images/', f'"{pairs.parent}/images/')
+    shutil.copytree(pairs.parent / "images", tmp_path / "images")
+    original = pairs.read_text()
     data.write_text(original)
     config = DiffusionConfig.from_dict(config_tree(pipe, data, tmp_path / "run", train={
         "max_steps": 4, "save_every": 2}))
@@ -380,3 +383,13 @@ def test_resume_refuses_pairs_that_changed_since_the_run_started(files, tmp_path
     with pytest.raises(ConfigError, match="what .*run trained on .*; its finished model was "
                                           "trained on other examples"):
         train_diffusion(config, resume=True, show_progress=False)  # finished: checked too
+    # an image edited in place: same records, same paths, other pixels (it resumed before)
+    data.write_text(original)
+    image = tmp_path / "images" / "0_w.png"
+    kept = image.read_bytes()
+    image.write_bytes((tmp_path / "images" / "1_w.png").read_bytes())
+    with pytest.raises(ConfigError, match=r"\(\d+ examples then, \d+ now, other image "
+                                          r"content\); its finished model"):
+        train_diffusion(config, resume=True, show_progress=False)
+    image.write_bytes(kept)
+    assert (train_diffusion(config, resume=True, show_progress=False) / "model").is_dir()

@@ -81,6 +81,32 @@ def test_mdpo_trains_saves_and_reloads_with_its_hf_class(workspace):
     assert "mdpo" in card
 
 
+def test_resume_refuses_images_edited_in_place_and_other_negative_images(workspace, tmp_path):
+    """The data fingerprint held the images' paths only: a resumed run went on with other
+    pixels, and with other negative images not even the paths were compared."""
+    import shutil
+
+    for name in (*COLOURS, "grey"):
+        shutil.copy(workspace / f"{name}.png", tmp_path / f"{name}.png")
+    rows = (workspace / "pairs.jsonl").read_text()
+    (tmp_path / "pairs.jsonl").write_text(rows)
+    tree = config(tmp_path, "run", max_steps=1, eval_every=None)
+    tree["model"]["path"], tree["data"]["eval"] = str(workspace / "model"), None
+    out = api.train(tree, show_progress=False)
+    changed = r"\(12 examples then, 12 now, other image content\); its finished model"
+    red = (tmp_path / "red.png").read_bytes()
+    solid_image(tmp_path / "red.png", (250, 0, 0))
+    with pytest.raises(api.ConfigError, match=changed):
+        api.train(tree, resume=True, show_progress=False)
+    (tmp_path / "red.png").write_bytes(red)
+    solid_image(tmp_path / "black.png", (0, 0, 0))
+    (tmp_path / "pairs.jsonl").write_text(rows.replace("grey.png", "black.png"))
+    with pytest.raises(api.ConfigError, match=changed):
+        api.train(tree, resume=True, show_progress=False)
+    (tmp_path / "pairs.jsonl").write_text(rows)
+    assert api.train(tree, resume=True, show_progress=False) == out  # the same data: kept
+
+
 @pytest.mark.parametrize("strategy", ["adapter-off", "live"])
 def test_reference_strategies_and_lora(workspace, strategy):
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}

@@ -58,6 +58,15 @@ def examples_fingerprint(examples) -> str:
     return digest.hexdigest()
 
 
+def images_fingerprint(keys_by_example) -> str:
+    """SHA-256 over each example's image content keys, in order (``ImageRef.key``): an image
+    edited in place, or another negative image, changes it where the paths do not."""
+    digest = hashlib.sha256()
+    for keys in keys_by_example:
+        digest.update(("|".join(keys) + ";").encode())
+    return digest.hexdigest()
+
+
 def _say_left_out(key: str, report) -> None:
     """The records tokenization left out of ``key``'s data, and why (data_report.json counts
     them too)."""
@@ -148,6 +157,10 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
             example.prompt = train_records[example.index].prompts[0]
     report = {"shape": shape, "detected": detected, "train": train_report.as_dict(),
               "train_fingerprint": examples_fingerprint(train)}
+    if any(example.images or example.negative_images for example in train):
+        report["train_images_fingerprint"] = images_fingerprint(
+            [image.key for image in (*example.images, *example.negative_images)]
+            for example in train)
     if train_report.identical_responses:
         print(f"warning: {train_report.identical_responses} of {train_report.records} training "
               "records have identical responses (e.g. chosen == rejected); they carry no "

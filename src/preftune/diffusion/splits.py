@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 
 from ..config import ConfigError
-from .data import load_pairs, records_fingerprint
+from ..data.prepare import images_fingerprint
+from .data import content_key, load_pairs, records_fingerprint
 from .losses import get_diffusion_loss
 from .ranked import lists_to_pairs, load_ranked
 
@@ -58,4 +59,9 @@ def read_pairs(config) -> tuple[dict, dict]:
               **{name: {"records": len(splits[name]), "kept": len(kept[name])}
                  for name in splits}}
     report["train_fingerprint"] = records_fingerprint(kept["train"])
+    if not spec.online:  # (prompts alone hold no images)
+        report["train_images_fingerprint"] = images_fingerprint(
+            [content_key(image, record.base_dir) for image in
+             (record.images if hasattr(record, "images") else (record.chosen, record.rejected))
+             if image is not None] for record in kept["train"])
     return kept, report

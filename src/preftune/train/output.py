@@ -233,17 +233,20 @@ def check_same_data(output_dir, report: dict, finished: bool = False) -> None:
                           "(damaged?), so the data cannot be checked to be the same; restore "
                           "the file, or start over with --overwrite (the old run is moved "
                           "aside).") from None
-    before, now = saved.get("train_fingerprint"), report.get("train_fingerprint")
-    if before is None or before == now:  # (a run of an earlier version kept none)
+    # (a run of an earlier version kept none, or no image fingerprint)
+    changed = [what for key, what in (("train_fingerprint", "other tokens"),
+                                      ("train_images_fingerprint", "other image content"))
+               if saved.get(key) is not None and saved.get(key) != report.get(key)]
+    if not changed:
         return
     counts = (saved.get("train", {}).get("kept"), report.get("train", {}).get("kept"))
     what = ("its finished model was trained on other examples than these" if finished else
             "the resumed steps would train on other examples than the run's")
     raise DataChanged(f"--resume: the training data read now differs from what {output_dir} "
                       f"{'trained' if finished else 'started'} on ({counts[0]} examples then, "
-                      f"{counts[1]} now, other tokens); {what}. Restore the data (and "
-                      "tokenizer), or start over with --overwrite (the old run is moved "
-                      "aside).")
+                      f"{counts[1]} now, {' and '.join(changed)}); {what}. Restore the data "
+                      "(its images, the tokenizer), or start over with --overwrite (the old run "
+                      "is moved aside).")
 
 
 def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()) -> None:
