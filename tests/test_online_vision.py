@@ -126,6 +126,39 @@ def test_vllm_sampling_refuses_image_prompts(workspace):
         run_online(OnlineConfig.from_dict(settings))
 
 
+def test_text_only_scorers_and_negative_image_objectives_are_refused_before_anything(
+        workspace, tmp_path):
+    """A judge or follow-up scorer rated image prompts without seeing the images (judge:policy
+    on a VLM ran every round); mDPO failed after round 1 had sampled and scored, suggesting a
+    data.convert that online runs refuse."""
+    from preftune.data.images import ImageRef
+    from preftune.score import load_scorer
+    from preftune.score.base import scorer_prompt
+    from tiny_models import save_tiny_model_dir
+
+    (tmp_path / "mixed.yaml").write_text(
+        "terms: [{scorer: test_online_vision:colour_letter}, {scorer: 'judge:policy'}]\n")
+    for scorer, named in (("judge:policy", "judge:policy"), ("follow-up:policy",
+                                                             "follow-up:policy"),
+                          (str(tmp_path / "mixed.yaml"), "judge:policy")):
+        with pytest.raises(ConfigError, match=rf"^online.scorer: {named} reads prompts as text, "
+                                              r"and \S*prompts.jsonl:1's prompt shows images"):
+            run_online(OnlineConfig.from_dict(tree(workspace, "blind", scorer=scorer)))
+    assert not (workspace / "blind").exists()
+    judge = load_scorer(f"judge:{save_tiny_model_dir(tmp_path / 'judge')}")
+    shown = scorer_prompt("What colour? <image>",
+                          images=(ImageRef(path=str(workspace / "red.png")),))
+    with pytest.raises(ConfigError, match=r"reads prompts as text, and these show images"):
+        judge.score([shown], ["red"])
+    assert len(judge.score(["What colour is red?"], ["red"])) == 1
+    settings = tree(workspace, "mdpo")
+    settings["objective"] = {"name": "mdpo"}
+    with pytest.raises(ConfigError, match=r"objective mdpo compares the chosen answer under each "
+                                          r"record's image and under a negative image; the "
+                                          r"pairs of online rounds are built from samples"):
+        OnlineConfig.from_dict(settings)
+
+
 def test_image_prompts_on_a_text_only_model_name_the_prompt_before_anything_is_written(
         workspace, tmp_path):
     """(The error named no record, and came once round 1 had made its folder.)"""

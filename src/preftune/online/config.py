@@ -270,6 +270,12 @@ class OnlineConfig(Config):
                                  "reference, but after round 1 they come from the previous "
                                  "round's model: set online.reference: previous (or "
                                  "online.rounds: 1).")
+            if spec.image_negatives:
+                raise ValueError(f"objective {spec.name} compares the chosen answer under each "
+                                 "record's image and under a negative image; the pairs of "
+                                 "online rounds are built from samples and carry none. Use an "
+                                 "objective without negative images (dpo, ...) online, or "
+                                 f"train {spec.name} offline on pairs with negative_images.")
             if spec.online_win_probs and not pairs.win_probs:
                 raise ValueError(f"objective {spec.name} reads each response's win probability: "
                                  "set online.pairs.win_probs: true.")

@@ -27,7 +27,7 @@ from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer, released
 from ..objectives import get_objective
-from ..score import check_scorer
+from ..score import check_scorer, text_only_parts
 from ..score.base import scored_in_chunks
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
@@ -233,6 +233,12 @@ def _check_images(config: OnlineConfig, prompts: list) -> None:
     if config.online.sampling.backend == "vllm":
         raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
                           "use the transformers backend (online.sampling.backend: hf).")
+    blind = text_only_parts(config.online.scorer)
+    if blind:
+        raise ConfigError(f"online.scorer: {blind[0]} reads prompts as text, and "
+                          f"{shown.origin}'s prompt shows images it would rate without seeing; "
+                          "score image prompts with rm:DIR (a vision-language reward model) or "
+                          "a module:function scorer that reads prompt.images.")
 
 
 def _round_prompts(prompts: list, per_round: int | None, r: int) -> list:

@@ -144,6 +144,22 @@ def check_scorer(spec: str, data: str | list[str] | None = None,
         raise _unknown(spec)
 
 
+def text_only_parts(spec: str) -> list[str]:
+    """The parts of scorer ``spec`` that read the prompt as text alone (an LLM judge, a
+    follow-up scorer, a compositional judge), the terms of a combination file included: given
+    a prompt that shows images, they would rate it without seeing them."""
+    if spec.startswith(("judge:", "judge-pair:", "follow-up:")):
+        return [spec]
+    if not spec.endswith((".yaml", ".yml")) or not Path(spec).is_file():
+        return []
+    tree = read_scorer_file(spec)
+    if isinstance(tree, dict) and ("follow_up" in tree or "compositional" in tree):
+        return [spec]
+    if isinstance(tree, dict) and "render" in tree:
+        return []
+    return [part for term in check_combination(spec, tree) for part in text_only_parts(term)]
+
+
 def check_local_model(what: str, path: str) -> None:
     """A model a scorer names by a local path (not ``policy``, the bundled ``default`` or a Hub
     id) is a model directory, or a ``ConfigError`` saying so after ``what`` (the scorer, or

@@ -23,7 +23,7 @@ import torch
 
 from ..config import ConfigError
 from ..generation import left_padded
-from .base import checked, prefer_by_scores
+from .base import checked, prefer_by_scores, refuse_images
 
 POSITIVE = ("Thank you, that is exactly what I needed.",
             "Great, that answers my question.",
@@ -150,6 +150,7 @@ class FollowUpScorer:
         return (token * counted).sum(-1)
 
     def score(self, prompts, responses) -> list[float]:
+        refuse_images(prompts, self.name)
         follow_ups = self.positive + self.negative
         groups = [[self.follow_up_ids(p, r, f) for f in follow_ups]
                   for p, r in zip(prompts, responses, strict=True)]

@@ -17,7 +17,7 @@ import torch
 from ..config import ConfigError
 from ..data.records import plain_text
 from ..generation import last_logits_only, left_padded
-from .base import checked
+from .base import checked, refuse_images
 
 POINTWISE = (
     "Rate how well the response answers the request, from 1 (wrong or unhelpful) to {scale} "
@@ -82,6 +82,7 @@ class LLMJudge:
         return torch.cat(out)
 
     def score(self, prompts, responses) -> list[float]:
+        refuse_images(prompts, self.name)
         if self.pairwise:
             raise ConfigError(f"{self.name} compares two responses and gives no score of one; "
                               "use it where a pairwise scorer is accepted (win rates, online "
@@ -96,6 +97,7 @@ class LLMJudge:
         if not self.pairwise:
             a, b = self.score(prompts, first), self.score(prompts, second)
             return [torch.sigmoid(torch.tensor(x - y)).item() for x, y in zip(a, b)]
+        refuse_images(prompts, self.name)
         texts = [plain_text(p) for p in prompts]
         asked = [self.template.format(prompt=t, first=a, second=b)
                  for t, a, b in zip(texts, first, second, strict=True)]
