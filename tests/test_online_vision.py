@@ -183,6 +183,20 @@ def test_image_prompts_without_images_on_disk_name_the_record(workspace, tmp_pat
     with pytest.raises(Exception, match="prompts.jsonl:1: field 'images', item 0: image file "
                        "'missing.png' does not exist"):
         run_online(OnlineConfig.from_dict(settings))
+    # a URL, a folder, and (only the training prompts) an unreadable file: each named, before
+    # anything is written (the unreadable one was met after the initial evaluation)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    settings["data"]["eval"] = str(workspace / "prompts.jsonl")
+    for value, says in (("https://example.com/cat.png", "'https://example.com/cat.png' is a "
+                                                        "URL; images are read from files"),
+                        ("folder", r"'folder' is a folder \(\S+\), not an image file"),
+                        ("broken.png", r"file '\S+broken.png' is not a readable image")):
+        (tmp_path / "prompts.jsonl").write_text(json.dumps(
+            {"prompt": "What colour? <image>", "images": [value]}) + "\n")
+        with pytest.raises(Exception, match=rf"prompts.jsonl:1: field 'images', item 0: {says}"):
+            run_online(OnlineConfig.from_dict(settings))
+        assert not (workspace / "missing").exists()
 
 
 def test_images_given_as_bytes_are_written_once_under_their_content_key(workspace, tmp_path):

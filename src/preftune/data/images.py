@@ -108,8 +108,16 @@ def image_ref(value: Any, origin: str, where: str, base_dir: str = "") -> ImageR
             raise DataError(f"{origin}: {where}: a data URI that is not base64 image data "
                             f"({value[:40]!r}...); give 'data:image/png;base64,...' or a file "
                             "path.") from None
+    if isinstance(value, str) and value.startswith(("http://", "https://", "ftp://", "s3://",
+                                                     "gs://")):
+        raise DataError(f"{origin}: {where}: {value[:60]!r} is a URL; images are read from "
+                        "files, bytes or data: URIs, never downloaded. Download the image and "
+                        "give its path.")
     if isinstance(value, str) and value:
         path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+        if os.path.isdir(path):
+            raise DataError(f"{origin}: {where}: {value!r} is a folder ({path}), not an image "
+                            "file; name one image file in it.")
         if not os.path.isfile(path):
             raise DataError(f"{origin}: {where}: image file {value!r} does not exist (looked "
                             f"for {path}); fix the path (relative paths start at the data "

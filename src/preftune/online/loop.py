@@ -216,8 +216,8 @@ def _check_data_responses(config: OnlineConfig, prompts: list) -> None:
 
 def _check_images(config: OnlineConfig, prompts: list) -> None:
     """Image prompts need a vision-language model (said before anything is written, naming
-    the first prompt with images) and sample through transformers; vLLM is refused by
-    name."""
+    the first prompt with images), readable images, a scorer that sees them, and sample
+    through transformers; vLLM is refused by name."""
     from ..data.records import DataError
     from ..model.adapter_dirs import config_source
     from ..model.load import is_vision_language, resolve_model_dir
@@ -233,6 +233,9 @@ def _check_images(config: OnlineConfig, prompts: list) -> None:
     if config.online.sampling.backend == "vllm":
         raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
                           "use the transformers backend (online.sampling.backend: hf).")
+    for prompt in prompts:  # each opened once: a corrupt one stops the run here, not later
+        for image in prompt.images:
+            image.load()
     blind = text_only_parts(config.online.scorer)
     if blind:
         raise ConfigError(f"online.scorer: {blind[0]} reads prompts as text, and "
