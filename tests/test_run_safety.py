@@ -121,11 +121,19 @@ def test_a_run_directory_is_never_reused_silently(workspace, monkeypatch):  # no
     first = run(workspace, "twice", train__max_steps=2)
     assert not (first / ".preftune.lock").exists()  # released (and removed) when a run ends
     before = (first / "metrics.jsonl").read_text()
-    with pytest.raises(ConfigError, match=r"already holds a run; it has no checkpoint to "
-                                          r"continue from; start over with --overwrite \(in "
-                                          r"Python: overwrite=True; the old run is moved aside"):
-        run(workspace, "twice", train__max_steps=2)  # (2 steps: no checkpoint was written)
+    with pytest.raises(ConfigError, match=r"already holds a run; it finished \(run.json "
+                                          r"written\): --resume keeps it and trains nothing "
+                                          r"\(in Python: resume=True\); start over with "
+                                          r"--overwrite \(in Python: overwrite=True; the old "
+                                          r"run is moved aside"):
+        run(workspace, "twice", train__max_steps=2)
     assert (first / "metrics.jsonl").read_text() == before  # nothing lost
+    early = workspace / "runs" / "failed-early"  # stopped before its first checkpoint
+    early.mkdir(parents=True)
+    (early / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"already holds a run; it has no checkpoint to "
+                                          r"continue from; start over with --overwrite"):
+        run(workspace, "failed-early", train__max_steps=2)
     again = loop.train(build_config(_saved(first)), show_progress=False, overwrite=True)
     moved = [p for p in first.parent.iterdir() if p.name.startswith("twice.old-")]
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == before

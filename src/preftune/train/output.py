@@ -57,9 +57,11 @@ def prepare_output_dir(path: str, resume: bool = False, overwrite: bool = False,
         if not overwrite:
             from .checkpoint import checkpoints
 
-            resumable_here = ("continue it with --resume (in Python: resume=True), "
-                              if checkpoints(out / "checkpoints") else
-                              "it has no checkpoint to continue from; ")
+            resumable_here = (
+                "it finished (run.json written): --resume keeps it and trains nothing (in "
+                "Python: resume=True); " if (out / "run.json").is_file() else
+                "continue it with --resume (in Python: resume=True), "
+                if checkpoints(out / "checkpoints") else "it has no checkpoint to continue from; ")
             raise ConfigError(
                 f"output_dir {out} already holds a run; {resumable_here}start over with "
                 "--overwrite (in Python: overwrite=True; the old run is moved aside, not "
