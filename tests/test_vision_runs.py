@@ -78,7 +78,8 @@ def test_mdpo_trains_saves_and_reloads_with_its_hf_class(workspace):
     assert plain_chosen_logps(model, processor, workspace) == pytest.approx(
         last["eval/logps/chosen"], abs=1e-4)
     card = (out / "model" / "README.md").read_text()
-    assert "mdpo" in card
+    assert "mdpo" in card and "\npipeline_tag: image-text-to-text\n" in card  # (not text-only)
+    assert json.loads((out / "run.json").read_text())["model_kind"] == "vision-language"
 
 
 def test_resume_refuses_images_edited_in_place_and_other_negative_images(workspace, tmp_path):

@@ -167,7 +167,9 @@ class PolicyTask:
                 **({"reference_sync": {"every": self.reference_sync.every,
                                        "mix": self.reference_sync.mix}}
                    if self.reference_sync else {}),
-                **precision(self.config.model)}
+                **precision(self.config.model),
+                **({"model_kind": "vision-language"} if getattr(
+                    self.tokenizer, "image_inputs", None) else {})}
 
 
 def shape_mismatch(objective, shape: str, data) -> str:

@@ -94,8 +94,9 @@ def model_card(output_dir: Path, info: dict, kind: str) -> str:
     meta = {**({"base_model": hub_id} if hub_id else {}),
             **({"license": license_name} if license_name else {}),
             "library_name": "peft" if kind == "adapter" else "preftune",
-            "pipeline_tag": "text-classification" if reward else "text-to-image"
-            if info.get("model_kind") == "diffusion" else "text-generation",
+            "pipeline_tag": "text-classification" if reward else {
+                "diffusion": "text-to-image", "vision-language": "image-text-to-text"}.get(
+                info.get("model_kind"), "text-generation"),
             "tags": ["preftune", "reward-model" if reward else "preference-optimization",
                      *method.split(" + "), *(["lora", "peft"] if kind == "adapter" else [])]}
     what = (f"a reward model ({info['head']['kind']} head) trained with the reward loss "
