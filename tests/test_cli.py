@@ -197,6 +197,31 @@ def test_every_example_file_the_readme_names_exists():
     assert sorted(name for name in named if not (REPO / name).is_file()) == []
 
 
+def test_the_readme_layout_names_every_module():
+    """Each module under src/preftune is named in its folder's lines of "Layout of the code"
+    (the objective families are "one module per family")."""
+    from preftune.objectives import REGISTRY
+
+    layout = (REPO / "README.md").read_text().split("## Layout of the code")[1].split("```")[1]
+    folders, folder = {}, ""
+    for line in layout.splitlines():
+        found = re.match(r"  (\w+)/\s", line)
+        folder = found.group(1) if found else folder
+        folders[folder] = folders.get(folder, "") + line + "\n"
+    families = {spec.fn.__module__.rsplit(".", 1)[1] for spec in REGISTRY.values()
+                if spec.fn.__module__.startswith("preftune.objectives.")}
+    missing = []
+    for path in sorted((REPO / "src" / "preftune").rglob("*.py")):
+        relative = path.relative_to(REPO / "src" / "preftune")
+        folder = relative.parts[0] if len(relative.parts) > 1 else ""
+        if path.stem in ("__init__", "__main__") or (folder == "objectives" and
+                                                     path.stem in families):
+            continue
+        if not re.search(rf"(?<![\w.]){path.stem}(?!\w)", folders.get(folder, "")):
+            missing.append(str(relative))
+    assert missing == []
+
+
 def all_parsers(parser, path=()):
     """(command path, parser) for the top level and every command and subcommand."""
     yield path, parser
