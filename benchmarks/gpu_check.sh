@@ -61,10 +61,14 @@ fi
 
 if part tests; then  # one line per test as it ends, so a run cut short still names each result
   echo "== CUDA tests ($(left) s left)" > "$OUT/tests.txt"
-  timeout "$(upto "$TEST_S")" $PY -m pytest -v --tb=line -p no:cacheprovider \
+  # KILL at the limit: a SIGTERM would stop the running test's training like a preemption,
+  # and that test would read FAILED
+  timeout -s KILL "$(upto "$TEST_S")" $PY -m pytest -v --tb=line -p no:cacheprovider \
     -rfE ${TESTS:+-k "$TESTS"} tests/test_cuda.py tests/test_lean.py tests/test_vllm.py \
     tests/test_qlora.py tests/test_optimizers.py 2>&1 \
     | grep -E "PASSED|FAILED|ERROR|SKIPPED|^/|Error|passed|failed" >> "$OUT/tests.txt"
+  [ "${PIPESTATUS[0]}" = 137 ] && echo "== cut off at TEST_S: the tests after the last one" \
+    "named did not run (none of them failed)" >> "$OUT/tests.txt"
   grep -vE "PASSED" "$OUT/tests.txt"; echo "$(grep -c PASSED "$OUT/tests.txt") passed"
 fi
 

@@ -617,6 +617,15 @@ def test_compare_runs_objectives_through_the_same_online_rounds(model_dir, data,
         diversity = summary["rounds"][0]["evaluate"]["sample_diversity"]
         assert (entry["online/distinct"], entry["online/word_distance"]) == (
             diversity["distinct"], diversity["word_distance"])
+        # the run's own minutes: each phase, its training as run.json counts it
+        (info,) = summary["rounds"]
+        train_seconds = json.loads((root / entry["objective"] / "round-1" / "run.json")
+                                   .read_text())["train_seconds"]
+        assert info["train"]["train_seconds"] == train_seconds
+        assert entry["train_minutes"] == pytest.approx((
+            summary["initial"]["seconds"] + train_seconds + sum(
+                info[phase]["seconds"] for phase in ("sample", "score", "build", "evaluate")))
+            / 60)
     lists = read_jsonl(root / "listwise_pl" / "round-1" / "pairs.jsonl")
     assert all("responses" in row for row in lists)  # the list objective got lists
     assert "held-out score by round" in (root / "leaderboard.md").read_text()

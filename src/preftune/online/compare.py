@@ -6,7 +6,6 @@ score after every round and its KL to the initial model."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from ..compare import _first, _write_leaderboard, attempt, plans, term
@@ -42,11 +41,10 @@ def compare_online(objectives: list[str], tree: dict, config_path, root: Path,
         def work(entry=entry, name=name, run_dir=run_dir) -> None:
             config = configs[name]
             print(f"\n[compare] {name}: online rounds in {run_dir}")
-            started = time.perf_counter()
             resume = continues(config)  # an earlier run under other settings: moved aside
             run_online(config, resume=resume, overwrite=not resume)
-            entry["train_minutes"] = (time.perf_counter() - started) / 60
             summary = json.loads((run_dir / "online.json").read_text())
+            entry["train_minutes"] = run_seconds(summary) / 60
             entry.update(_online_numbers(summary))
             write_report(run_dir)
             entry["report"] = str(run_dir / "report.html")
@@ -84,6 +82,15 @@ def online_tree(tree: dict, objective: dict, run_dir: Path) -> dict:
     if pairs["builder"] in DATA_PAIR_BUILDERS or spec.reference_samples:
         tree["online"]["reference"] = "previous"
     return tree
+
+
+def run_seconds(summary: dict) -> float:
+    """An online run's own seconds (``online.json``): every phase of its rounds and the first
+    evaluation, a round's training as its run.json counts it (the parts before a stop and
+    resume summed), so a resumed run is not timed by its last part alone."""
+    phases = [summary["initial"] or {}] + [phase for info in summary["rounds"]
+                                          for phase in info.values() if isinstance(phase, dict)]
+    return sum(phase.get("train_seconds", phase.get("seconds", 0.0)) for phase in phases)
 
 
 def _online_numbers(summary: dict) -> dict:

@@ -12,6 +12,7 @@ that was cut off continues from its last checkpoint. Training is ``preftune trai
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -394,6 +395,7 @@ def _train_result(here: Path) -> dict:
     """The last logged step of a round's training."""
     last = read_metrics(here / "metrics.jsonl")[-1]
     return {"steps": last["step"], "loss": last["loss"],
-            **{k: last[k] for k in ("rewards/accuracies", "rewards/margins") if k in last}}
+            **{k: last[k] for k in ("rewards/accuracies", "rewards/margins") if k in last},
+            "train_seconds": json.loads((here / "run.json").read_text())["train_seconds"]}
 
 
