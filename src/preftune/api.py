@@ -21,6 +21,7 @@ import numbers
 from pathlib import Path
 from typing import Sequence
 
+from .arguments import DTYPE_CHOICES
 from .config import Config, ConfigError, path_text
 from .diffusion import require_diffusers
 from .diffusion.config import DiffusionConfig
@@ -41,7 +42,7 @@ __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "
            "tree_pairs", "pairs_from_commits", "relevance_pairs", "write_report"]
 
 
-def _paths_as_text(function):
+def _as_the_command_takes(function):
     """Let ``function``'s path arguments be ``pathlib.Path`` (any ``os.PathLike``), alone or in
     a list, as well as strings: they are passed on as the strings the commands pass. Its
     numbers and dtype are checked as its command's flags are (``_check_arguments``)."""
@@ -62,7 +63,6 @@ COUNTS = {"batch_size": 1, "passes": 1, "bins": 1, "steps": 1, "resolution": 1,
 NUMBERS = ("beta", "filter_top", "dropout", "l2", "guidance_scale", "true_cfg_scale",
            "min_gap", "temperature", "min_similarity", "max_similarity")
 MAY_BE_NONE = ("filter_top", "max_prompt_length", "resolution")  # None: the default rule
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check_arguments(function: str, arguments: dict) -> None:
@@ -83,8 +83,8 @@ def _check_arguments(function: str, arguments: dict) -> None:
                 problem = f"at least {lowest}"
         elif name in NUMBERS and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
             problem = "a number"
-        elif name == "dtype" and value not in DTYPES:
-            problem = f"one of {', '.join(DTYPES)}"
+        elif name == "dtype" and value not in DTYPE_CHOICES:
+            problem = f"one of {', '.join(DTYPE_CHOICES)}"
         if problem:
             raise ConfigError(f"{function}(): {name} should be {problem}, got {value!r}.")
 
@@ -121,7 +121,7 @@ def train(config: Config | dict | str | Path, *, resume: bool = False, overwrite
                             plan_only=plan_only, overwrite=overwrite)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def evaluate(model: str, data: str, **options) -> dict:
     """Diagnostics of a trained model against its reference on preference pairs (``preftune
     eval``; ``options`` are its flags, e.g. ``beta=0.1, samples=0, scorer="synthetic"``).
@@ -131,7 +131,7 @@ def evaluate(model: str, data: str, **options) -> dict:
     return run_eval(_made(EvalOptions, "evaluate", model=model, data=data, **options))
 
 
-@_paths_as_text
+@_as_the_command_takes
 def compare(objectives: Sequence[str], config: str | None = None, *,
             overrides: Sequence[str] = (), output_dir: str = "runs/compare",
             eval_data: str | None = None, scorer: str | None = None, samples: int = 2,
@@ -185,7 +185,7 @@ def train_reward_model(config: RewardConfig | dict | str | Path, *, resume: bool
                             show_progress=show_progress, overwrite=overwrite, plan_only=plan_only)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
     """Accuracy, calibration and reward distribution of a reward model (``preftune rm eval``;
     ``options``: scorer (instead of a model: any scorer spec), fields, output, category_field,
@@ -196,7 +196,7 @@ def evaluate_reward_model(model: str | None, data: str, **options) -> dict:
                              data=data, **options))
 
 
-@_paths_as_text
+@_as_the_command_takes
 def score_with_reward_model(model: str, data: str, output: str, *, batch_size: int = 16,
                             field: str = "score", overwrite: bool = False,
                             fields: dict | None = None, dtype: str = "auto") -> Path:
@@ -208,7 +208,7 @@ def score_with_reward_model(model: str, data: str, output: str, *, batch_size: i
     return run_score(model, data, output, batch_size, field, overwrite, fields, dtype)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def preference_strength(models: str | list[str], data: str, output: str, *, passes: int = 1,
                         dropout: float = 0.0, flip: bool = False, field: str = "strength",
                         seed: int = 0, batch_size: int = 16, overwrite: bool = False,
@@ -224,7 +224,7 @@ def preference_strength(models: str | list[str], data: str, output: str, *, pass
                         fields=fields, dtype=dtype)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0.01,
                       overwrite: bool = False, fields: dict | None = None,
                       dtype: str = "auto") -> dict:
@@ -237,7 +237,7 @@ def fit_compositional(scorer_file: str, data: str, output: str, *, l2: float = 0
     return run_fit_cpm(scorer_file, data, output, l2, overwrite, fields, dtype)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,
                fields: dict | None = None, max_length: int = 1024,
                max_prompt_length: int | None = None, dtype: str = "float32",
@@ -259,7 +259,7 @@ def tree_pairs(model: str, data: str, output_dir: str, scorer: str, *,
                     dtype=dtype, chat_template=chat_template, overwrite=overwrite)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def pairs_from_commits(repo: str, output: str, *, overwrite: bool = False,
                        **settings) -> Path:
     """Code preference pairs from ``repo``'s git history written to ``output``: each Python
@@ -272,7 +272,7 @@ def pairs_from_commits(repo: str, output: str, *, overwrite: bool = False,
                                            **settings), overwrite)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def relevance_pairs(data: str, output: str, *, min_similarity: float = 0.3,
                     max_similarity: float = 0.95, encoder: str = "minilm",
                     fields: dict | None = None, overwrite: bool = False) -> Path:
@@ -297,7 +297,7 @@ def run_online(config: OnlineConfig | dict | str | Path, *, resume: bool = False
                       plan_only=plan_only)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Plots, alarms and eval results of a run of any kind as one self-contained HTML page
     (``preftune report``): ``output``, else ``RUN_DIR/report.html``; each figure also as a PNG
@@ -325,7 +325,7 @@ def train_diffusion(config: DiffusionConfig | dict | str | Path, *, resume: bool
                               plan_only=plan_only)
 
 
-@_paths_as_text
+@_as_the_command_takes
 def evaluate_diffusion(model: str, reference: str, prompts: Sequence[str], scorer: str, *,
                        seeds: Sequence[int] = (0, 1), steps: int = 25,
                        guidance_scale: float = 1.0, output: str | None = None,

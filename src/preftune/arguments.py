@@ -23,6 +23,7 @@ def at_least(lowest: int):
 
 
 POSITIVE, COUNT = at_least(1), at_least(0)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # --dtype, a config's model.dtype
 
 # `config explain | schema --kind`: the config files of preftune train, rm train, online,
 # diffusion train | online | spm
@@ -72,7 +73,7 @@ def add_dtype_option(parser: argparse.ArgumentParser, which: str,
     (the default) reads the dtype ``which`` model's weights are saved in (as ``named_by``
     says)."""
     parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "bfloat16", "float16"],
+                        choices=DTYPE_CHOICES,
                         help=f"the models' weights, as model.dtype (default auto: the dtype "
                              f"{which}'s weights are saved in, float32 if {named_by} names "
                              "none); bfloat16 halves their memory on a GPU")

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import re
 
+from ..arguments import DTYPE_CHOICES
 from ..config import ConfigError
 from ..score.base import checked, prefer_by_scores
 from . import require_diffusers
 
 KEYS = {"pipeline", "scorer", "seeds", "steps", "guidance_scale", "resolution", "batch_size",
         "target_pattern", "negative_prompt", "true_cfg_scale", "dtype"}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class RenderScorer:
@@ -127,10 +127,10 @@ def render_settings(path: str, tree: dict) -> dict:
         value = settings.get(key, 1)
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{path}: render.{key} must be an integer >= {low}.")
-    if settings.get("dtype", "auto") not in DTYPES:
+    if settings.get("dtype", "auto") not in DTYPE_CHOICES:
         raise ConfigError(f"{path}: render.dtype {settings['dtype']!r}: give one of "
-                          f"{', '.join(DTYPES)} (auto: the dtype the pipeline's denoiser is "
-                          "saved in).")
+                          f"{', '.join(DTYPE_CHOICES)} (auto: the dtype the pipeline's "
+                          "denoiser is saved in).")
     pattern = settings.get("target_pattern")
     if pattern is not None:
         try:
