@@ -98,6 +98,64 @@ def test_formatting_and_comments_are_not_a_change_and_broken_modules_give_nothin
     assert changed_functions(before, "def g(y:\n") == []
 
 
+def test_decorators_blocks_and_a_redefined_name_are_each_a_function():
+    """A decorator's change gave a pair whose two sides were the same text (the source began
+    at `def`); functions under try/if blocks were never read; a property's setter hid its
+    getter (one key for both)."""
+    before = textwrap.dedent('''\
+        def fib(n):
+            return n
+
+
+        class C:
+            @property
+            def x(self):
+                return 1
+
+            @x.setter
+            def x(self, v):
+                self._x = v
+
+
+        try:
+            from fast import parse
+        except ImportError:
+            def parse(text):
+                return text.split()
+        ''')
+    after = (before.replace("def fib", "@functools.cache\ndef fib")
+             .replace("return 1", "return 2").replace("text.split()", "text.split(',')"))
+    assert changed_functions(before, after) == [
+        ("fib", "def fib(n):\n    return n", "@functools.cache\ndef fib(n):\n    return n"),
+        ("C.x", "    @property\n    def x(self):\n        return 1",
+         "    @property\n    def x(self):\n        return 2"),
+        ("parse", "    def parse(text):\n        return text.split()",
+         "    def parse(text):\n        return text.split(',')")]
+    setter = after.replace("self._x = v", "self._x = int(v)")
+    assert [name for name, *_ in changed_functions(after, setter)] == ["C.x (2)"]
+
+
+def test_non_ascii_file_names_and_bare_clones_are_read(tmp_path, capsys):
+    """git quoted a name such as café.py ("caf\\303\\251.py"), so its changes were passed
+    over; a bare (mirror) clone was called no git repository."""
+    root = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    for message, body in (("Add the first version of f", "return 1"),
+                          ("Make f return two instead of one", "return 2")):
+        (root / "café.py").write_text(f"def f():\n    {body}\n")
+        subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)
+        subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t",
+                        "commit", "-q", "-m", message], check=True)
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(root), str(bare)], check=True)
+    for source in (root, bare):
+        out = tmp_path / f"{source.name}.jsonl"
+        assert main(["data", "commits", "--repo", str(source), "--output", str(out)]) == 0
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert (row["file"], row["rejected"], row["chosen"]) == (
+            "café.py", "def f():\n    return 1", "def f():\n    return 2")
+
+
 def test_bad_input_is_named(repo, tmp_path, capsys):
     root, *_ = repo
     existing = tmp_path / "taken.jsonl"

@@ -55,13 +55,15 @@ def git(repo: Path, *args: str) -> str:
 
 
 def functions(source: str) -> dict[str, tuple[str, str]] | None:
-    """Each function and method of a Python module by qualified name: (its source, its code
-    without comments, docstrings aside, and formatting: ``ast.dump``); None when the module
-    does not parse."""
+    """Each function and method of a Python module by qualified name: (its source, decorators
+    included, and its code without comments, docstrings aside, and formatting: ``ast.dump``);
+    None when the module does not parse. Functions under ``if``, ``try`` or ``with`` blocks
+    count; a name defined again (a property's setter) is ``NAME (2)``."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return None
+    lines = source.splitlines(keepends=True)
     found = {}
 
     def visit(node, prefix: str) -> None:
@@ -69,9 +71,17 @@ def functions(source: str) -> dict[str, tuple[str, str]] | None:
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 name = f"{prefix}{child.name}"
                 if not isinstance(child, ast.ClassDef):
-                    found[name] = (ast.get_source_segment(source, child, padded=True),
-                                   ast.dump(child))
+                    start = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                    key, number = name, 1
+                    while key in found:
+                        number += 1
+                        key = f"{name} ({number})"
+                    found[key] = ("".join(lines[start - 1 : child.end_lineno]).rstrip("\n"),
+                                  ast.dump(child))
                 visit(child, f"{name}.")
+            elif isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
+                # if / try (its except clauses) / with / for / match blocks: the same scope
+                visit(child, prefix)
 
     visit(tree, "")
     return found
@@ -105,8 +115,8 @@ def commit_pairs(repo: Path, settings: CommitSettings) -> tuple[list[dict], dict
             counts["short_message"] += 1
             continue
         changes = []
-        for path in git(repo, "diff-tree", "--no-commit-id", "-r", "--diff-filter=M",
-                        "--name-only", sha).split("\n"):
+        for path in git(repo, "diff-tree", "-z", "--no-commit-id", "-r", "--diff-filter=M",
+                        "--name-only", sha).split("\0"):  # -z: names as they are (é, not \303)
             if path.endswith(".py"):
                 before = git(repo, "show", f"{sha}^:{path}")
                 after = git(repo, "show", f"{sha}:{path}")
@@ -138,8 +148,9 @@ def run_commits(repo: str, output: str, settings: CommitSettings = CommitSetting
                 overwrite: bool = False) -> Path:
     """Write the pairs of ``repo``'s history to ``output`` (JSONL). Returns the file."""
     root, target = Path(repo), Path(output)
-    try:
-        inside = git(root, "rev-parse", "--is-inside-work-tree").strip() == "true"
+    try:  # a clone's folder, or a bare (mirror) clone: its history is all that is read
+        inside = "true" in (git(root, "rev-parse", "--is-inside-work-tree",
+                                "--is-bare-repository").split())
     except DataError:
         inside = False
     if not inside:
