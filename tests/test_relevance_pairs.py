@@ -23,6 +23,46 @@ def test_the_best_answer_of_each_shape_and_each_prompt_once():
                Rated("t", "rated", origin="f:6", scores={"helpfulness": 3.0})]
     assert best_answers(records) == [("f:1", "p", "good"), ("f:3", "q", "a"),
                                      ("f:5", "s", "yes"), ("f:6", "t", "rated")]
+    # a prompt's records compared (HelpSteer2 rates two responses per prompt; the first,
+    # rated worst, was taken), by the mean of their ratings, or a list's top score
+    records = [Rated("t", "maybe Berlin", origin="f:1", scores={"help": 0.0, "correct": 1.0}),
+               Rated("t", "Paris", origin="f:2", scores={"help": 4.0, "correct": 4.0}),
+               Rated("t", "Paris?", origin="f:3", scores={"help": 4.0, "correct": 2.0}),
+               Ranked("q", ("b", "a"), (0.1, 0.2), origin="f:4"),
+               Ranked("q", ("c", "d"), (0.7, 0.3), origin="f:5")]
+    assert best_answers(records) == [("f:2", "t", "Paris"), ("f:5", "q", "c")]
+
+
+def test_a_neighbour_with_the_same_answer_is_passed_over_and_questions_are_user_turns(
+        monkeypatch, tmp_path):
+    """("What is 2+2?" took "4" from "What is 3+1?": chosen == rejected.) A system prompt
+    shared by every record was embedded with the question, so neighbours were picked by it."""
+    answers = [("f:1", "p0", "4"), ("f:2", "p1", "4"), ("f:3", "p2", "boil it")]
+    vectors = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
+    rows, _ = pair_with_neighbours(answers, vectors, RelevanceSettings(0.3, 1.0))
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("4", "boil it"), ("4", "boil it"),
+                                                           ("boil it", "4")]
+    from preftune.data import relevance
+
+    system = "You are a careful assistant. " * 20
+    data = tmp_path / "system.jsonl"
+    data.write_text("".join(json.dumps({"system": system, "prompt": q, "chosen": a,
+                                        "rejected": "?"}) + "\n"
+                            for q, a in (("Capital of France?", "Paris"),
+                                         ("Capital of Italy?", "Rome"))))
+    embedded = []
+
+    class Encoder:
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, texts):
+            embedded.extend(texts)
+            return torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+
+    monkeypatch.setattr("preftune.objectives.udm.SentenceEncoder", Encoder)
+    relevance.run_relevance(str(data), str(tmp_path / "out.jsonl"))
+    assert embedded == ["Capital of France?", "Capital of Italy?"]
 
 
 def test_each_prompt_takes_the_answer_of_its_nearest_allowed_neighbour():

@@ -33,27 +33,41 @@ class RelevanceSettings:
 
 
 def best_answers(records) -> list[tuple[str, object, object]]:
-    """(origin, prompt, its best answer) of each distinct prompt, in file order; prompts
-    without a good answer (only undesirable completions) are left out."""
+    """(origin, prompt, its best answer) of each distinct prompt, in file order: of a prompt's
+    records, the best-rated answer (rated responses: the mean of their ratings; ranked lists:
+    the top score), else the first; prompts without a good answer (only undesirable
+    completions) are left out."""
     found: dict = {}
     for record in records:
-        answer = _best(record)
-        if answer is not None:
-            found.setdefault(json.dumps(record.prompt, sort_keys=True),
-                             (record.origin, record.prompt, answer))
-    return list(found.values())
+        answer, score = _best(record)
+        key = json.dumps(record.prompt, sort_keys=True)
+        if answer is not None and (key not in found or (
+                score is not None and found[key][1] is not None and score > found[key][1])):
+            found[key] = ((record.origin, record.prompt, answer), score)
+    return [entry for entry, _ in found.values()]
 
 
-def _best(record):
+def _best(record) -> tuple:
+    """A record's good answer and its score (None where the record's shape has none)."""
     if isinstance(record, Pair):
-        return record.chosen
+        return record.chosen, None
     if isinstance(record, Ranked):
-        return record.responses[record.response_scores.index(max(record.response_scores))]
+        top = max(record.response_scores)
+        return record.responses[record.response_scores.index(top)], top
     if isinstance(record, Unpaired):
-        return record.completion if record.label else None
+        return (record.completion if record.label else None), None
     if isinstance(record, Rated):
-        return record.response
-    return None  # a joint pair has no one prompt
+        return record.response, sum(record.scores.values()) / max(len(record.scores), 1)
+    return None, None  # a joint pair has no one prompt
+
+
+def question_text(prompt) -> str:
+    """What is asked: a text prompt, or a conversation's user turns (a system prompt shared by
+    every record would make all questions look alike to the encoder)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(plain_text([m]).removeprefix("user: ") for m in prompt
+                     if m.get("role") == "user")
 
 
 def pair_with_neighbours(answers: list, vectors: torch.Tensor,
@@ -64,8 +78,12 @@ def pair_with_neighbours(answers: list, vectors: torch.Tensor,
     similarity.fill_diagonal_(-2.0)
     counts = {"prompts": len(answers), "unmatched": 0, "pairs": 0}
     rows = []
+    texts = [plain_text(_as_reply("", answer)) for _, _, answer in answers]
     for i, (origin, prompt, answer) in enumerate(answers):
-        allowed = similarity[i].masked_fill(similarity[i] > settings.max_similarity, -2.0)
+        # a neighbour whose answer is this one's (the same words) would make no preference
+        same = torch.tensor([text == texts[i] for text in texts])
+        allowed = similarity[i].masked_fill((similarity[i] > settings.max_similarity) | same,
+                                            -2.0)
         j = int(allowed.argmax())
         if float(allowed[j]) < settings.min_similarity:
             counts["unmatched"] += 1
@@ -105,7 +123,7 @@ def run_relevance(data: str, output: str, settings: RelevanceSettings = Relevanc
         raise DataError(f"{data}: {len(answers)} prompt(s) with a good answer; relevance pairs "
                         "take the answer of another prompt, so give at least 2.")
     encoder = SentenceEncoder(settings.encoder, PartialState().device, "--encoder")
-    vectors = encoder([plain_text(prompt) for _, prompt, _ in answers])
+    vectors = encoder([question_text(prompt) for _, prompt, _ in answers])
     rows, counts = pair_with_neighbours(answers, vectors, settings)
     if not rows:  # (an empty file was written, exit 0)
         raise DataError(f"{data}: none of its {counts['prompts']} prompts has another of "
