@@ -393,6 +393,10 @@ def test_data_synthetic_never_replaces_other_data_unasked(tmp_path, capsys):
             "pass --overwrite to remove it (this run writes none)." in capsys.readouterr().err)
     assert main(no_eval + ["--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"]
+    (out / "eval.jsonl").mkdir()  # a folder where a file goes: named, even with --overwrite
+    assert main(["data", "synthetic", "--output-dir", str(out), "--train", "4", "--eval", "2",
+                 "--overwrite"]) == 2
+    assert f"{out / 'eval.jsonl'} is a folder where this file goes" in capsys.readouterr().err
 
 
 def test_a_reader_that_stops_early_gets_no_traceback():

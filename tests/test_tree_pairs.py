@@ -153,6 +153,12 @@ def test_a_tree_pairs_every_far_enough_sibling_pair_of_an_expanded_node():
         tree.add_child(root, f"s{k} ", terminal=False).value = value
     tree.pair_children(root, 0.3)
     assert tree.pairs == [(1, 2), (1, 4), (3, 2), (3, 4)]
+    # the same step drawn twice, valued apart by its rollouts: no pair of it with itself
+    twice = Tree("f:2", "q", "q", [1])
+    for step, value in (("Y ", 0.9), ("Y ", 0.1), ("Z ", 0.1)):
+        twice.add_child(twice.nodes[0], step, terminal=False).value = value
+    twice.pair_children(twice.nodes[0], 0.3)
+    assert twice.pairs == [(1, 3)]
     assert tree.best_open().id == 0  # the root, until expanded
     root.expanded_at = 0
     assert tree.best_open().id == 1
@@ -220,3 +226,19 @@ def test_a_search_that_finds_no_pair_says_so_and_keeps_its_trees(workspace, tmp_
     assert f"no pairs.jsonl was written. Each step's value is in {out / 'trees.jsonl'}" in err
     assert not (out / "pairs.jsonl").exists()
     assert len(read_jsonl(out / "trees.jsonl")) == 2  # (the repeated prompt grows one)
+    # under --overwrite, an earlier search's pairs are not left beside these trees
+    (out / "pairs.jsonl").write_text('{"prompt": "of other trees"}\n')
+    assert main(["data", "tree", "--model", str(model), "--data", str(prompts), "--scorer",
+                 "test_tree_pairs:constant", "--output-dir", str(out), "--branches", "2",
+                 "--rollouts", "1", "--expansions", "1", "--max-length", "64",
+                 "--overwrite"]) == 2
+    assert "no pairs.jsonl was written (the earlier one, of other trees, was removed)" in \
+        capsys.readouterr().err
+    assert not (out / "pairs.jsonl").exists()
+
+
+def test_escapes_of_the_delimiter_are_read_and_other_characters_kept():
+    from preftune.data.cli import escapes_read
+
+    assert [escapes_read(text) for text in ("\\n\\n", "。", "é\\t", "\\u3002", " ")] == [
+        "\n\n", "。", "é\t", "。", " "]

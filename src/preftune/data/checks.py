@@ -208,6 +208,9 @@ def write_task_files(files: dict, overwrite: bool = False) -> None:
     texts = {Path(path): "".join(json.dumps(to_record(task), ensure_ascii=False) + "\n"
                                  for task in tasks) or None for path, tasks in files.items()}
     for path, text in texts.items():
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder where this file goes; move it, or choose "
+                              "another --output-dir (a folder is never replaced).")
         if path.exists() and not overwrite and (
                 text is None or path.read_text(encoding="utf-8") != text):
             action = "remove it (this run writes none)" if text is None else "replace it"

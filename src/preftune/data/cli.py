@@ -68,16 +68,20 @@ def _synthetic(args) -> None:
              if eval_tasks else ""))
 
 
-def _tree(args) -> None:
-    import codecs
+def escapes_read(text: str) -> str:
+    """``text`` with its escapes (``\\n``, ``\\t``, ``\\u3002``) read, other characters kept as
+    they are (unicode_escape alone reads its input as Latin-1: '。' came out as 'ã\\x80\\x82')."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
+
+def _tree(args) -> None:
     from ..api import tree_pairs
 
     tree_pairs(args.model, args.data, args.output_dir, args.scorer, fields=args.fields,
                max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                dtype=args.dtype, chat_template=args.chat_template, overwrite=args.overwrite,
                branches=args.branches, rollouts=args.rollouts, expansions=args.expansions,
-               delimiter=codecs.decode(args.delimiter, "unicode_escape"),
+               delimiter=escapes_read(args.delimiter),
                step_tokens=args.step_tokens, answer_tokens=args.answer_tokens,
                min_gap=args.min_gap, temperature=args.temperature, seed=args.seed,
                batch_size=args.batch_size)

@@ -108,10 +108,11 @@ class Tree:
 
     def pair_children(self, parent: Node, min_gap: float) -> None:
         """Every (better, worse) pair of ``parent``'s children whose values differ by at least
-        ``min_gap``."""
+        ``min_gap``; the same step sampled twice, valued apart by its random rollouts, is no
+        pair (chosen would be rejected)."""
         children = [n for n in self.nodes if n.parent == parent.id]
         self.pairs += [(a.id, b.id) for a in children for b in children
-                       if a.value - b.value >= min_gap]
+                       if a.value - b.value >= min_gap and a.step != b.step]
 
 
 def search(model, tokenizer, trees: list[Tree], scorer, settings: TreeSettings) -> dict:
@@ -261,10 +262,15 @@ def run_tree(model: str, data: str, output_dir: str, scorer: str,
     out.mkdir(parents=True, exist_ok=True)
     write_rows(out / "trees.jsonl", tree_rows(trees, settings))
     if not rows:  # (an empty pairs file was written, exit 0)
+        stale = out / "pairs.jsonl"  # an earlier search's, beside these trees (--overwrite)
+        removed = stale.exists()
+        stale.unlink(missing_ok=True)
         raise DataError(f"tree search over {len(trees)} prompts: no sibling steps' values "
                         f"differ by --min-gap {settings.min_gap} (of {counts['children']} steps "
                         f"valued by {counts['rollouts']} rollouts), so no pair; no pairs.jsonl "
-                        f"was written. Each step's value is in {out / 'trees.jsonl'}: lower "
+                        "was written" + (" (the earlier one, of other trees, was removed)"
+                                         if removed else "")
+                        + f". Each step's value is in {out / 'trees.jsonl'}: lower "
                         "--min-gap, or give more --branches or --rollouts.")
     write_rows(out / "pairs.jsonl", rows)
     print(f"tree search over {len(trees)} prompts: {counts['expansions']} expansions, "
