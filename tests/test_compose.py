@@ -89,3 +89,63 @@ def test_composition_config_errors(tree, expected):
         return
     with pytest.raises(ConfigError, match=expected):
         build_config({"objective": tree})
+
+
+def test_each_terms_logged_loss_carries_the_example_weights_as_the_sum_does():
+    """(loss/<name> left the weights out, so loss was not sum of weight x loss/<name>.)"""
+    weighted = objective([{"name": "dpo", "beta": 0.1}, {"name": "sft", "weight": 0.2}],
+                         weight_field="weight")
+    weights = [0.5, 1.5]
+    output, parts = weighted(inputs(scores={"weight": torch.tensor(weights)}))
+    dpo = sum(w * dpo_by_hand(i, 0.1) for i, w in enumerate(weights))
+    sft = sum(w * -POLICY[i][0] / COUNTS[i][0] for i, w in enumerate(weights))
+    assert parts["loss/dpo"].item() == pytest.approx(dpo, rel=1e-5)
+    assert parts["loss/sft"].item() == pytest.approx(sft, rel=1e-5)
+    assert output.losses.sum().item() == pytest.approx(dpo + 0.2 * sft, rel=1e-5)
+
+
+@pytest.mark.parametrize("tree,expected", [
+    # both ends keep lambda_min <= lambda_max; 2/3 of the way the cosine passes the line
+    ({"name": "dpo_shift", "schedule": "increase_linear", "schedule_steps": 10,
+      "lambda_min": {"start": 0.1, "end": 0.9, "schedule": "cosine"},
+      "lambda_max": {"start": 0.2, "end": 0.95}},
+     r"objective dpo_shift lambda_min \(0.70\d*\) is above lambda_max \(0.70\d*\) 67% of the "
+     r"way through the run, where the schedules of lambda_min and lambda_max have moved apart"),
+    # read once before training (the UDM weights): a schedule there never moved
+    ({"name": "bco", "udm": True, "min_density_ratio": {"start": 0.5, "end": 5.0}},
+     r"objective.min_density_ratio: bco reads it once, before training, so it cannot follow a "
+     r"schedule"),
+])
+def test_schedules_that_cannot_train_as_written_are_refused(tree, expected):
+    with pytest.raises(ConfigError, match=expected):
+        build_config({"objective": tree})
+
+
+def test_run_json_records_a_scheduled_parameter_as_its_schedule():
+    """(It recorded the start value, 0.1, for a beta that ran from 0.1 to 1.0.)"""
+    ramp = objective([{"name": "dpo", "beta": {"start": 0.1, "end": 1.0}},
+                      {"name": "sft", "weight": 0.2}])
+    assert ramp.recorded_params() == {"dpo": {"beta": {"start": 0.1, "end": 1.0}}, "sft": {}}
+    assert objective({"name": "dpo"}).recorded_params() == {"dpo": {"beta": 0.1}}
+
+
+def test_mrpo_weights_and_extra_models_must_agree_when_the_config_is_read():
+    """(Three weights for two references failed at step 1, after both reference passes.)"""
+    tree = {"data": {"train": "pairs.jsonl"}, "reference": {"extra_models": ["other"]},
+            "objective": {"name": "mrpo", "weights": [0.2, 0.3, 0.5]}}
+    with pytest.raises(ConfigError, match=r"mrpo's parameters weigh the main reference and 2 "
+                                          r"more, and reference.extra_models lists 1; give one "
+                                          r"weight per reference"):
+        build_config(tree)
+    build_config({**tree, "objective": {"name": "mrpo", "weights": [0.4, 0.6]}})
+    build_config({**tree, "objective": "mrpo"})  # equal weights, however many
+
+
+def test_group_ids_that_float32_cannot_keep_apart_are_refused():
+    from preftune.objectives import get_objective
+
+    check = get_objective("group_robust_dpo").check
+    assert check({"group": 2.0}, None) is None and check({"group": 16777216.0}, None) is None
+    for group in (100000001.0, 1.5):
+        assert check({"group": group}, None).startswith(f"group is {group:g}; a group is a "
+                                                         "whole number of at most 16777216")

@@ -155,8 +155,9 @@ class ObjectiveConfig(Term):
 
 class ReferenceConfig(Section):
     strategy: Literal["auto", "precomputed", "adapter-off", "live", "none"] = "auto"
-    """How reference log-probs are had: auto picks precomputed when the objective needs a
-    reference, none when it is reference-free."""
+    """How reference log-probs are had: auto picks none for a reference-free objective, live
+    with reference.sync_every (TR-DPO), for an objective that reads the reference's full
+    next-token distributions adapter-off with LoRA (else live), and precomputed otherwise."""
     cache_dir: str | None = None
     """Where precomputed reference log-probs are cached; default: <preftune cache>/reference."""
     model: str | None = None
@@ -246,6 +247,14 @@ class Config(RunConfig):
         if self.reference.extra_models and not objective.extra_references:
             raise ValueError(f"reference.extra_models does nothing for {objective.name}; remove "
                              "it or use an objective with several references (mrpo).")
+        for term in objective.terms:  # how many its parameters read (mrpo's weights)
+            need = term.spec.extra_references
+            wanted = need(term.params_at(0, 1)) if callable(need) else need
+            if not isinstance(wanted, bool) and wanted != len(self.reference.extra_models):
+                raise ValueError(f"{term.spec.name}'s parameters weigh the main reference and "
+                                 f"{wanted} more, and reference.extra_models lists "
+                                 f"{len(self.reference.extra_models)}; give one weight per "
+                                 "reference, the main one first.")
         if self.reference.model is not None and self.reference_strategy != "precomputed":
             raise ValueError(f"reference.model is read by the precomputed reference only, but "
                              f"the reference here is {self.reference_strategy!r}; remove it or "

@@ -10,7 +10,7 @@ Config forms this reads (values of ``objective`` in YAML):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
@@ -40,29 +40,45 @@ def number_params(params: type) -> set[str]:
 
 
 def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
-    """Type-check raw params (both ends of any schedule); raises ValueError naming the key."""
+    """Type-check raw params (both ends of any schedule, and every 1% of the run between them
+    when several move: a rule between two parameters can break on the way); raises ValueError
+    naming the key."""
     numbers = None
+    once = {f.name for f in fields(spec.params) if f.metadata.get("read_once")}
     for key, value in raw.items():
         if isinstance(value, dict):
             numbers = number_params(spec.params) if numbers is None else numbers
             if key not in numbers:
                 raise ValueError(f"objective.{key}: only a number parameter can follow a "
                                  f"schedule, and {spec.name}'s {key} is not one; give one value.")
+            if key in once:
+                raise ValueError(f"objective.{key}: {spec.name} reads it once, before training, "
+                                 "so it cannot follow a schedule; give one value.")
             unknown = set(value) - SCHEDULE_KEYS
             if unknown or not {"start", "end"} <= set(value):
                 raise ValueError(f"objective.{key}: a schedule needs start and end (and optionally "
                                  f"schedule: {'/'.join(SCHEDULES)}); got keys {sorted(value)}")
             if value.get("schedule", "linear") not in SCHEDULES:
                 raise ValueError(f"objective.{key}.schedule must be one of {SCHEDULES}")
+    scheduled = [key for key, value in raw.items() if isinstance(value, dict)]
     for end in ("start", "end"):
         values = {k: v[end] if isinstance(v, dict) else v for k, v in raw.items()}
         refuse_bools(values, get_type_hints(spec.params, include_extras=True), "objective.")
         try:
             TypeAdapter(spec.params).validate_python(values)
         except ValidationError as error:
-            scheduled = [key for key, value in raw.items() if isinstance(value, dict)]
             raise ValueError(params_problem(error, "objective", spec.name, scheduled, end)
                              ) from None
+    for percent in range(1, 100) if len(scheduled) > 1 else ():
+        values = {k: scheduled_value(v, percent, 101) if isinstance(v, dict) else v
+                  for k, v in raw.items()}
+        try:
+            TypeAdapter(spec.params).validate_python(values)
+        except ValidationError as error:
+            raise ValueError(f"{params_problem(error, 'objective', spec.name)} {percent}% of "
+                             f"the way through the run, where the schedules of "
+                             f"{' and '.join(scheduled)} have moved apart; give schedules that "
+                             "keep it all along.") from None
 
 
 @dataclass
@@ -148,21 +164,32 @@ class Objective:
         return {t.spec.name: t.params_at(step, self.total_steps) for t in self.terms}
 
     def __call__(self, inputs: ObjectiveInputs) -> tuple[ObjectiveOutput, dict]:
-        """Combined output and each term's mean loss (for logging when there are several)."""
+        """Combined output and each term's mean loss (for logging when there are several),
+        both scaled by the examples' weights (``loss`` = sum of weight x ``loss/<name>``)."""
         losses, rewards, parts = 0.0, None, {}
+        # (example weights were checked as the data was read: check_example_weights; here a
+        # check would read the device every step)
+        scale = None if self.example_weight_field is None else \
+            inputs.scores[self.example_weight_field]
         for term in self.terms:
             given = inputs if term.state is None else replace(inputs, state=term.state)
             if self.gold and not term.spec.gold:  # a pair term beside a gold reader
                 given = _pairs_only(given)
             output = term.spec(given, term.params_at(inputs.step, self.total_steps))
-            losses = losses + term.weight * output.losses
+            term_losses = output.losses if scale is None else output.losses * scale.to(
+                output.losses)
+            losses = losses + term.weight * term_losses
             rewards = output.rewards if rewards is None else rewards
             if len(self.terms) > 1:
-                parts[f"loss/{term.spec.name}"] = output.losses.detach().sum()
-        if self.example_weight_field is not None:  # (checked as the data was read:
-            # check_example_weights; here it would read the device every step)
-            losses = losses * inputs.scores[self.example_weight_field].to(losses)
+                parts[f"loss/{term.spec.name}"] = term_losses.detach().sum()
         return ObjectiveOutput(losses, rewards), parts
+
+    def recorded_params(self) -> dict:
+        """Each term's parameters as it trains with them, for run.json and the model card:
+        values, and a scheduled one as its ``{start, end, schedule}``."""
+        return {term.spec.name: {**asdict(term.params_at(0, self.total_steps)),
+                                 **{key: value for key, value in term.raw_params.items()
+                                    if isinstance(value, dict)}} for term in self.terms}
 
     def state_dict(self) -> dict:
         """The states of the terms that keep one, keyed ``<term index>.<name>``."""

@@ -139,8 +139,15 @@ class GroupRobustDPOParams:
     adjustment: NonNegative = 0.0
 
 
+def _group_id(scores: dict, params) -> str | None:
+    group = scores["group"]  # carried as float32 on the device: whole numbers up to 2^24 only
+    return None if float(group).is_integer() and abs(group) <= 2 ** 24 else (
+        f"group is {group:g}; a group is a whole number of at most 16777216 (2^24; larger "
+        "ones, such as user ids or hashes, merge in float32): number the groups 0, 1, 2, ...")
+
+
 @objective("group_robust_dpo", params=GroupRobustDPOParams, needs_reference=True,
-           paper="arXiv:2405.20304", scores=("group",), state=GroupWeights)
+           paper="arXiv:2405.20304", scores=("group",), state=GroupWeights, check=_group_id)
 def group_robust_dpo(inputs: ObjectiveInputs, params: GroupRobustDPOParams) -> ObjectiveOutput:
     """Group Robust DPO (GRPO of Ramesh et al., not DeepSeek's): DPO with worst-group emphasis.
 
@@ -180,7 +187,7 @@ class MRPOParams:
 
 
 @objective("mrpo", params=MRPOParams, needs_reference=True, paper="arXiv:2405.16388",
-           extra_references=True)
+           extra_references=lambda params: len(params.weights) - 1 if params.weights else True)
 def mrpo(inputs: ObjectiveInputs, params: MRPOParams) -> ObjectiveOutput:
     """Multi-Reference PO (MRPO): DPO against a weighted combination of several reference models.
 

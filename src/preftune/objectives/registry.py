@@ -57,7 +57,9 @@ class ObjectiveSpec:
     # wants each token's log sum_v pi_theta(v)^2 in the stats (or a function of the params
     # that says whether it does)
     policy_collisions: bool | Callable = False
-    extra_references: bool = False  # wants stats from reference.extra_models as well
+    # wants stats from reference.extra_models as well: True, or a function of the params
+    # giving how many it reads (True for any number)
+    extra_references: bool | Callable = False
     image_negatives: bool = False  # wants y_w under the negative images as the last slot
     online_builder: str | None = None  # online rounds must build its data with this builder
     online_win_probs: bool = False  # online rounds must add each response's win probability
@@ -157,6 +159,9 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
 
 
 RESERVED_PARAMS = ("name", "weight")  # an objective term's own keys in a config
+# a params field's metadata: read once before training (by ``prepare``), so it follows no
+# schedule: ``x: float = field(default=1.0, metadata=READ_ONCE)``
+READ_ONCE = {"read_once": True}
 
 
 def _check_params(name: str, params) -> None:

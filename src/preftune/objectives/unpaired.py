@@ -9,7 +9,7 @@ log pi_ref(y|x) (summed log-probs), r(y) = beta rho(y).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .common import NonNegative, Positive, log_ratios, refuse_idle, required_scores
-from .registry import ObjectiveInputs, ObjectiveOutput, objective
+from .registry import READ_ONCE, ObjectiveInputs, ObjectiveOutput, objective
 from .state import RunningMean
 from .udm import WEIGHT, prepare_udm
 
@@ -87,8 +87,8 @@ class BCOParams:
     udm: bool = False
     udm_encoder: str = "minilm"  # the sentence encoder of the prompts: a path or "minilm"
     prompt_sample_size: Annotated[int, Field(gt=0)] = 1024  # prompts per label to fit it on
-    min_density_ratio: NonNegative = 0.5
-    max_density_ratio: Positive = 10.0
+    min_density_ratio: NonNegative = field(default=0.5, metadata=READ_ONCE)  # (by prepare_udm)
+    max_density_ratio: Positive = field(default=10.0, metadata=READ_ONCE)
 
     def __post_init__(self):
         if not self.udm:

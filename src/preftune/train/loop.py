@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -162,7 +161,7 @@ class PolicyTask:
 
     def run_info(self) -> dict:
         return {"objective": self.objective.name,
-                "params": {name: asdict(p) for name, p in self.objective.params_at(0).items()},
+                "params": self.objective.recorded_params(),
                 "reference": self.reference_strategy, "layout": self.layout,
                 **({"reference_sync": {"every": self.reference_sync.every,
                                        "mix": self.reference_sync.mix}}
