@@ -62,10 +62,13 @@ class RewardEvalOptions:
     dtype: str = "auto"  # the model's (or the scorer's models'); auto: as saved
 
 
-def calibration(p_chosen: torch.Tensor, bins: int) -> dict:
-    """ECE, Brier score, log loss and the reliability bins of P(chosen > rejected) (see the
-    module docstring). Confidence c = max(p, 1 - p) is binned over [1/2, 1]."""
-    p = p_chosen.double()
+def calibration(logit: torch.Tensor, bins: int) -> dict:
+    """ECE, Brier score, log loss and the reliability bins of P(chosen > rejected) =
+    sigmoid(``logit``) (see the module docstring). Confidence c = max(p, 1 - p) is binned over
+    [1/2, 1]; the log loss, -log p = softplus(-logit), is taken from the logit (p itself is 0
+    below a logit of about -745)."""
+    logit = logit.double()
+    p = torch.sigmoid(logit)
     confidence = torch.maximum(p, 1 - p)
     correct = (p > 0.5).double()
     edges = torch.linspace(0.5, 1.0, bins + 1, dtype=torch.float64)
@@ -80,7 +83,7 @@ def calibration(p_chosen: torch.Tensor, bins: int) -> dict:
             row["accuracy"] = correct[members].mean().item()
             ece += count / len(p) * abs(row["accuracy"] - row["confidence"])
         table.append(row)
-    log_loss = -torch.log(p.clamp_min(1e-300)).mean().item()
+    log_loss = torch.nn.functional.softplus(-logit).mean().item()
     return {"ece": ece, "brier": ((1 - p) ** 2).mean().item(), "log_loss": log_loss,
             "bins": table}
 
@@ -127,7 +130,7 @@ def pair_metrics(logit: torch.Tensor, rewards: torch.Tensor | None, lengths: tor
     correct = logit > 0
     results: dict = {"pairs": len(logit), "accuracy": correct.double().mean().item(),
                      "preference_logit_mean": logit.mean().item()}
-    cal = calibration(p, bins)
+    cal = calibration(logit, bins)
     results.update({f"calibration/{k}": v for k, v in cal.items() if k != "bins"})
     results["reliability"] = cal["bins"]
     longer = ["chosen longer" if c > r else "chosen shorter" if c < r else "same length"
