@@ -288,6 +288,9 @@ def test_a_misspelt_column_in_fields_is_named(tmp_path):
     ({"prompt": "p", "chosen": 42, "rejected": "r"}, "'chosen'", "expects a string"),
     ({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "r"}, "'prompt', message 0",
      "missing 'content'"),
+    # (a null content read "missing 'content' (keys present: 'role', 'content')")
+    ({"prompt": [{"role": "user", "content": None}], "chosen": "c", "rejected": "r"},
+     "'prompt', message 0", "'content' is null. Messages must look like"),
     ({"prompt": [{"role": 1, "content": "x"}], "chosen": "c", "rejected": "r"},
      "'prompt', message 0", "'role' must be a string"),
     ({"prompt": [{"role": "user", "content": "x"}], "chosen": 3.5, "rejected": "r"}, "'chosen'",

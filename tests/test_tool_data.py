@@ -301,3 +301,29 @@ def test_answers_during_training_are_scored_with_the_prompts_tools_at_hand(tmp_p
         train__eval_generations=2, train__eval_max_new_tokens=4,
         train__eval_scorer="test_tool_data:offered_a")
     assert len(OFFERED) == 2 and all(tools == (WEATHER,) for tools in OFFERED)
+
+
+def test_a_reward_model_scorer_is_handed_the_prompts_tools():
+    """(rm: built its records without the tools, so the model scored a prompt it was never
+    trained on: the template wrote no tools.)"""
+    from types import SimpleNamespace
+
+    import torch
+
+    from preftune.score.base import scorer_prompt
+    from preftune.score.reward_model import RewardModelScorer
+
+    seen = []
+
+    def outputs(records):
+        seen.extend(records)
+        return [torch.zeros(2, 1) for _ in records]
+
+    head = SimpleNamespace(has_reward=True, reward=lambda o: o.sum(),
+                           preference_logit=lambda a, b: (a - b).sum())
+    scorer = RewardModelScorer(SimpleNamespace(head=head, outputs=outputs,
+                                               tokenizer=SimpleNamespace()), "rm:x")
+    prompt = scorer_prompt([{"role": "user", "content": "Weather in Paris?"}], tools=(WEATHER,))
+    scorer.score([prompt], ["Sunny."])
+    scorer.prefer([prompt], ["Sunny."], ["Rainy."])
+    assert [record.tools for record in seen] == [(WEATHER,), (WEATHER,)]

@@ -99,6 +99,20 @@ def test_a_run_trains_with_masked_tool_results(tmp_path):
                                             add_special_tokens=False))  # 20 tokens
     report = json.loads((output / "data_report.json").read_text())["train"]
     assert report["masked_tokens"] == 8 * tool_turn  # each of the 8 chosen responses
+    # eval scores the tokens each run trained on: its data.mask_roles (it took the default)
+    from preftune.cli import main
+
+    unmasked = run(tmp_path, "unmasked", data__eval_fraction=0.0, train__batch_size=4,
+                   model__chat_template=str(template), train__max_steps=1,
+                   data__mask_roles=[])
+    counted = {}
+    for name in ("masked", "unmasked"):
+        assert main(["eval", "--model", str(tmp_path / "runs" / name), "--data",
+                     str(tmp_path / "pairs.jsonl"), "--samples", "0", "--output",
+                     str(tmp_path / f"eval-{name}")]) == 0
+        rows = (tmp_path / f"eval-{name}" / "eval_pairs.jsonl").read_text().splitlines()
+        counted[name] = json.loads(rows[0])["tokens_chosen"]
+    assert unmasked.name == "unmasked" and counted["unmasked"] == counted["masked"] + tool_turn
 
 
 def test_data_inspect_marks_the_tokens_left_out():

@@ -29,11 +29,10 @@ def read_messages(value: list, column: str, origin: str) -> list:
             if key == "content" and calls is not None and message.get(key) is None:
                 continue  # a message that only calls tools has no text
             if key not in message or message[key] is None:
-                raise DataError(
-                    f"{where}: missing {key!r} (keys present: "
-                    f"{', '.join(repr(k) for k in message) or 'none'}). Messages must look like "
-                    f"{{\"role\": \"user\", \"content\": \"...\"}}."
-                )
+                what = (f"{key!r} is null" if key in message else f"missing {key!r} (keys "
+                        f"present: {', '.join(repr(k) for k in message) or 'none'})")
+                raise DataError(f"{where}: {what}. Messages must look like "
+                                f"{{\"role\": \"user\", \"content\": \"...\"}}.")
             if not isinstance(message[key], str) and not (key == "content"
                                                           and _content_parts(message[key], where)):
                 raise DataError(f"{where}: {key!r} must be a string, got "

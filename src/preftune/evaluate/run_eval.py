@@ -34,7 +34,7 @@ from ..score import check_scorer, load_scorer
 from ..train.output import check_output_folder
 from . import diagnostics as D
 from .generated import greedy_answers, sampled_metrics, win_rate
-from .run_models import load_models, model_location, run_reference
+from .run_models import load_models, model_location, run_mask_roles, run_reference
 from .sampling import score_responses
 
 VOTE_FIELDS = ("chosen_votes", "rejected_votes")  # vote fractions or counts: r* gap = log ratio
@@ -125,8 +125,10 @@ def run_eval(options: EvalOptions) -> dict:
         tokenizer = load_tokenizer(model_dir)
         if options.chat_template is not None:
             use_chat_template(tokenizer, options.chat_template, "--chat-template")
+    masked = run_mask_roles(run_dir)  # the run's data.mask_roles: the tokens it trained on
     settings = TokenizeSettings(options.max_length,
-                                prompt_limit(options.max_length, options.max_prompt_length))
+                                prompt_limit(options.max_length, options.max_prompt_length),
+                                **({} if masked is None else {"mask_roles": masked}))
     examples, report = tokenize_records(records, tokenizer, settings)
     if not examples:
         raise DataError(f"{options.data}: no pair survived tokenization ({report.as_dict()}).")

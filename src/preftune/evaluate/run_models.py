@@ -46,6 +46,16 @@ def run_reference(run_dir: Path | None) -> str:
     return _where_training_ran(path, run_dir, tree.get("output_dir"))
 
 
+def run_mask_roles(run_dir: Path | None) -> tuple | None:
+    """The roles a run's config.yaml left out of the loss (``data.mask_roles``), when it
+    names them: eval scores the tokens the run trained on. None: the default."""
+    config = run_dir / "config.yaml" if run_dir is not None else None
+    if config is None or not config.is_file():
+        return None
+    roles = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("mask_roles")
+    return None if roles is None else tuple(roles)
+
+
 def _where_training_ran(path: str, run_dir: Path, output_dir: str | None) -> str:
     """A relative ``path`` from a run's config.yaml is relative to the directory training ran
     in: the run directory less its relative ``output_dir`` (``/w/runs/dpo`` less

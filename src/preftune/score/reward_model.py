@@ -12,7 +12,8 @@ from .base import checked
 class RewardModelScorer:
     """Rewards from a ``preftune rm train`` model (the head's reward: BT score, weighted
     attributes, quantile mean or CVaR). A GPM model has no reward of one response: it is
-    ``pairwise`` and answers ``prefer`` with P(first > second) = sigmoid(s / tau)."""
+    ``pairwise`` and answers ``prefer`` with P(first > second) = sigmoid(s / tau). A prompt is
+    scored as the model was trained on it: with the tools it offers (``prompt.tools``)."""
 
     def __init__(self, scoring: RewardScoring, name: str):
         self.scoring, self.name = scoring, name
@@ -30,14 +31,16 @@ class RewardModelScorer:
         return tuple(getattr(prompt, "images", ())) if seen else ()
 
     def score(self, prompts, responses) -> list[float]:
-        records = [Rated(p, r, origin=f"{self.name} input {i}", images=self._images(p))
+        records = [Rated(p, r, origin=f"{self.name} input {i}", images=self._images(p),
+                         tools=tuple(getattr(p, "tools", ())))
                    for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
         outputs = self.scoring.outputs(records)
         head = self.scoring.head
         return checked([head.reward(o[0]).item() for o in outputs], self.name, len(records))
 
     def prefer(self, prompts, first, second) -> list[float]:
-        records = [Pair(p, a, b, origin=f"{self.name} input {i}", images=self._images(p))
+        records = [Pair(p, a, b, origin=f"{self.name} input {i}", images=self._images(p),
+                        tools=tuple(getattr(p, "tools", ())))
                    for i, (p, a, b) in enumerate(zip(prompts, first, second, strict=True))]
         head = self.scoring.head
         return [torch.sigmoid(head.preference_logit(o[0], o[1])).item()
