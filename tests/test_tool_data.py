@@ -273,6 +273,12 @@ def test_the_shipped_tools_template_writes_calls_the_tool_call_checker_reads(tmp
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
         "Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"
         "<|im_end|>\n")
+    # a message with text and a call keeps both (the text was dropped)
+    both = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "Let me look.", "tool_calls": [CALL]}]
+    assert tokenizer.apply_chat_template(both, tokenize=False).endswith(
+        '<|im_start|>assistant\nLet me look.\n<tool_call>{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}</tool_call><|im_end|>\n')
 
 
 def test_preftune_eval_scores_answers_with_the_prompts_tools_at_hand(tmp_path):
