@@ -91,7 +91,8 @@ def test_a_round_trains_on_the_pairs_its_ensemble_is_sure_of_weighted_by_certain
     assert none == [] and len(everything) >= 3
     scorings = [RewardScoring.load(model) for model in models]
     for row in everything:
-        pair = Pair(row["prompt"], row["chosen"], row["rejected"], origin=row["source"])
+        pair = Pair(row["prompt"], row["chosen"], row["rejected"], origin=row["source"],
+                    unfinished=tuple(row.get("unfinished", ())))  # (as the round reads it)
         probs = [float(torch.sigmoid(o[0, 0] - o[1, 0]))
                  for s in scorings for o in s.outputs([pair])]
         assert row["estimator_prob"] == pytest.approx(sum(probs) / 2, abs=1e-6)

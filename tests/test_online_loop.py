@@ -113,8 +113,12 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
                 best = min(k for k in s if s[k] == max(s.values()))
                 worst = min(k for k in s if s[k] == min(s.values()))
                 expected.append((row["responses"][best], row["responses"][worst],
-                                 f"{row['origin']} [{best}>{worst}]"))
-        assert [(p["chosen"], p["rejected"], p["source"]) for p in pairs] == expected
+                                 f"{row['origin']} [{best}>{worst}]",
+                                 [slot for slot, k in enumerate((best, worst))
+                                  if not row["ended"][k]]))
+        # a sample that reached max_new_tokens is named, to be trained with no end of turn
+        assert [(p["chosen"], p["rejected"], p["source"], p.get("unfinished", []))
+                for p in pairs] == expected
         assert len(pairs) >= 2
         metrics = read_jsonl(here / "metrics.jsonl")
         assert [m["step"] for m in metrics] == [1, 2, 3]

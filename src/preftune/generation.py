@@ -66,11 +66,13 @@ GREEDY = SamplingSettings(temperature=0.0)
 class Generations:
     """``token_ids[p][k]`` and ``texts[p][k]``: sample k of prompt p. Ids end at the first EOS
     (kept) or at the token that completes a stop string; texts are decoded without special
-    tokens and end before the stop string."""
+    tokens and end before the stop string. ``ended[p][k]``: whether it ended so, rather than
+    being cut off at max_new_tokens."""
 
     token_ids: list[list[list[int]]]
     texts: list[list[str]]
     seconds: float
+    ended: list[list[bool]]
     new_tokens: int = field(init=False)
 
     def __post_init__(self):
@@ -146,12 +148,13 @@ def finished(ids_out: list[list[list[int]]], settings: SamplingSettings, tokeniz
     """Generations from every backend's raw ids: cut after the first EOS or end of turn, then
     at the first stop string, and decoded."""
     stops = stop_ids(tokenizer)
-    token_ids, texts = [], []
+    token_ids, texts, ended = [], [], []
     for samples in ids_out:
         cut = [_stop(_cut(list(ids), stops), settings.stop, tokenizer, stops) for ids in samples]
-        token_ids.append([ids for ids, _ in cut])
-        texts.append([text for _, text in cut])
-    return Generations(token_ids, texts, seconds)
+        token_ids.append([ids for ids, _, _ in cut])
+        texts.append([text for _, text, _ in cut])
+        ended.append([end for _, _, end in cut])
+    return Generations(token_ids, texts, seconds, ended)
 
 
 def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,19 +211,20 @@ def _cut(ids: list[int], stops: list[int]) -> list[int]:
 
 
 def _stop(ids: list[int], stop: tuple[str, ...], tokenizer,
-          stops: list[int]) -> tuple[list[int], str]:
-    """The ids up to the token that completes the first stop string, and the text before it
-    (never the closing EOS or end of turn, special token or not)."""
-    text = tokenizer.decode(ids[:-1] if ids[-1:] and ids[-1] in stops else ids,
-                            skip_special_tokens=True)
+          stops: list[int]) -> tuple[list[int], str, bool]:
+    """The ids up to the token that completes the first stop string, the text before it
+    (never the closing EOS or end of turn, special token or not), and whether the sample
+    ended (at a stop token or string) rather than at the length limit."""
+    closed = bool(ids[-1:]) and ids[-1] in stops
+    text = tokenizer.decode(ids[:-1] if closed else ids, skip_special_tokens=True)
     hits = [(text.find(s), s) for s in stop if s in text]
     if not hits:
-        return ids, text
+        return ids, text, closed
     at, first = min(hits)
     for end in range(1, len(ids) + 1):  # the shortest prefix whose text holds the stop string
         if len(tokenizer.decode(ids[:end], skip_special_tokens=True)) >= at + len(first):
-            return ids[:end], text[:at]
-    return ids, text[:at]
+            return ids[:end], text[:at], True
+    return ids, text[:at], True
 
 
 def _token_types(model, image_inputs, input_ids: torch.Tensor) -> dict:

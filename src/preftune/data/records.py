@@ -102,6 +102,7 @@ class Pair(_Record):
     images: tuple = ()  # data.images.ImageRef, in the prompt's placeholder order
     negative_images: tuple = ()  # images under which chosen should be less likely (mDPO)
     tools: tuple = ()  # function schemas the prompt offers (data/tools.py)
+    unfinished: tuple = ()  # response slots cut off at a length limit: no end of turn after them
 
     @property
     def responses(self) -> tuple:
@@ -197,6 +198,7 @@ class Ranked(_Record):
     scores: dict = field(default_factory=dict)
     images: tuple = ()
     tools: tuple = ()
+    unfinished: tuple = ()  # as a Pair's
 
     def __post_init__(self):
         object.__setattr__(self, "responses", tuple(self.responses))

@@ -29,7 +29,8 @@ SHAPE_FIELDS = {
 CANONICAL_FIELDS = tuple(dict.fromkeys(n for names in SHAPE_FIELDS.values() for n in names)) \
     + ("images", "negative_images",  # vision-language records (data/images.py)
        "tools",  # the functions a chat prompt offers (data/tools.py)
-       "system")  # the system prompt put in front of the prompt (data/system.py)
+       "system",  # the system prompt put in front of the prompt (data/system.py)
+       "unfinished")  # responses a length limit cut off (data/sources.py)
 TEXT_FIELDS = ("prompt", "chosen", "rejected", "gold", "completion", "responses", "response",
                *JOINT_PROMPT_FIELDS)
 # the numeric record fields objectives read (their ``scores`` declarations; a test keeps the

@@ -10,6 +10,7 @@ why); ``shapes.py`` parses each row.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 from .detect import check_shape, detect
 from .hub import locate
@@ -82,6 +83,7 @@ def load_records(path: str, format: str = "auto", fields: dict | None = None,
             record = attach_system(record, row, found.columns, origin,
                                    found.format == "implicit")
             record = attach_tools(record, row, found.columns, origin)
+            record = attach_unfinished(record, row, origin)
             if records:
                 _check_consistent(record, records[0], found.columns)
                 check_same_system(row, first_row, found.columns, origin)
@@ -190,3 +192,23 @@ def _check_consistent(record, first, columns: dict) -> None:
         f"gold response or none does (it sets the number of responses per example); fix the "
         f"record or split the file."
     )
+
+
+def attach_unfinished(record, row: dict, origin: str):
+    """``record`` with the row's ``unfinished``: the positions of its responses (chosen 0,
+    rejected 1, gold 2; a list's own order) that a length limit cut off, as online rounds write
+    them for samples that reached max_new_tokens. They are trained as they are, with no end of
+    turn after them (the model did not end them)."""
+    value = row.get("unfinished")
+    if value is None:
+        return record
+    count = len(getattr(record, "responses", ()))
+    if not hasattr(record, "unfinished"):
+        raise DataError(f"{origin}: field 'unfinished' is read for pairs and ranked lists, not "
+                        f"{record.shape} records; remove it.")
+    if not isinstance(value, list) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < count for k in value):
+        raise DataError(f"{origin}: field 'unfinished' is {describe(value)}; it lists the "
+                        f"positions (0 to {count - 1}) of the responses cut off at a length "
+                        "limit, e.g. [1].")
+    return replace(record, unfinished=tuple(sorted(set(value))))

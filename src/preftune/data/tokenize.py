@@ -337,8 +337,10 @@ def _encode_chunk(
             report.empty_prompts += 1
             continue
         shared, own = split_shared_prefix(side_prompts, getattr(item.record, "origin", ""))
-        end = ends.of_record(item.record)
-        response_ids = [ids if ids[-1:] == [end] else ids + [end] for ids in response_ids]
+        end = ends.of_record(item.record)  # (not after a response a length limit cut off)
+        cut = getattr(item.record, "unfinished", ())
+        response_ids = [ids if ids[-1:] == [end] or k in cut else ids + [end]
+                        for k, ids in enumerate(response_ids)]
         masks = response_masks(tokenizer, item, response_ids) if item.masked_spans else []
         example = _truncate(item, shared, own, response_ids, settings, masks)
         if example is None:

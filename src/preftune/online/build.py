@@ -115,7 +115,8 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
         if builder == "list":
             rows.append({"prompt": item["prompt"],
                          "responses": [item["responses"][k] for k in kept],
-                         "scores": scores, "source": f"{item['origin']} {kept}", **provenance})
+                         "scores": scores, **_unfinished(item, kept),
+                         "source": f"{item['origin']} {kept}", **provenance})
             continue
         rng = random.Random(f"{seed}:{number}")
         diversity = [item["diversity"][k] for k in kept] if "diversity" in item else None
@@ -134,7 +135,8 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
             if diversity is not None:
                 row.update(chosen_diversity=item["diversity"][i],
                            rejected_diversity=item["diversity"][j])
-            rows.append({**row, "source": f"{item['origin']} [{i}>{j}]", **provenance})
+            rows.append({**row, **_unfinished(item, [i, j]),
+                         "source": f"{item['origin']} [{i}>{j}]", **provenance})
     counts["rows"] = len(rows)
     return rows, counts
 
@@ -167,8 +169,8 @@ def _d2o_row(item: dict, kept: list, counts: dict) -> list:
     provenance = _provenance(item)
     responses = [item["responses"][k] for k in kept] + [negative]
     return [{"prompt": item["prompt"], "responses": responses,
-             "scores": [1.0] * len(kept) + [0.0], "source": f"{item['origin']} {kept} + rejected",
-             **provenance}]
+             "scores": [1.0] * len(kept) + [0.0], **_unfinished(item, [*kept, None]),
+             "source": f"{item['origin']} {kept} + rejected", **provenance}]
 
 
 def _selm_row(item: dict, kept: list, counts: dict) -> list:
@@ -192,6 +194,8 @@ def _selm_row(item: dict, kept: list, counts: dict) -> list:
              "rejected": _reply(item["prompt"], texts[worst]),
              "gold": _reply(item["prompt"], sample), "chosen_score": scores[best],
              "rejected_score": scores[worst], "gold_score": scores[0],
+             **_unfinished(item, [kept[0] if best == 0 else None,
+                                  kept[0] if worst == 0 else None, kept[0]]),
              "source": f"{item['origin']} [{kept[0]}] {names[best]}>{names[worst]}",
              **_provenance(item)}]
 
@@ -204,7 +208,18 @@ def _provenance(item: dict) -> dict:
     """What a scored row carries besides its texts and scores: round, policy, sampling..."""
     return {k: v for k, v in item.items()
             if k not in ("prompt", "responses", "scores", "win_probs", "origin", "negative",
-                         "positive", "data_scores", "diversity", "surprisal")}
+                         "positive", "data_scores", "diversity", "surprisal", "ended")}
+
+
+def _unfinished(item: dict, samples: list) -> dict:
+    """``{"unfinished": [slot, ...]}``: the row's response slots whose sample (its index in
+    ``samples``, None for one of the data's) was cut off at max_new_tokens, so that no end of
+    turn is trained after it; {} when each ended (or a run of an earlier version kept no
+    ``ended``)."""
+    ended = item.get("ended")
+    cut = [slot for slot, k in enumerate(samples)
+           if ended is not None and k is not None and not ended[k]]
+    return {"unfinished": cut} if cut else {}
 
 
 def _reply(prompt, text: str):

@@ -279,7 +279,7 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
         surprisal = (-under.logps / under.token_counts.clamp(min=1)).tolist()
     provenance = {"round": r, "policy": files_fingerprint(policy)[:16],
                   "sampling": {**asdict(settings), "backend": sampling.backend}}
-    rows = [{"prompt": p.prompt, "responses": texts, "origin": p.origin,
+    rows = [{"prompt": p.prompt, "responses": texts, "ended": ended, "origin": p.origin,
              **({"tools": list(p.tools)} if p.tools else {}),  # on to the pairs built
              **({"images": stored_images(p.images, here.parent / "images")}
                 if p.images else {}),
@@ -287,7 +287,8 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
              **({"positive": p.positive} if p.positive else {}),
              **({"surprisal": [round(v, 6) for v in surprisal[n]]} if surprisal else {}),
              **provenance}
-            for n, (p, texts) in enumerate(zip(prompts, generations.texts))]
+            for n, (p, texts, ended) in enumerate(zip(prompts, generations.texts,
+                                                      generations.ended))]
     write_rows(here / "samples.jsonl", rows)
     return {"prompts": len(rows), "samples": len(rows) * settings.samples,
             "new_tokens": generations.new_tokens,

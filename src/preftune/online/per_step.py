@@ -67,8 +67,10 @@ class OnlineStepTask(PolicyTask):
         records = [Pair(r["prompt"], r["chosen"], r["rejected"], origin=r["source"],
                         scores={"chosen_score": r["chosen_score"],
                                 "rejected_score": r["rejected_score"]},
-                        tools=tuple(r.get("tools", ())), images=row_question(r).images
-                        if r.get("images") else ()) for r in rows]
+                        tools=tuple(r.get("tools", ())),
+                        unfinished=tuple(r.get("unfinished", ())),
+                        images=row_question(r).images if r.get("images") else ())
+                   for r in rows]
         examples, _ = tokenize_records(records, self.tokenizer, self.settings)
         for index, example in enumerate(examples):
             example.index = index
@@ -82,15 +84,16 @@ class OnlineStepTask(PolicyTask):
         settings = online.sampling.settings(seed)
         policy = causal_lm_of(self.module.model)
         ids = prompts_to_ids(prompts, self.tokenizer, self.config)
-        texts = HFGenerator(policy, self.tokenizer).generate(ids, settings, None,
-                                                             prompt_images(prompts)).texts
-        scores = score_samples(self.scorer, [p.question for p in prompts], texts)
-        scored = [{"prompt": p.prompt, "responses": samples, "scores": prompt_scores,
-                   "origin": p.origin, "step": self.step + 1,
+        drawn = HFGenerator(policy, self.tokenizer).generate(ids, settings, None,
+                                                             prompt_images(prompts))
+        scores = score_samples(self.scorer, [p.question for p in prompts], drawn.texts)
+        scored = [{"prompt": p.prompt, "responses": samples, "ended": ended,
+                   "scores": prompt_scores, "origin": p.origin, "step": self.step + 1,
                    **({"tools": list(p.tools)} if p.tools else {}),
                    **({"images": stored_images(p.images, self.output_dir / "images")}
                       if p.images else {})}
-                  for p, samples, prompt_scores in zip(prompts, texts, scores)]
+                  for p, samples, ended, prompt_scores in zip(prompts, drawn.texts,
+                                                              drawn.ended, scores)]
         rows, _ = build_rows(scored, online.pairs.builder, online.pairs.min_margin,
                              online.pairs.rso_beta, online.pairs.rso_accept, seed=seed)
         return rows, scored

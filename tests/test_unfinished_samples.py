@@ -1,0 +1,72 @@
+"""A sample cut off at max_new_tokens is not an answer the model ended: sampling says which
+samples ended, online rows name the responses a length limit cut off (``unfinished``), and
+tokenization puts no end of turn after them (every response used to get one, so rounds taught
+the model to end its turn at the length limit)."""
+
+import json
+
+import pytest
+
+from preftune.data.records import DataError, Pair
+from preftune.data.sources import load_records
+from preftune.data.tokenize import TokenizeSettings, tokenize_records
+from preftune.generation import SamplingSettings, finished
+from preftune.online.build import build_rows
+from tiny_models import char_tokenizer
+
+
+def test_sampling_says_which_samples_ended():
+    tokenizer = char_tokenizer()
+    eos = tokenizer.eos_token_id
+    ids = [[tokenizer.encode("abc", add_special_tokens=False) + [eos],  # ended at EOS
+            tokenizer.encode("abcd", add_special_tokens=False),  # cut at the limit
+            tokenizer.encode("ab.cd", add_special_tokens=False)]]  # ended at a stop string
+    drawn = finished(ids, SamplingSettings(stop=(".",)), tokenizer, 1.0)
+    assert drawn.texts == [["abc", "abcd", "ab"]]
+    assert drawn.ended == [[True, False, True]]
+
+
+def test_online_rows_name_the_cut_off_responses_by_slot():
+    item = {"prompt": "q", "responses": ["a", "bb", "ccc"], "ended": [True, False, True],
+            "scores": [0.1, 0.9, 0.5], "origin": "f:1"}
+    (pair,), _ = build_rows([item], "best_vs_worst")
+    assert (pair["chosen"], pair["rejected"], pair["unfinished"]) == ("bb", "a", [0])
+    assert "ended" not in pair  # (not carried on as provenance)
+    (ranked,), _ = build_rows([item], "list")
+    assert ranked["unfinished"] == [1]
+    whole = {**item, "negative": "no", "positive": "yes", "data_scores": [1.0, 0.0]}
+    (d2o,), _ = build_rows([whole], "d2o")
+    assert d2o["unfinished"] == [1]  # the data's negative, last, ended
+    ended = {**item, "ended": [True, True, True]}
+    assert "unfinished" not in build_rows([ended], "best_vs_worst")[0][0]
+    older = {k: v for k, v in item.items() if k != "ended"}  # a run before this field
+    assert "unfinished" not in build_rows([older], "best_vs_worst")[0][0]
+
+
+def test_no_end_of_turn_follows_a_cut_off_response(tmp_path):
+    tokenizer = char_tokenizer()
+    eos = tokenizer.eos_token_id
+    records = [Pair("q?", "yes", "nnnn", origin="f:1", unfinished=(1,)),
+               Pair([{"role": "user", "content": "q?"}], [{"role": "assistant", "content": "y"}],
+                    [{"role": "assistant", "content": "nnnn"}], origin="f:2", unfinished=(0,))]
+    examples, _ = tokenize_records(records, tokenizer, TokenizeSettings(256, 128))
+    plain, chat = examples
+    assert plain.response_ids[0][-1] == eos and plain.response_ids[1][-1] != eos
+    assert tokenizer.decode(plain.response_ids[1]) == "nnnn"
+    assert chat.response_ids[0][-1] != eos and chat.response_ids[1][-1] == eos
+
+
+@pytest.mark.parametrize("value,says", [
+    ([2], r"field 'unfinished' is .*; it lists the positions \(0 to 1\) of the responses cut "
+          r"off at a length limit"),
+    ("1", r"field 'unfinished' is"),
+])
+def test_the_unfinished_field_is_read_and_checked(tmp_path, value, says):
+    path = tmp_path / "pairs.jsonl"
+    row = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path.write_text(json.dumps({**row, "unfinished": [1]}) + "\n")
+    (record,) = load_records(str(path))
+    assert record.unfinished == (1,)
+    path.write_text(json.dumps({**row, "unfinished": value}) + "\n")
+    with pytest.raises(DataError, match=rf"pairs.jsonl:1: {says}"):
+        load_records(str(path))
