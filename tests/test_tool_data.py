@@ -166,6 +166,22 @@ def test_templates_that_drop_tools_or_calls_are_refused(tmp_path, template, mess
         tokenize_records(records, tool_tokenizer(template), TokenizeSettings(512, 256))
 
 
+def test_a_template_that_leaves_out_tool_results_is_refused(tmp_path):
+    """(The answer after a dropped tool result trained without what it answers, unnamed.)"""
+    row = tool_row()
+    row["chosen"] = row["chosen"] + [{"role": "tool", "content": "18C and rain"},
+                                     {"role": "assistant", "content": "Rainy."}]
+    records = load_records(write(tmp_path / "results.jsonl", [row]))
+    dropping = TOOL_TEMPLATE.replace("{% for m in messages %}",
+                                     "{% for m in messages if m['role'] != 'tool' %}")
+    with pytest.raises(DataError, match=_literal("results.jsonl:1: the chat template leaves out "
+                                                 "the 'tool' message's content (a tool's "
+                                                 "result)")):
+        tokenize_records(records, tool_tokenizer(dropping), TokenizeSettings(512, 256))
+    examples, _ = tokenize_records(records, tool_tokenizer(), TokenizeSettings(512, 256))
+    assert len(examples) == 1
+
+
 def test_on_error_skip_leaves_out_what_the_chat_template_refuses(tmp_path):
     """data.on_error: skip covers records refused as they are rendered too (a tools record
     whose template ignores the tools), not only records refused as they are read."""

@@ -15,7 +15,8 @@ from .image_tokens import (check_no_image_tokens, check_no_response_images, imag
                            with_image_tokens)
 from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
-from .tools import MASK_ROLES, TOOLS_HINT, called_names, masked_spans, response_masks
+from .tools import (MASK_ROLES, TOOLS_HINT, called_names, check_results_written, masked_spans,
+                    response_masks)
 from .turn_end import ResponseEnds
 
 ENCODE_CHUNK = 1024  # texts per batched tokenizer call: fast tokenizers parallelize a batch
@@ -273,6 +274,8 @@ def _chat(tokenizer, messages: list, record, add_generation_prompt: bool) -> str
         raise DataError(f"{record.origin}: the chat template leaves out the tool call to "
                         f"{names[0]!r} (a message's 'tool_calls'): it writes the same text "
                         f"without it. {TOOLS_HINT}")
+    check_results_written(messages, text, lambda changed: _apply_template(
+        tokenizer, changed, tools, add_generation_prompt, record), record.origin)
     return text
 
 

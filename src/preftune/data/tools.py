@@ -97,6 +97,22 @@ def _is_name(value) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+def check_results_written(messages: list, text: str, render, origin: str) -> None:
+    """A template that leaves out a tool's result (the first message of a ``MASK_ROLES`` role
+    with content) is refused: the answer after it would train without what it answers.
+    ``render(messages)`` renders as ``text`` was rendered."""
+    result = next((m for m in messages if m.get("role") in MASK_ROLES and m.get("content")),
+                  None)
+    if result is None:
+        return
+    changed = [{**m, "content": f"{m['content']} (changed)"} if m is result else m
+               for m in messages]
+    if render(changed) == text:
+        raise DataError(f"{origin}: the chat template leaves out the {result['role']!r} "
+                        "message's content (a tool's result): it writes the same text whatever "
+                        f"it says. {TOOLS_HINT}")
+
+
 def masked_spans(history: list, response: list, prompt_text: str, full: str, roles: tuple,
                  record, render) -> list[tuple[int, int]]:
     """(start, end) character spans, within the response's text (``full`` after
