@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from ..config import ConfigError
+from ..model.load import without_dropout
 from ..train.loop import write_run_header
 from ..train.output import check_same_data, start_run
 from ..train.run_lock import holding_output_dirs
@@ -279,6 +280,8 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
     if not plan_only:
         check_same_data(config.output_dir, report)
     model = load_diffusion_model(config.model.path, getattr(torch, config.model.dtype))
+    if not config.train.keep_dropout:  # the policy against its reference on equal terms
+        without_dropout(model.denoiser)  # (before LoRA: its own dropout is kept)
     if config.model.lora is not None:
         attach_lora(model, config.model.lora)
     if model.flow and spec.online:
