@@ -121,6 +121,33 @@ def test_inspect_shows_prompt_images_sizes_and_scores(tmp_path):
     assert "chosen:   images/0_w.png (16x16)" in text and "rejected:" not in text
 
 
+def test_image_data_is_told_from_text_for_any_image_file_type_and_saved_datasets(tmp_path):
+    """(.tiff or .gif paths, and a saved dataset's decoded Image columns, were read as text
+    pairs by data inspect, though training read them.)"""
+    from PIL import Image
+
+    from preftune.diffusion.data import image_data_kind
+
+    path = write_pairs(tmp_path, count=2)
+    for png in (tmp_path / "images").glob("*.png"):
+        Image.open(png).save(png.with_suffix(".tiff"))
+    tiff = tmp_path / "tiff.jsonl"
+    tiff.write_text(path.read_text().replace(".png", ".tiff"))
+    assert image_data_kind(str(tiff)) == "pairs"
+    assert "chosen:   images/0_w.tiff (16x16)" in inspect_pairs(str(tiff))
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    saved = datasets.Dataset.from_dict({key: [row[key] if key == "prompt" else
+                                              str(tmp_path / row[key]) for row in rows]
+                                        for key in ("prompt", "chosen", "rejected")})
+    saved = saved.cast_column("chosen", datasets.Image()).cast_column("rejected", datasets.Image())
+    saved.save_to_disk(str(tmp_path / "saved"))
+    assert image_data_kind(str(tmp_path / "saved")) == "pairs"
+    text = json.dumps({"prompt": "q", "chosen": "The answer.", "rejected": "No."})
+    (tmp_path / "text.jsonl").write_text(text + "\n")
+    assert image_data_kind(str(tmp_path / "text.jsonl")) is None
+
+
 def test_config_rejects_unknown_and_useless_keys(tmp_path):
     tree = config_tree(tmp_path / "pipe", tmp_path / "pairs.jsonl", tmp_path / "run")
     with pytest.raises(ConfigError, match="unknown key 'objective.bta'.*Did you mean.*beta"):

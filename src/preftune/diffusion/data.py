@@ -254,10 +254,12 @@ def image_data_kind(path: str, fields: dict | None = None) -> str | None:
         return None
     if isinstance(row.get(column["images"]), list) and column["image_scores"] in row:
         return "ranked"
+    from PIL import Image
+
     value = row.get(column["chosen"])
-    if isinstance(value, (bytes, dict)) or (isinstance(value, str) and (
-            value.startswith("data:image") or value.lower().endswith(
-                (".png", ".jpg", ".jpeg", ".webp", ".bmp")))):
+    if isinstance(value, (bytes, dict, Image.Image)) or (isinstance(value, str) and (
+            value.startswith("data:image") or os.path.splitext(value)[1].lower()
+            in Image.registered_extensions())):  # (a saved dataset's Image column: PIL)
         return "pairs"
     return None
 
