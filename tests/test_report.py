@@ -238,3 +238,15 @@ def test_a_diffusion_evaluation_shows_its_numbers_under_what_they_were_measured_
         "sampling steps." in table
     metrics = re.findall(r"<tr><td>([^<]+)</td>", table)
     assert metrics == ["win_rate", "mean_score/policy", "mean_score/reference", "samples"]
+
+
+def test_the_data_table_says_records_left_out_without_a_named_reason():
+    """(Ranked image lists whose images all tie are left out, 4 records and 3 kept, and the
+    table said "none".)"""
+    from preftune.report.page import _data_report
+
+    table = _data_report({"shape": "ranked image lists", "train": {"records": 4, "kept": 3}})
+    assert "<td>left out 1</td>" in table and "none" not in table
+    named = _data_report({"train": {"records": 5, "kept": 4, "dropped_too_long": 1}})
+    assert "<td>dropped_too_long 1</td>" in named
+    assert "none" in _data_report({"train": {"records": 2, "kept": 2}})

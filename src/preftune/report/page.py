@@ -152,6 +152,9 @@ def _data_report(report: dict | None) -> str:
             continue
         problems = ", ".join(f"{escape(key)} {escape(str(value))}" for key, value in counts.items()
                              if key not in ("records", "kept") and value)
+        left_out = counts.get("records", 0) - counts.get("kept", 0)
+        if not problems and isinstance(left_out, int) and left_out > 0:  # (no reason counted)
+            problems = f"left out {left_out}"
         rows.append(f"<tr><td>{escape(split)}</td>"
                     f"<td class=\"num\">{counts.get('records', '')}</td>"
                     f"<td class=\"num\">{counts.get('kept', '')}</td>"
