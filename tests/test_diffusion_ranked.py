@@ -279,6 +279,21 @@ def test_pair_objectives_read_ranked_lists_through_data_convert(files, tmp_path,
     assert len(ranked_task.train_examples) == 3
 
 
+def test_data_convert_on_pairs_says_they_are_pairs_already(files, tmp_path):
+    """(It said the records lacked a list of images, and pointed at rank_dpo and
+    data.fields.images, for a diffusion_dpo run on ordinary pairs.)"""
+    from diffusion_fixtures import write_pairs
+
+    pipe, _, _ = files
+    pairs = write_pairs(tmp_path / "pairs", count=2)
+    tree = config_tree(pipe, pairs, tmp_path / "run", objective={"name": "diffusion_dpo"},
+                       data={"convert": "pairs:best_vs_worst"})
+    with pytest.raises(ConfigError, match=rf"data.convert: pairs:best_vs_worst turns ranked image "
+                                          rf"lists into pairs, and {pairs} holds pairs already; "
+                                          rf"remove data.convert"):
+        diffusion_task(DiffusionConfig.from_dict(tree), Accelerator())
+
+
 def test_compare_trains_pair_and_ranked_objectives_from_one_config(files, tmp_path):
     pipe, data, _ = files
     tree = config_tree(pipe, data, tmp_path / "unused", data={"convert": "pairs:best_vs_worst"},

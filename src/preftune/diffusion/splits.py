@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import random
 
-from ..config import ConfigError
+from ..config import ConfigError, as_list
 from ..data.prepare import images_fingerprint
-from .data import content_key, load_pairs, records_fingerprint
+from .data import content_key, image_data_kind, load_pairs, records_fingerprint
 from .losses import get_diffusion_loss
 from .ranked import lists_to_pairs, load_ranked
 
@@ -29,6 +29,11 @@ def split_pairs(config, spec=None) -> dict:
             if spec.captions:
                 raise ConfigError(f"data.convert: {spec.name} conditions each image on its own "
                                   "caption, which ranked lists do not have.")
+            for path in as_list(paths):  # pairs already: the conversion is not needed
+                if image_data_kind(path, data.fields) == "pairs":
+                    raise ConfigError(f"data.convert: {data.convert} turns ranked image lists "
+                                      f"into pairs, and {path} holds pairs already; remove "
+                                      "data.convert.")
             return lists_to_pairs(load_ranked(paths, data.fields), data.convert)
         return load_pairs(paths, data.fields, captions=spec.captions, prompts_only=spec.online,
                           rejected=spec.uses_rejected)
