@@ -14,8 +14,9 @@ quiet_bitsandbytes()
 # preftune.api.__all__ less the names of subpackages (a test keeps the two in step)
 _API_NAMES = {"Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams",
               "NonNegative", "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState",
-              "ObjectivesFailed", "OnlineConfig", "Positive", "RewardConfig", "RunningMean", "Share",
-              "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
+              "ObjectivesFailed", "OnlineConfig", "Positive", "RewardConfig", "RunningMean",
+              "Share", "evaluate_diffusion", "evaluate_reward_model", "fit_compositional",
+              "load_scorer",
               "preference_strength", "register_objective", "register_scorer", "run_online",
               "score_with_reward_model", "train_diffusion", "train_reward_model",
               "tree_pairs", "pairs_from_commits", "relevance_pairs", "write_report"}

@@ -15,8 +15,8 @@ Objectives and scorers from your own code: ``register_objective`` / ``register_s
 from __future__ import annotations
 
 import functools
-import json
 import inspect
+import json
 import numbers
 from pathlib import Path
 from typing import Sequence
@@ -33,10 +33,10 @@ from .reward.config import RewardConfig
 from .score import load_scorer, register_scorer
 
 __all__ = ["Config", "ConfigError", "DiffusionConfig", "FlipRate", "NoParams", "NonNegative",
-           "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState", "ObjectivesFailed", "OnlineConfig",
-           "Positive",
-           "RewardConfig", "RunningMean", "Share", "compare", "evaluate",
-           "evaluate_diffusion", "evaluate_reward_model", "fit_compositional", "load_scorer",
+           "ObjectiveInputs", "ObjectiveOutput", "ObjectiveState", "ObjectivesFailed",
+           "OnlineConfig", "Positive", "RewardConfig", "RunningMean", "Share", "compare",
+           "evaluate", "evaluate_diffusion", "evaluate_reward_model", "fit_compositional",
+           "load_scorer",
            "preference_strength", "register_objective", "register_scorer", "run_online",
            "score_with_reward_model", "train", "train_diffusion", "train_reward_model",
            "tree_pairs", "pairs_from_commits", "relevance_pairs", "write_report"]

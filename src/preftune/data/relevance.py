@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .records import DataError, Pair, Ranked, Rated, Unpaired, plain_text
+from .records import DataError, Pair, Ranked, Rated, Unpaired, plain_text, response_text
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,7 @@ def question_text(prompt) -> str:
     every record would make all questions look alike to the encoder)."""
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(plain_text([m]).removeprefix("user: ") for m in prompt
-                     if m.get("role") == "user")
+    return "\n".join(response_text([m]) for m in prompt if m.get("role") == "user")
 
 
 def pair_with_neighbours(answers: list, vectors: torch.Tensor,
@@ -78,7 +77,7 @@ def pair_with_neighbours(answers: list, vectors: torch.Tensor,
     similarity.fill_diagonal_(-2.0)
     counts = {"prompts": len(answers), "unmatched": 0, "pairs": 0}
     rows = []
-    texts = [plain_text(_as_reply("", answer)) for _, _, answer in answers]
+    texts = [response_text(answer) for _, _, answer in answers]
     for i, (origin, prompt, answer) in enumerate(answers):
         # a neighbour whose answer is this one's (the same words) would make no preference
         same = torch.tensor([text == texts[i] for text in texts])

@@ -8,6 +8,7 @@ import csv
 import gzip
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 from .hub import DATA_EXTENSIONS, Source, locate
@@ -25,7 +26,7 @@ def write_rows(path, rows, default=None) -> None:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False, default=default) + "\n")
     except BaseException:
-        os.remove(staging)
+        Path(staging).unlink(missing_ok=True)  # (an open that failed made none)
         raise
     os.replace(staging, path)
 

@@ -100,23 +100,6 @@ def open_image(source: Any, base_dir: str = "."):
     return image.convert("RGB")
 
 
-def content_key(source: Any, base_dir: str = ".") -> str:
-    """A hash of an image source's content (a file's bytes, not its path)."""
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path")
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if isinstance(source, str) and not source.startswith("data:"):
-        path = source if os.path.isabs(source) else os.path.join(base_dir, source)
-        with open(path, "rb") as handle:
-            source = handle.read()
-    elif hasattr(source, "tobytes"):  # a PIL image
-        source = repr(source.size).encode() + source.convert("RGB").tobytes()
-    elif isinstance(source, str):
-        source = source.encode()
-    return hashlib.sha256(source).hexdigest()[:32]
-
-
 def describe_source(source: Any, base_dir: str = ".") -> str:
     """A short description of an image source for ``data inspect``."""
     if isinstance(source, str) and not source.startswith("data:"):

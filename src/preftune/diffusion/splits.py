@@ -6,8 +6,9 @@ from __future__ import annotations
 import random
 
 from ..config import ConfigError, as_list
+from ..data.images import image_ref
 from ..data.prepare import images_fingerprint
-from .data import content_key, image_data_kind, load_pairs, records_fingerprint
+from .data import image_data_kind, load_pairs, records_fingerprint
 from .losses import get_diffusion_loss
 from .ranked import lists_to_pairs, load_ranked
 
@@ -66,7 +67,7 @@ def read_pairs(config) -> tuple[dict, dict]:
     report["train_fingerprint"] = records_fingerprint(kept["train"])
     if not spec.online:  # (prompts alone hold no images)
         report["train_images_fingerprint"] = images_fingerprint(
-            [content_key(image, record.base_dir) for image in
+            [image_ref(image, record.origin, "image", record.base_dir).key for image in
              (record.images if hasattr(record, "images") else (record.chosen, record.rejected))
              if image is not None] for record in kept["train"])
     return kept, report

@@ -37,10 +37,9 @@ def model_location(path: str) -> tuple[str, Path | None]:
 def run_reference(run_dir: Path | None) -> str:
     """The model a run trained against: its config.yaml's ``reference.model``, else its
     ``model.path`` (the model it started from); the bundled default for a bare model dir."""
-    config = run_dir / "config.yaml" if run_dir is not None else None
-    if config is None or not config.is_file():
+    tree = _saved_config(run_dir)
+    if tree is None:
         return "default"
-    tree = yaml.safe_load(config.read_text()) or {}
     path = ((tree.get("reference") or {}).get("model") or (tree.get("model") or {}).get("path")
             or "default")
     return _where_training_ran(path, run_dir, tree.get("output_dir"))
@@ -49,11 +48,16 @@ def run_reference(run_dir: Path | None) -> str:
 def run_mask_roles(run_dir: Path | None) -> tuple | None:
     """The roles a run's config.yaml left out of the loss (``data.mask_roles``), when it
     names them: eval scores the tokens the run trained on. None: the default."""
+    roles = ((_saved_config(run_dir) or {}).get("data") or {}).get("mask_roles")
+    return None if roles is None else tuple(roles)
+
+
+def _saved_config(run_dir: Path | None) -> dict | None:
+    """A run directory's config.yaml as a tree; None for a bare model directory."""
     config = run_dir / "config.yaml" if run_dir is not None else None
     if config is None or not config.is_file():
         return None
-    roles = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("mask_roles")
-    return None if roles is None else tuple(roles)
+    return yaml.safe_load(config.read_text()) or {}
 
 
 def _where_training_ran(path: str, run_dir: Path, output_dir: str | None) -> str:

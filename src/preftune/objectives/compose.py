@@ -61,11 +61,12 @@ def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
             if value.get("schedule", "linear") not in SCHEDULES:
                 raise ValueError(f"objective.{key}.schedule must be one of {SCHEDULES}")
     scheduled = [key for key, value in raw.items() if isinstance(value, dict)]
+    adapter = TypeAdapter(spec.params)
     for end in ("start", "end"):
         values = {k: v[end] if isinstance(v, dict) else v for k, v in raw.items()}
         refuse_bools(values, get_type_hints(spec.params, include_extras=True), "objective.")
         try:
-            TypeAdapter(spec.params).validate_python(values)
+            adapter.validate_python(values)
         except ValidationError as error:
             raise ValueError(params_problem(error, "objective", spec.name, scheduled, end)
                              ) from None
@@ -73,7 +74,7 @@ def validate_params(spec: ObjectiveSpec, raw: dict) -> None:
         values = {k: scheduled_value(v, percent, 101) if isinstance(v, dict) else v
                   for k, v in raw.items()}
         try:
-            TypeAdapter(spec.params).validate_python(values)
+            adapter.validate_python(values)
         except ValidationError as error:
             raise ValueError(f"{params_problem(error, 'objective', spec.name)} {percent}% of "
                              f"the way through the run, where the schedules of "

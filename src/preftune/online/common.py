@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from accelerate import PartialState
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.hub import locate
 from ..data.images import attach_images, image_ref
 from ..data.records import DataError, Unpaired, required_prompt
@@ -20,8 +20,8 @@ from ..data.tools import tools_of
 from ..data.tokenize import TokenizeSettings
 from ..generation import prompt_examples
 from ..model.load import load_model_and_tokenizer
-from ..score import load_scorer, prompt_key
-from ..score.base import scorer_prompt
+from ..score import load_scorer, prompt_key, text_only_parts
+from ..score.base import IMAGE_SCORERS, scorer_prompt
 
 
 class Prompt(NamedTuple):
@@ -63,6 +63,34 @@ def read_prompts(paths, fields: dict, use: str, rename: str) -> list[Prompt]:
         raise DataError(f"{', '.join(map(str, [paths] if isinstance(paths, str) else paths))}: "
                         f"no rows; {use}: give a file of rows with a prompt.")
     return list(seen.values())
+
+
+def check_image_prompts(config, prompts: list) -> None:
+    """Image prompts need a vision-language model (said before anything is written, naming
+    the first prompt with images), readable images, a scorer that sees them, and sample
+    through transformers; vLLM is refused by name."""
+    from ..model.adapter_dirs import config_source
+    from ..model.load import is_vision_language, resolve_model_dir
+
+    shown = next((p for p in prompts if p.images), None)
+    if shown is None:
+        return
+    source = config_source(resolve_model_dir(config.model.path, weights=False))
+    if not is_vision_language(source, config.model.trust_remote_code):
+        raise DataError(f"{shown.origin}: the prompt shows images, and model.path "
+                        f"{config.model.path} is a text-only model; use a vision-language model "
+                        "or leave the images out.")
+    if config.online.sampling.backend == "vllm":
+        raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
+                          "use the transformers backend (online.sampling.backend: hf).")
+    for prompt in prompts:  # each opened once: a corrupt one stops the run here, not later
+        for image in prompt.images:
+            image.load()
+    blind = text_only_parts(config.online.scorer)
+    if blind:
+        raise ConfigError(f"online.scorer: {blind[0]} reads prompts as text, and "
+                          f"{shown.origin}'s prompt shows images it would rate without seeing; "
+                          f"{IMAGE_SCORERS}")
 
 
 def _text(reply) -> str | None:

@@ -28,7 +28,7 @@ from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer, released
 from ..objectives import get_objective
-from ..score import check_scorer, text_only_parts
+from ..score import check_scorer
 from ..score.base import scored_in_chunks
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
@@ -37,8 +37,8 @@ from ..train.output import (check_resume, move_aside, one_of, prepare_output_dir
                             same_settings, write_json)
 from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
-from .common import (Prompt, load_on_device, online_scorer, prompt_images, prompts_to_ids,
-                     read_json_text, read_jsonl, read_prompts, row_question,
+from .common import (Prompt, check_image_prompts, load_on_device, online_scorer, prompt_images,
+                     prompts_to_ids, read_json_text, read_jsonl, read_prompts, row_question,
                      stored_images)
 from .config import OnlineConfig
 from .diversity import add_pair_diversity, check_divpo_encoder, needs_surprisal
@@ -66,7 +66,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     prompts = _prompts(config.data.train, config)  # a bad file stops the run before output_dir
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_data_responses(config, prompts)
-    _check_images(config, prompts + eval_prompts)
+    check_image_prompts(config, prompts + eval_prompts)
     if plan_only:
         from .plan import online_plan
 
@@ -213,36 +213,6 @@ def _check_data_responses(config: OnlineConfig, prompts: list) -> None:
         raise DataError(f"{config.data.train}: online.pairs.builder {builder} uses each row's "
                         f"{fields} response, and no row has {'them' if len(needs) > 1 else 'one'}"
                         "; give pairs data (prompt, chosen, rejected), or another builder.")
-
-
-def _check_images(config: OnlineConfig, prompts: list) -> None:
-    """Image prompts need a vision-language model (said before anything is written, naming
-    the first prompt with images), readable images, a scorer that sees them, and sample
-    through transformers; vLLM is refused by name."""
-    from ..data.records import DataError
-    from ..model.adapter_dirs import config_source
-    from ..model.load import is_vision_language, resolve_model_dir
-
-    shown = next((p for p in prompts if p.images), None)
-    if shown is None:
-        return
-    source = config_source(resolve_model_dir(config.model.path, weights=False))
-    if not is_vision_language(source, config.model.trust_remote_code):
-        raise DataError(f"{shown.origin}: the prompt shows images, and model.path "
-                        f"{config.model.path} is a text-only model; use a vision-language model "
-                        "or leave the images out.")
-    if config.online.sampling.backend == "vllm":
-        raise ConfigError("online.sampling.backend: vllm does not take image prompts here; "
-                          "use the transformers backend (online.sampling.backend: hf).")
-    for prompt in prompts:  # each opened once: a corrupt one stops the run here, not later
-        for image in prompt.images:
-            image.load()
-    blind = text_only_parts(config.online.scorer)
-    if blind:
-        raise ConfigError(f"online.scorer: {blind[0]} reads prompts as text, and "
-                          f"{shown.origin}'s prompt shows images it would rate without seeing; "
-                          "score image prompts with rm:DIR (a vision-language reward model) or "
-                          "a module:function scorer that reads prompt.images.")
 
 
 def _round_prompts(prompts: list, per_round: int | None, r: int) -> list:

@@ -32,14 +32,16 @@ class Scorer(Protocol):
         ...
 
 
+IMAGE_SCORERS = ("score image prompts with rm:DIR (a vision-language reward model) or a "
+                 "module:function scorer that reads prompt.images.")
+
+
 def refuse_images(prompts: Sequence, scorer: str) -> None:
     """A scorer that reads prompts as text only refuses a prompt that shows images, which it
     would rate without seeing (``text_only_parts`` says so before an online run starts)."""
     if any(getattr(prompt, "images", ()) for prompt in prompts):
         raise ConfigError(f"scorer {scorer} reads prompts as text, and these show images it "
-                          "would rate without seeing; score image prompts with rm:DIR (a "
-                          "vision-language reward model) or a module:function scorer that "
-                          "reads prompt.images.")
+                          f"would rate without seeing; {IMAGE_SCORERS}")
 
 
 class PromptText(str):

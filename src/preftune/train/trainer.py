@@ -91,8 +91,7 @@ class Trainer:
     def __init__(self, task: Task, cfg: TrainConfig, output_dir: Path, accelerator: Accelerator,
                  total_steps: int, resume: bool = False, show_progress: bool = True,
                  shuffle: bool = True, started: float | None = None):
-        # ``started``: when setup (loading, the reference pass) began, by time.perf_counter
-        self.started = time.perf_counter() if started is None else started
+        self.started = time.perf_counter() if started is None else started  # setup's start
         self.task, self.cfg, self.output_dir = task, cfg, Path(output_dir)
         self.accelerator, self.total_steps = accelerator, total_steps
         # several processes (accelerate launch): each trains on its own share of every step's
