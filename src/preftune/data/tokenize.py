@@ -15,8 +15,8 @@ from .image_tokens import (check_no_image_tokens, check_no_response_images, imag
                            with_image_tokens)
 from .joint import cut_prompts, split_shared_prefix
 from .records import DataError
-from .tools import (MASK_ROLES, TOOLS_HINT, called_names, check_results_written, masked_spans,
-                    response_masks)
+from .render import is_empty, prompt_texts, rendered_response
+from .tools import MASK_ROLES, response_masks
 from .turn_end import ResponseEnds
 
 ENCODE_CHUNK = 1024  # texts per batched tokenizer call: fast tokenizers parallelize a batch
@@ -155,7 +155,7 @@ def tokenize_records(
                 raise
             skipped.append(str(error))
             continue
-        if any(not text.strip() for text in item.response_texts):
+        if any(is_empty(response) for response in record.responses):
             report.empty_responses += 1
             if not keep_empty:
                 continue
@@ -185,119 +185,22 @@ def _leading_special_ids(tokenizer) -> list[int]:
 
 def _render(index: int, record, tokenizer, string_prefix: list, ends: ResponseEnds,
             mask_roles: tuple = ()) -> _Rendered:
-    prompt_texts = _prompt_texts(record, tokenizer)
+    texts = prompt_texts(record, tokenizer)
     if getattr(record, "images", ()):
         images = image_inputs(tokenizer, record)
-        prompt_texts = [text if record.is_conversational else images.prompt_text(text)
-                        for text in prompt_texts]
+        texts = [text if record.is_conversational else images.prompt_text(text)
+                 for text in texts]
     # a chat template writes its own BOS, if any, into the text
     prefix = [] if record.is_conversational else string_prefix
+    cut = getattr(record, "unfinished", ())
     rendered = [
-        _response_text(response, prompt, prompt_text, tokenizer, record, ends, mask_roles)
-        for response, prompt, prompt_text in zip(record.responses, record.prompts, prompt_texts)
+        rendered_response(response, prompt, text, tokenizer, record, ends, mask_roles, k in cut)
+        for k, (response, prompt, text) in enumerate(zip(record.responses, record.prompts,
+                                                         texts))
     ]
     spans = [found for _, found in rendered]
-    return _Rendered(index, record, prompt_texts, prefix, [text for text, _ in rendered],
+    return _Rendered(index, record, texts, prefix, [text for text, _ in rendered],
                      spans if any(spans) else [])
-
-
-def _prompt_texts(record, tokenizer) -> list[str]:
-    """Each response slot's prompt as text (chat template with the generation prompt for message
-    lists); a prompt that several slots share is rendered once."""
-    rendered: dict[int, str] = {}
-    for prompt in record.prompts:
-        if id(prompt) not in rendered:
-            rendered[id(prompt)] = (_chat(tokenizer, prompt, record, add_generation_prompt=True)
-                                    if isinstance(prompt, list) else prompt)
-    return [rendered[id(prompt)] for prompt in record.prompts]
-
-
-def _response_text(response, prompt, prompt_text: str, tokenizer, record, ends: ResponseEnds,
-                   mask_roles: tuple = ()) -> tuple[str, list]:
-    """The response as text, and the (start, end) character spans of its messages whose role
-    is in ``mask_roles`` (tool results: not scored)."""
-    if isinstance(response, str):
-        return response, []
-    if (len(response) == 1 and response[0].get("role") == "assistant"
-            and not response[0].get("tool_calls")):  # tool calls: the template writes them
-        content = response[0]["content"]
-        if not isinstance(content, str) and any(p.get("type") == "image" for p in content):
-            raise DataError(f"{record.origin}: a response holds an image part; images go in the "
-                            "prompt only (a response cannot show one). Move it into the prompt.")
-        return (content if isinstance(content, str) else "".join(
-            part["text"] for part in content if part.get("type") == "text")), []
-    # a multi-turn continuation: render the whole dialogue and keep what follows the prompt
-    history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list):
-        prompt_text = _chat(tokenizer, history, record, add_generation_prompt=True)
-    full = _chat(tokenizer, history + response, record, add_generation_prompt=False)
-    if not full.startswith(prompt_text):
-        raise DataError(
-            f"{record.origin}: the chat template renders the prompt differently when a "
-            f"multi-turn response follows it, so the response cannot be cut off exactly. "
-            f"Give the response as a single assistant message or a string."
-        )
-    continuation = full[len(prompt_text) :]
-    # the template's separator after the final end-of-turn token is not part of the response,
-    # nor is the plain text a template without one writes after an answer (EOS ends it)
-    if ends.turn_text and ends.turn_text in continuation:
-        continuation = continuation[: continuation.rindex(ends.turn_text) + len(ends.turn_text)]
-    elif ends.separator and continuation.endswith(ends.separator):
-        continuation = continuation[: -len(ends.separator)]
-    spans = masked_spans(history, response, prompt_text, full, mask_roles, record,
-                         lambda messages: _chat(tokenizer, messages, record, False))
-    return continuation, [(start, min(end, len(continuation))) for start, end in spans
-                          if start < len(continuation)]
-
-
-def _chat(tokenizer, messages: list, record, add_generation_prompt: bool) -> str:
-    """``messages`` rendered by the chat template (with the record's ``tools``), checked to
-    show the tools (in a prompt) and every tool call: a template that leaves them out is
-    refused rather than trained on."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"{record.origin}: conversational record, but the tokenizer has no chat template. "
-            f"Set model.chat_template (a .jinja file or the Jinja text; --chat-template for "
-            f"`preftune eval` and `preftune data inspect`), or use a model whose tokenizer has "
-            f"one (an instruct model)."
-        )
-    tools = list(getattr(record, "tools", ()))
-    text = _apply_template(tokenizer, messages, tools, add_generation_prompt, record)
-    if tools and add_generation_prompt and text == _apply_template(tokenizer, messages, [],
-                                                                   True, record):
-        raise DataError(f"{record.origin}: field 'tools': the chat template writes the same "
-                        f"prompt with and without them, so the model would never see the "
-                        f"tools. {TOOLS_HINT}")
-    names = called_names(messages)
-    if names and text == _apply_template(tokenizer, [_without_calls(m) for m in messages],
-                                         tools, add_generation_prompt, record):
-        raise DataError(f"{record.origin}: the chat template leaves out the tool call to "
-                        f"{names[0]!r} (a message's 'tool_calls'): it writes the same text "
-                        f"without it. {TOOLS_HINT}")
-    check_results_written(messages, text, lambda changed: _apply_template(
-        tokenizer, changed, tools, add_generation_prompt, record), record.origin)
-    return text
-
-
-def _apply_template(tokenizer, messages: list, tools: list, add_generation_prompt: bool,
-                    record) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-            **({"tools": tools} if tools else {}))
-    except Exception as error:  # template errors come as jinja or ValueError types
-        raise DataError(
-            f"{record.origin}: the chat template rejected these messages ({error}). Check the "
-            f"roles and their order, and that the template is one for this kind of content "
-            f"(images need a vision model's template)."
-        ) from None
-
-
-def _without_calls(message: dict) -> dict:
-    if "tool_calls" not in message:
-        return message
-    bare = {k: v for k, v in message.items() if k != "tool_calls"}
-    return {**bare, "content": bare.get("content", "")}
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
