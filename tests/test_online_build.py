@@ -68,7 +68,7 @@ def test_win_probs_are_the_mean_probability_of_beating_the_others():
     assert win_probs(preference) == pytest.approx([0.9, 0.4, 0.2])
 
 
-def test_build_rows_keeps_provenance_and_formats_replies_like_the_prompt():
+def test_build_rows_keeps_provenance_and_the_samples_as_the_policy_wrote_them():
     scored = [
         {"prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b", "c"],
          "scores": [0.0, 1.0, 0.5], "origin": "p.jsonl:1", "round": 2, "policy": "abc"},
@@ -78,8 +78,7 @@ def test_build_rows_keeps_provenance_and_formats_replies_like_the_prompt():
     rows, counts = build_rows(scored, "best_vs_worst")
     assert counts == {"prompts": 2, "tied": 1, "no_pair": 0, "empty": 0, "rows": 1}
     assert rows == [{"prompt": [{"role": "user", "content": "q"}],
-                     "chosen": [{"role": "assistant", "content": "b"}],
-                     "rejected": [{"role": "assistant", "content": "a"}],
+                     "chosen": "b", "rejected": "a",  # text after the generation prompt
                      "chosen_score": 1.0, "rejected_score": 0.0,
                      "source": "p.jsonl:1 [1>0]", "round": 2, "policy": "abc"}]
     lists, counts = build_rows(scored, "list")

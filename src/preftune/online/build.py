@@ -126,8 +126,7 @@ def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
         for a, b in chosen_pairs:
             i, j = kept[a], kept[b]
             row = {"prompt": item["prompt"],
-                   "chosen": _reply(item["prompt"], item["responses"][i]),
-                   "rejected": _reply(item["prompt"], item["responses"][j]),
+                   "chosen": item["responses"][i], "rejected": item["responses"][j],
                    "chosen_score": item["scores"][i], "rejected_score": item["scores"][j]}
             if "win_probs" in item:
                 row.update(chosen_win_prob=item["win_probs"][i],
@@ -190,9 +189,8 @@ def _selm_row(item: dict, kept: list, counts: dict) -> list:
     order = sorted(range(3), key=lambda k: (scores[k], (1, 2, 0)[k]))
     best, worst = order[-1], order[0]
     names = ("sample", "chosen", "rejected")
-    return [{"prompt": item["prompt"], "chosen": _reply(item["prompt"], texts[best]),
-             "rejected": _reply(item["prompt"], texts[worst]),
-             "gold": _reply(item["prompt"], sample), "chosen_score": scores[best],
+    return [{"prompt": item["prompt"], "chosen": texts[best], "rejected": texts[worst],
+             "gold": sample, "chosen_score": scores[best],
              "rejected_score": scores[worst], "gold_score": scores[0],
              **_unfinished(item, [kept[0] if best == 0 else None,
                                   kept[0] if worst == 0 else None, kept[0]]),
@@ -221,7 +219,3 @@ def _unfinished(item: dict, samples: list) -> dict:
            if ended is not None and k is not None and not ended[k]]
     return {"unfinished": cut} if cut else {}
 
-
-def _reply(prompt, text: str):
-    """A response in the prompt's format: an assistant turn after a chat prompt, else text."""
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
