@@ -46,6 +46,18 @@ def test_the_tool_results_tokens_and_only_they_are_masked():
     assert unmasked[0].response_masks == () and unmasked[0].response_ids == example.response_ids
 
 
+def test_a_users_turns_inside_a_response_are_left_out_with_user_in_mask_roles():
+    follow_up = Pair([{"role": "user", "content": "2+2?"}],
+                     [{"role": "assistant", "content": "4"}, {"role": "user", "content": "x2?"},
+                      {"role": "assistant", "content": "8"}], "5", origin="dialogue")
+    (example,), tokenizer = tokenized(roles=("tool", "user"), records=[follow_up])
+    chosen, mask = example.response_ids[0], example.response_masks[0]
+    assert tokenizer.decode([t for t, keep in zip(chosen, mask) if not keep]) == (
+        "<|im_start|>user\nx2?<|im_end|>\n")
+    (scored,), _ = tokenized(records=[follow_up])  # by default a user's turn is scored
+    assert scored.response_masks == () and scored.response_ids == example.response_ids
+
+
 @pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed", "packed_prefix_shared"])
 def test_masked_tokens_are_left_out_of_the_log_probs_in_every_layout(layout):
     """Each response's log-prob is the sum over its scored tokens of log p(token | everything
@@ -125,3 +137,11 @@ def test_data_inspect_marks_the_tokens_left_out():
     assert sum(line.endswith("  (not scored)") for line in lines) == left_out
     assert (f"  ({left_out} of them tool output, marked '(not scored)': context, left out of "
             "the loss; data.mask_roles)") in lines
+
+
+@pytest.mark.parametrize("roles, near", [("[tools]", "tool"), ("[Function]", "function")])
+def test_a_misspelt_masked_role_is_refused_with_the_one_meant(roles, near):
+    from preftune.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=rf"data.mask_roles: .* did you mean {near!r}"):
+        load_config(None, [f"data.mask_roles={roles}"])
+    assert load_config(None, ["data.mask_roles=[tool, user]"]).data.mask_roles == ["tool", "user"]

@@ -20,6 +20,7 @@ from .config_train import PolicyTrainConfig, TrainConfig  # noqa: F401
 from .config_errors import problems, unknown_key
 from .config_tree import ConfigError, apply_overrides, read_tree
 from .data.convert import CONVERSIONS
+from .data.messages import misspelt_role
 from .data.tools import MASK_ROLES
 from .objectives import get_objective
 from .objectives.compose import Objective, validate_params
@@ -112,6 +113,17 @@ class DataConfig(Section):
     """Inside a multi-turn response, messages of these roles (tool results) are context: their
     tokens stay in the sequence but are left out of log-probs and the loss. []: score every
     token of a response."""
+
+    @field_validator("mask_roles")
+    @classmethod
+    def _roles_as_written_in_messages(cls, roles):
+        """A misspelt role (``tools``) would mask nothing, silently."""
+        for role in roles:
+            near = misspelt_role(role)
+            if near:
+                raise ValueError(f"data.mask_roles: {role!r} is no role chat messages have; did "
+                                 f"you mean {near!r}? (the default: {', '.join(MASK_ROLES)})")
+        return roles
 
     @model_validator(mode="before")
     @classmethod

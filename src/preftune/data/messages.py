@@ -52,16 +52,22 @@ ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "functio
          "observation")  # what chat templates read
 
 
-def _check_role(role: str, where: str) -> None:
-    """A role close to one chat templates read but not it (``usr``, ``User``) is a typo, which
-    a template would render as some other turn or not at all. Roles far from these pass: a
-    model's own template may read them."""
+def misspelt_role(role: str) -> str | None:
+    """The role chat templates read that ``role`` is a typo of (``usr``, ``User``, ``tools``),
+    else None. Roles far from these are not typos: a model's own template may read them."""
     if role in ROLES:
-        return
+        return None
     near = difflib.get_close_matches(role.lower(), ROLES, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def _check_role(role: str, where: str) -> None:
+    """A misspelt role is refused: a template would render it as some other turn or not at
+    all."""
+    near = misspelt_role(role)
     if near:
         raise DataError(f"{where}: role {role!r} is not one chat templates read; did you mean "
-                        f"{near[0]!r}? (roles: {', '.join(ROLES[:4])}, ...)")
+                        f"{near!r}? (roles: {', '.join(ROLES[:4])}, ...)")
 
 
 def _content_parts(content: Any, where: str) -> bool:
