@@ -120,6 +120,15 @@ def test_mia_sequence_names_the_records_image_and_rejects_a_distractors_answer()
         assert out.rejected in shown - {record.chosen}
 
 
+def test_mia_marks_a_distractors_answer_cut_off_where_it_was():
+    from dataclasses import replace
+    records = [replace(record, unfinished=(0,) if record.chosen == "green" else (1,))
+               for record in pairs()]
+    for record, out in zip(records, mia_pairs(records, "sequence", seed=0)):
+        own = (0,) if record.chosen == "green" else ()
+        assert out.unfinished == own + ((1,) if out.rejected == "green" else ())
+
+
 def test_mia_grid_names_the_quadrant_of_the_records_image():
     records = pairs()
     targets = set()

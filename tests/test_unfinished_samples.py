@@ -70,3 +70,34 @@ def test_the_unfinished_field_is_read_and_checked(tmp_path, value, says):
     path.write_text(json.dumps({**row, "unfinished": value}) + "\n")
     with pytest.raises(DataError, match=rf"pairs.jsonl:1: {says}"):
         load_records(str(path))
+
+
+def test_converted_records_keep_each_cut_off_response_marked():
+    from preftune.data.convert import convert
+    from preftune.data.records import Ranked
+    ranked = Ranked("q", ("a", "bb", "ccc"), (0.1, 0.9, 0.5), origin="f:1", unfinished=(1,))
+    pairs = convert([ranked], "pairs:all_pairs")
+    assert [(p.chosen, p.rejected, p.unfinished) for p in pairs] == [
+        ("bb", "a", (0,)), ("bb", "ccc", (0,)), ("ccc", "a", ())]
+    unpaired = convert(pairs[:1], "unpaired")
+    assert [(u.completion, u.unfinished) for u in unpaired] == [("bb", (0,)), ("a", ())]
+    tokenizer = char_tokenizer()
+    examples, _ = tokenize_records(unpaired, tokenizer, TokenizeSettings(64, 32))
+    assert [tokenizer.decode(e.response_ids[0]) for e in examples] == ["bb", "a<|im_end|>"]
+
+
+def test_an_unpaired_file_may_mark_its_completion_cut_off(tmp_path):
+    path = tmp_path / "kto.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "completion": "abc", "label": True,
+                                "unfinished": [0]}) + "\n")
+    (record,) = load_records(str(path))
+    assert record.unfinished == (0,)
+
+
+def test_a_rejected_answer_made_from_another_keeps_that_ones_mark():
+    from preftune.data.povid import povid_pairs
+    cut = Pair("q", "two red cats", "none", origin="f:1", unfinished=(0,))
+    (made,) = povid_pairs([cut])
+    assert made.rejected != "two red cats" and made.unfinished == (0, 1)
+    kept = Pair("q", "two red cats", "none", origin="f:1", unfinished=(1,))
+    assert povid_pairs([kept])[0].unfinished == ()  # its own rejected answer is gone

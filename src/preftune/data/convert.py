@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .image_transforms import CORRUPTIONS, MIA_LAYOUTS, corrupt_pairs, mia_pairs
 from .povid import povid_pairs
-from .records import DataError, Pair, Unpaired
+from .records import DataError, Pair, Unpaired, carried_unfinished
 
 RANKED_TO_PAIRS_MODES = ("best_vs_worst", "all_pairs", "best_vs_each")
 
@@ -60,6 +60,7 @@ def ranked_to_pairs(records: Sequence, mode: str = "best_vs_worst") -> list[Pair
                 record.prompt, record.responses[i], record.responses[j],
                 origin=f"{record.origin} [{i}>{j}]", images=record.images, tools=record.tools,
                 scores={**record.scores, "chosen_score": scores[i], "rejected_score": scores[j]},
+                unfinished=carried_unfinished(record, (i, j)),
             ))
     return pairs
 
@@ -96,13 +97,15 @@ def pairs_to_unpaired(records: Sequence) -> list[Unpaired]:
     for pair in records:
         shared = {k: v for k, v in pair.scores.items()
                   if not k.startswith(("chosen_", "rejected_"))}
-        for side, prompt, text, label in (("chosen", pair.prompts[0], pair.chosen, True),
-                                          ("rejected", pair.prompts[1], pair.rejected, False)):
+        for slot, (side, prompt, text, label) in enumerate((
+                ("chosen", pair.prompts[0], pair.chosen, True),
+                ("rejected", pair.prompts[1], pair.rejected, False))):
             prefix = side + "_"
             own = {k[len(prefix):]: v for k, v in pair.scores.items() if k.startswith(prefix)}
             unpaired.append(Unpaired(prompt, text, label, origin=f"{pair.origin} [{side}]",
                                      scores={**shared, **own},
-                                     images=getattr(pair, "images", ()), tools=pair.tools))
+                                     images=getattr(pair, "images", ()), tools=pair.tools,
+                                     unfinished=carried_unfinished(pair, (slot,))))
     return unpaired
 
 

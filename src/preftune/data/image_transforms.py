@@ -177,10 +177,14 @@ def _mia_one(records: Sequence, position: int, layout: str, k: int, seed: int,
                            where="field 'images', item 0 (pic-in-pic)"),)
         reference = "In the large background image," if target == 0 else "In the small inset image,"
     prompt = refer(expand(with_placeholders(record.prompt, 1), len(images)), reference)
-    rejected = next((records[j].chosen for j in others if records[j].chosen != record.chosen),
-                    record.rejected)
+    other = next((j for j in others if records[j].chosen != record.chosen), None)
+    rejected, unfinished = record.rejected, record.unfinished
+    if other is not None:  # another image's answer, cut off where it was
+        rejected = records[other].chosen
+        unfinished = tuple(k for k in unfinished if k != 1) + (
+            (1,) if 0 in records[other].unfinished else ())
     return replace(record, prompt=prompt, rejected=rejected, images=images, negative_images=(),
-                   origin=origin)
+                   origin=origin, unfinished=tuple(sorted(unfinished)))
 
 
 def grid_image(images: Sequence):

@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from .image_transforms import record_name, record_rng
+from .records import carried_unfinished
 
 MAX_EDITS = 3
 VOCABULARIES = {
@@ -95,5 +96,8 @@ def povid_pairs(records: Sequence, seed: int = 0, unchanged: list | None = None)
             rejected = record.rejected
             if unchanged is not None:
                 unchanged.append(record_name(record, position))
+        else:  # the rejected answer is the chosen one changed: cut off where chosen was
+            slots = (0, 0, 2)[:len(record.responses)]
+            record = replace(record, unfinished=carried_unfinished(record, slots))
         out.append(replace(record, rejected=rejected, origin=f"{record.origin} [povid]"))
     return out

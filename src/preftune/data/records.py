@@ -115,6 +115,13 @@ class Pair(_Record):
         return dict(self.scores)
 
 
+def carried_unfinished(record, slots) -> tuple:
+    """``unfinished`` of a record made of ``record``'s responses at ``slots`` (its slot k is
+    ``record``'s slot ``slots[k]``): a cut-off response stays cut off wherever it goes."""
+    cut = getattr(record, "unfinished", ())
+    return tuple(k for k, slot in enumerate(slots) if slot in cut)
+
+
 @dataclass(frozen=True)
 class JointPair:
     """A preference between two (prompt, response) pairs: ``chosen`` answering ``chosen_prompt``
@@ -174,6 +181,7 @@ class Unpaired(_Record):
     scores: dict = field(default_factory=dict)
     images: tuple = ()
     tools: tuple = ()
+    unfinished: tuple = ()  # (0,) when the completion was cut off at a length limit
 
     @property
     def responses(self) -> tuple:

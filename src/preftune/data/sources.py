@@ -196,16 +196,16 @@ def _check_consistent(record, first, columns: dict) -> None:
 
 def attach_unfinished(record, row: dict, origin: str):
     """``record`` with the row's ``unfinished``: the positions of its responses (chosen 0,
-    rejected 1, gold 2; a list's own order) that a length limit cut off, as online rounds write
-    them for samples that reached max_new_tokens. They are trained as they are, with no end of
-    turn after them (the model did not end them)."""
+    rejected 1, gold 2; a list's own order; an unpaired completion 0) that a length limit cut
+    off, as online rounds write them for samples that reached max_new_tokens. They are trained
+    as they are, with no end of turn after them (the model did not end them)."""
     value = row.get("unfinished")
     if value is None:
         return record
     count = len(getattr(record, "responses", ()))
     if not hasattr(record, "unfinished"):
-        raise DataError(f"{origin}: field 'unfinished' is read for pairs and ranked lists, not "
-                        f"{record.shape} records; remove it.")
+        raise DataError(f"{origin}: field 'unfinished' is read for pairs, ranked lists and "
+                        f"unpaired records, not {record.shape} records; remove it.")
     if not isinstance(value, list) or not all(
             isinstance(k, int) and not isinstance(k, bool) and 0 <= k < count for k in value):
         raise DataError(f"{origin}: field 'unfinished' is {describe(value)}; it lists the "
