@@ -174,6 +174,21 @@ def test_config_rejects_unknown_and_useless_keys(tmp_path):
     assert config.reference_strategy == "none" and config.objective.params().snr_value == 0.25
 
 
+def test_a_setting_the_rest_of_the_config_keeps_unread_is_refused(tmp_path):
+    tree = {**config_tree(tmp_path / "pipe", tmp_path / "pairs.jsonl", tmp_path / "run"),
+            "samples": {}}
+    with pytest.raises(ConfigError, match="samples.steps does nothing without samples.prompts"):
+        DiffusionConfig.from_dict(tree, ["samples.steps=5"])
+    assert DiffusionConfig.from_dict(tree, ["samples.steps=5", "samples.prompts=[a]"]) \
+        .samples.steps == 5
+    with pytest.raises(ConfigError, match="train.logit_std does nothing under "
+                                          "train.timestep_sampling: uniform"):
+        DiffusionConfig.from_dict(tree, ["train.logit_std=2"])
+    assert DiffusionConfig.from_dict(tree, ["train.logit_std=2",
+                                            "train.timestep_sampling=logit_normal"]) \
+        .train.logit_std == 2
+
+
 def test_colour_checker(tmp_path):
     red = draw_shape("red", "circle")
     assert colour_score("a red circle", red) == 1.0 and right_colour("a red circle", red)
@@ -254,3 +269,35 @@ def test_example_configs_are_valid(path):
         config = DiffusionConfig.from_yaml(path)
     name = path.stem.removeprefix("online_").removesuffix("_lora")
     assert name.startswith(config.objective.name)
+
+
+def test_resume_names_only_the_settings_a_diffusion_run_reads_as_ones_that_may_change(tmp_path):
+    import yaml
+
+    from preftune.train.output import check_resume
+    tree = config_tree(tmp_path / "pipe", tmp_path / "pairs.jsonl", tmp_path / "run")
+    config = DiffusionConfig.from_dict(tree)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(config.model_dump()))
+    check_resume(config)
+    with pytest.raises(ConfigError) as refused:
+        check_resume(DiffusionConfig.from_dict(tree, ["train.learning_rate=0.5"]))
+    may_change = re.search(r"only (.*) may change", str(refused.value)).group(1).split(", ")
+    assert may_change == ["output_dir", "train.eval_every", "train.gradient_checkpointing",
+                          "train.keep_checkpoints", "train.log_every", "train.report_to",
+                          "train.run_name", "train.save_every", "train.tracking_dir"]
+
+
+
+def test_pairs_showing_one_picture_twice_are_counted(tmp_path):
+    import shutil
+
+    from preftune.diffusion.splits import read_pairs
+    pairs = write_pairs(tmp_path, count=3)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows[0]["rejected"] = rows[0]["chosen"]  # the same file
+    shutil.copy(tmp_path / rows[2]["chosen"], tmp_path / "images/copy.png")
+    rows[2]["rejected"] = "images/copy.png"  # the same picture in another file
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = DiffusionConfig.from_dict(config_tree(tmp_path / "pipe", pairs, tmp_path / "run"))
+    assert read_pairs(config)[1]["identical_images"] == 2

@@ -5,7 +5,7 @@ Unknown keys, and language-model settings that would do nothing here, are errors
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal, get_type_hints
+from typing import Annotated, ClassVar, Literal, get_type_hints
 
 from pydantic import (Field, TypeAdapter, ValidationError,
                       model_validator)
@@ -159,6 +159,8 @@ class DiffusionTrainConfig(TrainConfig):
 class DiffusionConfig(RunConfig):
     """A ``preftune diffusion train`` run."""
 
+    INERT_KEYS: ClassVar[frozenset] = frozenset(f"train.{key}" for key in LANGUAGE_MODEL_ONLY)
+
     output_dir: str = "runs/diffusion"
     """Where the pipeline directory (model/), metrics, samples and checkpoints are written."""
     model: DiffusionModelConfig = DiffusionModelConfig()
@@ -188,6 +190,7 @@ class DiffusionConfig(RunConfig):
             raise ValueError("model.lora.save_merged: false leaves a pipeline without its "
                              "unet/ (or transformer/), which nothing here loads; remove it (the "
                              "adapter is saved in unet_lora/ beside the merged denoiser).")
+        self._no_dead_settings()
         if self.train.eval_every and self.data.eval is None and not self.data.eval_fraction:
             raise ValueError("train.eval_every does nothing without data.eval or "
                              "data.eval_fraction.")
@@ -204,6 +207,21 @@ class DiffusionConfig(RunConfig):
                                  "with data.fields.prompt); remove it.")
         self.reference_strategy  # raises on a strategy that cannot work
         return self
+
+    def _no_dead_settings(self) -> None:
+        """A setting that the rest of the config keeps from being read is refused by name."""
+        samples, defaults = self.samples, SamplesConfig()
+        for key in type(samples).model_fields:
+            if not samples.prompts and getattr(samples, key) != getattr(defaults, key):
+                raise ValueError(f"samples.{key} does nothing without samples.prompts (the "
+                                 "prompts sampled before and after training); set them, or "
+                                 "remove it.")
+        train, plain = self.train, DiffusionTrainConfig()
+        uniform = train.timestep_sampling == "uniform"
+        for key in ("logit_mean", "logit_std"):
+            if uniform and getattr(train, key) != getattr(plain, key):
+                raise ValueError(f"train.{key} does nothing under train.timestep_sampling: "
+                                 "uniform; set timestep_sampling: logit_normal, or remove it.")
 
     @property
     def reference_strategy(self) -> str:

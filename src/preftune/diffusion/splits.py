@@ -66,8 +66,11 @@ def read_pairs(config) -> tuple[dict, dict]:
                  for name in splits}}
     report["train_fingerprint"] = records_fingerprint(kept["train"])
     if not spec.online:  # (prompts alone hold no images)
-        report["train_images_fingerprint"] = images_fingerprint(
-            [image_ref(image, record.origin, "image", record.base_dir).key for image in
-             (record.images if hasattr(record, "images") else (record.chosen, record.rejected))
-             if image is not None] for record in kept["train"])
+        keys = [[image_ref(image, record.origin, "image", record.base_dir).key for image in
+                 (record.images if hasattr(record, "images") else (record.chosen,
+                                                                   record.rejected))
+                 if image is not None] for record in kept["train"]]
+        report["train_images_fingerprint"] = images_fingerprint(keys)
+        # a pair whose two images are the same picture teaches nothing (its margin is 0)
+        report["identical_images"] = sum(len(set(shown)) < len(shown) for shown in keys)
     return kept, report

@@ -277,6 +277,10 @@ def diffusion_task(config: DiffusionConfig, accelerator: Accelerator, plan_only:
                           "denoiser.")
     strategy = config.reference_strategy
     kept, report = read_pairs(config)  # (a bad record stops the run before the pipeline loads)
+    if report.get("identical_images"):
+        print(f"warning: {report['identical_images']} of {len(kept['train'])} training records "
+              "show the same image twice (chosen == rejected, by content); they carry no "
+              "preference signal (data_report.json: identical_images)")
     if not plan_only:
         check_same_data(config.output_dir, report)
     model = load_diffusion_model(config.model.path, getattr(torch, config.model.dtype))

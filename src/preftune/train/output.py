@@ -251,6 +251,13 @@ def check_same_data(output_dir, report: dict, finished: bool = False) -> None:
                       "is moved aside).")
 
 
+def _settable(keys: set, flat: dict, config) -> list[str]:
+    """``keys`` that ``config`` has and reads (a diffusion run has the language-model keys of
+    the train section, which it refuses), in order."""
+    return sorted(key for key in keys
+                  if key in flat and key not in getattr(config, "INERT_KEYS", ()))
+
+
 def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()) -> None:
     """Refuse ``--resume`` when settings of ``config`` that change training differ from its
     run's ``config.yaml``; name them, and the ones that may change (``SAFE_TO_CHANGE`` and the
@@ -288,7 +295,7 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
         raise ConfigError(
             f"--resume in {out}: the settings differ from the run's config.yaml ({shown}"
             f"{'; ...' if len(changed) > 6 else ''}). A resumed run must train as it started; "
-            f"only {', '.join(sorted(safe))} may change, and the per-process batch "
+            f"only {', '.join(_settable(safe, now, config))} may change, and the per-process batch "
             "if the global batch (batch_size x accumulation x processes) stays the same. Start "
             "a new run with another output_dir (or --overwrite) to train differently.")
     batch, steps = now["train.batch_size"], now.get("train.gradient_accumulation_steps", 1)
