@@ -252,8 +252,16 @@ def test_cli_runs_a_round_and_reports_bad_settings(model_dir, data, tmp_path, ca
             "--set", "train.max_steps=1", "--set", "train.batch_size=2",
             "--set", "online.rounds=1", "--set", f"online.scorer={SCORER}",
             "--set", "online.sampling.max_new_tokens=6", "--set", f"output_dir={out}"]
-    assert main(args) == 0
+    assert main(args[:-2] + ["--set", "online.pairs.unfinished_penalty=100"] + args[-2:]) == 0
     assert (out / "round-1" / "model" / "model.safetensors").exists()
+    scored = {row["origin"]: row for row in read_jsonl(out / "round-1" / "scored.jsonl")}
+    pairs = read_jsonl(out / "round-1" / "pairs.jsonl")
+    assert any(pair.get("unfinished") for pair in pairs)
+    for pair in pairs:  # each score less the penalty where the sample was cut off
+        row = scored[pair["source"].split(" [")[0]]
+        best, worst = map(int, pair["source"].split(" [")[1].rstrip("]").split(">"))
+        assert [pair["chosen_score"], pair["rejected_score"]] == [
+            row["scores"][k] - (0 if row["ended"][k] else 100) for k in (best, worst)]
     card = (out / "round-1" / "model" / "README.md").read_text()  # each round's model card
     assert f"a policy trained with `dpo` by preftune from `{model_dir}`" in card
     assert main(args[:-2] + ["--set", "online.sampling.samples=1", "--set",

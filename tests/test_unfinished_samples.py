@@ -101,3 +101,16 @@ def test_a_rejected_answer_made_from_another_keeps_that_ones_mark():
     assert made.rejected != "two red cats" and made.unfinished == (0, 1)
     kept = Pair("q", "two red cats", "none", origin="f:1", unfinished=(1,))
     assert povid_pairs([kept])[0].unfinished == ()  # its own rejected answer is gone
+
+
+def test_the_unfinished_penalty_lets_an_answer_that_ends_win_a_tie():
+    item = {"prompt": "q", "responses": ["aa", "bbbb", "c"], "ended": [True, False, True],
+            "scores": [1.0, 1.0, 0.5], "origin": "f:1"}
+    (pair,), _ = build_rows([item], "best_vs_worst", unfinished_penalty=0.75)
+    assert (pair["chosen"], pair["rejected"]) == ("aa", "bbbb")
+    assert (pair["chosen_score"], pair["rejected_score"]) == (1.0, 0.25)
+    assert pair["unfinished"] == [1]
+    (plain,), _ = build_rows([item], "best_vs_worst")  # without it the earlier sample wins
+    assert (plain["chosen"], plain["rejected"], plain["rejected_score"]) == ("aa", "c", 0.5)
+    (ranked,), _ = build_rows([item], "list", unfinished_penalty=0.75)
+    assert ranked["scores"] == [1.0, 0.25, 0.5]

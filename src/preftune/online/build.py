@@ -91,14 +91,16 @@ def positions(builder: str, scores: Sequence[float], min_margin: float = 0.0,
 
 def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
                rso_beta: float = 0.5, rso_accept: int = 4, seed: int = 0,
-               divpo_rho: float = 0.3) -> tuple[list, dict]:
+               divpo_rho: float = 0.3, unfinished_penalty: float = 0.0) -> tuple[list, dict]:
     """Training rows from scored rows (``prompt``, ``responses``, ``scores``, optional
-    ``win_probs`` and ``diversity``, ``origin``, provenance); returns them and counts: prompts,
-    ``tied`` (fewer than two different scores among the non-empty samples: nothing to learn),
-    ``no_pair`` (different scores, no pair the builder keeps), ``empty`` samples,
-    ``incomplete`` lists, rows made."""
+    ``win_probs`` and ``diversity``, ``ended``, ``origin``, provenance); returns them and
+    counts: prompts, ``tied`` (fewer than two different scores among the non-empty samples:
+    nothing to learn), ``no_pair`` (different scores, no pair the builder keeps), ``empty``
+    samples, ``incomplete`` lists, rows made. ``unfinished_penalty`` is taken off the score of
+    each sample that did not end."""
     rows, counts = [], {"prompts": len(scored), "tied": 0, "no_pair": 0, "empty": 0, "rows": 0}
     for number, item in enumerate(scored):
+        item = _penalized(item, unfinished_penalty)
         kept = [k for k, text in enumerate(item["responses"]) if text.strip()]
         counts["empty"] += len(item["responses"]) - len(kept)
         if builder in LIST_BUILDERS and len(kept) < len(item["responses"]):
@@ -207,6 +209,14 @@ def _provenance(item: dict) -> dict:
     return {k: v for k, v in item.items()
             if k not in ("prompt", "responses", "scores", "win_probs", "origin", "negative",
                          "positive", "data_scores", "diversity", "surprisal", "ended")}
+
+
+def _penalized(item: dict, penalty: float) -> dict:
+    """``item`` with ``penalty`` taken off the scores of its samples that did not end."""
+    if not penalty or item.get("ended") is None:
+        return item
+    return {**item, "scores": [score - (0.0 if ended else penalty)
+                               for score, ended in zip(item["scores"], item["ended"])]}
 
 
 def _unfinished(item: dict, samples: list) -> dict:

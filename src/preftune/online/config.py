@@ -109,6 +109,10 @@ class PairsSection(Section):
     """Add chosen_win_prob / rejected_win_prob (sppo_soft)."""
     estimator: EstimatorSection | None = None
     """Keep only the pairs an estimator is sure of (UPO); null: every built pair trains."""
+    unfinished_penalty: NonNegative = 0.0
+    """Subtracted from the score of each sample cut off at max_new_tokens (it never ended its
+    turn) before pairs are built, so an answer that ends wins over an equal cut-off one (TRL's
+    missing_eos_penalty); the rows' scores include it."""
 
     @model_validator(mode="after")
     def _rso_settings_need_rso(self):

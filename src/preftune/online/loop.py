@@ -321,7 +321,8 @@ def _build(config: OnlineConfig, r: int, here: Path) -> dict:
     scored = read_jsonl(here / "scored.jsonl")
     seed = config.train.seed * 1000 + r
     rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
-                              pairs.rso_accept, seed=seed, divpo_rho=pairs.divpo_rho)
+                              pairs.rso_accept, seed=seed, divpo_rho=pairs.divpo_rho,
+                              unfinished_penalty=pairs.unfinished_penalty)
     write_rows(here / "pairs.jsonl", rows)
     if pairs.estimator is not None and rows:  # keep the pairs the estimator is sure of
         probs = estimator_probs(pairs.estimator, here / "pairs.jsonl", seed,

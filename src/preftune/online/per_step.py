@@ -95,7 +95,8 @@ class OnlineStepTask(PolicyTask):
                   for p, samples, ended, prompt_scores in zip(prompts, drawn.texts,
                                                               drawn.ended, scores)]
         rows, _ = build_rows(scored, online.pairs.builder, online.pairs.min_margin,
-                             online.pairs.rso_beta, online.pairs.rso_accept, seed=seed)
+                             online.pairs.rso_beta, online.pairs.rso_accept, seed=seed,
+                             unfinished_penalty=online.pairs.unfinished_penalty)
         return rows, scored
 
     def _log(self, scored: list, rows: list) -> None:
