@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from preftune.data.layout import collate
-from preftune.data.records import Pair
+from preftune.data.records import DataError, Pair
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.model.forward import LogpModel, sequence_stats
 from preftune.model.reference import reference_cache_key
@@ -56,6 +56,54 @@ def test_a_users_turns_inside_a_response_are_left_out_with_user_in_mask_roles():
         "<|im_start|>user\nx2?<|im_end|>\n")
     (scored,), _ = tokenized(records=[follow_up])  # by default a user's turn is scored
     assert scored.response_masks == () and scored.response_ids == example.response_ids
+
+
+# Qwen2.5's way with parallel calls: consecutive tool results share one user turn
+GROUPED_RESULTS = (
+    "{% for m in messages %}{% if m['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user"
+    "{% endif %}{{ '\\n' }}<result>{{ m['content'] }}</result>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% elif m.tool_calls is defined and m.tool_calls %}<|im_start|>assistant\n"
+    "{% for c in m.tool_calls %}<call>{{ c['function']['arguments']['city'] }}</call>"
+    "{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def parallel_pair():
+    calls = {"role": "assistant", "tool_calls": [
+        {**CALL, "function": {**CALL["function"], "arguments": {"city": city}}}
+        for city in ("Paris", "Rome")]}
+    return Pair([{"role": "user", "content": "Weather in Paris and Rome?"}],
+                [calls, {"role": "tool", "content": "rain"}, {"role": "tool", "content": "sun"},
+                 {"role": "assistant", "content": "Rain, then sun."}],
+                [{"role": "assistant", "content": "Sunny."}], origin="parallel pair")
+
+
+def test_parallel_tool_results_written_as_one_turn_are_left_out_whole():
+    tokenizer = tool_tokenizer(GROUPED_RESULTS)
+    (example,), _ = tokenize_records([parallel_pair()], tokenizer,
+                                     TokenizeSettings(512, 256, ("tool",)))
+    chosen, mask = example.response_ids[0], example.response_masks[0]
+    assert tokenizer.decode([t for t, keep in zip(chosen, mask) if not keep]) == (
+        "<|im_start|>user\n<result>rain</result>\n<result>sun</result><|im_end|>\n")
+    assert tokenizer.decode([t for t, keep in zip(chosen, mask) if keep]) == (
+        "<call>Paris</call><call>Rome</call><|im_end|>\n<|im_start|>assistant\n"
+        "Rain, then sun.<|im_end|>")
+
+
+def test_a_template_that_rewrites_an_answer_once_a_result_follows_is_refused():
+    # as Qwen3 does: the last answer gets a reasoning block, so the call renders otherwise
+    # while it is the last message than once its result follows
+    rewrites = GROUPED_RESULTS.replace(
+        "<|im_start|>assistant\n{% for c", "<|im_start|>assistant\n"
+        "{% if loop.last %}<think></think>{% endif %}{% for c")
+    with pytest.raises(DataError, match="parallel pair: the chat template renders the dialogue "
+                                        "before the 'tool' message of a response differently"):
+        tokenize_records([parallel_pair()], tool_tokenizer(rewrites),
+                         TokenizeSettings(512, 256, ("tool",)))
 
 
 @pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed", "packed_prefix_shared"])

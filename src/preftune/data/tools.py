@@ -19,6 +19,7 @@ the model did not write: its tokens are left out of the log-probs (``data.mask_r
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -118,23 +119,39 @@ def masked_spans(history: list, response: list, prompt_text: str, full: str, rol
     """(start, end) character spans, within the response's text (``full`` after
     ``prompt_text``), of the response's messages whose role is in ``roles``: each message's
     span is what rendering it adds to the dialogue before it (``render(messages)`` renders a
-    dialogue as ``full`` was rendered)."""
+    dialogue as ``full`` was rendered).
+
+    A template may write a run of such messages as one turn (Qwen2.5 puts parallel tool
+    results in one user turn), so the dialogue through one of them ends differently once the
+    next follows; a span then runs from where the dialogue before the message parts from
+    ``full`` to where the dialogue through it does. Anywhere else, a dialogue that renders
+    differently once later messages follow is refused: its spans cannot be told apart."""
     spans = []
     for k, message in enumerate(response):
         if message.get("role") not in roles:
             continue
         before = render(history + response[:k]) if k else prompt_text
         through = render(history + response[: k + 1])
-        if not (full.startswith(before) and full.startswith(through)):
+        after_one = k > 0 and response[k - 1].get("role") in roles
+        before_one = k + 1 < len(response) and response[k + 1].get("role") in roles
+        start, end = _shared(before, full), _shared(through, full)
+        content = message.get("content")
+        if not ((start == len(before) or after_one) and (end == len(through) or before_one)
+                and end > start and (not isinstance(content, str)
+                                     or content in full[start:end])):
             raise DataError(
                 f"{record.origin}: the chat template renders the dialogue before the "
                 f"{message['role']!r} message of a response differently once later messages "
                 "follow, so its tokens cannot be told apart to leave them out of the loss. "
                 "Set data.mask_roles: [] to train on them, or use a template that renders "
                 "turns one after another.")
-        spans.append((max(len(before), len(prompt_text)) - len(prompt_text),
-                      len(through) - len(prompt_text)))
+        spans.append((max(start, len(prompt_text)) - len(prompt_text), end - len(prompt_text)))
     return spans
+
+
+def _shared(text: str, full: str) -> int:
+    """How many leading characters ``text`` has in common with ``full``."""
+    return len(os.path.commonprefix([text, full]))
 
 
 def response_masks(tokenizer, item, response_ids: list) -> list[list[bool]]:
