@@ -120,3 +120,35 @@ def test_an_empty_answer_is_dropped_though_the_template_writes_text_around_it():
     blank = Pair(QUESTION, [{"role": "assistant", "content": " "}], "5")
     examples, report = tokenize_records([blank], tok, SETTINGS)
     assert (examples, report.empty_responses) == ([], 1)
+
+
+def sentencepiece_like() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer that marks a word's start with "▁" and writes "▁" before the
+    text, as Llama 2's: " 4" alone is "▁" "▁4", after "[/INST]" it is "▁4"."""
+    from tokenizers import normalizers
+
+    words = ["▁[INST]", "▁2+2?", "▁[/INST]", "▁4", "▁5", "▁"]
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁[^▁]*"), behavior="isolated")
+    backend.add_special_tokens(["<s>", "</s>"])
+    built = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                    unk_token="<unk>")
+    built.chat_template = (  # Llama 2's way: the answer after a space, then a space and EOS
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
+    return built
+
+
+def test_an_answer_takes_the_tokens_the_whole_dialogue_gives_it_after_the_prompt():
+    tok = sentencepiece_like()
+    assert ids(tok, " 4 </s>") != ids(tok, "[INST] 2+2? [/INST] 4 </s>")[3:]  # alone: "▁" "▁4"
+    record = Pair(QUESTION, [{"role": "assistant", "content": "4"}],
+                  [{"role": "assistant", "content": "5"}])
+    (example,), report = tokenize_records([record], tok, SETTINGS)
+    assert sequences(tok, record) == [dialogue_ids(tok, "4", "</s>"),
+                                      dialogue_ids(tok, "5", "</s>")]
+    assert tok.convert_ids_to_tokens(example.response_ids[0]) == ["▁4", "▁", "</s>"]
+    assert report.boundary_merges == 0  # no token spans the boundary

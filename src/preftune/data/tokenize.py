@@ -228,9 +228,16 @@ def _encode_chunk(
         side_prompts = [encoded[text] for text in item.prompt_texts]
         response_ids = [next(responses) for _ in item.response_texts]
         check_no_response_images(response_ids, item.record, tokenizer)
-        # a list, not a generator: every slot's joint encoding must be consumed
-        merged = [next(joints) != prompt + ids for prompt, ids in zip(side_prompts, response_ids)]
-        report.boundary_merges += any(merged)
+        # the prompt and response as one text: where its ids start with the prompt's, the rest
+        # are the response's own (a tokenizer that marks a word's start, as SentencePiece's
+        # "▁", writes the first word otherwise alone); else a token would span the boundary,
+        # and the response is encoded alone (a list, not a generator: each slot is consumed)
+        whole = [next(joints) for _ in response_ids]
+        skips = [len(prompt) if ids[: len(prompt)] == prompt else None
+                 for ids, prompt in zip(whole, side_prompts)]
+        report.boundary_merges += None in skips
+        response_ids = [alone if skip is None else ids[skip:]
+                        for ids, alone, skip in zip(whole, response_ids, skips)]
         side_prompts = [item.prompt_prefix + ids for ids in side_prompts]
         images = getattr(item.record, "images", ())
         counts: list = []
@@ -247,7 +254,8 @@ def _encode_chunk(
         cut = getattr(item.record, "unfinished", ())
         response_ids = [ids if ids[-1:] == [end] or k in cut else ids + [end]
                         for k, ids in enumerate(response_ids)]
-        masks = response_masks(tokenizer, item, response_ids) if item.masked_spans else []
+        masks = response_masks(tokenizer, item, response_ids, skips) if item.masked_spans \
+            else []
         example = _truncate(item, shared, own, response_ids, settings, masks)
         if example is None:
             report.dropped_too_long += 1

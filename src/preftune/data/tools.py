@@ -154,27 +154,32 @@ def _shared(text: str, full: str) -> int:
     return len(os.path.commonprefix([text, full]))
 
 
-def response_masks(tokenizer, item, response_ids: list) -> list[list[bool]]:
+def response_masks(tokenizer, item, response_ids: list, prompt_tokens: list) -> list[list[bool]]:
     """Per response slot of ``item`` (a rendered record), True for each token of
     ``response_ids`` that is scored: a token is left out when it starts inside one of the
     slot's masked spans (its character offsets, from the fast tokenizer); tokens after the
-    text's (the EOS that ends a response) are scored."""
+    text's (the EOS that ends a response) are scored. ``prompt_tokens[k]``: slot k's ids are
+    those of its prompt and response encoded as one text after the prompt's first
+    ``prompt_tokens[k]``, or None for ids of the response encoded alone."""
     masks = []
-    for text, spans, ids in zip(item.response_texts, item.masked_spans, response_ids):
+    for prompt, text, spans, ids, skip in zip(item.prompt_texts, item.response_texts,
+                                              item.masked_spans, response_ids, prompt_tokens):
         if not spans:
             masks.append([True] * len(ids))
             continue
+        shift = 0 if skip is None else len(prompt)
         try:
-            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            encoded = tokenizer(prompt[:shift] + text, add_special_tokens=False,
+                                return_offsets_mapping=True)
         except NotImplementedError:  # slow tokenizers have no offsets
             raise DataError(f"{item.record.origin}: leaving tool results out of the loss needs "
                             "a fast tokenizer (character offsets); set data.mask_roles: [] to "
                             "train on them.") from None
-        if encoded["input_ids"] != ids[: len(encoded["input_ids"])]:
+        own, offsets = (encoded[key][skip or 0:] for key in ("input_ids", "offset_mapping"))
+        if own != ids[: len(own)]:
             raise DataError(f"{item.record.origin}: the tokenizer encodes the response to other "
                             "ids when asked for character offsets; set data.mask_roles: [] to "
                             "train on its tool results.")
-        masks.append([not any(start <= first < end for start, end in spans)
-                      for first, _ in encoded["offset_mapping"]]
-                     + [True] * (len(ids) - len(encoded["input_ids"])))
+        masks.append([not any(start <= first - shift < end for start, end in spans)
+                      for first, _ in offsets] + [True] * (len(ids) - len(own)))
     return masks
