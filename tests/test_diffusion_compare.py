@@ -72,7 +72,7 @@ def test_diffusion_compare_needs_prompts_a_scorer_and_known_objectives(tmp_path)
         compare(["diffusion_dpo", "dpo"], str(config), scorer="shape_colour",
                 output_dir=str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="set samples.prompts"):
-        compare(["mapo"], str(config), overrides=["samples.prompts=[]"],
+        compare(["mapo"], str(config), overrides=["samples={prompts: []}"],
                 scorer="shape_colour", output_dir=str(tmp_path / "c"))
     with pytest.raises(ConfigError, match="--eval-data does nothing here: a comparison of "
                                           "denoisers evaluates each run on the config's "

@@ -71,7 +71,9 @@ def check(task, expected_fn, captions=False):
             errors.update(zip(("reference_chosen", "reference_rejected"),
                               hand_error(task.reference, model, *both).chunk(2)))
     expected = expected_fn(errors)
-    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    # (1e-4: float32 kernels differ between CPUs, AVX2 against AVX-512, by about 1e-5 once
+    # mapo's T c = 700 magnifies them)
+    torch.testing.assert_close(losses, expected, rtol=1e-4, atol=1e-6)
     assert_same_gradient(losses, expected, weight)  # (exp - 1 vs expm1, the order of sums)
     return losses, metrics, errors
 
