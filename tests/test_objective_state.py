@@ -268,3 +268,25 @@ def test_a_checkpoint_without_an_objective_state_resumes_with_a_fresh_one(worksp
     assert "holds no objective state; the objective's running statistics start afresh" \
         in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("terms, accumulation, processes, named", [
+    ([{"name": "kto"}], 2, 1, "kto"),  # z_ref: a mean over the micro-batch
+    ([{"name": "aot_pair"}], 1, 2, "aot_pair"),  # quantiles: a sort over it
+    ([{"name": "bco_pair", "reward_shift": True}], 2, 1, "bco_pair"),
+    ([{"name": "group_robust_dpo"}], 2, 1, "group_robust_dpo"),  # a state per micro-batch
+    ([{"name": "group_robust_dpo"}], 1, 2, None),  # (updated with what all processes saw)
+    ([{"name": "bco_pair"}], 2, 2, None),
+    ([{"name": "dpo"}, {"name": "aot_pair", "weight": 0.5}], 1, 1, None),
+])
+def test_a_run_says_when_splitting_a_step_changes_what_an_objective_computes(
+        terms, accumulation, processes, named, capsys):
+    from preftune.train.loop import _say_split
+    objective = Objective.from_config([ObjectiveItem(**term) for term in terms], 10)
+    _say_split(objective, accumulation, processes)
+    said = capsys.readouterr().out
+    if named is None:
+        assert said == ""
+    else:
+        assert said.startswith(f"note: {named} reads each micro-batch as a whole") and \
+            f"split into {accumulation} micro-batches on {processes} processes" in said

@@ -27,7 +27,8 @@ class BCOPairParams:
     reward_shift: bool = False  # True: subtract delta, the micro-batch's mean reward
 
 
-@objective("bco_pair", params=BCOPairParams, needs_reference=True, paper="arXiv:2404.04656")
+@objective("bco_pair", params=BCOPairParams, needs_reference=True, paper="arXiv:2404.04656",
+           whole_batch=lambda params: params.reward_shift)
 def bco_pair(inputs: ObjectiveInputs, params: BCOPairParams) -> ObjectiveOutput:
     """Binary Classifier Optimization on pairs: classify each response by its own reward.
 

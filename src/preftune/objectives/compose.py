@@ -134,6 +134,9 @@ class Objective:
         self.policy_collisions = any(_wants(t.spec.policy_collisions, t.params_at(0, 1))
                                      for t in terms)
         self.extra_references = any(t.spec.extra_references for t in terms)
+        # terms whose loss reads the micro-batch as a whole (its step depends on the split)
+        self.whole_batch = [t.spec.name for t in terms
+                            if _wants(t.spec.whole_batch, t.params_at(0, 1))]
         self.data = shapes.pop()
         for term in terms:
             term.state = term.spec.state(examples) if term.spec.state is not None else None

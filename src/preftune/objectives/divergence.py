@@ -108,7 +108,8 @@ class AOTParams:
     epsilon: FlipRate = 0.0  # label smoothing of the logistic loss (TRL's label_smoothing)
 
 
-@objective("aot_pair", params=AOTParams, needs_reference=True, paper="arXiv:2406.05882")
+@objective("aot_pair", params=AOTParams, needs_reference=True, paper="arXiv:2406.05882",
+           whole_batch=True)
 def aot_pair(inputs: ObjectiveInputs, params: AOTParams) -> ObjectiveOutput:
     """Alignment via Optimal Transport, paired: stochastic dominance of policy over reference margins.
 
@@ -127,7 +128,8 @@ def aot_pair(inputs: ObjectiveInputs, params: AOTParams) -> ObjectiveOutput:
     return ObjectiveOutput(losses, params.beta * log_ratios(inputs))
 
 
-@objective("aot_unpaired", params=AOTParams, needs_reference=True, paper="arXiv:2406.05882")
+@objective("aot_unpaired", params=AOTParams, needs_reference=True, paper="arXiv:2406.05882",
+           whole_batch=True)
 def aot_unpaired(inputs: ObjectiveInputs, params: AOTParams) -> ObjectiveOutput:
     """Alignment via Optimal Transport, unpaired: chosen log-ratios dominate rejected ones by quantile.
 

@@ -69,6 +69,9 @@ class ObjectiveSpec:
     prepare: Callable | None = None  # a step over the data before training (see ``objective``)
     gold: bool = False  # reads each pair's gold response, its third slot (refused without)
     check: Callable | None = None  # check(record's numbers, params) -> what is wrong, or None
+    # its loss reads the micro-batch as a whole (a mean or a sort over its examples), or a
+    # function of the params that says whether it does
+    whole_batch: bool | Callable = False
 
     @property
     def summary(self) -> str:
@@ -105,7 +108,7 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
               kl_completions=False, reference_distributions=False, policy_collisions=False,
               extra_references=False, image_negatives=False, online_builder=None,
               online_win_probs=False, reference_samples=False, scores=(), state=None,
-              prepare=None, gold=False, check=None):
+              prepare=None, gold=False, check=None, whole_batch=False):
     """Register ``fn`` as objective ``name`` with its params dataclass and declared needs.
 
     ``kl_completions``: each example also carries the completion of another example under its
@@ -137,6 +140,9 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     ``check(scores, params) -> str | None``: what is wrong with one record's numeric fields
     (``scores``, a dict of its ``scores`` names) for these params, or None; run on every
     record as the data is read, so the loss itself never reads values back from the device.
+    ``whole_batch``: its loss reads the micro-batch as a whole (KTO's z_ref, a mean; AOT's
+    sorted quantiles), so a step split into micro-batches or over processes is not one batch of
+    the same examples (a run says so); a function of the params says whether those params do.
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
@@ -152,7 +158,8 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
                                        kl_completions, reference_distributions,
                                        policy_collisions, extra_references, image_negatives,
                                        online_builder, online_win_probs, reference_samples,
-                                       tuple(scores), state, prepare, gold, check)
+                                       tuple(scores), state, prepare, gold, check,
+                                       whole_batch)
         return fn
 
     return register

@@ -44,7 +44,7 @@ class KTOParams:
 
 
 @objective("kto", params=KTOParams, needs_reference=True, data="unpaired",
-           paper="arXiv:2402.01306", kl_completions=True)
+           paper="arXiv:2402.01306", kl_completions=True, whole_batch=True)
 def kto(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
     """Kahneman-Tversky Optimization (KTO): prospect-theoretic value of each labelled completion.
 

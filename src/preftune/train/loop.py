@@ -185,6 +185,19 @@ def shape_mismatch(objective, shape: str, data) -> str:
             f"objective for {shape} (`preftune objectives`).")
 
 
+def _say_split(objective: Objective, accumulation: int, processes: int) -> None:
+    """A note where splitting a step into micro-batches changes it: a loss over the
+    micro-batch as a whole (over processes too), a state updated on each micro-batch."""
+    names = objective.whole_batch if accumulation * processes > 1 else []
+    names += [t.spec.name for t in objective.terms
+              if t.spec.state is not None and accumulation > 1]
+    if names:
+        print(f"note: {' and '.join(names)} reads each micro-batch as a whole (a statistic "
+              f"over its examples, or a state it updates), so a step split into {accumulation} "
+              f"micro-batches on {processes} processes differs from one batch of the same "
+              "examples (README: Objectives).")
+
+
 def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = False):
     """Load the model and data, build the objective and the reference, attach LoRA. Returns
     (task, total_steps), or (None, 0) after printing the plan when ``plan_only``."""
@@ -206,6 +219,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     objective = Objective.from_config(config.objective, total_steps, cfg.example_weight_field,
                                       train_examples)
     check_objective_scores(train_examples + eval_examples, objective)
+    if accelerator.is_main_process:
+        _say_split(objective, cfg.gradient_accumulation_steps, accelerator.num_processes)
     if not plan_only and objective.data == shape:  # (what objectives that prepare need)
         data_report.update(objective.prepare(train_examples, eval_examples, cfg.seed, device))
     model = load_policy(config, tokenizer, accelerator)
