@@ -22,13 +22,18 @@ KNOWN_BASES = {"default": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
                "all-MiniLM-L6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command this process runs, as a user would type it."""
+def command_line(argv: list[str] | None = None, processes: int = 1) -> str:
+    """The command this process runs, as a user would type it; a run of several processes
+    under ``accelerate launch`` (which its processes' own command lines leave out)."""
     argv = list(sys.argv if argv is None else argv)
     program = Path(argv[0]).name if argv else "python"
+    script = program.endswith(".py") and program != "__main__.py"  # a script calling the API
+    if processes > 1:
+        start = ["accelerate", "launch", "--num_processes", str(processes)]
+        return shlex.join(start + ([argv[0]] if script else ["-m", "preftune"]) + argv[1:])
     if program == "__main__.py":  # python -m preftune
         return shlex.join(["python", "-m", "preftune", *argv[1:]])
-    if program.endswith(".py"):  # a script calling preftune.api
+    if script:
         return shlex.join(["python", argv[0], *argv[1:]])
     return shlex.join([program, *argv[1:]])
 
@@ -124,7 +129,11 @@ def model_card(output_dir: Path, info: dict, kind: str) -> str:
         lines.append(f"- malformed records left out (data.on_error: skip): "
                      f"{data_report['skipped_rows']['count']}")
     lines += ["", "## Results", ""] + _results(metrics)
-    lines += ["", "## Reproduce", "", "```bash", command_line(), "```", "",
+    processes = info.get("processes") or 1
+    lines += ["", "## Reproduce", "", "```bash", command_line(processes=processes), "```", "",
+              *([f"It ran on {processes} processes ({info.get('engine') or 'launched'}); add "
+                 "the run's accelerate config (--config_file) for its machines.", ""]
+                if processes > 1 else []),
               "The full resolved config is the run's `config.yaml`:", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
               ", ".join(f"{name} {v}" for name, v in installed_versions().items()) + "."]
