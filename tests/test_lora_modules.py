@@ -78,3 +78,22 @@ def test_target_modules_that_name_nothing_are_refused_and_one_name_is_a_name(wor
     assert adapted[0] == adapted[1] and adapted[0]
     assert all(".q_proj." in name for name in adapted[0])
     assert losses(one) == pytest.approx(losses(pattern), rel=1e-6)
+
+
+@pytest.mark.parametrize("target, says", [
+    (["lm_head", "q_proj"], r"lm_head is the model's output layer, which log-probs are computed "
+                            r"from as a plain weight: train it in full with "
+                            r"model.lora.modules_to_save: \[lm_head\]"),
+    (["embed_tokens"], r"model.embed_tokens is the model's input embeddings, .*"
+                       r"modules_to_save: \[embed_tokens\]"),
+    (".*mlp.*", r"'.\*mlp.\*' matches model.layers.0.mlp \(LlamaMLP\), which is no layer LoRA "
+                r"adapts; name layers only \(its linear layers are called down_proj, gate_proj, "
+                r"k_proj, o_proj, q_proj, up_proj, v_proj"),
+    (["act_fn"], r"act_fn matches model.layers.0.mlp.act_fn \(SiLUActivation\)"),
+])
+def test_targets_that_lora_cannot_adapt_here_are_refused_before_training(workspace, target,  # noqa: F811
+                                                                         says):
+    """The output layer's adapters were never read (log-probs take its weight as it is), the
+    input embeddings' broke eval, and a module that is no layer was peft's traceback."""
+    with pytest.raises(ConfigError, match=f"model.lora.target_modules: {says}"):
+        run(workspace, "no-target", model__lora={"r": 4, "target_modules": target})

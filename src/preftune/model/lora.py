@@ -65,7 +65,7 @@ def all_linear(model: nn.Module) -> set[str]:
     """peft's ``all-linear`` for a model that is not a transformers one: the full names of its
     linear layers (a short name can also be a block's), less its output layer and a reward
     head (``score``), which trains in full."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = _output_layer(model)
     return {name for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and module is not output and name != "score"}
 
@@ -86,21 +86,64 @@ def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
 def check_target_modules(model: nn.Module, target) -> None:
     """model.lora.target_modules names layers of ``model``, as peft matches them: each name of
     a list is a module's full name or its last parts, a string other than all-linear a
-    pattern of the whole name."""
+    pattern of the whole name. Every module they match must be a layer LoRA adapts (linear,
+    convolution), and not a language model's embeddings, which the log-prob path reads as
+    plain weights (``modules_to_save`` trains them in full)."""
     if target == "all-linear":
         return
-    modules = [name for name, _ in model.named_modules() if name]
+    modules = [(name, module) for name, module in model.named_modules() if name]
     if isinstance(target, str):
-        missing = [] if any(re.fullmatch(target, name) for name in modules) else [target]
+        matched = [(name, module) for name, module in modules if re.fullmatch(target, name)]
+        missing = [] if matched else [target]
     else:
+        matched = [(name, module) for name, module in modules
+                   if any(name == wanted or name.endswith("." + wanted) for wanted in target)]
         missing = [wanted for wanted in target
-                   if not any(name == wanted or name.endswith("." + wanted) for name in modules)]
+                   if not any(name == wanted or name.endswith("." + wanted) for name, _ in modules)]
+    embeddings = _embedding_names(model)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules
+                     if isinstance(module, nn.Linear)} - set(embeddings))
+    layers = f"its linear layers are called {', '.join(linear[:16])} (or give all-linear)"
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, nn.Linear)})
         raise ConfigError(f"model.lora.target_modules: {', '.join(map(repr, missing))} names no "
-                          f"module of {type(model).__name__}; its linear layers are called "
-                          f"{', '.join(linear[:16])} (or give all-linear).")
+                          f"module of {type(model).__name__}; {layers}.")
+    given = repr(target) if isinstance(target, str) else ", ".join(sorted(target))
+    for name, module in matched:
+        if name.rsplit(".", 1)[-1] in embeddings:
+            roles = [role for role, layer in (("input embeddings", "get_input_embeddings"),
+                                              ("output layer", "get_output_embeddings"))
+                     if module is _layer(model, layer)]
+            raise ConfigError(
+                f"model.lora.target_modules: {name} is the model's {' and '.join(roles)}, "
+                "which log-probs are computed from as a plain weight: train it in full with "
+                f"model.lora.modules_to_save: [{name.rsplit('.', 1)[-1]}], or leave it out.")
+        if not isinstance(module, ADAPTABLE) and type(module).__name__ != "Conv1D":
+            raise ConfigError(f"model.lora.target_modules: {given} matches {name} "
+                              f"({type(module).__name__}), which is no layer LoRA adapts; "
+                              f"name layers only ({layers}).")
+
+
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # (and transformers' Conv1D)
+
+
+def _layer(model: nn.Module, getter: str):
+    """``model.get_output_embeddings()`` (or input), None where a model has none."""
+    try:
+        return getattr(model, getter)() if hasattr(model, getter) else None
+    except NotImplementedError:
+        return None
+
+
+def _output_layer(model: nn.Module):
+    return _layer(model, "get_output_embeddings")
+
+
+def _embedding_names(model: nn.Module) -> list[str]:
+    """The last name parts of a language model's input embeddings and output layer."""
+    layers = [layer for layer in (_output_layer(model), _layer(model, "get_input_embeddings"))
+              if layer is not None]
+    return [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if name and any(module is layer for layer in layers)]
 
 
 def check_target_parameters(model: nn.Module, names: list[str] | None) -> None:
