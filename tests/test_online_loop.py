@@ -189,6 +189,26 @@ def test_reference_is_the_initial_model_or_the_previous_round(model_dir, data, t
         assert second.data.train == str(tmp_path / "round-2" / "pairs.jsonl")
 
 
+def test_rounds_with_a_reference_in_memory_keep_the_initial_model(model_dir, data, tmp_path):
+    """tdpo under LoRA reads the reference's distributions: round 1 takes the adapters off,
+    later rounds hold the initial model in memory (their adapters-off model is the previous
+    round's); an adapters-off reference for every round is refused before anything runs."""
+    tree = config_tree(model_dir, data, tmp_path / "run", reference="initial")
+    tree.update(objective={"name": "tdpo"}, model={"path": model_dir, "lora": {"r": 4}})
+    tree["train"]["max_steps"] = 1
+    config = build_config(tree, schema=OnlineConfig)
+    second = round_config(config, 2, str(tmp_path / "run/round-1/model"), tmp_path / "r2")
+    assert (second.reference.model, second.reference_strategy) == (model_dir, "live")
+    run_online(config)
+    assert json.loads((tmp_path / "run/round-2/run.json").read_text())["reference"] == "live"
+    assert json.loads((tmp_path / "run/round-1/run.json").read_text())["reference"] == \
+        "adapter-off"
+    tree["reference"] = {"strategy": "adapter-off"}
+    with pytest.raises(ConfigError, match="reference.strategy: adapter-off shows each round's "
+                                          "own starting model without its adapters"):
+        build_config(tree, schema=OnlineConfig)
+
+
 class Interrupted(Exception):
     pass
 

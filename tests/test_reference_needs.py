@@ -76,3 +76,25 @@ def test_tdpo_trains_with_lora_and_the_adapter_off_reference(workspace):
     log = read_metrics(loop.train(build_config(tree), show_progress=False) / "metrics.jsonl")
     assert log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at step 1
     assert log[-1]["rewards/margins"] != 0.0
+
+
+def test_a_reference_model_of_its_own_can_be_live_and_gives_the_precomputed_numbers(
+        workspace, tmp_path):
+    """reference.model kept in memory (live) equals its precomputed table step by step; with
+    LoRA, a per-token objective's auto reference becomes it live (adapters off would show the
+    policy's own base), and adapters off with reference.model is refused."""
+    other = str(save_tiny_model_dir(tmp_path / "other", seed=5))
+    runs = [loop.train(_config(workspace, "dpo", model=other, strategy=strategy),
+                       show_progress=False, overwrite=True) for strategy in ("precomputed", "live")]
+    precomputed, live = (read_metrics(run / "metrics.jsonl") for run in runs)
+    assert [m["logps/ref_chosen"] for m in live] == pytest.approx(
+        [m["logps/ref_chosen"] for m in precomputed], rel=1e-5)
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in precomputed], rel=1e-5)
+    assert precomputed[0]["loss"] != pytest.approx(0.6931, abs=1e-3)  # another model's numbers
+    lora = _config(workspace, "tdpo", model=other).model_dump()
+    lora["model"]["lora"] = {"r": 4}
+    assert build_config(lora).reference_strategy == "live"
+    lora["reference"]["strategy"] = "adapter-off"
+    with pytest.raises(ConfigError, match="reference.model is read by the precomputed and live "
+                                          "references, but the reference here is 'adapter-off'"):
+        build_config(lora)

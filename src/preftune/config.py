@@ -267,10 +267,12 @@ class Config(RunConfig):
                                  f"{wanted} more, and reference.extra_models lists "
                                  f"{len(self.reference.extra_models)}; give one weight per "
                                  "reference, the main one first.")
-        if self.reference.model is not None and self.reference_strategy != "precomputed":
-            raise ValueError(f"reference.model is read by the precomputed reference only, but "
-                             f"the reference here is {self.reference_strategy!r}; remove it or "
-                             "set reference.strategy: precomputed.")
+        if self.reference.model is not None and self.reference_strategy not in ("precomputed",
+                                                                                "live"):
+            raise ValueError(f"reference.model is read by the precomputed and live references, "
+                             f"but the reference here is {self.reference_strategy!r} (the "
+                             "policy's own base); remove it or set reference.strategy: "
+                             "precomputed or live.")
         self._check_reference_sync(needs_reference, names)
         if objective.reference_distributions and strategy == "precomputed":
             raise ValueError(f"{objective.name} needs the reference's full next-token "
@@ -306,8 +308,9 @@ class Config(RunConfig):
         if not objective.needs_reference:
             return "none"
         if objective.reference_distributions:  # full distributions: a model must be at hand
-            lora = self.model.lora
-            return "adapter-off" if lora is not None and lora.init == "default" else "live"
+            lora = self.model.lora  # (adapters off show the policy's base, not reference.model)
+            return "adapter-off" if lora is not None and lora.init == "default" \
+                and self.reference.model is None else "live"
         return "precomputed"
 
 

@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -39,10 +39,12 @@ class NoReference:
 
 
 class LiveReference:
-    """A frozen in-memory copy of the model as it was when this object was made."""
+    """A frozen in-memory copy of the model as it was when this object was made (``model``
+    itself, frozen, when it is not the policy: ``copy`` False)."""
 
-    def __init__(self, model, chunk_tokens: int, per_token: bool):
-        frozen = copy.deepcopy(causal_lm_of(model)).eval().requires_grad_(False)
+    def __init__(self, model, chunk_tokens: int, per_token: bool, copy: bool = True):
+        model = causal_lm_of(model)
+        frozen = (deepcopy(model) if copy else model).eval().requires_grad_(False)
         self.logp_model = LogpModel(frozen, chunk_tokens)
         self.per_token = per_token
 

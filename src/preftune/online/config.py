@@ -248,6 +248,12 @@ class OnlineConfig(Config):
         if self.reference.model is not None:
             raise ValueError("reference.model is set by online.reference in an online run "
                              "(initial or previous); remove it.")
+        if self.reference.strategy == "adapter-off" and online.reference == "initial" \
+                and online.mode == "rounds" and online.rounds > 1:
+            raise ValueError("reference.strategy: adapter-off shows each round's own starting "
+                             "model without its adapters, which after round 1 is the previous "
+                             "round's, not the initial model online.reference: initial asks "
+                             "for; use live or precomputed (or online.reference: previous).")
         if self.train.eval_generations is not None:
             raise ValueError("train.eval_generations does nothing in an online run: it answers "
                              "and scores the held-out prompts after every round already "

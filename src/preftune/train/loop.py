@@ -257,7 +257,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     if config.reference.model is not None:
         with accelerator.main_process_first():
             references = reference_from(config.reference.model, "reference.model", config,
-                                        tokenizer, splits, make_batch, objective, device)
+                                        tokenizer, splits, make_batch, objective, device,
+                                        strategy)
     else:
         references = build_reference(strategy, config, model, splits, make_batch, objective,
                                      device, accelerator)

@@ -63,8 +63,9 @@ def build_extra_references(config, tokenizer, examples_by_split, make_batch, obj
 
 
 def reference_from(path, key, config, tokenizer, examples_by_split, make_batch, objective,
-                   device):
-    """A precomputed reference per split from the model at ``path`` (loaded, run, freed)."""
+                   device, strategy: str = "precomputed"):
+    """A reference per split from the model at ``path``: precomputed (loaded, run once, freed)
+    or live (loaded and kept, frozen)."""
     model, other = load_model_and_tokenizer(path, config.model.dtype,
                                             config.model.trust_remote_code)
     if other.get_vocab() != tokenizer.get_vocab():
@@ -76,6 +77,10 @@ def reference_from(path, key, config, tokenizer, examples_by_split, make_batch, 
                 attn_implementation=config.model.attn_implementation, key=key)
     layout = make_batch.keywords["layout"]  # the policy's; the reference must keep to it too
     verified_layout(*decoder_of(model), layout, layout, key=f"{key} ({path})")
+    if strategy == "live":
+        live = LiveReference(model, config.train.logps_chunk_tokens, objective.per_token,
+                             copy=False)
+        return {split: live for split in examples_by_split}
     return build_reference("precomputed", config, model, examples_by_split, make_batch,
                            objective, device)
 
