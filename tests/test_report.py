@@ -160,6 +160,8 @@ def test_the_page_replaces_only_an_earlier_report(tmp_path, capsys):
     ("empty_metrics", ["metrics.jsonl has no steps yet"]),
     ("bad_line", ["metrics.jsonl:2:", "not valid JSON"]),
     ("bad_alarms", ["alarms.jsonl:1:", "not valid JSON"]),
+    ("bad_bytes", ["metrics.jsonl:2: not valid UTF-8 (invalid start byte at byte 25)"]),
+    ("bad_config_bytes", ["config.yaml:1: not valid UTF-8"]),
     # (these were tracebacks, or said the wrong thing)
     ("answer_without_origin", ["eval_generations.jsonl:1: field 'origin' is missing"]),
     ("rounds_not_a_list", ["online.json: field 'rounds' should be a list"]),
@@ -181,6 +183,11 @@ def test_unusable_run_dirs_are_clear_errors(tmp_path, capsys, case, expected):
         (run / "metrics.jsonl").write_text(contents[case])
     if case == "bad_alarms":
         (run / "alarms.jsonl").write_text("{oops\n")
+    if case == "bad_bytes":
+        (run / "metrics.jsonl").write_bytes(good.encode() + b"\xff\xfe\n")
+    if case == "bad_config_bytes":
+        (run / "metrics.jsonl").write_text(good)
+        (run / "config.yaml").write_bytes("train: {seed: 1}\n".encode("utf-16"))
     if case == "answer_without_origin":
         (run / "metrics.jsonl").write_text(good)
         (run / "eval_generations.jsonl").write_text('{"step": 1, "prompt": "p"}\n')

@@ -93,6 +93,17 @@ def test_broken_set_values_and_yaml_files_are_one_line_errors(tmp_path, capsys):
     config.write_text("train: {seed: 1, seed: 2}\n")
     assert main(["train", str(config)]) == 2
     assert "key 'seed' appears twice" in capsys.readouterr().err
+    # saved as UTF-16 (a Windows editor) or with Latin-1 bytes: named, not a traceback
+    config.write_bytes("train: {seed: 1}\n".encode("utf-16"))
+    assert main(["train", str(config)]) == 2
+    assert capsys.readouterr().err == (f"error: {config}:1: not valid UTF-8 (invalid start byte "
+                                       "at byte 0); re-save the config as UTF-8; nothing was "
+                                       "run\n")
+    template = tmp_path / "chat.jinja"
+    template.write_bytes("# caf\xe9\n{{ messages }}".encode("latin-1"))
+    assert main(["train", "--plan", "--set", f"model.chat_template={template}"]) == 2
+    assert f"{template}:1: not valid UTF-8 (invalid continuation byte at byte 5); re-save " \
+        "the template as UTF-8 (model.chat_template)" in capsys.readouterr().err
     config.write_text("base: &b {seed: 1}\ntrain:\n  <<: *b\n  seed: 2\n")  # a merge key may
     from preftune.config_tree import read_tree  # be overridden
 

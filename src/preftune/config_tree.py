@@ -40,6 +40,18 @@ def _mapping_once(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = Fals
 _UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_once)
 
 
+def read_utf8(path: Path, error: type[Exception], advice: str) -> str:
+    """``path``'s text; bytes that are not UTF-8 (a file saved as UTF-16 or Latin-1) raise
+    ``error`` naming the file, the line and, in ``advice``, what to do."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        line = data.count(b"\n", 0, bad.start) + 1
+        raise error(f"{path}:{line}: not valid UTF-8 ({bad.reason} at byte {bad.start}); "
+                    f"{advice}") from None
+
+
 def load_yaml(text: str):
     """``text`` read as safe YAML that refuses a repeated key (yaml.YAMLError says where)."""
     return yaml.load(text, Loader=_UniqueKeys)
@@ -58,7 +70,8 @@ def read_tree(path: str | None, overrides: Sequence[str] = ()) -> dict:
                 "without a file, every key can come from --set (`preftune config explain` "
                 "lists them)")
         try:
-            tree = load_yaml(file.read_text()) or {}
+            tree = load_yaml(read_utf8(file, ConfigError, "re-save the config as UTF-8; "
+                                       "nothing was run")) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config_tree import ConfigError
+from ..config_tree import ConfigError, read_utf8
 
 
 def chat_template_text(value: str | None, key: str = "model.chat_template") -> str | None:
@@ -17,7 +17,7 @@ def chat_template_text(value: str | None, key: str = "model.chat_template") -> s
         raise ConfigError(f"{key}: {value} is neither a file (relative paths start at "
                           f"{Path.cwd()}) nor Jinja template text; give a .jinja file or the "
                           "template itself")
-    return file.read_text(encoding="utf-8")
+    return read_utf8(file, ConfigError, f"re-save the template as UTF-8 ({key})")
 
 
 def use_chat_template(tokenizer, setting: str, key: str = "model.chat_template") -> None:

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config_tree import read_utf8
+
 
 class ReportError(Exception):
     """A run directory that cannot be reported on; the message says which file and what to do."""
@@ -69,7 +71,7 @@ def load_run(run_dir: str | Path) -> RunData:
         config_path = run_dir / "config.yaml"
         return RunData(run_dir=run_dir, metrics=metrics, alarms=alarms, online=online,
                        run_info=rounds_run_info(run_dir, online, _optional_json),
-                       config_text=config_path.read_text() if config_path.is_file() else None)
+                       config_text=_text(config_path) if config_path.is_file() else None)
     if not metrics_path.is_file():
         raise ReportError(f"{metrics_path} not found: is {run_dir} the output_dir of a "
                           "`preftune train` run? Metrics appear there after the first logged step")
@@ -87,7 +89,7 @@ def load_run(run_dir: str | Path) -> RunData:
         alarms=_alarms(run_dir / "alarms.jsonl", metrics),
         run_info=_optional_json(run_dir / "run.json"),
         data_report=_optional_json(run_dir / "data_report.json"),
-        config_text=config_path.read_text() if config_path.is_file() else None,
+        config_text=_text(config_path) if config_path.is_file() else None,
         eval_results=_optional_json(run_dir / "eval.json"),
         reward_eval=_optional_json(run_dir / "rm_eval.json"),
         samples=_optional_json(run_dir / "samples" / "samples.json"),
@@ -101,7 +103,7 @@ def read_jsonl(path: Path) -> list[dict]:
     from ..train.logging import complete_lines
 
     records = []
-    for number, line in enumerate(complete_lines(path.read_text()), start=1):
+    for number, line in enumerate(complete_lines(_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -145,12 +147,18 @@ def _checked_answers(path: Path) -> list[dict]:
     return rows
 
 
+def _text(path: Path) -> str:
+    """A run file's text; bytes that are not UTF-8 are named by file and line."""
+    return read_utf8(path, ReportError, "the run writes UTF-8: fix or remove that part and run "
+                                       "the report again")
+
+
 def _optional_json(path: Path) -> dict | None:
     """The JSON object in ``path``, or None when the file does not exist."""
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(_text(path))
     except json.JSONDecodeError as error:
         raise ReportError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); fix or "
                           "remove the file and run the report again") from None
