@@ -228,6 +228,14 @@ def test_an_unmerged_lora_reward_model_scores_as_the_merged_one(workspace, tmp_p
     assert main(["rm", "score", "--model", str(unmerged), "--data", str(data), "--output",
                  str(tmp_path / "scored.jsonl")]) == 0
     assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 4
+    # rm eval writes into the run dir (it wrote into the working directory)
+    assert main(["rm", "eval", "--model", str(unmerged), "--data", str(data)]) == 0
+    assert (unmerged / "rm_eval.json").is_file()
+    # and training goes on from it (it was a traceback: the adapter dir has no model config)
+    more = train(workspace, "lora-more", model={"path": str(unmerged / "adapter")},
+                 train={"max_steps": 1, "learning_rate": 0.0})
+    ours = torch.stack(RewardScoring.load(str(more)).outputs(records))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)  # (it learnt nothing)
 
 
 def test_ranked_lists_train_with_plackett_luce_and_score_as_lists(workspace, tmp_path):

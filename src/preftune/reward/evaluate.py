@@ -255,8 +255,9 @@ def _scorer_gaps(options: RewardEvalOptions, records: list):
 def _output_dir(options: RewardEvalOptions) -> Path:
     if options.output:
         return Path(options.output)
-    model = Path(options.model or "")
-    return model if options.model and (model / "model").is_dir() else Path.cwd()
+    model = Path(options.model or "")  # a run dir (model/, or adapter/ alone): its results
+    run = options.model and ((model / "model").is_dir() or (model / "adapter").is_dir())
+    return model if run else Path.cwd()
 
 
 def render_summary(results: dict) -> str:

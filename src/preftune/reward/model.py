@@ -29,8 +29,8 @@ from ..model.varlen import transformers_name
 from ..model.load import (DTYPES, builds, check_weights_format, is_vision_language,
                           load_tokenizer, resolve_model_dir, saved_dtype)
 from ..model.lora import add_lora
-from ..model.adapter_dirs import (adapter_base, is_adapter_dir, merge_adapter, merged_copy,
-                                  save_model)
+from ..model.adapter_dirs import (adapter_base, config_source, is_adapter_dir, merge_adapter,
+                                  merged_copy, save_model)
 from ..model.quantize import loading_arguments, settle
 from .encoder import collate_encoder
 from .heads import HEAD_FILE, Head
@@ -180,6 +180,7 @@ def scores_last_token(source: str, trust_remote_code: bool = False) -> bool:
     sequence-classification model on the meta device, no weights read."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    source = config_source(source)  # (a LoRA reward model saved unmerged: its base's config)
     if is_vision_language(source, trust_remote_code):  # VisionRewardModel: the last token
         return True
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
