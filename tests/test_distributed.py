@@ -71,6 +71,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(workspace, tmp_path,
     assert losses(two) == pytest.approx(losses(one), rel=1e-6)
     assert json.loads((two / "run.json").read_text())["processes"] == 2
     if strategy == "precomputed":  # the table the processes computed half each = the whole one
+        # (the bar counts the main process's half: 18 of 36; it stopped at 50%)
+        assert "reference logps (train, this process): 100%" in done.stderr
         (split_file,) = [
             p for p in (tmp_path / "cache").glob("reference-*.pt")
             if p.name in {q.name for q in (workspace / "cache").glob("reference-*.pt")}

@@ -33,8 +33,12 @@ def build_reference(strategy, config, model, examples_by_split, make_batch, obje
         check_writable(cache_dir, "reference.cache_dir" if config.reference.cache_dir else
                        "the reference cache (under PREFTUNE_CACHE)")
     references = {}
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator \
+        else (0, 1)
     for split, examples in examples_by_split.items():
-        bar = progress_bar(len(examples), f"reference logps ({split})", unit="example")
+        share = len(range(rank, len(examples), world))  # each process computes every n-th
+        bar = progress_bar(share, f"reference logps ({split}"
+                           f"{', this process' if world > 1 else ''})", unit="example")
         reference, hit = precomputed_reference(
             model, examples, make_batch=make_batch,
             batch_size=config.train.batch_size, chunk_tokens=chunk, per_token=objective.per_token,
