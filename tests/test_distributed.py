@@ -245,3 +245,26 @@ def test_an_objective_state_counts_every_process_like_one_process(workspace, tmp
     ours, theirs = final_weights(two), final_weights(one)
     for weight in theirs:  # (Adam magnifies the rounding of gradient entries near 0: ~1e-5)
         torch.testing.assert_close(ours[weight], theirs[weight], rtol=0, atol=1e-4, msg=weight)
+
+
+def test_a_refusal_on_the_main_process_stops_every_process_alike(tmp_path):
+    """A check only the main process runs (the output dir, --resume's settings, the held-out
+    scorer): its error reaches the other processes, which raise it too, so none is left
+    waiting at a collective (that was a page of rank 1's gloo traceback and exit 1)."""
+    script = tmp_path / "refuse.py"
+    script.write_text(
+        "from accelerate import Accelerator\n"
+        "from preftune.config import ConfigError\n"
+        "from preftune.train.output import on_main_process\n"
+        "accelerator = Accelerator(cpu=True)\n"
+        "print('result', accelerator.process_index, on_main_process(accelerator, lambda: 5))\n"
+        "def refuse():\n"
+        "    raise ConfigError('refused here')\n"
+        "try:\n"
+        "    on_main_process(accelerator, refuse)\n"
+        "except ConfigError as error:\n"
+        "    print('rank', accelerator.process_index, 'raised', error)\n")
+    done = run_on_two_processes([str(script)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["result 0 5", "rank 0 raised refused here",
+                                        "result 1 None", "rank 1 raised refused here"]

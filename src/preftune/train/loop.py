@@ -36,7 +36,7 @@ from ..objectives.compose import Objective
 from ..objectives.metrics import metric_sums
 from .checkpoint import save_final_model
 from .logging import progress
-from .output import check_same_data, start_run
+from .output import check_same_data, on_main_process, start_run
 from .plan import plan
 from .generations import eval_generations
 from .engines import (check_engine, refuse_sharding, refuse_split_weights, shards,
@@ -247,8 +247,8 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
                    getattr(tokenizer, "image_inputs", None)))
         return None, 0
     # the scorer of held-out answers is loaded before any long pass: a bad one stops here
-    generations = eval_generations(config, splits.get("eval", []), tokenizer, output_dir) \
-        if accelerator.is_main_process else None
+    generations = on_main_process(accelerator, lambda: eval_generations(
+        config, splits.get("eval", []), tokenizer, output_dir))
 
     # Reference (before LoRA: the reference is the initial model, unless reference.model names
     # another), then adapters.

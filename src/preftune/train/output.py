@@ -125,6 +125,26 @@ def check_writable(directory: Path, key: str) -> None:
                           "choose a directory you can write to, with free space.") from None
 
 
+def on_main_process(accelerator, work):
+    """``work()`` on the main process alone, its result there (None elsewhere). Under a launch,
+    an error it raises is sent to every process, which raise it too: all stop alike at once,
+    not the others later, waiting at a collective the main process never reaches."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    outcome, result = [None], None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as error:  # (any kind: each process re-raises the same one)
+            outcome = [error]
+    broadcast_object_list(outcome)
+    if outcome[0] is not None:
+        raise outcome[0]
+    return result
+
+
 def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     """The output directory of ``config`` made ready (and a resume checked) by the main
     process, before any process loads anything. Returns whether ``resume`` found the run
@@ -133,38 +153,43 @@ def start_run(config, accelerator, resume: bool, overwrite: bool) -> bool:
     checkpoint."""
     out = Path(config.output_dir)
     if resume and not overwrite and finished(out, config):
-        if accelerator.is_main_process:
+        def say_finished():
             check_free(out)
             check_resume(config, accelerator.num_processes)
             print(f"--resume: {out} holds a finished run (run.json, its model saved); nothing "
                   "is left to train. Start over with --overwrite, or choose another "
                   "output_dir.")
+        on_main_process(accelerator, say_finished)
         accelerator.wait_for_everyone()
         return True
-    if accelerator.is_main_process:
-        if resume and not overwrite:
-            from .checkpoint import checkpoints
-
-            out = Path(config.output_dir)
-            if not out.exists():
-                where = "" if out.is_absolute() else f" (from the working directory {Path.cwd()})"
-                raise ConfigError(f"--resume: {out}{where} does not exist, so there is no run "
-                                  "to continue. Run from the directory the run was started "
-                                  "in, or give output_dir as an absolute path; or start the "
-                                  "run without --resume.")
-            if out.is_dir():
-                check_free(out)  # a run still going there has written no checkpoint yet
-            if not checkpoints(out / "checkpoints"):
-                instead = ("start over with --overwrite (the old run is moved aside, not "
-                           "deleted)" if holds_run(out) else "start the run without --resume")
-                raise ConfigError(f"--resume: {out} holds no checkpoint to continue from (one "
-                                  "is written every train.save_every steps and when a signal "
-                                  f"stops a run); {instead}.")
-        prepare_output_dir(config.output_dir, resume, overwrite)
-        if resume:
-            check_resume(config, accelerator.num_processes)
+    on_main_process(accelerator, lambda: _prepare(config, accelerator, resume, overwrite))
     accelerator.wait_for_everyone()
     return False
+
+
+def _prepare(config, accelerator, resume: bool, overwrite: bool) -> None:
+    """``start_run``'s work on the main process: the output directory, a resume checked."""
+    if resume and not overwrite:
+        from .checkpoint import checkpoints
+
+        out = Path(config.output_dir)
+        if not out.exists():
+            where = "" if out.is_absolute() else f" (from the working directory {Path.cwd()})"
+            raise ConfigError(f"--resume: {out}{where} does not exist, so there is no run "
+                              "to continue. Run from the directory the run was started "
+                              "in, or give output_dir as an absolute path; or start the "
+                              "run without --resume.")
+        if out.is_dir():
+            check_free(out)  # a run still going there has written no checkpoint yet
+        if not checkpoints(out / "checkpoints"):
+            instead = ("start over with --overwrite (the old run is moved aside, not "
+                       "deleted)" if holds_run(out) else "start the run without --resume")
+            raise ConfigError(f"--resume: {out} holds no checkpoint to continue from (one "
+                              "is written every train.save_every steps and when a signal "
+                              f"stops a run); {instead}.")
+    prepare_output_dir(config.output_dir, resume, overwrite)
+    if resume:
+        check_resume(config, accelerator.num_processes)
 
 
 def finished(out: Path, config) -> bool:
