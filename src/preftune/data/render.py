@@ -26,8 +26,9 @@ def prompt_texts(record, tokenizer) -> list[str]:
     return [rendered[id(prompt)] for prompt in record.prompts]
 
 
-def rendered_response(response, prompt, prompt_text: str, tokenizer, record, ends: ResponseEnds,
-                  mask_roles: tuple = (), unfinished: bool = False) -> tuple[str, list]:
+def rendered_response(response, prompt, prompt_text: str, tokenizer, record,
+                      ends: ResponseEnds, mask_roles: tuple = (),
+                      unfinished: bool = False) -> tuple[str, list]:
     """The response as text, and the (start, end) character spans of its messages whose role
     is in ``mask_roles`` (tool results: not scored). An ``unfinished`` response (cut off at a
     length limit) ends without the end of a turn."""
@@ -35,7 +36,7 @@ def rendered_response(response, prompt, prompt_text: str, tokenizer, record, end
         return response, []
     single = _single_answer(response)
     if single:
-        content = _answer(response[0], record)
+        content = _answer(response, record)
         if unfinished or not isinstance(prompt, list):
             # a cut-off answer as written (a template would close it, or read a reasoning
             # block it never finished as the answer); after a plain prompt there is no chat
@@ -80,14 +81,13 @@ def _single_answer(response: list) -> bool:
             and not response[0].get("tool_calls"))
 
 
-def _answer(message: dict, record) -> str:
+def _answer(response: list, record) -> str:
     """A single assistant message's text; an image part in it is refused."""
-    content = message["content"]
+    content = response[0]["content"]
     if not isinstance(content, str) and any(p.get("type") == "image" for p in content):
         raise DataError(f"{record.origin}: a response holds an image part; images go in the "
                         "prompt only (a response cannot show one). Move it into the prompt.")
-    return content if isinstance(content, str) else "".join(
-        part["text"] for part in content if part.get("type") == "text")
+    return response_text(response)
 
 
 def chat(tokenizer, messages: list, record, add_generation_prompt: bool) -> str:
