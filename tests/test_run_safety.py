@@ -683,3 +683,17 @@ def test_a_run_refused_after_its_model_loaded_takes_back_its_header_too(workspac
                    show_progress=False, overwrite=True)
     assert {p.name: p.stat().st_mtime_ns for p in kept.iterdir()} == before
     assert f"was moved back to {kept}: the new run wrote nothing" in capsys.readouterr().out
+
+
+def test_no_training_data_is_said_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    """(the bundled model's first use converts it, half a minute, before the run said so)"""
+    import preftune.reward.train as reward_train
+    import preftune.train.loop as loop
+
+    monkeypatch.setattr(loop, "load_tokenizer", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(reward_train, "backbone_tokenizer",
+                        lambda *a, **k: pytest.fail("a model loaded"))
+    for command in (["train"], ["rm", "train"]):
+        assert main([*command, "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+        assert "error: data.train is empty: name a preference data file" in \
+            capsys.readouterr().err

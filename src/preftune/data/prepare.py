@@ -92,6 +92,14 @@ def _same_response_count(examples, split: str) -> None:
             "convert lists to pairs (data.convert: pairs:best_vs_worst).")
 
 
+def check_train_named(data_config) -> None:
+    """data.train names some data (checked before a model or tokenizer loads: the bundled
+    model's first use converts it, which takes a while)."""
+    if not data_config.train:
+        raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
+                        "Parquet, CSV or a saved HF dataset directory).")
+
+
 def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_records,
                      keep_prompts: bool = False, announce: bool = True,
                      gold: tuple | None = None):
@@ -102,9 +110,7 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
     layout is printed with ``announce`` (a second reading of the same data stays quiet).
     ``gold`` names the objectives that read a pair's gold response: each pair must have one;
     an empty tuple leaves gold responses out (nothing reads them); None keeps them as read."""
-    if not data_config.train:
-        raise DataError("data.train is empty: name a preference data file (JSONL, JSON, "
-                        "Parquet, CSV or a saved HF dataset directory).")
+    check_train_named(data_config)
     settings = TokenizeSettings(data_config.max_length, data_config.max_prompt_length,
                                 tuple(data_config.mask_roles))
     skipped: list | None = [] if data_config.on_error == "skip" else None

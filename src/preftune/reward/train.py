@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..data.layout import choose_layout
-from ..data.prepare import prepare_examples
+from ..data.prepare import check_train_named, prepare_examples
 from ..data.records import DataError
 from ..data.tokenize import tokenize_records
 from ..model.checkpointing import enable_checkpointing
@@ -195,6 +195,7 @@ def reward_model_from(config: RewardConfig, head, lora: bool = True, tokenizer=N
 def reward_data(config: RewardConfig, announce: bool = True):
     """(backbone source, tokenizer, whether it scores the last token, ``prepare_examples`` of
     the run's data as that backbone reads it)."""
+    check_train_named(config.data)
     source, tokenizer = backbone_tokenizer(config.model.path, config.model.trust_remote_code,
                                            config.model.chat_template)
     last_token = scores_last_token(source, config.model.trust_remote_code)

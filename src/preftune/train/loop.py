@@ -16,8 +16,9 @@ from accelerate.utils import set_seed
 from ..config import Config
 from ..data.convert import conversions
 from ..data.layout import choose_layout, collate
-from ..data.prepare import (check_example_weights, check_objective_scores, prepare_examples,
-                            with_mismatched_completions, with_negative_image_slot)
+from ..data.prepare import (check_example_weights, check_objective_scores, check_train_named,
+                            prepare_examples, with_mismatched_completions,
+                            with_negative_image_slot)
 from ..data.records import DataError
 from ..evaluate.diagnostics import cheap_signals
 from ..model.checkpointing import enable_checkpointing
@@ -206,6 +207,7 @@ def policy_task(config: Config, accelerator: Accelerator, plan_only: bool = Fals
     device = accelerator.device
     strategy = config.reference_strategy
     check_attention_device(config.model, device)
+    check_train_named(config.data)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code,
                                config.model.chat_template)
     # the data is read and checked before the weights load (or download): a bad record stops
