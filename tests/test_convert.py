@@ -244,9 +244,11 @@ def test_records_left_out_by_tokenization_are_said(tmp_path, tiny_tokenizer, cap
     config = build_config({"data": {"train": str(pairs), "eval": str(pairs), "max_length": 32}})
     train, held_out, report, _ = prepare_examples(config.data, tiny_tokenizer, seed=0)
     assert len(train) == len(held_out) == 1 and report["train"]["empty_responses"] == 1
+    assert report["train"]["origins"] == {"empty_responses": [f"{pairs}:1"]}  # which one
     printed = capsys.readouterr().out.splitlines()
     for split in ("train", "eval"):
-        assert f"data: data.{split}: 1 of 2 records left out: 1 have an empty response" in printed
+        assert f"data: data.{split}: 1 of 2 records left out: 1 have an empty response " \
+            f"(e.g. {pairs}:1)" in printed
 
 
 def test_ranked_lists_that_all_tie_are_warned_of(tmp_path, tiny_tokenizer, capsys):

@@ -91,20 +91,33 @@ class TokenizeReport:
     images: int = 0  # images shown by the kept records' prompts
     dropped_image_cut: int = 0  # the prompt limit would cut into an image's tokens: dropped
     masked_tokens: int = 0  # response tokens of masked roles (tool results): not scored
+    # per count above of left-out (or identical) records: where the first few were read
+    origins: dict = field(default_factory=dict)
+
+    def count(self, key: str, origin: str) -> None:
+        """One more record counted under ``key``; the first few are named by origin."""
+        setattr(self, key, getattr(self, key) + 1)
+        named = self.origins.setdefault(key, [])
+        if len(named) < 3 and origin:
+            named.append(origin)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "origins" or v}
+
+    def e_g(self, key: str) -> str:
+        """`` (e.g. f.jsonl:3, f.jsonl:9)``: where the first records counted under key are."""
+        named = self.origins.get(key)
+        return f" (e.g. {', '.join(named)})" if named else ""
 
     def dropped(self) -> str:
-        """How many records were dropped for each reason, with what to change."""
-        return "; ".join(f"{count} {why}" for count, why in (
-            (self.dropped_too_long, "left no room for a response token within data.max_length "
-                                    "(raise it, or lower data.max_prompt_length)"),
-            (self.dropped_image_cut, "would have an image's tokens cut by "
-                                     "data.max_prompt_length (raise it: image tokens count "
-                                     "toward it)"),
-            (self.empty_responses, "have an empty response"),
-            (self.empty_prompts, "have a prompt that renders to no tokens")) if count)
+        """How many records were dropped for each reason, with what to change, and where."""
+        return "; ".join(f"{getattr(self, key)} {why}{self.e_g(key)}" for key, why in (
+            ("dropped_too_long", "left no room for a response token within data.max_length "
+                                 "(raise it, or lower data.max_prompt_length)"),
+            ("dropped_image_cut", "would have an image's tokens cut by data.max_prompt_length "
+                                  "(raise it: image tokens count toward it)"),
+            ("empty_responses", "have an empty response"),
+            ("empty_prompts", "have a prompt that renders to no tokens")) if getattr(self, key))
 
 
 @dataclass
@@ -156,11 +169,11 @@ def tokenize_records(
             skipped.append(str(error))
             continue
         if any(is_empty(response) for response in record.responses):
-            report.empty_responses += 1
+            report.count("empty_responses", getattr(record, "origin", ""))
             if not keep_empty:
                 continue
         if len(set(item.response_texts)) < len(item.response_texts):
-            report.identical_responses += 1
+            report.count("identical_responses", getattr(record, "origin", ""))
         rendered.append(item)
         if len(rendered) == ENCODE_CHUNK:
             examples += _encode_chunk(rendered, tokenizer, ends, settings, report)
@@ -247,7 +260,7 @@ def _encode_chunk(
         else:
             check_no_image_tokens(side_prompts, item.record, tokenizer)
         if not all(side_prompts):
-            report.empty_prompts += 1
+            report.count("empty_prompts", getattr(item.record, "origin", ""))
             continue
         shared, own = split_shared_prefix(side_prompts, getattr(item.record, "origin", ""))
         end = ends.of_record(item.record)  # (not after a response a length limit cut off)
@@ -258,12 +271,12 @@ def _encode_chunk(
             else []
         example = _truncate(item, shared, own, response_ids, settings, masks)
         if example is None:
-            report.dropped_too_long += 1
+            report.count("dropped_too_long", getattr(item.record, "origin", ""))
             continue
         if images:
             image_tokens = tokenizer.image_inputs.image_token_id
             if sum(t == image_tokens for t in example.prompt_ids) != sum(counts):
-                report.dropped_image_cut += 1
+                report.count("dropped_image_cut", getattr(item.record, "origin", ""))
                 continue
             example.images, example.image_token_counts = tuple(images), tuple(counts)
             example.negative_images = tuple(getattr(item.record, "negative_images", ()))

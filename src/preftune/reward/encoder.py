@@ -39,7 +39,7 @@ def encoder_examples(records, tokenizer, settings: TokenizeSettings, keep_empty:
             continue
         responses = [plain_text(r) for r in record.responses]
         if any(not text.strip() for text in responses):
-            report.empty_responses += 1
+            report.count("empty_responses", record.origin)
             if not keep_empty:
                 continue
         prompt = tokenizer(plain_text(record.prompts[0]), add_special_tokens=False)["input_ids"]
@@ -57,7 +57,7 @@ def encoder_examples(records, tokenizer, settings: TokenizeSettings, keep_empty:
             truncated_response |= len(ids) > keep
             replies.append(ids[:keep] + [sep_id])
         if len(replies) < len(responses):
-            report.dropped_too_long += 1
+            report.count("dropped_too_long", record.origin)
             continue
         report.prompt_truncated += truncated_prompt
         report.response_truncated += truncated_response
