@@ -27,17 +27,17 @@ def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
     share = f"  ({100 * report.kept / report.records:.1f}%)" if report.records else ""
     lines.append(_row("kept", f"{report.kept}{share}"))
     lines.append(_row("dropped", report.records - report.kept))
-    for label, count, why in (
-        ("empty response", report.empty_responses, "a response is empty or whitespace"),
-        ("empty prompt", report.empty_prompts, "the prompt has no tokens"),
-        ("too long", report.dropped_too_long, "no response token fits max_length"),
+    for label, key, why in (
+        ("empty response", "empty_responses", "a response is empty or whitespace"),
+        ("empty prompt", "empty_prompts", "the prompt has no tokens"),
+        ("too long", "dropped_too_long", "no response token fits max_length"),
     ):
-        if count:
-            lines.append(_row("  " + label, f"{count}  ({why})"))
+        if getattr(report, key):
+            lines.append(_row("  " + label, f"{getattr(report, key)}  ({why}){report.e_g(key)}"))
     lines.append(_row("prompt truncated", f"{report.prompt_truncated}  (start cut, end kept)"))
     lines.append(_row("response truncated", f"{report.response_truncated}  (end cut, no eos)"))
     lines.append(_row("identical pairs", f"{report.identical_responses}  (chosen == rejected, "
-                                         f"kept)"))
+                                         f"kept){report.e_g('identical_responses')}"))
     if report.images or report.dropped_image_cut:
         lines.append(_row("images", f"{report.images} in kept prompts"))
         if report.dropped_image_cut:
@@ -47,8 +47,9 @@ def inspect_report(records: Sequence, examples: Sequence[TokenizedExample],
         lines.append(_row("joint pairs", f"{report.joint_pairs}  (two different prompts; each "
                                          f"side's own prompt is scored)"))
     # encoding prompt+response as one text is what a naive pipeline does; these ids never merge
-    lines.append(_row("boundary merges", f"{report.boundary_merges}  (records a single "
-                                         f"prompt+response encoding would merge; avoided)"))
+    lines.append(_row("boundary merges", f"{report.boundary_merges}  (records whose prompt "
+                                         f"and response as one text merge a token across "
+                                         f"them; encoded apart)"))
     if examples:
         prompt_lengths = [len(ex.prompt_ids) for ex in examples]
         response_lengths = [len(ids) for ex in examples for ids in ex.response_ids]
