@@ -261,3 +261,18 @@ def test_ranked_lists_that_all_tie_are_warned_of(tmp_path, tiny_tokenizer, capsy
     assert shape == "ranked" and len(train) == 2  # kept: an objective may read ties
     assert (f"warning: data.train: 1 of 2 ranked lists give every response the same score "
             f"(e.g. {data}:1); they order nothing") in capsys.readouterr().out
+
+
+def test_the_data_report_says_how_many_records_a_conversion_was_made_from(tmp_path,
+                                                                           tiny_tokenizer):
+    from preftune.config import build_config
+    from preftune.data.prepare import prepare_examples
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{k}", "chosen": "x", "rejected": "y"})
+                             + "\n" for k in range(3)))
+    config = build_config({"data": {"train": str(pairs), "max_length": 32,
+                                    "convert": "unpaired"}})
+    _, _, report, shape = prepare_examples(config.data, tiny_tokenizer, seed=0)
+    assert (shape, report["train"]["records"]) == ("unpaired", 6)
+    assert report["convert"] == {"conversions": "unpaired", "read": {"train": 3, "eval": 0}}

@@ -100,6 +100,9 @@ def test_command_line_reads_as_typed():
     assert command_line(["scripts/align.py", "--lr", "1e-6"]) == "python scripts/align.py --lr 1e-6"
     assert command_line(["/x/preftune/__main__.py", "rm", "train"]) == \
         "python -m preftune rm train"
+    # a resumed run: the command that trains it from the start
+    assert command_line(["/venv/bin/preftune", "train", "c.yaml", "--resume"]) == \
+        "preftune train c.yaml"
     # a run of several processes: its launcher, which no process's own argv holds
     assert command_line(["/x/preftune/__main__.py", "train", "c.yaml"], processes=2) == \
         "accelerate launch --num_processes 2 -m preftune train c.yaml"

@@ -257,3 +257,23 @@ def test_the_data_table_says_records_left_out_without_a_named_reason():
     named = _data_report({"train": {"records": 5, "kept": 4, "dropped_too_long": 1}})
     assert "<td>dropped_too_long 1</td>" in named
     assert "none" in _data_report({"train": {"records": 2, "kept": 2}})
+
+
+def test_the_data_table_holds_splits_only_and_says_what_made_and_left_out_its_records():
+    """(data.on_error's skipped rows and UDM's report were rows of the table, a raw Python
+    list in a cell; converted counts stood beside a file of half as many records.)"""
+    from preftune.report.page import _data_report
+
+    table = _data_report({
+        "train": {"records": 96, "kept": 95, "empty_responses": 1,
+                  "origins": {"empty_responses": ["t.jsonl:7"]}},
+        "eval": {"records": 32, "kept": 32},
+        "convert": {"conversions": "unpaired", "read": {"train": 48, "eval": 16}},
+        "skipped_rows": {"count": 2, "reasons": ["t.jsonl:3: missing 'rejected'", "t.jsonl:9"]},
+        "udm": {"accuracy": 0.5}})
+    assert re.findall(r"<tr><td>([^<]+)</td>", table) == [
+        "train (data.convert unpaired of the 48 read)",
+        "eval (data.convert unpaired of the 16 read)"]
+    assert "<td>empty_responses 1 (e.g. t.jsonl:7)</td>" in table
+    assert "<p>Malformed records left out (data.on_error: skip): 2, the first: t.jsonl:3: " \
+        "missing &#x27;rejected&#x27;</p>" in table

@@ -131,6 +131,7 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
                             f"{n_eval} records of data.train holds them all out, leaving none "
                             "to train on: lower data.eval_fraction (0 holds none out), or give "
                             "more records or a data.eval file.")
+    read = {"train": len(train_records), "eval": len(eval_records)}
     train_records = _converted(train_records, data_config, seed, "data.train")
     eval_records = _converted(eval_records, data_config, seed, "data.eval")
     shape = data_shape(train_records)
@@ -181,6 +182,10 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
             example.prompt = scorer_prompt(record.prompts[0], example.images,
                                            getattr(record, "tools", ()))
         report["eval"] = eval_report.as_dict()
+    if data_config.convert:  # the counts above are of the records it made
+        conversions = data_config.convert
+        report["convert"] = {"conversions": " then ".join(
+            [conversions] if isinstance(conversions, str) else conversions), "read": read}
     if skipped:  # as read, and as the chat template refused them
         report["skipped_rows"] = {"count": len(skipped), "reasons": skipped[:10]}
         print(f"data.on_error skip: left out {len(skipped)} malformed records; the first: "

@@ -146,12 +146,20 @@ def _data_report(report: dict | None) -> str:
     """Per split: records read, rows kept, and any problem counters that are not zero."""
     if not report:
         return ""
-    rows = []
-    for split, counts in report.items():
+    rows, converted = [], report.get("convert")
+    for split in ("train", "eval"):
+        counts = report.get(split)
         if not isinstance(counts, dict):
             continue
-        problems = ", ".join(f"{escape(key)} {escape(str(value))}" for key, value in counts.items()
-                             if key not in ("records", "kept") and value)
+        named = counts.get("origins", {})
+        problems = ", ".join(
+            f"{escape(key)} {escape(str(value))}"
+            + (f" (e.g. {escape(', '.join(named[key]))})" if key in named else "")
+            for key, value in counts.items() if key not in ("records", "kept", "origins")
+            and value)
+        if converted:
+            split = f"{split} (data.convert {converted['conversions']} of the " \
+                    f"{converted['read'][split]} read)"
         left_out = counts.get("records", 0) - counts.get("kept", 0)
         if not problems and isinstance(left_out, int) and left_out > 0:  # (no reason counted)
             problems = f"left out {left_out}"
@@ -160,8 +168,12 @@ def _data_report(report: dict | None) -> str:
                     f"<td class=\"num\">{counts.get('kept', '')}</td>"
                     f"<td>{problems or '<span class=note>none</span>'}</td></tr>")
     shape = f": {escape(str(report['shape']))}" if "shape" in report else ""
+    skipped = report.get("skipped_rows")
+    malformed = (f"\n<p>Malformed records left out (data.on_error: skip): {skipped['count']}, "
+                 f"the first: {escape(str(skipped['reasons'][0]))}</p>"
+                 if isinstance(skipped, dict) and skipped.get("reasons") else "")
     return (f"<h2>Data{shape}</h2>\n<table><tr><th>split</th><th>records</th><th>kept</th>"
-            f"<th>dropped, truncated or suspicious</th></tr>{''.join(rows)}</table>")
+            f"<th>dropped, truncated or suspicious</th></tr>{''.join(rows)}</table>{malformed}")
 
 
 def _alarms(alarms: list[dict]) -> str:

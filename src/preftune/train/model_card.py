@@ -23,9 +23,12 @@ KNOWN_BASES = {"default": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 
 
 def command_line(argv: list[str] | None = None, processes: int = 1) -> str:
-    """The command this process runs, as a user would type it; a run of several processes
-    under ``accelerate launch`` (which its processes' own command lines leave out)."""
+    """The command this process runs, as a user would type it to train the same run again
+    (without --resume or --overwrite); a run of several processes under ``accelerate launch``
+    (which its processes' own command lines leave out)."""
     argv = list(sys.argv if argv is None else argv)
+    # a run resumed, or started over, trains as the command that started it: that command
+    argv = [word for word in argv if word not in ("--resume", "--overwrite")]
     program = Path(argv[0]).name if argv else "python"
     script = program.endswith(".py") and program != "__main__.py"  # a script calling the API
     if processes > 1:
@@ -121,10 +124,14 @@ def model_card(output_dir: Path, info: dict, kind: str) -> str:
     if data.get("eval_fraction"):
         lines.append(f"| eval | {data['eval_fraction']:g} of train, split off by the seed | |")
     lines.append("")
+    converted = data_report.get("convert")
     for split in ("train", "eval"):
         if isinstance(data_report.get(split), dict):
-            counts = ", ".join(f"{name} {value}" for name, value in data_report[split].items())
-            lines.append(f"- {split} records: {counts}")
+            counts = ", ".join(f"{name} {value}" for name, value in data_report[split].items()
+                               if name != "origins")
+            made = (f" (made by data.convert {converted['conversions']} from the "
+                    f"{converted['read'][split]} read)" if converted else "")
+            lines.append(f"- {split} records{made}: {counts}")
     if "skipped_rows" in data_report:
         lines.append(f"- malformed records left out (data.on_error: skip): "
                      f"{data_report['skipped_rows']['count']}")
