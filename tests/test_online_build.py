@@ -46,21 +46,60 @@ class ScriptedRandom(random.Random):
 
 
 def test_rso_accepts_with_probability_exp_of_the_gap_to_the_best_and_pairs_in_order():
+    """Sample i is accepted on pass G_i ~ Geometric(p_i), p_i = exp((s_i - max s) / beta),
+    drawn by inversion from one uniform each: G = ceil(log(1 - u) / log(1 - p))."""
     beta = 0.5
     scores = [0.0, 1.0, 0.5, 0.9]
-    accept = [math.exp((s - 1.0) / beta) for s in scores]  # 0.135, 1, 0.368, 0.819
-    # pass 1: 0 rejected (0.5 > 0.135), 1 accepted, 2 rejected (0.7 > 0.368), 3 accepted;
-    # pass 2 over the rest: 0 accepted (0.1 < 0.135), 2 accepted (0.3 < 0.368)
-    uniforms = [0.5, 0.99, 0.7, 0.8, 0.1, 0.3]
-    assert [u < a for u, a in zip(uniforms[:4], accept)] == [False, True, False, True]
+    p = [math.exp((s - 1.0) / beta) for s in scores]  # 0.135, 1, 0.368, 0.819
+    uniforms = [0.2, 0.5, 0.7, 0.5]
+    passes = [1 if q == 1 else math.ceil(math.log(1 - u) / math.log(1 - q))
+              for u, q in zip(uniforms, p)]
+    assert passes == [2, 1, 3, 1]
     pairs = rso_pairs(scores, beta, accept=4, rng=ScriptedRandom(uniforms))
-    # accepted in order 1, 3, 0, 2 -> pairs (1, 3) and (0, 2), the higher score chosen
+    # accepted in order 1, 3 (pass 1), 0 (pass 2), 2 (pass 3): pairs (1, 3) and (0, 2), the
+    # higher score chosen
     assert pairs == [(1, 3), (2, 0)]
 
 
 def test_rso_keeps_the_best_and_stops_at_the_accepted_count():
-    rng = ScriptedRandom([0.999, 0.0])
-    assert rso_pairs([3.0, 1.0, 2.0], beta=1.0, accept=2, rng=rng) == [(0, 1)]
+    rng = ScriptedRandom([0.5, 0.5, 0.5])  # passes 1, 5 and 2: 0 and 2 accepted first
+    assert rso_pairs([3.0, 1.0, 2.0], beta=1.0, accept=2, rng=rng) == [(0, 2)]
+    # a sample 10 below the best at beta 0.5 (p = 2e-9) is accepted, after some 10^8 passes,
+    # at once (the passes hung the build); one whose p is 0 in floating point never is
+    (pair,) = rso_pairs([10.0, 0.0, 0.0, 0.0], 0.5, 4, random.Random(0))  # (and a tied pair)
+    assert pair[0] == 0 and pair[1] in (1, 2, 3)
+    assert rso_pairs([1000.0, 0.0, 0.0], 0.5, 4, random.Random(0)) == []
+
+
+def test_rso_draws_as_rejection_sampling_pass_after_pass():
+    """The acceptance orders' frequencies equal those of the passes themselves."""
+    def by_passes(scores, beta, accept, rng):
+        top, waiting, accepted = max(scores), list(range(len(scores))), []
+        while waiting and len(accepted) < accept:
+            for i in list(waiting):
+                if len(accepted) < accept and rng.random() < math.exp((scores[i] - top) / beta):
+                    accepted.append(i)
+                    waiting.remove(i)
+        return tuple(accepted)
+
+    def at_once(scores, beta, accept, rng):  # the order rso_pairs pairs up, by its pairs
+        return tuple(rso_pairs(scores, beta, accept, rng))
+
+    scores, draws = [1.0, 0.2, 0.6, 0.0], 20000
+    counted = [{}, {}]
+    for k, method in enumerate((by_passes, at_once)):
+        rng = random.Random(k)
+        for _ in range(draws):
+            key = method(scores, 0.5, 2, rng)
+            counted[k][key] = counted[k].get(key, 0) + 1
+    loop_pairs = {}
+    for order, n in counted[0].items():  # the loop's accepted orders as the pairs they make
+        a, b = order
+        pair = ((a, b) if scores[a] > scores[b] else (b, a),)
+        loop_pairs[pair] = loop_pairs.get(pair, 0) + n
+    assert set(loop_pairs) == set(counted[1])
+    for pair, n in loop_pairs.items():
+        assert counted[1][pair] / draws == pytest.approx(n / draws, abs=0.015), pair
 
 
 def test_win_probs_are_the_mean_probability_of_beating_the_others():

@@ -39,6 +39,14 @@ def count_b(prompt, response):
     return float(response.count("b"))
 
 
+def has_a(prompt, response):
+    """A checker: passes with a letter 'a'."""
+    return float("a" in response)
+
+
+has_a.pass_fail = True
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return str(save_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", seed=1))
@@ -126,6 +134,7 @@ def test_two_rounds_write_samples_scores_pairs_models_and_evaluations(model_dir,
         answers = read_jsonl(here / "eval_answers.jsonl")
         assert [a["score"] for a in answers] == [count_a(None, a["response"]) for a in answers]
         assert evaluation["mean_score"] == pytest.approx(sum(a["score"] for a in answers) / 3)
+        assert "pass_rate" not in evaluation  # count_a counts (its 0s and 1s pass nothing)
     assert summary["initial"]["prompts"] == 3 and "kl_to_initial" not in summary["initial"]
     # KL(round 1 || initial) on round 1's samples of the held-out prompts, recomputed with plain
     # transformers forwards of prompt + response
@@ -320,6 +329,14 @@ def test_a_prompt_file_row_without_a_prompt_is_named(model_dir, tmp_path):
         run_online(config, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "o"]
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["round-1"]
+    # prompts written two ways: refused before anything samples (it stopped at training,
+    # naming the pairs file the run wrote)
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n"
+                   + json.dumps({"prompt": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(Exception, match=r"bad.jsonl:2: field 'prompt' is a message list, and "
+                                        r"the first prompt \(.*bad.jsonl:1\) is text; write "
+                                        "every prompt one way"):
+        run_online(config, overwrite=True)
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/online/*.yaml")),
@@ -489,16 +506,20 @@ def test_per_step_mode_refuses_settings_it_would_ignore(model_dir, data, tmp_pat
 
 
 def test_best_of_n_baseline_scores_each_prompt_by_its_best_sample(model_dir, data, tmp_path):
-    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, eval_best_of=3)
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, eval_best_of=3,
+                       scorer="test_online_loop:has_a")  # a checker: pass rates are said
     tree["train"]["max_steps"] = 1
     run_online(build_config(tree, schema=OnlineConfig))
-    best = json.loads((tmp_path / "run" / "initial" / "eval.json").read_text())["best_of_n"]
+    initial = json.loads((tmp_path / "run" / "initial" / "eval.json").read_text())
+    best = initial["best_of_n"]
+    assert initial["pass_rate"] == initial["mean_score"] and best["pass_rate"] == \
+        best["mean_score"]
     model, tokenizer = load_model_and_tokenizer(model_dir)
     prompts = [json.loads(line)["prompt"] for line in open(data[1])]
     drawn = HFGenerator(model, tokenizer).generate(
         prompt_ids(prompts, tokenizer, TokenizeSettings(64, 32)),
         SamplingSettings(samples=3, max_new_tokens=8, batch_size=4, seed=1)).texts
-    expected = [max(count_a(None, t) for t in texts) for texts in drawn]
+    expected = [max(has_a(None, t) for t in texts) for texts in drawn]
     assert best["n"] == 3 and best["mean_score"] == pytest.approx(sum(expected) / 3)
     assert "best_of_n" not in json.loads((tmp_path / "run" / "round-1" / "eval.json").read_text())
 

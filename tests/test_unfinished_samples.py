@@ -114,3 +114,16 @@ def test_the_unfinished_penalty_lets_an_answer_that_ends_win_a_tie():
     assert (plain["chosen"], plain["rejected"], plain["rejected_score"]) == ("aa", "c", 0.5)
     (ranked,), _ = build_rows([item], "list", unfinished_penalty=0.75)
     assert ranked["scores"] == [1.0, 0.25, 0.5]
+
+
+def test_win_probabilities_are_those_of_the_penalized_scores():
+    """(They were computed from the scorer's own scores, so a cut-off sample tied with the
+    chosen one still had a win probability of 1/2 against it.)"""
+    item = {"prompt": "q", "responses": ["aa", "bbbb", "c"], "ended": [True, False, True],
+            "scores": [1.0, 1.0, 0.5], "origin": "f:1"}
+    (pair,), _ = build_rows([item], "best_vs_worst", unfinished_penalty=0.75,
+                            with_win_probs=True)
+    assert (pair["chosen_win_prob"], pair["rejected_win_prob"]) == (1.0, 0.0)
+    (plain,), _ = build_rows([item], "best_vs_worst", with_win_probs=True)
+    assert (plain["chosen"], plain["chosen_win_prob"], plain["rejected_win_prob"]) == \
+        ("aa", 0.75, 0.0)

@@ -44,21 +44,35 @@ LIST_BUILDERS = ("list", "d2o")  # these make ranked lists, the others pairs
 
 def rso_pairs(scores: Sequence[float], beta: float, accept: int,
               rng: random.Random) -> list[tuple[int, int]]:
-    """RSO's accepted samples, paired two by two in order of acceptance (higher score first)."""
+    """RSO's accepted samples, paired two by two in order of acceptance (higher score first).
+
+    Rejection sampling passes over the samples in order, accepting sample i with probability
+    p_i = exp((s_i - max s) / beta), until ``accept`` are kept. Sample i is accepted on pass
+    G_i ~ Geometric(p_i), drawn here at once (one uniform each, by inversion), so the
+    acceptance order is by (G_i, i): the same distribution without the passes, of which a
+    sample far below the best would need about 1 / p_i (10^8 for a gap of 10 at beta 0.5). A
+    sample whose p_i is 0 in floating point is never accepted."""
     if beta <= 0:
         raise ValueError(f"rso beta must be above 0, got {beta}")
     top = max(scores)
-    waiting, accepted = list(range(len(scores))), []
-    while waiting and len(accepted) < accept:
-        for i in list(waiting):
-            if len(accepted) < accept and rng.random() < math.exp((scores[i] - top) / beta):
-                accepted.append(i)
-                waiting.remove(i)
+    passes = {}
+    for i, score in enumerate(scores):
+        p, u = math.exp((score - top) / beta), rng.random()
+        if p >= 1.0:
+            passes[i] = 1
+        elif p > 0.0:
+            passes[i] = max(1, math.ceil(math.log1p(-u) / math.log1p(-p)))
+    accepted = sorted(passes, key=lambda i: (passes[i], i))[:accept]
     pairs = []
     for a, b in zip(accepted[0::2], accepted[1::2]):
         if scores[a] != scores[b]:
             pairs.append((a, b) if scores[a] > scores[b] else (b, a))
     return pairs
+
+
+def score_preferences(scores: Sequence[float]) -> list[list[float]]:
+    """P(i beats j) by the scores: 1 above, 0 below, 1/2 for a tie."""
+    return [[1.0 if a > b else 0.0 if a < b else 0.5 for b in scores] for a in scores]
 
 
 def win_probs(preference: Sequence[Sequence[float]]) -> list[float]:
@@ -91,16 +105,20 @@ def positions(builder: str, scores: Sequence[float], min_margin: float = 0.0,
 
 def build_rows(scored: Sequence[dict], builder: str, min_margin: float = 0.0,
                rso_beta: float = 0.5, rso_accept: int = 4, seed: int = 0,
-               divpo_rho: float = 0.3, unfinished_penalty: float = 0.0) -> tuple[list, dict]:
+               divpo_rho: float = 0.3, unfinished_penalty: float = 0.0,
+               with_win_probs: bool = False) -> tuple[list, dict]:
     """Training rows from scored rows (``prompt``, ``responses``, ``scores``, optional
     ``win_probs`` and ``diversity``, ``ended``, ``origin``, provenance); returns them and
     counts: prompts, ``tied`` (fewer than two different scores among the non-empty samples:
     nothing to learn), ``no_pair`` (different scores, no pair the builder keeps), ``empty``
     samples, ``incomplete`` lists, rows made. ``unfinished_penalty`` is taken off the score of
-    each sample that did not end."""
+    each sample that did not end. ``with_win_probs``: pairs carry each side's win probability,
+    a pairwise scorer's (``win_probs``) or else by the (penalized) scores."""
     rows, counts = [], {"prompts": len(scored), "tied": 0, "no_pair": 0, "empty": 0, "rows": 0}
     for number, item in enumerate(scored):
         item = _penalized(item, unfinished_penalty)
+        if with_win_probs and "win_probs" not in item:
+            item = {**item, "win_probs": win_probs(score_preferences(item["scores"]))}
         kept = [k for k, text in enumerate(item["responses"]) if text.strip()]
         counts["empty"] += len(item["responses"]) - len(kept)
         if builder in LIST_BUILDERS and len(kept) < len(item["responses"]):

@@ -62,7 +62,14 @@ def read_prompts(paths, fields: dict, use: str, rename: str) -> list[Prompt]:
     if not seen:
         raise DataError(f"{', '.join(map(str, [paths] if isinstance(paths, str) else paths))}: "
                         f"no rows; {use}: give a file of rows with a prompt.")
-    return list(seen.values())
+    prompts = list(seen.values())
+    chat = isinstance(prompts[0].prompt, list)
+    other = next((p for p in prompts if isinstance(p.prompt, list) != chat), None)
+    if other is not None:  # (the pairs a round writes are one format, as training reads)
+        kinds = ("text", "a message list") if chat else ("a message list", "text")
+        raise DataError(f"{other.origin}: field 'prompt' is {kinds[0]}, and the first prompt "
+                        f"({prompts[0].origin}) is {kinds[1]}; write every prompt one way.")
+    return prompts
 
 
 def check_image_prompts(config, prompts: list) -> None:

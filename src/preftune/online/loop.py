@@ -268,7 +268,6 @@ def _sample(config: OnlineConfig, r: int, policy: str, prompts: list, here: Path
 def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
     scorer = online_scorer(config, policy, config.data.train)
     rows = read_jsonl(here / "samples.jsonl")
-    wants_probs = config.online.pairs.win_probs or scorer.pairwise
     # SELM ranks each sample with the data's chosen and rejected: they are scored too
     with_data = config.online.pairs.builder in DATA_PAIR_BUILDERS
     candidates = [row["responses"] + ([row["positive"], row["negative"]] if with_data and
@@ -285,9 +284,8 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
             row["scores"] = scores[at : at + k]
             if len(texts) > k:
                 row["data_scores"] = scores[at + k : at + len(texts)]
-        if wants_probs:
-            row["win_probs"] = win_probs(_preference_matrix(scorer, row))
-            row.setdefault("scores", row["win_probs"])  # a pairwise scorer ranks by win rate
+        if scorer.pairwise:  # it ranks by win rate (a pointwise one's: from the scores)
+            row["win_probs"] = row["scores"] = win_probs(_preference_matrix(scorer, row))
         row["scorer"] = scorer.name
         if getattr(scorer, "worst", None):  # maxmin: the worst-served group's term
             row["scored_by"] = scorer.worst
@@ -300,16 +298,12 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
 
 
 def _preference_matrix(scorer, row: dict) -> list[list[float]]:
-    """P(response i beats response j) for every ordered pair of one prompt's responses: a
-    pairwise scorer's, else by the round's scores (1, 0, 1/2 for a tie; a maxmin scored the
-    round with one term, which judges the pairs too)."""
+    """P(response i beats response j) for every ordered pair of one prompt's responses, by a
+    pairwise scorer."""
     responses, k = row["responses"], len(row["responses"])
     upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    scores = row.get("scores")
-    probs = [1.0 if scores[i] > scores[j] else 0.0 if scores[i] < scores[j] else 0.5
-             for i, j in upper] if not scorer.pairwise else scorer.prefer(
-        [row_question(row)] * len(upper), [responses[i] for i, _ in upper],
-        [responses[j] for _, j in upper])
+    probs = scorer.prefer([row_question(row)] * len(upper), [responses[i] for i, _ in upper],
+                          [responses[j] for _, j in upper])
     matrix = [[0.5] * k for _ in range(k)]
     for (i, j), p in zip(upper, probs):
         matrix[i][j], matrix[j][i] = p, 1.0 - p
@@ -322,7 +316,8 @@ def _build(config: OnlineConfig, r: int, here: Path) -> dict:
     seed = config.train.seed * 1000 + r
     rows, counts = build_rows(scored, pairs.builder, pairs.min_margin, pairs.rso_beta,
                               pairs.rso_accept, seed=seed, divpo_rho=pairs.divpo_rho,
-                              unfinished_penalty=pairs.unfinished_penalty)
+                              unfinished_penalty=pairs.unfinished_penalty,
+                              with_win_probs=pairs.win_probs)
     write_rows(here / "pairs.jsonl", rows)
     if pairs.estimator is not None and rows:  # keep the pairs the estimator is sure of
         probs = estimator_probs(pairs.estimator, here / "pairs.jsonl", seed,

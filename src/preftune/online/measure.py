@@ -54,7 +54,7 @@ def evaluate_model(config: OnlineConfig, model_path: str, prompts: list, here: P
                  **({"images": [i.describe() for i in p.images]} if p.images else {})}
                 for p, t, s in zip(prompts, texts, scores)])
     result = {"prompts": len(texts), "mean_score": statistics.fmean(scores)}
-    if set(scores) <= {0.0, 1.0}:  # a pass/fail scorer (checkers, unit tests)
+    if getattr(scorer, "pass_fail", False):  # checkers, unit tests (not 0/1 by chance)
         result["pass_rate"] = result["mean_score"]
     if online.eval_kl_samples:
         drawn = _held_out_samples(config, model, tokenizer, ids, prompts)
@@ -97,7 +97,7 @@ def _best_of_n(config: OnlineConfig, model, tokenizer, ids: list, questions: lis
     result = {"n": online.eval_best_of,
               "mean_score": statistics.fmean(max(group) for group in grouped),
               "mean_score_of_samples": statistics.fmean(scores)}
-    if set(scores) <= {0.0, 1.0}:
+    if getattr(scorer, "pass_fail", False):
         result["pass_rate"] = result["mean_score"]
     return result
 

@@ -96,7 +96,8 @@ class OnlineStepTask(PolicyTask):
                                                               drawn.ended, scores)]
         rows, _ = build_rows(scored, online.pairs.builder, online.pairs.min_margin,
                              online.pairs.rso_beta, online.pairs.rso_accept, seed=seed,
-                             unfinished_penalty=online.pairs.unfinished_penalty)
+                             unfinished_penalty=online.pairs.unfinished_penalty,
+                             with_win_probs=online.pairs.win_probs)
         return rows, scored
 
     def _log(self, scored: list, rows: list) -> None:

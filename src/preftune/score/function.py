@@ -34,12 +34,15 @@ def register_scorer(name: str | None = None):
 
 class FunctionScorer:
     """``function(prompt, response) -> float`` called per response; a function with an
-    attribute ``batched = True`` is called once as ``function(prompts, responses) -> list``."""
+    attribute ``batched = True`` is called once as ``function(prompts, responses) -> list``,
+    one with ``pass_fail = True`` scores 1 (passes) or 0 (fails), so evaluations give its
+    pass rate."""
 
     pairwise = False
 
     def __init__(self, function, name: str):
         self.function, self.name = function, name
+        self.pass_fail = bool(getattr(function, "pass_fail", False))
 
     @classmethod
     def from_spec(cls, spec: str) -> "FunctionScorer":
@@ -110,6 +113,7 @@ class SyntheticScorer:
     record (``preftune data synthetic`` / ``preftune demo`` data), else 0.0."""
 
     pairwise = False
+    pass_fail = True
     name = "synthetic"
 
     def __init__(self, checkers: dict):
