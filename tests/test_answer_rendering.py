@@ -45,8 +45,8 @@ SPECIALS = ["<pad>", "<eos>", "<|begin_of_text|>", "<|start_header_id|>", "<|end
 def tokenizer(template: str, eos: str) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(SPECIALS + list(string.printable))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # (one token per character, newlines too)
     backend.add_special_tokens(SPECIALS)
     built = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos)
     built.chat_template = template
@@ -103,6 +103,15 @@ def test_text_the_model_wrote_and_cut_off_answers_train_as_written():
                   unfinished=(1,))
     (example,), _ = tokenize_records([sample], tok, SETTINGS)
     assert example.response_ids == [ids(tok, "4") + [end], ids(tok, "<think>\nadd 2 an")]
+    # cut off in a later turn: the turns before it as the template writes them, then the
+    # answer as written after the generation prompt
+    dialogue = [{"role": "assistant", "content": "4"}, {"role": "user", "content": "sure?"},
+                {"role": "assistant", "content": "<think>\nadd 2 an"}]
+    (later,), _ = tokenize_records([Pair(QUESTION, dialogue, "5", unfinished=(0,))], tok,
+                                   SETTINGS)
+    assert tok.decode(later.response_ids[0]) == (  # (no empty block before the model's own)
+        "4<|im_end|>\n<|im_start|>user\nsure?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+        "add 2 an")
 
 
 def test_an_answer_the_generation_prompt_opens_trains_as_written_after_it():

@@ -44,7 +44,14 @@ def rendered_response(response, prompt, prompt_text: str, tokenizer, record,
     history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list):
         prompt_text = chat(tokenizer, history, record, add_generation_prompt=True)
-    full = chat(tokenizer, history + response, record, add_generation_prompt=False)
+    # a dialogue whose last answer was cut off: the turns before it as the template writes
+    # them, then that answer as written after the generation prompt
+    cut_answer = unfinished and not single and _single_answer(response[-1:])
+    if cut_answer:
+        full = chat(tokenizer, history + response[:-1], record, add_generation_prompt=True) \
+            + _answer(response[-1:], record)
+    else:
+        full = chat(tokenizer, history + response, record, add_generation_prompt=False)
     if not full.startswith(prompt_text):
         if single:  # the generation prompt opens the answer itself (DeepSeek-R1's "<think>")
             return content, []
@@ -54,19 +61,26 @@ def rendered_response(response, prompt, prompt_text: str, tokenizer, record,
             f"Give the response as a single assistant message or a string."
         )
     continuation = full[len(prompt_text) :]
-    # the template's separator after the final end-of-turn token is not part of the response,
-    # nor is the plain text a template without one writes after an answer (EOS ends it)
-    if ends.turn_text and ends.turn_text in continuation:
-        continuation = continuation[: continuation.rindex(ends.turn_text)
-                                    + (0 if unfinished else len(ends.turn_text))]
-    elif ends.separator and continuation.endswith(ends.separator):
-        continuation = continuation[: -len(ends.separator)]
+    if not cut_answer:
+        continuation = _closed(continuation, ends, unfinished)
     if single:
         return continuation, []
     spans = masked_spans(history, response, prompt_text, full, mask_roles, record,
                          lambda messages: chat(tokenizer, messages, record, False))
     return continuation, [(start, min(end, len(continuation))) for start, end in spans
                           if start < len(continuation)]
+
+
+def _closed(continuation: str, ends: ResponseEnds, unfinished: bool) -> str:
+    """A rendered response up to its final end of turn (left out when ``unfinished``): the
+    template's separator after it is not part of the response, nor is the plain text a
+    template without one writes after an answer (EOS ends it)."""
+    if ends.turn_text and ends.turn_text in continuation:
+        return continuation[: continuation.rindex(ends.turn_text)
+                            + (0 if unfinished else len(ends.turn_text))]
+    if ends.separator and continuation.endswith(ends.separator):
+        return continuation[: -len(ends.separator)]
+    return continuation
 
 
 def is_empty(response) -> bool:
