@@ -121,6 +121,22 @@ def test_schedules_that_cannot_train_as_written_are_refused(tree, expected):
         build_config({"objective": tree})
 
 
+def test_a_schedule_written_as_yaml_reads_it_has_number_ends():
+    """YAML 1.1 reads 1e-2 and 1.0e4 as text: a schedule's ends are numbers all the same (they
+    crashed the first step's arithmetic), and an end that is no number is named."""
+    from preftune.config_tree import load_yaml
+
+    tree = load_yaml("objective: {name: dpo, beta: {start: 1e-2, end: 1.0e4}}")
+    assert tree["objective"]["beta"] == {"start": "1e-2", "end": "1.0e4"}  # (as YAML reads)
+    config = build_config(tree)
+    assert config.objective[0].model_extra["beta"] == {"start": 0.01, "end": 10000.0}
+    term = Objective.from_config(config.objective, total_steps=3).terms[0]
+    assert [term.params_at(step, 3).beta for step in range(3)] == pytest.approx(
+        [0.01, 5000.005, 10000.0])
+    with pytest.raises(ConfigError, match=r"objective.beta.end: 'abc' is not a number"):
+        build_config({"objective": {"name": "dpo", "beta": {"start": 0.1, "end": "abc"}}})
+
+
 def test_run_json_records_a_scheduled_parameter_as_its_schedule():
     """(It recorded the start value, 0.1, for a beta that ran from 0.1 to 1.0.)"""
     ramp = objective([{"name": "dpo", "beta": {"start": 0.1, "end": 1.0}},

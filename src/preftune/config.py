@@ -23,7 +23,7 @@ from .data.convert import CONVERSIONS
 from .data.messages import misspelt_role
 from .data.tools import MASK_ROLES
 from .objectives import get_objective
-from .objectives.compose import Objective, validate_params
+from .objectives.compose import Objective, numeric_schedule, validate_params
 
 
 Conversion = Literal[CONVERSIONS]  # data.convert names
@@ -161,7 +161,11 @@ class ObjectiveConfig(Term):
             if key not in known:
                 raise ValueError(unknown_key(f"objective.{key}", key, known,
                                           f"objective {self.name}", ("name", "weight")))
-        validate_params(spec, self.model_extra or {})
+        extra = self.model_extra or {}
+        for key, value in extra.items():  # (a schedule's ends as numbers, as a value's are)
+            if isinstance(value, dict):
+                extra[key] = numeric_schedule(key, value)
+        validate_params(spec, extra)
         return self
 
 

@@ -33,6 +33,23 @@ def scheduled_value(spec: dict, step: int, total_steps: int) -> float:
     return spec["start"] + (spec["end"] - spec["start"]) * progress
 
 
+def numeric_schedule(key: str, schedule: dict) -> dict:
+    """``schedule`` with its start and end as numbers (YAML reads ``1e-2`` as text); one that
+    is no number is a ValueError naming the key."""
+    numbers = dict(schedule)
+    for end in ("start", "end"):
+        if end not in numbers:
+            continue  # (validate_params says what a schedule needs)
+        value = numbers[end]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            numbers[end] = float(value)
+        except ValueError:
+            raise ValueError(f"objective.{key}.{end}: {value!r} is not a number") from None
+    return numbers
+
+
 def number_params(params: type) -> set[str]:
     """The parameters that are real numbers: the ones a schedule may move."""
     properties = TypeAdapter(params).json_schema().get("properties", {})
