@@ -18,7 +18,6 @@ from typing import Callable, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from torch.distributed.tensor import DTensor
 
 from ..config import TrainConfig
 from .alarms import Alarms, WeightProbe
@@ -26,6 +25,7 @@ from .batches import MicroBatches
 from .checkpoint import (checkpoints, gather_training_state, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .engines import SHARDED, check_engine, configure_deepspeed, whole_models
+from .gradients import clipped_norm
 from .logging import MetricsLog, progress_bar
 from .memory import return_freed_tensors_to_the_os
 from .model_card import write_model_cards
@@ -237,9 +237,8 @@ class Trainer:
         elif self.deepspeed:  # DeepSpeed clipped and stepped in the last backward
             grad_norm = torch.as_tensor(self.module.get_global_grad_norm() or 0.0)
         else:
-            grad_norm = (_whole(self.accelerator.clip_grad_norm_(self.trainable,
-                                                                 cfg.max_grad_norm))
-                         if cfg.max_grad_norm else _grad_norm(self.trainable))
+            grad_norm = clipped_norm(self.trainable, cfg.max_grad_norm,
+                                     self.accelerator if self.sharded else None)
             self._update_if_finite(sums["loss"][0], grad_norm)
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -390,12 +389,3 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return self.output_dir
 
-
-def _grad_norm(parameters) -> torch.Tensor:
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return _whole(torch.nn.utils.get_total_norm(grads)) if grads else torch.tensor(0.0)
-
-
-def _whole(value: torch.Tensor) -> torch.Tensor:
-    """A norm over sharded gradients is itself a DTensor: its full value, still on the device."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
