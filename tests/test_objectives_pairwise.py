@@ -84,6 +84,15 @@ def test_robust_dpo_matches_formula(params):
         assert_gradient("robust_dpo", params, robust_formula, case)
 
 
+def test_robust_dpo_keeps_its_value_as_the_flip_rate_nears_one_half():
+    """At h = 0 the loss is log 2 whatever eps; in float32 the formula's difference of two
+    nearly equal terms gave 0.745 at eps = 0.4999999 and 0 at 0.49999999999."""
+    for eps in (0.4999, 0.4999999, 0.49999999999):
+        output = assert_values("robust_dpo", RobustDPOParams(0.1, eps), robust_formula,
+                               cases=[CASES[1]])  # equal log-probs: h = 0
+        assert output.losses[0].item() == pytest.approx(math.log(2), rel=1e-6)
+
+
 
 
 # --- hinge -------------------------------------------------------------------------------------

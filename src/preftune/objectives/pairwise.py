@@ -106,11 +106,14 @@ def robust_dpo(inputs: ObjectiveInputs, params: RobustDPOParams) -> ObjectiveOut
     r(y) = beta * rho(y). Its expectation over the label noise equals the clean DPO loss, so the
     noise is de-biased rather than only damped as in cdpo.
     Default beta = 0.01 follows the TRL paper index for App. B (OBJECTIVES.md says 0.1).
+    Computed as -log sigmoid(z) - eps z / (1 - 2 eps), z = beta h, the same value (log
+    sigmoid(-z) = log sigmoid(z) - z) without the difference of two nearly equal terms that
+    lost the value as eps neared 0.5.
     """
     eps = params.epsilon
     rewards = params.beta * log_ratios(inputs)
     z = chosen_minus_rejected(rewards)
-    losses = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+    losses = -F.logsigmoid(z) - eps / (1.0 - 2.0 * eps) * z
     return ObjectiveOutput(losses, rewards)
 
 
