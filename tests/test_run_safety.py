@@ -578,7 +578,7 @@ def test_pairs_whose_responses_are_identical_warn_and_raise_the_no_signal_alarm(
     out = run(workspace, "no-signal-data", data__train=str(same), train__max_steps=2)
     # 16 records, a quarter held out for eval: all 12 training records carry no signal
     assert re.search(r"warning: 12 of 12 training records have identical responses \(chosen "
-                     r"== rejected\) \(e\.g\. \S+same\.jsonl:\d+, \S+same\.jsonl:\d+, "
+                     r"== rejected, as written or once cut to data.max_length\) \(e\.g\. \S+same\.jsonl:\d+, \S+same\.jsonl:\d+, "
                      r"\S+same\.jsonl:\d+\)", capsys.readouterr().out)  # the first three named
     alarms = [json.loads(line) for line in (out / "alarms.jsonl").read_text().splitlines()]
     assert [a["kind"] for a in alarms if a["kind"] == "no_signal"] == ["no_signal", "no_signal"]

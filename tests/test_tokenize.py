@@ -162,3 +162,16 @@ def test_inspect_report_and_render_example(tiny_tokenizer):
               if " prompt + " in line] for ex, record in zip(examples, named)]
     assert shown == [["response 0 (score 0)", "response 1 (score 1)"],
                      ["chosen", "rejected", "gold"], ["completion (undesirable)"]]
+
+
+def test_pairs_that_truncation_makes_identical_are_counted(tiny_tokenizer):
+    """(Only texts equal as written were: responses that differ past max_length trained as
+    no signal, with identical_responses 0 in data_report.json.)"""
+    long = Pair("q", " " + "a " * 40 + "X", " " + "a " * 40 + "Y", origin="f.jsonl:1")
+    short = Pair("q", " a", " b", origin="f.jsonl:2")
+    examples, report = tokenize_records([long, short], tiny_tokenizer,
+                                        TokenizeSettings(max_length=16, max_prompt_length=8))
+    assert report.kept == 2 and report.response_truncated == 1
+    assert report.identical_responses == 1
+    assert report.origins["identical_responses"] == ["f.jsonl:1"]
+

@@ -170,8 +170,9 @@ def prepare_examples(data_config, tokenizer, seed: int, tokenize=tokenize_record
             for example in train)
     if train_report.identical_responses:
         print(f"warning: {train_report.identical_responses} of {train_report.records} training "
-              "records have identical responses (chosen == rejected)"
-              f"{train_report.e_g('identical_responses')}; they carry no preference signal")
+              "records have identical responses (chosen == rejected, as written or once cut "
+              f"to data.max_length){train_report.e_g('identical_responses')}; they carry no "
+              "preference signal")
     evaluation = []
     if eval_records:
         evaluation, eval_report = tokenize(eval_records, tokenizer, settings, skipped=skipped)

@@ -85,7 +85,7 @@ class TokenizeReport:
     empty_prompts: int = 0  # prompt rendered to zero tokens: nothing to condition on, dropped
     prompt_truncated: int = 0
     response_truncated: int = 0
-    identical_responses: int = 0  # chosen text == rejected text: kept
+    identical_responses: int = 0  # chosen == rejected, as written or once truncated: kept
     boundary_merges: int = 0  # encoding prompt + response as one text would merge a token
     joint_pairs: int = 0  # kept pairs whose two sides have different prompts (DOVE)
     images: int = 0  # images shown by the kept records' prompts
@@ -172,8 +172,6 @@ def tokenize_records(
             report.count("empty_responses", getattr(record, "origin", ""))
             if not keep_empty:
                 continue
-        if len(set(item.response_texts)) < len(item.response_texts):
-            report.count("identical_responses", getattr(record, "origin", ""))
         rendered.append(item)
         if len(rendered) == ENCODE_CHUNK:
             examples += _encode_chunk(rendered, tokenizer, ends, settings, report)
@@ -281,6 +279,9 @@ def _encode_chunk(
             example.images, example.image_token_counts = tuple(images), tuple(counts)
             example.negative_images = tuple(getattr(item.record, "negative_images", ()))
             report.images += len(images)
+        if len({tuple(ids) for ids in example.response_ids}) < len(example.response_ids):
+            # (as written, or once truncation cut what told them apart)
+            report.count("identical_responses", getattr(item.record, "origin", ""))
         report.masked_tokens += sum(not keep for mask in example.response_masks for keep in mask)
         report.prompt_truncated += example.prompt_truncated
         report.response_truncated += example.response_truncated
