@@ -151,3 +151,33 @@ def test_a_run_whose_weights_blow_up_stops_without_saving_a_model(tmp_path, caps
     logged = [json.loads(line) for line in (root / "run" / "alarms.jsonl").read_text().splitlines()]
     assert [(a["kind"], a["step"]) for a in logged] == [("weights_non_finite", 2)]
     assert not (root / "run" / "model").exists() and not (root / "run" / "run.json").exists()
+
+
+def test_a_run_whose_every_step_is_skipped_stops_without_saving_a_model(tmp_path, capsys,
+                                                                        monkeypatch):
+    """(Each step's gradient was NaN, each step was skipped with an alarm, and the run ended
+    'done', exit 0, its starting model saved as if trained.)"""
+    from dataclasses import replace
+
+    from preftune.objectives import registry
+    from preftune.objectives.registry import ObjectiveOutput
+    from preftune.train.stopping import SkippedSteps
+
+    def sqrt_at_zero(inputs, params):  # a finite loss (0) whose slope is not finite
+        logps = inputs.policy.logps
+        return ObjectiveOutput(torch.sqrt((logps * 0.0).abs()).sum(-1), logps.detach())
+
+    monkeypatch.setitem(registry.REGISTRY, "dpo", replace(registry.REGISTRY["dpo"],
+                                                          fn=sqrt_at_zero))
+    root = yes_no_workspace(tmp_path, with_config=True)
+    code = main(["train", str(root / "config.yaml"), "--set", "train.max_steps=3",
+                 "--set", "train.batch_size=2"])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "stopped in step 3: the last 3 steps were all skipped, their loss or gradient not "
+        "finite (see the alarms), so nothing trains; the model was not saved.")
+    assert not (root / "run" / "model").exists() and not (root / "run" / "run.json").exists()
+    skipped = SkippedSteps(steps_left=100)  # a long run: 10 in a row; a good step resets it
+    healthy_step, bad_step = {"loss": 0.7, "grad_norm": 1.0}, {"loss": 0.7, "grad_norm": math.inf}
+    assert [skipped.after(k, bad_step if k != 5 else healthy_step) is None
+            for k in range(16)] == [True] * 15 + [False]

@@ -1,8 +1,10 @@
 """Stopping on a signal: SIGTERM or Ctrl-C lets the current step finish, a checkpoint is
-written, and ``TrainingStopped`` says how to continue (a second signal stops at once)."""
+written, and ``TrainingStopped`` says how to continue (a second signal stops at once); and
+stopping a run whose steps are all skipped."""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 
@@ -86,3 +88,27 @@ class StopRequests:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         return False
+
+
+class SkippedSteps:
+    """Steps skipped for a loss or gradient that is not finite, in a row: ``after`` says why
+    the run stops (message, advice) once 10 are (or every step of a shorter run), for nothing
+    trains in them, and a run that went on would save its starting model as if trained."""
+
+    LIMIT = 10
+
+    def __init__(self, steps_left: int):
+        self.limit, self.in_a_row = min(self.LIMIT, steps_left), 0
+
+    def after(self, step: int, record: dict) -> tuple[str, str] | None:
+        finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if self.in_a_row < self.limit:
+            return None
+        return (f"stopped in step {step + 1}: the last {self.in_a_row} steps were all skipped, "
+                "their loss or gradient not finite (see the alarms), so nothing trains; the "
+                "model was not saved.",
+                "Lower train.learning_rate (or the objective's beta), train in float32 or "
+                "bfloat16 rather than float16, or check the data the alarms name; then train "
+                "again (--overwrite), or --resume from a checkpoint written before.")
+

@@ -31,7 +31,7 @@ from .memory import return_freed_tensors_to_the_os
 from .model_card import write_model_cards
 from .output import write_json
 from .optimizers import embedding_weights, make_optimizer
-from .stopping import StopRequests, TrainingStopped, out_of_memory
+from .stopping import SkippedSteps, StopRequests, TrainingStopped, out_of_memory
 from .schedule import example_stream, lr_lambda
 from .tracking import Trackers
 
@@ -131,6 +131,9 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
             self.start_step = self._resume()
+        # (DeepSpeed's loss scaler skips the first steps of a float16 run by design)
+        self.skipped = SkippedSteps(total_steps - self.start_step) if not self.deepspeed \
+            else None
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step,
                               trackers=Trackers(cfg, self.output_dir, self.start_step)
                               ) if self.main else None
@@ -270,6 +273,9 @@ class Trainer:
             self.log.write(record)
         if diverged:
             raise self._diverged(step)
+        stuck = self.skipped.after(step, record) if self.skipped is not None else None
+        if stuck:
+            raise self._stopped(*stuck)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                              **({"acc": f"{record['rewards/accuracies']:.2f}"}
@@ -348,13 +354,16 @@ class Trainer:
     def _diverged(self, step: int) -> TrainingStopped:
         """The run stops: its weights are NaN or inf, so no later step can train, and the
         model is not saved as if it had finished."""
-        self.bar.close()
-        self.batches.close()
-        return TrainingStopped(
+        return self._stopped(
             f"stopped in step {step + 1} of {self.total_steps}: the trainable weights became NaN "
             "or inf (see the weights_non_finite alarm); the model was not saved.",
             "Lower train.learning_rate and train again (--overwrite), or --resume from a "
-            "checkpoint written before it went wrong.", code=1)
+            "checkpoint written before it went wrong.")
+
+    def _stopped(self, message: str, advice: str) -> TrainingStopped:
+        self.bar.close()
+        self.batches.close()
+        return TrainingStopped(message, advice, code=1)
 
     def _summed(self, sums: dict) -> dict:
         """Metric sums, token counts and stop requests added up over all processes: one
