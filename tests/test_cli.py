@@ -140,15 +140,24 @@ def test_data_inspect_shows_a_prompts_file(files, tmp_path, capsys):
     from preftune.generation import prompt_ids
     from preftune.model.load import load_tokenizer
 
-    rows = [{"prompt": "a red circle"}, {"prompt": "What is 2+2?", "system": "Be brief."},
-            {"prompt": "a red circle"}]
+    rows = [{"prompt": "a red circle", "system": ""},
+            {"prompt": "What is 2+2?", "system": "Be brief."},
+            {"prompt": "a red circle", "system": ""}]
     path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "What is 2+2?",
+                                                             "system": "Be brief."}) + "\n"
+                    + json.dumps({"prompt": "a red circle"}) + "\n")
+    # a system field on some records only: text prompts and conversations, refused by record
+    assert main(["data", "inspect", str(path), "--model", str(files / "model")]) == 2
+    assert f"{path}:3: field 'prompt' is text, and the first prompt ({path}:1) is a message " \
+        "list; write every prompt one way." in capsys.readouterr().err
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert main(["data", "inspect", str(path), "--model", str(files / "model"),
                  "--example", "1"]) == 0
     out = capsys.readouterr().out
-    seen = ["a red circle", [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": "What is 2+2?"}]]
+    seen = [[{"role": "user", "content": "a red circle"}],
+            [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": "What is 2+2?"}]]
     lengths = [len(ids) for ids in prompt_ids(seen, load_tokenizer(str(files / "model")),
                                               TokenizeSettings(1024, None))]
     assert "records             3" in out and "distinct prompts    2" in out

@@ -159,7 +159,7 @@ def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objectiv
     assert [json.loads(line)["step"] for line in (dpo / "metrics.jsonl").open()] == [1, 2]
     # its minutes are the whole run's, the part before the signal included
     seconds = json.loads((dpo / "run.json").read_text())["train_seconds"]
-    assert 600 < seconds < 600 + 300
+    assert 600 <= seconds < 600 + 300  # (the resumed step itself may round to 0.0 s)
     entries = {e["objective"]: e for e in
                json.loads((base / "stopped" / "leaderboard.json").read_text())}
     assert entries["dpo"]["train_minutes"] == pytest.approx(seconds / 60)

@@ -169,7 +169,7 @@ def test_a_maxmin_judges_both_sides_of_every_comparison_with_one_term():
     from types import SimpleNamespace
 
     from preftune.evaluate.generated import win_rate
-    from preftune.online.loop import _preference_matrix
+    from preftune.online.build import build_rows
 
     length = GroupRM("length", {"y" * 10: 10.0, "y": 1.0, "z": 1.0, "zz": 2.0})
     short = GroupRM("short", {"y" * 10: 2.0, "y": 6.5, "z": 6.5, "zz": 6.0})
@@ -183,9 +183,11 @@ def test_a_maxmin_judges_both_sides_of_every_comparison_with_one_term():
     assert result["win_rate"] == 0.0 and maxmin.worst == "short"
     assert (rows[0]["policy_score"], rows[0]["reference_score"]) == (2.0, 6.5)
     assert maxmin.prefer(["p"], ["y" * 10], ["y"]) == [0.0]
-    # an online round: scored as a whole (short's mean is lower), the pairs judged by it too
-    row = {"prompt": "p", "responses": ["z", "zz"], "scores": [6.5, 6.0]}
-    assert _preference_matrix(maxmin, row) == [[0.5, 1.0], [0.0, 0.5]]
+    # an online round: scored as a whole (short's mean is lower), and its win probabilities
+    # are those of the round's scores, so the pairs are judged by that one term too
+    row = {"prompt": "p", "responses": ["z", "zz"], "scores": [6.5, 6.0], "origin": "p:1"}
+    (pair,), _ = build_rows([row], "best_vs_worst", with_win_probs=True)
+    assert (pair["chosen"], pair["chosen_win_prob"], pair["rejected_win_prob"]) == ("z", 1.0, 0.0)
 
 
 def test_log_sigmoid_centring_against_per_prompt_quantiles(scorer_module):

@@ -41,8 +41,10 @@ def numeric_schedule(key: str, schedule: dict) -> dict:
         if end not in numbers:
             continue  # (validate_params says what a schedule needs)
         value = numbers[end]
+        if isinstance(value, bool):
+            continue  # (refused by validate_params, which says why YAML wrote one)
         try:
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            if not isinstance(value, (int, float, str)):
                 raise ValueError
             numbers[end] = float(value)
         except ValueError:
