@@ -229,26 +229,25 @@ def _encode_chunk(
     # each distinct prompt text of a record is encoded once
     distinct = [list(dict.fromkeys(item.prompt_texts)) for item in items]
     prompts = iter(_encode(tokenizer, [text for texts in distinct for text in texts], False))
-    responses = iter(_encode(tokenizer, [t for item in items for t in item.response_texts], False))
     joints = iter(_encode(tokenizer, [prompt + response for item in items
                                       for prompt, response in zip(item.prompt_texts,
                                                                   item.response_texts)], False))
     examples = []
     for item, texts in zip(items, distinct):
+        origin = getattr(item.record, "origin", "")
         encoded = {text: next(prompts) for text in texts}
         side_prompts = [encoded[text] for text in item.prompt_texts]
-        response_ids = [next(responses) for _ in item.response_texts]
-        check_no_response_images(response_ids, item.record, tokenizer)
         # the prompt and response as one text: where its ids start with the prompt's, the rest
         # are the response's own (a tokenizer that marks a word's start, as SentencePiece's
         # "▁", writes the first word otherwise alone); else a token would span the boundary,
         # and the response is encoded alone (a list, not a generator: each slot is consumed)
-        whole = [next(joints) for _ in response_ids]
+        whole = [next(joints) for _ in item.response_texts]
         skips = [len(prompt) if ids[: len(prompt)] == prompt else None
                  for ids, prompt in zip(whole, side_prompts)]
         report.boundary_merges += None in skips
-        response_ids = [alone if skip is None else ids[skip:]
-                        for ids, alone, skip in zip(whole, response_ids, skips)]
+        response_ids = [ids[skip:] if skip is not None else _encode(tokenizer, [text], False)[0]
+                        for ids, skip, text in zip(whole, skips, item.response_texts)]
+        check_no_response_images(response_ids, item.record, tokenizer)
         side_prompts = [item.prompt_prefix + ids for ids in side_prompts]
         images = getattr(item.record, "images", ())
         counts: list = []
@@ -258,9 +257,9 @@ def _encode_chunk(
         else:
             check_no_image_tokens(side_prompts, item.record, tokenizer)
         if not all(side_prompts):
-            report.count("empty_prompts", getattr(item.record, "origin", ""))
+            report.count("empty_prompts", origin)
             continue
-        shared, own = split_shared_prefix(side_prompts, getattr(item.record, "origin", ""))
+        shared, own = split_shared_prefix(side_prompts, origin)
         end = ends.of_record(item.record)  # (not after a response a length limit cut off)
         cut = getattr(item.record, "unfinished", ())
         response_ids = [ids if ids[-1:] == [end] or k in cut else ids + [end]
@@ -269,19 +268,19 @@ def _encode_chunk(
             else []
         example = _truncate(item, shared, own, response_ids, settings, masks)
         if example is None:
-            report.count("dropped_too_long", getattr(item.record, "origin", ""))
+            report.count("dropped_too_long", origin)
             continue
         if images:
             image_tokens = tokenizer.image_inputs.image_token_id
             if sum(t == image_tokens for t in example.prompt_ids) != sum(counts):
-                report.count("dropped_image_cut", getattr(item.record, "origin", ""))
+                report.count("dropped_image_cut", origin)
                 continue
             example.images, example.image_token_counts = tuple(images), tuple(counts)
             example.negative_images = tuple(getattr(item.record, "negative_images", ()))
             report.images += len(images)
         if len({tuple(ids) for ids in example.response_ids}) < len(example.response_ids):
             # (as written, or once truncation cut what told them apart)
-            report.count("identical_responses", getattr(item.record, "origin", ""))
+            report.count("identical_responses", origin)
         report.masked_tokens += sum(not keep for mask in example.response_masks for keep in mask)
         report.prompt_truncated += example.prompt_truncated
         report.response_truncated += example.response_truncated
