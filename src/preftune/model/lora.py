@@ -75,12 +75,18 @@ def check_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
     the full name or its last parts)."""
     modules = [name for name, _ in model.named_modules()]
     for wanted in names or []:
-        if not any(name == wanted or name.endswith("." + wanted) for name in modules):
+        if not any(_is_called(name, wanted) for name in modules):
             tops = sorted({name.rsplit(".", 1)[-1] for name in modules if name
                            and not name.rsplit(".", 1)[-1].isdigit()})
             raise ConfigError(f"model.lora.modules_to_save: no module of {type(model).__name__} "
                               f"is called {wanted!r}; module names include "
                               f"{', '.join(tops[:12])}.")
+
+
+def _is_called(name: str, wanted: str) -> bool:
+    """Whether the module or weight ``name`` is ``wanted`` as peft matches names: the full
+    name or its last parts."""
+    return name == wanted or name.endswith("." + wanted)
 
 
 def check_target_modules(model: nn.Module, target) -> None:
@@ -97,22 +103,21 @@ def check_target_modules(model: nn.Module, target) -> None:
         missing = [] if matched else [target]
     else:
         matched = [(name, module) for name, module in modules
-                   if any(name == wanted or name.endswith("." + wanted) for wanted in target)]
+                   if any(_is_called(name, wanted) for wanted in target)]
         missing = [wanted for wanted in target
-                   if not any(name == wanted or name.endswith("." + wanted) for name, _ in modules)]
-    embeddings = _embedding_names(model)
+                   if not any(_is_called(name, wanted) for name, _ in modules)]
+    embeddings = {"input embeddings": _layer(model, "get_input_embeddings"),
+                  "output layer": _output_layer(model)}
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules
-                     if isinstance(module, nn.Linear)} - set(embeddings))
+                     if isinstance(module, nn.Linear) and module not in embeddings.values()})
     layers = f"its linear layers are called {', '.join(linear[:16])} (or give all-linear)"
     if missing:
         raise ConfigError(f"model.lora.target_modules: {', '.join(map(repr, missing))} names no "
                           f"module of {type(model).__name__}; {layers}.")
     given = repr(target) if isinstance(target, str) else ", ".join(sorted(target))
     for name, module in matched:
-        if name.rsplit(".", 1)[-1] in embeddings:
-            roles = [role for role, layer in (("input embeddings", "get_input_embeddings"),
-                                              ("output layer", "get_output_embeddings"))
-                     if module is _layer(model, layer)]
+        roles = [role for role, layer in embeddings.items() if module is layer]
+        if roles:
             raise ConfigError(
                 f"model.lora.target_modules: {name} is the model's {' and '.join(roles)}, "
                 "which log-probs are computed from as a plain weight: train it in full with "
@@ -138,20 +143,12 @@ def _output_layer(model: nn.Module):
     return _layer(model, "get_output_embeddings")
 
 
-def _embedding_names(model: nn.Module) -> list[str]:
-    """The last name parts of a language model's input embeddings and output layer."""
-    layers = [layer for layer in (_output_layer(model), _layer(model, "get_input_embeddings"))
-              if layer is not None]
-    return [name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-            if name and any(module is layer for layer in layers)]
-
-
 def check_target_parameters(model: nn.Module, names: list[str] | None) -> None:
     """Each of model.lora.target_parameters names a weight of ``model`` (its full name or its
     last parts, as peft matches them) that no linear layer holds."""
     weights = [name for name, _ in model.named_parameters()]
     for wanted in names or []:
-        if not any(name == wanted or name.endswith("." + wanted) for name in weights):
+        if not any(_is_called(name, wanted) for name in weights):
             stacked = sorted({re.sub(r"^.*?\.\d+\.", "", name)  # less the layer's path
                               for name, param in model.named_parameters() if param.dim() == 3})
             have = (f"its 3-D weights (experts) are {', '.join(stacked[:8])}" if stacked else
