@@ -250,6 +250,33 @@ def test_an_objective_state_counts_every_process_like_one_process(workspace, tmp
         assert (ours[weight] - theirs[weight]).abs().max().item() <= 0.05 * moved + 1e-6, weight
 
 
+@pytest.mark.parametrize("objective, data", [
+    ({"name": "kto", "beta": 1.0}, {"data__convert": "unpaired"}),
+    ({"name": "bco_pair", "beta": 1.0, "reward_shift": True}, {}),
+])
+def test_a_statistic_of_the_step_is_taken_over_every_process(workspace, tmp_path,  # noqa: F811
+                                                             objective, data):
+    """KTO's z_ref and bco_pair's reward shift are means over both processes' examples (TRL
+    gathers z_ref the same way): the losses and weights of one process with the global batch.
+    Each process's mean alone gives other losses (checked: the run says nothing of a split)."""
+    one = run(workspace, f"one-process-{objective['name']}", train__batch_size=8,
+              train__max_steps=3, train__learning_rate=5e-2, objective=objective, **data)
+    tree = yaml.safe_load((one / "config.yaml").read_text())
+    tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    done = train_on_two_processes(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reads each micro-batch as a whole" not in done.stdout
+    two = tmp_path / "two"
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    ours, theirs = final_weights(two), final_weights(one)
+    start = load_file(workspace / "model" / "model.safetensors")
+    for weight in theirs:  # (as above: within 5% of how far training moved it)
+        moved = (theirs[weight] - start[weight]).abs().max().item()
+        assert (ours[weight] - theirs[weight]).abs().max().item() <= 0.05 * moved + 1e-6, weight
+
+
 def test_a_refusal_on_the_main_process_stops_every_process_alike(tmp_path):
     """A check only the main process runs (the output dir, --resume's settings, the held-out
     scorer): its error reaches the other processes, which raise it too, so none is left

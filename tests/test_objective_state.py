@@ -208,6 +208,11 @@ def test_user_objectives_declare_a_state_and_a_wrong_one_is_refused(registries):
         @preftune.register_objective(needs_reference=False, state=dict)
         def stateless_test_objective(inputs, params):
             return counting_test_objective(inputs, params)
+    with pytest.raises(ValueError, match="whole_batch='processes'; expected False, True, "
+                                         "\"gathered\""):
+        @preftune.register_objective(needs_reference=False, whole_batch="processes")
+        def misdeclared_test_objective(inputs, params):
+            return counting_test_objective(inputs, params)
 
 
 # --- in the real loop: resumed runs continue the state, evaluation leaves it --------------------
@@ -272,6 +277,8 @@ def test_a_checkpoint_without_an_objective_state_resumes_with_a_fresh_one(worksp
 
 @pytest.mark.parametrize("terms, accumulation, processes, named", [
     ([{"name": "kto"}], 2, 1, "kto"),  # z_ref: a mean over the micro-batch
+    ([{"name": "kto"}], 1, 2, None),  # (a mean over every process's micro-batch)
+    ([{"name": "bco_pair", "reward_shift": True}], 1, 2, None),
     ([{"name": "aot_pair"}], 1, 2, "aot_pair"),  # quantiles: a sort over it
     ([{"name": "bco_pair", "reward_shift": True}], 2, 1, "bco_pair"),
     ([{"name": "group_robust_dpo"}], 2, 1, "group_robust_dpo"),  # a state per micro-batch

@@ -17,18 +17,19 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .common import NonNegative, Positive, Share, chosen_minus_rejected, log_ratios
+from .common import (NonNegative, Positive, Share, chosen_minus_rejected, log_ratios,
+                     step_mean)
 from .registry import ObjectiveInputs, ObjectiveOutput, objective
 
 
 @dataclass
 class BCOPairParams:
     beta: Positive = 0.01  # paper C (via the TRL paper index)
-    reward_shift: bool = False  # True: subtract delta, the micro-batch's mean reward
+    reward_shift: bool = False  # True: subtract delta, the step's mean reward
 
 
 @objective("bco_pair", params=BCOPairParams, needs_reference=True, paper="arXiv:2404.04656",
-           whole_batch=lambda params: params.reward_shift)
+           whole_batch=lambda params: params.reward_shift and "gathered")
 def bco_pair(inputs: ObjectiveInputs, params: BCOPairParams) -> ObjectiveOutput:
     """Binary Classifier Optimization on pairs: classify each response by its own reward.
 
@@ -36,12 +37,13 @@ def bco_pair(inputs: ObjectiveInputs, params: BCOPairParams) -> ObjectiveOutput:
     with delta = 0 by default: the paired form of OBJECTIVES.md and TRL 1.16's DPOTrainer
     "bco_pair". Each response's reward is pinned on its own (chosen above 0, rejected below),
     not only their gap. reward_shift=True centres the classifier with delta = the mean of this
-    micro-batch's chosen and rejected rewards, detached (the paper's unpaired BCO uses a running
-    mean over training, which a stateless objective cannot keep). Beware that with one pair per
-    micro-batch that shift turns the loss into 2 (-log sigmoid(beta h / 2)), a margin-only loss.
+    micro-batch's chosen and rejected rewards (in training over every process's micro-batch),
+    detached; the paper's unpaired BCO uses a running mean over training instead (``bco``).
+    Beware that with one pair per step that shift turns the loss into
+    2 (-log sigmoid(beta h / 2)), a margin-only loss.
     """
     rewards = params.beta * log_ratios(inputs)
-    shifted = rewards - rewards.detach().mean() if params.reward_shift else rewards
+    shifted = rewards - step_mean(rewards, inputs) if params.reward_shift else rewards
     return ObjectiveOutput(-F.logsigmoid(shifted[:, 0]) - F.logsigmoid(-shifted[:, 1]), rewards)
 
 

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from ..model.forward import SequenceStats
 from .registry import ObjectiveInputs
+from .state import summed_over_processes
 
 # exp() arguments are clamped here: exp(80) ~ 5.5e34 still fits fp32 (max ~3.4e38) with headroom for
 # the products and sums that follow, so extreme log-ratios give large finite losses, never inf/NaN.
@@ -46,6 +47,19 @@ def refuse_idle(params, names: tuple, when: str) -> None:
 def log_ratios(inputs: ObjectiveInputs) -> torch.Tensor:
     """rho(y) = log pi_theta(y|x) - log pi_ref(y|x) per response, [E, R]."""
     return inputs.policy.logps - inputs.reference.logps
+
+
+def step_mean(values: torch.Tensor, inputs: ObjectiveInputs) -> torch.Tensor:
+    """The mean of ``values`` (detached) over the micro-batch, and in training over every
+    process's micro-batch: a statistic of the step's examples that several processes do not
+    split (as TRL gathers KTO's z_ref). Evaluation takes this process's batch alone."""
+    values = values.detach()
+    if not inputs.training:
+        return values.mean()
+    sums = summed_over_processes(torch.stack([values.float().sum(),
+                                              values.new_full((), values.numel(),
+                                                              dtype=torch.float32)]))
+    return (sums[0] / sums[1]).to(values.dtype)
 
 
 def chosen_minus_rejected(values: torch.Tensor) -> torch.Tensor:

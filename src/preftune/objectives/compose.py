@@ -121,9 +121,13 @@ class Term:
         return self._adapter.validate_python(values)
 
 
+def _need(need, params):
+    """A need declared as a value, or as a function of the term's parameters."""
+    return need(params) if callable(need) else need
+
+
 def _wants(need, params) -> bool:
-    """A need declared as a flag, or as a function of the term's parameters."""
-    return bool(need(params) if callable(need) else need)
+    return bool(_need(need, params))
 
 
 class Objective:
@@ -153,9 +157,10 @@ class Objective:
         self.policy_collisions = any(_wants(t.spec.policy_collisions, t.params_at(0, 1))
                                      for t in terms)
         self.extra_references = any(t.spec.extra_references for t in terms)
-        # terms whose loss reads the micro-batch as a whole (its step depends on the split)
-        self.whole_batch = [t.spec.name for t in terms
-                            if _wants(t.spec.whole_batch, t.params_at(0, 1))]
+        # terms whose loss reads the micro-batch as a whole (its step depends on the split):
+        # name -> True, or "gathered" where processes do not split it
+        self.whole_batch = {t.spec.name: _need(t.spec.whole_batch, t.params_at(0, 1))
+                            for t in terms if _wants(t.spec.whole_batch, t.params_at(0, 1))}
         self.data = shapes.pop()
         for term in terms:
             term.state = term.spec.state(examples) if term.spec.state is not None else None

@@ -71,7 +71,7 @@ class ObjectiveSpec:
     check: Callable | None = None  # check(record's numbers, params) -> what is wrong, or None
     # its loss reads the micro-batch as a whole (a mean or a sort over its examples), or a
     # function of the params that says whether it does
-    whole_batch: bool | Callable = False
+    whole_batch: bool | str | Callable = False
 
     @property
     def summary(self) -> str:
@@ -140,12 +140,17 @@ def objective(name, *, params, needs_reference, paper, data="pairs", per_token=F
     ``check(scores, params) -> str | None``: what is wrong with one record's numeric fields
     (``scores``, a dict of its ``scores`` names) for these params, or None; run on every
     record as the data is read, so the loss itself never reads values back from the device.
-    ``whole_batch``: its loss reads the micro-batch as a whole (KTO's z_ref, a mean; AOT's
-    sorted quantiles), so a step split into micro-batches or over processes is not one batch of
-    the same examples (a run says so); a function of the params says whether those params do.
+    ``whole_batch``: its loss reads the micro-batch as a whole (AOT's sorted quantiles), so a
+    step split into micro-batches or over processes is not one batch of the same examples (a
+    run says so); ``"gathered"``: a statistic taken over every process (KTO's z_ref, through
+    ``step_mean``), so only micro-batches split it; a function of the params says which (or
+    False) for those params.
     """
     if data not in DATA_SHAPES:
         raise ValueError(f"unknown data shape {data!r}; expected one of {DATA_SHAPES}")
+    if not callable(whole_batch) and whole_batch not in (False, True, "gathered"):
+        raise ValueError(f"objective {name!r}: whole_batch={whole_batch!r}; expected False, "
+                         "True, \"gathered\" or a function of the params giving one")
     _check_params(name, params)
     if state is not None and not (isinstance(state, type) and issubclass(state, ObjectiveState)):
         raise TypeError(f"objective {name!r}: state={state!r} is not a subclass of "

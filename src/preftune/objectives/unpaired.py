@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .common import NonNegative, Positive, log_ratios, refuse_idle, required_scores
+from .common import (NonNegative, Positive, log_ratios, refuse_idle, required_scores,
+                     step_mean)
 from .registry import READ_ONCE, ObjectiveInputs, ObjectiveOutput, objective
 from .state import RunningMean
 from .udm import WEIGHT, prepare_udm
@@ -44,12 +45,14 @@ class KTOParams:
 
 
 @objective("kto", params=KTOParams, needs_reference=True, data="unpaired",
-           paper="arXiv:2402.01306", kl_completions=True, whole_batch=True)
+           paper="arXiv:2402.01306", kl_completions=True,
+           whole_batch="gathered")
 def kto(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
     """Kahneman-Tversky Optimization (KTO): prospect-theoretic value of each labelled completion.
 
     z_ref = max(0, mean_i [log pi_theta(y'_i|x_i) - log pi_ref(y'_i|x_i)]), detached, where y'_i
-    is another example's completion (slot 1; mean over the micro-batch). Per example:
+    is another example's completion (slot 1; mean over the micro-batch, in training over every
+    process's micro-batch, as TRL gathers it). Per example:
     desirable: loss = lambda_D (1 - sigmoid(beta (rho(y) - z_ref))),
     undesirable: loss = lambda_U (1 - sigmoid(beta (z_ref - rho(y)))); r(y) = beta rho(y).
     z_ref estimates KL(pi_theta || pi_ref), the reference point of the value function: a
@@ -61,7 +64,7 @@ def kto(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
     per-device batch > 1), so any batch size works, odd ones and 1 included; a smaller batch
     only makes the z_ref estimate noisier. Paper guidance: pick the weights so that
     lambda_D n_D / (lambda_U n_U) is in [1, 4/3] for n_D desirable and n_U undesirable examples.
-    Matches TRL 1.16 KTOTrainer (loss "kto"), except that TRL also gathers z_ref across devices.
+    Matches TRL 1.16 KTOTrainer (loss "kto").
     """
     if inputs.policy.logps.shape[1] < 2:
         raise ValueError("kto needs the mismatched completion as response slot 1 for its KL "
@@ -69,7 +72,7 @@ def kto(inputs: ObjectiveInputs, params: KTOParams) -> ObjectiveOutput:
                          "must too")
     desirable = _desirable(inputs, "kto")
     ratios = log_ratios(inputs)
-    z_ref = ratios[:, 1].detach().mean().clamp(min=0)
+    z_ref = step_mean(ratios[:, 1], inputs).clamp(min=0)
     rho = ratios[:, 0]
     losses = torch.where(
         desirable,

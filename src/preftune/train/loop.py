@@ -189,7 +189,8 @@ def shape_mismatch(objective, shape: str, data) -> str:
 def _say_split(objective: Objective, accumulation: int, processes: int) -> None:
     """A note where splitting a step into micro-batches changes it: a loss over the
     micro-batch as a whole (over processes too), a state updated on each micro-batch."""
-    names = objective.whole_batch if accumulation * processes > 1 else []
+    names = [name for name, need in objective.whole_batch.items()
+             if accumulation > 1 or (processes > 1 and need != "gathered")]
     names += [t.spec.name for t in objective.terms
               if t.spec.state is not None and accumulation > 1]
     if names:
