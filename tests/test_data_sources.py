@@ -63,6 +63,28 @@ def test_json_lines_saved_as_json_are_read_as_lines(tmp_path):
         load_records(str(path))
 
 
+def test_a_key_given_twice_is_refused_not_read_as_its_last_value(tmp_path):
+    """json keeps the last of two values of one key, so a generator's slip (two "chosen") would
+    train on whichever came last; the file, line and key are named instead."""
+    good = json.dumps(STANDARD[0])
+    twice = '{"prompt": "p", "chosen": "a", "rejected": "b", "chosen": "c"}'
+    lines = tmp_path / "d.jsonl"
+    lines.write_text(f"{good}\n{twice}\n")
+    with pytest.raises(DataError, match=rf"^{lines}:2: the key 'chosen' is given twice in one "
+                       r"object \(prompt, chosen, rejected, chosen\); keep the one meant"):
+        load_records(str(lines))
+    nested = tmp_path / "d.json"  # (inside a message too)
+    nested.write_text(json.dumps([STANDARD[0]])[:-1] + ', {"prompt": [{"role": "user", '
+                      '"content": "q", "role": "system"}], "chosen": "a", "rejected": "b"}]')
+    with pytest.raises(DataError, match=rf"^{nested}: the key 'role' is given twice"):
+        load_records(str(nested))
+    table = tmp_path / "d.csv"
+    table.write_text("prompt,chosen,rejected,chosen\np,a,b,c\n")
+    with pytest.raises(DataError, match=rf"^{table}:1: the header names column\(s\) chosen "
+                       r"twice \(prompt, chosen, rejected, chosen\)"):
+        load_records(str(table))
+
+
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

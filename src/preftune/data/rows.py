@@ -98,6 +98,24 @@ def _open_text(path: str):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object that names one key twice (``json`` would keep the last value silently)."""
+
+
+def _object(pairs: list) -> dict:
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _RepeatedKey(f"the key {key!r} is given twice in one object "
+                           f"({', '.join(k for k, _ in pairs)})")
+    return row
+
+
+def _parse(text: str):
+    return json.loads(text, object_pairs_hook=_object)
+
+
 def _read_jsonl(path: str, bad_lines: list | None = None,
                 opener=open) -> Iterator[tuple[str, Any]]:
     # bytes, decoded line by line, so a decoding error can name its line
@@ -107,7 +125,7 @@ def _read_jsonl(path: str, bad_lines: list | None = None,
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
                 if not line.strip():
                     continue
-                row = json.loads(line.rstrip("\r\n"))  # (a cut line's column stays on it)
+                row = _parse(line.rstrip("\r\n"))  # (a cut line's column stays on it)
             except UnicodeDecodeError as error:
                 problem = (f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte "
                            f"{error.start}). Re-save the file as UTF-8.")
@@ -115,6 +133,8 @@ def _read_jsonl(path: str, bad_lines: list | None = None,
                 problem = (f"{path}:{line_number}: malformed JSON ({error.msg} at column "
                            f"{error.colno}). Each line must be one complete JSON object; fix or "
                            "remove this line.")
+            except _RepeatedKey as error:
+                problem = f"{path}:{line_number}: {error}; keep the one meant and remove the other."
             else:
                 yield f"{path}:{line_number}", row
                 continue
@@ -132,7 +152,9 @@ def _read_json(path: str, bad_lines: list | None = None) -> Iterator[tuple[str, 
     if not text.strip():
         return
     try:
-        document = json.loads(text)
+        document = _parse(text)
+    except _RepeatedKey as error:
+        raise DataError(f"{path}: {error}; keep the one meant and remove the other.") from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and _one_object_per_line(text):
             # JSON Lines under a .json name, as datasets' Dataset.to_json writes by default
@@ -178,6 +200,12 @@ def _read_csv(path: str, text_columns: dict) -> Iterator[tuple[str, Any]]:
     with _open_text(path) as handle:
         try:
             reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise DataError(f"{path}:1: the header names column(s) {', '.join(repeated)} "
+                                f"twice ({', '.join(header)}); a row would keep only the last "
+                                "one's cell. Rename or remove the extra column.")
             for row in reader:
                 # the line the row starts on: it ends on line_num, after its cells' newlines
                 start = reader.line_num - sum(value.count("\n") for value in row.values()
