@@ -69,6 +69,9 @@ def test_rso_keeps_the_best_and_stops_at_the_accepted_count():
     (pair,) = rso_pairs([10.0, 0.0, 0.0, 0.0], 0.5, 4, random.Random(0))  # (and a tied pair)
     assert pair[0] == 0 and pair[1] in (1, 2, 3)
     assert rso_pairs([1000.0, 0.0, 0.0], 0.5, 4, random.Random(0)) == []
+    # p a denormal float (gap 360 at beta 0.5: p = 5e-313): its pass overflows a float, so it
+    # is never accepted either (ceil raised OverflowError)
+    assert rso_pairs([0.0, -360.0, -1.0, -2.0], 0.5, 4, random.Random(0)) == [(0, 2)]
 
 
 def test_rso_draws_as_rejection_sampling_pass_after_pass():

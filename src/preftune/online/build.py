@@ -51,7 +51,8 @@ def rso_pairs(scores: Sequence[float], beta: float, accept: int,
     G_i ~ Geometric(p_i), drawn here at once (one uniform each, by inversion), so the
     acceptance order is by (G_i, i): the same distribution without the passes, of which a
     sample far below the best would need about 1 / p_i (10^8 for a gap of 10 at beta 0.5). A
-    sample whose p_i is 0 in floating point is never accepted."""
+    sample whose p_i is 0 in floating point, or so small (a gap above about 709 beta) that its
+    pass does not fit a float, is never accepted."""
     if beta <= 0:
         raise ValueError(f"rso beta must be above 0, got {beta}")
     top = max(scores)
@@ -60,8 +61,8 @@ def rso_pairs(scores: Sequence[float], beta: float, accept: int,
         p, u = math.exp((score - top) / beta), rng.random()
         if p >= 1.0:
             passes[i] = 1
-        elif p > 0.0:
-            passes[i] = max(1, math.ceil(math.log1p(-u) / math.log1p(-p)))
+        elif p > 0.0 and math.isfinite(draw := math.log1p(-u) / math.log1p(-p)):
+            passes[i] = max(1, math.ceil(draw))
     accepted = sorted(passes, key=lambda i: (passes[i], i))[:accept]
     pairs = []
     for a, b in zip(accepted[0::2], accepted[1::2]):
