@@ -505,6 +505,39 @@ def test_per_step_mode_refuses_settings_it_would_ignore(model_dir, data, tmp_pat
     assert build_config(tree, schema=OnlineConfig).online.mode == "per_step"
 
 
+@pytest.mark.parametrize("objective, builder, said", [
+    ("fdpg", "list", "objective fdpg trains on lists, which online.mode per_step does not make"),
+    ("listwise_pl", None, "objective listwise_pl trains on lists"),
+    ("sppo_soft", None, "objective sppo_soft trains on win probabilities"),
+    ("selm", "selm", "objective selm trains on the data's pairs beside a sample"),
+])
+def test_per_step_mode_names_the_objectives_it_cannot_train(model_dir, data, tmp_path,
+                                                            objective, builder, said):
+    """Said of the objective before any builder advice (which led to per_step's own refusal:
+    fdpg was told to set online.reference: previous, which per_step then refused)."""
+    tree = per_step_tree(model_dir, data, tmp_path)
+    tree["objective"] = {"name": objective}
+    if builder:
+        tree["online"]["pairs"] = {"builder": builder}
+    with pytest.raises(ConfigError, match=f"{said}.*use online.mode: rounds"):
+        build_config(tree, schema=OnlineConfig)
+
+
+@pytest.mark.parametrize("mode", ["rounds", "per_step"])
+@pytest.mark.parametrize("objective, field", [
+    ("todo", "tie"), ("group_robust_dpo", "group"), ("triple_po", "gold")])
+def test_objectives_reading_fields_samples_lack_are_refused_before_sampling(
+        model_dir, data, tmp_path, objective, field, mode):
+    """They stopped after round 1 sampled (or inside step 1), asking for a field in a file
+    the run wrote."""
+    tree = (per_step_tree if mode == "per_step" else config_tree)(model_dir, data, tmp_path)
+    tree["objective"] = {"name": objective}
+    with pytest.raises(ConfigError, match=f"objective {objective} reads each record's "
+                                          f"'{field}', which the pairs built from samples do "
+                                          f"not carry.*train {objective} offline"):
+        build_config(tree, schema=OnlineConfig)
+
+
 def test_best_of_n_baseline_scores_each_prompt_by_its_best_sample(model_dir, data, tmp_path):
     tree = config_tree(model_dir, data, tmp_path / "run", rounds=1, eval_best_of=3,
                        scorer="test_online_loop:has_a")  # a checker: pass rates are said

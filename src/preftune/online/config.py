@@ -174,6 +174,8 @@ class OnlineConfig(Config):
         if online.sampling.samples < 2 and not with_data:
             raise ValueError("online.sampling.samples must be at least 2: pairs are made from "
                              "several samples of the same prompt.")
+        if online.mode == "per_step":
+            self._check_per_step()
         self._check_declared_builders()
         if with_data and (online.reference != "previous"
                           or online.scorer.startswith("judge-pair:") or online.mode != "rounds"):
@@ -203,31 +205,6 @@ class OnlineConfig(Config):
                 raise ValueError(f"objective {name} trains on {get_objective(name).data} data, "
                                  f"but online.pairs.builder {online.pairs.builder!r} makes "
                                  f"{data}; use {fits}.")
-        if online.mode == "per_step":
-            plain = type(online)()
-            fixed = [f"online.{key}: {getattr(online, key)!r}" for key in
-                     ("rounds", "prompts_per_round", "reference")
-                     if getattr(online, key) != getattr(plain, key)]
-            if fixed:
-                raise ValueError(f"{', '.join(fixed)}: nothing to set with online.mode per_step "
-                                 "(one run of train.max_steps steps, each on fresh samples, "
-                                 "against the initial model); remove them.")
-            if online.sampling.backend != "hf":
-                raise ValueError("online.mode per_step samples with the policy being trained "
-                                 "(transformers); set online.sampling.backend: hf.")
-            if online.pairs.builder in LIST_BUILDERS or online.pairs.win_probs:
-                raise ValueError("online.mode per_step builds pairs for pairwise objectives; "
-                                 "lists and win probabilities need online.mode: rounds.")
-            if online.pairs.estimator is not None:
-                raise ValueError("online.pairs.estimator filters each round's pairs; it needs "
-                                 "online.mode: rounds.")
-            if online.pairs.builder == "divpo":
-                raise ValueError("online.pairs.builder divpo measures each round's samples "
-                                 "(their diversity) before pairing them; it needs "
-                                 "online.mode: rounds.")
-            if self.train.eval_every is not None:
-                raise ValueError("train.eval_every does nothing with online.mode per_step: the "
-                                 "held-out prompts are answered and scored after training.")
         for term in self.objective:  # a parameter `n` is the samples its pairs are drawn from
             defaults = get_objective(term.name).defaults()
             n = (term.model_extra or {}).get("n", defaults.get("n"))
@@ -264,6 +241,44 @@ class OnlineConfig(Config):
                              "(previous). Remove it, or use per_step.")
         return self
 
+    def _check_per_step(self) -> None:
+        """What online.mode per_step cannot do: it trains pairwise objectives on each step's
+        fresh pairs, against the initial model, with nothing made per round."""
+        online = self.online
+        for spec in (get_objective(term.name) for term in self.objective):
+            needs = ("lists" if spec.data == "ranked" or spec.online_builder in LIST_BUILDERS
+                     else "win probabilities" if spec.online_win_probs
+                     else "samples of the reference" if spec.reference_samples
+                     else "the data's pairs beside a sample" if spec.online_builder else None)
+            if needs:
+                raise ValueError(f"objective {spec.name} trains on {needs}, which online.mode "
+                                 "per_step does not make (each step pairs its own samples); "
+                                 "use online.mode: rounds.")
+        plain = type(online)()
+        fixed = [f"online.{key}: {getattr(online, key)!r}" for key in
+                 ("rounds", "prompts_per_round", "reference")
+                 if getattr(online, key) != getattr(plain, key)]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: nothing to set with online.mode per_step "
+                             "(one run of train.max_steps steps, each on fresh samples, "
+                             "against the initial model); remove them.")
+        if online.sampling.backend != "hf":
+            raise ValueError("online.mode per_step samples with the policy being trained "
+                             "(transformers); set online.sampling.backend: hf.")
+        if online.pairs.builder in LIST_BUILDERS or online.pairs.win_probs:
+            raise ValueError("online.mode per_step builds pairs for pairwise objectives; "
+                             "lists and win probabilities need online.mode: rounds.")
+        if online.pairs.estimator is not None:
+            raise ValueError("online.pairs.estimator filters each round's pairs; it needs "
+                             "online.mode: rounds.")
+        if online.pairs.builder == "divpo":
+            raise ValueError("online.pairs.builder divpo measures each round's samples "
+                             "(their diversity) before pairing them; it needs "
+                             "online.mode: rounds.")
+        if self.train.eval_every is not None:
+            raise ValueError("train.eval_every does nothing with online.mode per_step: the "
+                             "held-out prompts are answered and scored after training.")
+
     def _check_declared_builders(self) -> None:
         """What the objectives declare of their online rows (``online_builder``,
         ``online_win_probs``), and the builders whose rows only such objectives train on."""
@@ -289,6 +304,14 @@ class OnlineConfig(Config):
             if spec.online_win_probs and not pairs.win_probs:
                 raise ValueError(f"objective {spec.name} reads each response's win probability: "
                                  "set online.pairs.win_probs: true.")
+            carried = {"chosen_score", "rejected_score", "chosen_win_prob", "rejected_win_prob"}
+            missing = [field for field in spec.scores if field not in carried]
+            if missing or (spec.gold and pairs.builder != "selm"):
+                field = "gold" if spec.gold and not missing else missing[0]
+                raise ValueError(f"objective {spec.name} reads each record's {field!r}, which "
+                                 "the pairs built from samples do not carry (their scores and, "
+                                 "with online.pairs.win_probs, win probabilities); train "
+                                 f"{spec.name} offline on data with that field.")
         if pairs.builder in DATA_PAIR_BUILDERS and not any(
                 spec.online_builder == pairs.builder for spec in specs):
             owners = sorted(spec.name for spec in REGISTRY.values()
