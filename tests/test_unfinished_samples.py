@@ -127,3 +127,18 @@ def test_win_probabilities_are_those_of_the_penalized_scores():
     (plain,), _ = build_rows([item], "best_vs_worst", with_win_probs=True)
     assert (plain["chosen"], plain["chosen_win_prob"], plain["rejected_win_prob"]) == \
         ("aa", 0.75, 0.0)
+
+
+def test_a_pairwise_scorers_win_probabilities_lose_the_penalty_like_its_scores():
+    """A pairwise scorer's scores are its win probabilities; the penalty reordered the scores
+    but left the written win probabilities, so the chosen side could read 0.4 against 0.6."""
+    item = {"prompt": "q", "responses": ["aa", "bbbb"], "ended": [True, False],
+            "scores": [0.4, 0.6], "win_probs": [0.4, 0.6], "origin": "f:1"}
+    (pair,), _ = build_rows([item], "best_vs_worst", unfinished_penalty=0.5,
+                            with_win_probs=True)
+    assert (pair["chosen"], pair["rejected"]) == ("aa", "bbbb")
+    assert (pair["chosen_score"], pair["rejected_score"]) == pytest.approx((0.4, 0.1))
+    assert (pair["chosen_win_prob"], pair["rejected_win_prob"]) == pytest.approx((0.4, 0.1))
+    (floored,), _ = build_rows([item], "best_vs_worst", unfinished_penalty=0.75,
+                               with_win_probs=True)  # a probability stops at 0
+    assert (floored["rejected_score"], floored["rejected_win_prob"]) == pytest.approx((-0.15, 0))

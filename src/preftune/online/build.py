@@ -231,11 +231,17 @@ def _provenance(item: dict) -> dict:
 
 
 def _penalized(item: dict, penalty: float) -> dict:
-    """``item`` with ``penalty`` taken off the scores of its samples that did not end."""
+    """``item`` with ``penalty`` taken off the scores of its samples that did not end. A
+    pairwise scorer's scores are its win probabilities: those lose it too (down to 0), so the
+    chosen side's is never below the rejected side's."""
     if not penalty or item.get("ended") is None:
         return item
-    return {**item, "scores": [score - (0.0 if ended else penalty)
-                               for score, ended in zip(item["scores"], item["ended"])]}
+    cut = {"scores": [score - (0.0 if ended else penalty)
+                      for score, ended in zip(item["scores"], item["ended"])]}
+    if "win_probs" in item:
+        cut["win_probs"] = [max(0.0, p - (0.0 if ended else penalty))
+                            for p, ended in zip(item["win_probs"], item["ended"])]
+    return {**item, **cut}
 
 
 def _unfinished(item: dict, samples: list) -> dict:
