@@ -495,6 +495,40 @@ def test_online_rounds_refuse_reference_syncs(model_dir, data, tmp_path):
         build_config(tree, schema=OnlineConfig)
 
 
+@pytest.mark.parametrize("scorer", ["judge:policy", "judge-pair:policy"])
+def test_per_step_mode_judges_with_the_policy_as_it_trains(model_dir, data, tmp_path, scorer):
+    """Step 2's samples are judged by the policy after step 1 (the initial model judged every
+    step), and a pairwise judge ranks by win probability (it stopped the run at step 1)."""
+    from preftune.online.build import win_probs
+    from preftune.score.base import preference_matrix
+    from preftune.score.judge import LLMJudge
+
+    runs = {}
+    for steps in (1, 2):
+        tree = per_step_tree(model_dir, data, tmp_path / f"steps-{steps}")
+        tree["online"]["scorer"] = scorer
+        tree["data"]["eval"] = None
+        tree["train"].update(max_steps=steps, learning_rate=5e-2)
+        run_online(build_config(tree, schema=OnlineConfig))
+        runs[steps] = tmp_path / f"steps-{steps}" / "round-1"
+    pairwise = scorer.startswith("judge-pair")
+    after_one = LLMJudge.from_pretrained(str(runs[1] / "model"), pairwise=pairwise)
+    initial = LLMJudge.from_pretrained(model_dir, pairwise=pairwise)
+    rows = [row for row in read_jsonl(runs[2] / "samples.jsonl") if row["step"] == 2]
+    assert len(rows) == 2  # (a batch of 2 prompts)
+
+    def judged(judge, row):
+        if pairwise:
+            return win_probs(preference_matrix(judge, row["prompt"], row["responses"]))
+        return judge.score([row["prompt"]] * len(row["responses"]), row["responses"])
+
+    for row in rows:
+        assert row["scores"] == pytest.approx(judged(after_one, row), abs=1e-5)
+        assert row.get("win_probs") == (row["scores"] if pairwise else None)
+    assert [s for row in rows for s in judged(initial, row)] != pytest.approx(
+        [s for row in rows for s in row["scores"]], abs=1e-4)  # (training moved the judge)
+
+
 def test_per_step_mode_refuses_settings_it_would_ignore(model_dir, data, tmp_path):
     tree = per_step_tree(model_dir, data, tmp_path)
     tree["online"].update(rounds=3, reference="previous", prompts_per_round=None)

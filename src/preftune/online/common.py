@@ -149,22 +149,53 @@ def row_question(row: dict):
         for k, path in enumerate(row.get("images", ()))), tuple(row.get("tools", ())))
 
 
-def online_scorer(config, judge: str, data):
+def online_scorer(config, judge: str, data, policy=None):
     """The online scorer; ``judge:policy`` / ``judge-pair:policy`` (self-rewarding) judge with
     the model at ``judge``, and ``follow-up:policy`` scores with it, loaded as the policy is
-    (its dtype, and ``model.chat_template``, which the initial model's tokenizer may lack);
-    other judges' and reward models' models load in the policy's dtype too."""
+    (its dtype, and ``model.chat_template``, which the initial model's tokenizer may lack), or
+    with ``policy`` (model, tokenizer), the policy in training (per_step), as it is at each
+    call; other judges' and reward models' models load in the policy's dtype too."""
     spec = config.online.scorer
     if spec in ("judge:policy", "judge-pair:policy", "follow-up:policy"):
         from ..score.follow_up import FollowUpScorer
         from ..score.judge import LLMJudge
 
         kind = spec.removesuffix(":policy")
-        model, tokenizer = load_on_device(judge, config)
-        if kind == "follow-up":
-            return FollowUpScorer(model, tokenizer, f"follow-up:{judge}")
-        return LLMJudge(model, tokenizer, f"{kind}:{judge}", pairwise=kind == "judge-pair")
+        model, tokenizer = policy or load_on_device(judge, config)
+        was_training = model.training
+        scorer = FollowUpScorer(model, tokenizer, f"follow-up:{judge}") if kind == "follow-up" \
+            else LLMJudge(model, tokenizer, f"{kind}:{judge}", pairwise=kind == "judge-pair")
+        if policy is None:
+            return scorer
+        model.train(was_training)  # (the scorer switched its model to evaluation)
+        return _InEvaluation(scorer)
     return load_scorer(spec, data, config.model.dtype)
+
+
+class _InEvaluation:
+    """A scorer whose model is the policy in training: each call scores in evaluation mode
+    (no dropout) and puts the policy back in training mode."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def __getattr__(self, name):  # name, pairwise, ...: the scorer's
+        return getattr(self.scorer, name)
+
+    def score(self, prompts, responses):
+        return self._in_evaluation(self.scorer.score, prompts, responses)
+
+    def prefer(self, prompts, first, second):
+        return self._in_evaluation(self.scorer.prefer, prompts, first, second)
+
+    def _in_evaluation(self, call, *args):
+        model = self.scorer.model
+        was_training = model.training
+        model.eval()
+        try:
+            return call(*args)
+        finally:
+            model.train(was_training)
 
 
 def load_on_device(path: str, config: Config):

@@ -29,7 +29,7 @@ from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer, released
 from ..objectives import get_objective
 from ..score import check_scorer
-from ..score.base import scored_in_chunks
+from ..score.base import preference_matrix, scored_in_chunks
 from ..train.checkpoint import latest_checkpoint
 from ..train.logging import read_metrics
 from ..train.loop import train
@@ -165,8 +165,10 @@ def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: 
     info = {"round": 1, "policy": config.model.path}
 
     def train_per_step() -> dict:
-        scorer = online_scorer(config, config.model.path, config.data.train)
-        run_per_step(step_config, prompts, scorer, resume=resume and checkpoint is not None)
+        def scorer_of(policy):  # judge:policy and its kin: the policy as it trains
+            return online_scorer(config, "policy", config.data.train, policy)
+
+        run_per_step(step_config, prompts, scorer_of, resume=resume and checkpoint is not None)
         return _train_result(here)
 
     info["train"] = run_phase(here, "train", train_per_step)
@@ -285,7 +287,8 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
             if len(texts) > k:
                 row["data_scores"] = scores[at + k : at + len(texts)]
         if scorer.pairwise:  # it ranks by win rate (a pointwise one's: from the scores)
-            row["win_probs"] = row["scores"] = win_probs(_preference_matrix(scorer, row))
+            row["win_probs"] = row["scores"] = win_probs(
+                preference_matrix(scorer, row_question(row), row["responses"]))
         row["scorer"] = scorer.name
         if getattr(scorer, "worst", None):  # maxmin: the worst-served group's term
             row["scored_by"] = scorer.worst
@@ -295,19 +298,6 @@ def _score(config: OnlineConfig, policy: str, here: Path) -> dict:
     values = [s for row in rows for s in row["scores"]]
     return {"scorer": scorer.name, "mean": statistics.fmean(values),
             "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
-
-
-def _preference_matrix(scorer, row: dict) -> list[list[float]]:
-    """P(response i beats response j) for every ordered pair of one prompt's responses, by a
-    pairwise scorer."""
-    responses, k = row["responses"], len(row["responses"])
-    upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    probs = scorer.prefer([row_question(row)] * len(upper), [responses[i] for i, _ in upper],
-                          [responses[j] for _, j in upper])
-    matrix = [[0.5] * k for _ in range(k)]
-    for (i, j), p in zip(upper, probs):
-        matrix[i][j], matrix[j][i] = p, 1.0 - p
-    return matrix
 
 
 def _build(config: OnlineConfig, r: int, here: Path) -> dict:

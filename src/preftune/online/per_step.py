@@ -25,13 +25,13 @@ from ..model.forward import causal_lm_of
 from ..model.load import load_tokenizer
 from ..model.verify import check_attention_device, check_model, decoder_of, layout_setting
 from ..model.reference import AdapterOffReference, LiveReference, NoReference
-from ..score.base import score_samples
+from ..score.base import preference_matrix, score_samples
 from ..objectives.compose import Objective
 from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
                           write_run_header)
 from ..train.schedule import count_steps
 from ..train.trainer import Trainer
-from .build import build_rows
+from .build import build_rows, win_probs
 from .common import prompt_images, prompts_to_ids, row_question, stored_images
 
 RETRIES = 4  # further draws of prompts when a step's samples all tie
@@ -86,9 +86,15 @@ class OnlineStepTask(PolicyTask):
         ids = prompts_to_ids(prompts, self.tokenizer, self.config)
         drawn = HFGenerator(policy, self.tokenizer).generate(ids, settings, None,
                                                              prompt_images(prompts))
-        scores = score_samples(self.scorer, [p.question for p in prompts], drawn.texts)
+        questions = [p.question for p in prompts]
+        if self.scorer.pairwise:  # it ranks by win probability, as in rounds
+            scores = [win_probs(preference_matrix(self.scorer, question, samples))
+                      for question, samples in zip(questions, drawn.texts)]
+        else:
+            scores = score_samples(self.scorer, questions, drawn.texts)
         scored = [{"prompt": p.prompt, "responses": samples, "ended": ended,
                    "scores": prompt_scores, "origin": p.origin, "step": self.step + 1,
+                   **({"win_probs": prompt_scores} if self.scorer.pairwise else {}),
                    **({"tools": list(p.tools)} if p.tools else {}),
                    **({"images": stored_images(p.images, self.output_dir / "images")}
                       if p.images else {})}
@@ -107,8 +113,10 @@ class OnlineStepTask(PolicyTask):
                     handle.write(json.dumps(item, ensure_ascii=False) + "\n")
 
 
-def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
-    """Train ``config`` in per-step online mode; returns the output directory."""
+def run_per_step(config, prompts: list, scorer_of, resume: bool) -> Path:
+    """Train ``config`` in per-step online mode; returns the output directory.
+    ``scorer_of((model, tokenizer))`` is the scorer, given the policy (which a judge of the
+    policy's kind judges with, as it trains)."""
     out = Path(config.output_dir)
     cfg = config.train
     accelerator = Accelerator(gradient_accumulation_steps=1)
@@ -137,6 +145,7 @@ def run_per_step(config, prompts: list, scorer, resume: bool) -> Path:
     logp_model = trainable(model, config)
     if objective.needs_reference and not live and strategy != "none":
         reference = AdapterOffReference(logp_model, objective.per_token)
+    scorer = scorer_of((causal_lm_of(model), tokenizer))
     task = OnlineStepTask(config, logp_model, tokenizer, objective, prompts, reference,
                           layout, device, scorer, out)  # "auto": chosen per batch
     task.reference_strategy = ("live" if live else "adapter-off"

@@ -131,3 +131,16 @@ def score_samples(scorer, questions: list, samples: list[list[str]]) -> list[lis
         grouped.append(list(flat[at : at + len(group)]))
         at += len(group)
     return grouped
+
+
+def preference_matrix(scorer, question, responses: list[str]) -> list[list[float]]:
+    """P(response i beats response j) for every ordered pair of one question's responses, by
+    a pairwise scorer (one call)."""
+    k = len(responses)
+    upper = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    probs = scorer.prefer([question] * len(upper), [responses[i] for i, _ in upper],
+                          [responses[j] for _, j in upper])
+    matrix = [[0.5] * k for _ in range(k)]
+    for (i, j), p in zip(upper, probs):
+        matrix[i][j], matrix[j][i] = p, 1.0 - p
+    return matrix
