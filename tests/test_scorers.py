@@ -56,6 +56,19 @@ def scorer_module(tmp_path_factory):
 
         def with_options(prompt, response, scale=2.0, *more, **named):
             return scale
+
+        def numpy_scores(prompts, responses):  # as numpy code returns them
+            import numpy
+            return numpy.array([len(r) for r in responses], dtype=numpy.float32)
+        numpy_scores.batched = True
+
+        def torch_count(prompt, response):
+            import torch
+            return torch.tensor(len(response))
+
+        def numpy_flag(prompt, response):
+            import numpy
+            return numpy.bool_(True)
     """))
     sys.path.insert(0, str(root))
     yield root
@@ -67,6 +80,11 @@ def test_function_scorer_per_item_and_batched(scorer_module):
     assert load_scorer("my_checks:batch_length").score(["p"], ["xyz"]) == [3.0]
     assert load_scorer("my_checks:has_seven").prefer(["p", "p", "p"], ["7", "a", "b"],
                                                      ["a", "7", "c"]) == [1.0, 0.0, 0.5]
+    # NumPy and torch scalars are the numbers they hold (np.float32 was refused as no number)
+    assert load_scorer("my_checks:numpy_scores").score(["p", "q"], ["ab", "abc"]) == [2.0, 3.0]
+    assert load_scorer("my_checks:torch_count").score(["p"], ["abcd"]) == [4.0]
+    with pytest.raises(ConfigError, match="numpy_flag: returned True for response 0"):
+        load_scorer("my_checks:numpy_flag").score(["p"], ["a"])  # a flag is no score
 
 
 def test_bad_scores_and_specs_are_named(scorer_module):

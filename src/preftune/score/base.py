@@ -77,8 +77,10 @@ def prompt_key(prompt) -> str:
 
 
 def checked(values, name: str, count: int) -> list[float]:
-    """``values`` as floats, or an error naming the scorer and the first bad item."""
-    values = list(values)
+    """``values`` as floats, or an error naming the scorer and the first bad item. NumPy and
+    torch scalars count as the Python numbers they hold (a bool is no score)."""
+    values = [value.item() if callable(getattr(value, "item", None)) and
+              getattr(value, "shape", None) == () else value for value in values]
     if len(values) != count:
         raise ConfigError(f"scorer {name}: returned {len(values)} scores for {count} responses.")
     for position, value in enumerate(values):
