@@ -3,6 +3,7 @@ the pairs the builder defines, the reference by ``online.reference``, and an int
 that resumes to the same pairs and weights as an uninterrupted run."""
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -779,14 +780,18 @@ def test_a_round_without_pairs_trains_nothing_and_the_next_starts_from_the_same_
     tree = config_tree(model_dir, data, tmp_path / "run", scorer="test_online_loop:constant")
     run_online(build_config(tree, schema=OnlineConfig))
     summary = json.loads((tmp_path / "run" / "online.json").read_text())
-    assert [r["train"]["skipped"] for r in summary["rounds"]] == ["no pairs were built"] * 2
+    why = "no training rows ({0} of {0} prompts: every sample scored alike by " \
+        "test_online_loop:constant)".format(summary["rounds"][0]["build"]["prompts"])
+    assert [r["train"]["skipped"] for r in summary["rounds"]] == [why] * 2
     assert [r["policy"] for r in summary["rounds"]] == [model_dir, model_dir]
     assert not (tmp_path / "run" / "round-1" / "model").exists()
     assert summary["rounds"][1]["evaluate"]["mean_score"] == summary["initial"]["mean_score"]
     assert read_jsonl(tmp_path / "run" / "round-1" / "pairs.jsonl") == []
     from preftune.report.rundir import ReportError
 
-    with pytest.raises(ReportError, match="none of its 2 rounds trained"):
+    with pytest.raises(ReportError, match=re.escape(  # each round's own reason
+            f"none of its 2 rounds trained (round 1: {why}; round 2: {why}), so there is no "
+            "training curve")):
         load_run(tmp_path / "run")  # a finished run: not "run the report again later"
 
 

@@ -132,9 +132,11 @@ def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -
     if info["build"]["rows"]:
         info["train"] = run_phase(here, "train", lambda: _train(config, r, policy, here))
     else:  # nothing to learn from this round's samples: the next round starts from `policy`
-        print(f"round {r}: no training rows ({why_no_rows(info['build'], info['score']['scorer'])}"
-              "); no training this round (more samples, or more varied ones, would help)")
-        info["train"] = run_phase(here, "train", lambda: {"skipped": "no pairs were built"})
+        why = why_no_rows(info["build"], info["score"]["scorer"])
+        print(f"round {r}: no training rows ({why}); no training this round (more samples, or "
+              "more varied ones, would help)")
+        info["train"] = run_phase(here, "train",
+                                  lambda: {"skipped": f"no training rows ({why})"})
     trained = str(final_model_dir(here)) if "skipped" not in info["train"] else policy
     if eval_prompts:
         info["evaluate"] = run_phase(here, "evaluate", lambda: evaluate_model(

@@ -65,9 +65,9 @@ def load_run(run_dir: str | Path) -> RunData:
                 f"{run_dir}/online.json says round {trained[0]} trained, and "
                 f"{run_dir}/round-{trained[0]} holds no metrics.jsonl: was it moved or "
                 "deleted?" if trained else
-                f"{run_dir}/online.json: none of its {len(rounds)} rounds trained (each built "
-                "no training data: every sample or list scored alike; see the rounds in "
-                "online.json), so there is no training curve to draw")
+                f"{run_dir}/online.json: none of its {len(rounds)} rounds trained ("
+                + "; ".join(f"round {r['round']}: {r.get('train', {}).get('skipped', 'not run')}"
+                            for r in rounds) + "), so there is no training curve to draw")
         config_path = run_dir / "config.yaml"
         return RunData(run_dir=run_dir, metrics=metrics, alarms=alarms, online=online,
                        run_info=rounds_run_info(run_dir, online, _optional_json),
