@@ -885,3 +885,17 @@ def test_refused_runs_leave_nothing_and_an_overwrite_puts_the_old_run_back(model
     assert (kept / "round-1" / "samples.jsonl").read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "kept"]
     assert f"was moved back to {kept}: the new run wrote nothing" in capsys.readouterr().out
+
+
+def test_a_run_says_when_its_longest_samples_would_train_cut(model_dir, data, tmp_path, capsys):
+    """max_prompt_length 32 + max_new_tokens 40 > max_length 64: such a sample is scored whole
+    and trained cut, which only data_report.json's response_truncated showed."""
+    tree = config_tree(model_dir, data, tmp_path / "run", rounds=1)
+    tree["online"]["sampling"]["max_new_tokens"] = 40
+    run_online(build_config(tree, schema=OnlineConfig), plan_only=True)
+    assert "note: online.sampling.max_new_tokens (40) is more than the 32 tokens " \
+        "data.max_length (64) leaves after a prompt of data.max_prompt_length (32)" \
+        in capsys.readouterr().out
+    tree["online"]["sampling"]["max_new_tokens"] = 32  # (it fits)
+    run_online(build_config(tree, schema=OnlineConfig), plan_only=True)
+    assert "note: online.sampling.max_new_tokens" not in capsys.readouterr().out

@@ -67,6 +67,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     eval_prompts = _prompts(config.data.eval, config) if config.data.eval else []
     _check_data_responses(config, prompts)
     check_image_prompts(config, prompts + eval_prompts)
+    _say_cut_samples(config)
     if plan_only:
         from .plan import online_plan
 
@@ -83,6 +84,19 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
         summary["rounds"].append(run_round(config, r, prompts, eval_prompts))
         write_json(out / "online.json", summary)
     return out
+
+
+def _say_cut_samples(config: OnlineConfig) -> None:
+    """A note where a sample of max_new_tokens after a prompt of max_prompt_length tokens
+    does not fit data.max_length: it is scored whole but trains cut."""
+    data, new = config.data, config.online.sampling.max_new_tokens
+    room = data.max_length - (data.max_prompt_length or 0)
+    if data.max_prompt_length is not None and new > room:
+        print(f"note: online.sampling.max_new_tokens ({new}) is more than the {room} tokens "
+              f"data.max_length ({data.max_length}) leaves after a prompt of "
+              f"data.max_prompt_length ({data.max_prompt_length}): such samples are scored "
+              "whole but train cut (response_truncated in each round's data_report.json); "
+              f"raise data.max_length to {data.max_prompt_length + new}, or lower one of them.")
 
 
 def start_rounds(config, resume: bool, overwrite: bool) -> Path:
