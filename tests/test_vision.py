@@ -232,6 +232,20 @@ def test_unreadable_image_bytes(vlm, tmp_path):
         tokenize_records(records, tokenizer, TokenizeSettings(128, 96))
 
 
+def test_an_image_past_pils_size_guard_is_named(tmp_path, monkeypatch):
+    """PIL refuses images above twice MAX_IMAGE_PIXELS (a decompression bomb, or a big scan)
+    with an error of its own, which was a traceback."""
+    from PIL import Image
+
+    solid_image(tmp_path / "big.png", RED)  # 20 x 20 = 400 pixels against a limit of 2 x 100
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image>?", "images": ["big.png"],
+                                              "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'images', item 0: file .*big.png' "
+                                        r"is larger than PIL opens .*downscale the image"):
+        load_records(path)[0].images[0].load()
+
+
 def test_wrong_placeholder_count(tmp_path):
     solid_image(tmp_path / "x.png", RED)
     path = write_rows(tmp_path / "d.jsonl", [{"prompt": "<image> and <image>?",

@@ -52,6 +52,11 @@ class ImageRef:
             raise DataError(f"{self.origin}: {self.where}: image file {self.path!r} does not "
                             "exist; fix the path (relative paths start at the data file's "
                             "folder).") from None
+        except Image.DecompressionBombError as error:  # (PIL's guard against huge images)
+            what = f"file {self.path!r}" if self.data is None else "the bytes given"
+            raise DataError(f"{self.origin}: {self.where}: {what} is larger than PIL opens "
+                            f"({error}); downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                            "in your own code if it is meant.") from None
         except (UnidentifiedImageError, OSError, ValueError) as error:
             what = f"file {self.path!r}" if self.data is None else "the bytes given"
             raise DataError(f"{self.origin}: {self.where}: {what} is not a readable image "
