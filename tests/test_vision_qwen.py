@@ -9,6 +9,7 @@ reference. (test_vision.py runs its general vision tests on Qwen2-VL, Qwen2.5-VL
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import AutoModelForImageTextToText
 
 from preftune import api
 from preftune.data.layout import LAYOUTS, collate
+from preftune.data.records import DataError
 from preftune.data.sources import load_records
 from preftune.data.tokenize import TokenizeSettings, tokenize_records
 from preftune.data.vision_qwen import mrope_positions, processor_parts
@@ -227,3 +229,28 @@ def test_reference_strategies_and_lora(root, strategy):
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert metrics[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert (out / "adapter" / "adapter_config.json").exists() == (strategy == "adapter-off")
+
+
+def test_an_image_token_typed_into_the_text_is_named_not_blamed_on_the_length(root, loaded,
+                                                                               tmp_path):
+    """A loose image token (no wrap around it) made the example's image-token count differ,
+    which was counted as an image cut by max_prompt_length ("raise it"). The image's whole
+    wrap written out is no placeholder (the record's image goes in front): said so."""
+    _, tokenizer = loaded
+    token = tokenizer.image_inputs.image_token
+    settings = TokenizeSettings(1000, 900)
+    loose = write_rows(tmp_path / "loose.jsonl", [{
+        "prompt": f"{token} colour? <image>", "images": [str(root / "red.png")],
+        "chosen": "red", "rejected": "blue"}])
+    with pytest.raises(DataError, match=rf"loose\.jsonl:1: field 'prompt': the text holds the "
+                                        rf"model's image token '{re.escape(token)}' outside an "
+                                        r"image placeholder \(1 time\(s\)\)"):
+        tokenize_records(load_records(loose), tokenizer, settings)
+    written = write_rows(tmp_path / "written.jsonl", [{
+        "prompt": f"{WRAPS[token]} colour?", "images": [str(root / "red.png")],
+        "chosen": "red", "rejected": "blue"}])
+    with pytest.raises(DataError, match=r"written\.jsonl:1: field 'prompt': the rendered prompt "
+                                        r"has more image placeholders than the record's 1 "
+                                        r"image\(s\); mark each image with <image>, not the "
+                                        rf"model's own '{re.escape(WRAPS[token])}'"):
+        tokenize_records(load_records(written), tokenizer, settings)

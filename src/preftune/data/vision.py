@@ -102,9 +102,16 @@ class ImageInputs:
             at = found + len(span)
         if _find(prompt_ids, span, at) >= 0:
             raise DataError(f"{origin}: field 'prompt': the rendered prompt has more image "
-                            f"placeholders than the record's {len(images)} image(s); give one "
-                            "image per placeholder.")
-        return out + prompt_ids[at:], counts
+                            f"placeholders than the record's {len(images)} image(s); mark each "
+                            f"image with <image>, not the model's own {self.image_text!r}.")
+        out += prompt_ids[at:]
+        written = sum(t == self.image_token_id for t in out) - sum(counts)
+        if written:  # the model's image token typed into the text, outside a placeholder
+            raise DataError(f"{origin}: field 'prompt': the text holds the model's image token "
+                            f"{self.image_token!r} outside an image placeholder ({written} "
+                            "time(s)); mark each image with <image> and remove the model's "
+                            "token from the text.")
+        return out, counts
 
     def pixels(self, images: list[ImageRef]) -> dict[str, torch.Tensor]:
         """Pixel inputs of ``images`` (one processor call each), stacked along the first dim in
