@@ -33,6 +33,23 @@ def test_the_best_answer_of_each_shape_and_each_prompt_once():
     assert best_answers(records) == [("f:2", "t", "Paris"), ("f:5", "q", "c")]
 
 
+def test_records_with_images_are_refused_by_name(tmp_path):
+    """The questions are compared by their text: the written pairs lost the images (their
+    '<image>' placeholders left without any), so they are refused instead."""
+    from PIL import Image
+
+    from preftune.data.records import DataError
+    from preftune.data.sources import load_records
+
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(tmp_path / "red.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "What colour? <image>", "images": ["red.png"],
+                                "chosen": "red", "rejected": "blue"}) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:1: the record shows images, and relevance "
+                                        "pairs compare questions by their text alone"):
+        best_answers(load_records(str(path)))
+
+
 def test_a_neighbour_with_the_same_answer_is_passed_over_and_questions_are_user_turns(
         monkeypatch, tmp_path):
     """("What is 2+2?" took "4" from "What is 3+1?": chosen == rejected.) A system prompt

@@ -39,6 +39,11 @@ def best_answers(records) -> list[tuple[str, object, object]]:
     completions) are left out."""
     found: dict = {}
     for record in records:
+        if getattr(record, "images", ()):
+            raise DataError(f"{record.origin}: the record shows images, and relevance pairs "
+                            "compare questions by their text alone (an answer about another "
+                            "image is no answer to the question asked here); build them from "
+                            "text records.")
         answer, score = _best(record)
         key = json.dumps(record.prompt, sort_keys=True)
         if answer is not None and (key not in found or (
