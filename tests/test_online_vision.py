@@ -201,7 +201,7 @@ def test_image_prompts_without_images_on_disk_name_the_record(workspace, tmp_pat
 
 def test_images_given_as_bytes_are_written_once_under_their_content_key(workspace, tmp_path):
     from preftune.data.images import ImageRef
-    from preftune.online.common import stored_images
+    from preftune.data.images import stored_images
 
     data = (workspace / "red.png").read_bytes()
     on_disk = ImageRef(path=str(workspace / "blue.png"))

@@ -414,3 +414,52 @@ def test_an_unknown_mrope_image_token_is_named():
     with pytest.raises(ValueError, match=r"image token '<\|img\|>' is none of the M-RoPE image "
                                          r"tokens preftune knows"):
         ImageInputs(SimpleNamespace(tokenizer=tokenizer, image_token="<|img|>"), mrope=True)
+
+
+def test_a_row_with_images_reads_back_the_same_written_elsewhere(tmp_path):
+    """rm score / rm strength write each input row with its scores: a relative path then
+    pointed nowhere, and bytes were written as their Python repr. portable_row lists every image
+    (a column, inline parts, bytes, negatives) by absolute path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preftune.data.images import portable_row
+    from preftune.data.rows import read_rows
+
+    data = tmp_path / "data"
+    data.mkdir()
+    solid_image(data / "red.png", RED)
+    solid_image(data / "blue.png", BLUE)
+    png = (data / "blue.png").read_bytes()
+    rows = [{"prompt": "<image> colour?", "images": ["red.png"], "chosen": "red",
+             "rejected": "blue", "negative_images": [{"bytes": png, "path": None}]},
+            {"prompt": "no image", "chosen": "a", "rejected": "b", "negative_images": [],
+             "images": None}]
+    pq.write_table(pa.Table.from_pylist(rows), data / "pairs.parquet")
+    inline = {"prompt": [{"role": "user", "content": [{"type": "image", "image": "red.png"},
+                                                       {"type": "text", "text": "colour?"}]}],
+              "chosen": "red", "rejected": "blue"}
+    (data / "chat.jsonl").write_text(json.dumps(inline) + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    records, written, again = [], [], []
+    for source in (data / "pairs.parquet", data / "chat.jsonl"):
+        records += load_records(str(source))
+        rows_out = [portable_row(row, record, {}, elsewhere / "scored_images")
+                    for (_, row), record in zip(read_rows(str(source), {}),
+                                                records[len(written):])]
+        out = elsewhere / f"{source.stem}.jsonl"
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows_out))
+        written += rows_out
+        again += load_records(str(out))
+    for before, after in zip(records, again, strict=True):
+        assert [i.key for i in after.images] == [i.key for i in before.images]
+        assert [i.key for i in after.negative_images] == \
+            [i.key for i in before.negative_images]
+        assert after.prompt == before.prompt
+    assert [len(r.images) for r in again] == [1, 0, 1] and len(again[0].negative_images) == 1
+    assert written[1] == rows[1]  # (no image: as it was)
+    assert written[0]["images"] == [str(data / "red.png")]
+    assert written[0]["negative_images"][0].startswith(str(elsewhere / "scored_images"))
+    assert written[2]["images"] == [str(data / "red.png")]  # (the inline part's image)
+    assert written[2]["prompt"][0]["content"][0] == {"type": "image"}

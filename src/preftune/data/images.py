@@ -271,3 +271,47 @@ def attach_images(record, row: dict, columns: dict, origin: str, base_dir: str):
                             f"the prompt shows {len(images)}; give one negative per image.")
         changes["negative_images"] = negative
     return replace(record, **changes)
+
+
+def stored_images(images: tuple, folder) -> list[str]:
+    """Absolute paths of ``images`` for a file written elsewhere (round files, scored data): a
+    file as it is, bytes or an in-memory image written once to ``folder`` under its content
+    key."""
+    paths = []
+    for image in images:
+        if image.path is not None:
+            paths.append(os.path.abspath(image.path))
+            continue
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, f"{image.key}.png")
+        if not os.path.exists(target):
+            image.load().save(target)
+        paths.append(os.path.abspath(target))
+    return paths
+
+
+def portable_row(row: dict, record, columns: dict, folder) -> dict:
+    """A data row, as read, for a file written elsewhere (``rm score``'s output): its images
+    (paths relative to the data file, bytes, inline prompt parts) listed in its images column
+    as absolute paths, bytes saved once under ``folder``; a row without images as it is."""
+    images, negative = (getattr(record, name, ()) for name in IMAGE_FIELDS)
+    if not images and not negative:
+        return row
+    dropped = {columns.get(name, name) for name in IMAGE_FIELDS} | set(SINGLE_IMAGE_FIELDS)
+    out = {key: value for key, value in row.items() if key not in dropped}
+    prompt_column = columns.get("prompt", "prompt")
+    if isinstance(out.get(prompt_column), list):  # inline parts: their images are listed now
+        out[prompt_column] = [_bare_image_parts(message) for message in out[prompt_column]]
+    out[columns.get("images", "images")] = stored_images(images, folder)
+    if negative:
+        out[columns.get("negative_images", "negative_images")] = stored_images(negative, folder)
+    return out
+
+
+def _bare_image_parts(message: dict) -> dict:
+    """A message whose image parts are bare ``{"type": "image"}`` placeholders."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    return {**message, "content": [{"type": "image"} if isinstance(part, dict) and
+                                   part.get("type") == "image" else part for part in content]}

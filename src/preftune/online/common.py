@@ -4,7 +4,6 @@ tools), loading a model onto the device, the round's scorer, and atomic JSON fil
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -124,22 +123,6 @@ def prompts_to_examples(prompts: list, tokenizer, config: Config) -> list:
 def prompt_images(prompts: list) -> list | None:
     """Each prompt's images for generation, or None when no prompt shows any."""
     return [p.images for p in prompts] if any(p.images for p in prompts) else None
-
-
-def stored_images(images: tuple, folder: Path) -> list[str]:
-    """Absolute paths of a prompt's images for the round files (samples, pairs): a file as
-    it is, bytes or an in-memory image written once to ``folder`` under its content key."""
-    paths = []
-    for image in images:
-        if image.path is not None:
-            paths.append(os.path.abspath(image.path))
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{image.key}.png"
-        if not target.exists():
-            image.load().save(target)
-        paths.append(str(target.resolve()))
-    return paths
 
 
 def row_question(row: dict):

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, build_config
+from ..data.images import stored_images
 from ..data.rows import write_rows
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
@@ -38,8 +39,7 @@ from ..train.output import (check_resume, move_aside, one_of, prepare_output_dir
 from ..train.run_lock import holding_output_dirs
 from .build import DATA_PAIR_BUILDERS, LIST_BUILDERS, build_rows, why_no_rows, win_probs
 from .common import (Prompt, check_image_prompts, load_on_device, online_scorer, prompt_images,
-                     prompts_to_ids, read_json_text, read_jsonl, read_prompts, row_question,
-                     stored_images)
+                     prompts_to_ids, read_json_text, read_jsonl, read_prompts, row_question)
 from .config import OnlineConfig
 from .diversity import add_pair_diversity, check_divpo_encoder, needs_surprisal
 from .estimator import check_estimator, estimator_probs, select_pairs

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from ..config import ConfigError
 from ..data.layout import choose_layout, collate
+from ..data.images import stored_images
 from ..data.records import DataError, Pair
 from ..data.tokenize import TokenizeSettings, tokenize_records
 from ..generation import HFGenerator
@@ -32,7 +33,7 @@ from ..train.loop import (PolicyTask, load_policy, row_multiple, trainable,
 from ..train.schedule import count_steps
 from ..train.trainer import Trainer
 from .build import build_rows, win_probs
-from .common import prompt_images, prompts_to_ids, row_question, stored_images
+from .common import prompt_images, prompts_to_ids, row_question
 
 RETRIES = 4  # further draws of prompts when a step's samples all tie
 

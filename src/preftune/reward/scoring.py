@@ -14,6 +14,7 @@ import torch
 from accelerate import PartialState
 
 from ..data.records import DataError
+from ..data.images import portable_row
 from ..data.rows import csv_text_columns, read_rows, write_rows
 from ..data.sources import load_records
 from ..data.tokenize import TokenizeSettings, tokenize_records
@@ -182,7 +183,9 @@ def run_score(model: str, data: str, output: str, batch_size: int = 16, field: s
     bar.close()
     target.parent.mkdir(parents=True, exist_ok=True)
     # a row's own origin (where an earlier step took it from) is kept
-    write_rows(target, ({"origin": record.origin, **row,
+    images = target.parent / f"{target.stem}_images"  # (images given as bytes)
+    write_rows(target, ({"origin": record.origin,
+                         **portable_row(row, record, fields or {}, images),
                          **score_row(record, scoring.head, values, field)}
                         for row, record, values in zip(rows, records, outputs)), default=str)
     print(f"scored {len(records)} records ({records[0].shape}) with {model}: {target}")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.records import DataError
+from ..data.images import portable_row
 from ..data.rows import csv_text_columns, read_rows, write_rows
 from ..data.sources import load_records
 from ..model.forward import causal_lm_of
@@ -191,6 +192,7 @@ def run_strength(models: list[str], data: str, output: str, *, passes: int = 1,
         turn = bool(turned[i])
         values = [stats["mean"][i], stats["std"][i], stats["agreement"][i]]
         added = dict(zip(names, values + ([turn] if flip else [])))
+        row = portable_row(row, record, fields or {}, target.parent / f"{target.stem}_images")
         return {"origin": record.origin, **(_swap(row, fields) if turn else row), **added}
 
     write_rows(target, (scored(i, row, record) for i, (row, record) in
