@@ -93,6 +93,8 @@ def test_reward_model_card_names_the_loss_and_head(policy_run):
     assert meta["tags"] == ["preftune", "reward-model", "bt"] and meta["license"] == "mit"
     assert "a reward model (scalar head) trained with the reward loss `bt`" in text
     assert "| train (step 1) | rewards/accuracies |" in text
+    # trained from Python under pytest: the command that trains its saved config
+    assert f"```bash\npreftune rm train {out / 'config.yaml'}\n```" in text
 
 
 def test_command_line_reads_as_typed():
@@ -110,3 +112,10 @@ def test_command_line_reads_as_typed():
         "accelerate launch --num_processes 4 -m preftune train c.yaml"
     assert command_line(["scripts/align.py", "--lr", "1e-6"], processes=2) == \
         "accelerate launch --num_processes 2 scripts/align.py --lr 1e-6"
+    # no command to show (python -c, a script on stdin, a notebook kernel, pytest): the one
+    # that trains the saved config (the card showed "-c")
+    for argv in (["-c"], ["-"], ["/venv/lib/python3.11/site-packages/ipykernel_launcher.py",
+                                 "-f", "k.json"], ["/venv/bin/pytest", "-q"],
+                 ["/venv/lib/python3.11/site-packages/pytest/__main__.py"]):
+        assert command_line(argv, config_run="preftune train run/config.yaml") == \
+            "preftune train run/config.yaml", argv

@@ -22,23 +22,30 @@ KNOWN_BASES = {"default": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
                "all-MiniLM-L6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
 
 
-def command_line(argv: list[str] | None = None, processes: int = 1) -> str:
+def command_line(argv: list[str] | None = None, processes: int = 1,
+                 config_run: str = "preftune train CONFIG") -> str:
     """The command this process runs, as a user would type it to train the same run again
     (without --resume or --overwrite); a run of several processes under ``accelerate launch``
-    (which its processes' own command lines leave out)."""
+    (which its processes' own command lines leave out). A process that is neither preftune's
+    command nor a script of the user's (``python -c``, stdin, a notebook kernel, pytest) gives
+    ``config_run``: the command that trains the run's saved config."""
     argv = list(sys.argv if argv is None else argv)
     # a run resumed, or started over, trains as the command that started it: that command
     argv = [word for word in argv if word not in ("--resume", "--overwrite")]
-    program = Path(argv[0]).name if argv else "python"
-    script = program.endswith(".py") and program != "__main__.py"  # a script calling the API
+    path = Path(argv[0]) if argv else Path("-")
+    module = path.name == "__main__.py" and path.parent.name == "preftune"  # python -m preftune
+    script = path.suffix == ".py" and path.name != "__main__.py" and not (
+        {"site-packages", "dist-packages"} & set(path.parts))  # a script calling the API
+    if not (module or script or path.name == "preftune"):
+        return config_run
     if processes > 1:
         start = ["accelerate", "launch", "--num_processes", str(processes)]
         return shlex.join(start + ([argv[0]] if script else ["-m", "preftune"]) + argv[1:])
-    if program == "__main__.py":  # python -m preftune
+    if module:
         return shlex.join(["python", "-m", "preftune", *argv[1:]])
     if script:
         return shlex.join(["python", argv[0], *argv[1:]])
-    return shlex.join([program, *argv[1:]])
+    return shlex.join([path.name, *argv[1:]])
 
 
 def sha256(path: str) -> str:
@@ -137,7 +144,10 @@ def model_card(output_dir: Path, info: dict, kind: str) -> str:
                      f"{data_report['skipped_rows']['count']}")
     lines += ["", "## Results", ""] + _results(metrics)
     processes = info.get("processes") or 1
-    lines += ["", "## Reproduce", "", "```bash", command_line(processes=processes), "```", "",
+    saved = shlex.join(["preftune", *(["rm"] if reward else []), "train",
+                        str(output_dir / "config.yaml")])
+    lines += ["", "## Reproduce", "", "```bash", command_line(processes=processes,
+                                                           config_run=saved), "```", "",
               *([f"It ran on {processes} processes ({info.get('engine') or 'launched'}); add "
                  "the run's accelerate config (--config_file) for its machines.", ""]
                 if processes > 1 else []),
