@@ -75,6 +75,39 @@ def test_an_adapter_dir_trains_in_full_as_its_merged_model(lora_run, tmp_path):
         torch.testing.assert_close(tensor, trained[0][name], rtol=0, atol=1e-4)
 
 
+def test_lora_on_an_adapter_records_the_merged_model_beside_it_so_peft_loads_it(lora_run,
+                                                                                tmp_path):
+    """A second LoRA run on run/adapter names run/model (base + first adapter, merged) as its
+    base: PEFT's own loader gives the trained model. It named run/adapter, which transformers
+    loads as the base with the first adapter unmerged, and PEFT then replaced that adapter by
+    the second (a warning, and the first run's training gone)."""
+    from peft import AutoPeftModelForCausalLM
+
+    root, run, adapter_only = lora_run
+    second = train(Config.from_dict({
+        "output_dir": str(tmp_path / "second"),
+        "model": {"path": str(run / "adapter"), "lora": LORA},
+        "data": {"train": str(root / "pairs.jsonl")},
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2}}), show_progress=False)
+    saved = json.loads((second / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(run / "model")
+    ids = torch.tensor([[5, 17, 40, 33, 9, 21]])
+    merged, _ = load_model_and_tokenizer(str(second / "model"))
+    by_peft = AutoPeftModelForCausalLM.from_pretrained(str(second / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(by_peft(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+    # without run/model beside it, the chain names the adapter (preftune loads it in order)
+    chained = train(Config.from_dict({
+        "output_dir": str(tmp_path / "chained"),
+        "model": {"path": str(adapter_only / "adapter"), "lora": LORA},
+        "data": {"train": str(root / "pairs.jsonl")},
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "train": {"batch_size": 4, "max_steps": 1, "learning_rate": 1e-2}}), show_progress=False)
+    assert json.loads((chained / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(adapter_only / "adapter")
+
+
 def test_eval_of_an_adapter_only_run_equals_eval_of_the_merged_run(lora_run, tmp_path):
     root, run, adapter_only = lora_run
     options = {"reference": str(root / "base"), "samples": 0}

@@ -56,9 +56,14 @@ def config_source(source: str) -> str:
 
 def merge_adapter(base_model, source: str):
     """``base_model`` with the adapter at ``source`` merged in: a plain transformers model,
-    named after ``source`` so that an adapter trained on it records ``source`` as its base."""
+    named after the run's merged ``model/`` beside ``source`` when there is one (so that an
+    adapter trained on it records a plain model as its base, which PEFT alone loads), else
+    after ``source`` (a chain of adapters, which preftune loads in order)."""
     merged = with_adapter(base_model, source).merge_and_unload()
-    merged.name_or_path = merged.config._name_or_path = source
+    beside = Path(source).parent / "model"
+    name = str(beside) if Path(source).name == "adapter" and \
+        (beside / "config.json").is_file() and not is_adapter_dir(beside) else source
+    merged.name_or_path = merged.config._name_or_path = name
     return merged.requires_grad_(True)  # as any loaded model (PEFT froze the base's weights)
 
 
