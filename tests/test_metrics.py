@@ -46,6 +46,15 @@ def test_ranked_metrics_count_ordered_pairs_and_skip_ties():
     assert m["rewards/accuracies"] == (4.0, 5.0)
     assert m["rewards/top1_accuracy"] == (1.0, 2)
     assert m["rewards/margins"] == pytest.approx((0.9 - 0.1 + 0.3 - 0.2, 2))
+    # a list scored all alike has no best: it counts in no top-1, best, worst or margin (its
+    # top-1 scored 1.0, every item being "best"); its pairs are all ties, so none either
+    scores = torch.tensor([[3.0, 1.0, 2.0], [4.0, 4.0, 4.0]])
+    inputs = ObjectiveInputs(stats([[0.0] * 3] * 2), scores={"response_scores": scores})
+    m = metric_sums("ranked", inputs, ObjectiveOutput(torch.zeros(2), rewards))
+    assert [float(v) for v in m["rewards/top1_accuracy"]] == [1.0, 1]
+    assert [float(v) for v in m["rewards/margins"]] == pytest.approx([0.9 - 0.1, 1])
+    assert [float(v) for v in m["rewards/best"]] == pytest.approx([0.9, 1])
+    assert [float(v) for v in m["rewards/accuracies"]] == [3.0, 3.0]
 
 
 def test_top1_accuracy_shares_a_tie_for_the_highest_reward_whatever_the_order():

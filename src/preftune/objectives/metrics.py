@@ -68,13 +68,19 @@ def _ranked_metrics(inputs: ObjectiveInputs, rewards: torch.Tensor) -> dict:
     agree = (rewards[:, :, None] > rewards[:, None, :]) & better
     best, worst = scores.argmax(dim=1), scores.argmin(dim=1)
     rows = torch.arange(len(scores), device=scores.device)
+    ordered = ordered_lists(scores)  # a list scored all alike has no best to find
     return {
         "rewards/accuracies": (agree.sum(), better.sum()),
-        "rewards/best": sum_count(rewards[rows, best]),
-        "rewards/worst": sum_count(rewards[rows, worst]),
-        "rewards/margins": sum_count(rewards[rows, best] - rewards[rows, worst]),
-        "rewards/top1_accuracy": sum_count(top1_hits(rewards, scores)),
+        "rewards/best": sum_count(rewards[rows, best], ordered),
+        "rewards/worst": sum_count(rewards[rows, worst], ordered),
+        "rewards/margins": sum_count(rewards[rows, best] - rewards[rows, worst], ordered),
+        "rewards/top1_accuracy": sum_count(top1_hits(rewards, scores), ordered),
     }
+
+
+def ordered_lists(scores: torch.Tensor) -> torch.Tensor:
+    """Per list [L, K], whether its scores are not all alike (a best and a worst to tell)."""
+    return scores.amax(1) > scores.amin(1)
 
 
 SHAPE_METRICS = {"pairs": _pair_metrics, "unpaired": _unpaired_metrics, "ranked": _ranked_metrics}

@@ -23,7 +23,7 @@ from ..model.load import without_dropout
 from ..model.lean import use_lean_layers
 from ..model.verify import (check_attention_device, check_image_attention, check_windows,
                             verified_layout)
-from ..objectives.metrics import sum_count, top1_hits
+from ..objectives.metrics import ordered_lists, sum_count, top1_hits
 from ..train.logging import progress
 from ..train.loop import precision, write_run_header
 from ..train.output import check_same_data, start_run
@@ -64,7 +64,8 @@ def reward_metrics(shape: str, head: Head, outputs: torch.Tensor, scores: dict,
         better = target[:, :, None] > target[:, None, :]
         agree = better & (rewards[:, :, None] > rewards[:, None, :])
         metrics["rewards/accuracies"] = (agree.sum(), better.sum())
-        metrics["rewards/top1_accuracy"] = sum_count(top1_hits(rewards, target))
+        metrics["rewards/top1_accuracy"] = sum_count(top1_hits(rewards, target),
+                                                     ordered_lists(target))
     elif shape == "unpaired" and rewards is not None:
         label = scores["label"].to(rewards) > 0.5
         metrics["rewards/accuracies"] = sum_count(((rewards[:, 0] > 0) == label).float())
