@@ -119,3 +119,27 @@ def test_command_line_reads_as_typed():
                  ["/venv/lib/python3.11/site-packages/pytest/__main__.py"]):
         assert command_line(argv, config_run="preftune train run/config.yaml") == \
             "preftune train run/config.yaml", argv
+
+
+def test_a_tokenizer_without_a_pad_token_is_saved_without_one(tmp_path):
+    """Batches pad with EOS, but the saved tokenizer is the base's: a pad token of EOS in it
+    would have later tools (a language-modelling collator) mask every EOS as padding."""
+    from transformers import AutoTokenizer
+
+    from preftune.api import Config, train
+
+    base = save_tiny_model_dir(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(base)
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no thanks"}
+            for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = train(Config.from_dict({
+        "output_dir": str(tmp_path / "run"), "model": {"path": str(base)},
+        "data": {"train": str(tmp_path / "pairs.jsonl"), "max_length": 64},
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+        "train": {"batch_size": 4, "max_steps": 1}}), show_progress=False)
+    saved = AutoTokenizer.from_pretrained(run / "model")
+    assert (saved.pad_token, saved.eos_token) == (None, "<|im_end|>")
+    assert read_metrics(run / "metrics.jsonl")[0]["loss"] == pytest.approx(0.6931, abs=1e-3)

@@ -79,11 +79,32 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
         tokenizer = load_processor_tokenizer(source, trust_remote_code)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        pad_with_eos(tokenizer)
     if chat_template is not None:
         use_chat_template(tokenizer, chat_template)
     return tokenizer
+
+
+def pad_with_eos(tokenizer) -> None:
+    """A tokenizer without a pad token pads batches with EOS (marked, so that it is saved as
+    loaded: ``saved_as_loaded``)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_from_eos = True
+
+
+@contextlib.contextmanager
+def saved_as_loaded(tokenizer):
+    """``tokenizer`` without the pad token ``pad_with_eos`` gave it, while it is saved: a tool
+    that later pads with it would mask EOS as padding."""
+    added = getattr(tokenizer, "pad_from_eos", False)
+    if added:
+        tokenizer.pad_token = None
+    try:
+        yield tokenizer
+    finally:
+        if added:
+            tokenizer.pad_token = tokenizer.eos_token
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -256,8 +277,7 @@ def load_processor_tokenizer(source: str, trust_remote_code: bool = False):
     else:
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     tokenizer = processor.tokenizer
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_with_eos(tokenizer)
     if getattr(processor, "chat_template", None):
         tokenizer.chat_template = processor.chat_template
     tokenizer.image_inputs = ImageInputs(processor, mrope=mrope)

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import ConfigError
 from ..model.adapter_dirs import merged_copy, save_model
+from ..model.load import saved_as_loaded
 from .engines import deepspeed_training_state, is_deepspeed, load_deepspeed_training_state
 
 PREFIX = "step-"
@@ -216,7 +217,8 @@ def _write_dir(target: Path, model, tokenizer) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     save_model(model, staging)  # (PiSSA / OLoRA: as an adapter of the original base)
     images = getattr(tokenizer, "image_inputs", None)  # a VLM: its processor holds the tokenizer
-    (images.processor if images is not None else tokenizer).save_pretrained(staging)
+    with saved_as_loaded(tokenizer):  # (a processor saves the tokenizer it holds)
+        (images.processor if images is not None else tokenizer).save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target
