@@ -279,7 +279,8 @@ def with_negative_image_slot(examples: list) -> list:
             raise DataError(
                 f"{example.origin}: this objective compares the chosen answer under the image "
                 "and under a negative image, but the record has no 'negative_images'. Add them "
-                "to the data, or make corrupted copies with data.convert: images:corrupt.")
+                "to the data, or make corrupted copies with data.convert: images:corrupt (after "
+                "any images:mia_* conversion, which makes new images and keeps no negatives).")
         slots = len(example.response_ids)
         out.append(replace(example, response_ids=[*example.response_ids, example.response_ids[0]],
                            slot_images=(None,) * slots + (example.negative_images,)))
