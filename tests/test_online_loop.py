@@ -899,3 +899,37 @@ def test_a_run_says_when_its_longest_samples_would_train_cut(model_dir, data, tm
     tree["online"]["sampling"]["max_new_tokens"] = 32  # (it fits)
     run_online(build_config(tree, schema=OnlineConfig), plan_only=True)
     assert "note: online.sampling.max_new_tokens" not in capsys.readouterr().out
+
+
+def test_a_signal_in_the_last_step_of_a_rounds_training_stops_the_run_after_it(
+        model_dir, data, tmp_path, monkeypatch):
+    """It was noted and dropped (nothing was left to stop in that training), so round 2
+    sampled, trained and evaluated, exit 0. The finished training is recorded, the run stops
+    with SIGTERM's code, and --resume goes on with round 1's evaluation."""
+    import os
+    import signal
+
+    from preftune.train.stopping import TrainingStopped
+
+    tree = config_tree(model_dir, data, tmp_path / "run")
+    real_step = trainer_module.Trainer.step
+
+    def step_with_signal(self, step):
+        if step == self.total_steps - 1 and "round-1" in str(self.output_dir):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during round 1's last step
+        return real_step(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_with_signal)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after round 1's training "
+                                              r"\(it came during the last step\)") as stopped:
+        run_online(build_config(tree, schema=OnlineConfig))
+    assert stopped.value.exit_code == 143
+    phases = json.loads((tmp_path / "run" / "round-1" / "phases.json").read_text())
+    assert list(phases) == ["sample", "score", "build", "train"]
+    assert (tmp_path / "run" / "round-1" / "model").is_dir()
+    assert not (tmp_path / "run" / "round-2").exists()
+    monkeypatch.setattr(trainer_module.Trainer, "step", real_step)
+    run_online(build_config(tree, schema=OnlineConfig), resume=True)
+    summary = json.loads((tmp_path / "run" / "online.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert "evaluate" in summary["rounds"][0]

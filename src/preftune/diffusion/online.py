@@ -27,6 +27,7 @@ from ..train.output import write_json
 from ..model.load import released
 from ..online.loop import run_phase, start_rounds
 from ..train.run_lock import holding_output_dirs
+from ..train.stopping import stop_if_asked
 from .config import DiffusionConfig
 from .losses import get_diffusion_loss
 
@@ -229,6 +230,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
                 "loss": steps[-1]["loss"] if steps else None}
 
     info["train"] = every_process_phase(state, here, "train", train)
+    stop_if_asked(f"after round {r}'s training")  # (every process: each was told)
     info["model"] = str(here / "train" / "model")
     info["evaluate"] = main_phase(state, here, "evaluate", lambda: evaluated(evaluate_diffusion(
         info["model"], config.model.path, held_out, online.eval_seeds, online.scorers[0],

@@ -25,6 +25,7 @@ import yaml
 from ..config import Config, ConfigError, build_config
 from ..data.images import stored_images
 from ..data.rows import write_rows
+from ..train.stopping import stop_if_asked
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer, released
@@ -151,6 +152,7 @@ def run_round(config: OnlineConfig, r: int, prompts: list, eval_prompts: list) -
               "more varied ones, would help)")
         info["train"] = run_phase(here, "train",
                                   lambda: {"skipped": f"no training rows ({why})"})
+    stop_if_asked(f"after round {r}'s training")
     trained = str(final_model_dir(here)) if "skipped" not in info["train"] else policy
     if eval_prompts:
         info["evaluate"] = run_phase(here, "evaluate", lambda: evaluate_model(
@@ -188,6 +190,7 @@ def _per_step(config: OnlineConfig, prompts: list, eval_prompts: list, summary: 
         return _train_result(here)
 
     info["train"] = run_phase(here, "train", train_per_step)
+    stop_if_asked("after training")
     if eval_prompts:
         info["evaluate"] = run_phase(here, "evaluate", lambda: evaluate_model(
             config, str(final_model_dir(here)), eval_prompts, here))

@@ -64,6 +64,21 @@ def raise_terminated(number, frame):
     raise Terminated
 
 
+# a signal that came during a run's last step (training then finished and saved its model):
+# a run of several phases stops at the next one (``stop_if_asked``)
+LATE_STOPS: list[str] = []
+
+
+def stop_if_asked(where: str) -> None:
+    """Raise ``TrainingStopped`` for a signal that came during the last step of the training
+    just finished and recorded (``where``: after what)."""
+    if LATE_STOPS:
+        name = LATE_STOPS.pop()
+        LATE_STOPS.clear()
+        raise TrainingStopped(f"stopped by {name} {where} (it came during the last step).",
+                              signal_name=name)
+
+
 class StopRequests:
     """While active, the first SIGTERM or SIGINT is remembered (``signal`` names it) instead of
     killing the process; a second one stops at once. Outside the main thread it does nothing."""

@@ -31,7 +31,8 @@ from .memory import return_freed_tensors_to_the_os
 from .model_card import write_model_cards
 from .output import write_json
 from .optimizers import embedding_weights, make_optimizer
-from .stopping import SkippedSteps, StopRequests, TrainingStopped, out_of_memory
+from .stopping import (LATE_STOPS, SkippedSteps, StopRequests, TrainingStopped,
+                       out_of_memory)
 from .schedule import example_stream, lr_lambda
 from .tracking import Trackers
 
@@ -180,6 +181,7 @@ class Trainer:
         """Every remaining step, then ``finish``. SIGTERM or SIGINT (preemption, Ctrl-C) lets
         the current step end, writes a checkpoint and raises ``TrainingStopped``; the trackers'
         runs end whatever stops the loop (MLflow's as KILLED by a signal, else FAILED)."""
+        LATE_STOPS.clear()  # (one left by an earlier run of this process)
         with StopRequests() as stop:
             self.stop_signal = stop
             try:
@@ -202,7 +204,12 @@ class Trainer:
                 if self.main:
                     self.log.close("KILLED" if getattr(error, "signal_name", None) else "FAILED")
                 raise
-        return self.finish()
+        saved = self.finish()
+        if self.stop_requested:  # in the last step: nothing is left to stop, but what follows
+            print(f"{self.stop_requested} came during the last step: training finished and "
+                  f"its model is saved in {saved}.")
+            LATE_STOPS.append(self.stop_requested)
+        return saved
 
     def step(self, step: int) -> dict:
         """Optimizer step ``step`` (0-based): accumulate, clip, update, log, evaluate, save.
