@@ -447,6 +447,25 @@ def test_per_step_mode_samples_from_the_current_policy_every_step(model_dir, dat
     assert json.loads((here / "run.json").read_text())["reference"] == "live"
 
 
+def test_each_micro_batch_of_a_per_step_step_draws_its_own_samples(model_dir, data, tmp_path):
+    """With gradient accumulation every micro-batch sampled with the step's one seed: the
+    tiny model (which hardly reads the prompt) gave both micro-batches the same answers."""
+    tree = per_step_tree(model_dir, data, tmp_path / "run")
+    tree["train"].update(max_steps=1, gradient_accumulation_steps=2)  # (batch 2 each)
+    tree["data"]["eval"] = None
+    run_online(build_config(tree, schema=OnlineConfig))
+    samples = read_jsonl(tmp_path / "run" / "round-1" / "samples.jsonl")
+    first, second = samples[:2], samples[2:4]  # each micro-batch's first draw of 2 prompts
+    assert [s["prompt"] for s in first] != [s["prompt"] for s in second]
+    for a, b in zip(first, second):
+        assert a["responses"] != b["responses"]
+    model, tokenizer = load_model_and_tokenizer(model_dir)  # the first: as before
+    ids = prompt_ids([s["prompt"] for s in first], tokenizer, TokenizeSettings(64, 32))
+    assert HFGenerator(model, tokenizer).generate(ids, SamplingSettings(
+        samples=4, max_new_tokens=10, batch_size=4, seed=0)).texts == \
+        [s["responses"] for s in first]
+
+
 def test_per_step_mode_resumes_to_the_same_samples_and_weights(model_dir, data, tmp_path,
                                                                 monkeypatch):
     straight, broken, config = straight_run_and_config(per_step_tree, model_dir, data, tmp_path)

@@ -40,22 +40,30 @@ RETRIES = 4  # further draws of prompts when a step's samples all tie
 
 class OnlineStepTask(PolicyTask):
     """A policy task whose ``train_examples`` are prompts (``online.common.Prompt``); a batch of them
-    becomes pairs of the current policy's own samples. ``step`` is set by the runner."""
+    becomes pairs of the current policy's own samples. ``start_step`` is called by the
+    runner before each step."""
 
     def __init__(self, config, logp_model, tokenizer, objective, prompts, reference, layout,
                  device, scorer, output_dir: Path):
         super().__init__(config, logp_model, tokenizer, objective, {"train": prompts},
                          {"train": reference}, {"train": []}, self._make_batch, layout, device)
-        self.scorer, self.output_dir, self.step = scorer, Path(output_dir), 0
+        self.scorer, self.output_dir, self.step, self.micro = scorer, Path(output_dir), 0, 0
         self.batches_ahead = False  # a batch is sampled from the policy as it is at its step
         self.settings = TokenizeSettings(config.data.max_length, config.data.max_prompt_length,
                                          tuple(config.data.mask_roles))
 
+    def start_step(self, step: int) -> None:
+        self.step, self.micro = step, 0
+
     def _make_batch(self, prompts: list):
+        """Pairs of the current policy's samples of ``prompts``; each micro-batch of a step
+        draws with its own seed."""
         seed = self.config.train.seed
-        rng = random.Random(f"{seed}:{self.step}")
+        rng = random.Random(f"{seed}:{self.step}" + (f":{self.micro}" if self.micro else ""))
+        draw = seed * 1_000_003 + self.step * 16 + self.micro * 1_000_000_007
+        self.micro += 1
         for attempt in range(RETRIES + 1):
-            rows, scored = self._pairs(prompts, seed * 1_000_003 + self.step * 16 + attempt)
+            rows, scored = self._pairs(prompts, draw + attempt)
             self._log(scored, rows)
             if rows:
                 break
@@ -153,7 +161,7 @@ def run_per_step(config, prompts: list, scorer_of, resume: bool) -> Path:
                                if isinstance(reference, AdapterOffReference) else "none")
     trainer = Trainer(task, cfg, out, accelerator, total_steps, resume=resume)
     _keep_logs_through(out, trainer.start_step)
-    return trainer.run(before_step=lambda step: setattr(task, "step", step))
+    return trainer.run(before_step=task.start_step)
 
 
 def _keep_logs_through(out: Path, step: int) -> None:
