@@ -241,3 +241,11 @@ def test_a_value_that_fits_no_member_of_a_union_is_one_line_of_keys():
         "  data.train: Input should be a valid string or a valid list (got {'foo': 1})",
         "  train.batch_size: Input should be a valid integer, unable to parse string as an "
         "integer (got 'abc')"]
+
+
+def test_held_out_settings_without_held_out_data_say_how_to_turn_them_off():
+    """eval_every: 0 is out of range, so the message names what does turn it off."""
+    with pytest.raises(ConfigError, match=r"train.eval_every does nothing without data.eval or "
+                                          r"data.eval_fraction: add held-out data, or turn it "
+                                          r"off \(--set train.eval_every=null\)"):
+        build_config({"data": {"train": "p.jsonl"}, "train": {"eval_every": 50}})

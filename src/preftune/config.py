@@ -333,7 +333,8 @@ def check_data_and_train(data: DataConfig, train: TrainConfig,
                          "train.gradient_accumulation_steps: 1 and train.max_grad_norm: null.")
     has_eval = data.eval is not None or data.eval_fraction > 0
     if train.eval_every and not has_eval:
-        raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction.")
+        raise ValueError("train.eval_every does nothing without data.eval or data.eval_fraction: "
+                         "add held-out data, or turn it off (--set train.eval_every=null).")
     if data.eval is not None and data.eval_fraction > 0:
         raise ValueError("set data.eval or data.eval_fraction, not both (data.eval_fraction: "
                          "0 turns the split off, e.g. --set data.eval_fraction=0).")
