@@ -4,6 +4,7 @@ import json
 import pytest
 
 from preftune.data.records import DataError, Pair
+from preftune.data.rows import read_rows
 from preftune.data.sources import load_records
 
 STANDARD = [
@@ -76,8 +77,12 @@ def test_a_key_given_twice_is_refused_not_read_as_its_last_value(tmp_path):
     nested = tmp_path / "d.json"  # (inside a message too)
     nested.write_text(json.dumps([STANDARD[0]])[:-1] + ', {"prompt": [{"role": "user", '
                       '"content": "q", "role": "system"}], "chosen": "a", "rejected": "b"}]')
-    with pytest.raises(DataError, match=rf"^{nested}: the key 'role' is given twice"):
+    with pytest.raises(DataError, match=rf"^{nested}:record 1: the key 'role' is given twice"):
         load_records(str(nested))
+    skipped = []  # data.on_error: skip leaves the record out, as any malformed one
+    assert [origin for origin, _ in read_rows(str(nested), {}, skipped)] == [f"{nested}:record 0"]
+    assert skipped == [f"{nested}:record 1: the key 'role' is given twice in one object (role, "
+                       "content, role); keep the one meant and remove the other."]
     table = tmp_path / "d.csv"
     table.write_text("prompt,chosen,rejected,chosen\np,a,b,c\n")
     with pytest.raises(DataError, match=rf"^{table}:1: the header names column\(s\) chosen "

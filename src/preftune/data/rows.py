@@ -98,8 +98,11 @@ def _open_text(path: str):
     return open(path, encoding="utf-8-sig", newline="")
 
 
-class _RepeatedKey(ValueError):
-    """A JSON object that names one key twice (``json`` would keep the last value silently)."""
+class _Repeated(dict):
+    """A JSON object that names a key twice (``json`` keeps the last value without a word):
+    ``problem`` says which."""
+
+    problem = ""
 
 
 def _object(pairs: list) -> dict:
@@ -107,13 +110,24 @@ def _object(pairs: list) -> dict:
     if len(row) < len(pairs):
         seen = set()
         key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _RepeatedKey(f"the key {key!r} is given twice in one object "
-                           f"({', '.join(k for k, _ in pairs)})")
+        row = _Repeated(row)
+        row.problem = (f"the key {key!r} is given twice in one object "
+                       f"({', '.join(k for k, _ in pairs)}); keep the one meant and remove the "
+                       "other.")
     return row
 
 
 def _parse(text: str):
     return json.loads(text, object_pairs_hook=_object)
+
+
+def _repeated(value) -> str | None:
+    """The problem of the first object in ``value`` that repeats a key, or None."""
+    if isinstance(value, _Repeated):
+        return value.problem
+    inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) \
+        else ()
+    return next((found for item in inner if (found := _repeated(item))), None)
 
 
 def _read_jsonl(path: str, bad_lines: list | None = None,
@@ -126,6 +140,7 @@ def _read_jsonl(path: str, bad_lines: list | None = None,
                 if not line.strip():
                     continue
                 row = _parse(line.rstrip("\r\n"))  # (a cut line's column stays on it)
+                repeated = _repeated(row)
             except UnicodeDecodeError as error:
                 problem = (f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte "
                            f"{error.start}). Re-save the file as UTF-8.")
@@ -133,11 +148,11 @@ def _read_jsonl(path: str, bad_lines: list | None = None,
                 problem = (f"{path}:{line_number}: malformed JSON ({error.msg} at column "
                            f"{error.colno}). Each line must be one complete JSON object; fix or "
                            "remove this line.")
-            except _RepeatedKey as error:
-                problem = f"{path}:{line_number}: {error}; keep the one meant and remove the other."
             else:
-                yield f"{path}:{line_number}", row
-                continue
+                if not repeated:
+                    yield f"{path}:{line_number}", row
+                    continue
+                problem = f"{path}:{line_number}: {repeated}"
             if bad_lines is None:
                 raise DataError(problem)
             bad_lines.append(problem)
@@ -153,8 +168,6 @@ def _read_json(path: str, bad_lines: list | None = None) -> Iterator[tuple[str, 
         return
     try:
         document = _parse(text)
-    except _RepeatedKey as error:
-        raise DataError(f"{path}: {error}; keep the one meant and remove the other.") from None
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and _one_object_per_line(text):
             # JSON Lines under a .json name, as datasets' Dataset.to_json writes by default
@@ -173,7 +186,13 @@ def _read_json(path: str, bad_lines: list | None = None) -> Iterator[tuple[str, 
             f"{describe(document)}. Wrap the records in a list."
         )
     for index, row in enumerate(document):
-        yield f"{path}:record {index}", row
+        repeated = _repeated(row)
+        if not repeated:
+            yield f"{path}:record {index}", row
+        elif bad_lines is None:
+            raise DataError(f"{path}:record {index}: {repeated}")
+        else:
+            bad_lines.append(f"{path}:record {index}: {repeated}")
 
 
 def _one_object_per_line(text: str) -> bool:
