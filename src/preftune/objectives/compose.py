@@ -179,6 +179,15 @@ class Objective:
     def has_state(self) -> bool:
         return any(term.state is not None for term in self.terms)
 
+    def split_by(self, micro_batches: bool, processes: bool) -> list[str]:
+        """The terms whose step changes when it is split into more (or other) micro-batches,
+        or over other processes: a loss over the micro-batch as a whole (a "gathered"
+        statistic takes in every process), a state updated on each micro-batch."""
+        names = [name for name, need in self.whole_batch.items()
+                 if micro_batches or (processes and need != "gathered")]
+        return names + [t.spec.name for t in self.terms
+                        if t.spec.state is not None and micro_batches]
+
     def prepare(self, train: list, held_out: list, seed: int, device) -> dict:
         """Each objective's step over the data before training (``ObjectiveSpec.prepare``),
         once, with all its terms' params; returns what they report."""

@@ -189,10 +189,7 @@ def shape_mismatch(objective, shape: str, data) -> str:
 def _say_split(objective: Objective, accumulation: int, processes: int) -> None:
     """A note where splitting a step into micro-batches changes it: a loss over the
     micro-batch as a whole (over processes too), a state updated on each micro-batch."""
-    names = [name for name, need in objective.whole_batch.items()
-             if accumulation > 1 or (processes > 1 and need != "gathered")]
-    names += [t.spec.name for t in objective.terms
-              if t.spec.state is not None and accumulation > 1]
+    names = objective.split_by(accumulation > 1, processes > 1)
     if names:
         print(f"note: {' and '.join(names)} reads each micro-batch as a whole (a statistic "
               f"over its examples, or a state it updates), so a step split into {accumulation} "
