@@ -143,6 +143,24 @@ def test_mia_grid_names_the_quadrant_of_the_records_image():
     assert convert(records, "images:mia_grid") == mia_pairs(records, "grid", seed=0)
 
 
+def test_mia_images_keep_the_records_image_at_its_size_whatever_the_distractors():
+    """A grid's cells took the first image shown, a pip's background was the first image: a
+    1x1 distractor there shrank the record's image to one pixel (or hid it under the inset)."""
+    from dataclasses import replace
+
+    from preftune.data.images import ImageRef
+    from PIL import Image
+
+    records = pairs(8)
+    tiny = ImageRef(pil=Image.new("RGB", (1, 1), (0, 0, 0)), origin="f:tiny")
+    records = [replace(r, images=(tiny,)) if k % 2 else r for k, r in enumerate(records)]
+    for layout in ("grid", "pip"):
+        for record, out in zip(records, mia_pairs(records, layout, seed=1)):
+            width, height = record.images[0].load().size
+            assert out.images[0].load().size == ((2 * width, 2 * height) if layout == "grid"
+                                                 else (width, height)), (layout, record.origin)
+
+
 def test_mia_pip_names_inset_or_background():
     seen, records = set(), pairs(12)  # both kinds of target occur
     for record, out in zip(records, mia_pairs(records, "pip", seed=3)):

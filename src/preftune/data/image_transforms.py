@@ -166,13 +166,15 @@ def _mia_one(records: Sequence, position: int, layout: str, k: int, seed: int,
     origin = f"{record.origin} [mia_{layout}]"
     if layout == "sequence":
         images, reference = tuple(shown), f"In image {target + 1},"
-    elif layout == "grid":
-        images = (ImageRef(pil=grid_image([ref.load() for ref in shown]), origin=origin,
+    elif layout == "grid":  # (each cell the size of the record's own image)
+        images = (ImageRef(pil=grid_image([ref.load() for ref in shown],
+                                          record.images[0].load().size), origin=origin,
                            where="field 'images', item 0 (2x2 grid)"),)
         reference = f"In the {GRID_NAMES[target]} image of the grid,"
     else:
         corner = rng.randrange(4)
-        composed = pip_image(shown[0].load(), shown[1].load(), corner)
+        composed = pip_image(shown[0].load().resize(record.images[0].load().size),
+                             shown[1].load(), corner)  # (as large as the record's image)
         images = (ImageRef(pil=composed, origin=origin,
                            where="field 'images', item 0 (pic-in-pic)"),)
         reference = "In the large background image," if target == 0 else "In the small inset image,"
@@ -187,12 +189,12 @@ def _mia_one(records: Sequence, position: int, layout: str, k: int, seed: int,
                    origin=origin, unfinished=tuple(sorted(unfinished)))
 
 
-def grid_image(images: Sequence):
+def grid_image(images: Sequence, cell: tuple[int, int]):
     """Four images in a 2x2 collage (row-major: top-left, top-right, bottom-left,
-    bottom-right), each cell the size of the first image."""
+    bottom-right), each resized to ``cell`` (width, height)."""
     from PIL import Image
 
-    width, height = images[0].size
+    width, height = cell
     canvas = Image.new("RGB", (2 * width, 2 * height))
     for k, image in enumerate(images):
         canvas.paste(image.convert("RGB").resize((width, height)),
