@@ -448,6 +448,8 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes(workspace, mo
     resumed = loop.train(build_config(_saved(signalled)), resume=True, show_progress=False)
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
     assert_identical_weights(straight, resumed)
+    assert not (straight / "alarms.jsonl").exists()  # no alarm: no file (a resume made one)
+    assert not (resumed / "alarms.jsonl").exists()
 
 
 def test_a_signal_to_another_process_stops_this_one_under_its_name(workspace,  # noqa: F811

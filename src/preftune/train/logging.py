@@ -63,8 +63,9 @@ def keep_through(path: Path, step: int) -> list[dict]:
     the new one, never half of either. Returns the records kept."""
     from ..data.rows import write_rows
 
-    kept = [record for record in read_metrics(path)
-            if record.get("step", 0) <= step] if path.exists() else []
+    if not path.exists():  # (none was written: none is made)
+        return []
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
     write_rows(path, kept)
     return kept
 
