@@ -88,6 +88,8 @@ def test_a_key_given_twice_is_refused_not_read_as_its_last_value(tmp_path):
     with pytest.raises(DataError, match=rf"^{table}:1: the header names column\(s\) chosen "
                        r"twice \(prompt, chosen, rejected, chosen\)"):
         load_records(str(table))
+    table.write_text("prompt,chosen,rejected,,\np,a,b,,\n")  # (a spreadsheet's trailing commas)
+    assert [r.chosen for r in load_records(str(table))] == ["a"]
 
 
 def test_parquet(tmp_path):

@@ -252,30 +252,35 @@ def test_resume_refuses_changed_settings_and_allows_safe_ones(workspace, monkeyp
     assert (resumed / "model" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("objective, data, processes, refused", [
-    ({"name": "bco"}, {"data__convert": "unpaired"}, 1, True),  # its state, per micro-batch
-    ({"name": "kto"}, {"data__convert": "unpaired"}, 1, True),  # z_ref, per micro-batch
-    ({"name": "kto"}, {"data__convert": "unpaired"}, 2, False),  # (gathered over processes)
-    ({"name": "aot_pair"}, {}, 2, True),  # its sort: per process's micro-batch
-    ({"name": "dpo"}, {}, 1, False),  # each example on its own
+@pytest.mark.parametrize("objective, data, run_split, resumed_split, refused", [
+    ({"name": "bco"}, {"data__convert": "unpaired"}, (2, 2), (4, 1, 1), True),  # its state
+    ({"name": "kto"}, {"data__convert": "unpaired"}, (2, 2), (4, 1, 1), True),  # z_ref
+    ({"name": "kto"}, {"data__convert": "unpaired"}, (4, 1), (2, 1, 2), False),  # (gathered)
+    # with accumulation, a micro-batch holds other examples on other processes (0, 1 | 2, 3
+    # on one; 0, 2 | 1, 3 on two)
+    ({"name": "kto"}, {"data__convert": "unpaired"}, (2, 2), (1, 2, 2), True),
+    ({"name": "aot_pair"}, {}, (4, 1), (2, 1, 2), True),  # its sort: per process
+    ({"name": "dpo"}, {}, (2, 2), (4, 1, 1), False),  # each example on its own
 ])
 def test_resume_keeps_the_split_of_objectives_that_read_the_micro_batch(
-        workspace, monkeypatch, objective, data, processes, refused):  # noqa: F811
-    """batch 2 x accumulation 2 resumed as 4 x 1 (or 1 x 2 on 2 processes) keeps the global
-    batch, which was all --resume checked: bco's steps then differed from the run's."""
+        workspace, monkeypatch, objective, data, run_split, resumed_split, refused):  # noqa: F811
+    """A split of the same global batch was all --resume checked: a resumed bco run of
+    batch 2 x accumulation 2 as 4 x 1 trained other steps than the run."""
     from preftune.train.output import check_resume
 
-    crashed_run(workspace, f"split-{objective['name']}-{processes}", monkeypatch, 2,
-                train__max_steps=4, train__save_every=2, train__batch_size=2,
-                train__gradient_accumulation_steps=2, objective=objective, **data)
-    tree = _saved(workspace / "runs" / f"split-{objective['name']}-{processes}")
-    tree["train"].update(batch_size=4 // (2 * processes) if processes > 1 else 4,
-                         gradient_accumulation_steps=2 if processes > 1 else 1)
+    name = f"split-{objective['name']}-{'-'.join(map(str, run_split + resumed_split))}"
+    crashed_run(workspace, name, monkeypatch, 2, train__max_steps=4, train__save_every=2,
+                train__batch_size=run_split[0], train__gradient_accumulation_steps=run_split[1],
+                objective=objective, **data)
+    tree = _saved(workspace / "runs" / name)
+    batch, accumulation, processes = resumed_split
+    tree["train"].update(batch_size=batch, gradient_accumulation_steps=accumulation)
     if refused:
         with pytest.raises(ConfigError, match=rf"{objective['name']} reads each micro-batch as "
-                                              r"a whole, so batch_size \d x accumulation \d "
-                                              r"would train other steps than the run's "
-                                              r"batch_size 2 x accumulation 2"):
+                                              rf"a whole, so batch_size {batch} x accumulation "
+                                              rf"{accumulation} would train other steps than the "
+                                              rf"run's batch_size {run_split[0]} x accumulation "
+                                              rf"{run_split[1]}"):
             check_resume(build_config(tree), processes=processes)
     else:
         check_resume(build_config(tree), processes=processes)

@@ -220,7 +220,8 @@ def _read_csv(path: str, text_columns: dict) -> Iterator[tuple[str, Any]]:
         try:
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
-            repeated = sorted({name for name in header if header.count(name) > 1})
+            repeated = sorted({name for name in header  # (blank ones: trailing commas)
+                               if name.strip() and header.count(name) > 1})
             if repeated:
                 raise DataError(f"{path}:1: the header names column(s) {', '.join(repeated)} "
                                 f"twice ({', '.join(header)}); a row would keep only the last "

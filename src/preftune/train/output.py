@@ -333,7 +333,9 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
             "run must train as it started. Launch the run's number of processes, or set "
             f"train.batch_size so that the product is {started} again.")
     was = (saved["train.batch_size"], saved.get("train.gradient_accumulation_steps", 1))
-    names = _split_by(config, steps != was[1], batch != was[0])
+    # (with accumulation, the examples of a micro-batch depend on the processes too)
+    names = _split_by(config, steps != was[1] or (steps > 1 and batch != was[0]),
+                      batch != was[0])
     if names:
         raise ConfigError(
             f"--resume in {out}: {' and '.join(names)} reads each micro-batch as a whole, so "
