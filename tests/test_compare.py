@@ -165,6 +165,33 @@ def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objectiv
     assert entries["dpo"]["train_minutes"] == pytest.approx(seconds / 60)
 
 
+def test_a_signal_in_an_objectives_last_step_stops_the_comparison_after_it(
+        base, capsys, monkeypatch):
+    """SIGINT in dpo's last step: dpo finishes and saves, and kto does not start (the next
+    objective's run cleared the signal, so the comparison went on)."""
+    import os
+    import signal
+
+    from preftune.train import trainer as trainer_module
+
+    real_step, steps = trainer_module.Trainer.step, []
+
+    def step_then_signal(self, step):
+        steps.append(step)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # dpo's second and last step
+        return real_step(self, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_then_signal)
+    out = ["--output-dir", str(base / "late"), "--samples", "1", "--max-new-tokens", "3"]
+    args = ["compare", "--objectives", "dpo,kto", "--config", str(base / "base.yaml"), *out]
+    assert main(args) == 130
+    assert "compare, objective dpo: stopped by SIGINT after its run (it came during the last " \
+        "step)" in capsys.readouterr().err
+    assert steps == [0, 1] and (base / "late" / "dpo" / "model").is_dir()
+    assert not (base / "late" / "kto").exists()
+
+
 def test_plan_prints_each_objectives_plan_and_writes_nothing(base, capsys):
     """dpo on the pairs, kto on them split into labelled completions: each one's --plan."""
     assert main(["compare", "--objectives", "dpo,kto", "--config", str(base / "base.yaml"),

@@ -153,6 +153,9 @@ def test_python_api_trains_and_evaluates_as_the_cli_does(files, tmp_path):
     pipe, pairs = files
     tree = config_tree(pipe, pairs, tmp_path / "by_api", train={"learning_rate": 1e-3})
     assert api.train_diffusion(tree, show_progress=False) == tmp_path / "by_api"
+    card = (tmp_path / "by_api" / "model" / "README.md").read_text()  # (run from Python)
+    assert f"```bash\npreftune diffusion train {tmp_path / 'by_api' / 'config.yaml'}\n```" \
+        in card
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({**tree, "output_dir": str(tmp_path / "by_cli")}))
     assert main(["diffusion", "train", str(config)]) == 0

@@ -952,3 +952,15 @@ def test_a_signal_in_the_last_step_of_a_rounds_training_stops_the_run_after_it(
     summary = json.loads((tmp_path / "run" / "online.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert "evaluate" in summary["rounds"][0]
+
+
+def test_a_signal_another_run_of_the_process_let_finish_does_not_stop_an_online_run(
+        model_dir, data, tmp_path):
+    """(A train() in a notebook whose last step got Ctrl-C left it pending: an online run whose
+    first round trained nothing would have stopped 'after round 1's training'.)"""
+    from preftune.train.stopping import LATE_STOPS
+
+    LATE_STOPS.append("SIGINT")
+    run_online(build_config(config_tree(model_dir, data, tmp_path / "run", rounds=1),
+                            schema=OnlineConfig), plan_only=True)
+    assert LATE_STOPS == []

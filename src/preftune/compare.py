@@ -217,10 +217,11 @@ def attempt(name: str, entry: dict, work) -> bool:
     for bad settings or data, the traceback for anything else), so one objective cannot lose
     the others. A signal stops the whole comparison; running it again continues."""
     from .data.records import DataError
-    from .train.stopping import TrainingStopped
+    from .train.stopping import TrainingStopped, stop_if_asked
 
     try:
         work()
+        stop_if_asked("after its run")  # (a signal in its last step)
     except TrainingStopped as stopped:
         raise TrainingStopped(f"compare, objective {name}: {stopped.summary}",
                               "Run the same compare command again to continue: finished "

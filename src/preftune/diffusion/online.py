@@ -27,7 +27,7 @@ from ..train.output import write_json
 from ..model.load import released
 from ..online.loop import run_phase, start_rounds
 from ..train.run_lock import holding_output_dirs
-from ..train.stopping import stop_if_asked
+from ..train.stopping import LATE_STOPS, stop_if_asked
 from .config import DiffusionConfig
 from .losses import get_diffusion_loss
 
@@ -117,6 +117,8 @@ def run_diffusion_online(config: DiffusionOnlineConfig, resume: bool = False,
     from accelerate import Accelerator
 
     from ..online.loop import has_started
+
+    LATE_STOPS.clear()  # (a signal an earlier run of this process let finish)
     from .evaluate import check_image_scorer
     from .model import pipeline_family
     from .sample import check_negative_prompt
@@ -215,6 +217,7 @@ def run_round(config: DiffusionOnlineConfig, r: int, model: str, prompts: list[s
     info["build"] = {"rows": info["rank"]["pairs"], "tied": info["rank"]["lists_all_tied"]}
     if not info["rank"]["pairs"]:
         print(f"round {r}: every list scored its images alike; nothing to train on this round")
+        info["train"] = {"skipped": "every list scored its images alike"}
         info["model"] = model
         return info
     tree = round_tree(config, model, info["rank"]["ranked"], here / "train")

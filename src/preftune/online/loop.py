@@ -25,7 +25,7 @@ import yaml
 from ..config import Config, ConfigError, build_config
 from ..data.images import stored_images
 from ..data.rows import write_rows
-from ..train.stopping import stop_if_asked
+from ..train.stopping import LATE_STOPS, stop_if_asked
 from ..generation import HFGenerator
 from ..model.adapter_dirs import final_model_dir
 from ..model.load import files_fingerprint, load_tokenizer, released
@@ -53,6 +53,7 @@ def run_online(config: OnlineConfig, resume: bool = False, overwrite: bool = Fal
     """Run every round of ``config`` (or what is left of them with ``resume``; ``overwrite``
     moves a previous run in output_dir aside). ``plan_only`` prints the plan of the rounds
     (sampling and training memory) and stops before anything is written."""
+    LATE_STOPS.clear()  # (a signal an earlier run of this process let finish)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("preftune online runs in one process (its rounds sample, score and "
                           "train one after another, on one device); start it without "

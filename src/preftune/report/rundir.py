@@ -66,7 +66,8 @@ def load_run(run_dir: str | Path) -> RunData:
                 f"{run_dir}/round-{trained[0]} holds no metrics.jsonl: was it moved or "
                 "deleted?" if trained else
                 f"{run_dir}/online.json: none of its {len(rounds)} rounds trained ("
-                + "; ".join(f"round {r['round']}: {r.get('train', {}).get('skipped', 'not run')}"
+                + "; ".join(f"round {r['round']}: "
+                            f"{r.get('train', {}).get('skipped', 'no training data')}"
                             for r in rounds) + "), so there is no training curve to draw")
         config_path = run_dir / "config.yaml"
         return RunData(run_dir=run_dir, metrics=metrics, alarms=alarms, online=online,

@@ -144,8 +144,10 @@ def model_card(output_dir: Path, info: dict, kind: str) -> str:
                      f"{data_report['skipped_rows']['count']}")
     lines += ["", "## Results", ""] + _results(metrics)
     processes = info.get("processes") or 1
-    saved = shlex.join(["preftune", *(["rm"] if reward else []), "train",
-                        str(output_dir / "config.yaml")])
+    command = {"diffusion": ["diffusion", "train"],
+               "step-aware preference model": ["diffusion", "spm"]}.get(
+        info.get("model_kind"), ["rm", "train"] if reward else ["train"])
+    saved = shlex.join(["preftune", *command, str(output_dir / "config.yaml")])
     lines += ["", "## Reproduce", "", "```bash", command_line(processes=processes,
                                                            config_run=saved), "```", "",
               *([f"It ran on {processes} processes ({info.get('engine') or 'launched'}); add "
