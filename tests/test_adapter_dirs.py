@@ -3,6 +3,7 @@ model: its ``adapter/`` loads as the base plus the adapter, in ``preftune eval``
 reference and across online rounds, equal to the merged model it stands for."""
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -84,12 +85,16 @@ def test_lora_on_an_adapter_records_the_merged_model_beside_it_so_peft_loads_it(
     from peft import AutoPeftModelForCausalLM
 
     root, run, adapter_only = lora_run
-    second = train(Config.from_dict({
-        "output_dir": str(tmp_path / "second"),
-        "model": {"path": str(run / "adapter"), "lora": LORA},
-        "data": {"train": str(root / "pairs.jsonl")},
-        "reference": {"cache_dir": str(tmp_path / "cache")},
-        "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2}}), show_progress=False)
+
+    def lora_on(path: Path, name: str):
+        return train(Config.from_dict({
+            "output_dir": str(tmp_path / name), "model": {"path": str(path), "lora": LORA},
+            "data": {"train": str(root / "pairs.jsonl")},
+            "reference": {"cache_dir": str(tmp_path / "cache")},
+            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2}}),
+            show_progress=False)
+
+    second = lora_on(run / "adapter", "second")
     saved = json.loads((second / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str(run / "model")
     ids = torch.tensor([[5, 17, 40, 33, 9, 21]])
@@ -98,12 +103,7 @@ def test_lora_on_an_adapter_records_the_merged_model_beside_it_so_peft_loads_it(
     with torch.no_grad():
         torch.testing.assert_close(by_peft(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
     # without run/model beside it, the chain names the adapter (preftune loads it in order)
-    chained = train(Config.from_dict({
-        "output_dir": str(tmp_path / "chained"),
-        "model": {"path": str(adapter_only / "adapter"), "lora": LORA},
-        "data": {"train": str(root / "pairs.jsonl")},
-        "reference": {"cache_dir": str(tmp_path / "cache")},
-        "train": {"batch_size": 4, "max_steps": 1, "learning_rate": 1e-2}}), show_progress=False)
+    chained = lora_on(adapter_only / "adapter", "chained")
     assert json.loads((chained / "adapter" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str(adapter_only / "adapter")
 

@@ -220,6 +220,30 @@ def test_processes_that_cannot_see_each_other_are_stopped(workspace, tmp_path): 
     assert not (workspace / "runs" / "alone").exists()
 
 
+def as_two_processes_of_half_the_batch(one: Path, tmp_path: Path) -> tuple[Path, str]:
+    """Run ``one``'s config again on two processes of half its batch: (the run, its output)."""
+    tree = yaml.safe_load((one / "config.yaml").read_text())
+    tree["output_dir"] = str(tmp_path / "two")
+    tree["train"]["batch_size"] //= 2
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    done = train_on_two_processes(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "two", done.stdout
+
+
+def assert_trained_alike(two: Path, one: Path, workspace: Path) -> None:
+    """The losses of ``one`` and each final weight within 5% of how far training moved it:
+    Adam magnifies the rounding of a gradient entry near 0 (its step is about lr whatever
+    its size)."""
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    ours, theirs = final_weights(two), final_weights(one)
+    start = load_file(workspace / "model" / "model.safetensors")
+    for weight in theirs:
+        moved = (theirs[weight] - start[weight]).abs().max().item()
+        assert (ours[weight] - theirs[weight]).abs().max().item() <= 0.05 * moved + 1e-6, weight
+
+
 @pytest.mark.parametrize("name", ["bco", "group_robust_dpo"])
 def test_an_objective_state_counts_every_process_like_one_process(workspace, tmp_path,  # noqa: F811
                                                                   name):
@@ -229,25 +253,13 @@ def test_an_objective_state_counts_every_process_like_one_process(workspace, tmp
 
     one = run(workspace, f"one-process-{name}", train__batch_size=8, train__max_steps=3,
               train__save_every=2, **stateful_settings(name, workspace))
-    tree = yaml.safe_load((one / "config.yaml").read_text())
-    tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    done = train_on_two_processes(config)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = tmp_path / "two"
+    two, _ = as_two_processes_of_half_the_batch(one, tmp_path)
     states = [load_file(run_dir / "checkpoints" / "step-00000002" / "objective.safetensors")
               for run_dir in (two, one)]
     assert states[0].keys() == states[1].keys()
     for key in states[1]:  # (a mean of rewards that differ by rounding: 1.1e-5 on AVX-512)
         torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=0, msg=key)
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    ours, theirs = final_weights(two), final_weights(one)
-    start = load_file(workspace / "model" / "model.safetensors")
-    for weight in theirs:  # each within 5% of how far training moved it: Adam magnifies the
-        # rounding of a gradient entry near 0 (its step is about lr whatever its size)
-        moved = (theirs[weight] - start[weight]).abs().max().item()
-        assert (ours[weight] - theirs[weight]).abs().max().item() <= 0.05 * moved + 1e-6, weight
+    assert_trained_alike(two, one, workspace)
 
 
 @pytest.mark.parametrize("objective, data", [
@@ -261,20 +273,9 @@ def test_a_statistic_of_the_step_is_taken_over_every_process(workspace, tmp_path
     Each process's mean alone gives other losses (checked: the run says nothing of a split)."""
     one = run(workspace, f"one-process-{objective['name']}", train__batch_size=8,
               train__max_steps=3, train__learning_rate=5e-2, objective=objective, **data)
-    tree = yaml.safe_load((one / "config.yaml").read_text())
-    tree["output_dir"], tree["train"]["batch_size"] = str(tmp_path / "two"), 4
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tree))
-    done = train_on_two_processes(config)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "reads each micro-batch as a whole" not in done.stdout
-    two = tmp_path / "two"
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    ours, theirs = final_weights(two), final_weights(one)
-    start = load_file(workspace / "model" / "model.safetensors")
-    for weight in theirs:  # (as above: within 5% of how far training moved it)
-        moved = (theirs[weight] - start[weight]).abs().max().item()
-        assert (ours[weight] - theirs[weight]).abs().max().item() <= 0.05 * moved + 1e-6, weight
+    two, said = as_two_processes_of_half_the_batch(one, tmp_path)
+    assert "reads each micro-batch as a whole" not in said
+    assert_trained_alike(two, one, workspace)
 
 
 def test_a_refusal_on_the_main_process_stops_every_process_alike(tmp_path):
