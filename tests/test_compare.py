@@ -132,12 +132,12 @@ def test_a_signal_stops_the_comparison_and_the_same_command_resumes_the_objectiv
 
     from preftune.train import trainer as trainer_module
 
-    real_step, steps = trainer_module.Trainer.step, []
+    real_step, steps, sent = trainer_module.Trainer.step, [], []
 
     def step_then_signal(self, step):
         steps.append(step)
-        if len(steps) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # caught: the step ends, a checkpoint follows
+        if not sent:  # (once: the run again gets none)
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # the step ends, a checkpoint
         return real_step(self, step)
 
     monkeypatch.setattr(trainer_module.Trainer, "step", step_then_signal)
