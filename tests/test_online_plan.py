@@ -66,6 +66,34 @@ def test_training_part_is_train_plan_on_the_worst_rows_and_nothing_is_written(wo
     assert "worst micro-batch  8 rows x 32 tokens" in training  # 15-token prompts, 16 + EOS
 
 
+@pytest.mark.parametrize("mode", ["rounds", "per_step"])
+def test_a_judge_of_the_policys_kind_holds_no_weights_of_its_own_in_per_step_mode(
+        workspace, capsys, monkeypatch, mode):
+    """per_step judges with the policy in training (rounds load the round's model for it):
+    its weights are training's, not counted again on top."""
+    from preftune.online import plan
+
+    monkeypatch.setattr(plan, "MIB", 1)  # (bytes: the tiny model's weights round to 0 MiB)
+    config = yaml.safe_load((workspace / "online.yaml").read_text())
+    config["online"]["scorer"] = "judge:policy"
+    if mode == "per_step":
+        config["online"].pop("rounds")
+        config["online"]["mode"] = "per_step"
+    path = workspace / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["online", str(path), "--plan"]) == 0
+    weights = next(line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("  weights") and "judge:policy" in line)
+    held = int(weights.split()[1])
+    if mode == "per_step":
+        assert held == 0 and weights.endswith("(the policy, judge:policy: training holds them)")
+    else:
+        from preftune.model.load import load_model_and_tokenizer
+        from preftune.train.plan import weight_bytes
+
+        assert held == weight_bytes(load_model_and_tokenizer(str(workspace / "model"))[0])
+
+
 @pytest.mark.parametrize("samples", [pytest.param(4, marks=pytest.mark.slow), 1],
                          ids=["last-step", "prefill"])
 def test_sampling_memory_is_within_a_few_percent_of_a_generate_calls_peak(samples):

@@ -20,7 +20,7 @@ from ..model.forward import causal_lm_of, decoder_layers
 from ..model.load import load_tokenizer
 from ..model.verify import decoder_of, verified_layout
 from ..objectives.compose import Objective
-from ..score.memory import forward_bytes, scorer_memory
+from ..score.memory import POLICY_KINDS, forward_bytes, scorer_memory
 from ..train.engines import shards
 from ..train.loop import load_policy, prepared, with_objective_slots
 from ..train.schedule import count_steps
@@ -116,10 +116,15 @@ def scoring_lines(config, policy, policy_tokenizer, longest_prompt: int) -> list
     when = ("held through training, on top of its memory" if online.mode == "per_step"
             else "after sampling releases the policy")
     lines = [f"scoring memory (MiB, {online.scorer} in {config.model.dtype}, {when}):"]
-    for model in found:
-        lines.append(f"  weights          {model.weights / MIB:10.0f}  ({model.name})")
+    # per_step: judge:policy and its kin judge with the policy in training, whose weights
+    # training holds already
+    own = online.mode == "per_step" and online.scorer in POLICY_KINDS
+    weights = [0 if own else model.weights for model in found]
+    for model, held in zip(found, weights):
+        name = f"{model.name}: training holds them" if own else model.name
+        lines.append(f"  weights          {held / MIB:10.0f}  ({name})")
         lines.append(f"  working          {model.working / MIB:10.0f}  ({model.batch})")
-    total = sum(m.weights for m in found) + max(m.working for m in found)
+    total = sum(weights) + max(m.working for m in found)
     return lines + [f"  total            {total / MIB:10.0f}",
                     *device_fit(total, None, device_of(policy), "a smaller scorer")]
 
