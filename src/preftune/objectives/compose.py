@@ -16,7 +16,8 @@ from typing import get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 from ..config_model import params_problem, refuse_bools
-from .registry import ObjectiveInputs, ObjectiveOutput, ObjectiveSpec, get_objective
+from .registry import (REGISTRY, ObjectiveInputs, ObjectiveOutput, ObjectiveSpec,
+                       get_objective)
 
 SCHEDULES = ("linear", "cosine", "constant")
 SCHEDULE_KEYS = {"start", "end", "schedule"}
@@ -159,8 +160,8 @@ class Objective:
         self.extra_references = any(t.spec.extra_references for t in terms)
         # terms whose loss reads the micro-batch as a whole (its step depends on the split):
         # name -> True, or "gathered" where processes do not split it
-        self.whole_batch = {t.spec.name: _need(t.spec.whole_batch, t.params_at(0, 1))
-                            for t in terms if _wants(t.spec.whole_batch, t.params_at(0, 1))}
+        self.whole_batch = {t.spec.name: need for t in terms
+                            if (need := _need(t.spec.whole_batch, t.params_at(0, 1)))}
         self.data = shapes.pop()
         for term in terms:
             term.state = term.spec.state(examples) if term.spec.state is not None else None
@@ -187,6 +188,16 @@ class Objective:
                  if micro_batches or (processes and need != "gathered")]
         return names + [t.spec.name for t in self.terms
                         if t.spec.state is not None and micro_batches]
+
+    @classmethod
+    def split_by_config(cls, config, micro_batches: bool, processes: bool) -> list[str]:
+        """``split_by`` of a run config's objective; none for the configs of other runs (their
+        objectives are not these)."""
+        terms = getattr(config, "objective", None)
+        if not (micro_batches or processes) or not isinstance(terms, list) or \
+                not all(getattr(term, "name", None) in REGISTRY for term in terms):
+            return []
+        return cls.from_config(terms, 1).split_by(micro_batches, processes)
 
     def prepare(self, train: list, held_out: list, seed: int, device) -> dict:
         """Each objective's step over the data before training (``ObjectiveSpec.prepare``),

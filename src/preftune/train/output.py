@@ -334,27 +334,16 @@ def check_resume(config, processes: int = 1, may_change: frozenset = frozenset()
             f"train.batch_size so that the product is {started} again.")
     was = (saved["train.batch_size"], saved.get("train.gradient_accumulation_steps", 1))
     # (with accumulation, the examples of a micro-batch depend on the processes too)
-    names = _split_by(config, steps != was[1] or (steps > 1 and batch != was[0]),
-                      batch != was[0])
+    from ..objectives.compose import Objective
+
+    names = Objective.split_by_config(config, steps != was[1] or (steps > 1 and batch != was[0]),
+                                      batch != was[0])
     if names:
         raise ConfigError(
             f"--resume in {out}: {' and '.join(names)} reads each micro-batch as a whole, so "
             f"batch_size {batch} x accumulation {steps} would train other steps than the "
             f"run's batch_size {was[0]} x accumulation {was[1]}; keep those (launch the run's "
             "number of processes).")
-
-
-def _split_by(config, micro_batches: bool, processes: bool) -> list[str]:
-    """A policy run's objective terms whose steps another split changes (none for the
-    configs of other runs, which have their own objectives)."""
-    from ..objectives.compose import Objective
-    from ..objectives.registry import REGISTRY
-
-    terms = getattr(config, "objective", None)
-    if not (micro_batches or processes) or not isinstance(terms, list) or \
-            not all(getattr(term, "name", None) in REGISTRY for term in terms):
-        return []
-    return Objective.from_config(terms, 1).split_by(micro_batches, processes)
 
 
 def _recorded_global_batch(out: Path, saved: dict) -> int:

@@ -69,6 +69,13 @@ def raise_terminated(number, frame):
 LATE_STOPS: list[str] = []
 
 
+def stopped_in_last_step(signal_name: str, saved) -> None:
+    """A signal came during the last step: training finished (``saved``); what follows stops."""
+    print(f"{signal_name} came during the last step: training finished and its model is saved "
+          f"in {saved}.")
+    LATE_STOPS.append(signal_name)
+
+
 def stop_if_asked(where: str) -> None:
     """Raise ``TrainingStopped`` for a signal that came during the last step of the training
     just finished and recorded (``where``: after what)."""
@@ -126,4 +133,3 @@ class SkippedSteps:
                 "Lower train.learning_rate (or the objective's beta), train in float32 or "
                 "bfloat16 rather than float16, or check the data the alarms name; then train "
                 "again (--overwrite), or --resume from a checkpoint written before.")
-

@@ -32,7 +32,7 @@ from .model_card import write_model_cards
 from .output import write_json
 from .optimizers import embedding_weights, make_optimizer
 from .stopping import (LATE_STOPS, SkippedSteps, StopRequests, TrainingStopped,
-                       out_of_memory)
+                       out_of_memory, stopped_in_last_step)
 from .schedule import example_stream, lr_lambda
 from .tracking import Trackers
 
@@ -132,9 +132,8 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         if resume:
             self.start_step = self._resume()
-        # (DeepSpeed's loss scaler skips the first steps of a float16 run by design)
-        self.skipped = SkippedSteps(total_steps - self.start_step) if not self.deepspeed \
-            else None
+        # (not DeepSpeed: its loss scaler skips the first steps of a float16 run by design)
+        self.skipped = None if self.deepspeed else SkippedSteps(total_steps - self.start_step)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl", keep_through_step=self.start_step,
                               trackers=Trackers(cfg, self.output_dir, self.start_step)
                               ) if self.main else None
@@ -206,9 +205,7 @@ class Trainer:
                 raise
         saved = self.finish()
         if self.stop_requested:  # in the last step: nothing is left to stop, but what follows
-            print(f"{self.stop_requested} came during the last step: training finished and "
-                  f"its model is saved in {saved}.")
-            LATE_STOPS.append(self.stop_requested)
+            stopped_in_last_step(self.stop_requested, saved)
         return saved
 
     def step(self, step: int) -> dict:
@@ -404,4 +401,3 @@ class Trainer:
             write_json(self.output_dir / "run.json", info)  # last: it marks the run finished
         self.accelerator.wait_for_everyone()
         return self.output_dir
-
